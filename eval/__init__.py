@@ -1,0 +1,1 @@
+"""Evaluation: datasets, metrics, harness and reports. Imports router and experts; nothing imports it."""

@@ -1,0 +1,45 @@
+"""Experts: how to talk to one model. Nothing here knows about routing."""
+
+from experts.base import Expert, ExpertContext, cost_of
+from experts.errors import (
+    ExpertAuthError,
+    ExpertConfigError,
+    ExpertError,
+    ExpertHTTPError,
+    ExpertOverloaded,
+    ExpertProtocolError,
+    ExpertRateLimited,
+    ExpertRejected,
+    ExpertServerError,
+    ExpertTimeout,
+    ExpertUnavailable,
+    NoRecording,
+)
+from experts.registry import EXPERT_TYPES, build_expert, expert_class
+from experts.types import ChatMessage, ChatRequest, ExpertReply, StreamDelta, Usage
+
+__all__ = [
+    "EXPERT_TYPES",
+    "ChatMessage",
+    "ChatRequest",
+    "Expert",
+    "ExpertAuthError",
+    "ExpertConfigError",
+    "ExpertContext",
+    "ExpertError",
+    "ExpertHTTPError",
+    "ExpertOverloaded",
+    "ExpertProtocolError",
+    "ExpertRateLimited",
+    "ExpertRejected",
+    "ExpertReply",
+    "ExpertServerError",
+    "ExpertTimeout",
+    "ExpertUnavailable",
+    "NoRecording",
+    "StreamDelta",
+    "Usage",
+    "build_expert",
+    "cost_of",
+    "expert_class",
+]

@@ -1,0 +1,111 @@
+"""The error tree every expert speaks.
+
+Transport libraries raise their own exceptions (httpx.ConnectError, httpx.ReadTimeout, ...). Experts translate
+them here, at the boundary, so the router only ever catches ``ExpertError``::
+
+    ExpertError                      any failure of one expert call
+    ├── ExpertUnavailable            cannot connect / connection reset / process gone   (transient)
+    ├── ExpertTimeout                no answer within the attempt's time limit           (transient)
+    ├── ExpertOverloaded             the expert's in-flight limit is reached             (transient)
+    ├── ExpertProtocolError          malformed JSON or SSE from the endpoint             (transient)
+    ├── ExpertHTTPError              the endpoint answered with an error status
+    │   ├── ExpertRateLimited        429, with the Retry-After it sent                   (transient)
+    │   ├── ExpertServerError        5xx                                                 (transient)
+    │   └── ExpertRejected           other 4xx: the request itself is wrong              (permanent)
+    │       └── ExpertAuthError      401 / 403                                           (permanent)
+    ├── NoRecording                  a replay expert holds no recording for the prompt   (permanent)
+    └── ExpertConfigError            the expert cannot be built from its config          (permanent)
+
+``transient`` tells the fallback policy whether a retry of the same expert may succeed. Messages never carry
+an API key: experts build them from status codes and short body excerpts only.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ExpertAuthError",
+    "ExpertConfigError",
+    "ExpertError",
+    "ExpertHTTPError",
+    "ExpertOverloaded",
+    "ExpertProtocolError",
+    "ExpertRateLimited",
+    "ExpertRejected",
+    "ExpertServerError",
+    "ExpertTimeout",
+    "ExpertUnavailable",
+    "NoRecording",
+]
+
+
+class ExpertError(Exception):
+    """One expert call failed. ``kind`` is a short stable label used in traces and metrics."""
+
+    kind = "error"
+    transient = False
+
+    def __init__(self, expert: str, message: str) -> None:
+        super().__init__(f"{expert}: {message}")
+        self.expert = expert
+        self.message = message
+
+    def to_dict(self) -> dict[str, str]:
+        return {"expert": self.expert, "kind": self.kind, "message": self.message}
+
+
+class ExpertUnavailable(ExpertError):
+    kind = "unavailable"
+    transient = True
+
+
+class ExpertTimeout(ExpertError):
+    kind = "timeout"
+    transient = True
+
+
+class ExpertOverloaded(ExpertError):
+    kind = "overloaded"
+    transient = True
+
+
+class ExpertProtocolError(ExpertError):
+    kind = "protocol"
+    transient = True
+
+
+class ExpertHTTPError(ExpertError):
+    kind = "http"
+
+    def __init__(self, expert: str, status: int, message: str) -> None:
+        super().__init__(expert, f"HTTP {status}: {message}")
+        self.status = status
+
+
+class ExpertRateLimited(ExpertHTTPError):
+    kind = "rate_limited"
+    transient = True
+
+    def __init__(self, expert: str, status: int, message: str, retry_after_s: float | None = None) -> None:
+        super().__init__(expert, status, message)
+        self.retry_after_s = retry_after_s
+
+
+class ExpertServerError(ExpertHTTPError):
+    kind = "server_error"
+    transient = True
+
+
+class ExpertRejected(ExpertHTTPError):
+    kind = "rejected"
+
+
+class ExpertAuthError(ExpertRejected):
+    kind = "auth"
+
+
+class NoRecording(ExpertError):
+    kind = "no_recording"
+
+
+class ExpertConfigError(ExpertError):
+    kind = "config"

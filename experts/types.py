@@ -1,0 +1,98 @@
+"""Request and reply shapes shared by experts and the router.
+
+They follow the OpenAI chat-completions wire format closely, so a request that arrives at the service can be
+handed to an expert without translation and unknown OpenAI fields (``tools``, ``seed``, ...) pass through.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+__all__ = ["ChatMessage", "ChatRequest", "ExpertReply", "StreamDelta", "Usage"]
+
+
+class ChatMessage(BaseModel):
+    # extra="allow": tool_calls, tool_call_id, name ... travel untouched to the expert.
+    model_config = ConfigDict(extra="allow")
+
+    role: str = Field(pattern=r"^(system|user|assistant|tool|developer|function)$")
+    content: str | list[dict[str, Any]] | None = None
+
+    def text(self) -> str:
+        """The message's text; multi-part content keeps only its text parts."""
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "\n".join(str(p.get("text", "")) for p in self.content if p.get("type") == "text")
+
+
+class ChatRequest(BaseModel):
+    """An OpenAI chat-completions request. ``model`` is the router's choice; experts replace it with theirs."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: str = "auto"
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    stream: bool = False
+    tools: list[dict[str, Any]] | None = None
+
+    def query_text(self) -> str:
+        """The text the gate routes on: the last user message."""
+        for message in reversed(self.messages):
+            if message.role == "user":
+                return message.text()
+        return self.messages[-1].text()
+
+    def upstream_payload(self, model: str, *, stream: bool) -> dict[str, Any]:
+        """The JSON body for an OpenAI-compatible upstream serving ``model``."""
+        body = self.model_dump(exclude_none=True)
+        body["model"] = model
+        body["stream"] = stream
+        if stream:
+            body["stream_options"] = {"include_usage": True}
+        return body
+
+
+class Usage(BaseModel):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+
+    def __add__(self, other: Usage) -> Usage:
+        return Usage(
+            prompt_tokens=self.prompt_tokens + other.prompt_tokens,
+            completion_tokens=self.completion_tokens + other.completion_tokens,
+            total_tokens=self.total_tokens + other.total_tokens,
+        )
+
+
+@dataclass
+class ExpertReply:
+    """One expert's complete answer."""
+
+    expert: str
+    content: str
+    usage: Usage = field(default_factory=Usage)
+    cost_usd: float = 0.0
+    latency_ms: float = 0.0
+    finish_reason: str = "stop"
+    tool_calls: list[dict[str, Any]] | None = None
+    model: str = ""
+
+
+@dataclass
+class StreamDelta:
+    """One streamed piece of an expert's answer. The last one carries ``finish_reason`` and, if known, usage."""
+
+    content: str = ""
+    finish_reason: str | None = None
+    usage: Usage | None = None
+    tool_calls: list[dict[str, Any]] | None = None

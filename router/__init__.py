@@ -1,0 +1,1 @@
+"""Router: config, gate, top-k, dispatch, fallback, combine, service and SDK."""

@@ -1,0 +1,275 @@
+"""The YAML config: a strict, versioned schema, cross-checked, with every problem reported at once.
+
+Paths in the file are relative to the file's own folder. ``${VAR}`` and ``${VAR:-default}`` in string values
+are expanded from the environment, so one file serves a laptop, CI and a compose deployment. Secrets are never
+written in the file: an expert names the environment variable that holds its key (``api_key_env``).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+__all__ = [
+    "CombinerConfig",
+    "ConfigError",
+    "CostConfig",
+    "EncoderConfig",
+    "ExpertConfig",
+    "FallbackConfig",
+    "GateConfig",
+    "ReplayConfig",
+    "RouterConfig",
+    "ServiceConfig",
+    "TopKConfig",
+    "load_config",
+    "parse_config",
+]
+
+SCHEMA_VERSION = 1
+_NAME = r"^[A-Za-z0-9][A-Za-z0-9._@/:+-]{0,127}$"
+_ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]*$"
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+class ConfigError(ValueError):
+    """A config failed validation. ``problems`` holds every ``(path, message)`` found, not just the first."""
+
+    def __init__(self, source: str, problems: list[tuple[str, str]]) -> None:
+        self.source = source
+        self.problems = problems
+        lines = "\n".join(f"  - {path}: {msg}" for path, msg in problems)
+        super().__init__(f"{source}: {len(problems)} problem(s) in the config:\n{lines}")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class CostConfig(_Strict):
+    """USD per 1,000 tokens."""
+
+    input_per_1k: float = Field(default=0.0, ge=0.0, le=1000.0)
+    output_per_1k: float = Field(default=0.0, ge=0.0, le=1000.0)
+
+
+class ReplayConfig(_Strict):
+    """Where a replay expert finds its recordings, and which recorded model it plays."""
+
+    source: Literal["routerbench", "mmlu_pro"]
+    path: str = Field(min_length=1)
+    # The recorded model's column in the source; defaults to the expert's ``model``.
+    column: str | None = None
+    # Simulated service time per call, so replayed latencies look like a model's, not a dict lookup.
+    latency_ms: float = Field(default=0.0, ge=0.0, le=60_000.0)
+
+
+class ExpertConfig(_Strict):
+    name: str = Field(pattern=_NAME)
+    type: str = Field(min_length=1)
+    endpoint: str | None = Field(default=None, pattern=r"^https?://\S+$")
+    model: str = Field(min_length=1)
+    api_key_env: str | None = Field(default=None, pattern=_ENV_NAME)
+    timeout_s: float = Field(default=30.0, gt=0.0, le=3600.0)
+    max_concurrency: int = Field(default=16, ge=1, le=100_000)
+    cost: CostConfig = CostConfig()
+    description: str = ""
+    capabilities: list[Literal["chat", "stream", "tools", "vision"]] = ["chat", "stream"]
+    examples: list[str] = []
+    replay: ReplayConfig | None = None
+
+    def api_key(self) -> str | None:
+        """The key from the environment, read when a client is built, never stored in the config."""
+        return os.environ.get(self.api_key_env) if self.api_key_env else None
+
+
+class EncoderConfig(_Strict):
+    backend: Literal["onnx", "sentence-transformers"] = "onnx"
+    max_length: int = Field(default=256, ge=8, le=512)
+    batch_size: int = Field(default=64, ge=1, le=4096)
+
+
+class TopKConfig(_Strict):
+    """How many experts answer, and with what weights (see ``router.topk``)."""
+
+    policy: Literal["fixed", "mass", "min_weight", "adaptive"] = "fixed"
+    k: int = Field(default=1, ge=1, le=64)
+    mass: float = Field(default=0.9, gt=0.0, le=1.0)
+    min_weight: float = Field(default=0.05, ge=0.0, lt=1.0)
+    confident: float = Field(default=0.8, gt=0.0, le=1.0)
+
+
+class GateConfig(_Strict):
+    encoder: EncoderConfig = EncoderConfig()
+    # The trained classifier; ``moe train`` writes it. Relative to the config file.
+    artifact: str = "artifacts/gate"
+    # Labelled JSONL files ({"query", "label"}) used by ``moe train`` next to the experts' examples.
+    train_data: list[str] = []
+    top_k: TopKConfig = TopKConfig()
+    default_expert: str | None = None
+
+
+class CombinerConfig(_Strict):
+    strategy: Literal["top1", "vote"] = "top1"
+    # How ``vote`` reads a final answer out of free text.
+    extractor: Literal["choice", "number", "short"] = "choice"
+
+
+class FallbackConfig(_Strict):
+    enabled: bool = True
+    # Experts tried in all, the first choice included.
+    max_attempts: int = Field(default=3, ge=1, le=64)
+    # Overall deadline for one request, across every attempt.
+    deadline_s: float = Field(default=120.0, gt=0.0, le=3600.0)
+
+
+class ServiceConfig(_Strict):
+    # The model name that routes, next to "auto"; expert names call that expert directly.
+    name: str = Field(default="moe-router", pattern=_NAME)
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=1, le=65535)
+    max_request_bytes: int = Field(default=1_000_000, ge=1024, le=100_000_000)
+    max_prompt_chars: int = Field(default=100_000, ge=16, le=10_000_000)
+
+
+class RouterConfig(_Strict):
+    version: Literal[1]
+    service: ServiceConfig = ServiceConfig()
+    experts: list[ExpertConfig] = Field(min_length=1)
+    gate: GateConfig = GateConfig()
+    combiner: CombinerConfig = CombinerConfig()
+    fallback: FallbackConfig = FallbackConfig()
+    # The folder relative paths are resolved against; set by the loader, not by the file.
+    base_dir: str = Field(default=".", exclude=True)
+
+    @model_validator(mode="after")
+    def _cross_check(self) -> RouterConfig:
+        problems = list(_cross_problems(self.model_dump(exclude={"base_dir"}), check_env=False))
+        if problems:
+            raise ValueError("; ".join(f"{p}: {m}" for p, m in problems))
+        return self
+
+    def expert(self, name: str) -> ExpertConfig:
+        for expert in self.experts:
+            if expert.name == name:
+                return expert
+        raise KeyError(name)
+
+    @property
+    def expert_names(self) -> list[str]:
+        return [e.name for e in self.experts]
+
+    def resolve(self, path: str) -> Path:
+        p = Path(path)
+        return p if p.is_absolute() else (Path(self.base_dir) / p).resolve()
+
+
+def _expert_label(raw: Any, index: int) -> str:
+    name = raw.get("name") if isinstance(raw, dict) else None
+    return f"experts[{index}]" + (f" ({name})" if isinstance(name, str) else "")
+
+
+def _cross_problems(raw: Any, *, check_env: bool) -> Iterable[tuple[str, str]]:
+    """Problems pydantic's per-field checks cannot see: references between parts, types, environment."""
+    from experts.registry import EXPERT_TYPES, REQUIRES_ENDPOINT
+
+    if not isinstance(raw, dict):
+        return
+    experts = raw.get("experts") if isinstance(raw.get("experts"), list) else []
+    names: list[str] = []
+    for i, e in enumerate(experts):
+        if not isinstance(e, dict):
+            continue
+        where = _expert_label(e, i)
+        name = e.get("name")
+        if isinstance(name, str):
+            if name in names:
+                yield f"{where}.name", f"duplicate expert name {name!r}"
+            names.append(name)
+        kind = e.get("type")
+        if isinstance(kind, str) and kind not in EXPERT_TYPES:
+            yield f"{where}.type", f"unknown expert type {kind!r}; known: {', '.join(sorted(EXPERT_TYPES))}"
+        if kind in REQUIRES_ENDPOINT and not e.get("endpoint"):
+            yield f"{where}.endpoint", f"type {kind!r} needs an endpoint"
+        if kind == "replay" and not e.get("replay"):
+            yield f"{where}.replay", "type 'replay' needs a replay block (source, path)"
+        key_env = e.get("api_key_env")
+        if check_env and isinstance(key_env, str) and not os.environ.get(key_env):
+            yield f"{where}.api_key_env", f"environment variable {key_env} is not set"
+    gate = raw.get("gate") if isinstance(raw.get("gate"), dict) else {}
+    default = gate.get("default_expert")
+    if isinstance(default, str) and names and default not in names:
+        yield "gate.default_expert", f"references expert {default!r}, which is not defined"
+    service = raw.get("service") if isinstance(raw.get("service"), dict) else {}
+    if service.get("name") in names:
+        yield "service.name", f"{service.get('name')!r} is also an expert's name"
+
+
+def _expand_env(value: Any) -> Any:
+    if isinstance(value, str):
+        return _ENV_REF.sub(lambda m: os.environ.get(m.group(1), m.group(2) or ""), value)
+    if isinstance(value, list):
+        return [_expand_env(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _expand_env(v) for k, v in value.items()}
+    return value
+
+
+def _pydantic_problems(exc: ValidationError, raw: Any) -> list[tuple[str, str]]:
+    problems = []
+    for err in exc.errors():
+        loc = list(err["loc"])
+        parts: list[str] = []
+        for i, part in enumerate(loc):
+            if isinstance(part, int) and i > 0 and loc[i - 1] == "experts":
+                experts = raw.get("experts") if isinstance(raw, dict) else None
+                item = experts[part] if isinstance(experts, list) and part < len(experts) else None
+                parts[-1] = _expert_label(item, part)
+            elif isinstance(part, int):
+                parts[-1] = f"{parts[-1]}[{part}]"
+            else:
+                parts.append(str(part))
+        msg = "unknown key (not in the schema)" if err["type"] == "extra_forbidden" else err["msg"]
+        if err["type"] == "value_error" and not parts:
+            continue  # the cross-check validator; its problems are reported one by one below
+        problems.append((".".join(parts) or "<root>", msg))
+    return problems
+
+
+def parse_config(raw: Any, *, source: str = "<config>", base_dir: str | Path = ".",
+                 check_env: bool = True) -> RouterConfig:
+    """Validate a config mapping. Raises ``ConfigError`` listing every problem with its path."""
+    raw = _expand_env(raw)
+    if not isinstance(raw, dict):
+        raise ConfigError(source, [("<root>", "the config must be a mapping")])
+    problems: list[tuple[str, str]] = []
+    config: RouterConfig | None = None
+    try:
+        config = RouterConfig.model_validate({**raw, "base_dir": str(base_dir)})
+    except ValidationError as exc:
+        problems.extend(_pydantic_problems(exc, raw))
+    cross = list(_cross_problems(raw, check_env=check_env))
+    problems.extend(p for p in cross if p not in problems)
+    if problems or config is None:
+        raise ConfigError(source, problems or [("<root>", "invalid config")])
+    return config
+
+
+def load_config(path: str | Path, *, check_env: bool = True) -> RouterConfig:
+    """Read and validate a YAML config file."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(str(path), [("<file>", f"cannot read: {exc.strerror}")]) from exc
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(str(path), [("<yaml>", str(exc).replace("\n", " "))]) from exc
+    return parse_config(raw, source=str(path), base_dir=path.resolve().parent, check_env=check_env)
