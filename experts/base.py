@@ -55,7 +55,7 @@ class Expert(ABC):
         """Yield the answer in pieces. The default yields the whole answer as one piece."""
         reply = await self.generate(request)
         yield StreamDelta(content=reply.content, tool_calls=reply.tool_calls)
-        yield StreamDelta(finish_reason=reply.finish_reason, usage=reply.usage)
+        yield StreamDelta(finish_reason=reply.finish_reason, usage=reply.usage, cost_usd=reply.cost_usd)
 
     def cost(self, usage: Usage) -> float:
         return cost_of(usage, self.config.cost.input_per_1k, self.config.cost.output_per_1k)

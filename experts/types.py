@@ -96,3 +96,5 @@ class StreamDelta:
     finish_reason: str | None = None
     usage: Usage | None = None
     tool_calls: list[dict[str, Any]] | None = None
+    # Set with usage when the expert knows the call's USD cost itself (recorded, or sent as ``usage.cost``).
+    cost_usd: float | None = None

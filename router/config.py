@@ -181,7 +181,7 @@ def _cross_problems(raw: Any, *, check_env: bool) -> Iterable[tuple[str, str]]:
 
     if not isinstance(raw, dict):
         return
-    experts = raw.get("experts") if isinstance(raw.get("experts"), list) else []
+    experts: list[Any] = raw["experts"] if isinstance(raw.get("experts"), list) else []
     names: list[str] = []
     for i, e in enumerate(experts):
         if not isinstance(e, dict):
@@ -202,11 +202,11 @@ def _cross_problems(raw: Any, *, check_env: bool) -> Iterable[tuple[str, str]]:
         key_env = e.get("api_key_env")
         if check_env and isinstance(key_env, str) and not os.environ.get(key_env):
             yield f"{where}.api_key_env", f"environment variable {key_env} is not set"
-    gate = raw.get("gate") if isinstance(raw.get("gate"), dict) else {}
+    gate: dict[str, Any] = raw["gate"] if isinstance(raw.get("gate"), dict) else {}
     default = gate.get("default_expert")
     if isinstance(default, str) and names and default not in names:
         yield "gate.default_expert", f"references expert {default!r}, which is not defined"
-    service = raw.get("service") if isinstance(raw.get("service"), dict) else {}
+    service: dict[str, Any] = raw["service"] if isinstance(raw.get("service"), dict) else {}
     if service.get("name") in names:
         yield "service.name", f"{service.get('name')!r} is also an expert's name"
 

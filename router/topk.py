@@ -1,0 +1,68 @@
+"""Top-k policies: from the gate's probabilities to a weighted panel of experts. Pure functions.
+
+Every policy returns at least one expert, ordered by weight, with weights renormalised to sum to 1.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+from router.config import TopKConfig
+
+__all__ = ["POLICIES", "choose", "rank"]
+
+Ranked = list[tuple[str, float]]
+
+
+def rank(scores: Mapping[str, float]) -> Ranked:
+    """Experts by score, highest first; ties broken by name so the order is deterministic."""
+    return sorted(scores.items(), key=lambda item: (-item[1], item[0]))
+
+
+def _fixed(ranked: Ranked, cfg: TopKConfig) -> Ranked:
+    return ranked[: cfg.k]
+
+
+def _mass(ranked: Ranked, cfg: TopKConfig) -> Ranked:
+    # The smallest prefix whose probability reaches ``mass``, never more than k experts.
+    out: Ranked = []
+    total = 0.0
+    for name, p in ranked[: cfg.k]:
+        out.append((name, p))
+        total += p
+        if total >= cfg.mass:
+            break
+    return out
+
+
+def _min_weight(ranked: Ranked, cfg: TopKConfig) -> Ranked:
+    panel = ranked[: cfg.k]
+    total = sum(p for _, p in panel) or 1.0
+    return [ranked[0]] + [(n, p) for n, p in panel[1:] if p / total >= cfg.min_weight]
+
+
+def _adaptive(ranked: Ranked, cfg: TopKConfig) -> Ranked:
+    # One expert when the gate is confident; otherwise widen the panel until it holds ``mass``.
+    if ranked[0][1] >= cfg.confident:
+        return ranked[:1]
+    return _mass(ranked, cfg)
+
+
+POLICIES: dict[str, Callable[[Ranked, TopKConfig], Ranked]] = {
+    "fixed": _fixed,
+    "mass": _mass,
+    "min_weight": _min_weight,
+    "adaptive": _adaptive,
+}
+
+
+def choose(scores: Mapping[str, float], cfg: TopKConfig, *, exclude: frozenset[str] = frozenset()) -> Ranked:
+    """The weighted panel for one query. ``exclude`` removes experts that cannot serve it (e.g. open breakers)."""
+    ranked = [(n, max(p, 0.0)) for n, p in rank(scores) if n not in exclude]
+    if not ranked:
+        raise ValueError("no expert left to choose from")
+    panel = POLICIES[cfg.policy](ranked, cfg)
+    total = sum(p for _, p in panel)
+    if total <= 0.0:
+        return [(n, 1.0 / len(panel)) for n, _ in panel]
+    return [(n, p / total) for n, p in panel]

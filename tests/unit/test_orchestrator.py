@@ -1,0 +1,154 @@
+import asyncio
+
+import pytest
+
+from experts.errors import ExpertServerError, ExpertUnavailable
+from experts.types import ChatMessage, ChatRequest
+from router.fallback import AllExpertsFailed
+from router.orchestrator import Orchestrator, StreamEnd, StreamPiece, UnknownExpert
+from tests.doubles.fakes import FakeExpert, FakeGate, fake_config
+
+NAMES = ["math", "code", "law"]
+
+
+def ask(text: str, model: str = "auto") -> ChatRequest:
+    return ChatRequest(model=model, messages=[ChatMessage(role="user", content=text)])
+
+
+def build(experts: dict[str, FakeExpert] | None = None, **overrides: object) -> Orchestrator:
+    config = fake_config(NAMES, **overrides)
+    built = {n: FakeExpert(config.expert(n)) for n in NAMES}
+    built.update(experts or {})
+    gate = FakeGate(NAMES, {"integral": [0.7, 0.2, 0.1], "python": [0.15, 0.8, 0.05]}, default=[0.2, 0.2, 0.6])
+    return Orchestrator(config, gate, built)
+
+
+async def test_routes_to_the_gate_top_choice_with_a_trace() -> None:
+    answer = await build().complete(ask("solve this integral"))
+    assert answer.expert == "math"
+    assert answer.content == "answer from math"
+    trace = answer.trace
+    assert trace.decision is not None
+    assert trace.decision.ranking == ["math", "code", "law"]
+    assert trace.decision.scores["math"] == pytest.approx(0.7)
+    assert [(a.expert, a.ok) for a in trace.attempts] == [("math", True)]
+    assert trace.cost_usd == pytest.approx(0.001)
+    assert trace.usage.total_tokens == 8
+
+
+async def test_an_expert_named_directly_skips_the_gate() -> None:
+    orch = build()
+    answer = await orch.complete(ask("solve this integral", model="law"))
+    assert answer.expert == "law"
+    assert answer.trace.decision is None
+    with pytest.raises(UnknownExpert, match="unknown model 'nope'"):
+        await orch.complete(ask("x", model="nope"))
+
+
+async def test_failure_falls_back_to_the_next_ranked_expert() -> None:
+    config = fake_config(NAMES)
+    dead = FakeExpert(config.expert("math"), fail=lambda n: ExpertUnavailable(n, "connection refused"))
+    answer = await build({"math": dead}).complete(ask("solve this integral"))
+    assert answer.expert == "code"  # second in the gate's ranking for this query, not a static list
+    attempts = [(a.expert, a.ok, a.fallback_for) for a in answer.trace.attempts]
+    assert attempts == [("math", False, None), ("code", True, "math")]
+    assert answer.trace.attempts[0].error == {"expert": "math", "kind": "unavailable",
+                                              "message": "connection refused"}
+
+
+async def test_every_expert_down_lists_each_cause() -> None:
+    config = fake_config(NAMES)
+    down = {n: FakeExpert(config.expert(n), fail=lambda n: ExpertServerError(n, 503, "overloaded")) for n in NAMES}
+    with pytest.raises(AllExpertsFailed) as info:
+        await build(down).complete(ask("python please"))
+    assert [c.expert for c in info.value.causes] == ["code", "math", "law"]
+    assert {c["kind"] for c in info.value.to_list()} == {"server_error"}
+
+
+async def test_slow_expert_times_out_and_the_next_answers() -> None:
+    config = fake_config(NAMES)
+    slow = FakeExpert(config.expert("code"), delay=5.0)
+    answer = await build({"code": slow}).complete(ask("python please"))
+    assert answer.expert == "math"
+    assert answer.trace.attempts[0].error is not None
+    assert answer.trace.attempts[0].error["kind"] == "timeout"
+    assert 900 <= answer.trace.attempts[0].latency_ms < 2500  # timeout_s is 1.0 in the fake config
+
+
+async def test_topk_panel_calls_concurrently_and_votes() -> None:
+    config = fake_config(NAMES, gate={"top_k": {"policy": "fixed", "k": 3}}, combiner={"strategy": "vote"})
+    experts = {
+        "math": FakeExpert(config.expert("math"), "The answer is (A).", delay=0.3),
+        "code": FakeExpert(config.expert("code"), "The answer is (B).", delay=0.3),
+        "law": FakeExpert(config.expert("law"), "Answer: B", delay=0.3),
+    }
+    gate = FakeGate(NAMES, {}, default=[0.45, 0.3, 0.25])
+    orch = Orchestrator(config, gate, experts)
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    answer = await orch.complete(ask("which letter?"))
+    assert loop.time() - start < 0.8  # three 0.3 s calls in parallel, not in series
+    assert answer.content == "The answer is (B)."
+    assert answer.trace.combiner == "vote"
+    assert {c.expert: c.agreed for c in answer.trace.contributions} == {"math": False, "code": True, "law": True}
+    top1 = await orch.complete(ask("which letter?"), strategy="top1")
+    assert top1.expert == "math"
+
+
+async def test_panel_member_failure_renormalises_the_rest() -> None:
+    config = fake_config(NAMES, gate={"top_k": {"policy": "fixed", "k": 2}})
+    experts = {"math": FakeExpert(config.expert("math"), fail=lambda n: ExpertUnavailable(n, "down"))}
+    answer = await build(experts, gate={"top_k": {"policy": "fixed", "k": 2}}).complete(ask("solve integral"))
+    assert answer.expert == "code"
+    assert [(c.expert, c.weight) for c in answer.trace.contributions] == [("code", 1.0)]
+
+
+async def test_saturated_expert_hands_queries_to_the_next() -> None:
+    config = fake_config(NAMES)
+    orch = build({"math": FakeExpert(config.expert("math"), delay=0.2)})
+    orch.capacity.limits["math"] = 1
+    answers = await asyncio.gather(*(orch.complete(ask("an integral")) for _ in range(3)))
+    assert sorted(a.expert for a in answers) == ["code", "code", "math"]
+    assert orch.capacity.in_flight == {"math": 0, "code": 0, "law": 0}
+
+
+async def collect(orch: Orchestrator, request: ChatRequest) -> tuple[str, StreamEnd]:
+    text, end = [], None
+    async for event in orch.stream(request):
+        if isinstance(event, StreamPiece):
+            text.append(event.delta.content)
+        else:
+            end = event
+    assert end is not None
+    return "".join(text), end
+
+
+async def test_stream_failure_before_first_token_is_invisible() -> None:
+    config = fake_config(NAMES)
+    dead = FakeExpert(config.expert("math"), fail=lambda n: ExpertUnavailable(n, "refused"))
+    code = FakeExpert(config.expert("code"), pieces=["def ", "f(): ", "pass"])
+    text, end = await collect(build({"math": dead, "code": code}), ask("integral"))
+    assert text == "def f(): pass"
+    assert end.trace.switches == []
+    assert [(a.expert, a.ok) for a in end.trace.attempts] == [("math", False), ("code", True)]
+
+
+async def test_stream_failure_mid_stream_continues_from_the_next_expert() -> None:
+    config = fake_config(NAMES)
+    dying = FakeExpert(config.expert("math"), pieces=["one ", "two ", "three"], fail_after=2,
+                       fail=lambda n: ExpertUnavailable(n, "peer closed"))
+    code = FakeExpert(config.expert("code"), pieces=["three"])
+    text, end = await collect(build({"math": dying, "code": code}), ask("integral"))
+    assert text == "one two three"
+    assert end.trace.switches == [{"from": "math", "to": "code", "after_chars": 8, "cause": "unavailable"}]
+    # the next expert saw the partial answer and was asked to continue it
+    continued = code.requests[0].messages
+    assert continued[-2].role == "assistant" and continued[-2].content == "one two "
+    assert end.trace.cost_usd == pytest.approx(0.001)
+
+
+async def test_stream_with_every_expert_down_raises() -> None:
+    config = fake_config(NAMES)
+    down = {n: FakeExpert(config.expert(n), fail=lambda n: ExpertUnavailable(n, "down")) for n in NAMES}
+    with pytest.raises(AllExpertsFailed):
+        await collect(build(down), ask("integral"))

@@ -1,0 +1,54 @@
+import pytest
+
+from router.config import TopKConfig
+from router.topk import choose, rank
+
+SCORES = {"a": 0.5, "b": 0.3, "c": 0.15, "d": 0.05}
+
+
+def weights(panel: list[tuple[str, float]]) -> dict[str, float]:
+    return {n: round(w, 6) for n, w in panel}
+
+
+def test_rank_orders_by_score_then_name() -> None:
+    assert [n for n, _ in rank({"x": 0.2, "b": 0.4, "a": 0.4})] == ["a", "b", "x"]
+
+
+def test_fixed_k_renormalises() -> None:
+    panel = choose(SCORES, TopKConfig(policy="fixed", k=2))
+    assert weights(panel) == {"a": 0.625, "b": 0.375}
+    assert sum(w for _, w in panel) == pytest.approx(1.0)
+
+
+def test_mass_stops_at_the_prefix_reaching_mass() -> None:
+    panel = choose(SCORES, TopKConfig(policy="mass", k=4, mass=0.8))
+    assert [n for n, _ in panel] == ["a", "b"]
+    panel = choose(SCORES, TopKConfig(policy="mass", k=4, mass=0.9))
+    assert [n for n, _ in panel] == ["a", "b", "c"]
+    # k caps the panel even when the mass is not reached
+    assert len(choose(SCORES, TopKConfig(policy="mass", k=2, mass=0.99))) == 2
+
+
+def test_min_weight_drops_light_members_but_keeps_the_top() -> None:
+    panel = choose(SCORES, TopKConfig(policy="min_weight", k=4, min_weight=0.2))
+    assert [n for n, _ in panel] == ["a", "b"]
+    assert weights(panel) == {"a": 0.625, "b": 0.375}
+    lone = choose({"a": 0.97, "b": 0.03}, TopKConfig(policy="min_weight", k=2, min_weight=0.5))
+    assert lone == [("a", 1.0)]
+
+
+def test_adaptive_uses_one_expert_when_confident_and_more_when_not() -> None:
+    cfg = TopKConfig(policy="adaptive", k=3, confident=0.8, mass=0.9)
+    assert choose({"a": 0.85, "b": 0.1, "c": 0.05}, cfg) == [("a", 1.0)]
+    assert [n for n, _ in choose(SCORES, cfg)] == ["a", "b", "c"]
+
+
+def test_exclude_removes_experts_and_empty_is_an_error() -> None:
+    panel = choose(SCORES, TopKConfig(policy="fixed", k=1), exclude=frozenset({"a"}))
+    assert panel == [("b", 1.0)]
+    with pytest.raises(ValueError, match="no expert left"):
+        choose({"a": 1.0}, TopKConfig(), exclude=frozenset({"a"}))
+
+
+def test_zero_scores_get_equal_weights() -> None:
+    assert weights(choose({"a": 0.0, "b": 0.0}, TopKConfig(k=2))) == {"a": 0.5, "b": 0.5}
