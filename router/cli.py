@@ -1,0 +1,188 @@
+"""``moe``: serve, route, ask, train, eval, demo, config check, compose. ``moe <command> --help`` for each."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import json
+import sys
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from router.config import RouterConfig
+    from router.sdk import ChatResult
+
+__all__ = ["main"]
+
+DEFAULT_CONFIG = "configs/demo.yaml"
+
+
+def _load(path: str, *, check_env: bool = True) -> RouterConfig:
+    from router.config import load_config
+
+    return load_config(path, check_env=check_env)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from router.build import build_orchestrator
+    from router.service import create_app
+
+    config = _load(args.config)  # validated before anything starts: a bad file stops here, every problem listed
+    orchestrator = build_orchestrator(config)
+    app = create_app(orchestrator)
+    uvicorn.run(app, host=args.host or config.service.host, port=args.port or config.service.port,
+                log_level=args.log_level)
+    return 0
+
+
+def cmd_config_check(args: argparse.Namespace) -> int:
+    config = _load(args.file, check_env=not args.no_env)
+    print(f"{args.file}: OK (version {config.version}, {len(config.experts)} experts: "
+          f"{', '.join(config.expert_names)})")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from router.train import train_from_config
+
+    config = _load(args.config, check_env=False)
+    gate = train_from_config(config, progress=True)
+    print(json.dumps({"artifact": str(config.resolve(config.gate.artifact)), "experts": gate.experts,
+                      "metrics": gate.metadata.get("metrics", {})}, indent=2))
+    return 0
+
+
+def cmd_route(args: argparse.Namespace) -> int:
+    from router.sdk import Client, LocalRouter
+
+    if args.url:
+        with Client(args.url, api_key=args.api_key) as client:
+            decision = client.route(args.query)
+    else:
+        local = LocalRouter.from_config(args.config)
+        decision = asyncio.run(local.route(args.query))
+    print(json.dumps(decision.model_dump(), indent=2))
+    return 0
+
+
+def cmd_ask(args: argparse.Namespace) -> int:
+    from router.sdk import Client, LocalRouter
+
+    if args.url:
+        with Client(args.url, api_key=args.api_key) as client:
+            if args.stream:
+                for chunk in client.stream(args.query, model=args.model):
+                    print(chunk.content, end="", flush=True)
+                    if chunk.trace is not None:
+                        print(f"\n[expert: {chunk.expert}, switches: {chunk.trace.switches}]")
+                return 0
+            result = client.chat(args.query, model=args.model)
+    else:
+        async def run() -> ChatResult:
+            async with LocalRouter.from_config(args.config) as local:
+                return await local.chat(args.query, model=args.model)
+
+        result = asyncio.run(run())
+    print(result.content)
+    print(f"[expert: {result.expert}, cost: ${result.cost_usd:.6f}, tokens: {result.usage.total_tokens}]",
+          file=sys.stderr)
+    return 0
+
+
+def cmd_compose(args: argparse.Namespace) -> int:
+    from router.compose import dump_compose
+
+    print(dump_compose(_load(args.config, check_env=False)), end="")
+    return 0
+
+
+def _delegate(target: str) -> Callable[[argparse.Namespace], int]:
+    """Commands implemented outside ``router`` (evaluation, demo), imported only when run."""
+
+    def run(args: argparse.Namespace) -> int:
+        module, _, func = target.partition(":")
+        result: int = getattr(importlib.import_module(module), func)(args)
+        return result
+
+    return run
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="moe", description="Mixture-of-experts router over whole LLMs.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve", help="run the OpenAI-compatible service")
+    p.add_argument("--config", default=DEFAULT_CONFIG)
+    p.add_argument("--host")
+    p.add_argument("--port", type=int)
+    p.add_argument("--log-level", default="info")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("config", help="work with config files")
+    config_sub = p.add_subparsers(dest="config_command", required=True)
+    c = config_sub.add_parser("check", help="validate a config and list every problem")
+    c.add_argument("file")
+    c.add_argument("--no-env", action="store_true", help="do not require the api_key_env variables to be set")
+    c.set_defaults(func=cmd_config_check)
+
+    p = sub.add_parser("train", help="train the gate from the experts' examples and the config's train_data")
+    p.add_argument("--config", default=DEFAULT_CONFIG)
+    p.set_defaults(func=cmd_train)
+
+    for name, func, text in (("route", cmd_route, "show the gate's decision for a query"),
+                             ("ask", cmd_ask, "send a query through the router")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("query")
+        p.add_argument("--config", default=DEFAULT_CONFIG, help="route in-process with this config")
+        p.add_argument("--url", help="a running service instead, e.g. http://127.0.0.1:8000")
+        p.add_argument("--api-key")
+        if name == "ask":
+            p.add_argument("--model", default="auto", help="'auto' routes; an expert's name calls it directly")
+            p.add_argument("--stream", action="store_true", help="stream the answer (with --url)")
+        p.set_defaults(func=func)
+
+    p = sub.add_parser("eval", help="evaluate routing on a named suite or your own JSONL")
+    p.add_argument("--suite", help="a named suite, e.g. mmlu-pro-domain, clinc150-domain, routerbench")
+    p.add_argument("--train", help="labelled JSONL to train on ({'query','label'} per line)")
+    p.add_argument("--test", help="labelled JSONL to evaluate on")
+    p.add_argument("--out", default="out/eval", help="folder for results.json, report.md and figures")
+    p.add_argument("--data", default=None, help="the shared data folder (default: $MOE_DATA_DIR or ../shared/data)")
+    p.add_argument("--encoder", default="onnx", choices=["onnx", "sentence-transformers"])
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_delegate("eval.harness:main"))
+
+    p = sub.add_parser("demo", help="train, serve replay experts, and score the router on held-out questions")
+    p.add_argument("--out", default="out/demo")
+    p.add_argument("--data", default=None, help="the shared data folder (default: $MOE_DATA_DIR or ../shared/data)")
+    p.add_argument("--config", default=DEFAULT_CONFIG)
+    p.add_argument("--limit", type=int, default=None, help="at most this many test questions")
+    p.set_defaults(func=_delegate("eval.demo:main"))
+
+    p = sub.add_parser("compose", help="print the docker-compose file a config describes")
+    p.add_argument("config", nargs="?", default="configs/compose.yaml")
+    p.set_defaults(func=cmd_compose)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from router.config import ConfigError
+
+    args = _parser().parse_args(argv)
+    try:
+        code: int = args.func(args)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return code
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
+

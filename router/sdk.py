@@ -1,0 +1,213 @@
+"""The Python SDK: ``Client`` and ``AsyncClient`` for a running service, ``LocalRouter`` in-process.
+
+All three return the same typed results, trace included. Request building and response parsing live once in
+``_Protocol``; the sync and async clients are thin I/O shells around it (httpx's own pattern), so the pairs
+cannot drift. The network is injected: pass ``transport=`` (e.g. ``httpx.ASGITransport(app)``) to test.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import httpx
+from pydantic import BaseModel
+
+from experts.types import ChatMessage, ChatRequest, Usage
+from router.trace import RoutedAnswer, RouteDecision, Trace
+
+__all__ = ["AsyncClient", "ChatResult", "Client", "LocalRouter", "RouterAPIError", "StreamChunk"]
+
+Messages = str | Sequence[dict[str, Any]]
+
+
+class ChatResult(BaseModel):
+    content: str
+    expert: str
+    finish_reason: str = "stop"
+    usage: Usage = Usage()
+    cost_usd: float = 0.0
+    tool_calls: list[dict[str, Any]] | None = None
+    trace: Trace
+
+
+class StreamChunk(BaseModel):
+    """One piece of a streamed answer; the last one has ``finish_reason`` and the trace."""
+
+    content: str = ""
+    expert: str = ""
+    finish_reason: str | None = None
+    trace: Trace | None = None
+
+
+class RouterAPIError(Exception):
+    """The service answered with an error. ``body`` is its OpenAI-style error object."""
+
+    def __init__(self, status: int, body: dict[str, Any]) -> None:
+        error = body.get("error", {}) if isinstance(body, dict) else {}
+        self.status = status
+        self.body = body
+        self.code = error.get("code")
+        self.message = error.get("message", str(body))
+        super().__init__(f"HTTP {status} ({self.code}): {self.message}")
+
+
+class _Protocol:
+    """What both clients share: how requests are built and responses read."""
+
+    def __init__(self, base_url: str, api_key: str | None, timeout: float) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
+        self.timeout = timeout
+
+    @staticmethod
+    def chat_body(messages: Messages, model: str, stream: bool, params: dict[str, Any]) -> dict[str, Any]:
+        msgs = [{"role": "user", "content": messages}] if isinstance(messages, str) else list(messages)
+        return {"model": model, "messages": msgs, "stream": stream, **params}
+
+    @staticmethod
+    def check(response: httpx.Response) -> Any:
+        if response.is_error:
+            try:
+                body = response.json()
+            except ValueError:
+                body = {"error": {"message": response.text[:500], "code": None}}
+            raise RouterAPIError(response.status_code, body)
+        return response.json()
+
+    @staticmethod
+    def chat_result(body: dict[str, Any]) -> ChatResult:
+        choice = body["choices"][0]
+        trace = Trace.model_validate(body.get("moe") or {})
+        return ChatResult(content=choice["message"].get("content") or "", expert=body.get("model", ""),
+                          finish_reason=choice.get("finish_reason") or "stop", usage=Usage(**body.get("usage", {})),
+                          cost_usd=(body.get("moe") or {}).get("cost_usd", 0.0),
+                          tool_calls=choice["message"].get("tool_calls"), trace=trace)
+
+    @staticmethod
+    def stream_chunk(line: str) -> StreamChunk | None:
+        if not line.startswith("data: ") or line == "data: [DONE]":
+            return None
+        body = json.loads(line[6:])
+        if "error" in body:
+            raise RouterAPIError(503, body)
+        choice = body["choices"][0]
+        trace = Trace.model_validate(body["moe"]) if body.get("moe") else None
+        return StreamChunk(content=choice["delta"].get("content") or "", expert=body.get("model", ""),
+                           finish_reason=choice.get("finish_reason"), trace=trace)
+
+
+class Client(_Protocol):
+    """A blocking client for a running service."""
+
+    def __init__(self, base_url: str = "http://127.0.0.1:8000", *, api_key: str | None = None,
+                 timeout: float = 120.0, transport: httpx.BaseTransport | None = None) -> None:
+        super().__init__(base_url, api_key, timeout)
+        self._http = httpx.Client(base_url=self.base_url, headers=self.headers, timeout=timeout, transport=transport)
+
+    def chat(self, messages: Messages, *, model: str = "auto", **params: Any) -> ChatResult:
+        body = self.chat_body(messages, model, False, params)
+        return self.chat_result(self.check(self._http.post("/v1/chat/completions", json=body)))
+
+    def stream(self, messages: Messages, *, model: str = "auto", **params: Any) -> Iterator[StreamChunk]:
+        body = self.chat_body(messages, model, True, params)
+        with self._http.stream("POST", "/v1/chat/completions", json=body) as response:
+            if response.is_error:
+                response.read()
+                self.check(response)
+            for line in response.iter_lines():
+                chunk = self.stream_chunk(line)
+                if chunk is not None:
+                    yield chunk
+
+    def route(self, query: str) -> RouteDecision:
+        return RouteDecision.model_validate(self.check(self._http.post("/v1/route", json={"query": query})))
+
+    def experts(self) -> list[dict[str, Any]]:
+        return list(self.check(self._http.get("/v1/experts"))["data"])
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class AsyncClient(_Protocol):
+    """An asyncio client for a running service."""
+
+    def __init__(self, base_url: str = "http://127.0.0.1:8000", *, api_key: str | None = None,
+                 timeout: float = 120.0, transport: httpx.AsyncBaseTransport | None = None) -> None:
+        super().__init__(base_url, api_key, timeout)
+        self._http = httpx.AsyncClient(base_url=self.base_url, headers=self.headers, timeout=timeout,
+                                       transport=transport)
+
+    async def chat(self, messages: Messages, *, model: str = "auto", **params: Any) -> ChatResult:
+        body = self.chat_body(messages, model, False, params)
+        return self.chat_result(self.check(await self._http.post("/v1/chat/completions", json=body)))
+
+    async def stream(self, messages: Messages, *, model: str = "auto", **params: Any) -> AsyncIterator[StreamChunk]:
+        body = self.chat_body(messages, model, True, params)
+        async with self._http.stream("POST", "/v1/chat/completions", json=body) as response:
+            if response.is_error:
+                await response.aread()
+                self.check(response)
+            async for line in response.aiter_lines():
+                chunk = self.stream_chunk(line)
+                if chunk is not None:
+                    yield chunk
+
+    async def route(self, query: str) -> RouteDecision:
+        return RouteDecision.model_validate(self.check(await self._http.post("/v1/route", json={"query": query})))
+
+    async def experts(self) -> list[dict[str, Any]]:
+        return list(self.check(await self._http.get("/v1/experts"))["data"])
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+
+class LocalRouter:
+    """The router in-process, built from a config file: no service, same results."""
+
+    def __init__(self, orchestrator: Any) -> None:
+        self.orchestrator = orchestrator
+
+    @classmethod
+    def from_config(cls, path: str | Path) -> LocalRouter:
+        from router.build import build_orchestrator
+        from router.config import load_config
+
+        return cls(build_orchestrator(load_config(path)))
+
+    async def chat(self, messages: Messages, *, model: str = "auto", **params: Any) -> ChatResult:
+        body = _Protocol.chat_body(messages, model, False, params)
+        answer: RoutedAnswer = await self.orchestrator.complete(ChatRequest.model_validate(body))
+        return ChatResult(content=answer.content, expert=answer.expert, finish_reason=answer.finish_reason,
+                          usage=answer.trace.usage, cost_usd=answer.trace.cost_usd, tool_calls=answer.tool_calls,
+                          trace=answer.trace)
+
+    async def route(self, query: str) -> RouteDecision:
+        decision: RouteDecision = await self.orchestrator.decide(
+            ChatRequest(messages=[ChatMessage(role="user", content=query)]))
+        return decision
+
+    async def aclose(self) -> None:
+        await self.orchestrator.aclose()
+
+    async def __aenter__(self) -> LocalRouter:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()

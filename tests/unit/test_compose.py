@@ -1,0 +1,247 @@
+"""The committed docker-compose.yml against configs/compose.yaml, the config it is generated from."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from router.compose import (
+    HF_CACHE_VOLUME,
+    ROUTER_SERVICE,
+    ComposeError,
+    dump_compose,
+    expected_endpoint,
+    render_compose,
+    service_name,
+)
+from router.config import ExpertConfig, RouterConfig, load_config, parse_config
+
+ROOT = Path(__file__).resolve().parents[2]
+CONFIG_PATH = ROOT / "configs" / "compose.yaml"
+COMPOSE_PATH = ROOT / "docker-compose.yml"
+
+
+@pytest.fixture(scope="module")
+def config() -> RouterConfig:
+    return load_config(CONFIG_PATH, check_env=False)
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    data = yaml.safe_load(COMPOSE_PATH.read_text(encoding="utf-8"))
+    assert isinstance(data, dict)
+    return data
+
+
+def vllm_experts(config: RouterConfig) -> list[ExpertConfig]:
+    return [e for e in config.experts if e.type == "vllm"]
+
+
+def flag_values(command: list[str], flag: str) -> list[str]:
+    """The values after ``flag`` in an argv list, up to the next ``--option``."""
+    start = command.index(flag) + 1
+    values = []
+    for arg in command[start:]:
+        if arg.startswith("--"):
+            break
+        values.append(arg)
+    return values
+
+
+def config_with(*experts: dict[str, Any]) -> RouterConfig:
+    return parse_config({"version": 1, "experts": list(experts)}, check_env=False)
+
+
+def vllm(name: str, endpoint: str, **extra: Any) -> dict[str, Any]:
+    return {"name": name, "type": "vllm", "endpoint": endpoint, "model": f"org/{name}-7b", **extra}
+
+
+# --- the committed file --------------------------------------------------------------------------------
+
+
+def test_committed_file_is_exactly_what_the_config_renders(config: RouterConfig) -> None:
+    committed = COMPOSE_PATH.read_text(encoding="utf-8")
+    assert committed == dump_compose(config), (
+        "docker-compose.yml is out of date with configs/compose.yaml; regenerate it with "
+        "`moe compose configs/compose.yaml`"
+    )
+
+
+def test_committed_file_says_it_is_generated() -> None:
+    first = COMPOSE_PATH.read_text(encoding="utf-8").splitlines()[0]
+    assert first.startswith("#") and "moe compose configs/compose.yaml" in first
+
+
+def test_config_has_three_gpu_experts(config: RouterConfig) -> None:
+    assert len(vllm_experts(config)) == 3
+    assert config.gate.default_expert in config.expert_names
+    for expert in config.experts:
+        assert expert.description and len(expert.examples) >= 3
+        assert expert.cost.output_per_1k > 0
+
+
+def test_every_vllm_expert_has_its_own_service(config: RouterConfig, compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    assert set(services) == {service_name(e) for e in vllm_experts(config)} | {ROUTER_SERVICE}
+    for expert in vllm_experts(config):
+        # The router reaches the expert at its endpoint, so the host there must be the service.
+        assert expert.endpoint == expected_endpoint(expert)
+        assert re.fullmatch(r"http://([a-z0-9-]+):8000/v1", expert.endpoint or "")
+        assert services[service_name(expert)]
+
+
+def test_vllm_services_run_the_pinned_image_with_the_experts_model(
+    config: RouterConfig, compose: dict[str, Any]
+) -> None:
+    for expert in vllm_experts(config):
+        service = compose["services"][service_name(expert)]
+        image, _, tag = service["image"].partition(":")
+        assert image == "vllm/vllm-openai"
+        assert re.fullmatch(r"v\d+\.\d+\.\d+(\.post\d+)?", tag), f"image must be pinned, got {tag!r}"
+        command = service["command"]
+        assert flag_values(command, "--model") == [expert.model]
+        served = flag_values(command, "--served-model-name")
+        # The first served name is the one vLLM reports; the model id is accepted too, because
+        # the expert client sends ``model`` upstream.
+        assert served[0] == expert.name
+        assert expert.model in served
+        assert flag_values(command, "--port") == ["8000"]
+
+
+def test_vllm_services_reserve_a_gpu_and_share_the_model_cache(
+    config: RouterConfig, compose: dict[str, Any]
+) -> None:
+    assert HF_CACHE_VOLUME in compose["volumes"]
+    for expert in vllm_experts(config):
+        service = compose["services"][service_name(expert)]
+        devices = service["deploy"]["resources"]["reservations"]["devices"]
+        assert any(d["driver"] == "nvidia" and "gpu" in d["capabilities"] for d in devices)
+        assert f"{HF_CACHE_VOLUME}:/root/.cache/huggingface" in service["volumes"]
+        assert "HF_TOKEN" in service["environment"]
+
+
+def test_every_service_has_a_health_check(compose: dict[str, Any]) -> None:
+    for name, service in compose["services"].items():
+        test = service["healthcheck"]["test"]
+        assert test[0] == "CMD", name
+        assert any("/health" in part for part in test), name
+
+
+def test_router_waits_for_every_expert_to_be_healthy(config: RouterConfig, compose: dict[str, Any]) -> None:
+    router = compose["services"][ROUTER_SERVICE]
+    assert router["depends_on"] == {
+        service_name(e): {"condition": "service_healthy"} for e in vllm_experts(config)
+    }
+    assert (ROOT / router["build"]["context"] / router["build"]["dockerfile"]).is_file()
+    port = config.service.port
+    assert f"{port}:{port}" in router["ports"]
+    assert f"localhost:{port}/health" in " ".join(router["healthcheck"]["test"])
+
+
+def test_router_reads_the_config_it_was_rendered_from(compose: dict[str, Any]) -> None:
+    router = compose["services"][ROUTER_SERVICE]
+    assert "MOE_CONFIG=/app/configs/compose.yaml" in router["environment"]
+    mounts = {m.split(":")[1]: m.split(":")[0] for m in router["volumes"]}
+    # /app mirrors the repo, so the mounted folder holds the very file the compose came from.
+    assert (ROOT / mounts["/app/configs"] / "compose.yaml").samefile(CONFIG_PATH)
+    assert mounts["/app/artifacts/gate"] == "./artifacts/gate"
+
+
+def test_dockerfile_installs_cpu_torch_first_and_serves_the_config() -> None:
+    text = (ROOT / "Dockerfile").read_text(encoding="utf-8")
+    assert re.search(r"^FROM python:3\.11-slim$", text, re.M)
+    torch = text.index("pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu")
+    assert torch < text.index("pip install .")
+    assert "moe serve --config" in text and "--host 0.0.0.0" in text
+    assert (ROOT / ".dockerignore").is_file()
+
+
+# --- rendering ------------------------------------------------------------------------------------------
+
+
+def test_endpoint_host_that_is_not_the_service_fails_clearly() -> None:
+    config = config_with(vllm("coder", "http://localhost:8000/v1"))
+    with pytest.raises(ComposeError) as info:
+        render_compose(config)
+    message = str(info.value)
+    assert "experts[0] (coder).endpoint" in message
+    assert "'localhost'" in message and "'coder'" in message
+    assert "http://coder:8000/v1" in message
+
+
+def test_every_bad_endpoint_is_reported_at_once() -> None:
+    config = config_with(
+        vllm("coder", "http://vllm-coder:8000/v1"),
+        vllm("math", "http://math:9000/v1"),
+        vllm("chat", "http://chat:8000/v1"),
+    )
+    with pytest.raises(ComposeError) as info:
+        render_compose(config)
+    paths = [path for path, _ in info.value.problems]
+    assert paths == ["experts[0] (coder).endpoint", "experts[1] (math).endpoint"]
+    assert "port 8000" in info.value.problems[1][1]
+
+
+def test_names_that_collide_as_services_are_refused() -> None:
+    config = config_with(
+        vllm("Coder", "http://coder:8000/v1"),
+        vllm("coder", "http://coder:8000/v1"),
+        vllm("router", "http://router:8000/v1"),
+    )
+    with pytest.raises(ComposeError) as info:
+        render_compose(config)
+    messages = " ".join(msg for _, msg in info.value.problems)
+    assert "same compose service 'coder'" in messages and "'router'" in messages
+
+
+def test_hosted_experts_get_no_service_but_their_key_reaches_the_router() -> None:
+    config = config_with(
+        vllm("Qwen2.5-Coder@7B", "http://qwen2-5-coder-7b:8000/v1", api_key_env="CODER_KEY"),
+        {"name": "gpt", "type": "openai", "endpoint": "https://api.openai.com/v1", "model": "gpt-4o-mini",
+         "api_key_env": "OPENAI_API_KEY"},
+    )
+    compose = render_compose(config)
+    assert set(compose["services"]) == {"qwen2-5-coder-7b", ROUTER_SERVICE}
+    router = compose["services"][ROUTER_SERVICE]
+    assert {"CODER_KEY", "OPENAI_API_KEY"} <= set(router["environment"])
+    assert "VLLM_API_KEY=${CODER_KEY:-}" in compose["services"]["qwen2-5-coder-7b"]["environment"]
+
+
+def test_experts_default_to_separate_gpus(config: RouterConfig) -> None:
+    compose = render_compose(config)
+    ids = [s["deploy"]["resources"]["reservations"]["devices"][0]["device_ids"][0]
+           for name, s in compose["services"].items() if name != ROUTER_SERVICE]
+    assert [i.rsplit(":-", 1)[1].rstrip("}") for i in ids] == ["0", "1", "2"]
+
+
+# --- docker compose itself ------------------------------------------------------------------------------
+
+
+def _compose_command() -> list[str] | None:
+    """``docker compose`` (the v2 plugin), else the standalone ``docker-compose``, else None."""
+    docker = shutil.which("docker")
+    if docker is not None:
+        probe = subprocess.run([docker, "compose", "version"], capture_output=True, text=True, check=False)
+        if probe.returncode == 0:
+            return [docker, "compose"]
+    standalone = shutil.which("docker-compose")
+    return [standalone] if standalone is not None else None
+
+
+COMPOSE_COMMAND = _compose_command()
+
+
+@pytest.mark.skipif(COMPOSE_COMMAND is None, reason="neither the docker compose plugin nor docker-compose is here")
+def test_docker_compose_accepts_the_file() -> None:
+    assert COMPOSE_COMMAND is not None
+    result = subprocess.run(
+        [*COMPOSE_COMMAND, "-f", str(COMPOSE_PATH), "config", "--quiet"],
+        cwd=ROOT, capture_output=True, text=True, check=False, timeout=60,
+    )
+    assert result.returncode == 0, result.stderr

@@ -1,0 +1,433 @@
+"""OpenAICompatibleExpert against ScriptedOpenAIServer (a test double on 127.0.0.1, real HTTP)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import socket
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from email.utils import format_datetime
+from typing import Any, cast
+
+import httpx
+import pytest
+
+from experts.base import ExpertContext
+from experts.errors import (
+    ExpertAuthError,
+    ExpertError,
+    ExpertOverloaded,
+    ExpertProtocolError,
+    ExpertRateLimited,
+    ExpertRejected,
+    ExpertServerError,
+    ExpertTimeout,
+    ExpertUnavailable,
+)
+from experts.openai_compat import OpenAICompatibleExpert, parse_retry_after
+from experts.types import ChatMessage, ChatRequest, StreamDelta
+from router.config import ExpertConfig
+from tests.doubles import Behaviour, ScriptedOpenAIServer
+
+MakeExpert = Callable[..., OpenAICompatibleExpert]
+SECRET = "sk-unit-test-secret-7f3a9c"
+TOOL_CALL = {"id": "call_1", "type": "function",
+             "function": {"name": "get_weather", "arguments": '{"city": "Paris", "unit": "C"}'}}
+
+
+@pytest.fixture
+def server() -> Iterator[ScriptedOpenAIServer]:
+    with ScriptedOpenAIServer(name="unit") as srv:
+        yield srv
+
+
+@pytest.fixture
+async def make_expert(server: ScriptedOpenAIServer) -> AsyncIterator[MakeExpert]:
+    built: list[OpenAICompatibleExpert] = []
+
+    def make(context: ExpertContext | None = None, **overrides: Any) -> OpenAICompatibleExpert:
+        fields = {"name": "e1", "type": "vllm", "endpoint": server.url, "model": "served-model",
+                  "timeout_s": 2.0, **overrides}
+        expert = OpenAICompatibleExpert(ExpertConfig(**fields), context)
+        built.append(expert)
+        return expert
+
+    yield make
+    for expert in built:
+        await expert.aclose()
+
+
+def ask(text: str = "one two three", **extra: Any) -> ChatRequest:
+    return ChatRequest(messages=[ChatMessage(role="user", content=text)], **extra)
+
+
+async def collect(expert: OpenAICompatibleExpert, request: ChatRequest,
+                  into: list[StreamDelta] | None = None) -> list[StreamDelta]:
+    deltas = [] if into is None else into
+    async for delta in expert.stream(request):
+        deltas.append(delta)
+    return deltas
+
+
+# --- normal answers -----------------------------------------------------------------------------------
+
+
+async def test_generate_parses_answer_usage_and_prices_cost(server: ScriptedOpenAIServer,
+                                                            make_expert: MakeExpert) -> None:
+    server.default = Behaviour.ok("alpha beta gamma delta")
+    expert = make_expert(cost={"input_per_1k": 1.0, "output_per_1k": 2.0})
+
+    reply = await expert.generate(ask("one two three", temperature=0.5))
+
+    assert reply.expert == "e1"
+    assert reply.content == "alpha beta gamma delta"
+    assert (reply.usage.prompt_tokens, reply.usage.completion_tokens, reply.usage.total_tokens) == (3, 4, 7)
+    assert reply.cost_usd == pytest.approx(3 / 1000 * 1.0 + 4 / 1000 * 2.0)
+    assert reply.finish_reason == "stop"
+    assert reply.tool_calls is None
+    assert reply.model == "served-model"
+    assert reply.latency_ms > 0
+    sent = server.requests[-1]
+    assert sent["model"] == "served-model" and sent["stream"] is False and sent["temperature"] == 0.5
+    assert sent["messages"] == [{"role": "user", "content": "one two three"}]
+    assert "stream_options" not in sent
+
+
+async def test_latency_covers_the_upstream_delay(server: ScriptedOpenAIServer, make_expert: MakeExpert) -> None:
+    server.push(Behaviour.slow("late", delay_s=0.25))
+    reply = await make_expert().generate(ask())
+    assert reply.content == "late"
+    assert 250 <= reply.latency_ms < 2000
+
+
+async def test_upstream_usage_cost_wins_over_config_prices(server: ScriptedOpenAIServer,
+                                                           make_expert: MakeExpert) -> None:
+    server.default = Behaviour.ok("priced", cost=0.0375)
+    expert = make_expert(cost={"input_per_1k": 100.0, "output_per_1k": 100.0})
+
+    reply = await expert.generate(ask())
+    deltas = await collect(expert, ask())
+
+    assert reply.cost_usd == pytest.approx(0.0375)
+    assert deltas[-1].cost_usd == pytest.approx(0.0375)
+
+
+async def test_stream_reassembles_content_and_ends_with_usage(server: ScriptedOpenAIServer,
+                                                              make_expert: MakeExpert) -> None:
+    server.default = Behaviour.ok("The answer is 42 .")
+    expert = make_expert(cost={"input_per_1k": 10.0, "output_per_1k": 20.0})
+
+    deltas = await collect(expert, ask("what is six times seven"))
+
+    assert [d.content for d in deltas[:-1]] == ["The ", "answer ", "is ", "42 ", "."]
+    assert "".join(d.content for d in deltas) == "The answer is 42 ."
+    assert all(d.finish_reason is None and d.usage is None for d in deltas[:-1])
+    last = deltas[-1]
+    assert last.finish_reason == "stop" and last.content == ""
+    assert last.usage is not None
+    assert (last.usage.prompt_tokens, last.usage.completion_tokens, last.usage.total_tokens) == (5, 5, 10)
+    assert last.cost_usd == pytest.approx(5 / 1000 * 10.0 + 5 / 1000 * 20.0)
+    sent = server.requests[-1]
+    assert sent["stream"] is True and sent["stream_options"] == {"include_usage": True}
+
+
+def sse(*events: dict[str, Any] | str) -> bytes:
+    return b"".join(b"data: " + (e if isinstance(e, str) else json.dumps(e)).encode() + b"\n\n" for e in events)
+
+
+async def test_stream_takes_usage_from_the_finish_chunk_and_tolerates_a_missing_done(
+        server: ScriptedOpenAIServer, make_expert: MakeExpert) -> None:
+    body = (b": keep-alive comment\n\n"
+            + sse({"choices": [{"index": 0, "delta": {"content": "hi"}}]},
+                  {"choices": [{"index": 0, "delta": {}, "finish_reason": "length"}],
+                   "usage": {"prompt_tokens": 2, "completion_tokens": 1, "total_tokens": 3}}))
+    server.push(Behaviour.raw(body, content_type="text/event-stream"))
+
+    deltas = await collect(make_expert(), ask())
+
+    assert [d.content for d in deltas] == ["hi", ""]
+    assert deltas[-1].finish_reason == "length"
+    assert deltas[-1].usage is not None and deltas[-1].usage.total_tokens == 3
+
+
+# --- tool calls ---------------------------------------------------------------------------------------
+
+
+async def test_tool_calls_pass_through_unchanged(server: ScriptedOpenAIServer, make_expert: MakeExpert) -> None:
+    server.push(Behaviour.ok("", tool_calls=[TOOL_CALL]))
+    reply = await make_expert().generate(ask("weather in Paris?", tools=[{"type": "function"}]))
+    assert reply.tool_calls == [TOOL_CALL]
+    assert reply.finish_reason == "tool_calls"
+    assert reply.content == ""
+    assert server.requests[-1]["tools"] == [{"type": "function"}]
+
+
+async def test_streamed_tool_call_deltas_pass_through_unchanged(server: ScriptedOpenAIServer,
+                                                                make_expert: MakeExpert) -> None:
+    server.push(Behaviour.ok("", tool_calls=[TOOL_CALL]))
+
+    deltas = await collect(make_expert(), ask("weather in Paris?"))
+
+    assert [d.tool_calls for d in deltas[:-1]] == [
+        [{"index": 0, "id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": ""}}],
+        [{"index": 0, "function": {"arguments": '{"city": "Paris", "unit": "C"}'}}],
+    ]
+    assert deltas[-1].finish_reason == "tool_calls"
+
+
+# --- failures -----------------------------------------------------------------------------------------
+
+FAILURES = [
+    pytest.param(Behaviour.reset(), ExpertUnavailable, True, id="reset"),
+    pytest.param(Behaviour.hang(), ExpertTimeout, True, id="hang"),
+    pytest.param(Behaviour.slow(delay_s=1.5), ExpertTimeout, True, id="slow-past-timeout"),
+    pytest.param(Behaviour.error(500, "engine crashed"), ExpertServerError, True, id="500"),
+    pytest.param(Behaviour.error(503, "loading model"), ExpertServerError, True, id="503"),
+    pytest.param(Behaviour.error(429, "slow down", retry_after="7"), ExpertRateLimited, True, id="429"),
+    pytest.param(Behaviour.error(401, "bad key"), ExpertAuthError, False, id="401"),
+    pytest.param(Behaviour.error(403, "forbidden"), ExpertAuthError, False, id="403"),
+    pytest.param(Behaviour.error(400, "max_tokens too large"), ExpertRejected, False, id="400"),
+    pytest.param(Behaviour.error(404, "no such model"), ExpertRejected, False, id="404"),
+    pytest.param(Behaviour.raw(b"", status=302), ExpertProtocolError, True, id="302"),
+]
+
+
+@pytest.mark.parametrize(("behaviour", "error", "transient"), FAILURES)
+@pytest.mark.parametrize("streaming", [False, True], ids=["generate", "stream"])
+async def test_failures_map_to_the_error_tree(server: ScriptedOpenAIServer, make_expert: MakeExpert,
+                                              behaviour: Behaviour, error: type[ExpertError], transient: bool,
+                                              streaming: bool) -> None:
+    server.push(behaviour)
+    expert = make_expert(timeout_s=0.4)
+
+    with pytest.raises(error) as caught:
+        await (collect(expert, ask()) if streaming else expert.generate(ask()))
+
+    assert type(caught.value) is error
+    assert caught.value.transient is transient
+    assert caught.value.expert == "e1"
+    if behaviour.mode == "error":
+        assert getattr(caught.value, "status", None) == behaviour.status
+        assert f"HTTP {behaviour.status}: {behaviour.message}" in str(caught.value)
+    # The expert stays usable after any failure.
+    assert (await expert.generate(ask())).content == "answer from unit"
+
+
+async def test_connection_refused_is_unavailable(make_expert: MakeExpert) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    expert = make_expert(endpoint=f"http://127.0.0.1:{port}/v1")
+    with pytest.raises(ExpertUnavailable) as caught:
+        await expert.generate(ask())
+    assert caught.value.transient
+
+
+@pytest.mark.parametrize(("body", "content_type"), [
+    pytest.param(b'{"id": "broken", "choices": [', "application/json", id="truncated-json"),
+    pytest.param(b"<html>gateway</html>", "text/html", id="html"),
+    pytest.param(b'{"id": "x", "object": "chat.completion"}', "application/json", id="no-choices"),
+    pytest.param(b'{"id": "x", "choices": []}', "application/json", id="empty-choices"),
+    pytest.param(b'{"choices": [{"index": 0}]}', "application/json", id="no-message"),
+    pytest.param(b"[1, 2, 3]", "application/json", id="not-an-object"),
+    pytest.param(b'{"choices": [{"message": {"content": "x"}}], "usage": {"prompt_tokens": "many"}}',
+                 "application/json", id="bad-usage"),
+])
+async def test_malformed_answers_are_protocol_errors(server: ScriptedOpenAIServer, make_expert: MakeExpert,
+                                                     body: bytes, content_type: str) -> None:
+    server.push(Behaviour.raw(body, content_type=content_type))
+    with pytest.raises(ExpertProtocolError) as caught:
+        await make_expert().generate(ask())
+    assert caught.value.transient
+
+
+@pytest.mark.parametrize(("body", "error"), [
+    pytest.param(b"data: {not json\n\n", ExpertProtocolError, id="bad-json-event"),
+    pytest.param(sse({"id": "x"}), ExpertProtocolError, id="chunk-without-choices"),
+    pytest.param(sse({"choices": [{"index": 0, "delta": {"content": "cut"}}]}), ExpertProtocolError,
+                 id="ends-without-finish-or-done"),
+    pytest.param(sse({"error": {"message": "CUDA out of memory", "code": 500}}), ExpertServerError,
+                 id="vllm-error-event"),
+])
+async def test_malformed_streams_raise(server: ScriptedOpenAIServer, make_expert: MakeExpert,
+                                       body: bytes, error: type[ExpertError]) -> None:
+    server.push(Behaviour.raw(body, content_type="text/event-stream"))
+    with pytest.raises(error):
+        await collect(make_expert(), ask())
+
+
+async def test_retry_after_seconds_and_http_date(server: ScriptedOpenAIServer, make_expert: MakeExpert) -> None:
+    when = datetime.now(UTC) + timedelta(seconds=30)
+    server.push(Behaviour.error(429, retry_after="12"), Behaviour.error(429, retry_after=format_datetime(when, True)),
+                Behaviour.error(429))
+    expert = make_expert()
+    waits = []
+    for _ in range(3):
+        with pytest.raises(ExpertRateLimited) as caught:
+            await expert.generate(ask())
+        waits.append(caught.value.retry_after_s)
+    assert waits[0] == 12.0
+    assert waits[1] is not None and 27.0 <= waits[1] <= 30.0
+    assert waits[2] is None
+
+
+@pytest.mark.parametrize(("header", "seconds"), [
+    ("120", 120.0), ("1.5", 1.5), ("-4", 0.0), ("Wed, 21 Oct 2015 07:28:30 GMT", 30.0),
+    ("Wed, 21 Oct 2015 07:27:00 GMT", 0.0), ("soon", None), ("", None), (None, None), ("nan", None), ("inf", None),
+])
+def test_parse_retry_after(header: str | None, seconds: float | None) -> None:
+    now = datetime(2015, 10, 21, 7, 28, 0, tzinfo=UTC)
+    assert parse_retry_after(header, now=now) == seconds
+
+
+async def test_error_excerpt_is_short(server: ScriptedOpenAIServer, make_expert: MakeExpert) -> None:
+    server.push(Behaviour.error(500, "boom " + "x" * 5000))
+    with pytest.raises(ExpertServerError) as caught:
+        await make_expert().generate(ask())
+    assert caught.value.message.startswith("HTTP 500: boom xxx")
+    assert len(caught.value.message) <= len("HTTP 500: ") + 200
+
+
+# --- mid-stream faults --------------------------------------------------------------------------------
+
+
+async def test_stall_mid_stream_times_out_after_the_yielded_deltas(server: ScriptedOpenAIServer,
+                                                                   make_expert: MakeExpert) -> None:
+    server.push(Behaviour.stall_mid_stream(after=2, text="one two three four"))
+    deltas: list[StreamDelta] = []
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+
+    with pytest.raises(ExpertTimeout):
+        await collect(make_expert(timeout_s=0.3), ask(), into=deltas)
+
+    assert [d.content for d in deltas] == ["one ", "two "]
+    assert 0.3 <= loop.time() - started < 2.0
+
+
+async def test_slow_tokens_within_the_timeout_do_not_time_out(server: ScriptedOpenAIServer,
+                                                              make_expert: MakeExpert) -> None:
+    # 5 tokens x 0.15 s = 0.75 s in all, longer than the 0.4 s timeout, but no single gap is.
+    server.push(Behaviour.slow("a b c d e", token_delay_s=0.15))
+    deltas = await collect(make_expert(timeout_s=0.4), ask())
+    assert "".join(d.content for d in deltas) == "a b c d e"
+
+
+async def test_die_mid_stream_raises_after_the_yielded_deltas(server: ScriptedOpenAIServer,
+                                                              make_expert: MakeExpert) -> None:
+    server.push(Behaviour.die_mid_stream(after=3, text="one two three four five"))
+    deltas: list[StreamDelta] = []
+
+    with pytest.raises(ExpertUnavailable) as caught:
+        await collect(make_expert(), ask(), into=deltas)
+
+    assert [d.content for d in deltas] == ["one ", "two ", "three "]
+    assert caught.value.transient
+
+
+@pytest.mark.parametrize(("behaviour", "error"), [
+    pytest.param(Behaviour(stall_after=1, text="a b"), ExpertTimeout, id="stall"),
+    pytest.param(Behaviour(die_after=1, text="a b"), ExpertUnavailable, id="die"),
+])
+async def test_faults_mid_body_without_streaming(server: ScriptedOpenAIServer, make_expert: MakeExpert,
+                                                 behaviour: Behaviour, error: type[ExpertError]) -> None:
+    server.push(behaviour)
+    with pytest.raises(error):
+        await make_expert(timeout_s=0.3).generate(ask())
+
+
+# --- secrets ------------------------------------------------------------------------------------------
+
+
+async def test_api_key_is_sent_as_bearer_and_never_shown(server: ScriptedOpenAIServer, make_expert: MakeExpert,
+                                                         monkeypatch: pytest.MonkeyPatch,
+                                                         caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setenv("UNIT_EXPERT_KEY", SECRET)
+    caplog.set_level(logging.DEBUG)
+    expert = make_expert(api_key_env="UNIT_EXPERT_KEY", timeout_s=0.3)
+    # Upstreams do echo a rejected key back in the error body; it must not reach our message.
+    server.push(Behaviour.ok("hi"), Behaviour.error(401, f"Incorrect API key provided: {SECRET}."),
+                Behaviour.error(400, f"bad request from {SECRET}"), Behaviour.hang())
+
+    assert (await expert.generate(ask())).content == "hi"
+    errors = []
+    for _ in range(3):
+        with pytest.raises(ExpertError) as caught:
+            await expert.generate(ask())
+        errors.append(caught.value)
+
+    assert server.headers[0]["authorization"] == f"Bearer {SECRET}"
+    assert [type(e) for e in errors] == [ExpertAuthError, ExpertRejected, ExpertTimeout]
+    assert "Incorrect API key provided: ***." in str(errors[0])
+    shown = [str(e) for e in errors] + [repr(e) for e in errors] + [json.dumps(e.to_dict()) for e in errors]
+    shown += [repr(expert), caplog.text]
+    assert all(SECRET not in text for text in shown)
+
+
+async def test_no_key_means_no_authorization_header(server: ScriptedOpenAIServer, make_expert: MakeExpert,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("UNIT_MISSING_KEY", raising=False)
+    await make_expert(api_key_env="UNIT_MISSING_KEY").generate(ask())
+    await make_expert().generate(ask())
+    assert [("authorization" in h) for h in server.headers] == [False, False]
+
+
+# --- connections --------------------------------------------------------------------------------------
+
+
+async def test_connections_are_pooled_and_released(server: ScriptedOpenAIServer, make_expert: MakeExpert) -> None:
+    expert = make_expert()
+    for _ in range(5):
+        await expert.generate(ask())
+    for _ in range(3):
+        await collect(expert, ask())
+
+    assert len(server.requests) == 8
+    assert server.connections_total == 1
+    await expert.aclose()
+    assert server.wait_for(lambda s: s.open_connections == 0)
+
+
+async def test_pool_is_sized_by_max_concurrency(server: ScriptedOpenAIServer, make_expert: MakeExpert) -> None:
+    server.default = Behaviour.slow("x", delay_s=0.1)
+    expert = make_expert(max_concurrency=2)
+    replies = await asyncio.gather(*(expert.generate(ask()) for _ in range(6)))
+    assert [r.content for r in replies] == ["x"] * 6
+    assert server.connections_total == 2
+
+
+async def test_a_full_pool_is_overloaded(server: ScriptedOpenAIServer, make_expert: MakeExpert) -> None:
+    # The first call holds the only connection for ~1 s, with no gap as long as the 0.3 s timeout.
+    server.push(Behaviour.slow("a b c d e f g h i j", token_delay_s=0.1))
+    expert = make_expert(max_concurrency=1, timeout_s=0.3)
+    holder = asyncio.create_task(collect(expert, ask()))
+    await asyncio.sleep(0.05)
+    with pytest.raises(ExpertOverloaded):
+        await expert.generate(ask())
+    assert "".join(d.content for d in await holder) == "a b c d e f g h i j"
+
+
+async def test_abandoned_stream_frees_its_connection(server: ScriptedOpenAIServer, make_expert: MakeExpert) -> None:
+    server.push(Behaviour.slow("a b c d e f", token_delay_s=0.05))
+    expert = make_expert(max_concurrency=1)
+    stream = cast(AsyncGenerator[StreamDelta, None], expert.stream(ask()))
+    first = await anext(stream)
+    await stream.aclose()
+    assert first.content == "a "
+    assert (await expert.generate(ask())).content == "answer from unit"
+
+
+async def test_injected_transport_replaces_the_network(make_expert: MakeExpert) -> None:
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(200, json={"model": "m", "choices": [
+            {"message": {"role": "assistant", "content": "mocked"}, "finish_reason": "stop"}]})
+
+    expert = make_expert(ExpertContext(transport=httpx.MockTransport(handler)), endpoint="http://nowhere.test/v1/")
+    reply = await expert.generate(ask())
+    assert reply.content == "mocked" and reply.model == "m" and reply.usage.total_tokens == 0
+    assert [str(r.url) for r in seen] == ["http://nowhere.test/v1/chat/completions"]

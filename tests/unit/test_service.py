@@ -1,0 +1,153 @@
+"""The HTTP service in-process through httpx.ASGITransport, with fake experts and a fake gate."""
+
+import json
+
+import httpx
+import pytest
+from openai import APIStatusError, AsyncOpenAI
+
+from experts.errors import ExpertUnavailable
+from router.orchestrator import Orchestrator
+from router.sdk import AsyncClient, RouterAPIError
+from router.service import create_app
+from tests.doubles.fakes import FakeExpert, FakeGate, fake_config
+
+NAMES = ["math", "code"]
+
+
+def make_app(fail: set[str] = frozenset(), **overrides: object):  # type: ignore[no-untyped-def]
+    config = fake_config(NAMES, **overrides)
+    experts = {
+        n: FakeExpert(config.expert(n), pieces=[f"{n} ", "says ", "hi"], text=f"{n} says hi",
+                      fail=(lambda x: ExpertUnavailable(x, "connection refused")) if n in fail else None)
+        for n in NAMES
+    }
+    gate = FakeGate(NAMES, {"integral": [0.9, 0.1]}, default=[0.2, 0.8])
+    return create_app(Orchestrator(config, gate, experts))
+
+
+def client(app) -> httpx.AsyncClient:  # type: ignore[no-untyped-def]
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://router")
+
+
+async def test_chat_completion_is_openai_shaped_with_a_trace() -> None:
+    async with client(make_app()) as http:
+        r = await http.post("/v1/chat/completions",
+                            json={"model": "auto", "messages": [{"role": "user", "content": "an integral"}]})
+    assert r.status_code == 200
+    body = r.json()
+    assert body["object"] == "chat.completion"
+    assert body["choices"][0]["message"] == {"role": "assistant", "content": "math says hi"}
+    assert body["model"] == "math"
+    assert body["usage"]["total_tokens"] == 8
+    assert body["moe"]["decision"]["chosen"] == [{"expert": "math", "weight": 1.0}]
+    assert body["moe"]["cost_usd"] == pytest.approx(0.001)
+    assert r.headers["x-moe-expert"] == "math"
+
+
+async def test_openai_client_streaming_and_not() -> None:
+    app = make_app()
+    async with client(app) as http:
+        oai = AsyncOpenAI(base_url="http://router/v1", api_key="unused", http_client=http)
+        completion = await oai.chat.completions.create(model="auto", messages=[{"role": "user", "content": "hey"}])
+        assert completion.choices[0].message.content == "code says hi"
+        stream = await oai.chat.completions.create(model="moe-router", stream=True,
+                                                   messages=[{"role": "user", "content": "an integral"}])
+        text = [c.choices[0].delta.content or "" async for c in stream if c.choices]
+        assert "".join(text) == "math says hi"
+        models = await oai.models.list()
+        assert [m.id for m in models.data] == ["auto", "moe-router", "math", "code"]
+
+
+async def test_stream_final_chunk_carries_trace_and_finish_reason() -> None:
+    async with client(make_app(fail={"code"})) as http, http.stream(
+        "POST", "/v1/chat/completions",
+        json={"model": "auto", "stream": True, "messages": [{"role": "user", "content": "hello"}]},
+    ) as r:
+        lines = [line async for line in r.aiter_lines() if line.startswith("data: ")]
+    assert lines[-1] == "data: [DONE]"
+    final = json.loads(lines[-2][6:])
+    assert final["choices"][0]["finish_reason"] == "stop"
+    assert [(a["expert"], a["ok"]) for a in final["moe"]["attempts"]] == [("code", False), ("math", True)]
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "code"),
+    [
+        (b"{not json", 400, "invalid_json"),
+        (b"[1, 2]", 400, "invalid_request"),
+        (json.dumps({"model": "auto", "messages": []}).encode(), 400, "invalid_request"),
+        (json.dumps({"model": "auto", "messages": [{"role": "wizard", "content": "x"}]}).encode(), 400,
+         "invalid_request"),
+        (json.dumps({"model": "gpt-9", "messages": [{"role": "user", "content": "x"}]}).encode(), 404,
+         "model_not_found"),
+        (json.dumps({"model": "auto", "messages": [{"role": "user", "content": "x" * 200_000}]}).encode(), 400,
+         "context_length_exceeded"),
+    ],
+)
+async def test_bad_requests_get_clear_openai_errors(body: bytes, status: int, code: str) -> None:
+    async with client(make_app()) as http:
+        r = await http.post("/v1/chat/completions", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == status
+    error = r.json()["error"]
+    assert error["code"] == code
+    assert error["message"]
+
+
+async def test_oversized_body_is_413() -> None:
+    app = make_app(service={"max_request_bytes": 2048})
+    async with client(app) as http:
+        r = await http.post("/v1/chat/completions",
+                            json={"model": "auto", "messages": [{"role": "user", "content": "x" * 5000}]})
+    assert r.status_code == 413
+    assert "exceeds the 2048-byte limit" in r.json()["error"]["message"]
+
+
+async def test_all_experts_down_is_503_listing_each_cause() -> None:
+    async with client(make_app(fail={"math", "code"})) as http:
+        r = await http.post("/v1/chat/completions",
+                            json={"model": "auto", "messages": [{"role": "user", "content": "hello"}]})
+        s = await http.post("/v1/chat/completions",
+                            json={"model": "auto", "stream": True, "messages": [{"role": "user", "content": "hi"}]})
+    for response in (r, s):
+        assert response.status_code == 503
+        error = response.json()["error"]
+        assert error["code"] == "all_experts_failed"
+        assert [c["expert"] for c in error["causes"]] == ["code", "math"]
+        assert all(c["kind"] == "unavailable" for c in error["causes"])
+
+
+async def test_route_experts_and_health() -> None:
+    async with client(make_app()) as http:
+        route = (await http.post("/v1/route", json={"query": "an integral"})).json()
+        experts = (await http.get("/v1/experts")).json()["data"]
+        health = (await http.get("/health")).json()
+    assert route["ranking"] == ["math", "code"]
+    assert route["scores"] == {"math": pytest.approx(0.9), "code": pytest.approx(0.1)}
+    assert [e["name"] for e in experts] == NAMES
+    assert health == {"status": "ok", "experts": 2}
+
+
+async def test_sdk_async_client_returns_typed_results() -> None:
+    app = make_app()
+    async with AsyncClient("http://router", transport=httpx.ASGITransport(app=app)) as sdk:
+        result = await sdk.chat("an integral")
+        assert (result.content, result.expert) == ("math says hi", "math")
+        assert result.trace.decision is not None and result.trace.decision.ranking[0] == "math"
+        assert result.cost_usd == pytest.approx(0.001)
+        chunks = [c async for c in sdk.stream("an integral")]
+        assert "".join(c.content for c in chunks) == "math says hi"
+        assert chunks[-1].trace is not None and chunks[-1].finish_reason == "stop"
+        decision = await sdk.route("an integral")
+        assert decision.chosen[0].expert == "math"
+        with pytest.raises(RouterAPIError) as info:
+            await sdk.chat("x", model="nope")
+        assert info.value.status == 404 and info.value.code == "model_not_found"
+
+
+async def test_openai_client_sees_status_errors() -> None:
+    async with client(make_app(fail={"math", "code"})) as http:
+        oai = AsyncOpenAI(base_url="http://router/v1", api_key="unused", http_client=http, max_retries=0)
+        with pytest.raises(APIStatusError) as info:
+            await oai.chat.completions.create(model="auto", messages=[{"role": "user", "content": "x"}])
+    assert info.value.status_code == 503
