@@ -25,7 +25,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from router.train import train_from_config
 from tqdm import tqdm
 
 from experts.recordings import RouterBenchRow, RouterBenchStore, load_routerbench, normalize_prompt
@@ -33,6 +32,7 @@ from router.build import build_orchestrator
 from router.config import RouterConfig, load_config
 from router.sdk import AsyncClient, RouterAPIError
 from router.service import create_app
+from router.train import train_from_config
 
 __all__ = ["DemoRow", "main", "run_demo"]
 
@@ -187,7 +187,7 @@ def run_demo(config_path: str | Path, out: Path, limit: int | None = None) -> li
     table.append(_oracle(rows, list(column_of.values())))
     routing = Counter(r["expert"] for r in routed)
     meta = {"train_examples": n_train, "test_questions": len(rows), "routing": dict(routing.most_common()),
-            "gate_validation": getattr(gate, "metadata", None) and _jsonable(gate.metadata)}
+            "gate_validation": gate.metadata.as_dict()["metrics"]}
     print("[4/4] results", flush=True)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps({"rows": [asdict(r) for r in table], **meta}, indent=2) + "\n")
@@ -196,14 +196,6 @@ def run_demo(config_path: str | Path, out: Path, limit: int | None = None) -> li
     print(markdown)
     print(f"written: {out / 'results.json'}, {out / 'results.md'}")
     return table
-
-
-def _jsonable(value: Any) -> Any:
-    try:
-        return json.loads(json.dumps(value, default=lambda o: asdict(o) if hasattr(o, "__dataclass_fields__")
-                                     else str(o)))
-    except (TypeError, ValueError):
-        return str(value)
 
 
 def main(args: argparse.Namespace) -> int:

@@ -52,7 +52,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     config = _load(args.config, check_env=False)
     gate = train_from_config(config, progress=True)
     print(json.dumps({"artifact": str(config.resolve(config.gate.artifact)), "experts": gate.experts,
-                      "metrics": gate.metadata.get("metrics", {})}, indent=2))
+                      "metrics": gate.metadata.as_dict()["metrics"]}, indent=2))
     return 0
 
 
@@ -146,13 +146,16 @@ def _parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
 
     p = sub.add_parser("eval", help="evaluate routing on a named suite or your own JSONL")
-    p.add_argument("--suite", help="a named suite, e.g. mmlu-pro-domain, clinc150-domain, routerbench")
+    p.add_argument("--suite", help="mmlu-pro-domain, clinc150-domain, snips-intent, banking77-intent, "
+                   "mmlu-pro-outcome, routerbench or routellm-mmlu")
     p.add_argument("--train", help="labelled JSONL to train on ({'query','label'} per line)")
     p.add_argument("--test", help="labelled JSONL to evaluate on")
     p.add_argument("--out", default="out/eval", help="folder for results.json, report.md and figures")
     p.add_argument("--data", default=None, help="the shared data folder (default: $MOE_DATA_DIR or ../shared/data)")
     p.add_argument("--encoder", default="onnx", choices=["onnx", "sentence-transformers"])
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--limit", type=int, default=None, help="at most this many queries per split (a fast run)")
+    p.add_argument("--no-plots", action="store_true", help="skip the PNG figures")
     p.set_defaults(func=_delegate("eval.harness:main"))
 
     p = sub.add_parser("demo", help="train, serve replay experts, and score the router on held-out questions")

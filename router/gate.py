@@ -1,0 +1,388 @@
+"""The learned gate: embed a query, score every expert, explain the score by nearest training examples.
+
+A ``Gate`` is an encoder, the expert list in column order, a linear classifier over the frozen embeddings and
+a softmax temperature fitted on held-out data. ``predict_proba`` gives one row per query over ``experts``,
+summing to 1; choosing top-k from those rows is ``router.topk``'s job, not the gate's.
+
+Experts with no training examples get a fixed tiny probability (``UNSEEN_PRIOR`` each) rather than an error:
+a config may list a new expert before anyone has labelled data for it. Such an expert ranks below every
+trained one, so top-k never picks it first, yet fallback can still reach it; ``metadata.unseen_experts``
+names them. At least two experts need examples, or there is nothing to learn.
+
+An artifact is a folder: ``gate.json`` (written last, so its presence means the folder is complete) and two
+``.npz`` files, read with ``allow_pickle=False``. ``Gate.load`` refuses an encoder other than the one the
+gate was trained with, since its vectors would land in a different space.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import logging
+import math
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, ClassVar, Protocol
+
+import numpy as np
+
+from router.encoders import Encoder, sha256_file
+
+__all__ = [
+    "CLASSIFIERS",
+    "UNSEEN_PRIOR",
+    "Classifier",
+    "Gate",
+    "GateArtifactMismatch",
+    "GateMetadata",
+    "LogisticClassifier",
+    "Neighbour",
+    "ValidationMetrics",
+    "expected_calibration_error",
+    "fit_temperature",
+    "split_train_val",
+    "train_gate",
+    "training_data_sha256",
+]
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+UNSEEN_PRIOR = 1e-3
+_EMBED_CHUNK = 512  # texts per encode call while training: small enough for a smooth progress bar
+
+
+class GateArtifactMismatch(ValueError):
+    """A saved gate does not fit what it is loaded with (encoder, expert list or file contents)."""
+
+
+@dataclass(frozen=True)
+class Neighbour:
+    text: str
+    label: str
+    similarity: float  # cosine, since embeddings are L2-normalised
+
+
+class Classifier(Protocol):
+    """Logits over the trained experts from embeddings. Swappable; state is plain arrays, never pickle."""
+
+    kind: ClassVar[str]
+
+    def fit(self, x: np.ndarray, y: np.ndarray, n_classes: int) -> None: ...
+    def predict_logits(self, x: np.ndarray) -> np.ndarray: ...
+    def arrays(self) -> dict[str, np.ndarray]: ...
+
+
+class LogisticClassifier:
+    """Multinomial logistic regression (sklearn lbfgs to fit; prediction is one matmul in numpy).
+
+    ``c`` is the inverse L2 strength. Unit-norm 384-d inputs need weak regularisation: at sklearn's default
+    C=1 the logits stay near zero and the gate underfits.
+    """
+
+    kind: ClassVar[str] = "logistic"
+
+    def __init__(self, c: float = 10.0, max_iter: int = 2000, seed: int = 0) -> None:
+        self.c, self.max_iter, self.seed = c, max_iter, seed
+        self.coef = np.zeros((0, 0), dtype=np.float32)
+        self.intercept = np.zeros(0, dtype=np.float32)
+
+    def fit(self, x: np.ndarray, y: np.ndarray, n_classes: int) -> None:
+        from sklearn.linear_model import LogisticRegression
+
+        model = LogisticRegression(C=self.c, max_iter=self.max_iter, random_state=self.seed).fit(x, y)
+        coef, intercept = model.coef_, model.intercept_
+        if coef.shape[0] == 1:  # sklearn's binary form: one row scoring class 1 against class 0
+            coef, intercept = np.vstack([np.zeros_like(coef), coef]), np.concatenate([[0.0], intercept])
+        self.coef = np.zeros((n_classes, x.shape[1]), dtype=np.float32)
+        self.intercept = np.zeros(n_classes, dtype=np.float32)
+        self.coef[model.classes_] = coef
+        self.intercept[model.classes_] = intercept
+
+    def predict_logits(self, x: np.ndarray) -> np.ndarray:
+        return np.asarray(x, dtype=np.float32) @ self.coef.T + self.intercept
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {"coef": self.coef, "intercept": self.intercept}
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray]) -> LogisticClassifier:
+        clf = cls()
+        clf.coef, clf.intercept = arrays["coef"], arrays["intercept"]
+        return clf
+
+
+CLASSIFIERS: dict[str, Any] = {LogisticClassifier.kind: LogisticClassifier}
+
+
+# --- calibration ------------------------------------------------------------------------------------------
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def _nll(logits: np.ndarray, y: np.ndarray, temperature: float) -> float:
+    z = logits / temperature
+    z = z - z.max(axis=1, keepdims=True)
+    log_p = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+    return float(-log_p[np.arange(len(y)), y].mean())
+
+
+def expected_calibration_error(proba: np.ndarray, y: np.ndarray, bins: int = 15) -> float:
+    """Top-label ECE: |accuracy - confidence| per equal-width confidence bin, weighted by bin size."""
+    conf, hit = proba.max(axis=1), proba.argmax(axis=1) == y
+    which = np.minimum((conf * bins).astype(int), bins - 1)
+    return float(sum(abs(hit[which == b].mean() - conf[which == b].mean()) * (which == b).mean()
+                     for b in range(bins) if (which == b).any()))
+
+
+def fit_temperature(logits: np.ndarray, y: np.ndarray, lo: float = 0.01, hi: float = 100.0) -> float:
+    """The T minimising validation NLL of softmax(logits / T); never one that does worse than T = 1.
+
+    NLL is convex in 1/T, hence unimodal in log T, so a golden-section search on log T finds the optimum.
+    """
+    a, b = math.log(lo), math.log(hi)
+    ratio = (math.sqrt(5) - 1) / 2
+    for _ in range(80):
+        c, d = b - ratio * (b - a), a + ratio * (b - a)
+        if _nll(logits, y, math.exp(c)) <= _nll(logits, y, math.exp(d)):
+            b = d
+        else:
+            a = c
+    t = math.exp((a + b) / 2)
+    return t if _nll(logits, y, t) <= _nll(logits, y, 1.0) else 1.0
+
+
+# --- the gate ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ValidationMetrics:
+    n_train: int
+    n_val: int
+    accuracy: float | None = None  # None when the validation split is empty (tiny data)
+    ece_before: float | None = None
+    ece_after: float | None = None
+    nll_before: float | None = None
+    nll_after: float | None = None
+
+
+@dataclass(frozen=True)
+class GateMetadata:
+    encoder_identity: str
+    encoder_checksum: str
+    training_data_sha256: str
+    metrics: ValidationMetrics
+    classifier: str = LogisticClassifier.kind
+    unseen_experts: list[str] = field(default_factory=list)
+    created: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
+    format_version: int = FORMAT_VERSION
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready data, ``metrics`` included as a dict."""
+        return asdict(self)
+
+
+class Gate:
+    """Scores experts for queries. Columns of every probability row follow ``experts``."""
+
+    def __init__(self, encoder: Encoder, experts: Sequence[str], classifier: Classifier, temperature: float,
+                 metadata: GateMetadata, examples: tuple[np.ndarray, list[str], list[str]]) -> None:
+        self.encoder = encoder
+        self.experts = list(experts)
+        self.classifier = classifier
+        self.temperature = temperature
+        self.metadata = metadata
+        # (embeddings [n, dim], texts, labels): every labelled example, kept to explain decisions.
+        self.example_embeddings, self.example_texts, self.example_labels = examples
+        unseen = set(metadata.unseen_experts)
+        self._trained = np.array([i for i, e in enumerate(self.experts) if e not in unseen], dtype=np.int64)
+        self._index: Any = None
+
+    def predict_proba(self, embeddings: np.ndarray) -> np.ndarray:
+        x = np.atleast_2d(np.asarray(embeddings, dtype=np.float32))
+        trained = _softmax(self.classifier.predict_logits(x).astype(np.float64) / self.temperature)
+        n_unseen = len(self.experts) - len(self._trained)
+        out = np.full((len(x), len(self.experts)), UNSEEN_PRIOR, dtype=np.float64)
+        out[:, self._trained] = trained * (1.0 - UNSEEN_PRIOR * n_unseen)
+        return out
+
+    def scores(self, texts: Sequence[str]) -> np.ndarray:
+        return self.predict_proba(self.encoder.encode(texts))
+
+    def nearest(self, embedding: np.ndarray, k: int = 3) -> list[Neighbour]:
+        """The ``k`` labelled examples most similar to one embedding, most similar first."""
+        if self._index is None:
+            import faiss
+
+            self._index = faiss.IndexFlatIP(self.example_embeddings.shape[1])
+            self._index.add(np.ascontiguousarray(self.example_embeddings, dtype=np.float32))
+        query = np.ascontiguousarray(np.asarray(embedding, dtype=np.float32).reshape(1, -1))
+        sims, ids = self._index.search(query, min(k, len(self.example_texts)))
+        return [Neighbour(self.example_texts[i], self.example_labels[i], float(s))
+                for s, i in zip(sims[0], ids[0], strict=True) if i >= 0]
+
+    def check_experts(self, names: Sequence[str]) -> None:
+        """Raise ``GateArtifactMismatch`` unless ``names`` (the config's experts) are the gate's, in any order."""
+        missing = [n for n in names if n not in self.experts]
+        extra = [e for e in self.experts if e not in names]
+        problems = ([f"in the config but missing from the gate artifact: {', '.join(missing)}"] if missing else [])
+        problems += [f"in the gate artifact but not in the config: {', '.join(extra)}"] if extra else []
+        if problems:
+            raise GateArtifactMismatch("gate experts differ from the config's; experts " + "; experts ".join(
+                problems) + ". Retrain the gate (moe train).")
+
+    def save(self, directory: str | Path) -> Path:
+        """Write the artifact folder; ``gate.json`` goes last, so a folder holding it is complete."""
+        path = Path(directory)
+        path.mkdir(parents=True, exist_ok=True)
+        blob = [t.encode("utf-8") for t in self.example_texts]
+        label_ids = {e: i for i, e in enumerate(self.experts)}
+        weights: dict[str, Any] = self.classifier.arrays()  # typed Any: numpy's stub confuses it with savez's flags
+        np.savez(path / _WEIGHTS, **weights)
+        np.savez_compressed(
+            path / _EXAMPLES, embeddings=self.example_embeddings,
+            # Texts as one UTF-8 byte string plus offsets: numpy's fixed-width strings would pad every text
+            # to the longest one, and object arrays would need pickle.
+            text_bytes=np.frombuffer(b"".join(blob), dtype=np.uint8),
+            text_offsets=np.cumsum([0] + [len(b) for b in blob], dtype=np.int64),
+            labels=np.array([label_ids[lab] for lab in self.example_labels], dtype=np.int32))
+        doc = {**self.metadata.as_dict(), "experts": self.experts, "temperature": self.temperature,
+               "files": {name: sha256_file(path / name) for name in (_WEIGHTS, _EXAMPLES)}}
+        (path / _MANIFEST).write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
+        return path
+
+    @classmethod
+    def load(cls, directory: str | Path, encoder: Encoder) -> Gate:
+        """Read an artifact for ``encoder``; raise ``GateArtifactMismatch`` if it was trained with another."""
+        path = Path(directory)
+        try:
+            doc = json.loads((path / _MANIFEST).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{path}: no gate artifact here ({_MANIFEST} missing); run moe train") from None
+        if doc.get("format_version") != FORMAT_VERSION:
+            raise GateArtifactMismatch(f"{path}: gate format version {doc.get('format_version')!r}, this code "
+                                       f"reads {FORMAT_VERSION}; retrain the gate")
+        _check_encoder(path, doc, encoder)
+        for name, digest in doc["files"].items():
+            if sha256_file(path / name) != digest:
+                raise GateArtifactMismatch(f"{path / name}: contents differ from the sha256 in {_MANIFEST}")
+        doc["metrics"] = ValidationMetrics(**doc["metrics"])
+        experts, temperature = doc.pop("experts"), doc.pop("temperature")
+        doc.pop("files")
+        metadata = GateMetadata(**doc)
+        with np.load(path / _WEIGHTS, allow_pickle=False) as w:
+            classifier = CLASSIFIERS[metadata.classifier].from_arrays({k: w[k] for k in w.files})
+        with np.load(path / _EXAMPLES, allow_pickle=False) as ex:
+            raw, offsets = ex["text_bytes"].tobytes(), ex["text_offsets"]
+            texts = [raw[a:b].decode("utf-8") for a, b in itertools.pairwise(offsets.tolist())]
+            labels = [experts[i] for i in ex["labels"]]
+            embeddings = ex["embeddings"]
+        return cls(encoder, experts, classifier, temperature, metadata, (embeddings, texts, labels))
+
+
+_MANIFEST, _WEIGHTS, _EXAMPLES = "gate.json", "weights.npz", "examples.npz"
+
+
+def _check_encoder(path: Path, doc: dict[str, Any], encoder: Encoder) -> None:
+    differences = [f"{what} {doc[key]!r} in the artifact, {have!r} given"
+                   for what, key, have in (("identity", "encoder_identity", encoder.identity),
+                                           ("checksum", "encoder_checksum", encoder.checksum))
+                   if doc[key] != have]
+    if differences:
+        raise GateArtifactMismatch(f"{path}: the gate was trained with another encoder: encoder "
+                                   + "; encoder ".join(differences) + ". Use that encoder or retrain the gate.")
+
+
+# --- training ---------------------------------------------------------------------------------------------
+
+def training_data_sha256(texts: Sequence[str], labels: Sequence[str]) -> str:
+    """Order-independent fingerprint of the labelled data, so an artifact says what it learned from."""
+    lines = sorted(json.dumps([label, text], ensure_ascii=False) for text, label in zip(texts, labels, strict=True))
+    return hashlib.sha256("\n".join(lines).encode("utf-8")).hexdigest()
+
+
+def split_train_val(texts: Sequence[str], labels: Sequence[str], *, seed: int = 0,
+                    val_fraction: float = 0.15) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (train, val), stratified per label and decided by a seeded hash of the text.
+
+    The split depends only on the data and the seed, never on order or the process. Copies of one text stay
+    on one side, so duplicates do not leak into validation. Each label sends ``floor(fraction * distinct
+    texts)`` texts to validation, so a label with few texts keeps them all for training.
+    """
+    def key(text: str) -> bytes:
+        return hashlib.sha256(f"{seed}\x00{text}".encode()).digest()
+
+    by_label: dict[str, set[str]] = {}
+    for text, label in zip(texts, labels, strict=True):
+        by_label.setdefault(label, set()).add(text)
+    val_pairs: set[tuple[str, str]] = set()
+    for label, distinct in by_label.items():
+        chosen = sorted(distinct, key=key)[:math.floor(val_fraction * len(distinct))]
+        val_pairs.update((label, t) for t in chosen)
+    in_val = np.array([(lab, t) in val_pairs for t, lab in zip(texts, labels, strict=True)], dtype=bool)
+    return np.flatnonzero(~in_val), np.flatnonzero(in_val)
+
+
+def train_gate(texts: Sequence[str], labels: Sequence[str], encoder: Encoder, *, experts: Sequence[str],
+               seed: int = 0, val_fraction: float = 0.15, progress: bool = True,
+               classifier: Classifier | None = None) -> Gate:
+    """Embed, split, fit the classifier on the train part and the temperature on the validation part."""
+    from tqdm.auto import tqdm
+
+    experts = list(experts)
+    _check_training_input(texts, labels, experts)
+    counts = Counter(labels)
+    unseen = [e for e in experts if counts[e] == 0]
+    trained = [e for e in experts if counts[e] > 0]
+    if len(trained) < 2:
+        raise ValueError(f"the gate needs examples for at least two experts; only {trained or 'none'} have any")
+    if unseen:
+        log.warning("experts with no training examples get a fixed prior of %g: %s", UNSEEN_PRIOR, unseen)
+    texts = list(texts)
+    with tqdm(total=len(texts), desc="embedding", unit="text", disable=not progress) as bar:
+        chunks = []
+        for start in range(0, len(texts), _EMBED_CHUNK):
+            chunks.append(encoder.encode(texts[start:start + _EMBED_CHUNK]))
+            bar.update(len(chunks[-1]))
+    x = np.concatenate(chunks)
+    col = {e: i for i, e in enumerate(trained)}
+    y = np.array([col[lab] for lab in labels], dtype=np.int64)
+    train, val = split_train_val(texts, labels, seed=seed, val_fraction=val_fraction)
+    classifier = classifier or LogisticClassifier(seed=seed)
+    with tqdm(total=2, desc="training gate", unit="step", disable=not progress) as bar:
+        classifier.fit(x[train], y[train], len(trained))
+        bar.update()
+        temperature, metrics = _calibrate(classifier, x[val], y[val], n_train=len(train))
+        bar.update()
+    metadata = GateMetadata(encoder.identity, encoder.checksum, training_data_sha256(texts, labels), metrics,
+                            classifier=classifier.kind, unseen_experts=unseen)
+    return Gate(encoder, experts, classifier, temperature, metadata, (x, texts, list(labels)))
+
+
+def _check_training_input(texts: Sequence[str], labels: Sequence[str], experts: list[str]) -> None:
+    if len(texts) != len(labels):
+        raise ValueError(f"{len(texts)} texts but {len(labels)} labels")
+    if len(set(experts)) != len(experts):
+        raise ValueError(f"duplicate expert names: {sorted(e for e, n in Counter(experts).items() if n > 1)}")
+    unknown = sorted(set(labels) - set(experts))
+    if unknown:
+        raise ValueError(f"labels that are not experts: {', '.join(map(repr, unknown))}; experts: {experts}")
+
+
+def _calibrate(classifier: Classifier, x: np.ndarray, y: np.ndarray, *,
+               n_train: int) -> tuple[float, ValidationMetrics]:
+    if len(y) == 0:
+        return 1.0, ValidationMetrics(n_train=n_train, n_val=0)
+    logits = classifier.predict_logits(x)
+    t = fit_temperature(logits, y)
+    before, after = _softmax(logits), _softmax(logits / t)
+    return t, ValidationMetrics(
+        n_train=n_train, n_val=len(y), accuracy=float((before.argmax(axis=1) == y).mean()),
+        ece_before=expected_calibration_error(before, y), ece_after=expected_calibration_error(after, y),
+        nll_before=_nll(logits, y, 1.0), nll_after=_nll(logits, y, t))

@@ -1,0 +1,85 @@
+"""Gathering labelled data from a config and training the gate it describes."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from router.config import RouterConfig, parse_config
+from router.gate import Gate
+from router.train import collect_training_data, load_labelled_jsonl, train_from_config
+
+INTENTS = ["GetWeather", "PlayMusic", "BookRestaurant"]
+
+
+def _config(tmp_path: Path, train_data: list[str], **gate: Any) -> RouterConfig:
+    experts = [{"name": name, "type": "openai", "endpoint": "http://127.0.0.1:9/v1", "model": "m",
+                "examples": [f"an example for {name}"]} for name in INTENTS]
+    raw = {"version": 1, "experts": experts, "gate": {"train_data": train_data, **gate}}
+    return parse_config(raw, base_dir=tmp_path, check_env=False)
+
+
+def _write_jsonl(path: Path, rows: list[Any]) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def snips_rows(data_dir: Path) -> list[dict[str, str]]:
+    """20 SNIPS training queries for each of three intents, as {"query", "label"}."""
+    rows: list[dict[str, str]] = []
+    with open(data_dir / "snips" / "snips_2017_custom_intents.csv", encoding="utf-8") as fh:
+        for row in csv.DictReader(fh):
+            if row["split"] == "train" and row["intent"] in INTENTS and \
+                    sum(r["label"] == row["intent"] for r in rows) < 20:
+                rows.append({"query": row["text"], "label": row["intent"]})
+    return rows
+
+
+def test_load_labelled_jsonl_skips_blank_lines(tmp_path: Path) -> None:
+    path = _write_jsonl(tmp_path / "d.jsonl", [{"query": "q1", "label": "A"}, "", {"query": "q2", "label": "B"}])
+    assert load_labelled_jsonl(path) == [("q1", "A"), ("q2", "B")]
+
+
+@pytest.mark.parametrize(("bad", "problem"), [
+    ('{"query": "q", "label": ', "not valid JSON"),
+    ('["q", "A"]', "expected an object"),
+    ('{"query": "q"}', "'label' missing"),
+    ('{"query": "", "label": "A"}', "'query' must be a non-empty string"),
+    ('{"query": "q", "label": 3}', "'label' must be a non-empty string"),
+])
+def test_malformed_line_is_reported_with_its_number(tmp_path: Path, bad: str, problem: str) -> None:
+    path = _write_jsonl(tmp_path / "d.jsonl", [{"query": "q1", "label": "A"}, "", bad])
+    with pytest.raises(ValueError, match=problem) as info:
+        load_labelled_jsonl(path)
+    assert str(info.value).startswith(f"{path}:3: ")
+
+
+def test_collect_training_data_joins_examples_and_files(tmp_path: Path) -> None:
+    _write_jsonl(tmp_path / "extra.jsonl", [{"query": "rain tomorrow?", "label": "GetWeather"}])
+    texts, labels = collect_training_data(_config(tmp_path, ["extra.jsonl"]))
+    assert texts == [f"an example for {n}" for n in INTENTS] + ["rain tomorrow?"]
+    assert labels == [*INTENTS, "GetWeather"]
+
+
+def test_label_that_is_no_expert_is_named(tmp_path: Path) -> None:
+    _write_jsonl(tmp_path / "extra.jsonl", [{"query": "q", "label": "GetWeather"}, {"query": "q", "label": "Nope"}])
+    with pytest.raises(ValueError, match=r"extra\.jsonl: labels 'Nope' are not experts"):
+        collect_training_data(_config(tmp_path, ["extra.jsonl"]))
+
+
+def test_train_from_config_saves_a_loadable_gate(tmp_path: Path, snips_rows: list[dict[str, str]]) -> None:
+    (tmp_path / "data").mkdir()
+    _write_jsonl(tmp_path / "data" / "snips.jsonl", snips_rows)
+    config = _config(tmp_path, ["data/snips.jsonl"], artifact="out/gate")
+    gate = train_from_config(config, progress=False)
+    assert (tmp_path / "out" / "gate" / "gate.json").is_file()
+    assert gate.metadata.metrics.n_train + gate.metadata.metrics.n_val == 63
+    loaded = Gate.load(tmp_path / "out" / "gate", gate.encoder)
+    loaded.check_experts(config.expert_names)
+    probs = loaded.scores(["what's the weather in Paris tomorrow", "play the new album by Adele"])
+    assert [loaded.experts[i] for i in probs.argmax(axis=1)] == ["GetWeather", "PlayMusic"]
