@@ -7,10 +7,11 @@ themselves live in ``topk``, ``fallback`` and ``combine``, which are pure.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -28,12 +29,21 @@ __all__ = ["GateLike", "Orchestrator", "StreamEnd", "StreamPiece", "UnknownExper
 CONTINUE_PROMPT = "Continue your previous answer exactly where it stopped, without repeating any of it."
 
 
+class EncoderLike(Protocol):
+    def encode(self, texts: Sequence[str]) -> np.ndarray: ...
+
+
 class GateLike(Protocol):
-    """What the orchestrator needs of a gate: a probability per expert for each text."""
+    """What the orchestrator needs of a gate: a probability per expert, and the examples behind it."""
 
     experts: list[str]
 
-    def scores(self, texts: Sequence[str]) -> np.ndarray: ...
+    @property
+    def encoder(self) -> EncoderLike: ...
+
+    def predict_proba(self, embeddings: np.ndarray) -> np.ndarray: ...
+
+    def nearest(self, embedding: np.ndarray, k: int = 3) -> Sequence[Any]: ...
 
 
 class UnknownExpert(KeyError):
@@ -89,7 +99,9 @@ class Orchestrator:
     # -- deciding -------------------------------------------------------------------------------------------
     def decide_sync(self, text: str) -> RouteDecision:
         start = time.perf_counter()
-        probs = self.gate.scores([text])[0]
+        # One embedding serves both the scores and the explanation.
+        embedding = self.gate.encoder.encode([text])
+        probs = self.gate.predict_proba(embedding)[0]
         scores = {name: float(p) for name, p in zip(self.gate.experts, probs, strict=True) if name in self.experts}
         panel = choose(scores, self.config.gate.top_k)
         decision = RouteDecision(
@@ -97,14 +109,10 @@ class Orchestrator:
             ranking=[n for n, _ in rank(scores)],
             chosen=[WeightedExpert(expert=n, weight=w) for n, w in panel],
             policy=self.config.gate.top_k.policy,
-            nearest=self._nearest(text),
+            nearest=[_as_dict(n) for n in self.gate.nearest(embedding[0], 3)],
             gate_ms=(time.perf_counter() - start) * 1000.0,
         )
         return decision
-
-    def _nearest(self, text: str) -> list[dict[str, object]]:
-        explain = getattr(self.gate, "explain", None)
-        return list(explain(text, 3)) if callable(explain) else []
 
     async def decide(self, request: ChatRequest) -> RouteDecision:
         # The encoder is CPU work; keep it off the event loop.
@@ -284,6 +292,12 @@ class _StreamOutcome:
         return Attempt(expert=name, weight=1.0, ok=self.error is None, latency_ms=self.latency_ms,
                        usage=self.usage or Usage(), cost_usd=self.cost,
                        error=self.error.to_dict() if self.error else None, fallback_for=replaces)
+
+
+def _as_dict(neighbour: Any) -> dict[str, Any]:
+    if dataclasses.is_dataclass(neighbour) and not isinstance(neighbour, type):
+        return dataclasses.asdict(neighbour)
+    return dict(neighbour)
 
 
 def _continuation(request: ChatRequest, partial: str) -> ChatRequest:

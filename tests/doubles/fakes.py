@@ -16,6 +16,13 @@ from experts.types import ChatRequest, ExpertReply, StreamDelta, Usage
 from router.config import ExpertConfig, RouterConfig, parse_config
 
 
+class FakeEncoder:
+    """Embeds a text as itself, so the fake gate can read the words."""
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        return np.asarray(list(texts), dtype=object)
+
+
 class FakeGate:
     """Scores experts by keyword: a query containing a key gets that key's score vector, else ``default``."""
 
@@ -23,12 +30,14 @@ class FakeGate:
         self.experts = experts
         self.table = table
         self.default = default
-        self.calls = 0
+        self.encoder = FakeEncoder()
 
-    def scores(self, texts: Sequence[str]) -> np.ndarray:
-        self.calls += 1
-        rows = [next((v for k, v in self.table.items() if k in t), self.default) for t in texts]
+    def predict_proba(self, embeddings: np.ndarray) -> np.ndarray:
+        rows = [next((v for k, v in self.table.items() if k in str(t)), self.default) for t in embeddings]
         return np.asarray(rows, dtype=np.float64)
+
+    def nearest(self, embedding: np.ndarray, k: int = 3) -> list[dict[str, object]]:
+        return [{"text": f"an example like {embedding}", "label": self.experts[0], "similarity": 0.5}][:k]
 
 
 class FakeExpert(Expert):

@@ -1,0 +1,149 @@
+"""``moe eval``: the user-JSONL path on labels the project has never seen, and a small real outcome suite."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from eval.datasets import load_snips
+from eval.embeddings import CachedEncoder
+from eval.harness import run_suite
+from router.cli import main as cli_main
+from router.encoders import Encoder
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# SNIPS intents renamed to labels no code or config of the project knows.
+# The four that SNIPS confuses most, so the scores are not all 1.0.
+RENAMED = {"SearchCreativeWork": "expert-aurora", "SearchScreeningEvent": "expert-basalt",
+           "PlayMusic": "expert-cirrus", "AddToPlaylist": "expert-dune"}
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("embedding-cache")
+
+
+def _write_jsonl(path: Path, rows: list[dict[str, str]]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def _assert_png(path: Path) -> None:
+    data = path.read_bytes()
+    assert data[:8] == PNG_SIGNATURE and len(data) > 2000, path
+
+
+def _relabelled(data_dir: Path, split: str, per_label: int) -> list[dict[str, str]]:
+    rows: list[dict[str, str]] = []
+    counts = dict.fromkeys(RENAMED, 0)
+    for q in load_snips(data_dir, split):  # type: ignore[arg-type]
+        if q.label in counts and counts[q.label] < per_label:
+            counts[q.label] += 1
+            rows.append({"id": f"{split}-{q.id}", "query": q.text, "label": RENAMED[q.label]})
+    return rows
+
+
+def test_user_jsonl_with_unseen_labels(data_dir: Path, tmp_path: Path, cache_dir: Path,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MOE_CACHE_DIR", str(cache_dir))
+    train = _write_jsonl(tmp_path / "train.jsonl", _relabelled(data_dir, "train", 50))
+    test = _write_jsonl(tmp_path / "test.jsonl", _relabelled(data_dir, "test", 20))
+    out = tmp_path / "out"
+    assert cli_main(["eval", "--train", str(train), "--test", str(test), "--out", str(out)]) == 0
+
+    results = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    m = results["metrics"]
+    assert set(m) >= {"accuracy", "top2_recall", "macro_f1", "ece"}
+    assert all(0.0 <= v <= 1.0 for v in m.values())
+    assert m["accuracy"] > 0.85 and m["top2_recall"] >= m["accuracy"]
+    assert results["labels"] == sorted(RENAMED.values())
+    assert set(results["per_class"]) == set(RENAMED.values())
+    assert results["setup"]["train"] == 200 and results["setup"]["test"] == 80
+    systems = results["systems"]
+    assert set(systems) == {"gate", "random", "majority", "centroid", "knn", "logistic"}
+    assert systems["gate"]["accuracy"] > systems["random"]["accuracy"]
+    assert systems["majority"]["accuracy"] == pytest.approx(0.25)  # balanced test set, four labels
+    ci = results["confidence_intervals"]["accuracy"]
+    assert ci["low"] <= m["accuracy"] <= ci["high"] and ci["estimate"] == pytest.approx(m["accuracy"])
+    assert np.array(results["confusion_matrix"]).sum() == 80
+    assert "| gate |" in (out / "report.md").read_text(encoding="utf-8")
+    for name in ("confusion_matrix.png", "reliability.png"):
+        _assert_png(out / name)
+
+
+def test_real_label_suite_with_limit(data_dir: Path, tmp_path: Path, cache_dir: Path,
+                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MOE_CACHE_DIR", str(cache_dir))
+    out = tmp_path / "snips"
+    assert cli_main(["eval", "--suite", "snips-intent", "--limit", "120", "--data", str(data_dir),
+                     "--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    assert results["setup"]["train"] == results["setup"]["test"] == 120 and results["setup"]["labels"] == 7
+    assert results["metrics"]["accuracy"] > 0.7
+    assert "--limit 120" in results["command"]
+
+
+class _HashingEncoder(Encoder):
+    """Fast stand-in for MiniLM: bag of hashed words, so similar texts still land near each other."""
+
+    identity, checksum = "fake-hashing", "1" * 64
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        x = np.zeros((len(texts), self.dim), dtype=np.float32)
+        for row, text in enumerate(texts):
+            for word in text.lower().split():
+                x[row, int(hashlib.sha256(word.encode()).hexdigest()[:8], 16) % self.dim] += 1.0
+        return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+@pytest.mark.parametrize("suite", ["mmlu-pro-outcome", "routerbench"])
+def test_outcome_suites_small_run(suite: str, data_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / suite
+    results = run_suite(suite, data_dir, out, encoder=_HashingEncoder(), limit=60, progress=False,
+                        cache_dir=tmp_path / "cache")
+    m = results["metrics"]
+    assert set(m) >= {"routed_accuracy", "best_single_accuracy", "oracle_accuracy", "routed_cost", "aiq"}
+    assert 0.0 <= m["best_single_accuracy"] <= m["oracle_accuracy"] <= 1.0
+    assert 0.0 <= m["routed_accuracy"] <= m["oracle_accuracy"] and m["routed_cost"] > 0
+    assert len(results["experts"]) == (31 if suite == "mmlu-pro-outcome" else 11)
+    assert results["setup"]["test"] == 60
+    assert len(results["curve"]) > 10 and results["curve"][0]["lambda"] == 0.0
+    assert json.loads((out / "results.json").read_text(encoding="utf-8"))["metrics"] == pytest.approx(m)
+    _assert_png(out / "quality_cost.png")
+
+
+def test_unknown_suite_and_missing_test_file_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="unknown suite"):
+        run_suite("no-such-suite", tmp_path, tmp_path / "out")
+    assert cli_main(["eval", "--out", str(tmp_path / "out")]) == 2
+
+
+class _CountingEncoder(Encoder):
+    identity, checksum = "fake-counting", "0" * 64
+
+    def __init__(self) -> None:
+        self.calls: list[int] = []
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        self.calls.append(len(texts))
+        rng = np.random.default_rng(len(texts))
+        x = rng.normal(size=(len(texts), self.dim)).astype(np.float32)
+        return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def test_embedding_cache_embeds_each_text_once_across_runs(tmp_path: Path) -> None:
+    inner = _CountingEncoder()
+    first = CachedEncoder(inner, tmp_path, max_length=256, progress=False).encode(["a", "b", "a"])
+    assert inner.calls == [2] and np.array_equal(first[0], first[2])
+    again = CachedEncoder(inner, tmp_path, max_length=256, progress=False)  # a fresh process reads the shards
+    second = again.encode(["b", "a", "c"])
+    assert inner.calls == [2, 1]
+    assert np.array_equal(second[0], first[1]) and np.array_equal(second[1], first[0])
+    other = CachedEncoder(inner, tmp_path, max_length=128, progress=False)  # another truncation, another key
+    other.encode(["a"])
+    assert inner.calls == [2, 1, 1]
