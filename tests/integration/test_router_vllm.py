@@ -1,0 +1,172 @@
+"""The whole router on real vLLM servers (CPU build, tiny random-weight Llama): `moe serve` as a process,
+the official openai client, LangChain's ChatOpenAI, concurrency, streaming, and fallback when a vLLM process
+is killed. The tiny model writes random text, so these tests check routing and transport, not answer quality.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+from langchain_openai import ChatOpenAI
+from openai import AsyncOpenAI, OpenAI
+
+from experts.types import ChatMessage, ChatRequest
+from router.build import build_orchestrator
+from router.config import load_config
+from router.orchestrator import StreamEnd, StreamPiece
+from router.train import train_from_config
+from tests.integration.vllm_server import ServerSpec, VLLMServer
+
+MATH = ["solve the equation 3x + 5 = 20", "what is the derivative of x squared", "integrate sin x from 0 to pi",
+        "factor the polynomial x^2 - 9", "compute 17 times 23", "is 97 a prime number"]
+COOKING = ["how long do I boil an egg", "a recipe for tomato soup", "how to bake sourdough bread",
+           "what spices go into a curry", "how do I caramelise onions", "best way to roast vegetables"]
+SPACE = ["how far is the moon from earth", "why is mars red", "what is a black hole",
+         "how many moons does jupiter have", "what is a light year", "how do stars form"]
+# ignore_eos makes the tiny model write exactly max_tokens tokens, so lengths are checkable.
+GEN = {"max_tokens": 8, "extra_body": {"ignore_eos": True}}
+
+
+def write_config(path: Path, experts: dict[str, tuple[VLLMServer, list[str]]]) -> Path:
+    raw = {
+        "version": 1,
+        "service": {"name": "moe-router"},
+        "gate": {"artifact": str(path.parent / "gate"), "top_k": {"policy": "fixed", "k": 1}},
+        "fallback": {"enabled": True, "max_attempts": 3, "deadline_s": 60},
+        "experts": [
+            {"name": name, "type": "vllm", "endpoint": server.url, "model": server.spec.served_name,
+             "timeout_s": 30, "max_concurrency": 32, "cost": {"input_per_1k": 0.001, "output_per_1k": 0.002},
+             "examples": examples}
+            for name, (server, examples) in experts.items()
+        ],
+    }
+    path.write_text(yaml.safe_dump(raw))
+    train_from_config(load_config(path), progress=False)
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def served(vllm_experts: dict[str, VLLMServer], tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """`moe serve` in its own process, routing between the two session vLLM servers."""
+    work = tmp_path_factory.mktemp("router")
+    config = write_config(work / "router.yaml", {"math": (vllm_experts["tiny-a"], MATH),
+                                                  "cooking": (vllm_experts["tiny-b"], COOKING)})
+    port = free_port()
+    log = (work / "serve.log").open("wb")
+    proc = subprocess.Popen([sys.executable, "-m", "router.cli", "serve", "--config", str(config), "--port",
+                             str(port), "--log-level", "warning"], stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            log.close()
+            pytest.fail(f"moe serve did not start:\n{(work / 'serve.log').read_text()[-3000:]}")
+        time.sleep(0.25)
+    yield url
+    os.killpg(proc.pid, signal.SIGTERM)
+    proc.wait(timeout=30)
+    log.close()
+
+
+def test_openai_client_is_routed_by_topic(served: str) -> None:
+    client = OpenAI(base_url=f"{served}/v1", api_key="unused", max_retries=0)
+    math = client.chat.completions.create(model="auto", messages=[{"role": "user", "content": "solve 2x + 1 = 7"}],
+                                          **GEN)
+    food = client.chat.completions.create(model="auto", messages=[{"role": "user", "content": "how to boil pasta"}],
+                                          **GEN)
+    assert (math.model, food.model) == ("math", "cooking")
+    assert math.usage is not None and math.usage.completion_tokens == 8
+    trace = math.model_extra["moe"]  # type: ignore[index]
+    assert trace["decision"]["ranking"][0] == "math"
+    assert trace["attempts"][0]["ok"] is True
+    assert trace["cost_usd"] == pytest.approx(
+        (math.usage.prompt_tokens * 0.001 + math.usage.completion_tokens * 0.002) / 1000)
+    direct = client.chat.completions.create(model="cooking", messages=[{"role": "user", "content": "2x + 1 = 7"}],
+                                            **GEN)
+    assert direct.model == "cooking"
+
+
+def test_openai_client_streams(served: str) -> None:
+    client = OpenAI(base_url=f"{served}/v1", api_key="unused", max_retries=0)
+    chunks = list(client.chat.completions.create(
+        model="auto", stream=True, messages=[{"role": "user", "content": "a recipe for pancakes"}], **GEN))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text
+    final = chunks[-1]
+    assert final.choices[0].finish_reason == "length"
+    assert final.model_extra["moe"]["attempts"][0]["expert"] == "cooking"  # type: ignore[index]
+    assert final.model_extra["moe"]["usage"]["completion_tokens"] == 8  # type: ignore[index]
+
+
+def test_langchain_chat_openai_invoke_and_stream(served: str) -> None:
+    llm = ChatOpenAI(base_url=f"{served}/v1", api_key="unused", model="auto", max_tokens=8,  # type: ignore[call-arg]
+                     extra_body={"ignore_eos": True}, max_retries=0)
+    message = llm.invoke("what is the integral of x")
+    assert isinstance(message.content, str) and message.content
+    assert message.response_metadata["model_name"] == "math"
+    pieces = [c.content for c in llm.stream("how do I make a salad")]
+    assert "".join(str(p) for p in pieces)
+
+
+def test_concurrent_requests_all_answer_on_both_experts(served: str) -> None:
+    async def run() -> list[str]:
+        client = AsyncOpenAI(base_url=f"{served}/v1", api_key="unused", max_retries=0)
+        questions = [MATH[i % 6] if i % 2 else COOKING[i % 6] for i in range(16)]
+        replies = await asyncio.gather(*(client.chat.completions.create(
+            model="auto", messages=[{"role": "user", "content": q}], **GEN) for q in questions))
+        await client.close()
+        return [r.model for r in replies]
+
+    models = asyncio.run(run())
+    assert len(models) == 16
+    assert models.count("math") == 8 and models.count("cooking") == 8
+
+
+async def test_fallback_when_a_vllm_process_is_killed(vllm_experts: dict[str, VLLMServer], vllm_server_factory,  # type: ignore[no-untyped-def]
+                                                      tmp_path: Path) -> None:
+    doomed: VLLMServer = vllm_server_factory(ServerSpec("tiny-c"))
+    config = load_config(write_config(tmp_path / "router.yaml", {
+        "space": (doomed, SPACE), "math": (vllm_experts["tiny-a"], MATH)}))
+    orchestrator = build_orchestrator(config)
+    ask = ChatRequest(messages=[ChatMessage(role="user", content="how far away is the sun")], max_tokens=8,
+                      ignore_eos=True)
+    try:
+        before = await orchestrator.complete(ask)
+        assert before.expert == "space"
+        doomed.kill()
+        after = await orchestrator.complete(ask)
+        assert after.expert == "math"
+        attempts = [(a.expert, a.ok, (a.error or {}).get("kind")) for a in after.trace.attempts]
+        assert attempts == [("space", False, "unavailable"), ("math", True, None)]
+        assert after.trace.decision is not None and after.trace.decision.ranking[0] == "space"
+        # streaming falls back before the first token, invisibly to the client
+        events = [e async for e in orchestrator.stream(ask)]
+        assert all(e.expert == "math" for e in events if isinstance(e, StreamPiece))
+        end = events[-1]
+        assert isinstance(end, StreamEnd) and end.trace.switches == []
+        assert [a.ok for a in end.trace.attempts] == [False, True]
+    finally:
+        await orchestrator.aclose()
