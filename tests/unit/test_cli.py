@@ -1,0 +1,75 @@
+"""The `moe` command line: every subcommand has --help, and a bad config stops `serve` before it starts."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from router.cli import main
+
+BAD = """\
+version: 1
+experts:
+  - name: coder
+    type: vllm
+    endpoint: http://127.0.0.1:9/v1
+    model: m
+    timout_s: 3
+    api_key_env: MOE_TEST_UNSET_KEY
+  - name: chat
+    type: openai
+    endpoint: http://127.0.0.1:9/v1
+    model: x
+gate:
+  default_expert: writer
+"""
+
+
+@pytest.mark.parametrize("command", ["serve", "route", "ask", "train", "eval", "demo", "compose", "config"])
+def test_every_command_has_help(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main([command, "--help"])
+    assert info.value.code == 0
+    assert f"usage: moe {command}" in capsys.readouterr().out
+
+
+def test_config_check_lists_every_problem(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("MOE_TEST_UNSET_KEY", raising=False)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(BAD)
+    assert main(["config", "check", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "3 problem(s)" in err
+    assert "experts[0] (coder).timout_s: unknown key" in err
+    assert "experts[0] (coder).api_key_env: environment variable MOE_TEST_UNSET_KEY is not set" in err
+    assert "gate.default_expert: references expert 'writer', which is not defined" in err
+
+
+def test_config_check_accepts_the_shipped_configs(capsys: pytest.CaptureFixture[str]) -> None:
+    root = Path(__file__).resolve().parents[2]
+    for name in ("demo.yaml", "compose.yaml"):
+        assert main(["config", "check", str(root / "configs" / name), "--no-env"]) == 0
+    assert "OK" in capsys.readouterr().out
+
+
+def test_serve_refuses_a_bad_config_before_starting(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(BAD)
+    env = {k: v for k, v in __import__("os").environ.items() if k != "MOE_TEST_UNSET_KEY"}
+    run = subprocess.run([sys.executable, "-m", "router.cli", "serve", "--config", str(bad), "--port", "9"],
+                         capture_output=True, text=True, timeout=60, env=env)
+    assert run.returncode == 2
+    assert "timout_s: unknown key" in run.stderr
+    assert "MOE_TEST_UNSET_KEY is not set" in run.stderr
+    assert "'writer', which is not defined" in run.stderr
+
+
+def test_serve_refuses_a_missing_gate_with_the_command_to_fix_it(tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    good = tmp_path / "ok.yaml"
+    good.write_text(BAD.replace("    timout_s: 3\n", "").replace("    api_key_env: MOE_TEST_UNSET_KEY\n", "")
+                    .replace("default_expert: writer", "default_expert: chat"))
+    assert main(["serve", "--config", str(good)]) == 1
+    assert "moe train --config" in capsys.readouterr().err
