@@ -1,0 +1,1 @@
+"""Benchmarks: gate decision time, router overhead and throughput, scaling, and peers. Run ``python -m bench``."""

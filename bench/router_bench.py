@@ -1,0 +1,229 @@
+"""Router overhead and throughput: the service on loopback against the fast upstream, next to direct calls.
+
+Overhead is the router's latency minus a direct call's to the same upstream at the same client concurrency.
+Direct and routed runs alternate in rounds, so outside load on this shared machine falls on both alike.
+The router's CPU time per request (from ``/proc``) is reported too: unlike wall time, it barely moves when
+other processes compete for the cores.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import IO, Any, Protocol
+
+import httpx
+import yaml
+
+from bench.upstream import LoadResult, chat_payload, run_load
+from router.gate import Gate
+
+__all__ = ["RouterProcess", "Target", "compare", "cpu_seconds", "rss_mb", "throughput"]
+
+_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return round(int(line.split()[1]) / 1024.0, 1)
+    return float("nan")
+
+
+def cpu_seconds(pid: int) -> float:
+    # Fields after the command name (which may hold spaces): utime and stime are the 12th and 13th.
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / _TICKS
+
+
+class Target(Protocol):
+    """A service under test: its chat-completions URL, its process id, and the model name to ask it for."""
+
+    @property
+    def url(self) -> str: ...
+    @property
+    def pid(self) -> int: ...
+    @property
+    def model(self) -> str: ...
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class RouterProcess:
+    """The router (``bench.router_server``) in a child process, its experts all served by one upstream."""
+
+    model = "auto"
+
+    def __init__(self, gate: Gate, upstream_url: str, *, k: int = 1, workdir: str | None = None,
+                 extra_args: Sequence[str] = ()) -> None:
+        self.gate, self.upstream_url, self.k = gate, upstream_url, k
+        self.workdir = Path(workdir or tempfile.mkdtemp(prefix="moe-bench-"))
+        self.extra_args = list(extra_args)
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.port = 0
+        self.log_path = self.workdir / "router.log"
+        self._log: IO[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1/chat/completions"
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def write_config(self) -> Path:
+        artifact = self.workdir / "gate"
+        if not (artifact / "gate.json").exists():
+            self.gate.save(artifact)
+        config = {
+            "version": 1,
+            # Capacity far above the load, so no request is shed and every one measures the routing path.
+            "experts": [{"name": e, "type": "openai", "endpoint": self.upstream_url, "model": e,
+                         "max_concurrency": 1024, "timeout_s": 30} for e in self.gate.experts],
+            "gate": {"artifact": str(artifact), "encoder": {"backend": "onnx"},
+                     "top_k": {"policy": "fixed", "k": self.k}},
+            "combiner": {"strategy": "top1"},
+        }
+        path = self.workdir / f"router-k{self.k}.yaml"
+        path.write_text(yaml.safe_dump(config), encoding="utf-8")
+        return path
+
+    def __enter__(self) -> RouterProcess:
+        config = self.write_config()
+        self.port = free_port()
+        # The service's own logs (one line per request, as deployed) go to a file, not over the bench's table.
+        self.log_path = self.workdir / f"router-k{self.k}.log"
+        self._log = open(self.log_path, "wb")  # closed in __exit__
+        self.proc = subprocess.Popen([sys.executable, "-m", "bench.router_server", "--config", str(config),
+                                      "--port", str(self.port), *self.extra_args],
+                                     stdout=self._log, stderr=subprocess.STDOUT,
+                                     cwd=Path(__file__).resolve().parents[1])
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                self.__exit__()
+                tail = self.log_path.read_text(errors="replace").strip().splitlines()[-5:]
+                raise RuntimeError(f"router exited with {self.proc.returncode}: " + " | ".join(tail))
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"http://127.0.0.1:{self.port}/health", timeout=1).status_code == 200:
+                    return self
+            time.sleep(0.1)
+        self.__exit__()
+        raise RuntimeError("router did not start within 60 s")
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+
+def _merge(parts: list[LoadResult]) -> LoadResult:
+    out = LoadResult(parts[0].concurrency)
+    for p in parts:
+        out.latencies_ms += p.latencies_ms
+        out.errors += p.errors
+        out.elapsed_s += p.elapsed_s
+        out.first_error = out.first_error or p.first_error
+    return out
+
+
+def _requests_for(concurrency: int, scale: float) -> int:
+    return int(max(100, concurrency * 10, 400 if concurrency >= 8 else 0) * scale)
+
+
+async def compare(targets: dict[str, Target], direct_url: str, texts: Sequence[str], *, concurrency: int,
+                  stream: bool = False, rounds: int = 2, scale: float = 1.0, max_seconds: float = 1.5,
+                  ) -> dict[str, Any]:
+    """Targets (the router, peers) against direct calls at one concurrency.
+
+    Each round runs direct, then every target in turn, so all of them share the same stretch of outside load.
+    Per target: its summary, overhead p50/p99 over direct, and its process's CPU ms per request.
+    """
+    direct = [chat_payload(t, model="direct", stream=stream) for t in texts]
+    n = _requests_for(concurrency, scale) // rounds
+    warm = min(concurrency, 16)
+    via_direct: list[LoadResult] = []
+    via: dict[str, list[LoadResult]] = {name: [] for name in targets}
+    cpu = dict.fromkeys(targets, 0.0)
+    handled = dict.fromkeys(targets, 0)
+    for _ in range(rounds):
+        via_direct.append(await run_load(direct_url, direct, concurrency=concurrency, requests=n,
+                                         max_seconds=max_seconds, warmup=warm, stream=stream))
+        for name, target in targets.items():
+            payloads = [chat_payload(t, model=target.model, stream=stream) for t in texts]
+            cpu_start = cpu_seconds(target.pid)
+            result = await run_load(target.url, payloads, concurrency=concurrency, requests=n,
+                                    max_seconds=max_seconds, warmup=warm, stream=stream)
+            cpu[name] += cpu_seconds(target.pid) - cpu_start
+            handled[name] += result.ok + result.errors + warm
+            via[name].append(result)
+    d = _merge(via_direct)
+    row: dict[str, Any] = {"concurrency": concurrency, "direct": d.summary()}
+    for name in targets:
+        r = _merge(via[name])
+        row[name] = {**r.summary(), "overhead_p50_ms": _diff(r.pct(50), d.pct(50)),
+                     "overhead_p99_ms": _diff(r.pct(99), d.pct(99)),
+                     "cpu_ms_per_request": round(cpu[name] * 1000.0 / max(handled[name], 1), 3)}
+    return row
+
+
+def _diff(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None else round(a - b, 3)
+
+
+async def throughput(router: Target, direct_url: str, texts: Sequence[str], *, seconds: float,
+                     concurrency: int = 64) -> dict[str, Any]:
+    """Top-1 requests/s through the router for ``seconds``, with its RSS sampled once a second.
+
+    The same client against the upstream directly gives the ceiling this client can drive on this machine.
+    """
+    routed = [chat_payload(t, model=router.model) for t in texts]
+    direct = [chat_payload(t, model="direct") for t in texts]
+    ceiling = await run_load(direct_url, direct, concurrency=concurrency, requests=10**9,
+                             max_seconds=min(seconds, 3.0), warmup=concurrency)
+    await run_load(router.url, routed, concurrency=concurrency, requests=concurrency * 4, max_seconds=5.0)
+    samples = [rss_mb(router.pid)]
+    cpu_start = cpu_seconds(router.pid)
+
+    async def sample() -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            samples.append(rss_mb(router.pid))
+
+    sampler = asyncio.create_task(sample())
+    try:
+        result = await run_load(router.url, routed, concurrency=concurrency, requests=10**9, max_seconds=seconds)
+    finally:
+        sampler.cancel()
+    cpu = cpu_seconds(router.pid) - cpu_start
+    samples.append(rss_mb(router.pid))
+    return {
+        "concurrency": concurrency, "seconds": round(result.elapsed_s, 2), "requests": result.ok,
+        "errors": result.errors, "first_error": result.first_error, "rps": round(result.rps, 1),
+        "p50_ms": _diff(result.pct(50), 0.0), "p99_ms": _diff(result.pct(99), 0.0),
+        "direct_rps_same_client": round(ceiling.rps, 1),
+        "cpu_ms_per_request": round(cpu * 1000.0 / max(result.ok, 1), 3),
+        "cpu_share": round(cpu / max(result.elapsed_s, 1e-9), 2),
+        "rss_mb_start": samples[0], "rss_mb_end": samples[-1], "rss_mb_samples": samples,
+    }
