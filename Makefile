@@ -38,6 +38,10 @@ integration: $(STAMP) vllm
 bench: $(STAMP)
 	$(BIN)/python -m bench
 
+faults: $(STAMP)
+	$(BIN)/pytest -q tests/faults
+	$(BIN)/python bench/faults.py
+
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/mypy

@@ -17,6 +17,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 __all__ = [
+    "ApiKeyConfig",
+    "BreakerConfig",
     "CombinerConfig",
     "ConfigError",
     "CostConfig",
@@ -24,10 +26,14 @@ __all__ = [
     "ExpertConfig",
     "FallbackConfig",
     "GateConfig",
+    "RateLimitConfig",
     "ReplayConfig",
     "RouterConfig",
+    "SecurityConfig",
     "ServiceConfig",
+    "StateConfig",
     "TopKConfig",
+    "TracingConfig",
     "load_config",
     "parse_config",
 ]
@@ -83,6 +89,9 @@ class ExpertConfig(_Strict):
     capabilities: list[Literal["chat", "stream", "tools", "vision"]] = ["chat", "stream"]
     examples: list[str] = []
     replay: ReplayConfig | None = None
+    # ``type: router``: another router's config file, served in-process (relative to this file). Over HTTP,
+    # set ``endpoint`` to the other service's ``/v1`` instead: exactly one of the two.
+    router_config: str | None = Field(default=None, min_length=1)
 
     def api_key(self) -> str | None:
         """The key from the environment, read when a client is built, never stored in the config."""
@@ -109,8 +118,15 @@ class GateConfig(_Strict):
     encoder: EncoderConfig = EncoderConfig()
     # The trained classifier; ``moe train`` writes it. Relative to the config file.
     artifact: str = "artifacts/gate"
-    # Labelled JSONL files ({"query", "label"}) used by ``moe train`` next to the experts' examples.
+    # JSONL files ``moe train`` learns from, each detected by its first record: labelled ({"query", "label"}),
+    # trained with the experts' examples into a label gate, or outcome records ({"query", "outcomes": {expert:
+    # score in [0, 1]}, "cost": {expert: cost}}), trained into an outcome gate. All files must be one kind.
     train_data: list[str] = []
+    # Outcome gates: lambda, the quality-cost knob. Routing utility = p_success - cost_weight * cost / the
+    # priciest expert's cost; 0 routes on quality alone. Read at load time: changing it needs no retraining.
+    cost_weight: float = Field(default=0.0, ge=0.0, le=100.0)
+    # Outcome gates: the success model (router.outcome.SUCCESS_MODELS).
+    success_model: Literal["knn", "logistic"] = "knn"
     top_k: TopKConfig = TopKConfig()
     default_expert: str | None = None
 
@@ -121,12 +137,55 @@ class CombinerConfig(_Strict):
     extractor: Literal["choice", "number", "short"] = "choice"
 
 
+class BreakerConfig(_Strict):
+    """A circuit breaker per expert (see ``router.breaker``): closed -> open -> half-open -> closed."""
+
+    enabled: bool = True
+    # Consecutive counted failures that open the breaker.
+    failure_threshold: int = Field(default=5, ge=1, le=1000)
+    # Also open when this share of the calls in the last ``window_s`` failed, once ``min_calls`` were made;
+    # None leaves only the consecutive count.
+    failure_rate: float | None = Field(default=0.5, gt=0.0, le=1.0)
+    window_s: float = Field(default=30.0, gt=0.0, le=3600.0)
+    min_calls: int = Field(default=20, ge=1, le=100_000)
+    # First cooldown; each re-trip from half-open multiplies it by ``cooldown_growth``, up to ``cooldown_max_s``.
+    cooldown_s: float = Field(default=5.0, gt=0.0, le=3600.0)
+    cooldown_growth: float = Field(default=2.0, ge=1.0, le=10.0)
+    cooldown_max_s: float = Field(default=60.0, gt=0.0, le=86_400.0)
+    # Calls let through at once while half-open; the first success closes the breaker.
+    half_open_probes: int = Field(default=1, ge=1, le=100)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> BreakerConfig:
+        if self.cooldown_max_s < self.cooldown_s:
+            raise ValueError("cooldown_max_s must be at least cooldown_s")
+        return self
+
+
 class FallbackConfig(_Strict):
     enabled: bool = True
-    # Experts tried in all, the first choice included.
+    # Experts tried in all, the first choice included (retries of one expert and skipped open breakers
+    # do not count).
     max_attempts: int = Field(default=3, ge=1, le=64)
-    # Overall deadline for one request, across every attempt.
+    # Overall deadline for one request, across every attempt, retry wait and fallback.
     deadline_s: float = Field(default=120.0, gt=0.0, le=3600.0)
+    # Retries of the same expert after a transient failure (connect error, timeout, 429, 5xx, bad JSON)
+    # before falling back. 0 by default: the next-ranked expert is usually a quicker answer than a sick one.
+    retries: int = Field(default=0, ge=0, le=10)
+    # Jittered exponential backoff between retries: base * 2**n, capped at backoff_max_s, then jittered.
+    backoff_base_s: float = Field(default=0.1, gt=0.0, le=60.0)
+    backoff_max_s: float = Field(default=5.0, gt=0.0, le=600.0)
+    # A 429's Retry-After is honoured up to this (and never past the deadline); a longer one falls back.
+    retry_after_max_s: float = Field(default=5.0, ge=0.0, le=600.0)
+    # USD a request may spend across all its attempts; once spent no further expert is tried. None: no limit.
+    cost_budget_usd: float | None = Field(default=None, gt=0.0, le=1000.0)
+    breaker: BreakerConfig = BreakerConfig()
+
+    @model_validator(mode="after")
+    def _ordered(self) -> FallbackConfig:
+        if self.backoff_max_s < self.backoff_base_s:
+            raise ValueError("backoff_max_s must be at least backoff_base_s")
+        return self
 
 
 class ServiceConfig(_Strict):
@@ -136,6 +195,67 @@ class ServiceConfig(_Strict):
     port: int = Field(default=8000, ge=1, le=65535)
     max_request_bytes: int = Field(default=1_000_000, ge=1024, le=100_000_000)
     max_prompt_chars: int = Field(default=100_000, ge=16, le=10_000_000)
+    # Put prompts and answers in the per-request log lines. Off by default: they may hold personal data.
+    log_content: bool = False
+    # ``moe serve``: seconds between checks of the config file's mtime for hot reload; None turns polling off
+    # (SIGHUP and ``POST /admin/reload`` still reload).
+    reload_poll_s: float | None = Field(default=2.0, gt=0.0, le=3600.0)
+
+
+class RateLimitConfig(_Strict):
+    """A token bucket per client key: ``burst`` requests at once, refilled at ``rate_per_s``."""
+
+    rate_per_s: float = Field(gt=0.0, le=1_000_000.0)
+    burst: int = Field(default=10, ge=1, le=1_000_000)
+
+
+class ApiKeyConfig(_Strict):
+    """A client key, held only as its SHA-256 (``printf %s "$KEY" | sha256sum``); the key is never in the file."""
+
+    name: str = Field(pattern=_NAME)
+    sha256: str = Field(pattern=r"^[0-9a-fA-F]{64}$")
+    # Overrides ``security.rate_limit`` for this key.
+    rate_limit: RateLimitConfig | None = None
+
+
+class SecurityConfig(_Strict):
+    """Client keys, the admin key and rate limits (see ``router.security``). Nothing set: ``/v1`` stays open."""
+
+    api_keys: list[ApiKeyConfig] = []
+    # An environment variable holding comma-separated raw client keys, hashed at startup. Once named, ``/v1``
+    # needs a key even while the variable is empty: a missing secret fails closed.
+    api_keys_env: str | None = Field(default=None, pattern=_ENV_NAME)
+    # The environment variable holding the admin key; unset, the ``/admin`` endpoints refuse every call.
+    admin_key_env: str | None = Field(default=None, pattern=_ENV_NAME)
+    # Per key; with no keys configured, per client address. None: no limit.
+    rate_limit: RateLimitConfig | None = None
+
+    @model_validator(mode="after")
+    def _distinct(self) -> SecurityConfig:
+        names = [k.name for k in self.api_keys]
+        hashes = [k.sha256.lower() for k in self.api_keys]
+        if len(set(names)) != len(names):
+            raise ValueError("api_keys: duplicate key name")
+        if len(set(hashes)) != len(hashes):
+            raise ValueError("api_keys: the same key hash is listed twice")
+        return self
+
+
+class StateConfig(_Strict):
+    """Where state shared by replicas lives (breakers, rate limits): this process, or Redis (``router.state_redis``)."""
+
+    backend: Literal["memory", "redis"] = "memory"
+    # The environment variable holding the Redis URL (``redis://:password@host:6379/0``), never the URL itself.
+    url_env: str = Field(default="MOE_REDIS_URL", pattern=_ENV_NAME)
+    # Every key starts with this, so several routers (or other apps) can share one Redis.
+    key_prefix: str = Field(default="moe:", max_length=64)
+
+
+class TracingConfig(_Strict):
+    """OpenTelemetry spans, one per expert call (``router.tracing``); off: no-op, and the SDK is never imported."""
+
+    enabled: bool = False
+    service_name: str = Field(default="moe-router", min_length=1)
 
 
 class RouterConfig(_Strict):
@@ -145,6 +265,9 @@ class RouterConfig(_Strict):
     gate: GateConfig = GateConfig()
     combiner: CombinerConfig = CombinerConfig()
     fallback: FallbackConfig = FallbackConfig()
+    security: SecurityConfig = SecurityConfig()
+    state: StateConfig = StateConfig()
+    tracing: TracingConfig = TracingConfig()
     # The folder relative paths are resolved against; set by the loader, not by the file.
     base_dir: str = Field(default=".", exclude=True)
 
@@ -199,6 +322,10 @@ def _cross_problems(raw: Any, *, check_env: bool) -> Iterable[tuple[str, str]]:
             yield f"{where}.endpoint", f"type {kind!r} needs an endpoint"
         if kind == "replay" and not e.get("replay"):
             yield f"{where}.replay", "type 'replay' needs a replay block (source, path)"
+        if kind == "router" and bool(e.get("endpoint")) == bool(e.get("router_config")):
+            yield f"{where}.router_config", "type 'router' needs exactly one of endpoint (over HTTP) or router_config"
+        elif kind != "router" and e.get("router_config"):
+            yield f"{where}.router_config", "only type 'router' takes a router_config"
         key_env = e.get("api_key_env")
         if check_env and isinstance(key_env, str) and not os.environ.get(key_env):
             yield f"{where}.api_key_env", f"environment variable {key_env} is not set"

@@ -1,4 +1,4 @@
-"""Fallback decisions, kept apart from I/O: who is asked next, and how long each attempt may take."""
+"""Fallback decisions, kept apart from I/O: who is asked next, how long each attempt may take, what it may cost."""
 
 from __future__ import annotations
 
@@ -8,14 +8,28 @@ from dataclasses import dataclass, field
 
 from experts.errors import ExpertError
 
-__all__ = ["AllExpertsFailed", "Deadline", "next_candidate"]
+__all__ = ["AllExpertsFailed", "BudgetSpent", "Deadline", "budget_spent", "next_candidate"]
+
+
+class BudgetSpent(ExpertError):
+    """The expert was not tried: the request's cost budget was already spent on earlier attempts."""
+
+    kind = "budget_exhausted"
 
 
 class AllExpertsFailed(Exception):
-    """No candidate expert could answer. ``causes`` holds each expert's own error, in the order tried."""
+    """No candidate expert could answer. ``causes`` holds each expert's own error, in the order tried.
 
-    def __init__(self, causes: list[ExpertError], reason: str = "every candidate expert failed") -> None:
+    An expert skipped by its open breaker appears with kind ``circuit_open``; one left untried because the
+    cost budget was spent, with kind ``budget_exhausted``.
+    """
+
+    def __init__(self, causes: list[ExpertError], reason: str | None = None) -> None:
         self.causes = causes
+        if reason is None:
+            spent = any(isinstance(c, BudgetSpent) for c in causes)
+            reason = "the request's cost budget was spent before any expert answered" if spent else \
+                "every candidate expert failed"
         detail = "; ".join(f"{c.expert} ({c.kind}): {c.message}" for c in causes) or "no expert was tried"
         super().__init__(f"{reason}: {detail}")
 
@@ -27,6 +41,11 @@ def next_candidate(ranking: Iterable[str], taken: set[str], unavailable: Iterabl
     """The best-ranked expert not yet taken and not known to be unavailable; None when the ranking is spent."""
     skip = taken.union(unavailable)
     return next((name for name in ranking if name not in skip), None)
+
+
+def budget_spent(limit_usd: float | None, spent_usd: float, next_call_usd: float = 0.0) -> bool:
+    """Whether a request that has spent ``spent_usd`` may not make a further call estimated at ``next_call_usd``."""
+    return limit_usd is not None and (spent_usd >= limit_usd or spent_usd + next_call_usd > limit_usd)
 
 
 @dataclass

@@ -1,28 +1,49 @@
 """The orchestrator: gate -> dispatch -> fallback -> combine, with a trace of everything it did.
 
-It holds small parts (a gate, the experts, a combiner, the fallback settings) and wires them; the decisions
-themselves live in ``topk``, ``fallback`` and ``combine``, which are pure.
+It holds small parts (a gate, the experts, a dispatcher, a combiner, the fallback settings) and wires them; the
+decisions themselves live in ``topk``, ``fallback``, ``retry``, ``breaker``, ``assign`` and ``combine``, which
+are pure. One call to one expert (breaker, in-flight limit, time limit, retries) is ``router.dispatch``.
+
+Resilience, in the order a request meets it:
+- the gate's panel leaves out experts whose breaker is open; the deadline starts before the gate decides;
+- panel members are called concurrently, each retried on transient failures; a failed member's weight is
+  renormalised over the members that answered;
+- when the whole panel failed, fallback walks the gate's ranking one expert at a time, skipping open
+  breakers, until one answers, ``max_attempts`` experts were tried, the deadline passed or the cost budget
+  is spent;
+- when nothing answered, ``AllExpertsFailed`` lists each expert's cause (``circuit_open`` and
+  ``budget_exhausted`` included), which the service turns into a 503.
+
+Streaming: the top-weighted expert streams. A failure before its first token is retried or falls back
+invisibly. A failure mid-stream continues from the next expert, which is shown the partial answer and asked to
+go on; the switch is recorded in ``trace.switches`` and so in the stream's final chunk (``moe.switches``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import random
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
 
 from experts.base import Expert
-from experts.errors import ExpertError, ExpertOverloaded, ExpertTimeout
-from experts.types import ChatMessage, ChatRequest, ExpertReply, StreamDelta, Usage
+from experts.errors import ExpertError
+from experts.types import ChatMessage, ChatRequest, ExpertReply
+from router.assign import expert_choice
+from router.breaker import Breakers, CircuitOpen
 from router.combine import Combiner, WeightedAnswer, build_combiner
 from router.config import RouterConfig
+from router.dispatch import Capacity, Dispatcher, StreamOutcome, StreamPiece
 from router.fallback import AllExpertsFailed, Deadline, next_candidate
+from router.retry import RetryPolicy
 from router.topk import choose, rank
-from router.trace import Attempt, RoutedAnswer, RouteDecision, Trace, WeightedExpert
+from router.trace import RoutedAnswer, RouteDecision, Trace, WeightedExpert
 
 __all__ = ["GateLike", "Orchestrator", "StreamEnd", "StreamPiece", "UnknownExpert"]
 
@@ -57,36 +78,19 @@ class UnknownExpert(KeyError):
 
 
 @dataclass
-class StreamPiece:
-    expert: str
-    delta: StreamDelta
-
-
-@dataclass
 class StreamEnd:
     trace: Trace
     finish_reason: str
 
 
-class _Capacity:
-    """In-flight calls per expert. A saturated expert is skipped, so its queries go to the next by weight."""
-
-    def __init__(self, limits: Mapping[str, int]) -> None:
-        self.limits = dict(limits)
-        self.in_flight = dict.fromkeys(limits, 0)
-
-    def acquire(self, name: str) -> None:
-        if self.in_flight[name] >= self.limits[name]:
-            raise ExpertOverloaded(name, f"{self.limits[name]} calls already in flight")
-        self.in_flight[name] += 1
-
-    def release(self, name: str) -> None:
-        self.in_flight[name] -= 1
-
-
 class Orchestrator:
+    """``breakers``, ``sleep`` and ``rand`` are injectable: a shared breaker store, and a retry schedule that
+    tests can run without waiting."""
+
     def __init__(self, config: RouterConfig, gate: GateLike, experts: Mapping[str, Expert],
-                 combiner: Combiner | None = None) -> None:
+                 combiner: Combiner | None = None, *, breakers: Breakers | None = None,
+                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+                 rand: Callable[[], float] = random.random) -> None:
         missing = [n for n in config.expert_names if n not in experts]
         if missing:
             raise ValueError(f"experts not built: {', '.join(missing)}")
@@ -94,17 +98,30 @@ class Orchestrator:
         self.gate = gate
         self.experts = dict(experts)
         self.combiner = combiner or build_combiner(config.combiner.strategy, config.combiner.extractor)
-        self.capacity = _Capacity({e.name: e.max_concurrency for e in config.experts})
+        self.capacity = Capacity({e.name: e.max_concurrency for e in config.experts})
+        self.breakers = breakers or Breakers(config.fallback.breaker)
+        self.dispatch = Dispatcher(self.experts, self.capacity, self.breakers,
+                                   RetryPolicy.from_config(config.fallback),
+                                   budget_usd=config.fallback.cost_budget_usd, sleep=sleep, rand=rand)
 
     # -- deciding -------------------------------------------------------------------------------------------
+    def _scores(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray, list[str]]:
+        """Embeddings, and the gate's probabilities (queries x experts) over ``names``, the served experts."""
+        embeddings = self.gate.encoder.encode(texts)
+        probs = self.gate.predict_proba(embeddings)
+        columns = [i for i, n in enumerate(self.gate.experts) if n in self.experts]
+        return embeddings, probs[:, columns], [self.gate.experts[i] for i in columns]
+
     def decide_sync(self, text: str) -> RouteDecision:
         start = time.perf_counter()
         # One embedding serves both the scores and the explanation.
-        embedding = self.gate.encoder.encode([text])
-        probs = self.gate.predict_proba(embedding)[0]
-        scores = {name: float(p) for name, p in zip(self.gate.experts, probs, strict=True) if name in self.experts}
-        panel = choose(scores, self.config.gate.top_k)
-        decision = RouteDecision(
+        embedding, probs, names = self._scores([text])
+        scores = {name: float(p) for name, p in zip(names, probs[0], strict=True)}
+        try:
+            panel = choose(scores, self.config.gate.top_k, exclude=self.breakers.refusing(scores))
+        except ValueError:
+            panel = []  # every breaker is open: fallback reports each as a cause
+        return RouteDecision(
             scores=scores,
             ranking=[n for n, _ in rank(scores)],
             chosen=[WeightedExpert(expert=n, weight=w) for n, w in panel],
@@ -112,11 +129,23 @@ class Orchestrator:
             nearest=[_as_dict(n) for n in self.gate.nearest(embedding[0], 3)],
             gate_ms=(time.perf_counter() - start) * 1000.0,
         )
-        return decision
 
     async def decide(self, request: ChatRequest) -> RouteDecision:
         # The encoder is CPU work; keep it off the event loop.
         return await asyncio.to_thread(self.decide_sync, request.query_text())
+
+    def assign_batch(self, queries: Sequence[str], capacity: Mapping[str, int] | None = None) -> list[str]:
+        """Expert-choice routing for a batch: each expert takes the queries it scores highest, up to its
+        capacity (by default its free in-flight slots; open breakers get none). A query no expert had room
+        for goes to its own best-scoring expert, whose in-flight limit then hands it on at call time."""
+        if not queries:
+            return []
+        _, probs, names = self._scores(queries)
+        refusing = self.breakers.refusing(names)
+        room = dict(capacity) if capacity is not None else {n: self.capacity.free(n) for n in names}
+        room = {n: (0 if n in refusing else room.get(n, 0)) for n in names}
+        chosen = expert_choice(probs, names, room)
+        return [c if c is not None else names[int(np.argmax(row))] for c, row in zip(chosen, probs, strict=True)]
 
     def is_routed(self, model: str) -> bool:
         return model in ("auto", self.config.service.name)
@@ -130,43 +159,22 @@ class Orchestrator:
             raise UnknownExpert(request.model, ["auto", self.config.service.name, *self.experts])
         return None, [WeightedExpert(expert=request.model, weight=1.0)], [request.model]
 
-    # -- calling --------------------------------------------------------------------------------------------
-    async def _call(self, name: str, request: ChatRequest, deadline: Deadline) -> ExpertReply:
-        expert = self.experts[name]
-        timeout = deadline.attempt_timeout(expert.config.timeout_s)
-        if timeout <= 0:
-            raise ExpertTimeout(name, "the request's deadline has passed")
-        self.capacity.acquire(name)
-        try:
-            return await asyncio.wait_for(expert.generate(request), timeout)
-        except TimeoutError:
-            raise ExpertTimeout(name, f"no answer within {timeout:.1f}s") from None
-        finally:
-            self.capacity.release(name)
+    def expert_states(self) -> dict[str, dict[str, Any]]:
+        """Per expert: in-flight calls, their limit, and the breaker's state (for ``GET /v1/experts``)."""
+        return {n: {"in_flight": self.capacity.in_flight[n], "max_concurrency": self.capacity.limits[n],
+                    "breaker": self.breakers.snapshot(n)} for n in self.config.expert_names}
 
-    async def _attempt(self, name: str, weight: float, request: ChatRequest, deadline: Deadline,
-                       trace: Trace, replaces: str | None = None) -> ExpertReply | ExpertError:
-        start = time.perf_counter()
-        try:
-            reply = await self._call(name, request, deadline)
-        except ExpertError as exc:
-            trace.attempts.append(Attempt(expert=name, weight=weight, ok=False, error=exc.to_dict(),
-                                          latency_ms=(time.perf_counter() - start) * 1000.0, fallback_for=replaces))
-            return exc
-        trace.attempts.append(Attempt(expert=name, weight=weight, ok=True, usage=reply.usage,
-                                      cost_usd=reply.cost_usd, latency_ms=(time.perf_counter() - start) * 1000.0,
-                                      fallback_for=replaces))
-        return reply
-
+    # -- answering ------------------------------------------------------------------------------------------
     async def complete(self, request: ChatRequest, *, strategy: str | None = None) -> RoutedAnswer:
         """Answer one request: ask the panel concurrently, fall back down the ranking, combine what came back."""
         start = time.perf_counter()
+        deadline = Deadline(self.config.fallback.deadline_s)
         decision, panel, ranking = await self._plan(request)
         trace = Trace(decision=decision)
-        deadline = Deadline(self.config.fallback.deadline_s)
         combiner = build_combiner(strategy, self.config.combiner.extractor) if strategy else self.combiner
         trace.combiner = combiner.name
-        results = await asyncio.gather(*(self._attempt(p.expert, p.weight, request, deadline, trace) for p in panel))
+        results = await asyncio.gather(*(self.dispatch.call(p.expert, p.weight, request, deadline, trace)
+                                         for p in panel))
         replies = [(p, r) for p, r in zip(panel, results, strict=True) if isinstance(r, ExpertReply)]
         errors = [r for r in results if isinstance(r, ExpertError)]
         if not replies and decision is not None and self.config.fallback.enabled:
@@ -185,113 +193,80 @@ class Orchestrator:
     async def _fall_back(self, request: ChatRequest, ranking: list[str], panel: list[WeightedExpert],
                          deadline: Deadline, trace: Trace, errors: list[ExpertError],
                          ) -> tuple[list[tuple[WeightedExpert, ExpertReply]], list[ExpertError]]:
-        """Walk the gate's ranking one expert at a time until one answers or the budget is spent."""
+        """Walk the gate's ranking one expert at a time until one answers or a limit is reached."""
         taken = {p.expert for p in panel}
-        failed = panel[0].expert
-        while len(taken) < self.config.fallback.max_attempts and deadline.remaining > 0:
+        tried = len(panel)
+        failed = panel[0].expert if panel else None
+        while tried < self.config.fallback.max_attempts and deadline.remaining > 0:
             name = next_candidate(ranking, taken)
             if name is None:
                 break
             taken.add(name)
-            result = await self._attempt(name, 1.0, request, deadline, trace, replaces=failed)
+            spent = self.dispatch.over_budget(name, trace, request)
+            if spent is not None:
+                errors.append(spent)
+                break
+            result = await self.dispatch.call(name, 1.0, request, deadline, trace, replaces=failed)
             if isinstance(result, ExpertReply):
                 return [(WeightedExpert(expert=name, weight=1.0), result)], errors
             errors.append(result)
-            failed = name
+            if not isinstance(result, CircuitOpen):  # a skipped expert was not tried
+                tried += 1
+                failed = name
         return [], errors
 
     # -- streaming ------------------------------------------------------------------------------------------
+    def _stream_order(self, decision: RouteDecision | None, panel: list[WeightedExpert],
+                      ranking: list[str]) -> list[str]:
+        first = [panel[0].expert] if panel else []
+        if decision is None or not self.config.fallback.enabled:
+            return first or ranking[:1]
+        return first + [n for n in ranking if n not in first]
+
     async def stream(self, request: ChatRequest) -> AsyncIterator[StreamPiece | StreamEnd]:
-        """Stream from the top-weighted expert. A failure before the first token falls back invisibly; a
-        failure mid-stream continues from the next expert, and the switch is recorded in the trace."""
+        """Stream from the top-weighted expert, falling back or continuing elsewhere on failure."""
         start = time.perf_counter()
+        deadline = Deadline(self.config.fallback.deadline_s)
         decision, panel, ranking = await self._plan(request)
         trace = Trace(decision=decision, combiner="stream")
-        deadline = Deadline(self.config.fallback.deadline_s)
-        order = [panel[0].expert] + [n for n in ranking if n != panel[0].expert]
-        if decision is None or not self.config.fallback.enabled:
-            order = order[:1]
-        order = order[: self.config.fallback.max_attempts]
         sent: list[str] = []
         errors: list[ExpertError] = []
         previous: str | None = None
-        for name in order:
-            if deadline.remaining <= 0:
+        tried = 0
+        for name in self._stream_order(decision, panel, ranking):
+            if deadline.remaining <= 0 or tried >= self.config.fallback.max_attempts:
+                break
+            spent = self.dispatch.over_budget(name, trace, request) if tried else None  # the first try is free
+            if spent is not None:
+                errors.append(spent)
                 break
             if trace.switches and "to" not in trace.switches[-1]:
                 trace.switches[-1]["to"] = name
             attempt_request = _continuation(request, "".join(sent)) if sent else request
-            outcome = _StreamOutcome()
-            async for piece in self._stream_one(name, attempt_request, deadline, outcome):
-                sent.append(piece.delta.content)
-                yield piece
-            trace.attempts.append(outcome.attempt(name, replaces=previous))
+            outcome = StreamOutcome()
+            async with aclosing(self.dispatch.stream(name, attempt_request, deadline, trace, previous)) as events:
+                async for event in events:
+                    if isinstance(event, StreamOutcome):
+                        outcome = event
+                    else:
+                        sent.append(event.delta.content)
+                        yield event
             if outcome.error is None:
                 trace.latency_ms = (time.perf_counter() - start) * 1000.0
                 yield StreamEnd(trace=trace, finish_reason=outcome.finish_reason)
                 return
             errors.append(outcome.error)
+            if isinstance(outcome.error, CircuitOpen):
+                continue  # skipped, not tried
+            tried += 1
             if sent:
                 # Text already reached the client: the next expert continues it rather than starting over.
                 trace.switches.append({"from": name, "after_chars": len("".join(sent)), "cause": outcome.error.kind})
             previous = name
         raise AllExpertsFailed(errors)
 
-    async def _stream_one(self, name: str, request: ChatRequest, deadline: Deadline,
-                          outcome: _StreamOutcome) -> AsyncIterator[StreamPiece]:
-        expert = self.experts[name]
-        started = time.perf_counter()
-        try:
-            self.capacity.acquire(name)
-        except ExpertError as exc:
-            outcome.error = exc
-            return
-        try:
-            iterator = expert.stream(request).__aiter__()
-            while True:
-                timeout = deadline.attempt_timeout(expert.config.timeout_s)
-                try:
-                    delta = await asyncio.wait_for(iterator.__anext__(), timeout) if timeout > 0 else None
-                except StopAsyncIteration:
-                    break
-                except TimeoutError:
-                    delta = None
-                if delta is None:
-                    raise ExpertTimeout(name, f"stream stalled for {timeout:.1f}s")
-                if delta.usage is not None:
-                    outcome.usage = delta.usage
-                    outcome.cost = delta.cost_usd if delta.cost_usd is not None else expert.cost(delta.usage)
-                if delta.finish_reason:
-                    outcome.finish_reason = delta.finish_reason
-                if delta.content or delta.tool_calls:
-                    outcome.chars += len(delta.content)
-                    yield StreamPiece(expert=name, delta=StreamDelta(content=delta.content,
-                                                                    tool_calls=delta.tool_calls))
-        except ExpertError as exc:
-            outcome.error = exc
-        finally:
-            self.capacity.release(name)
-            outcome.latency_ms = (time.perf_counter() - started) * 1000.0
-
     async def aclose(self) -> None:
         await asyncio.gather(*(e.aclose() for e in self.experts.values()))
-
-
-@dataclass
-class _StreamOutcome:
-    """What one streaming attempt did, filled in as its deltas arrive."""
-
-    error: ExpertError | None = None
-    chars: int = 0
-    finish_reason: str = "stop"
-    usage: Usage | None = None
-    cost: float = 0.0
-    latency_ms: float = 0.0
-
-    def attempt(self, name: str, replaces: str | None) -> Attempt:
-        return Attempt(expert=name, weight=1.0, ok=self.error is None, latency_ms=self.latency_ms,
-                       usage=self.usage or Usage(), cost_usd=self.cost,
-                       error=self.error.to_dict() if self.error else None, fallback_for=replaces)
 
 
 def _as_dict(neighbour: Any) -> dict[str, Any]:

@@ -2,24 +2,35 @@
 
 Handlers are thin: they validate, call the one ``Orchestrator`` held on ``app.state``, and map domain errors
 to status codes with OpenAI-style error bodies ``{"error": {"message", "type", "param", "code"}}``.
+
+Around them one ASGI layer, ``_Edge``, gives each request an id, checks client keys and rate limits on
+``/v1`` and the admin key on ``/admin`` (``router.security``), then feeds ``/metrics`` (``router.metrics``)
+and writes one JSON log line (``router.logs``) once the response, a stream included, has ended.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from experts.types import ChatRequest
 from router.fallback import AllExpertsFailed
+from router.logs import RequestRecord, configure_json_logging, log_request
+from router.metrics import CONTENT_TYPE, RouterMetrics
 from router.orchestrator import Orchestrator, StreamEnd, StreamPiece, UnknownExpert
+from router.security import Admitted, Denied, Guard, RateStore, redact
 
 __all__ = ["RouteQuery", "create_app", "error_body"]
 
@@ -107,8 +118,9 @@ def _chunk(request_id: str, model: str, delta: dict[str, Any], finish: str | Non
 
 
 async def _sse(events: AsyncIterator[StreamPiece | StreamEnd], first: StreamPiece | StreamEnd,
-               request_id: str) -> AsyncIterator[bytes]:
+               request_id: str, record: RequestRecord | None = None) -> AsyncIterator[bytes]:
     model = first.expert if isinstance(first, StreamPiece) else "moe-router"
+    record = record or _detached_record()
     yield _chunk(request_id, model, {"role": "assistant", "content": ""})
     event: StreamPiece | StreamEnd | None = first
     try:
@@ -117,13 +129,17 @@ async def _sse(events: AsyncIterator[StreamPiece | StreamEnd], first: StreamPiec
                 delta: dict[str, Any] = {"content": event.delta.content} if event.delta.content else {}
                 if event.delta.tool_calls:
                     delta["tool_calls"] = event.delta.tool_calls
+                if record.answer is not None:
+                    record.answer.append(event.delta.content)
                 yield _chunk(request_id, event.expert, delta)
             else:
+                record.trace, record.expert = event.trace, _answering(event.trace, model)
                 # The final chunk carries the finish reason, usage and the trace, switches included.
                 trace = event.trace.summary()
                 yield _chunk(request_id, model, {}, event.finish_reason, usage=trace["usage"], moe=trace)
             event = await anext(events, None)
     except AllExpertsFailed as exc:
+        record.failures, record.error = exc.to_list(), "all_experts_failed"
         p = _all_failed(exc)
         yield f"data: {json.dumps(error_body(p.message, p.type, p.code, **p.extra))}\n\n".encode()
     yield b"data: [DONE]\n\n"
@@ -133,14 +149,18 @@ def _problems(handler: Callable[..., Awaitable[Response]]) -> Callable[..., Awai
     """Turn the domain errors a handler raises into OpenAI-style error responses."""
 
     async def wrapped(request: Request) -> Response:
+        record = _record(request)
         try:
             return await handler(request)
         except _HTTPProblem as problem:
+            record.error = problem.code
             return _problem_response(problem)
         except UnknownExpert as exc:
+            record.error = "model_not_found"
             return _problem_response(_HTTPProblem(404, str(exc), "invalid_request_error", "model_not_found",
                                                   param="model"))
         except AllExpertsFailed as exc:
+            record.failures, record.error = exc.to_list(), "all_experts_failed"
             return _problem_response(_all_failed(exc))
 
     wrapped.__name__ = handler.__name__
@@ -148,15 +168,22 @@ def _problems(handler: Callable[..., Awaitable[Response]]) -> Callable[..., Awai
 
 
 def create_app(orchestrator: Orchestrator | None = None,
-               factory: Callable[[], Awaitable[Orchestrator]] | None = None) -> FastAPI:
-    """The service around one orchestrator, given built or built at startup by ``factory``."""
+               factory: Callable[[], Awaitable[Orchestrator]] | None = None, *,
+               rate_store: RateStore | None = None, environ: Mapping[str, str] | None = None) -> FastAPI:
+    """The service around one orchestrator, given built or built at startup by ``factory``.
+
+    ``rate_store`` holds the rate-limit buckets (in memory by default; a shared store for several replicas);
+    ``environ`` is where keys named by ``security.*_env`` are read (``os.environ`` by default).
+    """
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        configure_json_logging()
         if getattr(app.state, "orchestrator", None) is None:
             if factory is None:
                 raise RuntimeError("create_app needs an orchestrator or a factory")
             app.state.orchestrator = await factory()
+        _guard(app)
         try:
             yield
         finally:
@@ -164,6 +191,13 @@ def create_app(orchestrator: Orchestrator | None = None,
 
     app = FastAPI(title="moe-router", version="0.1.0", lifespan=lifespan)
     app.state.orchestrator = orchestrator
+    app.state.metrics = RouterMetrics(lambda: app.state.orchestrator)
+    app.state.security = None
+    app.state.rate_store = rate_store
+    app.state.environ = os.environ if environ is None else environ
+    if orchestrator is not None:
+        _guard(app)  # keys are hashed now, at startup, not at the first request
+    app.add_middleware(_Edge)
 
     def orch(request: Request) -> Orchestrator:
         return request.app.state.orchestrator
@@ -175,13 +209,20 @@ def create_app(orchestrator: Orchestrator | None = None,
         chat = _parse_chat(await _read_json(request, limits.max_request_bytes), limits.max_prompt_chars)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         strategy = request.headers.get("x-moe-combiner")
+        record = _record(request)
+        record.model, record.stream = chat.model, chat.stream
+        if limits.log_content:
+            record.messages, record.answer = [m.model_dump(exclude_none=True) for m in chat.messages], []
         if not chat.stream:
             answer = await o.complete(chat, strategy=strategy)
+            record.trace, record.expert = answer.trace, answer.expert
+            if record.answer is not None:
+                record.answer.append(answer.content)
             return JSONResponse(_completion_body(answer, request_id), headers={"x-moe-expert": answer.expert})
         events = o.stream(chat).__aiter__()
         # Wait for the first event before answering 200, so a total failure is still a clean 503.
         first = await anext(events)
-        return StreamingResponse(_sse(events, first, request_id), media_type="text/event-stream",
+        return StreamingResponse(_sse(events, first, request_id, record), media_type="text/event-stream",
                                  headers={"cache-control": "no-cache"})
 
     @_problems
@@ -210,15 +251,126 @@ def create_app(orchestrator: Orchestrator | None = None,
         return JSONResponse({"object": "list", "data": [
             {"name": e.name, "type": e.type, "model": e.model, "description": e.description,
              "capabilities": list(e.capabilities), "cost": e.cost.model_dump(),
-             "max_concurrency": e.max_concurrency, "in_flight": o.capacity.in_flight[e.name]}
+             "max_concurrency": e.max_concurrency, **o.expert_states()[e.name]}
             for e in o.config.experts]})
 
     async def health(request: Request) -> Response:
         return JSONResponse({"status": "ok", "experts": len(orch(request).experts)})
+
+    async def metrics(request: Request) -> Response:
+        return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE)
+
+    async def admin_config(request: Request) -> Response:
+        return JSONResponse(redact(orch(request).config.model_dump(mode="json")))
 
     app.add_api_route("/v1/chat/completions", chat_completions, methods=["POST"])
     app.add_api_route("/v1/route", route, methods=["POST"])
     app.add_api_route("/v1/models", models, methods=["GET"])
     app.add_api_route("/v1/experts", experts, methods=["GET"])
     app.add_api_route("/health", health, methods=["GET"])
+    app.add_api_route("/metrics", metrics, methods=["GET"], include_in_schema=False)
+    app.add_api_route("/admin/config", admin_config, methods=["GET"])
     return app
+
+
+# -- the edge: request ids, keys and limits, metrics and logs -------------------------------------------------
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+
+def _detached_record() -> RequestRecord:
+    return RequestRecord(request_id="", method="", route="")
+
+
+def _record(request: Request) -> RequestRecord:
+    """The record ``_Edge`` opened for this request; a detached one when the app runs without the edge."""
+    record = getattr(request.state, "moe_record", None)
+    return record if isinstance(record, RequestRecord) else _detached_record()
+
+
+def _answering(trace: Any, default: str) -> str:
+    """The expert that finished a stream: the last attempt that succeeded."""
+    return next((a.expert for a in reversed(trace.attempts) if a.ok), default)
+
+
+def _guard(app: FastAPI) -> Guard:
+    if app.state.security is None:
+        config = app.state.orchestrator.config.security
+        app.state.security = Guard.from_config(config, app.state.environ, app.state.rate_store)
+    guard: Guard = app.state.security
+    return guard
+
+
+def _route_label(app: FastAPI, path: str) -> str:
+    """The path when it is one of the service's routes, else ``other``: scanners must not grow the metrics."""
+    return path if any(getattr(r, "path", None) == path for r in app.router.routes) else "other"
+
+
+def _model_label(app: FastAPI, model: str | None) -> str:
+    if model is None or app.state.orchestrator is None:
+        return ""
+    config = app.state.orchestrator.config
+    return model if model in ("auto", config.service.name, *config.expert_names) else "other"
+
+
+class _Edge:
+    """Pure ASGI, so a stream is observed to its last byte: ``BaseHTTPMiddleware`` would buffer or detach it."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        app: FastAPI = scope["app"]
+        start = time.perf_counter()
+        headers = Headers(scope=scope)
+        given = headers.get("x-request-id", "")
+        record = RequestRecord(request_id=given if _REQUEST_ID.match(given) else uuid.uuid4().hex,
+                               method=scope["method"], route=_route_label(app, scope["path"]))
+        scope.setdefault("state", {})["moe_record"] = record
+        status = 500
+
+        async def observed(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message = {**message, "headers": [*message.get("headers", []),
+                                                  (b"x-request-id", record.request_id.encode())]}
+            await send(message)
+
+        try:
+            verdict = await _admit(app, scope, headers)
+            if isinstance(verdict, Denied):
+                record.error = verdict.code
+                app.state.metrics.rejected.labels(verdict.code).inc()
+                body = error_body(verdict.message, verdict.type, verdict.code)
+                await JSONResponse(body, status_code=verdict.status, headers=verdict.headers)(scope, receive, observed)
+            else:
+                record.key_name = verdict.key_name
+                await self.app(scope, receive, observed)
+        finally:
+            record.status, record.latency_ms = status, (time.perf_counter() - start) * 1000.0
+            _observe(app, record)
+
+
+async def _admit(app: FastAPI, scope: Scope, headers: Headers) -> Admitted | Denied:
+    path: str = scope["path"]
+    if path == "/v1" or path.startswith("/v1/"):
+        client = scope.get("client")
+        return await _guard(app).admit_client(headers.get("authorization"), client[0] if client else "unknown")
+    if path == "/admin" or path.startswith("/admin/"):
+        return _guard(app).admit_admin(headers.get("authorization"))
+    return Admitted(None)
+
+
+def _observe(app: FastAPI, record: RequestRecord) -> None:
+    metrics: RouterMetrics = app.state.metrics
+    orchestrator = app.state.orchestrator
+    metrics.observe_request(record.route, record.status, _model_label(app, record.model), record.latency_ms / 1000)
+    if record.trace is not None:
+        metrics.observe_trace(record.trace, record.expert)
+    elif record.failures:
+        metrics.observe_failures(record.failures)
+    content = bool(orchestrator is not None and orchestrator.config.service.log_content)
+    log_request(record, content=content)

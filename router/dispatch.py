@@ -1,0 +1,248 @@
+"""Dispatch: one call to one expert, plain or streamed, with everything that guards it.
+
+Around every try sit the expert's circuit breaker, its in-flight limit (a saturated expert raises
+``ExpertOverloaded`` at once, so the query moves to the next by weight) and the attempt's time limit (the
+expert's ``timeout_s``, cut short by the request's deadline). A transient failure is retried on the same expert
+after a jittered backoff (``router.retry``), while the breaker, the deadline and the cost budget allow it. Every
+try is one ``Attempt`` in the trace. Which expert is asked, and what happens when it fails for good, is the
+orchestrator's business.
+
+``sleep`` and ``rand`` are injectable, so tests run the retry schedule without waiting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator, Mapping
+from contextlib import aclosing, contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from experts.base import Expert
+from experts.errors import ExpertError, ExpertOverloaded, ExpertTimeout
+from experts.types import ChatRequest, ExpertReply, StreamDelta, Usage
+from router.breaker import Breakers, Outcome, classify
+from router.fallback import BudgetSpent, Deadline, budget_spent
+from router.retry import RetryPolicy, retry_delay
+from router.trace import Attempt, Trace
+
+__all__ = ["Capacity", "Dispatcher", "StreamOutcome", "StreamPiece"]
+
+
+class Capacity:
+    """In-flight calls per expert. A saturated expert is skipped, so its queries go to the next by weight."""
+
+    def __init__(self, limits: Mapping[str, int]) -> None:
+        self.limits = dict(limits)
+        self.in_flight = dict.fromkeys(limits, 0)
+
+    def acquire(self, name: str) -> None:
+        if self.in_flight[name] >= self.limits[name]:
+            raise ExpertOverloaded(name, f"{self.limits[name]} calls already in flight")
+        self.in_flight[name] += 1
+
+    def release(self, name: str) -> None:
+        self.in_flight[name] -= 1
+
+    def free(self, name: str) -> int:
+        return max(0, self.limits[name] - self.in_flight[name])
+
+
+@dataclass
+class StreamPiece:
+    expert: str
+    delta: StreamDelta
+
+
+@dataclass
+class StreamOutcome:
+    """What one streaming try did, filled in as its deltas arrive."""
+
+    error: ExpertError | None = None
+    chars: int = 0
+    finish_reason: str = "stop"
+    usage: Usage | None = None
+    cost: float = 0.0
+    latency_ms: float = 0.0
+    nested: dict[str, Any] | None = None
+
+    def attempt(self, name: str, replaces: str | None) -> Attempt:
+        return Attempt(expert=name, weight=1.0, ok=self.error is None, latency_ms=self.latency_ms,
+                       usage=self.usage or Usage(), cost_usd=self.cost,
+                       error=self.error.to_dict() if self.error else None, fallback_for=replaces,
+                       nested=self.nested)
+
+
+@dataclass
+class _Slot:
+    # Set while the try runs: whether its time limit was the request's deadline rather than the expert's own.
+    cut_by_deadline: bool = False
+
+
+class Dispatcher:
+    def __init__(self, experts: Mapping[str, Expert], capacity: Capacity, breakers: Breakers, retry: RetryPolicy,
+                 *, budget_usd: float | None = None, sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+                 rand: Callable[[], float] = random.random) -> None:
+        self.experts = experts
+        self.capacity = capacity
+        self.breakers = breakers
+        self.retry = retry
+        self.budget_usd = budget_usd
+        self.sleep = sleep
+        self.rand = rand
+
+    def over_budget(self, name: str, trace: Trace, request: ChatRequest) -> BudgetSpent | None:
+        """The cause to report when a further call to ``name`` would not fit in the request's cost budget.
+
+        A failed call costs nothing by our count, so what is spent is only what answers reported; the next
+        call's cost is estimated from the prompt (about 4 characters a token) at the expert's input price, plus
+        ``max_tokens`` at its output price when the request sets it.
+        """
+        if self.budget_usd is None:
+            return None
+        expert = self.experts[name]
+        chars = sum(len(m.text()) for m in request.messages)
+        completion = request.max_completion_tokens or request.max_tokens or 0
+        estimate = expert.cost(Usage(prompt_tokens=chars // 4, completion_tokens=completion))
+        if not budget_spent(self.budget_usd, trace.cost_usd, estimate):
+            return None
+        return BudgetSpent(name, f"not tried: the request's cost budget of ${self.budget_usd:g} is spent "
+                                 f"(${trace.cost_usd:.6f} so far, next call estimated at ${estimate:.6f})")
+
+    async def call(self, name: str, weight: float, request: ChatRequest, deadline: Deadline, trace: Trace,
+                   replaces: str | None = None) -> ExpertReply | ExpertError:
+        """One expert's answer, or the error of its last try."""
+        retry = 0
+        while True:
+            result = await self._try(name, weight, request, deadline, trace, replaces)
+            if isinstance(result, ExpertReply) or not await self._backoff(name, result, retry, request, deadline,
+                                                                          trace):
+                return result
+            retry += 1
+
+    async def stream(self, name: str, request: ChatRequest, deadline: Deadline, trace: Trace,
+                     replaces: str | None = None) -> AsyncGenerator[StreamPiece | StreamOutcome, None]:
+        """The expert's pieces, then the outcome of its last try. Only a try that sent nothing is retried:
+        once text reached the client, continuing is the orchestrator's job."""
+        retry = 0
+        while True:
+            outcome = StreamOutcome()
+            async with aclosing(self._stream_try(name, request, deadline, outcome)) as pieces:
+                async for piece in pieces:
+                    yield piece
+            trace.attempts.append(outcome.attempt(name, replaces))
+            error = outcome.error
+            if error is None or outcome.chars or not await self._backoff(name, error, retry, request, deadline,
+                                                                         trace):
+                yield outcome
+                return
+            retry += 1
+
+    async def _backoff(self, name: str, error: ExpertError, retry: int, request: ChatRequest, deadline: Deadline,
+                       trace: Trace) -> bool:
+        """Wait before retrying ``name`` when the policy, its breaker and the budget allow; else False."""
+        delay = retry_delay(self.retry, error, retry, deadline.remaining, self.rand)
+        if delay is None or self.breakers.refuses(name) or self.over_budget(name, trace, request):
+            return False
+        await self.sleep(delay)
+        return True
+
+    @contextmanager
+    def _slot(self, name: str, deadline: Deadline) -> Iterator[_Slot]:
+        """Breaker permit and in-flight slot for one try; the breaker learns how it ended."""
+        if deadline.remaining <= 0:
+            raise ExpertTimeout(name, "the request's deadline has passed")
+        permit = self.breakers.admit(name)
+        slot = _Slot()
+        error: ExpertError | None = None
+        outcome: Outcome = "neutral"  # cancelled (the caller went away) unless set below
+        try:
+            self.capacity.acquire(name)
+            try:
+                yield slot
+            finally:
+                self.capacity.release(name)
+            outcome = "success"
+        except ExpertError as exc:
+            error = exc
+            # A timeout imposed by our own deadline says nothing about the expert.
+            cut = slot.cut_by_deadline and isinstance(exc, ExpertTimeout)
+            outcome = "neutral" if cut else classify(exc)
+            raise
+        finally:
+            self.breakers.finish(permit, error, outcome)
+
+    def _timeout(self, expert: Expert, deadline: Deadline, slot: _Slot) -> float:
+        timeout = deadline.attempt_timeout(expert.config.timeout_s)
+        slot.cut_by_deadline = timeout < expert.config.timeout_s
+        return timeout
+
+    async def _try(self, name: str, weight: float, request: ChatRequest, deadline: Deadline, trace: Trace,
+                   replaces: str | None) -> ExpertReply | ExpertError:
+        start = time.perf_counter()
+        expert = self.experts[name]
+        try:
+            with self._slot(name, deadline) as slot:
+                timeout = self._timeout(expert, deadline, slot)
+                try:
+                    reply = await asyncio.wait_for(expert.generate(request), timeout)
+                except TimeoutError:
+                    raise ExpertTimeout(name, f"no answer within {timeout:.1f}s") from None
+        except ExpertError as exc:
+            trace.attempts.append(Attempt(expert=name, weight=weight, ok=False, error=exc.to_dict(),
+                                          latency_ms=(time.perf_counter() - start) * 1000.0, fallback_for=replaces))
+            return exc
+        trace.attempts.append(Attempt(expert=name, weight=weight, ok=True, usage=reply.usage,
+                                      cost_usd=reply.cost_usd, latency_ms=(time.perf_counter() - start) * 1000.0,
+                                      fallback_for=replaces, nested=reply.nested))
+        return reply
+
+    async def _stream_try(self, name: str, request: ChatRequest, deadline: Deadline,
+                          outcome: StreamOutcome) -> AsyncGenerator[StreamPiece, None]:
+        expert = self.experts[name]
+        started = time.perf_counter()
+        try:
+            with self._slot(name, deadline) as slot:
+                deltas = expert.stream(request)
+                iterator = deltas.__aiter__()
+                try:
+                    while True:
+                        timeout = self._timeout(expert, deadline, slot)
+                        try:
+                            delta = await asyncio.wait_for(iterator.__anext__(), timeout) if timeout > 0 else None
+                        except StopAsyncIteration:
+                            break
+                        except TimeoutError:
+                            delta = None
+                        if delta is None:
+                            raise ExpertTimeout(name, f"stream stalled for {timeout:.1f}s")
+                        piece = _take(delta, outcome, expert)
+                        if piece is not None:
+                            yield StreamPiece(expert=name, delta=piece)
+                finally:
+                    # Close the expert's stream now, not when the garbage collector finds it: its connection
+                    # is released before the next try starts, and no finalizer task is left behind.
+                    aclose = getattr(deltas, "aclose", None)
+                    if aclose is not None:
+                        await aclose()
+        except ExpertError as exc:
+            outcome.error = exc
+        finally:
+            outcome.latency_ms = (time.perf_counter() - started) * 1000.0
+
+
+def _take(delta: StreamDelta, outcome: StreamOutcome, expert: Expert) -> StreamDelta | None:
+    """Note a delta's usage and finish reason; the text or tool calls to pass on, if any."""
+    if delta.usage is not None:
+        outcome.usage = delta.usage
+        outcome.cost = delta.cost_usd if delta.cost_usd is not None else expert.cost(delta.usage)
+    if delta.finish_reason:
+        outcome.finish_reason = delta.finish_reason
+    if delta.nested is not None:
+        outcome.nested = delta.nested
+    if not (delta.content or delta.tool_calls):
+        return None
+    outcome.chars += len(delta.content)
+    return StreamDelta(content=delta.content, tool_calls=delta.tool_calls)

@@ -1,0 +1,172 @@
+"""A LangChain chat model for a running router service: ``ChatMoERouter``.
+
+It speaks to the service through ``router.sdk`` (so the wire format is written once), works in LCEL chains,
+streams, and returns what plain ``ChatOpenAI`` cannot: the routing trace, in
+``response_metadata["moe_trace"]``, and the expert that answered, in ``response_metadata["model_name"]``.
+When streaming, both arrive on the last chunk. The network is injected for tests (``transport``,
+``async_transport``), as everywhere in the SDK.
+
+    from router.langchain import ChatMoERouter
+    model = ChatMoERouter(base_url="http://127.0.0.1:8000", api_key="...")
+    chain = prompt | model | StrOutputParser()
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from typing import Any
+
+import httpx
+from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
+from langchain_core.language_models import LanguageModelInput
+from langchain_core.language_models.chat_models import BaseChatModel
+from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, convert_to_openai_messages
+from langchain_core.messages.ai import UsageMetadata
+from langchain_core.messages.tool import invalid_tool_call, tool_call
+from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
+from langchain_core.runnables import Runnable
+from langchain_core.tools import BaseTool
+from langchain_core.utils.function_calling import convert_to_openai_tool
+from pydantic import Field, SecretStr
+
+from experts.types import Usage
+from router import sdk
+from router.trace import Trace
+
+__all__ = ["ChatMoERouter"]
+
+
+class ChatMoERouter(BaseChatModel):
+    """A chat model whose every call is routed by the mixture-of-experts service."""
+
+    base_url: str = "http://127.0.0.1:8000"
+    api_key: SecretStr | None = None
+    # "auto" (or the service's name) routes; an expert's name calls that expert directly.
+    model: str = "auto"
+    temperature: float | None = None
+    max_tokens: int | None = None
+    top_p: float | None = None
+    stop: list[str] | None = None
+    timeout: float = 120.0
+    # Any other OpenAI request field (seed, response_format, ...), sent as given.
+    model_kwargs: dict[str, Any] = Field(default_factory=dict)
+    transport: httpx.BaseTransport | None = Field(default=None, exclude=True)
+    async_transport: httpx.AsyncBaseTransport | None = Field(default=None, exclude=True)
+
+    @property
+    def _llm_type(self) -> str:
+        return "moe-router"
+
+    @property
+    def _identifying_params(self) -> dict[str, Any]:
+        return {"base_url": self.base_url, "model": self.model, **self._params(None, {})}
+
+    def bind_tools(self, tools: Sequence[dict[str, Any] | type | Callable[..., Any] | BaseTool], *,
+                   tool_choice: str | None = None, **kwargs: Any) -> Runnable[LanguageModelInput, AIMessage]:
+        """Send ``tools`` with each call; the service routes it only to experts declaring the capability."""
+        bound: dict[str, Any] = {"tools": [convert_to_openai_tool(t) for t in tools], **kwargs}
+        if tool_choice is not None:
+            bound["tool_choice"] = tool_choice
+        return self.bind(**bound)
+
+    # -- the four entry points: thin shells over the SDK ----------------------------------------------------
+    def _generate(self, messages: list[BaseMessage], stop: list[str] | None = None,
+                  run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> ChatResult:
+        with self._client() as client:
+            result = client.chat(_wire(messages), model=self.model, **self._params(stop, kwargs))
+        return _chat_result(result)
+
+    async def _agenerate(self, messages: list[BaseMessage], stop: list[str] | None = None,
+                         run_manager: AsyncCallbackManagerForLLMRun | None = None, **kwargs: Any) -> ChatResult:
+        async with self._async_client() as client:
+            result = await client.chat(_wire(messages), model=self.model, **self._params(stop, kwargs))
+        return _chat_result(result)
+
+    def _stream(self, messages: list[BaseMessage], stop: list[str] | None = None,
+                run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> Iterator[ChatGenerationChunk]:
+        with self._client() as client:
+            for piece in client.stream(_wire(messages), model=self.model, **self._params(stop, kwargs)):
+                chunk = _chunk(piece)
+                if run_manager and piece.content:
+                    run_manager.on_llm_new_token(piece.content, chunk=chunk)
+                yield chunk
+
+    async def _astream(self, messages: list[BaseMessage], stop: list[str] | None = None,
+                       run_manager: AsyncCallbackManagerForLLMRun | None = None,
+                       **kwargs: Any) -> AsyncIterator[ChatGenerationChunk]:
+        async with self._async_client() as client:
+            async for piece in client.stream(_wire(messages), model=self.model, **self._params(stop, kwargs)):
+                chunk = _chunk(piece)
+                if run_manager and piece.content:
+                    await run_manager.on_llm_new_token(piece.content, chunk=chunk)
+                yield chunk
+
+    # -- shared ---------------------------------------------------------------------------------------------
+    def _params(self, stop: list[str] | None, kwargs: dict[str, Any]) -> dict[str, Any]:
+        params = {"temperature": self.temperature, "max_tokens": self.max_tokens, "top_p": self.top_p,
+                  "stop": stop or self.stop, **self.model_kwargs, **kwargs}
+        return {k: v for k, v in params.items() if v is not None}
+
+    def _key(self) -> str | None:
+        return self.api_key.get_secret_value() if self.api_key else None
+
+    def _client(self) -> sdk.Client:
+        return sdk.Client(self.base_url, api_key=self._key(), timeout=self.timeout, transport=self.transport)
+
+    def _async_client(self) -> sdk.AsyncClient:
+        # One per call: an httpx.AsyncClient is tied to the event loop it first ran on.
+        return sdk.AsyncClient(self.base_url, api_key=self._key(), timeout=self.timeout,
+                               transport=self.async_transport)
+
+
+def _wire(messages: list[BaseMessage]) -> list[dict[str, Any]]:
+    converted = convert_to_openai_messages(messages)
+    return converted if isinstance(converted, list) else [converted]
+
+
+def _metadata(expert: str, finish_reason: str | None, trace: Trace) -> dict[str, Any]:
+    return {"model_name": expert, "finish_reason": finish_reason, "moe_trace": trace.summary()}
+
+
+def _usage(usage: Usage) -> UsageMetadata:
+    return UsageMetadata(input_tokens=usage.prompt_tokens, output_tokens=usage.completion_tokens,
+                         total_tokens=usage.total_tokens)
+
+
+def _chat_result(result: sdk.ChatResult) -> ChatResult:
+    calls, invalid = _tool_calls(result.tool_calls or [])
+    message = AIMessage(content=result.content, tool_calls=calls, invalid_tool_calls=invalid,
+                        response_metadata=_metadata(result.expert, result.finish_reason, result.trace),
+                        usage_metadata=_usage(result.usage))
+    generation = ChatGeneration(message=message, generation_info={"finish_reason": result.finish_reason})
+    return ChatResult(generations=[generation],
+                      llm_output={"model_name": result.expert, "token_usage": result.usage.model_dump()})
+
+
+def _chunk(piece: sdk.StreamChunk) -> ChatGenerationChunk:
+    if piece.trace is None:
+        return ChatGenerationChunk(message=AIMessageChunk(content=piece.content))
+    # The last chunk: the expert that finished the answer (after any mid-stream switch) and the trace.
+    expert = next((a.expert for a in reversed(piece.trace.attempts) if a.ok), piece.expert)
+    message = AIMessageChunk(content=piece.content, response_metadata=_metadata(expert, piece.finish_reason,
+                                                                                piece.trace),
+                             usage_metadata=_usage(piece.trace.usage))
+    return ChatGenerationChunk(message=message, generation_info={"finish_reason": piece.finish_reason})
+
+
+def _tool_calls(raw: list[dict[str, Any]]) -> tuple[list[Any], list[Any]]:
+    """OpenAI tool calls as LangChain's; one whose arguments are not a JSON object is kept as invalid."""
+    calls, invalid = [], []
+    for item in raw:
+        function = item.get("function") or {}
+        name, arguments, call_id = function.get("name"), function.get("arguments") or "{}", item.get("id")
+        try:
+            args = json.loads(arguments)
+        except ValueError:
+            args = None
+        if isinstance(name, str) and isinstance(args, dict):
+            calls.append(tool_call(name=name, args=args, id=call_id))
+        else:
+            invalid.append(invalid_tool_call(name=name, args=arguments, id=call_id, error="arguments are not JSON"))
+    return calls, invalid

@@ -1,0 +1,111 @@
+"""One structured JSON log line per request.
+
+``RequestRecord`` is filled in as a request goes: the HTTP edge opens it (request id, route, the client key's
+*name*), the handler adds what the router did (model asked, answering expert, trace), the edge closes it
+(status, latency) and writes it. Prompts and answers go in only when ``service.log_content`` is on. Headers
+are never copied into a record, so an API key or ``Authorization`` header cannot reach a log line.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from router.trace import Trace
+
+__all__ = ["REQUEST_LOGGER", "JsonFormatter", "RequestRecord", "configure_json_logging", "log_request"]
+
+REQUEST_LOGGER = "router.requests"
+
+
+@dataclass
+class RequestRecord:
+    request_id: str
+    method: str
+    route: str
+    key_name: str | None = None
+    model: str | None = None
+    stream: bool | None = None
+    expert: str | None = None
+    trace: Trace | None = None
+    # Each failed expert's {"expert", "kind", "message"} when no trace came back (every expert failed).
+    failures: list[dict[str, str]] = field(default_factory=list)
+    error: str | None = None
+    status: int = 0
+    latency_ms: float = 0.0
+    # Filled only when content logging is on.
+    messages: list[dict[str, Any]] | None = None
+    answer: list[str] | None = None
+
+    def line(self, *, content: bool) -> dict[str, Any]:
+        """The log line's fields."""
+        out: dict[str, Any] = {"event": "request", "request_id": self.request_id, "method": self.method,
+                               "route": self.route, "status": self.status, "latency_ms": round(self.latency_ms, 2)}
+        optional = {"key": self.key_name, "model": self.model, "stream": self.stream, "expert": self.expert,
+                    "error": self.error}
+        out.update({k: v for k, v in optional.items() if v is not None})
+        if self.trace is not None:
+            usage = self.trace.usage
+            out.update(prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
+                       cost_usd=round(self.trace.cost_usd, 8),
+                       chosen=[c.expert for c in self.trace.decision.chosen] if self.trace.decision else None,
+                       attempts=[{"expert": a.expert, "ok": a.ok, "latency_ms": round(a.latency_ms, 2),
+                                  **({"kind": a.error.get("kind")} if a.error else {}),
+                                  **({"fallback_for": a.fallback_for} if a.fallback_for else {})}
+                                 for a in self.trace.attempts])
+            if self.trace.switches:
+                out["switches"] = len(self.trace.switches)
+        elif self.failures:
+            out["attempts"] = [{"expert": f.get("expert"), "ok": False, "kind": f.get("kind")} for f in self.failures]
+        if content:
+            if self.messages is not None:
+                out["messages"] = self.messages
+            if self.answer is not None:
+                out["answer"] = "".join(self.answer)
+        return out
+
+
+def log_request(record: RequestRecord, *, content: bool) -> None:
+    logging.getLogger(REQUEST_LOGGER).info(json.dumps(record.line(content=content), default=str,
+                                                      separators=(",", ":")))
+
+
+class JsonFormatter(logging.Formatter):
+    """Every record as one JSON object; a message that already is a JSON object is merged in, not quoted."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {"ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+                               + f".{int(record.msecs):03d}Z", "level": record.levelname, "logger": record.name}
+        message = record.getMessage()
+        parsed = _json_object(message)
+        out.update(parsed if parsed is not None else {"message": message})
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out, default=str, separators=(",", ":"))
+
+
+def configure_json_logging(level: int | str = logging.INFO, logger: str = "router") -> None:
+    """Write the ``router`` loggers as JSON lines to stderr. Called at service startup; a logger that
+    already has handlers (configured by the host application) is left as it is."""
+    target = logging.getLogger(logger)
+    if target.handlers:
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(JsonFormatter())
+    target.addHandler(handler)
+    target.setLevel(level)
+    # The host's root handlers would print each line a second time, not as JSON.
+    target.propagate = False
+
+
+def _json_object(message: str) -> dict[str, Any] | None:
+    if not message.startswith("{"):
+        return None
+    try:
+        value = json.loads(message)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None

@@ -1,0 +1,60 @@
+"""Retry decisions, kept apart from I/O: whether a failed call to one expert is tried again, and after how long.
+
+Only transient failures are retried: connect errors and resets, timeouts, 429, 5xx and malformed replies
+(``ExpertError.transient``). A 4xx, an auth error or a missing recording fails the same way every time, so it
+goes straight to fallback. ``ExpertOverloaded`` is transient but not retried here: the expert's own in-flight
+limit is full, and load-aware routing hands the query to the next expert by weight instead of waiting.
+
+The wait is exponential in the retry number with "equal jitter" (half fixed, half random), so retries of many
+requests spread out yet each still backs off. A 429's Retry-After replaces the backoff when it is longer; one
+longer than ``retry_after_max_s``, or than what is left of the request's deadline, is not waited for at all.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from experts.errors import ExpertError, ExpertOverloaded, ExpertRateLimited
+from router.config import FallbackConfig
+
+__all__ = ["RetryPolicy", "backoff_delay", "is_retryable", "retry_delay"]
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    retries: int = 0
+    backoff_base_s: float = 0.1
+    backoff_max_s: float = 5.0
+    retry_after_max_s: float = 5.0
+
+    @classmethod
+    def from_config(cls, cfg: FallbackConfig) -> RetryPolicy:
+        return cls(cfg.retries, cfg.backoff_base_s, cfg.backoff_max_s, cfg.retry_after_max_s)
+
+
+def is_retryable(error: ExpertError) -> bool:
+    return error.transient and not isinstance(error, ExpertOverloaded)
+
+
+def backoff_delay(policy: RetryPolicy, retry: int, rand: Callable[[], float]) -> float:
+    """The wait before retry number ``retry`` (0-based): base * 2**retry capped at the max, then jittered."""
+    cap = min(policy.backoff_max_s, policy.backoff_base_s * 2.0 ** min(retry, 60))
+    return cap / 2.0 + rand() * cap / 2.0
+
+
+def retry_delay(policy: RetryPolicy, error: ExpertError, retry: int, remaining_s: float,
+                rand: Callable[[], float]) -> float | None:
+    """Seconds to wait before retrying the expert that raised ``error``, or None to stop retrying it.
+
+    ``retry`` counts the retries already made of this expert for this request; ``remaining_s`` is what is left
+    of the request's deadline. A wait that would leave no time for the retry itself is not worth making.
+    """
+    if retry >= policy.retries or not is_retryable(error):
+        return None
+    delay = backoff_delay(policy, retry, rand)
+    if isinstance(error, ExpertRateLimited) and error.retry_after_s is not None:
+        if error.retry_after_s > policy.retry_after_max_s:
+            return None
+        delay = max(delay, error.retry_after_s)
+    return delay if delay < remaining_s else None

@@ -1,0 +1,228 @@
+"""Who may call the service, and how often: client keys, the admin key and per-key rate limits.
+
+The decisions are made here, apart from HTTP; ``router.service`` turns a ``Denied`` into an OpenAI-style error.
+
+- Keys are only ever held as SHA-256 hex digests. Raw keys from the environment are hashed when the service
+  starts and dropped; a presented key is hashed and compared with ``hmac.compare_digest`` against every known
+  digest, with no early exit, so the time taken does not tell which key came close.
+- Rate limits are token buckets (``take_token``, pure). Their state sits behind ``RateStore``, one async
+  method, so a store shared by several replicas (Redis) can replace ``InMemoryRateStore`` without touching
+  the rest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import math
+import re
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from router.config import RateLimitConfig, SecurityConfig
+
+__all__ = [
+    "Admitted",
+    "Denied",
+    "Guard",
+    "InMemoryRateStore",
+    "KeyRing",
+    "RateStore",
+    "TokenBucket",
+    "bearer_token",
+    "hash_key",
+    "redact",
+    "take_token",
+]
+
+REDACTED = "<redacted>"
+# Config keys whose values are secrets or stand-ins for them (a key's hash still lets one test guesses offline).
+_SECRET_FIELDS = frozenset({"sha256", "api_key", "apikey", "key"})
+_SECRET_WORDS = frozenset({"secret", "password", "token", "credentials"})
+_URL_CREDENTIALS = re.compile(r"(\w+://)[^/@\s]+@")
+
+
+def hash_key(raw: str) -> str:
+    return hashlib.sha256(raw.encode("utf-8")).hexdigest()
+
+
+def bearer_token(authorization: str | None) -> str | None:
+    """The key in an ``Authorization: Bearer <key>`` header, or None."""
+    if not authorization:
+        return None
+    scheme, _, token = authorization.strip().partition(" ")
+    token = token.strip()
+    return token if scheme.lower() == "bearer" and token else None
+
+
+@dataclass(frozen=True)
+class _Key:
+    name: str
+    sha256: str
+    rate_limit: RateLimitConfig | None = None
+
+
+class KeyRing:
+    """The client keys and the admin key, as digests. ``required`` is whether ``/v1`` needs a key at all."""
+
+    def __init__(self, keys: list[_Key], admin_sha256: str | None = None, *, required: bool | None = None) -> None:
+        self.keys = keys
+        self.admin_sha256 = admin_sha256
+        self.required = bool(keys) if required is None else required
+
+    @classmethod
+    def from_config(cls, config: SecurityConfig, environ: Mapping[str, str]) -> KeyRing:
+        keys = [_Key(k.name, k.sha256.lower(), k.rate_limit) for k in config.api_keys]
+        if config.api_keys_env:
+            raw = [k.strip() for k in environ.get(config.api_keys_env, "").split(",") if k.strip()]
+            # Named by a prefix of the digest: stable across restarts and reorderings, and says nothing of the key.
+            keys += [_Key(f"env-{d[:8]}", d) for d in dict.fromkeys(hash_key(k) for k in raw)]
+        admin = environ.get(config.admin_key_env, "").strip() if config.admin_key_env else ""
+        return cls(keys, hash_key(admin) if admin else None,
+                   required=bool(config.api_keys) or config.api_keys_env is not None)
+
+    def client(self, raw: str) -> _Key | None:
+        digest = hash_key(raw)
+        found = None
+        for key in self.keys:
+            if hmac.compare_digest(digest, key.sha256) and found is None:
+                found = key
+        return found
+
+    def is_admin(self, raw: str) -> bool:
+        return self.admin_sha256 is not None and hmac.compare_digest(hash_key(raw), self.admin_sha256)
+
+
+@dataclass(frozen=True)
+class TokenBucket:
+    tokens: float
+    stamp: float
+
+
+def take_token(bucket: TokenBucket | None, limit: RateLimitConfig, now: float) -> tuple[TokenBucket, float]:
+    """Refill by the time passed, then take one token. Returns the new bucket and the wait (0.0: granted)."""
+    if bucket is None:
+        tokens = float(limit.burst)
+    else:
+        tokens = min(float(limit.burst), bucket.tokens + max(0.0, now - bucket.stamp) * limit.rate_per_s)
+    if tokens >= 1.0:
+        return TokenBucket(tokens - 1.0, now), 0.0
+    return TokenBucket(tokens, now), (1.0 - tokens) / limit.rate_per_s
+
+
+class RateStore(Protocol):
+    """Where buckets live. ``take`` takes one token from ``key``'s bucket and returns the wait (0.0: granted)."""
+
+    async def take(self, key: str, limit: RateLimitConfig) -> float: ...
+
+
+class InMemoryRateStore:
+    """Buckets for one process. ``take`` never awaits, so it is atomic on the event loop."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic, max_keys: int = 100_000) -> None:
+        self.clock = clock
+        # Bounded, least recently used first out: with no keys the buckets are per client address.
+        self.max_keys = max_keys
+        self._buckets: dict[str, TokenBucket] = {}
+
+    async def take(self, key: str, limit: RateLimitConfig) -> float:
+        bucket, wait = take_token(self._buckets.pop(key, None), limit, self.clock())
+        self._buckets[key] = bucket
+        if len(self._buckets) > self.max_keys:
+            del self._buckets[next(iter(self._buckets))]
+        return wait
+
+
+@dataclass(frozen=True)
+class Admitted:
+    # The key's name from the config (never the key), or None when the service is open.
+    key_name: str | None
+
+
+@dataclass(frozen=True)
+class Denied:
+    status: int
+    code: str
+    message: str
+    type: str = "invalid_request_error"
+    retry_after_s: float | None = None
+
+    @property
+    def headers(self) -> dict[str, str]:
+        if self.status == 401:
+            return {"www-authenticate": "Bearer"}
+        if self.retry_after_s is not None:
+            return {"retry-after": str(max(1, math.ceil(self.retry_after_s)))}
+        return {}
+
+
+_NO_KEY = Denied(401, "missing_api_key", "this service needs an API key: send 'Authorization: Bearer <key>'")
+# The message never repeats the key it was given.
+_BAD_KEY = Denied(401, "invalid_api_key", "the API key given is not valid")
+
+
+class Guard:
+    """Admits or denies one call: a client key and its rate limit for ``/v1``, the admin key for ``/admin``."""
+
+    def __init__(self, keys: KeyRing, store: RateStore, rate_limit: RateLimitConfig | None = None) -> None:
+        self.keys = keys
+        self.store = store
+        self.rate_limit = rate_limit
+
+    @classmethod
+    def from_config(cls, config: SecurityConfig, environ: Mapping[str, str], store: RateStore | None = None) -> Guard:
+        return cls(KeyRing.from_config(config, environ), store or InMemoryRateStore(), config.rate_limit)
+
+    async def admit_client(self, authorization: str | None, client: str) -> Admitted | Denied:
+        key = None
+        if self.keys.required:
+            raw = bearer_token(authorization)
+            if raw is None:
+                return _NO_KEY
+            key = self.keys.client(raw)
+            if key is None:
+                return _BAD_KEY
+        limit = key.rate_limit if key and key.rate_limit else self.rate_limit
+        if limit is not None:
+            wait = await self.store.take(f"key:{key.name}" if key else f"client:{client}", limit)
+            if wait > 0:
+                who = f"key {key.name!r}" if key else "this client"
+                return Denied(429, "rate_limit_exceeded",
+                              f"rate limit of {limit.rate_per_s:g}/s (burst {limit.burst}) reached for {who}",
+                              "rate_limit_error", retry_after_s=wait)
+        return Admitted(key.name if key else None)
+
+    def admit_admin(self, authorization: str | None) -> Admitted | Denied:
+        if self.keys.admin_sha256 is None:
+            return Denied(403, "admin_disabled", "admin endpoints are disabled: set security.admin_key_env",
+                          "permission_error")
+        raw = bearer_token(authorization)
+        if raw is None:
+            return _NO_KEY
+        if self.keys.is_admin(raw):
+            return Admitted("admin")
+        if self.keys.client(raw) is not None:
+            return Denied(403, "admin_key_required", "this endpoint needs the admin key", "permission_error")
+        return _BAD_KEY
+
+
+def redact(value: Any) -> Any:
+    """A config dump with secret-looking fields replaced; environment variable *names* stay visible."""
+    if isinstance(value, dict):
+        return {k: REDACTED if _secret_field(k) and v is not None else redact(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [redact(v) for v in value]
+    if isinstance(value, str):
+        # Credentials inside a URL (https://user:secret@host) go too.
+        return _URL_CREDENTIALS.sub(r"\1<redacted>@", value)
+    return value
+
+
+def _secret_field(name: str) -> bool:
+    """``sha256``, ``api_key``, ``admin_token``, ``db_password``: yes. ``api_key_env``, ``max_tokens``: no."""
+    lowered = name.lower()
+    if lowered.endswith("_env"):
+        return False
+    return lowered in _SECRET_FIELDS or lowered.endswith("_api_key") or bool(_SECRET_WORDS & set(lowered.split("_")))

@@ -1,0 +1,121 @@
+"""Fault injection over real HTTP: scripted experts behind the real service (see ``harness``).
+
+Every test closes the rig and then counts asyncio tasks and server-side connections against the baseline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+
+from tests.doubles.scripted_server import Behaviour
+from tests.faults.harness import DEADLINE_S, FAULTS, MARGIN_S, Rig, count_leaks, load, rig
+
+
+@pytest.fixture
+async def r() -> AsyncIterator[Rig]:
+    before = len(asyncio.all_tasks())
+    async with rig() as live:
+        yield live
+    leaks = await count_leaks(live, before)
+    assert (leaks.tasks, leaks.connections) == (0, 0)
+
+
+def within_deadline(elapsed_s: float) -> bool:
+    return elapsed_s <= DEADLINE_S + MARGIN_S
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
+@pytest.mark.parametrize("fault", sorted(FAULTS))
+async def test_every_fault_of_the_top_expert_is_answered(r: Rig, fault: str, stream: bool) -> None:
+    r.servers["a"].default = FAULTS[fault]
+    replies = await asyncio.gather(*(r.chat(f"q{i}", stream=stream) for i in range(4)))
+    for reply in replies:
+        assert reply.status == 200, reply.body
+        assert reply.content
+        assert within_deadline(reply.elapsed_s)
+    experts = {a["expert"] for reply in replies for a in reply.body["moe"]["attempts"] if a["ok"]}
+    assert experts == ({"a"} if fault == "slow" else {"b"})
+    if stream and fault.endswith("mid_stream"):
+        switches = replies[0].body["moe"]["switches"]
+        assert switches and switches[0]["from"] == "a" and switches[0]["to"] == "b"
+        assert replies[0].content.startswith("one two ")
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
+async def test_every_expert_down_is_a_clear_503_listing_each_cause(r: Rig, stream: bool) -> None:
+    r.servers["a"].default = FAULTS["hang"]
+    r.servers["b"].default = FAULTS["http_503"]
+    r.servers["c"].default = FAULTS["reset"]
+    reply = await r.chat(stream=stream)
+    assert reply.status == 503
+    error = reply.body["error"]
+    assert error["code"] == "all_experts_failed"
+    assert [c["expert"] for c in error["causes"]] == ["a", "b", "c"]
+    assert [c["kind"] for c in error["causes"]] == ["timeout", "server_error", "unavailable"]
+    assert within_deadline(reply.elapsed_s)
+
+
+async def test_a_stream_dying_everywhere_ends_with_an_error_event_listing_each_cause(r: Rig) -> None:
+    for server in r.servers.values():
+        server.default = FAULTS["die_mid_stream"]
+    reply = await r.chat(stream=True)
+    assert reply.status == 200  # text had already reached the client when the last expert died
+    error = reply.body["error"]
+    assert error["code"] == "all_experts_failed"
+    assert [(c["expert"], c["kind"]) for c in error["causes"]] == [("a", "unavailable"), ("b", "unavailable"),
+                                                                  ("c", "unavailable")]
+
+
+async def test_open_breakers_are_causes_and_no_expert_is_called(r: Rig) -> None:
+    for server in r.servers.values():
+        server.default = FAULTS["http_500"]
+    for _ in range(3):
+        assert (await r.chat()).status == 503
+    calls = sum(len(s.requests) for s in r.servers.values())
+    reply = await r.chat()
+    assert reply.status == 503
+    assert {c["kind"] for c in reply.body["error"]["causes"]} == {"circuit_open"}
+    assert sum(len(s.requests) for s in r.servers.values()) == calls
+
+
+async def test_breaker_opens_then_a_probe_closes_it(r: Rig) -> None:
+    a = r.servers["a"]
+    a.default = FAULTS["http_500"]
+    for _ in range(3):
+        assert (await r.chat()).status == 200
+    assert r.orchestrator.expert_states()["a"]["breaker"]["state"] == "open"
+    seen = len(a.requests)
+    assert (await r.chat()).body["model"] == "b"
+    assert len(a.requests) == seen  # not called while open
+    a.default = Behaviour.ok("answer from a")
+    await asyncio.sleep(0.55)  # the 0.5 s cooldown
+    assert (await r.chat()).body["model"] == "a"  # the half-open probe
+    assert r.orchestrator.expert_states()["a"]["breaker"]["state"] == "closed"
+
+
+async def test_retry_after_is_honoured_on_the_same_expert(r: Rig) -> None:
+    r.servers["a"].push(Behaviour.error(429, "slow down", retry_after="0.3"))
+    reply = await r.chat()
+    assert reply.body["model"] == "a"
+    assert reply.elapsed_s >= 0.3
+    assert [(x["expert"], x["ok"]) for x in reply.body["moe"]["attempts"]] == [("a", False), ("a", True)]
+
+
+async def test_a_bad_request_is_not_retried(r: Rig) -> None:
+    r.servers["a"].push(Behaviour.error(400, "bad request"))
+    reply = await r.chat()
+    assert reply.body["model"] == "b"
+    assert len(r.servers["a"].requests) == 1
+
+
+async def test_bounded_load_with_faults(r: Rig) -> None:
+    # Short and lighter than bench/faults.py's run, so it holds next to the rest of the suite on a small CI box.
+    stats = await load(r, clients=64, seconds=6.0, think_s=(0.75, 1.5))
+    assert stats.unexpected == [], stats.unexpected[:3]
+    assert stats.answered == stats.requests > 100
+    assert stats.max_overrun_ms <= MARGIN_S * 1000.0
+    assert stats.memory_growth_pct < 25.0, stats.memory
+    assert all(v == 0 for v in r.orchestrator.capacity.in_flight.values())

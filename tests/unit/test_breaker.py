@@ -1,0 +1,170 @@
+"""The circuit breaker's state machine, on a fake clock."""
+
+import pytest
+
+from experts.errors import (
+    ExpertAuthError,
+    ExpertOverloaded,
+    ExpertRejected,
+    ExpertServerError,
+    ExpertTimeout,
+    NoRecording,
+)
+from router.breaker import Breakers, BreakerState, CircuitOpen, MemoryBreakerStore, classify
+from router.config import BreakerConfig
+
+DOWN = ExpertServerError("math", 503, "down")
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def make(**fields: object) -> tuple[Breakers, Clock]:
+    clock = Clock()
+    cfg = BreakerConfig(**{"failure_threshold": 3, "cooldown_s": 10.0, "cooldown_max_s": 35.0,
+                           "failure_rate": None, **fields})  # type: ignore[arg-type]
+    return Breakers(cfg, clock=clock), clock
+
+
+def fail(b: Breakers, times: int = 1, error: Exception = DOWN) -> None:
+    for _ in range(times):
+        b.finish(b.admit("math"), error)  # type: ignore[arg-type]
+
+
+def test_opens_after_consecutive_failures_and_refuses_calls() -> None:
+    b, _ = make()
+    fail(b, 2)
+    b.finish(b.admit("math"), None)  # a success resets the count
+    fail(b, 2)
+    assert b.snapshot("math")["state"] == "closed"
+    fail(b)
+    assert b.snapshot("math")["state"] == "open"
+    with pytest.raises(CircuitOpen, match=r"last: server_error.*next probe in 10\.0s") as info:
+        b.admit("math")
+    assert info.value.kind == "circuit_open"
+    assert b.refusing(["math", "code"]) == {"math"}
+
+
+def test_half_open_admits_a_limited_probe_then_closes_on_success() -> None:
+    b, clock = make(half_open_probes=1)
+    fail(b, 3)
+    clock.now += 9.9
+    assert b.refuses("math")
+    clock.now += 0.1
+    assert b.snapshot("math")["state"] == "half_open"
+    probe = b.admit("math")
+    assert probe.probe
+    with pytest.raises(CircuitOpen, match="probe call is already in flight"):
+        b.admit("math")
+    b.finish(probe, None)
+    assert b.snapshot("math") | {"last_error": None} == {
+        "state": "closed", "consecutive_failures": 0, "trips": 0, "cooldown_s": 0.0, "retry_in_s": 0.0,
+        "window_calls": 0, "window_failures": 0, "last_error": None}
+
+
+def test_a_failed_probe_reopens_with_a_longer_cooldown_from_now_capped() -> None:
+    b, clock = make()
+    fail(b, 3)
+    cooldowns = []
+    for _ in range(4):
+        clock.now += b.snapshot("math")["retry_in_s"]
+        fail(b)  # the probe fails
+        snap = b.snapshot("math")
+        cooldowns.append(snap["cooldown_s"])
+        # the new cooldown runs from the failed probe, so the breaker does not flap straight back
+        assert snap["state"] == "open" and snap["retry_in_s"] == pytest.approx(snap["cooldown_s"])
+    assert cooldowns == [20.0, 35.0, 35.0, 35.0]  # 10 * 2**trips, capped at cooldown_max_s
+    clock.now += 35.0
+    b.finish(b.admit("math"), None)
+    fail(b, 3)
+    assert b.snapshot("math")["cooldown_s"] == 10.0  # a close resets the growth
+
+
+def test_late_failures_of_calls_admitted_before_the_trip_do_not_extend_the_cooldown() -> None:
+    b, clock = make()
+    in_flight = [b.admit("math") for _ in range(5)]
+    for permit in in_flight[:3]:
+        b.finish(permit, DOWN)
+    clock.now += 6.0
+    for permit in in_flight[3:]:
+        b.finish(permit, DOWN)  # stale: they started while closed
+    snap = b.snapshot("math")
+    assert (snap["trips"], snap["cooldown_s"], snap["retry_in_s"]) == (1, 10.0, pytest.approx(4.0))
+
+
+def test_a_cancelled_or_neutral_probe_frees_its_slot_without_deciding() -> None:
+    b, clock = make()
+    fail(b, 3)
+    clock.now += 10.0
+    b.finish(b.admit("math"), None, "neutral")
+    assert b.snapshot("math")["state"] == "half_open"
+    b.finish(b.admit("math"), None)
+    assert b.snapshot("math")["state"] == "closed"
+
+
+def test_opens_on_failure_rate_over_the_window() -> None:
+    b, _ = make(failure_threshold=100, failure_rate=0.5, min_calls=10, window_s=10.0)
+    for i in range(9):
+        b.finish(b.admit("math"), DOWN if i % 2 else None)
+    assert b.snapshot("math")["state"] == "closed"  # under min_calls
+    b.finish(b.admit("math"), None)
+    fail(b)
+    assert b.snapshot("math")["state"] == "closed"  # 5 of 11 failed: under the rate
+    fail(b)
+    assert b.snapshot("math")["state"] == "open"  # 6 of 12: at the rate
+
+
+def test_the_window_forgets_old_calls() -> None:
+    b, clock = make(failure_threshold=100, failure_rate=0.5, min_calls=4, window_s=10.0)
+    fail(b, 3)
+    clock.now += 11.0
+    for _ in range(3):
+        b.finish(b.admit("math"), None)
+    fail(b)
+    snap = b.snapshot("math")
+    assert snap["state"] == "closed" and (snap["window_calls"], snap["window_failures"]) == (4, 1)
+
+
+def test_the_window_stays_bounded_under_load() -> None:
+    b, clock = make(failure_threshold=10**3, failure_rate=None, window_s=10.0)
+    for _ in range(5000):
+        clock.now += 0.01
+        b.finish(b.admit("math"), None)
+    assert len(b.store.load("math").buckets) <= 10
+
+
+@pytest.mark.parametrize(("error", "outcome"), [
+    (None, "success"), (DOWN, "failure"), (ExpertTimeout("m", "slow"), "failure"),
+    (ExpertAuthError("m", 401, "key"), "failure"), (ExpertRejected("m", 400, "bad"), "success"),
+    (NoRecording("m", "none"), "success"), (ExpertOverloaded("m", "full"), "neutral"),
+])
+def test_classify(error: Exception | None, outcome: str) -> None:
+    assert classify(error) == outcome  # type: ignore[arg-type]
+
+
+def test_disabled_breaker_never_refuses() -> None:
+    b, _ = make(enabled=False)
+    fail(b, 50)
+    b.admit("math")
+    assert b.snapshot("math")["state"] == "disabled"
+
+
+def test_state_lives_behind_the_store() -> None:
+    store = MemoryBreakerStore()
+    first = Breakers(BreakerConfig(failure_threshold=1), store=store)
+    first.finish(first.admit("math"), DOWN)
+    second = Breakers(BreakerConfig(failure_threshold=1), store=store)  # e.g. another replica
+    assert second.refuses("math")
+    assert store.load("code") == BreakerState()
+
+
+def test_config_bounds() -> None:
+    with pytest.raises(ValueError, match="cooldown_max_s must be at least cooldown_s"):
+        BreakerConfig(cooldown_s=10.0, cooldown_max_s=5.0)
+    with pytest.raises(ValueError):
+        BreakerConfig(half_open_probes=0)

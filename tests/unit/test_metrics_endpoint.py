@@ -1,0 +1,214 @@
+"""/metrics and the per-request JSON log lines, through the service in-process with fakes."""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+import httpx
+import pytest
+from fastapi import FastAPI
+from prometheus_client.parser import text_string_to_metric_families
+
+from experts.errors import ExpertTimeout, ExpertUnavailable
+from router.logs import JsonFormatter, RequestRecord, configure_json_logging
+from router.metrics import RouterMetrics
+from router.orchestrator import Orchestrator
+from router.service import create_app
+from tests.doubles.fakes import FakeExpert, FakeGate, fake_config
+
+NAMES = ["math", "code"]
+CHAT = {"model": "auto", "messages": [{"role": "user", "content": "an integral"}]}
+
+
+def make_app(fail: dict[str, Any] | None = None, **overrides: object) -> FastAPI:
+    fail = fail or {}
+    config = fake_config(NAMES, **overrides)
+    experts = {n: FakeExpert(config.expert(n), pieces=[f"{n} ", "says ", "hi"], text=f"{n} says hi",
+                             fail=fail.get(n), cost=0.002) for n in NAMES}
+    gate = FakeGate(NAMES, {"integral": [0.9, 0.1]}, default=[0.2, 0.8])
+    return create_app(Orchestrator(config, gate, experts), environ={})
+
+
+def client(app: FastAPI) -> httpx.AsyncClient:
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://router")
+
+
+def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample in a Prometheus text page, keyed by name and sorted labels."""
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def value(page: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, **labels: str) -> float:
+    return page.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def unavailable(name: str) -> ExpertUnavailable:
+    return ExpertUnavailable(name, "connection refused")
+
+
+async def test_metrics_count_requests_routing_tokens_cost_and_failures() -> None:
+    app = make_app(fail={"code": unavailable})
+    async with client(app) as http:
+        await http.post("/v1/chat/completions", json=CHAT)  # math answers
+        await http.post("/v1/chat/completions", json={**CHAT, "messages": [{"role": "user", "content": "hi"}]})
+        await http.post("/v1/chat/completions", json={**CHAT, "model": "gpt-9"})  # unknown: 404
+        await http.get("/no/such/path")
+        r = await http.get("/metrics")
+    assert r.status_code == 200
+    assert r.headers["content-type"].startswith("text/plain")
+    page = samples(r.text)
+    assert value(page, "moe_requests_total", route="/v1/chat/completions", status="200", model="auto") == 2
+    assert value(page, "moe_requests_total", route="/v1/chat/completions", status="404", model="other") == 1
+    assert value(page, "moe_requests_total", route="other", status="404", model="") == 1
+    # The gate chose math once and code once; code failed and math answered both times after fallback.
+    assert value(page, "moe_routed_total", expert="math") == 1
+    assert value(page, "moe_routed_total", expert="code") == 1
+    assert value(page, "moe_answered_total", expert="math") == 2
+    assert value(page, "moe_expert_failures_total", expert="code", kind="unavailable") == 1
+    assert value(page, "moe_expert_latency_seconds_count", expert="math", outcome="ok") == 2
+    assert value(page, "moe_expert_latency_seconds_count", expert="code", outcome="error") == 1
+    assert value(page, "moe_tokens_total", expert="math", kind="prompt") == 6
+    assert value(page, "moe_tokens_total", expert="math", kind="completion") == 10
+    assert value(page, "moe_cost_usd_total", expert="math") == pytest.approx(0.004)
+    assert value(page, "moe_request_latency_seconds_count", route="/v1/chat/completions") == 3
+
+
+async def test_metrics_from_streams_and_total_failures() -> None:
+    app = make_app(fail={"math": lambda n: ExpertTimeout(n, "slow"), "code": unavailable})
+    async with client(app) as http:
+        failed = await http.post("/v1/chat/completions", json=CHAT)
+        page = samples((await http.get("/metrics")).text)
+    assert failed.status_code == 503
+    assert value(page, "moe_expert_failures_total", expert="math", kind="timeout") == 1
+    assert value(page, "moe_expert_failures_total", expert="code", kind="unavailable") == 1
+
+    app = make_app()
+    async with client(app) as http:
+        async with http.stream("POST", "/v1/chat/completions", json={**CHAT, "stream": True}) as r:
+            _ = [line async for line in r.aiter_lines()]
+        page = samples((await http.get("/metrics")).text)
+    assert value(page, "moe_answered_total", expert="math") == 1
+    assert value(page, "moe_tokens_total", expert="math", kind="completion") == 3
+    assert value(page, "moe_cost_usd_total", expert="math") == pytest.approx(0.002)
+
+
+async def test_breaker_and_in_flight_gauges_when_the_orchestrator_has_expert_states() -> None:
+    async with client(make_app()) as http:
+        page = samples((await http.get("/metrics")).text)
+    if not hasattr(Orchestrator, "expert_states"):
+        pytest.skip("this orchestrator has no expert_states() yet")
+    assert value(page, "moe_expert_in_flight", expert="math") == 0
+    assert value(page, "moe_breaker_state", expert="math", state="closed") == 1
+    assert value(page, "moe_breaker_state", expert="math", state="open") == 0
+
+
+def test_breaker_gauge_reads_the_states_it_is_given() -> None:
+    class Source:
+        def expert_states(self) -> dict[str, Any]:
+            return {"a": {"in_flight": 2, "breaker": {"state": "open"}}, "b": {"breaker": "half_open"},
+                    "c": {"breaker": {"state": "weird"}}}
+
+    page = samples(RouterMetrics(Source).render().decode())
+    assert value(page, "moe_breaker_state", expert="a", state="open") == 1
+    assert value(page, "moe_breaker_state", expert="a", state="closed") == 0
+    assert value(page, "moe_breaker_state", expert="b", state="half_open") == 1
+    assert value(page, "moe_expert_in_flight", expert="a") == 2
+    assert not any(k[1] and ("expert", "c") in k[1] for k in page if k[0] == "moe_breaker_state")
+    # Without expert_states() the gauges are simply absent.
+    assert "moe_breaker_state" not in RouterMetrics(lambda: object()).render().decode()
+
+
+async def test_each_app_has_its_own_registry() -> None:
+    one, two = make_app(), make_app()
+    async with client(one) as http:
+        await http.post("/v1/chat/completions", json=CHAT)
+    async with client(two) as http:
+        page = samples((await http.get("/metrics")).text)
+    assert value(page, "moe_answered_total", expert="math") == 0
+    assert one.state.metrics.registry is not two.state.metrics.registry
+
+
+# -- logs -------------------------------------------------------------------------------------------------
+def request_lines(caplog: pytest.LogCaptureFixture) -> list[dict[str, Any]]:
+    return [json.loads(r.getMessage()) for r in caplog.records if r.name == "router.requests"]
+
+
+async def test_one_json_log_line_per_request_without_content(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="router.requests")
+    app = make_app(fail={"code": unavailable})
+    async with client(app) as http:
+        r = await http.post("/v1/chat/completions", json={**CHAT, "messages": [{"role": "user", "content": "hi"}]},
+                            headers={"x-request-id": "trace-123"})
+        await http.get("/health")
+    assert r.headers["x-request-id"] == "trace-123"
+    chat, health = request_lines(caplog)
+    assert chat["request_id"] == "trace-123"
+    assert (chat["route"], chat["status"], chat["model"], chat["expert"]) == ("/v1/chat/completions", 200, "auto",
+                                                                              "math")
+    assert (chat["prompt_tokens"], chat["completion_tokens"]) == (3, 5)
+    assert chat["cost_usd"] == pytest.approx(0.002)
+    assert chat["chosen"] == ["code"]
+    assert [(a["expert"], a["ok"], a.get("kind")) for a in chat["attempts"]] == [("code", False, "unavailable"),
+                                                                                  ("math", True, None)]
+    assert chat["latency_ms"] >= 0
+    assert "messages" not in chat and "answer" not in chat
+    assert health["route"] == "/health" and health["status"] == 200
+
+
+async def test_log_content_setting_adds_prompts_and_answers(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="router.requests")
+    app = make_app(service={"log_content": True})
+    async with client(app) as http:
+        await http.post("/v1/chat/completions", json=CHAT)
+        async with http.stream("POST", "/v1/chat/completions", json={**CHAT, "stream": True}) as r:
+            _ = [line async for line in r.aiter_lines()]
+    plain, streamed = request_lines(caplog)
+    assert plain["messages"] == [{"role": "user", "content": "an integral"}]
+    assert plain["answer"] == "math says hi"
+    # The stream's line is written when the stream has ended, with the whole answer and the trace.
+    assert streamed["stream"] is True
+    assert streamed["answer"] == "math says hi"
+    assert streamed["expert"] == "math" and streamed["completion_tokens"] == 3
+
+
+async def test_failed_requests_log_their_error(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="router.requests")
+    app = make_app(fail={"math": unavailable, "code": unavailable})
+    async with client(app) as http:
+        await http.post("/v1/chat/completions", json=CHAT)
+        await http.post("/v1/chat/completions", content=b"{bad", headers={"content-type": "application/json"})
+    failed, bad = request_lines(caplog)
+    assert (failed["status"], failed["error"]) == (503, "all_experts_failed")
+    assert [a["expert"] for a in failed["attempts"]] == ["math", "code"]
+    assert (bad["status"], bad["error"]) == (400, "invalid_json")
+
+
+def test_json_formatter_merges_json_messages_and_configure_is_idempotent() -> None:
+    formatter = JsonFormatter()
+    record = logging.LogRecord("router.requests", logging.INFO, __file__, 1, '{"event": "request", "status": 200}',
+                               None, None)
+    out = json.loads(formatter.format(record))
+    assert (out["event"], out["status"], out["level"], out["logger"]) == ("request", 200, "INFO", "router.requests")
+    plain = logging.LogRecord("router", logging.WARNING, __file__, 1, "reload failed: %s", ("bad yaml",), None)
+    assert json.loads(formatter.format(plain))["message"] == "reload failed: bad yaml"
+
+    name = "router.test_configure"
+    logger = logging.getLogger(name)
+    try:
+        configure_json_logging(logger=name)
+        configure_json_logging(logger=name)
+        assert len(logger.handlers) == 1 and isinstance(logger.handlers[0].formatter, JsonFormatter)
+        assert logger.propagate is False
+    finally:
+        logger.handlers.clear()
+        logger.propagate = True
+
+
+def test_record_line_leaves_content_out_unless_asked() -> None:
+    record = RequestRecord(request_id="r1", method="POST", route="/v1/chat/completions",
+                           messages=[{"role": "user", "content": "secret plan"}], answer=["ok"])
+    assert "messages" not in record.line(content=False)
+    assert record.line(content=True)["messages"][0]["content"] == "secret plan"

@@ -1,0 +1,206 @@
+"""Retries, circuit breakers, the cost budget and expert-choice batches, through the orchestrator with fakes."""
+
+from collections.abc import AsyncIterator
+
+import pytest
+
+from experts.errors import ExpertError, ExpertRateLimited, ExpertRejected, ExpertServerError, ExpertUnavailable
+from experts.types import ChatMessage, ChatRequest, ExpertReply, StreamDelta
+from router.config import parse_config
+from router.fallback import AllExpertsFailed
+from router.orchestrator import Orchestrator, StreamEnd, StreamPiece
+from tests.doubles.fakes import FakeExpert, FakeGate
+
+NAMES = ["math", "code", "law"]
+
+
+class FlakyExpert(FakeExpert):
+    """A fake that raises the queued errors first, one per call, then answers."""
+
+    def __init__(self, *args: object, errors: list[ExpertError], **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.errors = errors
+        self.calls = 0
+
+    async def generate(self, request: ChatRequest) -> ExpertReply:
+        self.calls += 1
+        if self.errors:
+            raise self.errors.pop(0)
+        return await super().generate(request)
+
+    async def stream(self, request: ChatRequest) -> AsyncIterator[StreamDelta]:
+        self.calls += 1
+        if self.errors:
+            raise self.errors.pop(0)
+        async for delta in super().stream(request):
+            yield delta
+
+
+def ask(text: str = "an integral", model: str = "auto", **fields: object) -> ChatRequest:
+    return ChatRequest(model=model, messages=[ChatMessage(role="user", content=text)], **fields)  # type: ignore[arg-type]
+
+
+def build(experts: dict[str, FakeExpert] | None = None, *, fallback: dict[str, object] | None = None,
+          costs: dict[str, float] | None = None, **overrides: object) -> tuple[Orchestrator, list[float]]:
+    config = parse_config({"version": 1, "fallback": fallback or {}, **overrides, "experts": [
+        {"name": n, "type": "replay", "model": n, "timeout_s": 1.0, "replay": {"source": "routerbench", "path": "x"},
+         "cost": {"input_per_1k": (costs or {}).get(n, 0.0)}} for n in NAMES]}, check_env=False)
+    built: dict[str, FakeExpert] = {n: FakeExpert(config.expert(n)) for n in NAMES}
+    for name, expert in (experts or {}).items():
+        expert.config = config.expert(name)
+        built[name] = expert
+    gate = FakeGate(NAMES, {"integral": [0.7, 0.2, 0.1]}, default=[0.2, 0.2, 0.6])
+    slept: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        slept.append(seconds)
+
+    return Orchestrator(config, gate, built, sleep=sleep, rand=lambda: 0.5), slept
+
+
+def flaky(name: str, *errors: ExpertError) -> FlakyExpert:
+    base = build()[0].config.expert(name)
+    return FlakyExpert(base, errors=list(errors))
+
+
+async def test_transient_failures_are_retried_with_backoff_on_the_same_expert() -> None:
+    math = flaky("math", ExpertUnavailable("math", "reset"), ExpertServerError("math", 502, "bad gateway"))
+    orch, slept = build({"math": math}, fallback={"retries": 2, "backoff_base_s": 0.1})
+    answer = await orch.complete(ask())
+    assert answer.expert == "math" and math.calls == 3
+    assert slept == pytest.approx([0.075, 0.15])  # base * 2**n, equal jitter at rand=0.5
+    assert [(a.expert, a.ok) for a in answer.trace.attempts] == [("math", False), ("math", False), ("math", True)]
+
+
+async def test_retry_after_is_honoured() -> None:
+    math = flaky("math", ExpertRateLimited("math", 429, "slow down", retry_after_s=1.5))
+    orch, slept = build({"math": math}, fallback={"retries": 1})
+    assert (await orch.complete(ask())).expert == "math"
+    assert slept == [1.5]
+
+
+async def test_a_4xx_is_never_retried_and_falls_back() -> None:
+    math = flaky("math", ExpertRejected("math", 400, "bad request"), ExpertRejected("math", 400, "again"))
+    orch, slept = build({"math": math}, fallback={"retries": 3})
+    answer = await orch.complete(ask())
+    assert (answer.expert, math.calls, slept) == ("code", 1, [])
+
+
+async def test_open_breaker_leaves_the_panel_and_is_a_cause_when_all_are_down() -> None:
+    down = {n: FakeExpert(build()[0].config.expert(n), fail=lambda n: ExpertServerError(n, 503, "down"))
+            for n in NAMES}
+    orch, _ = build(down, fallback={"max_attempts": 3, "breaker": {"failure_threshold": 2}})
+    for _ in range(2):
+        with pytest.raises(AllExpertsFailed):
+            await orch.complete(ask())
+    assert {n: s["breaker"]["state"] for n, s in orch.expert_states().items()} == dict.fromkeys(NAMES, "open")
+    calls = sum(len(e.requests) for e in down.values())
+    with pytest.raises(AllExpertsFailed) as info:
+        await orch.complete(ask())
+    assert sum(len(e.requests) for e in down.values()) == calls  # no expert was called
+    assert [(c["expert"], c["kind"]) for c in info.value.to_list()] == [
+        ("math", "circuit_open"), ("code", "circuit_open"), ("law", "circuit_open")]
+    assert "next probe in" in info.value.causes[0].message
+
+
+async def test_an_open_expert_is_skipped_and_the_next_answers() -> None:
+    math = FakeExpert(build()[0].config.expert("math"), fail=lambda n: ExpertUnavailable(n, "refused"))
+    orch, _ = build({"math": math}, fallback={"breaker": {"failure_threshold": 1}})
+    first = await orch.complete(ask())
+    assert [(a.expert, a.ok) for a in first.trace.attempts] == [("math", False), ("code", True)]
+    second = await orch.complete(ask())
+    assert second.trace.decision is not None
+    assert [c.expert for c in second.trace.decision.chosen] == ["code"]  # math left out of the panel
+    assert [(a.expert, a.ok) for a in second.trace.attempts] == [("code", True)]
+    assert len(math.requests) == 1
+
+
+async def test_retries_stop_when_the_breaker_opens() -> None:
+    math = FakeExpert(build()[0].config.expert("math"), fail=lambda n: ExpertUnavailable(n, "refused"))
+    orch, slept = build({"math": math}, fallback={"retries": 5, "breaker": {"failure_threshold": 2}})
+    answer = await orch.complete(ask())
+    assert answer.expert == "code"
+    assert len(math.requests) == 2 and len(slept) == 1
+
+
+async def test_budget_stops_further_experts_with_a_clear_cause() -> None:
+    math = FakeExpert(build()[0].config.expert("math"), fail=lambda n: ExpertUnavailable(n, "refused"))
+    orch, _ = build({"math": math}, fallback={"cost_budget_usd": 0.001}, costs={"code": 1000.0, "law": 1000.0})
+    with pytest.raises(AllExpertsFailed, match="cost budget was spent before any expert answered") as info:
+        await orch.complete(ask("solve this integral please"))
+    assert [(c["expert"], c["kind"]) for c in info.value.to_list()] == [
+        ("math", "unavailable"), ("code", "budget_exhausted")]
+    # a cheap next expert fits in the same budget
+    cheap, _ = build({"math": math}, fallback={"cost_budget_usd": 0.001})
+    assert (await cheap.complete(ask("an integral"))).expert == "code"
+
+
+async def test_budget_counts_max_tokens_at_the_output_price() -> None:
+    math = FakeExpert(build()[0].config.expert("math"), fail=lambda n: ExpertUnavailable(n, "refused"))
+    orch, _ = build({"math": math}, fallback={"cost_budget_usd": 0.01})
+    orch.experts["code"].config = orch.config.expert("code").model_copy(
+        update={"cost": orch.config.expert("code").cost.model_copy(update={"output_per_1k": 1.0})})
+    assert (await orch.complete(ask(max_tokens=5))).expert == "code"
+    with pytest.raises(AllExpertsFailed, match="cost budget"):
+        await orch.complete(ask(max_tokens=500))
+
+
+async def collect(orch: Orchestrator, request: ChatRequest) -> tuple[str, StreamEnd]:
+    text, end = [], None
+    async for event in orch.stream(request):
+        if isinstance(event, StreamPiece):
+            text.append(event.delta.content)
+        else:
+            end = event
+    assert end is not None
+    return "".join(text), end
+
+
+async def test_stream_retries_before_the_first_token_and_feeds_the_breaker() -> None:
+    math = flaky("math", ExpertServerError("math", 503, "busy"))
+    math.pieces = ["a ", "b"]
+    orch, slept = build({"math": math}, fallback={"retries": 1})
+    text, end = await collect(orch, ask())
+    assert text == "a b" and len(slept) == 1
+    assert [(a.expert, a.ok) for a in end.trace.attempts] == [("math", False), ("math", True)]
+    assert orch.expert_states()["math"]["breaker"]["consecutive_failures"] == 0
+
+
+async def test_stream_skips_an_open_breaker() -> None:
+    math = FakeExpert(build()[0].config.expert("math"), fail=lambda n: ExpertUnavailable(n, "refused"))
+    orch, _ = build({"math": math}, fallback={"breaker": {"failure_threshold": 1}})
+    await collect(orch, ask())
+    text, end = await collect(orch, ask())
+    assert text == "answer from code"
+    assert [(a.expert, a.ok) for a in end.trace.attempts] == [("code", True)]
+    assert orch.expert_states()["math"]["in_flight"] == 0
+
+
+async def test_stream_with_all_open_lists_circuit_open_causes() -> None:
+    down = {n: FakeExpert(build()[0].config.expert(n), fail=lambda n: ExpertUnavailable(n, "down")) for n in NAMES}
+    orch, _ = build(down, fallback={"breaker": {"failure_threshold": 1}})
+    with pytest.raises(AllExpertsFailed):
+        await collect(orch, ask())
+    with pytest.raises(AllExpertsFailed) as info:
+        await collect(orch, ask())
+    assert {c["kind"] for c in info.value.to_list()} == {"circuit_open"}
+
+
+def test_assign_batch_respects_capacity_and_open_breakers() -> None:
+    orch, _ = build()
+    queries = ["integral one", "integral two", "integral three", "a contract"]
+    assert orch.assign_batch(queries, {"math": 2, "code": 1, "law": 1}) == ["math", "math", "code", "law"]
+    orch.capacity.limits.update({"math": 1, "code": 5, "law": 5})
+    assert orch.assign_batch(queries).count("math") == 1
+    for _ in range(5):
+        orch.breakers.finish(orch.breakers.admit("math"), ExpertUnavailable("math", "down"))
+    assert "math" not in orch.assign_batch(queries)
+    assert orch.assign_batch([]) == []
+
+
+def test_expert_states_for_the_experts_endpoint() -> None:
+    orch, _ = build()
+    states = orch.expert_states()
+    assert list(states) == NAMES
+    assert states["math"]["in_flight"] == 0 and states["math"]["max_concurrency"] == 16
+    assert states["math"]["breaker"]["state"] == "closed"

@@ -1,0 +1,75 @@
+"""Retry decisions: which failures are retried, how long the wait is, and what caps it."""
+
+import pytest
+
+from experts.errors import (
+    ExpertAuthError,
+    ExpertError,
+    ExpertOverloaded,
+    ExpertProtocolError,
+    ExpertRateLimited,
+    ExpertRejected,
+    ExpertServerError,
+    ExpertTimeout,
+    ExpertUnavailable,
+    NoRecording,
+)
+from router.config import FallbackConfig
+from router.retry import RetryPolicy, backoff_delay, is_retryable, retry_delay
+
+POLICY = RetryPolicy(retries=3, backoff_base_s=0.1, backoff_max_s=0.5, retry_after_max_s=2.0)
+
+
+def half() -> float:
+    return 0.5
+
+
+@pytest.mark.parametrize("error", [ExpertUnavailable("e", "refused"), ExpertTimeout("e", "slow"),
+                                   ExpertServerError("e", 503, "busy"), ExpertRateLimited("e", 429, "slow down"),
+                                   ExpertProtocolError("e", "bad json")])
+def test_transient_failures_are_retried(error: ExpertError) -> None:
+    assert is_retryable(error)
+    assert retry_delay(POLICY, error, 0, 10.0, half) is not None
+
+
+@pytest.mark.parametrize("error", [ExpertRejected("e", 400, "bad request"), ExpertAuthError("e", 401, "key"),
+                                   NoRecording("e", "none"), ExpertOverloaded("e", "full")])
+def test_permanent_failures_and_overload_are_not_retried(error: ExpertError) -> None:
+    assert retry_delay(POLICY, error, 0, 10.0, half) is None
+
+
+def test_backoff_is_exponential_capped_and_jittered() -> None:
+    assert [backoff_delay(POLICY, n, lambda: 0.0) for n in range(4)] == pytest.approx([0.05, 0.1, 0.2, 0.25])
+    assert [backoff_delay(POLICY, n, lambda: 1.0) for n in range(4)] == pytest.approx([0.1, 0.2, 0.4, 0.5])
+    assert backoff_delay(POLICY, 10_000, lambda: 1.0) == pytest.approx(0.5)  # no overflow on absurd counts
+
+
+def test_retries_stop_at_the_configured_count() -> None:
+    error = ExpertUnavailable("e", "refused")
+    assert retry_delay(POLICY, error, 2, 10.0, half) is not None
+    assert retry_delay(POLICY, error, 3, 10.0, half) is None
+    assert retry_delay(RetryPolicy(retries=0), error, 0, 10.0, half) is None
+
+
+def test_retry_after_is_honoured_within_its_cap_and_the_deadline() -> None:
+    assert retry_delay(POLICY, ExpertRateLimited("e", 429, "x", retry_after_s=1.5), 0, 10.0, half) == 1.5
+    # shorter than the backoff: the backoff wins
+    assert retry_delay(POLICY, ExpertRateLimited("e", 429, "x", retry_after_s=0.0), 0, 10.0, half) == \
+        pytest.approx(0.075)
+    # longer than retry_after_max_s: fall back instead of waiting
+    assert retry_delay(POLICY, ExpertRateLimited("e", 429, "x", retry_after_s=3.0), 0, 10.0, half) is None
+    # longer than what is left of the deadline: no wait either
+    assert retry_delay(POLICY, ExpertRateLimited("e", 429, "x", retry_after_s=1.5), 0, 1.0, half) is None
+
+
+def test_no_wait_past_the_deadline() -> None:
+    assert retry_delay(POLICY, ExpertUnavailable("e", "x"), 2, 0.1, half) is None
+
+
+def test_policy_from_config_and_bounds() -> None:
+    cfg = FallbackConfig(retries=2, backoff_base_s=0.2, backoff_max_s=1.0)
+    assert RetryPolicy.from_config(cfg) == RetryPolicy(2, 0.2, 1.0, 5.0)
+    with pytest.raises(ValueError, match="backoff_max_s must be at least backoff_base_s"):
+        FallbackConfig(backoff_base_s=2.0, backoff_max_s=1.0)
+    with pytest.raises(ValueError):
+        FallbackConfig(retries=11)

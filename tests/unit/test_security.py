@@ -1,0 +1,277 @@
+"""Client keys, admin key, rate limits and redaction: pure decisions first, then through the service in-process."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping
+
+import httpx
+import pytest
+from fastapi import FastAPI
+
+from experts.errors import ExpertUnavailable
+from router.config import ConfigError, RateLimitConfig, SecurityConfig
+from router.orchestrator import Orchestrator
+from router.security import (
+    Admitted,
+    Denied,
+    Guard,
+    InMemoryRateStore,
+    KeyRing,
+    bearer_token,
+    hash_key,
+    redact,
+    take_token,
+)
+from router.service import create_app
+from tests.doubles.fakes import FakeExpert, FakeGate, fake_config
+
+NAMES = ["math", "code"]
+ALICE, BOB, ADMIN = "sk-alice-0123456789", "sk-bob-9876543210", "sk-admin-secret-42"
+CHAT = {"model": "auto", "messages": [{"role": "user", "content": "an integral"}]}
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def make_app(security: Mapping[str, object] | None = None, environ: dict[str, str] | None = None,
+             store: InMemoryRateStore | None = None, **overrides: object) -> FastAPI:
+    config = fake_config(NAMES, **({"security": security} if security else {}), **overrides)
+    experts = {n: FakeExpert(config.expert(n), text=f"{n} says hi") for n in NAMES}
+    gate = FakeGate(NAMES, {"integral": [0.9, 0.1]}, default=[0.2, 0.8])
+    return create_app(Orchestrator(config, gate, experts), environ=environ or {}, rate_store=store)
+
+
+def client(app: FastAPI) -> httpx.AsyncClient:
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://router")
+
+
+def auth(key: str) -> dict[str, str]:
+    return {"authorization": f"Bearer {key}"}
+
+
+KEYED: dict[str, object] = {"api_keys": [{"name": "alice", "sha256": hash_key(ALICE)}],
+                            "admin_key_env": "MOE_ADMIN_KEY"}
+
+
+# -- pure decisions ---------------------------------------------------------------------------------------
+def test_token_bucket_spends_burst_then_refills_at_rate() -> None:
+    limit = RateLimitConfig(rate_per_s=2.0, burst=3)
+    bucket, waits = None, []
+    for _ in range(4):
+        bucket, wait = take_token(bucket, limit, now=10.0)
+        waits.append(wait)
+    assert waits[:3] == [0.0, 0.0, 0.0]
+    assert waits[3] == pytest.approx(0.5)  # one token at 2/s
+    assert bucket is not None
+    bucket, wait = take_token(bucket, limit, now=10.5)
+    assert wait == 0.0
+    bucket, _ = take_token(bucket, limit, now=1000.0)
+    assert bucket.tokens == pytest.approx(2.0)  # refill is capped at the burst
+
+
+def test_bearer_token_parsing() -> None:
+    assert bearer_token("Bearer abc") == "abc"
+    assert bearer_token("bearer   abc ") == "abc"
+    assert bearer_token("Basic abc") is None
+    assert bearer_token("Bearer ") is None
+    assert bearer_token(None) is None
+
+
+def test_key_ring_from_config_and_environment() -> None:
+    config = SecurityConfig.model_validate({"api_keys": [{"name": "alice", "sha256": hash_key(ALICE).upper()}],
+                                            "api_keys_env": "KEYS", "admin_key_env": "ADMIN"})
+    ring = KeyRing.from_config(config, {"KEYS": f" {BOB} ,, {BOB}", "ADMIN": ADMIN})
+    assert ring.required
+    assert [k.name for k in ring.keys] == ["alice", f"env-{hash_key(BOB)[:8]}"]
+    assert all(BOB not in repr(k) for k in ring.keys)
+    assert (ring.client(ALICE) or pytest.fail()).name == "alice"
+    assert ring.client(BOB) is not None
+    assert ring.client("sk-nobody") is None
+    assert ring.is_admin(ADMIN) and not ring.is_admin(ALICE)
+
+
+def test_an_empty_key_variable_fails_closed() -> None:
+    ring = KeyRing.from_config(SecurityConfig(api_keys_env="KEYS"), {})
+    assert ring.required and ring.keys == []
+
+
+def test_security_config_is_strict() -> None:
+    with pytest.raises(ConfigError) as info:
+        fake_config(NAMES, security={"api_keys": [{"name": "a", "sha256": "not-a-hash"},
+                                                  {"name": "b", "sha256": hash_key("x"), "key": "raw"}],
+                                     "rate_limit": {"rate_per_s": 0}})
+    paths = [p for p, _ in info.value.problems]
+    assert "security.api_keys[0].sha256" in paths
+    assert "security.api_keys[1].key" in paths
+    assert "security.rate_limit.rate_per_s" in paths
+    with pytest.raises(ConfigError, match="duplicate key name"):
+        fake_config(NAMES, security={"api_keys": [{"name": "a", "sha256": hash_key("x")},
+                                                  {"name": "a", "sha256": hash_key("y")}]})
+
+
+async def test_guard_limits_per_key_with_a_per_key_override() -> None:
+    clock = FakeClock()
+    config = SecurityConfig.model_validate({
+        "api_keys": [{"name": "alice", "sha256": hash_key(ALICE)},
+                     {"name": "bob", "sha256": hash_key(BOB), "rate_limit": {"rate_per_s": 1, "burst": 3}}],
+        "rate_limit": {"rate_per_s": 1, "burst": 1}})
+    guard = Guard.from_config(config, {}, InMemoryRateStore(clock))
+    assert await guard.admit_client(f"Bearer {ALICE}", "1.2.3.4") == Admitted("alice")
+    denied = await guard.admit_client(f"Bearer {ALICE}", "1.2.3.4")
+    assert isinstance(denied, Denied) and denied.status == 429 and denied.headers == {"retry-after": "1"}
+    for _ in range(3):  # bob's own bucket, and a bigger one
+        assert await guard.admit_client(f"Bearer {BOB}", "1.2.3.4") == Admitted("bob")
+    clock.now += 1.0
+    assert await guard.admit_client(f"Bearer {ALICE}", "1.2.3.4") == Admitted("alice")
+
+
+def test_in_memory_store_is_bounded() -> None:
+    import asyncio
+
+    store = InMemoryRateStore(max_keys=2)
+    limit = RateLimitConfig(rate_per_s=1, burst=1)
+    for key in ("a", "b", "c"):
+        asyncio.run(store.take(key, limit))
+    assert list(store._buckets) == ["b", "c"]
+
+
+def test_redact_hides_secrets_but_not_variable_names() -> None:
+    dump = {"security": {"api_keys": [{"name": "alice", "sha256": "ab" * 32}], "admin_key_env": "ADMIN"},
+            "experts": [{"api_key_env": "OPENAI_KEY", "endpoint": "https://user:pw@host/v1", "max_tokens": 5}],
+            "db_password": "hunter2", "token": None}
+    out = redact(dump)
+    assert out["security"]["api_keys"][0] == {"name": "alice", "sha256": "<redacted>"}
+    assert out["security"]["admin_key_env"] == "ADMIN"
+    assert out["experts"][0] == {"api_key_env": "OPENAI_KEY", "endpoint": "https://<redacted>@host/v1",
+                                 "max_tokens": 5}
+    assert out["db_password"] == "<redacted>" and out["token"] is None
+
+
+# -- through the service ----------------------------------------------------------------------------------
+async def test_no_keys_configured_leaves_v1_open() -> None:
+    async with client(make_app()) as http:
+        r = await http.post("/v1/chat/completions", json=CHAT)
+    assert r.status_code == 200
+
+
+async def test_v1_needs_a_key_once_one_is_configured_and_health_stays_open() -> None:
+    async with client(make_app(KEYED)) as http:
+        missing = await http.post("/v1/chat/completions", json=CHAT)
+        wrong = await http.get("/v1/models", headers=auth("sk-wrong-key"))
+        basic = await http.get("/v1/models", headers={"authorization": f"Basic {ALICE}"})
+        ok = await http.post("/v1/chat/completions", json=CHAT, headers=auth(ALICE))
+        health = await http.get("/health")
+    assert (missing.status_code, missing.json()["error"]["code"]) == (401, "missing_api_key")
+    assert missing.headers["www-authenticate"] == "Bearer"
+    assert (wrong.status_code, wrong.json()["error"]["code"]) == (401, "invalid_api_key")
+    assert "sk-wrong-key" not in wrong.text
+    assert basic.status_code == 401
+    assert ok.status_code == 200 and ok.json()["model"] == "math"
+    assert health.status_code == 200
+
+
+async def test_keys_from_the_environment_are_accepted() -> None:
+    app = make_app({"api_keys_env": "MOE_API_KEYS"}, environ={"MOE_API_KEYS": f"{ALICE},{BOB}"})
+    async with client(app) as http:
+        a = await http.get("/v1/models", headers=auth(ALICE))
+        b = await http.get("/v1/models", headers=auth(BOB))
+        c = await http.get("/v1/models")
+    assert (a.status_code, b.status_code, c.status_code) == (200, 200, 401)
+
+
+async def test_openai_sdk_sees_401_for_a_bad_key() -> None:
+    from openai import AsyncOpenAI, AuthenticationError
+
+    async with client(make_app(KEYED)) as http:
+        good = AsyncOpenAI(base_url="http://router/v1", api_key=ALICE, http_client=http, max_retries=0)  # type: ignore[arg-type]
+        assert (await good.chat.completions.create(**CHAT)).choices[0].message.content == "math says hi"  # type: ignore[call-overload]
+        bad = AsyncOpenAI(base_url="http://router/v1", api_key="sk-nope", http_client=http, max_retries=0)  # type: ignore[arg-type]
+        with pytest.raises(AuthenticationError):
+            await bad.models.list()
+
+
+async def test_rate_limit_is_429_with_retry_after() -> None:
+    clock = FakeClock()
+    security = {**KEYED, "rate_limit": {"rate_per_s": 0.5, "burst": 2}}
+    async with client(make_app(security, store=InMemoryRateStore(clock))) as http:
+        statuses = [(await http.get("/v1/models", headers=auth(ALICE))).status_code for _ in range(3)]
+        limited = await http.get("/v1/models", headers=auth(ALICE))
+        health = await http.get("/health")
+        clock.now += 2.0
+        again = await http.get("/v1/models", headers=auth(ALICE))
+    assert statuses == [200, 200, 429]
+    assert limited.status_code == 429
+    assert limited.headers["retry-after"] == "2"
+    error = limited.json()["error"]
+    assert (error["code"], error["type"]) == ("rate_limit_exceeded", "rate_limit_error")
+    assert health.status_code == 200
+    assert again.status_code == 200
+
+
+async def test_rate_limit_without_keys_is_per_client() -> None:
+    async with client(make_app({"rate_limit": {"rate_per_s": 0.001, "burst": 1}})) as http:
+        first = await http.get("/v1/models")
+        second = await http.get("/v1/models")
+    assert (first.status_code, second.status_code) == (200, 429)
+
+
+async def test_request_size_limit_is_kept_behind_the_key_check() -> None:
+    app = make_app(KEYED, service={"max_request_bytes": 2048})
+    big = {"model": "auto", "messages": [{"role": "user", "content": "x" * 5000}]}
+    async with client(app) as http:
+        anonymous = await http.post("/v1/chat/completions", json=big)
+        keyed = await http.post("/v1/chat/completions", json=big, headers=auth(ALICE))
+    assert anonymous.status_code == 401  # no body is read for a caller without a key
+    assert keyed.status_code == 413
+
+
+async def test_admin_config_needs_the_admin_key_and_is_redacted() -> None:
+    app = make_app(KEYED, environ={"MOE_ADMIN_KEY": ADMIN})
+    async with client(app) as http:
+        none = await http.get("/admin/config")
+        client_key = await http.get("/admin/config", headers=auth(ALICE))
+        wrong = await http.get("/admin/config", headers=auth("sk-guess"))
+        admin = await http.get("/admin/config", headers=auth(ADMIN))
+        admin_on_v1 = await http.get("/v1/models", headers=auth(ADMIN))
+    assert none.status_code == 401
+    assert (client_key.status_code, client_key.json()["error"]["code"]) == (403, "admin_key_required")
+    assert wrong.status_code == 401
+    assert admin.status_code == 200
+    body = admin.json()
+    assert [e["name"] for e in body["experts"]] == NAMES
+    assert body["security"]["api_keys"] == [{"name": "alice", "sha256": "<redacted>", "rate_limit": None}]
+    assert body["security"]["admin_key_env"] == "MOE_ADMIN_KEY"
+    assert hash_key(ALICE) not in admin.text and ADMIN not in admin.text
+    assert admin_on_v1.status_code == 401  # the admin key is not a client key
+
+
+async def test_admin_endpoints_are_refused_when_no_admin_key_is_set() -> None:
+    async with client(make_app()) as http:
+        r = await http.get("/admin/config", headers=auth(ADMIN))
+    assert (r.status_code, r.json()["error"]["code"]) == (403, "admin_disabled")
+
+
+async def test_keys_never_reach_logs_or_errors(caplog: pytest.LogCaptureFixture) -> None:
+    config = fake_config(["math"], security=KEYED, service={"log_content": True})
+    expert = FakeExpert(config.expert("math"), fail=lambda n: ExpertUnavailable(n, "connection refused"))
+    app = create_app(Orchestrator(config, FakeGate(["math"], {}, default=[1.0]), {"math": expert}),
+                     environ={"MOE_ADMIN_KEY": ADMIN})
+    caplog.set_level(logging.DEBUG)
+    async with client(app) as http:
+        await http.post("/v1/chat/completions", json=CHAT, headers=auth(ALICE))
+        await http.post("/v1/chat/completions", json={**CHAT, "stream": True}, headers=auth(ALICE))
+        await http.get("/v1/models", headers=auth("sk-wrong-key-123"))
+        await http.get("/admin/config", headers=auth(ADMIN))
+    lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "router.requests"]
+    assert len(lines) == 4
+    assert {line.get("key") for line in lines} == {"alice", None, "admin"}
+    text = caplog.text
+    for secret in (ALICE, ADMIN, "sk-wrong-key-123", "Bearer", "authorization"):
+        assert secret not in text
