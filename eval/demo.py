@@ -1,8 +1,9 @@
 """``make demo``: the whole mixture-of-experts path on real recorded outputs of eleven real LLMs.
 
-1. Build the gate's training file from RouterBench's train split: each question labelled with the expert
-   RouterBench names as its cheapest correct model (questions no model got right are left out).
-2. Train the gate (MiniLM embeddings + calibrated classifier) with ``moe train``'s own code.
+1. Build the gate's training file from RouterBench's train split: outcome records, i.e. for every question
+   each expert's recorded correctness and USD cost.
+2. Train the gate with ``moe train``'s own code: MiniLM embeddings and a model of each expert's chance of
+   success; the config's ``cost_weight`` trades that chance against the expert's cost.
 3. Serve the replay experts behind the router over real HTTP (uvicorn on a free local port).
 4. Send every held-out test question (never seen in training) through the SDK: once routed (``auto``), and
    once straight to each expert.
@@ -37,7 +38,6 @@ from router.train import train_from_config
 __all__ = ["DemoRow", "main", "run_demo"]
 
 CONCURRENCY = 16
-NO_MODEL_CORRECT = "no_model_correct"
 
 
 @dataclass
@@ -58,17 +58,20 @@ def _replay_store(config: RouterConfig) -> RouterBenchStore:
 
 
 def write_training_file(config: RouterConfig, store: RouterBenchStore) -> tuple[Path, int]:
-    """The labelled JSONL the config's gate trains on, from the train split only."""
+    """The outcome records the config's gate trains on, from the train split only: for every question, each
+    expert's recorded correctness and USD cost (an expert with no record for a question is left out of it)."""
     by_column = {(e.replay.column or e.model) if e.replay else e.model: e.name for e in config.experts}
     path = config.resolve(config.gate.train_data[0])
     path.parent.mkdir(parents=True, exist_ok=True)
     count = 0
     with path.open("w", encoding="utf-8") as fh:
         for row in store.select(split="train"):
-            if row.oracle_model == NO_MODEL_CORRECT or row.oracle_model not in by_column:
-                continue
-            fh.write(json.dumps({"query": row.prompt, "label": by_column[row.oracle_model]}) + "\n")
-            count += 1
+            answers = {name: row.answers[col] for col, name in by_column.items()}
+            outcomes = {name: a.correct for name, a in answers.items() if a.correct is not None}
+            cost = {name: a.cost_usd for name, a in answers.items() if a.cost_usd is not None}
+            if outcomes:
+                fh.write(json.dumps({"query": row.prompt, "outcomes": outcomes, "cost": cost}) + "\n")
+                count += 1
     return path, count
 
 
@@ -155,7 +158,8 @@ def _markdown(rows: list[DemoRow], meta: dict[str, Any]) -> str:
         "# Demo: routed vs. every single expert on held-out RouterBench questions",
         "",
         f"{meta['test_questions']} test questions (ARC-Challenge, MBPP, Winogrande) never seen in training; "
-        f"gate trained on {meta['train_examples']} labelled train questions. "
+        f"gate trained on the recorded outcomes of {meta['train_examples']} train questions, "
+        f"cost weight {meta['cost_weight']}. "
         f"Accuracy and cost are RouterBench's recorded outcomes of the expert that answered; latency is the "
         f"client's wall time per request through the HTTP service (replay experts answer in-process).",
         "",
@@ -173,7 +177,7 @@ def run_demo(config_path: str | Path, out: Path, limit: int | None = None) -> li
     print(f"[1/4] loading RouterBench recordings for {len(config.experts)} replay experts", flush=True)
     store = _replay_store(config)
     train_file, n_train = write_training_file(config, store)
-    print(f"      wrote {n_train} labelled train questions to {train_file}", flush=True)
+    print(f"      wrote the outcomes of {n_train} train questions to {train_file}", flush=True)
     print("[2/4] training the gate", flush=True)
     gate = train_from_config(config, progress=True)
     rows = held_out(store)[:limit] if limit else held_out(store)
@@ -186,7 +190,8 @@ def run_demo(config_path: str | Path, out: Path, limit: int | None = None) -> li
             table.append(_score(name, asyncio.run(_ask_all(url, rows, name, name)), column_of))
     table.append(_oracle(rows, list(column_of.values())))
     routing = Counter(r["expert"] for r in routed)
-    meta = {"train_examples": n_train, "test_questions": len(rows), "routing": dict(routing.most_common()),
+    meta = {"train_examples": n_train, "cost_weight": config.gate.cost_weight, "test_questions": len(rows),
+            "routing": dict(routing.most_common()),
             "gate_validation": gate.metadata.as_dict()["metrics"]}
     print("[4/4] results", flush=True)
     out.mkdir(parents=True, exist_ok=True)

@@ -116,10 +116,11 @@ class OpenAICompatibleExpert(Expert):
         """Turn SSE events into deltas; the last delta carries finish_reason, usage and cost."""
         finish_reason: str | None = None
         usage_chunk: dict[str, Any] = {}
+        nested: dict[str, Any] | None = None
         events = _sse_data(response.aiter_lines())
         async for data in events:
             if data.strip() == "[DONE]":
-                yield self._last_delta(finish_reason or "stop", usage_chunk)
+                yield self._last_delta(finish_reason or "stop", usage_chunk, nested)
                 # Read to the end of the body, so the connection goes back to the pool instead of closing.
                 async for _ in events:
                     pass
@@ -127,6 +128,8 @@ class OpenAICompatibleExpert(Expert):
             chunk = self._decode(data.encode())
             if isinstance(chunk.get("usage"), dict):
                 usage_chunk = chunk
+            if isinstance(chunk.get("moe"), dict):
+                nested = chunk["moe"]  # another moe-router's trace, on its final chunk
             choices = chunk["choices"]
             if not choices:
                 continue  # vLLM's usage-only chunk, sent after the finish_reason chunk
@@ -138,14 +141,15 @@ class OpenAICompatibleExpert(Expert):
                 yield StreamDelta(content=content, tool_calls=tool_calls)
         if finish_reason is None:
             raise ExpertProtocolError(self.name, "stream ended before a finish_reason or [DONE]")
-        yield self._last_delta(finish_reason, usage_chunk)
+        yield self._last_delta(finish_reason, usage_chunk, nested)
 
-    def _last_delta(self, finish_reason: str, usage_chunk: dict[str, Any]) -> StreamDelta:
+    def _last_delta(self, finish_reason: str, usage_chunk: dict[str, Any],
+                    nested: dict[str, Any] | None = None) -> StreamDelta:
         usage = self._usage(usage_chunk)
         cost = _upstream_cost(usage_chunk)
         if cost is None and usage is not None:
             cost = self.cost(usage)
-        return StreamDelta(finish_reason=finish_reason, usage=usage, cost_usd=cost)
+        return StreamDelta(finish_reason=finish_reason, usage=usage, cost_usd=cost, nested=nested)
 
     # --- parsing (pure) ---------------------------------------------------------------------------------
 
@@ -196,6 +200,8 @@ class OpenAICompatibleExpert(Expert):
             finish_reason=choice.get("finish_reason") or "stop",
             tool_calls=message.get("tool_calls") or None,
             model=str(data.get("model") or self.config.model),
+            # When the upstream is another moe-router, its routing trace.
+            nested=data["moe"] if isinstance(data.get("moe"), dict) else None,
         )
 
     # --- error translation ------------------------------------------------------------------------------

@@ -21,6 +21,8 @@ EXPERT_TYPES: dict[str, str] = {
     "openai": "experts.openai_compat:OpenAICompatibleExpert",
     "vllm": "experts.openai_compat:OpenAICompatibleExpert",
     "replay": "experts.replay:ReplayExpert",
+    # Another router, in-process or over HTTP; it lives in ``router`` because it needs the orchestrator.
+    "router": "router.hierarchy:RouterExpert",
 }
 
 # Types that talk to a URL and so need ``endpoint`` in their config.

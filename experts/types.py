@@ -86,6 +86,8 @@ class ExpertReply:
     finish_reason: str = "stop"
     tool_calls: list[dict[str, Any]] | None = None
     model: str = ""
+    # Set by an expert that is itself a router: the inner routing trace (its ``summary()``), nested in ours.
+    nested: dict[str, Any] | None = None
 
 
 @dataclass
@@ -98,3 +100,5 @@ class StreamDelta:
     tool_calls: list[dict[str, Any]] | None = None
     # Set with usage when the expert knows the call's USD cost itself (recorded, or sent as ``usage.cost``).
     cost_usd: float | None = None
+    # An inner router's trace, on the last delta (see ``ExpertReply.nested``).
+    nested: dict[str, Any] | None = None

@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from experts.base import Expert, ExpertContext
 from experts.registry import build_expert
+from router.breaker import Breakers
 from router.config import RouterConfig
 from router.orchestrator import Orchestrator
 
 if TYPE_CHECKING:
     from router.gate import Gate
+    from router.state_redis import SharedState
 
-__all__ = ["GateNotTrained", "build_experts", "build_orchestrator", "load_gate"]
+__all__ = ["GateNotTrained", "build_breakers", "build_experts", "build_orchestrator", "build_shared_state",
+           "load_gate"]
 
 
 class GateNotTrained(FileNotFoundError):
@@ -24,22 +29,45 @@ class GateNotTrained(FileNotFoundError):
 
 def build_experts(config: RouterConfig, context: ExpertContext | None = None) -> dict[str, Expert]:
     context = context or ExpertContext(base_dir=Path(config.base_dir))
-    return {e.name: build_expert(e, context) for e in config.experts}
+    experts = {e.name: build_expert(e, context) for e in config.experts}
+    if config.tracing.enabled:
+        from router.tracing import traced
+
+        experts = {name: traced(expert, config.tracing) for name, expert in experts.items()}
+    return experts
+
+
+def build_shared_state(config: RouterConfig, environ: Mapping[str, str]) -> SharedState:
+    """The stores ``state:`` names (``router.state_redis``); per-process ones for ``backend: memory``."""
+    from router.state_redis import build_shared_state as build
+
+    return build(config.state, environ)
+
+
+def build_breakers(config: RouterConfig, state: SharedState | None = None) -> Breakers:
+    if state is None or state.breaker_store is None:
+        return Breakers(config.fallback.breaker)
+    # A shared store compares times taken on different hosts: a wall clock, not this process's monotonic one.
+    return Breakers(config.fallback.breaker, state.breaker_store, clock=time.time)
 
 
 def load_gate(config: RouterConfig) -> Gate:
-    """The trained gate named by the config, refused when its encoder or experts do not match the config."""
+    """The trained gate named by the config, over the config's experts.
+
+    Refused when its encoder differs, or when a config expert has neither training data in the artifact nor
+    examples in the config. Experts added with examples are routed by cold start; removed ones are dropped
+    (``Gate.for_config``).
+    """
     from router.encoders import build_encoder
     from router.gate import Gate
 
     path = config.resolve(config.gate.artifact)
     if not (path / "gate.json").exists():
         raise GateNotTrained(path)
-    gate = Gate.load(path, build_encoder(config.gate.encoder))
-    gate.check_experts(config.expert_names)
-    return gate
+    return Gate.load(path, build_encoder(config.gate.encoder)).for_config(config)
 
 
 def build_orchestrator(config: RouterConfig, *, context: ExpertContext | None = None,
-                       gate: Gate | None = None) -> Orchestrator:
-    return Orchestrator(config, gate or load_gate(config), build_experts(config, context))
+                       gate: Gate | None = None, state: SharedState | None = None) -> Orchestrator:
+    return Orchestrator(config, gate or load_gate(config), build_experts(config, context),
+                        breakers=build_breakers(config, state))

@@ -26,14 +26,23 @@ def _load(path: str, *, check_env: bool = True) -> RouterConfig:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    import os
+
     import uvicorn
 
-    from router.build import build_orchestrator
+    from router.build import build_orchestrator, build_shared_state
+    from router.reload import Reloader
     from router.service import create_app
 
     config = _load(args.config)  # validated before anything starts: a bad file stops here, every problem listed
-    orchestrator = build_orchestrator(config)
-    app = create_app(orchestrator)
+    # Redis (state.backend: redis) holds what replicas share: rate-limit buckets and breakers.
+    state = build_shared_state(config, os.environ)
+    orchestrator = build_orchestrator(config, state=state)
+    # Hot reload: on SIGHUP, POST /admin/reload, and (unless service.reload_poll_s is null) a file change. The
+    # shared state (Redis connections) is kept across reloads.
+    reloader = Reloader(args.config, build=lambda c: build_orchestrator(c, state=state),
+                        poll_s=config.service.reload_poll_s, sighup=True)
+    app = create_app(orchestrator, rate_store=state.rate_store, reloader=reloader)
     uvicorn.run(app, host=args.host or config.service.host, port=args.port or config.service.port,
                 log_level=args.log_level)
     return 0
@@ -94,9 +103,10 @@ def cmd_ask(args: argparse.Namespace) -> int:
 
 
 def cmd_compose(args: argparse.Namespace) -> int:
-    from router.compose import dump_compose
+    from router.compose import container_config_path, dump_compose
 
-    print(dump_compose(_load(args.config, check_env=False)), end="")
+    print(dump_compose(_load(args.config, check_env=False), source=args.config,
+                       config_path_in_container=container_config_path(args.config)), end="")
     return 0
 
 

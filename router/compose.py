@@ -7,6 +7,10 @@ an expert's host is its service, so a vllm expert's endpoint must be ``http://<s
 router would otherwise call a host the compose file never creates. Experts of other types (a hosted
 OpenAI-compatible API, replay) get no service; the router just receives their key variables.
 
+Replay experts (the CPU profile, ``configs/compose-cpu.yaml`` -> ``docker-compose.cpu.yml``) answer inside
+the router from recordings: the router gets the shared data folder read-only at ``/data`` (``MOE_DATA_DIR``).
+With ``state.backend: redis`` a ``redis`` service holds the state replicas share, and the router waits for it.
+
 GPUs: the i-th vllm expert reserves GPU ``i`` by default; ``MOE_GPU_<SERVICE>`` overrides that device id and
 ``VLLM_GPU_MEMORY_UTILIZATION`` the share each server takes, so several experts can share one large GPU.
 """
@@ -26,10 +30,13 @@ from router.config import ConfigError, ExpertConfig, RouterConfig
 
 __all__ = [
     "HF_CACHE_VOLUME",
+    "REDIS_IMAGE",
+    "REDIS_SERVICE",
     "ROUTER_SERVICE",
     "VLLM_IMAGE",
     "VLLM_PORT",
     "ComposeError",
+    "container_config_path",
     "dump_compose",
     "expected_endpoint",
     "render_compose",
@@ -40,6 +47,11 @@ __all__ = [
 VLLM_IMAGE = "vllm/vllm-openai:v0.12.0"
 VLLM_PORT = 8000
 ROUTER_SERVICE = "router"
+REDIS_IMAGE = "redis:7.2-alpine"
+REDIS_SERVICE = "redis"
+# Replay recordings: the host's shared data folder, read-only in the router.
+DATA_PATH = "/data"
+DATA_MOUNT = "${MOE_DATA_DIR:-../shared/data}:" + DATA_PATH + ":ro"
 HF_CACHE_VOLUME = "hf-cache"
 HF_CACHE_PATH = "/root/.cache/huggingface"
 # The router image's working directory: the repo's files sit under it, so a path below it maps to the repo.
@@ -92,7 +104,7 @@ def _problems(config: RouterConfig, config_path: str) -> Iterable[tuple[str, str
         if expert.type != "vllm":
             continue
         service = service_name(expert)
-        if not service or service == ROUTER_SERVICE:
+        if not service or service in (ROUTER_SERVICE, REDIS_SERVICE):
             yield f"{_label(expert, i)}.name", f"gives the compose service {service!r}, which is reserved"
         elif service in seen:
             yield f"{_label(expert, i)}.name", f"gives the same compose service {service!r} as {seen[service]!r}"
@@ -161,13 +173,31 @@ def _router_volumes(config: RouterConfig, config_path: str) -> list[str]:
     return [m for m in mounts if m is not None]
 
 
+def _redis_service() -> dict[str, Any]:
+    return {
+        "image": REDIS_IMAGE,
+        # Shared state is soft (buckets refill, breakers re-learn): nothing is worth persisting.
+        "command": ["redis-server", "--save", "", "--appendonly", "no"],
+        "healthcheck": {"test": ["CMD", "redis-cli", "ping"], "interval": "5s", "timeout": "3s", "retries": 5},
+        "restart": "unless-stopped",
+    }
+
+
 def _router_service(config: RouterConfig, config_path: str, experts: list[str]) -> dict[str, Any]:
     port = config.service.port
     keys = sorted({e.api_key_env for e in config.experts if e.api_key_env})
+    environment = [f"MOE_CONFIG={config_path}", *keys]
+    volumes = _router_volumes(config, config_path)
+    if any(e.type == "replay" for e in config.experts):
+        environment.append(f"MOE_DATA_DIR={DATA_PATH}")
+        volumes.append(DATA_MOUNT)
+    if config.state.backend == "redis":
+        env = config.state.url_env
+        environment.append(f"{env}=${{{env}:-redis://{REDIS_SERVICE}:6379/0}}")
     return {
         "build": {"context": ".", "dockerfile": "Dockerfile"},
-        "environment": [f"MOE_CONFIG={config_path}", *keys],
-        "volumes": _router_volumes(config, config_path),
+        "environment": environment,
+        "volumes": volumes,
         "ports": [f"{port}:{port}"],
         "depends_on": {name: {"condition": "service_healthy"} for name in experts},
         "healthcheck": _healthcheck(port, start_period="30s"),
@@ -183,11 +213,19 @@ def render_compose(config: RouterConfig, *, config_path_in_container: str = "/ap
         raise ComposeError("docker compose", problems)
     vllm = [e for e in config.experts if e.type == "vllm"]
     services = {service_name(e): _vllm_service(e, gpu, vllm_image) for gpu, e in enumerate(vllm)}
+    if config.state.backend == "redis":
+        services[REDIS_SERVICE] = _redis_service()
     services[ROUTER_SERVICE] = _router_service(config, config_path_in_container, list(services))
     compose: dict[str, Any] = {"services": services}
     if vllm:
         compose["volumes"] = {HF_CACHE_VOLUME: {}}
     return compose
+
+
+def container_config_path(source: str) -> str:
+    """Where the config at ``source`` (relative to the repo root) sits in the router image, which mirrors it."""
+    path = PurePosixPath(posixpath.normpath(source))
+    return str(APP_DIR / (path if not path.is_absolute() else PurePosixPath("configs") / path.name))
 
 
 def dump_compose(config: RouterConfig, *, source: str = "configs/compose.yaml",

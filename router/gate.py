@@ -4,10 +4,18 @@ A ``Gate`` is an encoder, the expert list in column order, a linear classifier o
 a softmax temperature fitted on held-out data. ``predict_proba`` gives one row per query over ``experts``,
 summing to 1; choosing top-k from those rows is ``router.topk``'s job, not the gate's.
 
-Experts with no training examples get a fixed tiny probability (``UNSEEN_PRIOR`` each) rather than an error:
-a config may list a new expert before anyone has labelled data for it. Such an expert ranks below every
-trained one, so top-k never picks it first, yet fallback can still reach it; ``metadata.unseen_experts``
-names them. At least two experts need examples, or there is nothing to learn.
+Experts with no training examples get a fixed tiny probability (``UNSEEN_PRIOR`` each) from ``train_gate``
+rather than an error; ``metadata.unseen_experts`` names them. At least two experts need examples, or there is
+nothing to learn.
+
+Serving follows the config, not the artifact: ``Gate.for_config`` returns a gate over the config's experts.
+An expert the artifact has no training data for is scored from its config ``examples`` (cold start), one the
+config dropped loses its column, and the rest are renormalised (``router.coldstart``). Only an expert with
+neither training data nor examples is refused, with ``GateArtifactMismatch`` naming it.
+
+Two kinds of gate share this class's serving surface (``experts``, ``predict_proba``, ``nearest``):
+``Gate`` (``kind = "label"``) learns from labelled queries; ``router.outcome_gate.OutcomeGate``
+(``kind = "outcome"``) from outcome records. The artifact's ``kind`` picks the class ``Gate.load`` restores.
 
 An artifact is a folder: ``gate.json`` (written last, so its presence means the folder is complete) and two
 ``.npz`` files, read with ``allow_pickle=False``. ``Gate.load`` refuses an encoder other than the one the
@@ -16,24 +24,31 @@ gate was trained with, since its vectors would land in a different space.
 
 from __future__ import annotations
 
+import copy
 import hashlib
+import importlib
 import itertools
 import json
 import logging
 import math
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, ClassVar, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import numpy as np
 
+from router.coldstart import Columns, SimilarityMap, fit_similarity_map, plan_columns
 from router.encoders import Encoder, sha256_file
+
+if TYPE_CHECKING:
+    from router.config import RouterConfig
 
 __all__ = [
     "CLASSIFIERS",
+    "GATE_KINDS",
     "UNSEEN_PRIOR",
     "Classifier",
     "Gate",
@@ -42,6 +57,7 @@ __all__ = [
     "LogisticClassifier",
     "Neighbour",
     "ValidationMetrics",
+    "embed_texts",
     "expected_calibration_error",
     "fit_temperature",
     "split_train_val",
@@ -170,6 +186,12 @@ class ValidationMetrics:
     ece_after: float | None = None
     nll_before: float | None = None
     nll_after: float | None = None
+    # Outcome gates only: top-1 routing on out-of-fold predictions at the trained cost weight.
+    routed_accuracy: float | None = None
+    routed_cost: float | None = None  # mean recorded cost per query of the routed expert
+    best_single: str | None = None
+    best_single_accuracy: float | None = None
+    oracle_accuracy: float | None = None
 
 
 @dataclass(frozen=True)
@@ -180,6 +202,10 @@ class GateMetadata:
     metrics: ValidationMetrics
     classifier: str = LogisticClassifier.kind
     unseen_experts: list[str] = field(default_factory=list)
+    kind: str = "label"
+    # router.coldstart.SimilarityMap for experts scored from their config examples.
+    cold_start_slope: float = SimilarityMap.slope
+    cold_start_midpoint: float = SimilarityMap.midpoint
     created: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
     format_version: int = FORMAT_VERSION
 
@@ -188,29 +214,55 @@ class GateMetadata:
         return asdict(self)
 
 
+GATE_KINDS: dict[str, str] = {
+    "label": "router.gate:Gate",
+    "outcome": "router.outcome_gate:OutcomeGate",
+}
+
+
 class Gate:
     """Scores experts for queries. Columns of every probability row follow ``experts``."""
 
+    kind: ClassVar[str] = "label"
+
     def __init__(self, encoder: Encoder, experts: Sequence[str], classifier: Classifier, temperature: float,
                  metadata: GateMetadata, examples: tuple[np.ndarray, list[str], list[str]]) -> None:
-        self.encoder = encoder
-        self.experts = list(experts)
+        self._setup(encoder, experts, metadata, examples)
         self.classifier = classifier
         self.temperature = temperature
+        unseen = set(metadata.unseen_experts)
+        self._trained = np.array([i for i, e in enumerate(self.experts) if e not in unseen], dtype=np.int64)
+
+    def _setup(self, encoder: Encoder, experts: Sequence[str], metadata: GateMetadata,
+               examples: tuple[np.ndarray, list[str], list[str]]) -> None:
+        self.encoder = encoder
+        self.artifact_experts = list(experts)  # the columns the trained model scores
+        self.experts = list(experts)  # the columns of predict_proba: the artifact's, or the config's
         self.metadata = metadata
         # (embeddings [n, dim], texts, labels): every labelled example, kept to explain decisions.
         self.example_embeddings, self.example_texts, self.example_labels = examples
-        unseen = set(metadata.unseen_experts)
-        self._trained = np.array([i for i, e in enumerate(self.experts) if e not in unseen], dtype=np.int64)
+        self._n_artifact_examples = len(self.example_texts)
+        self._columns: Columns | None = None  # set by for_config when the config's experts differ
         self._index: Any = None
+
+    @property
+    def trained_experts(self) -> list[str]:
+        """Artifact experts that had training data; any other expert needs examples to be routable."""
+        unseen = set(self.metadata.unseen_experts)
+        return [e for e in self.artifact_experts if e not in unseen]
+
+    def _artifact_proba(self, x: np.ndarray) -> np.ndarray:
+        """``[q, len(artifact_experts)]`` rows summing to 1."""
+        trained = _softmax(self.classifier.predict_logits(x).astype(np.float64) / self.temperature)
+        n_unseen = len(self.artifact_experts) - len(self._trained)
+        out = np.full((len(x), len(self.artifact_experts)), UNSEEN_PRIOR, dtype=np.float64)
+        out[:, self._trained] = trained * (1.0 - UNSEEN_PRIOR * n_unseen)
+        return out
 
     def predict_proba(self, embeddings: np.ndarray) -> np.ndarray:
         x = np.atleast_2d(np.asarray(embeddings, dtype=np.float32))
-        trained = _softmax(self.classifier.predict_logits(x).astype(np.float64) / self.temperature)
-        n_unseen = len(self.experts) - len(self._trained)
-        out = np.full((len(x), len(self.experts)), UNSEEN_PRIOR, dtype=np.float64)
-        out[:, self._trained] = trained * (1.0 - UNSEEN_PRIOR * n_unseen)
-        return out
+        proba = self._artifact_proba(x)
+        return proba if self._columns is None else self._columns.apply(proba, x)
 
     def scores(self, texts: Sequence[str]) -> np.ndarray:
         return self.predict_proba(self.encoder.encode(texts))
@@ -227,39 +279,88 @@ class Gate:
         return [Neighbour(self.example_texts[i], self.example_labels[i], float(s))
                 for s, i in zip(sims[0], ids[0], strict=True) if i >= 0]
 
-    def check_experts(self, names: Sequence[str]) -> None:
-        """Raise ``GateArtifactMismatch`` unless ``names`` (the config's experts) are the gate's, in any order."""
-        missing = [n for n in names if n not in self.experts]
-        extra = [e for e in self.experts if e not in names]
-        problems = ([f"in the config but missing from the gate artifact: {', '.join(missing)}"] if missing else [])
-        problems += [f"in the gate artifact but not in the config: {', '.join(extra)}"] if extra else []
-        if problems:
-            raise GateArtifactMismatch("gate experts differ from the config's; experts " + "; experts ".join(
-                problems) + ". Retrain the gate (moe train).")
+    # -- the config's experts ------------------------------------------------------------------------------
+    def check_experts(self, names: Sequence[str], examples: Mapping[str, Sequence[str]] | None = None) -> None:
+        """Raise ``GateArtifactMismatch`` for config experts this gate cannot score: those without training
+        data in the artifact and without ``examples`` (name -> example texts). Order and removals are fine."""
+        examples = examples or {}
+        trained = set(self.trained_experts)
+        unroutable = [n for n in names if n not in trained and not examples.get(n)]
+        if unroutable:
+            raise GateArtifactMismatch(
+                "cannot route to expert(s) " + ", ".join(map(repr, unroutable)) + ": the gate artifact holds no "
+                "training data for them and the config gives them no examples. Add examples to the config, or "
+                "retrain the gate (moe train) with data for them.")
+
+    def for_experts(self, examples: Mapping[str, Sequence[str]]) -> Gate:
+        """A copy scoring exactly the experts of ``examples`` (name -> its example texts, in config order).
+
+        Experts without training data in the artifact are scored from their examples (embedded now, so no
+        retraining); experts missing from ``examples`` are dropped. See ``router.coldstart``.
+        """
+        names = list(examples)
+        self.check_experts(names, examples)
+        trained = set(self.trained_experts)
+        cold = {n: list(examples[n]) for n in names if n not in trained}
+        embedded = {n: self.encoder.encode(texts) for n, texts in cold.items()}
+        wanted = {n: embedded.get(n, np.zeros((0, self.encoder.dim), dtype=np.float32)) for n in names}
+        view = copy.copy(self)
+        view.experts = names
+        view._columns = plan_columns(self.artifact_experts, self.trained_experts, wanted, SimilarityMap(
+            self.metadata.cold_start_slope, self.metadata.cold_start_midpoint))
+        if cold:  # cold-start examples explain decisions too
+            view.example_embeddings = np.concatenate([self.example_embeddings, *embedded.values()])
+            view.example_texts = [*self.example_texts, *(t for ts in cold.values() for t in ts)]
+            view.example_labels = [*self.example_labels, *(n for n, ts in cold.items() for _ in ts)]
+            view._index = None
+        return view
+
+    def for_config(self, config: RouterConfig) -> Gate:
+        """The gate over the config's experts (see ``for_experts``); outcome gates also take its cost weight."""
+        return self.for_experts({e.name: e.examples for e in config.experts})
+
+    # -- artifacts -----------------------------------------------------------------------------------------
+    def _weights(self) -> dict[str, np.ndarray]:
+        return self.classifier.arrays()
+
+    def _manifest(self) -> dict[str, Any]:
+        return {"temperature": self.temperature}
+
+    @classmethod
+    def _restore(cls, encoder: Encoder, experts: list[str], doc: dict[str, Any], metadata: GateMetadata,
+                 weights: dict[str, np.ndarray], examples: tuple[np.ndarray, list[str], list[str]]) -> Gate:
+        classifier = CLASSIFIERS[metadata.classifier].from_arrays(weights)
+        return cls(encoder, experts, classifier, doc["temperature"], metadata, examples)
 
     def save(self, directory: str | Path) -> Path:
-        """Write the artifact folder; ``gate.json`` goes last, so a folder holding it is complete."""
+        """Write the artifact folder; ``gate.json`` goes last, so a folder holding it is complete.
+
+        What is saved is what was trained: the artifact's experts and examples, never a config's view.
+        """
         path = Path(directory)
         path.mkdir(parents=True, exist_ok=True)
-        blob = [t.encode("utf-8") for t in self.example_texts]
-        label_ids = {e: i for i, e in enumerate(self.experts)}
-        weights: dict[str, Any] = self.classifier.arrays()  # typed Any: numpy's stub confuses it with savez's flags
+        n = self._n_artifact_examples  # a config view appends its cold-start examples after these
+        texts, labels = self.example_texts[:n], self.example_labels[:n]
+        blob = [t.encode("utf-8") for t in texts]
+        label_ids = {e: i for i, e in enumerate(self.artifact_experts)}
+        weights: dict[str, Any] = self._weights()  # typed Any: numpy's stub confuses it with savez's flags
         np.savez(path / _WEIGHTS, **weights)
         np.savez_compressed(
-            path / _EXAMPLES, embeddings=self.example_embeddings,
+            path / _EXAMPLES, embeddings=self.example_embeddings[:n],
             # Texts as one UTF-8 byte string plus offsets: numpy's fixed-width strings would pad every text
             # to the longest one, and object arrays would need pickle.
             text_bytes=np.frombuffer(b"".join(blob), dtype=np.uint8),
             text_offsets=np.cumsum([0] + [len(b) for b in blob], dtype=np.int64),
-            labels=np.array([label_ids[lab] for lab in self.example_labels], dtype=np.int32))
-        doc = {**self.metadata.as_dict(), "experts": self.experts, "temperature": self.temperature,
-               "files": {name: sha256_file(path / name) for name in (_WEIGHTS, _EXAMPLES)}}
+            labels=np.array([label_ids.get(lab, -1) for lab in labels], dtype=np.int32))
+        doc = {**self.metadata.as_dict(), "kind": self.kind, "experts": self.artifact_experts,
+               **self._manifest(), "files": {name: sha256_file(path / name) for name in (_WEIGHTS, _EXAMPLES)}}
         (path / _MANIFEST).write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
         return path
 
     @classmethod
     def load(cls, directory: str | Path, encoder: Encoder) -> Gate:
-        """Read an artifact for ``encoder``; raise ``GateArtifactMismatch`` if it was trained with another."""
+        """Read an artifact of either kind for ``encoder``; raise ``GateArtifactMismatch`` if it was trained
+        with another encoder, or its files were edited."""
         path = Path(directory)
         try:
             doc = json.loads((path / _MANIFEST).read_text(encoding="utf-8"))
@@ -268,22 +369,30 @@ class Gate:
         if doc.get("format_version") != FORMAT_VERSION:
             raise GateArtifactMismatch(f"{path}: gate format version {doc.get('format_version')!r}, this code "
                                        f"reads {FORMAT_VERSION}; retrain the gate")
+        kind = doc.setdefault("kind", "label")  # artifacts from before outcome gates are label gates
+        if kind not in GATE_KINDS:
+            raise GateArtifactMismatch(f"{path}: unknown gate kind {kind!r}; known: {', '.join(GATE_KINDS)}")
         _check_encoder(path, doc, encoder)
         for name, digest in doc["files"].items():
             if sha256_file(path / name) != digest:
                 raise GateArtifactMismatch(f"{path / name}: contents differ from the sha256 in {_MANIFEST}")
         doc["metrics"] = ValidationMetrics(**doc["metrics"])
-        experts, temperature = doc.pop("experts"), doc.pop("temperature")
+        experts = doc.pop("experts")
         doc.pop("files")
-        metadata = GateMetadata(**doc)
+        metadata = GateMetadata(**{k: v for k, v in doc.items() if k in _METADATA_FIELDS})
         with np.load(path / _WEIGHTS, allow_pickle=False) as w:
-            classifier = CLASSIFIERS[metadata.classifier].from_arrays({k: w[k] for k in w.files})
+            weights = {k: w[k] for k in w.files}
         with np.load(path / _EXAMPLES, allow_pickle=False) as ex:
             raw, offsets = ex["text_bytes"].tobytes(), ex["text_offsets"]
             texts = [raw[a:b].decode("utf-8") for a, b in itertools.pairwise(offsets.tolist())]
-            labels = [experts[i] for i in ex["labels"]]
+            labels = [experts[i] if i >= 0 else "" for i in ex["labels"]]
             embeddings = ex["embeddings"]
-        return cls(encoder, experts, classifier, temperature, metadata, (embeddings, texts, labels))
+        module, _, name = GATE_KINDS[kind].partition(":")
+        gate_cls: type[Gate] = getattr(importlib.import_module(module), name)
+        return gate_cls._restore(encoder, experts, doc, metadata, weights, (embeddings, texts, labels))
+
+
+_METADATA_FIELDS = frozenset(GateMetadata.__dataclass_fields__)
 
 
 _MANIFEST, _WEIGHTS, _EXAMPLES = "gate.json", "weights.npz", "examples.npz"
@@ -329,6 +438,18 @@ def split_train_val(texts: Sequence[str], labels: Sequence[str], *, seed: int = 
     return np.flatnonzero(~in_val), np.flatnonzero(in_val)
 
 
+def embed_texts(encoder: Encoder, texts: Sequence[str], *, progress: bool = True) -> np.ndarray:
+    """``[len(texts), dim]`` embeddings, in chunks behind a progress bar."""
+    from tqdm.auto import tqdm
+
+    with tqdm(total=len(texts), desc="embedding", unit="text", disable=not progress) as bar:
+        chunks = [np.zeros((0, encoder.dim), dtype=np.float32)]
+        for start in range(0, len(texts), _EMBED_CHUNK):
+            chunks.append(encoder.encode(texts[start:start + _EMBED_CHUNK]))
+            bar.update(len(chunks[-1]))
+    return np.concatenate(chunks)
+
+
 def train_gate(texts: Sequence[str], labels: Sequence[str], encoder: Encoder, *, experts: Sequence[str],
                seed: int = 0, val_fraction: float = 0.15, progress: bool = True,
                classifier: Classifier | None = None) -> Gate:
@@ -345,12 +466,7 @@ def train_gate(texts: Sequence[str], labels: Sequence[str], encoder: Encoder, *,
     if unseen:
         log.warning("experts with no training examples get a fixed prior of %g: %s", UNSEEN_PRIOR, unseen)
     texts = list(texts)
-    with tqdm(total=len(texts), desc="embedding", unit="text", disable=not progress) as bar:
-        chunks = []
-        for start in range(0, len(texts), _EMBED_CHUNK):
-            chunks.append(encoder.encode(texts[start:start + _EMBED_CHUNK]))
-            bar.update(len(chunks[-1]))
-    x = np.concatenate(chunks)
+    x = embed_texts(encoder, texts, progress=progress)
     col = {e: i for i, e in enumerate(trained)}
     y = np.array([col[lab] for lab in labels], dtype=np.int64)
     train, val = split_train_val(texts, labels, seed=seed, val_fraction=val_fraction)
@@ -360,8 +476,10 @@ def train_gate(texts: Sequence[str], labels: Sequence[str], encoder: Encoder, *,
         bar.update()
         temperature, metrics = _calibrate(classifier, x[val], y[val], n_train=len(train))
         bar.update()
+    similarity = fit_similarity_map(x[train], y[train], x[val], y[val], len(trained), seed=seed)
     metadata = GateMetadata(encoder.identity, encoder.checksum, training_data_sha256(texts, labels), metrics,
-                            classifier=classifier.kind, unseen_experts=unseen)
+                            classifier=classifier.kind, unseen_experts=unseen,
+                            cold_start_slope=similarity.slope, cold_start_midpoint=similarity.midpoint)
     return Gate(encoder, experts, classifier, temperature, metadata, (x, texts, list(labels)))
 
 

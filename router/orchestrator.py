@@ -25,8 +25,8 @@ import asyncio
 import dataclasses
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from contextlib import aclosing
+from collections.abc import AsyncGenerator, Awaitable, Callable, Collection, Iterator, Mapping, Sequence
+from contextlib import aclosing, contextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -45,7 +45,7 @@ from router.retry import RetryPolicy
 from router.topk import choose, rank
 from router.trace import RoutedAnswer, RouteDecision, Trace, WeightedExpert
 
-__all__ = ["GateLike", "Orchestrator", "StreamEnd", "StreamPiece", "UnknownExpert"]
+__all__ = ["GateLike", "NoCapableExpert", "Orchestrator", "StreamEnd", "StreamPiece", "UnknownExpert"]
 
 CONTINUE_PROMPT = "Continue your previous answer exactly where it stopped, without repeating any of it."
 
@@ -77,6 +77,17 @@ class UnknownExpert(KeyError):
         return f"unknown model {self.name!r}; known: {', '.join(self.known)}"
 
 
+class NoCapableExpert(ValueError):
+    """The request needs a capability (``tools``) that no expert it may go to declares."""
+
+    def __init__(self, capability: str, model: str, capable: Sequence[str]) -> None:
+        self.capability, self.model, self.capable = capability, model, list(capable)
+        where = f"expert {model!r} does not" if capable else "no configured expert does"
+        also = f"; experts that do: {', '.join(capable)}" if capable else ""
+        super().__init__(f"the request carries {capability!r}, but {where} declare the {capability!r} "
+                         f"capability{also}")
+
+
 @dataclass
 class StreamEnd:
     trace: Trace
@@ -103,6 +114,10 @@ class Orchestrator:
         self.dispatch = Dispatcher(self.experts, self.capacity, self.breakers,
                                    RetryPolicy.from_config(config.fallback),
                                    budget_usd=config.fallback.cost_budget_usd, sleep=sleep, rand=rand)
+        # Requests being answered; a hot reload closes this orchestrator only once they are done.
+        self.active = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
 
     # -- deciding -------------------------------------------------------------------------------------------
     def _scores(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray, list[str]]:
@@ -112,13 +127,15 @@ class Orchestrator:
         columns = [i for i, n in enumerate(self.gate.experts) if n in self.experts]
         return embeddings, probs[:, columns], [self.gate.experts[i] for i in columns]
 
-    def decide_sync(self, text: str) -> RouteDecision:
+    def decide_sync(self, text: str, exclude: Collection[str] = ()) -> RouteDecision:
+        """The gate's decision; experts in ``exclude`` (unable to serve the request) stay off the panel."""
         start = time.perf_counter()
         # One embedding serves both the scores and the explanation.
         embedding, probs, names = self._scores([text])
         scores = {name: float(p) for name, p in zip(names, probs[0], strict=True)}
         try:
-            panel = choose(scores, self.config.gate.top_k, exclude=self.breakers.refusing(scores))
+            excluded = frozenset({*self.breakers.refusing(scores), *exclude})
+            panel = choose(scores, self.config.gate.top_k, exclude=excluded)
         except ValueError:
             panel = []  # every breaker is open: fallback reports each as a cause
         return RouteDecision(
@@ -132,7 +149,13 @@ class Orchestrator:
 
     async def decide(self, request: ChatRequest) -> RouteDecision:
         # The encoder is CPU work; keep it off the event loop.
-        return await asyncio.to_thread(self.decide_sync, request.query_text())
+        return await asyncio.to_thread(self.decide_sync, request.query_text(), self._unable(request))
+
+    def _unable(self, request: ChatRequest) -> set[str]:
+        """Experts that cannot serve ``request``: without the ``tools`` capability when it carries tools."""
+        if not request.tools:
+            return set()
+        return {e.name for e in self.config.experts if "tools" not in e.capabilities}
 
     def assign_batch(self, queries: Sequence[str], capacity: Mapping[str, int] | None = None) -> list[str]:
         """Expert-choice routing for a batch: each expert takes the queries it scores highest, up to its
@@ -152,9 +175,15 @@ class Orchestrator:
 
     async def _plan(self, request: ChatRequest) -> tuple[RouteDecision | None, list[WeightedExpert], list[str]]:
         """The panel to ask first and the ranking fallback walks. An expert named directly gets no fallback."""
+        unable = self._unable(request)
+        if unable and (self.is_routed(request.model) or request.model in unable):
+            capable = [n for n in self.config.expert_names if n not in unable]
+            if not capable or not self.is_routed(request.model):
+                raise NoCapableExpert("tools", request.model, capable)
         if self.is_routed(request.model):
             decision = await self.decide(request)
-            return decision, decision.chosen, decision.ranking
+            # Fallback walks only experts able to serve the request.
+            return decision, decision.chosen, [n for n in decision.ranking if n not in unable]
         if request.model not in self.experts:
             raise UnknownExpert(request.model, ["auto", self.config.service.name, *self.experts])
         return None, [WeightedExpert(expert=request.model, weight=1.0)], [request.model]
@@ -165,8 +194,27 @@ class Orchestrator:
                     "breaker": self.breakers.snapshot(n)} for n in self.config.expert_names}
 
     # -- answering ------------------------------------------------------------------------------------------
+    @contextmanager
+    def _serving(self) -> Iterator[None]:
+        self.active += 1
+        self._idle.clear()
+        try:
+            yield
+        finally:
+            self.active -= 1
+            if not self.active:
+                self._idle.set()
+
+    async def drained(self) -> None:
+        """Return once no request is being answered (streams included)."""
+        await self._idle.wait()
+
     async def complete(self, request: ChatRequest, *, strategy: str | None = None) -> RoutedAnswer:
         """Answer one request: ask the panel concurrently, fall back down the ranking, combine what came back."""
+        with self._serving():
+            return await self._complete(request, strategy)
+
+    async def _complete(self, request: ChatRequest, strategy: str | None) -> RoutedAnswer:
         start = time.perf_counter()
         deadline = Deadline(self.config.fallback.deadline_s)
         decision, panel, ranking = await self._plan(request)
@@ -223,8 +271,14 @@ class Orchestrator:
             return first or ranking[:1]
         return first + [n for n in ranking if n not in first]
 
-    async def stream(self, request: ChatRequest) -> AsyncIterator[StreamPiece | StreamEnd]:
+    async def stream(self, request: ChatRequest) -> AsyncGenerator[StreamPiece | StreamEnd, None]:
         """Stream from the top-weighted expert, falling back or continuing elsewhere on failure."""
+        with self._serving():
+            async with aclosing(self._stream(request)) as events:
+                async for event in events:
+                    yield event
+
+    async def _stream(self, request: ChatRequest) -> AsyncGenerator[StreamPiece | StreamEnd, None]:
         start = time.perf_counter()
         deadline = Deadline(self.config.fallback.deadline_s)
         decision, panel, ranking = await self._plan(request)

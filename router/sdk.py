@@ -39,6 +39,8 @@ class StreamChunk(BaseModel):
     content: str = ""
     expert: str = ""
     finish_reason: str | None = None
+    # OpenAI-format tool-call deltas, as the expert sent them (index, id, function name, argument pieces).
+    tool_calls: list[dict[str, Any]] | None = None
     trace: Trace | None = None
 
 
@@ -96,7 +98,8 @@ class _Protocol:
         choice = body["choices"][0]
         trace = Trace.model_validate(body["moe"]) if body.get("moe") else None
         return StreamChunk(content=choice["delta"].get("content") or "", expert=body.get("model", ""),
-                           finish_reason=choice.get("finish_reason"), trace=trace)
+                           finish_reason=choice.get("finish_reason"), trace=trace,
+                           tool_calls=choice["delta"].get("tool_calls") or None)
 
 
 class Client(_Protocol):

@@ -29,7 +29,9 @@ from experts.types import ChatRequest
 from router.fallback import AllExpertsFailed
 from router.logs import RequestRecord, configure_json_logging, log_request
 from router.metrics import CONTENT_TYPE, RouterMetrics
-from router.orchestrator import Orchestrator, StreamEnd, StreamPiece, UnknownExpert
+from router.openapi import CHAT_COMPLETIONS_BODY, ROUTE_BODY
+from router.orchestrator import NoCapableExpert, Orchestrator, StreamEnd, StreamPiece, UnknownExpert
+from router.reload import Reloader, ReloadFailed
 from router.security import Admitted, Denied, Guard, RateStore, redact
 
 __all__ = ["RouteQuery", "create_app", "error_body"]
@@ -71,10 +73,16 @@ async def _read_json(request: Request, limit: int) -> Any:
         raise _HTTPProblem(413, f"request body of {len(raw)} bytes exceeds the {limit}-byte limit",
                            "invalid_request_error", "request_too_large")
     try:
-        return json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
+        value = json.loads(raw)
+        # "\ud800" is valid JSON but not encodable UTF-8: it would fail later, when the trace echoes it back.
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except RecursionError:
+        raise _HTTPProblem(400, "request body is nested too deeply", "invalid_request_error",
+                           "invalid_json") from None
+    except (ValueError, UnicodeDecodeError) as exc:  # UnicodeEncodeError is a ValueError
         raise _HTTPProblem(400, f"request body is not valid JSON: {exc}", "invalid_request_error",
                            "invalid_json") from None
+    return value
 
 
 def _parse_chat(body: Any, max_chars: int) -> ChatRequest:
@@ -142,6 +150,12 @@ async def _sse(events: AsyncIterator[StreamPiece | StreamEnd], first: StreamPiec
         record.failures, record.error = exc.to_list(), "all_experts_failed"
         p = _all_failed(exc)
         yield f"data: {json.dumps(error_body(p.message, p.type, p.code, **p.extra))}\n\n".encode()
+    finally:
+        # A client that left mid-stream ends the orchestrator's stream now, so its request stops counting as
+        # in flight (a hot reload waits for those) and the expert's connection is released.
+        aclose = getattr(events, "aclose", None)
+        if aclose is not None:
+            await aclose()
     yield b"data: [DONE]\n\n"
 
 
@@ -162,6 +176,10 @@ def _problems(handler: Callable[..., Awaitable[Response]]) -> Callable[..., Awai
         except AllExpertsFailed as exc:
             record.failures, record.error = exc.to_list(), "all_experts_failed"
             return _problem_response(_all_failed(exc))
+        except NoCapableExpert as exc:
+            record.error = f"{exc.capability}_not_supported"
+            return _problem_response(_HTTPProblem(400, str(exc), "invalid_request_error", record.error,
+                                                  param=exc.capability))
 
     wrapped.__name__ = handler.__name__
     return wrapped
@@ -169,11 +187,14 @@ def _problems(handler: Callable[..., Awaitable[Response]]) -> Callable[..., Awai
 
 def create_app(orchestrator: Orchestrator | None = None,
                factory: Callable[[], Awaitable[Orchestrator]] | None = None, *,
-               rate_store: RateStore | None = None, environ: Mapping[str, str] | None = None) -> FastAPI:
+               rate_store: RateStore | None = None, environ: Mapping[str, str] | None = None,
+               reloader: Reloader | None = None) -> FastAPI:
     """The service around one orchestrator, given built or built at startup by ``factory``.
 
     ``rate_store`` holds the rate-limit buckets (in memory by default; a shared store for several replicas);
-    ``environ`` is where keys named by ``security.*_env`` are read (``os.environ`` by default).
+    ``environ`` is where keys named by ``security.*_env`` are read (``os.environ`` by default); ``reloader``
+    swaps in a new orchestrator when the config changes (``POST /admin/reload``, and its own triggers, which
+    run while the app's lifespan does).
     """
 
     @asynccontextmanager
@@ -184,9 +205,13 @@ def create_app(orchestrator: Orchestrator | None = None,
                 raise RuntimeError("create_app needs an orchestrator or a factory")
             app.state.orchestrator = await factory()
         _guard(app)
+        if reloader is not None:
+            reloader.start()
         try:
             yield
         finally:
+            if reloader is not None:
+                await reloader.stop()
             await app.state.orchestrator.aclose()
 
     app = FastAPI(title="moe-router", version="0.1.0", lifespan=lifespan)
@@ -197,6 +222,9 @@ def create_app(orchestrator: Orchestrator | None = None,
     app.state.environ = os.environ if environ is None else environ
     if orchestrator is not None:
         _guard(app)  # keys are hashed now, at startup, not at the first request
+    app.state.reloader = reloader
+    if reloader is not None:
+        reloader.bind(app.state, lambda old, new: _reguard(app, old, new))
     app.add_middleware(_Edge)
 
     def orch(request: Request) -> Orchestrator:
@@ -263,13 +291,28 @@ def create_app(orchestrator: Orchestrator | None = None,
     async def admin_config(request: Request) -> Response:
         return JSONResponse(redact(orch(request).config.model_dump(mode="json")))
 
-    app.add_api_route("/v1/chat/completions", chat_completions, methods=["POST"])
-    app.add_api_route("/v1/route", route, methods=["POST"])
+    app.add_api_route("/v1/chat/completions", chat_completions, methods=["POST"],
+                      openapi_extra=CHAT_COMPLETIONS_BODY)
+    app.add_api_route("/v1/route", route, methods=["POST"], openapi_extra=ROUTE_BODY)
     app.add_api_route("/v1/models", models, methods=["GET"])
     app.add_api_route("/v1/experts", experts, methods=["GET"])
     app.add_api_route("/health", health, methods=["GET"])
     app.add_api_route("/metrics", metrics, methods=["GET"], include_in_schema=False)
+    @_problems
+    async def admin_reload(request: Request) -> Response:
+        active: Reloader | None = request.app.state.reloader
+        if active is None:
+            raise _HTTPProblem(409, "hot reload is off: the service was not started from a config file",
+                               "invalid_request_error", "reload_unavailable")
+        try:
+            new = await active.reload()
+        except ReloadFailed as exc:
+            raise _HTTPProblem(400, str(exc), "invalid_request_error", "invalid_config", extra={
+                "problems": [{"path": p, "message": m} for p, m in exc.problems]}) from None
+        return JSONResponse({"status": "reloaded", "source": str(active.path), "experts": new.config.expert_names})
+
     app.add_api_route("/admin/config", admin_config, methods=["GET"])
+    app.add_api_route("/admin/reload", admin_reload, methods=["POST"])
     return app
 
 
@@ -298,6 +341,13 @@ def _guard(app: FastAPI) -> Guard:
         app.state.security = Guard.from_config(config, app.state.environ, app.state.rate_store)
     guard: Guard = app.state.security
     return guard
+
+
+def _reguard(app: FastAPI, old: Orchestrator, new: Orchestrator) -> None:
+    """After a reload: new keys and limits take effect; unchanged ones keep their rate buckets."""
+    if new.config.security != old.config.security:
+        app.state.security = None
+        _guard(app)
 
 
 def _route_label(app: FastAPI, path: str) -> str:

@@ -41,6 +41,9 @@ class Attempt(BaseModel):
     error: dict[str, str] | None = None
     # Set when this attempt replaced a failed one.
     fallback_for: str | None = None
+    # When the expert is itself a router (``type: router``): its own trace, so a mixture of mixtures shows
+    # every level's decision.
+    nested: dict[str, Any] | None = None
 
 
 class Contribution(BaseModel):

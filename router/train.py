@@ -1,20 +1,42 @@
-"""Training the gate from a config: gather labelled queries, build the encoder, train, save the artifact.
+"""Training the gate from a config: gather the data, build the encoder, train, save the artifact.
 
-Labelled data comes from two places: each expert's ``examples`` in the config (labelled with the expert's
-name) and the JSONL files in ``gate.train_data``, one ``{"query": ..., "label": ...}`` object per line.
-Every label must name an expert of the config.
+``gate.train_data`` files are JSONL of one of two kinds, detected per file from its first record
+(``router.outcome.is_outcome_file``):
+
+- labelled, ``{"query": ..., "label": ...}``: joined with each expert's config ``examples`` (labelled with
+  the expert's name) to train a label gate (``router.gate.train_gate``);
+- outcome records, ``{"query": ..., "outcomes": {...}, "cost": {...}}``: trained into an outcome gate
+  (``router.outcome_gate.train_outcome_gate``) at ``gate.cost_weight`` with ``gate.success_model``. Config
+  experts without any record are left to cold start from their examples.
+
+All files must be of one kind. Every label, and every expert named in an outcome record, must be an expert
+of the config. A config expert with no training data and no examples cannot be routed, and is refused here
+rather than at serving time.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from router.config import RouterConfig
 from router.encoders import build_encoder
 from router.gate import Gate, train_gate
+from router.outcome import OutcomeRecord, is_outcome_file, load_outcome_jsonl
 
-__all__ = ["collect_training_data", "load_labelled_jsonl", "train_from_config"]
+__all__ = ["TrainingData", "collect_training_data", "load_labelled_jsonl", "train_from_config"]
+
+
+@dataclass
+class TrainingData:
+    """What a config trains on: labelled ``texts``/``labels``, or outcome ``records``, as ``kind`` says."""
+
+    kind: Literal["label", "outcome"]
+    texts: list[str] = field(default_factory=list)
+    labels: list[str] = field(default_factory=list)
+    records: list[OutcomeRecord] = field(default_factory=list)
 
 
 def load_labelled_jsonl(path: str | Path) -> list[tuple[str, str]]:
@@ -45,30 +67,67 @@ def _parse_line(line: str, where: str) -> tuple[str, str]:
     return row["query"], row["label"]
 
 
-def collect_training_data(config: RouterConfig) -> tuple[list[str], list[str]]:
-    """``(texts, labels)``: the experts' examples, then every ``gate.train_data`` file, in config order."""
-    texts: list[str] = []
-    labels: list[str] = []
+def collect_training_data(config: RouterConfig) -> TrainingData:
+    """The config's training data. Labelled: the experts' examples, then every file, in config order.
+    Outcome: every file's records, in order (the examples then serve cold start only)."""
+    paths = [config.resolve(entry) for entry in config.gate.train_data]
+    kinds = {p: "outcome" if is_outcome_file(p) else "label" for p in paths}
+    if len(set(kinds.values())) > 1:
+        listing = "; ".join(f"{p}: {k}" for p, k in kinds.items())
+        raise ValueError(f"gate.train_data mixes labelled and outcome files ({listing}); use one kind")
+    if paths and kinds[paths[0]] == "outcome":
+        return TrainingData("outcome", records=_collect_outcomes(config, paths))
+    data = TrainingData("label")
     for expert in config.experts:
-        texts += expert.examples
-        labels += [expert.name] * len(expert.examples)
+        data.texts += expert.examples
+        data.labels += [expert.name] * len(expert.examples)
     names = set(config.expert_names)
-    for entry in config.gate.train_data:
-        path = config.resolve(entry)
+    for path in paths:
         pairs = load_labelled_jsonl(path)
         unknown = sorted({label for _, label in pairs} - names)
         if unknown:
             raise ValueError(f"{path}: labels {', '.join(map(repr, unknown))} are not experts of the config; "
                              f"experts: {', '.join(config.expert_names)}")
-        texts += [q for q, _ in pairs]
-        labels += [label for _, label in pairs]
-    return texts, labels
+        data.texts += [q for q, _ in pairs]
+        data.labels += [label for _, label in pairs]
+    return data
+
+
+def _collect_outcomes(config: RouterConfig, paths: list[Path]) -> list[OutcomeRecord]:
+    names = set(config.expert_names)
+    records: list[OutcomeRecord] = []
+    for path in paths:
+        found = load_outcome_jsonl(path)
+        unknown = sorted({e for r in found for e in (*r.outcomes, *r.cost)} - names)
+        if unknown:
+            raise ValueError(f"{path}: experts {', '.join(map(repr, unknown))} are not experts of the config; "
+                             f"experts: {', '.join(config.expert_names)}")
+        records += found
+    return records
+
+
+def _check_routable(config: RouterConfig, trained: set[str]) -> None:
+    unroutable = [e.name for e in config.experts if e.name not in trained and not e.examples]
+    if unroutable:
+        raise ValueError("no training data and no examples for expert(s) " + ", ".join(map(repr, unroutable))
+                         + "; the gate could not route to them. Add examples in the config or records for them.")
 
 
 def train_from_config(config: RouterConfig, *, progress: bool = True) -> Gate:
-    """Train the gate the config describes and save it to ``gate.artifact``."""
-    texts, labels = collect_training_data(config)
+    """Train the gate the config describes (label or outcome kind) and save it to ``gate.artifact``."""
+    data = collect_training_data(config)
     encoder = build_encoder(config.gate.encoder)
-    gate = train_gate(texts, labels, encoder, experts=config.expert_names, progress=progress)
+    gate: Gate
+    if data.kind == "outcome":
+        from router.outcome_gate import train_outcome_gate
+
+        trained = {e for r in data.records for e in r.outcomes}
+        _check_routable(config, trained)
+        gate = train_outcome_gate(data.records, encoder, experts=[n for n in config.expert_names if n in trained],
+                                  cost_weight=config.gate.cost_weight, model=config.gate.success_model,
+                                  progress=progress)
+    else:
+        _check_routable(config, set(data.labels))
+        gate = train_gate(data.texts, data.labels, encoder, experts=config.expert_names, progress=progress)
     gate.save(config.resolve(config.gate.artifact))
     return gate

@@ -181,14 +181,38 @@ def test_load_refuses_edited_files(gate: Gate, tmp_path: Path) -> None:
         Gate.load(tmp_path, gate.encoder)
 
 
-def test_check_experts_names_the_difference(gate: Gate) -> None:
+def test_check_experts_refuses_only_unroutable_experts(gate: Gate) -> None:
     gate.check_experts(list(reversed(gate.experts)))  # order does not matter; columns follow gate.experts
-    config_names = [*gate.experts[1:], "NewExpert"]
+    gate.check_experts(gate.experts[1:])  # removing an expert needs no retraining
+    gate.check_experts([*gate.experts, "Translate"], {"Translate": ["translate this to French"]})
     with pytest.raises(GateArtifactMismatch) as info:
-        gate.check_experts(config_names)
-    message = str(info.value)
-    assert "missing from the gate artifact: NewExpert" in message
-    assert f"not in the config: {gate.experts[0]}" in message
+        gate.check_experts([*gate.experts[1:], "NewExpert"])
+    assert "'NewExpert'" in str(info.value) and "no examples" in str(info.value)
+
+
+TRANSLATE = ["translate good night into Spanish", "how do you say thank you in Japanese",
+             "what is the German word for bread", "translate this sentence to French please",
+             "say hello in Italian"]
+
+
+def test_cold_start_expert_routes_from_its_examples(gate: Gate, test_set: tuple[np.ndarray, np.ndarray],
+                                                    tmp_path: Path) -> None:
+    view = gate.for_experts({**{e: [] for e in gate.experts[1:]}, "Translate": TRANSLATE})
+    assert view.experts == [*gate.experts[1:], "Translate"]
+    p = view.scores(["how would I say good morning in French", "will it rain in Boston tomorrow"])
+    np.testing.assert_allclose(p.sum(axis=1), 1.0, atol=1e-9)
+    assert [view.experts[i] for i in p.argmax(axis=1)] == ["Translate", "GetWeather"]
+    x, y = test_set
+    kept = y != 0  # the removed expert's queries have no right answer left
+    routed = np.array(view.experts)[view.predict_proba(x[kept]).argmax(axis=1)]
+    assert (routed == np.array(gate.experts)[y[kept]]).mean() >= 0.90
+    assert view.nearest(gate.encoder.encode([TRANSLATE[0]])[0], 1)[0].label == "Translate"
+    # Saving a view writes what was trained, not the config's additions.
+    view.save(tmp_path / "g")
+    loaded = Gate.load(tmp_path / "g", gate.encoder)
+    assert loaded.experts == gate.experts and loaded.example_texts == gate.example_texts
+    sim = gate.metadata
+    assert 5 < sim.cold_start_slope < 40 and 0.2 < sim.cold_start_midpoint < 0.8
 
 
 def test_expert_without_examples_gets_a_tiny_prior(gate: Gate, lookup: FakeLookupEncoder,

@@ -55,6 +55,9 @@ class ToolExpert(FakeExpert):
 def make_app(fail: frozenset[str] = frozenset(), keys: bool = False, tools: bool = False) -> FastAPI:
     security = {"security": {"api_keys": [{"name": "lc", "sha256": hash_key(KEY)}]}} if keys else {}
     config = fake_config(NAMES, **security)
+    if tools:  # a request carrying tools reaches only experts that declare the capability
+        config = config.model_copy(update={"experts": [
+            e.model_copy(update={"capabilities": ["chat", "stream", "tools"]}) for e in config.experts]})
     experts: dict[str, FakeExpert] = {
         n: (ToolExpert if tools else FakeExpert)(
             config.expert(n), pieces=[f"{n} ", "says ", "hi"], text=f"{n} says hi",

@@ -9,8 +9,10 @@ from typing import Any
 
 import pytest
 
+from router.build import load_gate
 from router.config import RouterConfig, parse_config
 from router.gate import Gate
+from router.outcome_gate import OutcomeGate
 from router.train import collect_training_data, load_labelled_jsonl, train_from_config
 
 INTENTS = ["GetWeather", "PlayMusic", "BookRestaurant"]
@@ -61,9 +63,10 @@ def test_malformed_line_is_reported_with_its_number(tmp_path: Path, bad: str, pr
 
 def test_collect_training_data_joins_examples_and_files(tmp_path: Path) -> None:
     _write_jsonl(tmp_path / "extra.jsonl", [{"query": "rain tomorrow?", "label": "GetWeather"}])
-    texts, labels = collect_training_data(_config(tmp_path, ["extra.jsonl"]))
-    assert texts == [f"an example for {n}" for n in INTENTS] + ["rain tomorrow?"]
-    assert labels == [*INTENTS, "GetWeather"]
+    data = collect_training_data(_config(tmp_path, ["extra.jsonl"]))
+    assert data.kind == "label"
+    assert data.texts == [f"an example for {n}" for n in INTENTS] + ["rain tomorrow?"]
+    assert data.labels == [*INTENTS, "GetWeather"]
 
 
 def test_label_that_is_no_expert_is_named(tmp_path: Path) -> None:
@@ -83,3 +86,43 @@ def test_train_from_config_saves_a_loadable_gate(tmp_path: Path, snips_rows: lis
     loaded.check_experts(config.expert_names)
     probs = loaded.scores(["what's the weather in Paris tomorrow", "play the new album by Adele"])
     assert [loaded.experts[i] for i in probs.argmax(axis=1)] == ["GetWeather", "PlayMusic"]
+
+
+def _outcome_rows(snips_rows: list[dict[str, str]]) -> list[dict[str, Any]]:
+    """Synthetic outcomes on real queries: each intent's specialist gets its queries right, cheaply; the
+    generalist ("GetWeather", here the priciest) gets everything right at ten times the cost."""
+    specialist = {"PlayMusic": "PlayMusic", "BookRestaurant": "BookRestaurant"}
+    rows = []
+    for r in snips_rows:
+        outcomes = {"GetWeather": 1.0, **{s: float(r["label"] == s) for s in specialist}}
+        rows.append({"query": r["query"], "outcomes": outcomes,
+                     "cost": {"GetWeather": 1.0, "PlayMusic": 0.1, "BookRestaurant": 0.1}})
+    return rows
+
+
+def test_outcome_files_train_an_outcome_gate_at_the_configured_cost_weight(
+        tmp_path: Path, snips_rows: list[dict[str, str]]) -> None:
+    _write_jsonl(tmp_path / "o.jsonl", _outcome_rows(snips_rows))
+    config = _config(tmp_path, ["o.jsonl"], artifact="out/gate", cost_weight=0.5)
+    data = collect_training_data(config)
+    assert data.kind == "outcome" and len(data.records) == 60 and not data.texts
+    gate = train_from_config(config, progress=False)
+    assert isinstance(gate, OutcomeGate) and gate.cost_weight == 0.5
+    loaded = load_gate(config)
+    assert isinstance(loaded, OutcomeGate) and loaded.experts == INTENTS
+    probs = loaded.scores(["play the new album by Adele", "will it snow in Oslo"])
+    # Music goes to the cheap specialist; weather only the generalist gets right.
+    assert [loaded.experts[i] for i in probs.argmax(axis=1)] == ["PlayMusic", "GetWeather"]
+    quality_only = parse_config({**config.model_dump(exclude={"base_dir"}), "gate": {
+        **config.gate.model_dump(), "cost_weight": 0.0}}, base_dir=tmp_path, check_env=False)
+    assert load_gate(quality_only).scores(["play the new album by Adele"]).argmax() in (0, 1)
+
+
+def test_mixed_or_unknown_outcome_files_are_refused(tmp_path: Path, snips_rows: list[dict[str, str]]) -> None:
+    _write_jsonl(tmp_path / "o.jsonl", _outcome_rows(snips_rows[:3]))
+    _write_jsonl(tmp_path / "l.jsonl", snips_rows[:3])
+    with pytest.raises(ValueError, match="mixes labelled and outcome files"):
+        collect_training_data(_config(tmp_path, ["o.jsonl", "l.jsonl"]))
+    _write_jsonl(tmp_path / "u.jsonl", [{"query": "q", "outcomes": {"Nope": 1}}])
+    with pytest.raises(ValueError, match=r"u\.jsonl: experts 'Nope' are not experts"):
+        collect_training_data(_config(tmp_path, ["u.jsonl"]))

@@ -1,0 +1,91 @@
+"""An on-disk embedding cache for evaluation: re-runs of a suite embed nothing they have embedded before.
+
+Keys are ``sha256(text)``; a cache folder belongs to one encoder (its identity, weights checksum and
+``max_length``), so vectors from different models or truncations never mix. The folder holds append-only
+shards ``shard-<n>.npz`` (``keys``: ``[n, 32]`` uint8 digests, ``vectors``: ``[n, dim]`` float32), read with
+``allow_pickle=False``. A shard is written to a temporary name and renamed, so a killed run leaves no torn file.
+
+``CachedEncoder`` wraps any ``Encoder`` with the same contract, so code that embeds through an encoder
+(``router.gate.train_gate``) hits the cache without knowing about it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from router.encoders import Encoder
+
+__all__ = ["CachedEncoder", "default_cache_dir"]
+
+_CHUNK = 512  # texts per encode call: keeps the progress bar moving and each shard small
+
+
+def default_cache_dir() -> Path:
+    """``$MOE_CACHE_DIR/embeddings``, else ``~/.cache/moe-router/embeddings``."""
+    root = os.environ.get("MOE_CACHE_DIR")
+    return Path(root) / "embeddings" if root else Path.home() / ".cache" / "moe-router" / "embeddings"
+
+
+def _digest(text: str) -> bytes:
+    return hashlib.sha256(text.encode("utf-8")).digest()
+
+
+class CachedEncoder(Encoder):
+    """``inner`` behind a sha256-keyed disk cache. Same rows as ``inner.encode``, in input order."""
+
+    def __init__(self, inner: Encoder, cache_dir: str | Path | None = None, *, max_length: int,
+                 progress: bool = True) -> None:
+        self.inner = inner
+        self.identity, self.checksum, self.dim = inner.identity, inner.checksum, inner.dim
+        slug = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{inner.identity}-{inner.checksum[:16]}-len{max_length}")
+        self.folder = Path(cache_dir or default_cache_dir()) / slug
+        self.progress = progress
+        self._memory: dict[bytes, np.ndarray] = {}
+        self._loaded = False
+
+    def _load(self) -> None:
+        if self._loaded:
+            return
+        for shard in sorted(self.folder.glob("shard-*.npz")):
+            with np.load(shard, allow_pickle=False) as data:
+                for key, vec in zip(data["keys"], data["vectors"], strict=True):
+                    self._memory[key.tobytes()] = vec
+        self._loaded = True
+
+    def _store(self, keys: list[bytes], vectors: np.ndarray) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        name = hashlib.sha256(b"".join(keys)).hexdigest()[:16]
+        tmp = self.folder / f".tmp-{os.getpid()}-{name}.npz"
+        np.savez(tmp, keys=np.frombuffer(b"".join(keys), dtype=np.uint8).reshape(len(keys), 32),
+                 vectors=vectors.astype(np.float32))
+        tmp.replace(self.folder / f"shard-{name}.npz")
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        from tqdm.auto import tqdm
+
+        self._load()
+        keys = [_digest(t) for t in texts]
+        todo: dict[bytes, str] = {}
+        for key, text in zip(keys, texts, strict=True):
+            if key not in self._memory:
+                todo.setdefault(key, text)
+        if todo:
+            # Similar lengths per call waste less work on padding.
+            pending = sorted(todo.items(), key=lambda kv: len(kv[1]))
+            with tqdm(total=len(pending), desc="embedding", unit="text",
+                      disable=not self.progress or len(pending) < _CHUNK) as bar:
+                for start in range(0, len(pending), _CHUNK):
+                    chunk = pending[start:start + _CHUNK]
+                    vecs = self.inner.encode([t for _, t in chunk])
+                    self._store([k for k, _ in chunk], vecs)
+                    self._memory.update((k, v) for (k, _), v in zip(chunk, vecs, strict=True))
+                    bar.update(len(chunk))
+        if not keys:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        return np.stack([self._memory[k] for k in keys]).astype(np.float32, copy=False)

@@ -1,0 +1,122 @@
+"""``moe eval``: score the gate and its baselines on a named suite or on the user's own labelled JSONL.
+
+Two kinds of suite, each writing ``results.json`` (a top-level ``metrics`` object, then everything else),
+``report.md`` and PNG figures to ``out``:
+
+- **label suites** (``mmlu-pro-domain``, ``clinc150-domain``, ``snips-intent``, ``banking77-intent``, or
+  ``--train A.jsonl --test B.jsonl``): the gate (``router.gate.train_gate``) is the headline; random,
+  majority, centroid similarity, kNN and logistic regression run on the same embeddings and split.
+- **outcome suites** (``mmlu-pro-outcome``, ``routerbench``, ``routellm-mmlu``): route by each expert's
+  predicted chance of success (``eval.outcome``), scored against every single expert, random and the oracle,
+  with the quality–cost curve or RouteLLM's APGR/CPT.
+
+Splits: a data set's own train/test split where it has one (CLINC150, SNIPS, Banking77, RouterBench),
+otherwise ``split_by_id`` with fractions (0.7, 0.1, 0.2) and the run's seed. Hyperparameters of the outcome
+routers are chosen on the validation part and the test part is touched once. Embeddings go through an
+on-disk cache (``eval.embeddings``), so a second run of a suite embeds nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from eval import labels as label_suites
+from eval import routing as outcome_suites
+from eval.embeddings import CachedEncoder
+from eval.report import write_results
+from eval.suite import SuiteContext
+from router.encoders import Encoder
+
+__all__ = ["SUITES", "SuiteContext", "main", "run_suite"]
+
+
+SUITES: dict[str, Callable[[SuiteContext], dict[str, Any]]] = {
+    "mmlu-pro-domain": label_suites.run_mmlu_pro_domain,
+    "clinc150-domain": label_suites.run_clinc150_domain,
+    "snips-intent": label_suites.run_snips_intent,
+    "banking77-intent": label_suites.run_banking77_intent,
+    "jsonl": label_suites.run_jsonl,
+    "mmlu-pro-outcome": outcome_suites.run_mmlu_pro_outcome,
+    "routerbench": outcome_suites.run_routerbench,
+    "routellm-mmlu": outcome_suites.run_routellm_mmlu,
+}
+
+
+def default_data_dir() -> Path:
+    return Path(os.environ.get("MOE_DATA_DIR") or Path.cwd().parent / "shared" / "data")
+
+
+def run_suite(name: str, data_dir: str | Path | None, out: str | Path, *, encoder: str | Encoder = "onnx",
+              seed: int = 0,
+              train: str | Path | None = None, test: str | Path | None = None, limit: int | None = None,
+              plots: bool = True, progress: bool = True, cache_dir: str | Path | None = None,
+              command: str | None = None) -> dict[str, Any]:
+    """Run one suite and write its outputs to ``out``; returns the results (as written to results.json).
+
+    ``name`` is a key of ``SUITES``; ``"jsonl"`` needs ``train`` and ``test``. ``encoder`` is a backend name
+    of ``router.encoders`` or an ``Encoder`` instance.
+    """
+    from router.config import EncoderConfig
+    from router.encoders import build_encoder
+
+    if name not in SUITES:
+        raise ValueError(f"unknown suite {name!r}; known: {', '.join(sorted(SUITES))}")
+    if name == "jsonl" and (train is None or test is None):
+        raise ValueError("the jsonl suite needs both --train and --test")
+    if isinstance(encoder, str):
+        cfg = EncoderConfig(backend=encoder)  # type: ignore[arg-type]  # pydantic validates the name
+        inner, max_length = build_encoder(cfg), cfg.max_length
+    else:
+        inner, max_length = encoder, EncoderConfig().max_length
+    cached = CachedEncoder(inner, cache_dir, max_length=max_length, progress=progress)
+    ctx = SuiteContext(name=name, data_dir=Path(data_dir) if data_dir else default_data_dir(), out=Path(out),
+                       encoder=cached, seed=seed, limit=limit, plots=plots, progress=progress,
+                       train_path=Path(train) if train else None, test_path=Path(test) if test else None)
+    ctx.out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    body = SUITES[name](ctx)
+    setup = {"suite": name, "encoder": f"{cached.identity} (sha256 {cached.checksum[:12]}…)", "seed": seed,
+             "data": str(ctx.data_dir) if name != "jsonl" else f"{train} / {test}", "limit": limit,
+             "out": str(ctx.out),
+             **body.pop("setup", {}), "seconds": round(time.perf_counter() - started, 1)}
+    results = {"metrics": body.pop("metrics"), "suite": name, "command": command, "setup": setup, **body,
+               "notes": [*body.pop("notes", []), *ctx.notes]}
+    write_results(ctx.out, results)
+    return results
+
+
+def main(args: argparse.Namespace) -> int:
+    """Entry point for ``moe eval`` (arguments are defined in ``router.cli``)."""
+    suite = args.suite
+    train, test = getattr(args, "train", None), getattr(args, "test", None)
+    if suite is None and (train or test):
+        suite = "jsonl"
+    if suite is None:
+        print(f"error: give --suite ({', '.join(s for s in SUITES if s != 'jsonl')}) or --train and --test",
+              file=sys.stderr)
+        return 2
+    results = run_suite(suite, args.data, args.out, encoder=args.encoder, seed=args.seed, train=train, test=test,
+                        limit=getattr(args, "limit", None), plots=not getattr(args, "no_plots", False),
+                        command=_command(args, suite))
+    print(_summary(results))
+    return 0
+
+
+def _command(args: argparse.Namespace, suite: str) -> str:
+    """The ``moe eval`` command line that reproduces this run."""
+    parts = ["moe eval"] + ([f"--suite {suite}"] if suite != "jsonl" else [f"--train {args.train} --test {args.test}"])
+    parts += [f"--out {args.out}", f"--encoder {args.encoder}", f"--seed {args.seed}"]
+    parts += [f"--data {args.data}"] if args.data else []
+    parts += [f"--limit {args.limit}"] if getattr(args, "limit", None) else []
+    return " ".join(parts)
+
+
+def _summary(results: dict[str, Any]) -> str:
+    shown = ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in results["metrics"].items())
+    return f"{results['suite']}: {shown}\nwrote results.json, report.md and figures to {results['setup'].get('out')}"

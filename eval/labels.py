@@ -1,0 +1,235 @@
+"""Label suites: the gate against random, majority, centroid, kNN and logistic baselines on one split.
+
+Every system yields a ``[n_test, n_labels]`` probability matrix over the training label set (sorted), so all
+of them are scored by the same code. Test queries whose label never occurs in training cannot be routed
+correctly by any system; they are left out of the scores and counted in ``setup.test_unseen_label``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from eval import metrics as M
+from eval.datasets import (
+    CLINC_OOS_LABEL,
+    LabelledQuery,
+    load_banking77,
+    load_clinc150_domains,
+    load_labelled_jsonl,
+    load_snips,
+    split_by_id,
+)
+from eval.report import plot_confusion, plot_reliability
+from eval.suite import SuiteContext, subsample
+
+__all__ = ["evaluate_labels", "run_banking77_intent", "run_clinc150_domain", "run_jsonl",
+           "run_mmlu_pro_domain", "run_snips_intent"]
+
+FRACTIONS = (0.7, 0.1, 0.2)
+KNN_K = 10
+N_BOOT = 1000
+
+
+# ---------------------------------------------------------------- suites
+
+
+def _limit(ctx: SuiteContext, items: list[LabelledQuery]) -> list[LabelledQuery]:
+    return subsample(items, ctx.limit, ctx.seed, key=lambda q: q.id)
+
+
+def run_mmlu_pro_domain(ctx: SuiteContext) -> dict[str, Any]:
+    from experts.recordings import load_mmlu_pro, mmlu_pro_prompt
+
+    store = load_mmlu_pro(_folder(ctx, "mmlu_pro_outcomes"))
+    # The text is the prompt a user sends (question and lettered options), as routed in production.
+    items = [LabelledQuery(str(q.question_id), mmlu_pro_prompt(q), q.category) for q in store.questions]
+    train, val, test = split_by_id(items, FRACTIONS, seed=ctx.seed)
+    ctx.notes.append(f"split by question id, fractions {FRACTIONS}, seed {ctx.seed}; train and val both train "
+                     "the gate (it holds out its own calibration part); text = mmlu_pro_prompt (question + options)")
+    return evaluate_labels(ctx, _limit(ctx, train + val), _limit(ctx, test), title="MMLU-Pro, 14 categories")
+
+
+def run_clinc150_domain(ctx: SuiteContext) -> dict[str, Any]:
+    d = ctx.data_dir
+    train = [q for q in load_clinc150_domains(d, "train") if q.label != CLINC_OOS_LABEL]
+    ctx.notes.append("CLINC150's own split; the gate trains on in-scope train only; the out-of-scope score is "
+                     "chosen by AUROC on CLINC's val split (in-scope + oos_val), then reported on test")
+    return evaluate_labels(ctx, _limit(ctx, train), _limit(ctx, load_clinc150_domains(d, "test")),
+                           val=_limit(ctx, load_clinc150_domains(d, "val")), oos_label=CLINC_OOS_LABEL,
+                           title="CLINC150, 10 domains")
+
+
+def run_snips_intent(ctx: SuiteContext) -> dict[str, Any]:
+    ctx.notes.append("SNIPS's own train/test split")
+    return evaluate_labels(ctx, _limit(ctx, load_snips(ctx.data_dir, "train")),
+                           _limit(ctx, load_snips(ctx.data_dir, "test")), title="SNIPS, 7 intents")
+
+
+def run_banking77_intent(ctx: SuiteContext) -> dict[str, Any]:
+    ctx.notes.append("Banking77's own train/test split")
+    return evaluate_labels(ctx, _limit(ctx, load_banking77(ctx.data_dir, "train")),
+                           _limit(ctx, load_banking77(ctx.data_dir, "test")), title="Banking77, 77 intents")
+
+
+def run_jsonl(ctx: SuiteContext) -> dict[str, Any]:
+    assert ctx.train_path is not None and ctx.test_path is not None
+    ctx.notes.append(f"user data: trained on {ctx.train_path}, tested on {ctx.test_path}")
+    return evaluate_labels(ctx, _limit(ctx, load_labelled_jsonl(ctx.train_path)),
+                           _limit(ctx, load_labelled_jsonl(ctx.test_path)), title=ctx.test_path.name)
+
+
+def _folder(ctx: SuiteContext, name: str) -> Any:
+    return ctx.data_dir / name if (ctx.data_dir / name).is_dir() else ctx.data_dir
+
+
+# ---------------------------------------------------------------- scoring
+
+
+def evaluate_labels(ctx: SuiteContext, train: Sequence[LabelledQuery], test: Sequence[LabelledQuery], *,
+                    val: Sequence[LabelledQuery] = (), oos_label: str | None = None,
+                    title: str) -> dict[str, Any]:
+    """Train the gate and the baselines on ``train``, score them on ``test``; the results body."""
+    from router.gate import train_gate
+
+    labels = sorted({q.label for q in train})
+    if len(labels) < 2:
+        raise ValueError(f"training data has {len(labels)} label(s); routing needs at least two")
+    index = {lab: i for i, lab in enumerate(labels)}
+    scored = [q for q in test if q.label in index]
+    oos = [q for q in test if oos_label is not None and q.label == oos_label]
+    unseen = len(test) - len(scored) - len(oos)
+    if not scored:
+        raise ValueError("no test query has a label that occurs in the training data")
+    enc = ctx.encoder
+    x_tr, x_te = enc.encode([q.text for q in train]), enc.encode([q.text for q in scored])
+    y_tr = np.array([index[q.label] for q in train])
+    y_te = np.array([index[q.label] for q in scored])
+    gate = train_gate([q.text for q in train], [q.label for q in train], enc, experts=labels, seed=ctx.seed,
+                      progress=ctx.progress)
+    probs = {"gate": gate.predict_proba(x_te), **_baselines(x_tr, y_tr, x_te, len(labels), ctx.seed)}
+    systems = {name: _scores(p, y_te) for name, p in probs.items()}
+    metrics = dict(systems["gate"])
+    body: dict[str, Any] = {"setup": {"train": len(train), "test": len(scored), "val": len(val),
+                                      "test_out_of_scope": len(oos), "test_unseen_label": unseen,
+                                      "labels": len(labels), "gate_temperature": gate.temperature,
+                                      "gate_classifier": gate.metadata.classifier}}
+    if oos:
+        oos_result = _out_of_scope(gate, x_tr, x_te, enc.encode([q.text for q in oos]), val, index, oos_label, enc)
+        metrics["oos_auroc"] = oos_result.pop("oos_auroc")
+        body["out_of_scope"] = oos_result
+    body["metrics"] = metrics
+    body["systems"] = systems
+    body["confidence_intervals"] = _intervals(probs["gate"], y_te, ctx.seed)
+    pred = probs["gate"].argmax(axis=1)
+    body["per_class"] = _per_class(y_te, pred, labels)
+    body["labels"] = labels
+    cm = M.confusion_matrix(y_te, pred, labels=range(len(labels)))
+    body["confusion_matrix"] = cm
+    if ctx.plots:
+        plot_confusion(ctx.out / "confusion_matrix.png", cm, labels, f"{title}: gate confusion matrix")
+        bins = M.reliability_bins(probs["gate"], y_te)
+        plot_reliability(ctx.out / "reliability.png", bins, metrics["ece"], f"{title}: gate reliability")
+        body["figures"] = ["confusion_matrix.png", "reliability.png"]
+    return body
+
+
+def _softmax(z: np.ndarray) -> np.ndarray:
+    e = np.exp(z - z.max(axis=1, keepdims=True))
+    return np.asarray(e / e.sum(axis=1, keepdims=True))
+
+
+def _baselines(x_tr: np.ndarray, y_tr: np.ndarray, x_te: np.ndarray, n: int, seed: int) -> dict[str, np.ndarray]:
+    """Probability rows of each baseline over the same ``n`` labels."""
+    import faiss
+    from sklearn.linear_model import LogisticRegression
+
+    from router.gate import fit_temperature
+
+    rng = np.random.default_rng(seed)
+    prior = np.bincount(y_tr, minlength=n) / len(y_tr)
+    # Semantic-router style: cosine to each label's mean embedding; a temperature fitted on train makes the
+    # similarities probabilities (it does not change the ranking).
+    means = np.stack([x_tr[y_tr == c].mean(axis=0) if (y_tr == c).any() else np.zeros(x_tr.shape[1])
+                      for c in range(n)])
+    means /= np.maximum(np.linalg.norm(means, axis=1, keepdims=True), 1e-12)
+    t = fit_temperature(x_tr @ means.T, y_tr)
+    index = faiss.IndexFlatIP(x_tr.shape[1])
+    index.add(np.ascontiguousarray(x_tr, dtype=np.float32))
+    k = min(KNN_K, len(y_tr))
+    sims, ids = index.search(np.ascontiguousarray(x_te, dtype=np.float32), k)
+    votes = np.zeros((len(x_te), n))
+    for j in range(k):  # similarity-weighted votes of the k nearest training queries
+        np.add.at(votes, (np.arange(len(x_te)), y_tr[ids[:, j]]), np.maximum(sims[:, j], 0.0) + 1e-6)
+    logistic = LogisticRegression(max_iter=1000, random_state=seed).fit(x_tr, y_tr)
+    lr = np.zeros((len(x_te), n))
+    lr[:, logistic.classes_] = logistic.predict_proba(x_te)
+    return {
+        "random": rng.dirichlet(np.ones(n), size=len(x_te)),
+        "majority": np.tile(prior, (len(x_te), 1)),
+        "centroid": _softmax(x_te @ means.T / t),
+        "knn": votes / votes.sum(axis=1, keepdims=True),
+        "logistic": lr,
+    }
+
+
+def _macro_f1(probs: np.ndarray, y: np.ndarray) -> float:
+    return M.macro_f1(y, probs.argmax(axis=1))
+
+
+def _scores(probs: np.ndarray, y: np.ndarray) -> dict[str, float]:
+    return {"accuracy": M.accuracy(y, probs.argmax(axis=1)),
+            "top2_recall": M.topk_recall(probs, y, min(2, probs.shape[1])),
+            "macro_f1": _macro_f1(probs, y),
+            "ece": M.expected_calibration_error(probs, y)}
+
+
+def _intervals(probs: np.ndarray, y: np.ndarray, seed: int) -> dict[str, dict[str, float]]:
+    fns = {"accuracy": lambda p, t: M.accuracy(t, p.argmax(axis=1)),
+           "top2_recall": lambda p, t: M.topk_recall(p, t, min(2, p.shape[1])),
+           "macro_f1": _macro_f1,
+           "ece": M.expected_calibration_error}
+    out = {}
+    for name, fn in fns.items():
+        ci = M.bootstrap_ci(fn, probs, y, n=N_BOOT, seed=seed)
+        out[name] = {"estimate": ci.estimate, "low": ci.low, "high": ci.high}
+    return out
+
+
+def _per_class(y: np.ndarray, pred: np.ndarray, labels: list[str]) -> dict[str, dict[str, float]]:
+    table = M.per_class_precision_recall(y, pred, labels=range(len(labels)))
+    return {labels[i]: {"precision": p, "recall": r, "f1": 2 * p * r / (p + r) if p + r else 0.0, "support": s}
+            for i, (p, r, s) in table.items()}
+
+
+def _out_of_scope(gate: Any, x_tr: np.ndarray, x_in: np.ndarray, x_oos: np.ndarray,
+                  val: Sequence[LabelledQuery], index: dict[str, int], oos_label: str | None,
+                  enc: Any) -> dict[str, Any]:
+    """AUROC of each out-of-scope score on test; the one reported is chosen on validation data."""
+    import faiss
+
+    nn = faiss.IndexFlatIP(x_tr.shape[1])
+    nn.add(np.ascontiguousarray(x_tr, dtype=np.float32))
+
+    def scores(x: np.ndarray) -> dict[str, np.ndarray]:
+        maxprob = 1.0 - gate.predict_proba(x).max(axis=1)
+        sim, _ = nn.search(np.ascontiguousarray(x, dtype=np.float32), 1)
+        far = 1.0 - sim[:, 0]
+        # Both lie in [0, 1] and grow with "unlike anything trained on"; their mean uses both signals.
+        return {"1-max_prob": maxprob, "1-nn_similarity": far, "mean_of_both": (maxprob + far) / 2}
+
+    def aurocs(x_pos: np.ndarray, x_neg: np.ndarray) -> dict[str, float]:
+        s_pos, s_neg = scores(x_pos), scores(x_neg)
+        truth = np.r_[np.ones(len(x_pos), bool), np.zeros(len(x_neg), bool)]
+        return {k: M.auroc(np.r_[s_pos[k], s_neg[k]], truth) for k in s_pos}
+
+    test = aurocs(x_oos, x_in)
+    val_oos = [q.text for q in val if q.label == oos_label]
+    val_in = [q.text for q in val if q.label in index]
+    chosen, on_val = "1-max_prob", None
+    if val_oos and val_in:
+        on_val = aurocs(enc.encode(val_oos), enc.encode(val_in))
+        chosen = max(on_val, key=lambda k: on_val[k])
+    return {"oos_auroc": test[chosen], "score": chosen, "auroc_test": test, "auroc_val": on_val}

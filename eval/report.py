@@ -1,0 +1,200 @@
+"""Writing an evaluation's outputs: ``results.json``, ``report.md`` and PNG figures with labelled axes.
+
+Figures are drawn with matplotlib's Agg backend (no display needed), imported only when a figure is drawn.
+Every function here takes plain numbers and writes files; none computes a metric.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from eval.metrics import ReliabilityBins
+
+__all__ = [
+    "plot_confusion",
+    "plot_quality_cost",
+    "plot_reliability",
+    "plot_strong_calls",
+    "render_markdown",
+    "write_results",
+]
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return _jsonable(value.tolist())
+    if isinstance(value, np.generic):
+        return _jsonable(value.item())
+    if isinstance(value, float) and not math.isfinite(value):
+        return None  # JSON has no NaN or infinity; null reads as "undefined"
+    return value
+
+
+def write_results(out: Path, results: Mapping[str, Any]) -> None:
+    """``results.json`` and ``report.md`` in ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(_jsonable(results), indent=2) + "\n", encoding="utf-8")
+    (out / "report.md").write_text(render_markdown(results), encoding="utf-8")
+
+
+# ---------------------------------------------------------------- markdown
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float | np.floating):
+        return "n/a" if not math.isfinite(float(value)) else f"{float(value):.4g}"
+    if value is None:
+        return "n/a"
+    return str(value)
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_fmt(c) for c in row) + " |" for row in rows]
+    return [*lines, ""]
+
+
+def _rows_of(systems: Mapping[str, Mapping[str, Any]]) -> tuple[list[str], list[list[Any]]]:
+    keys: list[str] = []
+    for metrics in systems.values():
+        keys += [k for k, v in metrics.items() if k not in keys and not isinstance(v, Mapping | list)]
+    return ["system", *keys], [[name, *(m.get(k) for k in keys)] for name, m in systems.items()]
+
+
+def render_markdown(results: Mapping[str, Any]) -> str:
+    lines = [f"# Evaluation: {results['suite']}", ""]
+    lines += [f"Command: `{results['command']}`", ""] if results.get("command") else []
+    lines += [f"- {k}: {_fmt(v)}" for k, v in results.get("setup", {}).items()] + [""]
+    lines += ["## Headline metrics", ""]
+    ci = results.get("confidence_intervals", {})
+    lines += _table(["metric", "value", "95% CI"],
+                    [[k, v, f"[{_fmt(ci[k]['low'])}, {_fmt(ci[k]['high'])}]" if k in ci else ""]
+                     for k, v in results["metrics"].items()])
+    if results.get("systems"):
+        lines += ["## Gate and baselines on the same test split", ""]
+        lines += _table(*_rows_of(results["systems"]))
+    if results.get("experts"):
+        lines += ["## Every single expert on the test split", ""]
+        lines += _table(*_rows_of(results["experts"]))
+    if results.get("curve"):
+        lines += ["## Quality–cost curve (swept over the cost weight λ)", ""]
+        lines += _table(*_rows_of({f"λ={p['lambda']:.4g}": p for p in results["curve"]}))
+    if results.get("per_class"):
+        lines += ["## Per class (gate)", ""]
+        lines += _table(["label", "precision", "recall", "f1", "support"],
+                        [[lab, r["precision"], r["recall"], r["f1"], r["support"]]
+                         for lab, r in results["per_class"].items()])
+    if results.get("figures"):
+        lines += ["## Figures", ""] + [f"![{name}]({name})" for name in results["figures"]] + [""]
+    if results.get("notes"):
+        lines += ["## Notes", ""] + [f"- {n}" for n in results["notes"]] + [""]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- figures
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_confusion(path: Path, matrix: np.ndarray, labels: Sequence[str], title: str) -> None:
+    """Row-normalised confusion matrix (each row: where that true label's queries went)."""
+    plt = _pyplot()
+    rows = matrix.sum(axis=1, keepdims=True)
+    norm = np.divide(matrix, rows, out=np.zeros(matrix.shape, dtype=float), where=rows > 0)
+    size = min(4 + 0.35 * len(labels), 24)
+    fig, ax = plt.subplots(figsize=(size, size * 0.85))
+    im = ax.imshow(norm, cmap="Blues", vmin=0.0, vmax=1.0)
+    fig.colorbar(im, ax=ax, label="fraction of the true label's queries")
+    if len(labels) <= 40:
+        ax.set_xticks(range(len(labels)), labels, rotation=90, fontsize=8)
+        ax.set_yticks(range(len(labels)), labels, fontsize=8)
+        if len(labels) <= 16:
+            for i, j in zip(*np.nonzero(matrix), strict=True):
+                ax.text(j, i, str(matrix[i, j]), ha="center", va="center", fontsize=6,
+                        color="white" if norm[i, j] > 0.5 else "black")
+    ax.set_xlabel("predicted label")
+    ax.set_ylabel("true label")
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_reliability(path: Path, bins: ReliabilityBins, ece: float, title: str) -> None:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    centres = (bins.edges[:-1] + bins.edges[1:]) / 2
+    width = bins.edges[1] - bins.edges[0]
+    filled = bins.counts > 0
+    ax.bar(centres[filled], bins.accuracy[filled], width=width * 0.9, color="tab:blue", alpha=0.8,
+           label="accuracy in bin")
+    ax.plot([0, 1], [0, 1], "k--", label="perfect calibration")
+    ax.plot(bins.confidence[filled], bins.accuracy[filled], "o", color="tab:orange", ms=4,
+            label="(mean confidence, accuracy)")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("confidence (max probability)")
+    ax.set_ylabel("accuracy")
+    ax.set_title(f"{title}\nECE = {ece:.4f}")
+    ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_quality_cost(path: Path, curve: Sequence[tuple[float, float]], hull: tuple[np.ndarray, np.ndarray],
+                      singles: Mapping[str, tuple[float, float]], oracle: tuple[float, float] | None,
+                      cost_label: str, title: str) -> None:
+    """The router's (cost, accuracy) sweep, its non-decreasing convex hull, every single expert and the oracle."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7.5, 5.5))
+    cx, cy = zip(*curve, strict=True)
+    ax.plot(cx, cy, ".-", color="tab:blue", label="gate, swept over λ")
+    ax.plot(hull[0], hull[1], "--", color="tab:blue", alpha=0.5, label="convex hull (AIQ)")
+    for name, (c, q) in singles.items():
+        ax.plot(c, q, "s", color="tab:gray", ms=4)
+        ax.annotate(name.split("/")[-1][:24], (c, q), fontsize=6, xytext=(3, 2), textcoords="offset points")
+    if oracle is not None:
+        ax.plot(*oracle, "*", color="tab:red", ms=10, label="cheapest-correct oracle")
+    ax.set_xscale("log")
+    ax.set_xlabel(cost_label)
+    ax.set_ylabel("accuracy")
+    ax.set_title(title)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_strong_calls(path: Path, curves: Mapping[str, tuple[np.ndarray, np.ndarray]], strong: float,
+                      weak: float, title: str) -> None:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 5))
+    for name, (x, y) in curves.items():
+        ax.plot(x, y, ".-", label=name)
+    ax.axhline(strong, color="tab:green", ls="--", label="strong model alone")
+    ax.axhline(weak, color="tab:red", ls="--", label="weak model alone")
+    ax.set_xlabel("calls to the strong model (%)")
+    ax.set_ylabel("accuracy")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

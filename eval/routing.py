@@ -1,0 +1,301 @@
+"""Outcome suites: route each query to the expert predicted most likely to succeed, and what that costs.
+
+Rules for missing records (``eval.metrics``' rule): a routed system, a single expert taken as a system
+included, gets 0 for a query whose chosen expert has no record; the success estimates learn only from
+recorded outcomes. Routers are tuned on validation data; the test split is scored once.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from eval import metrics as M
+from eval.datasets import load_routellm_mmlu, split_by_id
+from eval.outcome import NeighbourOutcomes, route_with_cost, route_with_margin
+from eval.report import plot_quality_cost, plot_strong_calls
+from eval.suite import SuiteContext, as_float, subsample
+
+__all__ = ["run_mmlu_pro_outcome", "run_routellm_mmlu", "run_routerbench"]
+
+FRACTIONS = (0.7, 0.1, 0.2)
+K_GRID = (10, 25, 50, 100)
+ALPHA_GRID = (1.0, 3.0, 10.0, 30.0)
+MARGIN_GRID = (0.0, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, np.inf)
+N_LAMBDA = 40
+N_BOOT = 1000
+
+
+def _system(outcomes: np.ndarray, costs: np.ndarray, choices: np.ndarray) -> dict[str, float]:
+    return {"accuracy": M.routed_accuracy(choices, outcomes), "cost": M.routed_cost(choices, costs)}
+
+
+def _always(n: int, m: int) -> np.ndarray:
+    return np.full(n, m, dtype=np.int64)
+
+
+def _fill_costs(costs: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Unknown costs become the expert's mean over ``rows`` (train), so a routed cost is always defined."""
+    mean = np.nanmean(costs[rows], axis=0)
+    return np.where(np.isnan(costs), mean[None, :], costs)
+
+
+def _tune(x: np.ndarray, outcomes: np.ndarray, train: np.ndarray, val: np.ndarray,
+          best: int) -> tuple[dict[str, float], list[dict[str, float]]]:
+    """(k, alpha, margin) with the best validation accuracy; ties go to the larger margin (closer to best)."""
+    model = NeighbourOutcomes(x[train], outcomes[train])
+    ids = model.neighbours(x[val], max(K_GRID))
+    grid = []
+    for k, alpha in itertools.product(K_GRID, ALPHA_GRID):
+        success = model.success(ids[:, :k], alpha)
+        for margin in MARGIN_GRID:
+            acc = M.routed_accuracy(route_with_margin(success, best, margin), outcomes[val])
+            grid.append({"k": k, "alpha": alpha, "margin": float(margin), "val_accuracy": acc})
+    chosen = max(grid, key=lambda g: (round(g["val_accuracy"], 12), g["margin"]))
+    return chosen, grid
+
+
+def _naive_regression(x: np.ndarray, outcomes: np.ndarray, train: np.ndarray, test: np.ndarray) -> np.ndarray:
+    """The trap: ridge regression of every expert's success on the embedding, then plain argmax."""
+    from sklearn.linear_model import Ridge
+
+    y = outcomes[train]
+    y = np.where(np.isnan(y), np.nanmean(y, axis=0)[None, :], y)
+    return np.asarray(Ridge(alpha=1.0).fit(x[train], y).predict(x[test]).argmax(axis=1), dtype=np.int64)
+
+
+def route_outcomes(ctx: SuiteContext, x: np.ndarray, outcomes: np.ndarray, costs: np.ndarray,
+                   models: Sequence[str], train: np.ndarray, val: np.ndarray, test: np.ndarray, *,
+                   cost_label: str, title: str, reference: str | None = None) -> dict[str, Any]:
+    """Tune on ``val``, refit on ``train + val``, score on ``test``; the results body of an outcome suite."""
+    costs = _fill_costs(costs, train)
+    o_test, c_test = outcomes[test], costs[test]
+    n_models = len(models)
+    train_acc = [M.routed_accuracy(_always(len(train), m), outcomes[train]) for m in range(n_models)]
+    best = int(np.argmax(train_acc))  # chosen on training data, as a user would
+    chosen, grid = _tune(x, outcomes, train, val, best)
+    fit = np.r_[train, val]
+    model = NeighbourOutcomes(x[fit], outcomes[fit], costs[fit])
+    ids = model.neighbours(x[test], int(chosen["k"]))
+    success = model.success(ids, chosen["alpha"])
+    choices = route_with_margin(success, best, chosen["margin"])
+    routed = _system(o_test, c_test, choices)
+    rng = np.random.default_rng(ctx.seed)
+    experts = {m: _system(o_test, c_test, _always(len(test), i)) | {"train_accuracy": train_acc[i]}
+               for i, m in enumerate(models)}
+    oracle = M.cheapest_correct_oracle(o_test, c_test)
+    systems = {
+        "gate (kNN success, margin over best single)": routed,
+        "gate, argmax of predicted success (no margin)": _system(o_test, c_test, success.argmax(axis=1)),
+        "naive per-expert success regression": _system(o_test, c_test, _naive_regression(x, outcomes, fit, test)),
+        f"best single ({models[best]})": experts[models[best]],
+        "random expert": _system(o_test, c_test, rng.integers(0, n_models, len(test))),
+        "oracle (cheapest correct)": {"accuracy": oracle.accuracy, "cost": oracle.cost},
+    }
+    diff = M.bootstrap_ci(lambda o, c: M.routed_accuracy(c, o) - float(np.nan_to_num(o[:, best]).mean()),
+                          o_test, choices, n=N_BOOT, seed=ctx.seed)
+    acc_ci = M.bootstrap_ci(lambda o, c: M.routed_accuracy(c, o), o_test, choices, n=N_BOOT, seed=ctx.seed)
+    curve, hull = _curve(model, ids, success, o_test, c_test, chosen["alpha"])
+    metrics = {"routed_accuracy": routed["accuracy"], "best_single_accuracy": experts[models[best]]["accuracy"],
+               "oracle_accuracy": M.oracle_accuracy(o_test), "routed_cost": routed["cost"],
+               "best_single_cost": experts[models[best]]["cost"], "routed_minus_best_single": diff.estimate,
+               "aiq": M.aiq([p["cost"] for p in curve], [p["accuracy"] for p in curve])}
+    body: dict[str, Any] = {
+        "metrics": metrics,
+        "setup": {"train": len(train), "val": len(val), "test": len(test), "experts": n_models,
+                  "best_single": models[best], "cost_unit": cost_label, **{f"chosen_{k}": v for k, v in
+                                                                           chosen.items()}},
+        "confidence_intervals": {
+            "routed_accuracy": {"estimate": acc_ci.estimate, "low": acc_ci.low, "high": acc_ci.high},
+            "routed_minus_best_single": {"estimate": diff.estimate, "low": diff.low, "high": diff.high}},
+        "systems": systems, "experts": experts, "curve": curve, "hull": {"cost": hull[0], "accuracy": hull[1]},
+        "routed_share": {m: float(np.mean(choices == i)) for i, m in enumerate(models) if np.any(choices == i)},
+        "tuning_grid": grid,
+    }
+    if reference is not None:
+        body["reference_match"] = _match(curve, experts[reference], reference)
+    if ctx.plots:
+        singles = {m: (e["cost"], e["accuracy"]) for m, e in experts.items()}
+        plot_quality_cost(ctx.out / "quality_cost.png", [(p["cost"], p["accuracy"]) for p in curve], hull,
+                          singles, (oracle.cost, oracle.accuracy), cost_label, f"{title}: quality against cost")
+        body["figures"] = ["quality_cost.png"]
+    return body
+
+
+def _curve(model: NeighbourOutcomes, ids: np.ndarray, success: np.ndarray, o_test: np.ndarray,
+           c_test: np.ndarray, alpha: float) -> tuple[list[dict[str, float]], tuple[np.ndarray, np.ndarray]]:
+    """Sweep ``score = p_success - λ·predicted_cost`` from λ = 0 (quality only) to cost-dominated."""
+    predicted = model.cost(ids)
+    scale = float(np.median(predicted))
+    lambdas = np.r_[0.0, np.logspace(-3, 3, N_LAMBDA) / max(scale, 1e-12)]
+    curve = []
+    for lam in lambdas:
+        picks = route_with_cost(success, predicted, float(lam))
+        curve.append({"lambda": float(lam), **_system(o_test, c_test, picks)})
+    hull = M.quality_cost_hull([p["cost"] for p in curve], [p["accuracy"] for p in curve])
+    return curve, hull
+
+
+def _match(curve: list[dict[str, float]], ref: dict[str, float], name: str) -> dict[str, Any]:
+    """The cheapest curve point at least as accurate as ``ref``, and its cost as a share of ``ref``'s."""
+    hits = [p for p in curve if p["accuracy"] >= ref["accuracy"]]
+    point = min(hits, key=lambda p: p["cost"]) if hits else None
+    return {"reference": name, "reference_accuracy": ref["accuracy"], "reference_cost": ref["cost"],
+            "point": point, "cost_share": point["cost"] / ref["cost"] if point else None}
+
+
+# ---------------------------------------------------------------- suites
+
+
+def _ids_to_rows(ids: Sequence[str], parts: Sequence[Sequence[Any]]) -> list[np.ndarray]:
+    pos = {i: n for n, i in enumerate(ids)}
+    return [np.array([pos[p.id] for p in part], dtype=np.int64) for part in parts]
+
+
+class _Row:
+    __slots__ = ("id",)
+
+    def __init__(self, id_: str) -> None:
+        self.id = id_
+
+
+def _split(ctx: SuiteContext, ids: Sequence[str], fractions: Sequence[float]) -> list[np.ndarray]:
+    parts = split_by_id([_Row(i) for i in ids], fractions, seed=ctx.seed)
+    parts = tuple(subsample(p, ctx.limit, ctx.seed, key=lambda r: r.id) for p in parts)
+    return _ids_to_rows(ids, parts)
+
+
+def run_mmlu_pro_outcome(ctx: SuiteContext) -> dict[str, Any]:
+    from experts.recordings import load_mmlu_pro, mmlu_pro_prompt
+
+    folder = ctx.data_dir / "mmlu_pro_outcomes"
+    store = load_mmlu_pro(folder if folder.is_dir() else ctx.data_dir)
+    models = list(store.models)
+    ids = [str(q.question_id) for q in store.questions]
+    train, val, test = _split(ctx, ids, FRACTIONS)
+    used = np.r_[train, val, test]
+    x = np.zeros((len(ids), ctx.encoder.dim), dtype=np.float32)
+    x[used] = ctx.encoder.encode([mmlu_pro_prompt(store.questions[i]) for i in used])
+    outcomes = np.stack([as_float(store.correct(m)) for m in models], axis=1)
+    chars = np.stack([as_float([o.response_chars for o in store.outcomes(m)]) for m in models], axis=1)
+    chars = np.where(np.isnan(outcomes), np.nan, chars)
+    ctx.notes += [
+        f"split by question id, fractions {FRACTIONS}, seed {ctx.seed}; k, shrinkage and margin tuned on val",
+        "cost model: MMLU-Pro records no prices, so a query's cost is the chosen model's recorded output length "
+        "in characters (response_chars; generation cost grows with output tokens); a missing length is the "
+        "model's training-split mean. Model size is not priced in: a 7B and a frontier model cost the same per "
+        "character here",
+        "missing outcomes: excluded when estimating success; counted as wrong for every routed system, single "
+        "models included (so DeepSeek-Coder-V2, with 1,681 questions unrecorded, scores below its own accuracy)",
+    ]
+    return route_outcomes(ctx, x, outcomes, chars / 1000.0, models, train, val, test,
+                          cost_label="output length (thousand characters per query)",
+                          title="MMLU-Pro, 31 LLMs")
+
+
+def run_routerbench(ctx: SuiteContext) -> dict[str, Any]:
+    from experts.recordings import load_routerbench
+
+    folder = ctx.data_dir / "routerdc" / "routerbench_zs"
+    store = load_routerbench(folder if folder.is_dir() else ctx.data_dir)
+    rows = list(store.rows)
+    models = list(store.models)
+    ids = [str(r.row_index) for r in rows]
+    train_all = np.array([i for i, r in enumerate(rows) if r.split == "train"])
+    fit_ids = [ids[i] for i in train_all]
+    tr, va = _split(ctx, fit_ids, (0.85, 0.15))[:2]
+    train, val = train_all[tr], train_all[va]
+    test_rows = [_Row(ids[i]) for i, r in enumerate(rows) if r.split == "test"]
+    test = _ids_to_rows(ids, [subsample(test_rows, ctx.limit, ctx.seed, key=lambda r: r.id)])[0]
+    used = np.r_[train, val, test]
+    x = np.zeros((len(rows), ctx.encoder.dim), dtype=np.float32)
+    x[used] = ctx.encoder.encode([rows[i].prompt for i in used])
+    outcomes = np.array([[as_float([r.answers[m].correct])[0] for m in models] for r in rows])
+    costs = np.array([[as_float([r.answers[m].cost_usd])[0] for m in models] for r in rows])
+    ctx.notes += [
+        "RouterBench's own train/test split (ARC-Challenge, MBPP, Winogrande); 15% of train, by row id, tunes "
+        "k, shrinkage and margin; the router is then refitted on all of train",
+        "the gate embeds the whole prompt. ARC and Winogrande prompts open with the same inline few-shot "
+        "examples, so MiniLM's 256-token window mostly sees those and the embedding mainly tells the task; "
+        "embedding only the last paragraph (the question) was measured and did worse (AIQ 0.811 vs 0.843)",
+        "cost: each model's recorded USD cost for the query; the gate predicts it as the mean cost of that "
+        "model on the query's nearest training neighbours",
+    ]
+    body = route_outcomes(ctx, x, outcomes, costs, models, train, val, test, cost_label="USD per query",
+                          title="RouterBench subset, 11 LLMs", reference="gpt-4-1106-preview")
+    arc = np.array([rows[i].task == "arc_challenge" for i in test])
+    if arc.any():
+        body["arc_challenge"] = _subset_curve(body, outcomes[test][arc], _fill_costs(costs, train)[test][arc],
+                                              models, x, outcomes, costs, np.r_[train, val], test[arc])
+        body["metrics"]["arc_gpt4_cost_share"] = body["arc_challenge"]["reference_match"]["cost_share"]
+    body["metrics"]["gpt4_cost_share"] = body["reference_match"]["cost_share"]
+    return body
+
+
+def _subset_curve(body: dict[str, Any], o: np.ndarray, c: np.ndarray, models: list[str], x: np.ndarray,
+                  outcomes: np.ndarray, costs: np.ndarray, fit: np.ndarray, rows: np.ndarray) -> dict[str, Any]:
+    """The λ sweep restricted to one task's test queries, and where it reaches GPT-4 there."""
+    model = NeighbourOutcomes(x[fit], outcomes[fit], _fill_costs(costs, fit)[fit])
+    ids = model.neighbours(x[rows], int(body["setup"]["chosen_k"]))
+    success = model.success(ids, body["setup"]["chosen_alpha"])
+    curve, _ = _curve(model, ids, success, o, c, body["setup"]["chosen_alpha"])
+    gpt4 = _system(o, c, _always(len(o), models.index("gpt-4-1106-preview")))
+    oracle = M.cheapest_correct_oracle(o, c)
+    return {"queries": len(o), "curve": curve, "reference_match": _match(curve, gpt4, "gpt-4-1106-preview"),
+            "oracle": {"accuracy": oracle.accuracy, "cost": oracle.cost, "cost_share": oracle.cost / gpt4["cost"]}}
+
+
+def run_routellm_mmlu(ctx: SuiteContext) -> dict[str, Any]:
+    suite = load_routellm_mmlu(ctx.data_dir)
+    ids = [q.id for q in suite.queries]
+    train, val, test = _split(ctx, ids, FRACTIONS)
+    used = np.r_[train, val, test]
+    x = np.zeros((len(ids), ctx.encoder.dim), dtype=np.float32)
+    x[used] = ctx.encoder.encode([suite.queries[i].text for i in used])
+    pair = np.stack([suite.strong_correct, suite.weak_correct], axis=1).astype(float)
+
+    def win_rate(fit: np.ndarray, rows: np.ndarray, k: int, alpha: float) -> np.ndarray:
+        model = NeighbourOutcomes(x[fit], pair[fit])
+        p = model.success(model.neighbours(x[rows], k), alpha)
+        return np.asarray(p[:, 0] - p[:, 1])  # predicted gain from calling the strong model
+
+    def score(s: np.ndarray, rows: np.ndarray) -> float:
+        strong, weak = pair[rows, 0], pair[rows, 1]
+        pct, perf = M.strong_call_curve(s, strong, weak)
+        return M.apgr(pct, perf, float(weak.mean()), float(strong.mean()))
+
+    grid = [{"k": k, "alpha": a, "val_apgr": score(win_rate(train, val, k, a), val)}
+            for k, a in itertools.product(K_GRID, ALPHA_GRID)]
+    chosen = max(grid, key=lambda g: g["val_apgr"])
+    s = win_rate(np.r_[train, val], test, int(chosen["k"]), chosen["alpha"])
+    strong, weak = pair[test, 0], pair[test, 1]
+    sw, ww = float(strong.mean()), float(weak.mean())
+    pct, perf = M.strong_call_curve(s, strong, weak)
+    rand = np.random.default_rng(ctx.seed).random(len(test))
+    r_pct, r_perf = M.strong_call_curve(rand, strong, weak)
+    ci = M.bootstrap_ci(lambda sc, st, wk: M.apgr(*M.strong_call_curve(sc, st, wk), float(wk.mean()),
+                                                  float(st.mean())), s, strong, weak, n=N_BOOT, seed=ctx.seed)
+    metrics = {"apgr": M.apgr(pct, perf, ww, sw), "cpt50": M.cpt(pct, perf, ww, sw, 50),
+               "cpt80": M.cpt(pct, perf, ww, sw, 80), "best_single_accuracy": sw, "weak_accuracy": ww,
+               "oracle_accuracy": M.oracle_accuracy(pair[test]), "random_apgr": M.apgr(r_pct, r_perf, ww, sw)}
+    ctx.notes.append(f"split by id, fractions {FRACTIONS}, seed {ctx.seed}; contaminated prompts dropped as "
+                     "RouteLLM does; the win-rate score is the kNN-estimated success of the strong model minus "
+                     "the weak one's, with k and shrinkage tuned on val by APGR")
+    body: dict[str, Any] = {
+        "metrics": metrics,
+        "setup": {"train": len(train), "val": len(val), "test": len(test), "strong": suite.strong_model,
+                  "weak": suite.weak_model, "chosen_k": chosen["k"], "chosen_alpha": chosen["alpha"]},
+        "confidence_intervals": {"apgr": {"estimate": ci.estimate, "low": ci.low, "high": ci.high}},
+        "strong_call_curve": {"gate": {"strong_pct": pct, "accuracy": perf},
+                              "random": {"strong_pct": r_pct, "accuracy": r_perf}},
+        "tuning_grid": grid,
+    }
+    if ctx.plots:
+        plot_strong_calls(ctx.out / "strong_calls.png", {"gate (kNN win rate)": (pct, perf),
+                                                          "random": (r_pct, r_perf)}, sw, ww,
+                          "RouteLLM MMLU: GPT-4 vs Mixtral")
+        body["figures"] = ["strong_calls.png"]
+    return body

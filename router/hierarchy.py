@@ -1,0 +1,148 @@
+"""Hierarchical experts: an expert of ``type: router`` is another router, so a mixture can hold mixtures.
+
+Two ways to reach the inner router, exactly one per expert (the config's cross-check enforces it):
+
+- ``router_config: other.yaml`` builds the inner router in-process with ``build_orchestrator``; the outer
+  context's transport is handed down, so tests inject the network for every level at once;
+- ``endpoint: http://host:port/v1`` calls another moe-router service like any OpenAI-compatible endpoint
+  (set ``model: auto`` so it routes), and reads its trace from the response's ``moe`` field.
+
+Either way the reply carries the inner trace in ``ExpertReply.nested``, which the outer trace keeps on the
+attempt (``Attempt.nested``), and the inner router's own failures arrive as the errors an HTTP router would
+send: all experts failed -> 503 (``ExpertServerError``), a request it cannot serve -> 400 (``ExpertRejected``).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from experts.base import Expert, ExpertContext
+from experts.errors import ExpertConfigError, ExpertRejected, ExpertServerError
+from experts.openai_compat import OpenAICompatibleExpert
+from experts.types import ChatRequest, ExpertReply, StreamDelta
+
+if TYPE_CHECKING:
+    from router.config import ExpertConfig
+    from router.orchestrator import Orchestrator
+
+__all__ = ["RouterExpert"]
+
+
+@dataclass
+class _NestedContext(ExpertContext):
+    # The config files of the routers above this one: a router that contains itself is refused, not recursed.
+    ancestors: tuple[Path, ...] = ()
+
+
+class RouterExpert(Expert):
+    """Another router as one expert. ``orchestrator`` injects an already built inner router (tests)."""
+
+    def __init__(self, config: ExpertConfig, context: ExpertContext | None = None, *,
+                 orchestrator: Orchestrator | None = None) -> None:
+        super().__init__(config, context)
+        self._http: OpenAICompatibleExpert | None = None
+        self._inner: Orchestrator | None = orchestrator
+        if orchestrator is None and config.router_config:
+            self._inner = self._build_inner(config.router_config)
+        elif orchestrator is None and config.endpoint:
+            self._http = OpenAICompatibleExpert(config, context)
+        elif orchestrator is None:
+            raise ExpertConfigError(config.name, "type 'router' needs an endpoint or a router_config")
+
+    def _build_inner(self, router_config: str) -> Orchestrator:
+        from router.build import build_orchestrator
+        from router.config import load_config
+
+        path = Path(router_config)
+        path = (path if path.is_absolute() else self.context.base_dir / path).resolve()
+        ancestors = getattr(self.context, "ancestors", ())
+        if path in ancestors:
+            raise ExpertConfigError(self.name, f"router_config {path} contains itself (a routing cycle)")
+        inner = load_config(path)
+        context = _NestedContext(base_dir=path.parent, transport=self.context.transport,
+                                 ancestors=(*ancestors, path))
+        return build_orchestrator(inner, context=context)
+
+    def __repr__(self) -> str:
+        where = self.config.endpoint or self.config.router_config or "in-process"
+        return f"RouterExpert(name={self.name!r}, inner={where!r})"
+
+    async def generate(self, request: ChatRequest) -> ExpertReply:
+        if self._http is not None:
+            return _priced_by_inner(await self._http.generate(request))
+        from router.fallback import AllExpertsFailed
+        from router.orchestrator import NoCapableExpert
+
+        assert self._inner is not None
+        started = time.perf_counter()
+        try:
+            answer = await self._inner.complete(_routed(request))
+        except AllExpertsFailed as exc:
+            raise ExpertServerError(self.name, 503, f"inner router: {exc}") from None
+        except NoCapableExpert as exc:
+            raise ExpertRejected(self.name, 400, f"inner router: {exc}") from None
+        trace = answer.trace
+        return ExpertReply(expert=self.name, content=answer.content, usage=trace.usage, cost_usd=trace.cost_usd,
+                           latency_ms=(time.perf_counter() - started) * 1000.0,
+                           finish_reason=answer.finish_reason, tool_calls=answer.tool_calls, model=answer.expert,
+                           nested=trace.summary())
+
+    async def stream(self, request: ChatRequest) -> AsyncIterator[StreamDelta]:
+        if self._http is not None:
+            async with aclosing(self._http.stream(request)) as deltas:  # type: ignore[type-var]
+                async for delta in deltas:
+                    yield _priced_delta(delta)
+            return
+        from router.fallback import AllExpertsFailed
+        from router.orchestrator import NoCapableExpert, StreamEnd
+
+        assert self._inner is not None
+        try:
+            async with aclosing(self._inner.stream(_routed(request))) as events:
+                async for event in events:
+                    if isinstance(event, StreamEnd):
+                        trace = event.trace
+                        yield StreamDelta(finish_reason=event.finish_reason, usage=trace.usage,
+                                          cost_usd=trace.cost_usd, nested=trace.summary())
+                    else:
+                        yield event.delta
+        except AllExpertsFailed as exc:
+            raise ExpertServerError(self.name, 503, f"inner router: {exc}") from None
+        except NoCapableExpert as exc:
+            raise ExpertRejected(self.name, 400, f"inner router: {exc}") from None
+
+    async def aclose(self) -> None:
+        if self._http is not None:
+            await self._http.aclose()
+        if self._inner is not None:
+            await self._inner.aclose()
+
+
+def _routed(request: ChatRequest) -> ChatRequest:
+    """The inner router routes: the outer model name (ours, "auto", the outer service's) means nothing there."""
+    return request.model_copy(update={"model": "auto"})
+
+
+def _inner_cost(nested: dict[str, Any] | None) -> float | None:
+    cost = nested.get("cost_usd") if nested else None
+    return float(cost) if isinstance(cost, int | float) and not isinstance(cost, bool) else None
+
+
+def _priced_by_inner(reply: ExpertReply) -> ExpertReply:
+    """The inner router knows what its experts cost; our config's prices for it are only a fallback."""
+    cost = _inner_cost(reply.nested)
+    if cost is not None:
+        reply.cost_usd = cost
+    return reply
+
+
+def _priced_delta(delta: StreamDelta) -> StreamDelta:
+    cost = _inner_cost(delta.nested)
+    if cost is not None:
+        delta.cost_usd = cost
+    return delta

@@ -1,0 +1,240 @@
+"""Outcome records and success models: how likely each expert is to answer a query well.
+
+Outcome records are JSONL, one query per line::
+
+    {"query": "...", "outcomes": {"expert-a": 1.0, "expert-b": 0.0}, "cost": {"expert-a": 0.0021}}
+
+``outcomes`` scores each expert's answer in [0, 1] (1 = right). ``cost`` (optional) is what the call cost, in
+any one unit (USD in RouterBench). An expert absent from a line has *no record* for that query; it is never
+counted as a failure. ``load_outcome_jsonl`` reports a bad line with its file and line number.
+
+A success model maps embeddings ``[q, dim]`` to ``[q, m]`` probabilities of success, fitted on outcome
+matrices with NaN for "no record". Two are registered in ``SUCCESS_MODELS``; measured on RouterBench and
+MMLU-Pro (see ``OutcomeGate``'s docs for the figures), the kNN model is the default:
+
+- ``knn``: the success rate of each expert on the query's ``k`` nearest training queries, shrunk toward the
+  expert's overall rate with ``alpha`` pseudo-observations. Shrinkage matters: with a few dozen neighbours the
+  raw rates are noisy, and their argmax chases the noise.
+- ``logistic``: one L2-regularised logistic regression per expert on the embedding.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Protocol
+
+import numpy as np
+
+__all__ = [
+    "SUCCESS_MODELS",
+    "KnnSuccess",
+    "LogisticSuccess",
+    "OutcomeRecord",
+    "SuccessModel",
+    "is_outcome_file",
+    "load_outcome_jsonl",
+    "outcome_matrices",
+]
+
+
+@dataclass(frozen=True)
+class OutcomeRecord:
+    query: str
+    outcomes: dict[str, float]  # expert -> score in [0, 1]; experts without a record are absent
+    cost: dict[str, float]  # expert -> recorded cost; may be empty
+
+
+def load_outcome_jsonl(path: str | Path) -> list[OutcomeRecord]:
+    """Outcome records from a JSONL file; blank lines are skipped.
+
+    A bad line raises ``ValueError`` naming the file, the line number and what is wrong with it.
+    """
+    records = []
+    with open(path, encoding="utf-8") as fh:
+        for number, line in enumerate(fh, start=1):
+            if line.strip():
+                records.append(_parse_record(line, f"{path}:{number}"))
+    return records
+
+
+def is_outcome_file(path: str | Path) -> bool:
+    """Whether a JSONL file holds outcome records: its first non-blank line is an object with ``outcomes``."""
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            if line.strip():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    return False  # let the labelled loader report the bad line
+                return isinstance(row, dict) and "outcomes" in row
+    return False
+
+
+def _parse_record(line: str, where: str) -> OutcomeRecord:
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+    if not isinstance(row, dict):
+        raise ValueError(f"{where}: expected an object with 'query' and 'outcomes', got {type(row).__name__}")
+    unknown = sorted(set(row) - {"query", "outcomes", "cost"})
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {', '.join(map(repr, unknown))}; expected query, outcomes, cost")
+    query = row.get("query")
+    if not isinstance(query, str) or not query.strip():
+        raise ValueError(f"{where}: 'query' " + ("missing" if "query" not in row
+                                                  else f"must be a non-empty string, got {query!r}"))
+    outcomes = _number_map(row, "outcomes", where, upper=1.0, required=True)
+    if not outcomes:
+        raise ValueError(f"{where}: 'outcomes' is empty; give at least one expert's score")
+    return OutcomeRecord(query, outcomes, _number_map(row, "cost", where, upper=math.inf, required=False))
+
+
+def _number_map(row: dict[str, Any], key: str, where: str, *, upper: float, required: bool) -> dict[str, float]:
+    value = row.get(key)
+    if value is None and not required and key not in row:
+        return {}
+    if not isinstance(value, dict):
+        problem = "missing" if key not in row else f"must be an object of expert -> number, got {value!r}"
+        raise ValueError(f"{where}: {key!r} {problem}")
+    out = {}
+    for expert, number in value.items():
+        ok = isinstance(number, int | float) and not isinstance(number, bool) and 0.0 <= number <= upper
+        if not ok or (isinstance(number, float) and not math.isfinite(number)):
+            bound = "in [0, 1]" if upper == 1.0 else "a finite number >= 0"
+            raise ValueError(f"{where}: {key}[{expert!r}] must be {bound}, got {number!r}")
+        out[expert] = float(number)
+    return out
+
+
+def outcome_matrices(records: Sequence[OutcomeRecord], experts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """``(outcomes, costs)``, each ``[n, len(experts)]`` float64 with NaN where a record has no value."""
+    col = {e: i for i, e in enumerate(experts)}
+    outcomes = np.full((len(records), len(experts)), np.nan)
+    costs = np.full((len(records), len(experts)), np.nan)
+    for i, rec in enumerate(records):
+        for e, v in rec.outcomes.items():
+            outcomes[i, col[e]] = v
+        for e, v in rec.cost.items():
+            costs[i, col[e]] = v
+    return outcomes, costs
+
+
+# --- success models ---------------------------------------------------------------------------------------
+
+class SuccessModel(Protocol):
+    """``[q, m]`` success probabilities from embeddings. Swappable; state is plain arrays, never pickle."""
+
+    kind: ClassVar[str]
+
+    def fit(self, x: np.ndarray, outcomes: np.ndarray) -> None: ...
+    def predict(self, x: np.ndarray, *, exclude_self: bool = False) -> np.ndarray: ...
+    def arrays(self) -> dict[str, np.ndarray]: ...
+
+
+def _prior(outcomes: np.ndarray) -> np.ndarray:
+    known = ~np.isnan(outcomes)
+    return np.where(known, outcomes, 0.0).sum(axis=0) / np.maximum(known.sum(axis=0), 1)
+
+
+class KnnSuccess:
+    """Shrunk success rate over the ``k`` nearest training queries (cosine)::
+
+        p_m(x) = (sum_j o_jm + alpha * prior_m) / (n_m(x) + alpha)
+
+    over the neighbours ``j`` with a record for expert ``m`` (``n_m(x)`` of them). ``exclude_self`` leaves
+    each query's own row out of its neighbours, for honest in-sample (leave-one-out) predictions.
+
+    By default ``k = sqrt(n)`` clipped to [5, 50] and ``alpha = k / 5``: on RouterBench (n = 2,225) k = 50,
+    alpha = 10 scored best among k in {20, 30, 50, 100} and alpha in {5, 10, 20} (test Brier 0.193; the
+    spread was 0.002), and small data needs small neighbourhoods or every query looks like the average.
+    """
+
+    kind: ClassVar[str] = "knn"
+
+    def __init__(self, k: int | None = None, alpha: float | None = None) -> None:
+        self.k, self.alpha = k or 0, alpha if alpha is not None else -1.0  # set from the data by fit
+        self._k_given, self._alpha_given = k, alpha
+        self.x = np.zeros((0, 0), dtype=np.float32)
+        self.outcomes = np.zeros((0, 0), dtype=np.float32)
+
+    def fit(self, x: np.ndarray, outcomes: np.ndarray) -> None:
+        self.x = np.ascontiguousarray(x, dtype=np.float32)
+        self.outcomes = np.asarray(outcomes, dtype=np.float32)
+        self.k = self._k_given or int(np.clip(round(math.sqrt(len(x))), 5, 50))
+        self.alpha = self._alpha_given if self._alpha_given is not None else self.k / 5.0
+
+    def predict(self, x: np.ndarray, *, exclude_self: bool = False) -> np.ndarray:
+        x = np.atleast_2d(np.asarray(x, dtype=np.float32))
+        k = min(self.k, len(self.x) - int(exclude_self))
+        out = np.empty((len(x), self.outcomes.shape[1]))
+        prior = _prior(self.outcomes)
+        for start in range(0, len(x), 1024):  # [1024, n] similarities at a time bounds the memory
+            sims = x[start:start + 1024] @ self.x.T
+            if exclude_self:
+                # The query's own row (or an exact copy of it) scores ~1; drop the single best match.
+                sims[np.arange(len(sims)), sims.argmax(axis=1)] = -np.inf
+            ids = np.argpartition(-sims, k - 1, axis=1)[:, :k] if k < sims.shape[1] else np.argsort(-sims, axis=1)
+            o = self.outcomes[ids]  # [b, k, m]
+            known = ~np.isnan(o)
+            hits = np.where(known, o, 0.0).sum(axis=1)
+            out[start:start + 1024] = (hits + self.alpha * prior) / (known.sum(axis=1) + self.alpha)
+        return out
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {"x": self.x, "outcomes": self.outcomes, "k": np.array(self.k), "alpha": np.array(self.alpha)}
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray]) -> KnnSuccess:
+        model = cls(int(arrays["k"]), float(arrays["alpha"]))
+        model.x, model.outcomes = arrays["x"], arrays["outcomes"]
+        return model
+
+
+class LogisticSuccess:
+    """One logistic regression per expert. Fractional scores are fitted as weighted 1 and 0 copies of a row."""
+
+    kind: ClassVar[str] = "logistic"
+
+    def __init__(self, c: float = 1.0, max_iter: int = 1000) -> None:
+        self.c, self.max_iter = c, max_iter
+        self.coef = np.zeros((0, 0), dtype=np.float32)
+        self.intercept = np.zeros(0, dtype=np.float32)
+
+    def fit(self, x: np.ndarray, outcomes: np.ndarray) -> None:
+        from sklearn.linear_model import LogisticRegression
+
+        m = outcomes.shape[1]
+        self.coef = np.zeros((m, x.shape[1]), dtype=np.float32)
+        self.intercept = np.zeros(m, dtype=np.float32)
+        for j in range(m):
+            known = ~np.isnan(outcomes[:, j])
+            xs, ys = x[known], outcomes[known, j]
+            rate = float(ys.mean()) if len(ys) else 0.5
+            if len(ys) == 0 or ys.min() == ys.max():  # one class only: a constant is all there is to learn
+                self.intercept[j] = math.log(max(rate, 1e-3) / max(1.0 - rate, 1e-3))
+                continue
+            model = LogisticRegression(C=self.c, max_iter=self.max_iter).fit(
+                np.concatenate([xs, xs]), np.concatenate([np.ones(len(ys)), np.zeros(len(ys))]),
+                sample_weight=np.concatenate([ys, 1.0 - ys]))
+            self.coef[j], self.intercept[j] = model.coef_[0], model.intercept_[0]
+
+    def predict(self, x: np.ndarray, *, exclude_self: bool = False) -> np.ndarray:
+        z = np.atleast_2d(np.asarray(x, dtype=np.float32)) @ self.coef.T + self.intercept
+        return np.asarray(1.0 / (1.0 + np.exp(-z.astype(np.float64))))
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {"coef": self.coef, "intercept": self.intercept}
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray]) -> LogisticSuccess:
+        model = cls()
+        model.coef, model.intercept = arrays["coef"], arrays["intercept"]
+        return model
+
+
+SUCCESS_MODELS: dict[str, Any] = {KnnSuccess.kind: KnnSuccess, LogisticSuccess.kind: LogisticSuccess}

@@ -1,0 +1,274 @@
+"""The outcome gate: route by each expert's predicted chance of success, traded against its cost.
+
+For a query ``x`` and expert ``e``::
+
+    success(x)[e]  = the success model's probability (router.outcome)
+    utility(x)[e]  = success(x)[e] - cost_weight * cost[e] / cost_scale
+    logits(x)[e]   = utility(x)[e] + margin * [e == anchor]
+    predict_proba  = softmax(logits / temperature)
+
+- ``cost[e]`` is the mean recorded cost per query of ``e`` in the training records; an expert with no recorded
+  cost takes its config price (``input_per_1k + output_per_1k``, a nominal 1k-in/1k-out call) when the gate
+  is built from a config, else 0. ``cost_scale`` is the largest ``cost[e]``, so normalised costs lie in
+  [0, 1] and ``cost_weight`` (lambda, ``gate.cost_weight`` in the config) reads as "how much success
+  probability the priciest expert's cost is worth". 0 routes on quality alone.
+- ``anchor`` is the expert with the best *prior* utility (overall success rate minus its cost term): the
+  best single expert at this cost weight. Another expert wins top-1 only if its predicted utility beats the
+  anchor's by more than ``margin``. Per-expert success estimates are noisy; the raw argmax over 31 of them
+  picks whichever is overestimated and loses to always asking the best single expert. The margin is the
+  value that maximises realised utility (outcome minus cost term) of top-1 routing on out-of-fold
+  predictions over the training records, so it is 0 where the predictions are good and large where they
+  are noise.
+- ``temperature`` is fitted (NLL, as for the label gate) on the same out-of-fold predictions, with the
+  *best* expert of each record as the target (highest realised utility; ties go to the expert the gate
+  ranks higher). So a top weight of 0.7 means that about 70% of such queries have that expert among the
+  best. ``metadata.metrics`` reports ECE before and after.
+
+Out-of-fold predictions come from 5 folds keyed by a hash of the query text (copies stay in one fold). The
+final success model is then fitted on every record. They are kept in the artifact (``cal_*`` arrays), so
+``with_cost_weight`` re-tunes margin and temperature for another lambda without retraining.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import numpy as np
+
+from router.encoders import Encoder
+from router.gate import (
+    Gate,
+    GateMetadata,
+    ValidationMetrics,
+    _softmax,
+    embed_texts,
+    expected_calibration_error,
+    fit_temperature,
+)
+from router.outcome import SUCCESS_MODELS, KnnSuccess, OutcomeRecord, SuccessModel, outcome_matrices
+
+if TYPE_CHECKING:
+    from router.config import RouterConfig
+
+__all__ = ["MARGINS", "OutcomeGate", "Tuning", "outcome_data_sha256", "train_outcome_gate", "tune"]
+
+log = logging.getLogger(__name__)
+
+FOLDS = 5
+# Candidate margins, in success-probability units; "always the anchor" is added per cost weight.
+MARGINS = (0.0, 0.005, 0.01, 0.02, 0.03, 0.05, 0.08, 0.12, 0.2, 0.3)
+
+
+@dataclass(frozen=True)
+class Tuning:
+    cost_weight: float
+    anchor: int
+    margin: float
+    temperature: float
+    metrics: dict[str, float | None]
+
+
+def _realised(outcomes: np.ndarray, predicted: np.ndarray) -> np.ndarray:
+    """Recorded outcomes, with the model's prediction standing in where a record is missing."""
+    return np.where(np.isnan(outcomes), predicted, outcomes)
+
+
+def tune(success: np.ndarray, outcomes: np.ndarray, record_costs: np.ndarray, cost: np.ndarray,
+         cost_weight: float) -> Tuning:
+    """Anchor, margin and temperature for ``cost_weight`` from out-of-fold ``success`` [n, m] and the
+    records' ``outcomes`` and ``record_costs`` [n, m] (NaN = none); ``cost`` [m] is normalised."""
+    penalty = cost_weight * cost
+    realised = _realised(outcomes, success) - penalty  # [n, m]
+    prior = np.nanmean(np.where(np.isnan(outcomes), np.nan, outcomes), axis=0)
+    prior = np.where(np.isnan(prior), 0.0, prior)
+    anchor = int(np.argmax(prior - penalty))
+    utility = success - penalty
+    rows = np.arange(len(success))
+    always = 1.0 + cost_weight + 1e-6  # no gain over the anchor can exceed this: always the anchor
+    best_margin, best_value = always, -np.inf
+    for margin in (always, *reversed(MARGINS)):  # ties keep the larger, more conservative margin
+        logits = utility.copy()
+        logits[:, anchor] += margin
+        value = float(realised[rows, logits.argmax(axis=1)].mean())
+        if value > best_value + 1e-12:
+            best_margin, best_value = margin, value
+    logits = utility.copy()
+    logits[:, anchor] += best_margin
+    # Target: the best expert in hindsight; among ties, the one the gate ranks highest.
+    target = np.where(realised >= realised.max(axis=1, keepdims=True) - 1e-9, logits, -np.inf).argmax(axis=1)
+    temperature = fit_temperature(logits, target, lo=1e-3, hi=10.0)
+    chosen = logits.argmax(axis=1)
+    known = _realised(outcomes, success)
+    metrics = {
+        "routed_accuracy": float(known[rows, chosen].mean()),
+        "routed_cost": float(np.nanmean(record_costs[rows, chosen])) if not np.isnan(record_costs).all() else None,
+        "best_single_accuracy": float(prior.max()),
+        "oracle_accuracy": float(np.nanmax(np.where(np.isnan(outcomes), 0.0, outcomes), axis=1).mean()),
+        "ece_before": expected_calibration_error(_softmax(logits), target),
+        "ece_after": expected_calibration_error(_softmax(logits / temperature), target),
+    }
+    return Tuning(cost_weight, anchor, best_margin, temperature, metrics)
+
+
+class OutcomeGate(Gate):
+    """A gate over outcome records. ``predict_proba`` as for every gate; ``predict_success`` and
+    ``predict_utility`` give the raw per-expert figures behind it (columns follow ``experts``; an expert
+    scored only from config examples has no success estimate and reads NaN there)."""
+
+    kind: ClassVar[str] = "outcome"
+
+    def __init__(self, encoder: Encoder, experts: Sequence[str], model: SuccessModel, cost: np.ndarray,
+                 calibration: Mapping[str, np.ndarray], metadata: GateMetadata,
+                 examples: tuple[np.ndarray, list[str], list[str]], *, cost_weight: float = 0.0) -> None:
+        self._setup(encoder, experts, metadata, examples)
+        self.model = model
+        self.cost = np.asarray(cost, dtype=np.float64)  # [m] mean cost per query, in the records' unit
+        self.calibration = dict(calibration)  # cal_success, cal_outcomes, cal_costs: [n, m] out-of-fold
+        self._retune(cost_weight)
+
+    def _retune(self, cost_weight: float) -> None:
+        scale = float(self.cost.max())
+        self.cost_scale = scale if scale > 0 else 1.0
+        self.tuning = tune(self.calibration["cal_success"], self.calibration["cal_outcomes"],
+                           self.calibration["cal_costs"], self.cost / self.cost_scale, cost_weight)
+        self.temperature = self.tuning.temperature
+
+    @property
+    def cost_weight(self) -> float:
+        return self.tuning.cost_weight
+
+    def with_cost_weight(self, cost_weight: float, prices: Mapping[str, float] | None = None) -> OutcomeGate:
+        """A copy routing at another cost weight (margin and temperature re-tuned, no retraining).
+        ``prices`` fill in the cost of experts that have no recorded cost."""
+        gate = copy.copy(self)
+        if prices:
+            unpriced = np.isnan(self.calibration["cal_costs"]).all(axis=0)  # no recorded cost at all
+            gate.cost = np.array([prices.get(e, c) if u else c for e, c, u in
+                                  zip(self.artifact_experts, self.cost, unpriced, strict=True)])
+        gate._retune(cost_weight)
+        return gate
+
+    def for_config(self, config: RouterConfig) -> Gate:
+        prices = {e.name: e.cost.input_per_1k + e.cost.output_per_1k for e in config.experts}
+        tuned = self.with_cost_weight(config.gate.cost_weight, prices)
+        return tuned.for_experts({e.name: e.examples for e in config.experts})
+
+    # -- scores ---------------------------------------------------------------------------------------------
+    def _artifact_success(self, x: np.ndarray) -> np.ndarray:
+        return self.model.predict(np.atleast_2d(np.asarray(x, dtype=np.float32)))
+
+    def _artifact_utility(self, x: np.ndarray) -> np.ndarray:
+        return self._artifact_success(x) - self.cost_weight * self.cost / self.cost_scale
+
+    def _artifact_proba(self, x: np.ndarray) -> np.ndarray:
+        logits = self._artifact_utility(x)
+        logits[:, self.tuning.anchor] += self.tuning.margin
+        return _softmax(logits / self.tuning.temperature)
+
+    def _view(self, artifact_rows: np.ndarray) -> np.ndarray:
+        if self._columns is None:
+            return artifact_rows
+        out = np.full((len(artifact_rows), len(self.experts)), np.nan)
+        src = self._columns.source
+        out[:, src >= 0] = artifact_rows[:, src[src >= 0]]
+        return out
+
+    def predict_success(self, embeddings: np.ndarray) -> np.ndarray:
+        """``[q, len(experts)]`` each expert's predicted chance of success."""
+        return self._view(self._artifact_success(embeddings))
+
+    def predict_utility(self, embeddings: np.ndarray) -> np.ndarray:
+        """``[q, len(experts)]`` success minus ``cost_weight`` times normalised cost (before the margin)."""
+        return self._view(self._artifact_utility(embeddings))
+
+    # -- artifacts ------------------------------------------------------------------------------------------
+    def _weights(self) -> dict[str, np.ndarray]:
+        model = {f"model_{k}": v for k, v in self.model.arrays().items()}
+        return {**model, **self.calibration, "cost": self.cost}
+
+    def _manifest(self) -> dict[str, Any]:
+        return {"cost_weight": self.cost_weight, "margin": self.tuning.margin,
+                "temperature": self.temperature, "anchor": self.artifact_experts[self.tuning.anchor]}
+
+    @classmethod
+    def _restore(cls, encoder: Encoder, experts: list[str], doc: dict[str, Any], metadata: GateMetadata,
+                 weights: dict[str, np.ndarray], examples: tuple[np.ndarray, list[str], list[str]]) -> Gate:
+        model = SUCCESS_MODELS[metadata.classifier].from_arrays(
+            {k.removeprefix("model_"): v for k, v in weights.items() if k.startswith("model_")})
+        calibration = {k: v for k, v in weights.items() if k.startswith("cal_")}
+        return cls(encoder, experts, model, weights["cost"], calibration, metadata, examples,
+                   cost_weight=float(doc["cost_weight"]))
+
+
+# --- training ---------------------------------------------------------------------------------------------
+
+def outcome_data_sha256(records: Sequence[OutcomeRecord]) -> str:
+    """Order-independent fingerprint of outcome records."""
+    lines = sorted(json.dumps([r.query, sorted(r.outcomes.items()), sorted(r.cost.items())], ensure_ascii=False)
+                   for r in records)
+    return hashlib.sha256("\n".join(lines).encode("utf-8")).hexdigest()
+
+
+def _folds(texts: Sequence[str], seed: int) -> np.ndarray:
+    return np.array([int.from_bytes(hashlib.sha256(f"{seed}\x00{t}".encode()).digest()[:8], "big") % FOLDS
+                     for t in texts])
+
+
+def train_outcome_gate(records: Sequence[OutcomeRecord], encoder: Encoder, *, experts: Sequence[str] | None = None,
+                       cost_weight: float = 0.0, model: str = KnnSuccess.kind, seed: int = 0,
+                       progress: bool = True, embeddings: np.ndarray | None = None) -> OutcomeGate:
+    """Embed the queries, fit the success model out of fold to tune margin and temperature, then on all.
+
+    ``experts`` defaults to every expert named in the records, sorted. ``embeddings`` ([n, dim], aligned
+    with ``records``) skips the encoder, for callers that cache vectors.
+    """
+    experts = sorted({e for r in records for e in r.outcomes}) if experts is None else list(experts)
+    unknown = sorted({e for r in records for e in (*r.outcomes, *r.cost)} - set(experts))
+    if unknown:
+        raise ValueError(f"outcome records name experts that are not experts of the gate: {', '.join(unknown)}")
+    if len(experts) < 2 or len(records) < 2 * FOLDS:
+        raise ValueError(f"an outcome gate needs at least two experts and {2 * FOLDS} records; "
+                         f"got {len(experts)} and {len(records)}")
+    outcomes, record_costs = outcome_matrices(records, experts)
+    silent = [e for e, n in zip(experts, (~np.isnan(outcomes)).sum(axis=0), strict=True) if n == 0]
+    if silent:
+        raise ValueError(f"experts with no outcome record: {', '.join(silent)}; leave them out (a config "
+                         "expert without records is routed from its examples)")
+    texts = [r.query for r in records]
+    x = embed_texts(encoder, texts, progress=progress) if embeddings is None else np.asarray(embeddings, np.float32)
+    folds = _folds(texts, seed)
+    oof = np.zeros_like(outcomes)
+    for f in range(FOLDS):
+        fold_model = SUCCESS_MODELS[model]()
+        fold_model.fit(x[folds != f], outcomes[folds != f])
+        oof[folds == f] = fold_model.predict(x[folds == f])
+    final: SuccessModel = SUCCESS_MODELS[model]()
+    final.fit(x, outcomes)
+    with np.errstate(invalid="ignore"):
+        mean_cost = np.nanmean(record_costs, axis=0) if not np.isnan(record_costs).all() else np.zeros(len(experts))
+    cost = np.where(np.isnan(mean_cost), 0.0, mean_cost)
+    calibration = {"cal_success": oof.astype(np.float32), "cal_outcomes": outcomes.astype(np.float32),
+                   "cal_costs": record_costs.astype(np.float32)}
+    metadata = GateMetadata(encoder.identity, encoder.checksum, outcome_data_sha256(records),
+                            ValidationMetrics(n_train=len(records), n_val=len(records)), classifier=model,
+                            kind=OutcomeGate.kind)
+    # Explanations: each training query labelled with the expert that did best on it (cheapest among ties).
+    best = np.where(np.isnan(outcomes), -np.inf, outcomes - 1e-6 * cost / max(float(cost.max()), 1e-12))
+    labels = [experts[i] for i in best.argmax(axis=1)]
+    gate = OutcomeGate(encoder, experts, final, cost, calibration, metadata, (x, texts, labels),
+                       cost_weight=cost_weight)
+    t = gate.tuning
+    gate.metadata = dataclasses.replace(metadata, metrics=ValidationMetrics(
+        n_train=len(records), n_val=len(records), accuracy=t.metrics["routed_accuracy"],
+        ece_before=t.metrics["ece_before"], ece_after=t.metrics["ece_after"],
+        routed_accuracy=t.metrics["routed_accuracy"], routed_cost=t.metrics["routed_cost"],
+        best_single=experts[int(np.argmax(np.nanmean(outcomes, axis=0)))],
+        best_single_accuracy=t.metrics["best_single_accuracy"], oracle_accuracy=t.metrics["oracle_accuracy"]))
+    return gate

@@ -1,0 +1,175 @@
+"""Hot reload: a changed config file becomes a new orchestrator without a restart.
+
+Three triggers lead to the same ``Reloader.reload``: the file's mtime changing (polled every
+``service.reload_poll_s``), SIGHUP, and ``POST /admin/reload``. A reload:
+
+1. reads and validates the whole file, then builds the orchestrator from it, which also checks the gate
+   artifact against the experts (``build_orchestrator``); all of it off the event loop;
+2. on any problem keeps the running config, logs one line naming every problem, and raises ``ReloadFailed``
+   (the admin endpoint turns it into a 400 listing them);
+3. otherwise swaps the orchestrator on ``app.state``. Requests already running hold the old object and finish
+   on it; it is closed once they have drained (``Orchestrator.drained``), or after its request deadline.
+
+Reloads are serialised: two triggers at once build twice, one after the other, and the last file wins.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from router.build import GateNotTrained, build_orchestrator
+from router.config import ConfigError, RouterConfig, load_config
+from router.orchestrator import Orchestrator
+
+__all__ = ["ReloadFailed", "Reloader"]
+
+log = logging.getLogger("router.reload")
+
+# Time an old orchestrator is given past its own request deadline before it is closed regardless: a stream
+# whose client vanished may never tell us it ended.
+_DRAIN_MARGIN_S = 5.0
+
+
+class ReloadFailed(Exception):
+    """A reload was refused; the running config stays. ``problems`` holds every ``(path, message)``."""
+
+    def __init__(self, source: str, problems: list[tuple[str, str]]) -> None:
+        self.source = source
+        self.problems = problems
+        listed = "; ".join(f"{p}: {m}" for p, m in problems)
+        super().__init__(f"config reload from {source} refused, the running config stays: "
+                         f"{len(problems)} problem(s): {listed}")
+
+
+class Reloader:
+    """Reloads ``path`` into the holder bound with ``bind`` (the app's ``state``, with an ``orchestrator``).
+
+    ``build`` turns a validated config into an orchestrator (tests inject fakes); ``poll_s`` None turns the
+    mtime watch off; ``sighup`` listens for the signal while started.
+    """
+
+    def __init__(self, path: str | Path, *, build: Callable[[RouterConfig], Orchestrator] = build_orchestrator,
+                 poll_s: float | None = None, sighup: bool = False) -> None:
+        self.path = Path(path)
+        self.build = build
+        self.poll_s = poll_s
+        self.sighup = sighup
+        self.holder: Any = None
+        self.on_swap: Callable[[Orchestrator, Orchestrator], None] | None = None
+        self._seen = self._stamp()
+        self._lock = asyncio.Lock()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._retiring: set[Orchestrator] = set()
+        self._signal = False
+
+    def bind(self, holder: Any, on_swap: Callable[[Orchestrator, Orchestrator], None] | None = None) -> None:
+        """Where the live orchestrator is held; ``on_swap(old, new)`` runs right after each swap."""
+        self.holder, self.on_swap = holder, on_swap
+
+    # -- the reload itself ------------------------------------------------------------------------------------
+    async def reload(self) -> Orchestrator:
+        """Validate, build and swap in the file's config; ``ReloadFailed`` leaves the old one running."""
+        if self.holder is None:
+            raise RuntimeError("Reloader.bind was not called")
+        async with self._lock:
+            # Stamped before reading: a write racing the read changes the stamp again and is picked up next.
+            self._seen = self._stamp()
+            try:
+                new = await asyncio.to_thread(self._load)
+            except ReloadFailed as exc:
+                log.error("%s", exc)
+                raise
+            old: Orchestrator = self.holder.orchestrator
+            self.holder.orchestrator = new
+            if self.on_swap is not None:
+                self.on_swap(old, new)
+            self._retire(old)
+            log.info("config reloaded from %s: experts %s", self.path, ", ".join(new.config.expert_names))
+            return new
+
+    def _load(self) -> Orchestrator:
+        try:
+            config = load_config(self.path)
+            return self.build(config)
+        except ConfigError as exc:  # the file itself, or the file of a router nested in it
+            where = "" if exc.source == str(self.path) else f"{exc.source}: "
+            raise ReloadFailed(str(self.path), [(f"{where}{p}", m) for p, m in exc.problems]) from exc
+        except GateNotTrained as exc:
+            raise ReloadFailed(str(self.path), [("gate.artifact", str(exc))]) from exc
+        except Exception as exc:
+            # Anything else that stops the build (an expert's class, a gate that does not fit the experts)
+            # must not reach the running service: it is reported as one more problem.
+            raise ReloadFailed(str(self.path), [("<build>", f"{type(exc).__name__}: {exc}")]) from exc
+
+    def _retire(self, old: Orchestrator) -> None:
+        self._retiring.add(old)
+        self._spawn(self._close_when_drained(old))
+
+    async def _close_when_drained(self, old: Orchestrator) -> None:
+        limit = old.config.fallback.deadline_s + _DRAIN_MARGIN_S
+        try:
+            await asyncio.wait_for(old.drained(), limit)
+        except TimeoutError:
+            log.warning("closing the previous config's orchestrator with %d request(s) still open after %.0fs",
+                        old.active, limit)
+        finally:
+            self._retiring.discard(old)
+            await old.aclose()
+
+    # -- triggers ---------------------------------------------------------------------------------------------
+    def _stamp(self) -> tuple[int, int] | None:
+        try:
+            stat = self.path.stat()
+        except OSError:
+            return None
+        return stat.st_mtime_ns, stat.st_size
+
+    def changed(self) -> bool:
+        """Whether the file differs from the one last read (a missing file is no change: editors replace)."""
+        stamp = self._stamp()
+        return stamp is not None and stamp != self._seen
+
+    async def _reload_logged(self) -> None:
+        with contextlib.suppress(ReloadFailed):  # already logged; the old config keeps serving
+            await self.reload()
+
+    async def _poll(self, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            if self.changed():
+                await self._reload_logged()
+
+    def _spawn(self, work: Any) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def start(self) -> None:
+        """Start the mtime watch and the SIGHUP handler (in the running loop)."""
+        if self.poll_s:
+            self._spawn(self._poll(self.poll_s))
+        if self.sighup:
+            loop = asyncio.get_running_loop()
+            try:
+                loop.add_signal_handler(signal.SIGHUP, lambda: self._spawn(self._reload_logged()))
+                self._signal = True
+            except (NotImplementedError, RuntimeError, ValueError):  # not the main thread, or no signals here
+                log.warning("SIGHUP reload unavailable here; use POST /admin/reload or a file change")
+
+    async def stop(self) -> None:
+        """Stop watching, and close every orchestrator still draining."""
+        if self._signal:
+            asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
+            self._signal = False
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        retiring, self._retiring = list(self._retiring), set()
+        await asyncio.gather(*(o.aclose() for o in retiring), return_exceptions=True)

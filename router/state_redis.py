@@ -1,0 +1,209 @@
+"""State shared by router replicas, in Redis: rate-limit buckets and circuit breakers.
+
+The router is stateless apart from these, so with ``state.backend: redis`` any number of replicas behind a load
+balancer enforce one rate limit per key and agree on which experts are broken.
+
+- ``RedisRateStore`` (``router.security.RateStore``): one hash per bucket, ``{tokens, stamp}``, refilled and
+  taken by a Lua script, so a take is atomic across replicas. The clock is the Redis server's (``TIME``), so
+  replicas' clocks need not agree. Same arithmetic as ``security.take_token``.
+- ``RedisBreakerStore`` (``router.breaker.BreakerStore``): one hash per expert holding a ``BreakerState``.
+  That interface is synchronous (the breaker transitions are pure and run between awaits), so this store uses
+  a blocking client with short timeouts: a round trip to a nearby Redis is ~0.1 ms. Load and save are separate
+  calls, so two replicas finishing calls to one expert at the same instant may lose one count (last write
+  wins); a breaker only needs the trend, not an exact count. ``Breakers`` over this store must use a wall
+  clock (``time.time``): ``opened_at`` is compared across hosts.
+
+Both degrade, not fail, when Redis is unreachable: they fall back to per-process state for ``retry_s`` and log
+one warning, so an outage of Redis loosens limits to per replica instead of failing every request.
+The ``redis`` package is imported lazily; install it with ``pip install redis``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
+
+from router.breaker import BreakerState, MemoryBreakerStore
+from router.config import ConfigError, RateLimitConfig, StateConfig
+from router.security import InMemoryRateStore
+
+if TYPE_CHECKING:
+    import redis
+    import redis.asyncio
+
+__all__ = ["RedisBreakerStore", "RedisRateStore", "SharedState", "build_shared_state", "redis_url"]
+
+log = logging.getLogger("moe.state")
+
+# KEYS[1]: the bucket. ARGV: rate_per_s, burst. Returns the wait in seconds as a string ("0": granted);
+# a Lua number would be truncated to an integer on the way out.
+_TAKE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local rate = tonumber(ARGV[1])
+local burst = tonumber(ARGV[2])
+local b = redis.call('HMGET', KEYS[1], 'tokens', 'stamp')
+local tokens = burst
+if b[1] and b[2] then
+  tokens = math.min(burst, tonumber(b[1]) + math.max(0, now - tonumber(b[2])) * rate)
+end
+local wait = 0
+if tokens >= 1 then tokens = tokens - 1 else wait = (1 - tokens) / rate end
+redis.call('HSET', KEYS[1], 'tokens', string.format('%.17g', tokens), 'stamp', string.format('%.17g', now))
+-- A full bucket is the same as no bucket: let the key go once it would have refilled.
+redis.call('PEXPIRE', KEYS[1], math.ceil(burst / rate * 1000) + 1000)
+return string.format('%.17g', wait)
+"""
+# Breaker hashes of experts no longer configured go after a day without a call.
+_BREAKER_TTL_S = 86_400
+
+
+def _redis_module() -> Any:
+    try:
+        import redis
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise ImportError("state.backend: redis needs the redis package: pip install redis") from exc
+    return redis
+
+
+class _Outage:
+    """After a Redis error, use local state for ``retry_s`` before trying Redis again; warn once per outage."""
+
+    def __init__(self, what: str, retry_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.what, self.retry_s, self.clock = what, retry_s, clock
+        self._until = 0.0
+
+    def active(self) -> bool:
+        return self.clock() < self._until
+
+    def begin(self, exc: Exception) -> None:
+        if self._until == 0.0 or not self.active():
+            log.warning("redis unreachable for %s (%s: %s); using per-process state for %.0fs",
+                        self.what, type(exc).__name__, exc, self.retry_s)
+        self._until = self.clock() + self.retry_s
+
+
+class RedisRateStore:
+    """Token buckets shared by every replica; falls back to per-process buckets while Redis is down."""
+
+    def __init__(self, client: redis.asyncio.Redis, key_prefix: str = "moe:", *, retry_s: float = 5.0) -> None:
+        self.client = client
+        self.key_prefix = key_prefix
+        self._script = client.register_script(_TAKE)
+        self._local = InMemoryRateStore()
+        self._outage = _Outage("rate limits", retry_s)
+
+    async def take(self, key: str, limit: RateLimitConfig) -> float:
+        if not self._outage.active():
+            try:
+                wait = await self._script(keys=[f"{self.key_prefix}rate:{key}"], args=[limit.rate_per_s, limit.burst])
+                return float(wait)
+            except _redis_module().RedisError as exc:
+                self._outage.begin(exc)
+        return await self._local.take(key, limit)
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
+
+def _encode(state: BreakerState) -> dict[str, str]:
+    return {k: json.dumps(v) for k, v in asdict(state).items()}
+
+
+def _decode(raw: Mapping[bytes | str, bytes | str]) -> BreakerState:
+    fields = {(k.decode() if isinstance(k, bytes) else k): json.loads(v) for k, v in raw.items()}
+    fields["buckets"] = tuple(tuple(b) for b in fields.get("buckets", ()))
+    known = BreakerState.__dataclass_fields__
+    return BreakerState(**{k: v for k, v in fields.items() if k in known})
+
+
+class RedisBreakerStore:
+    """A hash per expert, ``<prefix>breaker:<expert>``; falls back to per-process states while Redis is down."""
+
+    def __init__(self, client: redis.Redis, key_prefix: str = "moe:", *, retry_s: float = 5.0) -> None:
+        self.client = client
+        self.key_prefix = key_prefix
+        # Also the fallback's starting point: the last state seen in Redis carries on through an outage.
+        self._local = MemoryBreakerStore()
+        self._outage = _Outage("circuit breakers", retry_s)
+
+    def _key(self, expert: str) -> str:
+        return f"{self.key_prefix}breaker:{expert}"
+
+    def load(self, expert: str) -> BreakerState:
+        if not self._outage.active():
+            try:
+                raw = self.client.hgetall(self._key(expert))
+                state = _decode(raw) if raw else BreakerState()
+                self._local.save(expert, state)
+                return state
+            except (_redis_module().RedisError, ValueError, TypeError) as exc:
+                self._outage.begin(exc)
+        return self._local.load(expert)
+
+    def save(self, expert: str, state: BreakerState) -> None:
+        self._local.save(expert, state)
+        if self._outage.active():
+            return
+        try:
+            pipe = self.client.pipeline(transaction=True)
+            pipe.delete(self._key(expert))
+            pipe.hset(self._key(expert), mapping=_encode(state))  # type: ignore[arg-type]
+            pipe.expire(self._key(expert), _BREAKER_TTL_S)
+            pipe.execute()
+        except _redis_module().RedisError as exc:
+            self._outage.begin(exc)
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def redis_url(config: StateConfig, environ: Mapping[str, str]) -> str:
+    url = environ.get(config.url_env, "").strip()
+    if not url:
+        raise ConfigError("<environment>", [("state.url_env", f"environment variable {config.url_env} is not set; "
+                                                              "it must hold the Redis URL (redis://host:6379/0)")])
+    return url
+
+
+@dataclass
+class SharedState:
+    """The stores a replica shares with the others; None where the per-process default applies."""
+
+    rate_store: RedisRateStore | None = None
+    breaker_store: RedisBreakerStore | None = None
+
+    @property
+    def shared(self) -> bool:
+        return self.breaker_store is not None
+
+    async def aclose(self) -> None:
+        if self.rate_store is not None:
+            await self.rate_store.aclose()
+        if self.breaker_store is not None:
+            self.breaker_store.close()
+
+
+def build_shared_state(config: StateConfig, environ: Mapping[str, str], *, timeout_s: float = 0.25) -> SharedState:
+    """The stores ``config`` names. Connections open lazily, at first use, on the loop that serves."""
+    if config.backend == "memory":
+        return SharedState()
+    url = redis_url(config, environ)
+    _redis_module()
+    import redis
+    import redis.asyncio
+    import redis.asyncio.retry
+    from redis.backoff import NoBackoff
+
+    # No retries inside the clients: a failed call falls back to local state at once instead of blocking.
+    timeouts: dict[str, Any] = {"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s}
+    return SharedState(
+        rate_store=RedisRateStore(redis.asyncio.Redis.from_url(
+            url, retry=redis.asyncio.retry.Retry(NoBackoff(), 0), **timeouts), config.key_prefix),
+        breaker_store=RedisBreakerStore(redis.Redis.from_url(
+            url, retry=redis.retry.Retry(NoBackoff(), 0), **timeouts), config.key_prefix),
+    )

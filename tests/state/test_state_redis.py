@@ -1,0 +1,158 @@
+"""Shared state in a real Redis: two service instances, one rate-limit bucket and one breaker per expert."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+import httpx
+import pytest
+from fastapi import FastAPI
+
+from experts.errors import ExpertUnavailable
+from router.breaker import BreakerState
+from router.build import build_breakers, build_shared_state
+from router.config import ConfigError, RateLimitConfig, RouterConfig, StateConfig
+from router.orchestrator import Orchestrator
+from router.service import create_app
+from router.state_redis import RedisBreakerStore, RedisRateStore, SharedState
+from router.state_redis import build_shared_state as build_state
+from tests.doubles.fakes import FakeExpert, FakeGate, fake_config
+
+NAMES = ["math", "code"]
+
+
+@pytest.fixture
+async def shared(redis_url: str) -> AsyncIterator[list[SharedState]]:
+    """Two replicas' stores over one Redis, under a prefix of their own so tests do not see each other."""
+    config = StateConfig(backend="redis", key_prefix=f"test-{uuid.uuid4().hex[:8]}:")
+    states = [build_state(config, {"MOE_REDIS_URL": redis_url}) for _ in range(2)]
+    yield states
+    for state in states:
+        await state.aclose()
+
+
+def replica(config: RouterConfig, state: SharedState,
+            fail: frozenset[str] = frozenset()) -> tuple[FastAPI, dict[str, FakeExpert]]:
+    experts = {n: FakeExpert(config.expert(n), text=f"{n} says hi",
+                             fail=(lambda x: ExpertUnavailable(x, "connection refused")) if n in fail else None)
+               for n in NAMES}
+    gate = FakeGate(NAMES, {"integral": [0.9, 0.1]}, default=[0.2, 0.8])
+    orchestrator = Orchestrator(config, gate, experts, breakers=build_breakers(config, state))
+    return create_app(orchestrator, rate_store=state.rate_store, environ={}), experts
+
+
+def client(app: FastAPI) -> httpx.AsyncClient:
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://router")
+
+
+async def ask(http: httpx.AsyncClient, text: str) -> httpx.Response:
+    return await http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": text}]})
+
+
+async def test_two_replicas_share_one_rate_limit_bucket(shared: list[SharedState]) -> None:
+    # Three requests in all, whichever replica takes them; the refill is too slow to matter here.
+    config = fake_config(NAMES, security={"rate_limit": {"rate_per_s": 0.001, "burst": 3}})
+    (a, _), (b, _) = (replica(config, s) for s in shared)
+    async with client(a) as ha, client(b) as hb:
+        statuses = [(await ha.get("/v1/models")).status_code, (await hb.get("/v1/models")).status_code,
+                    (await ha.get("/v1/models")).status_code]
+        refused = [await hb.get("/v1/models"), await ha.get("/v1/models")]
+    assert statuses == [200, 200, 200]
+    for r in refused:
+        assert r.status_code == 429
+        assert r.json()["error"]["code"] == "rate_limit_exceeded"
+        assert int(r.headers["retry-after"]) >= 1
+
+
+async def test_two_replicas_share_one_breaker_per_expert(shared: list[SharedState]) -> None:
+    config = fake_config(NAMES, fallback={"breaker": {"failure_threshold": 2, "failure_rate": None,
+                                                      "cooldown_s": 60, "cooldown_max_s": 60}})
+    a, a_experts = replica(config, shared[0], fail=frozenset({"math"}))
+    b, b_experts = replica(config, shared[1])
+    async with client(a) as ha, client(b) as hb:
+        for _ in range(2):  # math fails twice on replica A; code answers through fallback
+            assert (await ask(ha, "an integral")).json()["model"] == "code"
+        experts = {e["name"]: e for e in (await hb.get("/v1/experts")).json()["data"]}
+        answer = await ask(hb, "an integral")
+    assert len(a_experts["math"].requests) == 2
+    assert experts["math"]["breaker"]["state"] == "open"
+    assert experts["math"]["breaker"]["trips"] == 1
+    assert experts["code"]["breaker"]["state"] == "closed"
+    # Replica B never saw math fail, yet leaves it out: the breaker is shared.
+    assert answer.status_code == 200 and answer.json()["model"] == "code"
+    assert b_experts["math"].requests == []
+
+
+async def test_the_lua_bucket_refills_like_take_token(shared: list[SharedState]) -> None:
+    store = shared[0].rate_store
+    assert store is not None
+    limit = RateLimitConfig(rate_per_s=20.0, burst=2)
+    waits = [await store.take("k", limit) for _ in range(3)]
+    assert waits[:2] == [0.0, 0.0]
+    assert 0.0 < waits[2] <= 0.05 + 1e-6
+    await asyncio.sleep(0.06)
+    assert await store.take("k", limit) == 0.0
+    assert await store.take("other", limit) == 0.0  # buckets are per key
+
+
+def test_breaker_state_round_trips_through_a_hash(shared: list[SharedState], redis_url: str) -> None:
+    store = shared[0].breaker_store
+    assert store is not None
+    state = BreakerState(state="open", consecutive=3, trips=2, opened_at=1.7e9 + 0.25, cooldown_s=10.0,
+                         probes=1, buckets=((170, 4, 3), (171, 1, 1)), last_error="timeout")
+    store.save("math", state)
+    other = shared[1].breaker_store
+    assert other is not None
+    assert other.load("math") == state
+    assert other.load("never-seen") == BreakerState()
+
+
+async def test_an_unreachable_redis_falls_back_to_per_process_state(caplog: pytest.LogCaptureFixture) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = f"redis://127.0.0.1:{s.getsockname()[1]}/0"  # bound, never listening: refused at once
+        state = build_state(StateConfig(backend="redis"), {"MOE_REDIS_URL": dead})
+        assert state.rate_store is not None and state.breaker_store is not None
+        limit = RateLimitConfig(rate_per_s=0.001, burst=1)
+        with caplog.at_level(logging.WARNING, logger="moe.state"):
+            assert await state.rate_store.take("k", limit) == 0.0
+            assert await state.rate_store.take("k", limit) > 0.0  # the local bucket still limits
+            state.breaker_store.save("math", BreakerState(state="open", trips=1))
+            assert state.breaker_store.load("math").state == "open"
+        await state.aclose()
+    warnings = [r.getMessage() for r in caplog.records if r.name == "moe.state"]
+    # One warning per store and outage, not one per call; the URL is never logged.
+    assert len(warnings) == 2 and all("per-process state" in w for w in warnings)
+    assert not any(dead in w for w in warnings)
+
+
+def test_memory_is_the_default_and_redis_needs_its_url_variable(redis_url: str) -> None:
+    config = fake_config(NAMES)
+    assert config.state == StateConfig()
+    memory = build_shared_state(config, {})
+    assert memory.rate_store is None and memory.breaker_store is None
+    assert build_breakers(config, memory).clock is not time.time
+    redis_config = fake_config(NAMES, state={"backend": "redis", "url_env": "MY_REDIS"})
+    with pytest.raises(ConfigError) as info:
+        build_shared_state(redis_config, {})
+    assert "state.url_env" in str(info.value) and "MY_REDIS" in str(info.value)
+    state = build_shared_state(redis_config, {"MY_REDIS": redis_url})
+    assert isinstance(state.rate_store, RedisRateStore) and isinstance(state.breaker_store, RedisBreakerStore)
+    breakers = build_breakers(redis_config, state)
+    # Times compared across hosts: the wall clock.
+    assert breakers.store is state.breaker_store and breakers.clock is time.time
+    state.breaker_store.close()
+
+
+def test_state_config_is_strict() -> None:
+    with pytest.raises(ConfigError):
+        fake_config(NAMES, state={"backend": "redis", "url": "redis://secret@host"})
+    with pytest.raises(ConfigError):
+        fake_config(NAMES, state={"backend": "etcd"})
+
+

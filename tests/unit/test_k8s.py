@@ -1,0 +1,114 @@
+"""deploy/k8s against configs/compose.yaml: one vLLM Deployment and Service per expert, a router that reads
+the same experts with shared state in Redis, and secrets only by reference."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from router.compose import VLLM_IMAGE, expected_endpoint, service_name
+from router.config import RouterConfig, load_config, parse_config
+
+ROOT = Path(__file__).resolve().parents[2]
+K8S = ROOT / "deploy" / "k8s"
+
+
+@pytest.fixture(scope="module")
+def objects() -> dict[tuple[str, str], dict[str, Any]]:
+    found: dict[tuple[str, str], dict[str, Any]] = {}
+    for path in sorted(K8S.glob("*.yaml")):
+        if path.name == "kustomization.yaml":
+            continue
+        for doc in yaml.safe_load_all(path.read_text(encoding="utf-8")):
+            key = (doc["kind"], doc["metadata"]["name"])
+            assert key not in found, f"{key} defined twice"
+            found[key] = doc
+    return found
+
+
+@pytest.fixture(scope="module")
+def compose_config() -> RouterConfig:
+    return load_config(ROOT / "configs" / "compose.yaml", check_env=False)
+
+
+def container(deployment: dict[str, Any]) -> dict[str, Any]:
+    containers = deployment["spec"]["template"]["spec"]["containers"]
+    assert len(containers) == 1
+    first: dict[str, Any] = containers[0]
+    return first
+
+
+def served_config(objects: dict[tuple[str, str], dict[str, Any]]) -> RouterConfig:
+    text = objects[("ConfigMap", "moe-router-config")]["data"]["router.yaml"]
+    return parse_config(yaml.safe_load(text), check_env=False)
+
+
+def test_kustomization_lists_every_manifest_but_the_example_secret() -> None:
+    listed = yaml.safe_load((K8S / "kustomization.yaml").read_text(encoding="utf-8"))["resources"]
+    files = {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml", "secret.example.yaml"}
+    assert set(listed) == files
+
+
+def test_the_router_serves_the_compose_configs_experts_with_redis_state(
+    objects: dict[tuple[str, str], dict[str, Any]], compose_config: RouterConfig
+) -> None:
+    served = served_config(objects)
+    assert served.experts == compose_config.experts
+    assert served.gate == compose_config.gate and served.fallback == compose_config.fallback
+    assert served.state.backend == "redis"
+    router = objects[("Deployment", "router")]
+    c = container(router)
+    env = {e["name"]: e for e in c["env"]}
+    assert env["MOE_CONFIG"]["value"] == "/app/configs/router.yaml"
+    mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+    assert mounts["/app/configs"] == "config" and "/app/artifacts/gate" in mounts
+    # The state URL, client keys and admin key come from the Secret, never inline.
+    for name in (served.state.url_env, served.security.api_keys_env, served.security.admin_key_env):
+        assert name is not None and env[name]["valueFrom"]["secretKeyRef"]["name"] == "moe-secrets"
+
+
+def test_router_runs_several_ready_checked_replicas_behind_a_service(
+    objects: dict[tuple[str, str], dict[str, Any]],
+) -> None:
+    router = objects[("Deployment", "router")]
+    assert router["spec"]["replicas"] >= 2
+    c = container(router)
+    assert c["readinessProbe"]["httpGet"]["path"] == "/health"
+    port = served_config(objects).service.port
+    assert {"name": "http", "containerPort": port} in c["ports"]
+    assert objects[("Service", "router")]["spec"]["selector"] == router["spec"]["selector"]["matchLabels"]
+    assert ("Deployment", "redis") in objects and ("Service", "redis") in objects
+
+
+def test_one_gpu_vllm_deployment_and_service_per_expert(
+    objects: dict[tuple[str, str], dict[str, Any]], compose_config: RouterConfig
+) -> None:
+    vllm = [e for e in compose_config.experts if e.type == "vllm"]
+    deployments = {n for k, n in objects if k == "Deployment"} - {"router", "redis"}
+    assert deployments == {service_name(e) for e in vllm}
+    for expert in vllm:
+        name = service_name(expert)
+        deployment, service = objects[("Deployment", name)], objects[("Service", name)]
+        c = container(deployment)
+        assert c["image"] == VLLM_IMAGE
+        args = c["args"]
+        assert args[args.index("--model") + 1] == expert.model
+        assert args[args.index("--served-model-name") + 1] == expert.name
+        assert c["resources"]["limits"]["nvidia.com/gpu"] >= 1
+        assert c["readinessProbe"]["httpGet"]["path"] == "/health"
+        volumes = deployment["spec"]["template"]["spec"]["volumes"]
+        assert {"name": "hf-cache", "persistentVolumeClaim": {"claimName": "hf-cache"}} in volumes
+        # The expert's endpoint host and port are this Service's name and port.
+        assert expert.endpoint == expected_endpoint(expert)
+        assert service["spec"]["ports"][0]["port"] == 8000
+        assert service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
+    assert ("PersistentVolumeClaim", "hf-cache") in objects
+
+
+def test_no_real_secret_is_committed(objects: dict[tuple[str, str], dict[str, Any]]) -> None:
+    secret = objects[("Secret", "moe-secrets")]
+    for key, value in secret["stringData"].items():
+        assert "REPLACE-ME" in value or key == "redis-url", key

@@ -1,0 +1,185 @@
+"""Outcome records, the outcome gate on real RouterBench outcomes, the cost knob, cold start and removal."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from experts.recordings import RouterBenchRow, load_routerbench
+from router.encoders import Encoder, OnnxMiniLMEncoder
+from router.gate import Gate, GateArtifactMismatch
+from router.outcome import OutcomeRecord, is_outcome_file, load_outcome_jsonl
+from router.outcome_gate import OutcomeGate, train_outcome_gate
+
+N_TRAIN, N_TEST = 900, 450
+GPT4 = "gpt-4-1106-preview"
+SQL_EXAMPLES = [
+    "Write a SQL query that returns the ten customers with the highest total order value.",
+    "How do I join two tables in PostgreSQL and keep rows without a match?",
+    "Write an SQL statement to delete duplicate rows from a table, keeping the lowest id.",
+    "Explain the difference between WHERE and HAVING in SQL with an example query.",
+    "Create a SQL index to speed up a query filtering orders by customer_id and date.",
+]
+
+
+def _write(path: Path, lines: list[str]) -> Path:
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+# --- records ------------------------------------------------------------------------------------------------
+
+def test_outcome_records_load_and_missing_experts_stay_missing(tmp_path: Path) -> None:
+    path = _write(tmp_path / "o.jsonl", [
+        json.dumps({"query": "q1", "outcomes": {"a": 1, "b": 0.25}, "cost": {"a": 0.5}}), "",
+        json.dumps({"query": "q2", "outcomes": {"b": 1.0}})])
+    assert is_outcome_file(path)
+    assert load_outcome_jsonl(path) == [OutcomeRecord("q1", {"a": 1.0, "b": 0.25}, {"a": 0.5}),
+                                        OutcomeRecord("q2", {"b": 1.0}, {})]
+    assert not is_outcome_file(_write(tmp_path / "l.jsonl", [json.dumps({"query": "q", "label": "a"})]))
+
+
+@pytest.mark.parametrize(("bad", "problem"), [
+    ('{"query": "q", "outcomes": ', "not valid JSON"),
+    ('["q"]', "expected an object"),
+    ('{"outcomes": {"a": 1}}', "'query' missing"),
+    ('{"query": " ", "outcomes": {"a": 1}}', "'query' must be a non-empty string"),
+    ('{"query": "q"}', "'outcomes' missing"),
+    ('{"query": "q", "outcomes": [1]}', "'outcomes' must be an object"),
+    ('{"query": "q", "outcomes": {}}', "'outcomes' is empty"),
+    ('{"query": "q", "outcomes": {"a": 1.5}}', r"outcomes\['a'\] must be in \[0, 1\]"),
+    ('{"query": "q", "outcomes": {"a": true}}', r"outcomes\['a'\] must be in \[0, 1\]"),
+    ('{"query": "q", "outcomes": {"a": 1}, "cost": {"a": -1}}', r"cost\['a'\] must be a finite number"),
+    ('{"query": "q", "outcomes": {"a": 1}, "label": "a"}', "unknown key"),
+])
+def test_bad_outcome_line_is_reported_with_its_number(tmp_path: Path, bad: str, problem: str) -> None:
+    path = _write(tmp_path / "o.jsonl", [json.dumps({"query": "q", "outcomes": {"a": 1}}), "", bad])
+    with pytest.raises(ValueError, match=problem) as info:
+        load_outcome_jsonl(path)
+    assert str(info.value).startswith(f"{path}:3: ")
+
+
+# --- the gate on real RouterBench outcomes -----------------------------------------------------------------
+
+def _records(rows: list[RouterBenchRow], models: tuple[str, ...]) -> list[OutcomeRecord]:
+    return [OutcomeRecord(r.prompt, {m: a.correct for m in models if (a := r.answers[m]).correct is not None},
+                          {m: a.cost_usd for m in models if (a := r.answers[m]).cost_usd is not None})
+            for r in rows]
+
+
+@pytest.fixture(scope="module")
+def routerbench(data_dir: Path) -> dict[str, list[RouterBenchRow]]:
+    """A seeded sample of RouterBench's train and test splits (900 and 450 rows)."""
+    store = load_routerbench(data_dir / "routerdc" / "routerbench_zs")
+    rng = np.random.default_rng(0)
+    out = {}
+    for split, n in (("train", N_TRAIN), ("test", N_TEST)):
+        rows = store.select(split=split)
+        out[split] = [rows[i] for i in sorted(rng.choice(len(rows), n, replace=False))]
+    return out
+
+
+@pytest.fixture(scope="module")
+def encoder() -> Encoder:
+    # The first 32 tokens carry the task and question type, which is most of what routing here learns;
+    # RouterBench's long few-shot prompts would make the full 256 tokens cost minutes on 2 cores.
+    return OnnxMiniLMEncoder(max_length=32)
+
+
+@pytest.fixture(scope="module")
+def models(data_dir: Path) -> tuple[str, ...]:
+    return load_routerbench(data_dir / "routerdc" / "routerbench_zs").models
+
+
+@pytest.fixture(scope="module")
+def outcome_gate(routerbench: dict[str, list[RouterBenchRow]], models: tuple[str, ...],
+                 encoder: Encoder) -> OutcomeGate:
+    return train_outcome_gate(_records(routerbench["train"], models), encoder, experts=list(models),
+                              progress=False)
+
+
+@pytest.fixture(scope="module")
+def test_x(routerbench: dict[str, list[RouterBenchRow]], encoder: Encoder) -> np.ndarray:
+    return encoder.encode([r.prompt for r in routerbench["test"]])
+
+
+def _score(gate: Gate, x: np.ndarray, rows: list[RouterBenchRow]) -> tuple[float, float]:
+    """(accuracy, total USD) of top-1 routing; a missing record counts as wrong and free."""
+    chosen = [gate.experts[i] for i in gate.predict_proba(x).argmax(axis=1)]
+    acc = np.mean([r.answers[e].correct or 0.0 for r, e in zip(rows, chosen, strict=True)])
+    return float(acc), float(sum(r.answers[e].cost_usd or 0.0 for r, e in zip(rows, chosen, strict=True)))
+
+
+def test_outcome_gate_scores_are_distributions_and_probabilities(outcome_gate: OutcomeGate,
+                                                                 test_x: np.ndarray) -> None:
+    p, s = outcome_gate.predict_proba(test_x), outcome_gate.predict_success(test_x)
+    assert p.shape == s.shape == (N_TEST, 11)
+    np.testing.assert_allclose(p.sum(axis=1), 1.0, atol=1e-9)
+    assert ((s >= 0) & (s <= 1)).all()
+    np.testing.assert_allclose(outcome_gate.predict_utility(test_x), s)  # cost weight 0: utility is success
+    m = outcome_gate.metadata.metrics
+    assert m.best_single == GPT4 and m.ece_after is not None and m.ece_before is not None
+    assert m.ece_after <= m.ece_before + 1e-9
+
+
+def test_cost_knob_trades_accuracy_for_cost_and_beats_single_experts(
+        outcome_gate: OutcomeGate, test_x: np.ndarray, routerbench: dict[str, list[RouterBenchRow]],
+        models: tuple[str, ...]) -> None:
+    rows = routerbench["test"]
+    single = {m: (np.mean([r.answers[m].correct or 0.0 for r in rows]),
+                  sum(r.answers[m].cost_usd or 0.0 for r in rows)) for m in models}
+    curve = {lam: _score(outcome_gate.with_cost_weight(lam), test_x, rows) for lam in (0.0, 0.1, 1.0)}
+    gpt4_acc, gpt4_cost = single[GPT4]
+    # Measured on this sample: lambda 0 -> 0.87-0.88 at 95-100% of GPT-4's cost (GPT-4 itself: 0.88);
+    # lambda 0.1 -> ~0.85 at ~35%; lambda 1 -> ~0.80 at ~7%. Best expert other than GPT-4: ~0.78.
+    assert curve[0.0][0] >= gpt4_acc - 0.02
+    assert curve[1.0][1] < curve[0.1][1] < curve[0.0][1]
+    best_cheap = max(acc for m, (acc, _) in single.items() if m != GPT4)
+    acc, cost = curve[0.1]
+    assert acc >= best_cheap + 0.03 and cost <= 0.5 * gpt4_cost, (acc, cost / gpt4_cost, best_cheap)
+
+
+def test_outcome_artifact_round_trip(outcome_gate: OutcomeGate, test_x: np.ndarray, tmp_path: Path) -> None:
+    tuned = outcome_gate.with_cost_weight(0.1)
+    tuned.save(tmp_path / "gate")
+    doc = json.loads((tmp_path / "gate" / "gate.json").read_text())
+    assert doc["kind"] == "outcome" and doc["cost_weight"] == 0.1 and doc["classifier"] == "knn"
+    loaded = Gate.load(tmp_path / "gate", outcome_gate.encoder)
+    assert isinstance(loaded, OutcomeGate) and loaded.metadata == tuned.metadata
+    np.testing.assert_allclose(loaded.predict_proba(test_x), tuned.predict_proba(test_x), atol=1e-6)
+    assert loaded.tuning.margin == tuned.tuning.margin and loaded.temperature == pytest.approx(tuned.temperature)
+
+
+# --- cold start and removal ----------------------------------------------------------------------------------
+
+def test_cold_start_expert_is_routed_queries_like_its_examples(
+        outcome_gate: OutcomeGate, test_x: np.ndarray, encoder: Encoder) -> None:
+    config_experts = {**{key: [] for key in outcome_gate.experts}, "sql-expert": SQL_EXAMPLES}
+    gate = outcome_gate.for_experts(config_experts)
+    assert gate.experts[-1] == "sql-expert"
+    sql = gate.scores(["Write a SQL query listing each department with its average salary, highest first."])
+    assert gate.experts[int(sql.argmax())] == "sql-expert"
+    np.testing.assert_allclose(sql.sum(), 1.0)
+    # RouterBench's own questions stay with the trained experts.
+    p = gate.predict_proba(test_x)
+    assert (p.argmax(axis=1) != len(gate.experts) - 1).mean() >= 0.98
+    assert np.isnan(gate.predict_success(test_x)[:, -1]).all()
+    assert gate.nearest(encoder.encode([SQL_EXAMPLES[1]])[0], 1)[0].label == "sql-expert"
+
+
+def test_removing_experts_needs_no_retraining(outcome_gate: OutcomeGate, test_x: np.ndarray) -> None:
+    keep = [e for e in outcome_gate.experts if e != GPT4][::-1]
+    gate = outcome_gate.for_experts({key: [] for key in keep})
+    p, full = gate.predict_proba(test_x), outcome_gate.predict_proba(test_x)
+    assert gate.experts == keep and p.shape == (N_TEST, 10)
+    np.testing.assert_allclose(p.sum(axis=1), 1.0, atol=1e-9)
+    cols = [outcome_gate.experts.index(e) for e in keep]
+    np.testing.assert_allclose(p, full[:, cols] / full[:, cols].sum(axis=1, keepdims=True), atol=1e-9)
+
+
+def test_expert_without_data_or_examples_is_refused_by_name(outcome_gate: OutcomeGate) -> None:
+    with pytest.raises(GateArtifactMismatch, match="'new-model'"):
+        outcome_gate.for_experts({**{key: [] for key in outcome_gate.experts}, "new-model": []})

@@ -1,0 +1,205 @@
+"""Hot reload: a new config is validated, then swapped in; a bad one leaves the old running; requests in flight
+finish on the old orchestrator, which is closed only after they drain."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+
+from router.config import RouterConfig, load_config
+from router.orchestrator import Orchestrator
+from router.reload import Reloader, ReloadFailed
+from router.service import create_app
+from tests.doubles.fakes import FakeExpert, FakeGate
+
+ADMIN = "sk-admin-reload-0001"
+
+
+def write(path: Path, names: list[str], **extra: Any) -> Path:
+    experts = [{"name": n, "type": "replay", "model": n, "replay": {"source": "routerbench", "path": "unused"}}
+               for n in names]
+    path.write_text(yaml.safe_dump({"version": 1, "experts": experts,
+                                    "security": {"admin_key_env": "MOE_ADMIN"}, **extra}))
+    stamp = path.stat().st_mtime_ns + 1_000_000_000  # a whole second on: coarse file-system clocks see it
+    os.utime(path, ns=(stamp, stamp))
+    return path
+
+
+class Builds:
+    """Builds orchestrators over fake experts (answering with ``text``, after ``delay``), and remembers them."""
+
+    def __init__(self, delay: float = 0.0, text: str = "") -> None:
+        self.delay, self.text = delay, text
+        self.built: list[Orchestrator] = []
+        self.closed: list[Orchestrator] = []
+
+    def __call__(self, config: RouterConfig) -> Orchestrator:
+        n = len(config.experts)
+        experts = {name: FakeExpert(config.expert(name), text=f"{self.text}{name}", delay=self.delay)
+                   for name in config.expert_names}
+        orch = Orchestrator(config, FakeGate(config.expert_names, {}, default=[1.0 / n] * n), experts)
+        closing = orch.aclose
+
+        async def aclose() -> None:
+            self.closed.append(orch)
+            await closing()
+
+        orch.aclose = aclose  # type: ignore[method-assign]
+        self.built.append(orch)
+        return orch
+
+
+def client(app: Any) -> httpx.AsyncClient:
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://router",
+                             headers={"authorization": f"Bearer {ADMIN}"})
+
+
+def service(path: Path, builds: Builds) -> Any:
+    reloader = Reloader(path, build=builds)
+    return create_app(builds(load_config(path)), reloader=reloader, environ={"MOE_ADMIN": ADMIN})
+
+
+async def models(http: httpx.AsyncClient) -> list[str]:
+    return [m["id"] for m in (await http.get("/v1/models")).json()["data"]]
+
+
+async def test_admin_reload_swaps_in_the_new_experts(tmp_path: Path) -> None:
+    path = write(tmp_path / "router.yaml", ["math", "code"])
+    builds = Builds()
+    app = service(path, builds)
+    async with client(app) as http:
+        assert await models(http) == ["auto", "moe-router", "math", "code"]
+        write(path, ["math", "code", "poetry"])
+        anonymous = await http.post("/admin/reload", headers={"authorization": ""})
+        reloaded = await http.post("/admin/reload")
+        assert await models(http) == ["auto", "moe-router", "math", "code", "poetry"]
+        answer = await http.post("/v1/chat/completions",
+                                 json={"model": "poetry", "messages": [{"role": "user", "content": "a poem"}]})
+    assert anonymous.status_code == 401
+    assert reloaded.status_code == 200
+    assert reloaded.json()["experts"] == ["math", "code", "poetry"]
+    assert answer.json()["choices"][0]["message"]["content"] == "poetry"
+    await asyncio.sleep(0.01)
+    assert builds.closed == [builds.built[0]]  # nothing was in flight: the old one is closed at once
+
+
+async def test_a_bad_file_keeps_the_old_config_and_names_every_problem(tmp_path: Path) -> None:
+    path = write(tmp_path / "router.yaml", ["math", "code"])
+    builds = Builds()
+    app = service(path, builds)
+    seen: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = seen.append  # type: ignore[method-assign,assignment]
+    logging.getLogger("router.reload").addHandler(handler)
+    try:
+        path.write_text(yaml.safe_dump({"version": 1, "experts": [
+            {"name": "math", "type": "telepathy", "model": "m"},
+            {"name": "code", "type": "replay", "model": "c", "timeout_s": -1}]}))
+        async with client(app) as http:
+            r = await http.post("/admin/reload")
+            assert await models(http) == ["auto", "moe-router", "math", "code"]
+    finally:
+        logging.getLogger("router.reload").removeHandler(handler)
+    assert r.status_code == 400
+    error = r.json()["error"]
+    assert error["code"] == "invalid_config"
+    paths = {p["path"] for p in error["problems"]}
+    assert {"experts[0] (math).type", "experts[1] (code).timeout_s", "experts[1] (code).replay"} <= paths
+    errors = [rec for rec in seen if rec.levelno == logging.ERROR]
+    assert len(errors) == 1  # one line, naming every problem
+    line = errors[0].getMessage()
+    assert "running config stays" in line and "telepathy" in line and "timeout_s" in line
+    assert app.state.orchestrator is builds.built[0] and builds.closed == []
+
+
+async def test_a_request_in_flight_finishes_on_the_old_config(tmp_path: Path) -> None:
+    path = write(tmp_path / "router.yaml", ["math"])
+    builds = Builds(delay=0.3, text="old ")
+    app = service(path, builds)
+    old = builds.built[0]
+    async with client(app) as http:
+        slow = asyncio.create_task(http.post(
+            "/v1/chat/completions", json={"model": "math", "messages": [{"role": "user", "content": "slow"}]}))
+        while old.active == 0:
+            await asyncio.sleep(0.005)
+        builds.delay, builds.text = 0.0, "new "
+        write(path, ["math", "code"])
+        assert (await http.post("/admin/reload")).status_code == 200
+        fresh = await http.post("/v1/chat/completions",
+                                json={"model": "math", "messages": [{"role": "user", "content": "fast"}]})
+        assert builds.closed == []  # still draining
+        done = await slow
+    assert fresh.json()["choices"][0]["message"]["content"] == "new math"
+    assert done.status_code == 200 and done.json()["choices"][0]["message"]["content"] == "old math"
+    await asyncio.sleep(0.01)
+    assert builds.closed == [old]
+
+
+async def test_a_file_change_is_picked_up_by_polling_and_a_bad_one_only_once(tmp_path: Path) -> None:
+    path = write(tmp_path / "router.yaml", ["math"])
+    builds = Builds()
+    holder = SimpleNamespace(orchestrator=builds(load_config(path)))
+    reloader = Reloader(path, build=builds, poll_s=0.02)
+    reloader.bind(holder)
+    reloader.start()
+    try:
+        write(path, ["math", "code"])
+        for _ in range(200):
+            if holder.orchestrator.config.expert_names == ["math", "code"]:
+                break
+            await asyncio.sleep(0.01)
+        assert holder.orchestrator.config.expert_names == ["math", "code"]
+        path.write_text("version: 1\nexperts: [")
+        await asyncio.sleep(0.15)
+        assert len(builds.built) == 2  # the broken file was read once, not at every poll
+        assert holder.orchestrator.config.expert_names == ["math", "code"]
+    finally:
+        await reloader.stop()
+    assert builds.built[0] in builds.closed
+
+
+async def test_sighup_reloads(tmp_path: Path) -> None:
+    path = write(tmp_path / "router.yaml", ["math"])
+    builds = Builds()
+    holder = SimpleNamespace(orchestrator=builds(load_config(path)))
+    reloader = Reloader(path, build=builds, sighup=True)
+    reloader.bind(holder)
+    reloader.start()
+    try:
+        write(path, ["math", "code"])
+        os.kill(os.getpid(), signal.SIGHUP)
+        for _ in range(200):
+            if len(builds.built) == 2:
+                break
+            await asyncio.sleep(0.01)
+        assert holder.orchestrator.config.expert_names == ["math", "code"]
+    finally:
+        await reloader.stop()
+
+
+async def test_a_gate_that_cannot_be_loaded_is_a_reload_problem(tmp_path: Path) -> None:
+    path = write(tmp_path / "router.yaml", ["math"])
+    holder = SimpleNamespace(orchestrator=Builds()(load_config(path)))
+    reloader = Reloader(path)  # the real build: no trained gate next to this config
+    reloader.bind(holder)
+    with pytest.raises(ReloadFailed) as info:
+        await reloader.reload()
+    assert info.value.problems[0][0] == "gate.artifact"
+    assert "moe train" in info.value.problems[0][1]
+
+
+async def test_reload_without_a_reloader_is_refused(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path / "router.yaml", ["math"]))
+    app = create_app(Builds()(config), environ={"MOE_ADMIN": ADMIN})
+    async with client(app) as http:
+        r = await http.post("/admin/reload")
+    assert (r.status_code, r.json()["error"]["code"]) == (409, "reload_unavailable")
