@@ -1,6 +1,6 @@
 """Plain ``ChatOpenAI`` pointed at the router: no router-specific code at all.
 
-Start a router first (``moe serve configs/demo.yaml``), then::
+Start a router first (``moe serve --config configs/demo.yaml``), then::
 
     python examples/langchain_chatopenai.py --base-url http://127.0.0.1:8000 [--api-key KEY]
 

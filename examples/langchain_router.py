@@ -1,6 +1,6 @@
 """ChatMoERouter in an LCEL chain, then streaming, with the routing trace.
 
-Start a router first (``moe serve configs/demo.yaml``), then::
+Start a router first (``moe serve --config configs/demo.yaml``), then::
 
     python examples/langchain_router.py --base-url http://127.0.0.1:8000 [--api-key KEY]
 
