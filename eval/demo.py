@@ -37,7 +37,7 @@ from router.train import train_from_config
 
 __all__ = ["DemoRow", "main", "run_demo"]
 
-CONCURRENCY = 16
+CONCURRENCY = 4
 
 
 @dataclass

@@ -26,6 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from eval import combine_suite
 from eval import labels as label_suites
 from eval import routing as outcome_suites
 from eval.embeddings import CachedEncoder
@@ -45,6 +46,7 @@ SUITES: dict[str, Callable[[SuiteContext], dict[str, Any]]] = {
     "mmlu-pro-outcome": outcome_suites.run_mmlu_pro_outcome,
     "routerbench": outcome_suites.run_routerbench,
     "routellm-mmlu": outcome_suites.run_routellm_mmlu,
+    "mmlu-pro-combine": combine_suite.run_mmlu_pro_combine,
 }
 
 
@@ -56,7 +58,7 @@ def run_suite(name: str, data_dir: str | Path | None, out: str | Path, *, encode
               seed: int = 0,
               train: str | Path | None = None, test: str | Path | None = None, limit: int | None = None,
               plots: bool = True, progress: bool = True, cache_dir: str | Path | None = None,
-              command: str | None = None) -> dict[str, Any]:
+              command: str | None = None, pool: str | None = None) -> dict[str, Any]:
     """Run one suite and write its outputs to ``out``; returns the results (as written to results.json).
 
     ``name`` is a key of ``SUITES``; ``"jsonl"`` needs ``train`` and ``test``. ``encoder`` is a backend name
@@ -76,7 +78,7 @@ def run_suite(name: str, data_dir: str | Path | None, out: str | Path, *, encode
         inner, max_length = encoder, EncoderConfig().max_length
     cached = CachedEncoder(inner, cache_dir, max_length=max_length, progress=progress)
     ctx = SuiteContext(name=name, data_dir=Path(data_dir) if data_dir else default_data_dir(), out=Path(out),
-                       encoder=cached, seed=seed, limit=limit, plots=plots, progress=progress,
+                       encoder=cached, seed=seed, limit=limit, pool=pool, plots=plots, progress=progress,
                        train_path=Path(train) if train else None, test_path=Path(test) if test else None)
     ctx.out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -103,7 +105,7 @@ def main(args: argparse.Namespace) -> int:
         return 2
     results = run_suite(suite, args.data, args.out, encoder=args.encoder, seed=args.seed, train=train, test=test,
                         limit=getattr(args, "limit", None), plots=not getattr(args, "no_plots", False),
-                        command=_command(args, suite))
+                        command=_command(args, suite), pool=getattr(args, "pool", None))
     print(_summary(results))
     return 0
 
@@ -114,6 +116,7 @@ def _command(args: argparse.Namespace, suite: str) -> str:
     parts += [f"--out {args.out}", f"--encoder {args.encoder}", f"--seed {args.seed}"]
     parts += [f"--data {args.data}"] if args.data else []
     parts += [f"--limit {args.limit}"] if getattr(args, "limit", None) else []
+    parts += [f"--pool {args.pool}"] if getattr(args, "pool", None) else []
     return " ".join(parts)
 
 

@@ -25,6 +25,7 @@ class SuiteContext:
     encoder: CachedEncoder
     seed: int = 0
     limit: int | None = None  # at most this many queries per split (a fast, smaller run)
+    pool: str | None = None  # the experts a suite may use (``--pool``); None: all of them
     plots: bool = True
     progress: bool = True
     train_path: Path | None = None

@@ -1,20 +1,41 @@
 """Combiners: from the weighted answers of a panel to one answer. Pure: no I/O, no model calls.
 
 A combiner has one method, ``combine``. Every result says which experts contributed, with what weight, and
-whether each agreed with the result.
+whether each agreed with the result. Strategies (``COMBINERS``):
+
+- ``top1``: the highest-weight answer.
+- ``vote``: weighted vote on an extracted final answer; the extractor is set per combiner and may be
+  overridden per expert. An answer that cannot be extracted loses its vote, not the request.
+- ``consensus``: the answer closest (cosine) to the weight-averaged embedding of all answers, with an
+  injected embedding function and no extra model call. With ``choice_embedding`` (one-hot of the extracted
+  letter) the centroid's coordinate for a letter is that letter's total weight, so consensus over letter
+  answers is exactly a weighted vote (weighted agreement).
+- ``fuse``: an aggregator expert writes the final answer from the answers and their weights
+  (Mixture-of-Agents). The prompt building and the reading of the reply are pure (``Fuse.messages``,
+  ``Fuse.result``); the one model call goes through an injected async hook (``Fuse.fuse``). Its plain
+  ``combine`` cannot call a model, so it returns the top-weight answer (what ``fuse`` falls back to when the
+  aggregator fails).
 """
 
 from __future__ import annotations
 
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 
+import numpy as np
+
+from experts.errors import ExpertError
+from experts.types import ChatMessage
 from router.trace import Contribution
 
-__all__ = ["COMBINERS", "EXTRACTORS", "Combined", "Combiner", "TopOne", "Vote", "build_combiner", "extract_choice",
-           "extract_number", "extract_short"]
+__all__ = ["COMBINERS", "EXTRACTORS", "Combined", "Combiner", "Consensus", "Fuse", "TopOne", "Vote",
+           "WeightedAnswer", "build_combiner", "choice_embedding", "extract_choice", "extract_number",
+           "extract_short"]
+
+Embed = Callable[[Sequence[str]], np.ndarray]
+Aggregate = Callable[[list[ChatMessage]], Awaitable[str]]
 
 
 @dataclass(frozen=True)
@@ -95,15 +116,21 @@ EXTRACTORS: dict[str, Callable[[str], str | None]] = {
 
 
 class Vote(Combiner):
-    """Weighted vote on the extracted final answer. The returned text is the heaviest answer that voted for it."""
+    """Weighted vote on the extracted final answer. The returned text is the heaviest answer that voted for it.
+
+    ``per_expert`` maps an expert to its own extractor name (an expert that answers in its own format)."""
 
     name = "vote"
 
-    def __init__(self, extractor: str = "choice") -> None:
+    def __init__(self, extractor: str = "choice", per_expert: Mapping[str, str] | None = None) -> None:
         self.extract = EXTRACTORS[extractor]
+        self.per_expert = {e: EXTRACTORS[x] for e, x in (per_expert or {}).items()}
+
+    def key(self, answer: WeightedAnswer) -> str | None:
+        return self.per_expert.get(answer.expert, self.extract)(answer.content)
 
     def combine(self, answers: list[WeightedAnswer]) -> Combined:
-        extracted = {a.expert: self.extract(a.content) for a in answers}
+        extracted = {a.expert: self.key(a) for a in answers}
         tally: dict[str, float] = {}
         for a in answers:
             key = extracted[a.expert]
@@ -122,10 +149,112 @@ class Vote(Combiner):
         return Combined(content=best.content, expert=best.expert, contributions=contributions)
 
 
-COMBINERS: dict[str, Callable[..., Combiner]] = {"top1": TopOne, "vote": Vote}
+_LETTERS = "ABCDEFGHIJ"
 
 
-def build_combiner(strategy: str, extractor: str = "choice") -> Combiner:
+def choice_embedding(texts: Sequence[str]) -> np.ndarray:
+    """``[n, 10]`` one-hot of each text's extracted choice letter (a zero row when none): consensus over
+    these vectors is a weighted vote on the letter."""
+    out = np.zeros((len(texts), len(_LETTERS)), dtype=np.float32)
+    for row, text in enumerate(texts):
+        letter = extract_choice(text)
+        if letter is not None:
+            out[row, _LETTERS.index(letter)] = 1.0
+    return out
+
+
+class Consensus(Combiner):
+    """The answer closest (cosine) to the weight-averaged embedding of all answers.
+
+    An answer agrees with the result when its cosine to the chosen answer is at least ``agree_at``. An
+    answer whose embedding is zero (nothing to embed) has cosine 0 to everything. Ties go to the heavier
+    answer."""
+
+    name = "consensus"
+
+    def __init__(self, embed: Embed, agree_at: float = 0.8) -> None:
+        self.embed, self.agree_at = embed, agree_at
+
+    def combine(self, answers: list[WeightedAnswer]) -> Combined:
+        vectors = np.asarray(self.embed([a.content for a in answers]), dtype=np.float64)
+        norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+        unit = np.divide(vectors, norms, out=np.zeros_like(vectors), where=norms > 0)
+        centroid = np.array([a.weight for a in answers]) @ unit
+        closeness = unit @ centroid
+        best = max(range(len(answers)), key=lambda i: (round(float(closeness[i]), 9), answers[i].weight))
+        agreement = unit @ unit[best]
+        contributions = [Contribution(expert=a.expert, weight=a.weight,
+                                      agreed=i == best or bool(agreement[i] >= self.agree_at))
+                         for i, a in enumerate(answers)]
+        return Combined(content=answers[best].content, expert=answers[best].expert, contributions=contributions)
+
+
+FUSE_SYSTEM = (
+    "You are given a question and answers to it from several models, each with a weight: the router's "
+    "estimate of how likely that model is to be right. Some answers may be wrong. Critically evaluate them "
+    "and write one final answer that is correct and complete. Do not mention the models or the weights. "
+    "Keep the answer format the question asks for."
+)
+
+
+class Fuse(Combiner):
+    """Mixture-of-Agents aggregation: ``aggregator`` (an expert's name) writes the final answer.
+
+    ``messages`` builds the aggregation prompt (answers heaviest first, each truncated to ``max_chars``);
+    ``result`` turns the aggregator's reply into a ``Combined`` whose contributions mark an answer as agreeing
+    when ``extractor`` finds the same final answer in it as in the reply (without an extractor, none agrees).
+    ``fuse`` does both around the one model call, the injected ``aggregate`` hook, and falls back to the
+    top-weight answer when the hook raises an ``ExpertError``."""
+
+    name = "fuse"
+
+    def __init__(self, aggregator: str, extractor: str | None = None, max_chars: int = 4000) -> None:
+        self.aggregator, self.max_chars = aggregator, max_chars
+        self.extract = EXTRACTORS[extractor] if extractor else None
+
+    def messages(self, query: str, answers: list[WeightedAnswer]) -> list[ChatMessage]:
+        ordered = sorted(answers, key=lambda a: -a.weight)
+        blocks = [f"Answer {i} (weight {a.weight:.2f}):\n{a.content[:self.max_chars]}"
+                  for i, a in enumerate(ordered, start=1)]
+        user = f"Question:\n{query}\n\n" + "\n\n".join(blocks) + "\n\nFinal answer:"
+        return [ChatMessage(role="system", content=FUSE_SYSTEM), ChatMessage(role="user", content=user)]
+
+    def result(self, answers: list[WeightedAnswer], text: str) -> Combined:
+        final = self.extract(text) if self.extract else None
+        contributions = [Contribution(expert=a.expert, weight=a.weight,
+                                      agreed=final is not None and self.extract is not None
+                                      and self.extract(a.content) == final) for a in answers]
+        return Combined(content=text, expert=self.aggregator, contributions=contributions)
+
+    def combine(self, answers: list[WeightedAnswer]) -> Combined:
+        return TopOne().combine(answers)
+
+    async def fuse(self, query: str, answers: list[WeightedAnswer], aggregate: Aggregate) -> Combined:
+        try:
+            text = await aggregate(self.messages(query, answers))
+        except ExpertError:  # a failed aggregator degrades the answer to top-1; it never fails the request
+            return self.combine(answers)
+        return self.result(answers, text)
+
+
+COMBINERS: dict[str, Callable[..., Combiner]] = {"top1": TopOne, "vote": Vote, "consensus": Consensus,
+                                                 "fuse": Fuse}
+
+
+def build_combiner(strategy: str, extractor: str = "choice", *, per_expert: Mapping[str, str] | None = None,
+                   embed: Embed | None = None, aggregator: str | None = None) -> Combiner:
+    """``consensus`` needs ``embed`` (``choice_embedding`` when omitted and ``extractor`` is ``"choice"``);
+    ``fuse`` needs the ``aggregator`` expert's name."""
     if strategy not in COMBINERS:
         raise ValueError(f"unknown combiner strategy {strategy!r}; known: {', '.join(sorted(COMBINERS))}")
-    return Vote(extractor) if strategy == "vote" else COMBINERS[strategy]()
+    if strategy == "vote":
+        return Vote(extractor, per_expert)
+    if strategy == "consensus":
+        if embed is None and extractor != "choice":
+            raise ValueError("the consensus combiner needs an embedding function for non-choice answers")
+        return Consensus(embed or choice_embedding)
+    if strategy == "fuse":
+        if aggregator is None:
+            raise ValueError("the fuse combiner needs an aggregator expert")
+        return Fuse(aggregator, extractor)
+    return COMBINERS[strategy]()

@@ -177,19 +177,25 @@ class LoadStats:
 
 
 async def load(r: Rig, *, clients: int, seconds: float, think_s: tuple[float, float] = (0.5, 1.0),
-               seed: int = 0) -> LoadStats:
+               seed: int = 0, min_per_client: int = 0) -> LoadStats:
     """``clients`` concurrent clients for ``seconds``, plain and streamed, while a chaos task keeps switching
     experts "a" and "b" between faults and health; "c" stays healthy, so every request must be answered.
 
     Each client waits ``think_s`` (uniform) between requests, so the offered load stays below what one process
     holding the router, the clients and three scripted servers can serve (about 200 requests/s on 2 cores):
-    the run measures resilience under load, not queueing past saturation."""
+    the run measures resilience under load, not queueing past saturation.
+
+    ``min_per_client`` makes each client send at least that many requests even when a slow machine runs past
+    ``seconds``, so the request count a test asserts on does not depend on the machine's speed."""
     stats = LoadStats()
     rng = random.Random(seed)
     stop = time.monotonic() + seconds
+    finished = asyncio.Event()
 
     async def client(i: int) -> None:
-        while time.monotonic() < stop:
+        sent = 0
+        while time.monotonic() < stop or sent < min_per_client:
+            sent += 1
             stats.requests += 1
             try:
                 reply = await r.chat(f"query {i}", stream=rng.random() < 0.5)
@@ -205,21 +211,27 @@ async def load(r: Rig, *, clients: int, seconds: float, think_s: tuple[float, fl
 
     async def chaos() -> None:
         kinds = [*FAULTS.values(), *[Behaviour.ok(f"answer from {n}") for n in ("a", "b")]]
-        while time.monotonic() < stop:
+        while not finished.is_set():
             for name in ("a", "b"):
                 r.servers[name].default = rng.choice(kinds)
             await asyncio.sleep(0.5)
 
     async def sample() -> None:
-        while time.monotonic() < stop:
+        while not finished.is_set():
             for server in r.servers.values():  # the doubles keep every request; they are not under test
                 server.requests.clear()
                 server.headers.clear()
             stats.memory.append(rss_bytes())
             await asyncio.sleep(0.1)
 
+    async def clients_then_finish() -> None:
+        try:
+            await asyncio.gather(*(client(i) for i in range(clients)))
+        finally:
+            finished.set()
+
     try:
-        await asyncio.gather(chaos(), sample(), *(client(i) for i in range(clients)))
+        await asyncio.gather(chaos(), sample(), clients_then_finish())
     finally:
         for server in r.servers.values():
             server.default = Behaviour.ok(f"answer from {server.name}")

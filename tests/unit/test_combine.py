@@ -1,6 +1,24 @@
+import asyncio
+from collections.abc import Sequence
+
+import numpy as np
 import pytest
 
-from router.combine import TopOne, Vote, WeightedAnswer, build_combiner, extract_choice, extract_number, extract_short
+from experts.errors import ExpertUnavailable
+from experts.types import ChatMessage
+from router.combine import (
+    COMBINERS,
+    Consensus,
+    Fuse,
+    TopOne,
+    Vote,
+    WeightedAnswer,
+    build_combiner,
+    choice_embedding,
+    extract_choice,
+    extract_number,
+    extract_short,
+)
 
 
 @pytest.mark.parametrize(
@@ -65,3 +83,69 @@ def test_vote_tie_goes_to_the_single_heaviest_expert() -> None:
 def test_build_combiner_rejects_unknown_strategy() -> None:
     with pytest.raises(ValueError, match="unknown combiner strategy 'best'"):
         build_combiner("best")
+
+
+def test_vote_per_expert_extractor_override() -> None:
+    answers = [WeightedAnswer("letters", 0.4, "The answer is (B)."), WeightedAnswer("numbers", 0.6, "It is 42")]
+    result = Vote("choice", per_expert={"numbers": "number"}).combine(answers)
+    assert result.expert == "numbers"  # its "42" is a vote, not an unextractable answer
+
+
+def test_consensus_on_letters_is_weighted_agreement() -> None:
+    answers = [WeightedAnswer("big", 0.4, "The answer is (A)."), WeightedAnswer("m1", 0.35, "Answer: B"),
+               WeightedAnswer("m2", 0.25, "(B) because"), WeightedAnswer("mute", 0.5, "no idea")]
+    result = Consensus(choice_embedding).combine(answers)
+    assert result.expert == "m1" and result == Vote("choice").combine(answers)
+    assert {c.expert: c.agreed for c in result.contributions} == {"big": False, "m1": True, "m2": True,
+                                                                  "mute": False}
+
+
+def test_consensus_picks_the_answer_nearest_the_weighted_centroid() -> None:
+    vectors = {"north": [1.0, 0.0], "north-east": [0.8, 0.6], "east": [0.0, 1.0]}
+
+    def embed(texts: Sequence[str]) -> np.ndarray:
+        return np.array([vectors[t] for t in texts])
+
+    answers = [WeightedAnswer("a", 0.45, "north"), WeightedAnswer("b", 0.1, "north-east"),
+               WeightedAnswer("c", 0.45, "east")]
+    result = build_combiner("consensus", embed=embed).combine(answers)
+    assert result.content == "north-east"  # the middle answer, though the lightest
+    assert [c.agreed for c in result.contributions] == [True, True, False]  # cos 0.8 vs 0.6 to the choice
+
+
+def test_fuse_builds_the_prompt_and_reads_the_aggregators_reply() -> None:
+    fuse = Fuse("agg", extractor="choice")
+    answers = [WeightedAnswer("a", 0.3, "The answer is (A)."), WeightedAnswer("b", 0.7, "The answer is (C).")]
+    messages = fuse.messages("Which one?", answers)
+    assert [m.role for m in messages] == ["system", "user"]
+    user = str(messages[1].content)
+    assert "Which one?" in user and user.index("weight 0.70") < user.index("weight 0.30")
+    seen: list[list[ChatMessage]] = []
+
+    async def fake_aggregator(msgs: list[ChatMessage]) -> str:
+        seen.append(msgs)
+        return "Weighing both, the answer is (A)."
+
+    result = asyncio.run(fuse.fuse("Which one?", answers, fake_aggregator))
+    assert seen == [messages]
+    assert (result.expert, result.content) == ("agg", "Weighing both, the answer is (A).")
+    assert {c.expert: c.agreed for c in result.contributions} == {"a": True, "b": False}
+
+
+def test_fuse_falls_back_to_top1_when_the_aggregator_fails() -> None:
+    async def failing_aggregator(msgs: list[ChatMessage]) -> str:
+        raise ExpertUnavailable("agg", "down")
+
+    answers = [WeightedAnswer("a", 0.3, "x"), WeightedAnswer("b", 0.7, "y")]
+    result = asyncio.run(Fuse("agg").fuse("q", answers, failing_aggregator))
+    assert (result.expert, result.content) == ("b", "y")
+
+
+def test_build_combiner_knows_every_strategy_and_what_each_needs() -> None:
+    assert set(COMBINERS) == {"top1", "vote", "consensus", "fuse"}
+    assert isinstance(build_combiner("consensus"), Consensus)  # letters need no model
+    with pytest.raises(ValueError, match="embedding"):
+        build_combiner("consensus", "short")
+    with pytest.raises(ValueError, match="aggregator"):
+        build_combiner("fuse")
+    assert isinstance(build_combiner("fuse", aggregator="agg"), Fuse)

@@ -1,0 +1,263 @@
+"""``mmlu-pro-combine``: route to a top-k panel and combine the panel's recorded answers, scored offline.
+
+Same data and seeded id split as ``mmlu-pro-outcome`` (``eval.routing``): the gate's success model
+(``eval.outcome.NeighbourOutcomes``: the shrunk success rate of each expert on the query's nearest training
+queries) ranks the experts of the pool, the top ``k`` form the panel, and each member's *recorded* letter
+(``pred.csv``) is its answer. Strategies scored:
+
+- ``top1``: the gate's single choice (argmax of predicted success, with the margin over the best single expert
+  that ``mmlu-pro-outcome`` tunes);
+- ``vote``: ``router.combine.Vote`` over the panel, weights from predicted success (``uniform``, ``success`` or
+  ``logodds``: ``log(9 p / (1 - p))``, the optimal weight of an independent voter with accuracy ``p`` among 10
+  options, floored at 0);
+- ``consensus``: ``router.combine.Consensus`` over one-hot letter embeddings: weighted agreement, the same
+  letter as ``vote`` by construction (checked, not assumed).
+- ``fuse`` needs an aggregator model to write an answer, so it cannot be scored from recordings.
+
+The panel's size ``k``, the weights and the success model's prior (global, or per MMLU-Pro category: the
+category is part of each question's record) are chosen on the validation split; the test split is scored once.
+A model with no record for a question abstains (no vote); a panel with no vote at all is wrong.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from eval import metrics as M
+from eval.outcome import NeighbourOutcomes, route_with_margin
+from eval.routing import FRACTIONS, _split
+from eval.suite import SuiteContext, as_float
+
+__all__ = ["POOLS", "SMALL_OPEN", "panel_letters", "pool_models", "run_mmlu_pro_combine", "weights_of"]
+
+LETTERS = "ABCDEFGHIJ"
+# Open models of at most 8x7B parameters among MMLU-Pro's 31.
+SMALL_OPEN = (
+    "Llama-2-7b-hf", "Llama-2-13b-hf", "Meta-Llama-3-8B", "Meta-Llama-3_1-8B", "Meta-Llama-3_1-8B-Instruct",
+    "Mistral-7B-v0.1", "Mistral-7B-v0.2-hf", "Mistral-7B-Instruct-v0.1", "Mistral-7B-Instruct-v0.2",
+    "Mixtral-8x7B-v0.1", "Mixtral-8x7B-Instruct-v0.1", "Phi-3-mini-4k-instruct", "Qwen1.5-7B-Chat", "Yi-6B",
+    "Yi-6b-Chat", "gemma-7b", "mathstral-7B",
+)
+POOLS: dict[str, tuple[str, ...] | None] = {"all": None, "small": SMALL_OPEN}
+PANEL_SIZES = (1, 3, 5, 7, 9)
+WEIGHTS = ("uniform", "success", "logodds")
+PRIORS = ("global", "category")
+K_NEIGHBOURS = (50, 100, 200)
+ALPHAS = (3.0, 10.0, 30.0, 100.0)
+MARGINS = (0.0, 0.02, 0.05, 0.1, np.inf)
+N_BOOT = 1000
+TARGETS = {"all": 0.05, "small": 0.07}  # issue 4: points over the pool's best single model
+
+
+def pool_models(spec: str | None, available: Sequence[str]) -> list[str]:
+    """The experts of ``--pool``: ``all``, ``small``, or comma-separated names (each must be recorded)."""
+    spec = spec or "all"
+    names = POOLS[spec] if spec in POOLS else tuple(n.strip() for n in spec.split(",") if n.strip())
+    if names is None:
+        return list(available)
+    unknown = [n for n in names if n not in available]
+    if unknown or len(names) < 2:
+        raise ValueError(f"--pool needs at least two recorded models; unknown: {', '.join(unknown) or '-'}; "
+                         f"known: all, small, {', '.join(available)}")
+    return list(names)
+
+
+def weights_of(success: np.ndarray, scheme: str) -> np.ndarray:
+    """Vote weights from predicted success; a tiny rank term makes ties go to the higher-ranked expert."""
+    if scheme == "uniform":
+        w = np.ones_like(success)
+    elif scheme == "success":
+        w = success.copy()
+    elif scheme == "logodds":
+        p = np.clip(success, 1e-3, 1 - 1e-3)
+        w = np.maximum(np.log((len(LETTERS) - 1) * p / (1 - p)), 0.0)
+    else:
+        raise ValueError(f"unknown weight scheme {scheme!r}; known: {', '.join(WEIGHTS)}")
+    return w + 1e-6 * success
+
+
+def panel_letters(onehot: np.ndarray, panels: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """Weighted vote per query: ``onehot`` [n, m, 10], ``panels`` and ``weights`` [n, k] -> letter index
+    [n], -1 where no member voted (every member abstained)."""
+    votes = onehot[np.arange(len(panels))[:, None], panels]  # [n, k, 10]
+    tally = (votes * weights[:, :, None]).sum(axis=1)
+    return np.where(tally.max(axis=1) > 0, tally.argmax(axis=1), -1)
+
+
+def _accuracy(letters: np.ndarray, gold: np.ndarray) -> float:
+    return float(np.mean(letters == gold))
+
+
+class _Scorer:
+    """Success estimates over the pool from a fit split, with either prior."""
+
+    def __init__(self, x: np.ndarray, outcomes: np.ndarray, category: np.ndarray, fit: np.ndarray) -> None:
+        self.x, self.outcomes, self.category, self.fit = x, outcomes, category, fit
+        self.model = NeighbourOutcomes(x[fit], outcomes[fit])
+        self.cat_prior = {c: _mean_known(outcomes[fit][category[fit] == c]) for c in np.unique(category)}
+
+    def success(self, rows: np.ndarray, k: int, alpha: float, prior: str) -> np.ndarray:
+        ids = self.model.neighbours(self.x[rows], k)
+        o = self.model.outcomes[ids]
+        known = ~np.isnan(o)
+        hits = np.where(known, o, 0.0).sum(axis=1)
+        base = (np.stack([self.cat_prior[c] for c in self.category[rows]]) if prior == "category"
+                else np.broadcast_to(self.model.prior, hits.shape))
+        return np.asarray((hits + alpha * base) / (known.sum(axis=1) + alpha))
+
+
+def _mean_known(o: np.ndarray) -> np.ndarray:
+    known = ~np.isnan(o)
+    return np.where(known, o, 0.0).sum(axis=0) / np.maximum(known.sum(axis=0), 1)
+
+
+def _vote(onehot: np.ndarray, success: np.ndarray, size: int, scheme: str) -> np.ndarray:
+    panels = np.argsort(-success, axis=1, kind="stable")[:, :size]
+    return panel_letters(onehot, panels, weights_of(np.take_along_axis(success, panels, 1), scheme))
+
+
+def _tune(scorer: _Scorer, rows: np.ndarray, onehot: np.ndarray, gold: np.ndarray,
+          best: int) -> tuple[dict[str, Any], dict[str, Any], list[dict[str, Any]]]:
+    """Best validation (prior, K, alpha, panel size, weights) for voting, and (K, alpha, margin) for top-1."""
+    grid: list[dict[str, Any]] = []
+    top1: list[dict[str, Any]] = []
+    for prior, k, alpha in itertools.product(PRIORS, K_NEIGHBOURS, ALPHAS):
+        s = scorer.success(rows, k, alpha, prior)
+        for size, scheme in itertools.product(PANEL_SIZES, WEIGHTS):
+            grid.append({"prior": prior, "neighbours": k, "alpha": alpha, "k": size, "weights": scheme,
+                         "val_accuracy": _accuracy(_vote(onehot[rows], s, size, scheme), gold[rows])})
+        if prior == "global":
+            for margin in MARGINS:
+                picks = route_with_margin(s, best, margin)
+                acc = _accuracy(_letters_of(onehot[rows], picks), gold[rows])
+                top1.append({"neighbours": k, "alpha": alpha, "margin": float(margin), "val_accuracy": acc})
+    # Ties prefer the smaller panel (fewer calls), then the simpler weights and prior.
+    chosen = max(grid, key=lambda g: (round(g["val_accuracy"], 12), -g["k"]))
+    chosen_top1 = max(top1, key=lambda g: (round(g["val_accuracy"], 12), g["margin"]))
+    return chosen, chosen_top1, grid
+
+
+def _letters_of(onehot: np.ndarray, picks: np.ndarray) -> np.ndarray:
+    row = onehot[np.arange(len(picks)), picks]  # [n, 10]
+    return np.where(row.max(axis=1) > 0, row.argmax(axis=1), -1)
+
+
+def _check_with_combiners(onehot: np.ndarray, success: np.ndarray, size: int, scheme: str,
+                          names: Sequence[str], expected: np.ndarray) -> dict[str, float]:
+    """Run ``router.combine``'s Vote and Consensus on the test panels; share of queries where each agrees
+    with the vectorised vote (1.0 expected: the suite scores what the combiners do)."""
+    from router.combine import Consensus, Vote, WeightedAnswer, choice_embedding
+
+    vote, consensus = Vote("choice"), Consensus(choice_embedding)
+    panels = np.argsort(-success, axis=1, kind="stable")[:, :size]
+    weights = weights_of(np.take_along_axis(success, panels, 1), scheme)
+    got: dict[str, list[int]] = {"vote": [], "consensus": []}
+    for row, panel in enumerate(panels):
+        answers = [WeightedAnswer(names[j], float(w), _text(onehot[row, j]))
+                   for j, w in zip(panel, weights[row], strict=True)]
+        for name, combiner in (("vote", vote), ("consensus", consensus)):
+            letter = _text(onehot[row, names.index(combiner.combine(answers).expert)])
+            got[name].append(LETTERS.index(letter) if letter else -1)
+    return {k: float(np.mean(np.array(v) == expected)) for k, v in got.items()}
+
+
+def _text(onehot_row: np.ndarray) -> str:
+    return LETTERS[int(onehot_row.argmax())] if onehot_row.max() > 0 else ""
+
+
+def run_mmlu_pro_combine(ctx: SuiteContext) -> dict[str, Any]:
+    from experts.recordings import load_mmlu_pro, mmlu_pro_prompt
+
+    folder = ctx.data_dir / "mmlu_pro_outcomes"
+    store = load_mmlu_pro(folder if folder.is_dir() else ctx.data_dir)
+    pool_name = ctx.pool or "all"
+    models = pool_models(pool_name, store.models)
+    ids = [str(q.question_id) for q in store.questions]
+    train, val, test = _split(ctx, ids, FRACTIONS)
+    used = np.r_[train, val, test]
+    x = np.zeros((len(ids), ctx.encoder.dim), dtype=np.float32)
+    x[used] = ctx.encoder.encode([mmlu_pro_prompt(store.questions[i]) for i in used])
+    outcomes = np.stack([as_float(store.correct(m)) for m in models], axis=1)
+    onehot = np.zeros((len(ids), len(models), len(LETTERS)), dtype=np.float32)
+    for j, m in enumerate(models):
+        for i, o in enumerate(store.outcomes(m)):
+            if o.pred is not None and o.pred in LETTERS:
+                onehot[i, j, LETTERS.index(o.pred)] = 1.0
+    gold = np.array([LETTERS.index(q.answer) for q in store.questions])
+    category = np.array([q.category for q in store.questions])
+
+    train_acc = np.nan_to_num(outcomes[train]).mean(axis=0)  # missing = wrong, as for every system
+    best = int(np.argmax(train_acc))
+    chosen, chosen_top1, grid = _tune(_Scorer(x, outcomes, category, train), val, onehot, gold, best)
+    scorer = _Scorer(x, outcomes, category, np.r_[train, val])
+    s = scorer.success(test, chosen["neighbours"], chosen["alpha"], chosen["prior"])
+    s_top1 = scorer.success(test, chosen_top1["neighbours"], chosen_top1["alpha"], "global")
+    oh, g = onehot[test], gold[test]
+    voted = _vote(oh, s, chosen["k"], chosen["weights"])
+    routed = _letters_of(oh, route_with_margin(s_top1, best, chosen_top1["margin"]))
+    single = _letters_of(oh, np.full(len(test), best))
+    top3 = np.argsort(-train_acc, kind="stable")[:3]
+    fixed = panel_letters(oh, np.tile(top3, (len(test), 1)), np.tile(weights_of(train_acc[top3], "uniform"),
+                                                                     (len(test), 1)))
+    check = _check_with_combiners(oh, s, chosen["k"], chosen["weights"], models, voted)
+    consensus = voted if check["consensus"] == 1.0 else np.full(len(test), -2)  # never silently wrong
+    correct = {"best_single": single == g, "top1": routed == g, "vote": voted == g, "consensus": consensus == g,
+               "fixed_top3_vote": fixed == g}
+    metrics: dict[str, Any] = {f"{k}_accuracy": float(v.mean()) for k, v in correct.items()}
+    metrics["oracle_accuracy"] = M.oracle_accuracy(outcomes[test])
+    metrics["vote_minus_best_single"] = metrics["vote_accuracy"] - metrics["best_single_accuracy"]
+    metrics["target_points"] = TARGETS.get(pool_name)
+    metrics["target_met"] = (None if pool_name not in TARGETS
+                             else bool(metrics["vote_minus_best_single"] >= TARGETS[pool_name]))
+    metrics["k"], metrics["pool"] = chosen["k"], pool_name
+    cis = {f"{k}_accuracy": _ci(v.astype(float), ctx.seed) for k, v in correct.items()}
+    cis["vote_minus_best_single"] = _ci(correct["vote"].astype(float) - correct["best_single"], ctx.seed)
+    by_size = {}
+    for size in PANEL_SIZES:
+        by_size[f"k={size}"] = {w: _accuracy(_vote(oh, s, size, w), g) for w in WEIGHTS}
+    experts = {m: {"accuracy": float(np.nan_to_num(outcomes[test, j]).mean()), "train_accuracy": train_acc[j],
+                   "recorded_share": float(np.mean(~np.isnan(outcomes[test, j])))} for j, m in enumerate(models)}
+    ctx.notes += [
+        f"split by question id, fractions {FRACTIONS}, seed {ctx.seed} (the mmlu-pro-outcome split); panel size, "
+        "weights, neighbours, shrinkage and prior chosen on val, test scored once",
+        "answers are the models' recorded letters (pred.csv); a model with no record, or no extracted letter, "
+        "for a question abstains (no vote); a panel where every member abstained is wrong, and so is a single "
+        "model without a record",
+        "consensus over one-hot letter embeddings is weighted agreement: the same letter as vote by "
+        f"construction; checked by running router.combine's Vote and Consensus on every test panel "
+        f"(agreement with the scored vote: vote {check['vote']:.4f}, consensus {check['consensus']:.4f})",
+        "fuse is not scored: it needs an aggregator model to write each answer, which recordings cannot give",
+        "the 'category' prior uses each question's MMLU-Pro category from its record (a deployed router would "
+        "predict it with the domain gate)",
+        "panel-size table: every k and weight scheme on the test split, for reading only (not used to choose)",
+    ]
+    return {
+        "metrics": metrics,
+        "setup": {"pool": pool_name, "experts": len(models), "train": len(train), "val": len(val),
+                  "test": len(test), "best_single": models[best],
+                  "fixed_top3": [models[j] for j in top3],
+                  **{f"chosen_{k}": v for k, v in chosen.items()},
+                  **{f"top1_{k}": v for k, v in chosen_top1.items()}},
+        "confidence_intervals": cis,
+        "systems": {
+            f"best single ({models[best]})": {"accuracy": metrics["best_single_accuracy"]},
+            "top-1 routing (gate)": {"accuracy": metrics["top1_accuracy"]},
+            f"routed top-{chosen['k']} vote ({chosen['weights']} weights)": {"accuracy": metrics["vote_accuracy"]},
+            f"routed top-{chosen['k']} consensus": {"accuracy": metrics["consensus_accuracy"]},
+            "fixed top-3 vote (three best on train)": {"accuracy": metrics["fixed_top3_vote_accuracy"]},
+            "fuse (aggregator model)": {"accuracy": None},
+            "oracle (any pool model right)": {"accuracy": metrics["oracle_accuracy"]},
+        },
+        "experts": experts,
+        "panel_sizes": by_size,
+        "tuning_grid": grid,
+    }
+
+
+def _ci(values: np.ndarray, seed: int) -> dict[str, float]:
+    ci = M.bootstrap_ci(lambda v: float(v.mean()), values, n=N_BOOT, seed=seed)
+    return {"estimate": ci.estimate, "low": ci.low, "high": ci.high}

@@ -1,0 +1,81 @@
+"""``mmlu-pro-combine``: the panel vote on hand-built letters, pools, and a small real run."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from eval.combine_suite import SMALL_OPEN, panel_letters, pool_models, weights_of
+from eval.harness import run_suite
+from router.cli import _parser
+from router.encoders import Encoder
+
+
+class _HashingEncoder(Encoder):
+    """Fast stand-in for MiniLM: bag of hashed words."""
+
+    identity, checksum = "fake-hashing", "1" * 64
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        x = np.zeros((len(texts), self.dim), dtype=np.float32)
+        for row, text in enumerate(texts):
+            for word in text.lower().split():
+                x[row, int(hashlib.sha256(word.encode()).hexdigest()[:8], 16) % self.dim] += 1.0
+        return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def _onehot(letters: list[list[str]]) -> np.ndarray:
+    out = np.zeros((len(letters), len(letters[0]), 10), dtype=np.float32)
+    for i, row in enumerate(letters):
+        for j, letter in enumerate(row):
+            if letter:
+                out[i, j, "ABCDEFGHIJ".index(letter)] = 1.0
+    return out
+
+
+def test_panel_vote_abstains_missing_records_and_breaks_ties_by_rank() -> None:
+    onehot = _onehot([["A", "B", "B"], ["", "C", ""], ["A", "B", "C"], ["", "", ""]])
+    panels = np.tile([0, 1, 2], (4, 1))
+    success = np.tile([0.9, 0.5, 0.4], (4, 1))
+    letters = panel_letters(onehot, panels, weights_of(success, "uniform"))
+    assert letters.tolist() == [1, 2, 0, -1]  # majority; the only voter; tie to the top; nobody voted
+    heavy = panel_letters(onehot, panels, weights_of(np.tile([0.99, 0.5, 0.4], (4, 1)), "logodds"))
+    assert heavy[0] == 0  # a near-certain expert outweighs two coin-flippers
+
+
+def test_pools() -> None:
+    models = ["gpt-4o", *SMALL_OPEN]
+    assert pool_models("all", models) == models and pool_models(None, models) == models
+    assert pool_models("small", models) == list(SMALL_OPEN)
+    assert pool_models("gpt-4o, Yi-6B", models) == ["gpt-4o", "Yi-6B"]
+    with pytest.raises(ValueError, match="unknown: nope"):
+        pool_models("gpt-4o,nope", models)
+
+
+def test_cli_takes_a_pool() -> None:
+    args = _parser().parse_args(["eval", "--suite", "mmlu-pro-combine", "--pool", "small", "--out", "x"])
+    assert args.pool == "small"
+
+
+@pytest.mark.parametrize("pool", ["all", "small"])
+def test_small_real_run(pool: str, data_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / pool
+    results = run_suite("mmlu-pro-combine", data_dir, out, encoder=_HashingEncoder(), limit=80, progress=False,
+                        plots=False, cache_dir=tmp_path / "cache", pool=pool)
+    m = results["metrics"]
+    assert set(m) >= {"best_single_accuracy", "top1_accuracy", "vote_accuracy", "consensus_accuracy",
+                      "fixed_top3_vote_accuracy", "oracle_accuracy", "k", "pool"}
+    assert m["pool"] == pool and results["setup"]["experts"] == (31 if pool == "all" else len(SMALL_OPEN))
+    worst = min(e["accuracy"] for e in results["experts"].values())
+    for key in ("best_single", "top1", "vote", "consensus", "fixed_top3_vote"):
+        assert 0.0 <= m[f"{key}_accuracy"] <= m["oracle_accuracy"] <= 1.0
+    assert m["vote_accuracy"] >= worst and m["consensus_accuracy"] == m["vote_accuracy"]
+    assert results["setup"]["test"] == 80 and "fuse" in (out / "report.md").read_text(encoding="utf-8")
+    ci = results["confidence_intervals"]["vote_accuracy"]
+    assert ci["low"] <= m["vote_accuracy"] <= ci["high"]
+    assert json.loads((out / "results.json").read_text(encoding="utf-8"))["metrics"]["k"] == m["k"]
