@@ -38,6 +38,14 @@ integration: $(STAMP) vllm
 bench: $(STAMP)
 	$(BIN)/python -m bench
 
+# Every published suite into out/results/, aurelio semantic-router beside the label suites (its own venv, installed
+# on first use), then the README's results block rewritten from the results.json files.
+# PEER_SUITES narrows which label suites run the peer (default: all four).
+PEER_SUITES ?= mmlu-pro-domain,clinc150-domain,snips-intent,banking77-intent
+results: $(STAMP)
+	bash bench/peers/install_semantic_router.sh
+	$(BIN)/python -m eval.results --out out/results --peer-suites '$(PEER_SUITES)'
+
 faults: $(STAMP)
 	$(BIN)/pytest -q tests/faults
 	$(BIN)/python bench/faults.py

@@ -22,6 +22,7 @@ from eval.datasets import (
     load_snips,
     split_by_id,
 )
+from eval.peer import write_split
 from eval.report import plot_confusion, plot_reliability
 from eval.suite import SuiteContext, subsample
 
@@ -103,6 +104,8 @@ def evaluate_labels(ctx: SuiteContext, train: Sequence[LabelledQuery], test: Seq
     unseen = len(test) - len(scored) - len(oos)
     if not scored:
         raise ValueError("no test query has a label that occurs in the training data")
+    # Peers (bench/peers) read the identical split from here.
+    write_split(ctx.out / "split", train, val, test)
     enc = ctx.encoder
     x_tr, x_te = enc.encode([q.text for q in train]), enc.encode([q.text for q in scored])
     y_tr = np.array([index[q.label] for q in train])

@@ -1,0 +1,115 @@
+"""``make results``: run every published suite into ``out/results/<suite>/``, add the peer, rewrite the README table.
+
+Label suites also get aurelio semantic-router's figures on their exported split (``eval.peer``). Each
+``results.json`` is stamped with the run's date and machine, then the README block between the markers is
+rendered from those files alone (``eval.readme_results``). Embeddings come from the on-disk cache, so a re-run
+embeds nothing new; the peer's result is reused while its split is unchanged.
+
+    python -m eval.results                       # everything, README rewritten
+    python -m eval.results --suites snips-intent --no-readme --limit 500   # a quick partial check
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import platform
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from eval.harness import SUITES, run_suite
+from eval.peer import attach_peer, score_semantic_router
+from eval.readme_results import load_results, render_block, rewrite_readme
+from eval.report import write_results
+
+__all__ = ["LABEL_SUITES", "PUBLISHED", "main", "published_suites"]
+
+LABEL_SUITES = ("mmlu-pro-domain", "clinc150-domain", "snips-intent", "banking77-intent")
+PUBLISHED = (*LABEL_SUITES, "mmlu-pro-outcome", "routerbench", "routellm-mmlu")
+OPTIONAL = ("mmlu-pro-combine",)  # published once it is in SUITES (the combiner issue adds it)
+
+
+def published_suites() -> list[str]:
+    """The suites ``make results`` runs, decided at run time from ``SUITES``."""
+    return [*PUBLISHED, *(s for s in OPTIONAL if s in SUITES)]
+
+
+def machine() -> str:
+    """A short description: OS, architecture, CPU model and the cores this process may use."""
+    model = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text(encoding="utf-8", errors="replace").splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return f"{platform.system()} {platform.machine()}, {model}, {cores} cores"
+
+
+def _run_one(suite: str, out: Path, args: argparse.Namespace, stamp: dict[str, str]) -> dict[str, Any]:
+    command = f"moe eval --suite {suite} --out {out} --encoder {args.encoder} --seed {args.seed}"
+    command += f" --limit {args.limit}" if args.limit else ""
+    results = run_suite(suite, args.data, out, encoder=args.encoder, seed=args.seed, limit=args.limit,
+                        command=command)
+    results["setup"] = {**results["setup"], **stamp}
+    if suite in LABEL_SUITES and suite in args.peer_suites.split(","):
+        print(f"  peer: aurelio semantic-router on {out / 'split'}", flush=True)
+        peer = score_semantic_router(out, torch_threads=args.torch_threads)
+        peer["command"] = (f"bench/.venv-semantic-router/bin/python bench/peers/semantic_router_accuracy.py "
+                           f"--split {out / 'split'} --out {out / 'peer_semantic_router.json'}")
+        return attach_peer(results, peer, out)
+    write_results(out, results)
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m eval.results", description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("out/results"))
+    parser.add_argument("--suites", help="comma-separated subset (default: every published suite)")
+    parser.add_argument("--data", default=None, help="data folder (default: ../shared/data or $MOE_DATA_DIR)")
+    parser.add_argument("--encoder", default="onnx")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--limit", type=int, default=None, help="at most this many queries per split (quick runs)")
+    parser.add_argument("--readme", type=Path, default=Path("README.md"))
+    parser.add_argument("--no-readme", action="store_true", help="run the suites, leave the README alone")
+    parser.add_argument("--peer-suites", default=",".join(LABEL_SUITES),
+                        help="label suites that also run aurelio semantic-router (empty: none); its MiniLM on "
+                             "torch embeds MMLU-Pro's long prompts at ~15 texts/s on 2 cores, so ~15 min there")
+    parser.add_argument("--torch-threads", type=int, default=0, help="the peer's torch threads (0: default)")
+    args = parser.parse_args(argv)
+    suites = args.suites.split(",") if args.suites else published_suites()
+    unknown = [s for s in suites if s not in SUITES]
+    if unknown:
+        print(f"error: unknown suite(s) {', '.join(unknown)}; known: {', '.join(sorted(SUITES))}", file=sys.stderr)
+        return 2
+    stamp = {"date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d"), "machine": machine()}
+    failed = []
+    started = time.perf_counter()
+    for i, suite in enumerate(suites, 1):
+        print(f"[{i}/{len(suites)}] {suite} -> {args.out / suite}", flush=True)
+        t0 = time.perf_counter()
+        try:
+            _run_one(suite, args.out / suite, args, stamp)
+        except Exception:  # one broken suite must not hide the others' numbers
+            traceback.print_exc()
+            failed.append(suite)
+            continue
+        print(f"  done in {time.perf_counter() - t0:.0f} s", flush=True)
+    if not args.no_readme:
+        # Only this run's suites: a stale results.json from an earlier run must not reach the README.
+        done = [s for s in suites if s not in failed]
+        block = render_block(load_results(args.out, done))
+        args.readme.write_text(rewrite_readme(args.readme.read_text(encoding="utf-8"), block), encoding="utf-8")
+        print(f"rewrote the results block in {args.readme}", flush=True)
+    print(f"{len(suites) - len(failed)}/{len(suites)} suites in {time.perf_counter() - started:.0f} s"
+          + (f"; failed: {', '.join(failed)}" if failed else ""), flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
