@@ -31,6 +31,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from router.build import build_orchestrator, build_shared_state
+    from router.feedback import open_feedback_store
     from router.reload import Reloader
     from router.service import create_app
 
@@ -42,7 +43,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # shared state (Redis connections) is kept across reloads.
     reloader = Reloader(args.config, build=lambda c: build_orchestrator(c, state=state),
                         poll_s=config.service.reload_poll_s, sighup=True)
-    app = create_app(orchestrator, rate_store=state.rate_store, reloader=reloader)
+    app = create_app(orchestrator, rate_store=state.rate_store, reloader=reloader,
+                     feedback=open_feedback_store(config))
     uvicorn.run(app, host=args.host or config.service.host, port=args.port or config.service.port,
                 log_level=args.log_level)
     return 0
@@ -59,7 +61,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from router.train import train_from_config
 
     config = _load(args.config, check_env=False)
-    gate = train_from_config(config, progress=True)
+    gate = train_from_config(config, progress=True, feedback=args.feedback)
     print(json.dumps({"artifact": str(config.resolve(config.gate.artifact)), "experts": gate.experts,
                       "metrics": gate.metadata.as_dict()["metrics"]}, indent=2))
     return 0
@@ -141,6 +143,8 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train the gate from the experts' examples and the config's train_data")
     p.add_argument("--config", default=DEFAULT_CONFIG)
+    p.add_argument("--feedback", action=argparse.BooleanOptionalAction, default=True,
+                   help="fold the stored feedback into the gate (default; feedback.enabled: false also skips it)")
     p.set_defaults(func=cmd_train)
 
     for name, func, text in (("route", cmd_route, "show the gate's decision for a query"),

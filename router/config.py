@@ -25,6 +25,7 @@ __all__ = [
     "EncoderConfig",
     "ExpertConfig",
     "FallbackConfig",
+    "FeedbackConfig",
     "GateConfig",
     "RateLimitConfig",
     "ReplayConfig",
@@ -128,7 +129,14 @@ class GateConfig(_Strict):
     # Outcome gates: the success model (router.outcome.SUCCESS_MODELS).
     success_model: Literal["knn", "logistic"] = "knn"
     top_k: TopKConfig = TopKConfig()
+    # Abstain: a query less similar to every training example than the artifact's ``ood_threshold`` goes to
+    # this expert alone (weight 1). None: never abstain, whatever the artifact holds.
     default_expert: str | None = None
+    # Micro-batching (router.batching): concurrent queries are embedded together in one worker thread. The
+    # first query to find the worker idle waits up to ``batch_window_ms`` for company; ``max_batch`` caps a batch.
+    # 0 ms sends a lone query at once (queries still batch while the worker is busy).
+    batch_window_ms: float = Field(default=0.0, ge=0.0, le=100.0)
+    max_batch: int = Field(default=32, ge=1, le=1024)
 
 
 class CombinerConfig(_Strict):
@@ -258,6 +266,15 @@ class TracingConfig(_Strict):
     service_name: str = Field(default="moe-router", min_length=1)
 
 
+class FeedbackConfig(_Strict):
+    """Feedback on answers (``router.feedback``): stored in SQLite, folded into the next gate by ``moe train``."""
+
+    # Off: ``POST /v1/feedback`` answers 409, answers are not remembered, and ``moe train`` ignores the store.
+    enabled: bool = True
+    # The SQLite file, relative to the config file; None: ``feedback.sqlite3`` next to ``gate.artifact``.
+    path: str | None = Field(default=None, min_length=1)
+
+
 class RouterConfig(_Strict):
     version: Literal[1]
     service: ServiceConfig = ServiceConfig()
@@ -268,6 +285,7 @@ class RouterConfig(_Strict):
     security: SecurityConfig = SecurityConfig()
     state: StateConfig = StateConfig()
     tracing: TracingConfig = TracingConfig()
+    feedback: FeedbackConfig = FeedbackConfig()
     # The folder relative paths are resolved against; set by the loader, not by the file.
     base_dir: str = Field(default=".", exclude=True)
 

@@ -20,6 +20,12 @@ Two kinds of gate share this class's serving surface (``experts``, ``predict_pro
 An artifact is a folder: ``gate.json`` (written last, so its presence means the folder is complete) and two
 ``.npz`` files, read with ``allow_pickle=False``. ``Gate.load`` refuses an encoder other than the one the
 gate was trained with, since its vectors would land in a different space.
+
+Out of distribution: a query's OOD score is its cosine similarity to the nearest example (``nearest_many``).
+``metadata.ood_threshold`` is fitted at training time (``fit_ood_threshold``) as the score that
+``OOD_KEEP`` of the validation queries reach against the training split; a query below it is out of
+distribution and the orchestrator abstains to ``gate.default_expert``. Artifacts without the field (older
+ones, or trained without a validation split) hold None and never abstain.
 """
 
 from __future__ import annotations
@@ -59,6 +65,7 @@ __all__ = [
     "ValidationMetrics",
     "embed_texts",
     "expected_calibration_error",
+    "fit_ood_threshold",
     "fit_temperature",
     "split_train_val",
     "train_gate",
@@ -69,6 +76,9 @@ log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 UNSEEN_PRIOR = 1e-3
+# Share of in-distribution validation queries the OOD threshold keeps (routes normally). 0.97: one in-domain
+# query in ~33 goes to the default expert, the price of catching most unrelated ones.
+OOD_KEEP = 0.97
 _EMBED_CHUNK = 512  # texts per encode call while training: small enough for a smooth progress bar
 
 
@@ -206,6 +216,8 @@ class GateMetadata:
     # router.coldstart.SimilarityMap for experts scored from their config examples.
     cold_start_slope: float = SimilarityMap.slope
     cold_start_midpoint: float = SimilarityMap.midpoint
+    # Nearest-example cosine below which a query is out of distribution; None: never abstain.
+    ood_threshold: float | None = None
     created: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
     format_version: int = FORMAT_VERSION
 
@@ -267,17 +279,25 @@ class Gate:
     def scores(self, texts: Sequence[str]) -> np.ndarray:
         return self.predict_proba(self.encoder.encode(texts))
 
+    @property
+    def ood_threshold(self) -> float | None:
+        return self.metadata.ood_threshold
+
     def nearest(self, embedding: np.ndarray, k: int = 3) -> list[Neighbour]:
         """The ``k`` labelled examples most similar to one embedding, most similar first."""
+        return self.nearest_many(np.asarray(embedding).reshape(1, -1), k)[0]
+
+    def nearest_many(self, embeddings: np.ndarray, k: int = 3) -> list[list[Neighbour]]:
+        """``nearest`` for each row of ``[q, dim]`` embeddings, in one index search."""
         if self._index is None:
             import faiss
 
             self._index = faiss.IndexFlatIP(self.example_embeddings.shape[1])
             self._index.add(np.ascontiguousarray(self.example_embeddings, dtype=np.float32))
-        query = np.ascontiguousarray(np.asarray(embedding, dtype=np.float32).reshape(1, -1))
-        sims, ids = self._index.search(query, min(k, len(self.example_texts)))
-        return [Neighbour(self.example_texts[i], self.example_labels[i], float(s))
-                for s, i in zip(sims[0], ids[0], strict=True) if i >= 0]
+        queries = np.ascontiguousarray(np.atleast_2d(np.asarray(embeddings, dtype=np.float32)))
+        sims, ids = self._index.search(queries, min(k, len(self.example_texts)))
+        return [[Neighbour(self.example_texts[i], self.example_labels[i], float(s))
+                 for s, i in zip(row_s, row_i, strict=True) if i >= 0] for row_s, row_i in zip(sims, ids, strict=True)]
 
     # -- the config's experts ------------------------------------------------------------------------------
     def check_experts(self, names: Sequence[str], examples: Mapping[str, Sequence[str]] | None = None) -> None:
@@ -479,8 +499,18 @@ def train_gate(texts: Sequence[str], labels: Sequence[str], encoder: Encoder, *,
     similarity = fit_similarity_map(x[train], y[train], x[val], y[val], len(trained), seed=seed)
     metadata = GateMetadata(encoder.identity, encoder.checksum, training_data_sha256(texts, labels), metrics,
                             classifier=classifier.kind, unseen_experts=unseen,
-                            cold_start_slope=similarity.slope, cold_start_midpoint=similarity.midpoint)
+                            cold_start_slope=similarity.slope, cold_start_midpoint=similarity.midpoint,
+                            ood_threshold=fit_ood_threshold(x[train], x[val]))
     return Gate(encoder, experts, classifier, temperature, metadata, (x, texts, list(labels)))
+
+
+def fit_ood_threshold(reference: np.ndarray, held_out: np.ndarray, keep: float = OOD_KEEP) -> float | None:
+    """The nearest-example cosine that ``keep`` of the ``held_out`` (in-distribution) rows reach against
+    ``reference``; None when either is empty. Rows are L2-normalised, so a dot product is the cosine."""
+    if len(reference) == 0 or len(held_out) == 0:
+        return None
+    best = np.concatenate([(held_out[i:i + 1024] @ reference.T).max(axis=1) for i in range(0, len(held_out), 1024)])
+    return float(np.quantile(best, 1.0 - keep))
 
 
 def _check_training_input(texts: Sequence[str], labels: Sequence[str], experts: list[str]) -> None:

@@ -14,6 +14,19 @@ Resilience, in the order a request meets it:
 - when nothing answered, ``AllExpertsFailed`` lists each expert's cause (``circuit_open`` and
   ``budget_exhausted`` included), which the service turns into a 503.
 
+Deciding: ``decide`` hands the query to a ``GateBatcher`` (``router.batching``), which embeds the queries of
+concurrent requests in one encoder call in one dedicated worker thread, and in the same batch scores them and
+finds each query's nearest training examples (one faiss search for the batch). The nearest examples serve twice:
+as the explanation in the decision, and as the out-of-distribution score (the top cosine). They are kept on
+every decision because the OOD score needs the search anyway and a batched flat search is a few microseconds
+per query next to milliseconds of encoder. The top-k choice runs back on the event loop (pure, microseconds),
+where the breakers live.
+
+Abstain: when the gate has an ``ood_threshold`` and the config names ``gate.default_expert``, a query scoring
+below the threshold goes to the default expert alone (weight 1, ``abstained``); the ranking stays the gate's,
+so fallback still walks it. Without a default expert (or when it cannot serve the request or its breaker is
+open) the gate's own panel stands: abstaining needs somewhere to go.
+
 Streaming: the top-weighted expert streams. A failure before its first token is retried or falls back
 invisibly. A failure mid-stream continues from the next expert, which is shown the partial answer and asked to
 go on; the switch is recorded in ``trace.switches`` and so in the stream's final chunk (``moe.switches``).
@@ -36,6 +49,7 @@ from experts.base import Expert
 from experts.errors import ExpertError
 from experts.types import ChatMessage, ChatRequest, ExpertReply
 from router.assign import expert_choice
+from router.batching import GateBatcher
 from router.breaker import Breakers, CircuitOpen
 from router.combine import Combiner, WeightedAnswer, build_combiner
 from router.config import RouterConfig
@@ -118,6 +132,8 @@ class Orchestrator:
         self.active = 0
         self._idle = asyncio.Event()
         self._idle.set()
+        self.batcher: GateBatcher[_Gated] = GateBatcher(self._gate_batch, window_ms=config.gate.batch_window_ms,
+                                                        max_batch=config.gate.max_batch)
 
     # -- deciding -------------------------------------------------------------------------------------------
     def _scores(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray, list[str]]:
@@ -127,29 +143,60 @@ class Orchestrator:
         columns = [i for i, n in enumerate(self.gate.experts) if n in self.experts]
         return embeddings, probs[:, columns], [self.gate.experts[i] for i in columns]
 
-    def decide_sync(self, text: str, exclude: Collection[str] = ()) -> RouteDecision:
-        """The gate's decision; experts in ``exclude`` (unable to serve the request) stay off the panel."""
-        start = time.perf_counter()
-        # One embedding serves both the scores and the explanation.
-        embedding, probs, names = self._scores([text])
-        scores = {name: float(p) for name, p in zip(names, probs[0], strict=True)}
-        try:
-            excluded = frozenset({*self.breakers.refusing(scores), *exclude})
-            panel = choose(scores, self.config.gate.top_k, exclude=excluded)
-        except ValueError:
-            panel = []  # every breaker is open: fallback reports each as a cause
+    def _gate_batch(self, texts: list[str]) -> list[_Gated]:
+        """The gate's work for a batch of queries, in the batcher's worker: one embedding per query serves the
+        scores, the explanation and the OOD score."""
+        embeddings, probs, names = self._scores(texts)
+        many = getattr(self.gate, "nearest_many", None)
+        nearest = many(embeddings, 3) if many else [self.gate.nearest(e, 3) for e in embeddings]
+        out = []
+        for row, near in zip(probs, nearest, strict=True):
+            near_dicts = [_as_dict(n) for n in near]
+            ood = float(near_dicts[0]["similarity"]) if near_dicts else None
+            out.append(_Gated({n: float(p) for n, p in zip(names, row, strict=True)}, near_dicts, ood))
+        return out
+
+    def _decision(self, gated: _Gated, exclude: Collection[str], start: float) -> RouteDecision:
+        """Top-k (or abstain) from one query's gate output; experts in ``exclude`` stay off the panel."""
+        scores = gated.scores
+        excluded = frozenset({*self.breakers.refusing(scores), *exclude})
+        default = self._abstain_to(gated.ood, excluded)
+        if default is not None:
+            panel = [(default, 1.0)]
+        else:
+            try:
+                panel = choose(scores, self.config.gate.top_k, exclude=excluded)
+            except ValueError:
+                panel = []  # every breaker is open: fallback reports each as a cause
         return RouteDecision(
             scores=scores,
             ranking=[n for n, _ in rank(scores)],
             chosen=[WeightedExpert(expert=n, weight=w) for n, w in panel],
             policy=self.config.gate.top_k.policy,
-            nearest=[_as_dict(n) for n in self.gate.nearest(embedding[0], 3)],
+            abstained=default is not None,
+            ood_score=gated.ood,
+            nearest=gated.nearest,
             gate_ms=(time.perf_counter() - start) * 1000.0,
         )
 
+    def _abstain_to(self, ood: float | None, excluded: frozenset[str]) -> str | None:
+        """The default expert when the query is out of distribution and the default can take it, else None."""
+        default = self.config.gate.default_expert
+        threshold = getattr(self.gate, "ood_threshold", None)  # gates from before abstain have none
+        if default is None or threshold is None or ood is None or ood >= threshold:
+            return None
+        return default if default in self.experts and default not in excluded else None
+
+    def decide_sync(self, text: str, exclude: Collection[str] = ()) -> RouteDecision:
+        """The gate's decision, computed on the calling thread (no batching)."""
+        start = time.perf_counter()
+        return self._decision(self._gate_batch([text])[0], exclude, start)
+
     async def decide(self, request: ChatRequest) -> RouteDecision:
-        # The encoder is CPU work; keep it off the event loop.
-        return await asyncio.to_thread(self.decide_sync, request.query_text(), self._unable(request))
+        # The encoder is CPU work: the batcher runs it off the event loop, one batch for concurrent requests.
+        start = time.perf_counter()
+        gated = await self.batcher.submit(request.query_text())
+        return self._decision(gated, self._unable(request), start)
 
     def _unable(self, request: ChatRequest) -> set[str]:
         """Experts that cannot serve ``request``: without the ``tools`` capability when it carries tools."""
@@ -320,7 +367,18 @@ class Orchestrator:
         raise AllExpertsFailed(errors)
 
     async def aclose(self) -> None:
+        await self.batcher.aclose()
         await asyncio.gather(*(e.aclose() for e in self.experts.values()))
+
+
+@dataclass(frozen=True)
+class _Gated:
+    """One query's gate output from the batch worker: scores over the served experts, nearest examples (as
+    dicts, most similar first) and the OOD score (the top similarity; None when the gate has no examples)."""
+
+    scores: dict[str, float]
+    nearest: list[dict[str, Any]]
+    ood: float | None
 
 
 def _as_dict(neighbour: Any) -> dict[str, Any]:

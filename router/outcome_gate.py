@@ -50,6 +50,7 @@ from router.gate import (
     _softmax,
     embed_texts,
     expected_calibration_error,
+    fit_ood_threshold,
     fit_temperature,
 )
 from router.outcome import SUCCESS_MODELS, KnnSuccess, OutcomeRecord, SuccessModel, outcome_matrices
@@ -258,7 +259,9 @@ def train_outcome_gate(records: Sequence[OutcomeRecord], encoder: Encoder, *, ex
                    "cal_costs": record_costs.astype(np.float32)}
     metadata = GateMetadata(encoder.identity, encoder.checksum, outcome_data_sha256(records),
                             ValidationMetrics(n_train=len(records), n_val=len(records)), classifier=model,
-                            kind=OutcomeGate.kind)
+                            kind=OutcomeGate.kind,
+                            # Fold 0 stands in for validation data: its queries against the other folds'.
+                            ood_threshold=fit_ood_threshold(x[folds != 0], x[folds == 0]))
     # Explanations: each training query labelled with the expert that did best on it (cheapest among ties).
     best = np.where(np.isnan(outcomes), -np.inf, outcomes - 1e-6 * cost / max(float(cost.max()), 1e-12))
     labels = [experts[i] for i in best.argmax(axis=1)]

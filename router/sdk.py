@@ -3,11 +3,14 @@
 All three return the same typed results, trace included. Request building and response parsing live once in
 ``_Protocol``; the sync and async clients are thin I/O shells around it (httpx's own pattern), so the pairs
 cannot drift. The network is injected: pass ``transport=`` (e.g. ``httpx.ASGITransport(app)``) to test.
+
+Feedback names an answer by its ``ChatResult.id``: ``client.feedback(request_id=result.id, good=True)``.
 """
 
 from __future__ import annotations
 
 import json
+import uuid
 from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -16,14 +19,17 @@ import httpx
 from pydantic import BaseModel
 
 from experts.types import ChatMessage, ChatRequest, Usage
+from router.feedback import FeedbackBody, FeedbackRecord, FeedbackStore
 from router.trace import RoutedAnswer, RouteDecision, Trace
 
-__all__ = ["AsyncClient", "ChatResult", "Client", "LocalRouter", "RouterAPIError", "StreamChunk"]
+__all__ = ["AsyncClient", "ChatResult", "Client", "FeedbackRecord", "LocalRouter", "RouterAPIError", "StreamChunk"]
 
 Messages = str | Sequence[dict[str, Any]]
 
 
 class ChatResult(BaseModel):
+    # The response id (``chatcmpl-...``); feedback on this answer names it as ``request_id``.
+    id: str = ""
     content: str
     expert: str
     finish_reason: str = "stop"
@@ -83,10 +89,18 @@ class _Protocol:
     def chat_result(body: dict[str, Any]) -> ChatResult:
         choice = body["choices"][0]
         trace = Trace.model_validate(body.get("moe") or {})
-        return ChatResult(content=choice["message"].get("content") or "", expert=body.get("model", ""),
+        return ChatResult(id=body.get("id", ""), content=choice["message"].get("content") or "",
+                          expert=body.get("model", ""),
                           finish_reason=choice.get("finish_reason") or "stop", usage=Usage(**body.get("usage", {})),
                           cost_usd=(body.get("moe") or {}).get("cost_usd", 0.0),
                           tool_calls=choice["message"].get("tool_calls"), trace=trace)
+
+    @staticmethod
+    def feedback_body(request_id: str | None, query: str | None, expert: str | None, good: bool | None,
+                      score: float | None, note: str | None) -> dict[str, Any]:
+        given = {"request_id": request_id, "query": query, "expert": expert, "good": good, "score": score,
+                 "note": note}
+        return {k: v for k, v in given.items() if v is not None}
 
     @staticmethod
     def stream_chunk(line: str) -> StreamChunk | None:
@@ -131,6 +145,11 @@ class Client(_Protocol):
     def experts(self) -> list[dict[str, Any]]:
         return list(self.check(self._http.get("/v1/experts"))["data"])
 
+    def feedback(self, *, request_id: str | None = None, query: str | None = None, expert: str | None = None,
+                 good: bool | None = None, score: float | None = None, note: str | None = None) -> FeedbackRecord:
+        body = self.feedback_body(request_id, query, expert, good, score, note)
+        return FeedbackRecord.model_validate(self.check(self._http.post("/v1/feedback", json=body)))
+
     def close(self) -> None:
         self._http.close()
 
@@ -171,6 +190,12 @@ class AsyncClient(_Protocol):
     async def experts(self) -> list[dict[str, Any]]:
         return list(self.check(await self._http.get("/v1/experts"))["data"])
 
+    async def feedback(self, *, request_id: str | None = None, query: str | None = None, expert: str | None = None,
+                       good: bool | None = None, score: float | None = None,
+                       note: str | None = None) -> FeedbackRecord:
+        body = self.feedback_body(request_id, query, expert, good, score, note)
+        return FeedbackRecord.model_validate(self.check(await self._http.post("/v1/feedback", json=body)))
+
     async def aclose(self) -> None:
         await self._http.aclose()
 
@@ -182,32 +207,53 @@ class AsyncClient(_Protocol):
 
 
 class LocalRouter:
-    """The router in-process, built from a config file: no service, same results."""
+    """The router in-process, built from a config file: no service, same results.
 
-    def __init__(self, orchestrator: Any) -> None:
+    With a feedback store, answers are remembered and ``feedback`` writes to the store directly; its errors
+    are ``router.feedback``'s (``UnknownRequest``, ``UnknownFeedbackExpert``, pydantic's for a bad body).
+    """
+
+    def __init__(self, orchestrator: Any, feedback: FeedbackStore | None = None) -> None:
         self.orchestrator = orchestrator
+        self.store = feedback
 
     @classmethod
     def from_config(cls, path: str | Path) -> LocalRouter:
         from router.build import build_orchestrator
         from router.config import load_config
+        from router.feedback import open_feedback_store
 
-        return cls(build_orchestrator(load_config(path)))
+        config = load_config(path)
+        return cls(build_orchestrator(config), open_feedback_store(config))
 
     async def chat(self, messages: Messages, *, model: str = "auto", **params: Any) -> ChatResult:
         body = _Protocol.chat_body(messages, model, False, params)
-        answer: RoutedAnswer = await self.orchestrator.complete(ChatRequest.model_validate(body))
-        return ChatResult(content=answer.content, expert=answer.expert, finish_reason=answer.finish_reason,
-                          usage=answer.trace.usage, cost_usd=answer.trace.cost_usd, tool_calls=answer.tool_calls,
-                          trace=answer.trace)
+        request = ChatRequest.model_validate(body)
+        answer: RoutedAnswer = await self.orchestrator.complete(request)
+        response_id = f"chatcmpl-{uuid.uuid4().hex}"
+        if self.store is not None:
+            await self.store.aremember(response_id, request.query_text(), answer.expert)
+        return ChatResult(id=response_id, content=answer.content, expert=answer.expert,
+                          finish_reason=answer.finish_reason, usage=answer.trace.usage,
+                          cost_usd=answer.trace.cost_usd, tool_calls=answer.tool_calls, trace=answer.trace)
 
     async def route(self, query: str) -> RouteDecision:
         decision: RouteDecision = await self.orchestrator.decide(
             ChatRequest(messages=[ChatMessage(role="user", content=query)]))
         return decision
 
+    async def feedback(self, *, request_id: str | None = None, query: str | None = None, expert: str | None = None,
+                       good: bool | None = None, score: float | None = None,
+                       note: str | None = None) -> FeedbackRecord:
+        if self.store is None:
+            raise RuntimeError("feedback is off for this router (feedback.enabled is false, or no store given)")
+        body = FeedbackBody.model_validate(_Protocol.feedback_body(request_id, query, expert, good, score, note))
+        return await self.store.asubmit(body, self.orchestrator.config.expert_names)
+
     async def aclose(self) -> None:
         await self.orchestrator.aclose()
+        if self.store is not None:
+            await self.store.aclose()
 
     async def __aenter__(self) -> LocalRouter:
         return self

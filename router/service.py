@@ -6,17 +6,22 @@ to status codes with OpenAI-style error bodies ``{"error": {"message", "type", "
 Around them one ASGI layer, ``_Edge``, gives each request an id, checks client keys and rate limits on
 ``/v1`` and the admin key on ``/admin`` (``router.security``), then feeds ``/metrics`` (``router.metrics``)
 and writes one JSON log line (``router.logs``) once the response, a stream included, has ended.
+
+With a feedback store (``router.feedback``), each answer's query and expert are remembered under its response
+id, ``POST /v1/feedback`` takes a verdict on an answer, and ``GET /admin/feedback`` exports the verdicts.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -27,6 +32,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from experts.types import ChatRequest
 from router.fallback import AllExpertsFailed
+from router.feedback import FeedbackBody, FeedbackStore, UnknownFeedbackExpert, UnknownRequest
 from router.logs import RequestRecord, configure_json_logging, log_request
 from router.metrics import CONTENT_TYPE, RouterMetrics
 from router.openapi import CHAT_COMPLETIONS_BODY, ROUTE_BODY
@@ -126,7 +132,8 @@ def _chunk(request_id: str, model: str, delta: dict[str, Any], finish: str | Non
 
 
 async def _sse(events: AsyncIterator[StreamPiece | StreamEnd], first: StreamPiece | StreamEnd,
-               request_id: str, record: RequestRecord | None = None) -> AsyncIterator[bytes]:
+               request_id: str, record: RequestRecord | None = None,
+               on_end: Callable[[str], Awaitable[None]] | None = None) -> AsyncIterator[bytes]:
     model = first.expert if isinstance(first, StreamPiece) else "moe-router"
     record = record or _detached_record()
     yield _chunk(request_id, model, {"role": "assistant", "content": ""})
@@ -142,6 +149,8 @@ async def _sse(events: AsyncIterator[StreamPiece | StreamEnd], first: StreamPiec
                 yield _chunk(request_id, event.expert, delta)
             else:
                 record.trace, record.expert = event.trace, _answering(event.trace, model)
+                if on_end is not None:
+                    await on_end(record.expert)
                 # The final chunk carries the finish reason, usage and the trace, switches included.
                 trace = event.trace.summary()
                 yield _chunk(request_id, model, {}, event.finish_reason, usage=trace["usage"], moe=trace)
@@ -176,6 +185,14 @@ def _problems(handler: Callable[..., Awaitable[Response]]) -> Callable[..., Awai
         except AllExpertsFailed as exc:
             record.failures, record.error = exc.to_list(), "all_experts_failed"
             return _problem_response(_all_failed(exc))
+        except UnknownRequest as exc:
+            record.error = "request_not_found"
+            return _problem_response(_HTTPProblem(404, str(exc), "invalid_request_error", record.error,
+                                                  param="request_id"))
+        except UnknownFeedbackExpert as exc:
+            record.error = "unknown_expert"
+            return _problem_response(_HTTPProblem(400, str(exc), "invalid_request_error", record.error,
+                                                  param="expert"))
         except NoCapableExpert as exc:
             record.error = f"{exc.capability}_not_supported"
             return _problem_response(_HTTPProblem(400, str(exc), "invalid_request_error", record.error,
@@ -188,13 +205,14 @@ def _problems(handler: Callable[..., Awaitable[Response]]) -> Callable[..., Awai
 def create_app(orchestrator: Orchestrator | None = None,
                factory: Callable[[], Awaitable[Orchestrator]] | None = None, *,
                rate_store: RateStore | None = None, environ: Mapping[str, str] | None = None,
-               reloader: Reloader | None = None) -> FastAPI:
+               reloader: Reloader | None = None, feedback: FeedbackStore | None = None) -> FastAPI:
     """The service around one orchestrator, given built or built at startup by ``factory``.
 
     ``rate_store`` holds the rate-limit buckets (in memory by default; a shared store for several replicas);
     ``environ`` is where keys named by ``security.*_env`` are read (``os.environ`` by default); ``reloader``
     swaps in a new orchestrator when the config changes (``POST /admin/reload``, and its own triggers, which
-    run while the app's lifespan does).
+    run while the app's lifespan does); ``feedback`` stores verdicts on answers (without one, ``/v1/feedback``
+    answers 409). The app owns both and closes them when its lifespan ends.
     """
 
     @asynccontextmanager
@@ -213,6 +231,8 @@ def create_app(orchestrator: Orchestrator | None = None,
             if reloader is not None:
                 await reloader.stop()
             await app.state.orchestrator.aclose()
+            if feedback is not None:
+                await feedback.aclose()
 
     app = FastAPI(title="moe-router", version="0.1.0", lifespan=lifespan)
     app.state.orchestrator = orchestrator
@@ -223,6 +243,7 @@ def create_app(orchestrator: Orchestrator | None = None,
     if orchestrator is not None:
         _guard(app)  # keys are hashed now, at startup, not at the first request
     app.state.reloader = reloader
+    app.state.feedback = feedback
     if reloader is not None:
         reloader.bind(app.state, lambda old, new: _reguard(app, old, new))
     app.add_middleware(_Edge)
@@ -241,16 +262,21 @@ def create_app(orchestrator: Orchestrator | None = None,
         record.model, record.stream = chat.model, chat.stream
         if limits.log_content:
             record.messages, record.answer = [m.model_dump(exclude_none=True) for m in chat.messages], []
+        store: FeedbackStore | None = request.app.state.feedback
         if not chat.stream:
             answer = await o.complete(chat, strategy=strategy)
             record.trace, record.expert = answer.trace, answer.expert
+            if store is not None:
+                await store.aremember(request_id, chat.query_text(), answer.expert)
             if record.answer is not None:
                 record.answer.append(answer.content)
             return JSONResponse(_completion_body(answer, request_id), headers={"x-moe-expert": answer.expert})
         events = o.stream(chat).__aiter__()
         # Wait for the first event before answering 200, so a total failure is still a clean 503.
         first = await anext(events)
-        return StreamingResponse(_sse(events, first, request_id, record), media_type="text/event-stream",
+        on_end = None if store is None else (
+            lambda expert: store.aremember(request_id, chat.query_text(), expert))
+        return StreamingResponse(_sse(events, first, request_id, record, on_end), media_type="text/event-stream",
                                  headers={"cache-control": "no-cache"})
 
     @_problems
@@ -311,9 +337,71 @@ def create_app(orchestrator: Orchestrator | None = None,
                 "problems": [{"path": p, "message": m} for p, m in exc.problems]}) from None
         return JSONResponse({"status": "reloaded", "source": str(active.path), "experts": new.config.expert_names})
 
+    @_problems
+    async def feedback_post(request: Request) -> Response:
+        o = orch(request)
+        body = _parse_feedback(await _read_json(request, o.config.service.max_request_bytes))
+        saved = await _feedback_store(request).asubmit(body, o.config.expert_names)
+        return JSONResponse({"object": "feedback", **saved.model_dump()})
+
+    @_problems
+    async def admin_feedback(request: Request) -> Response:
+        since = _since(request.query_params.get("since"))
+        records = await _feedback_store(request).arecords(since)
+        if request.query_params.get("format", "json") == "jsonl":
+            lines = "".join(json.dumps(r.model_dump()) + "\n" for r in records)
+            return Response(lines, media_type="application/x-ndjson")
+        return JSONResponse({"object": "list", "data": [r.model_dump() for r in records]})
+
+    app.add_api_route("/v1/feedback", feedback_post, methods=["POST"], openapi_extra=_FEEDBACK_BODY)
     app.add_api_route("/admin/config", admin_config, methods=["GET"])
+    app.add_api_route("/admin/feedback", admin_feedback, methods=["GET"])
     app.add_api_route("/admin/reload", admin_reload, methods=["POST"])
     return app
+
+
+# -- feedback ----------------------------------------------------------------------------------------------
+_FEEDBACK_BODY = {"requestBody": {"required": True, "content": {
+    "application/json": {"schema": FeedbackBody.model_json_schema()}}}}
+
+
+def _feedback_store(request: Request) -> FeedbackStore:
+    store: FeedbackStore | None = request.app.state.feedback
+    if store is None:
+        raise _HTTPProblem(409, "feedback is off: the service runs without a feedback store",
+                           "invalid_request_error", "feedback_unavailable")
+    return store
+
+
+def _parse_feedback(body: Any) -> FeedbackBody:
+    if not isinstance(body, dict):
+        raise _HTTPProblem(400, "request body must be a JSON object", "invalid_request_error", "invalid_request")
+    try:
+        return FeedbackBody.model_validate(body)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or '<body>'}: {e['msg']}" for e in exc.errors())
+        first = ".".join(str(p) for p in exc.errors()[0]["loc"]) or None
+        raise _HTTPProblem(400, f"invalid feedback: {problems}", "invalid_request_error", "invalid_request",
+                           param=first) from None
+
+
+def _since(raw: str | None) -> float | None:
+    """``since`` as Unix seconds or an ISO 8601 time (UTC when it names no zone)."""
+    if raw is None or raw == "":
+        return None
+    try:
+        seconds = float(raw)
+    except ValueError:
+        pass
+    else:
+        if math.isfinite(seconds):
+            return seconds
+    try:
+        moment = datetime.fromisoformat(raw)
+    except ValueError:
+        raise _HTTPProblem(400, f"since={raw!r} is neither Unix seconds nor an ISO 8601 time",
+                           "invalid_request_error", "invalid_request", param="since") from None
+    return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
 
 
 # -- the edge: request ids, keys and limits, metrics and logs -------------------------------------------------

@@ -23,7 +23,10 @@ class RouteDecision(BaseModel):
     ranking: list[str]
     chosen: list[WeightedExpert]
     policy: str
+    # True when the query looked out of distribution (``ood_score`` below the gate's threshold) and went to
+    # ``gate.default_expert`` alone; ``ood_score`` is its cosine to the nearest training example.
     abstained: bool = False
+    ood_score: float | None = None
     # Training examples nearest to the query: why the gate decided as it did.
     nearest: list[dict[str, Any]] = []
     gate_ms: float = 0.0

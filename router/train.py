@@ -12,6 +12,17 @@
 All files must be of one kind. Every label, and every expert named in an outcome record, must be an expert
 of the config. A config expert with no training data and no examples cannot be routed, and is refused here
 rather than at serving time.
+
+Feedback (``router.feedback``) is folded in after the files, unless ``feedback.enabled`` is false or the
+caller passes ``feedback=False`` (``moe train --no-feedback``). A verdict is a query, an expert and a score in
+[0, 1] (good = 1.0, bad = 0.0); ``fold_feedback`` turns it into the kind of data being trained:
+
+- outcome gate: the verdicts on one query become one outcome record, each rated expert's outcome the mean
+  of its scores on that query (so good = 1.0, bad = 0.0, good and bad once = 0.5);
+- label gate: a verdict of 0.5 or more becomes the example ``(query, expert)``; a lower one is dropped,
+  since "not this expert" names no label to learn.
+
+Verdicts on experts no longer in the config are dropped.
 """
 
 from __future__ import annotations
@@ -23,10 +34,11 @@ from typing import Literal
 
 from router.config import RouterConfig
 from router.encoders import build_encoder
+from router.feedback import FeedbackRecord, load_feedback
 from router.gate import Gate, train_gate
 from router.outcome import OutcomeRecord, is_outcome_file, load_outcome_jsonl
 
-__all__ = ["TrainingData", "collect_training_data", "load_labelled_jsonl", "train_from_config"]
+__all__ = ["TrainingData", "collect_training_data", "fold_feedback", "load_labelled_jsonl", "train_from_config"]
 
 
 @dataclass
@@ -37,6 +49,8 @@ class TrainingData:
     texts: list[str] = field(default_factory=list)
     labels: list[str] = field(default_factory=list)
     records: list[OutcomeRecord] = field(default_factory=list)
+    # How many stored feedback verdicts were folded in (``fold_feedback``).
+    feedback: int = 0
 
 
 def load_labelled_jsonl(path: str | Path) -> list[tuple[str, str]]:
@@ -67,9 +81,31 @@ def _parse_line(line: str, where: str) -> tuple[str, str]:
     return row["query"], row["label"]
 
 
-def collect_training_data(config: RouterConfig) -> TrainingData:
+def collect_training_data(config: RouterConfig, *, feedback: bool = True) -> TrainingData:
     """The config's training data. Labelled: the experts' examples, then every file, in config order.
-    Outcome: every file's records, in order (the examples then serve cold start only)."""
+    Outcome: every file's records, in order (the examples then serve cold start only). Then the stored
+    feedback, folded in, unless ``feedback`` is false or the config turns feedback off."""
+    data = _collect_files(config)
+    if feedback:
+        data = fold_feedback(data, load_feedback(config), config.expert_names)
+    return data
+
+
+def fold_feedback(data: TrainingData, verdicts: list[FeedbackRecord], experts: list[str]) -> TrainingData:
+    """``data`` with the feedback ``verdicts`` added by the rule in the module docstring."""
+    kept = [v for v in verdicts if v.expert in experts]
+    if data.kind == "outcome":
+        scores: dict[str, dict[str, list[float]]] = {}
+        for v in kept:
+            scores.setdefault(v.query, {}).setdefault(v.expert, []).append(v.score)
+        folded = [OutcomeRecord(q, {e: sum(s) / len(s) for e, s in by.items()}, {}) for q, by in scores.items()]
+        return TrainingData("outcome", records=[*data.records, *folded], feedback=data.feedback + len(kept))
+    good = [v for v in kept if v.score >= 0.5]
+    return TrainingData("label", texts=[*data.texts, *(v.query for v in good)],
+                        labels=[*data.labels, *(v.expert for v in good)], feedback=data.feedback + len(good))
+
+
+def _collect_files(config: RouterConfig) -> TrainingData:
     paths = [config.resolve(entry) for entry in config.gate.train_data]
     kinds = {p: "outcome" if is_outcome_file(p) else "label" for p in paths}
     if len(set(kinds.values())) > 1:
@@ -113,9 +149,12 @@ def _check_routable(config: RouterConfig, trained: set[str]) -> None:
                          + "; the gate could not route to them. Add examples in the config or records for them.")
 
 
-def train_from_config(config: RouterConfig, *, progress: bool = True) -> Gate:
-    """Train the gate the config describes (label or outcome kind) and save it to ``gate.artifact``."""
-    data = collect_training_data(config)
+def train_from_config(config: RouterConfig, *, progress: bool = True, feedback: bool = True) -> Gate:
+    """Train the gate the config describes (label or outcome kind) and save it to ``gate.artifact``.
+
+    ``feedback=False`` leaves the stored feedback out (it is folded in by default; see the module docstring).
+    """
+    data = collect_training_data(config, feedback=feedback)
     encoder = build_encoder(config.gate.encoder)
     gate: Gate
     if data.kind == "outcome":

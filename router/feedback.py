@@ -1,0 +1,221 @@
+"""Feedback on answers: which expert's answer to a query was good or bad, stored durably in SQLite.
+
+One file (``feedback.path``; by default ``feedback.sqlite3`` next to ``gate.artifact``) holds two tables:
+
+- ``requests``: the query and answering expert of each recent answer, keyed by its response id (the chat
+  completion's ``id``), so feedback can name an answer by id alone. Rows older than ``REQUEST_RETENTION_S``
+  are pruned now and then: the table is a lookup aid, not a log.
+- ``feedback``: one row per verdict: ``query``, ``expert``, ``score`` in [0, 1] (``good`` is 1.0, bad 0.0),
+  an optional ``note``, the ``request_id`` when given, and ``created`` (Unix seconds).
+
+The file runs in WAL mode, so the service's writes never block an export or ``moe train`` reading it. The
+store is synchronous and thread-safe; the ``a``-prefixed methods run it off the event loop
+(``asyncio.to_thread``). How ``moe train`` folds feedback into the next gate: ``router.train.fold_feedback``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, model_validator
+
+from router.config import RouterConfig
+
+__all__ = [
+    "REQUEST_RETENTION_S",
+    "Answered",
+    "FeedbackBody",
+    "FeedbackError",
+    "FeedbackRecord",
+    "FeedbackStore",
+    "UnknownFeedbackExpert",
+    "UnknownRequest",
+    "feedback_path",
+    "load_feedback",
+    "open_feedback_store",
+]
+
+# A response id is worth remembering while a user might still rate the answer; a month is generous.
+REQUEST_RETENTION_S = 30 * 24 * 3600.0
+# Pruning is a DELETE over an indexed column: once per this many remembered answers keeps its cost negligible.
+_PRUNE_EVERY = 1000
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS requests (
+    id TEXT PRIMARY KEY, query TEXT NOT NULL, expert TEXT NOT NULL, created REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS requests_created ON requests (created);
+CREATE TABLE IF NOT EXISTS feedback (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, request_id TEXT, query TEXT NOT NULL, expert TEXT NOT NULL,
+    score REAL NOT NULL, note TEXT, created REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS feedback_created ON feedback (created);
+"""
+
+
+class FeedbackError(ValueError):
+    """Feedback that cannot be stored; the service maps each kind to a status code."""
+
+
+class UnknownRequest(FeedbackError):
+    def __init__(self, request_id: str) -> None:
+        super().__init__(f"no answer with id {request_id!r} is known (unknown, or older than the retention)")
+        self.request_id = request_id
+
+
+class UnknownFeedbackExpert(FeedbackError):
+    def __init__(self, expert: str, experts: Sequence[str]) -> None:
+        super().__init__(f"expert {expert!r} is not an expert of the config; experts: {', '.join(experts)}")
+        self.expert = expert
+
+
+class FeedbackBody(BaseModel):
+    """A verdict as clients send it: an answer (``request_id``) or a ``query``; ``good`` or a ``score``.
+
+    With ``request_id``, ``expert`` defaults to the expert that answered.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    request_id: str | None = Field(default=None, min_length=1, max_length=200)
+    query: str | None = Field(default=None, min_length=1, max_length=1_000_000)
+    expert: str | None = Field(default=None, min_length=1, max_length=128)
+    good: StrictBool | None = None
+    score: float | None = Field(default=None, ge=0.0, le=1.0, allow_inf_nan=False, strict=True)
+    note: str | None = Field(default=None, max_length=4000)
+
+    @model_validator(mode="after")
+    def _one_of_each(self) -> FeedbackBody:
+        if (self.request_id is None) == (self.query is None):
+            raise ValueError("give exactly one of request_id or query")
+        if self.query is not None and self.expert is None:
+            raise ValueError("feedback on a query needs the expert")
+        if (self.good is None) == (self.score is None):
+            raise ValueError("give exactly one of good or score")
+        return self
+
+    def value(self) -> float:
+        return float(self.score) if self.score is not None else (1.0 if self.good else 0.0)
+
+
+class FeedbackRecord(BaseModel):
+    id: int
+    request_id: str | None
+    query: str
+    expert: str
+    score: float
+    note: str | None
+    created: float
+
+
+class Answered(BaseModel):
+    """A remembered answer: what was asked, and which expert answered."""
+
+    id: str
+    query: str
+    expert: str
+    created: float
+
+
+class FeedbackStore:
+    """The SQLite file. One connection, serialised by a lock: writes are tiny, and this keeps it simple."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._since_prune = 0
+        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        # NORMAL in WAL: a commit survives a crash of the process; only power loss can lose the last ones.
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute("PRAGMA busy_timeout=5000")
+        self._db.executescript(_SCHEMA)
+
+    def remember(self, request_id: str, query: str, expert: str) -> None:
+        now = time.time()
+        with self._lock:
+            self._db.execute("INSERT OR REPLACE INTO requests VALUES (?, ?, ?, ?)", (request_id, query, expert, now))
+            self._since_prune += 1
+            if self._since_prune >= _PRUNE_EVERY:
+                self._since_prune = 0
+                self._db.execute("DELETE FROM requests WHERE created < ?", (now - REQUEST_RETENTION_S,))
+
+    def answered(self, request_id: str) -> Answered | None:
+        with self._lock:
+            row = self._db.execute("SELECT id, query, expert, created FROM requests WHERE id = ?",
+                                   (request_id,)).fetchone()
+        return None if row is None else Answered(id=row[0], query=row[1], expert=row[2], created=row[3])
+
+    def submit(self, body: FeedbackBody, experts: Sequence[str]) -> FeedbackRecord:
+        """Store one verdict. Raises ``UnknownRequest`` or ``UnknownFeedbackExpert``."""
+        query, expert = body.query, body.expert
+        if body.request_id is not None:
+            answer = self.answered(body.request_id)
+            if answer is None:
+                raise UnknownRequest(body.request_id)
+            query, expert = answer.query, expert or answer.expert
+        assert query is not None and expert is not None  # FeedbackBody's validator guarantees both
+        if expert not in experts:
+            raise UnknownFeedbackExpert(expert, experts)
+        return self.add(query, expert, body.value(), request_id=body.request_id, note=body.note)
+
+    def add(self, query: str, expert: str, score: float, *, request_id: str | None = None,
+            note: str | None = None) -> FeedbackRecord:
+        now = time.time()
+        with self._lock:
+            cursor = self._db.execute(
+                "INSERT INTO feedback (request_id, query, expert, score, note, created) VALUES (?, ?, ?, ?, ?, ?)",
+                (request_id, query, expert, score, note, now))
+        return FeedbackRecord(id=cursor.lastrowid or 0, request_id=request_id, query=query, expert=expert,
+                              score=score, note=note, created=now)
+
+    def records(self, since: float | None = None) -> list[FeedbackRecord]:
+        """Every verdict created at or after ``since`` (Unix seconds), oldest first."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT id, request_id, query, expert, score, note, created FROM feedback WHERE created >= ? "
+                "ORDER BY id", (since if since is not None else float("-inf"),)).fetchall()
+        return [FeedbackRecord(**dict(zip(FeedbackRecord.model_fields, row, strict=True))) for row in rows]
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    async def aremember(self, request_id: str, query: str, expert: str) -> None:
+        await asyncio.to_thread(self.remember, request_id, query, expert)
+
+    async def asubmit(self, body: FeedbackBody, experts: Sequence[str]) -> FeedbackRecord:
+        return await asyncio.to_thread(self.submit, body, experts)
+
+    async def arecords(self, since: float | None = None) -> list[FeedbackRecord]:
+        return await asyncio.to_thread(self.records, since)
+
+    async def aclose(self) -> None:
+        await asyncio.to_thread(self.close)
+
+
+def feedback_path(config: RouterConfig) -> Path:
+    if config.feedback.path is not None:
+        return config.resolve(config.feedback.path)
+    return config.resolve(config.gate.artifact).parent / "feedback.sqlite3"
+
+
+def open_feedback_store(config: RouterConfig) -> FeedbackStore | None:
+    """The config's store, created if absent; None when feedback is off."""
+    return FeedbackStore(feedback_path(config)) if config.feedback.enabled else None
+
+
+def load_feedback(config: RouterConfig, since: float | None = None) -> list[FeedbackRecord]:
+    """The stored verdicts, for training; none when feedback is off or nothing was ever stored."""
+    path = feedback_path(config)
+    if not config.feedback.enabled or not path.is_file():
+        return []
+    store = FeedbackStore(path)
+    try:
+        return store.records(since)
+    finally:
+        store.close()

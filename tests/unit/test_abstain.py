@@ -1,0 +1,99 @@
+"""Abstain: a query unlike every training example goes to the default expert; in-domain ones route as usual."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+from experts.types import ChatMessage, ChatRequest
+from router.config import EncoderConfig
+from router.encoders import Encoder, build_encoder
+from router.gate import OOD_KEEP, Gate, train_gate
+from router.orchestrator import Orchestrator
+from tests.doubles.fakes import FakeExpert, fake_config
+
+TOPICS = {"GetWeather": "weather", "PlayMusic": "music"}
+NAMES = ["weather", "music", "chat"]
+OUT_OF_DOMAIN = ["what is the derivative of x cubed times sine x", "my landlord will not return my deposit",
+                 "fix this python segmentation fault in my c extension"]
+IN_DOMAIN = ["will it snow in Denver on Friday", "play some jazz by Miles Davis"]
+
+
+@pytest.fixture(scope="module")
+def encoder() -> Encoder:
+    return build_encoder(EncoderConfig(backend="onnx"))
+
+
+@pytest.fixture(scope="module")
+def gate(data_dir: Path, encoder: Encoder) -> Gate:
+    """A gate trained on two clear SNIPS topics (100 queries each); ``chat`` has no data (a fixed prior)."""
+    texts, labels = [], []
+    with open(data_dir / "snips" / "snips_2017_custom_intents.csv", encoding="utf-8") as fh:
+        for row in csv.DictReader(fh):
+            if row["split"] == "train" and row["intent"] in TOPICS and labels.count(TOPICS[row["intent"]]) < 100:
+                texts.append(row["text"])
+                labels.append(TOPICS[row["intent"]])
+    return train_gate(texts, labels, encoder, experts=NAMES, progress=False)
+
+
+def orchestrator(gate: Gate, default: str | None = "chat") -> Orchestrator:
+    config = fake_config(NAMES, gate={"default_expert": default})
+    return Orchestrator(config, gate, {n: FakeExpert(config.expert(n)) for n in NAMES})
+
+
+def ask(text: str) -> ChatRequest:
+    return ChatRequest(model="auto", messages=[ChatMessage(role="user", content=text)])
+
+
+def test_the_threshold_keeps_most_validation_queries(gate: Gate) -> None:
+    assert gate.ood_threshold is not None
+    assert 0.0 < gate.ood_threshold < 1.0
+    assert 0.95 <= OOD_KEEP <= 0.99
+
+
+async def test_out_of_domain_queries_abstain_to_the_default_expert(gate: Gate) -> None:
+    orch = orchestrator(gate)
+    for text in OUT_OF_DOMAIN:
+        decision = await orch.decide(ask(text))
+        assert decision.abstained, text
+        assert [(c.expert, c.weight) for c in decision.chosen] == [("chat", 1.0)]
+        assert decision.ood_score is not None and decision.ood_score < (gate.ood_threshold or 0.0)
+    answer = await orch.complete(ask(OUT_OF_DOMAIN[0]))
+    assert answer.expert == "chat"
+    await orch.aclose()
+
+
+async def test_in_domain_queries_route_normally(gate: Gate) -> None:
+    orch = orchestrator(gate)
+    decisions = [await orch.decide(ask(t)) for t in IN_DOMAIN]
+    assert [d.abstained for d in decisions] == [False, False]
+    assert [d.chosen[0].expert for d in decisions] == ["weather", "music"]
+    assert all(d.ood_score is not None and d.ood_score >= (gate.ood_threshold or 1.0) for d in decisions)
+    await orch.aclose()
+
+
+async def test_no_default_expert_means_no_abstaining(gate: Gate) -> None:
+    orch = orchestrator(gate, default=None)
+    decision = await orch.decide(ask(OUT_OF_DOMAIN[0]))
+    assert not decision.abstained
+    assert decision.chosen[0].expert in ("weather", "music")
+    await orch.aclose()
+
+
+async def test_an_artifact_without_a_threshold_never_abstains(gate: Gate, encoder: Encoder, tmp_path: Path) -> None:
+    gate.save(tmp_path)
+    manifest = tmp_path / "gate.json"
+    doc = json.loads(manifest.read_text(encoding="utf-8"))
+    del doc["ood_threshold"]  # as written before abstain existed
+    manifest.write_text(json.dumps(doc), encoding="utf-8")
+    old = Gate.load(tmp_path, encoder)
+    assert old.ood_threshold is None
+    orch = orchestrator(old)
+    decision = await orch.decide(ask(OUT_OF_DOMAIN[0]))
+    assert not decision.abstained
+    assert decision.ood_score is not None
+    await orch.aclose()
+    assert Gate.load(tmp_path.parent / tmp_path.name, encoder).ood_threshold is None

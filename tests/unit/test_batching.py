@@ -1,0 +1,107 @@
+"""Micro-batching of the gate: concurrent decisions share encoder calls and match sequential ones."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Sequence
+
+import numpy as np
+
+from experts.types import ChatMessage, ChatRequest
+from router.batching import GateBatcher
+from router.orchestrator import Orchestrator
+from tests.doubles.fakes import FakeExpert, FakeGate, fake_config
+
+NAMES = ["math", "code", "law"]
+TEXTS = [f"{topic} question {i}" for i in range(12) for topic in ("integral", "python", "contract")]
+
+
+class CountingEncoder:
+    """Embeds a text as itself (as the fake gate expects), counting calls; each call takes ``delay`` s so
+    concurrent requests pile up behind it."""
+
+    def __init__(self, delay: float = 0.005) -> None:
+        self.calls: list[int] = []
+        self.delay = delay
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        self.calls.append(len(texts))
+        time.sleep(self.delay)
+        return np.asarray(list(texts), dtype=object)
+
+
+def build(**gate: object) -> tuple[Orchestrator, CountingEncoder]:
+    config = fake_config(NAMES, gate=gate) if gate else fake_config(NAMES)
+    fake = FakeGate(NAMES, {"integral": [0.7, 0.2, 0.1], "python": [0.15, 0.8, 0.05]}, default=[0.2, 0.2, 0.6])
+    encoder = CountingEncoder()
+    fake.encoder = encoder  # type: ignore[assignment]
+    return Orchestrator(config, fake, {n: FakeExpert(config.expert(n)) for n in NAMES}), encoder
+
+
+def ask(text: str) -> ChatRequest:
+    return ChatRequest(model="auto", messages=[ChatMessage(role="user", content=text)])
+
+
+def gate_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("moe-gate")]
+
+
+async def test_concurrent_decisions_match_sequential_ones_in_few_encoder_calls() -> None:
+    orch, encoder = build()
+    sequential = [orch.decide_sync(t) for t in TEXTS]
+    encoder.calls.clear()
+    concurrent = await asyncio.gather(*(orch.decide(ask(t)) for t in TEXTS))
+    for seq, con in zip(sequential, concurrent, strict=True):
+        assert con.scores == seq.scores
+        assert con.chosen == seq.chosen
+        assert con.nearest == seq.nearest
+    assert sum(encoder.calls) == len(TEXTS)
+    assert len(encoder.calls) <= 3  # 36 queries, max_batch 32: a batch of 32 and what is left
+    assert max(encoder.calls) == 32
+    await orch.aclose()
+
+
+async def test_queries_arriving_while_the_worker_is_busy_form_the_next_batch() -> None:
+    orch, encoder = build(batch_window_ms=0.0, max_batch=64)
+    first = asyncio.ensure_future(orch.decide(ask("solve this integral")))  # goes alone, at once
+    await asyncio.sleep(0)
+    rest = await asyncio.gather(*(orch.decide(ask(t)) for t in TEXTS[:10]))
+    await first
+    assert encoder.calls == [1, 10]
+    assert [d.chosen[0].expert for d in rest[:3]] == ["math", "code", "law"]
+    await orch.aclose()
+
+
+async def test_aclose_leaves_no_thread_or_task_behind() -> None:
+    before = asyncio.all_tasks()
+    orch, _ = build()
+    await asyncio.gather(*(orch.decide(ask(t)) for t in TEXTS))
+    assert gate_threads()
+    await orch.aclose()
+    assert not gate_threads()
+    assert asyncio.all_tasks() == before
+    # A later decision reopens a worker, as the experts' pools reopen, and closing again leaves nothing.
+    decision = await orch.decide(ask("later"))
+    assert decision.ranking
+    await orch.aclose()
+    assert not gate_threads()
+
+
+async def test_a_failing_batch_fails_each_caller_and_a_cancelled_one_is_skipped() -> None:
+    def work(texts: list[str]) -> list[str]:
+        if "boom" in texts:
+            raise RuntimeError("encoder down")
+        return [t.upper() for t in texts]
+
+    batcher: GateBatcher[str] = GateBatcher(work, window_ms=5.0)
+    results = await asyncio.gather(batcher.submit("a"), batcher.submit("boom"), return_exceptions=True)
+    assert [type(r) for r in results] == [RuntimeError, RuntimeError]
+    gone = asyncio.ensure_future(batcher.submit("gone"))
+    kept = asyncio.ensure_future(batcher.submit("kept"))
+    await asyncio.sleep(0)
+    gone.cancel()
+    assert await kept == "KEPT"
+    assert batcher.batches == 2
+    await batcher.aclose()

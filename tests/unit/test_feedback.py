@@ -1,0 +1,223 @@
+"""Feedback end to end: the store, the service's routes, the SDK, and folding verdicts into the next gate."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+from fastapi import FastAPI
+
+from router.cli import _parser
+from router.config import parse_config
+from router.encoders import Encoder
+from router.feedback import FeedbackBody, FeedbackStore, UnknownRequest, feedback_path, load_feedback
+from router.orchestrator import Orchestrator
+from router.outcome import OutcomeRecord
+from router.sdk import AsyncClient, LocalRouter, RouterAPIError
+from router.security import hash_key
+from router.service import create_app
+from router.train import TrainingData, collect_training_data, fold_feedback, train_from_config
+from tests.doubles.fakes import FakeExpert, FakeGate, fake_config
+
+NAMES = ["math", "code"]
+ALICE, ADMIN = "sk-alice-feedback-01", "sk-admin-feedback-02"
+SECURITY = {"api_keys": [{"name": "alice", "sha256": hash_key(ALICE)}], "admin_key_env": "MOE_ADMIN_KEY"}
+
+
+def orchestrator(**overrides: object) -> Orchestrator:
+    config = fake_config(NAMES, **overrides)
+    experts = {n: FakeExpert(config.expert(n), pieces=[f"{n} ", "says hi"], text=f"{n} says hi") for n in NAMES}
+    return Orchestrator(config, FakeGate(NAMES, {"integral": [0.9, 0.1]}, default=[0.2, 0.8]), experts)
+
+
+def make_app(store: FeedbackStore | None) -> FastAPI:
+    return create_app(orchestrator(security=SECURITY), environ={"MOE_ADMIN_KEY": ADMIN}, feedback=store)
+
+
+def http(app: FastAPI, key: str | None = ALICE) -> httpx.AsyncClient:
+    headers = {"authorization": f"Bearer {key}"} if key else {}
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://router", headers=headers)
+
+
+def sdk(app: FastAPI) -> AsyncClient:
+    return AsyncClient("http://router", api_key=ALICE, transport=httpx.ASGITransport(app=app))
+
+
+class _HashingEncoder(Encoder):
+    """A fast stand-in for MiniLM: a bag of hashed words."""
+
+    identity, checksum = "fake-hashing", "1" * 64
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        x = np.zeros((len(texts), self.dim), dtype=np.float32)
+        for row, text in enumerate(texts):
+            for word in text.lower().split():
+                x[row, int(hashlib.sha256(word.encode()).hexdigest()[:8], 16) % self.dim] += 1.0
+        return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+# -- the service and the SDK ------------------------------------------------------------------------------
+async def test_chat_then_feedback_by_id_then_admin_export(tmp_path: Path) -> None:
+    app = make_app(FeedbackStore(tmp_path / "fb.sqlite3"))
+    async with sdk(app) as client:
+        answer = await client.chat("an integral")
+        assert answer.id.startswith("chatcmpl-") and answer.expert == "math"
+        good = await client.feedback(request_id=answer.id, good=True, note="right")
+        bad = await client.feedback(query="sort a list", expert="code", score=0.0)
+    assert (good.query, good.expert, good.score, good.request_id, good.note) == \
+        ("an integral", "math", 1.0, answer.id, "right")
+    assert (bad.query, bad.expert, bad.score, bad.request_id) == ("sort a list", "code", 0.0, None)
+
+    async with http(app, None) as anonymous, http(app) as client_key, http(app, ADMIN) as admin:
+        assert (await anonymous.get("/admin/feedback")).status_code == 401
+        assert (await client_key.get("/admin/feedback")).status_code == 403
+        listed = (await admin.get("/admin/feedback")).json()["data"]
+        lines = await admin.get("/admin/feedback", params={"format": "jsonl"})
+        later = (await admin.get("/admin/feedback", params={"since": good.created + 3600})).json()["data"]
+        iso = (await admin.get("/admin/feedback", params={"since": "2000-01-01T00:00:00"})).json()["data"]
+        bad_since = await admin.get("/admin/feedback", params={"since": "yesterday"})
+    assert [(r["query"], r["expert"], r["score"]) for r in listed] == [("an integral", "math", 1.0),
+                                                                      ("sort a list", "code", 0.0)]
+    assert lines.headers["content-type"].startswith("application/x-ndjson")
+    assert [json.loads(line)["id"] for line in lines.text.splitlines()] == [good.id, bad.id]
+    assert later == [] and len(iso) == 2
+    assert (bad_since.status_code, bad_since.json()["error"]["param"]) == (400, "since")
+
+
+async def test_a_streamed_answer_can_be_rated_by_its_id(tmp_path: Path) -> None:
+    app = make_app(FeedbackStore(tmp_path / "fb.sqlite3"))
+    async with sdk(app) as client:
+        chunks = [c async for c in client.stream("an integral")]
+        async with http(app) as raw, raw.stream("POST", "/v1/chat/completions", json={
+                "model": "auto", "stream": True, "messages": [{"role": "user", "content": "an integral"}]}) as r:
+            events = [line async for line in r.aiter_lines() if line.startswith("data: {")]
+        first = json.loads(events[0][6:])
+        saved = await client.feedback(request_id=first["id"], good=False)
+    assert chunks[-1].trace is not None
+    assert (saved.query, saved.expert, saved.score) == ("an integral", "math", 0.0)
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "code", "says"),
+    [
+        ({"query": "q", "expert": "poetry", "good": True}, 400, "unknown_expert", "'poetry'"),
+        ({"request_id": "chatcmpl-never", "good": True}, 404, "request_not_found", "chatcmpl-never"),
+        ({"query": "q", "good": True}, 400, "invalid_request", "needs the expert"),
+        ({"query": "q", "expert": "math"}, 400, "invalid_request", "good or score"),
+        ({"query": "q", "expert": "math", "good": True, "score": 1.0}, 400, "invalid_request", "good or score"),
+        ({"query": "q", "expert": "math", "score": 1.5}, 400, "invalid_request", "score"),
+        ({"query": "q", "expert": "math", "good": "yes"}, 400, "invalid_request", "good"),
+        ({"query": "q", "request_id": "x", "expert": "math", "good": True}, 400, "invalid_request", "exactly one"),
+        ({"query": "q", "expert": "math", "good": True, "stars": 5}, 400, "invalid_request", "stars"),
+        ([1, 2], 400, "invalid_request", "JSON object"),
+    ],
+)
+async def test_bad_feedback_is_refused_clearly(tmp_path: Path, body: Any, status: int, code: str, says: str) -> None:
+    async with http(make_app(FeedbackStore(tmp_path / "fb.sqlite3"))) as client:
+        r = await client.post("/v1/feedback", json=body)
+    assert r.status_code == status
+    assert r.json()["error"]["code"] == code
+    assert says in r.json()["error"]["message"]
+
+
+async def test_without_a_store_feedback_is_409_and_the_sdk_raises(tmp_path: Path) -> None:
+    async with sdk(make_app(None)) as client:
+        with pytest.raises(RouterAPIError) as info:
+            await client.feedback(query="q", expert="math", good=True)
+    assert (info.value.status, info.value.code) == (409, "feedback_unavailable")
+
+
+async def test_local_router_writes_to_the_store(tmp_path: Path) -> None:
+    async with LocalRouter(orchestrator(), FeedbackStore(tmp_path / "fb.sqlite3")) as local:
+        answer = await local.chat("an integral")
+        saved = await local.feedback(request_id=answer.id, expert="code", score=0.25)
+        with pytest.raises(UnknownRequest):
+            await local.feedback(request_id="chatcmpl-nope", good=True)
+    assert (saved.query, saved.expert, saved.score) == ("an integral", "code", 0.25)
+
+
+# -- the store ----------------------------------------------------------------------------------------------
+def test_a_new_store_on_the_same_path_sees_earlier_feedback(tmp_path: Path) -> None:
+    path = tmp_path / "deep" / "fb.sqlite3"
+    first = FeedbackStore(path)
+    first.remember("chatcmpl-1", "an integral", "math")
+    first.submit(FeedbackBody(request_id="chatcmpl-1", good=True), NAMES)
+    first.close()
+    second = FeedbackStore(path)
+    try:
+        assert [(r.request_id, r.query, r.expert, r.score) for r in second.records()] == \
+            [("chatcmpl-1", "an integral", "math", 1.0)]
+        answered = second.answered("chatcmpl-1")
+        assert answered is not None and answered.expert == "math"
+        assert second._db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    finally:
+        second.close()
+
+
+def test_the_default_path_is_next_to_the_gate_artifact(tmp_path: Path) -> None:
+    config = parse_config({"version": 1, "experts": [{"name": "a", "type": "openai", "model": "m",
+                                                      "endpoint": "http://127.0.0.1:9/v1"}],
+                           "gate": {"artifact": "artifacts/gate"}}, base_dir=tmp_path, check_env=False)
+    assert feedback_path(config) == tmp_path / "artifacts" / "feedback.sqlite3"
+    assert load_feedback(config) == []  # no file yet, and none is created by reading
+    assert not feedback_path(config).exists()
+
+
+# -- folding feedback into training -------------------------------------------------------------------------
+def _verdicts(tmp_path: Path, rows: list[tuple[str, str, float]]) -> list[Any]:
+    store = FeedbackStore(tmp_path / "rules.sqlite3")
+    out = [store.add(q, e, s) for q, e, s in rows]
+    store.close()
+    return out
+
+
+def test_fold_rule_for_label_and_outcome_gates(tmp_path: Path) -> None:
+    verdicts = _verdicts(tmp_path, [("q1", "math", 1.0), ("q1", "code", 0.0), ("q2", "code", 1.0),
+                                    ("q2", "code", 0.0), ("q3", "gone", 1.0)])
+    label = fold_feedback(TrainingData("label", texts=["ex"], labels=["math"]), verdicts, NAMES)
+    assert list(zip(label.texts, label.labels, strict=True)) == [("ex", "math"), ("q1", "math"), ("q2", "code")]
+    assert label.feedback == 2
+    outcome = fold_feedback(TrainingData("outcome", records=[OutcomeRecord("r", {"math": 1.0}, {})]), verdicts,
+                            NAMES)
+    assert outcome.records[1:] == [OutcomeRecord("q1", {"math": 1.0, "code": 0.0}, {}),
+                                   OutcomeRecord("q2", {"code": 0.5}, {})]
+    assert outcome.feedback == 4
+
+
+async def test_feedback_from_the_service_trains_the_next_gate(tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    experts = [{"name": n, "type": "openai", "endpoint": "http://127.0.0.1:9/v1", "model": "m",
+                "examples": [f"an example for {n}"]} for n in NAMES]
+    config = parse_config({"version": 1, "experts": experts, "gate": {"artifact": "out/gate"}},
+                          base_dir=tmp_path, check_env=False)
+    app = create_app(orchestrator(), feedback=FeedbackStore(feedback_path(config)))
+    async with AsyncClient("http://router", transport=httpx.ASGITransport(app=app)) as client:
+        for query in ("solve this integral", "an integral of x squared", "what is the integral of sin"):
+            answer = await client.chat(query)
+            await client.feedback(request_id=answer.id, good=True)
+        await client.feedback(query="write a python function", expert="code", good=True)
+        await client.feedback(query="write a python loop", expert="math", good=False)
+    await app.state.feedback.aclose()
+
+    data = collect_training_data(config)
+    assert data.feedback == 4
+    assert ("an integral of x squared", "math") in zip(data.texts, data.labels, strict=True)
+    assert "write a python loop" not in data.texts
+    assert collect_training_data(config, feedback=False).texts == ["an example for math", "an example for code"]
+
+    monkeypatch.setattr("router.train.build_encoder", lambda _: _HashingEncoder())
+    gate = train_from_config(config, progress=False)
+    assert gate.metadata.metrics.n_train + gate.metadata.metrics.n_val == 6
+    off = train_from_config(config, progress=False, feedback=False)
+    assert off.metadata.metrics.n_train + off.metadata.metrics.n_val == 2
+
+
+def test_moe_train_takes_a_feedback_switch() -> None:
+    assert _parser().parse_args(["train"]).feedback is True
+    assert _parser().parse_args(["train", "--no-feedback"]).feedback is False
