@@ -60,7 +60,7 @@ def _replay_store(config: RouterConfig) -> RouterBenchStore:
 def write_training_file(config: RouterConfig, store: RouterBenchStore) -> tuple[Path, int]:
     """The outcome records the config's gate trains on, from the train split only: for every question, each
     expert's recorded correctness and USD cost (an expert with no record for a question is left out of it)."""
-    by_column = {(e.replay.column or e.model) if e.replay else e.model: e.name for e in config.experts}
+    by_column = {e.recorded_model: e.name for e in config.experts}
     path = config.resolve(config.gate.train_data[0])
     path.parent.mkdir(parents=True, exist_ok=True)
     count = 0
@@ -181,7 +181,7 @@ def run_demo(config_path: str | Path, out: Path, limit: int | None = None) -> li
     print("[2/4] training the gate", flush=True)
     gate = train_from_config(config, progress=True)
     rows = held_out(store)[:limit] if limit else held_out(store)
-    column_of = {e.name: (e.replay.column or e.model) if e.replay else e.model for e in config.experts}
+    column_of = {e.name: e.recorded_model for e in config.experts}
     print(f"[3/4] serving the router over HTTP; {len(rows)} held-out test questions", flush=True)
     with _Server(config) as url:
         routed = asyncio.run(_ask_all(url, rows, "auto", "router"))

@@ -112,7 +112,7 @@ class ReplayExpert(Expert):
             self._source: _Source = _SOURCES[replay.source](path)
         except (OSError, ValueError) as exc:
             raise ExpertConfigError(self.name, f"cannot load {replay.source} recordings: {exc}") from exc
-        self.model = replay.column or config.model
+        self.model = config.recorded_model
         if self.model not in self._source.models:
             raise ExpertConfigError(
                 self.name,

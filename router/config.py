@@ -98,6 +98,11 @@ class ExpertConfig(_Strict):
         """The key from the environment, read when a client is built, never stored in the config."""
         return os.environ.get(self.api_key_env) if self.api_key_env else None
 
+    @property
+    def recorded_model(self) -> str:
+        """The model whose recordings a replay expert plays: ``replay.column``, else ``model``."""
+        return (self.replay.column if self.replay else None) or self.model
+
 
 class EncoderConfig(_Strict):
     backend: Literal["onnx", "sentence-transformers"] = "onnx"

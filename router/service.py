@@ -80,8 +80,11 @@ async def _read_json(request: Request, limit: int) -> Any:
                            "invalid_request_error", "request_too_large")
     try:
         value = json.loads(raw)
-        # "\ud800" is valid JSON but not encodable UTF-8: it would fail later, when the trace echoes it back.
-        json.dumps(value, ensure_ascii=False).encode("utf-8")
+        # "\ud800" is valid JSON but not encodable UTF-8: it would fail later, when the answer or trace echoes
+        # it. Only a \uD800-\uDFFF escape can produce one (UTF-8 bytes never decode to a surrogate), so the
+        # re-encoding check runs only on bodies holding such an escape, not on every request.
+        if re.search(rb"\\u[dD][89a-fA-F]", raw):
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
     except RecursionError:
         raise _HTTPProblem(400, "request body is nested too deeply", "invalid_request_error",
                            "invalid_json") from None
