@@ -112,7 +112,8 @@ def evaluate_labels(ctx: SuiteContext, train: Sequence[LabelledQuery], test: Seq
     y_te = np.array([index[q.label] for q in scored])
     gate = train_gate([q.text for q in train], [q.label for q in train], enc, experts=labels, seed=ctx.seed,
                       progress=ctx.progress)
-    probs = {"gate": gate.predict_proba(x_te), **_baselines(x_tr, y_tr, x_te, len(labels), ctx.seed)}
+    probs = {"gate": gate.predict_proba(x_te, [q.text for q in scored]),
+             **_baselines(x_tr, y_tr, x_te, len(labels), ctx.seed)}
     systems = {name: _scores(p, y_te) for name, p in probs.items()}
     metrics = dict(systems["gate"])
     body: dict[str, Any] = {"setup": {"train": len(train), "test": len(scored), "val": len(val),
@@ -120,7 +121,9 @@ def evaluate_labels(ctx: SuiteContext, train: Sequence[LabelledQuery], test: Seq
                                       "labels": len(labels), "gate_temperature": gate.temperature,
                                       "gate_classifier": gate.metadata.classifier}}
     if oos:
-        oos_result = _out_of_scope(gate, x_tr, x_te, enc.encode([q.text for q in oos]), val, index, oos_label, enc)
+        oos_result = _out_of_scope(gate, x_tr, (x_te, [q.text for q in scored]),
+                                   (enc.encode([q.text for q in oos]), [q.text for q in oos]), val, index, oos_label,
+                                   enc)
         metrics["oos_auroc"] = oos_result.pop("oos_auroc")
         body["out_of_scope"] = oos_result
     body["metrics"] = metrics
@@ -207,32 +210,38 @@ def _per_class(y: np.ndarray, pred: np.ndarray, labels: list[str]) -> dict[str, 
             for i, (p, r, s) in table.items()}
 
 
-def _out_of_scope(gate: Any, x_tr: np.ndarray, x_in: np.ndarray, x_oos: np.ndarray,
-                  val: Sequence[LabelledQuery], index: dict[str, int], oos_label: str | None,
-                  enc: Any) -> dict[str, Any]:
-    """AUROC of each out-of-scope score on test; the one reported is chosen on validation data."""
+def _out_of_scope(gate: Any, x_tr: np.ndarray, inside: tuple[np.ndarray, list[str]],
+                  outside: tuple[np.ndarray, list[str]], val: Sequence[LabelledQuery], index: dict[str, int],
+                  oos_label: str | None, enc: Any) -> dict[str, Any]:
+    """AUROC of each out-of-scope score on test; the one reported is chosen on validation data.
+
+    ``1-gate_familiarity`` is the score the serving gate abstains on (``Gate.ood_scores``); the others are its
+    two ingredients alone and their plain mean."""
     import faiss
 
     nn = faiss.IndexFlatIP(x_tr.shape[1])
     nn.add(np.ascontiguousarray(x_tr, dtype=np.float32))
 
-    def scores(x: np.ndarray) -> dict[str, np.ndarray]:
-        maxprob = 1.0 - gate.predict_proba(x).max(axis=1)
+    def scores(batch: tuple[np.ndarray, list[str]]) -> dict[str, np.ndarray]:
+        x, texts = batch
+        proba = gate.predict_proba(x, texts)
+        maxprob = 1.0 - proba.max(axis=1)
         sim, _ = nn.search(np.ascontiguousarray(x, dtype=np.float32), 1)
         far = 1.0 - sim[:, 0]
         # Both lie in [0, 1] and grow with "unlike anything trained on"; their mean uses both signals.
-        return {"1-max_prob": maxprob, "1-nn_similarity": far, "mean_of_both": (maxprob + far) / 2}
+        return {"1-max_prob": maxprob, "1-nn_similarity": far, "mean_of_both": (maxprob + far) / 2,
+                "1-gate_familiarity": 1.0 - gate.ood_scores(proba, sim[:, 0])}
 
-    def aurocs(x_pos: np.ndarray, x_neg: np.ndarray) -> dict[str, float]:
-        s_pos, s_neg = scores(x_pos), scores(x_neg)
-        truth = np.r_[np.ones(len(x_pos), bool), np.zeros(len(x_neg), bool)]
+    def aurocs(pos: tuple[np.ndarray, list[str]], neg: tuple[np.ndarray, list[str]]) -> dict[str, float]:
+        s_pos, s_neg = scores(pos), scores(neg)
+        truth = np.r_[np.ones(len(pos[1]), bool), np.zeros(len(neg[1]), bool)]
         return {k: M.auroc(np.r_[s_pos[k], s_neg[k]], truth) for k in s_pos}
 
-    test = aurocs(x_oos, x_in)
+    test = aurocs(outside, inside)
     val_oos = [q.text for q in val if q.label == oos_label]
     val_in = [q.text for q in val if q.label in index]
-    chosen, on_val = "1-max_prob", None
+    chosen, on_val = "1-gate_familiarity", None
     if val_oos and val_in:
-        on_val = aurocs(enc.encode(val_oos), enc.encode(val_in))
+        on_val = aurocs((enc.encode(val_oos), val_oos), (enc.encode(val_in), val_in))
         chosen = max(on_val, key=lambda k: on_val[k])
     return {"oos_auroc": test[chosen], "score": chosen, "auroc_test": test, "auroc_val": on_val}

@@ -21,11 +21,15 @@ An artifact is a folder: ``gate.json`` (written last, so its presence means the 
 ``.npz`` files, read with ``allow_pickle=False``. ``Gate.load`` refuses an encoder other than the one the
 gate was trained with, since its vectors would land in a different space.
 
-Out of distribution: a query's OOD score is its cosine similarity to the nearest example (``nearest_many``).
-``metadata.ood_threshold`` is fitted at training time (``fit_ood_threshold``) as the score that
-``OOD_KEEP`` of the validation queries reach against the training split; a query below it is out of
-distribution and the orchestrator abstains to ``gate.default_expert``. Artifacts without the field (older
-ones, or trained without a validation split) hold None and never abstain.
+Out of distribution: ``ood_scores`` gives each query a familiarity score, higher for queries like the training
+data, and ``metadata.ood_threshold`` is the score that ``OOD_KEEP`` of the validation queries reach; below it a
+query is out of distribution and the orchestrator abstains to ``gate.default_expert``. A label gate's score
+combines two signals, each turned into a percentile of the validation queries' own values (the grids in
+``metadata.ood_reference``) and averaged: the calibrated top probability (the classifier is unsure) and the
+cosine to the nearest training example (nothing like it was seen). Each catches out-of-scope queries the other
+misses: on CLINC150's out-of-scope queries the mean has AUROC 0.977, the cosine alone 0.963 and the top
+probability alone 0.956. Gates without the grids (outcome gates, older artifacts) score by the cosine alone.
+Artifacts without a threshold (trained without a validation split) never abstain.
 """
 
 from __future__ import annotations
@@ -33,7 +37,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import importlib
-import itertools
 import json
 import logging
 import math
@@ -42,10 +45,19 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
+from router.classifiers import (
+    CLASSIFIERS,
+    Classifier,
+    EnsembleClassifier,
+    LogisticClassifier,
+    Queries,
+    pack_strings,
+    unpack_strings,
+)
 from router.coldstart import Columns, SimilarityMap, fit_similarity_map, plan_columns
 from router.encoders import Encoder, sha256_file
 
@@ -62,11 +74,15 @@ __all__ = [
     "GateMetadata",
     "LogisticClassifier",
     "Neighbour",
+    "Queries",
     "ValidationMetrics",
     "embed_texts",
     "expected_calibration_error",
+    "fit_ood",
     "fit_ood_threshold",
     "fit_temperature",
+    "nearest_similarity",
+    "ood_score",
     "split_train_val",
     "train_gate",
     "training_data_sha256",
@@ -79,6 +95,7 @@ UNSEEN_PRIOR = 1e-3
 # Share of in-distribution validation queries the OOD threshold keeps (routes normally). 0.97: one in-domain
 # query in ~33 goes to the default expert, the price of catching most unrelated ones.
 OOD_KEEP = 0.97
+OOD_GRID = 201  # percentile points per signal in metadata.ood_reference
 _EMBED_CHUNK = 512  # texts per encode call while training: small enough for a smooth progress bar
 
 
@@ -91,58 +108,6 @@ class Neighbour:
     text: str
     label: str
     similarity: float  # cosine, since embeddings are L2-normalised
-
-
-class Classifier(Protocol):
-    """Logits over the trained experts from embeddings. Swappable; state is plain arrays, never pickle."""
-
-    kind: ClassVar[str]
-
-    def fit(self, x: np.ndarray, y: np.ndarray, n_classes: int) -> None: ...
-    def predict_logits(self, x: np.ndarray) -> np.ndarray: ...
-    def arrays(self) -> dict[str, np.ndarray]: ...
-
-
-class LogisticClassifier:
-    """Multinomial logistic regression (sklearn lbfgs to fit; prediction is one matmul in numpy).
-
-    ``c`` is the inverse L2 strength. Unit-norm 384-d inputs need weak regularisation: at sklearn's default
-    C=1 the logits stay near zero and the gate underfits.
-    """
-
-    kind: ClassVar[str] = "logistic"
-
-    def __init__(self, c: float = 10.0, max_iter: int = 2000, seed: int = 0) -> None:
-        self.c, self.max_iter, self.seed = c, max_iter, seed
-        self.coef = np.zeros((0, 0), dtype=np.float32)
-        self.intercept = np.zeros(0, dtype=np.float32)
-
-    def fit(self, x: np.ndarray, y: np.ndarray, n_classes: int) -> None:
-        from sklearn.linear_model import LogisticRegression
-
-        model = LogisticRegression(C=self.c, max_iter=self.max_iter, random_state=self.seed).fit(x, y)
-        coef, intercept = model.coef_, model.intercept_
-        if coef.shape[0] == 1:  # sklearn's binary form: one row scoring class 1 against class 0
-            coef, intercept = np.vstack([np.zeros_like(coef), coef]), np.concatenate([[0.0], intercept])
-        self.coef = np.zeros((n_classes, x.shape[1]), dtype=np.float32)
-        self.intercept = np.zeros(n_classes, dtype=np.float32)
-        self.coef[model.classes_] = coef
-        self.intercept[model.classes_] = intercept
-
-    def predict_logits(self, x: np.ndarray) -> np.ndarray:
-        return np.asarray(x, dtype=np.float32) @ self.coef.T + self.intercept
-
-    def arrays(self) -> dict[str, np.ndarray]:
-        return {"coef": self.coef, "intercept": self.intercept}
-
-    @classmethod
-    def from_arrays(cls, arrays: dict[str, np.ndarray]) -> LogisticClassifier:
-        clf = cls()
-        clf.coef, clf.intercept = arrays["coef"], arrays["intercept"]
-        return clf
-
-
-CLASSIFIERS: dict[str, Any] = {LogisticClassifier.kind: LogisticClassifier}
 
 
 # --- calibration ------------------------------------------------------------------------------------------
@@ -210,14 +175,17 @@ class GateMetadata:
     encoder_checksum: str
     training_data_sha256: str
     metrics: ValidationMetrics
-    classifier: str = LogisticClassifier.kind
+    classifier: str = EnsembleClassifier.kind
     unseen_experts: list[str] = field(default_factory=list)
     kind: str = "label"
     # router.coldstart.SimilarityMap for experts scored from their config examples.
     cold_start_slope: float = SimilarityMap.slope
     cold_start_midpoint: float = SimilarityMap.midpoint
-    # Nearest-example cosine below which a query is out of distribution; None: never abstain.
+    # ``ood_scores`` below this are out of distribution; None: never abstain.
     ood_threshold: float | None = None
+    # Percentile grids (OOD_GRID points each) of the validation queries' [top probability, nearest cosine];
+    # None: ``ood_scores`` is the nearest cosine alone.
+    ood_reference: list[list[float]] | None = None
     created: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
     format_version: int = FORMAT_VERSION
 
@@ -263,25 +231,40 @@ class Gate:
         unseen = set(self.metadata.unseen_experts)
         return [e for e in self.artifact_experts if e not in unseen]
 
-    def _artifact_proba(self, x: np.ndarray) -> np.ndarray:
+    def _artifact_proba(self, x: np.ndarray, texts: Sequence[str] | None) -> np.ndarray:
         """``[q, len(artifact_experts)]`` rows summing to 1."""
-        trained = _softmax(self.classifier.predict_logits(x).astype(np.float64) / self.temperature)
+        if texts is None:
+            if self.classifier.reads_text:
+                raise ValueError(f"this gate's {self.classifier.kind!r} classifier reads the query text: pass "
+                                 "texts to predict_proba, or call scores(texts)")
+            texts = [""] * len(x)
+        logits = self.classifier.predict_logits(Queries(texts, x))
+        trained = _softmax(logits.astype(np.float64) / self.temperature)
         n_unseen = len(self.artifact_experts) - len(self._trained)
         out = np.full((len(x), len(self.artifact_experts)), UNSEEN_PRIOR, dtype=np.float64)
         out[:, self._trained] = trained * (1.0 - UNSEEN_PRIOR * n_unseen)
         return out
 
-    def predict_proba(self, embeddings: np.ndarray) -> np.ndarray:
+    def predict_proba(self, embeddings: np.ndarray, texts: Sequence[str] | None = None) -> np.ndarray:
+        """``[q, len(experts)]`` rows summing to 1. ``texts`` are the queries behind ``embeddings``; classifiers
+        that read the words (the default ensemble) need them."""
         x = np.atleast_2d(np.asarray(embeddings, dtype=np.float32))
-        proba = self._artifact_proba(x)
+        proba = self._artifact_proba(x, texts)
         return proba if self._columns is None else self._columns.apply(proba, x)
 
     def scores(self, texts: Sequence[str]) -> np.ndarray:
-        return self.predict_proba(self.encoder.encode(texts))
+        return self.predict_proba(self.encoder.encode(texts), list(texts))
 
     @property
     def ood_threshold(self) -> float | None:
         return self.metadata.ood_threshold
+
+    def ood_scores(self, proba: np.ndarray, nearest_similarity: np.ndarray) -> np.ndarray:
+        """Familiarity per query (higher: more like the training data), compared with ``ood_threshold``.
+
+        ``proba`` is ``predict_proba``'s output for the queries, ``nearest_similarity`` their cosine to the
+        nearest example (``nearest_many``)."""
+        return ood_score(np.asarray(proba).max(axis=1), nearest_similarity, self.metadata.ood_reference)
 
     def nearest(self, embedding: np.ndarray, k: int = 3) -> list[Neighbour]:
         """The ``k`` labelled examples most similar to one embedding, most similar first."""
@@ -361,16 +344,13 @@ class Gate:
         path.mkdir(parents=True, exist_ok=True)
         n = self._n_artifact_examples  # a config view appends its cold-start examples after these
         texts, labels = self.example_texts[:n], self.example_labels[:n]
-        blob = [t.encode("utf-8") for t in texts]
+        text_bytes, text_offsets = pack_strings(texts)
         label_ids = {e: i for i, e in enumerate(self.artifact_experts)}
         weights: dict[str, Any] = self._weights()  # typed Any: numpy's stub confuses it with savez's flags
         np.savez(path / _WEIGHTS, **weights)
         np.savez_compressed(
             path / _EXAMPLES, embeddings=self.example_embeddings[:n],
-            # Texts as one UTF-8 byte string plus offsets: numpy's fixed-width strings would pad every text
-            # to the longest one, and object arrays would need pickle.
-            text_bytes=np.frombuffer(b"".join(blob), dtype=np.uint8),
-            text_offsets=np.cumsum([0] + [len(b) for b in blob], dtype=np.int64),
+            text_bytes=text_bytes, text_offsets=text_offsets,
             labels=np.array([label_ids.get(lab, -1) for lab in labels], dtype=np.int32))
         doc = {**self.metadata.as_dict(), "kind": self.kind, "experts": self.artifact_experts,
                **self._manifest(), "files": {name: sha256_file(path / name) for name in (_WEIGHTS, _EXAMPLES)}}
@@ -403,8 +383,7 @@ class Gate:
         with np.load(path / _WEIGHTS, allow_pickle=False) as w:
             weights = {k: w[k] for k in w.files}
         with np.load(path / _EXAMPLES, allow_pickle=False) as ex:
-            raw, offsets = ex["text_bytes"].tobytes(), ex["text_offsets"]
-            texts = [raw[a:b].decode("utf-8") for a, b in itertools.pairwise(offsets.tolist())]
+            texts = unpack_strings(ex["text_bytes"], ex["text_offsets"])
             labels = [experts[i] if i >= 0 else "" for i in ex["labels"]]
             embeddings = ex["embeddings"]
         module, _, name = GATE_KINDS[kind].partition(":")
@@ -473,7 +452,9 @@ def embed_texts(encoder: Encoder, texts: Sequence[str], *, progress: bool = True
 def train_gate(texts: Sequence[str], labels: Sequence[str], encoder: Encoder, *, experts: Sequence[str],
                seed: int = 0, val_fraction: float = 0.15, progress: bool = True,
                classifier: Classifier | None = None) -> Gate:
-    """Embed, split, fit the classifier on the train part and the temperature on the validation part."""
+    """Embed, split, fit the classifier on the train part, and on the validation part the temperature, the
+    cold-start similarity map and the out-of-distribution threshold. ``classifier`` defaults to the ensemble
+    (``router.classifiers``)."""
     from tqdm.auto import tqdm
 
     experts = list(experts)
@@ -490,27 +471,72 @@ def train_gate(texts: Sequence[str], labels: Sequence[str], encoder: Encoder, *,
     col = {e: i for i, e in enumerate(trained)}
     y = np.array([col[lab] for lab in labels], dtype=np.int64)
     train, val = split_train_val(texts, labels, seed=seed, val_fraction=val_fraction)
-    classifier = classifier or LogisticClassifier(seed=seed)
-    with tqdm(total=2, desc="training gate", unit="step", disable=not progress) as bar:
-        classifier.fit(x[train], y[train], len(trained))
+    queries = Queries(texts, x)
+    classifier = classifier or EnsembleClassifier(seed=seed)
+    with tqdm(total=2, desc=f"training gate ({classifier.kind})", unit="step", disable=not progress) as bar:
+        classifier.fit(queries.subset(train), y[train], len(trained))
         bar.update()
-        temperature, metrics = _calibrate(classifier, x[val], y[val], n_train=len(train))
+        val_logits = classifier.predict_logits(queries.subset(val)) if len(val) else np.zeros((0, len(trained)))
+        temperature, metrics = _calibrate(val_logits, y[val], n_train=len(train))
         bar.update()
     similarity = fit_similarity_map(x[train], y[train], x[val], y[val], len(trained), seed=seed)
+    ood_reference, ood_threshold = fit_ood(_softmax(val_logits / temperature).max(axis=1) if len(val) else
+                                           np.zeros(0), x[train], x[val])
     metadata = GateMetadata(encoder.identity, encoder.checksum, training_data_sha256(texts, labels), metrics,
                             classifier=classifier.kind, unseen_experts=unseen,
                             cold_start_slope=similarity.slope, cold_start_midpoint=similarity.midpoint,
-                            ood_threshold=fit_ood_threshold(x[train], x[val]))
+                            ood_threshold=ood_threshold, ood_reference=ood_reference)
     return Gate(encoder, experts, classifier, temperature, metadata, (x, texts, list(labels)))
+
+
+def nearest_similarity(reference: np.ndarray, queries: np.ndarray) -> np.ndarray:
+    """Each query row's highest cosine to a ``reference`` row (rows L2-normalised, so a dot product)."""
+    if len(reference) == 0:
+        return np.full(len(queries), -1.0)
+    return np.concatenate([np.zeros(0), *((queries[i:i + 1024] @ reference.T).max(axis=1)
+                                           for i in range(0, len(queries), 1024))])
+
+
+def _percentile(grid: Sequence[float], values: np.ndarray) -> np.ndarray:
+    """Mid-rank percentile of each value among ``grid``'s points: ties count half, so a signal that saturates
+    (a top probability of 1.0 on every validation query) ranks a saturated query in the middle, not at 0."""
+    points = np.asarray(grid, dtype=np.float64)
+    below = np.searchsorted(points, values, side="left")
+    at_most = np.searchsorted(points, values, side="right")
+    return np.asarray((below + at_most) / (2.0 * len(points)))
+
+
+def ood_score(top_probability: np.ndarray, similarity: np.ndarray,
+              reference: Sequence[Sequence[float]] | None) -> np.ndarray:
+    """Familiarity in [0, 1]: the mean of the two signals' percentiles among the validation queries'
+    (``reference``: their sorted grids); without ``reference``, the nearest-example cosine itself."""
+    similarity = np.asarray(similarity, dtype=np.float64)
+    if reference is None:
+        return similarity
+    top = np.asarray(top_probability, dtype=np.float64)
+    return (_percentile(reference[0], top) + _percentile(reference[1], similarity)) / 2.0
+
+
+def fit_ood(val_top_probability: np.ndarray, reference: np.ndarray, held_out: np.ndarray,
+            keep: float = OOD_KEEP) -> tuple[list[list[float]] | None, float | None]:
+    """``(grids, threshold)`` for ``ood_score`` from in-distribution validation queries: their calibrated top
+    probabilities, and their embeddings ``held_out`` against the training rows ``reference``. The threshold
+    keeps ``keep`` of them. ``(None, None)`` without validation data: such a gate never abstains."""
+    if len(reference) == 0 or len(held_out) == 0:
+        return None, None
+    quantiles = np.linspace(0.0, 1.0, OOD_GRID)
+    sims = nearest_similarity(reference, held_out)
+    grids = [np.quantile(val_top_probability, quantiles).tolist(), np.quantile(sims, quantiles).tolist()]
+    scores = ood_score(val_top_probability, sims, grids)
+    return grids, float(np.quantile(scores, 1.0 - keep))
 
 
 def fit_ood_threshold(reference: np.ndarray, held_out: np.ndarray, keep: float = OOD_KEEP) -> float | None:
     """The nearest-example cosine that ``keep`` of the ``held_out`` (in-distribution) rows reach against
-    ``reference``; None when either is empty. Rows are L2-normalised, so a dot product is the cosine."""
+    ``reference``; None when either is empty. For gates scored by the cosine alone (outcome gates)."""
     if len(reference) == 0 or len(held_out) == 0:
         return None
-    best = np.concatenate([(held_out[i:i + 1024] @ reference.T).max(axis=1) for i in range(0, len(held_out), 1024)])
-    return float(np.quantile(best, 1.0 - keep))
+    return float(np.quantile(nearest_similarity(reference, held_out), 1.0 - keep))
 
 
 def _check_training_input(texts: Sequence[str], labels: Sequence[str], experts: list[str]) -> None:
@@ -523,11 +549,9 @@ def _check_training_input(texts: Sequence[str], labels: Sequence[str], experts: 
         raise ValueError(f"labels that are not experts: {', '.join(map(repr, unknown))}; experts: {experts}")
 
 
-def _calibrate(classifier: Classifier, x: np.ndarray, y: np.ndarray, *,
-               n_train: int) -> tuple[float, ValidationMetrics]:
+def _calibrate(logits: np.ndarray, y: np.ndarray, *, n_train: int) -> tuple[float, ValidationMetrics]:
     if len(y) == 0:
         return 1.0, ValidationMetrics(n_train=n_train, n_val=0)
-    logits = classifier.predict_logits(x)
     t = fit_temperature(logits, y)
     before, after = _softmax(logits), _softmax(logits / t)
     return t, ValidationMetrics(

@@ -14,10 +14,18 @@ Resilience, in the order a request meets it:
 - when nothing answered, ``AllExpertsFailed`` lists each expert's cause (``circuit_open`` and
   ``budget_exhausted`` included), which the service turns into a 503.
 
+Combining: the config's combiner, or the one a request names (``complete(strategy=...)``), merges the answers.
+``consensus`` embeds them with the gate's encoder. ``fuse`` has its aggregator expert write the final answer,
+called through the dispatcher like any expert (breaker, in-flight limit, time limit, retries, the request's
+deadline and cost budget), its attempts marked ``role: aggregate``; when it fails, the top-weight answer is
+returned and ``trace.combiner_fallback`` holds the aggregator's error. A panel whose answers carry tool calls
+is not combined: the top-weight answer stands, calls and all, since tool calls can be neither fused nor voted on.
+
 Deciding: ``decide`` hands the query to a ``GateBatcher`` (``router.batching``), which embeds the queries of
 concurrent requests in one encoder call in one dedicated worker thread, and in the same batch scores them and
 finds each query's nearest training examples (one faiss search for the batch). The nearest examples serve twice:
-as the explanation in the decision, and as the out-of-distribution score (the top cosine). They are kept on
+as the explanation in the decision, and for the out-of-distribution score (``gate.ood_scores``: the top cosine
+with the gate's top probability, or the top cosine alone for gates without that method). They are kept on
 every decision because the OOD score needs the search anyway and a batched flat search is a few microseconds
 per query next to milliseconds of encoder. The top-k choice runs back on the event loop (pure, microseconds),
 where the breakers live.
@@ -76,7 +84,7 @@ class GateLike(Protocol):
     @property
     def encoder(self) -> EncoderLike: ...
 
-    def predict_proba(self, embeddings: np.ndarray) -> np.ndarray: ...
+    def predict_proba(self, embeddings: np.ndarray, texts: Sequence[str] | None = None) -> np.ndarray: ...
 
     def nearest(self, embedding: np.ndarray, k: int = 3) -> Sequence[Any]: ...
 
@@ -136,25 +144,27 @@ class Orchestrator:
                                                         max_batch=config.gate.max_batch)
 
     # -- deciding -------------------------------------------------------------------------------------------
-    def _scores(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray, list[str]]:
-        """Embeddings, and the gate's probabilities (queries x experts) over ``names``, the served experts."""
+    def _scores(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
+        """Embeddings, the gate's probabilities over all its experts, and those over ``names``, the served
+        experts (queries x experts each)."""
         embeddings = self.gate.encoder.encode(texts)
-        probs = self.gate.predict_proba(embeddings)
+        probs = self.gate.predict_proba(embeddings, texts)
         columns = [i for i, n in enumerate(self.gate.experts) if n in self.experts]
-        return embeddings, probs[:, columns], [self.gate.experts[i] for i in columns]
+        return embeddings, probs, probs[:, columns], [self.gate.experts[i] for i in columns]
 
     def _gate_batch(self, texts: list[str]) -> list[_Gated]:
         """The gate's work for a batch of queries, in the batcher's worker: one embedding per query serves the
         scores, the explanation and the OOD score."""
-        embeddings, probs, names = self._scores(texts)
+        embeddings, all_probs, probs, names = self._scores(texts)
         many = getattr(self.gate, "nearest_many", None)
         nearest = many(embeddings, 3) if many else [self.gate.nearest(e, 3) for e in embeddings]
-        out = []
-        for row, near in zip(probs, nearest, strict=True):
-            near_dicts = [_as_dict(n) for n in near]
-            ood = float(near_dicts[0]["similarity"]) if near_dicts else None
-            out.append(_Gated({n: float(p) for n, p in zip(names, row, strict=True)}, near_dicts, ood))
-        return out
+        near_dicts = [[_as_dict(n) for n in near] for near in nearest]
+        similarity = np.array([float(n[0]["similarity"]) if n else np.nan for n in near_dicts])
+        familiarity = getattr(self.gate, "ood_scores", None)  # fakes and older gates: the cosine alone
+        ood = familiarity(all_probs, similarity) if familiarity else similarity
+        return [_Gated({n: float(p) for n, p in zip(names, row, strict=True)}, near,
+                       None if np.isnan(score) else float(score))
+                for row, near, score in zip(probs, near_dicts, ood, strict=True)]
 
     def _decision(self, gated: _Gated, exclude: Collection[str], start: float) -> RouteDecision:
         """Top-k (or abstain) from one query's gate output; experts in ``exclude`` stay off the panel."""
@@ -210,7 +220,7 @@ class Orchestrator:
         for goes to its own best-scoring expert, whose in-flight limit then hands it on at call time."""
         if not queries:
             return []
-        _, probs, names = self._scores(queries)
+        _, _, probs, names = self._scores(queries)
         refusing = self.breakers.refusing(names)
         room = dict(capacity) if capacity is not None else {n: self.capacity.free(n) for n in names}
         room = {n: (0 if n in refusing else room.get(n, 0)) for n in names}

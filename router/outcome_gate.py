@@ -168,7 +168,7 @@ class OutcomeGate(Gate):
     def _artifact_utility(self, x: np.ndarray) -> np.ndarray:
         return self._artifact_success(x) - self.cost_weight * self.cost / self.cost_scale
 
-    def _artifact_proba(self, x: np.ndarray) -> np.ndarray:
+    def _artifact_proba(self, x: np.ndarray, texts: Sequence[str] | None = None) -> np.ndarray:
         logits = self._artifact_utility(x)
         logits[:, self.tuning.anchor] += self.tuning.margin
         return _softmax(logits / self.tuning.temperature)

@@ -32,7 +32,7 @@ class FakeGate:
         self.default = default
         self.encoder = FakeEncoder()
 
-    def predict_proba(self, embeddings: np.ndarray) -> np.ndarray:
+    def predict_proba(self, embeddings: np.ndarray, texts: Sequence[str] | None = None) -> np.ndarray:
         rows = [next((v for k, v in self.table.items() if k in str(t)), self.default) for t in embeddings]
         return np.asarray(rows, dtype=np.float64)
 

@@ -78,14 +78,22 @@ def lookup(snips: dict[str, list[tuple[str, str]]], gate: Gate) -> FakeLookupEnc
 
 @pytest.fixture(scope="module")
 def test_set(snips: dict[str, list[tuple[str, str]]], experts: list[str],
-             encoder: Encoder) -> tuple[np.ndarray, np.ndarray]:
-    x = encoder.encode([t for t, _ in snips["test"]])
-    return x, np.array([experts.index(label) for _, label in snips["test"]])
+             encoder: Encoder) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """(embeddings, expert index, texts) of the test queries."""
+    texts = [t for t, _ in snips["test"]]
+    return encoder.encode(texts), np.array([experts.index(label) for _, label in snips["test"]]), texts
 
 
-def test_gate_beats_chance_by_far_on_held_out_queries(gate: Gate, test_set: tuple[np.ndarray, np.ndarray]) -> None:
-    x, y = test_set
-    accuracy = float((gate.predict_proba(x).argmax(axis=1) == y).mean())
+def test_the_default_classifier_needs_the_query_text(gate: Gate, test_set: tuple[np.ndarray, np.ndarray, list[str]]
+                                                     ) -> None:
+    assert gate.metadata.classifier == "ensemble"
+    with pytest.raises(ValueError, match="'ensemble' classifier reads the query text"):
+        gate.predict_proba(test_set[0])
+
+
+def test_gate_beats_chance_by_far_on_held_out_queries(gate: Gate, test_set: tuple[np.ndarray, np.ndarray, list[str]]) -> None:
+    x, y, texts = test_set
+    accuracy = float((gate.predict_proba(x, texts).argmax(axis=1) == y).mean())
     # Chance is 1/7. Measured 0.96-0.97 on SNIPS's test split and on the validation split; 0.90 leaves margin.
     assert accuracy >= 0.90, accuracy
     metrics = gate.metadata.metrics
@@ -94,8 +102,8 @@ def test_gate_beats_chance_by_far_on_held_out_queries(gate: Gate, test_set: tupl
     assert 0.10 < metrics.n_val / (7 * PER_INTENT_TRAIN) < 0.20
 
 
-def test_probabilities_are_distributions(gate: Gate, test_set: tuple[np.ndarray, np.ndarray]) -> None:
-    p = gate.predict_proba(test_set[0])
+def test_probabilities_are_distributions(gate: Gate, test_set: tuple[np.ndarray, np.ndarray, list[str]]) -> None:
+    p = gate.predict_proba(test_set[0], test_set[2])
     assert p.shape == (len(test_set[0]), 7)
     assert (p >= 0).all()
     np.testing.assert_allclose(p.sum(axis=1), 1.0, atol=1e-9)
@@ -148,13 +156,13 @@ def test_nearest_explains_with_training_examples(gate: Gate, snips: dict[str, li
     assert found[0].similarity >= found[1].similarity >= found[2].similarity
 
 
-def test_save_load_round_trip(gate: Gate, tmp_path: Path, test_set: tuple[np.ndarray, np.ndarray]) -> None:
+def test_save_load_round_trip(gate: Gate, tmp_path: Path, test_set: tuple[np.ndarray, np.ndarray, list[str]]) -> None:
     gate.save(tmp_path / "gate")
     doc = json.loads((tmp_path / "gate" / "gate.json").read_text())
     assert doc["encoder_identity"] == gate.encoder.identity and doc["experts"] == gate.experts
     assert doc["training_data_sha256"] == training_data_sha256(gate.example_texts, gate.example_labels)
     loaded = Gate.load(tmp_path / "gate", gate.encoder)
-    np.testing.assert_array_equal(loaded.predict_proba(test_set[0]), gate.predict_proba(test_set[0]))
+    np.testing.assert_array_equal(loaded.predict_proba(test_set[0], test_set[2]), gate.predict_proba(test_set[0], test_set[2]))
     assert loaded.temperature == gate.temperature and loaded.metadata == gate.metadata
     assert loaded.example_texts == gate.example_texts and loaded.example_labels == gate.example_labels
     assert loaded.nearest(test_set[0][0]) == gate.nearest(test_set[0][0])
@@ -175,7 +183,7 @@ def test_load_refuses_edited_files(gate: Gate, tmp_path: Path) -> None:
     gate.save(tmp_path)
     with np.load(tmp_path / "weights.npz") as w:
         arrays = {k: w[k] for k in w.files}
-    arrays["coef"] = arrays["coef"] * 2
+    arrays["0.coef"] = arrays["0.coef"] * 2  # the ensemble's first member: logistic regression
     np.savez(tmp_path / "weights.npz", **arrays)
     with pytest.raises(GateArtifactMismatch, match=r"weights\.npz"):
         Gate.load(tmp_path, gate.encoder)
@@ -195,16 +203,17 @@ TRANSLATE = ["translate good night into Spanish", "how do you say thank you in J
              "say hello in Italian"]
 
 
-def test_cold_start_expert_routes_from_its_examples(gate: Gate, test_set: tuple[np.ndarray, np.ndarray],
+def test_cold_start_expert_routes_from_its_examples(gate: Gate, test_set: tuple[np.ndarray, np.ndarray, list[str]],
                                                     tmp_path: Path) -> None:
     view = gate.for_experts({**{e: [] for e in gate.experts[1:]}, "Translate": TRANSLATE})
     assert view.experts == [*gate.experts[1:], "Translate"]
     p = view.scores(["how would I say good morning in French", "will it rain in Boston tomorrow"])
     np.testing.assert_allclose(p.sum(axis=1), 1.0, atol=1e-9)
     assert [view.experts[i] for i in p.argmax(axis=1)] == ["Translate", "GetWeather"]
-    x, y = test_set
+    x, y, texts = test_set
     kept = y != 0  # the removed expert's queries have no right answer left
-    routed = np.array(view.experts)[view.predict_proba(x[kept]).argmax(axis=1)]
+    routed = np.array(view.experts)[view.predict_proba(x[kept], [t for t, k in zip(texts, kept, strict=True) if k])
+                                    .argmax(axis=1)]
     assert (routed == np.array(gate.experts)[y[kept]]).mean() >= 0.90
     assert view.nearest(gate.encoder.encode([TRANSLATE[0]])[0], 1)[0].label == "Translate"
     # Saving a view writes what was trained, not the config's additions.
@@ -216,10 +225,10 @@ def test_cold_start_expert_routes_from_its_examples(gate: Gate, test_set: tuple[
 
 
 def test_expert_without_examples_gets_a_tiny_prior(gate: Gate, lookup: FakeLookupEncoder,
-                                                   test_set: tuple[np.ndarray, np.ndarray]) -> None:
+                                                   test_set: tuple[np.ndarray, np.ndarray, list[str]]) -> None:
     experts = [*gate.experts, "Unlabelled"]
     g = train_gate(gate.example_texts, gate.example_labels, lookup, experts=experts, progress=False)
-    p = g.predict_proba(test_set[0])
+    p = g.predict_proba(test_set[0], test_set[2])
     assert p.shape[1] == 8 and g.metadata.unseen_experts == ["Unlabelled"]
     np.testing.assert_allclose(p[:, -1], UNSEEN_PRIOR)
     np.testing.assert_allclose(p.sum(axis=1), 1.0, atol=1e-9)
