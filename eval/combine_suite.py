@@ -22,17 +22,19 @@ A model with no record for a question abstains (no vote); a panel with no vote a
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from eval import metrics as M
 from eval.outcome import NeighbourOutcomes, route_with_margin
+from eval.report import plot_accuracy_bars
 from eval.routing import FRACTIONS, _split
 from eval.suite import SuiteContext, as_float
 
-__all__ = ["POOLS", "SMALL_OPEN", "panel_letters", "pool_models", "run_mmlu_pro_combine", "weights_of"]
+__all__ = ["POOLS", "SMALL_OPEN", "mean_interval", "panel_letters", "plot_strategies", "pool_models",
+           "run_mmlu_pro_combine", "weights_of"]
 
 LETTERS = "ABCDEFGHIJ"
 # Open models of at most 8x7B parameters among MMLU-Pro's 31.
@@ -66,15 +68,18 @@ def pool_models(spec: str | None, available: Sequence[str]) -> list[str]:
     return list(names)
 
 
-def weights_of(success: np.ndarray, scheme: str) -> np.ndarray:
-    """Vote weights from predicted success; a tiny rank term makes ties go to the higher-ranked expert."""
+def weights_of(success: np.ndarray, scheme: str, options: float | np.ndarray = 10) -> np.ndarray:
+    """Vote weights from predicted success; a tiny rank term makes ties go to the higher-ranked expert.
+
+    ``options``: how many answers a question offers (``logodds`` only; a scalar, or ``[n, 1]`` per query;
+    MMLU-Pro's ten letters by default)."""
     if scheme == "uniform":
         w = np.ones_like(success)
     elif scheme == "success":
         w = success.copy()
     elif scheme == "logodds":
         p = np.clip(success, 1e-3, 1 - 1e-3)
-        w = np.maximum(np.log((len(LETTERS) - 1) * p / (1 - p)), 0.0)
+        w = np.maximum(np.log((np.asarray(options, dtype=float) - 1) * p / (1 - p)), 0.0)
     else:
         raise ValueError(f"unknown weight scheme {scheme!r}; known: {', '.join(WEIGHTS)}")
     return w + 1e-6 * success
@@ -214,8 +219,8 @@ def run_mmlu_pro_combine(ctx: SuiteContext) -> dict[str, Any]:
     metrics["target_met"] = (None if pool_name not in TARGETS
                              else bool(metrics["vote_minus_best_single"] >= TARGETS[pool_name]))
     metrics["k"], metrics["pool"] = chosen["k"], pool_name
-    cis = {f"{k}_accuracy": _ci(v.astype(float), ctx.seed) for k, v in correct.items()}
-    cis["vote_minus_best_single"] = _ci(correct["vote"].astype(float) - correct["best_single"], ctx.seed)
+    cis = {f"{k}_accuracy": mean_interval(v.astype(float), ctx.seed) for k, v in correct.items()}
+    cis["vote_minus_best_single"] = mean_interval(correct["vote"].astype(float) - correct["best_single"], ctx.seed)
     by_size = {}
     for size in PANEL_SIZES:
         by_size[f"k={size}"] = {w: _accuracy(_vote(oh, s, size, w), g) for w in WEIGHTS}
@@ -235,7 +240,7 @@ def run_mmlu_pro_combine(ctx: SuiteContext) -> dict[str, Any]:
         "predict it with the domain gate)",
         "panel-size table: every k and weight scheme on the test split, for reading only (not used to choose)",
     ]
-    return {
+    body: dict[str, Any] = {
         "metrics": metrics,
         "setup": {"pool": pool_name, "experts": len(models), "train": len(train), "val": len(val),
                   "test": len(test), "best_single": models[best],
@@ -256,8 +261,30 @@ def run_mmlu_pro_combine(ctx: SuiteContext) -> dict[str, Any]:
         "panel_sizes": by_size,
         "tuning_grid": grid,
     }
+    if ctx.plots:
+        shown = {"best_single": f"best single\n({models[best]})", "top1": "top-1 routing",
+                 "vote": f"top-{chosen['k']} vote\n({chosen['weights']})", "consensus": f"top-{chosen['k']} consensus",
+                 "fixed_top3_vote": "fixed top-3 vote"}
+        body["figures"] = [plot_strategies(ctx, metrics, cis, shown,
+                                           f"MMLU-Pro, pool '{pool_name}' ({len(models)} LLMs, {len(test)} test "
+                                           "questions): accuracy per system")]
+    return body
 
 
-def _ci(values: np.ndarray, seed: int) -> dict[str, float]:
+def plot_strategies(ctx: SuiteContext, metrics: Mapping[str, Any], cis: Mapping[str, Mapping[str, float]],
+                    shown: Mapping[str, str], title: str, notes: Sequence[str] = ()) -> str:
+    """``accuracy.png``: a bar per ``shown`` system (``<key>_accuracy`` in ``metrics``, its CI as the error
+    bar when ``cis`` has one) and the oracle as a reference; returns the file name."""
+    bars = []
+    for key, label in shown.items():
+        ci = cis.get(f"{key}_accuracy")
+        bars.append((label, float(metrics[f"{key}_accuracy"]), (ci["low"], ci["high"]) if ci else None))
+    plot_accuracy_bars(ctx.out / "accuracy.png", bars, title, notes=notes,
+                       references=[("oracle\n(any model right)", float(metrics["oracle_accuracy"]))])
+    return "accuracy.png"
+
+
+def mean_interval(values: np.ndarray, seed: int) -> dict[str, float]:
+    """The mean of per-query ``values`` with its 95% percentile-bootstrap interval."""
     ci = M.bootstrap_ci(lambda v: float(v.mean()), values, n=N_BOOT, seed=seed)
     return {"estimate": ci.estimate, "low": ci.low, "high": ci.high}

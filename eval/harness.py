@@ -26,7 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from eval import combine_suite
+from eval import combine_suite, routerbench_combine
 from eval import labels as label_suites
 from eval import routing as outcome_suites
 from eval.embeddings import CachedEncoder
@@ -47,11 +47,15 @@ SUITES: dict[str, Callable[[SuiteContext], dict[str, Any]]] = {
     "routerbench": outcome_suites.run_routerbench,
     "routellm-mmlu": outcome_suites.run_routellm_mmlu,
     "mmlu-pro-combine": combine_suite.run_mmlu_pro_combine,
+    "routerbench-combine": routerbench_combine.run_routerbench_combine,
 }
 
 
 def default_data_dir() -> Path:
     return Path(os.environ.get("MOE_DATA_DIR") or Path.cwd().parent / "shared" / "data")
+
+
+POOL_SUITES = ("mmlu-pro-combine",)  # suites that read ``--pool``
 
 
 def run_suite(name: str, data_dir: str | Path | None, out: str | Path, *, encoder: str | Encoder = "onnx",
@@ -71,6 +75,8 @@ def run_suite(name: str, data_dir: str | Path | None, out: str | Path, *, encode
         raise ValueError(f"unknown suite {name!r}; known: {', '.join(sorted(SUITES))}")
     if name == "jsonl" and (train is None or test is None):
         raise ValueError("the jsonl suite needs both --train and --test")
+    if pool is not None and name not in POOL_SUITES:
+        raise ValueError(f"--pool picks the experts of {', '.join(POOL_SUITES)}; suite {name!r} takes no pool")
     if isinstance(encoder, str):
         cfg = EncoderConfig(backend=encoder)  # type: ignore[arg-type]  # pydantic validates the name
         inner, max_length = build_encoder(cfg), cfg.max_length

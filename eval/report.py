@@ -6,6 +6,7 @@ Every function here takes plain numbers and writes files; none computes a metric
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from collections.abc import Mapping, Sequence
@@ -17,6 +18,8 @@ import numpy as np
 from eval.metrics import ReliabilityBins
 
 __all__ = [
+    "plot_accuracy_bars",
+    "plot_accuracy_cost",
     "plot_confusion",
     "plot_quality_cost",
     "plot_reliability",
@@ -184,17 +187,102 @@ def plot_quality_cost(path: Path, curve: Sequence[tuple[float, float]], hull: tu
 
 
 def plot_strong_calls(path: Path, curves: Mapping[str, tuple[np.ndarray, np.ndarray]], strong: float,
-                      weak: float, title: str) -> None:
+                      weak: float, title: str, *, cpt: Mapping[float, float] | None = None) -> None:
+    """RouteLLM's figure: accuracy against the share of calls sent to the strong model.
+
+    ``curves``: the first is the router's, drawn with CPT points on it; any others (a seeded random router)
+    are drawn faintly. The straight line from (0 %, weak) to (100 %, strong) is what a random router gets
+    in expectation. ``cpt`` maps a threshold (50 for CPT(50%)) to its % of strong calls (NaN: never reached);
+    each point sits at the accuracy that threshold asks for, ``weak + t/100 * (strong - weak)``."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.5, 5))
-    for name, (x, y) in curves.items():
-        ax.plot(x, y, ".-", label=name)
-    ax.axhline(strong, color="tab:green", ls="--", label="strong model alone")
-    ax.axhline(weak, color="tab:red", ls="--", label="weak model alone")
+    fig, ax = plt.subplots(figsize=(7, 5.2))
+    for i, (name, (x, y)) in enumerate(curves.items()):
+        style = {"color": "tab:blue", "lw": 2} if i == 0 else {"color": "tab:gray", "alpha": 0.6, "ms": 3}
+        ax.plot(x, y, ".-" if i == 0 else ".:", label=name, **style)
+    ax.plot([0, 100], [weak, strong], color="tab:orange", ls="-.", label="random router (expected)")
+    ax.axhline(strong, color="tab:green", ls="--", label=f"strong model alone ({strong:.3f})")
+    ax.axhline(weak, color="tab:red", ls="--", label=f"weak model alone ({weak:.3f})")
+    for threshold, pct in (cpt or {}).items():
+        if not math.isfinite(pct):
+            continue
+        level = weak + threshold / 100 * (strong - weak)
+        ax.plot(pct, level, "D", color="black", ms=6, zorder=5)
+        ax.vlines(pct, weak, level, colors="black", linestyles=":", lw=0.8)
+        # Up and to the left: a router's curve rises to the right, so that corner is free.
+        ax.annotate(f"CPT({threshold:g}%) = {pct:.1f}%", (pct, level), xytext=(-6, 6), textcoords="offset points",
+                    ha="right", va="bottom", fontsize=8)
+    ax.set_xlim(-2, 102)
     ax.set_xlabel("calls to the strong model (%)")
-    ax.set_ylabel("accuracy")
+    ax.set_ylabel("accuracy on the test split")
+    ax.set_title(title, fontsize=10)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+Bar = tuple[str, float, tuple[float, float] | None]  # (label, value, 95% interval or None)
+
+
+def _axis_floor(values: Sequence[float]) -> float:
+    """Where an accuracy axis starts: 0.05 below the lowest value, on a 0.05 step, never below 0."""
+    return max(0.0, math.floor((min(values) - 0.05) * 20) / 20)
+
+
+def plot_accuracy_bars(path: Path, bars: Sequence[Bar], title: str, *,
+                       references: Sequence[tuple[str, float]] = (), ylabel: str = "accuracy on the test split",
+                       notes: Sequence[str] = ()) -> None:
+    """One bar per system, ``(label, accuracy, (low, high) or None)``, with the interval as an error bar;
+    ``references`` (an oracle) are hatched bars without one. ``notes`` go under each bar (its cost).
+
+    The axis starts just below the lowest value (the label says where), so gaps of a point or two show."""
+    plt = _pyplot()
+    labels = [b[0] for b in bars] + [r[0] for r in references]
+    values = [b[1] for b in bars] + [r[1] for r in references]
+    lows = [b[2][0] if b[2] else b[1] for b in bars]
+    floor = _axis_floor([*values, *lows])
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.25 * len(labels) + 1.5), 5.2))
+    xs = np.arange(len(labels))
+    errs = np.array([[b[1] - b[2][0], b[2][1] - b[1]] if b[2] else [0.0, 0.0] for b in bars]).T
+    with_ci = any(b[2] for b in bars)
+    ax.bar(xs[:len(bars)], [b[1] for b in bars], yerr=errs if with_ci else None, capsize=4, color="tab:blue",
+           alpha=0.85, label="system (error bar: 95% bootstrap CI)" if with_ci else "system")
+    if references:
+        ax.bar(xs[len(bars):], [r[1] for r in references], color="white", edgecolor="tab:gray", hatch="//",
+               label="reference (not a deployable system)")
+    tops = [b[2][1] if b[2] else b[1] for b in bars] + [r[1] for r in references]
+    for x, v, top in zip(xs, values, tops, strict=True):  # above the error bar, where nothing covers it
+        ax.annotate(f"{v:.3f}", (x, top), xytext=(0, 3), textcoords="offset points", ha="center", fontsize=8)
+    ticks = [f"{lab}\n{note}" if note else lab for lab, note in
+             itertools.zip_longest(labels, notes[:len(labels)], fillvalue="")]
+    ax.set_xticks(xs, ticks, fontsize=8)
+    ax.set_ylim(floor, min(1.02, max(tops) + 0.04))
+    ax.set_ylabel(f"{ylabel} (axis from {floor:.2f})" if floor > 0 else ylabel)
+    ax.set_xlabel("system")
     ax.set_title(title)
-    ax.legend(fontsize=8)
+    ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_accuracy_cost(path: Path, systems: Mapping[str, tuple[float, float]],
+                       singles: Mapping[str, tuple[float, float]], cost_label: str, title: str) -> None:
+    """Each system's (cost, accuracy) as a labelled point among every single expert's (grey squares)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7.5, 5.5))
+    for name, (c, q) in singles.items():
+        ax.plot(c, q, "s", color="tab:gray", ms=4)
+        ax.annotate(name.split("/")[-1][:24], (c, q), fontsize=6, xytext=(3, 2), textcoords="offset points")
+    # Systems often coincide (a gate that keeps the best single expert): each is drawn smaller than the one
+    # before, so every marker stays visible.
+    for i, (marker, (name, (c, q))) in enumerate(zip(itertools.cycle("o^vD*P"), systems.items(), strict=False)):
+        ax.plot(c, q, marker, ms=max(14 - 2 * i, 4), alpha=0.85, label=f"{name}: {q:.3f} at {c:.3g}")
+    ax.set_xscale("log")
+    ax.set_xlabel(cost_label)
+    ax.set_ylabel("accuracy on the test split")
+    ax.set_title(title)
+    ax.legend(loc="best", fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

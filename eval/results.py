@@ -30,7 +30,7 @@ __all__ = ["LABEL_SUITES", "PUBLISHED", "main", "published_suites"]
 
 LABEL_SUITES = ("mmlu-pro-domain", "clinc150-domain", "snips-intent", "banking77-intent")
 PUBLISHED = (*LABEL_SUITES, "mmlu-pro-outcome", "routerbench", "routellm-mmlu")
-OPTIONAL = ("mmlu-pro-combine",)  # published once it is in SUITES (the combiner issue adds it)
+OPTIONAL = ("mmlu-pro-combine", "routerbench-combine")  # published when registered in SUITES
 
 
 def published_suites() -> list[str]:

@@ -295,7 +295,10 @@ def run_routellm_mmlu(ctx: SuiteContext) -> dict[str, Any]:
     }
     if ctx.plots:
         plot_strong_calls(ctx.out / "strong_calls.png", {"gate (kNN win rate)": (pct, perf),
-                                                          "random": (r_pct, r_perf)}, sw, ww,
-                          "RouteLLM MMLU: GPT-4 vs Mixtral")
+                                                          "random router (seeded draw)": (r_pct, r_perf)}, sw, ww,
+                          f"RouteLLM MMLU: {suite.strong_model.split('/')[-1]} (strong) vs "
+                          f"{suite.weak_model.split('/')[-1]} (weak)\n{len(test)} test questions, "
+                          f"APGR {metrics['apgr']:.3f} (random router {metrics['random_apgr']:.3f})",
+                          cpt={50: metrics["cpt50"], 80: metrics["cpt80"]})
         body["figures"] = ["strong_calls.png"]
     return body

@@ -161,7 +161,7 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="evaluate routing on a named suite or your own JSONL")
     p.add_argument("--suite", help="mmlu-pro-domain, clinc150-domain, snips-intent, banking77-intent, "
-                   "mmlu-pro-outcome, mmlu-pro-combine, routerbench or routellm-mmlu")
+                   "mmlu-pro-outcome, mmlu-pro-combine, routerbench, routerbench-combine or routellm-mmlu")
     p.add_argument("--train", help="labelled JSONL to train on ({'query','label'} per line)")
     p.add_argument("--test", help="labelled JSONL to evaluate on")
     p.add_argument("--out", default="out/eval", help="folder for results.json, report.md and figures")
@@ -171,7 +171,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="at most this many queries per split (a fast run)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG figures")
     p.add_argument("--pool", default=None, help="experts for mmlu-pro-combine: all, small (open models up to "
-                   "8x7B) or name,name,... (default: all)")
+                   "8x7B) or name,name,... (default: all); other suites refuse it")
     p.set_defaults(func=_delegate("eval.harness:main"))
 
     p = sub.add_parser("demo", help="train, serve replay experts, and score the router on held-out questions")

@@ -15,9 +15,11 @@ from eval.harness import run_suite
 from router.cli import _parser
 from router.encoders import Encoder
 
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
-class _HashingEncoder(Encoder):
-    """Fast stand-in for MiniLM: bag of hashed words."""
+
+class HashingEncoder(Encoder):
+    """Fast stand-in for MiniLM: bag of hashed words (shared by the other suite tests)."""
 
     identity, checksum = "fake-hashing", "1" * 64
 
@@ -65,7 +67,7 @@ def test_cli_takes_a_pool() -> None:
 @pytest.mark.parametrize("pool", ["all", "small"])
 def test_small_real_run(pool: str, data_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / pool
-    results = run_suite("mmlu-pro-combine", data_dir, out, encoder=_HashingEncoder(), limit=80, progress=False,
+    results = run_suite("mmlu-pro-combine", data_dir, out, encoder=HashingEncoder(), limit=80, progress=False,
                         plots=False, cache_dir=tmp_path / "cache", pool=pool)
     m = results["metrics"]
     assert set(m) >= {"best_single_accuracy", "top1_accuracy", "vote_accuracy", "consensus_accuracy",
@@ -79,3 +81,18 @@ def test_small_real_run(pool: str, data_dir: Path, tmp_path: Path) -> None:
     ci = results["confidence_intervals"]["vote_accuracy"]
     assert ci["low"] <= m["vote_accuracy"] <= ci["high"]
     assert json.loads((out / "results.json").read_text(encoding="utf-8"))["metrics"]["k"] == m["k"]
+    assert not list(out.glob("*.png")) and "figures" not in results  # plots=False, as --no-plots gives
+
+
+def test_accuracy_figure(data_dir: Path, tmp_path: Path) -> None:
+    import matplotlib.image
+
+    out = tmp_path / "plots"
+    results = run_suite("mmlu-pro-combine", data_dir, out, encoder=HashingEncoder(), limit=80, progress=False,
+                        cache_dir=tmp_path / "cache", pool="small")
+    assert results["figures"] == ["accuracy.png"]
+    data = (out / "accuracy.png").read_bytes()
+    assert data[:8] == PNG_SIGNATURE and len(data) > 10_000
+    height, width, _ = matplotlib.image.imread(out / "accuracy.png").shape
+    assert width > 600 and height > 400
+    assert "![accuracy.png](accuracy.png)" in (out / "report.md").read_text(encoding="utf-8")
