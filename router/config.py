@@ -133,6 +133,10 @@ class GateConfig(_Strict):
     cost_weight: float = Field(default=0.0, ge=0.0, le=100.0)
     # Outcome gates: the success model (router.outcome.SUCCESS_MODELS).
     success_model: Literal["knn", "logistic"] = "knn"
+    # Label gates: the classifier ``moe train`` fits (router.classifiers). ``ensemble`` averages logistic
+    # regression and kNN on the embeddings with logistic regression on TF-IDF words; each alone is faster to
+    # train and a few points less accurate.
+    classifier: Literal["ensemble", "logistic", "knn", "lexical"] = "ensemble"
     top_k: TopKConfig = TopKConfig()
     # Abstain: a query less similar to every training example than the artifact's ``ood_threshold`` goes to
     # this expert alone (weight 1). None: never abstain, whatever the artifact holds.

@@ -35,6 +35,7 @@ from typing import Literal
 from router.config import RouterConfig
 from router.encoders import build_encoder
 from router.feedback import FeedbackRecord, load_feedback
+from router.classifiers import build_classifier
 from router.gate import Gate, train_gate
 from router.outcome import OutcomeRecord, is_outcome_file, load_outcome_jsonl
 
@@ -167,6 +168,7 @@ def train_from_config(config: RouterConfig, *, progress: bool = True, feedback: 
                                   progress=progress)
     else:
         _check_routable(config, set(data.labels))
-        gate = train_gate(data.texts, data.labels, encoder, experts=config.expert_names, progress=progress)
+        gate = train_gate(data.texts, data.labels, encoder, experts=config.expert_names, progress=progress,
+                          classifier=build_classifier(config.gate.classifier))
     gate.save(config.resolve(config.gate.artifact))
     return gate

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from router.build import load_gate
-from router.config import RouterConfig, parse_config
+from router.config import ConfigError, RouterConfig, parse_config
 from router.gate import Gate
 from router.outcome_gate import OutcomeGate
 from router.train import collect_training_data, load_labelled_jsonl, train_from_config
@@ -86,6 +86,25 @@ def test_train_from_config_saves_a_loadable_gate(tmp_path: Path, snips_rows: lis
     loaded.check_experts(config.expert_names)
     probs = loaded.scores(["what's the weather in Paris tomorrow", "play the new album by Adele"])
     assert [loaded.experts[i] for i in probs.argmax(axis=1)] == ["GetWeather", "PlayMusic"]
+
+
+@pytest.mark.parametrize("classifier", ["logistic", "knn", "lexical", "ensemble"])
+def test_the_configured_classifier_is_trained_and_restored(tmp_path: Path, snips_rows: list[dict[str, str]],
+                                                           classifier: str) -> None:
+    (tmp_path / "data").mkdir()
+    _write_jsonl(tmp_path / "data" / "snips.jsonl", snips_rows)
+    config = _config(tmp_path, ["data/snips.jsonl"], artifact="out/gate", classifier=classifier)
+    gate = train_from_config(config, progress=False)
+    loaded = Gate.load(tmp_path / "out" / "gate", gate.encoder)
+    assert gate.metadata.classifier == loaded.metadata.classifier == classifier
+    assert type(loaded.classifier) is type(gate.classifier)
+    probs = loaded.scores(["what's the weather in Paris tomorrow", "play the new album by Adele"])
+    assert [loaded.experts[i] for i in probs.argmax(axis=1)] == ["GetWeather", "PlayMusic"]
+
+
+def test_an_unknown_classifier_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"gate\.classifier"):
+        _config(tmp_path, [], classifier="svm")
 
 
 def _outcome_rows(snips_rows: list[dict[str, str]]) -> list[dict[str, Any]]:
