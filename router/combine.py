@@ -1,7 +1,9 @@
-"""Combiners: from the weighted answers of a panel to one answer. Pure: no I/O, no model calls.
+"""Combiners: from the weighted answers of a panel to one answer. The decisions are pure: no I/O, no model calls.
 
 A combiner has one method, ``combine``. Every result says which experts contributed, with what weight, and
-whether each agreed with the result. Strategies (``COMBINERS``):
+whether each agreed with the result. The orchestrator awaits ``acombine``, which is ``combine`` unless a
+strategy needs more than the answers: ``consensus`` embeds them off the event loop, ``fuse`` calls a model
+through the hook it is handed. Strategies (``COMBINERS``):
 
 - ``top1``: the highest-weight answer.
 - ``vote``: weighted vote on an extracted final answer; the extractor is set per combiner and may be
@@ -14,11 +16,14 @@ whether each agreed with the result. Strategies (``COMBINERS``):
   (Mixture-of-Agents). The prompt building and the reading of the reply are pure (``Fuse.messages``,
   ``Fuse.result``); the one model call goes through an injected async hook (``Fuse.fuse``). Its plain
   ``combine`` cannot call a model, so it returns the top-weight answer (what ``fuse`` falls back to when the
-  aggregator fails).
+  aggregator fails, with the failure in ``Combined.fallback``). With a single answer there is nothing to
+  fuse: it is returned as it is, without an aggregator call.
 """
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -30,7 +35,7 @@ from experts.errors import ExpertError
 from experts.types import ChatMessage
 from router.trace import Contribution
 
-__all__ = ["COMBINERS", "EXTRACTORS", "Combined", "Combiner", "Consensus", "Fuse", "TopOne", "Vote",
+__all__ = ["COMBINERS", "EXTRACTORS", "Aggregate", "Combined", "Combiner", "Consensus", "Fuse", "TopOne", "Vote",
            "WeightedAnswer", "build_combiner", "choice_embedding", "extract_choice", "extract_number",
            "extract_short"]
 
@@ -50,14 +55,24 @@ class Combined:
     content: str
     expert: str
     contributions: list[Contribution]
+    # Set when the combiner could not do its own work and returned the top-weight answer instead: the cause
+    # (``fuse``: the aggregator's error).
+    fallback: ExpertError | None = None
 
 
 class Combiner(ABC):
     name = "combiner"
+    # The expert a combiner asks to write its answer (``fuse``); None for those that only choose among answers.
+    aggregator: str | None = None
 
     @abstractmethod
     def combine(self, answers: list[WeightedAnswer]) -> Combined:
         """Merge non-empty ``answers`` (weights already renormalised over the experts that answered)."""
+
+    async def acombine(self, query: str, answers: list[WeightedAnswer], aggregate: Aggregate) -> Combined:
+        """``combine`` for the orchestrator. ``query`` and ``aggregate`` (one model call) serve strategies that
+        write a new answer; the others ignore them."""
+        return self.combine(answers)
 
 
 class TopOne(Combiner):
@@ -175,7 +190,15 @@ class Consensus(Combiner):
     def __init__(self, embed: Embed, agree_at: float = 0.8) -> None:
         self.embed, self.agree_at = embed, agree_at
 
+    async def acombine(self, query: str, answers: list[WeightedAnswer], aggregate: Aggregate) -> Combined:
+        if len(answers) < 2:
+            return self.combine(answers)
+        # A sentence encoder is milliseconds of CPU per answer: too long to hold the event loop.
+        return await asyncio.to_thread(self.combine, answers)
+
     def combine(self, answers: list[WeightedAnswer]) -> Combined:
+        if len(answers) < 2:
+            return TopOne().combine(answers)  # one answer is its own consensus: nothing to embed
         vectors = np.asarray(self.embed([a.content for a in answers]), dtype=np.float64)
         norms = np.linalg.norm(vectors, axis=1, keepdims=True)
         unit = np.divide(vectors, norms, out=np.zeros_like(vectors), where=norms > 0)
@@ -204,9 +227,11 @@ class Fuse(Combiner):
     ``result`` turns the aggregator's reply into a ``Combined`` whose contributions mark an answer as agreeing
     when ``extractor`` finds the same final answer in it as in the reply (without an extractor, none agrees).
     ``fuse`` does both around the one model call, the injected ``aggregate`` hook, and falls back to the
-    top-weight answer when the hook raises an ``ExpertError``."""
+    top-weight answer, with the error in ``Combined.fallback``, when the hook raises an ``ExpertError``. A single
+    answer is returned as it is: one answer has nothing to be fused with."""
 
     name = "fuse"
+    aggregator: str
 
     def __init__(self, aggregator: str, extractor: str | None = None, max_chars: int = 4000) -> None:
         self.aggregator, self.max_chars = aggregator, max_chars
@@ -230,11 +255,16 @@ class Fuse(Combiner):
         return TopOne().combine(answers)
 
     async def fuse(self, query: str, answers: list[WeightedAnswer], aggregate: Aggregate) -> Combined:
+        if len(answers) < 2:
+            return self.combine(answers)
         try:
             text = await aggregate(self.messages(query, answers))
-        except ExpertError:  # a failed aggregator degrades the answer to top-1; it never fails the request
-            return self.combine(answers)
+        except ExpertError as exc:  # a failed aggregator degrades the answer to top-1; it never fails the request
+            return dataclasses.replace(self.combine(answers), fallback=exc)
         return self.result(answers, text)
+
+    async def acombine(self, query: str, answers: list[WeightedAnswer], aggregate: Aggregate) -> Combined:
+        return await self.fuse(query, answers, aggregate)
 
 
 COMBINERS: dict[str, Callable[..., Combiner]] = {"top1": TopOne, "vote": Vote, "consensus": Consensus,
@@ -255,6 +285,6 @@ def build_combiner(strategy: str, extractor: str = "choice", *, per_expert: Mapp
         return Consensus(embed or choice_embedding)
     if strategy == "fuse":
         if aggregator is None:
-            raise ValueError("the fuse combiner needs an aggregator expert")
+            raise ValueError("the fuse combiner needs an aggregator expert (combiner.aggregator in the config)")
         return Fuse(aggregator, extractor)
     return COMBINERS[strategy]()

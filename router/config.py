@@ -149,9 +149,17 @@ class GateConfig(_Strict):
 
 
 class CombinerConfig(_Strict):
-    strategy: Literal["top1", "vote"] = "top1"
-    # How ``vote`` reads a final answer out of free text.
+    """How a panel's answers become one (``router.combine``): ``top1`` | ``vote`` | ``consensus`` | ``fuse``.
+
+    ``consensus`` embeds the answers with the gate's encoder. ``fuse`` asks ``aggregator``, a configured expert,
+    to write the final answer from the panel's; naming an aggregator also lets a request pick ``fuse`` with the
+    ``x-moe-combiner`` header while another strategy is the default."""
+
+    strategy: Literal["top1", "vote", "consensus", "fuse"] = "top1"
+    # How ``vote`` reads a final answer out of free text; ``fuse`` uses it to mark which answers agree.
     extractor: Literal["choice", "number", "short"] = "choice"
+    # The expert that writes ``fuse``'s answer; must be one of ``experts`` (cross-checked at load).
+    aggregator: str | None = Field(default=None, pattern=_NAME)
 
 
 class BreakerConfig(_Strict):
@@ -360,9 +368,24 @@ def _cross_problems(raw: Any, *, check_env: bool) -> Iterable[tuple[str, str]]:
     default = gate.get("default_expert")
     if isinstance(default, str) and names and default not in names:
         yield "gate.default_expert", f"references expert {default!r}, which is not defined"
+    yield from _combiner_problems(raw.get("combiner"), names)
     service: dict[str, Any] = raw["service"] if isinstance(raw.get("service"), dict) else {}
     if service.get("name") in names:
         yield "service.name", f"{service.get('name')!r} is also an expert's name"
+
+
+def _combiner_problems(combiner: Any, names: list[str]) -> Iterable[tuple[str, str]]:
+    """``fuse`` needs an aggregator, and it must be a configured expert: it is called like one, through the
+    dispatcher."""
+    if not isinstance(combiner, dict):
+        return
+    aggregator = combiner.get("aggregator")
+    if combiner.get("strategy") == "fuse" and aggregator is None:
+        yield "combiner.aggregator", "strategy 'fuse' needs an aggregator: the name of the expert that writes " \
+                                     "the final answer"
+    if isinstance(aggregator, str) and names and aggregator not in names:
+        yield "combiner.aggregator", f"references expert {aggregator!r}, which is not defined; experts: " \
+                                     f"{', '.join(names)}"
 
 
 def _expand_env(value: Any) -> Any:

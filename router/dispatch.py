@@ -4,8 +4,9 @@ Around every try sit the expert's circuit breaker, its in-flight limit (a satura
 ``ExpertOverloaded`` at once, so the query moves to the next by weight) and the attempt's time limit (the
 expert's ``timeout_s``, cut short by the request's deadline). A transient failure is retried on the same expert
 after a jittered backoff (``router.retry``), while the breaker, the deadline and the cost budget allow it. Every
-try is one ``Attempt`` in the trace. Which expert is asked, and what happens when it fails for good, is the
-orchestrator's business.
+try is one ``Attempt`` in the trace, numbered by its ``retry``; every retry is also one ``Retry`` in
+``trace.retries``, with its cause and the wait before it. Which expert is asked, and what happens when it fails
+for good, is the orchestrator's business.
 
 ``sleep`` and ``rand`` are injectable, so tests run the retry schedule without waiting.
 """
@@ -26,7 +27,7 @@ from experts.types import ChatRequest, ExpertReply, StreamDelta, Usage
 from router.breaker import Breakers, Outcome, classify
 from router.fallback import BudgetSpent, Deadline, budget_spent
 from router.retry import RetryPolicy, retry_delay
-from router.trace import Attempt, Trace
+from router.trace import Attempt, AttemptRole, Retry, Trace
 
 __all__ = ["Capacity", "Dispatcher", "StreamOutcome", "StreamPiece"]
 
@@ -68,11 +69,25 @@ class StreamOutcome:
     latency_ms: float = 0.0
     nested: dict[str, Any] | None = None
 
-    def attempt(self, name: str, replaces: str | None) -> Attempt:
+    def attempt(self, name: str, replaces: str | None, retry: int = 0) -> Attempt:
         return Attempt(expert=name, weight=1.0, ok=self.error is None, latency_ms=self.latency_ms,
                        usage=self.usage or Usage(), cost_usd=self.cost,
-                       error=self.error.to_dict() if self.error else None, fallback_for=replaces,
+                       error=self.error.to_dict() if self.error else None, fallback_for=replaces, retry=retry,
                        nested=self.nested)
+
+
+@dataclass(frozen=True)
+class _Tried:
+    """What the trace says of one plain try besides its outcome: the panel weight, the expert it replaced, its
+    retry number and its role."""
+
+    weight: float
+    replaces: str | None
+    retry: int
+    role: AttemptRole
+
+    def fields(self) -> dict[str, Any]:
+        return {"weight": self.weight, "fallback_for": self.replaces, "retry": self.retry, "role": self.role}
 
 
 @dataclass
@@ -112,11 +127,12 @@ class Dispatcher:
                                  f"(${trace.cost_usd:.6f} so far, next call estimated at ${estimate:.6f})")
 
     async def call(self, name: str, weight: float, request: ChatRequest, deadline: Deadline, trace: Trace,
-                   replaces: str | None = None) -> ExpertReply | ExpertError:
-        """One expert's answer, or the error of its last try."""
+                   replaces: str | None = None, role: AttemptRole = "answer") -> ExpertReply | ExpertError:
+        """One expert's answer, or the error of its last try. ``role`` labels its attempts in the trace."""
         retry = 0
         while True:
-            result = await self._try(name, weight, request, deadline, trace, replaces)
+            tried = _Tried(weight, replaces, retry, role)
+            result = await self._try(name, request, deadline, trace, tried)
             if isinstance(result, ExpertReply) or not await self._backoff(name, result, retry, request, deadline,
                                                                           trace):
                 return result
@@ -132,7 +148,7 @@ class Dispatcher:
             async with aclosing(self._stream_try(name, request, deadline, outcome)) as pieces:
                 async for piece in pieces:
                     yield piece
-            trace.attempts.append(outcome.attempt(name, replaces))
+            trace.attempts.append(outcome.attempt(name, replaces, retry))
             error = outcome.error
             if error is None or outcome.chars or not await self._backoff(name, error, retry, request, deadline,
                                                                          trace):
@@ -146,6 +162,7 @@ class Dispatcher:
         delay = retry_delay(self.retry, error, retry, deadline.remaining, self.rand)
         if delay is None or self.breakers.refuses(name) or self.over_budget(name, trace, request):
             return False
+        trace.retries.append(Retry(expert=name, number=retry + 1, cause=error.kind, backoff_s=delay))
         await self.sleep(delay)
         return True
 
@@ -179,8 +196,8 @@ class Dispatcher:
         slot.cut_by_deadline = timeout < expert.config.timeout_s
         return timeout
 
-    async def _try(self, name: str, weight: float, request: ChatRequest, deadline: Deadline, trace: Trace,
-                   replaces: str | None) -> ExpertReply | ExpertError:
+    async def _try(self, name: str, request: ChatRequest, deadline: Deadline, trace: Trace,
+                   tried: _Tried) -> ExpertReply | ExpertError:
         start = time.perf_counter()
         expert = self.experts[name]
         try:
@@ -191,12 +208,12 @@ class Dispatcher:
                 except TimeoutError:
                     raise ExpertTimeout(name, f"no answer within {timeout:.1f}s") from None
         except ExpertError as exc:
-            trace.attempts.append(Attempt(expert=name, weight=weight, ok=False, error=exc.to_dict(),
-                                          latency_ms=(time.perf_counter() - start) * 1000.0, fallback_for=replaces))
+            trace.attempts.append(Attempt(expert=name, ok=False, error=exc.to_dict(),
+                                          latency_ms=(time.perf_counter() - start) * 1000.0, **tried.fields()))
             return exc
-        trace.attempts.append(Attempt(expert=name, weight=weight, ok=True, usage=reply.usage,
-                                      cost_usd=reply.cost_usd, latency_ms=(time.perf_counter() - start) * 1000.0,
-                                      fallback_for=replaces, nested=reply.nested))
+        trace.attempts.append(Attempt(expert=name, ok=True, usage=reply.usage, cost_usd=reply.cost_usd,
+                                      latency_ms=(time.perf_counter() - start) * 1000.0, nested=reply.nested,
+                                      **tried.fields()))
         return reply
 
     async def _stream_try(self, name: str, request: ChatRequest, deadline: Deadline,

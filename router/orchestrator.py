@@ -54,12 +54,12 @@ from typing import Any, Protocol
 import numpy as np
 
 from experts.base import Expert
-from experts.errors import ExpertError
+from experts.errors import ExpertConfigError, ExpertError
 from experts.types import ChatMessage, ChatRequest, ExpertReply
 from router.assign import expert_choice
 from router.batching import GateBatcher
 from router.breaker import Breakers, CircuitOpen
-from router.combine import Combiner, WeightedAnswer, build_combiner
+from router.combine import Combined, Combiner, TopOne, WeightedAnswer, build_combiner
 from router.config import RouterConfig
 from router.dispatch import Capacity, Dispatcher, StreamOutcome, StreamPiece
 from router.fallback import AllExpertsFailed, Deadline, next_candidate
@@ -130,7 +130,11 @@ class Orchestrator:
         self.config = config
         self.gate = gate
         self.experts = dict(experts)
-        self.combiner = combiner or build_combiner(config.combiner.strategy, config.combiner.extractor)
+        # Combiners hold no per-request state: one per strategy, built on first use.
+        self._combiners: dict[str, Combiner] = {}
+        self.combiner = combiner or self.combiner_for(config.combiner.strategy)
+        if self.combiner.aggregator is not None and self.combiner.aggregator not in self.experts:
+            raise ValueError(f"the combiner's aggregator {self.combiner.aggregator!r} is not a built expert")
         self.capacity = Capacity({e.name: e.max_concurrency for e in config.experts})
         self.breakers = breakers or Breakers(config.fallback.breaker)
         self.dispatch = Dispatcher(self.experts, self.capacity, self.breakers,
@@ -266,6 +270,20 @@ class Orchestrator:
         """Return once no request is being answered (streams included)."""
         await self._idle.wait()
 
+    def combiner_for(self, strategy: str | None) -> Combiner:
+        """The combiner named ``strategy`` (None: the configured one). Raises ``ValueError`` naming the known
+        strategies for an unknown one, and saying what is missing when the config cannot support it."""
+        if strategy is None:
+            return self.combiner
+        if strategy not in self._combiners:
+            cfg = self.config.combiner
+            self._combiners[strategy] = build_combiner(strategy, cfg.extractor, embed=self._embed,
+                                                       aggregator=cfg.aggregator)
+        return self._combiners[strategy]
+
+    def _embed(self, texts: Sequence[str]) -> np.ndarray:
+        return self.gate.encoder.encode(texts)
+
     async def complete(self, request: ChatRequest, *, strategy: str | None = None) -> RoutedAnswer:
         """Answer one request: ask the panel concurrently, fall back down the ranking, combine what came back."""
         with self._serving():
@@ -274,10 +292,9 @@ class Orchestrator:
     async def _complete(self, request: ChatRequest, strategy: str | None) -> RoutedAnswer:
         start = time.perf_counter()
         deadline = Deadline(self.config.fallback.deadline_s)
+        combiner = self.combiner_for(strategy)  # before the gate: a bad strategy costs no gate work
         decision, panel, ranking = await self._plan(request)
-        trace = Trace(decision=decision)
-        combiner = build_combiner(strategy, self.config.combiner.extractor) if strategy else self.combiner
-        trace.combiner = combiner.name
+        trace = Trace(decision=decision, combiner=combiner.name)
         results = await asyncio.gather(*(self.dispatch.call(p.expert, p.weight, request, deadline, trace)
                                          for p in panel))
         replies = [(p, r) for p, r in zip(panel, results, strict=True) if isinstance(r, ExpertReply)]
@@ -286,14 +303,28 @@ class Orchestrator:
             replies, errors = await self._fall_back(request, ranking, panel, deadline, trace, errors)
         if not replies:
             raise AllExpertsFailed(errors)
-        total = sum(p.weight for p, _ in replies) or 1.0
-        answers = [WeightedAnswer(r.expert, p.weight / total, r.content) for p, r in replies]
-        combined = combiner.combine(answers)
-        trace.contributions = combined.contributions
+        combined, chosen = await self._combine(combiner, request, replies, deadline, trace)
         trace.latency_ms = (time.perf_counter() - start) * 1000.0
-        chosen = next(r for _, r in replies if r.expert == combined.expert)
         return RoutedAnswer(content=combined.content, expert=combined.expert, finish_reason=chosen.finish_reason,
                             tool_calls=chosen.tool_calls, trace=trace)
+
+    async def _combine(self, combiner: Combiner, request: ChatRequest,
+                       replies: list[tuple[WeightedExpert, ExpertReply]], deadline: Deadline,
+                       trace: Trace) -> tuple[Combined, ExpertReply]:
+        """The combined answer and the reply it came from (the aggregator's, when fuse wrote it); the
+        contributions and any combiner fallback go into ``trace``."""
+        total = sum(p.weight for p, _ in replies) or 1.0
+        answers = [WeightedAnswer(r.expert, p.weight / total, r.content) for p, r in replies]
+        aggregation = _Aggregation(self.dispatch, combiner.aggregator, request, deadline, trace)
+        if any(r.tool_calls for _, r in replies):
+            combined = TopOne().combine(answers)
+        else:
+            combined = await combiner.acombine(request.query_text(), answers, aggregation)
+        trace.contributions = combined.contributions
+        if combined.fallback is not None:
+            trace.combiner_fallback = {"to": TopOne.name, **combined.fallback.to_dict()}
+        chosen = aggregation.reply or next(r for _, r in replies if r.expert == combined.expert)
+        return combined, chosen
 
     async def _fall_back(self, request: ChatRequest, ranking: list[str], panel: list[WeightedExpert],
                          deadline: Deadline, trace: Trace, errors: list[ExpertError],
@@ -379,6 +410,38 @@ class Orchestrator:
     async def aclose(self) -> None:
         await self.batcher.aclose()
         await asyncio.gather(*(e.aclose() for e in self.experts.values()))
+
+
+class _Aggregation:
+    """The fuse combiner's one model call: the aggregator expert asked through the dispatcher, so its breaker,
+    in-flight limit, time limit and retries apply, within the request's deadline and cost budget. ``reply`` is
+    the aggregator's reply once it answered."""
+
+    def __init__(self, dispatch: Dispatcher, expert: str | None, request: ChatRequest, deadline: Deadline,
+                 trace: Trace) -> None:
+        self.dispatch, self.expert, self.request = dispatch, expert, request
+        self.deadline, self.trace = deadline, trace
+        self.reply: ExpertReply | None = None
+
+    async def __call__(self, messages: list[ChatMessage]) -> str:
+        if self.expert is None:
+            raise ExpertConfigError("combiner", "no aggregator expert is configured")
+        request = _aggregation_request(self.request, messages)
+        spent = self.dispatch.over_budget(self.expert, self.trace, request)
+        if spent is not None:
+            raise spent
+        result = await self.dispatch.call(self.expert, 0.0, request, self.deadline, self.trace, role="aggregate")
+        if isinstance(result, ExpertError):
+            raise result
+        self.reply = result
+        return result.content
+
+
+def _aggregation_request(request: ChatRequest, messages: list[ChatMessage]) -> ChatRequest:
+    """The aggregator's request: the fuse prompt, with the client's sampling settings and without its tools (the
+    aggregator writes an answer; None drops a field from the upstream body)."""
+    return request.model_copy(update={"messages": messages, "stream": False, "tools": None, "tool_choice": None,
+                                      "parallel_tool_calls": None})
 
 
 @dataclass(frozen=True)

@@ -171,6 +171,21 @@ async def _sse(events: AsyncIterator[StreamPiece | StreamEnd], first: StreamPiec
     yield b"data: [DONE]\n\n"
 
 
+def _combiner_header(request: Request, orchestrator: Orchestrator) -> str | None:
+    """The combiner strategy the ``x-moe-combiner`` header picks (None: the configured one); an unknown strategy,
+    or one the config cannot support (``fuse`` without ``combiner.aggregator``), is a 400 naming what is valid."""
+    raw = request.headers.get("x-moe-combiner")
+    if raw is None:
+        return None
+    strategy = raw.strip().lower()
+    try:
+        orchestrator.combiner_for(strategy)
+    except ValueError as exc:
+        raise _HTTPProblem(400, f"x-moe-combiner: {exc}", "invalid_request_error", "invalid_combiner",
+                           param="x-moe-combiner") from None
+    return strategy
+
+
 def _problems(handler: Callable[..., Awaitable[Response]]) -> Callable[..., Awaitable[Response]]:
     """Turn the domain errors a handler raises into OpenAI-style error responses."""
 
@@ -260,7 +275,7 @@ def create_app(orchestrator: Orchestrator | None = None,
         limits = o.config.service
         chat = _parse_chat(await _read_json(request, limits.max_request_bytes), limits.max_prompt_chars)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
-        strategy = request.headers.get("x-moe-combiner")
+        strategy = _combiner_header(request, o)
         record = _record(request)
         record.model, record.stream = chat.model, chat.stream
         if limits.log_content:

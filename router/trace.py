@@ -1,14 +1,26 @@
-"""What a routed answer carries back: the gate's decision and every expert attempt behind the answer."""
+"""What a routed answer carries back: the gate's decision and every expert attempt behind the answer.
+
+Every try of an expert is one ``Attempt``; a retry of the same expert is an attempt too, numbered by its
+``retry`` field, and each retry also has its own ``Retry`` record in ``Trace.retries``: which failure caused it
+and how long the router waited before making it. Fallback to another expert is not a retry: its attempt names
+the expert it replaced in ``fallback_for``.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
 from experts.types import Usage
 
-__all__ = ["Attempt", "Contribution", "RouteDecision", "RoutedAnswer", "Trace", "WeightedExpert"]
+__all__ = ["Attempt", "AttemptRole", "Contribution", "Retry", "RouteDecision", "RoutedAnswer", "Trace",
+           "WeightedExpert"]
+
+
+# What an expert call was for: answering the query, or (the fuse combiner) writing the final answer from the
+# panel's answers.
+AttemptRole = Literal["answer", "aggregate"]
 
 
 class WeightedExpert(BaseModel):
@@ -44,9 +56,25 @@ class Attempt(BaseModel):
     error: dict[str, str] | None = None
     # Set when this attempt replaced a failed one.
     fallback_for: str | None = None
+    # 0 for the expert's first try; n for its n-th retry after a transient failure (see ``Trace.retries``).
+    retry: int = 0
+    role: AttemptRole = "answer"
     # When the expert is itself a router (``type: router``): its own trace, so a mixture of mixtures shows
     # every level's decision.
     nested: dict[str, Any] | None = None
+
+
+class Retry(BaseModel):
+    """One retry of an expert: the transient failure behind it and the wait before it was made."""
+
+    expert: str
+    # 1 for the first retry of one call to the expert, 2 for the second, ...; the attempt the retry made has the
+    # same number in its ``retry`` field.
+    number: int
+    # The failure's kind (``ExpertError.kind``: unavailable, timeout, server_error, rate_limited, ...).
+    cause: str
+    # Seconds waited before retrying: the jittered backoff, or the expert's Retry-After when that was longer.
+    backoff_s: float
 
 
 class Contribution(BaseModel):
@@ -62,6 +90,11 @@ class Trace(BaseModel):
     contributions: list[Contribution] = []
     # Mid-stream switches from one expert to the next, in order: {"from", "to", "after_chars", "cause"}.
     switches: list[dict[str, Any]] = []
+    # Every retry made, in order; ``len(retries)`` is the request's retry count.
+    retries: list[Retry] = []
+    # Set when the combiner could not do its own work and returned the top-weight answer instead (fuse: the
+    # aggregator failed): ``{"to": "top1", "expert", "kind", "message"}``, the aggregator's error.
+    combiner_fallback: dict[str, str] | None = None
     latency_ms: float = 0.0
 
     @property

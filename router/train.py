@@ -32,10 +32,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from router.classifiers import build_classifier
 from router.config import RouterConfig
 from router.encoders import build_encoder
 from router.feedback import FeedbackRecord, load_feedback
-from router.classifiers import build_classifier
 from router.gate import Gate, train_gate
 from router.outcome import OutcomeRecord, is_outcome_file, load_outcome_jsonl
 

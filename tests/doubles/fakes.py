@@ -6,6 +6,7 @@ They are fakes, named as such, and live only in tests. Real experts and the real
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from collections.abc import AsyncIterator, Callable, Sequence
 
 import numpy as np
@@ -14,6 +15,21 @@ from experts.base import Expert
 from experts.errors import ExpertError
 from experts.types import ChatRequest, ExpertReply, StreamDelta, Usage
 from router.config import ExpertConfig, RouterConfig, parse_config
+from router.encoders import Encoder
+
+
+class HashingEncoder(Encoder):
+    """A fast stand-in for MiniLM in evaluation and training tests: a bag of hashed words, L2-normalised, so
+    texts sharing words still land near each other. Not a model: suites run on it only to test their plumbing."""
+
+    identity, checksum = "fake-hashing", "1" * 64
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        x = np.zeros((len(texts), self.dim), dtype=np.float32)
+        for row, text in enumerate(texts):
+            for word in text.lower().split():
+                x[row, int(hashlib.sha256(word.encode()).hexdigest()[:8], 16) % self.dim] += 1.0
+        return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
 class FakeEncoder:

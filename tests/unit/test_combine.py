@@ -149,3 +149,30 @@ def test_build_combiner_knows_every_strategy_and_what_each_needs() -> None:
     with pytest.raises(ValueError, match="aggregator"):
         build_combiner("fuse")
     assert isinstance(build_combiner("fuse", aggregator="agg"), Fuse)
+
+
+def test_fuse_keeps_the_aggregators_error_and_skips_a_single_answer() -> None:
+    error = ExpertUnavailable("agg", "down")
+    calls: list[list[ChatMessage]] = []
+
+    async def failing_aggregator(msgs: list[ChatMessage]) -> str:
+        calls.append(msgs)
+        raise error
+
+    answers = [WeightedAnswer("a", 0.3, "x"), WeightedAnswer("b", 0.7, "y")]
+    result = asyncio.run(Fuse("agg").acombine("q", answers, failing_aggregator))
+    assert (result.expert, result.fallback) == ("b", error)
+    alone = asyncio.run(Fuse("agg").acombine("q", answers[:1], failing_aggregator))
+    assert (alone.expert, alone.content, alone.fallback, len(calls)) == ("a", "x", None, 1)
+
+
+def test_acombine_is_combine_for_strategies_that_only_choose() -> None:
+    async def no_model(msgs: list[ChatMessage]) -> str:
+        raise AssertionError("no model call expected")
+
+    answers = [WeightedAnswer("a", 0.4, "The answer is (B)."), WeightedAnswer("b", 0.35, "Answer: C"),
+               WeightedAnswer("c", 0.25, "(C)")]
+    for combiner in (TopOne(), Vote("choice"), Consensus(choice_embedding)):
+        assert asyncio.run(combiner.acombine("q", answers, no_model)) == combiner.combine(answers)
+    assert Consensus(choice_embedding).combine(answers).expert == "b"
+    assert Consensus(lambda texts: 1 / 0).combine(answers[:1]).expert == "a"  # one answer: nothing embedded

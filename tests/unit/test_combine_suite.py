@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
-from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -13,22 +11,8 @@ import pytest
 from eval.combine_suite import SMALL_OPEN, panel_letters, pool_models, weights_of
 from eval.harness import run_suite
 from router.cli import _parser
-from router.encoders import Encoder
-
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
-
-class HashingEncoder(Encoder):
-    """Fast stand-in for MiniLM: bag of hashed words (shared by the other suite tests)."""
-
-    identity, checksum = "fake-hashing", "1" * 64
-
-    def encode(self, texts: Sequence[str]) -> np.ndarray:
-        x = np.zeros((len(texts), self.dim), dtype=np.float32)
-        for row, text in enumerate(texts):
-            for word in text.lower().split():
-                x[row, int(hashlib.sha256(word.encode()).hexdigest()[:8], 16) % self.dim] += 1.0
-        return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+from tests.doubles.fakes import HashingEncoder
+from tests.support import PNG_SIGNATURE
 
 
 def _onehot(letters: list[list[str]]) -> np.ndarray:

@@ -2,20 +2,16 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import httpx
-import numpy as np
 import pytest
 from fastapi import FastAPI
 
 from router.cli import _parser
 from router.config import parse_config
-from router.encoders import Encoder
 from router.feedback import FeedbackBody, FeedbackStore, UnknownRequest, feedback_path, load_feedback
 from router.orchestrator import Orchestrator
 from router.outcome import OutcomeRecord
@@ -23,7 +19,7 @@ from router.sdk import AsyncClient, LocalRouter, RouterAPIError
 from router.security import hash_key
 from router.service import create_app
 from router.train import TrainingData, collect_training_data, fold_feedback, train_from_config
-from tests.doubles.fakes import FakeExpert, FakeGate, fake_config
+from tests.doubles.fakes import FakeExpert, FakeGate, HashingEncoder, fake_config
 
 NAMES = ["math", "code"]
 ALICE, ADMIN = "sk-alice-feedback-01", "sk-admin-feedback-02"
@@ -49,17 +45,6 @@ def sdk(app: FastAPI) -> AsyncClient:
     return AsyncClient("http://router", api_key=ALICE, transport=httpx.ASGITransport(app=app))
 
 
-class _HashingEncoder(Encoder):
-    """A fast stand-in for MiniLM: a bag of hashed words."""
-
-    identity, checksum = "fake-hashing", "1" * 64
-
-    def encode(self, texts: Sequence[str]) -> np.ndarray:
-        x = np.zeros((len(texts), self.dim), dtype=np.float32)
-        for row, text in enumerate(texts):
-            for word in text.lower().split():
-                x[row, int(hashlib.sha256(word.encode()).hexdigest()[:8], 16) % self.dim] += 1.0
-        return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
 # -- the service and the SDK ------------------------------------------------------------------------------
@@ -211,7 +196,7 @@ async def test_feedback_from_the_service_trains_the_next_gate(tmp_path: Path,
     assert "write a python loop" not in data.texts
     assert collect_training_data(config, feedback=False).texts == ["an example for math", "an example for code"]
 
-    monkeypatch.setattr("router.train.build_encoder", lambda _: _HashingEncoder())
+    monkeypatch.setattr("router.train.build_encoder", lambda _: HashingEncoder())
     gate = train_from_config(config, progress=False)
     assert gate.metadata.metrics.n_train + gate.metadata.metrics.n_val == 6
     off = train_from_config(config, progress=False, feedback=False)

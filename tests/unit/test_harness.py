@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,8 +14,9 @@ from eval.embeddings import CachedEncoder
 from eval.harness import run_suite
 from router.cli import main as cli_main
 from router.encoders import Encoder
+from tests.doubles.fakes import HashingEncoder
+from tests.support import PNG_SIGNATURE
 
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # SNIPS intents renamed to labels no code or config of the project knows.
 # The four that SNIPS confuses most, so the scores are not all 1.0.
 RENAMED = {"SearchCreativeWork": "expert-aurora", "SearchScreeningEvent": "expert-basalt",
@@ -88,23 +88,12 @@ def test_real_label_suite_with_limit(data_dir: Path, tmp_path: Path, cache_dir: 
     assert "--limit 120" in results["command"]
 
 
-class _HashingEncoder(Encoder):
-    """Fast stand-in for MiniLM: bag of hashed words, so similar texts still land near each other."""
-
-    identity, checksum = "fake-hashing", "1" * 64
-
-    def encode(self, texts: Sequence[str]) -> np.ndarray:
-        x = np.zeros((len(texts), self.dim), dtype=np.float32)
-        for row, text in enumerate(texts):
-            for word in text.lower().split():
-                x[row, int(hashlib.sha256(word.encode()).hexdigest()[:8], 16) % self.dim] += 1.0
-        return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
 @pytest.mark.parametrize("suite", ["mmlu-pro-outcome", "routerbench"])
 def test_outcome_suites_small_run(suite: str, data_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / suite
-    results = run_suite(suite, data_dir, out, encoder=_HashingEncoder(), limit=60, progress=False,
+    results = run_suite(suite, data_dir, out, encoder=HashingEncoder(), limit=60, progress=False,
                         cache_dir=tmp_path / "cache")
     m = results["metrics"]
     assert set(m) >= {"routed_accuracy", "best_single_accuracy", "oracle_accuracy", "routed_cost", "aiq"}

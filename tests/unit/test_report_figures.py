@@ -9,7 +9,8 @@ import pytest
 
 from eval.harness import run_suite
 from eval.report import plot_accuracy_bars, plot_accuracy_cost, plot_strong_calls
-from tests.unit.test_combine_suite import PNG_SIGNATURE, HashingEncoder
+from tests.doubles.fakes import HashingEncoder
+from tests.support import PNG_SIGNATURE
 
 
 def _read_png(path: Path) -> tuple[int, int]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -13,14 +14,15 @@ from eval.combine_suite import weights_of
 from eval.harness import run_suite
 from eval.routerbench_combine import Recorded, combine_panels, combiners_for, key_embedding, rank_panels
 from router.combine import Consensus, TopOne, Vote
-from tests.unit.test_combine_suite import PNG_SIGNATURE, HashingEncoder
+from tests.doubles.fakes import HashingEncoder
+from tests.support import PNG_SIGNATURE
 
 nan = float("nan")
 CODE = ["def f(x):\n    return x + 1  # the odd one out, and the top-weight answer",
         "def f(x):\n    return x + 2", "def f(x):\n    return x + 2  # same as the second"]
 
 
-def _code_embedding(texts: list[str]) -> np.ndarray:
+def _code_embedding(texts: Sequence[str]) -> np.ndarray:
     # Two directions: the first program, and the other two (which agree).
     return np.array([[1.0, 0.0] if t == CODE[0] else [0.0, 1.0] for t in texts])
 
