@@ -32,6 +32,7 @@ from eval.outcome import NeighbourOutcomes, route_with_margin
 from eval.report import plot_accuracy_bars
 from eval.routing import FRACTIONS, _split
 from eval.suite import SuiteContext, as_float
+from router.outcome import shrunk_success, success_prior
 
 __all__ = ["POOLS", "SMALL_OPEN", "mean_interval", "panel_letters", "plot_strategies", "pool_models",
            "run_mmlu_pro_combine", "weights_of"]
@@ -103,21 +104,13 @@ class _Scorer:
     def __init__(self, x: np.ndarray, outcomes: np.ndarray, category: np.ndarray, fit: np.ndarray) -> None:
         self.x, self.outcomes, self.category, self.fit = x, outcomes, category, fit
         self.model = NeighbourOutcomes(x[fit], outcomes[fit])
-        self.cat_prior = {c: _mean_known(outcomes[fit][category[fit] == c]) for c in np.unique(category)}
+        self.cat_prior = {c: success_prior(outcomes[fit][category[fit] == c]) for c in np.unique(category)}
 
     def success(self, rows: np.ndarray, k: int, alpha: float, prior: str) -> np.ndarray:
         ids = self.model.neighbours(self.x[rows], k)
-        o = self.model.outcomes[ids]
-        known = ~np.isnan(o)
-        hits = np.where(known, o, 0.0).sum(axis=1)
         base = (np.stack([self.cat_prior[c] for c in self.category[rows]]) if prior == "category"
-                else np.broadcast_to(self.model.prior, hits.shape))
-        return np.asarray((hits + alpha * base) / (known.sum(axis=1) + alpha))
-
-
-def _mean_known(o: np.ndarray) -> np.ndarray:
-    known = ~np.isnan(o)
-    return np.where(known, o, 0.0).sum(axis=0) / np.maximum(known.sum(axis=0), 1)
+                else self.model.prior)
+        return shrunk_success(self.model.outcomes[ids], base, alpha)
 
 
 def _vote(onehot: np.ndarray, success: np.ndarray, size: int, scheme: str) -> np.ndarray:

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.typing import NDArray
 
+from router.outcome import shrunk_success, success_prior
+
 __all__ = ["NeighbourOutcomes", "route_with_cost", "route_with_margin"]
 
 FloatArray = NDArray[np.float64]
@@ -40,8 +42,7 @@ class NeighbourOutcomes:
 
         self._index = faiss.IndexFlatIP(self.embeddings.shape[1])
         self._index.add(np.ascontiguousarray(self.embeddings, dtype=np.float32))
-        known = ~np.isnan(self.outcomes)
-        self.prior = np.where(known, self.outcomes, 0.0).sum(axis=0) / np.maximum(known.sum(axis=0), 1)
+        self.prior = success_prior(self.outcomes)
 
     def neighbours(self, x: np.ndarray, k: int, *, exclude_self: bool = False) -> np.ndarray:
         """``[q, k]`` indices of the nearest training queries, most similar first."""
@@ -51,11 +52,9 @@ class NeighbourOutcomes:
         return ids[:, extra:]
 
     def success(self, ids: np.ndarray, alpha: float) -> FloatArray:
-        """``[q, m]`` shrunk success estimates from neighbour indices ``ids`` (``[q, k]``)."""
-        o = self.outcomes[ids]  # [q, k, m]
-        known = ~np.isnan(o)
-        hits = np.where(known, o, 0.0).sum(axis=1)
-        return (hits + alpha * self.prior) / (known.sum(axis=1) + alpha)
+        """``[q, m]`` shrunk success estimates from neighbour indices ``ids`` (``[q, k]``): the serving gate's
+        formula (``router.outcome.shrunk_success``), with neighbours found once for a sweep over ``alpha``."""
+        return shrunk_success(self.outcomes[ids], self.prior, alpha)
 
     def cost(self, ids: np.ndarray) -> FloatArray:
         """``[q, m]`` mean cost of each expert on the neighbours (its overall mean where none has a cost)."""

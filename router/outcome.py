@@ -136,9 +136,18 @@ class SuccessModel(Protocol):
     def arrays(self) -> dict[str, np.ndarray]: ...
 
 
-def _prior(outcomes: np.ndarray) -> np.ndarray:
+def success_prior(outcomes: np.ndarray) -> np.ndarray:
+    """``[m]`` each expert's mean outcome over the rows with a record for it (NaN = no record)."""
     known = ~np.isnan(outcomes)
-    return np.where(known, outcomes, 0.0).sum(axis=0) / np.maximum(known.sum(axis=0), 1)
+    return np.asarray(np.where(known, outcomes, 0.0).sum(axis=0) / np.maximum(known.sum(axis=0), 1))
+
+
+def shrunk_success(neighbour_outcomes: np.ndarray, prior: np.ndarray, alpha: float) -> np.ndarray:
+    """``[q, m]`` from the neighbours' outcomes ``[q, k, m]``: each expert's success rate over the neighbours
+    with a record for it, shrunk toward ``prior`` with the weight of ``alpha`` pseudo-neighbours."""
+    known = ~np.isnan(neighbour_outcomes)
+    hits = np.where(known, neighbour_outcomes, 0.0).sum(axis=1)
+    return np.asarray((hits + alpha * prior) / (known.sum(axis=1) + alpha))
 
 
 class KnnSuccess:
@@ -172,17 +181,14 @@ class KnnSuccess:
         x = np.atleast_2d(np.asarray(x, dtype=np.float32))
         k = min(self.k, len(self.x) - int(exclude_self))
         out = np.empty((len(x), self.outcomes.shape[1]))
-        prior = _prior(self.outcomes)
+        prior = success_prior(self.outcomes)
         for start in range(0, len(x), 1024):  # [1024, n] similarities at a time bounds the memory
             sims = x[start:start + 1024] @ self.x.T
             if exclude_self:
                 # The query's own row (or an exact copy of it) scores ~1; drop the single best match.
                 sims[np.arange(len(sims)), sims.argmax(axis=1)] = -np.inf
             ids = np.argpartition(-sims, k - 1, axis=1)[:, :k] if k < sims.shape[1] else np.argsort(-sims, axis=1)
-            o = self.outcomes[ids]  # [b, k, m]
-            known = ~np.isnan(o)
-            hits = np.where(known, o, 0.0).sum(axis=1)
-            out[start:start + 1024] = (hits + self.alpha * prior) / (known.sum(axis=1) + self.alpha)
+            out[start:start + 1024] = shrunk_success(self.outcomes[ids], prior, self.alpha)
         return out
 
     def arrays(self) -> dict[str, np.ndarray]:
