@@ -7,21 +7,53 @@ Fixtures:
     tiny_model_dir       session   Path of the tiny random Llama (tokenizer + weights)
     vllm_experts         session   {served name: VLLMServer} for SESSION_SERVERS, started concurrently
     vllm_server_factory  function  start(spec: ServerSpec) -> VLLMServer, ready; stopped after the test
+    vllm_tools_expert    session   the session server that can call tools (TOOL_ARGS, TOOL_ENV): tiny-b
+    moe_serve            session   serve(config) -> context manager: `moe serve` as a process, its base URL
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from pathlib import Path
 
+import httpx
 import pytest
 
 from tests.integration.tiny_model import build_tiny_llama
-from tests.integration.vllm_server import ServerSpec, VLLMServer, VLLMServerError, start_all, vllm_python
+from tests.integration.vllm_server import (
+    ServerSpec,
+    VLLMServer,
+    VLLMServerError,
+    free_port,
+    start_all,
+    vllm_python,
+)
 
-# The servers every test may share. Two experts are what routing needs; add tool calling to one of them with
-# ServerSpec("tiny-b", extra_args=("--enable-auto-tool-choice", "--tool-call-parser", "<parser>")).
-SESSION_SERVERS = (ServerSpec("tiny-a"), ServerSpec("tiny-b"))
+# Tool calling, read by vLLM's hermes parser from the tiny template's <tool_call> turns. Random weights never
+# call a tool on their own, so tests force one with tool_choice "required" or a named function, which vLLM
+# turns into guided decoding (xgrammar, on this CPU build too). Two settings keep a random model's forced
+# JSON finite:
+# - VLLM_ENFORCE_STRICT_TOOL_CALLING=0 takes vLLM's JSON-schema path ([{"name", "parameters"}]) instead of
+#   xgrammar's hermes structural tag. The tag's JSON allows any run of whitespace (vLLM sets no
+#   max_whitespace_cnt), and greedy decoding of random weights wrote tabs inside "arguments" until max_tokens.
+# - disable_any_whitespace: compact JSON only; vLLM allows it only with an explicit xgrammar or guidance backend.
+# Requests without tools are served exactly as without these settings.
+TOOL_ARGS = ("--enable-auto-tool-choice", "--tool-call-parser", "hermes",
+             "--structured-outputs-config", '{"backend": "xgrammar", "disable_any_whitespace": true}')
+TOOL_ENV = {"VLLM_ENFORCE_STRICT_TOOL_CALLING": "0"}
+TOOLS_SERVER = "tiny-b"
+
+# The servers every test may share. Two experts are what routing needs; one of them can call tools.
+SESSION_SERVERS = (ServerSpec("tiny-a"), ServerSpec(TOOLS_SERVER, extra_args=TOOL_ARGS, env=TOOL_ENV))
+# How long `moe serve` may take to answer /health: it loads the encoder and the gate first.
+ROUTER_READY_TIMEOUT_S = 120.0
 
 _HERE = Path(__file__).resolve().parent
 _started: list[VLLMServer] = []
@@ -95,3 +127,49 @@ def vllm_server_factory(vllm_venv_python: Path, tiny_model_dir: Path,
     finally:
         for server in owned:
             server.stop()
+
+
+@pytest.fixture(scope="session")
+def vllm_tools_expert(vllm_experts: dict[str, VLLMServer]) -> VLLMServer:
+    """The shared server that can call tools; a router gives it the ``tools`` capability in its config."""
+    return vllm_experts[TOOLS_SERVER]
+
+
+@pytest.fixture(scope="session")
+def moe_serve() -> Callable[[Path], AbstractContextManager[str]]:
+    """``with moe_serve(config) as url``: `moe serve --config config` in its own process group, ready (its
+    /health answers 200) inside the block, stopped after it. Its log is ``serve.log`` beside the config."""
+    return _moe_serve
+
+
+@contextlib.contextmanager
+def _moe_serve(config: Path) -> Iterator[str]:
+    log_path = config.parent / "serve.log"
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "router.cli", "serve", "--config", str(config), "--port",
+                                 str(port), "--log-level", "warning"], stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        try:
+            _wait_healthy(url, proc, log_path)
+            yield url
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
+def _wait_healthy(url: str, proc: subprocess.Popen[bytes], log_path: Path) -> None:
+    deadline = time.monotonic() + ROUTER_READY_TIMEOUT_S
+    while True:
+        with contextlib.suppress(httpx.TransportError):
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        if proc.poll() is not None or time.monotonic() > deadline:
+            pytest.fail(f"moe serve did not start:\n{log_path.read_text(errors='replace')[-3000:]}", pytrace=False)
+        time.sleep(0.25)

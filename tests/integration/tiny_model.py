@@ -17,12 +17,29 @@ SPECIAL_TOKENS = ["<s>", "</s>", "<pad>"]
 VOCAB_SIZE = 1024
 MAX_POSITIONS = 512
 
-# Role header, content, end of turn. ``content`` may be None or a list of parts (tool calls, multi-part
-# messages): only string content is rendered, so such messages still pass through the template.
+# Role header, content, end of turn. ``content`` may be None or a list of parts (multi-part messages): only
+# string content is rendered, so such messages still pass through the template. Tool calling is Hermes-style,
+# as vLLM's ``hermes`` tool parser reads it: an assistant's calls as ``<tool_call>{"name": ..., "arguments":
+# ...}</tool_call>``, a tool's result inside ``<tool_response>``, and the request's ``tools`` in a system turn
+# of their own, one ``name(parameters): description`` line each: a whole JSON schema costs ~250 of the 512
+# positions in this tiny vocabulary. A conversation with no tools, tool calls or tool messages renders as before.
 CHAT_TEMPLATE = (
+    "{% if tools %}{{ '<s>system\n<tools>\n' }}{% for tool in tools %}"
+    "{% set function = tool['function'] %}"
+    "{% set parameters = (function['parameters'] or {})['properties'] or {} %}"
+    "{{ function['name'] + '(' + parameters | join(', ') + '): ' + (function['description'] or '') + '\n' }}"
+    "{% endfor %}{{ '</tools></s>\n' }}{% endif %}"
     "{% for message in messages %}"
     "{{ '<s>' + message['role'] + '\n' }}"
+    "{% if message['role'] == 'tool' %}{{ '<tool_response>' }}{% endif %}"
     "{% if message['content'] is string %}{{ message['content'] }}{% endif %}"
+    "{% if message['role'] == 'tool' %}{{ '</tool_response>' }}{% endif %}"
+    "{% for call in message['tool_calls'] or [] %}"
+    "{% set arguments = call['function']['arguments'] %}"
+    # vLLM hands the template arguments already parsed into a mapping; other callers send the JSON string.
+    "{{ '<tool_call>{\"name\": ' + (call['function']['name'] | tojson) + ', \"arguments\": ' }}"
+    "{{ (arguments if arguments is string else arguments | tojson) + '}</tool_call>' }}"
+    "{% endfor %}"
     "{{ '</s>\n' }}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<s>assistant\n' }}{% endif %}"
