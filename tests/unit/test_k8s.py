@@ -3,6 +3,8 @@ the same experts with shared state in Redis, and secrets only by reference."""
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -112,3 +114,15 @@ def test_no_real_secret_is_committed(objects: dict[tuple[str, str], dict[str, An
     secret = objects[("Secret", "moe-secrets")]
     for key, value in secret["stringData"].items():
         assert "REPLACE-ME" in value or key == "redis-url", key
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed")
+def test_kubectl_builds_the_kustomization(objects: dict[tuple[str, str], dict[str, Any]]) -> None:
+    """``kubectl kustomize`` is the offline half of ``kubectl apply -k`` (a dry run needs an API server)."""
+    kubectl = shutil.which("kubectl")
+    assert kubectl is not None
+    result = subprocess.run([kubectl, "kustomize", str(K8S)], capture_output=True, text=True, check=False,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    built = {(d["kind"], d["metadata"]["name"]) for d in yaml.safe_load_all(result.stdout) if d}
+    assert built == set(objects) - {("Secret", "moe-secrets")}  # the example secret is applied by hand
