@@ -107,7 +107,9 @@ class ExpertConfig(_Strict):
 class EncoderConfig(_Strict):
     backend: Literal["onnx", "sentence-transformers"] = "onnx"
     max_length: int = Field(default=256, ge=8, le=512)
-    batch_size: int = Field(default=64, ge=1, le=4096)
+    # Texts per model call; None: the backend's own (8 for ONNX, 64 for sentence-transformers, see
+    # router.encoders).
+    batch_size: int | None = Field(default=None, ge=1, le=4096)
 
 
 class TopKConfig(_Strict):

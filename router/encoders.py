@@ -101,7 +101,9 @@ class SentenceTransformerEncoder(Encoder):
 
     identity = f"st-fp32:{MODEL_NAME}"
 
-    def __init__(self, max_length: int = 256, batch_size: int = 64) -> None:
+    BATCH = 64  # torch's fp32 kernels gain from wide batches: 64 ran several times faster than 8 here
+
+    def __init__(self, max_length: int = 256, batch_size: int = BATCH) -> None:
         st = _import("sentence_transformers", "sentence-transformers")
         path = _model_dir()
         self.batch_size = batch_size
@@ -111,7 +113,7 @@ class SentenceTransformerEncoder(Encoder):
 
     @classmethod
     def from_config(cls, cfg: EncoderConfig) -> SentenceTransformerEncoder:
-        return cls(max_length=cfg.max_length, batch_size=cfg.batch_size)
+        return cls(max_length=cfg.max_length, batch_size=cfg.batch_size or cls.BATCH)
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         if not texts:
@@ -130,7 +132,12 @@ class OnnxMiniLMEncoder(Encoder):
 
     identity = f"onnx-int8:{MODEL_NAME}"
 
-    def __init__(self, max_length: int = 256, batch_size: int = 64, *, model_path: str | Path | None = None,
+    # Texts per session run, after sorting a call's texts by length. Small batches of similar length beat wide
+    # ones on 2 cores: short queries 385 per s at 8 against 199 at 64, MMLU-Pro prompts 30 against 17 (the int8
+    # kernels gain little from width, and padding and cache misses grow with it).
+    BATCH = 8
+
+    def __init__(self, max_length: int = 256, batch_size: int = BATCH, *, model_path: str | Path | None = None,
                  threads: int | None = None) -> None:
         ort = _import("onnxruntime", "onnxruntime")
         tokenizers = _import("tokenizers", "tokenizers")
@@ -152,7 +159,7 @@ class OnnxMiniLMEncoder(Encoder):
 
     @classmethod
     def from_config(cls, cfg: EncoderConfig) -> OnnxMiniLMEncoder:
-        return cls(max_length=cfg.max_length, batch_size=cfg.batch_size)
+        return cls(max_length=cfg.max_length, batch_size=cfg.batch_size or cls.BATCH)
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         if not texts:
