@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import os
 import socket
 import statistics
@@ -31,6 +32,7 @@ from tqdm import tqdm
 from experts.recordings import RouterBenchRow, RouterBenchStore, load_routerbench, normalize_prompt
 from router.build import build_orchestrator
 from router.config import RouterConfig, load_config
+from router.logs import JsonFormatter
 from router.sdk import AsyncClient, RouterAPIError
 from router.service import create_app
 from router.train import train_from_config
@@ -84,7 +86,7 @@ def held_out(store: RouterBenchStore) -> list[RouterBenchRow]:
 class _Server:
     """uvicorn serving the router on a free loopback port, in a background thread."""
 
-    def __init__(self, config: RouterConfig) -> None:
+    def __init__(self, config: RouterConfig, log_file: Path) -> None:
         import uvicorn
 
         with socket.socket() as probe:
@@ -92,6 +94,15 @@ class _Server:
             self.port = probe.getsockname()[1]
         app = create_app(build_orchestrator(config))
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        # The service's JSON request logs go to a file: on the terminal they would bury the progress bars. Added
+        # after uvicorn's Config, whose logging setup closes every handler that exists by then.
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        self.log_handler = logging.FileHandler(log_file, mode="w", encoding="utf-8")
+        self.log_handler.setFormatter(JsonFormatter())
+        self.logger = logging.getLogger("router")
+        self.logger.addHandler(self.log_handler)
+        self.logger.setLevel(logging.INFO)
+        self.logger.propagate = False
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     def __enter__(self) -> str:
@@ -106,6 +117,8 @@ class _Server:
     def __exit__(self, *exc: object) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=30)
+        self.logger.removeHandler(self.log_handler)
+        self.log_handler.close()
 
 
 async def _ask_all(url: str, rows: list[RouterBenchRow], model: str, label: str) -> list[dict[str, Any]]:
@@ -182,8 +195,9 @@ def run_demo(config_path: str | Path, out: Path, limit: int | None = None) -> li
     gate = train_from_config(config, progress=True)
     rows = held_out(store)[:limit] if limit else held_out(store)
     column_of = {e.name: e.recorded_model for e in config.experts}
-    print(f"[3/4] serving the router over HTTP; {len(rows)} held-out test questions", flush=True)
-    with _Server(config) as url:
+    print(f"[3/4] serving the router over HTTP; {len(rows)} held-out test questions (request logs: "
+          f"{out / 'router.log'})", flush=True)
+    with _Server(config, out / "router.log") as url:
         routed = asyncio.run(_ask_all(url, rows, "auto", "router"))
         table = [_score("router (auto)", routed, column_of)]
         for name in config.expert_names:
