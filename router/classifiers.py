@@ -35,6 +35,8 @@ from typing import Any, ClassVar, Protocol
 
 import numpy as np
 
+from router.search import flat_ip_index
+
 __all__ = [
     "CLASSIFIERS",
     "Classifier",
@@ -165,10 +167,7 @@ class KNNClassifier:
         k = min(self.k, len(self.y))
         if k and n:
             if self._index is None:
-                import faiss
-
-                self._index = faiss.IndexFlatIP(self.x.shape[1])
-                self._index.add(self.x)
+                self._index = flat_ip_index(self.x)
             sims, ids = self._index.search(np.ascontiguousarray(queries.embeddings, dtype=np.float32), k)
             weight = np.exp((sims - sims[:, :1]) / self.temperature)  # relative to the nearest: no overflow
             weight /= weight.sum(axis=1, keepdims=True)

@@ -60,6 +60,7 @@ from router.classifiers import (
 )
 from router.coldstart import Columns, SimilarityMap, fit_similarity_map, plan_columns
 from router.encoders import Encoder, sha256_file
+from router.search import flat_ip_index
 
 if TYPE_CHECKING:
     from router.config import RouterConfig
@@ -273,10 +274,7 @@ class Gate:
     def nearest_many(self, embeddings: np.ndarray, k: int = 3) -> list[list[Neighbour]]:
         """``nearest`` for each row of ``[q, dim]`` embeddings, in one index search."""
         if self._index is None:
-            import faiss
-
-            self._index = faiss.IndexFlatIP(self.example_embeddings.shape[1])
-            self._index.add(np.ascontiguousarray(self.example_embeddings, dtype=np.float32))
+            self._index = flat_ip_index(self.example_embeddings)
         queries = np.ascontiguousarray(np.atleast_2d(np.asarray(embeddings, dtype=np.float32)))
         sims, ids = self._index.search(queries, min(k, len(self.example_texts)))
         return [[Neighbour(self.example_texts[i], self.example_labels[i], float(s))
