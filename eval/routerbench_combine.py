@@ -47,9 +47,8 @@ from eval import metrics as M
 from eval.combine_suite import PANEL_SIZES, WEIGHTS, mean_interval, plot_strategies, weights_of
 from eval.outcome import NeighbourOutcomes, route_with_margin
 from eval.report import plot_accuracy_cost
-from eval.routing import ALPHA_GRID, K_GRID, _fill_costs, _ids_to_rows, _Row, _split
-from eval.routing import _tune as _tune_top1
-from eval.suite import SuiteContext, subsample
+from eval.routing import ALPHA_GRID, K_GRID, fill_costs, routerbench_split, tune_margin
+from eval.suite import SuiteContext
 from router.combine import (
     EXTRACTORS,
     Combiner,
@@ -186,16 +185,6 @@ def _tune(x: np.ndarray, outcomes: np.ndarray, train: np.ndarray, val: np.ndarra
     return chosen, grid
 
 
-def routerbench_split(ctx: SuiteContext, rows: Sequence[Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(train, tuning, test) row indices, exactly as the ``routerbench`` suite draws them."""
-    ids = [str(r.row_index) for r in rows]
-    train_all = np.array([i for i, r in enumerate(rows) if r.split == "train"])
-    tr, va = _split(ctx, [ids[i] for i in train_all], (0.85, 0.15))[:2]
-    test_rows = [_Row(ids[i]) for i, r in enumerate(rows) if r.split == "test"]
-    test = _ids_to_rows(ids, [subsample(test_rows, ctx.limit, ctx.seed, key=lambda r: r.id)])[0]
-    return train_all[tr], train_all[va], test
-
-
 def _recorded(rows: Sequence[Any], models: Sequence[str], which: np.ndarray, outcomes: np.ndarray,
               costs: np.ndarray) -> Recorded:
     return Recorded(models, [rows[i].task for i in which],
@@ -222,12 +211,12 @@ def run_routerbench_combine(ctx: SuiteContext) -> dict[str, Any]:
     x[used] = ctx.encoder.encode([rows[i].prompt for i in used])
     outcomes = np.array([[np.nan if (c := r.answers[m].correct) is None else c for m in models] for r in rows])
     raw_costs = np.array([[np.nan if (c := r.answers[m].cost_usd) is None else c for m in models] for r in rows])
-    costs = _fill_costs(raw_costs, train)
+    costs = fill_costs(raw_costs, train)
     rec_val, rec = _recorded(rows, models, val, outcomes, costs), _recorded(rows, models, test, outcomes, costs)
 
     train_acc = np.nan_to_num(outcomes[train]).mean(axis=0)  # missing = wrong, as for every system
     best = int(np.argmax(train_acc))
-    chosen_top1, _ = _tune_top1(x, outcomes, train, val, best)  # the routerbench suite's gate, tuned alike
+    chosen_top1, _ = tune_margin(x, outcomes, train, val, best)  # the routerbench suite's gate, tuned alike
     sizes = sorted({min(s, len(models)) for s in PANEL_SIZES})
     chosen, grid = _tune(x, outcomes, train, val, rec_val, sizes)
     fit = np.r_[train, val]

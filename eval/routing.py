@@ -19,7 +19,8 @@ from eval.outcome import NeighbourOutcomes, route_with_cost, route_with_margin
 from eval.report import plot_quality_cost, plot_strong_calls
 from eval.suite import SuiteContext, as_float, subsample
 
-__all__ = ["run_mmlu_pro_outcome", "run_routellm_mmlu", "run_routerbench"]
+__all__ = ["fill_costs", "routerbench_split", "run_mmlu_pro_outcome", "run_routellm_mmlu", "run_routerbench",
+           "tune_margin"]
 
 FRACTIONS = (0.7, 0.1, 0.2)
 K_GRID = (10, 25, 50, 100)
@@ -37,13 +38,13 @@ def _always(n: int, m: int) -> np.ndarray:
     return np.full(n, m, dtype=np.int64)
 
 
-def _fill_costs(costs: np.ndarray, rows: np.ndarray) -> np.ndarray:
+def fill_costs(costs: np.ndarray, rows: np.ndarray) -> np.ndarray:
     """Unknown costs become the expert's mean over ``rows`` (train), so a routed cost is always defined."""
     mean = np.nanmean(costs[rows], axis=0)
     return np.where(np.isnan(costs), mean[None, :], costs)
 
 
-def _tune(x: np.ndarray, outcomes: np.ndarray, train: np.ndarray, val: np.ndarray,
+def tune_margin(x: np.ndarray, outcomes: np.ndarray, train: np.ndarray, val: np.ndarray,
           best: int) -> tuple[dict[str, float], list[dict[str, float]]]:
     """(k, alpha, margin) with the best validation accuracy; ties go to the larger margin (closer to best)."""
     model = NeighbourOutcomes(x[train], outcomes[train])
@@ -71,12 +72,12 @@ def route_outcomes(ctx: SuiteContext, x: np.ndarray, outcomes: np.ndarray, costs
                    models: Sequence[str], train: np.ndarray, val: np.ndarray, test: np.ndarray, *,
                    cost_label: str, title: str, reference: str | None = None) -> dict[str, Any]:
     """Tune on ``val``, refit on ``train + val``, score on ``test``; the results body of an outcome suite."""
-    costs = _fill_costs(costs, train)
+    costs = fill_costs(costs, train)
     o_test, c_test = outcomes[test], costs[test]
     n_models = len(models)
     train_acc = [M.routed_accuracy(_always(len(train), m), outcomes[train]) for m in range(n_models)]
     best = int(np.argmax(train_acc))  # chosen on training data, as a user would
-    chosen, grid = _tune(x, outcomes, train, val, best)
+    chosen, grid = tune_margin(x, outcomes, train, val, best)
     fit = np.r_[train, val]
     model = NeighbourOutcomes(x[fit], outcomes[fit], costs[fit])
     ids = model.neighbours(x[test], int(chosen["k"]))
@@ -196,6 +197,17 @@ def run_mmlu_pro_outcome(ctx: SuiteContext) -> dict[str, Any]:
                           title="MMLU-Pro, 31 LLMs")
 
 
+def routerbench_split(ctx: SuiteContext, rows: Sequence[Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(train, tuning, test) row indices into RouterBench's ``rows``: its own train/test split, 15% of train by
+    row id for tuning, and the test split subsampled to ``ctx.limit``. Shared by the routing and combining suites."""
+    ids = [str(r.row_index) for r in rows]
+    train_all = np.array([i for i, r in enumerate(rows) if r.split == "train"])
+    tr, va = _split(ctx, [ids[i] for i in train_all], (0.85, 0.15))[:2]
+    test_rows = [_Row(ids[i]) for i, r in enumerate(rows) if r.split == "test"]
+    test = _ids_to_rows(ids, [subsample(test_rows, ctx.limit, ctx.seed, key=lambda r: r.id)])[0]
+    return train_all[tr], train_all[va], test
+
+
 def run_routerbench(ctx: SuiteContext) -> dict[str, Any]:
     from experts.recordings import load_routerbench
 
@@ -203,13 +215,7 @@ def run_routerbench(ctx: SuiteContext) -> dict[str, Any]:
     store = load_routerbench(folder if folder.is_dir() else ctx.data_dir)
     rows = list(store.rows)
     models = list(store.models)
-    ids = [str(r.row_index) for r in rows]
-    train_all = np.array([i for i, r in enumerate(rows) if r.split == "train"])
-    fit_ids = [ids[i] for i in train_all]
-    tr, va = _split(ctx, fit_ids, (0.85, 0.15))[:2]
-    train, val = train_all[tr], train_all[va]
-    test_rows = [_Row(ids[i]) for i, r in enumerate(rows) if r.split == "test"]
-    test = _ids_to_rows(ids, [subsample(test_rows, ctx.limit, ctx.seed, key=lambda r: r.id)])[0]
+    train, val, test = routerbench_split(ctx, rows)
     used = np.r_[train, val, test]
     x = np.zeros((len(rows), ctx.encoder.dim), dtype=np.float32)
     x[used] = ctx.encoder.encode([rows[i].prompt for i in used])
@@ -228,7 +234,7 @@ def run_routerbench(ctx: SuiteContext) -> dict[str, Any]:
                           title="RouterBench subset, 11 LLMs", reference="gpt-4-1106-preview")
     arc = np.array([rows[i].task == "arc_challenge" for i in test])
     if arc.any():
-        body["arc_challenge"] = _subset_curve(body, outcomes[test][arc], _fill_costs(costs, train)[test][arc],
+        body["arc_challenge"] = _subset_curve(body, outcomes[test][arc], fill_costs(costs, train)[test][arc],
                                               models, x, outcomes, costs, np.r_[train, val], test[arc])
         body["metrics"]["arc_gpt4_cost_share"] = body["arc_challenge"]["reference_match"]["cost_share"]
     body["metrics"]["gpt4_cost_share"] = body["reference_match"]["cost_share"]
@@ -238,7 +244,7 @@ def run_routerbench(ctx: SuiteContext) -> dict[str, Any]:
 def _subset_curve(body: dict[str, Any], o: np.ndarray, c: np.ndarray, models: list[str], x: np.ndarray,
                   outcomes: np.ndarray, costs: np.ndarray, fit: np.ndarray, rows: np.ndarray) -> dict[str, Any]:
     """The λ sweep restricted to one task's test queries, and where it reaches GPT-4 there."""
-    model = NeighbourOutcomes(x[fit], outcomes[fit], _fill_costs(costs, fit)[fit])
+    model = NeighbourOutcomes(x[fit], outcomes[fit], fill_costs(costs, fit)[fit])
     ids = model.neighbours(x[rows], int(body["setup"]["chosen_k"]))
     success = model.success(ids, body["setup"]["chosen_alpha"])
     curve, _ = _curve(model, ids, success, o, c, body["setup"]["chosen_alpha"])
