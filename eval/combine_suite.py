@@ -30,7 +30,7 @@ import numpy as np
 from eval import metrics as M
 from eval.outcome import NeighbourOutcomes, route_with_margin
 from eval.report import plot_accuracy_bars
-from eval.routing import FRACTIONS, _split
+from eval.routing import FRACTIONS, mmlu_pro_split
 from eval.suite import SuiteContext, as_float
 from router.outcome import shrunk_success, success_prior
 
@@ -168,17 +168,14 @@ def _text(onehot_row: np.ndarray) -> str:
 
 
 def run_mmlu_pro_combine(ctx: SuiteContext) -> dict[str, Any]:
-    from experts.recordings import load_mmlu_pro, mmlu_pro_prompt
+    from experts.recordings import load_mmlu_pro
 
     folder = ctx.data_dir / "mmlu_pro_outcomes"
     store = load_mmlu_pro(folder if folder.is_dir() else ctx.data_dir)
     pool_name = ctx.pool or "all"
     models = pool_models(pool_name, store.models)
     ids = [str(q.question_id) for q in store.questions]
-    train, val, test = _split(ctx, ids, FRACTIONS)
-    used = np.r_[train, val, test]
-    x = np.zeros((len(ids), ctx.encoder.dim), dtype=np.float32)
-    x[used] = ctx.encoder.encode([mmlu_pro_prompt(store.questions[i]) for i in used])
+    train, val, test, x = mmlu_pro_split(ctx, store)
     outcomes = np.stack([as_float(store.correct(m)) for m in models], axis=1)
     onehot = np.zeros((len(ids), len(models), len(LETTERS)), dtype=np.float32)
     for j, m in enumerate(models):

@@ -19,8 +19,8 @@ from eval.outcome import NeighbourOutcomes, route_with_cost, route_with_margin
 from eval.report import plot_quality_cost, plot_strong_calls
 from eval.suite import SuiteContext, as_float, subsample
 
-__all__ = ["fill_costs", "routerbench_split", "run_mmlu_pro_outcome", "run_routellm_mmlu", "run_routerbench",
-           "tune_margin"]
+__all__ = ["fill_costs", "mmlu_pro_split", "routerbench_split", "run_mmlu_pro_outcome", "run_routellm_mmlu",
+           "run_routerbench", "tune_margin"]
 
 FRACTIONS = (0.7, 0.1, 0.2)
 K_GRID = (10, 25, 50, 100)
@@ -169,17 +169,27 @@ def _split(ctx: SuiteContext, ids: Sequence[str], fractions: Sequence[float]) ->
     return _ids_to_rows(ids, parts)
 
 
-def run_mmlu_pro_outcome(ctx: SuiteContext) -> dict[str, Any]:
-    from experts.recordings import load_mmlu_pro, mmlu_pro_prompt
+def mmlu_pro_split(ctx: SuiteContext, store: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(train, val, test) question indices of MMLU-Pro's seeded id split, and the prompts' embeddings (rows of
+    questions outside the three parts, left out by ``--limit``, stay zero). Shared by the outcome and combine
+    suites."""
+    from experts.recordings import mmlu_pro_prompt
 
-    folder = ctx.data_dir / "mmlu_pro_outcomes"
-    store = load_mmlu_pro(folder if folder.is_dir() else ctx.data_dir)
-    models = list(store.models)
     ids = [str(q.question_id) for q in store.questions]
     train, val, test = _split(ctx, ids, FRACTIONS)
     used = np.r_[train, val, test]
     x = np.zeros((len(ids), ctx.encoder.dim), dtype=np.float32)
     x[used] = ctx.encoder.encode([mmlu_pro_prompt(store.questions[i]) for i in used])
+    return train, val, test, x
+
+
+def run_mmlu_pro_outcome(ctx: SuiteContext) -> dict[str, Any]:
+    from experts.recordings import load_mmlu_pro
+
+    folder = ctx.data_dir / "mmlu_pro_outcomes"
+    store = load_mmlu_pro(folder if folder.is_dir() else ctx.data_dir)
+    models = list(store.models)
+    train, val, test, x = mmlu_pro_split(ctx, store)
     outcomes = np.stack([as_float(store.correct(m)) for m in models], axis=1)
     chars = np.stack([as_float([o.response_chars for o in store.outcomes(m)]) for m in models], axis=1)
     chars = np.where(np.isnan(outcomes), np.nan, chars)
