@@ -17,13 +17,20 @@ if TYPE_CHECKING:
     from router.gate import Gate
     from router.state_redis import SharedState
 
-__all__ = ["GateNotTrained", "build_breakers", "build_experts", "build_orchestrator", "build_shared_state",
-           "load_gate"]
+__all__ = ["GateNotTrained", "VoteWeightsNotTrained", "build_breakers", "build_experts", "build_orchestrator",
+           "build_shared_state", "load_gate", "load_vote_weights"]
 
 
 class GateNotTrained(FileNotFoundError):
     def __init__(self, path: Path) -> None:
         super().__init__(f"no trained gate at {path}; train one with: moe train --config <this config>")
+        self.path = path
+
+
+class VoteWeightsNotTrained(FileNotFoundError):
+    def __init__(self, path: Path) -> None:
+        super().__init__(f"combiner.vote_weights is 'learned' but {path} holds no vote_weights.json; train them "
+                         "from outcome records that carry 'answers' with: moe train --config <this config>")
         self.path = path
 
 
@@ -67,7 +74,25 @@ def load_gate(config: RouterConfig) -> Gate:
     return Gate.load(path, build_encoder(config.gate.encoder)).for_config(config)
 
 
+def load_vote_weights(config: RouterConfig) -> dict[str, float] | None:
+    """The learned vote weights beside the gate artifact when ``combiner.vote_weights`` is ``learned``, else
+    None. Weights of experts no longer in the config are dropped."""
+    if config.combiner.vote_weights != "learned":
+        return None
+    from router.vote_weights import VoteWeights
+
+    path = config.resolve(config.gate.artifact)
+    learned = VoteWeights.load(path)
+    if learned is None:
+        raise VoteWeightsNotTrained(path)
+    weights = {e: w for e, w in learned.for_group().items() if e in config.expert_names}
+    if not weights:
+        raise ValueError(f"{path}: the learned vote weights name none of the config's experts "
+                         f"({', '.join(learned.experts)}); retrain with: moe train --config <this config>")
+    return weights
+
+
 def build_orchestrator(config: RouterConfig, *, context: ExpertContext | None = None,
                        gate: Gate | None = None, state: SharedState | None = None) -> Orchestrator:
     return Orchestrator(config, gate or load_gate(config), build_experts(config, context),
-                        breakers=build_breakers(config, state))
+                        breakers=build_breakers(config, state), vote_weights=load_vote_weights(config))

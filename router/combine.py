@@ -7,7 +7,8 @@ through the hook it is handed. Strategies (``COMBINERS``):
 
 - ``top1``: the highest-weight answer.
 - ``vote``: weighted vote on an extracted final answer; the extractor is set per combiner and may be
-  overridden per expert. An answer that cannot be extracted loses its vote, not the request.
+  overridden per expert. An answer that cannot be extracted loses its vote, not the request. The weights are
+  the gate's panel weights, or learned per-expert weights (``router.vote_weights``).
 - ``consensus``: the answer closest (cosine) to the weight-averaged embedding of all answers, with an
   injected embedding function and no extra model call. With ``choice_embedding`` (one-hot of the extracted
   letter) the centroid's coordinate for a letter is that letter's total weight, so consensus over letter
@@ -35,8 +36,8 @@ from experts.errors import ExpertError
 from experts.types import ChatMessage
 from router.trace import Contribution
 
-__all__ = ["COMBINERS", "EXTRACTORS", "Aggregate", "Combined", "Combiner", "Consensus", "Fuse", "TopOne", "Vote",
-           "WeightedAnswer", "build_combiner", "choice_embedding", "extract_choice", "extract_number",
+__all__ = ["COMBINERS", "EXTRACTORS", "TIE_BREAK", "Aggregate", "Combined", "Combiner", "Consensus", "Fuse",
+           "TopOne", "Vote", "WeightedAnswer", "build_combiner", "choice_embedding", "extract_choice", "extract_number",
            "extract_short"]
 
 Embed = Callable[[Sequence[str]], np.ndarray]
@@ -130,21 +131,39 @@ EXTRACTORS: dict[str, Callable[[str], str | None]] = {
 }
 
 
+TIE_BREAK = 1e-9  # how much a panel weight counts next to a learned vote weight: ties only
+
+
 class Vote(Combiner):
     """Weighted vote on the extracted final answer. The returned text is the heaviest answer that voted for it.
 
-    ``per_expert`` maps an expert to its own extractor name (an expert that answers in its own format)."""
+    ``per_expert`` maps an expert to its own extractor name (an expert that answers in its own format).
+    ``learned`` maps experts to learned vote weights (``router.vote_weights``): an answer then counts for its
+    expert's learned weight instead of its panel weight (which only breaks ties, so a panel whose experts all
+    learned a weight of 0 still votes by the gate), and an expert without one (added after training) counts
+    for the mean learned weight. The contributions report the weight each answer counted for."""
 
     name = "vote"
 
-    def __init__(self, extractor: str = "choice", per_expert: Mapping[str, str] | None = None) -> None:
+    def __init__(self, extractor: str = "choice", per_expert: Mapping[str, str] | None = None,
+                 learned: Mapping[str, float] | None = None) -> None:
         self.extract = EXTRACTORS[extractor]
         self.per_expert = {e: EXTRACTORS[x] for e, x in (per_expert or {}).items()}
+        self.learned = dict(learned) if learned is not None else None
+        self._unlearned = float(np.mean(list(self.learned.values()))) if self.learned else 0.0
 
     def key(self, answer: WeightedAnswer) -> str | None:
         return self.per_expert.get(answer.expert, self.extract)(answer.content)
 
+    def counted(self, answer: WeightedAnswer) -> float:
+        """What ``answer`` counts for in the tally."""
+        if self.learned is None:
+            return answer.weight
+        return self.learned.get(answer.expert, self._unlearned) + TIE_BREAK * answer.weight
+
     def combine(self, answers: list[WeightedAnswer]) -> Combined:
+        if self.learned is not None:
+            answers = [dataclasses.replace(a, weight=self.counted(a)) for a in answers]
         extracted = {a.expert: self.key(a) for a in answers}
         tally: dict[str, float] = {}
         for a in answers:
@@ -272,13 +291,14 @@ COMBINERS: dict[str, Callable[..., Combiner]] = {"top1": TopOne, "vote": Vote, "
 
 
 def build_combiner(strategy: str, extractor: str = "choice", *, per_expert: Mapping[str, str] | None = None,
-                   embed: Embed | None = None, aggregator: str | None = None) -> Combiner:
+                   embed: Embed | None = None, aggregator: str | None = None,
+                   vote_weights: Mapping[str, float] | None = None) -> Combiner:
     """``consensus`` needs ``embed`` (``choice_embedding`` when omitted and ``extractor`` is ``"choice"``);
-    ``fuse`` needs the ``aggregator`` expert's name."""
+    ``fuse`` needs the ``aggregator`` expert's name; ``vote_weights`` gives ``vote`` learned weights."""
     if strategy not in COMBINERS:
         raise ValueError(f"unknown combiner strategy {strategy!r}; known: {', '.join(sorted(COMBINERS))}")
     if strategy == "vote":
-        return Vote(extractor, per_expert)
+        return Vote(extractor, per_expert, learned=vote_weights)
     if strategy == "consensus":
         if embed is None and extractor != "choice":
             raise ValueError("the consensus combiner needs an embedding function for non-choice answers")

@@ -162,6 +162,10 @@ class CombinerConfig(_Strict):
     extractor: Literal["choice", "number", "short"] = "choice"
     # The expert that writes ``fuse``'s answer; must be one of ``experts`` (cross-checked at load).
     aggregator: str | None = Field(default=None, pattern=_NAME)
+    # What an answer counts for in ``vote``: ``gate``, the panel weight the gate gave its expert; ``learned``,
+    # per-expert weights fitted jointly on outcome records that carry ``answers`` (``router.vote_weights``),
+    # written by ``moe train`` beside the gate artifact. Learned weights discount experts that err together.
+    vote_weights: Literal["gate", "learned"] = "gate"
 
 
 class BreakerConfig(_Strict):

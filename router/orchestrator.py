@@ -122,6 +122,7 @@ class Orchestrator:
 
     def __init__(self, config: RouterConfig, gate: GateLike, experts: Mapping[str, Expert],
                  combiner: Combiner | None = None, *, breakers: Breakers | None = None,
+                 vote_weights: Mapping[str, float] | None = None,
                  sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
                  rand: Callable[[], float] = random.random) -> None:
         missing = [n for n in config.expert_names if n not in experts]
@@ -130,6 +131,10 @@ class Orchestrator:
         self.config = config
         self.gate = gate
         self.experts = dict(experts)
+        if config.combiner.vote_weights == "learned" and vote_weights is None:
+            raise ValueError("combiner.vote_weights is 'learned' but no learned vote weights were given; "
+                             "train them with: moe train --config <this config>")
+        self.vote_weights = dict(vote_weights) if vote_weights is not None else None
         # Combiners hold no per-request state: one per strategy, built on first use.
         self._combiners: dict[str, Combiner] = {}
         self.combiner = combiner or self.combiner_for(config.combiner.strategy)
@@ -278,7 +283,7 @@ class Orchestrator:
         if strategy not in self._combiners:
             cfg = self.config.combiner
             self._combiners[strategy] = build_combiner(strategy, cfg.extractor, embed=self._embed,
-                                                       aggregator=cfg.aggregator)
+                                                       aggregator=cfg.aggregator, vote_weights=self.vote_weights)
         return self._combiners[strategy]
 
     def _embed(self, texts: Sequence[str]) -> np.ndarray:

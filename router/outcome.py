@@ -5,8 +5,10 @@ Outcome records are JSONL, one query per line::
     {"query": "...", "outcomes": {"expert-a": 1.0, "expert-b": 0.0}, "cost": {"expert-a": 0.0021}}
 
 ``outcomes`` scores each expert's answer in [0, 1] (1 = right). ``cost`` (optional) is what the call cost, in
-any one unit (USD in RouterBench). An expert absent from a line has *no record* for that query; it is never
-counted as a failure. ``load_outcome_jsonl`` reports a bad line with its file and line number.
+any one unit (USD in RouterBench). ``answers`` (optional) holds what each expert answered, as text; records
+with answers teach the combiner's learned vote weights (``router.vote_weights``, ``combiner.vote_weights:
+learned``). An expert absent from a line has *no record* for that query; it is never counted as a failure.
+``load_outcome_jsonl`` reports a bad line with its file and line number.
 
 A success model maps embeddings ``[q, dim]`` to ``[q, m]`` probabilities of success, fitted on outcome
 matrices with NaN for "no record". Two are registered in ``SUCCESS_MODELS``; measured on RouterBench and
@@ -23,7 +25,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
@@ -46,6 +48,9 @@ class OutcomeRecord:
     query: str
     outcomes: dict[str, float]  # expert -> score in [0, 1]; experts without a record are absent
     cost: dict[str, float]  # expert -> recorded cost; may be empty
+    # expert -> the answer it gave (its text, or the final answer alone); optional. Records with answers teach
+    # learned vote weights (``router.vote_weights``).
+    answers: dict[str, str] = field(default_factory=dict)
 
 
 def load_outcome_jsonl(path: str | Path) -> list[OutcomeRecord]:
@@ -81,9 +86,10 @@ def _parse_record(line: str, where: str) -> OutcomeRecord:
         raise ValueError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
     if not isinstance(row, dict):
         raise ValueError(f"{where}: expected an object with 'query' and 'outcomes', got {type(row).__name__}")
-    unknown = sorted(set(row) - {"query", "outcomes", "cost"})
+    unknown = sorted(set(row) - {"query", "outcomes", "cost", "answers"})
     if unknown:
-        raise ValueError(f"{where}: unknown key(s) {', '.join(map(repr, unknown))}; expected query, outcomes, cost")
+        raise ValueError(f"{where}: unknown key(s) {', '.join(map(repr, unknown))}; expected query, outcomes, cost, "
+                         "answers")
     query = row.get("query")
     if not isinstance(query, str) or not query.strip():
         raise ValueError(f"{where}: 'query' " + ("missing" if "query" not in row
@@ -91,7 +97,20 @@ def _parse_record(line: str, where: str) -> OutcomeRecord:
     outcomes = _number_map(row, "outcomes", where, upper=1.0, required=True)
     if not outcomes:
         raise ValueError(f"{where}: 'outcomes' is empty; give at least one expert's score")
-    return OutcomeRecord(query, outcomes, _number_map(row, "cost", where, upper=math.inf, required=False))
+    return OutcomeRecord(query, outcomes, _number_map(row, "cost", where, upper=math.inf, required=False),
+                         _answer_map(row, where))
+
+
+def _answer_map(row: dict[str, Any], where: str) -> dict[str, str]:
+    value = row.get("answers")
+    if value is None and "answers" not in row:
+        return {}
+    if not isinstance(value, dict):
+        raise ValueError(f"{where}: 'answers' must be an object of expert -> answer text, got {value!r}")
+    bad = [e for e, text in value.items() if not isinstance(text, str)]
+    if bad:
+        raise ValueError(f"{where}: answers[{bad[0]!r}] must be a string, got {value[bad[0]]!r}")
+    return dict(value)
 
 
 def _number_map(row: dict[str, Any], key: str, where: str, *, upper: float, required: bool) -> dict[str, float]:

@@ -9,6 +9,9 @@
   (``router.outcome_gate.train_outcome_gate``) at ``gate.cost_weight`` with ``gate.success_model``. Config
   experts without any record are left to cold start from their examples.
 
+With ``combiner.vote_weights: learned``, outcome records that carry ``answers`` also teach the vote's learned
+weights (``router.vote_weights``), written beside the gate as ``vote_weights.json``.
+
 All files must be of one kind. Every label, and every expert named in an outcome record, must be an expert
 of the config. A config expert with no training data and no examples cannot be routed, and is refused here
 rather than at serving time.
@@ -30,7 +33,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from router.classifiers import build_classifier
 from router.config import RouterConfig
@@ -38,6 +41,9 @@ from router.encoders import build_encoder
 from router.feedback import FeedbackRecord, load_feedback
 from router.gate import Gate, train_gate
 from router.outcome import OutcomeRecord, is_outcome_file, load_outcome_jsonl
+
+if TYPE_CHECKING:
+    from router.vote_weights import VoteWeights
 
 __all__ = ["TrainingData", "collect_training_data", "fold_feedback", "load_labelled_jsonl", "train_from_config"]
 
@@ -156,6 +162,7 @@ def train_from_config(config: RouterConfig, *, progress: bool = True, feedback: 
     ``feedback=False`` leaves the stored feedback out (it is folded in by default; see the module docstring).
     """
     data = collect_training_data(config, feedback=feedback)
+    vote_weights = _learned_vote_weights(config, data, progress=progress)  # before the gate: fails fast
     encoder = build_encoder(config.gate.encoder)
     gate: Gate
     if data.kind == "outcome":
@@ -170,5 +177,23 @@ def train_from_config(config: RouterConfig, *, progress: bool = True, feedback: 
         _check_routable(config, set(data.labels))
         gate = train_gate(data.texts, data.labels, encoder, experts=config.expert_names, progress=progress,
                           classifier=build_classifier(config.gate.classifier))
-    gate.save(config.resolve(config.gate.artifact))
+    artifact = config.resolve(config.gate.artifact)
+    gate.save(artifact)
+    if vote_weights is not None:
+        vote_weights.save(artifact)
     return gate
+
+
+def _learned_vote_weights(config: RouterConfig, data: TrainingData, *, progress: bool) -> VoteWeights | None:
+    """The combiner's learned vote weights, fitted on the outcome records' answers, when the config asks for
+    them (``combiner.vote_weights: learned``); checked before anything is written."""
+    if config.combiner.vote_weights != "learned":
+        return None
+    if data.kind != "outcome":
+        raise ValueError("combiner.vote_weights is 'learned', which needs outcome records with 'answers' in "
+                         "gate.train_data; the training data here is labelled queries")
+    from router.combine import EXTRACTORS
+    from router.vote_weights import fit_from_records
+
+    return fit_from_records(data.records, config.expert_names, EXTRACTORS[config.combiner.extractor],
+                            progress=progress)

@@ -55,12 +55,19 @@ def test_small_real_run(pool: str, data_dir: Path, tmp_path: Path) -> None:
                         plots=False, cache_dir=tmp_path / "cache", pool=pool)
     m = results["metrics"]
     assert set(m) >= {"best_single_accuracy", "top1_accuracy", "vote_accuracy", "consensus_accuracy",
-                      "fixed_top3_vote_accuracy", "oracle_accuracy", "k", "pool"}
+                      "learned_vote_accuracy", "fixed_top3_vote_accuracy", "oracle_accuracy", "k", "learned_k",
+                      "pool", "chosen_strategy"}
+    assert m["chosen_minus_best_single"] == m[f"{m['chosen_strategy']}_minus_best_single"]
+    assert m["target_met"] == (m["chosen_minus_best_single"] >= m["target_points"])
+    weights = results["setup"]["learned_vote_weights"]
+    assert weights and set(weights) <= set(results["experts"]) and all(w > 0 for w in weights.values())
     assert m["pool"] == pool and results["setup"]["experts"] == (31 if pool == "all" else len(SMALL_OPEN))
     worst = min(e["accuracy"] for e in results["experts"].values())
-    for key in ("best_single", "top1", "vote", "consensus", "fixed_top3_vote"):
+    for key in ("best_single", "top1", "vote", "consensus", "learned_vote", "fixed_top3_vote"):
         assert 0.0 <= m[f"{key}_accuracy"] <= m["oracle_accuracy"] <= 1.0
     assert m["vote_accuracy"] >= worst and m["consensus_accuracy"] == m["vote_accuracy"]
+    assert m["learned_vote_accuracy"] >= worst  # -2 letters (combiner disagreement) would score 0 here
+    assert any("agreement 1.0000" in note for note in results["notes"])
     assert results["setup"]["test"] == 80 and "fuse" in (out / "report.md").read_text(encoding="utf-8")
     ci = results["confidence_intervals"]["vote_accuracy"]
     assert ci["low"] <= m["vote_accuracy"] <= ci["high"]

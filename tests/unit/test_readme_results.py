@@ -96,6 +96,17 @@ def test_outcome_strong_weak_and_combine_rows(block: str) -> None:
     assert target.endswith("❌")  # the oracle is no strategy
 
 
+def test_combine_target_is_judged_on_the_strategy_chosen_on_validation() -> None:
+    from eval.readme_results import TARGETS
+
+    judge = TARGETS["mmlu-pro-combine"][0].check
+    chosen = {**COMBINE["metrics"], "learned_vote_accuracy": 0.7801, "chosen_strategy": "vote",
+              "chosen_minus_best_single": 0.7701 - 0.7260}
+    assert judge(chosen) is False  # learned_vote would pass on test, but validation chose vote
+    assert judge({**chosen, "chosen_strategy": "learned_vote", "chosen_minus_best_single": 0.7801 - 0.7260})
+    assert judge({**COMBINE["metrics"], "learned_vote_accuracy": 0.7801}) is True  # older results: best on test
+
+
 def test_rewrite_replaces_only_the_marked_block(block: str) -> None:
     text = rewrite_readme(README, block)
     assert "old table" not in text and block in text

@@ -1,0 +1,197 @@
+"""Learned vote weights: fitted jointly, they discount experts that err together; saved, loaded, trained from a
+config and served by the vote combiner."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from router.build import VoteWeightsNotTrained, build_orchestrator, load_vote_weights
+from router.combine import Vote, WeightedAnswer, extract_choice
+from router.config import RouterConfig, parse_config
+from router.outcome import OutcomeRecord, load_outcome_jsonl
+from router.vote_weights import FILE_NAME, VoteWeights, fit_from_records, fit_vote_weights
+
+LETTERS = "ABCD"
+EXPERTS = ["solo", "twin-1", "twin-2"]
+
+
+def _copies(n: int, seed: int) -> tuple[list[list[str | None]], list[str]]:
+    """Four-choice questions. ``solo`` is right 80% of the time on its own; ``twin-1`` and ``twin-2`` are one
+    65% model recorded twice, so they always give the same letter and always err together."""
+    rng = np.random.default_rng(seed)
+    answers: list[list[str | None]] = []
+    target: list[str] = []
+
+    def answer(right: int, p: float) -> str:
+        return LETTERS[right] if rng.random() < p else LETTERS[(right + int(rng.integers(1, 4))) % 4]
+
+    for _ in range(n):
+        right = int(rng.integers(4))
+        twin = answer(right, 0.65)
+        answers.append([answer(right, 0.80), twin, twin])
+        target.append(LETTERS[right])
+    return answers, target
+
+
+def _vote_accuracy(answers: list[list[str | None]], target: list[str], weights: np.ndarray) -> float:
+    vote = Vote("choice", learned=dict(zip(EXPERTS, weights.tolist(), strict=True)))
+    right = 0
+    for row, gold in zip(answers, target, strict=True):
+        panel = [WeightedAnswer(e, 1 / 3, a or "") for e, a in zip(EXPERTS, row, strict=True)]
+        right += vote.combine(panel).content == gold
+    return right / len(target)
+
+
+def test_joint_fit_discounts_experts_that_err_together() -> None:
+    answers, target = _copies(3000, seed=0)
+    learned = fit_vote_weights(answers, target, EXPERTS, l2=1.0)
+    w = learned.for_group()
+    # Counted separately the twins outvote solo whenever they agree with each other; jointly they are one voter.
+    assert w["solo"] > w["twin-1"] + w["twin-2"]
+    test_answers, test_target = _copies(3000, seed=1)
+    logodds = np.log(3 * np.array([0.80, 0.65, 0.65]) / (1 - np.array([0.80, 0.65, 0.65])))
+    independent = _vote_accuracy(test_answers, test_target, logodds)
+    joint = _vote_accuracy(test_answers, test_target, learned.weights)
+    solo_alone = float(np.mean([row[0] == gold for row, gold in zip(test_answers, test_target, strict=True)]))
+    assert independent == pytest.approx(0.65, abs=0.03)  # the twins decide every question: 65%
+    assert joint >= solo_alone - 0.005 and joint > independent + 0.1
+    teachable = sum(gold in row for row, gold in zip(answers, target, strict=True))  # somebody was right
+    assert learned.metrics["records_used"] == teachable < 3000 and learned.metrics["converged"]
+
+
+def test_group_weights_favour_the_expert_in_its_own_domain() -> None:
+    rng = np.random.default_rng(2)
+    answers: list[list[str | None]] = []
+    target, groups = [], []
+    for i in range(2000):
+        group = "math" if i % 2 else "law"
+        right = LETTERS[int(rng.integers(4))]
+        wrong = LETTERS[(LETTERS.index(right) + 1) % 4]
+        good_at_math = right if (group == "math") == (rng.random() < 0.9) else wrong
+        good_at_law = right if (group == "law") == (rng.random() < 0.9) else wrong
+        answers.append([good_at_math, good_at_law, None])
+        target.append(right)
+        groups.append(group)
+    learned = fit_vote_weights(answers, target, EXPERTS, groups=groups, l2=1.0)
+    assert learned.groups == ("law", "math")
+    math, law = learned.for_group("math"), learned.for_group("law")
+    assert math["solo"] > math["twin-1"] and law["twin-1"] > law["solo"]
+    assert learned.for_group("chemistry") == learned.for_group(None)  # an unknown group: the shared weights
+    assert learned.for_group()["twin-2"] == pytest.approx(0.0, abs=1e-3)  # never answered: nothing to learn
+
+
+def test_records_that_cannot_teach_are_left_out_and_bad_input_is_named() -> None:
+    answers: list[list[str | None]] = [["A", "B", "B"], ["C", "C", None], [None, None, None], ["A", "A", "A"]]
+    learned = fit_vote_weights(answers, ["A", "D", "B", None], EXPERTS)
+    assert learned.metrics["records"] == 4 and learned.metrics["records_used"] == 1  # only the first
+    with pytest.raises(ValueError, match="no record has its right answer"):
+        fit_vote_weights([["A", "B", "C"]], ["D"], EXPERTS)
+    with pytest.raises(ValueError, match=r"one answer slot per expert \(3\)"):
+        fit_vote_weights([["A", "B"]], ["A"], EXPERTS)
+
+
+def test_save_and_load_round_trip(tmp_path: Path) -> None:
+    answers, target = _copies(200, seed=3)
+    learned = fit_vote_weights(answers, target, EXPERTS, groups=["g"] * 200)
+    learned.save(tmp_path)
+    again = VoteWeights.load(tmp_path)
+    assert again is not None and again.experts == learned.experts and again.groups == ("g",)
+    assert np.allclose(again.weights, learned.weights) and again.group_weights is not None
+    assert VoteWeights.load(tmp_path / "elsewhere") is None
+    (tmp_path / FILE_NAME).write_text(json.dumps({"format": 99}), encoding="utf-8")
+    with pytest.raises(ValueError, match=rf"{FILE_NAME}: unknown format 99"):
+        VoteWeights.load(tmp_path)
+    (tmp_path / FILE_NAME).write_text(json.dumps({"format": 1, "experts": ["a"], "weights": [1, 2]}),
+                                      encoding="utf-8")
+    with pytest.raises(ValueError, match="2 weights for 1 experts"):
+        VoteWeights.load(tmp_path)
+
+
+def test_targets_come_from_the_experts_that_succeeded() -> None:
+    records = [
+        OutcomeRecord("q1", {"solo": 1.0, "twin-1": 0.0}, {}, {"solo": "The answer is (B).", "twin-1": "A"}),
+        # Two successful experts with different answers: the right one is unknown, so the record is skipped.
+        OutcomeRecord("q2", {"solo": 1.0, "twin-1": 1.0}, {}, {"solo": "B", "twin-1": "C"}),
+        OutcomeRecord("q3", {"solo": 0.0}, {}, {}),  # no answers at all
+    ]
+    learned = fit_from_records(records, EXPERTS, extract_choice)
+    assert learned.metrics["records_with_answers"] == 2 and learned.metrics["records_used"] == 1
+    with pytest.raises(ValueError, match="carry 'answers'"):
+        fit_from_records(records[2:], EXPERTS, extract_choice)
+
+
+def test_vote_counts_learned_weights_not_panel_weights() -> None:
+    panel = [WeightedAnswer("solo", 0.2, "B"), WeightedAnswer("twin-1", 0.4, "A"), WeightedAnswer("twin-2", 0.4, "A")]
+    assert Vote("choice").combine(panel).content == "A"  # the gate's weights: 0.8 for A
+    learned = Vote("choice", learned={"solo": 1.5, "twin-1": 0.5, "twin-2": 0.3})
+    combined = learned.combine(panel)
+    assert combined.content == "B" and combined.expert == "solo"
+    assert [(c.expert, round(c.weight, 6), c.agreed) for c in combined.contributions] == [
+        ("solo", 1.5, True), ("twin-1", 0.5, False), ("twin-2", 0.3, False)]
+    # An expert added after training counts for the mean learned weight; zero weights leave the gate to decide.
+    newcomer = Vote("choice", learned={"solo": 0.2, "twin-1": 1.0})
+    assert newcomer.combine([WeightedAnswer("solo", 0.1, "B"), WeightedAnswer("new", 0.9, "C")]).content == "C"
+    zeros = Vote("choice", learned={"twin-1": 0.0, "twin-2": 0.0})
+    assert zeros.combine([WeightedAnswer("twin-1", 0.3, "A"), WeightedAnswer("twin-2", 0.7, "D")]).content == "D"
+
+
+def _config(tmp_path: Path, train_data: list[str], **combiner: Any) -> RouterConfig:
+    experts = [{"name": n, "type": "openai", "endpoint": "http://127.0.0.1:9/v1", "model": "m"} for n in EXPERTS]
+    raw = {"version": 1, "experts": experts, "combiner": {"strategy": "vote", **combiner},
+           "gate": {"train_data": train_data, "artifact": "out/gate", "top_k": {"policy": "fixed", "k": 3}}}
+    return parse_config(raw, base_dir=tmp_path, check_env=False)
+
+
+def _outcome_file(path: Path, n: int) -> Path:
+    answers, target = _copies(n, seed=4)
+    with open(path, "w", encoding="utf-8") as fh:
+        for i, (row, right) in enumerate(zip(answers, target, strict=True)):
+            fh.write(json.dumps({
+                "query": f"question {i}: which of four options is right?",
+                "outcomes": {e: float(a == right) for e, a in zip(EXPERTS, row, strict=True)},
+                "answers": {e: f"The answer is ({a})." for e, a in zip(EXPERTS, row, strict=True) if a}}) + "\n")
+    return path
+
+
+def test_outcome_jsonl_carries_answers_and_names_a_bad_one(tmp_path: Path) -> None:
+    records = load_outcome_jsonl(_outcome_file(tmp_path / "o.jsonl", 2))
+    assert records[0].answers["solo"].startswith("The answer is (")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"query": "q", "outcomes": {"solo": 1}, "answers": {"solo": 3}}) + "\n",
+                   encoding="utf-8")
+    with pytest.raises(ValueError, match=r"bad\.jsonl:1: answers\['solo'\] must be a string"):
+        load_outcome_jsonl(bad)
+
+
+def test_moe_train_writes_learned_weights_and_the_service_votes_with_them(tmp_path: Path) -> None:
+    from router.train import train_from_config
+
+    _outcome_file(tmp_path / "o.jsonl", 600)
+    config = _config(tmp_path, ["o.jsonl"], vote_weights="learned")
+    with pytest.raises(VoteWeightsNotTrained, match="moe train"):
+        load_vote_weights(config)
+    train_from_config(config, progress=False)
+    assert (tmp_path / "out" / "gate" / FILE_NAME).is_file()
+    weights = load_vote_weights(config)
+    assert weights is not None and weights["solo"] > weights["twin-1"] + weights["twin-2"]
+    orchestrator = build_orchestrator(config)
+    combiner = orchestrator.combiner
+    assert isinstance(combiner, Vote) and combiner.learned == weights
+    assert load_vote_weights(_config(tmp_path, ["o.jsonl"])) is None  # the default counts the gate's weights
+
+
+def test_learned_weights_need_outcome_records_with_answers(tmp_path: Path) -> None:
+    from router.train import train_from_config
+
+    (tmp_path / "l.jsonl").write_text(json.dumps({"query": "q", "label": "solo"}) + "\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="needs outcome records with 'answers'"):
+        train_from_config(_config(tmp_path, ["l.jsonl"], vote_weights="learned"), progress=False)
+    (tmp_path / "o.jsonl").write_text(json.dumps({"query": "q", "outcomes": {"solo": 1}}) + "\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="carry 'answers'"):
+        train_from_config(_config(tmp_path, ["o.jsonl"], vote_weights="learned"), progress=False)
+    assert not (tmp_path / "out").exists()  # refused before anything was trained or written
