@@ -109,3 +109,24 @@ def test_onnx_backend_never_imports_torch() -> None:
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True,
                             timeout=120, check=False)
     assert result.returncode == 0, result.stderr
+
+
+def test_both_backends_route_clinc150_alike(onnx_encoder: OnnxMiniLMEncoder, st_encoder: SentenceTransformerEncoder,
+                                            data_dir: Path) -> None:
+    """One gate, trained on ONNX embeddings of CLINC150's 10 domains, decides 1,500 held-out queries from either
+    backend's embeddings: the serving backend can be swapped without changing where queries go."""
+    from eval.datasets import load_clinc150_domains
+    from router.gate import train_gate
+
+    train = [q for q in load_clinc150_domains(data_dir, "train") if q.label != "oos"][::5]  # 3,000 queries
+    test = [q for q in load_clinc150_domains(data_dir, "test") if q.label != "oos"][::3]  # 1,500 queries
+    domains = sorted({q.label for q in train})
+    gate = train_gate([q.text for q in train], [q.label for q in train], onnx_encoder, experts=domains,
+                      progress=False)
+    texts = [q.text for q in test]
+    via_onnx = gate.predict_proba(onnx_encoder.encode(texts), texts).argmax(axis=1)
+    via_st = gate.predict_proba(st_encoder.encode(texts), texts).argmax(axis=1)
+    same = float(np.mean(via_onnx == via_st))
+    assert len(texts) == 1500 and same >= 0.995, same
+    accuracy = float(np.mean(np.array(domains)[via_onnx] == np.array([q.label for q in test])))
+    assert accuracy > 0.9  # the decisions compared are good ones, not agreement on noise
