@@ -59,9 +59,10 @@ def _replay_store(config: RouterConfig) -> RouterBenchStore:
     return load_routerbench(config.resolve(first.replay.path))
 
 
-def write_training_file(config: RouterConfig, store: RouterBenchStore) -> tuple[Path, int]:
-    """The outcome records the config's gate trains on, from the train split only: for every question, each
-    expert's recorded correctness and USD cost (an expert with no record for a question is left out of it)."""
+def write_training_file(config: RouterConfig, store: RouterBenchStore, limit: int | None = None) -> tuple[Path, int]:
+    """The outcome records the config's gate trains on, from the train split only: for every question (the
+    first ``limit`` ones, when given), each expert's recorded correctness and USD cost (an expert with no record
+    for a question is left out of it)."""
     by_column = {e.recorded_model: e.name for e in config.experts}
     path = config.resolve(config.gate.train_data[0])
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -74,6 +75,8 @@ def write_training_file(config: RouterConfig, store: RouterBenchStore) -> tuple[
             if outcomes:
                 fh.write(json.dumps({"query": row.prompt, "outcomes": outcomes, "cost": cost}) + "\n")
                 count += 1
+                if limit is not None and count >= limit:
+                    break
     return path, count
 
 

@@ -1,0 +1,106 @@
+"""The CPU profile's services as processes: what docker-compose.cpu.yml runs in containers, run here without
+Docker (no engine on these machines). A real redis-server, then the router's own entrypoint command
+(``moe serve --config configs/compose-cpu.yaml``, as the image runs it) over the demo's replay experts, with
+the environment the compose file gives it; a gate trained by ``moe train`` from that same config."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from eval.demo import held_out, write_training_file
+from experts.recordings import load_routerbench
+from router.config import load_config
+
+ROOT = Path(__file__).resolve().parents[2]
+MOE = [sys.executable, "-m", "router.cli"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@pytest.fixture
+def profile(tmp_path: Path, data_dir: Path, redis_url: str) -> Iterator[tuple[str, Path, dict[str, str]]]:
+    """The CPU profile's config in a folder laid out as in the repo, its gate trained, the router serving."""
+    (tmp_path / "configs").mkdir()
+    config_path = tmp_path / "configs" / "compose-cpu.yaml"
+    shutil.copy(ROOT / "configs" / "compose-cpu.yaml", config_path)
+    compose = yaml.safe_load((ROOT / "docker-compose.cpu.yml").read_text(encoding="utf-8"))
+    router = compose["services"]["router"]
+    assert "MOE_DATA_DIR=/data" in router["environment"]  # the container sees the data where this test says
+    env = {**os.environ, "MOE_DATA_DIR": str(data_dir), "MOE_REDIS_URL": redis_url, "PYTHONUNBUFFERED": "1"}
+    os.environ["MOE_DATA_DIR"] = str(data_dir)  # this process reads the config too
+    try:
+        config = load_config(config_path, check_env=False)
+    finally:
+        os.environ.pop("MOE_DATA_DIR", None)
+    store = load_routerbench(config.resolve(config.experts[0].replay.path))  # type: ignore[union-attr]
+    _, count = write_training_file(config, store, limit=40)  # a small gate: serving, not accuracy, is tested
+    assert count == 40
+    trained = subprocess.run([*MOE, "train", "--config", str(config_path), "--no-feedback"], env=env, cwd=tmp_path,
+                             capture_output=True, text=True, timeout=300, check=False)
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    assert (tmp_path / "artifacts" / "demo-gate" / "gate.json").is_file()
+    port = _free_port()
+    log = (tmp_path / "router.log").open("w", encoding="utf-8")
+    server = subprocess.Popen([*MOE, "serve", "--config", str(config_path), "--host", "127.0.0.1", "--port",
+                               str(port)], env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if server.poll() is not None or time.monotonic() > deadline:
+                log.flush()
+                pytest.fail(f"moe serve did not come up: {(tmp_path / 'router.log').read_text()[-3000:]}")
+            time.sleep(0.25)
+        yield url, tmp_path, env
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+        log.close()
+
+
+def test_cpu_profile_serves_replay_experts_with_state_in_redis(profile: tuple[str, Path, dict[str, str]],
+                                                               data_dir: Path, redis_url: str) -> None:
+    url, _, _ = profile
+    store = load_routerbench(data_dir / "routerdc" / "routerbench_zs")
+    row = next(r for r in held_out(store) if r.task == "arc_challenge")
+    reply = httpx.post(f"{url}/v1/chat/completions", timeout=60, json={
+        "model": "auto", "messages": [{"role": "user", "content": row.prompt}]})
+    assert reply.status_code == 200, reply.text
+    body = reply.json()
+    expert = reply.headers["x-moe-expert"]
+    config = yaml.safe_load((ROOT / "configs" / "compose-cpu.yaml").read_text(encoding="utf-8"))
+    recorded = {e["name"]: e["model"] for e in config["experts"]}
+    # A replay expert answers with the real model's recorded text for this very prompt.
+    assert body["choices"][0]["message"]["content"] == row.answers[recorded[expert]].response
+    assert body["moe"]["decision"]["chosen"][0]["expert"] == expert
+    # state.backend is redis: the rate-limit bucket of this client lives in the profile's Redis.
+    keys = subprocess.run(["redis-cli", "-u", redis_url, "--scan", "--pattern", "moe:*"], capture_output=True,
+                          text=True, timeout=10, check=True).stdout.split()
+    assert keys, "no moe: keys in Redis"
+    models = httpx.get(f"{url}/v1/models", timeout=10).json()
+    assert {m["id"] for m in models["data"]} >= set(recorded)
