@@ -21,6 +21,8 @@ from typing import Literal, Protocol, TypeVar
 import numpy as np
 from numpy.typing import NDArray
 
+from router.jsonl import read_jsonl
+
 __all__ = [
     "CLINC_OOS_LABEL",
     "ROUTELLM_STRONG",
@@ -210,31 +212,20 @@ def load_labelled_jsonl(path: str | Path) -> list[LabelledQuery]:
     Without an id a query's id is its 1-based line number. Blank lines are skipped. Bad JSON, missing or
     non-string fields and duplicate ids raise ``DatasetError`` naming the file and line.
     """
-    p = Path(path)
     out: list[LabelledQuery] = []
     seen: dict[str, int] = {}
-    with p.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{p}:{lineno}"
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DatasetError(f"{where}: invalid JSON: {e.msg}") from e
-            if not isinstance(rec, dict):
-                raise DatasetError(f"{where}: expected a JSON object")
-            for field in ("query", "label"):
-                if not isinstance(rec.get(field), str):
-                    raise DatasetError(f"{where}: {field!r} must be a string")
-            raw_id = rec.get("id", lineno)
-            if isinstance(raw_id, bool) or not isinstance(raw_id, str | int):
-                raise DatasetError(f"{where}: 'id' must be a string or integer")
-            qid = str(raw_id)
-            if qid in seen:
-                raise DatasetError(f"{where}: duplicate id {qid!r} (first on line {seen[qid]})")
-            seen[qid] = lineno
-            out.append(LabelledQuery(qid, rec["query"], rec["label"]))
+    for where, lineno, rec in read_jsonl(path, expected="an object with 'query' and 'label'", error=DatasetError):
+        for field in ("query", "label"):
+            if not isinstance(rec.get(field), str):
+                raise DatasetError(f"{where}: {field!r} must be a string")
+        raw_id = rec.get("id", lineno)
+        if isinstance(raw_id, bool) or not isinstance(raw_id, str | int):
+            raise DatasetError(f"{where}: 'id' must be a string or integer")
+        qid = str(raw_id)
+        if qid in seen:
+            raise DatasetError(f"{where}: duplicate id {qid!r} (first on line {seen[qid]})")
+        seen[qid] = lineno
+        out.append(LabelledQuery(qid, rec["query"], rec["label"]))
     return out
 
 

@@ -31,6 +31,8 @@ from typing import Any, ClassVar, Protocol
 
 import numpy as np
 
+from router.jsonl import read_jsonl
+
 __all__ = [
     "SUCCESS_MODELS",
     "KnnSuccess",
@@ -58,12 +60,8 @@ def load_outcome_jsonl(path: str | Path) -> list[OutcomeRecord]:
 
     A bad line raises ``ValueError`` naming the file, the line number and what is wrong with it.
     """
-    records = []
-    with open(path, encoding="utf-8") as fh:
-        for number, line in enumerate(fh, start=1):
-            if line.strip():
-                records.append(_parse_record(line, f"{path}:{number}"))
-    return records
+    return [_parse_record(row, where)
+            for where, _, row in read_jsonl(path, expected="an object with 'query' and 'outcomes'")]
 
 
 def is_outcome_file(path: str | Path) -> bool:
@@ -79,13 +77,7 @@ def is_outcome_file(path: str | Path) -> bool:
     return False
 
 
-def _parse_record(line: str, where: str) -> OutcomeRecord:
-    try:
-        row = json.loads(line)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
-    if not isinstance(row, dict):
-        raise ValueError(f"{where}: expected an object with 'query' and 'outcomes', got {type(row).__name__}")
+def _parse_record(row: dict[str, Any], where: str) -> OutcomeRecord:
     unknown = sorted(set(row) - {"query", "outcomes", "cost", "answers"})
     if unknown:
         raise ValueError(f"{where}: unknown key(s) {', '.join(map(repr, unknown))}; expected query, outcomes, cost, "

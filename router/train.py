@@ -30,16 +30,16 @@ Verdicts on experts no longer in the config are dropped.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from router.classifiers import build_classifier
 from router.config import RouterConfig
 from router.encoders import build_encoder
 from router.feedback import FeedbackRecord, load_feedback
 from router.gate import Gate, train_gate
+from router.jsonl import read_jsonl
 from router.outcome import OutcomeRecord, is_outcome_file, load_outcome_jsonl
 
 if TYPE_CHECKING:
@@ -65,21 +65,11 @@ def load_labelled_jsonl(path: str | Path) -> list[tuple[str, str]]:
 
     A bad line raises ``ValueError`` naming the file, the line number and what is wrong with it.
     """
-    pairs = []
-    with open(path, encoding="utf-8") as fh:
-        for number, line in enumerate(fh, start=1):
-            if line.strip():
-                pairs.append(_parse_line(line, f"{path}:{number}"))
-    return pairs
+    return [_labelled(row, where)
+            for where, _, row in read_jsonl(path, expected="an object with 'query' and 'label'")]
 
 
-def _parse_line(line: str, where: str) -> tuple[str, str]:
-    try:
-        row = json.loads(line)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
-    if not isinstance(row, dict):
-        raise ValueError(f"{where}: expected an object with 'query' and 'label', got {type(row).__name__}")
+def _labelled(row: dict[str, Any], where: str) -> tuple[str, str]:
     for key in ("query", "label"):
         value = row.get(key)
         if not isinstance(value, str) or not value.strip():

@@ -125,10 +125,10 @@ def test_load_labelled_jsonl(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("second_line", "message"),
     [
-        ("{not json", "invalid JSON"),
+        ("{not json", "not valid JSON"),
         ('{"query": "x"}', "'label' must be a string"),
         ('{"query": 3, "label": "a"}', "'query' must be a string"),
-        ('["query", "label"]', "expected a JSON object"),
+        ('["query", "label"]', "expected an object with 'query' and 'label', got list"),
         ('{"query": "x", "label": "a", "id": "a"}', "duplicate id 'a' \\(first on line 1\\)"),
         ('{"query": "x", "label": "a", "id": true}', "'id' must be a string or integer"),
     ],

@@ -1,0 +1,34 @@
+"""Reading JSONL data files: one JSON object a line, blank lines skipped, every problem named by file and line.
+
+The training files (labelled queries, outcome records) and the evaluation harness's user files all read this
+way; each caller checks its own fields on the objects this yields.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+__all__ = ["read_jsonl"]
+
+
+def read_jsonl(path: str | Path, *, expected: str = "an object",
+               error: type[ValueError] = ValueError) -> Iterator[tuple[str, int, dict[str, Any]]]:
+    """``(where, line number, object)`` for each non-blank line, ``where`` being ``"<path>:<line>"``.
+
+    A line that is not JSON, or not a JSON object, raises ``error`` naming the place and what is wrong;
+    ``expected`` says what the object should have held (``"an object with 'query' and 'label'"``)."""
+    with open(path, encoding="utf-8") as fh:
+        for number, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{number}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise error(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+            if not isinstance(row, dict):
+                raise error(f"{where}: expected {expected}, got {type(row).__name__}")
+            yield where, number, row
