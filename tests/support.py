@@ -2,7 +2,18 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
+
+import httpx
+import pytest
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -11,3 +22,45 @@ def is_png(path: Path) -> bool:
     """A non-trivial file that starts with the PNG signature."""
     data = path.read_bytes()
     return data.startswith(PNG_SIGNATURE) and len(data) > 1000
+
+
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextmanager
+def moe_serve(config: Path, log: Path, *, env: Mapping[str, str] | None = None, cwd: Path | None = None,
+              start_timeout_s: float = 120.0, extra: Sequence[str] = ()) -> Iterator[str]:
+    """``moe serve --config CONFIG`` in its own process (and process group) on a free loopback port; yields its
+    URL once ``/health`` answers, and stops it with SIGTERM on the way out. Fails the test with the end of the
+    service's log when it does not come up."""
+    port = free_port()
+    with log.open("wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "router.cli", "serve", "--config", str(config), "--host",
+                                 "127.0.0.1", "--port", str(port), *extra], stdout=out, stderr=subprocess.STDOUT,
+                                env=dict(env) if env is not None else None, cwd=cwd, start_new_session=True)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.monotonic() + start_timeout_s
+            while True:
+                try:
+                    if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    out.flush()
+                    pytest.fail(f"moe serve did not start:\n{log.read_text(errors='replace')[-3000:]}")
+                time.sleep(0.25)
+            yield url
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()

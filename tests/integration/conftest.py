@@ -31,10 +31,10 @@ from tests.integration.vllm_server import (
     ServerSpec,
     VLLMServer,
     VLLMServerError,
-    free_port,
     start_all,
     vllm_python,
 )
+from tests.support import free_port
 
 # Tool calling, read by vLLM's hermes parser from the tiny template's <tool_call> turns. Random weights never
 # call a tool on their own, so tests force one with tool_choice "required" or a named function, which vLLM

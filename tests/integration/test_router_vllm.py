@@ -6,16 +6,9 @@ is killed. The tiny model writes random text, so these tests check routing and t
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 import yaml
 from langchain_openai import ChatOpenAI
@@ -27,6 +20,7 @@ from router.config import load_config
 from router.orchestrator import StreamEnd, StreamPiece
 from router.train import train_from_config
 from tests.integration.vllm_server import ServerSpec, VLLMServer
+from tests.support import moe_serve
 
 MATH = ["solve the equation 3x + 5 = 20", "what is the derivative of x squared", "integrate sin x from 0 to pi",
         "factor the polynomial x^2 - 9", "compute 17 times 23", "is 97 a prime number"]
@@ -56,39 +50,14 @@ def write_config(path: Path, experts: dict[str, tuple[VLLMServer, list[str]]]) -
     return path
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def served(vllm_experts: dict[str, VLLMServer], tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """`moe serve` in its own process, routing between the two session vLLM servers."""
     work = tmp_path_factory.mktemp("router")
     config = write_config(work / "router.yaml", {"math": (vllm_experts["tiny-a"], MATH),
                                                   "cooking": (vllm_experts["tiny-b"], COOKING)})
-    port = free_port()
-    log = (work / "serve.log").open("wb")
-    proc = subprocess.Popen([sys.executable, "-m", "router.cli", "serve", "--config", str(config), "--port",
-                             str(port), "--log-level", "warning"], stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            log.close()
-            pytest.fail(f"moe serve did not start:\n{(work / 'serve.log').read_text()[-3000:]}")
-        time.sleep(0.25)
-    yield url
-    os.killpg(proc.pid, signal.SIGTERM)
-    proc.wait(timeout=30)
-    log.close()
+    with moe_serve(config, work / "serve.log", extra=["--log-level", "warning"]) as url:
+        yield url
 
 
 def test_openai_client_is_routed_by_topic(served: str) -> None:

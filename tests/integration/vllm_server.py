@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+
+from tests.support import free_port
 
 __all__ = [
     "SETUP_HINT",
@@ -70,12 +71,6 @@ def vllm_python() -> Path:
     if not (venv / ".moe-vllm-setup").exists():
         raise VLLMServerError(f"the vLLM venv at {venv} is incomplete (no setup marker): {SETUP_HINT}")
     return python
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass(frozen=True)

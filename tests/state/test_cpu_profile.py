@@ -7,10 +7,8 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,16 +19,10 @@ import yaml
 from eval.demo import held_out, write_training_file
 from experts.recordings import load_routerbench
 from router.config import load_config
+from tests.support import moe_serve
 
 ROOT = Path(__file__).resolve().parents[2]
 MOE = [sys.executable, "-m", "router.cli"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 @pytest.fixture
@@ -55,32 +47,8 @@ def profile(tmp_path: Path, data_dir: Path, redis_url: str) -> Iterator[tuple[st
                              capture_output=True, text=True, timeout=300, check=False)
     assert trained.returncode == 0, trained.stderr[-2000:]
     assert (tmp_path / "artifacts" / "demo-gate" / "gate.json").is_file()
-    port = _free_port()
-    log = (tmp_path / "router.log").open("w", encoding="utf-8")
-    server = subprocess.Popen([*MOE, "serve", "--config", str(config_path), "--host", "127.0.0.1", "--port",
-                               str(port)], env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if server.poll() is not None or time.monotonic() > deadline:
-                log.flush()
-                pytest.fail(f"moe serve did not come up: {(tmp_path / 'router.log').read_text()[-3000:]}")
-            time.sleep(0.25)
+    with moe_serve(config_path, tmp_path / "router.log", env=env, cwd=tmp_path, start_timeout_s=90) as url:
         yield url, tmp_path, env
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
-        log.close()
 
 
 def test_cpu_profile_serves_replay_experts_with_state_in_redis(profile: tuple[str, Path, dict[str, str]],
