@@ -23,7 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from router.build import GateNotTrained, build_orchestrator
+from router.build import GateNotTrained, VoteWeightsNotTrained, build_orchestrator
 from router.config import ConfigError, RouterConfig, load_config
 from router.orchestrator import Orchestrator
 
@@ -102,6 +102,8 @@ class Reloader:
             raise ReloadFailed(str(self.path), [(f"{where}{p}", m) for p, m in exc.problems]) from exc
         except GateNotTrained as exc:
             raise ReloadFailed(str(self.path), [("gate.artifact", str(exc))]) from exc
+        except VoteWeightsNotTrained as exc:
+            raise ReloadFailed(str(self.path), [("combiner.vote_weights", str(exc))]) from exc
         except Exception as exc:
             # Anything else that stops the build (an expert's class, a gate that does not fit the experts)
             # must not reach the running service: it is reported as one more problem.

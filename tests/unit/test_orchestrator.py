@@ -95,6 +95,23 @@ async def test_topk_panel_calls_concurrently_and_votes() -> None:
     assert top1.expert == "math"
 
 
+async def test_learned_vote_weights_outvote_the_gates_weights() -> None:
+    config = fake_config(NAMES, gate={"top_k": {"policy": "fixed", "k": 3}},
+                         combiner={"strategy": "vote", "vote_weights": "learned"})
+    experts = {"math": FakeExpert(config.expert("math"), "The answer is (A)."),
+               "code": FakeExpert(config.expert("code"), "The answer is (B)."),
+               "law": FakeExpert(config.expert("law"), "Answer: B")}
+    gate = FakeGate(NAMES, {}, default=[0.45, 0.3, 0.25])
+    with pytest.raises(ValueError, match="no learned vote weights were given; train them with: moe train"):
+        Orchestrator(config, gate, experts)
+    # code and law err together (one learned weight between them); math alone outweighs both.
+    orch = Orchestrator(config, gate, experts, vote_weights={"math": 1.2, "code": 0.5, "law": 0.1})
+    answer = await orch.complete(ask("which letter?"))
+    assert answer.content == "The answer is (A)." and answer.expert == "math"
+    assert {c.expert: (round(c.weight, 6), c.agreed) for c in answer.trace.contributions} == {
+        "math": (1.2, True), "code": (0.5, False), "law": (0.1, False)}
+
+
 async def test_panel_member_failure_renormalises_the_rest() -> None:
     config = fake_config(NAMES, gate={"top_k": {"policy": "fixed", "k": 2}})
     experts = {"math": FakeExpert(config.expert("math"), fail=lambda n: ExpertUnavailable(n, "down"))}

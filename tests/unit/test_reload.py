@@ -197,6 +197,25 @@ async def test_a_gate_that_cannot_be_loaded_is_a_reload_problem(tmp_path: Path) 
     assert "moe train" in info.value.problems[0][1]
 
 
+async def test_learned_vote_weights_that_were_never_trained_are_a_reload_problem(tmp_path: Path) -> None:
+    from router.build import load_vote_weights
+
+    path = write(tmp_path / "router.yaml", ["math"])
+    builds = Builds()
+
+    def build(config: RouterConfig) -> Orchestrator:
+        load_vote_weights(config)  # what build_orchestrator does after loading the gate
+        return builds(config)
+
+    reloader = Reloader(path, build=build)
+    reloader.bind(SimpleNamespace(orchestrator=builds(load_config(path))))
+    write(path, ["math"], combiner={"strategy": "vote", "vote_weights": "learned"})
+    with pytest.raises(ReloadFailed) as info:
+        await reloader.reload()
+    assert info.value.problems[0][0] == "combiner.vote_weights"
+    assert "vote_weights.json" in info.value.problems[0][1] and "moe train" in info.value.problems[0][1]
+
+
 async def test_reload_without_a_reloader_is_refused(tmp_path: Path) -> None:
     config = load_config(write(tmp_path / "router.yaml", ["math"]))
     app = create_app(Builds()(config), environ={"MOE_ADMIN": ADMIN})
