@@ -74,7 +74,7 @@ TARGETS: dict[str, list[Target]] = {
     "banking77-intent": [_PEER_TARGET],
     "mmlu-pro-outcome": [Target("routed ≥ best single", _routed_vs_best)],
     "routerbench": [Target("ARC: GPT-4's accuracy at ≤ 30% of its cost", _arc_cost)],
-    "mmlu-pro-combine": [Target("best strategy ≥ best single + 0.05", _combine_margin)],
+    "mmlu-pro-combine": [Target("strategy chosen on val ≥ best single + 0.05", _combine_margin)],
 }
 
 
