@@ -98,25 +98,24 @@ class VoteWeights:
 
 def _candidates(answers: Sequence[Sequence[str | None]], target: Sequence[str | None],
                 m: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[int]]:
-    """``V`` [n, C, m] (expert e voted candidate c), the candidate mask [n, C], each kept record's target index
-    [n], and which records were kept: those whose target is one of their candidates."""
+    """For the records whose target is one of their candidates: ``choice`` [n, m], the candidate each expert
+    voted for (-1: no answer), the candidate mask [n, C], each record's target index [n], and which records
+    were kept. Memory grows with records times experts, not times candidates too."""
     kept: list[tuple[int, list[str]]] = []
     for i, (row, right) in enumerate(zip(answers, target, strict=True)):
         distinct = list(dict.fromkeys(a for a in row if a is not None))
         if right is not None and right in distinct:
             kept.append((i, distinct))
     width = max((len(d) for _, d in kept), default=1)
-    votes = np.zeros((len(kept), width, m), dtype=np.float64)
+    choice = np.full((len(kept), m), -1, dtype=np.int64)
     mask = np.zeros((len(kept), width), dtype=bool)
     y = np.zeros(len(kept), dtype=np.int64)
     for k, (i, distinct) in enumerate(kept):
         index = {c: j for j, c in enumerate(distinct)}
         mask[k, :len(distinct)] = True
         y[k] = index[target[i]]  # type: ignore[index]
-        for e, a in enumerate(answers[i]):
-            if a is not None:
-                votes[k, index[a], e] = 1.0
-    return votes, mask, y, [i for i, _ in kept]
+        choice[k] = [index[a] if a is not None else -1 for a in answers[i]]
+    return choice, mask, y, [i for i, _ in kept]
 
 
 def fit_vote_weights(answers: Sequence[Sequence[str | None]], target: Sequence[str | None],
@@ -130,7 +129,7 @@ def fit_vote_weights(answers: Sequence[Sequence[str | None]], target: Sequence[s
     m = len(experts)
     if any(len(row) != m for row in answers):
         raise ValueError(f"every record needs one answer slot per expert ({m})")
-    votes, mask, y, kept = _candidates(answers, target, m)
+    choice, mask, y, kept = _candidates(answers, target, m)
     n = len(y)
     if n == 0:
         raise ValueError("no record has its right answer among the experts' answers; nothing to fit vote "
@@ -140,14 +139,18 @@ def fit_vote_weights(answers: Sequence[Sequence[str | None]], target: Sequence[s
                if groups is not None else np.zeros(n, dtype=np.int64))
     n_groups = len(group_names)
     rows = np.arange(n)
+    voted = choice >= 0
+    vote_rows, vote_cols = np.nonzero(voted)  # one entry per answer given
+    vote_cands = choice[vote_rows, vote_cols]
 
     def split(theta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return theta[:m], theta[m:].reshape(n_groups, m)
 
     def loss(theta: np.ndarray) -> tuple[float, np.ndarray]:
         shared, per_group = split(theta)
-        w = shared[None, :] + (per_group[g_index] if n_groups else 0.0)  # [n, m]
-        scores = np.einsum("ncm,nm->nc", votes, w)
+        w = np.broadcast_to(shared[None, :] + (per_group[g_index] if n_groups else 0.0), (n, m))
+        scores = np.zeros(mask.shape)
+        np.add.at(scores, (vote_rows, vote_cands), w[vote_rows, vote_cols])  # each candidate's tally
         scores = np.where(mask, scores, -np.inf)
         top = scores.max(axis=1, keepdims=True)
         z = np.exp(scores - top)
@@ -156,7 +159,8 @@ def fit_vote_weights(answers: Sequence[Sequence[str | None]], target: Sequence[s
         nll = float(-(scores[rows, y] - top[:, 0] - np.log(total[:, 0])).sum())
         residual = p.copy()
         residual[rows, y] -= 1.0
-        grad_w = np.einsum("nc,ncm->nm", residual, votes)  # d nll / d w_row
+        grad_w = np.zeros((n, m))  # d nll / d w for each record: the residual of the candidate voted for
+        grad_w[vote_rows, vote_cols] = residual[vote_rows, vote_cands]
         grad = np.zeros_like(theta)
         grad[:m] = grad_w.sum(axis=0) + l2 * shared
         if n_groups:
