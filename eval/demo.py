@@ -29,6 +29,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from eval.convert import convert
 from experts.recordings import RouterBenchRow, RouterBenchStore, load_routerbench, normalize_prompt
 from router.build import build_orchestrator
 from router.config import RouterConfig, load_config
@@ -53,31 +54,21 @@ class DemoRow:
     errors: int = 0
 
 
-def _replay_store(config: RouterConfig) -> RouterBenchStore:
+def _replay_path(config: RouterConfig) -> Path:
+    """The RouterBench recordings the config's replay experts play."""
     first = next(e for e in config.experts if e.replay is not None and e.replay.source == "routerbench")
     assert first.replay is not None
-    return load_routerbench(config.resolve(first.replay.path))
+    return config.resolve(first.replay.path)
 
 
-def write_training_file(config: RouterConfig, store: RouterBenchStore, limit: int | None = None) -> tuple[Path, int]:
-    """The outcome records the config's gate trains on, from the train split only: for every question (the
-    first ``limit`` ones, when given), each expert's recorded correctness and USD cost (an expert with no record
-    for a question is left out of it)."""
-    by_column = {e.recorded_model: e.name for e in config.experts}
+def write_training_file(config: RouterConfig, limit: int | None = None) -> tuple[Path, int]:
+    """The outcome records the config's gate trains on (``moe convert routerbench --split train``): for every
+    question of RouterBench's train split (the first ``limit``, when given), each replay expert's recorded
+    correctness and USD cost; an expert with no record for a question is left out of it."""
     path = config.resolve(config.gate.train_data[0])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    count = 0
-    with path.open("w", encoding="utf-8") as fh:
-        for row in store.select(split="train"):
-            answers = {name: row.answers[col] for col, name in by_column.items()}
-            outcomes = {name: a.correct for name, a in answers.items() if a.correct is not None}
-            cost = {name: a.cost_usd for name, a in answers.items() if a.cost_usd is not None}
-            if outcomes:
-                fh.write(json.dumps({"query": row.prompt, "outcomes": outcomes, "cost": cost}) + "\n")
-                count += 1
-                if limit is not None and count >= limit:
-                    break
-    return path, count
+    names = {e.recorded_model: e.name for e in config.experts if e.type == "replay"}
+    return path, convert("routerbench", _replay_path(config), "train", path, names=names, answers=False,
+                         limit=limit)
 
 
 def held_out(store: RouterBenchStore) -> list[RouterBenchRow]:
@@ -191,8 +182,8 @@ def _markdown(rows: list[DemoRow], meta: dict[str, Any]) -> str:
 def run_demo(config_path: str | Path, out: Path, limit: int | None = None) -> list[DemoRow]:
     config = load_config(config_path, check_env=False)
     print(f"[1/4] loading RouterBench recordings for {len(config.experts)} replay experts", flush=True)
-    store = _replay_store(config)
-    train_file, n_train = write_training_file(config, store)
+    store = load_routerbench(_replay_path(config))
+    train_file, n_train = write_training_file(config)
     print(f"      wrote the outcomes of {n_train} train questions to {train_file}", flush=True)
     print("[2/4] training the gate", flush=True)
     gate = train_from_config(config, progress=True)

@@ -1,4 +1,4 @@
-"""``moe``: serve, route, ask, train, eval, demo, config check, compose. ``moe <command> --help`` for each."""
+"""``moe``: serve, route, ask, train, convert, eval, demo, config check, compose. ``moe <command> --help`` for each."""
 
 from __future__ import annotations
 
@@ -158,6 +158,19 @@ def _parser() -> argparse.ArgumentParser:
             p.add_argument("--model", default="auto", help="'auto' routes; an expert's name calls it directly")
             p.add_argument("--stream", action="store_true", help="stream the answer (with --url)")
         p.set_defaults(func=func)
+
+    p = sub.add_parser("convert", help="write a shared data set as training JSONL (labelled or outcome records)")
+    p.add_argument("dataset", help="mmlu-pro-domain, clinc150-domain, snips-intent, banking77-intent, "
+                   "mmlu-pro-outcome or routerbench")
+    p.add_argument("--out", required=True, help="the JSONL file to write")
+    p.add_argument("--split", default="train", help="train (default), val, test or all: the evaluation "
+                   "suites' own splits, so a converted train file never holds a test question")
+    p.add_argument("--data", default=None, help="the shared data folder (default: $MOE_DATA_DIR or ../shared/data)")
+    p.add_argument("--seed", type=int, default=0, help="the seed of MMLU-Pro's split by question id")
+    p.add_argument("--config", help="outcome data: name the recorded LLMs after this config's replay experts")
+    p.add_argument("--no-answers", action="store_true", help="outcome data: leave the experts' answers out")
+    p.add_argument("--limit", type=int, default=None, help="at most this many lines")
+    p.set_defaults(func=_delegate("eval.convert:main"))
 
     p = sub.add_parser("eval", help="evaluate routing on a named suite or your own JSONL")
     p.add_argument("--suite", help="mmlu-pro-domain, clinc150-domain, snips-intent, banking77-intent, "

@@ -40,8 +40,7 @@ def profile(tmp_path: Path, data_dir: Path, redis_url: str) -> Iterator[tuple[st
         config = load_config(config_path, check_env=False)
     finally:
         os.environ.pop("MOE_DATA_DIR", None)
-    store = load_routerbench(config.resolve(config.experts[0].replay.path))  # type: ignore[union-attr]
-    _, count = write_training_file(config, store, limit=40)  # a small gate: serving, not accuracy, is tested
+    _, count = write_training_file(config, limit=40)  # a small gate: serving, not accuracy, is tested
     assert count == 40
     trained = subprocess.run([*MOE, "train", "--config", str(config_path), "--no-feedback"], env=env, cwd=tmp_path,
                              capture_output=True, text=True, timeout=300, check=False)

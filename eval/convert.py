@@ -1,0 +1,198 @@
+"""``moe convert``: the shared data sets as the JSONL training files ``moe train`` and ``moe eval`` read.
+
+Two kinds of file come out (see ``router.train``):
+
+- labelled queries, ``{"id", "query", "label"}``: ``mmlu-pro-domain`` (14 categories; the query is the prompt
+  a user sends, question and lettered options), ``clinc150-domain`` (10 domains, in-scope queries only),
+  ``snips-intent`` (7 intents), ``banking77-intent`` (77 intents);
+- outcome records, ``{"query", "outcomes", "cost", "answers"}``: ``mmlu-pro-outcome`` (31 LLMs: each one's
+  recorded correctness, its recorded letter as its answer, and its output length in characters as its cost,
+  since MMLU-Pro records no prices) and ``routerbench`` (11 LLMs on ARC-Challenge, MBPP and Winogrande: each
+  one's grade, full response and USD cost). An LLM without a record for a question is left out of that line.
+
+Splits are the evaluation suites' own, so a file converted with ``--split train`` never holds a question of
+the suite's test split: CLINC150's, SNIPS's, Banking77's and RouterBench's published splits, and for MMLU-Pro
+the seeded split by question id (``eval.routing.FRACTIONS``) that ``mmlu-pro-domain``, ``mmlu-pro-outcome`` and
+``mmlu-pro-combine`` use. Outcome records name the LLMs as recorded; ``--config`` renames them to the config's
+replay experts (the expert whose recorded model is that LLM) and keeps only those.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from eval.datasets import (
+    CLINC_OOS_LABEL,
+    LabelledQuery,
+    load_banking77,
+    load_clinc150_domains,
+    load_snips,
+    split_by_id,
+)
+from eval.routing import FRACTIONS
+
+__all__ = ["CONVERTERS", "Converter", "convert", "main"]
+
+Row = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Converter:
+    kind: Literal["label", "outcome"]
+    splits: tuple[str, ...]  # the splits this data set has
+    rows: Callable[[Path, str, int], Iterator[Row]]  # (data dir, split, seed) -> lines
+
+
+def _mmlu_pro_part(items: list[Any], split: str, seed: int) -> list[Any]:
+    if split == "all":
+        return items
+    train, val, test = split_by_id(items, FRACTIONS, seed=seed)
+    return {"train": train, "val": val, "test": test}[split]
+
+
+def _mmlu_pro_store(data_dir: Path) -> Any:
+    from experts.recordings import load_mmlu_pro
+
+    folder = data_dir / "mmlu_pro_outcomes"
+    return load_mmlu_pro(folder if folder.is_dir() else data_dir)
+
+
+def _labelled(items: list[LabelledQuery]) -> Iterator[Row]:
+    for q in items:
+        yield {"id": q.id, "query": q.text, "label": q.label}
+
+
+def _mmlu_pro_domain(data_dir: Path, split: str, seed: int) -> Iterator[Row]:
+    from experts.recordings import mmlu_pro_prompt
+
+    store = _mmlu_pro_store(data_dir)
+    items = [LabelledQuery(str(q.question_id), mmlu_pro_prompt(q), q.category) for q in store.questions]
+    return _labelled(_mmlu_pro_part(items, split, seed))
+
+
+def _clinc150(data_dir: Path, split: str, seed: int) -> Iterator[Row]:
+    chosen = load_clinc150_domains(data_dir, None if split == "all" else split)  # type: ignore[arg-type]
+    return _labelled([q for q in chosen if q.label != CLINC_OOS_LABEL])
+
+
+def _own_split(loader: Callable[..., list[LabelledQuery]]) -> Callable[[Path, str, int], Iterator[Row]]:
+    def rows(data_dir: Path, split: str, seed: int) -> Iterator[Row]:
+        return _labelled(loader(data_dir, None if split == "all" else split))
+    return rows
+
+
+@dataclass(frozen=True)
+class _Question:
+    id: str
+    index: int
+
+
+def _mmlu_pro_outcome(data_dir: Path, split: str, seed: int) -> Iterator[Row]:
+    from experts.recordings import mmlu_pro_prompt
+
+    store = _mmlu_pro_store(data_dir)
+    columns = {m: store.outcomes(m) for m in store.models}
+    part = _mmlu_pro_part([_Question(str(q.question_id), i) for i, q in enumerate(store.questions)], split, seed)
+    for item in part:
+        recorded = {m: c[item.index] for m, c in columns.items() if c[item.index].correct is not None}
+        if not recorded:
+            continue
+        yield {"query": mmlu_pro_prompt(store.questions[item.index]),
+               "outcomes": {m: float(o.correct) for m, o in recorded.items()},
+               "cost": {m: float(o.response_chars) for m, o in recorded.items() if o.response_chars is not None},
+               "answers": {m: o.pred for m, o in recorded.items() if o.pred is not None}}
+
+
+def _routerbench(data_dir: Path, split: str, seed: int) -> Iterator[Row]:
+    from experts.recordings import load_routerbench
+
+    folder = data_dir / "routerdc" / "routerbench_zs"
+    store = load_routerbench(folder if folder.is_dir() else data_dir)
+    for row in store.select(split=None if split == "all" else split):
+        recorded = {m: a for m, a in row.answers.items() if a.correct is not None}
+        if not recorded:
+            continue
+        yield {"query": row.prompt, "outcomes": {m: a.correct for m, a in recorded.items()},
+               # A cost can be recorded where the grade is not; it still tells what that LLM charges.
+               "cost": {m: a.cost_usd for m, a in row.answers.items() if a.cost_usd is not None},
+               "answers": {m: a.response for m, a in recorded.items()}}
+
+
+CONVERTERS: dict[str, Converter] = {
+    "mmlu-pro-domain": Converter("label", ("train", "val", "test", "all"), _mmlu_pro_domain),
+    "clinc150-domain": Converter("label", ("train", "val", "test", "all"), _clinc150),
+    "snips-intent": Converter("label", ("train", "test", "all"), _own_split(load_snips)),
+    "banking77-intent": Converter("label", ("train", "test", "all"), _own_split(load_banking77)),
+    "mmlu-pro-outcome": Converter("outcome", ("train", "val", "test", "all"), _mmlu_pro_outcome),
+    "routerbench": Converter("outcome", ("train", "test", "all"), _routerbench),
+}
+
+
+def _renamed(row: Row, names: Mapping[str, str]) -> Row | None:
+    """An outcome line with the config's expert names, keeping only the LLMs some expert replays."""
+    out: Row = {"query": row["query"]}
+    for key in ("outcomes", "cost", "answers"):
+        if key in row:
+            out[key] = {names[m]: v for m, v in row[key].items() if m in names}
+    return out if out["outcomes"] else None
+
+
+def convert(name: str, data_dir: str | Path, split: str, out: str | Path, *, seed: int = 0,
+            names: Mapping[str, str] | None = None, answers: bool = True, limit: int | None = None) -> int:
+    """Write data set ``name``'s ``split`` to ``out`` as JSONL; returns the number of lines written.
+
+    ``names`` (outcome data sets only) maps recorded LLMs to expert names; ``answers=False`` leaves the
+    answers out of outcome records; ``limit`` stops after that many lines. Raises ``ValueError`` naming the
+    known data sets or splits for an unknown one."""
+    if name not in CONVERTERS:
+        raise ValueError(f"unknown data set {name!r}; known: {', '.join(CONVERTERS)}")
+    converter = CONVERTERS[name]
+    if split not in converter.splits:
+        raise ValueError(f"{name} has no {split!r} split; it has: {', '.join(converter.splits)}")
+    if names is not None and converter.kind != "outcome":
+        raise ValueError(f"{name} holds labelled queries; expert names apply to outcome records only")
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    count = 0
+    with path.open("w", encoding="utf-8") as fh:
+        for row in converter.rows(Path(data_dir), split, seed):
+            kept = _renamed(row, names) if names is not None else row
+            if kept is None:
+                continue
+            if not answers:
+                kept.pop("answers", None)
+            fh.write(json.dumps(kept, ensure_ascii=False) + "\n")
+            count += 1
+            if limit is not None and count >= limit:
+                break
+    return count
+
+
+def replay_names(config_path: str | Path) -> dict[str, str]:
+    """Recorded LLM -> expert name, for the config's replay experts."""
+    from router.config import load_config
+
+    config = load_config(config_path, check_env=False)
+    return {e.recorded_model: e.name for e in config.experts if e.type == "replay"}
+
+
+def main(args: argparse.Namespace) -> int:
+    """Entry point for ``moe convert`` (arguments are defined in ``router.cli``)."""
+    from eval.harness import default_data_dir
+
+    names = replay_names(args.config) if args.config else None
+    if names is not None and not names:
+        print(f"error: {args.config} has no replay experts to name the recorded LLMs after", file=sys.stderr)
+        return 2
+    count = convert(args.dataset, args.data or default_data_dir(), args.split, args.out, seed=args.seed,
+                    names=names, answers=not args.no_answers, limit=args.limit)
+    kind = CONVERTERS[args.dataset].kind
+    print(f"wrote {count} {'labelled queries' if kind == 'label' else 'outcome records'} ({args.dataset}, "
+          f"{args.split} split) to {args.out}")
+    return 0

@@ -1,0 +1,103 @@
+"""``moe convert``: the shared data sets as training JSONL, split as the suites split them, read back by the
+loaders that ``moe train`` and ``moe eval`` use."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from eval import datasets
+from eval.convert import CONVERTERS, convert, replay_names
+from eval.routing import FRACTIONS
+from experts.recordings import load_mmlu_pro, load_routerbench
+from router.cli import main
+from router.combine import extract_choice
+from router.outcome import load_outcome_jsonl
+from router.train import load_labelled_jsonl
+from router.vote_weights import fit_from_records
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_mmlu_pro_domain_splits_are_the_suites_and_never_overlap(data_dir: Path, tmp_path: Path) -> None:
+    written = {s: convert("mmlu-pro-domain", data_dir, s, tmp_path / f"{s}.jsonl") for s in ("train", "val", "test")}
+    store = load_mmlu_pro(data_dir / "mmlu_pro_outcomes")
+    items = [datasets.LabelledQuery(str(q.question_id), "", q.category) for q in store.questions]
+    expected = [{q.id for q in part} for part in datasets.split_by_id(items, FRACTIONS, seed=0)]
+    ids = {s: {q.id for q in datasets.load_labelled_jsonl(tmp_path / f"{s}.jsonl")} for s in written}
+    assert [ids["train"], ids["val"], ids["test"]] == expected
+    assert written == {s: len(ids[s]) for s in written} and sum(written.values()) == len(store.questions)
+    pairs = load_labelled_jsonl(tmp_path / "test.jsonl")  # what moe train reads
+    assert {label for _, label in pairs} == set(store.categories) and pairs[0][0].startswith("Question:\n")
+
+
+@pytest.mark.parametrize(("name", "split", "count"), [
+    ("snips-intent", "test", None), ("banking77-intent", "test", 3080), ("clinc150-domain", "test", 4500)])
+def test_labelled_data_sets_keep_their_own_splits(name: str, split: str, count: int | None, data_dir: Path,
+                                                  tmp_path: Path) -> None:
+    out = tmp_path / "x.jsonl"
+    written = convert(name, data_dir, split, out)
+    rows = datasets.load_labelled_jsonl(out)
+    assert written == len(rows) > 0 and (count is None or written == count)
+    assert "oos" not in {r.label for r in rows}  # CLINC150's out-of-scope queries name no expert
+
+
+def test_unknown_data_set_split_or_naming_is_refused(data_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="unknown data set 'mmlu'; known: mmlu-pro-domain"):
+        convert("mmlu", data_dir, "train", tmp_path / "x.jsonl")
+    with pytest.raises(ValueError, match="snips-intent has no 'val' split; it has: train, test, all"):
+        convert("snips-intent", data_dir, "val", tmp_path / "x.jsonl")
+    with pytest.raises(ValueError, match="expert names apply to outcome records only"):
+        convert("snips-intent", data_dir, "train", tmp_path / "x.jsonl", names={"a": "b"})
+    assert set(CONVERTERS) == {"mmlu-pro-domain", "clinc150-domain", "snips-intent", "banking77-intent",
+                               "mmlu-pro-outcome", "routerbench"}
+
+
+def test_mmlu_pro_outcomes_carry_letters_that_teach_vote_weights(data_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "o.jsonl"
+    assert convert("mmlu-pro-outcome", data_dir, "train", out, limit=3000) == 3000
+    records = load_outcome_jsonl(out)  # what moe train reads
+    store = load_mmlu_pro(data_dir / "mmlu_pro_outcomes")
+    first = store.questions_for(records[0].query)[0]
+    for model in store.models:
+        outcome = store.outcome(first.question_id, model)
+        assert records[0].outcomes.get(model) == (None if outcome.correct is None else float(outcome.correct))
+        assert records[0].answers.get(model) == outcome.pred
+    assert all(set(r.answers) <= set(r.outcomes) and set(r.cost) <= set(r.outcomes) for r in records)
+    weights = fit_from_records(records, list(store.models), extract_choice).for_group()
+    strongest = sorted(weights, key=weights.__getitem__, reverse=True)[:2]
+    # The two strongest recorded LLMs lead; most of the 31 add nothing once they have voted.
+    assert set(strongest) <= {"gpt-4o-2024-05-13@ff991b5", "gemini-1.5-pro-002", "Meta-Llama-3_1-70B-Instruct"}
+    assert sum(w < 1e-3 for w in weights.values()) >= 10
+
+
+def test_routerbench_outcomes_named_after_a_configs_replay_experts(data_dir: Path, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MOE_DATA_DIR", str(data_dir))
+    names = replay_names(ROOT / "configs" / "demo.yaml")
+    assert len(names) == 11 and names["gpt-4-1106-preview"] == "gpt-4-turbo"
+    out = tmp_path / "rb.jsonl"
+    count = convert("routerbench", data_dir, "test", out, names=names)
+    store = load_routerbench(data_dir / "routerdc" / "routerbench_zs")
+    assert count == len(store.select(split="test"))
+    records = load_outcome_jsonl(out)
+    assert {e for r in records for e in r.outcomes} == set(names.values())
+    row = store.select(split="test")[0]
+    assert records[0].query == row.prompt
+    assert records[0].answers["gpt-4-turbo"] == row.answers["gpt-4-1106-preview"].response
+    assert records[0].cost["gpt-4-turbo"] == row.answers["gpt-4-1106-preview"].cost_usd
+    convert("routerbench", data_dir, "test", out, names=names, answers=False, limit=5)
+    lines = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    assert len(lines) == 5 and all(set(line) == {"query", "outcomes", "cost"} for line in lines)
+
+
+def test_cli_writes_and_says_what(data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "snips.jsonl"
+    assert main(["convert", "snips-intent", "--split", "test", "--data", str(data_dir), "--out", str(out)]) == 0
+    said = capsys.readouterr().out
+    assert f"labelled queries (snips-intent, test split) to {out}" in said
+    assert said.startswith(f"wrote {len(datasets.load_labelled_jsonl(out))} ")
+    assert main(["convert", "snips-intent", "--split", "val", "--data", str(data_dir), "--out", str(out)]) == 1
+    assert "has no 'val' split" in capsys.readouterr().err
