@@ -256,7 +256,7 @@ def run_mmlu_pro_combine(ctx: SuiteContext) -> dict[str, Any]:
     fixed = panel_letters(oh, np.tile(top3, (len(test), 1)), np.tile(weights_of(train_acc[top3], "uniform"),
                                                                      (len(test), 1)))
     check = _check_with_combiners(oh, s, chosen["k"], chosen["weights"], models, voted)
-    check["learned_vote"] = _check_learned(oh, s, chosen_learned["k"], learned.for_group(), models, learned_voted)
+    check["learned_vote"] = _check_learned(oh, s, chosen_learned["k"], learned.as_mapping(), models, learned_voted)
     consensus = voted if check["consensus"] == 1.0 else np.full(len(test), -2)  # never silently wrong
     if check["learned_vote"] != 1.0:
         learned_voted = np.full(len(test), -2)  # never silently wrong: the suite scores what the combiner does
@@ -307,7 +307,7 @@ def run_mmlu_pro_combine(ctx: SuiteContext) -> dict[str, Any]:
         "setup": {"pool": pool_name, "experts": len(models), "train": len(train), "val": len(val),
                   "test": len(test), "best_single": models[best],
                   "fixed_top3": [models[j] for j in top3],
-                  "learned_vote_weights": {e: round(w, 4) for e, w in learned.for_group().items() if w > 0},
+                  "learned_vote_weights": {e: round(w, 4) for e, w in learned.as_mapping().items() if w > 0},
                   **{f"chosen_learned_{k}": v for k, v in chosen_learned.items()},
                   **{f"chosen_{k}": v for k, v in chosen.items()},
                   **{f"top1_{k}": v for k, v in chosen_top1.items()}},

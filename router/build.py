@@ -85,7 +85,7 @@ def load_vote_weights(config: RouterConfig) -> dict[str, float] | None:
     learned = VoteWeights.load(path)
     if learned is None:
         raise VoteWeightsNotTrained(path)
-    weights = {e: w for e, w in learned.for_group().items() if e in config.expert_names}
+    weights = {e: w for e, w in learned.as_mapping().items() if e in config.expert_names}
     if not weights:
         raise ValueError(f"{path}: the learned vote weights name none of the config's experts "
                          f"({', '.join(learned.experts)}); retrain with: moe train --config <this config>")

@@ -12,9 +12,8 @@ gave)::
 
 with every ``w_e >= 0``, so the decision is exactly a weighted vote: the answer with the largest tally of
 weights wins (``router.combine.Vote`` with these weights). An L2 penalty keeps experts with little evidence
-near zero. Optional groups (a query's domain, say) add a per-group weight on top: an expert can count for more
-in the domain it is good at, ``w_e + w_{e,g}``. Only records whose right answer is among the candidates teach
-anything about choosing among them; the others are left out and counted in ``metrics``.
+near zero. Only records whose right answer is among the candidates teach anything about choosing among them;
+the others are left out and counted in ``metrics``.
 
 Measured on MMLU-Pro's 31 recorded LLMs (``moe eval --suite mmlu-pro-combine``): see that suite's report.
 """
@@ -40,33 +39,21 @@ _FORMAT = 1
 
 @dataclass(frozen=True)
 class VoteWeights:
-    """Per-expert vote weights, and per-group additions when fitted with groups."""
+    """One learned vote weight per expert."""
 
     experts: tuple[str, ...]
     weights: np.ndarray  # [m], >= 0
-    groups: tuple[str, ...] = ()
-    group_weights: np.ndarray | None = None  # [g, m], >= 0, added to ``weights`` for a query in that group
     metrics: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.weights.shape != (len(self.experts),):
             raise ValueError(f"vote weights: {self.weights.shape[0]} weights for {len(self.experts)} experts")
-        if self.group_weights is not None and self.group_weights.shape != (len(self.groups), len(self.experts)):
-            raise ValueError("vote weights: group_weights must be [groups, experts]")
 
-    def vector(self, group: str | None = None) -> np.ndarray:
-        """``[m]`` weights for a query in ``group`` (None, or a group never fitted: the shared weights)."""
-        if group is None or self.group_weights is None or group not in self.groups:
-            return self.weights
-        return self.weights + self.group_weights[self.groups.index(group)]
-
-    def for_group(self, group: str | None = None) -> dict[str, float]:
-        return {e: float(w) for e, w in zip(self.experts, self.vector(group), strict=True)}
+    def as_mapping(self) -> dict[str, float]:
+        return {e: float(w) for e, w in zip(self.experts, self.weights, strict=True)}
 
     def as_dict(self) -> dict[str, Any]:
         return {"format": _FORMAT, "experts": list(self.experts), "weights": self.weights.tolist(),
-                "groups": list(self.groups),
-                "group_weights": None if self.group_weights is None else self.group_weights.tolist(),
                 "metrics": self.metrics}
 
     @classmethod
@@ -74,10 +61,7 @@ class VoteWeights:
         if doc.get("format") != _FORMAT:
             raise ValueError(f"{where}: unknown format {doc.get('format')!r}; this version reads {_FORMAT}")
         try:
-            group_weights = doc.get("group_weights")
             return cls(experts=tuple(doc["experts"]), weights=np.asarray(doc["weights"], dtype=float),
-                       groups=tuple(doc.get("groups") or ()),
-                       group_weights=None if group_weights is None else np.asarray(group_weights, dtype=float),
                        metrics=dict(doc.get("metrics") or {}))
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"{where}: malformed ({exc})") from exc
@@ -97,10 +81,10 @@ class VoteWeights:
 
 
 def _candidates(answers: Sequence[Sequence[str | None]], target: Sequence[str | None],
-                m: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[int]]:
+                m: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """For the records whose target is one of their candidates: ``choice`` [n, m], the candidate each expert
-    voted for (-1: no answer), the candidate mask [n, C], each record's target index [n], and which records
-    were kept. Memory grows with records times experts, not times candidates too."""
+    voted for (-1: no answer), the candidate mask [n, C] and each record's target index [n]. Memory grows with
+    records times experts, not times candidates too."""
     kept: list[tuple[int, list[str]]] = []
     for i, (row, right) in enumerate(zip(answers, target, strict=True)):
         distinct = list(dict.fromkeys(a for a in row if a is not None))
@@ -115,42 +99,32 @@ def _candidates(answers: Sequence[Sequence[str | None]], target: Sequence[str | 
         mask[k, :len(distinct)] = True
         y[k] = index[target[i]]  # type: ignore[index]
         choice[k] = [index[a] if a is not None else -1 for a in answers[i]]
-    return choice, mask, y, [i for i, _ in kept]
+    return choice, mask, y
 
 
 def fit_vote_weights(answers: Sequence[Sequence[str | None]], target: Sequence[str | None],
-                     experts: Sequence[str], *, groups: Sequence[str] | None = None,
-                     l2: float = 1.0, max_iter: int = 500) -> VoteWeights:
+                     experts: Sequence[str], *, l2: float = 1.0, max_iter: int = 500) -> VoteWeights:
     """Weights for ``experts`` from ``answers[i][e]`` (expert e's extracted answer to record i; None: it gave
-    none) and ``target[i]`` (the right answer; None: unknown). ``groups[i]``, when given, fits per-group
-    additions as well. Raises ``ValueError`` when no record can teach anything."""
+    none) and ``target[i]`` (the right answer; None: unknown). Raises ``ValueError`` when no record can teach
+    anything."""
     from scipy.optimize import minimize
 
     m = len(experts)
     if any(len(row) != m for row in answers):
         raise ValueError(f"every record needs one answer slot per expert ({m})")
-    choice, mask, y, kept = _candidates(answers, target, m)
+    choice, mask, y = _candidates(answers, target, m)
     n = len(y)
     if n == 0:
         raise ValueError("no record has its right answer among the experts' answers; nothing to fit vote "
                          "weights on")
-    group_names: tuple[str, ...] = tuple(sorted(set(groups))) if groups is not None else ()
-    g_index = (np.array([group_names.index(groups[i]) for i in kept], dtype=np.int64)
-               if groups is not None else np.zeros(n, dtype=np.int64))
-    n_groups = len(group_names)
     rows = np.arange(n)
     voted = choice >= 0
     vote_rows, vote_cols = np.nonzero(voted)  # one entry per answer given
     vote_cands = choice[vote_rows, vote_cols]
 
-    def split(theta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return theta[:m], theta[m:].reshape(n_groups, m)
-
-    def loss(theta: np.ndarray) -> tuple[float, np.ndarray]:
-        shared, per_group = split(theta)
-        w = np.broadcast_to(shared[None, :] + (per_group[g_index] if n_groups else 0.0), (n, m))
+    def loss(w: np.ndarray) -> tuple[float, np.ndarray]:
         scores = np.zeros(mask.shape)
-        np.add.at(scores, (vote_rows, vote_cands), w[vote_rows, vote_cols])  # each candidate's tally
+        np.add.at(scores, (vote_rows, vote_cands), w[vote_cols])  # each candidate's tally
         scores = np.where(mask, scores, -np.inf)
         top = scores.max(axis=1, keepdims=True)
         z = np.exp(scores - top)
@@ -159,25 +133,15 @@ def fit_vote_weights(answers: Sequence[Sequence[str | None]], target: Sequence[s
         nll = float(-(scores[rows, y] - top[:, 0] - np.log(total[:, 0])).sum())
         residual = p.copy()
         residual[rows, y] -= 1.0
-        grad_w = np.zeros((n, m))  # d nll / d w for each record: the residual of the candidate voted for
-        grad_w[vote_rows, vote_cols] = residual[vote_rows, vote_cands]
-        grad = np.zeros_like(theta)
-        grad[:m] = grad_w.sum(axis=0) + l2 * shared
-        if n_groups:
-            g_grad = np.zeros((n_groups, m))
-            np.add.at(g_grad, g_index, grad_w)
-            grad[m:] = (g_grad + l2 * per_group).ravel()
-        return nll + 0.5 * l2 * float(theta @ theta), grad
+        grad = np.zeros(m)  # d nll / d w_e: the residuals of the candidates expert e voted for
+        np.add.at(grad, vote_cols, residual[vote_rows, vote_cands])
+        return nll + 0.5 * l2 * float(w @ w), grad + l2 * w
 
-    theta0 = np.full(m * (1 + n_groups), 0.0)
-    theta0[:m] = 1.0
-    result = minimize(loss, theta0, jac=True, method="L-BFGS-B", bounds=[(0.0, None)] * len(theta0),
+    result = minimize(loss, np.ones(m), jac=True, method="L-BFGS-B", bounds=[(0.0, None)] * m,
                       options={"maxiter": max_iter})
-    shared, per_group = split(result.x)
     metrics = {"records": len(answers), "records_used": n, "nll_per_record": float(result.fun) / n,
                "l2": l2, "converged": bool(result.success)}
-    return VoteWeights(experts=tuple(experts), weights=shared, groups=group_names,
-                       group_weights=per_group if n_groups else None, metrics=metrics)
+    return VoteWeights(experts=tuple(experts), weights=result.x, metrics=metrics)
 
 
 def fit_from_records(records: Sequence[OutcomeRecord], experts: Sequence[str],

@@ -66,7 +66,7 @@ def test_mmlu_pro_outcomes_carry_letters_that_teach_vote_weights(data_dir: Path,
         assert records[0].outcomes.get(model) == (None if outcome.correct is None else float(outcome.correct))
         assert records[0].answers.get(model) == outcome.pred
     assert all(set(r.answers) <= set(r.outcomes) and set(r.cost) <= set(r.outcomes) for r in records)
-    weights = fit_from_records(records, list(store.models), extract_choice).for_group()
+    weights = fit_from_records(records, list(store.models), extract_choice).as_mapping()
     strongest = sorted(weights, key=weights.__getitem__, reverse=True)[:2]
     # The two strongest recorded LLMs lead; most of the 31 add nothing once they have voted.
     assert set(strongest) <= {"gpt-4o-2024-05-13@ff991b5", "gemini-1.5-pro-002", "Meta-Llama-3_1-70B-Instruct"}
