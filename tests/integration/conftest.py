@@ -13,17 +13,10 @@ Fixtures:
 
 from __future__ import annotations
 
-import contextlib
-import os
-import signal
-import subprocess
-import sys
-import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from pathlib import Path
 
-import httpx
 import pytest
 
 from tests.integration.tiny_model import build_tiny_llama
@@ -34,7 +27,7 @@ from tests.integration.vllm_server import (
     start_all,
     vllm_python,
 )
-from tests.support import free_port
+from tests.support import moe_serve
 
 # Tool calling, read by vLLM's hermes parser from the tiny template's <tool_call> turns. Random weights never
 # call a tool on their own, so tests force one with tool_choice "required" or a named function, which vLLM
@@ -135,41 +128,9 @@ def vllm_tools_expert(vllm_experts: dict[str, VLLMServer]) -> VLLMServer:
     return vllm_experts[TOOLS_SERVER]
 
 
-@pytest.fixture(scope="session")
-def moe_serve() -> Callable[[Path], AbstractContextManager[str]]:
+@pytest.fixture(scope="session", name="moe_serve")
+def moe_serve_fixture() -> Callable[[Path], AbstractContextManager[str]]:
     """``with moe_serve(config) as url``: `moe serve --config config` in its own process group, ready (its
     /health answers 200) inside the block, stopped after it. Its log is ``serve.log`` beside the config."""
-    return _moe_serve
-
-
-@contextlib.contextmanager
-def _moe_serve(config: Path) -> Iterator[str]:
-    log_path = config.parent / "serve.log"
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "router.cli", "serve", "--config", str(config), "--port",
-                                 str(port), "--log-level", "warning"], stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-        try:
-            _wait_healthy(url, proc, log_path)
-            yield url
-        finally:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-
-
-def _wait_healthy(url: str, proc: subprocess.Popen[bytes], log_path: Path) -> None:
-    deadline = time.monotonic() + ROUTER_READY_TIMEOUT_S
-    while True:
-        with contextlib.suppress(httpx.TransportError):
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return
-        if proc.poll() is not None or time.monotonic() > deadline:
-            pytest.fail(f"moe serve did not start:\n{log_path.read_text(errors='replace')[-3000:]}", pytrace=False)
-        time.sleep(0.25)
+    return lambda config: moe_serve(config, config.parent / "serve.log", start_timeout_s=ROUTER_READY_TIMEOUT_S,
+                                    extra=["--log-level", "warning"])
