@@ -37,7 +37,7 @@ from eval.outcome import NeighbourOutcomes, route_with_margin
 from eval.report import plot_accuracy_bars
 from eval.routing import FRACTIONS, mmlu_pro_split
 from eval.suite import SuiteContext, as_float
-from router.combine import TIE_BREAK
+from router.combine import TIE_BREAK, Combiner, Consensus, Vote, choice_embedding
 from router.outcome import shrunk_success, success_prior
 from router.vote_weights import fit_vote_weights
 
@@ -121,8 +121,13 @@ class _Scorer:
         return shrunk_success(self.model.outcomes[ids], base, alpha)
 
 
+def _panels(success: np.ndarray, size: int) -> np.ndarray:
+    """``[n, size]`` the routed panels: the experts of highest predicted success, best first."""
+    return np.argsort(-success, axis=1, kind="stable")[:, :size]
+
+
 def _vote(onehot: np.ndarray, success: np.ndarray, size: int, scheme: str) -> np.ndarray:
-    panels = np.argsort(-success, axis=1, kind="stable")[:, :size]
+    panels = _panels(success, size)
     return panel_letters(onehot, panels, weights_of(np.take_along_axis(success, panels, 1), scheme))
 
 
@@ -133,7 +138,7 @@ def _answers(onehot: np.ndarray, rows: np.ndarray) -> list[list[str | None]]:
 
 def _learned_vote(onehot: np.ndarray, success: np.ndarray, size: int, weights: np.ndarray) -> np.ndarray:
     """The routed panel (top ``size`` by predicted success) voting with learned per-expert ``weights``."""
-    panels = np.argsort(-success, axis=1, kind="stable")[:, :size]
+    panels = _panels(success, size)
     # The panel weight (here: predicted success) breaks ties, as in Vote with learned weights.
     return panel_letters(onehot, panels, weights[panels] + TIE_BREAK * np.take_along_axis(success, panels, 1))
 
@@ -177,38 +182,21 @@ def _letters_of(onehot: np.ndarray, picks: np.ndarray) -> np.ndarray:
     return np.where(row.max(axis=1) > 0, row.argmax(axis=1), -1)
 
 
-def _check_with_combiners(onehot: np.ndarray, success: np.ndarray, size: int, scheme: str,
-                          names: Sequence[str], expected: np.ndarray) -> dict[str, float]:
-    """Run ``router.combine``'s Vote and Consensus on the test panels; share of queries where each agrees
-    with the vectorised vote (1.0 expected: the suite scores what the combiners do)."""
-    from router.combine import Consensus, Vote, WeightedAnswer, choice_embedding
+def _agreement(onehot: np.ndarray, panels: np.ndarray, weights: np.ndarray, names: Sequence[str],
+               combiners: Mapping[str, Combiner], expected: Mapping[str, np.ndarray]) -> dict[str, float]:
+    """Run each of ``router.combine``'s ``combiners`` on the test panels (members' panel weights ``weights``);
+    per combiner, the share of queries where it picks the letter the vectorised scoring chose (``expected``;
+    1.0 expected: the suite scores what the combiners do)."""
+    from router.combine import WeightedAnswer
 
-    vote, consensus = Vote("choice"), Consensus(choice_embedding)
-    panels = np.argsort(-success, axis=1, kind="stable")[:, :size]
-    weights = weights_of(np.take_along_axis(success, panels, 1), scheme)
-    got: dict[str, list[int]] = {"vote": [], "consensus": []}
+    got: dict[str, list[int]] = {name: [] for name in combiners}
     for row, panel in enumerate(panels):
         answers = [WeightedAnswer(names[j], float(w), _text(onehot[row, j]))
                    for j, w in zip(panel, weights[row], strict=True)]
-        for name, combiner in (("vote", vote), ("consensus", consensus)):
+        for name, combiner in combiners.items():
             letter = _text(onehot[row, names.index(combiner.combine(answers).expert)])
             got[name].append(LETTERS.index(letter) if letter else -1)
-    return {k: float(np.mean(np.array(v) == expected)) for k, v in got.items()}
-
-
-def _check_learned(onehot: np.ndarray, success: np.ndarray, size: int, learned: Mapping[str, float],
-                   names: Sequence[str], expected: np.ndarray) -> float:
-    """Share of test panels where ``router.combine.Vote`` with learned weights picks the scored letter."""
-    from router.combine import Vote, WeightedAnswer
-
-    vote = Vote("choice", learned=learned)
-    panels = np.argsort(-success, axis=1, kind="stable")[:, :size]
-    got = []
-    for row, panel in enumerate(panels):
-        answers = [WeightedAnswer(names[j], float(success[row, j]), _text(onehot[row, j])) for j in panel]
-        letter = _text(onehot[row, names.index(vote.combine(answers).expert)])
-        got.append(LETTERS.index(letter) if letter else -1)
-    return float(np.mean(np.array(got) == expected))
+    return {k: float(np.mean(np.array(v) == expected[k])) for k, v in got.items()}
 
 
 def _text(onehot_row: np.ndarray) -> str:
@@ -255,8 +243,14 @@ def run_mmlu_pro_combine(ctx: SuiteContext) -> dict[str, Any]:
     top3 = np.argsort(-train_acc, kind="stable")[:3]
     fixed = panel_letters(oh, np.tile(top3, (len(test), 1)), np.tile(weights_of(train_acc[top3], "uniform"),
                                                                      (len(test), 1)))
-    check = _check_with_combiners(oh, s, chosen["k"], chosen["weights"], models, voted)
-    check["learned_vote"] = _check_learned(oh, s, chosen_learned["k"], learned.as_mapping(), models, learned_voted)
+    panels = _panels(s, chosen["k"])
+    check = _agreement(oh, panels, weights_of(np.take_along_axis(s, panels, 1), chosen["weights"]), models,
+                       {"vote": Vote("choice"), "consensus": Consensus(choice_embedding)},
+                       {"vote": voted, "consensus": voted})
+    panels = _panels(s, chosen_learned["k"])
+    check |= _agreement(oh, panels, np.take_along_axis(s, panels, 1), models,
+                        {"learned_vote": Vote("choice", learned=learned.as_mapping())},
+                        {"learned_vote": learned_voted})
     consensus = voted if check["consensus"] == 1.0 else np.full(len(test), -2)  # never silently wrong
     if check["learned_vote"] != 1.0:
         learned_voted = np.full(len(test), -2)  # never silently wrong: the suite scores what the combiner does

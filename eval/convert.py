@@ -25,7 +25,7 @@ import sys
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from eval.datasets import (
     CLINC_OOS_LABEL,
@@ -36,6 +36,9 @@ from eval.datasets import (
     split_by_id,
 )
 from eval.routing import FRACTIONS
+
+if TYPE_CHECKING:
+    from router.config import RouterConfig
 
 __all__ = ["CONVERTERS", "Converter", "convert", "main"]
 
@@ -174,19 +177,17 @@ def convert(name: str, data_dir: str | Path, split: str, out: str | Path, *, see
     return count
 
 
-def replay_names(config_path: str | Path) -> dict[str, str]:
+def replay_names(config: RouterConfig) -> dict[str, str]:
     """Recorded LLM -> expert name, for the config's replay experts."""
-    from router.config import load_config
-
-    config = load_config(config_path, check_env=False)
     return {e.recorded_model: e.name for e in config.experts if e.type == "replay"}
 
 
 def main(args: argparse.Namespace) -> int:
     """Entry point for ``moe convert`` (arguments are defined in ``router.cli``)."""
     from eval.harness import default_data_dir
+    from router.config import load_config
 
-    names = replay_names(args.config) if args.config else None
+    names = replay_names(load_config(args.config, check_env=False)) if args.config else None
     if names is not None and not names:
         print(f"error: {args.config} has no replay experts to name the recorded LLMs after", file=sys.stderr)
         return 2

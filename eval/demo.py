@@ -29,7 +29,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from eval.convert import convert
+from eval.convert import convert, replay_names
 from experts.recordings import RouterBenchRow, RouterBenchStore, load_routerbench, normalize_prompt
 from router.build import build_orchestrator
 from router.config import RouterConfig, load_config
@@ -66,9 +66,8 @@ def write_training_file(config: RouterConfig, limit: int | None = None) -> tuple
     question of RouterBench's train split (the first ``limit``, when given), each replay expert's recorded
     correctness and USD cost; an expert with no record for a question is left out of it."""
     path = config.resolve(config.gate.train_data[0])
-    names = {e.recorded_model: e.name for e in config.experts if e.type == "replay"}
-    return path, convert("routerbench", _replay_path(config), "train", path, names=names, answers=False,
-                         limit=limit)
+    return path, convert("routerbench", _replay_path(config), "train", path, names=replay_names(config),
+                         answers=False, limit=limit)
 
 
 def held_out(store: RouterBenchStore) -> list[RouterBenchRow]:

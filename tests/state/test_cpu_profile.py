@@ -26,7 +26,8 @@ MOE = [sys.executable, "-m", "router.cli"]
 
 
 @pytest.fixture
-def profile(tmp_path: Path, data_dir: Path, redis_url: str) -> Iterator[tuple[str, Path, dict[str, str]]]:
+def profile(tmp_path: Path, data_dir: Path, redis_url: str,
+            monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[str, Path, dict[str, str]]]:
     """The CPU profile's config in a folder laid out as in the repo, its gate trained, the router serving."""
     (tmp_path / "configs").mkdir()
     config_path = tmp_path / "configs" / "compose-cpu.yaml"
@@ -35,11 +36,8 @@ def profile(tmp_path: Path, data_dir: Path, redis_url: str) -> Iterator[tuple[st
     router = compose["services"]["router"]
     assert "MOE_DATA_DIR=/data" in router["environment"]  # the container sees the data where this test says
     env = {**os.environ, "MOE_DATA_DIR": str(data_dir), "MOE_REDIS_URL": redis_url, "PYTHONUNBUFFERED": "1"}
-    os.environ["MOE_DATA_DIR"] = str(data_dir)  # this process reads the config too
-    try:
-        config = load_config(config_path, check_env=False)
-    finally:
-        os.environ.pop("MOE_DATA_DIR", None)
+    monkeypatch.setenv("MOE_DATA_DIR", str(data_dir))  # this process reads the config too
+    config = load_config(config_path, check_env=False)
     _, count = write_training_file(config, limit=40)  # a small gate: serving, not accuracy, is tested
     assert count == 40
     trained = subprocess.run([*MOE, "train", "--config", str(config_path), "--no-feedback"], env=env, cwd=tmp_path,

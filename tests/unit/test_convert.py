@@ -14,6 +14,7 @@ from eval.routing import FRACTIONS
 from experts.recordings import load_mmlu_pro, load_routerbench
 from router.cli import main
 from router.combine import extract_choice
+from router.config import load_config
 from router.outcome import load_outcome_jsonl
 from router.train import load_labelled_jsonl
 from router.vote_weights import fit_from_records
@@ -76,7 +77,7 @@ def test_mmlu_pro_outcomes_carry_letters_that_teach_vote_weights(data_dir: Path,
 def test_routerbench_outcomes_named_after_a_configs_replay_experts(data_dir: Path, tmp_path: Path,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MOE_DATA_DIR", str(data_dir))
-    names = replay_names(ROOT / "configs" / "demo.yaml")
+    names = replay_names(load_config(ROOT / "configs" / "demo.yaml", check_env=False))
     assert len(names) == 11 and names["gpt-4-1106-preview"] == "gpt-4-turbo"
     out = tmp_path / "rb.jsonl"
     count = convert("routerbench", data_dir, "test", out, names=names)
