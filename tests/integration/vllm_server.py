@@ -266,11 +266,8 @@ class VLLMServer:
         self._proc.wait()
         if self._proc.stdin is not None:
             self._proc.stdin.close()
-        # A process the group forked while the first signal was in flight (vLLM starts helpers under load) did
-        # not get it: signal again until nothing of the group is left.
-        deadline = time.monotonic() + 10.0
+        deadline = time.monotonic() + 5.0
         while self.group_pids() and time.monotonic() < deadline:
-            self._signal_group(signal.SIGKILL)
             time.sleep(0.05)
         for path in shm:
             path.unlink(missing_ok=True)
