@@ -104,9 +104,12 @@ async def test_a_vllm_killed_under_load_hands_its_queries_to_the_other(
         # The client's own timeout only catches a hang: the router must answer well before it.
         async with httpx.AsyncClient(transport=transport, base_url="http://router",
                                      timeout=DEADLINE_S + 30) as http:
-            sent, kill_began, kill_done = await load_run(http, doomed.kill)
+            # The kill returns once the group is signalled and the API server reaped, as a crash would leave it;
+            # the rest of the group may take seconds to be torn down, and the load run must not wait on that.
+            sent, kill_began, kill_done = await load_run(http, lambda: doomed.kill(wait=False))
     finally:
         await orchestrator.aclose()
+    doomed.wait_gone()  # raises, with each process's state, if any of the group outlives SIGKILL
     assert not doomed.is_alive() and not doomed.group_pids()
 
     latencies = [s.end - s.start for s in sent]

@@ -37,6 +37,8 @@ SETUP_HINT = "run `scripts/setup_vllm_venv.sh` (VLLM_VENV picks another place th
 READY_TIMEOUT_S = float(os.environ.get("MOE_VLLM_READY_TIMEOUT_S", "240"))
 # SIGTERM gives vLLM the chance to shut its engine core down cleanly before the group is killed.
 STOP_GRACE_S = 20.0
+# How long a SIGKILLed group may take to vanish: under load an engine core has taken 9.5 s to be torn down.
+KILL_WAIT_S = 30.0
 
 # The group leader: it runs vLLM as its child and watches its stdin, a pipe only the test process holds. If the
 # test process dies (even by SIGKILL), the pipe closes and the leader takes the group down: SIGTERM first, so
@@ -58,6 +60,15 @@ sys.exit(child.wait())
 
 class VLLMServerError(RuntimeError):
     """A server could not be started or died while starting; the message ends with its log's tail."""
+
+
+def _proc_state(pid: int) -> str:
+    """A process's state letter and name from /proc (``D`` is uninterruptible sleep in the kernel)."""
+    try:
+        name, rest = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)
+    except OSError:
+        return "gone"
+    return f"{rest.split()[0]} {name.split('(', 1)[-1]}"
 
 
 def vllm_python() -> Path:
@@ -99,6 +110,7 @@ class VLLMServer:
         self.peak_rss_bytes = 0
         self._proc: subprocess.Popen[bytes] | None = None
         self._ended = False
+        self._shm: set[Path] = set()
         self._started_at = 0.0
 
     @property
@@ -239,10 +251,15 @@ class VLLMServer:
                     paths.add(Path(fields[5]))
         return paths
 
-    def kill(self) -> None:
-        """SIGKILL the whole process group, as a crash or OOM kill would; reap the API server."""
+    def kill(self, *, wait: bool = True) -> None:
+        """SIGKILL the whole process group, as a crash or OOM kill would, and reap the API server.
+
+        With ``wait=False`` it returns as soon as the signal is sent and the API server reaped; the engine core
+        and worker can take seconds more to die while the kernel tears down their mappings, so a caller that
+        must not block on that (a kill in the middle of a load run) calls ``wait_gone()`` afterwards.
+        """
         self.measure_rss()
-        self._kill_group()
+        self._kill_group(wait=wait)
 
     def stop(self, grace_s: float = STOP_GRACE_S) -> None:
         """SIGTERM the group, then SIGKILL whatever is left after ``grace_s``. Safe to call twice."""
@@ -255,23 +272,34 @@ class VLLMServer:
             time.sleep(0.1)
         self._kill_group()
 
-    def _kill_group(self) -> None:
+    def _kill_group(self, *, wait: bool = True) -> None:
         if self._proc is None:
             return
         # A SIGKILLed group takes its resource tracker down with it, so nobody unlinks the ~400 MB of message
         # queues in /dev/shm (RAM-backed): note them first, unlink them once the group is gone.
-        shm = self.shm_paths()
+        self._shm |= self.shm_paths()
         self._ended = True
         self._signal_group(signal.SIGKILL)
         self._proc.wait()
         if self._proc.stdin is not None:
             self._proc.stdin.close()
-        deadline = time.monotonic() + 5.0
+        if wait:
+            self.wait_gone()
+
+    def wait_gone(self, timeout_s: float = KILL_WAIT_S) -> None:
+        """Wait until no process of the group is left, then unlink its /dev/shm queues. Raises if one outlives
+        ``timeout_s`` after SIGKILL (a process stuck in the kernel, which the caller should hear about)."""
+        deadline = time.monotonic() + timeout_s
         while self.group_pids() and time.monotonic() < deadline:
             time.sleep(0.05)
-        for path in shm:
-            path.unlink(missing_ok=True)
-
+        left = self.group_pids()
+        if not left:
+            for path in self._shm:
+                path.unlink(missing_ok=True)
+            self._shm.clear()
+            return
+        states = {pid: _proc_state(pid) for pid in left}
+        self._fail(f"still has processes {states} {timeout_s:.0f} s after SIGKILL")
     def log_tail(self, lines: int = 60) -> str:
         try:
             text = self.log_path.read_text(errors="replace")
