@@ -10,6 +10,8 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
+from router.encoders import ENCODER_BACKENDS
+
 if TYPE_CHECKING:
     from router.config import RouterConfig
     from router.sdk import ChatResult
@@ -179,7 +181,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--test", help="labelled JSONL to evaluate on")
     p.add_argument("--out", default="out/eval", help="folder for results.json, report.md and figures")
     p.add_argument("--data", default=None, help="the shared data folder (default: $MOE_DATA_DIR or ../shared/data)")
-    p.add_argument("--encoder", default="onnx", choices=["onnx", "sentence-transformers"])
+    p.add_argument("--encoder", default="onnx", choices=sorted(ENCODER_BACKENDS),
+                   help="encoder backend (default: onnx; static is the fast distilled table)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--limit", type=int, default=None, help="at most this many queries per split (a fast run)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG figures")

@@ -105,7 +105,7 @@ class ExpertConfig(_Strict):
 
 
 class EncoderConfig(_Strict):
-    backend: Literal["onnx", "sentence-transformers"] = "onnx"
+    backend: Literal["onnx", "sentence-transformers", "static"] = "onnx"
     max_length: int = Field(default=256, ge=8, le=512)
     # Texts per model call; None: the backend's own (8 for ONNX, 64 for sentence-transformers, see
     # router.encoders).

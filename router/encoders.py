@@ -3,12 +3,14 @@
 ``Encoder.encode`` is the whole contract. ``identity`` names the model and numeric format, and ``checksum``
 is the sha256 of its weights file; a trained gate records both and refuses an encoder that differs.
 
-Two backends of the same model (all-MiniLM-L6-v2), registered by config name in ``ENCODER_BACKENDS``:
+Three backends of the same model (all-MiniLM-L6-v2), registered by config name in ``ENCODER_BACKENDS``:
 
 - ``onnx``: the int8 ONNX export run by onnxruntime. The serving default: it imports in well under a second
   and never imports torch.
 - ``sentence-transformers``: the fp32 model on torch. Slower to start; kept as the reference the ONNX
   backend is tested against (they agree at cosine > 0.999).
+- ``static`` (``router.static_encoder``): a token table distilled from the ONNX model on first use, summed per
+  text. About twenty times faster than ``onnx`` and a few points less accurate for routing.
 
 Each backend imports its dependencies only when built, so importing this module is cheap.
 """
@@ -44,6 +46,7 @@ DIM = 384
 ENCODER_BACKENDS: dict[str, str] = {
     "onnx": "router.encoders:OnnxMiniLMEncoder",
     "sentence-transformers": "router.encoders:SentenceTransformerEncoder",
+    "static": "router.static_encoder:StaticMiniLMEncoder",
 }
 
 
@@ -174,6 +177,11 @@ class OnnxMiniLMEncoder(Encoder):
         return out
 
     def _encode_batch(self, ids: list[list[int]]) -> np.ndarray:
+        return _l2_normalise(self.pooled(ids))
+
+    def pooled(self, ids: list[list[int]]) -> np.ndarray:
+        """``[len(ids), 384]`` mean-pooled last hidden states of token-id sequences (special tokens included as
+        given), not normalised: one model call, padded to the longest sequence."""
         width = max(len(x) for x in ids)
         input_ids = np.zeros((len(ids), width), dtype=np.int64)  # 0 is [PAD]
         for row, seq in enumerate(ids):
@@ -182,8 +190,8 @@ class OnnxMiniLMEncoder(Encoder):
         feeds = {"input_ids": input_ids, "attention_mask": mask, "token_type_ids": np.zeros_like(input_ids)}
         (hidden,) = self._session.run(["last_hidden_state"], feeds)  # [batch, seq, 384]
         weights = mask[:, :, None].astype(np.float32)
-        pooled = (hidden * weights).sum(axis=1) / np.maximum(weights.sum(axis=1), 1e-9)
-        return _l2_normalise(pooled)
+        pooled: np.ndarray = (hidden * weights).sum(axis=1) / np.maximum(weights.sum(axis=1), 1e-9)
+        return pooled.astype(np.float32, copy=False)
 
 
 def _session_options(ort: Any, threads: int | None) -> Any:
