@@ -1,9 +1,10 @@
 """``python -m bench``: every benchmark, a table of our figures next to the peers', and ``bench/results/bench.json``.
 
-Order: gate decision (both encoder backends, interleaved) -> scaling (4/16/64 experts, k 1/3/5) -> router
-overhead against direct calls (top-1, streaming TTFT, top-3; concurrency 1, 8, 32, 128) -> throughput and
-memory -> profile (py-spy, when installed) -> peers (LiteLLM proxy; aurelio semantic-router), each installed
-into its own virtual environment on first use. ``--skip-peers`` leaves the peers out.
+Order: gate decision (the three encoder backends, interleaved) -> scaling (4/16/64 experts, k 1/3/5) -> router
+overhead against direct calls (top-1 with the ONNX and the static encoder, streaming TTFT, top-3; concurrency
+1, 8, 32, 128) -> throughput and memory (both encoders) -> profile (py-spy, when installed) -> peers (LiteLLM
+proxy; aurelio semantic-router), each installed into its own virtual environment on first use. ``--skip-peers``
+leaves the peers out.
 """
 
 from __future__ import annotations
@@ -57,13 +58,14 @@ def _server_impl() -> dict[str, str]:
     return {"loop": "uvloop" if has("uvloop") else "asyncio", "http": "httptools" if has("httptools") else "h11"}
 
 
-def run_gate(args: argparse.Namespace) -> tuple[dict[str, Any], Any]:
+def run_gate(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any], Any]:
     from router.encoders import OnnxMiniLMEncoder, SentenceTransformerEncoder
+    from router.static_encoder import StaticMiniLMEncoder
 
     t0 = time.perf_counter()
     data = snips(per_label=60, n_test=args.gate_queries + 64)
     onnx = OnnxMiniLMEncoder()
-    gates = {"onnx": gate_bench.train(onnx, data)}
+    gates = {"onnx": gate_bench.train(onnx, data), "static": gate_bench.train(StaticMiniLMEncoder(), data)}
     if args.torch_threads:
         # torch's default (one thread per core) collapses on a shared 2-core machine: one short query took
         # 190-830 ms with 2 threads against 26 ms with 1 while other jobs ran. Match the ONNX encoder's policy.
@@ -83,7 +85,8 @@ def run_gate(args: argparse.Namespace) -> tuple[dict[str, Any], Any]:
     return {"torch_threads": args.torch_threads or "default", "phases_s": phases,
             "data": f"SNIPS: {len(data.train_texts)} training queries, {len(data.labels)} experts",
             "gate_accuracy_val": gates["onnx"].metadata.metrics.accuracy,
-            "onnx": figures["onnx"], "st": figures["st"], "scaling": scaling}, (gates["onnx"], data)
+            "static_gate_accuracy_val": gates["static"].metadata.metrics.accuracy,
+            "onnx": figures["onnx"], "static": figures["static"], "st": figures["st"], "scaling": scaling}, gates, data
 
 
 Targets = Callable[[int], dict[str, Target]]
@@ -94,20 +97,26 @@ async def _levels(targets: Targets, direct: str, texts: Sequence[str], *, stream
     return [await compare(targets(c), direct, texts, concurrency=c, stream=stream, scale=scale) for c in LEVELS]
 
 
-def run_router(args: argparse.Namespace, gate: Any, texts: Sequence[str]) -> dict[str, Any]:
+def run_router(args: argparse.Namespace, gates: dict[str, Any], texts: Sequence[str]) -> dict[str, Any]:
     from bench.profile import profile_router
 
     out: dict[str, Any] = {"server": _server_impl(), "upstream_latency_ms": args.upstream_ms}
+    gate = gates["onnx"]
     with UpstreamProcess(latency_ms=args.upstream_ms) as up:
         direct = up.url + "/chat/completions"
-        with RouterProcess(gate, up.url, k=1) as router:
+        with RouterProcess(gate, up.url, k=1) as router, \
+                RouterProcess(gates["static"], up.url, k=1, backend="static") as static:
             peer: dict[str, Any] = {}
             with _litellm(up.url, args, peer) as proxy:
-                # LiteLLM runs in the same rounds as the router, so both meet the same outside load.
+                # LiteLLM and the static-encoder router run in the same rounds as the router, so all of them
+                # meet the same outside load.
                 def top1(c: int) -> dict[str, Target]:
-                    return {"router": router, **({"litellm": proxy} if proxy and c in args.peer_levels else {})}
+                    return {"router": router, "router_static": static,
+                            **({"litellm": proxy} if proxy and c in args.peer_levels else {})}
                 out["top1"] = asyncio.run(_levels(top1, direct, texts, stream=False, scale=args.scale))
                 out["throughput_top1"] = asyncio.run(throughput(router, direct, texts, seconds=args.throughput_s))
+                out["throughput_top1_static"] = asyncio.run(throughput(static, direct, texts,
+                                                                       seconds=args.throughput_s))
                 if proxy is not None:
                     peer["throughput"] = asyncio.run(throughput(proxy, direct, texts, seconds=args.throughput_s))
             out["litellm"] = peer or None
@@ -185,6 +194,7 @@ def _ratio(ours: Any, theirs: Any) -> float | None:
 def flatten(gate: dict[str, Any], router: dict[str, Any], semantic: dict[str, Any] | None) -> dict[str, Any]:
     """The headline keys the issue asks for, next to the full figures."""
     thr = router.get("throughput_top1", {})
+    thr_static = router.get("throughput_top1_static", {})
     litellm = router.get("litellm") or {}
     cpu_c32 = _at(router.get("top1"), 32, "cpu_ms_per_request")
     litellm_cpu_c32 = _at(router.get("top1"), 32, "cpu_ms_per_request", target="litellm")
@@ -193,10 +203,14 @@ def flatten(gate: dict[str, Any], router: dict[str, Any], semantic: dict[str, An
         "gate_batch_qps": gate["onnx"]["batch_qps"],
         "st_gate_p50_ms": gate["st"]["p50_ms"], "st_gate_p99_ms": gate["st"]["p99_ms"],
         "st_gate_batch_qps": gate["st"]["batch_qps"],
+        "static_gate_p50_ms": gate["static"]["p50_ms"], "static_gate_p99_ms": gate["static"]["p99_ms"],
+        "static_gate_batch_qps": gate["static"]["batch_qps"],
     }
     for c in LEVELS:
         out[f"router_overhead_p50_ms_c{c}"] = _at(router.get("top1"), c)
         out[f"router_overhead_p99_ms_c{c}"] = _at(router.get("top1"), c, "overhead_p99_ms")
+    for c in LEVELS:
+        out[f"static_router_overhead_p50_ms_c{c}"] = _at(router.get("top1"), c, target="router_static")
     for c in LEVELS:
         out[f"stream_ttft_overhead_p50_ms_c{c}"] = _at(router.get("stream_ttft"), c)
     for c in LEVELS:
@@ -204,6 +218,8 @@ def flatten(gate: dict[str, Any], router: dict[str, Any], semantic: dict[str, An
     out.update({
         "router_rps_top1": thr.get("rps"), "router_cpu_ms_per_request_top1": thr.get("cpu_ms_per_request"),
         "direct_rps_same_client": thr.get("direct_rps_same_client"),
+        "static_router_rps_top1": thr_static.get("rps"),
+        "static_router_cpu_ms_per_request_top1": thr_static.get("cpu_ms_per_request"),
         "router_rss_mb_start": thr.get("rss_mb_start"), "router_rss_mb_end": thr.get("rss_mb_end"),
         "litellm_overhead_p50_ms_c32": _at(router.get("top1"), 32, target="litellm"),
         "litellm_rps": (litellm.get("throughput") or {}).get("rps"),
@@ -219,6 +235,9 @@ def flatten(gate: dict[str, Any], router: dict[str, Any], semantic: dict[str, An
     out["ratio_overhead_router_vs_litellm_c32"] = _ratio(out["router_overhead_p50_ms_c32"],
                                                          out["litellm_overhead_p50_ms_c32"])
     out["ratio_rps_router_vs_litellm"] = _ratio(out["router_rps_top1"], out["litellm_rps"])
+    out["ratio_overhead_static_vs_litellm_c32"] = _ratio(out["static_router_overhead_p50_ms_c32"],
+                                                         out["litellm_overhead_p50_ms_c32"])
+    out["ratio_rps_static_vs_litellm"] = _ratio(out["static_router_rps_top1"], out["litellm_rps"])
     out["ratio_cpu_router_vs_litellm"] = _ratio(out["router_cpu_ms_per_request_top1"],
                                                 out["litellm_cpu_ms_per_request"])
     out["ratio_gate_vs_semantic_router_p50"] = _ratio(out["gate_p50_ms_same_window"],
@@ -247,11 +266,17 @@ def table(flat: dict[str, Any], gate: dict[str, Any]) -> str:
         ("gate decision p50 ms (ST fp32)", flat["st_gate_p50_ms"], flat["semantic_router_decision_p50_ms"],
          _ratio(flat["st_gate_p50_ms"], flat["semantic_router_decision_p50_ms"]), ""),
         ("gate batch q/s (ST fp32)", flat["st_gate_batch_qps"], None, None, ""),
+        ("gate decision p50 ms (static table)", flat["static_gate_p50_ms"], None, None, ""),
+        ("gate batch q/s (static table)", flat["static_gate_batch_qps"], None, None, ""),
     ]
     for c in LEVELS:
         peer = flat.get(f"litellm_overhead_p50_ms_c{c}")
         rows.append((f"router overhead p50 ms, top-1, c{c}", flat[f"router_overhead_p50_ms_c{c}"], peer,
                      _ratio(flat[f"router_overhead_p50_ms_c{c}"], peer), "<= 2, <= 1/3 LiteLLM" if c == 32 else ""))
+    for c in LEVELS:
+        peer = flat.get(f"litellm_overhead_p50_ms_c{c}")
+        rows.append((f"  same, static encoder, c{c}", flat[f"static_router_overhead_p50_ms_c{c}"], peer,
+                     _ratio(flat[f"static_router_overhead_p50_ms_c{c}"], peer), ""))
     rows += [(f"stream TTFT overhead p50 ms, c{c}", flat[f"stream_ttft_overhead_p50_ms_c{c}"], None, None, "")
              for c in LEVELS]
     rows += [(f"top-3 fan-out overhead p50 ms, c{c}", flat[f"top3_overhead_p50_ms_c{c}"], None, None, "")
@@ -259,9 +284,13 @@ def table(flat: dict[str, Any], gate: dict[str, Any]) -> str:
     rows += [
         ("throughput req/s, top-1", flat["router_rps_top1"], flat["litellm_rps"], flat["ratio_rps_router_vs_litellm"],
          ">= 500"),
+        ("  same, static encoder", flat["static_router_rps_top1"], flat["litellm_rps"],
+         flat["ratio_rps_static_vs_litellm"], ""),
         ("  same client, direct to upstream req/s", flat["direct_rps_same_client"], None, None, "client ceiling"),
         ("CPU ms per request (service process)", flat["router_cpu_ms_per_request_top1"],
          flat["litellm_cpu_ms_per_request"], flat["ratio_cpu_router_vs_litellm"], ""),
+        ("  same, static encoder", flat["static_router_cpu_ms_per_request_top1"], flat["litellm_cpu_ms_per_request"],
+         _ratio(flat["static_router_cpu_ms_per_request_top1"], flat["litellm_cpu_ms_per_request"]), ""),
         ("  same, at c32 (rounds shared with LiteLLM)", flat["router_cpu_ms_per_request_c32"],
          flat["litellm_cpu_ms_per_request_c32"],
          _ratio(flat["router_cpu_ms_per_request_c32"], flat["litellm_cpu_ms_per_request_c32"]), ""),
@@ -304,12 +333,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     report: dict[str, Any] = {"date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
                               "machine": _machine()}
     phases: dict[str, float] = {}
-    print("gate: training on SNIPS and timing both encoder backends, then 4-64 experts ...", flush=True)
-    gate, (onnx_gate, data) = run_gate(args)
+    print("gate: training on SNIPS and timing the three encoder backends, then 4-64 experts ...", flush=True)
+    gate, gates, data = run_gate(args)
+    onnx_gate = gates["onnx"]
     phases["gate"] = round(time.perf_counter() - started, 1)
     print("router: overhead, streaming, throughput, profile, top-3" + ("" if args.skip_peers else ", LiteLLM"),
           "...", flush=True)
-    router = run_router(args, onnx_gate, data.test_texts)
+    router = run_router(args, gates, data.test_texts)
     phases["router"] = round(time.perf_counter() - started - sum(phases.values()), 1)
     semantic = None
     if not args.skip_peers:

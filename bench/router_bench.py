@@ -67,8 +67,8 @@ class RouterProcess:
     model = "auto"
 
     def __init__(self, gate: Gate, upstream_url: str, *, k: int = 1, workdir: str | None = None,
-                 extra_args: Sequence[str] = ()) -> None:
-        self.gate, self.upstream_url, self.k = gate, upstream_url, k
+                 extra_args: Sequence[str] = (), backend: str = "onnx") -> None:
+        self.gate, self.upstream_url, self.k, self.backend = gate, upstream_url, k, backend
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="moe-bench-"))
         self.extra_args = list(extra_args)
         self.proc: subprocess.Popen[bytes] | None = None
@@ -86,7 +86,7 @@ class RouterProcess:
         return self.proc.pid
 
     def write_config(self) -> Path:
-        artifact = self.workdir / "gate"
+        artifact = self.workdir / f"gate-{self.backend}"
         if not (artifact / "gate.json").exists():
             self.gate.save(artifact)
         config = {
@@ -94,11 +94,11 @@ class RouterProcess:
             # Capacity far above the load, so no request is shed and every one measures the routing path.
             "experts": [{"name": e, "type": "openai", "endpoint": self.upstream_url, "model": e,
                          "max_concurrency": 1024, "timeout_s": 30} for e in self.gate.experts],
-            "gate": {"artifact": str(artifact), "encoder": {"backend": "onnx"},
+            "gate": {"artifact": str(artifact), "encoder": {"backend": self.backend},
                      "top_k": {"policy": "fixed", "k": self.k}},
             "combiner": {"strategy": "top1"},
         }
-        path = self.workdir / f"router-k{self.k}.yaml"
+        path = self.workdir / f"router-{self.backend}-k{self.k}.yaml"
         path.write_text(yaml.safe_dump(config), encoding="utf-8")
         return path
 
@@ -106,7 +106,7 @@ class RouterProcess:
         config = self.write_config()
         self.port = free_port()
         # The service's own logs (one line per request, as deployed) go to a file, not over the bench's table.
-        self.log_path = self.workdir / f"router-k{self.k}.log"
+        self.log_path = self.workdir / f"router-{self.backend}-k{self.k}.log"
         self._log = open(self.log_path, "wb")  # closed in __exit__
         self.proc = subprocess.Popen([sys.executable, "-m", "bench.router_server", "--config", str(config),
                                       "--port", str(self.port), *self.extra_args],
