@@ -23,6 +23,7 @@ from typing import Any
 
 from bench import gate_bench
 from bench.data import snips
+from bench.encoder_profile import profile_encoder
 from bench.router_bench import RouterProcess, Target, compare, throughput
 from bench.upstream import UpstreamProcess
 from router.config import TopKConfig
@@ -301,6 +302,9 @@ def table(flat: dict[str, Any], gate: dict[str, Any]) -> str:
     lines = [head, "-" * len(head)]
     lines += [f"{name:<44} {_fmt(ours):>14} {_fmt(peer):>10} {_fmt(ratio):>7}  {target}"
               for name, ours, peer, ratio, target in rows]
+    ops = gate.get("encoder_profile", {}).get("ops", [])[:4]
+    lines += ["", "ONNX encoder, kernel time by operator: "
+              + ", ".join(f"{o['op']} {100 * o['share']:.0f}%" for o in ops) + " (bench.encoder_profile)"]
     lines += ["", "peers: LiteLLM proxy (overhead, req/s, CPU), aurelio semantic-router (decision p50)", "",
               f"{'scaling: experts':<18} {'k':>3} {'p50 ms':>8} {'p99 ms':>8} {'score+top-k us':>15} {'batch q/s':>10}"]
     lines += [f"{r['experts']:<18} {r['k']:>3} {_fmt(r['p50_ms']):>8} {_fmt(r['p99_ms']):>8} "
@@ -336,6 +340,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     print("gate: training on SNIPS and timing the three encoder backends, then 4-64 experts ...", flush=True)
     gate, gates, data = run_gate(args)
     onnx_gate = gates["onnx"]
+    gate["encoder_profile"] = profile_encoder(data.test_texts)
     phases["gate"] = round(time.perf_counter() - started, 1)
     print("router: overhead, streaming, throughput, profile, top-3" + ("" if args.skip_peers else ", LiteLLM"),
           "...", flush=True)

@@ -162,7 +162,7 @@ async def compare(targets: dict[str, Target], direct_url: str, texts: Sequence[s
     """
     direct = [chat_payload(t, model="direct", stream=stream) for t in texts]
     n = _requests_for(concurrency, scale) // rounds
-    warm = min(concurrency, 16)
+    warm = 1  # each worker's first request opens its connection, unmeasured
     via_direct: list[LoadResult] = []
     via: dict[str, list[LoadResult]] = {name: [] for name in targets}
     cpu = dict.fromkeys(targets, 0.0)
@@ -176,7 +176,7 @@ async def compare(targets: dict[str, Target], direct_url: str, texts: Sequence[s
             result = await run_load(target.url, payloads, concurrency=concurrency, requests=n,
                                     max_seconds=max_seconds, warmup=warm, stream=stream)
             cpu[name] += cpu_seconds(target.pid) - cpu_start
-            handled[name] += result.ok + result.errors + warm
+            handled[name] += result.ok + result.errors + concurrency * warm  # warm-up requests used CPU too
             via[name].append(result)
     d = _merge(via_direct)
     row: dict[str, Any] = {"concurrency": concurrency, "direct": d.summary()}
