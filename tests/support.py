@@ -24,6 +24,18 @@ def is_png(path: Path) -> bool:
     return data.startswith(PNG_SIGNATURE) and len(data) > 1000
 
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def assert_imports_nothing_of(code: str, modules: Sequence[str]) -> None:
+    """Run ``code`` in a fresh interpreter from the repository root; it must succeed, and none of ``modules``
+    may be imported by the end of it (the lazy-import promises of the encoder backends)."""
+    check = f"{code}\nimport sys\nleaked = set({sorted(modules)!r}) & set(sys.modules)\nassert not leaked, leaked\n"
+    result = subprocess.run([sys.executable, "-c", check], cwd=REPO_ROOT, capture_output=True, text=True,
+                            timeout=120, check=False)
+    assert result.returncode == 0, result.stderr
+
+
 def free_port() -> int:
     """A TCP port on loopback that nothing listens on right now."""
     with socket.socket() as s:

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,8 +15,7 @@ from router.config import EncoderConfig
 from router.encoders import OnnxMiniLMEncoder, build_encoder
 from router.gate import Gate, GateArtifactMismatch, train_gate
 from router.static_encoder import RECIPE, StaticMiniLMEncoder
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
+from tests.support import assert_imports_nothing_of
 
 
 @pytest.fixture(scope="module")
@@ -140,14 +137,8 @@ def test_a_gate_trained_on_the_table_refuses_the_model(static_encoder: StaticMin
 
 def test_a_cached_table_needs_neither_onnxruntime_nor_torch(static_encoder: StaticMiniLMEncoder,
                                                            table_dir: Path) -> None:
-    code = (
-        "import sys\n"
+    assert_imports_nothing_of(
         "from router.static_encoder import StaticMiniLMEncoder\n"
         f"e = StaticMiniLMEncoder(table_dir={str(table_dir)!r}, progress=False)\n"
-        "assert e.encode(['hello']).shape == (1, 384)\n"
-        "leaked = {'torch', 'sentence_transformers', 'onnxruntime'} & set(sys.modules)\n"
-        "assert not leaked, leaked\n"
-    )
-    result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True,
-                            timeout=120, check=False)
-    assert result.returncode == 0, result.stderr
+        "assert e.encode(['hello']).shape == (1, 384)\n",
+        ["torch", "sentence_transformers", "onnxruntime"])
