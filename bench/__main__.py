@@ -24,6 +24,7 @@ from typing import Any
 from bench import gate_bench
 from bench.data import snips
 from bench.encoder_profile import profile_encoder
+from bench.http_pool import measure as measure_http_pool
 from bench.router_bench import RouterProcess, Target, compare, throughput
 from bench.upstream import UpstreamProcess
 from router.config import TopKConfig
@@ -341,6 +342,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     gate, gates, data = run_gate(args)
     onnx_gate = gates["onnx"]
     gate["encoder_profile"] = profile_encoder(data.test_texts)
+    with UpstreamProcess(latency_ms=args.upstream_ms) as up:
+        pool_rows = asyncio.run(measure_http_pool(up.url + "/chat/completions", (8, 64), 2000))
     phases["gate"] = round(time.perf_counter() - started, 1)
     print("router: overhead, streaming, throughput, profile, top-3" + ("" if args.skip_peers else ", LiteLLM"),
           "...", flush=True)
@@ -358,12 +361,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         phases["semantic_router"] = round(time.perf_counter() - started - sum(phases.values()), 1)
     flat = flatten(gate, router, semantic)
     report.update(flat)
+    report["http_pool"] = pool_rows
     report.update({"gate": gate, "router": router, "semantic_router": semantic,
                    "phases_s": phases, "elapsed_s": round(time.perf_counter() - started, 1)})
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     print()
     print(table(flat, gate))
+    print("\none expert's connections, CPU ms per request (bench.http_pool): " + ", ".join(
+        f"c{r['concurrency']} {r['layout']} {r['cpu_ms_per_request']:.2f}" for r in pool_rows))
     print(f"\n{report['date']} on {report['machine']['cpu_model']} ({report['machine']['cores']} cores), "
           f"Python {report['machine']['python']}; load avg at start {report['machine']['load_avg_at_start']}")
     print(f"wrote {args.out} in {report['elapsed_s']} s")

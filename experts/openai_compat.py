@@ -41,6 +41,7 @@ from experts.errors import (
     ExpertTimeout,
     ExpertUnavailable,
 )
+from experts.http_pool import ClientPool
 from experts.types import ChatRequest, ExpertReply, StreamDelta, Usage
 
 if TYPE_CHECKING:
@@ -60,7 +61,7 @@ class OpenAICompatibleExpert(Expert):
         if not config.endpoint:
             raise ExpertConfigError(config.name, "an OpenAI-compatible expert needs an endpoint")
         self._url = config.endpoint.rstrip("/") + "/chat/completions"
-        self._http: httpx.AsyncClient | None = None
+        self._pool: ClientPool | None = None
         # Read once, when the client is built; kept only to scrub messages, never shown.
         self._secret: str | None = None
 
@@ -72,7 +73,8 @@ class OpenAICompatibleExpert(Expert):
         body = request.upstream_payload(self.config.model, stream=False)
         started = time.perf_counter()
         try:
-            response = await self._client().post(self._url, json=body)
+            async with self._clients().lease() as client:
+                response = await client.post(self._url, json=body)
         except httpx.HTTPError as exc:
             raise self._transport_error(exc) from exc
         if not response.is_success:
@@ -83,7 +85,7 @@ class OpenAICompatibleExpert(Expert):
     async def stream(self, request: ChatRequest) -> AsyncIterator[StreamDelta]:
         body = request.upstream_payload(self.config.model, stream=True)
         try:
-            async with self._client().stream("POST", self._url, json=body) as response:
+            async with self._clients().lease() as client, client.stream("POST", self._url, json=body) as response:
                 if not response.is_success:
                     await response.aread()
                     raise self._status_error(response)
@@ -93,24 +95,29 @@ class OpenAICompatibleExpert(Expert):
             raise self._transport_error(exc) from exc
 
     async def aclose(self) -> None:
-        if self._http is not None:
-            client, self._http = self._http, None
-            await client.aclose()
+        if self._pool is not None:
+            pool, self._pool = self._pool, None
+            await pool.aclose()
 
     # --- I/O --------------------------------------------------------------------------------------------
 
-    def _client(self) -> httpx.AsyncClient:
-        if self._http is None:
+    def _clients(self) -> ClientPool:
+        """The expert's connections (``max_concurrency`` in all), built on first use; see ``experts.http_pool``."""
+        if self._pool is None:
             self._secret = self.config.api_key() or None
             headers = {"Authorization": f"Bearer {self._secret}"} if self._secret else {}
-            size = self.config.max_concurrency
-            self._http = httpx.AsyncClient(
-                transport=self.context.transport,
-                headers=headers,
-                timeout=httpx.Timeout(self.config.timeout_s),
-                limits=httpx.Limits(max_connections=size, max_keepalive_connections=size),
-            )
-        return self._http
+
+            def client(limit: int) -> httpx.AsyncClient:
+                return httpx.AsyncClient(
+                    transport=self.context.transport,
+                    headers=headers,
+                    timeout=httpx.Timeout(self.config.timeout_s),
+                    limits=httpx.Limits(max_connections=limit, max_keepalive_connections=limit),
+                )
+
+            # An injected transport (a test's, or a user's own) pools for itself: one client over it.
+            self._pool = ClientPool(client, self.config.max_concurrency, shard=self.context.transport is None)
+        return self._pool
 
     async def _deltas(self, response: httpx.Response) -> AsyncIterator[StreamDelta]:
         """Turn SSE events into deltas; the last delta carries finish_reason, usage and cost."""
