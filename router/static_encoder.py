@@ -143,15 +143,26 @@ class StaticMiniLMEncoder(Encoder):
         # The ONNX encoder checks its file against the pinned sha256 before anything is distilled from it.
         model = OnnxMiniLMEncoder(model_path=onnx_model_path, threads=os.cpu_count())
         table = distil_table(model, self._tokenizer.get_vocab_size(), progress=progress)
+        try:
+            self._save(table)
+        except OSError as exc:  # a read-only or full disk costs the cache, not the encoder
+            log.warning("could not cache the static token table in %s (%s); using it from memory, it will be "
+                        "distilled again next time", self.table_path.parent, exc)
+        return table
+
+    def _save(self, table: np.ndarray) -> None:
         self.table_path.parent.mkdir(parents=True, exist_ok=True)
         # Written under temporary names and renamed: a concurrent reader sees the old table or the new, whole.
         tmp = self.table_path.with_name(f".{self.table_path.name}.{os.getpid()}.tmp")
-        with open(tmp, "wb") as fh:
-            np.save(fh, table, allow_pickle=False)
-        manifest: dict[str, Any] = {"recipe": RECIPE, "source_sha256": self.checksum, "sha256": sha256_file(tmp),
-                                    "vocab_size": int(table.shape[0]), "dim": DIM}
         tmp_manifest = self.manifest_path.with_name(f".{self.manifest_path.name}.{os.getpid()}.tmp")
-        tmp_manifest.write_text(json.dumps(manifest, indent=1) + "\n")
-        os.replace(tmp, self.table_path)
-        os.replace(tmp_manifest, self.manifest_path)
-        return table
+        try:
+            with open(tmp, "wb") as fh:
+                np.save(fh, table, allow_pickle=False)
+            manifest: dict[str, Any] = {"recipe": RECIPE, "source_sha256": self.checksum,
+                                        "sha256": sha256_file(tmp), "vocab_size": int(table.shape[0]), "dim": DIM}
+            tmp_manifest.write_text(json.dumps(manifest, indent=1) + "\n")
+            os.replace(tmp, self.table_path)
+            os.replace(tmp_manifest, self.manifest_path)
+        finally:
+            tmp.unlink(missing_ok=True)
+            tmp_manifest.unlink(missing_ok=True)

@@ -102,6 +102,25 @@ def test_cached_table_is_reused_and_a_bad_one_is_distilled_again(
         again.manifest_path.write_text(json.dumps(manifest))
 
 
+def test_an_unwritable_cache_costs_the_cache_not_the_encoder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    def fake_distil(model: OnnxMiniLMEncoder, vocab_size: int, *, progress: bool = True) -> np.ndarray:
+        # A stand-in for the 15 s distillation: a table whose rows are their own token id, in column 0.
+        table = np.zeros((vocab_size, 384), dtype=np.float32)
+        table[:, 0] = np.arange(vocab_size)
+        return table
+
+    monkeypatch.setattr(static_module, "distil_table", fake_distil)
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the cache folder should be")
+    with caplog.at_level("WARNING", logger="router.static_encoder"):
+        encoder = StaticMiniLMEncoder(table_dir=blocker / "static", progress=False)
+    assert "could not cache the static token table" in caplog.text
+    assert encoder.encode(["hello"]).shape == (1, 384)  # the table in memory is used
+    assert blocker.read_text() == "a file where the cache folder should be"
+    assert not list(tmp_path.glob("**/*.tmp"))  # no half-written file left behind
+
+
 def test_routes_clinc150_nearly_as_well_as_the_onnx_model(static_encoder: StaticMiniLMEncoder,
                                                          onnx_encoder: OnnxMiniLMEncoder, data_dir: Path) -> None:
     """The same gate trained on each backend's embeddings of CLINC150's 10 domains, scored on 1,500 held-out
