@@ -103,6 +103,35 @@ async def test_concurrent_calls_spread_over_clients_and_all_close(server: Script
     assert server.wait_for(lambda s: s.open_connections == 0)
 
 
+async def test_leases_come_back_after_errors_cancellation_and_an_abandoned_stream(
+        server: ScriptedOpenAIServer) -> None:
+    from contextlib import aclosing
+
+    from experts.errors import ExpertError
+
+    expert = expert_for(server, max_concurrency=16)
+    pool = expert._clients()
+    try:
+        server.push(Behaviour.error(500), Behaviour.reset())
+        for _ in range(2):
+            with pytest.raises(ExpertError):
+                await expert.generate(ask("fails"))
+        server.default = Behaviour.hang()
+        hung = asyncio.create_task(expert.generate(ask("hangs")))
+        assert await asyncio.to_thread(server.wait_for, lambda s: s.open_connections >= 1)
+        hung.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await hung
+        server.default = Behaviour.slow("one two three four", token_delay_s=0.05)
+        async with aclosing(expert.stream(ask("stream"))) as deltas:
+            async for delta in deltas:
+                if delta.content:
+                    break  # the caller walks away after the first token
+        assert sum(pool._in_flight) == 0  # every lease returned, so no client looks busy forever
+    finally:
+        await expert.aclose()
+
+
 async def test_an_injected_transport_gets_one_client(server: ScriptedOpenAIServer) -> None:
     transport = httpx.AsyncHTTPTransport()
     expert = expert_for(server, max_concurrency=32, context=ExpertContext(transport=transport))
