@@ -126,6 +126,8 @@ def run_router(args: argparse.Namespace, gates: dict[str, Any], texts: Sequence[
             out["stream_ttft"] = asyncio.run(_levels(lambda c: only, direct, texts, stream=True, scale=args.scale))
             if not args.no_profile:
                 out["profile"] = profile_router(router, texts, RESULTS, seconds=args.profile_s)
+                out["profile_static"] = profile_router(static, texts, RESULTS, seconds=args.profile_s,
+                                                       raw_name="profile_static_raw.txt")
         with RouterProcess(gate, up.url, k=3, workdir=str(router.workdir)) as router3:
             only3: dict[str, Target] = {"router": router3}
             out["top3"] = asyncio.run(_levels(lambda c: only3, direct, texts, stream=False, scale=args.scale))
@@ -258,7 +260,7 @@ def _fmt(x: Any) -> str:
     return str(x)
 
 
-def table(flat: dict[str, Any], gate: dict[str, Any]) -> str:
+def table(flat: dict[str, Any], gate: dict[str, Any], router: dict[str, Any]) -> str:
     rows: list[tuple[str, Any, Any, Any, str]] = [
         ("gate decision p50 ms (ONNX int8)", flat["gate_p50_ms"], None, None, "<= 3"),
         ("  again, right after semantic-router ran", flat["gate_p50_ms_same_window"],
@@ -303,6 +305,11 @@ def table(flat: dict[str, Any], gate: dict[str, Any]) -> str:
     lines = [head, "-" * len(head)]
     lines += [f"{name:<44} {_fmt(ours):>14} {_fmt(peer):>10} {_fmt(ratio):>7}  {target}"
               for name, ours, peer, ratio, target in rows]
+    for key, label in (("profile", "ONNX"), ("profile_static", "static")):
+        buckets = (router.get(key) or {}).get("buckets_pct")
+        if buckets:
+            lines += ["", f"where the {label} router's time goes (py-spy, c8): "
+                      + ", ".join(f"{name} {pct:.0f}%" for name, pct in list(buckets.items())[:5])]
     ops = gate.get("encoder_profile", {}).get("ops", [])[:4]
     lines += ["", "ONNX encoder, kernel time by operator: "
               + ", ".join(f"{o['op']} {100 * o['share']:.0f}%" for o in ops) + " (bench.encoder_profile)"]
@@ -367,7 +374,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     print()
-    print(table(flat, gate))
+    print(table(flat, gate, router))
     print("\none expert's connections, CPU ms per request (bench.http_pool): " + ", ".join(
         f"c{r['concurrency']} {r['layout']} {r['cpu_ms_per_request']:.2f}" for r in pool_rows))
     print(f"\n{report['date']} on {report['machine']['cpu_model']} ({report['machine']['cores']} cores), "

@@ -26,7 +26,8 @@ __all__ = ["BUCKETS", "find_py_spy", "profile_router", "summarise"]
 # (bucket, markers): a sample goes to the first bucket with a marker anywhere on its stack.
 BUCKETS: list[tuple[str, tuple[str, ...]]] = [
     ("gate: MiniLM encoder (onnxruntime run)", ("onnxruntime/",)),
-    ("gate: tokenise, pool, classifier, top-k", ("router/encoders.py", "router/gate.py", "router/topk.py")),
+    ("gate: tokenise, pool, classifier, top-k",
+     ("router/encoders.py", "router/static_encoder.py", "router/gate.py", "router/topk.py")),
     ("gate: thread hand-off (to_thread)", ("concurrent/futures/thread.py",)),
     ("expert call: httpx client to upstream", ("experts/openai_compat.py", "httpx/", "httpcore/")),
     ("orchestrator: trace, fallback, combine", ("router/orchestrator.py", "router/trace.py", "router/combine.py")),
@@ -72,12 +73,12 @@ async def _drive(router: RouterProcess, texts: Sequence[str], seconds: float, co
 
 
 def profile_router(router: RouterProcess, texts: Sequence[str], out_dir: Path, *, seconds: float = 5.0,
-                   concurrency: int = 8) -> dict[str, Any]:
+                   concurrency: int = 8, raw_name: str = "profile_raw.txt") -> dict[str, Any]:
     spy = find_py_spy()
     if spy is None:
         return {"skipped": "py-spy not installed (pip install py-spy)"}
     asyncio.run(_drive(router, texts, 1.0, concurrency))  # warm: connections, thread pool
-    raw_path = out_dir / "profile_raw.txt"
+    raw_path = out_dir / raw_name
     proc = subprocess.Popen([spy, "record", "--pid", str(router.pid), "--duration", str(int(seconds)),
                              "--rate", "200", "--threads", "--format", "raw", "-o", str(raw_path)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
