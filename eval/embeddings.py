@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from router.encoders import Encoder
+from router.encoders import Encoder, cache_root
 
 __all__ = ["CachedEncoder", "default_cache_dir"]
 
@@ -28,8 +28,7 @@ _CHUNK = 512  # texts per encode call: keeps the progress bar moving and each sh
 
 def default_cache_dir() -> Path:
     """``$MOE_CACHE_DIR/embeddings``, else ``~/.cache/moe-router/embeddings``."""
-    root = os.environ.get("MOE_CACHE_DIR")
-    return Path(root) / "embeddings" if root else Path.home() / ".cache" / "moe-router" / "embeddings"
+    return cache_root() / "embeddings"
 
 
 def _digest(text: str) -> bytes:

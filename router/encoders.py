@@ -37,6 +37,7 @@ __all__ = [
     "OnnxMiniLMEncoder",
     "SentenceTransformerEncoder",
     "build_encoder",
+    "cache_root",
     "sha256_file",
 ]
 
@@ -60,6 +61,13 @@ def sha256_file(path: str | Path) -> str:
         for block in iter(lambda: fh.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def cache_root() -> Path:
+    """Where the project keeps what it derives on this machine (embeddings, distilled tables):
+    ``$MOE_CACHE_DIR``, else ``~/.cache/moe-router``."""
+    root = os.environ.get("MOE_CACHE_DIR")
+    return Path(root) if root else Path.home() / ".cache" / "moe-router"
 
 
 def _import(module: str, package: str) -> Any:

@@ -40,6 +40,7 @@ from router.encoders import (
     _import,
     _l2_normalise,
     _model_dir,
+    cache_root,
     sha256_file,
 )
 
@@ -59,8 +60,7 @@ DISTIL_BATCH = 512  # tokens per model call while distilling
 
 def default_table_dir() -> Path:
     """``$MOE_CACHE_DIR/static``, else ``~/.cache/moe-router/static``."""
-    root = os.environ.get("MOE_CACHE_DIR")
-    return Path(root) / "static" if root else Path.home() / ".cache" / "moe-router" / "static"
+    return cache_root() / "static"
 
 
 def distil_table(model: OnnxMiniLMEncoder, vocab_size: int, *, progress: bool = True) -> np.ndarray:
