@@ -162,21 +162,21 @@ async def compare(targets: dict[str, Target], direct_url: str, texts: Sequence[s
     """
     direct = [chat_payload(t, model="direct", stream=stream) for t in texts]
     n = _requests_for(concurrency, scale) // rounds
-    warm = 1  # each worker's first request opens its connection, unmeasured
     via_direct: list[LoadResult] = []
     via: dict[str, list[LoadResult]] = {name: [] for name in targets}
     cpu = dict.fromkeys(targets, 0.0)
     handled = dict.fromkeys(targets, 0)
     for _ in range(rounds):
         via_direct.append(await run_load(direct_url, direct, concurrency=concurrency, requests=n,
-                                         max_seconds=max_seconds, warmup=warm, stream=stream))
+                                         max_seconds=max_seconds, warmup=True, stream=stream))
         for name, target in targets.items():
             payloads = [chat_payload(t, model=target.model, stream=stream) for t in texts]
             cpu_start = cpu_seconds(target.pid)
             result = await run_load(target.url, payloads, concurrency=concurrency, requests=n,
-                                    max_seconds=max_seconds, warmup=warm, stream=stream)
+                                    max_seconds=max_seconds, warmup=True, stream=stream)
             cpu[name] += cpu_seconds(target.pid) - cpu_start
-            handled[name] += result.ok + result.errors + concurrency * warm  # warm-up requests used CPU too
+            # Each worker's unmeasured first request (it opens its connection) used CPU too.
+            handled[name] += result.ok + result.errors + concurrency
             via[name].append(result)
     d = _merge(via_direct)
     row: dict[str, Any] = {"concurrency": concurrency, "direct": d.summary()}
@@ -201,7 +201,7 @@ async def throughput(router: Target, direct_url: str, texts: Sequence[str], *, s
     routed = [chat_payload(t, model=router.model) for t in texts]
     direct = [chat_payload(t, model="direct") for t in texts]
     ceiling = await run_load(direct_url, direct, concurrency=concurrency, requests=10**9,
-                             max_seconds=min(seconds, 3.0), warmup=concurrency)
+                             max_seconds=min(seconds, 3.0), warmup=True)
     await run_load(router.url, routed, concurrency=concurrency, requests=concurrency * 4, max_seconds=5.0)
     samples = [rss_mb(router.pid)]
     cpu_start = cpu_seconds(router.pid)

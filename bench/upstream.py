@@ -210,13 +210,13 @@ def _round(x: float | None, digits: int = 3) -> float | None:
 
 
 async def run_load(url: str, payloads: list[dict[str, Any]], *, concurrency: int, requests: int,
-                   max_seconds: float, warmup: int = 0, stream: bool = False) -> LoadResult:
+                   max_seconds: float, warmup: bool = False, stream: bool = False) -> LoadResult:
     """Send ``requests`` chat completions (cycling through ``payloads``) from ``concurrency`` workers.
 
     Each worker owns one client holding one keep-alive connection, as wrk's connections do. One shared client
     with ``concurrency`` connections would measure httpcore instead: its pool scans and polls every connection
     on each request (encode/httpcore#1035), which held this client to about 150 routed requests/s at 64 workers
-    while it burned a whole core. ``warmup`` > 0: each worker first sends one unmeasured request (it opens the
+    while it burned a whole core. ``warmup``: each worker first sends one unmeasured request (it opens the
     connection and warms caches).
 
     Non-streaming: latency is the whole call. Streaming: latency is time to the first chunk with content
