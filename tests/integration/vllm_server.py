@@ -300,6 +300,7 @@ class VLLMServer:
             return
         states = {pid: _proc_state(pid) for pid in left}
         self._fail(f"still has processes {states} {timeout_s:.0f} s after SIGKILL")
+
     def log_tail(self, lines: int = 60) -> str:
         try:
             text = self.log_path.read_text(errors="replace")
