@@ -51,7 +51,7 @@ def _encoder() -> Any:
     from semantic_router.encoders import HuggingFaceEncoder
     from tqdm import tqdm
 
-    class ProgressEncoder(HuggingFaceEncoder):  # type: ignore[misc]
+    class ProgressEncoder(HuggingFaceEncoder):
         def __call__(self, docs: list[str], **kwargs: Any) -> list[list[float]]:
             order = sorted(range(len(docs)), key=lambda i: len(docs[i]))
             out: list[list[float]] = [[] for _ in docs]
