@@ -110,7 +110,8 @@ class EncoderConfig(_Strict):
     # Texts per model call; None: the backend's own (8 for ONNX, 64 for sentence-transformers, see
     # router.encoders).
     batch_size: int | None = Field(default=None, ge=1, le=4096)
-    # ONNX: model runs at once when one call holds several batches (a micro-batch, ``route_batch``, training);
+    # ONNX: model runs at once when one call holds several batches (a micro-batch, expert-choice ``assign_batch``,
+    # training, evaluation);
     # None: as many as the cores this process may use hold. One query, or one batch, is always a single run.
     parallel: int | None = Field(default=None, ge=1, le=256)
 
