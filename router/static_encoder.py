@@ -42,6 +42,7 @@ from router.encoders import (
     cache_root,
     minilm_tokenizer,
     sha256_file,
+    usable_cores,
 )
 
 if TYPE_CHECKING:
@@ -138,7 +139,7 @@ class StaticMiniLMEncoder(Encoder):
     def _distil(self, onnx_model_path: str | Path | None, progress: bool) -> np.ndarray:
         log.info("distilling the static token table into %s (once per machine)", self.table_path)
         # The ONNX encoder checks its file against the pinned sha256 before anything is distilled from it.
-        model = OnnxMiniLMEncoder(model_path=onnx_model_path, threads=os.cpu_count())
+        model = OnnxMiniLMEncoder(model_path=onnx_model_path, threads=usable_cores())
         table = distil_table(model, self._tokenizer.get_vocab_size(), progress=progress)
         try:
             self._save(table)
