@@ -16,6 +16,7 @@ from router.orchestrator import Orchestrator
 if TYPE_CHECKING:
     from router.gate import Gate
     from router.state_redis import SharedState
+    from router.vote_weights import VoteWeights
 
 __all__ = ["GateNotTrained", "VoteWeightsNotTrained", "build_breakers", "build_experts", "build_orchestrator",
            "build_shared_state", "load_gate", "load_vote_weights"]
@@ -74,7 +75,7 @@ def load_gate(config: RouterConfig) -> Gate:
     return Gate.load(path, build_encoder(config.gate.encoder)).for_config(config)
 
 
-def load_vote_weights(config: RouterConfig) -> dict[str, float] | None:
+def load_vote_weights(config: RouterConfig) -> VoteWeights | None:
     """The learned vote weights beside the gate artifact when ``combiner.vote_weights`` is ``learned``, else
     None. Weights of experts no longer in the config are dropped."""
     if config.combiner.vote_weights != "learned":
@@ -85,8 +86,8 @@ def load_vote_weights(config: RouterConfig) -> dict[str, float] | None:
     learned = VoteWeights.load(path)
     if learned is None:
         raise VoteWeightsNotTrained(path)
-    weights = {e: w for e, w in learned.as_mapping().items() if e in config.expert_names}
-    if not weights:
+    weights = learned.restrict(config.expert_names)
+    if not weights.experts:
         raise ValueError(f"{path}: the learned vote weights name none of the config's experts "
                          f"({', '.join(learned.experts)}); retrain with: moe train --config <this config>")
     return weights

@@ -35,6 +35,7 @@ import numpy as np
 from experts.errors import ExpertError
 from experts.types import ChatMessage
 from router.trace import Contribution
+from router.vote_weights import VoteWeights
 
 __all__ = ["COMBINERS", "EXTRACTORS", "TIE_BREAK", "Aggregate", "Combined", "Combiner", "Consensus", "Fuse",
            "TopOne", "Vote", "WeightedAnswer", "build_combiner", "choice_embedding", "extract_choice", "extract_number",
@@ -138,19 +139,22 @@ class Vote(Combiner):
     """Weighted vote on the extracted final answer. The returned text is the heaviest answer that voted for it.
 
     ``per_expert`` maps an expert to its own extractor name (an expert that answers in its own format).
-    ``learned`` maps experts to learned vote weights (``router.vote_weights``): an answer then counts for its
-    expert's learned weight instead of its panel weight (which only breaks ties, so a panel whose experts all
+    ``learned`` holds learned vote weights (``router.vote_weights.VoteWeights``, or a plain mapping from expert
+    to weight): an answer then counts for its expert's learned weight, adjusted by the learned length term for
+    the answer's length, instead of its panel weight (which only breaks ties, so a panel whose experts all
     learned a weight of 0 still votes by the gate), and an expert without one (added after training) counts
     for the mean learned weight. The contributions report the weight each answer counted for."""
 
     name = "vote"
 
     def __init__(self, extractor: str = "choice", per_expert: Mapping[str, str] | None = None,
-                 learned: Mapping[str, float] | None = None) -> None:
+                 learned: Mapping[str, float] | VoteWeights | None = None) -> None:
         self.extract = EXTRACTORS[extractor]
         self.per_expert = {e: EXTRACTORS[x] for e, x in (per_expert or {}).items()}
-        self.learned = dict(learned) if learned is not None else None
-        self._unlearned = float(np.mean(list(self.learned.values()))) if self.learned else 0.0
+        if learned is not None and not isinstance(learned, VoteWeights):
+            learned = VoteWeights(experts=tuple(learned), weights=np.array(list(learned.values()), dtype=float))
+        self.learned = learned
+        self._unlearned = float(np.mean(learned.weights)) if learned is not None and learned.experts else 0.0
 
     def key(self, answer: WeightedAnswer) -> str | None:
         return self.per_expert.get(answer.expert, self.extract)(answer.content)
@@ -159,7 +163,8 @@ class Vote(Combiner):
         """What ``answer`` counts for in the tally."""
         if self.learned is None:
             return answer.weight
-        return self.learned.get(answer.expert, self._unlearned) + TIE_BREAK * answer.weight
+        learned = self.learned.count_for(answer.expert, len(answer.content))
+        return (self._unlearned if learned is None else learned) + TIE_BREAK * answer.weight
 
     def combine(self, answers: list[WeightedAnswer]) -> Combined:
         if self.learned is not None:
@@ -292,7 +297,7 @@ COMBINERS: dict[str, Callable[..., Combiner]] = {"top1": TopOne, "vote": Vote, "
 
 def build_combiner(strategy: str, extractor: str = "choice", *, per_expert: Mapping[str, str] | None = None,
                    embed: Embed | None = None, aggregator: str | None = None,
-                   vote_weights: Mapping[str, float] | None = None) -> Combiner:
+                   vote_weights: Mapping[str, float] | VoteWeights | None = None) -> Combiner:
     """``consensus`` needs ``embed`` (``choice_embedding`` when omitted and ``extractor`` is ``"choice"``);
     ``fuse`` needs the ``aggregator`` expert's name; ``vote_weights`` gives ``vote`` learned weights."""
     if strategy not in COMBINERS:

@@ -170,6 +170,9 @@ class CombinerConfig(_Strict):
     # per-expert weights fitted jointly on outcome records that carry ``answers`` (``router.vote_weights``),
     # written by ``moe train`` beside the gate artifact. Learned weights discount experts that err together.
     vote_weights: Literal["gate", "learned"] = "gate"
+    # With learned vote weights: also learn how an answer's length against its expert's median answer moves
+    # what it counts for (one fitted coefficient, ``router.vote_weights``); false: the weights alone.
+    vote_length: bool = True
 
 
 class BreakerConfig(_Strict):

@@ -66,6 +66,7 @@ from router.fallback import AllExpertsFailed, Deadline, next_candidate
 from router.retry import RetryPolicy
 from router.topk import choose, rank
 from router.trace import RoutedAnswer, RouteDecision, Trace, WeightedExpert
+from router.vote_weights import VoteWeights
 
 __all__ = ["GateLike", "NoCapableExpert", "Orchestrator", "StreamEnd", "StreamPiece", "UnknownExpert"]
 
@@ -122,7 +123,7 @@ class Orchestrator:
 
     def __init__(self, config: RouterConfig, gate: GateLike, experts: Mapping[str, Expert],
                  combiner: Combiner | None = None, *, breakers: Breakers | None = None,
-                 vote_weights: Mapping[str, float] | None = None,
+                 vote_weights: Mapping[str, float] | VoteWeights | None = None,
                  sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
                  rand: Callable[[], float] = random.random) -> None:
         missing = [n for n in config.expert_names if n not in experts]
@@ -134,7 +135,7 @@ class Orchestrator:
         if config.combiner.vote_weights == "learned" and vote_weights is None:
             raise ValueError("combiner.vote_weights is 'learned' but no learned vote weights were given; "
                              "train them with: moe train --config <this config>")
-        self.vote_weights = dict(vote_weights) if vote_weights is not None else None
+        self.vote_weights = vote_weights
         # Combiners hold no per-request state: one per strategy, built on first use.
         self._combiners: dict[str, Combiner] = {}
         self.combiner = combiner or self.combiner_for(config.combiner.strategy)

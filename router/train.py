@@ -186,4 +186,4 @@ def _learned_vote_weights(config: RouterConfig, data: TrainingData, *, progress:
     from router.vote_weights import fit_from_records
 
     return fit_from_records(data.records, config.expert_names, EXTRACTORS[config.combiner.extractor],
-                            progress=progress)
+                            length_term=config.combiner.vote_length, progress=progress)

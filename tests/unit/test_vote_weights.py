@@ -87,7 +87,21 @@ def test_save_and_load_round_trip(tmp_path: Path) -> None:
     learned.save(tmp_path)
     again = VoteWeights.load(tmp_path)
     assert again is not None and again.experts == learned.experts and again.metrics == learned.metrics
-    assert np.allclose(again.weights, learned.weights)
+    assert np.allclose(again.weights, learned.weights) and again.median_chars is None
+    answers3, target3, lengths = _with_lengths(300, seed=8)
+    lengths = [[None, *row[1:]] for row in lengths]  # solo's lengths unknown: its median is too
+    fitted = fit_vote_weights(answers3, target3, EXPERTS, lengths=lengths)
+    fitted.save(tmp_path / "")
+    loaded = VoteWeights.load(tmp_path)
+    assert loaded is not None and loaded.length_coef == fitted.length_coef != 0.0 and loaded.median_chars is not None
+    assert np.isnan(loaded.median_chars[0]) and np.allclose(loaded.median_chars[1:], fitted.median_chars[1:])  # type: ignore[index]
+    assert loaded.count_for("solo", 5) == pytest.approx(loaded.weights[0])  # no median: no length term
+    assert loaded.count_for("newcomer", 5) is None
+    # A file written before the length term (format 1) loads as weights alone.
+    (tmp_path / FILE_NAME).write_text(json.dumps({"format": 1, "experts": ["a", "b"], "weights": [1, 2]}),
+                                      encoding="utf-8")
+    old = VoteWeights.load(tmp_path)
+    assert old is not None and old.length_coef == 0.0 and old.count_for("b", 10) == 2.0
     assert VoteWeights.load(tmp_path / "elsewhere") is None
     (tmp_path / FILE_NAME).write_text(json.dumps({"format": 99}), encoding="utf-8")
     with pytest.raises(ValueError, match=rf"{FILE_NAME}: unknown format 99"):
@@ -96,6 +110,59 @@ def test_save_and_load_round_trip(tmp_path: Path) -> None:
                                       encoding="utf-8")
     with pytest.raises(ValueError, match="2 weights for 1 experts"):
         VoteWeights.load(tmp_path)
+
+
+def _with_lengths(n: int, seed: int) -> tuple[list[list[str | None]], list[str], list[list[float | None]]]:
+    """``_copies`` with a length per answer: a right answer runs about 1.5x its expert's usual length, a wrong
+    one about 0.67x (an expert that gives up early, or cuts its reasoning short, is more often wrong)."""
+    answers, target = _copies(n, seed)
+    rng = np.random.default_rng(seed + 100)
+    usual = {"solo": 800.0, "twin-1": 300.0, "twin-2": 300.0}
+    lengths: list[list[float | None]] = []
+    for row, gold in zip(answers, target, strict=True):
+        twin = usual["twin-1"] * float(np.exp(rng.normal(0.4 if row[1] == gold else -0.4, 0.3)))
+        lengths.append([usual["solo"] * float(np.exp(rng.normal(0.4 if row[0] == gold else -0.4, 0.3))),
+                        twin, twin])  # one model recorded twice: the same answer, the same length
+    return answers, target, lengths
+
+
+def _served(vote: Vote, answers: list[list[str | None]], lengths: list[list[float | None]]) -> list[str]:
+    """What ``vote`` answers, run on answers whose text has the recorded length and ends with the letter."""
+    out = []
+    for row, size in zip(answers, lengths, strict=True):
+        panel = [WeightedAnswer(e, 1 / 3, "x" * max(int(n or 0) - 18, 0) + f" The answer is ({a})")
+                 for e, a, n in zip(EXPERTS, row, size, strict=True) if a]
+        out.append(extract_choice(vote.combine(panel).content) or "")
+    return out
+
+
+def test_the_length_term_learns_what_length_says_and_is_served() -> None:
+    answers, target, lengths = _with_lengths(3000, seed=5)
+    plain = fit_vote_weights(answers, target, EXPERTS, l2=1.0)
+    with_length = fit_vote_weights(answers, target, EXPERTS, l2=1.0, lengths=lengths)
+    assert plain.length_coef == 0.0 and plain.median_chars is None
+    assert with_length.length_coef > 0.5  # longer than usual: more likely right
+    assert with_length.median_chars is not None
+    assert with_length.median_chars[0] == pytest.approx(np.median([row[0] for row in lengths]))
+    test_answers, test_target, test_lengths = _with_lengths(3000, seed=6)
+    right = {name: float(np.mean([a == g for a, g in zip(_served(Vote("choice", learned=w), test_answers,
+                                                                   test_lengths), test_target, strict=True)]))
+             for name, w in (("plain", plain), ("length", with_length))}
+    assert right["length"] > right["plain"] + 0.03, right
+    # The vectorised count (what the offline suites score) is what the served vote counts.
+    chars = np.array(test_lengths[:50], dtype=float)
+    assert np.allclose(with_length.counted(chars)[:, 0],
+                       [with_length.count_for("solo", int(n)) for n in chars[:, 0]], atol=1e-2)
+
+
+def test_length_that_says_nothing_learns_no_length_term() -> None:
+    answers, target = _copies(3000, seed=7)
+    rng = np.random.default_rng(7)
+    noise: list[list[float | None]] = [[float(rng.integers(100, 2000)) for _ in EXPERTS] for _ in answers]
+    learned = fit_vote_weights(answers, target, EXPERTS, l2=1.0, lengths=noise)
+    assert abs(learned.length_coef) < 0.1
+    with pytest.raises(ValueError, match="lengths need one slot per expert"):
+        fit_vote_weights(answers, target, EXPERTS, lengths=noise[:10])
 
 
 def test_targets_come_from_the_experts_that_succeeded() -> None:
@@ -164,10 +231,15 @@ def test_moe_train_writes_learned_weights_and_the_service_votes_with_them(tmp_pa
     train_from_config(config, progress=False)
     assert (tmp_path / "out" / "gate" / FILE_NAME).is_file()
     weights = load_vote_weights(config)
-    assert weights is not None and weights["solo"] > weights["twin-1"] + weights["twin-2"]
+    assert weights is not None
+    w = weights.as_mapping()
+    assert w["solo"] > w["twin-1"] + w["twin-2"]
+    # Every answer in this file is "The answer is (X).": one length, so the length term learns nothing.
+    assert weights.metrics["length_term"] and weights.length_coef == pytest.approx(0.0, abs=1e-6)
     orchestrator = build_orchestrator(config)
     combiner = orchestrator.combiner
-    assert isinstance(combiner, Vote) and combiner.learned == weights
+    assert isinstance(combiner, Vote) and combiner.learned is not None
+    assert combiner.learned.experts == weights.experts and np.allclose(combiner.learned.weights, weights.weights)
     assert load_vote_weights(_config(tmp_path, ["o.jsonl"])) is None  # the default counts the gate's weights
 
 
