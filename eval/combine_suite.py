@@ -14,13 +14,18 @@ queries) ranks the experts of the pool, the top ``k`` form the panel, and each m
   letter as ``vote`` by construction (checked, not assumed).
 - ``learned_vote``: the same routed panel, but each member's letter counts for its *learned* vote weight
   (``router.vote_weights``: per-expert weights fitted jointly on the training questions' recorded letters, so
-  experts that err together are discounted), as ``combiner.vote_weights: learned`` serves it.
+  experts that err together are discounted), as ``combiner.vote_weights: learned`` with
+  ``combiner.vote_length: false`` serves it.
+- ``learned_length_vote``: the learned vote with its length term (an answer longer or shorter than its expert's
+  median counts for more or less, as fitted), as ``combiner.vote_weights: learned`` serves it by default.
 - ``fuse`` needs an aggregator model to write an answer, so it cannot be scored from recordings.
 
 The panel's size ``k``, the weights and the success model's prior (global, or per MMLU-Pro category: the
-category is part of each question's record) are chosen on the validation split, and so are the learned vote's
-panel size and L2 penalty, and which strategy is the suite's headline (``chosen_strategy``); the test split is
-scored once.
+category is part of each question's record), the learned votes' panel sizes and L2 penalties, and which strategy
+is the suite's headline (``chosen_strategy``) are chosen by 5-fold cross-validation over train + val: one
+1,200-question validation split has a standard error of about 1.2 points, too coarse to tell these strategies
+apart, and the folds together score every one of the 9,658 questions. Everything is then refitted on train +
+val, and the test split is scored once.
 A model with no record for a question abstains (no vote); a panel with no vote at all is wrong.
 """
 
@@ -28,6 +33,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -39,7 +45,7 @@ from eval.routing import FRACTIONS, mmlu_pro_split
 from eval.suite import SuiteContext, as_float
 from router.combine import TIE_BREAK, Combiner, Consensus, Vote, choice_embedding
 from router.outcome import shrunk_success, success_prior
-from router.vote_weights import fit_vote_weights
+from router.vote_weights import VoteWeights, fit_vote_weights
 
 __all__ = ["POOLS", "SMALL_OPEN", "mean_interval", "panel_letters", "plot_strategies", "pool_models",
            "run_mmlu_pro_combine", "weights_of"]
@@ -62,6 +68,9 @@ MARGINS = (0.0, 0.02, 0.05, 0.1, np.inf)
 N_BOOT = 1000
 TARGETS = {"all": 0.05, "small": 0.07}  # issue 4: points over the pool's best single model
 L2_GRID = (1.0, 10.0, 30.0)  # the learned vote's penalty
+N_FOLDS = 5  # cross-validation over train + val chooses every setting
+# The strategies the headline is chosen among, simplest first (a tie keeps the earlier one).
+CANDIDATES = ("vote", "learned_vote", "learned_length_vote")
 
 
 def pool_models(spec: str | None, available: Sequence[str]) -> list[str]:
@@ -97,9 +106,16 @@ def weights_of(success: np.ndarray, scheme: str, options: float | np.ndarray = 1
 def panel_letters(onehot: np.ndarray, panels: np.ndarray, weights: np.ndarray) -> np.ndarray:
     """Weighted vote per query: ``onehot`` [n, m, 10], ``panels`` and ``weights`` [n, k] -> letter index
     [n], -1 where no member voted (every member abstained)."""
-    votes = onehot[np.arange(len(panels))[:, None], panels]  # [n, k, 10]
-    tally = (votes * weights[:, :, None]).sum(axis=1)
-    return np.where(tally.max(axis=1) > 0, tally.argmax(axis=1), -1)
+    votes = onehot[np.arange(len(panels))[:, None], panels].astype(float)  # [n, k, 10]
+    backed = votes * weights[:, :, None]
+    tally = backed.sum(axis=1)
+    # Ties break as in router.combine.Vote: the letter backed by the single heaviest member, then the later one.
+    top = tally.max(axis=1, keepdims=True)
+    tied = tally >= top - 1e-12 * np.maximum(np.abs(top), 1.0)
+    heaviest = np.where(tied, backed.max(axis=1), -np.inf)
+    tied &= heaviest >= heaviest.max(axis=1, keepdims=True)
+    winner = tally.shape[1] - 1 - np.argmax(tied[:, ::-1], axis=1)
+    return np.where(top[:, 0] > 0, winner, -1)
 
 
 def _accuracy(letters: np.ndarray, gold: np.ndarray) -> float:
@@ -121,6 +137,25 @@ class _Scorer:
         return shrunk_success(self.model.outcomes[ids], base, alpha)
 
 
+@dataclass(frozen=True)
+class _Data:
+    """The pool's recordings over every question: embeddings, outcomes, letters, answer lengths."""
+
+    models: list[str]
+    x: np.ndarray  # [n, d] prompt embeddings
+    outcomes: np.ndarray  # [n, m] 1/0, NaN: no record
+    onehot: np.ndarray  # [n, m, 10] the recorded letter
+    chars: np.ndarray  # [n, m] the recorded answer's length in characters, NaN where no letter
+    gold: np.ndarray  # [n] the right letter's index
+    category: np.ndarray  # [n]
+
+    def fit_weights(self, rows: np.ndarray, l2: float, length: bool) -> VoteWeights:
+        """Learned vote weights fitted on ``rows``' letters (and lengths, with the length term)."""
+        lengths = [[None if np.isnan(v) else float(v) for v in row] for row in self.chars[rows]] if length else None
+        return fit_vote_weights(_answers(self.onehot, rows), [LETTERS[g] for g in self.gold[rows]], self.models,
+                                l2=l2, lengths=lengths)
+
+
 def _panels(success: np.ndarray, size: int) -> np.ndarray:
     """``[n, size]`` the routed panels: the experts of highest predicted success, best first."""
     return np.argsort(-success, axis=1, kind="stable")[:, :size]
@@ -133,48 +168,78 @@ def _vote(onehot: np.ndarray, success: np.ndarray, size: int, scheme: str) -> np
 
 def _answers(onehot: np.ndarray, rows: np.ndarray) -> list[list[str | None]]:
     """Each row's recorded letters, one slot per expert (None: no record)."""
-    return [[_text(onehot[i, j]) or None for j in range(onehot.shape[1])] for i in rows]
+    return [[_letter(onehot[i, j]) or None for j in range(onehot.shape[1])] for i in rows]
 
 
-def _learned_vote(onehot: np.ndarray, success: np.ndarray, size: int, weights: np.ndarray) -> np.ndarray:
-    """The routed panel (top ``size`` by predicted success) voting with learned per-expert ``weights``."""
+def _learned_vote(onehot: np.ndarray, success: np.ndarray, size: int, learned: VoteWeights,
+                  chars: np.ndarray) -> np.ndarray:
+    """The routed panel (top ``size`` by predicted success) voting with ``learned`` weights, each answer
+    counting for its expert's weight and, when ``learned`` has one, the length term for its ``chars``."""
     panels = _panels(success, size)
+    counted = np.take_along_axis(learned.counted(chars), panels, 1)
     # The panel weight (here: predicted success) breaks ties, as in Vote with learned weights.
-    return panel_letters(onehot, panels, weights[panels] + TIE_BREAK * np.take_along_axis(success, panels, 1))
+    return panel_letters(onehot, panels, counted + TIE_BREAK * np.take_along_axis(success, panels, 1))
 
 
-def _tune_learned(onehot: np.ndarray, gold: np.ndarray, fit: np.ndarray, rows: np.ndarray,
-                  success: np.ndarray, names: Sequence[str]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Best validation (L2 penalty, panel size) for the learned vote; weights fitted on ``fit``."""
-    targets = [LETTERS[g] for g in gold[fit]]
-    grid = []
-    for l2 in L2_GRID:
-        weights = fit_vote_weights(_answers(onehot, fit), targets, names, l2=l2).weights
-        for size in PANEL_SIZES:
-            acc = _accuracy(_learned_vote(onehot[rows], success, size, weights), gold[rows])
-            grid.append({"l2": l2, "k": size, "val_accuracy": acc})
-    return max(grid, key=lambda g: (round(g["val_accuracy"], 12), -g["k"], g["l2"])), grid
+def folds_of(rows: np.ndarray, seed: int, n: int = N_FOLDS) -> list[np.ndarray]:
+    """``rows`` in ``n`` seeded, disjoint folds of near-equal size."""
+    order = np.random.default_rng(seed).permutation(rows)
+    return [np.sort(f) for f in np.array_split(order, n)]
 
 
-def _tune(scorer: _Scorer, rows: np.ndarray, onehot: np.ndarray, gold: np.ndarray,
-          best: int) -> tuple[dict[str, Any], dict[str, Any], list[dict[str, Any]]]:
-    """Best validation (prior, K, alpha, panel size, weights) for voting, and (K, alpha, margin) for top-1."""
-    grid: list[dict[str, Any]] = []
-    top1: list[dict[str, Any]] = []
-    for prior, k, alpha in itertools.product(PRIORS, K_NEIGHBOURS, ALPHAS):
-        s = scorer.success(rows, k, alpha, prior)
-        for size, scheme in itertools.product(PANEL_SIZES, WEIGHTS):
-            grid.append({"prior": prior, "neighbours": k, "alpha": alpha, "k": size, "weights": scheme,
-                         "val_accuracy": _accuracy(_vote(onehot[rows], s, size, scheme), gold[rows])})
-        if prior == "global":
-            for margin in MARGINS:
-                picks = route_with_margin(s, best, margin)
-                acc = _accuracy(_letters_of(onehot[rows], picks), gold[rows])
-                top1.append({"neighbours": k, "alpha": alpha, "margin": float(margin), "val_accuracy": acc})
-    # Ties prefer the smaller panel (fewer calls), then the simpler weights and prior.
-    chosen = max(grid, key=lambda g: (round(g["val_accuracy"], 12), -g["k"]))
-    chosen_top1 = max(top1, key=lambda g: (round(g["val_accuracy"], 12), g["margin"]))
-    return chosen, chosen_top1, grid
+def _mean_grid(scores: Mapping[tuple[Any, ...], list[float]], keys: Sequence[str]) -> list[dict[str, Any]]:
+    return [{**dict(zip(keys, setting, strict=True)), "cv_accuracy": float(np.mean(accs))}
+            for setting, accs in scores.items()]
+
+
+def _cross_validate(data: _Data, fit: np.ndarray, best: int, seed: int,
+                    progress: bool) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """Every setting's mean held-out accuracy over ``N_FOLDS`` folds of ``fit`` (train + val): each fold is
+    scored with the success model (and learned weights) of the other folds. Returns the grids and the best
+    setting of each kind: vote (prior, neighbours, alpha, panel size, weights), top-1 (neighbours, alpha,
+    margin), learned vote and learned vote with the length term (L2, panel size)."""
+    folds = folds_of(fit, seed)
+    vote: dict[tuple[Any, ...], list[float]] = {}
+    top1: dict[tuple[Any, ...], list[float]] = {}
+    held: list[tuple[np.ndarray, np.ndarray, _Scorer]] = []
+    for i, hold in enumerate(folds):
+        rest = np.setdiff1d(fit, hold)
+        scorer = _Scorer(data.x, data.outcomes, data.category, rest)
+        held.append((hold, rest, scorer))
+        for prior, k, alpha in itertools.product(PRIORS, K_NEIGHBOURS, ALPHAS):
+            s = scorer.success(hold, k, alpha, prior)
+            for size, scheme in itertools.product(PANEL_SIZES, WEIGHTS):
+                vote.setdefault((prior, k, alpha, size, scheme), []).append(
+                    _accuracy(_vote(data.onehot[hold], s, size, scheme), data.gold[hold]))
+            if prior == "global":
+                for margin in MARGINS:
+                    picks = route_with_margin(s, best, margin)
+                    top1.setdefault((k, alpha, float(margin)), []).append(
+                        _accuracy(_letters_of(data.onehot[hold], picks), data.gold[hold]))
+        if progress:
+            print(f"  cross-validation, fold {i + 1}/{len(folds)}: vote and top-1 settings scored", flush=True)
+    grid = _mean_grid(vote, ("prior", "neighbours", "alpha", "k", "weights"))
+    # Ties prefer the smaller panel (fewer calls), then the simpler weights and prior (the grid's order).
+    chosen = max(grid, key=lambda g: (round(g["cv_accuracy"], 12), -g["k"]))
+    chosen_top1 = max(_mean_grid(top1, ("neighbours", "alpha", "margin")),
+                      key=lambda g: (round(g["cv_accuracy"], 12), g["margin"]))
+    learned: dict[tuple[Any, ...], list[float]] = {}
+    for i, (hold, rest, scorer) in enumerate(held):
+        s = scorer.success(hold, chosen["neighbours"], chosen["alpha"], chosen["prior"])
+        for l2, length in itertools.product(L2_GRID, (False, True)):
+            weights = data.fit_weights(rest, l2, length)
+            for size in PANEL_SIZES:
+                learned.setdefault((length, l2, size), []).append(_accuracy(
+                    _learned_vote(data.onehot[hold], s, size, weights, data.chars[hold]), data.gold[hold]))
+        if progress:
+            print(f"  cross-validation, fold {i + 1}/{len(folds)}: learned votes fitted and scored", flush=True)
+    learned_grid = _mean_grid(learned, ("length_term", "l2", "k"))
+    best_learned = {
+        name: max((g for g in learned_grid if g["length_term"] == length),
+                  key=lambda g: (round(g["cv_accuracy"], 12), -g["k"], g["l2"]))
+        for name, length in (("learned_vote", False), ("learned_length_vote", True))}
+    return ({"vote": chosen, **best_learned}, chosen_top1,
+            {"vote": grid, "top1": _mean_grid(top1, ("neighbours", "alpha", "margin"))}, {"learned": learned_grid})
 
 
 def _letters_of(onehot: np.ndarray, picks: np.ndarray) -> np.ndarray:
@@ -182,25 +247,37 @@ def _letters_of(onehot: np.ndarray, picks: np.ndarray) -> np.ndarray:
     return np.where(row.max(axis=1) > 0, row.argmax(axis=1), -1)
 
 
-def _agreement(onehot: np.ndarray, panels: np.ndarray, weights: np.ndarray, names: Sequence[str],
-               combiners: Mapping[str, Combiner], expected: Mapping[str, np.ndarray]) -> dict[str, float]:
+def _agreement(onehot: np.ndarray, chars: np.ndarray, panels: np.ndarray, weights: np.ndarray,
+               names: Sequence[str], combiners: Mapping[str, Combiner],
+               expected: Mapping[str, np.ndarray]) -> dict[str, float]:
     """Run each of ``router.combine``'s ``combiners`` on the test panels (members' panel weights ``weights``);
     per combiner, the share of queries where it picks the letter the vectorised scoring chose (``expected``;
-    1.0 expected: the suite scores what the combiners do)."""
+    1.0 expected: the suite scores what the combiners do). Each answer's text is its recorded letter written
+    out to its recorded length (``chars``), so a learned length term sees what it would see served."""
     from router.combine import WeightedAnswer
 
     got: dict[str, list[int]] = {name: [] for name in combiners}
     for row, panel in enumerate(panels):
-        answers = [WeightedAnswer(names[j], float(w), _text(onehot[row, j]))
+        answers = [WeightedAnswer(names[j], float(w), _text(onehot[row, j], chars[row, j]))
                    for j, w in zip(panel, weights[row], strict=True)]
         for name, combiner in combiners.items():
-            letter = _text(onehot[row, names.index(combiner.combine(answers).expert)])
+            letter = _letter(onehot[row, names.index(combiner.combine(answers).expert)])
             got[name].append(LETTERS.index(letter) if letter else -1)
     return {k: float(np.mean(np.array(v) == expected[k])) for k, v in got.items()}
 
 
-def _text(onehot_row: np.ndarray) -> str:
+def _letter(onehot_row: np.ndarray) -> str:
+    """The recorded letter; "" when none was recorded."""
     return LETTERS[int(onehot_row.argmax())] if onehot_row.max() > 0 else ""
+
+
+def _text(onehot_row: np.ndarray, chars: float = np.nan) -> str:
+    """The recorded letter as an answer text, ``"...(C)"`` padded to ``chars`` characters when given; "" when
+    none was recorded."""
+    if onehot_row.max() <= 0:
+        return ""
+    letter = f"({_letter(onehot_row)})"
+    return letter if np.isnan(chars) else letter.rjust(int(chars), ".")
 
 
 def run_mmlu_pro_combine(ctx: SuiteContext) -> dict[str, Any]:
@@ -212,85 +289,97 @@ def run_mmlu_pro_combine(ctx: SuiteContext) -> dict[str, Any]:
     models = pool_models(pool_name, store.models)
     ids = [str(q.question_id) for q in store.questions]
     train, val, test, x = mmlu_pro_split(ctx, store)
-    outcomes = np.stack([as_float(store.correct(m)) for m in models], axis=1)
     onehot = np.zeros((len(ids), len(models), len(LETTERS)), dtype=np.float32)
+    chars = np.full((len(ids), len(models)), np.nan)
     for j, m in enumerate(models):
         for i, o in enumerate(store.outcomes(m)):
             if o.pred is not None and o.pred in LETTERS:
                 onehot[i, j, LETTERS.index(o.pred)] = 1.0
-    gold = np.array([LETTERS.index(q.answer) for q in store.questions])
-    category = np.array([q.category for q in store.questions])
+                chars[i, j] = np.nan if o.response_chars is None else max(float(o.response_chars), 3.0)
+    data = _Data(models=models, x=x, outcomes=np.stack([as_float(store.correct(m)) for m in models], axis=1),
+                 onehot=onehot, chars=chars, gold=np.array([LETTERS.index(q.answer) for q in store.questions]),
+                 category=np.array([q.category for q in store.questions]))
+    outcomes, gold = data.outcomes, data.gold
 
-    train_acc = np.nan_to_num(outcomes[train]).mean(axis=0)  # missing = wrong, as for every system
-    best = int(np.argmax(train_acc))
-    train_scorer = _Scorer(x, outcomes, category, train)
-    chosen, chosen_top1, grid = _tune(train_scorer, val, onehot, gold, best)
-    s_val = train_scorer.success(val, chosen["neighbours"], chosen["alpha"], chosen["prior"])
-    chosen_learned, learned_grid = _tune_learned(onehot, gold, train, val, s_val, models)
-    val_scores = {"vote": max(g["val_accuracy"] for g in grid), "learned_vote": chosen_learned["val_accuracy"]}
-    headline = max(val_scores, key=lambda k: (val_scores[k], k == "vote"))  # a tie keeps the plain vote
     fit = np.r_[train, val]
-    learned = fit_vote_weights(_answers(onehot, fit), [LETTERS[g] for g in gold[fit]], models,
-                               l2=chosen_learned["l2"])
-    scorer = _Scorer(x, outcomes, category, fit)
-    s = scorer.success(test, chosen["neighbours"], chosen["alpha"], chosen["prior"])
+    fit_acc = np.nan_to_num(outcomes[fit]).mean(axis=0)  # missing = wrong, as for every system
+    best = int(np.argmax(fit_acc))
+    chosen, chosen_top1, grids, learned_grids = _cross_validate(data, fit, best, ctx.seed, ctx.progress)
+    cv_scores = {name: chosen[name]["cv_accuracy"] for name in CANDIDATES}
+    # The headline is the candidate with the best cross-validated accuracy; a tie keeps the simpler one.
+    headline = max(CANDIDATES, key=lambda k: (round(cv_scores[k], 12), -CANDIDATES.index(k)))
+    learned = {name: data.fit_weights(fit, chosen[name]["l2"], name == "learned_length_vote")
+               for name in ("learned_vote", "learned_length_vote")}
+    scorer = _Scorer(x, outcomes, data.category, fit)
+    cv = chosen["vote"]
+    s = scorer.success(test, cv["neighbours"], cv["alpha"], cv["prior"])
     s_top1 = scorer.success(test, chosen_top1["neighbours"], chosen_top1["alpha"], "global")
-    oh, g = onehot[test], gold[test]
-    voted = _vote(oh, s, chosen["k"], chosen["weights"])
-    learned_voted = _learned_vote(oh, s, chosen_learned["k"], learned.weights)
+    oh, g, ch = onehot[test], gold[test], chars[test]
+    voted = _vote(oh, s, cv["k"], cv["weights"])
+    learned_voted = {name: _learned_vote(oh, s, chosen[name]["k"], w, ch) for name, w in learned.items()}
     routed = _letters_of(oh, route_with_margin(s_top1, best, chosen_top1["margin"]))
     single = _letters_of(oh, np.full(len(test), best))
-    top3 = np.argsort(-train_acc, kind="stable")[:3]
-    fixed = panel_letters(oh, np.tile(top3, (len(test), 1)), np.tile(weights_of(train_acc[top3], "uniform"),
+    top3 = np.argsort(-fit_acc, kind="stable")[:3]
+    fixed = panel_letters(oh, np.tile(top3, (len(test), 1)), np.tile(weights_of(fit_acc[top3], "uniform"),
                                                                      (len(test), 1)))
-    panels = _panels(s, chosen["k"])
-    check = _agreement(oh, panels, weights_of(np.take_along_axis(s, panels, 1), chosen["weights"]), models,
+    panels = _panels(s, cv["k"])
+    check = _agreement(oh, ch, panels, weights_of(np.take_along_axis(s, panels, 1), cv["weights"]), models,
                        {"vote": Vote("choice"), "consensus": Consensus(choice_embedding)},
                        {"vote": voted, "consensus": voted})
-    panels = _panels(s, chosen_learned["k"])
-    check |= _agreement(oh, panels, np.take_along_axis(s, panels, 1), models,
-                        {"learned_vote": Vote("choice", learned=learned.as_mapping())},
-                        {"learned_vote": learned_voted})
-    consensus = voted if check["consensus"] == 1.0 else np.full(len(test), -2)  # never silently wrong
-    if check["learned_vote"] != 1.0:
-        learned_voted = np.full(len(test), -2)  # never silently wrong: the suite scores what the combiner does
+    for name, weights in learned.items():
+        panels = _panels(s, chosen[name]["k"])
+        check |= _agreement(oh, ch, panels, np.take_along_axis(s, panels, 1), models,
+                            {name: Vote("choice", learned=weights)}, {name: learned_voted[name]})
+        if check[name] != 1.0:
+            learned_voted[name] = np.full(len(test), -2)  # never silently wrong: the suite scores the combiner
+    consensus = voted if check["consensus"] == 1.0 else np.full(len(test), -2)
     correct = {"best_single": single == g, "top1": routed == g, "vote": voted == g, "consensus": consensus == g,
-               "learned_vote": learned_voted == g, "fixed_top3_vote": fixed == g}
+               **{name: letters == g for name, letters in learned_voted.items()}, "fixed_top3_vote": fixed == g}
     metrics: dict[str, Any] = {f"{k}_accuracy": float(v.mean()) for k, v in correct.items()}
     metrics["oracle_accuracy"] = M.oracle_accuracy(outcomes[test])
-    metrics["vote_minus_best_single"] = metrics["vote_accuracy"] - metrics["best_single_accuracy"]
-    metrics["learned_vote_minus_best_single"] = metrics["learned_vote_accuracy"] - metrics["best_single_accuracy"]
+    for name in CANDIDATES:
+        metrics[f"{name}_minus_best_single"] = metrics[f"{name}_accuracy"] - metrics["best_single_accuracy"]
     metrics["chosen_strategy"] = headline
     metrics["chosen_minus_best_single"] = metrics[f"{headline}_minus_best_single"]
     metrics["target_points"] = TARGETS.get(pool_name)
     metrics["target_met"] = (None if pool_name not in TARGETS
                              else bool(metrics["chosen_minus_best_single"] >= TARGETS[pool_name]))
-    metrics["k"], metrics["learned_k"], metrics["pool"] = chosen["k"], chosen_learned["k"], pool_name
+    metrics["k"], metrics["pool"] = cv["k"], pool_name
+    metrics["learned_k"], metrics["learned_length_k"] = chosen["learned_vote"]["k"], chosen["learned_length_vote"]["k"]
+    metrics["length_coef"] = learned["learned_length_vote"].length_coef
     cis = {f"{k}_accuracy": mean_interval(v.astype(float), ctx.seed) for k, v in correct.items()}
-    for key in ("vote", "learned_vote"):
+    for key in CANDIDATES:
         cis[f"{key}_minus_best_single"] = mean_interval(correct[key].astype(float) - correct["best_single"],
                                                         ctx.seed)
     by_size = {}
     for size in PANEL_SIZES:
         by_size[f"k={size}"] = {w: _accuracy(_vote(oh, s, size, w), g) for w in WEIGHTS}
-        by_size[f"k={size}"]["learned"] = _accuracy(_learned_vote(oh, s, size, learned.weights), g)
-    experts = {m: {"accuracy": float(np.nan_to_num(outcomes[test, j]).mean()), "train_accuracy": train_acc[j],
+        for name, weights in learned.items():
+            by_size[f"k={size}"][name] = _accuracy(_learned_vote(oh, s, size, weights, ch), g)
+    experts = {m: {"accuracy": float(np.nan_to_num(outcomes[test, j]).mean()), "fit_accuracy": fit_acc[j],
                    "recorded_share": float(np.mean(~np.isnan(outcomes[test, j])))} for j, m in enumerate(models)}
+    length = learned["learned_length_vote"]
     ctx.notes += [
-        f"split by question id, fractions {FRACTIONS}, seed {ctx.seed} (the mmlu-pro-outcome split); panel size, "
-        "weights, neighbours, shrinkage and prior chosen on val, test scored once",
+        f"split by question id, fractions {FRACTIONS}, seed {ctx.seed} (the mmlu-pro-outcome split); every "
+        f"setting (panel size, weights, neighbours, shrinkage, prior, L2, the headline strategy) chosen by "
+        f"{N_FOLDS}-fold cross-validation over train + val ({len(fit)} questions, seeded folds), then refitted "
+        "on all of train + val; test scored once",
         "answers are the models' recorded letters (pred.csv); a model with no record, or no extracted letter, "
         "for a question abstains (no vote); a panel where every member abstained is wrong, and so is a single "
         "model without a record",
         "consensus over one-hot letter embeddings is weighted agreement: the same letter as vote by "
         f"construction; checked by running router.combine's Vote and Consensus on every test panel "
         f"(agreement with the scored vote: vote {check['vote']:.4f}, consensus {check['consensus']:.4f}); the "
-        f"learned vote likewise through Vote with learned weights (agreement {check['learned_vote']:.4f})",
-        f"learned vote weights: fitted on train for tuning (L2 in {L2_GRID}, panel size), refitted on train + val "
-        f"with the chosen L2 {chosen_learned['l2']:g} for test; {learned.metrics['records_used']} of "
-        f"{learned.metrics['records']} questions had the right letter among the recorded ones and taught the fit",
-        f"headline strategy chosen on val between vote ({val_scores['vote']:.4f}) and learned vote "
-        f"({val_scores['learned_vote']:.4f}): {headline}; the target is judged on it",
+        f"learned votes likewise through Vote with their learned weights, each answer written out to its recorded "
+        f"length (agreement {check['learned_vote']:.4f} and {check['learned_length_vote']:.4f})",
+        f"learned vote weights (router.vote_weights; served with combiner.vote_weights: learned): "
+        f"{learned['learned_vote'].metrics['records_used']} of {learned['learned_vote'].metrics['records']} "
+        "train + val questions had the right letter among the recorded ones and taught the fit; learned_vote "
+        "is served with combiner.vote_length: false, learned_length_vote (the default) adds the length term, "
+        f"fitted at {length.length_coef:+.3f} per unit of log(answer chars / the expert's median) "
+        "(response_chars.csv)",
+        "headline strategy: the best cross-validated of " + ", ".join(
+            f"{k} ({v:.4f})" for k, v in cv_scores.items()) + f": {headline}; the target is judged on it",
         "fuse is not scored: it needs an aggregator model to write each answer, which recordings cannot give",
         "the 'category' prior uses each question's MMLU-Pro category from its record (a deployed router would "
         "predict it with the domain gate)",
@@ -299,32 +388,35 @@ def run_mmlu_pro_combine(ctx: SuiteContext) -> dict[str, Any]:
     body: dict[str, Any] = {
         "metrics": metrics,
         "setup": {"pool": pool_name, "experts": len(models), "train": len(train), "val": len(val),
-                  "test": len(test), "best_single": models[best],
+                  "test": len(test), "folds": N_FOLDS, "best_single": models[best],
                   "fixed_top3": [models[j] for j in top3],
-                  "learned_vote_weights": {e: round(w, 4) for e, w in learned.as_mapping().items() if w > 0},
-                  **{f"chosen_learned_{k}": v for k, v in chosen_learned.items()},
-                  **{f"chosen_{k}": v for k, v in chosen.items()},
-                  **{f"top1_{k}": v for k, v in chosen_top1.items()}},
+                  "learned_vote_weights": {e: round(w, 4) for e, w in learned["learned_vote"].as_mapping().items()
+                                           if w > 0},
+                  "learned_length_vote_weights": {e: round(w, 4) for e, w in length.as_mapping().items() if w > 0},
+                  "chosen": chosen, "chosen_top1": chosen_top1},
         "confidence_intervals": cis,
         "systems": {
             f"best single ({models[best]})": {"accuracy": metrics["best_single_accuracy"]},
             "top-1 routing (gate)": {"accuracy": metrics["top1_accuracy"]},
-            f"routed top-{chosen['k']} vote ({chosen['weights']} weights)": {"accuracy": metrics["vote_accuracy"]},
-            f"routed top-{chosen['k']} consensus": {"accuracy": metrics["consensus_accuracy"]},
-            f"routed top-{chosen_learned['k']} vote (learned weights)": {"accuracy": metrics["learned_vote_accuracy"]},
-            "fixed top-3 vote (three best on train)": {"accuracy": metrics["fixed_top3_vote_accuracy"]},
+            f"routed top-{cv['k']} vote ({cv['weights']} weights)": {"accuracy": metrics["vote_accuracy"]},
+            f"routed top-{cv['k']} consensus": {"accuracy": metrics["consensus_accuracy"]},
+            f"routed top-{chosen['learned_vote']['k']} vote (learned weights)":
+                {"accuracy": metrics["learned_vote_accuracy"]},
+            f"routed top-{chosen['learned_length_vote']['k']} vote (learned weights and length term)":
+                {"accuracy": metrics["learned_length_vote_accuracy"]},
+            "fixed top-3 vote (three best on train + val)": {"accuracy": metrics["fixed_top3_vote_accuracy"]},
             "fuse (aggregator model)": {"accuracy": None},
             "oracle (any pool model right)": {"accuracy": metrics["oracle_accuracy"]},
         },
         "experts": experts,
         "panel_sizes": by_size,
-        "tuning_grid": grid,
-        "learned_tuning_grid": learned_grid,
+        "cv_grids": {**grids, **learned_grids},
     }
     if ctx.plots:
         shown = {"best_single": f"best single\n({models[best]})", "top1": "top-1 routing",
-                 "vote": f"top-{chosen['k']} vote\n({chosen['weights']})", "consensus": f"top-{chosen['k']} consensus",
-                 "learned_vote": f"top-{chosen_learned['k']} vote\n(learned weights)",
+                 "vote": f"top-{cv['k']} vote\n({cv['weights']})", "consensus": f"top-{cv['k']} consensus",
+                 "learned_vote": f"top-{chosen['learned_vote']['k']} vote\n(learned weights)",
+                 "learned_length_vote": f"top-{chosen['learned_length_vote']['k']} vote\n(learned + length)",
                  "fixed_top3_vote": "fixed top-3 vote"}
         body["figures"] = [plot_strategies(ctx, metrics, cis, shown,
                                            f"MMLU-Pro, pool '{pool_name}' ({len(models)} LLMs, {len(test)} test "

@@ -55,7 +55,7 @@ def _arc_cost(m: Metrics) -> bool | None:
 
 
 def _combine_margin(m: Metrics) -> bool | None:
-    """Judged on the strategy the suite chose on validation data (``chosen_minus_best_single``); results from
+    """Judged on the strategy the suite chose by cross-validation (``chosen_minus_best_single``); results from
     before that choice existed fall back to the best strategy's figure."""
     chosen = _num(m.get("chosen_minus_best_single"))
     if chosen is not None:
@@ -74,7 +74,7 @@ TARGETS: dict[str, list[Target]] = {
     "banking77-intent": [_PEER_TARGET],
     "mmlu-pro-outcome": [Target("routed ≥ best single", _routed_vs_best)],
     "routerbench": [Target("ARC: GPT-4's accuracy at ≤ 30% of its cost", _arc_cost)],
-    "mmlu-pro-combine": [Target("strategy chosen on val ≥ best single + 0.05", _combine_margin)],
+    "mmlu-pro-combine": [Target("strategy chosen by cross-validation ≥ best single + 0.05", _combine_margin)],
 }
 
 
@@ -165,7 +165,7 @@ def _combine_cells(r: Mapping[str, Any]) -> tuple[str, str, str]:
     m = r["metrics"]
     shown = sorted(_strategies(m).items(), key=lambda kv: -kv[1])
     head = ", ".join(f"{name} {_f(v)}" for name, v in shown) or "n/a"
-    head += f" (chosen on val: {m['chosen_strategy']})" if m.get("chosen_strategy") else ""
+    head += f" (chosen by cross-validation: {m['chosen_strategy']})" if m.get("chosen_strategy") else ""
     base = f"best single acc {_f(m.get('best_single_accuracy'))}"
     base += f"; oracle {_f(m['oracle_accuracy'])}" if "oracle_accuracy" in m else ""
     return head, base, "—"

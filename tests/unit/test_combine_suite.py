@@ -34,6 +34,21 @@ def test_panel_vote_abstains_missing_records_and_breaks_ties_by_rank() -> None:
     assert heavy[0] == 0  # a near-certain expert outweighs two coin-flippers
 
 
+def test_exact_ties_break_as_the_served_vote_breaks_them() -> None:
+    from router.combine import Vote, WeightedAnswer
+
+    # Equal tallies: A has one member of 0.5, C two of 0.25 (the heavier single voter wins); B and D one of
+    # 0.5 each (equal in every way: the later letter wins, as Vote's key does).
+    onehot = _onehot([["A", "C", "C"], ["B", "D", ""]])
+    panels = np.tile([0, 1, 2], (2, 1))
+    weights = np.array([[0.5, 0.25, 0.25], [0.5, 0.5, 0.2]])
+    assert panel_letters(onehot, panels, weights).tolist() == [0, 3]
+    served = [Vote("choice").combine([WeightedAnswer(f"e{j}", float(w), letter) for j, (w, letter)
+                                      in enumerate(zip(weights[i], row, strict=True)) if letter]).content
+              for i, row in enumerate([["A", "C", "C"], ["B", "D", ""]])]
+    assert served == ["A", "D"]
+
+
 def test_pools() -> None:
     models = ["gpt-4o", *SMALL_OPEN]
     assert pool_models("all", models) == models and pool_models(None, models) == models
@@ -55,19 +70,28 @@ def test_small_real_run(pool: str, data_dir: Path, tmp_path: Path) -> None:
                         plots=False, cache_dir=tmp_path / "cache", pool=pool)
     m = results["metrics"]
     assert set(m) >= {"best_single_accuracy", "top1_accuracy", "vote_accuracy", "consensus_accuracy",
-                      "learned_vote_accuracy", "fixed_top3_vote_accuracy", "oracle_accuracy", "k", "learned_k",
-                      "pool", "chosen_strategy"}
+                      "learned_vote_accuracy", "learned_length_vote_accuracy", "fixed_top3_vote_accuracy",
+                      "oracle_accuracy", "k", "learned_k", "learned_length_k", "length_coef", "pool",
+                      "chosen_strategy"}
+    assert m["chosen_strategy"] in ("vote", "learned_vote", "learned_length_vote")
     assert m["chosen_minus_best_single"] == m[f"{m['chosen_strategy']}_minus_best_single"]
     assert m["target_met"] == (m["chosen_minus_best_single"] >= m["target_points"])
     weights = results["setup"]["learned_vote_weights"]
     assert weights and set(weights) <= set(results["experts"]) and all(w > 0 for w in weights.values())
     assert m["pool"] == pool and results["setup"]["experts"] == (31 if pool == "all" else len(SMALL_OPEN))
     worst = min(e["accuracy"] for e in results["experts"].values())
-    for key in ("best_single", "top1", "vote", "consensus", "learned_vote", "fixed_top3_vote"):
+    for key in ("best_single", "top1", "vote", "consensus", "learned_vote", "learned_length_vote", "fixed_top3_vote"):
         assert 0.0 <= m[f"{key}_accuracy"] <= m["oracle_accuracy"] <= 1.0
     assert m["vote_accuracy"] >= worst and m["consensus_accuracy"] == m["vote_accuracy"]
-    assert m["learned_vote_accuracy"] >= worst  # -2 letters (combiner disagreement) would score 0 here
-    assert any("agreement 1.0000" in note for note in results["notes"])
+    # -2 letters (the served combiner disagreeing with the scored vote) would score 0 here.
+    assert m["learned_vote_accuracy"] >= worst and m["learned_length_vote_accuracy"] >= worst
+    assert any("vote 1.0000, consensus 1.0000" in note and "(agreement 1.0000 and 1.0000)" in note
+               for note in results["notes"])
+    # Every setting was chosen by 5-fold cross-validation over train + val (80 + 80 questions here).
+    assert results["setup"]["folds"] == 5 and results["setup"]["chosen"]["vote"]["cv_accuracy"] > 0
+    learned_grid = results["cv_grids"]["learned"]
+    assert {g["length_term"] for g in learned_grid} == {False, True} and all(
+        0 <= g["cv_accuracy"] <= 1 for g in learned_grid)
     assert results["setup"]["test"] == 80 and "fuse" in (out / "report.md").read_text(encoding="utf-8")
     ci = results["confidence_intervals"]["vote_accuracy"]
     assert ci["low"] <= m["vote_accuracy"] <= ci["high"]
