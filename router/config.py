@@ -114,6 +114,9 @@ class EncoderConfig(_Strict):
     # training, evaluation);
     # None: as many as the cores this process may use hold. One query, or one batch, is always a single run.
     parallel: int | None = Field(default=None, ge=1, le=256)
+    # ONNX: the most padded tokens (texts x the longest) one model run holds, so that a few long prompts run at
+    # once on several cores instead of as one wide run; None: the backend's own (256, see router.encoders).
+    batch_tokens: int | None = Field(default=None, ge=16, le=1_000_000)
 
 
 class TopKConfig(_Strict):

@@ -21,6 +21,7 @@ from router.encoders import (
     OnnxMiniLMEncoder,
     SentenceTransformerEncoder,
     build_encoder,
+    length_batches,
 )
 from tests.support import assert_imports_nothing_of
 
@@ -87,6 +88,49 @@ def test_onnx_parallel_runs_give_the_serial_rows_in_order(queries: list[str]) ->
     np.testing.assert_array_equal(parallel.encode(queries[:5]), serial.encode(queries[:5]))
     assert ran_on == [threading.current_thread().name]
     assert serial._pool is None  # parallel=1 never starts a pool
+
+
+def test_length_batches_cap_texts_and_padded_tokens() -> None:
+    def runs(lengths: list[int], size: int = 8, tokens: int = 256) -> list[list[int]]:
+        return [c.tolist() for c in length_batches(lengths, size, tokens)]
+
+    # Sorted by length; a run closes when one more text would pass 256 padded tokens (texts x the longest).
+    assert runs([5, 3, 100, 4, 300, 50]) == [[1, 3, 0, 5], [2], [4]]  # 4 x 50 = 200 fits, 5 x 100 does not
+    assert [len(r) for r in runs([13] * 20)] == [8, 8, 4]  # short queries: the text cap decides
+    assert runs([256, 256]) == [[0], [1]] and runs([600]) == [[0]]  # a text over the budget runs alone
+    assert runs([64] * 4) == [[0, 1, 2, 3]] and runs([65] * 4) == [[0, 1, 2], [3]]
+    assert runs([]) == []
+    lengths = list(np.random.default_rng(0).integers(1, 300, size=500))
+    chunks = length_batches(lengths, 8, 256)
+    assert sorted(np.concatenate(chunks).tolist()) == list(range(500))  # every text once
+    assert all(len(c) == 1 or (len(c) <= 8 and len(c) * max(lengths[i] for i in c) <= 256) for c in chunks)
+
+
+def test_onnx_long_prompts_split_into_parallel_runs(queries: list[str]) -> None:
+    # Four prompts of 65-200 tokens: one run of 4 under a wide budget, at least two runs on the pool under the
+    # default 256 padded tokens, with the same rows.
+    prompts = [" ".join(queries[i:i + 8]) for i in range(0, 32, 8)]
+    wide = OnnxMiniLMEncoder(threads=1, parallel=2, batch_tokens=100_000)
+    split = OnnxMiniLMEncoder(threads=1, parallel=2)
+    assert split.batch_tokens == OnnxMiniLMEncoder.BATCH_TOKENS == 256
+    ran: list[int] = []
+    run = split._encode_batch
+
+    def spy(ids: list[list[int]]) -> np.ndarray:
+        ran.append(len(ids))
+        return run(ids)
+
+    split._encode_batch = spy  # type: ignore[method-assign]
+    lengths = [len(e.ids) for e in split._tokenizer.encode_batch(prompts)]
+    assert all(65 <= n <= 200 for n in lengths), lengths
+    np.testing.assert_allclose(split.encode(prompts), wide.encode(prompts), atol=1e-4)
+    expected = sorted(len(c) for c in length_batches(lengths, 8, 256))
+    assert sorted(ran) == expected and len(expected) >= 2 and max(expected) < 4, (ran, lengths)
+    assert build_encoder(EncoderConfig(backend="onnx", batch_tokens=512)).batch_tokens == 512  # type: ignore[attr-defined]
+    with pytest.raises(ValidationError, match="batch_tokens"):
+        EncoderConfig(backend="onnx", batch_tokens=8)
+    with pytest.raises(ValueError, match="batch_tokens must be at least 1, got 0"):
+        OnnxMiniLMEncoder(batch_tokens=0)
 
 
 def test_onnx_parallel_defaults_to_the_cores_and_refuses_zero(monkeypatch: pytest.MonkeyPatch) -> None:
