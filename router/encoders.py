@@ -174,8 +174,9 @@ class OnnxMiniLMEncoder(Encoder):
     # kernels gain little from width, and padding and cache misses grow with it).
     BATCH = 8
     # At most this many padded tokens (texts x the longest) per run, so long prompts split into several runs,
-    # which go at once on the pool: 4 MMLU-Pro prompts (median 122 tokens) encode at 40 per s against 17 as one
-    # run of 4, and 64 of them at 46 against 41 (2 cores). Eight short queries stay one run.
+    # which go at once on the pool: 4 MMLU-Pro prompts (median 122 tokens) per call encode at 36 per s against 15
+    # as one run of 4, 64 per call at 47 against 39 (2 cores, ``python -m bench.long_prompts``). Eight short
+    # queries stay one run.
     BATCH_TOKENS = 256
 
     def __init__(self, max_length: int = 256, batch_size: int = BATCH, *, model_path: str | Path | None = None,
