@@ -16,6 +16,10 @@ experts for each query and the top ``k`` form the panel. Strategies scored:
   ``choice_embedding`` for letters (the same answer as ``vote`` by construction), over a one-hot of the
   extracted number for GSM8K-style tasks, and over the gate encoder's embedding of the response text for MBPP
   (the program most like the others, weighted);
+- ``learned_vote`` and ``learned_length_vote``: ``vote`` over the same routed panel with learned vote weights
+  (``router.vote_weights``), fitted as ``moe train`` fits them (``fit_from_records``) on the train split's
+  responses to the letter tasks, without and with the length term (each response's real length against its
+  model's median); a task without an extractor keeps the panel's top answer, as ``vote`` does;
 - ``fixed_top3_vote``: ``vote`` among the three best experts on train, for every query (no routing);
 - references: the best single expert (chosen on train) and RouterBench's oracle (the cheapest correct expert).
 - ``fuse`` needs an aggregator model to write an answer, so it cannot be scored from recordings.
@@ -30,8 +34,9 @@ query, ``<strategy>_total_cost`` the sum over the test split.
 
 Tuning: the panel's size (``PANEL_SIZES``, at most the pool), the weights (``uniform``, ``success``, or
 ``logodds``: ``log((n - 1) p / (1 - p))`` for a task with ``n`` options, floored at 0), the neighbours and the
-shrinkage are chosen on the tuning split by vote accuracy (ties: the smaller panel, then the cheaper); the test
-split is scored once, and ``consensus`` uses the panel ``vote`` chose.
+shrinkage are chosen on the tuning split by vote accuracy (ties: the smaller panel, then the cheaper); the learned
+votes' panel size and L2 penalty likewise, with the vote's success model; the test split is scored once, and
+``consensus`` uses the panel ``vote`` chose.
 """
 
 from __future__ import annotations
@@ -44,7 +49,7 @@ from typing import Any
 import numpy as np
 
 from eval import metrics as M
-from eval.combine_suite import PANEL_SIZES, WEIGHTS, mean_interval, plot_strategies, weights_of
+from eval.combine_suite import L2_GRID, PANEL_SIZES, WEIGHTS, mean_interval, plot_strategies, weights_of
 from eval.outcome import NeighbourOutcomes, route_with_margin
 from eval.report import plot_accuracy_cost
 from eval.routing import ALPHA_GRID, K_GRID, fill_costs, routerbench_split, tune_margin
@@ -57,7 +62,10 @@ from router.combine import (
     Vote,
     WeightedAnswer,
     choice_embedding,
+    extract_choice,
 )
+from router.outcome import OutcomeRecord
+from router.vote_weights import VoteWeights, fit_from_records
 
 __all__ = ["TASK_ANSWERS", "Recorded", "answer_format", "combine_panels", "combiners_for", "key_embedding",
            "rank_panels", "run_routerbench_combine"]
@@ -75,7 +83,8 @@ TASK_ANSWERS: dict[str, tuple[str | None, int]] = {
     "gsm8k": ("number", 10),
     "mbpp": (None, 10),
 }
-STRATEGIES = ("best_single", "top1", "vote", "consensus", "fixed_top3_vote")
+STRATEGIES = ("best_single", "top1", "vote", "consensus", "learned_vote", "learned_length_vote", "fixed_top3_vote")
+LEARNED = {"learned_vote": False, "learned_length_vote": True}  # strategy -> fitted with the length term
 
 
 def answer_format(task: str) -> tuple[str | None, int]:
@@ -115,16 +124,18 @@ def key_embedding(extract: Callable[[str], str | None]) -> Embed:
     return embed
 
 
-def combiners_for(strategy: str, tasks: Iterable[str], embed_text: Embed | None = None) -> dict[str, Combiner]:
+def combiners_for(strategy: str, tasks: Iterable[str], embed_text: Embed | None = None,
+                  learned: VoteWeights | None = None) -> dict[str, Combiner]:
     """Each task's combiner for ``strategy`` (``top1``, ``vote`` or ``consensus``) in the task's answer format.
-    ``embed_text`` embeds free-text answers (consensus on a task without an extractor needs it)."""
+    ``embed_text`` embeds free-text answers (consensus on a task without an extractor needs it); ``learned``
+    gives ``vote`` learned vote weights."""
     out: dict[str, Combiner] = {}
     for task in set(tasks):
         extractor = answer_format(task)[0]
         if strategy == "top1" or (strategy == "vote" and extractor is None):
             out[task] = TopOne()  # what Vote does when no answer extracts, without the pointless extraction
         elif strategy == "vote":
-            out[task] = Vote(extractor or "choice")
+            out[task] = Vote(extractor or "choice", learned=learned)
         elif strategy != "consensus":
             raise ValueError(f"unknown strategy {strategy!r}; known: top1, vote, consensus")
         elif extractor == "choice":
@@ -185,6 +196,37 @@ def _tune(x: np.ndarray, outcomes: np.ndarray, train: np.ndarray, val: np.ndarra
     return chosen, grid
 
 
+def fit_learned(rows: Sequence[Any], models: Sequence[str], which: np.ndarray, outcomes: np.ndarray, l2: float,
+                length: bool) -> VoteWeights:
+    """Learned vote weights from the recorded responses of ``which`` rows whose task has a choice letter, as
+    ``moe train`` fits them from outcome records with answers (a row's right letter: the one its correct
+    models gave)."""
+    records = [OutcomeRecord(rows[i].prompt,
+                             {m: float(outcomes[i, j]) for j, m in enumerate(models) if not np.isnan(outcomes[i, j])},
+                             {}, {m: rows[i].answers[m].response for j, m in enumerate(models)
+                                  if not np.isnan(outcomes[i, j])})
+               for i in which if answer_format(rows[i].task)[0] == "choice"]
+    return fit_from_records(records, models, extract_choice, l2=l2, length_term=length)
+
+
+def _tune_learned(rows: Sequence[Any], models: Sequence[str], train: np.ndarray, outcomes: np.ndarray,
+                  rec: Recorded, success: np.ndarray, sizes: Sequence[int]) -> tuple[dict[str, Any], list[Any]]:
+    """Per learned strategy, the best validation (L2, panel size) with weights fitted on ``train``; ``success``
+    is the vote's success model on the validation rows of ``rec``."""
+    grid: list[dict[str, Any]] = []
+    for (name, length), l2 in itertools.product(LEARNED.items(), L2_GRID):
+        vote = combiners_for("vote", rec.tasks, learned=fit_learned(rows, models, train, outcomes, l2, length))
+        for size in sizes:
+            panels = rank_panels(success, size)
+            correct, cost = combine_panels(rec, panels, np.take_along_axis(success, panels, 1), vote)
+            grid.append({"strategy": name, "l2": l2, "k": size, "val_accuracy": float(correct.mean()),
+                         "val_cost": float(cost.mean())})
+    chosen = {name: max((g for g in grid if g["strategy"] == name),
+                        key=lambda g: (round(g["val_accuracy"], 12), -g["k"], -g["val_cost"], g["l2"]))
+              for name in LEARNED}
+    return chosen, grid
+
+
 def _recorded(rows: Sequence[Any], models: Sequence[str], which: np.ndarray, outcomes: np.ndarray,
               costs: np.ndarray) -> Recorded:
     return Recorded(models, [rows[i].task for i in which],
@@ -219,7 +261,12 @@ def run_routerbench_combine(ctx: SuiteContext) -> dict[str, Any]:
     chosen_top1, _ = tune_margin(x, outcomes, train, val, best)  # the routerbench suite's gate, tuned alike
     sizes = sorted({min(s, len(models)) for s in PANEL_SIZES})
     chosen, grid = _tune(x, outcomes, train, val, rec_val, sizes)
+    tune_model = NeighbourOutcomes(x[train], outcomes[train])
+    s_val = tune_model.success(tune_model.neighbours(x[val], chosen["neighbours"]), chosen["alpha"])
+    chosen_learned, learned_grid = _tune_learned(rows, models, train, outcomes, rec_val, s_val, sizes)
     fit = np.r_[train, val]
+    learned = {name: fit_learned(rows, models, fit, outcomes, chosen_learned[name]["l2"], length)
+               for name, length in LEARNED.items()}
     model = NeighbourOutcomes(x[fit], outcomes[fit])
     ids = model.neighbours(x[test], max(K_GRID))
     s = model.success(ids[:, :chosen["neighbours"]], chosen["alpha"])
@@ -235,6 +282,8 @@ def run_routerbench_combine(ctx: SuiteContext) -> dict[str, Any]:
         "top1": _single(rec, route_with_margin(s_top1, best, chosen_top1["margin"])),
         "vote": combine_panels(rec, panels, weights, vote),
         "consensus": combine_panels(rec, panels, weights, consensus),
+        **{name: combine_panels(rec, (p := rank_panels(s, chosen_learned[name]["k"])), np.take_along_axis(s, p, 1),
+                                combiners_for("vote", rec.tasks, learned=learned[name])) for name in LEARNED},
         "fixed_top3_vote": combine_panels(rec, np.tile(top3, (len(test), 1)), np.ones((len(test), len(top3))),
                                           vote),
     }
@@ -252,6 +301,9 @@ def run_routerbench_combine(ctx: SuiteContext) -> dict[str, Any]:
     labels = {"best_single": f"best single ({models[best]})", "top1": "top-1 routing (routerbench's gate)",
               "vote": f"routed top-{chosen['k']} vote ({chosen['weights']} weights)",
               "consensus": f"routed top-{chosen['k']} consensus",
+              "learned_vote": f"routed top-{chosen_learned['learned_vote']['k']} vote (learned weights)",
+              "learned_length_vote": f"routed top-{chosen_learned['learned_length_vote']['k']} vote (learned "
+                                     "weights and length term)",
               "fixed_top3_vote": "fixed top-3 vote (three best on train)"}
     systems: dict[str, dict[str, Any]] = {
         labels[name]: {"accuracy": metrics[f"{name}_accuracy"], "cost_per_query": metrics[f"{name}_cost"],
@@ -261,11 +313,22 @@ def run_routerbench_combine(ctx: SuiteContext) -> dict[str, Any]:
                                             "total_cost": oracle.cost * len(test)}
     table = _panel_table(rec, s, sizes, vote, consensus)
     ctx.notes += _notes(ctx, chosen, scored, rec, table)
+    fitted = learned["learned_length_vote"]
+    ctx.notes.append(
+        f"learned votes: weights fitted as moe train fits them on the train responses of the letter tasks "
+        f"({fitted.metrics['records_used']} of {fitted.metrics['records']} taught the fit), L2 and panel size "
+        f"chosen on the tuning split (learned_vote: L2 {chosen_learned['learned_vote']['l2']:g}, top-"
+        f"{chosen_learned['learned_vote']['k']}; learned_length_vote: L2 "
+        f"{chosen_learned['learned_length_vote']['l2']:g}, top-{chosen_learned['learned_length_vote']['k']}), "
+        f"refitted on train + tuning; the length term is fitted at {fitted.length_coef:+.3f} per unit of "
+        "log(response chars / the model's median); MBPP keeps the panel's top answer")
     body: dict[str, Any] = {
         "metrics": metrics,
         "setup": {"experts": len(models), "train": len(train), "val": len(val), "test": len(test),
                   "best_single": models[best], "fixed_top3": [models[j] for j in top3], "cost_unit": "USD",
                   **{f"chosen_{k}": v for k, v in chosen.items()},
+                  "chosen_learned": chosen_learned,
+                  "length_coef": learned["learned_length_vote"].length_coef,
                   **{f"top1_{k}": v for k, v in chosen_top1.items()}},
         "confidence_intervals": cis,
         "systems": systems,
@@ -275,6 +338,7 @@ def run_routerbench_combine(ctx: SuiteContext) -> dict[str, Any]:
         "tasks": _by_task(rec, scored),
         "panel_sizes": table,
         "tuning_grid": grid,
+        "learned_tuning_grid": learned_grid,
     }
     if ctx.plots:
         body["figures"] = _figures(ctx, metrics, cis, chosen, models[best], body["experts"], len(test))
@@ -343,6 +407,7 @@ def _figures(ctx: SuiteContext, metrics: Mapping[str, Any], cis: Mapping[str, Ma
              n_test: int) -> list[str]:
     shown = {"best_single": f"best single\n({best.split('/')[-1]})", "top1": "top-1 routing",
              "vote": f"top-{chosen['k']} vote\n({chosen['weights']})", "consensus": f"top-{chosen['k']} consensus",
+             "learned_vote": "learned vote", "learned_length_vote": "learned vote\n+ length",
              "fixed_top3_vote": "fixed top-3 vote"}
     costs = [f"${metrics[f'{key}_cost']:.4f}/query" for key in [*shown, "oracle"]]
     title = f"RouterBench subset ({len(experts)} LLMs, {n_test} test queries)"

@@ -138,6 +138,11 @@ def test_hand_built_folder(bench: Path, tmp_path: Path) -> None:
     assert m["oracle_total_cost"] == pytest.approx(0.016)
     assert 0.5 <= m["top1_accuracy"] <= 1.0 and 0.001 <= m["top1_cost"] <= 0.004 + 1e-12
     assert m["vote_minus_best_single"] == pytest.approx(2 / 12)
+    # Learned weights see the same: no expert outweighs the other two, so a full panel is right everywhere.
+    # Every response is "['X']", one length, so the length term learns nothing.
+    for name in ("learned_vote", "learned_length_vote"):
+        assert m[f"{name}_accuracy"] == 1.0 and results["setup"]["chosen_learned"][name]["k"] == 3
+    assert results["setup"]["length_coef"] == pytest.approx(0.0, abs=1e-9)
     assert results["tasks"]["winograde"]["queries"] == 6 and results["tasks"]["winograde"]["answers"] == "choice"
     assert not list(out.glob("*.png")) and "figures" not in results  # plots=False, as --no-plots gives
 
@@ -147,7 +152,8 @@ def test_real_run_matches_the_routerbench_gate(data_dir: Path, tmp_path: Path) -
     results = run_suite("routerbench-combine", data_dir, out, encoder=HashingEncoder(), limit=60, progress=False,
                         cache_dir=tmp_path / "cache")
     m = results["metrics"]
-    strategies = ("best_single", "top1", "vote", "consensus", "fixed_top3_vote")
+    strategies = ("best_single", "top1", "vote", "consensus", "learned_vote", "learned_length_vote",
+                  "fixed_top3_vote")
     assert set(m) >= {"oracle_accuracy", "oracle_cost", "k", *(f"{s}_{x}" for s in strategies
                                                               for x in ("accuracy", "cost", "total_cost"))}
     assert results["setup"]["test"] == 60 and results["setup"]["experts"] == 11
@@ -161,6 +167,7 @@ def test_real_run_matches_the_routerbench_gate(data_dir: Path, tmp_path: Path) -
         assert results["tasks"][task]["consensus"] == results["tasks"][task]["vote"]
     ci = results["confidence_intervals"]["vote_accuracy"]
     assert ci["low"] <= m["vote_accuracy"] <= ci["high"]
+    assert any(note.startswith("learned votes: weights fitted as moe train fits them") for note in results["notes"])
     # top-1 is the routerbench suite's gate: same split, same tuning, same picks.
     gate = run_suite("routerbench", data_dir, tmp_path / "gate", encoder=HashingEncoder(), limit=60,
                      progress=False, cache_dir=tmp_path / "cache", plots=False)
