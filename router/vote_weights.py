@@ -63,8 +63,10 @@ class VoteWeights:
     metrics: dict[str, Any] = field(default_factory=dict)
     length_coef: float = 0.0  # beta of the length term; 0: answers count for their weight alone
     median_chars: np.ndarray | None = None  # [m] each expert's median answer length (NaN: unknown)
+    _index: dict[str, int] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "_index", {e: j for j, e in enumerate(self.experts)})
         if self.weights.shape != (len(self.experts),):
             raise ValueError(f"vote weights: {self.weights.shape[0]} weights for {len(self.experts)} experts")
         if self.median_chars is not None and self.median_chars.shape != self.weights.shape:
@@ -85,9 +87,9 @@ class VoteWeights:
     def count_for(self, expert: str, chars: int) -> float | None:
         """What one answer of ``chars`` characters by ``expert`` counts for; None when ``expert`` has no
         learned weight."""
-        if expert not in self.experts:
+        j = self._index.get(expert)
+        if j is None:
             return None
-        j = self.experts.index(expert)
         if self.median_chars is None or self.length_coef == 0.0:
             return float(self.weights[j])
         term = self.length_coef * float(length_feature(np.array(float(chars)), self.median_chars[j]))
