@@ -47,7 +47,7 @@ from router.combine import TIE_BREAK, Combiner, Consensus, Vote, choice_embeddin
 from router.outcome import shrunk_success, success_prior
 from router.vote_weights import VoteWeights, fit_vote_weights
 
-__all__ = ["POOLS", "SMALL_OPEN", "mean_interval", "panel_letters", "plot_strategies", "pool_models",
+__all__ = ["LEARNED", "POOLS", "SMALL_OPEN", "mean_interval", "panel_letters", "plot_strategies", "pool_models",
            "run_mmlu_pro_combine", "weights_of"]
 
 LETTERS = "ABCDEFGHIJ"
@@ -71,6 +71,7 @@ L2_GRID = (1.0, 10.0, 30.0)  # the learned vote's penalty
 N_FOLDS = 5  # cross-validation over train + val chooses every setting
 # The strategies the headline is chosen among, simplest first (a tie keeps the earlier one).
 CANDIDATES = ("vote", "learned_vote", "learned_length_vote")
+LEARNED = {"learned_vote": False, "learned_length_vote": True}  # learned strategy -> fitted with the length term
 
 
 def pool_models(spec: str | None, available: Sequence[str]) -> list[str]:
@@ -221,8 +222,8 @@ def _cross_validate(data: _Data, fit: np.ndarray, best: int, seed: int,
     grid = _mean_grid(vote, ("prior", "neighbours", "alpha", "k", "weights"))
     # Ties prefer the smaller panel (fewer calls), then the simpler weights and prior (the grid's order).
     chosen = max(grid, key=lambda g: (round(g["cv_accuracy"], 12), -g["k"]))
-    chosen_top1 = max(_mean_grid(top1, ("neighbours", "alpha", "margin")),
-                      key=lambda g: (round(g["cv_accuracy"], 12), g["margin"]))
+    top1_grid = _mean_grid(top1, ("neighbours", "alpha", "margin"))
+    chosen_top1 = max(top1_grid, key=lambda g: (round(g["cv_accuracy"], 12), g["margin"]))
     learned: dict[tuple[Any, ...], list[float]] = {}
     for i, (hold, rest, scorer) in enumerate(held):
         s = scorer.success(hold, chosen["neighbours"], chosen["alpha"], chosen["prior"])
@@ -237,9 +238,8 @@ def _cross_validate(data: _Data, fit: np.ndarray, best: int, seed: int,
     best_learned = {
         name: max((g for g in learned_grid if g["length_term"] == length),
                   key=lambda g: (round(g["cv_accuracy"], 12), -g["k"], g["l2"]))
-        for name, length in (("learned_vote", False), ("learned_length_vote", True))}
-    return ({"vote": chosen, **best_learned}, chosen_top1,
-            {"vote": grid, "top1": _mean_grid(top1, ("neighbours", "alpha", "margin"))}, {"learned": learned_grid})
+        for name, length in LEARNED.items()}
+    return {"vote": chosen, **best_learned}, chosen_top1, {"vote": grid, "top1": top1_grid}, {"learned": learned_grid}
 
 
 def _letters_of(onehot: np.ndarray, picks: np.ndarray) -> np.ndarray:
@@ -308,8 +308,7 @@ def run_mmlu_pro_combine(ctx: SuiteContext) -> dict[str, Any]:
     cv_scores = {name: chosen[name]["cv_accuracy"] for name in CANDIDATES}
     # The headline is the candidate with the best cross-validated accuracy; a tie keeps the simpler one.
     headline = max(CANDIDATES, key=lambda k: (round(cv_scores[k], 12), -CANDIDATES.index(k)))
-    learned = {name: data.fit_weights(fit, chosen[name]["l2"], name == "learned_length_vote")
-               for name in ("learned_vote", "learned_length_vote")}
+    learned = {name: data.fit_weights(fit, chosen[name]["l2"], length) for name, length in LEARNED.items()}
     scorer = _Scorer(x, outcomes, data.category, fit)
     cv = chosen["vote"]
     s = scorer.success(test, cv["neighbours"], cv["alpha"], cv["prior"])

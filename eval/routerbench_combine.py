@@ -49,7 +49,15 @@ from typing import Any
 import numpy as np
 
 from eval import metrics as M
-from eval.combine_suite import L2_GRID, PANEL_SIZES, WEIGHTS, mean_interval, plot_strategies, weights_of
+from eval.combine_suite import (
+    L2_GRID,
+    LEARNED,
+    PANEL_SIZES,
+    WEIGHTS,
+    mean_interval,
+    plot_strategies,
+    weights_of,
+)
 from eval.outcome import NeighbourOutcomes, route_with_margin
 from eval.report import plot_accuracy_cost
 from eval.routing import ALPHA_GRID, K_GRID, fill_costs, routerbench_split, tune_margin
@@ -84,7 +92,6 @@ TASK_ANSWERS: dict[str, tuple[str | None, int]] = {
     "mbpp": (None, 10),
 }
 STRATEGIES = ("best_single", "top1", "vote", "consensus", "learned_vote", "learned_length_vote", "fixed_top3_vote")
-LEARNED = {"learned_vote": False, "learned_length_vote": True}  # strategy -> fitted with the length term
 
 
 def answer_format(task: str) -> tuple[str | None, int]:

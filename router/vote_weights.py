@@ -78,26 +78,24 @@ class VoteWeights:
     def as_mapping(self) -> dict[str, float]:
         return {e: float(w) for e, w in zip(self.experts, self.weights, strict=True)}
 
-    def counted(self, chars: np.ndarray) -> np.ndarray:
-        """What answers of these lengths count for: ``[..., m]`` chars (NaN: no length) -> ``[..., m]``."""
+    def counted(self, chars: np.ndarray, columns: np.ndarray | slice = slice(None)) -> np.ndarray:
+        """What answers of these lengths count for: ``[..., m]`` chars (NaN: no length) -> ``[..., m]``;
+        with ``columns``, the chars are those experts' only."""
+        weights = self.weights[columns]
         if self.median_chars is None or self.length_coef == 0.0:
-            return np.broadcast_to(self.weights, np.shape(chars)).copy()
-        return np.maximum(self.weights + self.length_coef * length_feature(chars, self.median_chars), 0.0)
+            return np.broadcast_to(weights, np.shape(chars)).copy()
+        return np.maximum(weights + self.length_coef * length_feature(chars, self.median_chars[columns]), 0.0)
 
     def count_for(self, expert: str, chars: int) -> float | None:
         """What one answer of ``chars`` characters by ``expert`` counts for; None when ``expert`` has no
         learned weight."""
         j = self._index.get(expert)
-        if j is None:
-            return None
-        if self.median_chars is None or self.length_coef == 0.0:
-            return float(self.weights[j])
-        term = self.length_coef * float(length_feature(np.array(float(chars)), self.median_chars[j]))
-        return max(0.0, float(self.weights[j]) + term)
+        return None if j is None else float(self.counted(np.array([float(chars)]), np.array([j]))[0])
 
     def restrict(self, names: Sequence[str]) -> VoteWeights:
         """The weights of the experts among ``names`` (a config's experts), in this object's order."""
-        keep = [j for j, e in enumerate(self.experts) if e in set(names)]
+        wanted = set(names)
+        keep = [j for j, e in enumerate(self.experts) if e in wanted]
         return VoteWeights(experts=tuple(self.experts[j] for j in keep), weights=self.weights[keep],
                            metrics=self.metrics, length_coef=self.length_coef,
                            median_chars=None if self.median_chars is None else self.median_chars[keep])
