@@ -376,7 +376,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     print()
     print(table(flat, gate, router))
     print("\none expert's connections, CPU ms per request (bench.http_pool): " + ", ".join(
-        f"c{r['concurrency']} {r['layout']} {r['cpu_ms_per_request']:.2f}" for r in pool_rows))
+        f"c{r['concurrency']} {r['client']} {r['cpu_ms_per_request']:.2f}" for r in pool_rows))
     print(f"\n{report['date']} on {report['machine']['cpu_model']} ({report['machine']['cores']} cores), "
           f"Python {report['machine']['python']}; load avg at start {report['machine']['load_avg_at_start']}")
     print(f"wrote {args.out} in {report['elapsed_s']} s")

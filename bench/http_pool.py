@@ -1,9 +1,9 @@
-"""CPU per request of one expert's HTTP connections: one httpx client against ``experts.http_pool.ClientPool``.
+"""CPU per request of one expert's HTTP connections: ``experts.http_client``'s two clients side by side.
 
 ``python -m bench.http_pool`` sends chat completions to the fast upstream (``bench.upstream``) at several
-concurrencies, through one client holding every connection and through a ``ClientPool`` (clients of
-``PER_CLIENT``), and prints this process's CPU milliseconds per request and requests/s for each. Writes
-``bench/results/http_pool.json``.
+concurrencies through ``AiohttpClient`` (what an expert uses on real sockets) and through ``HttpxClient`` over
+httpx's own socket transport (what an injected transport gets, and what every expert used before), and prints
+this process's CPU milliseconds per request and requests/s for each. Writes ``bench/results/http_pool.json``.
 """
 
 from __future__ import annotations
@@ -13,18 +13,24 @@ import asyncio
 import json
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import httpx
 
 from bench.upstream import UpstreamProcess, chat_payload
-from experts.http_pool import ClientPool
+from experts.http_client import AiohttpClient, HttpClient, HttpxClient
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
-__all__ = ["measure"]
+__all__ = ["CLIENTS", "measure"]
+
+CLIENTS: dict[str, Callable[[int], HttpClient]] = {
+    "aiohttp": lambda n: AiohttpClient(headers={}, timeout_s=30.0, max_connections=n),
+    "httpx": lambda n: HttpxClient(headers={}, timeout_s=30.0, max_connections=n, transport=httpx.AsyncHTTPTransport(
+        limits=httpx.Limits(max_connections=n, max_keepalive_connections=n))),
+}
 
 
 def _cpu_s() -> float:
@@ -32,13 +38,14 @@ def _cpu_s() -> float:
     return t.user + t.system
 
 
-async def _drive(pool: ClientPool, url: str, concurrency: int, requests: int) -> tuple[float, float]:
+async def _drive(client: HttpClient, url: str, concurrency: int, requests: int) -> tuple[float, float]:
     body = chat_payload("what is the weather in paris tomorrow", model="m")
 
     async def worker() -> None:
         for _ in range(requests // concurrency):
-            async with pool.lease() as client:
-                (await client.post(url, json=body)).raise_for_status()
+            reply = await client.post(url, body)
+            if reply.status != 200:
+                raise RuntimeError(f"upstream answered HTTP {reply.status}")
 
     await asyncio.gather(*(worker() for _ in range(concurrency)))  # warm: connections open
     cpu, start = _cpu_s(), time.perf_counter()
@@ -48,36 +55,32 @@ async def _drive(pool: ClientPool, url: str, concurrency: int, requests: int) ->
 
 
 async def measure(url: str, concurrencies: Sequence[int], requests: int) -> list[dict[str, Any]]:
+    """One row per concurrency and client; the clients take turns at each concurrency."""
     rows = []
     for concurrency in concurrencies:
-        for shard in (False, True):
-            pool = ClientPool(lambda limit: httpx.AsyncClient(
-                limits=httpx.Limits(max_connections=limit, max_keepalive_connections=limit)),
-                concurrency, shard=shard)
+        for name, make in CLIENTS.items():
+            client = make(concurrency)
             try:
-                ms, rps = await _drive(pool, url, concurrency, requests)
-                clients = pool.clients
+                ms, rps = await _drive(client, url, concurrency, requests)
             finally:
-                await pool.aclose()
-            rows.append({"concurrency": concurrency, "clients": clients,
-                         "layout": "ClientPool" if shard else "one client", "cpu_ms_per_request": round(ms, 3),
+                await client.aclose()
+            rows.append({"concurrency": concurrency, "client": name, "cpu_ms_per_request": round(ms, 3),
                          "rps": round(rps, 1)})
     return rows
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.http_pool", description=__doc__.splitlines()[0])
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[8, 32, 64, 128])
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 64])
     parser.add_argument("--requests", type=int, default=3000)
     parser.add_argument("--upstream-ms", type=float, default=5.0)
     parser.add_argument("--out", type=Path, default=RESULTS / "http_pool.json")
     args = parser.parse_args(argv)
     with UpstreamProcess(latency_ms=args.upstream_ms) as up:
         rows = asyncio.run(measure(up.url + "/chat/completions", args.concurrency, args.requests))
-    print(f"{'concurrency':>11} {'layout':<11} {'clients':>7} {'CPU ms/req':>10} {'req/s':>7}")
+    print(f"{'concurrency':>11} {'client':<8} {'CPU ms/req':>10} {'req/s':>7}")
     for r in rows:
-        print(f"{r['concurrency']:>11} {r['layout']:<11} {r['clients']:>7} {r['cpu_ms_per_request']:>10.3f} "
-              f"{r['rps']:>7.0f}")
+        print(f"{r['concurrency']:>11} {r['client']:<8} {r['cpu_ms_per_request']:>10.3f} {r['rps']:>7.0f}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"upstream_ms": args.upstream_ms, "rows": rows}, indent=2) + "\n")
     print(f"wrote {args.out}")

@@ -1,17 +1,18 @@
 """An expert behind any OpenAI-compatible chat-completions endpoint: vLLM, OpenRouter, OpenAI itself.
 
-One pooled ``httpx.AsyncClient`` per expert, built on first use. Every httpx exception and every error status
-is translated here into the tree in ``experts.errors``, so nothing above this module sees httpx::
+Its connections (``experts.http_client``: aiohttp on real sockets, httpx over an injected transport) are opened
+on first use. Every transport failure and every error status is translated here into the tree in
+``experts.errors``, so nothing above this module sees either library::
 
-    httpx.PoolTimeout                      -> ExpertOverloaded   (all max_concurrency connections busy)
-    httpx.TimeoutException                 -> ExpertTimeout      (connect, read: also between stream chunks)
-    httpx.TransportError                   -> ExpertUnavailable  (refused, reset, peer closed mid-message)
+    every connection busy for timeout_s    -> ExpertOverloaded   (max_concurrency requests in flight)
+    connect or read timeout                -> ExpertTimeout      (also between stream chunks)
+    refused, reset, closed mid-message     -> ExpertUnavailable
     429, 5xx                               -> ExpertRateLimited (with Retry-After), ExpertServerError
     401, 403, other 4xx                    -> ExpertAuthError, ExpertRejected
     bad JSON, no ``choices``, bad SSE      -> ExpertProtocolError
 
-The API key lives only in the client's default headers (httpx masks it in their repr). Every message built
-here is scrubbed of it anyway, because some upstreams echo a rejected key back in their error body.
+The API key lives only in the client's default headers. Every message built here is scrubbed of it anyway,
+because some upstreams echo a rejected key back in their error body.
 """
 
 from __future__ import annotations
@@ -19,12 +20,11 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import TYPE_CHECKING, Any
 
-import httpx
 from pydantic import ValidationError
 
 from experts.base import Expert, ExpertContext
@@ -41,7 +41,7 @@ from experts.errors import (
     ExpertTimeout,
     ExpertUnavailable,
 )
-from experts.http_pool import ClientPool
+from experts.http_client import AiohttpClient, HttpClient, HttpFailure, HttpxClient
 from experts.types import ChatRequest, ExpertReply, StreamDelta, Usage
 
 if TYPE_CHECKING:
@@ -61,7 +61,7 @@ class OpenAICompatibleExpert(Expert):
         if not config.endpoint:
             raise ExpertConfigError(config.name, "an OpenAI-compatible expert needs an endpoint")
         self._url = config.endpoint.rstrip("/") + "/chat/completions"
-        self._pool: ClientPool | None = None
+        self._http: HttpClient | None = None
         # Read once, when the client is built; kept only to scrub messages, never shown.
         self._secret: str | None = None
 
@@ -73,58 +73,50 @@ class OpenAICompatibleExpert(Expert):
         body = request.upstream_payload(self.config.model, stream=False)
         started = time.perf_counter()
         try:
-            async with self._clients().lease() as client:
-                response = await client.post(self._url, json=body)
-        except httpx.HTTPError as exc:
+            response = await self._client().post(self._url, body)
+        except HttpFailure as exc:
             raise self._transport_error(exc) from exc
-        if not response.is_success:
-            raise self._status_error(response)
+        if not 200 <= response.status < 300:
+            raise self._status_error(response.status, response.headers, response.content)
         data = self._decode(response.content)
         return self._reply(data, (time.perf_counter() - started) * 1000.0)
 
     async def stream(self, request: ChatRequest) -> AsyncIterator[StreamDelta]:
         body = request.upstream_payload(self.config.model, stream=True)
         try:
-            async with self._clients().lease() as client, client.stream("POST", self._url, json=body) as response:
-                if not response.is_success:
-                    await response.aread()
-                    raise self._status_error(response)
-                async for delta in self._deltas(response):
+            async with self._client().stream(self._url, body) as response:
+                if not 200 <= response.status < 300:
+                    raise self._status_error(response.status, response.headers, await response.read())
+                async for delta in self._deltas(response.lines()):
                     yield delta
-        except httpx.HTTPError as exc:
+        except HttpFailure as exc:
             raise self._transport_error(exc) from exc
 
     async def aclose(self) -> None:
-        if self._pool is not None:
-            pool, self._pool = self._pool, None
-            await pool.aclose()
+        if self._http is not None:
+            http, self._http = self._http, None
+            await http.aclose()
 
     # --- I/O --------------------------------------------------------------------------------------------
 
-    def _clients(self) -> ClientPool:
-        """The expert's connections (``max_concurrency`` in all), built on first use; see ``experts.http_pool``."""
-        if self._pool is None:
+    def _client(self) -> HttpClient:
+        """The expert's connections (``max_concurrency`` in all), built on first use; see ``experts.http_client``."""
+        if self._http is None:
             self._secret = self.config.api_key() or None
             headers = {"Authorization": f"Bearer {self._secret}"} if self._secret else {}
+            timeout_s, most = self.config.timeout_s, self.config.max_concurrency
+            transport = self.context.transport
+            self._http = (AiohttpClient(headers=headers, timeout_s=timeout_s, max_connections=most)
+                          if transport is None else
+                          HttpxClient(headers=headers, timeout_s=timeout_s, max_connections=most, transport=transport))
+        return self._http
 
-            def client(limit: int) -> httpx.AsyncClient:
-                return httpx.AsyncClient(
-                    transport=self.context.transport,
-                    headers=headers,
-                    timeout=httpx.Timeout(self.config.timeout_s),
-                    limits=httpx.Limits(max_connections=limit, max_keepalive_connections=limit),
-                )
-
-            # An injected transport (a test's, or a user's own) pools for itself: one client over it.
-            self._pool = ClientPool(client, self.config.max_concurrency, shard=self.context.transport is None)
-        return self._pool
-
-    async def _deltas(self, response: httpx.Response) -> AsyncIterator[StreamDelta]:
-        """Turn SSE events into deltas; the last delta carries finish_reason, usage and cost."""
+    async def _deltas(self, lines: AsyncIterator[str]) -> AsyncIterator[StreamDelta]:
+        """Turn SSE lines into deltas; the last delta carries finish_reason, usage and cost."""
         finish_reason: str | None = None
         usage_chunk: dict[str, Any] = {}
         nested: dict[str, Any] | None = None
-        events = _sse_data(response.aiter_lines())
+        events = _sse_data(lines)
         async for data in events:
             if data.strip() == "[DONE]":
                 yield self._last_delta(finish_reason or "stop", usage_chunk, nested)
@@ -213,22 +205,20 @@ class OpenAICompatibleExpert(Expert):
 
     # --- error translation ------------------------------------------------------------------------------
 
-    def _transport_error(self, exc: httpx.HTTPError) -> ExpertError:
-        what = f"{type(exc).__name__}: {self._excerpt(str(exc)) or 'no detail'}"
-        if isinstance(exc, httpx.PoolTimeout):
-            return ExpertOverloaded(self.name, f"all {self.config.max_concurrency} connections busy ({what})")
-        if isinstance(exc, httpx.TimeoutException):
+    def _transport_error(self, exc: HttpFailure) -> ExpertError:
+        what = self._excerpt(exc.detail) or "no detail"
+        if exc.kind == "overloaded":
+            return ExpertOverloaded(self.name, what)
+        if exc.kind == "timeout":
             return ExpertTimeout(self.name, f"no answer within {self.config.timeout_s:g}s ({what})")
-        if isinstance(exc, httpx.DecodingError):
+        if exc.kind == "decoding":
             return ExpertProtocolError(self.name, what)
         return ExpertUnavailable(self.name, what)
 
-    def _status_error(self, response: httpx.Response) -> ExpertError:
-        status = response.status_code
+    def _status_error(self, status: int, headers: Mapping[str, str], content: bytes) -> ExpertError:
         if status < 400:
             return ExpertProtocolError(self.name, f"unexpected HTTP {status}")
-        return self._http_error(status, self._excerpt(_error_text(response.content)),
-                                response.headers.get("retry-after"))
+        return self._http_error(status, self._excerpt(_error_text(content)), headers.get("retry-after"))
 
     def _http_error(self, status: int, detail: str, retry_after: str | None) -> ExpertHTTPError:
         if status == 429:

@@ -1,20 +1,25 @@
-"""ClientPool: an expert's connections in small httpx clients, checked over real HTTP against ScriptedOpenAIServer
-(a test double on 127.0.0.1) and on its own."""
+"""experts.http_client: an expert's connections, over real HTTP against ScriptedOpenAIServer (a test double on
+127.0.0.1), through aiohttp (real sockets) and httpx (an injected transport) alike."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
+from contextlib import aclosing
 
 import httpx
 import pytest
 
 from experts.base import ExpertContext
-from experts.http_pool import ClientPool
+from experts.errors import ExpertError, ExpertOverloaded, ExpertUnavailable
+from experts.http_client import AiohttpClient, HttpClient, HttpFailure, HttpxClient, env_proxy
 from experts.openai_compat import OpenAICompatibleExpert
 from experts.types import ChatMessage, ChatRequest
 from router.config import ExpertConfig
 from tests.doubles import Behaviour, ScriptedOpenAIServer
+
+# Which client an expert builds: aiohttp on real sockets, httpx over an injected (here: socket) transport.
+TRANSPORTS = {"aiohttp": None, "httpx": httpx.AsyncHTTPTransport}
 
 
 @pytest.fixture
@@ -23,57 +28,30 @@ def server() -> Iterator[ScriptedOpenAIServer]:
         yield srv
 
 
-def expert_for(server: ScriptedOpenAIServer, max_concurrency: int,
-               context: ExpertContext | None = None) -> OpenAICompatibleExpert:
+@pytest.fixture(params=sorted(TRANSPORTS))
+def client_kind(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+def expert_for(server: ScriptedOpenAIServer, max_concurrency: int, kind: str = "aiohttp",
+               timeout_s: float = 5.0) -> OpenAICompatibleExpert:
+    make = TRANSPORTS[kind]
     return OpenAICompatibleExpert(ExpertConfig(name="e", type="vllm", endpoint=server.url, model="m",
-                                               timeout_s=5.0, max_concurrency=max_concurrency), context)
+                                               timeout_s=timeout_s, max_concurrency=max_concurrency),
+                                  ExpertContext(transport=make() if make else None))
 
 
 def ask(text: str) -> ChatRequest:
     return ChatRequest(messages=[ChatMessage(role="user", content=text)])
 
 
-def test_connections_are_split_evenly_and_never_exceed_the_total() -> None:
-    made: list[int] = []
-
-    def factory(limit: int) -> httpx.AsyncClient:
-        made.append(limit)
-        return httpx.AsyncClient()
-
-    for total, limits in ((8, [8]), (10, [5, 5]), (9, [5, 4]), (33, [7, 7, 7, 6, 6]), (1, [1])):
-        pool = ClientPool(factory, total)
-        assert pool._limits == limits and sum(limits) == total
-    assert ClientPool(factory, 64, shard=False)._limits == [64]
-    assert made == []  # no client exists before a request needs one
-    with pytest.raises(ValueError, match="at least 1"):
-        ClientPool(factory, 0)
+def test_real_sockets_get_aiohttp_and_an_injected_transport_httpx(server: ScriptedOpenAIServer) -> None:
+    assert isinstance(expert_for(server, 4)._client(), AiohttpClient)
+    assert isinstance(expert_for(server, 4, "httpx")._client(), HttpxClient)
 
 
-async def test_a_new_client_opens_only_when_every_open_one_is_full() -> None:
-    pool = ClientPool(lambda limit: httpx.AsyncClient(), 20, per_client=4)  # 5 clients of 4
-    held = []
-    try:
-        for n in range(1, 21):
-            lease = pool.lease()
-            await lease.__aenter__()
-            held.append(lease)
-            assert pool.clients == -(-n // 4)  # ceil: a fifth request in flight opens the second client
-        # All five open and full: the next request queues in the least busy client instead of a sixth.
-        extra = pool.lease()
-        await extra.__aenter__()
-        assert pool.clients == 5
-        await extra.__aexit__(None, None, None)
-        for lease in held:
-            await lease.__aexit__(None, None, None)
-        async with pool.lease():
-            assert pool.clients == 5  # clients stay open for reuse
-    finally:
-        await pool.aclose()
-    assert pool.clients == 0
-
-
-async def test_sequential_calls_reuse_one_connection(server: ScriptedOpenAIServer) -> None:
-    expert = expert_for(server, max_concurrency=64)
+async def test_sequential_calls_reuse_one_connection(server: ScriptedOpenAIServer, client_kind: str) -> None:
+    expert = expert_for(server, max_concurrency=64, kind=client_kind)
     try:
         for i in range(10):
             reply = await expert.generate(ask(f"question {i}"))
@@ -84,33 +62,42 @@ async def test_sequential_calls_reuse_one_connection(server: ScriptedOpenAIServe
     assert server.wait_for(lambda s: s.open_connections == 0)
 
 
-async def test_concurrent_calls_spread_over_clients_and_all_close(server: ScriptedOpenAIServer) -> None:
+async def test_concurrent_calls_open_at_most_max_concurrency_and_all_close(server: ScriptedOpenAIServer,
+                                                                          client_kind: str) -> None:
     server.default = Behaviour.slow("slow answer", delay_s=0.3)
-    expert = expert_for(server, max_concurrency=32)
+    expert = expert_for(server, max_concurrency=8, kind=client_kind)
     try:
-        replies = await asyncio.gather(*(expert.generate(ask(f"q{i}")) for i in range(32)))
-        assert [r.content for r in replies] == ["slow answer"] * 32
-        pool = expert._clients()
-        assert pool.clients == 4  # 32 in flight at once, 8 per client
-        assert server.connections_total == 32
-        # Streams hold their lease until they end, and take part in the same accounting.
+        replies = await asyncio.gather(*(expert.generate(ask(f"q{i}")) for i in range(24)))
+        assert [r.content for r in replies] == ["slow answer"] * 24
+        assert server.connections_total == 8  # 24 calls, 8 at a time, on 8 kept-alive connections
+        # Streams hold a connection until they end, and take part in the same accounting.
         server.default = Behaviour.slow("one two three", token_delay_s=0.05)
         texts = await asyncio.gather(*(_streamed(expert, f"s{i}") for i in range(16)))
         assert texts == ["one two three"] * 16
-        assert server.connections_total == 32  # served by the connections already open
+        assert server.connections_total == 8
     finally:
         await expert.aclose()
     assert server.wait_for(lambda s: s.open_connections == 0)
 
 
-async def test_leases_come_back_after_errors_cancellation_and_an_abandoned_stream(
-        server: ScriptedOpenAIServer) -> None:
-    from contextlib import aclosing
+async def test_a_call_that_waits_past_the_timeout_for_a_connection_is_overloaded(
+        server: ScriptedOpenAIServer, client_kind: str) -> None:
+    # The holder streams for ~1 s, never silent as long as the 0.3 s timeout, on the only connection.
+    server.push(Behaviour.slow("a b c d e f g h i j", token_delay_s=0.1))
+    expert = expert_for(server, max_concurrency=1, kind=client_kind, timeout_s=0.3)
+    try:
+        holder = asyncio.create_task(_streamed(expert, "holds the only connection"))
+        await asyncio.sleep(0.05)
+        with pytest.raises(ExpertOverloaded, match=r"all 1 connections busy for 0\.3s"):
+            await expert.generate(ask("waits"))
+        assert await holder == "a b c d e f g h i j"
+    finally:
+        await expert.aclose()
 
-    from experts.errors import ExpertError
 
-    expert = expert_for(server, max_concurrency=16)
-    pool = expert._clients()
+async def test_connections_come_back_after_errors_cancellation_and_an_abandoned_stream(
+        server: ScriptedOpenAIServer, client_kind: str) -> None:
+    expert = expert_for(server, max_concurrency=2, kind=client_kind)
     try:
         server.push(Behaviour.error(500), Behaviour.reset())
         for _ in range(2):
@@ -127,19 +114,80 @@ async def test_leases_come_back_after_errors_cancellation_and_an_abandoned_strea
             async for delta in deltas:
                 if delta.content:
                     break  # the caller walks away after the first token
-        assert sum(pool._in_flight) == 0  # every lease returned, so no client looks busy forever
+        # Both slots are free again: two slow calls at once run side by side, not one after the other.
+        server.default = Behaviour.slow("ok", delay_s=0.2)
+        replies = await asyncio.wait_for(asyncio.gather(expert.generate(ask("a")), expert.generate(ask("b"))), 0.39)
+        assert [r.content for r in replies] == ["ok", "ok"]
     finally:
         await expert.aclose()
+    assert server.wait_for(lambda s: s.open_connections == 0)
 
 
-async def test_an_injected_transport_gets_one_client(server: ScriptedOpenAIServer) -> None:
-    transport = httpx.AsyncHTTPTransport()
-    expert = expert_for(server, max_concurrency=32, context=ExpertContext(transport=transport))
+async def test_a_reset_mid_body_is_unavailable_not_a_hang(server: ScriptedOpenAIServer, client_kind: str) -> None:
+    server.push(Behaviour.reset())
+    expert = expert_for(server, max_concurrency=4, kind=client_kind)
     try:
-        await asyncio.gather(*(expert.generate(ask(f"q{i}")) for i in range(16)))
-        assert expert._clients().clients == 1
+        with pytest.raises(ExpertUnavailable):
+            await asyncio.wait_for(expert.generate(ask("x")), 3.0)
+        assert (await expert.generate(ask("y"))).content == "answer from pool"  # the next call is served
     finally:
         await expert.aclose()
+
+
+async def test_every_token_sent_before_a_mid_stream_death_is_delivered(server: ScriptedOpenAIServer,
+                                                                       client_kind: str) -> None:
+    """The double writes two events and aborts the connection at once; the caller here is slow to ask for more,
+    so the abort lands while the second event is still buffered, where aiohttp's reader would raise before
+    handing it over (see ``experts.http_client._unread``)."""
+    expert = expert_for(server, max_concurrency=2, kind=client_kind)
+    try:
+        for _ in range(5):
+            server.push(Behaviour.die_mid_stream(2))
+            got: list[str] = []
+            with pytest.raises(ExpertUnavailable):
+                async for delta in expert.stream(ask("x")):
+                    got.append(delta.content)
+                    await asyncio.sleep(0.02)  # e.g. forwarding the token to a slow client
+            assert "".join(got) == "one two "
+    finally:
+        await expert.aclose()
+
+
+async def test_both_clients_report_the_same_failure_kinds(server: ScriptedOpenAIServer) -> None:
+    clients: list[HttpClient] = [AiohttpClient(headers={}, timeout_s=0.3, max_connections=2),
+                                 HttpxClient(headers={}, timeout_s=0.3, max_connections=2,
+                                             transport=httpx.AsyncHTTPTransport())]
+    url = server.url + "/chat/completions"
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    try:
+        for client in clients:
+            server.push(Behaviour.hang())
+            with pytest.raises(HttpFailure) as hung:
+                await client.post(url, body)
+            assert hung.value.kind == "timeout", (type(client).__name__, hung.value.detail)
+            with pytest.raises(HttpFailure) as refused:
+                await client.post("http://127.0.0.1:9/v1/chat/completions", body)  # nothing listens on port 9
+            assert refused.value.kind == "unavailable", (type(client).__name__, refused.value.detail)
+            reply = await client.post(url, body)
+            assert reply.status == 200 and b"answer from pool" in reply.content
+            assert reply.headers["content-type"] == reply.headers["Content-Type"]  # names are case-insensitive
+    finally:
+        for client in clients:
+            await client.aclose()
+
+
+def test_the_environment_s_proxy_is_read_like_httpx_reads_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("http_proxy", "https_proxy", "all_proxy", "no_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY",
+                 "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    assert env_proxy("http://gpu-box:8000/v1/chat/completions") is None
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.corp:3128")
+    monkeypatch.setenv("NO_PROXY", "gpu-box,localhost")
+    assert env_proxy("https://api.openai.com/v1/chat/completions") == "http://proxy.corp:3128"
+    assert env_proxy("http://api.openai.com/v1/chat/completions") is None  # no HTTP_PROXY
+    assert env_proxy("https://gpu-box:8000/v1/chat/completions") is None  # NO_PROXY
+    monkeypatch.setenv("ALL_PROXY", "http://all.corp:3128")
+    assert env_proxy("http://api.openai.com/v1") == "http://all.corp:3128"
 
 
 async def _streamed(expert: OpenAICompatibleExpert, text: str) -> str:
