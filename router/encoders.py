@@ -208,10 +208,14 @@ class OnnxMiniLMEncoder(Encoder):
         return cls(max_length=cfg.max_length, batch_size=cfg.batch_size or cls.BATCH, parallel=cfg.parallel,
                    batch_tokens=cfg.batch_tokens or cls.BATCH_TOKENS)
 
+    def token_ids(self, texts: Sequence[str]) -> list[list[int]]:
+        """Each text's token ids as the model reads them: special tokens included, cut at ``max_length``."""
+        return [enc.ids for enc in self._tokenizer.encode_batch(list(texts))]
+
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         if not texts:
             return _empty()
-        ids = [enc.ids for enc in self._tokenizer.encode_batch(list(texts))]
+        ids = self.token_ids(texts)
         chunks = length_batches([len(x) for x in ids], self.batch_size, self.batch_tokens)
         out = np.empty((len(ids), DIM), dtype=np.float32)
         batches = ([ids[i] for i in rows] for rows in chunks)

@@ -69,6 +69,9 @@ def _all_failed(exc: AllExpertsFailed) -> _HTTPProblem:
     return _HTTPProblem(503, str(exc), "service_unavailable", "all_experts_failed", extra={"causes": exc.to_list()})
 
 
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
 async def _read_json(request: Request, limit: int) -> Any:
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
@@ -83,7 +86,7 @@ async def _read_json(request: Request, limit: int) -> Any:
         # "\ud800" is valid JSON but not encodable UTF-8: it would fail later, when the answer or trace echoes
         # it. Only a \uD800-\uDFFF escape can produce one (UTF-8 bytes never decode to a surrogate), so the
         # re-encoding check runs only on bodies holding such an escape, not on every request.
-        if re.search(rb"\\u[dD][89a-fA-F]", raw):
+        if _SURROGATE_ESCAPE.search(raw):
             json.dumps(value, ensure_ascii=False).encode("utf-8")
     except RecursionError:
         raise _HTTPProblem(400, "request body is nested too deeply", "invalid_request_error",

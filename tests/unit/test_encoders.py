@@ -121,7 +121,7 @@ def test_onnx_long_prompts_split_into_parallel_runs(queries: list[str]) -> None:
         return run(ids)
 
     split._encode_batch = spy  # type: ignore[method-assign]
-    lengths = [len(e.ids) for e in split._tokenizer.encode_batch(prompts)]
+    lengths = [len(ids) for ids in split.token_ids(prompts)]
     assert all(65 <= n <= 200 for n in lengths), lengths
     np.testing.assert_allclose(split.encode(prompts), wide.encode(prompts), atol=1e-4)
     expected = sorted(len(c) for c in length_batches(lengths, 8, 256))
@@ -201,3 +201,9 @@ def test_both_backends_route_clinc150_alike(onnx_encoder: OnnxMiniLMEncoder, st_
     assert len(texts) == 1500 and same >= 0.995, same
     accuracy = float(np.mean(np.array(domains)[via_onnx] == np.array([q.label for q in test])))
     assert accuracy > 0.9  # the decisions compared are good ones, not agreement on noise
+
+
+def test_token_ids_are_what_the_model_reads(onnx_encoder: OnnxMiniLMEncoder) -> None:
+    short, long = onnx_encoder.token_ids(["hello world", "word " * 400])
+    assert short[0] == 101 and short[-1] == 102 and len(short) == 4  # [CLS] hello world [SEP]
+    assert len(long) == 256 and long[-1] == 102  # cut at max_length, [SEP] kept
