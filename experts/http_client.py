@@ -19,7 +19,10 @@ to ``timeout_s`` for a free one, then fails as ``overloaded``. Library exception
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
+import os
+import ssl
 import urllib.parse
 import urllib.request
 from collections.abc import AsyncIterator, Iterator, Mapping
@@ -30,7 +33,7 @@ from typing import Any, Literal, Protocol
 import httpx
 
 __all__ = ["MAX_LINE_BYTES", "AiohttpClient", "HttpClient", "HttpFailure", "HttpReply", "HttpStream", "HttpxClient",
-           "env_proxy"]
+           "env_proxy", "tls_context"]
 
 FailureKind = Literal["overloaded", "timeout", "unavailable", "decoding"]
 
@@ -166,7 +169,7 @@ class AiohttpClient:
                 headers=self._headers,
                 # No overall limit (a long answer may stream for minutes): connect, and each read, get timeout_s.
                 timeout=aiohttp.ClientTimeout(total=None, connect=t, sock_connect=t, sock_read=t),
-                connector=aiohttp.TCPConnector(limit=self._max, limit_per_host=0),
+                connector=aiohttp.TCPConnector(limit=self._max, limit_per_host=0, ssl=tls_context()),
                 # trust_env would read the proxy settings and ~/.netrc again on every request (0.46 ms of CPU
                 # each here); env_proxy reads the proxy settings once per URL instead.
                 json_serialize=json.dumps, trust_env=False, read_bufsize=MAX_LINE_BYTES // 2,
@@ -202,6 +205,17 @@ class AiohttpClient:
         session, self._session = self._session, None
         if session is not None:
             await session.close()
+
+
+def tls_context() -> ssl.SSLContext:
+    """How HTTPS endpoints are verified: httpx's default context (certifi's CAs, or ``SSL_CERT_FILE`` /
+    ``SSL_CERT_DIR`` where set), so experts trust what they trusted over httpx. One per setting, shared."""
+    return _tls_context(os.environ.get("SSL_CERT_FILE"), os.environ.get("SSL_CERT_DIR"))
+
+
+@functools.cache
+def _tls_context(cert_file: str | None, cert_dir: str | None) -> ssl.SSLContext:
+    return httpx.create_ssl_context()  # reads the same two variables
 
 
 def env_proxy(url: str) -> str | None:

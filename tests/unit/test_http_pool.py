@@ -6,13 +6,14 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterator
 from contextlib import aclosing
+from pathlib import Path
 
 import httpx
 import pytest
 
 from experts.base import ExpertContext
 from experts.errors import ExpertError, ExpertOverloaded, ExpertUnavailable
-from experts.http_client import AiohttpClient, HttpClient, HttpFailure, HttpxClient, env_proxy
+from experts.http_client import AiohttpClient, HttpClient, HttpFailure, HttpxClient, env_proxy, tls_context
 from experts.openai_compat import OpenAICompatibleExpert
 from experts.types import ChatMessage, ChatRequest
 from router.config import ExpertConfig
@@ -193,3 +194,22 @@ def test_the_environment_s_proxy_is_read_like_httpx_reads_it(monkeypatch: pytest
 async def _streamed(expert: OpenAICompatibleExpert, text: str) -> str:
     parts = [d.content async for d in expert.stream(ask(text)) if d.content]
     return "".join(parts)
+
+
+def test_https_endpoints_are_verified_as_httpx_verifies_them(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import ssl
+
+    import certifi
+
+    monkeypatch.delenv("SSL_CERT_FILE", raising=False)
+    monkeypatch.delenv("SSL_CERT_DIR", raising=False)
+    default = tls_context()
+    assert default.verify_mode == ssl.CERT_REQUIRED and default.check_hostname
+    assert len(default.get_ca_certs()) == len(httpx.create_ssl_context().get_ca_certs()) > 50  # certifi's CAs
+    assert tls_context() is default  # built once, shared by every expert
+    # A private CA (a company's, or a self-signed vLLM's) named by SSL_CERT_FILE is what is trusted then.
+    bundle = certifi.contents()
+    one_ca = bundle[bundle.index("-----BEGIN CERTIFICATE-----"):bundle.index("-----END CERTIFICATE-----") + 25]
+    (tmp_path / "ca.pem").write_text(one_ca + "\n")
+    monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "ca.pem"))
+    assert len(tls_context().get_ca_certs()) == 1
