@@ -3,8 +3,8 @@
 Two implementations behind one small interface (``HttpClient``), so ``experts.openai_compat`` parses answers
 and translates errors once, whichever library carries the bytes:
 
-- ``AiohttpClient``, for real sockets (the default). On the fast test upstream it spent 0.27 ms of CPU per
-  request at 8 in flight against httpx's 1.0 ms, and 0.19 against 3.7 ms at 32, where httpcore's pool scans
+- ``AiohttpClient``, for real sockets (the default). On the fast test upstream it spent 0.21 ms of CPU per
+  request at 8 in flight against httpx's 0.95 ms, and 0.17 against 2.2 ms at 32, where httpcore's pool scans
   and polls every connection on each request (encode/httpcore#1035); ``python -m bench.http_pool``.
 - ``HttpxClient``, when an ``httpx`` transport is injected (``ExpertContext.transport``): tests' in-process
   apps and mock transports, or a user's own transport.
