@@ -142,7 +142,7 @@ def _text(line: bytes) -> str:
 def _unread(content: Any) -> bytes:
     """What a failed aiohttp ``StreamReader`` still buffers. Like asyncio's (python/cpython#75044), it raises
     the failure on the next read even while data that arrived before it is waiting; this reads that data from
-    the reader's internals, and gives nothing where they differ (``tests/unit/test_http_pool.py`` then fails)."""
+    the reader's internals, and gives nothing where they differ (``tests/unit/test_http_client.py`` then fails)."""
     buffer, offset = getattr(content, "_buffer", None), getattr(content, "_buffer_offset", 0)
     if not buffer or not isinstance(offset, int):
         return b""
