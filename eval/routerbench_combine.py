@@ -335,7 +335,7 @@ def run_routerbench_combine(ctx: SuiteContext) -> dict[str, Any]:
                   "best_single": models[best], "fixed_top3": [models[j] for j in top3], "cost_unit": "USD",
                   **{f"chosen_{k}": v for k, v in chosen.items()},
                   "chosen_learned": chosen_learned,
-                  "length_coef": learned["learned_length_vote"].length_coef,
+                  "length_coef": fitted.length_coef,
                   **{f"top1_{k}": v for k, v in chosen_top1.items()}},
         "confidence_intervals": cis,
         "systems": systems,

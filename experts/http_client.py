@@ -25,6 +25,7 @@ import os
 import ssl
 import urllib.parse
 import urllib.request
+from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
 from dataclasses import dataclass
@@ -108,13 +109,13 @@ class _Slots:
 # --- aiohttp ----------------------------------------------------------------------------------------------
 
 class _AiohttpStream:
-    def __init__(self, response: Any, aiohttp: Any) -> None:
-        self._response, self._aiohttp = response, aiohttp
+    def __init__(self, response: Any) -> None:
+        self._response = response
         self.status: int = response.status
         self.headers: Mapping[str, str] = response.headers
 
     async def read(self) -> bytes:
-        with _aiohttp_errors(self._aiohttp):
+        with _aiohttp_errors():
             data: bytes = await self._response.read()
         return data
 
@@ -122,7 +123,7 @@ class _AiohttpStream:
         content = self._response.content
         while True:
             try:
-                with _aiohttp_errors(self._aiohttp):
+                with _aiohttp_errors():
                     raw = await content.readline()
             except HttpFailure:
                 # Lines that arrived whole before the connection broke are still the expert's answer: pass them
@@ -149,7 +150,18 @@ def _unread(content: Any) -> bytes:
     return b"".join(bytes(chunk) for chunk in buffer)[offset:]
 
 
-class AiohttpClient:
+class _Client(ABC):
+    """What both clients share: a whole answer is a stream read to its end."""
+
+    @abstractmethod
+    def stream(self, url: str, body: Mapping[str, Any]) -> AbstractAsyncContextManager[HttpStream]: ...
+
+    async def post(self, url: str, body: Mapping[str, Any]) -> HttpReply:
+        async with self.stream(url, body) as response:
+            return HttpReply(response.status, response.headers, await response.read())
+
+
+class AiohttpClient(_Client):
     """``max_connections`` keep-alive connections in one ``aiohttp.ClientSession``, opened on first use (a
     session belongs to the event loop it starts in)."""
 
@@ -161,9 +173,8 @@ class AiohttpClient:
 
     def _open(self) -> Any:
         if self._session is None:
-            import aiohttp  # a dependency, imported where first needed
+            import aiohttp  # a dependency, imported where first needed (178 ms: the CLI's other commands skip it)
 
-            self._aiohttp = aiohttp
             t = self._timeout_s
             self._session = aiohttp.ClientSession(
                 headers=self._headers,
@@ -181,18 +192,14 @@ class AiohttpClient:
             self._proxies[url] = env_proxy(url)
         return self._proxies[url]
 
-    async def post(self, url: str, body: Mapping[str, Any]) -> HttpReply:
-        async with self.stream(url, body) as response:
-            return HttpReply(response.status, response.headers, await response.read())
-
     @asynccontextmanager
     async def stream(self, url: str, body: Mapping[str, Any]) -> AsyncIterator[HttpStream]:
         session = self._open()
         async with self._slots.held():
-            with _aiohttp_errors(self._aiohttp):
+            with _aiohttp_errors():
                 response = await session.post(url, json=body, proxy=self._proxy(url))
             try:
-                yield _AiohttpStream(response, self._aiohttp)
+                yield _AiohttpStream(response)
             finally:
                 # A body read to its end leaves the connection for the next request; one abandoned midway
                 # (an error, a cancelled or dropped stream) is closed rather than reused half-read.
@@ -229,8 +236,10 @@ def env_proxy(url: str) -> str | None:
 
 
 @contextmanager
-def _aiohttp_errors(aiohttp: Any) -> Iterator[None]:
+def _aiohttp_errors() -> Iterator[None]:
     """Translate aiohttp's exceptions raised inside the block into ``HttpFailure``."""
+    import aiohttp  # loaded by the session that made the request: a sys.modules lookup
+
     try:
         yield
     except (aiohttp.ServerTimeoutError, TimeoutError) as exc:
@@ -264,17 +273,13 @@ class _HttpxStream:
             yield line
 
 
-class HttpxClient:
+class HttpxClient(_Client):
     """One ``httpx.AsyncClient`` over ``transport``, which pools connections (or needs none) itself."""
 
     def __init__(self, *, headers: Mapping[str, str], timeout_s: float, max_connections: int,
                  transport: httpx.AsyncBaseTransport) -> None:
         self._client = httpx.AsyncClient(transport=transport, headers=dict(headers), timeout=httpx.Timeout(timeout_s))
         self._slots = _Slots(max_connections, timeout_s)
-
-    async def post(self, url: str, body: Mapping[str, Any]) -> HttpReply:
-        async with self.stream(url, body) as response:
-            return HttpReply(response.status, response.headers, await response.read())
 
     @asynccontextmanager
     async def stream(self, url: str, body: Mapping[str, Any]) -> AsyncIterator[HttpStream]:
