@@ -81,17 +81,33 @@ def _what(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
+def _serving_loop(bound: asyncio.AbstractEventLoop | None, what: str) -> asyncio.AbstractEventLoop:
+    """The running loop, which may take over ``what``, made in loop ``bound``, only once ``bound`` is closed.
+
+    A router used through ``asyncio.run`` once per call meets a new loop each time, and the old one is closed
+    by then: its connections went with it, so the caller opens new ones. Two loops open at once cannot share
+    the connections, and that is a clear error rather than a future attached to the wrong loop.
+    """
+    loop = asyncio.get_running_loop()
+    if bound is not None and bound is not loop and not bound.is_closed():
+        raise RuntimeError(f"{what} is in use by another event loop that is still open; use one router per "
+                           "event loop, or close the other loop first")
+    return loop
+
+
 class _Slots:
     """At most ``n`` requests in flight; a request that waits longer than ``timeout_s`` for one is overloaded."""
 
     def __init__(self, n: int, timeout_s: float) -> None:
         self.n, self.timeout_s = n, timeout_s
-        self._free: asyncio.Semaphore | None = None  # made in the loop that first uses it
+        self._free: asyncio.Semaphore | None = None  # made in the loop that uses it
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     @asynccontextmanager
     async def held(self) -> AsyncIterator[None]:
-        if self._free is None:
-            self._free = asyncio.Semaphore(self.n)
+        loop = _serving_loop(self._loop, "an expert's connection limit")
+        if self._free is None or loop is not self._loop:
+            self._free, self._loop = asyncio.Semaphore(self.n), loop
         if self._free.locked():
             try:
                 async with asyncio.timeout(self.timeout_s):
@@ -162,16 +178,22 @@ class _Client(ABC):
 
 
 class AiohttpClient(_Client):
-    """``max_connections`` keep-alive connections in one ``aiohttp.ClientSession``, opened on first use (a
-    session belongs to the event loop it starts in)."""
+    """``max_connections`` keep-alive connections in one ``aiohttp.ClientSession``, opened on first use. A
+    session belongs to the event loop it starts in: a call from a later loop, once that one is closed, opens a
+    new session (``asyncio.run`` once per call works)."""
 
     def __init__(self, *, headers: Mapping[str, str], timeout_s: float, max_connections: int) -> None:
         self._headers, self._timeout_s, self._max = dict(headers), timeout_s, max_connections
         self._slots = _Slots(max_connections, timeout_s)
         self._session: Any = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._proxies: dict[str, str | None] = {}
 
-    def _open(self) -> Any:
+    async def _open(self) -> Any:
+        loop = _serving_loop(self._loop, "an expert's HTTP session")
+        if self._session is not None and loop is not self._loop:
+            # The old loop is closed and its sockets with it: this only marks the session closed.
+            await self.aclose()
         if self._session is None:
             import aiohttp  # a dependency, imported where first needed (178 ms: the CLI's other commands skip it)
 
@@ -185,6 +207,7 @@ class AiohttpClient(_Client):
                 # each here); env_proxy reads the proxy settings once per URL instead.
                 json_serialize=json.dumps, trust_env=False, read_bufsize=MAX_LINE_BYTES // 2,
             )
+            self._loop = loop
         return self._session
 
     def _proxy(self, url: str) -> str | None:
@@ -194,7 +217,7 @@ class AiohttpClient(_Client):
 
     @asynccontextmanager
     async def stream(self, url: str, body: Mapping[str, Any]) -> AsyncIterator[HttpStream]:
-        session = self._open()
+        session = await self._open()
         async with self._slots.held():
             with _aiohttp_errors():
                 response = await session.post(url, json=body, proxy=self._proxy(url))
@@ -274,7 +297,9 @@ class _HttpxStream:
 
 
 class HttpxClient(_Client):
-    """One ``httpx.AsyncClient`` over ``transport``, which pools connections (or needs none) itself."""
+    """One ``httpx.AsyncClient`` over ``transport``, which pools connections (or needs none) itself. A pooling
+    transport's connections belong to the event loop that opened them, as anywhere in httpx: its owner keeps
+    it to one loop."""
 
     def __init__(self, *, headers: Mapping[str, str], timeout_s: float, max_connections: int,
                  transport: httpx.AsyncBaseTransport) -> None:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 from collections.abc import Iterator
 from contextlib import aclosing
 from pathlib import Path
@@ -213,3 +214,33 @@ def test_https_endpoints_are_verified_as_httpx_verifies_them(monkeypatch: pytest
     (tmp_path / "ca.pem").write_text(one_ca + "\n")
     monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "ca.pem"))
     assert len(tls_context().get_ca_certs()) == 1
+
+
+# A loop closed under open connections leaves their sockets to the garbage collector, which warns (asyncio's
+# own behaviour, for any client): here that is the point, and the server sees them closed.
+@pytest.mark.filterwarnings("ignore::ResourceWarning", "ignore::pytest.PytestUnraisableExceptionWarning")
+def test_calls_from_successive_event_loops_are_served(server: ScriptedOpenAIServer) -> None:
+    # asyncio.run once per call (a script, a notebook cell) meets a new loop each time, the last one closed.
+    # (An injected httpx transport's connections belong to their loop, as in httpx: the user's to manage.)
+    expert = expert_for(server, max_concurrency=4)
+    answers = [asyncio.run(expert.generate(ask(f"question {i}"))).content for i in range(3)]
+    streamed = asyncio.run(_streamed(expert, "streamed"))
+    asyncio.run(expert.aclose())
+    assert answers == ["answer from pool"] * 3 and streamed == "answer from pool"
+    assert server.connections_total == 4  # one per loop: a closed loop's connections are not reused
+    gc.collect()
+    assert server.wait_for(lambda s: s.open_connections == 0)
+
+
+def test_a_call_from_a_second_loop_while_the_first_is_open_is_a_clear_error(server: ScriptedOpenAIServer,
+                                                                              client_kind: str) -> None:
+    expert = expert_for(server, max_concurrency=4, kind=client_kind)
+    first = asyncio.new_event_loop()
+    try:
+        assert first.run_until_complete(expert.generate(ask("first"))).content == "answer from pool"
+        with pytest.raises(RuntimeError, match="another event loop that is still open"):
+            asyncio.run(expert.generate(ask("second")))
+        assert first.run_until_complete(expert.generate(ask("first again"))).content == "answer from pool"
+    finally:
+        first.run_until_complete(expert.aclose())
+        first.close()
