@@ -14,6 +14,7 @@ from router.config import RouterConfig
 from router.orchestrator import Orchestrator
 
 if TYPE_CHECKING:
+    from router.cascade import CascadeGate
     from router.gate import Gate
     from router.state_redis import SharedState
     from router.vote_weights import VoteWeights
@@ -59,7 +60,7 @@ def build_breakers(config: RouterConfig, state: SharedState | None = None) -> Br
     return Breakers(config.fallback.breaker, state.breaker_store, clock=time.time)
 
 
-def load_gate(config: RouterConfig) -> Gate:
+def load_gate(config: RouterConfig) -> Gate | CascadeGate:
     """The trained gate named by the config, over the config's experts.
 
     Refused when its encoder differs, or when a config expert has neither training data in the artifact nor
@@ -72,6 +73,11 @@ def load_gate(config: RouterConfig) -> Gate:
     path = config.resolve(config.gate.artifact)
     if not (path / "gate.json").exists():
         raise GateNotTrained(path)
+    if config.gate.cascade is not None:
+        from router.cascade import CascadeGate
+
+        return CascadeGate.load(path, build_encoder(config.gate.cascade.encoder),
+                                build_encoder(config.gate.encoder)).for_config(config)
     return Gate.load(path, build_encoder(config.gate.encoder)).for_config(config)
 
 
@@ -94,6 +100,6 @@ def load_vote_weights(config: RouterConfig) -> VoteWeights | None:
 
 
 def build_orchestrator(config: RouterConfig, *, context: ExpertContext | None = None,
-                       gate: Gate | None = None, state: SharedState | None = None) -> Orchestrator:
+                       gate: Gate | CascadeGate | None = None, state: SharedState | None = None) -> Orchestrator:
     return Orchestrator(config, gate or load_gate(config), build_experts(config, context),
                         breakers=build_breakers(config, state), vote_weights=load_vote_weights(config))

@@ -64,8 +64,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     config = _load(args.config, check_env=False)
     gate = train_from_config(config, progress=True, feedback=args.feedback)
-    print(json.dumps({"artifact": str(config.resolve(config.gate.artifact)), "experts": gate.experts,
-                      "metrics": gate.metadata.as_dict()["metrics"]}, indent=2))
+    summary = {"artifact": str(config.resolve(config.gate.artifact)), "experts": gate.experts,
+               "metrics": gate.metadata.as_dict()["metrics"]}
+    fit = getattr(gate, "fit", None)  # a two-stage gate (gate.cascade): its threshold and validation figures
+    print(json.dumps({**summary, **({"cascade": fit.as_dict()} if fit is not None else {})}, indent=2))
     return 0
 
 

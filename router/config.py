@@ -129,8 +129,20 @@ class TopKConfig(_Strict):
     confident: float = Field(default=0.8, gt=0.0, le=1.0)
 
 
+class CascadeConfig(_Strict):
+    """A fast first stage for a label gate (``router.cascade``): a gate on ``encoder`` decides the queries it is
+    sure of, the gate on ``gate.encoder`` the rest. ``moe train`` trains both and fits the confidence at which
+    the fast one decides, so that the cascade picks the full gate's top expert for ``agreement`` of the
+    validation queries."""
+
+    encoder: EncoderConfig = EncoderConfig(backend="static")
+    agreement: float = Field(default=0.995, ge=0.5, le=1.0)
+
+
 class GateConfig(_Strict):
     encoder: EncoderConfig = EncoderConfig()
+    # A fast first stage; None: one gate decides every query.
+    cascade: CascadeConfig | None = None
     # The trained classifier; ``moe train`` writes it. Relative to the config file.
     artifact: str = "artifacts/gate"
     # JSONL files ``moe train`` learns from, each detected by its first record: labelled ({"query", "label"}),
@@ -155,6 +167,13 @@ class GateConfig(_Strict):
     # 0 ms sends a lone query at once (queries still batch while the worker is busy).
     batch_window_ms: float = Field(default=0.0, ge=0.0, le=100.0)
     max_batch: int = Field(default=32, ge=1, le=1024)
+
+    @model_validator(mode="after")
+    def _two_encoders(self) -> GateConfig:
+        if self.cascade is not None and self.cascade.encoder.backend == self.encoder.backend:
+            raise ValueError(f"gate.cascade.encoder uses the {self.encoder.backend!r} backend, as gate.encoder "
+                             "does: the fast stage needs a faster encoder (e.g. backend: static)")
+        return self
 
 
 class CombinerConfig(_Strict):

@@ -69,6 +69,7 @@ __all__ = [
     "CLASSIFIERS",
     "GATE_KINDS",
     "UNSEEN_PRIOR",
+    "Assessment",
     "Classifier",
     "Gate",
     "GateArtifactMismatch",
@@ -77,6 +78,7 @@ __all__ = [
     "Neighbour",
     "Queries",
     "ValidationMetrics",
+    "assess",
     "embed_texts",
     "expected_calibration_error",
     "fit_ood",
@@ -390,6 +392,38 @@ class Gate:
 
 
 _METADATA_FIELDS = frozenset(GateMetadata.__dataclass_fields__)
+
+
+@dataclass
+class Assessment:
+    """A gate's view of a batch of queries: what the orchestrator decides from."""
+
+    probs: np.ndarray  # [queries, len(gate.experts)], rows summing to 1
+    nearest: list[list[Any]]  # per query, the training examples nearest to it (``Neighbour`` or plain dicts)
+    ood: np.ndarray  # per query, familiarity (``ood_scores``); nan where unknown
+    # Per query: which stage of a two-stage gate decided (router.cascade), and the out-of-distribution
+    # threshold its ``ood`` is compared with; None: a one-stage gate, whose ``ood_threshold`` holds for all.
+    stage: list[str] | None = None
+    ood_threshold: list[float | None] | None = None
+
+
+def assess(gate: Any, texts: Sequence[str], k: int = 3) -> Assessment:
+    """One embedding per query serves the probabilities, the ``k`` nearest examples and the familiarity score.
+
+    ``gate`` needs ``encoder`` and ``predict_proba``; ``nearest_many`` and ``ood_scores`` are used where it has
+    them (simple gates: one ``nearest`` search per query, and the nearest example's cosine as familiarity)."""
+    embeddings = gate.encoder.encode(texts)
+    probs = gate.predict_proba(embeddings, texts)
+    many = getattr(gate, "nearest_many", None)
+    nearest = many(embeddings, k) if many else [gate.nearest(e, k) for e in embeddings]
+    similarity = np.array([_similarity(near[0]) if near else np.nan for near in nearest], dtype=np.float64)
+    familiarity = getattr(gate, "ood_scores", None)
+    ood = familiarity(probs, similarity) if familiarity else similarity
+    return Assessment(np.asarray(probs), [list(near) for near in nearest], np.asarray(ood, dtype=np.float64))
+
+
+def _similarity(neighbour: Any) -> float:
+    return float(neighbour["similarity"] if isinstance(neighbour, Mapping) else neighbour.similarity)
 
 
 _MANIFEST, _WEIGHTS, _EXAMPLES = "gate.json", "weights.npz", "examples.npz"

@@ -63,6 +63,7 @@ from router.combine import Combined, Combiner, TopOne, WeightedAnswer, build_com
 from router.config import RouterConfig
 from router.dispatch import Capacity, Dispatcher, StreamOutcome, StreamPiece
 from router.fallback import AllExpertsFailed, Deadline, next_candidate
+from router.gate import Assessment, assess
 from router.retry import RetryPolicy
 from router.topk import choose, rank
 from router.trace import RoutedAnswer, RouteDecision, Trace, WeightedExpert
@@ -154,33 +155,31 @@ class Orchestrator:
                                                         max_batch=config.gate.max_batch)
 
     # -- deciding -------------------------------------------------------------------------------------------
-    def _scores(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
-        """Embeddings, the gate's probabilities over all its experts, and those over ``names``, the served
-        experts (queries x experts each)."""
-        embeddings = self.gate.encoder.encode(texts)
-        probs = self.gate.predict_proba(embeddings, texts)
+    def _assess(self, texts: Sequence[str]) -> tuple[Assessment, list[int], list[str]]:
+        """The gate's assessment of ``texts``, and the columns and names of the served experts in it. A
+        two-stage gate (``router.cascade``) assesses for itself; any other gets ``router.gate.assess``."""
+        own = getattr(self.gate, "assess", None)
+        assessment: Assessment = own(texts) if own else assess(self.gate, texts)
         columns = [i for i, n in enumerate(self.gate.experts) if n in self.experts]
-        return embeddings, probs, probs[:, columns], [self.gate.experts[i] for i in columns]
+        return assessment, columns, [self.gate.experts[i] for i in columns]
 
     def _gate_batch(self, texts: list[str]) -> list[_Gated]:
         """The gate's work for a batch of queries, in the batcher's worker: one embedding per query serves the
         scores, the explanation and the OOD score."""
-        embeddings, all_probs, probs, names = self._scores(texts)
-        many = getattr(self.gate, "nearest_many", None)
-        nearest = many(embeddings, 3) if many else [self.gate.nearest(e, 3) for e in embeddings]
-        near_dicts = [[_as_dict(n) for n in near] for near in nearest]
-        similarity = np.array([float(n[0]["similarity"]) if n else np.nan for n in near_dicts])
-        familiarity = getattr(self.gate, "ood_scores", None)  # fakes and older gates: the cosine alone
-        ood = familiarity(all_probs, similarity) if familiarity else similarity
-        return [_Gated({n: float(p) for n, p in zip(names, row, strict=True)}, near,
-                       None if np.isnan(score) else float(score))
-                for row, near, score in zip(probs, near_dicts, ood, strict=True)]
+        a, columns, names = self._assess(texts)
+        default_threshold = getattr(self.gate, "ood_threshold", None)  # gates from before abstain have none
+        stages: list[str | None] = list(a.stage) if a.stage else [None] * len(texts)
+        thresholds = a.ood_threshold or [default_threshold] * len(texts)
+        return [_Gated({n: float(p) for n, p in zip(names, row, strict=True)}, [_as_dict(n) for n in near],
+                       None if np.isnan(score) else float(score), threshold, stage)
+                for row, near, score, threshold, stage in zip(a.probs[:, columns], a.nearest, a.ood, thresholds,
+                                                              stages, strict=True)]
 
     def _decision(self, gated: _Gated, exclude: Collection[str], start: float) -> RouteDecision:
         """Top-k (or abstain) from one query's gate output; experts in ``exclude`` stay off the panel."""
         scores = gated.scores
         excluded = frozenset({*self.breakers.refusing(scores), *exclude})
-        default = self._abstain_to(gated.ood, excluded)
+        default = self._abstain_to(gated.ood, gated.ood_threshold, excluded)
         if default is not None:
             panel = [(default, 1.0)]
         else:
@@ -196,13 +195,13 @@ class Orchestrator:
             abstained=default is not None,
             ood_score=gated.ood,
             nearest=gated.nearest,
+            stage=gated.stage,
             gate_ms=(time.perf_counter() - start) * 1000.0,
         )
 
-    def _abstain_to(self, ood: float | None, excluded: frozenset[str]) -> str | None:
+    def _abstain_to(self, ood: float | None, threshold: float | None, excluded: frozenset[str]) -> str | None:
         """The default expert when the query is out of distribution and the default can take it, else None."""
         default = self.config.gate.default_expert
-        threshold = getattr(self.gate, "ood_threshold", None)  # gates from before abstain have none
         if default is None or threshold is None or ood is None or ood >= threshold:
             return None
         return default if default in self.experts and default not in excluded else None
@@ -230,7 +229,8 @@ class Orchestrator:
         for goes to its own best-scoring expert, whose in-flight limit then hands it on at call time."""
         if not queries:
             return []
-        _, _, probs, names = self._scores(queries)
+        assessment, columns, names = self._assess(queries)
+        probs = assessment.probs[:, columns]
         refusing = self.breakers.refusing(names)
         room = dict(capacity) if capacity is not None else {n: self.capacity.free(n) for n in names}
         room = {n: (0 if n in refusing else room.get(n, 0)) for n in names}
@@ -458,6 +458,8 @@ class _Gated:
     scores: dict[str, float]
     nearest: list[dict[str, Any]]
     ood: float | None
+    ood_threshold: float | None = None  # what ``ood`` is compared with; None: never abstain
+    stage: str | None = None  # the stage of a two-stage gate that decided
 
 
 def _as_dict(neighbour: Any) -> dict[str, Any]:

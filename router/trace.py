@@ -41,6 +41,9 @@ class RouteDecision(BaseModel):
     ood_score: float | None = None
     # Training examples nearest to the query: why the gate decided as it did.
     nearest: list[dict[str, Any]] = []
+    # With a two-stage gate (``gate.cascade``): ``fast`` when the fast gate was sure enough to decide, ``full``
+    # when the full gate did; None for a one-stage gate.
+    stage: str | None = None
     gate_ms: float = 0.0
 
 

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from router.cascade import CascadeGate, forget_cascade
 from router.classifiers import build_classifier
 from router.config import RouterConfig
 from router.encoders import build_encoder
@@ -146,13 +147,18 @@ def _check_routable(config: RouterConfig, trained: set[str]) -> None:
                          + "; the gate could not route to them. Add examples in the config or records for them.")
 
 
-def train_from_config(config: RouterConfig, *, progress: bool = True, feedback: bool = True) -> Gate:
-    """Train the gate the config describes (label or outcome kind) and save it to ``gate.artifact``.
+def train_from_config(config: RouterConfig, *, progress: bool = True,
+                      feedback: bool = True) -> Gate | CascadeGate:
+    """Train the gate the config describes (label or outcome kind, and with ``gate.cascade`` its fast first
+    stage) and save it to ``gate.artifact``.
 
     ``feedback=False`` leaves the stored feedback out (it is folded in by default; see the module docstring).
     """
     data = collect_training_data(config, feedback=feedback)
     vote_weights = _learned_vote_weights(config, data, progress=progress)  # before the gate: fails fast
+    if config.gate.cascade is not None and data.kind == "outcome":
+        raise ValueError("gate.cascade applies to label gates, but gate.train_data holds outcome records; "
+                         "remove gate.cascade, or train from labelled queries")
     encoder = build_encoder(config.gate.encoder)
     gate: Gate
     if data.kind == "outcome":
@@ -168,10 +174,18 @@ def train_from_config(config: RouterConfig, *, progress: bool = True, feedback: 
         gate = train_gate(data.texts, data.labels, encoder, experts=config.expert_names, progress=progress,
                           classifier=build_classifier(config.gate.classifier))
     artifact = config.resolve(config.gate.artifact)
-    gate.save(artifact)
+    served: Gate | CascadeGate = gate
+    if config.gate.cascade is not None:
+        fast = train_gate(data.texts, data.labels, build_encoder(config.gate.cascade.encoder),
+                          experts=config.expert_names, progress=progress,
+                          classifier=build_classifier(config.gate.classifier))
+        served = CascadeGate.train(gate, fast, data.texts, data.labels, agreement=config.gate.cascade.agreement)
+    else:
+        forget_cascade(artifact)  # a fast stage trained with earlier data must not be paired with this gate
+    served.save(artifact)
     if vote_weights is not None:
         vote_weights.save(artifact)
-    return gate
+    return served
 
 
 def _learned_vote_weights(config: RouterConfig, data: TrainingData, *, progress: bool) -> VoteWeights | None:

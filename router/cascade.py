@@ -1,0 +1,200 @@
+"""A two-stage gate: a fast gate decides the queries it is sure of, the full gate the rest.
+
+Most queries are easy: a gate on the ``static`` encoder (one table lookup per token, well under a millisecond)
+picks the same expert as the gate on the MiniLM model (milliseconds of CPU per query) whenever it is
+confident. ``CascadeGate`` runs the fast gate on every query and the full gate only on the others:
+
+- the fast gate decides a query when its top probability reaches ``threshold`` and the query is familiar to it
+  (its ``ood_scores`` at or above its own out-of-distribution threshold), so abstaining stays the full gate's
+  call;
+- every other query gets the full gate's scores, explanation and out-of-distribution score, as without the
+  cascade.
+
+``threshold`` is fitted by ``moe train`` on the full gate's validation split (``fit_threshold``): the lowest top
+probability at which the cascade still picks the full gate's top expert for ``agreement`` of the validation
+queries (default 99.5%, the agreement the ONNX and sentence-transformers encoders are held to). Both gates are
+trained on the same data, with the same seeded split, so neither has seen those queries. Measured on the label
+suites' splits (README, Results), the fast stage decides 75-97% of test queries and the cascade's accuracy
+stays within a tenth of a point of the full gate's.
+
+The artifact is the full gate's folder as before, plus the fast gate in ``fast/`` and ``cascade.json`` (written
+last) with the threshold and its validation figures. A config without ``gate.cascade`` serves the full gate
+alone from the same folder.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from router.encoders import Encoder
+from router.gate import Assessment, Gate, GateArtifactMismatch, assess, split_train_val
+
+if TYPE_CHECKING:
+    from router.config import RouterConfig
+
+__all__ = ["CASCADE_FILE", "FAST_DIR", "CascadeFit", "CascadeGate", "CascadeNotTrained", "fit_threshold",
+           "forget_cascade"]
+
+log = logging.getLogger(__name__)
+
+CASCADE_FILE, FAST_DIR = "cascade.json", "fast"
+STAGES = ("fast", "full")
+
+
+class CascadeNotTrained(FileNotFoundError):
+    def __init__(self, path: Path) -> None:
+        super().__init__(f"the gate at {path} has no cascade stage ({CASCADE_FILE} missing), but the config sets "
+                         "gate.cascade; train it with: moe train --config <this config>")
+
+
+@dataclass(frozen=True)
+class CascadeFit:
+    """The fitted threshold and what it gave on the validation queries."""
+
+    # Top probability at or above which the fast gate decides; None: too little validation data to fit one,
+    # so every query goes to the full gate.
+    threshold: float | None
+    agreement_target: float
+    n_val: int
+    # Share of validation queries the fast gate decided, and of all of them routed to the full gate's top expert.
+    fast_share: float
+    agreement: float
+    fast_encoder_identity: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _decides(fast: Assessment, threshold: float | None, ood_threshold: float | None) -> np.ndarray:
+    """Which queries the fast gate decides: confident, and familiar to it."""
+    if threshold is None:
+        return np.zeros(len(fast.probs), dtype=bool)
+    sure = fast.probs.max(axis=1) >= threshold
+    if ood_threshold is not None:
+        sure &= ~(fast.ood < ood_threshold)  # a query without a score (nan) is not held against the fast gate
+    return np.asarray(sure)
+
+
+def fit_threshold(fast: Assessment, full_top: np.ndarray, agreement: float,
+                  ood_threshold: float | None) -> tuple[float | None, float, float]:
+    """``(threshold, fast_share, agreement)``: the lowest top probability of the fast gate at which the cascade
+    picks the full gate's top expert (``full_top``, column indices) for at least ``agreement`` of the queries.
+
+    Raising the threshold only hands queries from the fast gate to the full one, so the agreement can only grow
+    with it, and the lowest threshold that meets the target is the one that spares the full gate most."""
+    n = len(full_top)
+    eligible = _decides(fast, -np.inf, ood_threshold)  # familiar to the fast gate, whatever its confidence
+    if n == 0 or not eligible.any():
+        return None, 0.0, 1.0
+    # Eligible queries by the fast gate's top probability; a threshold at one of them lets the fast gate decide
+    # it and every query after it, so the disagreements it lets through are a suffix sum.
+    order = np.argsort(fast.probs.max(axis=1)[eligible], kind="stable")
+    top = fast.probs.max(axis=1)[eligible][order]
+    differs = (fast.probs.argmax(axis=1) != full_top)[eligible][order]
+    let_through = np.cumsum(differs[::-1])[::-1]
+    starts = np.flatnonzero(np.r_[True, top[1:] != top[:-1]])  # the first query of each distinct value
+    met = 1.0 - let_through[starts] / n
+    ok = np.flatnonzero(met >= agreement)
+    if len(ok) == 0:
+        return None, 0.0, 1.0
+    first = starts[ok[0]]
+    return float(top[first]), float(len(top) - first) / n, float(met[ok[0]])
+
+
+def forget_cascade(directory: str | Path) -> None:
+    """Remove a cascade's fast stage from an artifact folder (before a one-stage gate is saved there)."""
+    path = Path(directory)
+    (path / CASCADE_FILE).unlink(missing_ok=True)
+    shutil.rmtree(path / FAST_DIR, ignore_errors=True)
+
+
+class CascadeGate:
+    """``fast`` decides the queries it is sure of (see the module docstring), ``full`` the rest. Serves as a
+    gate: ``experts``, ``encoder`` (the full gate's, for what else embeds: ``consensus``), ``assess``."""
+
+    kind = "cascade"
+
+    def __init__(self, fast: Gate, full: Gate, fit: CascadeFit) -> None:
+        if fast.experts != full.experts:
+            raise GateArtifactMismatch(f"the cascade's fast gate scores {fast.experts}, its full gate "
+                                       f"{full.experts}; retrain both with moe train")
+        self.fast, self.full, self.fit = fast, full, fit
+        self.experts = full.experts
+        self.encoder = full.encoder
+        self.metadata = full.metadata
+        self.ood_threshold = full.ood_threshold
+
+    def predict_proba(self, embeddings: np.ndarray, texts: Sequence[str] | None = None) -> np.ndarray:
+        """The full gate's probabilities for its own encoder's ``embeddings`` (what a plain gate would give)."""
+        return self.full.predict_proba(embeddings, texts)
+
+    def nearest(self, embedding: np.ndarray, k: int = 3) -> list[Any]:
+        return list(self.full.nearest(embedding, k))
+
+    def scores(self, texts: Sequence[str]) -> np.ndarray:
+        return self.assess(texts).probs
+
+    def assess(self, texts: Sequence[str], k: int = 3) -> Assessment:
+        """The fast gate's assessment of every query, replaced by the full gate's where the fast one is unsure."""
+        texts = list(texts)
+        first = assess(self.fast, texts, k)
+        decided = _decides(first, self.fit.threshold, self.fast.ood_threshold)
+        stage = np.where(decided, STAGES[0], STAGES[1]).tolist()
+        ood_threshold = [self.fast.ood_threshold if d else self.full.ood_threshold for d in decided]
+        rest = np.flatnonzero(~decided)
+        if len(rest) == 0:
+            return Assessment(first.probs, first.nearest, first.ood, stage, ood_threshold)
+        second = assess(self.full, [texts[i] for i in rest], k)
+        probs, ood, nearest = first.probs.copy(), first.ood.astype(np.float64), list(first.nearest)
+        probs[rest], ood[rest] = second.probs, second.ood
+        for j, i in enumerate(rest):
+            nearest[i] = second.nearest[j]
+        return Assessment(probs, nearest, ood, stage, ood_threshold)
+
+    # -- the config's experts, artifacts ---------------------------------------------------------------------
+    def for_config(self, config: RouterConfig) -> CascadeGate:
+        return CascadeGate(self.fast.for_config(config), self.full.for_config(config), self.fit)
+
+    def save(self, directory: str | Path) -> Path:
+        """The full gate's artifact, the fast gate in ``fast/``, then ``cascade.json``, last."""
+        forget_cascade(directory)  # no earlier fast stage outlives a save that stops halfway
+        path = self.full.save(directory)
+        self.fast.save(path / FAST_DIR)
+        (path / CASCADE_FILE).write_text(json.dumps(self.fit.as_dict(), indent=2) + "\n", encoding="utf-8")
+        return path
+
+    @classmethod
+    def load(cls, directory: str | Path, fast_encoder: Encoder, full_encoder: Encoder) -> CascadeGate:
+        path = Path(directory)
+        if not (path / CASCADE_FILE).exists():
+            raise CascadeNotTrained(path)
+        fit = CascadeFit(**json.loads((path / CASCADE_FILE).read_text(encoding="utf-8")))
+        fast, full = Gate.load(path / FAST_DIR, fast_encoder), Gate.load(path, full_encoder)
+        if fast.metadata.training_data_sha256 != full.metadata.training_data_sha256:
+            raise GateArtifactMismatch(f"{path}: the cascade's fast gate ({FAST_DIR}/) was trained on other data "
+                                       "than the full gate; retrain both with: moe train --config <this config>")
+        return cls(fast, full, fit)
+
+    @classmethod
+    def train(cls, full: Gate, fast: Gate, texts: Sequence[str], labels: Sequence[str], *, agreement: float,
+              seed: int = 0, val_fraction: float = 0.15) -> CascadeGate:
+        """The cascade of two gates trained on ``texts`` and ``labels`` with the same ``seed`` and
+        ``val_fraction`` (so the same validation queries were held out of both), its threshold fitted there."""
+        _, val = split_train_val(texts, labels, seed=seed, val_fraction=val_fraction)
+        held = [texts[i] for i in val]
+        first = assess(fast, held)
+        full_top = full.scores(held).argmax(axis=1) if held else np.zeros(0, dtype=np.int64)
+        threshold, share, met = fit_threshold(first, full_top, agreement, fast.ood_threshold)
+        if threshold is None:
+            log.warning("the cascade's threshold could not be fitted (%d validation queries): every query will "
+                        "go to the full gate", len(held))
+        fit = CascadeFit(threshold, agreement, len(held), share, met, fast.encoder.identity)
+        return cls(fast, full, fit)
