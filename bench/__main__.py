@@ -61,13 +61,15 @@ def _server_impl() -> dict[str, str]:
 
 
 def run_gate(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any], Any]:
+    from router.cascade import CascadeGate
     from router.encoders import OnnxMiniLMEncoder, SentenceTransformerEncoder
     from router.static_encoder import StaticMiniLMEncoder
 
     t0 = time.perf_counter()
     data = snips(per_label=60, n_test=args.gate_queries + 64)
     onnx = OnnxMiniLMEncoder()
-    gates = {"onnx": gate_bench.train(onnx, data), "static": gate_bench.train(StaticMiniLMEncoder(), data)}
+    gates: dict[str, Any] = {"onnx": gate_bench.train(onnx, data),
+                             "static": gate_bench.train(StaticMiniLMEncoder(), data)}
     if args.torch_threads:
         # torch's default (one thread per core) collapses on a shared 2-core machine: one short query took
         # 190-830 ms with 2 threads against 26 ms with 1 while other jobs ran. Match the ONNX encoder's policy.
@@ -75,6 +77,9 @@ def run_gate(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any], 
 
         torch.set_num_threads(args.torch_threads)
     gates["st"] = gate_bench.train(SentenceTransformerEncoder(), data)
+    # The two-stage gate (gate.cascade): the static gate decides what it is sure of, the ONNX gate the rest.
+    gates["cascade"] = CascadeGate.train(gates["onnx"], gates["static"], data.train_texts, data.train_labels,
+                                         agreement=0.995)
     t1 = time.perf_counter()
     # sentence-transformers is the slow reference: every third query is enough for its percentiles.
     figures = gate_bench.gate_figures(gates, data.test_texts[:args.gate_queries], data.test_texts[:320],
@@ -88,7 +93,10 @@ def run_gate(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any], 
             "data": f"SNIPS: {len(data.train_texts)} training queries, {len(data.labels)} experts",
             "gate_accuracy_val": gates["onnx"].metadata.metrics.accuracy,
             "static_gate_accuracy_val": gates["static"].metadata.metrics.accuracy,
-            "onnx": figures["onnx"], "static": figures["static"], "st": figures["st"], "scaling": scaling}, gates, data
+            "onnx": figures["onnx"], "static": figures["static"], "st": figures["st"],
+            "cascade": {**figures["cascade"], **gate_bench.cascade_figures(gates["cascade"],
+                                                                           data.test_texts[:args.gate_queries])},
+            "scaling": scaling}, gates, data
 
 
 Targets = Callable[[int], dict[str, Target]]
@@ -107,18 +115,21 @@ def run_router(args: argparse.Namespace, gates: dict[str, Any], texts: Sequence[
     with UpstreamProcess(latency_ms=args.upstream_ms) as up:
         direct = up.url + "/chat/completions"
         with RouterProcess(gate, up.url, k=1) as router, \
-                RouterProcess(gates["static"], up.url, k=1, backend="static") as static:
+                RouterProcess(gates["static"], up.url, k=1, backend="static") as static, \
+                RouterProcess(gates["cascade"], up.url, k=1, backend="cascade") as cascade:
             peer: dict[str, Any] = {}
             with _litellm(up.url, args, peer) as proxy:
-                # LiteLLM and the static-encoder router run in the same rounds as the router, so all of them
-                # meet the same outside load.
+                # LiteLLM and the static-encoder and two-stage routers run in the same rounds as the router, so
+                # all of them meet the same outside load.
                 def top1(c: int) -> dict[str, Target]:
-                    return {"router": router, "router_static": static,
+                    return {"router": router, "router_static": static, "router_cascade": cascade,
                             **({"litellm": proxy} if proxy and c in args.peer_levels else {})}
                 out["top1"] = asyncio.run(_levels(top1, direct, texts, stream=False, scale=args.scale))
                 out["throughput_top1"] = asyncio.run(throughput(router, direct, texts, seconds=args.throughput_s))
                 out["throughput_top1_static"] = asyncio.run(throughput(static, direct, texts,
                                                                        seconds=args.throughput_s))
+                out["throughput_top1_cascade"] = asyncio.run(throughput(cascade, direct, texts,
+                                                                        seconds=args.throughput_s))
                 if proxy is not None:
                     peer["throughput"] = asyncio.run(throughput(proxy, direct, texts, seconds=args.throughput_s))
             out["litellm"] = peer or None
@@ -199,6 +210,7 @@ def flatten(gate: dict[str, Any], router: dict[str, Any], semantic: dict[str, An
     """The headline keys the issue asks for, next to the full figures."""
     thr = router.get("throughput_top1", {})
     thr_static = router.get("throughput_top1_static", {})
+    thr_cascade = router.get("throughput_top1_cascade", {})
     litellm = router.get("litellm") or {}
     cpu_c32 = _at(router.get("top1"), 32, "cpu_ms_per_request")
     litellm_cpu_c32 = _at(router.get("top1"), 32, "cpu_ms_per_request", target="litellm")
@@ -209,12 +221,18 @@ def flatten(gate: dict[str, Any], router: dict[str, Any], semantic: dict[str, An
         "st_gate_batch_qps": gate["st"]["batch_qps"],
         "static_gate_p50_ms": gate["static"]["p50_ms"], "static_gate_p99_ms": gate["static"]["p99_ms"],
         "static_gate_batch_qps": gate["static"]["batch_qps"],
+        "cascade_gate_p50_ms": gate["cascade"]["p50_ms"], "cascade_gate_p99_ms": gate["cascade"]["p99_ms"],
+        "cascade_gate_batch_qps": gate["cascade"]["batch_qps"],
+        "cascade_fast_share": gate["cascade"]["fast_share"],
+        "cascade_agreement_with_onnx": gate["cascade"]["agreement_with_full"],
     }
     for c in LEVELS:
         out[f"router_overhead_p50_ms_c{c}"] = _at(router.get("top1"), c)
         out[f"router_overhead_p99_ms_c{c}"] = _at(router.get("top1"), c, "overhead_p99_ms")
     for c in LEVELS:
         out[f"static_router_overhead_p50_ms_c{c}"] = _at(router.get("top1"), c, target="router_static")
+    for c in LEVELS:
+        out[f"cascade_router_overhead_p50_ms_c{c}"] = _at(router.get("top1"), c, target="router_cascade")
     for c in LEVELS:
         out[f"stream_ttft_overhead_p50_ms_c{c}"] = _at(router.get("stream_ttft"), c)
     for c in LEVELS:
@@ -224,6 +242,8 @@ def flatten(gate: dict[str, Any], router: dict[str, Any], semantic: dict[str, An
         "direct_rps_same_client": thr.get("direct_rps_same_client"),
         "static_router_rps_top1": thr_static.get("rps"),
         "static_router_cpu_ms_per_request_top1": thr_static.get("cpu_ms_per_request"),
+        "cascade_router_rps_top1": thr_cascade.get("rps"),
+        "cascade_router_cpu_ms_per_request_top1": thr_cascade.get("cpu_ms_per_request"),
         "router_rss_mb_start": thr.get("rss_mb_start"), "router_rss_mb_end": thr.get("rss_mb_end"),
         "litellm_overhead_p50_ms_c32": _at(router.get("top1"), 32, target="litellm"),
         "litellm_rps": (litellm.get("throughput") or {}).get("rps"),
@@ -242,6 +262,9 @@ def flatten(gate: dict[str, Any], router: dict[str, Any], semantic: dict[str, An
     out["ratio_overhead_static_vs_litellm_c32"] = _ratio(out["static_router_overhead_p50_ms_c32"],
                                                          out["litellm_overhead_p50_ms_c32"])
     out["ratio_rps_static_vs_litellm"] = _ratio(out["static_router_rps_top1"], out["litellm_rps"])
+    out["ratio_overhead_cascade_vs_litellm_c32"] = _ratio(out["cascade_router_overhead_p50_ms_c32"],
+                                                          out["litellm_overhead_p50_ms_c32"])
+    out["ratio_rps_cascade_vs_litellm"] = _ratio(out["cascade_router_rps_top1"], out["litellm_rps"])
     out["ratio_cpu_router_vs_litellm"] = _ratio(out["router_cpu_ms_per_request_top1"],
                                                 out["litellm_cpu_ms_per_request"])
     out["ratio_gate_vs_semantic_router_p50"] = _ratio(out["gate_p50_ms_same_window"],
@@ -272,6 +295,10 @@ def table(flat: dict[str, Any], gate: dict[str, Any], router: dict[str, Any]) ->
         ("gate batch q/s (ST fp32)", flat["st_gate_batch_qps"], None, None, ""),
         ("gate decision p50 ms (static table)", flat["static_gate_p50_ms"], None, None, ""),
         ("gate batch q/s (static table)", flat["static_gate_batch_qps"], None, None, ""),
+        ("gate decision p50 ms (two-stage gate)", flat["cascade_gate_p50_ms"], None, None, ""),
+        ("  share decided by the static stage", flat["cascade_fast_share"], None, None, ""),
+        ("  same pick as the ONNX gate", flat["cascade_agreement_with_onnx"], None, None, ""),
+        ("gate batch q/s (two-stage)", flat["cascade_gate_batch_qps"], None, None, ""),
     ]
     for c in LEVELS:
         peer = flat.get(f"litellm_overhead_p50_ms_c{c}")
@@ -281,6 +308,10 @@ def table(flat: dict[str, Any], gate: dict[str, Any], router: dict[str, Any]) ->
         peer = flat.get(f"litellm_overhead_p50_ms_c{c}")
         rows.append((f"  same, static encoder, c{c}", flat[f"static_router_overhead_p50_ms_c{c}"], peer,
                      _ratio(flat[f"static_router_overhead_p50_ms_c{c}"], peer), ""))
+    for c in LEVELS:
+        peer = flat.get(f"litellm_overhead_p50_ms_c{c}")
+        rows.append((f"  same, two-stage gate, c{c}", flat[f"cascade_router_overhead_p50_ms_c{c}"], peer,
+                     _ratio(flat[f"cascade_router_overhead_p50_ms_c{c}"], peer), ""))
     rows += [(f"stream TTFT overhead p50 ms, c{c}", flat[f"stream_ttft_overhead_p50_ms_c{c}"], None, None, "")
              for c in LEVELS]
     rows += [(f"top-3 fan-out overhead p50 ms, c{c}", flat[f"top3_overhead_p50_ms_c{c}"], None, None, "")
@@ -290,11 +321,16 @@ def table(flat: dict[str, Any], gate: dict[str, Any], router: dict[str, Any]) ->
          ">= 500"),
         ("  same, static encoder", flat["static_router_rps_top1"], flat["litellm_rps"],
          flat["ratio_rps_static_vs_litellm"], ""),
+        ("  same, two-stage gate", flat["cascade_router_rps_top1"], flat["litellm_rps"],
+         flat["ratio_rps_cascade_vs_litellm"], ""),
         ("  same client, direct to upstream req/s", flat["direct_rps_same_client"], None, None, "client ceiling"),
         ("CPU ms per request (service process)", flat["router_cpu_ms_per_request_top1"],
          flat["litellm_cpu_ms_per_request"], flat["ratio_cpu_router_vs_litellm"], ""),
         ("  same, static encoder", flat["static_router_cpu_ms_per_request_top1"], flat["litellm_cpu_ms_per_request"],
          _ratio(flat["static_router_cpu_ms_per_request_top1"], flat["litellm_cpu_ms_per_request"]), ""),
+        ("  same, two-stage gate", flat["cascade_router_cpu_ms_per_request_top1"],
+         flat["litellm_cpu_ms_per_request"],
+         _ratio(flat["cascade_router_cpu_ms_per_request_top1"], flat["litellm_cpu_ms_per_request"]), ""),
         ("  same, at c32 (rounds shared with LiteLLM)", flat["router_cpu_ms_per_request_c32"],
          flat["litellm_cpu_ms_per_request_c32"],
          _ratio(flat["router_cpu_ms_per_request_c32"], flat["litellm_cpu_ms_per_request_c32"]), ""),

@@ -11,19 +11,20 @@ outside load falls on all of them alike and their ratios stay fair.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Protocol
 
 import numpy as np
 
 from bench.data import Labelled, clinc150
+from router.cascade import CascadeGate
 from router.config import TopKConfig
 from router.encoders import Encoder
 from router.gate import Gate, train_gate
 from router.topk import choose
 
-__all__ = ["CachedEncoder", "decider", "gate_figures", "interleaved_batch_qps", "interleaved_times_ms",
-           "scaling", "stats", "train"]
+__all__ = ["CachedEncoder", "Scorer", "cascade_figures", "decider", "gate_figures", "interleaved_batch_qps",
+           "interleaved_times_ms", "scaling", "stats", "train"]
 
 
 class CachedEncoder(Encoder):
@@ -48,7 +49,15 @@ def train(encoder: Encoder, data: Labelled) -> Gate:
     return train_gate(data.train_texts, data.train_labels, encoder, experts=data.labels, progress=False)
 
 
-def decider(gate: Gate, top_k: TopKConfig) -> Callable[[Sequence[str]], list[list[tuple[str, float]]]]:
+class Scorer(Protocol):
+    """What a timed decision needs of a gate (one-stage or two-stage)."""
+
+    experts: list[str]
+
+    def scores(self, texts: Sequence[str]) -> np.ndarray: ...
+
+
+def decider(gate: Scorer, top_k: TopKConfig) -> Callable[[Sequence[str]], list[list[tuple[str, float]]]]:
     """The decision for a batch of texts: one panel per text."""
     def decide(texts: Sequence[str]) -> list[list[tuple[str, float]]]:
         return [choose(dict(zip(gate.experts, row, strict=True)), top_k) for row in gate.scores(texts).tolist()]
@@ -98,7 +107,17 @@ def stats(times_ms: Sequence[float]) -> dict[str, float]:
             "p99_ms": round(float(np.percentile(times_ms, 99)), 3), "n": len(times_ms)}
 
 
-def gate_figures(gates: dict[str, Gate], queries: Sequence[str], batch_queries: Sequence[str],
+def cascade_figures(cascade: CascadeGate, queries: Sequence[str]) -> dict[str, float]:
+    """On ``queries``: the share the fast stage decides, and how often the cascade picks the full gate's top."""
+    assessed = cascade.assess(queries)
+    stages = assessed.stage or []
+    full = cascade.full.scores(queries).argmax(axis=1)
+    return {"fast_share": round(stages.count("fast") / max(len(stages), 1), 4),
+            "agreement_with_full": round(float((assessed.probs.argmax(axis=1) == full).mean()), 4),
+            "threshold": cascade.fit.threshold or float("nan")}
+
+
+def gate_figures(gates: Mapping[str, Scorer], queries: Sequence[str], batch_queries: Sequence[str],
                  every: dict[str, int] | None = None) -> dict[str, dict[str, Any]]:
     """Per gate: p50/p99 of one top-1 decision at a time, and batched queries/s."""
     deciders: dict[str, Decide] = {name: decider(g, TopKConfig(k=1)) for name, g in gates.items()}

@@ -24,6 +24,7 @@ import httpx
 import yaml
 
 from bench.upstream import LoadResult, chat_payload, run_load
+from router.cascade import CascadeGate
 from router.gate import Gate
 
 __all__ = ["RouterProcess", "Target", "compare", "cpu_seconds", "rss_mb", "throughput"]
@@ -66,7 +67,7 @@ class RouterProcess:
 
     model = "auto"
 
-    def __init__(self, gate: Gate, upstream_url: str, *, k: int = 1, workdir: str | None = None,
+    def __init__(self, gate: Gate | CascadeGate, upstream_url: str, *, k: int = 1, workdir: str | None = None,
                  extra_args: Sequence[str] = (), backend: str = "onnx") -> None:
         self.gate, self.upstream_url, self.k, self.backend = gate, upstream_url, k, backend
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="moe-bench-"))
@@ -94,8 +95,10 @@ class RouterProcess:
             # Capacity far above the load, so no request is shed and every one measures the routing path.
             "experts": [{"name": e, "type": "openai", "endpoint": self.upstream_url, "model": e,
                          "max_concurrency": 1024, "timeout_s": 30} for e in self.gate.experts],
-            "gate": {"artifact": str(artifact), "encoder": {"backend": self.backend},
-                     "top_k": {"policy": "fixed", "k": self.k}},
+            "gate": {"artifact": str(artifact), "top_k": {"policy": "fixed", "k": self.k},
+                     # "cascade": the two-stage gate, static then ONNX (router.cascade)
+                     **({"encoder": {"backend": "onnx"}, "cascade": {}} if self.backend == "cascade"
+                        else {"encoder": {"backend": self.backend}})},
             "combiner": {"strategy": "top1"},
         }
         path = self.workdir / f"router-{self.backend}-k{self.k}.yaml"

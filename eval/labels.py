@@ -114,8 +114,13 @@ def evaluate_labels(ctx: SuiteContext, train: Sequence[LabelledQuery], test: Seq
                       progress=ctx.progress)
     probs = {"gate": gate.predict_proba(x_te, [q.text for q in scored]),
              **_baselines(x_tr, y_tr, x_te, len(labels), ctx.seed)}
+    cascade = _cascade(ctx, gate, train, [q.text for q in scored])
+    if cascade is not None:
+        probs["cascade"] = cascade.pop("probs")
     systems = {name: _scores(p, y_te) for name, p in probs.items()}
     metrics = dict(systems["gate"])
+    if cascade is not None:
+        metrics.update({"cascade_accuracy": systems["cascade"]["accuracy"], **cascade.pop("metrics")})
     body: dict[str, Any] = {"setup": {"train": len(train), "test": len(scored), "val": len(val),
                                       "test_out_of_scope": len(oos), "test_unseen_label": unseen,
                                       "labels": len(labels), "gate_temperature": gate.temperature,
@@ -128,6 +133,8 @@ def evaluate_labels(ctx: SuiteContext, train: Sequence[LabelledQuery], test: Seq
         body["out_of_scope"] = oos_result
     body["metrics"] = metrics
     body["systems"] = systems
+    if cascade is not None:
+        body["cascade"] = cascade
     body["confidence_intervals"] = _intervals(probs["gate"], y_te, ctx.seed)
     pred = probs["gate"].argmax(axis=1)
     body["per_class"] = _per_class(y_te, pred, labels)
@@ -140,6 +147,29 @@ def evaluate_labels(ctx: SuiteContext, train: Sequence[LabelledQuery], test: Seq
         plot_reliability(ctx.out / "reliability.png", bins, metrics["ece"], f"{title}: gate reliability")
         body["figures"] = ["confusion_matrix.png", "reliability.png"]
     return body
+
+
+def _cascade(ctx: SuiteContext, gate: Any, train: Sequence[LabelledQuery],
+             test_texts: Sequence[str]) -> dict[str, Any] | None:
+    """The two-stage gate (``router.cascade``: a gate on the static encoder first, this gate for the rest) as
+    ``moe train`` builds it, on the test queries: its probabilities, the share the static stage decided and how
+    often it picks the gate's own top expert. None when the gate already runs on the static encoder."""
+    from router.cascade import CascadeGate
+    from router.gate import train_gate
+    from router.static_encoder import StaticMiniLMEncoder
+
+    if ctx.encoder.identity.startswith("static"):
+        return None
+    texts, labels = [q.text for q in train], [q.label for q in train]
+    fast = train_gate(texts, labels, StaticMiniLMEncoder(), experts=gate.experts, seed=ctx.seed,
+                      progress=ctx.progress)
+    cascade = CascadeGate.train(gate, fast, texts, labels, agreement=0.995, seed=ctx.seed)
+    assessed = cascade.assess(test_texts)
+    stages = assessed.stage or []
+    agree = float((assessed.probs.argmax(axis=1) == gate.scores(test_texts).argmax(axis=1)).mean())
+    return {"probs": assessed.probs, "fit": cascade.fit.as_dict(),
+            "metrics": {"cascade_fast_share": stages.count("fast") / max(len(stages), 1),
+                        "cascade_agreement": agree}}
 
 
 def _softmax(z: np.ndarray) -> np.ndarray:

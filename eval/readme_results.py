@@ -127,7 +127,11 @@ def _label_cells(r: Mapping[str, Any]) -> tuple[str, str, str]:
     head = (f"acc@1 **{_f(m['accuracy'])}**{_ci(r, 'accuracy')}, top-2 {_f(m.get('top2_recall'))}, "
             f"macro-F1 {_f(m.get('macro_f1'))}, ECE {_f(m.get('ece'))}")
     head += f", OOS AUROC {_f(m['oos_auroc'])}" if "oos_auroc" in m else ""
-    baselines = {k: v for k, v in r.get("systems", {}).items() if k != "gate" and _num(v.get("accuracy")) is not None}
+    if "cascade_accuracy" in m:
+        head += (f"; two-stage acc@1 {_f(m['cascade_accuracy'])}, static stage decides "
+                 f"{100 * float(m['cascade_fast_share']):.0f}%")
+    baselines = {k: v for k, v in r.get("systems", {}).items()
+                 if k not in ("gate", "cascade") and _num(v.get("accuracy")) is not None}
     best = max(baselines, key=lambda k: baselines[k]["accuracy"]) if baselines else None
     base = f"{best} acc@1 {_f(baselines[best]['accuracy'])}" if best else "n/a"
     peer = "not run"

@@ -65,7 +65,11 @@ def test_user_jsonl_with_unseen_labels(data_dir: Path, tmp_path: Path, cache_dir
     assert set(results["per_class"]) == set(RENAMED.values())
     assert results["setup"]["train"] == 200 and results["setup"]["test"] == 80
     systems = results["systems"]
-    assert set(systems) == {"gate", "random", "majority", "centroid", "knn", "logistic"}
+    assert set(systems) == {"gate", "cascade", "random", "majority", "centroid", "knn", "logistic"}
+    # The two-stage gate (static first, as moe train builds it): its own figures, next to the gate's.
+    assert m["cascade_accuracy"] == systems["cascade"]["accuracy"] >= m["accuracy"] - 0.05
+    assert 0.0 < m["cascade_fast_share"] <= 1.0 and m["cascade_agreement"] >= 0.9
+    assert results["cascade"]["fit"]["agreement_target"] == 0.995
     assert systems["gate"]["accuracy"] > systems["random"]["accuracy"]
     assert systems["majority"]["accuracy"] == pytest.approx(0.25)  # balanced test set, four labels
     ci = results["confidence_intervals"]["accuracy"]

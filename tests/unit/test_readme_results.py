@@ -16,10 +16,11 @@ LABEL = {
     "suite": "clinc150-domain",
     "command": "moe eval --suite clinc150-domain --out out/results/clinc150-domain --encoder onnx --seed 0",
     "metrics": {"accuracy": 0.9876, "top2_recall": 0.9961, "macro_f1": 0.9871, "ece": 0.0123, "oos_auroc": 0.9654,
-                "peer_semantic_router_accuracy": 0.9012, "peer_semantic_router_oos_auroc": 0.8766},
+                "peer_semantic_router_accuracy": 0.9012, "peer_semantic_router_oos_auroc": 0.8766,
+                "cascade_accuracy": 0.9871, "cascade_fast_share": 0.9213, "cascade_agreement": 0.9968},
     "confidence_intervals": {"accuracy": {"estimate": 0.9876, "low": 0.9811, "high": 0.9922}},
     "systems": {"gate": {"accuracy": 0.9876}, "random": {"accuracy": 0.1001}, "knn": {"accuracy": 0.9702},
-                "logistic": {"accuracy": 0.9555}},
+                "logistic": {"accuracy": 0.9555}, "cascade": {"accuracy": 0.9871}},
     "setup": STAMP,
 }
 OUTCOME = {
@@ -77,7 +78,8 @@ def test_one_table_with_a_row_per_suite(block: str) -> None:
 def test_label_row_numbers_come_from_results_json(block: str) -> None:
     _suite, ours, base, peer, target, command, date, machine = _row(block, "clinc150-domain")
     assert "acc@1 **0.988** [0.981, 0.992]" in ours and "OOS AUROC 0.965" in ours and "ECE 0.012" in ours
-    assert base == "knn acc@1 0.970"  # the best baseline, not the gate
+    assert "two-stage acc@1 0.987, static stage decides 92%" in ours
+    assert base == "knn acc@1 0.970"  # the best baseline, not the gate (nor the two-stage gate)
     assert peer == "acc@1 0.901, OOS AUROC 0.877"
     assert target == "acc@1 ≥ 0.98 ✅; OOS AUROC ≥ 0.97 ❌; beat semantic-router ✅"
     assert command == f"`{LABEL['command']}`"
