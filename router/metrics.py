@@ -41,6 +41,9 @@ class RouterMetrics:
         self.expert_failures = Counter("moe_expert_failures", "failed expert calls", ["expert", "kind"], registry=r)
         self.routed = Counter("moe_routed", "experts the gate chose (the routing distribution)", ["expert"],
                               registry=r)
+        # "fast" / "full": the stage of a two-stage gate (gate.cascade) that decided; "single": a one-stage gate.
+        self.gate_decisions = Counter("moe_gate_decisions", "routing decisions, by the gate stage that made them",
+                                      ["stage"], registry=r)
         self.answered = Counter("moe_answered", "answers returned, by the expert whose text was sent", ["expert"],
                                 registry=r)
         self.tokens = Counter("moe_tokens", "tokens used, by expert", ["expert", "kind"], registry=r)
@@ -55,6 +58,7 @@ class RouterMetrics:
 
     def observe_trace(self, trace: Trace, answered: str | None) -> None:
         if trace.decision is not None:
+            self.gate_decisions.labels(trace.decision.stage or "single").inc()
             for chosen in trace.decision.chosen:
                 self.routed.labels(chosen.expert).inc()
         for attempt in trace.attempts:

@@ -22,7 +22,9 @@ from router.cascade import CASCADE_FILE, FAST_DIR, CascadeFit, CascadeGate, Casc
 from router.config import ConfigError, load_config, parse_config
 from router.encoders import Encoder
 from router.gate import Assessment, Gate, GateArtifactMismatch, train_gate
+from router.metrics import RouterMetrics
 from router.orchestrator import Orchestrator
+from router.trace import Trace
 from router.train import train_from_config
 from tests.doubles.fakes import FakeExpert, HashingEncoder, fake_config
 
@@ -131,6 +133,12 @@ async def test_the_decision_names_the_stage_and_abstains_by_that_stage_s_thresho
     assert (known.stage, known.abstained, known.chosen[0].expert) == ("fast", False, "maths")
     assert (unknown.stage, unknown.abstained, unknown.chosen[0].expert) == ("full", True, "cooking")
     await orchestrator.aclose()
+    # /metrics counts decisions by the stage that made them.
+    metrics = RouterMetrics()
+    for decision in (known, unknown, known):
+        metrics.observe_trace(Trace(decision=decision), None)
+    page = metrics.render().decode()
+    assert 'moe_gate_decisions_total{stage="fast"} 2.0' in page and 'moe_gate_decisions_total{stage="full"} 1.0' in page
 
 
 def _ask(text: str) -> ChatRequest:

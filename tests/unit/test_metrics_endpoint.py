@@ -66,6 +66,7 @@ async def test_metrics_count_requests_routing_tokens_cost_and_failures() -> None
     # The gate chose math once and code once; code failed and math answered both times after fallback.
     assert value(page, "moe_routed_total", expert="math") == 1
     assert value(page, "moe_routed_total", expert="code") == 1
+    assert value(page, "moe_gate_decisions_total", stage="single") == 2  # a one-stage gate decided both
     assert value(page, "moe_answered_total", expert="math") == 2
     assert value(page, "moe_expert_failures_total", expert="code", kind="unavailable") == 1
     assert value(page, "moe_expert_latency_seconds_count", expert="math", outcome="ok") == 2
