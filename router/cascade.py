@@ -27,7 +27,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -160,8 +160,12 @@ class CascadeGate:
         return Assessment(probs, nearest, ood, stage, ood_threshold)
 
     # -- the config's experts, artifacts ---------------------------------------------------------------------
+    def for_experts(self, examples: Mapping[str, Sequence[str]]) -> CascadeGate:
+        """Both stages over exactly these experts (``Gate.for_experts``: cold start from examples, no retraining)."""
+        return CascadeGate(self.fast.for_experts(examples), self.full.for_experts(examples), self.fit)
+
     def for_config(self, config: RouterConfig) -> CascadeGate:
-        return CascadeGate(self.fast.for_config(config), self.full.for_config(config), self.fit)
+        return self.for_experts({e.name: e.examples for e in config.experts})
 
     def save(self, directory: str | Path) -> Path:
         """The full gate's artifact, the fast gate in ``fast/``, then ``cascade.json``, last."""

@@ -118,6 +118,16 @@ def test_the_full_gate_sees_only_the_queries_the_fast_gate_is_unsure_of() -> Non
     assert none.assess(queries).stage == ["full"] * len(queries)
 
 
+def test_an_expert_added_with_examples_is_routable_by_both_stages() -> None:
+    fast, full, _, _ = two_gates(Counting(), Counting("~", "fake-hashing-salted"))
+    travel = ["book a flight to rome", "cheap hotels in lisbon", "train tickets to paris", "visa for japan"]
+    cascade = CascadeGate(fast, full, CascadeFit(0.5, 0.995, 0, 0.0, 1.0, "x"))
+    served = cascade.for_experts({**EXAMPLES, "travel": travel})  # cold start: no retraining
+    assert served.experts == served.fast.experts == served.full.experts == [*EXAMPLES, "travel"]
+    a = served.assess(["a flight to rome and hotels in lisbon", "cheap train tickets to paris"])
+    assert [served.experts[int(i)] for i in a.probs.argmax(axis=1)] == ["travel", "travel"]
+
+
 async def test_the_decision_names_the_stage_and_abstains_by_that_stage_s_threshold() -> None:
     fast, full, _, _ = two_gates(Counting(), Counting("~", "fake-hashing-salted"))
     # The full gate finds every query unfamiliar: whatever it decides abstains to the default expert.
