@@ -13,9 +13,10 @@ confident. ``CascadeGate`` runs the fast gate on every query and the full gate o
 ``threshold`` is fitted by ``moe train`` on the full gate's validation split (``fit_threshold``): the lowest top
 probability at which the cascade still picks the full gate's top expert for ``agreement`` of the validation
 queries (default 99.5%, the agreement the ONNX and sentence-transformers encoders are held to). Both gates are
-trained on the same data, with the same seeded split, so neither has seen those queries. Measured on the label
-suites' splits (README, Results), the fast stage decides 75-97% of test queries and the cascade's accuracy
-stays within a tenth of a point of the full gate's.
+trained on the same data, with the same seeded split, so neither has seen those queries. On the label suites'
+test splits (README, Results) the fast stage decided 54% (MMLU-Pro's 14 subjects) to 98% (SNIPS) of the
+queries, the cascade picked the full gate's expert for 99.5-99.6% of them, and its accuracy stayed within 0.13
+points of the full gate's.
 
 The artifact is the full gate's folder as before, plus the fast gate in ``fast/`` and ``cascade.json`` (written
 last) with the threshold and its validation figures. A config without ``gate.cascade`` serves the full gate
