@@ -114,7 +114,7 @@ def evaluate_labels(ctx: SuiteContext, train: Sequence[LabelledQuery], test: Seq
                       progress=ctx.progress)
     probs = {"gate": gate.predict_proba(x_te, [q.text for q in scored]),
              **_baselines(x_tr, y_tr, x_te, len(labels), ctx.seed)}
-    cascade = _cascade(ctx, gate, train, [q.text for q in scored])
+    cascade = _cascade(ctx, gate, train, [q.text for q in scored], [q.text for q in oos])
     if cascade is not None:
         probs["cascade"] = cascade.pop("probs")
     systems = {name: _scores(p, y_te) for name, p in probs.items()}
@@ -149,13 +149,14 @@ def evaluate_labels(ctx: SuiteContext, train: Sequence[LabelledQuery], test: Seq
     return body
 
 
-def _cascade(ctx: SuiteContext, gate: Any, train: Sequence[LabelledQuery],
-             test_texts: Sequence[str]) -> dict[str, Any] | None:
+def _cascade(ctx: SuiteContext, gate: Any, train: Sequence[LabelledQuery], test_texts: Sequence[str],
+             oos_texts: Sequence[str]) -> dict[str, Any] | None:
     """The two-stage gate (``router.cascade``: a gate on the static encoder first, this gate for the rest) as
     ``moe train`` builds it, on the test queries: its probabilities, the share the static stage decided and how
-    often it picks the gate's own top expert. None when the gate already runs on the static encoder."""
+    often it picks the gate's own top expert; with out-of-scope queries, how often each of the two abstains
+    (in scope and out). None when the gate already runs on the static encoder."""
     from router.cascade import CascadeGate
-    from router.gate import train_gate
+    from router.gate import assess, train_gate
     from router.static_encoder import StaticMiniLMEncoder
 
     if ctx.encoder.identity.startswith("static"):
@@ -164,12 +165,25 @@ def _cascade(ctx: SuiteContext, gate: Any, train: Sequence[LabelledQuery],
     fast = train_gate(texts, labels, StaticMiniLMEncoder(), experts=gate.experts, seed=ctx.seed,
                       progress=ctx.progress)
     cascade = CascadeGate.train(gate, fast, texts, labels, agreement=0.995, seed=ctx.seed)
-    assessed = cascade.assess(test_texts)
+    assessed, alone = cascade.assess(test_texts), assess(gate, test_texts)
     stages = assessed.stage or []
-    agree = float((assessed.probs.argmax(axis=1) == gate.scores(test_texts).argmax(axis=1)).mean())
-    return {"probs": assessed.probs, "fit": cascade.fit.as_dict(),
-            "metrics": {"cascade_fast_share": stages.count("fast") / max(len(stages), 1),
-                        "cascade_agreement": agree}}
+    metrics = {"cascade_fast_share": stages.count("fast") / max(len(stages), 1),
+               "cascade_agreement": float((assessed.probs.argmax(axis=1) == alone.probs.argmax(axis=1)).mean())}
+    if oos_texts:
+        metrics.update({
+            "cascade_abstain_in_scope": _abstaining(assessed, gate.ood_threshold),
+            "gate_abstain_in_scope": _abstaining(alone, gate.ood_threshold),
+            "cascade_abstain_oos": _abstaining(cascade.assess(oos_texts), gate.ood_threshold),
+            "gate_abstain_oos": _abstaining(assess(gate, oos_texts), gate.ood_threshold)})
+    return {"probs": assessed.probs, "fit": cascade.fit.as_dict(), "metrics": metrics}
+
+
+def _abstaining(assessed: Any, threshold: float | None) -> float:
+    """Share of queries scored below their out-of-distribution threshold (each one's stage's, else the gate's):
+    those the service sends to ``gate.default_expert``."""
+    thresholds = assessed.ood_threshold or [threshold] * len(assessed.ood)
+    below = [t is not None and bool(o < t) for o, t in zip(assessed.ood, thresholds, strict=True)]
+    return float(np.mean(below)) if below else 0.0
 
 
 def _softmax(z: np.ndarray) -> np.ndarray:

@@ -250,3 +250,14 @@ def test_outcome_records_with_a_cascade_are_refused(tmp_path: Path) -> None:
     config = load_config(write_config(tmp_path, rows, ["a", "b"], cascade=True))
     with pytest.raises(ValueError, match=r"gate.cascade applies to label gates"):
         train_from_config(config, progress=False, feedback=False)
+
+
+def test_the_label_suites_count_abstentions_by_each_query_s_own_threshold() -> None:
+    from eval.labels import _abstaining
+
+    one_stage = Assessment(np.zeros((3, 2)), [[], [], []], np.array([0.1, 0.5, np.nan]))
+    assert _abstaining(one_stage, 0.3) == pytest.approx(1 / 3)  # nan: no score, no abstaining
+    assert _abstaining(one_stage, None) == 0.0
+    # Two stages: the first query's stage has no threshold, the second's is above its score.
+    two_stage = dataclasses.replace(one_stage, stage=["fast", "full", "full"], ood_threshold=[None, 0.6, 0.6])
+    assert _abstaining(two_stage, 0.0) == pytest.approx(1 / 3)
