@@ -109,11 +109,8 @@ def stats(times_ms: Sequence[float]) -> dict[str, float]:
 
 def cascade_figures(cascade: CascadeGate, queries: Sequence[str]) -> dict[str, float]:
     """On ``queries``: the share the fast stage decides, and how often the cascade picks the full gate's top."""
-    assessed = cascade.assess(queries)
-    stages = assessed.stage or []
-    full = cascade.full.scores(queries).argmax(axis=1)
-    return {"fast_share": round(stages.count("fast") / max(len(stages), 1), 4),
-            "agreement_with_full": round(float((assessed.probs.argmax(axis=1) == full).mean()), 4),
+    compared = cascade.compare(queries)
+    return {"fast_share": round(compared.fast_share, 4), "agreement_with_full": round(compared.agreement, 4),
             "threshold": cascade.fit.threshold or float("nan")}
 
 

@@ -156,7 +156,7 @@ def _cascade(ctx: SuiteContext, gate: Any, train: Sequence[LabelledQuery], test_
     often it picks the gate's own top expert; with out-of-scope queries, how often each of the two abstains
     (in scope and out). None when the gate already runs on the static encoder."""
     from router.cascade import CascadeGate
-    from router.gate import assess, train_gate
+    from router.gate import train_gate
     from router.static_encoder import StaticMiniLMEncoder
 
     if ctx.encoder.identity.startswith("static"):
@@ -165,17 +165,16 @@ def _cascade(ctx: SuiteContext, gate: Any, train: Sequence[LabelledQuery], test_
     fast = train_gate(texts, labels, StaticMiniLMEncoder(), experts=gate.experts, seed=ctx.seed,
                       progress=ctx.progress)
     cascade = CascadeGate.train(gate, fast, texts, labels, agreement=0.995, seed=ctx.seed)
-    assessed, alone = cascade.assess(test_texts), assess(gate, test_texts)
-    stages = assessed.stage or []
-    metrics = {"cascade_fast_share": stages.count("fast") / max(len(stages), 1),
-               "cascade_agreement": float((assessed.probs.argmax(axis=1) == alone.probs.argmax(axis=1)).mean())}
+    test = cascade.compare(test_texts)
+    metrics = {"cascade_fast_share": test.fast_share, "cascade_agreement": test.agreement}
     if oos_texts:
+        oos = cascade.compare(oos_texts)
         metrics.update({
-            "cascade_abstain_in_scope": _abstaining(assessed, gate.ood_threshold),
-            "gate_abstain_in_scope": _abstaining(alone, gate.ood_threshold),
-            "cascade_abstain_oos": _abstaining(cascade.assess(oos_texts), gate.ood_threshold),
-            "gate_abstain_oos": _abstaining(assess(gate, oos_texts), gate.ood_threshold)})
-    return {"probs": assessed.probs, "fit": cascade.fit.as_dict(), "metrics": metrics}
+            "cascade_abstain_in_scope": _abstaining(test.cascade, gate.ood_threshold),
+            "gate_abstain_in_scope": _abstaining(test.full, gate.ood_threshold),
+            "cascade_abstain_oos": _abstaining(oos.cascade, gate.ood_threshold),
+            "gate_abstain_oos": _abstaining(oos.full, gate.ood_threshold)})
+    return {"probs": test.cascade.probs, "fit": cascade.fit.as_dict(), "metrics": metrics}
 
 
 def _abstaining(assessed: Any, threshold: float | None) -> float:

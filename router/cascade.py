@@ -41,8 +41,8 @@ from router.gate import Assessment, Gate, GateArtifactMismatch, assess, split_tr
 if TYPE_CHECKING:
     from router.config import RouterConfig
 
-__all__ = ["CASCADE_FILE", "FAST_DIR", "CascadeFit", "CascadeGate", "CascadeNotTrained", "fit_threshold",
-           "forget_cascade"]
+__all__ = ["CASCADE_FILE", "FAST_DIR", "CascadeFit", "CascadeGate", "CascadeNotTrained", "Comparison",
+           "fit_threshold", "forget_cascade"]
 
 log = logging.getLogger(__name__)
 
@@ -97,8 +97,9 @@ def fit_threshold(fast: Assessment, full_top: np.ndarray, agreement: float,
         return None, 0.0, 1.0
     # Eligible queries by the fast gate's top probability; a threshold at one of them lets the fast gate decide
     # it and every query after it, so the disagreements it lets through are a suffix sum.
-    order = np.argsort(fast.probs.max(axis=1)[eligible], kind="stable")
-    top = fast.probs.max(axis=1)[eligible][order]
+    sureness = fast.probs.max(axis=1)[eligible]
+    order = np.argsort(sureness, kind="stable")
+    top = sureness[order]
     differs = (fast.probs.argmax(axis=1) != full_top)[eligible][order]
     let_through = np.cumsum(differs[::-1])[::-1]
     starts = np.flatnonzero(np.r_[True, top[1:] != top[:-1]])  # the first query of each distinct value
@@ -108,6 +109,25 @@ def fit_threshold(fast: Assessment, full_top: np.ndarray, agreement: float,
         return None, 0.0, 1.0
     first = starts[ok[0]]
     return float(top[first]), float(len(top) - first) / n, float(met[ok[0]])
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """A cascade's assessment of some queries (``cascade``) beside its full gate's alone (``full``)."""
+
+    cascade: Assessment
+    full: Assessment
+
+    @property
+    def fast_share(self) -> float:
+        """Share of the queries the fast stage decided."""
+        stages = self.cascade.stage or []
+        return stages.count(STAGES[0]) / max(len(stages), 1)
+
+    @property
+    def agreement(self) -> float:
+        """Share of the queries where the cascade's top expert is the full gate's."""
+        return float((self.cascade.probs.argmax(axis=1) == self.full.probs.argmax(axis=1)).mean())
 
 
 def forget_cascade(directory: str | Path) -> None:
@@ -141,24 +161,31 @@ class CascadeGate:
         return list(self.full.nearest(embedding, k))
 
     def scores(self, texts: Sequence[str]) -> np.ndarray:
-        return self.assess(texts).probs
+        return self.assess(texts, k=0).probs
 
     def assess(self, texts: Sequence[str], k: int = 3) -> Assessment:
-        """The fast gate's assessment of every query, replaced by the full gate's where the fast one is unsure."""
+        """The fast gate's assessment of every query, replaced by the full gate's where the fast one is unsure.
+        ``k=0`` leaves out the explanations; the fast stage still searches its nearest example, since it decides
+        only queries familiar to it."""
         texts = list(texts)
-        first = assess(self.fast, texts, k)
+        first = assess(self.fast, texts, max(k, 1))
         decided = _decides(first, self.fit.threshold, self.fast.ood_threshold)
         stage = np.where(decided, STAGES[0], STAGES[1]).tolist()
         ood_threshold = [self.fast.ood_threshold if d else self.full.ood_threshold for d in decided]
         rest = np.flatnonzero(~decided)
+        nearest = [near[:k] for near in first.nearest]
         if len(rest) == 0:
-            return Assessment(first.probs, first.nearest, first.ood, stage, ood_threshold)
+            return Assessment(first.probs, nearest, first.ood, stage, ood_threshold)
         second = assess(self.full, [texts[i] for i in rest], k)
-        probs, ood, nearest = first.probs.copy(), first.ood.astype(np.float64), list(first.nearest)
+        probs, ood = first.probs.copy(), first.ood.astype(np.float64)
         probs[rest], ood[rest] = second.probs, second.ood
         for j, i in enumerate(rest):
             nearest[i] = second.nearest[j]
         return Assessment(probs, nearest, ood, stage, ood_threshold)
+
+    def compare(self, texts: Sequence[str]) -> Comparison:
+        """This gate's and the full gate's assessments of the same queries, side by side."""
+        return Comparison(self.assess(texts), assess(self.full, texts))
 
     # -- the config's experts, artifacts ---------------------------------------------------------------------
     def for_experts(self, examples: Mapping[str, Sequence[str]]) -> CascadeGate:

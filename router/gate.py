@@ -408,12 +408,15 @@ class Assessment:
 
 
 def assess(gate: Any, texts: Sequence[str], k: int = 3) -> Assessment:
-    """One embedding per query serves the probabilities, the ``k`` nearest examples and the familiarity score.
+    """One embedding per query serves the probabilities, the ``k`` nearest examples and the familiarity score;
+    ``k=0``: the probabilities alone (no example search; familiarity unknown, nan).
 
     ``gate`` needs ``encoder`` and ``predict_proba``; ``nearest_many`` and ``ood_scores`` are used where it has
     them (simple gates: one ``nearest`` search per query, and the nearest example's cosine as familiarity)."""
     embeddings = gate.encoder.encode(texts)
     probs = gate.predict_proba(embeddings, texts)
+    if k == 0:
+        return Assessment(np.asarray(probs), [[] for _ in texts], np.full(len(texts), np.nan))
     many = getattr(gate, "nearest_many", None)
     nearest = many(embeddings, k) if many else [gate.nearest(e, k) for e in embeddings]
     similarity = np.array([_similarity(near[0]) if near else np.nan for near in nearest], dtype=np.float64)

@@ -155,11 +155,12 @@ class Orchestrator:
                                                         max_batch=config.gate.max_batch)
 
     # -- deciding -------------------------------------------------------------------------------------------
-    def _assess(self, texts: Sequence[str]) -> tuple[Assessment, list[int], list[str]]:
-        """The gate's assessment of ``texts``, and the columns and names of the served experts in it. A
-        two-stage gate (``router.cascade``) assesses for itself; any other gets ``router.gate.assess``."""
+    def _assess(self, texts: Sequence[str], k: int = 3) -> tuple[Assessment, list[int], list[str]]:
+        """The gate's assessment of ``texts`` (``k`` nearest examples each; 0: probabilities alone), and the
+        columns and names of the served experts in it. A two-stage gate (``router.cascade``) assesses for
+        itself; any other gets ``router.gate.assess``."""
         own = getattr(self.gate, "assess", None)
-        assessment: Assessment = own(texts) if own else assess(self.gate, texts)
+        assessment: Assessment = own(texts, k) if own else assess(self.gate, texts, k)
         columns = [i for i, n in enumerate(self.gate.experts) if n in self.experts]
         return assessment, columns, [self.gate.experts[i] for i in columns]
 
@@ -229,7 +230,7 @@ class Orchestrator:
         for goes to its own best-scoring expert, whose in-flight limit then hands it on at call time."""
         if not queries:
             return []
-        assessment, columns, names = self._assess(queries)
+        assessment, columns, names = self._assess(queries, k=0)  # no explanation: only who takes which
         probs = assessment.probs[:, columns]
         refusing = self.breakers.refusing(names)
         room = dict(capacity) if capacity is not None else {n: self.capacity.free(n) for n in names}

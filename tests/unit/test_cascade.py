@@ -21,7 +21,7 @@ from router.build import load_gate
 from router.cascade import CASCADE_FILE, FAST_DIR, CascadeFit, CascadeGate, CascadeNotTrained, fit_threshold
 from router.config import ConfigError, load_config, parse_config
 from router.encoders import Encoder
-from router.gate import Assessment, Gate, GateArtifactMismatch, train_gate
+from router.gate import Assessment, Gate, GateArtifactMismatch, assess, train_gate
 from router.metrics import RouterMetrics
 from router.orchestrator import Orchestrator
 from router.trace import Trace
@@ -113,6 +113,14 @@ def test_the_full_gate_sees_only_the_queries_the_fast_gate_is_unsure_of() -> Non
         np.testing.assert_allclose(a.probs[i], fast_rows[i] if stage == "fast" else full_rows[i])
         assert a.ood_threshold is not None
         assert a.ood_threshold[i] == (fast if stage == "fast" else full).ood_threshold
+    # k=0 (expert-choice batches, scores): the same probabilities and stages, without the explanations.
+    bare = cascade.assess(queries, k=0)
+    np.testing.assert_array_equal(bare.probs, a.probs)
+    assert bare.stage == a.stage and bare.nearest == [[] for _ in queries]
+    np.testing.assert_array_equal(cascade.scores(queries), a.probs)
+    plain = assess(full, queries, 0)
+    np.testing.assert_array_equal(plain.probs, full_rows)
+    assert np.isnan(plain.ood).all() and plain.nearest == [[] for _ in queries]
     # No threshold: everything goes to the full gate, as without the cascade.
     none = CascadeGate(fast, full, CascadeFit(None, 0.995, 0, 0.0, 1.0, fast_encoder.identity))
     assert none.assess(queries).stage == ["full"] * len(queries)
