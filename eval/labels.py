@@ -152,10 +152,11 @@ def evaluate_labels(ctx: SuiteContext, train: Sequence[LabelledQuery], test: Seq
 def _cascade(ctx: SuiteContext, gate: Any, train: Sequence[LabelledQuery], test_texts: Sequence[str],
              oos_texts: Sequence[str]) -> dict[str, Any] | None:
     """The two-stage gate (``router.cascade``: a gate on the static encoder first, this gate for the rest) as
-    ``moe train`` builds it, on the test queries: its probabilities, the share the static stage decided and how
-    often it picks the gate's own top expert; with out-of-scope queries, how often each of the two abstains
-    (in scope and out). None when the gate already runs on the static encoder."""
+    ``moe train`` builds it with ``gate.cascade``'s defaults, on the test queries: its probabilities, the share
+    the static stage decided and how often it picks the gate's own top expert; with out-of-scope queries, how
+    often each of the two abstains (in scope and out). None when the gate already runs on the static encoder."""
     from router.cascade import CascadeGate
+    from router.config import CascadeConfig
     from router.gate import train_gate
     from router.static_encoder import StaticMiniLMEncoder
 
@@ -164,7 +165,9 @@ def _cascade(ctx: SuiteContext, gate: Any, train: Sequence[LabelledQuery], test_
     texts, labels = [q.text for q in train], [q.label for q in train]
     fast = train_gate(texts, labels, StaticMiniLMEncoder(), experts=gate.experts, seed=ctx.seed,
                       progress=ctx.progress)
-    cascade = CascadeGate.train(gate, fast, texts, labels, agreement=0.995, seed=ctx.seed)
+    default = CascadeConfig()
+    cascade = CascadeGate.train(gate, fast, texts, labels, agreement=default.agreement, familiar=default.familiar,
+                                seed=ctx.seed)
     test = cascade.compare(test_texts)
     metrics = {"cascade_fast_share": test.fast_share, "cascade_agreement": test.agreement}
     if oos_texts:

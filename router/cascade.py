@@ -36,17 +36,19 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from router.encoders import Encoder
-from router.gate import Assessment, Gate, GateArtifactMismatch, assess, split_train_val
+from router.gate import Assessment, Gate, GateArtifactMismatch, assess, nearest_similarity, split_train_val
 
 if TYPE_CHECKING:
     from router.config import RouterConfig
 
-__all__ = ["CASCADE_FILE", "FAST_DIR", "CascadeFit", "CascadeGate", "CascadeNotTrained", "Comparison",
-           "fit_threshold", "forget_cascade"]
+__all__ = ["CASCADE_FILE", "FAMILIAR_SHARE", "FAST_DIR", "CascadeFit", "CascadeGate", "CascadeNotTrained",
+           "Comparison", "fit_familiarity", "fit_threshold", "forget_cascade"]
 
 log = logging.getLogger(__name__)
 
 CASCADE_FILE, FAST_DIR = "cascade.json", "fast"
+# The share of in-distribution (validation) queries familiar enough to the fast gate for it to decide them.
+FAMILIAR_SHARE = 0.9
 STAGES = ("fast", "full")
 
 
@@ -69,30 +71,47 @@ class CascadeFit:
     fast_share: float
     agreement: float
     fast_encoder_identity: str
+    # The familiarity (the fast gate's ``ood_scores``) a query needs for the fast gate to decide it: the score
+    # that ``familiar_share`` of the validation queries reach, and never below the fast gate's own
+    # out-of-distribution threshold. None (artifacts from before it was fitted): that threshold alone.
+    familiarity: float | None = None
+    familiar_share: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def _decides(fast: Assessment, threshold: float | None, ood_threshold: float | None) -> np.ndarray:
-    """Which queries the fast gate decides: confident, and familiar to it."""
+def _decides(fast: Assessment, threshold: float | None, familiarity: float | None) -> np.ndarray:
+    """Which queries the fast gate decides: confident, and at least ``familiarity`` familiar to it."""
     if threshold is None:
         return np.zeros(len(fast.probs), dtype=bool)
     sure = fast.probs.max(axis=1) >= threshold
-    if ood_threshold is not None:
-        sure &= ~(fast.ood < ood_threshold)  # a query without a score (nan) is not held against the fast gate
+    if familiarity is not None:
+        sure &= ~(fast.ood < familiarity)  # a query without a score (nan) is not held against the fast gate
     return np.asarray(sure)
 
 
+def fit_familiarity(ood: np.ndarray, share: float, floor: float | None) -> float | None:
+    """The familiarity bar of the fast stage: the score that ``share`` of the validation queries' ``ood``
+    reach, never below ``floor`` (the fast gate's own out-of-distribution threshold: a query it would abstain
+    on is the full gate's). None when neither is known."""
+    known = np.asarray(ood, dtype=np.float64)
+    known = known[np.isfinite(known)]
+    bar = float(np.quantile(known, 1.0 - share)) if len(known) else None
+    if bar is None or floor is None:
+        return floor if bar is None else bar
+    return max(bar, float(floor))
+
+
 def fit_threshold(fast: Assessment, full_top: np.ndarray, agreement: float,
-                  ood_threshold: float | None) -> tuple[float | None, float, float]:
+                  familiarity: float | None) -> tuple[float | None, float, float]:
     """``(threshold, fast_share, agreement)``: the lowest top probability of the fast gate at which the cascade
     picks the full gate's top expert (``full_top``, column indices) for at least ``agreement`` of the queries.
 
     Raising the threshold only hands queries from the fast gate to the full one, so the agreement can only grow
     with it, and the lowest threshold that meets the target is the one that spares the full gate most."""
     n = len(full_top)
-    eligible = _decides(fast, -np.inf, ood_threshold)  # familiar to the fast gate, whatever its confidence
+    eligible = _decides(fast, -np.inf, familiarity)  # familiar to the fast gate, whatever its confidence
     if n == 0 or not eligible.any():
         return None, 0.0, 1.0
     # Eligible queries by the fast gate's top probability; a threshold at one of them lets the fast gate decide
@@ -153,6 +172,11 @@ class CascadeGate:
         self.metadata = full.metadata
         self.ood_threshold = full.ood_threshold
 
+    @property
+    def familiarity(self) -> float | None:
+        """The familiarity a query needs for the fast stage to decide it (``CascadeFit.familiarity``)."""
+        return self.fast.ood_threshold if self.fit.familiarity is None else self.fit.familiarity
+
     def predict_proba(self, embeddings: np.ndarray, texts: Sequence[str] | None = None) -> np.ndarray:
         """The full gate's probabilities for its own encoder's ``embeddings`` (what a plain gate would give)."""
         return self.full.predict_proba(embeddings, texts)
@@ -169,7 +193,7 @@ class CascadeGate:
         only queries familiar to it."""
         texts = list(texts)
         first = assess(self.fast, texts, max(k, 1))
-        decided = _decides(first, self.fit.threshold, self.fast.ood_threshold)
+        decided = _decides(first, self.fit.threshold, self.familiarity)
         stage = np.where(decided, STAGES[0], STAGES[1]).tolist()
         ood_threshold = [self.fast.ood_threshold if d else self.full.ood_threshold for d in decided]
         rest = np.flatnonzero(~decided)
@@ -217,16 +241,39 @@ class CascadeGate:
 
     @classmethod
     def train(cls, full: Gate, fast: Gate, texts: Sequence[str], labels: Sequence[str], *, agreement: float,
-              seed: int = 0, val_fraction: float = 0.15) -> CascadeGate:
+              familiar: float = FAMILIAR_SHARE, seed: int = 0, val_fraction: float = 0.15) -> CascadeGate:
         """The cascade of two gates trained on ``texts`` and ``labels`` with the same ``seed`` and
-        ``val_fraction`` (so the same validation queries were held out of both), its threshold fitted there."""
-        _, val = split_train_val(texts, labels, seed=seed, val_fraction=val_fraction)
-        held = [texts[i] for i in val]
-        first = assess(fast, held)
-        full_top = full.scores(held).argmax(axis=1) if held else np.zeros(0, dtype=np.int64)
-        threshold, share, met = fit_threshold(first, full_top, agreement, fast.ood_threshold)
+        ``val_fraction`` (so the same validation queries were held out of both), fitted on those queries.
+
+        Each gate scores them as it scored them when it was fitted: from the embeddings it keeps of its training
+        data, and with familiarity measured against the training part alone (the gate's example index also
+        holds the validation queries, so each would find itself). First the familiarity bar
+        (``fit_familiarity``: the score ``familiar`` of them reach), then the lowest confidence threshold that
+        meets ``agreement`` among the queries that clear the bar (``fit_threshold``)."""
+        texts = list(texts)
+        train, val = split_train_val(texts, labels, seed=seed, val_fraction=val_fraction)
+        first = _held_out(fast, texts, train, val)
+        full_top = _held_out(full, texts, train, val, familiarity=False).probs.argmax(axis=1)
+        bar = fit_familiarity(first.ood, familiar, fast.ood_threshold)
+        threshold, share, met = fit_threshold(first, full_top, agreement, bar)
         if threshold is None:
             log.warning("the cascade's threshold could not be fitted (%d validation queries): every query will "
-                        "go to the full gate", len(held))
-        fit = CascadeFit(threshold, agreement, len(held), share, met, fast.encoder.identity)
+                        "go to the full gate", len(val))
+        fit = CascadeFit(threshold, agreement, len(val), share, met, fast.encoder.identity, bar, familiar)
         return cls(fast, full, fit)
+
+
+def _held_out(gate: Gate, texts: list[str], train: np.ndarray, val: np.ndarray, *,
+              familiarity: bool = True) -> Assessment:
+    """``gate``'s probabilities for the validation queries ``texts[val]`` and (``familiarity``) their
+    ``ood_scores`` against the training part ``texts[train]``, from the embeddings the gate keeps when they are
+    these texts' (``train_gate`` keeps them in order), else embedded again."""
+    n = len(texts)
+    kept = gate.example_texts[:n] == texts and len(gate.example_embeddings) >= n
+    x = gate.example_embeddings[:n] if kept else gate.encoder.encode(texts)
+    held = [texts[i] for i in val]
+    probs = gate.predict_proba(x[val], held) if len(val) else np.zeros((0, len(gate.experts)))
+    ood = np.full(len(val), np.nan)
+    if familiarity and len(val):
+        ood = gate.ood_scores(probs, nearest_similarity(x[train], x[val]))
+    return Assessment(np.asarray(probs), [[] for _ in held], np.asarray(ood, dtype=np.float64))

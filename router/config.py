@@ -133,10 +133,14 @@ class CascadeConfig(_Strict):
     """A fast first stage for a label gate (``router.cascade``): a gate on ``encoder`` decides the queries it is
     sure of, the gate on ``gate.encoder`` the rest. ``moe train`` trains both and fits the confidence at which
     the fast one decides, so that the cascade picks the full gate's top expert for ``agreement`` of the
-    validation queries."""
+    validation queries. The fast one decides only queries at least as familiar to it as ``familiar`` of the
+    validation queries are; the rest, out-of-scope queries among them, go to the full gate, whose abstain
+    threshold is the better judge (a lower share abstains more like the full gate, a higher one spares it
+    more)."""
 
     encoder: EncoderConfig = EncoderConfig(backend="static")
     agreement: float = Field(default=0.995, ge=0.5, le=1.0)
+    familiar: float = Field(default=0.9, gt=0.0, le=1.0)
 
 
 class GateConfig(_Strict):

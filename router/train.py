@@ -179,7 +179,8 @@ def train_from_config(config: RouterConfig, *, progress: bool = True,
         fast = train_gate(data.texts, data.labels, build_encoder(config.gate.cascade.encoder),
                           experts=config.expert_names, progress=progress,
                           classifier=build_classifier(config.gate.classifier))
-        served = CascadeGate.train(gate, fast, data.texts, data.labels, agreement=config.gate.cascade.agreement)
+        served = CascadeGate.train(gate, fast, data.texts, data.labels, agreement=config.gate.cascade.agreement,
+                                   familiar=config.gate.cascade.familiar)
     else:
         forget_cascade(artifact)  # a fast stage trained with earlier data must not be paired with this gate
     served.save(artifact)
