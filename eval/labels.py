@@ -23,7 +23,7 @@ from eval.datasets import (
     split_by_id,
 )
 from eval.peer import write_split
-from eval.report import plot_confusion, plot_reliability
+from eval.report import plot_confusion, plot_familiar_sweep, plot_reliability
 from eval.suite import SuiteContext, subsample
 
 __all__ = ["evaluate_labels", "run_banking77_intent", "run_clinc150_domain", "run_jsonl",
@@ -31,6 +31,9 @@ __all__ = ["evaluate_labels", "run_banking77_intent", "run_clinc150_domain", "ru
 
 FRACTIONS = (0.7, 0.1, 0.2)
 KNN_K = 10
+# gate.cascade.familiar values the label suites also score (the default is among them); 1.0: the static
+# stage's bar is its own abstain threshold.
+FAMILIAR_SWEEP = (0.7, 0.8, 0.85, 0.9, 0.95, 1.0)
 N_BOOT = 1000
 
 
@@ -114,7 +117,7 @@ def evaluate_labels(ctx: SuiteContext, train: Sequence[LabelledQuery], test: Seq
                       progress=ctx.progress)
     probs = {"gate": gate.predict_proba(x_te, [q.text for q in scored]),
              **_baselines(x_tr, y_tr, x_te, len(labels), ctx.seed)}
-    cascade = _cascade(ctx, gate, train, [q.text for q in scored], [q.text for q in oos])
+    cascade = _cascade(ctx, gate, train, [q.text for q in scored], y_te, [q.text for q in oos])
     if cascade is not None:
         probs["cascade"] = cascade.pop("probs")
     systems = {name: _scores(p, y_te) for name, p in probs.items()}
@@ -146,18 +149,23 @@ def evaluate_labels(ctx: SuiteContext, train: Sequence[LabelledQuery], test: Seq
         bins = M.reliability_bins(probs["gate"], y_te)
         plot_reliability(ctx.out / "reliability.png", bins, metrics["ece"], f"{title}: gate reliability")
         body["figures"] = ["confusion_matrix.png", "reliability.png"]
+        if cascade is not None and oos:
+            plot_familiar_sweep(ctx.out / "cascade_familiar.png", cascade["familiar_sweep"],
+                                metrics["gate_abstain_oos"], f"{title}: two-stage gate, gate.cascade.familiar")
+            body["figures"].append("cascade_familiar.png")
     return body
 
 
 def _cascade(ctx: SuiteContext, gate: Any, train: Sequence[LabelledQuery], test_texts: Sequence[str],
-             oos_texts: Sequence[str]) -> dict[str, Any] | None:
+             test_y: np.ndarray, oos_texts: Sequence[str]) -> dict[str, Any] | None:
     """The two-stage gate (``router.cascade``: a gate on the static encoder first, this gate for the rest) as
     ``moe train`` builds it with ``gate.cascade``'s defaults, on the test queries: its probabilities, the share
     the static stage decided and how often it picks the gate's own top expert; with out-of-scope queries, how
-    often each of the two abstains (in scope and out). None when the gate already runs on the static encoder."""
+    often each of the two abstains (in scope and out). Beside it, the same figures for other values of
+    ``gate.cascade.familiar`` (``familiar_sweep``). None when the gate already runs on the static encoder."""
     from router.cascade import CascadeGate
     from router.config import CascadeConfig
-    from router.gate import train_gate
+    from router.gate import assess, train_gate
     from router.static_encoder import StaticMiniLMEncoder
 
     if ctx.encoder.identity.startswith("static"):
@@ -166,10 +174,15 @@ def _cascade(ctx: SuiteContext, gate: Any, train: Sequence[LabelledQuery], test_
     fast = train_gate(texts, labels, StaticMiniLMEncoder(), experts=gate.experts, seed=ctx.seed,
                       progress=ctx.progress)
     default = CascadeConfig()
-    cascade = CascadeGate.train(gate, fast, texts, labels, agreement=default.agreement, familiar=default.familiar,
-                                seed=ctx.seed)
+
+    def fitted(familiar: float) -> CascadeGate:
+        return CascadeGate.train(gate, fast, texts, labels, agreement=default.agreement, familiar=familiar,
+                                 seed=ctx.seed)
+
+    cascade = fitted(default.familiar)
     test = cascade.compare(test_texts)
     metrics = {"cascade_fast_share": test.fast_share, "cascade_agreement": test.agreement}
+    parts = {"in_scope": (assess(fast, test_texts), test.full)}
     if oos_texts:
         oos = cascade.compare(oos_texts)
         metrics.update({
@@ -177,7 +190,25 @@ def _cascade(ctx: SuiteContext, gate: Any, train: Sequence[LabelledQuery], test_
             "gate_abstain_in_scope": _abstaining(test.full, gate.ood_threshold),
             "cascade_abstain_oos": _abstaining(oos.cascade, gate.ood_threshold),
             "gate_abstain_oos": _abstaining(oos.full, gate.ood_threshold)})
-    return {"probs": test.cascade.probs, "fit": cascade.fit.as_dict(), "metrics": metrics}
+        parts["oos"] = (assess(fast, oos_texts), oos.full)
+    sweep = []
+    for familiar in FAMILIAR_SWEEP:
+        other = fitted(familiar)
+        row: dict[str, Any] = {"familiar": familiar, "threshold": other.fit.threshold,
+                               "familiarity": other.fit.familiarity, "val_fast_share": other.fit.fast_share}
+        for part, (first, full) in parts.items():
+            decided = other.decides(first)
+            picks = np.where(decided, first.probs.argmax(axis=1), full.probs.argmax(axis=1))
+            # A query the fast stage decides clears its bar, which is at or above its abstain threshold.
+            below = full.ood < gate.ood_threshold if gate.ood_threshold is not None else np.zeros_like(decided)
+            abstains = ~decided & below
+            if part == "in_scope":
+                row.update({"fast_share": float(decided.mean()), "agreement":
+                            float((picks == full.probs.argmax(axis=1)).mean()),
+                            "accuracy": float((picks == test_y).mean())})
+            row[f"abstain_{part}"] = float(abstains.mean())
+        sweep.append(row)
+    return {"probs": test.cascade.probs, "fit": cascade.fit.as_dict(), "metrics": metrics, "familiar_sweep": sweep}
 
 
 def _abstaining(assessed: Any, threshold: float | None) -> float:

@@ -162,6 +162,27 @@ def plot_reliability(path: Path, bins: ReliabilityBins, ece: float, title: str) 
     plt.close(fig)
 
 
+def plot_familiar_sweep(path: Path, sweep: Sequence[Mapping[str, Any]], gate_abstain_oos: float,
+                        title: str) -> None:
+    """The two-stage gate over ``gate.cascade.familiar``: the share of in-scope queries its static stage decides
+    against the share of out-of-scope queries it abstains on, beside the full gate alone."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 5))
+    x = [100 * float(r["fast_share"]) for r in sweep]
+    y = [100 * float(r["abstain_oos"]) for r in sweep]
+    ax.plot(x, y, "o-", color="tab:blue", label="two-stage gate (familiar = label)")
+    for r, xi, yi in zip(sweep, x, y, strict=True):
+        ax.annotate(f"{r['familiar']:g}", (xi, yi), textcoords="offset points", xytext=(4, -10), fontsize=8)
+    ax.axhline(100 * gate_abstain_oos, color="tab:red", ls="--", label="ONNX gate alone")
+    ax.set_xlabel("in-scope test queries decided by the static stage (%)")
+    ax.set_ylabel("out-of-scope test queries sent to the default expert (%)")
+    ax.set_title(title, fontsize=10)
+    ax.legend(loc="lower left", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def plot_quality_cost(path: Path, curve: Sequence[tuple[float, float]], hull: tuple[np.ndarray, np.ndarray],
                       singles: Mapping[str, tuple[float, float]], oracle: tuple[float, float] | None,
                       cost_label: str, title: str) -> None:

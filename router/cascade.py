@@ -4,19 +4,20 @@ Most queries are easy: a gate on the ``static`` encoder (one table lookup per to
 picks the same expert as the gate on the MiniLM model (milliseconds of CPU per query) whenever it is
 confident. ``CascadeGate`` runs the fast gate on every query and the full gate only on the others:
 
-- the fast gate decides a query when its top probability reaches ``threshold`` and the query is familiar to it
-  (its ``ood_scores`` at or above its own out-of-distribution threshold), so abstaining stays the full gate's
-  call;
+- the fast gate decides a query when its top probability reaches ``threshold`` and the query is at least
+  ``familiarity`` familiar to it (its ``ood_scores``);
 - every other query gets the full gate's scores, explanation and out-of-distribution score, as without the
-  cascade.
+  cascade. Unfamiliar queries, out-of-scope ones among them, are the full gate's: its abstain threshold tells
+  them apart better than the fast gate's.
 
-``threshold`` is fitted by ``moe train`` on the full gate's validation split (``fit_threshold``): the lowest top
+``moe train`` fits both on the full gate's validation split, which neither gate trained on (both are trained on
+the same data with the same seeded split). Each gate scores those queries from the embeddings it keeps, with
+familiarity measured against the training part alone, as when its own abstain threshold was fitted.
+``familiarity`` (``fit_familiarity``) is the score that ``familiar`` of the validation queries reach (default
+0.9), never below the fast gate's own abstain threshold. ``threshold`` (``fit_threshold``) is then the lowest top
 probability at which the cascade still picks the full gate's top expert for ``agreement`` of the validation
-queries (default 99.5%, the agreement the ONNX and sentence-transformers encoders are held to). Both gates are
-trained on the same data, with the same seeded split, so neither has seen those queries. On the label suites'
-test splits (README, Results) the fast stage decided 54% (MMLU-Pro's 14 subjects) to 98% (SNIPS) of the
-queries, the cascade picked the full gate's expert for 99.5-99.6% of them, and its accuracy stayed within 0.13
-points of the full gate's.
+queries (default 99.5%, the agreement the ONNX and sentence-transformers encoders are held to). The label
+suites' figures are in the README (Results, the two-stage gate).
 
 The artifact is the full gate's folder as before, plus the fast gate in ``fast/`` and ``cascade.json`` (written
 last) with the threshold and its validation figures. A config without ``gate.cascade`` serves the full gate
@@ -177,6 +178,11 @@ class CascadeGate:
         """The familiarity a query needs for the fast stage to decide it (``CascadeFit.familiarity``)."""
         return self.fast.ood_threshold if self.fit.familiarity is None else self.fit.familiarity
 
+    def decides(self, fast: Assessment) -> np.ndarray:
+        """Per query of the fast gate's ``fast`` assessment (with familiarity: ``assess`` with ``k >= 1``),
+        whether the fast stage decides it."""
+        return _decides(fast, self.fit.threshold, self.familiarity)
+
     def predict_proba(self, embeddings: np.ndarray, texts: Sequence[str] | None = None) -> np.ndarray:
         """The full gate's probabilities for its own encoder's ``embeddings`` (what a plain gate would give)."""
         return self.full.predict_proba(embeddings, texts)
@@ -193,7 +199,7 @@ class CascadeGate:
         only queries familiar to it."""
         texts = list(texts)
         first = assess(self.fast, texts, max(k, 1))
-        decided = _decides(first, self.fit.threshold, self.familiarity)
+        decided = self.decides(first)
         stage = np.where(decided, STAGES[0], STAGES[1]).tolist()
         ood_threshold = [self.fast.ood_threshold if d else self.full.ood_threshold for d in decided]
         rest = np.flatnonzero(~decided)

@@ -94,6 +94,32 @@ def test_real_label_suite_with_limit(data_dir: Path, tmp_path: Path, cache_dir: 
 
 
 
+def test_clinc150_scores_the_two_stage_gate_over_its_familiar_share(data_dir: Path, tmp_path: Path, cache_dir: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    from eval.labels import FAMILIAR_SWEEP
+    from router.config import CascadeConfig
+
+    monkeypatch.setenv("MOE_CACHE_DIR", str(cache_dir))
+    out = tmp_path / "clinc"
+    assert cli_main(["eval", "--suite", "clinc150-domain", "--limit", "600", "--data", str(data_dir),
+                     "--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    m, sweep = results["metrics"], results["cascade"]["familiar_sweep"]
+    assert results["setup"]["test_out_of_scope"] > 50
+    assert [row["familiar"] for row in sweep] == list(FAMILIAR_SWEEP)
+    # The row at the default share is the two-stage gate the suite reports (computed the other way round:
+    # from both gates' assessments of every query, not the cascade's own).
+    default = next(row for row in sweep if row["familiar"] == CascadeConfig().familiar)
+    assert default["threshold"] == results["cascade"]["fit"]["threshold"]
+    for key in ("fast_share", "agreement", "accuracy", "abstain_oos", "abstain_in_scope"):
+        assert default[key] == pytest.approx(m["cascade_" + key]), key
+    for row in sweep:  # validation queries tied at the bar may pass the share by a few
+        assert row["val_fast_share"] <= row["familiar"] + 0.02
+        assert 0.0 <= row["abstain_oos"] <= 1.0 and row["familiarity"] is not None
+    _assert_png(out / "cascade_familiar.png")
+    assert "cascade_familiar.png" in results["figures"]
+
+
 @pytest.mark.parametrize("suite", ["mmlu-pro-outcome", "routerbench"])
 def test_outcome_suites_small_run(suite: str, data_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / suite
