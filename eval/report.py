@@ -116,6 +116,19 @@ def _pyplot() -> Any:
     return plt
 
 
+def _finish(plt: Any, fig: Any, ax: Any, path: Path, title: str, *, xlabel: str, ylabel: str,
+            legend: str | None = None, legend_size: int = 8, title_size: int | None = None) -> None:
+    """Label the axes, title, legend; write the PNG and free the figure."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, **({} if title_size is None else {"fontsize": title_size}))
+    if legend is not None:
+        ax.legend(loc=legend, fontsize=legend_size)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def plot_confusion(path: Path, matrix: np.ndarray, labels: Sequence[str], title: str) -> None:
     """Row-normalised confusion matrix (each row: where that true label's queries went)."""
     plt = _pyplot()
@@ -132,12 +145,7 @@ def plot_confusion(path: Path, matrix: np.ndarray, labels: Sequence[str], title:
             for i, j in zip(*np.nonzero(matrix), strict=True):
                 ax.text(j, i, str(matrix[i, j]), ha="center", va="center", fontsize=6,
                         color="white" if norm[i, j] > 0.5 else "black")
-    ax.set_xlabel("predicted label")
-    ax.set_ylabel("true label")
-    ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _finish(plt, fig, ax, path, title, xlabel="predicted label", ylabel="true label")
 
 
 def plot_reliability(path: Path, bins: ReliabilityBins, ece: float, title: str) -> None:
@@ -153,13 +161,8 @@ def plot_reliability(path: Path, bins: ReliabilityBins, ece: float, title: str) 
             label="(mean confidence, accuracy)")
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
-    ax.set_xlabel("confidence (max probability)")
-    ax.set_ylabel("accuracy")
-    ax.set_title(f"{title}\nECE = {ece:.4f}")
-    ax.legend(loc="upper left", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _finish(plt, fig, ax, path, f"{title}\nECE = {ece:.4f}", xlabel="confidence (max probability)",
+            ylabel="accuracy", legend="upper left")
 
 
 def plot_familiar_sweep(path: Path, sweep: Sequence[Mapping[str, Any]], gate_abstain_oos: float,
@@ -174,13 +177,8 @@ def plot_familiar_sweep(path: Path, sweep: Sequence[Mapping[str, Any]], gate_abs
     for r, xi, yi in zip(sweep, x, y, strict=True):
         ax.annotate(f"{r['familiar']:g}", (xi, yi), textcoords="offset points", xytext=(4, -10), fontsize=8)
     ax.axhline(100 * gate_abstain_oos, color="tab:red", ls="--", label="ONNX gate alone")
-    ax.set_xlabel("in-scope test queries decided by the static stage (%)")
-    ax.set_ylabel("out-of-scope test queries sent to the default expert (%)")
-    ax.set_title(title, fontsize=10)
-    ax.legend(loc="lower left", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _finish(plt, fig, ax, path, title, xlabel="in-scope test queries decided by the static stage (%)",
+            ylabel="out-of-scope test queries sent to the default expert (%)", title_size=10, legend="lower left")
 
 
 def plot_quality_cost(path: Path, curve: Sequence[tuple[float, float]], hull: tuple[np.ndarray, np.ndarray],
@@ -198,13 +196,7 @@ def plot_quality_cost(path: Path, curve: Sequence[tuple[float, float]], hull: tu
     if oracle is not None:
         ax.plot(*oracle, "*", color="tab:red", ms=10, label="cheapest-correct oracle")
     ax.set_xscale("log")
-    ax.set_xlabel(cost_label)
-    ax.set_ylabel("accuracy")
-    ax.set_title(title)
-    ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _finish(plt, fig, ax, path, title, xlabel=cost_label, ylabel="accuracy", legend="lower right")
 
 
 def plot_strong_calls(path: Path, curves: Mapping[str, tuple[np.ndarray, np.ndarray]], strong: float,
@@ -233,13 +225,8 @@ def plot_strong_calls(path: Path, curves: Mapping[str, tuple[np.ndarray, np.ndar
         ax.annotate(f"CPT({threshold:g}%) = {pct:.1f}%", (pct, level), xytext=(-6, 6), textcoords="offset points",
                     ha="right", va="bottom", fontsize=8)
     ax.set_xlim(-2, 102)
-    ax.set_xlabel("calls to the strong model (%)")
-    ax.set_ylabel("accuracy on the test split")
-    ax.set_title(title, fontsize=10)
-    ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _finish(plt, fig, ax, path, title, xlabel="calls to the strong model (%)", ylabel="accuracy on the test split",
+            title_size=10, legend="lower right")
 
 
 Bar = tuple[str, float, tuple[float, float] | None]  # (label, value, 95% interval or None)
@@ -278,13 +265,8 @@ def plot_accuracy_bars(path: Path, bars: Sequence[Bar], title: str, *,
              itertools.zip_longest(labels, notes[:len(labels)], fillvalue="")]
     ax.set_xticks(xs, ticks, fontsize=8)
     ax.set_ylim(floor, min(1.02, max(tops) + 0.04))
-    ax.set_ylabel(f"{ylabel} (axis from {floor:.2f})" if floor > 0 else ylabel)
-    ax.set_xlabel("system")
-    ax.set_title(title)
-    ax.legend(loc="upper left", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _finish(plt, fig, ax, path, title, xlabel="system",
+            ylabel=f"{ylabel} (axis from {floor:.2f})" if floor > 0 else ylabel, legend="upper left")
 
 
 def plot_accuracy_cost(path: Path, systems: Mapping[str, tuple[float, float]],
@@ -300,10 +282,5 @@ def plot_accuracy_cost(path: Path, systems: Mapping[str, tuple[float, float]],
     for i, (marker, (name, (c, q))) in enumerate(zip(itertools.cycle("o^vD*P"), systems.items(), strict=False)):
         ax.plot(c, q, marker, ms=max(14 - 2 * i, 4), alpha=0.85, label=f"{name}: {q:.3f} at {c:.3g}")
     ax.set_xscale("log")
-    ax.set_xlabel(cost_label)
-    ax.set_ylabel("accuracy on the test split")
-    ax.set_title(title)
-    ax.legend(loc="best", fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _finish(plt, fig, ax, path, title, xlabel=cost_label, ylabel="accuracy on the test split", legend="best",
+            legend_size=7)

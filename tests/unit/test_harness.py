@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -80,18 +81,20 @@ def test_user_jsonl_with_unseen_labels(data_dir: Path, tmp_path: Path, cache_dir
         _assert_png(out / name)
 
 
+def _eval_suite(suite: str, limit: int, data_dir: Path, out: Path) -> dict[str, Any]:
+    """``moe eval --suite SUITE --limit LIMIT`` through the CLI; its results.json."""
+    assert cli_main(["eval", "--suite", suite, "--limit", str(limit), "--data", str(data_dir),
+                     "--out", str(out)]) == 0
+    return dict(json.loads((out / "results.json").read_text(encoding="utf-8")))
+
+
 def test_real_label_suite_with_limit(data_dir: Path, tmp_path: Path, cache_dir: Path,
                                      monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MOE_CACHE_DIR", str(cache_dir))
-    out = tmp_path / "snips"
-    assert cli_main(["eval", "--suite", "snips-intent", "--limit", "120", "--data", str(data_dir),
-                     "--out", str(out)]) == 0
-    results = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    results = _eval_suite("snips-intent", 120, data_dir, tmp_path / "snips")
     assert results["setup"]["train"] == results["setup"]["test"] == 120 and results["setup"]["labels"] == 7
     assert results["metrics"]["accuracy"] > 0.7
     assert "--limit 120" in results["command"]
-
-
 
 
 def test_clinc150_scores_the_two_stage_gate_over_its_familiar_share(data_dir: Path, tmp_path: Path, cache_dir: Path,
@@ -101,9 +104,7 @@ def test_clinc150_scores_the_two_stage_gate_over_its_familiar_share(data_dir: Pa
 
     monkeypatch.setenv("MOE_CACHE_DIR", str(cache_dir))
     out = tmp_path / "clinc"
-    assert cli_main(["eval", "--suite", "clinc150-domain", "--limit", "600", "--data", str(data_dir),
-                     "--out", str(out)]) == 0
-    results = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    results = _eval_suite("clinc150-domain", 600, data_dir, out)
     m, sweep = results["metrics"], results["cascade"]["familiar_sweep"]
     assert results["setup"]["test_out_of_scope"] > 50
     assert [row["familiar"] for row in sweep] == list(FAMILIAR_SWEEP)
