@@ -65,7 +65,8 @@ def load_gate(config: RouterConfig) -> Gate | CascadeGate:
 
     Refused when its encoder differs, or when a config expert has neither training data in the artifact nor
     examples in the config. Experts added with examples are routed by cold start; removed ones are dropped
-    (``Gate.for_config``).
+    (``Gate.for_config``). A two-stage gate fitted for other ``gate.cascade`` targets is fitted again for the
+    config's (``CascadeGate.with_targets``).
     """
     from router.encoders import build_encoder
     from router.gate import Gate
@@ -76,8 +77,9 @@ def load_gate(config: RouterConfig) -> Gate | CascadeGate:
     if config.gate.cascade is not None:
         from router.cascade import CascadeGate
 
-        return CascadeGate.load(path, build_encoder(config.gate.cascade.encoder),
-                                build_encoder(config.gate.encoder)).for_config(config)
+        cascade = config.gate.cascade
+        loaded = CascadeGate.load(path, build_encoder(cascade.encoder), build_encoder(config.gate.encoder))
+        return loaded.with_targets(agreement=cascade.agreement, familiar=cascade.familiar).for_config(config)
     return Gate.load(path, build_encoder(config.gate.encoder)).for_config(config)
 
 

@@ -37,7 +37,15 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from router.encoders import Encoder
-from router.gate import Assessment, Gate, GateArtifactMismatch, assess, nearest_similarity, split_train_val
+from router.gate import (
+    Assessment,
+    Gate,
+    GateArtifactMismatch,
+    assess,
+    nearest_similarity,
+    split_train_val,
+    training_data_sha256,
+)
 
 if TYPE_CHECKING:
     from router.config import RouterConfig
@@ -212,6 +220,25 @@ class CascadeGate:
         for j, i in enumerate(rest):
             nearest[i] = second.nearest[j]
         return Assessment(probs, nearest, ood, stage, ood_threshold)
+
+    def with_targets(self, *, agreement: float, familiar: float) -> CascadeGate:
+        """This cascade fitted for ``agreement`` and ``familiar`` (``gate.cascade``): itself when its fit was made
+        for them, else both bars fitted again on the validation split of the training data the artifact keeps.
+        Neither gate is retrained and nothing is embedded, so changing either target needs no ``moe train``
+        (which writes the new fit into the artifact)."""
+        if (self.fit.agreement_target, self.fit.familiar_share) == (agreement, familiar):
+            return self
+        texts, labels = self.full.training_examples
+        if training_data_sha256(texts, labels) != self.full.metadata.training_data_sha256:
+            raise GateArtifactMismatch("the gate artifact's examples are not its training data, so the cascade "
+                                       f"cannot be fitted again for agreement {agreement} and familiar "
+                                       f"{familiar}; retrain with: moe train --config <this config>")
+        refit = CascadeGate.train(self.full, self.fast, texts, labels, agreement=agreement, familiar=familiar)
+        log.info("gate.cascade asks for agreement %g and familiar %g, the artifact was fitted for %g and %s: "
+                 "fitted again on its validation split (threshold %s, familiarity bar %s; moe train saves it)",
+                 agreement, familiar, self.fit.agreement_target, self.fit.familiar_share, refit.fit.threshold,
+                 refit.fit.familiarity)
+        return refit
 
     def compare(self, texts: Sequence[str]) -> Comparison:
         """This gate's and the full gate's assessments of the same queries, side by side."""

@@ -136,7 +136,8 @@ class CascadeConfig(_Strict):
     validation queries. The fast one decides only queries at least as familiar to it as ``familiar`` of the
     validation queries are; the rest, out-of-scope queries among them, go to the full gate, whose abstain
     threshold is the better judge (a lower share abstains more like the full gate, a higher one spares it
-    more)."""
+    more). Both targets are read at load time: an artifact fitted for others is fitted again then, without
+    retraining (``CascadeGate.with_targets``)."""
 
     encoder: EncoderConfig = EncoderConfig(backend="static")
     agreement: float = Field(default=0.995, ge=0.5, le=1.0)

@@ -229,6 +229,13 @@ class Gate:
         self._index: Any = None
 
     @property
+    def training_examples(self) -> tuple[list[str], list[str]]:
+        """The texts and labels the artifact was trained on, in training order (without a config's cold-start
+        examples)."""
+        n = self._n_artifact_examples
+        return list(self.example_texts[:n]), list(self.example_labels[:n])
+
+    @property
     def trained_experts(self) -> list[str]:
         """Artifact experts that had training data; any other expert needs examples to be routable."""
         unseen = set(self.metadata.unseen_experts)

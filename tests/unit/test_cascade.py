@@ -211,12 +211,13 @@ def test_the_fast_stage_needs_another_encoder() -> None:
     assert config.gate.cascade is not None and config.gate.cascade.encoder.backend == "static"
 
 
-def write_config(tmp_path: Path, rows: list[dict[str, object]], labels: list[str], cascade: bool) -> Path:
+def write_config(tmp_path: Path, rows: list[dict[str, object]], labels: list[str],
+                 cascade: bool | dict[str, float]) -> Path:
     (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     path = tmp_path / "router.yaml"
     gate: dict[str, object] = {"artifact": "gate", "train_data": ["train.jsonl"]}
     if cascade:
-        gate["cascade"] = {"agreement": 0.995}
+        gate["cascade"] = cascade if isinstance(cascade, dict) else {"agreement": 0.995}
     path.write_text(yaml.safe_dump({"version": 1, "gate": gate, "experts": [
         {"name": n, "type": "openai", "model": "m", "endpoint": "http://127.0.0.1:9/v1"} for n in labels]}))
     return path
@@ -318,6 +319,45 @@ def test_a_cascade_config_refuses_a_gate_trained_without_one_and_retraining_with
     with pytest.raises(CascadeNotTrained, match=r"no cascade stage .* moe train --config"):
         load_gate(with_cascade)
     assert isinstance(load_gate(without), Gate)
+
+
+def test_other_targets_in_the_config_are_fitted_at_load_without_retraining(
+        snips_rows: tuple[list[dict[str, str]], list[dict[str, str]], list[str]], tmp_path: Path) -> None:
+    train, _, labels = snips_rows
+    small = train[::2]
+    config = load_config(write_config(tmp_path, small, labels, cascade=True))
+    trained = train_from_config(config, progress=False, feedback=False)
+    assert isinstance(trained, CascadeGate)
+    as_trained = load_gate(config)
+    assert isinstance(as_trained, CascadeGate) and as_trained.fit == trained.fit  # its own targets: the saved fit
+    # A stricter familiar share and another agreement: both bars fitted again at load, as moe train would fit
+    # them on the same validation split, while the artifact keeps the trained fit.
+    other = load_config(write_config(tmp_path, small, labels, cascade={"agreement": 0.99, "familiar": 0.7}))
+    served = load_gate(other)
+    texts, tags = [r["query"] for r in small], [r["label"] for r in small]
+    expected = CascadeGate.train(trained.full, trained.fast, texts, tags, agreement=0.99, familiar=0.7).fit
+    assert isinstance(served, CascadeGate)
+    assert (served.fit.agreement_target, served.fit.familiar_share, served.fit.n_val) == (0.99, 0.7, expected.n_val)
+    assert served.fit.threshold == pytest.approx(expected.threshold)
+    assert served.fit.familiarity == pytest.approx(expected.familiarity)
+    assert trained.fit.familiarity is not None and served.fit.familiarity > trained.fit.familiarity
+    saved = json.loads((tmp_path / "gate" / CASCADE_FILE).read_text())
+    assert (saved["agreement_target"], saved["familiar_share"]) == (0.995, 0.9)
+    # An artifact from before the familiarity bar (no familiar_share) gets one at load.
+    (tmp_path / "gate" / CASCADE_FILE).write_text(json.dumps(
+        {k: v for k, v in saved.items() if k not in ("familiarity", "familiar_share")}))
+    upgraded = load_gate(config)
+    assert isinstance(upgraded, CascadeGate) and upgraded.fit.familiar_share == 0.9
+    assert upgraded.fit.familiarity == pytest.approx(trained.fit.familiarity)
+
+
+def test_a_cascade_whose_examples_are_not_its_training_data_is_not_fitted_again() -> None:
+    fast, full, texts, labels = two_gates(Counting(), Counting("~", "fake-hashing-salted"))
+    cascade = CascadeGate.train(full, fast, texts, labels, agreement=0.995, familiar=0.9)
+    assert cascade.with_targets(agreement=0.995, familiar=0.9) is cascade
+    full.metadata = dataclasses.replace(full.metadata, training_data_sha256="0" * 64)
+    with pytest.raises(GateArtifactMismatch, match=r"not its training data.* moe train --config"):
+        cascade.with_targets(agreement=0.995, familiar=0.8)
 
 
 def test_a_fast_stage_trained_on_other_data_is_refused(
