@@ -163,7 +163,7 @@ def _cascade(ctx: SuiteContext, gate: Any, train: Sequence[LabelledQuery], test_
     the static stage decided and how often it picks the gate's own top expert; with out-of-scope queries, how
     often each of the two abstains (in scope and out). Beside it, the same figures for other values of
     ``gate.cascade.familiar`` (``familiar_sweep``). None when the gate already runs on the static encoder."""
-    from router.cascade import CascadeGate
+    from router.cascade import CascadeGate, Comparison
     from router.config import CascadeConfig
     from router.gate import assess, train_gate
     from router.static_encoder import StaticMiniLMEncoder
@@ -174,40 +174,38 @@ def _cascade(ctx: SuiteContext, gate: Any, train: Sequence[LabelledQuery], test_
     fast = train_gate(texts, labels, StaticMiniLMEncoder(), experts=gate.experts, seed=ctx.seed,
                       progress=ctx.progress)
     default = CascadeConfig()
-
-    def fitted(familiar: float) -> CascadeGate:
-        return CascadeGate.train(gate, fast, texts, labels, agreement=default.agreement, familiar=familiar,
-                                 seed=ctx.seed)
-
-    cascade = fitted(default.familiar)
-    test = cascade.compare(test_texts)
-    metrics = {"cascade_fast_share": test.fast_share, "cascade_agreement": test.agreement}
-    parts = {"in_scope": (assess(fast, test_texts), test.full)}
+    fits = {familiar: CascadeGate.train(gate, fast, texts, labels, agreement=default.agreement, familiar=familiar,
+                                        seed=ctx.seed) for familiar in {*FAMILIAR_SWEEP, default.familiar}}
+    # Each stage assesses every query once; each fit's cascade is merged from those (CascadeGate.merge, as
+    # serving merges), with the full gate's rows for the queries that fit leaves to it.
+    parts = {"in_scope": (assess(fast, test_texts), assess(gate, test_texts))}
     if oos_texts:
-        oos = cascade.compare(oos_texts)
+        parts["oos"] = (assess(fast, oos_texts), assess(gate, oos_texts))
+
+    def two_stage(cascade: CascadeGate, part: str) -> Comparison:
+        first, full = parts[part]
+        return Comparison(cascade.merge(first, full.rows(np.flatnonzero(~cascade.decides(first)))), full)
+
+    cascade = fits[default.familiar]
+    test = two_stage(cascade, "in_scope")
+    metrics = {"cascade_fast_share": test.fast_share, "cascade_agreement": test.agreement}
+    if oos_texts:
+        oos = two_stage(cascade, "oos")
         metrics.update({
             "cascade_abstain_in_scope": _abstaining(test.cascade, gate.ood_threshold),
             "gate_abstain_in_scope": _abstaining(test.full, gate.ood_threshold),
             "cascade_abstain_oos": _abstaining(oos.cascade, gate.ood_threshold),
             "gate_abstain_oos": _abstaining(oos.full, gate.ood_threshold)})
-        parts["oos"] = (assess(fast, oos_texts), oos.full)
     sweep = []
     for familiar in FAMILIAR_SWEEP:
-        other = fitted(familiar)
-        row: dict[str, Any] = {"familiar": familiar, "threshold": other.fit.threshold,
-                               "familiarity": other.fit.familiarity, "val_fast_share": other.fit.fast_share}
-        for part, (first, full) in parts.items():
-            decided = other.decides(first)
-            picks = np.where(decided, first.probs.argmax(axis=1), full.probs.argmax(axis=1))
-            # A query the fast stage decides clears its bar, which is at or above its abstain threshold.
-            below = full.ood < gate.ood_threshold if gate.ood_threshold is not None else np.zeros_like(decided)
-            abstains = ~decided & below
-            if part == "in_scope":
-                row.update({"fast_share": float(decided.mean()), "agreement":
-                            float((picks == full.probs.argmax(axis=1)).mean()),
-                            "accuracy": float((picks == test_y).mean())})
-            row[f"abstain_{part}"] = float(abstains.mean())
-        sweep.append(row)
+        other = fits[familiar]
+        scored = {part: two_stage(other, part) for part in parts}
+        inside = scored["in_scope"]
+        sweep.append({"familiar": familiar, "threshold": other.fit.threshold, "familiarity": other.fit.familiarity,
+                      "val_fast_share": other.fit.fast_share, "fast_share": inside.fast_share,
+                      "agreement": inside.agreement,
+                      "accuracy": float((inside.cascade.probs.argmax(axis=1) == test_y).mean()),
+                      **{f"abstain_{part}": _abstaining(c.cascade, gate.ood_threshold) for part, c in scored.items()}})
     return {"probs": test.cascade.probs, "fit": cascade.fit.as_dict(), "metrics": metrics, "familiar_sweep": sweep}
 
 

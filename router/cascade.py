@@ -106,10 +106,8 @@ def fit_familiarity(ood: np.ndarray, share: float, floor: float | None) -> float
     on is the full gate's). None when neither is known."""
     known = np.asarray(ood, dtype=np.float64)
     known = known[np.isfinite(known)]
-    bar = float(np.quantile(known, 1.0 - share)) if len(known) else None
-    if bar is None or floor is None:
-        return floor if bar is None else bar
-    return max(bar, float(floor))
+    bars = [float(b) for b in (np.quantile(known, 1.0 - share) if len(known) else None, floor) if b is not None]
+    return max(bars) if bars else None
 
 
 def fit_threshold(fast: Assessment, full_top: np.ndarray, agreement: float,
@@ -207,18 +205,22 @@ class CascadeGate:
         only queries familiar to it."""
         texts = list(texts)
         first = assess(self.fast, texts, max(k, 1))
+        rest = np.flatnonzero(~self.decides(first))
+        return self.merge(first, assess(self.full, [texts[i] for i in rest], k), k)
+
+    def merge(self, first: Assessment, second: Assessment, k: int = 3) -> Assessment:
+        """The cascade's assessment from the fast gate's ``first`` (with familiarity) and the full gate's
+        ``second`` of exactly the queries the fast stage leaves, in order; ``k`` nearest examples each."""
         decided = self.decides(first)
         stage = np.where(decided, STAGES[0], STAGES[1]).tolist()
         ood_threshold = [self.fast.ood_threshold if d else self.full.ood_threshold for d in decided]
         rest = np.flatnonzero(~decided)
         nearest = [near[:k] for near in first.nearest]
-        if len(rest) == 0:
-            return Assessment(first.probs, nearest, first.ood, stage, ood_threshold)
-        second = assess(self.full, [texts[i] for i in rest], k)
         probs, ood = first.probs.copy(), first.ood.astype(np.float64)
-        probs[rest], ood[rest] = second.probs, second.ood
-        for j, i in enumerate(rest):
-            nearest[i] = second.nearest[j]
+        if len(rest):
+            probs[rest], ood[rest] = second.probs, second.ood
+            for j, i in enumerate(rest):
+                nearest[i] = second.nearest[j]
         return Assessment(probs, nearest, ood, stage, ood_threshold)
 
     def with_targets(self, *, agreement: float, familiar: float) -> CascadeGate:

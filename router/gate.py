@@ -413,6 +413,13 @@ class Assessment:
     stage: list[str] | None = None
     ood_threshold: list[float | None] | None = None
 
+    def rows(self, indices: Sequence[int] | np.ndarray) -> Assessment:
+        """The assessment of the queries at ``indices`` alone, in that order."""
+        picked = [int(i) for i in indices]
+        return Assessment(self.probs[picked], [self.nearest[i] for i in picked], self.ood[picked],
+                          None if self.stage is None else [self.stage[i] for i in picked],
+                          None if self.ood_threshold is None else [self.ood_threshold[i] for i in picked])
+
 
 def assess(gate: Any, texts: Sequence[str], k: int = 3) -> Assessment:
     """One embedding per query serves the probabilities, the ``k`` nearest examples and the familiarity score;

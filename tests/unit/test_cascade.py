@@ -131,6 +131,12 @@ def test_the_full_gate_sees_only_the_queries_the_fast_gate_is_unsure_of() -> Non
         np.testing.assert_allclose(a.probs[i], fast_rows[i] if stage == "fast" else full_rows[i])
         assert a.ood_threshold is not None
         assert a.ood_threshold[i] == (fast if stage == "fast" else full).ood_threshold
+    # Merged from each stage's assessment of every query (as the label suites score it), the same assessment.
+    first = assess(fast, queries)
+    merged = cascade.merge(first, assess(full, queries).rows(np.flatnonzero(~cascade.decides(first))))
+    np.testing.assert_array_equal(merged.probs, a.probs)
+    np.testing.assert_array_equal(merged.ood, a.ood)
+    assert (merged.stage, merged.ood_threshold, merged.nearest) == (a.stage, a.ood_threshold, a.nearest)
     # k=0 (expert-choice batches, scores): the same probabilities and stages, without the explanations.
     bare = cascade.assess(queries, k=0)
     np.testing.assert_array_equal(bare.probs, a.probs)

@@ -108,8 +108,7 @@ def test_clinc150_scores_the_two_stage_gate_over_its_familiar_share(data_dir: Pa
     m, sweep = results["metrics"], results["cascade"]["familiar_sweep"]
     assert results["setup"]["test_out_of_scope"] > 50
     assert [row["familiar"] for row in sweep] == list(FAMILIAR_SWEEP)
-    # The row at the default share is the two-stage gate the suite reports (computed the other way round:
-    # from both gates' assessments of every query, not the cascade's own).
+    # The row at the default share is the two-stage gate the suite reports.
     default = next(row for row in sweep if row["familiar"] == CascadeConfig().familiar)
     assert default["threshold"] == results["cascade"]["fit"]["threshold"]
     for key in ("fast_share", "agreement", "accuracy", "abstain_oos", "abstain_in_scope"):
