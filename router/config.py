@@ -117,6 +117,17 @@ class EncoderConfig(_Strict):
     # ONNX: the most padded tokens (texts x the longest) one model run holds, so that a few long prompts run at
     # once on several cores instead of as one wide run; None: the backend's own (256, see router.encoders).
     batch_tokens: int | None = Field(default=None, ge=16, le=1_000_000)
+    # sentence-transformers: the torch device the model runs on: ``cpu``, ``cuda``, ``cuda:N`` or ``mps``. The
+    # weights and the encoder's identity are the same on every device, so a gate trained on one serves on another
+    # (``python -m bench.gpu_gate`` measures the agreement). ONNX and static run on the CPU only.
+    device: str = Field(default="cpu", pattern=r"^(cpu|cuda(:[0-9]+)?|mps)$")
+
+    @model_validator(mode="after")
+    def _device_needs_torch_backend(self) -> EncoderConfig:
+        if self.device != "cpu" and self.backend != "sentence-transformers":
+            raise ValueError(f"device {self.device!r}: only the sentence-transformers backend runs off the CPU; "
+                             f"the {self.backend!r} backend runs on the CPU (leave device at 'cpu')")
+        return self
 
 
 class TopKConfig(_Strict):

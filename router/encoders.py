@@ -134,23 +134,29 @@ class Encoder(ABC):
 
 
 class SentenceTransformerEncoder(Encoder):
-    """all-MiniLM-L6-v2 in fp32 through sentence-transformers (torch), on the CPU."""
+    """all-MiniLM-L6-v2 in fp32 through sentence-transformers (torch), on the CPU or a GPU (``device``).
+
+    The identity does not name the device: the weights and the arithmetic's precision (fp32) are the same, and a
+    gate trained on CPU embeddings makes the same decisions from GPU ones (``python -m bench.gpu_gate``).
+    """
 
     identity = f"st-fp32:{MODEL_NAME}"
 
     BATCH = 64  # torch's fp32 kernels gain from wide batches: 64 ran several times faster than 8 here
 
-    def __init__(self, max_length: int = 256, batch_size: int = BATCH) -> None:
+    def __init__(self, max_length: int = 256, batch_size: int = BATCH, *, device: str = "cpu") -> None:
         st = _import("sentence_transformers", "sentence-transformers")
+        _check_device(device)
         path = _model_dir()
         self.batch_size = batch_size
+        self.device = device
         self.checksum = sha256_file(path / "model.safetensors")
-        self._model = st.SentenceTransformer(str(path), device="cpu")
+        self._model = st.SentenceTransformer(str(path), device=device)
         self._model.max_seq_length = max_length
 
     @classmethod
     def from_config(cls, cfg: EncoderConfig) -> SentenceTransformerEncoder:
-        return cls(max_length=cfg.max_length, batch_size=cfg.batch_size or cls.BATCH)
+        return cls(max_length=cfg.max_length, batch_size=cfg.batch_size or cls.BATCH, device=cfg.device)
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         if not texts:
@@ -158,6 +164,23 @@ class SentenceTransformerEncoder(Encoder):
         out = self._model.encode(list(texts), batch_size=self.batch_size, normalize_embeddings=True,
                                  convert_to_numpy=True, show_progress_bar=False)
         return np.ascontiguousarray(out, dtype=np.float32)
+
+
+def _check_device(device: str) -> None:
+    """Fail at build time, naming the device and what is missing, rather than at the first query."""
+    if device == "cpu":
+        return
+    torch = _import("torch", "torch")
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"encoder device {device!r}: torch {torch.__version__} sees no CUDA GPU (a CPU-only "
+                               "build, no driver, or CUDA_VISIBLE_DEVICES hides it); set gate.encoder.device: cpu")
+        index = int(device.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            raise RuntimeError(f"encoder device {device!r}: only {torch.cuda.device_count()} CUDA device(s) visible")
+    elif device == "mps" and not torch.backends.mps.is_available():
+        raise RuntimeError(f"encoder device {device!r}: torch {torch.__version__} has no MPS backend here; "
+                           "set gate.encoder.device: cpu")
 
 
 class OnnxMiniLMEncoder(Encoder):

@@ -207,3 +207,47 @@ def test_token_ids_are_what_the_model_reads(onnx_encoder: OnnxMiniLMEncoder) -> 
     short, long = onnx_encoder.token_ids(["hello world", "word " * 400])
     assert short[0] == 101 and short[-1] == 102 and len(short) == 4  # [CLS] hello world [SEP]
     assert len(long) == 256 and long[-1] == 102  # cut at max_length, [SEP] kept
+
+
+def _cuda() -> bool:
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
+def test_device_is_validated_by_the_config() -> None:
+    assert EncoderConfig().device == "cpu"
+    assert EncoderConfig(backend="sentence-transformers", device="cuda:1").device == "cuda:1"
+    with pytest.raises(ValidationError, match="device"):
+        EncoderConfig(backend="sentence-transformers", device="gpu")
+    for backend in ("onnx", "static"):
+        with pytest.raises(ValidationError, match=f"device 'cuda': only the sentence-transformers backend.*{backend}"):
+            EncoderConfig(backend=backend, device="cuda")
+
+
+@pytest.mark.skipif(_cuda(), reason="checks the error on a machine without a CUDA GPU")
+def test_a_missing_gpu_is_named_when_the_encoder_is_built() -> None:
+    with pytest.raises(RuntimeError, match=r"encoder device 'cuda'.*sees no CUDA GPU.*gate.encoder.device: cpu"):
+        build_encoder(EncoderConfig(backend="sentence-transformers", device="cuda"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _cuda(), reason="needs a CUDA GPU")
+def test_gpu_embeddings_route_like_cpu_ones(st_encoder: SentenceTransformerEncoder, data_dir: Path) -> None:
+    """The same fp32 model on a GPU: a gate trained on CPU embeddings decides held-out CLINC150 queries the same
+    from GPU embeddings, so an artifact trained on either serves on the other."""
+    from eval.datasets import load_clinc150_domains
+    from router.gate import train_gate
+
+    gpu = build_encoder(EncoderConfig(backend="sentence-transformers", device="cuda"))
+    assert gpu.identity == st_encoder.identity and gpu.checksum == st_encoder.checksum
+    train = [q for q in load_clinc150_domains(data_dir, "train") if q.label != "oos"][::5]
+    test = [q for q in load_clinc150_domains(data_dir, "test") if q.label != "oos"][::3]
+    domains = sorted({q.label for q in train})
+    gate = train_gate([q.text for q in train], [q.label for q in train], st_encoder, experts=domains, progress=False)
+    texts = [q.text for q in test]
+    on_cpu, on_gpu = st_encoder.encode(texts), gpu.encode(texts)
+    assert on_gpu.dtype == np.float32 and on_gpu.shape == (1500, 384)
+    assert (on_cpu * on_gpu).sum(axis=1).min() > 0.9999
+    same = np.mean(gate.predict_proba(on_cpu, texts).argmax(axis=1) == gate.predict_proba(on_gpu, texts).argmax(axis=1))
+    assert same >= 0.998, same
