@@ -137,7 +137,9 @@ class SentenceTransformerEncoder(Encoder):
     """all-MiniLM-L6-v2 in fp32 through sentence-transformers (torch), on the CPU or a GPU (``device``).
 
     The identity does not name the device: the weights and the arithmetic's precision (fp32) are the same, and a
-    gate trained on CPU embeddings makes the same decisions from GPU ones (``python -m bench.gpu_gate``).
+    gate trained on CPU embeddings makes the same decisions from GPU ones (``python -m bench.gpu_gate``). On the
+    CPU, torch shares its OpenMP runtime with faiss, whose thread count the gate sets for the whole process
+    (``router.search``, ``MOE_FAISS_THREADS``, default 1), so once a gate is loaded the model runs on that many.
     """
 
     identity = f"st-fp32:{MODEL_NAME}"
