@@ -62,12 +62,14 @@ def run_suite(name: str, data_dir: str | Path | None, out: str | Path, *, encode
               seed: int = 0,
               train: str | Path | None = None, test: str | Path | None = None, limit: int | None = None,
               plots: bool = True, progress: bool = True, cache_dir: str | Path | None = None,
-              command: str | None = None, pool: str | None = None) -> dict[str, Any]:
+              command: str | None = None, pool: str | None = None, device: str = "cpu") -> dict[str, Any]:
     """Run one suite and write its outputs to ``out``; returns the results (as written to results.json).
 
     ``name`` is a key of ``SUITES``; ``"jsonl"`` needs ``train`` and ``test``. ``encoder`` is a backend name
-    of ``router.encoders`` or an ``Encoder`` instance.
+    of ``router.encoders`` (built on ``device``) or an ``Encoder`` instance.
     """
+    from pydantic import ValidationError
+
     from router.config import EncoderConfig
     from router.encoders import build_encoder
 
@@ -78,7 +80,11 @@ def run_suite(name: str, data_dir: str | Path | None, out: str | Path, *, encode
     if pool is not None and name not in POOL_SUITES:
         raise ValueError(f"--pool picks the experts of {', '.join(POOL_SUITES)}; suite {name!r} takes no pool")
     if isinstance(encoder, str):
-        cfg = EncoderConfig(backend=encoder)  # type: ignore[arg-type]  # pydantic validates the name
+        try:
+            cfg = EncoderConfig(backend=encoder, device=device)  # type: ignore[arg-type]  # pydantic validates both
+        except ValidationError as exc:
+            reasons = "; ".join(e["msg"].removeprefix("Value error, ") for e in exc.errors())
+            raise ValueError(f"--encoder {encoder} --device {device}: {reasons}") from None
         inner, max_length = build_encoder(cfg), cfg.max_length
     else:
         inner, max_length = encoder, EncoderConfig().max_length
@@ -111,7 +117,8 @@ def main(args: argparse.Namespace) -> int:
         return 2
     results = run_suite(suite, args.data, args.out, encoder=args.encoder, seed=args.seed, train=train, test=test,
                         limit=getattr(args, "limit", None), plots=not getattr(args, "no_plots", False),
-                        command=_command(args, suite), pool=getattr(args, "pool", None))
+                        command=_command(args, suite), pool=getattr(args, "pool", None),
+                        device=getattr(args, "device", "cpu"))
     print(_summary(results))
     return 0
 
@@ -123,6 +130,7 @@ def _command(args: argparse.Namespace, suite: str) -> str:
     parts += [f"--data {args.data}"] if args.data else []
     parts += [f"--limit {args.limit}"] if getattr(args, "limit", None) else []
     parts += [f"--pool {args.pool}"] if getattr(args, "pool", None) else []
+    parts += [f"--device {args.device}"] if getattr(args, "device", "cpu") != "cpu" else []
     return " ".join(parts)
 
 

@@ -185,6 +185,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default=None, help="the shared data folder (default: $MOE_DATA_DIR or ../shared/data)")
     p.add_argument("--encoder", default="onnx", choices=sorted(ENCODER_BACKENDS),
                    help="encoder backend (default: onnx; static is the fast distilled table)")
+    p.add_argument("--device", default="cpu", help="sentence-transformers only: the torch device to embed on "
+                   "(cpu, cuda, cuda:N, mps; default cpu)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--limit", type=int, default=None, help="at most this many queries per split (a fast run)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG figures")

@@ -36,6 +36,7 @@ __all__ = [
     "ENCODER_BACKENDS",
     "Encoder",
     "EncoderChecksumError",
+    "EncoderDeviceError",
     "OnnxMiniLMEncoder",
     "SentenceTransformerEncoder",
     "build_encoder",
@@ -60,6 +61,10 @@ ENCODER_BACKENDS: dict[str, str] = {
 
 class EncoderChecksumError(RuntimeError):
     """A weights file does not match the checksum its package pins: corrupt, truncated or tampered."""
+
+
+class EncoderDeviceError(ValueError):
+    """The configured device is not one torch can use on this machine (no CUDA GPU, no such index, no MPS)."""
 
 
 def sha256_file(path: str | Path) -> str:
@@ -175,14 +180,16 @@ def _check_device(device: str) -> None:
     torch = _import("torch", "torch")
     if device.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise RuntimeError(f"encoder device {device!r}: torch {torch.__version__} sees no CUDA GPU (a CPU-only "
-                               "build, no driver, or CUDA_VISIBLE_DEVICES hides it); set gate.encoder.device: cpu")
+            raise EncoderDeviceError(f"encoder device {device!r}: torch {torch.__version__} sees no CUDA GPU (a "
+                                     "CPU-only build, no driver, or CUDA_VISIBLE_DEVICES hides it); use device cpu "
+                                     "(gate.encoder.device, or moe eval --device)")
         index = int(device.partition(":")[2] or 0)
         if index >= torch.cuda.device_count():
-            raise RuntimeError(f"encoder device {device!r}: only {torch.cuda.device_count()} CUDA device(s) visible")
+            raise EncoderDeviceError(f"encoder device {device!r}: only {torch.cuda.device_count()} CUDA device(s) "
+                                     "visible, numbered from 0")
     elif device == "mps" and not torch.backends.mps.is_available():
-        raise RuntimeError(f"encoder device {device!r}: torch {torch.__version__} has no MPS backend here; "
-                           "set gate.encoder.device: cpu")
+        raise EncoderDeviceError(f"encoder device {device!r}: torch {torch.__version__} has no MPS backend here; "
+                                 "use device cpu (gate.encoder.device, or moe eval --device)")
 
 
 class OnnxMiniLMEncoder(Encoder):

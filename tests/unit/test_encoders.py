@@ -18,6 +18,7 @@ from router.config import EncoderConfig
 from router.encoders import (
     ENCODER_BACKENDS,
     EncoderChecksumError,
+    EncoderDeviceError,
     OnnxMiniLMEncoder,
     SentenceTransformerEncoder,
     build_encoder,
@@ -227,7 +228,7 @@ def test_device_is_validated_by_the_config() -> None:
 
 @pytest.mark.skipif(_cuda(), reason="checks the error on a machine without a CUDA GPU")
 def test_a_missing_gpu_is_named_when_the_encoder_is_built() -> None:
-    with pytest.raises(RuntimeError, match=r"encoder device 'cuda'.*sees no CUDA GPU.*gate.encoder.device: cpu"):
+    with pytest.raises(EncoderDeviceError, match=r"encoder device 'cuda'.*sees no CUDA GPU.*use device cpu"):
         build_encoder(EncoderConfig(backend="sentence-transformers", device="cuda"))
 
 

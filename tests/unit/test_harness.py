@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -140,6 +141,27 @@ def test_unknown_suite_and_missing_test_file_are_refused(tmp_path: Path) -> None
     with pytest.raises(ValueError, match="unknown suite"):
         run_suite("no-such-suite", tmp_path, tmp_path / "out")
     assert cli_main(["eval", "--out", str(tmp_path / "out")]) == 2
+
+
+def test_a_device_the_encoder_cannot_use_is_refused_by_name(tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    out = str(tmp_path / "out")
+    assert cli_main(["eval", "--suite", "snips-intent", "--out", out, "--encoder", "onnx", "--device", "cuda"]) == 1
+    err = capsys.readouterr().err
+    assert "--encoder onnx --device cuda: device 'cuda': only the sentence-transformers backend" in err
+    assert cli_main(["eval", "--suite", "snips-intent", "--out", out, "--device", "tpu"]) == 1
+    assert "--device tpu: String should match pattern" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()  # refused before anything is written
+
+
+def test_the_reproducing_command_names_a_device_other_than_the_cpu() -> None:
+    from eval.harness import _command
+
+    args = argparse.Namespace(out="o", encoder="sentence-transformers", seed=0, data=None, limit=None, pool=None,
+                              device="cuda:1")
+    assert _command(args, "snips-intent").endswith("--encoder sentence-transformers --seed 0 --device cuda:1")
+    args.device = "cpu"
+    assert "--device" not in _command(args, "snips-intent")
 
 
 class _CountingEncoder(Encoder):
