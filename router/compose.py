@@ -1,6 +1,7 @@
 """A Docker Compose file from the router config, so one file drives both the router and its deployment.
 
-Every ``vllm`` expert becomes a service running the pinned ``vllm/vllm-openai`` image on one GPU, and a
+Every ``vllm`` expert becomes a service running the pinned ``vllm/vllm-openai`` image on one GPU (flags from
+``vllm_args``: an expert that declares ``tools`` gets vLLM's tool-call parser, ``vllm.tool_call_parser``), and a
 ``router`` service, built from the repo's ``Dockerfile``, starts once all of them are healthy. Inside compose
 an expert's host is its service, so a vllm expert's endpoint must be ``http://<service>:8000/v1``, where
 ``<service>`` is the expert's name made DNS-safe (``service_name``). Render refuses any other endpoint: the
@@ -41,11 +42,14 @@ __all__ = [
     "expected_endpoint",
     "render_compose",
     "service_name",
+    "vllm_args",
 ]
 
 # Pinned so a deployment does not change under the same file; bump it deliberately.
 VLLM_IMAGE = "vllm/vllm-openai:v0.12.0"
 VLLM_PORT = 8000
+# Each vLLM server's share of its GPU's memory; VLLM_GPU_MEMORY_UTILIZATION overrides it at `docker compose up`.
+GPU_MEMORY_UTILIZATION = "${VLLM_GPU_MEMORY_UTILIZATION:-0.90}"
 ROUTER_SERVICE = "router"
 REDIS_IMAGE = "redis:7.2-alpine"
 REDIS_SERVICE = "redis"
@@ -111,6 +115,11 @@ def _problems(config: RouterConfig, config_path: str) -> Iterable[tuple[str, str
         seen.setdefault(service, expert.name)
         if (problem := _endpoint_problem(expert)) is not None:
             yield f"{_label(expert, i)}.endpoint", problem
+        if "tools" in expert.capabilities and not (expert.vllm and expert.vllm.tool_call_parser):
+            yield (f"{_label(expert, i)}.vllm.tool_call_parser",
+                   "capabilities include tools, so its vLLM server must start with --enable-auto-tool-choice "
+                   "--tool-call-parser NAME (vLLM refuses tool_choice auto otherwise): set vllm.tool_call_parser, "
+                   "e.g. hermes for Qwen2.5, llama3_json for Llama 3.1")
 
 
 def _healthcheck(port: int, *, start_period: str) -> dict[str, Any]:
@@ -129,10 +138,20 @@ def _gpu_env(service: str) -> str:
     return "MOE_GPU_" + re.sub(r"[^A-Z0-9]", "_", service.upper())
 
 
-def _vllm_service(expert: ExpertConfig, gpu: int, image: str) -> dict[str, Any]:
+def vllm_args(expert: ExpertConfig, gpu_memory_utilization: str = GPU_MEMORY_UTILIZATION) -> list[str]:
+    """The flags a ``vllm`` expert's server starts with (the image's entrypoint is vLLM's OpenAI server)."""
     # The router sends ``expert.model`` upstream while clients know ``expert.name``: serve under both,
     # the name first so it is the one vLLM reports.
     names = [expert.name] if expert.model == expert.name else [expert.name, expert.model]
+    args = ["--model", expert.model, "--served-model-name", *names, "--port", str(VLLM_PORT),
+            "--gpu-memory-utilization", gpu_memory_utilization]
+    serve = expert.vllm
+    if serve is not None and serve.tool_call_parser and "tools" in expert.capabilities:
+        args += ["--enable-auto-tool-choice", "--tool-call-parser", serve.tool_call_parser]
+    return args + (list(serve.args) if serve is not None else [])
+
+
+def _vllm_service(expert: ExpertConfig, gpu: int, image: str) -> dict[str, Any]:
     environment = ["HF_TOKEN", "VLLM_NO_USAGE_STATS=1", "DO_NOT_TRACK=1"]
     if expert.api_key_env:
         environment.append(f"VLLM_API_KEY=${{{expert.api_key_env}:-}}")
@@ -140,12 +159,7 @@ def _vllm_service(expert: ExpertConfig, gpu: int, image: str) -> dict[str, Any]:
               "capabilities": ["gpu"]}
     return {
         "image": image,
-        "command": [
-            "--model", expert.model,
-            "--served-model-name", *names,
-            "--port", str(VLLM_PORT),
-            "--gpu-memory-utilization", "${VLLM_GPU_MEMORY_UTILIZATION:-0.90}",
-        ],
+        "command": vllm_args(expert),
         "environment": environment,
         "volumes": [f"{HF_CACHE_VOLUME}:{HF_CACHE_PATH}"],
         # vLLM's workers share tensors through /dev/shm, which Docker otherwise caps at 64 MB.

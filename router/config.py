@@ -77,6 +77,34 @@ class ReplayConfig(_Strict):
     latency_ms: float = Field(default=0.0, ge=0.0, le=60_000.0)
 
 
+class VllmServeConfig(_Strict):
+    """How ``moe compose`` (and the Kubernetes manifests that mirror it) start a ``vllm`` expert's server.
+
+    The router cannot see an upstream's flags, so this only shapes the servers the repo deploys."""
+
+    # vLLM's --tool-call-parser for this model (hermes for Qwen2.5, llama3_json for Llama 3.1, mistral, ...).
+    # An expert whose capabilities include ``tools`` needs one: without --enable-auto-tool-choice vLLM refuses
+    # ``tool_choice: auto``, so the router would route tool calls to a server that turns them down.
+    tool_call_parser: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    # Further vLLM flags, appended as given (e.g. ["--max-model-len", "16384"]). The flags the generator sets
+    # itself are refused here, so a deployment never carries two values for one flag.
+    args: list[str] = []
+
+    @model_validator(mode="after")
+    def _no_generated_flags(self) -> VllmServeConfig:
+        for arg in self.args:
+            flag = arg.split("=", 1)[0]
+            if flag in GENERATED_VLLM_FLAGS:
+                raise ValueError(f"args: {flag} is set by the generator from the expert's config; remove it"
+                                 + (" and set vllm.tool_call_parser" if "tool" in flag else ""))
+        return self
+
+
+# The vLLM flags ``router.compose`` derives from an expert's config.
+GENERATED_VLLM_FLAGS = frozenset({"--model", "--served-model-name", "--port", "--gpu-memory-utilization",
+                                  "--enable-auto-tool-choice", "--tool-call-parser"})
+
+
 class ExpertConfig(_Strict):
     name: str = Field(pattern=_NAME)
     type: str = Field(min_length=1)
@@ -93,6 +121,15 @@ class ExpertConfig(_Strict):
     # ``type: router``: another router's config file, served in-process (relative to this file). Over HTTP,
     # set ``endpoint`` to the other service's ``/v1`` instead: exactly one of the two.
     router_config: str | None = Field(default=None, min_length=1)
+    # ``type: vllm``: how ``moe compose`` starts its server (tool-call parser, further flags).
+    vllm: VllmServeConfig | None = None
+
+    @model_validator(mode="after")
+    def _vllm_block_for_vllm_experts(self) -> ExpertConfig:
+        if self.vllm is not None and self.type != "vllm":
+            raise ValueError(f"vllm: only a type: vllm expert has a vLLM server to configure; this one is type "
+                             f"{self.type!r}")
+        return self
 
     def api_key(self) -> str | None:
         """The key from the environment, read when a client is built, never stored in the config."""

@@ -19,6 +19,7 @@ from router.compose import (
     expected_endpoint,
     render_compose,
     service_name,
+    vllm_args,
 )
 from router.config import ExpertConfig, RouterConfig, load_config, parse_config
 
@@ -198,6 +199,52 @@ def test_names_that_collide_as_services_are_refused() -> None:
         render_compose(config)
     messages = " ".join(msg for _, msg in info.value.problems)
     assert "same compose service 'coder'" in messages and "'router'" in messages
+
+
+def test_a_tool_expert_starts_vllm_with_its_tool_call_parser(config: RouterConfig, compose: dict[str, Any]) -> None:
+    tool_experts = [e for e in vllm_experts(config) if "tools" in e.capabilities]
+    assert tool_experts, "configs/compose.yaml should keep an expert that takes tool calls"
+    for expert in vllm_experts(config):
+        command = compose["services"][service_name(expert)]["command"]
+        if expert in tool_experts:
+            assert "--enable-auto-tool-choice" in command
+            assert flag_values(command, "--tool-call-parser") == [expert.vllm.tool_call_parser]  # type: ignore[union-attr]
+        else:
+            assert "--enable-auto-tool-choice" not in command and "--tool-call-parser" not in command
+
+
+def test_a_tool_expert_without_a_parser_is_refused_by_name() -> None:
+    config = config_with(vllm("chat", "http://chat:8000/v1", capabilities=["chat", "tools"]),
+                         vllm("coder", "http://coder:8000/v1"))
+    with pytest.raises(ComposeError) as info:
+        render_compose(config)
+    assert [path for path, _ in info.value.problems] == ["experts[0] (chat).vllm.tool_call_parser"]
+    assert "--enable-auto-tool-choice" in info.value.problems[0][1] and "hermes" in info.value.problems[0][1]
+
+
+def test_further_vllm_flags_follow_the_generated_ones() -> None:
+    config = config_with(vllm("chat", "http://chat:8000/v1", capabilities=["chat", "tools"],
+                              vllm={"tool_call_parser": "hermes", "args": ["--max-model-len", "16384"]}))
+    command = render_compose(config)["services"]["chat"]["command"]
+    assert command[-5:] == ["--enable-auto-tool-choice", "--tool-call-parser", "hermes", "--max-model-len", "16384"]
+    assert vllm_args(config.experts[0], "0.5") == [*command[:-7], "--gpu-memory-utilization", "0.5", *command[-5:]]
+
+
+def test_vllm_block_is_checked_when_the_config_loads() -> None:
+    from router.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"--tool-call-parser is set by the generator.*set vllm.tool_call_parser"):
+        config_with(vllm("chat", "http://chat:8000/v1", vllm={"args": ["--tool-call-parser=hermes"]}))
+    with pytest.raises(ConfigError, match=r"--port is set by the generator"):
+        config_with(vllm("chat", "http://chat:8000/v1", vllm={"args": ["--port", "9000"]}))
+    with pytest.raises(ConfigError, match=r"vllm: only a type: vllm expert.*'openai'"):
+        config_with({"name": "gpt", "type": "openai", "endpoint": "https://api.openai.com/v1", "model": "gpt-4o",
+                     "vllm": {"tool_call_parser": "hermes"}})
+    with pytest.raises(ConfigError, match="tool_call_parser"):
+        config_with(vllm("chat", "http://chat:8000/v1", vllm={"tool_call_parser": "hermes; rm -rf /"}))
+    # A parser on an expert that does not declare tools is kept out of its command: the router never sends it any.
+    quiet = config_with(vllm("chat", "http://chat:8000/v1", vllm={"tool_call_parser": "hermes"}))
+    assert "--tool-call-parser" not in render_compose(quiet)["services"]["chat"]["command"]
 
 
 def test_hosted_experts_get_no_service_but_their_key_reaches_the_router() -> None:
