@@ -77,6 +77,11 @@ class ReplayConfig(_Strict):
     latency_ms: float = Field(default=0.0, ge=0.0, le=60_000.0)
 
 
+# The vLLM flags ``router.compose`` derives from an expert's config.
+GENERATED_VLLM_FLAGS = frozenset({"--model", "--served-model-name", "--port", "--gpu-memory-utilization",
+                                  "--enable-auto-tool-choice", "--tool-call-parser"})
+
+
 class VllmServeConfig(_Strict):
     """How ``moe compose`` (and the Kubernetes manifests that mirror it) start a ``vllm`` expert's server.
 
@@ -93,16 +98,11 @@ class VllmServeConfig(_Strict):
     @model_validator(mode="after")
     def _no_generated_flags(self) -> VllmServeConfig:
         for arg in self.args:
-            flag = arg.split("=", 1)[0]
+            flag = arg.split("=", 1)[0].replace("_", "-")  # vLLM reads --tool_call_parser as --tool-call-parser
             if flag in GENERATED_VLLM_FLAGS:
                 raise ValueError(f"args: {flag} is set by the generator from the expert's config; remove it"
                                  + (" and set vllm.tool_call_parser" if "tool" in flag else ""))
         return self
-
-
-# The vLLM flags ``router.compose`` derives from an expert's config.
-GENERATED_VLLM_FLAGS = frozenset({"--model", "--served-model-name", "--port", "--gpu-memory-utilization",
-                                  "--enable-auto-tool-choice", "--tool-call-parser"})
 
 
 class ExpertConfig(_Strict):

@@ -237,6 +237,8 @@ def test_vllm_block_is_checked_when_the_config_loads() -> None:
         config_with(vllm("chat", "http://chat:8000/v1", vllm={"args": ["--tool-call-parser=hermes"]}))
     with pytest.raises(ConfigError, match=r"--port is set by the generator"):
         config_with(vllm("chat", "http://chat:8000/v1", vllm={"args": ["--port", "9000"]}))
+    with pytest.raises(ConfigError, match=r"--enable-auto-tool-choice is set by the generator"):
+        config_with(vllm("chat", "http://chat:8000/v1", vllm={"args": ["--enable_auto_tool_choice"]}))
     with pytest.raises(ConfigError, match=r"vllm: only a type: vllm expert.*'openai'"):
         config_with({"name": "gpt", "type": "openai", "endpoint": "https://api.openai.com/v1", "model": "gpt-4o",
                      "vllm": {"tool_call_parser": "hermes"}})
