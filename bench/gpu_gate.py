@@ -133,6 +133,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if not args.onnx and not args.device:
         parser.error("nothing to measure: give --onnx, --device DEVICE, or both")
+    if args.device == "cpu":
+        parser.error("--device is compared against the CPU: give a GPU device (cuda, cuda:N, mps)")
     if args.cores:
         usable = sorted(os.sched_getaffinity(0))
         if args.cores > len(usable):
