@@ -147,6 +147,9 @@ def _outcome_cells(r: Mapping[str, Any]) -> tuple[str, str, str]:
             f"{_f(m.get('routed_cost'), 4)}, AIQ {_f(m.get('aiq'))}")
     if "arc_gpt4_cost_share" in m:
         head += f"; ARC: GPT-4's accuracy at {_f(m['arc_gpt4_cost_share'], 2)} of its cost"
+    if "arc_escalate_accuracy_within_30pct" in m:
+        head += (f"; ARC within 30% of GPT-4's cost: acc {_f(m.get('arc_accuracy_within_30pct'))}, "
+                 f"with `escalate` {_f(m['arc_escalate_accuracy_within_30pct'])}")
     systems = {k: v for k, v in r.get("systems", {}).items()
                if not k.startswith(("gate", "oracle")) and _num(v.get("accuracy")) is not None}
     best = max(systems, key=lambda k: systems[k]["accuracy"]) if systems else None

@@ -19,8 +19,8 @@ from eval.outcome import NeighbourOutcomes, route_with_cost, route_with_margin
 from eval.report import plot_quality_cost, plot_strong_calls
 from eval.suite import SuiteContext, as_float, subsample
 
-__all__ = ["fill_costs", "mmlu_pro_split", "routerbench_split", "run_mmlu_pro_outcome", "run_routellm_mmlu",
-           "run_routerbench", "tune_margin"]
+__all__ = ["best_within", "escalate_curve", "fill_costs", "mmlu_pro_split", "routerbench_split",
+           "run_mmlu_pro_outcome", "run_routellm_mmlu", "run_routerbench", "tune_margin"]
 
 FRACTIONS = (0.7, 0.1, 0.2)
 K_GRID = (10, 25, 50, 100)
@@ -244,24 +244,73 @@ def run_routerbench(ctx: SuiteContext) -> dict[str, Any]:
                           title="RouterBench subset, 11 LLMs", reference="gpt-4-1106-preview")
     arc = np.array([rows[i].task == "arc_challenge" for i in test])
     if arc.any():
+        texts = [[rows[i].answers[m].response for m in models] for i in test[arc]]
         body["arc_challenge"] = _subset_curve(body, outcomes[test][arc], fill_costs(costs, train)[test][arc],
-                                              models, x, outcomes, costs, np.r_[train, val], test[arc])
+                                              models, x, outcomes, costs, np.r_[train, val], test[arc], texts)
         body["metrics"]["arc_gpt4_cost_share"] = body["arc_challenge"]["reference_match"]["cost_share"]
+        arc_body = body["arc_challenge"]
+        body["metrics"].update({
+            "arc_escalate_gpt4_cost_share": arc_body["escalate"]["reference_match"]["cost_share"],
+            "arc_accuracy_within_30pct": arc_body["within_30pct"]["accuracy"],
+            "arc_escalate_accuracy_within_30pct": arc_body["escalate"]["within_30pct"]["accuracy"]})
     body["metrics"]["gpt4_cost_share"] = body["reference_match"]["cost_share"]
     return body
 
 
 def _subset_curve(body: dict[str, Any], o: np.ndarray, c: np.ndarray, models: list[str], x: np.ndarray,
-                  outcomes: np.ndarray, costs: np.ndarray, fit: np.ndarray, rows: np.ndarray) -> dict[str, Any]:
-    """The λ sweep restricted to one task's test queries, and where it reaches GPT-4 there."""
+                  outcomes: np.ndarray, costs: np.ndarray, fit: np.ndarray, rows: np.ndarray,
+                  texts: Sequence[Sequence[str]]) -> dict[str, Any]:
+    """The λ sweep restricted to one task's test queries, and where it reaches GPT-4 there; the same sweep for
+    the ``escalate`` combiner over the gate's top two (``escalate_curve``)."""
     model = NeighbourOutcomes(x[fit], outcomes[fit], fill_costs(costs, fit)[fit])
     ids = model.neighbours(x[rows], int(body["setup"]["chosen_k"]))
     success = model.success(ids, body["setup"]["chosen_alpha"])
     curve, _ = _curve(model, ids, success, o, c, body["setup"]["chosen_alpha"])
-    gpt4 = _system(o, c, _always(len(o), models.index("gpt-4-1106-preview")))
+    reference = models.index("gpt-4-1106-preview")
+    gpt4 = _system(o, c, _always(len(o), reference))
     oracle = M.cheapest_correct_oracle(o, c)
+    escalated = escalate_curve(success, model.cost(ids), texts, o, c, reference, [p["lambda"] for p in curve])
     return {"queries": len(o), "curve": curve, "reference_match": _match(curve, gpt4, "gpt-4-1106-preview"),
-            "oracle": {"accuracy": oracle.accuracy, "cost": oracle.cost, "cost_share": oracle.cost / gpt4["cost"]}}
+            "within_30pct": best_within(curve, 0.30 * gpt4["cost"]),
+            "oracle": {"accuracy": oracle.accuracy, "cost": oracle.cost, "cost_share": oracle.cost / gpt4["cost"]},
+            "escalate": {"panel": 2, "escalate_to": "gpt-4-1106-preview", "curve": escalated,
+                         "reference_match": _match(escalated, gpt4, "gpt-4-1106-preview"),
+                         "within_30pct": best_within(escalated, 0.30 * gpt4["cost"])}}
+
+
+def best_within(curve: Sequence[dict[str, float]], budget: float) -> dict[str, Any]:
+    """The most accurate curve point costing at most ``budget`` (the cheaper on a tie); accuracy None when none
+    does."""
+    fits = [p for p in curve if p["cost"] <= budget]
+    point = max(fits, key=lambda p: (p["accuracy"], -p["cost"])) if fits else None
+    return {"budget": budget, "point": point, "accuracy": point["accuracy"] if point else None}
+
+
+def escalate_curve(success: np.ndarray, predicted: np.ndarray, texts: Sequence[Sequence[str]], o: np.ndarray,
+                   c: np.ndarray, escalate_to: int, lambdas: Sequence[float], panel: int = 2,
+                   extractor: str = "choice") -> list[dict[str, float]]:
+    """``router.combine.Escalate`` on recorded responses, over the λ sweep: for each query the gate's top
+    ``panel`` experts by ``success - λ·predicted`` answer; when ``Escalate.agreed`` finds them on one answer,
+    that answer stands (graded as the heavier member's: every response with the same letter has the same grade
+    here), otherwise expert ``escalate_to`` answers, at its cost too unless it sat on the panel. A member with no
+    record (NaN grade) gave no answer, so the rest cannot agree with it. ``c`` holds no NaN (``fill_costs``)."""
+    from router.combine import Escalate, WeightedAnswer
+
+    combiner = Escalate(str(escalate_to), extractor)
+    out = []
+    for lam in lambdas:
+        panels = np.argsort(-(success - lam * predicted), axis=1, kind="stable")[:, :panel]
+        right, spent = np.zeros(len(o)), np.zeros(len(o))
+        for q, members in enumerate(panels):
+            answers = [WeightedAnswer(str(j), 1.0 / panel, texts[q][j]) for j in members if not np.isnan(o[q, j])]
+            spent[q] = c[q, members].sum()
+            if combiner.agreed(answers) is not None:
+                right[q] = o[q, members[0]] if not np.isnan(o[q, members[0]]) else o[q, members[1]]
+            else:
+                right[q] = np.nan_to_num(o[q, escalate_to])
+                spent[q] += 0.0 if escalate_to in members else c[q, escalate_to]
+        out.append({"lambda": float(lam), "accuracy": float(right.mean()), "cost": float(spent.mean())})
+    return out
 
 
 def run_routellm_mmlu(ctx: SuiteContext) -> dict[str, Any]:

@@ -19,6 +19,12 @@ through the hook it is handed. Strategies (``COMBINERS``):
   ``combine`` cannot call a model, so it returns the top-weight answer (what ``fuse`` falls back to when the
   aggregator fails, with the failure in ``Combined.fallback``). With a single answer there is nothing to
   fuse: it is returned as it is, without an aggregator call.
+- ``escalate``: answer consistency as a cascade. When every answer of the panel extracts to the same final
+  answer, that answer stands (no further call); otherwise the ``escalate_to`` expert answers the client's own
+  request, and its answer is the result (read from the panel without a new call when it is a member). A panel
+  with a single answer has no second opinion, so it escalates too. A failed escalation falls back to the
+  panel's weighted vote, with the failure in ``Combined.fallback``. With a cheap panel and a strong
+  ``escalate_to``, the strong model is paid for only where the cheap ones disagree.
 """
 
 from __future__ import annotations
@@ -37,12 +43,14 @@ from experts.types import ChatMessage
 from router.trace import Contribution
 from router.vote_weights import VoteWeights
 
-__all__ = ["COMBINERS", "EXTRACTORS", "TIE_BREAK", "Aggregate", "Combined", "Combiner", "Consensus", "Fuse",
-           "TopOne", "Vote", "WeightedAnswer", "build_combiner", "choice_embedding", "extract_choice", "extract_number",
-           "extract_short"]
+__all__ = ["COMBINERS", "EXTRACTORS", "TIE_BREAK", "Aggregate", "Combined", "Combiner", "Consensus", "Escalate",
+           "Fuse", "TopOne", "Vote", "WeightedAnswer", "build_combiner", "choice_embedding", "extract_choice",
+           "extract_number", "extract_short"]
 
 Embed = Callable[[Sequence[str]], np.ndarray]
-Aggregate = Callable[[list[ChatMessage]], Awaitable[str]]
+# The combiner's one model call, to its ``aggregator`` expert: with these messages (``fuse``'s prompt), or, given
+# None, with the client's own request (``escalate``).
+Aggregate = Callable[[list[ChatMessage] | None], Awaitable[str]]
 
 
 @dataclass(frozen=True)
@@ -64,8 +72,11 @@ class Combined:
 
 class Combiner(ABC):
     name = "combiner"
-    # The expert a combiner asks to write its answer (``fuse``); None for those that only choose among answers.
+    # The expert a combiner asks to write its answer (``fuse``) or to answer instead (``escalate``); None for those
+    # that only choose among answers.
     aggregator: str | None = None
+    # What ``Combined.fallback`` results were decided by instead, when that call failed.
+    fallback_to = "top1"
 
     @abstractmethod
     def combine(self, answers: list[WeightedAnswer]) -> Combined:
@@ -291,15 +302,60 @@ class Fuse(Combiner):
         return await self.fuse(query, answers, aggregate)
 
 
+class Escalate(Combiner):
+    """Keep the panel's answer when all of it agrees; otherwise ask ``expert`` (see the module docstring).
+
+    ``agreed`` is the pure decision: the final answer every answer extracts to, or None. The contributions mark
+    which answers match the result's extracted answer."""
+
+    name = "escalate"
+    aggregator: str
+    fallback_to = "vote"
+
+    def __init__(self, expert: str, extractor: str = "choice", per_expert: Mapping[str, str] | None = None) -> None:
+        self.aggregator = expert
+        self.vote = Vote(extractor, per_expert)
+
+    def agreed(self, answers: list[WeightedAnswer]) -> str | None:
+        keys = {self.vote.key(a) for a in answers}
+        if len(answers) < 2 or len(keys) != 1:
+            return None
+        return next(iter(keys))
+
+    def combine(self, answers: list[WeightedAnswer]) -> Combined:
+        # No model call here: the panel's weighted vote, which is also the agreed answer when there is one.
+        return self.vote.combine(answers)
+
+    def result(self, answers: list[WeightedAnswer], text: str) -> Combined:
+        final = self.vote.extract(text)
+        contributions = [Contribution(expert=a.expert, weight=a.weight,
+                                      agreed=final is not None and self.vote.key(a) == final) for a in answers]
+        return Combined(content=text, expert=self.aggregator, contributions=contributions)
+
+    async def acombine(self, query: str, answers: list[WeightedAnswer], aggregate: Aggregate) -> Combined:
+        if self.agreed(answers) is not None:
+            return self.vote.combine(answers)
+        own = next((a for a in answers if a.expert == self.aggregator), None)
+        if own is not None:  # the escalation expert sat on the panel: its answer is already here
+            return self.result(answers, own.content)
+        try:
+            text = await aggregate(None)
+        except ExpertError as exc:  # a failed escalation degrades to the panel's vote; it never fails the request
+            return dataclasses.replace(self.vote.combine(answers), fallback=exc)
+        return self.result(answers, text)
+
+
 COMBINERS: dict[str, Callable[..., Combiner]] = {"top1": TopOne, "vote": Vote, "consensus": Consensus,
-                                                 "fuse": Fuse}
+                                                 "fuse": Fuse, "escalate": Escalate}
 
 
 def build_combiner(strategy: str, extractor: str = "choice", *, per_expert: Mapping[str, str] | None = None,
                    embed: Embed | None = None, aggregator: str | None = None,
-                   vote_weights: Mapping[str, float] | VoteWeights | None = None) -> Combiner:
+                   vote_weights: Mapping[str, float] | VoteWeights | None = None,
+                   escalate_to: str | None = None) -> Combiner:
     """``consensus`` needs ``embed`` (``choice_embedding`` when omitted and ``extractor`` is ``"choice"``);
-    ``fuse`` needs the ``aggregator`` expert's name; ``vote_weights`` gives ``vote`` learned weights."""
+    ``fuse`` needs the ``aggregator`` expert's name, ``escalate`` the ``escalate_to`` expert's;
+    ``vote_weights`` gives ``vote`` learned weights."""
     if strategy not in COMBINERS:
         raise ValueError(f"unknown combiner strategy {strategy!r}; known: {', '.join(sorted(COMBINERS))}")
     if strategy == "vote":
@@ -312,4 +368,9 @@ def build_combiner(strategy: str, extractor: str = "choice", *, per_expert: Mapp
         if aggregator is None:
             raise ValueError("the fuse combiner needs an aggregator expert (combiner.aggregator in the config)")
         return Fuse(aggregator, extractor)
+    if strategy == "escalate":
+        if escalate_to is None:
+            raise ValueError("the escalate combiner needs the expert to escalate to (combiner.escalate_to in the "
+                             "config)")
+        return Escalate(escalate_to, extractor, per_expert)
     return COMBINERS[strategy]()

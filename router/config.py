@@ -230,17 +230,23 @@ class GateConfig(_Strict):
 
 
 class CombinerConfig(_Strict):
-    """How a panel's answers become one (``router.combine``): ``top1`` | ``vote`` | ``consensus`` | ``fuse``.
+    """How a panel's answers become one (``router.combine``): ``top1`` | ``vote`` | ``consensus`` | ``fuse`` |
+    ``escalate``.
 
     ``consensus`` embeds the answers with the gate's encoder. ``fuse`` asks ``aggregator``, a configured expert,
     to write the final answer from the panel's; naming an aggregator also lets a request pick ``fuse`` with the
-    ``x-moe-combiner`` header while another strategy is the default."""
+    ``x-moe-combiner`` header while another strategy is the default. ``escalate`` keeps the panel's answer when
+    all of it agrees and otherwise asks ``escalate_to``, a configured expert; naming one likewise lets a request
+    pick ``escalate``."""
 
-    strategy: Literal["top1", "vote", "consensus", "fuse"] = "top1"
+    strategy: Literal["top1", "vote", "consensus", "fuse", "escalate"] = "top1"
     # How ``vote`` reads a final answer out of free text; ``fuse`` uses it to mark which answers agree.
     extractor: Literal["choice", "number", "short"] = "choice"
     # The expert that writes ``fuse``'s answer; must be one of ``experts`` (cross-checked at load).
     aggregator: str | None = Field(default=None, pattern=_NAME)
+    # The expert that answers when ``escalate``'s panel disagrees (typically the strongest and dearest); must be
+    # one of ``experts`` (cross-checked at load).
+    escalate_to: str | None = Field(default=None, pattern=_NAME)
     # What an answer counts for in ``vote``: ``gate``, the panel weight the gate gave its expert; ``learned``,
     # per-expert weights fitted jointly on outcome records that carry ``answers`` (``router.vote_weights``),
     # written by ``moe train`` beside the gate artifact. Learned weights discount experts that err together.
@@ -463,10 +469,17 @@ def _cross_problems(raw: Any, *, check_env: bool) -> Iterable[tuple[str, str]]:
 
 
 def _combiner_problems(combiner: Any, names: list[str]) -> Iterable[tuple[str, str]]:
-    """``fuse`` needs an aggregator, and it must be a configured expert: it is called like one, through the
-    dispatcher."""
+    """``fuse`` needs an aggregator and ``escalate`` an expert to escalate to, and each must be a configured
+    expert: it is called like one, through the dispatcher."""
     if not isinstance(combiner, dict):
         return
+    escalate_to = combiner.get("escalate_to")
+    if combiner.get("strategy") == "escalate" and escalate_to is None:
+        yield "combiner.escalate_to", "strategy 'escalate' needs escalate_to: the name of the expert that answers " \
+                                      "when the panel disagrees"
+    if isinstance(escalate_to, str) and names and escalate_to not in names:
+        yield "combiner.escalate_to", f"references expert {escalate_to!r}, which is not defined; experts: " \
+                                      f"{', '.join(names)}"
     aggregator = combiner.get("aggregator")
     if combiner.get("strategy") == "fuse" and aggregator is None:
         yield "combiner.aggregator", "strategy 'fuse' needs an aggregator: the name of the expert that writes " \

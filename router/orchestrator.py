@@ -66,7 +66,7 @@ from router.fallback import AllExpertsFailed, Deadline, next_candidate
 from router.gate import Assessment, assess
 from router.retry import RetryPolicy
 from router.topk import choose, rank
-from router.trace import RoutedAnswer, RouteDecision, Trace, WeightedExpert
+from router.trace import AttemptRole, RoutedAnswer, RouteDecision, Trace, WeightedExpert
 from router.vote_weights import VoteWeights
 
 __all__ = ["GateLike", "NoCapableExpert", "Orchestrator", "StreamEnd", "StreamPiece", "UnknownExpert"]
@@ -285,7 +285,8 @@ class Orchestrator:
         if strategy not in self._combiners:
             cfg = self.config.combiner
             self._combiners[strategy] = build_combiner(strategy, cfg.extractor, embed=self._embed,
-                                                       aggregator=cfg.aggregator, vote_weights=self.vote_weights)
+                                                       aggregator=cfg.aggregator, vote_weights=self.vote_weights,
+                                                       escalate_to=cfg.escalate_to)
         return self._combiners[strategy]
 
     def _embed(self, texts: Sequence[str]) -> np.ndarray:
@@ -322,14 +323,15 @@ class Orchestrator:
         contributions and any combiner fallback go into ``trace``."""
         total = sum(p.weight for p, _ in replies) or 1.0
         answers = [WeightedAnswer(r.expert, p.weight / total, r.content) for p, r in replies]
-        aggregation = _Aggregation(self.dispatch, combiner.aggregator, request, deadline, trace)
+        aggregation = _Aggregation(self.dispatch, combiner.aggregator, request, deadline, trace,
+                                   role="escalate" if combiner.name == "escalate" else "aggregate")
         if any(r.tool_calls for _, r in replies):
             combined = TopOne().combine(answers)
         else:
             combined = await combiner.acombine(request.query_text(), answers, aggregation)
         trace.contributions = combined.contributions
         if combined.fallback is not None:
-            trace.combiner_fallback = {"to": TopOne.name, **combined.fallback.to_dict()}
+            trace.combiner_fallback = {"to": combiner.fallback_to, **combined.fallback.to_dict()}
         chosen = aggregation.reply or next(r for _, r in replies if r.expert == combined.expert)
         return combined, chosen
 
@@ -420,24 +422,25 @@ class Orchestrator:
 
 
 class _Aggregation:
-    """The fuse combiner's one model call: the aggregator expert asked through the dispatcher, so its breaker,
-    in-flight limit, time limit and retries apply, within the request's deadline and cost budget. ``reply`` is
-    the aggregator's reply once it answered."""
+    """A combiner's one model call (``fuse``'s aggregator, ``escalate``'s expert): that expert asked through the
+    dispatcher, so its breaker, in-flight limit, time limit and retries apply, within the request's deadline and
+    cost budget. ``reply`` is its reply once it answered."""
 
     def __init__(self, dispatch: Dispatcher, expert: str | None, request: ChatRequest, deadline: Deadline,
-                 trace: Trace) -> None:
+                 trace: Trace, role: AttemptRole = "aggregate") -> None:
         self.dispatch, self.expert, self.request = dispatch, expert, request
-        self.deadline, self.trace = deadline, trace
+        self.deadline, self.trace, self.role = deadline, trace, role
         self.reply: ExpertReply | None = None
 
-    async def __call__(self, messages: list[ChatMessage]) -> str:
+    async def __call__(self, messages: list[ChatMessage] | None) -> str:
+        """Ask with ``messages``, or with the client's own messages when None."""
         if self.expert is None:
             raise ExpertConfigError("combiner", "no aggregator expert is configured")
-        request = _aggregation_request(self.request, messages)
+        request = _aggregation_request(self.request, self.request.messages if messages is None else messages)
         spent = self.dispatch.over_budget(self.expert, self.trace, request)
         if spent is not None:
             raise spent
-        result = await self.dispatch.call(self.expert, 0.0, request, self.deadline, self.trace, role="aggregate")
+        result = await self.dispatch.call(self.expert, 0.0, request, self.deadline, self.trace, role=self.role)
         if isinstance(result, ExpertError):
             raise result
         self.reply = result

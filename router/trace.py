@@ -20,7 +20,7 @@ __all__ = ["Attempt", "AttemptRole", "Contribution", "Retry", "RouteDecision", "
 
 # What an expert call was for: answering the query, or (the fuse combiner) writing the final answer from the
 # panel's answers.
-AttemptRole = Literal["answer", "aggregate"]
+AttemptRole = Literal["answer", "aggregate", "escalate"]
 
 
 class WeightedExpert(BaseModel):

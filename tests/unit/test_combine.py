@@ -9,6 +9,7 @@ from experts.types import ChatMessage
 from router.combine import (
     COMBINERS,
     Consensus,
+    Escalate,
     Fuse,
     TopOne,
     Vote,
@@ -142,13 +143,21 @@ def test_fuse_falls_back_to_top1_when_the_aggregator_fails() -> None:
 
 
 def test_build_combiner_knows_every_strategy_and_what_each_needs() -> None:
-    assert set(COMBINERS) == {"top1", "vote", "consensus", "fuse"}
+    assert set(COMBINERS) == {"top1", "vote", "consensus", "fuse", "escalate"}
     assert isinstance(build_combiner("consensus"), Consensus)  # letters need no model
     with pytest.raises(ValueError, match="embedding"):
         build_combiner("consensus", "short")
     with pytest.raises(ValueError, match="aggregator"):
         build_combiner("fuse")
     assert isinstance(build_combiner("fuse", aggregator="agg"), Fuse)
+    with pytest.raises(ValueError, match=r"escalate_to"):
+        build_combiner("escalate")
+    escalate = build_combiner("escalate", "number", escalate_to="big", per_expert={"odd": "choice"})
+    assert isinstance(escalate, Escalate) and escalate.aggregator == "big"
+    # Extraction per expert, as vote does it: "(C)" from "odd" and "3" from "plain" are two different answers.
+    assert escalate.agreed([WeightedAnswer("odd", 0.5, "(C)"), WeightedAnswer("plain", 0.5, "it is 3")]) is None
+    assert escalate.agreed([WeightedAnswer("a", 0.5, "42"), WeightedAnswer("b", 0.5, "about 42")]) == "42"
+    assert escalate.combine([WeightedAnswer("a", 0.7, "42"), WeightedAnswer("b", 0.3, "7")]).expert == "a"
 
 
 def test_fuse_keeps_the_aggregators_error_and_skips_a_single_answer() -> None:

@@ -1,5 +1,5 @@
-"""The fuse and consensus combiners wired into the config, the orchestrator and the ``x-moe-combiner`` header,
-with fake experts and a fake gate."""
+"""The fuse, consensus and escalate combiners wired into the config, the orchestrator and the ``x-moe-combiner``
+header, with fake experts and a fake gate."""
 
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
@@ -99,9 +99,10 @@ def raw_config(combiner: dict[str, Any]) -> dict[str, Any]:
         {"name": n, "type": "replay", "model": n, "replay": {"source": "routerbench", "path": "x"}} for n in NAMES]}
 
 
-@pytest.mark.parametrize("strategy", ["top1", "vote", "consensus", "fuse"])
+@pytest.mark.parametrize("strategy", ["top1", "vote", "consensus", "fuse", "escalate"])
 def test_every_strategy_is_accepted_by_the_config(strategy: str) -> None:
-    config = parse_config(raw_config({"strategy": strategy, "aggregator": "judge"}), check_env=False)
+    config = parse_config(raw_config({"strategy": strategy, "aggregator": "judge", "escalate_to": "judge"}),
+                          check_env=False)
     assert (config.combiner.strategy, config.combiner.aggregator) == (strategy, "judge")
 
 
@@ -110,7 +111,10 @@ def test_every_strategy_is_accepted_by_the_config(strategy: str) -> None:
     ({"strategy": "fuse", "aggregator": "oracle"}, "combiner.aggregator",
      "references expert 'oracle', which is not defined; experts: math, code, judge"),
     ({"strategy": "vote", "aggregator": "oracle"}, "combiner.aggregator", "references expert 'oracle'"),
-    ({"strategy": "best"}, "combiner.strategy", "'top1', 'vote', 'consensus' or 'fuse'"),
+    ({"strategy": "best"}, "combiner.strategy", "'top1', 'vote', 'consensus', 'fuse' or 'escalate'"),
+    ({"strategy": "escalate"}, "combiner.escalate_to", "strategy 'escalate' needs escalate_to"),
+    ({"strategy": "escalate", "escalate_to": "oracle"}, "combiner.escalate_to",
+     "references expert 'oracle', which is not defined; experts: math, code, judge"),
 ])
 def test_a_bad_combiner_config_is_refused_naming_the_problem(combiner: dict[str, Any], path: str,
                                                               says: str) -> None:
@@ -274,9 +278,10 @@ async def test_the_header_picks_any_of_the_four_strategies(header: str, combiner
 
 
 @pytest.mark.parametrize(("header", "says"), [
-    ("best", "unknown combiner strategy 'best'; known: consensus, fuse, top1, vote"),
-    ("", "unknown combiner strategy ''; known: consensus, fuse, top1, vote"),
-    ("fuse", "the fuse combiner needs an aggregator expert (combiner.aggregator in the config)")])
+    ("best", "unknown combiner strategy 'best'; known: consensus, escalate, fuse, top1, vote"),
+    ("", "unknown combiner strategy ''; known: consensus, escalate, fuse, top1, vote"),
+    ("fuse", "the fuse combiner needs an aggregator expert (combiner.aggregator in the config)"),
+    ("escalate", "the escalate combiner needs the expert to escalate to (combiner.escalate_to in the config)")])
 async def test_a_bad_header_is_a_400_naming_the_valid_strategies(header: str, says: str) -> None:
     orch, experts = build(combiner={"strategy": "top1"})
     async with client(orch) as http:
@@ -290,3 +295,72 @@ async def test_a_bad_header_is_a_400_naming_the_valid_strategies(header: str, sa
                                                                   "invalid_request_error")
         assert error["message"] == f"x-moe-combiner: {says}"
     assert all(e.requests == [] for e in experts.values())  # refused before any expert was asked
+
+
+# -- escalate through the orchestrator ---------------------------------------------------------------------------
+ESCALATE = {"strategy": "escalate", "extractor": "choice", "escalate_to": "judge"}
+
+
+async def test_an_agreeing_panel_answers_without_the_escalation_expert() -> None:
+    orch, experts = build({"math": "(B)", "code": "The answer is (B)."}, combiner=ESCALATE)
+    answer = await orch.complete(ask())
+    assert (answer.expert, answer.content) == ("math", "(B)")  # the heavier of the agreeing answers
+    assert answer.trace.combiner == "escalate" and answer.trace.combiner_fallback is None
+    assert [(a.expert, a.role) for a in answer.trace.attempts] == [("math", "answer"), ("code", "answer")]
+    assert {c.expert: c.agreed for c in answer.trace.contributions} == {"math": True, "code": True}
+    assert experts["judge"].requests == []
+
+
+async def test_a_split_panel_escalates_the_clients_own_request() -> None:
+    orch, experts = build(combiner=ESCALATE)  # math says A, code says B
+    answer = await orch.complete(ask(max_tokens=32, temperature=0.0))
+    assert (answer.expert, answer.content) == ("judge", "The answer is (B).")
+    assert [(a.expert, a.ok, a.role) for a in answer.trace.attempts] == [
+        ("math", True, "answer"), ("code", True, "answer"), ("judge", True, "escalate")]
+    assert {c.expert: c.agreed for c in answer.trace.contributions} == {"math": False, "code": True}
+    [sent] = experts["judge"].requests
+    assert [(m.role, m.content) for m in sent.messages] == [("user", "which letter?")]  # no fuse prompt
+    assert (sent.max_tokens, sent.temperature) == (32, 0.0)
+    assert answer.trace.cost_usd == pytest.approx(0.003)  # the escalation is paid for
+
+
+async def test_an_unreadable_answer_is_not_agreement() -> None:
+    orch, experts = build({"math": "(B)", "code": "I am not sure."}, combiner=ESCALATE)
+    answer = await orch.complete(ask())
+    assert answer.expert == "judge" and len(experts["judge"].requests) == 1
+
+
+async def test_a_failed_escalation_falls_back_to_the_panels_vote() -> None:
+    config = fake_config()
+    dead = FakeExpert(config.expert("judge"), fail=lambda n: ExpertUnavailable(n, "connection refused"))
+    orch, _ = build(experts={"judge": dead}, combiner=ESCALATE)
+    answer = await orch.complete(ask())
+    assert (answer.expert, answer.content) == ("math", "The answer is (A).")  # A carries 0.5 of 0.8
+    assert answer.trace.combiner_fallback == {"to": "vote", "expert": "judge", "kind": "unavailable",
+                                              "message": "connection refused"}
+    assert [(a.expert, a.ok, a.role) for a in answer.trace.attempts][-1] == ("judge", False, "escalate")
+
+
+async def test_the_escalation_expert_on_the_panel_is_not_asked_twice() -> None:
+    orch, experts = build(combiner=ESCALATE, gate={"top_k": {"policy": "fixed", "k": 3}},
+                          texts={"judge": "The answer is (C)."})
+    answer = await orch.complete(ask())
+    assert (answer.expert, answer.content) == ("judge", "The answer is (C).")
+    assert len(experts["judge"].requests) == 1
+    assert [a.role for a in answer.trace.attempts] == ["answer", "answer", "answer"]
+
+
+async def test_a_lone_answer_has_no_second_opinion_and_escalates() -> None:
+    config = fake_config()
+    dead = FakeExpert(config.expert("code"), fail=lambda n: ExpertUnavailable(n, "connection refused"))
+    orch, experts = build(experts={"code": dead}, combiner=ESCALATE, fallback={"enabled": False})
+    answer = await orch.complete(ask())
+    assert answer.expert == "judge" and len(experts["judge"].requests) == 1
+
+
+async def test_escalate_can_be_picked_per_request_when_an_expert_is_named() -> None:
+    orch, _ = build(combiner={"strategy": "top1", "escalate_to": "judge"})
+    async with client(orch) as http:
+        r = await http.post("/v1/chat/completions", json=BODY, headers={"x-moe-combiner": "escalate"})
+    assert r.status_code == 200
+    assert (r.json()["moe"]["combiner"], r.json()["model"]) == ("escalate", "judge")
