@@ -21,6 +21,7 @@ __all__ = [
     "plot_accuracy_bars",
     "plot_accuracy_cost",
     "plot_confusion",
+    "plot_cost_curves",
     "plot_quality_cost",
     "plot_reliability",
     "plot_strong_calls",
@@ -195,6 +196,23 @@ def plot_quality_cost(path: Path, curve: Sequence[tuple[float, float]], hull: tu
         ax.annotate(name.split("/")[-1][:24], (c, q), fontsize=6, xytext=(3, 2), textcoords="offset points")
     if oracle is not None:
         ax.plot(*oracle, "*", color="tab:red", ms=10, label="cheapest-correct oracle")
+    ax.set_xscale("log")
+    _finish(plt, fig, ax, path, title, xlabel=cost_label, ylabel="accuracy", legend="lower right")
+
+
+def plot_cost_curves(path: Path, curves: Mapping[str, Sequence[tuple[float, float]]],
+                     reference: tuple[str, float, float], budget_share: float, cost_label: str, title: str) -> None:
+    """Several systems' (cost, accuracy) sweeps on one task against a reference model: its point, and a vertical
+    line at ``budget_share`` of its cost (a target's budget)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7.5, 5.5))
+    for (name, curve), color in zip(curves.items(), ("tab:blue", "tab:purple", "tab:olive"), strict=False):
+        cx, cy = zip(*sorted(curve), strict=True)  # in cost order: a sweep need not be monotone in cost
+        ax.plot(cx, cy, ".-", color=color, label=name)
+    name, cost, accuracy = reference
+    ax.plot(cost, accuracy, "s", color="tab:green", ms=8, label=f"{name} ({accuracy:.3f})")
+    ax.axhline(accuracy, color="tab:green", ls=":", lw=0.8)
+    ax.axvline(budget_share * cost, color="tab:red", ls="--", lw=0.8, label=f"{budget_share:.0%} of its cost")
     ax.set_xscale("log")
     _finish(plt, fig, ax, path, title, xlabel=cost_label, ylabel="accuracy", legend="lower right")
 

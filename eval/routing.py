@@ -16,7 +16,7 @@ import numpy as np
 from eval import metrics as M
 from eval.datasets import load_routellm_mmlu, split_by_id
 from eval.outcome import NeighbourOutcomes, route_with_cost, route_with_margin
-from eval.report import plot_quality_cost, plot_strong_calls
+from eval.report import plot_cost_curves, plot_quality_cost, plot_strong_calls
 from eval.suite import SuiteContext, as_float, subsample
 
 __all__ = ["best_within", "escalate_curve", "fill_costs", "mmlu_pro_split", "routerbench_split",
@@ -253,6 +253,15 @@ def run_routerbench(ctx: SuiteContext) -> dict[str, Any]:
             "arc_escalate_gpt4_cost_share": arc_body["escalate"]["reference_match"]["cost_share"],
             "arc_accuracy_within_30pct": arc_body["within_30pct"]["accuracy"],
             "arc_escalate_accuracy_within_30pct": arc_body["escalate"]["within_30pct"]["accuracy"]})
+        if ctx.plots:
+            ref = arc_body["reference_match"]
+            plot_cost_curves(ctx.out / "arc_quality_cost.png",
+                             {"gate, swept over λ": [(p["cost"], p["accuracy"]) for p in arc_body["curve"]],
+                              "escalate: the gate's top two, GPT-4 when they disagree":
+                                  [(p["cost"], p["accuracy"]) for p in arc_body["escalate"]["curve"]]},
+                             ("gpt-4-1106-preview", ref["reference_cost"], ref["reference_accuracy"]), 0.30,
+                             "USD per query", "RouterBench ARC-Challenge (test): quality against cost")
+            body.setdefault("figures", []).append("arc_quality_cost.png")
     body["metrics"]["gpt4_cost_share"] = body["reference_match"]["cost_share"]
     return body
 
