@@ -473,20 +473,17 @@ def _combiner_problems(combiner: Any, names: list[str]) -> Iterable[tuple[str, s
     expert: it is called like one, through the dispatcher."""
     if not isinstance(combiner, dict):
         return
-    escalate_to = combiner.get("escalate_to")
-    if combiner.get("strategy") == "escalate" and escalate_to is None:
-        yield "combiner.escalate_to", "strategy 'escalate' needs escalate_to: the name of the expert that answers " \
-                                      "when the panel disagrees"
-    if isinstance(escalate_to, str) and names and escalate_to not in names:
-        yield "combiner.escalate_to", f"references expert {escalate_to!r}, which is not defined; experts: " \
-                                      f"{', '.join(names)}"
-    aggregator = combiner.get("aggregator")
-    if combiner.get("strategy") == "fuse" and aggregator is None:
-        yield "combiner.aggregator", "strategy 'fuse' needs an aggregator: the name of the expert that writes " \
-                                     "the final answer"
-    if isinstance(aggregator, str) and names and aggregator not in names:
-        yield "combiner.aggregator", f"references expert {aggregator!r}, which is not defined; experts: " \
-                                     f"{', '.join(names)}"
+    for key, strategy, role in _COMBINER_EXPERTS:
+        name = combiner.get(key)
+        if combiner.get("strategy") == strategy and name is None:
+            yield f"combiner.{key}", f"strategy {strategy!r} needs {key}: the name of the expert that {role}"
+        if isinstance(name, str) and names and name not in names:
+            yield f"combiner.{key}", f"references expert {name!r}, which is not defined; experts: {', '.join(names)}"
+
+
+# The combiner keys that name an expert: (key, the strategy that needs it, what that expert does).
+_COMBINER_EXPERTS = (("aggregator", "fuse", "writes the final answer"),
+                     ("escalate_to", "escalate", "answers when the panel disagrees"))
 
 
 def _expand_env(value: Any) -> Any:

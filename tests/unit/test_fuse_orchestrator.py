@@ -107,12 +107,14 @@ def test_every_strategy_is_accepted_by_the_config(strategy: str) -> None:
 
 
 @pytest.mark.parametrize(("combiner", "path", "says"), [
-    ({"strategy": "fuse"}, "combiner.aggregator", "strategy 'fuse' needs an aggregator"),
+    ({"strategy": "fuse"}, "combiner.aggregator",
+     "strategy 'fuse' needs aggregator: the name of the expert that writes the final answer"),
     ({"strategy": "fuse", "aggregator": "oracle"}, "combiner.aggregator",
      "references expert 'oracle', which is not defined; experts: math, code, judge"),
     ({"strategy": "vote", "aggregator": "oracle"}, "combiner.aggregator", "references expert 'oracle'"),
     ({"strategy": "best"}, "combiner.strategy", "'top1', 'vote', 'consensus', 'fuse' or 'escalate'"),
-    ({"strategy": "escalate"}, "combiner.escalate_to", "strategy 'escalate' needs escalate_to"),
+    ({"strategy": "escalate"}, "combiner.escalate_to",
+     "strategy 'escalate' needs escalate_to: the name of the expert that answers when the panel disagrees"),
     ({"strategy": "escalate", "escalate_to": "oracle"}, "combiner.escalate_to",
      "references expert 'oracle', which is not defined; experts: math, code, judge"),
 ])
