@@ -40,7 +40,7 @@ import numpy as np
 
 from experts.errors import ExpertError
 from experts.types import ChatMessage
-from router.trace import Contribution
+from router.trace import AttemptRole, Contribution
 from router.vote_weights import VoteWeights
 
 __all__ = ["COMBINERS", "EXTRACTORS", "TIE_BREAK", "Aggregate", "Combined", "Combiner", "Consensus", "Escalate",
@@ -77,6 +77,8 @@ class Combiner(ABC):
     aggregator: str | None = None
     # What ``Combined.fallback`` results were decided by instead, when that call failed.
     fallback_to = "top1"
+    # How the trace labels the ``aggregator`` call.
+    call_role: AttemptRole = "aggregate"
 
     @abstractmethod
     def combine(self, answers: list[WeightedAnswer]) -> Combined:
@@ -311,6 +313,7 @@ class Escalate(Combiner):
     name = "escalate"
     aggregator: str
     fallback_to = "vote"
+    call_role: AttemptRole = "escalate"
 
     def __init__(self, expert: str, extractor: str = "choice", per_expert: Mapping[str, str] | None = None) -> None:
         self.aggregator = expert

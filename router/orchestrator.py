@@ -324,7 +324,7 @@ class Orchestrator:
         total = sum(p.weight for p, _ in replies) or 1.0
         answers = [WeightedAnswer(r.expert, p.weight / total, r.content) for p, r in replies]
         aggregation = _Aggregation(self.dispatch, combiner.aggregator, request, deadline, trace,
-                                   role="escalate" if combiner.name == "escalate" else "aggregate")
+                                   role=combiner.call_role)
         if any(r.tool_calls for _, r in replies):
             combined = TopOne().combine(answers)
         else:
