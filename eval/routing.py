@@ -239,6 +239,9 @@ def run_routerbench(ctx: SuiteContext) -> dict[str, Any]:
         "embedding only the last paragraph (the question) was measured and did worse (AIQ 0.811 vs 0.843)",
         "cost: each model's recorded USD cost for the query; the gate predicts it as the mean cost of that "
         "model on the query's nearest training neighbours",
+        "escalate (ARC): at each λ the gate's top two by predicted success - λ·predicted cost answer; where "
+        "router.combine.Escalate finds their recorded letters equal that answer stands, else GPT-4's recorded "
+        "answer is returned and its cost paid too (not when it sat on the panel)",
     ]
     body = route_outcomes(ctx, x, outcomes, costs, models, train, val, test, cost_label="USD per query",
                           title="RouterBench subset, 11 LLMs", reference="gpt-4-1106-preview")
