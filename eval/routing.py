@@ -303,9 +303,10 @@ def escalate_curve(success: np.ndarray, predicted: np.ndarray, texts: Sequence[S
                    extractor: str = "choice") -> list[dict[str, float]]:
     """``router.combine.Escalate`` on recorded responses, over the λ sweep: for each query the gate's top
     ``panel`` experts by ``success - λ·predicted`` answer; when ``Escalate.agreed`` finds them on one answer,
-    that answer stands (graded as the heavier member's: every response with the same letter has the same grade
-    here), otherwise expert ``escalate_to`` answers, at its cost too unless it sat on the panel. A member with no
-    record (NaN grade) gave no answer, so the rest cannot agree with it. ``c`` holds no NaN (``fill_costs``)."""
+    that answer stands (graded as any member that gave it: every response with the same letter has the same
+    grade here), otherwise expert ``escalate_to`` answers, at its cost too unless it sat on the panel. A member
+    with no record (NaN grade) gave no answer, so the rest cannot agree with it. ``c`` holds no NaN
+    (``fill_costs``)."""
     from router.combine import Escalate, WeightedAnswer
 
     combiner = Escalate(str(escalate_to), extractor)
@@ -317,7 +318,7 @@ def escalate_curve(success: np.ndarray, predicted: np.ndarray, texts: Sequence[S
             answers = [WeightedAnswer(str(j), 1.0 / panel, texts[q][j]) for j in members if not np.isnan(o[q, j])]
             spent[q] = c[q, members].sum()
             if combiner.agreed(answers) is not None:
-                right[q] = o[q, members[0]] if not np.isnan(o[q, members[0]]) else o[q, members[1]]
+                right[q] = o[q, int(answers[0].expert)]  # every answer that agreed has a record and this grade
             else:
                 right[q] = np.nan_to_num(o[q, escalate_to])
                 spent[q] += 0.0 if escalate_to in members else c[q, escalate_to]

@@ -18,8 +18,8 @@ __all__ = ["Attempt", "AttemptRole", "Contribution", "Retry", "RouteDecision", "
            "WeightedExpert"]
 
 
-# What an expert call was for: answering the query, or (the fuse combiner) writing the final answer from the
-# panel's answers.
+# What an expert call was for: answering the query, writing the final answer from the panel's answers (the fuse
+# combiner), or answering in the panel's place when it disagreed (the escalate combiner).
 AttemptRole = Literal["answer", "aggregate", "escalate"]
 
 
