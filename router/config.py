@@ -151,6 +151,10 @@ class EncoderConfig(_Strict):
     # training, evaluation);
     # None: as many as the cores this process may use hold. One query, or one batch, is always a single run.
     parallel: int | None = Field(default=None, ge=1, le=256)
+    # ONNX: onnxruntime's intra-op threads for one run; None: half the cores this process may use (one on 2
+    # cores). More threads shorten one query's run where cores are free; ``parallel`` runs of ``threads`` each
+    # share the cores when one call holds several batches.
+    threads: int | None = Field(default=None, ge=1, le=256)
     # ONNX: the most padded tokens (texts x the longest) one model run holds, so that a few long prompts run at
     # once on several cores instead of as one wide run; None: the backend's own (256, see router.encoders).
     batch_tokens: int | None = Field(default=None, ge=16, le=1_000_000)
@@ -164,6 +168,10 @@ class EncoderConfig(_Strict):
         if self.device != "cpu" and self.backend != "sentence-transformers":
             raise ValueError(f"device {self.device!r}: only the sentence-transformers backend runs off the CPU; "
                              f"the {self.backend!r} backend runs on the CPU (leave device at 'cpu')")
+        onnx_only = [key for key in ("threads", "parallel", "batch_tokens") if getattr(self, key) is not None]
+        if onnx_only and self.backend != "onnx":
+            raise ValueError(f"{', '.join(onnx_only)}: onnxruntime settings, read by the onnx backend only; the "
+                             f"{self.backend!r} backend would ignore them (remove them, or set backend: onnx)")
         return self
 
 

@@ -237,8 +237,8 @@ class OnnxMiniLMEncoder(Encoder):
 
     @classmethod
     def from_config(cls, cfg: EncoderConfig) -> OnnxMiniLMEncoder:
-        return cls(max_length=cfg.max_length, batch_size=cfg.batch_size or cls.BATCH, parallel=cfg.parallel,
-                   batch_tokens=cfg.batch_tokens or cls.BATCH_TOKENS)
+        return cls(max_length=cfg.max_length, batch_size=cfg.batch_size or cls.BATCH, threads=cfg.threads,
+                   parallel=cfg.parallel, batch_tokens=cfg.batch_tokens or cls.BATCH_TOKENS)
 
     def token_ids(self, texts: Sequence[str]) -> list[list[int]]:
         """Each text's token ids as the model reads them: special tokens included, cut at ``max_length``."""

@@ -146,6 +146,27 @@ def test_onnx_parallel_defaults_to_the_cores_and_refuses_zero(monkeypatch: pytes
         EncoderConfig(backend="onnx", parallel=0)
 
 
+def test_onnx_threads_come_from_the_config(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``gate.encoder.threads`` sets onnxruntime's intra-op threads per run, and the default runs fill the rest."""
+    monkeypatch.setattr("router.encoders.usable_cores", lambda: 8)
+    encoder = build_encoder(EncoderConfig(backend="onnx", threads=3))
+    assert isinstance(encoder, OnnxMiniLMEncoder)
+    assert (encoder.threads, encoder.parallel) == (3, 2)
+    assert encoder._session.get_session_options().intra_op_num_threads == 3  # what the runtime was given
+    assert build_encoder(EncoderConfig(backend="onnx")).threads == 4  # type: ignore[attr-defined]
+    with pytest.raises(ValidationError, match="threads"):
+        EncoderConfig(backend="onnx", threads=0)
+
+
+@pytest.mark.parametrize("backend", ["sentence-transformers", "static"])
+@pytest.mark.parametrize("key", ["threads", "parallel", "batch_tokens"])
+def test_onnx_settings_are_refused_for_other_backends(backend: str, key: str) -> None:
+    with pytest.raises(ValidationError, match=rf"{key}: onnxruntime settings, read by the onnx backend only; "
+                                              rf"the '{backend}' backend would ignore them"):
+        EncoderConfig.model_validate({"backend": backend, key: 64})
+    EncoderConfig.model_validate({"backend": "onnx", key: 64})
+
+
 def test_onnx_agrees_with_sentence_transformers(onnx_encoder: OnnxMiniLMEncoder,
                                                 st_encoder: SentenceTransformerEncoder,
                                                 queries: list[str]) -> None:
