@@ -70,8 +70,11 @@ def _naive_regression(x: np.ndarray, outcomes: np.ndarray, train: np.ndarray, te
 
 def route_outcomes(ctx: SuiteContext, x: np.ndarray, outcomes: np.ndarray, costs: np.ndarray,
                    models: Sequence[str], train: np.ndarray, val: np.ndarray, test: np.ndarray, *,
-                   cost_label: str, title: str, reference: str | None = None) -> dict[str, Any]:
-    """Tune on ``val``, refit on ``train + val``, score on ``test``; the results body of an outcome suite."""
+                   cost_label: str, title: str, texts: Sequence[str], reference: str | None = None) -> dict[str, Any]:
+    """Tune on ``val``, refit on ``train + val``, score on ``test``; the results body of an outcome suite.
+    ``texts`` are the queries (every row), for the served gate, which is trained on ``train + val`` as
+    ``moe train`` trains it."""
+    served = _served_gate(ctx, x, outcomes, costs, models, np.r_[train, val], texts)
     costs = fill_costs(costs, train)
     o_test, c_test = outcomes[test], costs[test]
     n_models = len(models)
@@ -88,8 +91,11 @@ def route_outcomes(ctx: SuiteContext, x: np.ndarray, outcomes: np.ndarray, costs
     experts = {m: _system(o_test, c_test, _always(len(test), i)) | {"train_accuracy": train_acc[i]}
                for i, m in enumerate(models)}
     oracle = M.cheapest_correct_oracle(o_test, c_test)
+    served_choices = served.predict_proba(x[test]).argmax(axis=1)
+    served_system = _system(o_test, c_test, served_choices)
     systems = {
         "gate (kNN success, margin over best single)": routed,
+        "served gate (router.outcome_gate, as moe train builds it)": served_system,
         "gate, argmax of predicted success (no margin)": _system(o_test, c_test, success.argmax(axis=1)),
         "naive per-expert success regression": _system(o_test, c_test, _naive_regression(x, outcomes, fit, test)),
         f"best single ({models[best]})": experts[models[best]],
@@ -103,7 +109,9 @@ def route_outcomes(ctx: SuiteContext, x: np.ndarray, outcomes: np.ndarray, costs
     metrics = {"routed_accuracy": routed["accuracy"], "best_single_accuracy": experts[models[best]]["accuracy"],
                "oracle_accuracy": M.oracle_accuracy(o_test), "routed_cost": routed["cost"],
                "best_single_cost": experts[models[best]]["cost"], "routed_minus_best_single": diff.estimate,
-               "aiq": M.aiq([p["cost"] for p in curve], [p["accuracy"] for p in curve])}
+               "aiq": M.aiq([p["cost"] for p in curve], [p["accuracy"] for p in curve]),
+               "served_routed_accuracy": served_system["accuracy"],
+               "served_minus_best_single": served_system["accuracy"] - experts[models[best]]["accuracy"]}
     body: dict[str, Any] = {
         "metrics": metrics,
         "setup": {"train": len(train), "val": len(val), "test": len(test), "experts": n_models,
@@ -124,6 +132,21 @@ def route_outcomes(ctx: SuiteContext, x: np.ndarray, outcomes: np.ndarray, costs
                           singles, (oracle.cost, oracle.accuracy), cost_label, f"{title}: quality against cost")
         body["figures"] = ["quality_cost.png"]
     return body
+
+
+def _served_gate(ctx: SuiteContext, x: np.ndarray, outcomes: np.ndarray, costs: np.ndarray, models: Sequence[str],
+                 fit: np.ndarray, texts: Sequence[str]) -> Any:
+    """The outcome gate the product serves (``router.outcome_gate.train_outcome_gate``, kNN success with its
+    k, shrinkage and margin tuned out of fold), trained on the ``fit`` rows' records at cost weight 0."""
+    from router.outcome import OutcomeRecord
+    from router.outcome_gate import train_outcome_gate
+
+    records = [OutcomeRecord(texts[i], {m: float(outcomes[i, j]) for j, m in enumerate(models)
+                                        if not np.isnan(outcomes[i, j])},
+                             {m: float(costs[i, j]) for j, m in enumerate(models) if not np.isnan(costs[i, j])})
+               for i in fit]
+    return train_outcome_gate(records, ctx.encoder, experts=list(models), progress=False, embeddings=x[fit],
+                              seed=ctx.seed)
 
 
 def _curve(model: NeighbourOutcomes, ids: np.ndarray, success: np.ndarray, o_test: np.ndarray,
@@ -184,7 +207,7 @@ def mmlu_pro_split(ctx: SuiteContext, store: Any) -> tuple[np.ndarray, np.ndarra
 
 
 def run_mmlu_pro_outcome(ctx: SuiteContext) -> dict[str, Any]:
-    from experts.recordings import load_mmlu_pro
+    from experts.recordings import load_mmlu_pro, mmlu_pro_prompt
 
     folder = ctx.data_dir / "mmlu_pro_outcomes"
     store = load_mmlu_pro(folder if folder.is_dir() else ctx.data_dir)
@@ -202,7 +225,8 @@ def run_mmlu_pro_outcome(ctx: SuiteContext) -> dict[str, Any]:
         "missing outcomes: excluded when estimating success; counted as wrong for every routed system, single "
         "models included (so DeepSeek-Coder-V2, with 1,681 questions unrecorded, scores below its own accuracy)",
     ]
-    return route_outcomes(ctx, x, outcomes, chars / 1000.0, models, train, val, test,
+    texts = [mmlu_pro_prompt(q) for q in store.questions]
+    return route_outcomes(ctx, x, outcomes, chars / 1000.0, models, train, val, test, texts=texts,
                           cost_label="output length (thousand characters per query)",
                           title="MMLU-Pro, 31 LLMs")
 
@@ -243,7 +267,8 @@ def run_routerbench(ctx: SuiteContext) -> dict[str, Any]:
         "router.combine.Escalate finds their recorded letters equal that answer stands, else GPT-4's recorded "
         "answer is returned and its cost paid too (not when it sat on the panel)",
     ]
-    body = route_outcomes(ctx, x, outcomes, costs, models, train, val, test, cost_label="USD per query",
+    body = route_outcomes(ctx, x, outcomes, costs, models, train, val, test, texts=[r.prompt for r in rows],
+                          cost_label="USD per query",
                           title="RouterBench subset, 11 LLMs", reference="gpt-4-1106-preview")
     arc = np.array([rows[i].task == "arc_challenge" for i in test])
     if arc.any():

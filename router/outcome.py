@@ -169,9 +169,9 @@ class KnnSuccess:
     over the neighbours ``j`` with a record for expert ``m`` (``n_m(x)`` of them). ``exclude_self`` leaves
     each query's own row out of its neighbours, for honest in-sample (leave-one-out) predictions.
 
-    By default ``k = sqrt(n)`` clipped to [5, 50] and ``alpha = k / 5``: on RouterBench (n = 2,225) k = 50,
-    alpha = 10 scored best among k in {20, 30, 50, 100} and alpha in {5, 10, 20} (test Brier 0.193; the
-    spread was 0.002), and small data needs small neighbourhoods or every query looks like the average.
+    Without ``k`` and ``alpha``, ``k = sqrt(n)`` clipped to [5, 50] and ``alpha = k / 5``. ``moe train`` does
+    not use that default: it picks both out of fold (``router.outcome_gate.KNN_GRID``), by how well the gate
+    then routes.
     """
 
     kind: ClassVar[str] = "knn"
@@ -189,18 +189,27 @@ class KnnSuccess:
         self.alpha = self._alpha_given if self._alpha_given is not None else self.k / 5.0
 
     def predict(self, x: np.ndarray, *, exclude_self: bool = False) -> np.ndarray:
-        x = np.atleast_2d(np.asarray(x, dtype=np.float32))
         k = min(self.k, len(self.x) - int(exclude_self))
-        out = np.empty((len(x), self.outcomes.shape[1]))
-        prior = success_prior(self.outcomes)
+        return self.success(self.neighbours(x, k, exclude_self=exclude_self), self.alpha)
+
+    def neighbours(self, x: np.ndarray, k: int, *, exclude_self: bool = False) -> np.ndarray:
+        """``[q, k]`` row indices of each query's ``k`` nearest training queries, nearest first."""
+        x = np.atleast_2d(np.asarray(x, dtype=np.float32))
+        k = min(k, len(self.x) - int(exclude_self))
+        out = np.empty((len(x), k), dtype=np.int64)
         for start in range(0, len(x), 1024):  # [1024, n] similarities at a time bounds the memory
             sims = x[start:start + 1024] @ self.x.T
             if exclude_self:
                 # The query's own row (or an exact copy of it) scores ~1; drop the single best match.
                 sims[np.arange(len(sims)), sims.argmax(axis=1)] = -np.inf
             ids = np.argpartition(-sims, k - 1, axis=1)[:, :k] if k < sims.shape[1] else np.argsort(-sims, axis=1)
-            out[start:start + 1024] = shrunk_success(self.outcomes[ids], prior, self.alpha)
+            order = np.argsort(-np.take_along_axis(sims, ids, axis=1), axis=1, kind="stable")
+            out[start:start + 1024] = np.take_along_axis(ids, order, axis=1)[:, :k]
         return out
+
+    def success(self, neighbours: np.ndarray, alpha: float) -> np.ndarray:
+        """``[q, m]`` shrunk success rates over the training rows ``neighbours`` ``[q, k]``."""
+        return shrunk_success(self.outcomes[neighbours], success_prior(self.outcomes), alpha)
 
     def arrays(self) -> dict[str, np.ndarray]:
         return {"x": self.x, "outcomes": self.outcomes, "k": np.array(self.k), "alpha": np.array(self.alpha)}

@@ -12,7 +12,7 @@ from experts.recordings import RouterBenchRow, load_routerbench
 from router.encoders import Encoder, OnnxMiniLMEncoder
 from router.gate import Gate, GateArtifactMismatch
 from router.outcome import OutcomeRecord, is_outcome_file, load_outcome_jsonl
-from router.outcome_gate import OutcomeGate, train_outcome_gate
+from router.outcome_gate import KNN_GRID, OutcomeGate, _folds, _KnnOutOfFold, train_outcome_gate, tune
 
 N_TRAIN, N_TEST = 900, 450
 GPT4 = "gpt-4-1106-preview"
@@ -123,6 +123,24 @@ def test_outcome_gate_scores_are_distributions_and_probabilities(outcome_gate: O
     m = outcome_gate.metadata.metrics
     assert m.best_single == GPT4 and m.ece_after is not None and m.ece_before is not None
     assert m.ece_after <= m.ece_before + 1e-9
+
+
+def test_knn_neighbourhood_and_shrinkage_are_chosen_out_of_fold(outcome_gate: OutcomeGate) -> None:
+    """Training picks the (k, alpha) whose out-of-fold top-1 routing realises the most utility, and keeps that
+    setting's out-of-fold predictions for re-tuning the margin."""
+    cal = outcome_gate.calibration
+    outcomes, costs = cal["cal_outcomes"].astype(np.float64), cal["cal_costs"].astype(np.float64)
+    x, texts = outcome_gate.example_embeddings, list(outcome_gate.example_texts)
+    oof = _KnnOutOfFold(x, outcomes, _folds(texts, 0), max(k for k, _ in KNN_GRID))
+    assert oof.k == 100  # 900 records: every fold's training part holds far more
+    cost = outcome_gate.cost / outcome_gate.cost_scale
+    value = {(k, a): tune(oof.success(k, a), outcomes, costs, cost, 0.0).metrics["routed_utility"]
+             for k, a in KNN_GRID}
+    chosen = (outcome_gate.model.k, outcome_gate.model.alpha)  # type: ignore[attr-defined]
+    assert chosen in value and value[chosen] == max(value.values()), (chosen, value)
+    assert len(set(value.values())) > 1  # the settings differ, so the choice is a real one
+    np.testing.assert_allclose(cal["cal_success"], oof.success(*chosen), atol=1e-6)
+    assert min(k for k, _ in KNN_GRID) >= 25  # small neighbourhoods turn into shared hubs (see KNN_GRID)
 
 
 def test_cost_knob_trades_accuracy_for_cost_and_beats_single_experts(
