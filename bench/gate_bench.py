@@ -35,7 +35,7 @@ class CachedEncoder(Encoder):
 
     def __init__(self, inner: Encoder) -> None:
         self.inner = inner
-        self.identity, self.checksum = inner.identity, inner.checksum
+        self.identity, self.checksum, self.max_length = inner.identity, inner.checksum, inner.max_length
         self._cache: dict[str, np.ndarray] = {}
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:

@@ -207,17 +207,22 @@ def load_snips(data_dir: str | Path, split: Literal["train", "test"] | None = No
 
 
 def load_labelled_jsonl(path: str | Path) -> list[LabelledQuery]:
-    """Lines of ``{"query": str, "label": str}`` with an optional ``"id"`` (str or int).
+    """Lines of ``{"query": str, "label": str or int}`` with an optional ``"id"`` (str or int).
 
-    Without an id a query's id is its 1-based line number. Blank lines are skipped. Bad JSON, missing or
-    non-string fields and duplicate ids raise ``DatasetError`` naming the file and line.
+    Integer labels (class numbers) are read as their decimal string. Without an id a query's id is its 1-based
+    line number. Blank lines are skipped. Bad JSON, missing or mistyped fields and duplicate ids raise
+    ``DatasetError`` naming the file and line.
     """
     out: list[LabelledQuery] = []
     seen: dict[str, int] = {}
     for where, lineno, rec in read_jsonl(path, expected="an object with 'query' and 'label'", error=DatasetError):
-        for field in ("query", "label"):
-            if not isinstance(rec.get(field), str):
-                raise DatasetError(f"{where}: {field!r} must be a string")
+        if not isinstance(rec.get("query"), str):
+            raise DatasetError(f"{where}: 'query' must be a string")
+        label = rec.get("label")
+        # bool is an int subclass, but true/false as a class number is far likelier a mistake than intended.
+        if isinstance(label, bool) or not isinstance(label, str | int):
+            got = f", got {json.dumps(label)}" if "label" in rec else ", and is missing"
+            raise DatasetError(f"{where}: 'label' must be a string or integer{got}")
         raw_id = rec.get("id", lineno)
         if isinstance(raw_id, bool) or not isinstance(raw_id, str | int):
             raise DatasetError(f"{where}: 'id' must be a string or integer")
@@ -225,7 +230,7 @@ def load_labelled_jsonl(path: str | Path) -> list[LabelledQuery]:
         if qid in seen:
             raise DatasetError(f"{where}: duplicate id {qid!r} (first on line {seen[qid]})")
         seen[qid] = lineno
-        out.append(LabelledQuery(qid, rec["query"], rec["label"]))
+        out.append(LabelledQuery(qid, rec["query"], str(label)))
     return out
 
 

@@ -42,6 +42,7 @@ class CachedEncoder(Encoder):
                  progress: bool = True) -> None:
         self.inner = inner
         self.identity, self.checksum, self.dim = inner.identity, inner.checksum, inner.dim
+        self.max_length = inner.max_length
         slug = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{inner.identity}-{inner.checksum[:16]}-len{max_length}")
         self.folder = Path(cache_dir or default_cache_dir()) / slug
         self.progress = progress

@@ -5,7 +5,8 @@ Two kinds of suite, each writing ``results.json`` (a top-level ``metrics`` objec
 
 - **label suites** (``mmlu-pro-domain``, ``clinc150-domain``, ``snips-intent``, ``banking77-intent``, or
   ``--train A.jsonl --test B.jsonl``): the gate (``router.gate.train_gate``) is the headline; random,
-  majority, centroid similarity, kNN and logistic regression run on the same embeddings and split.
+  majority, centroid similarity, kNN and logistic regression run on the same embeddings and split. In the
+  user's JSONL, test queries with a label absent from training (or ``--oos-label``'s) are out of scope.
 - **outcome suites** (``mmlu-pro-outcome``, ``routerbench``, ``routellm-mmlu``): route by each expert's
   predicted chance of success (``eval.outcome``), scored against every single expert, random and the oracle,
   with the quality–cost curve or RouteLLM's APGR/CPT.
@@ -62,11 +63,13 @@ def run_suite(name: str, data_dir: str | Path | None, out: str | Path, *, encode
               seed: int = 0,
               train: str | Path | None = None, test: str | Path | None = None, limit: int | None = None,
               plots: bool = True, progress: bool = True, cache_dir: str | Path | None = None,
-              command: str | None = None, pool: str | None = None, device: str = "cpu") -> dict[str, Any]:
+              command: str | None = None, pool: str | None = None, device: str = "cpu",
+              oos_label: str | None = None) -> dict[str, Any]:
     """Run one suite and write its outputs to ``out``; returns the results (as written to results.json).
 
-    ``name`` is a key of ``SUITES``; ``"jsonl"`` needs ``train`` and ``test``. ``encoder`` is a backend name
-    of ``router.encoders`` (built on ``device``) or an ``Encoder`` instance.
+    ``name`` is a key of ``SUITES``; ``"jsonl"`` needs ``train`` and ``test``, and only it takes ``oos_label``
+    (``label_suites.run_jsonl``). ``encoder`` is a backend name of ``router.encoders`` (built on ``device``)
+    or an ``Encoder`` instance.
     """
     from pydantic import ValidationError
 
@@ -79,6 +82,9 @@ def run_suite(name: str, data_dir: str | Path | None, out: str | Path, *, encode
         raise ValueError("the jsonl suite needs both --train and --test")
     if pool is not None and name not in POOL_SUITES:
         raise ValueError(f"--pool picks the experts of {', '.join(POOL_SUITES)}; suite {name!r} takes no pool")
+    if oos_label is not None and name != "jsonl":
+        raise ValueError(f"--oos-label names an out-of-scope label in --train/--test JSONL; suite {name!r} "
+                         "takes none")
     if isinstance(encoder, str):
         try:
             cfg = EncoderConfig(backend=encoder, device=device)  # type: ignore[arg-type]  # pydantic validates both
@@ -94,7 +100,7 @@ def run_suite(name: str, data_dir: str | Path | None, out: str | Path, *, encode
                        train_path=Path(train) if train else None, test_path=Path(test) if test else None)
     ctx.out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    body = SUITES[name](ctx)
+    body = label_suites.run_jsonl(ctx, oos_label=oos_label) if name == "jsonl" else SUITES[name](ctx)
     setup = {"suite": name, "encoder": f"{cached.identity} (sha256 {cached.checksum[:12]}…)", "seed": seed,
              "data": str(ctx.data_dir) if name != "jsonl" else f"{train} / {test}", "limit": limit,
              "out": str(ctx.out),
@@ -118,7 +124,7 @@ def main(args: argparse.Namespace) -> int:
     results = run_suite(suite, args.data, args.out, encoder=args.encoder, seed=args.seed, train=train, test=test,
                         limit=getattr(args, "limit", None), plots=not getattr(args, "no_plots", False),
                         command=_command(args, suite), pool=getattr(args, "pool", None),
-                        device=getattr(args, "device", "cpu"))
+                        device=getattr(args, "device", "cpu"), oos_label=getattr(args, "oos_label", None))
     print(_summary(results))
     return 0
 
@@ -131,6 +137,7 @@ def _command(args: argparse.Namespace, suite: str) -> str:
     parts += [f"--limit {args.limit}"] if getattr(args, "limit", None) else []
     parts += [f"--pool {args.pool}"] if getattr(args, "pool", None) else []
     parts += [f"--device {args.device}"] if getattr(args, "device", "cpu") != "cpu" else []
+    parts += [f"--oos-label {args.oos_label}"] if getattr(args, "oos_label", None) else []
     return " ".join(parts)
 
 

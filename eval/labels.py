@@ -2,7 +2,9 @@
 
 Every system yields a ``[n_test, n_labels]`` probability matrix over the training label set (sorted), so all
 of them are scored by the same code. Test queries whose label never occurs in training cannot be routed
-correctly by any system; they are left out of the scores and counted in ``setup.test_unseen_label``.
+correctly by any system. On the user's JSONL (``run_jsonl``) they are out-of-scope queries, like CLINC150's
+``oos``: scored by ``oos_auroc`` and counted in ``setup.test_out_of_scope``. In the named suites they are left
+out of the scores and counted in ``setup.test_unseen_label``.
 """
 
 from __future__ import annotations
@@ -78,11 +80,18 @@ def run_banking77_intent(ctx: SuiteContext) -> dict[str, Any]:
                            _limit(ctx, load_banking77(ctx.data_dir, "test")), title="Banking77, 77 intents")
 
 
-def run_jsonl(ctx: SuiteContext) -> dict[str, Any]:
+def run_jsonl(ctx: SuiteContext, *, oos_label: str | None = None) -> dict[str, Any]:
+    """The user's train and test JSONL. Test queries whose label the training data lacks are out of scope, and
+    so are those labelled ``oos_label``, whose training queries the gate never learns (as CLINC150's ``oos``)."""
     assert ctx.train_path is not None and ctx.test_path is not None
     ctx.notes.append(f"user data: trained on {ctx.train_path}, tested on {ctx.test_path}")
-    return evaluate_labels(ctx, _limit(ctx, load_labelled_jsonl(ctx.train_path)),
-                           _limit(ctx, load_labelled_jsonl(ctx.test_path)), title=ctx.test_path.name)
+    train = load_labelled_jsonl(ctx.train_path)
+    if oos_label is not None:
+        dropped = sum(q.label == oos_label for q in train)
+        train = [q for q in train if q.label != oos_label]
+        ctx.notes.append(f"--oos-label {oos_label}: out of scope; {dropped} training queries with it left out")
+    return evaluate_labels(ctx, _limit(ctx, train), _limit(ctx, load_labelled_jsonl(ctx.test_path)),
+                           oos_label=oos_label, unseen_out_of_scope=True, title=ctx.test_path.name)
 
 
 def _folder(ctx: SuiteContext, name: str) -> Any:
@@ -94,8 +103,11 @@ def _folder(ctx: SuiteContext, name: str) -> Any:
 
 def evaluate_labels(ctx: SuiteContext, train: Sequence[LabelledQuery], test: Sequence[LabelledQuery], *,
                     val: Sequence[LabelledQuery] = (), oos_label: str | None = None,
-                    title: str) -> dict[str, Any]:
-    """Train the gate and the baselines on ``train``, score them on ``test``; the results body."""
+                    unseen_out_of_scope: bool = False, title: str) -> dict[str, Any]:
+    """Train the gate and the baselines on ``train``, score them on ``test``; the results body.
+
+    Test queries labelled ``oos_label`` are out of scope; with ``unseen_out_of_scope``, so are those whose
+    label never occurs in ``train`` (otherwise they are left out and counted as ``test_unseen_label``)."""
     from router.gate import train_gate
 
     labels = sorted({q.label for q in train})
@@ -103,7 +115,8 @@ def evaluate_labels(ctx: SuiteContext, train: Sequence[LabelledQuery], test: Seq
         raise ValueError(f"training data has {len(labels)} label(s); routing needs at least two")
     index = {lab: i for i, lab in enumerate(labels)}
     scored = [q for q in test if q.label in index]
-    oos = [q for q in test if oos_label is not None and q.label == oos_label]
+    oos = [q for q in test if (oos_label is not None and q.label == oos_label)
+           or (unseen_out_of_scope and q.label not in index)]
     unseen = len(test) - len(scored) - len(oos)
     if not scored:
         raise ValueError("no test query has a label that occurs in the training data")
@@ -133,6 +146,8 @@ def evaluate_labels(ctx: SuiteContext, train: Sequence[LabelledQuery], test: Seq
                                    (enc.encode([q.text for q in oos]), [q.text for q in oos]), val, index, oos_label,
                                    enc)
         metrics["oos_auroc"] = oos_result.pop("oos_auroc")
+        if unseen_out_of_scope:  # which labels made a query out of scope: the user's data names them
+            oos_result["labels"] = sorted({q.label for q in oos})
         body["out_of_scope"] = oos_result
     body["metrics"] = metrics
     body["systems"] = systems

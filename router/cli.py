@@ -10,7 +10,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
-from router.encoders import ENCODER_BACKENDS
+from router.encoders import ENCODER_BACKENDS, EncoderChecksumError
 
 if TYPE_CHECKING:
     from router.config import RouterConfig
@@ -63,12 +63,31 @@ def cmd_train(args: argparse.Namespace) -> int:
     from router.train import train_from_config
 
     config = _load(args.config, check_env=False)
+    _check_train_data(config, args.config)
     gate = train_from_config(config, progress=True, feedback=args.feedback)
     summary = {"artifact": str(config.resolve(config.gate.artifact)), "experts": gate.experts,
                "metrics": gate.metadata.as_dict()["metrics"]}
     fit = getattr(gate, "fit", None)  # a two-stage gate (gate.cascade): its threshold and validation figures
     print(json.dumps({**summary, **({"cascade": fit.as_dict()} if fit is not None else {})}, indent=2))
     return 0
+
+
+def _check_train_data(config: RouterConfig, source: str) -> None:
+    """Refuse a missing ``gate.train_data`` file by its key in the config, saying how to write one."""
+    for i, entry in enumerate(config.gate.train_data):
+        path = config.resolve(entry)
+        if path.is_file():
+            continue
+        if any(e.replay is not None and e.replay.source == "routerbench" for e in config.experts):
+            # The demo's file: RouterBench's train split as outcome records, named after the replay experts.
+            how = (f"with `moe convert routerbench --split train --no-answers --config {source} --out {path}` "
+                   "(RouterBench's train split as outcome records for the replay experts; `make demo` writes it "
+                   "too, then trains and serves)")
+        else:
+            how = ('with labelled {"query", "label"} lines or outcome records, or from a shared data set with '
+                   f"`moe convert DATASET --split train --out {path}` (`moe convert --help` lists them)")
+        raise FileNotFoundError(f"{source}: gate.train_data[{i}] names {entry!r}, and {path} does not exist. "
+                                f"Create it {how}.")
 
 
 def cmd_route(args: argparse.Namespace) -> int:
@@ -180,7 +199,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--suite", help="mmlu-pro-domain, clinc150-domain, snips-intent, banking77-intent, "
                    "mmlu-pro-outcome, mmlu-pro-combine, routerbench, routerbench-combine or routellm-mmlu")
     p.add_argument("--train", help="labelled JSONL to train on ({'query','label'} per line)")
-    p.add_argument("--test", help="labelled JSONL to evaluate on")
+    p.add_argument("--test", help="labelled JSONL to evaluate on; queries whose label is not in --train are "
+                   "scored as out of scope (oos_auroc)")
+    p.add_argument("--oos-label", help="with --train/--test: this label marks out-of-scope queries (like "
+                   "CLINC150's 'oos'); training queries with it are left out")
     p.add_argument("--out", default="out/eval", help="folder for results.json, report.md and figures")
     p.add_argument("--data", default=None, help="the shared data folder (default: $MOE_DATA_DIR or ../shared/data)")
     p.add_argument("--encoder", default="onnx", choices=sorted(ENCODER_BACKENDS),
@@ -217,6 +239,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except (FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except (EncoderChecksumError, ImportError) as exc:
+        # A corrupt weights file, or an optional package this command needs: the message names the file or the
+        # package to install; a traceback would bury it.
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return code

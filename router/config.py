@@ -176,13 +176,31 @@ class EncoderConfig(_Strict):
 
 
 class TopKConfig(_Strict):
-    """How many experts answer, and with what weights (see ``router.topk``)."""
+    """How many experts answer, and with what weights (see ``router.topk``).
+
+    ``k`` caps the panel. Unset, it is 1 for ``fixed`` and no cap for the other policies, which size the panel
+    themselves; read the cap through ``cap``."""
 
     policy: Literal["fixed", "mass", "min_weight", "adaptive"] = "fixed"
-    k: int = Field(default=1, ge=1, le=64)
+    k: int | None = Field(default=None, ge=1, le=64)
     mass: float = Field(default=0.9, gt=0.0, le=1.0)
     min_weight: float = Field(default=0.05, ge=0.0, lt=1.0)
     confident: float = Field(default=0.8, gt=0.0, le=1.0)
+
+    @property
+    def cap(self) -> int | None:
+        """The most experts on a panel; None: every expert the policy keeps."""
+        if self.k is None and self.policy == "fixed":
+            return 1
+        return self.k
+
+    @model_validator(mode="after")
+    def _k_leaves_room(self) -> TopKConfig:
+        # A cap of 1 turns every sizing policy into top-1, silently: refuse it rather than serve it.
+        if self.k == 1 and self.policy != "fixed":
+            raise ValueError(f"k: 1 caps the panel at one expert, so policy {self.policy!r} could only ever pick "
+                             "one expert; remove k (no cap) or set k >= 2, or use policy: fixed")
+        return self
 
 
 class CascadeConfig(_Strict):

@@ -129,6 +129,8 @@ class Encoder(ABC):
     identity: str
     checksum: str
     dim: int = DIM
+    # Tokens read of each text (longer ones are cut); None: the encoder cannot say. Gate artifacts record it.
+    max_length: int | None = None
 
     @abstractmethod
     def encode(self, texts: Sequence[str]) -> np.ndarray:
@@ -159,7 +161,7 @@ class SentenceTransformerEncoder(Encoder):
         self.device = device
         self.checksum = sha256_file(path / "model.safetensors")
         self._model = st.SentenceTransformer(str(path), device=device)
-        self._model.max_seq_length = max_length
+        self._model.max_seq_length = self.max_length = max_length
 
     @classmethod
     def from_config(cls, cfg: EncoderConfig) -> SentenceTransformerEncoder:
@@ -229,6 +231,7 @@ class OnnxMiniLMEncoder(Encoder):
         ort = _import("onnxruntime", "onnxruntime")
         path, self.checksum = verified_onnx_model(model_path)
         self.batch_size = batch_size
+        self.max_length = max_length
         self._tokenizer = minilm_tokenizer(max_length)
         self._session = ort.InferenceSession(str(path), sess_options=_session_options(ort, self.threads),
                                              providers=["CPUExecutionProvider"])

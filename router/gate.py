@@ -10,16 +10,20 @@ nothing to learn.
 
 Serving follows the config, not the artifact: ``Gate.for_config`` returns a gate over the config's experts.
 An expert the artifact has no training data for is scored from its config ``examples`` (cold start), one the
-config dropped loses its column, and the rest are renormalised (``router.coldstart``). Only an expert with
-neither training data nor examples is refused, with ``GateArtifactMismatch`` naming it.
+config dropped loses its column, and the rest are renormalised (``router.coldstart``). An expert with
+neither training data nor examples is refused, with ``GateArtifactMismatch`` naming it, and so is a config none
+of whose experts the artifact was trained for (a gate from another deployment).
 
 Two kinds of gate share this class's serving surface (``experts``, ``predict_proba``, ``nearest``):
 ``Gate`` (``kind = "label"``) learns from labelled queries; ``router.outcome_gate.OutcomeGate``
 (``kind = "outcome"``) from outcome records. The artifact's ``kind`` picks the class ``Gate.load`` restores.
 
 An artifact is a folder: ``gate.json`` (written last, so its presence means the folder is complete) and two
-``.npz`` files, read with ``allow_pickle=False``. ``Gate.load`` refuses an encoder other than the one the
-gate was trained with, since its vectors would land in a different space.
+``.npz`` files, read with ``allow_pickle=False``. ``gate.json`` holds the sha256 of each ``.npz`` file and of
+its own contents (``manifest_sha256``), so ``Gate.load`` refuses an artifact edited after it was saved. It also
+refuses an encoder other than the one the gate was trained with, or one reading another number of tokens per
+text (``encoder_max_length``), since its vectors would land in a different space. Artifacts saved before
+either field existed load without that check.
 
 Out of distribution: ``ood_scores`` gives each query a familiarity score, higher for queries like the training
 data, and ``metadata.ood_threshold`` is the score that ``OOD_KEEP`` of the validation queries reach; below it a
@@ -292,9 +296,18 @@ class Gate:
     # -- the config's experts ------------------------------------------------------------------------------
     def check_experts(self, names: Sequence[str], examples: Mapping[str, Sequence[str]] | None = None) -> None:
         """Raise ``GateArtifactMismatch`` for config experts this gate cannot score: those without training
-        data in the artifact and without ``examples`` (name -> example texts). Order and removals are fine."""
+        data in the artifact and without ``examples`` (name -> example texts), and every expert at once when none
+        of them is one the artifact was trained for (it belongs to another deployment). Order, removals and
+        added experts with examples are fine."""
         examples = examples or {}
         trained = set(self.trained_experts)
+        if names and trained.isdisjoint(names):
+            # Cold start alone would score every expert from a few examples, ignoring the trained classifier.
+            raise GateArtifactMismatch(
+                "the gate artifact was trained for other experts: none of the config's experts ("
+                + ", ".join(map(repr, names)) + ") is among the artifact's trained experts ("
+                + ", ".join(map(repr, self.trained_experts)) + "). Retrain the gate for this config "
+                "(moe train --config <this config>), or point gate.artifact at the gate trained for it.")
         unroutable = [n for n in names if n not in trained and not examples.get(n)]
         if unroutable:
             raise GateArtifactMismatch(
@@ -360,14 +373,16 @@ class Gate:
             text_bytes=text_bytes, text_offsets=text_offsets,
             labels=np.array([label_ids.get(lab, -1) for lab in labels], dtype=np.int32))
         doc = {**self.metadata.as_dict(), "kind": self.kind, "experts": self.artifact_experts,
-               **self._manifest(), "files": {name: sha256_file(path / name) for name in (_WEIGHTS, _EXAMPLES)}}
+               "encoder_max_length": _encoder_max_length(self.encoder), **self._manifest(),
+               "files": {name: sha256_file(path / name) for name in (_WEIGHTS, _EXAMPLES)}}
+        doc[_SELF_DIGEST] = _manifest_digest(json.loads(json.dumps(doc)))  # as load will read it back
         (path / _MANIFEST).write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
         return path
 
     @classmethod
     def load(cls, directory: str | Path, encoder: Encoder) -> Gate:
         """Read an artifact of either kind for ``encoder``; raise ``GateArtifactMismatch`` if it was trained
-        with another encoder, or its files were edited."""
+        with another encoder or ``max_length``, or its files (``gate.json`` included) were edited."""
         path = Path(directory)
         try:
             doc = json.loads((path / _MANIFEST).read_text(encoding="utf-8"))
@@ -376,6 +391,11 @@ class Gate:
         if doc.get("format_version") != FORMAT_VERSION:
             raise GateArtifactMismatch(f"{path}: gate format version {doc.get('format_version')!r}, this code "
                                        f"reads {FORMAT_VERSION}; retrain the gate")
+        digest = doc.pop(_SELF_DIGEST, None)  # None: saved before gate.json covered itself
+        if digest is not None and digest != _manifest_digest(doc):
+            raise GateArtifactMismatch(f"{path / _MANIFEST}: contents differ from the {_SELF_DIGEST} it was saved "
+                                       "with (edited after training); retrain the gate (moe train --config <this "
+                                       "config>) rather than editing it")
         kind = doc.setdefault("kind", "label")  # artifacts from before outcome gates are label gates
         if kind not in GATE_KINDS:
             raise GateArtifactMismatch(f"{path}: unknown gate kind {kind!r}; known: {', '.join(GATE_KINDS)}")
@@ -444,6 +464,19 @@ def _similarity(neighbour: Any) -> float:
 
 
 _MANIFEST, _WEIGHTS, _EXAMPLES = "gate.json", "weights.npz", "examples.npz"
+_SELF_DIGEST = "manifest_sha256"  # gate.json's own sha256, over its other keys (``_manifest_digest``)
+
+
+def _manifest_digest(doc: Mapping[str, Any]) -> str:
+    """sha256 of ``doc`` without its own digest, canonical (sorted keys), so indentation does not count."""
+    body = {k: v for k, v in doc.items() if k != _SELF_DIGEST}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, ensure_ascii=False).encode("utf-8")).hexdigest()
+
+
+def _encoder_max_length(encoder: Encoder) -> int | None:
+    """The tokens ``encoder`` reads of each text (``gate.encoder.max_length``); None where it cannot say."""
+    value = getattr(encoder, "max_length", None)  # test doubles need not derive from Encoder
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def _check_encoder(path: Path, doc: dict[str, Any], encoder: Encoder) -> None:
@@ -454,6 +487,12 @@ def _check_encoder(path: Path, doc: dict[str, Any], encoder: Encoder) -> None:
     if differences:
         raise GateArtifactMismatch(f"{path}: the gate was trained with another encoder: encoder "
                                    + "; encoder ".join(differences) + ". Use that encoder or retrain the gate.")
+    # Truncating elsewhere moves the vectors of long queries: the classifier would score points it never saw.
+    trained, given = doc.get("encoder_max_length"), _encoder_max_length(encoder)
+    if trained is not None and given is not None and trained != given:
+        raise GateArtifactMismatch(f"{path}: the gate was trained with encoder max_length {trained} (tokens read "
+                                   f"per query), and this encoder reads {given}. Set gate.encoder.max_length: "
+                                   f"{trained}, or retrain the gate (moe train --config <this config>).")
 
 
 # --- training ---------------------------------------------------------------------------------------------

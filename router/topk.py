@@ -20,14 +20,14 @@ def rank(scores: Mapping[str, float]) -> Ranked:
 
 
 def _fixed(ranked: Ranked, cfg: TopKConfig) -> Ranked:
-    return ranked[: cfg.k]
+    return ranked[: cfg.cap]
 
 
 def _mass(ranked: Ranked, cfg: TopKConfig) -> Ranked:
-    # The smallest prefix whose probability reaches ``mass``, never more than k experts.
+    # The smallest prefix whose probability reaches ``mass``, never more than ``cap`` experts.
     out: Ranked = []
     total = 0.0
-    for name, p in ranked[: cfg.k]:
+    for name, p in ranked[: cfg.cap]:
         out.append((name, p))
         total += p
         if total >= cfg.mass:
@@ -36,7 +36,7 @@ def _mass(ranked: Ranked, cfg: TopKConfig) -> Ranked:
 
 
 def _min_weight(ranked: Ranked, cfg: TopKConfig) -> Ranked:
-    panel = ranked[: cfg.k]
+    panel = ranked[: cfg.cap]
     total = sum(p for _, p in panel) or 1.0
     return [ranked[0]] + [(n, p) for n, p in panel[1:] if p / total >= cfg.min_weight]
 

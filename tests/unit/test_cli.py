@@ -90,3 +90,49 @@ def test_serve_gets_uvloop_and_httptools_from_uvicorn_s_auto_choice() -> None:
         assert type(loop).__module__.startswith("uvloop")
     finally:
         loop.close()
+
+
+def test_a_corrupt_encoder_file_is_an_error_line_not_a_traceback(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    import router.encoders as encoders
+
+    def corrupt(model_path: object = None) -> None:
+        raise encoders.EncoderChecksumError("model.onnx: sha256 0000 does not match the 8199 pinned by its package")
+
+    monkeypatch.setattr(encoders, "verified_onnx_model", corrupt)
+    assert main(["eval", "--suite", "snips-intent", "--encoder", "onnx", "--out", str(tmp_path / "out")]) == 1
+    assert capsys.readouterr().err == ("error: model.onnx: sha256 0000 does not match the 8199 pinned by its "
+                                       "package\n")
+
+
+def test_a_missing_optional_package_is_an_error_line_naming_it(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "sentence_transformers", None)  # as if not installed
+    assert main(["eval", "--suite", "snips-intent", "--encoder", "sentence-transformers",
+                 "--out", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: this encoder backend needs the 'sentence-transformers' package")
+    assert "pip install sentence-transformers" in err and "Traceback" not in err
+
+
+def test_train_names_the_config_key_of_a_missing_train_data_file(tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    root = Path(__file__).resolve().parents[2]
+    demo = tmp_path / "configs" / "demo.yaml"  # the demo's train_data, ../artifacts/..., lands in tmp_path
+    demo.parent.mkdir()
+    demo.write_text((root / "configs" / "demo.yaml").read_text(encoding="utf-8"), encoding="utf-8")
+    assert main(["train", "--config", str(demo)]) == 1
+    err = capsys.readouterr().err
+    missing = tmp_path / "artifacts" / "demo-outcomes.jsonl"
+    assert err.startswith(f"error: {demo}: gate.train_data[0] names '../artifacts/demo-outcomes.jsonl', and "
+                          f"{missing} does not exist")
+    assert f"`moe convert routerbench --split train --no-answers --config {demo} --out {missing}`" in err
+    assert "`make demo`" in err
+
+    labelled = tmp_path / "labelled.yaml"
+    labelled.write_text("version: 1\ngate: {train_data: [data/mine.jsonl]}\nexperts:\n"
+                        "  - {name: a, type: openai, endpoint: 'http://127.0.0.1:9/v1', model: m}\n"
+                        "  - {name: b, type: openai, endpoint: 'http://127.0.0.1:9/v1', model: m}\n")
+    assert main(["train", "--config", str(labelled)]) == 1
+    err = capsys.readouterr().err
+    assert "gate.train_data[0] names 'data/mine.jsonl'" in err and "`moe convert DATASET --split train" in err

@@ -122,6 +122,14 @@ def test_load_labelled_jsonl(tmp_path: Path) -> None:
     ]
 
 
+def test_load_labelled_jsonl_reads_integer_labels_as_strings(tmp_path: Path) -> None:
+    path = tmp_path / "int.jsonl"
+    path.write_text('{"query": "play some jazz", "label": 1}\n{"query": "book a table", "label": "2"}\n',
+                    encoding="utf-8")
+    assert ds.load_labelled_jsonl(path) == [LabelledQuery("1", "play some jazz", "1"),
+                                            LabelledQuery("2", "book a table", "2")]
+
+
 @pytest.mark.parametrize(
     ("second_line", "message"),
     [
@@ -131,6 +139,11 @@ def test_load_labelled_jsonl(tmp_path: Path) -> None:
         ('["query", "label"]', "expected an object with 'query' and 'label', got list"),
         ('{"query": "x", "label": "a", "id": "a"}', "duplicate id 'a' \\(first on line 1\\)"),
         ('{"query": "x", "label": "a", "id": true}', "'id' must be a string or integer"),
+        ('{"query": "x", "label": true}', "'label' must be a string or integer, got true"),
+        ('{"query": "x", "label": 1.5}', "'label' must be a string or integer, got 1.5"),
+        ('{"query": "x", "label": null}', "'label' must be a string or integer, got null"),
+        ('{"query": "x", "label": {"id": 1}}', "'label' must be a string or integer, got {\"id\": 1}"),
+        ('{"query": "x"}', "'label' must be a string or integer, and is missing"),
     ],
 )
 def test_load_labelled_jsonl_errors_name_file_and_line(tmp_path: Path, second_line: str, message: str) -> None:

@@ -5,8 +5,9 @@ from __future__ import annotations
 import csv
 import json
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -191,6 +192,46 @@ def test_load_refuses_edited_files(gate: Gate, tmp_path: Path) -> None:
         Gate.load(tmp_path, gate.encoder)
 
 
+def _edit_manifest(folder: Path, edit: Callable[[dict[str, Any]], None]) -> None:
+    manifest = folder / "gate.json"
+    doc = json.loads(manifest.read_text(encoding="utf-8"))
+    edit(doc)
+    manifest.write_text(json.dumps(doc), encoding="utf-8")
+
+
+def test_load_refuses_an_edited_manifest(gate: Gate, tmp_path: Path) -> None:
+    gate.save(tmp_path)
+    _edit_manifest(tmp_path, lambda doc: None)  # written again without indentation: the same contents
+    assert Gate.load(tmp_path, gate.encoder).experts == gate.experts
+
+    def swap(doc: dict[str, Any]) -> None:
+        doc["experts"][:2] = doc["experts"][1::-1]
+
+    _edit_manifest(tmp_path, swap)
+    with pytest.raises(GateArtifactMismatch, match=r"gate\.json: contents differ from the manifest_sha256"):
+        Gate.load(tmp_path, gate.encoder)
+
+
+def test_load_refuses_another_max_length(gate: Gate, tmp_path: Path) -> None:
+    gate.save(tmp_path)
+    assert json.loads((tmp_path / "gate.json").read_text())["encoder_max_length"] == 256
+    short = build_encoder(EncoderConfig(backend="onnx", max_length=8))
+    with pytest.raises(GateArtifactMismatch, match="trained with encoder max_length 256") as info:
+        Gate.load(tmp_path, short)
+    assert "reads 8" in str(info.value) and "gate.encoder.max_length: 256" in str(info.value)
+
+
+def test_an_artifact_saved_before_the_new_fields_still_loads(gate: Gate, tmp_path: Path) -> None:
+    gate.save(tmp_path)
+
+    def as_before(doc: dict[str, Any]) -> None:
+        del doc["manifest_sha256"], doc["encoder_max_length"]
+
+    _edit_manifest(tmp_path, as_before)
+    short = build_encoder(EncoderConfig(backend="onnx", max_length=8))
+    assert Gate.load(tmp_path, short).experts == gate.experts  # max_length unknown: not a mismatch
+
+
 def test_check_experts_refuses_only_unroutable_experts(gate: Gate) -> None:
     gate.check_experts(list(reversed(gate.experts)))  # order does not matter; columns follow gate.experts
     gate.check_experts(gate.experts[1:])  # removing an expert needs no retraining
@@ -198,6 +239,18 @@ def test_check_experts_refuses_only_unroutable_experts(gate: Gate) -> None:
     with pytest.raises(GateArtifactMismatch) as info:
         gate.check_experts([*gate.experts[1:], "NewExpert"])
     assert "'NewExpert'" in str(info.value) and "no examples" in str(info.value)
+
+
+def test_a_gate_trained_for_other_experts_is_refused(gate: Gate) -> None:
+    # Another deployment's config: every expert has examples, none is one the artifact was trained for.
+    other = {"coder": ["write a python function"], "chat": ["hello how are you"]}
+    with pytest.raises(GateArtifactMismatch, match="trained for other experts") as info:
+        gate.for_experts(other)
+    message = str(info.value)
+    assert "'coder', 'chat'" in message and ", ".join(map(repr, gate.experts)) in message
+    assert "moe train --config" in message
+    # One trained expert in common is a cold start, not another deployment.
+    assert gate.for_experts({**other, gate.experts[0]: []}).experts == ["coder", "chat", gate.experts[0]]
 
 
 TRANSLATE = ["translate good night into Spanish", "how do you say thank you in Japanese",

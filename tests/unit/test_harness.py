@@ -82,6 +82,52 @@ def test_user_jsonl_with_unseen_labels(data_dir: Path, tmp_path: Path, cache_dir
         _assert_png(out / name)
 
 
+def _snips_rows(data_dir: Path, split: str, per_label: int, labels: dict[str, Any]) -> list[dict[str, Any]]:
+    """The first ``per_label`` queries of each SNIPS intent in ``labels``, labelled with its value there."""
+    rows: list[dict[str, Any]] = []
+    counts = dict.fromkeys(labels, 0)
+    for q in load_snips(data_dir, split):  # type: ignore[arg-type]
+        if q.label in counts and counts[q.label] < per_label:
+            counts[q.label] += 1
+            rows.append({"id": f"{split}-{q.id}", "query": q.text, "label": labels[q.label]})
+    return rows
+
+
+def test_user_jsonl_test_labels_absent_from_training_are_out_of_scope(
+        data_dir: Path, tmp_path: Path, cache_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MOE_CACHE_DIR", str(cache_dir))
+    train = _write_jsonl(tmp_path / "train.jsonl", _relabelled(data_dir, "train", 30))
+    unseen = _snips_rows(data_dir, "test", 10, {"GetWeather": "expert-weather"})  # no training query has it
+    test = _write_jsonl(tmp_path / "test.jsonl", _relabelled(data_dir, "test", 10) + unseen)
+    out = tmp_path / "out"
+    assert cli_main(["eval", "--train", str(train), "--test", str(test), "--out", str(out), "--no-plots"]) == 0
+    results = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    setup = results["setup"]
+    assert (setup["test"], setup["test_out_of_scope"], setup["test_unseen_label"]) == (40, 10, 0)
+    assert results["out_of_scope"]["labels"] == ["expert-weather"]
+    assert 0.5 < results["metrics"]["oos_auroc"] <= 1.0  # weather requests are unlike music and film ones
+
+
+def test_user_jsonl_with_integer_labels_and_an_oos_label(data_dir: Path, tmp_path: Path, cache_dir: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MOE_CACHE_DIR", str(cache_dir))
+    numbers: dict[str, Any] = {name: i for i, name in enumerate(RENAMED)}
+    oos = {"GetWeather": 99}  # the class number of out-of-scope queries, in training and in test
+    train = _write_jsonl(tmp_path / "train.jsonl", _snips_rows(data_dir, "train", 30, {**numbers, **oos}))
+    test = _write_jsonl(tmp_path / "test.jsonl", _snips_rows(data_dir, "test", 10, {**numbers, **oos}))
+    out = tmp_path / "out"
+    assert cli_main(["eval", "--train", str(train), "--test", str(test), "--out", str(out), "--no-plots",
+                     "--oos-label", "99"]) == 0
+    results = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    assert results["labels"] == ["0", "1", "2", "3"]  # the out-of-scope label is no expert
+    assert (results["setup"]["train"], results["setup"]["test"], results["setup"]["test_out_of_scope"]) == (
+        120, 40, 10)
+    assert results["out_of_scope"]["labels"] == ["99"] and "oos_auroc" in results["metrics"]
+    assert results["command"].endswith("--oos-label 99")
+    with pytest.raises(ValueError, match="--oos-label names an out-of-scope label in --train/--test JSONL"):
+        run_suite("snips-intent", data_dir, tmp_path / "snips", oos_label="99")
+
+
 def _eval_suite(suite: str, limit: int, data_dir: Path, out: Path) -> dict[str, Any]:
     """``moe eval --suite SUITE --limit LIMIT`` through the CLI; its results.json."""
     assert cli_main(["eval", "--suite", suite, "--limit", str(limit), "--data", str(data_dir),
@@ -127,7 +173,11 @@ def test_outcome_suites_small_run(suite: str, data_dir: Path, tmp_path: Path) ->
     results = run_suite(suite, data_dir, out, encoder=HashingEncoder(), limit=60, progress=False,
                         cache_dir=tmp_path / "cache")
     m = results["metrics"]
-    assert set(m) >= {"routed_accuracy", "best_single_accuracy", "oracle_accuracy", "routed_cost", "aiq"}
+    assert set(m) >= {"routed_accuracy", "best_single_accuracy", "oracle_accuracy", "routed_cost", "aiq",
+                      "served_routed_accuracy", "served_minus_best_single"}
+    served = results["systems"]["served gate (router.outcome_gate, as moe train builds it)"]
+    assert served["accuracy"] == m["served_routed_accuracy"] and served["cost"] > 0
+    assert m["served_minus_best_single"] == pytest.approx(m["served_routed_accuracy"] - m["best_single_accuracy"])
     assert 0.0 <= m["best_single_accuracy"] <= m["oracle_accuracy"] <= 1.0
     assert 0.0 <= m["routed_accuracy"] <= m["oracle_accuracy"] and m["routed_cost"] > 0
     assert len(results["experts"]) == (31 if suite == "mmlu-pro-outcome" else 11)

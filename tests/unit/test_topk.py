@@ -1,6 +1,6 @@
 import pytest
 
-from router.config import TopKConfig
+from router.config import ConfigError, TopKConfig
 from router.topk import choose, rank
 
 SCORES = {"a": 0.5, "b": 0.3, "c": 0.15, "d": 0.05}
@@ -52,3 +52,31 @@ def test_exclude_removes_experts_and_empty_is_an_error() -> None:
 
 def test_zero_scores_get_equal_weights() -> None:
     assert weights(choose({"a": 0.0, "b": 0.0}, TopKConfig(k=2))) == {"a": 0.5, "b": 0.5}
+
+
+@pytest.mark.parametrize("policy", ["mass", "min_weight", "adaptive"])
+def test_sizing_policies_without_k_are_not_capped_at_one(policy: str) -> None:
+    # k unset: no cap, so the policy itself sizes the panel (it used to be top-1 under the default k=1)
+    scores = {"a": 0.4, "b": 0.35, "c": 0.25}
+    cfg = TopKConfig(policy=policy, mass=0.7, min_weight=0.2, confident=0.8)
+    assert cfg.cap is None
+    assert len(choose(scores, cfg)) >= 2
+
+
+def test_fixed_without_k_is_top_1_and_explicit_k_stays_a_cap() -> None:
+    assert TopKConfig().cap == 1 and choose(SCORES, TopKConfig()) == [("a", 1.0)]
+    assert len(choose(SCORES, TopKConfig(policy="min_weight", min_weight=0.0))) == 4
+    assert len(choose(SCORES, TopKConfig(policy="min_weight", k=3, min_weight=0.0))) == 3
+
+
+@pytest.mark.parametrize("policy", ["mass", "min_weight", "adaptive"])
+def test_k_1_with_a_sizing_policy_is_refused(policy: str) -> None:
+    with pytest.raises(ValueError, match=f"caps the panel at one expert, so policy '{policy}' could only ever pick"):
+        TopKConfig(policy=policy, k=1)
+
+
+def test_k_1_with_a_sizing_policy_is_refused_in_a_config_with_its_path() -> None:
+    from tests.doubles.fakes import fake_config
+
+    with pytest.raises(ConfigError, match=r"gate\.top_k.*could only ever pick one expert"):
+        fake_config(["a", "b"], gate={"top_k": {"policy": "mass", "k": 1}})
