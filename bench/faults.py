@@ -11,9 +11,9 @@ service in front of it. Three experts a > b > c by the gate's ranking, over loop
 3. load: ``--clients`` concurrent clients for ``--seconds`` while faults come and go on "a" and "b".
 
 Figures: ``answered_ratio_when_one_healthy`` (scenarios 1 and 3), ``clear_error_when_all_down``,
-``max_deadline_overrun_ms`` (every request), ``leaked_tasks`` and ``leaked_connections`` (counted after each rig
-is closed), ``memory_growth_pct`` (resident memory, last quarter of the load run over the first) and
-``requests``.
+``max_deadline_overrun_ms`` (every request), ``leaked_tasks`` and ``leaked_connections`` (counted once each
+rig's requests are done, before it is closed, and again after), ``memory_growth_pct`` (resident memory, last
+quarter of the load run over the first) and ``requests``.
 """
 
 from __future__ import annotations

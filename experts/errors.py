@@ -91,8 +91,15 @@ class ExpertRateLimited(ExpertHTTPError):
 
 
 class ExpertServerError(ExpertHTTPError):
+    """A 5xx. ``retry_after_s``: the wait a 503's Retry-After asked for (how long the server expects to be
+    unavailable, RFC 9110 10.2.3); None when it sent none."""
+
     kind = "server_error"
     transient = True
+
+    def __init__(self, expert: str, status: int, message: str, retry_after_s: float | None = None) -> None:
+        super().__init__(expert, status, message)
+        self.retry_after_s = retry_after_s
 
 
 class ExpertRejected(ExpertHTTPError):

@@ -7,7 +7,8 @@ on first use. Every transport failure and every error status is translated here 
     every connection busy for timeout_s    -> ExpertOverloaded   (max_concurrency requests in flight)
     connect or read timeout                -> ExpertTimeout      (also between stream chunks)
     refused, reset, closed mid-message     -> ExpertUnavailable
-    429, 5xx                               -> ExpertRateLimited (with Retry-After), ExpertServerError
+    429, 5xx                               -> ExpertRateLimited (with Retry-After), ExpertServerError (a 503
+                                              with Retry-After carries it too, as ``retry_after_s``)
     401, 403, other 4xx                    -> ExpertAuthError, ExpertRejected
     bad JSON, no ``choices``, bad SSE      -> ExpertProtocolError
 
@@ -224,7 +225,8 @@ class OpenAICompatibleExpert(Expert):
         if status == 429:
             return ExpertRateLimited(self.name, status, detail, parse_retry_after(retry_after))
         if status >= 500:
-            return ExpertServerError(self.name, status, detail)
+            return ExpertServerError(self.name, status, detail,
+                                     parse_retry_after(retry_after) if status == 503 else None)
         if status in (401, 403):
             return ExpertAuthError(self.name, status, detail)
         return ExpertRejected(self.name, status, detail)

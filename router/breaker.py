@@ -11,6 +11,9 @@ Invariants that keep the cooldown right when it is re-triggered:
 - Results of calls admitted while closed that land after the breaker opened are stale evidence: they neither
   extend the cooldown nor count as a trip (otherwise a burst of in-flight failures would multiply it).
 - Only probes decide half-open; at most ``half_open_probes`` are in flight at once.
+- Only probes of the current half-open round decide it. Each entry into half-open starts a new round
+  (``probe_round``), and a permit carries the round it was admitted in: a probe still in flight from an
+  earlier round (another probe of it already re-opened or closed the breaker) is stale evidence, and is ignored.
 
 The transitions (``admit``, ``record``) are pure functions of a frozen ``BreakerState`` and a clock reading.
 ``Breakers`` applies them through a ``BreakerStore``; the in-memory store is the default, and a shared store
@@ -52,6 +55,7 @@ class BreakerState:
     opened_at: float = 0.0
     cooldown_s: float = 0.0
     probes: int = 0  # half-open calls in flight
+    probe_round: int = 0  # half-open rounds begun; never reset, so a stale probe can never match a later round
     buckets: tuple[tuple[int, int, int], ...] = ()  # (bucket index, calls, failures) inside the window
     last_error: str | None = None
 
@@ -60,6 +64,7 @@ class BreakerState:
 class Permit:
     expert: str
     probe: bool
+    probe_round: int = 0  # a probe's half-open round (``BreakerState.probe_round``)
 
 
 def classify(error: ExpertError | None) -> Outcome:
@@ -79,7 +84,7 @@ def admit(s: BreakerState, cfg: BreakerConfig, now: float) -> tuple[bool, Breake
     if s.state == "open":
         if now < s.opened_at + s.cooldown_s:
             return False, s
-        s = replace(s, state="half_open", probes=0)
+        s = replace(s, state="half_open", probes=0, probe_round=s.probe_round + 1)
     if s.state == "half_open":
         if s.probes >= cfg.half_open_probes:
             return False, s
@@ -88,14 +93,15 @@ def admit(s: BreakerState, cfg: BreakerConfig, now: float) -> tuple[bool, Breake
 
 
 def record(s: BreakerState, cfg: BreakerConfig, now: float, outcome: Outcome, *, probe: bool,
-           error_kind: str | None = None) -> BreakerState:
-    """The state after a call admitted with ``probe`` ended with ``outcome``."""
+           error_kind: str | None = None, probe_round: int | None = None) -> BreakerState:
+    """The state after a call admitted with ``probe`` (in half-open round ``probe_round``; None: the current one)
+    ended with ``outcome``."""
     if probe:
-        if s.state != "half_open":
-            return s
+        if s.state != "half_open" or (probe_round is not None and probe_round != s.probe_round):
+            return s  # stale: its round is over
         s = replace(s, probes=max(0, s.probes - 1))
         if outcome == "success":
-            return BreakerState()
+            return BreakerState(probe_round=s.probe_round)
         return _trip(s, cfg, now, error_kind) if outcome == "failure" else s
     if s.state != "closed" or outcome == "neutral":
         return s  # stale: admitted before the breaker opened
@@ -127,7 +133,7 @@ def _tripped(s: BreakerState, cfg: BreakerConfig) -> bool:
 def _trip(s: BreakerState, cfg: BreakerConfig, now: float, error_kind: str | None) -> BreakerState:
     cooldown = min(cfg.cooldown_max_s, cfg.cooldown_s * cfg.cooldown_growth ** min(s.trips, 64))
     return BreakerState(state="open", trips=s.trips + 1, opened_at=now, cooldown_s=cooldown,
-                        consecutive=s.consecutive, last_error=error_kind or s.last_error)
+                        consecutive=s.consecutive, last_error=error_kind or s.last_error, probe_round=s.probe_round)
 
 
 class BreakerStore(Protocol):
@@ -168,7 +174,8 @@ class Breakers:
             raise CircuitOpen(expert, self._why(after))
         if after != before:
             self.store.save(expert, after)
-        return Permit(expert, probe=after.state == "half_open")
+        probe = after.state == "half_open"
+        return Permit(expert, probe=probe, probe_round=after.probe_round if probe else 0)
 
     def finish(self, permit: Permit, error: ExpertError | None, outcome: Outcome | None = None) -> None:
         """Record how a permitted call ended; ``outcome`` overrides what ``error`` alone would say."""
@@ -176,7 +183,7 @@ class Breakers:
             return
         outcome = outcome or classify(error)
         state = record(self.store.load(permit.expert), self.cfg, self.clock(), outcome, probe=permit.probe,
-                       error_kind=error.kind if error else None)
+                       error_kind=error.kind if error else None, probe_round=permit.probe_round)
         self.store.save(permit.expert, state)
 
     def refuses(self, expert: str) -> bool:

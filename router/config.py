@@ -309,8 +309,8 @@ class BreakerConfig(_Strict):
 
 class FallbackConfig(_Strict):
     enabled: bool = True
-    # Experts tried in all, the first choice included (retries of one expert and skipped open breakers
-    # do not count).
+    # Experts tried in all, the first choice included (retries of one expert, skipped open breakers and
+    # saturated experts do not count).
     max_attempts: int = Field(default=3, ge=1, le=64)
     # Overall deadline for one request, across every attempt, retry wait and fallback.
     deadline_s: float = Field(default=120.0, gt=0.0, le=3600.0)
@@ -320,7 +320,7 @@ class FallbackConfig(_Strict):
     # Jittered exponential backoff between retries: base * 2**n, capped at backoff_max_s, then jittered.
     backoff_base_s: float = Field(default=0.1, gt=0.0, le=60.0)
     backoff_max_s: float = Field(default=5.0, gt=0.0, le=600.0)
-    # A 429's Retry-After is honoured up to this (and never past the deadline); a longer one falls back.
+    # A 429's or 503's Retry-After is honoured up to this (and never past the deadline); a longer one falls back.
     retry_after_max_s: float = Field(default=5.0, ge=0.0, le=600.0)
     # USD a request may spend across all its attempts; once spent no further expert is tried. None: no limit.
     cost_budget_usd: float | None = Field(default=None, gt=0.0, le=1000.0)

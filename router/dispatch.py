@@ -63,11 +63,17 @@ class StreamOutcome:
 
     error: ExpertError | None = None
     chars: int = 0
+    tool_deltas: int = 0  # deltas carrying tool calls: output the client has, though not text
     finish_reason: str = "stop"
     usage: Usage | None = None
     cost: float = 0.0
     latency_ms: float = 0.0
     nested: dict[str, Any] | None = None
+
+    @property
+    def sent(self) -> bool:
+        """Whether any output (text or a tool-call delta) reached the client."""
+        return bool(self.chars or self.tool_deltas)
 
     def attempt(self, name: str, replaces: str | None, retry: int = 0) -> Attempt:
         return Attempt(expert=name, weight=1.0, ok=self.error is None, latency_ms=self.latency_ms,
@@ -108,23 +114,30 @@ class Dispatcher:
         self.sleep = sleep
         self.rand = rand
 
-    def over_budget(self, name: str, trace: Trace, request: ChatRequest) -> BudgetSpent | None:
+    def estimate(self, name: str, request: ChatRequest) -> float:
+        """A call's cost before it is made: the prompt (about 4 characters a token) at the expert's input price,
+        plus ``max_tokens`` at its output price when the request sets it."""
+        chars = sum(len(m.text()) for m in request.messages)
+        completion = request.max_completion_tokens or request.max_tokens or 0
+        return self.experts[name].cost(Usage(prompt_tokens=chars // 4, completion_tokens=completion))
+
+    def over_budget(self, name: str, trace: Trace, request: ChatRequest,
+                    reserved_usd: float = 0.0) -> BudgetSpent | None:
         """The cause to report when a further call to ``name`` would not fit in the request's cost budget.
 
-        A failed call costs nothing by our count, so what is spent is only what answers reported; the next
-        call's cost is estimated from the prompt (about 4 characters a token) at the expert's input price, plus
-        ``max_tokens`` at its output price when the request sets it.
+        A failed call costs nothing by our count, so what is spent is only what answers reported, plus
+        ``reserved_usd``: the estimates of calls made alongside this one whose cost is not known yet (a panel's
+        other members).
         """
         if self.budget_usd is None:
             return None
-        expert = self.experts[name]
-        chars = sum(len(m.text()) for m in request.messages)
-        completion = request.max_completion_tokens or request.max_tokens or 0
-        estimate = expert.cost(Usage(prompt_tokens=chars // 4, completion_tokens=completion))
-        if not budget_spent(self.budget_usd, trace.cost_usd, estimate):
+        estimate = self.estimate(name, request)
+        if not budget_spent(self.budget_usd, trace.cost_usd + reserved_usd, estimate):
             return None
+        reserved = f", ${reserved_usd:.6f} reserved for the panel's other members" if reserved_usd else ""
         return BudgetSpent(name, f"not tried: the request's cost budget of ${self.budget_usd:g} is spent "
-                                 f"(${trace.cost_usd:.6f} so far, next call estimated at ${estimate:.6f})")
+                                 f"(${trace.cost_usd:.6f} so far{reserved}, next call estimated at "
+                                 f"${estimate:.6f})")
 
     async def call(self, name: str, weight: float, request: ChatRequest, deadline: Deadline, trace: Trace,
                    replaces: str | None = None, role: AttemptRole = "answer") -> ExpertReply | ExpertError:
@@ -141,7 +154,7 @@ class Dispatcher:
     async def stream(self, name: str, request: ChatRequest, deadline: Deadline, trace: Trace,
                      replaces: str | None = None) -> AsyncGenerator[StreamPiece | StreamOutcome, None]:
         """The expert's pieces, then the outcome of its last try. Only a try that sent nothing is retried:
-        once text reached the client, continuing is the orchestrator's job."""
+        once output (text or a tool-call delta) reached the client, what happens next is the orchestrator's."""
         retry = 0
         while True:
             outcome = StreamOutcome()
@@ -150,7 +163,7 @@ class Dispatcher:
                     yield piece
             trace.attempts.append(outcome.attempt(name, replaces, retry))
             error = outcome.error
-            if error is None or outcome.chars or not await self._backoff(name, error, retry, request, deadline,
+            if error is None or outcome.sent or not await self._backoff(name, error, retry, request, deadline,
                                                                          trace):
                 yield outcome
                 return
@@ -206,7 +219,7 @@ class Dispatcher:
                 try:
                     reply = await asyncio.wait_for(expert.generate(request), timeout)
                 except TimeoutError:
-                    raise ExpertTimeout(name, f"no answer within {timeout:.1f}s") from None
+                    raise _timed_out(name, f"no answer within {timeout:.1f}s", slot, deadline) from None
         except ExpertError as exc:
             trace.attempts.append(Attempt(expert=name, ok=False, error=exc.to_dict(),
                                           latency_ms=(time.perf_counter() - start) * 1000.0, **tried.fields()))
@@ -234,7 +247,7 @@ class Dispatcher:
                         except TimeoutError:
                             delta = None
                         if delta is None:
-                            raise ExpertTimeout(name, f"stream stalled for {timeout:.1f}s")
+                            raise _timed_out(name, f"stream stalled for {timeout:.1f}s", slot, deadline)
                         piece = _take(delta, outcome, expert)
                         if piece is not None:
                             yield StreamPiece(expert=name, delta=piece)
@@ -250,6 +263,14 @@ class Dispatcher:
             outcome.latency_ms = (time.perf_counter() - started) * 1000.0
 
 
+def _timed_out(name: str, message: str, slot: _Slot, deadline: Deadline) -> ExpertTimeout:
+    """A try's timeout: ``message`` when the expert's own ``timeout_s`` ran out; when the request's deadline cut
+    the try short, that is what the error names, since the expert was not at fault."""
+    if slot.cut_by_deadline:
+        return ExpertTimeout(name, f"the request's deadline of {deadline.seconds:g}s was reached")
+    return ExpertTimeout(name, message)
+
+
 def _take(delta: StreamDelta, outcome: StreamOutcome, expert: Expert) -> StreamDelta | None:
     """Note a delta's usage and finish reason; the text or tool calls to pass on, if any."""
     if delta.usage is not None:
@@ -262,4 +283,5 @@ def _take(delta: StreamDelta, outcome: StreamOutcome, expert: Expert) -> StreamD
     if not (delta.content or delta.tool_calls):
         return None
     outcome.chars += len(delta.content)
+    outcome.tool_deltas += bool(delta.tool_calls)
     return StreamDelta(content=delta.content, tool_calls=delta.tool_calls)

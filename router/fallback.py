@@ -20,8 +20,9 @@ class BudgetSpent(ExpertError):
 class AllExpertsFailed(Exception):
     """No candidate expert could answer. ``causes`` holds each expert's own error, in the order tried.
 
-    An expert skipped by its open breaker appears with kind ``circuit_open``; one left untried because the
-    cost budget was spent, with kind ``budget_exhausted``.
+    An expert skipped by its open breaker appears with kind ``circuit_open``, a saturated one with ``overloaded``;
+    one left untried because the cost budget was spent, with kind ``budget_exhausted``, and one fallback never
+    reached (deadline, ``max_attempts``) with ``not_tried``.
     """
 
     def __init__(self, causes: list[ExpertError], reason: str | None = None) -> None:

@@ -7,12 +7,16 @@ are pure. One call to one expert (breaker, in-flight limit, time limit, retries)
 Resilience, in the order a request meets it:
 - the gate's panel leaves out experts whose breaker is open; the deadline starts before the gate decides;
 - panel members are called concurrently, each retried on transient failures; a failed member's weight is
-  renormalised over the members that answered;
+  renormalised over the members that answered. The top-weight member is always called (the request's first
+  call, as a stream's); each other one only while its estimated cost fits in the cost budget next to the
+  estimates of the members called with it. One left out has a ``budget_exhausted`` attempt in the trace;
 - when the whole panel failed, fallback walks the gate's ranking one expert at a time, skipping open
-  breakers, until one answers, ``max_attempts`` experts were tried, the deadline passed or the cost budget
-  is spent;
-- when nothing answered, ``AllExpertsFailed`` lists each expert's cause (``circuit_open`` and
-  ``budget_exhausted`` included), which the service turns into a 503.
+  breakers and saturated experts (neither was called, so neither counts towards ``max_attempts``), until one
+  answers, ``max_attempts`` experts were tried, the deadline passed or the cost budget is spent;
+- when nothing answered, ``RouteFailed`` (an ``AllExpertsFailed``) lists each expert's cause
+  (``circuit_open``, ``overloaded`` and ``budget_exhausted`` included, and ``not_tried`` for each candidate
+  left when the deadline or ``max_attempts`` stopped fallback, its message saying which) and carries the
+  trace; the service turns it into a 503.
 
 Combining: the config's combiner, or the one a request names (``complete(strategy=...)``), merges the answers.
 ``consensus`` embeds them with the gate's encoder. ``fuse`` has its aggregator expert write the final answer,
@@ -37,7 +41,9 @@ open) the gate's own panel stands: abstaining needs somewhere to go.
 
 Streaming: the top-weighted expert streams. A failure before its first token is retried or falls back
 invisibly. A failure mid-stream continues from the next expert, which is shown the partial answer and asked to
-go on; the switch is recorded in ``trace.switches`` and so in the stream's final chunk (``moe.switches``).
+go on; the switch is recorded in ``trace.switches`` and so in the stream's final chunk (``moe.switches``), its
+``to`` naming the expert that did continue (the next one in line may be skipped or fail first). A stream that
+fails once a tool-call delta has reached the client is not continued: see ``_stream``.
 """
 
 from __future__ import annotations
@@ -54,7 +60,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from experts.base import Expert
-from experts.errors import ExpertConfigError, ExpertError
+from experts.errors import ExpertConfigError, ExpertError, ExpertOverloaded
 from experts.types import ChatMessage, ChatRequest, ExpertReply
 from router.assign import expert_choice
 from router.batching import GateBatcher
@@ -66,10 +72,11 @@ from router.fallback import AllExpertsFailed, Deadline, next_candidate
 from router.gate import Assessment, assess
 from router.retry import RetryPolicy
 from router.topk import choose, rank
-from router.trace import AttemptRole, RoutedAnswer, RouteDecision, Trace, WeightedExpert
+from router.trace import Attempt, AttemptRole, RoutedAnswer, RouteDecision, Trace, WeightedExpert
 from router.vote_weights import VoteWeights
 
-__all__ = ["GateLike", "NoCapableExpert", "Orchestrator", "StreamEnd", "StreamPiece", "UnknownExpert"]
+__all__ = ["GateLike", "NoCapableExpert", "NotTried", "Orchestrator", "RouteFailed", "StreamEnd", "StreamPiece",
+           "UnknownExpert"]
 
 CONTINUE_PROMPT = "Continue your previous answer exactly where it stopped, without repeating any of it."
 
@@ -110,6 +117,21 @@ class NoCapableExpert(ValueError):
         also = f"; experts that do: {', '.join(capable)}" if capable else ""
         super().__init__(f"the request carries {capability!r}, but {where} declare the {capability!r} "
                          f"capability{also}")
+
+
+class NotTried(ExpertError):
+    """A candidate expert fallback never reached: the deadline passed, or ``max_attempts`` experts were tried."""
+
+    kind = "not_tried"
+
+
+class RouteFailed(AllExpertsFailed):
+    """No expert answered the request; ``trace`` holds what was tried (attempts, retries, mid-stream switches),
+    so the service logs and counts it as it does an answered request's."""
+
+    def __init__(self, causes: list[ExpertError], trace: Trace, reason: str | None = None) -> None:
+        super().__init__(causes, reason)
+        self.trace = trace
 
 
 @dataclass
@@ -303,14 +325,18 @@ class Orchestrator:
         combiner = self.combiner_for(strategy)  # before the gate: a bad strategy costs no gate work
         decision, panel, ranking = await self._plan(request)
         trace = Trace(decision=decision, combiner=combiner.name)
+        called, errors = self._within_budget(panel, request, trace)
         results = await asyncio.gather(*(self.dispatch.call(p.expert, p.weight, request, deadline, trace)
-                                         for p in panel))
-        replies = [(p, r) for p, r in zip(panel, results, strict=True) if isinstance(r, ExpertReply)]
-        errors = [r for r in results if isinstance(r, ExpertError)]
+                                         for p in called))
+        replies = [(p, r) for p, r in zip(called, results, strict=True) if isinstance(r, ExpertReply)]
+        failures = [r for r in results if isinstance(r, ExpertError)]
+        errors += failures
+        reason = None
         if not replies and decision is not None and self.config.fallback.enabled:
-            replies, errors = await self._fall_back(request, ranking, panel, deadline, trace, errors)
+            tried = sum(not _skipped(e) for e in failures)
+            replies, reason = await self._fall_back(request, ranking, panel, tried, deadline, trace, errors)
         if not replies:
-            raise AllExpertsFailed(errors)
+            raise RouteFailed(errors, trace, reason)
         combined, chosen = await self._combine(combiner, request, replies, deadline, trace)
         trace.latency_ms = (time.perf_counter() - start) * 1000.0
         return RoutedAnswer(content=combined.content, expert=combined.expert, finish_reason=chosen.finish_reason,
@@ -335,17 +361,44 @@ class Orchestrator:
         chosen = aggregation.reply or next(r for _, r in replies if r.expert == combined.expert)
         return combined, chosen
 
-    async def _fall_back(self, request: ChatRequest, ranking: list[str], panel: list[WeightedExpert],
+    def _within_budget(self, panel: list[WeightedExpert], request: ChatRequest,
+                       trace: Trace) -> tuple[list[WeightedExpert], list[ExpertError]]:
+        """The panel members to call, and the cause of each one left out for the cost budget.
+
+        The top-weight member is always called: it is the request's first call, free as a stream's is. Members
+        run concurrently, so none has reported its cost when the next is checked: each is checked against what
+        the members before it are estimated to spend. A member left out gets a ``budget_exhausted`` attempt in
+        the trace (as an open breaker's refusal does), so an answered request still says who was not asked.
+        """
+        if self.dispatch.budget_usd is None:
+            return panel, []
+        called: list[WeightedExpert] = []
+        left_out: list[ExpertError] = []
+        reserved = 0.0
+        for member in panel:
+            spent = self.dispatch.over_budget(member.expert, trace, request, reserved) if called else None
+            if spent is None:
+                called.append(member)
+                reserved += self.dispatch.estimate(member.expert, request)
+            else:
+                left_out.append(spent)
+                trace.attempts.append(Attempt(expert=member.expert, weight=member.weight, ok=False,
+                                              error=spent.to_dict()))
+        return called, left_out
+
+    async def _fall_back(self, request: ChatRequest, ranking: list[str], panel: list[WeightedExpert], tried: int,
                          deadline: Deadline, trace: Trace, errors: list[ExpertError],
-                         ) -> tuple[list[tuple[WeightedExpert, ExpertReply]], list[ExpertError]]:
-        """Walk the gate's ranking one expert at a time until one answers or a limit is reached."""
+                         ) -> tuple[list[tuple[WeightedExpert, ExpertReply]], str | None]:
+        """Walk the gate's ranking one expert at a time until one answers or a limit is reached; each failure
+        goes into ``errors``. Returns the answer, if any, and why fallback stopped when a limit stopped it.
+        ``tried`` counts the experts already called (the panel members not skipped)."""
         taken = {p.expert for p in panel}
-        tried = len(panel)
         failed = panel[0].expert if panel else None
-        while tried < self.config.fallback.max_attempts and deadline.remaining > 0:
-            name = next_candidate(ranking, taken)
-            if name is None:
-                break
+        while (name := next_candidate(ranking, taken)) is not None:
+            stop = self._stop(tried, deadline)
+            if stop is not None:
+                errors.extend(_untried(ranking, taken, stop))
+                return [], stop.reason
             taken.add(name)
             spent = self.dispatch.over_budget(name, trace, request)
             if spent is not None:
@@ -353,12 +406,24 @@ class Orchestrator:
                 break
             result = await self.dispatch.call(name, 1.0, request, deadline, trace, replaces=failed)
             if isinstance(result, ExpertReply):
-                return [(WeightedExpert(expert=name, weight=1.0), result)], errors
+                return [(WeightedExpert(expert=name, weight=1.0), result)], None
             errors.append(result)
-            if not isinstance(result, CircuitOpen):  # a skipped expert was not tried
+            if not _skipped(result):
                 tried += 1
                 failed = name
-        return [], errors
+        return [], None
+
+    def _stop(self, tried: int, deadline: Deadline) -> _Stop | None:
+        """Why fallback may try no further expert (the deadline passed, ``max_attempts`` were tried); None
+        while it may."""
+        if deadline.remaining <= 0:
+            return _Stop("deadline reached", f"fallback stopped at the request's deadline of {deadline.seconds:g}s "
+                                             "with no complete answer")
+        limit = self.config.fallback.max_attempts
+        if tried >= limit:
+            return _Stop(f"max_attempts {limit} used", f"fallback stopped after max_attempts ({limit}) experts "
+                                                        "failed")
+        return None
 
     # -- streaming ------------------------------------------------------------------------------------------
     def _stream_order(self, decision: RouteDecision | None, panel: list[WeightedExpert],
@@ -381,18 +446,20 @@ class Orchestrator:
         decision, panel, ranking = await self._plan(request)
         trace = Trace(decision=decision, combiner="stream")
         sent: list[str] = []
+        tool_calls_sent = False
         errors: list[ExpertError] = []
         previous: str | None = None
         tried = 0
-        for name in self._stream_order(decision, panel, ranking):
-            if deadline.remaining <= 0 or tried >= self.config.fallback.max_attempts:
-                break
+        order = self._stream_order(decision, panel, ranking)
+        for i, name in enumerate(order):
+            stop = self._stop(tried, deadline)
+            if stop is not None:
+                errors.extend(_untried(order[i:], (), stop))
+                raise RouteFailed(errors, trace, stop.reason)
             spent = self.dispatch.over_budget(name, trace, request) if tried else None  # the first try is free
             if spent is not None:
                 errors.append(spent)
                 break
-            if trace.switches and "to" not in trace.switches[-1]:
-                trace.switches[-1]["to"] = name
             attempt_request = _continuation(request, "".join(sent)) if sent else request
             outcome = StreamOutcome()
             async with aclosing(self.dispatch.stream(name, attempt_request, deadline, trace, previous)) as events:
@@ -400,21 +467,32 @@ class Orchestrator:
                     if isinstance(event, StreamOutcome):
                         outcome = event
                     else:
+                        _continued_by(trace, name)
                         sent.append(event.delta.content)
+                        tool_calls_sent = tool_calls_sent or bool(event.delta.tool_calls)
                         yield event
             if outcome.error is None:
+                _continued_by(trace, name)
                 trace.latency_ms = (time.perf_counter() - start) * 1000.0
                 yield StreamEnd(trace=trace, finish_reason=outcome.finish_reason)
                 return
             errors.append(outcome.error)
-            if isinstance(outcome.error, CircuitOpen):
-                continue  # skipped, not tried
+            if _skipped(outcome.error):
+                continue  # not called, so not tried
             tried += 1
-            if sent:
-                # Text already reached the client: the next expert continues it rather than starting over.
+            if tool_calls_sent:
+                # Part of a tool call (its id, name, argument fragments) reached the client. Another expert cannot
+                # finish it: it would start a call of its own, whose deltas the client would merge into the
+                # half-sent one, corrupting it. The stream ends here instead, with an error event that names
+                # the expert and the cause; the client still has the text, and knows the call is incomplete.
+                raise RouteFailed(errors, trace, f"the stream from expert {name!r} broke off after part of a tool "
+                                                 "call reached the client; another expert cannot continue a tool "
+                                                 "call, so the stream ends here")
+            if outcome.sent:
+                # Its text reached the client: the next expert continues it rather than starting over.
                 trace.switches.append({"from": name, "after_chars": len("".join(sent)), "cause": outcome.error.kind})
             previous = name
-        raise AllExpertsFailed(errors)
+        raise RouteFailed(errors, trace)
 
     async def aclose(self) -> None:
         await self.batcher.aclose()
@@ -452,6 +530,32 @@ def _aggregation_request(request: ChatRequest, messages: list[ChatMessage]) -> C
     aggregator writes an answer; None drops a field from the upstream body)."""
     return request.model_copy(update={"messages": messages, "stream": False, "tools": None, "tool_choice": None,
                                       "parallel_tool_calls": None})
+
+
+@dataclass(frozen=True)
+class _Stop:
+    """Why fallback stopped before trying every candidate: the cause each untried one is listed with, and the
+    reason the 503 gives."""
+
+    cause: str
+    reason: str
+
+
+def _skipped(error: ExpertError) -> bool:
+    """Whether the expert was passed over without a call (its breaker is open, or its in-flight limit full), so
+    the try does not count towards ``max_attempts``."""
+    return isinstance(error, CircuitOpen | ExpertOverloaded)
+
+
+def _untried(candidates: Sequence[str], taken: Collection[str], stop: _Stop) -> list[ExpertError]:
+    return [NotTried(n, f"not tried: {stop.cause}") for n in candidates if n not in taken]
+
+
+def _continued_by(trace: Trace, name: str) -> None:
+    """Name ``name`` as the expert that took over after the last mid-stream switch, once it has sent something
+    or finished: the next expert in line may have been skipped or failed before it."""
+    if trace.switches and "to" not in trace.switches[-1]:
+        trace.switches[-1]["to"] = name
 
 
 @dataclass(frozen=True)

@@ -6,8 +6,9 @@ goes straight to fallback. ``ExpertOverloaded`` is transient but not retried her
 limit is full, and load-aware routing hands the query to the next expert by weight instead of waiting.
 
 The wait is exponential in the retry number with "equal jitter" (half fixed, half random), so retries of many
-requests spread out yet each still backs off. A 429's Retry-After replaces the backoff when it is longer; one
-longer than ``retry_after_max_s``, or than what is left of the request's deadline, is not waited for at all.
+requests spread out yet each still backs off. A Retry-After (a 429's, or a 503's: standard HTTP for how long
+the server expects to be unavailable) replaces the backoff when it is longer; one longer than
+``retry_after_max_s``, or than what is left of the request's deadline, is not waited for at all.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from experts.errors import ExpertError, ExpertOverloaded, ExpertRateLimited
+from experts.errors import ExpertError, ExpertOverloaded, ExpertRateLimited, ExpertServerError
 from router.config import FallbackConfig
 
 __all__ = ["RetryPolicy", "backoff_delay", "is_retryable", "retry_delay"]
@@ -53,8 +54,14 @@ def retry_delay(policy: RetryPolicy, error: ExpertError, retry: int, remaining_s
     if retry >= policy.retries or not is_retryable(error):
         return None
     delay = backoff_delay(policy, retry, rand)
-    if isinstance(error, ExpertRateLimited) and error.retry_after_s is not None:
-        if error.retry_after_s > policy.retry_after_max_s:
+    asked = _retry_after(error)
+    if asked is not None:
+        if asked > policy.retry_after_max_s:
             return None
-        delay = max(delay, error.retry_after_s)
+        delay = max(delay, asked)
     return delay if delay < remaining_s else None
+
+
+def _retry_after(error: ExpertError) -> float | None:
+    """The wait the expert asked for in its Retry-After (a 429's, or a 503's); None when it asked for none."""
+    return error.retry_after_s if isinstance(error, ExpertRateLimited | ExpertServerError) else None

@@ -36,7 +36,7 @@ from router.feedback import FeedbackBody, FeedbackStore, UnknownFeedbackExpert, 
 from router.logs import RequestRecord, configure_json_logging, log_request
 from router.metrics import CONTENT_TYPE, RouterMetrics
 from router.openapi import CHAT_COMPLETIONS_BODY, ROUTE_BODY
-from router.orchestrator import NoCapableExpert, Orchestrator, StreamEnd, StreamPiece, UnknownExpert
+from router.orchestrator import NoCapableExpert, Orchestrator, RouteFailed, StreamEnd, StreamPiece, UnknownExpert
 from router.reload import Reloader, ReloadFailed
 from router.security import Admitted, Denied, Guard, RateStore, redact
 
@@ -67,6 +67,14 @@ def _problem_response(problem: _HTTPProblem) -> JSONResponse:
 
 def _all_failed(exc: AllExpertsFailed) -> _HTTPProblem:
     return _HTTPProblem(503, str(exc), "service_unavailable", "all_experts_failed", extra={"causes": exc.to_list()})
+
+
+def _failed(record: RequestRecord, exc: AllExpertsFailed) -> None:
+    """Note a total failure on the request's record: the causes, and the orchestrator's trace when it kept one
+    (attempts, retries, a stream's switches), so the log line and the metrics show what was tried."""
+    record.failures, record.error = exc.to_list(), "all_experts_failed"
+    if isinstance(exc, RouteFailed):
+        record.trace = exc.trace
 
 
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
@@ -162,7 +170,7 @@ async def _sse(events: AsyncIterator[StreamPiece | StreamEnd], first: StreamPiec
                 yield _chunk(request_id, model, {}, event.finish_reason, usage=trace["usage"], moe=trace)
             event = await anext(events, None)
     except AllExpertsFailed as exc:
-        record.failures, record.error = exc.to_list(), "all_experts_failed"
+        _failed(record, exc)
         p = _all_failed(exc)
         yield f"data: {json.dumps(error_body(p.message, p.type, p.code, **p.extra))}\n\n".encode()
     finally:
@@ -204,7 +212,7 @@ def _problems(handler: Callable[..., Awaitable[Response]]) -> Callable[..., Awai
             return _problem_response(_HTTPProblem(404, str(exc), "invalid_request_error", "model_not_found",
                                                   param="model"))
         except AllExpertsFailed as exc:
-            record.failures, record.error = exc.to_list(), "all_experts_failed"
+            _failed(record, exc)
             return _problem_response(_all_failed(exc))
         except UnknownRequest as exc:
             record.error = "request_not_found"

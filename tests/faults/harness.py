@@ -9,12 +9,13 @@ fault kind the issue lists. ``bench/faults.py`` reuses this module for its longe
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import random
 import resource
 import statistics
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -50,7 +51,22 @@ FAULTS: dict[str, Behaviour] = {
 }
 
 
-def fault_config(servers: dict[str, ScriptedOpenAIServer], **fallback: Any) -> RouterConfig:
+class CountingServer(ScriptedOpenAIServer):
+    """The scripted server, also counting the connections it holds mid-response (``busy``): a request read and
+    not yet fully answered, or one it holds open (a hang, a stall). An idle keep-alive connection in the
+    client's pool is open but not busy, so ``busy`` is what a response the router never released leaves."""
+
+    busy = 0
+
+    async def _chat(self, *args: Any, **kwargs: Any) -> None:
+        self.busy += 1
+        try:
+            await super()._chat(*args, **kwargs)
+        finally:
+            self.busy -= 1
+
+
+def fault_config(servers: Mapping[str, ScriptedOpenAIServer], **fallback: Any) -> RouterConfig:
     return parse_config({
         "version": 1,
         "experts": [{"name": n, "type": "openai", "model": n, "endpoint": s.url, "timeout_s": TIMEOUT_S,
@@ -63,11 +79,20 @@ def fault_config(servers: dict[str, ScriptedOpenAIServer], **fallback: Any) -> R
 
 @dataclass
 class Rig:
-    servers: dict[str, ScriptedOpenAIServer]
+    servers: dict[str, CountingServer]
     orchestrator: Orchestrator
     http: httpx.AsyncClient
+    # Set on exit, once every request was done and before the router's clients were closed (closing them closes
+    # every connection, in use or not, and so would hide a leak): tasks beyond the rig's baseline, and
+    # connections the servers still held mid-response, i.e. responses the router never released.
+    held_tasks: int = -1
+    held_connections: int = -1
     # Set on close: connections the servers still held once every client was closed and given time to settle.
     leaked_connections: int = -1
+
+    @property
+    def busy_connections(self) -> int:
+        return sum(s.busy for s in self.servers.values())
 
     async def chat(self, text: str = "hello", *, stream: bool = False) -> Reply:
         body = {"model": "auto", "stream": stream, "messages": [{"role": "user", "content": text}]}
@@ -110,9 +135,13 @@ def _stream_body(events: list[dict[str, Any]]) -> dict[str, Any]:
 
 @asynccontextmanager
 async def rig(**fallback: Any) -> AsyncIterator[Rig]:
-    """Start the servers and the service; on exit close the router, count the connections the servers still
-    hold (before stopping them, which would close them anyway), then stop the servers."""
-    servers = {n: ScriptedOpenAIServer(name=n).start() for n in NAMES}
+    """Start the servers and the service; on exit count what the finished requests left behind (``_settle``),
+    close the router, count the connections the servers still hold (before stopping them, which would close them
+    anyway), then stop the servers."""
+    tasks_before = len(asyncio.all_tasks())
+    servers = {n: CountingServer(name=n) for n in NAMES}
+    for server in servers.values():
+        server.start()
     live: Rig | None = None
     try:
         config = fault_config(servers, **fallback)
@@ -125,6 +154,7 @@ async def rig(**fallback: Any) -> AsyncIterator[Rig]:
             try:
                 yield live
             finally:
+                await _settle(live, tasks_before)
                 await orchestrator.aclose()
         for _ in range(100):
             if all(s.open_connections == 0 for s in servers.values()):
@@ -142,13 +172,31 @@ class Leaks:
     connections: int
 
 
+async def _settle(r: Rig, tasks_before: int) -> None:
+    """Once the requests in flight are done, before the router closes: the tasks beyond the baseline and the
+    connections the servers still hold mid-response (``Rig.held_*``). A connection the router gave up on (a
+    stall, a hang) it closes at once, so the servers see it go within the settling time; one it never released
+    stays busy."""
+    with contextlib.suppress(TimeoutError):  # a request still in flight: what it holds is counted
+        await asyncio.wait_for(r.orchestrator.drained(), timeout=DEADLINE_S)
+    for _ in range(100):  # let cancelled tasks finish and the servers notice closed connections
+        if len(asyncio.all_tasks()) <= tasks_before and r.busy_connections == 0:
+            break
+        await asyncio.sleep(0.02)
+    r.held_tasks = max(0, len(asyncio.all_tasks()) - tasks_before)
+    r.held_connections = r.busy_connections
+
+
 async def count_leaks(r: Rig, tasks_before: int) -> Leaks:
-    """Tasks beyond the baseline, and connections the servers held after the rig closed its clients."""
+    """Once the rig is closed: tasks beyond the baseline (before the rig closed, or after, whichever is more),
+    and connections left, whether held mid-response before the close or still open after it."""
     for _ in range(50):  # let cancelled tasks finish
         if len(asyncio.all_tasks()) <= tasks_before:
             break
         await asyncio.sleep(0.02)
-    return Leaks(tasks=max(0, len(asyncio.all_tasks()) - tasks_before), connections=r.leaked_connections)
+    after = max(0, len(asyncio.all_tasks()) - tasks_before)
+    return Leaks(tasks=max(r.held_tasks, after),
+                 connections=max(0, r.held_connections) + max(0, r.leaked_connections))
 
 
 def rss_bytes() -> int:

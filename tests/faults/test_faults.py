@@ -1,6 +1,8 @@
 """Fault injection over real HTTP: scripted experts behind the real service (see ``harness``).
 
-Every test closes the rig and then counts asyncio tasks and server-side connections against the baseline.
+Every test closes the rig and then counts asyncio tasks against the baseline, and server-side connections: those
+still held mid-response once its requests were done, counted before the rig closed its clients (closing them
+closes in-use connections too, and would hide a leak), and those still open after.
 """
 
 from __future__ import annotations
@@ -96,8 +98,9 @@ async def test_breaker_opens_then_a_probe_closes_it(r: Rig) -> None:
     assert r.orchestrator.expert_states()["a"]["breaker"]["state"] == "closed"
 
 
-async def test_retry_after_is_honoured_on_the_same_expert(r: Rig) -> None:
-    r.servers["a"].push(Behaviour.error(429, "slow down", retry_after="0.3"))
+@pytest.mark.parametrize("status", [429, 503])
+async def test_retry_after_is_honoured_on_the_same_expert(r: Rig, status: int) -> None:
+    r.servers["a"].push(Behaviour.error(status, "slow down", retry_after="0.3"))
     reply = await r.chat()
     assert reply.body["model"] == "a"
     assert reply.elapsed_s >= 0.3

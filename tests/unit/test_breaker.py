@@ -107,6 +107,31 @@ def test_a_cancelled_or_neutral_probe_frees_its_slot_without_deciding() -> None:
     assert b.snapshot("math")["state"] == "closed"
 
 
+def test_a_stale_probe_from_an_earlier_half_open_round_does_not_decide_a_later_one() -> None:
+    b, clock = make(half_open_probes=2)
+    fail(b, 3)
+    clock.now += 10.0
+    first, late = b.admit("math"), b.admit("math")  # round 1: two probes in flight
+    b.finish(first, DOWN)  # round 1 re-opens the breaker; ``late`` is still out
+    clock.now += 20.0  # the grown cooldown
+    current = b.admit("math")  # round 2
+    b.finish(late, None)  # round 1's late success: stale
+    assert b.snapshot("math")["state"] == "half_open"
+    b.finish(late, DOWN)  # nor does a stale failure re-open it
+    assert b.snapshot("math")["state"] == "half_open"
+    b.finish(current, DOWN)  # round 2's own probe decides
+    assert (b.snapshot("math")["state"], b.snapshot("math")["trips"]) == ("open", 3)
+    clock.now += 35.0
+    closing, straggler = b.admit("math"), b.admit("math")  # round 3
+    b.finish(closing, None)
+    assert b.snapshot("math")["state"] == "closed"
+    fail(b, 3)
+    clock.now += 10.0
+    b.admit("math")  # round 4, after a close and a new trip: round 3's straggler is stale here too
+    b.finish(straggler, None)
+    assert b.snapshot("math")["state"] == "half_open"
+
+
 def test_opens_on_failure_rate_over_the_window() -> None:
     b, _ = make(failure_threshold=100, failure_rate=0.5, min_calls=10, window_s=10.0)
     for i in range(9):

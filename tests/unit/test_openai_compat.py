@@ -29,6 +29,7 @@ from experts.errors import (
 from experts.openai_compat import OpenAICompatibleExpert, parse_retry_after
 from experts.types import ChatMessage, ChatRequest, StreamDelta
 from router.config import ExpertConfig
+from router.retry import RetryPolicy, retry_delay
 from tests.doubles import Behaviour, ScriptedOpenAIServer
 
 MakeExpert = Callable[..., OpenAICompatibleExpert]
@@ -271,6 +272,27 @@ async def test_retry_after_seconds_and_http_date(server: ScriptedOpenAIServer, m
     assert waits[0] == 12.0
     assert waits[1] is not None and 27.0 <= waits[1] <= 30.0
     assert waits[2] is None
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["generate", "stream"])
+async def test_a_503_carries_its_retry_after_and_the_retry_waits_for_it(server: ScriptedOpenAIServer,
+                                                                         make_expert: MakeExpert,
+                                                                         streaming: bool) -> None:
+    server.push(Behaviour.error(503, "loading model", retry_after="3"), Behaviour.error(503, "loading model"))
+    expert = make_expert()
+    waits = []
+    for _ in range(2):
+        with pytest.raises(ExpertServerError) as caught:
+            await (collect(expert, ask()) if streaming else expert.generate(ask()))
+        assert (caught.value.kind, caught.value.status, caught.value.transient) == ("server_error", 503, True)
+        waits.append(retry_delay(RetryPolicy(retries=1, backoff_base_s=0.1, retry_after_max_s=5.0), caught.value,
+                                 0, 60.0, lambda: 0.5))
+    assert waits == pytest.approx([3.0, 0.075])  # the Retry-After, then the plain backoff of a 503 without one
+    capped = RetryPolicy(retries=1, retry_after_max_s=2.0)  # the same cap as a 429's: longer falls back
+    server.push(Behaviour.error(503, "loading model", retry_after="3"))
+    with pytest.raises(ExpertServerError) as caught:
+        await expert.generate(ask())
+    assert retry_delay(capped, caught.value, 0, 60.0, lambda: 0.5) is None
 
 
 @pytest.mark.parametrize(("header", "seconds"), [

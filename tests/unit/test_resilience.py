@@ -1,5 +1,6 @@
 """Retries, circuit breakers, the cost budget and expert-choice batches, through the orchestrator with fakes."""
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import pytest
@@ -204,3 +205,120 @@ def test_expert_states_for_the_experts_endpoint() -> None:
     assert list(states) == NAMES
     assert states["math"]["in_flight"] == 0 and states["math"]["max_concurrency"] == 16
     assert states["math"]["breaker"]["state"] == "closed"
+
+
+def saturate(orch: Orchestrator, *names: str) -> None:
+    """Fill the experts' in-flight limits, as other requests would."""
+    for name in names:
+        orch.capacity.limits[name] = 1
+        orch.capacity.in_flight[name] = 1
+
+
+async def test_saturated_experts_are_skipped_without_using_up_max_attempts() -> None:
+    orch, _ = build(fallback={"max_attempts": 1})
+    saturate(orch, "math", "code")
+    answer = await orch.complete(ask())
+    assert answer.expert == "law"
+    assert [(a.expert, a.ok) for a in answer.trace.attempts] == [("math", False), ("code", False), ("law", True)]
+    text, end = await collect(orch, ask())
+    assert text == "answer from law"
+    assert [(a.expert, a.ok) for a in end.trace.attempts] == [("math", False), ("code", False), ("law", True)]
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
+async def test_saturated_experts_are_causes_when_nothing_answers(stream: bool) -> None:
+    law = FakeExpert(build()[0].config.expert("law"), fail=lambda n: ExpertUnavailable(n, "refused"))
+    orch, _ = build({"law": law}, fallback={"max_attempts": 1})
+    saturate(orch, "math", "code")
+    with pytest.raises(AllExpertsFailed) as info:
+        await (collect(orch, ask()) if stream else orch.complete(ask()))
+    assert [(c["expert"], c["kind"]) for c in info.value.to_list()] == [
+        ("math", "overloaded"), ("code", "overloaded"), ("law", "unavailable")]
+    assert "1 calls already in flight" in info.value.causes[0].message
+
+
+async def test_the_cost_budget_bounds_a_top_k_panel() -> None:
+    experts = {n: FakeExpert(build()[0].config.expert(n), "The answer is (A).") for n in NAMES}
+    # "an integral" is estimated at 2 prompt tokens: $2 a call at $1000 per 1k. The top member is always
+    # called; code fits next to it ($4), law would not ($6).
+    orch, _ = build(experts, fallback={"cost_budget_usd": 4.5}, costs=dict.fromkeys(NAMES, 1000.0),
+                    gate={"top_k": {"policy": "fixed", "k": 3}}, combiner={"strategy": "vote"})
+    answer = await orch.complete(ask())
+    assert [len(e.requests) for e in experts.values()] == [1, 1, 0]
+    assert [c.expert for c in answer.trace.contributions] == ["math", "code"]
+    left_out = next(a for a in answer.trace.attempts if a.expert == "law")
+    assert (left_out.expert, left_out.ok, left_out.error and left_out.error["kind"]) == (
+        "law", False, "budget_exhausted")
+    assert left_out.error is not None
+    assert "$4.000000 reserved for the panel's other members" in left_out.error["message"]
+
+
+@pytest.mark.parametrize("skipped", ["breaker_open", "fails_first"])
+async def test_a_mid_stream_switch_names_the_expert_that_continued(skipped: str) -> None:
+    math = FakeExpert(build()[0].config.expert("math"), pieces=["one ", "two ", "three"], fail_after=2,
+                      fail=lambda n: ExpertUnavailable(n, "peer closed"))
+    law = FakeExpert(build()[0].config.expert("law"), pieces=["three"])
+    code = FakeExpert(build()[0].config.expert("code"), fail=lambda n: ExpertServerError(n, 500, "down"))
+    orch, _ = build({"math": math, "code": code, "law": law}, fallback={"breaker": {"failure_threshold": 1}})
+    if skipped == "breaker_open":
+        orch.breakers.finish(orch.breakers.admit("code"), ExpertServerError("code", 500, "down"))
+    text, end = await collect(orch, ask())
+    assert text == "one two three"
+    assert end.trace.switches == [{"from": "math", "to": "law", "after_chars": 8, "cause": "unavailable"}]
+    assert end.trace.summary()["switches"][0]["to"] == "law"  # what the final chunk's moe.switches carries
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
+async def test_max_attempts_stopping_fallback_lists_the_untried_and_says_why(stream: bool) -> None:
+    down = {n: FakeExpert(build()[0].config.expert(n), fail=lambda n: ExpertUnavailable(n, "refused"))
+            for n in ("math", "code")}
+    orch, _ = build(down, fallback={"max_attempts": 2})
+    with pytest.raises(AllExpertsFailed, match=r"fallback stopped after max_attempts \(2\) experts failed") as info:
+        await (collect(orch, ask()) if stream else orch.complete(ask()))
+    assert [(c["expert"], c["kind"], c["message"]) for c in info.value.to_list()] == [
+        ("math", "unavailable", "refused"), ("code", "unavailable", "refused"),
+        ("law", "not_tried", "not tried: max_attempts 2 used")]
+
+
+class Trickle(FakeExpert):
+    """Streams a piece every 0.1 s, for longer than any deadline here."""
+
+    async def stream(self, request: ChatRequest) -> AsyncIterator[StreamDelta]:
+        for i in range(100):
+            await asyncio.sleep(0.1)
+            yield StreamDelta(content=f"t{i} ")
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
+async def test_the_deadline_stopping_fallback_lists_the_untried_and_says_why(stream: bool) -> None:
+    math = Trickle(build()[0].config.expert("math"), delay=5.0)  # plain: no answer within the deadline
+    orch, _ = build({"math": math}, fallback={"deadline_s": 0.35})
+    with pytest.raises(AllExpertsFailed, match=r"fallback stopped at the request's deadline of 0\.35s") as info:
+        await (collect(orch, ask()) if stream else orch.complete(ask()))
+    assert [(c["expert"], c["kind"], c["message"]) for c in info.value.to_list()] == [
+        ("math", "timeout", "the request's deadline of 0.35s was reached"),
+        ("code", "not_tried", "not tried: deadline reached"), ("law", "not_tried", "not tried: deadline reached")]
+
+
+class ToolCallThenDies(FakeExpert):
+    async def stream(self, request: ChatRequest) -> AsyncIterator[StreamDelta]:
+        self.requests.append(request)
+        yield StreamDelta(tool_calls=[{"index": 0, "id": "call-1", "type": "function",
+                                       "function": {"name": "add", "arguments": '{"a":'}}])
+        raise ExpertUnavailable(self.name, "peer closed")
+
+
+async def test_a_stream_that_dies_after_a_tool_call_delta_is_not_continued_or_retried() -> None:
+    math = ToolCallThenDies(build()[0].config.expert("math"))
+    orch, slept = build({"math": math}, fallback={"retries": 2})
+    sent: list[StreamPiece] = []
+    with pytest.raises(AllExpertsFailed, match="from expert 'math' broke off after part of a tool call") as info:
+        async for event in orch.stream(ask()):
+            assert isinstance(event, StreamPiece)
+            sent.append(event)
+    assert [p.delta.tool_calls and p.delta.tool_calls[0]["id"] for p in sent] == ["call-1"]  # sent once
+    assert len(math.requests) == 1 and slept == []
+    assert sum(len(e.requests) for e in orch.experts.values() if isinstance(e, FakeExpert)) == 1
+    assert [(c["expert"], c["kind"]) for c in info.value.to_list()] == [("math", "unavailable")]
+    trace = getattr(info.value, "trace", None)
+    assert trace is not None and trace.switches == []
