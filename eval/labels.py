@@ -1,4 +1,5 @@
-"""Label suites: the gate against random, majority, centroid, kNN and logistic baselines on one split.
+"""Label suites: the gate against random, majority, centroid, kNN and logistic baselines on one split, and
+against gates on each member of its default ensemble alone (``gate classifier: <kind>``).
 
 Every system yields a ``[n_test, n_labels]`` probability matrix over the training label set (sorted), so all
 of them are scored by the same code. Test queries whose label never occurs in training cannot be routed
@@ -129,7 +130,8 @@ def evaluate_labels(ctx: SuiteContext, train: Sequence[LabelledQuery], test: Seq
     gate = train_gate([q.text for q in train], [q.label for q in train], enc, experts=labels, seed=ctx.seed,
                       progress=ctx.progress)
     probs = {"gate": gate.predict_proba(x_te, [q.text for q in scored]),
-             **_baselines(x_tr, y_tr, x_te, len(labels), ctx.seed)}
+             **_baselines(x_tr, y_tr, x_te, len(labels), ctx.seed),
+             **_gate_members(ctx, train, [q.text for q in scored], x_te, labels)}
     cascade = _cascade(ctx, gate, train, [q.text for q in scored], y_te, [q.text for q in oos])
     if cascade is not None:
         probs["cascade"] = cascade.pop("probs")
@@ -235,6 +237,26 @@ def _abstaining(assessed: Any, threshold: float | None) -> float:
 def _softmax(z: np.ndarray) -> np.ndarray:
     e = np.exp(z - z.max(axis=1, keepdims=True))
     return np.asarray(e / e.sum(axis=1, keepdims=True))
+
+
+# The ensemble's members (``router.classifiers``), each trained alone as a gate (``gate.classifier``), so the
+# choice of the default is measured on every suite's split.
+MEMBER_CLASSIFIERS = ("logistic", "knn", "lexical")
+
+
+def _gate_members(ctx: SuiteContext, train: Sequence[LabelledQuery], test_texts: list[str], x_te: np.ndarray,
+                  labels: list[str]) -> dict[str, np.ndarray]:
+    """Test probabilities of a gate trained as ``train_gate`` trains the headline one, on each member
+    classifier alone (system names ``gate classifier: <kind>``)."""
+    from router.classifiers import build_classifier
+    from router.gate import train_gate
+
+    out = {}
+    for kind in MEMBER_CLASSIFIERS:
+        gate = train_gate([q.text for q in train], [q.label for q in train], ctx.encoder, experts=labels,
+                          seed=ctx.seed, progress=False, classifier=build_classifier(kind, ctx.seed))
+        out[f"gate classifier: {kind}"] = gate.predict_proba(x_te, test_texts)
+    return out
 
 
 def _baselines(x_tr: np.ndarray, y_tr: np.ndarray, x_te: np.ndarray, n: int, seed: int) -> dict[str, np.ndarray]:

@@ -67,7 +67,11 @@ def test_user_jsonl_with_unseen_labels(data_dir: Path, tmp_path: Path, cache_dir
     assert set(results["per_class"]) == set(RENAMED.values())
     assert results["setup"]["train"] == 200 and results["setup"]["test"] == 80
     systems = results["systems"]
-    assert set(systems) == {"gate", "cascade", "random", "majority", "centroid", "knn", "logistic"}
+    members = {f"gate classifier: {kind}" for kind in ("logistic", "knn", "lexical")}
+    assert set(systems) == {"gate", "cascade", "random", "majority", "centroid", "knn", "logistic"} | members
+    # Each member of the default ensemble, trained alone as a gate on the same split: the choice is measured.
+    assert all(systems[name]["accuracy"] > systems["random"]["accuracy"] for name in members)
+    assert systems["gate classifier: logistic"] != systems["gate"]
     # The two-stage gate (static first, as moe train builds it): its own figures, next to the gate's.
     assert m["cascade_accuracy"] == systems["cascade"]["accuracy"] >= m["accuracy"] - 0.05
     assert 0.0 < m["cascade_fast_share"] <= 1.0 and m["cascade_agreement"] >= 0.9
