@@ -122,3 +122,24 @@ async def test_bounded_load_with_faults(r: Rig) -> None:
     assert stats.max_overrun_ms <= MARGIN_S * 1000.0
     assert stats.memory_growth_pct < 25.0, stats.memory
     assert all(v == 0 for v in r.orchestrator.capacity.in_flight.values())
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
+async def test_the_overall_deadline_cuts_a_request_short(stream: bool) -> None:
+    """With a deadline shorter than one expert's own timeout, a hanging expert is cut off at the deadline: the
+    client gets a 503 within the deadline plus the margin, naming the deadline, not a timeout 2 s later."""
+    before = len(asyncio.all_tasks())
+    deadline_s = 0.8
+    async with rig(deadline_s=deadline_s) as live:
+        for server in live.servers.values():
+            server.default = FAULTS["hang"]
+        reply = await live.chat(stream=stream)
+        assert reply.status == 503
+        error = reply.body["error"]
+        assert error["code"] == "all_experts_failed"
+        assert "deadline of 0.8s" in error["message"], error["message"]
+        assert reply.elapsed_s <= deadline_s + MARGIN_S, reply.elapsed_s
+        assert reply.elapsed_s >= deadline_s - 0.05  # it was the deadline that stopped it, not an early failure
+        assert {c["expert"] for c in error["causes"]} == set(live.servers)  # tried or listed as not tried
+    leaks = await count_leaks(live, before)
+    assert (leaks.tasks, leaks.connections) == (0, 0)
