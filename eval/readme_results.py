@@ -134,7 +134,8 @@ def _label_cells(r: Mapping[str, Any]) -> tuple[str, str, str]:
         head += (f"; two-stage acc@1 {_f(m['cascade_accuracy'])}, static stage decides "
                  f"{100 * float(m['cascade_fast_share']):.0f}%")
     baselines = {k: v for k, v in r.get("systems", {}).items()
-                 if k not in ("gate", "cascade") and _num(v.get("accuracy")) is not None}
+                 if k not in ("gate", "cascade") and not k.startswith("gate classifier:")  # ours, one member alone
+                 and _num(v.get("accuracy")) is not None}
     best = max(baselines, key=lambda k: baselines[k]["accuracy"]) if baselines else None
     base = f"{best} acc@1 {_f(baselines[best]['accuracy'])}" if best else "n/a"
     peer = "not run"
