@@ -5,7 +5,8 @@ whether each agreed with the result. The orchestrator awaits ``acombine``, which
 strategy needs more than the answers: ``consensus`` embeds them off the event loop, ``fuse`` calls a model
 through the hook it is handed. Strategies (``COMBINERS``):
 
-- ``top1``: the highest-weight answer.
+- ``top1``: the highest-weight answer. Every answer that gives the same final answer (the same extracted
+  answer, else the same text up to case and whitespace) is marked as agreeing with it.
 - ``vote``: weighted vote on an extracted final answer; the extractor is set per combiner and may be
   overridden per expert. An answer that cannot be extracted loses its vote, not the request. The weights are
   the gate's panel weights, or learned per-expert weights (``router.vote_weights``).
@@ -44,8 +45,8 @@ from router.trace import AttemptRole, Contribution
 from router.vote_weights import VoteWeights
 
 __all__ = ["COMBINERS", "EXTRACTORS", "TIE_BREAK", "Aggregate", "Combined", "Combiner", "Consensus", "Escalate",
-           "Fuse", "TopOne", "Vote", "WeightedAnswer", "build_combiner", "choice_embedding", "extract_choice",
-           "extract_number", "extract_short"]
+           "Extraction", "Fuse", "TopOne", "Vote", "WeightedAnswer", "build_combiner", "choice_embedding",
+           "extract_choice", "extract_number", "extract_short"]
 
 Embed = Callable[[Sequence[str]], np.ndarray]
 # The combiner's one model call, to its ``aggregator`` expert: with these messages (``fuse``'s prompt), or, given
@@ -88,17 +89,6 @@ class Combiner(ABC):
         """``combine`` for the orchestrator. ``query`` and ``aggregate`` (one model call) serve strategies that
         write a new answer; the others ignore them."""
         return self.combine(answers)
-
-
-class TopOne(Combiner):
-    """The answer of the highest-weight expert that succeeded."""
-
-    name = "top1"
-
-    def combine(self, answers: list[WeightedAnswer]) -> Combined:
-        best = max(answers, key=lambda a: a.weight)
-        contributions = [Contribution(expert=a.expert, weight=a.weight, agreed=a is best) for a in answers]
-        return Combined(content=best.content, expert=best.expert, contributions=contributions)
 
 
 # Final-answer extractors. Each returns a canonical answer string, or None when the text holds none; an
@@ -145,6 +135,56 @@ EXTRACTORS: dict[str, Callable[[str], str | None]] = {
 }
 
 
+def _extractor(name: str, whose: str) -> Callable[[str], str | None]:
+    if name not in EXTRACTORS:
+        raise ValueError(f"unknown extractor {name!r} for {whose}; known: {', '.join(sorted(EXTRACTORS))}")
+    return EXTRACTORS[name]
+
+
+class Extraction:
+    """How a combiner reads final answers: with ``extractor`` (None: it reads none), or, for an expert named in
+    ``per_expert``, with that expert's own extractor (one that answers in its own format)."""
+
+    def __init__(self, extractor: str | None = None, per_expert: Mapping[str, str] | None = None) -> None:
+        self.default = _extractor(extractor, "the combiner") if extractor else None
+        self.per_expert = {e: _extractor(x, f"expert {e!r}") for e, x in (per_expert or {}).items()}
+
+    def __call__(self, expert: str, text: str) -> str | None:
+        """The final answer ``expert`` gave in ``text``, or None when none can be read."""
+        extract = self.per_expert.get(expert, self.default)
+        return extract(text) if extract else None
+
+
+def _folded(text: str) -> str:
+    return " ".join(text.split()).casefold()
+
+
+class TopOne(Combiner):
+    """The answer of the highest-weight expert that succeeded.
+
+    An answer agrees with it when it gives the same final answer: the same text up to case and whitespace, or
+    the same answer as the extraction reads from both. An empty answer (tool calls alone) has no final answer,
+    so it agrees with none but itself."""
+
+    name = "top1"
+
+    def __init__(self, extractor: str | None = None, per_expert: Mapping[str, str] | None = None) -> None:
+        self.extraction = Extraction(extractor, per_expert)
+
+    def combine(self, answers: list[WeightedAnswer]) -> Combined:
+        best = max(answers, key=lambda a: a.weight)
+        final, text = self.extraction(best.expert, best.content), _folded(best.content)
+
+        def agrees(a: WeightedAnswer) -> bool:
+            if a is best:
+                return True
+            same_text = bool(text) and _folded(a.content) == text
+            return same_text or (final is not None and self.extraction(a.expert, a.content) == final)
+
+        contributions = [Contribution(expert=a.expert, weight=a.weight, agreed=agrees(a)) for a in answers]
+        return Combined(content=best.content, expert=best.expert, contributions=contributions)
+
+
 TIE_BREAK = 1e-9  # how much a panel weight counts next to a learned vote weight: ties only
 
 
@@ -162,15 +202,14 @@ class Vote(Combiner):
 
     def __init__(self, extractor: str = "choice", per_expert: Mapping[str, str] | None = None,
                  learned: Mapping[str, float] | VoteWeights | None = None) -> None:
-        self.extract = EXTRACTORS[extractor]
-        self.per_expert = {e: EXTRACTORS[x] for e, x in (per_expert or {}).items()}
+        self.extraction = Extraction(extractor, per_expert)
         if learned is not None and not isinstance(learned, VoteWeights):
             learned = VoteWeights(experts=tuple(learned), weights=np.array(list(learned.values()), dtype=float))
         self.learned = learned
         self._unlearned = float(np.mean(learned.weights)) if learned is not None and learned.experts else 0.0
 
     def key(self, answer: WeightedAnswer) -> str | None:
-        return self.per_expert.get(answer.expert, self.extract)(answer.content)
+        return self.extraction(answer.expert, answer.content)
 
     def counted(self, answer: WeightedAnswer) -> float:
         """What ``answer`` counts for in the tally."""
@@ -262,7 +301,8 @@ class Fuse(Combiner):
 
     ``messages`` builds the aggregation prompt (answers heaviest first, each truncated to ``max_chars``);
     ``result`` turns the aggregator's reply into a ``Combined`` whose contributions mark an answer as agreeing
-    when ``extractor`` finds the same final answer in it as in the reply (without an extractor, none agrees).
+    when ``extractor`` (or its expert's own, ``per_expert``; the aggregator's own for the reply) finds the same
+    final answer in it as in the reply (without an extractor, none agrees).
     ``fuse`` does both around the one model call, the injected ``aggregate`` hook, and falls back to the
     top-weight answer, with the error in ``Combined.fallback``, when the hook raises an ``ExpertError``. A single
     answer is returned as it is: one answer has nothing to be fused with."""
@@ -270,9 +310,11 @@ class Fuse(Combiner):
     name = "fuse"
     aggregator: str
 
-    def __init__(self, aggregator: str, extractor: str | None = None, max_chars: int = 4000) -> None:
+    def __init__(self, aggregator: str, extractor: str | None = None, max_chars: int = 4000, *,
+                 per_expert: Mapping[str, str] | None = None) -> None:
         self.aggregator, self.max_chars = aggregator, max_chars
-        self.extract = EXTRACTORS[extractor] if extractor else None
+        self.top1 = TopOne(extractor, per_expert)
+        self.extraction = self.top1.extraction
 
     def messages(self, query: str, answers: list[WeightedAnswer]) -> list[ChatMessage]:
         ordered = sorted(answers, key=lambda a: -a.weight)
@@ -282,14 +324,14 @@ class Fuse(Combiner):
         return [ChatMessage(role="system", content=FUSE_SYSTEM), ChatMessage(role="user", content=user)]
 
     def result(self, answers: list[WeightedAnswer], text: str) -> Combined:
-        final = self.extract(text) if self.extract else None
+        final = self.extraction(self.aggregator, text)
         contributions = [Contribution(expert=a.expert, weight=a.weight,
-                                      agreed=final is not None and self.extract is not None
-                                      and self.extract(a.content) == final) for a in answers]
+                                      agreed=final is not None and self.extraction(a.expert, a.content) == final)
+                         for a in answers]
         return Combined(content=text, expert=self.aggregator, contributions=contributions)
 
     def combine(self, answers: list[WeightedAnswer]) -> Combined:
-        return TopOne().combine(answers)
+        return self.top1.combine(answers)
 
     async def fuse(self, query: str, answers: list[WeightedAnswer], aggregate: Aggregate) -> Combined:
         if len(answers) < 2:
@@ -330,7 +372,7 @@ class Escalate(Combiner):
         return self.vote.combine(answers)
 
     def result(self, answers: list[WeightedAnswer], text: str) -> Combined:
-        final = self.vote.extract(text)
+        final = self.vote.extraction(self.aggregator, text)  # read as the escalation expert's answer
         contributions = [Contribution(expert=a.expert, weight=a.weight,
                                       agreed=final is not None and self.vote.key(a) == final) for a in answers]
         return Combined(content=text, expert=self.aggregator, contributions=contributions)
@@ -356,7 +398,9 @@ def build_combiner(strategy: str, extractor: str = "choice", *, per_expert: Mapp
                    embed: Embed | None = None, aggregator: str | None = None,
                    vote_weights: Mapping[str, float] | VoteWeights | None = None,
                    escalate_to: str | None = None) -> Combiner:
-    """``consensus`` needs ``embed`` (``choice_embedding`` when omitted and ``extractor`` is ``"choice"``);
+    """``extractor`` reads final answers, ``per_expert`` maps an expert to its own extractor (every strategy but
+    ``consensus``, which embeds). ``consensus`` needs ``embed`` (``choice_embedding`` when omitted and
+    ``extractor`` is ``"choice"``);
     ``fuse`` needs the ``aggregator`` expert's name, ``escalate`` the ``escalate_to`` expert's;
     ``vote_weights`` gives ``vote`` learned weights."""
     if strategy not in COMBINERS:
@@ -370,10 +414,10 @@ def build_combiner(strategy: str, extractor: str = "choice", *, per_expert: Mapp
     if strategy == "fuse":
         if aggregator is None:
             raise ValueError("the fuse combiner needs an aggregator expert (combiner.aggregator in the config)")
-        return Fuse(aggregator, extractor)
+        return Fuse(aggregator, extractor, per_expert=per_expert)
     if strategy == "escalate":
         if escalate_to is None:
             raise ValueError("the escalate combiner needs the expert to escalate to (combiner.escalate_to in the "
                              "config)")
         return Escalate(escalate_to, extractor, per_expert)
-    return COMBINERS[strategy]()
+    return TopOne(extractor, per_expert)

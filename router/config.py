@@ -40,6 +40,8 @@ __all__ = [
 ]
 
 SCHEMA_VERSION = 1
+# How a combiner reads a final answer out of free text (``router.combine.EXTRACTORS``).
+Extractor = Literal["choice", "number", "short"]
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9._@/:+-]{0,127}$"
 _ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]*$"
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
@@ -123,6 +125,10 @@ class ExpertConfig(_Strict):
     router_config: str | None = Field(default=None, min_length=1)
     # ``type: vllm``: how ``moe compose`` starts its server (tool-call parser, further flags).
     vllm: VllmServeConfig | None = None
+    # How the combiner reads this expert's final answers, in place of ``combiner.extractor`` (an expert that
+    # answers in its own format: a number where the others give a letter, a sentence where they give a word).
+    # None: ``combiner.extractor``.
+    extractor: Extractor | None = None
 
     @model_validator(mode="after")
     def _vllm_block_for_vllm_experts(self) -> ExpertConfig:
@@ -266,8 +272,9 @@ class CombinerConfig(_Strict):
     pick ``escalate``."""
 
     strategy: Literal["top1", "vote", "consensus", "fuse", "escalate"] = "top1"
-    # How ``vote`` reads a final answer out of free text; ``fuse`` uses it to mark which answers agree.
-    extractor: Literal["choice", "number", "short"] = "choice"
+    # How ``vote`` and ``escalate`` read a final answer out of free text; ``top1`` and ``fuse`` use it to mark
+    # which answers agree. An expert's own ``extractor`` overrides it for that expert's answers.
+    extractor: Extractor = "choice"
     # The expert that writes ``fuse``'s answer; must be one of ``experts`` (cross-checked at load).
     aggregator: str | None = Field(default=None, pattern=_NAME)
     # The expert that answers when ``escalate``'s panel disagrees (typically the strongest and dearest); must be

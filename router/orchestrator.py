@@ -306,9 +306,12 @@ class Orchestrator:
             return self.combiner
         if strategy not in self._combiners:
             cfg = self.config.combiner
-            self._combiners[strategy] = build_combiner(strategy, cfg.extractor, embed=self._embed,
-                                                       aggregator=cfg.aggregator, vote_weights=self.vote_weights,
-                                                       escalate_to=cfg.escalate_to)
+            # An expert's own ``extractor`` overrides the combiner's for its answers, in every strategy that reads
+            # a final answer (all but consensus).
+            per_expert = {e.name: e.extractor for e in self.config.experts if e.extractor is not None}
+            self._combiners[strategy] = build_combiner(strategy, cfg.extractor, per_expert=per_expert,
+                                                       embed=self._embed, aggregator=cfg.aggregator,
+                                                       vote_weights=self.vote_weights, escalate_to=cfg.escalate_to)
         return self._combiners[strategy]
 
     def _embed(self, texts: Sequence[str]) -> np.ndarray:

@@ -5,6 +5,12 @@ All three return the same typed results, trace included. Request building and re
 cannot drift. The network is injected: pass ``transport=`` (e.g. ``httpx.ASGITransport(app)``) to test.
 
 Feedback names an answer by its ``ChatResult.id``: ``client.feedback(request_id=result.id, good=True)``.
+
+``combiner=`` picks the combiner strategy for one request (``top1``, ``vote``, ``consensus``, ``fuse``,
+``escalate``; None: the config's). The HTTP clients send it as the ``x-moe-combiner`` header, so the service
+decides what its config supports: an unknown strategy is a ``RouterAPIError`` 400 ``invalid_combiner``, as is any
+but ``top1`` on a stream (one expert serves a stream). ``LocalRouter`` hands it to the orchestrator, which raises
+``ValueError`` with the message the service gives.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from router.trace import RoutedAnswer, RouteDecision, Trace
 __all__ = ["AsyncClient", "ChatResult", "Client", "FeedbackRecord", "LocalRouter", "RouterAPIError", "StreamChunk"]
 
 Messages = str | Sequence[dict[str, Any]]
+COMBINER_HEADER = "x-moe-combiner"  # the service reads a request's combiner strategy from it
 
 
 class ChatResult(BaseModel):
@@ -76,6 +83,10 @@ class _Protocol:
         return {"model": model, "messages": msgs, "stream": stream, **params}
 
     @staticmethod
+    def chat_headers(combiner: str | None) -> dict[str, str]:
+        return {} if combiner is None else {COMBINER_HEADER: combiner}
+
+    @staticmethod
     def check(response: httpx.Response) -> Any:
         if response.is_error:
             try:
@@ -124,13 +135,17 @@ class Client(_Protocol):
         super().__init__(base_url, api_key, timeout)
         self._http = httpx.Client(base_url=self.base_url, headers=self.headers, timeout=timeout, transport=transport)
 
-    def chat(self, messages: Messages, *, model: str = "auto", **params: Any) -> ChatResult:
+    def chat(self, messages: Messages, *, model: str = "auto", combiner: str | None = None,
+             **params: Any) -> ChatResult:
         body = self.chat_body(messages, model, False, params)
-        return self.chat_result(self.check(self._http.post("/v1/chat/completions", json=body)))
+        response = self._http.post("/v1/chat/completions", json=body, headers=self.chat_headers(combiner))
+        return self.chat_result(self.check(response))
 
-    def stream(self, messages: Messages, *, model: str = "auto", **params: Any) -> Iterator[StreamChunk]:
+    def stream(self, messages: Messages, *, model: str = "auto", combiner: str | None = None,
+               **params: Any) -> Iterator[StreamChunk]:
         body = self.chat_body(messages, model, True, params)
-        with self._http.stream("POST", "/v1/chat/completions", json=body) as response:
+        with self._http.stream("POST", "/v1/chat/completions", json=body,
+                               headers=self.chat_headers(combiner)) as response:
             if response.is_error:
                 response.read()
                 self.check(response)
@@ -169,13 +184,17 @@ class AsyncClient(_Protocol):
         self._http = httpx.AsyncClient(base_url=self.base_url, headers=self.headers, timeout=timeout,
                                        transport=transport)
 
-    async def chat(self, messages: Messages, *, model: str = "auto", **params: Any) -> ChatResult:
+    async def chat(self, messages: Messages, *, model: str = "auto", combiner: str | None = None,
+                   **params: Any) -> ChatResult:
         body = self.chat_body(messages, model, False, params)
-        return self.chat_result(self.check(await self._http.post("/v1/chat/completions", json=body)))
+        response = await self._http.post("/v1/chat/completions", json=body, headers=self.chat_headers(combiner))
+        return self.chat_result(self.check(response))
 
-    async def stream(self, messages: Messages, *, model: str = "auto", **params: Any) -> AsyncIterator[StreamChunk]:
+    async def stream(self, messages: Messages, *, model: str = "auto", combiner: str | None = None,
+                     **params: Any) -> AsyncIterator[StreamChunk]:
         body = self.chat_body(messages, model, True, params)
-        async with self._http.stream("POST", "/v1/chat/completions", json=body) as response:
+        async with self._http.stream("POST", "/v1/chat/completions", json=body,
+                                     headers=self.chat_headers(combiner)) as response:
             if response.is_error:
                 await response.aread()
                 self.check(response)
@@ -226,10 +245,13 @@ class LocalRouter:
         config = load_config(path)
         return cls(build_orchestrator(config), open_feedback_store(config))
 
-    async def chat(self, messages: Messages, *, model: str = "auto", **params: Any) -> ChatResult:
+    async def chat(self, messages: Messages, *, model: str = "auto", combiner: str | None = None,
+                   **params: Any) -> ChatResult:
         body = _Protocol.chat_body(messages, model, False, params)
         request = ChatRequest.model_validate(body)
-        answer: RoutedAnswer = await self.orchestrator.complete(request)
+        # Read as the service reads the header; an unknown strategy raises before the gate runs.
+        strategy = None if combiner is None else combiner.strip().lower()
+        answer: RoutedAnswer = await self.orchestrator.complete(request, strategy=strategy)
         response_id = f"chatcmpl-{uuid.uuid4().hex}"
         if self.store is not None:
             await self.store.aremember(response_id, request.query_text(), answer.expert)

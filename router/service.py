@@ -182,9 +182,12 @@ async def _sse(events: AsyncIterator[StreamPiece | StreamEnd], first: StreamPiec
     yield b"data: [DONE]\n\n"
 
 
-def _combiner_header(request: Request, orchestrator: Orchestrator) -> str | None:
+def _combiner_header(request: Request, orchestrator: Orchestrator, *, stream: bool = False) -> str | None:
     """The combiner strategy the ``x-moe-combiner`` header picks (None: the configured one); an unknown strategy,
-    or one the config cannot support (``fuse`` without ``combiner.aggregator``), is a 400 naming what is valid."""
+    or one the config cannot support (``fuse`` without ``combiner.aggregator``), is a 400 naming what is valid.
+
+    A stream is served by one expert, so there is nothing to combine: asking a stream for any strategy but
+    ``top1`` is a 400 too, rather than a header that is read and then ignored."""
     raw = request.headers.get("x-moe-combiner")
     if raw is None:
         return None
@@ -194,6 +197,11 @@ def _combiner_header(request: Request, orchestrator: Orchestrator) -> str | None
     except ValueError as exc:
         raise _HTTPProblem(400, f"x-moe-combiner: {exc}", "invalid_request_error", "invalid_combiner",
                            param="x-moe-combiner") from None
+    if stream and strategy != "top1":
+        raise _HTTPProblem(400, f"x-moe-combiner: {strategy!r} cannot combine a streamed answer: a stream is served "
+                           "by one expert (the top-weighted), so there are no answers to combine; send the request "
+                           "with stream: false to combine, or drop the header (or send 'top1') to stream",
+                           "invalid_request_error", "invalid_combiner", param="x-moe-combiner")
     return strategy
 
 
@@ -286,7 +294,7 @@ def create_app(orchestrator: Orchestrator | None = None,
         limits = o.config.service
         chat = _parse_chat(await _read_json(request, limits.max_request_bytes), limits.max_prompt_chars)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
-        strategy = _combiner_header(request, o)
+        strategy = _combiner_header(request, o, stream=chat.stream)
         record = _record(request)
         record.model, record.stream = chat.model, chat.stream
         if limits.log_content:

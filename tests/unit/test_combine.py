@@ -1,5 +1,6 @@
 import asyncio
 from collections.abc import Sequence
+from typing import get_args
 
 import numpy as np
 import pytest
@@ -8,6 +9,7 @@ from experts.errors import ExpertUnavailable
 from experts.types import ChatMessage
 from router.combine import (
     COMBINERS,
+    EXTRACTORS,
     Consensus,
     Escalate,
     Fuse,
@@ -20,6 +22,7 @@ from router.combine import (
     extract_number,
     extract_short,
 )
+from router.config import Extractor
 
 
 @pytest.mark.parametrize(
@@ -185,3 +188,45 @@ def test_acombine_is_combine_for_strategies_that_only_choose() -> None:
         assert asyncio.run(combiner.acombine("q", answers, no_model)) == combiner.combine(answers)
     assert Consensus(choice_embedding).combine(answers).expert == "b"
     assert Consensus(lambda texts: 1 / 0).combine(answers[:1]).expert == "a"  # one answer: nothing embedded
+
+
+def test_top1_marks_every_answer_with_the_chosen_final_answer_as_agreed() -> None:
+    answers = [WeightedAnswer("a", 0.5, "The answer is (B)."), WeightedAnswer("b", 0.3, "Answer: B"),
+               WeightedAnswer("c", 0.2, "(C)")]
+    result = TopOne("choice").combine(answers)
+    assert (result.expert, result.content) == ("a", "The answer is (B).")
+    assert {c.expert: c.agreed for c in result.contributions} == {"a": True, "b": True, "c": False}
+    # Without an extractor, the same text up to case and whitespace is the same answer.
+    texts = [WeightedAnswer("a", 0.5, "Paris"), WeightedAnswer("b", 0.3, "  paris "), WeightedAnswer("c", 0.2, "Lyon")]
+    assert [c.agreed for c in TopOne().combine(texts).contributions] == [True, True, False]
+    # An empty answer (tool calls alone) has no final answer to share.
+    empty = [WeightedAnswer("a", 0.6, ""), WeightedAnswer("b", 0.4, "")]
+    assert [c.agreed for c in TopOne().combine(empty).contributions] == [True, False]
+
+
+def test_fuse_and_escalate_read_each_experts_answer_with_its_own_extractor() -> None:
+    # Short answers, but "verbose" writes a sentence: only a number extractor reads its answer.
+    answers = [WeightedAnswer("terse", 0.6, "42"),
+               WeightedAnswer("verbose", 0.4, "After a long and careful derivation the total comes to 42")]
+    fuse = Fuse("writer", "short", per_expert={"verbose": "number"})
+    assert [c.agreed for c in fuse.result(answers, "42").contributions] == [True, True]
+    # The aggregator's (and the escalation expert's) reply is read with that expert's own extractor too.
+    reply = "I make it 42 after checking twice"
+    fuse = Fuse("writer", "short", per_expert={"verbose": "number", "writer": "number"})
+    assert [c.agreed for c in fuse.result(answers, reply).contributions] == [True, True]
+    escalate = Escalate("big", "short", per_expert={"verbose": "number", "big": "number"})
+    assert [c.agreed for c in escalate.result(answers, reply).contributions] == [True, True]
+    assert escalate.agreed(answers) == "42"  # the panel agrees: no escalation
+    assert Escalate("big", "short").agreed(answers) is None
+
+
+def test_an_unknown_extractor_is_refused_naming_whose_it_is() -> None:
+    with pytest.raises(ValueError, match=r"unknown extractor 'letter' for expert 'odd'; known: choice, number, "
+                                         r"short"):
+        Vote("choice", per_expert={"odd": "letter"})
+    with pytest.raises(ValueError, match=r"unknown extractor 'words' for the combiner"):
+        build_combiner("top1", "words")
+
+
+def test_the_config_offers_exactly_the_extractors_there_are() -> None:
+    assert set(get_args(Extractor)) == set(EXTRACTORS)

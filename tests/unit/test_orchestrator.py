@@ -4,6 +4,8 @@ import pytest
 
 from experts.errors import ExpertServerError, ExpertUnavailable
 from experts.types import ChatMessage, ChatRequest
+from router.combine import WeightedAnswer
+from router.config import parse_config
 from router.fallback import AllExpertsFailed
 from router.orchestrator import Orchestrator, StreamEnd, StreamPiece, UnknownExpert
 from tests.doubles.fakes import FakeExpert, FakeGate, fake_config
@@ -110,6 +112,51 @@ async def test_learned_vote_weights_outvote_the_gates_weights() -> None:
     assert answer.content == "The answer is (A)." and answer.expert == "math"
     assert {c.expert: (round(c.weight, 6), c.agreed) for c in answer.trace.contributions} == {
         "math": (1.2, True), "code": (0.5, False), "law": (0.1, False)}
+
+
+VERBOSE = "I worked through it carefully and after a long derivation the result is 42"
+
+
+def _extractor_config(law_extractor: str | None) -> dict[str, object]:
+    """Short answers (combiner.extractor: short), but ``law`` writes a sentence: a number extractor reads it."""
+    experts: list[dict[str, object]] = [{"name": n, "type": "replay", "model": n, "timeout_s": 1.0,
+                                         "replay": {"source": "routerbench", "path": "unused"}} for n in NAMES]
+    if law_extractor is not None:
+        experts[2]["extractor"] = law_extractor
+    return {"version": 1, "experts": experts, "gate": {"top_k": {"policy": "fixed", "k": 3}},
+            "combiner": {"strategy": "vote", "extractor": "short", "aggregator": "math", "escalate_to": "code"}}
+
+
+async def test_an_experts_own_extractor_counts_its_vote_in_every_strategy_that_extracts() -> None:
+    config = parse_config(_extractor_config("number"), check_env=False)
+    texts = {"math": "42", "code": "41", "law": VERBOSE}
+    experts = {n: FakeExpert(config.expert(n), texts[n]) for n in NAMES}
+    orch = Orchestrator(config, FakeGate(NAMES, {}, default=[0.3, 0.45, 0.25]), experts)
+    answer = await orch.complete(ask("how many?"))
+    # law's "42" is read by its own extractor and outvotes code's heavier "41" with math's.
+    assert (answer.content, answer.expert) == ("42", "math")
+    assert {c.expert: c.agreed for c in answer.trace.contributions} == {"math": True, "code": False, "law": True}
+    fused = await orch.complete(ask("how many?"), strategy="fuse")  # math aggregates, and answers "42"
+    assert {c.expert: c.agreed for c in fused.trace.contributions} == {"math": True, "code": False, "law": True}
+    panel = [WeightedAnswer("math", 0.6, "42"), WeightedAnswer("law", 0.4, VERBOSE)]
+    assert orch.combiner_for("escalate").agreed(panel) == "42"  # agreement: no call to code
+    assert [c.agreed for c in orch.combiner_for("top1").combine(panel).contributions] == [True, True]
+
+
+async def test_without_its_own_extractor_an_unreadable_answer_loses_its_vote() -> None:
+    config = parse_config(_extractor_config(None), check_env=False)
+    texts = {"math": "42", "code": "41", "law": VERBOSE}
+    experts = {n: FakeExpert(config.expert(n), texts[n]) for n in NAMES}
+    orch = Orchestrator(config, FakeGate(NAMES, {}, default=[0.3, 0.45, 0.25]), experts)
+    answer = await orch.complete(ask("how many?"))
+    assert answer.content == "41"
+    assert {c.expert: c.agreed for c in answer.trace.contributions} == {"math": False, "code": True, "law": False}
+
+
+def test_an_experts_extractor_is_checked_when_the_config_loads() -> None:
+    with pytest.raises(ValueError, match=r"experts\[2\] \(law\)\.extractor: Input should be 'choice', 'number' "
+                                         r"or 'short'"):
+        parse_config(_extractor_config("digits"), check_env=False)
 
 
 async def test_panel_member_failure_renormalises_the_rest() -> None:

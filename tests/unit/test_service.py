@@ -151,3 +151,21 @@ async def test_openai_client_sees_status_errors() -> None:
         with pytest.raises(APIStatusError) as info:
             await oai.chat.completions.create(model="auto", messages=[{"role": "user", "content": "x"}])
     assert info.value.status_code == 503
+
+
+@pytest.mark.parametrize("strategy", ["vote", "Consensus "])
+async def test_a_stream_refuses_a_combiner_it_cannot_apply(strategy: str) -> None:
+    body = {"model": "auto", "stream": True, "messages": [{"role": "user", "content": "an integral"}]}
+    async with client(make_app(gate={"top_k": {"policy": "fixed", "k": 2}})) as http:
+        r = await http.post("/v1/chat/completions", json=body, headers={"x-moe-combiner": strategy})
+        top1 = await http.post("/v1/chat/completions", json=body, headers={"x-moe-combiner": "top1"})
+    assert r.status_code == 400
+    error = r.json()["error"]
+    assert (error["type"], error["code"], error["param"]) == ("invalid_request_error", "invalid_combiner",
+                                                              "x-moe-combiner")
+    name = strategy.strip().lower()
+    assert error["message"].startswith(f"x-moe-combiner: '{name}' cannot combine a streamed answer: a stream is "
+                                       "served by one expert")
+    assert top1.status_code == 200 and "math says hi" in "".join(
+        json.loads(line[6:])["choices"][0]["delta"].get("content") or ""
+        for line in top1.text.splitlines() if line.startswith("data: {"))
