@@ -260,6 +260,10 @@ class Orchestrator:
         chosen = expert_choice(probs, names, room)
         return [c if c is not None else names[int(np.argmax(row))] for c, row in zip(chosen, probs, strict=True)]
 
+    async def assign(self, queries: Sequence[str], capacity: Mapping[str, int] | None = None) -> list[str]:
+        """``assign_batch`` off the event loop (the gate embeds the whole batch)."""
+        return await asyncio.to_thread(self.assign_batch, list(queries), capacity)
+
     def is_routed(self, model: str) -> bool:
         return model in ("auto", self.config.service.name)
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -157,6 +157,12 @@ class Client(_Protocol):
     def route(self, query: str) -> RouteDecision:
         return RouteDecision.model_validate(self.check(self._http.post("/v1/route", json={"query": query})))
 
+    def route_batch(self, queries: Sequence[str], capacity: Mapping[str, int] | None = None) -> list[str]:
+        """Expert-choice routing of a batch: each query's expert, each expert taking the queries it scores
+        highest up to ``capacity`` (default: its free in-flight slots). Ask each expert by name to answer."""
+        body = self.check(self._http.post("/v1/route/batch", json=_batch_body(queries, capacity)))
+        return [a["expert"] for a in body["assignments"]]
+
     def experts(self) -> list[dict[str, Any]]:
         return list(self.check(self._http.get("/v1/experts"))["data"])
 
@@ -205,6 +211,11 @@ class AsyncClient(_Protocol):
 
     async def route(self, query: str) -> RouteDecision:
         return RouteDecision.model_validate(self.check(await self._http.post("/v1/route", json={"query": query})))
+
+    async def route_batch(self, queries: Sequence[str], capacity: Mapping[str, int] | None = None) -> list[str]:
+        """``Client.route_batch``."""
+        body = self.check(await self._http.post("/v1/route/batch", json=_batch_body(queries, capacity)))
+        return [a["expert"] for a in body["assignments"]]
 
     async def experts(self) -> list[dict[str, Any]]:
         return list(self.check(await self._http.get("/v1/experts"))["data"])
@@ -264,6 +275,10 @@ class LocalRouter:
             ChatRequest(messages=[ChatMessage(role="user", content=query)]))
         return decision
 
+    async def route_batch(self, queries: Sequence[str], capacity: Mapping[str, int] | None = None) -> list[str]:
+        """``Client.route_batch``, in process."""
+        return await self.orchestrator.assign(list(queries), capacity)
+
     async def feedback(self, *, request_id: str | None = None, query: str | None = None, expert: str | None = None,
                        good: bool | None = None, score: float | None = None,
                        note: str | None = None) -> FeedbackRecord:
@@ -282,3 +297,10 @@ class LocalRouter:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
+
+
+def _batch_body(queries: Sequence[str], capacity: Mapping[str, int] | None) -> dict[str, Any]:
+    body: dict[str, Any] = {"queries": list(queries)}
+    if capacity is not None:
+        body["capacity"] = dict(capacity)
+    return body

@@ -26,7 +26,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -35,7 +35,7 @@ from router.fallback import AllExpertsFailed
 from router.feedback import FeedbackBody, FeedbackStore, UnknownFeedbackExpert, UnknownRequest
 from router.logs import RequestRecord, configure_json_logging, log_request
 from router.metrics import CONTENT_TYPE, RouterMetrics
-from router.openapi import CHAT_COMPLETIONS_BODY, ROUTE_BODY
+from router.openapi import CHAT_COMPLETIONS_BODY, ROUTE_BODY, request_body
 from router.orchestrator import NoCapableExpert, Orchestrator, RouteFailed, StreamEnd, StreamPiece, UnknownExpert
 from router.reload import Reloader, ReloadFailed
 from router.security import Admitted, Denied, Guard, RateStore, redact
@@ -46,6 +46,18 @@ __all__ = ["RouteQuery", "create_app", "error_body"]
 class RouteQuery(BaseModel):
     query: str | None = None
     messages: list[dict[str, Any]] | None = None
+
+
+MAX_BATCH_QUERIES = 1024
+
+
+class RouteBatch(BaseModel):
+    """``POST /v1/route/batch``: queries to share out by expert choice, and optionally each expert's room."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    queries: list[str] = Field(min_length=1, max_length=MAX_BATCH_QUERIES)
+    capacity: dict[str, int] | None = None
 
 
 class _HTTPProblem(Exception):
@@ -331,6 +343,36 @@ def create_app(orchestrator: Orchestrator | None = None,
         decision = await o.decide(chat)
         return JSONResponse(decision.model_dump())
 
+    @_problems
+    async def route_batch(request: Request) -> Response:
+        o = orch(request)
+        body = await _read_json(request, o.config.service.max_request_bytes)
+        try:
+            batch = RouteBatch.model_validate(body)
+        except ValidationError as exc:
+            e = exc.errors()[0]
+            where = ".".join(str(p) for p in e["loc"]) or "<body>"
+            raise _HTTPProblem(400, f"invalid request: {where}: {e['msg']}", "invalid_request_error",
+                               "invalid_request", param=where) from None
+        limit = o.config.service.max_prompt_chars
+        for i, query in enumerate(batch.queries):
+            if len(query) > limit:
+                raise _HTTPProblem(400, f"queries[{i}] holds {len(query)} characters, over the limit of {limit}",
+                                   "invalid_request_error", "context_length_exceeded", param=f"queries.{i}")
+        capacity = batch.capacity
+        if capacity is not None:
+            unknown = sorted(set(capacity) - set(o.config.expert_names))
+            negative = sorted(n for n, room in capacity.items() if room < 0)
+            if unknown or negative:
+                problem = (f"unknown expert(s) {', '.join(map(repr, unknown))}; known: "
+                           f"{', '.join(o.config.expert_names)}" if unknown
+                           else f"negative room for {', '.join(map(repr, negative))}")
+                raise _HTTPProblem(400, f"capacity: {problem}", "invalid_request_error", "invalid_request",
+                                   param="capacity")
+        experts = await o.assign(batch.queries, capacity)
+        return JSONResponse({"object": "route.batch", "mode": "expert_choice",
+                             "assignments": [{"index": i, "expert": e} for i, e in enumerate(experts)]})
+
     async def models(request: Request) -> Response:
         o = orch(request)
         names = ["auto", o.config.service.name, *o.config.expert_names]
@@ -357,6 +399,7 @@ def create_app(orchestrator: Orchestrator | None = None,
     app.add_api_route("/v1/chat/completions", chat_completions, methods=["POST"],
                       openapi_extra=CHAT_COMPLETIONS_BODY)
     app.add_api_route("/v1/route", route, methods=["POST"], openapi_extra=ROUTE_BODY)
+    app.add_api_route("/v1/route/batch", route_batch, methods=["POST"], openapi_extra=request_body(RouteBatch))
     app.add_api_route("/v1/models", models, methods=["GET"])
     app.add_api_route("/v1/experts", experts, methods=["GET"])
     app.add_api_route("/health", health, methods=["GET"])

@@ -110,7 +110,7 @@ MALFORMED = [
 ]
 
 
-@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/route"])
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/route", "/v1/route/batch"])
 @pytest.mark.parametrize("body", MALFORMED)
 async def test_malformed_bodies_get_a_4xx(path: str, body: bytes) -> None:
     transport = httpx.ASGITransport(app=make_app(), raise_app_exceptions=False)

@@ -197,6 +197,7 @@ def test_assign_batch_respects_capacity_and_open_breakers() -> None:
         orch.breakers.finish(orch.breakers.admit("math"), ExpertUnavailable("math", "down"))
     assert "math" not in orch.assign_batch(queries)
     assert orch.assign_batch([]) == []
+    assert asyncio.run(orch.assign(queries)) == orch.assign_batch(queries)  # the same, off the event loop
 
 
 def test_expert_states_for_the_experts_endpoint() -> None:

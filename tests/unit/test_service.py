@@ -169,3 +169,26 @@ async def test_a_stream_refuses_a_combiner_it_cannot_apply(strategy: str) -> Non
     assert top1.status_code == 200 and "math says hi" in "".join(
         json.loads(line[6:])["choices"][0]["delta"].get("content") or ""
         for line in top1.text.splitlines() if line.startswith("data: {"))
+
+
+async def test_expert_choice_batch_routing_over_http_and_the_sdk() -> None:
+    """Each expert takes the queries it scores highest, up to its room; the rest go to the next with room."""
+    app = make_app()
+    queries = ["an integral", "another integral", "a third integral", "a loop"]
+    async with client(app) as http:
+        shared = (await http.post("/v1/route/batch", json={"queries": queries,
+                                                           "capacity": {"math": 2, "code": 2}})).json()
+        assert shared["mode"] == "expert_choice"
+        assert [a["expert"] for a in shared["assignments"]] == ["math", "math", "code", "code"]
+        assert [a["index"] for a in shared["assignments"]] == [0, 1, 2, 3]
+        unknown = await http.post("/v1/route/batch", json={"queries": queries, "capacity": {"law": 1}})
+        assert unknown.status_code == 400 and "capacity: unknown expert(s) 'law'; known: math, code" in \
+            unknown.json()["error"]["message"]
+        empty = await http.post("/v1/route/batch", json={"queries": []})
+        assert empty.status_code == 400 and "queries" in empty.json()["error"]["message"]
+        long = await http.post("/v1/route/batch", json={"queries": ["x" * 200_000]})
+        assert long.status_code == 400 and long.json()["error"]["code"] == "context_length_exceeded"
+        assert "queries[0] holds 200000 characters" in long.json()["error"]["message"]
+    async with AsyncClient("http://router", transport=httpx.ASGITransport(app=app)) as sdk:
+        assert await sdk.route_batch(queries, {"math": 1, "code": 3}) == ["math", "code", "code", "code"]
+        assert (await sdk.route_batch(queries)).count("math") >= 1  # default room: free in-flight slots
