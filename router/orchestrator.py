@@ -72,7 +72,7 @@ from router.fallback import AllExpertsFailed, Deadline, next_candidate
 from router.gate import Assessment, assess
 from router.retry import RetryPolicy
 from router.topk import choose, rank
-from router.trace import Attempt, AttemptRole, RoutedAnswer, RouteDecision, Trace, WeightedExpert
+from router.trace import Attempt, AttemptRole, Contribution, RoutedAnswer, RouteDecision, Trace, WeightedExpert
 from router.vote_weights import VoteWeights
 
 __all__ = ["GateLike", "NoCapableExpert", "NotTried", "Orchestrator", "RouteFailed", "StreamEnd", "StreamPiece",
@@ -454,6 +454,7 @@ class Orchestrator:
         trace = Trace(decision=decision, combiner="stream")
         sent: list[str] = []
         tool_calls_sent = False
+        chars: dict[str, int] = {}  # characters each expert streamed to the client, in the order they streamed
         errors: list[ExpertError] = []
         previous: str | None = None
         tried = 0
@@ -476,10 +477,12 @@ class Orchestrator:
                     else:
                         _continued_by(trace, name)
                         sent.append(event.delta.content)
+                        chars[name] = chars.get(name, 0) + len(event.delta.content)
                         tool_calls_sent = tool_calls_sent or bool(event.delta.tool_calls)
                         yield event
             if outcome.error is None:
                 _continued_by(trace, name)
+                trace.contributions = _streamed(chars, name)
                 trace.latency_ms = (time.perf_counter() - start) * 1000.0
                 yield StreamEnd(trace=trace, finish_reason=outcome.finish_reason)
                 return
@@ -556,6 +559,16 @@ def _skipped(error: ExpertError) -> bool:
 
 def _untried(candidates: Sequence[str], taken: Collection[str], stop: _Stop) -> list[ExpertError]:
     return [NotTried(n, f"not tried: {stop.cause}") for n in candidates if n not in taken]
+
+
+def _streamed(chars: Mapping[str, int], last: str) -> list[Contribution]:
+    """A streamed answer's contributions: each expert whose text reached the client, weighted by its share of
+    the characters, in the order they streamed (the expert that finished it alone when nothing else was sent).
+    Each agreed with the answer, since its text is part of it."""
+    total = sum(chars.values())
+    if total == 0:
+        return [Contribution(expert=last, weight=1.0, agreed=True)]
+    return [Contribution(expert=e, weight=n / total, agreed=True) for e, n in chars.items() if n]
 
 
 def _continued_by(trace: Trace, name: str) -> None:

@@ -267,6 +267,16 @@ async def test_a_mid_stream_switch_names_the_expert_that_continued(skipped: str)
     assert text == "one two three"
     assert end.trace.switches == [{"from": "math", "to": "law", "after_chars": 8, "cause": "unavailable"}]
     assert end.trace.summary()["switches"][0]["to"] == "law"  # what the final chunk's moe.switches carries
+    # Both experts' text is in the answer: each contributed its share of the characters, and agreed with it.
+    assert [(c.expert, round(c.weight, 3), c.agreed) for c in end.trace.contributions] == [
+        ("math", round(8 / 13, 3), True), ("law", round(5 / 13, 3), True)]
+
+
+async def test_a_stream_from_one_expert_credits_it_alone() -> None:
+    orch, _ = build()
+    _, end = await collect(orch, ask())
+    assert [(c.expert, c.weight, c.agreed) for c in end.trace.contributions] == [(end.trace.attempts[-1].expert,
+                                                                                  1.0, True)]
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
