@@ -44,6 +44,9 @@ class ChatMoERouter(BaseChatModel):
     api_key: SecretStr | None = None
     # "auto" (or the service's name) routes; an expert's name calls that expert directly.
     model: str = "auto"
+    # The combiner for non-streamed calls (``x-moe-combiner``: top1, vote, consensus, fuse, escalate); None: the
+    # service's configured one. Streams are served by one expert, so they never send it.
+    combiner: str | None = None
     temperature: float | None = None
     max_tokens: int | None = None
     top_p: float | None = None
@@ -60,7 +63,8 @@ class ChatMoERouter(BaseChatModel):
 
     @property
     def _identifying_params(self) -> dict[str, Any]:
-        return {"base_url": self.base_url, "model": self.model, **self._params(None, {})}
+        return {"base_url": self.base_url, "model": self.model, "combiner": self.combiner,
+                **self._params(None, {})}
 
     def bind_tools(self, tools: Sequence[dict[str, Any] | type | Callable[..., Any] | BaseTool], *,
                    tool_choice: str | None = None, **kwargs: Any) -> Runnable[LanguageModelInput, AIMessage]:
@@ -74,13 +78,15 @@ class ChatMoERouter(BaseChatModel):
     def _generate(self, messages: list[BaseMessage], stop: list[str] | None = None,
                   run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> ChatResult:
         with self._client() as client:
-            result = client.chat(_wire(messages), model=self.model, **self._params(stop, kwargs))
+            result = client.chat(_wire(messages), model=self.model, combiner=self.combiner,
+                                 **self._params(stop, kwargs))
         return _chat_result(result)
 
     async def _agenerate(self, messages: list[BaseMessage], stop: list[str] | None = None,
                          run_manager: AsyncCallbackManagerForLLMRun | None = None, **kwargs: Any) -> ChatResult:
         async with self._async_client() as client:
-            result = await client.chat(_wire(messages), model=self.model, **self._params(stop, kwargs))
+            result = await client.chat(_wire(messages), model=self.model, combiner=self.combiner,
+                                       **self._params(stop, kwargs))
         return _chat_result(result)
 
     def _stream(self, messages: list[BaseMessage], stop: list[str] | None = None,

@@ -163,3 +163,20 @@ async def test_bound_tools_are_sent_and_tool_calls_come_back() -> None:
     assert message.tool_calls == [{"name": "add", "args": {"a": 2, "b": 3}, "id": "call_1", "type": "tool_call"}]
     sent = app.state.fake_experts["code"].requests[-1]
     assert sent.tools is not None and sent.tools[0]["function"]["name"] == "add"
+
+
+async def test_the_combiner_is_sent_for_calls_and_refused_names_surface() -> None:
+    app = make_app()
+    message = await model_for(app, combiner="vote").ainvoke("an integral")
+    assert message.response_metadata["moe_trace"]["combiner"] == "vote"
+    assert (await model_for(app).ainvoke("an integral")).response_metadata["moe_trace"]["combiner"] == "top1"
+    with pytest.raises(RouterAPIError, match="unknown combiner"):
+        await model_for(app, combiner="best").ainvoke("an integral")
+
+
+def test_the_combiner_is_sent_by_sync_calls_and_never_by_streams() -> None:
+    app = make_app()
+    trace = model_for(app, combiner="consensus").invoke("an integral").response_metadata["moe_trace"]
+    assert trace["combiner"] == "consensus"
+    streamed = "".join(str(c.content) for c in model_for(app, combiner="vote").stream("an integral"))
+    assert streamed == "math says hi"  # one expert serves a stream: the combiner is not sent, nor refused
