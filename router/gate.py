@@ -33,7 +33,17 @@ combines two signals, each turned into a percentile of the validation queries' o
 cosine to the nearest training example (nothing like it was seen). Each catches out-of-scope queries the other
 misses: on CLINC150's out-of-scope queries the mean has AUROC 0.977, the cosine alone 0.963 and the top
 probability alone 0.956. Gates without the grids (outcome gates, older artifacts) score by the cosine alone.
-Artifacts without a threshold (trained without a validation split) never abstain.
+Artifacts without a threshold never abstain.
+
+Calibration (the temperature, the grids and the threshold) needs queries the classifier did not train on:
+the held-out validation split, when it holds queries of at least two experts. With less (an expert keeps
+``floor(0.15 * n)`` of its ``n`` texts, so none with six or fewer, as when a gate is trained from a handful of
+config ``examples`` per expert), every example is scored by a classifier fitted without its fold instead
+(``cross_validation_folds``: at most ``CV_FOLDS`` folds, stratified per expert, so leave-one-out for an expert
+with ten examples or fewer), its cosine taken to the examples outside its fold. An example whose expert has no
+other example cannot be held out; when only one expert's or none can (one example per expert), the gate stays
+uncalibrated (temperature 1, no threshold: it never abstains) and a warning says so. ``metrics.calibration``
+records which it was: ``"held-out"``, ``"cross-validated"`` or ``"none"``.
 """
 
 from __future__ import annotations
@@ -83,6 +93,7 @@ __all__ = [
     "Queries",
     "ValidationMetrics",
     "assess",
+    "cross_validation_folds",
     "embed_texts",
     "expected_calibration_error",
     "fit_ood",
@@ -103,6 +114,8 @@ UNSEEN_PRIOR = 1e-3
 # query in ~33 goes to the default expert, the price of catching most unrelated ones.
 OOD_KEEP = 0.97
 OOD_GRID = 201  # percentile points per signal in metadata.ood_reference
+CV_FOLDS = 10  # folds of that cross-validation: at most ten classifier fits, however many examples
+CALIBRATION = ("held-out", "cross-validated", "none")  # metrics.calibration: what the calibration was fitted on
 _EMBED_CHUNK = 512  # texts per encode call while training: small enough for a smooth progress bar
 
 
@@ -144,7 +157,14 @@ def fit_temperature(logits: np.ndarray, y: np.ndarray, lo: float = 0.01, hi: flo
     """The T minimising validation NLL of softmax(logits / T); never one that does worse than T = 1.
 
     NLL is convex in 1/T, hence unimodal in log T, so a golden-section search on log T finds the optimum.
+    When every row ranks its target first, NLL has no minimum: it falls as T -> 0, and the fit would sharpen
+    every probability to ~1 (T at ``lo``), so a calibration set that happens to hold no mistake (a few
+    examples, or easy ones) would make the gate certain of everything. Then T is the one whose mean top
+    probability is the Laplace estimate of the accuracy, ``(n + 1) / (n + 2)``: ``n`` right out of ``n``.
     """
+    own = np.arange(logits.shape[1]) == np.asarray(y)[:, None]
+    if len(y) and (logits[own] > np.where(own, -np.inf, logits).max(axis=1)).all():
+        return _temperature_for_confidence(logits, (len(y) + 1) / (len(y) + 2), lo, hi)
     a, b = math.log(lo), math.log(hi)
     ratio = (math.sqrt(5) - 1) / 2
     for _ in range(80):
@@ -157,13 +177,37 @@ def fit_temperature(logits: np.ndarray, y: np.ndarray, lo: float = 0.01, hi: flo
     return t if _nll(logits, y, t) <= _nll(logits, y, 1.0) else 1.0
 
 
+def _temperature_for_confidence(logits: np.ndarray, confidence: float, lo: float, hi: float) -> float:
+    """The T in [lo, hi] whose mean top probability is ``confidence`` (it falls as T grows), by bisection on
+    log T; the bound nearest to it when none is."""
+    def mean_top(log_t: float) -> float:
+        return float(_softmax(logits / math.exp(log_t)).max(axis=1).mean())
+
+    a, b = math.log(lo), math.log(hi)
+    if mean_top(a) <= confidence:
+        return lo
+    if mean_top(b) >= confidence:
+        return hi
+    for _ in range(60):
+        mid = (a + b) / 2
+        a, b = (mid, b) if mean_top(mid) > confidence else (a, mid)
+    return math.exp((a + b) / 2)
+
+
 # --- the gate ---------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class ValidationMetrics:
+    """What a gate was trained and calibrated on, and how its calibration went.
+
+    ``n_train`` queries trained the classifier and ``n_val`` were held out of it. ``accuracy``, ECE and NLL are
+    measured on the ``n_calibration`` queries the temperature was fitted on: the held-out ones, or with
+    ``calibration == "cross-validated"`` every example its expert's other examples could stand in for, each
+    scored out of fold."""
+
     n_train: int
     n_val: int
-    accuracy: float | None = None  # None when the validation split is empty (tiny data)
+    accuracy: float | None = None  # None when nothing could be scored (calibration "none")
     ece_before: float | None = None
     ece_after: float | None = None
     nll_before: float | None = None
@@ -174,6 +218,10 @@ class ValidationMetrics:
     best_single: str | None = None
     best_single_accuracy: float | None = None
     oracle_accuracy: float | None = None
+    # Label gates: one of CALIBRATION, and how many queries it rests on. None: not recorded (outcome gates,
+    # calibrated out of fold as router.outcome_gate describes; artifacts from before these fields).
+    calibration: str | None = None
+    n_calibration: int | None = None
 
 
 @dataclass(frozen=True)
@@ -540,8 +588,10 @@ def embed_texts(encoder: Encoder, texts: Sequence[str], *, progress: bool = True
 def train_gate(texts: Sequence[str], labels: Sequence[str], encoder: Encoder, *, experts: Sequence[str],
                seed: int = 0, val_fraction: float = 0.15, progress: bool = True,
                classifier: Classifier | None = None) -> Gate:
-    """Embed, split, fit the classifier on the train part, and on the validation part the temperature, the
-    cold-start similarity map and the out-of-distribution threshold. ``classifier`` defaults to the ensemble
+    """Embed, split, fit the classifier on the train part, then the temperature and the out-of-distribution
+    grids and threshold on queries it did not train on: the validation part, or where that holds fewer than two
+    experts' queries every example out of fold (the module docstring, "Calibration"). The cold-start similarity
+    map is fitted on the validation part (its defaults without one). ``classifier`` defaults to the ensemble
     (``router.classifiers``)."""
     from tqdm.auto import tqdm
 
@@ -561,20 +611,103 @@ def train_gate(texts: Sequence[str], labels: Sequence[str], encoder: Encoder, *,
     train, val = split_train_val(texts, labels, seed=seed, val_fraction=val_fraction)
     queries = Queries(texts, x)
     classifier = classifier or EnsembleClassifier(seed=seed)
+    # One expert's queries cannot fit a temperature (every target the same column) nor stand for the others'.
+    cross_validate = len(np.unique(y[val])) < 2
+    unfitted = copy.deepcopy(classifier) if cross_validate else None  # a fresh one per fold
     with tqdm(total=2, desc=f"training gate ({classifier.kind})", unit="step", disable=not progress) as bar:
         classifier.fit(queries.subset(train), y[train], len(trained))
         bar.update()
-        val_logits = classifier.predict_logits(queries.subset(val)) if len(val) else np.zeros((0, len(trained)))
-        temperature, metrics = _calibrate(val_logits, y[val], n_train=len(train))
+        if unfitted is not None:
+            scored = _cross_validated(unfitted, queries, y, len(trained), seed=seed)
+        else:
+            scored = _Scored(classifier.predict_logits(queries.subset(val)), y[val],
+                             nearest_similarity(x[train], x[val]), "held-out")
+        scored = _usable(scored, trained)
+        temperature, metrics = _calibrate(scored, n_train=len(train), n_val=len(val))
         bar.update()
     similarity = fit_similarity_map(x[train], y[train], x[val], y[val], len(trained), seed=seed)
-    ood_reference, ood_threshold = fit_ood(_softmax(val_logits / temperature).max(axis=1) if len(val) else
-                                           np.zeros(0), x[train], x[val])
+    ood_reference, ood_threshold = _fit_ood_scores(_softmax(scored.logits / temperature).max(axis=1)
+                                                   if len(scored.y) else np.zeros(0), scored.similarity)
     metadata = GateMetadata(encoder.identity, encoder.checksum, training_data_sha256(texts, labels), metrics,
                             classifier=classifier.kind, unseen_experts=unseen,
                             cold_start_slope=similarity.slope, cold_start_midpoint=similarity.midpoint,
                             ood_threshold=ood_threshold, ood_reference=ood_reference)
     return Gate(encoder, experts, classifier, temperature, metadata, (x, texts, list(labels)))
+
+
+@dataclass(frozen=True)
+class _Scored:
+    """Queries scored by a classifier that did not train on them: what calibration is fitted on."""
+
+    logits: np.ndarray  # [n, trained experts]
+    y: np.ndarray  # [n] their experts' columns
+    similarity: np.ndarray  # [n] each one's cosine to the nearest example that classifier trained on
+    how: str  # one of CALIBRATION
+
+
+def cross_validation_folds(texts: Sequence[str], labels: Sequence[str], *, seed: int = 0,
+                           folds: int = CV_FOLDS) -> np.ndarray:
+    """The fold of each text, stratified per label and decided by a seeded hash of the text, like
+    ``split_train_val``: each label deals its distinct texts out to the folds in turn, so with ``folds`` or
+    fewer texts each of them has a fold to itself (leave-one-out), and copies of one text share a fold.
+
+    There are as many folds as the largest label has distinct texts, and at most ``folds``."""
+    by_label: dict[str, set[str]] = {}
+    for text, label in zip(texts, labels, strict=True):
+        by_label.setdefault(label, set()).add(text)
+    k = max(2, min(folds, max((len(d) for d in by_label.values()), default=0)))
+    fold_of: dict[str, int] = {}
+    for label in sorted(by_label):
+        ordered = sorted(by_label[label], key=lambda t: hashlib.sha256(f"{seed}\x00{t}".encode()).digest())
+        for i, text in enumerate(ordered):
+            fold_of.setdefault(text, i % k)  # a text under two labels keeps its first fold
+    return np.array([fold_of[t] for t in texts], dtype=np.int64)
+
+
+def _cross_validated(unfitted: Classifier, queries: Queries, y: np.ndarray, n_classes: int, *,
+                     seed: int) -> _Scored:
+    """Every example scored by a copy of ``unfitted`` fitted on the other folds, with its cosine to their
+    examples. An example is left out when its expert has no example in the other folds (it has one alone):
+    the classifier would never have seen its expert, unlike every query it serves."""
+    fold = cross_validation_folds(queries.texts, [str(c) for c in y], seed=seed)
+    rows: list[np.ndarray] = []
+    logits: list[np.ndarray] = []
+    similarity: list[np.ndarray] = []
+    for f in np.unique(fold):
+        rest = np.flatnonzero(fold != f)
+        present = np.unique(y[rest])
+        held = np.flatnonzero((fold == f) & np.isin(y, present))
+        if len(held) == 0 or len(present) < 2:
+            continue
+        model = copy.deepcopy(unfitted)
+        model.fit(queries.subset(rest), y[rest], n_classes)
+        rows.append(held)
+        logits.append(model.predict_logits(queries.subset(held)))
+        similarity.append(nearest_similarity(queries.embeddings[rest], queries.embeddings[held]))
+    order = np.concatenate([np.zeros(0, dtype=np.int64), *rows])
+    return _Scored(np.concatenate([np.zeros((0, n_classes)), *logits]).astype(np.float64), y[order],
+                   np.concatenate([np.zeros(0), *similarity]), "cross-validated")
+
+
+def _usable(scored: _Scored, trained: list[str]) -> _Scored:
+    """``scored``, with a warning naming what cross-validation could not cover: the experts with a single
+    example, or all but one expert, in which case the gate is left uncalibrated (``how`` "none": temperature 1,
+    no threshold, so it never abstains), since one expert's examples alone cannot fit a temperature."""
+    covered = [e for c, e in enumerate(trained) if (scored.y == c).any()]
+    if len(covered) < 2:
+        log.warning("the gate cannot be calibrated: %s, so its probabilities keep temperature 1 and it has no "
+                    "out-of-distribution threshold (it will never abstain to gate.default_expert); "
+                    "metrics.calibration is 'none'. Give every expert at least two distinct examples.",
+                    f"only {covered[0]!r} has two distinct examples" if covered else
+                    "no expert has two distinct examples, one to hold out and one to train on")
+        n = len(trained)
+        return _Scored(np.zeros((0, n)), np.zeros(0, dtype=np.int64), np.zeros(0), "none")
+    missing = [e for e in trained if e not in covered]
+    if missing and scored.how == "cross-validated":
+        log.warning("calibration is cross-validated on %d examples, none of them of %s: each has a single "
+                    "example, which cannot be held out; give them a second one", len(scored.y),
+                    ", ".join(map(repr, missing)))
+    return scored
 
 
 def nearest_similarity(reference: np.ndarray, queries: np.ndarray) -> np.ndarray:
@@ -612,10 +745,17 @@ def fit_ood(val_top_probability: np.ndarray, reference: np.ndarray, held_out: np
     keeps ``keep`` of them. ``(None, None)`` without validation data: such a gate never abstains."""
     if len(reference) == 0 or len(held_out) == 0:
         return None, None
+    return _fit_ood_scores(val_top_probability, nearest_similarity(reference, held_out), keep)
+
+
+def _fit_ood_scores(top_probability: np.ndarray, similarity: np.ndarray,
+                    keep: float = OOD_KEEP) -> tuple[list[list[float]] | None, float | None]:
+    """``fit_ood`` from the queries' top probabilities and nearest-example cosines themselves."""
+    if len(similarity) == 0:
+        return None, None
     quantiles = np.linspace(0.0, 1.0, OOD_GRID)
-    sims = nearest_similarity(reference, held_out)
-    grids = [np.quantile(val_top_probability, quantiles).tolist(), np.quantile(sims, quantiles).tolist()]
-    scores = ood_score(val_top_probability, sims, grids)
+    grids = [np.quantile(top_probability, quantiles).tolist(), np.quantile(similarity, quantiles).tolist()]
+    scores = ood_score(top_probability, similarity, grids)
     return grids, float(np.quantile(scores, 1.0 - keep))
 
 
@@ -637,12 +777,14 @@ def _check_training_input(texts: Sequence[str], labels: Sequence[str], experts: 
         raise ValueError(f"labels that are not experts: {', '.join(map(repr, unknown))}; experts: {experts}")
 
 
-def _calibrate(logits: np.ndarray, y: np.ndarray, *, n_train: int) -> tuple[float, ValidationMetrics]:
+def _calibrate(scored: _Scored, *, n_train: int, n_val: int) -> tuple[float, ValidationMetrics]:
+    logits, y = scored.logits, scored.y
     if len(y) == 0:
-        return 1.0, ValidationMetrics(n_train=n_train, n_val=0)
+        return 1.0, ValidationMetrics(n_train=n_train, n_val=n_val, calibration="none", n_calibration=0)
     t = fit_temperature(logits, y)
     before, after = _softmax(logits), _softmax(logits / t)
     return t, ValidationMetrics(
-        n_train=n_train, n_val=len(y), accuracy=float((before.argmax(axis=1) == y).mean()),
+        n_train=n_train, n_val=n_val, accuracy=float((before.argmax(axis=1) == y).mean()),
         ece_before=expected_calibration_error(before, y), ece_after=expected_calibration_error(after, y),
-        nll_before=_nll(logits, y, 1.0), nll_after=_nll(logits, y, t))
+        nll_before=_nll(logits, y, 1.0), nll_after=_nll(logits, y, t), calibration=scored.how,
+        n_calibration=len(y))

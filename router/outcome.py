@@ -11,13 +11,17 @@ learned``). An expert absent from a line has *no record* for that query; it is n
 ``load_outcome_jsonl`` reports a bad line with its file and line number.
 
 A success model maps embeddings ``[q, dim]`` to ``[q, m]`` probabilities of success, fitted on outcome
-matrices with NaN for "no record". Two are registered in ``SUCCESS_MODELS``; measured on RouterBench and
-MMLU-Pro (see ``OutcomeGate``'s docs for the figures), the kNN model is the default:
+matrices with NaN for "no record". Two are registered in ``SUCCESS_MODELS``:
 
-- ``knn``: the success rate of each expert on the query's ``k`` nearest training queries, shrunk toward the
-  expert's overall rate with ``alpha`` pseudo-observations. Shrinkage matters: with a few dozen neighbours the
-  raw rates are noisy, and their argmax chases the noise.
+- ``knn`` (the default): the success rate of each expert on the query's ``k`` nearest training queries, shrunk
+  toward the expert's overall rate with ``alpha`` pseudo-observations. Shrinkage matters: with a few dozen
+  neighbours the raw rates are noisy, and their argmax chases the noise.
 - ``logistic``: one L2-regularised logistic regression per expert on the embedding.
+
+The measured figures are in the results of ``moe eval --suite mmlu-pro-outcome`` and ``--suite routerbench``
+(``results.json``, under ``systems``). There the kNN gate is compared with a naive per-expert success regression
+(ridge on the embedding, plain argmax), which stands in for a per-expert linear model; the ``logistic`` model
+itself has no row there.
 """
 
 from __future__ import annotations

@@ -36,7 +36,10 @@ class RouteDecision(BaseModel):
     chosen: list[WeightedExpert]
     policy: str
     # True when the query looked out of distribution (``ood_score`` below the gate's threshold) and went to
-    # ``gate.default_expert`` alone; ``ood_score`` is its cosine to the nearest training example.
+    # ``gate.default_expert`` alone. ``ood_score`` is the gate's familiarity score (``Gate.ood_scores``), higher
+    # for queries like its training data: for a label gate the mean of two percentiles in [0, 1], its calibrated
+    # top probability and its cosine to the nearest training example, each ranked among the gate's calibration
+    # queries; for gates without those grids (outcome gates, older artifacts), the cosine itself. None: unknown.
     abstained: bool = False
     ood_score: float | None = None
     # Training examples nearest to the query: why the gate decided as it did.

@@ -4,7 +4,9 @@
 (``router.outcome.is_outcome_file``):
 
 - labelled, ``{"query": ..., "label": ...}``: joined with each expert's config ``examples`` (labelled with
-  the expert's name) to train a label gate (``router.gate.train_gate``);
+  the expert's name) to train a label gate (``router.gate.train_gate``). With no files, the examples alone
+  train it; a few per expert leave no held-out split, so the gate is calibrated by cross-validation over them
+  (``metrics.calibration`` in the artifact; ``router.gate``'s docstring, "Calibration");
 - outcome records, ``{"query": ..., "outcomes": {...}, "cost": {...}}``: trained into an outcome gate
   (``router.outcome_gate.train_outcome_gate``) at ``gate.cost_weight`` with ``gate.success_model``. Config
   experts without any record are left to cold start from their examples.

@@ -15,9 +15,11 @@ import pytest
 from router.config import EncoderConfig
 from router.encoders import Encoder, build_encoder
 from router.gate import (
+    CV_FOLDS,
     UNSEEN_PRIOR,
     Gate,
     GateArtifactMismatch,
+    cross_validation_folds,
     expected_calibration_error,
     fit_temperature,
     split_train_val,
@@ -102,6 +104,7 @@ def test_gate_beats_chance_by_far_on_held_out_queries(gate: Gate,
     assert metrics.accuracy is not None and metrics.accuracy >= 0.90
     assert metrics.n_train + metrics.n_val == 7 * PER_INTENT_TRAIN
     assert 0.10 < metrics.n_val / (7 * PER_INTENT_TRAIN) < 0.20
+    assert (metrics.calibration, metrics.n_calibration) == ("held-out", metrics.n_val)
 
 
 def test_probabilities_are_distributions(gate: Gate, test_set: tuple[np.ndarray, np.ndarray, list[str]]) -> None:
@@ -131,6 +134,74 @@ def test_fit_temperature_undoes_known_overconfidence() -> None:
     fixed = np.exp(3.0 * true_logits / t)
     assert expected_calibration_error(fixed / fixed.sum(1, keepdims=True), y) < expected_calibration_error(
         over / over.sum(1, keepdims=True), y)
+
+
+def test_a_calibration_set_without_mistakes_does_not_make_the_gate_certain() -> None:
+    # Every row ranks its target first: NLL falls without limit as T -> 0, and the plain fit would return the
+    # search's bound (0.01), turning every probability into ~1. n right out of n is evidence of an accuracy of
+    # about (n + 1) / (n + 2), and that is the mean top probability the temperature gives.
+    rng = np.random.default_rng(0)
+    logits = rng.normal(scale=3.0, size=(40, 4))
+    y = logits.argmax(axis=1)
+    t = fit_temperature(logits, y)
+    assert t > 0.1
+    e = np.exp(logits / t - (logits / t).max(axis=1, keepdims=True))
+    assert (e / e.sum(axis=1, keepdims=True)).max(axis=1).mean() == pytest.approx(41 / 42, abs=1e-6)
+    # One mistake and the NLL has its minimum again: the plain fit, as before.
+    y[0] = (y[0] + 1) % 4
+    assert fit_temperature(logits, y) != pytest.approx(t)
+
+
+def test_cross_validation_folds_are_stratified_seeded_and_keep_copies_together() -> None:
+    texts = [f"a{i}" for i in range(6)] + ["a0"] + [f"b{i}" for i in range(25)] + ["c0"]
+    labels = ["a"] * 7 + ["b"] * 25 + ["c"]
+    folds = cross_validation_folds(texts, labels, seed=0)
+    assert folds.max() + 1 == CV_FOLDS  # b has 25 distinct texts: ten folds, not 25 fits
+    assert folds[0] == folds[6]  # both copies of "a0"
+    assert len({int(f) for f in folds[:6]}) == 6  # six texts of a: one per fold (leave-one-out)
+    assert all(2 <= n <= 3 for n in Counter(folds[7:32].tolist()).values())  # b dealt out evenly
+    reordered = cross_validation_folds(texts[::-1], labels[::-1], seed=0)[::-1]
+    np.testing.assert_array_equal(folds, reordered)
+    assert cross_validation_folds(["x", "y", "z"], ["p", "p", "q"]).max() + 1 == 2  # as many as the largest has
+
+
+def test_a_few_examples_per_expert_are_calibrated_by_cross_validation(
+        gate: Gate, lookup: FakeLookupEncoder, caplog: pytest.LogCaptureFixture) -> None:
+    # Five of each intent: no held-out split (floor(0.15 * 5) = 0), so each example is scored out of fold.
+    texts = [t for e in gate.experts for t in [t for t, lab in zip(gate.example_texts, gate.example_labels,
+                                                                   strict=True) if lab == e][:5]]
+    labels = [e for e in gate.experts for _ in range(5)]
+    few = train_gate(texts, labels, lookup, experts=gate.experts, progress=False)
+    m = few.metadata.metrics
+    assert (m.calibration, m.n_train, m.n_val, m.n_calibration) == ("cross-validated", 35, 0, 35)
+    assert m.accuracy is not None and m.accuracy > 0.6 and m.nll_after is not None and m.ece_after is not None
+    assert few.ood_threshold is not None and few.metadata.ood_reference is not None
+    assert few.temperature != 1.0
+    # An expert with a single example cannot be held out: the others calibrate, and a warning names it.
+    caplog.set_level("WARNING", logger="router.gate")
+    lone = train_gate([*texts[:-4]], labels[:-4], lookup, experts=gate.experts, progress=False)
+    assert lone.metadata.metrics.calibration == "cross-validated" and lone.metadata.metrics.n_calibration == 30
+    assert lone.ood_threshold is not None
+    assert f"none of them of '{gate.experts[-1]}'" in caplog.text
+
+
+def test_one_example_per_expert_says_it_is_uncalibrated(gate: Gate, lookup: FakeLookupEncoder,
+                                                        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("WARNING", logger="router.gate")
+    texts = [next(t for t, lab in zip(gate.example_texts, gate.example_labels, strict=True) if lab == e)
+             for e in gate.experts]
+    one = train_gate(texts, gate.experts, lookup, experts=gate.experts, progress=False)
+    m = one.metadata.metrics
+    assert (m.calibration, m.n_calibration, m.accuracy) == ("none", 0, None)
+    assert one.ood_threshold is None and one.temperature == 1.0
+    assert "cannot be calibrated" in caplog.text and "never abstain" in caplog.text
+    # A second example for one expert: its examples alone would fit the temperature, every target the same.
+    second = next(t for t, lab in zip(gate.example_texts, gate.example_labels, strict=True)
+                  if lab == gate.experts[0] and t != texts[0])
+    two = train_gate([*texts, second], [*gate.experts, gate.experts[0]], lookup, experts=gate.experts,
+                     progress=False)
+    assert (two.metadata.metrics.calibration, two.ood_threshold) == ("none", None)
+    assert f"only {gate.experts[0]!r} has two distinct examples" in caplog.text
 
 
 def test_split_is_seeded_stratified_and_order_independent(snips: dict[str, list[tuple[str, str]]]) -> None:

@@ -88,6 +88,29 @@ def test_train_from_config_saves_a_loadable_gate(tmp_path: Path, snips_rows: lis
     assert [loaded.experts[i] for i in probs.argmax(axis=1)] == ["GetWeather", "PlayMusic"]
 
 
+def test_a_gate_from_config_examples_alone_is_calibrated_or_says_it_is_not(
+        tmp_path: Path, snips_rows: list[dict[str, str]], caplog: pytest.LogCaptureFixture) -> None:
+    # ``moe train`` with experts that have examples and no train_data: six real queries each.
+    experts = [{"name": name, "type": "openai", "endpoint": "http://127.0.0.1:9/v1", "model": "m",
+                "examples": [r["query"] for r in snips_rows if r["label"] == name][:6]} for name in INTENTS]
+    config = parse_config({"version": 1, "experts": experts, "gate": {"artifact": "gate", "default_expert":
+                                                                       "GetWeather"}},
+                          base_dir=tmp_path, check_env=False)
+    train_from_config(config, progress=False)
+    doc = json.loads((tmp_path / "gate" / "gate.json").read_text(encoding="utf-8"))
+    assert doc["metrics"]["calibration"] == "cross-validated" and doc["metrics"]["n_calibration"] == 18
+    assert doc["metrics"]["n_val"] == 0 and doc["metrics"]["ece_after"] is not None
+    loaded = load_gate(config)
+    assert doc["ood_threshold"] is not None
+    assert isinstance(loaded, Gate) and loaded.ood_threshold == doc["ood_threshold"]
+    # One example per expert: nothing can be held out. Trained all the same, but the artifact and the log say so.
+    caplog.set_level("WARNING", logger="router.gate")
+    train_from_config(_config(tmp_path, [], artifact="one"), progress=False)
+    doc = json.loads((tmp_path / "one" / "gate.json").read_text(encoding="utf-8"))
+    assert (doc["metrics"]["calibration"], doc["ood_threshold"], doc["temperature"]) == ("none", None, 1.0)
+    assert "cannot be calibrated" in caplog.text
+
+
 @pytest.mark.parametrize("classifier", ["logistic", "knn", "lexical", "ensemble"])
 def test_the_configured_classifier_is_trained_and_restored(tmp_path: Path, snips_rows: list[dict[str, str]],
                                                            classifier: str) -> None:
