@@ -202,5 +202,6 @@ def _learned_vote_weights(config: RouterConfig, data: TrainingData, *, progress:
     from router.combine import EXTRACTORS
     from router.vote_weights import fit_from_records
 
+    own = {e.name: EXTRACTORS[e.extractor] for e in config.experts if e.extractor is not None}
     return fit_from_records(data.records, config.expert_names, EXTRACTORS[config.combiner.extractor],
-                            length_term=config.combiner.vote_length, progress=progress)
+                            length_term=config.combiner.vote_length, progress=progress, per_expert=own)

@@ -226,9 +226,11 @@ def fit_vote_weights(answers: Sequence[Sequence[str | None]], target: Sequence[s
 
 def fit_from_records(records: Sequence[OutcomeRecord], experts: Sequence[str],
                      extract: Callable[[str], str | None], *, l2: float = 10.0, length_term: bool = True,
-                     progress: bool = False) -> VoteWeights:
+                     progress: bool = False,
+                     per_expert: Mapping[str, Callable[[str], str | None]] | None = None) -> VoteWeights:
     """Vote weights from outcome records that carry ``answers``. Each answer's final answer is read with
-    ``extract`` (the combiner's extractor); a record's right answer is the one its successful experts (outcome
+    ``extract`` (the combiner's extractor), or its expert's own in ``per_expert`` (``experts[].extractor``), as
+    the vote will read it; a record's right answer is the one its successful experts (outcome
     at least 0.5) gave, and a record whose successful experts disagree, or that has none, teaches nothing.
     ``length_term``: fit the length term on the answers' lengths too. Raises ``ValueError`` naming what is
     missing when no record carries answers."""
@@ -240,7 +242,7 @@ def fit_from_records(records: Sequence[OutcomeRecord], experts: Sequence[str],
     target: list[str | None] = []
     lengths: list[list[float | None]] = []
     for rec in with_answers:
-        row = [extract(rec.answers[e]) if e in rec.answers else None for e in experts]
+        row = [(per_expert or {}).get(e, extract)(rec.answers[e]) if e in rec.answers else None for e in experts]
         lengths.append([float(len(rec.answers[e])) if e in rec.answers else None for e in experts])
         right = {a for e, a in zip(experts, row, strict=True) if a is not None and rec.outcomes.get(e, 0.0) >= 0.5}
         answers.append(row)

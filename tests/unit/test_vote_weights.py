@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from router.build import VoteWeightsNotTrained, build_orchestrator, load_vote_weights
-from router.combine import Vote, WeightedAnswer, extract_choice
+from router.combine import Vote, WeightedAnswer, extract_choice, extract_number
 from router.config import RouterConfig, parse_config
 from router.outcome import OutcomeRecord, load_outcome_jsonl
 from router.vote_weights import FILE_NAME, VoteWeights, fit_from_records, fit_vote_weights
@@ -176,6 +176,18 @@ def test_targets_come_from_the_experts_that_succeeded() -> None:
     assert learned.metrics["records_with_answers"] == 2 and learned.metrics["records_used"] == 1
     with pytest.raises(ValueError, match="carry 'answers'"):
         fit_from_records(records[2:], EXPERTS, extract_choice)
+
+
+def test_an_experts_own_extractor_reads_its_answers_when_fitting() -> None:
+    """An expert that answers with a number (``experts[].extractor: number``) is read as the vote will read it:
+    with the choice extractor its answers say nothing, so its record teaches nothing."""
+    records = [OutcomeRecord(f"q{i}", {"solo": 1.0, "twin-1": 1.0}, {}, {"solo": "42", "twin-1": "It is 42."})
+               for i in range(3)]
+    with pytest.raises(ValueError, match="nothing to fit vote weights on"):
+        fit_from_records(records, EXPERTS, extract_choice)
+    own = fit_from_records(records, EXPERTS, extract_choice, per_expert={"solo": extract_number,
+                                                                         "twin-1": extract_number})
+    assert own.metrics["records_used"] == 3
 
 
 def test_vote_counts_learned_weights_not_panel_weights() -> None:
