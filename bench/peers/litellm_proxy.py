@@ -17,25 +17,19 @@ from typing import IO
 import httpx
 import yaml
 
+from bench.peers.install import LITELLM
 from bench.router_bench import free_port
 
 __all__ = ["LiteLLMProxy", "ensure_installed"]
 
 BENCH = Path(__file__).resolve().parents[1]
-VENV = Path(os.environ.get("LITELLM_VENV", str(BENCH / ".venv-litellm")))
+VENV = LITELLM.venv
 MODEL = "bench-upstream"
 
 
 def ensure_installed(timeout_s: float = 900.0) -> str | None:
     """Install on first use; return why it is unavailable, or None when ready."""
-    script = Path(__file__).with_name("install_litellm.sh")
-    try:
-        done = subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        return f"install took over {timeout_s:.0f} s"
-    if done.returncode != 0:
-        return f"install failed: {done.stderr.strip()[-300:]}"
-    return None
+    return LITELLM.install(timeout_s)
 
 
 class LiteLLMProxy:

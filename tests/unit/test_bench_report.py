@@ -1,0 +1,255 @@
+"""``python -m bench``'s pure parts: the table's labels, the memory figures, progress lines, peer skips and the
+partial bench.json written after each phase. Nothing here starts a router, a peer or a model."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import bench.__main__ as bench_main
+from bench.__main__ import (
+    P99_DIFFERENCE,
+    REPO,
+    Progress,
+    assemble,
+    flatten,
+    memory_label,
+    parse_args,
+    parse_peer_output,
+    repo_relative,
+    skip_peer,
+    table,
+    write_report,
+)
+from bench.peers.install import LITELLM, SEMANTIC_ROUTER, PeerInstall
+from bench.router_bench import rss_growth
+
+
+def _gate() -> dict[str, Any]:
+    figures = {"p50_ms": 6.0, "p99_ms": 9.0, "batch_qps": 420.0}
+    return {"onnx": figures, "st": figures, "static": figures,
+            "cascade": {**figures, "fast_share": 0.92, "agreement_with_full": 0.99},
+            "scaling": [{"experts": 4, "k": 1, "p50_ms": 7.2, "p99_ms": 9.0, "post_embedding_us": 250.0,
+                         "batch_qps_k1": 400.0}]}
+
+
+def _level(c: int) -> dict[str, Any]:
+    router = {"overhead_p50_ms": 10.0 + c, "p99_difference_ms": 5.0 + c, "overhead_p99_ms": 5.0 + c,
+              "cpu_ms_per_request": 5.5}
+    return {"concurrency": c, "direct": {}, "router": router, "router_static": router, "router_cascade": router}
+
+
+def _router() -> dict[str, Any]:
+    thr = {"rps": 250.0, "cpu_ms_per_request": 5.5, "direct_rps_same_client": 1600.0, "seconds": 60.0,
+           "rss_span_s": 60.4, **rss_growth([300.0, 301.0, 303.0])}
+    return {"top1": [_level(c) for c in (1, 8, 32, 128)], "throughput_top1": thr,
+            "throughput_top1_static": {"rps": 700.0}, "throughput_top1_cascade": {"rps": 600.0}, "litellm": None}
+
+
+def test_rss_growth_first_last_max_and_percent() -> None:
+    assert rss_growth([300.0, 310.0, 303.0]) == {"rss_mb_start": 300.0, "rss_mb_end": 303.0, "rss_mb_max": 310.0,
+                                                 "rss_growth_pct": 1.0}
+    # a failed /proc read (nan) is not a sample; no samples at all is no figure
+    assert rss_growth([float("nan"), 200.0, 200.0])["rss_mb_start"] == 200.0
+    assert rss_growth([])["rss_growth_pct"] is None
+
+
+def test_flatten_keeps_the_old_p99_key_and_adds_the_difference_under_its_own_name() -> None:
+    flat = flatten(_gate(), _router(), None)
+    assert flat["router_p99_difference_ms_c32"] == 37.0
+    assert flat["router_overhead_p99_ms_c32"] == 37.0  # compatibility: same figure, old name
+    assert flat["router_memory_run_s"] == 60.4
+    assert (flat["router_rss_mb_start"], flat["router_rss_mb_end"], flat["router_rss_growth_pct"]) == (300.0, 303.0,
+                                                                                                       1.0)
+
+
+def test_table_labels_the_p99_difference_and_the_memory_runs_length() -> None:
+    text = table(flatten(_gate(), _router(), None), _gate(), _router())
+    assert P99_DIFFERENCE == "p99 difference (router p99 − direct p99)"
+    rows = [line for line in text.splitlines() if P99_DIFFERENCE in line]
+    assert len(rows) == 4 and rows[2].split()[-3:] == ["37", "-", "-"]
+    assert "p99 overhead" not in text and "overhead p99" not in text
+    memory = next(line for line in text.splitlines() if line.startswith("router RSS MB"))
+    assert "over 60 s" in memory and "300 -> 303" in memory
+    assert any(line.startswith("  RSS growth") and line.split()[-3] == "1" for line in text.splitlines())
+    # the metric column widens to the longest label, so every row's figures line up
+    header = text.splitlines()[0]
+    assert all(len(line) >= header.index("ours") for line in text.splitlines()[2:10])
+
+
+def test_memory_label_without_a_length() -> None:
+    assert "over" not in memory_label(None)
+    assert "over 8 s" in memory_label(8.01)
+
+
+def test_memory_run_defaults_to_60_s_and_other_runs_keep_throughput_s() -> None:
+    args = parse_args([])
+    assert (args.memory_s, args.throughput_s) == (60.0, 8.0)
+    assert parse_args(["--memory-s", "5", "--throughput-s", "2"]).memory_s == 5.0
+
+
+def test_progress_says_when_a_step_starts_ends_and_fails() -> None:
+    now = [100.0]
+    lines: list[str] = []
+    progress = Progress(lines.append, clock=lambda: now[0])
+    with progress.step("router overhead, c32") as notes:
+        now[0] += 12.5
+        notes.append("router 117")
+    assert lines == ["[   0.0 s] router overhead, c32 ...",
+                     "[  12.5 s] router overhead, c32: done in 12.5 s (router 117)"]
+    with pytest.raises(RuntimeError), progress.step("top-3"):
+        now[0] += 1.0
+        raise RuntimeError("router exited")
+    assert lines[-1] == "[  13.5 s] top-3: failed after 1.0 s (RuntimeError: router exited)"
+
+
+def test_progress_ticker_prints_every_interval() -> None:
+    lines: list[str] = []
+    tick = Progress(lines.append, clock=lambda: 0.0).ticker("memory run", 60.0, every_s=15.0)
+    for second in range(1, 61):
+        tick(float(second), 300.0)
+    expected = [f"{s} s of ~60 s, RSS 300 MB" for s in (15, 30, 45, 60)]
+    assert [line.split("memory run: ")[1] for line in lines] == expected
+
+
+def test_skip_peer_records_the_reason_and_prints_it() -> None:
+    lines: list[str] = []
+    status: dict[str, Any] = {}
+    skip_peer(status, "LiteLLM", "install failed: no network", Progress(lines.append))
+    assert status == {"skipped": "install failed: no network"}
+    assert lines[-1].endswith("LiteLLM skipped: install failed: no network")
+
+
+def test_parse_peer_output_takes_the_last_json_line() -> None:
+    assert parse_peer_output('loading\n{"p50_ms": 14.8}\n\n') == {"p50_ms": 14.8}
+    for bad in ("", "\n", "Traceback: boom", "[1, 2]"):
+        with pytest.raises(ValueError):
+            parse_peer_output(bad)
+
+
+def test_semantic_router_bad_output_is_a_skip_not_a_crash(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(bench_main, "install_peer", lambda peer, progress: None)
+
+    def fake_run(*args: Any, **kwargs: Any) -> subprocess.CompletedProcess[str]:
+        return subprocess.CompletedProcess(args[0], 0, stdout="a warning, then no JSON\n", stderr="")
+
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    lines: list[str] = []
+    result = bench_main.run_semantic_router(parse_args([]), Progress(lines.append))
+    assert result["skipped"].startswith("JSONDecodeError")
+    assert "semantic-router skipped: JSONDecodeError" in lines[-1]
+
+
+def test_semantic_router_failed_install_is_a_skip(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(bench_main, "install_peer", lambda peer, progress: "install took over 900 s")
+    result = bench_main.run_semantic_router(parse_args([]), Progress(lambda line: None))
+    assert result == {"skipped": "install took over 900 s"}
+
+
+def test_litellm_that_cannot_install_is_skipped_and_the_block_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(bench_main, "install_peer", lambda peer, progress: "install failed (exit 1): pip")
+    status: dict[str, Any] = {}
+    with bench_main._litellm("http://127.0.0.1:1/v1", parse_args([]), status, Progress(lambda line: None)) as proxy:
+        assert proxy is None
+    assert status == {"skipped": "install failed (exit 1): pip"}
+
+
+def test_litellm_that_raises_while_installing_is_skipped(monkeypatch: pytest.MonkeyPatch) -> None:
+    def boom(peer: PeerInstall, progress: Progress) -> str | None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(bench_main, "install_peer", boom)
+    status: dict[str, Any] = {}
+    with bench_main._litellm("http://127.0.0.1:1/v1", parse_args([]), status, Progress(lambda line: None)) as proxy:
+        assert proxy is None
+    assert status == {"skipped": "OSError: disk full"}
+
+
+def _peer(tmp_path: Path, body: str) -> PeerInstall:
+    script = tmp_path / "install_x.sh"
+    script.write_text('VERSION="${X_VERSION:-1.2.3}"\n' + body, encoding="utf-8")
+    return PeerInstall("X", script, tmp_path / "venv", "x", "X_VERSION")
+
+
+def test_peer_install_knows_first_use_from_the_stamp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("X_VERSION", raising=False)
+    peer = _peer(tmp_path, "exit 0\n")
+    assert peer.version() == "1.2.3" and not peer.installed()
+    (tmp_path / "venv").mkdir()
+    (tmp_path / "venv" / ".installed-x-1.2.3").touch()
+    assert peer.installed()
+    monkeypatch.setenv("X_VERSION", "2.0")
+    assert not peer.installed()
+    # the real scripts name their version the same way
+    assert LITELLM.version() and SEMANTIC_ROUTER.version()
+
+
+def test_install_peer_says_before_and_after_a_first_install(tmp_path: Path) -> None:
+    lines: list[str] = []
+    assert bench_main.install_peer(_peer(tmp_path, "exit 0\n"), Progress(lines.append)) is None
+    assert "installing X into" in lines[0] and "(first use, can take minutes)" in lines[0]
+    assert "X: installed into" in lines[1]
+    failed = _peer(tmp_path, "echo 'no network' >&2; exit 3\n")
+    assert failed.install() == "install failed (exit 3): no network"
+
+
+def test_repo_relative_paths() -> None:
+    assert repo_relative(REPO / "bench" / "results" / "profile_raw.txt") == "bench/results/profile_raw.txt"
+    assert repo_relative("/somewhere/else.txt") == "/somewhere/else.txt"
+
+
+def test_partial_report_has_what_was_measured(tmp_path: Path) -> None:
+    partial = assemble({"date": "d"}, gate=_gate(), router=None, semantic=None, pool_rows=None,
+                       phases={"gate": 50.0}, elapsed_s=50.04, done=["gate"], complete=False)
+    assert partial["gate_p50_ms"] == 6.0 and partial["router_rps_top1"] is None
+    assert (partial["complete"], partial["phases_done"], partial["elapsed_s"]) == (False, ["gate"], 50.0)
+    out = tmp_path / "results" / "bench.json"
+    write_report(out, partial)
+    assert json.loads(out.read_text())["gate_p50_ms"] == 6.0
+    assert [p.name for p in out.parent.iterdir()] == ["bench.json"]  # no temporary file left behind
+    before = assemble({}, gate=None, router=None, semantic=None, pool_rows=None, phases={}, elapsed_s=1.0,
+                      done=[], complete=False, error="RuntimeError: x")
+    assert before["error"] == "RuntimeError: x" and "gate_p50_ms" not in before
+
+
+def test_a_late_failure_keeps_the_gate_figures(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """main() with the measurements stubbed: the router phase fails, bench.json still holds the gate's figures."""
+
+    class Upstream:
+        url = "http://127.0.0.1:1/v1"
+
+        def __enter__(self) -> Upstream:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            return None
+
+    class Data:
+        test_texts = ("hello",)
+
+    async def pool(*args: Any) -> list[dict[str, Any]]:
+        return [{"concurrency": 8, "client": "aiohttp", "cpu_ms_per_request": 0.3}]
+
+    def router_fails(args: Any, gates: Any, texts: Any, progress: Progress, out: dict[str, Any],
+                     checkpoint: Any) -> None:
+        out["top1"] = [_level(c) for c in (1, 8, 32, 128)]
+        checkpoint()
+        raise RuntimeError("router exited with 1")
+
+    monkeypatch.setattr(bench_main, "run_gate", lambda args, progress: (_gate(), {"onnx": None}, Data()))
+    monkeypatch.setattr(bench_main, "profile_encoder", lambda texts: {"ops": []})
+    monkeypatch.setattr(bench_main, "UpstreamProcess", lambda **kw: Upstream())
+    monkeypatch.setattr(bench_main, "measure_http_pool", pool)
+    monkeypatch.setattr(bench_main, "run_router", router_fails)
+    out = tmp_path / "bench.json"
+    with pytest.raises(RuntimeError, match="router exited"):
+        bench_main.main(["--skip-peers", "--out", str(out)])
+    report = json.loads(out.read_text())
+    assert report["complete"] is False and report["phases_done"] == ["gate"]
+    assert report["error"] == "RuntimeError: router exited with 1"
+    assert report["gate_p50_ms"] == 6.0 and report["router_overhead_p50_ms_c32"] == 42.0
+    assert report["options"]["memory_s"] == 60.0 and report["options"]["out"] == str(out)
