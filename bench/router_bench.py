@@ -69,8 +69,11 @@ class RouterProcess:
     model = "auto"
 
     def __init__(self, gate: Gate | CascadeGate, upstream_url: str, *, k: int = 1, workdir: str | None = None,
-                 extra_args: Sequence[str] = (), backend: str = "onnx") -> None:
+                 extra_args: Sequence[str] = (), backend: str = "onnx",
+                 encoder_options: dict[str, Any] | None = None) -> None:
+        """``encoder_options``: further ``gate.encoder`` keys (e.g. ``{"threads": 2}``)."""
         self.gate, self.upstream_url, self.k, self.backend = gate, upstream_url, k, backend
+        self.encoder_options = dict(encoder_options or {})
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="moe-bench-"))
         self.extra_args = list(extra_args)
         self.proc: subprocess.Popen[bytes] | None = None
@@ -98,11 +101,13 @@ class RouterProcess:
                          "max_concurrency": 1024, "timeout_s": 30} for e in self.gate.experts],
             "gate": {"artifact": str(artifact), "top_k": {"policy": "fixed", "k": self.k},
                      # "cascade": the two-stage gate, static then ONNX (router.cascade)
-                     **({"encoder": {"backend": "onnx"}, "cascade": {}} if self.backend == "cascade"
-                        else {"encoder": {"backend": self.backend}})},
+                     **({"encoder": {"backend": "onnx", **self.encoder_options}, "cascade": {}}
+                        if self.backend == "cascade" else {"encoder": {"backend": self.backend,
+                                                                       **self.encoder_options}})},
             "combiner": {"strategy": "top1"},
         }
-        path = self.workdir / f"router-{self.backend}-k{self.k}.yaml"
+        tag = "".join(f"-{k}{v}" for k, v in sorted(self.encoder_options.items()))
+        path = self.workdir / f"router-{self.backend}-k{self.k}{tag}.yaml"
         path.write_text(yaml.safe_dump(config), encoding="utf-8")
         return path
 
