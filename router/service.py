@@ -22,7 +22,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -115,6 +115,20 @@ async def _read_json(request: Request, limit: int) -> Any:
         raise _HTTPProblem(400, f"request body is not valid JSON: {exc}", "invalid_request_error",
                            "invalid_json") from None
     return value
+
+
+_Body = TypeVar("_Body", bound=BaseModel)
+
+
+def _validated(model: type[_Body], body: Any) -> _Body:
+    """``body`` as a ``model``, or a 400 naming the first field that is wrong and why."""
+    try:
+        return model.model_validate(body)
+    except ValidationError as exc:
+        e = exc.errors()[0]
+        where = ".".join(str(p) for p in e["loc"]) or "<body>"
+        raise _HTTPProblem(400, f"invalid request: {where}: {e['msg']}", "invalid_request_error",
+                           "invalid_request", param=None if where == "<body>" else where) from None
 
 
 def _parse_chat(body: Any, max_chars: int) -> ChatRequest:
@@ -332,11 +346,7 @@ def create_app(orchestrator: Orchestrator | None = None,
     async def route(request: Request) -> Response:
         o = orch(request)
         body = await _read_json(request, o.config.service.max_request_bytes)
-        try:
-            query = RouteQuery.model_validate(body)
-        except ValidationError as exc:
-            raise _HTTPProblem(400, f"invalid request: {exc.errors()[0]['msg']}", "invalid_request_error",
-                               "invalid_request") from None
+        query = _validated(RouteQuery, body)
         if query.query is not None:
             body = {"messages": [{"role": "user", "content": query.query}]}
         chat = _parse_chat(body, o.config.service.max_prompt_chars)
@@ -346,14 +356,7 @@ def create_app(orchestrator: Orchestrator | None = None,
     @_problems
     async def route_batch(request: Request) -> Response:
         o = orch(request)
-        body = await _read_json(request, o.config.service.max_request_bytes)
-        try:
-            batch = RouteBatch.model_validate(body)
-        except ValidationError as exc:
-            e = exc.errors()[0]
-            where = ".".join(str(p) for p in e["loc"]) or "<body>"
-            raise _HTTPProblem(400, f"invalid request: {where}: {e['msg']}", "invalid_request_error",
-                               "invalid_request", param=where) from None
+        batch = _validated(RouteBatch, await _read_json(request, o.config.service.max_request_bytes))
         limit = o.config.service.max_prompt_chars
         for i, query in enumerate(batch.queries):
             if len(query) > limit:

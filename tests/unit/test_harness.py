@@ -40,14 +40,8 @@ def _assert_png(path: Path) -> None:
     assert data[:8] == PNG_SIGNATURE and len(data) > 2000, path
 
 
-def _relabelled(data_dir: Path, split: str, per_label: int) -> list[dict[str, str]]:
-    rows: list[dict[str, str]] = []
-    counts = dict.fromkeys(RENAMED, 0)
-    for q in load_snips(data_dir, split):  # type: ignore[arg-type]
-        if q.label in counts and counts[q.label] < per_label:
-            counts[q.label] += 1
-            rows.append({"id": f"{split}-{q.id}", "query": q.text, "label": RENAMED[q.label]})
-    return rows
+def _relabelled(data_dir: Path, split: str, per_label: int) -> list[dict[str, Any]]:
+    return _snips_rows(data_dir, split, per_label, RENAMED)
 
 
 def test_user_jsonl_with_unseen_labels(data_dir: Path, tmp_path: Path, cache_dir: Path,
