@@ -17,8 +17,8 @@ For a query ``x`` and expert ``e``::
   anchor's by more than ``margin``. Per-expert success estimates are noisy; the raw argmax over 31 of them
   picks whichever is overestimated and loses to always asking the best single expert. The margin is the
   value that maximises realised utility (outcome minus cost term) of top-1 routing on out-of-fold
-  predictions over the training records, so it is 0 where the predictions are good and large where they
-  are noise.
+  predictions over the training records (a pick of an expert with no record for the query earns nothing),
+  so it is 0 where the predictions are good and large where they are noise.
 - ``temperature`` is fitted (NLL, as for the label gate) on the same out-of-fold predictions, with the
   *best* expert of each record as the target (highest realised utility; ties go to the expert the gate
   ranks higher). So a top weight of 0.7 means that about 70% of such queries have that expert among the
@@ -96,6 +96,10 @@ def tune(success: np.ndarray, outcomes: np.ndarray, record_costs: np.ndarray, co
     records' ``outcomes`` and ``record_costs`` [n, m] (NaN = none); ``cost`` [m] is normalised."""
     penalty = cost_weight * cost
     realised = _realised(outcomes, success) - penalty  # [n, m]
+    # What a pick is worth when choosing the margin: an expert with no record for the query earns nothing, as
+    # the evaluation scores it; crediting its predicted success instead rewarded routing to experts whose
+    # answers were never observed there.
+    earned = np.where(np.isnan(outcomes), 0.0, outcomes) - penalty
     prior = np.nanmean(np.where(np.isnan(outcomes), np.nan, outcomes), axis=0)
     prior = np.where(np.isnan(prior), 0.0, prior)
     anchor = int(np.argmax(prior - penalty))
@@ -106,7 +110,7 @@ def tune(success: np.ndarray, outcomes: np.ndarray, record_costs: np.ndarray, co
     for margin in (always, *reversed(MARGINS)):  # ties keep the larger, more conservative margin
         logits = utility.copy()
         logits[:, anchor] += margin
-        value = float(realised[rows, logits.argmax(axis=1)].mean())
+        value = float(earned[rows, logits.argmax(axis=1)].mean())
         if value > best_value + 1e-12:
             best_margin, best_value = margin, value
     logits = utility.copy()

@@ -201,3 +201,20 @@ def test_removing_experts_needs_no_retraining(outcome_gate: OutcomeGate, test_x:
 def test_expert_without_data_or_examples_is_refused_by_name(outcome_gate: OutcomeGate) -> None:
     with pytest.raises(GateArtifactMismatch, match="'new-model'"):
         outcome_gate.for_experts({**{key: [] for key in outcome_gate.experts}, "new-model": []})
+
+
+def test_the_margin_does_not_credit_picks_that_have_no_record() -> None:
+    """An expert with no record for a query earns nothing there when the margin is chosen, as the evaluation
+    scores it: its predicted success (here its prior, extrapolated to queries it never answered) is no evidence.
+    Crediting the prediction chose margin 0 here and sent half the queries to the unrecorded expert."""
+    n = 100
+    a = np.array([1.0 if i % 10 < 7 else 0.0 for i in range(n)])  # 0.7, recorded everywhere
+    b = np.where(np.arange(n) < 50, np.array([1.0 if i % 10 < 6 else 0.0 for i in range(n)]), np.nan)
+    outcomes = np.stack([a, b], axis=1)
+    success = np.stack([np.full(n, 0.7), np.where(np.arange(n) < 50, 0.65, 0.9)], axis=1)
+    t = tune(success, outcomes, np.full((n, 2), np.nan), np.zeros(2), 0.0)
+    assert t.anchor == 0
+    logits = success.copy()
+    logits[:, t.anchor] += t.margin
+    assert (logits.argmax(axis=1) == 0).all(), t.margin
+    assert t.metrics["routed_utility"] == pytest.approx(0.7)
