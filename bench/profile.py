@@ -93,3 +93,45 @@ def profile_router(router: RouterProcess, texts: Sequence[str], out_dir: Path, *
     if proc.returncode != 0 or not raw_path.exists():
         return {"skipped": f"py-spy failed: {err.strip()[-300:]}"}
     return {"load": load, **summarise(raw_path.read_text()), "raw": str(raw_path)}
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m bench.profile``: one router under py-spy at a chosen concurrency, outside ``make bench``
+    (which profiles at 8): the same SNIPS gate and fast upstream, the summary printed and written as
+    ``bench/results/profile_<backend>_c<N>.json`` beside the raw samples."""
+    import argparse
+    import json
+
+    from bench import gate_bench
+    from bench.data import snips
+    from bench.upstream import UpstreamProcess
+    from router.encoders import OnnxMiniLMEncoder
+    from router.static_encoder import StaticMiniLMEncoder
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--backend", choices=("onnx", "static"), default="onnx")
+    parser.add_argument("--seconds", type=float, default=5.0)
+    args = parser.parse_args(argv)
+    results = Path(__file__).resolve().parent / "results"
+    results.mkdir(parents=True, exist_ok=True)
+    data = snips(per_label=60, n_test=400)  # as make bench trains its gate
+    encoder = OnnxMiniLMEncoder() if args.backend == "onnx" else StaticMiniLMEncoder()
+    gate = gate_bench.train(encoder, data)
+    name = f"profile_{args.backend}_c{args.concurrency}"
+    with UpstreamProcess(latency_ms=5.0) as up, RouterProcess(gate, up.url, backend=args.backend) as router:
+        print(f"profiling the {args.backend} router for {args.seconds:.0f} s at concurrency {args.concurrency}",
+              flush=True)
+        result = profile_router(router, data.test_texts, results, seconds=args.seconds,
+                                concurrency=args.concurrency, raw_name=f"{name}_raw.txt")
+    if "raw" in result:
+        result["raw"] = str(Path(result["raw"]).relative_to(Path(__file__).resolve().parents[1]))
+    for bucket, pct in result.get("buckets_pct", {}).items():
+        print(f"  {pct:5.1f}%  {bucket}")
+    print(result.get("skipped") or f"load: {json.dumps(result['load'])}")
+    (results / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    print(f"wrote {results / f'{name}.json'}")
+
+
+if __name__ == "__main__":
+    main()
