@@ -1,1 +1,14 @@
 """Benchmarks: gate decision time, router overhead and throughput, scaling, and peers. Run ``python -m bench``."""
+
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def repo_relative(path: str | Path) -> str:
+    """``path`` relative to the repository root (POSIX slashes), or as given when it lies outside it: how result
+    files name the files they cite."""
+    try:
+        return Path(path).resolve().relative_to(REPO).as_posix()
+    except ValueError:
+        return str(path)

@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from bench import gate_bench
+from bench import REPO, gate_bench, repo_relative
 from bench.data import snips
 from bench.encoder_profile import profile_encoder
 from bench.http_pool import measure as measure_http_pool
@@ -36,7 +36,6 @@ from bench.router_bench import RouterProcess, Target, compare, throughput
 from bench.upstream import UpstreamProcess
 from router.config import TopKConfig
 
-REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
 LEVELS = (1, 8, 32, 128)
 
@@ -109,14 +108,6 @@ class Progress:
                 last[0] = elapsed_s
                 self.say(f"  {label}: {elapsed_s:.0f} s of ~{total_s:.0f} s, RSS {rss:.0f} MB")
         return tick
-
-
-def repo_relative(path: str | Path) -> str:
-    """``path`` relative to the repository root (POSIX slashes), or as given when it lies outside it."""
-    try:
-        return Path(path).resolve().relative_to(REPO).as_posix()
-    except ValueError:
-        return str(path)
 
 
 def skip_peer(status: dict[str, Any], name: str, why: str, progress: Progress) -> dict[str, Any]:
@@ -267,9 +258,7 @@ def run_router(args: argparse.Namespace, gates: dict[str, Any], texts: Sequence[
                                                      ("profile_static", static, "profile_static_raw.txt", "static")):
                     with progress.step(f"profile: the {label} router under py-spy, {args.profile_s:.0f} s at c8"):
                         result = profile_router(target, texts, RESULTS, seconds=args.profile_s, raw_name=raw_name)
-                    if "raw" in result:
-                        result["raw"] = repo_relative(result["raw"])
-                    elif "skipped" in result:
+                    if "skipped" in result:
                         progress.say(f"profile skipped: {result['skipped']}")
                     out[key] = result
                 checkpoint()

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from bench import repo_relative
 from bench.router_bench import RouterProcess
 from bench.upstream import chat_payload, run_load
 
@@ -92,7 +93,7 @@ def profile_router(router: RouterProcess, texts: Sequence[str], out_dir: Path, *
         return {"skipped": "py-spy did not finish"}
     if proc.returncode != 0 or not raw_path.exists():
         return {"skipped": f"py-spy failed: {err.strip()[-300:]}"}
-    return {"load": load, **summarise(raw_path.read_text()), "raw": str(raw_path)}
+    return {"load": load, **summarise(raw_path.read_text()), "raw": repo_relative(raw_path)}
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -124,8 +125,6 @@ def main(argv: Sequence[str] | None = None) -> None:
               flush=True)
         result = profile_router(router, data.test_texts, results, seconds=args.seconds,
                                 concurrency=args.concurrency, raw_name=f"{name}_raw.txt")
-    if "raw" in result:
-        result["raw"] = str(Path(result["raw"]).relative_to(Path(__file__).resolve().parents[1]))
     for bucket, pct in result.get("buckets_pct", {}).items():
         print(f"  {pct:5.1f}%  {bucket}")
     print(result.get("skipped") or f"load: {json.dumps(result['load'])}")
