@@ -324,11 +324,7 @@ class Fuse(Combiner):
         return [ChatMessage(role="system", content=FUSE_SYSTEM), ChatMessage(role="user", content=user)]
 
     def result(self, answers: list[WeightedAnswer], text: str) -> Combined:
-        final = self.extraction(self.aggregator, text)
-        contributions = [Contribution(expert=a.expert, weight=a.weight,
-                                      agreed=final is not None and self.extraction(a.expert, a.content) == final)
-                         for a in answers]
-        return Combined(content=text, expert=self.aggregator, contributions=contributions)
+        return _answered_by(self.aggregator, text, answers, self.extraction)
 
     def combine(self, answers: list[WeightedAnswer]) -> Combined:
         return self.top1.combine(answers)
@@ -344,6 +340,17 @@ class Fuse(Combiner):
 
     async def acombine(self, query: str, answers: list[WeightedAnswer], aggregate: Aggregate) -> Combined:
         return await self.fuse(query, answers, aggregate)
+
+
+def _answered_by(expert: str, text: str, answers: list[WeightedAnswer], extraction: Extraction) -> Combined:
+    """``expert``'s ``text`` as the result (``fuse``'s aggregator, ``escalate``'s expert), the panel's answers as
+    its contributions: each agrees when ``extraction`` reads the same final answer from it as from ``text``, read
+    as ``expert``'s own answer."""
+    final = extraction(expert, text)
+    contributions = [Contribution(expert=a.expert, weight=a.weight,
+                                  agreed=final is not None and extraction(a.expert, a.content) == final)
+                     for a in answers]
+    return Combined(content=text, expert=expert, contributions=contributions)
 
 
 class Escalate(Combiner):
@@ -372,10 +379,7 @@ class Escalate(Combiner):
         return self.vote.combine(answers)
 
     def result(self, answers: list[WeightedAnswer], text: str) -> Combined:
-        final = self.vote.extraction(self.aggregator, text)  # read as the escalation expert's answer
-        contributions = [Contribution(expert=a.expert, weight=a.weight,
-                                      agreed=final is not None and self.vote.key(a) == final) for a in answers]
-        return Combined(content=text, expert=self.aggregator, contributions=contributions)
+        return _answered_by(self.aggregator, text, answers, self.vote.extraction)
 
     async def acombine(self, query: str, answers: list[WeightedAnswer], aggregate: Aggregate) -> Combined:
         if self.agreed(answers) is not None:
