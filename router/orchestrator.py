@@ -453,7 +453,6 @@ class Orchestrator:
         decision, panel, ranking = await self._plan(request)
         trace = Trace(decision=decision, combiner="stream")
         sent: list[str] = []
-        tool_calls_sent = False
         chars: dict[str, int] = {}  # characters each expert streamed to the client, in the order they streamed
         errors: list[ExpertError] = []
         previous: str | None = None
@@ -478,7 +477,6 @@ class Orchestrator:
                         _continued_by(trace, name)
                         sent.append(event.delta.content)
                         chars[name] = chars.get(name, 0) + len(event.delta.content)
-                        tool_calls_sent = tool_calls_sent or bool(event.delta.tool_calls)
                         yield event
             if outcome.error is None:
                 _continued_by(trace, name)
@@ -490,7 +488,7 @@ class Orchestrator:
             if _skipped(outcome.error):
                 continue  # not called, so not tried
             tried += 1
-            if tool_calls_sent:
+            if outcome.tool_deltas:  # an earlier expert's would have ended the stream already
                 # Part of a tool call (its id, name, argument fragments) reached the client. Another expert cannot
                 # finish it: it would start a call of its own, whose deltas the client would merge into the
                 # half-sent one, corrupting it. The stream ends here instead, with an error event that names
