@@ -304,10 +304,12 @@ class Orchestrator:
         await self._idle.wait()
 
     def combiner_for(self, strategy: str | None) -> Combiner:
-        """The combiner named ``strategy`` (None: the configured one). Raises ``ValueError`` naming the known
-        strategies for an unknown one, and saying what is missing when the config cannot support it."""
+        """The combiner named ``strategy`` (None: the configured one), read without case or surrounding space, as a
+        header or an SDK argument gives it. Raises ``ValueError`` naming the known strategies for an unknown one,
+        and saying what is missing when the config cannot support it."""
         if strategy is None:
             return self.combiner
+        strategy = strategy.strip().lower()
         if strategy not in self._combiners:
             cfg = self.config.combiner
             # An expert's own ``extractor`` overrides the combiner's for its answers, in every strategy that reads

@@ -260,9 +260,8 @@ class LocalRouter:
                    **params: Any) -> ChatResult:
         body = _Protocol.chat_body(messages, model, False, params)
         request = ChatRequest.model_validate(body)
-        # Read as the service reads the header; an unknown strategy raises before the gate runs.
-        strategy = None if combiner is None else combiner.strip().lower()
-        answer: RoutedAnswer = await self.orchestrator.complete(request, strategy=strategy)
+        # An unknown strategy raises before the gate runs, with the message the service gives.
+        answer: RoutedAnswer = await self.orchestrator.complete(request, strategy=combiner)
         response_id = f"chatcmpl-{uuid.uuid4().hex}"
         if self.store is not None:
             await self.store.aremember(response_id, request.query_text(), answer.expert)

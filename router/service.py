@@ -217,9 +217,8 @@ def _combiner_header(request: Request, orchestrator: Orchestrator, *, stream: bo
     raw = request.headers.get("x-moe-combiner")
     if raw is None:
         return None
-    strategy = raw.strip().lower()
     try:
-        orchestrator.combiner_for(strategy)
+        strategy = orchestrator.combiner_for(raw).name
     except ValueError as exc:
         raise _HTTPProblem(400, f"x-moe-combiner: {exc}", "invalid_request_error", "invalid_combiner",
                            param="x-moe-combiner") from None
