@@ -83,6 +83,18 @@ class _Protocol:
         return {"model": model, "messages": msgs, "stream": stream, **params}
 
     @staticmethod
+    def route_batch_body(queries: Sequence[str], capacity: Mapping[str, int] | None) -> dict[str, Any]:
+        body: dict[str, Any] = {"queries": list(queries)}
+        if capacity is not None:
+            body["capacity"] = dict(capacity)
+        return body
+
+    @staticmethod
+    def assignments(body: dict[str, Any]) -> list[str]:
+        """Each query's expert, from a ``/v1/route/batch`` response."""
+        return [a["expert"] for a in body["assignments"]]
+
+    @staticmethod
     def chat_headers(combiner: str | None) -> dict[str, str]:
         return {} if combiner is None else {COMBINER_HEADER: combiner}
 
@@ -160,8 +172,8 @@ class Client(_Protocol):
     def route_batch(self, queries: Sequence[str], capacity: Mapping[str, int] | None = None) -> list[str]:
         """Expert-choice routing of a batch: each query's expert, each expert taking the queries it scores
         highest up to ``capacity`` (default: its free in-flight slots). Ask each expert by name to answer."""
-        body = self.check(self._http.post("/v1/route/batch", json=_batch_body(queries, capacity)))
-        return [a["expert"] for a in body["assignments"]]
+        return self.assignments(self.check(self._http.post("/v1/route/batch",
+                                                          json=self.route_batch_body(queries, capacity))))
 
     def experts(self) -> list[dict[str, Any]]:
         return list(self.check(self._http.get("/v1/experts"))["data"])
@@ -214,8 +226,8 @@ class AsyncClient(_Protocol):
 
     async def route_batch(self, queries: Sequence[str], capacity: Mapping[str, int] | None = None) -> list[str]:
         """``Client.route_batch``."""
-        body = self.check(await self._http.post("/v1/route/batch", json=_batch_body(queries, capacity)))
-        return [a["expert"] for a in body["assignments"]]
+        return self.assignments(self.check(await self._http.post("/v1/route/batch",
+                                                                json=self.route_batch_body(queries, capacity))))
 
     async def experts(self) -> list[dict[str, Any]]:
         return list(self.check(await self._http.get("/v1/experts"))["data"])
@@ -297,9 +309,3 @@ class LocalRouter:
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
 
-
-def _batch_body(queries: Sequence[str], capacity: Mapping[str, int] | None) -> dict[str, Any]:
-    body: dict[str, Any] = {"queries": list(queries)}
-    if capacity is not None:
-        body["capacity"] = dict(capacity)
-    return body
