@@ -22,7 +22,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -57,7 +57,7 @@ class RouteBatch(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     queries: list[str] = Field(min_length=1, max_length=MAX_BATCH_QUERIES)
-    capacity: dict[str, int] | None = None
+    capacity: dict[str, Annotated[int, Field(ge=0)]] | None = None  # room per expert (experts checked by the handler)
 
 
 class _HTTPProblem(Exception):
@@ -364,12 +364,9 @@ def create_app(orchestrator: Orchestrator | None = None,
         capacity = batch.capacity
         if capacity is not None:
             unknown = sorted(set(capacity) - set(o.config.expert_names))
-            negative = sorted(n for n, room in capacity.items() if room < 0)
-            if unknown or negative:
-                problem = (f"unknown expert(s) {', '.join(map(repr, unknown))}; known: "
-                           f"{', '.join(o.config.expert_names)}" if unknown
-                           else f"negative room for {', '.join(map(repr, negative))}")
-                raise _HTTPProblem(400, f"capacity: {problem}", "invalid_request_error", "invalid_request",
+            if unknown:
+                raise _HTTPProblem(400, f"capacity: unknown expert(s) {', '.join(map(repr, unknown))}; known: "
+                                   f"{', '.join(o.config.expert_names)}", "invalid_request_error", "invalid_request",
                                    param="capacity")
         experts = await o.assign(batch.queries, capacity)
         return JSONResponse({"object": "route.batch", "mode": "expert_choice",

@@ -184,6 +184,9 @@ async def test_expert_choice_batch_routing_over_http_and_the_sdk() -> None:
         unknown = await http.post("/v1/route/batch", json={"queries": queries, "capacity": {"law": 1}})
         assert unknown.status_code == 400 and "capacity: unknown expert(s) 'law'; known: math, code" in \
             unknown.json()["error"]["message"]
+        negative = await http.post("/v1/route/batch", json={"queries": queries, "capacity": {"math": -1}})
+        assert negative.status_code == 400 and negative.json()["error"]["param"] == "capacity.math"
+        assert "greater than or equal to 0" in negative.json()["error"]["message"]
         empty = await http.post("/v1/route/batch", json={"queries": []})
         assert empty.status_code == 400 and "queries" in empty.json()["error"]["message"]
         long = await http.post("/v1/route/batch", json={"queries": ["x" * 200_000]})
