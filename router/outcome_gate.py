@@ -149,8 +149,7 @@ class OutcomeGate(Gate):
         self._retune(cost_weight)
 
     def _retune(self, cost_weight: float) -> None:
-        scale = float(self.cost.max())
-        self.cost_scale = scale if scale > 0 else 1.0
+        self.cost_scale = _cost_scale(self.cost)
         self.tuning = tune(self.calibration["cal_success"], self.calibration["cal_outcomes"],
                            self.calibration["cal_costs"], self.cost / self.cost_scale, cost_weight)
         self.temperature = self.tuning.temperature
@@ -236,6 +235,12 @@ def _folds(texts: Sequence[str], seed: int) -> np.ndarray:
                      for t in texts])
 
 
+def _cost_scale(cost: np.ndarray) -> float:
+    """What costs are divided by so they lie in [0, 1]: the largest expert's mean cost (1 when none costs)."""
+    scale = float(cost.max())
+    return scale if scale > 0 else 1.0
+
+
 class _KnnOutOfFold:
     """Each fold's nearest queries among the other folds, searched once at the widest ``k``, and the
     out-of-fold ``[n, m]`` success rates any narrower ``k`` and shrinkage give (``k`` is cut to the smallest
@@ -264,7 +269,7 @@ def _tuned_knn(x: np.ndarray, outcomes: np.ndarray, record_costs: np.ndarray, co
     with its own tuned margin (``tune``). Ties keep the smoother setting (more neighbours, more shrinkage),
     which the grid lists first."""
     oof = _KnnOutOfFold(x, outcomes, folds, max(k for k, _ in KNN_GRID))
-    scale = float(cost.max()) if cost.max() > 0 else 1.0
+    scale = _cost_scale(cost)
     best: tuple[float, int, float, np.ndarray] | None = None
     for k, alpha in KNN_GRID:
         success = oof.success(min(k, oof.k), alpha)
