@@ -134,22 +134,29 @@ def _post_embedding_us(gate: Gate, embeddings: np.ndarray, texts: Sequence[str],
     return round(float(np.median(times)), 2)
 
 
+def nested_gates(encoder: Encoder, experts: Sequence[int], n_test: int) -> tuple[dict[int, Gate], Labelled]:
+    """A gate per expert count on nested sets of CLINC150 intents (8 training queries each), all serving on
+    ``encoder``, and the largest set's data (its ``n_test`` test queries are drawn from all its intents)."""
+    cached = CachedEncoder(encoder)  # the nested sets share their queries: each is embedded once
+    largest = clinc150(max(experts), per_label=8, n_test=n_test)
+    gates = {}
+    for n in experts:
+        keep = set(largest.labels[:n])
+        pairs = [(t, lab) for t, lab in zip(largest.train_texts, largest.train_labels, strict=True) if lab in keep]
+        gate = train(cached, Labelled([t for t, _ in pairs], [lab for _, lab in pairs], largest.test_texts,
+                                      sorted(keep)))
+        gate.encoder = encoder
+        gates[n] = gate
+    return gates, largest
+
+
 def scaling(encoder: Encoder, experts: Sequence[int] = (4, 16, 64), ks: Sequence[int] = (1, 3, 5),
             n_queries: int = 100) -> list[dict[str, Any]]:
     """Decision time as the number of experts (CLINC150 intents, nested sets) and k grow.
 
     Every gate decides the same queries (drawn from the largest set's intents), interleaved.
     """
-    cached = CachedEncoder(encoder)
-    largest = clinc150(max(experts), per_label=8, n_test=n_queries)
-    gates = {}
-    for n in experts:
-        keep = set(largest.labels[:n])
-        pairs = [(t, lab) for t, lab in zip(largest.train_texts, largest.train_labels, strict=True) if lab in keep]
-        data = Labelled([t for t, _ in pairs], [lab for _, lab in pairs], largest.test_texts, sorted(keep))
-        gate = train(cached, data)
-        gate.encoder = encoder
-        gates[n] = gate
+    gates, largest = nested_gates(encoder, experts, n_queries)
     combos = {(n, k): decider(gates[n], TopKConfig(k=min(k, n))) for n in experts for k in ks}
     times = interleaved_times_ms({f"{n}/{k}": d for (n, k), d in combos.items()}, largest.test_texts)
     qps = interleaved_batch_qps({str(n): decider(gates[n], TopKConfig(k=1)) for n in experts},

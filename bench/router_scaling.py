@@ -18,36 +18,19 @@ from pathlib import Path
 from typing import Any
 
 from bench import gate_bench
-from bench.data import Labelled, clinc150
 
 RESULTS = Path(__file__).resolve().parent / "results"
 EXPERTS = (4, 16, 64)
 KS = (1, 3, 5)
 
 
-def gates(experts: Sequence[int]) -> tuple[dict[int, Any], list[str]]:
-    """A gate per expert count, on nested intent sets, and the test queries of the largest."""
-    from router.encoders import OnnxMiniLMEncoder
-
-    encoder = OnnxMiniLMEncoder()
-    cached = gate_bench.CachedEncoder(encoder)
-    largest = clinc150(max(experts), per_label=8, n_test=200)
-    out = {}
-    for n in experts:
-        keep = set(largest.labels[:n])
-        pairs = [(t, lab) for t, lab in zip(largest.train_texts, largest.train_labels, strict=True) if lab in keep]
-        gate = gate_bench.train(cached, Labelled([t for t, _ in pairs], [lab for _, lab in pairs],
-                                                 largest.test_texts, sorted(keep)))
-        gate.encoder = encoder
-        out[n] = gate
-    return out, largest.test_texts
-
-
 def measure(experts: Sequence[int], ks: Sequence[int], seconds: float) -> list[dict[str, Any]]:
     from bench.router_bench import RouterProcess, Target, compare, throughput
     from bench.upstream import UpstreamProcess
+    from router.encoders import OnnxMiniLMEncoder
 
-    trained, texts = gates(experts)
+    trained, largest = gate_bench.nested_gates(OnnxMiniLMEncoder(), experts, 200)
+    texts = largest.test_texts
     rows: list[dict[str, Any]] = []
     with UpstreamProcess(latency_ms=5.0) as up:
         direct = up.url + "/chat/completions"
