@@ -41,8 +41,9 @@ open) the gate's own panel stands: abstaining needs somewhere to go.
 
 Streaming: the top-weighted expert streams. A failure before its first token is retried or falls back
 invisibly. A failure mid-stream continues from the next expert, which is shown the partial answer and asked to
-go on; the switch is recorded in ``trace.switches`` and so in the stream's final chunk (``moe.switches``), its
-``to`` naming the expert that did continue (the next one in line may be skipped or fail first). A stream that
+go on, within what is left of the client's token limit; the switch is recorded in ``trace.switches`` and so in
+the stream's final chunk (``moe.switches``), its ``to`` naming the expert that did continue (the next one in
+line may be skipped or fail first). A stream that
 fails once a tool-call delta has reached the client is not continued: see ``_stream``.
 """
 
@@ -460,6 +461,7 @@ class Orchestrator:
         previous: str | None = None
         tried = 0
         order = self._stream_order(decision, panel, ranking)
+        attempt_request = request  # after a mid-stream failure: the continuation of what was sent
         for i, name in enumerate(order):
             stop = self._stop(tried, deadline)
             if stop is not None:
@@ -469,7 +471,6 @@ class Orchestrator:
             if spent is not None:
                 errors.append(spent)
                 break
-            attempt_request = _continuation(request, "".join(sent)) if sent else request
             outcome = StreamOutcome()
             async with aclosing(self.dispatch.stream(name, attempt_request, deadline, trace, previous)) as events:
                 async for event in events:
@@ -500,6 +501,15 @@ class Orchestrator:
                                                  "call, so the stream ends here")
             if outcome.sent:
                 # Its text reached the client: the next expert continues it rather than starting over.
+                continued = _continuation(request, sent)
+                if continued is None:
+                    # It broke off after sending the whole token limit the client asked for: the answer is as
+                    # long as it may be, so it ends here, as a stream cut off by max_tokens would.
+                    trace.contributions = _streamed(chars, name)
+                    trace.latency_ms = (time.perf_counter() - start) * 1000.0
+                    yield StreamEnd(trace=trace, finish_reason="length")
+                    return
+                attempt_request = continued
                 trace.switches.append({"from": name, "after_chars": len("".join(sent)), "cause": outcome.error.kind})
             previous = name
         raise RouteFailed(errors, trace)
@@ -596,8 +606,19 @@ def _as_dict(neighbour: Any) -> dict[str, Any]:
     return dict(neighbour)
 
 
-def _continuation(request: ChatRequest, partial: str) -> ChatRequest:
-    """The request the next expert gets after a mid-stream failure: the partial answer, then a request to go on."""
-    messages = [*request.messages, ChatMessage(role="assistant", content=partial),
+def _continuation(request: ChatRequest, sent: Sequence[str]) -> ChatRequest | None:
+    """The request the next expert gets after a mid-stream failure: the partial answer (the content deltas
+    ``sent``), then a request to go on. The client's token limit (``max_tokens``, ``max_completion_tokens``)
+    covers the whole answer, so the continuation may write only what is left of it: each delta already sent
+    counts as one token, as OpenAI-compatible servers (vLLM included) stream one token per delta. None when
+    nothing is left."""
+    messages = [*request.messages, ChatMessage(role="assistant", content="".join(sent)),
                 ChatMessage(role="user", content=CONTINUE_PROMPT)]
-    return request.model_copy(update={"messages": messages})
+    update: dict[str, Any] = {"messages": messages}
+    for field in ("max_tokens", "max_completion_tokens"):
+        limit = getattr(request, field)
+        if limit is not None:
+            if limit - len(sent) < 1:
+                return None
+            update[field] = limit - len(sent)
+    return request.model_copy(update=update)

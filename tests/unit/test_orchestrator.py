@@ -211,6 +211,34 @@ async def test_stream_failure_mid_stream_continues_from_the_next_expert() -> Non
     assert end.trace.cost_usd == pytest.approx(0.001)
 
 
+async def test_a_continuation_writes_only_what_is_left_of_the_token_limit() -> None:
+    config = fake_config(NAMES)
+    dying = FakeExpert(config.expert("math"), pieces=["one ", "two ", "three"], fail_after=2,
+                       fail=lambda n: ExpertUnavailable(n, "peer closed"))
+    code = FakeExpert(config.expert("code"), pieces=["three"])
+    request = ask("integral").model_copy(update={"max_tokens": 10, "max_completion_tokens": 5})
+    text, end = await collect(build({"math": dying, "code": code}), request)
+    assert text == "one two three"
+    # two deltas (two tokens) were already sent: the continuation may write the rest of each limit
+    assert (code.requests[0].max_tokens, code.requests[0].max_completion_tokens) == (8, 3)
+    assert dying.requests[0].max_tokens == 10
+    assert end.finish_reason == "stop" and end.trace.switches[0]["to"] == "code"
+
+
+async def test_a_stream_that_broke_after_the_whole_token_limit_ends_there_as_cut_off_by_length() -> None:
+    config = fake_config(NAMES)
+    dying = FakeExpert(config.expert("math"), pieces=["one ", "two ", "three"], fail_after=2,
+                       fail=lambda n: ExpertUnavailable(n, "peer closed"))
+    code = FakeExpert(config.expert("code"), pieces=["three"])
+    text, end = await collect(build({"math": dying, "code": code}), ask("integral").model_copy(
+        update={"max_tokens": 2}))
+    assert text == "one two "
+    assert end.finish_reason == "length" and end.trace.switches == []
+    assert code.requests == []  # nothing was left for another expert to write
+    assert [(a.expert, a.ok) for a in end.trace.attempts] == [("math", False)]
+    assert [(c.expert, c.weight) for c in end.trace.contributions] == [("math", 1.0)]
+
+
 async def test_stream_with_every_expert_down_raises() -> None:
     config = fake_config(NAMES)
     down = {n: FakeExpert(config.expert(n), fail=lambda n: ExpertUnavailable(n, "down")) for n in NAMES}
