@@ -1,12 +1,14 @@
 """The whole router on real vLLM servers (CPU build, tiny random-weight Llama): `moe serve` as a process,
 the official openai client, LangChain's ChatOpenAI, concurrency, streaming, and fallback when a vLLM process
-is killed. The tiny model writes random text, so these tests check routing and transport, not answer quality.
+is killed, mid-stream (the next expert continues the answer) and between requests. The tiny model writes random
+text, so these tests check routing and transport, not answer quality.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
+from contextlib import aclosing
 from pathlib import Path
 
 import pytest
@@ -17,7 +19,7 @@ from openai import AsyncOpenAI, OpenAI
 from experts.types import ChatMessage, ChatRequest
 from router.build import build_orchestrator
 from router.config import load_config
-from router.orchestrator import StreamEnd, StreamPiece
+from router.orchestrator import Orchestrator, StreamEnd, StreamPiece
 from router.train import train_from_config
 from tests.integration.vllm_server import ServerSpec, VLLMServer
 from tests.support import moe_serve
@@ -114,6 +116,33 @@ def test_concurrent_requests_all_answer_on_both_experts(served: str) -> None:
     assert models.count("math") == 8 and models.count("cooking") == 8
 
 
+# The mid-stream kill: a long stream from the doomed server, frozen (SIGSTOP, at once) and then SIGKILLed once
+# KILL_AFTER pieces have arrived. The tiny model writes a token in about 2 ms here, so LONG tokens take about
+# 0.8 s: the stream is cut mid-way unless this process lags that far behind the server. Prompt, partial answer
+# and the rest of LONG stay inside the servers' 512 positions.
+LONG = 380
+KILL_AFTER = 3
+
+
+async def stream_and_kill(orchestrator: Orchestrator, request: ChatRequest,
+                          doomed: VLLMServer) -> tuple[list[StreamPiece], StreamEnd]:
+    """Stream ``request``, freezing and then SIGKILLing ``doomed``'s process group once ``KILL_AFTER`` pieces have
+    arrived."""
+    pieces: list[StreamPiece] = []
+    end: StreamEnd | None = None
+    async with aclosing(orchestrator.stream(request)) as events:
+        async for event in events:
+            if isinstance(event, StreamPiece):
+                pieces.append(event)
+                if len(pieces) == KILL_AFTER:
+                    doomed.freeze()
+                    await asyncio.to_thread(doomed.kill)
+            else:
+                end = event
+    assert end is not None
+    return pieces, end
+
+
 async def test_fallback_when_a_vllm_process_is_killed(vllm_experts: dict[str, VLLMServer], vllm_server_factory,  # type: ignore[no-untyped-def]
                                                       tmp_path: Path) -> None:
     doomed: VLLMServer = vllm_server_factory(ServerSpec("tiny-c"))
@@ -125,7 +154,24 @@ async def test_fallback_when_a_vllm_process_is_killed(vllm_experts: dict[str, VL
     try:
         before = await orchestrator.complete(ask)
         assert before.expert == "space"
-        doomed.kill()
+        # Killed mid-stream: the client's stream goes on from "math", which continues the partial answer.
+        pieces, end = await stream_and_kill(orchestrator, ask.model_copy(update={"max_tokens": LONG}), doomed)
+        experts = [p.expert for p in pieces]
+        from_space = experts.count("space")
+        print(f"\nmid-stream kill: {from_space} pieces from space, then {len(pieces) - from_space} from math "
+              f"(max_tokens {LONG}, finish {end.finish_reason}, switch {end.trace.switches})")
+        assert from_space >= KILL_AFTER and len(pieces) > from_space
+        assert experts == ["space"] * from_space + ["math"] * (len(pieces) - from_space)
+        sent = "".join(p.delta.content for p in pieces[:from_space])
+        assert [(s["from"], s["to"], s["after_chars"]) for s in end.trace.switches] == [("space", "math", len(sent))]
+        assert end.trace.switches[0]["cause"] in ("unavailable", "bad_response", "timeout")
+        assert [(a.expert, a.ok) for a in end.trace.attempts] == [("space", False), ("math", True)]
+        # The whole answer stays within the client's max_tokens: "math" wrote what was left of it, to the end
+        # (ignore_eos), so the stream ends as one cut off by its length.
+        assert len(pieces) <= LONG and end.finish_reason == "length"
+        assert end.trace.attempts[1].usage.completion_tokens == LONG - from_space  # as vLLM counted them
+        assert sum(c.weight for c in end.trace.contributions) == pytest.approx(1.0)
+        assert [c.expert for c in end.trace.contributions] == ["space", "math"]
         after = await orchestrator.complete(ask)
         assert after.expert == "math"
         attempts = [(a.expert, a.ok, (a.error or {}).get("kind")) for a in after.trace.attempts]
@@ -134,8 +180,8 @@ async def test_fallback_when_a_vllm_process_is_killed(vllm_experts: dict[str, VL
         # streaming falls back before the first token, invisibly to the client
         events = [e async for e in orchestrator.stream(ask)]
         assert all(e.expert == "math" for e in events if isinstance(e, StreamPiece))
-        end = events[-1]
-        assert isinstance(end, StreamEnd) and end.trace.switches == []
-        assert [a.ok for a in end.trace.attempts] == [False, True]
+        last = events[-1]
+        assert isinstance(last, StreamEnd) and last.trace.switches == []
+        assert [a.ok for a in last.trace.attempts] == [False, True]
     finally:
         await orchestrator.aclose()

@@ -261,6 +261,12 @@ class VLLMServer:
         self.measure_rss()
         self._kill_group(wait=wait)
 
+    def freeze(self) -> None:
+        """SIGSTOP the whole process group: generation halts at once, mid-stream, and nothing more is sent.
+        A syscall, so it can run on the event loop; ``kill`` (which reads the group's memory and shared-memory
+        files first) then takes the frozen group down."""
+        self._signal_group(signal.SIGSTOP)
+
     def stop(self, grace_s: float = STOP_GRACE_S) -> None:
         """SIGTERM the group, then SIGKILL whatever is left after ``grace_s``. Safe to call twice."""
         if self._proc is None or self._ended:
