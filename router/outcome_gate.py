@@ -119,12 +119,14 @@ def tune(success: np.ndarray, outcomes: np.ndarray, record_costs: np.ndarray, co
     target = np.where(realised >= realised.max(axis=1, keepdims=True) - 1e-9, logits, -np.inf).argmax(axis=1)
     temperature = fit_temperature(logits, target, lo=1e-3, hi=10.0)
     chosen = logits.argmax(axis=1)
-    known = _realised(outcomes, success)
+    # Scored as the evaluation scores them: a pick (or a single expert) with no record for a query is wrong.
+    scored = np.where(np.isnan(outcomes), 0.0, outcomes)
     metrics = {
         "routed_utility": best_value,
-        "routed_accuracy": float(known[rows, chosen].mean()),
+        "routed_accuracy": float(scored[rows, chosen].mean()),
+        "unrecorded_pick_share": float(np.isnan(outcomes[rows, chosen]).mean()),
         "routed_cost": float(np.nanmean(record_costs[rows, chosen])) if not np.isnan(record_costs).all() else None,
-        "best_single_accuracy": float(prior.max()),
+        "best_single_accuracy": float(scored.mean(axis=0).max()),
         "oracle_accuracy": float(np.nanmax(np.where(np.isnan(outcomes), 0.0, outcomes), axis=1).mean()),
         "ece_before": expected_calibration_error(_softmax(logits), target),
         "ece_after": expected_calibration_error(_softmax(logits / temperature), target),

@@ -218,3 +218,19 @@ def test_the_margin_does_not_credit_picks_that_have_no_record() -> None:
     logits[:, t.anchor] += t.margin
     assert (logits.argmax(axis=1) == 0).all(), t.margin
     assert t.metrics["routed_utility"] == pytest.approx(0.7)
+
+
+def test_the_reported_routed_accuracy_counts_a_pick_without_a_record_as_wrong() -> None:
+    """gate.json's ``routed_accuracy`` and ``best_single_accuracy`` are scored as the evaluation scores them: a
+    pick (or a single expert) with no record for a query is wrong, not credited with its predicted success."""
+    n = 100
+    a = np.array([1.0 if i % 10 < 6 else 0.0 for i in range(n)])  # 0.6, recorded everywhere
+    b = np.where(np.arange(n) < 50, 1.0, np.nan)  # right on every query it has a record for, half of them
+    outcomes = np.stack([a, b], axis=1)
+    success = np.stack([np.full(n, 0.6), np.full(n, 0.95)], axis=1)  # b predicted everywhere
+    t = tune(success, outcomes, np.full((n, 2), np.nan), np.zeros(2), 0.0)
+    chosen = (success + np.eye(2)[t.anchor] * t.margin).argmax(axis=1)
+    expected = np.where(np.isnan(outcomes), 0.0, outcomes)[np.arange(n), chosen].mean()
+    assert t.metrics["routed_accuracy"] == pytest.approx(expected)
+    assert t.metrics["unrecorded_pick_share"] == pytest.approx(np.isnan(outcomes[np.arange(n), chosen]).mean())
+    assert t.metrics["best_single_accuracy"] == pytest.approx(0.6)  # b: 50 right of 100, a: 60
