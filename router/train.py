@@ -24,8 +24,10 @@ caller passes ``feedback=False`` (``moe train --no-feedback``). A verdict is a q
 
 - outcome gate: the verdicts on one query become one outcome record, each rated expert's outcome the mean
   of its scores on that query (so good = 1.0, bad = 0.0, good and bad once = 0.5);
-- label gate: a verdict of 0.5 or more becomes the example ``(query, expert)``; a lower one is dropped,
-  since "not this expert" names no label to learn.
+- label gate: the verdicts on one query and expert are averaged as above. At 0.5 or more the pair becomes the
+  example ``(query, expert)``, once. Below it, "not this expert" names no label to learn, but it does say the
+  pairing is wrong: training-file examples of exactly that query with that label are dropped (the config's own
+  ``examples`` are kept as written).
 
 Verdicts on experts no longer in the config are dropped.
 """
@@ -61,6 +63,10 @@ class TrainingData:
     records: list[OutcomeRecord] = field(default_factory=list)
     # How many stored feedback verdicts were folded in (``fold_feedback``).
     feedback: int = 0
+    # Label data: how many of the leading examples are the config's own (kept whatever the feedback says), and
+    # how many training examples bad feedback dropped.
+    config_examples: int = 0
+    dropped: int = 0
 
 
 def load_labelled_jsonl(path: str | Path) -> list[tuple[str, str]]:
@@ -94,15 +100,21 @@ def collect_training_data(config: RouterConfig, *, feedback: bool = True) -> Tra
 def fold_feedback(data: TrainingData, verdicts: list[FeedbackRecord], experts: list[str]) -> TrainingData:
     """``data`` with the feedback ``verdicts`` added by the rule in the module docstring."""
     kept = [v for v in verdicts if v.expert in experts]
+    scores: dict[str, dict[str, list[float]]] = {}
+    for v in kept:
+        scores.setdefault(v.query, {}).setdefault(v.expert, []).append(v.score)
+    mean = {(q, e): sum(s) / len(s) for q, by in scores.items() for e, s in by.items()}
     if data.kind == "outcome":
-        scores: dict[str, dict[str, list[float]]] = {}
-        for v in kept:
-            scores.setdefault(v.query, {}).setdefault(v.expert, []).append(v.score)
-        folded = [OutcomeRecord(q, {e: sum(s) / len(s) for e, s in by.items()}, {}) for q, by in scores.items()]
+        folded = [OutcomeRecord(q, {e: mean[q, e] for e in by}, {}) for q, by in scores.items()]
         return TrainingData("outcome", records=[*data.records, *folded], feedback=data.feedback + len(kept))
-    good = [v for v in kept if v.score >= 0.5]
-    return TrainingData("label", texts=[*data.texts, *(v.query for v in good)],
-                        labels=[*data.labels, *(v.expert for v in good)], feedback=data.feedback + len(good))
+    wrong = {pair for pair, score in mean.items() if score < 0.5}
+    pairs = list(zip(data.texts, data.labels, strict=True))
+    fixed = data.config_examples
+    pairs = pairs[:fixed] + [pair for pair in pairs[fixed:] if pair not in wrong]
+    dropped = len(data.texts) - len(pairs)
+    pairs += [pair for pair, score in mean.items() if score >= 0.5]
+    return TrainingData("label", texts=[q for q, _ in pairs], labels=[e for _, e in pairs],
+                        feedback=data.feedback + len(kept), config_examples=fixed, dropped=data.dropped + dropped)
 
 
 def _collect_files(config: RouterConfig) -> TrainingData:
@@ -117,6 +129,7 @@ def _collect_files(config: RouterConfig) -> TrainingData:
     for expert in config.experts:
         data.texts += expert.examples
         data.labels += [expert.name] * len(expert.examples)
+    data.config_examples = len(data.texts)
     names = set(config.expert_names)
     for path in paths:
         pairs = load_labelled_jsonl(path)
@@ -157,6 +170,9 @@ def train_from_config(config: RouterConfig, *, progress: bool = True,
     ``feedback=False`` leaves the stored feedback out (it is folded in by default; see the module docstring).
     """
     data = collect_training_data(config, feedback=feedback)
+    if progress and data.feedback:
+        dropped = f"; bad verdicts dropped {data.dropped} training example(s)" if data.dropped else ""
+        print(f"feedback: {data.feedback} stored verdict(s) folded in{dropped}", flush=True)
     vote_weights = _learned_vote_weights(config, data, progress=progress)  # before the gate: fails fast
     if config.gate.cascade is not None and data.kind == "outcome":
         raise ValueError("gate.cascade applies to label gates, but gate.train_data holds outcome records; "

@@ -167,12 +167,25 @@ def test_fold_rule_for_label_and_outcome_gates(tmp_path: Path) -> None:
                                     ("q2", "code", 0.0), ("q3", "gone", 1.0)])
     label = fold_feedback(TrainingData("label", texts=["ex"], labels=["math"]), verdicts, NAMES)
     assert list(zip(label.texts, label.labels, strict=True)) == [("ex", "math"), ("q1", "math"), ("q2", "code")]
-    assert label.feedback == 2
+    assert label.feedback == 4 and label.dropped == 0
     outcome = fold_feedback(TrainingData("outcome", records=[OutcomeRecord("r", {"math": 1.0}, {})]), verdicts,
                             NAMES)
     assert outcome.records[1:] == [OutcomeRecord("q1", {"math": 1.0, "code": 0.0}, {}),
                                    OutcomeRecord("q2", {"code": 0.5}, {})]
     assert outcome.feedback == 4
+
+
+def test_bad_feedback_drops_that_pairing_from_the_training_files_but_not_from_the_config(tmp_path: Path) -> None:
+    data = TrainingData("label", texts=["cfg q", "q1", "q1", "q4", "q5"], labels=["code", "code", "math", "math",
+                                                                                   "code"], config_examples=1)
+    verdicts = _verdicts(tmp_path, [("q1", "code", 0.0), ("cfg q", "code", 0.0), ("q5", "code", 0.0),
+                                    ("q5", "code", 1.0), ("q4", "code", 0.0), ("q4", "math", 1.0)])
+    folded = fold_feedback(data, verdicts, NAMES)
+    # q1/code dropped (bad), q1/math kept (no verdict), the config's example kept, q5/code kept (0.5 on average),
+    # q4/math kept and added once more (good), q5/code added (0.5 counts as good)
+    assert list(zip(folded.texts, folded.labels, strict=True)) == [
+        ("cfg q", "code"), ("q1", "math"), ("q4", "math"), ("q5", "code"), ("q5", "code"), ("q4", "math")]
+    assert (folded.dropped, folded.feedback, folded.config_examples) == (1, 6, 1)
 
 
 async def test_feedback_from_the_service_trains_the_next_gate(tmp_path: Path,
@@ -191,7 +204,7 @@ async def test_feedback_from_the_service_trains_the_next_gate(tmp_path: Path,
     await app.state.feedback.aclose()
 
     data = collect_training_data(config)
-    assert data.feedback == 4
+    assert data.feedback == 5
     assert ("an integral of x squared", "math") in zip(data.texts, data.labels, strict=True)
     assert "write a python loop" not in data.texts
     assert collect_training_data(config, feedback=False).texts == ["an example for math", "an example for code"]
