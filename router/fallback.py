@@ -6,7 +6,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from experts.errors import ExpertError
+from experts.errors import ExpertAuthError, ExpertError, ExpertRejected
 
 __all__ = ["AllExpertsFailed", "BudgetSpent", "Deadline", "budget_spent", "next_candidate"]
 
@@ -36,6 +36,22 @@ class AllExpertsFailed(Exception):
 
     def to_list(self) -> list[dict[str, str]]:
         return [c.to_dict() for c in self.causes]
+
+    @property
+    def invalid_request(self) -> bool:
+        """Whether every expert that was called refused the request itself as invalid (HTTP 400, 413 or 422):
+        the request is at fault, not the experts. An auth error or a 404 (the expert's model is unknown there)
+        is the deployment's fault, and an expert passed over without a call says nothing either way."""
+        called = [c for c in self.causes if c.kind not in NOT_CALLED]
+        return bool(called) and all(isinstance(c, ExpertRejected) and not isinstance(c, ExpertAuthError)
+                                    and c.status in INVALID_REQUEST_STATUSES for c in called)
+
+
+# The causes that record an expert passed over without a call: its breaker was open, its in-flight limit full,
+# the budget spent, or fallback stopped before reaching it.
+NOT_CALLED = frozenset({"circuit_open", "overloaded", "budget_exhausted", "not_tried"})
+# What an OpenAI-compatible server answers to a request it finds invalid: bad parameters, too long a prompt.
+INVALID_REQUEST_STATUSES = frozenset({400, 413, 422})
 
 
 def next_candidate(ranking: Iterable[str], taken: set[str], unavailable: Iterable[str] = ()) -> str | None:

@@ -6,7 +6,7 @@ import httpx
 import pytest
 from openai import APIStatusError, AsyncOpenAI
 
-from experts.errors import ExpertUnavailable
+from experts.errors import ExpertAuthError, ExpertError, ExpertRejected, ExpertUnavailable
 from router.orchestrator import Orchestrator
 from router.sdk import AsyncClient, RouterAPIError
 from router.service import create_app
@@ -115,6 +115,45 @@ async def test_all_experts_down_is_503_listing_each_cause() -> None:
         assert error["code"] == "all_experts_failed"
         assert [c["expert"] for c in error["causes"]] == ["code", "math"]
         assert all(c["kind"] == "unavailable" for c in error["causes"])
+
+
+def _refusing(errors: dict[str, ExpertError]):  # type: ignore[no-untyped-def]
+    config = fake_config(NAMES)
+    experts = {n: FakeExpert(config.expert(n), text="hi", fail=lambda _, e=errors[n]: e) for n in NAMES}
+    return create_app(Orchestrator(config, FakeGate(NAMES, {}, default=[0.6, 0.4]), experts))
+
+
+@pytest.mark.parametrize(
+    ("errors", "status", "code"),
+    [
+        # every expert called refused the request itself: the request is at fault
+        ({"math": ExpertRejected("math", 400, "top_logprobs must be <= 20"),
+          "code": ExpertRejected("code", 422, "top_logprobs: too large")}, 400, "rejected_by_experts"),
+        ({"math": ExpertRejected("math", 400, "prompt too long"),
+          "code": ExpertRejected("code", 413, "prompt too long")}, 400, "rejected_by_experts"),
+        # one of them is down: maybe the request is fine there, so it is an outage
+        ({"math": ExpertRejected("math", 400, "bad"), "code": ExpertUnavailable("code", "refused")}, 503,
+         "all_experts_failed"),
+        # an auth error, or a model unknown upstream, is the deployment's fault, not the request's
+        ({"math": ExpertAuthError("math", 401, "bad key"), "code": ExpertRejected("code", 400, "bad")}, 503,
+         "all_experts_failed"),
+        ({"math": ExpertRejected("math", 404, "no such model"), "code": ExpertRejected("code", 404, "no such model")},
+         503, "all_experts_failed"),
+    ],
+)
+async def test_a_request_every_expert_refuses_as_invalid_is_a_400_not_an_outage(
+        errors: dict[str, ExpertError], status: int, code: str) -> None:
+    async with client(_refusing(errors)) as http:
+        plain = await http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
+        streamed = await http.post("/v1/chat/completions",
+                                   json={"stream": True, "messages": [{"role": "user", "content": "hi"}]})
+    for r in (plain, streamed):
+        assert r.status_code == status
+        error = r.json()["error"]
+        assert error["code"] == code
+        assert [c["expert"] for c in error["causes"]] == ["math", "code"]
+        for name, e in errors.items():
+            assert e.message in error["message"], name  # each expert's own words reach the client
 
 
 async def test_route_experts_and_health() -> None:
