@@ -9,9 +9,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-__all__ = ["ChatMessage", "ChatRequest", "ExpertReply", "StreamDelta", "Usage"]
+__all__ = ["MAX_TOKENS_LIMIT", "ChatMessage", "ChatRequest", "ExpertReply", "StreamDelta", "Usage"]
+
+# The largest token limit a request may name: what OpenAI-compatible servers (vLLM included) hold in an int32.
+MAX_TOKENS_LIMIT = 2**31 - 1
 
 
 class ChatMessage(BaseModel):
@@ -20,6 +23,22 @@ class ChatMessage(BaseModel):
 
     role: str = Field(pattern=r"^(system|user|assistant|tool|developer|function)$")
     content: str | list[dict[str, Any]] | None = None
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _content_shape(cls, value: Any) -> Any:
+        # One message naming the field, instead of pydantic's error per branch of the union.
+        if value is None or isinstance(value, str):
+            return value
+        if isinstance(value, list) and all(isinstance(part, dict) for part in value):
+            for i, part in enumerate(value):
+                if not isinstance(part.get("type"), str):
+                    raise ValueError(f"content part {i} needs a 'type' (for example 'text' or 'image_url')")
+                if part["type"] == "text" and not isinstance(part.get("text"), str):
+                    raise ValueError(f"content part {i} is of type 'text' but its 'text' is not a string")
+            return value
+        raise ValueError(f"content must be a string, a list of content parts (objects) or null, not "
+                         f"{type(value).__name__}")
 
     def text(self) -> str:
         """The message's text; multi-part content keeps only its text parts."""
@@ -37,12 +56,28 @@ class ChatRequest(BaseModel):
 
     model: str = "auto"
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(default=None, ge=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
-    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
-    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    stream: bool = False
+    # Strict: "5" or 5.0 for a token count, "0.5" for a temperature, "yes" for stream are refused, not coerced.
+    max_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS_LIMIT, strict=True)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS_LIMIT, strict=True)
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0, strict=True, allow_inf_nan=False)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0, strict=True, allow_inf_nan=False)
+    stream: bool = Field(default=False, strict=True)
+    # The router returns one answer per request: its combiner chooses (or writes) it from the experts' answers.
+    n: int | None = Field(default=None, strict=True)
     tools: list[dict[str, Any]] | None = None
+
+    @field_validator("stream", mode="before")
+    @classmethod
+    def _stream_null(cls, value: Any) -> Any:
+        return False if value is None else value  # OpenAI's stream is nullable, null meaning false
+
+    @field_validator("n")
+    @classmethod
+    def _one_choice(cls, value: int | None) -> int | None:
+        if value is not None and value != 1:
+            raise ValueError(f"n={value} is not supported: the router returns one choice per request (the "
+                             "combiner picks or writes it from the experts' answers); send n=1 or leave it out")
+        return value
 
     def query_text(self) -> str:
         """The text the gate routes on: the last user message."""

@@ -28,6 +28,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from experts.types import ChatRequest
@@ -98,17 +99,29 @@ def _failed(record: RequestRecord, exc: AllExpertsFailed) -> None:
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 
+def _not_json(constant: str) -> Any:
+    # Python's json reads NaN and Infinity, which JSON has not; forwarded, they would reach an expert as invalid
+    # JSON (or as a number no parameter takes).
+    raise ValueError(f"{constant} is not a JSON value (JSON has no NaN or Infinity)")
+
+
 async def _read_json(request: Request, limit: int) -> Any:
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
         raise _HTTPProblem(413, f"request body of {declared} bytes exceeds the {limit}-byte limit",
                            "invalid_request_error", "request_too_large")
-    raw = await request.body()
-    if len(raw) > limit:
-        raise _HTTPProblem(413, f"request body of {len(raw)} bytes exceeds the {limit}-byte limit",
-                           "invalid_request_error", "request_too_large")
+    # Read as it arrives and stop at the limit: a body without Content-Length (chunked) is never held whole.
+    parts: list[bytes] = []
+    size = 0
+    async for part in request.stream():
+        size += len(part)
+        if size > limit:
+            raise _HTTPProblem(413, f"request body exceeds the {limit}-byte limit (over {size} bytes sent)",
+                               "invalid_request_error", "request_too_large")
+        parts.append(part)
+    raw = b"".join(parts)
     try:
-        value = json.loads(raw)
+        value = json.loads(raw, parse_constant=_not_json)
         # "\ud800" is valid JSON but not encodable UTF-8: it would fail later, when the answer or trace echoes
         # it. Only a \uD800-\uDFFF escape can produce one (UTF-8 bytes never decode to a surrogate), so the
         # re-encoding check runs only on bodies holding such an escape, not on every request.
@@ -126,14 +139,26 @@ async def _read_json(request: Request, limit: int) -> Any:
 _Body = TypeVar("_Body", bound=BaseModel)
 
 
+def _field_path(loc: tuple[int | str, ...]) -> str:
+    """A validation error's location as OpenAI writes a parameter: ``messages[0].content``."""
+    path = ""
+    for part in loc:
+        path += f"[{part}]" if isinstance(part, int) else f".{part}" if path else str(part)
+    return path
+
+
+def _message(error: Any) -> str:
+    return str(error["msg"]).removeprefix("Value error, ")
+
+
 def _validated(model: type[_Body], body: Any) -> _Body:
     """``body`` as a ``model``, or a 400 naming the first field that is wrong and why."""
     try:
         return model.model_validate(body)
     except ValidationError as exc:
         e = exc.errors()[0]
-        where = ".".join(str(p) for p in e["loc"]) or "<body>"
-        raise _HTTPProblem(400, f"invalid request: {where}: {e['msg']}", "invalid_request_error",
+        where = _field_path(e["loc"]) or "<body>"
+        raise _HTTPProblem(400, f"invalid request: {where}: {_message(e)}", "invalid_request_error",
                            "invalid_request", param=None if where == "<body>" else where) from None
 
 
@@ -143,8 +168,8 @@ def _parse_chat(body: Any, max_chars: int) -> ChatRequest:
     try:
         chat = ChatRequest.model_validate(body)
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or '<body>'}: {e['msg']}" for e in exc.errors())
-        first = ".".join(str(p) for p in exc.errors()[0]["loc"]) or None
+        problems = "; ".join(f"{_field_path(e['loc']) or '<body>'}: {_message(e)}" for e in exc.errors())
+        first = _field_path(exc.errors()[0]["loc"]) or None
         raise _HTTPProblem(400, f"invalid request: {problems}", "invalid_request_error", "invalid_request",
                            param=first) from None
     chars = sum(len(m.text()) for m in chat.messages)
@@ -315,6 +340,8 @@ def create_app(orchestrator: Orchestrator | None = None,
     if reloader is not None:
         reloader.bind(app.state, lambda old, new: _reguard(app, old, new))
     app.add_middleware(_Edge)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(Exception, _internal_error)
 
     def orch(request: Request) -> Orchestrator:
         return request.app.state.orchestrator
@@ -384,6 +411,15 @@ def create_app(orchestrator: Orchestrator | None = None,
         return JSONResponse({"object": "list", "data": [
             {"id": n, "object": "model", "created": 0, "owned_by": "moe-router"} for n in names]})
 
+    async def model(request: Request) -> Response:
+        o = orch(request)
+        name = request.path_params["model"]
+        if name not in ("auto", o.config.service.name, *o.config.expert_names):
+            return _problem_response(_HTTPProblem(
+                404, f"model {name!r} does not exist here; models: auto, {o.config.service.name}, "
+                f"{', '.join(o.config.expert_names)}", "invalid_request_error", "model_not_found", param="model"))
+        return JSONResponse({"id": name, "object": "model", "created": 0, "owned_by": "moe-router"})
+
     async def experts(request: Request) -> Response:
         o = orch(request)
         return JSONResponse({"object": "list", "data": [
@@ -406,6 +442,7 @@ def create_app(orchestrator: Orchestrator | None = None,
     app.add_api_route("/v1/route", route, methods=["POST"], openapi_extra=ROUTE_BODY)
     app.add_api_route("/v1/route/batch", route_batch, methods=["POST"], openapi_extra=request_body(RouteBatch))
     app.add_api_route("/v1/models", models, methods=["GET"])
+    app.add_api_route("/v1/models/{model:path}", model, methods=["GET"])
     app.add_api_route("/v1/experts", experts, methods=["GET"])
     app.add_api_route("/health", health, methods=["GET"])
     app.add_api_route("/metrics", metrics, methods=["GET"], include_in_schema=False)
@@ -450,6 +487,28 @@ _FEEDBACK_BODY = {"requestBody": {"required": True, "content": {
     "application/json": {"schema": FeedbackBody.model_json_schema()}}}}
 
 
+async def _http_error(request: Request, exc: Exception) -> Response:
+    """Starlette's own errors (an unknown path, a method a route does not take) in the OpenAI error format."""
+    assert isinstance(exc, StarletteHTTPException)
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "invalid_request")
+    detail = str(exc.detail)
+    if exc.status_code == 404:
+        detail = f"no route {request.method} {request.url.path}; see /docs for the API"
+    elif exc.status_code == 405:
+        detail = f"{request.method} is not allowed on {request.url.path}; allowed: {exc.headers.get('Allow', '?')}" \
+            if exc.headers else f"{request.method} is not allowed on {request.url.path}"
+    return JSONResponse(error_body(detail, "invalid_request_error", code), status_code=exc.status_code,
+                        headers=exc.headers)
+
+
+async def _internal_error(request: Request, exc: Exception) -> Response:
+    """Any error no handler expected: a 500 in the OpenAI error format, naming only the error's type (its text
+    could hold request content); the service log has the traceback."""
+    return JSONResponse(error_body(f"internal error ({type(exc).__name__}) while handling {request.url.path}; "
+                                   "the service log has the details", "server_error", "internal_error"),
+                        status_code=500)
+
+
 def _feedback_store(request: Request) -> FeedbackStore:
     store: FeedbackStore | None = request.app.state.feedback
     if store is None:
@@ -464,8 +523,8 @@ def _parse_feedback(body: Any) -> FeedbackBody:
     try:
         return FeedbackBody.model_validate(body)
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or '<body>'}: {e['msg']}" for e in exc.errors())
-        first = ".".join(str(p) for p in exc.errors()[0]["loc"]) or None
+        problems = "; ".join(f"{_field_path(e['loc']) or '<body>'}: {_message(e)}" for e in exc.errors())
+        first = _field_path(exc.errors()[0]["loc"]) or None
         raise _HTTPProblem(400, f"invalid feedback: {problems}", "invalid_request_error", "invalid_request",
                            param=first) from None
 

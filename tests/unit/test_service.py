@@ -234,3 +234,92 @@ async def test_expert_choice_batch_routing_over_http_and_the_sdk() -> None:
     async with AsyncClient("http://router", transport=httpx.ASGITransport(app=app)) as sdk:
         assert await sdk.route_batch(queries, {"math": 1, "code": 3}) == ["math", "code", "code", "code"]
         assert (await sdk.route_batch(queries)).count("math") >= 1  # default room: free in-flight slots
+
+
+@pytest.mark.parametrize(
+    ("body", "param", "words"),
+    [
+        ({"n": 2}, "n", "one choice per request"),
+        ({"max_tokens": "5"}, "max_tokens", "valid integer"),
+        ({"max_tokens": 5.0}, "max_tokens", "valid integer"),
+        ({"max_tokens": 10**400}, "max_tokens", "less than or equal to 2147483647"),
+        ({"temperature": "0.5"}, "temperature", "valid number"),
+        ({"stream": "yes"}, "stream", "valid boolean"),
+        ({"messages": [{"role": "user", "content": 5}]}, "messages[0].content", "content must be a string"),
+        ({"messages": [{"role": "user", "content": [{"text": "hi"}]}]}, "messages[0].content", "needs a 'type'"),
+        ({"messages": [{"role": "user", "content": "hi"}, {"role": "wizard", "content": "x"}]}, "messages[1].role",
+         "should match pattern"),
+    ],
+)
+async def test_wrong_types_are_refused_naming_the_field_as_openai_writes_it(body: dict[str, object], param: str,
+                                                                           words: str) -> None:
+    request = {"model": "auto", "messages": [{"role": "user", "content": "hi"}], **body}
+    async with client(make_app()) as http:
+        r = await http.post("/v1/chat/completions", json=request)
+    assert r.status_code == 400
+    error = r.json()["error"]
+    assert (error["param"], error["code"]) == (param, "invalid_request")
+    assert words in error["message"] and "Value error" not in error["message"]
+
+
+async def test_null_stream_and_n_1_are_accepted() -> None:
+    async with client(make_app()) as http:
+        r = await http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
+                                                          "stream": None, "n": 1})
+    assert r.status_code == 200 and r.json()["object"] == "chat.completion"
+
+
+@pytest.mark.parametrize("constant", ["NaN", "Infinity", "-Infinity"])
+async def test_nan_and_infinity_are_not_json(constant: str) -> None:
+    body = f'{{"messages": [{{"role": "user", "content": "hi"}}], "seed": {constant}}}'.encode()
+    async with client(make_app()) as http:
+        r = await http.post("/v1/chat/completions", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 400
+    assert r.json()["error"]["code"] == "invalid_json" and constant.lstrip("-") in r.json()["error"]["message"]
+
+
+async def test_a_chunked_body_over_the_limit_is_refused_without_being_read_whole() -> None:
+    sent = 0
+
+    async def body():  # type: ignore[no-untyped-def]
+        nonlocal sent
+        for _ in range(100):
+            sent += 1
+            yield b"x" * 1024
+
+    async with client(make_app(service={"max_request_bytes": 4096})) as http:
+        r = await http.post("/v1/chat/completions", content=body())
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+    assert sent < 100  # reading stopped at the limit
+
+
+async def test_unknown_paths_and_methods_get_openai_errors_and_models_can_be_retrieved() -> None:
+    async with client(make_app()) as http:
+        missing = await http.get("/v1/nope")
+        wrong_method = await http.get("/v1/chat/completions")
+        oai = AsyncOpenAI(base_url="http://router/v1", api_key="unused", http_client=http, max_retries=0)
+        found = await oai.models.retrieve("math")
+        with pytest.raises(APIStatusError) as unknown:
+            await oai.models.retrieve("gpt-9")
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
+    assert "/v1/nope" in missing.json()["error"]["message"]
+    assert wrong_method.status_code == 405 and wrong_method.json()["error"]["code"] == "method_not_allowed"
+    assert "POST" in wrong_method.json()["error"]["message"] and wrong_method.headers["allow"] == "POST"
+    assert (found.id, found.object) == ("math", "model")
+    assert unknown.value.status_code == 404 and unknown.value.body["code"] == "model_not_found"  # type: ignore[index]
+
+
+async def test_an_unexpected_error_is_a_500_in_openai_format_without_its_text() -> None:
+    app = make_app()
+
+    async def broken(*_: object, **__: object) -> None:
+        raise RuntimeError("secret details of the request")
+
+    app.state.orchestrator.complete = broken
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://router") as http:
+        r = await http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
+    assert r.status_code == 500
+    error = r.json()["error"]
+    assert (error["type"], error["code"]) == ("server_error", "internal_error")
+    assert "RuntimeError" in error["message"] and "secret" not in error["message"]
