@@ -91,8 +91,9 @@ class ChatRequest(BaseModel):
         body = self.model_dump(exclude_none=True)
         body["model"] = model
         body["stream"] = stream
+        body.pop("stream_options", None)  # a strict server refuses stream_options on a request that does not stream
         if stream:
-            body["stream_options"] = {"include_usage": True}
+            body["stream_options"] = {"include_usage": True}  # the router counts tokens and cost from it
         return body
 
 

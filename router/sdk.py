@@ -131,7 +131,10 @@ class _Protocol:
             return None
         body = json.loads(line[6:])
         if "error" in body:
-            raise RouterAPIError(503, body)
+            # The service's status, had the failure come before the stream began (see service._all_failed).
+            raise RouterAPIError(400 if body["error"].get("code") == "rejected_by_experts" else 503, body)
+        if not body.get("choices"):
+            return None  # the usage chunk (stream_options.include_usage): the trace has the usage already
         choice = body["choices"][0]
         trace = Trace.model_validate(body["moe"]) if body.get("moe") else None
         return StreamChunk(content=choice["delta"].get("content") or "", expert=body.get("model", ""),

@@ -195,19 +195,38 @@ def _completion_body(answer: Any, request_id: str) -> dict[str, Any]:
     }
 
 
-def _chunk(request_id: str, model: str, delta: dict[str, Any], finish: str | None = None,
-           **extra: Any) -> bytes:
-    body = {"id": request_id, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}], **extra}
-    return f"data: {json.dumps(body)}\n\n".encode()
+class _Chunks:
+    """A stream's chunks, as OpenAI's: one ``id`` and one ``created`` for all of them, and usage only when the
+    request's ``stream_options.include_usage`` asks for it: then ``usage`` is null on every chunk and the last
+    chunk before ``[DONE]`` has no choices and the stream's usage. Each content chunk's ``model`` names the
+    expert that streamed it, so a mid-stream switch shows there too; the final chunk names the one that finished."""
+
+    def __init__(self, request_id: str, include_usage: bool) -> None:
+        self.request_id, self.include_usage, self.created = request_id, include_usage, int(time.time())
+
+    def chunk(self, model: str, delta: dict[str, Any], finish: str | None = None, **extra: Any) -> bytes:
+        return self._data(model, [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}], **extra)
+
+    def usage(self, model: str, usage: dict[str, Any]) -> bytes:
+        return self._data(model, [], usage=usage)
+
+    def _data(self, model: str, choices: list[dict[str, Any]], **extra: Any) -> bytes:
+        body = {"id": self.request_id, "object": "chat.completion.chunk", "created": self.created, "model": model,
+                "choices": choices, **({"usage": None} if self.include_usage else {}), **extra}
+        return f"data: {json.dumps(body)}\n\n".encode()
+
+
+def _include_usage(chat: ChatRequest) -> bool:
+    options = (chat.model_extra or {}).get("stream_options")
+    return isinstance(options, dict) and options.get("include_usage") is True
 
 
 async def _sse(events: AsyncIterator[StreamPiece | StreamEnd], first: StreamPiece | StreamEnd,
-               request_id: str, record: RequestRecord | None = None,
+               chunks: _Chunks, record: RequestRecord | None = None,
                on_end: Callable[[str], Awaitable[None]] | None = None) -> AsyncIterator[bytes]:
     model = first.expert if isinstance(first, StreamPiece) else "moe-router"
     record = record or _detached_record()
-    yield _chunk(request_id, model, {"role": "assistant", "content": ""})
+    yield chunks.chunk(model, {"role": "assistant", "content": ""})
     event: StreamPiece | StreamEnd | None = first
     try:
         while event is not None:
@@ -217,14 +236,16 @@ async def _sse(events: AsyncIterator[StreamPiece | StreamEnd], first: StreamPiec
                     delta["tool_calls"] = event.delta.tool_calls
                 if record.answer is not None:
                     record.answer.append(event.delta.content)
-                yield _chunk(request_id, event.expert, delta)
+                yield chunks.chunk(event.expert, delta)
             else:
                 record.trace, record.expert = event.trace, _answering(event.trace, model)
                 if on_end is not None:
                     await on_end(record.expert)
-                # The final chunk carries the finish reason, usage and the trace, switches included.
+                # The final chunk carries the finish reason and the trace, switches included.
                 trace = event.trace.summary()
-                yield _chunk(request_id, model, {}, event.finish_reason, usage=trace["usage"], moe=trace)
+                yield chunks.chunk(record.expert, {}, event.finish_reason, moe=trace)
+                if chunks.include_usage:
+                    yield chunks.usage(record.expert, trace["usage"])
             event = await anext(events, None)
     except AllExpertsFailed as exc:
         _failed(record, exc)
@@ -371,8 +392,8 @@ def create_app(orchestrator: Orchestrator | None = None,
         first = await anext(events)
         on_end = None if store is None else (
             lambda expert: store.aremember(request_id, chat.query_text(), expert))
-        return StreamingResponse(_sse(events, first, request_id, record, on_end), media_type="text/event-stream",
-                                 headers={"cache-control": "no-cache"})
+        return StreamingResponse(_sse(events, first, _Chunks(request_id, _include_usage(chat)), record, on_end),
+                                 media_type="text/event-stream", headers={"cache-control": "no-cache"})
 
     @_problems
     async def route(request: Request) -> Response:

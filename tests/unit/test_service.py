@@ -323,3 +323,49 @@ async def test_an_unexpected_error_is_a_500_in_openai_format_without_its_text() 
     error = r.json()["error"]
     assert (error["type"], error["code"]) == ("server_error", "internal_error")
     assert "RuntimeError" in error["message"] and "secret" not in error["message"]
+
+
+async def _stream_lines(app, body: dict[str, object]) -> list[dict[str, object]]:  # type: ignore[no-untyped-def]
+    async with client(app) as http, http.stream("POST", "/v1/chat/completions", json=body) as r:
+        lines = [line async for line in r.aiter_lines() if line.startswith("data: ")]
+    assert lines[-1] == "data: [DONE]"
+    return [json.loads(line[6:]) for line in lines[:-1]]
+
+
+@pytest.mark.parametrize("include_usage", [True, False, None])
+async def test_stream_usage_follows_stream_options_include_usage(include_usage: bool | None) -> None:
+    body: dict[str, object] = {"stream": True, "messages": [{"role": "user", "content": "an integral"}]}
+    if include_usage is not None:
+        body["stream_options"] = {"include_usage": include_usage}
+    chunks = await _stream_lines(make_app(), body)
+    assert len({c["created"] for c in chunks}) == 1 and len({c["id"] for c in chunks}) == 1
+    final = next(c for c in chunks if c["choices"] and c["choices"][0]["finish_reason"])  # type: ignore[index]
+    assert final["moe"]["usage"]["total_tokens"] > 0  # type: ignore[index]
+    if include_usage:
+        *content, usage = chunks
+        assert usage["choices"] == [] and usage["usage"] == final["moe"]["usage"]  # type: ignore[index]
+        assert all(c["usage"] is None for c in content)
+    else:
+        assert all("usage" not in c for c in chunks) and all(c["choices"] for c in chunks)
+
+
+async def test_the_openai_client_reads_the_usage_chunk() -> None:
+    async with client(make_app()) as http:
+        oai = AsyncOpenAI(base_url="http://router/v1", api_key="unused", http_client=http)
+        stream = await oai.chat.completions.create(model="auto", stream=True, stream_options={"include_usage": True},
+                                                   messages=[{"role": "user", "content": "an integral"}])
+        chunks = [c async for c in stream]
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "math says hi"
+    assert chunks[-1].choices == [] and chunks[-1].usage is not None and chunks[-1].usage.total_tokens == 6
+
+
+async def test_after_a_mid_stream_switch_the_final_chunk_names_the_expert_that_finished() -> None:
+    config = fake_config(NAMES)
+    experts = {"math": FakeExpert(config.expert("math"), pieces=["one ", "two ", "three"], fail_after=2,
+                                  fail=lambda n: ExpertUnavailable(n, "peer closed")),
+               "code": FakeExpert(config.expert("code"), pieces=["three"])}
+    app = create_app(Orchestrator(config, FakeGate(NAMES, {}, default=[0.9, 0.1]), experts))
+    chunks = await _stream_lines(app, {"stream": True, "messages": [{"role": "user", "content": "hi"}]})
+    models = [c["model"] for c in chunks]
+    assert models == ["math", "math", "math", "code", "code"]  # role chunk, two pieces, the rest, the final chunk
+    assert chunks[-1]["moe"]["switches"][0]["to"] == "code"  # type: ignore[index]
