@@ -15,6 +15,7 @@ __all__ = ["MAX_TOKENS_LIMIT", "ChatMessage", "ChatRequest", "ExpertReply", "Str
 
 # The largest token limit a request may name: what OpenAI-compatible servers (vLLM included) hold in an int32.
 MAX_TOKENS_LIMIT = 2**31 - 1
+IMAGE_PARTS = frozenset({"image_url", "input_image"})
 
 
 class ChatMessage(BaseModel):
@@ -39,6 +40,10 @@ class ChatMessage(BaseModel):
             return value
         raise ValueError(f"content must be a string, a list of content parts (objects) or null, not "
                          f"{type(value).__name__}")
+
+    def has_image(self) -> bool:
+        """Whether the message holds an image part (``image_url``, or the Responses API's ``input_image``)."""
+        return isinstance(self.content, list) and any(p.get("type") in IMAGE_PARTS for p in self.content)
 
     def text(self) -> str:
         """The message's text; multi-part content keeps only its text parts."""

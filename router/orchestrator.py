@@ -110,14 +110,30 @@ class UnknownExpert(KeyError):
 
 
 class NoCapableExpert(ValueError):
-    """The request needs a capability (``tools``) that no expert it may go to declares."""
+    """The request needs capabilities (``tools`` when it carries tools, ``vision`` when a message holds an image)
+    that no expert it may go to declares. ``capability`` names them (``tools+vision`` for both); ``param`` is
+    the request field that needs them."""
 
-    def __init__(self, capability: str, model: str, capable: Sequence[str]) -> None:
-        self.capability, self.model, self.capable = capability, model, list(capable)
+    def __init__(self, needs: Sequence[str], model: str, capable: Sequence[str]) -> None:
+        self.capability, self.model, self.capable = "+".join(needs), model, list(capable)
+        self.param = "tools" if "tools" in needs else "messages"
+        named = " and ".join(repr(n) for n in needs)
         where = f"expert {model!r} does not" if capable else "no configured expert does"
         also = f"; experts that do: {', '.join(capable)}" if capable else ""
-        super().__init__(f"the request carries {capability!r}, but {where} declare the {capability!r} "
-                         f"capability{also}")
+        why = " and ".join(_NEED_REASONS[n] for n in needs)
+        super().__init__(f"the request {why}, so it needs the {named} capabilit{'ies' if len(needs) > 1 else 'y'}, "
+                         f"but {where} declare {'them' if len(needs) > 1 else 'it'}{also}")
+
+
+_NEED_REASONS = {"tools": "carries tools", "vision": "holds an image"}
+
+
+def needed_capabilities(request: ChatRequest) -> list[str]:
+    """The capabilities an expert must declare to serve ``request``, beyond chat."""
+    needs = ["tools"] if request.tools else []
+    if any(m.has_image() for m in request.messages):
+        needs.append("vision")
+    return needs
 
 
 class NotTried(ExpertError):
@@ -242,10 +258,11 @@ class Orchestrator:
         return self._decision(gated, self._unable(request), start)
 
     def _unable(self, request: ChatRequest) -> set[str]:
-        """Experts that cannot serve ``request``: without the ``tools`` capability when it carries tools."""
-        if not request.tools:
+        """Experts that cannot serve ``request``: without a capability it needs (``needed_capabilities``)."""
+        needs = set(needed_capabilities(request))
+        if not needs:
             return set()
-        return {e.name for e in self.config.experts if "tools" not in e.capabilities}
+        return {e.name for e in self.config.experts if not needs <= set(e.capabilities)}
 
     def assign_batch(self, queries: Sequence[str], capacity: Mapping[str, int] | None = None) -> list[str]:
         """Expert-choice routing for a batch: each expert takes the queries it scores highest, up to its
@@ -274,7 +291,7 @@ class Orchestrator:
         if unable and (self.is_routed(request.model) or request.model in unable):
             capable = [n for n in self.config.expert_names if n not in unable]
             if not capable or not self.is_routed(request.model):
-                raise NoCapableExpert("tools", request.model, capable)
+                raise NoCapableExpert(needed_capabilities(request), request.model, capable)
         if self.is_routed(request.model):
             decision = await self.decide(request)
             # Fallback walks only experts able to serve the request.

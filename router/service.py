@@ -310,7 +310,7 @@ def _problems(handler: Callable[..., Awaitable[Response]]) -> Callable[..., Awai
         except NoCapableExpert as exc:
             record.error = f"{exc.capability}_not_supported"
             return _problem_response(_HTTPProblem(400, str(exc), "invalid_request_error", record.error,
-                                                  param=exc.capability))
+                                                  param=exc.param))
 
     wrapped.__name__ = handler.__name__
     return wrapped

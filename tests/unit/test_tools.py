@@ -90,6 +90,44 @@ async def test_tools_with_no_capable_expert_is_a_clear_400() -> None:
         await tools_orch.complete(_request(chat(tools=True, model="chatty")))
 
 
+IMAGE = [{"type": "text", "text": "what is in this picture?"},
+         {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}]
+
+
+async def test_a_request_with_an_image_goes_only_to_experts_declaring_vision() -> None:
+    # The gate prefers "blind", which cannot read images; "looker" can, and can call tools too.
+    cfg = config([("blind", ["chat", "stream", "tools"]), ("looker", ["chat", "stream", "vision", "tools"])])
+    experts = {n: FakeExpert(cfg.expert(n)) for n in cfg.expert_names}
+    orch = Orchestrator(cfg, FakeGate(cfg.expert_names, {}, default=[0.8, 0.2]), experts)
+    picture = {"model": "auto", "messages": [{"role": "user", "content": IMAGE}]}
+    async with _client(create_app(orch)) as http:
+        routed = await http.post("/v1/chat/completions", json=picture)
+        both = await http.post("/v1/chat/completions", json={**picture, "tools": TOOLS})
+        text = await http.post("/v1/chat/completions", json=chat(tools=False))
+        direct = await http.post("/v1/chat/completions", json={**picture, "model": "blind"})
+    assert routed.status_code == 200 and routed.json()["model"] == "looker"
+    assert both.status_code == 200 and both.json()["model"] == "looker"
+    assert text.json()["model"] == "blind"  # a text request still goes where the gate says
+    assert all(not any(m.has_image() for m in r.messages) for r in experts["blind"].requests)
+    assert direct.status_code == 400
+    error = direct.json()["error"]
+    assert (error["code"], error["param"]) == ("vision_not_supported", "messages")
+    assert "holds an image" in error["message"] and "experts that do: looker" in error["message"]
+
+
+async def test_an_image_and_tools_with_no_expert_declaring_both_is_a_clear_400() -> None:
+    cfg = config([("seer", ["chat", "vision"]), ("agent", ["chat", "tools"])])
+    orch = Orchestrator(cfg, FakeGate(cfg.expert_names, {}, default=[0.5, 0.5]),
+                        {n: FakeExpert(cfg.expert(n)) for n in cfg.expert_names})
+    async with _client(create_app(orch)) as http:
+        r = await http.post("/v1/chat/completions",
+                            json={"messages": [{"role": "user", "content": IMAGE}], "tools": TOOLS})
+    assert r.status_code == 400
+    error = r.json()["error"]
+    assert (error["code"], error["param"]) == ("tools+vision_not_supported", "tools")
+    assert "'tools' and 'vision' capabilities" in error["message"] and "no configured expert" in error["message"]
+
+
 def _request(body: dict[str, Any]) -> Any:
     from experts.types import ChatRequest
 
