@@ -54,7 +54,8 @@ class Expert(ABC):
     async def stream(self, request: ChatRequest) -> AsyncIterator[StreamDelta]:
         """Yield the answer in pieces. The default yields the whole answer as one piece."""
         reply = await self.generate(request)
-        yield StreamDelta(content=reply.content, tool_calls=reply.tool_calls)
+        yield StreamDelta(content=reply.content, tool_calls=reply.tool_calls, logprobs=reply.logprobs,
+                          refusal=reply.refusal or "")
         yield StreamDelta(finish_reason=reply.finish_reason, usage=reply.usage, cost_usd=reply.cost_usd)
 
     def cost(self, usage: Usage) -> float:

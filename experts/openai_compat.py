@@ -137,8 +137,11 @@ class OpenAICompatibleExpert(Expert):
             finish_reason = choice.get("finish_reason") or finish_reason
             delta = choice.get("delta") or {}
             content, tool_calls = delta.get("content") or "", delta.get("tool_calls") or None
-            if content or tool_calls:
-                yield StreamDelta(content=content, tool_calls=tool_calls)
+            refusal = delta["refusal"] if isinstance(delta.get("refusal"), str) else ""
+            if content or tool_calls or refusal:
+                logprobs = choice.get("logprobs")
+                yield StreamDelta(content=content, tool_calls=tool_calls, refusal=refusal,
+                                  logprobs=logprobs if isinstance(logprobs, dict) else None)
         if finish_reason is None:
             raise ExpertProtocolError(self.name, "stream ended before a finish_reason or [DONE]")
         yield self._last_delta(finish_reason, usage_chunk, nested)
@@ -200,6 +203,8 @@ class OpenAICompatibleExpert(Expert):
             finish_reason=choice.get("finish_reason") or "stop",
             tool_calls=message.get("tool_calls") or None,
             model=str(data.get("model") or self.config.model),
+            logprobs=choice["logprobs"] if isinstance(choice.get("logprobs"), dict) else None,
+            refusal=message["refusal"] if isinstance(message.get("refusal"), str) else None,
             # When the upstream is another moe-router, its routing trace.
             nested=data["moe"] if isinstance(data.get("moe"), dict) else None,
         )

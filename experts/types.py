@@ -127,6 +127,10 @@ class ExpertReply:
     finish_reason: str = "stop"
     tool_calls: list[dict[str, Any]] | None = None
     model: str = ""
+    # Passed through as the upstream sent them: the choice's token log-probabilities (when the request asked
+    # for ``logprobs``) and the message's ``refusal``.
+    logprobs: dict[str, Any] | None = None
+    refusal: str | None = None
     # Set by an expert that is itself a router: the inner routing trace (its ``summary()``), nested in ours.
     nested: dict[str, Any] | None = None
 
@@ -139,6 +143,9 @@ class StreamDelta:
     finish_reason: str | None = None
     usage: Usage | None = None
     tool_calls: list[dict[str, Any]] | None = None
+    # As the upstream's chunk had them: the piece's token log-probabilities, and a refusal's text.
+    logprobs: dict[str, Any] | None = None
+    refusal: str = ""
     # Set with usage when the expert knows the call's USD cost itself (recorded, or sent as ``usage.cost``).
     cost_usd: float | None = None
     # An inner router's trace, on the last delta (see ``ExpertReply.nested``).

@@ -280,8 +280,9 @@ def _take(delta: StreamDelta, outcome: StreamOutcome, expert: Expert) -> StreamD
         outcome.finish_reason = delta.finish_reason
     if delta.nested is not None:
         outcome.nested = delta.nested
-    if not (delta.content or delta.tool_calls):
+    if not (delta.content or delta.tool_calls or delta.refusal):
         return None
     outcome.chars += len(delta.content)
     outcome.tool_deltas += bool(delta.tool_calls)
-    return StreamDelta(content=delta.content, tool_calls=delta.tool_calls)
+    return StreamDelta(content=delta.content, tool_calls=delta.tool_calls, logprobs=delta.logprobs,
+                       refusal=delta.refusal)

@@ -366,8 +366,10 @@ class Orchestrator:
             raise RouteFailed(errors, trace, reason)
         combined, chosen = await self._combine(combiner, request, replies, deadline, trace)
         trace.latency_ms = (time.perf_counter() - start) * 1000.0
+        own = combined.content == chosen.content  # the reply's text as it came: its log-probabilities hold
         return RoutedAnswer(content=combined.content, expert=combined.expert, finish_reason=chosen.finish_reason,
-                            tool_calls=chosen.tool_calls, trace=trace)
+                            tool_calls=chosen.tool_calls, logprobs=chosen.logprobs if own else None,
+                            refusal=chosen.refusal, trace=trace)
 
     async def _combine(self, combiner: Combiner, request: ChatRequest,
                        replies: list[tuple[WeightedExpert, ExpertReply]], deadline: Deadline,

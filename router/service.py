@@ -180,16 +180,21 @@ def _parse_chat(body: Any, max_chars: int) -> ChatRequest:
 
 
 def _completion_body(answer: Any, request_id: str) -> dict[str, Any]:
-    message: dict[str, Any] = {"role": "assistant", "content": answer.content}
+    # As OpenAI's: content is null beside tool calls that came without text.
+    message: dict[str, Any] = {"role": "assistant",
+                               "content": None if answer.tool_calls and not answer.content else answer.content}
     if answer.tool_calls:
         message["tool_calls"] = answer.tool_calls
+    if answer.refusal is not None:
+        message["refusal"] = answer.refusal
     trace = answer.trace.summary()
     return {
         "id": request_id,
         "object": "chat.completion",
         "created": int(time.time()),
         "model": answer.expert,
-        "choices": [{"index": 0, "message": message, "finish_reason": answer.finish_reason, "logprobs": None}],
+        "choices": [{"index": 0, "message": message, "finish_reason": answer.finish_reason,
+                     "logprobs": answer.logprobs}],
         "usage": trace["usage"],
         "moe": trace,
     }
@@ -204,8 +209,10 @@ class _Chunks:
     def __init__(self, request_id: str, include_usage: bool) -> None:
         self.request_id, self.include_usage, self.created = request_id, include_usage, int(time.time())
 
-    def chunk(self, model: str, delta: dict[str, Any], finish: str | None = None, **extra: Any) -> bytes:
-        return self._data(model, [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}], **extra)
+    def chunk(self, model: str, delta: dict[str, Any], finish: str | None = None,
+              logprobs: dict[str, Any] | None = None, **extra: Any) -> bytes:
+        return self._data(model, [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": logprobs}],
+                          **extra)
 
     def usage(self, model: str, usage: dict[str, Any]) -> bytes:
         return self._data(model, [], usage=usage)
@@ -234,9 +241,11 @@ async def _sse(events: AsyncIterator[StreamPiece | StreamEnd], first: StreamPiec
                 delta: dict[str, Any] = {"content": event.delta.content} if event.delta.content else {}
                 if event.delta.tool_calls:
                     delta["tool_calls"] = event.delta.tool_calls
+                if event.delta.refusal:
+                    delta["refusal"] = event.delta.refusal
                 if record.answer is not None:
                     record.answer.append(event.delta.content)
-                yield chunks.chunk(event.expert, delta)
+                yield chunks.chunk(event.expert, delta, logprobs=event.delta.logprobs)
             else:
                 record.trace, record.expert = event.trace, _answering(event.trace, model)
                 if on_end is not None:

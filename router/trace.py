@@ -127,4 +127,7 @@ class RoutedAnswer(BaseModel):
     expert: str = Field(description="the expert whose text is returned")
     finish_reason: str = "stop"
     tool_calls: list[dict[str, Any]] | None = None
+    # The returned reply's own, when the answer is that reply's text (not one an aggregator wrote from several).
+    logprobs: dict[str, Any] | None = None
+    refusal: str | None = None
     trace: Trace
