@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 __all__ = ["MAX_TOKENS_LIMIT", "ChatMessage", "ChatRequest", "ExpertReply", "StreamDelta", "Usage"]
 
@@ -40,6 +40,12 @@ class ChatMessage(BaseModel):
             return value
         raise ValueError(f"content must be a string, a list of content parts (objects) or null, not "
                          f"{type(value).__name__}")
+
+    @model_validator(mode="after")
+    def _content_needed(self) -> ChatMessage:
+        if self.content is None and self.role in ("system", "user", "developer"):
+            raise ValueError(f"a {self.role} message needs content")
+        return self
 
     def has_image(self) -> bool:
         """Whether the message holds an image part (``image_url``, or the Responses API's ``input_image``)."""

@@ -249,6 +249,7 @@ async def test_expert_choice_batch_routing_over_http_and_the_sdk() -> None:
         ({"messages": [{"role": "user", "content": [{"text": "hi"}]}]}, "messages[0].content", "needs a 'type'"),
         ({"messages": [{"role": "user", "content": "hi"}, {"role": "wizard", "content": "x"}]}, "messages[1].role",
          "should match pattern"),
+        ({"messages": [{"role": "user"}]}, "messages[0]", "a user message needs content"),
     ],
 )
 async def test_wrong_types_are_refused_naming_the_field_as_openai_writes_it(body: dict[str, object], param: str,
