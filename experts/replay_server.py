@@ -167,12 +167,14 @@ def create_app(experts: Sequence[Expert]) -> FastAPI:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Serve the replay experts of a router config file."""
+    from router.cli import port_number  # here: ``experts`` must not depend on ``router`` at import time
+
     parser = argparse.ArgumentParser(
         prog="python -m experts.replay_server", description="Serve replay experts over OpenAI's API."
     )
     parser.add_argument("--config", required=True, type=Path, help="a router YAML config")
     parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8001)
+    parser.add_argument("--port", type=port_number, default=8001)
     args = parser.parse_args(argv)
 
     # Imported here: ``experts`` must not depend on ``router`` at import time.

@@ -153,7 +153,7 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="run the OpenAI-compatible service")
     p.add_argument("--config", default=DEFAULT_CONFIG)
     p.add_argument("--host")
-    p.add_argument("--port", type=int)
+    p.add_argument("--port", type=port_number)
     p.add_argument("--log-level", default="info")
     p.set_defaults(func=cmd_serve)
 
@@ -229,6 +229,17 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def port_number(raw: str) -> int:
+    """A TCP port for argparse: 1 to 65535 (the OS would take 70000 as 70000 mod 65536 and listen elsewhere)."""
+    try:
+        port = int(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{raw!r} is not a port number") from None
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"port {port} is out of range (1 to 65535)")
+    return port
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from router.config import ConfigError
 
@@ -246,7 +257,35 @@ def main(argv: Sequence[str] | None = None) -> int:
         # package to install; a traceback would bury it.
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except Exception as exc:
+        message = _runtime_error(exc)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        return 1
     return code
+
+
+def _runtime_error(exc: Exception) -> str | None:
+    """The message for a failure a command can meet at run time (an expert that cannot answer or be built, an
+    unknown model, a service that answers an error or cannot be reached); None for a bug, whose traceback is
+    wanted. Imported here, after the fact, so that a command that never meets them never imports them."""
+    import httpx
+
+    from experts.errors import ExpertError
+    from router.fallback import AllExpertsFailed
+    from router.orchestrator import NoCapableExpert, UnknownExpert
+    from router.sdk import RouterAPIError
+
+    if isinstance(exc, httpx.HTTPError):
+        try:
+            where = f" {exc.request.method} {exc.request.url}"
+        except RuntimeError:  # raised before a request existed
+            where = ""
+        return f"cannot reach the service{where}: {exc or type(exc).__name__}"
+    if isinstance(exc, ExpertError | AllExpertsFailed | UnknownExpert | NoCapableExpert | RouterAPIError):
+        return str(exc)
+    return None
 
 
 if __name__ == "__main__":  # pragma: no cover

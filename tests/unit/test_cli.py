@@ -136,3 +136,36 @@ def test_train_names_the_config_key_of_a_missing_train_data_file(tmp_path: Path,
     assert main(["train", "--config", str(labelled)]) == 1
     err = capsys.readouterr().err
     assert "gate.train_data[0] names 'data/mine.jsonl'" in err and "`moe convert DATASET --split train" in err
+
+
+def test_a_port_out_of_range_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["serve", "--config", "configs/demo.yaml", "--port", "70000"])
+    assert info.value.code == 2
+    assert "port 70000 is out of range (1 to 65535)" in capsys.readouterr().err
+
+
+def test_a_service_that_cannot_be_reached_or_answers_an_error_is_an_error_line(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    assert main(["ask", "hi", "--url", f"http://127.0.0.1:{port}"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: cannot reach the service POST http://127.0.0.1:{port}/v1/chat/completions")
+    assert "Traceback" not in err
+
+
+def test_runtime_failures_are_error_lines_and_bugs_keep_their_traceback() -> None:
+    from experts.errors import ExpertConfigError
+    from router.cli import _runtime_error
+    from router.orchestrator import UnknownExpert
+    from router.sdk import RouterAPIError
+
+    api = RouterAPIError(503, {"error": {"message": "every candidate expert failed", "code": "all_experts_failed"}})
+    assert "every candidate expert failed" in (_runtime_error(api) or "")
+    assert _runtime_error(UnknownExpert("nosuch", ["auto", "math"])) == "unknown model 'nosuch'; known: auto, math"
+    assert "no RouterBench data" in (_runtime_error(ExpertConfigError("gpt-4", "no RouterBench data at x")) or "")
+    assert _runtime_error(RuntimeError("a bug")) is None
