@@ -7,6 +7,7 @@ written in the file: an expert names the environment variable that holds its key
 
 from __future__ import annotations
 
+import io
 import os
 import re
 from collections.abc import Iterable
@@ -460,7 +461,8 @@ def _expert_label(raw: Any, index: int) -> str:
     return f"experts[{index}]" + (f" ({name})" if isinstance(name, str) else "")
 
 
-def _cross_problems(raw: Any, *, check_env: bool) -> Iterable[tuple[str, str]]:
+def _cross_problems(raw: Any, *, check_env: bool,
+                    base_dir: str | Path | None = None) -> Iterable[tuple[str, str]]:
     """Problems pydantic's per-field checks cannot see: references between parts, types, environment."""
     from experts.registry import EXPERT_TYPES, REQUIRES_ENDPOINT
 
@@ -489,8 +491,20 @@ def _cross_problems(raw: Any, *, check_env: bool) -> Iterable[tuple[str, str]]:
         elif kind != "router" and e.get("router_config"):
             yield f"{where}.router_config", "only type 'router' takes a router_config"
         key_env = e.get("api_key_env")
-        if check_env and isinstance(key_env, str) and not os.environ.get(key_env):
+        if isinstance(key_env, str) and "${" in key_env:
+            yield f"{where}.api_key_env", ("names an environment variable: write the variable's name itself "
+                                           "(api_key_env: OPENAI_API_KEY), not a ${...} reference to it")
+        elif check_env and isinstance(key_env, str) and not os.environ.get(key_env):
             yield f"{where}.api_key_env", f"environment variable {key_env} is not set"
+        endpoint = e.get("endpoint")
+        if isinstance(endpoint, str) and key_env and "@" in endpoint.split("://", 1)[-1].split("/", 1)[0]:
+            yield f"{where}.endpoint", ("holds credentials (user:password@) and api_key_env sets a bearer key too; "
+                                        "an HTTP request carries only one Authorization: keep one of them")
+        if check_env and kind == "router" and isinstance(e.get("router_config"), str) and base_dir is not None:
+            inner = Path(e["router_config"])
+            inner = inner if inner.is_absolute() else Path(base_dir) / inner
+            if not inner.is_file():
+                yield f"{where}.router_config", f"no config file at {inner}"
     gate: dict[str, Any] = raw["gate"] if isinstance(raw.get("gate"), dict) else {}
     default = gate.get("default_expert")
     if isinstance(default, str) and names and default not in names:
@@ -499,6 +513,10 @@ def _cross_problems(raw: Any, *, check_env: bool) -> Iterable[tuple[str, str]]:
     service: dict[str, Any] = raw["service"] if isinstance(raw.get("service"), dict) else {}
     if service.get("name") in names:
         yield "service.name", f"{service.get('name')!r} is also an expert's name"
+    state: dict[str, Any] = raw["state"] if isinstance(raw.get("state"), dict) else {}
+    url_env = state.get("url_env", "MOE_REDIS_URL")
+    if check_env and state.get("backend") == "redis" and isinstance(url_env, str) and not os.environ.get(url_env):
+        yield "state.url_env", f"environment variable {url_env} is not set; it must hold the Redis URL"
 
 
 def _combiner_problems(combiner: Any, names: list[str]) -> Iterable[tuple[str, str]]:
@@ -519,13 +537,29 @@ _COMBINER_EXPERTS = (("aggregator", "fuse", "writes the final answer"),
                      ("escalate_to", "escalate", "answers when the panel disagrees"))
 
 
-def _expand_env(value: Any) -> Any:
+def _expand_env(value: Any, unset: list[tuple[str, str]], where: str = "") -> Any:
+    """``value`` with each ``${VAR}`` and ``${VAR:-default}`` replaced from the environment; a variable that is
+    unset and has no default becomes "" and is noted in ``unset`` as ``(path, name)``.
+
+    A ``*_env`` key's value is left alone: it names a variable. Expanded, a mistaken ``api_key_env: ${KEY}``
+    would put the key itself where a variable's name goes, and into every message that names that variable."""
     if isinstance(value, str):
-        return _ENV_REF.sub(lambda m: os.environ.get(m.group(1), m.group(2) or ""), value)
+        if where.endswith("_env"):
+            return value
+
+        def substitute(match: re.Match[str]) -> str:
+            name, default = match.group(1), match.group(2)
+            if name in os.environ:
+                return os.environ[name]
+            if default is None:
+                unset.append((where or "<root>", name))
+            return default or ""
+
+        return _ENV_REF.sub(substitute, value)
     if isinstance(value, list):
-        return [_expand_env(v) for v in value]
+        return [_expand_env(v, unset, f"{where}[{i}]") for i, v in enumerate(value)]
     if isinstance(value, dict):
-        return {k: _expand_env(v) for k, v in value.items()}
+        return {k: _expand_env(v, unset, f"{where}.{k}" if where else str(k)) for k, v in value.items()}
     return value
 
 
@@ -553,20 +587,47 @@ def _pydantic_problems(exc: ValidationError, raw: Any) -> list[tuple[str, str]]:
 def parse_config(raw: Any, *, source: str = "<config>", base_dir: str | Path = ".",
                  check_env: bool = True) -> RouterConfig:
     """Validate a config mapping. Raises ``ConfigError`` listing every problem with its path."""
-    raw = _expand_env(raw)
+    unset: list[tuple[str, str]] = []
+    raw = _expand_env(raw, unset)
     if not isinstance(raw, dict):
         raise ConfigError(source, [("<root>", "the config must be a mapping")])
     problems: list[tuple[str, str]] = []
+    if "base_dir" in raw:  # set from the file's folder; a key of that name would be silently overwritten
+        problems.append(("base_dir", "unknown key (not in the schema; paths resolve against the config's folder)"))
+    if check_env:
+        problems += [(path, f"environment variable {name} is not set and ${{{name}}} has no default (write "
+                            f"${{{name}:-default}} to give one)") for path, name in unset]
     config: RouterConfig | None = None
     try:
         config = RouterConfig.model_validate({**raw, "base_dir": str(base_dir)})
     except ValidationError as exc:
         problems.extend(_pydantic_problems(exc, raw))
-    cross = list(_cross_problems(raw, check_env=check_env))
+    cross = list(_cross_problems(raw, check_env=check_env, base_dir=base_dir))
     problems.extend(p for p in cross if p not in problems)
     if problems or config is None:
         raise ConfigError(source, problems or [("<root>", "invalid config")])
     return config
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (plain YAML keeps the last, silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    "while reading a mapping", node.start_mark, f"found the key {key!r} twice", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _named(text: str, path: Path) -> io.StringIO:
+    """``text`` as a stream named ``path``, so YAML's error marks name the file."""
+    stream = io.StringIO(text)
+    stream.name = str(path)
+    return stream
 
 
 def load_config(path: str | Path, *, check_env: bool = True) -> RouterConfig:
@@ -577,7 +638,7 @@ def load_config(path: str | Path, *, check_env: bool = True) -> RouterConfig:
     except OSError as exc:
         raise ConfigError(str(path), [("<file>", f"cannot read: {exc.strerror}")]) from exc
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.load(_named(text, path), Loader=_UniqueKeyLoader)  # a SafeLoader: no arbitrary objects
     except yaml.YAMLError as exc:
         raise ConfigError(str(path), [("<yaml>", str(exc).replace("\n", " "))]) from exc
     return parse_config(raw, source=str(path), base_dir=path.resolve().parent, check_env=check_env)

@@ -1,0 +1,89 @@
+"""Config problems found before anything runs, each named with its path: duplicate YAML keys, unset ``${VAR}``s,
+``*_env`` keys that hold a reference instead of a variable's name (never expanded, so a key cannot leak into a
+message), credentials given twice, a nested router's missing file, Redis state without its URL."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from router.config import ConfigError, load_config, parse_config
+
+
+def expert(**fields: object) -> dict[str, object]:
+    return {"name": "alpha", "type": "vllm", "endpoint": "http://127.0.0.1:9/v1", "model": "m", **fields}
+
+
+def problems(raw: dict[str, object], *, base_dir: Path | str = ".", check_env: bool = True) -> dict[str, str]:
+    with pytest.raises(ConfigError) as info:
+        parse_config(raw, base_dir=base_dir, check_env=check_env)
+    return dict(info.value.problems)
+
+
+def test_a_key_given_twice_is_refused_naming_the_file_and_lines(tmp_path: Path) -> None:
+    path = tmp_path / "dup.yaml"
+    path.write_text("version: 1\nservice:\n  port: 8000\n  port: 9000\nexperts: []\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path, check_env=False)
+    (where, message), = info.value.problems
+    assert where == "<yaml>" and "found the key 'port' twice" in message
+    assert f'in "{path}", line 4' in message
+
+
+def test_yaml_syntax_errors_name_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("version: 1\nexperts:\n  - name: a\n   type: x\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path, check_env=False)
+    assert f'in "{path}", line 4' in info.value.problems[0][1] and "<unicode string>" not in str(info.value)
+
+
+def test_an_unset_variable_without_a_default_is_a_problem_with_its_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("MOE_TEST_UNSET_DIR", raising=False)
+    raw = {"version": 1, "experts": [expert(endpoint="http://${MOE_TEST_UNSET_DIR}/v1")]}
+    found = problems(raw)
+    assert "MOE_TEST_UNSET_DIR is not set" in found["experts[0].endpoint"]
+    assert "${MOE_TEST_UNSET_DIR:-default}" in found["experts[0].endpoint"]
+    # a default, or a set variable, is fine; check_env=False (a test, the replay server) leaves it ""
+    raw_default = {"version": 1, "experts": [expert(endpoint="http://${MOE_TEST_UNSET_DIR:-127.0.0.1:9}/v1")]}
+    assert parse_config(raw_default).experts[0].endpoint == "http://127.0.0.1:9/v1"
+    assert parse_config(raw, check_env=False).experts[0].endpoint == "http:///v1"
+
+
+def test_an_env_key_holding_a_reference_is_refused_and_the_secret_never_printed(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MOE_TEST_TOKEN", "hf_SECRETVALUE123")  # looks like a variable's name once expanded
+    raw = {"version": 1, "experts": [expert(api_key_env="${MOE_TEST_TOKEN}")]}
+    with pytest.raises(ConfigError) as info:
+        parse_config(raw)
+    assert "hf_SECRETVALUE123" not in str(info.value)
+    assert "write the variable's name itself" in dict(info.value.problems)["experts[0] (alpha).api_key_env"]
+
+
+def test_credentials_in_the_endpoint_and_a_bearer_key_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MOE_TEST_KEY", "k")
+    raw = {"version": 1, "experts": [expert(endpoint="http://user:pw@host:9/v1", api_key_env="MOE_TEST_KEY")]}
+    assert "only one Authorization" in problems(raw)["experts[0] (alpha).endpoint"]
+    parse_config({"version": 1, "experts": [expert(endpoint="http://user:pw@host:9/v1")]})  # one of them: fine
+
+
+def test_a_nested_router_config_that_does_not_exist_is_a_problem(tmp_path: Path) -> None:
+    raw = {"version": 1, "experts": [{"name": "science", "type": "router", "model": "auto",
+                                      "router_config": "science.yaml"}]}
+    assert f"no config file at {tmp_path / 'science.yaml'}" in problems(raw, base_dir=tmp_path)[
+        "experts[0] (science).router_config"]
+    (tmp_path / "science.yaml").write_text("version: 1\n")
+    parse_config(raw, base_dir=tmp_path)
+
+
+def test_redis_state_needs_its_url_variable_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("MOE_TEST_REDIS", raising=False)
+    raw = {"version": 1, "experts": [expert()], "state": {"backend": "redis", "url_env": "MOE_TEST_REDIS"}}
+    assert "MOE_TEST_REDIS is not set" in problems(raw)["state.url_env"]
+    monkeypatch.setenv("MOE_TEST_REDIS", "redis://127.0.0.1:6379/0")
+    parse_config(raw)
+
+
+def test_a_base_dir_key_is_refused_rather_than_overwritten() -> None:
+    assert "unknown key" in problems({"version": 1, "experts": [expert()], "base_dir": "/etc"})["base_dir"]
