@@ -20,11 +20,16 @@ def read_jsonl(path: str | Path, *, expected: str = "an object",
 
     A line that is not JSON, or not a JSON object, raises ``error`` naming the place and what is wrong;
     ``expected`` says what the object should have held (``"an object with 'query' and 'label'"``)."""
-    with open(path, encoding="utf-8") as fh:
-        for number, line in enumerate(fh, start=1):
+    with open(path, "rb") as fh:
+        for number, raw in enumerate(fh, start=1):
+            where = f"{path}:{number}"
+            try:
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8").rstrip("\r\n")  # a BOM is no error
+            except UnicodeDecodeError as exc:
+                raise error(f"{where}: not UTF-8 (byte 0x{raw[exc.start]:02x} at column {exc.start + 1}); "
+                            "save the file as UTF-8") from None
             if not line.strip():
                 continue
-            where = f"{path}:{number}"
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as exc:

@@ -1,0 +1,40 @@
+"""JSONL data files: every problem named by file, line and column."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from router.jsonl import read_jsonl
+
+
+def rows(path: Path) -> list[dict[str, object]]:
+    return [row for _, _, row in read_jsonl(path)]
+
+
+def test_objects_blank_lines_crlf_and_a_bom_are_read(tmp_path: Path) -> None:
+    path = tmp_path / "ok.jsonl"
+    path.write_bytes(b'\xef\xbb\xbf{"query": "a"}\r\n\n{"query": "\xc3\xa9"}\n')
+    assert rows(path) == [{"query": "a"}, {"query": "é"}]
+
+
+def test_a_truncated_line_names_the_column_where_it_breaks(tmp_path: Path) -> None:
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"query": "ok", "label": "x"}\n{"query": "broken", "label": \n')
+    with pytest.raises(ValueError, match=rf"{path}:2: not valid JSON \(Expecting value at column 30\)"):
+        rows(path)
+
+
+def test_bytes_that_are_not_utf8_are_named_by_line_and_column(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(b'{"query": "a"}\n{"query": "caf\xe9"}\n')
+    with pytest.raises(ValueError, match=rf"{path}:2: not UTF-8 \(byte 0xe9 at column 15\)"):
+        rows(path)
+
+
+def test_a_line_that_is_not_an_object_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "list.jsonl"
+    path.write_text("[1, 2]\n")
+    with pytest.raises(ValueError, match=rf"{path}:1: expected an object, got list"):
+        rows(path)
