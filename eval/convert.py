@@ -147,12 +147,14 @@ def _renamed(row: Row, names: Mapping[str, str]) -> Row | None:
 
 
 def convert(name: str, data_dir: str | Path, split: str, out: str | Path, *, seed: int = 0,
-            names: Mapping[str, str] | None = None, answers: bool = True, limit: int | None = None) -> int:
+            names: Mapping[str, str] | None = None, answers: bool = True, limit: int | None = None,
+            matched: set[str] | None = None) -> int:
     """Write data set ``name``'s ``split`` to ``out`` as JSONL; returns the number of lines written.
 
-    ``names`` (outcome data sets only) maps recorded LLMs to expert names; ``answers=False`` leaves the
-    answers out of outcome records; ``limit`` stops after that many lines. Raises ``ValueError`` naming the
-    known data sets or splits for an unknown one."""
+    ``names`` (outcome data sets only) maps recorded LLMs to expert names, and the experts found in the data go
+    into ``matched`` when given; ``answers=False`` leaves the answers out of outcome records; ``limit`` stops
+    after that many lines. Raises ``ValueError`` naming the known data sets or splits for an unknown one, and
+    when ``names`` match no LLM of the data set (no file is left then)."""
     if name not in CONVERTERS:
         raise ValueError(f"unknown data set {name!r}; known: {', '.join(CONVERTERS)}")
     converter = CONVERTERS[name]
@@ -168,12 +170,18 @@ def convert(name: str, data_dir: str | Path, split: str, out: str | Path, *, see
             kept = _renamed(row, names) if names is not None else row
             if kept is None:
                 continue
+            if matched is not None:
+                matched.update(kept.get("outcomes", {}))
             if not answers:
                 kept.pop("answers", None)
             fh.write(json.dumps(kept, ensure_ascii=False) + "\n")
             count += 1
             if limit is not None and count >= limit:
                 break
+    if names is not None and count == 0:
+        path.unlink()
+        raise ValueError(f"none of the experts' recorded models ({', '.join(sorted(names))}) is among {name}'s "
+                         f"LLMs, so no record was written; point --config at experts that replay {name}")
     return count
 
 
@@ -191,8 +199,13 @@ def main(args: argparse.Namespace) -> int:
     if names is not None and not names:
         print(f"error: {args.config} has no replay experts to name the recorded LLMs after", file=sys.stderr)
         return 2
+    matched: set[str] = set()
     count = convert(args.dataset, args.data or default_data_dir(), args.split, args.out, seed=args.seed,
-                    names=names, answers=not args.no_answers, limit=args.limit)
+                    names=names, answers=not args.no_answers, limit=args.limit, matched=matched)
+    missing = sorted(f"{e} (model {m!r})" for m, e in (names or {}).items() if e not in matched)
+    if missing:
+        print(f"warning: {args.dataset} records no answers for these replay experts of {args.config}, so the "
+              f"records leave them out: {', '.join(missing)}", file=sys.stderr)
     kind = CONVERTERS[args.dataset].kind
     print(f"wrote {count} {'labelled queries' if kind == 'label' else 'outcome records'} ({args.dataset}, "
           f"{args.split} split) to {args.out}")

@@ -102,3 +102,29 @@ def test_cli_writes_and_says_what(data_dir: Path, tmp_path: Path, capsys: pytest
     assert said.startswith(f"wrote {len(datasets.load_labelled_jsonl(out))} ")
     assert main(["convert", "snips-intent", "--split", "val", "--data", str(data_dir), "--out", str(out)]) == 1
     assert "has no 'val' split" in capsys.readouterr().err
+
+
+def test_a_config_whose_experts_the_data_set_never_recorded_writes_nothing_and_says_so(
+        data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("MOE_DATA_DIR", str(data_dir))
+    out = tmp_path / "none.jsonl"
+    # the demo's experts replay RouterBench's LLMs, none of which MMLU-Pro records
+    assert main(["convert", "mmlu-pro-outcome", "--split", "test", "--data", str(data_dir), "--out", str(out),
+                 "--config", str(ROOT / "configs" / "demo.yaml"), "--limit", "5"]) == 1
+    assert "none of the experts' recorded models" in capsys.readouterr().err and not out.exists()
+
+
+def test_replay_experts_missing_from_the_data_set_are_named(data_dir: Path, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("MOE_DATA_DIR", str(data_dir))
+    config = (ROOT / "configs" / "demo.yaml").read_text(encoding="utf-8")
+    assert "model: gpt-4-1106-preview" in config
+    edited = tmp_path / "demo.yaml"
+    edited.write_text(config.replace("model: gpt-4-1106-preview", "model: gpt-5-preview"), encoding="utf-8")
+    out = tmp_path / "rb.jsonl"
+    assert main(["convert", "routerbench", "--split", "test", "--data", str(data_dir), "--out", str(out),
+                 "--config", str(edited), "--limit", "5"]) == 0
+    err = capsys.readouterr().err
+    assert "leave them out: gpt-4-turbo (model 'gpt-5-preview')" in err
+    assert all("gpt-4-turbo" not in r.outcomes for r in load_outcome_jsonl(out))
