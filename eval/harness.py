@@ -143,4 +143,6 @@ def _command(args: argparse.Namespace, suite: str) -> str:
 
 def _summary(results: dict[str, Any]) -> str:
     shown = ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in results["metrics"].items())
-    return f"{results['suite']}: {shown}\nwrote results.json, report.md and figures to {results['setup'].get('out')}"
+    figures = results.get("figures") or []
+    wrote = f"results.json, report.md and {len(figures)} figure(s)" if figures else "results.json and report.md"
+    return f"{results['suite']}: {shown}\nwrote {wrote} to {results['setup'].get('out')}"
