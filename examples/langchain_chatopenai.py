@@ -24,14 +24,14 @@ def main(base_url: str, api_key: str) -> None:
     model = ChatOpenAI(base_url=f"{base_url.rstrip('/')}/v1", api_key=SecretStr(api_key), model="auto", temperature=0.0,
                        max_completion_tokens=256)
 
-    message = model.invoke("What is the derivative of x**3?")
+    message = model.invoke("Write a function to sort the given list.")
     print(f"[{message.response_metadata.get('model_name')}] {message.content}")
 
     chain = ChatPromptTemplate.from_messages([("human", "{question}")]) | model | StrOutputParser()
-    print("chain:", chain.invoke({"question": "Write a Python one-liner that reverses a string."}))
+    print("chain:", chain.invoke({"question": "Write a function to convert a list to a tuple."}))
 
     print("stream: ", end="", flush=True)
-    for piece in chain.stream({"question": "Name three prime numbers."}):
+    for piece in chain.stream({"question": "Write a function to find the nth nonagonal number."}):
         print(piece, end="", flush=True)
     print()
 

@@ -25,7 +25,7 @@ async def main(base_url: str, api_key: str | None) -> None:
     model = ChatMoERouter(base_url=base_url, api_key=key, model="auto", temperature=0.0, max_tokens=256)
 
     # 1. One call: the answer, the expert that gave it and why the gate chose it.
-    message = await model.ainvoke("What is the derivative of x**3?")
+    message = await model.ainvoke("Write a function to sort the given list.")
     trace = message.response_metadata["moe_trace"]
     print(f"[{message.response_metadata['model_name']}] {message.content}")
     if trace["decision"]:
@@ -35,12 +35,12 @@ async def main(base_url: str, api_key: str | None) -> None:
     # 2. In an LCEL chain.
     prompt = ChatPromptTemplate.from_messages([("system", "Answer in one sentence."), ("human", "{question}")])
     chain = prompt | model | StrOutputParser()
-    print("\nchain:", await chain.ainvoke({"question": "Write a Python one-liner that reverses a string."}))
+    print("\nchain:", await chain.ainvoke({"question": "Write a function to convert a list to a tuple."}))
 
     # 3. Streaming: tokens as they come; the last chunk carries the trace.
     print("\nstream: ", end="", flush=True)
     final = None
-    async for chunk in model.astream("Name three prime numbers."):
+    async for chunk in model.astream("Write a function to find the nth nonagonal number."):
         print(chunk.content, end="", flush=True)
         final = chunk if final is None else final + chunk
     if final is not None:
