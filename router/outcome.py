@@ -151,10 +151,19 @@ class SuccessModel(Protocol):
     def arrays(self) -> dict[str, np.ndarray]: ...
 
 
-def success_prior(outcomes: np.ndarray) -> np.ndarray:
-    """``[m]`` each expert's mean outcome over the rows with a record for it (NaN = no record)."""
+# How many records' worth of the pooled success rate each expert's own rate is shrunk toward: an expert with a
+# handful of records (three, all right) must not outrank one measured on hundreds, and take every query where no
+# neighbour has a record for it. With thousands of records an expert's own rate moves by well under a point.
+PRIOR_RECORDS = 50.0
+
+
+def success_prior(outcomes: np.ndarray, strength: float = PRIOR_RECORDS) -> np.ndarray:
+    """``[m]`` each expert's mean outcome over the rows with a record for it (NaN = no record), shrunk toward
+    the pooled mean of every record with the weight of ``strength`` records."""
     known = ~np.isnan(outcomes)
-    return np.asarray(np.where(known, outcomes, 0.0).sum(axis=0) / np.maximum(known.sum(axis=0), 1))
+    hits = np.where(known, outcomes, 0.0).sum(axis=0)
+    pooled = float(hits.sum() / max(int(known.sum()), 1))
+    return np.asarray((hits + strength * pooled) / (known.sum(axis=0) + strength))
 
 
 def shrunk_success(neighbour_outcomes: np.ndarray, prior: np.ndarray, alpha: float) -> np.ndarray:

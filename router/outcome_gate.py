@@ -55,7 +55,15 @@ from router.gate import (
     fit_ood_threshold,
     fit_temperature,
 )
-from router.outcome import SUCCESS_MODELS, KnnSuccess, OutcomeRecord, SuccessModel, outcome_matrices
+from router.outcome import (
+    PRIOR_RECORDS,
+    SUCCESS_MODELS,
+    KnnSuccess,
+    OutcomeRecord,
+    SuccessModel,
+    outcome_matrices,
+    success_prior,
+)
 
 if TYPE_CHECKING:
     from router.config import RouterConfig
@@ -100,9 +108,13 @@ def tune(success: np.ndarray, outcomes: np.ndarray, record_costs: np.ndarray, co
     # the evaluation scores it; crediting its predicted success instead rewarded routing to experts whose
     # answers were never observed there.
     earned = np.where(np.isnan(outcomes), 0.0, outcomes) - penalty
-    prior = np.nanmean(np.where(np.isnan(outcomes), np.nan, outcomes), axis=0)
-    prior = np.where(np.isnan(prior), 0.0, prior)
-    anchor = int(np.argmax(prior - penalty))
+    # The anchor is the expert the gate falls back on, so it is chosen by what the records make sure of: its
+    # success shrunk toward the pooled rate, less one standard error. An expert with three lucky records has a
+    # high estimate but a wide error, and is not the anchor; experts with thousands of records each keep their
+    # order. Picks of other experts must then beat it by the margin, and a pick no record backs earns nothing.
+    prior = success_prior(outcomes)
+    counts = (~np.isnan(outcomes)).sum(axis=0)
+    anchor = int(np.argmax(prior - np.sqrt(prior * (1.0 - prior) / (counts + PRIOR_RECORDS)) - penalty))
     utility = success - penalty
     rows = np.arange(len(success))
     always = 1.0 + cost_weight + 1e-6  # no gain over the anchor can exceed this: always the anchor
@@ -125,13 +137,36 @@ def tune(success: np.ndarray, outcomes: np.ndarray, record_costs: np.ndarray, co
         "routed_utility": best_value,
         "routed_accuracy": float(scored[rows, chosen].mean()),
         "unrecorded_pick_share": float(np.isnan(outcomes[rows, chosen]).mean()),
-        "routed_cost": float(np.nanmean(record_costs[rows, chosen])) if not np.isnan(record_costs).all() else None,
+        "routed_cost": _mean_known(record_costs[rows, chosen]),
         "best_single_accuracy": float(scored.mean(axis=0).max()),
         "oracle_accuracy": float(np.nanmax(np.where(np.isnan(outcomes), 0.0, outcomes), axis=1).mean()),
         "ece_before": expected_calibration_error(_softmax(logits), target),
         "ece_after": expected_calibration_error(_softmax(logits / temperature), target),
     }
     return Tuning(cost_weight, anchor, best_margin, temperature, metrics)
+
+
+def _warn_thin_data(experts: Sequence[str], outcomes: np.ndarray, record_costs: np.ndarray,
+                    cost_weight: float) -> None:
+    """Say which experts the records say little about: few records next to the others (their success leans on
+    the pooled rate, ``router.outcome.PRIOR_RECORDS``), or, when cost counts, no recorded cost (they count as
+    free)."""
+    counts = (~np.isnan(outcomes)).sum(axis=0)
+    thin = [f"{e} ({n})" for e, n in zip(experts, counts, strict=True) if n < min(PRIOR_RECORDS, counts.max() / 4)]
+    if thin:
+        log.warning("outcome records: few records for %s, against up to %d for the others; their success "
+                    "estimates lean on the pooled success rate", ", ".join(thin), counts.max())
+    if cost_weight > 0:
+        unpriced = [e for e, c in zip(experts, (~np.isnan(record_costs)).sum(axis=0), strict=True) if c == 0]
+        if unpriced:
+            log.warning("outcome records: no recorded cost for %s, so with cost_weight %.3g the gate counts "
+                        "them as free; record a cost for them", ", ".join(unpriced), cost_weight)
+
+
+def _mean_known(values: np.ndarray) -> float | None:
+    """The mean of the values that are known (not NaN); None when none is: JSON has no NaN."""
+    known = values[~np.isnan(values)]
+    return float(known.mean()) if known.size else None
 
 
 class OutcomeGate(Gate):
@@ -305,6 +340,7 @@ def train_outcome_gate(records: Sequence[OutcomeRecord], encoder: Encoder, *, ex
     if silent:
         raise ValueError(f"experts with no outcome record: {', '.join(silent)}; leave them out (a config "
                          "expert without records is routed from its examples)")
+    _warn_thin_data(experts, outcomes, record_costs, cost_weight)
     texts = [r.query for r in records]
     x = embed_texts(encoder, texts, progress=progress) if embeddings is None else np.asarray(embeddings, np.float32)
     folds = _folds(texts, seed)
@@ -339,6 +375,7 @@ def train_outcome_gate(records: Sequence[OutcomeRecord], encoder: Encoder, *, ex
         n_train=len(records), n_val=len(records), accuracy=t.metrics["routed_accuracy"],
         ece_before=t.metrics["ece_before"], ece_after=t.metrics["ece_after"],
         routed_accuracy=t.metrics["routed_accuracy"], routed_cost=t.metrics["routed_cost"],
-        best_single=experts[int(np.argmax(np.nanmean(outcomes, axis=0)))],
+        # Named as best_single_accuracy scores it: a missing record counts as wrong.
+        best_single=experts[int(np.argmax(np.where(np.isnan(outcomes), 0.0, outcomes).mean(axis=0)))],
         best_single_accuracy=t.metrics["best_single_accuracy"], oracle_accuracy=t.metrics["oracle_accuracy"]))
     return gate

@@ -234,3 +234,39 @@ def test_the_reported_routed_accuracy_counts_a_pick_without_a_record_as_wrong() 
     assert t.metrics["routed_accuracy"] == pytest.approx(expected)
     assert t.metrics["unrecorded_pick_share"] == pytest.approx(np.isnan(outcomes[np.arange(n), chosen]).mean())
     assert t.metrics["best_single_accuracy"] == pytest.approx(0.6)  # b: 50 right of 100, a: 60
+
+
+def test_an_expert_with_a_few_lucky_records_does_not_take_over_routing(caplog: pytest.LogCaptureFixture) -> None:
+    """Three records, all right, once made an expert the anchor and every query's pick: where no neighbour has
+    a record for it, its success estimate was its own 3/3. The anchor is now chosen by what the records make
+    sure of, picks without a record earn nothing when the margin is tuned, and training says the records are
+    thin for it."""
+    from tests.doubles.fakes import HashingEncoder
+
+    rng = np.random.default_rng(0)
+    n = 300
+    a = (rng.random(n) < 0.6).astype(float)
+    b = (rng.random(n) < 0.5).astype(float)
+    records = [OutcomeRecord(f"question number {i} about topic {i % 7}",
+                             {"a": a[i], "b": b[i], **({"rare": 1.0} if i < 3 else {})}, {}) for i in range(n)]
+    with caplog.at_level("WARNING", logger="router.outcome_gate"):
+        gate = train_outcome_gate(records, HashingEncoder(), experts=["a", "b", "rare"], progress=False)
+    assert "few records for rare (3)" in caplog.text
+    assert gate.experts[gate.tuning.anchor] == "a"
+    assert gate.metadata.metrics.best_single == "a"
+    picks = gate.scores([f"a new question {i}" for i in range(50)]).argmax(axis=1)
+    assert np.mean([gate.experts[p] == "rare" for p in picks]) < 0.1
+    assert gate.metadata.metrics.routed_accuracy is not None and gate.metadata.metrics.routed_accuracy > 0.5
+    assert gate.metadata.metrics.routed_cost is None  # no costs recorded: null, not NaN
+
+
+def test_success_prior_is_shrunk_toward_the_pooled_rate_by_record_count() -> None:
+    from router.outcome import PRIOR_RECORDS, success_prior
+
+    outcomes = np.full((1000, 2), np.nan)
+    outcomes[:, 0] = np.r_[np.ones(600), np.zeros(400)]  # 0.6 over 1000 records
+    outcomes[:3, 1] = 1.0  # 3 of 3
+    pooled = 603 / 1003
+    assert success_prior(outcomes) == pytest.approx(
+        [(600 + PRIOR_RECORDS * pooled) / (1000 + PRIOR_RECORDS), (3 + PRIOR_RECORDS * pooled) / (3 + PRIOR_RECORDS)])
+    assert success_prior(outcomes, strength=0.0) == pytest.approx([0.6, 1.0])
