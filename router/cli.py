@@ -254,7 +254,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, ValueError) as exc:
+    except (OSError, ValueError) as exc:  # a missing file, a folder where a file goes, no permission, bad data
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except (EncoderChecksumError, ImportError) as exc:

@@ -565,12 +565,20 @@ def split_train_val(texts: Sequence[str], labels: Sequence[str], *, seed: int = 
     by_label: dict[str, set[str]] = {}
     for text, label in zip(texts, labels, strict=True):
         by_label.setdefault(label, set()).add(text)
-    val_pairs: set[tuple[str, str]] = set()
-    for label, distinct in by_label.items():
-        chosen = sorted(distinct, key=key)[:math.floor(val_fraction * len(distinct))]
-        val_pairs.update((label, t) for t in chosen)
-    in_val = np.array([(lab, t) in val_pairs for t, lab in zip(texts, labels, strict=True)], dtype=bool)
+    val_texts: set[str] = set()
+    for distinct in by_label.values():
+        val_texts.update(sorted(distinct, key=key)[:math.floor(val_fraction * len(distinct))])
+    # By text, not by (label, text): a text given two labels goes to validation whole, never half on each side.
+    in_val = np.array([t in val_texts for t in texts], dtype=bool)
     return np.flatnonzero(~in_val), np.flatnonzero(in_val)
+
+
+def conflicting_labels(texts: Sequence[str], labels: Sequence[str]) -> dict[str, list[str]]:
+    """The texts that carry more than one label, with their labels (sorted)."""
+    seen: dict[str, set[str]] = {}
+    for text, label in zip(texts, labels, strict=True):
+        seen.setdefault(text, set()).add(label)
+    return {t: sorted(ls) for t, ls in seen.items() if len(ls) > 1}
 
 
 def embed_texts(encoder: Encoder, texts: Sequence[str], *, progress: bool = True) -> np.ndarray:
@@ -604,6 +612,11 @@ def train_gate(texts: Sequence[str], labels: Sequence[str], encoder: Encoder, *,
         raise ValueError(f"the gate needs examples for at least two experts; only {trained or 'none'} have any")
     if unseen:
         log.warning("experts with no training examples get a fixed prior of %g: %s", UNSEEN_PRIOR, unseen)
+    conflicts = conflicting_labels(texts, labels)
+    if conflicts:
+        text, both = next(iter(conflicts.items()))
+        log.warning("%d training queries carry more than one label, e.g. %r: %s; the gate learns to split its "
+                    "probability between them", len(conflicts), text[:80], ", ".join(both))
     texts = list(texts)
     x = embed_texts(encoder, texts, progress=progress)
     col = {e: i for i, e in enumerate(trained)}

@@ -26,6 +26,7 @@ from router.gate import (
     train_gate,
     training_data_sha256,
 )
+from tests.doubles.fakes import HashingEncoder
 
 PER_INTENT_TRAIN, PER_INTENT_TEST = 200, 50
 
@@ -219,6 +220,25 @@ def test_split_is_seeded_stratified_and_order_independent(snips: dict[str, list[
         val_set = set(small_val.tolist())
         assert (0 in val_set) == (1 in val_set) and 4 in small_train
         assert len({["a", "a", "d", "e"][i] for i in val_set}) == 1  # floor(0.5 * 3 distinct texts)
+    # A text given two labels goes to one side whole: never in validation under one label, training under another.
+    texts2 = ["c1", "c2", "c3", "c4", "dup", "dup", "u1", "u2", "u3", "u4"]
+    labels2 = ["x", "x", "x", "x", "x", "y", "y", "y", "y", "y"]
+    for seed in range(20):
+        tr, va = split_train_val(texts2, labels2, seed=seed, val_fraction=0.4)
+        assert (4 in va) == (5 in va) and (4 in tr) == (5 in tr)
+
+
+def test_training_warns_of_queries_with_two_labels(snips: dict[str, list[tuple[str, str]]],
+                                                   caplog: pytest.LogCaptureFixture) -> None:
+    from router.gate import conflicting_labels
+
+    texts, labels = (list(v) for v in zip(*snips["train"][::10], strict=True))
+    other = next(lab for lab in labels if lab != labels[0])
+    assert conflicting_labels([*texts, texts[0]], [*labels, other]) == {texts[0]: sorted([labels[0], other])}
+    with caplog.at_level("WARNING", logger="router.gate"):
+        train_gate([*texts, texts[0]], [*labels, other], HashingEncoder(), experts=sorted(set(labels)),
+                   progress=False)
+    assert "1 training queries carry more than one label" in caplog.text
 
 
 def test_nearest_explains_with_training_examples(gate: Gate, snips: dict[str, list[tuple[str, str]]]) -> None:
