@@ -216,13 +216,18 @@ def load_labelled_jsonl(path: str | Path) -> list[LabelledQuery]:
     out: list[LabelledQuery] = []
     seen: dict[str, int] = {}
     for where, lineno, rec in read_jsonl(path, expected="an object with 'query' and 'label'", error=DatasetError):
-        if not isinstance(rec.get("query"), str):
-            raise DatasetError(f"{where}: 'query' must be a string")
+        if "label" not in rec and "outcomes" in rec:
+            raise DatasetError(f"{where}: an outcome record ('query', 'outcomes'); --train and --test take labelled "
+                               "queries ({'query', 'label'}); outcome records train a gate with `moe train` and "
+                               "are scored by the outcome suites")
+        if not isinstance(rec.get("query"), str) or not rec["query"].strip():
+            raise DatasetError(f"{where}: 'query' must be a non-empty string")
         label = rec.get("label")
         # bool is an int subclass, but true/false as a class number is far likelier a mistake than intended.
-        if isinstance(label, bool) or not isinstance(label, str | int):
+        blank = isinstance(label, str) and not label.strip()
+        if isinstance(label, bool) or not isinstance(label, str | int) or blank:
             got = f", got {json.dumps(label)}" if "label" in rec else ", and is missing"
-            raise DatasetError(f"{where}: 'label' must be a string or integer{got}")
+            raise DatasetError(f"{where}: 'label' must be a non-empty string or an integer{got}")
         raw_id = rec.get("id", lineno)
         if isinstance(raw_id, bool) or not isinstance(raw_id, str | int):
             raise DatasetError(f"{where}: 'id' must be a string or integer")

@@ -10,6 +10,7 @@ out of the scores and counted in ``setup.test_unseen_label``.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -86,13 +87,27 @@ def run_jsonl(ctx: SuiteContext, *, oos_label: str | None = None) -> dict[str, A
     so are those labelled ``oos_label``, whose training queries the gate never learns (as CLINC150's ``oos``)."""
     assert ctx.train_path is not None and ctx.test_path is not None
     ctx.notes.append(f"user data: trained on {ctx.train_path}, tested on {ctx.test_path}")
-    train = load_labelled_jsonl(ctx.train_path)
+    train, test = load_labelled_jsonl(ctx.train_path), load_labelled_jsonl(ctx.test_path)
+    for flag, path, rows in (("--train", ctx.train_path, train), ("--test", ctx.test_path, test)):
+        if not rows:
+            raise ValueError(f"{flag} {path} holds no records")
     if oos_label is not None:
+        if not any(q.label == oos_label for q in (*train, *test)):
+            known = sorted({q.label for q in (*train, *test)})
+            raise ValueError(f"--oos-label {oos_label!r} labels no query in {ctx.train_path} or {ctx.test_path}; "
+                             f"their labels: {', '.join(known[:20])}{' ...' if len(known) > 20 else ''}")
         dropped = sum(q.label == oos_label for q in train)
         train = [q for q in train if q.label != oos_label]
         ctx.notes.append(f"--oos-label {oos_label}: out of scope; {dropped} training queries with it left out")
-    return evaluate_labels(ctx, _limit(ctx, train), _limit(ctx, load_labelled_jsonl(ctx.test_path)),
-                           oos_label=oos_label, unseen_out_of_scope=True, title=ctx.test_path.name)
+    seen = {q.text for q in train}
+    overlap = sum(q.text in seen for q in test)
+    if overlap:
+        note = (f"{overlap} of {len(test)} test queries also occur in the training data, so the scores overstate "
+                "accuracy on new queries")
+        ctx.notes.append(note)
+        print(f"warning: {note}", file=sys.stderr)
+    return evaluate_labels(ctx, _limit(ctx, train), _limit(ctx, test), oos_label=oos_label, unseen_out_of_scope=True,
+                           title=ctx.test_path.name)
 
 
 def _folder(ctx: SuiteContext, name: str) -> Any:
@@ -120,7 +135,8 @@ def evaluate_labels(ctx: SuiteContext, train: Sequence[LabelledQuery], test: Seq
            or (unseen_out_of_scope and q.label not in index)]
     unseen = len(test) - len(scored) - len(oos)
     if not scored:
-        raise ValueError("no test query has a label that occurs in the training data")
+        raise ValueError(f"no test query has a label that occurs in the training data ({len(oos)} of {len(test)} "
+                         "are out of scope); routing accuracy needs in-scope test queries")
     # Peers (bench/peers) read the identical split from here.
     write_split(ctx.out / "split", train, val, test)
     enc = ctx.encoder

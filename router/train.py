@@ -79,6 +79,9 @@ def load_labelled_jsonl(path: str | Path) -> list[tuple[str, str]]:
 
 
 def _labelled(row: dict[str, Any], where: str) -> tuple[str, str]:
+    label = row.get("label")
+    if isinstance(label, int) and not isinstance(label, bool):  # a class number names the expert "3", as in moe eval
+        row = {**row, "label": str(label)}
     for key in ("query", "label"):
         value = row.get(key)
         if not isinstance(value, str) or not value.strip():

@@ -236,3 +236,35 @@ def test_embedding_cache_embeds_each_text_once_across_runs(tmp_path: Path) -> No
     other = CachedEncoder(inner, tmp_path, max_length=128, progress=False)  # another truncation, another key
     other.encode(["a"])
     assert inner.calls == [2, 1, 1]
+
+
+def test_user_jsonl_problems_are_named_before_any_work(data_dir: Path, tmp_path: Path, cache_dir: Path,
+                                                       monkeypatch: pytest.MonkeyPatch,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("MOE_CACHE_DIR", str(cache_dir))
+    train = _write_jsonl(tmp_path / "train.jsonl", _relabelled(data_dir, "train", 30))
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n\n", encoding="utf-8")
+    out = str(tmp_path / "out")
+    assert cli_main(["eval", "--train", str(train), "--test", str(empty), "--out", out, "--no-plots"]) == 1
+    assert f"--test {empty} holds no records" in capsys.readouterr().err
+    test = _write_jsonl(tmp_path / "test.jsonl", _relabelled(data_dir, "test", 5))
+    assert cli_main(["eval", "--train", str(train), "--test", str(test), "--out", out, "--no-plots",
+                     "--oos-label", "oos"]) == 1
+    assert "--oos-label 'oos' labels no query" in capsys.readouterr().err
+    assert cli_main(["eval", "--train", str(tmp_path), "--test", str(test), "--out", out, "--no-plots"]) == 1
+    assert "Is a directory" in capsys.readouterr().err
+
+
+def test_test_queries_that_occur_in_training_are_noted(data_dir: Path, tmp_path: Path, cache_dir: Path,
+                                                      monkeypatch: pytest.MonkeyPatch,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("MOE_CACHE_DIR", str(cache_dir))
+    rows = _relabelled(data_dir, "train", 20)
+    train = _write_jsonl(tmp_path / "train.jsonl", rows)
+    test = _write_jsonl(tmp_path / "test.jsonl", rows[:10] + _relabelled(data_dir, "test", 5))
+    out = tmp_path / "out"
+    assert cli_main(["eval", "--train", str(train), "--test", str(test), "--out", str(out), "--no-plots"]) == 0
+    note = "10 of 30 test queries also occur in the training data"
+    assert note in capsys.readouterr().err
+    assert any(note in n for n in json.loads((out / "results.json").read_text(encoding="utf-8"))["notes"])

@@ -47,12 +47,18 @@ def test_load_labelled_jsonl_skips_blank_lines(tmp_path: Path) -> None:
     assert load_labelled_jsonl(path) == [("q1", "A"), ("q2", "B")]
 
 
+def test_an_integer_label_names_the_expert_of_that_number_as_moe_eval_reads_it(tmp_path: Path) -> None:
+    path = _write_jsonl(tmp_path / "d.jsonl", [{"query": "q1", "label": 3}, {"query": "q2", "label": "3"}])
+    assert load_labelled_jsonl(path) == [("q1", "3"), ("q2", "3")]
+
+
 @pytest.mark.parametrize(("bad", "problem"), [
     ('{"query": "q", "label": ', "not valid JSON"),
     ('["q", "A"]', "expected an object"),
     ('{"query": "q"}', "'label' missing"),
     ('{"query": "", "label": "A"}', "'query' must be a non-empty string"),
-    ('{"query": "q", "label": 3}', "'label' must be a non-empty string"),
+    ('{"query": "q", "label": true}', "'label' must be a non-empty string"),
+    ('{"query": "q", "label": 1.5}', "'label' must be a non-empty string"),
 ])
 def test_malformed_line_is_reported_with_its_number(tmp_path: Path, bad: str, problem: str) -> None:
     path = _write_jsonl(tmp_path / "d.jsonl", [{"query": "q1", "label": "A"}, "", bad])
