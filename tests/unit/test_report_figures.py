@@ -58,3 +58,10 @@ def test_routellm_mmlu_figure(plots: bool, data_dir: Path, tmp_path: Path) -> No
     height, width = _read_png(out / "strong_calls.png")
     assert width > 600 and height > 400
     assert "![strong_calls.png](strong_calls.png)" in (out / "report.md").read_text(encoding="utf-8")
+
+
+def test_table_cells_holding_pipes_or_line_breaks_keep_the_row_whole() -> None:
+    from eval.report import _table
+
+    lines = _table(["label", "n"], [["a|b", 1], ["two\nlines", 2.5], ["back\\slash", None]])
+    assert lines[2:5] == ["| a\\|b | 1 |", "| two lines | 2.5 |", "| back\\\\slash | n/a |"]
