@@ -10,6 +10,7 @@ out of the scores and counted in ``setup.test_unseen_label``.
 
 from __future__ import annotations
 
+import logging
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -207,8 +208,20 @@ def _cascade(ctx: SuiteContext, gate: Any, train: Sequence[LabelledQuery], test_
     fast = train_gate(texts, labels, StaticMiniLMEncoder(), experts=gate.experts, seed=ctx.seed,
                       progress=ctx.progress)
     default = CascadeConfig()
-    fits = {familiar: CascadeGate.train(gate, fast, texts, labels, agreement=default.agreement, familiar=familiar,
-                                        seed=ctx.seed) for familiar in {*FAMILIAR_SWEEP, default.familiar}}
+
+    def fit(familiar: float) -> CascadeGate:
+        return CascadeGate.train(gate, fast, texts, labels, agreement=default.agreement, familiar=familiar,
+                                 seed=ctx.seed)
+
+    fits = {default.familiar: fit(default.familiar)}
+    # The sweep's other fits would only repeat the served fit's warnings (few validation queries, say), once each.
+    cascade_log = logging.getLogger("router.cascade")
+    level = cascade_log.level
+    cascade_log.setLevel(logging.ERROR)
+    try:
+        fits |= {familiar: fit(familiar) for familiar in FAMILIAR_SWEEP if familiar not in fits}
+    finally:
+        cascade_log.setLevel(level)
     # Each stage assesses every query once; each fit's cascade is merged from those (CascadeGate.merge, as
     # serving merges), with the full gate's rows for the queries that fit leaves to it.
     parts = {"in_scope": (assess(fast, test_texts), assess(gate, test_texts))}
