@@ -18,6 +18,9 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
+import threading
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Generic, TypeVar
 
@@ -30,8 +33,24 @@ class BatcherClosed(RuntimeError):
     """Kept for callers that catch it; ``submit`` after ``aclose`` now starts a fresh worker instead."""
 
 
+class _Queue(Generic[T]):
+    """One event loop's share of the batcher: its waiting queries, its window timer, whether its batch is out.
+    Futures, timers and events belong to one loop, so each loop that submits gets its own."""
+
+    def __init__(self) -> None:
+        self.pending: list[tuple[str, asyncio.Future[T]]] = []
+        self.timer: asyncio.TimerHandle | None = None
+        self.busy = False
+        self.idle = asyncio.Event()
+        self.idle.set()
+
+
 class GateBatcher(Generic[T]):
-    """Runs ``work(texts) -> [result per text]`` for concurrent callers in batches, in one worker thread."""
+    """Runs ``work(texts) -> [result per text]`` for concurrent callers in batches, in one worker thread.
+
+    Callers on several event loops at once (``asyncio.run`` in two threads, say) are batched per loop, each
+    loop's futures resolved on that loop; the one worker thread serves them all in turn. A loop that closed
+    before its batch came back is simply forgotten."""
 
     def __init__(self, work: Callable[[list[str]], Sequence[T]], *, window_ms: float = 2.0,
                  max_batch: int = 32) -> None:
@@ -40,49 +59,58 @@ class GateBatcher(Generic[T]):
         self.work, self.window_s, self.max_batch = work, window_ms / 1000.0, max_batch
         # The thread starts on the first batch, so an orchestrator that never decides holds none.
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="moe-gate")
-        self._pending: list[tuple[str, asyncio.Future[T]]] = []
-        self._timer: asyncio.TimerHandle | None = None
-        self._busy = False
-        self._idle = asyncio.Event()
-        self._idle.set()
+        self._queues: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Queue[T]] = weakref.WeakKeyDictionary()
+        self._lock = threading.Lock()  # guards _queues and the executor's reopening across loops' threads
         self._closed = False
         self.batches = 0  # batches run so far; for tests and metrics
 
+    def _queue(self, loop: asyncio.AbstractEventLoop) -> _Queue[T]:
+        with self._lock:
+            if self._closed:
+                # Like the experts' connection pools, a closed batcher reopens on next use: an app whose
+                # lifespan ends and starts again (tests, embedding servers) keeps working on the same orchestrator.
+                self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="moe-gate")
+                self._closed = False
+            queue = self._queues.get(loop)
+            if queue is None:
+                queue = self._queues[loop] = _Queue()
+            return queue
+
     async def submit(self, text: str) -> T:
         """The result of ``work`` for ``text``, computed in a batch with whatever else arrives meanwhile."""
-        if self._closed:
-            # Like the experts' connection pools, a closed batcher reopens on next use: an app whose lifespan
-            # ends and starts again (tests, embedding servers) keeps working on the same orchestrator.
-            self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="moe-gate")
-            self._closed = False
         loop = asyncio.get_running_loop()
+        queue = self._queue(loop)
         future: asyncio.Future[T] = loop.create_future()
-        self._pending.append((text, future))
-        if not self._busy:
-            if len(self._pending) >= self.max_batch or self.window_s == 0:
-                self._flush()
-            elif self._timer is None:
-                self._timer = loop.call_later(self.window_s, self._flush)
+        queue.pending.append((text, future))
+        if not queue.busy:
+            if len(queue.pending) >= self.max_batch or self.window_s == 0:
+                self._flush(queue)
+            elif queue.timer is None:
+                queue.timer = loop.call_later(self.window_s, self._flush, queue)
         return await future
 
-    def _flush(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        self._pending = [(t, f) for t, f in self._pending if not f.done()]
-        if self._busy or not self._pending:
+    def _flush(self, queue: _Queue[T]) -> None:
+        if queue.timer is not None:
+            queue.timer.cancel()
+            queue.timer = None
+        queue.pending = [(t, f) for t, f in queue.pending if not f.done()]
+        if queue.busy or not queue.pending:
             return
-        batch, self._pending = self._pending[:self.max_batch], self._pending[self.max_batch:]
-        self._busy = True
-        self._idle.clear()
+        batch, queue.pending = queue.pending[:self.max_batch], queue.pending[self.max_batch:]
+        queue.busy = True
+        queue.idle.clear()
         self.batches += 1
         loop = asyncio.get_running_loop()
-        done = self._executor.submit(self.work, [t for t, _ in batch])
-        done.add_done_callback(lambda d: loop.call_soon_threadsafe(self._resolve, batch, d))
 
-    def _resolve(self, batch: list[tuple[str, asyncio.Future[T]]], done: concurrent.futures.Future[Sequence[T]],
-                 ) -> None:
-        self._busy = False
+        def back(done: concurrent.futures.Future[Sequence[T]]) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nobody is left to answer
+                loop.call_soon_threadsafe(self._resolve, queue, batch, done)
+
+        self._executor.submit(self.work, [t for t, _ in batch]).add_done_callback(back)
+
+    def _resolve(self, queue: _Queue[T], batch: list[tuple[str, asyncio.Future[T]]],
+                 done: concurrent.futures.Future[Sequence[T]]) -> None:
+        queue.busy = False
         error = done.exception()
         results: Sequence[T | None] = [None] * len(batch) if error is not None else done.result()
         for (_, future), result in zip(batch, results, strict=True):
@@ -92,14 +120,18 @@ class GateBatcher(Generic[T]):
                 future.set_exception(error)
             else:
                 future.set_result(result)  # type: ignore[arg-type]  # not None when there is no error
-        self._flush()  # what queued behind this batch has waited long enough
-        if not self._busy:
-            self._idle.set()
+        self._flush(queue)  # what queued behind this batch has waited long enough
+        if not queue.busy:
+            queue.idle.set()
 
     async def aclose(self) -> None:
-        """Answer what is queued, then stop the worker thread."""
-        self._closed = True
-        if self._pending and not self._busy:
-            self._flush()
-        await self._idle.wait()
-        self._executor.shutdown(wait=True)  # idle by now: returns at once
+        """Answer what this loop has queued, then stop the worker thread."""
+        queue = self._queue(asyncio.get_running_loop())
+        with self._lock:
+            self._closed = True
+            executor = self._executor  # a submit after this point reopens a new one; this one is ours to stop
+        if queue.pending and not queue.busy:
+            self._flush(queue)
+        await queue.idle.wait()
+        # Idle by now for this loop; a batch another loop still has out finishes first.
+        await asyncio.to_thread(executor.shutdown, wait=True)

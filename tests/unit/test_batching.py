@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 from collections.abc import Sequence
@@ -107,3 +108,47 @@ async def test_a_failing_batch_fails_each_caller_and_a_cancelled_one_is_skipped(
     assert await kept == "KEPT"
     assert batcher.batches == 2
     await batcher.aclose()
+
+
+def test_callers_on_two_event_loops_at_once_are_each_answered_on_their_own_loop() -> None:
+    """``asyncio.run`` in two threads at once (a LocalRouter driven from two threads): one batch could hold both
+    loops' futures, resolved on whichever loop flushed it, and a loop that had closed left the batcher busy
+    forever. Each loop now has its own queue."""
+    def work(texts: list[str]) -> list[str]:
+        time.sleep(0.05)  # long enough that the two loops' queries overlap
+        return [t.upper() for t in texts]
+
+    batcher: GateBatcher[str] = GateBatcher(work, window_ms=5.0)
+    answers: dict[str, object] = {}
+
+    def run(name: str) -> None:
+        async def many() -> list[str]:
+            return list(await asyncio.gather(*(batcher.submit(f"{name} {i}") for i in range(5))))
+        answers[name] = asyncio.run(asyncio.wait_for(many(), timeout=10))
+
+    threads = [threading.Thread(target=run, args=(n,)) for n in ("left", "right")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=20)
+    assert answers == {n: [f"{n.upper()} {i}" for i in range(5)] for n in ("left", "right")}
+
+
+def test_a_loop_that_closes_before_its_batch_returns_does_not_stall_the_others() -> None:
+    release = threading.Event()
+
+    def work(texts: list[str]) -> list[str]:
+        if "early" in texts[0]:
+            release.wait(timeout=10)  # held until the first loop has gone
+        return texts
+
+    batcher: GateBatcher[str] = GateBatcher(work, window_ms=0.0)
+
+    async def gives_up() -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(batcher.submit("early"), timeout=0.05)
+
+    asyncio.run(gives_up())  # its loop is closed now, its batch still out
+    release.set()
+    assert asyncio.run(asyncio.wait_for(batcher.submit("later"), timeout=10)) == "later"
+    assert asyncio.run(asyncio.wait_for(batcher.submit("again"), timeout=10)) == "again"
