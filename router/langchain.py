@@ -23,7 +23,7 @@ from langchain_core.language_models import LanguageModelInput
 from langchain_core.language_models.chat_models import BaseChatModel
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, convert_to_openai_messages
 from langchain_core.messages.ai import UsageMetadata
-from langchain_core.messages.tool import invalid_tool_call, tool_call
+from langchain_core.messages.tool import invalid_tool_call, tool_call, tool_call_chunk
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
 from langchain_core.runnables import Runnable
 from langchain_core.tools import BaseTool
@@ -67,11 +67,18 @@ class ChatMoERouter(BaseChatModel):
                 **self._params(None, {})}
 
     def bind_tools(self, tools: Sequence[dict[str, Any] | type | Callable[..., Any] | BaseTool], *,
-                   tool_choice: str | None = None, **kwargs: Any) -> Runnable[LanguageModelInput, AIMessage]:
-        """Send ``tools`` with each call; the service routes it only to experts declaring the capability."""
-        bound: dict[str, Any] = {"tools": [convert_to_openai_tool(t) for t in tools], **kwargs}
-        if tool_choice is not None:
-            bound["tool_choice"] = tool_choice
+                   tool_choice: dict[str, Any] | str | bool | None = None,
+                   **kwargs: Any) -> Runnable[LanguageModelInput, AIMessage]:
+        """Send ``tools`` with each call; the service routes it only to experts declaring the capability.
+
+        ``tool_choice`` takes LangChain's values, sent as OpenAI's API (and vLLM) take them: ``"any"`` (what
+        ``with_structured_output`` asks for) as ``"required"``, a tool's name (or ``True`` with one tool) as that
+        named function; ``"auto"``, ``"none"``, ``"required"`` and a dict as given."""
+        converted = [convert_to_openai_tool(t) for t in tools]
+        bound: dict[str, Any] = {"tools": converted, **kwargs}
+        choice = _tool_choice(tool_choice, [t["function"]["name"] for t in converted])
+        if choice is not None:
+            bound["tool_choice"] = choice
         return self.bind(**bound)
 
     # -- the four entry points: thin shells over the SDK ----------------------------------------------------
@@ -126,6 +133,24 @@ class ChatMoERouter(BaseChatModel):
                                transport=self.async_transport)
 
 
+def _tool_choice(choice: dict[str, Any] | str | bool | None, names: list[str]) -> dict[str, Any] | str | None:
+    """LangChain's ``tool_choice`` as OpenAI's API takes it (see ``ChatMoERouter.bind_tools``)."""
+    if choice is None or choice is False:
+        return None
+    if choice is True:
+        if len(names) != 1:
+            raise ValueError(f"tool_choice=True picks the one bound tool, but {len(names)} are bound; name one")
+        return {"type": "function", "function": {"name": names[0]}}
+    if isinstance(choice, dict) or choice in ("auto", "none", "required"):
+        return choice
+    if choice == "any":
+        return "required"
+    if choice in names:
+        return {"type": "function", "function": {"name": choice}}
+    raise ValueError(f"tool_choice {choice!r} is neither auto, none, required, any nor a bound tool "
+                     f"({', '.join(names)})")
+
+
 def _wire(messages: list[BaseMessage]) -> list[dict[str, Any]]:
     converted = convert_to_openai_messages(messages)
     return converted if isinstance(converted, list) else [converted]
@@ -142,7 +167,7 @@ def _usage(usage: Usage) -> UsageMetadata:
 
 def _chat_result(result: sdk.ChatResult) -> ChatResult:
     calls, invalid = _tool_calls(result.tool_calls or [])
-    message = AIMessage(content=result.content, tool_calls=calls, invalid_tool_calls=invalid,
+    message = AIMessage(content=result.content, tool_calls=calls, invalid_tool_calls=invalid, id=result.id or None,
                         response_metadata=_metadata(result.expert, result.finish_reason, result.trace),
                         usage_metadata=_usage(result.usage))
     generation = ChatGeneration(message=message, generation_info={"finish_reason": result.finish_reason})
@@ -151,13 +176,17 @@ def _chat_result(result: sdk.ChatResult) -> ChatResult:
 
 
 def _chunk(piece: sdk.StreamChunk) -> ChatGenerationChunk:
+    # Tool-call deltas as LangChain's chunks: added together, they give the message its parsed tool_calls.
+    calls = [tool_call_chunk(name=(d.get("function") or {}).get("name"), args=(d.get("function") or {}).get(
+        "arguments"), id=d.get("id"), index=d.get("index")) for d in piece.tool_calls or []]
     if piece.trace is None:
-        return ChatGenerationChunk(message=AIMessageChunk(content=piece.content))
+        return ChatGenerationChunk(message=AIMessageChunk(content=piece.content, tool_call_chunks=calls,
+                                                          id=piece.id or None))
     # The last chunk: the expert that finished the answer (after any mid-stream switch) and the trace.
     expert = next((a.expert for a in reversed(piece.trace.attempts) if a.ok), piece.expert)
-    message = AIMessageChunk(content=piece.content, response_metadata=_metadata(expert, piece.finish_reason,
-                                                                                piece.trace),
-                             usage_metadata=_usage(piece.trace.usage))
+    message = AIMessageChunk(content=piece.content, tool_call_chunks=calls, id=piece.id or None,
+                             response_metadata=_metadata(expert, piece.finish_reason, piece.trace),
+                             usage_metadata=_usage(piece.trace.usage), chunk_position="last")
     return ChatGenerationChunk(message=message, generation_info={"finish_reason": piece.finish_reason})
 
 

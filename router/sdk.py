@@ -55,18 +55,32 @@ class StreamChunk(BaseModel):
     # OpenAI-format tool-call deltas, as the expert sent them (index, id, function name, argument pieces).
     tool_calls: list[dict[str, Any]] | None = None
     trace: Trace | None = None
+    # The answer's id (``chatcmpl-…``), the same on every chunk: what ``feedback(request_id=...)`` takes.
+    id: str = ""
 
 
 class RouterAPIError(Exception):
     """The service answered with an error. ``body`` is its OpenAI-style error object."""
 
-    def __init__(self, status: int, body: dict[str, Any]) -> None:
-        error = body.get("error", {}) if isinstance(body, dict) else {}
+    def __init__(self, status: int, body: dict[str, Any], headers: Mapping[str, str] | None = None) -> None:
+        error = body.get("error", {}) if isinstance(body, dict) else body
+        if not isinstance(error, dict):  # a proxy's {"error": "text"}, or a body that is no object
+            error = {"message": str(error)}
         self.status = status
         self.body = body
+        # The response's headers (``retry-after`` on a 429, ``x-request-id``); empty for in-process errors.
+        self.headers: dict[str, str] = dict(headers or {})
         self.code = error.get("code")
         self.message = error.get("message", str(body))
         super().__init__(f"HTTP {status} ({self.code}): {self.message}")
+
+    @property
+    def retry_after_s(self) -> float | None:
+        """The wait the service asked for (``Retry-After`` in seconds), if any."""
+        try:
+            return float(self.headers["retry-after"])
+        except (KeyError, ValueError):
+            return None
 
 
 class _Protocol:
@@ -105,8 +119,13 @@ class _Protocol:
                 body = response.json()
             except ValueError:
                 body = {"error": {"message": response.text[:500], "code": None}}
-            raise RouterAPIError(response.status_code, body)
-        return response.json()
+            raise RouterAPIError(response.status_code, body, response.headers)
+        try:
+            return response.json()
+        except ValueError:
+            raise RouterAPIError(response.status_code, {"error": {
+                "message": f"the service answered {response.status_code} with a body that is not JSON: "
+                           f"{response.text[:200]!r}", "code": "invalid_response"}}, response.headers) from None
 
     @staticmethod
     def chat_result(body: dict[str, Any]) -> ChatResult:
@@ -132,12 +151,15 @@ class _Protocol:
         body = json.loads(line[6:])
         if "error" in body:
             # The service's status, had the failure come before the stream began (see service._all_failed).
-            raise RouterAPIError(400 if body["error"].get("code") == "rejected_by_experts" else 503, body)
+            error = body["error"]
+            code = error.get("code") if isinstance(error, dict) else None
+            raise RouterAPIError(400 if code == "rejected_by_experts" else 503, body)
         if not body.get("choices"):
             return None  # the usage chunk (stream_options.include_usage): the trace has the usage already
         choice = body["choices"][0]
         trace = Trace.model_validate(body["moe"]) if body.get("moe") else None
-        return StreamChunk(content=choice["delta"].get("content") or "", expert=body.get("model", ""),
+        return StreamChunk(id=body.get("id", ""), content=choice["delta"].get("content") or "",
+                           expert=body.get("model", ""),
                            finish_reason=choice.get("finish_reason"), trace=trace,
                            tool_calls=choice["delta"].get("tool_calls") or None)
 

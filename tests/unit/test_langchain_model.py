@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
@@ -14,7 +15,7 @@ from langchain_core.prompts import ChatPromptTemplate
 from langchain_core.tools import tool
 
 from experts.errors import ExpertUnavailable
-from experts.types import ChatRequest, ExpertReply, Usage
+from experts.types import ChatRequest, ExpertReply, StreamDelta, Usage
 from router.langchain import ChatMoERouter
 from router.orchestrator import Orchestrator
 from router.sdk import RouterAPIError
@@ -50,6 +51,16 @@ class ToolExpert(FakeExpert):
         call = {"id": "call_1", "type": "function", "function": {"name": "add", "arguments": '{"a": 2, "b": 3}'}}
         return ExpertReply(expert=self.name, content="", tool_calls=[call], finish_reason="tool_calls",
                            usage=Usage(prompt_tokens=4, completion_tokens=2, total_tokens=6))
+
+
+    async def stream(self, request: ChatRequest) -> AsyncIterator[StreamDelta]:
+        """The same call as OpenAI streams it: id and name first, then the arguments in pieces."""
+        self.requests.append(request)
+        yield StreamDelta(tool_calls=[{"index": 0, "id": "call_1", "type": "function",
+                                       "function": {"name": "add", "arguments": '{"a": 2'}}])
+        yield StreamDelta(tool_calls=[{"index": 0, "function": {"arguments": ', "b": 3}'}}])
+        yield StreamDelta(finish_reason="tool_calls", usage=Usage(prompt_tokens=4, completion_tokens=2,
+                                                                  total_tokens=6))
 
 
 def make_app(fail: frozenset[str] = frozenset(), keys: bool = False, tools: bool = False) -> FastAPI:
@@ -180,3 +191,58 @@ def test_the_combiner_is_sent_by_sync_calls_and_never_by_streams() -> None:
     assert trace["combiner"] == "consensus"
     streamed = "".join(str(c.content) for c in model_for(app, combiner="vote").stream("an integral"))
     assert streamed == "math says hi"  # one expert serves a stream: the combiner is not sent, nor refused
+
+
+def _add_tool() -> Any:
+    @tool
+    def add(a: int, b: int) -> int:
+        """Add two integers."""
+        return a + b
+    return add
+
+
+async def test_streamed_tool_calls_reach_the_message_as_tool_call_chunks() -> None:
+    app = make_app(tools=True)
+    model = model_for(app).bind_tools([_add_tool()])
+    chunks = [c async for c in model.astream("what is 2 + 3?")]
+    total = chunks[0]
+    for chunk in chunks[1:]:
+        total = total + chunk
+    assert isinstance(total, AIMessageChunk)
+    assert total.tool_calls == [{"name": "add", "args": {"a": 2, "b": 3}, "id": "call_1", "type": "tool_call"}]
+    assert total.response_metadata["finish_reason"] == "tool_calls"
+
+
+def test_streamed_tool_calls_reach_the_message_when_streaming_sync_too() -> None:
+    total = None
+    for chunk in model_for(make_app(tools=True)).bind_tools([_add_tool()]).stream("what is 2 + 3?"):
+        total = chunk if total is None else total + chunk
+    assert isinstance(total, AIMessageChunk)
+    assert total.tool_calls == [{"name": "add", "args": {"a": 2, "b": 3}, "id": "call_1", "type": "tool_call"}]
+
+
+def test_the_last_streamed_chunk_carries_usage_and_every_message_the_answer_id() -> None:
+    app = make_app()
+    chunks = list(model_for(app).stream("an integral"))
+    assert chunks[-1].usage_metadata is not None and chunks[-1].usage_metadata["output_tokens"] == 3
+    ids = {c.id for c in chunks}
+    assert len(ids) == 1 and next(iter(ids)).startswith("chatcmpl-")  # what feedback(request_id=...) takes
+    assert (model_for(app).invoke("an integral").id or "").startswith("chatcmpl-")
+
+
+@pytest.mark.parametrize(("given", "sent"), [
+    ("any", "required"),  # what with_structured_output asks for
+    ("add", {"type": "function", "function": {"name": "add"}}),
+    (True, {"type": "function", "function": {"name": "add"}}),
+    ("auto", "auto"),
+    ({"type": "function", "function": {"name": "add"}}, {"type": "function", "function": {"name": "add"}}),
+])
+async def test_tool_choice_is_sent_as_openai_takes_it(given: Any, sent: Any) -> None:
+    app = make_app(tools=True)
+    await model_for(app).bind_tools([_add_tool()], tool_choice=given).ainvoke("what is 2 + 3?")
+    assert app.state.fake_experts["code"].requests[-1].model_extra["tool_choice"] == sent
+
+
+def test_a_tool_choice_naming_no_bound_tool_is_refused() -> None:
+    with pytest.raises(ValueError, match="neither auto, none, required, any nor a bound tool"):
+        model_for(make_app(tools=True)).bind_tools([_add_tool()], tool_choice="subtract")
