@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 from experts.errors import ExpertAuthError, ExpertError, ExpertRejected
 
@@ -36,6 +37,24 @@ class AllExpertsFailed(Exception):
 
     def to_list(self) -> list[dict[str, str]]:
         return [c.to_dict() for c in self.causes]
+
+    @property
+    def status(self) -> int:
+        """The HTTP status the service answers with: 400 when the request itself was refused, else 503."""
+        return 400 if self.invalid_request else 503
+
+    @property
+    def code(self) -> str:
+        return "rejected_by_experts" if self.invalid_request else "all_experts_failed"
+
+    def error_body(self) -> dict[str, Any]:
+        """The OpenAI-style error object the service sends (and ``LocalRouter`` raises), with each cause."""
+        if self.invalid_request:
+            message, kind = f"the request is invalid: every expert called refused it ({self})", "invalid_request_error"
+        else:
+            message, kind = str(self), "service_unavailable"
+        return {"error": {"message": message, "type": kind, "param": None, "code": self.code,
+                          "causes": self.to_list()}}
 
     @property
     def invalid_request(self) -> bool:

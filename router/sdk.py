@@ -15,6 +15,7 @@ but ``top1`` on a stream (one expert serves a stream). ``LocalRouter`` hands it 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import uuid
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
@@ -28,7 +29,8 @@ from experts.types import ChatMessage, ChatRequest, Usage
 from router.feedback import FeedbackBody, FeedbackRecord, FeedbackStore
 from router.trace import RoutedAnswer, RouteDecision, Trace
 
-__all__ = ["AsyncClient", "ChatResult", "Client", "FeedbackRecord", "LocalRouter", "RouterAPIError", "StreamChunk"]
+__all__ = ["AsyncClient", "ChatResult", "Client", "FeedbackRecord", "LocalRouter", "RouterAPIError",
+           "RouterConnectionError", "StreamChunk"]
 
 Messages = str | Sequence[dict[str, Any]]
 COMBINER_HEADER = "x-moe-combiner"  # the service reads a request's combiner strategy from it
@@ -83,6 +85,17 @@ class RouterAPIError(Exception):
             return None
 
 
+class RouterConnectionError(RouterAPIError):
+    """No answer came: the service could not be reached, the connection broke, or the timeout ran out.
+    ``status`` is 0 (there is no HTTP status) and ``code`` is ``connection_error`` or ``timeout``."""
+
+    def __init__(self, message: str, code: str) -> None:
+        super().__init__(0, {"error": {"message": message, "type": "connection_error", "code": code}})
+
+    def __str__(self) -> str:
+        return self.message
+
+
 class _Protocol:
     """What both clients share: how requests are built and responses read."""
 
@@ -90,6 +103,22 @@ class _Protocol:
         self.base_url = base_url.rstrip("/")
         self.headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
         self.timeout = timeout
+
+    @contextlib.contextmanager
+    def reaching(self) -> Iterator[None]:
+        """httpx's transport failures as ``RouterConnectionError``, naming the request and the timeout."""
+        try:
+            yield
+        except httpx.TransportError as exc:
+            try:
+                where = f" {exc.request.method} {exc.request.url}"
+            except RuntimeError:  # raised before a request existed
+                where = f" {self.base_url}"
+            if isinstance(exc, httpx.TimeoutException):
+                raise RouterConnectionError(f"no answer from the service{where} within the {self.timeout:g} s "
+                                            f"timeout ({type(exc).__name__})", "timeout") from exc
+            raise RouterConnectionError(f"cannot reach the service{where}: {exc or type(exc).__name__}",
+                                        "connection_error") from exc
 
     @staticmethod
     def chat_body(messages: Messages, model: str, stream: bool, params: dict[str, Any]) -> dict[str, Any]:
@@ -174,39 +203,45 @@ class Client(_Protocol):
 
     def chat(self, messages: Messages, *, model: str = "auto", combiner: str | None = None,
              **params: Any) -> ChatResult:
-        body = self.chat_body(messages, model, False, params)
-        response = self._http.post("/v1/chat/completions", json=body, headers=self.chat_headers(combiner))
-        return self.chat_result(self.check(response))
+        with self.reaching():
+            body = self.chat_body(messages, model, False, params)
+            response = self._http.post("/v1/chat/completions", json=body, headers=self.chat_headers(combiner))
+            return self.chat_result(self.check(response))
 
     def stream(self, messages: Messages, *, model: str = "auto", combiner: str | None = None,
                **params: Any) -> Iterator[StreamChunk]:
-        body = self.chat_body(messages, model, True, params)
-        with self._http.stream("POST", "/v1/chat/completions", json=body,
-                               headers=self.chat_headers(combiner)) as response:
-            if response.is_error:
-                response.read()
-                self.check(response)
-            for line in response.iter_lines():
-                chunk = self.stream_chunk(line)
-                if chunk is not None:
-                    yield chunk
+        with self.reaching():
+            body = self.chat_body(messages, model, True, params)
+            with self._http.stream("POST", "/v1/chat/completions", json=body,
+                                   headers=self.chat_headers(combiner)) as response:
+                if response.is_error:
+                    response.read()
+                    self.check(response)
+                for line in response.iter_lines():
+                    chunk = self.stream_chunk(line)
+                    if chunk is not None:
+                        yield chunk
 
     def route(self, query: str) -> RouteDecision:
-        return RouteDecision.model_validate(self.check(self._http.post("/v1/route", json={"query": query})))
+        with self.reaching():
+            return RouteDecision.model_validate(self.check(self._http.post("/v1/route", json={"query": query})))
 
     def route_batch(self, queries: Sequence[str], capacity: Mapping[str, int] | None = None) -> list[str]:
         """Expert-choice routing of a batch: each query's expert, each expert taking the queries it scores
         highest up to ``capacity`` (default: its free in-flight slots). Ask each expert by name to answer."""
-        return self.assignments(self.check(self._http.post("/v1/route/batch",
-                                                          json=self.route_batch_body(queries, capacity))))
+        with self.reaching():
+            return self.assignments(self.check(self._http.post("/v1/route/batch",
+                                                              json=self.route_batch_body(queries, capacity))))
 
     def experts(self) -> list[dict[str, Any]]:
-        return list(self.check(self._http.get("/v1/experts"))["data"])
+        with self.reaching():
+            return list(self.check(self._http.get("/v1/experts"))["data"])
 
     def feedback(self, *, request_id: str | None = None, query: str | None = None, expert: str | None = None,
                  good: bool | None = None, score: float | None = None, note: str | None = None) -> FeedbackRecord:
-        body = self.feedback_body(request_id, query, expert, good, score, note)
-        return FeedbackRecord.model_validate(self.check(self._http.post("/v1/feedback", json=body)))
+        with self.reaching():
+            body = self.feedback_body(request_id, query, expert, good, score, note)
+            return FeedbackRecord.model_validate(self.check(self._http.post("/v1/feedback", json=body)))
 
     def close(self) -> None:
         self._http.close()
@@ -229,39 +264,45 @@ class AsyncClient(_Protocol):
 
     async def chat(self, messages: Messages, *, model: str = "auto", combiner: str | None = None,
                    **params: Any) -> ChatResult:
-        body = self.chat_body(messages, model, False, params)
-        response = await self._http.post("/v1/chat/completions", json=body, headers=self.chat_headers(combiner))
-        return self.chat_result(self.check(response))
+        with self.reaching():
+            body = self.chat_body(messages, model, False, params)
+            response = await self._http.post("/v1/chat/completions", json=body, headers=self.chat_headers(combiner))
+            return self.chat_result(self.check(response))
 
     async def stream(self, messages: Messages, *, model: str = "auto", combiner: str | None = None,
                      **params: Any) -> AsyncIterator[StreamChunk]:
-        body = self.chat_body(messages, model, True, params)
-        async with self._http.stream("POST", "/v1/chat/completions", json=body,
-                                     headers=self.chat_headers(combiner)) as response:
-            if response.is_error:
-                await response.aread()
-                self.check(response)
-            async for line in response.aiter_lines():
-                chunk = self.stream_chunk(line)
-                if chunk is not None:
-                    yield chunk
+        with self.reaching():
+            body = self.chat_body(messages, model, True, params)
+            async with self._http.stream("POST", "/v1/chat/completions", json=body,
+                                         headers=self.chat_headers(combiner)) as response:
+                if response.is_error:
+                    await response.aread()
+                    self.check(response)
+                async for line in response.aiter_lines():
+                    chunk = self.stream_chunk(line)
+                    if chunk is not None:
+                        yield chunk
 
     async def route(self, query: str) -> RouteDecision:
-        return RouteDecision.model_validate(self.check(await self._http.post("/v1/route", json={"query": query})))
+        with self.reaching():
+            return RouteDecision.model_validate(self.check(await self._http.post("/v1/route", json={"query": query})))
 
     async def route_batch(self, queries: Sequence[str], capacity: Mapping[str, int] | None = None) -> list[str]:
         """``Client.route_batch``."""
-        return self.assignments(self.check(await self._http.post("/v1/route/batch",
-                                                                json=self.route_batch_body(queries, capacity))))
+        with self.reaching():
+            return self.assignments(self.check(await self._http.post("/v1/route/batch",
+                                                                    json=self.route_batch_body(queries, capacity))))
 
     async def experts(self) -> list[dict[str, Any]]:
-        return list(self.check(await self._http.get("/v1/experts"))["data"])
+        with self.reaching():
+            return list(self.check(await self._http.get("/v1/experts"))["data"])
 
     async def feedback(self, *, request_id: str | None = None, query: str | None = None, expert: str | None = None,
                        good: bool | None = None, score: float | None = None,
                        note: str | None = None) -> FeedbackRecord:
-        body = self.feedback_body(request_id, query, expert, good, score, note)
-        return FeedbackRecord.model_validate(self.check(await self._http.post("/v1/feedback", json=body)))
+        with self.reaching():
+            body = self.feedback_body(request_id, query, expert, good, score, note)
+            return FeedbackRecord.model_validate(self.check(await self._http.post("/v1/feedback", json=body)))
 
     async def aclose(self) -> None:
         await self._http.aclose()
@@ -273,11 +314,33 @@ class AsyncClient(_Protocol):
         await self.aclose()
 
 
+@contextlib.contextmanager
+def _as_api_errors() -> Iterator[None]:
+    """The orchestrator's failures as the ``RouterAPIError`` the service's answer would raise in ``Client``, so
+    one ``except`` covers both: every expert failed (503, or 400 when each refused the request), an unknown
+    model (404), a capability no expert declares (400)."""
+    from router.fallback import AllExpertsFailed
+    from router.orchestrator import NoCapableExpert, UnknownExpert
+
+    try:
+        yield
+    except AllExpertsFailed as exc:
+        raise RouterAPIError(exc.status, exc.error_body()) from exc
+    except UnknownExpert as exc:
+        raise RouterAPIError(404, {"error": {"message": str(exc), "type": "invalid_request_error", "param": "model",
+                                             "code": "model_not_found"}}) from exc
+    except NoCapableExpert as exc:
+        raise RouterAPIError(400, {"error": {"message": str(exc), "type": "invalid_request_error",
+                                             "param": exc.param, "code": f"{exc.capability}_not_supported"}}) from exc
+
+
 class LocalRouter:
     """The router in-process, built from a config file: no service, same results.
 
-    With a feedback store, answers are remembered and ``feedback`` writes to the store directly; its errors
-    are ``router.feedback``'s (``UnknownRequest``, ``UnknownFeedbackExpert``, pydantic's for a bad body).
+    ``chat`` fails as ``Client.chat`` would, with the ``RouterAPIError`` the service's answer would give (503 or
+    400 when every expert failed, 404 for an unknown model). With a feedback store, answers are remembered and
+    ``feedback`` writes to the store directly; its errors are ``router.feedback``'s (``UnknownRequest``,
+    ``UnknownFeedbackExpert``, pydantic's for a bad body).
     """
 
     def __init__(self, orchestrator: Any, feedback: FeedbackStore | None = None) -> None:
@@ -298,7 +361,8 @@ class LocalRouter:
         body = _Protocol.chat_body(messages, model, False, params)
         request = ChatRequest.model_validate(body)
         # An unknown strategy raises before the gate runs, with the message the service gives.
-        answer: RoutedAnswer = await self.orchestrator.complete(request, strategy=combiner)
+        with _as_api_errors():
+            answer: RoutedAnswer = await self.orchestrator.complete(request, strategy=combiner)
         response_id = f"chatcmpl-{uuid.uuid4().hex}"
         if self.store is not None:
             await self.store.aremember(response_id, request.query_text(), answer.expert)

@@ -81,17 +81,14 @@ def _problem_response(problem: _HTTPProblem) -> JSONResponse:
 def _all_failed(exc: AllExpertsFailed) -> _HTTPProblem:
     """A 503 listing each expert's cause; a 400 when every expert called refused the request as invalid (a bad
     parameter, too long a prompt: a strict upstream's verdict on the request, which no retry would change)."""
-    if exc.invalid_request:
-        return _HTTPProblem(400, f"the request is invalid: every expert called refused it ({exc})",
-                            "invalid_request_error", "rejected_by_experts", extra={"causes": exc.to_list()})
-    return _HTTPProblem(503, str(exc), "service_unavailable", "all_experts_failed", extra={"causes": exc.to_list()})
+    error = exc.error_body()["error"]
+    return _HTTPProblem(exc.status, error["message"], error["type"], exc.code, extra={"causes": error["causes"]})
 
 
 def _failed(record: RequestRecord, exc: AllExpertsFailed) -> None:
     """Note a total failure on the request's record: the causes, and the orchestrator's trace when it kept one
     (attempts, retries, a stream's switches), so the log line and the metrics show what was tried."""
-    record.failures = exc.to_list()
-    record.error = "rejected_by_experts" if exc.invalid_request else "all_experts_failed"
+    record.failures, record.error = exc.to_list(), exc.code
     if isinstance(exc, RouteFailed):
         record.trace = exc.trace
 

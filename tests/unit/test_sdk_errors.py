@@ -1,0 +1,85 @@
+"""How the SDK fails: one exception type, ``RouterAPIError``, whatever went wrong and wherever the router runs.
+A service that cannot be reached or does not answer in time raises its subclass ``RouterConnectionError``; an
+error answer keeps its status, code and headers; ``LocalRouter`` raises what ``Client`` would."""
+
+from __future__ import annotations
+
+import socket
+
+import httpx
+import pytest
+
+from experts.errors import ExpertUnavailable
+from router.orchestrator import Orchestrator
+from router.sdk import AsyncClient, Client, LocalRouter, RouterAPIError, RouterConnectionError
+from router.service import create_app
+from tests.doubles.fakes import FakeExpert, FakeGate, fake_config
+from tests.doubles.scripted_server import Behaviour, ScriptedOpenAIServer
+
+NAMES = ["math", "code"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def test_a_service_that_cannot_be_reached_is_a_router_connection_error() -> None:
+    url = f"http://127.0.0.1:{free_port()}"
+    with Client(url) as client, pytest.raises(RouterConnectionError) as sync:
+        client.chat("hi")
+    async with AsyncClient(url) as aclient:
+        with pytest.raises(RouterConnectionError) as asynced:
+            await aclient.route("hi")
+        with pytest.raises(RouterConnectionError):
+            [c async for c in aclient.stream("hi")]
+    for info in (sync, asynced):
+        assert isinstance(info.value, RouterAPIError)  # one except clause covers every failure
+        assert (info.value.status, info.value.code) == (0, "connection_error")
+        assert str(info.value).startswith(f"cannot reach the service POST {url}/v1/")
+
+
+async def test_a_service_that_does_not_answer_in_time_is_a_timeout_naming_it() -> None:
+    with ScriptedOpenAIServer(name="slow") as server:
+        server.default = Behaviour.hang()
+        async with AsyncClient(server.url.removesuffix("/v1"), timeout=0.3) as client:
+            with pytest.raises(RouterConnectionError) as info:
+                await client.chat("hi")
+    assert info.value.code == "timeout" and "within the 0.3 s timeout" in str(info.value)
+
+
+async def test_error_answers_keep_their_headers_and_odd_bodies_do_not_crash() -> None:
+    def answer(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/v1/route":
+            return httpx.Response(429, json={"error": "slow down"}, headers={"retry-after": "7"})
+        return httpx.Response(200, text="<html>not json</html>")
+
+    async with AsyncClient("http://router", transport=httpx.MockTransport(answer)) as client:
+        with pytest.raises(RouterAPIError) as limited:
+            await client.route("hi")
+        with pytest.raises(RouterAPIError) as garbled:
+            await client.experts()
+    assert (limited.value.status, limited.value.message, limited.value.retry_after_s) == (429, "slow down", 7.0)
+    assert garbled.value.code == "invalid_response" and "not JSON" in garbled.value.message
+
+
+async def test_local_router_raises_what_the_client_would() -> None:
+    config = fake_config(NAMES)
+    down = {n: FakeExpert(config.expert(n), fail=lambda x: ExpertUnavailable(x, "refused")) for n in NAMES}
+    orchestrator = Orchestrator(config, FakeGate(NAMES, {}, default=[0.6, 0.4]), down)
+    local = LocalRouter(orchestrator)
+    with pytest.raises(RouterAPIError) as local_failed:
+        await local.chat("hi")
+    with pytest.raises(RouterAPIError) as local_unknown:
+        await local.chat("hi", model="gpt-9")
+    async with AsyncClient("http://router", transport=httpx.ASGITransport(app=create_app(orchestrator))) as client:
+        with pytest.raises(RouterAPIError) as served_failed:
+            await client.chat("hi")
+        with pytest.raises(RouterAPIError) as served_unknown:
+            await client.chat("hi", model="gpt-9")
+    for local_error, served_error in ((local_failed, served_failed), (local_unknown, served_unknown)):
+        assert (local_error.value.status, local_error.value.code) == (served_error.value.status,
+                                                                    served_error.value.code)
+    assert local_failed.value.code == "all_experts_failed" and local_unknown.value.status == 404
+    assert [c["expert"] for c in local_failed.value.body["error"]["causes"]] == ["math", "code"]
