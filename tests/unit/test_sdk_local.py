@@ -48,3 +48,36 @@ def test_a_local_router_serves_one_asyncio_run_per_call(config: Path) -> None:
     assert [(a.expert, a.content) for a in answers] == [
         ("maths", "answer from maths"), ("cooking", "answer from cooking"), ("maths", "answer from maths")]
     assert max(decision.scores, key=decision.scores.__getitem__) == "cooking"
+
+
+@pytest.mark.filterwarnings("ignore::ResourceWarning", "ignore::pytest.PytestUnraisableExceptionWarning")
+def test_two_threads_driving_one_local_router_at_once_never_hang_it(config: Path) -> None:
+    """Each thread's ``asyncio.run`` answers, or gets the documented RuntimeError for two loops at once; none
+    hangs, and the router serves the next call. (The gate's batcher once mixed both loops' queries in one
+    batch, and a loop that had closed left it busy for good.)"""
+    import threading
+
+    local = LocalRouter.from_config(config)
+    outcomes: dict[str, str] = {}
+
+    def call(query: str) -> None:
+        try:
+            answer = asyncio.run(asyncio.wait_for(local.chat(query), timeout=30))
+            outcomes[query] = answer.expert
+        except RuntimeError as exc:
+            outcomes[query] = f"refused: {exc}"
+
+    for _ in range(3):
+        threads = [threading.Thread(target=call, args=(q,)) for q in ("solve x + 1 = 2", "boil an egg")]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        assert not any(t.is_alive() for t in threads), "a call hung"
+        assert set(outcomes) == {"solve x + 1 = 2", "boil an egg"}
+        assert all(v in ("maths", "cooking") or "loop" in v for v in outcomes.values()), outcomes
+        outcomes.clear()
+    answer = asyncio.run(asyncio.wait_for(local.chat("how do I roast vegetables"), timeout=30))
+    assert answer.expert == "cooking"
+    asyncio.run(local.aclose())
+    gc.collect()
