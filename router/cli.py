@@ -274,20 +274,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _runtime_error(exc: Exception) -> str | None:
     """The message for a failure a command can meet at run time (an expert that cannot answer or be built, an
     unknown model, a service that answers an error or cannot be reached); None for a bug, whose traceback is
-    wanted. Imported here, after the fact, so that a command that never meets them never imports them."""
-    import httpx
-
+    wanted. A service that cannot be reached is the SDK's ``RouterConnectionError``, a ``RouterAPIError``.
+    Imported here, after the fact, so that a command that never meets them never imports them."""
     from experts.errors import ExpertError
     from router.fallback import AllExpertsFailed
     from router.orchestrator import NoCapableExpert, UnknownExpert
     from router.sdk import RouterAPIError
 
-    if isinstance(exc, httpx.HTTPError):
-        try:
-            where = f" {exc.request.method} {exc.request.url}"
-        except RuntimeError:  # raised before a request existed
-            where = ""
-        return f"cannot reach the service{where}: {exc or type(exc).__name__}"
     if isinstance(exc, ExpertError | AllExpertsFailed | UnknownExpert | NoCapableExpert | RouterAPIError):
         return str(exc)
     return None

@@ -100,6 +100,10 @@ class GateLike(Protocol):
 
 
 class UnknownExpert(KeyError):
+    """A request names a model that is neither routed ("auto", the service's name) nor an expert."""
+
+    code, param = "model_not_found", "model"  # as the service (and LocalRouter) report it
+
     def __init__(self, name: str, known: Sequence[str]) -> None:
         super().__init__(name)
         self.name = name
@@ -112,11 +116,12 @@ class UnknownExpert(KeyError):
 class NoCapableExpert(ValueError):
     """The request needs capabilities (``tools`` when it carries tools, ``vision`` when a message holds an image)
     that no expert it may go to declares. ``capability`` names them (``tools+vision`` for both); ``param`` is
-    the request field that needs them."""
+    the request field that needs them, and ``code`` the error code the service (and LocalRouter) report."""
 
     def __init__(self, needs: Sequence[str], model: str, capable: Sequence[str]) -> None:
         self.capability, self.model, self.capable = "+".join(needs), model, list(capable)
         self.param = "tools" if "tools" in needs else "messages"
+        self.code = f"{self.capability}_not_supported"
         named = " and ".join(repr(n) for n in needs)
         where = f"expert {model!r} does not" if capable else "no configured expert does"
         also = f"; experts that do: {', '.join(capable)}" if capable else ""

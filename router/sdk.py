@@ -327,11 +327,11 @@ def _as_api_errors() -> Iterator[None]:
     except AllExpertsFailed as exc:
         raise RouterAPIError(exc.status, exc.error_body()) from exc
     except UnknownExpert as exc:
-        raise RouterAPIError(404, {"error": {"message": str(exc), "type": "invalid_request_error", "param": "model",
-                                             "code": "model_not_found"}}) from exc
+        raise RouterAPIError(404, {"error": {"message": str(exc), "type": "invalid_request_error", "param": exc.param,
+                                             "code": exc.code}}) from exc
     except NoCapableExpert as exc:
         raise RouterAPIError(400, {"error": {"message": str(exc), "type": "invalid_request_error",
-                                             "param": exc.param, "code": f"{exc.capability}_not_supported"}}) from exc
+                                             "param": exc.param, "code": exc.code}}) from exc
 
 
 class LocalRouter:

@@ -299,9 +299,9 @@ def _problems(handler: Callable[..., Awaitable[Response]]) -> Callable[..., Awai
             record.error = problem.code
             return _problem_response(problem)
         except UnknownExpert as exc:
-            record.error = "model_not_found"
-            return _problem_response(_HTTPProblem(404, str(exc), "invalid_request_error", "model_not_found",
-                                                  param="model"))
+            record.error = exc.code
+            return _problem_response(_HTTPProblem(404, str(exc), "invalid_request_error", exc.code,
+                                                  param=exc.param))
         except AllExpertsFailed as exc:
             _failed(record, exc)
             return _problem_response(_all_failed(exc))
@@ -314,8 +314,8 @@ def _problems(handler: Callable[..., Awaitable[Response]]) -> Callable[..., Awai
             return _problem_response(_HTTPProblem(400, str(exc), "invalid_request_error", record.error,
                                                   param="expert"))
         except NoCapableExpert as exc:
-            record.error = f"{exc.capability}_not_supported"
-            return _problem_response(_HTTPProblem(400, str(exc), "invalid_request_error", record.error,
+            record.error = exc.code
+            return _problem_response(_HTTPProblem(400, str(exc), "invalid_request_error", exc.code,
                                                   param=exc.param))
 
     wrapped.__name__ = handler.__name__
@@ -432,20 +432,21 @@ def create_app(orchestrator: Orchestrator | None = None,
         return JSONResponse({"object": "route.batch", "mode": "expert_choice",
                              "assignments": [{"index": i, "expert": e} for i, e in enumerate(experts)]})
 
-    async def models(request: Request) -> Response:
-        o = orch(request)
-        names = ["auto", o.config.service.name, *o.config.expert_names]
-        return JSONResponse({"object": "list", "data": [
-            {"id": n, "object": "model", "created": 0, "owned_by": "moe-router"} for n in names]})
+    def model_names(o: Orchestrator) -> list[str]:
+        return ["auto", o.config.service.name, *o.config.expert_names]
 
+    def model_object(name: str) -> dict[str, Any]:
+        return {"id": name, "object": "model", "created": 0, "owned_by": "moe-router"}
+
+    async def models(request: Request) -> Response:
+        return JSONResponse({"object": "list", "data": [model_object(n) for n in model_names(orch(request))]})
+
+    @_problems
     async def model(request: Request) -> Response:
-        o = orch(request)
-        name = request.path_params["model"]
-        if name not in ("auto", o.config.service.name, *o.config.expert_names):
-            return _problem_response(_HTTPProblem(
-                404, f"model {name!r} does not exist here; models: auto, {o.config.service.name}, "
-                f"{', '.join(o.config.expert_names)}", "invalid_request_error", "model_not_found", param="model"))
-        return JSONResponse({"id": name, "object": "model", "created": 0, "owned_by": "moe-router"})
+        name, names = request.path_params["model"], model_names(orch(request))
+        if name not in names:
+            raise UnknownExpert(name, names)  # the 404 model_not_found a chat request naming it gets
+        return JSONResponse(model_object(name))
 
     async def experts(request: Request) -> Response:
         o = orch(request)
