@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from experts.errors import ExpertAuthError, ExpertError, ExpertRejected
+from router.errors import error_body
 
 __all__ = ["AllExpertsFailed", "BudgetSpent", "Deadline", "budget_spent", "next_candidate"]
 
@@ -53,8 +54,7 @@ class AllExpertsFailed(Exception):
             message, kind = f"the request is invalid: every expert called refused it ({self})", "invalid_request_error"
         else:
             message, kind = str(self), "service_unavailable"
-        return {"error": {"message": message, "type": kind, "param": None, "code": self.code,
-                          "causes": self.to_list()}}
+        return error_body(message, kind, self.code, causes=self.to_list())
 
     @property
     def invalid_request(self) -> bool:

@@ -1,7 +1,8 @@
 """The HTTP service: OpenAI-compatible chat completions, plus the gate's decision and the expert list.
 
 Handlers are thin: they validate, call the one ``Orchestrator`` held on ``app.state``, and map domain errors
-to status codes with OpenAI-style error bodies ``{"error": {"message", "type", "param", "code"}}``.
+to status codes with OpenAI-style error bodies ``{"error": {"message", "type", "param", "code"}}``
+(``router.errors.error_body``, re-exported here).
 
 Around them one ASGI layer, ``_Edge``, gives each request an id, checks client keys and rate limits on
 ``/v1`` and the admin key on ``/admin`` (``router.security``), then feeds ``/metrics`` (``router.metrics``)
@@ -32,6 +33,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from experts.types import ChatRequest
+from router.errors import error_body
 from router.fallback import AllExpertsFailed
 from router.feedback import FeedbackBody, FeedbackStore, UnknownFeedbackExpert, UnknownRequest
 from router.logs import RequestRecord, configure_json_logging, log_request
@@ -67,10 +69,6 @@ class _HTTPProblem(Exception):
         super().__init__(message)
         self.status, self.message, self.type, self.code, self.param = status, message, type_, code, param
         self.extra = extra or {}
-
-
-def error_body(message: str, type_: str, code: str, param: str | None = None, **extra: Any) -> dict[str, Any]:
-    return {"error": {"message": message, "type": type_, "param": param, "code": code, **extra}}
 
 
 def _problem_response(problem: _HTTPProblem) -> JSONResponse:

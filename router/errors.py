@@ -1,0 +1,22 @@
+"""The OpenAI-format error object, defined once: ``{"error": {"message", "type", "param", "code", ...}}``.
+
+The service answers with it, ``AllExpertsFailed`` carries it, and the SDK raises it in ``RouterAPIError`` for
+failures in process (``LocalRouter``), so what a client reads is the same wherever the router runs. It imports
+nothing: ``router.fallback`` and the SDK (a client, without FastAPI) use it as the service does.
+
+The exceptions the object describes stay with the code that raises them: ``AllExpertsFailed`` in
+``router.fallback``, ``UnknownExpert`` and ``NoCapableExpert`` in ``router.orchestrator``; ``experts.errors``
+is the experts' own error tree.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["error_body"]
+
+
+def error_body(message: str, type_: str, code: str, param: str | None = None, **extra: Any) -> dict[str, Any]:
+    """OpenAI's error object: its four keys in OpenAI's order, ``param`` always present (null when no single
+    request field is at fault), then any fields of the router's own after them (``causes``: each expert's)."""
+    return {"error": {"message": message, "type": type_, "param": param, "code": code, **extra}}
