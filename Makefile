@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 VLLM_VENV ?= .venv-vllm
 export VLLM_VENV
 
-.PHONY: demo test unit integration bench lint results faults install vllm clean
+.PHONY: demo test unit integration bench lint results faults install vllm wheelhouse docker-test clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -30,7 +30,7 @@ test: $(STAMP) vllm
 	$(BIN)/pytest -q
 
 unit: $(STAMP)
-	$(BIN)/pytest -q -m "not integration"
+	$(BIN)/pytest -q -m "not integration and not docker"
 
 integration: $(STAMP) vllm
 	$(BIN)/pytest -q -m integration
@@ -46,6 +46,11 @@ results: $(STAMP)
 	bash bench/peers/install_semantic_router.sh
 	$(BIN)/python -m eval.results --out out/results --peer-suites '$(PEER_SUITES)'
 
+# docker-compose.cpu.yml on this host's Docker engine: builds the router image, starts the profile, queries it
+# (tests/docker). MOE_PYTHON_IMAGE, MOE_REDIS_IMAGE and MOE_PIP_NO_INDEX pass through (see wheelhouse/README.md).
+docker-test: $(STAMP)
+	$(BIN)/pytest -q -s -m docker tests/docker
+
 faults: $(STAMP)
 	$(BIN)/pytest -q tests/faults
 	$(BIN)/python bench/faults.py
@@ -53,6 +58,12 @@ faults: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/mypy
+
+# Wheels for building the router image with no package index (docker build --build-arg PIP_NO_INDEX=1, or
+# MOE_PIP_NO_INDEX=1 with compose): every dependency, torch as `make install` resolves it, and setuptools for the
+# build itself, for this machine's Python minor release, which must be the image's (3.11 for the default base).
+wheelhouse: $(STAMP)
+	$(BIN)/python deploy/docker/wheelhouse.py
 
 clean:
 	rm -rf out artifacts .pytest_cache .mypy_cache .ruff_cache

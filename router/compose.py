@@ -30,7 +30,9 @@ import yaml
 from router.config import ConfigError, ExpertConfig, RouterConfig
 
 __all__ = [
+    "FEEDBACK_VOLUME",
     "HF_CACHE_VOLUME",
+    "PYTHON_IMAGE",
     "REDIS_IMAGE",
     "REDIS_SERVICE",
     "ROUTER_SERVICE",
@@ -53,10 +55,17 @@ GPU_MEMORY_UTILIZATION = "${VLLM_GPU_MEMORY_UTILIZATION:-0.90}"
 ROUTER_SERVICE = "router"
 REDIS_IMAGE = "redis:7.2-alpine"
 REDIS_SERVICE = "redis"
+# The router image's base, as the Dockerfile's PYTHON_IMAGE argument defaults to it (a unit test keeps the two
+# equal). MOE_PYTHON_IMAGE and MOE_REDIS_IMAGE swap in other images at `docker compose up`, say ones built from a
+# Debian mirror by deploy/docker/base-image.sh on a host without Docker Hub; MOE_PIP_NO_INDEX=1 builds the router
+# from ./wheelhouse alone (`make wheelhouse`).
+PYTHON_IMAGE = "python:3.11-slim"
 # Replay recordings: the host's shared data folder, read-only in the router.
 DATA_PATH = "/data"
 DATA_MOUNT = "${MOE_DATA_DIR:-../shared/data}:" + DATA_PATH + ":ro"
 HF_CACHE_VOLUME = "hf-cache"
+# The feedback store (SQLite) outlives the router's container in this named volume, mounted on its folder.
+FEEDBACK_VOLUME = "feedback"
 HF_CACHE_PATH = "/root/.cache/huggingface"
 # The router image's working directory: the repo's files sit under it, so a path below it maps to the repo.
 APP_DIR = PurePosixPath("/app")
@@ -103,6 +112,14 @@ def _endpoint_problem(expert: ExpertConfig) -> str | None:
 def _problems(config: RouterConfig, config_path: str) -> Iterable[tuple[str, str]]:
     if not PurePosixPath(config_path).is_absolute():
         yield "<compose>", f"config_path_in_container must be an absolute path, got {config_path!r}"
+        return
+    config_dir, artifact, feedback_dir = _container_paths(config, config_path)
+    if config.feedback.enabled:
+        for mounted, what in ((config_dir, "the config's folder"), (artifact, "gate.artifact")):
+            if feedback_dir.is_relative_to(mounted):
+                yield ("feedback.path", f"puts the feedback store in {feedback_dir}, inside {what}, which the router "
+                       "container mounts read-only: put it in a folder of its own (the default is next to "
+                       "gate.artifact), or set feedback.enabled: false")
     seen: dict[str, str] = {}
     for i, expert in enumerate(config.experts):
         if expert.type != "vllm":
@@ -177,21 +194,35 @@ def _repo_mount(container_path: PurePosixPath) -> str | None:
     return f"./{container_path.relative_to(APP_DIR)}:{container_path}:ro"
 
 
-def _router_volumes(config: RouterConfig, config_path: str) -> list[str]:
+def _container_paths(config: RouterConfig, config_path: str) -> tuple[PurePosixPath, PurePosixPath, PurePosixPath]:
+    """The config's folder, the gate artifact and the feedback store's folder, as the router container sees them
+    (relative paths resolve against the config's folder, as the loader does it)."""
     config_dir = PurePosixPath(config_path).parent
-    # The gate artifact resolves against the config's folder, as the loader does it.
     artifact = PurePosixPath(posixpath.normpath(config_dir / config.gate.artifact))
+    feedback = (config_dir / config.feedback.path if config.feedback.path is not None
+                else artifact.parent / "feedback.sqlite3")
+    return config_dir, artifact, PurePosixPath(posixpath.normpath(feedback)).parent
+
+
+def _router_volumes(config: RouterConfig, config_path: str) -> list[str]:
+    config_dir, artifact, feedback_dir = _container_paths(config, config_path)
     mounts = [_repo_mount(config_dir)]
     if not artifact.is_relative_to(config_dir):
         mounts.append(_repo_mount(artifact))
+    if config.feedback.enabled:
+        # Verdicts are data: a named volume keeps them when the container is replaced. The image makes
+        # /app/artifacts (the default folder) the router user's, and a new volume takes that ownership.
+        mounts.append(f"{FEEDBACK_VOLUME}:{feedback_dir}")
     return [m for m in mounts if m is not None]
 
 
 def _redis_service() -> dict[str, Any]:
     return {
-        "image": REDIS_IMAGE,
-        # Shared state is soft (buckets refill, breakers re-learn): nothing is worth persisting.
-        "command": ["redis-server", "--save", "", "--appendonly", "no"],
+        "image": f"${{MOE_REDIS_IMAGE:-{REDIS_IMAGE}}}",
+        # Shared state is soft (buckets refill, breakers re-learn): nothing is worth persisting. Only the compose
+        # network reaches it, so protected mode (which refuses other hosts when no password is set) stays off, as
+        # the official image's entrypoint turns it off; a plain redis-server binary needs it said.
+        "command": ["redis-server", "--save", "", "--appendonly", "no", "--protected-mode", "no"],
         "healthcheck": {"test": ["CMD", "redis-cli", "ping"], "interval": "5s", "timeout": "3s", "retries": 5},
         "restart": "unless-stopped",
     }
@@ -209,10 +240,13 @@ def _router_service(config: RouterConfig, config_path: str, experts: list[str]) 
         env = config.state.url_env
         environment.append(f"{env}=${{{env}:-redis://{REDIS_SERVICE}:6379/0}}")
     return {
-        "build": {"context": ".", "dockerfile": "Dockerfile"},
+        "build": {"context": ".", "dockerfile": "Dockerfile",
+                  "args": {"PYTHON_IMAGE": f"${{MOE_PYTHON_IMAGE:-{PYTHON_IMAGE}}}",
+                           "PIP_NO_INDEX": "${MOE_PIP_NO_INDEX:-0}"}},
         "environment": environment,
         "volumes": volumes,
-        "ports": [f"{port}:{port}"],
+        # MOE_ROUTER_PORT publishes it on another host port (a second stack, or 8080 taken on the host).
+        "ports": [f"${{MOE_ROUTER_PORT:-{port}}}:{port}"],
         "depends_on": {name: {"condition": "service_healthy"} for name in experts},
         "healthcheck": _healthcheck(port, start_period="30s"),
         "restart": "unless-stopped",
@@ -231,8 +265,10 @@ def render_compose(config: RouterConfig, *, config_path_in_container: str = "/ap
         services[REDIS_SERVICE] = _redis_service()
     services[ROUTER_SERVICE] = _router_service(config, config_path_in_container, list(services))
     compose: dict[str, Any] = {"services": services}
-    if vllm:
-        compose["volumes"] = {HF_CACHE_VOLUME: {}}
+    named = [name for name, wanted in ((HF_CACHE_VOLUME, vllm), (FEEDBACK_VOLUME, config.feedback.enabled)) if wanted]
+    volumes: dict[str, dict[str, Any]] = {name: {} for name in named}
+    if volumes:
+        compose["volumes"] = volumes
     return compose
 
 

@@ -128,12 +128,18 @@ class FeedbackStore:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._since_prune = 0
-        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        # NORMAL in WAL: a commit survives a crash of the process; only power loss can lose the last ones.
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute("PRAGMA busy_timeout=5000")
-        self._db.executescript(_SCHEMA)
+        try:
+            self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            # NORMAL in WAL: a commit survives a crash of the process; only power loss can lose the last ones.
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.execute("PRAGMA busy_timeout=5000")
+            self._db.executescript(_SCHEMA)
+        except sqlite3.Error as exc:
+            # sqlite's own message ("unable to open database file") names neither the file nor the way out.
+            raise OSError(f"feedback store {self.path}: cannot open it as SQLite ({exc}); its folder must be "
+                          "writable by the router and the file a SQLite database: set feedback.path to another "
+                          "file, or feedback.enabled: false") from exc
 
     def remember(self, request_id: str, query: str, expert: str) -> None:
         now = time.time()

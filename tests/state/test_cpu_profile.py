@@ -1,7 +1,8 @@
-"""The CPU profile's services as processes: what docker-compose.cpu.yml runs in containers, run here without
-Docker (no engine on these machines). A real redis-server, then the router's own entrypoint command
-(``moe serve --config configs/compose-cpu.yaml``, as the image runs it) over the demo's replay experts, with
-the environment the compose file gives it; a gate trained by ``moe train`` from that same config."""
+"""The CPU profile's services as processes: what docker-compose.cpu.yml runs in containers, run without Docker so that
+CI needs no engine (``tests/docker`` runs the same profile in containers, ``make docker-test``). A real
+redis-server, then the router's own entrypoint command (``moe serve --config configs/compose-cpu.yaml``, as the
+image runs it) over the demo's replay experts, with the environment the compose file gives it; a gate trained by
+``moe train`` from that same config."""
 
 from __future__ import annotations
 

@@ -12,7 +12,9 @@ import pytest
 import yaml
 
 from router.compose import (
+    FEEDBACK_VOLUME,
     HF_CACHE_VOLUME,
+    PYTHON_IMAGE,
     ROUTER_SERVICE,
     ComposeError,
     dump_compose,
@@ -56,7 +58,10 @@ def flag_values(command: list[str], flag: str) -> list[str]:
 
 
 def config_with(*experts: dict[str, Any]) -> RouterConfig:
-    return parse_config({"version": 1, "experts": list(experts)}, check_env=False)
+    # The gate artifact beside configs/, as in configs/compose.yaml: the default (artifacts/gate below the
+    # config's folder) would put the feedback store in the read-only config mount, which rendering refuses.
+    return parse_config({"version": 1, "gate": {"artifact": "../artifacts/gate"}, "experts": list(experts)},
+                        check_env=False)
 
 
 def vllm(name: str, endpoint: str, **extra: Any) -> dict[str, Any]:
@@ -141,7 +146,7 @@ def test_router_waits_for_every_expert_to_be_healthy(config: RouterConfig, compo
     }
     assert (ROOT / router["build"]["context"] / router["build"]["dockerfile"]).is_file()
     port = config.service.port
-    assert f"{port}:{port}" in router["ports"]
+    assert router["ports"] == [f"${{MOE_ROUTER_PORT:-{port}}}:{port}"]
     assert f"localhost:{port}/health" in " ".join(router["healthcheck"]["test"])
 
 
@@ -156,11 +161,22 @@ def test_router_reads_the_config_it_was_rendered_from(compose: dict[str, Any]) -
 
 def test_dockerfile_installs_cpu_torch_first_and_serves_the_config() -> None:
     text = (ROOT / "Dockerfile").read_text(encoding="utf-8")
-    assert re.search(r"^FROM python:3\.11-slim$", text, re.M)
-    torch = text.index("pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu")
+    # The base is an argument whose default is the one the compose files pass when MOE_PYTHON_IMAGE is unset.
+    assert re.search(rf"^ARG PYTHON_IMAGE={re.escape(PYTHON_IMAGE)}$", text, re.M)
+    assert re.search(r"^FROM \$\{PYTHON_IMAGE\} AS base$", text, re.M)
+    assert re.search(r"^ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu$", text, re.M)
+    torch = text.index('pip install --index-url "$TORCH_INDEX_URL" torch==2.13.0')
     assert torch < text.index("pip install .")
+    # No BuildKit frontend image to pull (a `# syntax=` line) and no heredoc, which only that frontend parses:
+    # an offline host's classic builder must build it.
+    assert "# syntax=" not in text and "<<" not in text
+    assert "RUN python3 deploy/docker/check_encoders.py" in text
+    assert (ROOT / "deploy/docker/check_encoders.py").is_file()
+    # The wheels stay in the build stage; the served image copies the installed environment.
+    final = text[text.rindex("\nFROM "):]
+    assert "wheelhouse" not in final and "COPY --from=build /opt/moe /opt/moe" in final
     assert "moe serve --config" in text and "--host 0.0.0.0" in text
-    assert (ROOT / ".dockerignore").is_file()
+    assert (ROOT / ".dockerignore").is_file() and (ROOT / "wheelhouse").is_dir()
 
 
 # --- rendering ------------------------------------------------------------------------------------------
@@ -294,3 +310,32 @@ def test_docker_compose_accepts_the_file() -> None:
         cwd=ROOT, capture_output=True, text=True, check=False, timeout=60,
     )
     assert result.returncode == 0, result.stderr
+
+
+# --- the feedback store ---------------------------------------------------------------------------------
+
+
+def _with_feedback(feedback: dict[str, Any], artifact: str = "../artifacts/gate") -> RouterConfig:
+    return parse_config({"version": 1, "gate": {"artifact": artifact}, "feedback": feedback,
+                         "experts": [vllm("coder", "http://coder:8000/v1")]}, check_env=False)
+
+
+def test_feedback_store_gets_a_named_volume_on_its_folder() -> None:
+    compose = render_compose(_with_feedback({"enabled": True}))
+    assert f"{FEEDBACK_VOLUME}:/app/artifacts" in compose["services"][ROUTER_SERVICE]["volumes"]
+    assert FEEDBACK_VOLUME in compose["volumes"]
+    # feedback.path resolves against the config's folder, as the loader resolves it.
+    compose = render_compose(_with_feedback({"enabled": True, "path": "../state/verdicts.sqlite3"}))
+    assert f"{FEEDBACK_VOLUME}:/app/state" in compose["services"][ROUTER_SERVICE]["volumes"]
+    off = render_compose(_with_feedback({"enabled": False}))
+    assert not any(v.startswith(f"{FEEDBACK_VOLUME}:") for v in off["services"][ROUTER_SERVICE]["volumes"])
+    assert FEEDBACK_VOLUME not in off.get("volumes", {})
+
+
+@pytest.mark.parametrize(("path", "inside"), [("feedback.sqlite3", "the config's folder"),
+                                              ("../artifacts/gate/feedback.sqlite3", "gate.artifact")])
+def test_feedback_store_inside_a_read_only_mount_is_refused(path: str, inside: str) -> None:
+    with pytest.raises(ComposeError) as info:
+        render_compose(_with_feedback({"enabled": True, "path": path}))
+    assert "feedback.path" in str(info.value) and inside in str(info.value)
+    render_compose(_with_feedback({"enabled": False, "path": path}))  # no store, nothing to refuse

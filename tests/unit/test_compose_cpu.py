@@ -65,7 +65,17 @@ def test_cpu_profile_runs_replay_experts_without_a_gpu() -> None:
     assert "./artifacts/demo-gate:/app/artifacts/demo-gate:ro" in router["volumes"]
     assert f"{config.state.url_env}=${{{config.state.url_env}:-redis://redis:6379/0}}" in router["environment"]
     redis = compose["services"][REDIS_SERVICE]
-    assert redis["image"].startswith("redis:7") and redis["healthcheck"]["test"] == ["CMD", "redis-cli", "ping"]
+    # Docker Hub's Redis unless MOE_REDIS_IMAGE names another; any plain redis-server needs protected mode off
+    # to take the router's connections over the compose network.
+    assert redis["image"] == "${MOE_REDIS_IMAGE:-redis:7.2-alpine}"
+    assert redis["command"][-2:] == ["--protected-mode", "no"]
+    assert redis["healthcheck"]["test"] == ["CMD", "redis-cli", "ping"]
+    # Feedback is on: its SQLite store sits in a named volume on the folder next to the gate artifact, so the
+    # verdicts outlive the container (the image makes /app/artifacts the router user's).
+    assert config.feedback.enabled and "feedback:/app/artifacts" in router["volumes"]
+    assert compose["volumes"] == {"feedback": {}}
+    assert router["build"]["args"] == {"PYTHON_IMAGE": "${MOE_PYTHON_IMAGE:-python:3.11-slim}",
+                                       "PIP_NO_INDEX": "${MOE_PIP_NO_INDEX:-0}"}
 
 
 def test_cpu_config_serves_the_demo_experts() -> None:

@@ -219,3 +219,16 @@ async def test_feedback_from_the_service_trains_the_next_gate(tmp_path: Path,
 def test_moe_train_takes_a_feedback_switch() -> None:
     assert _parser().parse_args(["train"]).feedback is True
     assert _parser().parse_args(["train", "--no-feedback"]).feedback is False
+
+
+def test_a_store_that_cannot_be_opened_names_the_file_and_the_way_out(tmp_path: Path) -> None:
+    folder = tmp_path / "feedback.sqlite3"
+    folder.mkdir()  # a folder where the file goes: sqlite says only "unable to open database file"
+    with pytest.raises(OSError, match=r"feedback store .*feedback\.sqlite3: cannot open it as SQLite .*unable to "
+                                      r"open database file.*feedback\.enabled: false"):
+        FeedbackStore(folder)
+    garbage = tmp_path / "notes.sqlite3"
+    garbage.write_bytes(b"not a database, but a file someone pointed feedback.path at" * 100)
+    with pytest.raises(OSError, match=r"notes\.sqlite3: cannot open it as SQLite \(file is not a database\)"):
+        FeedbackStore(garbage)
+
