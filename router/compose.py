@@ -35,6 +35,7 @@ __all__ = [
     "PYTHON_IMAGE",
     "REDIS_IMAGE",
     "REDIS_SERVICE",
+    "REDIS_VOLUME",
     "ROUTER_SERVICE",
     "VLLM_IMAGE",
     "VLLM_PORT",
@@ -64,8 +65,10 @@ PYTHON_IMAGE = "python:3.11-slim"
 DATA_PATH = "/data"
 DATA_MOUNT = "${MOE_DATA_DIR:-../shared/data}:" + DATA_PATH + ":ro"
 HF_CACHE_VOLUME = "hf-cache"
-# The feedback store (SQLite) outlives the router's container in this named volume, mounted on its folder.
+# Feedback outlives the containers: with state.backend memory the SQLite store sits in this named volume, on its
+# folder; with redis the verdicts are in Redis, which then keeps an append-only file in REDIS_VOLUME.
 FEEDBACK_VOLUME = "feedback"
+REDIS_VOLUME = "redis-data"
 HF_CACHE_PATH = "/root/.cache/huggingface"
 # The router image's working directory: the repo's files sit under it, so a path below it maps to the repo.
 APP_DIR = PurePosixPath("/app")
@@ -114,7 +117,7 @@ def _problems(config: RouterConfig, config_path: str) -> Iterable[tuple[str, str
         yield "<compose>", f"config_path_in_container must be an absolute path, got {config_path!r}"
         return
     config_dir, artifact, feedback_dir = _container_paths(config, config_path)
-    if config.feedback.enabled:
+    if _sqlite_feedback(config):
         for mounted, what in ((config_dir, "the config's folder"), (artifact, "gate.artifact")):
             if feedback_dir.is_relative_to(mounted):
                 yield ("feedback.path", f"puts the feedback store in {feedback_dir}, inside {what}, which the router "
@@ -209,20 +212,28 @@ def _router_volumes(config: RouterConfig, config_path: str) -> list[str]:
     mounts = [_repo_mount(config_dir)]
     if not artifact.is_relative_to(config_dir):
         mounts.append(_repo_mount(artifact))
-    if config.feedback.enabled:
+    if _sqlite_feedback(config):
         # Verdicts are data: a named volume keeps them when the container is replaced. The image makes
         # /app/artifacts (the default folder) the router user's, and a new volume takes that ownership.
         mounts.append(f"{FEEDBACK_VOLUME}:{feedback_dir}")
     return [m for m in mounts if m is not None]
 
 
-def _redis_service() -> dict[str, Any]:
+def _sqlite_feedback(config: RouterConfig) -> bool:
+    """Feedback kept in the router's SQLite file (``router.feedback``); with state.backend redis it is in Redis."""
+    return config.feedback.enabled and config.state.backend == "memory"
+
+
+def _redis_service(persist: bool) -> dict[str, Any]:
+    # Buckets refill and breakers re-learn, so without feedback nothing is worth persisting; verdicts are data, so
+    # with feedback on Redis appends every write to a file in its volume. Only the compose network reaches it, so
+    # protected mode (which refuses other hosts when no password is set) stays off, as the official image's
+    # entrypoint turns it off; a plain redis-server binary needs it said.
+    durability = ["--appendonly", "yes", "--dir", "/data"] if persist else ["--save", "", "--appendonly", "no"]
     return {
         "image": f"${{MOE_REDIS_IMAGE:-{REDIS_IMAGE}}}",
-        # Shared state is soft (buckets refill, breakers re-learn): nothing is worth persisting. Only the compose
-        # network reaches it, so protected mode (which refuses other hosts when no password is set) stays off, as
-        # the official image's entrypoint turns it off; a plain redis-server binary needs it said.
-        "command": ["redis-server", "--save", "", "--appendonly", "no", "--protected-mode", "no"],
+        "command": ["redis-server", *durability, "--protected-mode", "no"],
+        **({"volumes": [f"{REDIS_VOLUME}:/data"]} if persist else {}),
         "healthcheck": {"test": ["CMD", "redis-cli", "ping"], "interval": "5s", "timeout": "3s", "retries": 5},
         "restart": "unless-stopped",
     }
@@ -262,10 +273,12 @@ def render_compose(config: RouterConfig, *, config_path_in_container: str = "/ap
     vllm = [e for e in config.experts if e.type == "vllm"]
     services = {service_name(e): _vllm_service(e, gpu, vllm_image) for gpu, e in enumerate(vllm)}
     if config.state.backend == "redis":
-        services[REDIS_SERVICE] = _redis_service()
+        services[REDIS_SERVICE] = _redis_service(persist=config.feedback.enabled)
     services[ROUTER_SERVICE] = _router_service(config, config_path_in_container, list(services))
     compose: dict[str, Any] = {"services": services}
-    named = [name for name, wanted in ((HF_CACHE_VOLUME, vllm), (FEEDBACK_VOLUME, config.feedback.enabled)) if wanted]
+    persist_redis = config.state.backend == "redis" and config.feedback.enabled
+    named = [name for name, wanted in ((HF_CACHE_VOLUME, vllm), (FEEDBACK_VOLUME, _sqlite_feedback(config)),
+                                       (REDIS_VOLUME, persist_redis)) if wanted]
     volumes: dict[str, dict[str, Any]] = {name: {} for name in named}
     if volumes:
         compose["volumes"] = volumes

@@ -1,6 +1,10 @@
-"""Feedback on answers: which expert's answer to a query was good or bad, stored durably in SQLite.
+"""Feedback on answers: which expert's answer to a query was good or bad, stored durably.
 
-One file (``feedback.path``; by default ``feedback.sqlite3`` next to ``gate.artifact``) holds two tables:
+``FeedbackStore`` is the interface; where the verdicts live follows ``state.backend``. With ``memory`` (one
+router process) it is ``SqliteFeedbackStore``; with ``redis`` it is ``router.state_redis.RedisFeedbackStore``, so
+every replica records into, and ``moe train`` reads from, the one store the replicas share.
+
+The SQLite file (``feedback.path``; by default ``feedback.sqlite3`` next to ``gate.artifact``) holds two tables:
 
 - ``requests``: the query and answering expert of each recent answer, keyed by its response id (the chat
   completion's ``id``), so feedback can name an answer by id alone. Rows older than ``REQUEST_RETENTION_S``
@@ -16,10 +20,12 @@ store is synchronous and thread-safe; the ``a``-prefixed methods run it off the 
 from __future__ import annotations
 
 import asyncio
+import os
 import sqlite3
 import threading
 import time
-from collections.abc import Sequence
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, model_validator
@@ -33,6 +39,8 @@ __all__ = [
     "FeedbackError",
     "FeedbackRecord",
     "FeedbackStore",
+    "FeedbackUnavailable",
+    "SqliteFeedbackStore",
     "UnknownFeedbackExpert",
     "UnknownRequest",
     "feedback_path",
@@ -64,6 +72,10 @@ class UnknownRequest(FeedbackError):
     def __init__(self, request_id: str) -> None:
         super().__init__(f"no answer with id {request_id!r} is known (unknown, or older than the retention)")
         self.request_id = request_id
+
+
+class FeedbackUnavailable(OSError):
+    """The store cannot be reached (a Redis outage): the verdict was not stored, and the client may retry."""
 
 
 class UnknownFeedbackExpert(FeedbackError):
@@ -120,7 +132,58 @@ class Answered(BaseModel):
     created: float
 
 
-class FeedbackStore:
+class FeedbackStore(ABC):
+    """Remembers which expert gave each recent answer, and keeps the verdicts on answers.
+
+    Synchronous and thread-safe; the ``a``-prefixed methods run it off the event loop."""
+
+    @abstractmethod
+    def remember(self, request_id: str, query: str, expert: str) -> None:
+        """Note that ``expert`` answered ``query`` as ``request_id``, so a verdict can name the answer by id."""
+
+    @abstractmethod
+    def answered(self, request_id: str) -> Answered | None:
+        """The remembered answer ``request_id``; None when unknown or past its retention."""
+
+    @abstractmethod
+    def add(self, query: str, expert: str, score: float, *, request_id: str | None = None,
+            note: str | None = None) -> FeedbackRecord:
+        """Store one verdict and return it with its id."""
+
+    @abstractmethod
+    def records(self, since: float | None = None) -> list[FeedbackRecord]:
+        """Every verdict created at or after ``since`` (Unix seconds), oldest first."""
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+    def submit(self, body: FeedbackBody, experts: Sequence[str]) -> FeedbackRecord:
+        """Store one verdict. Raises ``UnknownRequest`` or ``UnknownFeedbackExpert``."""
+        query, expert = body.query, body.expert
+        if body.request_id is not None:
+            answer = self.answered(body.request_id)
+            if answer is None:
+                raise UnknownRequest(body.request_id)
+            query, expert = answer.query, expert or answer.expert
+        assert query is not None and expert is not None  # FeedbackBody's validator guarantees both
+        if expert not in experts:
+            raise UnknownFeedbackExpert(expert, experts)
+        return self.add(query, expert, body.value(), request_id=body.request_id, note=body.note)
+
+    async def aremember(self, request_id: str, query: str, expert: str) -> None:
+        await asyncio.to_thread(self.remember, request_id, query, expert)
+
+    async def asubmit(self, body: FeedbackBody, experts: Sequence[str]) -> FeedbackRecord:
+        return await asyncio.to_thread(self.submit, body, experts)
+
+    async def arecords(self, since: float | None = None) -> list[FeedbackRecord]:
+        return await asyncio.to_thread(self.records, since)
+
+    async def aclose(self) -> None:
+        await asyncio.to_thread(self.close)
+
+
+class SqliteFeedbackStore(FeedbackStore):
     """The SQLite file. One connection, serialised by a lock: writes are tiny, and this keeps it simple."""
 
     def __init__(self, path: str | Path) -> None:
@@ -156,19 +219,6 @@ class FeedbackStore:
                                    (request_id,)).fetchone()
         return None if row is None else Answered(id=row[0], query=row[1], expert=row[2], created=row[3])
 
-    def submit(self, body: FeedbackBody, experts: Sequence[str]) -> FeedbackRecord:
-        """Store one verdict. Raises ``UnknownRequest`` or ``UnknownFeedbackExpert``."""
-        query, expert = body.query, body.expert
-        if body.request_id is not None:
-            answer = self.answered(body.request_id)
-            if answer is None:
-                raise UnknownRequest(body.request_id)
-            query, expert = answer.query, expert or answer.expert
-        assert query is not None and expert is not None  # FeedbackBody's validator guarantees both
-        if expert not in experts:
-            raise UnknownFeedbackExpert(expert, experts)
-        return self.add(query, expert, body.value(), request_id=body.request_id, note=body.note)
-
     def add(self, query: str, expert: str, score: float, *, request_id: str | None = None,
             note: str | None = None) -> FeedbackRecord:
         now = time.time()
@@ -180,7 +230,6 @@ class FeedbackStore:
                               score=score, note=note, created=now)
 
     def records(self, since: float | None = None) -> list[FeedbackRecord]:
-        """Every verdict created at or after ``since`` (Unix seconds), oldest first."""
         with self._lock:
             rows = self._db.execute(
                 "SELECT id, request_id, query, expert, score, note, created FROM feedback WHERE created >= ? "
@@ -191,18 +240,6 @@ class FeedbackStore:
         with self._lock:
             self._db.close()
 
-    async def aremember(self, request_id: str, query: str, expert: str) -> None:
-        await asyncio.to_thread(self.remember, request_id, query, expert)
-
-    async def asubmit(self, body: FeedbackBody, experts: Sequence[str]) -> FeedbackRecord:
-        return await asyncio.to_thread(self.submit, body, experts)
-
-    async def arecords(self, since: float | None = None) -> list[FeedbackRecord]:
-        return await asyncio.to_thread(self.records, since)
-
-    async def aclose(self) -> None:
-        await asyncio.to_thread(self.close)
-
 
 def feedback_path(config: RouterConfig) -> Path:
     if config.feedback.path is not None:
@@ -210,17 +247,28 @@ def feedback_path(config: RouterConfig) -> Path:
     return config.resolve(config.gate.artifact).parent / "feedback.sqlite3"
 
 
-def open_feedback_store(config: RouterConfig) -> FeedbackStore | None:
-    """The config's store, created if absent; None when feedback is off."""
-    return FeedbackStore(feedback_path(config)) if config.feedback.enabled else None
+def open_feedback_store(config: RouterConfig, environ: Mapping[str, str] | None = None) -> FeedbackStore | None:
+    """The config's store (created if absent): Redis with ``state.backend: redis``, else the SQLite file; None
+    when feedback is off. ``environ`` holds the Redis URL variable (default: this process's environment)."""
+    if not config.feedback.enabled:
+        return None
+    if config.state.backend == "redis":
+        from router.state_redis import RedisFeedbackStore
+
+        return RedisFeedbackStore.from_config(config.state, os.environ if environ is None else environ)
+    return SqliteFeedbackStore(feedback_path(config))
 
 
-def load_feedback(config: RouterConfig, since: float | None = None) -> list[FeedbackRecord]:
-    """The stored verdicts, for training; none when feedback is off or nothing was ever stored."""
-    path = feedback_path(config)
-    if not config.feedback.enabled or not path.is_file():
+def load_feedback(config: RouterConfig, since: float | None = None,
+                  environ: Mapping[str, str] | None = None) -> list[FeedbackRecord]:
+    """The stored verdicts, for training; none when feedback is off or nothing was ever stored. Raises
+    ``FeedbackUnavailable`` when the shared store (Redis) cannot be read."""
+    if not config.feedback.enabled:
         return []
-    store = FeedbackStore(path)
+    if config.state.backend == "memory" and not feedback_path(config).is_file():
+        return []
+    store = open_feedback_store(config, environ)
+    assert store is not None
     try:
         return store.records(since)
     finally:

@@ -35,7 +35,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from experts.types import ChatRequest
 from router.errors import error_body
 from router.fallback import AllExpertsFailed
-from router.feedback import FeedbackBody, FeedbackStore, UnknownFeedbackExpert, UnknownRequest
+from router.feedback import FeedbackBody, FeedbackStore, FeedbackUnavailable, UnknownFeedbackExpert, UnknownRequest
 from router.logs import RequestRecord, configure_json_logging, log_request
 from router.metrics import CONTENT_TYPE, RouterMetrics
 from router.openapi import CHAT_COMPLETIONS_BODY, ROUTE_BODY, request_body
@@ -307,6 +307,9 @@ def _problems(handler: Callable[..., Awaitable[Response]]) -> Callable[..., Awai
             record.error = "request_not_found"
             return _problem_response(_HTTPProblem(404, str(exc), "invalid_request_error", record.error,
                                                   param="request_id"))
+        except FeedbackUnavailable as exc:
+            record.error = "feedback_unavailable"
+            return _problem_response(_HTTPProblem(503, str(exc), "service_unavailable", record.error))
         except UnknownFeedbackExpert as exc:
             record.error = "unknown_expert"
             return _problem_response(_HTTPProblem(400, str(exc), "invalid_request_error", record.error,

@@ -13,8 +13,16 @@ balancer enforce one rate limit per key and agree on which experts are broken.
   wins); a breaker only needs the trend, not an exact count. ``Breakers`` over this store must use a wall
   clock (``time.time``): ``opened_at`` is compared across hosts.
 
-Both degrade, not fail, when Redis is unreachable: they fall back to per-process state for ``retry_s`` and log
-one warning, so an outage of Redis loosens limits to per replica instead of failing every request.
+- ``RedisFeedbackStore`` (``router.feedback.FeedbackStore``): the answers verdicts may name, one hash each
+  (``<prefix>feedback:answer:<id>``, expiring after the retention), and the verdicts in one sorted set
+  (``<prefix>feedback:verdicts``, scored by creation time, ids from ``INCR``), so every replica records into,
+  and ``moe train`` reads from, one store. Verdicts are data, not soft state: a verdict that cannot be stored
+  raises ``FeedbackUnavailable`` (the service answers 503, so the client can send it again) instead of being
+  kept locally, and an answer that cannot be remembered is logged and can still be rated by query and expert.
+
+The rate-limit and breaker stores degrade, not fail, when Redis is unreachable: they fall back to per-process
+state for ``retry_s`` and log one warning, so an outage of Redis loosens limits to per replica instead of failing
+every request.
 The ``redis`` package is imported lazily; install it with ``pip install redis``.
 """
 
@@ -29,13 +37,15 @@ from typing import TYPE_CHECKING, Any
 
 from router.breaker import BreakerState, MemoryBreakerStore
 from router.config import ConfigError, RateLimitConfig, StateConfig
-from router.security import InMemoryRateStore
+from router.feedback import REQUEST_RETENTION_S, Answered, FeedbackRecord, FeedbackStore, FeedbackUnavailable
+from router.security import InMemoryRateStore, redact
 
 if TYPE_CHECKING:
     import redis
     import redis.asyncio
 
-__all__ = ["RedisBreakerStore", "RedisRateStore", "SharedState", "build_shared_state", "redis_url"]
+__all__ = ["RedisBreakerStore", "RedisFeedbackStore", "RedisRateStore", "SharedState", "build_shared_state",
+           "redis_url"]
 
 log = logging.getLogger("moe.state")
 
@@ -157,6 +167,87 @@ class RedisBreakerStore:
             pipe.execute()
         except _redis_module().RedisError as exc:
             self._outage.begin(exc)
+
+    def close(self) -> None:
+        self.client.close()
+
+
+_RETRY = "nothing was stored; send the verdict again later"
+
+
+class RedisFeedbackStore(FeedbackStore):
+    """Verdicts and the answers they name, shared by every replica (see the module's notes)."""
+
+    def __init__(self, client: redis.Redis, key_prefix: str = "moe:", *, where: str = "redis",
+                 retention_s: float = REQUEST_RETENTION_S) -> None:
+        self.client = client
+        self.key_prefix = key_prefix
+        self.where = where  # for messages: the URL with any credentials redacted
+        self.retention_s = retention_s
+        self._outage = _Outage("feedback (answers are not remembered)", 5.0)
+
+    @classmethod
+    def from_config(cls, config: StateConfig, environ: Mapping[str, str], *, timeout_s: float = 2.0,
+                    retention_s: float = REQUEST_RETENTION_S) -> RedisFeedbackStore:
+        """A store on ``state``'s Redis. Off the event loop, so it can wait longer than the breakers do."""
+        url = redis_url(config, environ)
+        redis = _redis_module()
+        client = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+        return cls(client, config.key_prefix, where=str(redact(url)), retention_s=retention_s)
+
+    def _answer_key(self, request_id: str) -> str:
+        return f"{self.key_prefix}feedback:answer:{request_id}"
+
+    @property
+    def _verdicts(self) -> str:
+        return f"{self.key_prefix}feedback:verdicts"
+
+    def _unavailable(self, doing: str, exc: Exception, advice: str) -> FeedbackUnavailable:
+        return FeedbackUnavailable(f"feedback store {self.where} unreachable while {doing} "
+                                   f"({type(exc).__name__}: {exc}); {advice}")
+
+    def remember(self, request_id: str, query: str, expert: str) -> None:
+        if self._outage.active():
+            return
+        key = self._answer_key(request_id)
+        try:
+            pipe = self.client.pipeline(transaction=True)
+            pipe.hset(key, mapping={"query": query, "expert": expert, "created": repr(time.time())})
+            pipe.expire(key, max(1, int(self.retention_s)))
+            pipe.execute()
+        except _redis_module().RedisError as exc:
+            self._outage.begin(exc)  # the answer stands; only a verdict by its id is lost (by query still works)
+
+    def answered(self, request_id: str) -> Answered | None:
+        try:
+            raw = self.client.hgetall(self._answer_key(request_id))
+        except _redis_module().RedisError as exc:
+            raise self._unavailable("looking up the answer", exc, _RETRY) from exc
+        if not raw:
+            return None
+        fields = {(k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
+                  for k, v in raw.items()}
+        return Answered(id=request_id, query=fields["query"], expert=fields["expert"], created=float(fields["created"]))
+
+    def add(self, query: str, expert: str, score: float, *, request_id: str | None = None,
+            note: str | None = None) -> FeedbackRecord:
+        try:
+            record_id = int(self.client.incr(f"{self.key_prefix}feedback:next_id"))
+            record = FeedbackRecord(id=record_id, request_id=request_id, query=query, expert=expert, score=score,
+                                    note=note, created=time.time())
+            self.client.zadd(self._verdicts, {record.model_dump_json(): record.created})
+        except _redis_module().RedisError as exc:
+            raise self._unavailable("storing a verdict", exc, _RETRY) from exc
+        return record
+
+    def records(self, since: float | None = None) -> list[FeedbackRecord]:
+        try:
+            raw = self.client.zrangebyscore(self._verdicts, "-inf" if since is None else repr(since), "+inf")
+        except _redis_module().RedisError as exc:
+            raise self._unavailable("reading the verdicts", exc, "check state.url_env's Redis URL, or train "
+                                    "with --no-feedback") from exc
+        return sorted((FeedbackRecord.model_validate_json(member) for member in raw if isinstance(member, str | bytes)),
+                      key=lambda r: r.id)
 
     def close(self) -> None:
         self.client.close()

@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     directory: Path = args.dir
     directory.mkdir(parents=True, exist_ok=True)
     print(f"wheelhouse: resolving the router's dependencies into {directory}", file=sys.stderr)
-    pip_wheel(directory, "torch==2.13.0", "setuptools>=68", ".")
+    pip_wheel(directory, "torch==2.13.0", "setuptools>=77", ".")
     for own in directory.glob("moe_router-*.whl"):
         own.unlink()  # the image builds the router from its source
     while extra := missing_for_other_patches(directory):

@@ -15,6 +15,7 @@ from router.compose import (
     FEEDBACK_VOLUME,
     HF_CACHE_VOLUME,
     PYTHON_IMAGE,
+    REDIS_VOLUME,
     ROUTER_SERVICE,
     ComposeError,
     dump_compose,
@@ -315,9 +316,11 @@ def test_docker_compose_accepts_the_file() -> None:
 # --- the feedback store ---------------------------------------------------------------------------------
 
 
-def _with_feedback(feedback: dict[str, Any], artifact: str = "../artifacts/gate") -> RouterConfig:
+def _with_feedback(feedback: dict[str, Any], artifact: str = "../artifacts/gate",
+                   backend: str = "memory") -> RouterConfig:
     return parse_config({"version": 1, "gate": {"artifact": artifact}, "feedback": feedback,
-                         "experts": [vllm("coder", "http://coder:8000/v1")]}, check_env=False)
+                         "state": {"backend": backend}, "experts": [vllm("coder", "http://coder:8000/v1")]},
+                        check_env=False)
 
 
 def test_feedback_store_gets_a_named_volume_on_its_folder() -> None:
@@ -330,6 +333,20 @@ def test_feedback_store_gets_a_named_volume_on_its_folder() -> None:
     off = render_compose(_with_feedback({"enabled": False}))
     assert not any(v.startswith(f"{FEEDBACK_VOLUME}:") for v in off["services"][ROUTER_SERVICE]["volumes"])
     assert FEEDBACK_VOLUME not in off.get("volumes", {})
+
+
+def test_feedback_in_redis_makes_redis_durable_and_needs_no_sqlite_volume() -> None:
+    compose = render_compose(_with_feedback({"enabled": True}, backend="redis"))
+    redis = compose["services"]["redis"]
+    assert redis["command"][1:5] == ["--appendonly", "yes", "--dir", "/data"]
+    assert redis["volumes"] == [f"{REDIS_VOLUME}:/data"]
+    assert compose["volumes"] == {HF_CACHE_VOLUME: {}, REDIS_VOLUME: {}}
+    assert not any(v.startswith(f"{FEEDBACK_VOLUME}:") for v in compose["services"][ROUTER_SERVICE]["volumes"])
+    # No SQLite store, so a feedback.path inside the read-only config mount is no problem here.
+    render_compose(_with_feedback({"enabled": True, "path": "feedback.sqlite3"}, backend="redis"))
+    # Without feedback, Redis holds only soft state and persists nothing.
+    soft = render_compose(_with_feedback({"enabled": False}, backend="redis"))["services"]["redis"]
+    assert soft["command"][1:5] == ["--save", "", "--appendonly", "no"] and "volumes" not in soft
 
 
 @pytest.mark.parametrize(("path", "inside"), [("feedback.sqlite3", "the config's folder"),

@@ -70,10 +70,13 @@ def test_cpu_profile_runs_replay_experts_without_a_gpu() -> None:
     assert redis["image"] == "${MOE_REDIS_IMAGE:-redis:7.2-alpine}"
     assert redis["command"][-2:] == ["--protected-mode", "no"]
     assert redis["healthcheck"]["test"] == ["CMD", "redis-cli", "ping"]
-    # Feedback is on: its SQLite store sits in a named volume on the folder next to the gate artifact, so the
-    # verdicts outlive the container (the image makes /app/artifacts the router user's).
-    assert config.feedback.enabled and "feedback:/app/artifacts" in router["volumes"]
-    assert compose["volumes"] == {"feedback": {}}
+    # Feedback is on and state.backend is redis, so the verdicts live in Redis (every replica's), which keeps an
+    # append-only file in its own volume; the router keeps no SQLite store.
+    assert config.feedback.enabled and config.state.backend == "redis"
+    assert redis["command"][1:5] == ["--appendonly", "yes", "--dir", "/data"]
+    assert redis["volumes"] == ["redis-data:/data"]
+    assert not any(v.startswith("feedback:") for v in router["volumes"])
+    assert compose["volumes"] == {"redis-data": {}}
     assert router["build"]["args"] == {"PYTHON_IMAGE": "${MOE_PYTHON_IMAGE:-python:3.11-slim}",
                                        "PIP_NO_INDEX": "${MOE_PIP_NO_INDEX:-0}"}
 

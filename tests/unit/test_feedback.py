@@ -12,7 +12,14 @@ from fastapi import FastAPI
 
 from router.cli import _parser
 from router.config import parse_config
-from router.feedback import FeedbackBody, FeedbackStore, UnknownRequest, feedback_path, load_feedback
+from router.feedback import (
+    FeedbackBody,
+    FeedbackStore,
+    SqliteFeedbackStore,
+    UnknownRequest,
+    feedback_path,
+    load_feedback,
+)
 from router.orchestrator import Orchestrator
 from router.outcome import OutcomeRecord
 from router.sdk import AsyncClient, LocalRouter, RouterAPIError
@@ -49,7 +56,7 @@ def sdk(app: FastAPI) -> AsyncClient:
 
 # -- the service and the SDK ------------------------------------------------------------------------------
 async def test_chat_then_feedback_by_id_then_admin_export(tmp_path: Path) -> None:
-    app = make_app(FeedbackStore(tmp_path / "fb.sqlite3"))
+    app = make_app(SqliteFeedbackStore(tmp_path / "fb.sqlite3"))
     async with sdk(app) as client:
         answer = await client.chat("an integral")
         assert answer.id.startswith("chatcmpl-") and answer.expert == "math"
@@ -76,7 +83,7 @@ async def test_chat_then_feedback_by_id_then_admin_export(tmp_path: Path) -> Non
 
 
 async def test_a_streamed_answer_can_be_rated_by_its_id(tmp_path: Path) -> None:
-    app = make_app(FeedbackStore(tmp_path / "fb.sqlite3"))
+    app = make_app(SqliteFeedbackStore(tmp_path / "fb.sqlite3"))
     async with sdk(app) as client:
         chunks = [c async for c in client.stream("an integral")]
         async with http(app) as raw, raw.stream("POST", "/v1/chat/completions", json={
@@ -104,7 +111,7 @@ async def test_a_streamed_answer_can_be_rated_by_its_id(tmp_path: Path) -> None:
     ],
 )
 async def test_bad_feedback_is_refused_clearly(tmp_path: Path, body: Any, status: int, code: str, says: str) -> None:
-    async with http(make_app(FeedbackStore(tmp_path / "fb.sqlite3"))) as client:
+    async with http(make_app(SqliteFeedbackStore(tmp_path / "fb.sqlite3"))) as client:
         r = await client.post("/v1/feedback", json=body)
     assert r.status_code == status
     assert r.json()["error"]["code"] == code
@@ -119,7 +126,7 @@ async def test_without_a_store_feedback_is_409_and_the_sdk_raises(tmp_path: Path
 
 
 async def test_local_router_writes_to_the_store(tmp_path: Path) -> None:
-    async with LocalRouter(orchestrator(), FeedbackStore(tmp_path / "fb.sqlite3")) as local:
+    async with LocalRouter(orchestrator(), SqliteFeedbackStore(tmp_path / "fb.sqlite3")) as local:
         answer = await local.chat("an integral")
         saved = await local.feedback(request_id=answer.id, expert="code", score=0.25)
         with pytest.raises(UnknownRequest):
@@ -130,11 +137,11 @@ async def test_local_router_writes_to_the_store(tmp_path: Path) -> None:
 # -- the store ----------------------------------------------------------------------------------------------
 def test_a_new_store_on_the_same_path_sees_earlier_feedback(tmp_path: Path) -> None:
     path = tmp_path / "deep" / "fb.sqlite3"
-    first = FeedbackStore(path)
+    first = SqliteFeedbackStore(path)
     first.remember("chatcmpl-1", "an integral", "math")
     first.submit(FeedbackBody(request_id="chatcmpl-1", good=True), NAMES)
     first.close()
-    second = FeedbackStore(path)
+    second = SqliteFeedbackStore(path)
     try:
         assert [(r.request_id, r.query, r.expert, r.score) for r in second.records()] == \
             [("chatcmpl-1", "an integral", "math", 1.0)]
@@ -156,7 +163,7 @@ def test_the_default_path_is_next_to_the_gate_artifact(tmp_path: Path) -> None:
 
 # -- folding feedback into training -------------------------------------------------------------------------
 def _verdicts(tmp_path: Path, rows: list[tuple[str, str, float]]) -> list[Any]:
-    store = FeedbackStore(tmp_path / "rules.sqlite3")
+    store = SqliteFeedbackStore(tmp_path / "rules.sqlite3")
     out = [store.add(q, e, s) for q, e, s in rows]
     store.close()
     return out
@@ -194,7 +201,7 @@ async def test_feedback_from_the_service_trains_the_next_gate(tmp_path: Path,
                 "examples": [f"an example for {n}"]} for n in NAMES]
     config = parse_config({"version": 1, "experts": experts, "gate": {"artifact": "out/gate"}},
                           base_dir=tmp_path, check_env=False)
-    app = create_app(orchestrator(), feedback=FeedbackStore(feedback_path(config)))
+    app = create_app(orchestrator(), feedback=SqliteFeedbackStore(feedback_path(config)))
     async with AsyncClient("http://router", transport=httpx.ASGITransport(app=app)) as client:
         for query in ("solve this integral", "an integral of x squared", "what is the integral of sin"):
             answer = await client.chat(query)
@@ -226,9 +233,9 @@ def test_a_store_that_cannot_be_opened_names_the_file_and_the_way_out(tmp_path: 
     folder.mkdir()  # a folder where the file goes: sqlite says only "unable to open database file"
     with pytest.raises(OSError, match=r"feedback store .*feedback\.sqlite3: cannot open it as SQLite .*unable to "
                                       r"open database file.*feedback\.enabled: false"):
-        FeedbackStore(folder)
+        SqliteFeedbackStore(folder)
     garbage = tmp_path / "notes.sqlite3"
     garbage.write_bytes(b"not a database, but a file someone pointed feedback.path at" * 100)
     with pytest.raises(OSError, match=r"notes\.sqlite3: cannot open it as SQLite \(file is not a database\)"):
-        FeedbackStore(garbage)
+        SqliteFeedbackStore(garbage)
 

@@ -125,3 +125,16 @@ def test_kubectl_builds_the_kustomization(objects: dict[tuple[str, str], dict[st
     assert result.returncode == 0, result.stderr
     built = {(d["kind"], d["metadata"]["name"]) for d in yaml.safe_load_all(result.stdout) if d}
     assert built == set(objects) - {("Secret", "moe-secrets")}  # the example secret is applied by hand
+
+
+def test_redis_keeps_the_feedback_it_holds(objects: dict[tuple[str, str], dict[str, Any]]) -> None:
+    # The served config keeps feedback in Redis (state.backend: redis), so Redis must persist it.
+    served = served_config(objects)
+    assert served.feedback.enabled and served.state.backend == "redis"
+    redis = objects[("Deployment", "redis")]
+    c = container(redis)
+    assert c["args"][:4] == ["--appendonly", "yes", "--dir", "/data"]
+    assert c["volumeMounts"] == [{"name": "data", "mountPath": "/data"}]
+    claim = redis["spec"]["template"]["spec"]["volumes"][0]["persistentVolumeClaim"]["claimName"]
+    assert objects[("PersistentVolumeClaim", claim)]["spec"]["accessModes"] == ["ReadWriteOnce"]
+    assert redis["spec"]["strategy"] == {"type": "Recreate"}  # one pod at a time on a ReadWriteOnce volume
