@@ -69,6 +69,7 @@ from router.breaker import Breakers, CircuitOpen
 from router.combine import Combined, Combiner, TopOne, WeightedAnswer, build_combiner
 from router.config import RouterConfig
 from router.dispatch import Capacity, Dispatcher, StreamOutcome, StreamPiece
+from router.errors import error_body
 from router.fallback import AllExpertsFailed, Deadline, next_candidate
 from router.gate import Assessment, assess
 from router.retry import RetryPolicy
@@ -102,7 +103,7 @@ class GateLike(Protocol):
 class UnknownExpert(KeyError):
     """A request names a model that is neither routed ("auto", the service's name) nor an expert."""
 
-    code, param = "model_not_found", "model"  # as the service (and LocalRouter) report it
+    status, code, param = 404, "model_not_found", "model"  # as the service (and LocalRouter) report it
 
     def __init__(self, name: str, known: Sequence[str]) -> None:
         super().__init__(name)
@@ -112,11 +113,16 @@ class UnknownExpert(KeyError):
     def __str__(self) -> str:
         return f"unknown model {self.name!r}; known: {', '.join(self.known)}"
 
+    def error_body(self) -> dict[str, Any]:
+        return error_body(str(self), "invalid_request_error", self.code, self.param)
+
 
 class NoCapableExpert(ValueError):
     """The request needs capabilities (``tools`` when it carries tools, ``vision`` when a message holds an image)
     that no expert it may go to declares. ``capability`` names them (``tools+vision`` for both); ``param`` is
     the request field that needs them, and ``code`` the error code the service (and LocalRouter) report."""
+
+    status = 400
 
     def __init__(self, needs: Sequence[str], model: str, capable: Sequence[str]) -> None:
         self.capability, self.model, self.capable = "+".join(needs), model, list(capable)
@@ -128,6 +134,9 @@ class NoCapableExpert(ValueError):
         why = " and ".join(_NEED_REASONS[n] for n in needs)
         super().__init__(f"the request {why}, so it needs the {named} capabilit{'ies' if len(needs) > 1 else 'y'}, "
                          f"but {where} declare {'them' if len(needs) > 1 else 'it'}{also}")
+
+    def error_body(self) -> dict[str, Any]:
+        return error_body(str(self), "invalid_request_error", self.code, self.param)
 
 
 _NEED_REASONS = {"tools": "carries tools", "vision": "holds an image"}

@@ -26,7 +26,6 @@ import httpx
 from pydantic import BaseModel
 
 from experts.types import ChatMessage, ChatRequest, Usage
-from router.errors import error_body
 from router.feedback import FeedbackBody, FeedbackRecord, FeedbackStore
 from router.trace import RoutedAnswer, RouteDecision, Trace
 
@@ -325,12 +324,8 @@ def _as_api_errors() -> Iterator[None]:
 
     try:
         yield
-    except AllExpertsFailed as exc:
+    except (AllExpertsFailed, UnknownExpert, NoCapableExpert) as exc:
         raise RouterAPIError(exc.status, exc.error_body()) from exc
-    except UnknownExpert as exc:
-        raise RouterAPIError(404, error_body(str(exc), "invalid_request_error", exc.code, exc.param)) from exc
-    except NoCapableExpert as exc:
-        raise RouterAPIError(400, error_body(str(exc), "invalid_request_error", exc.code, exc.param)) from exc
 
 
 class LocalRouter:

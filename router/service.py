@@ -296,10 +296,9 @@ def _problems(handler: Callable[..., Awaitable[Response]]) -> Callable[..., Awai
         except _HTTPProblem as problem:
             record.error = problem.code
             return _problem_response(problem)
-        except UnknownExpert as exc:
+        except (UnknownExpert, NoCapableExpert) as exc:
             record.error = exc.code
-            return _problem_response(_HTTPProblem(404, str(exc), "invalid_request_error", exc.code,
-                                                  param=exc.param))
+            return JSONResponse(exc.error_body(), status_code=exc.status)
         except AllExpertsFailed as exc:
             _failed(record, exc)
             return _problem_response(_all_failed(exc))
@@ -314,10 +313,6 @@ def _problems(handler: Callable[..., Awaitable[Response]]) -> Callable[..., Awai
             record.error = "unknown_expert"
             return _problem_response(_HTTPProblem(400, str(exc), "invalid_request_error", record.error,
                                                   param="expert"))
-        except NoCapableExpert as exc:
-            record.error = exc.code
-            return _problem_response(_HTTPProblem(400, str(exc), "invalid_request_error", exc.code,
-                                                  param=exc.param))
 
     wrapped.__name__ = handler.__name__
     return wrapped
