@@ -7,7 +7,7 @@
 #   TORCH_INDEX_URL  where the CPU torch wheel comes from (PyTorch's CPU index; the pin in pyproject.toml would
 #                    otherwise pull the multi-GB CUDA build from PyPI).
 #   PIP_NO_INDEX     1: install from ./wheelhouse alone, with no package index at all (fill it first with
-#                    `make wheelhouse`). Wheels found there are preferred over an index's in any case.
+#                    `make wheelhouse`). Otherwise pip sees its wheels beside the indexes' and takes the newest.
 # The Dockerfile needs no BuildKit frontend image, so the classic builder and an offline BuildKit both build it.
 ARG PYTHON_IMAGE=python:3.11-slim
 

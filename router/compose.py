@@ -72,6 +72,8 @@ REDIS_VOLUME = "redis-data"
 HF_CACHE_PATH = "/root/.cache/huggingface"
 # The router image's working directory: the repo's files sit under it, so a path below it maps to the repo.
 APP_DIR = PurePosixPath("/app")
+# The one folder the image lets the router write (the Dockerfile chowns it): gate artifacts, the feedback store.
+ARTIFACTS_DIR = APP_DIR / "artifacts"
 # A first start downloads ~15 GB of weights into the cache; probes failing in that window do not count.
 VLLM_START_PERIOD = "1200s"
 HEADER = (
@@ -116,13 +118,17 @@ def _problems(config: RouterConfig, config_path: str) -> Iterable[tuple[str, str
     if not PurePosixPath(config_path).is_absolute():
         yield "<compose>", f"config_path_in_container must be an absolute path, got {config_path!r}"
         return
-    config_dir, artifact, feedback_dir = _container_paths(config, config_path)
+    _, artifact, feedback_dir = _container_paths(config, config_path)
     if _sqlite_feedback(config):
-        for mounted, what in ((config_dir, "the config's folder"), (artifact, "gate.artifact")):
-            if feedback_dir.is_relative_to(mounted):
-                yield ("feedback.path", f"puts the feedback store in {feedback_dir}, inside {what}, which the router "
-                       "container mounts read-only: put it in a folder of its own (the default is next to "
-                       "gate.artifact), or set feedback.enabled: false")
+        if not feedback_dir.is_relative_to(ARTIFACTS_DIR):
+            yield ("feedback.path", f"puts the feedback store in {feedback_dir}, but the router container can keep it "
+                   f"only below {ARTIFACTS_DIR} (the repo's artifacts/, where the image lets the router write and the "
+                   "feedback volume is mounted): put it there (the default is next to gate.artifact), or set "
+                   "feedback.enabled: false")
+        elif feedback_dir.is_relative_to(artifact):
+            yield ("feedback.path", f"puts the feedback store in {feedback_dir}, inside gate.artifact, which the "
+                   "router container mounts read-only: put it in a folder of its own (the default is next to "
+                   "gate.artifact), or set feedback.enabled: false")
     seen: dict[str, str] = {}
     for i, expert in enumerate(config.experts):
         if expert.type != "vllm":
@@ -208,14 +214,15 @@ def _container_paths(config: RouterConfig, config_path: str) -> tuple[PurePosixP
 
 
 def _router_volumes(config: RouterConfig, config_path: str) -> list[str]:
-    config_dir, artifact, feedback_dir = _container_paths(config, config_path)
+    config_dir, artifact, _ = _container_paths(config, config_path)
     mounts = [_repo_mount(config_dir)]
     if not artifact.is_relative_to(config_dir):
         mounts.append(_repo_mount(artifact))
     if _sqlite_feedback(config):
-        # Verdicts are data: a named volume keeps them when the container is replaced. The image makes
-        # /app/artifacts (the default folder) the router user's, and a new volume takes that ownership.
-        mounts.append(f"{FEEDBACK_VOLUME}:{feedback_dir}")
+        # Verdicts are data: a named volume keeps them when the container is replaced. It goes on /app/artifacts,
+        # which the image makes the router user's (a new volume takes that ownership), so the store's folder may
+        # be any below it: the router creates it.
+        mounts.append(f"{FEEDBACK_VOLUME}:{ARTIFACTS_DIR}")
     return [m for m in mounts if m is not None]
 
 
@@ -226,9 +233,9 @@ def _sqlite_feedback(config: RouterConfig) -> bool:
 
 def _redis_service(persist: bool) -> dict[str, Any]:
     # Buckets refill and breakers re-learn, so without feedback nothing is worth persisting; verdicts are data, so
-    # with feedback on Redis appends every write to a file in its volume. Only the compose network reaches it, so
-    # protected mode (which refuses other hosts when no password is set) stays off, as the official image's
-    # entrypoint turns it off; a plain redis-server binary needs it said.
+    # with feedback on Redis appends every write to a file in its volume (synced once a second). Only the compose
+    # network reaches it, so protected mode (which refuses other hosts when no password is set) stays off, as the
+    # official image's entrypoint turns it off; a plain redis-server binary needs it said.
     durability = ["--appendonly", "yes", "--dir", "/data"] if persist else ["--save", "", "--appendonly", "no"]
     return {
         "image": f"${{MOE_REDIS_IMAGE:-{REDIS_IMAGE}}}",

@@ -418,6 +418,9 @@ class FeedbackConfig(_Strict):
     enabled: bool = True
     # The SQLite file, relative to the config file; None: ``feedback.sqlite3`` next to ``gate.artifact``.
     path: str | None = Field(default=None, min_length=1)
+    # How long an answer can be rated by its id alone (its query and expert are kept that long). None: 30 days in
+    # SQLite, one day in Redis, where every remembered answer holds memory (about 1 KB each).
+    remember_s: float | None = Field(default=None, gt=0, le=365 * 86400)
 
 
 class RouterConfig(_Strict):

@@ -7,7 +7,7 @@ every replica records into, and ``moe train`` reads from, the one store the repl
 The SQLite file (``feedback.path``; by default ``feedback.sqlite3`` next to ``gate.artifact``) holds two tables:
 
 - ``requests``: the query and answering expert of each recent answer, keyed by its response id (the chat
-  completion's ``id``), so feedback can name an answer by id alone. Rows older than ``REQUEST_RETENTION_S``
+  completion's ``id``), so feedback can name an answer by id alone. Rows older than ``feedback.remember_s``
   are pruned now and then: the table is a lookup aid, not a log.
 - ``feedback``: one row per verdict: ``query``, ``expert``, ``score`` in [0, 1] (``good`` is 1.0, bad 0.0),
   an optional ``note``, the ``request_id`` when given, and ``created`` (Unix seconds).
@@ -33,6 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, model_validator
 from router.config import RouterConfig
 
 __all__ = [
+    "REDIS_REQUEST_RETENTION_S",
     "REQUEST_RETENTION_S",
     "Answered",
     "FeedbackBody",
@@ -48,8 +49,10 @@ __all__ = [
     "open_feedback_store",
 ]
 
-# A response id is worth remembering while a user might still rate the answer; a month is generous.
+# A response id is worth remembering while a user might still rate the answer; a month is generous on disk.
+# In Redis each remembered answer holds memory, so a day (``feedback.remember_s`` sets either).
 REQUEST_RETENTION_S = 30 * 24 * 3600.0
+REDIS_REQUEST_RETENTION_S = 24 * 3600.0
 # Pruning is a DELETE over an indexed column: once per this many remembered answers keeps its cost negligible.
 _PRUNE_EVERY = 1000
 
@@ -75,7 +78,9 @@ class UnknownRequest(FeedbackError):
 
 
 class FeedbackUnavailable(OSError):
-    """The store cannot be reached (a Redis outage): the verdict was not stored, and the client may retry."""
+    """The store cannot be reached (a Redis outage). The message is for clients: it names no host; the details
+    go to the log. A verdict may or may not have been stored; sending it again is safe for verdicts on an answer
+    id (``RedisFeedbackStore`` keeps one copy of an identical verdict)."""
 
 
 class UnknownFeedbackExpert(FeedbackError):
@@ -186,8 +191,9 @@ class FeedbackStore(ABC):
 class SqliteFeedbackStore(FeedbackStore):
     """The SQLite file. One connection, serialised by a lock: writes are tiny, and this keeps it simple."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, *, retention_s: float = REQUEST_RETENTION_S) -> None:
         self.path = Path(path)
+        self.retention_s = retention_s
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._since_prune = 0
@@ -211,7 +217,7 @@ class SqliteFeedbackStore(FeedbackStore):
             self._since_prune += 1
             if self._since_prune >= _PRUNE_EVERY:
                 self._since_prune = 0
-                self._db.execute("DELETE FROM requests WHERE created < ?", (now - REQUEST_RETENTION_S,))
+                self._db.execute("DELETE FROM requests WHERE created < ?", (now - self.retention_s,))
 
     def answered(self, request_id: str) -> Answered | None:
         with self._lock:
@@ -252,11 +258,13 @@ def open_feedback_store(config: RouterConfig, environ: Mapping[str, str] | None 
     when feedback is off. ``environ`` holds the Redis URL variable (default: this process's environment)."""
     if not config.feedback.enabled:
         return None
+    remember_s = config.feedback.remember_s
     if config.state.backend == "redis":
         from router.state_redis import RedisFeedbackStore
 
-        return RedisFeedbackStore.from_config(config.state, os.environ if environ is None else environ)
-    return SqliteFeedbackStore(feedback_path(config))
+        return RedisFeedbackStore.from_config(config.state, os.environ if environ is None else environ,
+                                              retention_s=remember_s or REDIS_REQUEST_RETENTION_S)
+    return SqliteFeedbackStore(feedback_path(config), retention_s=remember_s or REQUEST_RETENTION_S)
 
 
 def load_feedback(config: RouterConfig, since: float | None = None,

@@ -41,7 +41,12 @@ REDACTED = "<redacted>"
 # Config keys whose values are secrets or stand-ins for them (a key's hash still lets one test guesses offline).
 _SECRET_FIELDS = frozenset({"sha256", "api_key", "apikey", "key"})
 _SECRET_WORDS = frozenset({"secret", "password", "token", "credentials"})
-_URL_CREDENTIALS = re.compile(r"(\w+://)[^/@\s]+@")
+# A URL in a string: its userinfo (everything up to the authority's last "@", so a password holding "@" goes
+# whole) and secret-looking query parameters (?password=..., &token=...) are redacted.
+_URL = re.compile(r"\b[a-zA-Z][a-zA-Z0-9+.-]*://[^\s\"'<>]+")
+_URL_AUTHORITY = re.compile(r"^([^:]+://)([^/?#]*)")
+_SECRET_QUERY = re.compile(r"([?&;](?:[^=&;#]*(?:pass|pwd|secret|token|key|auth|credential)[^=&;#]*)=)[^&;#]*",
+                           re.IGNORECASE)
 
 
 def hash_key(raw: str) -> str:
@@ -215,9 +220,17 @@ def redact(value: Any) -> Any:
     if isinstance(value, list):
         return [redact(v) for v in value]
     if isinstance(value, str):
-        # Credentials inside a URL (https://user:secret@host) go too.
-        return _URL_CREDENTIALS.sub(r"\1<redacted>@", value)
+        # Credentials inside a URL (https://user:secret@host, redis://h/0?password=secret) go too.
+        return _URL.sub(lambda m: _redact_url(m.group(0)), value)
     return value
+
+
+def _redact_url(url: str) -> str:
+    def authority(m: re.Match[str]) -> str:
+        netloc = m.group(2)
+        return m.group(1) + (f"{REDACTED}@{netloc.rpartition('@')[2]}" if "@" in netloc else netloc)
+
+    return _SECRET_QUERY.sub(rf"\1{REDACTED}", _URL_AUTHORITY.sub(authority, url, count=1))
 
 
 def _secret_field(name: str) -> bool:

@@ -28,6 +28,7 @@ The ``redis`` package is imported lazily; install it with ``pip install redis``.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
@@ -37,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 
 from router.breaker import BreakerState, MemoryBreakerStore
 from router.config import ConfigError, RateLimitConfig, StateConfig
-from router.feedback import REQUEST_RETENTION_S, Answered, FeedbackRecord, FeedbackStore, FeedbackUnavailable
+from router.feedback import REDIS_REQUEST_RETENTION_S, Answered, FeedbackRecord, FeedbackStore, FeedbackUnavailable
 from router.security import InMemoryRateStore, redact
 
 if TYPE_CHECKING:
@@ -83,8 +84,9 @@ def _redis_module() -> Any:
 class _Outage:
     """After a Redis error, use local state for ``retry_s`` before trying Redis again; warn once per outage."""
 
-    def __init__(self, what: str, retry_s: float, clock: Callable[[], float] = time.monotonic) -> None:
-        self.what, self.retry_s, self.clock = what, retry_s, clock
+    def __init__(self, what: str, retry_s: float, clock: Callable[[], float] = time.monotonic, *,
+                 fallback: str = "using per-process state") -> None:
+        self.what, self.retry_s, self.clock, self.fallback = what, retry_s, clock, fallback
         self._until = 0.0
 
     def active(self) -> bool:
@@ -92,8 +94,8 @@ class _Outage:
 
     def begin(self, exc: Exception) -> None:
         if self._until == 0.0 or not self.active():
-            log.warning("redis unreachable for %s (%s: %s); using per-process state for %.0fs",
-                        self.what, type(exc).__name__, exc, self.retry_s)
+            log.warning("redis unreachable for %s (%s); %s for %.0fs", self.what,
+                        redact(f"{type(exc).__name__}: {exc}"), self.fallback, self.retry_s)
         self._until = self.clock() + self.retry_s
 
 
@@ -172,28 +174,59 @@ class RedisBreakerStore:
         self.client.close()
 
 
-_RETRY = "nothing was stored; send the verdict again later"
+# KEYS: the id counter, the verdicts, the verdict's dedupe key ("" for none). ARGV: the verdict as JSON without
+# id and created; the dedupe key's lifetime in seconds. One script, so the id, the time (the Redis server's, one
+# clock for every replica, in id order) and the insert happen at once: a verdict is stored whole or not at all.
+# A dedupe key already set returns the verdict stored under it instead of a second copy.
+_ADD = """
+if KEYS[3] ~= '' then
+  local seen = redis.call('GET', KEYS[3])
+  if seen then return seen end
+end
+local record = cjson.decode(ARGV[1])
+record['id'] = redis.call('INCR', KEYS[1])
+local t = redis.call('TIME')
+-- Milliseconds: cjson writes 14 significant digits, so the JSON's time and the score must be this same number.
+record['created'] = tonumber(string.format('%.3f', tonumber(t[1]) + tonumber(t[2]) / 1000000))
+local member = cjson.encode(record)
+redis.call('ZADD', KEYS[2], record['created'], member)
+if KEYS[3] ~= '' then redis.call('SET', KEYS[3], member, 'EX', tonumber(ARGV[2])) end
+return member
+"""
+_RETRY = "send it again later (a verdict on an answer id is kept once however often it is sent)"
 
 
 class RedisFeedbackStore(FeedbackStore):
-    """Verdicts and the answers they name, shared by every replica (see the module's notes)."""
+    """Verdicts and the answers they name, shared by every replica (see the module's notes).
 
-    def __init__(self, client: redis.Redis, key_prefix: str = "moe:", *, where: str = "redis",
-                 retention_s: float = REQUEST_RETENTION_S) -> None:
+    ``client`` serves verdicts, lookups and exports (off the event loop, so it may wait ``timeout_s``);
+    ``remember_client`` serves ``remember``, which runs on every answer, with a short timeout, so a hung Redis
+    delays an answer by at most that once per outage. Messages raised to callers name no host (clients read
+    them); the details, with credentials redacted, go to the log."""
+
+    def __init__(self, client: redis.Redis, key_prefix: str = "moe:", *, remember_client: redis.Redis | None = None,
+                 where: str = "redis", retention_s: float = REDIS_REQUEST_RETENTION_S) -> None:
         self.client = client
+        self.remember_client = remember_client or client
         self.key_prefix = key_prefix
-        self.where = where  # for messages: the URL with any credentials redacted
+        self.where = where  # for the log: the URL with any credentials redacted
         self.retention_s = retention_s
-        self._outage = _Outage("feedback (answers are not remembered)", 5.0)
+        self._add = client.register_script(_ADD)
+        self._outage = _Outage("feedback", 5.0, fallback="answers are not remembered for rating by id")
 
     @classmethod
     def from_config(cls, config: StateConfig, environ: Mapping[str, str], *, timeout_s: float = 2.0,
-                    retention_s: float = REQUEST_RETENTION_S) -> RedisFeedbackStore:
-        """A store on ``state``'s Redis. Off the event loop, so it can wait longer than the breakers do."""
+                    remember_timeout_s: float = 0.25,
+                    retention_s: float = REDIS_REQUEST_RETENTION_S) -> RedisFeedbackStore:
+        """A store on ``state``'s Redis."""
         url = redis_url(config, environ)
         redis = _redis_module()
-        client = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
-        return cls(client, config.key_prefix, where=str(redact(url)), retention_s=retention_s)
+
+        def client(timeout: float) -> Any:
+            return redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
+
+        return cls(client(timeout_s), config.key_prefix, remember_client=client(remember_timeout_s),
+                   where=str(redact(url)), retention_s=retention_s)
 
     def _answer_key(self, request_id: str) -> str:
         return f"{self.key_prefix}feedback:answer:{request_id}"
@@ -203,15 +236,16 @@ class RedisFeedbackStore(FeedbackStore):
         return f"{self.key_prefix}feedback:verdicts"
 
     def _unavailable(self, doing: str, exc: Exception, advice: str) -> FeedbackUnavailable:
-        return FeedbackUnavailable(f"feedback store {self.where} unreachable while {doing} "
-                                   f"({type(exc).__name__}: {exc}); {advice}")
+        log.warning("feedback store %s unreachable while %s: %s", self.where, doing, redact(f"{type(exc).__name__}: "
+                                                                                            f"{exc}"))
+        return FeedbackUnavailable(f"the feedback store is unreachable while {doing}; {advice}")
 
     def remember(self, request_id: str, query: str, expert: str) -> None:
         if self._outage.active():
             return
         key = self._answer_key(request_id)
         try:
-            pipe = self.client.pipeline(transaction=True)
+            pipe = self.remember_client.pipeline(transaction=True)
             pipe.hset(key, mapping={"query": query, "expert": expert, "created": repr(time.time())})
             pipe.expire(key, max(1, int(self.retention_s)))
             pipe.execute()
@@ -222,7 +256,7 @@ class RedisFeedbackStore(FeedbackStore):
         try:
             raw = self.client.hgetall(self._answer_key(request_id))
         except _redis_module().RedisError as exc:
-            raise self._unavailable("looking up the answer", exc, _RETRY) from exc
+            raise self._unavailable("looking up the answer", exc, "nothing was stored; " + _RETRY) from exc
         if not raw:
             return None
         fields = {(k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
@@ -231,26 +265,32 @@ class RedisFeedbackStore(FeedbackStore):
 
     def add(self, query: str, expert: str, score: float, *, request_id: str | None = None,
             note: str | None = None) -> FeedbackRecord:
+        body = {"request_id": request_id, "query": query, "expert": expert, "score": score, "note": note}
+        payload = json.dumps(body, sort_keys=True)
+        # A verdict on an answer id is the client's to resend after a timeout: an identical one is kept once.
+        dedupe = (f"{self.key_prefix}feedback:seen:{hashlib.sha256(payload.encode()).hexdigest()}"
+                  if request_id is not None else "")
         try:
-            record_id = int(self.client.incr(f"{self.key_prefix}feedback:next_id"))
-            record = FeedbackRecord(id=record_id, request_id=request_id, query=query, expert=expert, score=score,
-                                    note=note, created=time.time())
-            self.client.zadd(self._verdicts, {record.model_dump_json(): record.created})
+            member = self._add(keys=[f"{self.key_prefix}feedback:next_id", self._verdicts, dedupe],
+                               args=[payload, max(1, int(self.retention_s))])
         except _redis_module().RedisError as exc:
-            raise self._unavailable("storing a verdict", exc, _RETRY) from exc
-        return record
+            raise self._unavailable("storing a verdict", exc, "it may or may not have been stored; " + _RETRY) \
+                from exc
+        return FeedbackRecord.model_validate_json(member)
 
     def records(self, since: float | None = None) -> list[FeedbackRecord]:
         try:
             raw = self.client.zrangebyscore(self._verdicts, "-inf" if since is None else repr(since), "+inf")
         except _redis_module().RedisError as exc:
-            raise self._unavailable("reading the verdicts", exc, "check state.url_env's Redis URL, or train "
-                                    "with --no-feedback") from exc
+            raise self._unavailable("reading the verdicts", exc, "check the Redis that state.url_env names (the "
+                                    "log has the details), or train with --no-feedback") from exc
         return sorted((FeedbackRecord.model_validate_json(member) for member in raw if isinstance(member, str | bytes)),
                       key=lambda r: r.id)
 
     def close(self) -> None:
         self.client.close()
+        if self.remember_client is not self.client:
+            self.remember_client.close()
 
 
 def redis_url(config: StateConfig, environ: Mapping[str, str]) -> str:

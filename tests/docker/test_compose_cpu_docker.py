@@ -172,14 +172,17 @@ def test_services_start_and_the_router_answers_as_the_recorded_expert(stack: Sta
     keys = stack.run("exec", "-T", "redis", "redis-cli", "--scan", "--pattern", "moe:*").stdout.split()
     assert keys, "no moe: keys in the redis service"
 
-    # state.backend is redis, so feedback goes to the redis service, which keeps it in its append-only file: a
-    # verdict survives new router and redis containers, and the new router still finds the answer by its id.
+    # state.backend is redis, so feedback goes to the redis service, which keeps it in its append-only file on the
+    # redis-data volume: a verdict survives new containers, and the new router still finds the answer by its id.
     verdict = httpx.post(f"{stack.url}/v1/feedback", json={"request_id": answer.id, "good": True}, timeout=30)
     assert verdict.status_code == 200, verdict.text
+    # `down` then `up`: new containers, and no anonymous volume carried over (Docker Hub's redis image declares
+    # VOLUME /data, which `up --force-recreate` would keep): only the named volume can hold the verdict.
     before = {service: stack.container(service) for service in ("redis", "router")}
-    stack.run("up", "-d", "--force-recreate", timeout=300)
+    stack.run("down", timeout=300)
+    stack.run("up", "-d", timeout=300)
     stack.wait_healthy("redis", "router")
-    assert all(stack.container(service) != cid for service, cid in before.items())
+    assert all(stack.container(service) not in ("", cid) for service, cid in before.items())
     kept = stack.run("exec", "-T", "redis", "redis-cli", "--raw", "zrange", "moe:feedback:verdicts", "0", "-1")
     assert [(r["request_id"], r["expert"], r["score"]) for r in map(json.loads, kept.stdout.split("\n")[:-1])] == \
         [(answer.id, expert, 1.0)]

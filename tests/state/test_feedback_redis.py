@@ -3,15 +3,19 @@ an answer another replica gave, ``moe train`` reads the same verdicts, and an ou
 
 from __future__ import annotations
 
+import contextlib
+import socket
+import threading
 import time
 import uuid
+from pathlib import Path
 
 import httpx
 import pytest
 import redis
 
-from router.config import StateConfig
-from router.feedback import FeedbackBody, FeedbackUnavailable, load_feedback, open_feedback_store
+from router.config import FeedbackConfig, StateConfig
+from router.feedback import FeedbackBody, FeedbackUnavailable, SqliteFeedbackStore, load_feedback, open_feedback_store
 from router.service import create_app
 from router.state_redis import RedisFeedbackStore
 from tests.support import free_port
@@ -33,6 +37,7 @@ def test_replicas_share_answers_and_verdicts(redis_url: str) -> None:
     a.remember("chatcmpl-1", "an integral", "math")
     # Replica b never saw the answer, yet a verdict on its id is stored with a's query and expert.
     first = b.submit(FeedbackBody(request_id="chatcmpl-1", good=True, note="right"), NAMES)
+    time.sleep(0.01)  # times are the server's, in milliseconds: the two must differ for the `since` checks
     second = a.submit(FeedbackBody(query="sort a list", expert="code", score=0.25), NAMES)
     assert (first.query, first.expert, first.score, first.request_id, first.note) == \
         ("an integral", "math", 1.0, "chatcmpl-1", "right")
@@ -41,15 +46,26 @@ def test_replicas_share_answers_and_verdicts(redis_url: str) -> None:
         assert store.records() == [first, second]
     assert a.records(since=second.created) == [second]
     assert a.records(since=second.created + 1) == []
+    assert first.created < second.created  # the Redis server's clock, taken with the id
+    # A verdict on an answer id sent again (a client retrying after a timeout) is kept once; one by query is not
+    # an answer's, and two users may well give the same one.
+    assert b.submit(FeedbackBody(request_id="chatcmpl-1", good=True, note="right"), NAMES) == first
+    third = b.submit(FeedbackBody(query="sort a list", expert="code", score=0.25), NAMES)
+    assert third.id == second.id + 1
+    # Non-ASCII text survives the round trip through the server-side script.
+    fourth = a.submit(FeedbackBody(query="¿Qué es π? 数学 / \"quoted\"", expert="math", good=False), NAMES)
+    assert a.records()[-1] == fourth and fourth.query == "¿Qué es π? 数学 / \"quoted\""
     # The answer lookup expires with its retention; the verdicts stay.
     short = _store(redis_url, prefix, retention_s=1.0)
     short.remember("chatcmpl-2", "a haiku", "code")
     assert short.answered("chatcmpl-2") is not None
     time.sleep(2.2)
-    assert short.answered("chatcmpl-2") is None and len(short.records()) == 2
-    keys = redis.Redis.from_url(redis_url).keys(f"{prefix}*")
-    assert sorted(k.decode() for k in keys) == [f"{prefix}feedback:answer:chatcmpl-1", f"{prefix}feedback:next_id",
-                                                f"{prefix}feedback:verdicts"]
+    assert short.answered("chatcmpl-2") is None and len(short.records()) == 4
+    keys = sorted(k.decode() for k in redis.Redis.from_url(redis_url).keys(f"{prefix}*"))
+    # The one verdict on an answer id holds one dedupe key; the expired answer's hash is gone.
+    assert [k for k in keys if ":feedback:seen:" not in k] == [
+        f"{prefix}feedback:answer:chatcmpl-1", f"{prefix}feedback:next_id", f"{prefix}feedback:verdicts"]
+    assert sum(":feedback:seen:" in k for k in keys) == 1
     for store in (a, b, short):
         store.close()
 
@@ -77,9 +93,12 @@ async def test_two_services_one_feedback_store_and_training_reads_it(redis_url: 
         store.close()
 
 
+@pytest.mark.parametrize("url", ["redis://:s3cret-pw@127.0.0.1:{port}/0",
+                                 "redis://default:p@ss-s3cret-pw@127.0.0.1:{port}/0",
+                                 "redis://127.0.0.1:{port}/0?password=s3cret-pw"])
 async def test_an_unreachable_store_refuses_the_verdict_with_503_and_no_secret(
-        caplog: pytest.LogCaptureFixture) -> None:
-    url = f"redis://:s3cret-pw@127.0.0.1:{free_port()}/0"  # nothing listens there
+        url: str, caplog: pytest.LogCaptureFixture) -> None:
+    url = url.format(port=free_port())  # nothing listens there
     config = orchestrator(security=SECURITY).config.model_copy(
         update={"state": StateConfig(backend="redis", key_prefix=_prefix())})
     store = open_feedback_store(config, {"MOE_REDIS_URL": url})
@@ -95,9 +114,50 @@ async def test_an_unreachable_store_refuses_the_verdict_with_503_and_no_secret(
     assert refused.status_code == 503
     error = refused.json()["error"]
     assert error["code"] == "feedback_unavailable" and error["type"] == "service_unavailable"
-    assert "storing a verdict" in error["message"] and "send the verdict again" in error["message"]
-    assert "s3cret-pw" not in refused.text and "<redacted>" in error["message"]
-    assert "s3cret-pw" not in caplog.text and "feedback" in caplog.text
-    with pytest.raises(FeedbackUnavailable, match=r"reading the verdicts .*--no-feedback"):
+    assert "storing a verdict" in error["message"] and "send it again" in error["message"]
+    # Clients learn neither the secret nor where Redis is; the log has the place, with the credentials redacted.
+    assert "s3cret" not in refused.text and "127.0.0.1" not in refused.text
+    assert "s3cret" not in caplog.text and "<redacted>" in caplog.text and "storing a verdict" in caplog.text
+    with pytest.raises(FeedbackUnavailable, match=r"reading the verdicts.*--no-feedback"):
         load_feedback(config, environ={"MOE_REDIS_URL": url})
     store.close()
+
+
+def test_a_hung_redis_is_waited_for_once_per_outage_not_on_every_answer() -> None:
+    """A server that accepts connections and never replies: remembering answers gives up after the short timeout,
+    then skips Redis for the outage window instead of making every answer wait."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    accepted: list[socket.socket] = []
+
+    def accept() -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                accepted.append(listener.accept()[0])
+
+    threading.Thread(target=accept, daemon=True).start()
+    port = listener.getsockname()[1]
+    store = RedisFeedbackStore.from_config(StateConfig(backend="redis"), {"MOE_REDIS_URL": f"redis://127.0.0.1:{port}/0"})
+    try:
+        for i in range(20):
+            store.remember(f"chatcmpl-{i}", "an integral", "math")
+        assert len(accepted) == 1  # one attempt timed out; the other 19 answers did not touch Redis
+    finally:
+        store.close()
+        listener.close()
+        for conn in accepted:
+            conn.close()
+
+
+def test_remembering_lasts_a_day_in_redis_unless_the_config_says(redis_url: str, tmp_path: Path) -> None:
+    environ = {"MOE_REDIS_URL": redis_url}
+    base = orchestrator().config
+    stores = [open_feedback_store(base.model_copy(update={"state": StateConfig(backend="redis"), "feedback": fb}),
+                                  environ) for fb in (FeedbackConfig(), FeedbackConfig(remember_s=600))]
+    assert [s.retention_s for s in stores if isinstance(s, RedisFeedbackStore)] == [86400.0, 600.0]
+    sqlite = open_feedback_store(base.model_copy(update={"feedback": FeedbackConfig(path=str(tmp_path / "f.db"))}))
+    assert isinstance(sqlite, SqliteFeedbackStore) and sqlite.retention_s == 30 * 86400.0
+    for store in [*stores, sqlite]:
+        assert store is not None
+        store.close()

@@ -323,16 +323,30 @@ def _with_feedback(feedback: dict[str, Any], artifact: str = "../artifacts/gate"
                         check_env=False)
 
 
-def test_feedback_store_gets_a_named_volume_on_its_folder() -> None:
+def test_feedback_store_gets_a_named_volume_on_the_writable_folder() -> None:
     compose = render_compose(_with_feedback({"enabled": True}))
     assert f"{FEEDBACK_VOLUME}:/app/artifacts" in compose["services"][ROUTER_SERVICE]["volumes"]
     assert FEEDBACK_VOLUME in compose["volumes"]
-    # feedback.path resolves against the config's folder, as the loader resolves it.
-    compose = render_compose(_with_feedback({"enabled": True, "path": "../state/verdicts.sqlite3"}))
-    assert f"{FEEDBACK_VOLUME}:/app/state" in compose["services"][ROUTER_SERVICE]["volumes"]
+    # feedback.path resolves against the config's folder, as the loader resolves it; any folder below
+    # /app/artifacts is in the volume (the router creates it there, as the volume's owner).
+    compose = render_compose(_with_feedback({"enabled": True, "path": "../artifacts/feedback/verdicts.sqlite3"}))
+    assert f"{FEEDBACK_VOLUME}:/app/artifacts" in compose["services"][ROUTER_SERVICE]["volumes"]
     off = render_compose(_with_feedback({"enabled": False}))
     assert not any(v.startswith(f"{FEEDBACK_VOLUME}:") for v in off["services"][ROUTER_SERVICE]["volumes"])
     assert FEEDBACK_VOLUME not in off.get("volumes", {})
+
+
+@pytest.mark.parametrize(("path", "says"), [
+    ("feedback.sqlite3", "only below /app/artifacts"),  # the read-only config mount
+    ("../feedback/feedback.sqlite3", "only below /app/artifacts"),  # a folder the image never made writable
+    ("../feedback.sqlite3", "only below /app/artifacts"),  # /app itself
+    ("../artifacts/gate/feedback.sqlite3", "inside gate.artifact"),  # the read-only gate mount
+])
+def test_feedback_store_where_the_router_cannot_write_is_refused(path: str, says: str) -> None:
+    with pytest.raises(ComposeError) as info:
+        render_compose(_with_feedback({"enabled": True, "path": path}))
+    assert "feedback.path" in str(info.value) and says in str(info.value)
+    render_compose(_with_feedback({"enabled": False, "path": path}))  # no store, nothing to refuse
 
 
 def test_feedback_in_redis_makes_redis_durable_and_needs_no_sqlite_volume() -> None:
@@ -349,10 +363,3 @@ def test_feedback_in_redis_makes_redis_durable_and_needs_no_sqlite_volume() -> N
     assert soft["command"][1:5] == ["--save", "", "--appendonly", "no"] and "volumes" not in soft
 
 
-@pytest.mark.parametrize(("path", "inside"), [("feedback.sqlite3", "the config's folder"),
-                                              ("../artifacts/gate/feedback.sqlite3", "gate.artifact")])
-def test_feedback_store_inside_a_read_only_mount_is_refused(path: str, inside: str) -> None:
-    with pytest.raises(ComposeError) as info:
-        render_compose(_with_feedback({"enabled": True, "path": path}))
-    assert "feedback.path" in str(info.value) and inside in str(info.value)
-    render_compose(_with_feedback({"enabled": False, "path": path}))  # no store, nothing to refuse

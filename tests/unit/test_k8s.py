@@ -134,6 +134,11 @@ def test_redis_keeps_the_feedback_it_holds(objects: dict[tuple[str, str], dict[s
     redis = objects[("Deployment", "redis")]
     c = container(redis)
     assert c["args"][:4] == ["--appendonly", "yes", "--dir", "/data"]
+    # Redis evicts (only keys with a lifetime, never the verdicts) before the container's memory limit is hit.
+    args = dict(zip(c["args"][::2], c["args"][1::2], strict=True))
+    assert args["--maxmemory-policy"] == "volatile-ttl"
+    maxmemory_mb, limit = int(args["--maxmemory"].removesuffix("mb")), c["resources"]["limits"]["memory"]
+    assert limit.endswith("Gi") and maxmemory_mb < 0.8 * 1024 * int(limit.removesuffix("Gi"))
     assert c["volumeMounts"] == [{"name": "data", "mountPath": "/data"}]
     claim = redis["spec"]["template"]["spec"]["volumes"][0]["persistentVolumeClaim"]["claimName"]
     assert objects[("PersistentVolumeClaim", claim)]["spec"]["accessModes"] == ["ReadWriteOnce"]

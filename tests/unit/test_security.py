@@ -154,6 +154,21 @@ def test_redact_hides_secrets_but_not_variable_names() -> None:
     assert out["db_password"] == "<redacted>" and out["token"] is None
 
 
+@pytest.mark.parametrize(("text", "expected"), [
+    ("redis://:pw@h:6379/0", "redis://<redacted>@h:6379/0"),
+    # A password holding "@": everything up to the authority's last "@" goes.
+    ("redis://default:p@ss-s3cret@h:6379/0", "redis://<redacted>@h:6379/0"),
+    ("redis://h:6379/0?password=s3cret&db=1", "redis://h:6379/0?password=<redacted>&db=1"),
+    ("http://h/v1?api_key=s3cret#x", "http://h/v1?api_key=<redacted>#x"),
+    ("Error connecting to redis://u:s3cret@h:1/0. Connection refused.", "Error connecting to redis://<redacted>@h:1/0. "
+                                                                        "Connection refused."),
+    ("https://host/path@x?page=2", "https://host/path@x?page=2"),  # no userinfo, no secret: unchanged
+    ("no url at all", "no url at all"),
+])
+def test_redact_finds_credentials_in_any_url_form(text: str, expected: str) -> None:
+    assert redact(text) == expected and "s3cret" not in redact(text)
+
+
 # -- through the service ----------------------------------------------------------------------------------
 async def test_no_keys_configured_leaves_v1_open() -> None:
     async with client(make_app()) as http:
