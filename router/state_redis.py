@@ -236,9 +236,11 @@ class RedisFeedbackStore(FeedbackStore):
         return f"{self.key_prefix}feedback:verdicts"
 
     def _unavailable(self, doing: str, exc: Exception, advice: str) -> FeedbackUnavailable:
-        log.warning("feedback store %s unreachable while %s: %s", self.where, doing, redact(f"{type(exc).__name__}: "
-                                                                                            f"{exc}"))
-        return FeedbackUnavailable(f"the feedback store is unreachable while {doing}; {advice}")
+        # A reply that is an error (out of memory, read-only replica) is not an outage; say which it was.
+        state = "refused the command" if isinstance(exc, _redis_module().ResponseError) else "is unreachable"
+        log.warning("feedback store %s %s while %s: %s", self.where, state, doing,
+                    redact(f"{type(exc).__name__}: {exc}"))
+        return FeedbackUnavailable(f"the feedback store {state} while {doing}; {advice}")
 
     def remember(self, request_id: str, query: str, expert: str) -> None:
         if self._outage.active():

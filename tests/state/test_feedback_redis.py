@@ -161,3 +161,14 @@ def test_remembering_lasts_a_day_in_redis_unless_the_config_says(redis_url: str,
     for store in [*stores, sqlite]:
         assert store is not None
         store.close()
+
+
+def test_a_refusing_redis_is_told_apart_from_an_unreachable_one(redis_url: str,
+                                                                caplog: pytest.LogCaptureFixture) -> None:
+    prefix = _prefix()
+    redis.Redis.from_url(redis_url).set(f"{prefix}feedback:verdicts", "not a sorted set")  # WRONGTYPE on ZADD
+    store = _store(redis_url, prefix)
+    with pytest.raises(FeedbackUnavailable, match="the feedback store refused the command while storing a verdict"):
+        store.add("an integral", "math", 1.0)
+    assert "WRONGTYPE" in caplog.text or "ResponseError" in caplog.text
+    store.close()
