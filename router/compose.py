@@ -227,8 +227,13 @@ def _router_volumes(config: RouterConfig, config_path: str) -> list[str]:
 
 
 def _sqlite_feedback(config: RouterConfig) -> bool:
-    """Feedback kept in the router's SQLite file (``router.feedback``); with state.backend redis it is in Redis."""
+    """Feedback kept in the router's SQLite file (``router.feedback``)."""
     return config.feedback.enabled and config.state.backend == "memory"
+
+
+def _redis_feedback(config: RouterConfig) -> bool:
+    """Feedback kept in Redis (``router.state_redis.RedisFeedbackStore``), which must then persist it."""
+    return config.feedback.enabled and config.state.backend == "redis"
 
 
 def _redis_service(persist: bool) -> dict[str, Any]:
@@ -280,12 +285,11 @@ def render_compose(config: RouterConfig, *, config_path_in_container: str = "/ap
     vllm = [e for e in config.experts if e.type == "vllm"]
     services = {service_name(e): _vllm_service(e, gpu, vllm_image) for gpu, e in enumerate(vllm)}
     if config.state.backend == "redis":
-        services[REDIS_SERVICE] = _redis_service(persist=config.feedback.enabled)
+        services[REDIS_SERVICE] = _redis_service(persist=_redis_feedback(config))
     services[ROUTER_SERVICE] = _router_service(config, config_path_in_container, list(services))
     compose: dict[str, Any] = {"services": services}
-    persist_redis = config.state.backend == "redis" and config.feedback.enabled
     named = [name for name, wanted in ((HF_CACHE_VOLUME, vllm), (FEEDBACK_VOLUME, _sqlite_feedback(config)),
-                                       (REDIS_VOLUME, persist_redis)) if wanted]
+                                       (REDIS_VOLUME, _redis_feedback(config))) if wanted]
     volumes: dict[str, dict[str, Any]] = {name: {} for name in named}
     if volumes:
         compose["volumes"] = volumes

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from types import MappingProxyType
+from typing import Any, ClassVar
 
 from experts.errors import ExpertAuthError, ExpertError, ExpertRejected
 from router.errors import error_body
@@ -39,10 +40,14 @@ class AllExpertsFailed(Exception):
     def to_list(self) -> list[dict[str, str]]:
         return [c.to_dict() for c in self.causes]
 
+    # The HTTP status the service answers with, by error code: 400 when the request itself was refused, else 503.
+    # A client that has only the error body (a stream's error event) reads the status from here too.
+    STATUS_BY_CODE: ClassVar[Mapping[str, int]] = MappingProxyType({"rejected_by_experts": 400,
+                                                                     "all_experts_failed": 503})
+
     @property
     def status(self) -> int:
-        """The HTTP status the service answers with: 400 when the request itself was refused, else 503."""
-        return 400 if self.invalid_request else 503
+        return self.STATUS_BY_CODE[self.code]
 
     @property
     def code(self) -> str:

@@ -180,9 +180,11 @@ class _Protocol:
         body = json.loads(line[6:])
         if "error" in body:
             # The service's status, had the failure come before the stream began (see service._all_failed).
+            from router.fallback import AllExpertsFailed
+
             error = body["error"]
             code = error.get("code") if isinstance(error, dict) else None
-            raise RouterAPIError(400 if code == "rejected_by_experts" else 503, body)
+            raise RouterAPIError(AllExpertsFailed.STATUS_BY_CODE.get(str(code), 503), body)
         if not body.get("choices"):
             return None  # the usage chunk (stream_options.include_usage): the trace has the usage already
         choice = body["choices"][0]

@@ -76,13 +76,6 @@ def _problem_response(problem: _HTTPProblem) -> JSONResponse:
     return JSONResponse(body, status_code=problem.status)
 
 
-def _all_failed(exc: AllExpertsFailed) -> _HTTPProblem:
-    """A 503 listing each expert's cause; a 400 when every expert called refused the request as invalid (a bad
-    parameter, too long a prompt: a strict upstream's verdict on the request, which no retry would change)."""
-    error = exc.error_body()["error"]
-    return _HTTPProblem(exc.status, error["message"], error["type"], exc.code, extra={"causes": error["causes"]})
-
-
 def _failed(record: RequestRecord, exc: AllExpertsFailed) -> None:
     """Note a total failure on the request's record: the causes, and the orchestrator's trace when it kept one
     (attempts, retries, a stream's switches), so the log line and the metrics show what was tried."""
@@ -253,8 +246,7 @@ async def _sse(events: AsyncIterator[StreamPiece | StreamEnd], first: StreamPiec
             event = await anext(events, None)
     except AllExpertsFailed as exc:
         _failed(record, exc)
-        p = _all_failed(exc)
-        yield f"data: {json.dumps(error_body(p.message, p.type, p.code, **p.extra))}\n\n".encode()
+        yield f"data: {json.dumps(exc.error_body())}\n\n".encode()
     finally:
         # A client that left mid-stream ends the orchestrator's stream now, so its request stops counting as
         # in flight (a hot reload waits for those) and the expert's connection is released.
@@ -301,7 +293,7 @@ def _problems(handler: Callable[..., Awaitable[Response]]) -> Callable[..., Awai
             return JSONResponse(exc.error_body(), status_code=exc.status)
         except AllExpertsFailed as exc:
             _failed(record, exc)
-            return _problem_response(_all_failed(exc))
+            return JSONResponse(exc.error_body(), status_code=exc.status)
         except UnknownRequest as exc:
             record.error = "request_not_found"
             return _problem_response(_HTTPProblem(404, str(exc), "invalid_request_error", record.error,
