@@ -23,7 +23,7 @@ from router.encoders import Encoder
 from router.gate import Gate, train_gate
 from router.topk import choose
 
-__all__ = ["CachedEncoder", "Scorer", "cascade_figures", "decider", "gate_figures", "interleaved_batch_qps",
+__all__ = ["CachedEncoder", "Decide", "Scorer", "cascade_figures", "decider", "gate_figures", "interleaved_batch_qps",
            "interleaved_times_ms", "scaling", "stats", "train"]
 
 
