@@ -15,6 +15,7 @@ id, ``POST /v1/feedback`` takes a verdict on an answer, and ``GET /admin/feedbac
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import re
@@ -44,6 +45,8 @@ from router.reload import Reloader, ReloadFailed
 from router.security import Admitted, Denied, Guard, RateStore, redact
 
 __all__ = ["RouteQuery", "create_app", "error_body"]
+
+log = logging.getLogger("router.service")
 
 
 class RouteQuery(BaseModel):
@@ -356,7 +359,6 @@ def create_app(orchestrator: Orchestrator | None = None,
         reloader.bind(app.state, lambda old, new: _reguard(app, old, new))
     app.add_middleware(_Edge)
     app.add_exception_handler(StarletteHTTPException, _http_error)
-    app.add_exception_handler(Exception, _internal_error)
 
     def orch(request: Request) -> Orchestrator:
         return request.app.state.orchestrator
@@ -517,10 +519,10 @@ async def _http_error(request: Request, exc: Exception) -> Response:
                         headers=exc.headers)
 
 
-async def _internal_error(request: Request, exc: Exception) -> Response:
+def _internal_error_response(path: str, exc: BaseException) -> JSONResponse:
     """Any error no handler expected: a 500 in the OpenAI error format, naming only the error's type (its text
     could hold request content); the service log has the traceback."""
-    return JSONResponse(error_body(f"internal error ({type(exc).__name__}) while handling {request.url.path}; "
+    return JSONResponse(error_body(f"internal error ({type(exc).__name__}) while handling {path}; "
                                    "the service log has the details", "server_error", "internal_error"),
                         status_code=500)
 
@@ -628,11 +630,12 @@ class _Edge:
                                method=scope["method"], route=_route_label(app, scope["path"]))
         scope.setdefault("state", {})["moe_record"] = record
         status = 500
+        started = False
 
         async def observed(message: Message) -> None:
-            nonlocal status
+            nonlocal status, started
             if message["type"] == "http.response.start":
-                status = message["status"]
+                status, started = message["status"], True
                 message = {**message, "headers": [*message.get("headers", []),
                                                   (b"x-request-id", record.request_id.encode())]}
             await send(message)
@@ -647,6 +650,15 @@ class _Edge:
             else:
                 record.key_name = verdict.key_name
                 await self.app(scope, receive, observed)
+        except Exception as exc:
+            # Answered here rather than by Starlette's outermost handler, which sends the 500 and then raises
+            # again, so that the server drops the client's keep-alive connection and its next request fails too.
+            record.error = "internal_error"
+            log.exception("internal error while handling %s %s (request %s)", scope["method"], scope["path"],
+                          record.request_id)
+            if started:  # part of a response went out: only closing the connection can tell the client
+                raise
+            await _internal_error_response(scope["path"], exc)(scope, receive, observed)
         finally:
             record.status, record.latency_ms = status, (time.perf_counter() - start) * 1000.0
             _observe(app, record)

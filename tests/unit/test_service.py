@@ -1,5 +1,6 @@
 """The HTTP service in-process through httpx.ASGITransport, with fake experts and a fake gate."""
 
+import asyncio
 import json
 
 import httpx
@@ -317,13 +318,57 @@ async def test_an_unexpected_error_is_a_500_in_openai_format_without_its_text() 
         raise RuntimeError("secret details of the request")
 
     app.state.orchestrator.complete = broken
-    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
-    async with httpx.AsyncClient(transport=transport, base_url="http://router") as http:
+    # The app answers the error itself: nothing is raised on to the server, which would drop the connection.
+    async with client(app) as http:
         r = await http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
     assert r.status_code == 500
     error = r.json()["error"]
     assert (error["type"], error["code"]) == ("server_error", "internal_error")
     assert "RuntimeError" in error["message"] and "secret" not in error["message"]
+    assert r.headers["x-request-id"]
+
+
+async def test_after_a_500_the_same_keep_alive_connection_serves_the_next_request(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Over a real socket (uvicorn): the 500 is the only failure, and the traceback is in the service's log."""
+    import uvicorn
+
+    from tests.support import free_port
+
+    app = make_app()
+    real = app.state.orchestrator.complete
+    calls = 0
+
+    async def broken_once(*args: object, **kwargs: object) -> object:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("boom")
+        return await real(*args, **kwargs)
+
+    app.state.orchestrator.complete = broken_once
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, port=port, log_level="warning", lifespan="off"))
+    task = asyncio.create_task(server.serve())
+    try:
+        while not server.started:
+            await asyncio.sleep(0.01)
+        body = {"messages": [{"role": "user", "content": "an integral"}]}
+        sockets: list[object] = []
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}",
+                                     limits=httpx.Limits(max_connections=1)) as http:
+            first = await http.post("/v1/chat/completions", json=body)
+            sockets.append(first.extensions["network_stream"])
+            second = await http.post("/v1/chat/completions", json=body)
+            sockets.append(second.extensions["network_stream"])
+    finally:
+        server.should_exit = True
+        await task
+    assert first.status_code == 500 and second.status_code == 200
+    assert second.json()["choices"][0]["message"]["content"] == "math says hi"
+    assert sockets[0] is sockets[1]  # one keep-alive connection served both
+    failures = [r for r in caplog.records if r.name == "router.service" and r.exc_info]
+    assert len(failures) == 1 and "boom" in str(failures[0].exc_info[1])  # type: ignore[index]
 
 
 async def _stream_lines(app, body: dict[str, object]) -> list[dict[str, object]]:  # type: ignore[no-untyped-def]
