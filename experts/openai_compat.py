@@ -133,10 +133,17 @@ class OpenAICompatibleExpert(Expert):
             choices = chunk["choices"]
             if not choices:
                 continue  # vLLM's usage-only chunk, sent after the finish_reason chunk
-            choice = choices[0] if isinstance(choices[0], dict) else {}
-            finish_reason = choice.get("finish_reason") or finish_reason
+            choice = choices[0]
+            if not isinstance(choice, dict):
+                raise ExpertProtocolError(self.name, f"stream chunk's choice is a {type(choice).__name__}, not an "
+                                                     "object")
+            finish_reason = self._finish_reason(choice) or finish_reason
             delta = choice.get("delta") or {}
-            content, tool_calls = delta.get("content") or "", delta.get("tool_calls") or None
+            if not isinstance(delta, dict):
+                raise ExpertProtocolError(self.name, f"stream chunk's 'delta' is a {type(delta).__name__}, not an "
+                                                     "object")
+            content = self._text(delta.get("content"), "delta.content")
+            tool_calls = self._tool_calls(delta.get("tool_calls"), "delta.tool_calls")
             refusal = delta["refusal"] if isinstance(delta.get("refusal"), str) else ""
             if content or tool_calls or refusal:
                 logprobs = choice.get("logprobs")
@@ -180,7 +187,8 @@ class OpenAICompatibleExpert(Expert):
         if not isinstance(raw, dict):
             return None
         try:
-            return Usage.model_validate({k: v for k, v in raw.items() if k in Usage.model_fields})
+            # A count sent as null is unknown, as if left out (some servers send null for what they do not count).
+            return Usage.model_validate({k: v for k, v in raw.items() if k in Usage.model_fields and v is not None})
         except ValidationError:
             raise ExpertProtocolError(self.name, "malformed 'usage'") from None
 
@@ -191,23 +199,58 @@ class OpenAICompatibleExpert(Expert):
         message = choice.get("message")
         if not isinstance(message, dict):
             raise ExpertProtocolError(self.name, "choice has no 'message' object")
+        content = self._text(message.get("content"), "message.content")
+        tool_calls = self._tool_calls(message.get("tool_calls"), "message.tool_calls")
+        finish_reason = self._finish_reason(choice) or "stop"
         usage = self._usage(data) or Usage()
         upstream_cost = _upstream_cost(data)
         return ExpertReply(
             expert=self.name,
-            content=message.get("content") or "",
+            content=content,
             usage=usage,
             # OpenRouter (and our replay server) price the call themselves; trust that over config prices.
             cost_usd=self.cost(usage) if upstream_cost is None else upstream_cost,
             latency_ms=latency_ms,
-            finish_reason=choice.get("finish_reason") or "stop",
-            tool_calls=message.get("tool_calls") or None,
+            finish_reason=finish_reason,
+            tool_calls=tool_calls,
             model=str(data.get("model") or self.config.model),
             logprobs=choice["logprobs"] if isinstance(choice.get("logprobs"), dict) else None,
             refusal=message["refusal"] if isinstance(message.get("refusal"), str) else None,
             # When the upstream is another moe-router, its routing trace.
             nested=data["moe"] if isinstance(data.get("moe"), dict) else None,
         )
+
+    def _text(self, value: Any, where: str) -> str:
+        """A message's (or delta's) ``content`` as text: a string, nothing, or a list of text parts (as some
+        providers send an answer); anything else is a protocol error, so the next expert takes over."""
+        if value is None or isinstance(value, str):
+            return value or ""
+        if isinstance(value, list):
+            pieces = []
+            for part in value:
+                if isinstance(part, str):
+                    pieces.append(part)
+                elif isinstance(part, dict) and part.get("type") in ("text", "output_text") \
+                        and isinstance(part.get("text"), str):
+                    pieces.append(part["text"])
+                elif not (isinstance(part, dict) and part.get("type") in ("reasoning", "thinking")):
+                    raise ExpertProtocolError(self.name, f"{where} holds a part that is not text: "
+                                                         f"{self._excerpt(json.dumps(part, default=str))}")
+            return "".join(pieces)
+        raise ExpertProtocolError(self.name, f"{where} is a {type(value).__name__}, not a string")
+
+    def _tool_calls(self, value: Any, where: str) -> list[dict[str, Any]] | None:
+        if value is None or value == []:
+            return None
+        if isinstance(value, list) and all(isinstance(call, dict) for call in value):
+            return value
+        raise ExpertProtocolError(self.name, f"{where} is not a list of objects")
+
+    def _finish_reason(self, choice: dict[str, Any]) -> str | None:
+        value = choice.get("finish_reason")
+        if value is None or isinstance(value, str):
+            return value or None
+        raise ExpertProtocolError(self.name, f"finish_reason is a {type(value).__name__}, not a string")
 
     # --- error translation ------------------------------------------------------------------------------
 

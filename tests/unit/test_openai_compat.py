@@ -235,6 +235,15 @@ async def test_connection_refused_is_unavailable(make_expert: MakeExpert) -> Non
     pytest.param(b"[1, 2, 3]", "application/json", id="not-an-object"),
     pytest.param(b'{"choices": [{"message": {"content": "x"}}], "usage": {"prompt_tokens": "many"}}',
                  "application/json", id="bad-usage"),
+    pytest.param(b'{"choices": [{"message": {"content": 42}}]}', "application/json", id="number-content"),
+    pytest.param(b'{"choices": [{"message": {"content": {"text": "x"}}}]}', "application/json",
+                 id="object-content"),
+    pytest.param(b'{"choices": [{"message": {"content": [{"type": "image_url", "image_url": {}}]}}]}',
+                 "application/json", id="non-text-part"),
+    pytest.param(b'{"choices": [{"message": {"content": "x", "tool_calls": {"id": "c"}}}]}', "application/json",
+                 id="tool-calls-object"),
+    pytest.param(b'{"choices": [{"message": {"content": "x"}, "finish_reason": 1}]}', "application/json",
+                 id="number-finish-reason"),
 ])
 async def test_malformed_answers_are_protocol_errors(server: ScriptedOpenAIServer, make_expert: MakeExpert,
                                                      body: bytes, content_type: str) -> None:
@@ -251,12 +260,47 @@ async def test_malformed_answers_are_protocol_errors(server: ScriptedOpenAIServe
                  id="ends-without-finish-or-done"),
     pytest.param(sse({"error": {"message": "CUDA out of memory", "code": 500}}), ExpertServerError,
                  id="vllm-error-event"),
+    pytest.param(sse({"choices": [{"index": 0, "delta": "cut"}]}, "[DONE]"), ExpertProtocolError,
+                 id="string-delta"),
+    pytest.param(sse({"choices": [None]}, "[DONE]"), ExpertProtocolError, id="null-choice"),
+    pytest.param(sse({"choices": [{"index": 0, "delta": {"content": 7}}]}, "[DONE]"), ExpertProtocolError,
+                 id="number-delta-content"),
+    pytest.param(sse({"choices": [{"index": 0, "delta": {"tool_calls": "call"}}]}, "[DONE]"), ExpertProtocolError,
+                 id="string-tool-calls"),
+    pytest.param(sse({"choices": [{"index": 0, "delta": {}, "finish_reason": ["stop"]}]}, "[DONE]"),
+                 ExpertProtocolError, id="list-finish-reason"),
 ])
 async def test_malformed_streams_raise(server: ScriptedOpenAIServer, make_expert: MakeExpert,
                                        body: bytes, error: type[ExpertError]) -> None:
     server.push(Behaviour.raw(body, content_type="text/event-stream"))
     with pytest.raises(error):
         await collect(make_expert(), ask())
+
+
+async def test_usage_counts_sent_as_null_are_unknown_not_a_broken_answer(server: ScriptedOpenAIServer,
+                                                                          make_expert: MakeExpert) -> None:
+    server.push(Behaviour.raw(json.dumps({"choices": [{"message": {"content": "4"}, "finish_reason": "stop"}],
+                                          "usage": {"prompt_tokens": 9, "completion_tokens": None,
+                                                    "total_tokens": None}}).encode(),
+                              content_type="application/json"))
+    reply = await make_expert().generate(ask())
+    assert reply.content == "4" and reply.usage.prompt_tokens == 9 and reply.usage.completion_tokens == 0
+
+
+async def test_content_as_text_parts_is_joined(server: ScriptedOpenAIServer, make_expert: MakeExpert) -> None:
+    """Some providers answer with a list of parts: the text parts make the answer, a reasoning part is left out."""
+    parts = [{"type": "reasoning", "text": "thinking..."}, {"type": "text", "text": "The answer "},
+             {"type": "output_text", "text": "is 4."}]
+    server.push(Behaviour.raw(json.dumps({"choices": [{"message": {"role": "assistant", "content": parts},
+                                                       "finish_reason": "stop"}]}).encode(),
+                              content_type="application/json"))
+    server.push(Behaviour.raw(sse({"choices": [{"index": 0, "delta": {"content": [{"type": "text", "text": "4"}]}}]},
+                                  {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}, "[DONE]"),
+                              content_type="text/event-stream"))
+    expert = make_expert()
+    assert (await expert.generate(ask())).content == "The answer is 4."
+    deltas = await collect(expert, ask())
+    assert "".join(d.content for d in deltas) == "4" and deltas[-1].finish_reason == "stop"
 
 
 async def test_retry_after_seconds_and_http_date(server: ScriptedOpenAIServer, make_expert: MakeExpert) -> None:
