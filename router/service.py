@@ -14,6 +14,8 @@ id, ``POST /v1/feedback`` takes a verdict on an answer, and ``GET /admin/feedbac
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
 import math
@@ -128,6 +130,7 @@ async def _read_json(request: Request, limit: int) -> Any:
 
 
 _Body = TypeVar("_Body", bound=BaseModel)
+T = TypeVar("T")
 
 
 def _field_path(loc: tuple[int | str, ...]) -> str:
@@ -281,6 +284,34 @@ def _combiner_header(request: Request, orchestrator: Orchestrator, *, stream: bo
     return strategy
 
 
+class ClientLeft(Exception):
+    """The client closed its connection before the answer was ready; the work for it was cancelled."""
+
+
+async def _unless_client_leaves(request: Request, work: Awaitable[T]) -> T:
+    """``work``'s result, unless the client disconnects first: then ``work`` is cancelled, so no expert keeps
+    working (or is called next, by fallback) for nobody, and ``ClientLeft`` is raised. The request body must have
+    been read: what the client sends next can only be its disconnect."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
+    finally:  # also when this handler is cancelled: neither task outlives it
+        for pending in (watcher, task):
+            if not pending.done():
+                pending.cancel()
+                with contextlib.suppress(BaseException):
+                    await pending
+    if not task.cancelled():
+        return task.result()
+    raise ClientLeft
+
+
+async def _disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
 def _problems(handler: Callable[..., Awaitable[Response]]) -> Callable[..., Awaitable[Response]]:
     """Turn the domain errors a handler raises into OpenAI-style error responses."""
 
@@ -291,6 +322,11 @@ def _problems(handler: Callable[..., Awaitable[Response]]) -> Callable[..., Awai
         except _HTTPProblem as problem:
             record.error = problem.code
             return _problem_response(problem)
+        except ClientLeft:
+            # Nobody reads this answer; 499 (nginx's "client closed request") is for the log and the metrics.
+            record.error = "client_closed_request"
+            return _problem_response(_HTTPProblem(499, "the client closed the connection before the answer was "
+                                                  "ready", "invalid_request_error", record.error))
         except (UnknownExpert, NoCapableExpert) as exc:
             record.error = exc.code
             return JSONResponse(exc.error_body(), status_code=exc.status)
@@ -376,16 +412,20 @@ def create_app(orchestrator: Orchestrator | None = None,
             record.messages, record.answer = [m.model_dump(exclude_none=True) for m in chat.messages], []
         store: FeedbackStore | None = request.app.state.feedback
         if not chat.stream:
-            answer = await o.complete(chat, strategy=strategy)
+            answer = await _unless_client_leaves(request, o.complete(chat, strategy=strategy))
             record.trace, record.expert = answer.trace, answer.expert
             if store is not None:
                 await store.aremember(request_id, chat.query_text(), answer.expert)
             if record.answer is not None:
                 record.answer.append(answer.content)
             return JSONResponse(_completion_body(answer, request_id), headers={"x-moe-expert": answer.expert})
-        events = o.stream(chat).__aiter__()
+        events = o.stream(chat)
         # Wait for the first event before answering 200, so a total failure is still a clean 503.
-        first = await anext(events)
+        try:
+            first = await _unless_client_leaves(request, anext(events))
+        except ClientLeft:
+            await events.aclose()
+            raise
         on_end = None if store is None else (
             lambda expert: store.aremember(request_id, chat.query_text(), expert))
         return StreamingResponse(_sse(events, first, _Chunks(request_id, _include_usage(chat)), record, on_end),

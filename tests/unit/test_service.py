@@ -1,7 +1,9 @@
 """The HTTP service in-process through httpx.ASGITransport, with fake experts and a fake gate."""
 
 import asyncio
+import contextlib
 import json
+from collections.abc import AsyncIterator
 
 import httpx
 import pytest
@@ -311,6 +313,46 @@ async def test_unknown_paths_and_methods_get_openai_errors_and_models_can_be_ret
     assert unknown.value.status_code == 404 and unknown.value.body["code"] == "model_not_found"  # type: ignore[index]
 
 
+@contextlib.asynccontextmanager
+async def serving(app) -> AsyncIterator[str]:  # type: ignore[no-untyped-def]
+    """The app on uvicorn on a free local port, for what only a real socket shows (keep-alive, disconnects)."""
+    import uvicorn
+
+    from tests.support import free_port
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, port=port, log_level="warning", lifespan="off"))
+    task = asyncio.create_task(server.serve())
+    try:
+        while not server.started:
+            await asyncio.sleep(0.01)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        await task
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream-before-its-first-token"])
+async def test_a_client_that_leaves_before_the_answer_stops_the_work_for_it(stream: bool) -> None:
+    """The client gives up while its expert is still working: the call is cancelled, and no other expert is
+    called for nobody (here ``math`` would fail after 0.6 s and fallback would then ask ``code``)."""
+    app = make_app()
+    orchestrator = app.state.orchestrator
+    math, code = orchestrator.experts["math"], orchestrator.experts["code"]
+    math.delay, math.fail = 0.6, (lambda name: ExpertUnavailable(name, "connection refused"))
+    body = {"messages": [{"role": "user", "content": "an integral"}], "stream": stream}
+    async with serving(app) as url:
+        async with httpx.AsyncClient(base_url=url, timeout=0.2) as http:
+            with pytest.raises(httpx.ReadTimeout):
+                await http.post("/v1/chat/completions", json=body)
+        await asyncio.sleep(1.0)
+        async with httpx.AsyncClient(base_url=url) as http:  # the service goes on serving others
+            after = await http.post("/v1/chat/completions", json={**body, "stream": False})
+    assert len(math.requests) == 2 and len(code.requests) == 1  # code only for the second client, after fallback
+    assert after.status_code == 200 and after.json()["model"] == "code"
+    assert orchestrator.expert_states()["math"]["in_flight"] == 0
+
+
 async def test_an_unexpected_error_is_a_500_in_openai_format_without_its_text() -> None:
     app = make_app()
 
@@ -331,10 +373,6 @@ async def test_an_unexpected_error_is_a_500_in_openai_format_without_its_text() 
 async def test_after_a_500_the_same_keep_alive_connection_serves_the_next_request(
         caplog: pytest.LogCaptureFixture) -> None:
     """Over a real socket (uvicorn): the 500 is the only failure, and the traceback is in the service's log."""
-    import uvicorn
-
-    from tests.support import free_port
-
     app = make_app()
     real = app.state.orchestrator.complete
     calls = 0
@@ -347,23 +385,13 @@ async def test_after_a_500_the_same_keep_alive_connection_serves_the_next_reques
         return await real(*args, **kwargs)
 
     app.state.orchestrator.complete = broken_once
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, port=port, log_level="warning", lifespan="off"))
-    task = asyncio.create_task(server.serve())
-    try:
-        while not server.started:
-            await asyncio.sleep(0.01)
-        body = {"messages": [{"role": "user", "content": "an integral"}]}
-        sockets: list[object] = []
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}",
-                                     limits=httpx.Limits(max_connections=1)) as http:
-            first = await http.post("/v1/chat/completions", json=body)
-            sockets.append(first.extensions["network_stream"])
-            second = await http.post("/v1/chat/completions", json=body)
-            sockets.append(second.extensions["network_stream"])
-    finally:
-        server.should_exit = True
-        await task
+    body = {"messages": [{"role": "user", "content": "an integral"}]}
+    sockets: list[object] = []
+    async with serving(app) as url, httpx.AsyncClient(base_url=url, limits=httpx.Limits(max_connections=1)) as http:
+        first = await http.post("/v1/chat/completions", json=body)
+        sockets.append(first.extensions["network_stream"])
+        second = await http.post("/v1/chat/completions", json=body)
+        sockets.append(second.extensions["network_stream"])
     assert first.status_code == 500 and second.status_code == 200
     assert second.json()["choices"][0]["message"]["content"] == "math says hi"
     assert sockets[0] is sockets[1]  # one keep-alive connection served both
