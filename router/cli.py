@@ -21,10 +21,10 @@ __all__ = ["main"]
 DEFAULT_CONFIG = "configs/demo.yaml"
 
 
-def _load(path: str, *, check_env: bool = True) -> RouterConfig:
+def _load(path: str, *, check_env: bool = True, require_vars: bool = True) -> RouterConfig:
     from router.config import load_config
 
-    return load_config(path, check_env=check_env)
+    return load_config(path, check_env=check_env, require_vars=require_vars)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -135,7 +135,8 @@ def cmd_ask(args: argparse.Namespace) -> int:
 def cmd_compose(args: argparse.Namespace) -> int:
     from router.compose import container_config_path, dump_compose
 
-    print(dump_compose(_load(args.config, check_env=False), source=args.config,
+    # The containers get the config's variables (compose's environment), so they need not be set here.
+    print(dump_compose(_load(args.config, check_env=False, require_vars=False), source=args.config,
                        config_path_in_container=container_config_path(args.config)), end="")
     return 0
 
@@ -166,7 +167,9 @@ def _parser() -> argparse.ArgumentParser:
     config_sub = p.add_subparsers(dest="config_command", required=True)
     c = config_sub.add_parser("check", help="validate a config and list every problem")
     c.add_argument("file")
-    c.add_argument("--no-env", action="store_true", help="do not require the api_key_env variables to be set")
+    c.add_argument("--no-env", action="store_true",
+                   help="do not require the variables the *_env keys name (API keys, the Redis URL) to be set; "
+                        "a ${VAR} without a default must still be set")
     c.set_defaults(func=cmd_config_check)
 
     p = sub.add_parser("train", help="train the gate from the experts' examples and the config's train_data")

@@ -45,7 +45,11 @@ SCHEMA_VERSION = 1
 Extractor = Literal["choice", "number", "short"]
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9._@/:+-]{0,127}$"
 _ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]*$"
-_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+# ``${VAR}`` or ``${VAR:-default}``; ``$${VAR}`` is the escape for a literal ``${VAR}``.
+_ENV_REF = re.compile(r"(\$?)\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+# Free text, read by the gate and shown by the API: never expanded, so a ``${...}`` there stays as written (an
+# example about shell variables keeps them, and no variable's value, a secret perhaps, is trained on or shown).
+_VERBATIM_KEYS = frozenset({"description", "examples"})
 
 
 class ConfigError(ValueError):
@@ -542,16 +546,20 @@ _COMBINER_EXPERTS = (("aggregator", "fuse", "writes the final answer"),
 
 def _expand_env(value: Any, unset: list[tuple[str, str]], where: str = "") -> Any:
     """``value`` with each ``${VAR}`` and ``${VAR:-default}`` replaced from the environment; a variable that is
-    unset and has no default becomes "" and is noted in ``unset`` as ``(path, name)``.
+    unset and has no default becomes "" and is noted in ``unset`` as ``(path, name)``. ``$${VAR}`` stands for a
+    literal ``${VAR}``.
 
     A ``*_env`` key's value is left alone: it names a variable. Expanded, a mistaken ``api_key_env: ${KEY}``
-    would put the key itself where a variable's name goes, and into every message that names that variable."""
+    would put the key itself where a variable's name goes, and into every message that names that variable.
+    ``description`` and ``examples`` are left alone too (``_VERBATIM_KEYS``)."""
     if isinstance(value, str):
         if where.endswith("_env"):
             return value
 
         def substitute(match: re.Match[str]) -> str:
-            name, default = match.group(1), match.group(2)
+            escape, name, default = match.group(1), match.group(2), match.group(3)
+            if escape:
+                return match.group(0)[1:]
             if name in os.environ:
                 return os.environ[name]
             if default is None:
@@ -562,7 +570,8 @@ def _expand_env(value: Any, unset: list[tuple[str, str]], where: str = "") -> An
     if isinstance(value, list):
         return [_expand_env(v, unset, f"{where}[{i}]") for i, v in enumerate(value)]
     if isinstance(value, dict):
-        return {k: _expand_env(v, unset, f"{where}.{k}" if where else str(k)) for k, v in value.items()}
+        return {k: v if k in _VERBATIM_KEYS else _expand_env(v, unset, f"{where}.{k}" if where else str(k))
+                for k, v in value.items()}
     return value
 
 
@@ -588,8 +597,12 @@ def _pydantic_problems(exc: ValidationError, raw: Any) -> list[tuple[str, str]]:
 
 
 def parse_config(raw: Any, *, source: str = "<config>", base_dir: str | Path = ".",
-                 check_env: bool = True) -> RouterConfig:
-    """Validate a config mapping. Raises ``ConfigError`` listing every problem with its path."""
+                 check_env: bool = True, require_vars: bool = True) -> RouterConfig:
+    """Validate a config mapping. Raises ``ConfigError`` listing every problem with its path.
+
+    ``check_env``: the variables the ``*_env`` keys name (API keys, the Redis URL) must be set. ``require_vars``:
+    every ``${VAR}`` without a default must be set; off only where the config is not used here but passed on
+    to where its variables will be set (``moe compose``, whose containers get them)."""
     unset: list[tuple[str, str]] = []
     raw = _expand_env(raw, unset)
     if not isinstance(raw, dict):
@@ -597,7 +610,7 @@ def parse_config(raw: Any, *, source: str = "<config>", base_dir: str | Path = "
     problems: list[tuple[str, str]] = []
     if "base_dir" in raw:  # set from the file's folder; a key of that name would be silently overwritten
         problems.append(("base_dir", "unknown key (not in the schema; paths resolve against the config's folder)"))
-    if check_env:
+    if require_vars:
         problems += [(path, f"environment variable {name} is not set and ${{{name}}} has no default (write "
                             f"${{{name}:-default}} to give one)") for path, name in unset]
     config: RouterConfig | None = None
@@ -633,8 +646,8 @@ def _named(text: str, path: Path) -> io.StringIO:
     return stream
 
 
-def load_config(path: str | Path, *, check_env: bool = True) -> RouterConfig:
-    """Read and validate a YAML config file."""
+def load_config(path: str | Path, *, check_env: bool = True, require_vars: bool = True) -> RouterConfig:
+    """Read and validate a YAML config file (``parse_config`` says what the two checks are)."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -644,4 +657,5 @@ def load_config(path: str | Path, *, check_env: bool = True) -> RouterConfig:
         raw = yaml.load(_named(text, path), Loader=_UniqueKeyLoader)  # a SafeLoader: no arbitrary objects
     except yaml.YAMLError as exc:
         raise ConfigError(str(path), [("<yaml>", str(exc).replace("\n", " "))]) from exc
-    return parse_config(raw, source=str(path), base_dir=path.resolve().parent, check_env=check_env)
+    return parse_config(raw, source=str(path), base_dir=path.resolve().parent, check_env=check_env,
+                        require_vars=require_vars)

@@ -268,6 +268,11 @@ class Gate:
         unseen = set(metadata.unseen_experts)
         self._trained = np.array([i for i, e in enumerate(self.experts) if e not in unseen], dtype=np.int64)
 
+    # An example's label is the expert whose queries it stands for, so a removed expert's examples leave the
+    # nearest-example searches with it. (An outcome gate labels each query with the expert that did best on it:
+    # the query is still one the other experts are scored on, so it stays.)
+    EXAMPLES_ARE_EXPERTS_DATA = True
+
     def _setup(self, encoder: Encoder, experts: Sequence[str], metadata: GateMetadata,
                examples: tuple[np.ndarray, list[str], list[str]]) -> None:
         self.encoder = encoder
@@ -278,6 +283,10 @@ class Gate:
         self.example_embeddings, self.example_texts, self.example_labels = examples
         self._n_artifact_examples = len(self.example_texts)
         self._columns: Columns | None = None  # set by for_config when the config's experts differ
+        # The example rows nearest-example searches see: all of them, or (a config's view without some of the
+        # artifact's experts) only those of the experts it routes to, so no decision is explained, or judged
+        # familiar, by the examples of an expert that was removed.
+        self._rows: np.ndarray | None = None
         self._index: Any = None
 
     @property
@@ -334,11 +343,12 @@ class Gate:
 
     def nearest_many(self, embeddings: np.ndarray, k: int = 3) -> list[list[Neighbour]]:
         """``nearest`` for each row of ``[q, dim]`` embeddings, in one index search."""
+        rows = np.arange(len(self.example_texts)) if self._rows is None else self._rows
         if self._index is None:
-            self._index = flat_ip_index(self.example_embeddings)
+            self._index = flat_ip_index(self.example_embeddings[rows])
         queries = np.ascontiguousarray(np.atleast_2d(np.asarray(embeddings, dtype=np.float32)))
-        sims, ids = self._index.search(queries, min(k, len(self.example_texts)))
-        return [[Neighbour(self.example_texts[i], self.example_labels[i], float(s))
+        sims, ids = self._index.search(queries, min(k, len(rows)))
+        return [[Neighbour(self.example_texts[rows[i]], self.example_labels[rows[i]], float(s))
                  for s, i in zip(row_s, row_i, strict=True) if i >= 0] for row_s, row_i in zip(sims, ids, strict=True)]
 
     # -- the config's experts ------------------------------------------------------------------------------
@@ -383,7 +393,11 @@ class Gate:
             view.example_embeddings = np.concatenate([self.example_embeddings, *embedded.values()])
             view.example_texts = [*self.example_texts, *(t for ts in cold.values() for t in ts)]
             view.example_labels = [*self.example_labels, *(n for n, ts in cold.items() for _ in ts)]
-            view._index = None
+        if self.EXAMPLES_ARE_EXPERTS_DATA:
+            routed = set(names)
+            kept = [i for i, label in enumerate(view.example_labels) if label in routed]
+            view._rows = None if len(kept) == len(view.example_labels) else np.asarray(kept, dtype=np.int64)
+        view._index = None
         return view
 
     def for_config(self, config: RouterConfig) -> Gate:

@@ -175,6 +175,7 @@ class OutcomeGate(Gate):
     scored only from config examples has no success estimate and reads NaN there)."""
 
     kind: ClassVar[str] = "outcome"
+    EXAMPLES_ARE_EXPERTS_DATA = False  # each example is labelled with the expert that did best on it
 
     def __init__(self, encoder: Encoder, experts: Sequence[str], model: SuccessModel, cost: np.ndarray,
                  calibration: Mapping[str, np.ndarray], metadata: GateMetadata,

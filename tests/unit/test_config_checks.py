@@ -45,10 +45,44 @@ def test_an_unset_variable_without_a_default_is_a_problem_with_its_path(monkeypa
     found = problems(raw)
     assert "MOE_TEST_UNSET_DIR is not set" in found["experts[0].endpoint"]
     assert "${MOE_TEST_UNSET_DIR:-default}" in found["experts[0].endpoint"]
-    # a default, or a set variable, is fine; check_env=False (a test, the replay server) leaves it ""
+    # a default, or a set variable, is fine; require_vars=False (moe compose, whose containers get the variables)
+    # leaves it ""
     raw_default = {"version": 1, "experts": [expert(endpoint="http://${MOE_TEST_UNSET_DIR:-127.0.0.1:9}/v1")]}
     assert parse_config(raw_default).experts[0].endpoint == "http://127.0.0.1:9/v1"
-    assert parse_config(raw, check_env=False).experts[0].endpoint == "http:///v1"
+    assert parse_config(raw, require_vars=False).experts[0].endpoint == "http:///v1"
+
+
+def test_an_unset_variable_is_a_problem_even_where_keys_need_not_be_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    """check_env=False (moe train, moe config check --no-env) relaxes only the *_env keys: a path built from an
+    unset variable would otherwise become a path from the filesystem's root."""
+    monkeypatch.delenv("MOE_TEST_UNSET_DIR", raising=False)
+    raw = {"version": 1, "experts": [expert(), expert(name="beta")],
+           "gate": {"artifact": "${MOE_TEST_UNSET_DIR}/gate"}}
+    with pytest.raises(ConfigError) as info:
+        parse_config(raw, check_env=False)
+    assert "MOE_TEST_UNSET_DIR is not set" in dict(info.value.problems)["gate.artifact"]
+
+
+def test_descriptions_and_examples_are_never_expanded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Free text keeps a ``${...}`` as written: an example about shell variables is routable without setting
+    them, and a variable's value (a secret perhaps) is never trained on or shown by /v1/experts."""
+    monkeypatch.setenv("MOE_TEST_DB_PASSWORD", "s3cr3t-DBPASS")
+    monkeypatch.delenv("MOE_TEST_UNSET_DIR", raising=False)
+    raw = {"version": 1, "experts": [
+        expert(description="answers about ${MOE_TEST_DB_PASSWORD} and ${MOE_TEST_UNSET_DIR}",
+               examples=["how to export ${MOE_TEST_DB_PASSWORD} safely", "what does ${HOME} hold"]),
+        expert(name="beta")]}
+    config = parse_config(raw)
+    alpha = config.expert("alpha")
+    assert alpha.description == "answers about ${MOE_TEST_DB_PASSWORD} and ${MOE_TEST_UNSET_DIR}"
+    assert alpha.examples == ["how to export ${MOE_TEST_DB_PASSWORD} safely", "what does ${HOME} hold"]
+    assert "s3cr3t" not in config.model_dump_json()
+
+
+def test_a_doubled_dollar_is_a_literal_reference(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MOE_TEST_HOST", "127.0.0.1")
+    raw = {"version": 1, "experts": [expert(endpoint="http://${MOE_TEST_HOST}:9/v1?tag=$${MOE_TEST_HOST}")]}
+    assert parse_config(raw).experts[0].endpoint == "http://127.0.0.1:9/v1?tag=${MOE_TEST_HOST}"
 
 
 def test_an_env_key_holding_a_reference_is_refused_and_the_secret_never_printed(

@@ -362,6 +362,13 @@ def test_cold_start_expert_routes_from_its_examples(gate: Gate, test_set: tuple[
                                     .argmax(axis=1)]
     assert (routed == np.array(gate.experts)[y[kept]]).mean() >= 0.90
     assert view.nearest(gate.encoder.encode([TRANSLATE[0]])[0], 1)[0].label == "Translate"
+    # The removed expert's examples explain nothing any more, even for a query like them.
+    removed = gate.experts[0]
+    like_removed = next(t for t, label in zip(gate.example_texts, gate.example_labels, strict=True)
+                        if label == removed)
+    assert gate.nearest(gate.encoder.encode([like_removed])[0], 1)[0].label == removed
+    near = view.nearest(gate.encoder.encode([like_removed])[0], 5)
+    assert len(near) == 5 and removed not in {n.label for n in near}
     # Saving a view writes what was trained, not the config's additions.
     view.save(tmp_path / "g")
     loaded = Gate.load(tmp_path / "g", gate.encoder)
