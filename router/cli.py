@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import importlib
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
@@ -160,7 +161,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=DEFAULT_CONFIG)
     p.add_argument("--host")
     p.add_argument("--port", type=port_number)
-    p.add_argument("--log-level", default="info")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug", "trace"],
+                   help="uvicorn's log level (default: info)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("config", help="work with config files")
@@ -184,7 +186,9 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("query")
         p.add_argument("--config", default=DEFAULT_CONFIG, help="route in-process with this config")
         p.add_argument("--url", help="a running service instead, e.g. http://127.0.0.1:8000")
-        p.add_argument("--api-key")
+        p.add_argument("--api-key", default=os.environ.get("MOE_API_KEY"),
+                       help="the service's key (with --url); default: $MOE_API_KEY, which keeps it out of the "
+                            "process list and the shell's history")
         if name == "ask":
             p.add_argument("--model", default="auto", help="'auto' routes; an expert's name calls it directly")
             p.add_argument("--stream", action="store_true", help="stream the answer (with --url)")
@@ -254,6 +258,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         code: int = args.func(args)
+    except KeyboardInterrupt:
+        # Ctrl-C: one line, not a traceback through whatever was running; 130 is the shell's code for SIGINT.
+        print("interrupted", file=sys.stderr)
+        return 130
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -96,10 +96,20 @@ class RouterConnectionError(RouterAPIError):
         return self.message
 
 
+def _shown(url: httpx.URL) -> str:
+    """``url`` as messages show it: without a user and password or a query, where credentials go."""
+    return str(url.copy_with(userinfo=b"", query=None, fragment=None))
+
+
 class _Protocol:
     """What both clients share: how requests are built and responses read."""
 
     def __init__(self, base_url: str, api_key: str | None, timeout: float) -> None:
+        url = httpx.URL(base_url)
+        if url.query or url.fragment:
+            # httpx would append each path after it ("...?token=x/v1/route"), and messages would show it.
+            raise ValueError(f"base_url {_shown(url)!r} carries a query or fragment; give the service's address "
+                             "alone (a key goes in api_key)")
         self.base_url = base_url.rstrip("/")
         self.headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
         self.timeout = timeout
@@ -111,9 +121,9 @@ class _Protocol:
             yield
         except httpx.TransportError as exc:
             try:
-                where = f" {exc.request.method} {exc.request.url}"
+                where = f" {exc.request.method} {_shown(exc.request.url)}"
             except RuntimeError:  # raised before a request existed
-                where = f" {self.base_url}"
+                where = f" {_shown(httpx.URL(self.base_url))}"
             if isinstance(exc, httpx.TimeoutException):
                 raise RouterConnectionError(f"no answer from the service{where} within the {self.timeout:g} s "
                                             f"timeout ({type(exc).__name__})", "timeout") from exc

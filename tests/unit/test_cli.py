@@ -158,6 +158,54 @@ def test_a_service_that_cannot_be_reached_or_answers_an_error_is_an_error_line(
     assert "Traceback" not in err
 
 
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+    return port
+
+
+@pytest.mark.parametrize("command", ["ask", "route"])
+def test_credentials_in_the_url_are_never_printed(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    port = _closed_port()
+    assert main([command, "hi", "--url", f"http://user:pw-LEAK@127.0.0.1:{port}"]) == 1
+    err = capsys.readouterr().err
+    assert "pw-LEAK" not in err and "user" not in err and f"http://127.0.0.1:{port}/v1/" in err
+    assert main([command, "hi", "--url", f"http://127.0.0.1:{port}/?token=tk-LEAK"]) == 1
+    err = capsys.readouterr().err
+    assert "tk-LEAK" not in err and "carries a query or fragment" in err
+
+
+def test_the_api_key_comes_from_moe_api_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    from router.cli import _parser
+
+    monkeypatch.setenv("MOE_API_KEY", "sk-from-env")
+    assert _parser().parse_args(["ask", "hi"]).api_key == "sk-from-env"
+    assert _parser().parse_args(["route", "hi", "--api-key", "given"]).api_key == "given"
+    monkeypatch.delenv("MOE_API_KEY")
+    assert _parser().parse_args(["ask", "hi"]).api_key is None
+
+
+def test_ctrl_c_is_one_line_and_exit_code_130(monkeypatch: pytest.MonkeyPatch,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    import router.cli
+
+    def interrupted(args: object) -> int:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(router.cli, "cmd_config_check", interrupted)
+    assert main(["config", "check", "configs/demo.yaml"]) == 130
+    assert capsys.readouterr().err == "interrupted\n"
+
+
+def test_an_unknown_log_level_is_refused_before_anything_starts(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["serve", "--config", "configs/demo.yaml", "--log-level", "bogus"])
+    assert info.value.code == 2 and "invalid choice: 'bogus'" in capsys.readouterr().err
+
+
 def test_runtime_failures_are_error_lines_and_bugs_keep_their_traceback() -> None:
     from experts.errors import ExpertConfigError
     from router.cli import _runtime_error
