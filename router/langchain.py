@@ -167,10 +167,15 @@ def _usage(usage: Usage) -> UsageMetadata:
 
 def _chat_result(result: sdk.ChatResult) -> ChatResult:
     calls, invalid = _tool_calls(result.tool_calls or [])
+    metadata = _metadata(result.expert, result.finish_reason, result.trace)
+    info: dict[str, Any] = {"finish_reason": result.finish_reason}
+    if result.logprobs is not None:  # where langchain-openai puts them
+        metadata["logprobs"] = info["logprobs"] = result.logprobs
+    # A refusal goes where langchain-openai puts it.
+    extra = {"refusal": result.refusal} if result.refusal is not None else {}
     message = AIMessage(content=result.content, tool_calls=calls, invalid_tool_calls=invalid, id=result.id or None,
-                        response_metadata=_metadata(result.expert, result.finish_reason, result.trace),
-                        usage_metadata=_usage(result.usage))
-    generation = ChatGeneration(message=message, generation_info={"finish_reason": result.finish_reason})
+                        additional_kwargs=extra, response_metadata=metadata, usage_metadata=_usage(result.usage))
+    generation = ChatGeneration(message=message, generation_info=info)
     return ChatResult(generations=[generation],
                       llm_output={"model_name": result.expert, "token_usage": result.usage.model_dump()})
 
@@ -179,15 +184,19 @@ def _chunk(piece: sdk.StreamChunk) -> ChatGenerationChunk:
     # Tool-call deltas as LangChain's chunks: added together, they give the message its parsed tool_calls.
     calls = [tool_call_chunk(name=(d.get("function") or {}).get("name"), args=(d.get("function") or {}).get(
         "arguments"), id=d.get("id"), index=d.get("index")) for d in piece.tool_calls or []]
+    extra = {"refusal": piece.refusal} if piece.refusal else {}  # pieces of a refusal add up, as content does
+    info = {"logprobs": piece.logprobs} if piece.logprobs is not None else None
     if piece.trace is None:
         return ChatGenerationChunk(message=AIMessageChunk(content=piece.content, tool_call_chunks=calls,
-                                                          id=piece.id or None))
+                                                          additional_kwargs=extra, id=piece.id or None),
+                                   generation_info=info)
     # The last chunk: the expert that finished the answer (after any mid-stream switch) and the trace.
     expert = next((a.expert for a in reversed(piece.trace.attempts) if a.ok), piece.expert)
     message = AIMessageChunk(content=piece.content, tool_call_chunks=calls, id=piece.id or None,
+                             additional_kwargs=extra,
                              response_metadata=_metadata(expert, piece.finish_reason, piece.trace),
                              usage_metadata=_usage(piece.trace.usage), chunk_position="last")
-    return ChatGenerationChunk(message=message, generation_info={"finish_reason": piece.finish_reason})
+    return ChatGenerationChunk(message=message, generation_info={**(info or {}), "finish_reason": piece.finish_reason})
 
 
 def _tool_calls(raw: list[dict[str, Any]]) -> tuple[list[Any], list[Any]]:

@@ -45,6 +45,10 @@ class ChatResult(BaseModel):
     usage: Usage = Usage()
     cost_usd: float = 0.0
     tool_calls: list[dict[str, Any]] | None = None
+    # The expert's refusal (``content`` is then empty), and the token log-probabilities when the request asked
+    # for ``logprobs``; as OpenAI's message and choice carry them.
+    refusal: str | None = None
+    logprobs: dict[str, Any] | None = None
     trace: Trace
 
 
@@ -56,6 +60,9 @@ class StreamChunk(BaseModel):
     finish_reason: str | None = None
     # OpenAI-format tool-call deltas, as the expert sent them (index, id, function name, argument pieces).
     tool_calls: list[dict[str, Any]] | None = None
+    # A piece of a refusal, and this piece's token log-probabilities (when the request asked for ``logprobs``).
+    refusal: str = ""
+    logprobs: dict[str, Any] | None = None
     trace: Trace | None = None
     # The answer's id (``chatcmpl-…``), the same on every chunk: what ``feedback(request_id=...)`` takes.
     id: str = ""
@@ -170,11 +177,13 @@ class _Protocol:
     def chat_result(body: dict[str, Any]) -> ChatResult:
         choice = body["choices"][0]
         trace = Trace.model_validate(body.get("moe") or {})
-        return ChatResult(id=body.get("id", ""), content=choice["message"].get("content") or "",
+        message = choice["message"]
+        return ChatResult(id=body.get("id", ""), content=message.get("content") or "",
                           expert=body.get("model", ""),
                           finish_reason=choice.get("finish_reason") or "stop", usage=Usage(**body.get("usage", {})),
                           cost_usd=(body.get("moe") or {}).get("cost_usd", 0.0),
-                          tool_calls=choice["message"].get("tool_calls"), trace=trace)
+                          tool_calls=message.get("tool_calls"), refusal=message.get("refusal"),
+                          logprobs=choice.get("logprobs"), trace=trace)
 
     @staticmethod
     def feedback_body(request_id: str | None, query: str | None, expert: str | None, good: bool | None,
@@ -199,10 +208,12 @@ class _Protocol:
             return None  # the usage chunk (stream_options.include_usage): the trace has the usage already
         choice = body["choices"][0]
         trace = Trace.model_validate(body["moe"]) if body.get("moe") else None
-        return StreamChunk(id=body.get("id", ""), content=choice["delta"].get("content") or "",
+        delta = choice["delta"]
+        return StreamChunk(id=body.get("id", ""), content=delta.get("content") or "",
                            expert=body.get("model", ""),
                            finish_reason=choice.get("finish_reason"), trace=trace,
-                           tool_calls=choice["delta"].get("tool_calls") or None)
+                           tool_calls=delta.get("tool_calls") or None, refusal=delta.get("refusal") or "",
+                           logprobs=choice.get("logprobs"))
 
 
 class Client(_Protocol):
@@ -333,10 +344,11 @@ def _as_api_errors() -> Iterator[None]:
     model (404), a capability no expert declares (400)."""
     from router.fallback import AllExpertsFailed
     from router.orchestrator import NoCapableExpert, UnknownExpert
+    from router.service import RequestProblem
 
     try:
         yield
-    except (AllExpertsFailed, UnknownExpert, NoCapableExpert) as exc:
+    except (AllExpertsFailed, UnknownExpert, NoCapableExpert, RequestProblem) as exc:
         raise RouterAPIError(exc.status, exc.error_body()) from exc
 
 
@@ -364,17 +376,20 @@ class LocalRouter:
 
     async def chat(self, messages: Messages, *, model: str = "auto", combiner: str | None = None,
                    **params: Any) -> ChatResult:
+        from router.service import parse_chat
+
         body = _Protocol.chat_body(messages, model, False, params)
-        request = ChatRequest.model_validate(body)
-        # An unknown strategy raises before the gate runs, with the message the service gives.
+        # A bad request, and an unknown strategy (before the gate runs), fail with the service's message.
         with _as_api_errors():
+            request = parse_chat(body, self.orchestrator.config.service.max_prompt_chars)
             answer: RoutedAnswer = await self.orchestrator.complete(request, strategy=combiner)
         response_id = f"chatcmpl-{uuid.uuid4().hex}"
         if self.store is not None:
             await self.store.aremember(response_id, request.query_text(), answer.expert)
         return ChatResult(id=response_id, content=answer.content, expert=answer.expert,
                           finish_reason=answer.finish_reason, usage=answer.trace.usage,
-                          cost_usd=answer.trace.cost_usd, tool_calls=answer.tool_calls, trace=answer.trace)
+                          cost_usd=answer.trace.cost_usd, tool_calls=answer.tool_calls, refusal=answer.refusal,
+                          logprobs=answer.logprobs, trace=answer.trace)
 
     async def route(self, query: str) -> RouteDecision:
         decision: RouteDecision = await self.orchestrator.decide(

@@ -46,7 +46,7 @@ from router.orchestrator import NoCapableExpert, Orchestrator, RouteFailed, Stre
 from router.reload import Reloader, ReloadFailed
 from router.security import Admitted, Denied, Guard, RateStore, redact
 
-__all__ = ["RouteQuery", "create_app", "error_body"]
+__all__ = ["RequestProblem", "RouteQuery", "create_app", "error_body", "parse_chat"]
 
 log = logging.getLogger("router.service")
 
@@ -68,17 +68,21 @@ class RouteBatch(BaseModel):
     capacity: dict[str, Annotated[int, Field(ge=0)]] | None = None  # room per expert (experts checked by the handler)
 
 
-class _HTTPProblem(Exception):
+class RequestProblem(Exception):
+    """A request the service refuses: its HTTP status and OpenAI-style error (``error_body``)."""
+
     def __init__(self, status: int, message: str, type_: str, code: str, param: str | None = None,
                  extra: dict[str, Any] | None = None) -> None:
         super().__init__(message)
         self.status, self.message, self.type, self.code, self.param = status, message, type_, code, param
         self.extra = extra or {}
 
+    def error_body(self) -> dict[str, Any]:
+        return error_body(self.message, self.type, self.code, self.param, **self.extra)
 
-def _problem_response(problem: _HTTPProblem) -> JSONResponse:
-    body = error_body(problem.message, problem.type, problem.code, problem.param, **problem.extra)
-    return JSONResponse(body, status_code=problem.status)
+
+def _problem_response(problem: RequestProblem) -> JSONResponse:
+    return JSONResponse(problem.error_body(), status_code=problem.status)
 
 
 def _failed(record: RequestRecord, exc: AllExpertsFailed) -> None:
@@ -101,7 +105,7 @@ def _not_json(constant: str) -> Any:
 async def _read_json(request: Request, limit: int) -> Any:
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
-        raise _HTTPProblem(413, f"request body of {declared} bytes exceeds the {limit}-byte limit",
+        raise RequestProblem(413, f"request body of {declared} bytes exceeds the {limit}-byte limit",
                            "invalid_request_error", "request_too_large")
     # Read as it arrives and stop at the limit: a body without Content-Length (chunked) is never held whole.
     parts: list[bytes] = []
@@ -109,7 +113,7 @@ async def _read_json(request: Request, limit: int) -> Any:
     async for part in request.stream():
         size += len(part)
         if size > limit:
-            raise _HTTPProblem(413, f"request body exceeds the {limit}-byte limit (over {size} bytes sent)",
+            raise RequestProblem(413, f"request body exceeds the {limit}-byte limit (over {size} bytes sent)",
                                "invalid_request_error", "request_too_large")
         parts.append(part)
     raw = b"".join(parts)
@@ -121,10 +125,10 @@ async def _read_json(request: Request, limit: int) -> Any:
         if _SURROGATE_ESCAPE.search(raw):
             json.dumps(value, ensure_ascii=False).encode("utf-8")
     except RecursionError:
-        raise _HTTPProblem(400, "request body is nested too deeply", "invalid_request_error",
+        raise RequestProblem(400, "request body is nested too deeply", "invalid_request_error",
                            "invalid_json") from None
     except (ValueError, UnicodeDecodeError) as exc:  # UnicodeEncodeError is a ValueError
-        raise _HTTPProblem(400, f"request body is not valid JSON: {exc}", "invalid_request_error",
+        raise RequestProblem(400, f"request body is not valid JSON: {exc}", "invalid_request_error",
                            "invalid_json") from None
     return value
 
@@ -152,31 +156,33 @@ def _validated(model: type[_Body], body: Any) -> _Body:
     except ValidationError as exc:
         e = exc.errors()[0]
         where = _field_path(e["loc"]) or "<body>"
-        raise _HTTPProblem(400, f"invalid request: {where}: {_message(e)}", "invalid_request_error",
+        raise RequestProblem(400, f"invalid request: {where}: {_message(e)}", "invalid_request_error",
                            "invalid_request", param=None if where == "<body>" else where) from None
 
 
-def _parse_chat(body: Any, max_chars: int) -> ChatRequest:
+def parse_chat(body: Any, max_chars: int) -> ChatRequest:
+    """A chat request's body as a ``ChatRequest``, or the ``RequestProblem`` (400) naming every field that is
+    wrong, or the messages' length over ``max_chars``."""
     if not isinstance(body, dict):
-        raise _HTTPProblem(400, "request body must be a JSON object", "invalid_request_error", "invalid_request")
+        raise RequestProblem(400, "request body must be a JSON object", "invalid_request_error", "invalid_request")
     try:
         chat = ChatRequest.model_validate(body)
     except ValidationError as exc:
         problems = "; ".join(f"{_field_path(e['loc']) or '<body>'}: {_message(e)}" for e in exc.errors())
         first = _field_path(exc.errors()[0]["loc"]) or None
-        raise _HTTPProblem(400, f"invalid request: {problems}", "invalid_request_error", "invalid_request",
+        raise RequestProblem(400, f"invalid request: {problems}", "invalid_request_error", "invalid_request",
                            param=first) from None
     chars = sum(len(m.text()) for m in chat.messages)
     if chars > max_chars:
-        raise _HTTPProblem(400, f"the messages hold {chars} characters, over the limit of {max_chars}",
+        raise RequestProblem(400, f"the messages hold {chars} characters, over the limit of {max_chars}",
                            "invalid_request_error", "context_length_exceeded", param="messages")
     return chat
 
 
 def _completion_body(answer: Any, request_id: str) -> dict[str, Any]:
-    # As OpenAI's: content is null beside tool calls that came without text.
-    message: dict[str, Any] = {"role": "assistant",
-                               "content": None if answer.tool_calls and not answer.content else answer.content}
+    # As OpenAI's: content is null beside tool calls or a refusal that came without text.
+    textless = not answer.content and (answer.tool_calls or answer.refusal is not None)
+    message: dict[str, Any] = {"role": "assistant", "content": None if textless else answer.content}
     if answer.tool_calls:
         message["tool_calls"] = answer.tool_calls
     if answer.refusal is not None:
@@ -274,10 +280,10 @@ def _combiner_header(request: Request, orchestrator: Orchestrator, *, stream: bo
     try:
         strategy = orchestrator.combiner_for(raw).name
     except ValueError as exc:
-        raise _HTTPProblem(400, f"x-moe-combiner: {exc}", "invalid_request_error", "invalid_combiner",
+        raise RequestProblem(400, f"x-moe-combiner: {exc}", "invalid_request_error", "invalid_combiner",
                            param="x-moe-combiner") from None
     if stream and strategy != "top1":
-        raise _HTTPProblem(400, f"x-moe-combiner: {strategy!r} cannot combine a streamed answer: a stream is served "
+        raise RequestProblem(400, f"x-moe-combiner: {strategy!r} cannot combine a streamed answer: a stream is served "
                            "by one expert (the top-weighted), so there are no answers to combine; send the request "
                            "with stream: false to combine, or drop the header (or send 'top1') to stream",
                            "invalid_request_error", "invalid_combiner", param="x-moe-combiner")
@@ -319,13 +325,13 @@ def _problems(handler: Callable[..., Awaitable[Response]]) -> Callable[..., Awai
         record = _record(request)
         try:
             return await handler(request)
-        except _HTTPProblem as problem:
+        except RequestProblem as problem:
             record.error = problem.code
             return _problem_response(problem)
         except ClientLeft:
             # Nobody reads this answer; 499 (nginx's "client closed request") is for the log and the metrics.
             record.error = "client_closed_request"
-            return _problem_response(_HTTPProblem(499, "the client closed the connection before the answer was "
+            return _problem_response(RequestProblem(499, "the client closed the connection before the answer was "
                                                   "ready", "invalid_request_error", record.error))
         except (UnknownExpert, NoCapableExpert) as exc:
             record.error = exc.code
@@ -335,14 +341,14 @@ def _problems(handler: Callable[..., Awaitable[Response]]) -> Callable[..., Awai
             return JSONResponse(exc.error_body(), status_code=exc.status)
         except UnknownRequest as exc:
             record.error = "request_not_found"
-            return _problem_response(_HTTPProblem(404, str(exc), "invalid_request_error", record.error,
+            return _problem_response(RequestProblem(404, str(exc), "invalid_request_error", record.error,
                                                   param="request_id"))
         except FeedbackUnavailable as exc:
             record.error = "feedback_unavailable"
-            return _problem_response(_HTTPProblem(503, str(exc), "service_unavailable", record.error))
+            return _problem_response(RequestProblem(503, str(exc), "service_unavailable", record.error))
         except UnknownFeedbackExpert as exc:
             record.error = "unknown_expert"
-            return _problem_response(_HTTPProblem(400, str(exc), "invalid_request_error", record.error,
+            return _problem_response(RequestProblem(400, str(exc), "invalid_request_error", record.error,
                                                   param="expert"))
 
     wrapped.__name__ = handler.__name__
@@ -403,7 +409,7 @@ def create_app(orchestrator: Orchestrator | None = None,
     async def chat_completions(request: Request) -> Response:
         o = orch(request)
         limits = o.config.service
-        chat = _parse_chat(await _read_json(request, limits.max_request_bytes), limits.max_prompt_chars)
+        chat = parse_chat(await _read_json(request, limits.max_request_bytes), limits.max_prompt_chars)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         strategy = _combiner_header(request, o, stream=chat.stream)
         record = _record(request)
@@ -438,7 +444,7 @@ def create_app(orchestrator: Orchestrator | None = None,
         query = _validated(RouteQuery, body)
         if query.query is not None:
             body = {"messages": [{"role": "user", "content": query.query}]}
-        chat = _parse_chat(body, o.config.service.max_prompt_chars)
+        chat = parse_chat(body, o.config.service.max_prompt_chars)
         decision = await o.decide(chat)
         return JSONResponse(decision.model_dump())
 
@@ -449,13 +455,13 @@ def create_app(orchestrator: Orchestrator | None = None,
         limit = o.config.service.max_prompt_chars
         for i, query in enumerate(batch.queries):
             if len(query) > limit:
-                raise _HTTPProblem(400, f"queries[{i}] holds {len(query)} characters, over the limit of {limit}",
+                raise RequestProblem(400, f"queries[{i}] holds {len(query)} characters, over the limit of {limit}",
                                    "invalid_request_error", "context_length_exceeded", param=f"queries.{i}")
         capacity = batch.capacity
         if capacity is not None:
             unknown = sorted(set(capacity) - set(o.config.expert_names))
             if unknown:
-                raise _HTTPProblem(400, f"capacity: unknown expert(s) {', '.join(map(repr, unknown))}; known: "
+                raise RequestProblem(400, f"capacity: unknown expert(s) {', '.join(map(repr, unknown))}; known: "
                                    f"{', '.join(o.config.expert_names)}", "invalid_request_error", "invalid_request",
                                    param="capacity")
         experts = await o.assign(batch.queries, capacity)
@@ -508,12 +514,12 @@ def create_app(orchestrator: Orchestrator | None = None,
     async def admin_reload(request: Request) -> Response:
         active: Reloader | None = request.app.state.reloader
         if active is None:
-            raise _HTTPProblem(409, "hot reload is off: the service was not started from a config file",
+            raise RequestProblem(409, "hot reload is off: the service was not started from a config file",
                                "invalid_request_error", "reload_unavailable")
         try:
             new = await active.reload()
         except ReloadFailed as exc:
-            raise _HTTPProblem(400, str(exc), "invalid_request_error", "invalid_config", extra={
+            raise RequestProblem(400, str(exc), "invalid_request_error", "invalid_config", extra={
                 "problems": [{"path": p, "message": m} for p, m in exc.problems]}) from None
         return JSONResponse({"status": "reloaded", "source": str(active.path), "experts": new.config.expert_names})
 
@@ -570,20 +576,20 @@ def _internal_error_response(path: str, exc: BaseException) -> JSONResponse:
 def _feedback_store(request: Request) -> FeedbackStore:
     store: FeedbackStore | None = request.app.state.feedback
     if store is None:
-        raise _HTTPProblem(409, "feedback is off: the service runs without a feedback store",
+        raise RequestProblem(409, "feedback is off: the service runs without a feedback store",
                            "invalid_request_error", "feedback_unavailable")
     return store
 
 
 def _parse_feedback(body: Any) -> FeedbackBody:
     if not isinstance(body, dict):
-        raise _HTTPProblem(400, "request body must be a JSON object", "invalid_request_error", "invalid_request")
+        raise RequestProblem(400, "request body must be a JSON object", "invalid_request_error", "invalid_request")
     try:
         return FeedbackBody.model_validate(body)
     except ValidationError as exc:
         problems = "; ".join(f"{_field_path(e['loc']) or '<body>'}: {_message(e)}" for e in exc.errors())
         first = _field_path(exc.errors()[0]["loc"]) or None
-        raise _HTTPProblem(400, f"invalid feedback: {problems}", "invalid_request_error", "invalid_request",
+        raise RequestProblem(400, f"invalid feedback: {problems}", "invalid_request_error", "invalid_request",
                            param=first) from None
 
 
@@ -601,7 +607,7 @@ def _since(raw: str | None) -> float | None:
     try:
         moment = datetime.fromisoformat(raw)
     except ValueError:
-        raise _HTTPProblem(400, f"since={raw!r} is neither Unix seconds nor an ISO 8601 time",
+        raise RequestProblem(400, f"since={raw!r} is neither Unix seconds nor an ISO 8601 time",
                            "invalid_request_error", "invalid_request", param="since") from None
     return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
 

@@ -83,3 +83,19 @@ async def test_local_router_raises_what_the_client_would() -> None:
                                                                     served_error.value.code)
     assert local_failed.value.code == "all_experts_failed" and local_unknown.value.status == 404
     assert [c["expert"] for c in local_failed.value.body["error"]["causes"]] == ["math", "code"]
+
+
+async def test_local_router_refuses_a_bad_request_as_the_service_does() -> None:
+    config = fake_config(NAMES)
+    orchestrator = Orchestrator(config, FakeGate(NAMES, {}, default=[0.6, 0.4]),
+                                {n: FakeExpert(config.expert(n)) for n in NAMES})
+    local = LocalRouter(orchestrator)
+    async with AsyncClient("http://router", transport=httpx.ASGITransport(app=create_app(orchestrator))) as client:
+        for bad in ({"messages": []}, {"n": 2}, {"messages": "x" * (config.service.max_prompt_chars + 1)}):
+            messages = bad.pop("messages", "hi")
+            with pytest.raises(RouterAPIError) as local_error:
+                await local.chat(messages, **bad)  # type: ignore[arg-type]
+            with pytest.raises(RouterAPIError) as served_error:
+                await client.chat(messages, **bad)  # type: ignore[arg-type]
+            assert local_error.value.status == served_error.value.status == 400
+            assert local_error.value.body == served_error.value.body
