@@ -22,6 +22,7 @@ import asyncio
 import functools
 import json
 import os
+import re
 import ssl
 import urllib.parse
 import urllib.request
@@ -43,12 +44,33 @@ MAX_LINE_BYTES = 2**21
 
 
 class HttpFailure(Exception):
-    """A request that got no HTTP answer, or whose body broke off or could not be read."""
+    """A request that got no HTTP answer, or whose body broke off or could not be read.
 
-    def __init__(self, kind: FailureKind, detail: str) -> None:
+    ``detail`` says what went wrong without naming an address (it reaches clients, in error bodies and traces);
+    ``raw`` is the transport's own text, with the host and port, for the operator's log."""
+
+    def __init__(self, kind: FailureKind, detail: str, raw: str | None = None) -> None:
         super().__init__(detail)
         self.kind = kind
         self.detail = detail
+        self.raw = detail if raw is None else raw
+
+
+# What names an address in a transport's error text: a URL, a host:port (names, IPv4, bracketed IPv6), and the
+# ('host', port) tuples of OSError messages.
+_ADDRESS = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://\S+"
+                      r"|\(\s*'[^']*'\s*,\s*\d+[^)]*\)"
+                      r"|(?<![\w.:\[])(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?):\d{1,5}\b")
+
+
+def without_addresses(text: str) -> str:
+    """``text`` with each URL and host:port replaced by ``<address>``."""
+    return _ADDRESS.sub("<address>", text)
+
+
+def _failure(kind: FailureKind, exc: BaseException) -> HttpFailure:
+    raw = _what(exc)
+    return HttpFailure(kind, without_addresses(raw), raw)
 
 
 @dataclass(frozen=True)
@@ -266,11 +288,11 @@ def _aiohttp_errors() -> Iterator[None]:
     try:
         yield
     except (aiohttp.ServerTimeoutError, TimeoutError) as exc:
-        raise HttpFailure("timeout", _what(exc)) from exc
+        raise _failure("timeout", exc) from exc
     except ValueError as exc:  # a streamed line past MAX_LINE_BYTES
-        raise HttpFailure("decoding", _what(exc)) from exc
+        raise _failure("decoding", exc) from exc
     except (aiohttp.ClientError, OSError) as exc:
-        raise HttpFailure("unavailable", _what(exc)) from exc
+        raise _failure("unavailable", exc) from exc
 
 
 # --- httpx (an injected transport) ------------------------------------------------------------------------
@@ -327,8 +349,8 @@ def _httpx_errors() -> Iterator[None]:
     try:
         yield
     except httpx.TimeoutException as exc:
-        raise HttpFailure("timeout", _what(exc)) from exc
+        raise _failure("timeout", exc) from exc
     except httpx.DecodingError as exc:
-        raise HttpFailure("decoding", _what(exc)) from exc
+        raise _failure("decoding", exc) from exc
     except httpx.HTTPError as exc:
-        raise HttpFailure("unavailable", _what(exc)) from exc
+        raise _failure("unavailable", exc) from exc

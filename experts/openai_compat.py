@@ -19,8 +19,10 @@ because some upstreams echo a rejected key back in their error body.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
+import urllib.parse
 from collections.abc import AsyncIterator, Mapping
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
@@ -52,6 +54,7 @@ __all__ = ["OpenAICompatibleExpert", "parse_retry_after"]
 
 # Upstream error text kept in our messages: enough to diagnose, short enough for a trace.
 _EXCERPT_CHARS = 200
+log = logging.getLogger("router.experts")
 
 
 class OpenAICompatibleExpert(Expert):
@@ -65,6 +68,16 @@ class OpenAICompatibleExpert(Expert):
         self._http: HttpClient | None = None
         # Read once, when the client is built; kept only to scrub messages, never shown.
         self._secret: str | None = None
+
+    @property
+    def _url_shown(self) -> str:
+        """The endpoint as the log shows it: without a user and password, if the URL holds them."""
+        parts = urllib.parse.urlsplit(self._url)
+        host = parts.hostname or ""
+        netloc = f"[{host}]" if ":" in host else host
+        if parts.port is not None:
+            netloc += f":{parts.port}"
+        return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
     def __repr__(self) -> str:
         cls = type(self).__name__
@@ -256,6 +269,9 @@ class OpenAICompatibleExpert(Expert):
 
     def _transport_error(self, exc: HttpFailure) -> ExpertError:
         what = self._excerpt(exc.detail) or "no detail"
+        # The error's message reaches clients without addresses; the operator's log has them.
+        log.warning("expert %s (%s): %s failed: %s", self.name, self._url_shown, exc.kind,
+                    self._excerpt(exc.raw) or "no detail")
         if exc.kind == "overloaded":
             return ExpertOverloaded(self.name, what)
         if exc.kind == "timeout":

@@ -26,6 +26,7 @@ from experts.errors import (
     ExpertTimeout,
     ExpertUnavailable,
 )
+from experts.http_client import without_addresses
 from experts.openai_compat import OpenAICompatibleExpert, parse_retry_after
 from experts.types import ChatMessage, ChatRequest, StreamDelta
 from router.config import ExpertConfig
@@ -224,6 +225,40 @@ async def test_connection_refused_is_unavailable(make_expert: MakeExpert) -> Non
     with pytest.raises(ExpertUnavailable) as caught:
         await expert.generate(ask())
     assert caught.value.transient
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["generate", "stream"])
+async def test_a_transport_error_names_no_address_but_the_log_does(make_expert: MakeExpert, streaming: bool,
+                                                                    caplog: pytest.LogCaptureFixture) -> None:
+    """The error's message reaches clients (the 503's causes, the trace); the expert's host and port stay in the
+    operator's log, and a password in the endpoint in neither."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    expert = make_expert(endpoint=f"http://user:pw-SECRET@127.0.0.1:{port}/v1")
+    with caplog.at_level(logging.WARNING, logger="router.experts"), pytest.raises(ExpertUnavailable) as caught:
+        await (collect(expert, ask()) if streaming else expert.generate(ask()))
+    assert str(port) not in caught.value.message and "127.0.0.1" not in caught.value.message
+    assert "<address>" in caught.value.message
+    logged = [r.getMessage() for r in caplog.records if r.name == "router.experts"]
+    assert len(logged) == 1 and f"127.0.0.1:{port}" in logged[0] and "unavailable" in logged[0]
+    assert "pw-SECRET" not in logged[0] and "user" not in logged[0].split("failed")[0]
+
+
+@pytest.mark.parametrize(("raw", "shown"), [
+    ("ClientConnectorError: Cannot connect to host 127.0.0.1:46403 ssl:default [Connect call failed "
+     "('127.0.0.1', 46403)]",
+     "ClientConnectorError: Cannot connect to host <address> ssl:default [Connect call failed <address>]"),
+    ("ClientConnectorDNSError: Cannot connect to host vllm-math:8000 ssl:default [Name or service not known]",
+     "ClientConnectorDNSError: Cannot connect to host <address> ssl:default [Name or service not known]"),
+    ("ConnectError: [Errno 111] Connection refused to http://10.0.0.7:9000/v1/chat/completions",
+     "ConnectError: [Errno 111] Connection refused to <address>"),
+    ("connect to [::1]:8000 failed, ('::1', 8000, 0, 0)", "connect to <address> failed, <address>"),
+    ("ServerTimeoutError: Timeout on reading data from socket", "ServerTimeoutError: Timeout on reading data from "
+     "socket"),
+])
+def test_without_addresses(raw: str, shown: str) -> None:
+    assert without_addresses(raw) == shown
 
 
 @pytest.mark.parametrize(("body", "content_type"), [
