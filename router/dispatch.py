@@ -63,9 +63,11 @@ class StreamOutcome:
 
     error: ExpertError | None = None
     chars: int = 0
+    deltas: int = 0  # deltas passed on (text, tool calls, refusal): a token each, as the upstream streams them
     tool_deltas: int = 0  # deltas carrying tool calls: output the client has, though not text
     finish_reason: str = "stop"
     usage: Usage | None = None
+    usage_estimated: bool = False
     cost: float = 0.0
     latency_ms: float = 0.0
     nested: dict[str, Any] | None = None
@@ -77,7 +79,7 @@ class StreamOutcome:
 
     def attempt(self, name: str, replaces: str | None, retry: int = 0) -> Attempt:
         return Attempt(expert=name, weight=1.0, ok=self.error is None, latency_ms=self.latency_ms,
-                       usage=self.usage or Usage(), cost_usd=self.cost,
+                       usage=self.usage or Usage(), cost_usd=self.cost, usage_estimated=self.usage_estimated,
                        error=self.error.to_dict() if self.error else None, fallback_for=replaces, retry=retry,
                        nested=self.nested)
 
@@ -259,6 +261,13 @@ class Dispatcher:
                         await aclose()
         except ExpertError as exc:
             outcome.error = exc
+            if outcome.usage is None and outcome.deltas:
+                # It broke off before its usage chunk, but was paid for what it generated (and its prompt):
+                # without an estimate the answer's usage and cost would leave that out.
+                prompt = sum(len(m.text()) for m in request.messages) // 4
+                outcome.usage = Usage(prompt_tokens=prompt, completion_tokens=outcome.deltas,
+                                      total_tokens=prompt + outcome.deltas)
+                outcome.cost, outcome.usage_estimated = expert.cost(outcome.usage), True
         finally:
             outcome.latency_ms = (time.perf_counter() - started) * 1000.0
 
@@ -283,6 +292,7 @@ def _take(delta: StreamDelta, outcome: StreamOutcome, expert: Expert) -> StreamD
     if not (delta.content or delta.tool_calls or delta.refusal):
         return None
     outcome.chars += len(delta.content)
+    outcome.deltas += 1
     outcome.tool_deltas += bool(delta.tool_calls)
     return StreamDelta(content=delta.content, tool_calls=delta.tool_calls, logprobs=delta.logprobs,
                        refusal=delta.refusal)

@@ -59,6 +59,9 @@ class Attempt(BaseModel):
     latency_ms: float = 0.0
     usage: Usage = Usage()
     cost_usd: float = 0.0
+    # True when ``usage`` and ``cost_usd`` are our estimate: a stream that broke off before its usage chunk, counted
+    # as a token per delta it sent and the prompt at about 4 characters a token.
+    usage_estimated: bool = False
     error: dict[str, str] | None = None
     # Set when this attempt replaced a failed one.
     fallback_for: str | None = None

@@ -208,7 +208,12 @@ async def test_stream_failure_mid_stream_continues_from_the_next_expert() -> Non
     # the next expert saw the partial answer and was asked to continue it
     continued = code.requests[0].messages
     assert continued[-2].role == "assistant" and continued[-2].content == "one two "
-    assert end.trace.cost_usd == pytest.approx(0.001)
+    assert end.trace.cost_usd == pytest.approx(0.001)  # the fakes' prices are 0: code's own reported cost
+    # math broke off before its usage chunk: its two deltas and its prompt count, as an estimate.
+    broke, finished = end.trace.attempts
+    assert (broke.usage.prompt_tokens, broke.usage.completion_tokens, broke.usage_estimated) == (2, 2, True)
+    assert (finished.usage.completion_tokens, finished.usage_estimated) == (1, False)
+    assert end.trace.usage.completion_tokens == 3
 
 
 async def test_a_continuation_writes_only_what_is_left_of_the_token_limit() -> None:
