@@ -6,6 +6,7 @@ handed to an expert without translation and unknown OpenAI fields (``tools``, ``
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -81,6 +82,20 @@ class ChatRequest(BaseModel):
     @classmethod
     def _stream_null(cls, value: Any) -> Any:
         return False if value is None else value  # OpenAI's stream is nullable, null meaning false
+
+    @model_validator(mode="after")
+    def _stream_options(self) -> ChatRequest:
+        """``stream_options`` stays an extra (passed on as sent), but one the router reads: an object whose
+        ``include_usage`` is a boolean, as OpenAI checks it."""
+        options = (self.model_extra or {}).get("stream_options")
+        if options is None:
+            return self
+        if not isinstance(options, dict):
+            raise ValueError(f"stream_options must be an object, got {type(options).__name__}")
+        if "include_usage" in options and not isinstance(options["include_usage"], bool):
+            raise ValueError(f"stream_options.include_usage must be a boolean, got "
+                             f"{json.dumps(options['include_usage'])}")
+        return self
 
     @field_validator("n")
     @classmethod

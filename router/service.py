@@ -30,7 +30,7 @@ from typing import Annotated, Any, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -52,8 +52,17 @@ log = logging.getLogger("router.service")
 
 
 class RouteQuery(BaseModel):
+    """``POST /v1/route``: the query as a string, or the conversation as chat messages (one of the two)."""
+
     query: str | None = None
     messages: list[dict[str, Any]] | None = None
+
+    @model_validator(mode="after")
+    def _one_of(self) -> RouteQuery:
+        if (self.query is None) == (self.messages is None):
+            given = "both" if self.query is not None else "neither"
+            raise ValueError(f"give 'query' (a string) or 'messages' (chat messages), not {given}")
+        return self
 
 
 MAX_BATCH_QUERIES = 1024
@@ -647,8 +656,13 @@ def _reguard(app: FastAPI, old: Orchestrator, new: Orchestrator) -> None:
 
 
 def _route_label(app: FastAPI, path: str) -> str:
-    """The path when it is one of the service's routes, else ``other``: scanners must not grow the metrics."""
-    return path if any(getattr(r, "path", None) == path for r in app.router.routes) else "other"
+    """The route a path takes, as its template (``/v1/models/{model}``), else ``other``: neither model names nor
+    scanners may grow the metrics."""
+    for route in app.router.routes:
+        pattern = getattr(route, "path_regex", None)
+        if pattern is not None and pattern.match(path):
+            return str(getattr(route, "path_format", route.path))  # type: ignore[attr-defined]
+    return "other"
 
 
 def _model_label(app: FastAPI, model: str | None) -> str:

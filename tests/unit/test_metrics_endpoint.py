@@ -56,6 +56,8 @@ async def test_metrics_count_requests_routing_tokens_cost_and_failures() -> None
         await http.post("/v1/chat/completions", json={**CHAT, "messages": [{"role": "user", "content": "hi"}]})
         await http.post("/v1/chat/completions", json={**CHAT, "model": "gpt-9"})  # unknown: 404
         await http.get("/no/such/path")
+        await http.get("/v1/models/math")
+        await http.get("/v1/models/gpt-9")
         r = await http.get("/metrics")
     assert r.status_code == 200
     assert r.headers["content-type"].startswith("text/plain")
@@ -63,6 +65,9 @@ async def test_metrics_count_requests_routing_tokens_cost_and_failures() -> None
     assert value(page, "moe_requests_total", route="/v1/chat/completions", status="200", model="auto") == 2
     assert value(page, "moe_requests_total", route="/v1/chat/completions", status="404", model="other") == 1
     assert value(page, "moe_requests_total", route="other", status="404", model="") == 1
+    # A route with a path parameter counts under its template, whatever name the path held.
+    assert value(page, "moe_requests_total", route="/v1/models/{model}", status="200", model="") == 1
+    assert value(page, "moe_requests_total", route="/v1/models/{model}", status="404", model="") == 1
     # The gate chose math once and code once; code failed and math answered both times after fallback.
     assert value(page, "moe_routed_total", expert="math") == 1
     assert value(page, "moe_routed_total", expert="code") == 1

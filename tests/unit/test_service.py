@@ -443,3 +443,22 @@ async def test_after_a_mid_stream_switch_the_final_chunk_names_the_expert_that_f
     models = [c["model"] for c in chunks]
     assert models == ["math", "math", "math", "code", "code"]  # role chunk, two pieces, the rest, the final chunk
     assert chunks[-1]["moe"]["switches"][0]["to"] == "code"  # type: ignore[index]
+
+
+@pytest.mark.parametrize(("body", "says"), [
+    ({}, "give 'query' (a string) or 'messages' (chat messages), not neither"),
+    ({"querry": "an integral"}, "not neither"),
+    ({"query": "an integral", "messages": [{"role": "user", "content": "x"}]}, "not both"),
+])
+async def test_route_names_query_when_it_is_missing_or_doubled(body: dict[str, object], says: str) -> None:
+    async with client(make_app()) as http:
+        r = await http.post("/v1/route", json=body)
+    assert r.status_code == 400 and says in r.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("options", [{"include_usage": "yes"}, {"include_usage": 1}, "usage", [True]])
+async def test_stream_options_of_the_wrong_type_are_refused(options: object) -> None:
+    async with client(make_app()) as http:
+        r = await http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
+                                                          "stream": True, "stream_options": options})
+    assert r.status_code == 400 and "stream_options" in r.json()["error"]["message"]
