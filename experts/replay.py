@@ -111,7 +111,12 @@ class ReplayExpert(Expert):
         try:
             self._source: _Source = _SOURCES[replay.source](path)
         except (OSError, ValueError) as exc:
-            raise ExpertConfigError(self.name, f"cannot load {replay.source} recordings: {exc}") from exc
+            hint = ""
+            if isinstance(exc, FileNotFoundError) and not Path(replay.path).is_absolute():
+                # The usual cause: a relative path (from $MOE_DATA_DIR, say) read against the config's folder.
+                hint = (f" (replay.path {replay.path!r} is relative to the config's folder, {self.context.base_dir}; "
+                        "a variable such as MOE_DATA_DIR that it holds should be an absolute path)")
+            raise ExpertConfigError(self.name, f"cannot load {replay.source} recordings: {exc}{hint}") from exc
         self.model = config.recorded_model
         if self.model not in self._source.models:
             raise ExpertConfigError(

@@ -86,8 +86,11 @@ def test_unknown_model_is_a_config_error_listing_the_known(data_dir: Path) -> No
 
 
 def test_missing_data_is_a_config_error(tmp_path: Path) -> None:
-    with pytest.raises(ExpertConfigError, match="cannot load routerbench"):
+    with pytest.raises(ExpertConfigError, match="cannot load routerbench") as caught:
         replay(tmp_path, "routerbench", "claude-v1")
+    # The path was relative: the message says against what it was read, and what usually went wrong.
+    assert f"relative to the config's folder, {tmp_path}" in str(caught.value)
+    assert "MOE_DATA_DIR" in str(caught.value)
 
 
 async def test_mmlu_pro_answers_with_the_recorded_letter_at_configured_prices(data_dir: Path) -> None:
