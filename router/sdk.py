@@ -355,10 +355,10 @@ def _as_api_errors() -> Iterator[None]:
 class LocalRouter:
     """The router in-process, built from a config file: no service, same results.
 
-    ``chat`` fails as ``Client.chat`` would, with the ``RouterAPIError`` the service's answer would give (503 or
-    400 when every expert failed, 404 for an unknown model). With a feedback store, answers are remembered and
-    ``feedback`` writes to the store directly; its errors are ``router.feedback``'s (``UnknownRequest``,
-    ``UnknownFeedbackExpert``, pydantic's for a bad body).
+    ``chat`` and ``stream`` fail as ``Client``'s would, with the ``RouterAPIError`` the service's answer would
+    give (400 for a bad request, 503 or 400 when every expert failed, 404 for an unknown model). With a feedback
+    store, answers are remembered and ``feedback`` writes to the store directly; its errors are
+    ``router.feedback``'s (``UnknownRequest``, ``UnknownFeedbackExpert``, pydantic's for a bad body).
     """
 
     def __init__(self, orchestrator: Any, feedback: FeedbackStore | None = None) -> None:
@@ -390,6 +390,34 @@ class LocalRouter:
                           finish_reason=answer.finish_reason, usage=answer.trace.usage,
                           cost_usd=answer.trace.cost_usd, tool_calls=answer.tool_calls, refusal=answer.refusal,
                           logprobs=answer.logprobs, trace=answer.trace)
+
+    async def stream(self, messages: Messages, *, model: str = "auto", combiner: str | None = None,
+                     **params: Any) -> AsyncIterator[StreamChunk]:
+        """``AsyncClient.stream``, in process: the same chunks (the last with ``finish_reason`` and the trace),
+        the same fallback and mid-stream continuation, and the same ``RouterAPIError``s, whether the stream fails
+        before its first chunk or after."""
+        from router.orchestrator import StreamEnd
+        from router.service import check_combiner, parse_chat
+
+        body = _Protocol.chat_body(messages, model, True, params)
+        with _as_api_errors():
+            request = parse_chat(body, self.orchestrator.config.service.max_prompt_chars)
+            check_combiner(combiner, self.orchestrator, stream=True)
+        response_id = f"chatcmpl-{uuid.uuid4().hex}"
+        async with contextlib.aclosing(self.orchestrator.stream(request)) as events:
+            with _as_api_errors():
+                async for event in events:
+                    if isinstance(event, StreamEnd):
+                        expert = next((a.expert for a in reversed(event.trace.attempts) if a.ok), "")
+                        if self.store is not None:
+                            await self.store.aremember(response_id, request.query_text(), expert)
+                        yield StreamChunk(id=response_id, expert=expert, finish_reason=event.finish_reason,
+                                          trace=event.trace)
+                    else:
+                        delta = event.delta
+                        yield StreamChunk(id=response_id, content=delta.content, expert=event.expert,
+                                          tool_calls=delta.tool_calls, refusal=delta.refusal,
+                                          logprobs=delta.logprobs)
 
     async def route(self, query: str) -> RouteDecision:
         decision: RouteDecision = await self.orchestrator.decide(

@@ -46,7 +46,7 @@ from router.orchestrator import NoCapableExpert, Orchestrator, RouteFailed, Stre
 from router.reload import Reloader, ReloadFailed
 from router.security import Admitted, Denied, Guard, RateStore, redact
 
-__all__ = ["RequestProblem", "RouteQuery", "create_app", "error_body", "parse_chat"]
+__all__ = ["RequestProblem", "RouteQuery", "check_combiner", "create_app", "error_body", "parse_chat"]
 
 log = logging.getLogger("router.service")
 
@@ -278,12 +278,17 @@ async def _sse(events: AsyncIterator[StreamPiece | StreamEnd], first: StreamPiec
 
 
 def _combiner_header(request: Request, orchestrator: Orchestrator, *, stream: bool = False) -> str | None:
-    """The combiner strategy the ``x-moe-combiner`` header picks (None: the configured one); an unknown strategy,
-    or one the config cannot support (``fuse`` without ``combiner.aggregator``), is a 400 naming what is valid.
+    """The combiner strategy the ``x-moe-combiner`` header picks (see ``check_combiner``)."""
+    return check_combiner(request.headers.get("x-moe-combiner"), orchestrator, stream=stream)
+
+
+def check_combiner(raw: str | None, orchestrator: Orchestrator, *, stream: bool = False) -> str | None:
+    """The combiner strategy a request asks for (None: the configured one); an unknown strategy, or one the
+    config cannot support (``fuse`` without ``combiner.aggregator``), is a 400 ``RequestProblem`` naming what is
+    valid.
 
     A stream is served by one expert, so there is nothing to combine: asking a stream for any strategy but
-    ``top1`` is a 400 too, rather than a header that is read and then ignored."""
-    raw = request.headers.get("x-moe-combiner")
+    ``top1`` is a 400 too, rather than a choice that is read and then ignored."""
     if raw is None:
         return None
     try:

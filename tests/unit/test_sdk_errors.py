@@ -99,3 +99,31 @@ async def test_local_router_refuses_a_bad_request_as_the_service_does() -> None:
                 await client.chat(messages, **bad)  # type: ignore[arg-type]
             assert local_error.value.status == served_error.value.status == 400
             assert local_error.value.body == served_error.value.body
+
+
+async def test_local_router_streams_as_the_client_does() -> None:
+    """Chunks, fallback before the first token, continuation mid-stream, and the errors, in process."""
+    config = fake_config(NAMES)
+    math = FakeExpert(config.expert("math"), pieces=["one ", "two ", "three"], fail_after=2,
+                      fail=lambda n: ExpertUnavailable(n, "peer closed"))
+    code = FakeExpert(config.expert("code"), pieces=["three"])
+    orchestrator = Orchestrator(config, FakeGate(NAMES, {}, default=[0.6, 0.4]), {"math": math, "code": code})
+    local = LocalRouter(orchestrator)
+    chunks = [c async for c in local.stream("hi")]
+    assert "".join(c.content for c in chunks) == "one two three"
+    assert [c.expert for c in chunks[:-1]] == ["math", "math", "code"] and len({c.id for c in chunks}) == 1
+    last = chunks[-1]
+    assert last.finish_reason == "stop" and last.expert == "code" and last.trace is not None
+    assert last.trace.switches[0]["from"] == "math"
+    with pytest.raises(RouterAPIError) as mixed:
+        [c async for c in local.stream("hi", combiner="vote")]
+    assert mixed.value.status == 400 and mixed.value.code == "invalid_combiner"
+    with pytest.raises(RouterAPIError) as unknown:
+        [c async for c in local.stream("hi", model="gpt-9")]
+    assert unknown.value.status == 404
+
+    down = {n: FakeExpert(config.expert(n), fail=lambda x: ExpertUnavailable(x, "refused")) for n in NAMES}
+    with pytest.raises(RouterAPIError) as failed:
+        [c async for c in LocalRouter(Orchestrator(config, FakeGate(NAMES, {}, default=[0.6, 0.4]), down))
+         .stream("hi")]
+    assert (failed.value.status, failed.value.code) == (503, "all_experts_failed")
