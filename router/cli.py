@@ -54,9 +54,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_config_check(args: argparse.Namespace) -> int:
+    from router.gate import artifact_trained_experts, routing_problem
+
     config = _load(args.file, check_env=not args.no_env)
+    artifact = config.resolve(config.gate.artifact)
+    trained = artifact_trained_experts(artifact)
+    if trained is not None:  # what moe serve would refuse, said now (without loading the encoder)
+        problem = routing_problem(config.expert_names, {e.name: e.examples for e in config.experts}, trained)
+        if problem is not None:
+            print(f"error: {args.file}: gate.artifact {artifact}: {problem}", file=sys.stderr)
+            return 2
+    where = f"gate artifact {artifact}" if trained is not None else f"no gate artifact at {artifact} yet (moe train)"
     print(f"{args.file}: OK (version {config.version}, {len(config.experts)} experts: "
-          f"{', '.join(config.expert_names)})")
+          f"{', '.join(config.expert_names)}; {where})")
     return 0
 
 

@@ -353,25 +353,10 @@ class Gate:
 
     # -- the config's experts ------------------------------------------------------------------------------
     def check_experts(self, names: Sequence[str], examples: Mapping[str, Sequence[str]] | None = None) -> None:
-        """Raise ``GateArtifactMismatch`` for config experts this gate cannot score: those without training
-        data in the artifact and without ``examples`` (name -> example texts), and every expert at once when none
-        of them is one the artifact was trained for (it belongs to another deployment). Order, removals and
-        added experts with examples are fine."""
-        examples = examples or {}
-        trained = set(self.trained_experts)
-        if names and trained.isdisjoint(names):
-            # Cold start alone would score every expert from a few examples, ignoring the trained classifier.
-            raise GateArtifactMismatch(
-                "the gate artifact was trained for other experts: none of the config's experts ("
-                + ", ".join(map(repr, names)) + ") is among the artifact's trained experts ("
-                + ", ".join(map(repr, self.trained_experts)) + "). Retrain the gate for this config "
-                "(moe train --config <this config>), or point gate.artifact at the gate trained for it.")
-        unroutable = [n for n in names if n not in trained and not examples.get(n)]
-        if unroutable:
-            raise GateArtifactMismatch(
-                "cannot route to expert(s) " + ", ".join(map(repr, unroutable)) + ": the gate artifact holds no "
-                "training data for them and the config gives them no examples. Add examples to the config, or "
-                "retrain the gate (moe train) with data for them.")
+        """Raise ``GateArtifactMismatch`` for config experts this gate cannot score (``routing_problem``)."""
+        problem = routing_problem(names, examples or {}, self.trained_experts)
+        if problem is not None:
+            raise GateArtifactMismatch(problem)
 
     def for_experts(self, examples: Mapping[str, Sequence[str]]) -> Gate:
         """A copy scoring exactly the experts of ``examples`` (name -> its example texts, in config order).
@@ -526,6 +511,38 @@ def _similarity(neighbour: Any) -> float:
 
 
 _MANIFEST, _WEIGHTS, _EXAMPLES = "gate.json", "weights.npz", "examples.npz"
+
+
+def routing_problem(names: Sequence[str], examples: Mapping[str, Sequence[str]],
+                    trained: Sequence[str]) -> str | None:
+    """Why a gate whose artifact was trained for ``trained`` experts cannot score the config's experts
+    ``names`` (``examples``: name -> the config's example texts), or None when it can: an expert without
+    training data in the artifact and without examples, or every expert at once when none of them is one the
+    artifact was trained for (it belongs to another deployment). Order, removals and added experts with
+    examples are fine."""
+    if names and set(trained).isdisjoint(names):
+        # Cold start alone would score every expert from a few examples, ignoring the trained classifier.
+        return ("the gate artifact was trained for other experts: none of the config's experts ("
+                + ", ".join(map(repr, names)) + ") is among the artifact's trained experts ("
+                + ", ".join(map(repr, trained)) + "). Retrain the gate for this config "
+                "(moe train --config <this config>), or point gate.artifact at the gate trained for it.")
+    unroutable = [n for n in names if n not in set(trained) and not examples.get(n)]
+    if unroutable:
+        return ("cannot route to expert(s) " + ", ".join(map(repr, unroutable)) + ": the gate artifact holds no "
+                "training data for them and the config gives them no examples. Add examples to the config, or "
+                "retrain the gate (moe train) with data for them.")
+    return None
+
+
+def artifact_trained_experts(directory: str | Path) -> list[str] | None:
+    """The experts a gate artifact was trained on (those with training data), read from its ``gate.json``
+    alone: no encoder, no weights, no checks. None when the folder holds no artifact (yet)."""
+    try:
+        doc = json.loads((Path(directory) / _MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    experts, unseen = doc.get("experts"), set(doc.get("unseen_experts") or ())
+    return [e for e in experts if e not in unseen] if isinstance(experts, list) else None
 _SELF_DIGEST = "manifest_sha256"  # gate.json's own sha256, over its other keys (``_manifest_digest``)
 
 

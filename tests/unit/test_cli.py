@@ -47,6 +47,31 @@ def test_config_check_lists_every_problem(tmp_path: Path, capsys: pytest.Capture
     assert "gate.default_expert: references expert 'writer', which is not defined" in err
 
 
+def test_config_check_says_what_serve_would_refuse_about_the_gate_artifact(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """An expert with only a description, neither in the trained artifact nor given examples: serve would refuse
+    it, so config check does (reading gate.json alone); with examples it is a cold start, and fine."""
+    import json
+
+    (tmp_path / "gate").mkdir()
+    (tmp_path / "gate" / "gate.json").write_text(json.dumps({"experts": ["coder", "cook", "spare"],
+                                                             "unseen_experts": ["spare"]}))
+
+    def config(lawyer: str) -> Path:
+        path = tmp_path / "router.yaml"
+        path.write_text("version: 1\ngate:\n  artifact: gate\nexperts:\n"
+                        "  - {name: coder, type: vllm, endpoint: 'http://127.0.0.1:9/v1', model: m}\n"
+                        "  - {name: lawyer, type: vllm, endpoint: 'http://127.0.0.1:9/v1', model: m, "
+                        f"description: legal questions{lawyer}}}\n")
+        return path
+
+    assert main(["config", "check", str(config(""))]) == 2
+    err = capsys.readouterr().err
+    assert "cannot route to expert(s) 'lawyer'" in err and str(tmp_path / "gate") in err
+    assert main(["config", "check", str(config(", examples: ['can I break my lease']"))]) == 0
+    assert f"gate artifact {tmp_path / 'gate'}" in capsys.readouterr().out
+
+
 def test_config_check_accepts_the_shipped_configs(capsys: pytest.CaptureFixture[str]) -> None:
     root = Path(__file__).resolve().parents[2]
     for name in ("demo.yaml", "compose.yaml"):
