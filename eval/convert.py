@@ -36,6 +36,7 @@ from eval.datasets import (
     split_by_id,
 )
 from eval.routing import FRACTIONS
+from eval.suite import check_limit
 
 if TYPE_CHECKING:
     from router.config import RouterConfig
@@ -153,8 +154,8 @@ def convert(name: str, data_dir: str | Path, split: str, out: str | Path, *, see
 
     ``names`` (outcome data sets only) maps recorded LLMs to expert names, and the experts found in the data go
     into ``matched`` when given; ``answers=False`` leaves the answers out of outcome records; ``limit`` stops
-    after that many lines. Raises ``ValueError`` naming the known data sets or splits for an unknown one, and
-    when ``names`` match no LLM of the data set (no file is left then)."""
+    after that many lines (None or >= 1, else ``ValueError``). Raises ``ValueError`` naming the known data
+    sets or splits for an unknown one, and when ``names`` match no LLM of the data set (no file is left then)."""
     if name not in CONVERTERS:
         raise ValueError(f"unknown data set {name!r}; known: {', '.join(CONVERTERS)}")
     converter = CONVERTERS[name]
@@ -162,6 +163,7 @@ def convert(name: str, data_dir: str | Path, split: str, out: str | Path, *, see
         raise ValueError(f"{name} has no {split!r} split; it has: {', '.join(converter.splits)}")
     if names is not None and converter.kind != "outcome":
         raise ValueError(f"{name} holds labelled queries; expert names apply to outcome records only")
+    check_limit(limit)
     path = Path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
     count = 0

@@ -30,6 +30,7 @@ from typing import Any
 from tqdm import tqdm
 
 from eval.convert import convert, replay_names
+from eval.suite import check_limit
 from experts.recordings import RouterBenchRow, RouterBenchStore, load_routerbench, normalize_prompt
 from router.build import build_orchestrator
 from router.config import RouterConfig, load_config
@@ -179,6 +180,7 @@ def _markdown(rows: list[DemoRow], meta: dict[str, Any]) -> str:
 
 
 def run_demo(config_path: str | Path, out: Path, limit: int | None = None) -> list[DemoRow]:
+    check_limit(limit)
     config = load_config(config_path, check_env=False)
     print(f"[1/4] loading RouterBench recordings for {len(config.experts)} replay experts", flush=True)
     store = load_routerbench(_replay_path(config))

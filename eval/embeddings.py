@@ -59,12 +59,16 @@ class CachedEncoder(Encoder):
         self._loaded = True
 
     def _store(self, keys: list[bytes], vectors: np.ndarray) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
         name = hashlib.sha256(b"".join(keys)).hexdigest()[:16]
         tmp = self.folder / f".tmp-{os.getpid()}-{name}.npz"
-        np.savez(tmp, keys=np.frombuffer(b"".join(keys), dtype=np.uint8).reshape(len(keys), 32),
-                 vectors=vectors.astype(np.float32))
-        tmp.replace(self.folder / f"shard-{name}.npz")
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            np.savez(tmp, keys=np.frombuffer(b"".join(keys), dtype=np.uint8).reshape(len(keys), 32),
+                     vectors=vectors.astype(np.float32))
+            tmp.replace(self.folder / f"shard-{name}.npz")
+        except OSError as exc:  # a bare "[Errno 30] Read-only file system" would not say which setting to change
+            raise ValueError(f"embedding cache {self.folder}: cannot write ({exc.strerror or exc}); point "
+                             "MOE_CACHE_DIR at a writable folder") from None
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         from tqdm.auto import tqdm

@@ -30,9 +30,9 @@ from typing import Any
 from eval import combine_suite, routerbench_combine
 from eval import labels as label_suites
 from eval import routing as outcome_suites
-from eval.embeddings import CachedEncoder
+from eval.embeddings import CachedEncoder, default_cache_dir
 from eval.report import write_results
-from eval.suite import SuiteContext
+from eval.suite import SuiteContext, check_limit, warnings_once
 from router.encoders import Encoder
 
 __all__ = ["SUITES", "SuiteContext", "main", "run_suite"]
@@ -68,8 +68,10 @@ def run_suite(name: str, data_dir: str | Path | None, out: str | Path, *, encode
     """Run one suite and write its outputs to ``out``; returns the results (as written to results.json).
 
     ``name`` is a key of ``SUITES``; ``"jsonl"`` needs ``train`` and ``test``, and only it takes ``oos_label``
-    (``label_suites.run_jsonl``). ``encoder`` is a backend name of ``router.encoders`` (built on ``device``)
-    or an ``Encoder`` instance.
+    (``label_suites.run_jsonl``); any other suite refuses ``train``/``test``. ``limit`` is None or >= 1.
+    ``encoder`` is a backend name of ``router.encoders`` (built on ``device``) or an ``Encoder`` instance.
+    Problems with the arguments, the files they name, ``out`` or the embedding cache raise ``ValueError``
+    naming the flag (or setting) and the path, before any work.
     """
     from pydantic import ValidationError
 
@@ -85,22 +87,36 @@ def run_suite(name: str, data_dir: str | Path | None, out: str | Path, *, encode
     if oos_label is not None and name != "jsonl":
         raise ValueError(f"--oos-label names an out-of-scope label in --train/--test JSONL; suite {name!r} "
                          "takes none")
+    if name != "jsonl" and (train is not None or test is not None):
+        given = " and ".join(flag for flag, path in (("--train", train), ("--test", test)) if path is not None)
+        raise ValueError(f"{given} name your own JSONL, which suite {name!r} does not read (it scores its own data "
+                         "set); drop --suite to evaluate on --train/--test, or drop --train/--test")
+    check_limit(limit)
+    for flag, path in (("--train", train), ("--test", test)):
+        _check_readable(flag, path)
+    _check_out(Path(out))
     if isinstance(encoder, str):
         try:
             cfg = EncoderConfig(backend=encoder, device=device)  # type: ignore[arg-type]  # pydantic validates both
         except ValidationError as exc:
             reasons = "; ".join(e["msg"].removeprefix("Value error, ") for e in exc.errors())
             raise ValueError(f"--encoder {encoder} --device {device}: {reasons}") from None
+        _check_cache(cache_dir)
         inner, max_length = build_encoder(cfg), cfg.max_length
     else:
+        _check_cache(cache_dir)
         inner, max_length = encoder, EncoderConfig().max_length
     cached = CachedEncoder(inner, cache_dir, max_length=max_length, progress=progress)
     ctx = SuiteContext(name=name, data_dir=Path(data_dir) if data_dir else default_data_dir(), out=Path(out),
                        encoder=cached, seed=seed, limit=limit, pool=pool, plots=plots, progress=progress,
                        train_path=Path(train) if train else None, test_path=Path(test) if test else None)
-    ctx.out.mkdir(parents=True, exist_ok=True)
+    try:
+        ctx.out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(f"--out {out}: cannot create the folder ({exc.strerror or exc})") from None
     started = time.perf_counter()
-    body = label_suites.run_jsonl(ctx, oos_label=oos_label) if name == "jsonl" else SUITES[name](ctx)
+    with warnings_once():  # the suites train several gates on the same data; each warning is shown once
+        body = label_suites.run_jsonl(ctx, oos_label=oos_label) if name == "jsonl" else SUITES[name](ctx)
     setup = {"suite": name, "encoder": f"{cached.identity} (sha256 {cached.checksum[:12]}…)", "seed": seed,
              "data": str(ctx.data_dir) if name != "jsonl" else f"{train} / {test}", "limit": limit,
              "out": str(ctx.out),
@@ -111,10 +127,51 @@ def run_suite(name: str, data_dir: str | Path | None, out: str | Path, *, encode
     return results
 
 
+def _check_readable(flag: str, path: str | Path | None) -> None:
+    """A ``--train``/``--test`` file that cannot be read, named with its flag before any work."""
+    if path is None:
+        return
+    try:
+        with Path(path).open("rb"):
+            pass
+    except OSError as exc:
+        raise ValueError(f"{flag} {path}: {exc.strerror or exc}") from None
+
+
+def _check_out(out: Path) -> None:
+    """``--out`` must be a folder this process can write, or a path where one can be made."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out}: exists and is not a folder")
+    if out.is_dir() and not os.access(out, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {out}: the folder is not writable")
+
+
+def _check_cache(cache_dir: str | Path | None) -> None:
+    """The embedding cache's folder (``cache_dir``, else under ``$MOE_CACHE_DIR``) must be one this process can
+    write; the message names the setting and the path."""
+    folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    env = os.environ.get("MOE_CACHE_DIR")
+    setting = ("cache_dir" if cache_dir is not None else f"MOE_CACHE_DIR={env}" if env
+               else "the default cache folder; MOE_CACHE_DIR sets another")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(f"embedding cache {folder} ({setting}): cannot create the folder "
+                         f"({exc.strerror or exc}); point MOE_CACHE_DIR at a writable folder") from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f"embedding cache {folder} ({setting}): the folder is not writable; point MOE_CACHE_DIR "
+                         "at a writable folder")
+
+
 def main(args: argparse.Namespace) -> int:
     """Entry point for ``moe eval`` (arguments are defined in ``router.cli``)."""
     suite = args.suite
     train, test = getattr(args, "train", None), getattr(args, "test", None)
+    if suite is not None and (train or test):
+        given = " and ".join(flag for flag, path in (("--train", train), ("--test", test)) if path)
+        print(f"error: --suite {suite} scores its own data set and would ignore {given} (your own JSONL); give "
+              "--suite or --train/--test, not both", file=sys.stderr)
+        return 2
     if suite is None and (train or test):
         suite = "jsonl"
     if suite is None:

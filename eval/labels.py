@@ -100,6 +100,14 @@ def run_jsonl(ctx: SuiteContext, *, oos_label: str | None = None) -> dict[str, A
         dropped = sum(q.label == oos_label for q in train)
         train = [q for q in train if q.label != oos_label]
         ctx.notes.append(f"--oos-label {oos_label}: out of scope; {dropped} training queries with it left out")
+    # --limit first: the overlap below counts the queries this run trains and tests on.
+    train, test = _limit(ctx, train), _limit(ctx, test)
+    found = sorted({q.label for q in train})
+    if len(found) < 2:
+        limited = f" (the {len(train)} chosen by --limit {ctx.limit})" if ctx.limit is not None else ""
+        left = f" once --oos-label {oos_label}'s are left out" if oos_label is not None else ""
+        raise ValueError(f"--train {ctx.train_path}: its queries{limited} carry {len(found)} label(s)"
+                         f"{': ' + repr(found[0]) if found else ''}{left}; routing needs at least two")
     seen = {q.text for q in train}
     overlap = sum(q.text in seen for q in test)
     if overlap:
@@ -107,7 +115,7 @@ def run_jsonl(ctx: SuiteContext, *, oos_label: str | None = None) -> dict[str, A
                 "accuracy on new queries")
         ctx.notes.append(note)
         print(f"warning: {note}", file=sys.stderr)
-    return evaluate_labels(ctx, _limit(ctx, train), _limit(ctx, test), oos_label=oos_label, unseen_out_of_scope=True,
+    return evaluate_labels(ctx, train, test, oos_label=oos_label, unseen_out_of_scope=True,
                            title=ctx.test_path.name)
 
 

@@ -6,10 +6,13 @@ Every function here takes plain numbers and writes files; none computes a metric
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import itertools
 import json
 import math
-from collections.abc import Mapping, Sequence
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -44,11 +47,23 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+# Every figure a suite of the harness draws. A run removes those of them its results do not list, so a reused
+# ``--out`` never shows an earlier run's figures beside this run's numbers; any other file there is left alone.
+HARNESS_FIGURES = ("confusion_matrix.png", "reliability.png", "cascade_familiar.png", "quality_cost.png",
+                   "arc_quality_cost.png", "strong_calls.png", "accuracy.png", "accuracy_cost.png")
+
+
 def write_results(out: Path, results: Mapping[str, Any]) -> None:
-    """``results.json`` and ``report.md`` in ``out``."""
+    """``results.json`` and ``report.md`` in ``out``; the ``HARNESS_FIGURES`` there that ``results["figures"]``
+    does not list (an earlier run's) are removed."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(_jsonable(results), indent=2) + "\n", encoding="utf-8")
     (out / "report.md").write_text(render_markdown(results), encoding="utf-8")
+    kept = set(results.get("figures") or ())
+    for name in HARNESS_FIGURES:
+        stale = out / name
+        if name not in kept and stale.is_file():
+            stale.unlink()
 
 
 # ---------------------------------------------------------------- markdown
@@ -122,16 +137,53 @@ def _pyplot() -> Any:
     return plt
 
 
+@functools.cache
+def _font_codepoints() -> frozenset[int]:
+    """The characters the fonts matplotlib draws text with (its default font and any fallbacks) have glyphs for."""
+    from matplotlib import font_manager
+    from matplotlib.ft2font import FT2Font
+
+    props = font_manager.FontProperties()
+    finder = getattr(font_manager.fontManager, "_find_fonts_by_props", None)  # the fallback list (matplotlib 3.6+)
+    try:
+        paths = list(finder(props)) if finder is not None else [font_manager.findfont(props)]
+    except Exception:  # a private helper whose signature may change: the first font alone then
+        paths = [font_manager.findfont(props)]
+    return frozenset(itertools.chain.from_iterable(FT2Font(str(p)).get_charmap() for p in paths))
+
+
+def _legible(text: str) -> str:
+    """``text`` as a figure shows it: each character the fonts lack (CJK, emoji: an empty box otherwise) as its
+    ASCII escape, ``\\U0001f389`` for 🎉, and so is a control character (a tab: ``\\t``). Figures only:
+    results.json and report.md keep the true text."""
+    if text.isascii() and text.isprintable():
+        return text
+    have = _font_codepoints()
+    return "".join(c if c.isprintable() and ord(c) in have else c.encode("unicode_escape").decode("ascii")
+                   for c in text)
+
+
+@contextlib.contextmanager
+def _quiet_glyphs() -> Iterator[None]:
+    """Drawing a character the font lacks warns once per character ("Glyph ... missing from font(s)"); the
+    figures escape those characters (``_legible``), so the warnings would only repeat that."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"Glyph \d+ .*missing from", category=UserWarning)
+        yield
+
+
 def _finish(plt: Any, fig: Any, ax: Any, path: Path, title: str, *, xlabel: str, ylabel: str,
             legend: str | None = None, legend_size: int = 8, title_size: int | None = None) -> None:
     """Label the axes, title, legend; write the PNG and free the figure."""
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
-    ax.set_title(title, **({} if title_size is None else {"fontsize": title_size}))
+    shown = "\n".join(map(_legible, title.split("\n")))  # a title's line breaks are meant
+    ax.set_title(shown, **({} if title_size is None else {"fontsize": title_size}))
     if legend is not None:
         ax.legend(loc=legend, fontsize=legend_size)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with _quiet_glyphs():
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
@@ -145,8 +197,9 @@ def plot_confusion(path: Path, matrix: np.ndarray, labels: Sequence[str], title:
     im = ax.imshow(norm, cmap="Blues", vmin=0.0, vmax=1.0)
     fig.colorbar(im, ax=ax, label="fraction of the true label's queries")
     if len(labels) <= 40:
-        ax.set_xticks(range(len(labels)), labels, rotation=90, fontsize=8)
-        ax.set_yticks(range(len(labels)), labels, fontsize=8)
+        shown = [_legible(lab) for lab in labels]
+        ax.set_xticks(range(len(labels)), shown, rotation=90, fontsize=8)
+        ax.set_yticks(range(len(labels)), shown, fontsize=8)
         if len(labels) <= 16:
             for i, j in zip(*np.nonzero(matrix), strict=True):
                 ax.text(j, i, str(matrix[i, j]), ha="center", va="center", fontsize=6,

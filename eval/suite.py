@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -12,7 +14,51 @@ import numpy as np
 from eval.datasets import _unit_hash
 from eval.embeddings import CachedEncoder
 
-__all__ = ["SuiteContext", "as_float", "subsample"]
+__all__ = ["SuiteContext", "as_float", "check_limit", "subsample", "warnings_once"]
+
+LIMIT_RULE = "must be an integer >= 1"
+
+
+def check_limit(limit: int | None) -> None:
+    """Raise ``ValueError`` naming ``--limit`` unless ``limit`` is None or an integer >= 1 (0 would keep nothing
+    and a negative one would slice from the end)."""
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"argument --limit: {LIMIT_RULE}, got {limit!r}")
+
+
+# Loggers whose warnings a run repeats when it trains several gates on the same data (the headline gate, each
+# ensemble member alone, the two-stage gate's static stage): each distinct message is shown once per run.
+ONCE_LOGGERS = ("router.gate", "router.cascade", "router.outcome_gate", "router.static_encoder")
+
+
+class _Once(logging.Filter):
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[tuple[str, int, str]] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING:
+            return True
+        key = (record.name, record.levelno, record.getMessage())
+        if key in self.seen:
+            return False
+        self.seen.add(key)
+        return True
+
+
+@contextmanager
+def warnings_once(names: Sequence[str] = ONCE_LOGGERS) -> Iterator[None]:
+    """While inside, a warning (or worse) logged again by one of ``names`` (same logger, level and text) is
+    dropped."""
+    once = _Once()
+    loggers = [logging.getLogger(n) for n in names]
+    for logger in loggers:
+        logger.addFilter(once)
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            logger.removeFilter(once)
 
 
 @dataclass
@@ -34,7 +80,9 @@ class SuiteContext:
 
 
 def subsample(items: Sequence[Any], limit: int | None, seed: int, key: Callable[[Any], str]) -> list[Any]:
-    """At most ``limit`` items, chosen by a seeded hash of their id (so the same ones on every run)."""
+    """At most ``limit`` items, chosen by a seeded hash of their id (so the same ones on every run). ``limit``
+    is None (all of them) or at least 1 (``ValueError`` otherwise)."""
+    check_limit(limit)
     if limit is None or len(items) <= limit:
         return list(items)
     chosen = sorted(range(len(items)), key=lambda i: _unit_hash(f"limit:{seed}:{key(items[i])}"))[:limit]

@@ -214,7 +214,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="the seed of MMLU-Pro's split by question id")
     p.add_argument("--config", help="outcome data: name the recorded LLMs after this config's replay experts")
     p.add_argument("--no-answers", action="store_true", help="outcome data: leave the experts' answers out")
-    p.add_argument("--limit", type=int, default=None, help="at most this many lines")
+    p.add_argument("--limit", type=limit_count, default=None, help="at most this many lines")
     p.set_defaults(func=_delegate("eval.convert:main"))
 
     p = sub.add_parser("eval", help="evaluate routing on a named suite or your own JSONL")
@@ -232,7 +232,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="sentence-transformers only: the torch device to embed on "
                    "(cpu, cuda, cuda:N, mps; default cpu)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--limit", type=int, default=None, help="at most this many queries per split (a fast run)")
+    p.add_argument("--limit", type=limit_count, default=None, help="at most this many queries per split (a fast run)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG figures")
     p.add_argument("--pool", default=None, help="experts for mmlu-pro-combine: all, small (open models up to "
                    "8x7B) or name,name,... (default: all); other suites refuse it")
@@ -242,13 +242,25 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="out/demo")
     p.add_argument("--data", default=None, help="the shared data folder (default: $MOE_DATA_DIR or ../shared/data)")
     p.add_argument("--config", default=DEFAULT_CONFIG)
-    p.add_argument("--limit", type=int, default=None, help="at most this many test questions")
+    p.add_argument("--limit", type=limit_count, default=None, help="at most this many test questions")
     p.set_defaults(func=_delegate("eval.demo:main"))
 
     p = sub.add_parser("compose", help="print the docker-compose file a config describes")
     p.add_argument("config", nargs="?", default="configs/compose.yaml")
     p.set_defaults(func=cmd_compose)
     return parser
+
+
+def limit_count(raw: str) -> int:
+    """``--limit`` for argparse: an integer of at least 1 (0 would keep nothing, and a negative one would slice
+    items off the end)."""
+    try:
+        value = int(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {raw!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {value}")
+    return value
 
 
 def port_number(raw: str) -> int:

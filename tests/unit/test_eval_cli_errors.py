@@ -1,0 +1,276 @@
+"""``moe eval`` / ``moe convert`` / ``moe demo``: flags that are refused with a message naming them, warnings
+shown once, legible figures and no stale figures in a reused ``--out``. Small synthetic data and a hashing
+encoder, so each test runs in seconds."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+import eval.report as report
+from eval.convert import convert
+from eval.embeddings import CachedEncoder
+from eval.harness import run_suite
+from eval.report import HARNESS_FIGURES, write_results
+from eval.suite import subsample, warnings_once
+from router.cli import limit_count
+from router.cli import main as cli_main
+from tests.doubles.fakes import HashingEncoder
+
+LABELS = ("alpha", "beta", "gamma")
+EVAL_DIR = Path(__file__).resolve().parents[2] / "eval"
+
+
+def _cli(argv: list[str]) -> int:
+    """``moe ARGV``'s exit status, whether refused by argparse (SystemExit) or by the command (its return)."""
+    try:
+        return cli_main(argv)
+    except SystemExit as exc:
+        return int(exc.code or 0)
+
+
+def _rows(n_per_label: int, *, labels: tuple[str, ...] = LABELS, prefix: str = "q") -> list[dict[str, str]]:
+    """Queries each made of its label's own words (so a hashing encoder separates them), with unique ids."""
+    rng = np.random.default_rng(len(prefix) + n_per_label)
+    rows = []
+    for label in labels:
+        words = [f"{label}word{k}" for k in range(8)]
+        for i in range(n_per_label):
+            text = " ".join(rng.choice(words, 4)) + f" {prefix}{i}"
+            rows.append({"id": f"{prefix}-{label}-{i}", "query": text, "label": label})
+    return rows
+
+
+def _write(path: Path, rows: list[dict[str, str]]) -> Path:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+class _StaticHashing(HashingEncoder):
+    """Stands in for the two-stage gate's static encoder (``StaticMiniLMEncoder``), whose table is not built."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__()
+
+
+@pytest.fixture
+def fast_static(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("router.static_encoder.StaticMiniLMEncoder", _StaticHashing)
+
+
+def _jsonl_run(tmp_path: Path, train: Path, test: Path, out: Path, **kwargs: Any) -> dict[str, Any]:
+    kwargs = {"plots": False, **kwargs}
+    return run_suite("jsonl", None, out, encoder=HashingEncoder(), train=train, test=test, progress=False,
+                     cache_dir=tmp_path / "cache", **kwargs)
+
+
+# ---------------------------------------------------------------- 1: --suite with --train/--test
+
+
+def test_a_suite_with_train_or_test_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    train = _write(tmp_path / "train.jsonl", _rows(5))
+    out = tmp_path / "out"
+    # --data at an empty folder: were the flags ignored, the suite would fail on its missing data instead.
+    assert _cli(["eval", "--suite", "snips-intent", "--train", str(train), "--test", str(train), "--limit", "20",
+                 "--data", str(tmp_path), "--out", str(out), "--no-plots"]) == 2
+    err = capsys.readouterr().err
+    assert "--suite snips-intent" in err and "--train and --test" in err and "not both" in err
+    assert _cli(["eval", "--suite", "snips-intent", "--test", str(train), "--data", str(tmp_path),
+                 "--out", str(out)]) == 2
+    assert "would ignore --test " in capsys.readouterr().err
+    assert not out.exists()
+    with pytest.raises(ValueError, match=r"--train and --test name your own JSONL, which suite 'snips-intent'"):
+        run_suite("snips-intent", tmp_path, out, encoder=HashingEncoder(), train=train, test=train, limit=20,
+                  cache_dir=tmp_path / "cache")
+    assert not out.exists()
+
+
+# ---------------------------------------------------------------- 2: --limit
+
+
+@pytest.mark.parametrize("value", ["0", "-5"])
+def test_a_limit_below_one_is_refused_by_every_command(value: str, tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    train = _write(tmp_path / "train.jsonl", _rows(5))
+    out, converted = tmp_path / "out", tmp_path / "x.jsonl"
+    for argv in (["eval", "--train", str(train), "--test", str(train), "--out", str(out), "--no-plots"],
+                 ["eval", "--suite", "snips-intent", "--out", str(out), "--data", str(tmp_path)],
+                 ["convert", "snips-intent", "--out", str(converted), "--data", str(tmp_path)],
+                 ["demo", "--out", str(out), "--data", str(tmp_path)]):
+        with pytest.raises(SystemExit) as refused:  # by argparse, before the command starts
+            cli_main([*argv, "--limit", value])
+        assert refused.value.code == 2, argv
+        err = capsys.readouterr().err
+        assert "argument --limit" in err and ">= 1" in err and value in err, (argv, err)
+    assert not out.exists() and not converted.exists()
+
+
+def test_limit_is_checked_by_the_functions_and_the_results_parser(tmp_path: Path, data_dir: Path,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    from eval.results import main as results_main
+
+    items = list(range(10))
+    assert subsample(items, 3, 0, key=str) == subsample(items, 3, 0, key=str) and len(subsample(items, 3, 0, str)) == 3
+    for bad in (0, -5):
+        with pytest.raises(ValueError, match="argument --limit: must be an integer >= 1"):
+            subsample(items, bad, 0, key=str)
+        with pytest.raises(ValueError, match="argument --limit: must be an integer >= 1"):
+            convert("snips-intent", data_dir, "train", tmp_path / "x.jsonl", limit=bad)
+    assert not (tmp_path / "x.jsonl").exists()
+    assert convert("snips-intent", data_dir, "train", tmp_path / "x.jsonl", limit=1) == 1
+    assert limit_count("7") == 7
+    for raw in ("0", "-1", "x"):
+        with pytest.raises(argparse.ArgumentTypeError, match="must be an integer >= 1"):
+            limit_count(raw)
+    with pytest.raises(SystemExit) as exited:
+        results_main(["--limit", "0", "--no-readme", "--out", str(tmp_path / "r")])
+    assert exited.value.code == 2 and "argument --limit: must be an integer >= 1" in capsys.readouterr().err
+
+
+def test_the_overlap_warning_counts_the_queries_the_limited_run_uses(tmp_path: Path, fast_static: None,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    train = _write(tmp_path / "train.jsonl", _rows(40))  # 120 queries; the test file is the same file
+    results = _jsonl_run(tmp_path, train, train, tmp_path / "out", limit=20)
+    assert (results["setup"]["train"], results["setup"]["test"]) == (20, 20)
+    err = capsys.readouterr().err
+    assert "warning: 20 of 20 test queries also occur in the training data" in err and "of 120" not in err
+    assert any(n.startswith("20 of 20 test queries") for n in results["notes"])
+
+
+# ---------------------------------------------------------------- 3: glyphs the font lacks
+
+
+def test_labels_the_font_cannot_draw_are_escaped_in_figures_only(tmp_path: Path, fast_static: None,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    odd = ("emoji 🎉", "日本語", "tab\tlabel")
+    train = _write(tmp_path / "train.jsonl", _rows(30, labels=odd))
+    test = _write(tmp_path / "test.jsonl", _rows(8, labels=odd, prefix="t"))
+    ticks: dict[str, list[str]] = {}
+    finish = report._finish
+
+    def spy(plt: Any, fig: Any, ax: Any, path: Path, title: str, **kwargs: Any) -> None:
+        ticks[path.name] = [t.get_text() for t in ax.get_xticklabels()]
+        finish(plt, fig, ax, path, title, **kwargs)
+
+    monkeypatch.setattr(report, "_finish", spy)
+    out = tmp_path / "out"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        results = _jsonl_run(tmp_path, train, test, out, plots=True)
+    glyphs = [str(w.message) for w in caught if "Glyph" in str(w.message)]
+    assert glyphs == []
+    assert ticks["confusion_matrix.png"] == ["emoji \\U0001f389", "tab\\tlabel", "\\u65e5\\u672c\\u8a9e"]
+    # The true labels stay in the results and the report.
+    assert results["labels"] == sorted(odd)
+    saved = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    assert saved["labels"] == sorted(odd) and set(saved["per_class"]) == set(odd)
+    assert "emoji 🎉" in (out / "report.md").read_text(encoding="utf-8")
+    assert report._legible("café a/b") == "café a/b"  # characters the font has stay as they are
+
+
+# ---------------------------------------------------------------- 4: stale figures in a reused --out
+
+
+def test_write_results_removes_only_the_harness_figures_this_run_did_not_draw(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in (*HARNESS_FIGURES, "mine.png", "notes.txt"):
+        (out / name).write_bytes(b"old")
+    write_results(out, {"suite": "s", "metrics": {"accuracy": 1.0}, "figures": ["reliability.png"]})
+    assert sorted(p.name for p in out.iterdir()) == ["mine.png", "notes.txt", "reliability.png", "report.md",
+                                                     "results.json"]
+    write_results(out, {"suite": "s", "metrics": {"accuracy": 1.0}})
+    assert not (out / "reliability.png").exists() and (out / "mine.png").exists()
+
+
+def test_every_figure_the_harness_draws_is_known_to_the_cleanup() -> None:
+    drawn = {m for path in EVAL_DIR.glob("*.py") for m in re.findall(r'"(\w+\.png)"', path.read_text("utf-8"))}
+    assert drawn and drawn <= set(HARNESS_FIGURES), drawn - set(HARNESS_FIGURES)
+
+
+def test_a_no_plots_run_in_a_reused_out_leaves_no_figures(tmp_path: Path, fast_static: None) -> None:
+    train = _write(tmp_path / "train.jsonl", _rows(20))
+    test = _write(tmp_path / "test.jsonl", _rows(5, prefix="t"))
+    out = tmp_path / "out"
+    first = _jsonl_run(tmp_path, train, test, out, plots=True)
+    assert first["figures"] and all((out / name).is_file() for name in first["figures"])
+    _jsonl_run(tmp_path, train, test, out, plots=False)
+    assert sorted(p.name for p in out.glob("*.png")) == []
+
+
+# ---------------------------------------------------------------- 5: errors name the flag and the path
+
+
+def test_out_train_test_and_cache_problems_name_the_flag_and_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    train = _write(tmp_path / "train.jsonl", _rows(5))
+    afile = tmp_path / "afile"
+    afile.write_text("x", encoding="utf-8")
+    out = str(tmp_path / "out")
+    base = ["eval", "--no-plots", "--encoder", "static"]
+    assert _cli([*base, "--train", str(train), "--test", str(train), "--out", str(afile)]) == 1
+    err = capsys.readouterr().err
+    assert f"--out {afile}: exists and is not a folder" in err and "Errno" not in err
+    missing = tmp_path / "nope.jsonl"
+    assert _cli([*base, "--train", str(missing), "--test", str(train), "--out", out]) == 1
+    err = capsys.readouterr().err
+    assert f"--train {missing}: No such file or directory" in err and "Errno" not in err
+    assert _cli([*base, "--train", str(train), "--test", str(tmp_path), "--out", out]) == 1
+    assert f"--test {tmp_path}: Is a directory" in capsys.readouterr().err
+    assert not Path(out).exists()
+    with pytest.raises(ValueError, match=r"^--out .*afile/sub: cannot create the folder \(Not a directory\)$"):
+        _jsonl_run(tmp_path, train, train, afile / "sub")
+    # The embedding cache under a file: the setting and the path are named, before any work.
+    monkeypatch.setenv("MOE_CACHE_DIR", str(afile / "cache"))
+    assert _cli([*base, "--train", str(train), "--test", str(train), "--out", out]) == 1
+    err = capsys.readouterr().err
+    assert f"embedding cache {afile / 'cache' / 'embeddings'} (MOE_CACHE_DIR={afile / 'cache'}): cannot create" in err
+    assert "Not a directory" in err
+    assert "Errno" not in err
+    with pytest.raises(ValueError, match=r"embedding cache .*afile.*: cannot write \(Not a directory\); point "
+                                         "MOE_CACHE_DIR"):
+        CachedEncoder(HashingEncoder(), afile, max_length=256, progress=False).encode(["a query"])
+
+
+def test_training_data_with_one_label_names_the_file(tmp_path: Path) -> None:
+    one = _write(tmp_path / "one.jsonl", _rows(5, labels=("alpha",)))
+    test = _write(tmp_path / "test.jsonl", _rows(2))
+    with pytest.raises(ValueError, match=rf"^--train {re.escape(str(one))}: its queries carry 1 label\(s\): "
+                                         r"'alpha'; routing needs at least two$"):
+        _jsonl_run(tmp_path, one, test, tmp_path / "out")
+
+
+# ---------------------------------------------------------------- 6: each warning once per run
+
+
+def test_each_training_warning_is_shown_once_per_run(tmp_path: Path, fast_static: None,
+                                                     caplog: pytest.LogCaptureFixture) -> None:
+    rows = _rows(30)
+    conflicting = [{**r, "id": f"{r['id']}-again", "label": "beta" if r["label"] != "beta" else "gamma"}
+                   for r in rows[::10]]
+    train = _write(tmp_path / "train.jsonl", rows + conflicting)
+    test = _write(tmp_path / "test.jsonl", _rows(5, prefix="t"))
+    with caplog.at_level(logging.WARNING):
+        _jsonl_run(tmp_path, train, test, tmp_path / "out")
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum("carry more than one label" in m for m in messages) == 1, messages
+    assert len(messages) == len(set(messages)), messages
+
+
+def test_warnings_once_drops_repeats_only_inside_the_run(caplog: pytest.LogCaptureFixture) -> None:
+    log = logging.getLogger("router.gate")
+    with caplog.at_level(logging.WARNING):
+        with warnings_once():
+            for _ in range(3):
+                log.warning("same %d", 1)
+            log.warning("same %d", 2)
+        log.warning("same %d", 1)
+    assert [r.getMessage() for r in caplog.records] == ["same 1", "same 2", "same 1"]
