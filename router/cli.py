@@ -62,6 +62,7 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     if trained is not None:  # what moe serve would refuse, said now (without loading the encoder)
         problem = routing_problem(config.expert_names, {e.name: e.examples for e in config.experts}, trained)
         if problem is not None:
+            problem = problem.replace("<this config>", args.file)
             print(f"error: {args.file}: gate.artifact {artifact}: {problem}", file=sys.stderr)
             return 2
     where = f"gate artifact {artifact}" if trained is not None else f"no gate artifact at {artifact} yet (moe train)"
@@ -278,6 +279,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     from router.config import ConfigError
 
     args = _parser().parse_args(argv)
+
+    def error(message: object, code: int) -> int:
+        # The library's messages say "moe train --config <this config>" where they cannot know the file; here it
+        # is known, so the command can be copied as it stands.
+        config = getattr(args, "config", None)
+        text = str(message) if config is None else str(message).replace("<this config>", config)
+        print(f"error: {text}", file=sys.stderr)
+        return code
+
     try:
         code: int = args.func(args)
     except KeyboardInterrupt:
@@ -285,22 +295,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return error(exc, 2)
     except (OSError, ValueError) as exc:  # a missing file, a folder where a file goes, no permission, bad data
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return error(exc, 1)
     except (EncoderChecksumError, ImportError) as exc:
         # A corrupt weights file, or an optional package this command needs: the message names the file or the
         # package to install; a traceback would bury it.
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return error(exc, 1)
     except Exception as exc:
         message = _runtime_error(exc)
         if message is None:
             raise
-        print(f"error: {message}", file=sys.stderr)
-        return 1
+        return error(message, 1)
     return code
 
 

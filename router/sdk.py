@@ -81,7 +81,7 @@ class RouterAPIError(Exception):
         self.headers: dict[str, str] = dict(headers or {})
         self.code = error.get("code")
         self.message = error.get("message", str(body))
-        super().__init__(f"HTTP {status} ({self.code}): {self.message}")
+        super().__init__(f"HTTP {status}{f' ({self.code})' if self.code else ''}: {self.message}")
 
     @property
     def retry_after_s(self) -> float | None:

@@ -172,6 +172,10 @@ def train_from_config(config: RouterConfig, *, progress: bool = True,
 
     ``feedback=False`` leaves the stored feedback out (it is folded in by default; see the module docstring).
     """
+    artifact = config.resolve(config.gate.artifact)
+    if artifact.exists() and not artifact.is_dir():  # found now, not when saving after all the training
+        raise NotADirectoryError(f"gate.artifact {artifact}: exists and is not a folder; the gate is saved as a "
+                                 "folder of files")
     data = collect_training_data(config, feedback=feedback)
     if progress and data.feedback:
         dropped = f"; bad verdicts dropped {data.dropped} training example(s)" if data.dropped else ""

@@ -97,7 +97,7 @@ def test_serve_refuses_a_missing_gate_with_the_command_to_fix_it(tmp_path: Path,
     good.write_text(BAD.replace("    timout_s: 3\n", "").replace("    api_key_env: MOE_TEST_UNSET_KEY\n", "")
                     .replace("default_expert: writer", "default_expert: chat"))
     assert main(["serve", "--config", str(good)]) == 1
-    assert "moe train --config" in capsys.readouterr().err
+    assert f"moe train --config {good}" in capsys.readouterr().err  # the command as it can be copied
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="uvloop has no Windows build")

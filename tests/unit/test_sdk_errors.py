@@ -127,3 +127,9 @@ async def test_local_router_streams_as_the_client_does() -> None:
         [c async for c in LocalRouter(Orchestrator(config, FakeGate(NAMES, {}, default=[0.6, 0.4]), down))
          .stream("hi")]
     assert (failed.value.status, failed.value.code) == (503, "all_experts_failed")
+
+
+def test_an_error_without_a_code_reads_without_one() -> None:
+    assert str(RouterAPIError(401, {"error": {"message": "bad key"}})) == "HTTP 401: bad key"
+    assert str(RouterAPIError(429, {"error": {"message": "slow down", "code": "rate_limited"}})) == \
+        "HTTP 429 (rate_limited): slow down"

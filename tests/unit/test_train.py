@@ -131,6 +131,19 @@ def test_the_configured_classifier_is_trained_and_restored(tmp_path: Path, snips
     assert [loaded.experts[i] for i in probs.argmax(axis=1)] == ["GetWeather", "PlayMusic"]
 
 
+def test_an_artifact_path_that_is_a_file_is_refused_before_training(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "gate").write_text("not a folder")
+    config = _config(tmp_path, [], artifact="gate")
+
+    def no_training(*args: object, **kwargs: object) -> None:
+        raise AssertionError("training started")
+
+    monkeypatch.setattr("router.train.collect_training_data", no_training)
+    with pytest.raises(NotADirectoryError, match=rf"gate.artifact {tmp_path / 'gate'}: exists and is not a folder"):
+        train_from_config(config, progress=False)
+
+
 def test_an_unknown_classifier_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"gate\.classifier"):
         _config(tmp_path, [], classifier="svm")
