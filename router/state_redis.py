@@ -48,7 +48,7 @@ if TYPE_CHECKING:
 __all__ = ["RedisBreakerStore", "RedisFeedbackStore", "RedisRateStore", "SharedState", "build_shared_state",
            "redis_url"]
 
-log = logging.getLogger("moe.state")
+log = logging.getLogger("router.state")  # under "router": the service writes it as JSON lines
 
 # KEYS[1]: the bucket. ARGV: rate_per_s, burst. Returns the wait in seconds as a string ("0": granted);
 # a Lua number would be truncated to an integer on the way out.

@@ -119,13 +119,13 @@ async def test_an_unreachable_redis_falls_back_to_per_process_state(caplog: pyte
         state = build_state(StateConfig(backend="redis"), {"MOE_REDIS_URL": dead})
         assert state.rate_store is not None and state.breaker_store is not None
         limit = RateLimitConfig(rate_per_s=0.001, burst=1)
-        with caplog.at_level(logging.WARNING, logger="moe.state"):
+        with caplog.at_level(logging.WARNING, logger="router.state"):
             assert await state.rate_store.take("k", limit) == 0.0
             assert await state.rate_store.take("k", limit) > 0.0  # the local bucket still limits
             state.breaker_store.save("math", BreakerState(state="open", trips=1))
             assert state.breaker_store.load("math").state == "open"
         await state.aclose()
-    warnings = [r.getMessage() for r in caplog.records if r.name == "moe.state"]
+    warnings = [r.getMessage() for r in caplog.records if r.name == "router.state"]
     # One warning per store and outage, not one per call; the URL is never logged.
     assert len(warnings) == 2 and all("per-process state" in w for w in warnings)
     assert not any(dead in w for w in warnings)
