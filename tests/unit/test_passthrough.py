@@ -69,7 +69,8 @@ async def test_logprobs_and_refusal_pass_through_a_plain_answer(upstream: Script
     assert upstream.requests[0]["logprobs"] is True  # the request's own field went upstream
     assert answered.choices[0].logprobs is not None
     assert answered.choices[0].logprobs.model_dump()["content"] == LOGPROBS["content"]
-    assert (refused.choices[0].message.refusal, refused.choices[0].message.content) == ("I can't help with that.", "")
+    # As OpenAI's: content is null beside a refusal without text.
+    assert (refused.choices[0].message.refusal, refused.choices[0].message.content) == ("I can't help with that.", None)
 
 
 async def test_content_is_null_beside_tool_calls_without_text(upstream: ScriptedOpenAIServer) -> None:
