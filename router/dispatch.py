@@ -18,7 +18,7 @@ import random
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator, Mapping
 from contextlib import aclosing, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from experts.base import Expert
@@ -100,8 +100,19 @@ class _Tried:
 
 @dataclass
 class _Slot:
+    # Half of what the expert would have had on its own (its timeout_s, or the whole deadline if shorter).
+    fair_s: float
+    started: float = field(default_factory=time.monotonic)
     # Set while the try runs: whether its time limit was the request's deadline rather than the expert's own.
     cut_by_deadline: bool = False
+    sent: bool = False  # a stream passed output on
+
+    def blames_expert(self) -> bool:
+        """Whether a timeout the deadline cut short still counts against the expert: it had a fair chance (ran
+        at least ``fair_s``) and, streaming, sent nothing. An expert that hangs through whole deadlines then
+        opens its breaker, and fallback reaches the others; one asked with little time left, or cut off while
+        it was writing, is not blamed."""
+        return not self.sent and time.monotonic() - self.started >= self.fair_s
 
 
 class Dispatcher:
@@ -187,7 +198,7 @@ class Dispatcher:
         if deadline.remaining <= 0:
             raise ExpertTimeout(name, "the request's deadline has passed")
         permit = self.breakers.admit(name)
-        slot = _Slot()
+        slot = _Slot(fair_s=0.5 * min(self.experts[name].config.timeout_s, deadline.seconds))
         error: ExpertError | None = None
         outcome: Outcome = "neutral"  # cancelled (the caller went away) unless set below
         try:
@@ -199,8 +210,8 @@ class Dispatcher:
             outcome = "success"
         except ExpertError as exc:
             error = exc
-            # A timeout imposed by our own deadline says nothing about the expert.
-            cut = slot.cut_by_deadline and isinstance(exc, ExpertTimeout)
+            # A timeout imposed by our own deadline says nothing about the expert, unless it had a fair chance.
+            cut = slot.cut_by_deadline and isinstance(exc, ExpertTimeout) and not slot.blames_expert()
             outcome = "neutral" if cut else classify(exc)
             raise
         finally:
@@ -252,6 +263,7 @@ class Dispatcher:
                             raise _timed_out(name, f"stream stalled for {timeout:.1f}s", slot, deadline)
                         piece = _take(delta, outcome, expert)
                         if piece is not None:
+                            slot.sent = True
                             yield StreamPiece(expert=name, delta=piece)
                 finally:
                     # Close the expert's stream now, not when the garbage collector finds it: its connection

@@ -333,3 +333,37 @@ async def test_a_stream_that_dies_after_a_tool_call_delta_is_not_continued_or_re
     assert [(c["expert"], c["kind"]) for c in info.value.to_list()] == [("math", "unavailable")]
     trace = getattr(info.value, "trace", None)
     assert trace is not None and trace.switches == []
+
+
+async def test_an_expert_that_hangs_through_whole_deadlines_opens_its_breaker() -> None:
+    """Its timeout_s (1 s) outlasts the request's deadline (0.2 s), so each call is cut by the deadline; it had
+    the whole deadline, so the breaker counts it, opens, and the next request goes to the next expert."""
+    math = FakeExpert(build()[0].config.expert("math"), delay=5.0)
+    orch, _ = build({"math": math}, fallback={"deadline_s": 0.2, "breaker": {"failure_threshold": 2}})
+    for _ in range(2):
+        with pytest.raises(AllExpertsFailed, match="deadline of 0.2s was reached"):
+            await orch.complete(ask())
+    assert orch.breakers.snapshot("math")["state"] == "open"
+    answer = await orch.complete(ask())
+    assert answer.expert == "code"
+    assert [(a.expert, (a.error or {}).get("kind")) for a in answer.trace.attempts] == [("code", None)]
+
+
+async def test_a_fallback_asked_with_little_time_left_is_not_blamed_for_the_deadline() -> None:
+    """math fails after 0.25 s of a 0.3 s deadline; code gets the 0.05 s left, under half of what it would have
+    had (0.15 s), and runs out: the deadline's fault, not code's."""
+    math = FakeExpert(build()[0].config.expert("math"), delay=0.25, fail=lambda n: ExpertUnavailable(n, "reset"))
+    code = FakeExpert(build()[0].config.expert("code"), delay=5.0)
+    orch, _ = build({"math": math, "code": code}, fallback={"deadline_s": 0.3})
+    with pytest.raises(AllExpertsFailed):
+        await orch.complete(ask())
+    assert orch.breakers.snapshot("math")["consecutive_failures"] == 1
+    assert orch.breakers.snapshot("code")["consecutive_failures"] == 0
+
+
+async def test_a_stream_cut_by_the_deadline_while_writing_is_not_blamed() -> None:
+    math = Trickle(build()[0].config.expert("math"))
+    orch, _ = build({"math": math}, fallback={"deadline_s": 0.35})
+    with pytest.raises(AllExpertsFailed):
+        await collect(orch, ask())
+    assert orch.breakers.snapshot("math")["consecutive_failures"] == 0
