@@ -341,7 +341,7 @@ async def test_an_expert_that_hangs_through_whole_deadlines_opens_its_breaker() 
     math = FakeExpert(build()[0].config.expert("math"), delay=5.0)
     orch, _ = build({"math": math}, fallback={"deadline_s": 0.2, "breaker": {"failure_threshold": 2}})
     for _ in range(2):
-        with pytest.raises(AllExpertsFailed, match="deadline of 0.2s was reached"):
+        with pytest.raises(AllExpertsFailed, match=r"deadline of 0\.2s was reached"):
             await orch.complete(ask())
     assert orch.breakers.snapshot("math")["state"] == "open"
     answer = await orch.complete(ask())
