@@ -31,6 +31,11 @@ from router.trace import Attempt, AttemptRole, Retry, Trace
 
 __all__ = ["Capacity", "Dispatcher", "StreamOutcome", "StreamPiece"]
 
+# The answer length a cost estimate assumes for an expert that has not answered yet, when the request sets no
+# max_tokens; its own answers then take over, as a moving mean (each new answer weighs COMPLETION_EWMA).
+PRIOR_COMPLETION_TOKENS = 256
+COMPLETION_EWMA = 0.2
+
 
 class Capacity:
     """In-flight calls per expert. A saturated expert is skipped, so its queries go to the next by weight."""
@@ -126,13 +131,27 @@ class Dispatcher:
         self.budget_usd = budget_usd
         self.sleep = sleep
         self.rand = rand
+        self._completion: dict[str, float] = {}  # per expert: mean completion tokens of its answers (EWMA)
 
     def estimate(self, name: str, request: ChatRequest) -> float:
         """A call's cost before it is made: the prompt (about 4 characters a token) at the expert's input price,
-        plus ``max_tokens`` at its output price when the request sets it."""
+        plus the answer at its output price: ``max_tokens`` when the request sets it, else the expert's typical
+        answer length (``typical_completion``)."""
         chars = sum(len(m.text()) for m in request.messages)
-        completion = request.max_completion_tokens or request.max_tokens or 0
+        completion = request.max_completion_tokens or request.max_tokens or self.typical_completion(name)
         return self.experts[name].cost(Usage(prompt_tokens=chars // 4, completion_tokens=completion))
+
+    def typical_completion(self, name: str) -> int:
+        """Tokens the expert's answers run to: a running mean of its answers so far, ``PRIOR_COMPLETION_TOKENS``
+        before the first. Without it, a request that sets no ``max_tokens`` would price each answer at nothing,
+        and the cost budget would let through panels costing several times it."""
+        return round(self._completion.get(name, PRIOR_COMPLETION_TOKENS))
+
+    def _learn(self, name: str, usage: Usage | None) -> None:
+        if usage is not None and usage.completion_tokens > 0:
+            mean = self._completion.get(name)
+            tokens = float(usage.completion_tokens)
+            self._completion[name] = tokens if mean is None else mean + COMPLETION_EWMA * (tokens - mean)
 
     def over_budget(self, name: str, trace: Trace, request: ChatRequest,
                     reserved_usd: float = 0.0) -> BudgetSpent | None:
@@ -175,6 +194,8 @@ class Dispatcher:
                 async for piece in pieces:
                     yield piece
             trace.attempts.append(outcome.attempt(name, replaces, retry))
+            if outcome.error is None:
+                self._learn(name, outcome.usage)
             error = outcome.error
             if error is None or outcome.sent or not await self._backoff(name, error, retry, request, deadline,
                                                                          trace):
@@ -237,6 +258,7 @@ class Dispatcher:
             trace.attempts.append(Attempt(expert=name, ok=False, error=exc.to_dict(),
                                           latency_ms=(time.perf_counter() - start) * 1000.0, **tried.fields()))
             return exc
+        self._learn(name, reply.usage)
         trace.attempts.append(Attempt(expert=name, ok=True, usage=reply.usage, cost_usd=reply.cost_usd,
                                       latency_ms=(time.perf_counter() - start) * 1000.0, nested=reply.nested,
                                       **tried.fields()))

@@ -32,8 +32,8 @@ class AllExpertsFailed(Exception):
         self.causes = causes
         if reason is None:
             spent = any(isinstance(c, BudgetSpent) for c in causes)
-            reason = "the request's cost budget was spent before any expert answered" if spent else \
-                "every candidate expert failed"
+            reason = "no expert answered within the request's cost budget: each one tried failed, and the rest " \
+                     "would not fit in it" if spent else "every candidate expert failed"
         detail = "; ".join(f"{c.expert} ({c.kind}): {c.message}" for c in causes) or "no expert was tried"
         super().__init__(f"{reason}: {detail}")
 

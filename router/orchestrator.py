@@ -444,9 +444,10 @@ class Orchestrator:
                 return [], stop.reason
             taken.add(name)
             spent = self.dispatch.over_budget(name, trace, request)
-            if spent is not None:
+            if spent is not None:  # this one would not fit; a cheaper one further down the ranking may
                 errors.append(spent)
-                break
+                trace.attempts.append(Attempt(expert=name, ok=False, error=spent.to_dict(), fallback_for=failed))
+                continue
             result = await self.dispatch.call(name, 1.0, request, deadline, trace, replaces=failed)
             if isinstance(result, ExpertReply):
                 return [(WeightedExpert(expert=name, weight=1.0), result)], None
@@ -501,9 +502,10 @@ class Orchestrator:
                 errors.extend(_untried(order[i:], (), stop))
                 raise RouteFailed(errors, trace, stop.reason)
             spent = self.dispatch.over_budget(name, trace, request) if tried else None  # the first try is free
-            if spent is not None:
+            if spent is not None:  # this one would not fit; a cheaper one further down the ranking may
                 errors.append(spent)
-                break
+                trace.attempts.append(Attempt(expert=name, ok=False, error=spent.to_dict(), fallback_for=previous))
+                continue
             outcome = StreamOutcome()
             async with aclosing(self.dispatch.stream(name, attempt_request, deadline, trace, previous)) as events:
                 async for event in events:

@@ -127,13 +127,29 @@ async def test_retries_stop_when_the_breaker_opens() -> None:
 async def test_budget_stops_further_experts_with_a_clear_cause() -> None:
     math = FakeExpert(build()[0].config.expert("math"), fail=lambda n: ExpertUnavailable(n, "refused"))
     orch, _ = build({"math": math}, fallback={"cost_budget_usd": 0.001}, costs={"code": 1000.0, "law": 1000.0})
-    with pytest.raises(AllExpertsFailed, match="cost budget was spent before any expert answered") as info:
+    with pytest.raises(AllExpertsFailed, match="no expert answered within the request's cost budget") as info:
         await orch.complete(ask("solve this integral please"))
     assert [(c["expert"], c["kind"]) for c in info.value.to_list()] == [
-        ("math", "unavailable"), ("code", "budget_exhausted")]
+        ("math", "unavailable"), ("code", "budget_exhausted"), ("law", "budget_exhausted")]
     # a cheap next expert fits in the same budget
     cheap, _ = build({"math": math}, fallback={"cost_budget_usd": 0.001})
     assert (await cheap.complete(ask("an integral"))).expert == "code"
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
+async def test_a_candidate_over_budget_is_passed_over_for_a_cheaper_one_further_down(stream: bool) -> None:
+    """code would not fit in the budget, but law, ranked after it, does: fallback goes on to law."""
+    math = FakeExpert(build()[0].config.expert("math"), fail=lambda n: ExpertUnavailable(n, "refused"))
+    orch, _ = build({"math": math}, fallback={"cost_budget_usd": 0.001}, costs={"code": 1000.0})
+    if stream:
+        _, end = await collect(orch, ask())
+        trace = end.trace
+    else:
+        answer = await orch.complete(ask())
+        assert answer.expert == "law"
+        trace = answer.trace
+    assert [(a.expert, (a.error or {}).get("kind")) for a in trace.attempts] == [
+        ("math", "unavailable"), ("code", "budget_exhausted"), ("law", None)]
 
 
 async def test_budget_counts_max_tokens_at_the_output_price() -> None:
@@ -142,8 +158,28 @@ async def test_budget_counts_max_tokens_at_the_output_price() -> None:
     orch.experts["code"].config = orch.config.expert("code").model_copy(
         update={"cost": orch.config.expert("code").cost.model_copy(update={"output_per_1k": 1.0})})
     assert (await orch.complete(ask(max_tokens=5))).expert == "code"
-    with pytest.raises(AllExpertsFailed, match="cost budget"):
-        await orch.complete(ask(max_tokens=500))
+    # 500 tokens at code's output price would not fit: law (free) answers, and the trace says code was passed over.
+    answer = await orch.complete(ask(max_tokens=500))
+    assert [(a.expert, (a.error or {}).get("kind")) for a in answer.trace.attempts] == [
+        ("math", "unavailable"), ("code", "budget_exhausted"), ("law", None)]
+
+
+async def test_without_max_tokens_the_budget_prices_an_expert_s_typical_answer() -> None:
+    """A request that sets no max_tokens: code's answer is priced at 256 tokens (no answers seen yet) until it
+    has answered, then at its own answers' running mean (5 tokens here)."""
+    from router.dispatch import PRIOR_COMPLETION_TOKENS
+
+    math = FakeExpert(build()[0].config.expert("math"), fail=lambda n: ExpertUnavailable(n, "refused"))
+    orch, _ = build({"math": math}, fallback={"cost_budget_usd": 0.1})
+    orch.experts["code"].config = orch.config.expert("code").model_copy(
+        update={"cost": orch.config.expert("code").cost.model_copy(update={"output_per_1k": 1.0})})
+    assert orch.dispatch.typical_completion("code") == PRIOR_COMPLETION_TOKENS
+    first = await orch.complete(ask())  # 256 tokens at $1/1k: $0.256, over the budget
+    assert [(a.expert, (a.error or {}).get("kind")) for a in first.trace.attempts] == [
+        ("math", "unavailable"), ("code", "budget_exhausted"), ("law", None)]
+    assert (await orch.complete(ask("anything", model="code"))).expert == "code"  # named: no budget check
+    assert orch.dispatch.typical_completion("code") == 5
+    assert (await orch.complete(ask())).expert == "code"  # 5 tokens: $0.005, it fits
 
 
 async def collect(orch: Orchestrator, request: ChatRequest) -> tuple[str, StreamEnd]:
