@@ -18,6 +18,8 @@ because some upstreams echo a rejected key back in their error body.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
 import math
@@ -54,6 +56,8 @@ __all__ = ["OpenAICompatibleExpert", "parse_retry_after"]
 
 # Upstream error text kept in our messages: enough to diagnose, short enough for a trace.
 _EXCERPT_CHARS = 200
+# How long to read what follows a stream's [DONE] (normally nothing but the body's end) before closing instead.
+_DRAIN_S = 0.25
 log = logging.getLogger("router.experts")
 
 
@@ -134,9 +138,13 @@ class OpenAICompatibleExpert(Expert):
         async for data in events:
             if data.strip() == "[DONE]":
                 yield self._last_delta(finish_reason or "stop", usage_chunk, nested)
-                # Read to the end of the body, so the connection goes back to the pool instead of closing.
-                async for _ in events:
-                    pass
+                # Read to the end of the body, so the connection goes back to the pool instead of closing; but
+                # the answer is complete, so a server that holds the body open after [DONE] only costs us the
+                # connection, never a timeout on a finished answer.
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(_DRAIN_S):
+                        async for _ in events:
+                            pass
                 return
             chunk = self._decode(data.encode())
             if isinstance(chunk.get("usage"), dict):

@@ -57,6 +57,7 @@ class Behaviour:
     # Stream: stop after this many token chunks. Plain answer: after half the body.
     stall_after: int | None = None  # then send nothing more, keeping the socket open
     die_after: int | None = None  # then close the socket without finishing the response
+    hold_after_done: bool = False  # stream: send [DONE], then keep the body open (no final chunk)
 
     @classmethod
     def ok(cls, text: str = "ok", **fields: Any) -> Behaviour:
@@ -101,6 +102,11 @@ class Behaviour:
     @classmethod
     def die_mid_stream(cls, after: int, text: str = "one two three four five six") -> Behaviour:
         return cls(mode="answer", text=text, die_after=after)
+
+    @classmethod
+    def done_then_hold(cls, text: str = "one two three") -> Behaviour:
+        """A whole stream and its [DONE], but the HTTP body is left open after it."""
+        return cls(mode="answer", text=text, hold_after_done=True)
 
     def tokens(self) -> list[str]:
         """The text split the way the server streams it: one word with its trailing space per chunk."""
@@ -312,6 +318,8 @@ class ScriptedOpenAIServer:
             if (payload.get("stream_options") or {}).get("include_usage"):
                 await event([], usage=_usage(b, payload, len(tokens)))
             await _write_chunk(writer, b"data: [DONE]\n\n")
+            if b.hold_after_done:
+                await self._hold(reader)
             await _write_chunk(writer, b"")
             return
         if b.die_after is not None:

@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 import socket
+import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
@@ -406,6 +407,17 @@ async def test_stall_mid_stream_times_out_after_the_yielded_deltas(server: Scrip
 
     assert [d.content for d in deltas] == ["one ", "two "]
     assert 0.3 <= loop.time() - started < 2.0
+
+
+async def test_a_body_held_open_after_done_does_not_hold_up_the_answer(server: ScriptedOpenAIServer,
+                                                                        make_expert: MakeExpert) -> None:
+    """[DONE] ends the answer: the stream ends at once (the connection is dropped rather than read to its end),
+    not when the expert's timeout runs out on a body the server never finishes."""
+    server.push(Behaviour.done_then_hold("alpha beta gamma"))
+    started = time.monotonic()
+    deltas = await collect(make_expert(timeout_s=5.0), ask())
+    assert time.monotonic() - started < 2.0
+    assert "".join(d.content for d in deltas) == "alpha beta gamma" and deltas[-1].finish_reason == "stop"
 
 
 async def test_slow_tokens_within_the_timeout_do_not_time_out(server: ScriptedOpenAIServer,
