@@ -321,7 +321,10 @@ class Orchestrator:
 
     # -- answering ------------------------------------------------------------------------------------------
     @contextmanager
-    def _serving(self) -> Iterator[None]:
+    def serving(self) -> Iterator[None]:
+        """Count a request as being answered while inside: a hot reload closes this orchestrator only once none
+        is (``drained``). The service holds it from the moment it picks the orchestrator for a request, so one
+        whose body is still arriving is counted too."""
         self.active += 1
         self._idle.clear()
         try:
@@ -357,7 +360,7 @@ class Orchestrator:
 
     async def complete(self, request: ChatRequest, *, strategy: str | None = None) -> RoutedAnswer:
         """Answer one request: ask the panel concurrently, fall back down the ranking, combine what came back."""
-        with self._serving():
+        with self.serving():
             return await self._complete(request, strategy)
 
     async def _complete(self, request: ChatRequest, strategy: str | None) -> RoutedAnswer:
@@ -479,7 +482,7 @@ class Orchestrator:
 
     async def stream(self, request: ChatRequest) -> AsyncGenerator[StreamPiece | StreamEnd, None]:
         """Stream from the top-weighted expert, falling back or continuing elsewhere on failure."""
-        with self._serving():
+        with self.serving():
             async with aclosing(self._stream(request)) as events:
                 async for event in events:
                     yield event

@@ -422,6 +422,10 @@ def create_app(orchestrator: Orchestrator | None = None,
     @_problems
     async def chat_completions(request: Request) -> Response:
         o = orch(request)
+        with o.serving():  # counted from now: a reload while the body arrives waits for this request
+            return await _chat_completions(request, o)
+
+    async def _chat_completions(request: Request, o: Orchestrator) -> Response:
         limits = o.config.service
         chat = parse_chat(await _read_json(request, limits.max_request_bytes), limits.max_prompt_chars)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
@@ -454,17 +458,22 @@ def create_app(orchestrator: Orchestrator | None = None,
     @_problems
     async def route(request: Request) -> Response:
         o = orch(request)
-        body = await _read_json(request, o.config.service.max_request_bytes)
-        query = _validated(RouteQuery, body)
-        if query.query is not None:
-            body = {"messages": [{"role": "user", "content": query.query}]}
-        chat = parse_chat(body, o.config.service.max_prompt_chars)
-        decision = await o.decide(chat)
+        with o.serving():
+            body = await _read_json(request, o.config.service.max_request_bytes)
+            query = _validated(RouteQuery, body)
+            if query.query is not None:
+                body = {"messages": [{"role": "user", "content": query.query}]}
+            chat = parse_chat(body, o.config.service.max_prompt_chars)
+            decision = await o.decide(chat)
         return JSONResponse(decision.model_dump())
 
     @_problems
     async def route_batch(request: Request) -> Response:
         o = orch(request)
+        with o.serving():
+            return await _route_batch(request, o)
+
+    async def _route_batch(request: Request, o: Orchestrator) -> Response:
         batch = _validated(RouteBatch, await _read_json(request, o.config.service.max_request_bytes))
         limit = o.config.service.max_prompt_chars
         for i, query in enumerate(batch.queries):

@@ -462,3 +462,32 @@ async def test_stream_options_of_the_wrong_type_are_refused(options: object) -> 
         r = await http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
                                                           "stream": True, "stream_options": options})
     assert r.status_code == 400 and "stream_options" in r.json()["error"]["message"]
+
+
+async def test_a_request_whose_body_is_still_arriving_holds_its_orchestrator_through_a_reload() -> None:
+    """The handler counts the request from the moment it picks the orchestrator, before the body is in: a reload
+    then waits for it (``drained``) instead of closing the orchestrator under it."""
+    app = make_app()
+    old = app.state.orchestrator
+    release = asyncio.Event()
+
+    async def body() -> AsyncIterator[bytes]:
+        yield b'{"messages": [{"role": "user", '
+        await release.wait()
+        yield b'"content": "an integral"}]}'
+
+    async with client(app) as http:
+        sent = asyncio.create_task(http.post("/v1/chat/completions", content=body(),
+                                             headers={"content-type": "application/json"}))
+        for _ in range(100):  # the handler has the first piece of the body by now
+            if old.active:
+                break
+            await asyncio.sleep(0.01)
+        assert old.active == 1
+        app.state.orchestrator = make_app().state.orchestrator  # a reload swaps the orchestrator in
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(old.drained(), 0.2)  # the old one is still answering this request
+        release.set()
+        r = await sent
+        await asyncio.wait_for(old.drained(), 1.0)
+    assert r.status_code == 200 and r.json()["model"] == "math"
