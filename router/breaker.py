@@ -193,6 +193,11 @@ class Breakers:
         """The experts whose breaker would refuse a call now: left out of the gate's panel and of fallback."""
         return frozenset(e for e in experts if self.refuses(e))
 
+    def reset(self, expert: str) -> None:
+        """Forget what the breaker learned of ``expert`` (a reload changed its config: another endpoint or model
+        is another service)."""
+        self.store.save(expert, BreakerState())
+
     def snapshot(self, expert: str) -> dict[str, Any]:
         s = self.store.load(expert)
         now = self.clock()

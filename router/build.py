@@ -11,6 +11,7 @@ from experts.base import Expert, ExpertContext
 from experts.registry import build_expert
 from router.breaker import Breakers
 from router.config import RouterConfig
+from router.dispatch import Capacity
 from router.orchestrator import Orchestrator
 
 if TYPE_CHECKING:
@@ -54,8 +55,10 @@ def build_shared_state(config: RouterConfig, environ: Mapping[str, str]) -> Shar
 
 
 def build_breakers(config: RouterConfig, state: SharedState | None = None) -> Breakers:
-    if state is None or state.breaker_store is None:
+    if state is None:
         return Breakers(config.fallback.breaker)
+    if not state.shared:  # this process's store, kept across reloads
+        return Breakers(config.fallback.breaker, state.breaker_store)
     # A shared store compares times taken on different hosts: a wall clock, not this process's monotonic one.
     return Breakers(config.fallback.breaker, state.breaker_store, clock=time.time)
 
@@ -103,5 +106,8 @@ def load_vote_weights(config: RouterConfig) -> VoteWeights | None:
 
 def build_orchestrator(config: RouterConfig, *, context: ExpertContext | None = None,
                        gate: Gate | CascadeGate | None = None, state: SharedState | None = None) -> Orchestrator:
+    capacity = None if state is None else Capacity({e.name: e.max_concurrency for e in config.experts},
+                                                   in_flight=state.in_flight)
     return Orchestrator(config, gate or load_gate(config), build_experts(config, context),
-                        breakers=build_breakers(config, state), vote_weights=load_vote_weights(config))
+                        breakers=build_breakers(config, state), capacity=capacity,
+                        vote_weights=load_vote_weights(config))

@@ -40,9 +40,13 @@ COMPLETION_EWMA = 0.2
 class Capacity:
     """In-flight calls per expert. A saturated expert is skipped, so its queries go to the next by weight."""
 
-    def __init__(self, limits: Mapping[str, int]) -> None:
+    def __init__(self, limits: Mapping[str, int], in_flight: dict[str, int] | None = None) -> None:
+        """``in_flight``: the counts to share, with the orchestrators of earlier configs (a hot reload's old one
+        releases its calls into them); a fresh count by default."""
         self.limits = dict(limits)
-        self.in_flight = dict.fromkeys(limits, 0)
+        self.in_flight = {} if in_flight is None else in_flight
+        for name in limits:
+            self.in_flight.setdefault(name, 0)
 
     def acquire(self, name: str) -> None:
         if self.in_flight[name] >= self.limits[name]:

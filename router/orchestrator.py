@@ -172,12 +172,12 @@ class StreamEnd:
 
 
 class Orchestrator:
-    """``breakers``, ``sleep`` and ``rand`` are injectable: a shared breaker store, and a retry schedule that
-    tests can run without waiting."""
+    """``breakers``, ``capacity``, ``sleep`` and ``rand`` are injectable: a shared breaker store, in-flight counts
+    shared with the orchestrators of earlier configs, and a retry schedule that tests can run without waiting."""
 
     def __init__(self, config: RouterConfig, gate: GateLike, experts: Mapping[str, Expert],
                  combiner: Combiner | None = None, *, breakers: Breakers | None = None,
-                 vote_weights: Mapping[str, float] | VoteWeights | None = None,
+                 capacity: Capacity | None = None, vote_weights: Mapping[str, float] | VoteWeights | None = None,
                  sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
                  rand: Callable[[], float] = random.random) -> None:
         missing = [n for n in config.expert_names if n not in experts]
@@ -195,7 +195,7 @@ class Orchestrator:
         self.combiner = combiner or self.combiner_for(config.combiner.strategy)
         if self.combiner.aggregator is not None and self.combiner.aggregator not in self.experts:
             raise ValueError(f"the combiner's aggregator {self.combiner.aggregator!r} is not a built expert")
-        self.capacity = Capacity({e.name: e.max_concurrency for e in config.experts})
+        self.capacity = capacity or Capacity({e.name: e.max_concurrency for e in config.experts})
         self.breakers = breakers or Breakers(config.fallback.breaker)
         self.dispatch = Dispatcher(self.experts, self.capacity, self.breakers,
                                    RetryPolicy.from_config(config.fallback),

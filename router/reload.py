@@ -86,6 +86,10 @@ class Reloader:
                 log.error("%s", exc)
                 raise
             old: Orchestrator = self.holder.orchestrator
+            # Breakers kept across the reload (a shared store) start afresh for an expert whose config changed.
+            for name in new.config.expert_names:
+                if name in old.config.expert_names and new.config.expert(name) != old.config.expert(name):
+                    new.breakers.reset(name)
             self.holder.orchestrator = new
             if self.on_swap is not None:
                 self.on_swap(old, new)

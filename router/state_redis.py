@@ -33,13 +33,13 @@ import json
 import logging
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from router.breaker import BreakerState, MemoryBreakerStore
+from router.breaker import BreakerState, BreakerStore, MemoryBreakerStore
 from router.config import ConfigError, RateLimitConfig, StateConfig
 from router.feedback import REDIS_REQUEST_RETENTION_S, Answered, FeedbackRecord, FeedbackStore, FeedbackUnavailable
-from router.security import InMemoryRateStore, redact
+from router.security import InMemoryRateStore, RateStore, redact
 
 if TYPE_CHECKING:
     import redis
@@ -305,19 +305,26 @@ def redis_url(config: StateConfig, environ: Mapping[str, str]) -> str:
 
 @dataclass
 class SharedState:
-    """The stores a replica shares with the others; None where the per-process default applies."""
+    """What outlives one config: built once by ``moe serve`` and handed to every orchestrator a hot reload
+    builds, so a reload keeps rate-limit buckets, breaker states and in-flight counts.
 
-    rate_store: RedisRateStore | None = None
-    breaker_store: RedisBreakerStore | None = None
+    Rate limits and breakers are shared with the other replicas when ``state.backend`` is redis, and live in
+    this process otherwise. ``in_flight`` (calls per expert, for ``max_concurrency``) is always this process's:
+    an old and a new config answering at once count against one limit."""
+
+    rate_store: RateStore = field(default_factory=InMemoryRateStore)
+    breaker_store: BreakerStore = field(default_factory=MemoryBreakerStore)
+    in_flight: dict[str, int] = field(default_factory=dict)
 
     @property
     def shared(self) -> bool:
-        return self.breaker_store is not None
+        """Whether the replicas share the stores (Redis)."""
+        return isinstance(self.breaker_store, RedisBreakerStore)
 
     async def aclose(self) -> None:
-        if self.rate_store is not None:
+        if isinstance(self.rate_store, RedisRateStore):
             await self.rate_store.aclose()
-        if self.breaker_store is not None:
+        if isinstance(self.breaker_store, RedisBreakerStore):
             self.breaker_store.close()
 
 

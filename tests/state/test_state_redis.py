@@ -14,10 +14,11 @@ import pytest
 from fastapi import FastAPI
 
 from experts.errors import ExpertUnavailable
-from router.breaker import BreakerState
+from router.breaker import BreakerState, MemoryBreakerStore
 from router.build import build_breakers, build_shared_state
 from router.config import ConfigError, RateLimitConfig, RouterConfig, StateConfig
 from router.orchestrator import Orchestrator
+from router.security import InMemoryRateStore
 from router.service import create_app
 from router.state_redis import RedisBreakerStore, RedisRateStore, SharedState
 from router.state_redis import build_shared_state as build_state
@@ -135,8 +136,11 @@ def test_memory_is_the_default_and_redis_needs_its_url_variable(redis_url: str) 
     config = fake_config(NAMES)
     assert config.state == StateConfig()
     memory = build_shared_state(config, {})
-    assert memory.rate_store is None and memory.breaker_store is None
+    # This process's stores, which a hot reload keeps: the orchestrators built from it share them.
+    assert isinstance(memory.rate_store, InMemoryRateStore) and isinstance(memory.breaker_store, MemoryBreakerStore)
+    assert not memory.shared
     assert build_breakers(config, memory).clock is not time.time
+    assert build_breakers(config, memory).store is memory.breaker_store
     redis_config = fake_config(NAMES, state={"backend": "redis", "url_env": "MY_REDIS"})
     with pytest.raises(ConfigError) as info:
         build_shared_state(redis_config, {})

@@ -222,3 +222,59 @@ async def test_reload_without_a_reloader_is_refused(tmp_path: Path) -> None:
     async with client(app) as http:
         r = await http.post("/admin/reload")
     assert (r.status_code, r.json()["error"]["code"]) == (409, "reload_unavailable")
+
+
+class StatefulBuilds(Builds):
+    """``Builds``, with what ``moe serve`` keeps across reloads (``SharedState``): breakers and in-flight counts."""
+
+    def __init__(self, fail: set[str] = frozenset(), delay: float = 0.0) -> None:
+        from router.state_redis import SharedState
+
+        super().__init__(delay=delay)
+        self.state, self.fail = SharedState(), fail
+
+    def __call__(self, config: RouterConfig) -> Orchestrator:
+        from experts.errors import ExpertUnavailable
+        from router.build import build_breakers
+        from router.dispatch import Capacity
+
+        experts = {name: FakeExpert(config.expert(name), delay=self.delay,
+                                    fail=(lambda n: ExpertUnavailable(n, "refused")) if name in self.fail else None)
+                   for name in config.expert_names}
+        gate = FakeGate(config.expert_names, {}, default=[0.9, 0.1])
+        orch = Orchestrator(config, gate, experts, breakers=build_breakers(config, self.state),
+                            capacity=Capacity({e.name: e.max_concurrency for e in config.experts},
+                                              in_flight=self.state.in_flight))
+        self.built.append(orch)
+        return orch
+
+
+async def test_a_reload_keeps_what_the_breakers_learned_unless_the_expert_changed(tmp_path: Path) -> None:
+    breaker = {"fallback": {"breaker": {"failure_threshold": 1}}}
+    path = write(tmp_path / "router.yaml", ["math", "code"], **breaker)
+    builds = StatefulBuilds(fail={"math"})
+    app = service(path, builds)
+    chat = {"messages": [{"role": "user", "content": "an integral"}]}
+    async with client(app) as http:
+        await http.post("/v1/chat/completions", json=chat)  # math fails: its breaker opens
+        write(path, ["math", "code"], fallback={"breaker": {"failure_threshold": 1}, "deadline_s": 30})
+        assert (await http.post("/admin/reload")).status_code == 200
+        kept = (await http.get("/v1/experts")).json()["data"][0]["breaker"]["state"]
+        write(tmp_path / "router.yaml", ["math", "code"], **breaker)
+        text = path.read_text().replace("name: math", "name: math\n  timeout_s: 7.0")
+        path.write_text(text)
+        assert (await http.post("/admin/reload")).status_code == 200
+        changed = (await http.get("/v1/experts")).json()["data"][0]["breaker"]["state"]
+    assert kept == "open"  # the reload touched only the deadline
+    assert changed == "closed"  # math's own config changed: what was learned of it no longer applies
+
+
+async def test_calls_in_flight_on_the_old_config_count_against_the_new_one_s_limit(tmp_path: Path) -> None:
+    path = write(tmp_path / "router.yaml", ["math", "code"])
+    builds = StatefulBuilds()
+    old = builds(load_config(path))
+    old.capacity.acquire("math")  # a call the old config is still making
+    new = builds(load_config(write(path, ["math", "code"], fallback={"deadline_s": 30})))
+    assert new.capacity.free("math") == new.capacity.limits["math"] - 1
+    old.capacity.release("math")
+    assert new.capacity.free("math") == new.capacity.limits["math"]
