@@ -105,6 +105,7 @@ class RouterProcess:
                         if self.backend == "cascade" else {"encoder": {"backend": self.backend,
                                                                        **self.encoder_options}})},
             "combiner": {"strategy": "top1"},
+            "fallback": {"max_attempts": max(3, self.k)},  # the panel counts towards it
         }
         tag = "".join(f"-{k}{v}" for k, v in sorted(self.encoder_options.items()))
         path = self.workdir / f"router-{self.backend}-k{self.k}{tag}.yaml"

@@ -321,8 +321,8 @@ class BreakerConfig(_Strict):
 
 class FallbackConfig(_Strict):
     enabled: bool = True
-    # Experts tried in all, the first choice included (retries of one expert, skipped open breakers and
-    # saturated experts do not count).
+    # Experts tried in all, the first choice (or the whole top-k panel, which is always called in full)
+    # included; retries of one expert, skipped open breakers and saturated experts do not count.
     max_attempts: int = Field(default=3, ge=1, le=64)
     # Overall deadline for one request, across every attempt, retry wait and fallback.
     deadline_s: float = Field(default=120.0, gt=0.0, le=3600.0)
@@ -517,6 +517,13 @@ def _cross_problems(raw: Any, *, check_env: bool,
     if isinstance(default, str) and names and default not in names:
         yield "gate.default_expert", f"references expert {default!r}, which is not defined"
     yield from _combiner_problems(raw.get("combiner"), names)
+    top_k: dict[str, Any] = gate["top_k"] if isinstance(gate.get("top_k"), dict) else {}
+    fallback: dict[str, Any] = raw["fallback"] if isinstance(raw.get("fallback"), dict) else {}
+    k, attempts = top_k.get("k"), fallback.get("max_attempts", FallbackConfig().max_attempts)
+    if isinstance(k, int) and isinstance(attempts, int) and k > attempts:
+        yield "fallback.max_attempts", (f"{attempts} is below gate.top_k.k ({k}): the panel alone calls {k} "
+                                        "experts, and max_attempts counts every expert tried, the panel included; "
+                                        f"raise max_attempts to at least {k} or lower k")
     service: dict[str, Any] = raw["service"] if isinstance(raw.get("service"), dict) else {}
     if service.get("name") in names:
         yield "service.name", f"{service.get('name')!r} is also an expert's name"

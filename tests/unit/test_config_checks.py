@@ -121,3 +121,10 @@ def test_redis_state_needs_its_url_variable_set(monkeypatch: pytest.MonkeyPatch)
 
 def test_a_base_dir_key_is_refused_rather_than_overwritten() -> None:
     assert "unknown key" in problems({"version": 1, "experts": [expert()], "base_dir": "/etc"})["base_dir"]
+
+
+def test_a_panel_larger_than_max_attempts_is_refused() -> None:
+    raw = {"version": 1, "experts": [expert(), expert(name="beta"), expert(name="gamma")],
+           "gate": {"top_k": {"k": 3}}, "fallback": {"max_attempts": 1}}
+    assert "1 is below gate.top_k.k (3)" in problems(raw)["fallback.max_attempts"]
+    assert parse_config({**raw, "fallback": {"max_attempts": 3}}).fallback.max_attempts == 3
