@@ -31,8 +31,9 @@ query is out of distribution and the orchestrator abstains to ``gate.default_exp
 combines two signals, each turned into a percentile of the validation queries' own values (the grids in
 ``metadata.ood_reference``) and averaged: the calibrated top probability (the classifier is unsure) and the
 cosine to the nearest training example (nothing like it was seen). Each catches out-of-scope queries the other
-misses: on CLINC150's out-of-scope queries the mean has AUROC 0.977, the cosine alone 0.963 and the top
-probability alone 0.956. Gates without the grids (outcome gates, older artifacts) score by the cosine alone.
+misses: on CLINC150's out-of-scope test queries the mean's AUROC is above either signal's alone (the README's
+Results give the figures, from ``moe eval --suite clinc150-domain``). Gates without the grids (outcome gates,
+older artifacts) score by the cosine alone.
 Artifacts without a threshold never abstain.
 
 Calibration (the temperature, the grids and the threshold) needs queries the classifier did not train on:
@@ -146,9 +147,11 @@ def _nll(logits: np.ndarray, y: np.ndarray, temperature: float) -> float:
 
 
 def expected_calibration_error(proba: np.ndarray, y: np.ndarray, bins: int = 15) -> float:
-    """Top-label ECE: |accuracy - confidence| per equal-width confidence bin, weighted by bin size."""
+    """Top-label ECE: |accuracy - confidence| per equal-width confidence bin, weighted by bin size. Bin ``b``
+    holds confidences in ``(b/bins, (b+1)/bins]`` (the first also 0), as ``eval.metrics`` bins them, so the
+    figure ``gate.json`` records is the one ``moe eval`` reports for the same probabilities."""
     conf, hit = proba.max(axis=1), proba.argmax(axis=1) == y
-    which = np.minimum((conf * bins).astype(int), bins - 1)
+    which = np.clip(np.ceil(conf * bins).astype(int) - 1, 0, bins - 1)
     return float(sum(abs(hit[which == b].mean() - conf[which == b].mean()) * (which == b).mean()
                      for b in range(bins) if (which == b).any()))
 

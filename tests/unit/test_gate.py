@@ -394,3 +394,16 @@ def test_bad_training_input_is_refused(gate: Gate, lookup: FakeLookupEncoder) ->
         train_gate(texts, [*labels[:-1], "Nope"], lookup, experts=gate.experts, progress=False)
     with pytest.raises(ValueError, match="at least two experts"):
         train_gate(texts, [labels[0]] * 20, lookup, experts=gate.experts, progress=False)
+
+
+def test_the_gate_s_ece_is_the_evaluation_s() -> None:
+    """gate.json's ECE and moe eval's bin alike, confidences on a bin's edge included (0.2 = 3/15, 1.0)."""
+    from eval.metrics import expected_calibration_error as evaluation_ece
+    from router.gate import expected_calibration_error as gate_ece
+
+    rng = np.random.default_rng(0)
+    for n in (10, 100, 1000):
+        proba = rng.dirichlet(np.ones(5), n)
+        proba[:3], proba[3] = np.eye(5)[:3], 0.2
+        y = rng.integers(0, 5, n)
+        assert gate_ece(proba, y) == pytest.approx(evaluation_ece(proba, y), abs=1e-12)
