@@ -21,7 +21,8 @@ queries) ranks the experts of the pool, the top ``k`` form the panel, and each m
 - ``fuse`` needs an aggregator model to write an answer, so it cannot be scored from recordings.
 
 The panel's size ``k``, the weights and the success model's prior (global, or per MMLU-Pro category: the
-category is part of each question's record), the learned votes' panel sizes and L2 penalties, and which strategy
+category the domain gate predicts for the question, as serving would know it, never its recorded one), the
+learned votes' panel sizes and L2 penalties, and which strategy
 is the suite's headline (``chosen_strategy``) are chosen by 5-fold cross-validation over train + val: one
 1,200-question validation split has a standard error of about 1.2 points, too coarse to tell these strategies
 apart, and the folds together score every one of the 9,658 questions. Everything is then refitted on train +
@@ -32,7 +33,7 @@ A model with no record for a question abstains (no vote); a panel with no vote a
 from __future__ import annotations
 
 import itertools
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,8 +48,8 @@ from router.combine import TIE_BREAK, Combiner, Consensus, Vote, choice_embeddin
 from router.outcome import shrunk_success, success_prior
 from router.vote_weights import VoteWeights, fit_vote_weights
 
-__all__ = ["LEARNED", "POOLS", "SMALL_OPEN", "mean_interval", "panel_letters", "plot_strategies", "pool_models",
-           "run_mmlu_pro_combine", "weights_of"]
+__all__ = ["LEARNED", "POOLS", "SMALL_OPEN", "domain_gate_categories", "identical_groups", "mean_interval",
+           "panel_letters", "plot_strategies", "pool_models", "run_mmlu_pro_combine", "weights_of"]
 
 LETTERS = "ABCDEFGHIJ"
 # Open models of at most 8x7B parameters among MMLU-Pro's 31.
@@ -124,17 +125,24 @@ def _accuracy(letters: np.ndarray, gold: np.ndarray) -> float:
 
 
 class _Scorer:
-    """Success estimates over the pool from a fit split, with either prior."""
+    """Success estimates over the pool from a fit split, with either prior.
 
-    def __init__(self, x: np.ndarray, outcomes: np.ndarray, category: np.ndarray, fit: np.ndarray) -> None:
+    The per-category priors are learned from the fit rows' recorded categories; a scored query's category is
+    the one ``predicted`` gives it (the domain gate's pick, as serving would know it), never its recorded one."""
+
+    def __init__(self, x: np.ndarray, outcomes: np.ndarray, category: np.ndarray, fit: np.ndarray,
+                 predicted: np.ndarray | None = None) -> None:
         self.x, self.outcomes, self.category, self.fit = x, outcomes, category, fit
+        self.predicted = predicted  # [n] categories of the rows scored; None: only the global prior is usable
         self.model = NeighbourOutcomes(x[fit], outcomes[fit])
         self.cat_prior = {c: success_prior(outcomes[fit][category[fit] == c]) for c in np.unique(category)}
 
     def success(self, rows: np.ndarray, k: int, alpha: float, prior: str) -> np.ndarray:
         ids = self.model.neighbours(self.x[rows], k)
-        base = (np.stack([self.cat_prior[c] for c in self.category[rows]]) if prior == "category"
-                else self.model.prior)
+        if prior == "category" and self.predicted is None:
+            raise ValueError("the category prior needs the domain gate's predicted categories")
+        base = (np.stack([self.cat_prior.get(c, self.model.prior) for c in self.predicted[rows]])
+                if prior == "category" and self.predicted is not None else self.model.prior)
         return shrunk_success(self.model.outcomes[ids], base, alpha)
 
 
@@ -193,8 +201,29 @@ def _mean_grid(scores: Mapping[tuple[Any, ...], list[float]], keys: Sequence[str
             for setting, accs in scores.items()]
 
 
-def _cross_validate(data: _Data, fit: np.ndarray, best: int, seed: int,
-                    progress: bool) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any], dict[str, Any]]:
+Predict = Callable[[np.ndarray, np.ndarray], np.ndarray]  # (fit rows, rows) -> a category per row, [n] overall
+
+
+def domain_gate_categories(ctx: SuiteContext, texts: Sequence[str], x: np.ndarray,
+                           category: np.ndarray) -> Predict:
+    """The categories the domain gate predicts: ``router.gate.train_gate`` (as ``moe train`` trains a label
+    gate) on the fit rows' prompts and recorded categories, its top pick for each scored row; an ``[n]`` array
+    with the scored rows filled in (the others hold their recorded category, and are never read as predicted)."""
+    from router.gate import train_gate
+
+    def predict(fit_rows: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        labels = sorted(set(category[fit_rows]))
+        gate = train_gate([texts[i] for i in fit_rows], list(category[fit_rows]), ctx.encoder, experts=labels,
+                          seed=ctx.seed, progress=False)
+        out = category.copy()
+        out[rows] = np.array(labels)[gate.predict_proba(x[rows], [texts[i] for i in rows]).argmax(axis=1)]
+        return out
+
+    return predict
+
+
+def _cross_validate(data: _Data, fit: np.ndarray, best: int, seed: int, progress: bool,
+                    predict: Predict) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any], dict[str, Any]]:
     """Every setting's mean held-out accuracy over ``N_FOLDS`` folds of ``fit`` (train + val): each fold is
     scored with the success model (and learned weights) of the other folds. Returns the grids and the best
     setting of each kind: vote (prior, neighbours, alpha, panel size, weights), top-1 (neighbours, alpha,
@@ -205,7 +234,7 @@ def _cross_validate(data: _Data, fit: np.ndarray, best: int, seed: int,
     held: list[tuple[np.ndarray, np.ndarray, _Scorer]] = []
     for i, hold in enumerate(folds):
         rest = np.setdiff1d(fit, hold)
-        scorer = _Scorer(data.x, data.outcomes, data.category, rest)
+        scorer = _Scorer(data.x, data.outcomes, data.category, rest, predict(rest, hold))
         held.append((hold, rest, scorer))
         for prior, k, alpha in itertools.product(PRIORS, K_NEIGHBOURS, ALPHAS):
             s = scorer.success(hold, k, alpha, prior)
@@ -281,7 +310,7 @@ def _text(onehot_row: np.ndarray, chars: float = np.nan) -> str:
 
 
 def run_mmlu_pro_combine(ctx: SuiteContext) -> dict[str, Any]:
-    from experts.recordings import load_mmlu_pro
+    from experts.recordings import load_mmlu_pro, mmlu_pro_prompt
 
     folder = ctx.data_dir / "mmlu_pro_outcomes"
     store = load_mmlu_pro(folder if folder.is_dir() else ctx.data_dir)
@@ -304,12 +333,14 @@ def run_mmlu_pro_combine(ctx: SuiteContext) -> dict[str, Any]:
     fit = np.r_[train, val]
     fit_acc = np.nan_to_num(outcomes[fit]).mean(axis=0)  # missing = wrong, as for every system
     best = int(np.argmax(fit_acc))
-    chosen, chosen_top1, grids, learned_grids = _cross_validate(data, fit, best, ctx.seed, ctx.progress)
+    predict = domain_gate_categories(ctx, [mmlu_pro_prompt(q) for q in store.questions], x, data.category)
+    chosen, chosen_top1, grids, learned_grids = _cross_validate(data, fit, best, ctx.seed, ctx.progress, predict)
     cv_scores = {name: chosen[name]["cv_accuracy"] for name in CANDIDATES}
     # The headline is the candidate with the best cross-validated accuracy; a tie keeps the simpler one.
     headline = max(CANDIDATES, key=lambda k: (round(cv_scores[k], 12), -CANDIDATES.index(k)))
     learned = {name: data.fit_weights(fit, chosen[name]["l2"], length) for name, length in LEARNED.items()}
-    scorer = _Scorer(x, outcomes, data.category, fit)
+    predicted = predict(fit, test)
+    scorer = _Scorer(x, outcomes, data.category, fit, predicted)
     cv = chosen["vote"]
     s = scorer.success(test, cv["neighbours"], cv["alpha"], cv["prior"])
     s_top1 = scorer.success(test, chosen_top1["neighbours"], chosen_top1["alpha"], "global")
@@ -380,8 +411,11 @@ def run_mmlu_pro_combine(ctx: SuiteContext) -> dict[str, Any]:
         "headline strategy: the best cross-validated of " + ", ".join(
             f"{k} ({v:.4f})" for k, v in cv_scores.items()) + f": {headline}; the target is judged on it",
         "fuse is not scored: it needs an aggregator model to write each answer, which recordings cannot give",
-        "the 'category' prior uses each question's MMLU-Pro category from its record (a deployed router would "
-        "predict it with the domain gate)",
+        "the 'category' prior: per-category success priors learned from the fit questions' recorded categories, "
+        "looked up for each scored question by the category the domain gate (router.gate.train_gate on the fit "
+        "questions' prompts and categories, as moe train trains it) predicts for it, never its recorded one, in "
+        "every cross-validation fold and on test, as serving would know it; the gate's category accuracy on the "
+        f"test questions: {float(np.mean(predicted[test] == data.category[test])):.4f}",
         "panel-size table: every k and weight scheme on the test split, for reading only (not used to choose)",
     ]
     body: dict[str, Any] = {
@@ -392,7 +426,11 @@ def run_mmlu_pro_combine(ctx: SuiteContext) -> dict[str, Any]:
                   "learned_vote_weights": {e: round(w, 4) for e, w in learned["learned_vote"].as_mapping().items()
                                            if w > 0},
                   "learned_length_vote_weights": {e: round(w, 4) for e, w in length.as_mapping().items() if w > 0},
-                  "chosen": chosen, "chosen_top1": chosen_top1},
+                  "chosen": chosen, "chosen_top1": chosen_top1,
+                  "category_prior_uses": "the domain gate's predicted category",
+                  "predicted_category_accuracy": float(np.mean(predicted[test] == data.category[test])),
+                  "identical_strategies": identical_groups(
+                      {k: v for k, v in correct.items() if k != "best_single"})},
         "confidence_intervals": cis,
         "systems": {
             f"best single ({models[best]})": {"accuracy": metrics["best_single_accuracy"]},
@@ -434,6 +472,16 @@ def plot_strategies(ctx: SuiteContext, metrics: Mapping[str, Any], cis: Mapping[
     plot_accuracy_bars(ctx.out / "accuracy.png", bars, title, notes=notes,
                        references=[("oracle\n(any model right)", float(metrics["oracle_accuracy"]))])
     return "accuracy.png"
+
+
+def identical_groups(answers: Mapping[str, np.ndarray]) -> list[list[str]]:
+    """Groups (two or more, in ``answers``' order) of strategies whose per-query results are equal on every
+    query: the same system under several names (a panel of one is top-1 of its panel; consensus over letter
+    embeddings is the vote), to be reported once, not as separate results."""
+    groups: dict[bytes, list[str]] = {}
+    for name, values in answers.items():
+        groups.setdefault(np.asarray(values, dtype=float).tobytes(), []).append(name)
+    return [g for g in groups.values() if len(g) > 1]
 
 
 def mean_interval(values: np.ndarray, seed: int) -> dict[str, float]:

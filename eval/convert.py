@@ -54,9 +54,10 @@ class Converter:
 
 
 def _mmlu_pro_part(items: list[Any], split: str, seed: int) -> list[Any]:
+    """The suites' MMLU-Pro split: by question id, copies of one prompt (``item.text``) in one part."""
     if split == "all":
         return items
-    train, val, test = split_by_id(items, FRACTIONS, seed=seed)
+    train, val, test = split_by_id(items, FRACTIONS, seed=seed, text=lambda q: q.text)
     return {"train": train, "val": val, "test": test}[split]
 
 
@@ -95,6 +96,7 @@ def _own_split(loader: Callable[..., list[LabelledQuery]]) -> Callable[[Path, st
 class _Question:
     id: str
     index: int
+    text: str
 
 
 def _mmlu_pro_outcome(data_dir: Path, split: str, seed: int) -> Iterator[Row]:
@@ -102,7 +104,8 @@ def _mmlu_pro_outcome(data_dir: Path, split: str, seed: int) -> Iterator[Row]:
 
     store = _mmlu_pro_store(data_dir)
     columns = {m: store.outcomes(m) for m in store.models}
-    part = _mmlu_pro_part([_Question(str(q.question_id), i) for i, q in enumerate(store.questions)], split, seed)
+    part = _mmlu_pro_part([_Question(str(q.question_id), i, mmlu_pro_prompt(q)) for i, q in enumerate(store.questions)],
+                          split, seed)
     for item in part:
         recorded = {m: c[item.index] for m, c in columns.items() if c[item.index].correct is not None}
         if not recorded:

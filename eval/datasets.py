@@ -13,7 +13,8 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-from collections.abc import Iterable, Sequence
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Protocol, TypeVar
@@ -36,7 +37,9 @@ __all__ = [
     "load_mmlu_pro_domains",
     "load_routellm_mmlu",
     "load_snips",
+    "normalise_text",
     "split_by_id",
+    "without_seen",
 ]
 
 CLINC_OOS_LABEL = "oos"
@@ -87,23 +90,49 @@ def _unit_hash(key: str) -> float:
     return int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "big") / 2.0**64
 
 
+def normalise_text(text: str) -> str:
+    """A query's text as duplicates are detected: lower case, whitespace runs collapsed to one space, trimmed."""
+    return " ".join(text.lower().split())
+
+
 def split_by_id(
-    items: Iterable[T], fractions: Sequence[float] = (0.7, 0.1, 0.2), seed: int = 0
+    items: Iterable[T], fractions: Sequence[float] = (0.7, 0.1, 0.2), seed: int = 0, *,
+    text: Callable[[T], str] | None = None,
 ) -> tuple[list[T], ...]:
     """Split items into ``len(fractions)`` parts (train, val, test by default) by a hash of id and seed.
 
     Each item's part depends only on its id and the seed, so the split is the same on every run and every
     machine, does not move when items are added or removed, and keeps items that share an id together.
     Part sizes are close to, not exactly, ``fractions``. Input order is kept within each part.
+
+    With ``text`` (an item's query text), items whose normalised text (``normalise_text``) occurs more than once
+    among ``items`` are placed by a hash of that text and the seed instead, so copies of one query always land
+    in the same part and no test query's text is also a training one; items with a text of their own keep their
+    id's part.
     """
     fr = np.asarray(fractions, dtype=float)
     if fr.ndim != 1 or fr.size == 0 or (fr < 0).any() or not np.isclose(fr.sum(), 1.0):
         raise ValueError(f"fractions must be non-negative and sum to 1, got {tuple(fractions)}")
     bounds = np.cumsum(fr)[:-1]
+    items = list(items)
+    keys = [f"{seed}:{item.id}" for item in items]
+    if text is not None:
+        norms = [normalise_text(text(item)) for item in items]
+        counts = Counter(norms)
+        keys = [f"{seed}:text:{n}" if counts[n] > 1 else k for k, n in zip(keys, norms, strict=True)]
     parts: tuple[list[T], ...] = tuple([] for _ in range(fr.size))
-    for item in items:
-        parts[int(np.searchsorted(bounds, _unit_hash(f"{seed}:{item.id}"), side="right"))].append(item)
+    for item, key in zip(items, keys, strict=True):
+        parts[int(np.searchsorted(bounds, _unit_hash(key), side="right"))].append(item)
     return parts
+
+
+def without_seen(test: Sequence[T], seen: Iterable[str], text: Callable[[T], str]) -> tuple[list[T], int]:
+    """``test`` less the items whose normalised text is one of the ``seen`` texts (normalised here), and how
+    many were left out: for data sets that come with their own splits, whose test part repeats some training
+    queries."""
+    known = {normalise_text(s) for s in seen}
+    kept = [q for q in test if normalise_text(text(q)) not in known]
+    return kept, len(test) - len(kept)
 
 
 # ---------------------------------------------------------------- file helpers

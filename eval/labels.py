@@ -26,13 +26,14 @@ from eval.datasets import (
     load_labelled_jsonl,
     load_snips,
     split_by_id,
+    without_seen,
 )
 from eval.peer import write_split
 from eval.report import plot_confusion, plot_familiar_sweep, plot_reliability
 from eval.suite import SuiteContext, subsample
 
 __all__ = ["evaluate_labels", "run_banking77_intent", "run_clinc150_domain", "run_jsonl",
-           "run_mmlu_pro_domain", "run_snips_intent"]
+           "run_mmlu_pro_domain", "run_snips_intent", "unseen_test"]
 
 FRACTIONS = (0.7, 0.1, 0.2)
 KNN_K = 10
@@ -55,8 +56,10 @@ def run_mmlu_pro_domain(ctx: SuiteContext) -> dict[str, Any]:
     store = load_mmlu_pro(_folder(ctx, "mmlu_pro_outcomes"))
     # The text is the prompt a user sends (question and lettered options), as routed in production.
     items = [LabelledQuery(str(q.question_id), mmlu_pro_prompt(q), q.category) for q in store.questions]
-    train, val, test = split_by_id(items, FRACTIONS, seed=ctx.seed)
-    ctx.notes.append(f"split by question id, fractions {FRACTIONS}, seed {ctx.seed}; train and val both train "
+    train, val, test = split_by_id(items, FRACTIONS, seed=ctx.seed, text=lambda q: q.text)
+    ctx.notes.append(f"split by question id, fractions {FRACTIONS}, seed {ctx.seed}, except that prompts whose "
+                     "normalised text occurs more than once are placed by a hash of that text, so copies share a "
+                     "part and no test prompt is also a training one; train and val both train "
                      "the gate (it holds out its own calibration part); text = mmlu_pro_prompt (question + options)")
     return evaluate_labels(ctx, _limit(ctx, train + val), _limit(ctx, test), title="MMLU-Pro, 14 categories")
 
@@ -64,23 +67,39 @@ def run_mmlu_pro_domain(ctx: SuiteContext) -> dict[str, Any]:
 def run_clinc150_domain(ctx: SuiteContext) -> dict[str, Any]:
     d = ctx.data_dir
     train = [q for q in load_clinc150_domains(d, "train") if q.label != CLINC_OOS_LABEL]
+    val = load_clinc150_domains(d, "val")
+    test, dropped = unseen_test(ctx, "CLINC150", load_clinc150_domains(d, "test"), [*train, *val])
     ctx.notes.append("CLINC150's own split; the gate trains on in-scope train only; the out-of-scope score is "
                      "chosen by AUROC on CLINC's val split (in-scope + oos_val), then reported on test")
-    return evaluate_labels(ctx, _limit(ctx, train), _limit(ctx, load_clinc150_domains(d, "test")),
-                           val=_limit(ctx, load_clinc150_domains(d, "val")), oos_label=CLINC_OOS_LABEL,
-                           title="CLINC150, 10 domains")
+    return evaluate_labels(ctx, _limit(ctx, train), _limit(ctx, test), val=_limit(ctx, val),
+                           oos_label=CLINC_OOS_LABEL, title="CLINC150, 10 domains", test_dropped=dropped)
+
+
+def unseen_test(ctx: SuiteContext, name: str, test: list[LabelledQuery],
+                seen: Sequence[LabelledQuery]) -> tuple[list[LabelledQuery], int]:
+    """A data set's own test split less the queries whose normalised text also occurs in its training (or
+    validation) data ``seen``, with a note saying how many were dropped."""
+    kept, dropped = without_seen(test, (q.text for q in seen), lambda q: q.text)
+    ctx.notes.append(f"{name}'s own test split repeats {dropped} of its training/validation queries (same text "
+                     f"after lower-casing and collapsing whitespace); those {dropped} are dropped from test "
+                     "(setup.test_dropped_seen_in_training)")
+    return kept, dropped
 
 
 def run_snips_intent(ctx: SuiteContext) -> dict[str, Any]:
     ctx.notes.append("SNIPS's own train/test split")
-    return evaluate_labels(ctx, _limit(ctx, load_snips(ctx.data_dir, "train")),
-                           _limit(ctx, load_snips(ctx.data_dir, "test")), title="SNIPS, 7 intents")
+    train = load_snips(ctx.data_dir, "train")
+    test, dropped = unseen_test(ctx, "SNIPS", load_snips(ctx.data_dir, "test"), train)
+    return evaluate_labels(ctx, _limit(ctx, train), _limit(ctx, test), title="SNIPS, 7 intents",
+                           test_dropped=dropped)
 
 
 def run_banking77_intent(ctx: SuiteContext) -> dict[str, Any]:
     ctx.notes.append("Banking77's own train/test split")
-    return evaluate_labels(ctx, _limit(ctx, load_banking77(ctx.data_dir, "train")),
-                           _limit(ctx, load_banking77(ctx.data_dir, "test")), title="Banking77, 77 intents")
+    train = load_banking77(ctx.data_dir, "train")
+    test, dropped = unseen_test(ctx, "Banking77", load_banking77(ctx.data_dir, "test"), train)
+    return evaluate_labels(ctx, _limit(ctx, train), _limit(ctx, test), title="Banking77, 77 intents",
+                           test_dropped=dropped)
 
 
 def run_jsonl(ctx: SuiteContext, *, oos_label: str | None = None) -> dict[str, Any]:
@@ -128,11 +147,13 @@ def _folder(ctx: SuiteContext, name: str) -> Any:
 
 def evaluate_labels(ctx: SuiteContext, train: Sequence[LabelledQuery], test: Sequence[LabelledQuery], *,
                     val: Sequence[LabelledQuery] = (), oos_label: str | None = None,
-                    unseen_out_of_scope: bool = False, title: str) -> dict[str, Any]:
+                    unseen_out_of_scope: bool = False, title: str,
+                    test_dropped: int | None = None) -> dict[str, Any]:
     """Train the gate and the baselines on ``train``, score them on ``test``; the results body.
 
     Test queries labelled ``oos_label`` are out of scope; with ``unseen_out_of_scope``, so are those whose
-    label never occurs in ``train`` (otherwise they are left out and counted as ``test_unseen_label``)."""
+    label never occurs in ``train`` (otherwise they are left out and counted as ``test_unseen_label``).
+    ``test_dropped``: how many test queries the caller dropped as repeats of training ones (recorded in setup)."""
     from router.gate import train_gate
 
     labels = sorted({q.label for q in train})
@@ -168,6 +189,8 @@ def evaluate_labels(ctx: SuiteContext, train: Sequence[LabelledQuery], test: Seq
                                       "test_out_of_scope": len(oos), "test_unseen_label": unseen,
                                       "labels": len(labels), "gate_temperature": gate.temperature,
                                       "gate_classifier": gate.metadata.classifier}}
+    if test_dropped is not None:
+        body["setup"]["test_dropped_seen_in_training"] = test_dropped
     if oos:
         oos_result = _out_of_scope(gate, x_tr, (x_te, [q.text for q in scored]),
                                    (enc.encode([q.text for q in oos]), [q.text for q in oos]), val, index, oos_label,

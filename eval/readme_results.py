@@ -26,10 +26,33 @@ Metrics = Mapping[str, Any]
 
 @dataclass(frozen=True)
 class Target:
-    """A goal an issue states, and how to check it against one suite's ``metrics`` (None: cannot tell)."""
+    """A goal an issue states, and how to check it against one suite's ``metrics`` (None: cannot tell).
+
+    ``judge``, when given, reads the whole results (intervals included) and returns the cell's verdict in words
+    (None: fall back to ``check``'s mark), so a target met only within noise is not shown as plainly met."""
 
     text: str
     check: Callable[[Metrics], bool | None]
+    judge: Callable[[Mapping[str, Any]], str | None] | None = None
+
+
+def _straddles(key: str, bar: float) -> Callable[[Mapping[str, Any]], str | None]:
+    """``check``'s mark, plus the margin in test queries and a warning when the 95% interval straddles ``bar``."""
+
+    def judge(r: Mapping[str, Any]) -> str | None:
+        value, ci = _num(r["metrics"].get(key)), r.get("confidence_intervals", {}).get(key)
+        if value is None or not ci or _num(ci.get("low")) is None or not ci["low"] < bar <= ci["high"]:
+            return None
+        mark = "✅" if value >= bar else "❌"
+        n = _num(r.get("setup", {}).get("test"))
+        by = ""
+        if n:
+            queries = round(value * n) - math.ceil(bar * n - 1e-9)
+            by = f" by {abs(queries)} of {int(n)} test queries" if value >= bar else ""
+        return (f"{mark}{by}, not shown: its 95% interval [{_f(ci['low'])}, {_f(ci['high'])}] straddles "
+                f"{bar:g}")
+
+    return judge
 
 
 def _at_least(key: str, bar: float) -> Callable[[Metrics], bool | None]:
@@ -41,6 +64,21 @@ def _beats_peer(m: Metrics) -> bool | None:
     return None if ours is None or peer is None else ours > peer
 
 
+def _served_vs_best(r: Mapping[str, Any]) -> str | None:
+    """The served gate against the best single LLM (chosen on training) with the paired bootstrap interval of
+    their difference on test: met only when the interval lies above 0; within noise when it holds 0."""
+    ci = r.get("confidence_intervals", {}).get("served_minus_best_single")
+    if not ci or _num(ci.get("low")) is None:
+        return None
+    d = (f"served − best single {float(ci['estimate']):+.4f}, 95% paired bootstrap interval "
+         f"[{float(ci['low']):+.4f}, {float(ci['high']):+.4f}]")
+    if ci["low"] > 0:
+        return f"✅ ({d})"
+    if ci["high"] < 0:
+        return f"❌ ({d})"
+    return f"{'≈' if ci['estimate'] >= 0 else '❌'}, not shown: within noise ({d})"
+
+
 def _routed_vs_best(m: Metrics) -> bool | None:
     """Judged on the gate the product serves (``served_routed_accuracy``); results from before it was scored
     fall back to the evaluation's tuned router."""
@@ -50,11 +88,19 @@ def _routed_vs_best(m: Metrics) -> bool | None:
 
 
 def _arc_cost(m: Metrics) -> bool | None:
+    """Met when an operating point chosen on tuning data (routing to one expert, or ``escalate``) reaches GPT-4's
+    test accuracy at ≤ 30% of its test cost. Results from before the points were chosen on tuning carry no
+    ``arc_gpt4_match_accuracy`` and are judged on the share alone."""
     # None in results.json means the curve never reached GPT-4's accuracy on ARC: the target is missed.
     if "arc_gpt4_cost_share" not in m:
         return None
-    share = _num(m["arc_gpt4_cost_share"])
-    return share is not None and share <= 0.30
+    gpt4 = _num(m.get("arc_gpt4_accuracy"))
+    for prefix in ("arc_", "arc_escalate_"):
+        share, acc = _num(m.get(f"{prefix}gpt4_cost_share")), _num(m.get(f"{prefix}gpt4_match_accuracy"))
+        reached = gpt4 is None or "arc_gpt4_match_accuracy" not in m or (acc is not None and acc >= gpt4)
+        if share is not None and share <= 0.30 and reached:
+            return True
+    return False
 
 
 def _combine_margin(m: Metrics) -> bool | None:
@@ -69,13 +115,14 @@ def _combine_margin(m: Metrics) -> bool | None:
 
 _PEER_TARGET = Target("beat semantic-router", _beats_peer)
 TARGETS: dict[str, list[Target]] = {
-    "mmlu-pro-domain": [Target("acc@1 ≥ 0.85", _at_least("accuracy", 0.85)),
-                        Target("top-2 ≥ 0.95", _at_least("top2_recall", 0.95)), _PEER_TARGET],
-    "clinc150-domain": [Target("acc@1 ≥ 0.98", _at_least("accuracy", 0.98)),
+    "mmlu-pro-domain": [Target("acc@1 ≥ 0.85", _at_least("accuracy", 0.85), _straddles("accuracy", 0.85)),
+                        Target("top-2 ≥ 0.95", _at_least("top2_recall", 0.95), _straddles("top2_recall", 0.95)),
+                        _PEER_TARGET],
+    "clinc150-domain": [Target("acc@1 ≥ 0.98", _at_least("accuracy", 0.98), _straddles("accuracy", 0.98)),
                         Target("OOS AUROC ≥ 0.97", _at_least("oos_auroc", 0.97)), _PEER_TARGET],
     "snips-intent": [_PEER_TARGET],
     "banking77-intent": [_PEER_TARGET],
-    "mmlu-pro-outcome": [Target("served gate's top-1 ≥ best single", _routed_vs_best)],
+    "mmlu-pro-outcome": [Target("served gate's top-1 ≥ best single on training", _routed_vs_best, _served_vs_best)],
     "routerbench": [Target("ARC: GPT-4's accuracy at ≤ 30% of its cost", _arc_cost)],
     "mmlu-pro-combine": [Target("strategy chosen by cross-validation ≥ best single + 0.05", _combine_margin)],
 }
@@ -145,22 +192,49 @@ def _label_cells(r: Mapping[str, Any]) -> tuple[str, str, str]:
     return head, base, peer
 
 
+def _unit(r: Mapping[str, Any]) -> str:
+    """The cost unit, short: ``setup.cost_unit`` as the outcome suites record it."""
+    unit = str(r.get("setup", {}).get("cost_unit", ""))
+    if unit.startswith("USD"):
+        return " USD/query"
+    if "thousand characters" in unit:
+        return " k output chars/query"
+    return f" {unit}" if unit else ""
+
+
+def _share(m: Metrics, acc: str, share: str) -> str:
+    if _num(m.get(acc)) is None:
+        return "none (no λ qualified on tuning)"
+    return f"{_f(m.get(acc))} at {_f(m.get(share), 2)} of its cost"
+
+
 def _outcome_cells(r: Mapping[str, Any]) -> tuple[str, str, str]:
     m = r["metrics"]
+    unit = _unit(r)
     head = (f"routed acc **{_f(m['routed_accuracy'])}**{_ci(r, 'routed_accuracy')} at cost "
-            f"{_f(m.get('routed_cost'), 4)}, AIQ {_f(m.get('aiq'))}")
+            f"{_f(m.get('routed_cost'), 4)}{unit}, AIQ {_f(m.get('aiq'))}")
+    head += f" ({_f(m['aiq_from_zero'])} over [0, c_max])" if "aiq_from_zero" in m else ""
     if "served_routed_accuracy" in m:
         head += f"; served gate (`moe train`) acc **{_f(m['served_routed_accuracy'])}**"
-    if "arc_gpt4_cost_share" in m:
-        head += f"; ARC: GPT-4's accuracy at {_f(m['arc_gpt4_cost_share'], 2)} of its cost"
-    if "arc_escalate_accuracy_within_30pct" in m:
-        head += (f"; ARC within 30% of GPT-4's cost: acc {_f(m.get('arc_accuracy_within_30pct'))}, "
-                 f"with `escalate` {_f(m['arc_escalate_accuracy_within_30pct'])}")
+    if m.get("arc_operating_points_chosen_on") == "tuning":
+        head += (f"; ARC (GPT-4 {_f(m.get('arc_gpt4_accuracy'))}), λ chosen on tuning, scored on test: the "
+                 f"cheapest λ reaching GPT-4 on tuning {_share(m, 'arc_gpt4_match_accuracy', 'arc_gpt4_cost_share')}"
+                 f", with `escalate` {_share(m, 'arc_escalate_gpt4_match_accuracy', 'arc_escalate_gpt4_cost_share')}"
+                 f"; the best λ within 30% of GPT-4's cost on tuning "
+                 f"{_share(m, 'arc_accuracy_within_30pct', 'arc_cost_share_within_30pct')}, with `escalate` "
+                 f"{_share(m, 'arc_escalate_accuracy_within_30pct', 'arc_escalate_cost_share_within_30pct')}")
+    else:
+        if "arc_gpt4_cost_share" in m:
+            head += f"; ARC: GPT-4's accuracy at {_f(m['arc_gpt4_cost_share'], 2)} of its cost"
+        if "arc_escalate_accuracy_within_30pct" in m:
+            head += (f"; ARC within 30% of GPT-4's cost: acc {_f(m.get('arc_accuracy_within_30pct'))}, "
+                     f"with `escalate` {_f(m['arc_escalate_accuracy_within_30pct'])}")
     systems = {k: v for k, v in r.get("systems", {}).items()
                if not k.startswith(("gate", "served gate", "oracle")) and _num(v.get("accuracy")) is not None}
     best = max(systems, key=lambda k: systems[k]["accuracy"]) if systems else None
-    base = (f"{best} acc {_f(systems[best]['accuracy'])} at cost {_f(systems[best].get('cost'), 4)}" if best
-            else f"best single acc {_f(m.get('best_single_accuracy'))}")
+    shown = best.replace("best single (", "best single on training (", 1) if best else None
+    base = (f"{shown} acc {_f(systems[best]['accuracy'])} at cost {_f(systems[best].get('cost'), 4)}{unit}" if best
+            else f"best single on training acc {_f(m.get('best_single_accuracy'))}")
     base += f"; oracle {_f(m.get('oracle_accuracy'))}"
     return head, base, "—"
 
@@ -177,9 +251,20 @@ def _strong_weak_cells(r: Mapping[str, Any]) -> tuple[str, str, str]:
 def _combine_cells(r: Mapping[str, Any]) -> tuple[str, str, str]:
     m = r["metrics"]
     shown = sorted(_strategies(m).items(), key=lambda kv: -kv[1])
-    head = ", ".join(f"{name} {_f(v)}" for name, v in shown) or "n/a"
+    # Strategies with the same answer on every test query are one system: named together, shown once.
+    alias = {name: group for group in r.get("setup", {}).get("identical_strategies", []) for name in group}
+    cells, done = [], set()
+    for name, v in shown:
+        group = [g for g in alias.get(name, [name]) if g in dict(shown)]
+        if name in done:
+            continue
+        done.update(group)
+        cells.append(f"{' = '.join(group)} {_f(v)}" + (" (same answers)" if len(group) > 1 else ""))
+    head = ", ".join(cells) or "n/a"
     head += f" (chosen by cross-validation: {m['chosen_strategy']})" if m.get("chosen_strategy") else ""
-    base = f"best single acc {_f(m.get('best_single_accuracy'))}"
+    panels = r.get("setup", {}).get("panel_k")
+    head += f"; chosen panel sizes: {', '.join(f'{k} top-{v}' for k, v in panels.items())}" if panels else ""
+    base = f"best single on training acc {_f(m.get('best_single_accuracy'))}"
     base += f"; oracle {_f(m['oracle_accuracy'])}" if "oracle_accuracy" in m else ""
     return head, base, "—"
 
@@ -202,9 +287,13 @@ def _cells(r: Mapping[str, Any]) -> tuple[str, str, str]:
     return _generic_cells(r)
 
 
-def _targets(suite: str, m: Metrics) -> str:
+def _targets(suite: str, r: Mapping[str, Any]) -> str:
     marks = {True: "✅", False: "❌", None: "?"}
-    return "; ".join(f"{t.text} {marks[t.check(m)]}" for t in TARGETS.get(suite, [])) or "—"
+    shown = []
+    for t in TARGETS.get(suite, []):
+        verdict = t.judge(r) if t.judge is not None else None
+        shown.append(f"{t.text} {verdict if verdict is not None else marks[t.check(r['metrics'])]}")
+    return "; ".join(shown) or "—"
 
 
 def _escape(cell: str) -> str:
@@ -220,7 +309,7 @@ def render_block(results: Sequence[Mapping[str, Any]]) -> str:
         setup = r.get("setup", {})
         head, base, peer = _cells(r)
         command = f"`{r['command']}`" if r.get("command") else "n/a"
-        rows.append([f"`{r['suite']}`", head, base, peer, _targets(r["suite"], r["metrics"]), command,
+        rows.append([f"`{r['suite']}`", head, base, peer, _targets(r["suite"], r), command,
                      str(setup.get("date", "n/a")), str(setup.get("machine", "n/a"))])
     lines = [
         "Generated by `make results` (`python -m eval.results`) from each suite's `results.json` under "

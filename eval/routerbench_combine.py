@@ -54,13 +54,14 @@ from eval.combine_suite import (
     LEARNED,
     PANEL_SIZES,
     WEIGHTS,
+    identical_groups,
     mean_interval,
     plot_strategies,
     weights_of,
 )
 from eval.outcome import NeighbourOutcomes, route_with_margin
 from eval.report import plot_accuracy_cost
-from eval.routing import ALPHA_GRID, K_GRID, fill_costs, routerbench_split, tune_margin
+from eval.routing import ALPHA_GRID, K_GRID, fill_costs, routerbench_dropped, routerbench_split, tune_margin
 from eval.suite import SuiteContext
 from router.combine import (
     EXTRACTORS,
@@ -319,6 +320,13 @@ def run_routerbench_combine(ctx: SuiteContext) -> dict[str, Any]:
     systems["oracle (cheapest correct)"] = {"accuracy": oracle.accuracy, "cost_per_query": oracle.cost,
                                             "total_cost": oracle.cost * len(test)}
     table = _panel_table(rec, s, sizes, vote, consensus)
+    same = identical_groups({name: np.r_[correct, cost] for name, (correct, cost) in scored.items()})
+    if same:
+        ctx.notes.append(
+            "strategies with the same answer and cost on every test query are one system under several names "
+            f"({'; '.join(' = '.join(g) for g in same)}): a panel of one (chosen sizes: vote and consensus top-"
+            f"{chosen['k']}, " + ", ".join(f"{n} top-{chosen_learned[n]['k']}" for n in LEARNED) + ") is that "
+            "expert's answer, and consensus over letter embeddings is the vote by construction")
     ctx.notes += _notes(ctx, chosen, scored, rec, table)
     fitted = learned["learned_length_vote"]
     ctx.notes.append(
@@ -336,6 +344,10 @@ def run_routerbench_combine(ctx: SuiteContext) -> dict[str, Any]:
                   **{f"chosen_{k}": v for k, v in chosen.items()},
                   "chosen_learned": chosen_learned,
                   "length_coef": fitted.length_coef,
+                  "test_dropped_seen_in_training": routerbench_dropped(rows),
+                  "panel_k": {"vote": chosen["k"], "consensus": chosen["k"],
+                              **{name: chosen_learned[name]["k"] for name in LEARNED}},
+                  "identical_strategies": same,
                   **{f"top1_{k}": v for k, v in chosen_top1.items()}},
         "confidence_intervals": cis,
         "systems": systems,

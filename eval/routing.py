@@ -8,19 +8,20 @@ recorded outcomes. Routers are tuned on validation data; the test split is score
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 
 from eval import metrics as M
-from eval.datasets import load_routellm_mmlu, split_by_id
+from eval.datasets import load_routellm_mmlu, split_by_id, without_seen
 from eval.outcome import NeighbourOutcomes, route_with_cost, route_with_margin
 from eval.report import plot_cost_curves, plot_quality_cost, plot_strong_calls
 from eval.suite import SuiteContext, as_float, subsample
 
-__all__ = ["best_within", "escalate_curve", "fill_costs", "mmlu_pro_split", "routerbench_split",
-           "run_mmlu_pro_outcome", "run_routellm_mmlu", "run_routerbench", "tune_margin"]
+__all__ = ["best_within", "chosen_match", "chosen_within", "escalate_curve", "fill_costs", "mmlu_pro_split",
+           "routerbench_dropped", "routerbench_split", "run_mmlu_pro_outcome", "run_routellm_mmlu",
+           "run_routerbench", "tune_margin"]
 
 FRACTIONS = (0.7, 0.1, 0.2)
 K_GRID = (10, 25, 50, 100)
@@ -105,11 +106,17 @@ def route_outcomes(ctx: SuiteContext, x: np.ndarray, outcomes: np.ndarray, costs
     diff = M.bootstrap_ci(lambda o, c: M.routed_accuracy(c, o) - float(np.nan_to_num(o[:, best]).mean()),
                           o_test, choices, n=N_BOOT, seed=ctx.seed)
     acc_ci = M.bootstrap_ci(lambda o, c: M.routed_accuracy(c, o), o_test, choices, n=N_BOOT, seed=ctx.seed)
+    # Paired: the served gate and the best single on the same resampled test queries (the gate is not refitted).
+    served_diff = M.bootstrap_ci(lambda o, c: M.routed_accuracy(c, o) - float(np.nan_to_num(o[:, best]).mean()),
+                                 o_test, served_choices, n=N_BOOT, seed=ctx.seed)
     curve, hull = _curve(model, ids, success, o_test, c_test, chosen["alpha"])
+    curve_costs = [p["cost"] for p in curve]
     metrics = {"routed_accuracy": routed["accuracy"], "best_single_accuracy": experts[models[best]]["accuracy"],
                "oracle_accuracy": M.oracle_accuracy(o_test), "routed_cost": routed["cost"],
                "best_single_cost": experts[models[best]]["cost"], "routed_minus_best_single": diff.estimate,
-               "aiq": M.aiq([p["cost"] for p in curve], [p["accuracy"] for p in curve]),
+               "aiq": M.aiq(curve_costs, [p["accuracy"] for p in curve]),
+               # RouterBench's own code normalises over [0, c_max], not the curve's own cost range.
+               "aiq_from_zero": M.aiq(curve_costs, [p["accuracy"] for p in curve], (0.0, max(curve_costs))),
                "served_routed_accuracy": served_system["accuracy"],
                "served_minus_best_single": served_system["accuracy"] - experts[models[best]]["accuracy"]}
     body: dict[str, Any] = {
@@ -119,13 +126,25 @@ def route_outcomes(ctx: SuiteContext, x: np.ndarray, outcomes: np.ndarray, costs
                                                                            chosen.items()}},
         "confidence_intervals": {
             "routed_accuracy": {"estimate": acc_ci.estimate, "low": acc_ci.low, "high": acc_ci.high},
-            "routed_minus_best_single": {"estimate": diff.estimate, "low": diff.low, "high": diff.high}},
+            "routed_minus_best_single": {"estimate": diff.estimate, "low": diff.low, "high": diff.high},
+            "served_minus_best_single": {"estimate": served_diff.estimate, "low": served_diff.low,
+                                         "high": served_diff.high}},
         "systems": systems, "experts": experts, "curve": curve, "hull": {"cost": hull[0], "accuracy": hull[1]},
         "routed_share": {m: float(np.mean(choices == i)) for i, m in enumerate(models) if np.any(choices == i)},
         "tuning_grid": grid,
     }
     if reference is not None:
-        body["reference_match"] = _match(curve, experts[reference], reference)
+        # The operating point is chosen on val (router fitted on train), then scored once on test.
+        ref = models.index(reference)
+        tune_model = NeighbourOutcomes(x[train], outcomes[train], costs[train])
+        tune_ids = tune_model.neighbours(x[val], int(chosen["k"]))
+        tune_success = tune_model.success(tune_ids, chosen["alpha"])
+        tune_curve, _ = _curve(tune_model, tune_ids, tune_success, outcomes[val], costs[val], chosen["alpha"])
+        tune_ref = _system(outcomes[val], costs[val], _always(len(val), ref))
+        predicted = model.cost(ids)
+        body["reference_match"] = chosen_match(
+            tune_curve, tune_ref, lambda lam: _system(o_test, c_test, route_with_cost(success, predicted, lam)),
+            experts[reference], reference)
     if ctx.plots:
         singles = {m: (e["cost"], e["accuracy"]) for m, e in experts.items()}
         plot_quality_cost(ctx.out / "quality_cost.png", [(p["cost"], p["accuracy"]) for p in curve], hull,
@@ -163,12 +182,49 @@ def _curve(model: NeighbourOutcomes, ids: np.ndarray, success: np.ndarray, o_tes
     return curve, hull
 
 
-def _match(curve: list[dict[str, float]], ref: dict[str, float], name: str) -> dict[str, Any]:
+def _match(curve: Sequence[dict[str, float]], ref: dict[str, float], name: str) -> dict[str, Any]:
     """The cheapest curve point at least as accurate as ``ref``, and its cost as a share of ``ref``'s."""
     hits = [p for p in curve if p["accuracy"] >= ref["accuracy"]]
     point = min(hits, key=lambda p: p["cost"]) if hits else None
     return {"reference": name, "reference_accuracy": ref["accuracy"], "reference_cost": ref["cost"],
             "point": point, "cost_share": point["cost"] / ref["cost"] if point else None}
+
+
+def _on_test(point: dict[str, float] | None, test_ref: dict[str, float]) -> dict[str, Any]:
+    return {"point": point, "accuracy": point["accuracy"] if point else None,
+            "cost_share": point["cost"] / test_ref["cost"] if point else None}
+
+
+def chosen_match(tune_curve: Sequence[dict[str, float]], tune_ref: dict[str, float],
+                 test_at: Callable[[float], dict[str, float]], test_ref: dict[str, float],
+                 name: str) -> dict[str, Any]:
+    """"The reference's accuracy at what share of its cost", with the operating point chosen on tuning data: the
+    cheapest λ of ``tune_curve`` at least as accurate as the reference there (``_match``), then that λ applied
+    once to test (``test_at(λ)``: the test point). ``cost_share`` and ``accuracy`` are the test point's;
+    ``reaches_reference_on_test`` says whether it is at least as accurate as the reference on test."""
+    tuned = _match(tune_curve, tune_ref, name)
+    lam = tuned["point"]["lambda"] if tuned["point"] else None
+    test = _on_test(test_at(lam) if lam is not None else None, test_ref)
+    return {"reference": name, "chosen_on": "tuning", "lambda": lam, "reference_accuracy": test_ref["accuracy"],
+            "reference_cost": test_ref["cost"], **test,
+            "reaches_reference_on_test": None if lam is None else bool(test["accuracy"] >= test_ref["accuracy"]),
+            "tuning": {"reference_accuracy": tune_ref["accuracy"], "point": tuned["point"],
+                       "cost_share": tuned["cost_share"]}}
+
+
+def chosen_within(tune_curve: Sequence[dict[str, float]], tune_ref: dict[str, float],
+                  test_at: Callable[[float], dict[str, float]], test_ref: dict[str, float],
+                  share: float) -> dict[str, Any]:
+    """The most accurate λ of ``tune_curve`` costing at most ``share`` of the reference there (``best_within``
+    on tuning data), applied once to test: ``accuracy`` and ``cost_share`` are the test point's, and
+    ``within_budget_on_test`` says whether it kept to the budget there."""
+    tuned = best_within(tune_curve, share * tune_ref["cost"])
+    lam = tuned["point"]["lambda"] if tuned["point"] else None
+    test = _on_test(test_at(lam) if lam is not None else None, test_ref)
+    return {"chosen_on": "tuning", "budget_share": share, "lambda": lam, **test,
+            "within_budget_on_test": None if lam is None else bool(test["cost_share"] <= share),
+            "tuning": {"accuracy": tuned["accuracy"],
+                       "cost_share": tuned["point"]["cost"] / tune_ref["cost"] if tuned["point"] else None}}
 
 
 # ---------------------------------------------------------------- suites
@@ -180,14 +236,18 @@ def _ids_to_rows(ids: Sequence[str], parts: Sequence[Sequence[Any]]) -> list[np.
 
 
 class _Row:
-    __slots__ = ("id",)
+    __slots__ = ("id", "text")
 
-    def __init__(self, id_: str) -> None:
-        self.id = id_
+    def __init__(self, id_: str, text: str = "") -> None:
+        self.id, self.text = id_, text
 
 
-def _split(ctx: SuiteContext, ids: Sequence[str], fractions: Sequence[float]) -> list[np.ndarray]:
-    parts = split_by_id([_Row(i) for i in ids], fractions, seed=ctx.seed)
+def _split(ctx: SuiteContext, ids: Sequence[str], fractions: Sequence[float],
+           texts: Sequence[str] | None = None) -> list[np.ndarray]:
+    """Row indices of each part of ``split_by_id`` over ``ids``; with ``texts``, copies of one normalised text
+    share a part (``split_by_id``'s ``text``)."""
+    rows = [_Row(i, t) for i, t in zip(ids, texts if texts is not None else [""] * len(ids), strict=True)]
+    parts = split_by_id(rows, fractions, seed=ctx.seed, text=(lambda r: r.text) if texts is not None else None)
     parts = tuple(subsample(p, ctx.limit, ctx.seed, key=lambda r: r.id) for p in parts)
     return _ids_to_rows(ids, parts)
 
@@ -199,10 +259,11 @@ def mmlu_pro_split(ctx: SuiteContext, store: Any) -> tuple[np.ndarray, np.ndarra
     from experts.recordings import mmlu_pro_prompt
 
     ids = [str(q.question_id) for q in store.questions]
-    train, val, test = _split(ctx, ids, FRACTIONS)
+    prompts = [mmlu_pro_prompt(q) for q in store.questions]
+    train, val, test = _split(ctx, ids, FRACTIONS, prompts)
     used = np.r_[train, val, test]
     x = np.zeros((len(ids), ctx.encoder.dim), dtype=np.float32)
-    x[used] = ctx.encoder.encode([mmlu_pro_prompt(store.questions[i]) for i in used])
+    x[used] = ctx.encoder.encode([prompts[i] for i in used])
     return train, val, test, x
 
 
@@ -217,7 +278,9 @@ def run_mmlu_pro_outcome(ctx: SuiteContext) -> dict[str, Any]:
     chars = np.stack([as_float([o.response_chars for o in store.outcomes(m)]) for m in models], axis=1)
     chars = np.where(np.isnan(outcomes), np.nan, chars)
     ctx.notes += [
-        f"split by question id, fractions {FRACTIONS}, seed {ctx.seed}; k, shrinkage and margin tuned on val",
+        f"split by question id, fractions {FRACTIONS}, seed {ctx.seed} (prompts whose normalised text occurs more "
+        "than once are placed by a hash of that text, so no test prompt is also a training one); k, shrinkage and "
+        "margin tuned on val",
         "cost model: MMLU-Pro records no prices, so a query's cost is the chosen model's recorded output length "
         "in characters (response_chars; generation cost grows with output tokens); a missing length is the "
         "model's training-split mean. Model size is not priced in: a 7B and a frontier model cost the same per "
@@ -233,13 +296,24 @@ def run_mmlu_pro_outcome(ctx: SuiteContext) -> dict[str, Any]:
 
 def routerbench_split(ctx: SuiteContext, rows: Sequence[Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(train, tuning, test) row indices into RouterBench's ``rows``: its own train/test split, 15% of train by
-    row id for tuning, and the test split subsampled to ``ctx.limit``. Shared by the routing and combining suites."""
+    row id for tuning (copies of one prompt share a part), and the test split less the prompts that also occur in
+    train (normalised text; a note says how many), subsampled to ``ctx.limit``. Shared by the routing and
+    combining suites."""
     ids = [str(r.row_index) for r in rows]
     train_all = np.array([i for i, r in enumerate(rows) if r.split == "train"])
-    tr, va = _split(ctx, [ids[i] for i in train_all], (0.85, 0.15))[:2]
-    test_rows = [_Row(ids[i]) for i, r in enumerate(rows) if r.split == "test"]
+    tr, va = _split(ctx, [ids[i] for i in train_all], (0.85, 0.15), [rows[i].prompt for i in train_all])[:2]
+    test_rows, dropped = without_seen([_Row(ids[i], r.prompt) for i, r in enumerate(rows) if r.split == "test"],
+                                      (rows[i].prompt for i in train_all), lambda r: r.text)
+    ctx.notes.append(f"RouterBench's own test split repeats {dropped} of its training prompts (same text after "
+                     f"lower-casing and collapsing whitespace); those {dropped} are dropped from test")
     test = _ids_to_rows(ids, [subsample(test_rows, ctx.limit, ctx.seed, key=lambda r: r.id)])[0]
     return train_all[tr], train_all[va], test
+
+
+def routerbench_dropped(rows: Sequence[Any]) -> int:
+    """How many of RouterBench's test prompts ``routerbench_split`` drops as repeats of training prompts."""
+    seen = [r.prompt for r in rows if r.split == "train"]
+    return without_seen([r for r in rows if r.split == "test"], seen, lambda r: r.prompt)[1]
 
 
 def run_routerbench(ctx: SuiteContext) -> dict[str, Any]:
@@ -270,17 +344,36 @@ def run_routerbench(ctx: SuiteContext) -> dict[str, Any]:
     body = route_outcomes(ctx, x, outcomes, costs, models, train, val, test, texts=[r.prompt for r in rows],
                           cost_label="USD per query",
                           title="RouterBench subset, 11 LLMs", reference="gpt-4-1106-preview")
+    body["setup"]["test_dropped_seen_in_training"] = routerbench_dropped(rows)
     arc = np.array([rows[i].task == "arc_challenge" for i in test])
-    if arc.any():
-        texts = [[rows[i].answers[m].response for m in models] for i in test[arc]]
+    tune_arc = val[[rows[i].task == "arc_challenge" for i in val]]
+    if arc.any() and len(tune_arc):
+        def responses(idx: np.ndarray) -> list[list[str]]:
+            return [[rows[i].answers[m].response for m in models] for i in idx]
+
         body["arc_challenge"] = _subset_curve(body, outcomes[test][arc], fill_costs(costs, train)[test][arc],
-                                              models, x, outcomes, costs, np.r_[train, val], test[arc], texts)
-        body["metrics"]["arc_gpt4_cost_share"] = body["arc_challenge"]["reference_match"]["cost_share"]
+                                              models, x, outcomes, costs, np.r_[train, val], test[arc],
+                                              responses(test[arc]), train, tune_arc, responses(tune_arc))
         arc_body = body["arc_challenge"]
+        match, esc_match = arc_body["reference_match"], arc_body["escalate"]["reference_match"]
+        within, esc_within = arc_body["within_30pct"], arc_body["escalate"]["within_30pct"]
+        # Every operating point below was chosen on the tuning split's ARC queries, then scored once on test.
         body["metrics"].update({
-            "arc_escalate_gpt4_cost_share": arc_body["escalate"]["reference_match"]["cost_share"],
-            "arc_accuracy_within_30pct": arc_body["within_30pct"]["accuracy"],
-            "arc_escalate_accuracy_within_30pct": arc_body["escalate"]["within_30pct"]["accuracy"]})
+            "arc_operating_points_chosen_on": "tuning",
+            "arc_gpt4_accuracy": match["reference_accuracy"],
+            "arc_gpt4_cost_share": match["cost_share"], "arc_gpt4_match_accuracy": match["accuracy"],
+            "arc_escalate_gpt4_cost_share": esc_match["cost_share"],
+            "arc_escalate_gpt4_match_accuracy": esc_match["accuracy"],
+            "arc_accuracy_within_30pct": within["accuracy"], "arc_cost_share_within_30pct": within["cost_share"],
+            "arc_escalate_accuracy_within_30pct": esc_within["accuracy"],
+            "arc_escalate_cost_share_within_30pct": esc_within["cost_share"]})
+        ctx.notes.append(
+            "ARC operating points (GPT-4's accuracy at the least cost; the best accuracy within 30% of GPT-4's "
+            "cost), for routing to one expert and for escalate: each λ is chosen on the tuning split's "
+            f"{len(tune_arc)} ARC queries (router fitted on the rest of train, GPT-4's cost and accuracy on those "
+            "queries as the reference), then applied once to the test split's ARC queries (router refitted on all "
+            "of train); the reported accuracy and cost share are that test point's. The curves are the whole test "
+            "sweep, for reading")
         if ctx.plots:
             ref = arc_body["reference_match"]
             plot_cost_curves(ctx.out / "arc_quality_cost.png",
@@ -296,23 +389,42 @@ def run_routerbench(ctx: SuiteContext) -> dict[str, Any]:
 
 def _subset_curve(body: dict[str, Any], o: np.ndarray, c: np.ndarray, models: list[str], x: np.ndarray,
                   outcomes: np.ndarray, costs: np.ndarray, fit: np.ndarray, rows: np.ndarray,
-                  texts: Sequence[Sequence[str]]) -> dict[str, Any]:
-    """The λ sweep restricted to one task's test queries, and where it reaches GPT-4 there; the same sweep for
-    the ``escalate`` combiner over the gate's top two (``escalate_curve``)."""
-    model = NeighbourOutcomes(x[fit], outcomes[fit], fill_costs(costs, fit)[fit])
-    ids = model.neighbours(x[rows], int(body["setup"]["chosen_k"]))
-    success = model.success(ids, body["setup"]["chosen_alpha"])
-    curve, _ = _curve(model, ids, success, o, c, body["setup"]["chosen_alpha"])
+                  texts: Sequence[Sequence[str]], train: np.ndarray, tune: np.ndarray,
+                  tune_texts: Sequence[Sequence[str]]) -> dict[str, Any]:
+    """The λ sweep restricted to one task's test queries (``rows``, router fitted on ``fit``), and the same sweep
+    for the ``escalate`` combiner over the gate's top two (``escalate_curve``). Operating points (where it
+    reaches GPT-4; the best within 30% of GPT-4's cost) are chosen on the same sweeps over that task's tuning
+    queries (``tune``, router fitted on ``train``) and applied once to test (``chosen_match``,
+    ``chosen_within``)."""
+    k, alpha = int(body["setup"]["chosen_k"]), body["setup"]["chosen_alpha"]
     reference = models.index("gpt-4-1106-preview")
-    gpt4 = _system(o, c, _always(len(o), reference))
+
+    def sweep(fit_rows: np.ndarray, score_rows: np.ndarray, o_: np.ndarray, c_: np.ndarray,
+              texts_: Sequence[Sequence[str]]) -> dict[str, Any]:
+        model = NeighbourOutcomes(x[fit_rows], outcomes[fit_rows], fill_costs(costs, fit_rows)[fit_rows])
+        ids = model.neighbours(x[score_rows], k)
+        success, predicted = model.success(ids, alpha), model.cost(ids)
+        curve, _ = _curve(model, ids, success, o_, c_, alpha)
+        return {"curve": curve, "escalate": escalate_curve(success, predicted, texts_, o_, c_, reference,
+                                                           [p["lambda"] for p in curve]),
+                "gpt4": _system(o_, c_, _always(len(o_), reference)),
+                "route_at": lambda lam: _system(o_, c_, route_with_cost(success, predicted, lam)),
+                "escalate_at": lambda lam: escalate_curve(success, predicted, texts_, o_, c_, reference, [lam])[0]}
+
+    test = sweep(fit, rows, o, c, texts)
+    tuned = sweep(train, tune, outcomes[tune], fill_costs(costs, train)[tune], tune_texts)
+    gpt4 = test["gpt4"]
     oracle = M.cheapest_correct_oracle(o, c)
-    escalated = escalate_curve(success, model.cost(ids), texts, o, c, reference, [p["lambda"] for p in curve])
-    return {"queries": len(o), "curve": curve, "reference_match": _match(curve, gpt4, "gpt-4-1106-preview"),
-            "within_30pct": best_within(curve, 0.30 * gpt4["cost"]),
+    name = "gpt-4-1106-preview"
+    return {"queries": len(o), "tuning_queries": len(tune), "curve": test["curve"],
+            "reference_match": chosen_match(tuned["curve"], tuned["gpt4"], test["route_at"], gpt4, name),
+            "within_30pct": chosen_within(tuned["curve"], tuned["gpt4"], test["route_at"], gpt4, 0.30),
             "oracle": {"accuracy": oracle.accuracy, "cost": oracle.cost, "cost_share": oracle.cost / gpt4["cost"]},
-            "escalate": {"panel": 2, "escalate_to": "gpt-4-1106-preview", "curve": escalated,
-                         "reference_match": _match(escalated, gpt4, "gpt-4-1106-preview"),
-                         "within_30pct": best_within(escalated, 0.30 * gpt4["cost"])}}
+            "escalate": {"panel": 2, "escalate_to": name, "curve": test["escalate"],
+                         "reference_match": chosen_match(tuned["escalate"], tuned["gpt4"], test["escalate_at"],
+                                                         gpt4, name),
+                         "within_30pct": chosen_within(tuned["escalate"], tuned["gpt4"], test["escalate_at"],
+                                                       gpt4, 0.30)}}
 
 
 def best_within(curve: Sequence[dict[str, float]], budget: float) -> dict[str, Any]:
@@ -354,7 +466,7 @@ def escalate_curve(success: np.ndarray, predicted: np.ndarray, texts: Sequence[S
 def run_routellm_mmlu(ctx: SuiteContext) -> dict[str, Any]:
     suite = load_routellm_mmlu(ctx.data_dir)
     ids = [q.id for q in suite.queries]
-    train, val, test = _split(ctx, ids, FRACTIONS)
+    train, val, test = _split(ctx, ids, FRACTIONS, [q.text for q in suite.queries])
     used = np.r_[train, val, test]
     x = np.zeros((len(ids), ctx.encoder.dim), dtype=np.float32)
     x[used] = ctx.encoder.encode([suite.queries[i].text for i in used])
@@ -384,7 +496,9 @@ def run_routellm_mmlu(ctx: SuiteContext) -> dict[str, Any]:
     metrics = {"apgr": M.apgr(pct, perf, ww, sw), "cpt50": M.cpt(pct, perf, ww, sw, 50),
                "cpt80": M.cpt(pct, perf, ww, sw, 80), "best_single_accuracy": sw, "weak_accuracy": ww,
                "oracle_accuracy": M.oracle_accuracy(pair[test]), "random_apgr": M.apgr(r_pct, r_perf, ww, sw)}
-    ctx.notes.append(f"split by id, fractions {FRACTIONS}, seed {ctx.seed}; contaminated prompts dropped as "
+    ctx.notes.append(f"split by id, fractions {FRACTIONS}, seed {ctx.seed} (prompts whose normalised text occurs "
+                     "more than once are placed by a hash of that text, so no test prompt is also a training "
+                     "one); contaminated prompts dropped as "
                      "RouteLLM does; the win-rate score is the kNN-estimated success of the strong model minus "
                      "the weak one's, with k and shrinkage tuned on val by APGR")
     body: dict[str, Any] = {

@@ -11,7 +11,7 @@ import pytest
 from eval import datasets
 from eval.convert import CONVERTERS, convert, replay_names
 from eval.routing import FRACTIONS
-from experts.recordings import load_mmlu_pro, load_routerbench
+from experts.recordings import load_mmlu_pro, load_routerbench, mmlu_pro_prompt
 from router.cli import main
 from router.combine import extract_choice
 from router.config import load_config
@@ -25,8 +25,8 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_mmlu_pro_domain_splits_are_the_suites_and_never_overlap(data_dir: Path, tmp_path: Path) -> None:
     written = {s: convert("mmlu-pro-domain", data_dir, s, tmp_path / f"{s}.jsonl") for s in ("train", "val", "test")}
     store = load_mmlu_pro(data_dir / "mmlu_pro_outcomes")
-    items = [datasets.LabelledQuery(str(q.question_id), "", q.category) for q in store.questions]
-    expected = [{q.id for q in part} for part in datasets.split_by_id(items, FRACTIONS, seed=0)]
+    items = [datasets.LabelledQuery(str(q.question_id), mmlu_pro_prompt(q), q.category) for q in store.questions]
+    expected = [{q.id for q in part} for part in datasets.split_by_id(items, FRACTIONS, seed=0, text=lambda q: q.text)]
     ids = {s: {q.id for q in datasets.load_labelled_jsonl(tmp_path / f"{s}.jsonl")} for s in written}
     assert [ids["train"], ids["val"], ids["test"]] == expected
     assert written == {s: len(ids[s]) for s in written} and sum(written.values()) == len(store.questions)

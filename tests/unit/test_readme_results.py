@@ -90,12 +90,12 @@ def test_label_row_numbers_come_from_results_json(block: str) -> None:
 def test_outcome_strong_weak_and_combine_rows(block: str) -> None:
     ours, base, _peer, target = _row(block, "routerbench")[1:5]
     assert "routed acc **0.881**" in ours and "AIQ 0.843" in ours and "n/a of its cost" in ours
-    assert base.startswith("best single (gpt-4) acc 0.874") and "oracle 0.974" in base
+    assert base.startswith("best single on training (gpt-4) acc 0.874") and "oracle 0.974" in base
     assert target.endswith("❌")  # never reached GPT-4's ARC accuracy (null in results.json)
     ours, base = _row(block, "routellm-mmlu")[1:3]
     assert "APGR **0.664**" in ours and "CPT(50%) 30.6%" in ours and "random APGR 0.487" in base
     ours, base, _peer, target = _row(block, "mmlu-pro-combine")[1:5]
-    assert ours == "vote 0.770, top1 0.732" and base == "best single acc 0.726; oracle 0.962"
+    assert ours == "vote 0.770, top1 0.732" and base == "best single on training acc 0.726; oracle 0.962"
     assert target.endswith("❌")  # the oracle is no strategy
 
 
@@ -139,5 +139,5 @@ def test_outcome_target_is_judged_on_the_served_gate(tmp_path: Path) -> None:
                       "systems": {**OUTCOME["systems"], served: {"accuracy": 0.99, "cost": 0.001}}})
         cells = _row(render_block(load_results(root, ["mmlu-pro-outcome"])), "mmlu-pro-outcome")
         assert f"served gate (`moe train`) acc **{share:.3f}**" in cells[1]
-        assert "best single (gpt-4) acc 0.874" in cells[2]  # the served system is ours, not a baseline
-        assert cells[4] == f"served gate's top-1 ≥ best single {mark}"
+        assert "best single on training (gpt-4) acc 0.874" in cells[2]  # the served system is ours, not a baseline
+        assert cells[4] == f"served gate's top-1 ≥ best single on training {mark}"
