@@ -34,6 +34,7 @@ from eval.datasets import (
     load_clinc150_domains,
     load_snips,
     split_by_id,
+    without_seen,
 )
 from eval.routing import FRACTIONS
 from eval.suite import check_limit
@@ -81,14 +82,31 @@ def _mmlu_pro_domain(data_dir: Path, split: str, seed: int) -> Iterator[Row]:
     return _labelled(_mmlu_pro_part(items, split, seed))
 
 
+def _unseen_test(items: list[LabelledQuery], seen: list[LabelledQuery], name: str) -> list[LabelledQuery]:
+    """A data set's own test split less the queries that repeat a training (or validation) one, as the suites
+    score it (``eval.labels.unseen_test``); says how many were left out."""
+    kept, dropped = without_seen(items, (q.text for q in seen), lambda q: q.text)
+    if dropped:
+        print(f"note: {name}'s test split repeats {dropped} training/validation queries (same text after "
+              "lower-casing and collapsing whitespace); they are left out, as moe eval leaves them out",
+              file=sys.stderr)
+    return kept
+
+
 def _clinc150(data_dir: Path, split: str, seed: int) -> Iterator[Row]:
     chosen = load_clinc150_domains(data_dir, None if split == "all" else split)  # type: ignore[arg-type]
+    if split == "test":
+        seen = [*load_clinc150_domains(data_dir, "train"), *load_clinc150_domains(data_dir, "val")]
+        chosen = _unseen_test(chosen, seen, "CLINC150")
     return _labelled([q for q in chosen if q.label != CLINC_OOS_LABEL])
 
 
-def _own_split(loader: Callable[..., list[LabelledQuery]]) -> Callable[[Path, str, int], Iterator[Row]]:
+def _own_split(loader: Callable[..., list[LabelledQuery]], name: str) -> Callable[[Path, str, int], Iterator[Row]]:
     def rows(data_dir: Path, split: str, seed: int) -> Iterator[Row]:
-        return _labelled(loader(data_dir, None if split == "all" else split))
+        items = loader(data_dir, None if split == "all" else split)
+        if split == "test":
+            items = _unseen_test(items, loader(data_dir, "train"), name)
+        return _labelled(items)
     return rows
 
 
@@ -134,8 +152,8 @@ def _routerbench(data_dir: Path, split: str, seed: int) -> Iterator[Row]:
 CONVERTERS: dict[str, Converter] = {
     "mmlu-pro-domain": Converter("label", ("train", "val", "test", "all"), _mmlu_pro_domain),
     "clinc150-domain": Converter("label", ("train", "val", "test", "all"), _clinc150),
-    "snips-intent": Converter("label", ("train", "test", "all"), _own_split(load_snips)),
-    "banking77-intent": Converter("label", ("train", "test", "all"), _own_split(load_banking77)),
+    "snips-intent": Converter("label", ("train", "test", "all"), _own_split(load_snips, "SNIPS")),
+    "banking77-intent": Converter("label", ("train", "test", "all"), _own_split(load_banking77, "Banking77")),
     "mmlu-pro-outcome": Converter("outcome", ("train", "val", "test", "all"), _mmlu_pro_outcome),
     "routerbench": Converter("outcome", ("train", "test", "all"), _routerbench),
 }
