@@ -24,7 +24,6 @@ import json
 import logging
 import math
 import time
-import urllib.parse
 from collections.abc import AsyncIterator, Mapping
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
@@ -72,16 +71,6 @@ class OpenAICompatibleExpert(Expert):
         self._http: HttpClient | None = None
         # Read once, when the client is built; kept only to scrub messages, never shown.
         self._secret: str | None = None
-
-    @property
-    def _url_shown(self) -> str:
-        """The endpoint as the log shows it: without a user and password, if the URL holds them."""
-        parts = urllib.parse.urlsplit(self._url)
-        host = parts.hostname or ""
-        netloc = f"[{host}]" if ":" in host else host
-        if parts.port is not None:
-            netloc += f":{parts.port}"
-        return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
     def __repr__(self) -> str:
         cls = type(self).__name__
@@ -278,7 +267,9 @@ class OpenAICompatibleExpert(Expert):
     def _transport_error(self, exc: HttpFailure) -> ExpertError:
         what = self._excerpt(exc.detail) or "no detail"
         # The error's message reaches clients without addresses; the operator's log has them.
-        log.warning("expert %s (%s): %s failed: %s", self.name, self._url_shown, exc.kind,
+        from router.security import redact  # here: ``experts`` must not depend on ``router`` at import time
+
+        log.warning("expert %s (%s): %s failed: %s", self.name, redact(self._url), exc.kind,
                     self._excerpt(exc.raw) or "no detail")
         if exc.kind == "overloaded":
             return ExpertOverloaded(self.name, what)

@@ -11,7 +11,6 @@ from experts.base import Expert, ExpertContext
 from experts.registry import build_expert
 from router.breaker import Breakers
 from router.config import RouterConfig
-from router.dispatch import Capacity
 from router.orchestrator import Orchestrator
 
 if TYPE_CHECKING:
@@ -106,8 +105,6 @@ def load_vote_weights(config: RouterConfig) -> VoteWeights | None:
 
 def build_orchestrator(config: RouterConfig, *, context: ExpertContext | None = None,
                        gate: Gate | CascadeGate | None = None, state: SharedState | None = None) -> Orchestrator:
-    capacity = None if state is None else Capacity({e.name: e.max_concurrency for e in config.experts},
-                                                   in_flight=state.in_flight)
     return Orchestrator(config, gate or load_gate(config), build_experts(config, context),
-                        breakers=build_breakers(config, state), capacity=capacity,
+                        breakers=build_breakers(config, state), in_flight=None if state is None else state.in_flight,
                         vote_weights=load_vote_weights(config))

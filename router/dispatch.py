@@ -141,9 +141,8 @@ class Dispatcher:
         """A call's cost before it is made: the prompt (about 4 characters a token) at the expert's input price,
         plus the answer at its output price: ``max_tokens`` when the request sets it, else the expert's typical
         answer length (``typical_completion``)."""
-        chars = sum(len(m.text()) for m in request.messages)
         completion = request.max_completion_tokens or request.max_tokens or self.typical_completion(name)
-        return self.experts[name].cost(Usage(prompt_tokens=chars // 4, completion_tokens=completion))
+        return self.experts[name].cost(Usage(prompt_tokens=_prompt_tokens(request), completion_tokens=completion))
 
     def typical_completion(self, name: str) -> int:
         """Tokens the expert's answers run to: a running mean of its answers so far, ``PRIOR_COMPLETION_TOKENS``
@@ -302,12 +301,17 @@ class Dispatcher:
             if outcome.usage is None and outcome.deltas:
                 # It broke off before its usage chunk, but was paid for what it generated (and its prompt):
                 # without an estimate the answer's usage and cost would leave that out.
-                prompt = sum(len(m.text()) for m in request.messages) // 4
+                prompt = _prompt_tokens(request)
                 outcome.usage = Usage(prompt_tokens=prompt, completion_tokens=outcome.deltas,
                                       total_tokens=prompt + outcome.deltas)
                 outcome.cost, outcome.usage_estimated = expert.cost(outcome.usage), True
         finally:
             outcome.latency_ms = (time.perf_counter() - started) * 1000.0
+
+
+def _prompt_tokens(request: ChatRequest) -> int:
+    """The request's prompt in tokens, estimated before (or without) the expert's count: about 4 characters each."""
+    return sum(len(m.text()) for m in request.messages) // 4
 
 
 def _timed_out(name: str, message: str, slot: _Slot, deadline: Deadline) -> ExpertTimeout:

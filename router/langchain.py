@@ -191,7 +191,7 @@ def _chunk(piece: sdk.StreamChunk) -> ChatGenerationChunk:
                                                           additional_kwargs=extra, id=piece.id or None),
                                    generation_info=info)
     # The last chunk: the expert that finished the answer (after any mid-stream switch) and the trace.
-    expert = next((a.expert for a in reversed(piece.trace.attempts) if a.ok), piece.expert)
+    expert = piece.trace.answered_by or piece.expert
     message = AIMessageChunk(content=piece.content, tool_call_chunks=calls, id=piece.id or None,
                              additional_kwargs=extra,
                              response_metadata=_metadata(expert, piece.finish_reason, piece.trace),

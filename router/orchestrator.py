@@ -70,7 +70,7 @@ from router.combine import Combined, Combiner, TopOne, WeightedAnswer, build_com
 from router.config import RouterConfig
 from router.dispatch import Capacity, Dispatcher, StreamOutcome, StreamPiece
 from router.errors import error_body
-from router.fallback import AllExpertsFailed, Deadline, next_candidate
+from router.fallback import AllExpertsFailed, BudgetSpent, Deadline, next_candidate
 from router.gate import Assessment, assess
 from router.retry import RetryPolicy
 from router.topk import choose, rank
@@ -172,12 +172,14 @@ class StreamEnd:
 
 
 class Orchestrator:
-    """``breakers``, ``capacity``, ``sleep`` and ``rand`` are injectable: a shared breaker store, in-flight counts
-    shared with the orchestrators of earlier configs, and a retry schedule that tests can run without waiting."""
+    """``breakers``, ``in_flight``, ``sleep`` and ``rand`` are injectable: a shared breaker store, in-flight counts
+    shared with the orchestrators of earlier configs (``Capacity``), and a retry schedule that tests can run
+    without waiting."""
 
     def __init__(self, config: RouterConfig, gate: GateLike, experts: Mapping[str, Expert],
                  combiner: Combiner | None = None, *, breakers: Breakers | None = None,
-                 capacity: Capacity | None = None, vote_weights: Mapping[str, float] | VoteWeights | None = None,
+                 in_flight: dict[str, int] | None = None,
+                 vote_weights: Mapping[str, float] | VoteWeights | None = None,
                  sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
                  rand: Callable[[], float] = random.random) -> None:
         missing = [n for n in config.expert_names if n not in experts]
@@ -195,7 +197,7 @@ class Orchestrator:
         self.combiner = combiner or self.combiner_for(config.combiner.strategy)
         if self.combiner.aggregator is not None and self.combiner.aggregator not in self.experts:
             raise ValueError(f"the combiner's aggregator {self.combiner.aggregator!r} is not a built expert")
-        self.capacity = capacity or Capacity({e.name: e.max_concurrency for e in config.experts})
+        self.capacity = Capacity({e.name: e.max_concurrency for e in config.experts}, in_flight)
         self.breakers = breakers or Breakers(config.fallback.breaker)
         self.dispatch = Dispatcher(self.experts, self.capacity, self.breakers,
                                    RetryPolicy.from_config(config.fallback),
@@ -448,8 +450,7 @@ class Orchestrator:
             taken.add(name)
             spent = self.dispatch.over_budget(name, trace, request)
             if spent is not None:  # this one would not fit; a cheaper one further down the ranking may
-                errors.append(spent)
-                trace.attempts.append(Attempt(expert=name, ok=False, error=spent.to_dict(), fallback_for=failed))
+                _passed_over(spent, errors, trace, failed)
                 continue
             result = await self.dispatch.call(name, 1.0, request, deadline, trace, replaces=failed)
             if isinstance(result, ExpertReply):
@@ -506,8 +507,7 @@ class Orchestrator:
                 raise RouteFailed(errors, trace, stop.reason)
             spent = self.dispatch.over_budget(name, trace, request) if tried else None  # the first try is free
             if spent is not None:  # this one would not fit; a cheaper one further down the ranking may
-                errors.append(spent)
-                trace.attempts.append(Attempt(expert=name, ok=False, error=spent.to_dict(), fallback_for=previous))
+                _passed_over(spent, errors, trace, previous)
                 continue
             outcome = StreamOutcome()
             async with aclosing(self.dispatch.stream(name, attempt_request, deadline, trace, previous)) as events:
@@ -597,6 +597,13 @@ class _Stop:
 
     cause: str
     reason: str
+
+
+def _passed_over(spent: BudgetSpent, errors: list[ExpertError], trace: Trace, replaces: str | None) -> None:
+    """Fallback passes over a candidate the cost budget cannot fit: its cause joins the request's causes, and the
+    trace lists it, so an answered request still says who was not asked."""
+    errors.append(spent)
+    trace.attempts.append(Attempt(expert=spent.expert, ok=False, error=spent.to_dict(), fallback_for=replaces))
 
 
 def _skipped(error: ExpertError) -> bool:

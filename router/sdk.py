@@ -408,7 +408,7 @@ class LocalRouter:
             with _as_api_errors():
                 async for event in events:
                     if isinstance(event, StreamEnd):
-                        expert = next((a.expert for a in reversed(event.trace.attempts) if a.ok), "")
+                        expert = event.trace.answered_by or ""
                         if self.store is not None:
                             await self.store.aremember(response_id, request.query_text(), expert)
                         yield StreamChunk(id=response_id, expert=expert, finish_reason=event.finish_reason,

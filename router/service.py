@@ -255,7 +255,7 @@ async def _sse(events: AsyncIterator[StreamPiece | StreamEnd], first: StreamPiec
                     record.answer.append(event.delta.content)
                 yield chunks.chunk(event.expert, delta, logprobs=event.delta.logprobs)
             else:
-                record.trace, record.expert = event.trace, _answering(event.trace, model)
+                record.trace, record.expert = event.trace, event.trace.answered_by or model
                 if on_end is not None:
                     await on_end(record.expert)
                 # The final chunk carries the finish reason and the trace, switches included.
@@ -672,11 +672,6 @@ def _record(request: Request) -> RequestRecord:
     """The record ``_Edge`` opened for this request; a detached one when the app runs without the edge."""
     record = getattr(request.state, "moe_record", None)
     return record if isinstance(record, RequestRecord) else _detached_record()
-
-
-def _answering(trace: Any, default: str) -> str:
-    """The expert that finished a stream: the last attempt that succeeded."""
-    return next((a.expert for a in reversed(trace.attempts) if a.ok), default)
 
 
 def _guard(app: FastAPI) -> Guard:

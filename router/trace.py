@@ -117,6 +117,12 @@ class Trace(BaseModel):
             total = total + attempt.usage
         return total
 
+    @property
+    def answered_by(self) -> str | None:
+        """The expert that gave (or finished, after a mid-stream switch) the answer: the last attempt that
+        succeeded; None when none did."""
+        return next((a.expert for a in reversed(self.attempts) if a.ok), None)
+
     def summary(self) -> dict[str, Any]:
         """The trace as returned to clients, with its totals."""
         body = self.model_dump()

@@ -236,15 +236,13 @@ class StatefulBuilds(Builds):
     def __call__(self, config: RouterConfig) -> Orchestrator:
         from experts.errors import ExpertUnavailable
         from router.build import build_breakers
-        from router.dispatch import Capacity
 
         experts = {name: FakeExpert(config.expert(name), delay=self.delay,
                                     fail=(lambda n: ExpertUnavailable(n, "refused")) if name in self.fail else None)
                    for name in config.expert_names}
         gate = FakeGate(config.expert_names, {}, default=[0.9, 0.1])
         orch = Orchestrator(config, gate, experts, breakers=build_breakers(config, self.state),
-                            capacity=Capacity({e.name: e.max_concurrency for e in config.experts},
-                                              in_flight=self.state.in_flight))
+                            in_flight=self.state.in_flight)
         self.built.append(orch)
         return orch
 
