@@ -87,10 +87,8 @@ def run_suite(name: str, data_dir: str | Path | None, out: str | Path, *, encode
     if oos_label is not None and name != "jsonl":
         raise ValueError(f"--oos-label names an out-of-scope label in --train/--test JSONL; suite {name!r} "
                          "takes none")
-    if name != "jsonl" and (train is not None or test is not None):
-        given = " and ".join(flag for flag, path in (("--train", train), ("--test", test)) if path is not None)
-        raise ValueError(f"{given} name your own JSONL, which suite {name!r} does not read (it scores its own data "
-                         "set); drop --suite to evaluate on --train/--test, or drop --train/--test")
+    if name != "jsonl":
+        _check_own_data(name, train, test)
     check_limit(limit)
     for flag, path in (("--train", train), ("--test", test)):
         _check_readable(flag, path)
@@ -125,6 +123,15 @@ def run_suite(name: str, data_dir: str | Path | None, out: str | Path, *, encode
                "notes": [*body.pop("notes", []), *ctx.notes]}
     write_results(ctx.out, results)
     return results
+
+
+def _check_own_data(suite: str, train: str | Path | None, test: str | Path | None) -> None:
+    """A suite scores its own data set: ``--train``/``--test`` given with it would be ignored, so they are
+    refused."""
+    given = " and ".join(flag for flag, path in (("--train", train), ("--test", test)) if path)
+    if given:
+        raise ValueError(f"--suite {suite} scores its own data set and would ignore {given} ({given} name your own "
+                         f"JSONL, which suite {suite!r} does not read); give --suite or --train/--test, not both")
 
 
 def _check_readable(flag: str, path: str | Path | None) -> None:
@@ -167,11 +174,12 @@ def main(args: argparse.Namespace) -> int:
     """Entry point for ``moe eval`` (arguments are defined in ``router.cli``)."""
     suite = args.suite
     train, test = getattr(args, "train", None), getattr(args, "test", None)
-    if suite is not None and (train or test):
-        given = " and ".join(flag for flag, path in (("--train", train), ("--test", test)) if path)
-        print(f"error: --suite {suite} scores its own data set and would ignore {given} (your own JSONL); give "
-              "--suite or --train/--test, not both", file=sys.stderr)
-        return 2
+    if suite is not None:
+        try:
+            _check_own_data(suite, train, test)
+        except ValueError as exc:  # a usage error, as argparse's are: exit 2, before any work
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     if suite is None and (train or test):
         suite = "jsonl"
     if suite is None:

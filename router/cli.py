@@ -54,6 +54,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_config_check(args: argparse.Namespace) -> int:
+    from router.config import ConfigError
     from router.gate import artifact_trained_experts, routing_problem
 
     config = _load(args.file, check_env=not args.no_env)
@@ -62,9 +63,7 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     if trained is not None:  # what moe serve would refuse, said now (without loading the encoder)
         problem = routing_problem(config.expert_names, {e.name: e.examples for e in config.experts}, trained)
         if problem is not None:
-            problem = problem.replace("<this config>", args.file)
-            print(f"error: {args.file}: gate.artifact {artifact}: {problem}", file=sys.stderr)
-            return 2
+            raise ConfigError(args.file, [("gate.artifact", f"{artifact}: {problem}")])
     where = f"gate artifact {artifact}" if trained is not None else f"no gate artifact at {artifact} yet (moe train)"
     print(f"{args.file}: OK (version {config.version}, {len(config.experts)} experts: "
           f"{', '.join(config.expert_names)}; {where})")
@@ -283,7 +282,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     def error(message: object, code: int) -> int:
         # The library's messages say "moe train --config <this config>" where they cannot know the file; here it
         # is known, so the command can be copied as it stands.
-        config = getattr(args, "config", None)
+        config = getattr(args, "config", None) or getattr(args, "file", None)  # moe config check names it "file"
         text = str(message) if config is None else str(message).replace("<this config>", config)
         print(f"error: {text}", file=sys.stderr)
         return code

@@ -519,7 +519,7 @@ def _cross_problems(raw: Any, *, check_env: bool,
     yield from _combiner_problems(raw.get("combiner"), names)
     top_k: dict[str, Any] = gate["top_k"] if isinstance(gate.get("top_k"), dict) else {}
     fallback: dict[str, Any] = raw["fallback"] if isinstance(raw.get("fallback"), dict) else {}
-    k, attempts = top_k.get("k"), fallback.get("max_attempts", FallbackConfig().max_attempts)
+    k, attempts = top_k.get("k"), fallback.get("max_attempts", FallbackConfig.model_fields["max_attempts"].default)
     if isinstance(k, int) and isinstance(attempts, int) and k > attempts:
         yield "fallback.max_attempts", (f"{attempts} is below gate.top_k.k ({k}): the panel alone calls {k} "
                                         "experts, and max_attempts counts every expert tried, the panel included; "
