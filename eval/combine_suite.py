@@ -310,14 +310,14 @@ def _text(onehot_row: np.ndarray, chars: float = np.nan) -> str:
 
 
 def run_mmlu_pro_combine(ctx: SuiteContext) -> dict[str, Any]:
-    from experts.recordings import load_mmlu_pro, mmlu_pro_prompt
+    from experts.recordings import load_mmlu_pro
 
     folder = ctx.data_dir / "mmlu_pro_outcomes"
     store = load_mmlu_pro(folder if folder.is_dir() else ctx.data_dir)
     pool_name = ctx.pool or "all"
     models = pool_models(pool_name, store.models)
     ids = [str(q.question_id) for q in store.questions]
-    train, val, test, x = mmlu_pro_split(ctx, store)
+    train, val, test, x, prompts = mmlu_pro_split(ctx, store)
     onehot = np.zeros((len(ids), len(models), len(LETTERS)), dtype=np.float32)
     chars = np.full((len(ids), len(models)), np.nan)
     for j, m in enumerate(models):
@@ -333,7 +333,7 @@ def run_mmlu_pro_combine(ctx: SuiteContext) -> dict[str, Any]:
     fit = np.r_[train, val]
     fit_acc = np.nan_to_num(outcomes[fit]).mean(axis=0)  # missing = wrong, as for every system
     best = int(np.argmax(fit_acc))
-    predict = domain_gate_categories(ctx, [mmlu_pro_prompt(q) for q in store.questions], x, data.category)
+    predict = domain_gate_categories(ctx, prompts, x, data.category)
     chosen, chosen_top1, grids, learned_grids = _cross_validate(data, fit, best, ctx.seed, ctx.progress, predict)
     cv_scores = {name: chosen[name]["cv_accuracy"] for name in CANDIDATES}
     # The headline is the candidate with the best cross-validated accuracy; a tie keeps the simpler one.

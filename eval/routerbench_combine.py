@@ -61,7 +61,7 @@ from eval.combine_suite import (
 )
 from eval.outcome import NeighbourOutcomes, route_with_margin
 from eval.report import plot_accuracy_cost
-from eval.routing import ALPHA_GRID, K_GRID, fill_costs, routerbench_dropped, routerbench_split, tune_margin
+from eval.routing import ALPHA_GRID, K_GRID, fill_costs, routerbench_split, tune_margin
 from eval.suite import SuiteContext
 from router.combine import (
     EXTRACTORS,
@@ -255,7 +255,7 @@ def run_routerbench_combine(ctx: SuiteContext) -> dict[str, Any]:
     folder = ctx.data_dir / "routerdc" / "routerbench_zs"
     store = load_routerbench(folder if folder.is_dir() else ctx.data_dir)
     rows, models = list(store.rows), list(store.models)
-    train, val, test = routerbench_split(ctx, rows)
+    train, val, test, dropped = routerbench_split(ctx, rows)
     used = np.r_[train, val, test]
     x = np.zeros((len(rows), ctx.encoder.dim), dtype=np.float32)
     x[used] = ctx.encoder.encode([rows[i].prompt for i in used])
@@ -344,7 +344,7 @@ def run_routerbench_combine(ctx: SuiteContext) -> dict[str, Any]:
                   **{f"chosen_{k}": v for k, v in chosen.items()},
                   "chosen_learned": chosen_learned,
                   "length_coef": fitted.length_coef,
-                  "test_dropped_seen_in_training": routerbench_dropped(rows),
+                  "test_dropped_seen_in_training": dropped,
                   "panel_k": {"vote": chosen["k"], "consensus": chosen["k"],
                               **{name: chosen_learned[name]["k"] for name in LEARNED}},
                   "identical_strategies": same,

@@ -20,7 +20,7 @@ from eval.report import plot_cost_curves, plot_quality_cost, plot_strong_calls
 from eval.suite import SuiteContext, as_float, subsample
 
 __all__ = ["best_within", "chosen_match", "chosen_within", "escalate_curve", "fill_costs", "mmlu_pro_split",
-           "routerbench_dropped", "routerbench_split", "run_mmlu_pro_outcome", "run_routellm_mmlu",
+           "routerbench_split", "run_mmlu_pro_outcome", "run_routellm_mmlu",
            "run_routerbench", "tune_margin"]
 
 FRACTIONS = (0.7, 0.1, 0.2)
@@ -252,10 +252,11 @@ def _split(ctx: SuiteContext, ids: Sequence[str], fractions: Sequence[float],
     return _ids_to_rows(ids, parts)
 
 
-def mmlu_pro_split(ctx: SuiteContext, store: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(train, val, test) question indices of MMLU-Pro's seeded id split, and the prompts' embeddings (rows of
-    questions outside the three parts, left out by ``--limit``, stay zero). Shared by the outcome and combine
-    suites."""
+def mmlu_pro_split(ctx: SuiteContext,
+                   store: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[str]]:
+    """(train, val, test) question indices of MMLU-Pro's seeded id split, the prompts' embeddings (rows of
+    questions outside the three parts, left out by ``--limit``, stay zero), and the prompts. Shared by the
+    outcome and combine suites."""
     from experts.recordings import mmlu_pro_prompt
 
     ids = [str(q.question_id) for q in store.questions]
@@ -264,16 +265,16 @@ def mmlu_pro_split(ctx: SuiteContext, store: Any) -> tuple[np.ndarray, np.ndarra
     used = np.r_[train, val, test]
     x = np.zeros((len(ids), ctx.encoder.dim), dtype=np.float32)
     x[used] = ctx.encoder.encode([prompts[i] for i in used])
-    return train, val, test, x
+    return train, val, test, x, prompts
 
 
 def run_mmlu_pro_outcome(ctx: SuiteContext) -> dict[str, Any]:
-    from experts.recordings import load_mmlu_pro, mmlu_pro_prompt
+    from experts.recordings import load_mmlu_pro
 
     folder = ctx.data_dir / "mmlu_pro_outcomes"
     store = load_mmlu_pro(folder if folder.is_dir() else ctx.data_dir)
     models = list(store.models)
-    train, val, test, x = mmlu_pro_split(ctx, store)
+    train, val, test, x, texts = mmlu_pro_split(ctx, store)
     outcomes = np.stack([as_float(store.correct(m)) for m in models], axis=1)
     chars = np.stack([as_float([o.response_chars for o in store.outcomes(m)]) for m in models], axis=1)
     chars = np.where(np.isnan(outcomes), np.nan, chars)
@@ -288,17 +289,17 @@ def run_mmlu_pro_outcome(ctx: SuiteContext) -> dict[str, Any]:
         "missing outcomes: excluded when estimating success; counted as wrong for every routed system, single "
         "models included (so DeepSeek-Coder-V2, with 1,681 questions unrecorded, scores below its own accuracy)",
     ]
-    texts = [mmlu_pro_prompt(q) for q in store.questions]
     return route_outcomes(ctx, x, outcomes, chars / 1000.0, models, train, val, test, texts=texts,
                           cost_label="output length (thousand characters per query)",
                           title="MMLU-Pro, 31 LLMs")
 
 
-def routerbench_split(ctx: SuiteContext, rows: Sequence[Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def routerbench_split(ctx: SuiteContext,
+                      rows: Sequence[Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
     """(train, tuning, test) row indices into RouterBench's ``rows``: its own train/test split, 15% of train by
     row id for tuning (copies of one prompt share a part), and the test split less the prompts that also occur in
-    train (normalised text; a note says how many), subsampled to ``ctx.limit``. Shared by the routing and
-    combining suites."""
+    train (normalised text; a note says how many), subsampled to ``ctx.limit``; and how many test prompts were so
+    dropped. Shared by the routing and combining suites."""
     ids = [str(r.row_index) for r in rows]
     train_all = np.array([i for i, r in enumerate(rows) if r.split == "train"])
     tr, va = _split(ctx, [ids[i] for i in train_all], (0.85, 0.15), [rows[i].prompt for i in train_all])[:2]
@@ -307,13 +308,7 @@ def routerbench_split(ctx: SuiteContext, rows: Sequence[Any]) -> tuple[np.ndarra
     ctx.notes.append(f"RouterBench's own test split repeats {dropped} of its training prompts (same text after "
                      f"lower-casing and collapsing whitespace); those {dropped} are dropped from test")
     test = _ids_to_rows(ids, [subsample(test_rows, ctx.limit, ctx.seed, key=lambda r: r.id)])[0]
-    return train_all[tr], train_all[va], test
-
-
-def routerbench_dropped(rows: Sequence[Any]) -> int:
-    """How many of RouterBench's test prompts ``routerbench_split`` drops as repeats of training prompts."""
-    seen = [r.prompt for r in rows if r.split == "train"]
-    return without_seen([r for r in rows if r.split == "test"], seen, lambda r: r.prompt)[1]
+    return train_all[tr], train_all[va], test, dropped
 
 
 def run_routerbench(ctx: SuiteContext) -> dict[str, Any]:
@@ -323,7 +318,7 @@ def run_routerbench(ctx: SuiteContext) -> dict[str, Any]:
     store = load_routerbench(folder if folder.is_dir() else ctx.data_dir)
     rows = list(store.rows)
     models = list(store.models)
-    train, val, test = routerbench_split(ctx, rows)
+    train, val, test, dropped = routerbench_split(ctx, rows)
     used = np.r_[train, val, test]
     x = np.zeros((len(rows), ctx.encoder.dim), dtype=np.float32)
     x[used] = ctx.encoder.encode([rows[i].prompt for i in used])
@@ -344,7 +339,7 @@ def run_routerbench(ctx: SuiteContext) -> dict[str, Any]:
     body = route_outcomes(ctx, x, outcomes, costs, models, train, val, test, texts=[r.prompt for r in rows],
                           cost_label="USD per query",
                           title="RouterBench subset, 11 LLMs", reference="gpt-4-1106-preview")
-    body["setup"]["test_dropped_seen_in_training"] = routerbench_dropped(rows)
+    body["setup"]["test_dropped_seen_in_training"] = dropped
     arc = np.array([rows[i].task == "arc_challenge" for i in test])
     tune_arc = val[[rows[i].task == "arc_challenge" for i in val]]
     if arc.any() and len(tune_arc):

@@ -14,7 +14,7 @@ import pytest
 from eval import datasets as ds
 from eval.labels import FRACTIONS as LABEL_FRACTIONS
 from eval.labels import unseen_test
-from eval.routing import FRACTIONS, _split, routerbench_dropped, routerbench_split
+from eval.routing import FRACTIONS, _split, routerbench_split
 from experts.recordings import load_mmlu_pro, load_routerbench, mmlu_pro_prompt
 
 
@@ -73,11 +73,10 @@ def test_routellm_mmlu_split_has_no_repeated_prompt(data_dir: Path) -> None:
 def test_routerbench_test_split_drops_training_prompts(data_dir: Path) -> None:
     rows = list(load_routerbench(data_dir / "routerdc" / "routerbench_zs").rows)
     ctx = _ctx()
-    train, tune, test = routerbench_split(ctx, rows)
+    train, tune, test, dropped = routerbench_split(ctx, rows)
     prompts = [r.prompt for r in rows]
     assert _overlap(_texts(prompts, [*train, *tune]), _texts(prompts, test)) == set()
     assert _overlap(_texts(prompts, train), _texts(prompts, tune)) == set()
-    dropped = routerbench_dropped(rows)
     assert dropped == 8 and len(test) == sum(r.split == "test" for r in rows) - dropped
     assert any("dropped from test" in n and " 8 " in n for n in ctx.notes)
 
