@@ -5,10 +5,11 @@ Two kinds of file come out (see ``router.train``):
 - labelled queries, ``{"id", "query", "label"}``: ``mmlu-pro-domain`` (14 categories; the query is the prompt
   a user sends, question and lettered options), ``clinc150-domain`` (10 domains, in-scope queries only),
   ``snips-intent`` (7 intents), ``banking77-intent`` (77 intents);
-- outcome records, ``{"query", "outcomes", "cost", "answers"}``: ``mmlu-pro-outcome`` (31 LLMs: each one's
-  recorded correctness, its recorded letter as its answer, and its output length in characters as its cost,
-  since MMLU-Pro records no prices) and ``routerbench`` (11 LLMs on ARC-Challenge, MBPP and Winogrande: each
-  one's grade, full response and USD cost). An LLM without a record for a question is left out of that line.
+- outcome records, ``{"query", "outcomes", "cost", "answers", "task"}``: ``mmlu-pro-outcome`` (31 LLMs: each
+  one's recorded correctness, its recorded letter as its answer, and its output length in characters as its
+  cost, since MMLU-Pro records no prices; the question's category as its task) and ``routerbench`` (11 LLMs on
+  ARC-Challenge, MBPP and Winogrande: each one's grade, full response and USD cost; RouterBench's task name). An
+  LLM without a record for a question is left out of that line.
 
 Splits are the evaluation suites' own, so a file converted with ``--split train`` never holds a question of
 the suite's test split: CLINC150's, SNIPS's, Banking77's and RouterBench's published splits, and for MMLU-Pro
@@ -131,7 +132,8 @@ def _mmlu_pro_outcome(data_dir: Path, split: str, seed: int) -> Iterator[Row]:
         yield {"query": mmlu_pro_prompt(store.questions[item.index]),
                "outcomes": {m: float(o.correct) for m, o in recorded.items()},
                "cost": {m: float(o.response_chars) for m, o in recorded.items() if o.response_chars is not None},
-               "answers": {m: o.pred for m, o in recorded.items() if o.pred is not None}}
+               "answers": {m: o.pred for m, o in recorded.items() if o.pred is not None},
+               "task": store.questions[item.index].category}
 
 
 def _routerbench(data_dir: Path, split: str, seed: int) -> Iterator[Row]:
@@ -146,7 +148,7 @@ def _routerbench(data_dir: Path, split: str, seed: int) -> Iterator[Row]:
         yield {"query": row.prompt, "outcomes": {m: a.correct for m, a in recorded.items()},
                # A cost can be recorded where the grade is not; it still tells what that LLM charges.
                "cost": {m: a.cost_usd for m, a in row.answers.items() if a.cost_usd is not None},
-               "answers": {m: a.response for m, a in recorded.items()}}
+               "answers": {m: a.response for m, a in recorded.items()}, "task": row.eval_name}
 
 
 CONVERTERS: dict[str, Converter] = {
@@ -161,7 +163,7 @@ CONVERTERS: dict[str, Converter] = {
 
 def _renamed(row: Row, names: Mapping[str, str]) -> Row | None:
     """An outcome line with the config's expert names, keeping only the LLMs some expert replays."""
-    out: Row = {"query": row["query"]}
+    out: Row = {"query": row["query"], **({"task": row["task"]} if "task" in row else {})}
     for key in ("outcomes", "cost", "answers"):
         if key in row:
             out[key] = {names[m]: v for m, v in row[key].items() if m in names}

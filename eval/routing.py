@@ -71,11 +71,13 @@ def _naive_regression(x: np.ndarray, outcomes: np.ndarray, train: np.ndarray, te
 
 def route_outcomes(ctx: SuiteContext, x: np.ndarray, outcomes: np.ndarray, costs: np.ndarray,
                    models: Sequence[str], train: np.ndarray, val: np.ndarray, test: np.ndarray, *,
-                   cost_label: str, title: str, texts: Sequence[str], reference: str | None = None) -> dict[str, Any]:
+                   cost_label: str, title: str, texts: Sequence[str], reference: str | None = None,
+                   tasks: Sequence[str] | None = None) -> dict[str, Any]:
     """Tune on ``val``, refit on ``train + val``, score on ``test``; the results body of an outcome suite.
     ``texts`` are the queries (every row), for the served gate, which is trained on ``train + val`` as
-    ``moe train`` trains it."""
-    served = _served_gate(ctx, x, outcomes, costs, models, np.r_[train, val], texts)
+    ``moe train`` trains it; ``tasks`` (every row; the task or domain the data set records) go into its
+    records' ``task``."""
+    served = _served_gate(ctx, x, outcomes, costs, models, np.r_[train, val], texts, tasks)
     costs = fill_costs(costs, train)
     o_test, c_test = outcomes[test], costs[test]
     n_models = len(models)
@@ -123,7 +125,8 @@ def route_outcomes(ctx: SuiteContext, x: np.ndarray, outcomes: np.ndarray, costs
         "metrics": metrics,
         "setup": {"train": len(train), "val": len(val), "test": len(test), "experts": n_models,
                   "best_single": models[best], "cost_unit": cost_label, **{f"chosen_{k}": v for k, v in
-                                                                           chosen.items()}},
+                                                                           chosen.items()},
+                  "served_gate": served.settings()},
         "confidence_intervals": {
             "routed_accuracy": {"estimate": acc_ci.estimate, "low": acc_ci.low, "high": acc_ci.high},
             "routed_minus_best_single": {"estimate": diff.estimate, "low": diff.low, "high": diff.high},
@@ -154,15 +157,17 @@ def route_outcomes(ctx: SuiteContext, x: np.ndarray, outcomes: np.ndarray, costs
 
 
 def _served_gate(ctx: SuiteContext, x: np.ndarray, outcomes: np.ndarray, costs: np.ndarray, models: Sequence[str],
-                 fit: np.ndarray, texts: Sequence[str]) -> Any:
+                 fit: np.ndarray, texts: Sequence[str], tasks: Sequence[str] | None = None) -> Any:
     """The outcome gate the product serves (``router.outcome_gate.train_outcome_gate``, kNN success with its
-    k, shrinkage and margin tuned out of fold), trained on the ``fit`` rows' records at cost weight 0."""
+    k, shrinkage, prior and margin tuned out of fold), trained on the ``fit`` rows' records (with
+    ``tasks``, each naming its task) at cost weight 0."""
     from router.outcome import OutcomeRecord
     from router.outcome_gate import train_outcome_gate
 
     records = [OutcomeRecord(texts[i], {m: float(outcomes[i, j]) for j, m in enumerate(models)
                                         if not np.isnan(outcomes[i, j])},
-                             {m: float(costs[i, j]) for j, m in enumerate(models) if not np.isnan(costs[i, j])})
+                             {m: float(costs[i, j]) for j, m in enumerate(models) if not np.isnan(costs[i, j])},
+                             task=None if tasks is None else tasks[i])
                for i in fit]
     return train_outcome_gate(records, ctx.encoder, experts=list(models), progress=False, embeddings=x[fit],
                               seed=ctx.seed)
@@ -291,7 +296,7 @@ def run_mmlu_pro_outcome(ctx: SuiteContext) -> dict[str, Any]:
     ]
     return route_outcomes(ctx, x, outcomes, chars / 1000.0, models, train, val, test, texts=texts,
                           cost_label="output length (thousand characters per query)",
-                          title="MMLU-Pro, 31 LLMs")
+                          title="MMLU-Pro, 31 LLMs", tasks=[q.category for q in store.questions])
 
 
 def routerbench_split(ctx: SuiteContext,
@@ -338,7 +343,8 @@ def run_routerbench(ctx: SuiteContext) -> dict[str, Any]:
     ]
     body = route_outcomes(ctx, x, outcomes, costs, models, train, val, test, texts=[r.prompt for r in rows],
                           cost_label="USD per query",
-                          title="RouterBench subset, 11 LLMs", reference="gpt-4-1106-preview")
+                          title="RouterBench subset, 11 LLMs", reference="gpt-4-1106-preview",
+                          tasks=[r.eval_name for r in rows])
     body["setup"]["test_dropped_seen_in_training"] = dropped
     arc = np.array([rows[i].task == "arc_challenge" for i in test])
     tune_arc = val[[rows[i].task == "arc_challenge" for i in val]]

@@ -7,15 +7,20 @@ Outcome records are JSONL, one query per line::
 ``outcomes`` scores each expert's answer in [0, 1] (1 = right). ``cost`` (optional) is what the call cost, in
 any one unit (USD in RouterBench). ``answers`` (optional) holds what each expert answered, as text; records
 with answers teach the combiner's learned vote weights (``router.vote_weights``, ``combiner.vote_weights:
-learned``). An expert absent from a line has *no record* for that query; it is never counted as a failure.
-``load_outcome_jsonl`` reports a bad line with its file and line number.
+learned``). ``task`` (optional) names the query's task or domain, as a data set records it (MMLU-Pro's
+category, RouterBench's task); the kNN model can then shrink toward the success rates of the tasks a query
+probably belongs to (``TaskPrior``). An expert absent from a line has *no record* for that query; it is never
+counted as a failure. ``load_outcome_jsonl`` reports a bad line with its file and line number.
 
 A success model maps embeddings ``[q, dim]`` to ``[q, m]`` probabilities of success, fitted on outcome
 matrices with NaN for "no record". Two are registered in ``SUCCESS_MODELS``:
 
 - ``knn`` (the default): the success rate of each expert on the query's ``k`` nearest training queries, shrunk
   toward the expert's overall rate with ``alpha`` pseudo-observations. Shrinkage matters: with a few dozen
-  neighbours the raw rates are noisy, and their argmax chases the noise.
+  neighbours the raw rates are noisy, and their argmax chases the noise. With a ``TaskPrior`` (records with
+  tasks), the rate is shrunk toward the query's own prior instead: each task's success rates, mixed by a
+  classifier's probabilities that the query belongs to that task. Hundreds of records per task estimate a
+  task's rates far better than a few dozen neighbours estimate a query's.
 - ``logistic``: one L2-regularised logistic regression per expert on the embedding.
 
 The measured figures are in the results of ``moe eval --suite mmlu-pro-outcome`` and ``--suite routerbench``
@@ -43,6 +48,7 @@ __all__ = [
     "LogisticSuccess",
     "OutcomeRecord",
     "SuccessModel",
+    "TaskPrior",
     "is_outcome_file",
     "load_outcome_jsonl",
     "outcome_matrices",
@@ -57,6 +63,8 @@ class OutcomeRecord:
     # expert -> the answer it gave (its text, or the final answer alone); optional. Records with answers teach
     # learned vote weights (``router.vote_weights``).
     answers: dict[str, str] = field(default_factory=dict)
+    # The query's task or domain, as the data set records it (e.g. MMLU-Pro's category); None: unknown.
+    task: str | None = None
 
 
 def load_outcome_jsonl(path: str | Path) -> list[OutcomeRecord]:
@@ -82,10 +90,10 @@ def is_outcome_file(path: str | Path) -> bool:
 
 
 def _parse_record(row: dict[str, Any], where: str) -> OutcomeRecord:
-    unknown = sorted(set(row) - {"query", "outcomes", "cost", "answers"})
+    unknown = sorted(set(row) - {"query", "outcomes", "cost", "answers", "task"})
     if unknown:
         raise ValueError(f"{where}: unknown key(s) {', '.join(map(repr, unknown))}; expected query, outcomes, cost, "
-                         "answers")
+                         "answers, task")
     query = row.get("query")
     if not isinstance(query, str) or not query.strip():
         raise ValueError(f"{where}: 'query' " + ("missing" if "query" not in row
@@ -93,8 +101,12 @@ def _parse_record(row: dict[str, Any], where: str) -> OutcomeRecord:
     outcomes = _number_map(row, "outcomes", where, upper=1.0, required=True)
     if not outcomes:
         raise ValueError(f"{where}: 'outcomes' is empty; give at least one expert's score")
+    task = row.get("task")
+    if task is not None and (not isinstance(task, str) or not task.strip()):
+        raise ValueError(f"{where}: 'task' must be a non-empty string (the query's task or domain) or null, "
+                         f"got {task!r}")
     return OutcomeRecord(query, outcomes, _number_map(row, "cost", where, upper=math.inf, required=False),
-                         _answer_map(row, where))
+                         _answer_map(row, where), task)
 
 
 def _answer_map(row: dict[str, Any], where: str) -> dict[str, str]:
@@ -174,13 +186,89 @@ def shrunk_success(neighbour_outcomes: np.ndarray, prior: np.ndarray, alpha: flo
     return np.asarray((hits + alpha * prior) / (known.sum(axis=1) + alpha))
 
 
+# How many records' worth of an expert's overall success rate each task's own rate is shrunk toward: a task
+# with a dozen records says little about an expert, one with hundreds speaks for itself.
+TASK_RECORDS = 20.0
+
+
+class TaskPrior:
+    """A query's prior success rates from the records' tasks (``OutcomeRecord.task``: task or domain), mixed by
+    how likely the query is to belong to each task::
+
+        prior_m(x) = sum_c P(c | x) * rate_cm,   rate_cm = (sum_{j in c} o_jm + TASK_RECORDS * overall_m)
+                                                          / (n_cm + TASK_RECORDS)
+
+    ``P(c | x)`` comes from a classifier on the embedding alone (logistic regression and a kNN vote, averaged:
+    ``router.classifiers``), trained on the records that name a task, so serving needs nothing but the query.
+    ``overall_m`` is ``success_prior``. Rows without a task teach neither the classifier nor the rates.
+    """
+
+    def __init__(self, tasks: Sequence[str], classifier: Any, rates: np.ndarray) -> None:
+        self.tasks, self.classifier = tuple(tasks), classifier
+        self.rates = np.asarray(rates, dtype=np.float64)  # [tasks, m]
+        if self.rates.shape[0] != len(self.tasks):
+            raise ValueError(f"task prior: {self.rates.shape[0]} rows of rates for {len(self.tasks)} tasks")
+
+    @classmethod
+    def fit(cls, x: np.ndarray, tasks: Sequence[str | None], outcomes: np.ndarray, *,
+            seed: int = 0) -> TaskPrior | None:
+        """The prior from ``tasks[i]`` of row ``i`` (None: not given); None when fewer than two tasks occur."""
+        from router.classifiers import EnsembleClassifier, KNNClassifier, LogisticClassifier, Queries
+
+        if len(tasks) != len(x):
+            raise ValueError(f"{len(tasks)} tasks for {len(x)} records")
+        rows = np.array([i for i, t in enumerate(tasks) if t is not None], dtype=np.int64)
+        names = sorted({t for t in tasks if t is not None})
+        if len(names) < 2:
+            return None
+        col = {t: j for j, t in enumerate(names)}
+        y = np.array([col[t] for t in (tasks[int(i)] for i in rows) if t is not None], dtype=np.int64)
+        classifier = EnsembleClassifier([LogisticClassifier(seed=seed), KNNClassifier()])
+        classifier.fit(Queries([""] * len(rows), np.asarray(x, dtype=np.float32)[rows]), y, len(names))
+        overall = success_prior(outcomes)
+        tasked = outcomes[rows]
+        known = ~np.isnan(tasked)
+        hits = np.where(known, tasked, 0.0)
+        rates = np.stack([(hits[y == j].sum(axis=0) + TASK_RECORDS * overall)
+                          / (known[y == j].sum(axis=0) + TASK_RECORDS) for j in range(len(names))])
+        return cls(names, classifier, rates)
+
+    def task_proba(self, x: np.ndarray) -> np.ndarray:
+        """``[q, tasks]`` the probability that each query belongs to each task."""
+        from router.classifiers import Queries, _softmax
+
+        x = np.atleast_2d(np.asarray(x, dtype=np.float32))
+        return _softmax(np.asarray(self.classifier.predict_logits(Queries([""] * len(x), x)), dtype=np.float64))
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        """``[q, m]`` each query's prior success rate of each expert."""
+        return np.asarray(self.task_proba(x) @ self.rates)
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        from router.classifiers import pack_strings
+
+        data, offsets = pack_strings(self.tasks)
+        kinds = {f"clf.{k}": v for k, v in self.classifier.arrays().items()}
+        return {"names": data, "name_offsets": offsets, "rates": self.rates, **kinds}
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray]) -> TaskPrior:
+        from router.classifiers import EnsembleClassifier, unpack_strings
+
+        classifier = EnsembleClassifier.from_arrays(
+            {k.removeprefix("clf."): v for k, v in arrays.items() if k.startswith("clf.")})
+        return cls(unpack_strings(arrays["names"], arrays["name_offsets"]), classifier, arrays["rates"])
+
+
 class KnnSuccess:
     """Shrunk success rate over the ``k`` nearest training queries (cosine)::
 
         p_m(x) = (sum_j o_jm + alpha * prior_m) / (n_m(x) + alpha)
 
-    over the neighbours ``j`` with a record for expert ``m`` (``n_m(x)`` of them). ``exclude_self`` leaves
-    each query's own row out of its neighbours, for honest in-sample (leave-one-out) predictions.
+    over the neighbours ``j`` with a record for expert ``m`` (``n_m(x)`` of them). ``prior_m`` is the expert's
+    overall rate (``success_prior``), or with ``task_prior`` the query's own (``TaskPrior``). ``exclude_self``
+    leaves each query's own row out of its neighbours, for honest in-sample (leave-one-out) predictions (the
+    task prior's classifier still saw it).
 
     Without ``k`` and ``alpha``, ``k = sqrt(n)`` clipped to [5, 50] and ``alpha = k / 5``. ``moe train`` does
     not use that default: it picks both out of fold (``router.outcome_gate.KNN_GRID``), by how well the gate
@@ -189,9 +277,11 @@ class KnnSuccess:
 
     kind: ClassVar[str] = "knn"
 
-    def __init__(self, k: int | None = None, alpha: float | None = None) -> None:
+    def __init__(self, k: int | None = None, alpha: float | None = None,
+                 task_prior: TaskPrior | None = None) -> None:
         self.k, self.alpha = k or 0, alpha if alpha is not None else -1.0  # set from the data by fit
         self._k_given, self._alpha_given = k, alpha
+        self.task_prior = task_prior
         self.x = np.zeros((0, 0), dtype=np.float32)
         self.outcomes = np.zeros((0, 0), dtype=np.float32)
 
@@ -203,7 +293,8 @@ class KnnSuccess:
 
     def predict(self, x: np.ndarray, *, exclude_self: bool = False) -> np.ndarray:
         k = min(self.k, len(self.x) - int(exclude_self))
-        return self.success(self.neighbours(x, k, exclude_self=exclude_self), self.alpha)
+        prior = None if self.task_prior is None else self.task_prior.predict(x)
+        return self.success(self.neighbours(x, k, exclude_self=exclude_self), self.alpha, prior)
 
     def neighbours(self, x: np.ndarray, k: int, *, exclude_self: bool = False) -> np.ndarray:
         """``[q, k]`` row indices of each query's ``k`` nearest training queries, nearest first."""
@@ -220,16 +311,22 @@ class KnnSuccess:
             out[start:start + 1024] = np.take_along_axis(ids, order, axis=1)[:, :k]
         return out
 
-    def success(self, neighbours: np.ndarray, alpha: float) -> np.ndarray:
-        """``[q, m]`` shrunk success rates over the training rows ``neighbours`` ``[q, k]``."""
-        return shrunk_success(self.outcomes[neighbours], success_prior(self.outcomes), alpha)
+    def success(self, neighbours: np.ndarray, alpha: float, prior: np.ndarray | None = None) -> np.ndarray:
+        """``[q, m]`` shrunk success rates over the training rows ``neighbours`` ``[q, k]``, toward ``prior``
+        (``[q, m]`` or ``[m]``; None: each expert's overall rate)."""
+        return shrunk_success(self.outcomes[neighbours], success_prior(self.outcomes) if prior is None else prior,
+                              alpha)
 
     def arrays(self) -> dict[str, np.ndarray]:
-        return {"x": self.x, "outcomes": self.outcomes, "k": np.array(self.k), "alpha": np.array(self.alpha)}
+        out = {"x": self.x, "outcomes": self.outcomes, "k": np.array(self.k), "alpha": np.array(self.alpha)}
+        if self.task_prior is not None:
+            out.update({f"task.{k}": v for k, v in self.task_prior.arrays().items()})
+        return out
 
     @classmethod
     def from_arrays(cls, arrays: dict[str, np.ndarray]) -> KnnSuccess:
-        model = cls(int(arrays["k"]), float(arrays["alpha"]))
+        tasked = {k.removeprefix("task."): v for k, v in arrays.items() if k.startswith("task.")}
+        model = cls(int(arrays["k"]), float(arrays["alpha"]), TaskPrior.from_arrays(tasked) if tasked else None)
         model.x, model.outcomes = arrays["x"], arrays["outcomes"]
         return model
 

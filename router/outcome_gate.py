@@ -25,10 +25,13 @@ For a query ``x`` and expert ``e``::
   best. ``metadata.metrics`` reports ECE before and after.
 
 Out-of-fold predictions come from 5 folds keyed by a hash of the query text (copies stay in one fold). For the
-kNN success model they also choose its neighbourhood ``k`` and shrinkage ``alpha`` (``KNN_GRID``): the setting
-whose top-1 routing, at its own tuned margin, realises the most utility. The final success model is then fitted
-on every record. They are kept in the artifact (``cal_*`` arrays), so
-``with_cost_weight`` re-tunes margin and temperature for another lambda without retraining.
+kNN success model they also choose its neighbourhood ``k`` and shrinkage ``alpha`` (``KNN_GRID``), and, where
+the records name tasks (``"task"``: the query's task or domain), whether to shrink toward each expert's overall success
+rate or toward the query's task prior (``router.outcome.TaskPrior``, its classifier and rates fitted per fold
+on the other folds): the setting whose top-1 routing, at its own tuned margin, realises the most utility. The
+final success model is then fitted on every record (``gate.json``'s ``success_model`` says which it is). The
+out-of-fold predictions are kept in the artifact (``cal_*`` arrays), so ``with_cost_weight`` re-tunes margin and
+temperature for another lambda without retraining.
 """
 
 from __future__ import annotations
@@ -61,6 +64,7 @@ from router.outcome import (
     KnnSuccess,
     OutcomeRecord,
     SuccessModel,
+    TaskPrior,
     outcome_matrices,
     success_prior,
 )
@@ -79,7 +83,10 @@ FOLDS = 5
 # whole task. Out of fold, each fold has its own such hubs and the risk does not show: k = 10 scored 0.881 out
 # of fold on RouterBench and sent all 380 Winogrande test queries to claude-v1 (0.57 there against GPT-4's
 # 0.86), 0.761 on test against 0.874 for every k >= 25.
-KNN_GRID = tuple((k, alpha) for k in (100, 50, 25) for alpha in (30.0, 10.0, 3.0))
+# Shrinkage up to 300 pseudo-neighbours: toward a task prior, the best settings lean on the prior (on MMLU-Pro
+# the task's rates, estimated from hundreds of questions, beat 25 neighbours' rates).
+KNN_GRID = tuple((k, alpha) for k in (100, 50, 25) for alpha in (300.0, 100.0, 30.0, 10.0, 3.0))
+PRIORS = ("overall", "tasks")  # what kNN estimates are shrunk toward: each expert's overall rate, or TaskPrior
 # Candidate margins, in success-probability units; "always the anchor" is added per cost weight.
 MARGINS = (0.0, 0.005, 0.01, 0.02, 0.03, 0.05, 0.08, 0.12, 0.2, 0.3)
 
@@ -246,8 +253,19 @@ class OutcomeGate(Gate):
         return {**model, **self.calibration, "cost": self.cost}
 
     def _manifest(self) -> dict[str, Any]:
-        return {"cost_weight": self.cost_weight, "margin": self.tuning.margin,
-                "temperature": self.temperature, "anchor": self.artifact_experts[self.tuning.anchor]}
+        return self.settings()
+
+    def settings(self) -> dict[str, Any]:
+        """What training chose, as ``gate.json`` records it: cost weight, anchor, margin, temperature and, for
+        the kNN success model, its ``k``, ``alpha`` and prior."""
+        doc: dict[str, Any] = {"cost_weight": self.cost_weight, "margin": self.tuning.margin,
+                               "temperature": self.temperature, "anchor": self.artifact_experts[self.tuning.anchor]}
+        if isinstance(self.model, KnnSuccess):  # what out-of-fold tuning chose, for the reader of gate.json
+            prior = self.model.task_prior
+            doc["success_model"] = {"k": int(self.model.k), "alpha": float(self.model.alpha),
+                                    "prior": "tasks" if prior is not None else "overall",
+                                    **({"tasks": list(prior.tasks)} if prior is not None else {})}
+        return doc
 
     @classmethod
     def _restore(cls, encoder: Encoder, experts: list[str], doc: dict[str, Any], metadata: GateMetadata,
@@ -262,8 +280,9 @@ class OutcomeGate(Gate):
 # --- training ---------------------------------------------------------------------------------------------
 
 def outcome_data_sha256(records: Sequence[OutcomeRecord]) -> str:
-    """Order-independent fingerprint of outcome records."""
-    lines = sorted(json.dumps([r.query, sorted(r.outcomes.items()), sorted(r.cost.items())], ensure_ascii=False)
+    """Order-independent fingerprint of outcome records (a task counts where a record has one)."""
+    lines = sorted(json.dumps([r.query, sorted(r.outcomes.items()), sorted(r.cost.items())]
+                              + ([r.task] if r.task is not None else []), ensure_ascii=False)
                    for r in records)
     return hashlib.sha256("\n".join(lines).encode("utf-8")).hexdigest()
 
@@ -282,43 +301,60 @@ def _cost_scale(cost: np.ndarray) -> float:
 class _KnnOutOfFold:
     """Each fold's nearest queries among the other folds, searched once at the widest ``k``, and the
     out-of-fold ``[n, m]`` success rates any narrower ``k`` and shrinkage give (``k`` is cut to the smallest
-    training part)."""
+    training part). With ``tasks``, each fold also gets the task prior fitted on the other folds."""
 
-    def __init__(self, x: np.ndarray, outcomes: np.ndarray, folds: np.ndarray, k: int) -> None:
+    def __init__(self, x: np.ndarray, outcomes: np.ndarray, folds: np.ndarray, k: int,
+                 tasks: Sequence[str | None] | None = None, seed: int = 0) -> None:
         self.k = min(k, *(int((folds != f).sum()) for f in range(FOLDS)))
         self.folds, self.shape = folds, outcomes.shape
         self.parts = []
+        self.task_priors: list[np.ndarray] | None = [] if tasks is not None else None
         for f in range(FOLDS):
             fold_model = KnnSuccess(self.k)
             fold_model.fit(x[folds != f], outcomes[folds != f])
             self.parts.append((fold_model, fold_model.neighbours(x[folds == f], self.k)))
+            if self.task_priors is not None and tasks is not None:
+                rest = np.flatnonzero(folds != f)
+                prior = TaskPrior.fit(x[rest], [tasks[int(i)] for i in rest], outcomes[rest], seed=seed)
+                if prior is None:  # the other folds hold one task only: no task prior to choose
+                    self.task_priors = None
+                else:
+                    self.task_priors.append(prior.predict(x[folds == f]))
 
-    def success(self, k: int, alpha: float) -> np.ndarray:
+    def success(self, k: int, alpha: float, prior: str = "overall") -> np.ndarray:
         oof = np.zeros(self.shape)
         for f, (fold_model, ids) in enumerate(self.parts):
-            oof[self.folds == f] = fold_model.success(ids[:, :k], alpha)
+            base = self.task_priors[f] if prior == "tasks" and self.task_priors is not None else None
+            oof[self.folds == f] = fold_model.success(ids[:, :k], alpha, base)
         return oof
 
 
 def _tuned_knn(x: np.ndarray, outcomes: np.ndarray, record_costs: np.ndarray, cost: np.ndarray, folds: np.ndarray,
-               cost_weight: float) -> tuple[KnnSuccess, np.ndarray]:
-    """The kNN success model whose ``k`` and ``alpha`` (over ``KNN_GRID``) route best out of fold, and its
-    out-of-fold success rates: the highest realised utility of top-1 routing at ``cost_weight``, each setting
-    with its own tuned margin (``tune``). Ties keep the smoother setting (more neighbours, more shrinkage),
-    which the grid lists first."""
-    oof = _KnnOutOfFold(x, outcomes, folds, max(k for k, _ in KNN_GRID))
+               cost_weight: float, tasks: Sequence[str | None] | None = None,
+               seed: int = 0) -> tuple[KnnSuccess, np.ndarray]:
+    """The kNN success model whose ``k``, ``alpha`` (over ``KNN_GRID``) and prior (``PRIORS``; the task prior
+    only with ``tasks`` naming at least two tasks) route best out of fold, and its out-of-fold success rates:
+    the highest realised utility of top-1 routing at ``cost_weight``, each setting with its own tuned margin
+    (``tune``). Ties keep the simpler setting (the overall prior, more neighbours, more shrinkage), which the
+    grid lists first."""
+    oof = _KnnOutOfFold(x, outcomes, folds, max(k for k, _ in KNN_GRID), tasks, seed)
+    priors = PRIORS if oof.task_priors is not None else PRIORS[:1]
     scale = _cost_scale(cost)
-    best: tuple[float, int, float, np.ndarray] | None = None
-    for k, alpha in KNN_GRID:
-        success = oof.success(min(k, oof.k), alpha)
-        value = tune(success, outcomes, record_costs, cost / scale, cost_weight).metrics["routed_utility"]
-        assert value is not None
-        if best is None or value > best[0] + 1e-12:
-            best = (value, min(k, oof.k), alpha, success)
+    best: tuple[float, int, float, str, np.ndarray] | None = None
+    for prior in priors:
+        for k, alpha in KNN_GRID:
+            success = oof.success(min(k, oof.k), alpha, prior)
+            value = tune(success, outcomes, record_costs, cost / scale, cost_weight).metrics["routed_utility"]
+            assert value is not None
+            if best is None or value > best[0] + 1e-12:
+                best = (value, min(k, oof.k), alpha, prior, success)
     assert best is not None
-    log.info("outcome gate: kNN success with k=%d, alpha=%g (out-of-fold routed utility %.4f, best of %d "
-             "settings)", best[1], best[2], best[0], len(KNN_GRID))
-    return KnnSuccess(best[1], best[2]), best[3]
+    value, k, alpha, prior, success = best
+    log.info("outcome gate: kNN success with k=%d, alpha=%g, shrunk toward the %s (out-of-fold routed utility "
+             "%.4f, best of %d settings)", k, alpha, "task prior" if prior == "tasks" else "overall rates",
+             value, len(KNN_GRID) * len(priors))
+    task_prior = TaskPrior.fit(x, tasks, outcomes, seed=seed) if prior == "tasks" and tasks else None
+    return KnnSuccess(k, alpha, task_prior), success
 
 
 def train_outcome_gate(records: Sequence[OutcomeRecord], encoder: Encoder, *, experts: Sequence[str] | None = None,
@@ -348,9 +384,11 @@ def train_outcome_gate(records: Sequence[OutcomeRecord], encoder: Encoder, *, ex
     with np.errstate(invalid="ignore"):
         mean_cost = np.nanmean(record_costs, axis=0) if not np.isnan(record_costs).all() else np.zeros(len(experts))
     cost = np.where(np.isnan(mean_cost), 0.0, mean_cost)
+    record_tasks = [r.task for r in records]
     if model == KnnSuccess.kind:
         final: SuccessModel
-        final, oof = _tuned_knn(x, outcomes, record_costs, cost, folds, cost_weight)
+        final, oof = _tuned_knn(x, outcomes, record_costs, cost, folds, cost_weight,
+                                record_tasks if any(t is not None for t in record_tasks) else None, seed)
     else:
         oof = np.zeros_like(outcomes)
         for f in range(FOLDS):

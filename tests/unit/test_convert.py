@@ -72,6 +72,8 @@ def test_mmlu_pro_outcomes_carry_letters_that_teach_vote_weights(data_dir: Path,
         outcome = store.outcome(first.question_id, model)
         assert records[0].outcomes.get(model) == (None if outcome.correct is None else float(outcome.correct))
         assert records[0].answers.get(model) == outcome.pred
+    assert records[0].task == first.category
+    assert {r.task for r in records} <= set(store.categories) and len({r.task for r in records}) > 1
     assert all(set(r.answers) <= set(r.outcomes) and set(r.cost) <= set(r.outcomes) for r in records)
     weights = fit_from_records(records, list(store.models), extract_choice).as_mapping()
     strongest = sorted(weights, key=weights.__getitem__, reverse=True)[:2]
@@ -95,9 +97,10 @@ def test_routerbench_outcomes_named_after_a_configs_replay_experts(data_dir: Pat
     assert records[0].query == row.prompt
     assert records[0].answers["gpt-4-turbo"] == row.answers["gpt-4-1106-preview"].response
     assert records[0].cost["gpt-4-turbo"] == row.answers["gpt-4-1106-preview"].cost_usd
+    assert records[0].task == row.eval_name
     convert("routerbench", data_dir, "test", out, names=names, answers=False, limit=5)
     lines = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
-    assert len(lines) == 5 and all(set(line) == {"query", "outcomes", "cost"} for line in lines)
+    assert len(lines) == 5 and all(set(line) == {"query", "outcomes", "cost", "task"} for line in lines)
 
 
 def test_cli_writes_and_says_what(data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

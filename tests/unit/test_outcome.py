@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +14,15 @@ from experts.recordings import RouterBenchRow, load_routerbench
 from router.encoders import Encoder, OnnxMiniLMEncoder
 from router.gate import Gate, GateArtifactMismatch
 from router.outcome import OutcomeRecord, is_outcome_file, load_outcome_jsonl
-from router.outcome_gate import KNN_GRID, OutcomeGate, _folds, _KnnOutOfFold, train_outcome_gate, tune
+from router.outcome_gate import (
+    KNN_GRID,
+    OutcomeGate,
+    _folds,
+    _KnnOutOfFold,
+    outcome_data_sha256,
+    train_outcome_gate,
+    tune,
+)
 
 N_TRAIN, N_TEST = 900, 450
 GPT4 = "gpt-4-1106-preview"
@@ -42,6 +52,12 @@ def test_outcome_records_load_and_missing_experts_stay_missing(tmp_path: Path) -
     assert not is_outcome_file(_write(tmp_path / "l.jsonl", [json.dumps({"query": "q", "label": "a"})]))
 
 
+def test_outcome_records_keep_their_task(tmp_path: Path) -> None:
+    path = _write(tmp_path / "o.jsonl", [json.dumps({"query": "q1", "outcomes": {"a": 1}, "task": "law"}),
+                                         json.dumps({"query": "q2", "outcomes": {"a": 0}, "task": None})])
+    assert [r.task for r in load_outcome_jsonl(path)] == ["law", None]
+
+
 @pytest.mark.parametrize(("bad", "problem"), [
     ('{"query": "q", "outcomes": ', "not valid JSON"),
     ('["q"]', "expected an object"),
@@ -54,6 +70,8 @@ def test_outcome_records_load_and_missing_experts_stay_missing(tmp_path: Path) -
     ('{"query": "q", "outcomes": {"a": true}}', r"outcomes\['a'\] must be in \[0, 1\]"),
     ('{"query": "q", "outcomes": {"a": 1}, "cost": {"a": -1}}', r"cost\['a'\] must be a finite number"),
     ('{"query": "q", "outcomes": {"a": 1}, "label": "a"}', "unknown key"),
+    ('{"query": "q", "outcomes": {"a": 1}, "task": 3}', "'task' must be a non-empty string"),
+    ('{"query": "q", "outcomes": {"a": 1}, "task": " "}', "'task' must be a non-empty string"),
 ])
 def test_bad_outcome_line_is_reported_with_its_number(tmp_path: Path, bad: str, problem: str) -> None:
     path = _write(tmp_path / "o.jsonl", [json.dumps({"query": "q", "outcomes": {"a": 1}}), "", bad])
@@ -270,3 +288,103 @@ def test_success_prior_is_shrunk_toward_the_pooled_rate_by_record_count() -> Non
     assert success_prior(outcomes) == pytest.approx(
         [(600 + PRIOR_RECORDS * pooled) / (1000 + PRIOR_RECORDS), (3 + PRIOR_RECORDS * pooled) / (3 + PRIOR_RECORDS)])
     assert success_prior(outcomes, strength=0.0) == pytest.approx([0.6, 1.0])
+
+
+# --- the task prior ------------------------------------------------------------------------------------------
+
+# Success rates of four experts on three tasks: "a" is the best single expert, "b" and "c" are specialists.
+TASK_RATES = {"a": (0.7, 0.7, 0.7), "b": (0.95, 0.45, 0.45), "c": (0.45, 0.95, 0.45), "d": (0.4, 0.4, 0.4)}
+
+
+def _task_data(n: int, seed: int, noise: float = 8.0) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+    """Queries of three tasks around three fixed directions, with so much noise that a query's nearest
+    neighbours mix the tasks, and each expert's recorded outcomes at its rate on the query's task."""
+    rng = np.random.default_rng(seed)
+    centres = np.random.default_rng(99).normal(size=(3, 384))
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    task = rng.integers(0, 3, n)
+    x = centres[task] + noise * rng.normal(size=(n, 384)) / np.sqrt(384)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    outcomes = {e: (rng.random(n) < np.array(r)[task]).astype(float) for e, r in TASK_RATES.items()}
+    return x.astype(np.float32), task, outcomes
+
+
+def _task_records(outcomes: dict[str, np.ndarray], tasks: Sequence[str | None]) -> list[OutcomeRecord]:
+    return [OutcomeRecord(f"q{i}", {e: float(o[i]) for e, o in outcomes.items()}, {}, task=t)
+            for i, t in enumerate(tasks)]
+
+
+def _accuracy(gate: Gate, x: np.ndarray, outcomes: dict[str, np.ndarray]) -> float:
+    picks = gate.predict_proba(x).argmax(axis=1)
+    return float(np.mean([outcomes[gate.experts[p]][i] for i, p in enumerate(picks)]))
+
+
+def test_records_that_name_their_task_let_the_gate_route_by_task(tmp_path: Path) -> None:
+    """Where neighbourhoods mix tasks, each task's success rates (from hundreds of records, mixed by a
+    classifier's task probabilities) tell the specialists' strengths better than 25-100 neighbours do. Out of
+    fold, training picks the task prior; the gate then routes fresh queries far better than without tasks, and
+    an artifact keeps the prior."""
+    from tests.doubles.fakes import HashingEncoder
+
+    x, task, outcomes = _task_data(1500, seed=0)
+    x_new, _, new = _task_data(3000, seed=1)
+    with_tasks = train_outcome_gate(_task_records(outcomes, [f"t{t}" for t in task]), HashingEncoder(),
+                                    progress=False, embeddings=x)
+    without = train_outcome_gate(_task_records(outcomes, [None] * len(x)), HashingEncoder(), progress=False,
+                                 embeddings=x)
+    assert with_tasks.settings()["success_model"]["prior"] == "tasks"
+    assert with_tasks.settings()["success_model"]["tasks"] == ["t0", "t1", "t2"]
+    assert without.settings()["success_model"]["prior"] == "overall"
+    best_single = float(np.mean(new["a"]))
+    routed, plain = _accuracy(with_tasks, x_new, new), _accuracy(without, x_new, new)
+    # Routing each task to its best expert would score (0.95 + 0.95 + 0.7) / 3 = 0.87.
+    assert routed > plain + 0.04, (routed, plain)
+    assert routed > best_single + 0.08, (routed, best_single)
+
+    with_tasks.save(tmp_path / "gate")
+    loaded = Gate.load(tmp_path / "gate", HashingEncoder())
+    assert isinstance(loaded, OutcomeGate)
+    np.testing.assert_allclose(loaded.predict_proba(x_new[:200]), with_tasks.predict_proba(x_new[:200]), atol=1e-6)
+    saved = json.loads((tmp_path / "gate" / "gate.json").read_text())
+    assert saved["success_model"]["prior"] == "tasks"
+
+
+def test_tasks_that_say_nothing_about_outcomes_are_left_out() -> None:
+    from tests.doubles.fakes import HashingEncoder
+
+    x, _, outcomes = _task_data(1500, seed=0)
+    noise = np.random.default_rng(5).integers(0, 3, len(x))
+    gate = train_outcome_gate(_task_records(outcomes, [f"r{t}" for t in noise]), HashingEncoder(), progress=False,
+                              embeddings=x)
+    assert gate.settings()["success_model"]["prior"] == "overall"
+
+
+def test_task_prior_mixes_each_tasks_rates_by_the_query_s_task_probabilities() -> None:
+    from router.outcome import TASK_RECORDS, TaskPrior, success_prior
+
+    x, task, outcomes = _task_data(1200, seed=2, noise=1.0)  # tasks the classifier tells apart
+    matrix = np.stack([outcomes[e] for e in TASK_RATES], axis=1)
+    tasks: list[str | None] = [f"t{t}" for t in task]
+    tasks[:100] = [None] * 100  # rows without a task teach neither the classifier nor the rates
+    prior = TaskPrior.fit(x, tasks, matrix)
+    assert prior is not None and prior.tasks == ("t0", "t1", "t2")
+    overall = success_prior(matrix)
+    rows = np.flatnonzero(task[100:] == 1) + 100
+    expected = (matrix[rows].sum(axis=0) + TASK_RECORDS * overall) / (len(rows) + TASK_RECORDS)
+    np.testing.assert_allclose(prior.rates[1], expected)
+    proba = prior.task_proba(x[task == 1])
+    assert np.mean(proba.argmax(axis=1) == 1) > 0.95
+    np.testing.assert_allclose(prior.predict(x[:5]), prior.task_proba(x[:5]) @ prior.rates)
+    restored = TaskPrior.from_arrays(prior.arrays())
+    np.testing.assert_allclose(restored.predict(x[:50]), prior.predict(x[:50]))
+    assert TaskPrior.fit(x, ["only"] * len(x), matrix) is None  # one task: nothing to mix
+
+
+def test_a_task_changes_the_data_fingerprint_and_no_task_keeps_it() -> None:
+    plain = [OutcomeRecord("q1", {"a": 1.0}, {}), OutcomeRecord("q2", {"a": 0.0}, {})]
+    tasked = [OutcomeRecord("q1", {"a": 1.0}, {}, task="law"), OutcomeRecord("q2", {"a": 0.0}, {})]
+    assert outcome_data_sha256(plain) != outcome_data_sha256(tasked)
+    # Records without tasks hash as they did before tasks existed, so older artifacts still match their data.
+    lines = sorted(json.dumps([r.query, sorted(r.outcomes.items()), sorted(r.cost.items())], ensure_ascii=False)
+                   for r in plain)
+    assert outcome_data_sha256(plain) == hashlib.sha256("\n".join(lines).encode("utf-8")).hexdigest()
