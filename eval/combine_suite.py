@@ -5,8 +5,8 @@ Same data and seeded id split as ``mmlu-pro-outcome`` (``eval.routing``): the ga
 queries) ranks the experts of the pool, the top ``k`` form the panel, and each member's *recorded* letter
 (``pred.csv``) is its answer. Strategies scored:
 
-- ``top1``: the gate's single choice (argmax of predicted success, with the margin over the best single expert
-  that ``mmlu-pro-outcome`` tunes);
+- ``top1``: the gate's single choice (argmax of predicted success, with a margin over the best single expert,
+  as the served outcome gate routes);
 - ``vote``: ``router.combine.Vote`` over the panel, weights from predicted success (``uniform``, ``success`` or
   ``logodds``: ``log(9 p / (1 - p))``, the optimal weight of an independent voter with accuracy ``p`` among 10
   options, floored at 0);
@@ -20,9 +20,10 @@ queries) ranks the experts of the pool, the top ``k`` form the panel, and each m
   median counts for more or less, as fitted), as ``combiner.vote_weights: learned`` serves it by default.
 - ``fuse`` needs an aggregator model to write an answer, so it cannot be scored from recordings.
 
-The panel's size ``k``, the weights and the success model's prior (global, or per MMLU-Pro category: the
-category the domain gate predicts for the question, as serving would know it, never its recorded one), the
-learned votes' panel sizes and L2 penalties, and which strategy
+The panel's size ``k``, the weights and the success model's prior (global, or the task prior the served
+outcome gate learns from records that name their task: ``router.outcome.TaskPrior``, each MMLU-Pro category's
+success rates mixed by an embedding classifier's category probabilities for the question, as serving knows it,
+never its recorded category), the learned votes' panel sizes and L2 penalties, and which strategy
 is the suite's headline (``chosen_strategy``) are chosen by 5-fold cross-validation over train + val: one
 1,200-question validation split has a standard error of about 1.2 points, too coarse to tell these strategies
 apart, and the folds together score every one of the 9,658 questions. Everything is then refitted on train +
@@ -33,7 +34,7 @@ A model with no record for a question abstains (no vote); a panel with no vote a
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,10 +46,10 @@ from eval.report import plot_accuracy_bars
 from eval.routing import FRACTIONS, mmlu_pro_split
 from eval.suite import SuiteContext, as_float
 from router.combine import TIE_BREAK, Combiner, Consensus, Vote, choice_embedding
-from router.outcome import shrunk_success, success_prior
+from router.outcome import TaskPrior, shrunk_success
 from router.vote_weights import VoteWeights, fit_vote_weights
 
-__all__ = ["LEARNED", "POOLS", "SMALL_OPEN", "domain_gate_categories", "identical_groups", "mean_interval",
+__all__ = ["LEARNED", "POOLS", "SMALL_OPEN", "identical_groups", "mean_interval",
            "panel_letters", "plot_strategies", "pool_models", "run_mmlu_pro_combine", "weights_of"]
 
 LETTERS = "ABCDEFGHIJ"
@@ -62,13 +63,13 @@ SMALL_OPEN = (
 POOLS: dict[str, tuple[str, ...] | None] = {"all": None, "small": SMALL_OPEN}
 PANEL_SIZES = (1, 3, 5, 7, 9)
 WEIGHTS = ("uniform", "success", "logodds")
-PRIORS = ("global", "category")
+PRIORS = ("global", "task")
 K_NEIGHBOURS = (50, 100, 200)
-ALPHAS = (3.0, 10.0, 30.0, 100.0)
+ALPHAS = (3.0, 10.0, 30.0, 100.0, 300.0)
 MARGINS = (0.0, 0.02, 0.05, 0.1, np.inf)
 N_BOOT = 1000
 TARGETS = {"all": 0.05, "small": 0.07}  # issue 4: points over the pool's best single model
-L2_GRID = (1.0, 10.0, 30.0)  # the learned vote's penalty
+L2_GRID = (1.0, 10.0, 30.0, 100.0, 300.0)  # the learned vote's penalty
 N_FOLDS = 5  # cross-validation over train + val chooses every setting
 # The strategies the headline is chosen among, simplest first (a tie keeps the earlier one).
 CANDIDATES = ("vote", "learned_vote", "learned_length_vote")
@@ -125,24 +126,26 @@ def _accuracy(letters: np.ndarray, gold: np.ndarray) -> float:
 
 
 class _Scorer:
-    """Success estimates over the pool from a fit split, with either prior.
-
-    The per-category priors are learned from the fit rows' recorded categories; a scored query's category is
-    the one ``predicted`` gives it (the domain gate's pick, as serving would know it), never its recorded one."""
+    """Success estimates over the pool from a fit split, with either prior: each expert's overall rate
+    (``global``), or the served gate's task prior (``task``: ``router.outcome.TaskPrior`` fitted on the fit rows'
+    embeddings, recorded categories and outcomes; a scored question's prior mixes the categories by the
+    classifier's probabilities, never reading its recorded category)."""
 
     def __init__(self, x: np.ndarray, outcomes: np.ndarray, category: np.ndarray, fit: np.ndarray,
-                 predicted: np.ndarray | None = None) -> None:
-        self.x, self.outcomes, self.category, self.fit = x, outcomes, category, fit
-        self.predicted = predicted  # [n] categories of the rows scored; None: only the global prior is usable
+                 seed: int = 0) -> None:
+        self.x, self.outcomes, self.fit = x, outcomes, fit
         self.model = NeighbourOutcomes(x[fit], outcomes[fit])
-        self.cat_prior = {c: success_prior(outcomes[fit][category[fit] == c]) for c in np.unique(category)}
+        self.task_prior = TaskPrior.fit(x[fit], list(category[fit]), outcomes[fit], seed=seed)
+        self._priors: dict[bytes, np.ndarray] = {}
 
     def success(self, rows: np.ndarray, k: int, alpha: float, prior: str) -> np.ndarray:
         ids = self.model.neighbours(self.x[rows], k)
-        if prior == "category" and self.predicted is None:
-            raise ValueError("the category prior needs the domain gate's predicted categories")
-        base = (np.stack([self.cat_prior.get(c, self.model.prior) for c in self.predicted[rows]])
-                if prior == "category" and self.predicted is not None else self.model.prior)
+        base = self.model.prior
+        if prior == "task" and self.task_prior is not None:
+            key = rows.tobytes()
+            if key not in self._priors:  # the same rows are scored at every k and alpha
+                self._priors[key] = self.task_prior.predict(self.x[rows])
+            base = self._priors[key]
         return shrunk_success(self.model.outcomes[ids], base, alpha)
 
 
@@ -201,32 +204,11 @@ def _mean_grid(scores: Mapping[tuple[Any, ...], list[float]], keys: Sequence[str
             for setting, accs in scores.items()]
 
 
-Predict = Callable[[np.ndarray, np.ndarray], np.ndarray]  # (fit rows, rows) -> a category per row, [n] overall
-
-
-def domain_gate_categories(ctx: SuiteContext, texts: Sequence[str], x: np.ndarray,
-                           category: np.ndarray) -> Predict:
-    """The categories the domain gate predicts: ``router.gate.train_gate`` (as ``moe train`` trains a label
-    gate) on the fit rows' prompts and recorded categories, its top pick for each scored row; an ``[n]`` array
-    with the scored rows filled in (the others hold their recorded category, and are never read as predicted)."""
-    from router.gate import train_gate
-
-    def predict(fit_rows: np.ndarray, rows: np.ndarray) -> np.ndarray:
-        labels = sorted(set(category[fit_rows]))
-        gate = train_gate([texts[i] for i in fit_rows], list(category[fit_rows]), ctx.encoder, experts=labels,
-                          seed=ctx.seed, progress=False)
-        out = category.copy()
-        out[rows] = np.array(labels)[gate.predict_proba(x[rows], [texts[i] for i in rows]).argmax(axis=1)]
-        return out
-
-    return predict
-
-
-def _cross_validate(data: _Data, fit: np.ndarray, best: int, seed: int, progress: bool,
-                    predict: Predict) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any], dict[str, Any]]:
+def _cross_validate(data: _Data, fit: np.ndarray, best: int, seed: int,
+                    progress: bool) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any], dict[str, Any]]:
     """Every setting's mean held-out accuracy over ``N_FOLDS`` folds of ``fit`` (train + val): each fold is
     scored with the success model (and learned weights) of the other folds. Returns the grids and the best
-    setting of each kind: vote (prior, neighbours, alpha, panel size, weights), top-1 (neighbours, alpha,
+    setting of each kind: vote (prior, neighbours, alpha, panel size, weights), top-1 (prior, neighbours, alpha,
     margin), learned vote and learned vote with the length term (L2, panel size)."""
     folds = folds_of(fit, seed)
     vote: dict[tuple[Any, ...], list[float]] = {}
@@ -234,24 +216,23 @@ def _cross_validate(data: _Data, fit: np.ndarray, best: int, seed: int, progress
     held: list[tuple[np.ndarray, np.ndarray, _Scorer]] = []
     for i, hold in enumerate(folds):
         rest = np.setdiff1d(fit, hold)
-        scorer = _Scorer(data.x, data.outcomes, data.category, rest, predict(rest, hold))
+        scorer = _Scorer(data.x, data.outcomes, data.category, rest, seed)
         held.append((hold, rest, scorer))
         for prior, k, alpha in itertools.product(PRIORS, K_NEIGHBOURS, ALPHAS):
             s = scorer.success(hold, k, alpha, prior)
             for size, scheme in itertools.product(PANEL_SIZES, WEIGHTS):
                 vote.setdefault((prior, k, alpha, size, scheme), []).append(
                     _accuracy(_vote(data.onehot[hold], s, size, scheme), data.gold[hold]))
-            if prior == "global":
-                for margin in MARGINS:
-                    picks = route_with_margin(s, best, margin)
-                    top1.setdefault((k, alpha, float(margin)), []).append(
-                        _accuracy(_letters_of(data.onehot[hold], picks), data.gold[hold]))
+            for margin in MARGINS:
+                picks = route_with_margin(s, best, margin)
+                top1.setdefault((prior, k, alpha, float(margin)), []).append(
+                    _accuracy(_letters_of(data.onehot[hold], picks), data.gold[hold]))
         if progress:
             print(f"  cross-validation, fold {i + 1}/{len(folds)}: vote and top-1 settings scored", flush=True)
     grid = _mean_grid(vote, ("prior", "neighbours", "alpha", "k", "weights"))
     # Ties prefer the smaller panel (fewer calls), then the simpler weights and prior (the grid's order).
     chosen = max(grid, key=lambda g: (round(g["cv_accuracy"], 12), -g["k"]))
-    top1_grid = _mean_grid(top1, ("neighbours", "alpha", "margin"))
+    top1_grid = _mean_grid(top1, ("prior", "neighbours", "alpha", "margin"))
     chosen_top1 = max(top1_grid, key=lambda g: (round(g["cv_accuracy"], 12), g["margin"]))
     learned: dict[tuple[Any, ...], list[float]] = {}
     for i, (hold, rest, scorer) in enumerate(held):
@@ -269,6 +250,14 @@ def _cross_validate(data: _Data, fit: np.ndarray, best: int, seed: int, progress
                   key=lambda g: (round(g["cv_accuracy"], 12), -g["k"], g["l2"]))
         for name, length in LEARNED.items()}
     return {"vote": chosen, **best_learned}, chosen_top1, {"vote": grid, "top1": top1_grid}, {"learned": learned_grid}
+
+
+def _task_accuracy(scorer: _Scorer, rows: np.ndarray, category: np.ndarray) -> float:
+    """How often the task prior's classifier ranks a question's recorded category first."""
+    prior = scorer.task_prior
+    if prior is None:
+        return float("nan")
+    return float(np.mean(np.array(prior.tasks)[prior.task_proba(scorer.x[rows]).argmax(axis=1)] == category[rows]))
 
 
 def _letters_of(onehot: np.ndarray, picks: np.ndarray) -> np.ndarray:
@@ -317,7 +306,7 @@ def run_mmlu_pro_combine(ctx: SuiteContext) -> dict[str, Any]:
     pool_name = ctx.pool or "all"
     models = pool_models(pool_name, store.models)
     ids = [str(q.question_id) for q in store.questions]
-    train, val, test, x, prompts = mmlu_pro_split(ctx, store)
+    train, val, test, x, _ = mmlu_pro_split(ctx, store)
     onehot = np.zeros((len(ids), len(models), len(LETTERS)), dtype=np.float32)
     chars = np.full((len(ids), len(models)), np.nan)
     for j, m in enumerate(models):
@@ -333,17 +322,15 @@ def run_mmlu_pro_combine(ctx: SuiteContext) -> dict[str, Any]:
     fit = np.r_[train, val]
     fit_acc = np.nan_to_num(outcomes[fit]).mean(axis=0)  # missing = wrong, as for every system
     best = int(np.argmax(fit_acc))
-    predict = domain_gate_categories(ctx, prompts, x, data.category)
-    chosen, chosen_top1, grids, learned_grids = _cross_validate(data, fit, best, ctx.seed, ctx.progress, predict)
+    chosen, chosen_top1, grids, learned_grids = _cross_validate(data, fit, best, ctx.seed, ctx.progress)
     cv_scores = {name: chosen[name]["cv_accuracy"] for name in CANDIDATES}
     # The headline is the candidate with the best cross-validated accuracy; a tie keeps the simpler one.
     headline = max(CANDIDATES, key=lambda k: (round(cv_scores[k], 12), -CANDIDATES.index(k)))
     learned = {name: data.fit_weights(fit, chosen[name]["l2"], length) for name, length in LEARNED.items()}
-    predicted = predict(fit, test)
-    scorer = _Scorer(x, outcomes, data.category, fit, predicted)
+    scorer = _Scorer(x, outcomes, data.category, fit, ctx.seed)
     cv = chosen["vote"]
     s = scorer.success(test, cv["neighbours"], cv["alpha"], cv["prior"])
-    s_top1 = scorer.success(test, chosen_top1["neighbours"], chosen_top1["alpha"], "global")
+    s_top1 = scorer.success(test, chosen_top1["neighbours"], chosen_top1["alpha"], chosen_top1["prior"])
     oh, g, ch = onehot[test], gold[test], chars[test]
     voted = _vote(oh, s, cv["k"], cv["weights"])
     learned_voted = {name: _learned_vote(oh, s, chosen[name]["k"], w, ch) for name, w in learned.items()}
@@ -411,11 +398,11 @@ def run_mmlu_pro_combine(ctx: SuiteContext) -> dict[str, Any]:
         "headline strategy: the best cross-validated of " + ", ".join(
             f"{k} ({v:.4f})" for k, v in cv_scores.items()) + f": {headline}; the target is judged on it",
         "fuse is not scored: it needs an aggregator model to write each answer, which recordings cannot give",
-        "the 'category' prior: per-category success priors learned from the fit questions' recorded categories, "
-        "looked up for each scored question by the category the domain gate (router.gate.train_gate on the fit "
-        "questions' prompts and categories, as moe train trains it) predicts for it, never its recorded one, in "
-        "every cross-validation fold and on test, as serving would know it; the gate's category accuracy on the "
-        f"test questions: {float(np.mean(predicted[test] == data.category[test])):.4f}",
+        "the 'task' prior: the served outcome gate's task prior (router.outcome.TaskPrior, as moe train fits it "
+        "from outcome records that name their task): each category's success rates over the fit questions, mixed "
+        "for a scored question by an embedding classifier's category probabilities, never its recorded category, "
+        "in every cross-validation fold and on test; the classifier's top category is right for "
+        f"{_task_accuracy(scorer, test, data.category):.4f} of the test questions",
         "panel-size table: every k and weight scheme on the test split, for reading only (not used to choose)",
     ]
     body: dict[str, Any] = {
@@ -427,8 +414,8 @@ def run_mmlu_pro_combine(ctx: SuiteContext) -> dict[str, Any]:
                                            if w > 0},
                   "learned_length_vote_weights": {e: round(w, 4) for e, w in length.as_mapping().items() if w > 0},
                   "chosen": chosen, "chosen_top1": chosen_top1,
-                  "category_prior_uses": "the domain gate's predicted category",
-                  "predicted_category_accuracy": float(np.mean(predicted[test] == data.category[test])),
+                  "task_prior_uses": "router.outcome.TaskPrior: category rates mixed by classifier probabilities",
+                  "predicted_category_accuracy": _task_accuracy(scorer, test, data.category),
                   "identical_strategies": identical_groups(
                       {k: v for k, v in correct.items() if k != "best_single"})},
         "confidence_intervals": cis,
