@@ -134,6 +134,8 @@ def route_outcomes(ctx: SuiteContext, x: np.ndarray, outcomes: np.ndarray, costs
                                          "high": served_diff.high}},
         "systems": systems, "experts": experts, "curve": curve, "hull": {"cost": hull[0], "accuracy": hull[1]},
         "routed_share": {m: float(np.mean(choices == i)) for i, m in enumerate(models) if np.any(choices == i)},
+        "served_routed_share": {m: float(np.mean(served_choices == i)) for i, m in enumerate(models)
+                                if np.any(served_choices == i)},
         "tuning_grid": grid,
     }
     if reference is not None:
