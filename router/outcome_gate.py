@@ -304,12 +304,15 @@ class _KnnOutOfFold:
     training part). With ``tasks``, each fold also gets the task prior fitted on the other folds."""
 
     def __init__(self, x: np.ndarray, outcomes: np.ndarray, folds: np.ndarray, k: int,
-                 tasks: Sequence[str | None] | None = None, seed: int = 0) -> None:
+                 tasks: Sequence[str | None] | None = None, seed: int = 0, progress: bool = False) -> None:
+        from tqdm.auto import tqdm
+
         self.k = min(k, *(int((folds != f).sum()) for f in range(FOLDS)))
         self.folds, self.shape = folds, outcomes.shape
         self.parts = []
         self.task_priors: list[np.ndarray] | None = [] if tasks is not None else None
-        for f in range(FOLDS):
+        for f in tqdm(range(FOLDS), desc="success model, out of fold" + (" (with task priors)" if tasks else ""),
+                      unit="fold", disable=not progress):
             fold_model = KnnSuccess(self.k)
             fold_model.fit(x[folds != f], outcomes[folds != f])
             self.parts.append((fold_model, fold_model.neighbours(x[folds == f], self.k)))
@@ -330,14 +333,14 @@ class _KnnOutOfFold:
 
 
 def _tuned_knn(x: np.ndarray, outcomes: np.ndarray, record_costs: np.ndarray, cost: np.ndarray, folds: np.ndarray,
-               cost_weight: float, tasks: Sequence[str | None] | None = None,
-               seed: int = 0) -> tuple[KnnSuccess, np.ndarray]:
+               cost_weight: float, tasks: Sequence[str | None] | None = None, seed: int = 0,
+               progress: bool = False) -> tuple[KnnSuccess, np.ndarray]:
     """The kNN success model whose ``k``, ``alpha`` (over ``KNN_GRID``) and prior (``PRIORS``; the task prior
     only with ``tasks`` naming at least two tasks) route best out of fold, and its out-of-fold success rates:
     the highest realised utility of top-1 routing at ``cost_weight``, each setting with its own tuned margin
     (``tune``). Ties keep the simpler setting (the overall prior, more neighbours, more shrinkage), which the
     grid lists first."""
-    oof = _KnnOutOfFold(x, outcomes, folds, max(k for k, _ in KNN_GRID), tasks, seed)
+    oof = _KnnOutOfFold(x, outcomes, folds, max(k for k, _ in KNN_GRID), tasks, seed, progress)
     priors = PRIORS if oof.task_priors is not None else PRIORS[:1]
     scale = _cost_scale(cost)
     best: tuple[float, int, float, str, np.ndarray] | None = None
@@ -388,7 +391,8 @@ def train_outcome_gate(records: Sequence[OutcomeRecord], encoder: Encoder, *, ex
     if model == KnnSuccess.kind:
         final: SuccessModel
         final, oof = _tuned_knn(x, outcomes, record_costs, cost, folds, cost_weight,
-                                record_tasks if any(t is not None for t in record_tasks) else None, seed)
+                                record_tasks if any(t is not None for t in record_tasks) else None, seed,
+                                progress)
     else:
         oof = np.zeros_like(outcomes)
         for f in range(FOLDS):
