@@ -20,7 +20,7 @@ queries) ranks the experts of the pool, the top ``k`` form the panel, and each m
   median counts for more or less, as fitted), as ``combiner.vote_weights: learned`` serves it by default.
 - ``fuse`` needs an aggregator model to write an answer, so it cannot be scored from recordings.
 
-The panel's size ``k``, the weights and the success model's prior (global, or the task prior the served
+The panel's size ``k``, the weights and the success model's prior (overall, or the task prior the served
 outcome gate learns from records that name their task: ``router.outcome.TaskPrior``, each MMLU-Pro category's
 success rates mixed by an embedding classifier's category probabilities for the question, as serving knows it,
 never its recorded category), the learned votes' panel sizes and L2 penalties, and which strategy
@@ -63,9 +63,9 @@ SMALL_OPEN = (
 POOLS: dict[str, tuple[str, ...] | None] = {"all": None, "small": SMALL_OPEN}
 PANEL_SIZES = (1, 3, 5, 7, 9)
 WEIGHTS = ("uniform", "success", "logodds")
-PRIORS = ("global", "task")
+PRIORS = ("overall", "task")
 K_NEIGHBOURS = (50, 100, 200)
-ALPHAS = (3.0, 10.0, 30.0, 100.0, 300.0)
+ALPHAS = (3.0, 10.0, 30.0, 100.0, 300.0, 1000.0, float("inf"))  # inf: the prior alone
 MARGINS = (0.0, 0.02, 0.05, 0.1, np.inf)
 N_BOOT = 1000
 TARGETS = {"all": 0.05, "small": 0.07}  # issue 4: points over the pool's best single model
@@ -127,7 +127,7 @@ def _accuracy(letters: np.ndarray, gold: np.ndarray) -> float:
 
 class _Scorer:
     """Success estimates over the pool from a fit split, with either prior: each expert's overall rate
-    (``global``), or the served gate's task prior (``task``: ``router.outcome.TaskPrior`` fitted on the fit rows'
+    (``overall``), or the served gate's task prior (``task``: ``router.outcome.TaskPrior`` fitted on the fit rows'
     embeddings, recorded categories and outcomes; a scored question's prior mixes the categories by the
     classifier's probabilities, never reading its recorded category)."""
 
@@ -144,7 +144,7 @@ class _Scorer:
         if prior == "task" and self.task_prior is not None:
             key = rows.tobytes()
             if key not in self._priors:  # the same rows are scored at every k and alpha
-                self._priors[key] = self.task_prior.predict(self.x[rows])
+                self._priors[key] = self.task_prior.predict(self.x[rows], self.model.embeddings, ids)
             base = self._priors[key]
         return shrunk_success(self.model.outcomes[ids], base, alpha)
 
@@ -257,7 +257,9 @@ def _task_accuracy(scorer: _Scorer, rows: np.ndarray, category: np.ndarray) -> f
     prior = scorer.task_prior
     if prior is None:
         return float("nan")
-    return float(np.mean(np.array(prior.tasks)[prior.task_proba(scorer.x[rows]).argmax(axis=1)] == category[rows]))
+    proba = prior.task_proba(scorer.x[rows], scorer.model.embeddings,
+                             scorer.model.neighbours(scorer.x[rows], TaskPrior.VOTERS))
+    return float(np.mean(np.array(prior.tasks)[proba.argmax(axis=1)] == category[rows]))
 
 
 def _letters_of(onehot: np.ndarray, picks: np.ndarray) -> np.ndarray:

@@ -43,7 +43,8 @@ def write_config(out: Path, data: Path, models: list[str]) -> Path:
     config = {"version": 1,
               "gate": {"artifact": "gate", "train_data": ["train.jsonl"], "top_k": {"policy": "fixed", "k": 5}},
               "combiner": {"strategy": "vote", "extractor": "choice", "vote_weights": "learned"},
-              "feedback": {"enabled": False}, "experts": experts}
+              # max_attempts counts the panel: five members, and one more expert if one of them fails.
+              "fallback": {"max_attempts": 6}, "feedback": {"enabled": False}, "experts": experts}
     path = out / "router.yaml"
     path.write_text(yaml.safe_dump(config), encoding="utf-8")
     return path

@@ -110,6 +110,11 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
+# An outcome gate whose success model shrinks toward a task prior is written as format 2: code from before task
+# priors would load it without the prior and route differently, so it must refuse it, and it refuses any format
+# but 1. Every other gate is still format 1, readable by that code.
+TASK_PRIOR_FORMAT_VERSION = 2
+READABLE_FORMAT_VERSIONS = (FORMAT_VERSION, TASK_PRIOR_FORMAT_VERSION)
 UNSEEN_PRIOR = 1e-3
 # Share of in-distribution validation queries the OOD threshold keeps (routes normally). 0.97: one in-domain
 # query in ~33 goes to the default expert, the price of catching most unrelated ones.
@@ -438,9 +443,9 @@ class Gate:
             doc = json.loads((path / _MANIFEST).read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise FileNotFoundError(f"{path}: no gate artifact here ({_MANIFEST} missing); run moe train") from None
-        if doc.get("format_version") != FORMAT_VERSION:
+        if doc.get("format_version") not in READABLE_FORMAT_VERSIONS:
             raise GateArtifactMismatch(f"{path}: gate format version {doc.get('format_version')!r}, this code "
-                                       f"reads {FORMAT_VERSION}; retrain the gate")
+                                       f"reads {' and '.join(map(str, READABLE_FORMAT_VERSIONS))}; retrain the gate")
         digest = doc.pop(_SELF_DIGEST, None)  # None: saved before gate.json covered itself
         if digest is not None and digest != _manifest_digest(doc):
             raise GateArtifactMismatch(f"{path / _MANIFEST}: contents differ from the {_SELF_DIGEST} it was saved "

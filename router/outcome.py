@@ -105,6 +105,7 @@ def _parse_record(row: dict[str, Any], where: str) -> OutcomeRecord:
     if task is not None and (not isinstance(task, str) or not task.strip()):
         raise ValueError(f"{where}: 'task' must be a non-empty string (the query's task or domain) or null, "
                          f"got {task!r}")
+    task = task.strip() if task is not None else None  # "law " is the task "law"
     return OutcomeRecord(query, outcomes, _number_map(row, "cost", where, upper=math.inf, required=False),
                          _answer_map(row, where), task)
 
@@ -180,7 +181,10 @@ def success_prior(outcomes: np.ndarray, strength: float = PRIOR_RECORDS) -> np.n
 
 def shrunk_success(neighbour_outcomes: np.ndarray, prior: np.ndarray, alpha: float) -> np.ndarray:
     """``[q, m]`` from the neighbours' outcomes ``[q, k, m]``: each expert's success rate over the neighbours
-    with a record for it, shrunk toward ``prior`` with the weight of ``alpha`` pseudo-neighbours."""
+    with a record for it, shrunk toward ``prior`` with the weight of ``alpha`` pseudo-neighbours; ``alpha``
+    infinite: the prior alone."""
+    if math.isinf(alpha):
+        return np.broadcast_to(prior, (neighbour_outcomes.shape[0], neighbour_outcomes.shape[2])).astype(float)
     known = ~np.isnan(neighbour_outcomes)
     hits = np.where(known, neighbour_outcomes, 0.0).sum(axis=1)
     return np.asarray((hits + alpha * prior) / (known.sum(axis=1) + alpha))
@@ -189,6 +193,8 @@ def shrunk_success(neighbour_outcomes: np.ndarray, prior: np.ndarray, alpha: flo
 # How many records' worth of an expert's overall success rate each task's own rate is shrunk toward: a task
 # with a dozen records says little about an expert, one with hundreds speaks for itself.
 TASK_RECORDS = 20.0
+# A task needs this many records to be modelled; rarer ones count as no task (a record per task is no task).
+TASK_MIN_RECORDS = 10
 
 
 class TaskPrior:
@@ -198,66 +204,92 @@ class TaskPrior:
         prior_m(x) = sum_c P(c | x) * rate_cm,   rate_cm = (sum_{j in c} o_jm + TASK_RECORDS * overall_m)
                                                           / (n_cm + TASK_RECORDS)
 
-    ``P(c | x)`` comes from a classifier on the embedding alone (logistic regression and a kNN vote, averaged:
-    ``router.classifiers``), trained on the records that name a task, so serving needs nothing but the query.
-    ``overall_m`` is ``success_prior``. Rows without a task teach neither the classifier nor the rates.
+    ``P(c | x)`` is the mean of two classifiers on the embedding alone, as the label gate's ensemble averages its
+    members (``router.classifiers``): a logistic regression, and a similarity-weighted vote of the tasks of the
+    query's ``VOTERS`` nearest training records. The vote reads the neighbours the kNN success model has already
+    found (``KnnSuccess.neighbours``), so it costs no second search and stores no second copy of the
+    embeddings. Serving needs nothing but the query. ``overall_m`` is ``success_prior``. Rows without a task, or
+    with a task of fewer than ``TASK_MIN_RECORDS`` records, teach neither the classifiers nor the rates.
     """
 
-    def __init__(self, tasks: Sequence[str], classifier: Any, rates: np.ndarray) -> None:
-        self.tasks, self.classifier = tuple(tasks), classifier
+    VOTERS = 10  # as router.classifiers.KNNClassifier
+    VOTE_TEMPERATURE = 0.05
+    VOTE_FLOOR = 1e-4
+
+    def __init__(self, tasks: Sequence[str], coef: np.ndarray, intercept: np.ndarray, row_tasks: np.ndarray,
+                 rates: np.ndarray) -> None:
+        self.tasks = tuple(tasks)
+        self.coef, self.intercept = np.asarray(coef, dtype=np.float32), np.asarray(intercept, dtype=np.float32)
+        self.row_tasks = np.asarray(row_tasks, dtype=np.int64)  # [n] each training row's task index, -1: none
         self.rates = np.asarray(rates, dtype=np.float64)  # [tasks, m]
-        if self.rates.shape[0] != len(self.tasks):
-            raise ValueError(f"task prior: {self.rates.shape[0]} rows of rates for {len(self.tasks)} tasks")
+        if self.rates.shape[0] != len(self.tasks) or self.coef.shape[0] != len(self.tasks):
+            raise ValueError(f"task prior: {self.rates.shape[0]} rows of rates and {self.coef.shape[0]} of "
+                             f"coefficients for {len(self.tasks)} tasks")
 
     @classmethod
     def fit(cls, x: np.ndarray, tasks: Sequence[str | None], outcomes: np.ndarray, *,
             seed: int = 0) -> TaskPrior | None:
-        """The prior from ``tasks[i]`` of row ``i`` (None: not given); None when fewer than two tasks occur."""
-        from router.classifiers import EnsembleClassifier, KNNClassifier, LogisticClassifier, Queries
+        """The prior from ``tasks[i]`` of training row ``i`` (None: not given); None when fewer than two tasks
+        have ``TASK_MIN_RECORDS`` records."""
+        from collections import Counter
+
+        from router.classifiers import LogisticClassifier, Queries
 
         if len(tasks) != len(x):
             raise ValueError(f"{len(tasks)} tasks for {len(x)} records")
-        rows = np.array([i for i, t in enumerate(tasks) if t is not None], dtype=np.int64)
-        names = sorted({t for t in tasks if t is not None})
+        counts = Counter(t for t in tasks if t is not None)
+        names = sorted(t for t, n in counts.items() if n >= TASK_MIN_RECORDS)
         if len(names) < 2:
             return None
         col = {t: j for j, t in enumerate(names)}
-        y = np.array([col[t] for t in (tasks[int(i)] for i in rows) if t is not None], dtype=np.int64)
-        classifier = EnsembleClassifier([LogisticClassifier(seed=seed), KNNClassifier()])
-        classifier.fit(Queries([""] * len(rows), np.asarray(x, dtype=np.float32)[rows]), y, len(names))
+        row_tasks = np.array([col.get(t, -1) if t is not None else -1 for t in tasks], dtype=np.int64)
+        rows = np.flatnonzero(row_tasks >= 0)
+        y = row_tasks[rows]
+        logistic = LogisticClassifier(seed=seed)
+        logistic.fit(Queries([""] * len(rows), np.asarray(x, dtype=np.float32)[rows]), y, len(names))
         overall = success_prior(outcomes)
-        tasked = outcomes[rows]
-        known = ~np.isnan(tasked)
-        hits = np.where(known, tasked, 0.0)
+        known = ~np.isnan(outcomes[rows])
+        hits = np.where(known, outcomes[rows], 0.0)
         rates = np.stack([(hits[y == j].sum(axis=0) + TASK_RECORDS * overall)
                           / (known[y == j].sum(axis=0) + TASK_RECORDS) for j in range(len(names))])
-        return cls(names, classifier, rates)
+        return cls(names, logistic.coef, logistic.intercept, row_tasks, rates)
 
-    def task_proba(self, x: np.ndarray) -> np.ndarray:
-        """``[q, tasks]`` the probability that each query belongs to each task."""
-        from router.classifiers import Queries, _softmax
-
+    def task_proba(self, x: np.ndarray, train_x: np.ndarray, neighbours: np.ndarray) -> np.ndarray:
+        """``[q, tasks]`` the probability that each query belongs to each task, from its embedding ``x`` and its
+        nearest training rows ``neighbours`` (``[q, >= 1]``, nearest first, rows of ``train_x``, the embeddings
+        the prior was fitted on)."""
         x = np.atleast_2d(np.asarray(x, dtype=np.float32))
-        return _softmax(np.asarray(self.classifier.predict_logits(Queries([""] * len(x), x)), dtype=np.float64))
+        z = x @ self.coef.T + self.intercept
+        z = np.exp(z - z.max(axis=1, keepdims=True))
+        logistic = z / z.sum(axis=1, keepdims=True)
+        ids = neighbours[:, :self.VOTERS]
+        sims = np.einsum("qd,qkd->qk", x, np.asarray(train_x, dtype=np.float32)[ids])
+        weight = np.exp((sims - sims[:, :1]) / self.VOTE_TEMPERATURE)  # relative to the nearest: no overflow
+        weight /= weight.sum(axis=1, keepdims=True)
+        votes = np.full((len(x), len(self.tasks)), self.VOTE_FLOOR)
+        voter = self.row_tasks[ids]
+        rows = np.broadcast_to(np.arange(len(x))[:, None], ids.shape)
+        np.add.at(votes, (rows[voter >= 0], voter[voter >= 0]), weight[voter >= 0])
+        votes /= votes.sum(axis=1, keepdims=True)
+        return np.asarray((logistic + votes) / 2.0)
 
-    def predict(self, x: np.ndarray) -> np.ndarray:
-        """``[q, m]`` each query's prior success rate of each expert."""
-        return np.asarray(self.task_proba(x) @ self.rates)
+    def predict(self, x: np.ndarray, train_x: np.ndarray, neighbours: np.ndarray) -> np.ndarray:
+        """``[q, m]`` each query's prior success rate of each expert (arguments as for ``task_proba``)."""
+        return np.asarray(self.task_proba(x, train_x, neighbours) @ self.rates)
 
     def arrays(self) -> dict[str, np.ndarray]:
         from router.classifiers import pack_strings
 
         data, offsets = pack_strings(self.tasks)
-        kinds = {f"clf.{k}": v for k, v in self.classifier.arrays().items()}
-        return {"names": data, "name_offsets": offsets, "rates": self.rates, **kinds}
+        return {"names": data, "name_offsets": offsets, "rates": self.rates, "coef": self.coef,
+                "intercept": self.intercept, "row_tasks": self.row_tasks}
 
     @classmethod
     def from_arrays(cls, arrays: dict[str, np.ndarray]) -> TaskPrior:
-        from router.classifiers import EnsembleClassifier, unpack_strings
+        from router.classifiers import unpack_strings
 
-        classifier = EnsembleClassifier.from_arrays(
-            {k.removeprefix("clf."): v for k, v in arrays.items() if k.startswith("clf.")})
-        return cls(unpack_strings(arrays["names"], arrays["name_offsets"]), classifier, arrays["rates"])
+        return cls(unpack_strings(arrays["names"], arrays["name_offsets"]), arrays["coef"], arrays["intercept"],
+                   arrays["row_tasks"], arrays["rates"])
 
 
 class KnnSuccess:
@@ -288,13 +320,17 @@ class KnnSuccess:
     def fit(self, x: np.ndarray, outcomes: np.ndarray) -> None:
         self.x = np.ascontiguousarray(x, dtype=np.float32)
         self.outcomes = np.asarray(outcomes, dtype=np.float32)
+        if self.task_prior is not None and len(self.task_prior.row_tasks) != len(self.x):
+            raise ValueError(f"the task prior was fitted on {len(self.task_prior.row_tasks)} records, the kNN "
+                             f"success model on {len(self.x)}; fit both on the same records")
         self.k = self._k_given or int(np.clip(round(math.sqrt(len(x))), 5, 50))
         self.alpha = self._alpha_given if self._alpha_given is not None else self.k / 5.0
 
     def predict(self, x: np.ndarray, *, exclude_self: bool = False) -> np.ndarray:
         k = min(self.k, len(self.x) - int(exclude_self))
-        prior = None if self.task_prior is None else self.task_prior.predict(x)
-        return self.success(self.neighbours(x, k, exclude_self=exclude_self), self.alpha, prior)
+        ids = self.neighbours(x, k, exclude_self=exclude_self)
+        prior = None if self.task_prior is None else self.task_prior.predict(x, self.x, ids)
+        return self.success(ids, self.alpha, prior)
 
     def neighbours(self, x: np.ndarray, k: int, *, exclude_self: bool = False) -> np.ndarray:
         """``[q, k]`` row indices of each query's ``k`` nearest training queries, nearest first."""

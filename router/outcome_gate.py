@@ -41,6 +41,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -49,6 +50,8 @@ import numpy as np
 
 from router.encoders import Encoder
 from router.gate import (
+    FORMAT_VERSION,
+    TASK_PRIOR_FORMAT_VERSION,
     Gate,
     GateMetadata,
     ValidationMetrics,
@@ -61,6 +64,7 @@ from router.gate import (
 from router.outcome import (
     PRIOR_RECORDS,
     SUCCESS_MODELS,
+    TASK_MIN_RECORDS,
     KnnSuccess,
     OutcomeRecord,
     SuccessModel,
@@ -83,10 +87,14 @@ FOLDS = 5
 # whole task. Out of fold, each fold has its own such hubs and the risk does not show: k = 10 scored 0.881 out
 # of fold on RouterBench and sent all 380 Winogrande test queries to claude-v1 (0.57 there against GPT-4's
 # 0.86), 0.761 on test against 0.874 for every k >= 25.
-# Shrinkage up to 300 pseudo-neighbours: toward a task prior, the best settings lean on the prior (on MMLU-Pro
-# the task's rates, estimated from hundreds of questions, beat 25 neighbours' rates).
-KNN_GRID = tuple((k, alpha) for k in (100, 50, 25) for alpha in (300.0, 100.0, 30.0, 10.0, 3.0))
-PRIORS = ("overall", "tasks")  # what kNN estimates are shrunk toward: each expert's overall rate, or TaskPrior
+# Shrinkage from 3 pseudo-neighbours to infinitely many (the prior alone, which for the overall prior is always
+# the anchor). Toward a task prior the best settings lean on the prior: on MMLU-Pro each category's rates,
+# estimated from hundreds of questions, beat any 25-100 neighbours' rates, and out of fold the grid's largest
+# finite shrinkage won each time the grid was widened (30, then 300, then 1,000).
+KNN_GRID = tuple((k, alpha) for k in (100, 50, 25) for alpha in (math.inf, 1000.0, 300.0, 100.0, 30.0, 10.0, 3.0))
+PRIORS = ("overall", "task")  # what kNN estimates are shrunk toward: each expert's overall rate, or TaskPrior
+# How many standard errors of the per-record gain, out of fold, the task prior must win by to be kept.
+TASK_PRIOR_Z = 2.0
 # Candidate margins, in success-probability units; "always the anchor" is added per cost weight.
 MARGINS = (0.0, 0.005, 0.01, 0.02, 0.03, 0.05, 0.08, 0.12, 0.2, 0.3)
 
@@ -256,16 +264,17 @@ class OutcomeGate(Gate):
         return self.settings()
 
     def settings(self) -> dict[str, Any]:
-        """What training chose, as ``gate.json`` records it: cost weight, anchor, margin, temperature and, for
-        the kNN success model, its ``k``, ``alpha`` and prior."""
-        doc: dict[str, Any] = {"cost_weight": self.cost_weight, "margin": self.tuning.margin,
-                               "temperature": self.temperature, "anchor": self.artifact_experts[self.tuning.anchor]}
+        """What training chose, as ``gate.json`` records it: cost weight, anchor, margin, temperature and the
+        success model (its kind, and for ``knn`` its ``k``, ``alpha`` and prior: ``overall`` or ``task``)."""
+        success: dict[str, Any] = {"kind": self.model.kind}
         if isinstance(self.model, KnnSuccess):  # what out-of-fold tuning chose, for the reader of gate.json
             prior = self.model.task_prior
-            doc["success_model"] = {"k": int(self.model.k), "alpha": float(self.model.alpha),
-                                    "prior": "tasks" if prior is not None else "overall",
-                                    **({"tasks": list(prior.tasks)} if prior is not None else {})}
-        return doc
+            alpha = float(self.model.alpha)
+            success |= {"k": int(self.model.k), "alpha": "inf" if math.isinf(alpha) else alpha,
+                        "prior": "task" if prior is not None else "overall",
+                        **({"tasks": list(prior.tasks)} if prior is not None else {})}
+        return {"cost_weight": self.cost_weight, "margin": self.tuning.margin, "temperature": self.temperature,
+                "anchor": self.artifact_experts[self.tuning.anchor], "success_model": success}
 
     @classmethod
     def _restore(cls, encoder: Encoder, experts: list[str], doc: dict[str, Any], metadata: GateMetadata,
@@ -311,8 +320,7 @@ class _KnnOutOfFold:
         self.folds, self.shape = folds, outcomes.shape
         self.parts = []
         self.task_priors: list[np.ndarray] | None = [] if tasks is not None else None
-        for f in tqdm(range(FOLDS), desc="success model, out of fold" + (" (with task priors)" if tasks else ""),
-                      unit="fold", disable=not progress):
+        for f in tqdm(range(FOLDS), desc="success model, out of fold", unit="fold", disable=not progress):
             fold_model = KnnSuccess(self.k)
             fold_model.fit(x[folds != f], outcomes[folds != f])
             self.parts.append((fold_model, fold_model.neighbours(x[folds == f], self.k)))
@@ -322,41 +330,65 @@ class _KnnOutOfFold:
                 if prior is None:  # the other folds hold one task only: no task prior to choose
                     self.task_priors = None
                 else:
-                    self.task_priors.append(prior.predict(x[folds == f]))
+                    self.task_priors.append(prior.predict(x[folds == f], fold_model.x, self.parts[-1][1]))
 
     def success(self, k: int, alpha: float, prior: str = "overall") -> np.ndarray:
         oof = np.zeros(self.shape)
         for f, (fold_model, ids) in enumerate(self.parts):
-            base = self.task_priors[f] if prior == "tasks" and self.task_priors is not None else None
+            base = self.task_priors[f] if prior == "task" and self.task_priors is not None else None
             oof[self.folds == f] = fold_model.success(ids[:, :k], alpha, base)
         return oof
+
+
+def _earned(success: np.ndarray, outcomes: np.ndarray, cost: np.ndarray, tuning: Tuning) -> np.ndarray:
+    """``[n]`` what top-1 routing at ``tuning`` earns on each record: its pick's outcome (0 without a record)
+    less the pick's cost term, as ``tune`` scores a margin."""
+    penalty = tuning.cost_weight * cost
+    logits = success - penalty
+    logits[:, tuning.anchor] += tuning.margin
+    picks = logits.argmax(axis=1)
+    return np.asarray(np.where(np.isnan(outcomes), 0.0, outcomes)[np.arange(len(picks)), picks] - penalty[picks])
 
 
 def _tuned_knn(x: np.ndarray, outcomes: np.ndarray, record_costs: np.ndarray, cost: np.ndarray, folds: np.ndarray,
                cost_weight: float, tasks: Sequence[str | None] | None = None, seed: int = 0,
                progress: bool = False) -> tuple[KnnSuccess, np.ndarray]:
-    """The kNN success model whose ``k``, ``alpha`` (over ``KNN_GRID``) and prior (``PRIORS``; the task prior
-    only with ``tasks`` naming at least two tasks) route best out of fold, and its out-of-fold success rates:
-    the highest realised utility of top-1 routing at ``cost_weight``, each setting with its own tuned margin
-    (``tune``). Ties keep the simpler setting (the overall prior, more neighbours, more shrinkage), which the
-    grid lists first."""
+    """The kNN success model whose ``k`` and ``alpha`` (over ``KNN_GRID``) and prior (``PRIORS``) route best
+    out of fold, and its out-of-fold success rates: the highest realised utility of top-1 routing at
+    ``cost_weight``, each setting with its own tuned margin (``tune``). Ties keep the smoother setting (more
+    neighbours, more shrinkage), which the grid lists first. The task prior (``tasks`` naming at least two
+    tasks of ``TASK_MIN_RECORDS`` records in every fold's training part) is kept only when its best setting
+    beats the overall prior's best by more than noise: the mean per-record gain at least ``TASK_PRIOR_Z``
+    standard errors, so tasks that say nothing about the experts are left out."""
     oof = _KnnOutOfFold(x, outcomes, folds, max(k for k, _ in KNN_GRID), tasks, seed, progress)
+    if tasks is not None and oof.task_priors is None:
+        log.warning("outcome records: the tasks they name give no task prior (fewer than two tasks with %d "
+                    "records each in some fold's training records); the gate uses overall success rates",
+                    TASK_MIN_RECORDS)
     priors = PRIORS if oof.task_priors is not None else PRIORS[:1]
-    scale = _cost_scale(cost)
-    best: tuple[float, int, float, str, np.ndarray] | None = None
+    scaled = cost / _cost_scale(cost)
+    best: dict[str, tuple[float, int, float, np.ndarray, Tuning]] = {}
     for prior in priors:
         for k, alpha in KNN_GRID:
             success = oof.success(min(k, oof.k), alpha, prior)
-            value = tune(success, outcomes, record_costs, cost / scale, cost_weight).metrics["routed_utility"]
+            tuning = tune(success, outcomes, record_costs, scaled, cost_weight)
+            value = tuning.metrics["routed_utility"]
             assert value is not None
-            if best is None or value > best[0] + 1e-12:
-                best = (value, min(k, oof.k), alpha, prior, success)
-    assert best is not None
-    value, k, alpha, prior, success = best
+            if prior not in best or value > best[prior][0] + 1e-12:
+                best[prior] = (value, min(k, oof.k), alpha, success, tuning)
+    prior = "overall"
+    if "task" in best:
+        gain = _earned(best["task"][3], outcomes, scaled, best["task"][4]) - _earned(
+            best["overall"][3], outcomes, scaled, best["overall"][4])
+        error = float(gain.std(ddof=1) / np.sqrt(len(gain)))
+        prior = "task" if gain.mean() > TASK_PRIOR_Z * error else "overall"
+        log.info("outcome gate: the task prior routes %+.4f better per record out of fold (standard error %.4f); "
+                 "%s", gain.mean(), error, "kept" if prior == "task" else "not kept: within noise")
+    value, k, alpha, success, _ = best[prior]
     log.info("outcome gate: kNN success with k=%d, alpha=%g, shrunk toward the %s (out-of-fold routed utility "
-             "%.4f, best of %d settings)", k, alpha, "task prior" if prior == "tasks" else "overall rates",
+             "%.4f, best of %d settings)", k, alpha, "task prior" if prior == "task" else "overall rates",
              value, len(KNN_GRID) * len(priors))
-    task_prior = TaskPrior.fit(x, tasks, outcomes, seed=seed) if prior == "tasks" and tasks else None
+    task_prior = TaskPrior.fit(x, tasks, outcomes, seed=seed) if prior == "task" and tasks else None
     return KnnSuccess(k, alpha, task_prior), success
 
 
@@ -394,6 +426,9 @@ def train_outcome_gate(records: Sequence[OutcomeRecord], encoder: Encoder, *, ex
                                 record_tasks if any(t is not None for t in record_tasks) else None, seed,
                                 progress)
     else:
+        if any(t is not None for t in record_tasks):
+            log.warning("outcome records name tasks, which only the knn success model reads; success_model %s "
+                        "leaves them out", model)
         oof = np.zeros_like(outcomes)
         for f in range(FOLDS):
             fold_model = SUCCESS_MODELS[model]()
@@ -406,6 +441,8 @@ def train_outcome_gate(records: Sequence[OutcomeRecord], encoder: Encoder, *, ex
     metadata = GateMetadata(encoder.identity, encoder.checksum, outcome_data_sha256(records),
                             ValidationMetrics(n_train=len(records), n_val=len(records)), classifier=model,
                             kind=OutcomeGate.kind,
+                            format_version=TASK_PRIOR_FORMAT_VERSION if getattr(final, "task_prior", None)
+                            else FORMAT_VERSION,
                             # Fold 0 stands in for validation data: its queries against the other folds'.
                             ood_threshold=fit_ood_threshold(x[folds != 0], x[folds == 0]))
     # Explanations: each training query labelled with the expert that did best on it (cheapest among ties).

@@ -108,7 +108,9 @@ def fold_feedback(data: TrainingData, verdicts: list[FeedbackRecord], experts: l
         scores.setdefault(v.query, {}).setdefault(v.expert, []).append(v.score)
     mean = {(q, e): sum(s) / len(s) for q, by in scores.items() for e, s in by.items()}
     if data.kind == "outcome":
-        folded = [OutcomeRecord(q, {e: mean[q, e] for e in by}, {}) for q, by in scores.items()]
+        # A verdict on a query the files name a task for carries that task, so it counts toward the task's rates.
+        task_of = {r.query: r.task for r in data.records if r.task is not None}
+        folded = [OutcomeRecord(q, {e: mean[q, e] for e in by}, {}, task=task_of.get(q)) for q, by in scores.items()]
         return TrainingData("outcome", records=[*data.records, *folded], feedback=data.feedback + len(kept))
     wrong = {pair for pair, score in mean.items() if score < 0.5}
     pairs = list(zip(data.texts, data.labels, strict=True))

@@ -89,6 +89,10 @@ def test_small_real_run(pool: str, data_dir: Path, tmp_path: Path) -> None:
                for note in results["notes"])
     # Every setting was chosen by 5-fold cross-validation over train + val (80 + 80 questions here).
     assert results["setup"]["folds"] == 5 and results["setup"]["chosen"]["vote"]["cv_accuracy"] > 0
+    # The 'task' prior is the served gate's TaskPrior, its classifier scored on the test questions' categories.
+    assert {g["prior"] for g in results["cv_grids"]["vote"]} == {"overall", "task"}
+    assert {g["prior"] for g in results["cv_grids"]["top1"]} == {"overall", "task"}
+    assert 0.0 <= results["setup"]["predicted_category_accuracy"] <= 1.0
     learned_grid = results["cv_grids"]["learned"]
     assert {g["length_term"] for g in learned_grid} == {False, True} and all(
         0 <= g["cv_accuracy"] <= 1 for g in learned_grid)

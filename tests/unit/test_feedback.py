@@ -180,6 +180,10 @@ def test_fold_rule_for_label_and_outcome_gates(tmp_path: Path) -> None:
     assert outcome.records[1:] == [OutcomeRecord("q1", {"math": 1.0, "code": 0.0}, {}),
                                    OutcomeRecord("q2", {"code": 0.5}, {})]
     assert outcome.feedback == 4
+    # A verdict on a query the files name a task for carries the task, so it counts toward that task's rates.
+    tasked = fold_feedback(TrainingData("outcome", records=[OutcomeRecord("q1", {"math": 1.0}, {}, task="algebra")]),
+                           verdicts, NAMES)
+    assert [r.task for r in tasked.records] == ["algebra", "algebra", None]
 
 
 def test_bad_feedback_drops_that_pairing_from_the_training_files_but_not_from_the_config(tmp_path: Path) -> None:

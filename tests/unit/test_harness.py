@@ -183,6 +183,11 @@ def test_outcome_suites_small_run(suite: str, data_dir: Path, tmp_path: Path) ->
     assert len(results["curve"]) > 10 and results["curve"][0]["lambda"] == 0.0
     assert json.loads((out / "results.json").read_text(encoding="utf-8"))["metrics"] == pytest.approx(m)
     _assert_png(out / "quality_cost.png")
+    # The served gate trained on records that name their task (MMLU-Pro's category, RouterBench's task) and
+    # says which prior it chose; its routed shares add up to every test query.
+    gate = results["setup"]["served_gate"]
+    assert gate["success_model"]["kind"] == "knn" and gate["success_model"]["prior"] in ("overall", "task")
+    assert sum(results["served_routed_share"].values()) == pytest.approx(1.0)
 
 
 def test_unknown_suite_and_missing_test_file_are_refused(tmp_path: Path) -> None:

@@ -332,7 +332,7 @@ def test_records_that_name_their_task_let_the_gate_route_by_task(tmp_path: Path)
                                     progress=False, embeddings=x)
     without = train_outcome_gate(_task_records(outcomes, [None] * len(x)), HashingEncoder(), progress=False,
                                  embeddings=x)
-    assert with_tasks.settings()["success_model"]["prior"] == "tasks"
+    assert with_tasks.settings()["success_model"]["prior"] == "task"
     assert with_tasks.settings()["success_model"]["tasks"] == ["t0", "t1", "t2"]
     assert without.settings()["success_model"]["prior"] == "overall"
     best_single = float(np.mean(new["a"]))
@@ -346,7 +346,10 @@ def test_records_that_name_their_task_let_the_gate_route_by_task(tmp_path: Path)
     assert isinstance(loaded, OutcomeGate)
     np.testing.assert_allclose(loaded.predict_proba(x_new[:200]), with_tasks.predict_proba(x_new[:200]), atol=1e-6)
     saved = json.loads((tmp_path / "gate" / "gate.json").read_text())
-    assert saved["success_model"]["prior"] == "tasks"
+    assert saved["success_model"] == loaded.settings()["success_model"]
+    assert {k: saved["success_model"][k] for k in ("kind", "prior", "tasks")} == {
+        "kind": "knn", "prior": "task", "tasks": ["t0", "t1", "t2"]}
+    assert saved["format_version"] == 2  # code from before task priors refuses it rather than misreading it
 
 
 def test_tasks_that_say_nothing_about_outcomes_are_left_out() -> None:
@@ -360,7 +363,7 @@ def test_tasks_that_say_nothing_about_outcomes_are_left_out() -> None:
 
 
 def test_task_prior_mixes_each_tasks_rates_by_the_query_s_task_probabilities() -> None:
-    from router.outcome import TASK_RECORDS, TaskPrior, success_prior
+    from router.outcome import TASK_RECORDS, KnnSuccess, TaskPrior, success_prior
 
     x, task, outcomes = _task_data(1200, seed=2, noise=1.0)  # tasks the classifier tells apart
     matrix = np.stack([outcomes[e] for e in TASK_RATES], axis=1)
@@ -368,16 +371,25 @@ def test_task_prior_mixes_each_tasks_rates_by_the_query_s_task_probabilities() -
     tasks[:100] = [None] * 100  # rows without a task teach neither the classifier nor the rates
     prior = TaskPrior.fit(x, tasks, matrix)
     assert prior is not None and prior.tasks == ("t0", "t1", "t2")
+    knn = KnnSuccess(25, 10.0)
+    knn.fit(x, matrix)
+    near = knn.neighbours(x, 25)
     overall = success_prior(matrix)
     rows = np.flatnonzero(task[100:] == 1) + 100
     expected = (matrix[rows].sum(axis=0) + TASK_RECORDS * overall) / (len(rows) + TASK_RECORDS)
     np.testing.assert_allclose(prior.rates[1], expected)
-    proba = prior.task_proba(x[task == 1])
+    proba = prior.task_proba(x[task == 1], x, near[task == 1])
     assert np.mean(proba.argmax(axis=1) == 1) > 0.95
-    np.testing.assert_allclose(prior.predict(x[:5]), prior.task_proba(x[:5]) @ prior.rates)
+    np.testing.assert_allclose(proba.sum(axis=1), 1.0)
+    np.testing.assert_allclose(prior.predict(x[:5], x, near[:5]), prior.task_proba(x[:5], x, near[:5]) @ prior.rates)
     restored = TaskPrior.from_arrays(prior.arrays())
-    np.testing.assert_allclose(restored.predict(x[:50]), prior.predict(x[:50]))
+    np.testing.assert_allclose(restored.predict(x[:50], x, near[:50]), prior.predict(x[:50], x, near[:50]))
     assert TaskPrior.fit(x, ["only"] * len(x), matrix) is None  # one task: nothing to mix
+    # A task with fewer than TASK_MIN_RECORDS records is no task: one task per record models nothing.
+    assert TaskPrior.fit(x, [f"q{i}" for i in range(len(x))], matrix) is None
+    rare = [*tasks[:-5], *["rare"] * 5]
+    fitted = TaskPrior.fit(x, rare, matrix)
+    assert fitted is not None and "rare" not in fitted.tasks and (fitted.row_tasks[-5:] == -1).all()
 
 
 def test_a_task_changes_the_data_fingerprint_and_no_task_keeps_it() -> None:
@@ -388,3 +400,26 @@ def test_a_task_changes_the_data_fingerprint_and_no_task_keeps_it() -> None:
     lines = sorted(json.dumps([r.query, sorted(r.outcomes.items()), sorted(r.cost.items())], ensure_ascii=False)
                    for r in plain)
     assert outcome_data_sha256(plain) == hashlib.sha256("\n".join(lines).encode("utf-8")).hexdigest()
+
+
+def test_task_names_are_trimmed(tmp_path: Path) -> None:
+    path = _write(tmp_path / "o.jsonl", [json.dumps({"query": "q", "outcomes": {"a": 1}, "task": " law "})])
+    assert load_outcome_jsonl(path)[0].task == "law"
+
+
+def test_a_success_model_that_reads_no_tasks_says_so(caplog: pytest.LogCaptureFixture) -> None:
+    from tests.doubles.fakes import HashingEncoder
+
+    x, task, outcomes = _task_data(300, seed=3)
+    with caplog.at_level("WARNING", logger="router.outcome_gate"):
+        gate = train_outcome_gate(_task_records(outcomes, [f"t{t}" for t in task]), HashingEncoder(),
+                                  model="logistic", progress=False, embeddings=x)
+    assert "only the knn success model reads" in caplog.text
+    assert gate.settings()["success_model"] == {"kind": "logistic"}
+    caplog.clear()
+    lonely = ["t0"] * len(x)
+    lonely[:12] = ["t1"] * 12  # a second task, but too rare in some fold's training records
+    with caplog.at_level("WARNING", logger="router.outcome_gate"):
+        gate = train_outcome_gate(_task_records(outcomes, lonely), HashingEncoder(), progress=False, embeddings=x)
+    assert "give no task prior" in caplog.text
+    assert gate.settings()["success_model"]["prior"] == "overall"
