@@ -79,7 +79,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     summary = {"artifact": str(config.resolve(config.gate.artifact)), "experts": gate.experts,
                "metrics": gate.metadata.as_dict()["metrics"]}
     fit = getattr(gate, "fit", None)  # a two-stage gate (gate.cascade): its threshold and validation figures
-    print(json.dumps({**summary, **({"cascade": fit.as_dict()} if fit is not None else {})}, indent=2))
+    if fit is not None:
+        summary["cascade"] = fit.as_dict()
+    settings = getattr(gate, "settings", None)  # an outcome gate: anchor, margin, success model (and its prior)
+    if settings is not None:
+        summary["outcome_gate"] = settings()
+    print(json.dumps(summary, indent=2))
     return 0
 
 

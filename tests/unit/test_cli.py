@@ -1,9 +1,11 @@
 """The `moe` command line: every subcommand has --help, and a bad config stops `serve` before it starts."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from router.cli import main
@@ -161,6 +163,29 @@ def test_train_names_the_config_key_of_a_missing_train_data_file(tmp_path: Path,
     assert main(["train", "--config", str(labelled)]) == 1
     err = capsys.readouterr().err
     assert "gate.train_data[0] names 'data/mine.jsonl'" in err and "`moe convert DATASET --split train" in err
+
+
+def test_train_says_what_the_outcome_gate_chose(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Outcome records that name their task: ``moe train`` prints the gate's settings (success model, prior),
+    as gate.json records them."""
+    rng = np.random.default_rng(0)
+    topics = {"math": "solve the equation for x", "law": "is the contract enforceable under the statute"}
+    lines = []
+    for i in range(120):
+        task = "math" if i % 2 else "law"
+        good = {"a": 0.9, "b": 0.3} if task == "math" else {"a": 0.3, "b": 0.9}
+        lines.append(json.dumps({"query": f"{topics[task]} case {i}", "task": task,
+                                 "outcomes": {e: float(rng.random() < p) for e, p in good.items()}}))
+    (tmp_path / "records.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    config = tmp_path / "router.yaml"
+    config.write_text("version: 1\ngate: {train_data: [records.jsonl], artifact: gate}\nexperts:\n"
+                      "  - {name: a, type: openai, endpoint: 'http://127.0.0.1:9/v1', model: m}\n"
+                      "  - {name: b, type: openai, endpoint: 'http://127.0.0.1:9/v1', model: m}\n")
+    assert main(["train", "--config", str(config), "--no-feedback"]) == 0
+    said = json.loads(capsys.readouterr().out)
+    saved = json.loads((tmp_path / "gate" / "gate.json").read_text(encoding="utf-8"))
+    assert said["outcome_gate"]["success_model"] == saved["success_model"]
+    assert saved["success_model"]["kind"] == "knn" and saved["success_model"]["prior"] in ("overall", "task")
 
 
 def test_a_port_out_of_range_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
