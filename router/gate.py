@@ -487,13 +487,17 @@ class Assessment:
     # threshold its ``ood`` is compared with; None: a one-stage gate, whose ``ood_threshold`` holds for all.
     stage: list[str] | None = None
     ood_threshold: list[float | None] | None = None
+    # Per query, with an outcome gate whose success model has a task prior: its likeliest tasks and their
+    # probabilities (``OutcomeGate.task_probabilities``); None for every other gate.
+    tasks: list[dict[str, float]] | None = None
 
     def rows(self, indices: Sequence[int] | np.ndarray) -> Assessment:
         """The assessment of the queries at ``indices`` alone, in that order."""
         picked = [int(i) for i in indices]
         return Assessment(self.probs[picked], [self.nearest[i] for i in picked], self.ood[picked],
                           None if self.stage is None else [self.stage[i] for i in picked],
-                          None if self.ood_threshold is None else [self.ood_threshold[i] for i in picked])
+                          None if self.ood_threshold is None else [self.ood_threshold[i] for i in picked],
+                          None if self.tasks is None else [self.tasks[i] for i in picked])
 
 
 def assess(gate: Any, texts: Sequence[str], k: int = 3) -> Assessment:
@@ -511,7 +515,9 @@ def assess(gate: Any, texts: Sequence[str], k: int = 3) -> Assessment:
     similarity = np.array([_similarity(near[0]) if near else np.nan for near in nearest], dtype=np.float64)
     familiarity = getattr(gate, "ood_scores", None)
     ood = familiarity(probs, similarity) if familiarity else similarity
-    return Assessment(np.asarray(probs), [list(near) for near in nearest], np.asarray(ood, dtype=np.float64))
+    explain_tasks = getattr(gate, "task_probabilities", None)
+    return Assessment(np.asarray(probs), [list(near) for near in nearest], np.asarray(ood, dtype=np.float64),
+                      tasks=explain_tasks(embeddings) if explain_tasks else None)
 
 
 def _similarity(neighbour: Any) -> float:

@@ -226,10 +226,11 @@ class Orchestrator:
         default_threshold = getattr(self.gate, "ood_threshold", None)  # gates from before abstain have none
         stages: list[str | None] = list(a.stage) if a.stage else [None] * len(texts)
         thresholds = a.ood_threshold or [default_threshold] * len(texts)
+        tasks: list[dict[str, float] | None] = list(a.tasks) if a.tasks else [None] * len(texts)
         return [_Gated({n: float(p) for n, p in zip(names, row, strict=True)}, [_as_dict(n) for n in near],
-                       None if np.isnan(score) else float(score), threshold, stage)
-                for row, near, score, threshold, stage in zip(a.probs[:, columns], a.nearest, a.ood, thresholds,
-                                                              stages, strict=True)]
+                       None if np.isnan(score) else float(score), threshold, stage, task)
+                for row, near, score, threshold, stage, task in zip(a.probs[:, columns], a.nearest, a.ood,
+                                                                    thresholds, stages, tasks, strict=True)]
 
     def _decision(self, gated: _Gated, exclude: Collection[str], start: float) -> RouteDecision:
         """Top-k (or abstain) from one query's gate output; experts in ``exclude`` stay off the panel."""
@@ -252,6 +253,7 @@ class Orchestrator:
             ood_score=gated.ood,
             nearest=gated.nearest,
             stage=gated.stage,
+            tasks=gated.tasks,
             gate_ms=(time.perf_counter() - start) * 1000.0,
         )
 
@@ -643,6 +645,7 @@ class _Gated:
     ood: float | None
     ood_threshold: float | None = None  # what ``ood`` is compared with; None: never abstain
     stage: str | None = None  # the stage of a two-stage gate that decided
+    tasks: dict[str, float] | None = None  # an outcome gate's task prior: the query's likeliest tasks
 
 
 def _as_dict(neighbour: Any) -> dict[str, Any]:

@@ -247,6 +247,19 @@ class OutcomeGate(Gate):
         out[:, src >= 0] = artifact_rows[:, src[src >= 0]]
         return out
 
+    def task_probabilities(self, embeddings: np.ndarray, top: int = 3) -> list[dict[str, float]] | None:
+        """Per query, its ``top`` likeliest tasks and their probabilities under the success model's task prior,
+        the prior its success estimates lean on (``router.outcome.TaskPrior``); None without a task prior."""
+        prior = getattr(self.model, "task_prior", None)
+        if prior is None or not isinstance(self.model, KnnSuccess):
+            return None
+        x = np.atleast_2d(np.asarray(embeddings, dtype=np.float32))
+        near = self.model.neighbours(x, min(TaskPrior.VOTERS, len(self.model.x)))
+        proba = prior.task_proba(x, self.model.x, near)
+        order = np.argsort(-proba, axis=1, kind="stable")[:, :top]
+        return [{prior.tasks[j]: round(float(row[j]), 4) for j in picks}
+                for row, picks in zip(proba, order, strict=True)]
+
     def predict_success(self, embeddings: np.ndarray) -> np.ndarray:
         """``[q, len(experts)]`` each expert's predicted chance of success."""
         return self._view(self._artifact_success(embeddings))

@@ -47,6 +47,9 @@ class RouteDecision(BaseModel):
     # With a two-stage gate (``gate.cascade``): ``fast`` when the fast gate was sure enough to decide, ``full``
     # when the full gate did; None for a one-stage gate.
     stage: str | None = None
+    # With an outcome gate trained on records that name their task (``router.outcome.TaskPrior``): the query's
+    # likeliest tasks (up to three) and their probabilities, the prior its scores lean on; None otherwise.
+    tasks: dict[str, float] | None = None
     gate_ms: float = 0.0
 
 

@@ -423,3 +423,39 @@ def test_a_success_model_that_reads_no_tasks_says_so(caplog: pytest.LogCaptureFi
         gate = train_outcome_gate(_task_records(outcomes, lonely), HashingEncoder(), progress=False, embeddings=x)
     assert "give no task prior" in caplog.text
     assert gate.settings()["success_model"]["prior"] == "overall"
+
+
+class _Table(Encoder):
+    """Replays fixed vectors for fixed texts, so the synthetic geometry reaches the gate through its encoder."""
+
+    identity, checksum = "fake-table", "2" * 64
+
+    def __init__(self, rows: dict[str, np.ndarray]) -> None:
+        self.rows = rows
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        return np.stack([self.rows[t] for t in texts]).astype(np.float32)
+
+
+def test_the_route_decision_names_the_query_s_likeliest_tasks() -> None:
+    """The task prior carries much of an outcome gate's decision, so the decision shows it: the query's likeliest
+    tasks and their probabilities, beside the scores and the nearest examples."""
+    from router.gate import assess
+    from router.orchestrator import Orchestrator
+    from tests.doubles.fakes import FakeExpert, fake_config
+
+    x, task, outcomes = _task_data(1500, seed=0)
+    texts = [f"q{i}" for i in range(len(x))]
+    table = _Table(dict(zip(texts, x, strict=True)))
+    gate = train_outcome_gate(_task_records(outcomes, [f"t{t}" for t in task]), table, progress=False, embeddings=x)
+    assert gate.settings()["success_model"]["prior"] == "task"
+    assessed = assess(gate, texts[:300])
+    assert assessed.tasks is not None and all(len(t) == 3 and sum(t.values()) <= 1.0 + 1e-3 for t in assessed.tasks)
+    top = [max(t, key=t.__getitem__) for t in assessed.tasks]
+    assert np.mean([t == f"t{task[i]}" for i, t in enumerate(top)]) > 0.8  # these queries were trained on
+    config = fake_config(gate.experts)
+    orchestrator = Orchestrator(config, gate, {n: FakeExpert(config.expert(n)) for n in gate.experts})
+    decision = orchestrator.decide_sync(texts[0])
+    assert decision.tasks == assessed.tasks[0]
+    without = train_outcome_gate(_task_records(outcomes, [None] * len(x)), table, progress=False, embeddings=x)
+    assert without.task_probabilities(x[:5]) is None and assess(without, texts[:5]).tasks is None
