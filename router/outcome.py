@@ -314,12 +314,14 @@ class KnnSuccess:
         self.k, self.alpha = k or 0, alpha if alpha is not None else -1.0  # set from the data by fit
         self._k_given, self._alpha_given = k, alpha
         self.task_prior = task_prior
+        self._overall: np.ndarray | None = None
         self.x = np.zeros((0, 0), dtype=np.float32)
         self.outcomes = np.zeros((0, 0), dtype=np.float32)
 
     def fit(self, x: np.ndarray, outcomes: np.ndarray) -> None:
         self.x = np.ascontiguousarray(x, dtype=np.float32)
         self.outcomes = np.asarray(outcomes, dtype=np.float32)
+        self._overall = None
         if self.task_prior is not None and len(self.task_prior.row_tasks) != len(self.x):
             raise ValueError(f"the task prior was fitted on {len(self.task_prior.row_tasks)} records, the kNN "
                              f"success model on {len(self.x)}; fit both on the same records")
@@ -350,8 +352,14 @@ class KnnSuccess:
     def success(self, neighbours: np.ndarray, alpha: float, prior: np.ndarray | None = None) -> np.ndarray:
         """``[q, m]`` shrunk success rates over the training rows ``neighbours`` ``[q, k]``, toward ``prior``
         (``[q, m]`` or ``[m]``; None: each expert's overall rate)."""
-        return shrunk_success(self.outcomes[neighbours], success_prior(self.outcomes) if prior is None else prior,
-                              alpha)
+        return shrunk_success(self.outcomes[neighbours], self.overall_prior() if prior is None else prior, alpha)
+
+    def overall_prior(self) -> np.ndarray:
+        """``[m]`` each expert's overall success rate (``success_prior``), computed once per fitted model: over
+        thousands of records it cost more than the rest of a query's scoring."""
+        if self._overall is None or len(self._overall) != self.outcomes.shape[1]:
+            self._overall = success_prior(self.outcomes)
+        return self._overall
 
     def arrays(self) -> dict[str, np.ndarray]:
         out = {"x": self.x, "outcomes": self.outcomes, "k": np.array(self.k), "alpha": np.array(self.alpha)}
