@@ -47,6 +47,7 @@ __all__ = [
     "Queries",
     "build_classifier",
     "pack_strings",
+    "similarity_votes",
     "unpack_strings",
     "word_ngrams",
 ]
@@ -139,6 +140,21 @@ class LogisticClassifier:
         return clf
 
 
+def similarity_votes(sims: np.ndarray, labels: np.ndarray, n_classes: int, temperature: float,
+                     floor: float) -> np.ndarray:
+    """``[q, n_classes]`` probabilities from each query's neighbours: ``sims`` ``[q, k]`` (nearest first) and
+    their ``labels`` ``[q, k]`` (-1: no vote). A neighbour at cosine ``s`` votes ``exp(s / temperature)`` for
+    its label, so close neighbours dominate; the votes, plus ``floor`` for every class so none is impossible,
+    are normalised."""
+    weight = np.exp((sims - sims[:, :1]) / temperature)  # relative to the nearest: no overflow
+    weight /= weight.sum(axis=1, keepdims=True)
+    votes = np.full((len(sims), n_classes), floor)
+    voted = labels >= 0
+    rows = np.broadcast_to(np.arange(len(sims))[:, None], labels.shape)
+    np.add.at(votes, (rows[voted], labels[voted]), weight[voted])
+    return np.asarray(votes / votes.sum(axis=1, keepdims=True))
+
+
 class KNNClassifier:
     """Similarity-weighted vote of the ``k`` nearest training queries (exact inner-product search in FAISS).
 
@@ -163,17 +179,14 @@ class KNNClassifier:
 
     def predict_logits(self, queries: Queries) -> np.ndarray:
         n = len(queries.embeddings)
-        votes = np.full((n, self.n_classes), self.FLOOR)
         k = min(self.k, len(self.y))
-        if k and n:
-            if self._index is None:
-                self._index = flat_ip_index(self.x)
-            sims, ids = self._index.search(np.ascontiguousarray(queries.embeddings, dtype=np.float32), k)
-            weight = np.exp((sims - sims[:, :1]) / self.temperature)  # relative to the nearest: no overflow
-            weight /= weight.sum(axis=1, keepdims=True)
-            for j in range(k):
-                np.add.at(votes, (np.arange(n), self.y[ids[:, j]]), np.where(ids[:, j] >= 0, weight[:, j], 0.0))
-        return np.log(votes / votes.sum(axis=1, keepdims=True))
+        if not (k and n):
+            return np.log(np.full((n, self.n_classes), 1.0 / max(self.n_classes, 1)))
+        if self._index is None:
+            self._index = flat_ip_index(self.x)
+        sims, ids = self._index.search(np.ascontiguousarray(queries.embeddings, dtype=np.float32), k)
+        labels = np.where(ids >= 0, self.y[ids], -1)  # faiss pads with -1 past the last vector
+        return np.log(similarity_votes(sims, labels, self.n_classes, self.temperature, self.FLOOR))
 
     def arrays(self) -> dict[str, np.ndarray]:
         return {"x": self.x, "y": self.y, "params": np.array([self.k, self.temperature, self.n_classes])}

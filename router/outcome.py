@@ -216,15 +216,13 @@ class TaskPrior:
     VOTE_TEMPERATURE = 0.05
     VOTE_FLOOR = 1e-4
 
-    def __init__(self, tasks: Sequence[str], coef: np.ndarray, intercept: np.ndarray, row_tasks: np.ndarray,
-                 rates: np.ndarray) -> None:
-        self.tasks = tuple(tasks)
-        self.coef, self.intercept = np.asarray(coef, dtype=np.float32), np.asarray(intercept, dtype=np.float32)
+    def __init__(self, tasks: Sequence[str], logistic: Any, row_tasks: np.ndarray, rates: np.ndarray) -> None:
+        self.tasks, self.logistic = tuple(tasks), logistic  # logistic: a fitted router.classifiers.LogisticClassifier
         self.row_tasks = np.asarray(row_tasks, dtype=np.int64)  # [n] each training row's task index, -1: none
         self.rates = np.asarray(rates, dtype=np.float64)  # [tasks, m]
-        if self.rates.shape[0] != len(self.tasks) or self.coef.shape[0] != len(self.tasks):
-            raise ValueError(f"task prior: {self.rates.shape[0]} rows of rates and {self.coef.shape[0]} of "
-                             f"coefficients for {len(self.tasks)} tasks")
+        if self.rates.shape[0] != len(self.tasks) or self.logistic.coef.shape[0] != len(self.tasks):
+            raise ValueError(f"task prior: {self.rates.shape[0]} rows of rates and {self.logistic.coef.shape[0]} "
+                             f"of coefficients for {len(self.tasks)} tasks")
 
     @classmethod
     def fit(cls, x: np.ndarray, tasks: Sequence[str | None], outcomes: np.ndarray, *,
@@ -252,25 +250,19 @@ class TaskPrior:
         hits = np.where(known, outcomes[rows], 0.0)
         rates = np.stack([(hits[y == j].sum(axis=0) + TASK_RECORDS * overall)
                           / (known[y == j].sum(axis=0) + TASK_RECORDS) for j in range(len(names))])
-        return cls(names, logistic.coef, logistic.intercept, row_tasks, rates)
+        return cls(names, logistic, row_tasks, rates)
 
     def task_proba(self, x: np.ndarray, train_x: np.ndarray, neighbours: np.ndarray) -> np.ndarray:
         """``[q, tasks]`` the probability that each query belongs to each task, from its embedding ``x`` and its
         nearest training rows ``neighbours`` (``[q, >= 1]``, nearest first, rows of ``train_x``, the embeddings
         the prior was fitted on)."""
+        from router.classifiers import Queries, _softmax, similarity_votes
+
         x = np.atleast_2d(np.asarray(x, dtype=np.float32))
-        z = x @ self.coef.T + self.intercept
-        z = np.exp(z - z.max(axis=1, keepdims=True))
-        logistic = z / z.sum(axis=1, keepdims=True)
+        logistic = _softmax(np.asarray(self.logistic.predict_logits(Queries([""] * len(x), x)), dtype=np.float64))
         ids = neighbours[:, :self.VOTERS]
         sims = np.einsum("qd,qkd->qk", x, np.asarray(train_x, dtype=np.float32)[ids])
-        weight = np.exp((sims - sims[:, :1]) / self.VOTE_TEMPERATURE)  # relative to the nearest: no overflow
-        weight /= weight.sum(axis=1, keepdims=True)
-        votes = np.full((len(x), len(self.tasks)), self.VOTE_FLOOR)
-        voter = self.row_tasks[ids]
-        rows = np.broadcast_to(np.arange(len(x))[:, None], ids.shape)
-        np.add.at(votes, (rows[voter >= 0], voter[voter >= 0]), weight[voter >= 0])
-        votes /= votes.sum(axis=1, keepdims=True)
+        votes = similarity_votes(sims, self.row_tasks[ids], len(self.tasks), self.VOTE_TEMPERATURE, self.VOTE_FLOOR)
         return np.asarray((logistic + votes) / 2.0)
 
     def predict(self, x: np.ndarray, train_x: np.ndarray, neighbours: np.ndarray) -> np.ndarray:
@@ -281,14 +273,14 @@ class TaskPrior:
         from router.classifiers import pack_strings
 
         data, offsets = pack_strings(self.tasks)
-        return {"names": data, "name_offsets": offsets, "rates": self.rates, "coef": self.coef,
-                "intercept": self.intercept, "row_tasks": self.row_tasks}
+        return {"names": data, "name_offsets": offsets, "rates": self.rates, "row_tasks": self.row_tasks,
+                **self.logistic.arrays()}
 
     @classmethod
     def from_arrays(cls, arrays: dict[str, np.ndarray]) -> TaskPrior:
-        from router.classifiers import unpack_strings
+        from router.classifiers import LogisticClassifier, unpack_strings
 
-        return cls(unpack_strings(arrays["names"], arrays["name_offsets"]), arrays["coef"], arrays["intercept"],
+        return cls(unpack_strings(arrays["names"], arrays["name_offsets"]), LogisticClassifier.from_arrays(arrays),
                    arrays["row_tasks"], arrays["rates"])
 
 

@@ -108,6 +108,19 @@ class Tuning:
     metrics: dict[str, float | None]
 
 
+def _with_margin(utility: np.ndarray, anchor: int, margin: float) -> np.ndarray:
+    """The routing logits: ``utility`` [n, m] with ``margin`` added to the anchor's column (a copy)."""
+    logits = utility.copy()
+    logits[:, anchor] += margin
+    return logits
+
+
+def _earnings(outcomes: np.ndarray, penalty: np.ndarray) -> np.ndarray:
+    """``[n, m]`` what picking each expert earns on each record: its outcome (0 where it has no record, as the
+    evaluation scores it) less its cost term."""
+    return np.where(np.isnan(outcomes), 0.0, outcomes) - penalty
+
+
 def _realised(outcomes: np.ndarray, predicted: np.ndarray) -> np.ndarray:
     """Recorded outcomes, with the model's prediction standing in where a record is missing."""
     return np.where(np.isnan(outcomes), predicted, outcomes)
@@ -122,7 +135,7 @@ def tune(success: np.ndarray, outcomes: np.ndarray, record_costs: np.ndarray, co
     # What a pick is worth when choosing the margin: an expert with no record for the query earns nothing, as
     # the evaluation scores it; crediting its predicted success instead rewarded routing to experts whose
     # answers were never observed there.
-    earned = np.where(np.isnan(outcomes), 0.0, outcomes) - penalty
+    earned = _earnings(outcomes, penalty)
     # The anchor is the expert the gate falls back on, so it is chosen by what the records make sure of: its
     # success shrunk toward the pooled rate, less one standard error. An expert with three lucky records has a
     # high estimate but a wide error, and is not the anchor; experts with thousands of records each keep their
@@ -135,13 +148,10 @@ def tune(success: np.ndarray, outcomes: np.ndarray, record_costs: np.ndarray, co
     always = 1.0 + cost_weight + 1e-6  # no gain over the anchor can exceed this: always the anchor
     best_margin, best_value = always, -np.inf
     for margin in (always, *reversed(MARGINS)):  # ties keep the larger, more conservative margin
-        logits = utility.copy()
-        logits[:, anchor] += margin
-        value = float(earned[rows, logits.argmax(axis=1)].mean())
+        value = float(earned[rows, _with_margin(utility, anchor, margin).argmax(axis=1)].mean())
         if value > best_value + 1e-12:
             best_margin, best_value = margin, value
-    logits = utility.copy()
-    logits[:, anchor] += best_margin
+    logits = _with_margin(utility, anchor, best_margin)
     # Target: the best expert in hindsight; among ties, the one the gate ranks highest.
     target = np.where(realised >= realised.max(axis=1, keepdims=True) - 1e-9, logits, -np.inf).argmax(axis=1)
     temperature = fit_temperature(logits, target, lo=1e-3, hi=10.0)
@@ -235,8 +245,7 @@ class OutcomeGate(Gate):
         return self._artifact_success(x) - self.cost_weight * self.cost / self.cost_scale
 
     def _artifact_proba(self, x: np.ndarray, texts: Sequence[str] | None = None) -> np.ndarray:
-        logits = self._artifact_utility(x)
-        logits[:, self.tuning.anchor] += self.tuning.margin
+        logits = _with_margin(self._artifact_utility(x), self.tuning.anchor, self.tuning.margin)
         return _softmax(logits / self.tuning.temperature)
 
     def _view(self, artifact_rows: np.ndarray) -> np.ndarray:
@@ -250,12 +259,12 @@ class OutcomeGate(Gate):
     def task_probabilities(self, embeddings: np.ndarray, top: int = 3) -> list[dict[str, float]] | None:
         """Per query, its ``top`` likeliest tasks and their probabilities under the success model's task prior,
         the prior its success estimates lean on (``router.outcome.TaskPrior``); None without a task prior."""
-        prior = getattr(self.model, "task_prior", None)
-        if prior is None or not isinstance(self.model, KnnSuccess):
+        model = self.model
+        if not isinstance(model, KnnSuccess) or model.task_prior is None:
             return None
+        prior = model.task_prior
         x = np.atleast_2d(np.asarray(embeddings, dtype=np.float32))
-        near = self.model.neighbours(x, min(TaskPrior.VOTERS, len(self.model.x)))
-        proba = prior.task_proba(x, self.model.x, near)
+        proba = prior.task_proba(x, model.x, model.neighbours(x, min(TaskPrior.VOTERS, len(model.x))))
         order = np.argsort(-proba, axis=1, kind="stable")[:, :top]
         return [{prior.tasks[j]: round(float(row[j]), 4) for j in picks}
                 for row, picks in zip(proba, order, strict=True)]
@@ -357,10 +366,8 @@ def _earned(success: np.ndarray, outcomes: np.ndarray, cost: np.ndarray, tuning:
     """``[n]`` what top-1 routing at ``tuning`` earns on each record: its pick's outcome (0 without a record)
     less the pick's cost term, as ``tune`` scores a margin."""
     penalty = tuning.cost_weight * cost
-    logits = success - penalty
-    logits[:, tuning.anchor] += tuning.margin
-    picks = logits.argmax(axis=1)
-    return np.asarray(np.where(np.isnan(outcomes), 0.0, outcomes)[np.arange(len(picks)), picks] - penalty[picks])
+    picks = _with_margin(success - penalty, tuning.anchor, tuning.margin).argmax(axis=1)
+    return np.asarray(_earnings(outcomes, penalty)[np.arange(len(picks)), picks])
 
 
 def _tuned_knn(x: np.ndarray, outcomes: np.ndarray, record_costs: np.ndarray, cost: np.ndarray, folds: np.ndarray,
