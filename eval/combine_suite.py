@@ -330,6 +330,7 @@ def run_mmlu_pro_combine(ctx: SuiteContext) -> dict[str, Any]:
     headline = max(CANDIDATES, key=lambda k: (round(cv_scores[k], 12), -CANDIDATES.index(k)))
     learned = {name: data.fit_weights(fit, chosen[name]["l2"], length) for name, length in LEARNED.items()}
     scorer = _Scorer(x, outcomes, data.category, fit, ctx.seed)
+    task_accuracy = _task_accuracy(scorer, test, data.category)
     cv = chosen["vote"]
     s = scorer.success(test, cv["neighbours"], cv["alpha"], cv["prior"])
     s_top1 = scorer.success(test, chosen_top1["neighbours"], chosen_top1["alpha"], chosen_top1["prior"])
@@ -404,7 +405,7 @@ def run_mmlu_pro_combine(ctx: SuiteContext) -> dict[str, Any]:
         "from outcome records that name their task): each category's success rates over the fit questions, mixed "
         "for a scored question by an embedding classifier's category probabilities, never its recorded category, "
         "in every cross-validation fold and on test; the classifier's top category is right for "
-        f"{_task_accuracy(scorer, test, data.category):.4f} of the test questions",
+        f"{task_accuracy:.4f} of the test questions",
         "panel-size table: every k and weight scheme on the test split, for reading only (not used to choose)",
     ]
     body: dict[str, Any] = {
@@ -417,7 +418,7 @@ def run_mmlu_pro_combine(ctx: SuiteContext) -> dict[str, Any]:
                   "learned_length_vote_weights": {e: round(w, 4) for e, w in length.as_mapping().items() if w > 0},
                   "chosen": chosen, "chosen_top1": chosen_top1,
                   "task_prior_uses": "router.outcome.TaskPrior: category rates mixed by classifier probabilities",
-                  "predicted_category_accuracy": _task_accuracy(scorer, test, data.category),
+                  "predicted_category_accuracy": task_accuracy,
                   "identical_strategies": identical_groups(
                       {k: v for k, v in correct.items() if k != "best_single"})},
         "confidence_intervals": cis,
