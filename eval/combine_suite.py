@@ -18,6 +18,9 @@ queries) ranks the experts of the pool, the top ``k`` form the panel, and each m
   ``combiner.vote_length: false`` serves it.
 - ``learned_length_vote``: the learned vote with its length term (an answer longer or shorter than its expert's
   median counts for more or less, as fitted), as ``combiner.vote_weights: learned`` serves it by default.
+- Either learned vote may add the answer bias (``router.vote_weights``: how much more or less an expert's vote
+  counts when it gives one of its favourite letters; ``combiner.vote_answer_bias``), with its penalty, or
+  without it, chosen by cross-validation.
 - ``fuse`` needs an aggregator model to write an answer, so it cannot be scored from recordings.
 
 The panel's size ``k``, the weights and the success model's prior (overall, or the task prior the served
@@ -47,9 +50,9 @@ from eval.routing import FRACTIONS, mmlu_pro_split
 from eval.suite import SuiteContext, as_float
 from router.combine import TIE_BREAK, Combiner, Consensus, Vote, choice_embedding
 from router.outcome import TaskPrior, shrunk_success
-from router.vote_weights import VoteWeights, fit_vote_weights
+from router.vote_weights import BIAS_MIN_ANSWERS, VoteWeights, fit_vote_weights
 
-__all__ = ["LEARNED", "POOLS", "SMALL_OPEN", "identical_groups", "mean_interval",
+__all__ = ["ANSWER_BIAS_GRID", "LEARNED", "POOLS", "SMALL_OPEN", "identical_groups", "mean_interval",
            "panel_letters", "plot_strategies", "pool_models", "run_mmlu_pro_combine", "weights_of"]
 
 LETTERS = "ABCDEFGHIJ"
@@ -70,6 +73,7 @@ MARGINS = (0.0, 0.02, 0.05, 0.1, np.inf)
 N_BOOT = 1000
 TARGETS = {"all": 0.05, "small": 0.07}  # issue 4: points over the pool's best single model
 L2_GRID = (1.0, 10.0, 30.0, 100.0, 300.0)  # the learned vote's penalty
+ANSWER_BIAS_GRID = (None, 30.0, 100.0, 300.0)  # the answer bias's penalty; None: no answer bias
 N_FOLDS = 5  # cross-validation over train + val chooses every setting
 # The strategies the headline is chosen among, simplest first (a tie keeps the earlier one).
 CANDIDATES = ("vote", "learned_vote", "learned_length_vote")
@@ -161,11 +165,13 @@ class _Data:
     gold: np.ndarray  # [n] the right letter's index
     category: np.ndarray  # [n]
 
-    def fit_weights(self, rows: np.ndarray, l2: float, length: bool) -> VoteWeights:
-        """Learned vote weights fitted on ``rows``' letters (and lengths, with the length term)."""
+    def fit_weights(self, rows: np.ndarray, l2: float, length: bool,
+                    answer_bias_l2: float | None = None) -> VoteWeights:
+        """Learned vote weights fitted on ``rows``' letters (and lengths, with the length term; and the answer
+        bias, with its penalty)."""
         lengths = [[None if np.isnan(v) else float(v) for v in row] for row in self.chars[rows]] if length else None
         return fit_vote_weights(_answers(self.onehot, rows), [LETTERS[g] for g in self.gold[rows]], self.models,
-                                l2=l2, lengths=lengths)
+                                l2=l2, lengths=lengths, answer_bias_l2=answer_bias_l2)
 
 
 def _panels(success: np.ndarray, size: int) -> np.ndarray:
@@ -186,9 +192,11 @@ def _answers(onehot: np.ndarray, rows: np.ndarray) -> list[list[str | None]]:
 def _learned_vote(onehot: np.ndarray, success: np.ndarray, size: int, learned: VoteWeights,
                   chars: np.ndarray) -> np.ndarray:
     """The routed panel (top ``size`` by predicted success) voting with ``learned`` weights, each answer
-    counting for its expert's weight and, when ``learned`` has one, the length term for its ``chars``."""
+    counting for its expert's weight and, when ``learned`` has them, the length term for its ``chars`` and the
+    bias of its letter."""
     panels = _panels(success, size)
-    counted = np.take_along_axis(learned.counted(chars), panels, 1)
+    letters = np.where(onehot.max(axis=2) > 0, np.array(list(LETTERS), dtype=object)[onehot.argmax(axis=2)], "")
+    counted = np.take_along_axis(learned.counted(chars, answers=letters), panels, 1)
     # The panel weight (here: predicted success) breaks ties, as in Vote with learned weights.
     return panel_letters(onehot, panels, counted + TIE_BREAK * np.take_along_axis(success, panels, 1))
 
@@ -249,7 +257,40 @@ def _cross_validate(data: _Data, fit: np.ndarray, best: int, seed: int,
         name: max((g for g in learned_grid if g["length_term"] == length),
                   key=lambda g: (round(g["cv_accuracy"], 12), -g["k"], g["l2"]))
         for name, length in LEARNED.items()}
-    return {"vote": chosen, **best_learned}, chosen_top1, {"vote": grid, "top1": top1_grid}, {"learned": learned_grid}
+    # The answer bias, at each penalty, on top of each learned vote's chosen L2 and length term.
+    biased: dict[tuple[Any, ...], list[float]] = {}
+    for i, (hold, rest, scorer) in enumerate(held):
+        s = scorer.success(hold, chosen["neighbours"], chosen["alpha"], chosen["prior"])
+        for (name, length), bias_l2 in itertools.product(LEARNED.items(), ANSWER_BIAS_GRID[1:]):
+            weights = data.fit_weights(rest, best_learned[name]["l2"], length, bias_l2)
+            for size in PANEL_SIZES:
+                biased.setdefault((name, bias_l2, size), []).append(_accuracy(
+                    _learned_vote(data.onehot[hold], s, size, weights, data.chars[hold]), data.gold[hold]))
+        if progress:
+            print(f"  cross-validation, fold {i + 1}/{len(folds)}: answer biases fitted and scored", flush=True)
+    bias_grid = [{"strategy": name, "answer_bias_l2": None, "k": g["k"], "cv_accuracy": g["cv_accuracy"]}
+                 for name, length in LEARNED.items() for g in learned_grid
+                 if g["length_term"] == length and g["l2"] == best_learned[name]["l2"]]
+    bias_grid += _mean_grid(biased, ("strategy", "answer_bias_l2", "k"))
+    for name in LEARNED:
+        # Ties prefer no bias (the simpler model), then the smaller panel and the heavier penalty.
+        pick = max((g for g in bias_grid if g["strategy"] == name),
+                   key=lambda g: (round(g["cv_accuracy"], 12), g["answer_bias_l2"] is None, -g["k"],
+                                  g["answer_bias_l2"] or 0.0))
+        best_learned[name] = {**best_learned[name], "answer_bias_l2": pick["answer_bias_l2"], "k": pick["k"],
+                              "cv_accuracy": pick["cv_accuracy"]}
+    return ({"vote": chosen, **best_learned}, chosen_top1, {"vote": grid, "top1": top1_grid},
+            {"learned": learned_grid, "answer_bias": bias_grid})
+
+
+def _bias_summary(weights: VoteWeights) -> str:
+    """The fitted answer biases in a phrase: the penalty, how many, and the largest either way."""
+    if not weights.answer_bias:
+        return "none"
+    flat = [(b, e, a) for e, biases in weights.answer_bias.items() for a, b in biases.items()]
+    low, high = min(flat), max(flat)
+    return (f"penalty {weights.metrics['answer_bias_l2']:g}, {len(flat)} biases from {low[0]:+.3f} ({low[1]} "
+            f"giving {low[2]}) to {high[0]:+.3f} ({high[1]} giving {high[2]})")
 
 
 def _task_accuracy(scorer: _Scorer, rows: np.ndarray, category: np.ndarray) -> float:
@@ -328,7 +369,8 @@ def run_mmlu_pro_combine(ctx: SuiteContext) -> dict[str, Any]:
     cv_scores = {name: chosen[name]["cv_accuracy"] for name in CANDIDATES}
     # The headline is the candidate with the best cross-validated accuracy; a tie keeps the simpler one.
     headline = max(CANDIDATES, key=lambda k: (round(cv_scores[k], 12), -CANDIDATES.index(k)))
-    learned = {name: data.fit_weights(fit, chosen[name]["l2"], length) for name, length in LEARNED.items()}
+    learned = {name: data.fit_weights(fit, chosen[name]["l2"], length, chosen[name]["answer_bias_l2"])
+               for name, length in LEARNED.items()}
     scorer = _Scorer(x, outcomes, data.category, fit, ctx.seed)
     task_accuracy = _task_accuracy(scorer, test, data.category)
     cv = chosen["vote"]
@@ -367,6 +409,8 @@ def run_mmlu_pro_combine(ctx: SuiteContext) -> dict[str, Any]:
     metrics["k"], metrics["pool"] = cv["k"], pool_name
     metrics["learned_k"], metrics["learned_length_k"] = chosen["learned_vote"]["k"], chosen["learned_length_vote"]["k"]
     metrics["length_coef"] = learned["learned_length_vote"].length_coef
+    metrics["learned_answer_bias_l2"] = chosen["learned_vote"]["answer_bias_l2"]
+    metrics["learned_length_answer_bias_l2"] = chosen["learned_length_vote"]["answer_bias_l2"]
     cis = {f"{k}_accuracy": mean_interval(v.astype(float), ctx.seed) for k, v in correct.items()}
     for key in CANDIDATES:
         cis[f"{key}_minus_best_single"] = mean_interval(correct[key].astype(float) - correct["best_single"],
@@ -398,6 +442,11 @@ def run_mmlu_pro_combine(ctx: SuiteContext) -> dict[str, Any]:
         "is served with combiner.vote_length: false, learned_length_vote (the default) adds the length term, "
         f"fitted at {length.length_coef:+.3f} per unit of log(answer chars / the expert's median) "
         "(response_chars.csv)",
+        "answer bias (combiner.vote_answer_bias): per model, a learned adjustment for each letter it gave at least "
+        f"{BIAS_MIN_ANSWERS} times, L2 penalty chosen by cross-validation among "
+        f"{', '.join('none' if b is None else f'{b:g}' for b in ANSWER_BIAS_GRID)} on top of each learned vote's "
+        "chosen L2 and panel sizes: " + "; ".join(
+            f"{name} {_bias_summary(w)}" for name, w in learned.items()),
         "headline strategy: the best cross-validated of " + ", ".join(
             f"{k} ({v:.4f})" for k, v in cv_scores.items()) + f": {headline}; the target is judged on it",
         "fuse is not scored: it needs an aggregator model to write each answer, which recordings cannot give",

@@ -194,9 +194,10 @@ class Vote(Combiner):
     ``per_expert`` maps an expert to its own extractor name (an expert that answers in its own format).
     ``learned`` holds learned vote weights (``router.vote_weights.VoteWeights``, or a plain mapping from expert
     to weight): an answer then counts for its expert's learned weight, adjusted by the learned length term for
-    the answer's length, instead of its panel weight (which only breaks ties, so a panel whose experts all
-    learned a weight of 0 still votes by the gate), and an expert without one (added after training) counts
-    for the mean learned weight. The contributions report the weight each answer counted for."""
+    the answer's length and by the learned bias for the answer it gives, instead of its panel weight (which
+    only breaks ties, so a panel whose experts all learned a weight of 0 still votes by the gate), and an expert
+    without one (added after training) counts for the mean learned weight. The contributions report the weight
+    each answer counted for."""
 
     name = "vote"
 
@@ -215,7 +216,7 @@ class Vote(Combiner):
         """What ``answer`` counts for in the tally."""
         if self.learned is None:
             return answer.weight
-        learned = self.learned.count_for(answer.expert, len(answer.content))
+        learned = self.learned.count_for(answer.expert, len(answer.content), self.key(answer))
         return (self._unlearned if learned is None else learned) + TIE_BREAK * answer.weight
 
     def combine(self, answers: list[WeightedAnswer]) -> Combined:

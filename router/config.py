@@ -292,6 +292,11 @@ class CombinerConfig(_Strict):
     # With learned vote weights: also learn how an answer's length against its expert's median answer moves
     # what it counts for (one fitted coefficient, ``router.vote_weights``); false: the weights alone.
     vote_length: bool = True
+    # With learned vote weights: also learn, for each answer an expert gives often (a favourite letter), how much
+    # more or less it counts when the expert gives that answer (``router.vote_weights``'s answer bias). Off by
+    # default: on few records, or records whose right answers lean to some letters by accident, the bias can
+    # outvote a clear majority; turn it on when cross-validation on your records says it helps.
+    vote_answer_bias: bool = False
 
 
 class BreakerConfig(_Strict):

@@ -21,6 +21,14 @@ longer or shorter than its expert's median answer it is. Every answer a combiner
 needs nothing the serving path lacks; ``beta`` is fitted jointly with the weights and comes out near 0 when
 length says nothing. An expert without a median (added after training) gets no length term.
 
+With a penalty for it (``answer_bias_l2``), the fit also learns an *answer bias*: an adjustment ``b_e(a)`` for
+each answer ``a`` an expert gives often (at least ``BIAS_MIN_ANSWERS`` times in the training records), so an
+answer counts for ``max(0, w_e + beta * f + b_e(a))``. Experts have favourite answers: a model unsure of a
+multiple-choice question leans towards some letters more than others (the selection bias of LLMs as
+multiple-choice answerers, Zheng et al., ICLR 2024), so its vote for a favourite letter is worth less than its
+vote for a letter it gives only when it has a reason to. The L2 penalty keeps every bias near 0 unless the
+records show it; an answer the expert gave rarely, or never, gets none.
+
 Measured on MMLU-Pro's 31 recorded LLMs (``moe eval --suite mmlu-pro-combine``): see that suite's report.
 """
 
@@ -37,10 +45,16 @@ import numpy as np
 if TYPE_CHECKING:
     from router.outcome import OutcomeRecord
 
-__all__ = ["FILE_NAME", "LENGTH_CLIP", "VoteWeights", "fit_from_records", "fit_vote_weights", "length_feature"]
+__all__ = ["ANSWER_BIAS_L2", "BIAS_MIN_ANSWERS", "FILE_NAME", "LENGTH_CLIP", "VoteWeights", "fit_from_records",
+           "fit_vote_weights", "length_feature"]
 
 FILE_NAME = "vote_weights.json"
-_FORMAT = 2  # 2 added the length term; format 1 files (weights only) still load
+# 2 added the length term, 3 the answer bias. A file without biases is written as format 2, so code from before
+# the bias still reads it; a file with them is refused by that code instead of being served without them.
+_FORMAT = 3
+_READABLE = (1, 2, 3)
+BIAS_MIN_ANSWERS = 20  # an expert's answer gets a bias once the expert gave it this often in training
+ANSWER_BIAS_L2 = 100.0  # the answer bias's penalty when ``moe train`` fits it (``combiner.vote_answer_bias``)
 LENGTH_CLIP = 3.0  # the length feature's bound: answers 20x longer or shorter than the median count as 20x
 
 
@@ -63,6 +77,8 @@ class VoteWeights:
     metrics: dict[str, Any] = field(default_factory=dict)
     length_coef: float = 0.0  # beta of the length term; 0: answers count for their weight alone
     median_chars: np.ndarray | None = None  # [m] each expert's median answer length (NaN: unknown)
+    # expert -> answer -> the learned bias of that answer by that expert (answers absent: 0)
+    answer_bias: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
     _index: dict[str, int] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -74,23 +90,51 @@ class VoteWeights:
                              f"{len(self.experts)} experts")
         if not np.isfinite(self.length_coef):
             raise ValueError(f"vote weights: length_coef must be a finite number, not {self.length_coef}")
+        stray = sorted(set(self.answer_bias) - set(self.experts))
+        if stray:
+            raise ValueError(f"vote weights: answer biases for experts without a weight: {', '.join(stray)}")
+        for expert, biases in self.answer_bias.items():
+            bad = [a for a, b in biases.items() if not isinstance(b, int | float) or not np.isfinite(b)]
+            if bad:
+                raise ValueError(f"vote weights: {expert}'s answer bias for {bad[0]!r} must be a finite number, "
+                                 f"not {biases[bad[0]]!r}")
 
     def as_mapping(self) -> dict[str, float]:
         return {e: float(w) for e, w in zip(self.experts, self.weights, strict=True)}
 
-    def counted(self, chars: np.ndarray, columns: np.ndarray | slice = slice(None)) -> np.ndarray:
+    def counted(self, chars: np.ndarray, columns: np.ndarray | slice = slice(None),
+                answers: np.ndarray | None = None) -> np.ndarray:
         """What answers of these lengths count for: ``[..., m]`` chars (NaN: no length) -> ``[..., m]``;
-        with ``columns``, the chars are those experts' only."""
-        weights = self.weights[columns]
-        if self.median_chars is None or self.length_coef == 0.0:
-            return np.broadcast_to(weights, np.shape(chars)).copy()
-        return np.maximum(weights + self.length_coef * length_feature(chars, self.median_chars[columns]), 0.0)
+        with ``columns``, the chars are those experts' only. ``answers`` (the same shape, the extracted answers
+        as strings; "" or None: none) adds each answer's bias."""
+        weights = np.broadcast_to(self.weights[columns], np.shape(chars)).astype(float)
+        if self.median_chars is not None and self.length_coef != 0.0:
+            weights = weights + self.length_coef * length_feature(chars, self.median_chars[columns])
+        if answers is not None and self.answer_bias:
+            weights = weights + self.bias_of(answers, columns)
+        return np.maximum(weights, 0.0)
 
-    def count_for(self, expert: str, chars: int) -> float | None:
-        """What one answer of ``chars`` characters by ``expert`` counts for; None when ``expert`` has no
-        learned weight."""
+    def bias_of(self, answers: np.ndarray, columns: np.ndarray | slice = slice(None)) -> np.ndarray:
+        """``[..., m]`` each answer's bias (0 where an answer has none) for ``[..., m]`` extracted answers of the
+        experts in ``columns``."""
+        answers = np.asarray(answers, dtype=object)
+        names = np.array(self.experts, dtype=object)[columns]
+        out = np.zeros(answers.shape)
+        for j, expert in enumerate(np.atleast_1d(names)):
+            biases = self.answer_bias.get(str(expert))
+            if biases:
+                column = answers[..., j]
+                out[..., j] = np.reshape([biases.get(a, 0.0) if a else 0.0 for a in np.ravel(column)],
+                                         np.shape(column))
+        return out
+
+    def count_for(self, expert: str, chars: int, answer: str | None = None) -> float | None:
+        """What one answer of ``chars`` characters by ``expert`` counts for (with its bias when ``answer``, the
+        extracted answer, has one); None when ``expert`` has no learned weight."""
         j = self._index.get(expert)
-        return None if j is None else float(self.counted(np.array([float(chars)]), np.array([j]))[0])
+        if j is None:
+            return None
+        return float(self.counted(np.array([float(chars)]), np.array([j]), np.array([answer], dtype=object))[0])
 
     def restrict(self, names: Sequence[str]) -> VoteWeights:
         """The weights of the experts among ``names`` (a config's experts), in this object's order."""
@@ -98,26 +142,33 @@ class VoteWeights:
         keep = [j for j, e in enumerate(self.experts) if e in wanted]
         return VoteWeights(experts=tuple(self.experts[j] for j in keep), weights=self.weights[keep],
                            metrics=self.metrics, length_coef=self.length_coef,
-                           median_chars=None if self.median_chars is None else self.median_chars[keep])
+                           median_chars=None if self.median_chars is None else self.median_chars[keep],
+                           answer_bias={e: b for e, b in self.answer_bias.items() if e in wanted})
 
     def as_dict(self) -> dict[str, Any]:
-        doc: dict[str, Any] = {"format": _FORMAT, "experts": list(self.experts), "weights": self.weights.tolist(),
-                               "length_coef": self.length_coef}
+        doc: dict[str, Any] = {"format": _FORMAT if self.answer_bias else 2, "experts": list(self.experts),
+                               "weights": self.weights.tolist(), "length_coef": self.length_coef}
         if self.median_chars is not None:  # JSON has no NaN: an unknown median is null
             doc["median_chars"] = [None if np.isnan(v) else float(v) for v in self.median_chars]
+        if self.answer_bias:
+            doc["answer_bias"] = {e: {a: float(b) for a, b in biases.items()} for e, biases in self.answer_bias.items()}
         return {**doc, "metrics": self.metrics}
 
     @classmethod
     def from_dict(cls, doc: Mapping[str, Any], where: str = "vote weights") -> VoteWeights:
-        if doc.get("format") not in (1, _FORMAT):
-            raise ValueError(f"{where}: unknown format {doc.get('format')!r}; this version reads 1 and {_FORMAT}")
+        if doc.get("format") not in _READABLE:
+            raise ValueError(f"{where}: unknown format {doc.get('format')!r}; this version reads "
+                             f"{', '.join(map(str, _READABLE))}")
         try:
             medians = doc.get("median_chars")
+            bias = doc.get("answer_bias") or {}
             return cls(experts=tuple(doc["experts"]), weights=np.asarray(doc["weights"], dtype=float),
                        metrics=dict(doc.get("metrics") or {}), length_coef=float(doc.get("length_coef", 0.0)),
                        median_chars=None if medians is None else np.array(
-                           [np.nan if v is None else v for v in medians], dtype=float))
-        except (KeyError, TypeError, ValueError) as exc:
+                           [np.nan if v is None else v for v in medians], dtype=float),
+                       answer_bias={str(e): {str(a): float(b) for a, b in biases.items()}
+                                    for e, biases in bias.items()})
+        except (AttributeError, KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"{where}: malformed ({exc})") from exc
 
     def save(self, directory: str | Path) -> Path:
@@ -166,13 +217,30 @@ def _medians(answers: Sequence[Sequence[str | None]], chars: np.ndarray) -> np.n
     return out
 
 
+def _bias_slots(answers: Sequence[Sequence[str | None]], kept: np.ndarray,
+                experts: Sequence[str]) -> tuple[list[tuple[str, str]], np.ndarray]:
+    """The (expert, answer) pairs that get an answer bias (given at least ``BIAS_MIN_ANSWERS`` times over all
+    ``answers``), and ``[len(kept), m]`` each kept record's answer's slot among them (-1: none)."""
+    counts: dict[tuple[int, str], int] = {}
+    for row in answers:
+        for e, a in enumerate(row):
+            if a is not None:
+                counts[(e, a)] = counts.get((e, a), 0) + 1
+    slots = sorted(k for k, n in counts.items() if n >= BIAS_MIN_ANSWERS)
+    index = {k: s for s, k in enumerate(slots)}
+    where = np.array([[index.get((e, a), -1) if a is not None else -1 for e, a in enumerate(answers[i])]
+                      for i in kept], dtype=np.int64).reshape(len(kept), len(experts))
+    return [(experts[e], a) for e, a in slots], where
+
+
 def fit_vote_weights(answers: Sequence[Sequence[str | None]], target: Sequence[str | None],
                      experts: Sequence[str], *, l2: float = 1.0, max_iter: int = 500,
-                     lengths: Sequence[Sequence[float | None]] | None = None) -> VoteWeights:
+                     lengths: Sequence[Sequence[float | None]] | None = None,
+                     answer_bias_l2: float | None = None) -> VoteWeights:
     """Weights for ``experts`` from ``answers[i][e]`` (expert e's extracted answer to record i; None: it gave
     none) and ``target[i]`` (the right answer; None: unknown). With ``lengths[i][e]`` (the characters of expert
-    e's whole answer to record i; None: unknown) the length term is fitted too (see the module). Raises
-    ``ValueError`` when no record can teach anything."""
+    e's whole answer to record i; None: unknown) the length term is fitted too, and with ``answer_bias_l2`` (its
+    L2 penalty) the answer bias (see the module). Raises ``ValueError`` when no record can teach anything."""
     from scipy.optimize import minimize
 
     m = len(experts)
@@ -191,16 +259,25 @@ def fit_vote_weights(answers: Sequence[Sequence[str | None]], target: Sequence[s
         chars = np.array([[np.nan if v is None else float(v) for v in row] for row in lengths], dtype=float)
         medians = _medians(answers, chars)
         feature = length_feature(chars[kept], medians)
+    if answer_bias_l2 is not None and not (np.isfinite(answer_bias_l2) and answer_bias_l2 > 0):
+        raise ValueError(f"answer_bias_l2 must be a positive number, not {answer_bias_l2}")
+    slots, slot_of = _bias_slots(answers, kept, experts) if answer_bias_l2 is not None else ([], None)
     rows = np.arange(n)
     voted = choice >= 0
     vote_rows, vote_cols = np.nonzero(voted)  # one entry per answer given
     vote_cands = choice[vote_rows, vote_cols]
     vote_feature = feature[vote_rows, vote_cols]
+    vote_slot = slot_of[vote_rows, vote_cols] if slot_of is not None else np.full(len(vote_rows), -1)
+    biased = vote_slot >= 0
+    nb = len(slots)
+    bias_l2 = answer_bias_l2 or 0.0
 
     def loss(params: np.ndarray) -> tuple[float, np.ndarray]:
-        w, beta = params[:m], params[m]
+        w, beta, bias = params[:m], params[m], params[m + 1:]
+        per_answer = w[vote_cols] + beta * vote_feature
+        per_answer[biased] += bias[vote_slot[biased]]
         scores = np.zeros(mask.shape)
-        np.add.at(scores, (vote_rows, vote_cands), w[vote_cols] + beta * vote_feature)  # each candidate's tally
+        np.add.at(scores, (vote_rows, vote_cands), per_answer)  # each candidate's tally
         scores = np.where(mask, scores, -np.inf)
         top = scores.max(axis=1, keepdims=True)
         z = np.exp(scores - top)
@@ -212,27 +289,35 @@ def fit_vote_weights(answers: Sequence[Sequence[str | None]], target: Sequence[s
         per_vote = residual[vote_rows, vote_cands]  # d nll / d (what one answer counted for)
         grad = np.zeros(m)
         np.add.at(grad, vote_cols, per_vote)
-        return nll + 0.5 * l2 * float(w @ w), np.r_[grad + l2 * w, float(per_vote @ vote_feature)]
+        grad_bias = np.zeros(nb)
+        np.add.at(grad_bias, vote_slot[biased], per_vote[biased])
+        penalty = 0.5 * l2 * float(w @ w) + 0.5 * bias_l2 * float(bias @ bias)
+        return nll + penalty, np.r_[grad + l2 * w, float(per_vote @ vote_feature), grad_bias + bias_l2 * bias]
 
     # The length term is unpenalised (one coefficient, fitted on every answer) and held at 0 without lengths.
     beta_bounds = (None, None) if lengths is not None else (0.0, 0.0)
-    result = minimize(loss, np.r_[np.ones(m), 0.0], jac=True, method="L-BFGS-B",
-                      bounds=[(0.0, None)] * m + [beta_bounds], options={"maxiter": max_iter})
+    result = minimize(loss, np.r_[np.ones(m), 0.0, np.zeros(nb)], jac=True, method="L-BFGS-B",
+                      bounds=[(0.0, None)] * m + [beta_bounds] + [(None, None)] * nb, options={"maxiter": max_iter})
     metrics = {"records": len(answers), "records_used": n, "nll_per_record": float(result.fun) / n,
-               "l2": l2, "converged": bool(result.success), "length_term": lengths is not None}
+               "l2": l2, "converged": bool(result.success), "length_term": lengths is not None,
+               "answer_bias_l2": answer_bias_l2, "answer_biases": nb}
+    answer_bias: dict[str, dict[str, float]] = {}
+    for (expert, answer), b in zip(slots, result.x[m + 1:], strict=True):
+        answer_bias.setdefault(expert, {})[answer] = float(b)
     return VoteWeights(experts=tuple(experts), weights=result.x[:m], metrics=metrics,
-                       length_coef=float(result.x[m]), median_chars=medians)
+                       length_coef=float(result.x[m]), median_chars=medians, answer_bias=answer_bias)
 
 
 def fit_from_records(records: Sequence[OutcomeRecord], experts: Sequence[str],
                      extract: Callable[[str], str | None], *, l2: float = 10.0, length_term: bool = True,
-                     progress: bool = False,
+                     answer_bias_l2: float | None = None, progress: bool = False,
                      per_expert: Mapping[str, Callable[[str], str | None]] | None = None) -> VoteWeights:
     """Vote weights from outcome records that carry ``answers``. Each answer's final answer is read with
     ``extract`` (the combiner's extractor), or its expert's own in ``per_expert`` (``experts[].extractor``), as
     the vote will read it; a record's right answer is the one its successful experts (outcome
     at least 0.5) gave, and a record whose successful experts disagree, or that has none, teaches nothing.
-    ``length_term``: fit the length term on the answers' lengths too. Raises ``ValueError`` naming what is
+    ``length_term``: fit the length term on the answers' lengths too; ``answer_bias_l2``: fit the answer bias
+    with this penalty (None: no answer bias). Raises ``ValueError`` naming what is
     missing when no record carries answers."""
     with_answers = [r for r in records if r.answers]
     if not with_answers:
@@ -249,6 +334,7 @@ def fit_from_records(records: Sequence[OutcomeRecord], experts: Sequence[str],
         target.append(next(iter(right)) if len(right) == 1 else None)
     if progress:
         print(f"fitting vote weights on {len(with_answers)} records with answers", flush=True)
-    weights = fit_vote_weights(answers, target, experts, l2=l2, lengths=lengths if length_term else None)
+    weights = fit_vote_weights(answers, target, experts, l2=l2, lengths=lengths if length_term else None,
+                               answer_bias_l2=answer_bias_l2)
     weights.metrics["records_with_answers"] = len(with_answers)
     return weights

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from eval.combine_suite import SMALL_OPEN, panel_letters, pool_models, weights_of
+from eval.combine_suite import ANSWER_BIAS_GRID, SMALL_OPEN, panel_letters, pool_models, weights_of
 from eval.harness import run_suite
 from router.cli import _parser
 from tests.doubles.fakes import HashingEncoder
@@ -96,6 +96,15 @@ def test_small_real_run(pool: str, data_dir: Path, tmp_path: Path) -> None:
     learned_grid = results["cv_grids"]["learned"]
     assert {g["length_term"] for g in learned_grid} == {False, True} and all(
         0 <= g["cv_accuracy"] <= 1 for g in learned_grid)
+    # The answer bias's penalty (or none) is chosen by the same cross-validation, on top of each learned vote.
+    bias_grid = results["cv_grids"]["answer_bias"]
+    assert {g["answer_bias_l2"] for g in bias_grid} == set(ANSWER_BIAS_GRID)
+    assert {g["strategy"] for g in bias_grid} == {"learned_vote", "learned_length_vote"}
+    for name, key in (("learned_vote", "learned_answer_bias_l2"), ("learned_length_vote",
+                                                                     "learned_length_answer_bias_l2")):
+        chosen = results["setup"]["chosen"][name]
+        best = max(g["cv_accuracy"] for g in bias_grid if g["strategy"] == name)
+        assert m[key] == chosen["answer_bias_l2"] in ANSWER_BIAS_GRID and chosen["cv_accuracy"] == best
     assert results["setup"]["test"] == 80 and "fuse" in (out / "report.md").read_text(encoding="utf-8")
     ci = results["confidence_intervals"]["vote_accuracy"]
     assert ci["low"] <= m["vote_accuracy"] <= ci["high"]

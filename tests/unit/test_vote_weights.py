@@ -265,3 +265,125 @@ def test_learned_weights_need_outcome_records_with_answers(tmp_path: Path) -> No
     with pytest.raises(ValueError, match="carry 'answers'"):
         train_from_config(_config(tmp_path, ["o.jsonl"], vote_weights="learned"), progress=False)
     assert not (tmp_path / "out").exists()  # refused before anything was trained or written
+
+
+# ---------------------------------------------------------------- the answer bias
+
+BIASED = ["lazy", "solo", "other"]
+
+
+def _favourite(n: int, seed: int) -> tuple[list[list[str | None]], list[str]]:
+    """Four-choice questions. ``lazy`` is right 70% of the time and otherwise answers "A", its favourite, so
+    its "A" is right only about half the time and every other letter it gives is right; ``solo`` and ``other``
+    are right 60% of the time each and otherwise pick a wrong letter at random, independently."""
+    rng = np.random.default_rng(seed)
+    answers: list[list[str | None]] = []
+    target: list[str] = []
+
+    def answer(right: int, p: float) -> str:
+        return LETTERS[right] if rng.random() < p else LETTERS[(right + int(rng.integers(1, 4))) % 4]
+
+    for _ in range(n):
+        right = int(rng.integers(4))
+        lazy = LETTERS[right] if rng.random() < 0.7 else "A"
+        answers.append([lazy, answer(right, 0.6), answer(right, 0.6)])
+        target.append(LETTERS[right])
+    return answers, target
+
+
+def _accuracy_of(weights: VoteWeights, answers: list[list[str | None]], target: list[str]) -> float:
+    vote = Vote("choice", learned=weights)
+    right = 0
+    for row, gold in zip(answers, target, strict=True):
+        panel = [WeightedAnswer(e, 1 / 3, f"({a})" if a else "") for e, a in zip(BIASED, row, strict=True)]
+        right += vote.combine(panel).content == f"({gold})"
+    return right / len(target)
+
+
+def test_answer_bias_learns_a_favourite_letter_and_the_vote_gains() -> None:
+    answers, target = _favourite(3000, seed=11)
+    plain = fit_vote_weights(answers, target, BIASED, l2=1.0)
+    biased = fit_vote_weights(answers, target, BIASED, l2=1.0, answer_bias_l2=1.0)
+    assert plain.answer_bias == {} and plain.metrics["answer_biases"] == 0
+    # Every (expert, letter) pair was given at least BIAS_MIN_ANSWERS times: 3 experts x 4 letters.
+    assert biased.metrics["answer_biases"] == 12 and biased.metrics["answer_bias_l2"] == 1.0
+    lazy = biased.answer_bias["lazy"]
+    # lazy's "A" is worth far less than its other letters; solo and other have no favourite to learn.
+    assert lazy["A"] < min(lazy["B"], lazy["C"], lazy["D"]) - 3.0
+    for expert in ("solo", "other"):
+        spread = max(biased.answer_bias[expert].values()) - min(biased.answer_bias[expert].values())
+        assert spread < 0.5
+    test_answers, test_target = _favourite(2000, seed=12)
+    with_bias, without = _accuracy_of(biased, test_answers, test_target), _accuracy_of(plain, test_answers,
+                                                                                        test_target)
+    assert with_bias > without + 0.03  # lazy's "A" no longer outvotes solo and other agreeing on the right one
+    # The combiner counts lazy's "A" for weight + bias, clipped at 0, and reports it.
+    combined = Vote("choice", learned=biased).combine(
+        [WeightedAnswer("lazy", 0.5, "(A)"), WeightedAnswer("solo", 0.3, "(B)"), WeightedAnswer("other", 0.2, "(B)")])
+    counted = {c.expert: c.weight for c in combined.contributions}
+    assert counted["lazy"] == pytest.approx(max(0.0, biased.weights[0] + lazy["A"]), abs=1e-6)
+    assert combined.content == "(B)"
+
+
+def test_answer_bias_only_for_answers_given_often_and_bad_penalties_are_named() -> None:
+    answers: list[list[str | None]] = [["A", "A", None]] * 30 + [["B", "A", None]] * 5
+    target = ["A"] * 30 + ["B"] * 5
+    fitted = fit_vote_weights(answers, target, ["x", "y", "z"], answer_bias_l2=10.0)
+    assert set(fitted.answer_bias) == {"x", "y"} and set(fitted.answer_bias["x"]) == {"A"}  # "B": only 5 times
+    assert fitted.count_for("x", 3, "B") == pytest.approx(fitted.count_for("x", 3))  # no bias: the weight alone
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="answer_bias_l2 must be a positive number"):
+            fit_vote_weights(answers, target, ["x", "y", "z"], answer_bias_l2=bad)
+
+
+def test_answer_bias_round_trip_format_and_bad_files(tmp_path: Path) -> None:
+    answers, target = _favourite(600, seed=13)
+    biased = fit_vote_weights(answers, target, BIASED, answer_bias_l2=3.0)
+    biased.save(tmp_path)
+    doc = json.loads((tmp_path / FILE_NAME).read_text(encoding="utf-8"))
+    assert doc["format"] == 3 and set(doc["answer_bias"]) == set(BIASED)
+    loaded = VoteWeights.load(tmp_path)
+    assert loaded is not None and loaded.answer_bias == biased.answer_bias
+    assert loaded.count_for("lazy", 3, "A") == pytest.approx(biased.count_for("lazy", 3, "A"))
+    assert loaded.count_for("lazy", 3, "A") != pytest.approx(loaded.count_for("lazy", 3, "B"))
+    assert loaded.restrict(["solo", "lazy"]).answer_bias.keys() == {"solo", "lazy"}
+    # Without biases the file stays format 2, which code from before the bias reads.
+    fit_vote_weights(answers, target, BIASED).save(tmp_path)
+    assert json.loads((tmp_path / FILE_NAME).read_text(encoding="utf-8"))["format"] == 2
+    for bias, message in (({"ghost": {"A": 1.0}}, "answer biases for experts without a weight: ghost"),
+                          ({"solo": {"A": "much"}}, "malformed"),
+                          ({"solo": {"A": None}}, "malformed")):
+        (tmp_path / FILE_NAME).write_text(json.dumps({**doc, "answer_bias": bias}), encoding="utf-8")
+        with pytest.raises(ValueError, match=message):
+            VoteWeights.load(tmp_path)
+    with pytest.raises(ValueError, match="lazy's answer bias for 'A' must be a finite number"):
+        VoteWeights(experts=tuple(BIASED), weights=np.ones(3), answer_bias={"lazy": {"A": float("nan")}})
+
+
+def test_moe_train_fits_the_answer_bias_when_the_config_asks(tmp_path: Path) -> None:
+    from router.train import train_from_config
+
+    with open(tmp_path / "o.jsonl", "w", encoding="utf-8") as fh:
+        answers, target = _favourite(800, seed=14)
+        for i, (row, right) in enumerate(zip(answers, target, strict=True)):
+            fh.write(json.dumps({
+                "query": f"question {i}: which of four options is right?",
+                "outcomes": {e: float(a == right) for e, a in zip(BIASED, row, strict=True)},
+                "answers": {e: f"The answer is ({a})." for e, a in zip(BIASED, row, strict=True) if a}}) + "\n")
+    experts = [{"name": n, "type": "openai", "endpoint": "http://127.0.0.1:9/v1", "model": "m"} for n in BIASED]
+
+    def config(**combiner: Any) -> RouterConfig:
+        raw = {"version": 1, "experts": experts,
+               "combiner": {"strategy": "vote", "vote_weights": "learned", **combiner},
+               "gate": {"train_data": ["o.jsonl"], "artifact": "out/gate", "top_k": {"policy": "fixed", "k": 3}}}
+        return parse_config(raw, base_dir=tmp_path, check_env=False)
+
+    train_from_config(config(), progress=False)
+    plain = load_vote_weights(config())
+    assert plain is not None and plain.answer_bias == {}  # off by default
+    train_from_config(config(vote_answer_bias=True), progress=False)
+    biased = load_vote_weights(config(vote_answer_bias=True))
+    assert biased is not None and biased.answer_bias["lazy"]["A"] < biased.answer_bias["lazy"]["B"] - 0.3
+    combiner = build_orchestrator(config(vote_answer_bias=True)).combiner
+    assert isinstance(combiner, Vote) and combiner.learned is not None
+    assert combiner.learned.answer_bias == biased.answer_bias
