@@ -4,6 +4,7 @@ config and served by the vote combiner."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +21,13 @@ LETTERS = "ABCD"
 EXPERTS = ["solo", "twin-1", "twin-2"]
 
 
-def _copies(n: int, seed: int) -> tuple[list[list[str | None]], list[str]]:
-    """Four-choice questions. ``solo`` is right 80% of the time on its own; ``twin-1`` and ``twin-2`` are one
-    65% model recorded twice, so they always give the same letter and always err together."""
+Answer = Callable[[int, float], str]  # (the right letter's index, p) -> right with probability p, else a wrong one
+
+
+def _questions(n: int, seed: int,
+               panel: Callable[[np.random.Generator, int, Answer], list[str | None]]) -> tuple[
+                   list[list[str | None]], list[str]]:
+    """``n`` four-choice questions, each answered by ``panel(rng, right, answer)``."""
     rng = np.random.default_rng(seed)
     answers: list[list[str | None]] = []
     target: list[str] = []
@@ -32,10 +37,20 @@ def _copies(n: int, seed: int) -> tuple[list[list[str | None]], list[str]]:
 
     for _ in range(n):
         right = int(rng.integers(4))
-        twin = answer(right, 0.65)
-        answers.append([answer(right, 0.80), twin, twin])
+        answers.append(panel(rng, right, answer))
         target.append(LETTERS[right])
     return answers, target
+
+
+def _copies(n: int, seed: int) -> tuple[list[list[str | None]], list[str]]:
+    """Four-choice questions. ``solo`` is right 80% of the time on its own; ``twin-1`` and ``twin-2`` are one
+    65% model recorded twice, so they always give the same letter and always err together."""
+
+    def panel(rng: np.random.Generator, right: int, answer: Answer) -> list[str | None]:
+        twin = answer(right, 0.65)
+        return [answer(right, 0.80), twin, twin]
+
+    return _questions(n, seed, panel)
 
 
 def _vote_accuracy(answers: list[list[str | None]], target: list[str], weights: np.ndarray) -> float:
@@ -276,19 +291,12 @@ def _favourite(n: int, seed: int) -> tuple[list[list[str | None]], list[str]]:
     """Four-choice questions. ``lazy`` is right 70% of the time and otherwise answers "A", its favourite, so
     its "A" is right only about half the time and every other letter it gives is right; ``solo`` and ``other``
     are right 60% of the time each and otherwise pick a wrong letter at random, independently."""
-    rng = np.random.default_rng(seed)
-    answers: list[list[str | None]] = []
-    target: list[str] = []
 
-    def answer(right: int, p: float) -> str:
-        return LETTERS[right] if rng.random() < p else LETTERS[(right + int(rng.integers(1, 4))) % 4]
-
-    for _ in range(n):
-        right = int(rng.integers(4))
+    def panel(rng: np.random.Generator, right: int, answer: Answer) -> list[str | None]:
         lazy = LETTERS[right] if rng.random() < 0.7 else "A"
-        answers.append([lazy, answer(right, 0.6), answer(right, 0.6)])
-        target.append(LETTERS[right])
-    return answers, target
+        return [lazy, answer(right, 0.6), answer(right, 0.6)]
+
+    return _questions(n, seed, panel)
 
 
 def _accuracy_of(weights: VoteWeights, answers: list[list[str | None]], target: list[str]) -> float:
