@@ -3,8 +3,9 @@
 1. ``moe convert mmlu-pro-outcome`` writes the train and test splits as outcome records (each LLM's recorded
    correctness, and its recorded letter as its answer).
 2. A config puts the 31 LLMs behind the router as replay experts, with an outcome gate choosing a top-5 panel
-   and ``combiner: {strategy: vote, vote_weights: learned}``.
-3. ``moe train`` trains the gate and the vote weights on the train split.
+   and ``combiner: {strategy: vote, vote_weights: learned, vote_answer_bias: true}`` (the answer bias, which
+   ``moe eval --suite mmlu-pro-combine``'s cross-validation chose on these recordings).
+3. ``moe train`` trains the gate and the vote weights (with each model's answer biases) on the train split.
 4. Every test question goes through the orchestrator (``LocalRouter``): the panel votes with the learned
    weights; the same question with ``top1`` shows routing alone; gpt-4o, the best single LLM, is the reference.
 
@@ -42,7 +43,8 @@ def write_config(out: Path, data: Path, models: list[str]) -> Path:
                for m in models]
     config = {"version": 1,
               "gate": {"artifact": "gate", "train_data": ["train.jsonl"], "top_k": {"policy": "fixed", "k": 5}},
-              "combiner": {"strategy": "vote", "extractor": "choice", "vote_weights": "learned"},
+              "combiner": {"strategy": "vote", "extractor": "choice", "vote_weights": "learned",
+                           "vote_answer_bias": True},
               # max_attempts counts the panel: five members, and one more expert if one of them fails.
               "fallback": {"max_attempts": 6}, "feedback": {"enabled": False}, "experts": experts}
     path = out / "router.yaml"

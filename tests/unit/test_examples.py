@@ -20,4 +20,4 @@ def test_learned_vote_example_writes_a_config_the_router_accepts(data_dir: Path,
               "DeepSeek-Coder-V2", "Qwen1.5-72B-Chat"]
     config = load_config(example.write_config(tmp_path, data_dir / "mmlu_pro_outcomes", models), check_env=False)
     assert config.gate.top_k.k == 5 and config.fallback.max_attempts >= config.gate.top_k.k
-    assert config.combiner.vote_weights == "learned"
+    assert config.combiner.vote_weights == "learned" and config.combiner.vote_answer_bias
