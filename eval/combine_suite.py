@@ -173,6 +173,11 @@ class _Data:
         return fit_vote_weights(_answers(self.onehot, rows), [LETTERS[g] for g in self.gold[rows]], self.models,
                                 l2=l2, lengths=lengths, answer_bias_l2=answer_bias_l2)
 
+    def counts(self, rows: np.ndarray, learned: VoteWeights) -> np.ndarray:
+        """``[len(rows), m]`` what each recorded answer of ``rows`` counts for under ``learned``: its expert's
+        weight and, when ``learned`` has them, the length term for its length and the bias of its letter."""
+        return learned.counted(self.chars[rows], answers=_letter_matrix(self.onehot[rows]))
+
 
 def _panels(success: np.ndarray, size: int) -> np.ndarray:
     """``[n, size]`` the routed panels: the experts of highest predicted success, best first."""
@@ -184,19 +189,21 @@ def _vote(onehot: np.ndarray, success: np.ndarray, size: int, scheme: str) -> np
     return panel_letters(onehot, panels, weights_of(np.take_along_axis(success, panels, 1), scheme))
 
 
+def _letter_matrix(onehot: np.ndarray) -> np.ndarray:
+    """``[..., m]`` the recorded letters of ``onehot`` ``[..., m, 10]`` as strings; "" where none was recorded."""
+    return np.where(onehot.max(axis=-1) > 0, np.array(list(LETTERS), dtype=object)[onehot.argmax(axis=-1)], "")
+
+
 def _answers(onehot: np.ndarray, rows: np.ndarray) -> list[list[str | None]]:
     """Each row's recorded letters, one slot per expert (None: no record)."""
-    return [[_letter(onehot[i, j]) or None for j in range(onehot.shape[1])] for i in rows]
+    return [[letter or None for letter in row] for row in _letter_matrix(onehot[rows]).tolist()]
 
 
-def _learned_vote(onehot: np.ndarray, success: np.ndarray, size: int, learned: VoteWeights,
-                  chars: np.ndarray) -> np.ndarray:
-    """The routed panel (top ``size`` by predicted success) voting with ``learned`` weights, each answer
-    counting for its expert's weight and, when ``learned`` has them, the length term for its ``chars`` and the
-    bias of its letter."""
+def _learned_vote(onehot: np.ndarray, success: np.ndarray, size: int, counts: np.ndarray) -> np.ndarray:
+    """The routed panel (top ``size`` by predicted success) voting with learned weights: each answer counts for
+    its entry of ``counts`` (``_Data.counts``)."""
     panels = _panels(success, size)
-    letters = np.where(onehot.max(axis=2) > 0, np.array(list(LETTERS), dtype=object)[onehot.argmax(axis=2)], "")
-    counted = np.take_along_axis(learned.counted(chars, answers=letters), panels, 1)
+    counted = np.take_along_axis(counts, panels, 1)
     # The panel weight (here: predicted success) breaks ties, as in Vote with learned weights.
     return panel_letters(onehot, panels, counted + TIE_BREAK * np.take_along_axis(success, panels, 1))
 
@@ -246,10 +253,10 @@ def _cross_validate(data: _Data, fit: np.ndarray, best: int, seed: int,
     for i, (hold, rest, scorer) in enumerate(held):
         s = scorer.success(hold, chosen["neighbours"], chosen["alpha"], chosen["prior"])
         for l2, length in itertools.product(L2_GRID, (False, True)):
-            weights = data.fit_weights(rest, l2, length)
+            counts = data.counts(hold, data.fit_weights(rest, l2, length))
             for size in PANEL_SIZES:
                 learned.setdefault((length, l2, size), []).append(_accuracy(
-                    _learned_vote(data.onehot[hold], s, size, weights, data.chars[hold]), data.gold[hold]))
+                    _learned_vote(data.onehot[hold], s, size, counts), data.gold[hold]))
         if progress:
             print(f"  cross-validation, fold {i + 1}/{len(folds)}: learned votes fitted and scored", flush=True)
     learned_grid = _mean_grid(learned, ("length_term", "l2", "k"))
@@ -262,10 +269,10 @@ def _cross_validate(data: _Data, fit: np.ndarray, best: int, seed: int,
     for i, (hold, rest, scorer) in enumerate(held):
         s = scorer.success(hold, chosen["neighbours"], chosen["alpha"], chosen["prior"])
         for (name, length), bias_l2 in itertools.product(LEARNED.items(), ANSWER_BIAS_GRID[1:]):
-            weights = data.fit_weights(rest, best_learned[name]["l2"], length, bias_l2)
+            counts = data.counts(hold, data.fit_weights(rest, best_learned[name]["l2"], length, bias_l2))
             for size in PANEL_SIZES:
                 biased.setdefault((name, bias_l2, size), []).append(_accuracy(
-                    _learned_vote(data.onehot[hold], s, size, weights, data.chars[hold]), data.gold[hold]))
+                    _learned_vote(data.onehot[hold], s, size, counts), data.gold[hold]))
         if progress:
             print(f"  cross-validation, fold {i + 1}/{len(folds)}: answer biases fitted and scored", flush=True)
     bias_grid = [{"strategy": name, "answer_bias_l2": None, "k": g["k"], "cv_accuracy": g["cv_accuracy"]}
@@ -378,7 +385,8 @@ def run_mmlu_pro_combine(ctx: SuiteContext) -> dict[str, Any]:
     s_top1 = scorer.success(test, chosen_top1["neighbours"], chosen_top1["alpha"], chosen_top1["prior"])
     oh, g, ch = onehot[test], gold[test], chars[test]
     voted = _vote(oh, s, cv["k"], cv["weights"])
-    learned_voted = {name: _learned_vote(oh, s, chosen[name]["k"], w, ch) for name, w in learned.items()}
+    learned_counts = {name: data.counts(test, w) for name, w in learned.items()}
+    learned_voted = {name: _learned_vote(oh, s, chosen[name]["k"], c) for name, c in learned_counts.items()}
     routed = _letters_of(oh, route_with_margin(s_top1, best, chosen_top1["margin"]))
     single = _letters_of(oh, np.full(len(test), best))
     top3 = np.argsort(-fit_acc, kind="stable")[:3]
@@ -418,8 +426,8 @@ def run_mmlu_pro_combine(ctx: SuiteContext) -> dict[str, Any]:
     by_size = {}
     for size in PANEL_SIZES:
         by_size[f"k={size}"] = {w: _accuracy(_vote(oh, s, size, w), g) for w in WEIGHTS}
-        for name, weights in learned.items():
-            by_size[f"k={size}"][name] = _accuracy(_learned_vote(oh, s, size, weights, ch), g)
+        for name, counts in learned_counts.items():
+            by_size[f"k={size}"][name] = _accuracy(_learned_vote(oh, s, size, counts), g)
     experts = {m: {"accuracy": float(np.nan_to_num(outcomes[test, j]).mean()), "fit_accuracy": fit_acc[j],
                    "recorded_share": float(np.mean(~np.isnan(outcomes[test, j])))} for j, m in enumerate(models)}
     length = learned["learned_length_vote"]

@@ -212,17 +212,17 @@ class Vote(Combiner):
     def key(self, answer: WeightedAnswer) -> str | None:
         return self.extraction(answer.expert, answer.content)
 
-    def counted(self, answer: WeightedAnswer) -> float:
-        """What ``answer`` counts for in the tally."""
+    def counted(self, answer: WeightedAnswer, key: str | None) -> float:
+        """What ``answer``, whose extracted answer is ``key``, counts for in the tally."""
         if self.learned is None:
             return answer.weight
-        learned = self.learned.count_for(answer.expert, len(answer.content), self.key(answer))
+        learned = self.learned.count_for(answer.expert, len(answer.content), key)
         return (self._unlearned if learned is None else learned) + TIE_BREAK * answer.weight
 
     def combine(self, answers: list[WeightedAnswer]) -> Combined:
-        if self.learned is not None:
-            answers = [dataclasses.replace(a, weight=self.counted(a)) for a in answers]
         extracted = {a.expert: self.key(a) for a in answers}
+        if self.learned is not None:
+            answers = [dataclasses.replace(a, weight=self.counted(a, extracted[a.expert])) for a in answers]
         tally: dict[str, float] = {}
         for a in answers:
             key = extracted[a.expert]
