@@ -22,6 +22,9 @@ queries) ranks the experts of the pool, the top ``k`` form the panel, and each m
   counts when it gives one of its favourite letters; ``combiner.vote_answer_bias``), with its penalty, or
   without it, chosen by cross-validation.
 - ``fuse`` needs an aggregator model to write an answer, so it cannot be scored from recordings.
+- ``stacked_reference`` (a reference, never the headline: it calls every pool model): a gradient-boosted
+  classifier over all the pool's recorded answers (``eval.combine_reference``), to show how much room the
+  recordings leave above the served votes.
 
 The panel's size ``k``, the weights and the success model's prior (overall, or the task prior the served
 outcome gate learns from records that name their task: ``router.outcome.TaskPrior``, each MMLU-Pro category's
@@ -44,6 +47,7 @@ from typing import Any
 import numpy as np
 
 from eval import metrics as M
+from eval.combine_reference import stacked_letters
 from eval.outcome import NeighbourOutcomes, route_with_margin
 from eval.report import plot_accuracy_bars
 from eval.routing import FRACTIONS, mmlu_pro_split
@@ -403,8 +407,12 @@ def run_mmlu_pro_combine(ctx: SuiteContext) -> dict[str, Any]:
         if check[name] != 1.0:
             learned_voted[name] = np.full(len(test), -2)  # never silently wrong: the suite scores the combiner
     consensus = voted if check["consensus"] == 1.0 else np.full(len(test), -2)
+    if ctx.progress:
+        print("  reference: a stacked classifier over every pool model's answers", flush=True)
+    stacked = stacked_letters(onehot, chars, gold, fit, test, ctx.seed)
     correct = {"best_single": single == g, "top1": routed == g, "vote": voted == g, "consensus": consensus == g,
-               **{name: letters == g for name, letters in learned_voted.items()}, "fixed_top3_vote": fixed == g}
+               **{name: letters == g for name, letters in learned_voted.items()}, "fixed_top3_vote": fixed == g,
+               "stacked_reference": stacked == g}
     metrics: dict[str, Any] = {f"{k}_accuracy": float(v.mean()) for k, v in correct.items()}
     metrics["oracle_accuracy"] = M.oracle_accuracy(outcomes[test])
     for name in CANDIDATES:
@@ -420,7 +428,9 @@ def run_mmlu_pro_combine(ctx: SuiteContext) -> dict[str, Any]:
     metrics["learned_answer_bias_l2"] = chosen["learned_vote"]["answer_bias_l2"]
     metrics["learned_length_answer_bias_l2"] = chosen["learned_length_vote"]["answer_bias_l2"]
     cis = {f"{k}_accuracy": mean_interval(v.astype(float), ctx.seed) for k, v in correct.items()}
-    for key in CANDIDATES:
+    metrics["stacked_reference_minus_best_single"] = (metrics["stacked_reference_accuracy"]
+                                                      - metrics["best_single_accuracy"])
+    for key in (*CANDIDATES, "stacked_reference"):
         cis[f"{key}_minus_best_single"] = mean_interval(correct[key].astype(float) - correct["best_single"],
                                                         ctx.seed)
     by_size = {}
@@ -458,6 +468,14 @@ def run_mmlu_pro_combine(ctx: SuiteContext) -> dict[str, Any]:
         "headline strategy: the best cross-validated of " + ", ".join(
             f"{k} ({v:.4f})" for k, v in cv_scores.items()) + f": {headline}; the target is judged on it",
         "fuse is not scored: it needs an aggregator model to write each answer, which recordings cannot give",
+        f"stacked_reference (eval.combine_reference; a reference, never the headline): a gradient-boosted "
+        f"classifier trained on train + val over every one of the {len(models)} pool models' answers (which "
+        "models gave each candidate letter, their fit accuracies, their answers' lengths, the letter), so it "
+        "calls every model for every query; it scores "
+        f"{metrics['stacked_reference_accuracy']:.4f} "
+        f"({metrics['stacked_reference_minus_best_single']:+.4f} over the best single model), against "
+        f"{metrics[f'{headline}_accuracy']:.4f} for the headline {headline}: the room the recorded answers leave "
+        "above the served vote",
         "the 'task' prior: the served outcome gate's task prior (router.outcome.TaskPrior, as moe train fits it "
         "from outcome records that name their task): each category's success rates over the fit questions, mixed "
         "for a scored question by an embedding classifier's category probabilities, never its recorded category, "
@@ -490,6 +508,8 @@ def run_mmlu_pro_combine(ctx: SuiteContext) -> dict[str, Any]:
                 {"accuracy": metrics["learned_length_vote_accuracy"]},
             "fixed top-3 vote (three best on train + val)": {"accuracy": metrics["fixed_top3_vote_accuracy"]},
             "fuse (aggregator model)": {"accuracy": None},
+            f"reference: stacked classifier over all {len(models)} models' answers":
+                {"accuracy": metrics["stacked_reference_accuracy"]},
             "oracle (any pool model right)": {"accuracy": metrics["oracle_accuracy"]},
         },
         "experts": experts,

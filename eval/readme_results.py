@@ -162,7 +162,8 @@ def _ci(results: Mapping[str, Any], key: str) -> str:
     return f" [{_f(ci['low'])}, {_f(ci['high'])}]"
 
 
-_REFERENCES = {"best_single_accuracy", "oracle_accuracy", "random_accuracy"}  # not combiner strategies
+# Not combiner strategies: baselines and references (the stacked reference calls every model; a ceiling to read).
+_REFERENCES = {"best_single_accuracy", "oracle_accuracy", "random_accuracy", "stacked_reference_accuracy"}
 
 
 def _strategies(m: Metrics) -> dict[str, float]:
@@ -265,6 +266,8 @@ def _combine_cells(r: Mapping[str, Any]) -> tuple[str, str, str]:
     panels = r.get("setup", {}).get("panel_k")
     head += f"; chosen panel sizes: {', '.join(f'{k} top-{v}' for k, v in panels.items())}" if panels else ""
     base = f"best single on training acc {_f(m.get('best_single_accuracy'))}"
+    if "stacked_reference_accuracy" in m:
+        base += f"; stacked classifier over every model's answer (reference) {_f(m['stacked_reference_accuracy'])}"
     base += f"; oracle {_f(m['oracle_accuracy'])}" if "oracle_accuracy" in m else ""
     return head, base, "—"
 

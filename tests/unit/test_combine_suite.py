@@ -80,8 +80,13 @@ def test_small_real_run(pool: str, data_dir: Path, tmp_path: Path) -> None:
     assert weights and set(weights) <= set(results["experts"]) and all(w > 0 for w in weights.values())
     assert m["pool"] == pool and results["setup"]["experts"] == (31 if pool == "all" else len(SMALL_OPEN))
     worst = min(e["accuracy"] for e in results["experts"].values())
-    for key in ("best_single", "top1", "vote", "consensus", "learned_vote", "learned_length_vote", "fixed_top3_vote"):
+    for key in ("best_single", "top1", "vote", "consensus", "learned_vote", "learned_length_vote", "fixed_top3_vote",
+                "stacked_reference"):
         assert 0.0 <= m[f"{key}_accuracy"] <= m["oracle_accuracy"] <= 1.0
+    # The stacked classifier over every model's answer is a reference: reported, never the headline.
+    assert m["stacked_reference_minus_best_single"] == m["stacked_reference_accuracy"] - m["best_single_accuracy"]
+    assert any(name.startswith("reference: stacked classifier over all") for name in results["systems"])
+    assert any(note.startswith("stacked_reference") for note in results["notes"])
     assert m["vote_accuracy"] >= worst and m["consensus_accuracy"] == m["vote_accuracy"]
     # -2 letters (the served combiner disagreeing with the scored vote) would score 0 here.
     assert m["learned_vote_accuracy"] >= worst and m["learned_length_vote_accuracy"] >= worst

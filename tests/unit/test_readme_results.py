@@ -43,7 +43,7 @@ STRONG_WEAK = {
 COMBINE = {
     "suite": "mmlu-pro-combine", "command": "moe eval --suite mmlu-pro-combine --out y",
     "metrics": {"best_single_accuracy": 0.7260, "top1_accuracy": 0.7317, "vote_accuracy": 0.7701,
-                "oracle_accuracy": 0.9620},
+                "stacked_reference_accuracy": 0.7712, "oracle_accuracy": 0.9620},
     "setup": STAMP,
 }
 README = "# Project\n\nIntro.\n\n## Results\n\n" + START + "\nold table 0.123\n" + END + "\n\n## Tests\n\nMore.\n"
@@ -95,7 +95,10 @@ def test_outcome_strong_weak_and_combine_rows(block: str) -> None:
     ours, base = _row(block, "routellm-mmlu")[1:3]
     assert "APGR **0.664**" in ours and "CPT(50%) 30.6%" in ours and "random APGR 0.487" in base
     ours, base, _peer, target = _row(block, "mmlu-pro-combine")[1:5]
-    assert ours == "vote 0.770, top1 0.732" and base == "best single on training acc 0.726; oracle 0.962"
+    # The stacked reference calls every model: a reference next to the baseline, never a strategy.
+    assert ours == "vote 0.770, top1 0.732" and base == (
+        "best single on training acc 0.726; stacked classifier over every model's answer (reference) 0.771; "
+        "oracle 0.962")
     assert target.endswith("❌")  # the oracle is no strategy
 
 
