@@ -203,9 +203,9 @@ def _unit(r: Mapping[str, Any]) -> str:
     return f" {unit}" if unit else ""
 
 
-def _share(m: Metrics, acc: str, share: str) -> str:
+def _share(m: Metrics, acc: str, share: str, chosen: str = "λ") -> str:
     if _num(m.get(acc)) is None:
-        return "none (no λ qualified on tuning)"
+        return f"none (no {chosen} qualified on tuning)"
     return f"{_f(m.get(acc))} at {_f(m.get(share), 2)} of its cost"
 
 
@@ -224,6 +224,11 @@ def _outcome_cells(r: Mapping[str, Any]) -> tuple[str, str, str]:
                  f"; the best λ within 30% of GPT-4's cost on tuning "
                  f"{_share(m, 'arc_accuracy_within_30pct', 'arc_cost_share_within_30pct')}, with `escalate` "
                  f"{_share(m, 'arc_escalate_accuracy_within_30pct', 'arc_escalate_cost_share_within_30pct')}")
+        if "arc_pair_escalate_accuracy_within_30pct" in m:
+            pair = _share(m, "arc_pair_escalate_accuracy_within_30pct", "arc_pair_escalate_cost_share_within_30pct", "pair")
+            head += (f"; reference, a fixed pair escalating to GPT-4 when they disagree (no gate), the best within "
+                     f"30% on tuning {pair}, the best within 30% on test, with hindsight, "
+                     f"{_f(m.get('arc_pair_escalate_best_on_test_accuracy'))}")
     else:
         if "arc_gpt4_cost_share" in m:
             head += f"; ARC: GPT-4's accuracy at {_f(m['arc_gpt4_cost_share'], 2)} of its cost"

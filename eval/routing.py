@@ -197,6 +197,10 @@ def _match(curve: Sequence[dict[str, float]], ref: dict[str, float], name: str) 
             "point": point, "cost_share": point["cost"] / ref["cost"] if point else None}
 
 
+def _four(value: float | None) -> str:
+    return "none" if value is None else f"{value:.4f}"
+
+
 def _on_test(point: dict[str, float] | None, test_ref: dict[str, float]) -> dict[str, Any]:
     return {"point": point, "accuracy": point["accuracy"] if point else None,
             "cost_share": point["cost"] / test_ref["cost"] if point else None}
@@ -369,7 +373,10 @@ def run_routerbench(ctx: SuiteContext) -> dict[str, Any]:
             "arc_escalate_gpt4_match_accuracy": esc_match["accuracy"],
             "arc_accuracy_within_30pct": within["accuracy"], "arc_cost_share_within_30pct": within["cost_share"],
             "arc_escalate_accuracy_within_30pct": esc_within["accuracy"],
-            "arc_escalate_cost_share_within_30pct": esc_within["cost_share"]})
+            "arc_escalate_cost_share_within_30pct": esc_within["cost_share"],
+            "arc_pair_escalate_accuracy_within_30pct": arc_body["pair_escalate"]["within_budget"]["accuracy"],
+            "arc_pair_escalate_cost_share_within_30pct": arc_body["pair_escalate"]["within_budget"]["cost_share"],
+            "arc_pair_escalate_best_on_test_accuracy": arc_body["pair_escalate"]["best_on_test"]["accuracy"]})
         ctx.notes.append(
             "ARC operating points (GPT-4's accuracy at the least cost; the best accuracy within 30% of GPT-4's "
             "cost), for routing to one expert and for escalate: each λ is chosen on the tuning split's "
@@ -377,6 +384,16 @@ def run_routerbench(ctx: SuiteContext) -> dict[str, Any]:
             "queries as the reference), then applied once to the test split's ARC queries (router refitted on all "
             "of train); the reported accuracy and cost share are that test point's. The curves are the whole test "
             "sweep, for reading")
+        pair = arc_body["pair_escalate"]
+        ctx.notes.append(
+            f"ARC reference, fixed pairs (no gate): for each of the {pair['pairs']} pairs of models other than "
+            "GPT-4, both answer every query and GPT-4 answers where their letters differ (router.combine.Escalate). "
+            "The pair most accurate within 30% of GPT-4's cost on the tuning queries "
+            f"({', '.join(pair['within_budget']['pair'] or ['none'])}) scores "
+            f"{_four(pair['within_budget']['accuracy'])} on test at {_four(pair['within_budget']['cost_share'])} of "
+            f"GPT-4's cost; the most accurate pair within that budget on test itself (chosen with hindsight, for "
+            f"reading: {', '.join(pair['best_on_test']['pair'] or ['none'])}) scores "
+            f"{_four(pair['best_on_test']['accuracy'])}, against GPT-4's {pair['reference_accuracy']:.4f}")
         if ctx.plots:
             ref = arc_body["reference_match"]
             plot_cost_curves(ctx.out / "arc_quality_cost.png",
@@ -417,6 +434,8 @@ def _subset_curve(body: dict[str, Any], o: np.ndarray, c: np.ndarray, models: li
     test = sweep(fit, rows, o, c, texts)
     tuned = sweep(train, tune, outcomes[tune], fill_costs(costs, train)[tune], tune_texts)
     gpt4 = test["gpt4"]
+    pairs = {"test": fixed_pairs(o, c, texts, reference),
+             "tuning": fixed_pairs(outcomes[tune], fill_costs(costs, train)[tune], tune_texts, reference)}
     oracle = M.cheapest_correct_oracle(o, c)
     name = "gpt-4-1106-preview"
     return {"queries": len(o), "tuning_queries": len(tune), "curve": test["curve"],
@@ -427,7 +446,46 @@ def _subset_curve(body: dict[str, Any], o: np.ndarray, c: np.ndarray, models: li
                          "reference_match": chosen_match(tuned["escalate"], tuned["gpt4"], test["escalate_at"],
                                                          gpt4, name),
                          "within_30pct": chosen_within(tuned["escalate"], tuned["gpt4"], test["escalate_at"],
-                                                       gpt4, 0.30)}}
+                                                       gpt4, 0.30)},
+            "pair_escalate": pair_reference(pairs["tuning"], tuned["gpt4"], pairs["test"], gpt4, models, 0.30)}
+
+
+def fixed_pairs(o: np.ndarray, c: np.ndarray, texts: Sequence[Sequence[str]],
+                escalate_to: int) -> list[dict[str, Any]]:
+    """``escalate`` with a fixed panel, no gate: for every pair of models other than ``escalate_to``, both answer
+    every query and ``escalate_to`` answers where they disagree (``escalate_curve`` with that pair as the panel).
+    Returns each pair's ``accuracy`` and mean ``cost``; ``pair`` holds the two models' indices."""
+    n, m = o.shape
+    points = []
+    for a, b in itertools.combinations([j for j in range(m) if j != escalate_to], 2):
+        panel = np.zeros((n, m))
+        panel[:, [a, b]] = 1.0
+        point = escalate_curve(panel, np.zeros((n, m)), texts, o, c, escalate_to, [0.0])[0]
+        points.append({"pair": (a, b), "accuracy": point["accuracy"], "cost": point["cost"]})
+    return points
+
+
+def pair_reference(tuning: Sequence[dict[str, Any]], tune_ref: dict[str, float], test: Sequence[dict[str, Any]],
+                   test_ref: dict[str, float], models: Sequence[str], share: float) -> dict[str, Any]:
+    """A reference for what the recordings allow within ``share`` of the reference model's cost: the fixed pair
+    (``fixed_pairs``) most accurate within that budget on the tuning queries, scored once on test
+    (``within_budget``), and, chosen on test itself and so only for reading, the most accurate pair within the
+    budget there (``best_on_test``)."""
+    def named(point: dict[str, Any] | None, ref: dict[str, float]) -> dict[str, Any]:
+        if point is None:
+            return {"pair": None, "accuracy": None, "cost_share": None}
+        return {"pair": [models[j] for j in point["pair"]], "accuracy": point["accuracy"],
+                "cost_share": point["cost"] / ref["cost"]}
+
+    tuned = best_within(tuning, share * tune_ref["cost"])["point"]
+    on_test = next((p for p in test if tuned is not None and p["pair"] == tuned["pair"]), None)
+    picked = named(on_test, test_ref)
+    kept = None if picked["cost_share"] is None else bool(picked["cost_share"] <= share)
+    return {"pairs": len(test), "budget_share": share, "reference_accuracy": test_ref["accuracy"],
+            "within_budget": {"chosen_on": "tuning", **picked, "within_budget_on_test": kept,
+                              "tuning": named(tuned, tune_ref)},
+            "best_on_test": {"chosen_on": "test", **named(best_within(test, share * test_ref["cost"])["point"],
+                                                            test_ref)}}
 
 
 def best_within(curve: Sequence[dict[str, float]], budget: float) -> dict[str, Any]:

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from eval.outcome import NeighbourOutcomes
-from eval.routing import best_within, escalate_curve
+from eval.routing import best_within, escalate_curve, fixed_pairs, pair_reference
 
 # Experts 0 and 1 are cheap, 2 is the strong one escalated to. Three queries:
 # q0: the cheap two agree on B (right); q1: they split (A vs C), the strong one says C (right);
@@ -47,6 +47,30 @@ def test_lambda_moves_the_panel_by_predicted_cost() -> None:
     quality, frugal = escalate_curve(success, predicted, TEXTS, GRADES, C, escalate_to=2, lambdas=[0.0, 1.0])
     assert quality["cost"] == pytest.approx(11.0)  # panel 2 and 0: the strong expert always answers
     assert frugal["cost"] < quality["cost"]  # panel 0 and 1, escalating only q1
+
+
+def test_fixed_pairs_score_every_pair_of_cheaper_models_escalating_on_disagreement() -> None:
+    # Four models: 0-2 answer, 3 is escalated to. q0: 0 and 1 agree on B (right), 2 says A; q1: 0 says A (wrong),
+    # 1 and 2 say C (right); the escalation target is always right and costs 10.
+    texts = [["B", "(B)", "A", "B"], ["A", "C", "The answer is C", "C"]]
+    grades = np.array([[1.0, 1.0, 0.0, 1.0], [0.0, 1.0, 1.0, 1.0]])
+    costs = np.array([[1.0, 2.0, 3.0, 10.0]] * 2)
+    points = {p["pair"]: p for p in fixed_pairs(grades, costs, texts, escalate_to=3)}
+    assert set(points) == {(0, 1), (0, 2), (1, 2)}  # never a pair with the escalation target
+    assert points[(0, 1)]["accuracy"] == 1.0 and points[(0, 1)]["cost"] == pytest.approx((3 + 13) / 2)
+    assert points[(1, 2)]["accuracy"] == 1.0 and points[(1, 2)]["cost"] == pytest.approx((15 + 5) / 2)
+    assert points[(0, 2)]["cost"] == pytest.approx(14.0)  # they split on both: escalated twice
+
+    reference = {"accuracy": 1.0, "cost": 10.0}
+    chosen = pair_reference(list(points.values()), reference, list(points.values()), reference,
+                            ["a", "b", "c", "gpt"], share=0.9)
+    # Within 9 per query: (0, 1) at 8; (1, 2) at 10 and (0, 2) at 14 are over the budget.
+    assert chosen["within_budget"]["pair"] == ["a", "b"] and chosen["within_budget"]["cost_share"] == 0.8
+    assert chosen["within_budget"]["within_budget_on_test"] is True
+    assert chosen["best_on_test"]["pair"] == ["a", "b"] and chosen["pairs"] == 3
+    none = pair_reference(list(points.values()), reference, list(points.values()), reference,
+                          ["a", "b", "c", "gpt"], share=0.5)
+    assert none["within_budget"]["accuracy"] is None and none["best_on_test"]["pair"] is None
 
 
 def test_best_within_takes_the_most_accurate_point_under_the_budget() -> None:

@@ -102,6 +102,23 @@ def test_outcome_strong_weak_and_combine_rows(block: str) -> None:
     assert target.endswith("❌")  # the oracle is no strategy
 
 
+def test_arc_points_chosen_on_tuning_and_the_fixed_pair_reference(tmp_path: Path) -> None:
+    arc = {"arc_operating_points_chosen_on": "tuning", "arc_gpt4_accuracy": 0.9573, "arc_gpt4_cost_share": 1.0,
+           "arc_gpt4_match_accuracy": 0.9573, "arc_escalate_gpt4_cost_share": None,
+           "arc_escalate_gpt4_match_accuracy": None, "arc_accuracy_within_30pct": 0.9161,
+           "arc_cost_share_within_30pct": 0.08, "arc_escalate_accuracy_within_30pct": None,
+           "arc_escalate_cost_share_within_30pct": None, "arc_pair_escalate_accuracy_within_30pct": 0.9601,
+           "arc_pair_escalate_cost_share_within_30pct": 0.271, "arc_pair_escalate_best_on_test_accuracy": 0.9371}
+    _write(tmp_path, {**OUTCOME, "metrics": {**OUTCOME["metrics"], **arc}})
+    ours, _base, _peer, target = _row(render_block(load_results(tmp_path, ["routerbench"])), "routerbench")[1:5]
+    assert "the best λ within 30% of GPT-4's cost on tuning 0.916 at 0.08 of its cost" in ours
+    assert "with `escalate` none (no λ qualified on tuning)" in ours
+    # The fixed pair is a reference, shown but never judged: here it beats GPT-4 within 30%, the gate does not.
+    assert ("a fixed pair escalating to GPT-4 when they disagree (no gate), the best within 30% on tuning 0.960 at "
+            "0.27 of its cost, the best within 30% on test, with hindsight, 0.937") in ours
+    assert target.endswith("❌")
+
+
 def test_combine_target_is_judged_on_the_strategy_chosen_on_validation() -> None:
     from eval.readme_results import TARGETS
 

@@ -175,6 +175,13 @@ def test_real_run_matches_the_routerbench_gate(data_dir: Path, tmp_path: Path) -
     assert m["top1_cost"] == pytest.approx(gate["metrics"]["routed_cost"])
     assert m["best_single_accuracy"] == pytest.approx(gate["metrics"]["best_single_accuracy"])
     assert all(results["setup"][k] == gate["setup"][k] for k in ("train", "val", "test"))
+    # The ARC reference: every pair of the ten models other than GPT-4, escalating to it when they disagree.
+    pair = gate["arc_challenge"]["pair_escalate"]
+    assert pair["pairs"] == 45 and pair["budget_share"] == 0.3
+    assert gate["metrics"]["arc_pair_escalate_accuracy_within_30pct"] == pair["within_budget"]["accuracy"]
+    hindsight = pair["best_on_test"]
+    assert hindsight["accuracy"] is None or hindsight["cost_share"] <= 0.3
+    assert any(note.startswith("ARC reference, fixed pairs") for note in gate["notes"])
     assert results["figures"] == ["accuracy.png", "accuracy_cost.png"]
     for name in results["figures"]:
         data = (out / name).read_bytes()
