@@ -225,7 +225,8 @@ def _outcome_cells(r: Mapping[str, Any]) -> tuple[str, str, str]:
                  f"{_share(m, 'arc_accuracy_within_30pct', 'arc_cost_share_within_30pct')}, with `escalate` "
                  f"{_share(m, 'arc_escalate_accuracy_within_30pct', 'arc_escalate_cost_share_within_30pct')}")
         if "arc_pair_escalate_accuracy_within_30pct" in m:
-            pair = _share(m, "arc_pair_escalate_accuracy_within_30pct", "arc_pair_escalate_cost_share_within_30pct", "pair")
+            pair = _share(m, "arc_pair_escalate_accuracy_within_30pct", "arc_pair_escalate_cost_share_within_30pct",
+                          chosen="pair")
             head += (f"; reference, a fixed pair escalating to GPT-4 when they disagree (no gate), the best within "
                      f"30% on tuning {pair}, the best within 30% on test, with hindsight, "
                      f"{_f(m.get('arc_pair_escalate_best_on_test_accuracy'))}")
