@@ -5,7 +5,9 @@
 2. A config puts the 31 LLMs behind the router as replay experts, with an outcome gate choosing a top-5 panel
    and ``combiner: {strategy: vote, vote_weights: learned, vote_answer_bias: true}`` (the answer bias, which
    ``moe eval --suite mmlu-pro-combine``'s cross-validation chose on these recordings).
-3. ``moe train`` trains the gate and the vote weights (with each model's answer biases) on the train split.
+3. ``moe train`` trains the gate and the vote weights (with each model's answer biases) on the train split,
+   choosing both L2 penalties by 5-fold cross-validation over its records (``vote_l2: cv`` and
+   ``vote_answer_bias_l2: cv``, the defaults).
 4. Every test question goes through the orchestrator (``LocalRouter``): the panel votes with the learned
    weights; the same question with ``top1`` shows routing alone; gpt-4o, the best single LLM, is the reference.
 

@@ -12,7 +12,7 @@ import os
 import re
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -295,8 +295,16 @@ class CombinerConfig(_Strict):
     # With learned vote weights: also learn, for each answer an expert gives often (a favourite letter), how much
     # more or less it counts when the expert gives that answer (``router.vote_weights``'s answer bias). Off by
     # default: on few records, or records whose right answers lean to some letters by accident, the bias can
-    # outvote a clear majority; turn it on when cross-validation on your records says it helps.
+    # outvote a clear majority. With ``vote_answer_bias_l2: cv`` cross-validation on your records decides whether
+    # it is kept.
     vote_answer_bias: bool = False
+    # With learned vote weights: the weights' L2 penalty, or ``cv``: chosen by ``moe train`` by 5-fold
+    # cross-validation over the training records (``router.vote_weights.cross_validate``: the held-out records'
+    # vote accuracy, among 1, 10, 30, 100 and 300; with fewer than 50 records that can teach, 10).
+    vote_l2: Annotated[float, Field(gt=0, allow_inf_nan=False)] | Literal["cv"] = "cv"
+    # With the answer bias: its L2 penalty, or ``cv``: chosen the same way among 30, 100 and 300, where no bias at
+    # all can win too (then the weights are fitted without one); with too few records, 100.
+    vote_answer_bias_l2: Annotated[float, Field(gt=0, allow_inf_nan=False)] | Literal["cv"] = "cv"
 
 
 class BreakerConfig(_Strict):

@@ -225,10 +225,11 @@ def _learned_vote_weights(config: RouterConfig, data: TrainingData, *, progress:
         raise ValueError("combiner.vote_weights is 'learned', which needs outcome records with 'answers' in "
                          "gate.train_data; the training data here is labelled queries")
     from router.combine import EXTRACTORS
-    from router.vote_weights import ANSWER_BIAS_L2, fit_from_records
+    from router.vote_weights import fit_from_records
 
     own = {e.name: EXTRACTORS[e.extractor] for e in config.experts if e.extractor is not None}
-    return fit_from_records(data.records, config.expert_names, EXTRACTORS[config.combiner.extractor],
-                            length_term=config.combiner.vote_length,
-                            answer_bias_l2=ANSWER_BIAS_L2 if config.combiner.vote_answer_bias else None,
+    combiner = config.combiner
+    return fit_from_records(data.records, config.expert_names, EXTRACTORS[combiner.extractor], l2=combiner.vote_l2,
+                            length_term=combiner.vote_length,
+                            answer_bias_l2=combiner.vote_answer_bias_l2 if combiner.vote_answer_bias else None,
                             progress=progress, per_expert=own)

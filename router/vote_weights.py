@@ -38,15 +38,16 @@ import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
 if TYPE_CHECKING:
     from router.outcome import OutcomeRecord
 
-__all__ = ["ANSWER_BIAS_L2", "BIAS_MIN_ANSWERS", "FILE_NAME", "LENGTH_CLIP", "VoteWeights", "fit_from_records",
-           "fit_vote_weights", "length_feature"]
+__all__ = ["ANSWER_BIAS_GRID", "ANSWER_BIAS_L2", "BIAS_MIN_ANSWERS", "CV_FOLDS", "CV_MIN_RECORDS", "FILE_NAME",
+           "L2_GRID", "LENGTH_CLIP", "VoteWeights", "cross_validate", "fit_from_records", "fit_vote_weights",
+           "length_feature", "vote_accuracy"]
 
 FILE_NAME = "vote_weights.json"
 # 2 added the length term, 3 the answer bias. A file without biases is written as format 2, so code from before
@@ -54,7 +55,14 @@ FILE_NAME = "vote_weights.json"
 _FORMAT = 3
 _READABLE = (1, 2, 3)
 BIAS_MIN_ANSWERS = 20  # an expert's answer gets a bias once the expert gave it this often in training
-ANSWER_BIAS_L2 = 100.0  # the answer bias's penalty when ``moe train`` fits it (``combiner.vote_answer_bias``)
+ANSWER_BIAS_L2 = 100.0  # the answer bias's penalty where too few records are there to choose it by cross-validation
+DEFAULT_L2 = 10.0  # the weights' penalty likewise
+# What cross-validation chooses among (``combiner.vote_l2: cv``, ``combiner.vote_answer_bias_l2: cv``); for the
+# answer bias, no bias at all is a choice too.
+L2_GRID = (1.0, 10.0, 30.0, 100.0, 300.0)
+ANSWER_BIAS_GRID = (30.0, 100.0, 300.0)
+CV_FOLDS = 5
+CV_MIN_RECORDS = 50  # fewer records that can teach: no cross-validation, the defaults above
 LENGTH_CLIP = 3.0  # the length feature's bound: answers 20x longer or shorter than the median count as 20x
 
 
@@ -308,17 +316,92 @@ def fit_vote_weights(answers: Sequence[Sequence[str | None]], target: Sequence[s
                        length_coef=float(result.x[m]), median_chars=medians, answer_bias=answer_bias)
 
 
+def vote_accuracy(weights: VoteWeights, answers: Sequence[Sequence[str | None]], target: Sequence[str | None],
+                  lengths: Sequence[Sequence[float | None]] | None = None) -> tuple[int, int]:
+    """How many records the weighted vote over *all* their answers gets right, out of how many could be (their
+    right answer among their answers): ``(right, scored)``. Each answer counts for what ``weights`` say for its
+    expert, its length (``lengths``; None: no length) and the answer; a tie goes to the answer given first."""
+    m = len(weights.experts)
+    choice, mask, y, kept = _candidates(answers, target, m)
+    if not len(y):
+        return 0, 0
+    chars = (np.full(choice.shape, np.nan) if lengths is None else np.array(
+        [[np.nan if v is None else float(v) for v in lengths[i]] for i in kept], dtype=float))
+    given = np.array([["" if a is None else a for a in answers[i]] for i in kept], dtype=object)
+    counts = weights.counted(chars, answers=given)
+    rows, cols = np.nonzero(choice >= 0)
+    tally = np.zeros(mask.shape)
+    np.add.at(tally, (rows, choice[rows, cols]), counts[rows, cols])
+    return int(np.sum(np.where(mask, tally, -np.inf).argmax(axis=1) == y)), len(y)
+
+
+def cross_validate(answers: Sequence[Sequence[str | None]], target: Sequence[str | None], experts: Sequence[str],
+                   *, lengths: Sequence[Sequence[float | None]] | None = None, l2: float | None = None,
+                   answer_bias: bool = False, answer_bias_l2: float | None = None, folds: int = CV_FOLDS,
+                   seed: int = 0, progress: bool = False) -> dict[str, Any]:
+    """The penalties for ``fit_vote_weights`` chosen by ``folds``-fold cross-validation over the records that can
+    teach (their right answer among their answers): first the weights' L2 among ``L2_GRID`` (unless ``l2`` is
+    given), then, with ``answer_bias``, the answer bias's among no bias and ``ANSWER_BIAS_GRID`` (unless
+    ``answer_bias_l2`` is given), each by the held-out records' ``vote_accuracy``. A tie keeps the heavier
+    penalty, and no bias over any. With fewer than ``CV_MIN_RECORDS`` such records nothing is cross-validated:
+    the defaults (``DEFAULT_L2``, ``ANSWER_BIAS_L2``) stand. Returns ``l2``, ``answer_bias_l2`` (None: no bias)
+    and what was scored (``grid``: each setting's held-out accuracy)."""
+    *_, kept = _candidates(answers, target, len(experts))
+    chosen: dict[str, Any] = {"l2": DEFAULT_L2 if l2 is None else l2,
+                              "answer_bias_l2": (ANSWER_BIAS_L2 if answer_bias_l2 is None else answer_bias_l2)
+                              if answer_bias else None,
+                              "folds": folds, "records": len(kept), "grid": []}
+    if len(kept) < max(CV_MIN_RECORDS, folds) or (l2 is not None and (not answer_bias or answer_bias_l2 is not None)):
+        chosen["folds"] = 0
+        return chosen
+    parts = np.array_split(np.random.default_rng(seed).permutation(kept), folds)
+
+    def score(weight_l2: float, bias_l2: float | None) -> float:
+        right = total = 0
+        for hold in parts:
+            held = set(hold.tolist())
+            rest = [i for i in range(len(answers)) if i not in held]
+            fitted = fit_vote_weights([answers[i] for i in rest], [target[i] for i in rest], experts, l2=weight_l2,
+                                      lengths=None if lengths is None else [lengths[i] for i in rest],
+                                      answer_bias_l2=bias_l2)
+            r, t = vote_accuracy(fitted, [answers[i] for i in hold], [target[i] for i in hold],
+                                 None if lengths is None else [lengths[i] for i in hold])
+            right, total = right + r, total + t
+        accuracy = right / total
+        chosen["grid"].append({"l2": weight_l2, "answer_bias_l2": bias_l2, "accuracy": accuracy})
+        if progress:
+            bias = "none" if bias_l2 is None else f"{bias_l2:g}"
+            print(f"  vote weights, {folds}-fold cross-validation: L2 {weight_l2:g}, answer bias {bias}: held-out "
+                  f"accuracy {accuracy:.4f}", flush=True)
+        return accuracy
+
+    def scored(weight_l2: float, bias_l2: float | None) -> float:
+        done = [g["accuracy"] for g in chosen["grid"] if (g["l2"], g["answer_bias_l2"]) == (weight_l2, bias_l2)]
+        return done[0] if done else score(weight_l2, bias_l2)
+
+    # max() keeps the first of equals: heaviest penalty first, and no bias before any.
+    if l2 is None:
+        chosen["l2"] = max(sorted(L2_GRID, reverse=True), key=lambda v: scored(v, None))
+    if answer_bias and answer_bias_l2 is None:
+        options: list[float | None] = [None, *sorted(ANSWER_BIAS_GRID, reverse=True)]
+        chosen["answer_bias_l2"] = max(options, key=lambda o: scored(chosen["l2"], o))
+    return chosen
+
+
 def fit_from_records(records: Sequence[OutcomeRecord], experts: Sequence[str],
-                     extract: Callable[[str], str | None], *, l2: float = 10.0, length_term: bool = True,
-                     answer_bias_l2: float | None = None, progress: bool = False,
-                     per_expert: Mapping[str, Callable[[str], str | None]] | None = None) -> VoteWeights:
+                     extract: Callable[[str], str | None], *, l2: float | Literal["cv"] = DEFAULT_L2,
+                     length_term: bool = True, answer_bias_l2: float | Literal["cv"] | None = None,
+                     progress: bool = False, per_expert: Mapping[str, Callable[[str], str | None]] | None = None,
+                     seed: int = 0) -> VoteWeights:
     """Vote weights from outcome records that carry ``answers``. Each answer's final answer is read with
     ``extract`` (the combiner's extractor), or its expert's own in ``per_expert`` (``experts[].extractor``), as
     the vote will read it; a record's right answer is the one its successful experts (outcome
     at least 0.5) gave, and a record whose successful experts disagree, or that has none, teaches nothing.
     ``length_term``: fit the length term on the answers' lengths too; ``answer_bias_l2``: fit the answer bias
-    with this penalty (None: no answer bias). Raises ``ValueError`` naming what is
-    missing when no record carries answers."""
+    with this penalty (None: no answer bias). ``"cv"`` for either penalty: choose it by cross-validation over the
+    records (``cross_validate``, seeded by ``seed``; for the answer bias, no bias can win), recorded in the
+    weights' ``metrics["cross_validation"]``. Raises ``ValueError`` naming what is missing when no record
+    carries answers."""
     with_answers = [r for r in records if r.answers]
     if not with_answers:
         raise ValueError("learned vote weights need outcome records that carry 'answers' (expert -> answer "
@@ -332,9 +415,19 @@ def fit_from_records(records: Sequence[OutcomeRecord], experts: Sequence[str],
         right = {a for e, a in zip(experts, row, strict=True) if a is not None and rec.outcomes.get(e, 0.0) >= 0.5}
         answers.append(row)
         target.append(next(iter(right)) if len(right) == 1 else None)
+    fit_lengths = lengths if length_term else None
+    cv = None
+    if l2 == "cv" or answer_bias_l2 == "cv":
+        cv = cross_validate(answers, target, experts, lengths=fit_lengths, l2=None if l2 == "cv" else l2,
+                            answer_bias=answer_bias_l2 is not None,
+                            answer_bias_l2=None if answer_bias_l2 is None or answer_bias_l2 == "cv"
+                            else float(answer_bias_l2), seed=seed, progress=progress)
+        l2, answer_bias_l2 = cv["l2"], cv["answer_bias_l2"]
+    assert l2 != "cv" and answer_bias_l2 != "cv"
     if progress:
         print(f"fitting vote weights on {len(with_answers)} records with answers", flush=True)
-    weights = fit_vote_weights(answers, target, experts, l2=l2, lengths=lengths if length_term else None,
-                               answer_bias_l2=answer_bias_l2)
+    weights = fit_vote_weights(answers, target, experts, l2=l2, lengths=fit_lengths, answer_bias_l2=answer_bias_l2)
     weights.metrics["records_with_answers"] = len(with_answers)
+    if cv is not None:
+        weights.metrics["cross_validation"] = cv
     return weights

@@ -13,9 +13,20 @@ import pytest
 
 from router.build import VoteWeightsNotTrained, build_orchestrator, load_vote_weights
 from router.combine import Vote, WeightedAnswer, extract_choice, extract_number
-from router.config import RouterConfig, parse_config
+from router.config import ConfigError, RouterConfig, parse_config
 from router.outcome import OutcomeRecord, load_outcome_jsonl
-from router.vote_weights import FILE_NAME, VoteWeights, fit_from_records, fit_vote_weights
+from router.vote_weights import (
+    ANSWER_BIAS_GRID,
+    CV_FOLDS,
+    CV_MIN_RECORDS,
+    FILE_NAME,
+    L2_GRID,
+    VoteWeights,
+    cross_validate,
+    fit_from_records,
+    fit_vote_weights,
+    vote_accuracy,
+)
 
 LETTERS = "ABCD"
 EXPERTS = ["solo", "twin-1", "twin-2"]
@@ -395,3 +406,63 @@ def test_moe_train_fits_the_answer_bias_when_the_config_asks(tmp_path: Path) -> 
     combiner = build_orchestrator(config(vote_answer_bias=True)).combiner
     assert isinstance(combiner, Vote) and combiner.learned is not None
     assert combiner.learned.answer_bias == biased.answer_bias
+
+
+# ---------------------------------------------------------------- penalties chosen by cross-validation
+
+
+def test_vote_accuracy_counts_the_weighted_vote_over_every_answer() -> None:
+    weights = VoteWeights(experts=("a", "b", "c"), weights=np.array([1.0, 0.4, 0.4]))
+    answers: list[list[str | None]] = [["A", "B", "B"], ["A", "A", None], ["C", "B", "B"], ["D", "D", "D"]]
+    # Record 0: a's A (1.0) beats B (0.4 + 0.4), right; record 1: right; record 2: B's 0.8 loses to a's C, wrong;
+    # record 3: its right answer is not among its answers, so it is not scored.
+    assert vote_accuracy(weights, answers, ["A", "A", "B", "C"]) == (2, 3)
+    heavier = VoteWeights(experts=("a", "b", "c"), weights=np.array([1.0, 0.6, 0.6]))
+    assert vote_accuracy(heavier, answers, ["A", "A", "B", "C"]) == (2, 3)  # now record 0 is lost, 2 is won
+    biased = VoteWeights(experts=("a", "b", "c"), weights=np.array([1.0, 0.4, 0.4]), answer_bias={"a": {"C": -0.9}})
+    assert vote_accuracy(biased, answers, ["A", "A", "B", "C"]) == (3, 3)
+
+
+def test_cross_validation_keeps_a_bias_the_records_support_and_drops_one_they_do_not() -> None:
+    answers, target = _favourite(1500, seed=21)
+    cv = cross_validate(answers, target, BIASED, answer_bias=True)
+    assert cv["folds"] == CV_FOLDS and cv["records"] == sum(t in row for row, t in zip(answers, target, strict=True))
+    grid = {(g["l2"], g["answer_bias_l2"]): g["accuracy"] for g in cv["grid"]}
+    assert {l2 for l2, bias in grid if bias is None} == set(L2_GRID)
+    assert {bias for l2, bias in grid if l2 == cv["l2"]} == {None, *ANSWER_BIAS_GRID}
+    assert cv["l2"] in L2_GRID and cv["answer_bias_l2"] in ANSWER_BIAS_GRID  # lazy's "A" is worth learning
+    assert grid[(cv["l2"], cv["answer_bias_l2"])] > grid[(cv["l2"], None)] + 0.03
+    # Experts with no favourite: no bias wins (or ties, and the tie keeps none).
+    plain, plain_target = _copies(1500, seed=22)
+    assert cross_validate(plain, plain_target, EXPERTS, answer_bias=True)["answer_bias_l2"] is None
+
+
+def test_cross_validation_needs_enough_records_and_fixed_penalties_skip_it() -> None:
+    answers, target = _favourite(40, seed=23)
+    few = cross_validate(answers, target, BIASED, answer_bias=True)
+    assert few == {"l2": 10.0, "answer_bias_l2": 100.0, "folds": 0, "records": few["records"], "grid": []}
+    assert few["records"] < CV_MIN_RECORDS
+    answers, target = _favourite(600, seed=24)
+    fixed = cross_validate(answers, target, BIASED, l2=3.0, answer_bias=True, answer_bias_l2=7.0)
+    assert (fixed["l2"], fixed["answer_bias_l2"], fixed["folds"], fixed["grid"]) == (3.0, 7.0, 0, [])
+    only_bias = cross_validate(answers, target, BIASED, l2=3.0, answer_bias=True)
+    assert {g["l2"] for g in only_bias["grid"]} == {3.0} and len(only_bias["grid"]) == 1 + len(ANSWER_BIAS_GRID)
+
+
+def test_moe_train_chooses_the_penalties_by_cross_validation(tmp_path: Path) -> None:
+    from router.train import train_from_config
+
+    _outcome_file(tmp_path / "o.jsonl", 600)
+    train_from_config(_config(tmp_path, ["o.jsonl"], vote_weights="learned"), progress=False)
+    weights = load_vote_weights(_config(tmp_path, ["o.jsonl"], vote_weights="learned"))
+    assert weights is not None
+    cv = weights.metrics["cross_validation"]
+    assert cv["folds"] == CV_FOLDS and weights.metrics["l2"] == cv["l2"] in L2_GRID
+    assert [g["l2"] for g in cv["grid"]] == sorted(L2_GRID, reverse=True) and cv["answer_bias_l2"] is None
+    fixed = _config(tmp_path, ["o.jsonl"], vote_weights="learned", vote_l2=2.5)
+    train_from_config(fixed, progress=False)
+    weights = load_vote_weights(fixed)
+    assert weights is not None and weights.metrics["l2"] == 2.5 and "cross_validation" not in weights.metrics
+    for bad in (0, -1, "auto", float("nan")):
+        with pytest.raises(ConfigError, match="vote_l2"):
+            _config(tmp_path, ["o.jsonl"], vote_weights="learned", vote_l2=bad)
