@@ -416,17 +416,18 @@ def fit_from_records(records: Sequence[OutcomeRecord], experts: Sequence[str],
         answers.append(row)
         target.append(next(iter(right)) if len(right) == 1 else None)
     fit_lengths = lengths if length_term else None
+    fixed_l2 = None if l2 == "cv" else float(l2)
+    fixed_bias = None if answer_bias_l2 is None or answer_bias_l2 == "cv" else float(answer_bias_l2)
     cv = None
-    if l2 == "cv" or answer_bias_l2 == "cv":
-        cv = cross_validate(answers, target, experts, lengths=fit_lengths, l2=None if l2 == "cv" else l2,
-                            answer_bias=answer_bias_l2 is not None,
-                            answer_bias_l2=None if answer_bias_l2 is None or answer_bias_l2 == "cv"
-                            else float(answer_bias_l2), seed=seed, progress=progress)
-        l2, answer_bias_l2 = cv["l2"], cv["answer_bias_l2"]
-    assert l2 != "cv" and answer_bias_l2 != "cv"
+    if fixed_l2 is None or answer_bias_l2 == "cv":
+        cv = cross_validate(answers, target, experts, lengths=fit_lengths, l2=fixed_l2,
+                            answer_bias=answer_bias_l2 is not None, answer_bias_l2=fixed_bias, seed=seed,
+                            progress=progress)
+        fixed_l2, fixed_bias = cv["l2"], cv["answer_bias_l2"]
     if progress:
         print(f"fitting vote weights on {len(with_answers)} records with answers", flush=True)
-    weights = fit_vote_weights(answers, target, experts, l2=l2, lengths=fit_lengths, answer_bias_l2=answer_bias_l2)
+    weights = fit_vote_weights(answers, target, experts, l2=float(fixed_l2), lengths=fit_lengths,
+                               answer_bias_l2=fixed_bias)
     weights.metrics["records_with_answers"] = len(with_answers)
     if cv is not None:
         weights.metrics["cross_validation"] = cv
