@@ -11,7 +11,7 @@
 4. Every test question goes through the orchestrator (``LocalRouter``): the panel votes with the learned
    weights; the same question with ``top1`` shows routing alone; gpt-4o, the best single LLM, is the reference.
 
-Run from the repository root, with ``../shared/data`` beside it (about 12 minutes on 2 cores, most of it
+Run from the repository root, with ``../shared/data`` beside it (about 8 minutes on 2 cores, most of it
 embedding the training questions)::
 
     .venv/bin/python examples/learned_vote_mmlu_pro.py --out out/learned-vote
