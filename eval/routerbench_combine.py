@@ -50,6 +50,7 @@ import numpy as np
 
 from eval import metrics as M
 from eval.combine_suite import (
+    ANSWER_BIAS_GRID,
     L2_GRID,
     LEARNED,
     PANEL_SIZES,
@@ -205,34 +206,51 @@ def _tune(x: np.ndarray, outcomes: np.ndarray, train: np.ndarray, val: np.ndarra
 
 
 def fit_learned(rows: Sequence[Any], models: Sequence[str], which: np.ndarray, outcomes: np.ndarray, l2: float,
-                length: bool) -> VoteWeights:
+                length: bool, answer_bias_l2: float | None = None) -> VoteWeights:
     """Learned vote weights from the recorded responses of ``which`` rows whose task has a choice letter, as
     ``moe train`` fits them from outcome records with answers (a row's right letter: the one its correct
-    models gave)."""
+    models gave), with the answer bias at ``answer_bias_l2`` (None: none)."""
     records = [OutcomeRecord(rows[i].prompt,
                              {m: float(outcomes[i, j]) for j, m in enumerate(models) if not np.isnan(outcomes[i, j])},
                              {}, {m: rows[i].answers[m].response for j, m in enumerate(models)
                                   if not np.isnan(outcomes[i, j])})
                for i in which if answer_format(rows[i].task)[0] == "choice"]
-    return fit_from_records(records, models, extract_choice, l2=l2, length_term=length)
+    return fit_from_records(records, models, extract_choice, l2=l2, length_term=length,
+                            answer_bias_l2=answer_bias_l2)
 
 
 def _tune_learned(rows: Sequence[Any], models: Sequence[str], train: np.ndarray, outcomes: np.ndarray,
                   rec: Recorded, success: np.ndarray, sizes: Sequence[int]) -> tuple[dict[str, Any], list[Any]]:
-    """Per learned strategy, the best validation (L2, panel size) with weights fitted on ``train``; ``success``
-    is the vote's success model on the validation rows of ``rec``."""
+    """Per learned strategy, the best validation (L2, panel size) with weights fitted on ``train``, then the answer
+    bias's penalty (or none) on top of that L2, as ``mmlu-pro-combine`` chooses it; ``success`` is the vote's
+    success model on the validation rows of ``rec``."""
     grid: list[dict[str, Any]] = []
-    for (name, length), l2 in itertools.product(LEARNED.items(), L2_GRID):
-        vote = combiners_for("vote", rec.tasks, learned=fit_learned(rows, models, train, outcomes, l2, length))
+
+    def score(name: str, l2: float, length: bool, bias_l2: float | None) -> None:
+        vote = combiners_for("vote", rec.tasks,
+                             learned=fit_learned(rows, models, train, outcomes, l2, length, bias_l2))
         for size in sizes:
             panels = rank_panels(success, size)
             correct, cost = combine_panels(rec, panels, np.take_along_axis(success, panels, 1), vote)
-            grid.append({"strategy": name, "l2": l2, "k": size, "val_accuracy": float(correct.mean()),
-                         "val_cost": float(cost.mean())})
+            grid.append({"strategy": name, "l2": l2, "answer_bias_l2": bias_l2, "k": size,
+                         "val_accuracy": float(correct.mean()), "val_cost": float(cost.mean())})
+
+    for (name, length), l2 in itertools.product(LEARNED.items(), L2_GRID):
+        score(name, l2, length, None)
     chosen = {name: max((g for g in grid if g["strategy"] == name),
                         key=lambda g: (round(g["val_accuracy"], 12), -g["k"], -g["val_cost"], g["l2"]))
               for name in LEARNED}
-    return chosen, grid
+    for (name, length), bias_l2 in itertools.product(LEARNED.items(), ANSWER_BIAS_GRID[1:]):
+        score(name, chosen[name]["l2"], length, bias_l2)
+    # Ties keep no bias (the simpler model), then the smaller panel, the cheaper, the heavier penalty.
+    return {name: max((g for g in grid if g["strategy"] == name and g["l2"] == chosen[name]["l2"]),
+                      key=lambda g: (round(g["val_accuracy"], 12), g["answer_bias_l2"] is None, -g["k"],
+                                     -g["val_cost"], g["answer_bias_l2"] or 0.0))
+            for name in LEARNED}, grid
+
+
+def _penalty(value: float | None) -> str:
+    return "none" if value is None else f"{value:g}"
 
 
 def _recorded(rows: Sequence[Any], models: Sequence[str], which: np.ndarray, outcomes: np.ndarray,
@@ -273,7 +291,8 @@ def run_routerbench_combine(ctx: SuiteContext) -> dict[str, Any]:
     s_val = tune_model.success(tune_model.neighbours(x[val], chosen["neighbours"]), chosen["alpha"])
     chosen_learned, learned_grid = _tune_learned(rows, models, train, outcomes, rec_val, s_val, sizes)
     fit = np.r_[train, val]
-    learned = {name: fit_learned(rows, models, fit, outcomes, chosen_learned[name]["l2"], length)
+    learned = {name: fit_learned(rows, models, fit, outcomes, chosen_learned[name]["l2"], length,
+                                 chosen_learned[name]["answer_bias_l2"])
                for name, length in LEARNED.items()}
     model = NeighbourOutcomes(x[fit], outcomes[fit])
     ids = model.neighbours(x[test], max(K_GRID))
@@ -332,9 +351,9 @@ def run_routerbench_combine(ctx: SuiteContext) -> dict[str, Any]:
     ctx.notes.append(
         f"learned votes: weights fitted as moe train fits them on the train responses of the letter tasks "
         f"({fitted.metrics['records_used']} of {fitted.metrics['records']} taught the fit), L2 and panel size "
-        f"chosen on the tuning split (learned_vote: L2 {chosen_learned['learned_vote']['l2']:g}, top-"
-        f"{chosen_learned['learned_vote']['k']}; learned_length_vote: L2 "
-        f"{chosen_learned['learned_length_vote']['l2']:g}, top-{chosen_learned['learned_length_vote']['k']}), "
+        "chosen on the tuning split, then the answer bias's penalty or none on top of that L2 (" + "; ".join(
+            f"{n}: L2 {chosen_learned[n]['l2']:g}, answer bias {_penalty(chosen_learned[n]['answer_bias_l2'])}, "
+            f"top-{chosen_learned[n]['k']}" for n in LEARNED) + "), "
         f"refitted on train + tuning; the length term is fitted at {fitted.length_coef:+.3f} per unit of "
         "log(response chars / the model's median); MBPP keeps the panel's top answer")
     body: dict[str, Any] = {

@@ -142,6 +142,11 @@ def test_hand_built_folder(bench: Path, tmp_path: Path) -> None:
     # Every response is "['X']", one length, so the length term learns nothing.
     for name in ("learned_vote", "learned_length_vote"):
         assert m[f"{name}_accuracy"] == 1.0 and results["setup"]["chosen_learned"][name]["k"] == 3
+    # The answer bias's penalty, or none, is tuned on top of each learned vote's L2, as in mmlu-pro-combine.
+    biases = {(g["strategy"], g["answer_bias_l2"]) for g in results["learned_tuning_grid"]}
+    assert biases == {(n, b) for n in ("learned_vote", "learned_length_vote") for b in (None, 30.0, 100.0, 300.0)}
+    assert all(results["setup"]["chosen_learned"][n]["answer_bias_l2"] in (None, 30.0, 100.0, 300.0)
+               for n in ("learned_vote", "learned_length_vote"))
     assert results["setup"]["length_coef"] == pytest.approx(0.0, abs=1e-9)
     assert results["tasks"]["winograde"]["queries"] == 6 and results["tasks"]["winograde"]["answers"] == "choice"
     assert not list(out.glob("*.png")) and "figures" not in results  # plots=False, as --no-plots gives
