@@ -463,6 +463,7 @@ def test_moe_train_chooses_the_penalties_by_cross_validation(tmp_path: Path) -> 
     train_from_config(fixed, progress=False)
     weights = load_vote_weights(fixed)
     assert weights is not None and weights.metrics["l2"] == 2.5 and "cross_validation" not in weights.metrics
-    for bad in (0, -1, "auto", float("nan")):
-        with pytest.raises(ConfigError, match="vote_l2"):
-            _config(tmp_path, ["o.jsonl"], vote_weights="learned", vote_l2=bad)
+    for field in ("vote_l2", "vote_answer_bias_l2"):
+        for bad in (0, -1, "auto", float("nan")):
+            with pytest.raises(ConfigError, match=field):
+                _config(tmp_path, ["o.jsonl"], vote_weights="learned", **{field: bad})
