@@ -215,6 +215,11 @@ def _candidates(answers: Sequence[Sequence[str | None]], target: Sequence[str | 
     return choice, mask, y, np.array([i for i, _ in kept], dtype=np.int64)
 
 
+def _chars(lengths: Sequence[Sequence[float | None]]) -> np.ndarray:
+    """``[n, m]`` answer lengths as floats, NaN where unknown."""
+    return np.array([[np.nan if v is None else float(v) for v in row] for row in lengths], dtype=float)
+
+
 def _medians(answers: Sequence[Sequence[str | None]], chars: np.ndarray) -> np.ndarray:
     """[m] each expert's median length over the answers it gave (NaN: none with a length)."""
     given = np.array([[a is not None for a in row] for row in answers], dtype=bool).reshape(chars.shape)
@@ -264,7 +269,7 @@ def fit_vote_weights(answers: Sequence[Sequence[str | None]], target: Sequence[s
     medians = None
     feature = np.zeros(choice.shape)
     if lengths is not None:
-        chars = np.array([[np.nan if v is None else float(v) for v in row] for row in lengths], dtype=float)
+        chars = _chars(lengths)
         medians = _medians(answers, chars)
         feature = length_feature(chars[kept], medians)
     if answer_bias_l2 is not None and not (np.isfinite(answer_bias_l2) and answer_bias_l2 > 0):
@@ -325,8 +330,7 @@ def vote_accuracy(weights: VoteWeights, answers: Sequence[Sequence[str | None]],
     choice, mask, y, kept = _candidates(answers, target, m)
     if not len(y):
         return 0, 0
-    chars = (np.full(choice.shape, np.nan) if lengths is None else np.array(
-        [[np.nan if v is None else float(v) for v in lengths[i]] for i in kept], dtype=float))
+    chars = np.full(choice.shape, np.nan) if lengths is None else _chars([lengths[i] for i in kept])
     given = np.array([["" if a is None else a for a in answers[i]] for i in kept], dtype=object)
     counts = weights.counted(chars, answers=given)
     rows, cols = np.nonzero(choice >= 0)
@@ -354,37 +358,39 @@ def cross_validate(answers: Sequence[Sequence[str | None]], target: Sequence[str
     if len(kept) < max(CV_MIN_RECORDS, folds) or (l2 is not None and (not answer_bias or answer_bias_l2 is not None)):
         chosen["folds"] = 0
         return chosen
-    parts = np.array_split(np.random.default_rng(seed).permutation(kept), folds)
+    def part(rows: Sequence[int]) -> tuple[list[Sequence[str | None]], list[str | None],
+                                           list[Sequence[float | None]] | None]:
+        return ([answers[i] for i in rows], [target[i] for i in rows],
+                None if lengths is None else [lengths[i] for i in rows])
+
+    splits = []  # (fit part, held-out part) per fold, sliced once for every setting
+    for hold in np.array_split(np.random.default_rng(seed).permutation(kept), folds):
+        held = set(hold.tolist())
+        splits.append((part([i for i in range(len(answers)) if i not in held]), part(hold.tolist())))
+    scores: dict[tuple[float, float | None], float] = {}
 
     def score(weight_l2: float, bias_l2: float | None) -> float:
-        right = total = 0
-        for hold in parts:
-            held = set(hold.tolist())
-            rest = [i for i in range(len(answers)) if i not in held]
-            fitted = fit_vote_weights([answers[i] for i in rest], [target[i] for i in rest], experts, l2=weight_l2,
-                                      lengths=None if lengths is None else [lengths[i] for i in rest],
-                                      answer_bias_l2=bias_l2)
-            r, t = vote_accuracy(fitted, [answers[i] for i in hold], [target[i] for i in hold],
-                                 None if lengths is None else [lengths[i] for i in hold])
-            right, total = right + r, total + t
-        accuracy = right / total
-        chosen["grid"].append({"l2": weight_l2, "answer_bias_l2": bias_l2, "accuracy": accuracy})
-        if progress:
-            bias = "none" if bias_l2 is None else f"{bias_l2:g}"
-            print(f"  vote weights, {folds}-fold cross-validation: L2 {weight_l2:g}, answer bias {bias}: held-out "
-                  f"accuracy {accuracy:.4f}", flush=True)
-        return accuracy
-
-    def scored(weight_l2: float, bias_l2: float | None) -> float:
-        done = [g["accuracy"] for g in chosen["grid"] if (g["l2"], g["answer_bias_l2"]) == (weight_l2, bias_l2)]
-        return done[0] if done else score(weight_l2, bias_l2)
+        if (weight_l2, bias_l2) not in scores:
+            right = total = 0
+            for (fit_answers, fit_target, fit_lengths), held_out in splits:
+                fitted = fit_vote_weights(fit_answers, fit_target, experts, l2=weight_l2, lengths=fit_lengths,
+                                          answer_bias_l2=bias_l2)
+                r, t = vote_accuracy(fitted, *held_out)
+                right, total = right + r, total + t
+            scores[(weight_l2, bias_l2)] = right / total
+            chosen["grid"].append({"l2": weight_l2, "answer_bias_l2": bias_l2, "accuracy": right / total})
+            if progress:
+                bias = "none" if bias_l2 is None else f"{bias_l2:g}"
+                print(f"  vote weights, {folds}-fold cross-validation: L2 {weight_l2:g}, answer bias {bias}: "
+                      f"held-out accuracy {right / total:.4f}", flush=True)
+        return scores[(weight_l2, bias_l2)]
 
     # max() keeps the first of equals: heaviest penalty first, and no bias before any.
     if l2 is None:
-        chosen["l2"] = max(sorted(L2_GRID, reverse=True), key=lambda v: scored(v, None))
+        chosen["l2"] = max(sorted(L2_GRID, reverse=True), key=lambda v: score(v, None))
     if answer_bias and answer_bias_l2 is None:
         options: list[float | None] = [None, *sorted(ANSWER_BIAS_GRID, reverse=True)]
-        chosen["answer_bias_l2"] = max(options, key=lambda o: scored(chosen["l2"], o))
+        chosen["answer_bias_l2"] = max(options, key=lambda o: score(chosen["l2"], o))
     return chosen
 
 
