@@ -54,7 +54,8 @@ from eval.routing import FRACTIONS, mmlu_pro_split
 from eval.suite import SuiteContext, as_float
 from router.combine import TIE_BREAK, Combiner, Consensus, Vote, choice_embedding
 from router.outcome import TaskPrior, shrunk_success
-from router.vote_weights import BIAS_MIN_ANSWERS, VoteWeights, fit_vote_weights
+from router.vote_weights import ANSWER_BIAS_GRID as BIAS_PENALTIES
+from router.vote_weights import BIAS_MIN_ANSWERS, L2_GRID, VoteWeights, fit_vote_weights
 
 __all__ = ["ANSWER_BIAS_GRID", "LEARNED", "POOLS", "SMALL_OPEN", "identical_groups", "mean_interval",
            "panel_letters", "plot_strategies", "pool_models", "run_mmlu_pro_combine", "weights_of"]
@@ -76,8 +77,8 @@ ALPHAS = (3.0, 10.0, 30.0, 100.0, 300.0, 1000.0, float("inf"))  # inf: the prior
 MARGINS = (0.0, 0.02, 0.05, 0.1, np.inf)
 N_BOOT = 1000
 TARGETS = {"all": 0.05, "small": 0.07}  # issue 4: points over the pool's best single model
-L2_GRID = (1.0, 10.0, 30.0, 100.0, 300.0)  # the learned vote's penalty
-ANSWER_BIAS_GRID = (None, 30.0, 100.0, 300.0)  # the answer bias's penalty; None: no answer bias
+# The learned vote's penalties: moe train's grids (router.vote_weights), and for the bias, None: no answer bias.
+ANSWER_BIAS_GRID = (None, *BIAS_PENALTIES)
 N_FOLDS = 5  # cross-validation over train + val chooses every setting
 # The strategies the headline is chosen among, simplest first (a tie keeps the earlier one).
 CANDIDATES = ("vote", "learned_vote", "learned_length_vote")
@@ -254,8 +255,9 @@ def _cross_validate(data: _Data, fit: np.ndarray, best: int, seed: int,
     top1_grid = _mean_grid(top1, ("prior", "neighbours", "alpha", "margin"))
     chosen_top1 = max(top1_grid, key=lambda g: (round(g["cv_accuracy"], 12), g["margin"]))
     learned: dict[tuple[Any, ...], list[float]] = {}
-    for i, (hold, rest, scorer) in enumerate(held):
-        s = scorer.success(hold, chosen["neighbours"], chosen["alpha"], chosen["prior"])
+    # The chosen success model's estimates for each held-out fold: the learned votes' panels, with and without bias.
+    success = [scorer.success(hold, chosen["neighbours"], chosen["alpha"], chosen["prior"]) for hold, _, scorer in held]
+    for i, ((hold, rest, _), s) in enumerate(zip(held, success, strict=True)):
         for l2, length in itertools.product(L2_GRID, (False, True)):
             counts = data.counts(hold, data.fit_weights(rest, l2, length))
             for size in PANEL_SIZES:
@@ -270,8 +272,7 @@ def _cross_validate(data: _Data, fit: np.ndarray, best: int, seed: int,
         for name, length in LEARNED.items()}
     # The answer bias, at each penalty, on top of each learned vote's chosen L2 and length term.
     biased: dict[tuple[Any, ...], list[float]] = {}
-    for i, (hold, rest, scorer) in enumerate(held):
-        s = scorer.success(hold, chosen["neighbours"], chosen["alpha"], chosen["prior"])
+    for i, ((hold, rest, _), s) in enumerate(zip(held, success, strict=True)):
         for (name, length), bias_l2 in itertools.product(LEARNED.items(), ANSWER_BIAS_GRID[1:]):
             counts = data.counts(hold, data.fit_weights(rest, best_learned[name]["l2"], length, bias_l2))
             for size in PANEL_SIZES:
