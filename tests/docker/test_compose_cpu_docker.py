@@ -168,9 +168,10 @@ def test_services_start_and_the_router_answers_as_the_recorded_expert(stack: Sta
     answer = raw.parse()
     # A replay expert answers with the real model's recorded text for this very prompt.
     assert answer.choices[0].message.content == row.answers[recorded[expert]].response
-    # state.backend is redis: this client's rate-limit bucket lives in the profile's Redis container.
-    keys = stack.run("exec", "-T", "redis", "redis-cli", "--scan", "--pattern", "moe:*").stdout.split()
-    assert keys, "no moe: keys in the redis service"
+    # state.backend is redis: the answering expert's breaker and the answer kept for feedback by id live in the
+    # profile's Redis container, not in the router's.
+    keys = set(stack.run("exec", "-T", "redis", "redis-cli", "--scan", "--pattern", "moe:*").stdout.split())
+    assert {f"moe:breaker:{expert}", f"moe:feedback:answer:{answer.id}"} <= keys, sorted(keys)
 
     # state.backend is redis, so feedback goes to the redis service, which keeps it in its append-only file on the
     # redis-data volume: a verdict survives new containers, and the new router still finds the answer by its id.

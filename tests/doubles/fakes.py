@@ -12,13 +12,13 @@ from collections.abc import AsyncIterator, Callable, Sequence
 import numpy as np
 
 from experts.base import Expert
-from experts.errors import ExpertError
+from experts.errors import ExpertError, ExpertUnavailable
 from experts.types import ChatRequest, ExpertReply, StreamDelta, Usage
 from router.config import ExpertConfig, RouterConfig, parse_config
 from router.encoders import Encoder
 
 
-class HashingEncoder(Encoder):
+class FakeHashingEncoder(Encoder):
     """A fast stand-in for MiniLM in evaluation and training tests: a bag of hashed words, L2-normalised, so
     texts sharing words still land near each other. Not a model: suites run on it only to test their plumbing."""
 
@@ -93,6 +93,17 @@ class FakeExpert(Expert):
             yield StreamDelta(content=piece)
         yield StreamDelta(finish_reason="stop", usage=Usage(prompt_tokens=3, completion_tokens=len(self.pieces),
                           total_tokens=3 + len(self.pieces)), cost_usd=self.fixed_cost)
+
+
+
+class FakeToolCallThenDies(FakeExpert):
+    """Streams the start of a tool call, then its connection dies (``ExpertUnavailable``)."""
+
+    async def stream(self, request: ChatRequest) -> AsyncIterator[StreamDelta]:
+        self.requests.append(request)
+        yield StreamDelta(tool_calls=[{"index": 0, "id": "call-1", "type": "function",
+                                       "function": {"name": "add", "arguments": '{"a":'}}])
+        raise ExpertUnavailable(self.name, "peer closed")
 
 
 def fake_config(names: list[str], **overrides: object) -> RouterConfig:

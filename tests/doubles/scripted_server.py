@@ -134,6 +134,11 @@ class ScriptedOpenAIServer:
         self.headers: list[dict[str, str]] = []  # their headers (lower-case names), same order
         self.connections_total = 0
         self.open_connections = 0
+        # Chat requests being answered now (read and not yet fully answered, or held open: a hang, a stall), and
+        # the most at once (``reset_peak``). An idle keep-alive connection is open but not in flight, so a
+        # count left above 0 is a response the client never released.
+        self.chats_in_flight = 0
+        self.peak_chats_in_flight = 0
         self.port = 0
         self._queue: deque[Behaviour] = deque()
         self._lock = threading.Lock()
@@ -153,6 +158,10 @@ class ScriptedOpenAIServer:
         """Queue behaviours for the next chat requests, in order; then ``default`` applies again."""
         with self._lock:
             self._queue.extend(behaviours)
+
+    def reset_peak(self) -> None:
+        """Start counting ``peak_chats_in_flight`` afresh from the requests in flight now."""
+        self.peak_chats_in_flight = self.chats_in_flight
 
     def wait_for(self, predicate: Any, timeout: float = 2.0) -> bool:
         """Poll ``predicate(self)`` until true or ``timeout``; for counters the server thread updates."""
@@ -246,7 +255,12 @@ class ScriptedOpenAIServer:
             payload = json.loads(body or b"{}")
             self.requests.append(payload)
             self.headers.append(headers)
-            await self._chat(self._next(), payload, reader, writer)
+            self.chats_in_flight += 1
+            self.peak_chats_in_flight = max(self.peak_chats_in_flight, self.chats_in_flight)
+            try:
+                await self._chat(self._next(), payload, reader, writer)
+            finally:
+                self.chats_in_flight -= 1
         else:
             await self._send(writer, 404, _error_body(f"no route {method} {path}", 404))
         return keep_alive

@@ -51,21 +51,6 @@ FAULTS: dict[str, Behaviour] = {
 }
 
 
-class CountingServer(ScriptedOpenAIServer):
-    """The scripted server, also counting the connections it holds mid-response (``busy``): a request read and
-    not yet fully answered, or one it holds open (a hang, a stall). An idle keep-alive connection in the
-    client's pool is open but not busy, so ``busy`` is what a response the router never released leaves."""
-
-    busy = 0
-
-    async def _chat(self, *args: Any, **kwargs: Any) -> None:
-        self.busy += 1
-        try:
-            await super()._chat(*args, **kwargs)
-        finally:
-            self.busy -= 1
-
-
 def fault_config(servers: Mapping[str, ScriptedOpenAIServer], **fallback: Any) -> RouterConfig:
     return parse_config({
         "version": 1,
@@ -79,7 +64,7 @@ def fault_config(servers: Mapping[str, ScriptedOpenAIServer], **fallback: Any) -
 
 @dataclass
 class Rig:
-    servers: dict[str, CountingServer]
+    servers: dict[str, ScriptedOpenAIServer]
     orchestrator: Orchestrator
     http: httpx.AsyncClient
     # Set on exit, once every request was done and before the router's clients were closed (closing them closes
@@ -92,7 +77,7 @@ class Rig:
 
     @property
     def busy_connections(self) -> int:
-        return sum(s.busy for s in self.servers.values())
+        return sum(s.chats_in_flight for s in self.servers.values())
 
     async def chat(self, text: str = "hello", *, stream: bool = False) -> Reply:
         body = {"model": "auto", "stream": stream, "messages": [{"role": "user", "content": text}]}
@@ -139,7 +124,7 @@ async def rig(**fallback: Any) -> AsyncIterator[Rig]:
     close the router, count the connections the servers still hold (before stopping them, which would close them
     anyway), then stop the servers."""
     tasks_before = len(asyncio.all_tasks())
-    servers = {n: CountingServer(name=n) for n in NAMES}
+    servers = {n: ScriptedOpenAIServer(name=n) for n in NAMES}
     for server in servers.values():
         server.start()
     live: Rig | None = None

@@ -116,11 +116,11 @@ async def test_a_bad_request_is_not_retried(r: Rig) -> None:
 
 async def test_bounded_load_with_faults(r: Rig) -> None:
     # Short and lighter than bench/faults.py's run, so it holds next to the rest of the suite on a small CI box.
+    # Memory over the run is a figure, not a behaviour: bench/faults.py measures it and `make faults` holds it.
     stats = await load(r, clients=64, seconds=6.0, think_s=(0.75, 1.5), min_per_client=3)
     assert stats.unexpected == [], stats.unexpected[:3]
     assert stats.answered == stats.requests >= 64 * 3
     assert stats.max_overrun_ms <= MARGIN_S * 1000.0
-    assert stats.memory_growth_pct < 25.0, stats.memory
     assert all(v == 0 for v in r.orchestrator.capacity.in_flight.values())
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import time
 from collections import Counter
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
@@ -126,14 +127,19 @@ async def test_malformed_bodies_get_a_4xx(path: str, body: bytes) -> None:
     assert r.json()["error"]["code"]
 
 
-def test_zz_figures(capsys: pytest.CaptureFixture[str]) -> None:
-    """Runs last in this module: prints the figures and keeps them under out/fuzz."""
+@pytest.fixture(scope="module", autouse=True)
+def figures(pytestconfig: pytest.Config) -> Iterator[None]:
+    """After this module's cases: prints the figures and keeps them under out/fuzz (a report, not a test)."""
+    yield
+    if not FIGURES["cases"]:
+        return  # none of the cases ran (deselected): nothing to report
     figures = {**FIGURES, "by_operation": dict(FIGURES["by_operation"]), "statuses": dict(FIGURES["statuses"]),
                "examples_per_operation_and_mode": EXAMPLES, "seeded": "derandomize=True",
                "generated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.write_text(json.dumps(figures, indent=2) + "\n", encoding="utf-8")
-    with capsys.disabled():
+    capture = pytestconfig.pluginmanager.getplugin("capturemanager")
+    with capture.global_and_fixture_disabled():
         print(f"\nschemathesis: {figures['cases']} cases, {len(figures['failures'])} server errors, "
               f"statuses {figures['statuses']} -> {OUT}")
 

@@ -64,9 +64,10 @@ def test_cpu_profile_serves_replay_experts_with_state_in_redis(profile: tuple[st
     # A replay expert answers with the real model's recorded text for this very prompt.
     assert body["choices"][0]["message"]["content"] == row.answers[recorded[expert]].response
     assert body["moe"]["decision"]["chosen"][0]["expert"] == expert
-    # state.backend is redis: the rate-limit bucket of this client lives in the profile's Redis.
-    keys = subprocess.run(["redis-cli", "-u", redis_url, "--scan", "--pattern", "moe:*"], capture_output=True,
-                          text=True, timeout=10, check=True).stdout.split()
-    assert keys, "no moe: keys in Redis"
+    # state.backend is redis: the answering expert's breaker and the answer kept for feedback by id live in the
+    # profile's Redis, not in this replica.
+    keys = set(subprocess.run(["redis-cli", "-u", redis_url, "--scan", "--pattern", "moe:*"], capture_output=True,
+                              text=True, timeout=10, check=True).stdout.split())
+    assert {f"moe:breaker:{expert}", f"moe:feedback:answer:{body['id']}"} <= keys, sorted(keys)
     models = httpx.get(f"{url}/v1/models", timeout=10).json()
     assert {m["id"] for m in models["data"]} >= set(recorded)

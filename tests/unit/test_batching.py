@@ -19,7 +19,7 @@ NAMES = ["math", "code", "law"]
 TEXTS = [f"{topic} question {i}" for i in range(12) for topic in ("integral", "python", "contract")]
 
 
-class CountingEncoder:
+class FakeCountingEncoder:
     """Embeds a text as itself (as the fake gate expects), counting calls; each call takes ``delay`` s so
     concurrent requests pile up behind it."""
 
@@ -33,10 +33,10 @@ class CountingEncoder:
         return np.asarray(list(texts), dtype=object)
 
 
-def build(**gate: object) -> tuple[Orchestrator, CountingEncoder]:
+def build(**gate: object) -> tuple[Orchestrator, FakeCountingEncoder]:
     config = fake_config(NAMES, gate=gate) if gate else fake_config(NAMES)
     fake = FakeGate(NAMES, {"integral": [0.7, 0.2, 0.1], "python": [0.15, 0.8, 0.05]}, default=[0.2, 0.2, 0.6])
-    encoder = CountingEncoder()
+    encoder = FakeCountingEncoder()
     fake.encoder = encoder  # type: ignore[assignment]
     return Orchestrator(config, fake, {n: FakeExpert(config.expert(n)) for n in NAMES}), encoder
 
@@ -93,7 +93,10 @@ async def test_aclose_leaves_no_thread_or_task_behind() -> None:
 
 
 async def test_a_failing_batch_fails_each_caller_and_a_cancelled_one_is_skipped() -> None:
+    seen: list[list[str]] = []
+
     def work(texts: list[str]) -> list[str]:
+        seen.append(list(texts))
         if "boom" in texts:
             raise RuntimeError("encoder down")
         return [t.upper() for t in texts]
@@ -106,6 +109,7 @@ async def test_a_failing_batch_fails_each_caller_and_a_cancelled_one_is_skipped(
     await asyncio.sleep(0)
     gone.cancel()
     assert await kept == "KEPT"
+    assert seen == [["a", "boom"], ["kept"]]  # the cancelled caller's text never reached the encoder
     assert batcher.batches == 2
     await batcher.aclose()
 

@@ -16,7 +16,7 @@ from router.config import BreakerConfig
 DOWN = ExpertServerError("math", 503, "down")
 
 
-class Clock:
+class FakeClock:
     def __init__(self) -> None:
         self.now = 1000.0
 
@@ -24,8 +24,8 @@ class Clock:
         return self.now
 
 
-def make(**fields: object) -> tuple[Breakers, Clock]:
-    clock = Clock()
+def make(**fields: object) -> tuple[Breakers, FakeClock]:
+    clock = FakeClock()
     cfg = BreakerConfig(**{"failure_threshold": 3, "cooldown_s": 10.0, "cooldown_max_s": 35.0,
                            "failure_rate": None, **fields})  # type: ignore[arg-type]
     return Breakers(cfg, clock=clock), clock

@@ -35,7 +35,7 @@ from router.metrics import RouterMetrics
 from router.orchestrator import Orchestrator
 from router.trace import Trace
 from router.train import train_from_config
-from tests.doubles.fakes import FakeExpert, HashingEncoder, fake_config
+from tests.doubles.fakes import FakeExpert, FakeHashingEncoder, fake_config
 
 
 # -- the threshold --------------------------------------------------------------------------------------------
@@ -86,7 +86,7 @@ def test_the_familiarity_bar_keeps_the_share_asked_for_and_never_admits_what_the
 
 
 # -- serving ---------------------------------------------------------------------------------------------------
-class Counting(HashingEncoder):
+class FakeCountingEncoder(FakeHashingEncoder):
     """Hashed words, counting the texts it embeds; ``salt`` makes a second, different embedding space."""
 
     def __init__(self, salt: str = "", identity: str = "fake-hashing") -> None:
@@ -116,7 +116,7 @@ def two_gates(fast_encoder: Encoder, full_encoder: Encoder) -> tuple[Gate, Gate,
 
 
 def test_the_full_gate_sees_only_the_queries_the_fast_gate_is_unsure_of() -> None:
-    fast_encoder, full_encoder = Counting(), Counting("~", "fake-hashing-salted")
+    fast_encoder, full_encoder = FakeCountingEncoder(), FakeCountingEncoder("~", "fake-hashing-salted")
     fast, full, _, _ = two_gates(fast_encoder, full_encoder)
     queries = ["solve for x", "boil an egg", "pancakes", "weather in paris tomorrow", "the integral of x"]
     sure = fast.scores(queries).max(axis=1)
@@ -151,7 +151,7 @@ def test_the_full_gate_sees_only_the_queries_the_fast_gate_is_unsure_of() -> Non
 
 
 def test_the_fit_scores_validation_queries_as_each_gate_was_fitted_on_them() -> None:
-    fast_encoder, full_encoder = Counting(), Counting("~", "fake-hashing-salted")
+    fast_encoder, full_encoder = FakeCountingEncoder(), FakeCountingEncoder("~", "fake-hashing-salted")
     fast, full, texts, labels = two_gates(fast_encoder, full_encoder)
     fast_encoder.texts = full_encoder.texts = 0
     kept = CascadeGate.train(full, fast, texts, labels, agreement=0.995, familiar=OOD_KEEP)
@@ -171,7 +171,7 @@ def test_the_fit_scores_validation_queries_as_each_gate_was_fitted_on_them() -> 
 
 
 def test_an_expert_added_with_examples_is_routable_by_both_stages() -> None:
-    fast, full, _, _ = two_gates(Counting(), Counting("~", "fake-hashing-salted"))
+    fast, full, _, _ = two_gates(FakeCountingEncoder(), FakeCountingEncoder("~", "fake-hashing-salted"))
     travel = ["book a flight to rome", "cheap hotels in lisbon", "train tickets to paris", "visa for japan"]
     cascade = CascadeGate(fast, full, CascadeFit(0.5, 0.995, 0, 0.0, 1.0, "x"))
     served = cascade.for_experts({**EXAMPLES, "travel": travel})  # cold start: no retraining
@@ -181,7 +181,7 @@ def test_an_expert_added_with_examples_is_routable_by_both_stages() -> None:
 
 
 async def test_the_decision_names_the_stage_and_abstains_by_that_stage_s_threshold() -> None:
-    fast, full, _, _ = two_gates(Counting(), Counting("~", "fake-hashing-salted"))
+    fast, full, _, _ = two_gates(FakeCountingEncoder(), FakeCountingEncoder("~", "fake-hashing-salted"))
     # The full gate finds every query unfamiliar: whatever it decides abstains to the default expert.
     full.metadata = dataclasses.replace(full.metadata, ood_threshold=2.0)
     names = list(EXAMPLES)
@@ -358,7 +358,7 @@ def test_other_targets_in_the_config_are_fitted_at_load_without_retraining(
 
 
 def test_a_cascade_whose_examples_are_not_its_training_data_is_not_fitted_again() -> None:
-    fast, full, texts, labels = two_gates(Counting(), Counting("~", "fake-hashing-salted"))
+    fast, full, texts, labels = two_gates(FakeCountingEncoder(), FakeCountingEncoder("~", "fake-hashing-salted"))
     cascade = CascadeGate.train(full, fast, texts, labels, agreement=0.995, familiar=0.9)
     assert cascade.with_targets(agreement=0.995, familiar=0.9) is cascade
     full.metadata = dataclasses.replace(full.metadata, training_data_sha256="0" * 64)

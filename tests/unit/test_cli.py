@@ -103,15 +103,29 @@ def test_serve_refuses_a_missing_gate_with_the_command_to_fix_it(tmp_path: Path,
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="uvloop has no Windows build")
-def test_serve_gets_uvloop_and_httptools_from_uvicorn_s_auto_choice() -> None:
+def test_serve_gets_uvloop_and_httptools_from_uvicorn_s_auto_choice(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     """``moe serve`` leaves uvicorn's loop and HTTP parser on "auto", which takes uvloop and httptools when they
     import; both are dependencies (22 to 51% more requests/s, README Performance), so a plain install has them."""
     import uvicorn
     import uvloop
 
-    config = uvicorn.Config(app=lambda scope, receive, send: None, loop="auto", http="auto")
-    config.load()
-    assert config.http_protocol_class.__name__ == "HttpToolsProtocol"
+    config = tmp_path / "router.yaml"
+    config.write_text("version: 1\ngate:\n  artifact: gate\nexperts:\n"
+                      "  - {name: coder, type: vllm, endpoint: 'http://127.0.0.1:9/v1', model: m, "
+                      "description: code, examples: ['write a python function']}\n"
+                      "  - {name: lawyer, type: vllm, endpoint: 'http://127.0.0.1:9/v1', model: m, "
+                      "description: legal questions, examples: ['can I break my lease']}\n")
+    assert main(["train", "--config", str(config), "--no-feedback"]) == 0
+    served: dict[str, object] = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **options: served.update(options, app=app))
+    assert main(["serve", "--config", str(config), "--port", "8123"]) == 0
+    assert served["port"] == 8123 and served["host"] == "127.0.0.1"
+    assert "loop" not in served and "http" not in served  # uvicorn's own default: "auto" for both
+
+    auto = uvicorn.Config(app=served["app"], loop="auto", http="auto")
+    auto.load()
+    assert auto.http_protocol_class.__name__ == "HttpToolsProtocol"
     loop = uvloop.new_event_loop()
     try:
         assert type(loop).__module__.startswith("uvloop")

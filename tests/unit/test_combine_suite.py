@@ -11,7 +11,7 @@ import pytest
 from eval.combine_suite import ANSWER_BIAS_GRID, SMALL_OPEN, panel_letters, pool_models, weights_of
 from eval.harness import run_suite
 from router.cli import _parser
-from tests.doubles.fakes import HashingEncoder
+from tests.doubles.fakes import FakeHashingEncoder
 from tests.support import PNG_SIGNATURE
 
 
@@ -66,7 +66,7 @@ def test_cli_takes_a_pool() -> None:
 @pytest.mark.parametrize("pool", ["all", "small"])
 def test_small_real_run(pool: str, data_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / pool
-    results = run_suite("mmlu-pro-combine", data_dir, out, encoder=HashingEncoder(), limit=80, progress=False,
+    results = run_suite("mmlu-pro-combine", data_dir, out, encoder=FakeHashingEncoder(), limit=80, progress=False,
                         plots=False, cache_dir=tmp_path / "cache", pool=pool)
     m = results["metrics"]
     assert set(m) >= {"best_single_accuracy", "top1_accuracy", "vote_accuracy", "consensus_accuracy",
@@ -121,7 +121,7 @@ def test_accuracy_figure(data_dir: Path, tmp_path: Path) -> None:
     import matplotlib.image
 
     out = tmp_path / "plots"
-    results = run_suite("mmlu-pro-combine", data_dir, out, encoder=HashingEncoder(), limit=80, progress=False,
+    results = run_suite("mmlu-pro-combine", data_dir, out, encoder=FakeHashingEncoder(), limit=80, progress=False,
                         cache_dir=tmp_path / "cache", pool="small")
     assert results["figures"] == ["accuracy.png"]
     data = (out / "accuracy.png").read_bytes()

@@ -23,7 +23,7 @@ from eval.report import HARNESS_FIGURES, write_results
 from eval.suite import subsample, warnings_once
 from router.cli import limit_count
 from router.cli import main as cli_main
-from tests.doubles.fakes import HashingEncoder
+from tests.doubles.fakes import FakeHashingEncoder
 
 LABELS = ("alpha", "beta", "gamma")
 EVAL_DIR = Path(__file__).resolve().parents[2] / "eval"
@@ -54,7 +54,7 @@ def _write(path: Path, rows: list[dict[str, str]]) -> Path:
     return path
 
 
-class _StaticHashing(HashingEncoder):
+class _FakeStaticHashing(FakeHashingEncoder):
     """Stands in for the two-stage gate's static encoder (``StaticMiniLMEncoder``), whose table is not built."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -63,12 +63,12 @@ class _StaticHashing(HashingEncoder):
 
 @pytest.fixture
 def fast_static(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("router.static_encoder.StaticMiniLMEncoder", _StaticHashing)
+    monkeypatch.setattr("router.static_encoder.StaticMiniLMEncoder", _FakeStaticHashing)
 
 
 def _jsonl_run(tmp_path: Path, train: Path, test: Path, out: Path, **kwargs: Any) -> dict[str, Any]:
     kwargs = {"plots": False, **kwargs}
-    return run_suite("jsonl", None, out, encoder=HashingEncoder(), train=train, test=test, progress=False,
+    return run_suite("jsonl", None, out, encoder=FakeHashingEncoder(), train=train, test=test, progress=False,
                      cache_dir=tmp_path / "cache", **kwargs)
 
 
@@ -88,7 +88,7 @@ def test_a_suite_with_train_or_test_is_refused(tmp_path: Path, capsys: pytest.Ca
     assert "would ignore --test " in capsys.readouterr().err
     assert not out.exists()
     with pytest.raises(ValueError, match=r"--train and --test name your own JSONL, which suite 'snips-intent'"):
-        run_suite("snips-intent", tmp_path, out, encoder=HashingEncoder(), train=train, test=train, limit=20,
+        run_suite("snips-intent", tmp_path, out, encoder=FakeHashingEncoder(), train=train, test=train, limit=20,
                   cache_dir=tmp_path / "cache")
     assert not out.exists()
 
@@ -237,7 +237,7 @@ def test_out_train_test_and_cache_problems_name_the_flag_and_path(tmp_path: Path
     assert "Errno" not in err
     with pytest.raises(ValueError, match=r"embedding cache .*afile.*: cannot write \(Not a directory\); point "
                                          "MOE_CACHE_DIR"):
-        CachedEncoder(HashingEncoder(), afile, max_length=256, progress=False).encode(["a query"])
+        CachedEncoder(FakeHashingEncoder(), afile, max_length=256, progress=False).encode(["a query"])
 
 
 def test_training_data_with_one_label_names_the_file(tmp_path: Path) -> None:

@@ -26,7 +26,7 @@ from router.sdk import AsyncClient, LocalRouter, RouterAPIError
 from router.security import hash_key
 from router.service import create_app
 from router.train import TrainingData, collect_training_data, fold_feedback, train_from_config
-from tests.doubles.fakes import FakeExpert, FakeGate, HashingEncoder, fake_config
+from tests.doubles.fakes import FakeExpert, FakeGate, FakeHashingEncoder, fake_config
 
 NAMES = ["math", "code"]
 ALICE, ADMIN = "sk-alice-feedback-01", "sk-admin-feedback-02"
@@ -220,7 +220,7 @@ async def test_feedback_from_the_service_trains_the_next_gate(tmp_path: Path,
     assert "write a python loop" not in data.texts
     assert collect_training_data(config, feedback=False).texts == ["an example for math", "an example for code"]
 
-    monkeypatch.setattr("router.train.build_encoder", lambda _: HashingEncoder())
+    monkeypatch.setattr("router.train.build_encoder", lambda _: FakeHashingEncoder())
     gate = train_from_config(config, progress=False)
     assert gate.metadata.metrics.n_train + gate.metadata.metrics.n_val == 6
     off = train_from_config(config, progress=False, feedback=False)

@@ -26,7 +26,7 @@ from router.gate import (
     train_gate,
     training_data_sha256,
 )
-from tests.doubles.fakes import HashingEncoder
+from tests.doubles.fakes import FakeHashingEncoder
 
 PER_INTENT_TRAIN, PER_INTENT_TEST = 200, 50
 
@@ -236,7 +236,7 @@ def test_training_warns_of_queries_with_two_labels(snips: dict[str, list[tuple[s
     other = next(lab for lab in labels if lab != labels[0])
     assert conflicting_labels([*texts, texts[0]], [*labels, other]) == {texts[0]: sorted([labels[0], other])}
     with caplog.at_level("WARNING", logger="router.gate"):
-        train_gate([*texts, texts[0]], [*labels, other], HashingEncoder(), experts=sorted(set(labels)),
+        train_gate([*texts, texts[0]], [*labels, other], FakeHashingEncoder(), experts=sorted(set(labels)),
                    progress=False)
     assert "1 training queries carry more than one label" in caplog.text
 

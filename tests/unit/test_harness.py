@@ -16,7 +16,7 @@ from eval.embeddings import CachedEncoder
 from eval.harness import run_suite
 from router.cli import main as cli_main
 from router.encoders import Encoder
-from tests.doubles.fakes import HashingEncoder
+from tests.doubles.fakes import FakeHashingEncoder
 from tests.support import PNG_SIGNATURE
 
 # SNIPS intents renamed to labels no code or config of the project knows.
@@ -168,7 +168,7 @@ def test_clinc150_scores_the_two_stage_gate_over_its_familiar_share(data_dir: Pa
 @pytest.mark.parametrize("suite", ["mmlu-pro-outcome", "routerbench"])
 def test_outcome_suites_small_run(suite: str, data_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / suite
-    results = run_suite(suite, data_dir, out, encoder=HashingEncoder(), limit=60, progress=False,
+    results = run_suite(suite, data_dir, out, encoder=FakeHashingEncoder(), limit=60, progress=False,
                         cache_dir=tmp_path / "cache")
     m = results["metrics"]
     assert set(m) >= {"routed_accuracy", "best_single_accuracy", "oracle_accuracy", "routed_cost", "aiq",

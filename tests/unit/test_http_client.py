@@ -117,9 +117,12 @@ async def test_connections_come_back_after_errors_cancellation_and_an_abandoned_
                 if delta.content:
                     break  # the caller walks away after the first token
         # Both slots are free again: two slow calls at once run side by side, not one after the other.
+        assert await asyncio.to_thread(server.wait_for, lambda s: s.chats_in_flight == 0)
+        server.reset_peak()
         server.default = Behaviour.slow("ok", delay_s=0.2)
-        replies = await asyncio.wait_for(asyncio.gather(expert.generate(ask("a")), expert.generate(ask("b"))), 0.39)
+        replies = await asyncio.wait_for(asyncio.gather(expert.generate(ask("a")), expert.generate(ask("b"))), 10)
         assert [r.content for r in replies] == ["ok", "ok"]
+        assert server.peak_chats_in_flight == 2
     finally:
         await expert.aclose()
     assert server.wait_for(lambda s: s.open_connections == 0)

@@ -43,7 +43,7 @@ class SyncASGITransport(httpx.BaseTransport):
         return httpx.Response(status, headers=headers, content=body)
 
 
-class ToolExpert(FakeExpert):
+class FakeToolExpert(FakeExpert):
     """Answers with one tool call, as an OpenAI-compatible expert would."""
 
     async def generate(self, request: ChatRequest) -> ExpertReply:
@@ -70,7 +70,7 @@ def make_app(fail: frozenset[str] = frozenset(), keys: bool = False, tools: bool
         config = config.model_copy(update={"experts": [
             e.model_copy(update={"capabilities": ["chat", "stream", "tools"]}) for e in config.experts]})
     experts: dict[str, FakeExpert] = {
-        n: (ToolExpert if tools else FakeExpert)(
+        n: (FakeToolExpert if tools else FakeExpert)(
             config.expert(n), pieces=[f"{n} ", "says ", "hi"], text=f"{n} says hi",
             fail=(lambda x: ExpertUnavailable(x, "connection refused")) if n in fail else None)
         for n in NAMES}

@@ -259,7 +259,7 @@ def test_an_expert_with_a_few_lucky_records_does_not_take_over_routing(caplog: p
     a record for it, its success estimate was its own 3/3. The anchor is now chosen by what the records make
     sure of, picks without a record earn nothing when the margin is tuned, and training says the records are
     thin for it."""
-    from tests.doubles.fakes import HashingEncoder
+    from tests.doubles.fakes import FakeHashingEncoder
 
     rng = np.random.default_rng(0)
     n = 300
@@ -268,7 +268,7 @@ def test_an_expert_with_a_few_lucky_records_does_not_take_over_routing(caplog: p
     records = [OutcomeRecord(f"question number {i} about topic {i % 7}",
                              {"a": a[i], "b": b[i], **({"rare": 1.0} if i < 3 else {})}, {}) for i in range(n)]
     with caplog.at_level("WARNING", logger="router.outcome_gate"):
-        gate = train_outcome_gate(records, HashingEncoder(), experts=["a", "b", "rare"], progress=False)
+        gate = train_outcome_gate(records, FakeHashingEncoder(), experts=["a", "b", "rare"], progress=False)
     assert "few records for rare (3)" in caplog.text
     assert gate.experts[gate.tuning.anchor] == "a"
     assert gate.metadata.metrics.best_single == "a"
@@ -324,13 +324,13 @@ def test_records_that_name_their_task_let_the_gate_route_by_task(tmp_path: Path)
     classifier's task probabilities) tell the specialists' strengths better than 25-100 neighbours do. Out of
     fold, training picks the task prior; the gate then routes fresh queries far better than without tasks, and
     an artifact keeps the prior."""
-    from tests.doubles.fakes import HashingEncoder
+    from tests.doubles.fakes import FakeHashingEncoder
 
     x, task, outcomes = _task_data(1500, seed=0)
     x_new, _, new = _task_data(3000, seed=1)
-    with_tasks = train_outcome_gate(_task_records(outcomes, [f"t{t}" for t in task]), HashingEncoder(),
+    with_tasks = train_outcome_gate(_task_records(outcomes, [f"t{t}" for t in task]), FakeHashingEncoder(),
                                     progress=False, embeddings=x)
-    without = train_outcome_gate(_task_records(outcomes, [None] * len(x)), HashingEncoder(), progress=False,
+    without = train_outcome_gate(_task_records(outcomes, [None] * len(x)), FakeHashingEncoder(), progress=False,
                                  embeddings=x)
     assert with_tasks.settings()["success_model"]["prior"] == "task"
     assert with_tasks.settings()["success_model"]["tasks"] == ["t0", "t1", "t2"]
@@ -342,7 +342,7 @@ def test_records_that_name_their_task_let_the_gate_route_by_task(tmp_path: Path)
     assert routed > best_single + 0.08, (routed, best_single)
 
     with_tasks.save(tmp_path / "gate")
-    loaded = Gate.load(tmp_path / "gate", HashingEncoder())
+    loaded = Gate.load(tmp_path / "gate", FakeHashingEncoder())
     assert isinstance(loaded, OutcomeGate)
     np.testing.assert_allclose(loaded.predict_proba(x_new[:200]), with_tasks.predict_proba(x_new[:200]), atol=1e-6)
     saved = json.loads((tmp_path / "gate" / "gate.json").read_text())
@@ -353,11 +353,11 @@ def test_records_that_name_their_task_let_the_gate_route_by_task(tmp_path: Path)
 
 
 def test_tasks_that_say_nothing_about_outcomes_are_left_out() -> None:
-    from tests.doubles.fakes import HashingEncoder
+    from tests.doubles.fakes import FakeHashingEncoder
 
     x, _, outcomes = _task_data(1500, seed=0)
     noise = np.random.default_rng(5).integers(0, 3, len(x))
-    gate = train_outcome_gate(_task_records(outcomes, [f"r{t}" for t in noise]), HashingEncoder(), progress=False,
+    gate = train_outcome_gate(_task_records(outcomes, [f"r{t}" for t in noise]), FakeHashingEncoder(), progress=False,
                               embeddings=x)
     assert gate.settings()["success_model"]["prior"] == "overall"
 
@@ -408,11 +408,11 @@ def test_task_names_are_trimmed(tmp_path: Path) -> None:
 
 
 def test_a_success_model_that_reads_no_tasks_says_so(caplog: pytest.LogCaptureFixture) -> None:
-    from tests.doubles.fakes import HashingEncoder
+    from tests.doubles.fakes import FakeHashingEncoder
 
     x, task, outcomes = _task_data(300, seed=3)
     with caplog.at_level("WARNING", logger="router.outcome_gate"):
-        gate = train_outcome_gate(_task_records(outcomes, [f"t{t}" for t in task]), HashingEncoder(),
+        gate = train_outcome_gate(_task_records(outcomes, [f"t{t}" for t in task]), FakeHashingEncoder(),
                                   model="logistic", progress=False, embeddings=x)
     assert "only the knn success model reads" in caplog.text
     assert gate.settings()["success_model"] == {"kind": "logistic"}
@@ -420,12 +420,12 @@ def test_a_success_model_that_reads_no_tasks_says_so(caplog: pytest.LogCaptureFi
     lonely = ["t0"] * len(x)
     lonely[:12] = ["t1"] * 12  # a second task, but too rare in some fold's training records
     with caplog.at_level("WARNING", logger="router.outcome_gate"):
-        gate = train_outcome_gate(_task_records(outcomes, lonely), HashingEncoder(), progress=False, embeddings=x)
+        gate = train_outcome_gate(_task_records(outcomes, lonely), FakeHashingEncoder(), progress=False, embeddings=x)
     assert "give no task prior" in caplog.text
     assert gate.settings()["success_model"]["prior"] == "overall"
 
 
-class _Table(Encoder):
+class _FakeTableEncoder(Encoder):
     """Replays fixed vectors for fixed texts, so the synthetic geometry reaches the gate through its encoder."""
 
     identity, checksum = "fake-table", "2" * 64
@@ -446,7 +446,7 @@ def test_the_route_decision_names_the_query_s_likeliest_tasks() -> None:
 
     x, task, outcomes = _task_data(1500, seed=0)
     texts = [f"q{i}" for i in range(len(x))]
-    table = _Table(dict(zip(texts, x, strict=True)))
+    table = _FakeTableEncoder(dict(zip(texts, x, strict=True)))
     gate = train_outcome_gate(_task_records(outcomes, [f"t{t}" for t in task]), table, progress=False, embeddings=x)
     assert gate.settings()["success_model"]["prior"] == "task"
     assessed = assess(gate, texts[:300])

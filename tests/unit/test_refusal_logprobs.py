@@ -1,5 +1,5 @@
 """A refusal and token log-probabilities, from the expert to every client surface: the service's JSON, the SDK
-(remote and in-process), its stream, and LangChain. The experts are test doubles (``RefusingExpert``)."""
+(remote and in-process), its stream, and LangChain. The experts are test doubles (``FakeRefusingExpert``)."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ REFUSAL = "I can't help with that."
 LOGPROBS = {"content": [{"token": "I", "logprob": -0.01, "bytes": [73], "top_logprobs": []}]}
 
 
-class RefusingExpert(FakeExpert):
+class FakeRefusingExpert(FakeExpert):
     """Refuses, as OpenAI's models do: no content, the refusal's text, and the tokens' log-probabilities."""
 
     async def generate(self, request: ChatRequest) -> ExpertReply:
@@ -37,7 +37,7 @@ class RefusingExpert(FakeExpert):
 
 def orchestrator() -> Orchestrator:
     config = fake_config(NAMES)
-    experts = {n: RefusingExpert(config.expert(n)) for n in NAMES}
+    experts = {n: FakeRefusingExpert(config.expert(n)) for n in NAMES}
     return Orchestrator(config, FakeGate(NAMES, {}, default=[0.7, 0.3]), experts)
 
 

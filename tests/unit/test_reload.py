@@ -144,7 +144,9 @@ async def test_a_request_in_flight_finishes_on_the_old_config(tmp_path: Path) ->
     assert builds.closed == [old]
 
 
-async def test_a_file_change_is_picked_up_by_polling_and_a_bad_one_only_once(tmp_path: Path) -> None:
+async def test_a_file_change_is_picked_up_by_polling_and_a_bad_one_only_once(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.ERROR, logger="router.reload")
     path = write(tmp_path / "router.yaml", ["math"])
     builds = Builds()
     holder = SimpleNamespace(orchestrator=builds(load_config(path)))
@@ -159,8 +161,15 @@ async def test_a_file_change_is_picked_up_by_polling_and_a_bad_one_only_once(tmp
             await asyncio.sleep(0.01)
         assert holder.orchestrator.config.expert_names == ["math", "code"]
         path.write_text("version: 1\nexperts: [")
-        await asyncio.sleep(0.15)
-        assert len(builds.built) == 2  # the broken file was read once, not at every poll
+        for _ in range(200):
+            if caplog.records:
+                break
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.2)  # ten more polls of the unchanged broken file
+        failures = [r for r in caplog.records if r.levelno == logging.ERROR]
+        assert len(failures) == 1, [r.getMessage() for r in failures]  # read once, not at every poll
+        assert str(path) in failures[0].getMessage()
+        assert len(builds.built) == 2
         assert holder.orchestrator.config.expert_names == ["math", "code"]
     finally:
         await reloader.stop()

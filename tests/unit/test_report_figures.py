@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
+from eval import report
 from eval.harness import run_suite
 from eval.report import plot_accuracy_bars, plot_accuracy_cost, plot_strong_calls
-from tests.doubles.fakes import HashingEncoder
+from tests.doubles.fakes import FakeHashingEncoder
 from tests.support import PNG_SIGNATURE
 
 
@@ -32,24 +34,56 @@ def test_accuracy_bars_with_and_without_intervals(tmp_path: Path) -> None:
     assert _read_png(tmp_path / "a.png")[1] > _read_png(tmp_path / "b.png")[1]  # wider for more bars
 
 
-def test_accuracy_cost_points(tmp_path: Path) -> None:
+@pytest.fixture
+def drawn(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    """The axes each figure is finished with, kept for inspection (the PNG is still written)."""
+    axes: list[Any] = []
+    finish = report._finish
+
+    def keep(plt: Any, fig: Any, ax: Any, *args: Any, **kwargs: Any) -> None:
+        axes.append(ax)
+        finish(plt, fig, ax, *args, **kwargs)
+
+    monkeypatch.setattr(report, "_finish", keep)
+    return axes
+
+
+def _points(ax: Any, marker: str) -> list[tuple[float, float]]:
+    return [(float(line.get_xdata()[0]), float(line.get_ydata()[0])) for line in ax.get_lines()
+            if line.get_marker() == marker]
+
+
+def test_accuracy_cost_points(tmp_path: Path, drawn: list[Any]) -> None:
     plot_accuracy_cost(tmp_path / "c.png", {"vote": (0.005, 0.87), "top-1": (0.005, 0.87)},
                        {"org/model-a": (0.001, 0.6), "model-b": (0.004, 0.85)}, "USD per query", "title")
     _read_png(tmp_path / "c.png")
+    (ax,) = drawn
+    assert _points(ax, "s") == [(0.001, 0.6), (0.004, 0.85)]  # the singles, grey squares
+    assert [t.get_text() for t in ax.texts] == ["model-a", "model-b"]  # named without their org
+    # Coinciding systems both stay visible: the later one drawn smaller on top.
+    systems = [line for line in ax.get_lines() if line.get_marker() in ("o", "^")]
+    assert [line.get_markersize() for line in systems] == [14, 12]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["vote: 0.870 at 0.005", "top-1: 0.870 at 0.005"]
+    assert ax.get_xscale() == "log"
 
 
-def test_strong_calls_marks_reached_cpt_points_only(tmp_path: Path) -> None:
+def test_strong_calls_marks_reached_cpt_points_only(tmp_path: Path, drawn: list[Any]) -> None:
     x = np.array([0.0, 25.0, 50.0, 75.0, 100.0])
     plot_strong_calls(tmp_path / "s.png", {"router": (x, np.array([0.6, 0.7, 0.75, 0.78, 0.8])),
                                             "random": (x, np.linspace(0.6, 0.8, 5))}, 0.8, 0.6, "title",
                       cpt={50: 25.0, 80: float("nan")})  # CPT(80%) never reached: no point, no error
     _read_png(tmp_path / "s.png")
+    (ax,) = drawn
+    # One diamond, at 25% of calls and the accuracy CPT(50%) asks for: halfway from weak (0.6) to strong (0.8).
+    ((pct, level),) = _points(ax, "D")
+    assert pct == 25.0 and level == pytest.approx(0.7)
+    assert [t.get_text() for t in ax.texts] == ["CPT(50%) = 25.0%"]
 
 
 @pytest.mark.parametrize("plots", [True, False])
 def test_routellm_mmlu_figure(plots: bool, data_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "routellm"
-    results = run_suite("routellm-mmlu", data_dir, out, encoder=HashingEncoder(), limit=200, progress=False,
+    results = run_suite("routellm-mmlu", data_dir, out, encoder=FakeHashingEncoder(), limit=200, progress=False,
                         cache_dir=tmp_path / "cache", plots=plots)
     if not plots:  # --no-plots
         assert not list(out.glob("*.png")) and "figures" not in results

@@ -10,12 +10,12 @@ from experts.types import ChatMessage, ChatRequest, ExpertReply, StreamDelta
 from router.config import parse_config
 from router.fallback import AllExpertsFailed
 from router.orchestrator import Orchestrator, StreamEnd, StreamPiece
-from tests.doubles.fakes import FakeExpert, FakeGate
+from tests.doubles.fakes import FakeExpert, FakeGate, FakeToolCallThenDies
 
 NAMES = ["math", "code", "law"]
 
 
-class FlakyExpert(FakeExpert):
+class FakeFlakyExpert(FakeExpert):
     """A fake that raises the queued errors first, one per call, then answers."""
 
     def __init__(self, *args: object, errors: list[ExpertError], **kwargs: object) -> None:
@@ -59,9 +59,9 @@ def build(experts: dict[str, FakeExpert] | None = None, *, fallback: dict[str, o
     return Orchestrator(config, gate, built, sleep=sleep, rand=lambda: 0.5), slept
 
 
-def flaky(name: str, *errors: ExpertError) -> FlakyExpert:
+def flaky(name: str, *errors: ExpertError) -> FakeFlakyExpert:
     base = build()[0].config.expert(name)
-    return FlakyExpert(base, errors=list(errors))
+    return FakeFlakyExpert(base, errors=list(errors))
 
 
 async def test_transient_failures_are_retried_with_backoff_on_the_same_expert() -> None:
@@ -327,7 +327,7 @@ async def test_max_attempts_stopping_fallback_lists_the_untried_and_says_why(str
         ("law", "not_tried", "not tried: max_attempts 2 used")]
 
 
-class Trickle(FakeExpert):
+class FakeTrickleExpert(FakeExpert):
     """Streams a piece every 0.1 s, for longer than any deadline here."""
 
     async def stream(self, request: ChatRequest) -> AsyncIterator[StreamDelta]:
@@ -338,7 +338,7 @@ class Trickle(FakeExpert):
 
 @pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
 async def test_the_deadline_stopping_fallback_lists_the_untried_and_says_why(stream: bool) -> None:
-    math = Trickle(build()[0].config.expert("math"), delay=5.0)  # plain: no answer within the deadline
+    math = FakeTrickleExpert(build()[0].config.expert("math"), delay=5.0)  # plain: no answer within the deadline
     orch, _ = build({"math": math}, fallback={"deadline_s": 0.35})
     with pytest.raises(AllExpertsFailed, match=r"fallback stopped at the request's deadline of 0\.35s") as info:
         await (collect(orch, ask()) if stream else orch.complete(ask()))
@@ -347,16 +347,8 @@ async def test_the_deadline_stopping_fallback_lists_the_untried_and_says_why(str
         ("code", "not_tried", "not tried: deadline reached"), ("law", "not_tried", "not tried: deadline reached")]
 
 
-class ToolCallThenDies(FakeExpert):
-    async def stream(self, request: ChatRequest) -> AsyncIterator[StreamDelta]:
-        self.requests.append(request)
-        yield StreamDelta(tool_calls=[{"index": 0, "id": "call-1", "type": "function",
-                                       "function": {"name": "add", "arguments": '{"a":'}}])
-        raise ExpertUnavailable(self.name, "peer closed")
-
-
 async def test_a_stream_that_dies_after_a_tool_call_delta_is_not_continued_or_retried() -> None:
-    math = ToolCallThenDies(build()[0].config.expert("math"))
+    math = FakeToolCallThenDies(build()[0].config.expert("math"))
     orch, slept = build({"math": math}, fallback={"retries": 2})
     sent: list[StreamPiece] = []
     with pytest.raises(AllExpertsFailed, match="from expert 'math' broke off after part of a tool call") as info:
@@ -398,7 +390,7 @@ async def test_a_fallback_asked_with_little_time_left_is_not_blamed_for_the_dead
 
 
 async def test_a_stream_cut_by_the_deadline_while_writing_is_not_blamed() -> None:
-    math = Trickle(build()[0].config.expert("math"))
+    math = FakeTrickleExpert(build()[0].config.expert("math"))
     orch, _ = build({"math": math}, fallback={"deadline_s": 0.35})
     with pytest.raises(AllExpertsFailed):
         await collect(orch, ask())

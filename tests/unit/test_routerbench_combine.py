@@ -14,7 +14,7 @@ from eval.combine_suite import weights_of
 from eval.harness import run_suite
 from eval.routerbench_combine import Recorded, combine_panels, combiners_for, key_embedding, rank_panels
 from router.combine import Consensus, TopOne, Vote
-from tests.doubles.fakes import HashingEncoder
+from tests.doubles.fakes import FakeHashingEncoder
 from tests.support import PNG_SIGNATURE
 
 nan = float("nan")
@@ -119,7 +119,7 @@ def bench(tmp_path: Path) -> Path:
 
 def test_hand_built_folder(bench: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    results = run_suite("routerbench-combine", bench, out, encoder=HashingEncoder(), progress=False,
+    results = run_suite("routerbench-combine", bench, out, encoder=FakeHashingEncoder(), progress=False,
                         cache_dir=tmp_path / "cache", plots=False)
     m = results["metrics"]
     # Test: 6 queries per task, a wrong on i = 0 of each: the best single (a, best on train) is right on
@@ -154,7 +154,7 @@ def test_hand_built_folder(bench: Path, tmp_path: Path) -> None:
 
 def test_real_run_matches_the_routerbench_gate(data_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "combine"
-    results = run_suite("routerbench-combine", data_dir, out, encoder=HashingEncoder(), limit=60, progress=False,
+    results = run_suite("routerbench-combine", data_dir, out, encoder=FakeHashingEncoder(), limit=60, progress=False,
                         cache_dir=tmp_path / "cache")
     m = results["metrics"]
     strategies = ("best_single", "top1", "vote", "consensus", "learned_vote", "learned_length_vote",
@@ -174,7 +174,7 @@ def test_real_run_matches_the_routerbench_gate(data_dir: Path, tmp_path: Path) -
     assert ci["low"] <= m["vote_accuracy"] <= ci["high"]
     assert any(note.startswith("learned votes: weights fitted as moe train fits them") for note in results["notes"])
     # top-1 is the routerbench suite's gate: same split, same tuning, same picks.
-    gate = run_suite("routerbench", data_dir, tmp_path / "gate", encoder=HashingEncoder(), limit=60,
+    gate = run_suite("routerbench", data_dir, tmp_path / "gate", encoder=FakeHashingEncoder(), limit=60,
                      progress=False, cache_dir=tmp_path / "cache", plots=False)
     assert m["top1_accuracy"] == pytest.approx(gate["metrics"]["routed_accuracy"])
     assert m["top1_cost"] == pytest.approx(gate["metrics"]["routed_cost"])

@@ -5,27 +5,18 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
 import pytest
 
 from experts.errors import ExpertServerError, ExpertUnavailable
-from experts.types import ChatRequest, StreamDelta
 from router.orchestrator import Orchestrator
 from router.service import create_app
-from tests.doubles.fakes import FakeExpert, FakeGate, fake_config
+from tests.doubles.fakes import FakeExpert, FakeGate, FakeToolCallThenDies, fake_config
 
 NAMES = ["math", "code", "law"]
 CHAT = {"model": "auto", "stream": True, "messages": [{"role": "user", "content": "an integral"}]}
-
-
-class ToolCallThenDies(FakeExpert):
-    async def stream(self, request: ChatRequest) -> AsyncIterator[StreamDelta]:
-        yield StreamDelta(tool_calls=[{"index": 0, "id": "call-1", "type": "function",
-                                       "function": {"name": "add", "arguments": '{"a":'}}])
-        raise ExpertUnavailable(self.name, "peer closed")
 
 
 def dies_mid_stream(name: str) -> Any:
@@ -67,7 +58,7 @@ async def test_a_stream_that_switched_then_failed_keeps_its_trace_in_the_log(
 async def test_a_stream_that_dies_mid_tool_call_ends_with_an_error_naming_the_expert() -> None:
     config = fake_config(NAMES)
     experts = {n: FakeExpert(config.expert(n)) for n in NAMES}
-    experts["math"] = ToolCallThenDies(config.expert("math"))
+    experts["math"] = FakeToolCallThenDies(config.expert("math"))
     events = await stream_events(experts, config)
     deltas = [e["choices"][0]["delta"] for e in events if "choices" in e]
     assert [d["tool_calls"][0]["id"] for d in deltas if "tool_calls" in d] == ["call-1"]
