@@ -188,6 +188,9 @@ def convert(name: str, data_dir: str | Path, split: str, out: str | Path, *, see
         raise ValueError(f"{name} holds labelled queries; expert names apply to outcome records only")
     check_limit(limit)
     path = Path(out)
+    if path.is_dir():
+        example = path / f"{name}-{split}.jsonl"
+        raise ValueError(f"--out {path} is a folder; name the JSONL file to write, e.g. {example}")
     path.parent.mkdir(parents=True, exist_ok=True)
     count = 0
     with path.open("w", encoding="utf-8") as fh:

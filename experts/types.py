@@ -61,6 +61,11 @@ class ChatMessage(BaseModel):
         return "\n".join(str(p.get("text", "")) for p in self.content if p.get("type") == "text")
 
 
+def _routed_index(messages: list[ChatMessage]) -> int:
+    """Which message the gate routes on: the last user message, else the last message."""
+    return next((i for i in range(len(messages) - 1, -1, -1) if messages[i].role == "user"), len(messages) - 1)
+
+
 class ChatRequest(BaseModel):
     """An OpenAI chat-completions request. ``model`` is the router's choice; experts replace it with theirs."""
 
@@ -97,6 +102,17 @@ class ChatRequest(BaseModel):
                              f"{json.dumps(options['include_usage'])}")
         return self
 
+    @field_validator("messages")
+    @classmethod
+    def _something_to_route(cls, messages: list[ChatMessage]) -> list[ChatMessage]:
+        # The gate routes on one message's text: an empty one would route on nothing and reach an expert anyway.
+        i = _routed_index(messages)
+        if not messages[i].text().strip() and not messages[i].has_image():
+            which = "the last user message" if messages[i].role == "user" else "the last message"
+            raise ValueError(f"{which} (messages[{i}]), which the gate routes on, holds no text: its content is "
+                             "empty or only whitespace")
+        return messages
+
     @field_validator("n")
     @classmethod
     def _one_choice(cls, value: int | None) -> int | None:
@@ -106,11 +122,8 @@ class ChatRequest(BaseModel):
         return value
 
     def query_text(self) -> str:
-        """The text the gate routes on: the last user message."""
-        for message in reversed(self.messages):
-            if message.role == "user":
-                return message.text()
-        return self.messages[-1].text()
+        """The text the gate routes on: the last user message (the last message when no user speaks)."""
+        return self.messages[_routed_index(self.messages)].text()
 
     def upstream_payload(self, model: str, *, stream: bool) -> dict[str, Any]:
         """The JSON body for an OpenAI-compatible upstream serving ``model``."""

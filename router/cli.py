@@ -127,14 +127,10 @@ def cmd_route(args: argparse.Namespace) -> int:
 def cmd_ask(args: argparse.Namespace) -> int:
     from router.sdk import Client, LocalRouter
 
+    if args.stream:
+        return _ask_streaming(args)
     if args.url:
         with Client(args.url, api_key=args.api_key) as client:
-            if args.stream:
-                for chunk in client.stream(args.query, model=args.model):
-                    print(chunk.content, end="", flush=True)
-                    if chunk.trace is not None:
-                        print(f"\n[expert: {chunk.expert}, switches: {chunk.trace.switches}]")
-                return 0
             result = client.chat(args.query, model=args.model)
     else:
         async def run() -> ChatResult:
@@ -145,6 +141,30 @@ def cmd_ask(args: argparse.Namespace) -> int:
     print(result.content)
     print(f"[expert: {result.expert}, cost: ${result.cost_usd:.6f}, tokens: {result.usage.total_tokens}]",
           file=sys.stderr)
+    return 0
+
+
+def _ask_streaming(args: argparse.Namespace) -> int:
+    """``moe ask --stream``: each piece printed as it comes, from a running service or in process."""
+    from router.sdk import Client, LocalRouter, StreamChunk
+
+    def show(chunk: StreamChunk) -> None:
+        print(chunk.content or "", end="", flush=True)
+        if chunk.trace is not None:
+            print(f"\n[expert: {chunk.expert}, switches: {chunk.trace.switches}]")
+
+    if args.url:
+        with Client(args.url, api_key=args.api_key) as client:
+            for chunk in client.stream(args.query, model=args.model):
+                show(chunk)
+        return 0
+
+    async def run() -> None:
+        async with LocalRouter.from_config(args.config) as local:
+            async for chunk in local.stream(args.query, model=args.model):
+                show(chunk)
+
+    asyncio.run(run())
     return 0
 
 
@@ -206,7 +226,7 @@ def _parser() -> argparse.ArgumentParser:
                             "process list and the shell's history")
         if name == "ask":
             p.add_argument("--model", default="auto", help="'auto' routes; an expert's name calls it directly")
-            p.add_argument("--stream", action="store_true", help="stream the answer (with --url)")
+            p.add_argument("--stream", action="store_true", help="stream the answer, each piece printed as it comes")
         p.set_defaults(func=func)
 
     p = sub.add_parser("convert", help="write a shared data set as training JSONL (labelled or outcome records)")

@@ -25,7 +25,7 @@ from typing import Any
 import httpx
 from pydantic import BaseModel
 
-from experts.types import ChatMessage, ChatRequest, Usage
+from experts.types import Usage
 from router.feedback import FeedbackBody, FeedbackRecord, FeedbackStore
 from router.trace import RoutedAnswer, RouteDecision, Trace
 
@@ -193,10 +193,40 @@ class _Protocol:
         return {k: v for k, v in given.items() if v is not None}
 
     @staticmethod
+    def is_event_stream(response: httpx.Response) -> bool:
+        return response.headers.get("content-type", "").startswith("text/event-stream")
+
+    @staticmethod
+    def not_a_stream(response: httpx.Response) -> RouterAPIError:
+        """A success that is no event stream (a proxy's page, a JSON body), its text in the message; the
+        response is read by then."""
+        kind = response.headers.get("content-type") or "no content type"
+        return RouterAPIError(response.status_code, {"error": {
+            "message": f"the service answered {response.status_code} with {kind}, not an event stream: "
+                       f"{response.text[:200]!r}", "code": "invalid_response"}}, response.headers)
+
+    @staticmethod
+    def cut_short(response: httpx.Response) -> RouterAPIError:
+        """A stream that ended without its ``[DONE]`` line: the connection closed part way, so the answer may
+        be incomplete."""
+        return RouterAPIError(response.status_code, {"error": {
+            "message": "the service's stream ended before its [DONE] line: the answer may be cut short",
+            "code": "incomplete_stream"}}, response.headers)
+
+    @staticmethod
     def stream_chunk(line: str) -> StreamChunk | None:
         if not line.startswith("data: ") or line == "data: [DONE]":
             return None
-        body = json.loads(line[6:])
+        try:
+            body = json.loads(line[6:])
+        except ValueError:
+            raise RouterAPIError(200, {"error": {"message": f"the service's stream held an event that is not "
+                                                            f"JSON: {line[:200]!r}", "code": "invalid_response"}}
+                                 ) from None
+        if not isinstance(body, dict):
+            raise RouterAPIError(200, {"error": {"message": f"the service's stream held an event that is not a "
+                                                            f"JSON object: {line[:200]!r}",
+                                                 "code": "invalid_response"}})
         if "error" in body:
             # The service's status, had the failure come before the stream began (see service._all_failed).
             from router.fallback import AllExpertsFailed
@@ -240,10 +270,17 @@ class Client(_Protocol):
                 if response.is_error:
                     response.read()
                     self.check(response)
+                if not self.is_event_stream(response):
+                    response.read()
+                    raise self.not_a_stream(response)
+                done = False
                 for line in response.iter_lines():
+                    done = done or line == "data: [DONE]"
                     chunk = self.stream_chunk(line)
                     if chunk is not None:
                         yield chunk
+                if not done:
+                    raise self.cut_short(response)
 
     def route(self, query: str) -> RouteDecision:
         with self.reaching():
@@ -301,10 +338,17 @@ class AsyncClient(_Protocol):
                 if response.is_error:
                     await response.aread()
                     self.check(response)
+                if not self.is_event_stream(response):
+                    await response.aread()
+                    raise self.not_a_stream(response)
+                done = False
                 async for line in response.aiter_lines():
+                    done = done or line == "data: [DONE]"
                     chunk = self.stream_chunk(line)
                     if chunk is not None:
                         yield chunk
+                if not done:
+                    raise self.cut_short(response)
 
     async def route(self, query: str) -> RouteDecision:
         with self.reaching():
@@ -420,13 +464,24 @@ class LocalRouter:
                                           logprobs=delta.logprobs)
 
     async def route(self, query: str) -> RouteDecision:
-        decision: RouteDecision = await self.orchestrator.decide(
-            ChatRequest(messages=[ChatMessage(role="user", content=query)]))
+        """``Client.route``, in process: the same checks (a blank or oversized query is a 400)."""
+        from router.service import parse_route
+
+        with _as_api_errors():
+            request = parse_route({"query": query}, self.orchestrator.config.service.max_prompt_chars)
+        decision: RouteDecision = await self.orchestrator.decide(request)
         return decision
 
     async def route_batch(self, queries: Sequence[str], capacity: Mapping[str, int] | None = None) -> list[str]:
-        """``Client.route_batch``, in process."""
-        return await self.orchestrator.assign(list(queries), capacity)
+        """``Client.route_batch``, in process: the same checks (unknown experts in ``capacity``, negative room,
+        blank or oversized queries are 400s)."""
+        from router.service import parse_route_batch
+
+        config = self.orchestrator.config
+        with _as_api_errors():
+            batch = parse_route_batch(_Protocol.route_batch_body(queries, capacity), config.service.max_prompt_chars,
+                                      config.expert_names)
+        return await self.orchestrator.assign(batch.queries, batch.capacity)
 
     async def feedback(self, *, request_id: str | None = None, query: str | None = None, expert: str | None = None,
                        good: bool | None = None, score: float | None = None,

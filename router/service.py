@@ -22,7 +22,7 @@ import os
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Annotated, Any, TypeVar
@@ -45,13 +45,16 @@ from router.orchestrator import NoCapableExpert, Orchestrator, RouteFailed, Stre
 from router.reload import Reloader, ReloadFailed
 from router.security import Admitted, Denied, Guard, RateStore, redact
 
-__all__ = ["RequestProblem", "RouteQuery", "check_combiner", "create_app", "error_body", "parse_chat"]
+__all__ = ["RequestProblem", "RouteBatch", "RouteQuery", "check_combiner", "create_app", "error_body", "parse_chat",
+           "parse_route", "parse_route_batch"]
 
 log = logging.getLogger("router.service")
 
 
 class RouteQuery(BaseModel):
     """``POST /v1/route``: the query as a string, or the conversation as chat messages (one of the two)."""
+
+    model_config = ConfigDict(extra="forbid")
 
     query: str | None = None
     messages: list[dict[str, Any]] | None = None
@@ -164,7 +167,10 @@ def _validated(model: type[_Body], body: Any) -> _Body:
     except ValidationError as exc:
         e = exc.errors()[0]
         where = _field_path(e["loc"]) or "<body>"
-        raise RequestProblem(400, f"invalid request: {where}: {_message(e)}", "invalid_request_error",
+        why = _message(e)
+        if e["type"] == "extra_forbidden" and len(e["loc"]) == 1:  # a misspelt or unknown top-level field
+            why = f"unknown field; the fields are {', '.join(map(repr, model.model_fields))}"
+        raise RequestProblem(400, f"invalid request: {where}: {why}", "invalid_request_error",
                            "invalid_request", param=None if where == "<body>" else where) from None
 
 
@@ -185,6 +191,42 @@ def parse_chat(body: Any, max_chars: int) -> ChatRequest:
         raise RequestProblem(400, f"the messages hold {chars} characters, over the limit of {max_chars}",
                            "invalid_request_error", "context_length_exceeded", param="messages")
     return chat
+
+
+def _check_query(query: str, where: str, max_chars: int) -> None:
+    """One routed query's text: not blank, and within ``max_chars``; ``where`` names it (``query``,
+    ``queries[3]``)."""
+    if not query.strip():
+        raise RequestProblem(400, f"invalid request: {where}: holds no text (empty or only whitespace)",
+                           "invalid_request_error", "invalid_request", param=where)
+    if len(query) > max_chars:
+        raise RequestProblem(400, f"{where} holds {len(query)} characters, over the limit of {max_chars}",
+                           "invalid_request_error", "context_length_exceeded", param=where)
+
+
+def parse_route(body: Any, max_chars: int) -> ChatRequest:
+    """``POST /v1/route``'s body (``query`` or ``messages``) as the ``ChatRequest`` the gate decides on, or the
+    ``RequestProblem`` (400) naming what is wrong."""
+    query = _validated(RouteQuery, body)
+    if query.query is None:
+        return parse_chat(body, max_chars)
+    _check_query(query.query, "query", max_chars)
+    return parse_chat({"messages": [{"role": "user", "content": query.query}]}, max_chars)
+
+
+def parse_route_batch(body: Any, max_chars: int, experts: Sequence[str]) -> RouteBatch:
+    """``POST /v1/route/batch``'s body, its queries and capacity checked against ``experts``, or the
+    ``RequestProblem`` (400) naming what is wrong."""
+    batch = _validated(RouteBatch, body)
+    for i, query in enumerate(batch.queries):
+        _check_query(query, f"queries[{i}]", max_chars)
+    if batch.capacity is not None:
+        unknown = sorted(set(batch.capacity) - set(experts))
+        if unknown:
+            raise RequestProblem(400, f"capacity: unknown expert(s) {', '.join(map(repr, unknown))}; known: "
+                               f"{', '.join(experts)}", "invalid_request_error", "invalid_request",
+                               param="capacity")
+    return batch
 
 
 def _completion_body(answer: Any, request_id: str) -> dict[str, Any]:
@@ -485,10 +527,7 @@ def create_app(orchestrator: Orchestrator | None = None,
         o = orch(request)
         with o.serving():
             body = await _read_json(request, o.config.service.max_request_bytes)
-            query = _validated(RouteQuery, body)
-            if query.query is not None:
-                body = {"messages": [{"role": "user", "content": query.query}]}
-            chat = parse_chat(body, o.config.service.max_prompt_chars)
+            chat = parse_route(body, o.config.service.max_prompt_chars)
             decision = await o.decide(chat)
         return JSONResponse(decision.model_dump())
 
@@ -499,20 +538,9 @@ def create_app(orchestrator: Orchestrator | None = None,
             return await _route_batch(request, o)
 
     async def _route_batch(request: Request, o: Orchestrator) -> Response:
-        batch = _validated(RouteBatch, await _read_json(request, o.config.service.max_request_bytes))
-        limit = o.config.service.max_prompt_chars
-        for i, query in enumerate(batch.queries):
-            if len(query) > limit:
-                raise RequestProblem(400, f"queries[{i}] holds {len(query)} characters, over the limit of {limit}",
-                                   "invalid_request_error", "context_length_exceeded", param=f"queries.{i}")
-        capacity = batch.capacity
-        if capacity is not None:
-            unknown = sorted(set(capacity) - set(o.config.expert_names))
-            if unknown:
-                raise RequestProblem(400, f"capacity: unknown expert(s) {', '.join(map(repr, unknown))}; known: "
-                                   f"{', '.join(o.config.expert_names)}", "invalid_request_error", "invalid_request",
-                                   param="capacity")
-        experts = await o.assign(batch.queries, capacity)
+        body = await _read_json(request, o.config.service.max_request_bytes)
+        batch = parse_route_batch(body, o.config.service.max_prompt_chars, o.config.expert_names)
+        experts = await o.assign(batch.queries, batch.capacity)
         return JSONResponse({"object": "route.batch", "mode": "expert_choice",
                              "assignments": [{"index": i, "expert": e} for i, e in enumerate(experts)]})
 
@@ -582,7 +610,11 @@ def create_app(orchestrator: Orchestrator | None = None,
     async def admin_feedback(request: Request) -> Response:
         since = _since(request.query_params.get("since"))
         records = await _feedback_store(request).arecords(since)
-        if request.query_params.get("format", "json") == "jsonl":
+        shape = request.query_params.get("format", "json")
+        if shape not in ("json", "jsonl"):
+            raise RequestProblem(400, f"format: {shape!r} is not one of 'json' (the default) or 'jsonl'",
+                               "invalid_request_error", "invalid_request", param="format")
+        if shape == "jsonl":
             lines = "".join(json.dumps(r.model_dump()) + "\n" for r in records)
             return Response(lines, media_type="application/x-ndjson")
         return JSONResponse({"object": "list", "data": [r.model_dump() for r in records]})

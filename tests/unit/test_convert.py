@@ -60,6 +60,9 @@ def test_unknown_data_set_split_or_naming_is_refused(data_dir: Path, tmp_path: P
         convert("snips-intent", data_dir, "train", tmp_path / "x.jsonl", names={"a": "b"})
     assert set(CONVERTERS) == {"mmlu-pro-domain", "clinc150-domain", "snips-intent", "banking77-intent",
                                "mmlu-pro-outcome", "routerbench"}
+    with pytest.raises(ValueError, match=f"--out {tmp_path} is a folder; name the JSONL file to write, e.g. "
+                                         f"{tmp_path / 'snips-intent-train.jsonl'}"):
+        convert("snips-intent", data_dir, "train", tmp_path)
 
 
 def test_mmlu_pro_outcomes_carry_letters_that_teach_vote_weights(data_dir: Path, tmp_path: Path) -> None:

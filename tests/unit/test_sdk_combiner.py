@@ -48,7 +48,7 @@ def test_the_sync_client_sends_the_header_only_when_asked() -> None:
         seen.append(request.headers.get("x-moe-combiner"))
         assert "combiner" not in json.loads(request.content)  # a header, never a body field sent upstream
         if json.loads(request.content)["stream"]:
-            return httpx.Response(200, text="data: [DONE]\n\n")
+            return httpx.Response(200, text="data: [DONE]\n\n", headers={"content-type": "text/event-stream"})
         return httpx.Response(200, json={"id": "chatcmpl-1", "model": "math", "moe": {"combiner": "vote"},
                                          "choices": [{"message": {"content": "B"}, "finish_reason": "stop"}]})
 

@@ -133,3 +133,61 @@ def test_an_error_without_a_code_reads_without_one() -> None:
     assert str(RouterAPIError(401, {"error": {"message": "bad key"}})) == "HTTP 401: bad key"
     assert str(RouterAPIError(429, {"error": {"message": "slow down", "code": "rate_limited"}})) == \
         "HTTP 429 (rate_limited): slow down"
+
+
+async def test_local_router_routes_with_the_service_s_checks() -> None:
+    """``LocalRouter.route`` and ``route_batch`` refuse what ``/v1/route`` and ``/v1/route/batch`` refuse, with
+    the same status and body: blank and oversized queries, unknown experts and negative room in ``capacity``."""
+    config = fake_config(NAMES)
+    orchestrator = Orchestrator(config, FakeGate(NAMES, {}, default=[0.6, 0.4]),
+                                {n: FakeExpert(config.expert(n)) for n in NAMES})
+    local = LocalRouter(orchestrator)
+    too_long = "x" * (config.service.max_prompt_chars + 1)
+    async with AsyncClient("http://router", transport=httpx.ASGITransport(app=create_app(orchestrator))) as client:
+        for query, param in (("   ", "query"), (too_long, "query")):
+            with pytest.raises(RouterAPIError) as local_error:
+                await local.route(query)
+            with pytest.raises(RouterAPIError) as served_error:
+                await client.route(query)
+            assert local_error.value.status == served_error.value.status == 400
+            assert local_error.value.body == served_error.value.body
+            assert local_error.value.body["error"]["param"] == param
+        batches: list[tuple[list[str], dict[str, int] | None, str]] = [
+            (["an integral", ""], None, "queries[1]"), (["an integral"], {"ghost": 5}, "capacity"),
+            (["an integral"], {"math": -3}, "capacity.math")]
+        for queries, capacity, param in batches:
+            with pytest.raises(RouterAPIError) as local_error:
+                await local.route_batch(queries, capacity)
+            with pytest.raises(RouterAPIError) as served_error:
+                await client.route_batch(queries, capacity)
+            assert local_error.value.status == served_error.value.status == 400
+            assert local_error.value.body == served_error.value.body
+            assert local_error.value.body["error"]["param"] == param, local_error.value.body
+    assert await local.route_batch(["an integral"], {"math": 1}) == ["math"]
+
+
+async def test_a_stream_that_is_not_one_or_ends_early_is_an_error_not_silence() -> None:
+    """A 200 that is no event stream (a proxy's page), an event that is not JSON, and a stream cut before its
+    ``[DONE]`` each raise ``RouterAPIError`` naming what came back, in both clients."""
+    final = ('data: {"id": "c1", "model": "math", "choices": [{"index": 0, "delta": {"content": "par"}, '
+             '"finish_reason": null}]}\n\n')
+    bodies = {
+        "page": httpx.Response(200, text='{"oops": true}', headers={"content-type": "application/json"}),
+        "garbled": httpx.Response(200, text="data: {not json\n\ndata: [DONE]\n\n",
+                                  headers={"content-type": "text/event-stream"}),
+        "cut": httpx.Response(200, text=final, headers={"content-type": "text/event-stream"}),
+    }
+    expected = {"page": ("invalid_response", "with application/json, not an event stream"),
+                "garbled": ("invalid_response", "an event that is not JSON"),
+                "cut": ("incomplete_stream", "ended before its [DONE] line")}
+    for kind, response in bodies.items():
+        transport = httpx.MockTransport(lambda request, r=response: httpx.Response(  # type: ignore[misc]
+            r.status_code, content=r.content, headers=r.headers))
+        with Client("http://router", transport=transport) as client, pytest.raises(RouterAPIError) as sync:
+            list(client.stream("hi"))
+        async with AsyncClient("http://router", transport=transport) as aclient:
+            with pytest.raises(RouterAPIError) as asynced:
+                [c async for c in aclient.stream("hi")]
+        for info in (sync, asynced):
+            code, says = expected[kind]
+            assert info.value.code == code and says in info.value.message, (kind, info.value.message)

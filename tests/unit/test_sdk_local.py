@@ -81,3 +81,15 @@ def test_two_threads_driving_one_local_router_at_once_never_hang_it(config: Path
     assert answer.expert == "cooking"
     asyncio.run(local.aclose())
     gc.collect()
+
+
+@pytest.mark.filterwarnings("ignore::ResourceWarning", "ignore::pytest.PytestUnraisableExceptionWarning")
+def test_moe_ask_streams_in_process_too(config: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``moe ask --stream --config``: the pieces as they come and the expert that answered, as with ``--url``
+    (it once printed the whole answer at the end, not streaming)."""
+    from router.cli import main
+
+    assert main(["ask", "how to cook rice", "--config", str(config), "--stream"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("answer from cooking")
+    assert "[expert: cooking, switches: []]" in out

@@ -447,7 +447,8 @@ async def test_after_a_mid_stream_switch_the_final_chunk_names_the_expert_that_f
 
 @pytest.mark.parametrize(("body", "says"), [
     ({}, "give 'query' (a string) or 'messages' (chat messages), not neither"),
-    ({"querry": "an integral"}, "not neither"),
+    ({"querry": "an integral"}, "querry: unknown field; the fields are 'query', 'messages'"),
+    ({"query": "an integral", "model": "math"}, "model: unknown field"),
     ({"query": "an integral", "messages": [{"role": "user", "content": "x"}]}, "not both"),
 ])
 async def test_route_names_query_when_it_is_missing_or_doubled(body: dict[str, object], says: str) -> None:
@@ -491,3 +492,56 @@ async def test_a_request_whose_body_is_still_arriving_holds_its_orchestrator_thr
         r = await sent
         await asyncio.wait_for(old.drained(), 1.0)
     assert r.status_code == 200 and r.json()["model"] == "math"
+
+
+@pytest.mark.parametrize(("messages", "where"), [
+    ([{"role": "user", "content": ""}], "the last user message (messages[0])"),
+    ([{"role": "user", "content": "  \n\t"}], "the last user message (messages[0])"),
+    ([{"role": "user", "content": []}], "the last user message (messages[0])"),
+    ([{"role": "user", "content": [{"type": "text", "text": " "}]}], "the last user message (messages[0])"),
+    ([{"role": "user", "content": "an integral"}, {"role": "assistant", "content": "x"},
+      {"role": "user", "content": ""}], "the last user message (messages[2])"),
+    ([{"role": "system", "content": " "}], "the last message (messages[0])"),
+])
+async def test_a_conversation_with_nothing_to_route_on_is_refused(messages: list[dict[str, object]],
+                                                                   where: str) -> None:
+    """The gate routes on the last user message: an empty one would pick an expert on nothing, and the expert
+    would be called anyway. A 400 names the message, on both routes that take messages."""
+    app = make_app()
+    async with client(app) as http:
+        chat = await http.post("/v1/chat/completions", json={"messages": messages})
+        route = await http.post("/v1/route", json={"messages": messages})
+    for r in (chat, route):
+        assert r.status_code == 400, r.text
+        error = r.json()["error"]
+        assert error["param"] == "messages" and where in error["message"] and "holds no text" in error["message"]
+
+
+async def test_what_the_gate_routes_on_may_be_an_image_alone_or_follow_a_tool_result() -> None:
+    image = [{"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}]
+    async with client(make_app()) as http:
+        alone = await http.post("/v1/route", json={"messages": [{"role": "user", "content": image}]})
+        after_tool = await http.post("/v1/route", json={"messages": [
+            {"role": "user", "content": "an integral"},
+            {"role": "assistant", "content": None, "tool_calls": [
+                {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
+            {"role": "tool", "tool_call_id": "c1", "content": ""}]})
+    assert alone.status_code == 200, alone.text
+    assert after_tool.status_code == 200 and after_tool.json()["chosen"][0]["expert"] == "math"
+
+
+@pytest.mark.parametrize(("path", "body", "param", "code"), [
+    ("/v1/route", {"query": ""}, "query", "invalid_request"),
+    ("/v1/route", {"query": " \n "}, "query", "invalid_request"),
+    ("/v1/route", {"query": "x" * 100_001}, "query", "context_length_exceeded"),
+    ("/v1/route/batch", {"queries": ["an integral", "  "]}, "queries[1]", "invalid_request"),
+    ("/v1/route/batch", {"queries": ["x" * 100_001]}, "queries[0]", "context_length_exceeded"),
+])
+async def test_route_queries_blank_or_too_long_are_named(path: str, body: dict[str, object], param: str,
+                                                          code: str) -> None:
+    async with client(make_app()) as http:
+        r = await http.post(path, json=body)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert (error["param"], error["code"]) == (param, code)
+    assert error["message"].startswith(param) or error["message"].startswith(f"invalid request: {param}:")
