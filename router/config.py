@@ -13,9 +13,10 @@ import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, model_validator
 
 __all__ = [
     "ApiKeyConfig",
@@ -45,6 +46,10 @@ SCHEMA_VERSION = 1
 Extractor = Literal["choice", "number", "short"]
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9._@/:+-]{0,127}$"
 _ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]*$"
+# An expert's endpoint: the scheme here, the rest (host, port, no query) in ``_endpoint_problems``.
+_HTTP_URL = r"^https?://\S+$"
+# What an OpenAI-compatible client appends to its endpoint (``experts.openai_compat``), the longest first.
+_CLIENT_PATHS = ("/chat/completions", "/completions")
 # ``${VAR}`` or ``${VAR:-default}``; ``$${VAR}`` is the escape for a literal ``${VAR}``.
 _ENV_REF = re.compile(r"(\$?)\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 # Free text, read by the gate and shown by the API: never expanded, so a ``${...}`` there stays as written (an
@@ -115,7 +120,8 @@ class VllmServeConfig(_Strict):
 class ExpertConfig(_Strict):
     name: str = Field(pattern=_NAME)
     type: str = Field(min_length=1)
-    endpoint: str | None = Field(default=None, pattern=r"^https?://\S+$")
+    # The base URL the client appends ``/chat/completions`` to (``http://host:8000/v1``); cross-checked at load.
+    endpoint: str | None = Field(default=None, pattern=_HTTP_URL)
     model: str = Field(min_length=1)
     api_key_env: str | None = Field(default=None, pattern=_ENV_NAME)
     timeout_s: float = Field(default=30.0, gt=0.0, le=3600.0)
@@ -455,8 +461,9 @@ class RouterConfig(_Strict):
     base_dir: str = Field(default=".", exclude=True)
 
     @model_validator(mode="after")
-    def _cross_check(self) -> RouterConfig:
-        problems = list(_cross_problems(self.model_dump(exclude={"base_dir"}), check_env=False))
+    def _cross_check(self, info: ValidationInfo) -> RouterConfig:
+        blanked = (info.context or {}).get("blanked", frozenset())
+        problems = list(_cross_problems(self.model_dump(exclude={"base_dir"}), check_env=False, blanked=blanked))
         if problems:
             raise ValueError("; ".join(f"{p}: {m}" for p, m in problems))
         return self
@@ -481,9 +488,12 @@ def _expert_label(raw: Any, index: int) -> str:
     return f"experts[{index}]" + (f" ({name})" if isinstance(name, str) else "")
 
 
-def _cross_problems(raw: Any, *, check_env: bool,
-                    base_dir: str | Path | None = None) -> Iterable[tuple[str, str]]:
-    """Problems pydantic's per-field checks cannot see: references between parts, types, environment."""
+def _cross_problems(raw: Any, *, check_env: bool, base_dir: str | Path | None = None,
+                    blanked: frozenset[str] = frozenset()) -> Iterable[tuple[str, str]]:
+    """Problems pydantic's per-field checks cannot see: references between parts, types, environment.
+
+    ``blanked``: the paths where an unset ``${VAR}`` was left "" (reported as unset, or passed on by ``moe
+    compose``), whose emptiness is not a problem of its own."""
     from experts.registry import EXPERT_TYPES, REQUIRES_ENDPOINT
 
     if not isinstance(raw, dict):
@@ -520,6 +530,10 @@ def _cross_problems(raw: Any, *, check_env: bool,
         if isinstance(endpoint, str) and key_env and "@" in endpoint.split("://", 1)[-1].split("/", 1)[0]:
             yield f"{where}.endpoint", ("holds credentials (user:password@) and api_key_env sets a bearer key too; "
                                         "an HTTP request carries only one Authorization: keep one of them")
+        if isinstance(endpoint, str) and re.match(_HTTP_URL, endpoint):
+            wrong = _endpoint_problems(endpoint, need_host=f"experts[{i}].endpoint" not in blanked)
+            if wrong:
+                yield f"{where}.endpoint", "; ".join(wrong)
         if check_env and kind == "router" and isinstance(e.get("router_config"), str) and base_dir is not None:
             inner = Path(e["router_config"])
             inner = inner if inner.is_absolute() else Path(base_dir) / inner
@@ -533,6 +547,12 @@ def _cross_problems(raw: Any, *, check_env: bool,
     top_k: dict[str, Any] = gate["top_k"] if isinstance(gate.get("top_k"), dict) else {}
     fallback: dict[str, Any] = raw["fallback"] if isinstance(raw.get("fallback"), dict) else {}
     k, attempts = top_k.get("k"), fallback.get("max_attempts", FallbackConfig.model_fields["max_attempts"].default)
+    # A fixed panel of k is filled from the config's experts alone (a nested router is one expert, and cold
+    # start scores only configured experts), so more than there are would silently serve a smaller panel. The
+    # other policies size the panel themselves, and k only caps it.
+    if isinstance(k, int) and top_k.get("policy", "fixed") == "fixed" and experts and k > len(experts):
+        yield "gate.top_k.k", (f"{k} is more than the {len(experts)} expert(s) defined: a fixed panel of {k} can "
+                               f"never be filled; lower k to at most {len(experts)}")
     if isinstance(k, int) and isinstance(attempts, int) and k > attempts:
         yield "fallback.max_attempts", (f"{attempts} is below gate.top_k.k ({k}): the panel alone calls {k} "
                                         "experts, and max_attempts counts every expert tried, the panel included; "
@@ -544,6 +564,58 @@ def _cross_problems(raw: Any, *, check_env: bool,
     url_env = state.get("url_env", "MOE_REDIS_URL")
     if check_env and state.get("backend") == "redis" and isinstance(url_env, str) and not os.environ.get(url_env):
         yield "state.url_env", f"environment variable {url_env} is not set; it must hold the Redis URL"
+    if check_env:
+        yield from _security_env_problems(raw.get("security"))
+
+
+def _endpoint_problems(url: str, *, need_host: bool = True) -> list[str]:
+    """What keeps ``url`` from being an OpenAI-compatible base URL. The client appends ``/chat/completions`` to
+    it, so a query string or fragment would swallow that path and an endpoint already ending in it would double
+    it. Nothing is said of ``/v1``: some servers mount the API elsewhere. The userinfo (a password, perhaps) is
+    never repeated."""
+    try:
+        parts = urlsplit(url)
+    except ValueError as exc:  # an unclosed IPv6 "[", say
+        return [f"is not a valid URL: {exc}"]
+    host_port = parts.netloc.rpartition("@")[2]
+    port = host_port.rpartition("]")[2].partition(":")[2]  # after an IPv6 literal's "]"
+    found = []
+    if need_host and not parts.hostname:
+        found.append("has no host (write http://host:port/...)")
+    if port and not (port.isdigit() and 1 <= int(port) <= 65535):
+        found.append(f"port {port} is not a port number from 1 to 65535")
+    before_fragment, fragment_mark, _ = url.partition("#")
+    extras = ["a query string (?...)"] * ("?" in before_fragment) + ["a fragment (#...)"] * bool(fragment_mark)
+    if extras:
+        found.append(f"has {' and '.join(extras)}: the client appends /chat/completions to the endpoint, so give "
+                     "the base URL alone (e.g. http://host:8000/v1)")
+    path = parts.path.rstrip("/")
+    suffix = next((s for s in _CLIENT_PATHS if path.endswith(s)), None)
+    if suffix:
+        found.append(f"ends in {suffix}, which the client appends itself: give the base URL "
+                     f"({parts.scheme}://{host_port}{path[:-len(suffix)]})")
+    return found
+
+
+# The security keys that name a variable, and what that variable holds.
+_SECURITY_ENV = (("api_keys_env", "the client keys, comma-separated (until it does, every /v1 call is refused)"),
+                 ("admin_key_env", "the admin key (until it does, every /admin call is refused)"))
+
+
+def _security_env_problems(security: Any) -> Iterable[tuple[str, str]]:
+    """An unset key variable fails closed at serve time, every call refused; say so before then. Only the
+    variable's name is ever shown, never its value."""
+    if not isinstance(security, dict):
+        return
+    for key, holds in _SECURITY_ENV:
+        name = security.get(key)
+        if not isinstance(name, str) or not re.match(_ENV_NAME, name):
+            continue  # pydantic names the key
+        value = os.environ.get(name)
+        if value is None:
+            yield f"security.{key}", f"environment variable {name} is not set; it must hold {holds}"
+        elif not (value.replace(",", " ") if key == "api_keys_env" else value).strip():  # as KeyRing reads it
+            yield f"security.{key}", f"environment variable {name} is empty; it must hold {holds}"
 
 
 def _combiner_problems(combiner: Any, names: list[str]) -> Iterable[tuple[str, str]]:
@@ -633,12 +705,13 @@ def parse_config(raw: Any, *, source: str = "<config>", base_dir: str | Path = "
     if require_vars:
         problems += [(path, f"environment variable {name} is not set and ${{{name}}} has no default (write "
                             f"${{{name}:-default}} to give one)") for path, name in unset]
+    blanked = frozenset(path for path, _ in unset)
     config: RouterConfig | None = None
     try:
-        config = RouterConfig.model_validate({**raw, "base_dir": str(base_dir)})
+        config = RouterConfig.model_validate({**raw, "base_dir": str(base_dir)}, context={"blanked": blanked})
     except ValidationError as exc:
         problems.extend(_pydantic_problems(exc, raw))
-    cross = list(_cross_problems(raw, check_env=check_env, base_dir=base_dir))
+    cross = list(_cross_problems(raw, check_env=check_env, base_dir=base_dir, blanked=blanked))
     problems.extend(p for p in cross if p not in problems)
     if problems or config is None:
         raise ConfigError(source, problems or [("<root>", "invalid config")])
@@ -673,6 +746,10 @@ def load_config(path: str | Path, *, check_env: bool = True, require_vars: bool 
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(str(path), [("<file>", f"cannot read: {exc.strerror}")]) from exc
+    except UnicodeDecodeError as exc:
+        line = exc.object[:exc.start].count(b"\n") + 1
+        raise ConfigError(str(path), [("<file>", f"not UTF-8 text: byte 0x{exc.object[exc.start]:02x} on line {line} "
+                                                 "cannot be decoded; save the file as UTF-8")]) from exc
     try:
         raw = yaml.load(_named(text, path), Loader=_UniqueKeyLoader)  # a SafeLoader: no arbitrary objects
     except yaml.YAMLError as exc:

@@ -70,12 +70,15 @@ class _Key:
 
 
 class KeyRing:
-    """The client keys and the admin key, as digests. ``required`` is whether ``/v1`` needs a key at all."""
+    """The client keys and the admin key, as digests. ``required`` is whether ``/v1`` needs a key at all;
+    ``admin_missing`` says why there is no admin key (never what a key is)."""
 
-    def __init__(self, keys: list[_Key], admin_sha256: str | None = None, *, required: bool | None = None) -> None:
+    def __init__(self, keys: list[_Key], admin_sha256: str | None = None, *, required: bool | None = None,
+                 admin_missing: str = "set security.admin_key_env") -> None:
         self.keys = keys
         self.admin_sha256 = admin_sha256
         self.required = bool(keys) if required is None else required
+        self.admin_missing = admin_missing
 
     @classmethod
     def from_config(cls, config: SecurityConfig, environ: Mapping[str, str]) -> KeyRing:
@@ -86,7 +89,8 @@ class KeyRing:
             keys += [_Key(f"env-{d[:8]}", d) for d in dict.fromkeys(hash_key(k) for k in raw)]
         admin = environ.get(config.admin_key_env, "").strip() if config.admin_key_env else ""
         return cls(keys, hash_key(admin) if admin else None,
-                   required=bool(config.api_keys) or config.api_keys_env is not None)
+                   required=bool(config.api_keys) or config.api_keys_env is not None,
+                   admin_missing=_admin_missing(config.admin_key_env, environ))
 
     def client(self, raw: str) -> _Key | None:
         digest = hash_key(raw)
@@ -98,6 +102,14 @@ class KeyRing:
 
     def is_admin(self, raw: str) -> bool:
         return self.admin_sha256 is not None and hmac.compare_digest(hash_key(raw), self.admin_sha256)
+
+
+def _admin_missing(admin_key_env: str | None, environ: Mapping[str, str]) -> str:
+    """Why ``/admin`` is off: no variable named, or the one named unset or blank (by its name, never its value)."""
+    if not admin_key_env:
+        return "set security.admin_key_env"
+    state = "not set" if admin_key_env not in environ else "empty"
+    return f"the variable security.admin_key_env names ({admin_key_env}) is {state}"
 
 
 @dataclass(frozen=True)
@@ -201,7 +213,7 @@ class Guard:
 
     def admit_admin(self, authorization: str | None) -> Admitted | Denied:
         if self.keys.admin_sha256 is None:
-            return Denied(403, "admin_disabled", "admin endpoints are disabled: set security.admin_key_env",
+            return Denied(403, "admin_disabled", f"admin endpoints are disabled: {self.keys.admin_missing}",
                           "permission_error")
         raw = bearer_token(authorization)
         if raw is None:

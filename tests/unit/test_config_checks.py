@@ -1,6 +1,8 @@
 """Config problems found before anything runs, each named with its path: duplicate YAML keys, unset ``${VAR}``s,
 ``*_env`` keys that hold a reference instead of a variable's name (never expanded, so a key cannot leak into a
-message), credentials given twice, a nested router's missing file, Redis state without its URL."""
+message), credentials given twice, a nested router's missing file, Redis state without its URL, unset security key
+variables, endpoints the client cannot append /chat/completions to, a fixed panel larger than the experts, and a
+file that is not UTF-8."""
 
 from __future__ import annotations
 
@@ -81,8 +83,9 @@ def test_descriptions_and_examples_are_never_expanded(monkeypatch: pytest.Monkey
 
 def test_a_doubled_dollar_is_a_literal_reference(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MOE_TEST_HOST", "127.0.0.1")
-    raw = {"version": 1, "experts": [expert(endpoint="http://${MOE_TEST_HOST}:9/v1?tag=$${MOE_TEST_HOST}")]}
-    assert parse_config(raw).experts[0].endpoint == "http://127.0.0.1:9/v1?tag=${MOE_TEST_HOST}"
+    raw = {"version": 1, "experts": [expert(endpoint="http://${MOE_TEST_HOST}:9/v1", model="m-$${MOE_TEST_HOST}")]}
+    config = parse_config(raw)
+    assert (config.experts[0].endpoint, config.experts[0].model) == ("http://127.0.0.1:9/v1", "m-${MOE_TEST_HOST}")
 
 
 def test_an_env_key_holding_a_reference_is_refused_and_the_secret_never_printed(
@@ -128,3 +131,83 @@ def test_a_panel_larger_than_max_attempts_is_refused() -> None:
            "gate": {"top_k": {"k": 3}}, "fallback": {"max_attempts": 1}}
     assert "1 is below gate.top_k.k (3)" in problems(raw)["fallback.max_attempts"]
     assert parse_config({**raw, "fallback": {"max_attempts": 3}}).fallback.max_attempts == 3
+
+
+@pytest.mark.parametrize(("endpoint", "says"), [
+    ("http://h:8000/v1?api-version=2024-02-01", "has a query string (?...): the client appends /chat/completions"),
+    ("http://h:8000/v1#frag", "has a fragment (#...): the client appends /chat/completions"),
+    ("http://h:8000/v1/chat/completions", "ends in /chat/completions, which the client appends itself: give the "
+                                          "base URL (http://h:8000/v1)"),
+    ("http://h:8000/v1/completions/", "ends in /completions, which the client appends itself"),
+    ("http://:8000/v1", "has no host"),
+    ("http://h:99999/v1", "port 99999 is not a port number from 1 to 65535"),
+    ("http://h:0/v1", "port 0 is not a port number"),
+    ("http://[::1/v1", "is not a valid URL"),
+])
+def test_an_endpoint_the_client_cannot_build_on_is_refused_with_the_reason(endpoint: str, says: str) -> None:
+    """The client appends /chat/completions to the endpoint: each of these passed ``moe config check`` and then
+    failed every request with a 503."""
+    found = problems({"version": 1, "experts": [expert(), expert(name="beta", endpoint=endpoint)]})
+    assert says in found["experts[1] (beta).endpoint"]
+    assert list(found) == ["experts[1] (beta).endpoint"]
+
+
+def test_an_endpoint_message_never_repeats_its_credentials() -> None:
+    found = problems({"version": 1, "experts": [expert(endpoint="http://user:s3cr3t@h:9/v1/chat/completions?k=v")]})
+    assert "give the base URL (http://h:9/v1)" in found["experts[0] (alpha).endpoint"]
+    assert "s3cr3t" not in str(found) and "k=v" not in str(found)
+
+
+@pytest.mark.parametrize("endpoint", ["http://h:8000", "https://h/openai/", "http://[::1]:65535/api/v1",
+                                      "http://user:pw@h:1/v1"])
+def test_an_endpoint_need_not_end_in_v1(endpoint: str) -> None:
+    assert parse_config({"version": 1, "experts": [expert(endpoint=endpoint)]}).experts[0].endpoint == endpoint
+
+
+def test_a_host_left_blank_by_an_unset_variable_is_reported_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("MOE_TEST_UNSET_DIR", raising=False)
+    with pytest.raises(ConfigError) as info:
+        parse_config({"version": 1, "experts": [expert(endpoint="http://${MOE_TEST_UNSET_DIR}/v1")]})
+    assert [path for path, _ in info.value.problems] == ["experts[0].endpoint"]  # as unset, not also as hostless
+
+
+@pytest.mark.parametrize(("key", "holds"), [("api_keys_env", "the client keys"), ("admin_key_env", "the admin key")])
+def test_security_key_variables_must_be_set_when_the_environment_is_checked(
+        monkeypatch: pytest.MonkeyPatch, key: str, holds: str) -> None:
+    """Unset, the service starts and refuses every call (401 on /v1, 403 on /admin): say so at load."""
+    monkeypatch.delenv("MOE_TEST_SECURITY_KEY", raising=False)
+    raw = {"version": 1, "experts": [expert()], "security": {key: "MOE_TEST_SECURITY_KEY"}}
+    message = problems(raw)[f"security.{key}"]
+    assert message.startswith("environment variable MOE_TEST_SECURITY_KEY is not set") and holds in message
+    parse_config(raw, check_env=False)  # moe config check --no-env, moe train
+    monkeypatch.setenv("MOE_TEST_SECURITY_KEY", "  ")
+    assert "MOE_TEST_SECURITY_KEY is empty" in problems(raw)[f"security.{key}"]
+    monkeypatch.setenv("MOE_TEST_SECURITY_KEY", "sk-SECRETVALUE-1")
+    assert parse_config(raw).security.model_dump()[key] == "MOE_TEST_SECURITY_KEY"
+
+
+def test_a_fixed_panel_larger_than_the_experts_is_refused() -> None:
+    raw = {"version": 1, "experts": [expert(), expert(name="beta")],
+           "gate": {"top_k": {"k": 3}}, "fallback": {"max_attempts": 3}}
+    assert problems(raw)["gate.top_k.k"] == ("3 is more than the 2 expert(s) defined: a fixed panel of 3 can never "
+                                             "be filled; lower k to at most 2")
+    assert parse_config({**raw, "gate": {"top_k": {"k": 2}}}).gate.top_k.cap == 2
+    # the other policies size the panel themselves; k only caps it
+    assert parse_config({**raw, "gate": {"top_k": {"policy": "mass", "k": 3}}}).gate.top_k.cap == 3
+
+
+def test_a_nested_router_counts_as_one_expert_of_the_panel(tmp_path: Path) -> None:
+    (tmp_path / "inner.yaml").write_text("version: 1\n")
+    nested = {"name": "inner", "type": "router", "model": "auto", "router_config": "inner.yaml"}
+    raw = {"version": 1, "experts": [expert(), nested], "gate": {"top_k": {"k": 3}}, "fallback": {"max_attempts": 3}}
+    assert "more than the 2 expert(s)" in problems(raw, base_dir=tmp_path)["gate.top_k.k"]
+
+
+def test_a_config_that_is_not_utf8_is_refused_naming_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("version: 1\n# caf\u00e9\nexperts: []\n".encode("latin-1"))
+    with pytest.raises(ConfigError) as info:
+        load_config(path, check_env=False)
+    assert info.value.source == str(path) and str(path) in str(info.value)
+    assert info.value.problems == [("<file>", "not UTF-8 text: byte 0xe9 on line 2 cannot be decoded; save the file "
+                                              "as UTF-8")]

@@ -24,6 +24,12 @@ from tests.doubles.fakes import FakeExpert, FakeGate
 ADMIN = "sk-admin-reload-0001"
 
 
+@pytest.fixture(autouse=True)
+def admin_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The variable the configs' security.admin_key_env names: load_config checks it is set."""
+    monkeypatch.setenv("MOE_ADMIN", ADMIN)
+
+
 def write(path: Path, names: list[str], **extra: Any) -> Path:
     experts = [{"name": n, "type": "replay", "model": n, "replay": {"source": "routerbench", "path": "unused"}}
                for n in names]

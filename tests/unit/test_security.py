@@ -273,6 +273,21 @@ async def test_admin_endpoints_are_refused_when_no_admin_key_is_set() -> None:
     assert (r.status_code, r.json()["error"]["code"]) == (403, "admin_disabled")
 
 
+@pytest.mark.parametrize(("environ", "why"), [
+    ({}, "the variable security.admin_key_env names (MOE_ADMIN_KEY) is not set"),
+    ({"MOE_ADMIN_KEY": "  "}, "the variable security.admin_key_env names (MOE_ADMIN_KEY) is empty"),
+])
+async def test_admin_disabled_says_when_the_named_variable_is_unset(environ: dict[str, str], why: str) -> None:
+    """``set security.admin_key_env`` would send someone who did set it hunting in the wrong place."""
+    async with client(make_app(KEYED, environ=environ)) as http:
+        named = await http.get("/admin/config", headers=auth(ADMIN))
+    async with client(make_app()) as http:
+        unnamed = await http.get("/admin/config", headers=auth(ADMIN))
+    assert (named.status_code, named.json()["error"]["code"]) == (403, "admin_disabled")
+    assert named.json()["error"]["message"] == f"admin endpoints are disabled: {why}"
+    assert unnamed.json()["error"]["message"] == "admin endpoints are disabled: set security.admin_key_env"
+
+
 async def test_keys_never_reach_logs_or_errors(caplog: pytest.LogCaptureFixture) -> None:
     config = fake_config(["math"], security=KEYED, service={"log_content": True})
     expert = FakeExpert(config.expert("math"), fail=lambda n: ExpertUnavailable(n, "connection refused"))
