@@ -20,6 +20,7 @@ store is synchronous and thread-safe; the ``a``-prefixed methods run it off the 
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import sqlite3
 import threading
@@ -28,7 +29,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator, model_validator
 
 from router.config import RouterConfig
 
@@ -48,6 +49,8 @@ __all__ = [
     "load_feedback",
     "open_feedback_store",
 ]
+
+log = logging.getLogger(__name__)
 
 # A response id is worth remembering while a user might still rate the answer; a month is generous on disk.
 # In Redis each remembered answer holds memory, so a day (``feedback.remember_s`` sets either).
@@ -103,6 +106,14 @@ class FeedbackBody(BaseModel):
     good: StrictBool | None = None
     score: float | None = Field(default=None, ge=0.0, le=1.0, allow_inf_nan=False, strict=True)
     note: str | None = Field(default=None, max_length=4000)
+
+    @field_validator("query")
+    @classmethod
+    def _not_blank(cls, query: str | None) -> str | None:
+        # A blank query would become a training example that teaches the gate nothing but noise.
+        if query is not None and not query.strip():
+            raise ValueError("must not be blank (empty or only whitespace)")
+        return query
 
     @model_validator(mode="after")
     def _one_of_each(self) -> FeedbackBody:
@@ -189,12 +200,21 @@ class FeedbackStore(ABC):
 
 
 class SqliteFeedbackStore(FeedbackStore):
-    """The SQLite file. One connection, serialised by a lock: writes are tiny, and this keeps it simple."""
+    """The SQLite file. One connection, serialised by a lock: writes are tiny, and this keeps it simple.
 
-    def __init__(self, path: str | Path, *, retention_s: float = REQUEST_RETENTION_S) -> None:
+    ``name`` is how errors name the file: ``feedback.path (<file>)`` where the config set it."""
+
+    def __init__(self, path: str | Path, *, retention_s: float = REQUEST_RETENTION_S,
+                 name: str | None = None) -> None:
         self.path = Path(path)
         self.retention_s = retention_s
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        where = name or f"feedback store {self.path}"
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:  # OSError's own message names the folder, but not the setting that chose it
+            raise OSError(f"{where}: cannot create the directory {self.path.parent} for the feedback database "
+                          f"({exc.strerror or exc}); set feedback.path to a file in a writable directory, or "
+                          "feedback.enabled: false") from exc
         self._lock = threading.Lock()
         self._since_prune = 0
         try:
@@ -206,7 +226,7 @@ class SqliteFeedbackStore(FeedbackStore):
             self._db.executescript(_SCHEMA)
         except sqlite3.Error as exc:
             # sqlite's own message ("unable to open database file") names neither the file nor the way out.
-            raise OSError(f"feedback store {self.path}: cannot open it as SQLite ({exc}); its folder must be "
+            raise OSError(f"{where}: cannot open it as SQLite ({exc}); its folder must be "
                           "writable by the router and the file a SQLite database: set feedback.path to another "
                           "file, or feedback.enabled: false") from exc
 
@@ -264,13 +284,18 @@ def open_feedback_store(config: RouterConfig, environ: Mapping[str, str] | None 
 
         return RedisFeedbackStore.from_config(config.state, os.environ if environ is None else environ,
                                               retention_s=remember_s or REDIS_REQUEST_RETENTION_S)
-    return SqliteFeedbackStore(feedback_path(config), retention_s=remember_s or REQUEST_RETENTION_S)
+    path = feedback_path(config)
+    name = None if config.feedback.path is None else f"feedback.path ({path})"
+    return SqliteFeedbackStore(path, retention_s=remember_s or REQUEST_RETENTION_S, name=name)
 
 
 def load_feedback(config: RouterConfig, since: float | None = None,
                   environ: Mapping[str, str] | None = None) -> list[FeedbackRecord]:
     """The stored verdicts, for training; none when feedback is off or nothing was ever stored. Raises
-    ``FeedbackUnavailable`` when the shared store (Redis) cannot be read."""
+    ``FeedbackUnavailable`` when the shared store (Redis) cannot be read.
+
+    Verdicts on a blank query (stored before ``FeedbackBody`` refused them) are left out, with a warning: as
+    training examples they are noise. The store keeps them; ``records`` still returns them."""
     if not config.feedback.enabled:
         return []
     if config.state.backend == "memory" and not feedback_path(config).is_file():
@@ -278,6 +303,10 @@ def load_feedback(config: RouterConfig, since: float | None = None,
     store = open_feedback_store(config, environ)
     assert store is not None
     try:
-        return store.records(since)
+        records = store.records(since)
     finally:
         store.close()
+    kept = [r for r in records if r.query.strip()]
+    if len(kept) < len(records):
+        log.warning("left %d feedback verdict(s) with a blank query out of training", len(records) - len(kept))
+    return kept

@@ -55,6 +55,8 @@ import importlib
 import json
 import logging
 import math
+import zipfile
+import zlib
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -126,7 +128,8 @@ _EMBED_CHUNK = 512  # texts per encode call while training: small enough for a s
 
 
 class GateArtifactMismatch(ValueError):
-    """A saved gate does not fit what it is loaded with (encoder, expert list or file contents)."""
+    """A saved gate does not fit what it is loaded with (encoder, expert list or file contents), or its files
+    cannot be read as a gate artifact (corrupt, truncated, or something else)."""
 
 
 @dataclass(frozen=True)
@@ -437,12 +440,9 @@ class Gate:
     @classmethod
     def load(cls, directory: str | Path, encoder: Encoder) -> Gate:
         """Read an artifact of either kind for ``encoder``; raise ``GateArtifactMismatch`` if it was trained
-        with another encoder or ``max_length``, or its files (``gate.json`` included) were edited."""
+        with another encoder or ``max_length``, or its files (``gate.json`` included) were edited or are corrupt."""
         path = Path(directory)
-        try:
-            doc = json.loads((path / _MANIFEST).read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise FileNotFoundError(f"{path}: no gate artifact here ({_MANIFEST} missing); run moe train") from None
+        doc = _read_manifest(path)
         if doc.get("format_version") not in READABLE_FORMAT_VERSIONS:
             raise GateArtifactMismatch(f"{path}: gate format version {doc.get('format_version')!r}, this code "
                                        f"reads {' and '.join(map(str, READABLE_FORMAT_VERSIONS))}; retrain the gate")
@@ -451,26 +451,40 @@ class Gate:
             raise GateArtifactMismatch(f"{path / _MANIFEST}: contents differ from the {_SELF_DIGEST} it was saved "
                                        "with (edited after training); retrain the gate (moe train --config <this "
                                        "config>) rather than editing it")
-        kind = doc.setdefault("kind", "label")  # artifacts from before outcome gates are label gates
-        if kind not in GATE_KINDS:
-            raise GateArtifactMismatch(f"{path}: unknown gate kind {kind!r}; known: {', '.join(GATE_KINDS)}")
-        _check_encoder(path, doc, encoder)
-        for name, digest in doc["files"].items():
-            if sha256_file(path / name) != digest:
-                raise GateArtifactMismatch(f"{path / name}: contents differ from the sha256 in {_MANIFEST}")
-        doc["metrics"] = ValidationMetrics(**doc["metrics"])
-        experts = doc.pop("experts")
-        doc.pop("files")
-        metadata = GateMetadata(**{k: v for k, v in doc.items() if k in _METADATA_FIELDS})
-        with np.load(path / _WEIGHTS, allow_pickle=False) as w:
-            weights = {k: w[k] for k in w.files}
-        with np.load(path / _EXAMPLES, allow_pickle=False) as ex:
-            texts = unpack_strings(ex["text_bytes"], ex["text_offsets"])
-            labels = [experts[i] if i >= 0 else "" for i in ex["labels"]]
-            embeddings = ex["embeddings"]
-        module, _, name = GATE_KINDS[kind].partition(":")
-        gate_cls: type[Gate] = getattr(importlib.import_module(module), name)
-        return gate_cls._restore(encoder, experts, doc, metadata, weights, (embeddings, texts, labels))
+        try:
+            return _restore_artifact(path, doc, encoder)
+        except (KeyError, TypeError, AttributeError, IndexError) as exc:
+            # Only an artifact without the self-digest (older, or written by hand) gets here with keys missing or
+            # of the wrong type; saying which is more use than a traceback.
+            what = f"no {exc.args[0]!r}" if isinstance(exc, KeyError) else f"{type(exc).__name__}: {exc}"
+            raise GateArtifactMismatch(f"{path}: not a gate artifact this code can read ({what}); "
+                                       f"{_RETRAIN}") from exc
+
+
+def _restore_artifact(path: Path, doc: dict[str, Any], encoder: Encoder) -> Gate:
+    """The gate from a checked ``gate.json`` (``doc``, without its self-digest) and the folder's arrays."""
+    kind = doc.setdefault("kind", "label")  # artifacts from before outcome gates are label gates
+    if kind not in GATE_KINDS:
+        raise GateArtifactMismatch(f"{path}: unknown gate kind {kind!r}; known: {', '.join(GATE_KINDS)}")
+    _check_encoder(path, doc, encoder)
+    for name, digest in doc["files"].items():
+        try:
+            differs = sha256_file(path / name) != digest
+        except FileNotFoundError:
+            raise GateArtifactMismatch(f"{path / name}: missing, though {_MANIFEST} lists it (the artifact is "
+                                       f"incomplete); {_RETRAIN}") from None
+        if differs:
+            raise GateArtifactMismatch(f"{path / name}: contents differ from the sha256 in {_MANIFEST}")
+    doc["metrics"] = ValidationMetrics(**doc["metrics"])
+    experts = _expert_names(path / _MANIFEST, doc.pop("experts"), "experts")
+    doc.pop("files")
+    metadata = GateMetadata(**{k: v for k, v in doc.items() if k in _METADATA_FIELDS})
+    weights, ex = _read_arrays(path / _WEIGHTS), _read_arrays(path / _EXAMPLES)
+    texts = unpack_strings(ex["text_bytes"], ex["text_offsets"])
+    labels = [experts[i] if i >= 0 else "" for i in ex["labels"]]
+    module, _, name = GATE_KINDS[kind].partition(":")
+    gate_cls: type[Gate] = getattr(importlib.import_module(module), name)
+    return gate_cls._restore(encoder, experts, doc, metadata, weights, (ex["embeddings"], texts, labels))
 
 
 _METADATA_FIELDS = frozenset(GateMetadata.__dataclass_fields__)
@@ -550,13 +564,64 @@ def routing_problem(names: Sequence[str], examples: Mapping[str, Sequence[str]],
 
 def artifact_trained_experts(directory: str | Path) -> list[str] | None:
     """The experts a gate artifact was trained on (those with training data), read from its ``gate.json``
-    alone: no encoder, no weights, no checks. None when the folder holds no artifact (yet)."""
+    alone: no encoder, no weights, no checks. None when the folder holds no artifact (yet); a ``gate.json`` that
+    cannot be read as one raises, as ``Gate.load`` would (``GateArtifactMismatch``, ``OSError``)."""
     try:
-        doc = json.loads((Path(directory) / _MANIFEST).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        doc = _read_manifest(Path(directory))
+    except (FileNotFoundError, NotADirectoryError):  # what ``moe serve`` reports as "no trained gate"
         return None
-    experts, unseen = doc.get("experts"), set(doc.get("unseen_experts") or ())
-    return [e for e in experts if e not in unseen] if isinstance(experts, list) else None
+    file = Path(directory) / _MANIFEST
+    experts = _expert_names(file, doc.get("experts"), "experts")
+    unseen = set(_expert_names(file, doc.get("unseen_experts") or [], "unseen_experts"))
+    return [e for e in experts if e not in unseen]
+
+
+_RETRAIN = "retrain the gate (moe train --config <this config>)"
+
+
+def _read_manifest(path: Path) -> dict[str, Any]:
+    """The artifact folder ``path``'s ``gate.json``, which must be a JSON object; ``FileNotFoundError`` when
+    absent, ``GateArtifactMismatch`` naming the file when it is corrupt or something else."""
+    file = path / _MANIFEST
+    try:
+        doc = json.loads(file.read_bytes())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no gate artifact here ({_MANIFEST} missing); run moe train") from None
+    except ValueError as exc:  # not JSON, or not UTF-8 text (UnicodeDecodeError is a ValueError)
+        raise GateArtifactMismatch(f"{file}: corrupt, not readable as JSON ({exc}); {_RETRAIN}") from None
+    if not isinstance(doc, dict):
+        raise GateArtifactMismatch(f"{file}: not a gate artifact (a JSON {_json_type(doc)} where a JSON object "
+                                   f"belongs); {_RETRAIN}")
+    return doc
+
+
+def _json_type(value: object) -> str:
+    names = {list: "array", str: "string", bool: "boolean", int: "number", float: "number", type(None): "null"}
+    return names.get(type(value), type(value).__name__)
+
+
+def _expert_names(file: Path, value: object, key: str) -> list[str]:
+    """``gate.json``'s ``key``, which must be a list of expert names (a string would read as its letters)."""
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise GateArtifactMismatch(f"{file}: not a gate artifact ({key!r} is not a list of expert names); "
+                                   f"{_RETRAIN}")
+    return value
+
+
+def _read_arrays(file: Path) -> dict[str, np.ndarray]:
+    """Every array of the ``.npz`` file, read now, so a truncated or garbled one is named here, not met later as a
+    traceback. (NumPy reads a file that is no zip as a pickle, and says only that it holds pickled data.)"""
+    try:
+        # Opened here, not by np.load: np.load leaves its own handle open when the archive turns out corrupt.
+        with open(file, "rb") as fh, np.load(fh, allow_pickle=False) as arrays:
+            return {k: arrays[k] for k in arrays.files}
+    except FileNotFoundError:
+        raise GateArtifactMismatch(f"{file}: missing (the artifact is incomplete); {_RETRAIN}") from None
+    except (ValueError, EOFError, zipfile.BadZipFile, zlib.error) as exc:  # a PermissionError stays itself
+        why = str(exc) if zipfile.is_zipfile(file) else "not a zip archive, which a .npz file is"
+        raise GateArtifactMismatch(f"{file}: corrupt, not readable as NumPy arrays ({why}); {_RETRAIN}") from None
+
+
 _SELF_DIGEST = "manifest_sha256"  # gate.json's own sha256, over its other keys (``_manifest_digest``)
 
 

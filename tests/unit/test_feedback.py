@@ -10,8 +10,8 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
-from router.cli import _parser
-from router.config import parse_config
+from router.cli import _parser, main
+from router.config import load_config, parse_config
 from router.feedback import (
     FeedbackBody,
     FeedbackStore,
@@ -19,6 +19,7 @@ from router.feedback import (
     UnknownRequest,
     feedback_path,
     load_feedback,
+    open_feedback_store,
 )
 from router.orchestrator import Orchestrator
 from router.outcome import OutcomeRecord
@@ -74,11 +75,14 @@ async def test_chat_then_feedback_by_id_then_admin_export(tmp_path: Path) -> Non
         later = (await admin.get("/admin/feedback", params={"since": good.created + 3600})).json()["data"]
         iso = (await admin.get("/admin/feedback", params={"since": "2000-01-01T00:00:00"})).json()["data"]
         bad_since = await admin.get("/admin/feedback", params={"since": "yesterday"})
+        bad_format = await admin.get("/admin/feedback", params={"format": "xml"})
     assert [(r["query"], r["expert"], r["score"]) for r in listed] == [("an integral", "math", 1.0),
                                                                       ("sort a list", "code", 0.0)]
     assert lines.headers["content-type"].startswith("application/x-ndjson")
     assert [json.loads(line)["id"] for line in lines.text.splitlines()] == [good.id, bad.id]
     assert later == [] and len(iso) == 2
+    assert bad_format.status_code == 400 and bad_format.json()["error"]["param"] == "format"
+    assert "'xml' is not one of 'json' (the default) or 'jsonl'" in bad_format.json()["error"]["message"]
     assert (bad_since.status_code, bad_since.json()["error"]["param"]) == (400, "since")
 
 
@@ -108,6 +112,8 @@ async def test_a_streamed_answer_can_be_rated_by_its_id(tmp_path: Path) -> None:
         ({"query": "q", "request_id": "x", "expert": "math", "good": True}, 400, "invalid_request", "exactly one"),
         ({"query": "q", "expert": "math", "good": True, "stars": 5}, 400, "invalid_request", "stars"),
         ([1, 2], 400, "invalid_request", "JSON object"),
+        ({"query": "   ", "expert": "math", "good": True}, 400, "invalid_request", "query: must not be blank"),
+        ({"query": "\n\t", "expert": "math", "score": 0.5}, 400, "invalid_request", "query: must not be blank"),
     ],
 )
 async def test_bad_feedback_is_refused_clearly(tmp_path: Path, body: Any, status: int, code: str, says: str) -> None:
@@ -116,6 +122,9 @@ async def test_bad_feedback_is_refused_clearly(tmp_path: Path, body: Any, status
     assert r.status_code == status
     assert r.json()["error"]["code"] == code
     assert says in r.json()["error"]["message"]
+    store = SqliteFeedbackStore(tmp_path / "fb.sqlite3")
+    assert store.records() == []  # nothing refused was stored
+    store.close()
 
 
 async def test_without_a_store_feedback_is_409_and_the_sdk_raises(tmp_path: Path) -> None:
@@ -243,3 +252,44 @@ def test_a_store_that_cannot_be_opened_names_the_file_and_the_way_out(tmp_path: 
     with pytest.raises(OSError, match=r"notes\.sqlite3: cannot open it as SQLite \(file is not a database\)"):
         SqliteFeedbackStore(garbage)
 
+
+
+def test_blank_queries_already_stored_are_not_trained_on(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Verdicts stored before blank queries were refused stay in the store, but training leaves them out."""
+    experts = [{"name": n, "type": "openai", "endpoint": "http://127.0.0.1:9/v1", "model": "m",
+                "examples": [f"an example for {n}"]} for n in NAMES]
+    config = parse_config({"version": 1, "experts": experts, "feedback": {"path": "fb.sqlite3"}},
+                          base_dir=tmp_path, check_env=False)
+    store = SqliteFeedbackStore(feedback_path(config))
+    for query in ("   ", "", "an integral"):
+        store.add(query, "math", 1.0)
+    store.close()
+
+    assert [r.query for r in load_feedback(config)] == ["an integral"]
+    assert "left 2 feedback verdict(s) with a blank query out of training" in caplog.text
+    data = collect_training_data(config)
+    assert data.texts == ["an example for math", "an example for code", "an integral"] and data.feedback == 1
+    store = SqliteFeedbackStore(feedback_path(config))
+    assert [r.query for r in store.records()] == ["   ", "", "an integral"]  # nothing is lost
+    store.close()
+
+
+def test_a_feedback_path_whose_folder_cannot_be_made_names_feedback_path(tmp_path: Path,
+                                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "taken").write_text("a file where the folder would go")
+    config = tmp_path / "router.yaml"
+    config.write_text("version: 1\nfeedback:\n  path: taken/fb.sqlite3\ngate:\n  artifact: gate\nexperts:\n"
+                      "  - {name: coder, type: vllm, endpoint: 'http://127.0.0.1:9/v1', model: m, "
+                      "description: code, examples: ['write a python function']}\n"
+                      "  - {name: lawyer, type: vllm, endpoint: 'http://127.0.0.1:9/v1', model: m, "
+                      "description: legal questions, examples: ['can I break my lease']}\n")
+    says = (f"feedback.path ({tmp_path / 'taken' / 'fb.sqlite3'}): cannot create the directory {tmp_path / 'taken'} "
+            "for the feedback database (")
+    with pytest.raises(OSError) as info:
+        open_feedback_store(load_config(config, check_env=False))
+    assert str(info.value).startswith(says) and "feedback.enabled: false" in str(info.value)
+
+    assert main(["train", "--config", str(config), "--no-feedback"]) == 0
+    capsys.readouterr()
+    assert main(["route", "hi", "--config", str(config)]) == 1  # the store opens as `moe serve` opens it
+    assert capsys.readouterr().err.startswith(f"error: {says}")

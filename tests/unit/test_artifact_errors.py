@@ -1,0 +1,130 @@
+"""A damaged gate artifact is one `error:` line that names the file and says to retrain, never a traceback, and
+`moe config check` reports it as a problem rather than as "no gate artifact yet"."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from router.cli import main
+from router.encoders import sha256_file
+from router.gate import GateArtifactMismatch, artifact_trained_experts
+
+CONFIG = ("version: 1\ngate:\n  artifact: gate\nexperts:\n"
+          "  - {name: coder, type: vllm, endpoint: 'http://127.0.0.1:9/v1', model: m, description: code, "
+          "examples: ['write a python function', 'fix this bug']}\n"
+          "  - {name: lawyer, type: vllm, endpoint: 'http://127.0.0.1:9/v1', model: m, description: legal questions, "
+          "examples: ['can I break my lease', 'is this contract valid']}\n")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A gate trained once by `moe train` from the config's examples; each test damages a copy."""
+    folder = tmp_path_factory.mktemp("trained")
+    (folder / "router.yaml").write_text(CONFIG)
+    assert main(["train", "--config", str(folder / "router.yaml"), "--no-feedback"]) == 0
+    return folder / "gate"
+
+
+@pytest.fixture
+def config(tmp_path: Path, trained: Path) -> Path:
+    shutil.copytree(trained, tmp_path / "gate")
+    (tmp_path / "router.yaml").write_text(CONFIG)
+    return tmp_path / "router.yaml"
+
+
+def _both_commands_say(config: Path, capsys: pytest.CaptureFixture[str], *says: str) -> None:
+    """`moe config check` and `moe route` (the path `moe serve` loads the gate by) each end in one error line
+    with every one of ``says`` and the retrain command for this config."""
+    for argv in (["config", "check", str(config)], ["route", "hi", "--config", str(config)]):
+        assert main(argv) == 1, argv
+        out, err = capsys.readouterr()
+        assert "OK" not in out and err.startswith("error: ") and err.count("\n") == 1, (argv, out, err)
+        for text in (*says, f"moe train --config {config}"):
+            assert text in err, (argv, err)
+
+
+@pytest.mark.parametrize(("contents", "says"), [
+    (b"[1, 2]\n", "gate.json: not a gate artifact (a JSON array where a JSON object belongs)"),
+    (b'"a gate"', "gate.json: not a gate artifact (a JSON string where a JSON object belongs)"),
+    (b"{not json", "gate.json: corrupt, not readable as JSON (Expecting property name"),
+    (b"\xff\xfe{}", "gate.json: corrupt, not readable as JSON"),
+    (b"", "gate.json: corrupt, not readable as JSON"),
+])
+def test_a_gate_json_that_is_no_json_object_is_named(config: Path, capsys: pytest.CaptureFixture[str],
+                                                      contents: bytes, says: str) -> None:
+    (config.parent / "gate" / "gate.json").write_bytes(contents)
+    _both_commands_say(config, capsys, f"{config.parent / 'gate'}/{says}")
+
+
+def test_a_gate_json_whose_experts_are_no_list_of_names_is_named(config: Path,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """Without the check, the string "coder" would read as the experts 'c', 'o', 'd', 'e', 'r'."""
+    _rewrite(config.parent / "gate", lambda doc: doc.update(experts="coder"))
+    _both_commands_say(config, capsys, "gate.json: not a gate artifact ('experts' is not a list of expert names)")
+
+
+def _rewrite(folder: Path, edit: Callable[[dict[str, object]], None]) -> None:
+    """Edit gate.json as an artifact from before the self-digest would be (no ``manifest_sha256``), with the
+    sha256 of each listed file brought up to date, so the load gets past its checksums."""
+    doc = json.loads((folder / "gate.json").read_text())
+    doc.pop("manifest_sha256")
+    edit(doc)
+    if isinstance(doc.get("files"), dict):
+        doc["files"] = {name: sha256_file(folder / name) for name in doc["files"] if (folder / name).exists()}
+    (folder / "gate.json").write_text(json.dumps(doc))
+
+
+@pytest.mark.parametrize("name", ["weights.npz", "examples.npz"])
+@pytest.mark.parametrize(("damage", "says"), [
+    (lambda b: b[: len(b) // 2], "corrupt, not readable as NumPy arrays"),
+    (lambda b: b"not an archive", "corrupt, not readable as NumPy arrays (not a zip archive"),
+    (lambda b: b[:80] + bytes(x ^ 0xFF for x in b[80:120]) + b[120:], "corrupt, not readable as NumPy arrays ("),
+])
+def test_a_corrupt_npz_that_gate_json_vouches_for_is_named(config: Path, capsys: pytest.CaptureFixture[str],
+                                                           name: str, damage: Callable[[bytes], bytes],
+                                                           says: str) -> None:
+    folder = config.parent / "gate"
+    (folder / name).write_bytes(damage((folder / name).read_bytes()))
+    _rewrite(folder, lambda doc: None)
+    assert main(["route", "hi", "--config", str(config)]) == 1
+    err = capsys.readouterr().err
+    assert f"error: {folder / name}: {says}" in err and f"moe train --config {config}" in err
+
+
+def test_a_missing_npz_is_named_as_an_incomplete_artifact(config: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    folder = config.parent / "gate"
+    (folder / "examples.npz").unlink()
+    assert main(["route", "hi", "--config", str(config)]) == 1
+    err = capsys.readouterr().err
+    assert f"error: {folder / 'examples.npz'}: missing, though gate.json lists it (the artifact is incomplete)" in err
+
+
+@pytest.mark.parametrize(("edit", "says"), [
+    (lambda doc: doc.pop("files"), "(no 'files')"),
+    (lambda doc: doc.pop("encoder_identity"), "(no 'encoder_identity')"),
+    (lambda doc: doc.update(metrics=[1]), "(TypeError: "),
+])
+def test_a_gate_json_missing_what_a_gate_needs_is_named(config: Path, capsys: pytest.CaptureFixture[str],
+                                                        edit: Callable[[dict[str, object]], object],
+                                                        says: str) -> None:
+    folder = config.parent / "gate"
+    _rewrite(folder, edit)
+    assert main(["route", "hi", "--config", str(config)]) == 1
+    err = capsys.readouterr().err
+    assert f"error: {folder}: not a gate artifact this code can read {says}" in err
+    assert f"moe train --config {config}" in err
+
+
+def test_no_artifact_yet_is_still_none_and_a_damaged_one_raises(tmp_path: Path) -> None:
+    assert artifact_trained_experts(tmp_path / "absent") is None
+    (tmp_path / "file").write_text("")
+    assert artifact_trained_experts(tmp_path / "file") is None  # gate.artifact names a file: serve says untrained
+    (tmp_path / "gate").mkdir()
+    (tmp_path / "gate" / "gate.json").write_text("{not json")
+    with pytest.raises(GateArtifactMismatch, match=r"gate\.json: corrupt"):
+        artifact_trained_experts(tmp_path / "gate")
