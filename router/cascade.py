@@ -90,6 +90,19 @@ class CascadeFit:
         return asdict(self)
 
 
+def _read_fit(file: Path) -> CascadeFit:
+    """The fitted cascade in ``file``, or ``GateArtifactMismatch`` naming it when it is corrupt or not one."""
+    retrain = "retrain the gate (moe train --config <this config>)"
+    try:
+        doc = json.loads(file.read_bytes())
+    except ValueError as exc:  # not JSON, or not UTF-8 text
+        raise GateArtifactMismatch(f"{file}: corrupt, not readable as JSON ({exc}); {retrain}") from None
+    try:
+        return CascadeFit(**doc)
+    except TypeError as exc:  # not an object, or keys missing or unknown
+        raise GateArtifactMismatch(f"{file}: not a fitted two-stage gate ({exc}); {retrain}") from None
+
+
 def _decides(fast: Assessment, threshold: float | None, familiarity: float | None) -> np.ndarray:
     """Which queries the fast gate decides: confident, and at least ``familiarity`` familiar to it."""
     if threshold is None:
@@ -267,7 +280,7 @@ class CascadeGate:
         path = Path(directory)
         if not (path / CASCADE_FILE).exists():
             raise CascadeNotTrained(path)
-        fit = CascadeFit(**json.loads((path / CASCADE_FILE).read_text(encoding="utf-8")))
+        fit = _read_fit(path / CASCADE_FILE)
         fast, full = Gate.load(path / FAST_DIR, fast_encoder), Gate.load(path, full_encoder)
         if fast.metadata.training_data_sha256 != full.metadata.training_data_sha256:
             raise GateArtifactMismatch(f"{path}: the cascade's fast gate ({FAST_DIR}/) was trained on other data "

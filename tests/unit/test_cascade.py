@@ -378,6 +378,25 @@ def test_a_fast_stage_trained_on_other_data_is_refused(
         load_gate(config)
 
 
+@pytest.mark.parametrize(("written", "says"), [
+    (b"{not json", "corrupt, not readable as JSON"),
+    (b"\xff\xfe", "corrupt, not readable as JSON"),
+    (b"[1, 2]", "not a fitted two-stage gate"),
+    (b'{"threshold": 0.9}', "not a fitted two-stage gate"),
+])
+def test_a_corrupt_cascade_file_is_named(
+        snips_rows: tuple[list[dict[str, str]], list[dict[str, str]], list[str]], tmp_path: Path,
+        written: bytes, says: str) -> None:
+    train, _, labels = snips_rows
+    config = load_config(write_config(tmp_path, train[::4], labels, cascade=True))
+    train_from_config(config, progress=False, feedback=False)
+    file = tmp_path / "gate" / CASCADE_FILE
+    file.write_bytes(written)
+    with pytest.raises(GateArtifactMismatch) as info:
+        load_gate(config)
+    assert str(info.value).startswith(f"{file}: {says}") and "moe train --config" in str(info.value)
+
+
 def test_outcome_records_with_a_cascade_are_refused(tmp_path: Path) -> None:
     rows = [{"query": f"q{i}", "outcomes": {"a": 1.0, "b": 0.0}, "cost": {"a": 1.0, "b": 1.0}} for i in range(4)]
     config = load_config(write_config(tmp_path, rows, ["a", "b"], cascade=True))
