@@ -521,9 +521,8 @@ def _cross_problems(raw: Any, *, check_env: bool, base_dir: str | Path | None = 
         elif kind != "router" and e.get("router_config"):
             yield f"{where}.router_config", "only type 'router' takes a router_config"
         key_env = e.get("api_key_env")
-        if isinstance(key_env, str) and "${" in key_env:
-            yield f"{where}.api_key_env", ("names an environment variable: write the variable's name itself "
-                                           "(api_key_env: OPENAI_API_KEY), not a ${...} reference to it")
+        if _is_reference(key_env):
+            yield f"{where}.api_key_env", _reference_problem("api_key_env", "OPENAI_API_KEY")
         elif check_env and isinstance(key_env, str) and not os.environ.get(key_env):
             yield f"{where}.api_key_env", f"environment variable {key_env} is not set"
         endpoint = e.get("endpoint")
@@ -561,11 +560,28 @@ def _cross_problems(raw: Any, *, check_env: bool, base_dir: str | Path | None = 
     if service.get("name") in names:
         yield "service.name", f"{service.get('name')!r} is also an expert's name"
     state: dict[str, Any] = raw["state"] if isinstance(raw.get("state"), dict) else {}
+    security: dict[str, Any] = raw["security"] if isinstance(raw.get("security"), dict) else {}
+    for section, block, key, example in (("state", state, "url_env", "MOE_REDIS_URL"),
+                                         ("security", security, "api_keys_env", "MOE_API_KEYS"),
+                                         ("security", security, "admin_key_env", "MOE_ADMIN_KEY")):
+        if _is_reference(block.get(key)):
+            yield f"{section}.{key}", _reference_problem(key, example)
     url_env = state.get("url_env", "MOE_REDIS_URL")
-    if check_env and state.get("backend") == "redis" and isinstance(url_env, str) and not os.environ.get(url_env):
+    if (check_env and state.get("backend") == "redis" and isinstance(url_env, str) and re.match(_ENV_NAME, url_env)
+            and not os.environ.get(url_env)):
         yield "state.url_env", f"environment variable {url_env} is not set; it must hold the Redis URL"
     if check_env:
-        yield from _security_env_problems(raw.get("security"))
+        yield from _security_env_problems(security)
+
+
+def _is_reference(value: Any) -> bool:
+    """A ``*_env`` key written as ``${VAR}``: never expanded (its value would be the secret), so never valid."""
+    return isinstance(value, str) and "${" in value
+
+
+def _reference_problem(key: str, example: str) -> str:
+    return f"names an environment variable: write the variable's name itself ({key}: {example}), not a ${{...}} " \
+           "reference to it"
 
 
 def _endpoint_problems(url: str, *, need_host: bool = True) -> list[str]:
@@ -712,6 +728,11 @@ def parse_config(raw: Any, *, source: str = "<config>", base_dir: str | Path = "
     except ValidationError as exc:
         problems.extend(_pydantic_problems(exc, raw))
     cross = list(_cross_problems(raw, check_env=check_env, base_dir=base_dir, blanked=blanked))
+    # pydantic's "should match pattern" says less than a cross-check of the same field (a ${...} reference where
+    # a variable's name belongs): keep the one that says why.
+    explained = {path for path, _ in cross}
+    problems = [(path, m) for path, m in problems
+                if not (path in explained and m.startswith("String should match pattern"))]
     problems.extend(p for p in cross if p not in problems)
     if problems or config is None:
         raise ConfigError(source, problems or [("<root>", "invalid config")])

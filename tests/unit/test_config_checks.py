@@ -98,6 +98,24 @@ def test_an_env_key_holding_a_reference_is_refused_and_the_secret_never_printed(
     assert "write the variable's name itself" in dict(info.value.problems)["experts[0] (alpha).api_key_env"]
 
 
+@pytest.mark.parametrize(("section", "key"), [("security", "api_keys_env"), ("security", "admin_key_env"),
+                                              ("state", "url_env")])
+def test_every_env_key_holding_a_reference_is_named_once_with_the_reason(
+        monkeypatch: pytest.MonkeyPatch, section: str, key: str) -> None:
+    monkeypatch.setenv("MOE_TEST_TOKEN", "redis://:SECRETVALUE@host:6379/0")
+    raw = {"version": 1, "experts": [expert()], section: {key: "${MOE_TEST_TOKEN}"}}
+    with pytest.raises(ConfigError) as info:
+        parse_config(raw)
+    assert "SECRETVALUE" not in str(info.value)
+    # One problem for the field: why it is wrong, not also pydantic's "should match pattern".
+    assert info.value.problems == [(f"{section}.{key}", f"names an environment variable: write the variable's name "
+                                                        f"itself ({key}: {dict(ENV_EXAMPLES)[key]}), not a ${{...}} "
+                                                        "reference to it")]
+
+
+ENV_EXAMPLES = [("api_keys_env", "MOE_API_KEYS"), ("admin_key_env", "MOE_ADMIN_KEY"), ("url_env", "MOE_REDIS_URL")]
+
+
 def test_credentials_in_the_endpoint_and_a_bearer_key_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MOE_TEST_KEY", "k")
     raw = {"version": 1, "experts": [expert(endpoint="http://user:pw@host:9/v1", api_key_env="MOE_TEST_KEY")]}
