@@ -33,6 +33,7 @@ __all__ = [
     "ReliabilityBins",
     "accuracy",
     "aiq",
+    "aiq_routerbench",
     "apgr",
     "auroc",
     "bootstrap_ci",
@@ -97,9 +98,10 @@ def accuracy(y_true: ArrayLike, y_pred: ArrayLike) -> float:
 def topk_recall(probs: ArrayLike, y: ArrayLike, k: int) -> float:
     """Fraction of queries whose true class is among the ``k`` highest-probability classes.
 
-    Same quantity as scikit-learn's ``top_k_accuracy_score``. Ties in probability are broken towards the
-    lower class index, as ``np.argmax`` does, so ``topk_recall(probs, y, 1)`` equals
-    ``accuracy(y, probs.argmax(1))`` exactly (a uniform gate gets no free credit from ties).
+    scikit-learn's ``top_k_accuracy_score`` without ties. Ties in probability are broken towards the lower
+    class index, as ``np.argmax`` does, so ``topk_recall(probs, y, 1)`` equals ``accuracy(y, probs.argmax(1))``
+    exactly (a uniform gate gets no free credit from ties); scikit-learn breaks them towards the higher index,
+    so the two differ on tied rows.
     """
     p = np.asarray(probs, dtype=float)
     yy = np.asarray(y, dtype=np.int64)
@@ -448,9 +450,8 @@ def aiq(costs: ArrayLike, qualities: ArrayLike, cost_range: tuple[float, float] 
     where ``hull`` is ``quality_cost_hull`` of the router's operating points, extended flat beyond its
     last vertex (as ``calc_AIQ`` in withmartian/routerbench ``evaluation/AIQ.py`` does) and counted as 0
     below its cheapest point (unreachable). ``cost_range`` defaults to the points' own cost range; pass a
-    shared range to compare several routers on one scale. Note: RouterBench's code divides by the largest
-    hull cost rather than the range, i.e. ``cost_range=(0, c_max)`` here. A zero-width range returns the
-    hull's quality at that cost.
+    shared range to compare several routers on one scale. RouterBench's code normalises otherwise: see
+    ``aiq_routerbench``. A zero-width range returns the hull's quality at that cost.
     """
     hx, hy = quality_cost_hull(costs, qualities)
     c_arr = np.asarray(costs, dtype=float)
@@ -465,6 +466,17 @@ def aiq(costs: ArrayLike, qualities: ArrayLike, cost_range: tuple[float, float] 
     xs = np.unique(np.r_[start, hx[(hx > start) & (hx < hi)], hi])
     ys = np.interp(xs, hx, hy)  # np.interp holds the last vertex's quality flat to the right
     return float(np.sum(np.diff(xs) * (ys[1:] + ys[:-1]) / 2.0) / (hi - lo))
+
+
+def aiq_routerbench(costs: ArrayLike, qualities: ArrayLike) -> float:
+    """AIQ as ``calc_AIQ`` in withmartian/routerbench ``evaluation/AIQ.py`` computes it for one router: the area
+    under the non-decreasing hull, from its cheapest point, divided by the hull's largest cost. That hull drops
+    every point below the one before it but keeps ties, so its largest cost is the dearest point of best
+    quality, not the dearest operating point. That is ``aiq`` over ``(0, that cost)``, the stretch below the
+    cheapest point counting as 0."""
+    c, q = np.asarray(costs, dtype=float), np.asarray(qualities, dtype=float)
+    quality_cost_hull(c, q)  # the same checks of the input
+    return aiq(c, q, (0.0, float(c[q == q.max()].max())))
 
 
 # ---------------------------------------------------------------- uncertainty

@@ -214,7 +214,7 @@ def _outcome_cells(r: Mapping[str, Any]) -> tuple[str, str, str]:
     unit = _unit(r)
     head = (f"routed acc **{_f(m['routed_accuracy'])}**{_ci(r, 'routed_accuracy')} at cost "
             f"{_f(m.get('routed_cost'), 4)}{unit}, AIQ {_f(m.get('aiq'))}")
-    head += f" ({_f(m['aiq_from_zero'])} over [0, c_max])" if "aiq_from_zero" in m else ""
+    head += f" ({_f(m['aiq_from_zero'])} as RouterBench's code normalises)" if "aiq_from_zero" in m else ""
     if "served_routed_accuracy" in m:
         head += f"; served gate (`moe train`) acc **{_f(m['served_routed_accuracy'])}**"
     if m.get("arc_operating_points_chosen_on") == "tuning":

@@ -117,8 +117,8 @@ def route_outcomes(ctx: SuiteContext, x: np.ndarray, outcomes: np.ndarray, costs
                "oracle_accuracy": M.oracle_accuracy(o_test), "routed_cost": routed["cost"],
                "best_single_cost": experts[models[best]]["cost"], "routed_minus_best_single": diff.estimate,
                "aiq": M.aiq(curve_costs, [p["accuracy"] for p in curve]),
-               # RouterBench's own code normalises over [0, c_max], not the curve's own cost range.
-               "aiq_from_zero": M.aiq(curve_costs, [p["accuracy"] for p in curve], (0.0, max(curve_costs))),
+               # RouterBench's own code normalises over [0, the hull's best-quality cost], not the curve's range.
+               "aiq_from_zero": M.aiq_routerbench(curve_costs, [p["accuracy"] for p in curve]),
                "served_routed_accuracy": served_system["accuracy"],
                "served_minus_best_single": served_system["accuracy"] - experts[models[best]]["accuracy"]}
     body: dict[str, Any] = {

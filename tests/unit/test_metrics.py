@@ -255,8 +255,21 @@ def test_quality_cost_hull() -> None:
 def test_aiq_by_hand() -> None:
     # Area = 2*(.5+.8)/2 + 2*(.8+.85)/2 = 1.3 + 1.65 = 2.95 over cost range 5 - 1 = 4.
     assert m.aiq(AIQ_COSTS, AIQ_QUALS) == pytest.approx(2.95 / 4)
-    # RouterBench's code normalisation (divide by the largest cost, 0 below the cheapest point).
+    # Over [0, 5]: 0 below the cheapest point.
     assert m.aiq(AIQ_COSTS, AIQ_QUALS, cost_range=(0, 5)) == pytest.approx(2.95 / 5)
+
+
+def test_aiq_routerbench_divides_by_the_best_quality_cost_as_its_code_does() -> None:
+    # RouterBench's calc_AIQ on (1,.5) (2,.4) (3,.8) (4,.7): its non-decreasing hull is (1,.5) (3,.8), area 1.3,
+    # divided by the hull's largest cost, 3 (the dearer point at 4 is below the best and dropped): 0.4333.
+    costs, quals = [1, 2, 3, 4], [0.5, 0.4, 0.8, 0.7]
+    assert m.aiq_routerbench(costs, quals) == pytest.approx(1.3 / 3)
+    assert m.aiq(costs, quals, cost_range=(0, 4)) == pytest.approx(2.1 / 4)  # to the dearest point: not theirs
+    # Points tied at the best quality stay on RouterBench's hull (it drops only points below the one before):
+    # the dearer tie, at 5, sets the scale. Area 1.3 to cost 3, then flat at .8 to 5: 2.9 / 5.
+    assert m.aiq_routerbench([1, 3, 5], [0.5, 0.8, 0.8]) == pytest.approx(2.9 / 5)
+    # When the best point is also the dearest, the two agree.
+    assert m.aiq_routerbench(AIQ_COSTS, AIQ_QUALS) == pytest.approx(m.aiq(AIQ_COSTS, AIQ_QUALS, cost_range=(0, 5)))
 
 
 def test_aiq_hull_is_non_decreasing() -> None:

@@ -60,7 +60,7 @@ def test_served_gate_within_noise_is_not_shown_as_met() -> None:
          "systems": {"best single (gpt-4o)": {"accuracy": 0.7313, "cost": 1.53}}}
     cells = _row(r)
     assert "✅" not in cells[4] and "within noise" in cells[4] and "[-0.0110, +0.0120]" in cells[4]
-    assert "k output chars/query" in cells[1] and "0.662 over [0, c_max]" in cells[1]
+    assert "k output chars/query" in cells[1] and "0.662 as RouterBench's code normalises" in cells[1]
     assert cells[2].startswith("best single on training (gpt-4o) acc 0.731 at cost 1.5300 k output chars/query")
 
 
