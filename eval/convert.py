@@ -38,7 +38,7 @@ from eval.datasets import (
     without_seen,
 )
 from eval.routing import FRACTIONS
-from eval.suite import check_limit
+from eval.suite import check_limit, subsample
 
 if TYPE_CHECKING:
     from router.config import RouterConfig
@@ -176,8 +176,10 @@ def convert(name: str, data_dir: str | Path, split: str, out: str | Path, *, see
     """Write data set ``name``'s ``split`` to ``out`` as JSONL; returns the number of lines written.
 
     ``names`` (outcome data sets only) maps recorded LLMs to expert names, and the experts found in the data go
-    into ``matched`` when given; ``answers=False`` leaves the answers out of outcome records; ``limit`` stops
-    after that many lines (None or >= 1, else ``ValueError``). Raises ``ValueError`` naming the known data
+    into ``matched`` when given; ``answers=False`` leaves the answers out of outcome records; ``limit`` keeps
+    at most that many lines, chosen by a seeded hash of each query as ``moe eval --limit`` chooses (the data
+    sets' rows come grouped by label, so the first lines would be one label) and written in their order
+    (None or >= 1, else ``ValueError``). Raises ``ValueError`` naming the known data
     sets or splits for an unknown one, and when ``names`` match no LLM of the data set (no file is left then)."""
     if name not in CONVERTERS:
         raise ValueError(f"unknown data set {name!r}; known: {', '.join(CONVERTERS)}")
@@ -193,19 +195,18 @@ def convert(name: str, data_dir: str | Path, split: str, out: str | Path, *, see
         raise ValueError(f"--out {path} is a folder; name the JSONL file to write, e.g. {example}")
     path.parent.mkdir(parents=True, exist_ok=True)
     count = 0
+    rows: Iterator[dict[str, Any]] = (kept for row in converter.rows(Path(data_dir), split, seed)
+                                      if (kept := _renamed(row, names) if names is not None else row) is not None)
+    if limit is not None:
+        rows = iter(subsample(list(rows), limit, seed, key=lambda row: str(row["query"])))
     with path.open("w", encoding="utf-8") as fh:
-        for row in converter.rows(Path(data_dir), split, seed):
-            kept = _renamed(row, names) if names is not None else row
-            if kept is None:
-                continue
+        for kept in rows:
             if matched is not None:
                 matched.update(kept.get("outcomes", {}))
             if not answers:
                 kept.pop("answers", None)
             fh.write(json.dumps(kept, ensure_ascii=False) + "\n")
             count += 1
-            if limit is not None and count >= limit:
-                break
     if names is not None and count == 0:
         path.unlink()
         raise ValueError(f"none of the experts' recorded models ({', '.join(sorted(names))}) is among {name}'s "

@@ -64,7 +64,7 @@ def _replay_path(config: RouterConfig) -> Path:
 
 def write_training_file(config: RouterConfig, limit: int | None = None) -> tuple[Path, int]:
     """The outcome records the config's gate trains on (``moe convert routerbench --split train``): for every
-    question of RouterBench's train split (the first ``limit``, when given), each replay expert's recorded
+    question of RouterBench's train split (``limit`` of them, sampled, when given), each replay expert's recorded
     correctness and USD cost; an expert with no record for a question is left out of it."""
     path = config.resolve(config.gate.train_data[0])
     return path, convert("routerbench", _replay_path(config), "train", path, names=replay_names(config),

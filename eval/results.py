@@ -25,7 +25,7 @@ from eval.harness import SUITES, run_suite
 from eval.peer import attach_peer, score_semantic_router
 from eval.readme_results import load_results, render_block, rewrite_readme
 from eval.report import write_results
-from router.cli import limit_count
+from router.cli import limit_count, seed_number
 
 __all__ = ["LABEL_SUITES", "PUBLISHED", "main", "published_suites"]
 
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--suites", help="comma-separated subset (default: every published suite)")
     parser.add_argument("--data", default=None, help="data folder (default: ../shared/data or $MOE_DATA_DIR)")
     parser.add_argument("--encoder", default="onnx")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=seed_number, default=0)
     parser.add_argument("--limit", type=limit_count, default=None,
                         help="at most this many queries per split (quick runs)")
     parser.add_argument("--readme", type=Path, default=Path("README.md"))

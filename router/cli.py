@@ -236,7 +236,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="train", help="train (default), val, test or all: the evaluation "
                    "suites' own splits, so a converted train file never holds a test question")
     p.add_argument("--data", default=None, help="the shared data folder (default: $MOE_DATA_DIR or ../shared/data)")
-    p.add_argument("--seed", type=int, default=0, help="the seed of MMLU-Pro's split by question id")
+    p.add_argument("--seed", type=seed_number, default=0, help="the seed of MMLU-Pro's split by question id")
     p.add_argument("--config", help="outcome data: name the recorded LLMs after this config's replay experts")
     p.add_argument("--no-answers", action="store_true", help="outcome data: leave the experts' answers out")
     p.add_argument("--limit", type=limit_count, default=None, help="at most this many lines")
@@ -256,7 +256,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="encoder backend (default: onnx; static is the fast distilled table)")
     p.add_argument("--device", default="cpu", help="sentence-transformers only: the torch device to embed on "
                    "(cpu, cuda, cuda:N, mps; default cpu)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed_number, default=0)
     p.add_argument("--limit", type=limit_count, default=None, help="at most this many queries per split (a fast run)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG figures")
     p.add_argument("--pool", default=None, help="experts for mmlu-pro-combine: all, small (open models up to "
@@ -286,6 +286,18 @@ def limit_count(raw: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {value}")
     return value
+
+
+def seed_number(raw: str) -> int:
+    """``--seed`` for argparse: 0 to 2**32 - 1, what NumPy and scikit-learn take (refused late otherwise, by a
+    library that names its own parameter, once the split was written)."""
+    try:
+        seed = int(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{raw!r} is not an integer") from None
+    if not 0 <= seed <= 2**32 - 1:
+        raise argparse.ArgumentTypeError(f"{seed} is out of range (0 to {2**32 - 1})")
+    return seed
 
 
 def port_number(raw: str) -> int:

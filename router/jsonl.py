@@ -7,7 +7,7 @@ way; each caller checks its own fields on the objects this yields.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Generator
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +15,7 @@ __all__ = ["read_jsonl"]
 
 
 def read_jsonl(path: str | Path, *, expected: str = "an object",
-               error: type[ValueError] = ValueError) -> Iterator[tuple[str, int, dict[str, Any]]]:
+               error: type[ValueError] = ValueError) -> Generator[tuple[str, int, dict[str, Any]], None, None]:
     """``(where, line number, object)`` for each non-blank line, ``where`` being ``"<path>:<line>"``.
 
     A line that is not JSON, or not a JSON object, raises ``error`` naming the place and what is wrong;

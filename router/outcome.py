@@ -31,7 +31,6 @@ itself has no row there.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -77,15 +76,18 @@ def load_outcome_jsonl(path: str | Path) -> list[OutcomeRecord]:
 
 
 def is_outcome_file(path: str | Path) -> bool:
-    """Whether a JSONL file holds outcome records: its first non-blank line is an object with ``outcomes``."""
-    with open(path, encoding="utf-8") as fh:
-        for line in fh:
-            if line.strip():
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:
-                    return False  # let the labelled loader report the bad line
-                return isinstance(row, dict) and "outcomes" in row
+    """Whether a JSONL file holds outcome records: its first non-blank line is an object with ``outcomes``.
+
+    Read as the loaders read (``read_jsonl``: a BOM is no error); a first line that is not UTF-8 or not a JSON
+    object is left for the labelled loader to report, naming the file and line."""
+    rows = read_jsonl(path)
+    try:
+        for _, _, row in rows:
+            return "outcomes" in row
+    except ValueError:
+        pass
+    finally:
+        rows.close()  # the file, at once
     return False
 
 

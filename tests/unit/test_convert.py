@@ -65,6 +65,21 @@ def test_unknown_data_set_split_or_naming_is_refused(data_dir: Path, tmp_path: P
         convert("snips-intent", data_dir, "train", tmp_path)
 
 
+def test_limit_samples_across_labels_the_same_way_each_time(data_dir: Path, tmp_path: Path) -> None:
+    """The data sets' rows come grouped by label: the first 200 SNIPS training queries are one intent. --limit
+    samples by a seeded hash instead, as ``moe eval --limit`` does, and keeps the file's order."""
+    full, first, again, other = (tmp_path / f"{n}.jsonl" for n in ("full", "first", "again", "other"))
+    convert("snips-intent", data_dir, "train", full)
+    for path, seed in ((first, 0), (again, 0), (other, 1)):
+        assert convert("snips-intent", data_dir, "train", path, limit=200, seed=seed) == 200
+    rows = [json.loads(line) for line in first.read_text(encoding="utf-8").splitlines()]
+    order = {json.dumps(json.loads(line)): i for i, line in enumerate(full.read_text(encoding="utf-8").splitlines())}
+    assert len({r["label"] for r in rows}) == 7  # every intent, not the first one only
+    assert [order[json.dumps(r)] for r in rows] == sorted(order[json.dumps(r)] for r in rows)
+    assert first.read_text(encoding="utf-8") == again.read_text(encoding="utf-8")
+    assert first.read_text(encoding="utf-8") != other.read_text(encoding="utf-8")
+
+
 def test_mmlu_pro_outcomes_carry_letters_that_teach_vote_weights(data_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "o.jsonl"
     assert convert("mmlu-pro-outcome", data_dir, "train", out, limit=3000) == 3000

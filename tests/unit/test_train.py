@@ -75,6 +75,23 @@ def test_collect_training_data_joins_examples_and_files(tmp_path: Path) -> None:
     assert data.labels == [*INTENTS, "GetWeather"]
 
 
+def test_a_training_file_with_a_bom_is_read_as_its_kind(tmp_path: Path) -> None:
+    """A BOM is no error for the loaders, so neither for telling outcome files from labelled ones (an outcome
+    file with one was read as labelled, and refused for its missing 'label')."""
+    row = {"query": "rain tomorrow?", "outcomes": {"GetWeather": 1.0, "PlayMusic": 0.0}}
+    (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + json.dumps(row).encode() + b"\n")
+    data = collect_training_data(_config(tmp_path, ["bom.jsonl"]))
+    assert data.kind == "outcome" and [r.query for r in data.records] == ["rain tomorrow?"]
+
+
+@pytest.mark.parametrize(("content", "line"), [(b"\x1f\x8b\x08\x00gzipped", 1),
+                                               (b'{"query": "q", "label": "GetWeather"}\n' * 3 + b"caf\xe9\n", 4)])
+def test_a_training_file_that_is_not_utf8_is_named_with_its_line(tmp_path: Path, content: bytes, line: int) -> None:
+    (tmp_path / "bad.jsonl").write_bytes(content)
+    with pytest.raises(ValueError, match=rf"bad\.jsonl:{line}: not UTF-8 \(byte 0x"):
+        collect_training_data(_config(tmp_path, ["bad.jsonl"]))
+
+
 def test_label_that_is_no_expert_is_named(tmp_path: Path) -> None:
     _write_jsonl(tmp_path / "extra.jsonl", [{"query": "q", "label": "GetWeather"}, {"query": "q", "label": "Nope"}])
     with pytest.raises(ValueError, match=r"extra\.jsonl: labels 'Nope' are not experts"):
