@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import logging
 import sys
+import unicodedata
+from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
@@ -31,6 +33,7 @@ from eval.datasets import (
 from eval.peer import write_split
 from eval.report import plot_confusion, plot_familiar_sweep, plot_reliability
 from eval.suite import SuiteContext, subsample
+from router.gate import conflicting_labels
 
 __all__ = ["evaluate_labels", "run_banking77_intent", "run_clinc150_domain", "run_jsonl",
            "run_mmlu_pro_domain", "run_snips_intent", "unseen_test"]
@@ -127,6 +130,11 @@ def run_jsonl(ctx: SuiteContext, *, oos_label: str | None = None) -> dict[str, A
         left = f" once --oos-label {oos_label}'s are left out" if oos_label is not None else ""
         raise ValueError(f"--train {ctx.train_path}: its queries{limited} carry {len(found)} label(s)"
                          f"{': ' + repr(found[0]) if found else ''}{left}; routing needs at least two")
+    _note_unseen_labels(ctx, found, test, oos_label)
+    conflicts = conflicting_labels([q.text for q in train], [q.label for q in train])
+    if conflicts:  # the gate logs it while training; the report keeps it
+        ctx.notes.append(f"{len(conflicts)} training queries carry more than one label; the gate splits its "
+                         "probability between them")
     seen = {q.text for q in train}
     overlap = sum(q.text in seen for q in test)
     if overlap:
@@ -136,6 +144,34 @@ def run_jsonl(ctx: SuiteContext, *, oos_label: str | None = None) -> dict[str, A
         print(f"warning: {note}", file=sys.stderr)
     return evaluate_labels(ctx, train, test, oos_label=oos_label, unseen_out_of_scope=True,
                            title=ctx.test_path.name)
+
+
+def _label_key(label: str) -> str:
+    """A label as a person reads it: Unicode composed (NFC), case folded, spaces collapsed."""
+    return " ".join(unicodedata.normalize("NFC", label).casefold().split())
+
+
+def _note_unseen_labels(ctx: SuiteContext, trained: Sequence[str], test: Sequence[LabelledQuery],
+                        oos_label: str | None) -> None:
+    """Say which test labels the training data lacks (their queries are scored as out of scope), and warn
+    about any that differ from a training label only in case, spaces or Unicode form: most likely the same
+    class written two ways, which would otherwise pass silently as out of scope."""
+    known = set(trained)
+    counts = Counter(q.label for q in test if q.label not in known and q.label != oos_label)
+    if not counts:
+        return
+    listed = ", ".join(f"{label!r} ({n})" for label, n in sorted(counts.items())[:20])
+    more = f" and {len(counts) - 20} more" if len(counts) > 20 else ""
+    ctx.notes.append(f"out of scope: test labels the training data lacks, with their queries: {listed}{more}")
+    by_key = {_label_key(label): label for label in trained}
+    for label in sorted(counts):
+        twin = by_key.get(_label_key(label))
+        if twin is not None:
+            note = (f"test label {label!r} differs from training label {twin!r} only in case, spaces or Unicode "
+                    f"form, so its {counts[label]} queries are scored as out of scope; if they are the same "
+                    "class, write the label the same way in both files")
+            ctx.notes.append(note)
+            print(f"warning: {note}", file=sys.stderr)
 
 
 def _folder(ctx: SuiteContext, name: str) -> Any:

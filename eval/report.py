@@ -114,9 +114,11 @@ def render_markdown(results: Mapping[str, Any]) -> str:
         lines += ["## Quality–cost curve (swept over the cost weight λ)", ""]
         lines += _table(*_rows_of({f"λ={p['lambda']:.4g}": p for p in results["curve"]}))
     if results.get("per_class"):
+        # "#" is the label's row and column in the confusion matrix, whose figure shows indices past 40 labels.
+        order = {lab: i for i, lab in enumerate(results.get("labels") or results["per_class"])}
         lines += ["## Per class (gate)", ""]
-        lines += _table(["label", "precision", "recall", "f1", "support"],
-                        [[lab, r["precision"], r["recall"], r["f1"], r["support"]]
+        lines += _table(["#", "label", "precision", "recall", "f1", "support"],
+                        [[order.get(lab, ""), lab, r["precision"], r["recall"], r["f1"], r["support"]]
                          for lab, r in results["per_class"].items()])
     if results.get("figures"):
         lines += ["## Figures", ""] + [f"![{name}]({name})" for name in results["figures"]] + [""]
@@ -196,15 +198,23 @@ def plot_confusion(path: Path, matrix: np.ndarray, labels: Sequence[str], title:
     fig, ax = plt.subplots(figsize=(size, size * 0.85))
     im = ax.imshow(norm, cmap="Blues", vmin=0.0, vmax=1.0)
     fig.colorbar(im, ax=ax, label="fraction of the true label's queries")
+    key = ""
     if len(labels) <= 40:
-        shown = [_legible(lab) for lab in labels]
+        shown = [_clipped(_legible(lab)) for lab in labels]
         ax.set_xticks(range(len(labels)), shown, rotation=90, fontsize=8)
         ax.set_yticks(range(len(labels)), shown, fontsize=8)
         if len(labels) <= 16:
             for i, j in zip(*np.nonzero(matrix), strict=True):
                 ax.text(j, i, str(matrix[i, j]), ha="center", va="center", fontsize=6,
                         color="white" if norm[i, j] > 0.5 else "black")
-    _finish(plt, fig, ax, path, title, xlabel="predicted label", ylabel="true label")
+    else:  # too many to name on the axes: indices, keyed by report.md's per-class table
+        key = " (index: the # column of report.md's per-class table)"
+    _finish(plt, fig, ax, path, title, xlabel=f"predicted label{key}", ylabel=f"true label{key}")
+
+
+def _clipped(label: str, most: int = 32) -> str:
+    """A tick label short enough that the figure keeps its axes: a long one ends in an ellipsis."""
+    return label if len(label) <= most else label[:most - 1] + "…"
 
 
 def plot_reliability(path: Path, bins: ReliabilityBins, ece: float, title: str) -> None:

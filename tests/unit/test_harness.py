@@ -104,6 +104,31 @@ def test_user_jsonl_test_labels_absent_from_training_are_out_of_scope(
     assert (setup["test"], setup["test_out_of_scope"], setup["test_unseen_label"]) == (40, 10, 0)
     assert results["out_of_scope"]["labels"] == ["expert-weather"]
     assert 0.5 < results["metrics"]["oos_auroc"] <= 1.0  # weather requests are unlike music and film ones
+    said = "out of scope: test labels the training data lacks, with their queries: 'expert-weather' (10)"
+    assert said in results["notes"] and said in (out / "report.md").read_text(encoding="utf-8")
+
+
+def test_user_jsonl_test_labels_written_another_way_are_flagged(
+        data_dir: Path, tmp_path: Path, cache_dir: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """A test label that differs from a training one only in case, spaces or Unicode form is most likely the
+    same class: still scored as out of scope (labels are the user's), but warned about and noted."""
+    monkeypatch.setenv("MOE_CACHE_DIR", str(cache_dir))
+    rows = _relabelled(data_dir, "train", 30)
+    other = next(label for label in RENAMED.values() if label != rows[0]["label"])
+    train = _write_jsonl(tmp_path / "train.jsonl", [*rows, {**rows[0], "id": "again", "label": other}])
+    twins = {"SearchCreativeWork": "Expert-Aurora ", "PlayMusic": "expert-cirrus", "GetWeather": "expert-weather"}
+    test = _write_jsonl(tmp_path / "test.jsonl", _snips_rows(data_dir, "test", 10, twins))
+    out = tmp_path / "out"
+    assert cli_main(["eval", "--train", str(train), "--test", str(test), "--out", str(out), "--no-plots",
+                     "--encoder", "static"]) == 0
+    notes = json.loads((out / "results.json").read_text(encoding="utf-8"))["notes"]
+    flagged = [n for n in notes if "only in case, spaces or Unicode form" in n]
+    assert flagged == ["test label 'Expert-Aurora ' differs from training label 'expert-aurora' only in case, "
+                       "spaces or Unicode form, so its 10 queries are scored as out of scope; if they are the same "
+                       "class, write the label the same way in both files"]
+    assert f"warning: {flagged[0]}" in capsys.readouterr().err
+    assert "1 training queries carry more than one label; the gate splits its probability between them" in notes
 
 
 def test_user_jsonl_with_integer_labels_and_an_oos_label(data_dir: Path, tmp_path: Path, cache_dir: Path,

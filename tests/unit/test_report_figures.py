@@ -10,7 +10,7 @@ import pytest
 
 from eval import report
 from eval.harness import run_suite
-from eval.report import plot_accuracy_bars, plot_accuracy_cost, plot_strong_calls
+from eval.report import plot_accuracy_bars, plot_accuracy_cost, plot_confusion, plot_strong_calls, render_markdown
 from tests.doubles.fakes import FakeHashingEncoder
 from tests.support import PNG_SIGNATURE
 
@@ -99,3 +99,20 @@ def test_table_cells_holding_pipes_or_line_breaks_keep_the_row_whole() -> None:
 
     lines = _table(["label", "n"], [["a|b", 1], ["two\nlines", 2.5], ["back\\slash", None]])
     assert lines[2:5] == ["| a\\|b | 1 |", "| two lines | 2.5 |", "| back\\\\slash | n/a |"]
+
+
+def test_confusion_names_its_labels_clipped_or_keys_their_indices(tmp_path: Path, drawn: list[Any]) -> None:
+    long = "a label of two hundred characters " * 6
+    plot_confusion(tmp_path / "few.png", np.eye(3, dtype=int), ["math", long, "law"], "three")
+    many = [f"intent-{i}" for i in range(60)]
+    plot_confusion(tmp_path / "many.png", np.eye(60, dtype=int), many, "sixty")
+    few, sixty = drawn
+    shown = [t.get_text() for t in few.get_xticklabels()]
+    assert shown[0] == "math" and len(shown[1]) == 32 and shown[1].endswith("\u2026")
+    assert few.get_xlabel() == "predicted label"
+    assert "index: the # column of report.md's per-class table" in sixty.get_xlabel()
+    # The key itself: report.md's per-class table numbers each label by its row in the matrix.
+    table = render_markdown({"suite": "x", "metrics": {}, "labels": many,
+                             "per_class": {lab: {"precision": 1.0, "recall": 1.0, "f1": 1.0, "support": 1}
+                                           for lab in many}})
+    assert "| 59 | intent-59 |" in table
