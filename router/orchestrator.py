@@ -523,9 +523,7 @@ class Orchestrator:
                         yield event
             if outcome.error is None:
                 _continued_by(trace, name)
-                trace.contributions = _streamed(chars, name)
-                trace.latency_ms = (time.perf_counter() - start) * 1000.0
-                yield StreamEnd(trace=trace, finish_reason=outcome.finish_reason)
+                yield _stream_end(trace, chars, name, start, outcome.finish_reason)
                 return
             errors.append(outcome.error)
             if _skipped(outcome.error):
@@ -545,9 +543,7 @@ class Orchestrator:
                 if continued is None:
                     # It broke off after sending the whole token limit the client asked for: the answer is as
                     # long as it may be, so it ends here, as a stream cut off by max_tokens would.
-                    trace.contributions = _streamed(chars, name)
-                    trace.latency_ms = (time.perf_counter() - start) * 1000.0
-                    yield StreamEnd(trace=trace, finish_reason="length")
+                    yield _stream_end(trace, chars, name, start, "length")
                     return
                 attempt_request = continued
                 trace.switches.append({"from": name, "after_chars": len("".join(sent)), "cause": outcome.error.kind})
@@ -652,6 +648,13 @@ def _as_dict(neighbour: Any) -> dict[str, Any]:
     if dataclasses.is_dataclass(neighbour) and not isinstance(neighbour, type):
         return dataclasses.asdict(neighbour)
     return dict(neighbour)
+
+
+def _stream_end(trace: Trace, chars: dict[str, int], last: str, start: float, finish_reason: str) -> StreamEnd:
+    """The end of a stream whose last piece came from ``last``: each expert's share of the text, and the time."""
+    trace.contributions = _streamed(chars, last)
+    trace.latency_ms = (time.perf_counter() - start) * 1000.0
+    return StreamEnd(trace=trace, finish_reason=finish_reason)
 
 
 def _continuation(request: ChatRequest, sent: Sequence[str]) -> ChatRequest | None:
