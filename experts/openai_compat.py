@@ -46,6 +46,7 @@ from experts.errors import (
     ExpertUnavailable,
 )
 from experts.http_client import AiohttpClient, HttpClient, HttpFailure, HttpxClient
+from experts.redact import redact
 from experts.types import ChatRequest, ExpertReply, StreamDelta, Usage
 
 if TYPE_CHECKING:
@@ -267,8 +268,6 @@ class OpenAICompatibleExpert(Expert):
     def _transport_error(self, exc: HttpFailure) -> ExpertError:
         what = self._excerpt(exc.detail) or "no detail"
         # The error's message reaches clients without addresses; the operator's log has them.
-        from router.security import redact  # here: ``experts`` must not depend on ``router`` at import time
-
         log.warning("expert %s (%s): %s failed: %s", self.name, redact(self._url), exc.kind,
                     self._excerpt(exc.raw) or "no detail")
         if exc.kind == "overloaded":

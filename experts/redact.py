@@ -1,0 +1,52 @@
+"""Secrets out of what is shown: config dumps, log lines and error messages.
+
+Lives in ``experts`` because an expert's own error messages and log lines name its endpoint, which may carry
+credentials (``https://user:secret@host``, ``?api-key=...``); ``router`` re-exports it (``router.security``) for
+the admin config dump and the state stores' logs.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+__all__ = ["REDACTED", "redact"]
+
+REDACTED = "<redacted>"
+# Config keys whose values are secrets or stand-ins for them (a key's hash still lets one test guesses offline).
+_SECRET_FIELDS = frozenset({"sha256", "api_key", "apikey", "key"})
+_SECRET_WORDS = frozenset({"secret", "password", "token", "credentials"})
+# A URL in a string: its userinfo (everything up to the authority's last "@", so a password holding "@" goes
+# whole) and secret-looking query parameters (?password=..., &token=...) are redacted.
+_URL = re.compile(r"\b[a-zA-Z][a-zA-Z0-9+.-]*://[^\s\"'<>]+")
+_URL_AUTHORITY = re.compile(r"^([^:]+://)([^/?#]*)")
+_SECRET_QUERY = re.compile(r"([?&;](?:[^=&;#]*(?:pass|pwd|secret|token|key|auth|credential)[^=&;#]*)=)[^&;#]*",
+                           re.IGNORECASE)
+
+
+def redact(value: Any) -> Any:
+    """A config dump with secret-looking fields replaced; environment variable *names* stay visible."""
+    if isinstance(value, dict):
+        return {k: REDACTED if _secret_field(k) and v is not None else redact(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [redact(v) for v in value]
+    if isinstance(value, str):
+        # Credentials inside a URL (https://user:secret@host, redis://h/0?password=secret) go too.
+        return _URL.sub(lambda m: _redact_url(m.group(0)), value)
+    return value
+
+
+def _redact_url(url: str) -> str:
+    def authority(m: re.Match[str]) -> str:
+        netloc = m.group(2)
+        return m.group(1) + (f"{REDACTED}@{netloc.rpartition('@')[2]}" if "@" in netloc else netloc)
+
+    return _SECRET_QUERY.sub(rf"\1{REDACTED}", _URL_AUTHORITY.sub(authority, url, count=1))
+
+
+def _secret_field(name: str) -> bool:
+    """``sha256``, ``api_key``, ``admin_token``, ``db_password``: yes. ``api_key_env``, ``max_tokens``: no."""
+    lowered = name.lower()
+    if lowered.endswith("_env"):
+        return False
+    return lowered in _SECRET_FIELDS or lowered.endswith("_api_key") or bool(_SECRET_WORDS & set(lowered.split("_")))
