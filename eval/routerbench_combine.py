@@ -67,10 +67,9 @@ from eval.suite import SuiteContext
 from router.combine import (
     EXTRACTORS,
     Combiner,
-    Consensus,
     TopOne,
-    Vote,
     WeightedAnswer,
+    build_combiner,
     choice_embedding,
     extract_choice,
 )
@@ -133,29 +132,48 @@ def key_embedding(extract: Callable[[str], str | None]) -> Embed:
     return embed
 
 
+def _answer_embedding(task: str, extractor: str | None, embed_text: Embed | None) -> Embed:
+    """What consensus compares a task's answers by: their extracted answer, one-hot (a weighted vote on it), or,
+    without an extractor, ``embed_text`` of the whole text."""
+    if extractor == "choice":
+        return choice_embedding
+    if extractor is not None:
+        return key_embedding(EXTRACTORS[extractor])
+    if embed_text is None:
+        raise ValueError(f"consensus on {task!r} answers needs an embedding of their text")
+    return embed_text
+
+
+# Only which member's answer a combiner keeps is scored, so where no final answer is read (``top1``; ``vote`` on a
+# task without an extractor, which is what Vote falls back to) the combiner is a ``TopOne`` that reads none,
+# without the pointless extraction. Otherwise it is the service's (``build_combiner``) in the task's answer format.
+def _build_top1(task: str, extractor: str | None, embed_text: Embed | None, learned: VoteWeights | None) -> Combiner:
+    return TopOne()
+
+
+def _build_vote(task: str, extractor: str | None, embed_text: Embed | None, learned: VoteWeights | None) -> Combiner:
+    return TopOne() if extractor is None else build_combiner("vote", extractor, vote_weights=learned)
+
+
+def _build_consensus(task: str, extractor: str | None, embed_text: Embed | None,
+                     learned: VoteWeights | None) -> Combiner:
+    return build_combiner("consensus", embed=_answer_embedding(task, extractor, embed_text))
+
+
+# Scored strategy -> its combiner for one task, given the task's extractor (None: no final answer to read).
+_SCORED: dict[str, Callable[[str, str | None, Embed | None, VoteWeights | None], Combiner]] = {
+    "top1": _build_top1, "vote": _build_vote, "consensus": _build_consensus}
+
+
 def combiners_for(strategy: str, tasks: Iterable[str], embed_text: Embed | None = None,
                   learned: VoteWeights | None = None) -> dict[str, Combiner]:
     """Each task's combiner for ``strategy`` (``top1``, ``vote`` or ``consensus``) in the task's answer format.
     ``embed_text`` embeds free-text answers (consensus on a task without an extractor needs it); ``learned``
     gives ``vote`` learned vote weights."""
-    out: dict[str, Combiner] = {}
-    for task in set(tasks):
-        extractor = answer_format(task)[0]
-        if strategy == "top1" or (strategy == "vote" and extractor is None):
-            out[task] = TopOne()  # what Vote does when no answer extracts, without the pointless extraction
-        elif strategy == "vote":
-            out[task] = Vote(extractor or "choice", learned=learned)
-        elif strategy != "consensus":
-            raise ValueError(f"unknown strategy {strategy!r}; known: top1, vote, consensus")
-        elif extractor == "choice":
-            out[task] = Consensus(choice_embedding)
-        elif extractor is not None:
-            out[task] = Consensus(key_embedding(EXTRACTORS[extractor]))
-        elif embed_text is None:
-            raise ValueError(f"consensus on {task!r} answers needs an embedding of their text")
-        else:
-            out[task] = Consensus(embed_text)
-    return out
+    if strategy not in _SCORED:
+        raise ValueError(f"unknown strategy {strategy!r}; known: {', '.join(_SCORED)}")
+    build = _SCORED[strategy]
+    return {task: build(task, answer_format(task)[0], embed_text, learned) for task in set(tasks)}
 
 
 def rank_panels(success: np.ndarray, size: int) -> np.ndarray:

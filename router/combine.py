@@ -3,7 +3,8 @@
 A combiner has one method, ``combine``. Every result says which experts contributed, with what weight, and
 whether each agreed with the result. The orchestrator awaits ``acombine``, which is ``combine`` unless a
 strategy needs more than the answers: ``consensus`` embeds them off the event loop, ``fuse`` calls a model
-through the hook it is handed. Strategies (``COMBINERS``):
+through the hook it is handed. Strategies (``COMBINERS``, the one place a strategy is declared: each class builds
+itself from ``build_combiner``'s settings with ``from_settings``, so a new strategy is one class and one line):
 
 - ``top1``: the highest-weight answer. Every answer that gives the same final answer (the same extracted
   answer, else the same text up to case and whitespace) is marked as agreeing with it.
@@ -44,9 +45,9 @@ from experts.types import ChatMessage
 from router.trace import AttemptRole, Contribution
 from router.vote_weights import VoteWeights
 
-__all__ = ["COMBINERS", "EXTRACTORS", "TIE_BREAK", "Aggregate", "Combined", "Combiner", "Consensus", "Escalate",
-           "Extraction", "Fuse", "TopOne", "Vote", "WeightedAnswer", "build_combiner", "choice_embedding",
-           "extract_choice", "extract_number", "extract_short"]
+__all__ = ["COMBINERS", "EXTRACTORS", "TIE_BREAK", "Aggregate", "Combined", "Combiner", "CombinerSettings",
+           "Consensus", "Escalate", "Extraction", "Fuse", "TopOne", "Vote", "WeightedAnswer", "build_combiner",
+           "choice_embedding", "extract_choice", "extract_number", "extract_short"]
 
 Embed = Callable[[Sequence[str]], np.ndarray]
 # The combiner's one model call, to its ``aggregator`` expert: with these messages (``fuse``'s prompt), or, given
@@ -71,6 +72,18 @@ class Combined:
     fallback: ExpertError | None = None
 
 
+@dataclass(frozen=True)
+class CombinerSettings:
+    """What ``build_combiner`` is given (see it); each strategy takes what it needs in ``Combiner.from_settings``."""
+
+    extractor: str = "choice"
+    per_expert: Mapping[str, str] | None = None
+    embed: Embed | None = None
+    aggregator: str | None = None
+    vote_weights: Mapping[str, float] | VoteWeights | None = None
+    escalate_to: str | None = None
+
+
 class Combiner(ABC):
     name = "combiner"
     # The expert a combiner asks to write its answer (``fuse``) or to answer instead (``escalate``); None for those
@@ -80,6 +93,11 @@ class Combiner(ABC):
     fallback_to = "top1"
     # How the trace labels the ``aggregator`` call.
     call_role: AttemptRole = "aggregate"
+
+    @classmethod
+    @abstractmethod
+    def from_settings(cls, settings: CombinerSettings) -> Combiner:
+        """This strategy as ``settings`` configure it; ``ValueError`` saying what is missing when they cannot."""
 
     @abstractmethod
     def combine(self, answers: list[WeightedAnswer]) -> Combined:
@@ -171,6 +189,10 @@ class TopOne(Combiner):
     def __init__(self, extractor: str | None = None, per_expert: Mapping[str, str] | None = None) -> None:
         self.extraction = Extraction(extractor, per_expert)
 
+    @classmethod
+    def from_settings(cls, settings: CombinerSettings) -> TopOne:
+        return cls(settings.extractor, settings.per_expert)
+
     def combine(self, answers: list[WeightedAnswer]) -> Combined:
         best = max(answers, key=lambda a: a.weight)
         final, text = self.extraction(best.expert, best.content), _folded(best.content)
@@ -208,6 +230,10 @@ class Vote(Combiner):
             learned = VoteWeights(experts=tuple(learned), weights=np.array(list(learned.values()), dtype=float))
         self.learned = learned
         self._unlearned = float(np.mean(learned.weights)) if learned is not None and learned.experts else 0.0
+
+    @classmethod
+    def from_settings(cls, settings: CombinerSettings) -> Vote:
+        return cls(settings.extractor, settings.per_expert, learned=settings.vote_weights)
 
     def key(self, answer: WeightedAnswer) -> str | None:
         return self.extraction(answer.expert, answer.content)
@@ -267,6 +293,13 @@ class Consensus(Combiner):
     def __init__(self, embed: Embed, agree_at: float = 0.8) -> None:
         self.embed, self.agree_at = embed, agree_at
 
+    @classmethod
+    def from_settings(cls, settings: CombinerSettings) -> Consensus:
+        # Letters need no model: their one-hot (``choice_embedding``) makes consensus a weighted vote.
+        if settings.embed is None and settings.extractor != "choice":
+            raise ValueError("the consensus combiner needs an embedding function for non-choice answers")
+        return cls(settings.embed or choice_embedding)
+
     async def acombine(self, query: str, answers: list[WeightedAnswer], aggregate: Aggregate) -> Combined:
         if len(answers) < 2:
             return self.combine(answers)
@@ -316,6 +349,12 @@ class Fuse(Combiner):
         self.aggregator, self.max_chars = aggregator, max_chars
         self.top1 = TopOne(extractor, per_expert)
         self.extraction = self.top1.extraction
+
+    @classmethod
+    def from_settings(cls, settings: CombinerSettings) -> Fuse:
+        if settings.aggregator is None:
+            raise ValueError("the fuse combiner needs an aggregator expert (combiner.aggregator in the config)")
+        return cls(settings.aggregator, settings.extractor, per_expert=settings.per_expert)
 
     def messages(self, query: str, answers: list[WeightedAnswer]) -> list[ChatMessage]:
         ordered = sorted(answers, key=lambda a: -a.weight)
@@ -369,6 +408,13 @@ class Escalate(Combiner):
         self.aggregator = expert
         self.vote = Vote(extractor, per_expert)
 
+    @classmethod
+    def from_settings(cls, settings: CombinerSettings) -> Escalate:
+        if settings.escalate_to is None:
+            raise ValueError("the escalate combiner needs the expert to escalate to (combiner.escalate_to in the "
+                             "config)")
+        return cls(settings.escalate_to, settings.extractor, settings.per_expert)
+
     def agreed(self, answers: list[WeightedAnswer]) -> str | None:
         keys = {self.vote.key(a) for a in answers}
         if len(answers) < 2 or len(keys) != 1:
@@ -395,8 +441,11 @@ class Escalate(Combiner):
         return self.result(answers, text)
 
 
-COMBINERS: dict[str, Callable[..., Combiner]] = {"top1": TopOne, "vote": Vote, "consensus": Consensus,
-                                                 "fuse": Fuse, "escalate": Escalate}
+# Strategy name (``combiner.strategy`` in the config, the ``x-moe-combiner`` header) -> its class. Adding a strategy
+# is a ``Combiner`` subclass and one line here; ``router.config.CombinerConfig.strategy`` lists the same names
+# (a test holds the two equal).
+COMBINERS: dict[str, type[Combiner]] = {"top1": TopOne, "vote": Vote, "consensus": Consensus, "fuse": Fuse,
+                                        "escalate": Escalate}
 
 
 def build_combiner(strategy: str, extractor: str = "choice", *, per_expert: Mapping[str, str] | None = None,
@@ -410,19 +459,6 @@ def build_combiner(strategy: str, extractor: str = "choice", *, per_expert: Mapp
     ``vote_weights`` gives ``vote`` learned weights."""
     if strategy not in COMBINERS:
         raise ValueError(f"unknown combiner strategy {strategy!r}; known: {', '.join(sorted(COMBINERS))}")
-    if strategy == "vote":
-        return Vote(extractor, per_expert, learned=vote_weights)
-    if strategy == "consensus":
-        if embed is None and extractor != "choice":
-            raise ValueError("the consensus combiner needs an embedding function for non-choice answers")
-        return Consensus(embed or choice_embedding)
-    if strategy == "fuse":
-        if aggregator is None:
-            raise ValueError("the fuse combiner needs an aggregator expert (combiner.aggregator in the config)")
-        return Fuse(aggregator, extractor, per_expert=per_expert)
-    if strategy == "escalate":
-        if escalate_to is None:
-            raise ValueError("the escalate combiner needs the expert to escalate to (combiner.escalate_to in the "
-                             "config)")
-        return Escalate(escalate_to, extractor, per_expert)
-    return TopOne(extractor, per_expert)
+    settings = CombinerSettings(extractor=extractor, per_expert=per_expert, embed=embed, aggregator=aggregator,
+                                vote_weights=vote_weights, escalate_to=escalate_to)
+    return COMBINERS[strategy].from_settings(settings)

@@ -10,6 +10,9 @@ from experts.types import ChatMessage
 from router.combine import (
     COMBINERS,
     EXTRACTORS,
+    Combined,
+    Combiner,
+    CombinerSettings,
     Consensus,
     Escalate,
     Fuse,
@@ -22,7 +25,7 @@ from router.combine import (
     extract_number,
     extract_short,
 )
-from router.config import Extractor
+from router.config import CombinerConfig, Extractor
 
 
 @pytest.mark.parametrize(
@@ -230,3 +233,39 @@ def test_an_unknown_extractor_is_refused_naming_whose_it_is() -> None:
 
 def test_the_config_offers_exactly_the_extractors_there_are() -> None:
     assert set(get_args(Extractor)) == set(EXTRACTORS)
+
+
+def test_the_config_offers_exactly_the_combiners_there_are() -> None:
+    assert set(get_args(CombinerConfig.model_fields["strategy"].annotation)) == set(COMBINERS)
+
+
+@pytest.mark.parametrize("strategy", sorted(COMBINERS))
+def test_every_registered_combiner_builds_itself_from_the_settings(strategy: str) -> None:
+    # Everything any strategy needs; each takes its part.
+    combiner = build_combiner(strategy, "number", per_expert={"odd": "choice"}, embed=choice_embedding,
+                              aggregator="agg", vote_weights={"odd": 1.0}, escalate_to="big")
+    assert type(combiner) is COMBINERS[strategy] and combiner.name == strategy
+
+
+class LastAnswer(Combiner):
+    """A strategy added in a test: one class and one registry line."""
+
+    name = "last"
+
+    def __init__(self, extractor: str) -> None:
+        self.extractor = extractor
+
+    @classmethod
+    def from_settings(cls, settings: CombinerSettings) -> "LastAnswer":
+        return cls(settings.extractor)
+
+    def combine(self, answers: list[WeightedAnswer]) -> Combined:
+        return TopOne().combine(answers[-1:])
+
+
+def test_a_registered_combiner_needs_no_other_edit(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(COMBINERS, "last", LastAnswer)
+    combiner = build_combiner("last", "short")
+    assert isinstance(combiner, LastAnswer) and combiner.extractor == "short"
+    with pytest.raises(ValueError, match=r"known: consensus, escalate, fuse, last, top1, vote"):
+        build_combiner("best")

@@ -13,7 +13,8 @@ import pytest
 from eval.combine_suite import weights_of
 from eval.harness import run_suite
 from eval.routerbench_combine import Recorded, combine_panels, combiners_for, key_embedding, rank_panels
-from router.combine import Consensus, TopOne, Vote
+from router.combine import Consensus, TopOne, Vote, choice_embedding, extract_number
+from router.vote_weights import VoteWeights
 from tests.doubles.fakes import FakeHashingEncoder
 from tests.support import PNG_SIGNATURE
 
@@ -62,6 +63,24 @@ def test_combiners_on_hand_built_panels() -> None:
     assert single[0].tolist() == [1, 0, 1, 0, 0] and single[1] == pytest.approx([0.02] * 5)
     with pytest.raises(ValueError, match="embedding"):
         combiners_for("consensus", ["mbpp"])
+
+
+def test_each_task_gets_the_services_combiner_in_its_answer_format() -> None:
+    tasks = ["arc_challenge", "gsm8k", "mbpp"]
+    learned = VoteWeights(experts=("a", "b"), weights=np.array([0.3, 0.7]))
+    top1 = combiners_for("top1", tasks)
+    assert all(type(c) is TopOne and c.extraction.default is None for c in top1.values())  # reads no answer
+    vote = combiners_for("vote", tasks, learned=learned)
+    assert type(vote["mbpp"]) is TopOne and vote["mbpp"].extraction.default is None  # Vote's fallback, no extraction
+    gsm8k = vote["gsm8k"]
+    assert isinstance(gsm8k, Vote) and gsm8k.extraction.default is extract_number and gsm8k.learned is learned
+    consensus = combiners_for("consensus", tasks, _code_embedding)
+    assert all(isinstance(c, Consensus) and c.agree_at == 0.8 for c in consensus.values())
+    assert {t: c.embed for t, c in consensus.items() if t != "gsm8k"} == {"arc_challenge": choice_embedding,
+                                                                          "mbpp": _code_embedding}
+    assert consensus["gsm8k"].embed(["7", "x = 7.0", "8"]).tolist() == [[1, 0], [1, 0], [0, 1]]  # number one-hot
+    with pytest.raises(ValueError, match=r"unknown strategy 'fuse'; known: top1, vote, consensus"):
+        combiners_for("fuse", tasks)
 
 
 def test_panels_weights_and_key_embedding() -> None:
