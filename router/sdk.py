@@ -11,6 +11,9 @@ Feedback names an answer by its ``ChatResult.id``: ``client.feedback(request_id=
 decides what its config supports: an unknown strategy is a ``RouterAPIError`` 400 ``invalid_combiner``, as is any
 but ``top1`` on a stream (one expert serves a stream). ``LocalRouter`` hands it to the orchestrator, which raises
 ``ValueError`` with the message the service gives.
+
+``LocalRouter`` checks a request with the service's own checks (``router.requests``), so a bad one fails the same
+way in process, and the SDK never imports FastAPI.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from pydantic import BaseModel
 
 from experts.types import Usage
 from router.feedback import FeedbackBody, FeedbackRecord, FeedbackStore
+from router.requests import RequestProblem, check_combiner, parse_chat, parse_route, parse_route_batch
 from router.trace import RoutedAnswer, RouteDecision, Trace
 
 __all__ = ["AsyncClient", "ChatResult", "Client", "FeedbackRecord", "LocalRouter", "RouterAPIError",
@@ -388,7 +392,6 @@ def _as_api_errors() -> Iterator[None]:
     model (404), a capability no expert declares (400)."""
     from router.fallback import AllExpertsFailed
     from router.orchestrator import NoCapableExpert, UnknownExpert
-    from router.service import RequestProblem
 
     try:
         yield
@@ -420,8 +423,6 @@ class LocalRouter:
 
     async def chat(self, messages: Messages, *, model: str = "auto", combiner: str | None = None,
                    **params: Any) -> ChatResult:
-        from router.service import parse_chat
-
         body = _Protocol.chat_body(messages, model, False, params)
         # A bad request, and an unknown strategy (before the gate runs), fail with the service's message.
         with _as_api_errors():
@@ -441,7 +442,6 @@ class LocalRouter:
         the same fallback and mid-stream continuation, and the same ``RouterAPIError``s, whether the stream fails
         before its first chunk or after."""
         from router.orchestrator import StreamEnd
-        from router.service import check_combiner, parse_chat
 
         body = _Protocol.chat_body(messages, model, True, params)
         with _as_api_errors():
@@ -465,8 +465,6 @@ class LocalRouter:
 
     async def route(self, query: str) -> RouteDecision:
         """``Client.route``, in process: the same checks (a blank or oversized query is a 400)."""
-        from router.service import parse_route
-
         with _as_api_errors():
             request = parse_route({"query": query}, self.orchestrator.config.service.max_prompt_chars)
         decision: RouteDecision = await self.orchestrator.decide(request)
@@ -475,8 +473,6 @@ class LocalRouter:
     async def route_batch(self, queries: Sequence[str], capacity: Mapping[str, int] | None = None) -> list[str]:
         """``Client.route_batch``, in process: the same checks (unknown experts in ``capacity``, negative room,
         blank or oversized queries are 400s)."""
-        from router.service import parse_route_batch
-
         config = self.orchestrator.config
         with _as_api_errors():
             batch = parse_route_batch(_Protocol.route_batch_body(queries, capacity), config.service.max_prompt_chars,

@@ -2,7 +2,9 @@
 
 Handlers are thin: they validate, call the one ``Orchestrator`` held on ``app.state``, and map domain errors
 to status codes with OpenAI-style error bodies ``{"error": {"message", "type", "param", "code"}}``
-(``router.errors.error_body``, re-exported here).
+(``router.errors.error_body``, re-exported here). The checks themselves, and the ``RequestProblem`` a bad
+request raises, live in ``router.requests``, which ``LocalRouter`` shares without importing FastAPI; the public
+ones are re-exported here too.
 
 Around them one ASGI layer, ``_Edge``, gives each request an id, checks client keys and rate limits on
 ``/v1`` and the admin key on ``/admin`` (``router.security``), then feeds ``/metrics`` (``router.metrics``)
@@ -17,19 +19,16 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import math
 import os
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
-from datetime import UTC, datetime
-from typing import Annotated, Any, TypeVar
+from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -43,53 +42,24 @@ from router.metrics import CONTENT_TYPE, RouterMetrics
 from router.openapi import CHAT_COMPLETIONS_BODY, ROUTE_BODY, request_body
 from router.orchestrator import NoCapableExpert, Orchestrator, RouteFailed, StreamEnd, StreamPiece, UnknownExpert
 from router.reload import Reloader, ReloadFailed
+from router.requests import (
+    RequestProblem,
+    RouteBatch,
+    RouteQuery,
+    check_combiner,
+    parse_chat,
+    parse_feedback,
+    parse_json,
+    parse_route,
+    parse_route_batch,
+    parse_since,
+)
 from router.security import Admitted, Denied, Guard, RateStore, redact
 
 __all__ = ["RequestProblem", "RouteBatch", "RouteQuery", "check_combiner", "create_app", "error_body", "parse_chat",
            "parse_route", "parse_route_batch"]
 
 log = logging.getLogger("router.service")
-
-
-class RouteQuery(BaseModel):
-    """``POST /v1/route``: the query as a string, or the conversation as chat messages (one of the two)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    query: str | None = None
-    messages: list[dict[str, Any]] | None = None
-
-    @model_validator(mode="after")
-    def _one_of(self) -> RouteQuery:
-        if (self.query is None) == (self.messages is None):
-            given = "both" if self.query is not None else "neither"
-            raise ValueError(f"give 'query' (a string) or 'messages' (chat messages), not {given}")
-        return self
-
-
-MAX_BATCH_QUERIES = 1024
-
-
-class RouteBatch(BaseModel):
-    """``POST /v1/route/batch``: queries to share out by expert choice, and optionally each expert's room."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    queries: list[str] = Field(min_length=1, max_length=MAX_BATCH_QUERIES)
-    capacity: dict[str, Annotated[int, Field(ge=0)]] | None = None  # room per expert (experts checked by the handler)
-
-
-class RequestProblem(Exception):
-    """A request the service refuses: its HTTP status and OpenAI-style error (``error_body``)."""
-
-    def __init__(self, status: int, message: str, type_: str, code: str, param: str | None = None,
-                 extra: dict[str, Any] | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.type, self.code, self.param = status, message, type_, code, param
-        self.extra = extra or {}
-
-    def error_body(self) -> dict[str, Any]:
-        return error_body(self.message, self.type, self.code, self.param, **self.extra)
 
 
 def _problem_response(problem: RequestProblem) -> JSONResponse:
@@ -104,16 +74,8 @@ def _failed(record: RequestRecord, exc: AllExpertsFailed) -> None:
         record.trace = exc.trace
 
 
-_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
-
-
-def _not_json(constant: str) -> Any:
-    # Python's json reads NaN and Infinity, which JSON has not; forwarded, they would reach an expert as invalid
-    # JSON (or as a number no parameter takes).
-    raise ValueError(f"{constant} is not a JSON value (JSON has no NaN or Infinity)")
-
-
 async def _read_json(request: Request, limit: int) -> Any:
+    """The body, read off the wire within ``limit`` bytes (else a 413), as JSON (``router.requests.parse_json``)."""
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
         raise RequestProblem(413, f"request body of {declared} bytes exceeds the {limit}-byte limit",
@@ -127,106 +89,10 @@ async def _read_json(request: Request, limit: int) -> Any:
             raise RequestProblem(413, f"request body exceeds the {limit}-byte limit (over {size} bytes sent)",
                                "invalid_request_error", "request_too_large")
         parts.append(part)
-    raw = b"".join(parts)
-    try:
-        value = json.loads(raw, parse_constant=_not_json)
-        # "\ud800" is valid JSON but not encodable UTF-8: it would fail later, when the answer or trace echoes
-        # it. Only a \uD800-\uDFFF escape can produce one (UTF-8 bytes never decode to a surrogate), so the
-        # re-encoding check runs only on bodies holding such an escape, not on every request.
-        if _SURROGATE_ESCAPE.search(raw):
-            json.dumps(value, ensure_ascii=False).encode("utf-8")
-    except RecursionError:
-        raise RequestProblem(400, "request body is nested too deeply", "invalid_request_error",
-                           "invalid_json") from None
-    except (ValueError, UnicodeDecodeError) as exc:  # UnicodeEncodeError is a ValueError
-        raise RequestProblem(400, f"request body is not valid JSON: {exc}", "invalid_request_error",
-                           "invalid_json") from None
-    return value
+    return parse_json(b"".join(parts))
 
 
-_Body = TypeVar("_Body", bound=BaseModel)
 T = TypeVar("T")
-
-
-def _field_path(loc: tuple[int | str, ...]) -> str:
-    """A validation error's location as OpenAI writes a parameter: ``messages[0].content``."""
-    path = ""
-    for part in loc:
-        path += f"[{part}]" if isinstance(part, int) else f".{part}" if path else str(part)
-    return path
-
-
-def _message(error: Any) -> str:
-    return str(error["msg"]).removeprefix("Value error, ")
-
-
-def _validated(model: type[_Body], body: Any) -> _Body:
-    """``body`` as a ``model``, or a 400 naming the first field that is wrong and why."""
-    try:
-        return model.model_validate(body)
-    except ValidationError as exc:
-        e = exc.errors()[0]
-        where = _field_path(e["loc"]) or "<body>"
-        why = _message(e)
-        if e["type"] == "extra_forbidden" and len(e["loc"]) == 1:  # a misspelt or unknown top-level field
-            why = f"unknown field; the fields are {', '.join(map(repr, model.model_fields))}"
-        raise RequestProblem(400, f"invalid request: {where}: {why}", "invalid_request_error",
-                           "invalid_request", param=None if where == "<body>" else where) from None
-
-
-def parse_chat(body: Any, max_chars: int) -> ChatRequest:
-    """A chat request's body as a ``ChatRequest``, or the ``RequestProblem`` (400) naming every field that is
-    wrong, or the messages' length over ``max_chars``."""
-    if not isinstance(body, dict):
-        raise RequestProblem(400, "request body must be a JSON object", "invalid_request_error", "invalid_request")
-    try:
-        chat = ChatRequest.model_validate(body)
-    except ValidationError as exc:
-        problems = "; ".join(f"{_field_path(e['loc']) or '<body>'}: {_message(e)}" for e in exc.errors())
-        first = _field_path(exc.errors()[0]["loc"]) or None
-        raise RequestProblem(400, f"invalid request: {problems}", "invalid_request_error", "invalid_request",
-                           param=first) from None
-    chars = sum(len(m.text()) for m in chat.messages)
-    if chars > max_chars:
-        raise RequestProblem(400, f"the messages hold {chars} characters, over the limit of {max_chars}",
-                           "invalid_request_error", "context_length_exceeded", param="messages")
-    return chat
-
-
-def _check_query(query: str, where: str, max_chars: int) -> None:
-    """One routed query's text: not blank, and within ``max_chars``; ``where`` names it (``query``,
-    ``queries[3]``)."""
-    if not query.strip():
-        raise RequestProblem(400, f"invalid request: {where}: holds no text (empty or only whitespace)",
-                           "invalid_request_error", "invalid_request", param=where)
-    if len(query) > max_chars:
-        raise RequestProblem(400, f"{where} holds {len(query)} characters, over the limit of {max_chars}",
-                           "invalid_request_error", "context_length_exceeded", param=where)
-
-
-def parse_route(body: Any, max_chars: int) -> ChatRequest:
-    """``POST /v1/route``'s body (``query`` or ``messages``) as the ``ChatRequest`` the gate decides on, or the
-    ``RequestProblem`` (400) naming what is wrong."""
-    query = _validated(RouteQuery, body)
-    if query.query is None:
-        return parse_chat(body, max_chars)
-    _check_query(query.query, "query", max_chars)
-    return parse_chat({"messages": [{"role": "user", "content": query.query}]}, max_chars)
-
-
-def parse_route_batch(body: Any, max_chars: int, experts: Sequence[str]) -> RouteBatch:
-    """``POST /v1/route/batch``'s body, its queries and capacity checked against ``experts``, or the
-    ``RequestProblem`` (400) naming what is wrong."""
-    batch = _validated(RouteBatch, body)
-    for i, query in enumerate(batch.queries):
-        _check_query(query, f"queries[{i}]", max_chars)
-    if batch.capacity is not None:
-        unknown = sorted(set(batch.capacity) - set(experts))
-        if unknown:
-            raise RequestProblem(400, f"capacity: unknown expert(s) {', '.join(map(repr, unknown))}; known: "
-                               f"{', '.join(experts)}", "invalid_request_error", "invalid_request",
-                               param="capacity")
-    return batch
 
 
 def _completion_body(answer: Any, request_id: str) -> dict[str, Any]:
@@ -321,28 +187,6 @@ async def _sse(events: AsyncIterator[StreamPiece | StreamEnd], first: StreamPiec
 def _combiner_header(request: Request, orchestrator: Orchestrator, *, stream: bool = False) -> str | None:
     """The combiner strategy the ``x-moe-combiner`` header picks (see ``check_combiner``)."""
     return check_combiner(request.headers.get("x-moe-combiner"), orchestrator, stream=stream)
-
-
-def check_combiner(raw: str | None, orchestrator: Orchestrator, *, stream: bool = False) -> str | None:
-    """The combiner strategy a request asks for (None: the configured one); an unknown strategy, or one the
-    config cannot support (``fuse`` without ``combiner.aggregator``), is a 400 ``RequestProblem`` naming what is
-    valid.
-
-    A stream is served by one expert, so there is nothing to combine: asking a stream for any strategy but
-    ``top1`` is a 400 too, rather than a choice that is read and then ignored."""
-    if raw is None:
-        return None
-    try:
-        strategy = orchestrator.combiner_for(raw).name
-    except ValueError as exc:
-        raise RequestProblem(400, f"x-moe-combiner: {exc}", "invalid_request_error", "invalid_combiner",
-                           param="x-moe-combiner") from None
-    if stream and strategy != "top1":
-        raise RequestProblem(400, f"x-moe-combiner: {strategy!r} cannot combine a streamed answer: a stream is served "
-                           "by one expert (the top-weighted), so there are no answers to combine; send the request "
-                           "with stream: false to combine, or drop the header (or send 'top1') to stream",
-                           "invalid_request_error", "invalid_combiner", param="x-moe-combiner")
-    return strategy
 
 
 class ClientLeft(Exception):
@@ -602,13 +446,13 @@ def create_app(orchestrator: Orchestrator | None = None,
     @_problems
     async def feedback_post(request: Request) -> Response:
         o = orch(request)
-        body = _parse_feedback(await _read_json(request, o.config.service.max_request_bytes))
+        body = parse_feedback(await _read_json(request, o.config.service.max_request_bytes))
         saved = await _feedback_store(request).asubmit(body, o.config.expert_names)
         return JSONResponse({"object": "feedback", **saved.model_dump()})
 
     @_problems
     async def admin_feedback(request: Request) -> Response:
-        since = _since(request.query_params.get("since"))
+        since = parse_since(request.query_params.get("since"))
         records = await _feedback_store(request).arecords(since)
         shape = request.query_params.get("format", "json")
         if shape not in ("json", "jsonl"):
@@ -659,37 +503,6 @@ def _feedback_store(request: Request) -> FeedbackStore:
         raise RequestProblem(409, "feedback is off: the service runs without a feedback store",
                            "invalid_request_error", "feedback_unavailable")
     return store
-
-
-def _parse_feedback(body: Any) -> FeedbackBody:
-    if not isinstance(body, dict):
-        raise RequestProblem(400, "request body must be a JSON object", "invalid_request_error", "invalid_request")
-    try:
-        return FeedbackBody.model_validate(body)
-    except ValidationError as exc:
-        problems = "; ".join(f"{_field_path(e['loc']) or '<body>'}: {_message(e)}" for e in exc.errors())
-        first = _field_path(exc.errors()[0]["loc"]) or None
-        raise RequestProblem(400, f"invalid feedback: {problems}", "invalid_request_error", "invalid_request",
-                           param=first) from None
-
-
-def _since(raw: str | None) -> float | None:
-    """``since`` as Unix seconds or an ISO 8601 time (UTC when it names no zone)."""
-    if raw is None or raw == "":
-        return None
-    try:
-        seconds = float(raw)
-    except ValueError:
-        pass
-    else:
-        if math.isfinite(seconds):
-            return seconds
-    try:
-        moment = datetime.fromisoformat(raw)
-    except ValueError:
-        raise RequestProblem(400, f"since={raw!r} is neither Unix seconds nor an ISO 8601 time",
-                           "invalid_request_error", "invalid_request", param="since") from None
-    return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
 
 
 # -- the edge: request ids, keys and limits, metrics and logs -------------------------------------------------

@@ -1,0 +1,239 @@
+"""What a request may hold: its models, and the checks that turn a body into one or a ``RequestProblem``.
+
+One place checks a request, and both front doors use it: the HTTP service (``router.service``) and the in-process
+``LocalRouter`` (``router.sdk``), so a bad request fails with the same status, code, ``param`` and message either
+way. That is why it lives apart from the service: it imports neither FastAPI nor Starlette, and ``LocalRouter``
+must not pull in the web framework to check a request. Reading the body off the wire (its size limit, the client's
+disconnect) stays in the service; what is read is decided here.
+
+A ``RequestProblem`` carries its HTTP status and OpenAI-style error (``router.errors.error_body``); the service
+answers with it, and ``LocalRouter`` raises it as the ``RouterAPIError`` a ``Client`` would get.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from experts.types import ChatRequest
+from router.errors import error_body
+from router.feedback import FeedbackBody
+
+if TYPE_CHECKING:
+    from router.orchestrator import Orchestrator
+
+__all__ = ["MAX_BATCH_QUERIES", "RequestProblem", "RouteBatch", "RouteQuery", "check_combiner", "parse_chat",
+           "parse_feedback", "parse_json", "parse_route", "parse_route_batch", "parse_since"]
+
+
+class RequestProblem(Exception):
+    """A request the service refuses: its HTTP status and OpenAI-style error (``error_body``)."""
+
+    def __init__(self, status: int, message: str, type_: str, code: str, param: str | None = None,
+                 extra: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.code, self.param = status, message, type_, code, param
+        self.extra = extra or {}
+
+    def error_body(self) -> dict[str, Any]:
+        return error_body(self.message, self.type, self.code, self.param, **self.extra)
+
+
+class RouteQuery(BaseModel):
+    """``POST /v1/route``: the query as a string, or the conversation as chat messages (one of the two)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    query: str | None = None
+    messages: list[dict[str, Any]] | None = None
+
+    @model_validator(mode="after")
+    def _one_of(self) -> RouteQuery:
+        if (self.query is None) == (self.messages is None):
+            given = "both" if self.query is not None else "neither"
+            raise ValueError(f"give 'query' (a string) or 'messages' (chat messages), not {given}")
+        return self
+
+
+MAX_BATCH_QUERIES = 1024
+
+
+class RouteBatch(BaseModel):
+    """``POST /v1/route/batch``: queries to share out by expert choice, and optionally each expert's room."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    queries: list[str] = Field(min_length=1, max_length=MAX_BATCH_QUERIES)
+    capacity: dict[str, Annotated[int, Field(ge=0)]] | None = None  # room per expert (experts checked by the handler)
+
+
+# -- the body as JSON -----------------------------------------------------------------------------------------
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def _not_json(constant: str) -> Any:
+    # Python's json reads NaN and Infinity, which JSON has not; forwarded, they would reach an expert as invalid
+    # JSON (or as a number no parameter takes).
+    raise ValueError(f"{constant} is not a JSON value (JSON has no NaN or Infinity)")
+
+
+def parse_json(raw: bytes) -> Any:
+    """A request body's bytes as JSON, or the ``RequestProblem`` (400 ``invalid_json``) saying why not."""
+    try:
+        value = json.loads(raw, parse_constant=_not_json)
+        # "\ud800" is valid JSON but not encodable UTF-8: it would fail later, when the answer or trace echoes
+        # it. Only a \uD800-\uDFFF escape can produce one (UTF-8 bytes never decode to a surrogate), so the
+        # re-encoding check runs only on bodies holding such an escape, not on every request.
+        if _SURROGATE_ESCAPE.search(raw):
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except RecursionError:
+        raise RequestProblem(400, "request body is nested too deeply", "invalid_request_error",
+                           "invalid_json") from None
+    except (ValueError, UnicodeDecodeError) as exc:  # UnicodeEncodeError is a ValueError
+        raise RequestProblem(400, f"request body is not valid JSON: {exc}", "invalid_request_error",
+                           "invalid_json") from None
+    return value
+
+
+# -- the body as a request ------------------------------------------------------------------------------------
+_Body = TypeVar("_Body", bound=BaseModel)
+
+
+def _field_path(loc: tuple[int | str, ...]) -> str:
+    """A validation error's location as OpenAI writes a parameter: ``messages[0].content``."""
+    path = ""
+    for part in loc:
+        path += f"[{part}]" if isinstance(part, int) else f".{part}" if path else str(part)
+    return path
+
+
+def _message(error: Any) -> str:
+    return str(error["msg"]).removeprefix("Value error, ")
+
+
+def _validated(model: type[_Body], body: Any) -> _Body:
+    """``body`` as a ``model``, or a 400 naming the first field that is wrong and why."""
+    try:
+        return model.model_validate(body)
+    except ValidationError as exc:
+        e = exc.errors()[0]
+        where = _field_path(e["loc"]) or "<body>"
+        why = _message(e)
+        if e["type"] == "extra_forbidden" and len(e["loc"]) == 1:  # a misspelt or unknown top-level field
+            why = f"unknown field; the fields are {', '.join(map(repr, model.model_fields))}"
+        raise RequestProblem(400, f"invalid request: {where}: {why}", "invalid_request_error",
+                           "invalid_request", param=None if where == "<body>" else where) from None
+
+
+def _all_validated(model: type[_Body], body: Any, what: str) -> _Body:
+    """``body`` (a JSON object) as a ``model``, or a 400 naming every field that is wrong, ``param`` the first;
+    ``what`` begins the message (``invalid request``, ``invalid feedback``)."""
+    if not isinstance(body, dict):
+        raise RequestProblem(400, "request body must be a JSON object", "invalid_request_error", "invalid_request")
+    try:
+        return model.model_validate(body)
+    except ValidationError as exc:
+        problems = "; ".join(f"{_field_path(e['loc']) or '<body>'}: {_message(e)}" for e in exc.errors())
+        first = _field_path(exc.errors()[0]["loc"]) or None
+        raise RequestProblem(400, f"{what}: {problems}", "invalid_request_error", "invalid_request",
+                           param=first) from None
+
+
+def parse_chat(body: Any, max_chars: int) -> ChatRequest:
+    """A chat request's body as a ``ChatRequest``, or the ``RequestProblem`` (400) naming every field that is
+    wrong, or the messages' length over ``max_chars``."""
+    chat = _all_validated(ChatRequest, body, "invalid request")
+    chars = sum(len(m.text()) for m in chat.messages)
+    if chars > max_chars:
+        raise RequestProblem(400, f"the messages hold {chars} characters, over the limit of {max_chars}",
+                           "invalid_request_error", "context_length_exceeded", param="messages")
+    return chat
+
+
+def _check_query(query: str, where: str, max_chars: int) -> None:
+    """One routed query's text: not blank, and within ``max_chars``; ``where`` names it (``query``,
+    ``queries[3]``)."""
+    if not query.strip():
+        raise RequestProblem(400, f"invalid request: {where}: holds no text (empty or only whitespace)",
+                           "invalid_request_error", "invalid_request", param=where)
+    if len(query) > max_chars:
+        raise RequestProblem(400, f"{where} holds {len(query)} characters, over the limit of {max_chars}",
+                           "invalid_request_error", "context_length_exceeded", param=where)
+
+
+def parse_route(body: Any, max_chars: int) -> ChatRequest:
+    """``POST /v1/route``'s body (``query`` or ``messages``) as the ``ChatRequest`` the gate decides on, or the
+    ``RequestProblem`` (400) naming what is wrong."""
+    query = _validated(RouteQuery, body)
+    if query.query is None:
+        return parse_chat(body, max_chars)
+    _check_query(query.query, "query", max_chars)
+    return parse_chat({"messages": [{"role": "user", "content": query.query}]}, max_chars)
+
+
+def parse_route_batch(body: Any, max_chars: int, experts: Sequence[str]) -> RouteBatch:
+    """``POST /v1/route/batch``'s body, its queries and capacity checked against ``experts``, or the
+    ``RequestProblem`` (400) naming what is wrong."""
+    batch = _validated(RouteBatch, body)
+    for i, query in enumerate(batch.queries):
+        _check_query(query, f"queries[{i}]", max_chars)
+    if batch.capacity is not None:
+        unknown = sorted(set(batch.capacity) - set(experts))
+        if unknown:
+            raise RequestProblem(400, f"capacity: unknown expert(s) {', '.join(map(repr, unknown))}; known: "
+                               f"{', '.join(experts)}", "invalid_request_error", "invalid_request",
+                               param="capacity")
+    return batch
+
+
+def check_combiner(raw: str | None, orchestrator: Orchestrator, *, stream: bool = False) -> str | None:
+    """The combiner strategy a request asks for (None: the configured one); an unknown strategy, or one the
+    config cannot support (``fuse`` without ``combiner.aggregator``), is a 400 ``RequestProblem`` naming what is
+    valid.
+
+    A stream is served by one expert, so there is nothing to combine: asking a stream for any strategy but
+    ``top1`` is a 400 too, rather than a choice that is read and then ignored."""
+    if raw is None:
+        return None
+    try:
+        strategy = orchestrator.combiner_for(raw).name
+    except ValueError as exc:
+        raise RequestProblem(400, f"x-moe-combiner: {exc}", "invalid_request_error", "invalid_combiner",
+                           param="x-moe-combiner") from None
+    if stream and strategy != "top1":
+        raise RequestProblem(400, f"x-moe-combiner: {strategy!r} cannot combine a streamed answer: a stream is served "
+                           "by one expert (the top-weighted), so there are no answers to combine; send the request "
+                           "with stream: false to combine, or drop the header (or send 'top1') to stream",
+                           "invalid_request_error", "invalid_combiner", param="x-moe-combiner")
+    return strategy
+
+
+# -- feedback -------------------------------------------------------------------------------------------------
+def parse_feedback(body: Any) -> FeedbackBody:
+    """``POST /v1/feedback``'s body, or the ``RequestProblem`` (400) naming every field that is wrong."""
+    return _all_validated(FeedbackBody, body, "invalid feedback")
+
+
+def parse_since(raw: str | None) -> float | None:
+    """``GET /admin/feedback``'s ``since`` as Unix seconds or an ISO 8601 time (UTC when it names no zone)."""
+    if raw is None or raw == "":
+        return None
+    try:
+        seconds = float(raw)
+    except ValueError:
+        pass
+    else:
+        if math.isfinite(seconds):
+            return seconds
+    try:
+        moment = datetime.fromisoformat(raw)
+    except ValueError:
+        raise RequestProblem(400, f"since={raw!r} is neither Unix seconds nor an ISO 8601 time",
+                           "invalid_request_error", "invalid_request", param="since") from None
+    return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
