@@ -25,14 +25,8 @@ deadline and cost budget), its attempts marked ``role: aggregate``; when it fail
 returned and ``trace.combiner_fallback`` holds the aggregator's error. A panel whose answers carry tool calls
 is not combined: the top-weight answer stands, calls and all, since tool calls can be neither fused nor voted on.
 
-Deciding: ``decide`` hands the query to a ``GateBatcher`` (``router.batching``), which embeds the queries of
-concurrent requests in one encoder call in one dedicated worker thread, and in the same batch scores them and
-finds each query's nearest training examples (one faiss search for the batch). The nearest examples serve twice:
-as the explanation in the decision, and for the out-of-distribution score (``gate.ood_scores``: the top cosine
-with the gate's top probability, or the top cosine alone for gates without that method). They are kept on
-every decision because the OOD score needs the search anyway and a batched flat search is a few microseconds
-per query next to milliseconds of encoder. The top-k choice runs back on the event loop (pure, microseconds),
-where the breakers live.
+Deciding (``decide``, ``assign``) is ``router.decide``'s: the gate, the batcher that embeds concurrent queries
+together, and the top-k choice that leaves out experts whose breaker is open.
 
 Abstain: when the gate has an ``ood_threshold`` and the config names ``gate.default_expert``, a query scoring
 below the threshold goes to the default expert alone (weight 1, ``abstained``); the ranking stays the gate's,
@@ -50,30 +44,26 @@ fails once a tool-call delta has reached the client is not continued: see ``_str
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import random
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import aclosing, contextmanager
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
 from experts.base import Expert
 from experts.errors import ExpertConfigError, ExpertError, ExpertOverloaded
 from experts.types import ChatMessage, ChatRequest, ExpertReply
-from router.assign import expert_choice
-from router.batching import GateBatcher
 from router.breaker import Breakers, CircuitOpen
 from router.combine import Combined, Combiner, TopOne, WeightedAnswer, build_combiner
 from router.config import RouterConfig
+from router.decide import Decider, GateLike, NoCapableExpert, needed_capabilities
 from router.dispatch import Capacity, Dispatcher, StreamOutcome, StreamPiece
 from router.errors import error_body
 from router.fallback import AllExpertsFailed, BudgetSpent, Deadline, next_candidate
-from router.gate import Assessment, assess
 from router.retry import RetryPolicy
-from router.topk import choose, rank
 from router.trace import Attempt, AttemptRole, Contribution, RoutedAnswer, RouteDecision, Trace, WeightedExpert
 from router.vote_weights import VoteWeights
 
@@ -81,23 +71,6 @@ __all__ = ["GateLike", "NoCapableExpert", "NotTried", "Orchestrator", "RouteFail
            "UnknownExpert"]
 
 CONTINUE_PROMPT = "Continue your previous answer exactly where it stopped, without repeating any of it."
-
-
-class EncoderLike(Protocol):
-    def encode(self, texts: Sequence[str]) -> np.ndarray: ...
-
-
-class GateLike(Protocol):
-    """What the orchestrator needs of a gate: a probability per expert, and the examples behind it."""
-
-    experts: list[str]
-
-    @property
-    def encoder(self) -> EncoderLike: ...
-
-    def predict_proba(self, embeddings: np.ndarray, texts: Sequence[str] | None = None) -> np.ndarray: ...
-
-    def nearest(self, embedding: np.ndarray, k: int = 3) -> Sequence[Any]: ...
 
 
 class UnknownExpert(KeyError):
@@ -115,39 +88,6 @@ class UnknownExpert(KeyError):
 
     def error_body(self) -> dict[str, Any]:
         return error_body(str(self), "invalid_request_error", self.code, self.param)
-
-
-class NoCapableExpert(ValueError):
-    """The request needs capabilities (``tools`` when it carries tools, ``vision`` when a message holds an image)
-    that no expert it may go to declares. ``capability`` names them (``tools+vision`` for both); ``param`` is
-    the request field that needs them, and ``code`` the error code the service (and LocalRouter) report."""
-
-    status = 400
-
-    def __init__(self, needs: Sequence[str], model: str, capable: Sequence[str]) -> None:
-        self.capability, self.model, self.capable = "+".join(needs), model, list(capable)
-        self.param = "tools" if "tools" in needs else "messages"
-        self.code = f"{self.capability}_not_supported"
-        named = " and ".join(repr(n) for n in needs)
-        where = f"expert {model!r} does not" if capable else "no configured expert does"
-        also = f"; experts that do: {', '.join(capable)}" if capable else ""
-        why = " and ".join(_NEED_REASONS[n] for n in needs)
-        super().__init__(f"the request {why}, so it needs the {named} capabilit{'ies' if len(needs) > 1 else 'y'}, "
-                         f"but {where} declare {'them' if len(needs) > 1 else 'it'}{also}")
-
-    def error_body(self) -> dict[str, Any]:
-        return error_body(str(self), "invalid_request_error", self.code, self.param)
-
-
-_NEED_REASONS = {"tools": "carries tools", "vision": "holds an image"}
-
-
-def needed_capabilities(request: ChatRequest) -> list[str]:
-    """The capabilities an expert must declare to serve ``request``, beyond chat."""
-    needs = ["tools"] if request.tools else []
-    if any(m.has_image() for m in request.messages):
-        needs.append("vision")
-    return needs
 
 
 class NotTried(ExpertError):
@@ -206,106 +146,29 @@ class Orchestrator:
         self.active = 0
         self._idle = asyncio.Event()
         self._idle.set()
-        self.batcher: GateBatcher[_Gated] = GateBatcher(self._gate_batch, window_ms=config.gate.batch_window_ms,
-                                                        max_batch=config.gate.max_batch)
+        self.decider = Decider(config, gate, self.experts, self.breakers, self.capacity)
 
-    # -- deciding -------------------------------------------------------------------------------------------
-    def _assess(self, texts: Sequence[str], k: int = 3) -> tuple[Assessment, list[int], list[str]]:
-        """The gate's assessment of ``texts`` (``k`` nearest examples each; 0: probabilities alone), and the
-        columns and names of the served experts in it. A two-stage gate (``router.cascade``) assesses for
-        itself; any other gets ``router.gate.assess``."""
-        own = getattr(self.gate, "assess", None)
-        assessment: Assessment = own(texts, k) if own else assess(self.gate, texts, k)
-        columns = [i for i, n in enumerate(self.gate.experts) if n in self.experts]
-        return assessment, columns, [self.gate.experts[i] for i in columns]
-
-    def _gate_batch(self, texts: list[str]) -> list[_Gated]:
-        """The gate's work for a batch of queries, in the batcher's worker: one embedding per query serves the
-        scores, the explanation and the OOD score."""
-        a, columns, names = self._assess(texts)
-        default_threshold = getattr(self.gate, "ood_threshold", None)  # gates from before abstain have none
-        stages: list[str | None] = list(a.stage) if a.stage else [None] * len(texts)
-        thresholds = a.ood_threshold or [default_threshold] * len(texts)
-        tasks: list[dict[str, float] | None] = list(a.tasks) if a.tasks else [None] * len(texts)
-        return [_Gated({n: float(p) for n, p in zip(names, row, strict=True)}, [_as_dict(n) for n in near],
-                       None if np.isnan(score) else float(score), threshold, stage, task)
-                for row, near, score, threshold, stage, task in zip(a.probs[:, columns], a.nearest, a.ood,
-                                                                    thresholds, stages, tasks, strict=True)]
-
-    def _decision(self, gated: _Gated, exclude: Collection[str], start: float) -> RouteDecision:
-        """Top-k (or abstain) from one query's gate output; experts in ``exclude`` stay off the panel."""
-        scores = gated.scores
-        excluded = frozenset({*self.breakers.refusing(scores), *exclude})
-        default = self._abstain_to(gated.ood, gated.ood_threshold, excluded)
-        if default is not None:
-            panel = [(default, 1.0)]
-        else:
-            try:
-                panel = choose(scores, self.config.gate.top_k, exclude=excluded)
-            except ValueError:
-                panel = []  # every breaker is open: fallback reports each as a cause
-        return RouteDecision(
-            scores=scores,
-            ranking=[n for n, _ in rank(scores)],
-            chosen=[WeightedExpert(expert=n, weight=w) for n, w in panel],
-            policy=self.config.gate.top_k.policy,
-            abstained=default is not None,
-            ood_score=gated.ood,
-            nearest=gated.nearest,
-            stage=gated.stage,
-            tasks=gated.tasks,
-            gate_ms=(time.perf_counter() - start) * 1000.0,
-        )
-
-    def _abstain_to(self, ood: float | None, threshold: float | None, excluded: frozenset[str]) -> str | None:
-        """The default expert when the query is out of distribution and the default can take it, else None."""
-        default = self.config.gate.default_expert
-        if default is None or threshold is None or ood is None or ood >= threshold:
-            return None
-        return default if default in self.experts and default not in excluded else None
-
+    # -- deciding (``router.decide``) -------------------------------------------------------------------------
     def decide_sync(self, text: str, exclude: Collection[str] = ()) -> RouteDecision:
         """The gate's decision, computed on the calling thread (no batching)."""
-        start = time.perf_counter()
-        return self._decision(self._gate_batch([text])[0], exclude, start)
+        return self.decider.decide_sync(text, exclude)
 
     async def decide(self, request: ChatRequest) -> RouteDecision:
-        # The encoder is CPU work: the batcher runs it off the event loop, one batch for concurrent requests.
-        start = time.perf_counter()
-        gated = await self.batcher.submit(request.query_text())
-        return self._decision(gated, self._unable(request), start)
-
-    def _unable(self, request: ChatRequest) -> set[str]:
-        """Experts that cannot serve ``request``: without a capability it needs (``needed_capabilities``)."""
-        needs = set(needed_capabilities(request))
-        if not needs:
-            return set()
-        return {e.name for e in self.config.experts if not needs <= set(e.capabilities)}
+        return await self.decider.decide(request)
 
     def assign_batch(self, queries: Sequence[str], capacity: Mapping[str, int] | None = None) -> list[str]:
-        """Expert-choice routing for a batch: each expert takes the queries it scores highest, up to its
-        capacity (by default its free in-flight slots; open breakers get none). A query no expert had room
-        for goes to its own best-scoring expert, whose in-flight limit then hands it on at call time."""
-        if not queries:
-            return []
-        assessment, columns, names = self._assess(queries, k=0)  # no explanation: only who takes which
-        probs = assessment.probs[:, columns]
-        refusing = self.breakers.refusing(names)
-        room = dict(capacity) if capacity is not None else {n: self.capacity.free(n) for n in names}
-        room = {n: (0 if n in refusing else room.get(n, 0)) for n in names}
-        chosen = expert_choice(probs, names, room)
-        return [c if c is not None else names[int(np.argmax(row))] for c, row in zip(chosen, probs, strict=True)]
+        """Expert-choice routing for a batch (``Decider.assign_batch``)."""
+        return self.decider.assign_batch(queries, capacity)
 
     async def assign(self, queries: Sequence[str], capacity: Mapping[str, int] | None = None) -> list[str]:
-        """``assign_batch`` off the event loop (the gate embeds the whole batch)."""
-        return await asyncio.to_thread(self.assign_batch, list(queries), capacity)
+        return await self.decider.assign(queries, capacity)
 
     def is_routed(self, model: str) -> bool:
         return model in ("auto", self.config.service.name)
 
     async def _plan(self, request: ChatRequest) -> tuple[RouteDecision | None, list[WeightedExpert], list[str]]:
         """The panel to ask first and the ranking fallback walks. An expert named directly gets no fallback."""
-        unable = self._unable(request)
+        unable = self.decider.unable(request)
         if unable and (self.is_routed(request.model) or request.model in unable):
             capable = [n for n in self.config.expert_names if n not in unable]
             if not capable or not self.is_routed(request.model):
@@ -551,7 +414,7 @@ class Orchestrator:
         raise RouteFailed(errors, trace)
 
     async def aclose(self) -> None:
-        await self.batcher.aclose()
+        await self.decider.aclose()
         await asyncio.gather(*(e.aclose() for e in self.experts.values()))
 
 
@@ -629,25 +492,6 @@ def _continued_by(trace: Trace, name: str) -> None:
     or finished: the next expert in line may have been skipped or failed before it."""
     if trace.switches and "to" not in trace.switches[-1]:
         trace.switches[-1]["to"] = name
-
-
-@dataclass(frozen=True)
-class _Gated:
-    """One query's gate output from the batch worker: scores over the served experts, nearest examples (as
-    dicts, most similar first) and the OOD score (the top similarity; None when the gate has no examples)."""
-
-    scores: dict[str, float]
-    nearest: list[dict[str, Any]]
-    ood: float | None
-    ood_threshold: float | None = None  # what ``ood`` is compared with; None: never abstain
-    stage: str | None = None  # the stage of a two-stage gate that decided
-    tasks: dict[str, float] | None = None  # an outcome gate's task prior: the query's likeliest tasks
-
-
-def _as_dict(neighbour: Any) -> dict[str, Any]:
-    if dataclasses.is_dataclass(neighbour) and not isinstance(neighbour, type):
-        return dataclasses.asdict(neighbour)
-    return dict(neighbour)
 
 
 def _stream_end(trace: Trace, chars: dict[str, int], last: str, start: float, finish_reason: str) -> StreamEnd:
