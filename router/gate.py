@@ -18,12 +18,8 @@ Two kinds of gate share this class's serving surface (``experts``, ``predict_pro
 ``Gate`` (``kind = "label"``) learns from labelled queries; ``router.outcome_gate.OutcomeGate``
 (``kind = "outcome"``) from outcome records. The artifact's ``kind`` picks the class ``Gate.load`` restores.
 
-An artifact is a folder: ``gate.json`` (written last, so its presence means the folder is complete) and two
-``.npz`` files, read with ``allow_pickle=False``. ``gate.json`` holds the sha256 of each ``.npz`` file and of
-its own contents (``manifest_sha256``), so ``Gate.load`` refuses an artifact edited after it was saved. It also
-refuses an encoder other than the one the gate was trained with, or one reading another number of tokens per
-text (``encoder_max_length``), since its vectors would land in a different space. Artifacts saved before
-either field existed load without that check.
+The artifact (``Gate.save``, ``Gate.load``: a folder of ``gate.json`` and two ``.npz`` files, checked by sha256
+on load) is ``router.gate_artifact``'s, which describes the format.
 
 Out of distribution: ``ood_scores`` gives each query a familiarity score, higher for queries like the training
 data, and ``metadata.ood_threshold`` is the score that ``OOD_KEEP`` of the validation queries reach; below it a
@@ -36,51 +32,62 @@ Results give the figures, from ``moe eval --suite clinc150-domain``). Gates with
 older artifacts) score by the cosine alone.
 Artifacts without a threshold never abstain.
 
-Calibration (the temperature, the grids and the threshold) needs queries the classifier did not train on:
-the held-out validation split, when it holds queries of at least two experts. With less (an expert keeps
-``floor(0.15 * n)`` of its ``n`` texts, so none with six or fewer, as when a gate is trained from a handful of
-config ``examples`` per expert), every example is scored by a classifier fitted without its fold instead
-(``cross_validation_folds``: at most ``CV_FOLDS`` folds, stratified per expert, so leave-one-out for an expert
-with ten examples or fewer), its cosine taken to the examples outside its fold. An example whose expert has no
-other example cannot be held out; when only one expert's or none can (one example per expert), the gate stays
-uncalibrated (temperature 1, no threshold: it never abstains) and a warning says so. ``metrics.calibration``
-records which it was: ``"held-out"``, ``"cross-validated"`` or ``"none"``.
+Calibration (the temperature, the OOD grids and the threshold, fitted on held-out or cross-validated queries)
+is part of training: ``router.gate_train``'s docstring, "Calibration".
+
+This module is the serving side: the ``Gate`` object and what a query needs at run time. It re-exports the
+names that moved to ``router.gate_artifact`` (imported as this module loads: that module imports nothing of this
+one) and ``router.gate_train`` (imported when one of its names is first asked for, since it builds on this
+module), so ``from router.gate import train_gate`` and every other import of them still works.
 """
 
 from __future__ import annotations
 
 import copy
-import hashlib
 import importlib
-import json
-import logging
-import math
-import zipfile
-import zlib
-from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
-from router.classifiers import (
-    CLASSIFIERS,
-    Classifier,
-    EnsembleClassifier,
-    LogisticClassifier,
-    Queries,
-    pack_strings,
-    unpack_strings,
+from router.classifiers import CLASSIFIERS, Classifier, LogisticClassifier, Queries
+from router.coldstart import Columns, SimilarityMap, plan_columns
+from router.encoders import Encoder
+from router.gate_artifact import (
+    FORMAT_VERSION,  # noqa: F401  (this and the other noqa names: re-exported for modules that import them here)
+    GATE_KINDS,
+    READABLE_FORMAT_VERSIONS,  # noqa: F401
+    TASK_PRIOR_FORMAT_VERSION,  # noqa: F401
+    GateArtifactMismatch,
+    GateMetadata,
+    ValidationMetrics,
+    artifact_trained_experts,  # noqa: F401
+    read_artifact,
+    write_artifact,
 )
-from router.coldstart import Columns, SimilarityMap, fit_similarity_map, plan_columns
-from router.encoders import Encoder, sha256_file
 from router.search import flat_ip_index
 
 if TYPE_CHECKING:
     from router.config import RouterConfig
+    from router.gate_train import (  # the names of _TRAINING_NAMES, for mypy
+        CALIBRATION,  # noqa: F401
+        CV_FOLDS,  # noqa: F401
+        OOD_GRID,  # noqa: F401
+        OOD_KEEP,  # noqa: F401
+        conflicting_labels,  # noqa: F401
+        cross_validation_folds,
+        embed_texts,
+        expected_calibration_error,
+        fit_ood,
+        fit_ood_threshold,
+        fit_temperature,
+        nearest_similarity,
+        split_train_val,
+        train_gate,
+        training_data_sha256,
+    )
 
 __all__ = [
     "CLASSIFIERS",
@@ -109,27 +116,27 @@ __all__ = [
     "training_data_sha256",
 ]
 
-log = logging.getLogger(__name__)
-
-FORMAT_VERSION = 1
-# An outcome gate whose success model shrinks toward a task prior is written as format 2: code from before task
-# priors would load it without the prior and route differently, so it must refuse it, and it refuses any format
-# but 1. Every other gate is still format 1, readable by that code.
-TASK_PRIOR_FORMAT_VERSION = 2
-READABLE_FORMAT_VERSIONS = (FORMAT_VERSION, TASK_PRIOR_FORMAT_VERSION)
 UNSEEN_PRIOR = 1e-3
-# Share of in-distribution validation queries the OOD threshold keeps (routes normally). 0.97: one in-domain
-# query in ~33 goes to the default expert, the price of catching most unrelated ones.
-OOD_KEEP = 0.97
-OOD_GRID = 201  # percentile points per signal in metadata.ood_reference
-CV_FOLDS = 10  # folds of that cross-validation: at most ten classifier fits, however many examples
-CALIBRATION = ("held-out", "cross-validated", "none")  # metrics.calibration: what the calibration was fitted on
-_EMBED_CHUNK = 512  # texts per encode call while training: small enough for a smooth progress bar
+
+# Names router.gate_train holds and this module re-exports on first use (PEP 562): importing it here at load time
+# would be a cycle, since it imports this module for ``Gate``. Hidden from mypy, which reads the imports above.
+_TRAINING_NAMES = frozenset({
+    "CALIBRATION", "CV_FOLDS", "OOD_GRID", "OOD_KEEP", "conflicting_labels", "cross_validation_folds", "embed_texts",
+    "expected_calibration_error", "fit_ood", "fit_ood_threshold", "fit_temperature", "nearest_similarity",
+    "split_train_val", "train_gate", "training_data_sha256",
+})
+
+if not TYPE_CHECKING:
+    def __getattr__(name: str) -> Any:
+        if name not in _TRAINING_NAMES:
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+        value = getattr(importlib.import_module("router.gate_train"), name)
+        globals()[name] = value  # once imported, a plain attribute
+        return value
 
 
-class GateArtifactMismatch(ValueError):
-    """A saved gate does not fit what it is loaded with (encoder, expert list or file contents), or its files
-    cannot be read as a gate artifact (corrupt, truncated, or something else)."""
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_TRAINING_NAMES})
 
 
 @dataclass(frozen=True)
@@ -139,132 +146,13 @@ class Neighbour:
     similarity: float  # cosine, since embeddings are L2-normalised
 
 
-# --- calibration ------------------------------------------------------------------------------------------
-
 def _softmax(logits: np.ndarray) -> np.ndarray:
     z = logits - logits.max(axis=1, keepdims=True)
     e = np.exp(z)
     return e / e.sum(axis=1, keepdims=True)
 
 
-def _nll(logits: np.ndarray, y: np.ndarray, temperature: float) -> float:
-    z = logits / temperature
-    z = z - z.max(axis=1, keepdims=True)
-    log_p = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
-    return float(-log_p[np.arange(len(y)), y].mean())
-
-
-def expected_calibration_error(proba: np.ndarray, y: np.ndarray, bins: int = 15) -> float:
-    """Top-label ECE: |accuracy - confidence| per equal-width confidence bin, weighted by bin size. Bin ``b``
-    holds confidences in ``(b/bins, (b+1)/bins]`` (the first also 0), as ``eval.metrics`` bins them, so the
-    figure ``gate.json`` records is the one ``moe eval`` reports for the same probabilities."""
-    conf, hit = proba.max(axis=1), proba.argmax(axis=1) == y
-    which = np.clip(np.ceil(conf * bins).astype(int) - 1, 0, bins - 1)
-    return float(sum(abs(hit[which == b].mean() - conf[which == b].mean()) * (which == b).mean()
-                     for b in range(bins) if (which == b).any()))
-
-
-def fit_temperature(logits: np.ndarray, y: np.ndarray, lo: float = 0.01, hi: float = 100.0) -> float:
-    """The T minimising validation NLL of softmax(logits / T); never one that does worse than T = 1.
-
-    NLL is convex in 1/T, hence unimodal in log T, so a golden-section search on log T finds the optimum.
-    When every row ranks its target first, NLL has no minimum: it falls as T -> 0, and the fit would sharpen
-    every probability to ~1 (T at ``lo``), so a calibration set that happens to hold no mistake (a few
-    examples, or easy ones) would make the gate certain of everything. Then T is the one whose mean top
-    probability is the Laplace estimate of the accuracy, ``(n + 1) / (n + 2)``: ``n`` right out of ``n``.
-    """
-    own = np.arange(logits.shape[1]) == np.asarray(y)[:, None]
-    if len(y) and (logits[own] > np.where(own, -np.inf, logits).max(axis=1)).all():
-        return _temperature_for_confidence(logits, (len(y) + 1) / (len(y) + 2), lo, hi)
-    a, b = math.log(lo), math.log(hi)
-    ratio = (math.sqrt(5) - 1) / 2
-    for _ in range(80):
-        c, d = b - ratio * (b - a), a + ratio * (b - a)
-        if _nll(logits, y, math.exp(c)) <= _nll(logits, y, math.exp(d)):
-            b = d
-        else:
-            a = c
-    t = math.exp((a + b) / 2)
-    return t if _nll(logits, y, t) <= _nll(logits, y, 1.0) else 1.0
-
-
-def _temperature_for_confidence(logits: np.ndarray, confidence: float, lo: float, hi: float) -> float:
-    """The T in [lo, hi] whose mean top probability is ``confidence`` (it falls as T grows), by bisection on
-    log T; the bound nearest to it when none is."""
-    def mean_top(log_t: float) -> float:
-        return float(_softmax(logits / math.exp(log_t)).max(axis=1).mean())
-
-    a, b = math.log(lo), math.log(hi)
-    if mean_top(a) <= confidence:
-        return lo
-    if mean_top(b) >= confidence:
-        return hi
-    for _ in range(60):
-        mid = (a + b) / 2
-        a, b = (mid, b) if mean_top(mid) > confidence else (a, mid)
-    return math.exp((a + b) / 2)
-
-
 # --- the gate ---------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class ValidationMetrics:
-    """What a gate was trained and calibrated on, and how its calibration went.
-
-    ``n_train`` queries trained the classifier and ``n_val`` were held out of it. ``accuracy``, ECE and NLL are
-    measured on the ``n_calibration`` queries the temperature was fitted on: the held-out ones, or with
-    ``calibration == "cross-validated"`` every example its expert's other examples could stand in for, each
-    scored out of fold."""
-
-    n_train: int
-    n_val: int
-    accuracy: float | None = None  # None when nothing could be scored (calibration "none")
-    ece_before: float | None = None
-    ece_after: float | None = None
-    nll_before: float | None = None
-    nll_after: float | None = None
-    # Outcome gates only: top-1 routing on out-of-fold predictions at the trained cost weight.
-    routed_accuracy: float | None = None
-    routed_cost: float | None = None  # mean recorded cost per query of the routed expert
-    best_single: str | None = None
-    best_single_accuracy: float | None = None
-    oracle_accuracy: float | None = None
-    # Label gates: one of CALIBRATION, and how many queries it rests on. None: not recorded (outcome gates,
-    # calibrated out of fold as router.outcome_gate describes; artifacts from before these fields).
-    calibration: str | None = None
-    n_calibration: int | None = None
-
-
-@dataclass(frozen=True)
-class GateMetadata:
-    encoder_identity: str
-    encoder_checksum: str
-    training_data_sha256: str
-    metrics: ValidationMetrics
-    classifier: str = EnsembleClassifier.kind
-    unseen_experts: list[str] = field(default_factory=list)
-    kind: str = "label"
-    # router.coldstart.SimilarityMap for experts scored from their config examples.
-    cold_start_slope: float = SimilarityMap.slope
-    cold_start_midpoint: float = SimilarityMap.midpoint
-    # ``ood_scores`` below this are out of distribution; None: never abstain.
-    ood_threshold: float | None = None
-    # Percentile grids (OOD_GRID points each) of the validation queries' [top probability, nearest cosine];
-    # None: ``ood_scores`` is the nearest cosine alone.
-    ood_reference: list[list[float]] | None = None
-    created: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
-    format_version: int = FORMAT_VERSION
-
-    def as_dict(self) -> dict[str, Any]:
-        """Plain JSON-ready data, ``metrics`` included as a dict."""
-        return asdict(self)
-
-
-GATE_KINDS: dict[str, str] = {
-    "label": "router.gate:Gate",
-    "outcome": "router.outcome_gate:OutcomeGate",
-}
-
 
 class Gate:
     """Scores experts for queries. Columns of every probability row follow ``experts``."""
@@ -418,76 +306,15 @@ class Gate:
 
         What is saved is what was trained: the artifact's experts and examples, never a config's view.
         """
-        path = Path(directory)
-        path.mkdir(parents=True, exist_ok=True)
-        n = self._n_artifact_examples  # a config view appends its cold-start examples after these
-        texts, labels = self.example_texts[:n], self.example_labels[:n]
-        text_bytes, text_offsets = pack_strings(texts)
-        label_ids = {e: i for i, e in enumerate(self.artifact_experts)}
-        weights: dict[str, Any] = self._weights()  # typed Any: numpy's stub confuses it with savez's flags
-        np.savez(path / _WEIGHTS, **weights)
-        np.savez_compressed(
-            path / _EXAMPLES, embeddings=self.example_embeddings[:n],
-            text_bytes=text_bytes, text_offsets=text_offsets,
-            labels=np.array([label_ids.get(lab, -1) for lab in labels], dtype=np.int32))
-        doc = {**self.metadata.as_dict(), "kind": self.kind, "experts": self.artifact_experts,
-               "encoder_max_length": _encoder_max_length(self.encoder), **self._manifest(),
-               "files": {name: sha256_file(path / name) for name in (_WEIGHTS, _EXAMPLES)}}
-        doc[_SELF_DIGEST] = _manifest_digest(json.loads(json.dumps(doc)))  # as load will read it back
-        (path / _MANIFEST).write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
-        return path
+        return write_artifact(self, directory)
 
     @classmethod
     def load(cls, directory: str | Path, encoder: Encoder) -> Gate:
         """Read an artifact of either kind for ``encoder``; raise ``GateArtifactMismatch`` if it was trained
-        with another encoder or ``max_length``, or its files (``gate.json`` included) were edited or are corrupt."""
-        path = Path(directory)
-        doc = _read_manifest(path)
-        if doc.get("format_version") not in READABLE_FORMAT_VERSIONS:
-            raise GateArtifactMismatch(f"{path}: gate format version {doc.get('format_version')!r}, this code "
-                                       f"reads {' and '.join(map(str, READABLE_FORMAT_VERSIONS))}; retrain the gate")
-        digest = doc.pop(_SELF_DIGEST, None)  # None: saved before gate.json covered itself
-        if digest is not None and digest != _manifest_digest(doc):
-            raise GateArtifactMismatch(f"{path / _MANIFEST}: contents differ from the {_SELF_DIGEST} it was saved "
-                                       "with (edited after training); retrain the gate (moe train --config <this "
-                                       "config>) rather than editing it")
-        try:
-            return _restore_artifact(path, doc, encoder)
-        except (KeyError, TypeError, AttributeError, IndexError) as exc:
-            # Only an artifact without the self-digest (older, or written by hand) gets here with keys missing or
-            # of the wrong type; saying which is more use than a traceback.
-            what = f"no {exc.args[0]!r}" if isinstance(exc, KeyError) else f"{type(exc).__name__}: {exc}"
-            raise GateArtifactMismatch(f"{path}: not a gate artifact this code can read ({what}); "
-                                       f"{_RETRAIN}") from exc
+        with another encoder or ``max_length``, or its files (``gate.json`` included) were edited or are corrupt.
 
-
-def _restore_artifact(path: Path, doc: dict[str, Any], encoder: Encoder) -> Gate:
-    """The gate from a checked ``gate.json`` (``doc``, without its self-digest) and the folder's arrays."""
-    kind = doc.setdefault("kind", "label")  # artifacts from before outcome gates are label gates
-    if kind not in GATE_KINDS:
-        raise GateArtifactMismatch(f"{path}: unknown gate kind {kind!r}; known: {', '.join(GATE_KINDS)}")
-    _check_encoder(path, doc, encoder)
-    for name, digest in doc["files"].items():
-        try:
-            differs = sha256_file(path / name) != digest
-        except FileNotFoundError:
-            raise GateArtifactMismatch(f"{path / name}: missing, though {_MANIFEST} lists it (the artifact is "
-                                       f"incomplete); {_RETRAIN}") from None
-        if differs:
-            raise GateArtifactMismatch(f"{path / name}: contents differ from the sha256 in {_MANIFEST}")
-    doc["metrics"] = ValidationMetrics(**doc["metrics"])
-    experts = _expert_names(path / _MANIFEST, doc.pop("experts"), "experts")
-    doc.pop("files")
-    metadata = GateMetadata(**{k: v for k, v in doc.items() if k in _METADATA_FIELDS})
-    weights, ex = _read_arrays(path / _WEIGHTS), _read_arrays(path / _EXAMPLES)
-    texts = unpack_strings(ex["text_bytes"], ex["text_offsets"])
-    labels = [experts[i] if i >= 0 else "" for i in ex["labels"]]
-    module, _, name = GATE_KINDS[kind].partition(":")
-    gate_cls: type[Gate] = getattr(importlib.import_module(module), name)
-    return gate_cls._restore(encoder, experts, doc, metadata, weights, (ex["embeddings"], texts, labels))
-
-
-_METADATA_FIELDS = frozenset(GateMetadata.__dataclass_fields__)
+        The artifact's ``kind``, not ``cls``, picks the class restored (``GATE_KINDS``)."""
+        return read_artifact(directory, encoder)
 
 
 @dataclass
@@ -538,9 +365,6 @@ def _similarity(neighbour: Any) -> float:
     return float(neighbour["similarity"] if isinstance(neighbour, Mapping) else neighbour.similarity)
 
 
-_MANIFEST, _WEIGHTS, _EXAMPLES = "gate.json", "weights.npz", "examples.npz"
-
-
 def routing_problem(names: Sequence[str], examples: Mapping[str, Sequence[str]],
                     trained: Sequence[str]) -> str | None:
     """Why a gate whose artifact was trained for ``trained`` experts cannot score the config's experts
@@ -562,285 +386,6 @@ def routing_problem(names: Sequence[str], examples: Mapping[str, Sequence[str]],
     return None
 
 
-def artifact_trained_experts(directory: str | Path) -> list[str] | None:
-    """The experts a gate artifact was trained on (those with training data), read from its ``gate.json``
-    alone: no encoder, no weights, no checks. None when the folder holds no artifact (yet); a ``gate.json`` that
-    cannot be read as one raises, as ``Gate.load`` would (``GateArtifactMismatch``, ``OSError``)."""
-    try:
-        doc = _read_manifest(Path(directory))
-    except (FileNotFoundError, NotADirectoryError):  # what ``moe serve`` reports as "no trained gate"
-        return None
-    file = Path(directory) / _MANIFEST
-    experts = _expert_names(file, doc.get("experts"), "experts")
-    unseen = set(_expert_names(file, doc.get("unseen_experts") or [], "unseen_experts"))
-    return [e for e in experts if e not in unseen]
-
-
-_RETRAIN = "retrain the gate (moe train --config <this config>)"
-
-
-def _read_manifest(path: Path) -> dict[str, Any]:
-    """The artifact folder ``path``'s ``gate.json``, which must be a JSON object; ``FileNotFoundError`` when
-    absent, ``GateArtifactMismatch`` naming the file when it is corrupt or something else."""
-    file = path / _MANIFEST
-    try:
-        doc = json.loads(file.read_bytes())
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: no gate artifact here ({_MANIFEST} missing); run moe train") from None
-    except ValueError as exc:  # not JSON, or not UTF-8 text (UnicodeDecodeError is a ValueError)
-        raise GateArtifactMismatch(f"{file}: corrupt, not readable as JSON ({exc}); {_RETRAIN}") from None
-    if not isinstance(doc, dict):
-        raise GateArtifactMismatch(f"{file}: not a gate artifact (a JSON {_json_type(doc)} where a JSON object "
-                                   f"belongs); {_RETRAIN}")
-    return doc
-
-
-def _json_type(value: object) -> str:
-    names = {list: "array", str: "string", bool: "boolean", int: "number", float: "number", type(None): "null"}
-    return names.get(type(value), type(value).__name__)
-
-
-def _expert_names(file: Path, value: object, key: str) -> list[str]:
-    """``gate.json``'s ``key``, which must be a list of expert names (a string would read as its letters)."""
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise GateArtifactMismatch(f"{file}: not a gate artifact ({key!r} is not a list of expert names); "
-                                   f"{_RETRAIN}")
-    return value
-
-
-def _read_arrays(file: Path) -> dict[str, np.ndarray]:
-    """Every array of the ``.npz`` file, read now, so a truncated or garbled one is named here, not met later as a
-    traceback. (NumPy reads a file that is no zip as a pickle, and says only that it holds pickled data.)"""
-    try:
-        # Opened here, not by np.load: np.load leaves its own handle open when the archive turns out corrupt.
-        with open(file, "rb") as fh, np.load(fh, allow_pickle=False) as arrays:
-            return {k: arrays[k] for k in arrays.files}
-    except FileNotFoundError:
-        raise GateArtifactMismatch(f"{file}: missing (the artifact is incomplete); {_RETRAIN}") from None
-    except (ValueError, EOFError, zipfile.BadZipFile, zlib.error) as exc:  # a PermissionError stays itself
-        why = str(exc) if zipfile.is_zipfile(file) else "not a zip archive, which a .npz file is"
-        raise GateArtifactMismatch(f"{file}: corrupt, not readable as NumPy arrays ({why}); {_RETRAIN}") from None
-
-
-_SELF_DIGEST = "manifest_sha256"  # gate.json's own sha256, over its other keys (``_manifest_digest``)
-
-
-def _manifest_digest(doc: Mapping[str, Any]) -> str:
-    """sha256 of ``doc`` without its own digest, canonical (sorted keys), so indentation does not count."""
-    body = {k: v for k, v in doc.items() if k != _SELF_DIGEST}
-    return hashlib.sha256(json.dumps(body, sort_keys=True, ensure_ascii=False).encode("utf-8")).hexdigest()
-
-
-def _encoder_max_length(encoder: Encoder) -> int | None:
-    """The tokens ``encoder`` reads of each text (``gate.encoder.max_length``); None where it cannot say."""
-    value = getattr(encoder, "max_length", None)  # test doubles need not derive from Encoder
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
-
-
-def _check_encoder(path: Path, doc: dict[str, Any], encoder: Encoder) -> None:
-    differences = [f"{what} {doc[key]!r} in the artifact, {have!r} given"
-                   for what, key, have in (("identity", "encoder_identity", encoder.identity),
-                                           ("checksum", "encoder_checksum", encoder.checksum))
-                   if doc[key] != have]
-    if differences:
-        raise GateArtifactMismatch(f"{path}: the gate was trained with another encoder: encoder "
-                                   + "; encoder ".join(differences) + ". Use that encoder or retrain the gate.")
-    # Truncating elsewhere moves the vectors of long queries: the classifier would score points it never saw.
-    trained, given = doc.get("encoder_max_length"), _encoder_max_length(encoder)
-    if trained is not None and given is not None and trained != given:
-        raise GateArtifactMismatch(f"{path}: the gate was trained with encoder max_length {trained} (tokens read "
-                                   f"per query), and this encoder reads {given}. Set gate.encoder.max_length: "
-                                   f"{trained}, or retrain the gate (moe train --config <this config>).")
-
-
-# --- training ---------------------------------------------------------------------------------------------
-
-def training_data_sha256(texts: Sequence[str], labels: Sequence[str]) -> str:
-    """Order-independent fingerprint of the labelled data, so an artifact says what it learned from."""
-    lines = sorted(json.dumps([label, text], ensure_ascii=False) for text, label in zip(texts, labels, strict=True))
-    return hashlib.sha256("\n".join(lines).encode("utf-8")).hexdigest()
-
-
-def split_train_val(texts: Sequence[str], labels: Sequence[str], *, seed: int = 0,
-                    val_fraction: float = 0.15) -> tuple[np.ndarray, np.ndarray]:
-    """Indices (train, val), stratified per label and decided by a seeded hash of the text.
-
-    The split depends only on the data and the seed, never on order or the process. Copies of one text stay
-    on one side, so duplicates do not leak into validation. Each label sends ``floor(fraction * distinct
-    texts)`` texts to validation, so a label with few texts keeps them all for training.
-    """
-    def key(text: str) -> bytes:
-        return hashlib.sha256(f"{seed}\x00{text}".encode()).digest()
-
-    by_label: dict[str, set[str]] = {}
-    for text, label in zip(texts, labels, strict=True):
-        by_label.setdefault(label, set()).add(text)
-    val_texts: set[str] = set()
-    for distinct in by_label.values():
-        val_texts.update(sorted(distinct, key=key)[:math.floor(val_fraction * len(distinct))])
-    # By text, not by (label, text): a text given two labels goes to validation whole, never half on each side.
-    in_val = np.array([t in val_texts for t in texts], dtype=bool)
-    return np.flatnonzero(~in_val), np.flatnonzero(in_val)
-
-
-def conflicting_labels(texts: Sequence[str], labels: Sequence[str]) -> dict[str, list[str]]:
-    """The texts that carry more than one label, with their labels (sorted)."""
-    seen: dict[str, set[str]] = {}
-    for text, label in zip(texts, labels, strict=True):
-        seen.setdefault(text, set()).add(label)
-    return {t: sorted(ls) for t, ls in seen.items() if len(ls) > 1}
-
-
-def embed_texts(encoder: Encoder, texts: Sequence[str], *, progress: bool = True) -> np.ndarray:
-    """``[len(texts), dim]`` embeddings, in chunks behind a progress bar."""
-    from tqdm.auto import tqdm
-
-    with tqdm(total=len(texts), desc="embedding", unit="text", disable=not progress) as bar:
-        chunks = [np.zeros((0, encoder.dim), dtype=np.float32)]
-        for start in range(0, len(texts), _EMBED_CHUNK):
-            chunks.append(encoder.encode(texts[start:start + _EMBED_CHUNK]))
-            bar.update(len(chunks[-1]))
-    return np.concatenate(chunks)
-
-
-def train_gate(texts: Sequence[str], labels: Sequence[str], encoder: Encoder, *, experts: Sequence[str],
-               seed: int = 0, val_fraction: float = 0.15, progress: bool = True,
-               classifier: Classifier | None = None) -> Gate:
-    """Embed, split, fit the classifier on the train part, then the temperature and the out-of-distribution
-    grids and threshold on queries it did not train on: the validation part, or where that holds fewer than two
-    experts' queries every example out of fold (the module docstring, "Calibration"). The cold-start similarity
-    map is fitted on the validation part (its defaults without one). ``classifier`` defaults to the ensemble
-    (``router.classifiers``)."""
-    from tqdm.auto import tqdm
-
-    experts = list(experts)
-    _check_training_input(texts, labels, experts)
-    counts = Counter(labels)
-    unseen = [e for e in experts if counts[e] == 0]
-    trained = [e for e in experts if counts[e] > 0]
-    if len(trained) < 2:
-        raise ValueError(f"the gate needs examples for at least two experts; only {trained or 'none'} have any")
-    if unseen:
-        log.warning("experts with no training examples get a fixed prior of %g: %s", UNSEEN_PRIOR, unseen)
-    conflicts = conflicting_labels(texts, labels)
-    if conflicts:
-        text, both = next(iter(conflicts.items()))
-        log.warning("%d training queries carry more than one label, e.g. %r: %s; the gate learns to split its "
-                    "probability between them", len(conflicts), text[:80], ", ".join(both))
-    texts = list(texts)
-    x = embed_texts(encoder, texts, progress=progress)
-    col = {e: i for i, e in enumerate(trained)}
-    y = np.array([col[lab] for lab in labels], dtype=np.int64)
-    train, val = split_train_val(texts, labels, seed=seed, val_fraction=val_fraction)
-    queries = Queries(texts, x)
-    classifier = classifier or EnsembleClassifier(seed=seed)
-    # One expert's queries cannot fit a temperature (every target the same column) nor stand for the others'.
-    cross_validate = len(np.unique(y[val])) < 2
-    unfitted = copy.deepcopy(classifier) if cross_validate else None  # a fresh one per fold
-    with tqdm(total=2, desc=f"training gate ({classifier.kind})", unit="step", disable=not progress) as bar:
-        classifier.fit(queries.subset(train), y[train], len(trained))
-        bar.update()
-        if unfitted is not None:
-            scored = _cross_validated(unfitted, queries, y, len(trained), seed=seed)
-        else:
-            scored = _Scored(classifier.predict_logits(queries.subset(val)), y[val],
-                             nearest_similarity(x[train], x[val]), "held-out")
-        scored = _usable(scored, trained)
-        temperature, metrics = _calibrate(scored, n_train=len(train), n_val=len(val))
-        bar.update()
-    similarity = fit_similarity_map(x[train], y[train], x[val], y[val], len(trained), seed=seed)
-    ood_reference, ood_threshold = _fit_ood_scores(_softmax(scored.logits / temperature).max(axis=1)
-                                                   if len(scored.y) else np.zeros(0), scored.similarity)
-    metadata = GateMetadata(encoder.identity, encoder.checksum, training_data_sha256(texts, labels), metrics,
-                            classifier=classifier.kind, unseen_experts=unseen,
-                            cold_start_slope=similarity.slope, cold_start_midpoint=similarity.midpoint,
-                            ood_threshold=ood_threshold, ood_reference=ood_reference)
-    return Gate(encoder, experts, classifier, temperature, metadata, (x, texts, list(labels)))
-
-
-@dataclass(frozen=True)
-class _Scored:
-    """Queries scored by a classifier that did not train on them: what calibration is fitted on."""
-
-    logits: np.ndarray  # [n, trained experts]
-    y: np.ndarray  # [n] their experts' columns
-    similarity: np.ndarray  # [n] each one's cosine to the nearest example that classifier trained on
-    how: str  # one of CALIBRATION
-
-
-def cross_validation_folds(texts: Sequence[str], labels: Sequence[str], *, seed: int = 0,
-                           folds: int = CV_FOLDS) -> np.ndarray:
-    """The fold of each text, stratified per label and decided by a seeded hash of the text, like
-    ``split_train_val``: each label deals its distinct texts out to the folds in turn, so with ``folds`` or
-    fewer texts each of them has a fold to itself (leave-one-out), and copies of one text share a fold.
-
-    There are as many folds as the largest label has distinct texts, and at most ``folds``."""
-    by_label: dict[str, set[str]] = {}
-    for text, label in zip(texts, labels, strict=True):
-        by_label.setdefault(label, set()).add(text)
-    k = max(2, min(folds, max((len(d) for d in by_label.values()), default=0)))
-    fold_of: dict[str, int] = {}
-    for label in sorted(by_label):
-        ordered = sorted(by_label[label], key=lambda t: hashlib.sha256(f"{seed}\x00{t}".encode()).digest())
-        for i, text in enumerate(ordered):
-            fold_of.setdefault(text, i % k)  # a text under two labels keeps its first fold
-    return np.array([fold_of[t] for t in texts], dtype=np.int64)
-
-
-def _cross_validated(unfitted: Classifier, queries: Queries, y: np.ndarray, n_classes: int, *,
-                     seed: int) -> _Scored:
-    """Every example scored by a copy of ``unfitted`` fitted on the other folds, with its cosine to their
-    examples. An example is left out when its expert has no example in the other folds (it has one alone):
-    the classifier would never have seen its expert, unlike every query it serves."""
-    fold = cross_validation_folds(queries.texts, [str(c) for c in y], seed=seed)
-    rows: list[np.ndarray] = []
-    logits: list[np.ndarray] = []
-    similarity: list[np.ndarray] = []
-    for f in np.unique(fold):
-        rest = np.flatnonzero(fold != f)
-        present = np.unique(y[rest])
-        held = np.flatnonzero((fold == f) & np.isin(y, present))
-        if len(held) == 0 or len(present) < 2:
-            continue
-        model = copy.deepcopy(unfitted)
-        model.fit(queries.subset(rest), y[rest], n_classes)
-        rows.append(held)
-        logits.append(model.predict_logits(queries.subset(held)))
-        similarity.append(nearest_similarity(queries.embeddings[rest], queries.embeddings[held]))
-    order = np.concatenate([np.zeros(0, dtype=np.int64), *rows])
-    return _Scored(np.concatenate([np.zeros((0, n_classes)), *logits]).astype(np.float64), y[order],
-                   np.concatenate([np.zeros(0), *similarity]), "cross-validated")
-
-
-def _usable(scored: _Scored, trained: list[str]) -> _Scored:
-    """``scored``, with a warning naming what cross-validation could not cover: the experts with a single
-    example, or all but one expert, in which case the gate is left uncalibrated (``how`` "none": temperature 1,
-    no threshold, so it never abstains), since one expert's examples alone cannot fit a temperature."""
-    covered = [e for c, e in enumerate(trained) if (scored.y == c).any()]
-    if len(covered) < 2:
-        log.warning("the gate cannot be calibrated: %s, so its probabilities keep temperature 1 and it has no "
-                    "out-of-distribution threshold (it will never abstain to gate.default_expert); "
-                    "metrics.calibration is 'none'. Give every expert at least two distinct examples.",
-                    f"only {covered[0]!r} has two distinct examples" if covered else
-                    "no expert has two distinct examples, one to hold out and one to train on")
-        n = len(trained)
-        return _Scored(np.zeros((0, n)), np.zeros(0, dtype=np.int64), np.zeros(0), "none")
-    missing = [e for e in trained if e not in covered]
-    if missing and scored.how == "cross-validated":
-        log.warning("calibration is cross-validated on %d examples, none of them of %s: each has a single "
-                    "example, which cannot be held out; give them a second one", len(scored.y),
-                    ", ".join(map(repr, missing)))
-    return scored
-
-
-def nearest_similarity(reference: np.ndarray, queries: np.ndarray) -> np.ndarray:
-    """Each query row's highest cosine to a ``reference`` row (rows L2-normalised, so a dot product)."""
-    if len(reference) == 0:
-        return np.full(len(queries), -1.0)
-    return np.concatenate([np.zeros(0), *((queries[i:i + 1024] @ reference.T).max(axis=1)
-                                           for i in range(0, len(queries), 1024))])
-
-
 def _percentile(grid: Sequence[float], values: np.ndarray) -> np.ndarray:
     """Mid-rank percentile of each value among ``grid``'s points: ties count half, so a signal that saturates
     (a top probability of 1.0 on every validation query) ranks a saturated query in the middle, not at 0."""
@@ -859,55 +404,3 @@ def ood_score(top_probability: np.ndarray, similarity: np.ndarray,
         return similarity
     top = np.asarray(top_probability, dtype=np.float64)
     return (_percentile(reference[0], top) + _percentile(reference[1], similarity)) / 2.0
-
-
-def fit_ood(val_top_probability: np.ndarray, reference: np.ndarray, held_out: np.ndarray,
-            keep: float = OOD_KEEP) -> tuple[list[list[float]] | None, float | None]:
-    """``(grids, threshold)`` for ``ood_score`` from in-distribution validation queries: their calibrated top
-    probabilities, and their embeddings ``held_out`` against the training rows ``reference``. The threshold
-    keeps ``keep`` of them. ``(None, None)`` without validation data: such a gate never abstains."""
-    if len(reference) == 0 or len(held_out) == 0:
-        return None, None
-    return _fit_ood_scores(val_top_probability, nearest_similarity(reference, held_out), keep)
-
-
-def _fit_ood_scores(top_probability: np.ndarray, similarity: np.ndarray,
-                    keep: float = OOD_KEEP) -> tuple[list[list[float]] | None, float | None]:
-    """``fit_ood`` from the queries' top probabilities and nearest-example cosines themselves."""
-    if len(similarity) == 0:
-        return None, None
-    quantiles = np.linspace(0.0, 1.0, OOD_GRID)
-    grids = [np.quantile(top_probability, quantiles).tolist(), np.quantile(similarity, quantiles).tolist()]
-    scores = ood_score(top_probability, similarity, grids)
-    return grids, float(np.quantile(scores, 1.0 - keep))
-
-
-def fit_ood_threshold(reference: np.ndarray, held_out: np.ndarray, keep: float = OOD_KEEP) -> float | None:
-    """The nearest-example cosine that ``keep`` of the ``held_out`` (in-distribution) rows reach against
-    ``reference``; None when either is empty. For gates scored by the cosine alone (outcome gates)."""
-    if len(reference) == 0 or len(held_out) == 0:
-        return None
-    return float(np.quantile(nearest_similarity(reference, held_out), 1.0 - keep))
-
-
-def _check_training_input(texts: Sequence[str], labels: Sequence[str], experts: list[str]) -> None:
-    if len(texts) != len(labels):
-        raise ValueError(f"{len(texts)} texts but {len(labels)} labels")
-    if len(set(experts)) != len(experts):
-        raise ValueError(f"duplicate expert names: {sorted(e for e, n in Counter(experts).items() if n > 1)}")
-    unknown = sorted(set(labels) - set(experts))
-    if unknown:
-        raise ValueError(f"labels that are not experts: {', '.join(map(repr, unknown))}; experts: {experts}")
-
-
-def _calibrate(scored: _Scored, *, n_train: int, n_val: int) -> tuple[float, ValidationMetrics]:
-    logits, y = scored.logits, scored.y
-    if len(y) == 0:
-        return 1.0, ValidationMetrics(n_train=n_train, n_val=n_val, calibration="none", n_calibration=0)
-    t = fit_temperature(logits, y)
-    before, after = _softmax(logits), _softmax(logits / t)
-    return t, ValidationMetrics(
-        n_train=n_train, n_val=n_val, accuracy=float((before.argmax(axis=1) == y).mean()),
-        ece_before=expected_calibration_error(before, y), ece_after=expected_calibration_error(after, y),
-        nll_before=_nll(logits, y, 1.0), nll_after=_nll(logits, y, t), calibration=scored.how,
-        n_calibration=len(y))

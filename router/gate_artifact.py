@@ -1,0 +1,274 @@
+"""The gate artifact: the folder ``Gate.save`` writes and ``Gate.load`` reads, and the manifest schema it holds.
+
+An artifact is a folder: ``gate.json`` (written last, so its presence means the folder is complete) and two
+``.npz`` files, read with ``allow_pickle=False``. ``gate.json`` holds the sha256 of each ``.npz`` file and of
+its own contents (``manifest_sha256``), so ``Gate.load`` refuses an artifact edited after it was saved. It also
+refuses an encoder other than the one the gate was trained with, or one reading another number of tokens per
+text (``encoder_max_length``), since its vectors would land in a different space. Artifacts saved before
+either field existed load without that check. The artifact's ``kind`` picks the class that restores it
+(``GATE_KINDS``); its ``format_version`` says which code can read it.
+
+Why apart from ``router.gate``: the format is a contract with every artifact already on disk, and it changes
+for other reasons (and far less often) than serving does. This module is the bottom of the gate's modules: it
+imports neither ``router.gate`` nor ``router.gate_train`` at run time (``GateMetadata`` and ``ValidationMetrics``,
+the manifest's schema, live here so it need not), and resolves a gate's class by name from ``GATE_KINDS`` only
+when it loads one. ``router.gate`` re-exports its public names.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import zipfile
+import zlib
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from router.classifiers import EnsembleClassifier, pack_strings, unpack_strings
+from router.coldstart import SimilarityMap
+from router.encoders import Encoder, sha256_file
+
+if TYPE_CHECKING:
+    from router.gate import Gate
+
+__all__ = [
+    "FORMAT_VERSION",
+    "GATE_KINDS",
+    "READABLE_FORMAT_VERSIONS",
+    "TASK_PRIOR_FORMAT_VERSION",
+    "GateArtifactMismatch",
+    "GateMetadata",
+    "ValidationMetrics",
+    "artifact_trained_experts",
+    "read_artifact",
+    "write_artifact",
+]
+
+FORMAT_VERSION = 1
+# An outcome gate whose success model shrinks toward a task prior is written as format 2: code from before task
+# priors would load it without the prior and route differently, so it must refuse it, and it refuses any format
+# but 1. Every other gate is still format 1, readable by that code.
+TASK_PRIOR_FORMAT_VERSION = 2
+READABLE_FORMAT_VERSIONS = (FORMAT_VERSION, TASK_PRIOR_FORMAT_VERSION)
+
+class GateArtifactMismatch(ValueError):
+    """A saved gate does not fit what it is loaded with (encoder, expert list or file contents), or its files
+    cannot be read as a gate artifact (corrupt, truncated, or something else)."""
+
+@dataclass(frozen=True)
+class ValidationMetrics:
+    """What a gate was trained and calibrated on, and how its calibration went.
+
+    ``n_train`` queries trained the classifier and ``n_val`` were held out of it. ``accuracy``, ECE and NLL are
+    measured on the ``n_calibration`` queries the temperature was fitted on: the held-out ones, or with
+    ``calibration == "cross-validated"`` every example its expert's other examples could stand in for, each
+    scored out of fold."""
+
+    n_train: int
+    n_val: int
+    accuracy: float | None = None  # None when nothing could be scored (calibration "none")
+    ece_before: float | None = None
+    ece_after: float | None = None
+    nll_before: float | None = None
+    nll_after: float | None = None
+    # Outcome gates only: top-1 routing on out-of-fold predictions at the trained cost weight.
+    routed_accuracy: float | None = None
+    routed_cost: float | None = None  # mean recorded cost per query of the routed expert
+    best_single: str | None = None
+    best_single_accuracy: float | None = None
+    oracle_accuracy: float | None = None
+    # Label gates: one of router.gate_train.CALIBRATION, and how many queries it rests on. None: not recorded
+    # (outcome gates, calibrated out of fold as router.outcome_gate describes; artifacts from before these fields).
+    calibration: str | None = None
+    n_calibration: int | None = None
+
+@dataclass(frozen=True)
+class GateMetadata:
+    encoder_identity: str
+    encoder_checksum: str
+    training_data_sha256: str
+    metrics: ValidationMetrics
+    classifier: str = EnsembleClassifier.kind
+    unseen_experts: list[str] = field(default_factory=list)
+    kind: str = "label"
+    # router.coldstart.SimilarityMap for experts scored from their config examples.
+    cold_start_slope: float = SimilarityMap.slope
+    cold_start_midpoint: float = SimilarityMap.midpoint
+    # ``ood_scores`` below this are out of distribution; None: never abstain.
+    ood_threshold: float | None = None
+    # Percentile grids (router.gate_train.OOD_GRID points each) of the validation queries' [top probability,
+    # nearest cosine]; None: ``ood_scores`` is the nearest cosine alone.
+    ood_reference: list[list[float]] | None = None
+    created: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
+    format_version: int = FORMAT_VERSION
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready data, ``metrics`` included as a dict."""
+        return asdict(self)
+
+# The class that restores each kind of artifact, as "module:name" (imported when such an artifact is loaded).
+GATE_KINDS: dict[str, str] = {
+    "label": "router.gate:Gate",
+    "outcome": "router.outcome_gate:OutcomeGate",
+}
+_METADATA_FIELDS = frozenset(GateMetadata.__dataclass_fields__)
+_MANIFEST, _WEIGHTS, _EXAMPLES = "gate.json", "weights.npz", "examples.npz"
+_RETRAIN = "retrain the gate (moe train --config <this config>)"
+_SELF_DIGEST = "manifest_sha256"  # gate.json's own sha256, over its other keys (``_manifest_digest``)
+
+
+def write_artifact(gate: Gate, directory: str | Path) -> Path:
+    """``Gate.save``: write the artifact folder; ``gate.json`` goes last, so a folder holding it is complete.
+
+    What is saved is what was trained: the artifact's experts and examples, never a config's view.
+    """
+    path = Path(directory)
+    path.mkdir(parents=True, exist_ok=True)
+    texts, labels = gate.training_examples  # a config view appends its cold-start examples after these
+    text_bytes, text_offsets = pack_strings(texts)
+    label_ids = {e: i for i, e in enumerate(gate.artifact_experts)}
+    weights: dict[str, Any] = gate._weights()  # typed Any: numpy's stub confuses it with savez's flags
+    np.savez(path / _WEIGHTS, **weights)
+    np.savez_compressed(
+        path / _EXAMPLES, embeddings=gate.example_embeddings[:len(texts)],
+        text_bytes=text_bytes, text_offsets=text_offsets,
+        labels=np.array([label_ids.get(lab, -1) for lab in labels], dtype=np.int32))
+    doc = {**gate.metadata.as_dict(), "kind": gate.kind, "experts": gate.artifact_experts,
+           "encoder_max_length": _encoder_max_length(gate.encoder), **gate._manifest(),
+           "files": {name: sha256_file(path / name) for name in (_WEIGHTS, _EXAMPLES)}}
+    doc[_SELF_DIGEST] = _manifest_digest(json.loads(json.dumps(doc)))  # as load will read it back
+    (path / _MANIFEST).write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
+    return path
+
+
+def read_artifact(directory: str | Path, encoder: Encoder) -> Gate:
+    """``Gate.load``: read an artifact of either kind for ``encoder``; raise ``GateArtifactMismatch`` if it was
+    trained with another encoder or ``max_length``, or its files (``gate.json`` included) were edited or are
+    corrupt."""
+    path = Path(directory)
+    doc = _read_manifest(path)
+    if doc.get("format_version") not in READABLE_FORMAT_VERSIONS:
+        raise GateArtifactMismatch(f"{path}: gate format version {doc.get('format_version')!r}, this code "
+                                   f"reads {' and '.join(map(str, READABLE_FORMAT_VERSIONS))}; retrain the gate")
+    digest = doc.pop(_SELF_DIGEST, None)  # None: saved before gate.json covered itself
+    if digest is not None and digest != _manifest_digest(doc):
+        raise GateArtifactMismatch(f"{path / _MANIFEST}: contents differ from the {_SELF_DIGEST} it was saved "
+                                   "with (edited after training); retrain the gate (moe train --config <this "
+                                   "config>) rather than editing it")
+    try:
+        return _restore_artifact(path, doc, encoder)
+    except (KeyError, TypeError, AttributeError, IndexError) as exc:
+        # Only an artifact without the self-digest (older, or written by hand) gets here with keys missing or
+        # of the wrong type; saying which is more use than a traceback.
+        what = f"no {exc.args[0]!r}" if isinstance(exc, KeyError) else f"{type(exc).__name__}: {exc}"
+        raise GateArtifactMismatch(f"{path}: not a gate artifact this code can read ({what}); "
+                                   f"{_RETRAIN}") from exc
+
+
+def _restore_artifact(path: Path, doc: dict[str, Any], encoder: Encoder) -> Gate:
+    """The gate from a checked ``gate.json`` (``doc``, without its self-digest) and the folder's arrays."""
+    kind = doc.setdefault("kind", "label")  # artifacts from before outcome gates are label gates
+    if kind not in GATE_KINDS:
+        raise GateArtifactMismatch(f"{path}: unknown gate kind {kind!r}; known: {', '.join(GATE_KINDS)}")
+    _check_encoder(path, doc, encoder)
+    for name, digest in doc["files"].items():
+        try:
+            differs = sha256_file(path / name) != digest
+        except FileNotFoundError:
+            raise GateArtifactMismatch(f"{path / name}: missing, though {_MANIFEST} lists it (the artifact is "
+                                       f"incomplete); {_RETRAIN}") from None
+        if differs:
+            raise GateArtifactMismatch(f"{path / name}: contents differ from the sha256 in {_MANIFEST}")
+    doc["metrics"] = ValidationMetrics(**doc["metrics"])
+    experts = _expert_names(path / _MANIFEST, doc.pop("experts"), "experts")
+    doc.pop("files")
+    metadata = GateMetadata(**{k: v for k, v in doc.items() if k in _METADATA_FIELDS})
+    weights, ex = _read_arrays(path / _WEIGHTS), _read_arrays(path / _EXAMPLES)
+    texts = unpack_strings(ex["text_bytes"], ex["text_offsets"])
+    labels = [experts[i] if i >= 0 else "" for i in ex["labels"]]
+    module, _, name = GATE_KINDS[kind].partition(":")
+    gate_cls: type[Gate] = getattr(importlib.import_module(module), name)
+    return gate_cls._restore(encoder, experts, doc, metadata, weights, (ex["embeddings"], texts, labels))
+
+def artifact_trained_experts(directory: str | Path) -> list[str] | None:
+    """The experts a gate artifact was trained on (those with training data), read from its ``gate.json``
+    alone: no encoder, no weights, no checks. None when the folder holds no artifact (yet); a ``gate.json`` that
+    cannot be read as one raises, as ``Gate.load`` would (``GateArtifactMismatch``, ``OSError``)."""
+    try:
+        doc = _read_manifest(Path(directory))
+    except (FileNotFoundError, NotADirectoryError):  # what ``moe serve`` reports as "no trained gate"
+        return None
+    file = Path(directory) / _MANIFEST
+    experts = _expert_names(file, doc.get("experts"), "experts")
+    unseen = set(_expert_names(file, doc.get("unseen_experts") or [], "unseen_experts"))
+    return [e for e in experts if e not in unseen]
+
+def _read_manifest(path: Path) -> dict[str, Any]:
+    """The artifact folder ``path``'s ``gate.json``, which must be a JSON object; ``FileNotFoundError`` when
+    absent, ``GateArtifactMismatch`` naming the file when it is corrupt or something else."""
+    file = path / _MANIFEST
+    try:
+        doc = json.loads(file.read_bytes())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no gate artifact here ({_MANIFEST} missing); run moe train") from None
+    except ValueError as exc:  # not JSON, or not UTF-8 text (UnicodeDecodeError is a ValueError)
+        raise GateArtifactMismatch(f"{file}: corrupt, not readable as JSON ({exc}); {_RETRAIN}") from None
+    if not isinstance(doc, dict):
+        raise GateArtifactMismatch(f"{file}: not a gate artifact (a JSON {_json_type(doc)} where a JSON object "
+                                   f"belongs); {_RETRAIN}")
+    return doc
+
+def _json_type(value: object) -> str:
+    names = {list: "array", str: "string", bool: "boolean", int: "number", float: "number", type(None): "null"}
+    return names.get(type(value), type(value).__name__)
+
+def _expert_names(file: Path, value: object, key: str) -> list[str]:
+    """``gate.json``'s ``key``, which must be a list of expert names (a string would read as its letters)."""
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise GateArtifactMismatch(f"{file}: not a gate artifact ({key!r} is not a list of expert names); "
+                                   f"{_RETRAIN}")
+    return value
+
+def _read_arrays(file: Path) -> dict[str, np.ndarray]:
+    """Every array of the ``.npz`` file, read now, so a truncated or garbled one is named here, not met later as a
+    traceback. (NumPy reads a file that is no zip as a pickle, and says only that it holds pickled data.)"""
+    try:
+        # Opened here, not by np.load: np.load leaves its own handle open when the archive turns out corrupt.
+        with open(file, "rb") as fh, np.load(fh, allow_pickle=False) as arrays:
+            return {k: arrays[k] for k in arrays.files}
+    except FileNotFoundError:
+        raise GateArtifactMismatch(f"{file}: missing (the artifact is incomplete); {_RETRAIN}") from None
+    except (ValueError, EOFError, zipfile.BadZipFile, zlib.error) as exc:  # a PermissionError stays itself
+        why = str(exc) if zipfile.is_zipfile(file) else "not a zip archive, which a .npz file is"
+        raise GateArtifactMismatch(f"{file}: corrupt, not readable as NumPy arrays ({why}); {_RETRAIN}") from None
+
+def _manifest_digest(doc: Mapping[str, Any]) -> str:
+    """sha256 of ``doc`` without its own digest, canonical (sorted keys), so indentation does not count."""
+    body = {k: v for k, v in doc.items() if k != _SELF_DIGEST}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, ensure_ascii=False).encode("utf-8")).hexdigest()
+
+def _encoder_max_length(encoder: Encoder) -> int | None:
+    """The tokens ``encoder`` reads of each text (``gate.encoder.max_length``); None where it cannot say."""
+    value = getattr(encoder, "max_length", None)  # test doubles need not derive from Encoder
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+def _check_encoder(path: Path, doc: dict[str, Any], encoder: Encoder) -> None:
+    differences = [f"{what} {doc[key]!r} in the artifact, {have!r} given"
+                   for what, key, have in (("identity", "encoder_identity", encoder.identity),
+                                           ("checksum", "encoder_checksum", encoder.checksum))
+                   if doc[key] != have]
+    if differences:
+        raise GateArtifactMismatch(f"{path}: the gate was trained with another encoder: encoder "
+                                   + "; encoder ".join(differences) + ". Use that encoder or retrain the gate.")
+    # Truncating elsewhere moves the vectors of long queries: the classifier would score points it never saw.
+    trained, given = doc.get("encoder_max_length"), _encoder_max_length(encoder)
+    if trained is not None and given is not None and trained != given:
+        raise GateArtifactMismatch(f"{path}: the gate was trained with encoder max_length {trained} (tokens read "
+                                   f"per query), and this encoder reads {given}. Set gate.encoder.max_length: "
+                                   f"{trained}, or retrain the gate (moe train --config <this config>).")

@@ -1,0 +1,352 @@
+"""Training a label gate: embed labelled queries, split them, fit the classifier, then calibrate it.
+
+Calibration (the temperature, the grids and the threshold) needs queries the classifier did not train on:
+the held-out validation split, when it holds queries of at least two experts. With less (an expert keeps
+``floor(0.15 * n)`` of its ``n`` texts, so none with six or fewer, as when a gate is trained from a handful of
+config ``examples`` per expert), every example is scored by a classifier fitted without its fold instead
+(``cross_validation_folds``: at most ``CV_FOLDS`` folds, stratified per expert, so leave-one-out for an expert
+with ten examples or fewer), its cosine taken to the examples outside its fold. An example whose expert has no
+other example cannot be held out; when only one expert's or none can (one example per expert), the gate stays
+uncalibrated (temperature 1, no threshold: it never abstains) and a warning says so. ``metrics.calibration``
+records which it was: ``"held-out"``, ``"cross-validated"`` or ``"none"``.
+
+The out-of-distribution grids and threshold fitted here are what ``router.gate.ood_score`` compares a query
+with (``router.gate``'s docstring, "Out of distribution").
+
+Why apart from ``router.gate``: training and calibration run offline (``moe train``, ``moe eval``), never while
+a gate serves, and the serving object should not carry them (STYLE.md, 10). This module depends on
+``router.gate`` (it builds a ``Gate``) and ``router.gate_artifact``; ``router.gate`` re-exports its public
+names, importing it only when one of them is first asked for, so the two never import each other while loading.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import math
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from router.classifiers import Classifier, EnsembleClassifier, Queries
+from router.coldstart import fit_similarity_map
+from router.encoders import Encoder
+from router.gate import UNSEEN_PRIOR, Gate, _softmax, ood_score
+from router.gate_artifact import GateMetadata, ValidationMetrics
+
+__all__ = [
+    "CALIBRATION",
+    "CV_FOLDS",
+    "OOD_GRID",
+    "OOD_KEEP",
+    "conflicting_labels",
+    "cross_validation_folds",
+    "embed_texts",
+    "expected_calibration_error",
+    "fit_ood",
+    "fit_ood_threshold",
+    "fit_temperature",
+    "nearest_similarity",
+    "split_train_val",
+    "train_gate",
+    "training_data_sha256",
+]
+
+# Training's warnings keep the logger they had when this code was part of router.gate: eval.suite's
+# ONCE_LOGGERS (a filter on that logger) and callers' log settings name it.
+log = logging.getLogger("router.gate")
+
+# Share of in-distribution validation queries the OOD threshold keeps (routes normally). 0.97: one in-domain
+# query in ~33 goes to the default expert, the price of catching most unrelated ones.
+OOD_KEEP = 0.97
+OOD_GRID = 201  # percentile points per signal in metadata.ood_reference
+CV_FOLDS = 10  # folds of that cross-validation: at most ten classifier fits, however many examples
+CALIBRATION = ("held-out", "cross-validated", "none")  # metrics.calibration: what the calibration was fitted on
+_EMBED_CHUNK = 512  # texts per encode call while training: small enough for a smooth progress bar
+
+
+# --- calibration ------------------------------------------------------------------------------------------
+
+def _nll(logits: np.ndarray, y: np.ndarray, temperature: float) -> float:
+    z = logits / temperature
+    z = z - z.max(axis=1, keepdims=True)
+    log_p = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+    return float(-log_p[np.arange(len(y)), y].mean())
+
+def expected_calibration_error(proba: np.ndarray, y: np.ndarray, bins: int = 15) -> float:
+    """Top-label ECE: |accuracy - confidence| per equal-width confidence bin, weighted by bin size. Bin ``b``
+    holds confidences in ``(b/bins, (b+1)/bins]`` (the first also 0), as ``eval.metrics`` bins them, so the
+    figure ``gate.json`` records is the one ``moe eval`` reports for the same probabilities."""
+    conf, hit = proba.max(axis=1), proba.argmax(axis=1) == y
+    which = np.clip(np.ceil(conf * bins).astype(int) - 1, 0, bins - 1)
+    return float(sum(abs(hit[which == b].mean() - conf[which == b].mean()) * (which == b).mean()
+                     for b in range(bins) if (which == b).any()))
+
+def fit_temperature(logits: np.ndarray, y: np.ndarray, lo: float = 0.01, hi: float = 100.0) -> float:
+    """The T minimising validation NLL of softmax(logits / T); never one that does worse than T = 1.
+
+    NLL is convex in 1/T, hence unimodal in log T, so a golden-section search on log T finds the optimum.
+    When every row ranks its target first, NLL has no minimum: it falls as T -> 0, and the fit would sharpen
+    every probability to ~1 (T at ``lo``), so a calibration set that happens to hold no mistake (a few
+    examples, or easy ones) would make the gate certain of everything. Then T is the one whose mean top
+    probability is the Laplace estimate of the accuracy, ``(n + 1) / (n + 2)``: ``n`` right out of ``n``.
+    """
+    own = np.arange(logits.shape[1]) == np.asarray(y)[:, None]
+    if len(y) and (logits[own] > np.where(own, -np.inf, logits).max(axis=1)).all():
+        return _temperature_for_confidence(logits, (len(y) + 1) / (len(y) + 2), lo, hi)
+    a, b = math.log(lo), math.log(hi)
+    ratio = (math.sqrt(5) - 1) / 2
+    for _ in range(80):
+        c, d = b - ratio * (b - a), a + ratio * (b - a)
+        if _nll(logits, y, math.exp(c)) <= _nll(logits, y, math.exp(d)):
+            b = d
+        else:
+            a = c
+    t = math.exp((a + b) / 2)
+    return t if _nll(logits, y, t) <= _nll(logits, y, 1.0) else 1.0
+
+def _temperature_for_confidence(logits: np.ndarray, confidence: float, lo: float, hi: float) -> float:
+    """The T in [lo, hi] whose mean top probability is ``confidence`` (it falls as T grows), by bisection on
+    log T; the bound nearest to it when none is."""
+    def mean_top(log_t: float) -> float:
+        return float(_softmax(logits / math.exp(log_t)).max(axis=1).mean())
+
+    a, b = math.log(lo), math.log(hi)
+    if mean_top(a) <= confidence:
+        return lo
+    if mean_top(b) >= confidence:
+        return hi
+    for _ in range(60):
+        mid = (a + b) / 2
+        a, b = (mid, b) if mean_top(mid) > confidence else (a, mid)
+    return math.exp((a + b) / 2)
+
+
+# --- training ---------------------------------------------------------------------------------------------
+
+def training_data_sha256(texts: Sequence[str], labels: Sequence[str]) -> str:
+    """Order-independent fingerprint of the labelled data, so an artifact says what it learned from."""
+    lines = sorted(json.dumps([label, text], ensure_ascii=False) for text, label in zip(texts, labels, strict=True))
+    return hashlib.sha256("\n".join(lines).encode("utf-8")).hexdigest()
+
+def split_train_val(texts: Sequence[str], labels: Sequence[str], *, seed: int = 0,
+                    val_fraction: float = 0.15) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (train, val), stratified per label and decided by a seeded hash of the text.
+
+    The split depends only on the data and the seed, never on order or the process. Copies of one text stay
+    on one side, so duplicates do not leak into validation. Each label sends ``floor(fraction * distinct
+    texts)`` texts to validation, so a label with few texts keeps them all for training.
+    """
+    def key(text: str) -> bytes:
+        return hashlib.sha256(f"{seed}\x00{text}".encode()).digest()
+
+    by_label: dict[str, set[str]] = {}
+    for text, label in zip(texts, labels, strict=True):
+        by_label.setdefault(label, set()).add(text)
+    val_texts: set[str] = set()
+    for distinct in by_label.values():
+        val_texts.update(sorted(distinct, key=key)[:math.floor(val_fraction * len(distinct))])
+    # By text, not by (label, text): a text given two labels goes to validation whole, never half on each side.
+    in_val = np.array([t in val_texts for t in texts], dtype=bool)
+    return np.flatnonzero(~in_val), np.flatnonzero(in_val)
+
+def conflicting_labels(texts: Sequence[str], labels: Sequence[str]) -> dict[str, list[str]]:
+    """The texts that carry more than one label, with their labels (sorted)."""
+    seen: dict[str, set[str]] = {}
+    for text, label in zip(texts, labels, strict=True):
+        seen.setdefault(text, set()).add(label)
+    return {t: sorted(ls) for t, ls in seen.items() if len(ls) > 1}
+
+def embed_texts(encoder: Encoder, texts: Sequence[str], *, progress: bool = True) -> np.ndarray:
+    """``[len(texts), dim]`` embeddings, in chunks behind a progress bar."""
+    from tqdm.auto import tqdm
+
+    with tqdm(total=len(texts), desc="embedding", unit="text", disable=not progress) as bar:
+        chunks = [np.zeros((0, encoder.dim), dtype=np.float32)]
+        for start in range(0, len(texts), _EMBED_CHUNK):
+            chunks.append(encoder.encode(texts[start:start + _EMBED_CHUNK]))
+            bar.update(len(chunks[-1]))
+    return np.concatenate(chunks)
+
+def train_gate(texts: Sequence[str], labels: Sequence[str], encoder: Encoder, *, experts: Sequence[str],
+               seed: int = 0, val_fraction: float = 0.15, progress: bool = True,
+               classifier: Classifier | None = None) -> Gate:
+    """Embed, split, fit the classifier on the train part, then the temperature and the out-of-distribution
+    grids and threshold on queries it did not train on: the validation part, or where that holds fewer than two
+    experts' queries every example out of fold (the module docstring, "Calibration"). The cold-start similarity
+    map is fitted on the validation part (its defaults without one). ``classifier`` defaults to the ensemble
+    (``router.classifiers``)."""
+    from tqdm.auto import tqdm
+
+    experts = list(experts)
+    _check_training_input(texts, labels, experts)
+    counts = Counter(labels)
+    unseen = [e for e in experts if counts[e] == 0]
+    trained = [e for e in experts if counts[e] > 0]
+    if len(trained) < 2:
+        raise ValueError(f"the gate needs examples for at least two experts; only {trained or 'none'} have any")
+    if unseen:
+        log.warning("experts with no training examples get a fixed prior of %g: %s", UNSEEN_PRIOR, unseen)
+    conflicts = conflicting_labels(texts, labels)
+    if conflicts:
+        text, both = next(iter(conflicts.items()))
+        log.warning("%d training queries carry more than one label, e.g. %r: %s; the gate learns to split its "
+                    "probability between them", len(conflicts), text[:80], ", ".join(both))
+    texts = list(texts)
+    x = embed_texts(encoder, texts, progress=progress)
+    col = {e: i for i, e in enumerate(trained)}
+    y = np.array([col[lab] for lab in labels], dtype=np.int64)
+    train, val = split_train_val(texts, labels, seed=seed, val_fraction=val_fraction)
+    queries = Queries(texts, x)
+    classifier = classifier or EnsembleClassifier(seed=seed)
+    # One expert's queries cannot fit a temperature (every target the same column) nor stand for the others'.
+    cross_validate = len(np.unique(y[val])) < 2
+    unfitted = copy.deepcopy(classifier) if cross_validate else None  # a fresh one per fold
+    with tqdm(total=2, desc=f"training gate ({classifier.kind})", unit="step", disable=not progress) as bar:
+        classifier.fit(queries.subset(train), y[train], len(trained))
+        bar.update()
+        if unfitted is not None:
+            scored = _cross_validated(unfitted, queries, y, len(trained), seed=seed)
+        else:
+            scored = _Scored(classifier.predict_logits(queries.subset(val)), y[val],
+                             nearest_similarity(x[train], x[val]), "held-out")
+        scored = _usable(scored, trained)
+        temperature, metrics = _calibrate(scored, n_train=len(train), n_val=len(val))
+        bar.update()
+    similarity = fit_similarity_map(x[train], y[train], x[val], y[val], len(trained), seed=seed)
+    ood_reference, ood_threshold = _fit_ood_scores(_softmax(scored.logits / temperature).max(axis=1)
+                                                   if len(scored.y) else np.zeros(0), scored.similarity)
+    metadata = GateMetadata(encoder.identity, encoder.checksum, training_data_sha256(texts, labels), metrics,
+                            classifier=classifier.kind, unseen_experts=unseen,
+                            cold_start_slope=similarity.slope, cold_start_midpoint=similarity.midpoint,
+                            ood_threshold=ood_threshold, ood_reference=ood_reference)
+    return Gate(encoder, experts, classifier, temperature, metadata, (x, texts, list(labels)))
+
+@dataclass(frozen=True)
+class _Scored:
+    """Queries scored by a classifier that did not train on them: what calibration is fitted on."""
+
+    logits: np.ndarray  # [n, trained experts]
+    y: np.ndarray  # [n] their experts' columns
+    similarity: np.ndarray  # [n] each one's cosine to the nearest example that classifier trained on
+    how: str  # one of CALIBRATION
+
+def cross_validation_folds(texts: Sequence[str], labels: Sequence[str], *, seed: int = 0,
+                           folds: int = CV_FOLDS) -> np.ndarray:
+    """The fold of each text, stratified per label and decided by a seeded hash of the text, like
+    ``split_train_val``: each label deals its distinct texts out to the folds in turn, so with ``folds`` or
+    fewer texts each of them has a fold to itself (leave-one-out), and copies of one text share a fold.
+
+    There are as many folds as the largest label has distinct texts, and at most ``folds``."""
+    by_label: dict[str, set[str]] = {}
+    for text, label in zip(texts, labels, strict=True):
+        by_label.setdefault(label, set()).add(text)
+    k = max(2, min(folds, max((len(d) for d in by_label.values()), default=0)))
+    fold_of: dict[str, int] = {}
+    for label in sorted(by_label):
+        ordered = sorted(by_label[label], key=lambda t: hashlib.sha256(f"{seed}\x00{t}".encode()).digest())
+        for i, text in enumerate(ordered):
+            fold_of.setdefault(text, i % k)  # a text under two labels keeps its first fold
+    return np.array([fold_of[t] for t in texts], dtype=np.int64)
+
+def _cross_validated(unfitted: Classifier, queries: Queries, y: np.ndarray, n_classes: int, *,
+                     seed: int) -> _Scored:
+    """Every example scored by a copy of ``unfitted`` fitted on the other folds, with its cosine to their
+    examples. An example is left out when its expert has no example in the other folds (it has one alone):
+    the classifier would never have seen its expert, unlike every query it serves."""
+    fold = cross_validation_folds(queries.texts, [str(c) for c in y], seed=seed)
+    rows: list[np.ndarray] = []
+    logits: list[np.ndarray] = []
+    similarity: list[np.ndarray] = []
+    for f in np.unique(fold):
+        rest = np.flatnonzero(fold != f)
+        present = np.unique(y[rest])
+        held = np.flatnonzero((fold == f) & np.isin(y, present))
+        if len(held) == 0 or len(present) < 2:
+            continue
+        model = copy.deepcopy(unfitted)
+        model.fit(queries.subset(rest), y[rest], n_classes)
+        rows.append(held)
+        logits.append(model.predict_logits(queries.subset(held)))
+        similarity.append(nearest_similarity(queries.embeddings[rest], queries.embeddings[held]))
+    order = np.concatenate([np.zeros(0, dtype=np.int64), *rows])
+    return _Scored(np.concatenate([np.zeros((0, n_classes)), *logits]).astype(np.float64), y[order],
+                   np.concatenate([np.zeros(0), *similarity]), "cross-validated")
+
+def _usable(scored: _Scored, trained: list[str]) -> _Scored:
+    """``scored``, with a warning naming what cross-validation could not cover: the experts with a single
+    example, or all but one expert, in which case the gate is left uncalibrated (``how`` "none": temperature 1,
+    no threshold, so it never abstains), since one expert's examples alone cannot fit a temperature."""
+    covered = [e for c, e in enumerate(trained) if (scored.y == c).any()]
+    if len(covered) < 2:
+        log.warning("the gate cannot be calibrated: %s, so its probabilities keep temperature 1 and it has no "
+                    "out-of-distribution threshold (it will never abstain to gate.default_expert); "
+                    "metrics.calibration is 'none'. Give every expert at least two distinct examples.",
+                    f"only {covered[0]!r} has two distinct examples" if covered else
+                    "no expert has two distinct examples, one to hold out and one to train on")
+        n = len(trained)
+        return _Scored(np.zeros((0, n)), np.zeros(0, dtype=np.int64), np.zeros(0), "none")
+    missing = [e for e in trained if e not in covered]
+    if missing and scored.how == "cross-validated":
+        log.warning("calibration is cross-validated on %d examples, none of them of %s: each has a single "
+                    "example, which cannot be held out; give them a second one", len(scored.y),
+                    ", ".join(map(repr, missing)))
+    return scored
+
+def nearest_similarity(reference: np.ndarray, queries: np.ndarray) -> np.ndarray:
+    """Each query row's highest cosine to a ``reference`` row (rows L2-normalised, so a dot product)."""
+    if len(reference) == 0:
+        return np.full(len(queries), -1.0)
+    return np.concatenate([np.zeros(0), *((queries[i:i + 1024] @ reference.T).max(axis=1)
+                                           for i in range(0, len(queries), 1024))])
+
+def fit_ood(val_top_probability: np.ndarray, reference: np.ndarray, held_out: np.ndarray,
+            keep: float = OOD_KEEP) -> tuple[list[list[float]] | None, float | None]:
+    """``(grids, threshold)`` for ``ood_score`` from in-distribution validation queries: their calibrated top
+    probabilities, and their embeddings ``held_out`` against the training rows ``reference``. The threshold
+    keeps ``keep`` of them. ``(None, None)`` without validation data: such a gate never abstains."""
+    if len(reference) == 0 or len(held_out) == 0:
+        return None, None
+    return _fit_ood_scores(val_top_probability, nearest_similarity(reference, held_out), keep)
+
+def _fit_ood_scores(top_probability: np.ndarray, similarity: np.ndarray,
+                    keep: float = OOD_KEEP) -> tuple[list[list[float]] | None, float | None]:
+    """``fit_ood`` from the queries' top probabilities and nearest-example cosines themselves."""
+    if len(similarity) == 0:
+        return None, None
+    quantiles = np.linspace(0.0, 1.0, OOD_GRID)
+    grids = [np.quantile(top_probability, quantiles).tolist(), np.quantile(similarity, quantiles).tolist()]
+    scores = ood_score(top_probability, similarity, grids)
+    return grids, float(np.quantile(scores, 1.0 - keep))
+
+def fit_ood_threshold(reference: np.ndarray, held_out: np.ndarray, keep: float = OOD_KEEP) -> float | None:
+    """The nearest-example cosine that ``keep`` of the ``held_out`` (in-distribution) rows reach against
+    ``reference``; None when either is empty. For gates scored by the cosine alone (outcome gates)."""
+    if len(reference) == 0 or len(held_out) == 0:
+        return None
+    return float(np.quantile(nearest_similarity(reference, held_out), 1.0 - keep))
+
+def _check_training_input(texts: Sequence[str], labels: Sequence[str], experts: list[str]) -> None:
+    if len(texts) != len(labels):
+        raise ValueError(f"{len(texts)} texts but {len(labels)} labels")
+    if len(set(experts)) != len(experts):
+        raise ValueError(f"duplicate expert names: {sorted(e for e, n in Counter(experts).items() if n > 1)}")
+    unknown = sorted(set(labels) - set(experts))
+    if unknown:
+        raise ValueError(f"labels that are not experts: {', '.join(map(repr, unknown))}; experts: {experts}")
+
+def _calibrate(scored: _Scored, *, n_train: int, n_val: int) -> tuple[float, ValidationMetrics]:
+    logits, y = scored.logits, scored.y
+    if len(y) == 0:
+        return 1.0, ValidationMetrics(n_train=n_train, n_val=n_val, calibration="none", n_calibration=0)
+    t = fit_temperature(logits, y)
+    before, after = _softmax(logits), _softmax(logits / t)
+    return t, ValidationMetrics(
+        n_train=n_train, n_val=n_val, accuracy=float((before.argmax(axis=1) == y).mean()),
+        ece_before=expected_calibration_error(before, y), ece_after=expected_calibration_error(after, y),
+        nll_before=_nll(logits, y, 1.0), nll_after=_nll(logits, y, t), calibration=scored.how,
+        n_calibration=len(y))
