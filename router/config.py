@@ -50,6 +50,8 @@ _ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]*$"
 _HTTP_URL = r"^https?://\S+$"
 # What an OpenAI-compatible client appends to its endpoint (``experts.openai_compat``), the longest first.
 _CLIENT_PATHS = ("/chat/completions", "/completions")
+# What redis-py's ``Redis.from_url`` takes.
+_REDIS_SCHEMES = ("redis", "rediss", "unix")
 # ``${VAR}`` or ``${VAR:-default}``; ``$${VAR}`` is the escape for a literal ``${VAR}``.
 _ENV_REF = re.compile(r"(\$?)\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 # Free text, read by the gate and shown by the API: never expanded, so a ``${...}`` there stays as written (an
@@ -567,9 +569,15 @@ def _cross_problems(raw: Any, *, check_env: bool, base_dir: str | Path | None = 
         if _is_reference(block.get(key)):
             yield f"{section}.{key}", _reference_problem(key, example)
     url_env = state.get("url_env", "MOE_REDIS_URL")
-    if (check_env and state.get("backend") == "redis" and isinstance(url_env, str) and re.match(_ENV_NAME, url_env)
-            and not os.environ.get(url_env)):
-        yield "state.url_env", f"environment variable {url_env} is not set; it must hold the Redis URL"
+    if check_env and state.get("backend") == "redis" and isinstance(url_env, str) and re.match(_ENV_NAME, url_env):
+        url = os.environ.get(url_env)
+        if not url:
+            yield "state.url_env", f"environment variable {url_env} is not set; it must hold the Redis URL"
+        elif urlsplit(url).scheme not in _REDIS_SCHEMES:
+            # The value may hold a password: only its scheme is shown.
+            scheme = urlsplit(url).scheme or "none"
+            yield "state.url_env", (f"environment variable {url_env} does not hold a Redis URL (its scheme is "
+                                    f"{scheme!r}; expected redis://, rediss:// or unix://)")
     if check_env:
         yield from _security_env_problems(security)
 

@@ -229,3 +229,16 @@ def test_a_config_that_is_not_utf8_is_refused_naming_the_file(tmp_path: Path) ->
     assert info.value.source == str(path) and str(path) in str(info.value)
     assert info.value.problems == [("<file>", "not UTF-8 text: byte 0xe9 on line 2 cannot be decoded; save the file "
                                               "as UTF-8")]
+
+
+@pytest.mark.parametrize("url", ["localhost:6379", "http://redis:6379/0", "SECRETVALUE"])
+def test_a_redis_url_variable_that_holds_no_redis_url_is_named_without_its_value(
+        monkeypatch: pytest.MonkeyPatch, url: str) -> None:
+    monkeypatch.setenv("MOE_TEST_REDIS", url)
+    raw = {"version": 1, "experts": [expert()], "state": {"backend": "redis", "url_env": "MOE_TEST_REDIS"}}
+    message = problems(raw)["state.url_env"]
+    assert message.startswith("environment variable MOE_TEST_REDIS does not hold a Redis URL (its scheme is ")
+    assert "SECRETVALUE" not in message and "6379" not in message
+    for good in ("redis://:pw@redis:6379/0", "rediss://h:6380", "unix:///run/redis.sock"):
+        monkeypatch.setenv("MOE_TEST_REDIS", good)
+        assert parse_config(raw).state.url_env == "MOE_TEST_REDIS"
