@@ -284,12 +284,15 @@ def env_proxy(url: str) -> str | None:
 def _aiohttp_errors() -> Iterator[None]:
     """Translate aiohttp's exceptions raised inside the block into ``HttpFailure``."""
     import aiohttp  # loaded by the session that made the request: a sys.modules lookup
+    from aiohttp.http_exceptions import HttpProcessingError
 
     try:
         yield
     except (aiohttp.ServerTimeoutError, TimeoutError) as exc:
         raise _failure("timeout", exc) from exc
-    except ValueError as exc:  # a streamed line past MAX_LINE_BYTES
+    # A streamed line past MAX_LINE_BYTES: a ValueError from the stream reader, or (aiohttp 3.10 on, its parser)
+    # LineTooLong, an HttpProcessingError, which is neither a ValueError nor a ClientError.
+    except (ValueError, HttpProcessingError) as exc:
         raise _failure("decoding", exc) from exc
     except (aiohttp.ClientError, OSError) as exc:
         raise _failure("unavailable", exc) from exc
@@ -315,6 +318,9 @@ class _HttpxStream:
                     line = await anext(iterator)
                 except StopAsyncIteration:
                     return
+            if len(line) > MAX_LINE_BYTES:  # characters: at least as many bytes; the limit aiohttp enforces
+                raise HttpFailure("decoding", f"a streamed line of {len(line)} characters, over the "
+                                              f"{MAX_LINE_BYTES}-byte limit")
             yield line
 
 

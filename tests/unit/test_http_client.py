@@ -13,8 +13,16 @@ import httpx
 import pytest
 
 from experts.base import ExpertContext
-from experts.errors import ExpertError, ExpertOverloaded, ExpertUnavailable
-from experts.http_client import AiohttpClient, HttpClient, HttpFailure, HttpxClient, env_proxy, tls_context
+from experts.errors import ExpertError, ExpertOverloaded, ExpertProtocolError, ExpertUnavailable
+from experts.http_client import (
+    MAX_LINE_BYTES,
+    AiohttpClient,
+    HttpClient,
+    HttpFailure,
+    HttpxClient,
+    env_proxy,
+    tls_context,
+)
 from experts.openai_compat import OpenAICompatibleExpert
 from experts.types import ChatMessage, ChatRequest
 from router.config import ExpertConfig
@@ -247,3 +255,20 @@ def test_a_call_from_a_second_loop_while_the_first_is_open_is_a_clear_error(serv
     finally:
         first.run_until_complete(expert.aclose())
         first.close()
+
+
+async def test_a_streamed_line_over_the_limit_is_a_protocol_error_not_a_crash(
+        server: ScriptedOpenAIServer, client_kind: str) -> None:
+    """One SSE event longer than MAX_LINE_BYTES: a decoding failure the orchestrator falls back on, whichever
+    transport read it (aiohttp's parser raises LineTooLong, which is neither a ValueError nor a ClientError)."""
+    expert = expert_for(server, max_concurrency=2, kind=client_kind)
+    try:
+        server.push(Behaviour.ok("x" * (MAX_LINE_BYTES + 1000)))
+        with pytest.raises(ExpertProtocolError):
+            async for _ in expert.stream(ask("a very long answer")):
+                pass
+        server.push(Behaviour.ok("x" * (MAX_LINE_BYTES // 2)))  # under the limit: streamed whole
+        pieces = [d.content async for d in expert.stream(ask("a long answer")) if d.content]
+        assert "".join(pieces) == "x" * (MAX_LINE_BYTES // 2)
+    finally:
+        await expert.aclose()
