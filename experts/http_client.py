@@ -163,11 +163,13 @@ class _AiohttpStream:
             try:
                 with _aiohttp_errors():
                     raw = await content.readline()
-            except HttpFailure:
+            except HttpFailure as failure:
                 # Lines that arrived whole before the connection broke are still the expert's answer: pass them
-                # on, so a mid-stream fallback continues after them, as it does over httpx.
-                for line in _unread(content).split(b"\n")[:-1]:
-                    yield _text(line)
+                # on, so a mid-stream fallback continues after them, as it does over httpx. Not after a line too
+                # long to read: what is buffered then comes after the lost line, and would pass for what followed it.
+                if failure.kind != "decoding":
+                    for line in _unread(content).split(b"\n")[:-1]:
+                        yield _text(line)
                 raise
             if not raw:
                 return

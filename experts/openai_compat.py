@@ -58,6 +58,10 @@ __all__ = ["OpenAICompatibleExpert", "parse_retry_after"]
 _EXCERPT_CHARS = 200
 # How long to read what follows a stream's [DONE] (normally nothing but the body's end) before closing instead.
 _DRAIN_S = 0.25
+# How long to wait, once a chunk carried the finish_reason, for the usage chunk and [DONE] (sent at once by
+# vLLM and OpenAI), at most half the expert's timeout (the dispatcher's stall limit); a connection that stalls or
+# breaks in that time still ends a complete answer.
+_AFTER_FINISH_S = 1.0
 log = logging.getLogger("router.experts")
 
 
@@ -120,27 +124,22 @@ class OpenAICompatibleExpert(Expert):
         return self._http
 
     async def _deltas(self, lines: AsyncIterator[str]) -> AsyncIterator[StreamDelta]:
-        """Turn SSE lines into deltas; the last delta carries finish_reason, usage and cost."""
+        """Turn SSE lines into deltas; the last delta carries finish_reason, usage and cost.
+
+        Once a chunk carries a ``finish_reason`` the answer is complete: what may follow (the usage chunk,
+        ``[DONE]``, the body's end) is read for at most ``_DRAIN_S``, and a connection that breaks or stalls
+        then ends the stream as finished, not as a failure another expert would have to continue."""
         finish_reason: str | None = None
         usage_chunk: dict[str, Any] = {}
         nested: dict[str, Any] | None = None
+        done = False
         events = _sse_data(lines)
         async for data in events:
             if data.strip() == "[DONE]":
-                yield self._last_delta(finish_reason or "stop", usage_chunk, nested)
-                # Read to the end of the body, so the connection goes back to the pool instead of closing; but
-                # the answer is complete, so a server that holds the body open after [DONE] only costs us the
-                # connection, never a timeout on a finished answer.
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(_DRAIN_S):
-                        async for _ in events:
-                            pass
-                return
+                done = True
+                break
             chunk = self._decode(data.encode())
-            if isinstance(chunk.get("usage"), dict):
-                usage_chunk = chunk
-            if isinstance(chunk.get("moe"), dict):
-                nested = chunk["moe"]  # another moe-router's trace, on its final chunk
+            usage_chunk, nested = _usage_and_trace(chunk, usage_chunk, nested)
             choices = chunk["choices"]
             if not choices:
                 continue  # vLLM's usage-only chunk, sent after the finish_reason chunk
@@ -160,9 +159,24 @@ class OpenAICompatibleExpert(Expert):
                 logprobs = choice.get("logprobs")
                 yield StreamDelta(content=content, tool_calls=tool_calls, refusal=refusal,
                                   logprobs=logprobs if isinstance(logprobs, dict) else None)
-        if finish_reason is None:
-            raise ExpertProtocolError(self.name, "stream ended before a finish_reason or [DONE]")
-        yield self._last_delta(finish_reason, usage_chunk, nested)
+            if finish_reason is not None:
+                break
+        else:  # the body ended without [DONE]: complete only if a finish_reason came
+            if finish_reason is None:
+                raise ExpertProtocolError(self.name, "stream ended before a finish_reason or [DONE]")
+            yield self._last_delta(finish_reason, usage_chunk, nested)
+            return
+        # [DONE], or a finish_reason: the answer is complete. Read what follows (the usage chunk, [DONE], the end
+        # of the body) so the connection goes back to the pool, but never long, and never as a failure.
+        with contextlib.suppress(TimeoutError, HttpFailure, ExpertError):
+            wait = _DRAIN_S if done else min(_AFTER_FINISH_S, self.config.timeout_s / 2)
+            async with asyncio.timeout(wait) as window:
+                async for data in events:
+                    if data.strip() == "[DONE]":
+                        window.reschedule(asyncio.get_running_loop().time() + _DRAIN_S)
+                    else:
+                        usage_chunk, nested = _usage_and_trace(self._decode(data.encode()), usage_chunk, nested)
+        yield self._last_delta(finish_reason or "stop", usage_chunk, nested)
 
     def _last_delta(self, finish_reason: str, usage_chunk: dict[str, Any],
                     nested: dict[str, Any] | None = None) -> StreamDelta:
@@ -316,6 +330,13 @@ async def _sse_data(lines: AsyncIterator[str]) -> AsyncIterator[str]:
         # Comments (":"), "event:", "id:" and "retry:" carry nothing a completion needs.
     if buffer:
         yield "\n".join(buffer)
+
+
+def _usage_and_trace(chunk: dict[str, Any], usage_chunk: dict[str, Any],
+                     nested: dict[str, Any] | None) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """The stream's usage chunk and another moe-router's trace (on its final chunk), updated from ``chunk``."""
+    usage = chunk if isinstance(chunk.get("usage"), dict) else usage_chunk
+    return usage, chunk["moe"] if isinstance(chunk.get("moe"), dict) else nested
 
 
 def _upstream_cost(data: dict[str, Any]) -> float | None:

@@ -58,6 +58,9 @@ class Behaviour:
     stall_after: int | None = None  # then send nothing more, keeping the socket open
     die_after: int | None = None  # then close the socket without finishing the response
     hold_after_done: bool = False  # stream: send [DONE], then keep the body open (no final chunk)
+    # Stream: once the finish_reason chunk (and the usage chunk, when asked for) is sent, "die" closes the socket
+    # and "stall" sends nothing more, either way before [DONE]: a complete answer whose connection then fails.
+    after_finish: str | None = None
 
     @classmethod
     def ok(cls, text: str = "ok", **fields: Any) -> Behaviour:
@@ -331,6 +334,11 @@ class ScriptedOpenAIServer:
             await event([{"index": 0, "delta": {}, "finish_reason": _finish(b)}])
             if (payload.get("stream_options") or {}).get("include_usage"):
                 await event([], usage=_usage(b, payload, len(tokens)))
+            if b.after_finish == "die":
+                raise _Closed
+            if b.after_finish == "stall":
+                await self._hold(reader)
+                return
             await _write_chunk(writer, b"data: [DONE]\n\n")
             if b.hold_after_done:
                 await self._hold(reader)

@@ -46,6 +46,25 @@ async def test_every_fault_of_the_top_expert_is_answered(r: Rig, fault: str, str
         assert replies[0].content.startswith("one two ")
 
 
+@pytest.mark.parametrize("after", ["die", "stall"])
+@pytest.mark.parametrize("tool", [False, True], ids=["text", "tool_call"])
+async def test_a_finished_stream_whose_connection_then_fails_is_complete(r: Rig, after: str, tool: bool) -> None:
+    """The finish_reason (and the usage) arrived, then the connection broke or stalled before [DONE]: the answer
+    is whole. It used to be a mid-stream failure: another expert was asked to continue a finished answer (its
+    text appended), or a finished tool call was reported as broken, and the breaker counted it."""
+    calls = [{"id": "call-1", "type": "function", "function": {"name": "add", "arguments": '{"a": 1}'}}]
+    r.servers["a"].default = Behaviour(mode="answer", text="" if tool else "Paris.", after_finish=after,
+                                       tool_calls=tuple(calls) if tool else ())
+    reply = await r.chat(stream=True)
+    assert reply.status == 200 and "error" not in reply.body, reply.body
+    assert reply.content == ("" if tool else "Paris.")
+    moe = reply.body["moe"]
+    assert moe["switches"] == [] and [(a["expert"], a["ok"]) for a in moe["attempts"]] == [("a", True)]
+    assert moe["usage"]["completion_tokens"] > 0 or tool  # the usage chunk came before the break
+    assert r.servers["b"].requests == []
+    assert r.orchestrator.expert_states()["a"]["breaker"]["consecutive_failures"] == 0
+
+
 @pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
 async def test_every_expert_down_is_a_clear_503_listing_each_cause(r: Rig, stream: bool) -> None:
     r.servers["a"].default = FAULTS["hang"]
