@@ -74,6 +74,7 @@ class StreamOutcome:
     chars: int = 0
     deltas: int = 0  # deltas passed on (text, tool calls, refusal): a token each, as the upstream streams them
     tool_deltas: int = 0  # deltas carrying tool calls: output the client has, though not text
+    refusal_deltas: int = 0  # deltas carrying a refusal's text (OpenAI's ``delta.refusal``), likewise
     finish_reason: str = "stop"
     usage: Usage | None = None
     usage_estimated: bool = False
@@ -83,8 +84,8 @@ class StreamOutcome:
 
     @property
     def sent(self) -> bool:
-        """Whether any output (text or a tool-call delta) reached the client."""
-        return bool(self.chars or self.tool_deltas)
+        """Whether any output (text, a tool-call or a refusal delta) reached the client."""
+        return bool(self.deltas)
 
     def attempt(self, name: str, replaces: str | None, retry: int = 0) -> Attempt:
         return Attempt(expert=name, weight=1.0, ok=self.error is None, latency_ms=self.latency_ms,
@@ -209,7 +210,8 @@ class Dispatcher:
     async def _backoff(self, name: str, error: ExpertError, retry: int, request: ChatRequest, deadline: Deadline,
                        trace: Trace) -> bool:
         """Wait before retrying ``name`` when the policy, its breaker and the budget allow; else False."""
-        delay = retry_delay(self.retry, error, retry, deadline.remaining, self.rand)
+        delay = retry_delay(self.retry, error, retry, deadline.remaining, self.rand,
+                            timeout_s=self.experts[name].config.timeout_s)
         if delay is None or self.breakers.refuses(name) or self.over_budget(name, trace, request):
             return False
         trace.retries.append(Retry(expert=name, number=retry + 1, cause=error.kind, backoff_s=delay))
@@ -336,5 +338,6 @@ def _take(delta: StreamDelta, outcome: StreamOutcome, expert: Expert) -> StreamD
     outcome.chars += len(delta.content)
     outcome.deltas += 1
     outcome.tool_deltas += bool(delta.tool_calls)
+    outcome.refusal_deltas += bool(delta.refusal)
     return StreamDelta(content=delta.content, tool_calls=delta.tool_calls, logprobs=delta.logprobs,
                        refusal=delta.refusal)

@@ -392,14 +392,16 @@ class Orchestrator:
             if _skipped(outcome.error):
                 continue  # not called, so not tried
             tried += 1
-            if outcome.tool_deltas:  # an earlier expert's would have ended the stream already
+            if outcome.tool_deltas or outcome.refusal_deltas:  # an earlier expert's would have ended it already
                 # Part of a tool call (its id, name, argument fragments) reached the client. Another expert cannot
                 # finish it: it would start a call of its own, whose deltas the client would merge into the
-                # half-sent one, corrupting it. The stream ends here instead, with an error event that names
-                # the expert and the cause; the client still has the text, and knows the call is incomplete.
-                raise RouteFailed(errors, trace, f"the stream from expert {name!r} broke off after part of a tool "
-                                                 "call reached the client; another expert cannot continue a tool "
-                                                 "call, so the stream ends here")
+                # half-sent one, corrupting it. Nor a refusal: another expert would answer after it, or refuse in
+                # its own words. The stream ends here instead, with an error event that names the expert and the
+                # cause; the client still has what was sent, and knows it is incomplete.
+                what = "a tool call" if outcome.tool_deltas else "a refusal"
+                raise RouteFailed(errors, trace, f"the stream from expert {name!r} broke off after part of {what} "
+                                                 f"reached the client; another expert cannot continue {what}, so "
+                                                 "the stream ends here")
             if outcome.sent:
                 # Its text reached the client: the next expert continues it rather than starting over.
                 continued = _continuation(request, sent)

@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from experts.errors import ExpertError, ExpertOverloaded, ExpertRateLimited, ExpertServerError
+from experts.errors import ExpertError, ExpertOverloaded, ExpertRateLimited, ExpertServerError, ExpertTimeout
 from router.config import FallbackConfig
 
 __all__ = ["RetryPolicy", "backoff_delay", "is_retryable", "retry_delay"]
@@ -45,11 +45,14 @@ def backoff_delay(policy: RetryPolicy, retry: int, rand: Callable[[], float]) ->
 
 
 def retry_delay(policy: RetryPolicy, error: ExpertError, retry: int, remaining_s: float,
-                rand: Callable[[], float]) -> float | None:
+                rand: Callable[[], float], *, timeout_s: float | None = None) -> float | None:
     """Seconds to wait before retrying the expert that raised ``error``, or None to stop retrying it.
 
     ``retry`` counts the retries already made of this expert for this request; ``remaining_s`` is what is left
-    of the request's deadline. A wait that would leave no time for the retry itself is not worth making.
+    of the request's deadline. A wait that would leave no time for the retry itself is not worth making. After a
+    timeout, the retry would need the expert's whole ``timeout_s`` again: when the deadline cannot give it that,
+    the retry could only spend what is left on an expert that just failed to answer in time, and leave nothing for
+    fallback to a healthy one, so it is not made.
     """
     if retry >= policy.retries or not is_retryable(error):
         return None
@@ -59,6 +62,8 @@ def retry_delay(policy: RetryPolicy, error: ExpertError, retry: int, remaining_s
         if asked > policy.retry_after_max_s:
             return None
         delay = max(delay, asked)
+    if isinstance(error, ExpertTimeout) and timeout_s is not None and delay + timeout_s > remaining_s:
+        return None
     return delay if delay < remaining_s else None
 
 

@@ -66,6 +66,20 @@ async def test_a_finished_stream_whose_connection_then_fails_is_complete(r: Rig,
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
+async def test_a_timeout_is_not_retried_into_the_deadline_that_fallback_needs(stream: bool) -> None:
+    """Deadline 3 s, timeout 2 s, one retry: after the first timeout a retry could only have the last second,
+    on the expert that just failed to answer in time. It used to take it, and the healthy experts were never
+    asked (a 503 at the deadline); now fallback asks the next one."""
+    async with rig(deadline_s=3.0) as live:
+        live.servers["a"].default = FAULTS["hang"]
+        reply = await live.chat(stream=stream)
+        assert reply.status == 200 and "error" not in reply.body, reply.body
+        assert [(a["expert"], a["ok"]) for a in reply.body["moe"]["attempts"]] == [("a", False), ("b", True)]
+        assert reply.body["moe"]["retries"] == []
+        assert reply.elapsed_s < 3.0
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
 async def test_every_expert_down_is_a_clear_503_listing_each_cause(r: Rig, stream: bool) -> None:
     r.servers["a"].default = FAULTS["hang"]
     r.servers["b"].default = FAULTS["http_503"]

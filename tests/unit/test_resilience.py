@@ -363,6 +363,31 @@ async def test_a_stream_that_dies_after_a_tool_call_delta_is_not_continued_or_re
     assert trace is not None and trace.switches == []
 
 
+class FakeRefusalThenDies(FakeExpert):
+    """Streams the start of a refusal (OpenAI's ``delta.refusal``), then its connection dies."""
+
+    async def stream(self, request: ChatRequest) -> AsyncIterator[StreamDelta]:
+        self.requests.append(request)
+        yield StreamDelta(refusal="I can't help with that. ")
+        raise ExpertUnavailable(self.name, "peer closed")
+
+
+async def test_a_stream_that_dies_after_a_refusal_delta_is_not_repeated_or_answered_over() -> None:
+    """A refusal that reached the client counts as sent: no blind retry (it was sent twice), and no other
+    expert's answer after it (another expert would answer, or refuse in its own words); the stream ends."""
+    math = FakeRefusalThenDies(build()[0].config.expert("math"))
+    orch, slept = build({"math": math}, fallback={"retries": 2})
+    sent: list[StreamPiece] = []
+    with pytest.raises(AllExpertsFailed, match="from expert 'math' broke off after part of a refusal") as info:
+        async for event in orch.stream(ask()):
+            assert isinstance(event, StreamPiece)
+            sent.append(event)
+    assert [p.delta.refusal for p in sent] == ["I can't help with that. "]  # sent once
+    assert len(math.requests) == 1 and slept == []
+    assert sum(len(e.requests) for e in orch.experts.values() if isinstance(e, FakeExpert)) == 1
+    assert [(c["expert"], c["kind"]) for c in info.value.to_list()] == [("math", "unavailable")]
+
+
 async def test_an_expert_that_hangs_through_whole_deadlines_opens_its_breaker() -> None:
     """Its timeout_s (1 s) outlasts the request's deadline (0.2 s), so each call is cut by the deadline; it had
     the whole deadline, so the breaker counts it, opens, and the next request goes to the next expert."""

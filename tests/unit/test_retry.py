@@ -66,6 +66,18 @@ def test_no_wait_past_the_deadline() -> None:
     assert retry_delay(POLICY, ExpertUnavailable("e", "x"), 2, 0.1, half) is None
 
 
+def test_a_timeout_is_retried_only_when_the_deadline_leaves_the_retry_its_whole_timeout() -> None:
+    """A retry after a timeout needs the expert's timeout again; with less left, it would only spend the rest of
+    the deadline on the expert that just failed, and fallback would find no time for a healthy one."""
+    timeout = ExpertTimeout("e", "no answer within 2s")
+    assert retry_delay(POLICY, timeout, 0, 3.0, half, timeout_s=2.0) == pytest.approx(0.075)  # 0.075 + 2 <= 3
+    assert retry_delay(POLICY, timeout, 0, 1.0, half, timeout_s=2.0) is None
+    assert retry_delay(POLICY, timeout, 0, 1.0, half) == pytest.approx(0.075)  # no timeout_s: the wait alone
+    # Other failures come back fast, so the wait alone is weighed against the deadline.
+    assert retry_delay(POLICY, ExpertUnavailable("e", "refused"), 0, 1.0, half, timeout_s=2.0) == \
+        pytest.approx(0.075)
+
+
 def test_policy_from_config_and_bounds() -> None:
     cfg = FallbackConfig(retries=2, backoff_base_s=0.2, backoff_max_s=1.0)
     assert RetryPolicy.from_config(cfg) == RetryPolicy(2, 0.2, 1.0, 5.0)
