@@ -46,6 +46,7 @@ from router.gate import (
     split_train_val,
     training_data_sha256,
 )
+from router.gate_artifact import RETRAIN, read_artifact_json
 
 if TYPE_CHECKING:
     from router.config import RouterConfig
@@ -92,15 +93,11 @@ class CascadeFit:
 
 def _read_fit(file: Path) -> CascadeFit:
     """The fitted cascade in ``file``, or ``GateArtifactMismatch`` naming it when it is corrupt or not one."""
-    retrain = "retrain the gate (moe train --config <this config>)"
-    try:
-        doc = json.loads(file.read_bytes())
-    except ValueError as exc:  # not JSON, or not UTF-8 text
-        raise GateArtifactMismatch(f"{file}: corrupt, not readable as JSON ({exc}); {retrain}") from None
+    doc = read_artifact_json(file)
     try:
         return CascadeFit(**doc)
     except TypeError as exc:  # not an object, or keys missing or unknown
-        raise GateArtifactMismatch(f"{file}: not a fitted two-stage gate ({exc}); {retrain}") from None
+        raise GateArtifactMismatch(f"{file}: not a fitted two-stage gate ({exc}); {RETRAIN}") from None
 
 
 def _decides(fast: Assessment, threshold: float | None, familiarity: float | None) -> np.ndarray:

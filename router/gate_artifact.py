@@ -41,12 +41,14 @@ __all__ = [
     "FORMAT_VERSION",
     "GATE_KINDS",
     "READABLE_FORMAT_VERSIONS",
+    "RETRAIN",
     "TASK_PRIOR_FORMAT_VERSION",
     "GateArtifactMismatch",
     "GateMetadata",
     "ValidationMetrics",
     "artifact_trained_experts",
     "read_artifact",
+    "read_artifact_json",
     "write_artifact",
 ]
 
@@ -56,6 +58,7 @@ FORMAT_VERSION = 1
 # but 1. Every other gate is still format 1, readable by that code.
 TASK_PRIOR_FORMAT_VERSION = 2
 READABLE_FORMAT_VERSIONS = (FORMAT_VERSION, TASK_PRIOR_FORMAT_VERSION)
+
 
 class GateArtifactMismatch(ValueError):
     """A saved gate does not fit what it is loaded with (encoder, expert list or file contents), or its files
@@ -119,7 +122,7 @@ GATE_KINDS: dict[str, str] = {
 }
 _METADATA_FIELDS = frozenset(GateMetadata.__dataclass_fields__)
 _MANIFEST, _WEIGHTS, _EXAMPLES = "gate.json", "weights.npz", "examples.npz"
-_RETRAIN = "retrain the gate (moe train --config <this config>)"
+RETRAIN = "retrain the gate (moe train --config <this config>)"
 _SELF_DIGEST = "manifest_sha256"  # gate.json's own sha256, over its other keys (``_manifest_digest``)
 
 
@@ -168,7 +171,7 @@ def read_artifact(directory: str | Path, encoder: Encoder) -> Gate:
         # of the wrong type; saying which is more use than a traceback.
         what = f"no {exc.args[0]!r}" if isinstance(exc, KeyError) else f"{type(exc).__name__}: {exc}"
         raise GateArtifactMismatch(f"{path}: not a gate artifact this code can read ({what}); "
-                                   f"{_RETRAIN}") from exc
+                                   f"{RETRAIN}") from exc
 
 
 def _restore_artifact(path: Path, doc: dict[str, Any], encoder: Encoder) -> Gate:
@@ -182,7 +185,7 @@ def _restore_artifact(path: Path, doc: dict[str, Any], encoder: Encoder) -> Gate
             differs = sha256_file(path / name) != digest
         except FileNotFoundError:
             raise GateArtifactMismatch(f"{path / name}: missing, though {_MANIFEST} lists it (the artifact is "
-                                       f"incomplete); {_RETRAIN}") from None
+                                       f"incomplete); {RETRAIN}") from None
         if differs:
             raise GateArtifactMismatch(f"{path / name}: contents differ from the sha256 in {_MANIFEST}")
     doc["metrics"] = ValidationMetrics(**doc["metrics"])
@@ -214,15 +217,23 @@ def _read_manifest(path: Path) -> dict[str, Any]:
     absent, ``GateArtifactMismatch`` naming the file when it is corrupt or something else."""
     file = path / _MANIFEST
     try:
-        doc = json.loads(file.read_bytes())
+        doc = read_artifact_json(file)
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: no gate artifact here ({_MANIFEST} missing); run moe train") from None
-    except ValueError as exc:  # not JSON, or not UTF-8 text (UnicodeDecodeError is a ValueError)
-        raise GateArtifactMismatch(f"{file}: corrupt, not readable as JSON ({exc}); {_RETRAIN}") from None
     if not isinstance(doc, dict):
         raise GateArtifactMismatch(f"{file}: not a gate artifact (a JSON {_json_type(doc)} where a JSON object "
-                                   f"belongs); {_RETRAIN}")
+                                   f"belongs); {RETRAIN}")
     return doc
+
+
+def read_artifact_json(file: Path) -> Any:
+    """A JSON file of an artifact (``gate.json``, the two-stage gate's ``cascade.json``), parsed;
+    ``GateArtifactMismatch`` naming the file and the retrain command when it is not JSON."""
+    try:
+        return json.loads(file.read_bytes())
+    except ValueError as exc:  # not JSON, or not UTF-8 text (UnicodeDecodeError is a ValueError)
+        raise GateArtifactMismatch(f"{file}: corrupt, not readable as JSON ({exc}); {RETRAIN}") from None
+
 
 def _json_type(value: object) -> str:
     names = {list: "array", str: "string", bool: "boolean", int: "number", float: "number", type(None): "null"}
@@ -232,7 +243,7 @@ def _expert_names(file: Path, value: object, key: str) -> list[str]:
     """``gate.json``'s ``key``, which must be a list of expert names (a string would read as its letters)."""
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise GateArtifactMismatch(f"{file}: not a gate artifact ({key!r} is not a list of expert names); "
-                                   f"{_RETRAIN}")
+                                   f"{RETRAIN}")
     return value
 
 def _read_arrays(file: Path) -> dict[str, np.ndarray]:
@@ -243,10 +254,10 @@ def _read_arrays(file: Path) -> dict[str, np.ndarray]:
         with open(file, "rb") as fh, np.load(fh, allow_pickle=False) as arrays:
             return {k: arrays[k] for k in arrays.files}
     except FileNotFoundError:
-        raise GateArtifactMismatch(f"{file}: missing (the artifact is incomplete); {_RETRAIN}") from None
+        raise GateArtifactMismatch(f"{file}: missing (the artifact is incomplete); {RETRAIN}") from None
     except (ValueError, EOFError, zipfile.BadZipFile, zlib.error) as exc:  # a PermissionError stays itself
         why = str(exc) if zipfile.is_zipfile(file) else "not a zip archive, which a .npz file is"
-        raise GateArtifactMismatch(f"{file}: corrupt, not readable as NumPy arrays ({why}); {_RETRAIN}") from None
+        raise GateArtifactMismatch(f"{file}: corrupt, not readable as NumPy arrays ({why}); {RETRAIN}") from None
 
 def _manifest_digest(doc: Mapping[str, Any]) -> str:
     """sha256 of ``doc`` without its own digest, canonical (sorted keys), so indentation does not count."""
