@@ -106,6 +106,16 @@ class FakeToolCallThenDies(FakeExpert):
         raise ExpertUnavailable(self.name, "peer closed")
 
 
+
+class FakeRefusalThenDies(FakeExpert):
+    """Streams the start of a refusal (OpenAI's ``delta.refusal``), then its connection dies."""
+
+    async def stream(self, request: ChatRequest) -> AsyncIterator[StreamDelta]:
+        self.requests.append(request)
+        yield StreamDelta(refusal="I can't help with that. ")
+        raise ExpertUnavailable(self.name, "peer closed")
+
+
 def fake_config(names: list[str], **overrides: object) -> RouterConfig:
     """A valid config whose experts are fakes standing in for replay experts."""
     raw: dict[str, object] = {

@@ -1,7 +1,7 @@
 """Retries, circuit breakers, the cost budget and expert-choice batches, through the orchestrator with fakes."""
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import pytest
 
@@ -10,7 +10,7 @@ from experts.types import ChatMessage, ChatRequest, ExpertReply, StreamDelta
 from router.config import parse_config
 from router.fallback import AllExpertsFailed
 from router.orchestrator import Orchestrator, StreamEnd, StreamPiece
-from tests.doubles.fakes import FakeExpert, FakeGate, FakeToolCallThenDies
+from tests.doubles.fakes import FakeExpert, FakeGate, FakeRefusalThenDies, FakeToolCallThenDies
 
 NAMES = ["math", "code", "law"]
 
@@ -347,45 +347,35 @@ async def test_the_deadline_stopping_fallback_lists_the_untried_and_says_why(str
         ("code", "not_tried", "not tried: deadline reached"), ("law", "not_tried", "not tried: deadline reached")]
 
 
-async def test_a_stream_that_dies_after_a_tool_call_delta_is_not_continued_or_retried() -> None:
-    math = FakeToolCallThenDies(build()[0].config.expert("math"))
+def _tool_call_id(piece: StreamPiece) -> object:
+    return piece.delta.tool_calls and piece.delta.tool_calls[0]["id"]
+
+
+def _refusal(piece: StreamPiece) -> object:
+    return piece.delta.refusal
+
+
+@pytest.mark.parametrize(("fake", "what", "shown", "sent_once"), [
+    (FakeToolCallThenDies, "a tool call", _tool_call_id, "call-1"),
+    (FakeRefusalThenDies, "a refusal", _refusal, "I can't help with that. "),
+], ids=["tool_call", "refusal"])
+async def test_a_stream_that_dies_after_a_tool_call_or_refusal_delta_is_not_continued_or_retried(
+        fake: type[FakeExpert], what: str, shown: Callable[[StreamPiece], object], sent_once: str) -> None:
+    """Part of a tool call or of a refusal reached the client: another expert cannot finish either (it would start
+    a call of its own, or answer after the refusal), and a blind retry would send it twice; the stream ends."""
+    math = fake(build()[0].config.expert("math"))
     orch, slept = build({"math": math}, fallback={"retries": 2})
     sent: list[StreamPiece] = []
-    with pytest.raises(AllExpertsFailed, match="from expert 'math' broke off after part of a tool call") as info:
+    with pytest.raises(AllExpertsFailed, match=f"from expert 'math' broke off after part of {what}") as info:
         async for event in orch.stream(ask()):
             assert isinstance(event, StreamPiece)
             sent.append(event)
-    assert [p.delta.tool_calls and p.delta.tool_calls[0]["id"] for p in sent] == ["call-1"]  # sent once
+    assert [shown(p) for p in sent] == [sent_once]  # sent once
     assert len(math.requests) == 1 and slept == []
     assert sum(len(e.requests) for e in orch.experts.values() if isinstance(e, FakeExpert)) == 1
     assert [(c["expert"], c["kind"]) for c in info.value.to_list()] == [("math", "unavailable")]
     trace = getattr(info.value, "trace", None)
     assert trace is not None and trace.switches == []
-
-
-class FakeRefusalThenDies(FakeExpert):
-    """Streams the start of a refusal (OpenAI's ``delta.refusal``), then its connection dies."""
-
-    async def stream(self, request: ChatRequest) -> AsyncIterator[StreamDelta]:
-        self.requests.append(request)
-        yield StreamDelta(refusal="I can't help with that. ")
-        raise ExpertUnavailable(self.name, "peer closed")
-
-
-async def test_a_stream_that_dies_after_a_refusal_delta_is_not_repeated_or_answered_over() -> None:
-    """A refusal that reached the client counts as sent: no blind retry (it was sent twice), and no other
-    expert's answer after it (another expert would answer, or refuse in its own words); the stream ends."""
-    math = FakeRefusalThenDies(build()[0].config.expert("math"))
-    orch, slept = build({"math": math}, fallback={"retries": 2})
-    sent: list[StreamPiece] = []
-    with pytest.raises(AllExpertsFailed, match="from expert 'math' broke off after part of a refusal") as info:
-        async for event in orch.stream(ask()):
-            assert isinstance(event, StreamPiece)
-            sent.append(event)
-    assert [p.delta.refusal for p in sent] == ["I can't help with that. "]  # sent once
-    assert len(math.requests) == 1 and slept == []
-    assert sum(len(e.requests) for e in orch.experts.values() if isinstance(e, FakeExpert)) == 1
-    assert [(c["expert"], c["kind"]) for c in info.value.to_list()] == [("math", "unavailable")]
 
 
 async def test_an_expert_that_hangs_through_whole_deadlines_opens_its_breaker() -> None:
