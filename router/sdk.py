@@ -163,13 +163,18 @@ class _Protocol:
         return {} if combiner is None else {COMBINER_HEADER: combiner}
 
     @staticmethod
-    def check(response: httpx.Response) -> Any:
+    def answered_error(response: httpx.Response) -> RouterAPIError:
+        """The service's error answer (read by then) as the ``RouterAPIError`` it stands for."""
+        try:
+            body = response.json()
+        except ValueError:
+            body = {"error": {"message": response.text[:500], "code": None}}
+        return RouterAPIError(response.status_code, body, response.headers)
+
+    @classmethod
+    def check(cls, response: httpx.Response) -> Any:
         if response.is_error:
-            try:
-                body = response.json()
-            except ValueError:
-                body = {"error": {"message": response.text[:500], "code": None}}
-            raise RouterAPIError(response.status_code, body, response.headers)
+            raise cls.answered_error(response)
         try:
             return response.json()
         except ValueError:
@@ -200,10 +205,12 @@ class _Protocol:
     def is_event_stream(response: httpx.Response) -> bool:
         return response.headers.get("content-type", "").startswith("text/event-stream")
 
-    @staticmethod
-    def not_a_stream(response: httpx.Response) -> RouterAPIError:
-        """A success that is no event stream (a proxy's page, a JSON body), its text in the message; the
-        response is read by then."""
+    @classmethod
+    def refused_stream(cls, response: httpx.Response) -> RouterAPIError:
+        """Why a stream did not start (read by then): the service's error answer, or a success that is no event
+        stream (a proxy's page, a JSON body), its text in the message."""
+        if response.is_error:
+            return cls.answered_error(response)
         kind = response.headers.get("content-type") or "no content type"
         return RouterAPIError(response.status_code, {"error": {
             "message": f"the service answered {response.status_code} with {kind}, not an event stream: "
@@ -271,12 +278,9 @@ class Client(_Protocol):
             body = self.chat_body(messages, model, True, params)
             with self._http.stream("POST", "/v1/chat/completions", json=body,
                                    headers=self.chat_headers(combiner)) as response:
-                if response.is_error:
+                if response.is_error or not self.is_event_stream(response):
                     response.read()
-                    self.check(response)
-                if not self.is_event_stream(response):
-                    response.read()
-                    raise self.not_a_stream(response)
+                    raise self.refused_stream(response)
                 done = False
                 for line in response.iter_lines():
                     done = done or line == "data: [DONE]"
@@ -339,12 +343,9 @@ class AsyncClient(_Protocol):
             body = self.chat_body(messages, model, True, params)
             async with self._http.stream("POST", "/v1/chat/completions", json=body,
                                          headers=self.chat_headers(combiner)) as response:
-                if response.is_error:
+                if response.is_error or not self.is_event_stream(response):
                     await response.aread()
-                    self.check(response)
-                if not self.is_event_stream(response):
-                    await response.aread()
-                    raise self.not_a_stream(response)
+                    raise self.refused_stream(response)
                 done = False
                 async for line in response.aiter_lines():
                     done = done or line == "data: [DONE]"
