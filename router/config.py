@@ -571,13 +571,12 @@ def _cross_problems(raw: Any, *, check_env: bool, base_dir: str | Path | None = 
     url_env = state.get("url_env", "MOE_REDIS_URL")
     if check_env and state.get("backend") == "redis" and isinstance(url_env, str) and re.match(_ENV_NAME, url_env):
         url = os.environ.get(url_env)
+        scheme = urlsplit(url).scheme if url else ""
         if not url:
             yield "state.url_env", f"environment variable {url_env} is not set; it must hold the Redis URL"
-        elif urlsplit(url).scheme not in _REDIS_SCHEMES:
-            # The value may hold a password: only its scheme is shown.
-            scheme = urlsplit(url).scheme or "none"
+        elif scheme not in _REDIS_SCHEMES:  # the value may hold a password: only its scheme is shown
             yield "state.url_env", (f"environment variable {url_env} does not hold a Redis URL (its scheme is "
-                                    f"{scheme!r}; expected redis://, rediss:// or unix://)")
+                                    f"{scheme or 'none'!r}; expected redis://, rediss:// or unix://)")
     if check_env:
         yield from _security_env_problems(security)
 
@@ -626,11 +625,9 @@ _SECURITY_ENV = (("api_keys_env", "the client keys, comma-separated (until it do
                  ("admin_key_env", "the admin key (until it does, every /admin call is refused)"))
 
 
-def _security_env_problems(security: Any) -> Iterable[tuple[str, str]]:
+def _security_env_problems(security: dict[str, Any]) -> Iterable[tuple[str, str]]:
     """An unset key variable fails closed at serve time, every call refused; say so before then. Only the
     variable's name is ever shown, never its value."""
-    if not isinstance(security, dict):
-        return
     for key, holds in _SECURITY_ENV:
         name = security.get(key)
         if not isinstance(name, str) or not re.match(_ENV_NAME, name):
