@@ -1,6 +1,6 @@
 """Experts: how to talk to one model. Nothing here knows about routing."""
 
-from experts.base import Expert, ExpertContext, cost_of
+from experts.base import CostSpec, Expert, ExpertContext, ExpertSpec, ReplaySpec, cost_of
 from experts.errors import (
     ExpertAuthError,
     ExpertConfigError,
@@ -22,6 +22,7 @@ __all__ = [
     "EXPERT_TYPES",
     "ChatMessage",
     "ChatRequest",
+    "CostSpec",
     "Expert",
     "ExpertAuthError",
     "ExpertConfigError",
@@ -34,9 +35,11 @@ __all__ = [
     "ExpertRejected",
     "ExpertReply",
     "ExpertServerError",
+    "ExpertSpec",
     "ExpertTimeout",
     "ExpertUnavailable",
     "NoRecording",
+    "ReplaySpec",
     "StreamDelta",
     "Usage",
     "build_expert",

@@ -10,16 +10,65 @@ from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Literal, Protocol
 
 import httpx
 
 from experts.types import ChatRequest, ExpertReply, StreamDelta, Usage
 
-if TYPE_CHECKING:
-    from router.config import ExpertConfig
+__all__ = ["CostSpec", "Expert", "ExpertContext", "ExpertSpec", "ReplaySpec", "cost_of"]
 
-__all__ = ["Expert", "ExpertContext", "cost_of"]
+
+# What an expert reads of its config entry, as read-only protocols: ``router.config.ExpertConfig`` is one (the
+# router's schema, validated at load), and experts never import the router to know it.
+class CostSpec(Protocol):
+    """USD per 1,000 tokens."""
+
+    @property
+    def input_per_1k(self) -> float: ...
+    @property
+    def output_per_1k(self) -> float: ...
+
+
+class ReplaySpec(Protocol):
+    """Where a replay expert finds its recordings (``source``, ``path``), the recorded model's column (None: the
+    expert's ``model``) and the simulated service time per call."""
+
+    @property
+    def source(self) -> Literal["routerbench", "mmlu_pro"]: ...
+    @property
+    def path(self) -> str: ...
+    @property
+    def column(self) -> str | None: ...
+    @property
+    def latency_ms(self) -> float: ...
+
+
+class ExpertSpec(Protocol):
+    """One expert's settings: its name, type and model, where it answers (``endpoint``, the base URL that
+    ``/chat/completions`` goes after), its limits and prices, and for a replay expert its recordings."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def type(self) -> str: ...
+    @property
+    def endpoint(self) -> str | None: ...
+    @property
+    def model(self) -> str: ...
+    @property
+    def timeout_s(self) -> float: ...
+    @property
+    def max_concurrency(self) -> int: ...
+    @property
+    def cost(self) -> CostSpec: ...
+    @property
+    def replay(self) -> ReplaySpec | None: ...
+    @property
+    def recorded_model(self) -> str: ...
+
+    def api_key(self) -> str | None:
+        """The bearer key, read from the environment when a client is built; None: the endpoint needs none."""
 
 
 def cost_of(usage: Usage, input_per_1k: float, output_per_1k: float) -> float:
@@ -42,7 +91,7 @@ class ExpertContext:
 class Expert(ABC):
     """One model behind one endpoint."""
 
-    def __init__(self, config: ExpertConfig, context: ExpertContext | None = None) -> None:
+    def __init__(self, config: ExpertSpec, context: ExpertContext | None = None) -> None:
         self.config = config
         self.name = config.name
         self.context = context or ExpertContext()

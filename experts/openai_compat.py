@@ -27,11 +27,11 @@ import time
 from collections.abc import AsyncIterator, Mapping
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from pydantic import ValidationError
 
-from experts.base import Expert, ExpertContext
+from experts.base import Expert, ExpertContext, ExpertSpec
 from experts.errors import (
     ExpertAuthError,
     ExpertConfigError,
@@ -49,9 +49,6 @@ from experts.http_client import AiohttpClient, HttpClient, HttpFailure, HttpxCli
 from experts.redact import redact
 from experts.types import ChatRequest, ExpertReply, StreamDelta, Usage
 
-if TYPE_CHECKING:
-    from router.config import ExpertConfig
-
 __all__ = ["OpenAICompatibleExpert", "parse_retry_after"]
 
 # Upstream error text kept in our messages: enough to diagnose, short enough for a trace.
@@ -62,13 +59,13 @@ _DRAIN_S = 0.25
 # vLLM and OpenAI), at most half the expert's timeout (the dispatcher's stall limit); a connection that stalls or
 # breaks in that time still ends a complete answer.
 _AFTER_FINISH_S = 1.0
-log = logging.getLogger("router.experts")
+log = logging.getLogger("experts.openai_compat")
 
 
 class OpenAICompatibleExpert(Expert):
     """Talks to ``{endpoint}/chat/completions``, plain or streamed (SSE)."""
 
-    def __init__(self, config: ExpertConfig, context: ExpertContext | None = None) -> None:
+    def __init__(self, config: ExpertSpec, context: ExpertContext | None = None) -> None:
         super().__init__(config, context)
         if not config.endpoint:
             raise ExpertConfigError(config.name, "an OpenAI-compatible expert needs an endpoint")

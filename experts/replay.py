@@ -26,15 +26,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
-from experts.base import Expert, ExpertContext
+from experts.base import Expert, ExpertContext, ExpertSpec
 from experts.errors import ExpertConfigError, NoRecording
 from experts.recordings import load_mmlu_pro, load_routerbench
 from experts.types import ChatRequest, ExpertReply, Usage
-
-if TYPE_CHECKING:
-    from router.config import ExpertConfig
 
 __all__ = ["Recording", "ReplayExpert", "estimate_tokens"]
 
@@ -100,7 +97,7 @@ _SOURCES: dict[str, Callable[[Path], _Source]] = {
 class ReplayExpert(Expert):
     """Plays one recorded model (``replay.column``, else ``model``) from one source."""
 
-    def __init__(self, config: ExpertConfig, context: ExpertContext | None = None) -> None:
+    def __init__(self, config: ExpertSpec, context: ExpertContext | None = None) -> None:
         super().__init__(config, context)
         replay = config.replay
         if replay is None:

@@ -10,30 +10,27 @@ The USD cost goes in ``usage.cost``, OpenRouter's convention, which ``OpenAIComp
 Errors use OpenAI's body, ``{"error": {"message", "type", "code"}}``: unknown model and ``NoRecording`` are
 404, a malformed body 400, other expert errors 502 (503 for transient ones).
 
-Run it on a router config to serve that config's replay experts::
-
-    python -m experts.replay_server --config configs/replay.yaml --port 8001
+``moe serve-replay --config configs/demo.yaml --port 8001`` serves a router config's replay experts with it (the
+command lives in ``router.cli``: reading a router config is the router's business, not the experts').
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
-from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 
-from experts.base import Expert, ExpertContext
+from experts.base import Expert
 from experts.errors import ExpertError, NoRecording
 from experts.types import ChatRequest, ExpertReply, StreamDelta, Usage
 
-__all__ = ["create_app", "main"]
+__all__ = ["create_app"]
 
 
 def _error(status: int, message: str, type_: str, code: str) -> JSONResponse:
@@ -163,40 +160,3 @@ def create_app(experts: Sequence[Expert]) -> FastAPI:
         )
 
     return app
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    """Serve the replay experts of a router config file."""
-    from router.cli import port_number  # here: ``experts`` must not depend on ``router`` at import time
-
-    parser = argparse.ArgumentParser(
-        prog="python -m experts.replay_server", description="Serve replay experts over OpenAI's API."
-    )
-    parser.add_argument("--config", required=True, type=Path, help="a router YAML config")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=port_number, default=8001)
-    args = parser.parse_args(argv)
-
-    # Imported here: ``experts`` must not depend on ``router`` at import time.
-    import uvicorn
-
-    from experts.registry import build_expert
-    from router.config import ConfigError, load_config
-
-    try:
-        # Replay experts need no keys; other experts' api_key_env need not be set to serve these.
-        config = load_config(args.config, check_env=False)
-    except ConfigError as exc:
-        parser.exit(2, f"{exc}\n")
-    context = ExpertContext(base_dir=args.config.resolve().parent)
-    try:
-        experts = [build_expert(e, context) for e in config.experts if e.type == "replay"]
-    except ExpertError as exc:
-        parser.exit(2, f"{exc}\n")
-    if not experts:
-        parser.exit(2, f"{args.config}: no experts of type 'replay' to serve\n")
-    uvicorn.run(create_app(experts), host=args.host, port=args.port)
-
-
-if __name__ == "__main__":
-    main()

@@ -11,6 +11,7 @@ from experts.base import Expert, ExpertContext
 from experts.registry import build_expert
 from router.breaker import Breakers
 from router.config import RouterConfig
+from router.expert_types import EXPERT_TYPES
 from router.orchestrator import Orchestrator
 
 if TYPE_CHECKING:
@@ -38,7 +39,7 @@ class VoteWeightsNotTrained(FileNotFoundError):
 
 def build_experts(config: RouterConfig, context: ExpertContext | None = None) -> dict[str, Expert]:
     context = context or ExpertContext(base_dir=Path(config.base_dir))
-    experts = {e.name: build_expert(e, context) for e in config.experts}
+    experts = {e.name: build_expert(e, context, EXPERT_TYPES) for e in config.experts}
     if config.tracing.enabled:
         from router.tracing import traced
 

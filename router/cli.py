@@ -53,6 +53,27 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve_replay(args: argparse.Namespace) -> int:
+    """Serve a config's replay experts as one OpenAI-compatible endpoint (``experts.replay_server``)."""
+    from pathlib import Path
+
+    import uvicorn
+
+    from experts.base import ExpertContext
+    from experts.registry import build_expert
+    from experts.replay_server import create_app
+
+    # Replay experts need no keys; other experts' api_key_env need not be set to serve these.
+    config = _load(args.config, check_env=False)
+    context = ExpertContext(base_dir=Path(config.base_dir))
+    experts = [build_expert(e, context) for e in config.experts if e.type == "replay"]
+    if not experts:
+        print(f"error: {args.config}: no experts of type 'replay' to serve", file=sys.stderr)
+        return 2
+    uvicorn.run(create_app(experts), host=args.host, port=args.port)
+    return 0
+
+
 def cmd_config_check(args: argparse.Namespace) -> int:
     from router.config import ConfigError
     from router.gate import artifact_trained_experts, routing_problem
@@ -199,6 +220,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug", "trace"],
                    help="uvicorn's log level (default: info)")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("serve-replay", help="serve a config's replay experts as one OpenAI-compatible endpoint")
+    p.add_argument("--config", default=DEFAULT_CONFIG)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=port_number, default=8001)
+    p.set_defaults(func=cmd_serve_replay)
 
     p = sub.add_parser("config", help="work with config files")
     config_sub = p.add_subparsers(dest="config_command", required=True)

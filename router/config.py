@@ -496,7 +496,7 @@ def _cross_problems(raw: Any, *, check_env: bool, base_dir: str | Path | None = 
 
     ``blanked``: the paths where an unset ``${VAR}`` was left "" (reported as unset, or passed on by ``moe
     compose``), whose emptiness is not a problem of its own."""
-    from experts.registry import EXPERT_TYPES, REQUIRES_ENDPOINT
+    from router.expert_types import EXPERT_TYPES, REQUIRES_ENDPOINT
 
     if not isinstance(raw, dict):
         return

@@ -88,8 +88,9 @@ class JsonFormatter(logging.Formatter):
 
 
 def configure_json_logging(level: int | str = logging.INFO, logger: str = "router") -> None:
-    """Write the ``router`` loggers as JSON lines to stderr. Called at service startup; a logger that
-    already has handlers (configured by the host application) is left as it is."""
+    """Write the ``logger`` loggers (``router``, ``experts``) as JSON lines to stderr. Called at service startup,
+    once for each package; a logger that already has handlers (configured by the host application) is left as
+    it is."""
     target = logging.getLogger(logger)
     if target.handlers:
         return

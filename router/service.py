@@ -295,7 +295,8 @@ def create_app(orchestrator: Orchestrator | None = None,
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        configure_json_logging()
+        for logger in ("router", "experts"):  # the experts' own warnings (a failed call) too
+            configure_json_logging(logger=logger)
         if getattr(app.state, "orchestrator", None) is None:
             if factory is None:
                 raise RuntimeError("create_app needs an orchestrator or a factory")

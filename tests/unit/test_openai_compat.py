@@ -237,11 +237,11 @@ async def test_a_transport_error_names_no_address_but_the_log_does(make_expert: 
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     expert = make_expert(endpoint=f"http://user:pw-SECRET@127.0.0.1:{port}/v1")
-    with caplog.at_level(logging.WARNING, logger="router.experts"), pytest.raises(ExpertUnavailable) as caught:
+    with caplog.at_level(logging.WARNING, logger="experts.openai_compat"), pytest.raises(ExpertUnavailable) as caught:
         await (collect(expert, ask()) if streaming else expert.generate(ask()))
     assert str(port) not in caught.value.message and "127.0.0.1" not in caught.value.message
     assert "<address>" in caught.value.message
-    logged = [r.getMessage() for r in caplog.records if r.name == "router.experts"]
+    logged = [r.getMessage() for r in caplog.records if r.name == "experts.openai_compat"]
     assert len(logged) == 1 and f"127.0.0.1:{port}" in logged[0] and "unavailable" in logged[0]
     assert "pw-SECRET" not in logged[0] and "user" not in logged[0].split("failed")[0]
 

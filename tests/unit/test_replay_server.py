@@ -16,7 +16,8 @@ from fastapi import FastAPI
 from experts.base import ExpertContext
 from experts.recordings import RouterBenchRow, load_mmlu_pro, load_routerbench, mmlu_pro_prompt
 from experts.registry import build_expert
-from experts.replay_server import create_app, main
+from experts.replay_server import create_app
+from router.cli import main
 from router.config import ExpertConfig
 
 RB_MODEL = "gpt-4-1106-preview"
@@ -205,15 +206,14 @@ def test_main_serves_the_configs_replay_experts(
     ])
     served: dict[str, Any] = {}
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: served.update(app=app, **kw))
-    main(["--config", str(config), "--port", "9123"])
+    assert main(["serve-replay", "--config", str(config), "--port", "9123"]) == 0
     assert served["port"] == 9123 and served["host"] == "127.0.0.1"
     assert list(served["app"].state.experts) == ["claude"]
 
 
-def test_main_without_replay_experts_exits(tmp_path: Path) -> None:
+def test_main_without_replay_experts_exits(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     config = _write_config(tmp_path, [
         {"name": "remote", "type": "openai", "model": "m", "endpoint": "http://localhost:9/v1"},
     ])
-    with pytest.raises(SystemExit) as caught:
-        main(["--config", str(config)])
-    assert caught.value.code == 2
+    assert main(["serve-replay", "--config", str(config)]) == 2
+    assert capsys.readouterr().err == f"error: {config}: no experts of type 'replay' to serve\n"

@@ -1,0 +1,17 @@
+"""The expert types a router config may name: the ``experts`` package's own, and ``router``.
+
+``router`` is an expert that is another router, in-process or over HTTP. It needs the orchestrator, so it lives
+in this package, and ``experts`` (which knows nothing of routing) does not list it: the router hands this table
+to ``experts.registry.build_expert``, and the config is checked against it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from experts.registry import EXPERT_TYPES as _EXPERTS_OWN
+from experts.registry import REQUIRES_ENDPOINT
+
+__all__ = ["EXPERT_TYPES", "REQUIRES_ENDPOINT"]
+
+EXPERT_TYPES: Mapping[str, str] = {**_EXPERTS_OWN, "router": "router.hierarchy:RouterExpert"}
