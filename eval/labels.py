@@ -266,7 +266,7 @@ def _cascade(ctx: SuiteContext, gate: Any, train: Sequence[LabelledQuery], test_
     ``gate.cascade.familiar`` (``familiar_sweep``). None when the gate already runs on the static encoder."""
     from router.cascade import CascadeGate, Comparison
     from router.config import CascadeConfig
-    from router.gate import assess, train_gate
+    from router.gate import train_gate
     from router.static_encoder import StaticMiniLMEncoder
 
     if ctx.encoder.identity.startswith("static"):
@@ -291,9 +291,9 @@ def _cascade(ctx: SuiteContext, gate: Any, train: Sequence[LabelledQuery], test_
         cascade_log.setLevel(level)
     # Each stage assesses every query once; each fit's cascade is merged from those (CascadeGate.merge, as
     # serving merges), with the full gate's rows for the queries that fit leaves to it.
-    parts = {"in_scope": (assess(fast, test_texts), assess(gate, test_texts))}
+    parts = {"in_scope": (fast.assess(test_texts), gate.assess(test_texts))}
     if oos_texts:
-        parts["oos"] = (assess(fast, oos_texts), assess(gate, oos_texts))
+        parts["oos"] = (fast.assess(oos_texts), gate.assess(oos_texts))
 
     def two_stage(cascade: CascadeGate, part: str) -> Comparison:
         first, full = parts[part]

@@ -41,7 +41,6 @@ from router.gate import (
     Assessment,
     Gate,
     GateArtifactMismatch,
-    assess,
     nearest_similarity,
     split_train_val,
     training_data_sha256,
@@ -214,9 +213,9 @@ class CascadeGate:
         ``k=0`` leaves out the explanations; the fast stage still searches its nearest example, since it decides
         only queries familiar to it."""
         texts = list(texts)
-        first = assess(self.fast, texts, max(k, 1))
+        first = self.fast.assess(texts, max(k, 1))
         rest = np.flatnonzero(~self.decides(first))
-        return self.merge(first, assess(self.full, [texts[i] for i in rest], k), k)
+        return self.merge(first, self.full.assess([texts[i] for i in rest], k), k)
 
     def merge(self, first: Assessment, second: Assessment, k: int = 3) -> Assessment:
         """The cascade's assessment from the fast gate's ``first`` (with familiarity) and the full gate's
@@ -254,7 +253,7 @@ class CascadeGate:
 
     def compare(self, texts: Sequence[str]) -> Comparison:
         """This gate's and the full gate's assessments of the same queries, side by side."""
-        return Comparison(self.assess(texts), assess(self.full, texts))
+        return Comparison(self.assess(texts), self.full.assess(texts))
 
     # -- the config's experts, artifacts ---------------------------------------------------------------------
     def for_experts(self, examples: Mapping[str, Sequence[str]]) -> CascadeGate:

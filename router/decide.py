@@ -29,7 +29,7 @@ from router.breaker import Breakers
 from router.config import RouterConfig
 from router.dispatch import Capacity
 from router.errors import error_body
-from router.gate import Assessment, assess
+from router.gate import Assessment
 from router.topk import choose, rank
 from router.trace import RouteDecision, WeightedExpert
 
@@ -41,16 +41,19 @@ class EncoderLike(Protocol):
 
 
 class GateLike(Protocol):
-    """What the orchestrator needs of a gate: a probability per expert, and the examples behind it."""
+    """What the orchestrator needs of a gate: its assessment of queries (a probability per expert, the examples
+    behind it, a familiarity score) and the threshold below which it abstains. ``router.gate.BaseGate`` builds
+    ``assess`` on two methods; a two-stage gate (``router.cascade``) assesses for itself."""
 
     experts: list[str]
 
     @property
     def encoder(self) -> EncoderLike: ...
 
-    def predict_proba(self, embeddings: np.ndarray, texts: Sequence[str] | None = None) -> np.ndarray: ...
+    @property
+    def ood_threshold(self) -> float | None: ...
 
-    def nearest(self, embedding: np.ndarray, k: int = 3) -> Sequence[Any]: ...
+    def assess(self, texts: Sequence[str], k: int = 3) -> Assessment: ...
 
 
 _NEED_REASONS = {"tools": "carries tools", "vision": "holds an image"}
@@ -101,10 +104,8 @@ class Decider:
 
     def _assess(self, texts: Sequence[str], k: int = 3) -> tuple[Assessment, list[int], list[str]]:
         """The gate's assessment of ``texts`` (``k`` nearest examples each; 0: probabilities alone), and the
-        columns and names of the served experts in it. A two-stage gate (``router.cascade``) assesses for
-        itself; any other gets ``router.gate.assess``."""
-        own = getattr(self.gate, "assess", None)
-        assessment: Assessment = own(texts, k) if own else assess(self.gate, texts, k)
+        columns and names of the served experts in it."""
+        assessment = self.gate.assess(texts, k)
         columns = [i for i, n in enumerate(self.gate.experts) if n in self.served]
         return assessment, columns, [self.gate.experts[i] for i in columns]
 
@@ -112,9 +113,8 @@ class Decider:
         """The gate's work for a batch of queries, in the batcher's worker: one embedding per query serves the
         scores, the explanation and the OOD score."""
         a, columns, names = self._assess(texts)
-        default_threshold = getattr(self.gate, "ood_threshold", None)  # gates from before abstain have none
         stages: list[str | None] = list(a.stage) if a.stage else [None] * len(texts)
-        thresholds = a.ood_threshold or [default_threshold] * len(texts)
+        thresholds = a.ood_threshold or [self.gate.ood_threshold] * len(texts)
         tasks: list[dict[str, float] | None] = list(a.tasks) if a.tasks else [None] * len(texts)
         return [_Gated({n: float(p) for n, p in zip(names, row, strict=True)}, [_as_dict(n) for n in near],
                        None if np.isnan(score) else float(score), threshold, stage, task)

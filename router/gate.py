@@ -14,7 +14,8 @@ config dropped loses its column, and the rest are renormalised (``router.coldsta
 neither training data nor examples is refused, with ``GateArtifactMismatch`` naming it, and so is a config none
 of whose experts the artifact was trained for (a gate from another deployment).
 
-Two kinds of gate share this class's serving surface (``experts``, ``predict_proba``, ``nearest``):
+Two kinds of gate share this class's serving surface (``BaseGate``: ``experts``, ``predict_proba``, ``nearest``,
+and ``assess`` built on them):
 ``Gate`` (``kind = "label"``) learns from labelled queries; ``router.outcome_gate.OutcomeGate``
 (``kind = "outcome"``) from outcome records. The artifact's ``kind`` picks the class ``Gate.load`` restores.
 
@@ -45,10 +46,11 @@ from __future__ import annotations
 
 import copy
 import importlib
+from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import numpy as np
 
@@ -94,6 +96,7 @@ __all__ = [
     "GATE_KINDS",
     "UNSEEN_PRIOR",
     "Assessment",
+    "BaseGate",
     "Classifier",
     "Gate",
     "GateArtifactMismatch",
@@ -102,7 +105,6 @@ __all__ = [
     "Neighbour",
     "Queries",
     "ValidationMetrics",
-    "assess",
     "cross_validation_folds",
     "embed_texts",
     "expected_calibration_error",
@@ -152,12 +154,92 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
+@dataclass
+class Assessment:
+    """A gate's view of a batch of queries: what the orchestrator decides from."""
+
+    probs: np.ndarray  # [queries, len(gate.experts)], rows summing to 1
+    nearest: list[list[Any]]  # per query, the training examples nearest to it (``Neighbour`` or plain dicts)
+    ood: np.ndarray  # per query, familiarity (``ood_scores``); nan where unknown
+    # Per query: which stage of a two-stage gate decided (router.cascade), and the out-of-distribution
+    # threshold its ``ood`` is compared with; None: a one-stage gate, whose ``ood_threshold`` holds for all.
+    stage: list[str] | None = None
+    ood_threshold: list[float | None] | None = None
+    # Per query, with an outcome gate whose success model has a task prior: its likeliest tasks and their
+    # probabilities (``OutcomeGate.task_probabilities``); None for every other gate.
+    tasks: list[dict[str, float]] | None = None
+
+    def rows(self, indices: Sequence[int] | np.ndarray) -> Assessment:
+        """The assessment of the queries at ``indices`` alone, in that order."""
+        picked = [int(i) for i in indices]
+        return Assessment(self.probs[picked], [self.nearest[i] for i in picked], self.ood[picked],
+                          None if self.stage is None else [self.stage[i] for i in picked],
+                          None if self.ood_threshold is None else [self.ood_threshold[i] for i in picked],
+                          None if self.tasks is None else [self.tasks[i] for i in picked])
+
+
+
+class _Encodes(Protocol):
+    def encode(self, texts: Sequence[str]) -> np.ndarray: ...
+
+
+class BaseGate(ABC):
+    """A gate's serving contract, in the manner of RouteLLM's ``Router``: a gate gives each query a probability
+    per expert (``predict_proba``, its columns in ``experts`` order) and its nearest labelled examples
+    (``nearest``); ``assess``, what the orchestrator decides from, is written once, here, on top of them.
+
+    A gate overrides ``nearest_many`` to search for a batch at once, ``ood_scores`` for a familiarity score beyond
+    the nearest example's cosine, ``task_probabilities`` to explain a decision by task, and ``ood_threshold`` to
+    abstain (None: never)."""
+
+    experts: list[str]
+    encoder: _Encodes
+
+    @abstractmethod
+    def predict_proba(self, embeddings: np.ndarray, texts: Sequence[str] | None = None) -> np.ndarray:
+        """``[q, len(experts)]`` rows summing to 1; ``texts`` are the queries behind ``embeddings``."""
+
+    @abstractmethod
+    def nearest(self, embedding: np.ndarray, k: int = 3) -> Sequence[Any]:
+        """The ``k`` labelled examples most similar to one embedding, most similar first (each with a
+        ``similarity``)."""
+
+    @property
+    def ood_threshold(self) -> float | None:
+        return None
+
+    def nearest_many(self, embeddings: np.ndarray, k: int = 3) -> Sequence[Sequence[Any]]:
+        return [self.nearest(e, k) for e in embeddings]
+
+    def ood_scores(self, proba: np.ndarray, nearest_similarity: np.ndarray) -> np.ndarray:
+        """Familiarity per query, compared with ``ood_threshold``: here the nearest example's cosine."""
+        return nearest_similarity
+
+    def task_probabilities(self, embeddings: np.ndarray, top: int = 3) -> list[dict[str, float]] | None:
+        """Per query, its likeliest tasks and their probabilities, where the gate knows tasks; else None."""
+        return None
+
+    def assess(self, texts: Sequence[str], k: int = 3) -> Assessment:
+        """One embedding per query serves the probabilities, the ``k`` nearest examples and the familiarity
+        score; ``k=0``: the probabilities alone (no example search; familiarity unknown, nan)."""
+        embeddings = self.encoder.encode(texts)
+        probs = np.asarray(self.predict_proba(embeddings, texts))
+        if k == 0:
+            return Assessment(probs, [[] for _ in texts], np.full(len(texts), np.nan))
+        nearest = self.nearest_many(embeddings, k)
+        similarity = np.array([_similarity(near[0]) if near else np.nan for near in nearest], dtype=np.float64)
+        return Assessment(probs, [list(near) for near in nearest],
+                          np.asarray(self.ood_scores(probs, similarity), dtype=np.float64),
+                          tasks=self.task_probabilities(embeddings))
+
+
 # --- the gate ---------------------------------------------------------------------------------------------
 
-class Gate:
+class Gate(BaseGate):
     """Scores experts for queries. Columns of every probability row follow ``experts``."""
 
     kind: ClassVar[str] = "label"
+    encoder: Encoder
 
     def __init__(self, encoder: Encoder, experts: Sequence[str], classifier: Classifier, temperature: float,
                  metadata: GateMetadata, examples: tuple[np.ndarray, list[str], list[str]]) -> None:
@@ -315,50 +397,6 @@ class Gate:
 
         The artifact's ``kind``, not ``cls``, picks the class restored (``GATE_KINDS``)."""
         return read_artifact(directory, encoder)
-
-
-@dataclass
-class Assessment:
-    """A gate's view of a batch of queries: what the orchestrator decides from."""
-
-    probs: np.ndarray  # [queries, len(gate.experts)], rows summing to 1
-    nearest: list[list[Any]]  # per query, the training examples nearest to it (``Neighbour`` or plain dicts)
-    ood: np.ndarray  # per query, familiarity (``ood_scores``); nan where unknown
-    # Per query: which stage of a two-stage gate decided (router.cascade), and the out-of-distribution
-    # threshold its ``ood`` is compared with; None: a one-stage gate, whose ``ood_threshold`` holds for all.
-    stage: list[str] | None = None
-    ood_threshold: list[float | None] | None = None
-    # Per query, with an outcome gate whose success model has a task prior: its likeliest tasks and their
-    # probabilities (``OutcomeGate.task_probabilities``); None for every other gate.
-    tasks: list[dict[str, float]] | None = None
-
-    def rows(self, indices: Sequence[int] | np.ndarray) -> Assessment:
-        """The assessment of the queries at ``indices`` alone, in that order."""
-        picked = [int(i) for i in indices]
-        return Assessment(self.probs[picked], [self.nearest[i] for i in picked], self.ood[picked],
-                          None if self.stage is None else [self.stage[i] for i in picked],
-                          None if self.ood_threshold is None else [self.ood_threshold[i] for i in picked],
-                          None if self.tasks is None else [self.tasks[i] for i in picked])
-
-
-def assess(gate: Any, texts: Sequence[str], k: int = 3) -> Assessment:
-    """One embedding per query serves the probabilities, the ``k`` nearest examples and the familiarity score;
-    ``k=0``: the probabilities alone (no example search; familiarity unknown, nan).
-
-    ``gate`` needs ``encoder`` and ``predict_proba``; ``nearest_many`` and ``ood_scores`` are used where it has
-    them (simple gates: one ``nearest`` search per query, and the nearest example's cosine as familiarity)."""
-    embeddings = gate.encoder.encode(texts)
-    probs = gate.predict_proba(embeddings, texts)
-    if k == 0:
-        return Assessment(np.asarray(probs), [[] for _ in texts], np.full(len(texts), np.nan))
-    many = getattr(gate, "nearest_many", None)
-    nearest = many(embeddings, k) if many else [gate.nearest(e, k) for e in embeddings]
-    similarity = np.array([_similarity(near[0]) if near else np.nan for near in nearest], dtype=np.float64)
-    familiarity = getattr(gate, "ood_scores", None)
-    ood = familiarity(probs, similarity) if familiarity else similarity
-    explain_tasks = getattr(gate, "task_probabilities", None)
-    return Assessment(np.asarray(probs), [list(near) for near in nearest], np.asarray(ood, dtype=np.float64),
-                      tasks=explain_tasks(embeddings) if explain_tasks else None)
 
 
 def _similarity(neighbour: Any) -> float:

@@ -16,6 +16,7 @@ from experts.errors import ExpertError, ExpertUnavailable
 from experts.types import ChatRequest, ExpertReply, StreamDelta, Usage
 from router.config import ExpertConfig, RouterConfig, parse_config
 from router.encoders import Encoder
+from router.gate import BaseGate
 
 
 class FakeHashingEncoder(Encoder):
@@ -39,7 +40,7 @@ class FakeEncoder:
         return np.asarray(list(texts), dtype=object)
 
 
-class FakeGate:
+class FakeGate(BaseGate):
     """Scores experts by keyword: a query containing a key gets that key's score vector, else ``default``."""
 
     def __init__(self, experts: list[str], table: dict[str, list[float]], default: list[float]) -> None:

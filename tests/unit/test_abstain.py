@@ -13,7 +13,7 @@ from eval.datasets import load_banking77, load_mmlu_pro_domains, load_snips
 from experts.types import ChatMessage, ChatRequest
 from router.config import EncoderConfig
 from router.encoders import Encoder, build_encoder
-from router.gate import OOD_KEEP, Gate, assess, train_gate
+from router.gate import OOD_KEEP, Gate, train_gate
 from router.orchestrator import Orchestrator
 from tests.doubles.fakes import FakeExpert, fake_config
 
@@ -128,12 +128,12 @@ async def test_a_gate_from_a_few_examples_is_calibrated_and_abstains_off_topic(
     banking = [q.text for q in load_banking77(data_dir, "test")][::20][:100]
     exams = [q.text[:300] for q in load_mmlu_pro_domains(data_dir)][::60][:100]
     for queries in (banking, exams):
-        a = assess(gate, queries)
+        a = gate.assess(queries)
         assert float(np.mean(a.ood < gate.ood_threshold)) >= 0.7
     # In domain: SNIPS's held-out test queries mostly route (measured: 7% abstain, and 92% of the
     # rest go to their own intent).
     test = load_snips(data_dir, "test")[::10]
-    a = assess(gate, [q.text for q in test])
+    a = gate.assess([q.text for q in test])
     routed = a.ood >= gate.ood_threshold
     assert float(np.mean(~routed)) <= 0.15
     right = np.array([gate.experts[i] for i in a.probs.argmax(axis=1)]) == np.array([q.label for q in test])

@@ -30,7 +30,7 @@ from router.cascade import (
 )
 from router.config import ConfigError, load_config, parse_config
 from router.encoders import Encoder
-from router.gate import OOD_KEEP, Assessment, Gate, GateArtifactMismatch, assess, train_gate
+from router.gate import OOD_KEEP, Assessment, Gate, GateArtifactMismatch, train_gate
 from router.metrics import RouterMetrics
 from router.orchestrator import Orchestrator
 from router.trace import Trace
@@ -132,8 +132,8 @@ def test_the_full_gate_sees_only_the_queries_the_fast_gate_is_unsure_of() -> Non
         assert a.ood_threshold is not None
         assert a.ood_threshold[i] == (fast if stage == "fast" else full).ood_threshold
     # Merged from each stage's assessment of every query (as the label suites score it), the same assessment.
-    first = assess(fast, queries)
-    merged = cascade.merge(first, assess(full, queries).rows(np.flatnonzero(~cascade.decides(first))))
+    first = fast.assess(queries)
+    merged = cascade.merge(first, full.assess(queries).rows(np.flatnonzero(~cascade.decides(first))))
     np.testing.assert_array_equal(merged.probs, a.probs)
     np.testing.assert_array_equal(merged.ood, a.ood)
     assert (merged.stage, merged.ood_threshold, merged.nearest) == (a.stage, a.ood_threshold, a.nearest)
@@ -142,7 +142,7 @@ def test_the_full_gate_sees_only_the_queries_the_fast_gate_is_unsure_of() -> Non
     np.testing.assert_array_equal(bare.probs, a.probs)
     assert bare.stage == a.stage and bare.nearest == [[] for _ in queries]
     np.testing.assert_array_equal(cascade.scores(queries), a.probs)
-    plain = assess(full, queries, 0)
+    plain = full.assess(queries, 0)
     np.testing.assert_array_equal(plain.probs, full_rows)
     assert np.isnan(plain.ood).all() and plain.nearest == [[] for _ in queries]
     # No threshold: everything goes to the full gate, as without the cascade.
@@ -297,7 +297,7 @@ def test_a_stricter_familiarity_bar_leaves_out_of_scope_queries_to_the_full_gate
     oos = [q.text for q in load_clinc150_domains(data_dir, "test") if q.label == CLINC_OOS_LABEL]
     full = train_gate(texts, tags, build_encoder(EncoderConfig(backend="onnx")), experts=labels, progress=False)
     fast = train_gate(texts, tags, StaticMiniLMEncoder(), experts=labels, progress=False)
-    alone = assess(full, oos)
+    alone = full.assess(oos)
     gate_abstains = float(np.mean(alone.ood < full.ood_threshold))
 
     def abstains(familiar: float) -> tuple[float, float]:

@@ -440,7 +440,6 @@ class _FakeTableEncoder(Encoder):
 def test_the_route_decision_names_the_query_s_likeliest_tasks() -> None:
     """The task prior carries much of an outcome gate's decision, so the decision shows it: the query's likeliest
     tasks and their probabilities, beside the scores and the nearest examples."""
-    from router.gate import assess
     from router.orchestrator import Orchestrator
     from tests.doubles.fakes import FakeExpert, fake_config
 
@@ -449,7 +448,7 @@ def test_the_route_decision_names_the_query_s_likeliest_tasks() -> None:
     table = _FakeTableEncoder(dict(zip(texts, x, strict=True)))
     gate = train_outcome_gate(_task_records(outcomes, [f"t{t}" for t in task]), table, progress=False, embeddings=x)
     assert gate.settings()["success_model"]["prior"] == "task"
-    assessed = assess(gate, texts[:300])
+    assessed = gate.assess(texts[:300])
     assert assessed.tasks is not None and all(len(t) == 3 and sum(t.values()) <= 1.0 + 1e-3 for t in assessed.tasks)
     top = [max(t, key=t.__getitem__) for t in assessed.tasks]
     assert np.mean([t == f"t{task[i]}" for i, t in enumerate(top)]) > 0.8  # these queries were trained on
@@ -458,4 +457,4 @@ def test_the_route_decision_names_the_query_s_likeliest_tasks() -> None:
     decision = orchestrator.decide_sync(texts[0])
     assert decision.tasks == assessed.tasks[0]
     without = train_outcome_gate(_task_records(outcomes, [None] * len(x)), table, progress=False, embeddings=x)
-    assert without.task_probabilities(x[:5]) is None and assess(without, texts[:5]).tasks is None
+    assert without.task_probabilities(x[:5]) is None and without.assess(texts[:5]).tasks is None
