@@ -328,102 +328,159 @@ def create_app(orchestrator: Orchestrator | None = None,
     app.add_middleware(_Edge)
     app.add_exception_handler(StarletteHTTPException, _http_error)
 
-    def orch(request: Request) -> Orchestrator:
-        return request.app.state.orchestrator
+    _add_routes(app)
+    return app
 
-    @_problems
-    async def chat_completions(request: Request) -> Response:
-        o = orch(request)
-        with o.serving():  # counted from now: a reload while the body arrives waits for this request
-            return await _chat_completions(request, o)
 
-    async def _chat_completions(request: Request, o: Orchestrator) -> Response:
-        limits = o.config.service
-        chat = parse_chat(await _read_json(request, limits.max_request_bytes), limits.max_prompt_chars)
-        request_id = f"chatcmpl-{uuid.uuid4().hex}"
-        strategy = _combiner_header(request, o, stream=chat.stream)
-        record = _record(request)
-        record.model, record.stream = chat.model, chat.stream
-        if limits.log_content:
-            record.messages, record.answer = [m.model_dump(exclude_none=True) for m in chat.messages], []
-        store: FeedbackStore | None = request.app.state.feedback
-        if not chat.stream:
-            answer = await _unless_client_leaves(request, o.complete(chat, strategy=strategy))
-            record.trace, record.expert = answer.trace, answer.expert
-            if store is not None:
-                await store.aremember(request_id, chat.query_text(), answer.expert)
-            if record.answer is not None:
-                record.answer.append(answer.content)
-            return JSONResponse(_completion_body(answer, request_id), headers={"x-moe-expert": answer.expert})
-        events = o.stream(chat)
-        # Wait for the first event before answering 200, so a total failure is still a clean 503.
-        try:
-            first = await _unless_client_leaves(request, anext(events))
-        except ClientLeft:
-            await events.aclose()
-            raise
-        on_end = None if store is None else (
-            lambda expert: store.aremember(request_id, chat.query_text(), expert))
-        return StreamingResponse(_sse(events, first, _Chunks(request_id, _include_usage(chat)), record, on_end),
-                                 media_type="text/event-stream", headers={"cache-control": "no-cache"})
+# -- the handlers: each validates, calls the orchestrator on app.state, and answers ------------------------
+def orch(request: Request) -> Orchestrator:
+    """The serving object, swapped whole by a reload."""
+    return request.app.state.orchestrator
 
-    @_problems
-    async def route(request: Request) -> Response:
-        o = orch(request)
-        with o.serving():
-            body = await _read_json(request, o.config.service.max_request_bytes)
-            chat = parse_route(body, o.config.service.max_prompt_chars)
-            decision = await o.decide(chat)
-        return JSONResponse(decision.model_dump())
 
-    @_problems
-    async def route_batch(request: Request) -> Response:
-        o = orch(request)
-        with o.serving():
-            return await _route_batch(request, o)
+@_problems
+async def chat_completions(request: Request) -> Response:
+    o = orch(request)
+    with o.serving():  # counted from now: a reload while the body arrives waits for this request
+        return await _chat_completions(request, o)
 
-    async def _route_batch(request: Request, o: Orchestrator) -> Response:
+
+async def _chat_completions(request: Request, o: Orchestrator) -> Response:
+    limits = o.config.service
+    chat = parse_chat(await _read_json(request, limits.max_request_bytes), limits.max_prompt_chars)
+    request_id = f"chatcmpl-{uuid.uuid4().hex}"
+    strategy = _combiner_header(request, o, stream=chat.stream)
+    record = _record(request)
+    record.model, record.stream = chat.model, chat.stream
+    if limits.log_content:
+        record.messages, record.answer = [m.model_dump(exclude_none=True) for m in chat.messages], []
+    store: FeedbackStore | None = request.app.state.feedback
+    if not chat.stream:
+        answer = await _unless_client_leaves(request, o.complete(chat, strategy=strategy))
+        record.trace, record.expert = answer.trace, answer.expert
+        if store is not None:
+            await store.aremember(request_id, chat.query_text(), answer.expert)
+        if record.answer is not None:
+            record.answer.append(answer.content)
+        return JSONResponse(_completion_body(answer, request_id), headers={"x-moe-expert": answer.expert})
+    events = o.stream(chat)
+    # Wait for the first event before answering 200, so a total failure is still a clean 503.
+    try:
+        first = await _unless_client_leaves(request, anext(events))
+    except ClientLeft:
+        await events.aclose()
+        raise
+    on_end = None if store is None else (
+        lambda expert: store.aremember(request_id, chat.query_text(), expert))
+    return StreamingResponse(_sse(events, first, _Chunks(request_id, _include_usage(chat)), record, on_end),
+                             media_type="text/event-stream", headers={"cache-control": "no-cache"})
+
+
+@_problems
+async def route(request: Request) -> Response:
+    o = orch(request)
+    with o.serving():
         body = await _read_json(request, o.config.service.max_request_bytes)
-        batch = parse_route_batch(body, o.config.service.max_prompt_chars, o.config.expert_names)
-        experts = await o.assign(batch.queries, batch.capacity)
-        return JSONResponse({"object": "route.batch", "mode": "expert_choice",
-                             "assignments": [{"index": i, "expert": e} for i, e in enumerate(experts)]})
+        chat = parse_route(body, o.config.service.max_prompt_chars)
+        decision = await o.decide(chat)
+    return JSONResponse(decision.model_dump())
 
-    def model_names(o: Orchestrator) -> list[str]:
-        return ["auto", o.config.service.name, *o.config.expert_names]
 
-    def model_object(name: str) -> dict[str, Any]:
-        return {"id": name, "object": "model", "created": 0, "owned_by": "moe-router"}
+@_problems
+async def route_batch(request: Request) -> Response:
+    o = orch(request)
+    with o.serving():
+        return await _route_batch(request, o)
 
-    async def models(request: Request) -> Response:
-        return JSONResponse({"object": "list", "data": [model_object(n) for n in model_names(orch(request))]})
 
-    @_problems
-    async def model(request: Request) -> Response:
-        name, names = request.path_params["model"], model_names(orch(request))
-        if name not in names:
-            raise UnknownExpert(name, names)  # the 404 model_not_found a chat request naming it gets
-        return JSONResponse(model_object(name))
+async def _route_batch(request: Request, o: Orchestrator) -> Response:
+    body = await _read_json(request, o.config.service.max_request_bytes)
+    batch = parse_route_batch(body, o.config.service.max_prompt_chars, o.config.expert_names)
+    experts = await o.assign(batch.queries, batch.capacity)
+    return JSONResponse({"object": "route.batch", "mode": "expert_choice",
+                         "assignments": [{"index": i, "expert": e} for i, e in enumerate(experts)]})
 
-    async def experts(request: Request) -> Response:
-        o = orch(request)
-        return JSONResponse({"object": "list", "data": [
-            {"name": e.name, "type": e.type, "model": e.model, "description": e.description,
-             "capabilities": list(e.capabilities), "cost": e.cost.model_dump(),
-             "max_concurrency": e.max_concurrency, **o.expert_states()[e.name]}
-            for e in o.config.experts]})
 
-    async def health(request: Request) -> Response:
-        return JSONResponse({"status": "ok", "experts": len(orch(request).experts)})
+def model_names(o: Orchestrator) -> list[str]:
+    return ["auto", o.config.service.name, *o.config.expert_names]
 
-    async def metrics(request: Request) -> Response:
-        return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE)
 
-    async def admin_config(request: Request) -> Response:
-        return JSONResponse(redact(orch(request).config.model_dump(mode="json")))
+def model_object(name: str) -> dict[str, Any]:
+    return {"id": name, "object": "model", "created": 0, "owned_by": "moe-router"}
 
+
+async def models(request: Request) -> Response:
+    return JSONResponse({"object": "list", "data": [model_object(n) for n in model_names(orch(request))]})
+
+
+@_problems
+async def model(request: Request) -> Response:
+    name, names = request.path_params["model"], model_names(orch(request))
+    if name not in names:
+        raise UnknownExpert(name, names)  # the 404 model_not_found a chat request naming it gets
+    return JSONResponse(model_object(name))
+
+
+async def experts(request: Request) -> Response:
+    o = orch(request)
+    return JSONResponse({"object": "list", "data": [
+        {"name": e.name, "type": e.type, "model": e.model, "description": e.description,
+         "capabilities": list(e.capabilities), "cost": e.cost.model_dump(),
+         "max_concurrency": e.max_concurrency, **o.expert_states()[e.name]}
+        for e in o.config.experts]})
+
+
+async def health(request: Request) -> Response:
+    return JSONResponse({"status": "ok", "experts": len(orch(request).experts)})
+
+
+async def metrics(request: Request) -> Response:
+    return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE)
+
+
+async def admin_config(request: Request) -> Response:
+    return JSONResponse(redact(orch(request).config.model_dump(mode="json")))
+
+
+@_problems
+async def admin_reload(request: Request) -> Response:
+    active: Reloader | None = request.app.state.reloader
+    if active is None:
+        raise RequestProblem(409, "hot reload is off: the service was not started from a config file",
+                           "invalid_request_error", "reload_unavailable")
+    try:
+        new = await active.reload()
+    except ReloadFailed as exc:
+        raise RequestProblem(400, str(exc), "invalid_request_error", "invalid_config", extra={
+            "problems": [{"path": p, "message": m} for p, m in exc.problems]}) from None
+    return JSONResponse({"status": "reloaded", "source": str(active.path), "experts": new.config.expert_names})
+
+
+@_problems
+async def feedback_post(request: Request) -> Response:
+    o = orch(request)
+    body = parse_feedback(await _read_json(request, o.config.service.max_request_bytes))
+    saved = await _feedback_store(request).asubmit(body, o.config.expert_names)
+    return JSONResponse({"object": "feedback", **saved.model_dump()})
+
+
+@_problems
+async def admin_feedback(request: Request) -> Response:
+    since = parse_since(request.query_params.get("since"))
+    records = await _feedback_store(request).arecords(since)
+    shape = request.query_params.get("format", "json")
+    if shape not in ("json", "jsonl"):
+        raise RequestProblem(400, f"format: {shape!r} is not one of 'json' (the default) or 'jsonl'",
+                           "invalid_request_error", "invalid_request", param="format")
+    if shape == "jsonl":
+        lines = "".join(json.dumps(r.model_dump()) + "\n" for r in records)
+        return Response(lines, media_type="application/x-ndjson")
+    return JSONResponse({"object": "list", "data": [r.model_dump() for r in records]})
+
+
+def _add_routes(app: FastAPI) -> None:
     app.add_api_route("/v1/chat/completions", chat_completions, methods=["POST"],
-                      openapi_extra=CHAT_COMPLETIONS_BODY)
+                  openapi_extra=CHAT_COMPLETIONS_BODY)
     app.add_api_route("/v1/route", route, methods=["POST"], openapi_extra=ROUTE_BODY)
     app.add_api_route("/v1/route/batch", route_batch, methods=["POST"], openapi_extra=request_body(RouteBatch))
     app.add_api_route("/v1/models", models, methods=["GET"])
@@ -431,44 +488,10 @@ def create_app(orchestrator: Orchestrator | None = None,
     app.add_api_route("/v1/experts", experts, methods=["GET"])
     app.add_api_route("/health", health, methods=["GET"])
     app.add_api_route("/metrics", metrics, methods=["GET"], include_in_schema=False)
-    @_problems
-    async def admin_reload(request: Request) -> Response:
-        active: Reloader | None = request.app.state.reloader
-        if active is None:
-            raise RequestProblem(409, "hot reload is off: the service was not started from a config file",
-                               "invalid_request_error", "reload_unavailable")
-        try:
-            new = await active.reload()
-        except ReloadFailed as exc:
-            raise RequestProblem(400, str(exc), "invalid_request_error", "invalid_config", extra={
-                "problems": [{"path": p, "message": m} for p, m in exc.problems]}) from None
-        return JSONResponse({"status": "reloaded", "source": str(active.path), "experts": new.config.expert_names})
-
-    @_problems
-    async def feedback_post(request: Request) -> Response:
-        o = orch(request)
-        body = parse_feedback(await _read_json(request, o.config.service.max_request_bytes))
-        saved = await _feedback_store(request).asubmit(body, o.config.expert_names)
-        return JSONResponse({"object": "feedback", **saved.model_dump()})
-
-    @_problems
-    async def admin_feedback(request: Request) -> Response:
-        since = parse_since(request.query_params.get("since"))
-        records = await _feedback_store(request).arecords(since)
-        shape = request.query_params.get("format", "json")
-        if shape not in ("json", "jsonl"):
-            raise RequestProblem(400, f"format: {shape!r} is not one of 'json' (the default) or 'jsonl'",
-                               "invalid_request_error", "invalid_request", param="format")
-        if shape == "jsonl":
-            lines = "".join(json.dumps(r.model_dump()) + "\n" for r in records)
-            return Response(lines, media_type="application/x-ndjson")
-        return JSONResponse({"object": "list", "data": [r.model_dump() for r in records]})
-
     app.add_api_route("/v1/feedback", feedback_post, methods=["POST"], openapi_extra=_FEEDBACK_BODY)
     app.add_api_route("/admin/config", admin_config, methods=["GET"])
     app.add_api_route("/admin/feedback", admin_feedback, methods=["GET"])
     app.add_api_route("/admin/reload", admin_reload, methods=["POST"])
-    return app
 
 
 # -- feedback ----------------------------------------------------------------------------------------------
