@@ -229,8 +229,9 @@ def main(args: argparse.Namespace) -> int:
         print(f"error: {args.config} has no replay experts to name the recorded LLMs after", file=sys.stderr)
         return 2
     matched: set[str] = set()
-    count = convert(args.dataset, args.data or default_data_dir(), args.split, args.out, seed=args.seed,
-                    names=names, answers=not args.no_answers, limit=args.limit, matched=matched)
+    data = args.data or default_data_dir(getattr(args, "settings", None))  # moe's settings, built as it started
+    count = convert(args.dataset, data, args.split, args.out, seed=args.seed, names=names,
+                    answers=not args.no_answers, limit=args.limit, matched=matched)
     missing = sorted(f"{e} (model {m!r})" for m, e in (names or {}).items() if e not in matched)
     if missing:
         print(f"warning: {args.dataset} records no answers for these replay experts of {args.config}, so the "

@@ -34,6 +34,7 @@ from eval.embeddings import CachedEncoder, default_cache_dir
 from eval.report import write_results
 from eval.suite import SuiteContext, check_limit, warnings_once
 from router.encoders import Encoder
+from router.settings import Settings
 
 __all__ = ["SUITES", "SuiteContext", "main", "run_suite"]
 
@@ -52,8 +53,9 @@ SUITES: dict[str, Callable[[SuiteContext], dict[str, Any]]] = {
 }
 
 
-def default_data_dir() -> Path:
-    return Path(os.environ.get("MOE_DATA_DIR") or Path.cwd().parent / "shared" / "data")
+def default_data_dir(settings: Settings | None = None) -> Path:
+    """``settings``' ``data_dir`` (``$MOE_DATA_DIR``), else ``../shared/data`` from the working folder."""
+    return (settings or Settings.load()).data_dir or Path.cwd().parent / "shared" / "data"
 
 
 POOL_SUITES = ("mmlu-pro-combine",)  # suites that read ``--pool``
@@ -157,7 +159,8 @@ def _check_cache(cache_dir: str | Path | None) -> None:
     """The embedding cache's folder (``cache_dir``, else under ``$MOE_CACHE_DIR``) must be one this process can
     write; the message names the setting and the path."""
     folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    env = os.environ.get("MOE_CACHE_DIR")
+    settings = Settings.load()
+    env = settings.cache_dir if "cache_dir" in settings.model_fields_set else None
     setting = ("cache_dir" if cache_dir is not None else f"MOE_CACHE_DIR={env}" if env
                else "the default cache folder; MOE_CACHE_DIR sets another")
     try:
@@ -186,7 +189,8 @@ def main(args: argparse.Namespace) -> int:
         print(f"error: give --suite ({', '.join(s for s in SUITES if s != 'jsonl')}) or --train and --test",
               file=sys.stderr)
         return 2
-    results = run_suite(suite, args.data, args.out, encoder=args.encoder, seed=args.seed, train=train, test=test,
+    data = args.data or default_data_dir(getattr(args, "settings", None))  # moe's settings, built as it started
+    results = run_suite(suite, data, args.out, encoder=args.encoder, seed=args.seed, train=train, test=test,
                         limit=getattr(args, "limit", None), plots=not getattr(args, "no_plots", False),
                         command=_command(args, suite), pool=getattr(args, "pool", None),
                         device=getattr(args, "device", "cpu"), oos_label=getattr(args, "oos_label", None))

@@ -6,7 +6,6 @@ import argparse
 import asyncio
 import importlib
 import json
-import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
@@ -16,6 +15,7 @@ from router.encoders import ENCODER_BACKENDS, EncoderChecksumError
 if TYPE_CHECKING:
     from router.config import RouterConfig
     from router.sdk import ChatResult
+    from router.settings import Settings
 
 __all__ = ["main"]
 
@@ -209,7 +209,11 @@ def _delegate(target: str) -> Callable[[argparse.Namespace], int]:
     return run
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser(settings: Settings | None = None) -> argparse.ArgumentParser:
+    from router.settings import Settings
+
+    settings = settings or Settings.load()
+    api_key = settings.api_key.get_secret_value() if settings.api_key else None
     parser = argparse.ArgumentParser(prog="moe", description="Mixture-of-experts router over whole LLMs.")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -248,7 +252,7 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("query")
         p.add_argument("--config", default=DEFAULT_CONFIG, help="route in-process with this config")
         p.add_argument("--url", help="a running service instead, e.g. http://127.0.0.1:8000")
-        p.add_argument("--api-key", default=os.environ.get("MOE_API_KEY"),
+        p.add_argument("--api-key", default=api_key,
                        help="the service's key (with --url); default: $MOE_API_KEY, which keeps it out of the "
                             "process list and the shell's history")
         if name == "ask":
@@ -340,8 +344,15 @@ def port_number(raw: str) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     from router.config import ConfigError
+    from router.settings import Settings, SettingsError
 
-    args = _parser().parse_args(argv)
+    try:
+        settings = Settings.load()  # once, as the command starts: a bad MOE_* variable stops it here, named
+    except SettingsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    args = _parser(settings).parse_args(argv)
+    args.settings = settings
 
     def error(message: object, code: int) -> int:
         # The library's messages say "moe train --config <this config>" where they cannot know the file; here it

@@ -31,6 +31,7 @@ import numpy as np
 
 if TYPE_CHECKING:
     from router.config import EncoderConfig
+    from router.settings import Settings
 
 __all__ = [
     "ENCODER_BACKENDS",
@@ -75,11 +76,12 @@ def sha256_file(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def cache_root() -> Path:
-    """Where the project keeps what it derives on this machine (embeddings, distilled tables):
-    ``$MOE_CACHE_DIR``, else ``~/.cache/moe-router``."""
-    root = os.environ.get("MOE_CACHE_DIR")
-    return Path(root) if root else Path.home() / ".cache" / "moe-router"
+def cache_root(settings: Settings | None = None) -> Path:
+    """Where the project keeps what it derives on this machine (embeddings, distilled tables): ``settings``'
+    ``cache_dir`` (``$MOE_CACHE_DIR``, else ``~/.cache/moe-router``; see ``router.settings``)."""
+    from router.settings import Settings
+
+    return (settings or Settings.load()).cache_dir
 
 
 def usable_cores() -> int:

@@ -9,7 +9,6 @@ sets faiss's thread count, once per process, to ``MOE_FAISS_THREADS`` (default 1
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import numpy as np
@@ -23,14 +22,9 @@ _configured = False
 def _configure(faiss: Any) -> None:
     global _configured
     if not _configured:
-        raw = os.environ.get(THREADS_ENV, "1")
-        try:
-            threads = int(raw)
-        except ValueError:
-            raise ValueError(f"{THREADS_ENV}={raw!r}: expected a whole number of threads") from None
-        if threads < 1:
-            raise ValueError(f"{THREADS_ENV}={raw!r}: needs at least 1 thread")
-        faiss.omp_set_num_threads(threads)
+        from router.settings import Settings
+
+        faiss.omp_set_num_threads(Settings.load().faiss_threads)  # MOE_FAISS_THREADS; a bad value is named
         _configured = True
 
 
