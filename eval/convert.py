@@ -221,7 +221,7 @@ def replay_names(config: RouterConfig) -> dict[str, str]:
 
 def main(args: argparse.Namespace) -> int:
     """Entry point for ``moe convert`` (arguments are defined in ``router.cli``)."""
-    from eval.harness import default_data_dir
+    from eval.harness import data_dir_of
     from router.config import load_config
 
     names = replay_names(load_config(args.config, check_env=False)) if args.config else None
@@ -229,8 +229,7 @@ def main(args: argparse.Namespace) -> int:
         print(f"error: {args.config} has no replay experts to name the recorded LLMs after", file=sys.stderr)
         return 2
     matched: set[str] = set()
-    data = args.data or default_data_dir(getattr(args, "settings", None))  # moe's settings, built as it started
-    count = convert(args.dataset, data, args.split, args.out, seed=args.seed, names=names,
+    count = convert(args.dataset, data_dir_of(args), args.split, args.out, seed=args.seed, names=names,
                     answers=not args.no_answers, limit=args.limit, matched=matched)
     missing = sorted(f"{e} (model {m!r})" for m, e in (names or {}).items() if e not in matched)
     if missing:

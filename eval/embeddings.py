@@ -20,15 +20,16 @@ from pathlib import Path
 import numpy as np
 
 from router.encoders import Encoder, cache_root
+from router.settings import Settings
 
 __all__ = ["CachedEncoder", "default_cache_dir"]
 
 _CHUNK = 512  # texts per encode call: keeps the progress bar moving and each shard small
 
 
-def default_cache_dir() -> Path:
-    """``$MOE_CACHE_DIR/embeddings``, else ``~/.cache/moe-router/embeddings``."""
-    return cache_root() / "embeddings"
+def default_cache_dir(settings: Settings | None = None) -> Path:
+    """``$MOE_CACHE_DIR/embeddings``, else ``~/.cache/moe-router/embeddings`` (``settings``' ``cache_dir``)."""
+    return cache_root(settings) / "embeddings"
 
 
 def _digest(text: str) -> bytes:

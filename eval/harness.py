@@ -58,6 +58,12 @@ def default_data_dir(settings: Settings | None = None) -> Path:
     return (settings or Settings.load()).data_dir or Path.cwd().parent / "shared" / "data"
 
 
+def data_dir_of(args: argparse.Namespace) -> Path:
+    """A command's data folder: its ``--data``, else ``default_data_dir`` from the settings ``moe`` built as it
+    started (``args.settings``)."""
+    return Path(args.data) if args.data else default_data_dir(getattr(args, "settings", None))
+
+
 POOL_SUITES = ("mmlu-pro-combine",)  # suites that read ``--pool``
 
 
@@ -158,8 +164,8 @@ def _check_out(out: Path) -> None:
 def _check_cache(cache_dir: str | Path | None) -> None:
     """The embedding cache's folder (``cache_dir``, else under ``$MOE_CACHE_DIR``) must be one this process can
     write; the message names the setting and the path."""
-    folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     settings = Settings.load()
+    folder = Path(cache_dir) if cache_dir is not None else default_cache_dir(settings)
     env = settings.cache_dir if "cache_dir" in settings.model_fields_set else None
     setting = ("cache_dir" if cache_dir is not None else f"MOE_CACHE_DIR={env}" if env
                else "the default cache folder; MOE_CACHE_DIR sets another")
@@ -189,9 +195,8 @@ def main(args: argparse.Namespace) -> int:
         print(f"error: give --suite ({', '.join(s for s in SUITES if s != 'jsonl')}) or --train and --test",
               file=sys.stderr)
         return 2
-    data = args.data or default_data_dir(getattr(args, "settings", None))  # moe's settings, built as it started
-    results = run_suite(suite, data, args.out, encoder=args.encoder, seed=args.seed, train=train, test=test,
-                        limit=getattr(args, "limit", None), plots=not getattr(args, "no_plots", False),
+    results = run_suite(suite, data_dir_of(args), args.out, encoder=args.encoder, seed=args.seed, train=train,
+                        test=test, limit=getattr(args, "limit", None), plots=not getattr(args, "no_plots", False),
                         command=_command(args, suite), pool=getattr(args, "pool", None),
                         device=getattr(args, "device", "cpu"), oos_label=getattr(args, "oos_label", None))
     print(_summary(results))

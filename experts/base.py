@@ -10,7 +10,7 @@ from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Protocol
 
 import httpx
 
@@ -35,7 +35,7 @@ class ReplaySpec(Protocol):
     expert's ``model``) and the simulated service time per call."""
 
     @property
-    def source(self) -> Literal["routerbench", "mmlu_pro"]: ...
+    def source(self) -> str: ...
     @property
     def path(self) -> str: ...
     @property

@@ -29,15 +29,11 @@ from router.breaker import Breakers
 from router.config import RouterConfig
 from router.dispatch import Capacity
 from router.errors import error_body
-from router.gate import Assessment
+from router.gate import Assessment, EncoderLike
 from router.topk import choose, rank
 from router.trace import RouteDecision, WeightedExpert
 
 __all__ = ["Decider", "EncoderLike", "GateLike", "NoCapableExpert", "needed_capabilities"]
-
-
-class EncoderLike(Protocol):
-    def encode(self, texts: Sequence[str]) -> np.ndarray: ...
 
 
 class GateLike(Protocol):

@@ -98,6 +98,7 @@ __all__ = [
     "Assessment",
     "BaseGate",
     "Classifier",
+    "EncoderLike",
     "Gate",
     "GateArtifactMismatch",
     "GateMetadata",
@@ -179,7 +180,9 @@ class Assessment:
 
 
 
-class _Encodes(Protocol):
+class EncoderLike(Protocol):
+    """What a gate needs of its encoder: ``router.encoders.Encoder``, or anything else that embeds texts."""
+
     def encode(self, texts: Sequence[str]) -> np.ndarray: ...
 
 
@@ -193,7 +196,7 @@ class BaseGate(ABC):
     abstain (None: never)."""
 
     experts: list[str]
-    encoder: _Encodes
+    encoder: EncoderLike
 
     @abstractmethod
     def predict_proba(self, embeddings: np.ndarray, texts: Sequence[str] | None = None) -> np.ndarray:

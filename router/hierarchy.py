@@ -42,10 +42,11 @@ class _NestedContext(ExpertContext):
 class RouterExpert(Expert):
     """Another router as one expert. ``orchestrator`` injects an already built inner router (tests)."""
 
+    config: ExpertConfig  # the router's own schema: a nested router reads ``router_config`` too
+
     def __init__(self, config: ExpertConfig, context: ExpertContext | None = None, *,
                  orchestrator: Orchestrator | None = None) -> None:
         super().__init__(config, context)
-        self._where = config.endpoint or config.router_config or "in-process"
         self._http: OpenAICompatibleExpert | None = None
         self._inner: Orchestrator | None = orchestrator
         if orchestrator is None and config.router_config:
@@ -70,7 +71,8 @@ class RouterExpert(Expert):
         return build_orchestrator(inner, context=context)
 
     def __repr__(self) -> str:
-        return f"RouterExpert(name={self.name!r}, inner={self._where!r})"
+        where = self.config.endpoint or self.config.router_config or "in-process"
+        return f"RouterExpert(name={self.name!r}, inner={where!r})"
 
     async def generate(self, request: ChatRequest) -> ExpertReply:
         if self._http is not None:

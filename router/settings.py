@@ -66,12 +66,13 @@ class Settings(BaseSettings):
             problems = []
             for error in exc.errors():
                 field = str(error["loc"][0]) if error["loc"] else "?"
-                name = f"{ENV_PREFIX}{field.upper()}"
+                name = cls.env_name(field)
                 shown = "" if field in _SECRET else f"={error.get('input')!r}"
                 message = str(error["msg"])
                 problems.append(f"{name}{shown}: {message[:1].lower()}{message[1:]}")
             raise SettingsError("; ".join(problems)) from None
 
-    def env_name(self, field: str) -> str:
+    @staticmethod
+    def env_name(field: str) -> str:
         """The variable that sets ``field`` (``cache_dir`` -> ``MOE_CACHE_DIR``)."""
         return f"{ENV_PREFIX}{field.upper()}"
