@@ -43,6 +43,9 @@ class ExpertError(Exception):
 
     kind = "error"
     transient = False
+    # Seconds the caller should wait before calling this expert again, when someone said: the expert's own
+    # Retry-After (a 429's or a 503's), or how long its open circuit breaker will refuse calls. None otherwise.
+    retry_after_s: float | None = None
 
     def __init__(self, expert: str, message: str) -> None:
         super().__init__(f"{expert}: {message}")

@@ -4,6 +4,12 @@
     open ──(cooldown passed; the next call is a probe)──> half_open
     half_open ──(a probe succeeds)──> closed            (the trip count and the window are cleared)
     half_open ──(a probe fails)──> open, cooldown * cooldown_growth, capped at cooldown_max_s
+    closed or half_open ──(a 429 or 503 with Retry-After, when ``honour_retry_after``)──> open for that wait
+                          (capped at cooldown_max_s), without counting a trip: the expert said when to come back
+
+A Retry-After held this way applies to every request, not only to a retry of the one that got it: with the
+default of no retries, the next request would otherwise call the same rate-limited expert at once, and only
+``failure_threshold`` such refusals later would the breaker step in (with its own cooldown, not the expert's).
 
 Invariants that keep the cooldown right when it is re-triggered:
 - A re-trip restarts the cooldown from the moment of the failed probe, never from the first trip, so the
@@ -11,6 +17,9 @@ Invariants that keep the cooldown right when it is re-triggered:
 - Results of calls admitted while closed that land after the breaker opened are stale evidence: they neither
   extend the cooldown nor count as a trip (otherwise a burst of in-flight failures would multiply it).
 - Only probes decide half-open; at most ``half_open_probes`` are in flight at once.
+- A Retry-After may lengthen an open breaker's wait but never shorten it: a late 429 that asks for less than is
+  left changes nothing, and a late one that asks for more holds the expert that much longer (an explicit time,
+  so a burst of them cannot multiply it as counted failures would).
 - Only probes of the current half-open round decide it. Each entry into half-open starts a new round
   (``probe_round``), and a permit carries the round it was admitted in: a probe still in flight from an
   earlier round (another probe of it already re-opened or closed the breaker) is stale evidence, and is ignored.
@@ -42,9 +51,14 @@ _BUCKETS = 10  # the failure-rate window is kept as this many counters, so its s
 
 
 class CircuitOpen(ExpertError):
-    """The expert's breaker refused the call; it was not made."""
+    """The expert's breaker refused the call; it was not made. ``retry_after_s``: when it will let a probe through
+    (None while a probe is already in flight)."""
 
     kind = "circuit_open"
+
+    def __init__(self, expert: str, message: str, retry_after_s: float | None = None) -> None:
+        super().__init__(expert, message)
+        self.retry_after_s = retry_after_s
 
 
 @dataclass(frozen=True)
@@ -58,6 +72,7 @@ class BreakerState:
     probe_round: int = 0  # half-open rounds begun; never reset, so a stale probe can never match a later round
     buckets: tuple[tuple[int, int, int], ...] = ()  # (bucket index, calls, failures) inside the window
     last_error: str | None = None
+    held: bool = False  # open because the expert asked for a wait (Retry-After), not because failures tripped it
 
 
 @dataclass(frozen=True)
@@ -93,21 +108,29 @@ def admit(s: BreakerState, cfg: BreakerConfig, now: float) -> tuple[bool, Breake
 
 
 def record(s: BreakerState, cfg: BreakerConfig, now: float, outcome: Outcome, *, probe: bool,
-           error_kind: str | None = None, probe_round: int | None = None) -> BreakerState:
+           error_kind: str | None = None, probe_round: int | None = None,
+           retry_after_s: float | None = None) -> BreakerState:
     """The state after a call admitted with ``probe`` (in half-open round ``probe_round``; None: the current one)
-    ended with ``outcome``."""
+    ended with ``outcome``. ``retry_after_s``: the wait a failed call's expert asked for (its Retry-After)."""
+    hold = retry_after_s if outcome == "failure" and cfg.honour_retry_after and retry_after_s else None
     if probe:
         if s.state != "half_open" or (probe_round is not None and probe_round != s.probe_round):
             return s  # stale: its round is over
         s = replace(s, probes=max(0, s.probes - 1))
         if outcome == "success":
             return BreakerState(probe_round=s.probe_round)
+        if hold is not None:
+            return _hold(s, cfg, now, hold, error_kind)
         return _trip(s, cfg, now, error_kind) if outcome == "failure" else s
+    if s.state == "open" and hold is not None:
+        return _hold(s, cfg, now, hold, error_kind)  # lengthens the wait only if it asks for more
     if s.state != "closed" or outcome == "neutral":
         return s  # stale: admitted before the breaker opened
     failed = outcome == "failure"
     s = replace(s, consecutive=s.consecutive + 1 if failed else 0, buckets=_count(s.buckets, cfg, now, failed),
                 last_error=error_kind if failed else s.last_error)
+    if hold is not None:
+        return _hold(s, cfg, now, hold, error_kind)
     return _trip(s, cfg, now, error_kind) if failed and _tripped(s, cfg) else s
 
 
@@ -134,6 +157,16 @@ def _trip(s: BreakerState, cfg: BreakerConfig, now: float, error_kind: str | Non
     cooldown = min(cfg.cooldown_max_s, cfg.cooldown_s * cfg.cooldown_growth ** min(s.trips, 64))
     return BreakerState(state="open", trips=s.trips + 1, opened_at=now, cooldown_s=cooldown,
                         consecutive=s.consecutive, last_error=error_kind or s.last_error, probe_round=s.probe_round)
+
+
+def _hold(s: BreakerState, cfg: BreakerConfig, now: float, wait_s: float, error_kind: str | None) -> BreakerState:
+    """Open for the wait the expert asked for (capped at ``cooldown_max_s``), keeping the trip count: an open
+    breaker whose wait ends later already is left as it is."""
+    wait = min(cfg.cooldown_max_s, wait_s)
+    if s.state == "open" and s.opened_at + s.cooldown_s >= now + wait:
+        return s
+    return BreakerState(state="open", trips=s.trips, opened_at=now, cooldown_s=wait, consecutive=s.consecutive,
+                        last_error=error_kind or s.last_error, probe_round=s.probe_round, held=True)
 
 
 class BreakerStore(Protocol):
@@ -171,7 +204,7 @@ class Breakers:
         before = self.store.load(expert)
         allowed, after = admit(before, self.cfg, self.clock())
         if not allowed:
-            raise CircuitOpen(expert, self._why(after))
+            raise self._refusal(expert, after)
         if after != before:
             self.store.save(expert, after)
         probe = after.state == "half_open"
@@ -183,11 +216,13 @@ class Breakers:
             return
         outcome = outcome or classify(error)
         state = record(self.store.load(permit.expert), self.cfg, self.clock(), outcome, probe=permit.probe,
-                       error_kind=error.kind if error else None, probe_round=permit.probe_round)
+                       error_kind=error.kind if error else None, probe_round=permit.probe_round,
+                       retry_after_s=error.retry_after_s if error else None)
         self.store.save(permit.expert, state)
 
-    def refuses(self, expert: str) -> bool:
-        return self.cfg.enabled and not admit(self.store.load(expert), self.cfg, self.clock())[0]
+    def refuses(self, expert: str, after_s: float = 0.0) -> bool:
+        """Whether the breaker would refuse a call ``after_s`` seconds from now (0: now)."""
+        return self.cfg.enabled and not admit(self.store.load(expert), self.cfg, self.clock() + after_s)[0]
 
     def refusing(self, experts: Iterable[str]) -> frozenset[str]:
         """The experts whose breaker would refuse a call now: left out of the gate's panel and of fallback."""
@@ -205,12 +240,14 @@ class Breakers:
         return {"state": state if self.cfg.enabled else "disabled", "consecutive_failures": s.consecutive,
                 "trips": s.trips, "cooldown_s": s.cooldown_s,
                 "retry_in_s": max(0.0, s.opened_at + s.cooldown_s - now) if s.state == "open" else 0.0,
+                "held_by_retry_after": s.held and s.state == "open",
                 "window_calls": sum(b[1] for b in s.buckets), "window_failures": sum(b[2] for b in s.buckets),
                 "last_error": s.last_error}
 
-    def _why(self, s: BreakerState) -> str:
+    def _refusal(self, expert: str, s: BreakerState) -> CircuitOpen:
         if s.state == "half_open":
-            return "circuit half-open: a probe call is already in flight"
+            return CircuitOpen(expert, "circuit half-open: a probe call is already in flight")
         wait = max(0.0, s.opened_at + s.cooldown_s - self.clock())
-        return (f"circuit open after repeated failures (last: {s.last_error or 'unknown'}); "
-                f"next probe in {wait:.1f}s")
+        cause = (f"the expert asked to wait (Retry-After; last: {s.last_error or 'unknown'})" if s.held else
+                 f"after repeated failures (last: {s.last_error or 'unknown'})")
+        return CircuitOpen(expert, f"circuit open {cause}; next probe in {wait:.1f}s", retry_after_s=wait)

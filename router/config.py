@@ -332,6 +332,9 @@ class BreakerConfig(_Strict):
     cooldown_max_s: float = Field(default=60.0, gt=0.0, le=86_400.0)
     # Calls let through at once while half-open; the first success closes the breaker.
     half_open_probes: int = Field(default=1, ge=1, le=100)
+    # A 429's or 503's Retry-After opens the breaker for that long (capped at cooldown_max_s), so no request
+    # calls the expert before the time it gave; false: such answers count as failures like any other.
+    honour_retry_after: bool = True
 
     @model_validator(mode="after")
     def _ordered(self) -> BreakerConfig:

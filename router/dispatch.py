@@ -212,7 +212,8 @@ class Dispatcher:
         """Wait before retrying ``name`` when the policy, its breaker and the budget allow; else False."""
         delay = retry_delay(self.retry, error, retry, deadline.remaining, self.rand,
                             timeout_s=self.experts[name].config.timeout_s)
-        if delay is None or self.breakers.refuses(name) or self.over_budget(name, trace, request):
+        # The breaker is asked about the moment of the retry: a Retry-After it now holds ends by then.
+        if delay is None or self.breakers.refuses(name, after_s=delay) or self.over_budget(name, trace, request):
             return False
         trace.retries.append(Retry(expert=name, number=retry + 1, cause=error.kind, backoff_s=delay))
         await self.sleep(delay)

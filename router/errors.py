@@ -11,12 +11,18 @@ is the experts' own error tree.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
-__all__ = ["error_body"]
+__all__ = ["error_body", "retry_after_header"]
 
 
 def error_body(message: str, type_: str, code: str, param: str | None = None, **extra: Any) -> dict[str, Any]:
     """OpenAI's error object: its four keys in OpenAI's order, ``param`` always present (null when no single
     request field is at fault), then any fields of the router's own after them (``causes``: each expert's)."""
     return {"error": {"message": message, "type": type_, "param": param, "code": code, **extra}}
+
+
+def retry_after_header(seconds: float | None) -> dict[str, str]:
+    """``Retry-After`` in whole seconds (rounded up, at least 1, as RFC 9110's delay-seconds), or no header."""
+    return {} if seconds is None else {"retry-after": str(max(1, math.ceil(seconds)))}

@@ -40,6 +40,13 @@ class AllExpertsFailed(Exception):
     def to_list(self) -> list[dict[str, str]]:
         return [c.to_dict() for c in self.causes]
 
+    @property
+    def retry_after_s(self) -> float | None:
+        """The soonest any cause said an expert may be called again (its Retry-After, or its open breaker's
+        next probe), for the answer's own Retry-After; None when none said."""
+        waits = [c.retry_after_s for c in self.causes if c.retry_after_s is not None]
+        return min(waits) if waits else None
+
     # The HTTP status the service answers with, by error code: 400 when the request itself was refused, else 503.
     # A client that has only the error body (a stream's error event) reads the status from here too.
     STATUS_BY_CODE: ClassVar[Mapping[str, int]] = MappingProxyType({"rejected_by_experts": 400,

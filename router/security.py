@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from typing import Protocol
 
 from experts.redact import redact  # re-exported: the service and the state stores use it from here
 from router.config import RateLimitConfig, SecurityConfig
+from router.errors import retry_after_header
 
 __all__ = [
     "Admitted",
@@ -160,9 +160,7 @@ class Denied:
     def headers(self) -> dict[str, str]:
         if self.status == 401:
             return {"www-authenticate": "Bearer"}
-        if self.retry_after_s is not None:
-            return {"retry-after": str(max(1, math.ceil(self.retry_after_s)))}
-        return {}
+        return retry_after_header(self.retry_after_s)
 
 
 _NO_KEY = Denied(401, "missing_api_key", "this service needs an API key: send 'Authorization: Bearer <key>'")

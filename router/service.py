@@ -34,7 +34,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from experts.types import ChatRequest
-from router.errors import error_body
+from router.errors import error_body, retry_after_header
 from router.fallback import AllExpertsFailed
 from router.feedback import FeedbackBody, FeedbackStore, FeedbackUnavailable, UnknownFeedbackExpert, UnknownRequest
 from router.logs import RequestRecord, configure_json_logging, log_request
@@ -263,7 +263,9 @@ def _problems(handler: Callable[..., Awaitable[Response]]) -> Callable[..., Awai
             return JSONResponse(exc.error_body(), status_code=exc.status)
         except AllExpertsFailed as exc:
             _failed(record, exc)
-            return JSONResponse(exc.error_body(), status_code=exc.status)
+            # When every candidate is waiting out a Retry-After or an open breaker, say when one may answer.
+            wait = exc.retry_after_s if exc.status == 503 else None
+            return JSONResponse(exc.error_body(), status_code=exc.status, headers=retry_after_header(wait))
         except UnknownRequest as exc:
             record.error = "request_not_found"
             return _problem_response(RequestProblem(404, str(exc), "invalid_request_error", record.error,

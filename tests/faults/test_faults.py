@@ -140,6 +140,21 @@ async def test_retry_after_is_honoured_on_the_same_expert(r: Rig, status: int) -
     assert [(x["expert"], x["ok"]) for x in reply.body["moe"]["attempts"]] == [("a", False), ("a", True)]
 
 
+async def test_a_retry_after_keeps_later_requests_off_the_expert_until_it_ends(r: Rig) -> None:
+    """A Retry-After longer than the retry cap (0.5 s) is not waited for: the request falls back, and the next
+    ones do not call the rate-limited expert before the time it gave; then it answers again."""
+    a = r.servers["a"]
+    a.push(Behaviour.error(429, "slow down", retry_after="1"))
+    assert (await r.chat()).body["model"] == "b"
+    seen = len(a.requests)
+    assert (await r.chat()).body["model"] == "b"
+    assert len(a.requests) == seen
+    assert r.orchestrator.expert_states()["a"]["breaker"]["held_by_retry_after"] is True
+    await asyncio.sleep(1.05)
+    assert (await r.chat()).body["model"] == "a"
+    assert r.orchestrator.expert_states()["a"]["breaker"]["state"] == "closed"
+
+
 async def test_a_bad_request_is_not_retried(r: Rig) -> None:
     r.servers["a"].push(Behaviour.error(400, "bad request"))
     reply = await r.chat()

@@ -5,6 +5,7 @@ import pytest
 from experts.errors import (
     ExpertAuthError,
     ExpertOverloaded,
+    ExpertRateLimited,
     ExpertRejected,
     ExpertServerError,
     ExpertTimeout,
@@ -64,7 +65,7 @@ def test_half_open_admits_a_limited_probe_then_closes_on_success() -> None:
     b.finish(probe, None)
     assert b.snapshot("math") | {"last_error": None} == {
         "state": "closed", "consecutive_failures": 0, "trips": 0, "cooldown_s": 0.0, "retry_in_s": 0.0,
-        "window_calls": 0, "window_failures": 0, "last_error": None}
+        "held_by_retry_after": False, "window_calls": 0, "window_failures": 0, "last_error": None}
 
 
 def test_a_failed_probe_reopens_with_a_longer_cooldown_from_now_capped() -> None:
@@ -193,3 +194,63 @@ def test_config_bounds() -> None:
         BreakerConfig(cooldown_s=10.0, cooldown_max_s=5.0)
     with pytest.raises(ValueError):
         BreakerConfig(half_open_probes=0)
+
+
+def limited(wait: float) -> ExpertRateLimited:
+    return ExpertRateLimited("math", 429, "slow down", retry_after_s=wait)
+
+
+def test_a_retry_after_opens_at_once_for_that_wait_without_counting_a_trip() -> None:
+    b, clock = make()
+    fail(b, error=limited(4.0))
+    snap = b.snapshot("math")
+    assert (snap["state"], snap["retry_in_s"], snap["trips"], snap["held_by_retry_after"]) == ("open", 4.0, 0, True)
+    with pytest.raises(CircuitOpen, match=r"asked to wait \(Retry-After; last: rate_limited\); next probe in 4\.0s") \
+            as info:
+        b.admit("math")
+    assert info.value.retry_after_s == 4.0
+    clock.now += 4.0
+    probe = b.admit("math")
+    assert probe.probe
+    b.finish(probe, None)
+    assert b.snapshot("math")["state"] == "closed"
+
+
+def test_a_retry_after_is_capped_and_only_ever_lengthens_the_wait() -> None:
+    b, _ = make()  # cooldown_max_s 35
+    fail(b, error=limited(3600.0))
+    assert b.snapshot("math")["retry_in_s"] == 35.0
+    b2, clock2 = make()
+    late = [b2.admit("math") for _ in range(3)]  # admitted while closed, answered after the first opened it
+    b2.finish(late[0], limited(10.0))
+    clock2.now += 2.0
+    b2.finish(late[1], limited(3.0))  # asks for less than is left (8 s): nothing changes
+    assert b2.snapshot("math")["retry_in_s"] == 8.0
+    b2.finish(late[2], limited(20.0))  # asks for more: held that much longer, from now
+    assert b2.snapshot("math")["retry_in_s"] == 20.0
+    assert b2.snapshot("math")["trips"] == 0
+
+
+def test_a_probe_answered_with_a_retry_after_reopens_for_that_wait_not_a_grown_cooldown() -> None:
+    b, clock = make()
+    fail(b, 3)  # tripped: cooldown 10
+    clock.now += 10.0
+    fail(b, error=limited(2.0))  # the probe is told to wait 2 s
+    snap = b.snapshot("math")
+    assert (snap["state"], snap["retry_in_s"], snap["trips"]) == ("open", 2.0, 1)
+    clock.now += 2.0
+    fail(b)  # the next probe fails plainly: the trip count (1) grows the cooldown as before
+    assert b.snapshot("math")["cooldown_s"] == 20.0
+
+
+def test_retry_after_left_to_the_failure_count_when_not_honoured() -> None:
+    b, _ = make(honour_retry_after=False)
+    fail(b, 2, error=limited(4.0))
+    assert b.snapshot("math")["state"] == "closed"
+    fail(b, error=limited(4.0))
+    snap = b.snapshot("math")
+    assert (snap["state"], snap["cooldown_s"], snap["held_by_retry_after"]) == ("open", 10.0, False)
+    # a 503 without Retry-After is an ordinary failure either way
+    b2, _ = make()
+    fail(b2, 2)
+    assert b2.snapshot("math")["state"] == "closed"

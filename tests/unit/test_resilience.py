@@ -73,11 +73,80 @@ async def test_transient_failures_are_retried_with_backoff_on_the_same_expert() 
     assert [(a.expert, a.ok) for a in answer.trace.attempts] == [("math", False), ("math", False), ("math", True)]
 
 
+class FakeClock:
+    """The breakers' clock, moved by the fake sleep (as a real wait moves a real clock)."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def clocked(orch: Orchestrator, slept: list[float]) -> FakeClock:
+    """Tie ``orch``'s breakers to a fake clock that each fake sleep moves on."""
+    clock = FakeClock()
+    orch.breakers.clock = clock
+    sleep = orch.dispatch.sleep
+
+    async def sleeping(seconds: float) -> None:
+        clock.now += seconds
+        await sleep(seconds)
+
+    orch.dispatch.sleep = sleeping
+    return clock
+
+
 async def test_retry_after_is_honoured() -> None:
     math = flaky("math", ExpertRateLimited("math", 429, "slow down", retry_after_s=1.5))
     orch, slept = build({"math": math}, fallback={"retries": 1})
+    clocked(orch, slept)
     assert (await orch.complete(ask())).expert == "math"
     assert slept == [1.5]
+    assert orch.breakers.snapshot("math")["state"] == "closed"  # the retry was the probe, and it answered
+
+
+async def test_a_retry_after_keeps_every_request_off_the_expert_until_it_ends() -> None:
+    """Without retries (the default), a 429's Retry-After still holds: the next requests go to the next-ranked
+    expert without calling the rate-limited one, which is called again (as a probe) once the wait is over."""
+    math = flaky("math", ExpertRateLimited("math", 429, "slow down", retry_after_s=1.5))
+    orch, slept = build({"math": math})
+    clock = clocked(orch, slept)
+    first = await orch.complete(ask())
+    assert (first.expert, math.calls) == ("code", 1)
+    snap = orch.breakers.snapshot("math")
+    assert (snap["state"], snap["retry_in_s"], snap["held_by_retry_after"], snap["trips"]) == ("open", 1.5, True, 0)
+    clock.now += 1.0
+    assert ((await orch.complete(ask())).expert, math.calls) == ("code", 1)  # not called: the wait is not over
+    clock.now += 0.5
+    assert ((await orch.complete(ask())).expert, math.calls) == ("math", 2)
+    assert orch.breakers.snapshot("math")["state"] == "closed"
+
+
+async def test_retry_after_can_be_left_to_the_failure_count() -> None:
+    math = flaky("math", ExpertRateLimited("math", 429, "a", retry_after_s=1.5),
+                 ExpertRateLimited("math", 429, "b", retry_after_s=1.5))
+    orch, slept = build({"math": math}, fallback={"breaker": {"honour_retry_after": False}})
+    clocked(orch, slept)
+    assert ((await orch.complete(ask())).expert, math.calls) == ("code", 1)
+    assert ((await orch.complete(ask())).expert, math.calls) == ("code", 2)  # called again at once
+    assert orch.breakers.snapshot("math")["state"] == "closed"  # 2 of failure_threshold's 5
+
+
+async def test_when_every_candidate_waits_the_error_says_until_when() -> None:
+    waits = {"math": 4.0, "code": 2.5, "law": 9.0}
+    experts = {n: flaky(n, ExpertRateLimited(n, 429, "slow down", retry_after_s=w)) for n, w in waits.items()}
+    orch, slept = build(experts)  # type: ignore[arg-type]
+    clock = clocked(orch, slept)
+    with pytest.raises(AllExpertsFailed) as first:
+        await orch.complete(ask())
+    assert first.value.retry_after_s == 2.5  # the soonest any of them said
+    clock.now += 1.0
+    with pytest.raises(AllExpertsFailed) as second:
+        await orch.complete(ask())
+    assert [c.kind for c in second.value.causes] == ["circuit_open"] * 3
+    assert "the expert asked to wait (Retry-After; last: rate_limited)" in str(second.value)
+    assert second.value.retry_after_s == pytest.approx(1.5)
 
 
 async def test_a_4xx_is_never_retried_and_falls_back() -> None:

@@ -9,7 +9,7 @@ import httpx
 import pytest
 from openai import APIStatusError, AsyncOpenAI
 
-from experts.errors import ExpertAuthError, ExpertError, ExpertRejected, ExpertUnavailable
+from experts.errors import ExpertAuthError, ExpertError, ExpertRateLimited, ExpertRejected, ExpertUnavailable
 from router.orchestrator import Orchestrator
 from router.sdk import AsyncClient, RouterAPIError
 from router.service import create_app
@@ -118,6 +118,23 @@ async def test_all_experts_down_is_503_listing_each_cause() -> None:
         assert error["code"] == "all_experts_failed"
         assert [c["expert"] for c in error["causes"]] == ["code", "math"]
         assert all(c["kind"] == "unavailable" for c in error["causes"])
+
+
+async def test_all_experts_waiting_out_a_retry_after_is_503_saying_when_to_come_back() -> None:
+    """Both experts answer 429 with a Retry-After; the 503 carries the soonest (rounded up), the outage plain."""
+    app = _refusing({"math": ExpertRateLimited("math", 429, "slow down", retry_after_s=2.2),
+                     "code": ExpertRateLimited("code", 429, "slow down", retry_after_s=7.0)})
+    async with client(app) as http:
+        first = await http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
+        again = await http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
+    async with client(make_app(fail={"math", "code"})) as http:
+        down = await http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
+    assert (first.status_code, first.headers["retry-after"]) == (503, "3")
+    assert [c["kind"] for c in first.json()["error"]["causes"]] == ["rate_limited", "rate_limited"]
+    # neither is called again before its wait is over: both breakers hold them
+    assert (again.status_code, [c["kind"] for c in again.json()["error"]["causes"]]) == (503, ["circuit_open"] * 2)
+    assert again.headers["retry-after"] in {"2", "3"}
+    assert down.status_code == 503 and "retry-after" not in down.headers  # nobody said when
 
 
 def _refusing(errors: dict[str, ExpertError]):  # type: ignore[no-untyped-def]
