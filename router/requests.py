@@ -23,13 +23,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from experts.types import ChatRequest
 from router.errors import error_body
-from router.feedback import FeedbackBody
+from router.feedback import FeedbackBody, FeedbackUnavailable, UnknownFeedbackExpert, UnknownRequest
 
 if TYPE_CHECKING:
     from router.orchestrator import Orchestrator
 
-__all__ = ["MAX_BATCH_QUERIES", "RequestProblem", "RouteBatch", "RouteQuery", "check_combiner", "parse_chat",
-           "parse_feedback", "parse_json", "parse_route", "parse_route_batch", "parse_since"]
+__all__ = ["MAX_BATCH_QUERIES", "RequestProblem", "RouteBatch", "RouteQuery", "check_combiner", "feedback_problem",
+           "parse_chat", "parse_feedback", "parse_json", "parse_route", "parse_route_batch", "parse_since"]
 
 
 class RequestProblem(Exception):
@@ -218,6 +218,16 @@ def check_combiner(raw: str | None, orchestrator: Orchestrator, *, stream: bool 
 def parse_feedback(body: Any) -> FeedbackBody:
     """``POST /v1/feedback``'s body, or the ``RequestProblem`` (400) naming every field that is wrong."""
     return _all_validated(FeedbackBody, body, "invalid feedback")
+
+
+def feedback_problem(exc: UnknownRequest | UnknownFeedbackExpert | FeedbackUnavailable) -> RequestProblem:
+    """How a verdict the store could not take is answered, by the service and by ``LocalRouter`` alike: an
+    unknown answer id is a 404, an expert the config does not have a 400, a store that cannot be reached a 503."""
+    if isinstance(exc, UnknownRequest):
+        return RequestProblem(404, str(exc), "invalid_request_error", "request_not_found", param="request_id")
+    if isinstance(exc, UnknownFeedbackExpert):
+        return RequestProblem(400, str(exc), "invalid_request_error", "unknown_expert", param="expert")
+    return RequestProblem(503, str(exc), "service_unavailable", "feedback_unavailable")
 
 
 def parse_since(raw: str | None) -> float | None:

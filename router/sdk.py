@@ -9,8 +9,8 @@ Feedback names an answer by its ``ChatResult.id``: ``client.feedback(request_id=
 ``combiner=`` picks the combiner strategy for one request (``top1``, ``vote``, ``consensus``, ``fuse``,
 ``escalate``; None: the config's). The HTTP clients send it as the ``x-moe-combiner`` header, so the service
 decides what its config supports: an unknown strategy is a ``RouterAPIError`` 400 ``invalid_combiner``, as is any
-but ``top1`` on a stream (one expert serves a stream). ``LocalRouter`` hands it to the orchestrator, which raises
-``ValueError`` with the message the service gives.
+but ``top1`` on a stream (one expert serves a stream). ``LocalRouter`` checks it with the service's own check, so
+it fails with the same ``RouterAPIError``.
 
 ``LocalRouter`` checks a request with the service's own checks (``router.requests``), so a bad one fails the same
 way in process, and the SDK never imports FastAPI.
@@ -29,8 +29,23 @@ import httpx
 from pydantic import BaseModel
 
 from experts.types import Usage
-from router.feedback import FeedbackBody, FeedbackRecord, FeedbackStore
-from router.requests import RequestProblem, check_combiner, parse_chat, parse_route, parse_route_batch
+from router.errors import retry_after_header
+from router.feedback import (
+    FeedbackRecord,
+    FeedbackStore,
+    FeedbackUnavailable,
+    UnknownFeedbackExpert,
+    UnknownRequest,
+)
+from router.requests import (
+    RequestProblem,
+    check_combiner,
+    feedback_problem,
+    parse_chat,
+    parse_feedback,
+    parse_route,
+    parse_route_batch,
+)
 from router.trace import RoutedAnswer, RouteDecision, Trace
 
 __all__ = ["AsyncClient", "ChatResult", "Client", "FeedbackRecord", "LocalRouter", "RouterAPIError",
@@ -81,7 +96,8 @@ class RouterAPIError(Exception):
             error = {"message": str(error)}
         self.status = status
         self.body = body
-        # The response's headers (``retry-after`` on a 429, ``x-request-id``); empty for in-process errors.
+        # The response's headers (``retry-after`` on a 429 or a 503, ``x-request-id``); in process, only the
+        # ``retry-after`` the service would have sent.
         self.headers: dict[str, str] = dict(headers or {})
         self.code = error.get("code")
         self.message = error.get("message", str(body))
@@ -250,11 +266,15 @@ class _Protocol:
         choice = body["choices"][0]
         trace = Trace.model_validate(body["moe"]) if body.get("moe") else None
         delta = choice["delta"]
-        return StreamChunk(id=body.get("id", ""), content=delta.get("content") or "",
-                           expert=body.get("model", ""),
-                           finish_reason=choice.get("finish_reason"), trace=trace,
-                           tool_calls=delta.get("tool_calls") or None, refusal=delta.get("refusal") or "",
-                           logprobs=choice.get("logprobs"))
+        chunk = StreamChunk(id=body.get("id", ""), content=delta.get("content") or "",
+                            expert=body.get("model", ""),
+                            finish_reason=choice.get("finish_reason"), trace=trace,
+                            tool_calls=delta.get("tool_calls") or None, refusal=delta.get("refusal") or "",
+                            logprobs=choice.get("logprobs"))
+        # The opening chunk names only the role: nothing to hand on (LocalRouter's streams have none either).
+        said = (chunk.content or chunk.tool_calls or chunk.refusal or chunk.logprobs or chunk.finish_reason
+                or chunk.trace)
+        return chunk if said else None
 
 
 class Client(_Protocol):
@@ -396,17 +416,21 @@ def _as_api_errors() -> Iterator[None]:
 
     try:
         yield
-    except (AllExpertsFailed, UnknownExpert, NoCapableExpert, RequestProblem) as exc:
+    except AllExpertsFailed as exc:
+        # The Retry-After the service would send with it, so ``retry_after_s`` reads the same in process.
+        wait = exc.retry_after_s if exc.status == 503 else None
+        raise RouterAPIError(exc.status, exc.error_body(), retry_after_header(wait)) from exc
+    except (UnknownExpert, NoCapableExpert, RequestProblem) as exc:
         raise RouterAPIError(exc.status, exc.error_body()) from exc
 
 
 class LocalRouter:
     """The router in-process, built from a config file: no service, same results.
 
-    ``chat`` and ``stream`` fail as ``Client``'s would, with the ``RouterAPIError`` the service's answer would
-    give (400 for a bad request, 503 or 400 when every expert failed, 404 for an unknown model). With a feedback
-    store, answers are remembered and ``feedback`` writes to the store directly; its errors are
-    ``router.feedback``'s (``UnknownRequest``, ``UnknownFeedbackExpert``, pydantic's for a bad body).
+    Every method fails as ``Client``'s would, with the ``RouterAPIError`` the service's answer would give (400
+    for a bad request or an unknown combiner, 503 or 400 when every expert failed, 404 for an unknown model). With
+    a feedback store, answers are remembered and ``feedback`` writes to the store directly, its errors the
+    service's too (400 for a bad verdict or an unknown expert, 404 for an unknown answer id).
     """
 
     def __init__(self, orchestrator: Any, feedback: FeedbackStore | None = None) -> None:
@@ -425,10 +449,11 @@ class LocalRouter:
     async def chat(self, messages: Messages, *, model: str = "auto", combiner: str | None = None,
                    **params: Any) -> ChatResult:
         body = _Protocol.chat_body(messages, model, False, params)
-        # A bad request, and an unknown strategy (before the gate runs), fail with the service's message.
+        # A bad request, and an unknown strategy (before the gate runs), fail as the service's answer would.
         with _as_api_errors():
             request = parse_chat(body, self.orchestrator.config.service.max_prompt_chars)
-            answer: RoutedAnswer = await self.orchestrator.complete(request, strategy=combiner)
+            strategy = check_combiner(combiner, self.orchestrator)
+            answer: RoutedAnswer = await self.orchestrator.complete(request, strategy=strategy)
         response_id = f"chatcmpl-{uuid.uuid4().hex}"
         if self.store is not None:
             await self.store.aremember(response_id, request.query_text(), answer.expert)
@@ -483,10 +508,15 @@ class LocalRouter:
     async def feedback(self, *, request_id: str | None = None, query: str | None = None, expert: str | None = None,
                        good: bool | None = None, score: float | None = None,
                        note: str | None = None) -> FeedbackRecord:
-        if self.store is None:
-            raise RuntimeError("feedback is off for this router (feedback.enabled is false, or no store given)")
-        body = FeedbackBody.model_validate(_Protocol.feedback_body(request_id, query, expert, good, score, note))
-        return await self.store.asubmit(body, self.orchestrator.config.expert_names)
+        with _as_api_errors():
+            if self.store is None:
+                raise RequestProblem(409, "feedback is off for this router (feedback.enabled is false, or no store "
+                                     "given)", "invalid_request_error", "feedback_unavailable")
+            body = parse_feedback(_Protocol.feedback_body(request_id, query, expert, good, score, note))
+            try:
+                return await self.store.asubmit(body, self.orchestrator.config.expert_names)
+            except (UnknownRequest, UnknownFeedbackExpert, FeedbackUnavailable) as exc:
+                raise feedback_problem(exc) from exc
 
     async def aclose(self) -> None:
         await self.orchestrator.aclose()

@@ -47,6 +47,7 @@ from router.requests import (
     RouteBatch,
     RouteQuery,
     check_combiner,
+    feedback_problem,
     parse_chat,
     parse_feedback,
     parse_json,
@@ -266,17 +267,10 @@ def _problems(handler: Callable[..., Awaitable[Response]]) -> Callable[..., Awai
             # When every candidate is waiting out a Retry-After or an open breaker, say when one may answer.
             wait = exc.retry_after_s if exc.status == 503 else None
             return JSONResponse(exc.error_body(), status_code=exc.status, headers=retry_after_header(wait))
-        except UnknownRequest as exc:
-            record.error = "request_not_found"
-            return _problem_response(RequestProblem(404, str(exc), "invalid_request_error", record.error,
-                                                  param="request_id"))
-        except FeedbackUnavailable as exc:
-            record.error = "feedback_unavailable"
-            return _problem_response(RequestProblem(503, str(exc), "service_unavailable", record.error))
-        except UnknownFeedbackExpert as exc:
-            record.error = "unknown_expert"
-            return _problem_response(RequestProblem(400, str(exc), "invalid_request_error", record.error,
-                                                  param="expert"))
+        except (UnknownRequest, UnknownFeedbackExpert, FeedbackUnavailable) as exc:
+            refused = feedback_problem(exc)
+            record.error = refused.code
+            return _problem_response(refused)
 
     wrapped.__name__ = handler.__name__
     return wrapped

@@ -16,7 +16,6 @@ from router.feedback import (
     FeedbackBody,
     FeedbackStore,
     SqliteFeedbackStore,
-    UnknownRequest,
     feedback_path,
     load_feedback,
     open_feedback_store,
@@ -138,9 +137,22 @@ async def test_local_router_writes_to_the_store(tmp_path: Path) -> None:
     async with LocalRouter(orchestrator(), SqliteFeedbackStore(tmp_path / "fb.sqlite3")) as local:
         answer = await local.chat("an integral")
         saved = await local.feedback(request_id=answer.id, expert="code", score=0.25)
-        with pytest.raises(UnknownRequest):
-            await local.feedback(request_id="chatcmpl-nope", good=True)
+        refused = {}
+        for name, fields in {"unknown answer": {"request_id": "chatcmpl-nope", "good": True},
+                             "unknown expert": {"query": "q", "expert": "chef", "good": True},
+                             "no verdict": {"request_id": answer.id}}.items():
+            with pytest.raises(RouterAPIError) as info:
+                await local.feedback(**fields)  # type: ignore[arg-type]
+            refused[name] = (info.value.status, info.value.code, info.value.body["error"]["param"])
     assert (saved.query, saved.expert, saved.score) == ("an integral", "code", 0.25)
+    # the errors Client raises from the service's answers
+    assert refused == {"unknown answer": (404, "request_not_found", "request_id"),
+                       "unknown expert": (400, "unknown_expert", "expert"),
+                       "no verdict": (400, "invalid_request", None)}
+    async with LocalRouter(orchestrator()) as storeless:
+        with pytest.raises(RouterAPIError) as off:
+            await storeless.feedback(query="q", expert="math", good=True)
+    assert (off.value.status, off.value.code) == (409, "feedback_unavailable")
 
 
 # -- the store ----------------------------------------------------------------------------------------------

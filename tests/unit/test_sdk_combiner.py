@@ -1,5 +1,5 @@
-"""``combiner=`` in the SDK: the HTTP clients send the ``x-moe-combiner`` header, ``LocalRouter`` hands the strategy
-to the orchestrator; an unknown strategy fails with the service's message."""
+"""``combiner=`` in the SDK: the HTTP clients send the ``x-moe-combiner`` header, ``LocalRouter`` checks the strategy
+with the service's own check; an unknown strategy fails with the service's error either way."""
 
 from __future__ import annotations
 
@@ -63,8 +63,10 @@ async def test_the_local_router_picks_the_combiner_and_refuses_an_unknown_one() 
     async with LocalRouter(orchestrator()) as local:
         default = await local.chat("which letter?")
         voted = await local.chat("which letter?", combiner=" Vote")
-        with pytest.raises(ValueError) as unknown:
+        with pytest.raises(RouterAPIError) as unknown:
             await local.chat("which letter?", combiner="best")
     assert (default.trace.combiner, default.expert) == ("top1", "math")
     assert (voted.trace.combiner, voted.expert) == ("vote", "code")
-    assert str(unknown.value) == UNKNOWN
+    # what Client raises from the service's answer
+    assert (unknown.value.status, unknown.value.code, unknown.value.message) == \
+        (400, "invalid_combiner", f"x-moe-combiner: {UNKNOWN}")

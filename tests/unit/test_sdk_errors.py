@@ -9,7 +9,7 @@ import socket
 import httpx
 import pytest
 
-from experts.errors import ExpertUnavailable
+from experts.errors import ExpertRateLimited, ExpertUnavailable
 from router.orchestrator import Orchestrator
 from router.sdk import AsyncClient, Client, LocalRouter, RouterAPIError, RouterConnectionError
 from router.service import create_app
@@ -191,3 +191,37 @@ async def test_a_stream_that_is_not_one_or_ends_early_is_an_error_not_silence() 
         for info in (sync, asynced):
             code, says = expected[kind]
             assert info.value.code == code and says in info.value.message, (kind, info.value.message)
+
+
+async def test_every_expert_rate_limited_reads_the_same_retry_after_in_process_and_over_http() -> None:
+    config = fake_config(NAMES)
+
+    def limited(wait: float):  # type: ignore[no-untyped-def]
+        return lambda name: ExpertRateLimited(name, 429, "slow down", retry_after_s=wait)
+
+    def router() -> Orchestrator:
+        experts = {"math": FakeExpert(config.expert("math"), fail=limited(4.5)),
+                   "code": FakeExpert(config.expert("code"), fail=limited(1.2))}
+        return Orchestrator(config, FakeGate(NAMES, {}, default=[0.6, 0.4]), experts)
+
+    with pytest.raises(RouterAPIError) as local:
+        await LocalRouter(router()).chat("hi")
+    async with AsyncClient("http://router", transport=httpx.ASGITransport(app=create_app(router()))) as client:
+        with pytest.raises(RouterAPIError) as served:
+            await client.chat("hi")
+    assert local.value.status == served.value.status == 503
+    assert local.value.retry_after_s == served.value.retry_after_s == 2.0  # the soonest, 1.2 s, in whole seconds
+
+
+async def test_the_client_and_the_local_router_stream_the_same_chunks() -> None:
+    config = fake_config(NAMES)
+
+    def router() -> Orchestrator:
+        experts = {n: FakeExpert(config.expert(n), pieces=[f"{n} ", "says ", "hi"]) for n in NAMES}
+        return Orchestrator(config, FakeGate(NAMES, {}, default=[0.6, 0.4]), experts)
+
+    local = [(c.content, c.expert, c.finish_reason) async for c in LocalRouter(router()).stream("hi")]
+    async with AsyncClient("http://router", transport=httpx.ASGITransport(app=create_app(router()))) as client:
+        served = [(c.content, c.expert, c.finish_reason) async for c in client.stream("hi")]
+    assert local == served == [("math ", "math", None), ("says ", "math", None), ("hi", "math", None),
+                               ("", "math", "stop")]
