@@ -295,6 +295,12 @@ class OpenAICompatibleExpert(Expert):
         return self._http_error(status, self._excerpt(_error_text(content)), headers.get("retry-after"))
 
     def _http_error(self, status: int, detail: str, retry_after: str | None) -> ExpertHTTPError:
+        # Every failed call has its line in the operator's log, an error status as much as a dropped connection:
+        # a WARNING for what says the expert or its deployment is unwell (429, 5xx, a refused key), INFO for a
+        # request the expert refused (another 4xx).
+        level = logging.INFO if status < 500 and status not in (401, 403, 429) else logging.WARNING
+        log.log(level, "expert %s (%s): HTTP %d failed: %s%s", self.name, redact(self._url), status,
+                detail or "no detail", f" (Retry-After: {retry_after})" if retry_after else "")
         if status == 429:
             return ExpertRateLimited(self.name, status, detail, parse_retry_after(retry_after))
         if status >= 500:

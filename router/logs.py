@@ -26,6 +26,10 @@ class RequestRecord:
     request_id: str
     method: str
     route: str
+    # The answer's own id (``chatcmpl-…``: what the client, the SDK and feedback name it by), on a chat completion;
+    # on a verdict, the id of the answer it rates.
+    completion_id: str | None = None
+    rated_id: str | None = None
     key_name: str | None = None
     model: str | None = None
     stream: bool | None = None
@@ -44,8 +48,8 @@ class RequestRecord:
         """The log line's fields."""
         out: dict[str, Any] = {"event": "request", "request_id": self.request_id, "method": self.method,
                                "route": self.route, "status": self.status, "latency_ms": round(self.latency_ms, 2)}
-        optional = {"key": self.key_name, "model": self.model, "stream": self.stream, "expert": self.expert,
-                    "error": self.error}
+        optional = {"completion_id": self.completion_id, "rated_id": self.rated_id, "key": self.key_name,
+                    "model": self.model, "stream": self.stream, "expert": self.expert, "error": self.error}
         out.update({k: v for k, v in optional.items() if v is not None})
         if self.trace is not None:
             usage = self.trace.usage
@@ -69,8 +73,11 @@ class RequestRecord:
 
 
 def log_request(record: RequestRecord, *, content: bool) -> None:
-    logging.getLogger(REQUEST_LOGGER).info(json.dumps(record.line(content=content), default=str,
-                                                      separators=(",", ":")))
+    """One JSON line per request: at WARNING when the service failed it (5xx: every expert down, an internal
+    error), so an alert can watch for those alone; INFO otherwise."""
+    level = logging.WARNING if record.status >= 500 else logging.INFO
+    logging.getLogger(REQUEST_LOGGER).log(level, json.dumps(record.line(content=content), default=str,
+                                                            separators=(",", ":")))
 
 
 class JsonFormatter(logging.Formatter):

@@ -6,7 +6,9 @@ Three triggers lead to the same ``Reloader.reload``: the file's mtime changing (
 1. reads and validates the whole file, then builds the orchestrator from it, which also checks the gate
    artifact against the experts (``build_orchestrator``); all of it off the event loop;
 2. on any problem keeps the running config, logs one line naming every problem, and raises ``ReloadFailed``
-   (the admin endpoint turns it into a 400 listing them);
+   (the admin endpoint turns it into a 400 listing them). A change the running process cannot take up is such a
+   problem too (``restart_only_changes``: the address it listens on, the reload poll, the shared state, where
+   feedback is stored), rather than a setting that ``/admin/config`` shows but nothing applies;
 3. otherwise swaps the orchestrator on ``app.state``. Requests already running hold the old object and finish
    on it; it is closed once they have drained (``Orchestrator.drained``), or after its request deadline.
 
@@ -25,9 +27,11 @@ from typing import Any
 
 from router.build import GateNotTrained, VoteWeightsNotTrained, build_orchestrator
 from router.config import ConfigError, RouterConfig, load_config
+from router.feedback import feedback_path
+from router.gate_artifact import GateArtifactMismatch
 from router.orchestrator import Orchestrator
 
-__all__ = ["ReloadFailed", "Reloader"]
+__all__ = ["ReloadFailed", "Reloader", "restart_only_changes"]
 
 log = logging.getLogger("router.reload")
 
@@ -45,6 +49,29 @@ class ReloadFailed(Exception):
         listed = "; ".join(f"{p}: {m}" for p, m in problems)
         super().__init__(f"config reload from {source} refused, the running config stays: "
                          f"{len(problems)} problem(s): {listed}")
+
+
+def restart_only_changes(running: RouterConfig, new: RouterConfig) -> list[tuple[str, str]]:
+    """What ``new`` changes that only a restart applies, as ``(path, message)`` problems: the address the service
+    listens on and its reload poll (uvicorn and the reloader were started with them), the shared state (its
+    connections are made at start), and the feedback store (opened at start; answers remembered for rating and
+    the verdicts stay in it, so moving it under a running service would split them from what ``moe train``
+    reads)."""
+    problems = []
+    for name in ("host", "port", "reload_poll_s"):
+        was, now = getattr(running.service, name), getattr(new.service, name)
+        if was != now:
+            problems.append((f"service.{name}", f"changes only at a restart (running: {was!r}; the file: {now!r})"))
+    if new.state != running.state:
+        problems.append(("state", "changes only at a restart: the shared state's connections are made at start"))
+    if (new.feedback.enabled, new.feedback.remember_s) != (running.feedback.enabled, running.feedback.remember_s):
+        problems.append(("feedback", "feedback.enabled and feedback.remember_s change only at a restart"))
+    elif new.feedback.enabled and new.state.backend == "memory" and feedback_path(new) != feedback_path(running):
+        cause = "feedback.path" if new.feedback.path != running.feedback.path else "gate.artifact"
+        problems.append((cause, f"moves the feedback store from {feedback_path(running)} to {feedback_path(new)} "
+                                f"(it sits beside gate.artifact unless feedback.path is set), which only a restart "
+                                f"does; to keep the running store, set feedback.path to it"))
+    return problems
 
 
 class Reloader:
@@ -100,18 +127,31 @@ class Reloader:
     def _load(self) -> Orchestrator:
         try:
             config = load_config(self.path)
+        except ConfigError as exc:
+            raise self._failed(exc) from exc
+        fixed = restart_only_changes(self.holder.orchestrator.config, config)
+        if fixed:
+            raise ReloadFailed(str(self.path), fixed)
+        try:
             return self.build(config)
-        except ConfigError as exc:  # the file itself, or the file of a router nested in it
-            where = "" if exc.source == str(self.path) else f"{exc.source}: "
-            raise ReloadFailed(str(self.path), [(f"{where}{p}", m) for p, m in exc.problems]) from exc
-        except GateNotTrained as exc:
-            raise ReloadFailed(str(self.path), [("gate.artifact", str(exc))]) from exc
+        except ConfigError as exc:  # the file of a router nested in this one
+            raise self._failed(exc) from exc
+        except (GateNotTrained, GateArtifactMismatch) as exc:
+            raise ReloadFailed(str(self.path), [("gate.artifact", self._told(exc))]) from exc
         except VoteWeightsNotTrained as exc:
-            raise ReloadFailed(str(self.path), [("combiner.vote_weights", str(exc))]) from exc
+            raise ReloadFailed(str(self.path), [("combiner.vote_weights", self._told(exc))]) from exc
         except Exception as exc:
-            # Anything else that stops the build (an expert's class, a gate that does not fit the experts)
-            # must not reach the running service: it is reported as one more problem.
-            raise ReloadFailed(str(self.path), [("<build>", f"{type(exc).__name__}: {exc}")]) from exc
+            # Anything else that stops the build (an expert's class, say) must not reach the running service: it
+            # is reported as one more problem.
+            raise ReloadFailed(str(self.path), [("<build>", f"{type(exc).__name__}: {self._told(exc)}")]) from exc
+
+    def _failed(self, exc: ConfigError) -> ReloadFailed:
+        where = "" if exc.source == str(self.path) else f"{exc.source}: "
+        return ReloadFailed(str(self.path), [(f"{where}{p}", m) for p, m in exc.problems])
+
+    def _told(self, exc: Exception) -> str:
+        """The error's message, naming this config where the library could not ("moe train --config ...")."""
+        return str(exc).replace("<this config>", str(self.path))
 
     def _retire(self, old: Orchestrator) -> None:
         self._retiring.add(old)

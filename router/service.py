@@ -347,7 +347,7 @@ async def _chat_completions(request: Request, o: Orchestrator) -> Response:
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     strategy = _combiner_header(request, o, stream=chat.stream)
     record = _record(request)
-    record.model, record.stream = chat.model, chat.stream
+    record.model, record.stream, record.completion_id = chat.model, chat.stream, request_id
     if limits.log_content:
         record.messages, record.answer = [m.model_dump(exclude_none=True) for m in chat.messages], []
     store: FeedbackStore | None = request.app.state.feedback
@@ -456,6 +456,7 @@ async def admin_reload(request: Request) -> Response:
 async def feedback_post(request: Request) -> Response:
     o = orch(request)
     body = parse_feedback(await _read_json(request, o.config.service.max_request_bytes))
+    _record(request).rated_id = body.request_id
     saved = await _feedback_store(request).asubmit(body, o.config.expert_names)
     return JSONResponse({"object": "feedback", **saved.model_dump()})
 

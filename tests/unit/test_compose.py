@@ -286,6 +286,23 @@ def test_experts_default_to_separate_gpus(config: RouterConfig) -> None:
     assert [i.rsplit(":-", 1)[1].rstrip("}") for i in ids] == ["0", "1", "2"]
 
 
+def stop_grace_s(service: dict[str, Any]) -> int:
+    """A service's stop_grace_period in seconds (the generator writes whole seconds, ``<N>s``)."""
+    grace = service.get("stop_grace_period")
+    assert isinstance(grace, str) and re.fullmatch(r"\d+s", grace), f"stop_grace_period {grace!r}"
+    return int(grace[:-1])
+
+
+@pytest.mark.parametrize("deadline_s", [5.0, 45.5, 180, 900])
+def test_router_stop_grace_period_follows_the_request_deadline(deadline_s: float) -> None:
+    # Docker's default 10 s would SIGKILL the router while it drains requests that may each run to the deadline.
+    config = parse_config({"version": 1, "gate": {"artifact": "../artifacts/gate"},
+                           "fallback": {"deadline_s": deadline_s},
+                           "experts": [vllm("coder", "http://coder:8000/v1")]}, check_env=False)
+    grace = stop_grace_s(render_compose(config)["services"][ROUTER_SERVICE])
+    assert deadline_s + 10 <= grace <= deadline_s + 60
+
+
 # --- docker compose itself ------------------------------------------------------------------------------
 
 

@@ -55,6 +55,14 @@ def test_every_expert_that_needs_a_service_has_one_the_router_waits_for(profile:
     assert f"MOE_CONFIG={container_config_path(PROFILES[profile][0])}" in router["environment"]
 
 
+@pytest.mark.parametrize("profile", sorted(PROFILES))
+def test_router_is_given_its_request_deadline_to_drain_on_stop(profile: str) -> None:
+    config, compose = _load(profile)
+    grace = compose["services"][ROUTER_SERVICE].get("stop_grace_period")
+    assert isinstance(grace, str) and grace.endswith("s") and grace[:-1].isdigit(), grace
+    assert int(grace[:-1]) >= config.fallback.deadline_s + 10
+
+
 def test_cpu_profile_runs_replay_experts_without_a_gpu() -> None:
     config, compose = _load("cpu")
     assert config.experts and all(e.type == "replay" for e in config.experts)

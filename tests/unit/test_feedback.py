@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -55,13 +56,18 @@ def sdk(app: FastAPI) -> AsyncClient:
 
 
 # -- the service and the SDK ------------------------------------------------------------------------------
-async def test_chat_then_feedback_by_id_then_admin_export(tmp_path: Path) -> None:
+async def test_chat_then_feedback_by_id_then_admin_export(tmp_path: Path,
+                                                         caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="router.requests")
     app = make_app(SqliteFeedbackStore(tmp_path / "fb.sqlite3"))
     async with sdk(app) as client:
         answer = await client.chat("an integral")
         assert answer.id.startswith("chatcmpl-") and answer.expert == "math"
         good = await client.feedback(request_id=answer.id, good=True, note="right")
         bad = await client.feedback(query="sort a list", expert="code", score=0.0)
+    # the answer's log line and the verdict's name the same answer id, so one finds the other
+    chat, rated, unrated = (json.loads(r.getMessage()) for r in caplog.records if r.name == "router.requests")
+    assert (chat["completion_id"], rated["rated_id"], "rated_id" in unrated) == (answer.id, answer.id, False)
     assert (good.query, good.expert, good.score, good.request_id, good.note) == \
         ("an integral", "math", 1.0, answer.id, "right")
     assert (bad.query, bad.expert, bad.score, bad.request_id) == ("sort a list", "code", 0.0, None)

@@ -48,6 +48,27 @@ def served_config(objects: dict[tuple[str, str], dict[str, Any]]) -> RouterConfi
     return parse_config(yaml.safe_load(text), check_env=False)
 
 
+def prestop_sleep_s(c: dict[str, Any]) -> int:
+    """The seconds a container's preStop hook sleeps: an exec ``sleep N`` or the native ``sleep: {seconds: N}``."""
+    pre_stop = c.get("lifecycle", {}).get("preStop")
+    assert pre_stop, f"{c['name']} has no lifecycle.preStop hook"
+    if "sleep" in pre_stop:
+        seconds = pre_stop["sleep"]["seconds"]
+    else:
+        command = pre_stop["exec"]["command"]
+        assert len(command) == 2 and command[0] in ("sleep", "/bin/sleep"), command
+        seconds = command[1]
+    assert isinstance(seconds, int | str) and str(seconds).isdigit(), seconds
+    return int(seconds)
+
+
+def grace_period_s(deployment: dict[str, Any]) -> int:
+    """The pod's terminationGracePeriodSeconds; Kubernetes' default (30) when unset."""
+    grace = deployment["spec"]["template"]["spec"].get("terminationGracePeriodSeconds", 30)
+    assert isinstance(grace, int)
+    return grace
+
+
 def test_kustomization_lists_every_manifest_but_the_example_secret() -> None:
     listed = yaml.safe_load((K8S / "kustomization.yaml").read_text(encoding="utf-8"))["resources"]
     files = {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml", "secret.example.yaml"}
@@ -83,6 +104,33 @@ def test_router_runs_several_ready_checked_replicas_behind_a_service(
     assert {"name": "http", "containerPort": port} in c["ports"]
     assert objects[("Service", "router")]["spec"]["selector"] == router["spec"]["selector"]["matchLabels"]
     assert ("Deployment", "redis") in objects and ("Service", "redis") in objects
+
+
+def test_router_drains_its_requests_before_it_is_killed(objects: dict[tuple[str, str], dict[str, Any]]) -> None:
+    # The pod leaves the endpoints as preStop starts; SIGTERM follows it, and the router then drains requests that
+    # may each run to fallback.deadline_s. The grace period counts from the preStop's start and must outlast both.
+    router = objects[("Deployment", "router")]
+    deadline = served_config(objects).fallback.deadline_s
+    pre_stop = prestop_sleep_s(container(router))
+    assert 3 <= pre_stop <= 30, "a few seconds for endpoint removal to reach every proxy, not a drain of its own"
+    assert grace_period_s(router) >= pre_stop + deadline + 10
+
+
+def test_experts_finish_their_generations_before_they_are_killed(
+    objects: dict[tuple[str, str], dict[str, Any]],
+) -> None:
+    # vLLM v0.12 aborts in-flight requests on SIGTERM, so the generations running when the pod starts terminating
+    # (at most the expert's timeout_s, or the request deadline if shorter: the router stops waiting then) must end
+    # during the preStop sleep; the grace period leaves a server that drains on SIGTERM as long again.
+    served = served_config(objects)
+    vllm = [e for e in served.experts if e.type == "vllm"]
+    assert vllm
+    for expert in vllm:
+        deployment = objects[("Deployment", service_name(expert))]
+        longest = min(expert.timeout_s, served.fallback.deadline_s)
+        pre_stop = prestop_sleep_s(container(deployment))
+        assert pre_stop >= longest, expert.name
+        assert grace_period_s(deployment) >= pre_stop + longest + 10, expert.name
 
 
 def test_one_gpu_vllm_deployment_and_service_per_expert(

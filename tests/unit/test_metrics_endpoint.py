@@ -150,6 +150,7 @@ async def test_one_json_log_line_per_request_without_content(caplog: pytest.LogC
     assert r.headers["x-request-id"] == "trace-123"
     chat, health = request_lines(caplog)
     assert chat["request_id"] == "trace-123"
+    assert chat["completion_id"] == r.json()["id"]  # the id clients and feedback know the answer by
     assert (chat["route"], chat["status"], chat["model"], chat["expert"]) == ("/v1/chat/completions", 200, "auto",
                                                                               "math")
     assert (chat["prompt_tokens"], chat["completion_tokens"]) == (3, 5)
@@ -186,6 +187,8 @@ async def test_failed_requests_log_their_error(caplog: pytest.LogCaptureFixture)
         await http.post("/v1/chat/completions", content=b"{bad", headers={"content-type": "application/json"})
     failed, bad = request_lines(caplog)
     assert (failed["status"], failed["error"]) == (503, "all_experts_failed")
+    levels = [r.levelname for r in caplog.records if r.name == "router.requests"]
+    assert levels == ["WARNING", "INFO"]  # a failure the service could not serve is what an alert watches for
     assert [a["expert"] for a in failed["attempts"]] == ["math", "code"]
     assert (bad["status"], bad["error"]) == (400, "invalid_json")
 

@@ -17,7 +17,7 @@ import yaml
 
 from router.config import RouterConfig, load_config
 from router.orchestrator import Orchestrator
-from router.reload import Reloader, ReloadFailed
+from router.reload import Reloader, ReloadFailed, restart_only_changes
 from router.service import create_app
 from tests.doubles.fakes import FakeExpert, FakeGate
 
@@ -291,3 +291,39 @@ async def test_calls_in_flight_on_the_old_config_count_against_the_new_one_s_lim
     assert new.capacity.free("math") == new.capacity.limits["math"] - 1
     old.capacity.release("math")
     assert new.capacity.free("math") == new.capacity.limits["math"]
+
+
+async def test_a_change_only_a_restart_applies_is_refused_naming_it(tmp_path: Path) -> None:
+    """Moving the gate to a new folder would move the feedback store beside it (feedback.path unset): refused,
+    like the listening port, so nothing the file says is shown by /admin/config but silently not applied."""
+    path = write(tmp_path / "router.yaml", ["math"], gate={"artifact": "v1/gate"})
+    builds = Builds()
+    reloader = Reloader(path, build=builds)
+    reloader.bind(SimpleNamespace(orchestrator=builds(load_config(path))))
+    write(path, ["math", "code"], gate={"artifact": "v2/gate"}, service={"port": 8081})
+    with pytest.raises(ReloadFailed) as refused:
+        await reloader.reload()
+    problems = dict(refused.value.problems)
+    assert set(problems) == {"service.port", "gate.artifact"}
+    assert problems["service.port"] == "changes only at a restart (running: 8000; the file: 8081)"
+    assert len(builds.built) == 1  # refused before anything was built
+    # pinning the store where it is lets the new gate through
+    write(path, ["math", "code"], gate={"artifact": "v2/gate"},
+          feedback={"path": str(tmp_path / "v1" / "feedback.sqlite3")})
+    assert (await reloader.reload()).config.expert_names == ["math", "code"]
+
+
+def test_restart_only_changes_names_the_store_that_would_move(tmp_path: Path) -> None:
+    running = load_config(write(tmp_path / "router.yaml", ["math"], gate={"artifact": "v1/gate"}))
+    moved = load_config(write(tmp_path / "router.yaml", ["math"], gate={"artifact": "v2/gate"}))
+    assert restart_only_changes(running, moved) == [("gate.artifact", (
+        f"moves the feedback store from {tmp_path / 'v1' / 'feedback.sqlite3'} to "
+        f"{tmp_path / 'v2' / 'feedback.sqlite3'} (it sits beside gate.artifact unless feedback.path is set), which "
+        "only a restart does; to keep the running store, set feedback.path to it"))]
+    off = load_config(write(tmp_path / "router.yaml", ["math"], gate={"artifact": "v1/gate"},
+                            feedback={"enabled": False}))
+    assert [p for p, _ in restart_only_changes(running, off)] == ["feedback"]
+    shared = load_config(write(tmp_path / "router.yaml", ["math"], gate={"artifact": "v1/gate"},
+                               state={"key_prefix": "other:"}))
+    assert [p for p, _ in restart_only_changes(running, shared)] == ["state"]
+    assert restart_only_changes(running, running) == []
