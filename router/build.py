@@ -10,12 +10,13 @@ from typing import TYPE_CHECKING
 from experts.base import Expert, ExpertContext
 from experts.registry import build_expert
 from router.breaker import Breakers
-from router.config import RouterConfig
+from router.config import EncoderConfig, RouterConfig
 from router.expert_types import EXPERT_TYPES
 from router.orchestrator import Orchestrator
 
 if TYPE_CHECKING:
     from router.cascade import CascadeGate
+    from router.encoders import Encoder
     from router.gate import Gate
     from router.state_redis import SharedState
     from router.vote_weights import VoteWeights
@@ -63,27 +64,43 @@ def build_breakers(config: RouterConfig, state: SharedState | None = None) -> Br
     return Breakers(config.fallback.breaker, state.breaker_store, clock=time.time)
 
 
-def load_gate(config: RouterConfig) -> Gate | CascadeGate:
-    """The trained gate named by the config, over the config's experts.
+def load_gate(config: RouterConfig, encoders: dict[str, Encoder] | None = None) -> Gate | CascadeGate:
+    """The trained gate named by the config, over the config's experts. ``encoders``: encoders kept from an
+    earlier build, by their settings (``SharedState.encoders``): one with the same settings is reused, and the
+    dict is left holding the ones this config uses.
 
     Refused when its encoder differs, or when a config expert has neither training data in the artifact nor
     examples in the config. Experts added with examples are routed by cold start; removed ones are dropped
     (``Gate.for_config``). A two-stage gate fitted for other ``gate.cascade`` targets is fitted again for the
     config's (``CascadeGate.with_targets``).
     """
-    from router.encoders import build_encoder
     from router.gate import Gate
 
     path = config.resolve(config.gate.artifact)
     if not (path / "gate.json").exists():
         raise GateNotTrained(path)
+    kept = {} if encoders is None else encoders
+    used = [config.gate.encoder] + ([config.gate.cascade.encoder] if config.gate.cascade is not None else [])
+    built = {cfg.model_dump_json(): _encoder(cfg, kept) for cfg in used}
+    full = built[config.gate.encoder.model_dump_json()]
+    gate: Gate | CascadeGate
     if config.gate.cascade is not None:
         from router.cascade import CascadeGate
 
         cascade = config.gate.cascade
-        loaded = CascadeGate.load(path, build_encoder(cascade.encoder), build_encoder(config.gate.encoder))
-        return loaded.with_targets(agreement=cascade.agreement, familiar=cascade.familiar).for_config(config)
-    return Gate.load(path, build_encoder(config.gate.encoder)).for_config(config)
+        loaded = CascadeGate.load(path, built[cascade.encoder.model_dump_json()], full)
+        gate = loaded.with_targets(agreement=cascade.agreement, familiar=cascade.familiar).for_config(config)
+    else:
+        gate = Gate.load(path, full).for_config(config)
+    kept.clear()  # only once the gate loaded: a refused reload leaves the running config's encoders kept
+    kept.update(built)
+    return gate
+
+
+def _encoder(cfg: EncoderConfig, kept: dict[str, Encoder]) -> Encoder:
+    from router.encoders import build_encoder
+
+    return kept.get(cfg.model_dump_json()) or build_encoder(cfg)
 
 
 def load_vote_weights(config: RouterConfig) -> VoteWeights | None:
@@ -106,6 +123,7 @@ def load_vote_weights(config: RouterConfig) -> VoteWeights | None:
 
 def build_orchestrator(config: RouterConfig, *, context: ExpertContext | None = None,
                        gate: Gate | CascadeGate | None = None, state: SharedState | None = None) -> Orchestrator:
-    return Orchestrator(config, gate or load_gate(config), build_experts(config, context),
+    gate = gate or load_gate(config, None if state is None else state.encoders)
+    return Orchestrator(config, gate, build_experts(config, context),
                         breakers=build_breakers(config, state), in_flight=None if state is None else state.in_flight,
                         vote_weights=load_vote_weights(config))

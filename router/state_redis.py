@@ -45,6 +45,8 @@ if TYPE_CHECKING:
     import redis
     import redis.asyncio
 
+    from router.encoders import Encoder
+
 __all__ = ["RedisBreakerStore", "RedisFeedbackStore", "RedisRateStore", "SharedState", "build_shared_state",
            "redis_url"]
 
@@ -306,15 +308,18 @@ def redis_url(config: StateConfig, environ: Mapping[str, str]) -> str:
 @dataclass
 class SharedState:
     """What outlives one config: built once by ``moe serve`` and handed to every orchestrator a hot reload
-    builds, so a reload keeps rate-limit buckets, breaker states and in-flight counts.
+    builds, so a reload keeps rate-limit buckets, breaker states, in-flight counts and the loaded encoders.
 
     Rate limits and breakers are shared with the other replicas when ``state.backend`` is redis, and live in
     this process otherwise. ``in_flight`` (calls per expert, for ``max_concurrency``) is always this process's:
-    an old and a new config answering at once count against one limit."""
+    an old and a new config answering at once count against one limit. ``encoders`` holds the encoders the
+    latest config uses, by their settings, so a reload that leaves ``gate.encoder`` alone reuses the loaded model
+    (a new onnxruntime session per reload grew the process by several MB each time)."""
 
     rate_store: RateStore = field(default_factory=InMemoryRateStore)
     breaker_store: BreakerStore = field(default_factory=MemoryBreakerStore)
     in_flight: dict[str, int] = field(default_factory=dict)
+    encoders: dict[str, Encoder] = field(default_factory=dict)
 
     @property
     def shared(self) -> bool:

@@ -204,3 +204,25 @@ def test_mixed_or_unknown_outcome_files_are_refused(tmp_path: Path, snips_rows: 
     _write_jsonl(tmp_path / "u.jsonl", [{"query": "q", "outcomes": {"Nope": 1}}])
     with pytest.raises(ValueError, match=r"u\.jsonl: experts 'Nope' are not experts"):
         collect_training_data(_config(tmp_path, ["u.jsonl"]))
+
+
+def test_a_rebuild_with_the_same_encoder_settings_reuses_the_loaded_encoder(
+        tmp_path: Path, snips_rows: list[dict[str, str]]) -> None:
+    """What a hot reload does (``build_orchestrator`` with the process's ``SharedState``): the encoder is loaded
+    once while ``gate.encoder`` stays the same, and a change of its settings loads a new one in its place."""
+    from router.build import build_orchestrator
+    from router.state_redis import SharedState
+
+    (tmp_path / "data").mkdir()
+    _write_jsonl(tmp_path / "data" / "snips.jsonl", snips_rows)
+    config = _config(tmp_path, ["data/snips.jsonl"], artifact="gate", encoder={"backend": "static"})
+    train_from_config(config, progress=False)
+    state = SharedState()
+    first = build_orchestrator(config, state=state)
+    again = build_orchestrator(config, state=state)
+    assert again.gate is not first.gate and again.gate.encoder is first.gate.encoder
+    other = _config(tmp_path, ["data/snips.jsonl"], artifact="gate", encoder={"backend": "static", "batch_size": 16})
+    changed = build_orchestrator(other, state=state)
+    assert changed.gate.encoder is not first.gate.encoder
+    assert list(state.encoders.values()) == [changed.gate.encoder]  # only what the latest config uses is kept
+    assert build_orchestrator(config).gate.encoder is not first.gate.encoder  # no state: nothing kept
