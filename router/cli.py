@@ -35,6 +35,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from router.build import build_orchestrator, build_shared_state
     from router.feedback import open_feedback_store
+    from router.logs import configure_json_logging, log_level, uvicorn_log_config
     from router.reload import Reloader
     from router.service import create_app
 
@@ -48,8 +49,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
                         poll_s=config.service.reload_poll_s, sighup=True)
     app = create_app(orchestrator, rate_store=state.rate_store, reloader=reloader,
                      feedback=open_feedback_store(config))
+    # One log stream, all JSON lines, at --log-level: the router's and the experts' (a request line per request,
+    # a warning per failed expert call), and uvicorn's own, without its access lines (the router's say more).
+    for logger in ("router", "experts"):
+        configure_json_logging(log_level(args.log_level), logger)
     uvicorn.run(app, host=args.host or config.service.host, port=args.port or config.service.port,
-                log_level=args.log_level)
+                log_level=args.log_level, log_config=uvicorn_log_config(args.log_level), access_log=False)
     return 0
 
 

@@ -109,6 +109,26 @@ def configure_json_logging(level: int | str = logging.INFO, logger: str = "route
     target.propagate = False
 
 
+# uvicorn's own level below DEBUG, which its --log-level trace names.
+TRACE = 5
+
+
+def log_level(name: str) -> int:
+    """A ``--log-level`` name (uvicorn's: critical, error, warning, info, debug, trace) as a logging level."""
+    return TRACE if name.lower() == "trace" else logging.getLevelNamesMapping()[name.upper()]
+
+
+def uvicorn_log_config(level: str) -> dict[str, Any]:
+    """uvicorn's ``log_config`` for ``moe serve``: its own lines (startup, shutdown, errors) as JSON lines like the
+    router's, so one stream holds one format. Its access log is left off (``access_log=False``): the router writes
+    one richer line per request itself."""
+    return {"version": 1, "disable_existing_loggers": False,
+            "formatters": {"json": {"()": JsonFormatter}},
+            "handlers": {"json": {"class": "logging.StreamHandler", "formatter": "json", "stream": "ext://sys.stderr"}},
+            "loggers": {"uvicorn": {"handlers": ["json"], "level": log_level(level), "propagate": False},
+                        "uvicorn.error": {"level": log_level(level)}}}
+
+
 def _json_object(message: str) -> dict[str, Any] | None:
     if not message.startswith("{"):
         return None

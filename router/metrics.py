@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from router.trace import Trace
@@ -30,7 +30,9 @@ _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0
 class RouterMetrics:
     """The service's metrics. ``states`` returns the orchestrator (or None) whose experts are read at scrape time."""
 
-    def __init__(self, states: Callable[[], Any] | None = None) -> None:
+    def __init__(self, states: Callable[[], Any] | None = None, reloads: Any = None) -> None:
+        """``reloads``: the service's ``Reloader`` (its ``reloaded``, ``refused`` and ``last_refused`` are read
+        at scrape time), or None when hot reload is off."""
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("moe_requests", "HTTP requests", ["route", "status", "model"], registry=r)
@@ -51,6 +53,8 @@ class RouterMetrics:
         self.rejected = Counter("moe_rejected", "calls refused before routing", ["reason"], registry=r)
         if states is not None:
             r.register(_ExpertStates(states))
+        if reloads is not None:
+            r.register(_Reloads(reloads))
 
     def observe_request(self, route: str, status: int, model: str, seconds: float) -> None:
         self.requests.labels(route, str(status), model).inc()
@@ -105,6 +109,23 @@ class _ExpertStates(Collector):
                 in_flight.add_metric([expert], float(info["in_flight"]))
         yield breaker
         yield in_flight
+
+
+class _Reloads(Collector):
+    """Hot reloads, read from the reloader at scrape time: how many were done and refused, and whether the latest
+    was refused (1: the config file on disk is not the one serving, until a reload of it succeeds)."""
+
+    def __init__(self, reloader: Any) -> None:
+        self.reloader = reloader
+
+    def collect(self) -> Iterator[Metric]:
+        done = CounterMetricFamily("moe_config_reloads", "hot reloads of the config, by result", labels=["result"])
+        done.add_metric(["reloaded"], float(self.reloader.reloaded))
+        done.add_metric(["refused"], float(self.reloader.refused))
+        yield done
+        yield GaugeMetricFamily("moe_config_reload_refused",
+                                "1 while the latest reload was refused: the file on disk is not what serves",
+                                value=1.0 if self.reloader.last_refused else 0.0)
 
 
 def _breaker_state(info: Any) -> str | None:

@@ -94,6 +94,11 @@ class Reloader:
         self._tasks: set[asyncio.Task[None]] = set()
         self._retiring: set[Orchestrator] = set()
         self._signal = False
+        # For /metrics: reloads done and refused since start, and whether the latest attempt was refused (the file
+        # on disk is not what is serving: the alert to watch for).
+        self.reloaded = 0
+        self.refused = 0
+        self.last_refused = False
 
     def bind(self, holder: Any, on_swap: Callable[[Orchestrator, Orchestrator], None] | None = None) -> None:
         """Where the live orchestrator is held; ``on_swap(old, new)`` runs right after each swap."""
@@ -110,6 +115,8 @@ class Reloader:
             try:
                 new = await asyncio.to_thread(self._load)
             except ReloadFailed as exc:
+                self.refused += 1
+                self.last_refused = True
                 log.error("%s", exc)
                 raise
             old: Orchestrator = self.holder.orchestrator
@@ -121,6 +128,8 @@ class Reloader:
             if self.on_swap is not None:
                 self.on_swap(old, new)
             self._retire(old)
+            self.reloaded += 1
+            self.last_refused = False
             log.info("config reloaded from %s: experts %s", self.path, ", ".join(new.config.expert_names))
             return new
 

@@ -311,7 +311,7 @@ def create_app(orchestrator: Orchestrator | None = None,
 
     app = FastAPI(title="moe-router", version="0.1.0", lifespan=lifespan)
     app.state.orchestrator = orchestrator
-    app.state.metrics = RouterMetrics(lambda: app.state.orchestrator)
+    app.state.metrics = RouterMetrics(lambda: app.state.orchestrator, reloads=reloader)
     app.state.security = None
     app.state.rate_store = rate_store
     app.state.environ = os.environ if environ is None else environ

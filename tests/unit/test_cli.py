@@ -1,14 +1,33 @@
 """The `moe` command line: every subcommand has --help, and a bad config stops `serve` before it starts."""
 
 import json
+import logging
+import logging.config
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from router.cli import main
+
+LOGGERS = ("router", "experts", "uvicorn", "uvicorn.error")
+
+
+@pytest.fixture(autouse=True)
+def restore_logging() -> Iterator[None]:
+    """``moe serve`` sets up the process's logging (JSON handlers, its --log-level); put it back for the tests
+    after, which read log records through pytest's own handler."""
+    saved = {name: (list(logging.getLogger(name).handlers), logging.getLogger(name).propagate,
+                    logging.getLogger(name).level) for name in LOGGERS}
+    yield
+    for name, (handlers, propagate, level) in saved.items():
+        logger = logging.getLogger(name)
+        logger.handlers[:] = handlers
+        logger.propagate, logger.level = propagate, level
+
 
 BAD = """\
 version: 1
@@ -122,6 +141,8 @@ def test_serve_gets_uvloop_and_httptools_from_uvicorn_s_auto_choice(tmp_path: Pa
     assert main(["serve", "--config", str(config), "--port", "8123"]) == 0
     assert served["port"] == 8123 and served["host"] == "127.0.0.1"
     assert "loop" not in served and "http" not in served  # uvicorn's own default: "auto" for both
+
+    assert served["access_log"] is False  # the router writes its own line per request
 
     auto = uvicorn.Config(app=served["app"], loop="auto", http="auto")
     auto.load()
@@ -281,3 +302,29 @@ def test_runtime_failures_are_error_lines_and_bugs_keep_their_traceback() -> Non
     assert _runtime_error(UnknownExpert("nosuch", ["auto", "math"])) == "unknown model 'nosuch'; known: auto, math"
     assert "no RouterBench data" in (_runtime_error(ExpertConfigError("gpt-4", "no RouterBench data at x")) or "")
     assert _runtime_error(RuntimeError("a bug")) is None
+
+
+def test_serve_writes_one_log_stream_of_json_lines_at_its_log_level(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    import uvicorn
+
+    config = tmp_path / "router.yaml"
+    config.write_text("version: 1\ngate:\n  artifact: gate\nexperts:\n"
+                      "  - {name: coder, type: vllm, endpoint: 'http://127.0.0.1:9/v1', model: m, "
+                      "description: code, examples: ['write a python function']}\n"
+                      "  - {name: lawyer, type: vllm, endpoint: 'http://127.0.0.1:9/v1', model: m, "
+                      "description: legal questions, examples: ['can I break my lease']}\n")
+    assert main(["train", "--config", str(config), "--no-feedback"]) == 0
+    served: dict[str, object] = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **options: served.update(options, app=app))
+    assert main(["serve", "--config", str(config), "--log-level", "warning"]) == 0
+    capsys.readouterr()
+    logging.config.dictConfig(served["log_config"])  # what uvicorn does with it
+    logging.getLogger("uvicorn.error").warning("Started server process [%d]", 42)
+    logging.getLogger("uvicorn.error").info("below the level")
+    logging.getLogger("router.requests").info('{"event": "request", "status": 200}')  # below warning: not written
+    logging.getLogger("experts.openai_compat").warning("expert coder (http://host/v1): HTTP 500 failed: boom")
+    lines = [json.loads(line) for line in capsys.readouterr().err.splitlines()]
+    assert [(x["logger"], x["level"], x["message"]) for x in lines] == [
+        ("uvicorn.error", "WARNING", "Started server process [42]"),
+        ("experts.openai_compat", "WARNING", "expert coder (http://host/v1): HTTP 500 failed: boom")]

@@ -327,3 +327,28 @@ def test_restart_only_changes_names_the_store_that_would_move(tmp_path: Path) ->
                                state={"key_prefix": "other:"}))
     assert [p for p, _ in restart_only_changes(running, shared)] == ["state"]
     assert restart_only_changes(running, running) == []
+
+
+async def test_metrics_count_reloads_and_flag_a_refused_one_until_a_reload_succeeds(tmp_path: Path) -> None:
+    path = write(tmp_path / "router.yaml", ["math", "code"])
+    app = service(path, Builds())
+
+    def reload_metrics(page: str) -> dict[str, float]:
+        wanted = ('moe_config_reloads_total{result="reloaded"}', 'moe_config_reloads_total{result="refused"}',
+                  "moe_config_reload_refused")
+        return {name: float(line.rsplit(" ", 1)[1]) for line in page.splitlines() for name in wanted
+                if line.startswith(name + " ")}
+
+    async with client(app) as http:
+        before = reload_metrics((await http.get("/metrics")).text)
+        path.write_text("version: 1\nexperts: [")  # broken YAML
+        assert (await http.post("/admin/reload")).status_code == 400
+        refused = reload_metrics((await http.get("/metrics")).text)
+        write(path, ["math", "code", "law"])
+        assert (await http.post("/admin/reload")).status_code == 200
+        after = reload_metrics((await http.get("/metrics")).text)
+    keys = ['moe_config_reloads_total{result="reloaded"}', 'moe_config_reloads_total{result="refused"}',
+            "moe_config_reload_refused"]
+    assert [before[k] for k in keys] == [0.0, 0.0, 0.0]
+    assert [refused[k] for k in keys] == [0.0, 1.0, 1.0]
+    assert [after[k] for k in keys] == [1.0, 1.0, 0.0]
