@@ -108,6 +108,10 @@ class GateMetadata:
     # Percentile grids (router.gate_train.OOD_GRID points each) of the validation queries' [top probability,
     # nearest cosine]; None: ``ood_scores`` is the nearest cosine alone.
     ood_reference: list[list[float]] | None = None
+    # Feedback verdicts folded into the training data by ``moe train``, and when the newest was given (ISO 8601,
+    # UTC; None: none): which verdicts this gate has seen.
+    feedback_verdicts: int = 0
+    feedback_through: str | None = None
     created: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
     format_version: int = FORMAT_VERSION
 

@@ -34,7 +34,8 @@ Verdicts on experts no longer in the config are dropped.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -61,8 +62,10 @@ class TrainingData:
     texts: list[str] = field(default_factory=list)
     labels: list[str] = field(default_factory=list)
     records: list[OutcomeRecord] = field(default_factory=list)
-    # How many stored feedback verdicts were folded in (``fold_feedback``).
+    # How many stored feedback verdicts were folded in (``fold_feedback``), and when the newest of them was given
+    # (Unix seconds; None: none), which the artifact records so it says which verdicts a served gate has seen.
     feedback: int = 0
+    feedback_through: float | None = None
     # Label data: how many of the leading examples are the config's own (kept whatever the feedback says), and
     # how many training examples bad feedback dropped.
     config_examples: int = 0
@@ -103,6 +106,8 @@ def collect_training_data(config: RouterConfig, *, feedback: bool = True) -> Tra
 def fold_feedback(data: TrainingData, verdicts: list[FeedbackRecord], experts: list[str]) -> TrainingData:
     """``data`` with the feedback ``verdicts`` added by the rule in the module docstring."""
     kept = [v for v in verdicts if v.expert in experts]
+    through = max([v.created for v in kept] + ([data.feedback_through] if data.feedback_through else []),
+                  default=None)
     scores: dict[str, dict[str, list[float]]] = {}
     for v in kept:
         scores.setdefault(v.query, {}).setdefault(v.expert, []).append(v.score)
@@ -111,7 +116,8 @@ def fold_feedback(data: TrainingData, verdicts: list[FeedbackRecord], experts: l
         # A verdict on a query the files name a task for carries that task, so it counts toward the task's rates.
         task_of = {r.query: r.task for r in data.records if r.task is not None}
         folded = [OutcomeRecord(q, {e: mean[q, e] for e in by}, {}, task=task_of.get(q)) for q, by in scores.items()]
-        return TrainingData("outcome", records=[*data.records, *folded], feedback=data.feedback + len(kept))
+        return TrainingData("outcome", records=[*data.records, *folded], feedback=data.feedback + len(kept),
+                            feedback_through=through)
     wrong = {pair for pair, score in mean.items() if score < 0.5}
     pairs = list(zip(data.texts, data.labels, strict=True))
     fixed = data.config_examples
@@ -119,7 +125,8 @@ def fold_feedback(data: TrainingData, verdicts: list[FeedbackRecord], experts: l
     dropped = len(data.texts) - len(pairs)
     pairs += [pair for pair, score in mean.items() if score >= 0.5]
     return TrainingData("label", texts=[q for q, _ in pairs], labels=[e for _, e in pairs],
-                        feedback=data.feedback + len(kept), config_examples=fixed, dropped=data.dropped + dropped)
+                        feedback=data.feedback + len(kept), feedback_through=through, config_examples=fixed,
+                        dropped=data.dropped + dropped)
 
 
 def _collect_files(config: RouterConfig) -> TrainingData:
@@ -201,11 +208,13 @@ def train_from_config(config: RouterConfig, *, progress: bool = True,
         gate = train_gate(data.texts, data.labels, encoder, experts=config.expert_names, progress=progress,
                           classifier=build_classifier(config.gate.classifier))
     artifact = config.resolve(config.gate.artifact)
+    _record_feedback(gate, data)
     served: Gate | CascadeGate = gate
     if config.gate.cascade is not None:
         fast = train_gate(data.texts, data.labels, build_encoder(config.gate.cascade.encoder),
                           experts=config.expert_names, progress=progress,
                           classifier=build_classifier(config.gate.classifier))
+        _record_feedback(fast, data)
         served = CascadeGate.train(gate, fast, data.texts, data.labels, agreement=config.gate.cascade.agreement,
                                    familiar=config.gate.cascade.familiar)
     else:
@@ -214,6 +223,14 @@ def train_from_config(config: RouterConfig, *, progress: bool = True,
     if vote_weights is not None:
         vote_weights.save(artifact)
     return served
+
+
+def _record_feedback(gate: Gate, data: TrainingData) -> None:
+    """Note in the gate's metadata (and so in ``gate.json``) how many feedback verdicts it was trained with and
+    the time of the newest, so a served gate says which verdicts it has seen."""
+    through = None if data.feedback_through is None else \
+        datetime.fromtimestamp(data.feedback_through, UTC).isoformat(timespec="seconds")
+    gate.metadata = replace(gate.metadata, feedback_verdicts=data.feedback, feedback_through=through)
 
 
 def _learned_vote_weights(config: RouterConfig, data: TrainingData, *, progress: bool) -> VoteWeights | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -250,8 +251,16 @@ async def test_feedback_from_the_service_trains_the_next_gate(tmp_path: Path,
     monkeypatch.setattr("router.train.build_encoder", lambda _: FakeHashingEncoder())
     gate = train_from_config(config, progress=False)
     assert gate.metadata.metrics.n_train + gate.metadata.metrics.n_val == 6
+    # the artifact says which verdicts the gate has seen: how many, and the newest one's time
+    store = SqliteFeedbackStore(feedback_path(config))
+    newest = max(r.created for r in store.records())
+    store.close()
+    saved = json.loads((tmp_path / "out" / "gate" / "gate.json").read_text(encoding="utf-8"))
+    assert (saved["feedback_verdicts"], saved["feedback_through"]) == \
+        (5, datetime.fromtimestamp(newest, UTC).isoformat(timespec="seconds"))
     off = train_from_config(config, progress=False, feedback=False)
     assert off.metadata.metrics.n_train + off.metadata.metrics.n_val == 2
+    assert (off.metadata.feedback_verdicts, off.metadata.feedback_through) == (0, None)
 
 
 def test_moe_train_takes_a_feedback_switch() -> None:
