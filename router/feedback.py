@@ -174,15 +174,20 @@ class FeedbackStore(ABC):
     def close(self) -> None: ...
 
     def submit(self, body: FeedbackBody, experts: Sequence[str]) -> FeedbackRecord:
-        """Store one verdict. Raises ``UnknownRequest`` or ``UnknownFeedbackExpert``."""
+        """Store one verdict. Raises ``UnknownRequest`` or ``UnknownFeedbackExpert``.
+
+        An expert the verdict names must be one of ``experts`` (the config's), except the expert that gave the
+        rated answer: a verdict on an answer stays true after a reload removed its expert, so it is kept (``moe
+        train`` leaves verdicts on experts no longer configured out of training, and uses them if it returns)."""
         query, expert = body.query, body.expert
+        answered_by = None
         if body.request_id is not None:
             answer = self.answered(body.request_id)
             if answer is None:
                 raise UnknownRequest(body.request_id)
-            query, expert = answer.query, expert or answer.expert
+            query, expert, answered_by = answer.query, expert or answer.expert, answer.expert
         assert query is not None and expert is not None  # FeedbackBody's validator guarantees both
-        if expert not in experts:
+        if expert not in experts and expert != answered_by:
             raise UnknownFeedbackExpert(expert, experts)
         return self.add(query, expert, body.value(), request_id=body.request_id, note=body.note)
 

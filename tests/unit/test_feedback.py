@@ -18,6 +18,7 @@ from router.feedback import (
     FeedbackBody,
     FeedbackStore,
     SqliteFeedbackStore,
+    UnknownFeedbackExpert,
     feedback_path,
     load_feedback,
     open_feedback_store,
@@ -320,3 +321,22 @@ def test_a_feedback_path_whose_folder_cannot_be_made_names_feedback_path(tmp_pat
     capsys.readouterr()
     assert main(["route", "hi", "--config", str(config)]) == 1  # the store opens as `moe serve` opens it
     assert capsys.readouterr().err.startswith(f"error: {says}")
+
+
+def test_a_verdict_on_an_answer_whose_expert_was_removed_since_is_kept(tmp_path: Path) -> None:
+    """A reload removed the expert that answered: rating that answer still works (nothing is lost), while naming
+    an unknown expert outright is still refused."""
+    store = SqliteFeedbackStore(tmp_path / "fb.sqlite3")
+    try:
+        store.remember("chatcmpl-1", "an old question", "retired")
+        kept = store.submit(FeedbackBody(request_id="chatcmpl-1", good=False), NAMES)
+        assert (kept.expert, kept.score) == ("retired", 0.0)
+        with pytest.raises(UnknownFeedbackExpert):
+            store.submit(FeedbackBody(request_id="chatcmpl-1", expert="poetry", good=True), NAMES)
+        with pytest.raises(UnknownFeedbackExpert):
+            store.submit(FeedbackBody(query="q", expert="retired", good=True), NAMES)
+        # training leaves it out while the expert is not configured
+        data = fold_feedback(TrainingData("label", texts=["x"], labels=["math"]), store.records(), NAMES)
+        assert data.feedback == 0
+    finally:
+        store.close()
