@@ -50,7 +50,7 @@ def write(path: Path, experts: list[dict[str, Any]]) -> Path:
 @pytest.fixture
 def fake_gates(monkeypatch: pytest.MonkeyPatch) -> None:
     """Each level's gate picks its last expert: the inner router at the top, ``deep`` inside it."""
-    def load(config: RouterConfig) -> FakeGate:
+    def load(config: RouterConfig, encoders: object = None) -> FakeGate:
         n = len(config.experts)
         return FakeGate(config.expert_names, {}, default=[0.1 / n] * (n - 1) + [0.9])
 
