@@ -104,7 +104,7 @@ class Expert(ABC):
         """Yield the answer in pieces. The default yields the whole answer as one piece."""
         reply = await self.generate(request)
         yield StreamDelta(content=reply.content, tool_calls=reply.tool_calls, logprobs=reply.logprobs,
-                          refusal=reply.refusal or "")
+                          refusal=reply.refusal or "", reasoning_content=reply.reasoning_content or "")
         yield StreamDelta(finish_reason=reply.finish_reason, usage=reply.usage, cost_usd=reply.cost_usd)
 
     def cost(self, usage: Usage) -> float:

@@ -88,7 +88,7 @@ class OpenAICompatibleExpert(Expert):
         if not 200 <= response.status < 300:
             raise self._status_error(response.status, response.headers, response.content)
         data = self._decode(response.content)
-        return self._reply(data, (time.perf_counter() - started) * 1000.0)
+        return self._reply(data, (time.perf_counter() - started) * 1000.0, request)
 
     async def stream(self, request: ChatRequest) -> AsyncIterator[StreamDelta]:
         body = request.upstream_payload(self.config.model, stream=True)
@@ -96,7 +96,7 @@ class OpenAICompatibleExpert(Expert):
             async with self._client().stream(self._url, body) as response:
                 if not 200 <= response.status < 300:
                     raise self._status_error(response.status, response.headers, await response.read())
-                async for delta in self._deltas(response.lines()):
+                async for delta in self._deltas(response.lines(), request.estimated_prompt_tokens()):
                     yield delta
         except HttpFailure as exc:
             raise self._transport_error(exc) from exc
@@ -120,13 +120,18 @@ class OpenAICompatibleExpert(Expert):
                           HttpxClient(headers=headers, timeout_s=timeout_s, max_connections=most, transport=transport))
         return self._http
 
-    async def _deltas(self, lines: AsyncIterator[str]) -> AsyncIterator[StreamDelta]:
+    async def _deltas(self, lines: AsyncIterator[str], prompt_tokens: int) -> AsyncIterator[StreamDelta]:
         """Turn SSE lines into deltas; the last delta carries finish_reason, usage and cost.
 
         Once a chunk carries a ``finish_reason`` the answer is complete: what may follow (the usage chunk,
         ``[DONE]``, the body's end) is read for at most ``_DRAIN_S``, and a connection that breaks or stalls
-        then ends the stream as finished, not as a failure another expert would have to continue."""
+        then ends the stream as finished, not as a failure another expert would have to continue.
+
+        A delta is passed on when it carries text, tool calls, a refusal or reasoning (``reasoning_content``,
+        or newer vLLM's ``reasoning``). A stream that ends without usage gets an estimate on its last delta
+        (``usage_estimated``): ``prompt_tokens``, and a token per delta passed on."""
         finish_reason: str | None = None
+        sent = 0
         usage_chunk: dict[str, Any] = {}
         nested: dict[str, Any] | None = None
         done = False
@@ -152,16 +157,19 @@ class OpenAICompatibleExpert(Expert):
             content = self._text(delta.get("content"), "delta.content")
             tool_calls = self._tool_calls(delta.get("tool_calls"), "delta.tool_calls")
             refusal = delta["refusal"] if isinstance(delta.get("refusal"), str) else ""
-            if content or tool_calls or refusal:
+            reasoning = _reasoning(delta) or ""
+            if content or tool_calls or refusal or reasoning:
                 logprobs = choice.get("logprobs")
-                yield StreamDelta(content=content, tool_calls=tool_calls, refusal=refusal,
+                sent += 1
+                yield StreamDelta(content=content, tool_calls=tool_calls, refusal=refusal, reasoning_content=reasoning,
                                   logprobs=logprobs if isinstance(logprobs, dict) else None)
             if finish_reason is not None:
                 break
         else:  # the body ended without [DONE]: complete only if a finish_reason came
             if finish_reason is None:
                 raise ExpertProtocolError(self.name, "stream ended before a finish_reason or [DONE]")
-            yield self._last_delta(finish_reason, usage_chunk, nested)
+            yield self._last_delta(finish_reason, usage_chunk, nested, Usage(prompt_tokens=prompt_tokens,
+                                                                             completion_tokens=sent))
             return
         # [DONE], or a finish_reason: the answer is complete. Read what follows (the usage chunk, [DONE], the end
         # of the body) so the connection goes back to the pool, but never long, and never as a failure.
@@ -173,15 +181,21 @@ class OpenAICompatibleExpert(Expert):
                         window.reschedule(asyncio.get_running_loop().time() + _DRAIN_S)
                     else:
                         usage_chunk, nested = _usage_and_trace(self._decode(data.encode()), usage_chunk, nested)
-        yield self._last_delta(finish_reason or "stop", usage_chunk, nested)
+        yield self._last_delta(finish_reason or "stop", usage_chunk, nested,
+                               Usage(prompt_tokens=prompt_tokens, completion_tokens=sent))
 
-    def _last_delta(self, finish_reason: str, usage_chunk: dict[str, Any],
-                    nested: dict[str, Any] | None = None) -> StreamDelta:
+    def _last_delta(self, finish_reason: str, usage_chunk: dict[str, Any], nested: dict[str, Any] | None,
+                    estimate: Usage) -> StreamDelta:
+        """The stream's last delta; without the upstream's usage, ``estimate`` (its total filled in) stands."""
         usage = self._usage(usage_chunk)
+        estimated = usage is None
+        if usage is None:
+            usage = _totalled(estimate)
         cost = _upstream_cost(usage_chunk)
-        if cost is None and usage is not None:
+        if cost is None:
             cost = self.cost(usage)
-        return StreamDelta(finish_reason=finish_reason, usage=usage, cost_usd=cost, nested=nested)
+        return StreamDelta(finish_reason=finish_reason, usage=usage, cost_usd=cost, nested=nested,
+                           usage_estimated=estimated)
 
     # --- parsing (pure) ---------------------------------------------------------------------------------
 
@@ -214,7 +228,7 @@ class OpenAICompatibleExpert(Expert):
         except ValidationError:
             raise ExpertProtocolError(self.name, "malformed 'usage'") from None
 
-    def _reply(self, data: dict[str, Any], latency_ms: float) -> ExpertReply:
+    def _reply(self, data: dict[str, Any], latency_ms: float, request: ChatRequest) -> ExpertReply:
         if not data["choices"] or not isinstance(data["choices"][0], dict):
             raise ExpertProtocolError(self.name, "response has an empty 'choices' list")
         choice = data["choices"][0]
@@ -224,12 +238,23 @@ class OpenAICompatibleExpert(Expert):
         content = self._text(message.get("content"), "message.content")
         tool_calls = self._tool_calls(message.get("tool_calls"), "message.tool_calls")
         finish_reason = self._finish_reason(choice) or "stop"
-        usage = self._usage(data) or Usage()
+        refusal = message["refusal"] if isinstance(message.get("refusal"), str) else None
+        reasoning = _reasoning(message)
+        usage = self._usage(data)
+        estimated = usage is None
+        if usage is None:
+            # No usage sent: estimated as a stream's is, the prompt and the output at about 4 characters a token,
+            # so the cost budget and the metrics do not count the call as free.
+            written = len(content) + len(reasoning or "") + len(refusal or "") + sum(
+                len(json.dumps(call, default=str)) for call in tool_calls or [])
+            usage = _totalled(Usage(prompt_tokens=request.estimated_prompt_tokens(),
+                                    completion_tokens=-(-written // 4)))
         upstream_cost = _upstream_cost(data)
         return ExpertReply(
             expert=self.name,
             content=content,
             usage=usage,
+            usage_estimated=estimated,
             # OpenRouter (and our replay server) price the call themselves; trust that over config prices.
             cost_usd=self.cost(usage) if upstream_cost is None else upstream_cost,
             latency_ms=latency_ms,
@@ -237,7 +262,8 @@ class OpenAICompatibleExpert(Expert):
             tool_calls=tool_calls,
             model=str(data.get("model") or self.config.model),
             logprobs=choice["logprobs"] if isinstance(choice.get("logprobs"), dict) else None,
-            refusal=message["refusal"] if isinstance(message.get("refusal"), str) else None,
+            refusal=refusal,
+            reasoning_content=reasoning,
             # When the upstream is another moe-router, its routing trace.
             nested=data["moe"] if isinstance(data.get("moe"), dict) else None,
         )
@@ -340,6 +366,20 @@ def _usage_and_trace(chunk: dict[str, Any], usage_chunk: dict[str, Any],
     """The stream's usage chunk and another moe-router's trace (on its final chunk), updated from ``chunk``."""
     usage = chunk if isinstance(chunk.get("usage"), dict) else usage_chunk
     return usage, chunk["moe"] if isinstance(chunk.get("moe"), dict) else nested
+
+
+def _reasoning(message: dict[str, Any]) -> str | None:
+    """A message's (or delta's) reasoning: vLLM's ``reasoning_content``, or ``reasoning`` as newer vLLM (and
+    OpenRouter) name it. Anything but a string is left out: reasoning is extra, not worth failing an answer."""
+    for key in ("reasoning_content", "reasoning"):
+        value = message.get(key)
+        if isinstance(value, str):
+            return value
+    return None
+
+
+def _totalled(usage: Usage) -> Usage:
+    return usage.model_copy(update={"total_tokens": usage.prompt_tokens + usage.completion_tokens})
 
 
 def _upstream_cost(data: dict[str, Any]) -> float | None:

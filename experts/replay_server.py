@@ -54,6 +54,8 @@ def _completion(reply: ExpertReply, model: str, completion_id: str) -> dict[str,
     message: dict[str, Any] = {"role": "assistant", "content": reply.content}
     if reply.tool_calls:
         message["tool_calls"] = reply.tool_calls
+    if reply.reasoning_content is not None:  # as vLLM's reasoning parsers send it
+        message["reasoning_content"] = reply.reasoning_content
     return {
         "id": completion_id,
         "object": "chat.completion",
@@ -93,6 +95,8 @@ async def _sse_events(
                 body["content"] = delta.content
             if delta.tool_calls:
                 body["tool_calls"] = delta.tool_calls
+            if delta.reasoning_content:
+                body["reasoning_content"] = delta.reasoning_content
             if body or delta.finish_reason:
                 yield chunk(body, delta.finish_reason)
             usage, cost = delta.usage or usage, delta.cost_usd if delta.cost_usd is not None else cost

@@ -12,19 +12,33 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-__all__ = ["MAX_TOKENS_LIMIT", "ChatMessage", "ChatRequest", "ExpertReply", "StreamDelta", "Usage"]
+__all__ = ["MAX_TOKENS_LIMIT", "ROLES", "ChatMessage", "ChatRequest", "ExpertReply", "StreamDelta", "Usage"]
 
 # The largest token limit a request may name: what OpenAI-compatible servers (vLLM included) hold in an int32.
 MAX_TOKENS_LIMIT = 2**31 - 1
 IMAGE_PARTS = frozenset({"image_url", "input_image"})
+# The roles a message may have: OpenAI's, ``function`` (its deprecated one) included.
+ROLES = ("system", "user", "assistant", "tool", "developer", "function")
+# With no tools left to call, these tool_choice values mean "answer in text", which a request without tools does
+# anyway; OpenAI (and vLLM) refuse tool_choice on a request without tools, so they are left out of its body.
+TOOLLESS_CHOICES = ("none", "auto")
 
 
 class ChatMessage(BaseModel):
     # extra="allow": tool_calls, tool_call_id, name ... travel untouched to the expert.
     model_config = ConfigDict(extra="allow")
 
-    role: str = Field(pattern=r"^(system|user|assistant|tool|developer|function)$")
+    role: str = Field(json_schema_extra={"enum": list(ROLES)})
     content: str | list[dict[str, Any]] | None = None
+
+    @field_validator("role")
+    @classmethod
+    def _known_role(cls, value: str) -> str:
+        # The roles in words, rather than pydantic's "should match pattern" and a regular expression.
+        if value not in ROLES:
+            shown = value if len(value) <= 40 else value[:37] + "..."
+            raise ValueError(f"{shown!r} is not one of {', '.join(ROLES)}")
+        return value
 
     @field_validator("content", mode="before")
     @classmethod
@@ -90,8 +104,9 @@ class ChatRequest(BaseModel):
 
     @model_validator(mode="after")
     def _stream_options(self) -> ChatRequest:
-        """``stream_options`` stays an extra (passed on as sent), but one the router reads: an object whose
-        ``include_usage`` is a boolean, as OpenAI checks it."""
+        """``stream_options`` stays an extra, but one the router reads: an object whose ``include_usage`` is a
+        boolean, as OpenAI checks it. A streamed upstream request gets the client's keys (vLLM's
+        ``continuous_usage_stats``, say) with ``include_usage`` forced true (see ``upstream_payload``)."""
         options = (self.model_extra or {}).get("stream_options")
         if options is None:
             return self
@@ -125,14 +140,30 @@ class ChatRequest(BaseModel):
         """The text the gate routes on: the last user message (the last message when no user speaks)."""
         return self.messages[_routed_index(self.messages)].text()
 
+    def estimated_prompt_tokens(self) -> int:
+        """The prompt in tokens, estimated where no expert counted it: about 4 characters a token."""
+        return sum(len(m.text()) for m in self.messages) // 4
+
     def upstream_payload(self, model: str, *, stream: bool) -> dict[str, Any]:
-        """The JSON body for an OpenAI-compatible upstream serving ``model``."""
+        """The JSON body for an OpenAI-compatible upstream serving ``model``.
+
+        An empty ``tools`` list means no tools, and goes as none: OpenAI refuses ``"tools": []``. Without tools,
+        ``tool_choice`` "none" or "auto" and ``parallel_tool_calls`` say nothing and are left out too (OpenAI
+        refuses both on a request without tools); a ``tool_choice`` that demands a call is sent as it is, for
+        the upstream to refuse (``router.requests.parse_chat`` refuses it before that)."""
         body = self.model_dump(exclude_none=True)
         body["model"] = model
         body["stream"] = stream
-        body.pop("stream_options", None)  # a strict server refuses stream_options on a request that does not stream
+        if not body.get("tools"):
+            body.pop("tools", None)
+            body.pop("parallel_tool_calls", None)
+            if body.get("tool_choice") in TOOLLESS_CHOICES:
+                del body["tool_choice"]
+        # A strict server refuses stream_options on a request that does not stream.
+        options = body.pop("stream_options", None)
         if stream:
-            body["stream_options"] = {"include_usage": True}  # the router counts tokens and cost from it
+            # The client's options, with include_usage forced on: the router counts tokens and cost from it.
+            body["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
         return body
 
 
@@ -165,6 +196,12 @@ class ExpertReply:
     # for ``logprobs``) and the message's ``refusal``.
     logprobs: dict[str, Any] | None = None
     refusal: str | None = None
+    # The model's reasoning before its answer (vLLM's reasoning parsers: ``message.reasoning_content``, or
+    # ``reasoning`` in newer versions); None when the upstream sent none.
+    reasoning_content: str | None = None
+    # True when the upstream sent no usage and ``usage`` (and ``cost_usd``, unless the upstream priced the call)
+    # is our estimate: the prompt at about 4 characters a token, the answer likewise.
+    usage_estimated: bool = False
     # Set by an expert that is itself a router: the inner routing trace (its ``summary()``), nested in ours.
     nested: dict[str, Any] | None = None
 
@@ -180,7 +217,12 @@ class StreamDelta:
     # As the upstream's chunk had them: the piece's token log-probabilities, and a refusal's text.
     logprobs: dict[str, Any] | None = None
     refusal: str = ""
+    # A piece of the model's reasoning (``delta.reasoning_content``, or ``delta.reasoning``), before its answer.
+    reasoning_content: str = ""
     # Set with usage when the expert knows the call's USD cost itself (recorded, or sent as ``usage.cost``).
     cost_usd: float | None = None
+    # Set with usage when it is our estimate: a stream that finished without a usage chunk, counted as a token per
+    # delta and the prompt at about 4 characters a token (``ExpertReply.usage_estimated``).
+    usage_estimated: bool = False
     # An inner router's trace, on the last delta (see ``ExpertReply.nested``).
     nested: dict[str, Any] | None = None

@@ -72,7 +72,7 @@ class StreamOutcome:
 
     error: ExpertError | None = None
     chars: int = 0
-    deltas: int = 0  # deltas passed on (text, tool calls, refusal): a token each, as the upstream streams them
+    deltas: int = 0  # deltas passed on (text, tool calls, refusal, reasoning): a token each, as upstreams stream
     tool_deltas: int = 0  # deltas carrying tool calls: output the client has, though not text
     refusal_deltas: int = 0  # deltas carrying a refusal's text (OpenAI's ``delta.refusal``), likewise
     finish_reason: str = "stop"
@@ -84,7 +84,7 @@ class StreamOutcome:
 
     @property
     def sent(self) -> bool:
-        """Whether any output (text, a tool-call or a refusal delta) reached the client."""
+        """Whether any output (text, a tool-call, refusal or reasoning delta) reached the client."""
         return bool(self.deltas)
 
     def attempt(self, name: str, replaces: str | None, retry: int = 0) -> Attempt:
@@ -266,6 +266,7 @@ class Dispatcher:
             return exc
         self._learn(name, reply.usage)
         trace.attempts.append(Attempt(expert=name, ok=True, usage=reply.usage, cost_usd=reply.cost_usd,
+                                      usage_estimated=reply.usage_estimated,
                                       latency_ms=(time.perf_counter() - start) * 1000.0, nested=reply.nested,
                                       **tried.fields()))
         return reply
@@ -314,7 +315,7 @@ class Dispatcher:
 
 def _prompt_tokens(request: ChatRequest) -> int:
     """The request's prompt in tokens, estimated before (or without) the expert's count: about 4 characters each."""
-    return sum(len(m.text()) for m in request.messages) // 4
+    return request.estimated_prompt_tokens()
 
 
 def _timed_out(name: str, message: str, slot: _Slot, deadline: Deadline) -> ExpertTimeout:
@@ -326,19 +327,19 @@ def _timed_out(name: str, message: str, slot: _Slot, deadline: Deadline) -> Expe
 
 
 def _take(delta: StreamDelta, outcome: StreamOutcome, expert: Expert) -> StreamDelta | None:
-    """Note a delta's usage and finish reason; the text or tool calls to pass on, if any."""
+    """Note a delta's usage and finish reason; the text, tool calls, refusal or reasoning to pass on, if any."""
     if delta.usage is not None:
-        outcome.usage = delta.usage
+        outcome.usage, outcome.usage_estimated = delta.usage, delta.usage_estimated
         outcome.cost = delta.cost_usd if delta.cost_usd is not None else expert.cost(delta.usage)
     if delta.finish_reason:
         outcome.finish_reason = delta.finish_reason
     if delta.nested is not None:
         outcome.nested = delta.nested
-    if not (delta.content or delta.tool_calls or delta.refusal):
+    if not (delta.content or delta.tool_calls or delta.refusal or delta.reasoning_content):
         return None
     outcome.chars += len(delta.content)
     outcome.deltas += 1
     outcome.tool_deltas += bool(delta.tool_calls)
     outcome.refusal_deltas += bool(delta.refusal)
     return StreamDelta(content=delta.content, tool_calls=delta.tool_calls, logprobs=delta.logprobs,
-                       refusal=delta.refusal)
+                       refusal=delta.refusal, reasoning_content=delta.reasoning_content)

@@ -92,7 +92,8 @@ class RouterExpert(Expert):
         return ExpertReply(expert=self.name, content=answer.content, usage=trace.usage, cost_usd=trace.cost_usd,
                            latency_ms=(time.perf_counter() - started) * 1000.0,
                            finish_reason=answer.finish_reason, tool_calls=answer.tool_calls, model=answer.expert,
-                           logprobs=answer.logprobs, refusal=answer.refusal, nested=trace.summary())
+                           logprobs=answer.logprobs, refusal=answer.refusal,
+                           reasoning_content=answer.reasoning_content, nested=trace.summary())
 
     async def stream(self, request: ChatRequest) -> AsyncIterator[StreamDelta]:
         if self._http is not None:

@@ -119,7 +119,9 @@ class ChatMoERouter(BaseChatModel):
     def _params(self, stop: list[str] | None, kwargs: dict[str, Any]) -> dict[str, Any]:
         params = {"temperature": self.temperature, "max_tokens": self.max_tokens, "top_p": self.top_p,
                   "stop": stop or self.stop, **self.model_kwargs, **kwargs}
-        return {k: v for k, v in params.items() if v is not None}
+        # ``stream`` is LangChain's own switch (``invoke(..., stream=True)`` takes the streaming path), already
+        # acted on: the SDK's chat and stream say whether they stream, and refuse it as a request field.
+        return {k: v for k, v in params.items() if v is not None and k != "stream"}
 
     def _key(self) -> str | None:
         return self.api_key.get_secret_value() if self.api_key else None
@@ -171,8 +173,10 @@ def _chat_result(result: sdk.ChatResult) -> ChatResult:
     info: dict[str, Any] = {"finish_reason": result.finish_reason}
     if result.logprobs is not None:  # where langchain-openai puts them
         metadata["logprobs"] = info["logprobs"] = result.logprobs
-    # A refusal goes where langchain-openai puts it.
-    extra = {"refusal": result.refusal} if result.refusal is not None else {}
+    # A refusal goes where langchain-openai puts it; reasoning where langchain-deepseek puts it.
+    extra: dict[str, Any] = {"refusal": result.refusal} if result.refusal is not None else {}
+    if result.reasoning_content is not None:
+        extra["reasoning_content"] = result.reasoning_content
     message = AIMessage(content=result.content, tool_calls=calls, invalid_tool_calls=invalid, id=result.id or None,
                         additional_kwargs=extra, response_metadata=metadata, usage_metadata=_usage(result.usage))
     generation = ChatGeneration(message=message, generation_info=info)
@@ -184,7 +188,10 @@ def _chunk(piece: sdk.StreamChunk) -> ChatGenerationChunk:
     # Tool-call deltas as LangChain's chunks: added together, they give the message its parsed tool_calls.
     calls = [tool_call_chunk(name=(d.get("function") or {}).get("name"), args=(d.get("function") or {}).get(
         "arguments"), id=d.get("id"), index=d.get("index")) for d in piece.tool_calls or []]
-    extra = {"refusal": piece.refusal} if piece.refusal else {}  # pieces of a refusal add up, as content does
+    # Pieces of a refusal (and of reasoning) add up, as content does.
+    extra: dict[str, Any] = {"refusal": piece.refusal} if piece.refusal else {}
+    if piece.reasoning_content:
+        extra["reasoning_content"] = piece.reasoning_content
     info = {"logprobs": piece.logprobs} if piece.logprobs is not None else None
     if piece.trace is None:
         return ChatGenerationChunk(message=AIMessageChunk(content=piece.content, tool_call_chunks=calls,

@@ -253,7 +253,8 @@ class Orchestrator:
         own = combined.content == chosen.content  # the reply's text as it came: its log-probabilities hold
         return RoutedAnswer(content=combined.content, expert=combined.expert, finish_reason=chosen.finish_reason,
                             tool_calls=chosen.tool_calls, logprobs=chosen.logprobs if own else None,
-                            refusal=chosen.refusal, trace=trace)
+                            refusal=chosen.refusal, reasoning_content=chosen.reasoning_content if own else None,
+                            trace=trace)
 
     async def _combine(self, combiner: Combiner, request: ChatRequest,
                        replies: list[tuple[WeightedExpert, ExpertReply]], deadline: Deadline,
@@ -508,9 +509,14 @@ def _continuation(request: ChatRequest, sent: Sequence[str]) -> ChatRequest | No
     ``sent``), then a request to go on. The client's token limit (``max_tokens``, ``max_completion_tokens``)
     covers the whole answer, so the continuation may write only what is left of it: each delta already sent
     counts as one token, as OpenAI-compatible servers (vLLM included) stream one token per delta. None when
-    nothing is left."""
-    messages = [*request.messages, ChatMessage(role="assistant", content="".join(sent)),
-                ChatMessage(role="user", content=CONTINUE_PROMPT)]
+    nothing is left.
+
+    A reasoning delta counts as a token (it is one, within the limit) but is no part of the answer: an expert
+    that broke off while still reasoning sent no text, so the next one answers the request afresh, reasoning of
+    its own included, rather than continuing an empty answer."""
+    text = "".join(sent)
+    messages = [*request.messages, ChatMessage(role="assistant", content=text),
+                ChatMessage(role="user", content=CONTINUE_PROMPT)] if text else request.messages
     update: dict[str, Any] = {"messages": messages}
     for field in ("max_tokens", "max_completion_tokens"):
         limit = getattr(request, field)

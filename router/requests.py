@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from experts.types import ChatRequest
+from experts.types import TOOLLESS_CHOICES, ChatRequest
 from router.errors import error_body
 from router.feedback import FeedbackBody, FeedbackUnavailable, UnknownFeedbackExpert, UnknownRequest
 
@@ -147,8 +147,17 @@ def _all_validated(model: type[_Body], body: Any, what: str) -> _Body:
 
 def parse_chat(body: Any, max_chars: int) -> ChatRequest:
     """A chat request's body as a ``ChatRequest``, or the ``RequestProblem`` (400) naming every field that is
-    wrong, or the messages' length over ``max_chars``."""
+    wrong, a ``tool_choice`` that demands a tool call with no tools to call, or the messages' length over
+    ``max_chars``."""
     chat = _all_validated(ChatRequest, body, "invalid request")
+    choice = (chat.model_extra or {}).get("tool_choice")
+    if not chat.tools and choice is not None and choice not in TOOLLESS_CHOICES:
+        # As OpenAI refuses it, and before any expert is paid to refuse it. "none" and "auto" without tools are
+        # left out of the upstream body instead (ChatRequest.upstream_payload).
+        tools = "an empty tools list" if chat.tools == [] else "no tools"
+        raise RequestProblem(400, f"invalid request: tool_choice: {json.dumps(choice)} asks for a tool call, but the "
+                           f"request has {tools}; send the tools, or leave tool_choice out (or send \"auto\" or "
+                           "\"none\")", "invalid_request_error", "invalid_request", param="tool_choice")
     chars = sum(len(m.text()) for m in chat.messages)
     if chars > max_chars:
         raise RequestProblem(400, f"the messages hold {chars} characters, over the limit of {max_chars}",

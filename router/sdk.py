@@ -14,6 +14,9 @@ it fails with the same ``RouterAPIError``.
 
 ``LocalRouter`` checks a request with the service's own checks (``router.requests``), so a bad one fails the same
 way in process, and the SDK never imports FastAPI.
+
+``chat`` returns one complete answer and ``stream`` streams one, in all three: neither takes ``stream=`` among its
+request parameters, and one given is a ``TypeError`` before anything is sent.
 """
 
 from __future__ import annotations
@@ -68,6 +71,9 @@ class ChatResult(BaseModel):
     # for ``logprobs``; as OpenAI's message and choice carry them.
     refusal: str | None = None
     logprobs: dict[str, Any] | None = None
+    # The answering expert's reasoning before its answer (vLLM's ``reasoning_content``), when it sent any: the
+    # reasoning of the reply whose text ``content`` is, never a mix of the panel's.
+    reasoning_content: str | None = None
     trace: Trace
 
 
@@ -82,6 +88,8 @@ class StreamChunk(BaseModel):
     # A piece of a refusal, and this piece's token log-probabilities (when the request asked for ``logprobs``).
     refusal: str = ""
     logprobs: dict[str, Any] | None = None
+    # A piece of the expert's reasoning (``delta.reasoning_content``); pieces come before the answer's text.
+    reasoning_content: str = ""
     trace: Trace | None = None
     # The answer's id (``chatcmpl-…``), the same on every chunk: what ``feedback(request_id=...)`` takes.
     id: str = ""
@@ -158,7 +166,16 @@ class _Protocol:
                                         "connection_error") from exc
 
     @staticmethod
-    def chat_body(messages: Messages, model: str, stream: bool, params: dict[str, Any]) -> dict[str, Any]:
+    def chat_body(messages: Messages, model: str, stream: bool, params: dict[str, Any],
+                  owner: str) -> dict[str, Any]:
+        """The chat request's body; ``stream`` among ``params`` is refused (see the module docstring), named as
+        ``owner``'s method."""
+        if "stream" in params:
+            method, other = ("stream", "chat") if stream else ("chat", "stream")
+            does = "always streams" if stream else "returns one complete answer"
+            wants = "one complete answer" if stream else "a streamed answer"
+            raise TypeError(f"{owner}.{method}() takes no stream= argument (got stream={params['stream']!r}): it "
+                            f"{does}; call {owner}.{other}(...) for {wants}")
         msgs = [{"role": "user", "content": messages}] if isinstance(messages, str) else list(messages)
         return {"model": model, "messages": msgs, "stream": stream, **params}
 
@@ -208,7 +225,7 @@ class _Protocol:
                           finish_reason=choice.get("finish_reason") or "stop", usage=Usage(**body.get("usage", {})),
                           cost_usd=(body.get("moe") or {}).get("cost_usd", 0.0),
                           tool_calls=message.get("tool_calls"), refusal=message.get("refusal"),
-                          logprobs=choice.get("logprobs"), trace=trace)
+                          logprobs=choice.get("logprobs"), reasoning_content=_reasoning(message), trace=trace)
 
     @staticmethod
     def feedback_body(request_id: str | None, query: str | None, expert: str | None, good: bool | None,
@@ -270,10 +287,10 @@ class _Protocol:
                             expert=body.get("model", ""),
                             finish_reason=choice.get("finish_reason"), trace=trace,
                             tool_calls=delta.get("tool_calls") or None, refusal=delta.get("refusal") or "",
-                            logprobs=choice.get("logprobs"))
+                            logprobs=choice.get("logprobs"), reasoning_content=_reasoning(delta) or "")
         # The opening chunk names only the role: nothing to hand on (LocalRouter's streams have none either).
-        said = (chunk.content or chunk.tool_calls or chunk.refusal or chunk.logprobs or chunk.finish_reason
-                or chunk.trace)
+        said = (chunk.content or chunk.tool_calls or chunk.refusal or chunk.reasoning_content or chunk.logprobs
+                or chunk.finish_reason or chunk.trace)
         return chunk if said else None
 
 
@@ -287,28 +304,30 @@ class Client(_Protocol):
 
     def chat(self, messages: Messages, *, model: str = "auto", combiner: str | None = None,
              **params: Any) -> ChatResult:
+        body = self.chat_body(messages, model, False, params, "Client")
         with self.reaching():
-            body = self.chat_body(messages, model, False, params)
             response = self._http.post("/v1/chat/completions", json=body, headers=self.chat_headers(combiner))
             return self.chat_result(self.check(response))
 
     def stream(self, messages: Messages, *, model: str = "auto", combiner: str | None = None,
                **params: Any) -> Iterator[StreamChunk]:
-        with self.reaching():
-            body = self.chat_body(messages, model, True, params)
-            with self._http.stream("POST", "/v1/chat/completions", json=body,
-                                   headers=self.chat_headers(combiner)) as response:
-                if response.is_error or not self.is_event_stream(response):
-                    response.read()
-                    raise self.refused_stream(response)
-                done = False
-                for line in response.iter_lines():
-                    done = done or line == "data: [DONE]"
-                    chunk = self.stream_chunk(line)
-                    if chunk is not None:
-                        yield chunk
-                if not done:
-                    raise self.cut_short(response)
+        # The body is built (and a stream= among params refused) now, not when iteration begins.
+        return self._stream(self.chat_body(messages, model, True, params, "Client"), combiner)
+
+    def _stream(self, body: dict[str, Any], combiner: str | None) -> Iterator[StreamChunk]:
+        with self.reaching(), self._http.stream("POST", "/v1/chat/completions", json=body,
+                                                headers=self.chat_headers(combiner)) as response:
+            if response.is_error or not self.is_event_stream(response):
+                response.read()
+                raise self.refused_stream(response)
+            done = False
+            for line in response.iter_lines():
+                done = done or line == "data: [DONE]"
+                chunk = self.stream_chunk(line)
+                if chunk is not None:
+                    yield chunk
+            if not done:
+                raise self.cut_short(response)
 
     def route(self, query: str) -> RouteDecision:
         with self.reaching():
@@ -352,15 +371,18 @@ class AsyncClient(_Protocol):
 
     async def chat(self, messages: Messages, *, model: str = "auto", combiner: str | None = None,
                    **params: Any) -> ChatResult:
+        body = self.chat_body(messages, model, False, params, "AsyncClient")
         with self.reaching():
-            body = self.chat_body(messages, model, False, params)
             response = await self._http.post("/v1/chat/completions", json=body, headers=self.chat_headers(combiner))
             return self.chat_result(self.check(response))
 
-    async def stream(self, messages: Messages, *, model: str = "auto", combiner: str | None = None,
-                     **params: Any) -> AsyncIterator[StreamChunk]:
+    def stream(self, messages: Messages, *, model: str = "auto", combiner: str | None = None,
+               **params: Any) -> AsyncIterator[StreamChunk]:
+        """Iterate with ``async for``; a stream= among ``params`` is refused here, before anything is sent."""
+        return self._stream(self.chat_body(messages, model, True, params, "AsyncClient"), combiner)
+
+    async def _stream(self, body: dict[str, Any], combiner: str | None) -> AsyncIterator[StreamChunk]:
         with self.reaching():
-            body = self.chat_body(messages, model, True, params)
             async with self._http.stream("POST", "/v1/chat/completions", json=body,
                                          headers=self.chat_headers(combiner)) as response:
                 if response.is_error or not self.is_event_stream(response):
@@ -406,6 +428,16 @@ class AsyncClient(_Protocol):
         await self.aclose()
 
 
+def _reasoning(message: Mapping[str, Any]) -> str | None:
+    """A message's (or delta's) reasoning: ``reasoning_content`` as the service sends it, or ``reasoning``, as
+    newer vLLM names it, should the client be pointed at one directly."""
+    for key in ("reasoning_content", "reasoning"):
+        value = message.get(key)
+        if isinstance(value, str):
+            return value
+    return None
+
+
 @contextlib.contextmanager
 def _as_api_errors() -> Iterator[None]:
     """The orchestrator's failures as the ``RouterAPIError`` the service's answer would raise in ``Client``, so
@@ -448,7 +480,7 @@ class LocalRouter:
 
     async def chat(self, messages: Messages, *, model: str = "auto", combiner: str | None = None,
                    **params: Any) -> ChatResult:
-        body = _Protocol.chat_body(messages, model, False, params)
+        body = _Protocol.chat_body(messages, model, False, params, "LocalRouter")
         # A bad request, and an unknown strategy (before the gate runs), fail as the service's answer would.
         with _as_api_errors():
             request = parse_chat(body, self.orchestrator.config.service.max_prompt_chars)
@@ -460,16 +492,18 @@ class LocalRouter:
         return ChatResult(id=response_id, content=answer.content, expert=answer.expert,
                           finish_reason=answer.finish_reason, usage=answer.trace.usage,
                           cost_usd=answer.trace.cost_usd, tool_calls=answer.tool_calls, refusal=answer.refusal,
-                          logprobs=answer.logprobs, trace=answer.trace)
+                          logprobs=answer.logprobs, reasoning_content=answer.reasoning_content, trace=answer.trace)
 
-    async def stream(self, messages: Messages, *, model: str = "auto", combiner: str | None = None,
-                     **params: Any) -> AsyncIterator[StreamChunk]:
+    def stream(self, messages: Messages, *, model: str = "auto", combiner: str | None = None,
+               **params: Any) -> AsyncIterator[StreamChunk]:
         """``AsyncClient.stream``, in process: the same chunks (the last with ``finish_reason`` and the trace),
         the same fallback and mid-stream continuation, and the same ``RouterAPIError``s, whether the stream fails
-        before its first chunk or after."""
+        before its first chunk or after. A stream= among ``params`` is refused here, before anything runs."""
+        return self._stream(_Protocol.chat_body(messages, model, True, params, "LocalRouter"), combiner)
+
+    async def _stream(self, body: dict[str, Any], combiner: str | None) -> AsyncIterator[StreamChunk]:
         from router.orchestrator import StreamEnd
 
-        body = _Protocol.chat_body(messages, model, True, params)
         with _as_api_errors():
             request = parse_chat(body, self.orchestrator.config.service.max_prompt_chars)
             check_combiner(combiner, self.orchestrator, stream=True)
@@ -487,7 +521,7 @@ class LocalRouter:
                         delta = event.delta
                         yield StreamChunk(id=response_id, content=delta.content, expert=event.expert,
                                           tool_calls=delta.tool_calls, refusal=delta.refusal,
-                                          logprobs=delta.logprobs)
+                                          reasoning_content=delta.reasoning_content, logprobs=delta.logprobs)
 
     async def route(self, query: str) -> RouteDecision:
         """``Client.route``, in process: the same checks (a blank or oversized query is a 400)."""

@@ -100,6 +100,8 @@ def _completion_body(answer: Any, request_id: str) -> dict[str, Any]:
     # As OpenAI's: content is null beside tool calls or a refusal that came without text.
     textless = not answer.content and (answer.tool_calls or answer.refusal is not None)
     message: dict[str, Any] = {"role": "assistant", "content": None if textless else answer.content}
+    if answer.reasoning_content is not None:  # the returned reply's own reasoning, as vLLM's parsers send it
+        message["reasoning_content"] = answer.reasoning_content
     if answer.tool_calls:
         message["tool_calls"] = answer.tool_calls
     if answer.refusal is not None:
@@ -160,6 +162,8 @@ async def _sse(events: AsyncIterator[StreamPiece | StreamEnd], first: StreamPiec
                     delta["tool_calls"] = event.delta.tool_calls
                 if event.delta.refusal:
                     delta["refusal"] = event.delta.refusal
+                if event.delta.reasoning_content:
+                    delta["reasoning_content"] = event.delta.reasoning_content
                 if record.answer is not None:
                     record.answer.append(event.delta.content)
                 yield chunks.chunk(event.expert, delta, logprobs=event.delta.logprobs)

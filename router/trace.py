@@ -142,4 +142,7 @@ class RoutedAnswer(BaseModel):
     # The returned reply's own, when the answer is that reply's text (not one an aggregator wrote from several).
     logprobs: dict[str, Any] | None = None
     refusal: str | None = None
+    # The returned reply's reasoning (vLLM's ``reasoning_content``): that one reply's, never a mix of the panel's;
+    # None when it had none, or the text is not its own (an aggregator wrote it).
+    reasoning_content: str | None = None
     trace: Trace

@@ -317,6 +317,8 @@ def test_serve_writes_one_log_stream_of_json_lines_at_its_log_level(tmp_path: Pa
     assert main(["train", "--config", str(config), "--no-feedback"]) == 0
     served: dict[str, object] = {}
     monkeypatch.setattr(uvicorn, "run", lambda app, **options: served.update(options, app=app))
+    for name in LOGGERS:  # as in a fresh process (restore_logging puts back what earlier tests left)
+        logging.getLogger(name).handlers.clear()
     assert main(["serve", "--config", str(config), "--log-level", "warning"]) == 0
     capsys.readouterr()
     logging.config.dictConfig(served["log_config"])  # what uvicorn does with it

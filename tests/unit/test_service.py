@@ -268,7 +268,8 @@ async def test_expert_choice_batch_routing_over_http_and_the_sdk() -> None:
         ({"messages": [{"role": "user", "content": 5}]}, "messages[0].content", "content must be a string"),
         ({"messages": [{"role": "user", "content": [{"text": "hi"}]}]}, "messages[0].content", "needs a 'type'"),
         ({"messages": [{"role": "user", "content": "hi"}, {"role": "wizard", "content": "x"}]}, "messages[1].role",
-         "should match pattern"),
+         "'wizard' is not one of system, user, assistant, tool, developer, function"),
+        ({"messages": [{"role": 5, "content": "x"}]}, "messages[0].role", "valid string"),
         ({"messages": [{"role": "user"}]}, "messages[0]", "a user message needs content"),
     ],
 )
