@@ -8,9 +8,10 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -76,3 +77,25 @@ def moe_serve(config: Path, log: Path, *, env: Mapping[str, str] | None = None, 
                 except subprocess.TimeoutExpired:
                     os.killpg(proc.pid, signal.SIGKILL)
                     proc.wait()
+
+
+@asynccontextmanager
+async def service_over(experts: list[dict[str, Any]], scores: list[float],
+                       **config: Any) -> AsyncIterator[httpx.AsyncClient]:
+    """The service in process, over real experts built from the config entries ``experts`` (their endpoints: the
+    tests' scripted servers) and a fake gate giving them ``scores``; ``config`` adds top-level config sections.
+    Yields an HTTP client to it, and closes the experts' connections after."""
+    from router.build import build_experts
+    from router.config import parse_config
+    from router.orchestrator import Orchestrator
+    from router.service import create_app
+    from tests.doubles.fakes import FakeGate
+
+    cfg = parse_config({"version": 1, "experts": experts, **config}, check_env=False)
+    orchestrator = Orchestrator(cfg, FakeGate(cfg.expert_names, {}, default=scores), build_experts(cfg))
+    try:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app(orchestrator)),
+                                     base_url="http://router") as http:
+            yield http
+    finally:
+        await orchestrator.aclose()

@@ -121,6 +121,18 @@ def test_serve_refuses_a_missing_gate_with_the_command_to_fix_it(tmp_path: Path,
     assert f"moe train --config {good}" in capsys.readouterr().err  # the command as it can be copied
 
 
+def trained_config(tmp_path: Path) -> Path:
+    """A config of two experts known by their examples, with its gate trained: what ``moe serve`` needs."""
+    config = tmp_path / "router.yaml"
+    config.write_text("version: 1\ngate:\n  artifact: gate\nexperts:\n"
+                      "  - {name: coder, type: vllm, endpoint: 'http://127.0.0.1:9/v1', model: m, "
+                      "description: code, examples: ['write a python function']}\n"
+                      "  - {name: lawyer, type: vllm, endpoint: 'http://127.0.0.1:9/v1', model: m, "
+                      "description: legal questions, examples: ['can I break my lease']}\n")
+    assert main(["train", "--config", str(config), "--no-feedback"]) == 0
+    return config
+
+
 @pytest.mark.skipif(sys.platform == "win32", reason="uvloop has no Windows build")
 def test_serve_gets_uvloop_and_httptools_from_uvicorn_s_auto_choice(tmp_path: Path,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
@@ -129,13 +141,7 @@ def test_serve_gets_uvloop_and_httptools_from_uvicorn_s_auto_choice(tmp_path: Pa
     import uvicorn
     import uvloop
 
-    config = tmp_path / "router.yaml"
-    config.write_text("version: 1\ngate:\n  artifact: gate\nexperts:\n"
-                      "  - {name: coder, type: vllm, endpoint: 'http://127.0.0.1:9/v1', model: m, "
-                      "description: code, examples: ['write a python function']}\n"
-                      "  - {name: lawyer, type: vllm, endpoint: 'http://127.0.0.1:9/v1', model: m, "
-                      "description: legal questions, examples: ['can I break my lease']}\n")
-    assert main(["train", "--config", str(config), "--no-feedback"]) == 0
+    config = trained_config(tmp_path)
     served: dict[str, object] = {}
     monkeypatch.setattr(uvicorn, "run", lambda app, **options: served.update(options, app=app))
     assert main(["serve", "--config", str(config), "--port", "8123"]) == 0
@@ -308,13 +314,7 @@ def test_serve_writes_one_log_stream_of_json_lines_at_its_log_level(tmp_path: Pa
                                                                     capsys: pytest.CaptureFixture[str]) -> None:
     import uvicorn
 
-    config = tmp_path / "router.yaml"
-    config.write_text("version: 1\ngate:\n  artifact: gate\nexperts:\n"
-                      "  - {name: coder, type: vllm, endpoint: 'http://127.0.0.1:9/v1', model: m, "
-                      "description: code, examples: ['write a python function']}\n"
-                      "  - {name: lawyer, type: vllm, endpoint: 'http://127.0.0.1:9/v1', model: m, "
-                      "description: legal questions, examples: ['can I break my lease']}\n")
-    assert main(["train", "--config", str(config), "--no-feedback"]) == 0
+    config = trained_config(tmp_path)
     served: dict[str, object] = {}
     monkeypatch.setattr(uvicorn, "run", lambda app, **options: served.update(options, app=app))
     for name in LOGGERS:  # as in a fresh process (restore_logging puts back what earlier tests left)

@@ -6,8 +6,8 @@ Upstreams are the scripted OpenAI-compatible server (a test double, real HTTP), 
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from collections.abc import Iterator
+from contextlib import AbstractAsyncContextManager
 from types import SimpleNamespace
 from typing import Any
 
@@ -17,14 +17,11 @@ from openai import AsyncOpenAI, BadRequestError
 
 from experts.openai_compat import OpenAICompatibleExpert
 from experts.types import ChatMessage, ChatRequest
-from router.build import build_experts
-from router.config import ExpertConfig, parse_config
+from router.config import ExpertConfig
 from router.langchain import ChatMoERouter
-from router.orchestrator import Orchestrator
 from router.sdk import AsyncClient, Client, LocalRouter
-from router.service import create_app
-from tests.doubles.fakes import FakeGate
 from tests.doubles.scripted_server import Behaviour, ScriptedOpenAIServer
+from tests.support import service_over
 
 ASK = [{"role": "user", "content": "what is the capital of France?"}]  # 30 characters: 7 tokens by estimate
 PRICES = {"input_per_1k": 1.0, "output_per_1k": 2.0}
@@ -36,18 +33,10 @@ def upstream() -> Iterator[ScriptedOpenAIServer]:
         yield server
 
 
-@asynccontextmanager
-async def service(server: ScriptedOpenAIServer, **config: Any) -> AsyncIterator[httpx.AsyncClient]:
+def service(server: ScriptedOpenAIServer, **config: Any) -> AbstractAsyncContextManager[httpx.AsyncClient]:
     raw = [{"name": "solo", "type": "vllm", "model": "m", "endpoint": server.url, "timeout_s": 5.0, "cost": PRICES,
             "capabilities": ["chat", "stream", "tools"]}]
-    cfg = parse_config({"version": 1, "experts": raw, **config}, check_env=False)
-    orchestrator = Orchestrator(cfg, FakeGate(cfg.expert_names, {}, default=[1.0]), build_experts(cfg))
-    try:
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app(orchestrator)),
-                                     base_url="http://router") as http:
-            yield http
-    finally:
-        await orchestrator.aclose()
+    return service_over(raw, [1.0], **config)
 
 
 def openai_client(http: httpx.AsyncClient) -> AsyncOpenAI:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator, Iterator
-from contextlib import ExitStack, asynccontextmanager
+from contextlib import AbstractAsyncContextManager, ExitStack, asynccontextmanager
 from types import SimpleNamespace
 from typing import Any
 
@@ -17,14 +17,13 @@ from openai import AsyncOpenAI
 
 from experts.openai_compat import OpenAICompatibleExpert
 from experts.types import ChatMessage, ChatRequest, StreamDelta
-from router.build import build_experts
-from router.config import ExpertConfig, parse_config
-from router.orchestrator import Orchestrator, StreamEnd, StreamPiece, _continuation
+from router.config import ExpertConfig
+from router.orchestrator import StreamEnd, StreamPiece, _continuation
 from router.sdk import AsyncClient, LocalRouter, _Protocol
-from router.service import _Chunks, _sse, create_app
+from router.service import _Chunks, _sse
 from router.trace import Trace
-from tests.doubles.fakes import FakeGate
 from tests.doubles.scripted_server import Behaviour, ScriptedOpenAIServer
+from tests.support import service_over
 
 ASK = [{"role": "user", "content": "which letter?"}]
 
@@ -102,18 +101,10 @@ async def test_an_answer_without_reasoning_has_none(upstream: ScriptedOpenAIServ
 # --- through the service -----------------------------------------------------------------------------
 
 
-@asynccontextmanager
-async def service(servers: dict[str, ScriptedOpenAIServer], scores: list[float],
-                  **config: Any) -> AsyncIterator[httpx.AsyncClient]:
+def service(servers: dict[str, ScriptedOpenAIServer], scores: list[float],
+            **config: Any) -> AbstractAsyncContextManager[httpx.AsyncClient]:
     raw = [{"name": n, "type": "vllm", "model": "m", "endpoint": s.url, "timeout_s": 5.0} for n, s in servers.items()]
-    cfg = parse_config({"version": 1, "experts": raw, **config}, check_env=False)
-    orchestrator = Orchestrator(cfg, FakeGate(cfg.expert_names, {}, default=scores), build_experts(cfg))
-    try:
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app(orchestrator)),
-                                     base_url="http://router") as http:
-            yield http
-    finally:
-        await orchestrator.aclose()
+    return service_over(raw, scores, **config)
 
 
 @asynccontextmanager
