@@ -105,7 +105,8 @@ class Expert(ABC):
         reply = await self.generate(request)
         yield StreamDelta(content=reply.content, tool_calls=reply.tool_calls, logprobs=reply.logprobs,
                           refusal=reply.refusal or "", reasoning_content=reply.reasoning_content or "")
-        yield StreamDelta(finish_reason=reply.finish_reason, usage=reply.usage, cost_usd=reply.cost_usd)
+        yield StreamDelta(finish_reason=reply.finish_reason, usage=reply.usage, cost_usd=reply.cost_usd,
+                          usage_estimated=reply.usage_estimated)
 
     def cost(self, usage: Usage) -> float:
         return cost_of(usage, self.config.cost.input_per_1k, self.config.cost.output_per_1k)

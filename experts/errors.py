@@ -23,6 +23,7 @@ an API key: experts build them from status codes and short body excerpts only.
 from __future__ import annotations
 
 __all__ = [
+    "INVALID_REQUEST_STATUSES",
     "ExpertAuthError",
     "ExpertConfigError",
     "ExpertError",
@@ -36,6 +37,11 @@ __all__ = [
     "ExpertUnavailable",
     "NoRecording",
 ]
+
+
+# What an OpenAI-compatible server answers to a request it finds invalid: bad parameters, too long a prompt. (A
+# 404, a model the server does not serve, is the deployment's fault, as are 401 and 403.)
+INVALID_REQUEST_STATUSES = frozenset({400, 413, 422})
 
 
 class ExpertError(Exception):

@@ -33,6 +33,7 @@ from pydantic import ValidationError
 
 from experts.base import Expert, ExpertContext, ExpertSpec
 from experts.errors import (
+    INVALID_REQUEST_STATUSES,
     ExpertAuthError,
     ExpertConfigError,
     ExpertError,
@@ -47,7 +48,7 @@ from experts.errors import (
 )
 from experts.http_client import AiohttpClient, HttpClient, HttpFailure, HttpxClient
 from experts.redact import redact
-from experts.types import ChatRequest, ExpertReply, StreamDelta, Usage
+from experts.types import ChatRequest, ExpertReply, StreamDelta, Usage, reasoning_of
 
 __all__ = ["OpenAICompatibleExpert", "parse_retry_after"]
 
@@ -157,12 +158,13 @@ class OpenAICompatibleExpert(Expert):
             content = self._text(delta.get("content"), "delta.content")
             tool_calls = self._tool_calls(delta.get("tool_calls"), "delta.tool_calls")
             refusal = delta["refusal"] if isinstance(delta.get("refusal"), str) else ""
-            reasoning = _reasoning(delta) or ""
-            if content or tool_calls or refusal or reasoning:
-                logprobs = choice.get("logprobs")
+            logprobs = choice.get("logprobs")
+            piece = StreamDelta(content=content, tool_calls=tool_calls, refusal=refusal,
+                                reasoning_content=reasoning_of(delta) or "",
+                                logprobs=logprobs if isinstance(logprobs, dict) else None)
+            if piece.has_output():
                 sent += 1
-                yield StreamDelta(content=content, tool_calls=tool_calls, refusal=refusal, reasoning_content=reasoning,
-                                  logprobs=logprobs if isinstance(logprobs, dict) else None)
+                yield piece
             if finish_reason is not None:
                 break
         else:  # the body ended without [DONE]: complete only if a finish_reason came
@@ -239,7 +241,7 @@ class OpenAICompatibleExpert(Expert):
         tool_calls = self._tool_calls(message.get("tool_calls"), "message.tool_calls")
         finish_reason = self._finish_reason(choice) or "stop"
         refusal = message["refusal"] if isinstance(message.get("refusal"), str) else None
-        reasoning = _reasoning(message)
+        reasoning = reasoning_of(message)
         usage = self._usage(data)
         estimated = usage is None
         if usage is None:
@@ -322,9 +324,9 @@ class OpenAICompatibleExpert(Expert):
 
     def _http_error(self, status: int, detail: str, retry_after: str | None) -> ExpertHTTPError:
         # Every failed call has its line in the operator's log, an error status as much as a dropped connection:
-        # a WARNING for what says the expert or its deployment is unwell (429, 5xx, a refused key), INFO for a
-        # request the expert refused (another 4xx).
-        level = logging.INFO if status < 500 and status not in (401, 403, 429) else logging.WARNING
+        # INFO for a request the expert found invalid (the client's to mend), a WARNING for anything that says
+        # the expert or its deployment is unwell (429, 5xx, a refused key, a model it does not serve).
+        level = logging.INFO if status in INVALID_REQUEST_STATUSES else logging.WARNING
         log.log(level, "expert %s (%s): HTTP %d failed: %s%s", self.name, redact(self._url), status,
                 detail or "no detail", f" (Retry-After: {retry_after})" if retry_after else "")
         if status == 429:
@@ -366,16 +368,6 @@ def _usage_and_trace(chunk: dict[str, Any], usage_chunk: dict[str, Any],
     """The stream's usage chunk and another moe-router's trace (on its final chunk), updated from ``chunk``."""
     usage = chunk if isinstance(chunk.get("usage"), dict) else usage_chunk
     return usage, chunk["moe"] if isinstance(chunk.get("moe"), dict) else nested
-
-
-def _reasoning(message: dict[str, Any]) -> str | None:
-    """A message's (or delta's) reasoning: vLLM's ``reasoning_content``, or ``reasoning`` as newer vLLM (and
-    OpenRouter) name it. Anything but a string is left out: reasoning is extra, not worth failing an answer."""
-    for key in ("reasoning_content", "reasoning"):
-        value = message.get(key)
-        if isinstance(value, str):
-            return value
-    return None
 
 
 def _totalled(usage: Usage) -> Usage:

@@ -7,12 +7,14 @@ handed to an expert without translation and unknown OpenAI fields (``tools``, ``
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-__all__ = ["MAX_TOKENS_LIMIT", "ROLES", "ChatMessage", "ChatRequest", "ExpertReply", "StreamDelta", "Usage"]
+__all__ = ["MAX_TOKENS_LIMIT", "ROLES", "ChatMessage", "ChatRequest", "ExpertReply", "StreamDelta", "Usage",
+           "reasoning_of"]
 
 # The largest token limit a request may name: what OpenAI-compatible servers (vLLM included) hold in an int32.
 MAX_TOKENS_LIMIT = 2**31 - 1
@@ -226,3 +228,19 @@ class StreamDelta:
     usage_estimated: bool = False
     # An inner router's trace, on the last delta (see ``ExpertReply.nested``).
     nested: dict[str, Any] | None = None
+
+    def has_output(self) -> bool:
+        """Whether the delta carries anything for the client: text, tool calls, a refusal or reasoning (the last
+        one has only usage, a finish reason or a trace)."""
+        return bool(self.content or self.tool_calls or self.refusal or self.reasoning_content)
+
+
+def reasoning_of(message: Mapping[str, Any]) -> str | None:
+    """A message's (or a stream delta's) reasoning, as OpenAI-compatible servers send it: vLLM's
+    ``reasoning_content``, or ``reasoning`` as newer vLLM (and OpenRouter) name it. Anything but a string is left
+    out: reasoning is extra, not worth failing an answer over."""
+    for key in ("reasoning_content", "reasoning"):
+        value = message.get(key)
+        if isinstance(value, str):
+            return value
+    return None

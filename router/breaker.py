@@ -240,7 +240,7 @@ class Breakers:
         return {"state": state if self.cfg.enabled else "disabled", "consecutive_failures": s.consecutive,
                 "trips": s.trips, "cooldown_s": s.cooldown_s,
                 "retry_in_s": max(0.0, s.opened_at + s.cooldown_s - now) if s.state == "open" else 0.0,
-                "held_by_retry_after": s.held and s.state == "open",
+                "held_by_retry_after": s.held and state == "open",
                 "window_calls": sum(b[1] for b in s.buckets), "window_failures": sum(b[2] for b in s.buckets),
                 "last_error": s.last_error}
 

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 from experts.base import Expert, ExpertContext
 from experts.registry import build_expert
 from router.breaker import Breakers
-from router.config import EncoderConfig, RouterConfig
+from router.config import RouterConfig
 from router.expert_types import EXPERT_TYPES
 from router.orchestrator import Orchestrator
 
@@ -64,10 +64,9 @@ def build_breakers(config: RouterConfig, state: SharedState | None = None) -> Br
     return Breakers(config.fallback.breaker, state.breaker_store, clock=time.time)
 
 
-def load_gate(config: RouterConfig, encoders: dict[str, Encoder] | None = None) -> Gate | CascadeGate:
-    """The trained gate named by the config, over the config's experts. ``encoders``: encoders kept from an
-    earlier build, by their settings (``SharedState.encoders``): one with the same settings is reused, and the
-    dict is left holding the ones this config uses.
+def load_gate(config: RouterConfig, encoders: Mapping[str, Encoder] | None = None) -> Gate | CascadeGate:
+    """The trained gate named by the config, over the config's experts. ``encoders``: encoders already loaded,
+    by their settings (``gate_encoders``); one with a stage's settings is used, any other is built.
 
     Refused when its encoder differs, or when a config expert has neither training data in the artifact nor
     examples in the config. Experts added with examples are routed by cold start; removed ones are dropped
@@ -79,28 +78,25 @@ def load_gate(config: RouterConfig, encoders: dict[str, Encoder] | None = None) 
     path = config.resolve(config.gate.artifact)
     if not (path / "gate.json").exists():
         raise GateNotTrained(path)
-    kept = {} if encoders is None else encoders
-    used = [config.gate.encoder] + ([config.gate.cascade.encoder] if config.gate.cascade is not None else [])
-    built = {cfg.model_dump_json(): _encoder(cfg, kept) for cfg in used}
-    full = built[config.gate.encoder.model_dump_json()]
-    gate: Gate | CascadeGate
+    loaded = gate_encoders(config, encoders or {})
+    full = loaded[config.gate.encoder.model_dump_json()]
     if config.gate.cascade is not None:
         from router.cascade import CascadeGate
 
         cascade = config.gate.cascade
-        loaded = CascadeGate.load(path, built[cascade.encoder.model_dump_json()], full)
-        gate = loaded.with_targets(agreement=cascade.agreement, familiar=cascade.familiar).for_config(config)
-    else:
-        gate = Gate.load(path, full).for_config(config)
-    kept.clear()  # only once the gate loaded: a refused reload leaves the running config's encoders kept
-    kept.update(built)
-    return gate
+        pair = CascadeGate.load(path, loaded[cascade.encoder.model_dump_json()], full)
+        return pair.with_targets(agreement=cascade.agreement, familiar=cascade.familiar).for_config(config)
+    return Gate.load(path, full).for_config(config)
 
 
-def _encoder(cfg: EncoderConfig, kept: dict[str, Encoder]) -> Encoder:
+def gate_encoders(config: RouterConfig, kept: Mapping[str, Encoder]) -> dict[str, Encoder]:
+    """The encoders the config's gate uses (its own, and a two-stage gate's fast one), by their settings: those
+    in ``kept`` with the same settings reused (a hot reload that leaves ``gate.encoder`` alone keeps the loaded
+    model), the rest built."""
     from router.encoders import build_encoder
 
-    return kept.get(cfg.model_dump_json()) or build_encoder(cfg)
+    used = [config.gate.encoder] + ([config.gate.cascade.encoder] if config.gate.cascade is not None else [])
+    return {cfg.model_dump_json(): kept.get(cfg.model_dump_json()) or build_encoder(cfg) for cfg in used}
 
 
 def load_vote_weights(config: RouterConfig) -> VoteWeights | None:
@@ -123,7 +119,12 @@ def load_vote_weights(config: RouterConfig) -> VoteWeights | None:
 
 def build_orchestrator(config: RouterConfig, *, context: ExpertContext | None = None,
                        gate: Gate | CascadeGate | None = None, state: SharedState | None = None) -> Orchestrator:
-    gate = gate or load_gate(config, None if state is None else state.encoders)
-    return Orchestrator(config, gate, build_experts(config, context),
-                        breakers=build_breakers(config, state), in_flight=None if state is None else state.in_flight,
-                        vote_weights=load_vote_weights(config))
+    encoders = None if state is None or gate is not None else gate_encoders(config, state.encoders)
+    built = Orchestrator(config, gate or load_gate(config, encoders), build_experts(config, context),
+                         breakers=build_breakers(config, state), in_flight=None if state is None else state.in_flight,
+                         vote_weights=load_vote_weights(config))
+    if state is not None and encoders is not None:
+        # Only now that the whole build succeeded: a refused reload leaves the running config's encoders kept.
+        state.encoders.clear()
+        state.encoders.update(encoders)
+    return built

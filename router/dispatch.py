@@ -143,7 +143,8 @@ class Dispatcher:
         plus the answer at its output price: ``max_tokens`` when the request sets it, else the expert's typical
         answer length (``typical_completion``)."""
         completion = request.max_completion_tokens or request.max_tokens or self.typical_completion(name)
-        return self.experts[name].cost(Usage(prompt_tokens=_prompt_tokens(request), completion_tokens=completion))
+        return self.experts[name].cost(Usage(prompt_tokens=request.estimated_prompt_tokens(),
+                                             completion_tokens=completion))
 
     def typical_completion(self, name: str) -> int:
         """Tokens the expert's answers run to: a running mean of its answers so far, ``PRIOR_COMPLETION_TOKENS``
@@ -305,17 +306,12 @@ class Dispatcher:
             if outcome.usage is None and outcome.deltas:
                 # It broke off before its usage chunk, but was paid for what it generated (and its prompt):
                 # without an estimate the answer's usage and cost would leave that out.
-                prompt = _prompt_tokens(request)
+                prompt = request.estimated_prompt_tokens()
                 outcome.usage = Usage(prompt_tokens=prompt, completion_tokens=outcome.deltas,
                                       total_tokens=prompt + outcome.deltas)
                 outcome.cost, outcome.usage_estimated = expert.cost(outcome.usage), True
         finally:
             outcome.latency_ms = (time.perf_counter() - started) * 1000.0
-
-
-def _prompt_tokens(request: ChatRequest) -> int:
-    """The request's prompt in tokens, estimated before (or without) the expert's count: about 4 characters each."""
-    return request.estimated_prompt_tokens()
 
 
 def _timed_out(name: str, message: str, slot: _Slot, deadline: Deadline) -> ExpertTimeout:
@@ -335,7 +331,7 @@ def _take(delta: StreamDelta, outcome: StreamOutcome, expert: Expert) -> StreamD
         outcome.finish_reason = delta.finish_reason
     if delta.nested is not None:
         outcome.nested = delta.nested
-    if not (delta.content or delta.tool_calls or delta.refusal or delta.reasoning_content):
+    if not delta.has_output():
         return None
     outcome.chars += len(delta.content)
     outcome.deltas += 1

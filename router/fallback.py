@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, ClassVar
 
-from experts.errors import ExpertAuthError, ExpertError, ExpertRejected
+from experts.errors import INVALID_REQUEST_STATUSES, ExpertAuthError, ExpertError, ExpertRejected
 from router.errors import error_body
 
 __all__ = ["AllExpertsFailed", "BudgetSpent", "Deadline", "budget_spent", "next_candidate"]
@@ -81,8 +81,6 @@ class AllExpertsFailed(Exception):
 # The causes that record an expert passed over without a call: its breaker was open, its in-flight limit full,
 # the budget spent, or fallback stopped before reaching it.
 NOT_CALLED = frozenset({"circuit_open", "overloaded", "budget_exhausted", "not_tried"})
-# What an OpenAI-compatible server answers to a request it finds invalid: bad parameters, too long a prompt.
-INVALID_REQUEST_STATUSES = frozenset({400, 413, 422})
 
 
 def next_candidate(ranking: Iterable[str], taken: set[str], unavailable: Iterable[str] = ()) -> str | None:

@@ -29,6 +29,7 @@ from experts.types import ChatRequest, ExpertReply, StreamDelta
 if TYPE_CHECKING:
     from router.config import ExpertConfig
     from router.orchestrator import Orchestrator
+    from router.trace import Trace
 
 __all__ = ["RouterExpert"]
 
@@ -90,6 +91,7 @@ class RouterExpert(Expert):
             raise ExpertRejected(self.name, 400, f"inner router: {exc}") from None
         trace = answer.trace
         return ExpertReply(expert=self.name, content=answer.content, usage=trace.usage, cost_usd=trace.cost_usd,
+                           usage_estimated=_estimated(trace),
                            latency_ms=(time.perf_counter() - started) * 1000.0,
                            finish_reason=answer.finish_reason, tool_calls=answer.tool_calls, model=answer.expert,
                            logprobs=answer.logprobs, refusal=answer.refusal,
@@ -111,7 +113,8 @@ class RouterExpert(Expert):
                     if isinstance(event, StreamEnd):
                         trace = event.trace
                         yield StreamDelta(finish_reason=event.finish_reason, usage=trace.usage,
-                                          cost_usd=trace.cost_usd, nested=trace.summary())
+                                          cost_usd=trace.cost_usd, usage_estimated=_estimated(trace),
+                                          nested=trace.summary())
                     else:
                         yield event.delta
         except AllExpertsFailed as exc:
@@ -149,3 +152,8 @@ def _priced_delta(delta: StreamDelta) -> StreamDelta:
     if cost is not None:
         delta.cost_usd = cost
     return delta
+
+
+def _estimated(trace: Trace) -> bool:
+    """Whether the inner router's usage is, in part, an estimate: one of its experts sent none."""
+    return any(a.usage_estimated for a in trace.attempts)

@@ -48,7 +48,7 @@ import random
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import aclosing, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -381,6 +381,12 @@ class Orchestrator:
                     if isinstance(event, StreamOutcome):
                         outcome = event
                     else:
+                        if event.delta.reasoning_content and any(sent):
+                            # Continuing an answer whose text the client already has: reasoning comes before the
+                            # text, so the continuing expert's own is left out rather than sent after it.
+                            event = StreamPiece(event.expert, replace(event.delta, reasoning_content=""))
+                            if not event.delta.has_output():
+                                continue
                         _continued_by(trace, name)
                         sent.append(event.delta.content)
                         chars[name] = chars.get(name, 0) + len(event.delta.content)

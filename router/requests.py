@@ -28,8 +28,9 @@ from router.feedback import FeedbackBody, FeedbackUnavailable, UnknownFeedbackEx
 if TYPE_CHECKING:
     from router.orchestrator import Orchestrator
 
-__all__ = ["MAX_BATCH_QUERIES", "RequestProblem", "RouteBatch", "RouteQuery", "check_combiner", "feedback_problem",
-           "parse_chat", "parse_feedback", "parse_json", "parse_route", "parse_route_batch", "parse_since"]
+__all__ = ["MAX_BATCH_QUERIES", "RequestProblem", "RouteBatch", "RouteQuery", "check_combiner", "feedback_off",
+           "feedback_problem", "parse_chat", "parse_feedback", "parse_json", "parse_route", "parse_route_batch",
+           "parse_since"]
 
 
 class RequestProblem(Exception):
@@ -229,14 +230,25 @@ def parse_feedback(body: Any) -> FeedbackBody:
     return _all_validated(FeedbackBody, body, "invalid feedback")
 
 
+# How each failure of the store to take a verdict is answered: (status, type, code, the request field at fault).
+_FEEDBACK_PROBLEMS: dict[type[Exception], tuple[int, str, str, str | None]] = {
+    UnknownRequest: (404, "invalid_request_error", "request_not_found", "request_id"),
+    UnknownFeedbackExpert: (400, "invalid_request_error", "unknown_expert", "expert"),
+    FeedbackUnavailable: (503, "service_unavailable", "feedback_unavailable", None),
+}
+
+
 def feedback_problem(exc: UnknownRequest | UnknownFeedbackExpert | FeedbackUnavailable) -> RequestProblem:
     """How a verdict the store could not take is answered, by the service and by ``LocalRouter`` alike: an
     unknown answer id is a 404, an expert the config does not have a 400, a store that cannot be reached a 503."""
-    if isinstance(exc, UnknownRequest):
-        return RequestProblem(404, str(exc), "invalid_request_error", "request_not_found", param="request_id")
-    if isinstance(exc, UnknownFeedbackExpert):
-        return RequestProblem(400, str(exc), "invalid_request_error", "unknown_expert", param="expert")
-    return RequestProblem(503, str(exc), "service_unavailable", "feedback_unavailable")
+    status, type_, code, param = _FEEDBACK_PROBLEMS[type(exc)]
+    return RequestProblem(status, str(exc), type_, code, param=param)
+
+
+def feedback_off() -> RequestProblem:
+    """The answer to a verdict where no feedback store runs (``feedback.enabled`` is false): a 409."""
+    return RequestProblem(409, "feedback is off: this router runs without a feedback store (feedback.enabled is "
+                               "false)", "invalid_request_error", "feedback_unavailable")
 
 
 def parse_since(raw: str | None) -> float | None:

@@ -31,7 +31,7 @@ from typing import Any
 import httpx
 from pydantic import BaseModel
 
-from experts.types import Usage
+from experts.types import Usage, reasoning_of
 from router.errors import retry_after_header
 from router.feedback import (
     FeedbackRecord,
@@ -43,6 +43,7 @@ from router.feedback import (
 from router.requests import (
     RequestProblem,
     check_combiner,
+    feedback_off,
     feedback_problem,
     parse_chat,
     parse_feedback,
@@ -225,7 +226,7 @@ class _Protocol:
                           finish_reason=choice.get("finish_reason") or "stop", usage=Usage(**body.get("usage", {})),
                           cost_usd=(body.get("moe") or {}).get("cost_usd", 0.0),
                           tool_calls=message.get("tool_calls"), refusal=message.get("refusal"),
-                          logprobs=choice.get("logprobs"), reasoning_content=_reasoning(message), trace=trace)
+                          logprobs=choice.get("logprobs"), reasoning_content=reasoning_of(message), trace=trace)
 
     @staticmethod
     def feedback_body(request_id: str | None, query: str | None, expert: str | None, good: bool | None,
@@ -287,7 +288,7 @@ class _Protocol:
                             expert=body.get("model", ""),
                             finish_reason=choice.get("finish_reason"), trace=trace,
                             tool_calls=delta.get("tool_calls") or None, refusal=delta.get("refusal") or "",
-                            logprobs=choice.get("logprobs"), reasoning_content=_reasoning(delta) or "")
+                            logprobs=choice.get("logprobs"), reasoning_content=reasoning_of(delta) or "")
         # The opening chunk names only the role: nothing to hand on (LocalRouter's streams have none either).
         said = (chunk.content or chunk.tool_calls or chunk.refusal or chunk.reasoning_content or chunk.logprobs
                 or chunk.finish_reason or chunk.trace)
@@ -428,18 +429,8 @@ class AsyncClient(_Protocol):
         await self.aclose()
 
 
-def _reasoning(message: Mapping[str, Any]) -> str | None:
-    """A message's (or delta's) reasoning: ``reasoning_content`` as the service sends it, or ``reasoning``, as
-    newer vLLM names it, should the client be pointed at one directly."""
-    for key in ("reasoning_content", "reasoning"):
-        value = message.get(key)
-        if isinstance(value, str):
-            return value
-    return None
-
-
 @contextlib.contextmanager
-def _as_api_errors() -> Iterator[None]:
+def _as_api_errors(*, retry_after: bool = True) -> Iterator[None]:
     """The orchestrator's failures as the ``RouterAPIError`` the service's answer would raise in ``Client``, so
     one ``except`` covers both: every expert failed (503, or 400 when each refused the request), an unknown
     model (404), a capability no expert declares (400)."""
@@ -449,8 +440,9 @@ def _as_api_errors() -> Iterator[None]:
     try:
         yield
     except AllExpertsFailed as exc:
-        # The Retry-After the service would send with it, so ``retry_after_s`` reads the same in process.
-        wait = exc.retry_after_s if exc.status == 503 else None
+        # The Retry-After the service would send with it (``retry_after``: an answer, not a stream's error event),
+        # so ``retry_after_s`` reads the same in process.
+        wait = exc.retry_after_s if exc.status == 503 and retry_after else None
         raise RouterAPIError(exc.status, exc.error_body(), retry_after_header(wait)) from exc
     except (UnknownExpert, NoCapableExpert, RequestProblem) as exc:
         raise RouterAPIError(exc.status, exc.error_body()) from exc
@@ -509,8 +501,12 @@ class LocalRouter:
             check_combiner(combiner, self.orchestrator, stream=True)
         response_id = f"chatcmpl-{uuid.uuid4().hex}"
         async with contextlib.aclosing(self.orchestrator.stream(request)) as events:
+            # A failure before the first chunk is the service's error answer, its Retry-After included; one after
+            # it is the service's error event, which carries no headers.
             with _as_api_errors():
-                async for event in events:
+                event = await anext(events, None)
+            with _as_api_errors(retry_after=False):
+                while event is not None:
                     if isinstance(event, StreamEnd):
                         expert = event.trace.answered_by or ""
                         if self.store is not None:
@@ -522,6 +518,7 @@ class LocalRouter:
                         yield StreamChunk(id=response_id, content=delta.content, expert=event.expert,
                                           tool_calls=delta.tool_calls, refusal=delta.refusal,
                                           reasoning_content=delta.reasoning_content, logprobs=delta.logprobs)
+                    event = await anext(events, None)
 
     async def route(self, query: str) -> RouteDecision:
         """``Client.route``, in process: the same checks (a blank or oversized query is a 400)."""
@@ -543,10 +540,10 @@ class LocalRouter:
                        good: bool | None = None, score: float | None = None,
                        note: str | None = None) -> FeedbackRecord:
         with _as_api_errors():
-            if self.store is None:
-                raise RequestProblem(409, "feedback is off for this router (feedback.enabled is false, or no store "
-                                     "given)", "invalid_request_error", "feedback_unavailable")
+            # In the service's order: the verdict checked first, then whether a store takes it.
             body = parse_feedback(_Protocol.feedback_body(request_id, query, expert, good, score, note))
+            if self.store is None:
+                raise feedback_off()
             try:
                 return await self.store.asubmit(body, self.orchestrator.config.expert_names)
             except (UnknownRequest, UnknownFeedbackExpert, FeedbackUnavailable) as exc:

@@ -47,6 +47,7 @@ from router.requests import (
     RouteBatch,
     RouteQuery,
     check_combiner,
+    feedback_off,
     feedback_problem,
     parse_chat,
     parse_feedback,
@@ -525,8 +526,7 @@ def _internal_error_response(path: str, exc: BaseException) -> JSONResponse:
 def _feedback_store(request: Request) -> FeedbackStore:
     store: FeedbackStore | None = request.app.state.feedback
     if store is None:
-        raise RequestProblem(409, "feedback is off: the service runs without a feedback store",
-                           "invalid_request_error", "feedback_unavailable")
+        raise feedback_off()
     return store
 
 

@@ -142,7 +142,7 @@ class RoutedAnswer(BaseModel):
     # The returned reply's own, when the answer is that reply's text (not one an aggregator wrote from several).
     logprobs: dict[str, Any] | None = None
     refusal: str | None = None
-    # The returned reply's reasoning (vLLM's ``reasoning_content``): that one reply's, never a mix of the panel's;
-    # None when it had none, or the text is not its own (an aggregator wrote it).
+    # The reasoning (vLLM's ``reasoning_content``) of the reply whose text is returned: top-1's, the vote's
+    # winner's, or the aggregator's own for ``fuse``; never a mix of the panel's. None when that reply had none.
     reasoning_content: str | None = None
     trace: Trace

@@ -210,6 +210,7 @@ def test_a_retry_after_opens_at_once_for_that_wait_without_counting_a_trip() -> 
         b.admit("math")
     assert info.value.retry_after_s == 4.0
     clock.now += 4.0
+    assert (b.snapshot("math")["state"], b.snapshot("math")["held_by_retry_after"]) == ("half_open", False)
     probe = b.admit("math")
     assert probe.probe
     b.finish(probe, None)

@@ -160,7 +160,10 @@ async def test_local_router_writes_to_the_store(tmp_path: Path) -> None:
     async with LocalRouter(orchestrator()) as storeless:
         with pytest.raises(RouterAPIError) as off:
             await storeless.feedback(query="q", expert="math", good=True)
+        with pytest.raises(RouterAPIError) as bad_first:  # the verdict is checked first, as the service does
+            await storeless.feedback(query="q", expert="math")
     assert (off.value.status, off.value.code) == (409, "feedback_unavailable")
+    assert bad_first.value.status == 400
 
 
 # -- the store ----------------------------------------------------------------------------------------------

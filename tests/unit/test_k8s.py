@@ -116,12 +116,14 @@ def test_router_drains_its_requests_before_it_is_killed(objects: dict[tuple[str,
     assert grace_period_s(router) >= pre_stop + deadline + 10
 
 
-def test_experts_finish_their_generations_before_they_are_killed(
+def test_experts_leave_the_service_before_sigterm_with_time_to_drain(
     objects: dict[tuple[str, str], dict[str, Any]],
 ) -> None:
-    # vLLM v0.12 aborts in-flight requests on SIGTERM, so the generations running when the pod starts terminating
-    # (at most the expert's timeout_s, or the request deadline if shorter: the router stops waiting then) must end
-    # during the preStop sleep; the grace period leaves a server that drains on SIGTERM as long again.
+    # A short preStop sleep takes the pod out of the Service's endpoints before SIGTERM, so new connections go to
+    # the other replicas; the grace period covers the longest generation the router waits for (timeout_s, or the
+    # request deadline if shorter), for a server that drains on SIGTERM. (vLLM v0.12 aborts at SIGTERM instead,
+    # and the router's fallback asks the next expert: a long sleep would not save those, since the router's pooled
+    # keep-alive connections keep bringing new requests to a terminating pod until it exits.)
     served = served_config(objects)
     vllm = [e for e in served.experts if e.type == "vllm"]
     assert vllm
@@ -129,8 +131,8 @@ def test_experts_finish_their_generations_before_they_are_killed(
         deployment = objects[("Deployment", service_name(expert))]
         longest = min(expert.timeout_s, served.fallback.deadline_s)
         pre_stop = prestop_sleep_s(container(deployment))
-        assert pre_stop >= longest, expert.name
-        assert grace_period_s(deployment) >= pre_stop + longest + 10, expert.name
+        assert 3 <= pre_stop <= 30, expert.name
+        assert grace_period_s(deployment) >= pre_stop + longest + 5, expert.name
 
 
 def test_one_gpu_vllm_deployment_and_service_per_expert(

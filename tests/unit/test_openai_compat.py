@@ -248,16 +248,18 @@ async def test_a_transport_error_names_no_address_but_the_log_does(make_expert: 
 
 async def test_an_error_status_has_its_log_line_too(server: ScriptedOpenAIServer, make_expert: MakeExpert,
                                                     caplog: pytest.LogCaptureFixture) -> None:
-    """A 5xx, 429 or refused key is a WARNING naming the expert's host; a request the expert refused is INFO."""
+    """A 5xx, 429, refused key or unserved model is a WARNING naming the expert's host; a request the expert found
+    invalid is INFO."""
     caplog.set_level(logging.INFO, logger="experts.openai_compat")
     expert = make_expert()
     server.push(Behaviour.error(500, "boom"), Behaviour.error(429, "slow down", retry_after="7"),
-                Behaviour.error(400, "bad field"))
-    for _ in range(3):
+                Behaviour.error(400, "bad field"), Behaviour.error(404, "no such model"),
+                Behaviour.error(422, "too long"))
+    for _ in range(5):
         with pytest.raises(ExpertError):
             await expert.generate(ask())
     logged = [(r.levelname, r.getMessage()) for r in caplog.records if r.name == "experts.openai_compat"]
-    assert [level for level, _ in logged] == ["WARNING", "WARNING", "INFO"]
+    assert [level for level, _ in logged] == ["WARNING", "WARNING", "INFO", "WARNING", "INFO"]
     host = server.url.split("//")[1].split("/")[0]
     assert all(host in message for _, message in logged)
     assert "HTTP 500 failed: boom" in logged[0][1] and "(Retry-After: 7)" in logged[1][1]

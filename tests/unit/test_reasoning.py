@@ -255,3 +255,18 @@ async def test_a_switch_while_reasoning_shows_both_experts_reasoning_and_is_reco
     assert reasoning == "let me seefresh look"  # what the client was sent stays sent; the next expert's follows
     switches = (chunks[-1].model_extra or {})["moe"]["switches"]
     assert [(s["from"], s["to"], s["after_chars"]) for s in switches] == [("first", "second", 0)]
+
+
+async def test_a_continuation_after_text_sends_no_reasoning_after_it() -> None:
+    """The first expert sent text, then broke off; the continuing expert reasons before writing, but its
+    reasoning would arrive after the client's text, so only its text is passed on."""
+    async with servers("first", "second") as up:
+        up["first"].default = streamed(["plan"], ["The answer "], finish=False)
+        up["second"].default = streamed(["where was I"], ["is B."])
+        async with service(up, [0.9, 0.1]) as http:
+            stream = await openai_client(http).chat.completions.create(model="auto", messages=ASK, stream=True)
+            chunks = [c async for c in stream]
+    deltas = [c.choices[0].delta for c in chunks if c.choices]
+    assert "".join(d.content or "" for d in deltas) == "The answer is B."
+    assert "".join((d.model_extra or {}).get("reasoning_content") or "" for d in deltas) == "plan"
+    assert up["second"].requests[-1]["messages"][-2] == {"role": "assistant", "content": "The answer "}

@@ -206,6 +206,9 @@ async def test_every_expert_rate_limited_reads_the_same_retry_after_in_process_a
 
     with pytest.raises(RouterAPIError) as local:
         await LocalRouter(router()).chat("hi")
+    with pytest.raises(RouterAPIError) as local_stream:  # failing before its first chunk: the same answer
+        [c async for c in LocalRouter(router()).stream("hi")]
+    assert local_stream.value.retry_after_s == 2.0
     async with AsyncClient("http://router", transport=httpx.ASGITransport(app=create_app(router()))) as client:
         with pytest.raises(RouterAPIError) as served:
             await client.chat("hi")

@@ -222,6 +222,12 @@ def test_a_rebuild_with_the_same_encoder_settings_reuses_the_loaded_encoder(
     again = build_orchestrator(config, state=state)
     assert again.gate is not first.gate and again.gate.encoder is first.gate.encoder
     other = _config(tmp_path, ["data/snips.jsonl"], artifact="gate", encoder={"backend": "static", "batch_size": 16})
+    # a build that fails after the gate loaded (a refused reload) leaves the running config's encoder kept
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("router.build.build_experts", lambda *_: (_ for _ in ()).throw(RuntimeError("refused")))
+        with pytest.raises(RuntimeError, match="refused"):
+            build_orchestrator(other, state=state)
+    assert list(state.encoders.values()) == [first.gate.encoder]
     changed = build_orchestrator(other, state=state)
     assert changed.gate.encoder is not first.gate.encoder
     assert list(state.encoders.values()) == [changed.gate.encoder]  # only what the latest config uses is kept
