@@ -24,7 +24,7 @@ PUBLIC = {
                 "ExpertSpec", "ExpertTimeout", "ExpertUnavailable", "NoRecording", "ReplaySpec", "StreamDelta",
                 "Usage", "build_expert", "cost_of", "expert_class"],
     "router.requests": ["MAX_BATCH_QUERIES", "RequestProblem", "RouteBatch", "RouteQuery", "check_combiner",
-                        "feedback_problem", "parse_chat", "parse_feedback", "parse_json", "parse_route",
+                        "feedback_off", "feedback_problem", "parse_chat", "parse_feedback", "parse_json", "parse_route",
                         "parse_route_batch", "parse_since"],
     "router.service": ["RequestProblem", "RouteBatch", "RouteQuery", "check_combiner", "create_app", "error_body",
                        "parse_chat", "parse_route", "parse_route_batch"],
