@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 __all__ = ["MAX_TOKENS_LIMIT", "ROLES", "ChatMessage", "ChatRequest", "ExpertReply", "StreamDelta", "Usage",
            "reasoning_of"]
@@ -126,8 +127,11 @@ class ChatRequest(BaseModel):
         i = _routed_index(messages)
         if not messages[i].text().strip() and not messages[i].has_image():
             which = "the last user message" if messages[i].role == "user" else "the last message"
-            raise ValueError(f"{which} (messages[{i}]), which the gate routes on, holds no text: its content is "
-                             "empty or only whitespace")
+            # ``where`` names the field at fault (messages[i].content), which the error's own place, the
+            # messages list, does not.
+            raise PydanticCustomError("unroutable", "{which} (messages[{index}]), which the gate routes on, holds no "
+                                      "text: its content is empty or only whitespace",
+                                      {"which": which, "index": i, "where": ("messages", i, "content")})
         return messages
 
     @field_validator("n")

@@ -106,6 +106,12 @@ def parse_json(raw: bytes) -> Any:
 _Body = TypeVar("_Body", bound=BaseModel)
 
 
+def _where(error: Any) -> str:
+    """A validation error's field as OpenAI writes a parameter: its own place, or the one a validator of a whole
+    list named (``where`` in its context: the message at fault in ``messages``)."""
+    return _field_path((error.get("ctx") or {}).get("where") or error["loc"])
+
+
 def _field_path(loc: tuple[int | str, ...]) -> str:
     """A validation error's location as OpenAI writes a parameter: ``messages[0].content``."""
     path = ""
@@ -124,7 +130,7 @@ def _validated(model: type[_Body], body: Any) -> _Body:
         return model.model_validate(body)
     except ValidationError as exc:
         e = exc.errors()[0]
-        where = _field_path(e["loc"]) or "<body>"
+        where = _where(e) or "<body>"
         why = _message(e)
         if e["type"] == "extra_forbidden" and len(e["loc"]) == 1:  # a misspelt or unknown top-level field
             why = f"unknown field; the fields are {', '.join(map(repr, model.model_fields))}"
@@ -140,8 +146,8 @@ def _all_validated(model: type[_Body], body: Any, what: str) -> _Body:
     try:
         return model.model_validate(body)
     except ValidationError as exc:
-        problems = "; ".join(f"{_field_path(e['loc']) or '<body>'}: {_message(e)}" for e in exc.errors())
-        first = _field_path(exc.errors()[0]["loc"]) or None
+        problems = "; ".join(f"{_where(e) or '<body>'}: {_message(e)}" for e in exc.errors())
+        first = _where(exc.errors()[0]) or None
         raise RequestProblem(400, f"{what}: {problems}", "invalid_request_error", "invalid_request",
                            param=first) from None
 

@@ -373,8 +373,11 @@ async def _chat_completions(request: Request, o: Orchestrator) -> Response:
         raise
     on_end = None if store is None else (
         lambda expert: store.aremember(request_id, chat.query_text(), expert))
+    # The expert that began the stream (the headers go before any switch; the final chunk's moe.switches says
+    # who continued it).
+    began = {"x-moe-expert": first.expert} if isinstance(first, StreamPiece) else {}
     return StreamingResponse(_sse(events, first, _Chunks(request_id, _include_usage(chat)), record, on_end),
-                             media_type="text/event-stream", headers={"cache-control": "no-cache"})
+                             media_type="text/event-stream", headers={"cache-control": "no-cache", **began})
 
 
 @_problems

@@ -68,6 +68,7 @@ async def test_stream_final_chunk_carries_trace_and_finish_reason() -> None:
         json={"model": "auto", "stream": True, "messages": [{"role": "user", "content": "hello"}]},
     ) as r:
         lines = [line async for line in r.aiter_lines() if line.startswith("data: ")]
+    assert r.headers["x-moe-expert"] == "math"  # code failed before its first token: math began the stream
     assert lines[-1] == "data: [DONE]"
     final = json.loads(lines[-2][6:])
     assert final["choices"][0]["finish_reason"] == "stop"
@@ -532,7 +533,9 @@ async def test_a_conversation_with_nothing_to_route_on_is_refused(messages: list
     for r in (chat, route):
         assert r.status_code == 400, r.text
         error = r.json()["error"]
-        assert error["param"] == "messages" and where in error["message"] and "holds no text" in error["message"]
+        index = where.split("[")[1].split("]")[0]
+        assert error["param"] == f"messages[{index}].content"  # the field at fault, as OpenAI names parameters
+        assert where in error["message"] and "holds no text" in error["message"]
 
 
 async def test_what_the_gate_routes_on_may_be_an_image_alone_or_follow_a_tool_result() -> None:
