@@ -63,6 +63,10 @@ class ChatMessage(BaseModel):
     def _content_needed(self) -> ChatMessage:
         if self.content is None and self.role in ("system", "user", "developer"):
             raise ValueError(f"a {self.role} message needs content")
+        if self.role == "tool" and not isinstance((self.model_extra or {}).get("tool_call_id"), str):
+            # As OpenAI refuses it: a tool result must say which call it answers. Caught here, before an
+            # expert is called (and paid) to refuse it.
+            raise ValueError("a tool message needs a tool_call_id (a string): the id of the tool call it answers")
         return self
 
     def has_image(self) -> bool:

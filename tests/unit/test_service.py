@@ -272,6 +272,9 @@ async def test_expert_choice_batch_routing_over_http_and_the_sdk() -> None:
          "'wizard' is not one of system, user, assistant, tool, developer, function"),
         ({"messages": [{"role": 5, "content": "x"}]}, "messages[0].role", "valid string"),
         ({"messages": [{"role": "user"}]}, "messages[0]", "a user message needs content"),
+        ({"messages": [{"role": "user", "content": "weather?"}, {"role": "tool", "content": "sunny"},
+                       {"role": "user", "content": "and tomorrow?"}]}, "messages[1]",
+         "a tool message needs a tool_call_id"),
     ],
 )
 async def test_wrong_types_are_refused_naming_the_field_as_openai_writes_it(body: dict[str, object], param: str,
