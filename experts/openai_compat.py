@@ -48,7 +48,7 @@ from experts.errors import (
 )
 from experts.http_client import AiohttpClient, HttpClient, HttpFailure, HttpxClient
 from experts.redact import redact
-from experts.types import ChatRequest, ExpertReply, StreamDelta, Usage, reasoning_of
+from experts.types import ChatRequest, ExpertReply, StreamDelta, Usage, estimate_tokens, reasoning_of
 
 __all__ = ["OpenAICompatibleExpert", "parse_retry_after"]
 
@@ -170,8 +170,7 @@ class OpenAICompatibleExpert(Expert):
         else:  # the body ended without [DONE]: complete only if a finish_reason came
             if finish_reason is None:
                 raise ExpertProtocolError(self.name, "stream ended before a finish_reason or [DONE]")
-            yield self._last_delta(finish_reason, usage_chunk, nested, Usage(prompt_tokens=prompt_tokens,
-                                                                             completion_tokens=sent))
+            yield self._last_delta(finish_reason, usage_chunk, nested, Usage.counted(prompt_tokens, sent))
             return
         # [DONE], or a finish_reason: the answer is complete. Read what follows (the usage chunk, [DONE], the end
         # of the body) so the connection goes back to the pool, but never long, and never as a failure.
@@ -183,16 +182,15 @@ class OpenAICompatibleExpert(Expert):
                         window.reschedule(asyncio.get_running_loop().time() + _DRAIN_S)
                     else:
                         usage_chunk, nested = _usage_and_trace(self._decode(data.encode()), usage_chunk, nested)
-        yield self._last_delta(finish_reason or "stop", usage_chunk, nested,
-                               Usage(prompt_tokens=prompt_tokens, completion_tokens=sent))
+        yield self._last_delta(finish_reason or "stop", usage_chunk, nested, Usage.counted(prompt_tokens, sent))
 
     def _last_delta(self, finish_reason: str, usage_chunk: dict[str, Any], nested: dict[str, Any] | None,
                     estimate: Usage) -> StreamDelta:
-        """The stream's last delta; without the upstream's usage, ``estimate`` (its total filled in) stands."""
+        """The stream's last delta; without the upstream's usage, ``estimate`` stands."""
         usage = self._usage(usage_chunk)
         estimated = usage is None
         if usage is None:
-            usage = _totalled(estimate)
+            usage = estimate
         cost = _upstream_cost(usage_chunk)
         if cost is None:
             cost = self.cost(usage)
@@ -249,8 +247,7 @@ class OpenAICompatibleExpert(Expert):
             # so the cost budget and the metrics do not count the call as free.
             written = len(content) + len(reasoning or "") + len(refusal or "") + sum(
                 len(json.dumps(call, default=str)) for call in tool_calls or [])
-            usage = _totalled(Usage(prompt_tokens=request.estimated_prompt_tokens(),
-                                    completion_tokens=-(-written // 4)))
+            usage = Usage.counted(request.estimated_prompt_tokens(), estimate_tokens(written))
         upstream_cost = _upstream_cost(data)
         return ExpertReply(
             expert=self.name,
@@ -368,10 +365,6 @@ def _usage_and_trace(chunk: dict[str, Any], usage_chunk: dict[str, Any],
     """The stream's usage chunk and another moe-router's trace (on its final chunk), updated from ``chunk``."""
     usage = chunk if isinstance(chunk.get("usage"), dict) else usage_chunk
     return usage, chunk["moe"] if isinstance(chunk.get("moe"), dict) else nested
-
-
-def _totalled(usage: Usage) -> Usage:
-    return usage.model_copy(update={"total_tokens": usage.prompt_tokens + usage.completion_tokens})
 
 
 def _upstream_cost(data: dict[str, Any]) -> float | None:

@@ -21,7 +21,6 @@ model really produced.
 from __future__ import annotations
 
 import asyncio
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,16 +30,9 @@ from typing import Protocol
 from experts.base import Expert, ExpertContext, ExpertSpec
 from experts.errors import ExpertConfigError, NoRecording
 from experts.recordings import load_mmlu_pro, load_routerbench
-from experts.types import ChatRequest, ExpertReply, Usage
+from experts.types import ChatRequest, ExpertReply, Usage, estimate_tokens
 
-__all__ = ["Recording", "ReplayExpert", "estimate_tokens"]
-
-# A common rule of thumb for English text with BPE tokenizers; only an estimate, see the module docstring.
-_CHARS_PER_TOKEN = 4
-
-
-def estimate_tokens(chars: int) -> int:
-    return math.ceil(chars / _CHARS_PER_TOKEN)
+__all__ = ["Recording", "ReplayExpert"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,13 +132,7 @@ class ReplayExpert(Expert):
             raise NoRecording(self.name, f"no recording of {self.model!r} for this prompt")
         if self._latency_s:
             await asyncio.sleep(self._latency_s)
-        prompt_chars = sum(len(m.text()) for m in request.messages)
-        prompt_tokens, completion_tokens = estimate_tokens(prompt_chars), estimate_tokens(found.output_chars)
-        usage = Usage(
-            prompt_tokens=prompt_tokens,
-            completion_tokens=completion_tokens,
-            total_tokens=prompt_tokens + completion_tokens,
-        )
+        usage = Usage.counted(estimate_tokens(request.text_chars()), estimate_tokens(found.output_chars))
         return ExpertReply(
             expert=self.name,
             content=found.content,

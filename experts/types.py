@@ -7,6 +7,7 @@ handed to an expert without translation and unknown OpenAI fields (``tools``, ``
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -14,9 +15,12 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-__all__ = ["MAX_TOKENS_LIMIT", "ROLES", "ChatMessage", "ChatRequest", "ExpertReply", "StreamDelta", "Usage",
-           "reasoning_of"]
+__all__ = ["CHARS_PER_TOKEN", "MAX_TOKENS_LIMIT", "ROLES", "ChatMessage", "ChatRequest", "ExpertReply",
+           "StreamDelta", "Usage", "estimate_tokens", "reasoning_of"]
 
+# Where no tokenizer counted, tokens are estimated from characters: a common rule of thumb for English text with
+# BPE tokenizers.
+CHARS_PER_TOKEN = 4
 # The largest token limit a request may name: what OpenAI-compatible servers (vLLM included) hold in an int32.
 MAX_TOKENS_LIMIT = 2**31 - 1
 IMAGE_PARTS = frozenset({"image_url", "input_image"})
@@ -150,9 +154,13 @@ class ChatRequest(BaseModel):
         """The text the gate routes on: the last user message (the last message when no user speaks)."""
         return self.messages[_routed_index(self.messages)].text()
 
+    def text_chars(self) -> int:
+        """The characters of the messages' text: what the prompt's length is judged and estimated by."""
+        return sum(len(m.text()) for m in self.messages)
+
     def estimated_prompt_tokens(self) -> int:
-        """The prompt in tokens, estimated where no expert counted it: about 4 characters a token."""
-        return sum(len(m.text()) for m in self.messages) // 4
+        """The prompt in tokens, estimated where no expert counted it: ``CHARS_PER_TOKEN`` characters a token."""
+        return self.text_chars() // CHARS_PER_TOKEN
 
     def upstream_payload(self, model: str, *, stream: bool) -> dict[str, Any]:
         """The JSON body for an OpenAI-compatible upstream serving ``model``.
@@ -181,6 +189,12 @@ class Usage(BaseModel):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
+
+    @classmethod
+    def counted(cls, prompt_tokens: int, completion_tokens: int) -> Usage:
+        """A usage with its total filled in (an estimate's, or a recording's)."""
+        return cls(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                   total_tokens=prompt_tokens + completion_tokens)
 
     def __add__(self, other: Usage) -> Usage:
         return Usage(
@@ -252,3 +266,8 @@ def reasoning_of(message: Mapping[str, Any]) -> str | None:
         if isinstance(value, str):
             return value
     return None
+
+
+def estimate_tokens(chars: int) -> int:
+    """Tokens in ``chars`` characters of text, by ``CHARS_PER_TOKEN``, rounded up."""
+    return math.ceil(chars / CHARS_PER_TOKEN)

@@ -306,9 +306,7 @@ class Dispatcher:
             if outcome.usage is None and outcome.deltas:
                 # It broke off before its usage chunk, but was paid for what it generated (and its prompt):
                 # without an estimate the answer's usage and cost would leave that out.
-                prompt = request.estimated_prompt_tokens()
-                outcome.usage = Usage(prompt_tokens=prompt, completion_tokens=outcome.deltas,
-                                      total_tokens=prompt + outcome.deltas)
+                outcome.usage = Usage.counted(request.estimated_prompt_tokens(), outcome.deltas)
                 outcome.cost, outcome.usage_estimated = expert.cost(outcome.usage), True
         finally:
             outcome.latency_ms = (time.perf_counter() - started) * 1000.0

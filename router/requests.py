@@ -165,7 +165,7 @@ def parse_chat(body: Any, max_chars: int) -> ChatRequest:
         raise RequestProblem(400, f"invalid request: tool_choice: {json.dumps(choice)} asks for a tool call, but the "
                            f"request has {tools}; send the tools, or leave tool_choice out (or send \"auto\" or "
                            "\"none\")", "invalid_request_error", "invalid_request", param="tool_choice")
-    chars = sum(len(m.text()) for m in chat.messages)
+    chars = chat.text_chars()
     if chars > max_chars:
         raise RequestProblem(400, f"the messages hold {chars} characters, over the limit of {max_chars}",
                            "invalid_request_error", "context_length_exceeded", param="messages")

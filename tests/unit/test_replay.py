@@ -12,8 +12,8 @@ from experts.base import ExpertContext
 from experts.errors import ExpertConfigError, NoRecording
 from experts.recordings import load_mmlu_pro, load_routerbench, mmlu_pro_prompt
 from experts.registry import build_expert
-from experts.replay import ReplayExpert, estimate_tokens
-from experts.types import ChatMessage, ChatRequest
+from experts.replay import ReplayExpert
+from experts.types import ChatMessage, ChatRequest, estimate_tokens
 from router.config import ExpertConfig
 
 RB_PATH = "routerdc/routerbench_zs"
