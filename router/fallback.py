@@ -43,9 +43,10 @@ class AllExpertsFailed(Exception):
     @property
     def retry_after_s(self) -> float | None:
         """The soonest any cause said an expert may be called again (its Retry-After, or its open breaker's
-        next probe), for the answer's own Retry-After; None when none said."""
+        next probe), for the answer's own Retry-After; None when none said, or when the request itself was at
+        fault (a 400: sending it again later would not help)."""
         waits = [c.retry_after_s for c in self.causes if c.retry_after_s is not None]
-        return min(waits) if waits else None
+        return min(waits) if waits and self.status == 503 else None
 
     # The HTTP status the service answers with, by error code: 400 when the request itself was refused, else 503.
     # A client that has only the error body (a stream's error event) reads the status from here too.

@@ -29,7 +29,6 @@ from experts.types import ChatRequest, ExpertReply, StreamDelta
 if TYPE_CHECKING:
     from router.config import ExpertConfig
     from router.orchestrator import Orchestrator
-    from router.trace import Trace
 
 __all__ = ["RouterExpert"]
 
@@ -91,7 +90,7 @@ class RouterExpert(Expert):
             raise ExpertRejected(self.name, 400, f"inner router: {exc}") from None
         trace = answer.trace
         return ExpertReply(expert=self.name, content=answer.content, usage=trace.usage, cost_usd=trace.cost_usd,
-                           usage_estimated=_estimated(trace),
+                           usage_estimated=trace.usage_estimated,
                            latency_ms=(time.perf_counter() - started) * 1000.0,
                            finish_reason=answer.finish_reason, tool_calls=answer.tool_calls, model=answer.expert,
                            logprobs=answer.logprobs, refusal=answer.refusal,
@@ -113,7 +112,7 @@ class RouterExpert(Expert):
                     if isinstance(event, StreamEnd):
                         trace = event.trace
                         yield StreamDelta(finish_reason=event.finish_reason, usage=trace.usage,
-                                          cost_usd=trace.cost_usd, usage_estimated=_estimated(trace),
+                                          cost_usd=trace.cost_usd, usage_estimated=trace.usage_estimated,
                                           nested=trace.summary())
                     else:
                         yield event.delta
@@ -152,8 +151,3 @@ def _priced_delta(delta: StreamDelta) -> StreamDelta:
     if cost is not None:
         delta.cost_usd = cost
     return delta
-
-
-def _estimated(trace: Trace) -> bool:
-    """Whether the inner router's usage is, in part, an estimate: one of its experts sent none."""
-    return any(a.usage_estimated for a in trace.attempts)

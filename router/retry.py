@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from experts.errors import ExpertError, ExpertOverloaded, ExpertRateLimited, ExpertServerError, ExpertTimeout
+from experts.errors import ExpertError, ExpertOverloaded, ExpertTimeout
 from router.config import FallbackConfig
 
 __all__ = ["RetryPolicy", "backoff_delay", "is_retryable", "retry_delay"]
@@ -57,7 +57,7 @@ def retry_delay(policy: RetryPolicy, error: ExpertError, retry: int, remaining_s
     if retry >= policy.retries or not is_retryable(error):
         return None
     delay = backoff_delay(policy, retry, rand)
-    asked = _retry_after(error)
+    asked = error.retry_after_s  # a 429's or 503's Retry-After: the only retryable errors that carry one
     if asked is not None:
         if asked > policy.retry_after_max_s:
             return None
@@ -66,7 +66,3 @@ def retry_delay(policy: RetryPolicy, error: ExpertError, retry: int, remaining_s
         return None
     return delay if delay < remaining_s else None
 
-
-def _retry_after(error: ExpertError) -> float | None:
-    """The wait the expert asked for in its Retry-After (a 429's, or a 503's); None when it asked for none."""
-    return error.retry_after_s if isinstance(error, ExpertRateLimited | ExpertServerError) else None

@@ -442,8 +442,8 @@ def _as_api_errors(*, retry_after: bool = True) -> Iterator[None]:
     except AllExpertsFailed as exc:
         # The Retry-After the service would send with it (``retry_after``: an answer, not a stream's error event),
         # so ``retry_after_s`` reads the same in process.
-        wait = exc.retry_after_s if exc.status == 503 and retry_after else None
-        raise RouterAPIError(exc.status, exc.error_body(), retry_after_header(wait)) from exc
+        raise RouterAPIError(exc.status, exc.error_body(),
+                             retry_after_header(exc.retry_after_s if retry_after else None)) from exc
     except (UnknownExpert, NoCapableExpert, RequestProblem) as exc:
         raise RouterAPIError(exc.status, exc.error_body()) from exc
 

@@ -270,8 +270,7 @@ def _problems(handler: Callable[..., Awaitable[Response]]) -> Callable[..., Awai
         except AllExpertsFailed as exc:
             _failed(record, exc)
             # When every candidate is waiting out a Retry-After or an open breaker, say when one may answer.
-            wait = exc.retry_after_s if exc.status == 503 else None
-            return JSONResponse(exc.error_body(), status_code=exc.status, headers=retry_after_header(wait))
+            return JSONResponse(exc.error_body(), status_code=exc.status, headers=retry_after_header(exc.retry_after_s))
         except (UnknownRequest, UnknownFeedbackExpert, FeedbackUnavailable) as exc:
             refused = feedback_problem(exc)
             record.error = refused.code
@@ -485,7 +484,7 @@ async def admin_feedback(request: Request) -> Response:
 
 def _add_routes(app: FastAPI) -> None:
     app.add_api_route("/v1/chat/completions", chat_completions, methods=["POST"],
-                  openapi_extra=CHAT_COMPLETIONS_BODY)
+                      openapi_extra=CHAT_COMPLETIONS_BODY)
     app.add_api_route("/v1/route", route, methods=["POST"], openapi_extra=ROUTE_BODY)
     app.add_api_route("/v1/route/batch", route_batch, methods=["POST"], openapi_extra=request_body(RouteBatch))
     app.add_api_route("/v1/models", models, methods=["GET"])

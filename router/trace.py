@@ -121,6 +121,11 @@ class Trace(BaseModel):
         return total
 
     @property
+    def usage_estimated(self) -> bool:
+        """Whether ``usage`` is, in part, an estimate: an attempt's expert sent none."""
+        return any(a.usage_estimated for a in self.attempts)
+
+    @property
     def answered_by(self) -> str | None:
         """The expert that gave (or finished, after a mid-stream switch) the answer: the last attempt that
         succeeded; None when none did."""
