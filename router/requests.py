@@ -28,9 +28,22 @@ from router.feedback import FeedbackBody, FeedbackUnavailable, UnknownFeedbackEx
 if TYPE_CHECKING:
     from router.orchestrator import Orchestrator
 
-__all__ = ["MAX_BATCH_QUERIES", "RequestProblem", "RouteBatch", "RouteQuery", "check_combiner", "feedback_off",
-           "feedback_problem", "parse_chat", "parse_feedback", "parse_json", "parse_route", "parse_route_batch",
-           "parse_since"]
+__all__ = [
+    "FEEDBACK_FAILURES",
+    "MAX_BATCH_QUERIES",
+    "RequestProblem",
+    "RouteBatch",
+    "RouteQuery",
+    "check_combiner",
+    "feedback_off",
+    "feedback_problem",
+    "parse_chat",
+    "parse_feedback",
+    "parse_json",
+    "parse_route",
+    "parse_route_batch",
+    "parse_since",
+]
 
 
 class RequestProblem(Exception):
@@ -242,6 +255,10 @@ _FEEDBACK_PROBLEMS: dict[type[Exception], tuple[int, str, str, str | None]] = {
     UnknownFeedbackExpert: (400, "invalid_request_error", "unknown_expert", "expert"),
     FeedbackUnavailable: (503, "service_unavailable", "feedback_unavailable", None),
 }
+
+
+# What a feedback store raises for a verdict it cannot take, each answered by ``feedback_problem``.
+FEEDBACK_FAILURES = (UnknownRequest, UnknownFeedbackExpert, FeedbackUnavailable)
 
 
 def feedback_problem(exc: UnknownRequest | UnknownFeedbackExpert | FeedbackUnavailable) -> RequestProblem:

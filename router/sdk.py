@@ -36,11 +36,9 @@ from router.errors import retry_after_header
 from router.feedback import (
     FeedbackRecord,
     FeedbackStore,
-    FeedbackUnavailable,
-    UnknownFeedbackExpert,
-    UnknownRequest,
 )
 from router.requests import (
+    FEEDBACK_FAILURES,
     RequestProblem,
     check_combiner,
     feedback_off,
@@ -444,6 +442,9 @@ def _as_api_errors(*, retry_after: bool = True) -> Iterator[None]:
         # so ``retry_after_s`` reads the same in process.
         raise RouterAPIError(exc.status, exc.error_body(),
                              retry_after_header(exc.retry_after_s if retry_after else None)) from exc
+    except FEEDBACK_FAILURES as exc:  # a feedback store's refusal, as the service answers it
+        problem = feedback_problem(exc)
+        raise RouterAPIError(problem.status, problem.error_body()) from exc
     except (UnknownExpert, NoCapableExpert, RequestProblem) as exc:
         raise RouterAPIError(exc.status, exc.error_body()) from exc
 
@@ -544,10 +545,7 @@ class LocalRouter:
             body = parse_feedback(_Protocol.feedback_body(request_id, query, expert, good, score, note))
             if self.store is None:
                 raise feedback_off()
-            try:
-                return await self.store.asubmit(body, self.orchestrator.config.expert_names)
-            except (UnknownRequest, UnknownFeedbackExpert, FeedbackUnavailable) as exc:
-                raise feedback_problem(exc) from exc
+            return await self.store.asubmit(body, self.orchestrator.config.expert_names)
 
     async def aclose(self) -> None:
         await self.orchestrator.aclose()

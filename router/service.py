@@ -36,13 +36,14 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from experts.types import ChatRequest
 from router.errors import error_body, retry_after_header
 from router.fallback import AllExpertsFailed
-from router.feedback import FeedbackBody, FeedbackStore, FeedbackUnavailable, UnknownFeedbackExpert, UnknownRequest
+from router.feedback import FeedbackBody, FeedbackStore
 from router.logs import RequestRecord, configure_json_logging, log_request
 from router.metrics import CONTENT_TYPE, RouterMetrics
 from router.openapi import CHAT_COMPLETIONS_BODY, ROUTE_BODY, request_body
 from router.orchestrator import NoCapableExpert, Orchestrator, RouteFailed, StreamEnd, StreamPiece, UnknownExpert
 from router.reload import Reloader, ReloadFailed
 from router.requests import (
+    FEEDBACK_FAILURES,
     RequestProblem,
     RouteBatch,
     RouteQuery,
@@ -271,7 +272,7 @@ def _problems(handler: Callable[..., Awaitable[Response]]) -> Callable[..., Awai
             _failed(record, exc)
             # When every candidate is waiting out a Retry-After or an open breaker, say when one may answer.
             return JSONResponse(exc.error_body(), status_code=exc.status, headers=retry_after_header(exc.retry_after_s))
-        except (UnknownRequest, UnknownFeedbackExpert, FeedbackUnavailable) as exc:
+        except FEEDBACK_FAILURES as exc:
             refused = feedback_problem(exc)
             record.error = refused.code
             return _problem_response(refused)
