@@ -349,6 +349,7 @@ def port_number(raw: str) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     from router.config import ConfigError
+    from router.errors import naming_config
     from router.settings import Settings, SettingsError
 
     try:
@@ -360,11 +361,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.settings = settings
 
     def error(message: object, code: int) -> int:
-        # The library's messages say "moe train --config <this config>" where they cannot know the file; here it
-        # is known, so the command can be copied as it stands.
         config = getattr(args, "config", None) or getattr(args, "file", None)  # moe config check names it "file"
-        text = str(message) if config is None else str(message).replace("<this config>", config)
-        print(f"error: {text}", file=sys.stderr)
+        print(f"error: {naming_config(message, config)}", file=sys.stderr)
         return code
 
     try:

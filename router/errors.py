@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-__all__ = ["error_body", "retry_after_header"]
+__all__ = ["error_body", "naming_config", "retry_after_header"]
 
 
 def error_body(message: str, type_: str, code: str, param: str | None = None, **extra: Any) -> dict[str, Any]:
@@ -26,3 +26,10 @@ def error_body(message: str, type_: str, code: str, param: str | None = None, **
 def retry_after_header(seconds: float | None) -> dict[str, str]:
     """``Retry-After`` in whole seconds (rounded up, at least 1, as RFC 9110's delay-seconds), or no header."""
     return {} if seconds is None else {"retry-after": str(max(1, math.ceil(seconds)))}
+
+
+def naming_config(message: object, config: str | None) -> str:
+    """An error's message with the config file named where the library could not know it: its messages say
+    ``moe train --config <this config>``, and the CLI and the reloader, which know the file, fill it in so the
+    command can be copied as it stands."""
+    return str(message) if config is None else str(message).replace("<this config>", config)

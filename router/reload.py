@@ -27,6 +27,7 @@ from typing import Any
 
 from router.build import GateNotTrained, VoteWeightsNotTrained, build_orchestrator
 from router.config import ConfigError, RouterConfig, load_config
+from router.errors import naming_config
 from router.feedback import feedback_path
 from router.gate_artifact import GateArtifactMismatch
 from router.orchestrator import Orchestrator
@@ -159,8 +160,7 @@ class Reloader:
         return ReloadFailed(str(self.path), [(f"{where}{p}", m) for p, m in exc.problems])
 
     def _told(self, exc: Exception) -> str:
-        """The error's message, naming this config where the library could not ("moe train --config ...")."""
-        return str(exc).replace("<this config>", str(self.path))
+        return naming_config(exc, str(self.path))
 
     def _retire(self, old: Orchestrator) -> None:
         self._retiring.add(old)
