@@ -122,11 +122,12 @@ def uvicorn_log_config(level: str) -> dict[str, Any]:
     """uvicorn's ``log_config`` for ``moe serve``: its own lines (startup, shutdown, errors) as JSON lines like the
     router's, so one stream holds one format. Its access log is left off (``access_log=False``): the router writes
     one richer line per request itself."""
+    at = log_level(level)
     return {"version": 1, "disable_existing_loggers": False,
             "formatters": {"json": {"()": JsonFormatter}},
             "handlers": {"json": {"class": "logging.StreamHandler", "formatter": "json", "stream": "ext://sys.stderr"}},
-            "loggers": {"uvicorn": {"handlers": ["json"], "level": log_level(level), "propagate": False},
-                        "uvicorn.error": {"level": log_level(level)}}}
+            "loggers": {"uvicorn": {"handlers": ["json"], "level": at, "propagate": False},
+                        "uvicorn.error": {"level": at}}}
 
 
 def _json_object(message: str) -> dict[str, Any] | None:

@@ -67,11 +67,13 @@ def restart_only_changes(running: RouterConfig, new: RouterConfig) -> list[tuple
         problems.append(("state", "changes only at a restart: the shared state's connections are made at start"))
     if (new.feedback.enabled, new.feedback.remember_s) != (running.feedback.enabled, running.feedback.remember_s):
         problems.append(("feedback", "feedback.enabled and feedback.remember_s change only at a restart"))
-    elif new.feedback.enabled and new.state.backend == "memory" and feedback_path(new) != feedback_path(running):
-        cause = "feedback.path" if new.feedback.path != running.feedback.path else "gate.artifact"
-        problems.append((cause, f"moves the feedback store from {feedback_path(running)} to {feedback_path(new)} "
-                                f"(it sits beside gate.artifact unless feedback.path is set), which only a restart "
-                                f"does; to keep the running store, set feedback.path to it"))
+    elif new.feedback.enabled and new.state.backend == "memory":
+        was_at, now_at = feedback_path(running), feedback_path(new)
+        if was_at != now_at:
+            cause = "feedback.path" if new.feedback.path != running.feedback.path else "gate.artifact"
+            problems.append((cause, f"moves the feedback store from {was_at} to {now_at} (it sits beside "
+                                    f"gate.artifact unless feedback.path is set), which only a restart does; to keep "
+                                    f"the running store, set feedback.path to it"))
     return problems
 
 
