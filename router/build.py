@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from router.vote_weights import VoteWeights
 
 __all__ = ["GateNotTrained", "VoteWeightsNotTrained", "build_breakers", "build_experts", "build_orchestrator",
-           "build_shared_state", "load_gate", "load_vote_weights"]
+           "build_shared_state", "config_inputs", "load_gate", "load_vote_weights"]
 
 
 class GateNotTrained(FileNotFoundError):
@@ -128,3 +128,34 @@ def build_orchestrator(config: RouterConfig, *, context: ExpertContext | None = 
         state.encoders.clear()
         state.encoders.update(encoders)
     return built
+
+
+def config_inputs(config: RouterConfig, *, _seen: frozenset[Path] = frozenset()) -> list[Path]:
+    """The files besides its own that building ``config`` reads and that ``moe train`` or an edit may change
+    while the service runs, for the reload watch (``router.reload``): the gate artifact's last-published file of
+    each kind it reads (``gate.json``; ``cascade.json`` for a two-stage gate; the learned vote weights), and each
+    nested router's config file with what it reads in turn. Listed whether or not they exist yet."""
+    from router.cascade import CASCADE_FILE
+    from router.config import ConfigError, load_config
+    from router.vote_weights import FILE_NAME as VOTE_WEIGHTS_FILE
+
+    artifact = config.resolve(config.gate.artifact)
+    files = [artifact / "gate.json"]
+    if config.gate.cascade is not None:
+        files.append(artifact / CASCADE_FILE)
+    if config.combiner.vote_weights == "learned":
+        files.append(artifact / VOTE_WEIGHTS_FILE)
+    for expert in config.experts:
+        if expert.router_config is None:
+            continue
+        nested = config.resolve(expert.router_config)
+        if nested in _seen:  # a routing cycle: the build refuses it and names it
+            continue
+        files.append(nested)
+        try:
+            inner = load_config(nested)
+        except (ConfigError, OSError):  # the build names what is wrong; the file itself is still watched
+            continue
+        files.extend(config_inputs(inner, _seen=_seen | {nested}))
+    return list(dict.fromkeys(files))
+

@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from router.encoders import Encoder
+from router.files import staged
 from router.gate import (
     Assessment,
     Gate,
@@ -264,12 +265,13 @@ class CascadeGate:
         return self.for_experts({e.name: e.examples for e in config.experts})
 
     def save(self, directory: str | Path) -> Path:
-        """The full gate's artifact, the fast gate in ``fast/``, then ``cascade.json``, last."""
-        forget_cascade(directory)  # no earlier fast stage outlives a save that stops halfway
-        path = self.full.save(directory)
-        self.fast.save(path / FAST_DIR)
-        (path / CASCADE_FILE).write_text(json.dumps(self.fit.as_dict(), indent=2) + "\n", encoding="utf-8")
-        return path
+        """The full gate's artifact, the fast gate in ``fast/``, and ``cascade.json``, written in a staging folder
+        and renamed into ``directory``, ``cascade.json`` last (``router.files.staged``)."""
+        with staged(directory) as stage:
+            self.full.save(stage)
+            self.fast.save(stage / FAST_DIR)
+            (stage / CASCADE_FILE).write_text(json.dumps(self.fit.as_dict(), indent=2) + "\n", encoding="utf-8")
+        return Path(directory)
 
     @classmethod
     def load(cls, directory: str | Path, fast_encoder: Encoder, full_encoder: Encoder) -> CascadeGate:

@@ -93,7 +93,7 @@ class ReplayConfig(_Strict):
 
 # The vLLM flags ``router.compose`` derives from an expert's config.
 GENERATED_VLLM_FLAGS = frozenset({"--model", "--served-model-name", "--port", "--gpu-memory-utilization",
-                                  "--enable-auto-tool-choice", "--tool-call-parser"})
+                                  "--enable-auto-tool-choice", "--tool-call-parser", "--shutdown-timeout"})
 
 
 class VllmServeConfig(_Strict):
@@ -378,7 +378,8 @@ class ServiceConfig(_Strict):
     max_prompt_chars: int = Field(default=100_000, ge=16, le=10_000_000)
     # Put prompts and answers in the per-request log lines. Off by default: they may hold personal data.
     log_content: bool = False
-    # ``moe serve``: seconds between checks of the config file's mtime for hot reload; None turns polling off
+    # ``moe serve``: seconds between checks for hot reload of the config file and of what its build reads that may
+    # change (``router.build.config_inputs``: the gate artifact, nested routers' configs); None turns polling off
     # (SIGHUP and ``POST /admin/reload`` still reload).
     reload_poll_s: float | None = Field(default=2.0, gt=0.0, le=3600.0)
 

@@ -387,7 +387,8 @@ class Gate(BaseGate):
         return cls(encoder, experts, classifier, doc["temperature"], metadata, examples)
 
     def save(self, directory: str | Path) -> Path:
-        """Write the artifact folder; ``gate.json`` goes last, so a folder holding it is complete.
+        """Write the artifact folder (staged, then renamed into place, ``gate.json`` last), so a folder holding
+        ``gate.json`` is complete.
 
         What is saved is what was trained: the artifact's experts and examples, never a config's view.
         """

@@ -1,6 +1,6 @@
 """The gate artifact: the folder ``Gate.save`` writes and ``Gate.load`` reads, and the manifest schema it holds.
 
-An artifact is a folder: ``gate.json`` (written last, so its presence means the folder is complete) and two
+An artifact is a folder: ``gate.json`` (renamed into place last, so its presence means the folder is complete) and two
 ``.npz`` files, read with ``allow_pickle=False``. ``gate.json`` holds the sha256 of each ``.npz`` file and of
 its own contents (``manifest_sha256``), so ``Gate.load`` refuses an artifact edited after it was saved. It also
 refuses an encoder other than the one the gate was trained with, or one reading another number of tokens per
@@ -33,6 +33,7 @@ import numpy as np
 from router.classifiers import EnsembleClassifier, pack_strings, unpack_strings
 from router.coldstart import SimilarityMap
 from router.encoders import Encoder, sha256_file
+from router.files import staged
 
 if TYPE_CHECKING:
     from router.gate import Gate
@@ -131,26 +132,28 @@ _SELF_DIGEST = "manifest_sha256"  # gate.json's own sha256, over its other keys 
 
 
 def write_artifact(gate: Gate, directory: str | Path) -> Path:
-    """``Gate.save``: write the artifact folder; ``gate.json`` goes last, so a folder holding it is complete.
+    """``Gate.save``: write the artifact folder. The files are written in a staging folder and then renamed into
+    ``directory``, ``gate.json`` last (``router.files.staged``), so a reader never meets a half-written file and a
+    folder holding ``gate.json`` is complete.
 
     What is saved is what was trained: the artifact's experts and examples, never a config's view.
     """
     path = Path(directory)
-    path.mkdir(parents=True, exist_ok=True)
     texts, labels = gate.training_examples  # a config view appends its cold-start examples after these
     text_bytes, text_offsets = pack_strings(texts)
     label_ids = {e: i for i, e in enumerate(gate.artifact_experts)}
     weights: dict[str, Any] = gate._weights()  # typed Any: numpy's stub confuses it with savez's flags
-    np.savez(path / _WEIGHTS, **weights)
-    np.savez_compressed(
-        path / _EXAMPLES, embeddings=gate.example_embeddings[:len(texts)],
-        text_bytes=text_bytes, text_offsets=text_offsets,
-        labels=np.array([label_ids.get(lab, -1) for lab in labels], dtype=np.int32))
-    doc = {**gate.metadata.as_dict(), "kind": gate.kind, "experts": gate.artifact_experts,
-           "encoder_max_length": _encoder_max_length(gate.encoder), **gate._manifest(),
-           "files": {name: sha256_file(path / name) for name in (_WEIGHTS, _EXAMPLES)}}
-    doc[_SELF_DIGEST] = _manifest_digest(json.loads(json.dumps(doc)))  # as load will read it back
-    (path / _MANIFEST).write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
+    with staged(path) as stage:
+        np.savez(stage / _WEIGHTS, **weights)
+        np.savez_compressed(
+            stage / _EXAMPLES, embeddings=gate.example_embeddings[:len(texts)],
+            text_bytes=text_bytes, text_offsets=text_offsets,
+            labels=np.array([label_ids.get(lab, -1) for lab in labels], dtype=np.int32))
+        doc = {**gate.metadata.as_dict(), "kind": gate.kind, "experts": gate.artifact_experts,
+               "encoder_max_length": _encoder_max_length(gate.encoder), **gate._manifest(),
+               "files": {name: sha256_file(stage / name) for name in (_WEIGHTS, _EXAMPLES)}}
+        doc[_SELF_DIGEST] = _manifest_digest(json.loads(json.dumps(doc)))  # as load will read it back
+        (stage / _MANIFEST).write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
     return path
 
 

@@ -1,7 +1,10 @@
 """Hot reload: a changed config file becomes a new orchestrator without a restart.
 
-Three triggers lead to the same ``Reloader.reload``: the file's mtime changing (polled every
-``service.reload_poll_s``), SIGHUP, and ``POST /admin/reload``. A reload:
+Three triggers lead to the same ``Reloader.reload``: a watched file changing (polled every
+``service.reload_poll_s``), SIGHUP, and ``POST /admin/reload``. The watched files are the config file and what its
+build reads that may change under a running service (``router.build.config_inputs``): the gate artifact's
+``gate.json`` (and ``cascade.json``, the learned vote weights), so a ``moe train`` into the served artifact is
+taken up once it has published the new one (``router.files.staged``), and nested routers' config files. A reload:
 
 1. reads and validates the whole file, then builds the orchestrator from it, which also checks the gate
    artifact against the experts (``build_orchestrator``); all of it off the event loop;
@@ -25,7 +28,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from router.build import GateNotTrained, VoteWeightsNotTrained, build_orchestrator
+from router.build import GateNotTrained, VoteWeightsNotTrained, build_orchestrator, config_inputs
 from router.config import ConfigError, RouterConfig, load_config
 from router.errors import naming_config
 from router.feedback import feedback_path
@@ -92,6 +95,7 @@ class Reloader:
         self.sighup = sighup
         self.holder: Any = None
         self.on_swap: Callable[[Orchestrator, Orchestrator], None] | None = None
+        self._inputs: tuple[Path, ...] = ()  # what the running config's build read, besides ``path``
         self._seen = self._stamp()
         self._lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -106,6 +110,10 @@ class Reloader:
     def bind(self, holder: Any, on_swap: Callable[[Orchestrator, Orchestrator], None] | None = None) -> None:
         """Where the live orchestrator is held; ``on_swap(old, new)`` runs right after each swap."""
         self.holder, self.on_swap = holder, on_swap
+        config = getattr(getattr(holder, "orchestrator", None), "config", None)
+        if isinstance(config, RouterConfig):
+            self._inputs = tuple(config_inputs(config))
+            self._seen = self._stamp()
 
     # -- the reload itself ------------------------------------------------------------------------------------
     async def reload(self) -> Orchestrator:
@@ -114,9 +122,9 @@ class Reloader:
             raise RuntimeError("Reloader.bind was not called")
         async with self._lock:
             # Stamped before reading: a write racing the read changes the stamp again and is picked up next.
-            self._seen = self._stamp()
+            before = self._seen = self._stamp()
             try:
-                new = await asyncio.to_thread(self._load)
+                new, inputs = await asyncio.to_thread(self._load)
             except ReloadFailed as exc:
                 self.refused += 1
                 self.last_refused = True
@@ -128,6 +136,10 @@ class Reloader:
                 if name in old.config.expert_names and new.config.expert(name) != old.config.expert(name):
                     new.breakers.reset(name)
             self.holder.orchestrator = new
+            # The new config may read other files: those it shares with the old keep their stamps from before the
+            # read; the rest are stamped now.
+            self._inputs = inputs
+            self._seen = {**self._stamp(), **{p: s for p, s in before.items() if p in (self.path, *inputs)}}
             if self.on_swap is not None:
                 self.on_swap(old, new)
             self._retire(old)
@@ -136,7 +148,7 @@ class Reloader:
             log.info("config reloaded from %s: experts %s", self.path, ", ".join(new.config.expert_names))
             return new
 
-    def _load(self) -> Orchestrator:
+    def _load(self) -> tuple[Orchestrator, tuple[Path, ...]]:
         try:
             config = load_config(self.path)
         except ConfigError as exc:
@@ -145,7 +157,7 @@ class Reloader:
         if fixed:
             raise ReloadFailed(str(self.path), fixed)
         try:
-            return self.build(config)
+            return self.build(config), tuple(config_inputs(config))
         except ConfigError as exc:  # the file of a router nested in this one
             raise self._failed(exc) from exc
         except (GateNotTrained, GateArtifactMismatch) as exc:
@@ -180,17 +192,21 @@ class Reloader:
             await old.aclose()
 
     # -- triggers ---------------------------------------------------------------------------------------------
-    def _stamp(self) -> tuple[int, int] | None:
-        try:
-            stat = self.path.stat()
-        except OSError:
-            return None
-        return stat.st_mtime_ns, stat.st_size
+    def _stamp(self) -> dict[Path, tuple[int, int, int] | None]:
+        stamps: dict[Path, tuple[int, int, int] | None] = {}
+        for path in (self.path, *self._inputs):
+            try:
+                stat = path.stat()
+            except OSError:
+                stamps[path] = None
+            else:
+                stamps[path] = stat.st_mtime_ns, stat.st_size, stat.st_ino  # a rename over it changes the inode
+        return stamps
 
     def changed(self) -> bool:
-        """Whether the file differs from the one last read (a missing file is no change: editors replace)."""
-        stamp = self._stamp()
-        return stamp is not None and stamp != self._seen
+        """Whether a watched file differs from the one last read (a missing file is no change: editors replace
+        files, and an artifact not trained yet has none)."""
+        return any(stamp is not None and stamp != self._seen.get(path) for path, stamp in self._stamp().items())
 
     async def _reload_logged(self) -> None:
         with contextlib.suppress(ReloadFailed):  # already logged; the old config keeps serving

@@ -44,6 +44,7 @@ from router.classifiers import build_classifier
 from router.config import RouterConfig
 from router.encoders import build_encoder
 from router.feedback import FeedbackRecord, load_feedback
+from router.files import staged
 from router.gate import Gate, train_gate
 from router.jsonl import read_jsonl
 from router.outcome import OutcomeRecord, is_outcome_file, load_outcome_jsonl
@@ -217,11 +218,14 @@ def train_from_config(config: RouterConfig, *, progress: bool = True,
         _record_feedback(fast, data)
         served = CascadeGate.train(gate, fast, data.texts, data.labels, agreement=config.gate.cascade.agreement,
                                    familiar=config.gate.cascade.familiar)
-    else:
+    # One staging folder for the whole artifact: the gate, its fast stage and the vote weights are renamed into
+    # place together once all are written, so a running service's reload watch never reads half of a new one.
+    with staged(artifact) as stage:
+        served.save(stage)
+        if vote_weights is not None:
+            vote_weights.save(stage)
+    if config.gate.cascade is None:
         forget_cascade(artifact)  # a fast stage trained with earlier data must not be paired with this gate
-    served.save(artifact)
-    if vote_weights is not None:
-        vote_weights.save(artifact)
     return served
 
 

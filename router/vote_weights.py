@@ -42,6 +42,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
+from router.files import atomic_write_text
+
 if TYPE_CHECKING:
     from router.outcome import OutcomeRecord
 
@@ -180,9 +182,7 @@ class VoteWeights:
             raise ValueError(f"{where}: malformed ({exc})") from exc
 
     def save(self, directory: str | Path) -> Path:
-        path = Path(directory) / FILE_NAME
-        path.write_text(json.dumps(self.as_dict(), indent=1) + "\n", encoding="utf-8")
-        return path
+        return atomic_write_text(Path(directory) / FILE_NAME, json.dumps(self.as_dict(), indent=1) + "\n")
 
     @classmethod
     def load(cls, directory: str | Path) -> VoteWeights | None:

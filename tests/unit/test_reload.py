@@ -352,3 +352,69 @@ async def test_metrics_count_reloads_and_flag_a_refused_one_until_a_reload_succe
     assert [before[k] for k in keys] == [0.0, 0.0, 0.0]
     assert [refused[k] for k in keys] == [0.0, 1.0, 1.0]
     assert [after[k] for k in keys] == [1.0, 1.0, 0.0]
+
+
+async def _until(check: Any, tries: int = 300) -> bool:
+    for _ in range(tries):
+        if check():
+            return True
+        await asyncio.sleep(0.01)
+    return bool(check())
+
+
+async def test_a_retrained_artifact_and_a_nested_router_config_are_picked_up_by_polling(tmp_path: Path) -> None:
+    """The watch covers what the build reads besides the config: the artifact's gate.json, once ``moe train``
+    publishes it (absent at first: no change), and a nested router's config file."""
+    from router.files import atomic_write_text
+
+    inner = write(tmp_path / "inner.yaml", ["algebra"], gate={"artifact": "inner-gate"})
+    path = tmp_path / "router.yaml"
+    path.write_text(yaml.safe_dump({
+        "version": 1, "security": {"admin_key_env": "MOE_ADMIN"}, "gate": {"artifact": "gate"},
+        "experts": [{"name": "math", "type": "router", "model": "math", "router_config": "inner.yaml"},
+                    {"name": "code", "type": "replay", "model": "code",
+                     "replay": {"source": "routerbench", "path": "unused"}}]}))
+    builds = Builds()
+    holder = SimpleNamespace(orchestrator=builds(load_config(path)))
+    reloader = Reloader(path, build=builds, poll_s=0.02)
+    reloader.bind(holder)
+    reloader.start()
+    try:
+        await asyncio.sleep(0.1)
+        assert len(builds.built) == 1  # nothing changed: no gate.json yet is no change
+        (tmp_path / "gate").mkdir()
+        atomic_write_text(tmp_path / "gate" / "gate.json", "{}\n")  # as moe train publishes it
+        assert await _until(lambda: len(builds.built) == 2)
+        atomic_write_text(tmp_path / "gate" / "gate.json", '{"retrained": true}\n')
+        assert await _until(lambda: len(builds.built) == 3)
+        (tmp_path / "inner-gate").mkdir()
+        atomic_write_text(tmp_path / "inner-gate" / "gate.json", "{}\n")  # the nested router's own artifact
+        assert await _until(lambda: len(builds.built) == 4)
+        write(inner, ["algebra", "geometry"], gate={"artifact": "inner-gate"})
+        assert await _until(lambda: len(builds.built) == 5)
+        await asyncio.sleep(0.1)
+        assert len(builds.built) == 5  # each change read once
+        assert reloader.reloaded == 4 and reloader.refused == 0
+    finally:
+        await reloader.stop()
+
+
+def test_config_inputs_lists_what_the_build_reads(tmp_path: Path) -> None:
+    from router.build import config_inputs
+
+    write(tmp_path / "inner.yaml", ["algebra"], gate={"artifact": "/abs/inner-gate"})
+    path = tmp_path / "router.yaml"
+    path.write_text(yaml.safe_dump({
+        "version": 1, "security": {"admin_key_env": "MOE_ADMIN"},
+        "gate": {"artifact": "gate", "cascade": {"encoder": {"backend": "static"}}},
+        "combiner": {"strategy": "vote", "vote_weights": "learned"},
+        "experts": [{"name": "math", "type": "router", "model": "math", "router_config": "inner.yaml"},
+                    {"name": "back", "type": "router", "model": "back", "router_config": "router.yaml"}]}))
+    listed = config_inputs(load_config(path))
+    gate = tmp_path / "gate"
+    assert listed[:3] == [gate / "gate.json", gate / "cascade.json", gate / "vote_weights.json"]
+    # The nested file and its artifact; a nested router naming this config again (a cycle the build refuses)
+    # adds this config's file and stops there.
+    assert listed[3:5] == [tmp_path / "inner.yaml", Path("/abs/inner-gate/gate.json")]
+    assert listed[5] == path
+    assert len(listed) == len(set(listed))

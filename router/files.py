@@ -1,0 +1,87 @@
+"""Writing files that a running service may be reading: a reader sees the old contents or the new, whole.
+
+``moe train`` replaces a gate artifact that a running service (or a replica starting up) may read at any moment:
+its hot reload watches the artifact (``router.reload``). Written in place, a reader could meet a half-written
+``.npz``, or new arrays under the old ``gate.json``. So every artifact file is written under a temporary name
+and renamed over the old one (a rename within one folder is atomic on POSIX file systems), and a whole artifact is
+first written into a staging folder inside its own folder, then published with one rename per file, the
+manifests (``gate.json``, then ``cascade.json``) last: the artifact on disk is mixed for the microseconds the
+renames take, not for the seconds the writing takes. A reader that still meets the mix is refused by the
+manifest's digests, and the reload watch reloads again once the last rename lands.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+__all__ = ["MANIFESTS", "STAGING_PREFIX", "atomic_write_text", "staged"]
+
+STAGING_PREFIX = ".staging-"
+# Published last, in this order (deeper folders first): a manifest names the digests of the files beside it, so
+# it must not land before them.
+MANIFESTS = ("gate.json", "cascade.json")
+# A staging folder older than this was left by a run that died (killed mid-write): removed by the next ``staged``.
+_STALE_S = 3600.0
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` under a temporary name in the same folder, then rename it over ``path``."""
+    target = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return target
+
+
+@contextlib.contextmanager
+def staged(directory: str | Path) -> Iterator[Path]:
+    """A folder to write a whole artifact into; on a clean exit its files replace ``directory``'s files of the same
+    names (``_publish``). On an error nothing in ``directory`` changes. Files in ``directory`` the stage does not
+    hold (the feedback store beside the artifact, say) are left alone."""
+    target = Path(directory)
+    target.mkdir(parents=True, exist_ok=True)
+    _remove_stale(target)
+    stage = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=target))
+    try:
+        yield stage
+        _publish(stage, target)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def _publish(stage: Path, target: Path) -> None:
+    files = [p for p in stage.rglob("*") if p.is_file() and not _in_staging(p.relative_to(stage))]
+
+    def order(p: Path) -> tuple[int, int, int]:
+        rel = p.relative_to(stage)
+        if rel.name not in MANIFESTS:
+            return (0, 0, 0)
+        return (1, MANIFESTS.index(rel.name), -len(rel.parts))
+
+    for file in sorted(files, key=order):
+        rel = file.relative_to(stage)
+        (target / rel).parent.mkdir(parents=True, exist_ok=True)
+        os.replace(file, target / rel)
+
+
+def _in_staging(rel: Path) -> bool:
+    return any(part.startswith(STAGING_PREFIX) for part in rel.parts)
+
+
+def _remove_stale(target: Path) -> None:
+    now = time.time()
+    for old in target.glob(f"{STAGING_PREFIX}*"):
+        with contextlib.suppress(OSError):
+            if old.is_dir() and now - old.stat().st_mtime > _STALE_S:
+                shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,121 @@
+"""Files a running service may be reading are replaced whole: ``router.files`` writes under temporary names and
+renames, and a gate artifact is staged and published with the manifests last, so a reader (a hot reload, a replica
+starting) meets the old artifact or the new one, and a save that fails leaves the old one as it was."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from router import files
+from router.encoders import sha256_file
+from router.files import STAGING_PREFIX, atomic_write_text, staged
+from router.gate import Gate, train_gate
+from tests.doubles.fakes import FakeHashingEncoder
+
+QUERIES = {
+    "math": ["solve this integral", "what is the derivative of x squared", "prove the triangle inequality",
+             "factor the polynomial", "compute the eigenvalues of this matrix", "sum of a geometric series"],
+    "code": ["write a python function", "fix this segfault in my C code", "why does my rust borrow fail",
+             "refactor this java class", "explain this regex", "a bash loop over files"],
+}
+
+
+def _gate(extra: str = "") -> Gate:
+    texts = [q + extra for qs in QUERIES.values() for q in qs]
+    labels = [e for e, qs in QUERIES.items() for _ in qs]
+    return train_gate(texts, labels, FakeHashingEncoder(), experts=list(QUERIES), progress=False)
+
+
+def _digests(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): sha256_file(p) for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_atomic_write_text_replaces_whole_and_leaves_no_temporary_file(tmp_path: Path) -> None:
+    target = tmp_path / "weights.json"
+    target.write_text("old\n")
+    inode = target.stat().st_ino
+    atomic_write_text(target, "new\n")
+    assert target.read_text() == "new\n"
+    assert target.stat().st_ino != inode  # renamed over, not rewritten in place
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["weights.json"]
+
+
+def test_a_staged_write_publishes_data_files_first_and_manifests_last(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "feedback.sqlite3").write_text("verdicts")  # lives beside the artifact: never touched
+    published: list[str] = []
+    real = os.replace
+
+    def replace(src: str | Path, dst: str | Path) -> None:
+        published.append(str(Path(dst).relative_to(tmp_path)))
+        real(src, dst)
+
+    monkeypatch.setattr(files.os, "replace", replace)
+    with staged(tmp_path) as stage:
+        assert stage.parent == tmp_path and stage.name.startswith(STAGING_PREFIX)
+        (stage / "cascade.json").write_text("{}")
+        (stage / "gate.json").write_text("{}")
+        (stage / "fast").mkdir()
+        (stage / "fast" / "gate.json").write_text("{}")
+        (stage / "fast" / "weights.npz").write_text("w")
+        (stage / "weights.npz").write_text("w")
+        (stage / "vote_weights.json").write_text("{}")
+        assert published == []  # nothing is visible while the stage is written
+    assert sorted(published[:3]) == ["fast/weights.npz", "vote_weights.json", "weights.npz"]
+    assert published[3:] == ["fast/gate.json", "gate.json", "cascade.json"]
+    assert (tmp_path / "feedback.sqlite3").read_text() == "verdicts"
+    assert not list(tmp_path.glob(f"{STAGING_PREFIX}*"))
+
+
+def test_a_staged_write_that_fails_changes_nothing(tmp_path: Path) -> None:
+    (tmp_path / "gate.json").write_text("old")
+    with pytest.raises(RuntimeError, match="disk full"), staged(tmp_path) as stage:
+        (stage / "gate.json").write_text("new")
+        raise RuntimeError("disk full")
+    assert (tmp_path / "gate.json").read_text() == "old"
+    assert not list(tmp_path.glob(f"{STAGING_PREFIX}*"))
+
+
+def test_a_staging_folder_left_by_a_killed_run_is_removed_once_stale(tmp_path: Path) -> None:
+    stale, recent = tmp_path / f"{STAGING_PREFIX}dead", tmp_path / f"{STAGING_PREFIX}running"
+    for folder in (stale, recent):
+        folder.mkdir()
+        (folder / "weights.npz").write_text("half")
+    old = time.time() - 2 * 3600
+    os.utime(stale, (old, old))
+    with staged(tmp_path) as stage:
+        (stage / "gate.json").write_text("{}")
+    assert not stale.exists()
+    assert recent.exists()  # perhaps another moe train still writing
+
+
+def test_a_gate_save_that_fails_midway_leaves_the_served_artifact_loadable(tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    served = _gate()
+    served.save(tmp_path / "gate")
+    before = _digests(tmp_path / "gate")
+    assert list(before) == ["examples.npz", "gate.json", "weights.npz"]
+
+    def disk_full(*args: object, **kwargs: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    # The weights are written, then the examples fail: in place, the weights would already be the new gate's.
+    monkeypatch.setattr(np, "savez_compressed", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        _gate(" please").save(tmp_path / "gate")
+    monkeypatch.undo()
+    assert _digests(tmp_path / "gate") == before
+    loaded = Gate.load(tmp_path / "gate", FakeHashingEncoder())
+    query = FakeHashingEncoder().encode(["fix this segfault"])
+    assert np.allclose(loaded.predict_proba(query, ["fix this segfault"]),
+                       served.predict_proba(query, ["fix this segfault"]))
+    retrained = _gate(" please")
+    retrained.save(tmp_path / "gate")
+    after = _digests(tmp_path / "gate")
+    assert after.keys() == before.keys() and after["weights.npz"] != before["weights.npz"]
+    Gate.load(tmp_path / "gate", FakeHashingEncoder())
