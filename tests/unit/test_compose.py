@@ -303,6 +303,19 @@ def test_router_stop_grace_period_follows_the_request_deadline(deadline_s: float
     assert deadline_s + 10 <= grace <= deadline_s + 60
 
 
+@pytest.mark.parametrize("timeout_s", [10.0, 120.0, 299.5])
+def test_vllm_servers_drain_a_generation_as_long_as_the_router_waits_for_one(timeout_s: float) -> None:
+    # vLLM aborts what is generating at SIGTERM unless --shutdown-timeout says how long to drain; Docker would
+    # SIGKILL it after 10 s (its default stop_grace_period) anyway.
+    config = parse_config({"version": 1, "gate": {"artifact": "../artifacts/gate"},
+                           "experts": [vllm("coder", "http://coder:8000/v1", timeout_s=timeout_s)]}, check_env=False)
+    service = render_compose(config)["services"]["coder"]
+    command = service["command"]
+    drain = int(command[command.index("--shutdown-timeout") + 1])
+    assert timeout_s <= drain < timeout_s + 1
+    assert drain + 10 <= stop_grace_s(service) <= drain + 60
+
+
 # --- docker compose itself ------------------------------------------------------------------------------
 
 

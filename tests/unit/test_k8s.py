@@ -120,19 +120,21 @@ def test_experts_leave_the_service_before_sigterm_with_time_to_drain(
     objects: dict[tuple[str, str], dict[str, Any]],
 ) -> None:
     # A short preStop sleep takes the pod out of the Service's endpoints before SIGTERM, so new connections go to
-    # the other replicas; the grace period covers the longest generation the router waits for (timeout_s, or the
-    # request deadline if shorter), for a server that drains on SIGTERM. (vLLM v0.12 aborts at SIGTERM instead,
-    # and the router's fallback asks the next expert: a long sleep would not save those, since the router's pooled
-    # keep-alive connections keep bringing new requests to a terminating pod until it exits.)
+    # the other replicas; at SIGTERM vLLM drains what is generating for --shutdown-timeout (without it, it aborts),
+    # which covers the longest generation the router waits for (timeout_s, or the request deadline if shorter),
+    # and the grace period covers the sleep and the drain.
     served = served_config(objects)
     vllm = [e for e in served.experts if e.type == "vllm"]
     assert vllm
     for expert in vllm:
         deployment = objects[("Deployment", service_name(expert))]
         longest = min(expert.timeout_s, served.fallback.deadline_s)
+        args = container(deployment)["args"]
+        drain = int(args[args.index("--shutdown-timeout") + 1])
         pre_stop = prestop_sleep_s(container(deployment))
         assert 3 <= pre_stop <= 30, expert.name
-        assert grace_period_s(deployment) >= pre_stop + longest + 5, expert.name
+        assert drain >= longest, expert.name
+        assert grace_period_s(deployment) >= pre_stop + drain + 5, expert.name
 
 
 def test_one_gpu_vllm_deployment_and_service_per_expert(
