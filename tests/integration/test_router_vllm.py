@@ -7,7 +7,7 @@ text, so these tests check routing and transport, not answer quality.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import aclosing
 from pathlib import Path
 
@@ -124,23 +124,34 @@ LONG = 380
 KILL_AFTER = 3
 
 
-async def stream_and_kill(orchestrator: Orchestrator, request: ChatRequest,
-                          doomed: VLLMServer) -> tuple[list[StreamPiece], StreamEnd]:
-    """Stream ``request``, freezing and then SIGKILLing ``doomed``'s process group once ``KILL_AFTER`` pieces have
-    arrived."""
+async def stream_and(orchestrator: Orchestrator, request: ChatRequest, after: int = 0,
+                     act: Callable[[], Awaitable[None]] | None = None) -> tuple[list[StreamPiece], StreamEnd]:
+    """Stream ``request``, awaiting ``act()`` (if given) once ``after`` pieces have arrived; the pieces and the
+    end."""
     pieces: list[StreamPiece] = []
     end: StreamEnd | None = None
     async with aclosing(orchestrator.stream(request)) as events:
         async for event in events:
             if isinstance(event, StreamPiece):
                 pieces.append(event)
-                if len(pieces) == KILL_AFTER:
-                    doomed.freeze()
-                    await asyncio.to_thread(doomed.kill)
+                if act is not None and len(pieces) == after:
+                    await act()
             else:
                 end = event
     assert end is not None
     return pieces, end
+
+
+async def stream_and_kill(orchestrator: Orchestrator, request: ChatRequest,
+                          doomed: VLLMServer) -> tuple[list[StreamPiece], StreamEnd]:
+    """Stream ``request``, freezing and then SIGKILLing ``doomed``'s process group once ``KILL_AFTER`` pieces have
+    arrived."""
+
+    async def kill() -> None:
+        doomed.freeze()
+        await asyncio.to_thread(doomed.kill)
+
+    return await stream_and(orchestrator, request, KILL_AFTER, kill)
 
 
 async def test_fallback_when_a_vllm_process_is_killed(vllm_experts: dict[str, VLLMServer], vllm_server_factory,  # type: ignore[no-untyped-def]

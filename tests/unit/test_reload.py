@@ -74,6 +74,15 @@ def service(path: Path, builds: Builds) -> Any:
     return create_app(builds(load_config(path)), reloader=reloader, environ={"MOE_ADMIN": ADMIN})
 
 
+def polling(path: Path, builds: Builds) -> tuple[SimpleNamespace, Reloader]:
+    """A reloader polling every 20 ms (started: call inside a running loop), bound to a holder serving ``path``."""
+    holder = SimpleNamespace(orchestrator=builds(load_config(path)))
+    reloader = Reloader(path, build=builds, poll_s=0.02)
+    reloader.bind(holder)
+    reloader.start()
+    return holder, reloader
+
+
 async def models(http: httpx.AsyncClient) -> list[str]:
     return [m["id"] for m in (await http.get("/v1/models")).json()["data"]]
 
@@ -155,10 +164,7 @@ async def test_a_file_change_is_picked_up_by_polling_and_a_bad_one_only_once(
     caplog.set_level(logging.ERROR, logger="router.reload")
     path = write(tmp_path / "router.yaml", ["math"])
     builds = Builds()
-    holder = SimpleNamespace(orchestrator=builds(load_config(path)))
-    reloader = Reloader(path, build=builds, poll_s=0.02)
-    reloader.bind(holder)
-    reloader.start()
+    holder, reloader = polling(path, builds)
     try:
         write(path, ["math", "code"])
         for _ in range(200):
@@ -375,10 +381,7 @@ async def test_a_retrained_artifact_and_a_nested_router_config_are_picked_up_by_
                     {"name": "code", "type": "replay", "model": "code",
                      "replay": {"source": "routerbench", "path": "unused"}}]}))
     builds = Builds()
-    holder = SimpleNamespace(orchestrator=builds(load_config(path)))
-    reloader = Reloader(path, build=builds, poll_s=0.02)
-    reloader.bind(holder)
-    reloader.start()
+    _, reloader = polling(path, builds)
     try:
         await asyncio.sleep(0.1)
         assert len(builds.built) == 1  # nothing changed: no gate.json yet is no change
