@@ -250,7 +250,9 @@ def load_labelled_jsonl(path: str | Path) -> list[LabelledQuery]:
                                "queries ({'query', 'label'}); outcome records train a gate with `moe train` and "
                                "are scored by the outcome suites")
         if not isinstance(rec.get("query"), str) or not rec["query"].strip():
-            raise DatasetError(f"{where}: 'query' must be a non-empty string")
+            got = f", got {json.dumps(rec['query'])}" if "query" in rec else \
+                f", and is missing (the keys here: {', '.join(map(repr, rec))})"
+            raise DatasetError(f"{where}: 'query' must be a non-empty string{got}")
         label = rec.get("label")
         # bool is an int subclass, but true/false as a class number is far likelier a mistake than intended.
         blank = isinstance(label, str) and not label.strip()

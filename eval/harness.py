@@ -20,6 +20,7 @@ on-disk cache (``eval.embeddings``), so a second run of a suite embeds nothing.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -116,13 +117,20 @@ def run_suite(name: str, data_dir: str | Path | None, out: str | Path, *, encode
     ctx = SuiteContext(name=name, data_dir=Path(data_dir) if data_dir else default_data_dir(), out=Path(out),
                        encoder=cached, seed=seed, limit=limit, pool=pool, plots=plots, progress=progress,
                        train_path=Path(train) if train else None, test_path=Path(test) if test else None)
+    created = not ctx.out.exists()
     try:
         ctx.out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ValueError(f"--out {out}: cannot create the folder ({exc.strerror or exc})") from None
     started = time.perf_counter()
-    with warnings_once():  # the suites train several gates on the same data; each warning is shown once
-        body = label_suites.run_jsonl(ctx, oos_label=oos_label) if name == "jsonl" else SUITES[name](ctx)
+    try:
+        with warnings_once():  # the suites train several gates on the same data; each warning is shown once
+            body = label_suites.run_jsonl(ctx, oos_label=oos_label) if name == "jsonl" else SUITES[name](ctx)
+    except BaseException:
+        if created:  # a run refused (bad data, Ctrl-C) leaves no empty --out folder behind; one with figures stays
+            with contextlib.suppress(OSError):
+                ctx.out.rmdir()
+        raise
     setup = {"suite": name, "encoder": f"{cached.identity} (sha256 {cached.checksum[:12]}…)", "seed": seed,
              "data": str(ctx.data_dir) if name != "jsonl" else f"{train} / {test}", "limit": limit,
              "out": str(ctx.out),

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from router.vote_weights import VoteWeights
 
 __all__ = ["GateNotTrained", "VoteWeightsNotTrained", "build_breakers", "build_experts", "build_orchestrator",
-           "build_shared_state", "config_inputs", "load_gate", "load_vote_weights"]
+           "build_shared_state", "config_inputs", "load_gate", "load_problem", "load_vote_weights", "loading_problems"]
 
 
 class GateNotTrained(FileNotFoundError):
@@ -76,6 +76,11 @@ def load_gate(config: RouterConfig, encoders: Mapping[str, Encoder] | None = Non
     from router.gate import Gate
 
     path = config.resolve(config.gate.artifact)
+    if path.exists() and not path.is_dir():
+        from router.gate_artifact import GateArtifactMismatch
+
+        raise GateArtifactMismatch(f"{path}: exists and is not a folder; a gate artifact is the folder moe train "
+                                   "writes (moe train --config <this config>)")
     if not (path / "gate.json").exists():
         raise GateNotTrained(path)
     loaded = gate_encoders(config, encoders or {})
@@ -158,4 +163,41 @@ def config_inputs(config: RouterConfig, *, _seen: frozenset[Path] = frozenset())
             continue
         files.extend(config_inputs(inner, _seen=_seen | {nested}))
     return list(dict.fromkeys(files))
+
+
+def load_problem(exc: BaseException) -> tuple[str, str] | None:
+    """The config key a failure to load what the config names belongs to, and the message: the gate artifact
+    (absent, refused), its two-stage part, the learned vote weights; None for any other failure."""
+    from router.cascade import CascadeNotTrained
+    from router.gate_artifact import GateArtifactMismatch
+
+    if isinstance(exc, CascadeNotTrained):
+        return "gate.cascade", str(exc)
+    if isinstance(exc, GateNotTrained | GateArtifactMismatch):
+        return "gate.artifact", str(exc)
+    if isinstance(exc, VoteWeightsNotTrained):
+        return "combiner.vote_weights", str(exc)
+    return None
+
+
+def loading_problems(config: RouterConfig) -> list[tuple[str, str]]:
+    """What ``moe serve`` would refuse in the trained files the config names, found by loading them as it loads
+    them (``load_gate``, with the encoder; ``load_vote_weights``), as ``(key, message)`` problems. A gate not
+    trained yet is none: ``moe train`` writes it, vote weights included."""
+    path = config.resolve(config.gate.artifact)
+    if not path.exists() or (path.is_dir() and not (path / "gate.json").exists()):
+        return []
+    problems = []
+    try:
+        load_gate(config)
+    except Exception as exc:
+        found = load_problem(exc)
+        if found is None:
+            raise
+        problems.append(found)
+    try:
+        load_vote_weights(config)
+    except (VoteWeightsNotTrained, ValueError) as exc:  # absent, or naming none of the config's experts
+        problems.append(("combiner.vote_weights", str(exc)))
+    return problems
 

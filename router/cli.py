@@ -80,17 +80,18 @@ def cmd_serve_replay(args: argparse.Namespace) -> int:
 
 
 def cmd_config_check(args: argparse.Namespace) -> int:
+    from router.build import loading_problems
     from router.config import ConfigError
-    from router.gate import artifact_trained_experts, routing_problem
 
     config = _load(args.file, check_env=not args.no_env)
     artifact = config.resolve(config.gate.artifact)
-    trained = artifact_trained_experts(artifact)
-    if trained is not None:  # what moe serve would refuse, said now (without loading the encoder)
-        problem = routing_problem(config.expert_names, {e.name: e.examples for e in config.experts}, trained)
-        if problem is not None:
-            raise ConfigError(args.file, [("gate.artifact", f"{artifact}: {problem}")])
-    where = f"gate artifact {artifact}" if trained is not None else f"no gate artifact at {artifact} yet (moe train)"
+    # What moe serve would refuse in the trained gate (its encoder, its files, the experts it covers, a two-stage
+    # part, learned vote weights), said now: loaded as serve loads it.
+    problems = loading_problems(config)
+    if problems:
+        raise ConfigError(args.file, problems)
+    trained = (artifact / "gate.json").is_file()
+    where = f"gate artifact {artifact}" if trained else f"no gate artifact at {artifact} yet (moe train)"
     print(f"{args.file}: OK (version {config.version}, {len(config.experts)} experts: "
           f"{', '.join(config.expert_names)}; {where})")
     return 0
@@ -137,14 +138,29 @@ def _check_train_data(config: RouterConfig, source: str) -> None:
                                 f"Create it {how}.")
 
 
+def _one_target(args: argparse.Namespace) -> None:
+    """``route`` and ``ask`` go to a running service (``--url``) or route in-process (``--config``), not both."""
+    if args.url and args.config:
+        raise ValueError(f"--url {args.url} and --config {args.config}: give one; --url asks a running service "
+                         "(which has its own config), --config routes in this process")
+    if not args.url:
+        args.config = args.config or DEFAULT_CONFIG
+
+
 def cmd_route(args: argparse.Namespace) -> int:
     from router.sdk import Client, LocalRouter
+
+    _one_target(args)
 
     if args.url:
         with Client(args.url, api_key=args.api_key) as client:
             decision = client.route(args.query)
     else:
-        local = LocalRouter.from_config(args.config)
+        from router.build import build_orchestrator
+
+        # The gate's decision alone: no expert is called and nothing is recorded, so the experts' keys need not
+        # be set and no feedback store is opened (the config's folder may be read-only, a mounted artifact).
+        local = LocalRouter(build_orchestrator(_load(args.config, check_env=False)))
         decision = asyncio.run(local.route(args.query))
     print(json.dumps(decision.model_dump(), indent=2))
     return 0
@@ -152,6 +168,8 @@ def cmd_route(args: argparse.Namespace) -> int:
 
 def cmd_ask(args: argparse.Namespace) -> int:
     from router.sdk import Client, LocalRouter
+
+    _one_target(args)
 
     if args.stream:
         return _ask_streaming(args)
@@ -255,8 +273,8 @@ def _parser(settings: Settings | None = None) -> argparse.ArgumentParser:
                              ("ask", cmd_ask, "send a query through the router")):
         p = sub.add_parser(name, help=text)
         p.add_argument("query")
-        p.add_argument("--config", default=DEFAULT_CONFIG, help="route in-process with this config")
-        p.add_argument("--url", help="a running service instead, e.g. http://127.0.0.1:8000")
+        p.add_argument("--config", default=None, help=f"route in-process with this config (default: {DEFAULT_CONFIG})")
+        p.add_argument("--url", help="a running service instead, e.g. http://127.0.0.1:8000 (not with --config)")
         p.add_argument("--api-key", default=api_key,
                        help="the service's key (with --url); default: $MOE_API_KEY, which keeps it out of the "
                             "process list and the shell's history")
@@ -380,23 +398,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         # package to install; a traceback would bury it.
         return error(exc, 1)
     except Exception as exc:
-        message = _runtime_error(exc)
+        message = _runtime_error(exc, in_process=not getattr(args, "url", None))
         if message is None:
             raise
         return error(message, 1)
     return code
 
 
-def _runtime_error(exc: Exception) -> str | None:
+def _runtime_error(exc: Exception, *, in_process: bool = False) -> str | None:
     """The message for a failure a command can meet at run time (an expert that cannot answer or be built, an
     unknown model, a service that answers an error or cannot be reached); None for a bug, whose traceback is
     wanted. A service that cannot be reached is the SDK's ``RouterConnectionError``, a ``RouterAPIError``.
+    ``in_process``: the command routed in this process (``LocalRouter``), whose errors carry the HTTP status the
+    service would have answered with, not one that was answered, so the message leaves it out.
     Imported here, after the fact, so that a command that never meets them never imports them."""
     from experts.errors import ExpertError
     from router.fallback import AllExpertsFailed
     from router.orchestrator import NoCapableExpert, UnknownExpert
     from router.sdk import RouterAPIError
 
+    if in_process and isinstance(exc, RouterAPIError) and exc.status:
+        return f"{exc.message}{f' ({exc.code})' if exc.code else ''}"
     if isinstance(exc, ExpertError | AllExpertsFailed | UnknownExpert | NoCapableExpert | RouterAPIError):
         return str(exc)
     return None

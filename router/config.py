@@ -42,6 +42,8 @@ __all__ = [
 ]
 
 SCHEMA_VERSION = 1
+# The model name that asks the gate to route (beside ``service.name``): no expert may take it.
+ROUTED_MODEL = "auto"
 # How a combiner reads a final answer out of free text (``router.combine.EXTRACTORS``).
 Extractor = Literal["choice", "number", "short"]
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9._@/:+-]{0,127}$"
@@ -242,7 +244,7 @@ class GateConfig(_Strict):
     # A fast first stage; None: one gate decides every query.
     cascade: CascadeConfig | None = None
     # The trained classifier; ``moe train`` writes it. Relative to the config file.
-    artifact: str = "artifacts/gate"
+    artifact: str = Field(default="artifacts/gate", min_length=1)
     # JSONL files ``moe train`` learns from, each detected by its first record: labelled ({"query", "label"}),
     # trained with the experts' examples into a label gate, or outcome records ({"query", "outcomes": {expert:
     # score in [0, 1]}, "cost": {expert: cost}}), trained into an outcome gate. All files must be one kind.
@@ -506,6 +508,7 @@ def _cross_problems(raw: Any, *, check_env: bool, base_dir: str | Path | None = 
         return
     experts: list[Any] = raw["experts"] if isinstance(raw.get("experts"), list) else []
     names: list[str] = []
+    named: dict[str, str] = {}  # an expert's name -> its place, for the first expert of each name
     for i, e in enumerate(experts):
         if not isinstance(e, dict):
             continue
@@ -514,7 +517,11 @@ def _cross_problems(raw: Any, *, check_env: bool, base_dir: str | Path | None = 
         if isinstance(name, str):
             if name in names:
                 yield f"{where}.name", f"duplicate expert name {name!r}"
+            if name == ROUTED_MODEL:
+                yield f"{where}.name", (f"{name!r} is reserved: a request for model {name!r} is routed by the gate, "
+                                        "so no request could call this expert by name; rename it")
             names.append(name)
+            named.setdefault(name, where)
         kind = e.get("type")
         if isinstance(kind, str) and kind not in EXPERT_TYPES:
             yield f"{where}.type", f"unknown expert type {kind!r}; known: {', '.join(sorted(EXPERT_TYPES))}"
@@ -563,8 +570,13 @@ def _cross_problems(raw: Any, *, check_env: bool, base_dir: str | Path | None = 
                                         "experts, and max_attempts counts every expert tried, the panel included; "
                                         f"raise max_attempts to at least {k} or lower k")
     service: dict[str, Any] = raw["service"] if isinstance(raw.get("service"), dict) else {}
-    if service.get("name") in names:
-        yield "service.name", f"{service.get('name')!r} is also an expert's name"
+    if "name" in service and service["name"] in names:
+        yield "service.name", f"{service['name']!r} is also an expert's name"
+    elif "name" not in service and ServiceConfig.model_fields["name"].default in names:
+        default = ServiceConfig.model_fields["name"].default
+        yield f"{named[default]}.name", (f"{default!r} is the service's own model name (service.name, which routes "
+                                         "like 'auto', is that by default), so no request could call this expert "
+                                         "by name; rename the expert or set service.name")
     state: dict[str, Any] = raw["state"] if isinstance(raw.get("state"), dict) else {}
     security: dict[str, Any] = raw["security"] if isinstance(raw.get("security"), dict) else {}
     for section, block, key, example in (("state", state, "url_env", "MOE_REDIS_URL"),
@@ -661,10 +673,12 @@ _COMBINER_EXPERTS = (("aggregator", "fuse", "writes the final answer"),
                      ("escalate_to", "escalate", "answers when the panel disagrees"))
 
 
-def _expand_env(value: Any, unset: list[tuple[str, str]], where: str = "") -> Any:
+def _expand_env(value: Any, unset: list[tuple[str, str]], where: str = "",
+                malformed: list[str] | None = None) -> Any:
     """``value`` with each ``${VAR}`` and ``${VAR:-default}`` replaced from the environment; a variable that is
     unset and has no default becomes "" and is noted in ``unset`` as ``(path, name)``. ``$${VAR}`` stands for a
-    literal ``${VAR}``.
+    literal ``${VAR}``. A ``${`` that starts no reference (``${HOME`` unterminated, ``${1X}``) is left as written
+    and its path noted in ``malformed``.
 
     A ``*_env`` key's value is left alone: it names a variable. Expanded, a mistaken ``api_key_env: ${KEY}``
     would put the key itself where a variable's name goes, and into every message that names that variable.
@@ -683,11 +697,14 @@ def _expand_env(value: Any, unset: list[tuple[str, str]], where: str = "") -> An
                 unset.append((where or "<root>", name))
             return default or ""
 
+        if malformed is not None and "${" in _ENV_REF.sub("", value):
+            malformed.append(where or "<root>")
         return _ENV_REF.sub(substitute, value)
     if isinstance(value, list):
-        return [_expand_env(v, unset, f"{where}[{i}]") for i, v in enumerate(value)]
+        return [_expand_env(v, unset, f"{where}[{i}]", malformed) for i, v in enumerate(value)]
     if isinstance(value, dict):
-        return {k: v if k in _VERBATIM_KEYS else _expand_env(v, unset, f"{where}.{k}" if where else str(k))
+        return {k: v if k in _VERBATIM_KEYS else
+                _expand_env(v, unset, f"{where}.{k}" if where else str(k), malformed)
                 for k, v in value.items()}
     return value
 
@@ -721,10 +738,13 @@ def parse_config(raw: Any, *, source: str = "<config>", base_dir: str | Path = "
     every ``${VAR}`` without a default must be set; off only where the config is not used here but passed on
     to where its variables will be set (``moe compose``, whose containers get them)."""
     unset: list[tuple[str, str]] = []
-    raw = _expand_env(raw, unset)
+    malformed: list[str] = []
+    raw = _expand_env(raw, unset, malformed=malformed)
     if not isinstance(raw, dict):
         raise ConfigError(source, [("<root>", "the config must be a mapping")])
-    problems: list[tuple[str, str]] = []
+    problems: list[tuple[str, str]] = [
+        (path, "a '${' that starts no variable reference (unclosed, or not a variable's name): write ${NAME} or "
+               "${NAME:-default}, NAME of letters, digits and _ and not starting with a digit") for path in malformed]
     if "base_dir" in raw:  # set from the file's folder; a key of that name would be silently overwritten
         problems.append(("base_dir", "unknown key (not in the schema; paths resolve against the config's folder)"))
     if require_vars:

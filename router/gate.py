@@ -65,7 +65,6 @@ from router.gate_artifact import (
     GateArtifactMismatch,
     GateMetadata,
     ValidationMetrics,
-    artifact_trained_experts,  # noqa: F401
     read_artifact,
     write_artifact,
 )

@@ -47,7 +47,6 @@ __all__ = [
     "GateArtifactMismatch",
     "GateMetadata",
     "ValidationMetrics",
-    "artifact_trained_experts",
     "read_artifact",
     "read_artifact_json",
     "write_artifact",
@@ -205,19 +204,6 @@ def _restore_artifact(path: Path, doc: dict[str, Any], encoder: Encoder) -> Gate
     module, _, name = GATE_KINDS[kind].partition(":")
     gate_cls: type[Gate] = getattr(importlib.import_module(module), name)
     return gate_cls._restore(encoder, experts, doc, metadata, weights, (ex["embeddings"], texts, labels))
-
-def artifact_trained_experts(directory: str | Path) -> list[str] | None:
-    """The experts a gate artifact was trained on (those with training data), read from its ``gate.json``
-    alone: no encoder, no weights, no checks. None when the folder holds no artifact (yet); a ``gate.json`` that
-    cannot be read as one raises, as ``Gate.load`` would (``GateArtifactMismatch``, ``OSError``)."""
-    try:
-        doc = _read_manifest(Path(directory))
-    except (FileNotFoundError, NotADirectoryError):  # what ``moe serve`` reports as "no trained gate"
-        return None
-    file = Path(directory) / _MANIFEST
-    experts = _expert_names(file, doc.get("experts"), "experts")
-    unseen = set(_expert_names(file, doc.get("unseen_experts") or [], "unseen_experts"))
-    return [e for e in experts if e not in unseen]
 
 def _read_manifest(path: Path) -> dict[str, Any]:
     """The artifact folder ``path``'s ``gate.json``, which must be a JSON object; ``FileNotFoundError`` when

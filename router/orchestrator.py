@@ -58,7 +58,7 @@ from experts.errors import ExpertConfigError, ExpertError, ExpertOverloaded
 from experts.types import ChatMessage, ChatRequest, ExpertReply
 from router.breaker import Breakers, CircuitOpen
 from router.combine import Combined, Combiner, TopOne, WeightedAnswer, build_combiner
-from router.config import RouterConfig
+from router.config import ROUTED_MODEL, RouterConfig
 from router.decide import Decider, GateLike, NoCapableExpert, needed_capabilities
 from router.dispatch import Capacity, Dispatcher, StreamOutcome, StreamPiece
 from router.errors import error_body
@@ -164,7 +164,7 @@ class Orchestrator:
         return await self.decider.assign(queries, capacity)
 
     def is_routed(self, model: str) -> bool:
-        return model in ("auto", self.config.service.name)
+        return model in (ROUTED_MODEL, self.config.service.name)
 
     async def _plan(self, request: ChatRequest) -> tuple[RouteDecision | None, list[WeightedExpert], list[str]]:
         """The panel to ask first and the ranking fallback walks. An expert named directly gets no fallback."""
@@ -178,7 +178,7 @@ class Orchestrator:
             # Fallback walks only experts able to serve the request.
             return decision, decision.chosen, [n for n in decision.ranking if n not in unable]
         if request.model not in self.experts:
-            raise UnknownExpert(request.model, ["auto", self.config.service.name, *self.experts])
+            raise UnknownExpert(request.model, [ROUTED_MODEL, self.config.service.name, *self.experts])
         return None, [WeightedExpert(expert=request.model, weight=1.0)], [request.model]
 
     def expert_states(self) -> dict[str, dict[str, Any]]:

@@ -436,9 +436,10 @@ def train_outcome_gate(records: Sequence[OutcomeRecord], encoder: Encoder, *, ex
     texts = [r.query for r in records]
     x = embed_texts(encoder, texts, progress=progress) if embeddings is None else np.asarray(embeddings, np.float32)
     folds = _folds(texts, seed)
-    with np.errstate(invalid="ignore"):
-        mean_cost = np.nanmean(record_costs, axis=0) if not np.isnan(record_costs).all() else np.zeros(len(experts))
-    cost = np.where(np.isnan(mean_cost), 0.0, mean_cost)
+    # An expert whose cost no record gives costs 0 (``_warn_thin_data`` has said so): summed over what is there,
+    # not numpy's nanmean, which warns of the empty column.
+    given = ~np.isnan(record_costs)
+    cost = np.where(given, record_costs, 0.0).sum(axis=0) / np.maximum(given.sum(axis=0), 1)
     record_tasks = [r.task for r in records]
     if model == KnnSuccess.kind:
         final: SuccessModel

@@ -28,11 +28,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from router.build import GateNotTrained, VoteWeightsNotTrained, build_orchestrator, config_inputs
+from router.build import build_orchestrator, config_inputs, load_problem
 from router.config import ConfigError, RouterConfig, load_config
 from router.errors import naming_config
 from router.feedback import feedback_path
-from router.gate_artifact import GateArtifactMismatch
 from router.orchestrator import Orchestrator
 
 __all__ = ["ReloadFailed", "Reloader", "restart_only_changes"]
@@ -160,14 +159,14 @@ class Reloader:
             return self.build(config), tuple(config_inputs(config))
         except ConfigError as exc:  # the file of a router nested in this one
             raise self._failed(exc) from exc
-        except (GateNotTrained, GateArtifactMismatch) as exc:
-            raise ReloadFailed(str(self.path), [("gate.artifact", self._told(exc))]) from exc
-        except VoteWeightsNotTrained as exc:
-            raise ReloadFailed(str(self.path), [("combiner.vote_weights", self._told(exc))]) from exc
         except Exception as exc:
-            # Anything else that stops the build (an expert's class, say) must not reach the running service: it
-            # is reported as one more problem.
-            raise ReloadFailed(str(self.path), [("<build>", f"{type(exc).__name__}: {self._told(exc)}")]) from exc
+            # The gate artifact, its two-stage part, the vote weights: named by their key (``load_problem``).
+            # Anything else that stops the build (an expert's class, say) must not reach the running service
+            # either: it is reported as one more problem.
+            found = load_problem(exc)
+            where = found[0] if found is not None else "<build>"
+            told = self._told(exc) if found is not None else f"{type(exc).__name__}: {self._told(exc)}"
+            raise ReloadFailed(str(self.path), [(where, told)]) from exc
 
     def _failed(self, exc: ConfigError) -> ReloadFailed:
         where = "" if exc.source == str(self.path) else f"{exc.source}: "

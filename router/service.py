@@ -34,6 +34,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from experts.types import ChatRequest
+from router.config import ROUTED_MODEL
 from router.errors import error_body, retry_after_header
 from router.fallback import AllExpertsFailed
 from router.feedback import FeedbackBody, FeedbackStore
@@ -406,7 +407,7 @@ async def _route_batch(request: Request, o: Orchestrator) -> Response:
 
 
 def model_names(o: Orchestrator) -> list[str]:
-    return ["auto", o.config.service.name, *o.config.expert_names]
+    return [ROUTED_MODEL, o.config.service.name, *o.config.expert_names]
 
 
 def model_object(name: str) -> dict[str, Any]:
@@ -576,7 +577,7 @@ def _model_label(app: FastAPI, model: str | None) -> str:
     if model is None or app.state.orchestrator is None:
         return ""
     config = app.state.orchestrator.config
-    return model if model in ("auto", config.service.name, *config.expert_names) else "other"
+    return model if model in (ROUTED_MODEL, config.service.name, *config.expert_names) else "other"
 
 
 class _Edge:

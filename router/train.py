@@ -220,10 +220,14 @@ def train_from_config(config: RouterConfig, *, progress: bool = True,
                                    familiar=config.gate.cascade.familiar)
     # One staging folder for the whole artifact: the gate, its fast stage and the vote weights are renamed into
     # place together once all are written, so a running service's reload watch never reads half of a new one.
-    with staged(artifact) as stage:
-        served.save(stage)
-        if vote_weights is not None:
-            vote_weights.save(stage)
+    try:
+        with staged(artifact) as stage:
+            served.save(stage)
+            if vote_weights is not None:
+                vote_weights.save(stage)
+    except OSError as exc:  # a read-only or full disk: named by the key to change, not by the staging folder
+        raise OSError(f"gate.artifact {artifact}: cannot write the gate there ({exc.strerror or exc}); make the "
+                      "folder writable, or set gate.artifact to one that is") from exc
     if config.gate.cascade is None:
         forget_cascade(artifact)  # a fast stage trained with earlier data must not be paired with this gate
     return served

@@ -12,7 +12,6 @@ import pytest
 
 from router.cli import main
 from router.encoders import sha256_file
-from router.gate import GateArtifactMismatch, artifact_trained_experts
 
 CONFIG = ("version: 1\ngate:\n  artifact: gate\nexperts:\n"
           "  - {name: coder, type: vllm, endpoint: 'http://127.0.0.1:9/v1', model: m, description: code, "
@@ -38,14 +37,17 @@ def config(tmp_path: Path, trained: Path) -> Path:
 
 
 def _both_commands_say(config: Path, capsys: pytest.CaptureFixture[str], *says: str) -> None:
-    """`moe config check` and `moe route` (the path `moe serve` loads the gate by) each end in one error line
-    with every one of ``says`` and the retrain command for this config."""
-    for argv in (["config", "check", str(config)], ["route", "hi", "--config", str(config)]):
-        assert main(argv) == 1, argv
-        out, err = capsys.readouterr()
-        assert "OK" not in out and err.startswith("error: ") and err.count("\n") == 1, (argv, out, err)
-        for text in (*says, f"moe train --config {config}"):
-            assert text in err, (argv, err)
+    """`moe route` (the path `moe serve` loads the gate by) ends in one error line with every one of ``says`` and
+    the retrain command for this config; `moe config check` lists the same as its problem with ``gate.artifact``."""
+    assert main(["route", "hi", "--config", str(config)]) == 1
+    out, err = capsys.readouterr()
+    assert err.startswith("error: ") and err.count("\n") == 1, (out, err)
+    assert main(["config", "check", str(config)]) == 2
+    out, listed = capsys.readouterr()
+    assert "OK" not in out and "1 problem(s) in the config" in listed, (out, listed)
+    assert f"  - gate.artifact: {err.removeprefix('error: ')}" in listed, (err, listed)
+    for text in (*says, f"moe train --config {config}"):
+        assert text in err, err
 
 
 @pytest.mark.parametrize(("contents", "says"), [
@@ -120,11 +122,33 @@ def test_a_gate_json_missing_what_a_gate_needs_is_named(config: Path, capsys: py
     assert f"moe train --config {config}" in err
 
 
-def test_no_artifact_yet_is_still_none_and_a_damaged_one_raises(tmp_path: Path) -> None:
-    assert artifact_trained_experts(tmp_path / "absent") is None
-    (tmp_path / "file").write_text("")
-    assert artifact_trained_experts(tmp_path / "file") is None  # gate.artifact names a file: serve says untrained
-    (tmp_path / "gate").mkdir()
-    (tmp_path / "gate" / "gate.json").write_text("{not json")
-    with pytest.raises(GateArtifactMismatch, match=r"gate\.json: corrupt"):
-        artifact_trained_experts(tmp_path / "gate")
+def _edited(config: Path, old: str, new: str) -> Path:
+    config.write_text(config.read_text().replace(old, new, 1))
+    return config
+
+
+@pytest.mark.parametrize(("old", "new", "key", "says"), [
+    ("  artifact: gate\n", "  artifact: gate\n  encoder: {backend: onnx, max_length: 128}\n", "gate.artifact",
+     "trained with encoder max_length 256"),
+    ("  artifact: gate\n", "  artifact: gate\ncombiner: {strategy: vote, vote_weights: learned}\n",
+     "combiner.vote_weights", "holds no vote_weights.json"),
+    ("  artifact: gate\n", "  artifact: gate.txt\n", "gate.artifact", "gate.txt: exists and is not a folder"),
+])
+def test_config_check_loads_the_gate_as_serve_would_and_lists_what_it_would_refuse(
+        config: Path, capsys: pytest.CaptureFixture[str], old: str, new: str, key: str, says: str) -> None:
+    (config.parent / "gate.txt").write_text("not a folder")
+    assert main(["config", "check", str(_edited(config, old, new))]) == 2
+    err = capsys.readouterr().err
+    assert f"  - {key}: " in err and says in err, err
+
+
+def test_config_check_passes_a_trained_gate_and_an_expert_added_with_examples(
+        config: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    added = ("  - {name: cook, type: vllm, endpoint: 'http://127.0.0.1:9/v1', model: m, description: cooking, "
+             "examples: ['how long do I boil an egg']}\n")
+    config.write_text(config.read_text() + added)
+    assert main(["config", "check", str(config)]) == 0
+    assert f"gate artifact {config.parent / 'gate'})" in capsys.readouterr().out
+    config.write_text(config.read_text().replace(", examples: ['how long do I boil an egg']", ""))
+    assert main(["config", "check", str(config)]) == 2
+    assert "cannot route to expert(s) 'cook'" in capsys.readouterr().err

@@ -68,31 +68,6 @@ def test_config_check_lists_every_problem(tmp_path: Path, capsys: pytest.Capture
     assert "gate.default_expert: references expert 'writer', which is not defined" in err
 
 
-def test_config_check_says_what_serve_would_refuse_about_the_gate_artifact(
-        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """An expert with only a description, neither in the trained artifact nor given examples: serve would refuse
-    it, so config check does (reading gate.json alone); with examples it is a cold start, and fine."""
-    import json
-
-    (tmp_path / "gate").mkdir()
-    (tmp_path / "gate" / "gate.json").write_text(json.dumps({"experts": ["coder", "cook", "spare"],
-                                                             "unseen_experts": ["spare"]}))
-
-    def config(lawyer: str) -> Path:
-        path = tmp_path / "router.yaml"
-        path.write_text("version: 1\ngate:\n  artifact: gate\nexperts:\n"
-                        "  - {name: coder, type: vllm, endpoint: 'http://127.0.0.1:9/v1', model: m}\n"
-                        "  - {name: lawyer, type: vllm, endpoint: 'http://127.0.0.1:9/v1', model: m, "
-                        f"description: legal questions{lawyer}}}\n")
-        return path
-
-    assert main(["config", "check", str(config(""))]) == 2
-    err = capsys.readouterr().err
-    assert "cannot route to expert(s) 'lawyer'" in err and str(tmp_path / "gate") in err
-    assert main(["config", "check", str(config(", examples: ['can I break my lease']"))]) == 0
-    assert f"gate artifact {tmp_path / 'gate'}" in capsys.readouterr().out
-
-
 def test_config_check_accepts_the_shipped_configs(capsys: pytest.CaptureFixture[str]) -> None:
     root = Path(__file__).resolve().parents[2]
     for name in ("demo.yaml", "compose.yaml"):
@@ -330,3 +305,61 @@ def test_serve_writes_one_log_stream_of_json_lines_at_its_log_level(tmp_path: Pa
     assert [(x["logger"], x["level"], x["message"]) for x in lines] == [
         ("uvicorn.error", "WARNING", "Started server process [42]"),
         ("experts.openai_compat", "WARNING", "expert coder (http://host/v1): HTTP 500 failed: boom")]
+
+
+ROUTED = ("version: 1\ngate:\n  artifact: gate\nexperts:\n"
+          "  - {name: coder, type: openai, endpoint: 'http://127.0.0.1:9/v1', model: m, api_key_env: MOE_TEST_NO_KEY,"
+          " examples: ['write a python function', 'fix this bug']}\n"
+          "  - {name: lawyer, type: vllm, endpoint: 'http://127.0.0.1:9/v1', model: m, "
+          "examples: ['can I break my lease', 'is this contract valid']}\n")
+
+
+@pytest.fixture(scope="module")
+def routed(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A config with a gate trained from its examples, and an API key variable that is never set."""
+    folder = tmp_path_factory.mktemp("routed")
+    (folder / "router.yaml").write_text(ROUTED)
+    assert main(["train", "--config", str(folder / "router.yaml"), "--no-feedback"]) == 0
+    return folder / "router.yaml"
+
+
+def test_route_in_process_needs_no_expert_keys_and_opens_no_feedback_store(
+        routed: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.delenv("MOE_TEST_NO_KEY", raising=False)
+    capsys.readouterr()
+    before = sorted(p.name for p in routed.parent.rglob("*"))
+    assert main(["route", "fix this bug in my python code", "--config", str(routed)]) == 0
+    decision = json.loads(capsys.readouterr().out)
+    assert decision["ranking"][0] == "coder"
+    # Only the gate's decision: nothing written beside the config or the artifact (a read-only folder would do).
+    assert sorted(p.name for p in routed.parent.rglob("*")) == before and "feedback.sqlite3" not in before
+
+
+def test_route_names_a_bad_query_without_an_http_status_it_never_had(routed: Path,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["route", "   ", "--config", str(routed)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "HTTP" not in err and "holds no text" in err and "(invalid_request)" in err
+
+
+@pytest.mark.parametrize("command", ["route", "ask"])
+def test_url_and_config_together_are_refused(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([command, "hi", "--config", "configs/demo.yaml", "--url", "http://127.0.0.1:9"]) == 1
+    err = capsys.readouterr().err
+    assert "--url http://127.0.0.1:9 and --config configs/demo.yaml: give one" in err
+
+
+def test_train_names_gate_artifact_when_it_cannot_write_there(routed: Path, monkeypatch: pytest.MonkeyPatch,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    import router.files
+
+    def read_only(*args: object, **kwargs: object) -> str:
+        raise OSError(30, "Read-only file system")
+
+    before = (routed.parent / "gate" / "gate.json").read_bytes()
+    monkeypatch.setattr(router.files.tempfile, "mkdtemp", read_only)
+    assert main(["train", "--config", str(routed), "--no-feedback"]) == 1
+    err = capsys.readouterr().err
+    assert f"error: gate.artifact {routed.parent / 'gate'}: cannot write the gate there (Read-only file system)" in err
+    assert ".staging" not in err
+    assert (routed.parent / "gate" / "gate.json").read_bytes() == before

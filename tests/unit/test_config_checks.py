@@ -242,3 +242,28 @@ def test_a_redis_url_variable_that_holds_no_redis_url_is_named_without_its_value
     for good in ("redis://:pw@redis:6379/0", "rediss://h:6380", "unix:///run/redis.sock"):
         monkeypatch.setenv("MOE_TEST_REDIS", good)
         assert parse_config(raw).state.url_env == "MOE_TEST_REDIS"
+
+
+def test_an_expert_may_not_take_the_name_that_routes() -> None:
+    found = problems({"version": 1, "experts": [expert(name="auto"), expert(name="beta")]})
+    assert "'auto' is reserved" in found["experts[0] (auto).name"]
+
+
+def test_an_expert_named_like_the_default_service_name_is_named_as_the_problem() -> None:
+    # Without service: the default name, 'moe-router', still routes; the problem is the expert's name.
+    found = problems({"version": 1, "experts": [expert(name="beta"), expert(name="moe-router")]})
+    assert list(found) == ["experts[1] (moe-router).name"]
+    assert "the service's own model name" in found["experts[1] (moe-router).name"]
+    found = problems({"version": 1, "service": {"name": "beta"}, "experts": [expert(name="beta"), expert()]})
+    assert found == {"service.name": "'beta' is also an expert's name"}
+
+
+def test_an_empty_artifact_path_is_refused() -> None:
+    found = problems({"version": 1, "gate": {"artifact": ""}, "experts": [expert(), expert(name="beta")]})
+    assert "gate.artifact" in found
+
+
+@pytest.mark.parametrize("model", ["${HOME", "m-${1BAD}", "${}"])
+def test_a_dollar_brace_that_starts_no_reference_is_refused(model: str) -> None:
+    found = problems({"version": 1, "experts": [expert(model=model), expert(name="beta")]})
+    assert "starts no variable reference" in found["experts[0].model"]

@@ -135,7 +135,9 @@ def test_load_labelled_jsonl_reads_integer_labels_as_strings(tmp_path: Path) -> 
     [
         ("{not json", "not valid JSON"),
         ('{"query": "x"}', "'label' must be a non-empty string"),
-        ('{"query": 3, "label": "a"}', "'query' must be a non-empty string"),
+        ('{"query": 3, "label": "a"}', "'query' must be a non-empty string, got 3"),
+        ('{"text": "hi", "label": "a"}', "'query' must be a non-empty string, and is missing \\(the keys here: "
+                                         "'text', 'label'\\)"),
         ('{"query": "  ", "label": "a"}', "'query' must be a non-empty string"),
         ('{"query": "x", "label": "\\t"}', "'label' must be a non-empty string or an integer, got \"\\\\t\""),
         ('{"query": "x", "outcomes": {"a": 1}}', "an outcome record .* --train and --test take labelled queries"),

@@ -246,6 +246,11 @@ def test_training_data_with_one_label_names_the_file(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=rf"^--train {re.escape(str(one))}: its queries carry 1 label\(s\): "
                                          r"'alpha'; routing needs at least two$"):
         _jsonl_run(tmp_path, one, test, tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # the refused run leaves no empty --out folder behind
+    (tmp_path / "kept").mkdir()
+    with pytest.raises(ValueError, match="routing needs at least two"):
+        _jsonl_run(tmp_path, one, test, tmp_path / "kept")
+    assert (tmp_path / "kept").is_dir()  # a folder that was there before stays
 
 
 # ---------------------------------------------------------------- 6: each warning once per run

@@ -458,3 +458,22 @@ def test_the_route_decision_names_the_query_s_likeliest_tasks() -> None:
     assert decision.tasks == assessed.tasks[0]
     without = train_outcome_gate(_task_records(outcomes, [None] * len(x)), table, progress=False, embeddings=x)
     assert without.task_probabilities(x[:5]) is None and without.assess(texts[:5]).tasks is None
+
+
+def test_an_expert_whose_cost_no_record_gives_trains_without_numpy_warnings() -> None:
+    """The warning training gives for it is the router's own (``_warn_thin_data``), not numpy's "Mean of empty
+    slice" with a source line; the expert's cost counts as 0."""
+    import warnings
+
+    from tests.doubles.fakes import FakeHashingEncoder
+
+    rng = np.random.default_rng(1)
+    records = [OutcomeRecord(f"question {i} on topic {i % 5}", {"a": float(rng.random() < 0.6),
+                                                                "b": float(rng.random() < 0.5), "c": 1.0},
+                             {"a": 0.01, "b": 0.002}) for i in range(120)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        gate = train_outcome_gate(records, FakeHashingEncoder(), experts=["a", "b", "c"], cost_weight=0.5,
+                                  progress=False)
+    assert gate.experts == ["a", "b", "c"]
+    assert gate.metadata.metrics.routed_accuracy is not None and np.isfinite(gate.metadata.metrics.routed_accuracy)
