@@ -202,10 +202,10 @@ class Reloader:
                 stamps[path] = stat.st_mtime_ns, stat.st_size, stat.st_ino  # a rename over it changes the inode
         return stamps
 
-    def changed(self) -> bool:
-        """Whether a watched file differs from the one last read (a missing file is no change: editors replace
-        files, and an artifact not trained yet has none)."""
-        return any(stamp is not None and stamp != self._seen.get(path) for path, stamp in self._stamp().items())
+    def changed(self) -> list[Path]:
+        """The watched files that differ from the ones last read (a missing file is no change: editors replace
+        files, and an artifact not trained yet has none); empty when none does."""
+        return [path for path, stamp in self._stamp().items() if stamp is not None and stamp != self._seen.get(path)]
 
     async def _reload_logged(self) -> None:
         with contextlib.suppress(ReloadFailed):  # already logged; the old config keeps serving
@@ -214,7 +214,9 @@ class Reloader:
     async def _poll(self, interval: float) -> None:
         while True:
             await asyncio.sleep(interval)
-            if self.changed():
+            changed = self.changed()
+            if changed:
+                log.info("reloading: %s changed", ", ".join(map(str, changed)))
                 await self._reload_logged()
 
     def _spawn(self, work: Any) -> None:

@@ -322,7 +322,9 @@ def test_a_feedback_path_whose_folder_cannot_be_made_names_feedback_path(tmp_pat
 
     assert main(["train", "--config", str(config), "--no-feedback"]) == 0
     capsys.readouterr()
-    assert main(["route", "hi", "--config", str(config)]) == 1  # the store opens as `moe serve` opens it
+    # `moe ask` in process answers as the service would, remembering answers for rating: the store opens as
+    # `moe serve` opens it, before any expert is called. (`moe route` records nothing and opens none.)
+    assert main(["ask", "hi", "--config", str(config)]) == 1
     assert capsys.readouterr().err.startswith(f"error: {says}")
 
 

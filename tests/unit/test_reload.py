@@ -368,7 +368,8 @@ async def _until(check: Any, tries: int = 300) -> bool:
     return bool(check())
 
 
-async def test_a_retrained_artifact_and_a_nested_router_config_are_picked_up_by_polling(tmp_path: Path) -> None:
+async def test_a_retrained_artifact_and_a_nested_router_config_are_picked_up_by_polling(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """The watch covers what the build reads besides the config: the artifact's gate.json, once ``moe train``
     publishes it (absent at first: no change), and a nested router's config file."""
     from router.files import atomic_write_text
@@ -386,8 +387,10 @@ async def test_a_retrained_artifact_and_a_nested_router_config_are_picked_up_by_
         await asyncio.sleep(0.1)
         assert len(builds.built) == 1  # nothing changed: no gate.json yet is no change
         (tmp_path / "gate").mkdir()
+        caplog.set_level(logging.INFO, logger="router.reload")
         atomic_write_text(tmp_path / "gate" / "gate.json", "{}\n")  # as moe train publishes it
         assert await _until(lambda: len(builds.built) == 2)
+        assert f"reloading: {tmp_path / 'gate' / 'gate.json'} changed" in caplog.messages
         atomic_write_text(tmp_path / "gate" / "gate.json", '{"retrained": true}\n')
         assert await _until(lambda: len(builds.built) == 3)
         (tmp_path / "inner-gate").mkdir()
