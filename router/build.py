@@ -21,14 +21,19 @@ if TYPE_CHECKING:
     from router.state_redis import SharedState
     from router.vote_weights import VoteWeights
 
-__all__ = ["GateNotTrained", "VoteWeightsNotTrained", "build_breakers", "build_experts", "build_orchestrator",
-           "build_shared_state", "config_inputs", "load_gate", "load_problem", "load_vote_weights", "loading_problems"]
+__all__ = ["GateNotTrained", "VoteWeightsMismatch", "VoteWeightsNotTrained", "build_breakers", "build_experts",
+           "build_orchestrator", "build_shared_state", "config_inputs", "load_gate", "load_problem",
+           "load_vote_weights", "loading_problems"]
 
 
 class GateNotTrained(FileNotFoundError):
     def __init__(self, path: Path) -> None:
         super().__init__(f"no trained gate at {path}; train one with: moe train --config <this config>")
         self.path = path
+
+
+class VoteWeightsMismatch(ValueError):
+    """The learned vote weights beside the artifact name none of the config's experts."""
 
 
 class VoteWeightsNotTrained(FileNotFoundError):
@@ -117,7 +122,7 @@ def load_vote_weights(config: RouterConfig) -> VoteWeights | None:
         raise VoteWeightsNotTrained(path)
     weights = learned.restrict(config.expert_names)
     if not weights.experts:
-        raise ValueError(f"{path}: the learned vote weights name none of the config's experts "
+        raise VoteWeightsMismatch(f"{path}: the learned vote weights name none of the config's experts "
                          f"({', '.join(learned.experts)}); retrain with: moe train --config <this config>")
     return weights
 
@@ -137,17 +142,20 @@ def build_orchestrator(config: RouterConfig, *, context: ExpertContext | None = 
 
 def config_inputs(config: RouterConfig, *, _seen: frozenset[Path] = frozenset()) -> list[Path]:
     """The files besides its own that building ``config`` reads and that ``moe train`` or an edit may change
-    while the service runs, for the reload watch (``router.reload``): the gate artifact's last-published file of
-    each kind it reads (``gate.json``; ``cascade.json`` for a two-stage gate; the learned vote weights), and each
-    nested router's config file with what it reads in turn. Listed whether or not they exist yet."""
-    from router.cascade import CASCADE_FILE
+    while the service runs, for the reload watch (``router.reload``): the gate artifact's files (a two-stage gate's
+    fast stage and ``cascade.json`` too; the learned vote weights), and each nested router's config file with
+    what it reads in turn. Listed whether or not they exist yet."""
+    from router.cascade import CASCADE_FILE, FAST_DIR
     from router.config import ConfigError, load_config
     from router.vote_weights import FILE_NAME as VOTE_WEIGHTS_FILE
 
     artifact = config.resolve(config.gate.artifact)
-    files = [artifact / "gate.json"]
+    # Every file of the artifact, not only the manifests: a copy into place (cp -r, kubectl cp, rsync) may land
+    # gate.json before its arrays, whose arrival then has to trigger the reload that succeeds.
+    gate_files = ("weights.npz", "examples.npz", "gate.json")
+    files = [artifact / name for name in gate_files]
     if config.gate.cascade is not None:
-        files.append(artifact / CASCADE_FILE)
+        files += [artifact / FAST_DIR / name for name in gate_files] + [artifact / CASCADE_FILE]
     if config.combiner.vote_weights == "learned":
         files.append(artifact / VOTE_WEIGHTS_FILE)
     for expert in config.experts:
@@ -175,7 +183,7 @@ def load_problem(exc: BaseException) -> tuple[str, str] | None:
         return "gate.cascade", str(exc)
     if isinstance(exc, GateNotTrained | GateArtifactMismatch):
         return "gate.artifact", str(exc)
-    if isinstance(exc, VoteWeightsNotTrained):
+    if isinstance(exc, VoteWeightsNotTrained | VoteWeightsMismatch):
         return "combiner.vote_weights", str(exc)
     return None
 
@@ -187,17 +195,22 @@ def loading_problems(config: RouterConfig) -> list[tuple[str, str]]:
     path = config.resolve(config.gate.artifact)
     if not path.exists() or (path.is_dir() and not (path / "gate.json").exists()):
         return []
+    # On the CPU: a gate serves on any device (``gate.encoder.device``), and the check may run where the serving
+    # GPU is not.
+    gate = config.gate.model_copy(update={"encoder": config.gate.encoder.model_copy(update={"device": "cpu"})})
+    if gate.cascade is not None:
+        cascade = gate.cascade
+        gate = gate.model_copy(update={"cascade": cascade.model_copy(
+            update={"encoder": cascade.encoder.model_copy(update={"device": "cpu"})})})
+    on_cpu = config.model_copy(update={"gate": gate})
     problems = []
-    try:
-        load_gate(config)
-    except Exception as exc:
-        found = load_problem(exc)
-        if found is None:
-            raise
-        problems.append(found)
-    try:
-        load_vote_weights(config)
-    except (VoteWeightsNotTrained, ValueError) as exc:  # absent, or naming none of the config's experts
-        problems.append(("combiner.vote_weights", str(exc)))
+    for load in (load_gate, load_vote_weights):
+        try:
+            load(on_cpu)
+        except Exception as exc:
+            found = load_problem(exc)
+            if found is None:
+                raise
+            problems.append(found)
     return problems
 

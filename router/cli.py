@@ -14,6 +14,7 @@ from router.encoders import ENCODER_BACKENDS, EncoderChecksumError
 
 if TYPE_CHECKING:
     from router.config import RouterConfig
+    from router.orchestrator import Orchestrator
     from router.sdk import ChatResult
     from router.settings import Settings
 
@@ -39,14 +40,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from router.reload import Reloader
     from router.service import create_app
 
+    # Hot reload: on SIGHUP, POST /admin/reload, and (unless service.reload_poll_s is null) a file change. The
+    # shared state (Redis connections) is kept across reloads. Made before the file is read, and told what the
+    # config reads before the build reads it, so that an edit or a `moe train` while the service starts is
+    # reloaded once it runs.
+    def build(c: RouterConfig) -> Orchestrator:
+        return build_orchestrator(c, state=state)
+
+    reloader = Reloader(args.config, build=build, sighup=True)
     config = _load(args.config)  # validated before anything starts: a bad file stops here, every problem listed
+    reloader.poll_s = config.service.reload_poll_s
+    reloader.watch(config)
     # Redis (state.backend: redis) holds what replicas share: rate-limit buckets and breakers.
     state = build_shared_state(config, os.environ)
-    orchestrator = build_orchestrator(config, state=state)
-    # Hot reload: on SIGHUP, POST /admin/reload, and (unless service.reload_poll_s is null) a file change. The
-    # shared state (Redis connections) is kept across reloads.
-    reloader = Reloader(args.config, build=lambda c: build_orchestrator(c, state=state),
-                        poll_s=config.service.reload_poll_s, sighup=True)
+    orchestrator = build(config)
     app = create_app(orchestrator, rate_store=state.rate_store, reloader=reloader,
                      feedback=open_feedback_store(config))
     # One log stream, all JSON lines, at --log-level: the router's and the experts' (a request line per request,

@@ -7,7 +7,9 @@ and renamed over the old one (a rename within one folder is atomic on POSIX file
 first written into a staging folder inside its own folder, then published with one rename per file, the
 manifests (``gate.json``, then ``cascade.json``) last: the artifact on disk is mixed for the microseconds the
 renames take, not for the seconds the writing takes. A reader that still meets the mix is refused by the
-manifest's digests, and the reload watch reloads again once the last rename lands.
+manifest's digests (new arrays under the old ``gate.json``), or, for the files no digest ties to the gate
+(``cascade.json``, the vote weights), may load it; either way the rename after changes a file the reload watch
+stamps, and it reloads again.
 """
 
 from __future__ import annotations
@@ -35,6 +37,11 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     target = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:
+        # mkstemp makes the file 0600; give it the mode a plain write would (0666 less the umask), so a service
+        # running as another user (the image's) can still read what moe train wrote.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
         os.replace(tmp, target)
@@ -47,8 +54,9 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
 @contextlib.contextmanager
 def staged(directory: str | Path) -> Iterator[Path]:
     """A folder to write a whole artifact into; on a clean exit its files replace ``directory``'s files of the same
-    names (``_publish``). On an error nothing in ``directory`` changes. Files in ``directory`` the stage does not
-    hold (the feedback store beside the artifact, say) are left alone."""
+    names (``_publish``). An error while the stage is written changes nothing in ``directory`` (one during the
+    renames themselves, a disk failing, leaves those done). Files in ``directory`` the stage does not hold (the
+    feedback store beside the artifact, say) are left alone."""
     target = Path(directory)
     target.mkdir(parents=True, exist_ok=True)
     _remove_stale(target)

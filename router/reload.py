@@ -24,7 +24,7 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -94,8 +94,13 @@ class Reloader:
         self.sighup = sighup
         self.holder: Any = None
         self.on_swap: Callable[[Orchestrator, Orchestrator], None] | None = None
-        self._inputs: tuple[Path, ...] = ()  # what the running config's build read, besides ``path``
-        self._seen = self._stamp()
+        self._inputs: tuple[Path, ...] = ()  # what the running config's build reads, besides ``path``
+        self._watching = False  # ``watch`` has stamped them
+        self._seen = self._stamp()  # ``path`` stamped now: construct the reloader before reading the file
+        # What the latest ``_load`` found the file's config reads, stamped before its build read them: kept by
+        # ``reload`` whether the build succeeds (the new inputs) or not (watched besides the old ones, so that
+        # training the gate a refused config names reloads it).
+        self._candidate: dict[Path, tuple[int, int, int] | None] | None = None
         self._lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[None]] = set()
         self._retiring: set[Orchestrator] = set()
@@ -106,13 +111,21 @@ class Reloader:
         self.refused = 0
         self.last_refused = False
 
+    def watch(self, config: RouterConfig) -> None:
+        """Stamp what building ``config`` (the file's, as first read) reads; call it before that build, so a
+        ``moe train`` publishing while the service starts is reloaded once it runs."""
+        stamps = self._stamps(config_inputs(config))
+        self._inputs = tuple(stamps)
+        self._seen = {self.path: self._seen.get(self.path), **stamps}
+        self._watching = True
+
     def bind(self, holder: Any, on_swap: Callable[[Orchestrator, Orchestrator], None] | None = None) -> None:
-        """Where the live orchestrator is held; ``on_swap(old, new)`` runs right after each swap."""
+        """Where the live orchestrator is held; ``on_swap(old, new)`` runs right after each swap. Without an
+        earlier ``watch``, the held orchestrator's config is watched from now on."""
         self.holder, self.on_swap = holder, on_swap
         config = getattr(getattr(holder, "orchestrator", None), "config", None)
-        if isinstance(config, RouterConfig):
-            self._inputs = tuple(config_inputs(config))
-            self._seen = self._stamp()
+        if not self._watching and isinstance(config, RouterConfig):
+            self.watch(config)
 
     # -- the reload itself ------------------------------------------------------------------------------------
     async def reload(self) -> Orchestrator:
@@ -122,11 +135,15 @@ class Reloader:
         async with self._lock:
             # Stamped before reading: a write racing the read changes the stamp again and is picked up next.
             before = self._seen = self._stamp()
+            self._candidate = None
             try:
-                new, inputs = await asyncio.to_thread(self._load)
+                new = await asyncio.to_thread(self._load)
             except ReloadFailed as exc:
                 self.refused += 1
                 self.last_refused = True
+                if self._candidate is not None:  # the refused config's inputs are watched too, from their stamps
+                    self._inputs = tuple(dict.fromkeys((*self._inputs, *self._candidate)))
+                    self._seen = {**self._candidate, **before}
                 log.error("%s", exc)
                 raise
             old: Orchestrator = self.holder.orchestrator
@@ -135,10 +152,10 @@ class Reloader:
                 if name in old.config.expert_names and new.config.expert(name) != old.config.expert(name):
                     new.breakers.reset(name)
             self.holder.orchestrator = new
-            # The new config may read other files: those it shares with the old keep their stamps from before the
-            # read; the rest are stamped now.
-            self._inputs = inputs
-            self._seen = {**self._stamp(), **{p: s for p, s in before.items() if p in (self.path, *inputs)}}
+            # What the new config reads, as stamped before its build read it.
+            candidate: dict[Path, tuple[int, int, int] | None] = self._candidate or {}
+            self._inputs = tuple(candidate)
+            self._seen = {self.path: before.get(self.path), **candidate}
             if self.on_swap is not None:
                 self.on_swap(old, new)
             self._retire(old)
@@ -147,16 +164,17 @@ class Reloader:
             log.info("config reloaded from %s: experts %s", self.path, ", ".join(new.config.expert_names))
             return new
 
-    def _load(self) -> tuple[Orchestrator, tuple[Path, ...]]:
+    def _load(self) -> Orchestrator:
         try:
             config = load_config(self.path)
         except ConfigError as exc:
             raise self._failed(exc) from exc
+        self._candidate = self._stamps(config_inputs(config))
         fixed = restart_only_changes(self.holder.orchestrator.config, config)
         if fixed:
             raise ReloadFailed(str(self.path), fixed)
         try:
-            return self.build(config), tuple(config_inputs(config))
+            return self.build(config)
         except ConfigError as exc:  # the file of a router nested in this one
             raise self._failed(exc) from exc
         except Exception as exc:
@@ -192,8 +210,12 @@ class Reloader:
 
     # -- triggers ---------------------------------------------------------------------------------------------
     def _stamp(self) -> dict[Path, tuple[int, int, int] | None]:
+        return self._stamps((self.path, *self._inputs))
+
+    @staticmethod
+    def _stamps(paths: Iterable[Path]) -> dict[Path, tuple[int, int, int] | None]:
         stamps: dict[Path, tuple[int, int, int] | None] = {}
-        for path in (self.path, *self._inputs):
+        for path in paths:
             try:
                 stat = path.stat()
             except OSError:

@@ -34,6 +34,7 @@ Verdicts on experts no longer in the config are dropped.
 
 from __future__ import annotations
 
+import errno
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -226,8 +227,10 @@ def train_from_config(config: RouterConfig, *, progress: bool = True,
             if vote_weights is not None:
                 vote_weights.save(stage)
     except OSError as exc:  # a read-only or full disk: named by the key to change, not by the staging folder
-        raise OSError(f"gate.artifact {artifact}: cannot write the gate there ({exc.strerror or exc}); make the "
-                      "folder writable, or set gate.artifact to one that is") from exc
+        advice = "; make the folder writable, or set gate.artifact to one that is" \
+            if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS) else ""
+        raise OSError(f"gate.artifact {artifact}: cannot write the gate there ({exc.strerror or exc}){advice}") \
+            from exc
     if config.gate.cascade is None:
         forget_cascade(artifact)  # a fast stage trained with earlier data must not be paired with this gate
     return served

@@ -356,10 +356,32 @@ def test_train_names_gate_artifact_when_it_cannot_write_there(routed: Path, monk
     def read_only(*args: object, **kwargs: object) -> str:
         raise OSError(30, "Read-only file system")
 
+    def disk_full(*args: object, **kwargs: object) -> str:
+        raise OSError(28, "No space left on device")
+
     before = (routed.parent / "gate" / "gate.json").read_bytes()
     monkeypatch.setattr(router.files.tempfile, "mkdtemp", read_only)
     assert main(["train", "--config", str(routed), "--no-feedback"]) == 1
     err = capsys.readouterr().err
-    assert f"error: gate.artifact {routed.parent / 'gate'}: cannot write the gate there (Read-only file system)" in err
+    assert f"error: gate.artifact {routed.parent / 'gate'}: cannot write the gate there (Read-only file system); " \
+           "make the folder writable" in err
     assert ".staging" not in err
+    monkeypatch.setattr(router.files.tempfile, "mkdtemp", disk_full)
+    assert main(["train", "--config", str(routed), "--no-feedback"]) == 1
+    assert capsys.readouterr().err.endswith("cannot write the gate there (No space left on device)\n")
     assert (routed.parent / "gate" / "gate.json").read_bytes() == before
+
+
+def test_config_check_loads_the_gate_on_the_cpu_whatever_device_serves_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    import router.build
+
+    seen: list[str] = []
+    monkeypatch.setattr(router.build, "load_gate", lambda config: seen.append(config.gate.encoder.device))
+    (tmp_path / "gate").mkdir()
+    (tmp_path / "gate" / "gate.json").write_text("{}")
+    config = tmp_path / "router.yaml"
+    config.write_text(ROUTED.replace("  artifact: gate\n",
+                                     "  artifact: gate\n  encoder: {backend: sentence-transformers, device: cuda}\n"))
+    assert main(["config", "check", str(config), "--no-env"]) == 0
+    assert seen == ["cpu"] and "OK" in capsys.readouterr().out

@@ -5,6 +5,7 @@ starting) meets the old artifact or the new one, and a save that fails leaves th
 from __future__ import annotations
 
 import os
+import stat
 import time
 from pathlib import Path
 
@@ -43,6 +44,9 @@ def test_atomic_write_text_replaces_whole_and_leaves_no_temporary_file(tmp_path:
     assert target.read_text() == "new\n"
     assert target.stat().st_ino != inode  # renamed over, not rewritten in place
     assert sorted(p.name for p in tmp_path.iterdir()) == ["weights.json"]
+    # The mode a plain write gives (not mkstemp's 0600): a service running as another user reads it.
+    (tmp_path / "plain.json").write_text("x")
+    assert stat.S_IMODE(target.stat().st_mode) == stat.S_IMODE((tmp_path / "plain.json").stat().st_mode)
 
 
 def test_a_staged_write_publishes_data_files_first_and_manifests_last(tmp_path: Path,

@@ -417,10 +417,73 @@ def test_config_inputs_lists_what_the_build_reads(tmp_path: Path) -> None:
         "experts": [{"name": "math", "type": "router", "model": "math", "router_config": "inner.yaml"},
                     {"name": "back", "type": "router", "model": "back", "router_config": "router.yaml"}]}))
     listed = config_inputs(load_config(path))
-    gate = tmp_path / "gate"
-    assert listed[:3] == [gate / "gate.json", gate / "cascade.json", gate / "vote_weights.json"]
+    gate, arrays = tmp_path / "gate", ["weights.npz", "examples.npz", "gate.json"]
+    assert listed[:8] == [*(gate / f for f in arrays), *(gate / "fast" / f for f in arrays), gate / "cascade.json",
+                          gate / "vote_weights.json"]
     # The nested file and its artifact; a nested router naming this config again (a cycle the build refuses)
     # adds this config's file and stops there.
-    assert listed[3:5] == [tmp_path / "inner.yaml", Path("/abs/inner-gate/gate.json")]
-    assert listed[5] == path
+    assert listed[8:12] == [tmp_path / "inner.yaml", *(Path("/abs/inner-gate") / f for f in arrays)]
+    assert listed[12] == path
     assert len(listed) == len(set(listed))
+
+
+class ArtifactBuilds(Builds):
+    """Builds as ``Builds``, but like ``load_gate`` refuses a config whose artifact has no gate.json
+    (``GateNotTrained``), or whose weights.npz is not the one gate.json names (``GateArtifactMismatch``; here
+    gate.json holds the weights' text)."""
+
+    def __call__(self, config: RouterConfig) -> Orchestrator:
+        from router.build import GateNotTrained
+        from router.gate_artifact import GateArtifactMismatch
+
+        artifact = config.resolve(config.gate.artifact)
+        if not (artifact / "gate.json").exists():
+            raise GateNotTrained(artifact)
+        weights = artifact / "weights.npz"
+        if not weights.exists() or weights.read_text() != (artifact / "gate.json").read_text():
+            raise GateArtifactMismatch(f"{weights}: contents differ from the sha256 in gate.json")
+        return super().__call__(config)
+
+
+def _publish(folder: Path, version: str, *names: str) -> None:
+    folder.mkdir(exist_ok=True)
+    for name in names:
+        (folder / name).write_text(version)
+        stamp = (folder / name).stat().st_mtime_ns + 1_000_000_000
+        os.utime(folder / name, ns=(stamp, stamp))
+
+
+async def test_an_artifact_copied_gate_json_first_is_reloaded_once_its_arrays_land(tmp_path: Path) -> None:
+    path = write(tmp_path / "router.yaml", ["math", "code"], gate={"artifact": "gate"})
+    _publish(tmp_path / "gate", "v1", "weights.npz", "gate.json")
+    builds = ArtifactBuilds()
+    _, reloader = polling(path, builds)
+    try:
+        _publish(tmp_path / "gate", "v2", "gate.json")  # as cp -r copies it: gate.json before weights.npz
+        assert await _until(lambda: reloader.refused == 1)
+        assert reloader.last_refused and reloader.reloaded == 0
+        _publish(tmp_path / "gate", "v2", "weights.npz")
+        assert await _until(lambda: reloader.reloaded == 1)
+        assert not reloader.last_refused
+    finally:
+        await reloader.stop()
+
+
+async def test_training_the_gate_a_refused_config_names_reloads_it(tmp_path: Path) -> None:
+    """A config edited to an untrained artifact is refused with "train one with: moe train"; doing so reloads."""
+    path = write(tmp_path / "router.yaml", ["math", "code"], gate={"artifact": "g1"})
+    _publish(tmp_path / "g1", "v1", "weights.npz", "gate.json")
+    builds = ArtifactBuilds()
+    holder, reloader = polling(path, builds)
+    try:
+        write(path, ["math", "code"], gate={"artifact": "g2"})
+        assert await _until(lambda: reloader.refused == 1)
+        _publish(tmp_path / "g2", "v1", "weights.npz", "gate.json")
+        assert await _until(lambda: reloader.reloaded == 1)
+        assert holder.orchestrator.config.gate.artifact == "g2"
+        # The running config's inputs are now g2's alone: g1 changing reloads nothing.
+        _publish(tmp_path / "g1", "v9", "weights.npz", "gate.json")
+        await asyncio.sleep(0.15)
+        assert (reloader.reloaded, reloader.refused) == (1, 1)
+    finally:
+        await reloader.stop()
