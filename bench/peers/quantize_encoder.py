@@ -8,7 +8,11 @@ so the matrix products run on int8 kernels (VNNI where the CPU has it):
   with its own scale, and ``accuracy_level`` 4, which quantizes the activations to int8 per block of the same
   length;
 - ``w8a8-tensor`` and ``w8a8-channel``: ``quantize_dynamic``, int8 weights (one scale per matrix, or per output
-  column) and activations quantized per tensor at run time (``MatMulInteger``).
+  column) and activations quantized per tensor at run time (``MatMulInteger``);
+- ``w8a8-<group>``: ``w8a8-channel`` for one group of the six layers' products only, the rest left in fp32: the
+  attention's query, key and value projections (``qkv``), its output projection (``attn-out``), the feed-forward
+  block's first (``ffn-in``) or second (``ffn-out``) product. Which products tolerate int8 activations, and what
+  each saves.
 
 Input: the packaged graph with its weights folded to fp32 constants (``bench.encoder_variants`` writes it
 with onnxruntime's basic optimisations). Output: one ``.onnx`` per variant in ``--out``, and a JSON list of
@@ -53,7 +57,38 @@ def main() -> None:
         scope = "per output column" if per_channel else "per matrix"
         made.append({"name": name, "path": str(path),
                      "how": f"quantize_dynamic, int8 weights {scope}, activations per tensor"})
+    groups = _product_groups(onnx.load(str(args.folded)))
+    for group, nodes in groups.items():
+        path = args.out / f"w8a8-{group}.onnx"
+        others = [n for g, ns in groups.items() if g != group for n in ns]
+        quantize_dynamic(str(args.folded), str(path), weight_type=QuantType.QInt8, per_channel=True,
+                         nodes_to_exclude=others, op_types_to_quantize=["MatMul"])
+        made.append({"name": path.stem, "path": str(path),
+                     "how": f"quantize_dynamic as w8a8-channel, the {group} products only ({len(nodes)} of them)"})
     print(json.dumps(made))
+
+
+def _product_groups(model: object) -> dict[str, list[str]]:
+    """The names of the MatMuls by a constant weight, by their place in a layer, told from their input: the
+    attention block's LayerNorm output (``layer_norm``, ``layer_norm_2``, ...: query, key, value), the attention
+    output (``view_*``), the feed-forward block's LayerNorm output (``layer_norm_1``, ``layer_norm_3``, ...) and the
+    GELU output (``gelu*``). The names are the exporter's, so an export that names them otherwise fails here."""
+    groups: dict[str, list[str]] = {"qkv": [], "attn-out": [], "ffn-in": [], "ffn-out": []}
+    for node in model.graph.node:  # type: ignore[attr-defined]
+        source, weight = node.input[0] if node.input else "", node.input[1] if len(node.input) > 1 else ""
+        if node.op_type != "MatMul" or not weight.startswith("val_") or source.startswith("val_"):
+            continue
+        if source.startswith("view"):
+            groups["attn-out"].append(node.name)
+        elif source.startswith("gelu"):
+            groups["ffn-out"].append(node.name)
+        elif source.startswith("layer_norm"):
+            index = 0 if source == "layer_norm" else int(source.rsplit("_", 1)[1])
+            groups["qkv" if index % 2 == 0 else "ffn-in"].append(node.name)
+    counts = {g: len(n) for g, n in groups.items()}
+    if counts != {"qkv": 18, "attn-out": 6, "ffn-in": 6, "ffn-out": 6}:
+        raise SystemExit(f"unexpected products in the folded graph: {counts} (6 layers expected)")
+    return groups
 
 
 if __name__ == "__main__":
