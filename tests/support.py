@@ -37,6 +37,17 @@ def assert_imports_nothing_of(code: str, modules: Sequence[str]) -> None:
     assert result.returncode == 0, result.stderr
 
 
+def trained_config(folder: Path, text: str) -> Path:
+    """``folder/router.yaml`` holding ``text``, its gate trained by ``moe train`` from the config (its examples,
+    no feedback); the config's path."""
+    from router.cli import main
+
+    config = folder / "router.yaml"
+    config.write_text(text)
+    assert main(["train", "--config", str(config), "--no-feedback"]) == 0
+    return config
+
+
 def free_port() -> int:
     """A TCP port on loopback that nothing listens on right now."""
     with socket.socket() as s:

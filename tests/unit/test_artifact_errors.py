@@ -12,6 +12,7 @@ import pytest
 
 from router.cli import main
 from router.encoders import sha256_file
+from tests.support import trained_config
 
 CONFIG = ("version: 1\ngate:\n  artifact: gate\nexperts:\n"
           "  - {name: coder, type: vllm, endpoint: 'http://127.0.0.1:9/v1', model: m, description: code, "
@@ -23,10 +24,7 @@ CONFIG = ("version: 1\ngate:\n  artifact: gate\nexperts:\n"
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A gate trained once by `moe train` from the config's examples; each test damages a copy."""
-    folder = tmp_path_factory.mktemp("trained")
-    (folder / "router.yaml").write_text(CONFIG)
-    assert main(["train", "--config", str(folder / "router.yaml"), "--no-feedback"]) == 0
-    return folder / "gate"
+    return trained_config(tmp_path_factory.mktemp("trained"), CONFIG).parent / "gate"
 
 
 @pytest.fixture

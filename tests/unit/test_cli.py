@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from router.cli import main
+from tests.support import trained_config
 
 LOGGERS = ("router", "experts", "uvicorn", "uvicorn.error")
 
@@ -96,16 +97,13 @@ def test_serve_refuses_a_missing_gate_with_the_command_to_fix_it(tmp_path: Path,
     assert f"moe train --config {good}" in capsys.readouterr().err  # the command as it can be copied
 
 
-def trained_config(tmp_path: Path) -> Path:
+def served_config(tmp_path: Path) -> Path:
     """A config of two experts known by their examples, with its gate trained: what ``moe serve`` needs."""
-    config = tmp_path / "router.yaml"
-    config.write_text("version: 1\ngate:\n  artifact: gate\nexperts:\n"
-                      "  - {name: coder, type: vllm, endpoint: 'http://127.0.0.1:9/v1', model: m, "
-                      "description: code, examples: ['write a python function']}\n"
-                      "  - {name: lawyer, type: vllm, endpoint: 'http://127.0.0.1:9/v1', model: m, "
-                      "description: legal questions, examples: ['can I break my lease']}\n")
-    assert main(["train", "--config", str(config), "--no-feedback"]) == 0
-    return config
+    return trained_config(tmp_path, "version: 1\ngate:\n  artifact: gate\nexperts:\n"
+                          "  - {name: coder, type: vllm, endpoint: 'http://127.0.0.1:9/v1', model: m, "
+                          "description: code, examples: ['write a python function']}\n"
+                          "  - {name: lawyer, type: vllm, endpoint: 'http://127.0.0.1:9/v1', model: m, "
+                          "description: legal questions, examples: ['can I break my lease']}\n")
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="uvloop has no Windows build")
@@ -116,7 +114,7 @@ def test_serve_gets_uvloop_and_httptools_from_uvicorn_s_auto_choice(tmp_path: Pa
     import uvicorn
     import uvloop
 
-    config = trained_config(tmp_path)
+    config = served_config(tmp_path)
     served: dict[str, object] = {}
     monkeypatch.setattr(uvicorn, "run", lambda app, **options: served.update(options, app=app))
     assert main(["serve", "--config", str(config), "--port", "8123"]) == 0
@@ -289,7 +287,7 @@ def test_serve_writes_one_log_stream_of_json_lines_at_its_log_level(tmp_path: Pa
                                                                     capsys: pytest.CaptureFixture[str]) -> None:
     import uvicorn
 
-    config = trained_config(tmp_path)
+    config = served_config(tmp_path)
     served: dict[str, object] = {}
     monkeypatch.setattr(uvicorn, "run", lambda app, **options: served.update(options, app=app))
     for name in LOGGERS:  # as in a fresh process (restore_logging puts back what earlier tests left)
@@ -317,10 +315,7 @@ ROUTED = ("version: 1\ngate:\n  artifact: gate\nexperts:\n"
 @pytest.fixture(scope="module")
 def routed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A config with a gate trained from its examples, and an API key variable that is never set."""
-    folder = tmp_path_factory.mktemp("routed")
-    (folder / "router.yaml").write_text(ROUTED)
-    assert main(["train", "--config", str(folder / "router.yaml"), "--no-feedback"]) == 0
-    return folder / "router.yaml"
+    return trained_config(tmp_path_factory.mktemp("routed"), ROUTED)
 
 
 def test_route_in_process_needs_no_expert_keys_and_opens_no_feedback_store(
