@@ -697,7 +697,10 @@ def _expand_env(value: Any, unset: list[tuple[str, str]], where: str = "",
                 unset.append((where or "<root>", name))
             return default or ""
 
-        if malformed is not None and "${" in _ENV_REF.sub("", value):
+        # A '${' left once the references are taken out starts none; one inside a default (``${A:-${B}}``) would
+        # be kept as text, since defaults are not expanded.
+        if malformed is not None and ("${" in _ENV_REF.sub("", value) or any(
+                "${" in (m.group(3) or "") for m in _ENV_REF.finditer(value) if not m.group(1))):
             malformed.append(where or "<root>")
         return _ENV_REF.sub(substitute, value)
     if isinstance(value, list):

@@ -263,7 +263,7 @@ def test_an_empty_artifact_path_is_refused() -> None:
     assert "gate.artifact" in found
 
 
-@pytest.mark.parametrize("model", ["${HOME", "m-${1BAD}", "${}"])
+@pytest.mark.parametrize("model", ["${HOME", "m-${1BAD}", "${}", "${MOE_TEST_UNSET:-${HOME}}"])
 def test_a_dollar_brace_that_starts_no_reference_is_refused(model: str) -> None:
     found = problems({"version": 1, "experts": [expert(model=model), expert(name="beta")]})
     assert "starts no variable reference" in found["experts[0].model"]
