@@ -101,7 +101,8 @@ def run_banking77_intent(ctx: SuiteContext) -> dict[str, Any]:
     ctx.notes.append("Banking77's own train/test split")
     train = load_banking77(ctx.data_dir, "train")
     test, dropped = unseen_test(ctx, "Banking77", load_banking77(ctx.data_dir, "test"), train)
-    return evaluate_labels(ctx, _limit(ctx, train), _limit(ctx, test), title="Banking77, 77 intents",
+    train = _limit(ctx, train)
+    return evaluate_labels(ctx, train, _limit(ctx, test), title=f"Banking77, {len({q.label for q in train})} intents",
                            test_dropped=dropped)
 
 
@@ -252,7 +253,8 @@ def evaluate_labels(ctx: SuiteContext, train: Sequence[LabelledQuery], test: Seq
         body["figures"] = ["confusion_matrix.png", "reliability.png"]
         if cascade is not None and oos:
             plot_familiar_sweep(ctx.out / "cascade_familiar.png", cascade["familiar_sweep"],
-                                metrics["gate_abstain_oos"], f"{title}: two-stage gate, gate.cascade.familiar")
+                                metrics["gate_abstain_oos"], f"{title}: two-stage gate, gate.cascade.familiar",
+                                gate_label=f"{ctx.encoder.identity.split(':')[0]} gate alone")
             body["figures"].append("cascade_familiar.png")
     return body
 

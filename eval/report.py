@@ -185,7 +185,8 @@ def _finish(plt: Any, fig: Any, ax: Any, path: Path, title: str, *, xlabel: str,
         ax.legend(loc=legend, fontsize=legend_size)
     with _quiet_glyphs():
         fig.tight_layout()
-        fig.savefig(path, dpi=110)
+        # The bounding box of what was drawn, not the canvas: a long title or colorbar label is never cut off.
+        fig.savefig(path, dpi=110, bbox_inches="tight", pad_inches=0.15)
     plt.close(fig)
 
 
@@ -194,12 +195,17 @@ def plot_confusion(path: Path, matrix: np.ndarray, labels: Sequence[str], title:
     plt = _pyplot()
     rows = matrix.sum(axis=1, keepdims=True)
     norm = np.divide(matrix, rows, out=np.zeros(matrix.shape, dtype=float), where=rows > 0)
-    size = min(4 + 0.35 * len(labels), 24)
-    fig, ax = plt.subplots(figsize=(size, size * 0.85))
+    n = len(labels)
+    named = n <= 40
+    # The cells' square plus room for the tick labels (about 0.07 inch a character at 8 points), so a few
+    # long labels do not crush the matrix; beyond 40 labels, indices and smaller cells.
+    cells = min(max(3.5, (0.35 if named else 0.17) * n), 16.0)
+    room = 0.8 + (0.07 * max((len(_clipped(lab)) for lab in labels), default=0) if named else 0.4)
+    fig, ax = plt.subplots(figsize=(cells + room + 1.6, cells + room))
     im = ax.imshow(norm, cmap="Blues", vmin=0.0, vmax=1.0)
-    fig.colorbar(im, ax=ax, label="fraction of the true label's queries")
+    fig.colorbar(im, ax=ax, label="fraction of the true label's queries", shrink=0.8)
     key = ""
-    if len(labels) <= 40:
+    if named:
         shown = [_clipped(_legible(lab)) for lab in labels]
         ax.set_xticks(range(len(labels)), shown, rotation=90, fontsize=8)
         ax.set_yticks(range(len(labels)), shown, fontsize=8)
@@ -209,6 +215,8 @@ def plot_confusion(path: Path, matrix: np.ndarray, labels: Sequence[str], title:
                         color="white" if norm[i, j] > 0.5 else "black")
     else:  # too many to name on the axes: indices, keyed by report.md's per-class table
         key = " (index: the # column of report.md's per-class table)"
+        ax.set_xticks(range(0, n, 5), [str(i) for i in range(0, n, 5)], fontsize=7)
+        ax.set_yticks(range(0, n, 5), [str(i) for i in range(0, n, 5)], fontsize=7)
     _finish(plt, fig, ax, path, title, xlabel=f"predicted label{key}", ylabel=f"true label{key}")
 
 
@@ -227,7 +235,7 @@ def plot_reliability(path: Path, bins: ReliabilityBins, ece: float, title: str) 
            label="accuracy in bin")
     ax.plot([0, 1], [0, 1], "k--", label="perfect calibration")
     ax.plot(bins.confidence[filled], bins.accuracy[filled], "o", color="tab:orange", ms=4,
-            label="(mean confidence, accuracy)")
+            label="(mean confidence, accuracy)", clip_on=False)
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
     _finish(plt, fig, ax, path, f"{title}\nECE = {ece:.4f}", xlabel="confidence (max probability)",
@@ -235,37 +243,57 @@ def plot_reliability(path: Path, bins: ReliabilityBins, ece: float, title: str) 
 
 
 def plot_familiar_sweep(path: Path, sweep: Sequence[Mapping[str, Any]], gate_abstain_oos: float,
-                        title: str) -> None:
+                        title: str, *, gate_label: str = "full gate alone") -> None:
     """The two-stage gate over ``gate.cascade.familiar``: the share of in-scope queries its static stage decides
-    against the share of out-of-scope queries it abstains on, beside the full gate alone."""
+    against the share of out-of-scope queries it abstains on, beside the full gate alone (``gate_label``). The
+    points are joined in the order of the first axis; the default ``familiar`` is ringed."""
+    from router.cascade import FAMILIAR_SHARE
+
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 5))
-    x = [100 * float(r["fast_share"]) for r in sweep]
-    y = [100 * float(r["abstain_oos"]) for r in sweep]
-    ax.plot(x, y, "o-", color="tab:blue", label="two-stage gate (familiar = label)")
-    for r, xi, yi in zip(sweep, x, y, strict=True):
-        ax.annotate(f"{r['familiar']:g}", (xi, yi), textcoords="offset points", xytext=(4, -10), fontsize=8)
-    ax.axhline(100 * gate_abstain_oos, color="tab:red", ls="--", label="ONNX gate alone")
+    points = sorted((100 * float(r["fast_share"]), 100 * float(r["abstain_oos"]), float(r["familiar"])) for r in sweep)
+    x, y = [p[0] for p in points], [p[1] for p in points]
+    ax.plot(x, y, "o-", color="tab:blue", label="two-stage gate (point label: familiar)")
+    labels: dict[tuple[float, float], list[str]] = {}  # settings that land on the same point share one label
+    for xi, yi, familiar in points:
+        labels.setdefault((round(xi, 6), round(yi, 6)), []).append(f"{familiar:g}")
+        if math.isclose(familiar, FAMILIAR_SHARE):
+            ax.plot(xi, yi, "o", ms=12, mfc="none", mec="tab:red", label=f"the default, familiar = {familiar:g}")
+    for (xi, yi), names in labels.items():
+        ax.annotate(", ".join(names), (xi, yi), textcoords="offset points", xytext=(6, 4), fontsize=8)
+    ax.axhline(100 * gate_abstain_oos, color="tab:red", ls="--", label=gate_label)
+    ax.margins(0.15)
+    (x0, x1), (y0, y1) = ax.get_xlim(), ax.get_ylim()
+    ax.set_xlim(max(0.0, x0), min(100.0, x1))  # shares: never outside 0-100%
+    ax.set_ylim(max(0.0, y0), min(100.0, y1))
     _finish(plt, fig, ax, path, title, xlabel="in-scope test queries decided by the static stage (%)",
             ylabel="out-of-scope test queries sent to the default expert (%)", title_size=10, legend="lower left")
 
 
 def plot_quality_cost(path: Path, curve: Sequence[tuple[float, float]], hull: tuple[np.ndarray, np.ndarray],
                       singles: Mapping[str, tuple[float, float]], oracle: tuple[float, float] | None,
-                      cost_label: str, title: str) -> None:
-    """The router's (cost, accuracy) sweep, its non-decreasing convex hull, every single expert and the oracle."""
+                      cost_label: str, title: str, *, marked: Mapping[str, tuple[float, float]] | None = None) -> None:
+    """The router's (cost, accuracy) sweep, its non-decreasing convex hull, every single expert (grey squares)
+    and the oracle; ``marked``: the headline routers, each a labelled point."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7.5, 5.5))
+    fig, ax = plt.subplots(figsize=(8.5, 6))
     cx, cy = zip(*curve, strict=True)
-    ax.plot(cx, cy, ".-", color="tab:blue", label="gate, swept over λ")
+    ax.plot(cx, cy, ".-", color="tab:blue", label="success model alone (no margin), swept over λ")
     ax.plot(hull[0], hull[1], "--", color="tab:blue", alpha=0.5, label="convex hull (AIQ)")
+    ax.plot([], [], "s", color="tab:gray", ms=4, label="single expert")
     for name, (c, q) in singles.items():
         ax.plot(c, q, "s", color="tab:gray", ms=4)
-        ax.annotate(name.split("/")[-1][:24], (c, q), fontsize=6, xytext=(3, 2), textcoords="offset points")
+        ax.annotate(_clipped(name.split("/")[-1], 22), (c, q), fontsize=6, xytext=(3, 2), textcoords="offset points",
+                    annotation_clip=False)
+    for (name, (c, q)), (marker, color) in zip((marked or {}).items(), (("D", "tab:green"), ("P", "tab:purple")),
+                                               strict=False):
+        ax.plot(c, q, marker, color=color, ms=9, label=f"{name}: {q:.3f}")
     if oracle is not None:
         ax.plot(*oracle, "*", color="tab:red", ms=10, label="cheapest-correct oracle")
     ax.set_xscale("log")
-    _finish(plt, fig, ax, path, title, xlabel=cost_label, ylabel="accuracy", legend="lower right")
+    ax.grid(True, which="both", axis="x", alpha=0.25)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)  # beside the axes: it covers no point
+    _finish(plt, fig, ax, path, title, xlabel=cost_label, ylabel="accuracy")
 
 
 def plot_cost_curves(path: Path, curves: Mapping[str, Sequence[tuple[float, float]]],
@@ -350,7 +378,7 @@ def plot_accuracy_bars(path: Path, bars: Sequence[Bar], title: str, *,
     ticks = [f"{lab}\n{note}" if note else lab for lab, note in
              itertools.zip_longest(labels, notes[:len(labels)], fillvalue="")]
     ax.set_xticks(xs, ticks, fontsize=8)
-    ax.set_ylim(floor, min(1.02, max(tops) + 0.04))
+    ax.set_ylim(floor, min(1.0, max(tops) + 0.04))  # an accuracy; the value labels above the bars may overhang
     _finish(plt, fig, ax, path, title, xlabel="system",
             ylabel=f"{ylabel} (axis from {floor:.2f})" if floor > 0 else ylabel, legend="upper left")
 

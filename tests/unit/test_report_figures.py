@@ -116,3 +116,43 @@ def test_confusion_names_its_labels_clipped_or_keys_their_indices(tmp_path: Path
                              "per_class": {lab: {"precision": 1.0, "recall": 1.0, "f1": 1.0, "support": 1}
                                            for lab in many}})
     assert "| 59 | intent-59 |" in table
+
+
+def test_quality_cost_marks_the_headline_routers_beside_the_sweep(tmp_path: Path, drawn: list[Any]) -> None:
+    from eval.report import plot_quality_cost
+
+    curve = [(0.1, 0.5), (0.3, 0.62), (1.0, 0.70)]
+    plot_quality_cost(tmp_path / "q.png", curve, (np.array([0.1, 1.0]), np.array([0.5, 0.7])),
+                      {"org/model-a": (0.2, 0.6), "a-model-name-longer-than-any-label-may-be": (0.9, 0.74)},
+                      (0.1, 0.95), "USD per query", "title",
+                      marked={"router (margin tuned on val)": (1.2, 0.753), "served gate": (1.1, 0.767)})
+    _read_png(tmp_path / "q.png")
+    (ax,) = drawn
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert "router (margin tuned on val): 0.753" in legend and "served gate: 0.767" in legend
+    assert _points(ax, "D") == [(1.2, 0.753)] and _points(ax, "P") == [(1.1, 0.767)]
+    assert [t.get_text() for t in ax.texts] == ["model-a", "a-model-name-longer-t\u2026"]  # clipped, marked so
+
+
+def test_the_familiar_sweep_is_drawn_along_its_axis_with_the_default_ringed(tmp_path: Path,
+                                                                          drawn: list[Any]) -> None:
+    from eval.report import plot_familiar_sweep
+
+    sweep = [{"familiar": f, "fast_share": share, "abstain_oos": oos}
+             for f, share, oos in ((0.7, 0.585, 0.439), (0.8, 0.629, 0.439), (0.85, 0.578, 0.439),
+                                   (0.9, 0.59, 0.439), (0.95, 0.61, 0.39), (1.0, 0.59, 0.439))]
+    plot_familiar_sweep(tmp_path / "f.png", sweep, 0.488, "title", gate_label="onnx-int8 gate alone")
+    _read_png(tmp_path / "f.png")
+    (ax,) = drawn
+    line = next(li for li in ax.get_lines() if li.get_linestyle() == "-" and len(li.get_xdata()) == len(sweep))
+    assert list(line.get_xdata()) == sorted(line.get_xdata())  # joined along x: no segment drawn twice
+    # Settings that land on one point share its label; the default (0.9) is ringed and named in the legend.
+    assert "0.9, 1" in [t.get_text() for t in ax.texts]
+    assert "the default, familiar = 0.9" in [t.get_text() for t in ax.get_legend().get_texts()]
+    assert ax.get_ylim()[0] >= 0 and ax.get_ylim()[1] <= 100
+
+
+def test_an_accuracy_axis_stops_at_one(tmp_path: Path, drawn: list[Any]) -> None:
+    plot_accuracy_bars(tmp_path / "a.png", [("x", 0.9, (0.88, 0.99))], "title", references=[("oracle", 0.98)])
+    (ax,) = drawn
+    assert ax.get_ylim()[1] == 1.0
