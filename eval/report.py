@@ -42,8 +42,12 @@ def _jsonable(value: Any) -> Any:
         return _jsonable(value.tolist())
     if isinstance(value, np.generic):
         return _jsonable(value.item())
-    if isinstance(value, float) and not math.isfinite(value):
-        return None  # JSON has no NaN or infinity; null reads as "undefined"
+    if isinstance(value, float) and math.isinf(value):
+        # JSON has no infinity. An infinite setting means something (alpha = inf: the prior alone), so it is
+        # written as the gate's own settings write it (``moe train``'s summary), not as null.
+        return "inf" if value > 0 else "-inf"
+    if isinstance(value, float) and math.isnan(value):
+        return None  # null reads as "undefined"
     return value
 
 
@@ -70,11 +74,28 @@ def write_results(out: Path, results: Mapping[str, Any]) -> None:
 
 
 def _fmt(value: Any) -> str:
+    """A value as report.md shows it: numbers to 4 significant digits (inf as ∞, NaN and None as n/a), and a
+    setting that holds several (a mapping, a list) as ``key=value`` pairs or a comma list, not as Python's repr."""
     if isinstance(value, float | np.floating):
-        return "n/a" if not math.isfinite(float(value)) else f"{float(value):.4g}"
+        number = float(value)
+        if math.isinf(number):
+            return "∞" if number > 0 else "-∞"
+        return "n/a" if math.isnan(number) else f"{number:.4g}"
     if value is None:
         return "n/a"
+    if isinstance(value, Mapping):
+        return ", ".join(f"{k}={_fmt_inner(v)}" for k, v in value.items())
+    if isinstance(value, list | tuple):
+        return ", ".join(_fmt_inner(v) for v in value)
     return str(value)
+
+
+def _fmt_inner(value: Any) -> str:
+    """``_fmt`` for a value inside a mapping or list: one that holds several again is bracketed."""
+    shown = _fmt(value)
+    if isinstance(value, Mapping):
+        return f"({shown})"
+    return f"[{shown}]" if isinstance(value, list | tuple) else shown
 
 
 def _cell(value: Any) -> str:
@@ -95,6 +116,19 @@ def _rows_of(systems: Mapping[str, Mapping[str, Any]]) -> tuple[list[str], list[
     return ["system", *keys], [[name, *(m.get(k) for k in keys)] for name, m in systems.items()]
 
 
+def _curve_rows(curve: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The sweep's points by λ, without λ repeated as a column; consecutive λ with the same point share a row
+    (``λ=a to b``)."""
+    merged: list[tuple[list[float], dict[str, Any]]] = []
+    for p in curve:
+        point = {k: v for k, v in p.items() if k != "lambda"}
+        if merged and merged[-1][1] == point:
+            merged[-1][0][1] = p["lambda"]
+        else:
+            merged.append(([p["lambda"], p["lambda"]], point))
+    return {(f"λ={lo:.4g}" if lo == hi else f"λ={lo:.4g} to {hi:.4g}"): point for (lo, hi), point in merged}
+
+
 def render_markdown(results: Mapping[str, Any]) -> str:
     lines = [f"# Evaluation: {results['suite']}", ""]
     lines += [f"Command: `{results['command']}`", ""] if results.get("command") else []
@@ -112,7 +146,7 @@ def render_markdown(results: Mapping[str, Any]) -> str:
         lines += _table(*_rows_of(results["experts"]))
     if results.get("curve"):
         lines += ["## Quality–cost curve (swept over the cost weight λ)", ""]
-        lines += _table(*_rows_of({f"λ={p['lambda']:.4g}": p for p in results["curve"]}))
+        lines += _table(*_rows_of(_curve_rows(results["curve"])))
     if results.get("per_class"):
         # "#" is the label's row and column in the confusion matrix, whose figure shows indices past 40 labels.
         order = {lab: i for i, lab in enumerate(results.get("labels") or results["per_class"])}

@@ -156,3 +156,30 @@ def test_an_accuracy_axis_stops_at_one(tmp_path: Path, drawn: list[Any]) -> None
     plot_accuracy_bars(tmp_path / "a.png", [("x", 0.9, (0.88, 0.99))], "title", references=[("oracle", 0.98)])
     (ax,) = drawn
     assert ax.get_ylim()[1] == 1.0
+
+
+def test_settings_holding_several_values_read_as_text_and_infinity_as_such() -> None:
+    import json
+
+    results = {"suite": "x", "metrics": {"ratio": float("inf"), "undefined": float("nan")},
+               "setup": {"served_gate": {"cost_weight": 0.0, "temperature": 0.046340812231218005,
+                                         "alpha": float("inf")},
+                         "fixed_top3": ["gpt-4o", "claude-3-opus", "gemini-1.5-pro"],
+                         "identical": [["vote", "top1"]]}}
+    text = render_markdown(results)
+    assert "- served_gate: cost_weight=0, temperature=0.04634, alpha=∞" in text
+    assert "- fixed_top3: gpt-4o, claude-3-opus, gemini-1.5-pro" in text
+    assert "- identical: [vote, top1]" in text
+    assert "| ratio | ∞ |" in text and "| undefined | n/a |" in text
+    written = json.loads(json.dumps(report._jsonable(results)))
+    assert written["metrics"] == {"ratio": "inf", "undefined": None}  # as moe train writes an infinite alpha
+    assert written["setup"]["served_gate"]["alpha"] == "inf"
+
+
+def test_the_curve_table_names_each_lambda_once_and_merges_repeated_points() -> None:
+    curve = [{"lambda": 0.0, "cost": 2.0, "accuracy": 0.9}, {"lambda": 0.01, "cost": 1.0, "accuracy": 0.8},
+             {"lambda": 0.1, "cost": 0.5, "accuracy": 0.6}, {"lambda": 1.0, "cost": 0.5, "accuracy": 0.6}]
+    text = render_markdown({"suite": "x", "metrics": {}, "curve": curve})
+    assert "| system | cost | accuracy |" in text
+    assert "| λ=0.01 | 1 | 0.8 |" in text and "| λ=0.1 to 1 | 0.5 | 0.6 |" in text
+    assert text.count("| 0.5 | 0.6 |") == 1
