@@ -482,7 +482,8 @@ def run_mmlu_pro_combine(ctx: SuiteContext) -> dict[str, Any]:
         "for a scored question by an embedding classifier's category probabilities, never its recorded category, "
         "in every cross-validation fold and on test; the classifier's top category is right for "
         f"{task_accuracy:.4f} of the test questions",
-        "panel-size table: every k and weight scheme on the test split, for reading only (not used to choose)",
+        "panel-size table (panel_sizes in results.json): every k and weight scheme on the test split, for reading "
+        "only (not used to choose)",
     ]
     body: dict[str, Any] = {
         "metrics": metrics,

@@ -270,10 +270,14 @@ def plot_reliability(path: Path, bins: ReliabilityBins, ece: float, title: str) 
     ax.plot([0, 1], [0, 1], "k--", label="perfect calibration")
     ax.plot(bins.confidence[filled], bins.accuracy[filled], "o", color="tab:orange", ms=4,
             label="(mean confidence, accuracy)", clip_on=False)
+    for x, acc, n in zip(centres[filled], bins.accuracy[filled], bins.counts[filled], strict=True):
+        # How many queries each bar stands for: a bin of two looks as solid as one of two hundred.
+        ax.annotate(f"{int(n)}", (x, acc), xytext=(0, 3), textcoords="offset points", ha="center", fontsize=6,
+                    color="tab:gray", annotation_clip=False)
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
-    _finish(plt, fig, ax, path, f"{title}\nECE = {ece:.4f}", xlabel="confidence (max probability)",
-            ylabel="accuracy", legend="upper left")
+    _finish(plt, fig, ax, path, f"{title}\nECE = {ece:.4f} (grey: queries per bin)",
+            xlabel="confidence (max probability)", ylabel="accuracy", legend="upper left")
 
 
 def plot_familiar_sweep(path: Path, sweep: Sequence[Mapping[str, Any]], gate_abstain_oos: float,
