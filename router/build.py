@@ -5,12 +5,12 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from experts.base import Expert, ExpertContext
 from experts.registry import build_expert
 from router.breaker import Breakers
-from router.config import RouterConfig
+from router.config import CascadeConfig, GateConfig, RouterConfig
 from router.expert_types import EXPERT_TYPES
 from router.orchestrator import Orchestrator
 
@@ -24,6 +24,9 @@ if TYPE_CHECKING:
 __all__ = ["GateNotTrained", "VoteWeightsMismatch", "VoteWeightsNotTrained", "build_breakers", "build_experts",
            "build_orchestrator", "build_shared_state", "config_inputs", "load_gate", "load_problem",
            "load_vote_weights", "loading_problems"]
+
+
+_Stage = TypeVar("_Stage", GateConfig, CascadeConfig)
 
 
 class GateNotTrained(FileNotFoundError):
@@ -123,7 +126,7 @@ def load_vote_weights(config: RouterConfig) -> VoteWeights | None:
     weights = learned.restrict(config.expert_names)
     if not weights.experts:
         raise VoteWeightsMismatch(f"{path}: the learned vote weights name none of the config's experts "
-                         f"({', '.join(learned.experts)}); retrain with: moe train --config <this config>")
+                                  f"({', '.join(learned.experts)}); retrain with: moe train --config <this config>")
     return weights
 
 
@@ -147,15 +150,15 @@ def config_inputs(config: RouterConfig, *, _seen: frozenset[Path] = frozenset())
     what it reads in turn. Listed whether or not they exist yet."""
     from router.cascade import CASCADE_FILE, FAST_DIR
     from router.config import ConfigError, load_config
+    from router.gate_artifact import ARTIFACT_FILES
     from router.vote_weights import FILE_NAME as VOTE_WEIGHTS_FILE
 
     artifact = config.resolve(config.gate.artifact)
     # Every file of the artifact, not only the manifests: a copy into place (cp -r, kubectl cp, rsync) may land
     # gate.json before its arrays, whose arrival then has to trigger the reload that succeeds.
-    gate_files = ("weights.npz", "examples.npz", "gate.json")
-    files = [artifact / name for name in gate_files]
+    files = [artifact / name for name in ARTIFACT_FILES]
     if config.gate.cascade is not None:
-        files += [artifact / FAST_DIR / name for name in gate_files] + [artifact / CASCADE_FILE]
+        files += [artifact / FAST_DIR / name for name in ARTIFACT_FILES] + [artifact / CASCADE_FILE]
     if config.combiner.vote_weights == "learned":
         files.append(artifact / VOTE_WEIGHTS_FILE)
     for expert in config.experts:
@@ -197,11 +200,11 @@ def loading_problems(config: RouterConfig) -> list[tuple[str, str]]:
         return []
     # On the CPU: a gate serves on any device (``gate.encoder.device``), and the check may run where the serving
     # GPU is not.
-    gate = config.gate.model_copy(update={"encoder": config.gate.encoder.model_copy(update={"device": "cpu"})})
-    if gate.cascade is not None:
-        cascade = gate.cascade
-        gate = gate.model_copy(update={"cascade": cascade.model_copy(
-            update={"encoder": cascade.encoder.model_copy(update={"device": "cpu"})})})
+    def cpu(stage: _Stage) -> _Stage:  # the gate's settings, or its two-stage part's, with the encoder on the CPU
+        return stage.model_copy(update={"encoder": stage.encoder.model_copy(update={"device": "cpu"})})
+
+    cascade = config.gate.cascade
+    gate = cpu(config.gate).model_copy(update={"cascade": None if cascade is None else cpu(cascade)})
     on_cpu = config.model_copy(update={"gate": gate})
     problems = []
     for load in (load_gate, load_vote_weights):

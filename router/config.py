@@ -570,13 +570,13 @@ def _cross_problems(raw: Any, *, check_env: bool, base_dir: str | Path | None = 
                                         "experts, and max_attempts counts every expert tried, the panel included; "
                                         f"raise max_attempts to at least {k} or lower k")
     service: dict[str, Any] = raw["service"] if isinstance(raw.get("service"), dict) else {}
-    if "name" in service and service["name"] in names:
-        yield "service.name", f"{service['name']!r} is also an expert's name"
-    elif "name" not in service and ServiceConfig.model_fields["name"].default in names:
-        default = ServiceConfig.model_fields["name"].default
-        yield f"{named[default]}.name", (f"{default!r} is the service's own model name (service.name, which routes "
-                                         "like 'auto', is that by default), so no request could call this expert "
-                                         "by name; rename the expert or set service.name")
+    service_name = service.get("name", ServiceConfig.model_fields["name"].default)
+    if service_name in names and "name" in service:
+        yield "service.name", f"{service_name!r} is also an expert's name"
+    elif service_name in names:  # the default name: the expert is what the file says, so it is the one named
+        yield f"{named[service_name]}.name", (f"{service_name!r} is the service's own model name (service.name, "
+                                              "which routes like 'auto', is that by default), so no request could "
+                                              "call this expert by name; rename the expert or set service.name")
     state: dict[str, Any] = raw["state"] if isinstance(raw.get("state"), dict) else {}
     security: dict[str, Any] = raw["security"] if isinstance(raw.get("security"), dict) else {}
     for section, block, key, example in (("state", state, "url_env", "MOE_REDIS_URL"),

@@ -39,6 +39,7 @@ if TYPE_CHECKING:
     from router.gate import Gate
 
 __all__ = [
+    "ARTIFACT_FILES",
     "FORMAT_VERSION",
     "GATE_KINDS",
     "READABLE_FORMAT_VERSIONS",
@@ -126,6 +127,8 @@ GATE_KINDS: dict[str, str] = {
 }
 _METADATA_FIELDS = frozenset(GateMetadata.__dataclass_fields__)
 _MANIFEST, _WEIGHTS, _EXAMPLES = "gate.json", "weights.npz", "examples.npz"
+# An artifact folder's files, in the order they are published (``router.files.staged``): the manifest last.
+ARTIFACT_FILES = (_WEIGHTS, _EXAMPLES, _MANIFEST)
 RETRAIN = "retrain the gate (moe train --config <this config>)"
 _SELF_DIGEST = "manifest_sha256"  # gate.json's own sha256, over its other keys (``_manifest_digest``)
 

@@ -38,6 +38,8 @@ __all__ = ["ReloadFailed", "Reloader", "restart_only_changes"]
 
 log = logging.getLogger("router.reload")
 
+# Each watched file's (mtime_ns, size, inode), None while it does not exist.
+_Stamps = dict[Path, tuple[int, int, int] | None]
 # Time an old orchestrator is given past its own request deadline before it is closed regardless: a stream
 # whose client vanished may never tell us it ended.
 _DRAIN_MARGIN_S = 5.0
@@ -94,13 +96,12 @@ class Reloader:
         self.sighup = sighup
         self.holder: Any = None
         self.on_swap: Callable[[Orchestrator, Orchestrator], None] | None = None
-        self._inputs: tuple[Path, ...] = ()  # what the running config's build reads, besides ``path``
-        self._watching = False  # ``watch`` has stamped them
+        self._inputs: tuple[Path, ...] = ()  # what the running config's build reads, besides ``path``; set by ``watch``
         self._seen = self._stamp()  # ``path`` stamped now: construct the reloader before reading the file
         # What the latest ``_load`` found the file's config reads, stamped before its build read them: kept by
         # ``reload`` whether the build succeeds (the new inputs) or not (watched besides the old ones, so that
         # training the gate a refused config names reloads it).
-        self._candidate: dict[Path, tuple[int, int, int] | None] | None = None
+        self._candidate: _Stamps | None = None
         self._lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[None]] = set()
         self._retiring: set[Orchestrator] = set()
@@ -117,14 +118,13 @@ class Reloader:
         stamps = self._stamps(config_inputs(config))
         self._inputs = tuple(stamps)
         self._seen = {self.path: self._seen.get(self.path), **stamps}
-        self._watching = True
 
     def bind(self, holder: Any, on_swap: Callable[[Orchestrator, Orchestrator], None] | None = None) -> None:
         """Where the live orchestrator is held; ``on_swap(old, new)`` runs right after each swap. Without an
         earlier ``watch``, the held orchestrator's config is watched from now on."""
         self.holder, self.on_swap = holder, on_swap
         config = getattr(getattr(holder, "orchestrator", None), "config", None)
-        if not self._watching and isinstance(config, RouterConfig):
+        if not self._inputs and isinstance(config, RouterConfig):  # a config's build reads its gate at least
             self.watch(config)
 
     # -- the reload itself ------------------------------------------------------------------------------------
@@ -153,7 +153,7 @@ class Reloader:
                     new.breakers.reset(name)
             self.holder.orchestrator = new
             # What the new config reads, as stamped before its build read it.
-            candidate: dict[Path, tuple[int, int, int] | None] = self._candidate or {}
+            candidate: _Stamps = self._candidate or {}
             self._inputs = tuple(candidate)
             self._seen = {self.path: before.get(self.path), **candidate}
             if self.on_swap is not None:
@@ -209,12 +209,12 @@ class Reloader:
             await old.aclose()
 
     # -- triggers ---------------------------------------------------------------------------------------------
-    def _stamp(self) -> dict[Path, tuple[int, int, int] | None]:
+    def _stamp(self) -> _Stamps:
         return self._stamps((self.path, *self._inputs))
 
     @staticmethod
-    def _stamps(paths: Iterable[Path]) -> dict[Path, tuple[int, int, int] | None]:
-        stamps: dict[Path, tuple[int, int, int] | None] = {}
+    def _stamps(paths: Iterable[Path]) -> _Stamps:
+        stamps: _Stamps = {}
         for path in paths:
             try:
                 stat = path.stat()
