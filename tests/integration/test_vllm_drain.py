@@ -5,10 +5,10 @@ docker-compose.yml and deploy/k8s/experts.yaml start each vLLM expert with ``--s
 Its default (0) aborts instead; measured on this tier's tiny model, a stream cut that way did not even end, and
 its client waited for its own read timeout. Here the server gets the flag as the generator writes it, the API
 server alone gets SIGTERM (as Docker and Kubernetes signal a container's main process) once four long streams
-through the router are running on it, and:
+through the router are all on it (one generating, three queued behind it), and:
 
-- every stream goes on from the same expert to its last token, with no switch, and vLLM's log says it drained
-  them all;
+- every stream goes on from the same expert to its last token, with no switch, queued ones included, and vLLM's
+  log says it drained them;
 - a request sent after the signal is answered by the other expert (the draining server refuses new work), so a
   rolling restart loses nothing, with or without the preStop sleep that keeps most new requests away;
 - the server exits by itself once the stream is done, well inside the grace period the deployments give it.
@@ -29,12 +29,17 @@ from router.build import build_orchestrator
 from router.compose import vllm_args
 from router.config import ExpertConfig, load_config
 from tests.integration.test_router_vllm import MATH, SPACE, stream_and, write_config
+from tests.integration.tiny_model import MAX_POSITIONS
 from tests.integration.vllm_server import ServerSpec, VLLMServer
 
 pytestmark = pytest.mark.integration
 
-# Long streams, several at once: 440 tokens each (about 0.9 s alone on the tiny model), inside 512 positions.
-LONG = 440
+# Long streams, several at once, on a server that generates one at a time (--max-num-seqs 1): 2,000 tokens each,
+# about 4 s apiece on the tiny model, so the four hold the server for some 16 s. On two cores shared with three
+# vLLM engines this process can be kept off the CPU for seconds (its sends to the server then return seconds
+# late); it still signals while most of the streams are on the server. The drain server serves the model's whole
+# length for them.
+LONG = 2000
 STREAMS = 4
 QUESTIONS = ["how far away is the sun", "why do comets have tails", "what is the asteroid belt",
              "how hot is the surface of venus"]
@@ -48,6 +53,11 @@ def drain_flags(timeout_s: float) -> tuple[str, ...]:
     return tuple(args[at:at + 2])
 
 
+def metric(text: str, name: str) -> float:
+    """The sum of a metric's samples, whatever their labels, in vLLM's Prometheus text (0 before it has any)."""
+    return sum(float(v) for v in re.findall(rf"^{re.escape(name)}(?:\{{[^}}]*\}})? ([0-9.e+-]+)$", text, re.MULTILINE))
+
+
 def ask(question: str, max_tokens: int) -> ChatRequest:
     return ChatRequest(messages=[ChatMessage(role="user", content=question)], max_tokens=max_tokens, ignore_eos=True)
 
@@ -56,31 +66,41 @@ async def test_a_vllm_stopped_mid_stream_finishes_it_and_hands_new_requests_on(
         vllm_experts: dict[str, VLLMServer], vllm_server_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     flags = drain_flags(30)
     assert flags == ("--shutdown-timeout", "30")
-    draining: VLLMServer = vllm_server_factory(ServerSpec("tiny-drain", extra_args=flags))
+    draining: VLLMServer = vllm_server_factory(ServerSpec("tiny-drain", extra_args=(
+        *flags, "--max-model-len", str(MAX_POSITIONS), "--max-num-seqs", "1")))
     config = load_config(write_config(tmp_path / "router.yaml", {
         "space": (draining, SPACE), "math": (vllm_experts["tiny-a"], MATH)}))
     orchestrator = build_orchestrator(config)
     try:
-        # SIGTERM once the server itself has every stream running (its own gauge), however far this process's
-        # reading of them lags behind.
-        async def stop_when_all_run() -> float:
-            async with httpx.AsyncClient(base_url=draining.url.removesuffix("/v1")) as http:
-                for _ in range(3000):
-                    found = re.search(r"^vllm:num_requests_running\{[^}]*\} ([0-9.]+)$",
-                                      (await http.get("/metrics")).text, re.MULTILINE)
-                    if found is not None and float(found.group(1)) >= STREAMS:
-                        break
-                    await asyncio.sleep(0.01)
-                else:
-                    raise AssertionError("the streams never ran together on the server")
-            draining.terminate()
-            return time.monotonic()
+        warm = await orchestrator.complete(ask(QUESTIONS[0], 1))
+        assert warm.expert == "space"
 
-        stopper = asyncio.create_task(stop_when_all_run())
+        # SIGTERM once the server itself has received every stream (its own gauges and counter); how many it still
+        # holds then is what it has to drain. The watch runs in a thread of its own, off this event loop: on two
+        # cores shared with three vLLM engines, the loop's thread can be kept off the CPU for seconds (its sends
+        # to the server then return seconds late), as can any one thread, and the server goes on generating.
+        def stop_when_all_arrived() -> tuple[float, float]:
+            def read() -> str:
+                # A fresh connection each time: a kept-alive one can be closed under the read when this thread
+                # has been kept waiting for longer than the server's keep-alive timeout (5 s).
+                with httpx.Client(base_url=draining.url.removesuffix("/v1")) as http:
+                    return http.get("/metrics").text
+
+            finished_before = metric(read(), "vllm:request_success_total")
+            for _ in range(3000):
+                text = read()
+                held = metric(text, "vllm:num_requests_running") + metric(text, "vllm:num_requests_waiting")
+                if held + metric(text, "vllm:request_success_total") - finished_before >= STREAMS:
+                    draining.terminate()
+                    return time.monotonic(), held
+                time.sleep(0.01)
+            raise AssertionError("the streams never all reached the server")
+
+        stopper = asyncio.create_task(asyncio.to_thread(stop_when_all_arrived))
         done = await asyncio.gather(*(stream_and(orchestrator, ask(q, LONG)) for q in QUESTIONS[:STREAMS]))
-        signalled_at = await stopper
-        print(f"\nSIGTERM with {STREAMS} streams running: pieces {[len(p) for p, _ in done]}; the last stream "
-              f"ended {time.monotonic() - signalled_at:.2f} s after the signal")
+        signalled_at, held = await stopper
+        print(f"\nSIGTERM with {held:.0f} of {STREAMS} streams on the server: pieces {[len(p) for p, _ in done]}; "
+              f"the last stream ended {time.monotonic() - signalled_at:.2f} s after the signal")
         for pieces, end in done:
             assert {p.expert for p in pieces} == {"space"} and end.trace.switches == []
             assert [(a.expert, a.ok) for a in end.trace.attempts] == [("space", True)]
@@ -94,7 +114,7 @@ async def test_a_vllm_stopped_mid_stream_finishes_it_and_hands_new_requests_on(
         assert [(a.expert, a.ok) for a in after.trace.attempts] == [("space", False), ("math", True)]
         assert after.trace.decision is not None and after.trace.decision.ranking[0] == "space"
 
-        for _ in range(300):
+        for _ in range(600):
             if draining.api_server_pid() is None:
                 break
             await asyncio.sleep(0.1)
@@ -103,6 +123,7 @@ async def test_a_vllm_stopped_mid_stream_finishes_it_and_hands_new_requests_on(
         assert draining.api_server_pid() is None, draining.log_tail()
         # The server's own account, written by now: it drained the streams rather than aborting them.
         drained = re.search(r"draining in-flight requests count=(\d+)", draining.log_path.read_text(errors="replace"))
-        assert drained is not None and int(drained.group(1)) == STREAMS, draining.log_tail()
+        assert drained is not None, draining.log_tail()
+        assert 1 <= int(drained.group(1)) <= held, (drained.group(0), held)
     finally:
         await orchestrator.aclose()

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["CHAT_TEMPLATE", "build_tiny_llama"]
+__all__ = ["CHAT_TEMPLATE", "MAX_POSITIONS", "build_tiny_llama"]
 
 SPECIAL_TOKENS = ["<s>", "</s>", "<pad>"]
 VOCAB_SIZE = 1024
-MAX_POSITIONS = 512
+# Positions the model has. The servers serve 512 of them (``--max-model-len`` in tests.integration.vllm_server);
+# a test that needs longer generations passes a larger ``--max-model-len`` in its server's extra arguments.
+MAX_POSITIONS = 4096
 
 # Role header, content, end of turn. ``content`` may be None or a list of parts (multi-part messages): only
 # string content is rendered, so such messages still pass through the template. Tool calling is Hermes-style,
