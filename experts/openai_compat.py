@@ -116,7 +116,8 @@ class OpenAICompatibleExpert(Expert):
             headers = {"Authorization": f"Bearer {self._secret}"} if self._secret else {}
             timeout_s, most = self.config.timeout_s, self.config.max_concurrency
             transport = self.context.transport
-            self._http = (AiohttpClient(headers=headers, timeout_s=timeout_s, max_connections=most)
+            self._http = (AiohttpClient(headers=headers, timeout_s=timeout_s, max_connections=most,
+                                        keepalive_s=self.config.keepalive_s)
                           if transport is None else
                           HttpxClient(headers=headers, timeout_s=timeout_s, max_connections=most, transport=transport))
         return self._http

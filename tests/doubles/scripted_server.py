@@ -128,8 +128,12 @@ class _Closed(Exception):
 class ScriptedOpenAIServer:
     """A TEST DOUBLE: a scriptable OpenAI-compatible server on 127.0.0.1, in its own thread and loop."""
 
-    def __init__(self, name: str = "scripted", *, model: str | None = None) -> None:
+    def __init__(self, name: str = "scripted", *, model: str | None = None,
+                 keep_alive_s: float | None = None) -> None:
         self.name = name
+        # Close a connection that stays idle this long between requests, as uvicorn (vLLM's server) does after
+        # 5 s; None keeps idle connections open until the client closes them.
+        self.keep_alive_s = keep_alive_s
         self.model = model or name
         self.default = Behaviour.ok(f"answer from {name}")
         self.healthy = True  # GET /health answers 503 when False
@@ -243,7 +247,10 @@ class ScriptedOpenAIServer:
 
     async def _one_request(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
         """Serve one request; ``False`` when the connection should close."""
-        head = await reader.readuntil(b"\r\n\r\n")
+        try:
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), self.keep_alive_s)
+        except TimeoutError:
+            raise _Closed from None
         request_line, *header_lines = head.decode("latin-1").split("\r\n")
         method, path, _ = request_line.split(" ", 2)
         headers = {k.strip().lower(): v.strip() for k, _, v in (h.partition(":") for h in header_lines if h)}

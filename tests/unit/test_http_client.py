@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import time
 from collections.abc import Iterator
 from contextlib import aclosing
 from pathlib import Path
@@ -44,10 +45,11 @@ def client_kind(request: pytest.FixtureRequest) -> str:
 
 
 def expert_for(server: ScriptedOpenAIServer, max_concurrency: int, kind: str = "aiohttp",
-               timeout_s: float = 5.0) -> OpenAICompatibleExpert:
+               timeout_s: float = 5.0, keepalive_s: float = 4.0) -> OpenAICompatibleExpert:
     make = TRANSPORTS[kind]
     return OpenAICompatibleExpert(ExpertConfig(name="e", type="vllm", endpoint=server.url, model="m",
-                                               timeout_s=timeout_s, max_concurrency=max_concurrency),
+                                               timeout_s=timeout_s, max_concurrency=max_concurrency,
+                                               keepalive_s=keepalive_s),
                                   ExpertContext(transport=make() if make else None))
 
 
@@ -70,6 +72,42 @@ async def test_sequential_calls_reuse_one_connection(server: ScriptedOpenAIServe
     finally:
         await expert.aclose()
     assert server.wait_for(lambda s: s.open_connections == 0)
+
+
+async def test_no_request_goes_out_on_a_connection_the_server_closed_for_idling() -> None:
+    # The server closes a connection idle for 0.5 s, as vLLM's uvicorn does after 5 s. While this event loop is
+    # busy (time.sleep) it cannot read the server's close, so a pool that still counts the connection as alive
+    # sends the next request on it: the request fails as unavailable with nothing wrong at the expert. Kept
+    # below the server's timeout, keepalive_s retires the connection first and the request takes a new one.
+    with ScriptedOpenAIServer(name="idle", keep_alive_s=0.5) as server:
+        outcomes = {}
+        for keepalive_s in (15.0, 0.3):
+            expert = expert_for(server, max_concurrency=4, keepalive_s=keepalive_s)
+            try:
+                assert (await expert.generate(ask("first"))).content == "answer from idle"
+                time.sleep(0.8)
+                try:
+                    outcomes[keepalive_s] = (await expert.generate(ask("after idling"))).content
+                except ExpertUnavailable as exc:
+                    outcomes[keepalive_s] = type(exc).__name__
+            finally:
+                await expert.aclose()
+        assert outcomes == {15.0: "ExpertUnavailable", 0.3: "answer from idle"}
+
+
+async def test_keepalive_s_bounds_how_long_an_idle_connection_is_reused(server: ScriptedOpenAIServer) -> None:
+    opened = []
+    for keepalive_s, idle_s in ((4.0, 0.3), (0.2, 0.3), (0.0, 0.0)):
+        before = server.connections_total
+        expert = expert_for(server, max_concurrency=4, keepalive_s=keepalive_s)
+        try:
+            for i in range(3):
+                await expert.generate(ask(f"question {i}"))
+                await asyncio.sleep(idle_s)
+        finally:
+            await expert.aclose()
+        opened.append(server.connections_total - before)
+    assert opened == [1, 3, 3]  # reused while idle below keepalive_s; a new one each time past it, or at 0
 
 
 async def test_concurrent_calls_open_at_most_max_concurrency_and_all_close(server: ScriptedOpenAIServer,
