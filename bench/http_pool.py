@@ -21,13 +21,15 @@ import httpx
 
 from bench.upstream import UpstreamProcess, chat_payload
 from experts.http_client import AiohttpClient, HttpClient, HttpxClient
+from router.config import ExpertConfig
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 __all__ = ["CLIENTS", "measure"]
 
 CLIENTS: dict[str, Callable[[int], HttpClient]] = {
-    "aiohttp": lambda n: AiohttpClient(headers={}, timeout_s=30.0, max_connections=n),
+    "aiohttp": lambda n: AiohttpClient(headers={}, timeout_s=30.0, max_connections=n,
+                                       keepalive_s=ExpertConfig.model_fields["keepalive_s"].default),
     "httpx": lambda n: HttpxClient(headers={}, timeout_s=30.0, max_connections=n, transport=httpx.AsyncHTTPTransport(
         limits=httpx.Limits(max_connections=n, max_keepalive_connections=n))),
 }

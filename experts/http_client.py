@@ -208,7 +208,7 @@ class AiohttpClient(_Client):
     once per call works)."""
 
     def __init__(self, *, headers: Mapping[str, str], timeout_s: float, max_connections: int,
-                 keepalive_s: float = 4.0) -> None:
+                 keepalive_s: float) -> None:
         self._headers, self._timeout_s, self._max = dict(headers), timeout_s, max_connections
         self._keepalive_s = keepalive_s
         self._slots = _Slots(max_connections, timeout_s)
@@ -266,7 +266,8 @@ class AiohttpClient(_Client):
 
 
 def _keepalive(seconds: float) -> dict[str, Any]:
-    """aiohttp's connector settings for an idle limit: it refuses a keep-alive timeout of 0 with force_close."""
+    """aiohttp's connector settings for an idle limit. 0 is force_close (``Connection: close``): aiohttp refuses
+    any keepalive_timeout beside it, and keepalive_timeout=0 alone would leave idle sockets open."""
     return {"force_close": True} if seconds == 0 else {"keepalive_timeout": seconds}
 
 

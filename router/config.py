@@ -130,9 +130,11 @@ class ExpertConfig(_Strict):
     api_key_env: str | None = Field(default=None, pattern=_ENV_NAME)
     timeout_s: float = Field(default=30.0, gt=0.0, le=3600.0)
     max_concurrency: int = Field(default=16, ge=1, le=100_000)
-    # How long an idle connection to the expert is kept for the next request. Below the server's own keep-alive
-    # timeout (vLLM's and uvicorn's: 5 s), so no request goes out on a connection the server is closing (it
-    # would fail as unavailable, and fall back, with nothing wrong). 0 closes each connection after its request.
+    # How long an idle connection to the expert is kept for the next request (the router's own aiohttp client;
+    # an injected httpx transport pools by its own settings). Below the server's keep-alive timeout (vLLM's and
+    # uvicorn's: 5 s), so requests keep off connections the server is closing (one would fail as unavailable,
+    # and fall back, with nothing wrong). 0 closes each connection after its request. Hosted APIs keep idle
+    # connections longer (often 60 s or more): raising it there saves a TLS handshake after each pause.
     keepalive_s: float = Field(default=4.0, ge=0.0, le=3600.0)
     cost: CostConfig = CostConfig()
     description: str = ""

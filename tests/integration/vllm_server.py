@@ -53,10 +53,21 @@ KILL_WAIT_S = 30.0
 # autogroups each session is weighed as one, so the session's group is lowered too (/proc/self/autogroup).
 SERVER_NICE = 10
 _WATCHDOG = """
-import contextlib, os, signal, subprocess, sys, threading, time
-os.nice(int(os.environ.get("MOE_VLLM_NICE", "0")))
-with contextlib.suppress(OSError), open("/proc/self/autogroup", "w") as group:
-    group.write(os.environ.get("MOE_VLLM_NICE", "0"))
+import errno, os, signal, subprocess, sys, threading, time
+nice = os.environ.get("MOE_VLLM_NICE", "0")
+os.nice(int(nice))
+for attempt in range(20):  # the kernel takes one autogroup change per ~100 ms from a non-root user (EAGAIN)
+    try:
+        with open("/proc/self/autogroup", "w") as group:
+            group.write(nice)
+        break
+    except FileNotFoundError:
+        break  # no autogroups: the nice value alone weighs
+    except OSError as exc:
+        if exc.errno != errno.EAGAIN or attempt == 19:
+            print(f"watchdog: the server's autogroup keeps its priority ({exc})", file=sys.stderr, flush=True)
+            break
+        time.sleep(0.12)
 child = subprocess.Popen(sys.argv[1:], stdin=subprocess.DEVNULL)
 signal.signal(signal.SIGTERM, lambda *_: None)  # the group's SIGTERM is for vLLM; stop() ends us after it
 def orphaned():

@@ -29,6 +29,8 @@ from experts.types import ChatMessage, ChatRequest
 from router.config import ExpertConfig
 from tests.doubles import Behaviour, ScriptedOpenAIServer
 
+KEEPALIVE_S = ExpertConfig.model_fields["keepalive_s"].default
+
 # Which client an expert builds: aiohttp on real sockets, httpx over an injected (here: socket) transport.
 TRANSPORTS = {"aiohttp": None, "httpx": httpx.AsyncHTTPTransport}
 
@@ -45,7 +47,7 @@ def client_kind(request: pytest.FixtureRequest) -> str:
 
 
 def expert_for(server: ScriptedOpenAIServer, max_concurrency: int, kind: str = "aiohttp",
-               timeout_s: float = 5.0, keepalive_s: float = 4.0) -> OpenAICompatibleExpert:
+               timeout_s: float = 5.0, keepalive_s: float = KEEPALIVE_S) -> OpenAICompatibleExpert:
     make = TRANSPORTS[kind]
     return OpenAICompatibleExpert(ExpertConfig(name="e", type="vllm", endpoint=server.url, model="m",
                                                timeout_s=timeout_s, max_concurrency=max_concurrency,
@@ -97,7 +99,7 @@ async def test_no_request_goes_out_on_a_connection_the_server_closed_for_idling(
 
 async def test_keepalive_s_bounds_how_long_an_idle_connection_is_reused(server: ScriptedOpenAIServer) -> None:
     opened = []
-    for keepalive_s, idle_s in ((4.0, 0.3), (0.2, 0.3), (0.0, 0.0)):
+    for keepalive_s, idle_s in ((KEEPALIVE_S, 0.3), (0.2, 0.3), (0.0, 0.0)):
         before = server.connections_total
         expert = expert_for(server, max_concurrency=4, keepalive_s=keepalive_s)
         try:
@@ -205,7 +207,7 @@ async def test_every_token_sent_before_a_mid_stream_death_is_delivered(server: S
 
 
 async def test_both_clients_report_the_same_failure_kinds(server: ScriptedOpenAIServer) -> None:
-    clients: list[HttpClient] = [AiohttpClient(headers={}, timeout_s=0.3, max_connections=2),
+    clients: list[HttpClient] = [AiohttpClient(headers={}, timeout_s=0.3, max_connections=2, keepalive_s=KEEPALIVE_S),
                                  HttpxClient(headers={}, timeout_s=0.3, max_connections=2,
                                              transport=httpx.AsyncHTTPTransport())]
     url = server.url + "/chat/completions"
