@@ -50,7 +50,9 @@ KILL_WAIT_S = 30.0
 # them; at equal priority, on this 2-vCPU VM, the test process's event loop was measured kept off the CPU for
 # 3-13 s at a time while a server streamed (a send to the server returned seconds late, then every piece came at
 # once), in about half the runs. Lowered, it was never held up, and the server streamed as fast. With the kernel's
-# autogroups each session is weighed as one, so the session's group is lowered too (/proc/self/autogroup).
+# autogroups each session is weighed as one, so the session's group is lowered too (/proc/self/autogroup); a
+# failure to do so is written to the server's log. Inside a non-root cgroup (most containers) autogroups do not
+# apply, and the nice value alone weighs.
 SERVER_NICE = 10
 _WATCHDOG = """
 import errno, os, signal, subprocess, sys, threading, time
