@@ -195,9 +195,6 @@ def loading_problems(config: RouterConfig) -> list[tuple[str, str]]:
     """What ``moe serve`` would refuse in the trained files the config names, found by loading them as it loads
     them (``load_gate``, with the encoder; ``load_vote_weights``), as ``(key, message)`` problems. A gate not
     trained yet is none: ``moe train`` writes it, vote weights included."""
-    path = config.resolve(config.gate.artifact)
-    if not path.exists() or (path.is_dir() and not (path / "gate.json").exists()):
-        return []
     # On the CPU: a gate serves on any device (``gate.encoder.device``), and the check may run where the serving
     # GPU is not.
     def cpu(stage: _Stage) -> _Stage:  # the gate's settings, or its two-stage part's, with the encoder on the CPU
@@ -210,6 +207,8 @@ def loading_problems(config: RouterConfig) -> list[tuple[str, str]]:
     for load in (load_gate, load_vote_weights):
         try:
             load(on_cpu)
+        except GateNotTrained:  # load_gate's first check, before any encoder is loaded
+            return []
         except Exception as exc:
             found = load_problem(exc)
             if found is None:

@@ -2,9 +2,10 @@
 
 Three triggers lead to the same ``Reloader.reload``: a watched file changing (polled every
 ``service.reload_poll_s``), SIGHUP, and ``POST /admin/reload``. The watched files are the config file and what its
-build reads that may change under a running service (``router.build.config_inputs``): the gate artifact's
-``gate.json`` (and ``cascade.json``, the learned vote weights), so a ``moe train`` into the served artifact is
-taken up once it has published the new one (``router.files.staged``), and nested routers' config files. A reload:
+build reads that may change under a running service (``router.build.config_inputs``): every file of the gate
+artifact (with its fast stage and ``cascade.json``, and the learned vote weights, where the config uses them), so a
+``moe train`` into the served artifact is taken up once it has published the new one (``router.files.staged``),
+and nested routers' config files. A reload:
 
 1. reads and validates the whole file, then builds the orchestrator from it, which also checks the gate
    artifact against the experts (``build_orchestrator``); all of it off the event loop;

@@ -576,8 +576,7 @@ def _route_label(app: FastAPI, path: str) -> str:
 def _model_label(app: FastAPI, model: str | None) -> str:
     if model is None or app.state.orchestrator is None:
         return ""
-    config = app.state.orchestrator.config
-    return model if model in (ROUTED_MODEL, config.service.name, *config.expert_names) else "other"
+    return model if model in model_names(app.state.orchestrator) else "other"
 
 
 class _Edge:

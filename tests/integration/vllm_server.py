@@ -86,13 +86,19 @@ class VLLMServerError(RuntimeError):
     """A server could not be started or died while starting; the message ends with its log's tail."""
 
 
-def _proc_state(pid: int) -> str:
-    """A process's state letter and name from /proc (``D`` is uninterruptible sleep in the kernel)."""
+def _proc_stat(pid: int) -> tuple[str, list[str]] | None:
+    """A process's name and the fields after it in /proc/<pid>/stat (state, parent pid, ...); None once gone."""
     try:
         name, rest = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)
-    except OSError:
-        return "gone"
-    return f"{rest.split()[0]} {name.split('(', 1)[-1]}"
+    except (OSError, ValueError):
+        return None
+    return name.split("(", 1)[-1], rest.split()
+
+
+def _proc_state(pid: int) -> str:
+    """A process's state letter and name from /proc (``D`` is uninterruptible sleep in the kernel)."""
+    stat = _proc_stat(pid)
+    return "gone" if stat is None else f"{stat[1][0]} {stat[0]}"
 
 
 def vllm_python() -> Path:
@@ -243,11 +249,8 @@ class VLLMServer:
         if self._proc is None:
             return None
         for pid in self.group_pids():
-            try:
-                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            except (OSError, IndexError):
-                continue
-            if int(fields[1]) == self._proc.pid:
+            stat = _proc_stat(pid)
+            if stat is not None and int(stat[1][1]) == self._proc.pid:
                 return pid
         return None
 
