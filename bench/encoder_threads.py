@@ -1,10 +1,11 @@
 """``gate.encoder.threads``: onnxruntime's intra-op threads per run, 1 against 2, on the encoder alone and
 through the router.
 
-``python -m bench.encoder_threads`` times one short query at a time and batches of 64 (two runs at once, as
-``gate.encoder.parallel`` does by default) on two encoders taking turns, then runs two routers (the same gate,
-``threads: 1`` and ``threads: 2``) against the fast upstream in the same rounds: overhead at concurrency 1, 8 and
-32, and top-1 throughput. Prints the figures and writes ``bench/results/encoder_threads.json``.
+``python -m bench.encoder_threads`` times one short query at a time and batches of 64 on two encoders taking
+turns, then runs two routers (the same gate, ``threads: 1`` and ``threads: 2``) against the fast upstream in the
+same rounds: overhead at concurrency 1, 8 and 32, and top-1 throughput. Both sides run two model runs at once
+(``parallel: 2``, the default on 2 cores), so only the threads inside one run differ. Prints the figures and
+writes ``bench/results/encoder_threads.json``.
 """
 
 from __future__ import annotations
@@ -53,7 +54,8 @@ def encoder_figures(queries: Sequence[str], batch_texts: Sequence[str]) -> dict[
 
 
 def router_figures(seconds: float) -> dict[str, Any]:
-    """Two routers on one gate, ``threads`` 1 and 2, in the same rounds: overhead p50 and top-1 throughput."""
+    """Two routers on one gate, ``threads`` 1 and 2 (two runs at once each), in the same rounds: overhead p50 and
+    top-1 throughput."""
     from bench.router_bench import RouterProcess, Target, compare, throughput
     from bench.upstream import UpstreamProcess
     from router.encoders import OnnxMiniLMEncoder
@@ -63,8 +65,9 @@ def router_figures(seconds: float) -> dict[str, Any]:
     out: dict[str, Any] = {"overhead_p50_ms": {}, "throughput_rps": {}}
     with UpstreamProcess(latency_ms=5.0) as up:
         direct = up.url + "/chat/completions"
-        with RouterProcess(gate, up.url, encoder_options={"threads": 1}) as one, \
-                RouterProcess(gate, up.url, workdir=str(one.workdir), encoder_options={"threads": 2}) as two:
+        with RouterProcess(gate, up.url, encoder_options={"threads": 1, "parallel": 2}) as one, \
+                RouterProcess(gate, up.url, workdir=str(one.workdir),
+                              encoder_options={"threads": 2, "parallel": 2}) as two:
             routers: dict[str, Target] = {"1": one, "2": two}
             for c in (1, 8, 32):
                 row = asyncio.run(compare(routers, direct, data.test_texts, concurrency=c, rounds=3))

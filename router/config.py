@@ -176,11 +176,12 @@ class EncoderConfig(_Strict):
     batch_size: int | None = Field(default=None, ge=1, le=4096)
     # ONNX: model runs at once when one call holds several batches (a micro-batch, expert-choice ``assign_batch``,
     # training, evaluation);
-    # None: as many as the cores this process may use hold. One query, or one batch, is always a single run.
+    # None: as many as the cores this process may use hold at ``threads`` each, and at least two on 2 cores.
+    # One query, or one batch, is always a single run.
     parallel: int | None = Field(default=None, ge=1, le=256)
-    # ONNX: onnxruntime's intra-op threads for one run; None: half the cores this process may use (one on 2
-    # cores). More threads shorten one query's run where cores are free; ``parallel`` runs of ``threads`` each
-    # share the cores when one call holds several batches.
+    # ONNX: onnxruntime's intra-op threads for one run; None: half the cores this process may use, and two on 2
+    # or 3 cores. More threads shorten one query's run where cores are free; ``parallel`` runs share the
+    # threads when one call holds several batches.
     threads: int | None = Field(default=None, ge=1, le=256)
     # ONNX: the most padded tokens (texts x the longest) one model run holds, so that a few long prompts run at
     # once on several cores instead of as one wide run; None: the backend's own (256, see router.encoders).

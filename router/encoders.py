@@ -218,18 +218,24 @@ class OnnxMiniLMEncoder(Encoder):
     def __init__(self, max_length: int = 256, batch_size: int = BATCH, *, model_path: str | Path | None = None,
                  threads: int | None = None, parallel: int | None = None,
                  batch_tokens: int = BATCH_TOKENS) -> None:
-        """``threads``: onnxruntime's intra-op threads for one run (default: half the cores). ``parallel``: how
-        many runs at once when one ``encode`` call holds more than one batch (default: as many as the usable
-        cores hold, ``threads`` each). ``batch_tokens``: the most padded tokens one run holds (one text longer
-        than that still runs, alone)."""
+        """``threads``: onnxruntime's intra-op threads for one run (default: half the cores, two on 2 or 3).
+        ``parallel``: how many runs at once when one ``encode`` call holds more than one batch (default: as many
+        as the usable cores hold, ``threads`` each, and at least two where there are two cores).
+        ``batch_tokens``: the most padded tokens one run holds (one text longer than that still runs, alone)."""
         if parallel is not None and parallel < 1:
             raise ValueError(f"parallel must be at least 1, got {parallel}")
         if batch_tokens < 1:
             raise ValueError(f"batch_tokens must be at least 1, got {batch_tokens}")
         self.batch_tokens = batch_tokens
         cores = usable_cores()
-        self.threads = threads or max(1, cores // 2)
-        self.parallel = parallel or max(1, cores // self.threads)
+        # Half the cores per run, and two where there are two: concurrent runs share the session's intra-op pool
+        # (each caller works its own run and takes the pool's threads only while they are idle), so a second
+        # run does not wait for the first. On 2 cores (Intel Xeon, 2026-12-06, ``python -m
+        # bench.encoder_threads``) 2 threads with 2 runs at once cut one query's run from 2.6 to 2.2 ms p50 and
+        # the router's overhead at concurrency 1 and 8, for the same batched and router throughput as 1 thread
+        # (2 threads with one run at a time lost about 6% of the router's requests/s).
+        self.threads = threads or max(min(cores, 2), cores // 2)
+        self.parallel = parallel or max(min(cores, 2), cores // self.threads)
         ort = _import("onnxruntime", "onnxruntime")
         path, self.checksum = verified_onnx_model(model_path)
         self.batch_size = batch_size
@@ -257,9 +263,8 @@ class OnnxMiniLMEncoder(Encoder):
         out = np.empty((len(ids), DIM), dtype=np.float32)
         batches = ([ids[i] for i in rows] for rows in chunks)
         if len(chunks) > 1 and self.parallel > 1:
-            # onnxruntime releases the GIL inside a run and a session may run on several threads at once: with
-            # one intra-op thread per run, several runs use as many cores (1.8x the batched queries/s on 2
-            # cores, where a second intra-op thread in one run was slower than one).
+            # onnxruntime releases the GIL inside a run and a session may run on several threads at once, so
+            # several runs use as many cores (1.8x the batched queries/s on 2 cores against one run at a time).
             results = self._executor().map(self._encode_batch, batches)
         else:
             results = map(self._encode_batch, batches)
@@ -328,9 +333,9 @@ def onnx_feeds(ids: list[list[int]]) -> dict[str, np.ndarray]:
 
 
 def _session_options(ort: Any, threads: int) -> Any:
-    # Sized for small machines (2 cores here). Half the cores for the model leaves the rest to the event loop,
-    # HTTP and faiss; measured on 2 cores, 1 thread beat 2 both for single queries (4.5 vs 6.1 ms p50) and
-    # for batches of 64 (350 vs 300 queries/s). Spinning threads would burn CPU the server needs between calls.
+    # ``threads``: see OnnxMiniLMEncoder.__init__. No spinning: idle pool threads that spin burn the CPU the
+    # server needs between calls (2 spinning threads took 29 ms of CPU per query at one query per 50 ms, against
+    # 3.9 ms without, for 0.3 ms less latency; 2 cores, 2026-12-06).
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1

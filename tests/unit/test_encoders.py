@@ -139,6 +139,15 @@ def test_onnx_parallel_defaults_to_the_cores_and_refuses_zero(monkeypatch: pytes
     encoder = OnnxMiniLMEncoder()
     assert (encoder.threads, encoder.parallel) == (4, 2)  # half the cores per run, runs to fill them
     assert OnnxMiniLMEncoder(threads=1).parallel == 8
+    # On 2 cores one run takes both, and a second runs beside it, sharing the session's threads.
+    monkeypatch.setattr("router.encoders.usable_cores", lambda: 2)
+    two = OnnxMiniLMEncoder()
+    assert (two.threads, two.parallel) == (2, 2)
+    assert two._session.get_session_options().intra_op_num_threads == 2
+    assert OnnxMiniLMEncoder(threads=1).parallel == 2
+    monkeypatch.setattr("router.encoders.usable_cores", lambda: 1)
+    one = OnnxMiniLMEncoder()
+    assert (one.threads, one.parallel) == (1, 1)
     assert build_encoder(EncoderConfig(backend="onnx", parallel=3)).parallel == 3  # type: ignore[attr-defined]
     with pytest.raises(ValueError, match="parallel must be at least 1, got 0"):
         OnnxMiniLMEncoder(parallel=0)
