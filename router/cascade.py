@@ -167,7 +167,7 @@ class Comparison:
 
 
 def forget_cascade(directory: str | Path) -> None:
-    """Remove a cascade's fast stage from an artifact folder (before a one-stage gate is saved there)."""
+    """Remove a cascade's fast stage from an artifact folder (once a one-stage gate is saved there)."""
     path = Path(directory)
     (path / CASCADE_FILE).unlink(missing_ok=True)
     shutil.rmtree(path / FAST_DIR, ignore_errors=True)
