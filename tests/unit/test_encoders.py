@@ -91,6 +91,15 @@ def test_onnx_parallel_runs_give_the_serial_rows_in_order(queries: list[str]) ->
     assert serial._pool is None  # parallel=1 never starts a pool
 
 
+def test_onnx_rows_do_not_depend_on_the_thread_count(queries: list[str]) -> None:
+    # The default thread count follows the cores, so a gate trained on one machine and served on another must read
+    # the same vectors: two intra-op threads per run, two runs at once, give one thread's rows bit for bit.
+    one = OnnxMiniLMEncoder(threads=1, parallel=1)
+    two = OnnxMiniLMEncoder(threads=2, parallel=2)
+    np.testing.assert_array_equal(two.encode(queries[:50]), one.encode(queries[:50]))
+    np.testing.assert_array_equal(two.encode(queries[:1]), one.encode(queries[:1]))
+
+
 def test_length_batches_cap_texts_and_padded_tokens() -> None:
     def runs(lengths: list[int], size: int = 8, tokens: int = 256) -> list[list[int]]:
         return [c.tolist() for c in length_batches(lengths, size, tokens)]
