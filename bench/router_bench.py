@@ -70,10 +70,12 @@ class RouterProcess:
 
     def __init__(self, gate: Gate | CascadeGate, upstream_url: str, *, k: int = 1, workdir: str | None = None,
                  extra_args: Sequence[str] = (), backend: str = "onnx",
-                 encoder_options: dict[str, Any] | None = None) -> None:
-        """``encoder_options``: further ``gate.encoder`` keys (e.g. ``{"threads": 2}``)."""
+                 encoder_options: dict[str, Any] | None = None, gate_options: dict[str, Any] | None = None) -> None:
+        """``encoder_options``: further ``gate.encoder`` keys (e.g. ``{"threads": 2}``); ``gate_options``:
+        further ``gate`` keys (e.g. ``{"max_batch": 64}``)."""
         self.gate, self.upstream_url, self.k, self.backend = gate, upstream_url, k, backend
         self.encoder_options = dict(encoder_options or {})
+        self.gate_options = dict(gate_options or {})
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="moe-bench-"))
         self.extra_args = list(extra_args)
         self.proc: subprocess.Popen[bytes] | None = None
@@ -103,11 +105,12 @@ class RouterProcess:
                      # "cascade": the two-stage gate, static then ONNX (router.cascade)
                      **({"encoder": {"backend": "onnx", **self.encoder_options}, "cascade": {}}
                         if self.backend == "cascade" else {"encoder": {"backend": self.backend,
-                                                                       **self.encoder_options}})},
+                                                                       **self.encoder_options}}),
+                     **self.gate_options},
             "combiner": {"strategy": "top1"},
             "fallback": {"max_attempts": max(3, self.k)},  # the panel counts towards it
         }
-        tag = "".join(f"-{k}{v}" for k, v in sorted(self.encoder_options.items()))
+        tag = "".join(f"-{k}{v}" for k, v in sorted({**self.encoder_options, **self.gate_options}.items()))
         path = self.workdir / f"router-{self.backend}-k{self.k}{tag}.yaml"
         path.write_text(yaml.safe_dump(config), encoding="utf-8")
         return path
@@ -116,7 +119,7 @@ class RouterProcess:
         config = self.write_config()
         self.port = free_port()
         # The service's own logs (one line per request, as deployed) go to a file, not over the bench's table.
-        self.log_path = self.workdir / f"router-{self.backend}-k{self.k}.log"
+        self.log_path = config.with_suffix(".log")  # one per config: routers may share a workdir
         self._log = open(self.log_path, "wb")  # closed in __exit__
         self.proc = subprocess.Popen([sys.executable, "-m", "bench.router_server", "--config", str(config),
                                       "--port", str(self.port), *self.extra_args],

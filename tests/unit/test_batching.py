@@ -50,7 +50,7 @@ def gate_threads() -> list[threading.Thread]:
 
 
 async def test_concurrent_decisions_match_sequential_ones_in_few_encoder_calls() -> None:
-    orch, encoder = build()
+    orch, encoder = build(max_batch=32)
     sequential = [orch.decide_sync(t) for t in TEXTS]
     encoder.calls.clear()
     concurrent = await asyncio.gather(*(orch.decide(ask(t)) for t in TEXTS))
