@@ -166,6 +166,11 @@ class Orchestrator:
     def is_routed(self, model: str) -> bool:
         return model in (ROUTED_MODEL, self.config.service.name)
 
+    @property
+    def model_names(self) -> list[str]:
+        """What a request's ``model`` may name: the routed name, the service's own, then each expert."""
+        return [ROUTED_MODEL, self.config.service.name, *self.config.expert_names]
+
     async def _plan(self, request: ChatRequest) -> tuple[RouteDecision | None, list[WeightedExpert], list[str]]:
         """The panel to ask first and the ranking fallback walks. An expert named directly gets no fallback."""
         unable = self.decider.unable(request)
@@ -178,7 +183,7 @@ class Orchestrator:
             # Fallback walks only experts able to serve the request.
             return decision, decision.chosen, [n for n in decision.ranking if n not in unable]
         if request.model not in self.experts:
-            raise UnknownExpert(request.model, [ROUTED_MODEL, self.config.service.name, *self.experts])
+            raise UnknownExpert(request.model, self.model_names)
         return None, [WeightedExpert(expert=request.model, weight=1.0)], [request.model]
 
     def expert_states(self) -> dict[str, dict[str, Any]]:

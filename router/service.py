@@ -34,7 +34,6 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from experts.types import ChatRequest
-from router.config import ROUTED_MODEL
 from router.errors import error_body, retry_after_header
 from router.fallback import AllExpertsFailed
 from router.feedback import FeedbackBody, FeedbackStore
@@ -406,21 +405,17 @@ async def _route_batch(request: Request, o: Orchestrator) -> Response:
                          "assignments": [{"index": i, "expert": e} for i, e in enumerate(experts)]})
 
 
-def model_names(o: Orchestrator) -> list[str]:
-    return [ROUTED_MODEL, o.config.service.name, *o.config.expert_names]
-
-
 def model_object(name: str) -> dict[str, Any]:
     return {"id": name, "object": "model", "created": 0, "owned_by": "moe-router"}
 
 
 async def models(request: Request) -> Response:
-    return JSONResponse({"object": "list", "data": [model_object(n) for n in model_names(orch(request))]})
+    return JSONResponse({"object": "list", "data": [model_object(n) for n in orch(request).model_names]})
 
 
 @_problems
 async def model(request: Request) -> Response:
-    name, names = request.path_params["model"], model_names(orch(request))
+    name, names = request.path_params["model"], orch(request).model_names
     if name not in names:
         raise UnknownExpert(name, names)  # the 404 model_not_found a chat request naming it gets
     return JSONResponse(model_object(name))
@@ -576,7 +571,7 @@ def _route_label(app: FastAPI, path: str) -> str:
 def _model_label(app: FastAPI, model: str | None) -> str:
     if model is None or app.state.orchestrator is None:
         return ""
-    return model if model in model_names(app.state.orchestrator) else "other"
+    return model if model in app.state.orchestrator.model_names else "other"
 
 
 class _Edge:
