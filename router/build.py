@@ -82,14 +82,13 @@ def load_gate(config: RouterConfig, encoders: Mapping[str, Encoder] | None = Non
     config's (``CascadeGate.with_targets``).
     """
     from router.gate import Gate
+    from router.gate_artifact import GateArtifactMismatch, is_trained
 
     path = config.resolve(config.gate.artifact)
     if path.exists() and not path.is_dir():
-        from router.gate_artifact import GateArtifactMismatch
-
         raise GateArtifactMismatch(f"{path}: exists and is not a folder; a gate artifact is the folder moe train "
                                    "writes (moe train --config <this config>)")
-    if not (path / "gate.json").exists():
+    if not is_trained(path):
         raise GateNotTrained(path)
     loaded = gate_encoders(config, encoders or {})
     full = loaded[config.gate.encoder.model_dump_json()]

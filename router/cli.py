@@ -89,6 +89,7 @@ def cmd_serve_replay(args: argparse.Namespace) -> int:
 def cmd_config_check(args: argparse.Namespace) -> int:
     from router.build import loading_problems
     from router.config import ConfigError
+    from router.gate_artifact import is_trained
 
     config = _load(args.file, check_env=not args.no_env)
     artifact = config.resolve(config.gate.artifact)
@@ -97,7 +98,7 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     problems = loading_problems(config)
     if problems:
         raise ConfigError(args.file, problems)
-    trained = (artifact / "gate.json").is_file()
+    trained = is_trained(artifact)
     where = f"gate artifact {artifact}" if trained else f"no gate artifact at {artifact} yet (moe train)"
     print(f"{args.file}: OK (version {config.version}, {len(config.experts)} experts: "
           f"{', '.join(config.expert_names)}; {where})")

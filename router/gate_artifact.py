@@ -48,6 +48,7 @@ __all__ = [
     "GateArtifactMismatch",
     "GateMetadata",
     "ValidationMetrics",
+    "is_trained",
     "read_artifact",
     "read_artifact_json",
     "write_artifact",
@@ -131,6 +132,11 @@ _MANIFEST, _WEIGHTS, _EXAMPLES = "gate.json", "weights.npz", "examples.npz"
 ARTIFACT_FILES = (_WEIGHTS, _EXAMPLES, _MANIFEST)
 RETRAIN = "retrain the gate (moe train --config <this config>)"
 _SELF_DIGEST = "manifest_sha256"  # gate.json's own sha256, over its other keys (``_manifest_digest``)
+
+
+def is_trained(directory: str | Path) -> bool:
+    """Whether ``directory`` holds a gate: its manifest, published last, so its presence means a whole one."""
+    return (Path(directory) / _MANIFEST).is_file()
 
 
 def write_artifact(gate: Gate, directory: str | Path) -> Path:
