@@ -21,13 +21,12 @@ import contextlib
 import datetime
 import json
 import os
-import platform
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from bench import REPO, gate_bench, repo_relative
+from bench import REPO, gate_bench, machine, repo_relative
 from bench.data import snips
 from bench.encoder_profile import profile_encoder
 from bench.http_pool import measure as measure_http_pool
@@ -38,23 +37,6 @@ from router.config import TopKConfig
 
 RESULTS = REPO / "bench" / "results"
 LEVELS = (1, 8, 32, 128)
-
-
-def _machine() -> dict[str, Any]:
-    model = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    try:
-        load = [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        load = []
-    return {"cpu_model": model, "cores": os.cpu_count(), "python": platform.python_version(),
-            "platform": platform.platform(), "load_avg_at_start": load}
 
 
 def _server_impl() -> dict[str, str]:
@@ -582,7 +564,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     progress = Progress()
     started = progress.started
     base: dict[str, Any] = {"date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-                            "machine": _machine(), "options": options(args)}
+                            "machine": machine(), "options": options(args)}
     phases: dict[str, float] = {}
     done: list[str] = []
     state: dict[str, Any] = {"gate": None, "router": None, "semantic": None, "pool_rows": None}

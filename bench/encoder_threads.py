@@ -15,12 +15,13 @@ import asyncio
 import json
 import time
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from bench import gate_bench
+from bench import gate_bench, machine
 from bench.data import clinc150, snips
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -85,6 +86,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--seconds", type=float, default=8.0, help="each router's throughput run")
     parser.add_argument("--out", type=Path, default=RESULTS / "encoder_threads.json")
     args = parser.parse_args(argv)
+    started, host = datetime.now(UTC).isoformat(timespec="seconds"), machine()
     print("encoder alone: 1 and 2 intra-op threads, taking turns", flush=True)
     encoder = encoder_figures(snips().test_texts[:300], clinc150(150, per_label=8).train_texts)
     for t, figures in encoder.items():
@@ -92,7 +94,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     print("through the router (same gate, same rounds)", flush=True)
     router = router_figures(args.seconds)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"encoder": encoder, "router": router}, indent=2) + "\n", encoding="utf-8")
+    args.out.write_text(json.dumps({"date": started, "machine": host, "encoder": encoder, "router": router},
+                                   indent=2) + "\n", encoding="utf-8")
     print(f"wrote {args.out}")
 
 

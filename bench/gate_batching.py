@@ -2,8 +2,8 @@
 
 ``python -m bench.gate_batching`` runs one router per cap (the same gate, the same fast upstream) and measures
 them in the same rounds: overhead p50 and p99 at concurrency 32 and 128, then top-1 requests/s and CPU per
-request at 64 and 128 clients. Prints the figures and writes ``bench/results/gate_batching.json``. Not part of
-``make bench``.
+request at 64 and 128 clients, one router after another, each client count starting from another router.
+Prints the figures and writes ``bench/results/gate_batching.json``. Not part of ``make bench``.
 
 A cap splits a queue that is already there into encoder calls run one after another: a lower cap answers the
 first queries of the queue sooner, a higher one pays each call's fixed cost (the hand-off to the gate's thread,
@@ -16,15 +16,13 @@ import argparse
 import asyncio
 import contextlib
 import json
-import platform
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench import gate_bench
+from bench import gate_bench, machine
 from bench.data import snips
-from router.encoders import usable_cores
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CAPS = (32, 64, 128)
@@ -54,13 +52,16 @@ def measure(caps: Sequence[int], seconds: float) -> dict[str, Any]:
             print(f"  concurrency {c}: overhead p50 / p99 ms by max_batch "
                   + ", ".join(f"{name}: {v['p50']} / {v['p99']}" for name, v in out["overhead_ms"][f"c{c}"].items()),
                   flush=True)
-        for clients in (64, 128):
+        names = list(routers)
+        for turn, clients in enumerate((64, 128)):
             rates: dict[str, Any] = {}
-            for name, target in routers.items():
-                result = asyncio.run(throughput(target, direct, data.test_texts, seconds=seconds,
+            # Each client count starts from another router, so none always runs first.
+            for name in names[turn % len(names):] + names[:turn % len(names)]:
+                result = asyncio.run(throughput(routers[name], direct, data.test_texts, seconds=seconds,
                                                 concurrency=clients))
                 rates[name] = {"rps": result["rps"], "cpu_ms_per_request": result["cpu_ms_per_request"],
                                "errors": result["errors"]}
+            rates = {name: rates[name] for name in names}
             out["throughput"][f"clients{clients}"] = rates
             print(f"  {clients} clients: requests/s (CPU ms per request) by max_batch "
                   + ", ".join(f"{name}: {v['rps']} ({v['cpu_ms_per_request']})" for name, v in rates.items()),
@@ -76,11 +77,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     print(f"routers at gate.max_batch {', '.join(map(str, args.caps))}, the same gate and upstream, same rounds",
           flush=True)
-    started = datetime.now(UTC).isoformat(timespec="seconds")
+    started, host = datetime.now(UTC).isoformat(timespec="seconds"), machine()
     figures = measure(args.caps, args.seconds)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"date": started, "cores": usable_cores(), "cpu": platform.processor() or
-                                    platform.machine(), **figures}, indent=2) + "\n", encoding="utf-8")
+    args.out.write_text(json.dumps({"date": started, "machine": host, **figures}, indent=2) + "\n",
+                        encoding="utf-8")
     print(f"wrote {args.out}")
 
 

@@ -27,6 +27,7 @@ import yaml
 from bench.upstream import LoadResult, chat_payload, run_load
 from router.cascade import CascadeGate
 from router.gate import Gate
+from router.gate_artifact import is_trained
 
 __all__ = ["RouterProcess", "Target", "compare", "cpu_seconds", "rss_growth", "rss_mb", "throughput"]
 
@@ -72,7 +73,11 @@ class RouterProcess:
                  extra_args: Sequence[str] = (), backend: str = "onnx",
                  encoder_options: dict[str, Any] | None = None, gate_options: dict[str, Any] | None = None) -> None:
         """``encoder_options``: further ``gate.encoder`` keys (e.g. ``{"threads": 2}``); ``gate_options``:
-        further ``gate`` keys (e.g. ``{"max_batch": 64}``)."""
+        further ``gate`` keys (e.g. ``{"max_batch": 64}``), not those this class sets (``artifact``, ``top_k``,
+        ``encoder``, ``cascade``)."""
+        taken = {"artifact", "top_k", "encoder", "cascade"} & set(gate_options or {})
+        if taken:
+            raise ValueError(f"gate_options: {sorted(taken)} are set by RouterProcess; use its own arguments")
         self.gate, self.upstream_url, self.k, self.backend = gate, upstream_url, k, backend
         self.encoder_options = dict(encoder_options or {})
         self.gate_options = dict(gate_options or {})
@@ -94,7 +99,7 @@ class RouterProcess:
 
     def write_config(self) -> Path:
         artifact = self.workdir / f"gate-{self.backend}"
-        if not (artifact / "gate.json").exists():
+        if not is_trained(artifact):
             self.gate.save(artifact)
         config = {
             "version": 1,

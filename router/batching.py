@@ -52,8 +52,8 @@ class GateBatcher(Generic[T]):
     loop's futures resolved on that loop; the one worker thread serves them all in turn. A loop that closed
     before its batch came back is simply forgotten."""
 
-    def __init__(self, work: Callable[[list[str]], Sequence[T]], *, window_ms: float = 2.0,
-                 max_batch: int = 32) -> None:
+    def __init__(self, work: Callable[[list[str]], Sequence[T]], *, window_ms: float = 0.0,
+                 max_batch: int = 64) -> None:
         if max_batch < 1 or window_ms < 0:
             raise ValueError("max_batch must be >= 1 and window_ms >= 0")
         self.work, self.window_s, self.max_batch = work, window_ms / 1000.0, max_batch

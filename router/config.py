@@ -176,7 +176,8 @@ class EncoderConfig(_Strict):
     batch_size: int | None = Field(default=None, ge=1, le=4096)
     # ONNX: model runs at once when one call holds several batches (a micro-batch, expert-choice ``assign_batch``,
     # training, evaluation);
-    # None: as many as the cores this process may use hold at ``threads`` each, and at least two on 2 cores.
+    # None: as many as the cores this process may use hold at ``threads`` each, and at least two wherever there
+    # are two or more (runs share the session's threads: router.encoders.onnx_threads).
     # One query, or one batch, is always a single run.
     parallel: int | None = Field(default=None, ge=1, le=256)
     # ONNX: onnxruntime's intra-op threads for one run; None: half the cores this process may use, and two on 2
@@ -272,8 +273,9 @@ class GateConfig(_Strict):
     # Micro-batching (router.batching): concurrent queries are embedded together in one worker thread. The
     # first query to find the worker idle waits up to ``batch_window_ms`` for company; ``max_batch`` caps a batch.
     # 0 ms sends a lone query at once (queries still batch while the worker is busy). A lower cap answers the
-    # front of a queue sooner; a higher one spreads each call's fixed cost: 64 against 32 served 508 against 464
-    # requests/s at 128 clients, with overhead p50 194 against 212 ms (2 cores, ``python -m bench.gate_batching``).
+    # front of a queue sooner; a higher one spreads each call's fixed cost: 64 against 32 served 504 against 464
+    # requests/s at 128 clients, with overhead p50 191 against 203 ms at concurrency 128 (2 cores, 2026-12-06,
+    # ``python -m bench.gate_batching``).
     batch_window_ms: float = Field(default=0.0, ge=0.0, le=100.0)
     max_batch: int = Field(default=64, ge=1, le=1024)
 

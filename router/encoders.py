@@ -45,6 +45,7 @@ __all__ = [
     "length_batches",
     "minilm_tokenizer",
     "onnx_feeds",
+    "onnx_threads",
     "sha256_file",
     "usable_cores",
     "verified_onnx_model",
@@ -218,24 +219,15 @@ class OnnxMiniLMEncoder(Encoder):
     def __init__(self, max_length: int = 256, batch_size: int = BATCH, *, model_path: str | Path | None = None,
                  threads: int | None = None, parallel: int | None = None,
                  batch_tokens: int = BATCH_TOKENS) -> None:
-        """``threads``: onnxruntime's intra-op threads for one run (default: half the cores, two on 2 or 3).
-        ``parallel``: how many runs at once when one ``encode`` call holds more than one batch (default: as many
-        as the usable cores hold, ``threads`` each, and at least two where there are two cores).
-        ``batch_tokens``: the most padded tokens one run holds (one text longer than that still runs, alone)."""
+        """``threads``: onnxruntime's intra-op threads for one run. ``parallel``: how many runs at once when one
+        ``encode`` call holds more than one batch. Their defaults: ``onnx_threads``. ``batch_tokens``: the most
+        padded tokens one run holds (one text longer than that still runs, alone)."""
         if parallel is not None and parallel < 1:
             raise ValueError(f"parallel must be at least 1, got {parallel}")
         if batch_tokens < 1:
             raise ValueError(f"batch_tokens must be at least 1, got {batch_tokens}")
         self.batch_tokens = batch_tokens
-        cores = usable_cores()
-        # Half the cores per run, and two where there are two: concurrent runs share the session's intra-op pool
-        # (each caller works its own run and takes the pool's threads only while they are idle), so a second
-        # run does not wait for the first. On 2 cores (Intel Xeon, 2026-12-06, ``python -m
-        # bench.encoder_threads``) 2 threads with 2 runs at once cut one query's run from 2.6 to 2.2 ms p50 and
-        # the router's overhead at concurrency 1 and 8, for the same batched and router throughput as 1 thread
-        # (2 threads with one run at a time lost about 6% of the router's requests/s).
-        self.threads = threads or max(min(cores, 2), cores // 2)
-        self.parallel = parallel or max(min(cores, 2), cores // self.threads)
+        self.threads, self.parallel = onnx_threads(usable_cores(), threads, parallel)
         ort = _import("onnxruntime", "onnxruntime")
         path, self.checksum = verified_onnx_model(model_path)
         self.batch_size = batch_size
@@ -330,6 +322,21 @@ def onnx_feeds(ids: list[list[int]]) -> dict[str, np.ndarray]:
         input_ids[row, :len(seq)] = seq
     mask = (np.arange(width)[None, :] < np.array([len(x) for x in ids])[:, None]).astype(np.int64)
     return {"input_ids": input_ids, "attention_mask": mask, "token_type_ids": np.zeros_like(input_ids)}
+
+
+def onnx_threads(cores: int, threads: int | None = None, parallel: int | None = None) -> tuple[int, int]:
+    """``(threads, parallel)`` for the ONNX encoder on ``cores`` usable cores, each as given or its default.
+
+    ``threads`` defaults to half the cores, and to two on 2 or 3; ``parallel`` to as many runs as the cores hold
+    at ``threads`` each, and to at least two wherever there are two cores or more. Concurrent runs share the
+    session's intra-op pool (each caller works its own run and takes the pool's threads only while they are
+    idle), so a second run does not wait for the first. On 2 cores (Intel Xeon, 2026-12-06, ``python -m
+    bench.encoder_threads``) 2 threads with 2 runs at once cut one query's run from 2.6 to 2.2 ms p50 and the
+    router's overhead at concurrency 1 and 8, for the same batched and router throughput as 1 thread (2 threads
+    with one run at a time lost about 6% of the router's requests/s)."""
+    floor = max(1, min(cores, 2))
+    threads = threads or max(floor, cores // 2)
+    return threads, parallel or max(floor, cores // threads)
 
 
 def _session_options(ort: Any, threads: int) -> Any:

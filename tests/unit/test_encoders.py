@@ -23,6 +23,7 @@ from router.encoders import (
     SentenceTransformerEncoder,
     build_encoder,
     length_batches,
+    onnx_threads,
 )
 from tests.support import assert_imports_nothing_of
 
@@ -92,8 +93,9 @@ def test_onnx_parallel_runs_give_the_serial_rows_in_order(queries: list[str]) ->
 
 
 def test_onnx_rows_do_not_depend_on_the_thread_count(queries: list[str]) -> None:
-    # The default thread count follows the cores, so a gate trained on one machine and served on another must read
-    # the same vectors: two intra-op threads per run, two runs at once, give one thread's rows bit for bit.
+    # The default thread count follows the cores, so the thread count must not change the vectors a gate was
+    # trained on: two intra-op threads per run, two runs at once, give one thread's rows bit for bit on one
+    # machine (other CPUs' instruction sets may still move the last bits).
     one = OnnxMiniLMEncoder(threads=1, parallel=1)
     two = OnnxMiniLMEncoder(threads=2, parallel=2)
     np.testing.assert_array_equal(two.encode(queries[:50]), one.encode(queries[:50]))
@@ -153,15 +155,30 @@ def test_onnx_parallel_defaults_to_the_cores_and_refuses_zero(monkeypatch: pytes
     two = OnnxMiniLMEncoder()
     assert (two.threads, two.parallel) == (2, 2)
     assert two._session.get_session_options().intra_op_num_threads == 2
-    assert OnnxMiniLMEncoder(threads=1).parallel == 2
-    monkeypatch.setattr("router.encoders.usable_cores", lambda: 1)
-    one = OnnxMiniLMEncoder()
-    assert (one.threads, one.parallel) == (1, 1)
     assert build_encoder(EncoderConfig(backend="onnx", parallel=3)).parallel == 3  # type: ignore[attr-defined]
     with pytest.raises(ValueError, match="parallel must be at least 1, got 0"):
         OnnxMiniLMEncoder(parallel=0)
     with pytest.raises(ValidationError, match="parallel"):
         EncoderConfig(backend="onnx", parallel=0)
+
+
+@pytest.mark.parametrize(("cores", "threads", "parallel", "expected"), [
+    (1, None, None, (1, 1)),
+    (2, None, None, (2, 2)),  # one query on both cores; a second run beside it
+    (3, None, None, (2, 2)),
+    (4, None, None, (2, 2)),
+    (8, None, None, (4, 2)),
+    (16, None, None, (8, 2)),
+    (2, 1, None, (1, 2)),
+    (8, 1, None, (1, 8)),
+    (8, 8, None, (8, 2)),  # runs share the pool, so two still go at once
+    (1, 4, None, (4, 1)),
+    (8, None, 3, (4, 3)),
+    (2, 2, 1, (2, 1)),
+])
+def test_onnx_thread_defaults_follow_the_cores(cores: int, threads: int | None, parallel: int | None,
+                                              expected: tuple[int, int]) -> None:
+    assert onnx_threads(cores, threads, parallel) == expected
 
 
 def test_onnx_threads_come_from_the_config(monkeypatch: pytest.MonkeyPatch) -> None:
