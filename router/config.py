@@ -273,9 +273,9 @@ class GateConfig(_Strict):
     # Micro-batching (router.batching): concurrent queries are embedded together in one worker thread. The
     # first query to find the worker idle waits up to ``batch_window_ms`` for company; ``max_batch`` caps a batch.
     # 0 ms sends a lone query at once (queries still batch while the worker is busy). A lower cap answers the
-    # front of a queue sooner; a higher one spreads each call's fixed cost: 64 against 32 served 504 against 464
-    # requests/s at 128 clients, with overhead p50 191 against 203 ms at concurrency 128 (2 cores, 2026-12-06,
-    # ``python -m bench.gate_batching``).
+    # front of a queue sooner; a higher one spreads each call's fixed cost: 64 against 32 served 497 against 462
+    # requests/s at 128 clients, with overhead p50 195 against 218 ms at concurrency 128 (2 cores, 2026-12-06,
+    # ``python -m bench.gate_batching``; two runs before gave the same picture).
     batch_window_ms: float = Field(default=0.0, ge=0.0, le=100.0)
     max_batch: int = Field(default=64, ge=1, le=1024)
 
