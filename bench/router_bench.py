@@ -74,10 +74,7 @@ class RouterProcess:
                  encoder_options: dict[str, Any] | None = None, gate_options: dict[str, Any] | None = None) -> None:
         """``encoder_options``: further ``gate.encoder`` keys (e.g. ``{"threads": 2}``); ``gate_options``:
         further ``gate`` keys (e.g. ``{"max_batch": 64}``), not those this class sets (``artifact``, ``top_k``,
-        ``encoder``, ``cascade``)."""
-        taken = {"artifact", "top_k", "encoder", "cascade"} & set(gate_options or {})
-        if taken:
-            raise ValueError(f"gate_options: {sorted(taken)} are set by RouterProcess; use its own arguments")
+        ``encoder``, ``cascade``: refused when the config is written)."""
         self.gate, self.upstream_url, self.k, self.backend = gate, upstream_url, k, backend
         self.encoder_options = dict(encoder_options or {})
         self.gate_options = dict(gate_options or {})
@@ -101,17 +98,20 @@ class RouterProcess:
         artifact = self.workdir / f"gate-{self.backend}"
         if not is_trained(artifact):
             self.gate.save(artifact)
+        gate: dict[str, Any] = {
+            "artifact": str(artifact), "top_k": {"policy": "fixed", "k": self.k},
+            # "cascade": the two-stage gate, static then ONNX (router.cascade)
+            **({"encoder": {"backend": "onnx", **self.encoder_options}, "cascade": {}}
+               if self.backend == "cascade" else {"encoder": {"backend": self.backend, **self.encoder_options}})}
+        taken = gate.keys() & self.gate_options.keys()
+        if taken:
+            raise ValueError(f"gate_options: {sorted(taken)} are set by RouterProcess; use its own arguments")
         config = {
             "version": 1,
             # Capacity far above the load, so no request is shed and every one measures the routing path.
             "experts": [{"name": e, "type": "openai", "endpoint": self.upstream_url, "model": e,
                          "max_concurrency": 1024, "timeout_s": 30} for e in self.gate.experts],
-            "gate": {"artifact": str(artifact), "top_k": {"policy": "fixed", "k": self.k},
-                     # "cascade": the two-stage gate, static then ONNX (router.cascade)
-                     **({"encoder": {"backend": "onnx", **self.encoder_options}, "cascade": {}}
-                        if self.backend == "cascade" else {"encoder": {"backend": self.backend,
-                                                                       **self.encoder_options}}),
-                     **self.gate_options},
+            "gate": {**gate, **self.gate_options},
             "combiner": {"strategy": "top1"},
             "fallback": {"max_attempts": max(3, self.k)},  # the panel counts towards it
         }

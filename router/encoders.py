@@ -340,7 +340,7 @@ def onnx_threads(cores: int, threads: int | None = None, parallel: int | None = 
 
 
 def _session_options(ort: Any, threads: int) -> Any:
-    # ``threads``: see OnnxMiniLMEncoder.__init__. No spinning: idle pool threads that spin burn the CPU the
+    # ``threads``: see onnx_threads. No spinning: idle pool threads that spin burn the CPU the
     # server needs between calls (2 spinning threads took 29 ms of CPU per query at one query per 50 ms, against
     # 3.9 ms without, for 0.3 ms less latency; 2 cores, 2026-12-06).
     opts = ort.SessionOptions()

@@ -23,6 +23,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from experts.types import ChatMessage, ChatRequest
 from router.build import build_orchestrator
@@ -56,7 +57,7 @@ def drain_flags(timeout_s: float) -> tuple[str, ...]:
 
 def metric(text: str, name: str) -> float:
     """The sum of a metric's samples, whatever their labels, in vLLM's Prometheus text (0 before it has any)."""
-    return sum(float(v) for v in re.findall(rf"^{re.escape(name)}(?:\{{[^}}]*\}})? ([0-9.e+-]+)$", text, re.MULTILINE))
+    return sum(s.value for family in text_string_to_metric_families(text) for s in family.samples if s.name == name)
 
 
 def ask(question: str, max_tokens: int) -> ChatRequest:
