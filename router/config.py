@@ -169,28 +169,33 @@ class ExpertConfig(_Strict):
 
 
 class EncoderConfig(_Strict):
-    backend: Literal["onnx", "sentence-transformers", "static"] = "onnx"
+    backend: Literal["onnx", "openvino", "sentence-transformers", "static"] = "onnx"
     max_length: int = Field(default=256, ge=8, le=512)
-    # Texts per model call; None: the backend's own (8 for ONNX, 64 for sentence-transformers, see
-    # router.encoders).
+    # Texts per model call (for onnx and openvino: per run, after sorting a call's texts by length); None: the
+    # backend's own (8 for onnx, 64 for openvino and sentence-transformers; router.encoders,
+    # router.openvino_encoder).
     batch_size: int | None = Field(default=None, ge=1, le=4096)
-    # ONNX: model runs at once when one call holds several batches (a micro-batch, expert-choice ``assign_batch``,
-    # training, evaluation);
-    # None: as many as the cores this process may use hold at ``threads`` each, and at least two wherever there
-    # are two or more (runs share the session's threads: router.encoders.onnx_threads).
-    # One query, or one batch, is always a single run.
+    # onnx and openvino: model runs at once when one call holds several batches (a micro-batch, expert-choice
+    # ``assign_batch``, training, evaluation); one query, or one batch, is always a single run.
+    # None for onnx: as many as the cores this process may use hold at ``threads`` each, and at least two wherever
+    # there are two or more (runs share the session's threads: router.encoders.onnx_threads). None for openvino:
+    # as many streams as the cores hold at ``threads`` each (streams do not share threads:
+    # router.openvino_encoder.openvino_threads), one on 2 cores.
     parallel: int | None = Field(default=None, ge=1, le=256)
-    # ONNX: onnxruntime's intra-op threads for one run; None: half the cores this process may use, and two on 2
-    # or 3 cores. More threads shorten one query's run where cores are free; ``parallel`` runs share the
-    # threads when one call holds several batches.
+    # onnx and openvino: threads for one run; None: half the cores this process may use, and two on 2 or 3 cores.
+    # More threads shorten one query's run where cores are free.
     threads: int | None = Field(default=None, ge=1, le=256)
-    # ONNX: the most padded tokens (texts x the longest) one model run holds, so that a few long prompts run at
-    # once on several cores instead of as one wide run; None: the backend's own (256, see router.encoders).
+    # onnx and openvino: the most padded tokens (texts x the longest) one model run holds, so that a few long
+    # prompts run at once on several cores instead of as one wide run; None: the backend's own (256 for onnx,
+    # 2048 for openvino).
     batch_tokens: int | None = Field(default=None, ge=16, le=1_000_000)
     # sentence-transformers: the torch device the model runs on: ``cpu``, ``cuda``, ``cuda:N`` or ``mps``. The
     # weights and the encoder's identity are the same on every device, so a gate trained on one serves on another
     # (``python -m bench.gpu_gate`` measures the agreement). ONNX and static run on the CPU only.
     device: str = Field(default="cpu", pattern=r"^(cpu|cuda(:[0-9]+)?|mps)$")
+    # openvino: the matrix products' precision: bf16 (bfloat16, on CPUs with AMX or AVX-512 BF16), f32, or auto
+    # (bf16 where the CPU runs it); None: auto. Part of the encoder's identity (router.openvino_encoder).
+    precision: Literal["auto", "bf16", "f32"] | None = None
 
     @model_validator(mode="after")
     def _device_needs_torch_backend(self) -> EncoderConfig:
@@ -198,9 +203,13 @@ class EncoderConfig(_Strict):
             raise ValueError(f"device {self.device!r}: only the sentence-transformers backend runs off the CPU; "
                              f"the {self.backend!r} backend runs on the CPU (leave device at 'cpu')")
         onnx_only = [key for key in ("threads", "parallel", "batch_tokens") if getattr(self, key) is not None]
-        if onnx_only and self.backend != "onnx":
-            raise ValueError(f"{', '.join(onnx_only)}: onnxruntime settings, read by the onnx backend only; the "
-                             f"{self.backend!r} backend would ignore them (remove them, or set backend: onnx)")
+        if onnx_only and self.backend not in ("onnx", "openvino"):
+            raise ValueError(f"{', '.join(onnx_only)}: model-run settings, read by the onnx and openvino backends "
+                             f"only; the {self.backend!r} backend would ignore them (remove them, or set backend: "
+                             "onnx)")
+        if self.precision is not None and self.backend != "openvino":
+            raise ValueError(f"precision: read by the openvino backend only; the {self.backend!r} backend would "
+                             "ignore it (remove it, or set backend: openvino)")
         return self
 
 

@@ -196,10 +196,11 @@ def test_onnx_threads_come_from_the_config(monkeypatch: pytest.MonkeyPatch) -> N
 @pytest.mark.parametrize("backend", ["sentence-transformers", "static"])
 @pytest.mark.parametrize("key", ["threads", "parallel", "batch_tokens"])
 def test_onnx_settings_are_refused_for_other_backends(backend: str, key: str) -> None:
-    with pytest.raises(ValidationError, match=rf"{key}: onnxruntime settings, read by the onnx backend only; "
-                                              rf"the '{backend}' backend would ignore them"):
+    with pytest.raises(ValidationError, match=rf"{key}: model-run settings, read by the onnx and openvino backends "
+                                              rf"only; the '{backend}' backend would ignore them"):
         EncoderConfig.model_validate({"backend": backend, key: 64})
     EncoderConfig.model_validate({"backend": "onnx", key: 64})
+    EncoderConfig.model_validate({"backend": "openvino", key: 64})
 
 
 def test_onnx_agrees_with_sentence_transformers(onnx_encoder: OnnxMiniLMEncoder,
