@@ -1,12 +1,12 @@
 """``python -m bench``: every benchmark, a table of our figures next to the peers', and ``bench/results/bench.json``.
 
-Order: gate decision (the three encoder backends, interleaved) -> scaling (4/16/64 experts, k 1/3/5) -> router
-overhead against direct calls (top-1 with the ONNX and the static encoder, streaming TTFT, top-3; concurrency
-1, 8, 32, 128) -> throughput and memory (the ONNX router's run is the memory run, ``--memory-s`` long, 60 s by
-default; the others ``--throughput-s``) -> profile (py-spy, when installed) -> peers (LiteLLM proxy; aurelio
-semantic-router), each installed into its own virtual environment on first use. ``--skip-peers`` leaves the
-peers out; a peer that cannot be installed, started or read is recorded as skipped, with the reason, and the run
-goes on.
+Order: gate decision (the encoder backends and the two-stage gate, interleaved; openvino where its optional
+package is installed) -> scaling (4/16/64 experts, k 1/3/5) -> router overhead against direct calls (top-1 with
+the ONNX, static, two-stage and OpenVINO gates, streaming TTFT, top-3; concurrency 1, 8, 32, 128) -> throughput
+and memory (the ONNX router's run is the memory run, ``--memory-s`` long, 60 s by default; the others
+``--throughput-s``) -> profile (py-spy, when installed) -> peers (LiteLLM proxy; aurelio semantic-router), each
+installed into its own virtual environment on first use. ``--skip-peers`` leaves the peers out; a peer that
+cannot be installed, started or read is recorded as skipped, with the reason, and the run goes on.
 
 Every step prints a line when it starts and when it ends, stamped with the seconds since the run began.
 bench.json is written after each phase (``complete`` false, ``phases_done`` naming what is in it), so a late
@@ -139,6 +139,9 @@ def run_gate(args: argparse.Namespace, progress: Progress) -> tuple[dict[str, An
 
             torch.set_num_threads(args.torch_threads)
         gates["st"] = gate_bench.train(SentenceTransformerEncoder(), data)
+        openvino = _openvino_encoder(progress)
+        if openvino is not None:
+            gates["openvino"] = gate_bench.train(openvino, data)
         # The two-stage gate (gate.cascade): the static gate decides what it is sure of, the ONNX gate the rest.
         gates["cascade"] = CascadeGate.train(gates["onnx"], gates["static"], data.train_texts, data.train_labels,
                                              agreement=0.995)
@@ -148,7 +151,8 @@ def run_gate(args: argparse.Namespace, progress: Progress) -> tuple[dict[str, An
         figures = gate_bench.gate_figures(gates, data.test_texts[:args.gate_queries], data.test_texts[:320],
                                           every={"st": 3})
         notes.append(f"ONNX p50 {_fmt(figures['onnx']['p50_ms'])} ms, static {_fmt(figures['static']['p50_ms'])}"
-                     f" ms, two-stage {_fmt(figures['cascade']['p50_ms'])} ms")
+                     f" ms, two-stage {_fmt(figures['cascade']['p50_ms'])} ms"
+                     + (f", OpenVINO {_fmt(figures['openvino']['p50_ms'])} ms" if "openvino" in figures else ""))
     t2 = time.perf_counter()
     with progress.step("gate: scaling, 4/16/64 experts and k 1/3/5"):
         scaling = gate_bench.scaling(onnx, n_queries=args.scaling_queries)
@@ -159,9 +163,22 @@ def run_gate(args: argparse.Namespace, progress: Progress) -> tuple[dict[str, An
             "gate_accuracy_val": gates["onnx"].metadata.metrics.accuracy,
             "static_gate_accuracy_val": gates["static"].metadata.metrics.accuracy,
             "onnx": figures["onnx"], "static": figures["static"], "st": figures["st"],
+            "openvino": ({**figures["openvino"], "precision": gates["openvino"].encoder.precision}
+                         if "openvino" in gates else None),
             "cascade": {**figures["cascade"], **gate_bench.cascade_figures(gates["cascade"],
                                                                            data.test_texts[:args.gate_queries])},
             "scaling": scaling}, gates, data
+
+
+def _openvino_encoder(progress: Progress) -> Any:
+    """The openvino backend's encoder, or None (said) where the optional package is not installed."""
+    try:
+        from router.openvino_encoder import OpenVinoMiniLMEncoder
+
+        return OpenVinoMiniLMEncoder()
+    except ImportError as exc:
+        progress.say(f"gate: the openvino backend is left out ({exc})")
+        return None
 
 
 Targets = Callable[[int], dict[str, Target]]
@@ -198,10 +215,12 @@ def run_router(args: argparse.Namespace, gates: dict[str, Any], texts: Sequence[
     scale = args.scale
     with UpstreamProcess(latency_ms=args.upstream_ms) as up:
         direct = up.url + "/chat/completions"
-        progress.say("router: starting the ONNX, static and two-stage routers")
+        progress.say("router: starting the ONNX, static, two-stage and OpenVINO routers")
         with RouterProcess(gate, up.url, k=1) as router, \
                 RouterProcess(gates["static"], up.url, k=1, backend="static") as static, \
-                RouterProcess(gates["cascade"], up.url, k=1, backend="cascade") as cascade:
+                RouterProcess(gates["cascade"], up.url, k=1, backend="cascade") as cascade, \
+                (RouterProcess(gates["openvino"], up.url, k=1, backend="openvino") if "openvino" in gates
+                 else contextlib.nullcontext()) as openvino:
             peer: dict[str, Any] = {}
             out["litellm"] = peer
             with _litellm(up.url, args, peer, progress) as proxy:
@@ -209,6 +228,7 @@ def run_router(args: argparse.Namespace, gates: dict[str, Any], texts: Sequence[
                 # all of them meet the same outside load.
                 def top1(c: int) -> dict[str, Target]:
                     return {"router": router, "router_static": static, "router_cascade": cascade,
+                            **({"router_openvino": openvino} if openvino is not None else {}),
                             **({"litellm": proxy} if proxy and c in args.peer_levels else {})}
                 out["top1"] = asyncio.run(_levels(top1, direct, texts, stream=False, scale=scale, progress=progress,
                                                   label="router overhead, top-1"
@@ -222,6 +242,9 @@ def run_router(args: argparse.Namespace, gates: dict[str, Any], texts: Sequence[
                                                             args.throughput_s)
                 out["throughput_top1_cascade"] = _throughput(progress, "two-stage router", cascade, direct, texts,
                                                              args.throughput_s)
+                if openvino is not None:
+                    out["throughput_top1_openvino"] = _throughput(progress, "OpenVINO router", openvino, direct,
+                                                                  texts, args.throughput_s)
                 if proxy is not None:
                     try:
                         peer["throughput"] = _throughput(progress, "LiteLLM proxy", proxy, direct, texts,
@@ -341,6 +364,8 @@ def flatten(gate: dict[str, Any], router: dict[str, Any], semantic: dict[str, An
     thr = router.get("throughput_top1", {})
     thr_static = router.get("throughput_top1_static", {})
     thr_cascade = router.get("throughput_top1_cascade", {})
+    thr_openvino = router.get("throughput_top1_openvino") or {}
+    openvino = gate.get("openvino") or {}
     litellm = router.get("litellm") or {}
     cpu_c32 = _at(router.get("top1"), 32, "cpu_ms_per_request")
     litellm_cpu_c32 = _at(router.get("top1"), 32, "cpu_ms_per_request", target="litellm")
@@ -355,6 +380,9 @@ def flatten(gate: dict[str, Any], router: dict[str, Any], semantic: dict[str, An
         "cascade_gate_batch_qps": gate["cascade"]["batch_qps"],
         "cascade_fast_share": gate["cascade"]["fast_share"],
         "cascade_agreement_with_onnx": gate["cascade"]["agreement_with_full"],
+        "openvino_precision": openvino.get("precision"),
+        "openvino_gate_p50_ms": openvino.get("p50_ms"), "openvino_gate_p99_ms": openvino.get("p99_ms"),
+        "openvino_gate_batch_qps": openvino.get("batch_qps"),
     }
     for c in LEVELS:
         out[f"router_overhead_p50_ms_c{c}"] = _at(router.get("top1"), c)
@@ -366,6 +394,8 @@ def flatten(gate: dict[str, Any], router: dict[str, Any], semantic: dict[str, An
     for c in LEVELS:
         out[f"cascade_router_overhead_p50_ms_c{c}"] = _at(router.get("top1"), c, target="router_cascade")
     for c in LEVELS:
+        out[f"openvino_router_overhead_p50_ms_c{c}"] = _at(router.get("top1"), c, target="router_openvino")
+    for c in LEVELS:
         out[f"stream_ttft_overhead_p50_ms_c{c}"] = _at(router.get("stream_ttft"), c)
     for c in LEVELS:
         out[f"top3_overhead_p50_ms_c{c}"] = _at(router.get("top3"), c)
@@ -376,6 +406,8 @@ def flatten(gate: dict[str, Any], router: dict[str, Any], semantic: dict[str, An
         "static_router_cpu_ms_per_request_top1": thr_static.get("cpu_ms_per_request"),
         "cascade_router_rps_top1": thr_cascade.get("rps"),
         "cascade_router_cpu_ms_per_request_top1": thr_cascade.get("cpu_ms_per_request"),
+        "openvino_router_rps_top1": thr_openvino.get("rps"),
+        "openvino_router_cpu_ms_per_request_top1": thr_openvino.get("cpu_ms_per_request"),
         # The ONNX router's throughput run is the memory run (--memory-s): RSS sampled once a second.
         "router_memory_run_s": thr.get("rss_span_s", thr.get("seconds")),
         "router_rss_mb_start": thr.get("rss_mb_start"), "router_rss_mb_end": thr.get("rss_mb_end"),
@@ -400,6 +432,9 @@ def flatten(gate: dict[str, Any], router: dict[str, Any], semantic: dict[str, An
     out["ratio_overhead_cascade_vs_litellm_c32"] = _ratio(out["cascade_router_overhead_p50_ms_c32"],
                                                           out["litellm_overhead_p50_ms_c32"])
     out["ratio_rps_cascade_vs_litellm"] = _ratio(out["cascade_router_rps_top1"], out["litellm_rps"])
+    out["ratio_overhead_openvino_vs_litellm_c32"] = _ratio(out["openvino_router_overhead_p50_ms_c32"],
+                                                           out["litellm_overhead_p50_ms_c32"])
+    out["ratio_rps_openvino_vs_litellm"] = _ratio(out["openvino_router_rps_top1"], out["litellm_rps"])
     out["ratio_cpu_router_vs_litellm"] = _ratio(out["router_cpu_ms_per_request_top1"],
                                                 out["litellm_cpu_ms_per_request"])
     out["ratio_gate_vs_semantic_router_p50"] = _ratio(out["gate_p50_ms_same_window"],
@@ -443,6 +478,9 @@ def table(flat: dict[str, Any], gate: dict[str, Any], router: dict[str, Any]) ->
         ("  share decided by the static stage", flat["cascade_fast_share"], None, None, ""),
         ("  same pick as the ONNX gate", flat["cascade_agreement_with_onnx"], None, None, ""),
         ("gate batch q/s (two-stage)", flat["cascade_gate_batch_qps"], None, None, ""),
+        (f"gate decision p50 ms (OpenVINO {flat.get('openvino_precision') or '-'})",
+         flat.get("openvino_gate_p50_ms"), None, None, "<= 3"),
+        ("gate batch q/s (OpenVINO)", flat.get("openvino_gate_batch_qps"), None, None, ">= 400"),
     ]
     for c in LEVELS:
         peer = flat.get(f"litellm_overhead_p50_ms_c{c}")
@@ -456,6 +494,10 @@ def table(flat: dict[str, Any], gate: dict[str, Any], router: dict[str, Any]) ->
         peer = flat.get(f"litellm_overhead_p50_ms_c{c}")
         rows.append((f"  same, two-stage gate, c{c}", flat[f"cascade_router_overhead_p50_ms_c{c}"], peer,
                      _ratio(flat[f"cascade_router_overhead_p50_ms_c{c}"], peer), ""))
+    for c in LEVELS:
+        peer = flat.get(f"litellm_overhead_p50_ms_c{c}")
+        ours = flat.get(f"openvino_router_overhead_p50_ms_c{c}")
+        rows.append((f"  same, OpenVINO encoder, c{c}", ours, peer, _ratio(ours, peer), ""))
     rows += [(f"top-1 {P99_DIFFERENCE} ms, c{c}", flat.get(f"router_p99_difference_ms_c{c}"), None, None, "")
              for c in LEVELS]
     rows += [(f"stream TTFT overhead p50 ms, c{c}", flat[f"stream_ttft_overhead_p50_ms_c{c}"], None, None, "")
@@ -469,6 +511,8 @@ def table(flat: dict[str, Any], gate: dict[str, Any], router: dict[str, Any]) ->
          flat["ratio_rps_static_vs_litellm"], ""),
         ("  same, two-stage gate", flat["cascade_router_rps_top1"], flat["litellm_rps"],
          flat["ratio_rps_cascade_vs_litellm"], ""),
+        ("  same, OpenVINO encoder", flat.get("openvino_router_rps_top1"), flat["litellm_rps"],
+         flat.get("ratio_rps_openvino_vs_litellm"), ""),
         ("  same client, direct to upstream req/s", flat["direct_rps_same_client"], None, None, "client ceiling"),
         ("CPU ms per request (service process)", flat["router_cpu_ms_per_request_top1"],
          flat["litellm_cpu_ms_per_request"], flat["ratio_cpu_router_vs_litellm"], ""),
@@ -477,6 +521,9 @@ def table(flat: dict[str, Any], gate: dict[str, Any], router: dict[str, Any]) ->
         ("  same, two-stage gate", flat["cascade_router_cpu_ms_per_request_top1"],
          flat["litellm_cpu_ms_per_request"],
          _ratio(flat["cascade_router_cpu_ms_per_request_top1"], flat["litellm_cpu_ms_per_request"]), ""),
+        ("  same, OpenVINO encoder", flat.get("openvino_router_cpu_ms_per_request_top1"),
+         flat["litellm_cpu_ms_per_request"],
+         _ratio(flat.get("openvino_router_cpu_ms_per_request_top1"), flat["litellm_cpu_ms_per_request"]), ""),
         ("  same, at c32 (rounds shared with LiteLLM)", flat["router_cpu_ms_per_request_c32"],
          flat["litellm_cpu_ms_per_request_c32"],
          _ratio(flat["router_cpu_ms_per_request_c32"], flat["litellm_cpu_ms_per_request_c32"]), ""),

@@ -81,6 +81,35 @@ def test_table_labels_the_p99_difference_and_the_memory_runs_length() -> None:
     assert all(len(line) >= header.index("ours") for line in text.splitlines()[2:10])
 
 
+def test_openvino_figures_and_ratios_when_its_router_ran() -> None:
+    gate = {**_gate(), "openvino": {"p50_ms": 2.0, "p99_ms": 3.0, "batch_qps": 2000.0, "precision": "bf16"}}
+    router = _router()
+    for level in router["top1"]:
+        level["router_openvino"] = {"overhead_p50_ms": 5.0 + level["concurrency"], "cpu_ms_per_request": 2.0}
+        level["litellm"] = {"overhead_p50_ms": 100.0}
+    router["throughput_top1_openvino"] = {"rps": 550.0, "cpu_ms_per_request": 2.5}
+    router["litellm"] = {"throughput": {"rps": 110.0, "cpu_ms_per_request": 6.0}}
+    flat = flatten(gate, router, None)
+    assert (flat["openvino_precision"], flat["openvino_gate_p50_ms"], flat["openvino_gate_batch_qps"]) == (
+        "bf16", 2.0, 2000.0)
+    assert flat["openvino_router_overhead_p50_ms_c32"] == 37.0
+    assert flat["ratio_overhead_openvino_vs_litellm_c32"] == 0.37
+    assert (flat["openvino_router_rps_top1"], flat["ratio_rps_openvino_vs_litellm"]) == (550.0, 5.0)
+    text = table(flat, gate, router)
+    assert any(line.startswith("gate decision p50 ms (OpenVINO bf16)") for line in text.splitlines())
+    c32 = next(line for line in text.splitlines() if line.startswith("  same, OpenVINO encoder, c32"))
+    assert c32.split()[-3:] == ["37", "100", "0.37"]
+
+
+def test_without_openvino_its_figures_are_none_and_the_table_shows_dashes() -> None:
+    flat = flatten(_gate(), _router(), None)
+    assert flat["openvino_gate_p50_ms"] is None and flat["openvino_router_rps_top1"] is None
+    assert flat["ratio_rps_openvino_vs_litellm"] is None
+    text = table(flat, _gate(), _router())
+    row = next(line for line in text.splitlines() if line.startswith("gate decision p50 ms (OpenVINO -)"))
+    assert row.split()[-5:-2] == ["-", "-", "-"]  # ours, peer, ratio; then the target "<= 3"
+
+
 def test_memory_label_without_a_length() -> None:
     assert "over" not in memory_label(None)
     assert "over 8 s" in memory_label(8.01)
