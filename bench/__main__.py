@@ -3,8 +3,8 @@
 Order: gate decision (the encoder backends and the two-stage gate, interleaved; openvino where its optional
 package is installed) -> scaling (4/16/64 experts, k 1/3/5) -> router overhead against direct calls (top-1 with
 the ONNX, static, two-stage and OpenVINO gates, streaming TTFT, top-3; concurrency 1, 8, 32, 128) -> throughput
-and memory (the ONNX router's run is the memory run, ``--memory-s`` long, 60 s by default; the others
-``--throughput-s``) -> profile (py-spy, when installed) -> peers (LiteLLM proxy; aurelio semantic-router), each
+and memory (the ONNX and OpenVINO routers' runs are memory runs, ``--memory-s`` long, 60 s by default; the
+others ``--throughput-s``) -> profile (py-spy, when installed) -> peers (LiteLLM proxy; aurelio semantic-router), each
 installed into its own virtual environment on first use. ``--skip-peers`` leaves the peers out; a peer that
 cannot be installed, started or read is recorded as skipped, with the reason, and the run goes on.
 
@@ -126,8 +126,8 @@ def run_gate(args: argparse.Namespace, progress: Progress) -> tuple[dict[str, An
     from router.static_encoder import StaticMiniLMEncoder
 
     t0 = time.perf_counter()
-    with progress.step("gate: loading SNIPS and training the ONNX, static, sentence-transformers and two-stage "
-                       "gates"):
+    with progress.step("gate: loading SNIPS and training the ONNX, static, sentence-transformers, two-stage and "
+                       "OpenVINO gates"):
         data = snips(per_label=60, n_test=args.gate_queries + 64)
         onnx = OnnxMiniLMEncoder()
         gates: dict[str, Any] = {"onnx": gate_bench.train(onnx, data),
@@ -243,8 +243,10 @@ def run_router(args: argparse.Namespace, gates: dict[str, Any], texts: Sequence[
                 out["throughput_top1_cascade"] = _throughput(progress, "two-stage router", cascade, direct, texts,
                                                              args.throughput_s)
                 if openvino is not None:
-                    out["throughput_top1_openvino"] = _throughput(progress, "OpenVINO router", openvino, direct,
-                                                                  texts, args.throughput_s)
+                    # A memory run too: OpenVINO keeps what it prepares for each input shape it meets.
+                    tick = progress.ticker("OpenVINO memory run", args.memory_s) if args.memory_s >= 20 else None
+                    out["throughput_top1_openvino"] = _throughput(progress, "OpenVINO router (memory run)", openvino,
+                                                                  direct, texts, args.memory_s, tick)
                 if proxy is not None:
                     try:
                         peer["throughput"] = _throughput(progress, "LiteLLM proxy", proxy, direct, texts,
@@ -408,6 +410,10 @@ def flatten(gate: dict[str, Any], router: dict[str, Any], semantic: dict[str, An
         "cascade_router_cpu_ms_per_request_top1": thr_cascade.get("cpu_ms_per_request"),
         "openvino_router_rps_top1": thr_openvino.get("rps"),
         "openvino_router_cpu_ms_per_request_top1": thr_openvino.get("cpu_ms_per_request"),
+        "openvino_router_memory_run_s": thr_openvino.get("rss_span_s", thr_openvino.get("seconds")),
+        "openvino_router_rss_mb_start": thr_openvino.get("rss_mb_start"),
+        "openvino_router_rss_mb_end": thr_openvino.get("rss_mb_end"),
+        "openvino_router_rss_growth_pct": thr_openvino.get("rss_growth_pct"),
         # The ONNX router's throughput run is the memory run (--memory-s): RSS sampled once a second.
         "router_memory_run_s": thr.get("rss_span_s", thr.get("seconds")),
         "router_rss_mb_start": thr.get("rss_mb_start"), "router_rss_mb_end": thr.get("rss_mb_end"),
@@ -456,10 +462,10 @@ def _fmt(x: Any) -> str:
 P99_DIFFERENCE = "p99 difference (router p99 − direct p99)"
 
 
-def memory_label(seconds: Any) -> str:
-    """The memory row's label, saying how long the run its RSS samples cover was."""
+def memory_label(seconds: Any, encoder: str = "ONNX") -> str:
+    """A memory row's label, saying how long the run its RSS samples cover was."""
     span = f" over {seconds:.0f} s" if isinstance(seconds, int | float) else ""
-    return f"router RSS MB{span} (ONNX, 64 clients), start -> end"
+    return f"router RSS MB{span} ({encoder}, 64 clients), start -> end"
 
 
 def table(flat: dict[str, Any], gate: dict[str, Any], router: dict[str, Any]) -> str:
@@ -530,6 +536,10 @@ def table(flat: dict[str, Any], gate: dict[str, Any], router: dict[str, Any]) ->
         (memory_label(flat.get("router_memory_run_s")), f"{_fmt(flat['router_rss_mb_start'])} -> "
          f"{_fmt(flat['router_rss_mb_end'])}", None, None, "flat"),
         ("  RSS growth, first to last sample %", flat.get("router_rss_growth_pct"), None, None, ""),
+        (memory_label(flat.get("openvino_router_memory_run_s"), "OpenVINO"),
+         f"{_fmt(flat.get('openvino_router_rss_mb_start'))} -> {_fmt(flat.get('openvino_router_rss_mb_end'))}",
+         None, None, "flat"),
+        ("  RSS growth, first to last sample %", flat.get("openvino_router_rss_growth_pct"), None, None, ""),
     ]
     width = max(44, *(len(name) for name, *_ in rows))
     head = f"{'metric':<{width}} {'ours':>14} {'peer':>10} {'ratio':>7}  target"
@@ -556,9 +566,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--skip-peers", action="store_true", help="leave out LiteLLM and semantic-router")
     parser.add_argument("--no-profile", action="store_true", help="leave out the py-spy profile")
     parser.add_argument("--throughput-s", type=float, default=8.0,
-                        help="length of each throughput run but the ONNX router's (static, two-stage, LiteLLM)")
+                        help="length of each throughput run but the memory runs (static, two-stage, LiteLLM)")
     parser.add_argument("--memory-s", type=float, default=60.0,
-                        help="length of the ONNX router's throughput run, whose RSS samples give memory flatness")
+                        help="length of the ONNX and OpenVINO routers' throughput runs, whose RSS samples give "
+                             "memory flatness")
     parser.add_argument("--profile-s", type=float, default=5.0)
     parser.add_argument("--upstream-ms", type=float, default=5.0, help="the upstream's fixed latency")
     parser.add_argument("--scale", type=float, default=1.0, help="multiplies the request count of every run")

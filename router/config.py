@@ -187,11 +187,11 @@ class EncoderConfig(_Strict):
     threads: int | None = Field(default=None, ge=1, le=256)
     # onnx and openvino: the most padded tokens (texts x the longest) one model run holds, so that a few long
     # prompts run at once on several cores instead of as one wide run; None: the backend's own (256 for onnx,
-    # 2048 for openvino).
+    # 2048 for openvino, which then pads a run's width to a multiple of 8 and its rows to one of a few counts).
     batch_tokens: int | None = Field(default=None, ge=16, le=1_000_000)
     # sentence-transformers: the torch device the model runs on: ``cpu``, ``cuda``, ``cuda:N`` or ``mps``. The
     # weights and the encoder's identity are the same on every device, so a gate trained on one serves on another
-    # (``python -m bench.gpu_gate`` measures the agreement). ONNX and static run on the CPU only.
+    # (``python -m bench.gpu_gate`` measures the agreement). onnx, openvino and static run on the CPU only.
     device: str = Field(default="cpu", pattern=r"^(cpu|cuda(:[0-9]+)?|mps)$")
     # openvino: the matrix products' precision: bf16 (bfloat16, on CPUs with AMX or AVX-512 BF16), f32, or auto
     # (bf16 where the CPU runs it); None: auto. Part of the encoder's identity (router.openvino_encoder).
@@ -206,7 +206,7 @@ class EncoderConfig(_Strict):
         if onnx_only and self.backend not in ("onnx", "openvino"):
             raise ValueError(f"{', '.join(onnx_only)}: model-run settings, read by the onnx and openvino backends "
                              f"only; the {self.backend!r} backend would ignore them (remove them, or set backend: "
-                             "onnx)")
+                             "onnx or openvino)")
         if self.precision is not None and self.backend != "openvino":
             raise ValueError(f"precision: read by the openvino backend only; the {self.backend!r} backend would "
                              "ignore it (remove it, or set backend: openvino)")

@@ -87,7 +87,8 @@ def test_openvino_figures_and_ratios_when_its_router_ran() -> None:
     for level in router["top1"]:
         level["router_openvino"] = {"overhead_p50_ms": 5.0 + level["concurrency"], "cpu_ms_per_request": 2.0}
         level["litellm"] = {"overhead_p50_ms": 100.0}
-    router["throughput_top1_openvino"] = {"rps": 550.0, "cpu_ms_per_request": 2.5}
+    router["throughput_top1_openvino"] = {"rps": 550.0, "cpu_ms_per_request": 2.5, "rss_span_s": 61.0,
+                                          **rss_growth([250.0, 255.0])}
     router["litellm"] = {"throughput": {"rps": 110.0, "cpu_ms_per_request": 6.0}}
     flat = flatten(gate, router, None)
     assert (flat["openvino_precision"], flat["openvino_gate_p50_ms"], flat["openvino_gate_batch_qps"]) == (
@@ -99,6 +100,8 @@ def test_openvino_figures_and_ratios_when_its_router_ran() -> None:
     assert any(line.startswith("gate decision p50 ms (OpenVINO bf16)") for line in text.splitlines())
     c32 = next(line for line in text.splitlines() if line.startswith("  same, OpenVINO encoder, c32"))
     assert c32.split()[-3:] == ["37", "100", "0.37"]
+    memory = next(line for line in text.splitlines() if line.startswith("router RSS MB over 61 s (OpenVINO"))
+    assert "250 -> 255" in memory and flat["openvino_router_rss_growth_pct"] == 2.0
 
 
 def test_without_openvino_its_figures_are_none_and_the_table_shows_dashes() -> None:
