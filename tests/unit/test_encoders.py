@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import shutil
 import sys
 import threading
@@ -29,25 +28,10 @@ from tests.support import assert_imports_nothing_of
 
 
 @pytest.fixture(scope="module")
-def onnx_encoder() -> OnnxMiniLMEncoder:
-    encoder = build_encoder(EncoderConfig(backend="onnx"))
-    assert isinstance(encoder, OnnxMiniLMEncoder)
-    return encoder
-
-
-@pytest.fixture(scope="module")
 def st_encoder() -> SentenceTransformerEncoder:
     encoder = build_encoder(EncoderConfig(backend="sentence-transformers"))
     assert isinstance(encoder, SentenceTransformerEncoder)
     return encoder
-
-
-@pytest.fixture(scope="module")
-def queries(data_dir: Path) -> list[str]:
-    """200 real user queries across SNIPS's 7 intents (its test split, every third row)."""
-    with open(data_dir / "snips" / "snips_2017_custom_intents.csv", encoding="utf-8") as fh:
-        rows = [r["text"] for r in csv.DictReader(fh) if r["split"] == "test"]
-    return rows[::3][:200]
 
 
 def test_registry_covers_every_backend_the_config_allows() -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import sys
 import threading
 from pathlib import Path
@@ -29,19 +28,6 @@ def ov_encoder() -> OpenVinoMiniLMEncoder:
     encoder = build_encoder(EncoderConfig(backend="openvino"))
     assert isinstance(encoder, OpenVinoMiniLMEncoder)
     return encoder
-
-
-@pytest.fixture(scope="module")
-def onnx_encoder() -> OnnxMiniLMEncoder:
-    return OnnxMiniLMEncoder()
-
-
-@pytest.fixture(scope="module")
-def queries(data_dir: Path) -> list[str]:
-    """200 real user queries across SNIPS's 7 intents (its test split, every third row)."""
-    with open(data_dir / "snips" / "snips_2017_custom_intents.csv", encoding="utf-8") as fh:
-        rows = [r["text"] for r in csv.DictReader(fh) if r["split"] == "test"]
-    return rows[::3][:200]
 
 
 @pytest.mark.parametrize(("wanted", "capabilities", "default", "expected"), [

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import sys
 from pathlib import Path
@@ -28,18 +27,6 @@ def table_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def static_encoder(table_dir: Path) -> StaticMiniLMEncoder:
     """Distilled once for the module (about 15 s on 2 cores), from the real ONNX weights."""
     return StaticMiniLMEncoder(table_dir=table_dir, progress=False)
-
-
-@pytest.fixture(scope="module")
-def onnx_encoder() -> OnnxMiniLMEncoder:
-    return OnnxMiniLMEncoder()
-
-
-@pytest.fixture(scope="module")
-def queries(data_dir: Path) -> list[str]:
-    with open(data_dir / "snips" / "snips_2017_custom_intents.csv", encoding="utf-8") as fh:
-        rows = [r["text"] for r in csv.DictReader(fh) if r["split"] == "test"]
-    return rows[::3][:200]
 
 
 def test_output_contract(static_encoder: StaticMiniLMEncoder, queries: list[str]) -> None:
