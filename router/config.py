@@ -194,7 +194,8 @@ class EncoderConfig(_Strict):
     # (``python -m bench.gpu_gate`` measures the agreement). onnx, openvino and static run on the CPU only.
     device: str = Field(default="cpu", pattern=r"^(cpu|cuda(:[0-9]+)?|mps)$")
     # openvino: the matrix products' precision: bf16 (bfloat16, on CPUs with AMX or AVX-512 BF16), f32, or auto
-    # (bf16 where the CPU runs it); None: auto. Part of the encoder's identity (router.openvino_encoder).
+    # (OpenVINO's own default for this CPU: bf16 on AMX); None: auto. Part of the encoder's identity
+    # (router.openvino_encoder).
     precision: Literal["auto", "bf16", "f32"] | None = None
 
     @model_validator(mode="after")
