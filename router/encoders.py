@@ -142,6 +142,11 @@ class Encoder(ABC):
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         """Embed ``texts``; an empty sequence gives shape ``[0, dim]``."""
 
+    def mismatch_hint(self, trained_identity: str) -> str:
+        """What to set so that this backend reads rows like those of ``trained_identity`` (a gate artifact's
+        encoder), where a setting can; "" where none can."""
+        return ""
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(identity={self.identity!r}, checksum={self.checksum[:12]}…)"
 

@@ -271,27 +271,18 @@ def _encoder_max_length(encoder: Encoder) -> int | None:
     value = getattr(encoder, "max_length", None)  # test doubles need not derive from Encoder
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
-def _openvino_precision(identity: Any) -> str | None:
-    """``bf16`` of ``openvino-bf16:all-MiniLM-L6-v2``; None for another backend's identity."""
-    backend = str(identity).partition(":")[0]
-    return backend.removeprefix("openvino-") if backend.startswith("openvino-") else None
-
 def _check_encoder(path: Path, doc: dict[str, Any], encoder: Encoder) -> None:
     differences = [f"{what} {doc[key]!r} in the artifact, {have!r} given"
                    for what, key, have in (("identity", "encoder_identity", encoder.identity),
                                            ("checksum", "encoder_checksum", encoder.checksum))
                    if doc[key] != have]
     if differences:
-        hint = ""
-        trained_precision, given_precision = _openvino_precision(doc["encoder_identity"]), _openvino_precision(
-            encoder.identity)
-        if trained_precision and given_precision and trained_precision != given_precision:
-            # precision auto resolves per CPU (router.openvino_encoder)
-            hint = (f" The openvino backend ran {given_precision} on this CPU: set gate.encoder.precision: "
-                    f"{trained_precision} if this CPU runs it, or retrain here.")
+        # The encoder may know how to reach the trained one by a setting (Encoder.mismatch_hint); test doubles
+        # need not derive from Encoder.
+        hint = getattr(encoder, "mismatch_hint", lambda _identity: "")(doc["encoder_identity"])
         raise GateArtifactMismatch(f"{path}: the gate was trained with another encoder: encoder "
                                    + "; encoder ".join(differences) + ". Use that encoder or retrain the gate."
-                                   + hint)
+                                   + (f" {hint}" if hint else ""))
     # Truncating elsewhere moves the vectors of long queries: the classifier would score points it never saw.
     trained, given = doc.get("encoder_max_length"), _encoder_max_length(encoder)
     if trained is not None and given is not None and trained != given:

@@ -145,6 +145,15 @@ class OpenVinoMiniLMEncoder(OnnxMiniLMEncoder):
         finally:
             self._requests.put(request)
 
+    def mismatch_hint(self, trained_identity: str) -> str:
+        """A gate trained by this backend at the other precision (``auto`` resolves per CPU): the setting to pin."""
+        backend = trained_identity.partition(":")[0]
+        trained = backend.removeprefix("openvino-")
+        if not backend.startswith("openvino-") or trained == self.precision:
+            return ""
+        return (f"The openvino backend ran {self.precision} on this CPU: set gate.encoder.precision: {trained} if "
+                "this CPU runs it, or retrain here.")
+
     @classmethod
     def from_config(cls, cfg: EncoderConfig) -> OpenVinoMiniLMEncoder:
         return cls(max_length=cfg.max_length, batch_size=cfg.batch_size or cls.BATCH, threads=cfg.threads,
