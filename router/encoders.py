@@ -44,6 +44,7 @@ __all__ = [
     "SentenceTransformerEncoder",
     "build_encoder",
     "cache_root",
+    "default_threads",
     "length_batches",
     "minilm_tokenizer",
     "onnx_feeds",
@@ -355,9 +356,13 @@ def onnx_threads(cores: int, threads: int | None = None, parallel: int | None = 
     bench.encoder_threads``) 2 threads with 2 runs at once cut one query's run from 2.6 to 2.2 ms p50 and the
     router's overhead at concurrency 1 and 8, for the same batched and router throughput as 1 thread (2 threads
     with one run at a time lost about 6% of the router's requests/s)."""
-    floor = max(1, min(cores, 2))
-    threads = threads or max(floor, cores // 2)
-    return threads, parallel or max(floor, cores // threads)
+    threads = threads or default_threads(cores)
+    return threads, parallel or max(max(1, min(cores, 2)), cores // threads)
+
+
+def default_threads(cores: int) -> int:
+    """Threads for one model run on ``cores`` usable cores: half of them, and two on 2 or 3 (see onnx_threads)."""
+    return max(max(1, min(cores, 2)), cores // 2)
 
 
 def _session_options(ort: Any, threads: int) -> Any:

@@ -5,8 +5,8 @@ onnxruntime folds the export's int8 weights into float32 when it loads the model
 float32; they are most of a query's time (``python -m bench.encoder_profile``), and on these machines they already
 run near the cores' float32 peak. OpenVINO reads the same file and, on a CPU where its plugin runs bfloat16 by
 default (Intel AMX), runs the products in bfloat16 with float32 accumulation. On 2 cores of an Intel Xeon with AMX
-(2026-12-06, ``make bench``) that took batched decisions from 825 to 1,395 queries/s and the router from 483 to
-580 requests/s; one query alone took 2.62 ms against onnxruntime's 2.33. Rows agree with the float32 run at
+(2026-12-06 03:04 UTC, ``make bench``) that took batched decisions from 812 to 1,314 queries/s and the router from
+462 to 609 requests/s; one query alone took 2.82 ms against onnxruntime's 2.34. Rows agree with the float32 run at
 cosine above 0.9999, and gates trained on either route CLINC150 alike (``tests/unit/test_openvino_encoder.py``).
 
 ``precision``: ``bf16``, ``f32``, or ``auto`` (the default): the plugin's own default on this CPU, which is
@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from router.encoders import MODEL_NAME, OnnxMiniLMEncoder, _import, onnx_threads
+from router.encoders import MODEL_NAME, OnnxMiniLMEncoder, _import, default_threads
 
 if TYPE_CHECKING:
     from router.config import EncoderConfig
@@ -57,10 +57,10 @@ def padded_rows(n: int) -> int:
 def openvino_threads(cores: int, threads: int | None = None, parallel: int | None = None) -> tuple[int, int]:
     """``(threads, parallel)``: OpenVINO threads per run and runs at once (its streams), each as given or its default.
 
-    ``threads`` defaults as for onnxruntime (``onnx_threads``: half the cores, two on 2 or 3). Unlike onnxruntime's
-    runs, OpenVINO's streams do not share threads: each holds its own, so ``parallel`` defaults to as many as the
-    cores hold at ``threads`` each, which on 2 cores is one stream of two threads."""
-    threads, _ = onnx_threads(cores, threads, 1)
+    ``threads`` defaults as for onnxruntime (``default_threads``: half the cores, two on 2 or 3). Unlike
+    onnxruntime's runs, OpenVINO's streams do not share threads: each holds its own, so ``parallel`` defaults to as
+    many as the cores hold at ``threads`` each, which on 2 cores is one stream of two threads."""
+    threads = threads or default_threads(cores)
     return threads, parallel or max(1, cores // threads)
 
 
