@@ -37,6 +37,10 @@ from router.config import TopKConfig
 
 RESULTS = REPO / "bench" / "results"
 LEVELS = (1, 8, 32, 128)
+# The routers beside the ONNX one, each in the same rounds: (key prefix in bench.json, target name in the rounds,
+# label in the table).
+VARIANTS = (("static", "router_static", "static encoder"), ("cascade", "router_cascade", "two-stage gate"),
+            ("openvino", "router_openvino", "OpenVINO encoder"))
 
 
 def _server_impl() -> dict[str, str]:
@@ -391,12 +395,9 @@ def flatten(gate: dict[str, Any], router: dict[str, Any], semantic: dict[str, An
         out[f"router_overhead_p99_ms_c{c}"] = _at(router.get("top1"), c, "overhead_p99_ms")  # old name
         # router p99 minus direct p99 (two separate p99s; not a p99 of per-request overhead)
         out[f"router_p99_difference_ms_c{c}"] = _at(router.get("top1"), c, "p99_difference_ms")
-    for c in LEVELS:
-        out[f"static_router_overhead_p50_ms_c{c}"] = _at(router.get("top1"), c, target="router_static")
-    for c in LEVELS:
-        out[f"cascade_router_overhead_p50_ms_c{c}"] = _at(router.get("top1"), c, target="router_cascade")
-    for c in LEVELS:
-        out[f"openvino_router_overhead_p50_ms_c{c}"] = _at(router.get("top1"), c, target="router_openvino")
+    for prefix, target, _ in VARIANTS:
+        for c in LEVELS:
+            out[f"{prefix}_router_overhead_p50_ms_c{c}"] = _at(router.get("top1"), c, target=target)
     for c in LEVELS:
         out[f"stream_ttft_overhead_p50_ms_c{c}"] = _at(router.get("stream_ttft"), c)
     for c in LEVELS:
@@ -432,15 +433,10 @@ def flatten(gate: dict[str, Any], router: dict[str, Any], semantic: dict[str, An
     out["ratio_overhead_router_vs_litellm_c32"] = _ratio(out["router_overhead_p50_ms_c32"],
                                                          out["litellm_overhead_p50_ms_c32"])
     out["ratio_rps_router_vs_litellm"] = _ratio(out["router_rps_top1"], out["litellm_rps"])
-    out["ratio_overhead_static_vs_litellm_c32"] = _ratio(out["static_router_overhead_p50_ms_c32"],
-                                                         out["litellm_overhead_p50_ms_c32"])
-    out["ratio_rps_static_vs_litellm"] = _ratio(out["static_router_rps_top1"], out["litellm_rps"])
-    out["ratio_overhead_cascade_vs_litellm_c32"] = _ratio(out["cascade_router_overhead_p50_ms_c32"],
-                                                          out["litellm_overhead_p50_ms_c32"])
-    out["ratio_rps_cascade_vs_litellm"] = _ratio(out["cascade_router_rps_top1"], out["litellm_rps"])
-    out["ratio_overhead_openvino_vs_litellm_c32"] = _ratio(out["openvino_router_overhead_p50_ms_c32"],
-                                                           out["litellm_overhead_p50_ms_c32"])
-    out["ratio_rps_openvino_vs_litellm"] = _ratio(out["openvino_router_rps_top1"], out["litellm_rps"])
+    for prefix, _, _ in VARIANTS:
+        out[f"ratio_overhead_{prefix}_vs_litellm_c32"] = _ratio(out[f"{prefix}_router_overhead_p50_ms_c32"],
+                                                                out["litellm_overhead_p50_ms_c32"])
+        out[f"ratio_rps_{prefix}_vs_litellm"] = _ratio(out[f"{prefix}_router_rps_top1"], out["litellm_rps"])
     out["ratio_cpu_router_vs_litellm"] = _ratio(out["router_cpu_ms_per_request_top1"],
                                                 out["litellm_cpu_ms_per_request"])
     out["ratio_gate_vs_semantic_router_p50"] = _ratio(out["gate_p50_ms_same_window"],
@@ -492,55 +488,39 @@ def table(flat: dict[str, Any], gate: dict[str, Any], router: dict[str, Any]) ->
         peer = flat.get(f"litellm_overhead_p50_ms_c{c}")
         rows.append((f"router overhead p50 ms, top-1, c{c}", flat[f"router_overhead_p50_ms_c{c}"], peer,
                      _ratio(flat[f"router_overhead_p50_ms_c{c}"], peer), "<= 2, <= 1/3 LiteLLM" if c == 32 else ""))
-    for c in LEVELS:
-        peer = flat.get(f"litellm_overhead_p50_ms_c{c}")
-        rows.append((f"  same, static encoder, c{c}", flat[f"static_router_overhead_p50_ms_c{c}"], peer,
-                     _ratio(flat[f"static_router_overhead_p50_ms_c{c}"], peer), ""))
-    for c in LEVELS:
-        peer = flat.get(f"litellm_overhead_p50_ms_c{c}")
-        rows.append((f"  same, two-stage gate, c{c}", flat[f"cascade_router_overhead_p50_ms_c{c}"], peer,
-                     _ratio(flat[f"cascade_router_overhead_p50_ms_c{c}"], peer), ""))
-    for c in LEVELS:
-        peer = flat.get(f"litellm_overhead_p50_ms_c{c}")
-        ours = flat.get(f"openvino_router_overhead_p50_ms_c{c}")
-        rows.append((f"  same, OpenVINO encoder, c{c}", ours, peer, _ratio(ours, peer), ""))
+    for prefix, _, label in VARIANTS:
+        for c in LEVELS:
+            peer, ours = flat.get(f"litellm_overhead_p50_ms_c{c}"), flat[f"{prefix}_router_overhead_p50_ms_c{c}"]
+            rows.append((f"  same, {label}, c{c}", ours, peer, _ratio(ours, peer), ""))
     rows += [(f"top-1 {P99_DIFFERENCE} ms, c{c}", flat.get(f"router_p99_difference_ms_c{c}"), None, None, "")
              for c in LEVELS]
     rows += [(f"stream TTFT overhead p50 ms, c{c}", flat[f"stream_ttft_overhead_p50_ms_c{c}"], None, None, "")
              for c in LEVELS]
     rows += [(f"top-3 fan-out overhead p50 ms, c{c}", flat[f"top3_overhead_p50_ms_c{c}"], None, None, "")
              for c in LEVELS]
+    litellm_rps, litellm_cpu = flat["litellm_rps"], flat["litellm_cpu_ms_per_request"]
+    rows.append(("throughput req/s, top-1", flat["router_rps_top1"], litellm_rps, flat["ratio_rps_router_vs_litellm"],
+                 ">= 500"))
+    rows += [(f"  same, {label}", flat[f"{prefix}_router_rps_top1"], litellm_rps,
+              flat[f"ratio_rps_{prefix}_vs_litellm"], "") for prefix, _, label in VARIANTS]
     rows += [
-        ("throughput req/s, top-1", flat["router_rps_top1"], flat["litellm_rps"], flat["ratio_rps_router_vs_litellm"],
-         ">= 500"),
-        ("  same, static encoder", flat["static_router_rps_top1"], flat["litellm_rps"],
-         flat["ratio_rps_static_vs_litellm"], ""),
-        ("  same, two-stage gate", flat["cascade_router_rps_top1"], flat["litellm_rps"],
-         flat["ratio_rps_cascade_vs_litellm"], ""),
-        ("  same, OpenVINO encoder", flat.get("openvino_router_rps_top1"), flat["litellm_rps"],
-         flat.get("ratio_rps_openvino_vs_litellm"), ""),
         ("  same client, direct to upstream req/s", flat["direct_rps_same_client"], None, None, "client ceiling"),
-        ("CPU ms per request (service process)", flat["router_cpu_ms_per_request_top1"],
-         flat["litellm_cpu_ms_per_request"], flat["ratio_cpu_router_vs_litellm"], ""),
-        ("  same, static encoder", flat["static_router_cpu_ms_per_request_top1"], flat["litellm_cpu_ms_per_request"],
-         _ratio(flat["static_router_cpu_ms_per_request_top1"], flat["litellm_cpu_ms_per_request"]), ""),
-        ("  same, two-stage gate", flat["cascade_router_cpu_ms_per_request_top1"],
-         flat["litellm_cpu_ms_per_request"],
-         _ratio(flat["cascade_router_cpu_ms_per_request_top1"], flat["litellm_cpu_ms_per_request"]), ""),
-        ("  same, OpenVINO encoder", flat.get("openvino_router_cpu_ms_per_request_top1"),
-         flat["litellm_cpu_ms_per_request"],
-         _ratio(flat.get("openvino_router_cpu_ms_per_request_top1"), flat["litellm_cpu_ms_per_request"]), ""),
-        ("  same, at c32 (rounds shared with LiteLLM)", flat["router_cpu_ms_per_request_c32"],
-         flat["litellm_cpu_ms_per_request_c32"],
-         _ratio(flat["router_cpu_ms_per_request_c32"], flat["litellm_cpu_ms_per_request_c32"]), ""),
-        (memory_label(flat.get("router_memory_run_s")), f"{_fmt(flat['router_rss_mb_start'])} -> "
-         f"{_fmt(flat['router_rss_mb_end'])}", None, None, "flat"),
-        ("  RSS growth, first to last sample %", flat.get("router_rss_growth_pct"), None, None, ""),
-        (memory_label(flat.get("openvino_router_memory_run_s"), "OpenVINO"),
-         f"{_fmt(flat.get('openvino_router_rss_mb_start'))} -> {_fmt(flat.get('openvino_router_rss_mb_end'))}",
-         None, None, "flat"),
-        ("  RSS growth, first to last sample %", flat.get("openvino_router_rss_growth_pct"), None, None, ""),
+        ("CPU ms per request (service process)", flat["router_cpu_ms_per_request_top1"], litellm_cpu,
+         flat["ratio_cpu_router_vs_litellm"], ""),
     ]
+    rows += [(f"  same, {label}", flat[f"{prefix}_router_cpu_ms_per_request_top1"], litellm_cpu,
+              _ratio(flat[f"{prefix}_router_cpu_ms_per_request_top1"], litellm_cpu), "")
+             for prefix, _, label in VARIANTS]
+    rows.append(("  same, at c32 (rounds shared with LiteLLM)", flat["router_cpu_ms_per_request_c32"],
+                 flat["litellm_cpu_ms_per_request_c32"],
+                 _ratio(flat["router_cpu_ms_per_request_c32"], flat["litellm_cpu_ms_per_request_c32"]), ""))
+    for prefix, encoder in (("", "ONNX"), ("openvino_", "OpenVINO")):  # the two memory runs
+        rows += [
+            (memory_label(flat.get(f"{prefix}router_memory_run_s"), encoder),
+             f"{_fmt(flat.get(f'{prefix}router_rss_mb_start'))} -> {_fmt(flat.get(f'{prefix}router_rss_mb_end'))}",
+             None, None, "flat"),
+            ("  RSS growth, first to last sample %", flat.get(f"{prefix}router_rss_growth_pct"), None, None, ""),
+        ]
     width = max(44, *(len(name) for name, *_ in rows))
     head = f"{'metric':<{width}} {'ours':>14} {'peer':>10} {'ratio':>7}  target"
     lines = [head, "-" * len(head)]
