@@ -121,11 +121,14 @@ class ChatRequest(BaseModel):
         options = (self.model_extra or {}).get("stream_options")
         if options is None:
             return self
+        # ``where`` names the field at fault, as for messages: a whole-model validator's error has no place.
         if not isinstance(options, dict):
-            raise ValueError(f"stream_options must be an object, got {type(options).__name__}")
+            raise PydanticCustomError("stream_options", "stream_options must be an object, got {got}",
+                                      {"got": type(options).__name__, "where": ("stream_options",)})
         if "include_usage" in options and not isinstance(options["include_usage"], bool):
-            raise ValueError(f"stream_options.include_usage must be a boolean, got "
-                             f"{json.dumps(options['include_usage'])}")
+            raise PydanticCustomError("stream_options", "stream_options.include_usage must be a boolean, got {got}",
+                                      {"got": json.dumps(options["include_usage"]),
+                                       "where": ("stream_options", "include_usage")})
         return self
 
     @field_validator("messages")

@@ -157,8 +157,11 @@ class Decider:
     async def decide(self, request: ChatRequest) -> RouteDecision:
         # The encoder is CPU work: the batcher runs it off the event loop, one batch for concurrent requests.
         start = time.perf_counter()
+        unable = self.unable(request)
+        if unable and len(unable) == len(self.config.experts):  # /v1/route answers as a chat request would
+            raise NoCapableExpert(needed_capabilities(request), request.model, [])
         gated = await self.batcher.submit(request.query_text())
-        return self._decision(gated, self.unable(request), start)
+        return self._decision(gated, unable, start)
 
     def unable(self, request: ChatRequest) -> set[str]:
         """Experts that cannot serve ``request``: without a capability it needs (``needed_capabilities``)."""

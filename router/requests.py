@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, model_validator
 
 from experts.types import TOOLLESS_CHOICES, ChatRequest
 from router.errors import error_body
@@ -84,7 +84,8 @@ class RouteBatch(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     queries: list[str] = Field(min_length=1, max_length=MAX_BATCH_QUERIES)
-    capacity: dict[str, Annotated[int, Field(ge=0)]] | None = None  # room per expert (experts checked by the handler)
+    # Room per expert (experts checked by the handler); strict, as chat fields are: true or "2" is no count.
+    capacity: dict[str, Annotated[StrictInt, Field(ge=0)]] | None = None
 
 
 # -- the body as JSON -----------------------------------------------------------------------------------------
@@ -97,10 +98,18 @@ def _not_json(constant: str) -> Any:
     raise ValueError(f"{constant} is not a JSON value (JSON has no NaN or Infinity)")
 
 
+def _finite(literal: str) -> float:
+    # A number too large for a float (1e400) reads as infinity, which would be forwarded as Infinity, too.
+    value = float(literal)
+    if not math.isfinite(value):
+        raise ValueError(f"the number {literal[:40]} is beyond a 64-bit float's range (it would read as infinity)")
+    return value
+
+
 def parse_json(raw: bytes) -> Any:
     """A request body's bytes as JSON, or the ``RequestProblem`` (400 ``invalid_json``) saying why not."""
     try:
-        value = json.loads(raw, parse_constant=_not_json)
+        value = json.loads(raw, parse_constant=_not_json, parse_float=_finite)
         # "\ud800" is valid JSON but not encodable UTF-8: it would fail later, when the answer or trace echoes
         # it. Only a \uD800-\uDFFF escape can produce one (UTF-8 bytes never decode to a surrogate), so the
         # re-encoding check runs only on bodies holding such an escape, not on every request.

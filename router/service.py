@@ -193,7 +193,12 @@ async def _sse(events: AsyncIterator[StreamPiece | StreamEnd], first: StreamPiec
 
 def _combiner_header(request: Request, orchestrator: Orchestrator, *, stream: bool = False) -> str | None:
     """The combiner strategy the ``x-moe-combiner`` header picks (see ``check_combiner``)."""
-    return check_combiner(request.headers.get("x-moe-combiner"), orchestrator, stream=stream)
+    given = request.headers.getlist("x-moe-combiner")
+    if len(given) > 1:  # which one to obey would be a guess (proxies may reorder or merge repeated headers)
+        raise RequestProblem(400, f"x-moe-combiner: sent {len(given)} times ({', '.join(map(repr, given))}); send "
+                           "it once, with one strategy", "invalid_request_error", "invalid_combiner",
+                           param="x-moe-combiner")
+    return check_combiner(given[0] if given else None, orchestrator, stream=stream)
 
 
 class ClientLeft(Exception):

@@ -207,3 +207,17 @@ async def test_stream_options_are_merged_upstream_with_include_usage_forced(upst
     assert plain.status_code == 200
     # The client asked for no usage chunk, and gets none: only the upstream's include_usage was forced.
     assert all(c.choices for c in chunks)
+
+
+@pytest.mark.parametrize(("options", "param", "says"), [
+    ("yes", "stream_options", "stream_options must be an object, got str"),
+    ({"include_usage": 1}, "stream_options.include_usage", "stream_options.include_usage must be a boolean, got 1"),
+])
+async def test_a_bad_stream_options_is_a_400_naming_the_field(upstream: ScriptedOpenAIServer, options: Any,
+                                                              param: str, says: str) -> None:
+    async with service(upstream) as http:
+        r = await http.post("/v1/chat/completions", json={"messages": ASK, "stream": True, "stream_options": options})
+    assert r.status_code == 400
+    error = r.json()["error"]
+    assert error["param"] == param and says in error["message"] and "<body>" not in error["message"]
+    assert upstream.requests == []

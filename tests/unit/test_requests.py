@@ -106,6 +106,9 @@ def test_a_route_takes_a_query_or_messages_and_names_a_misspelt_field() -> None:
     ({"queries": []}, "queries", "invalid_request"),
     ({"queries": ["q"] * (MAX_BATCH_QUERIES + 1)}, "queries", "invalid_request"),
     ({"queries": ["q"], "capacity": {"math": -1}}, "capacity.math", "invalid_request"),
+    ({"queries": ["q"], "capacity": {"math": True}}, "capacity.math", "invalid_request"),
+    ({"queries": ["q"], "capacity": {"math": "1"}}, "capacity.math", "invalid_request"),
+    ({"queries": ["q"], "capacity": {"math": 1.0}}, "capacity.math", "invalid_request"),
     ({"queries": ["q"], "capacity": {"physics": 1}}, "capacity", "invalid_request"),
     ({"queries": ["q", "x" * (LIMIT + 1)]}, "queries[1]", "context_length_exceeded"),
 ])
@@ -116,6 +119,8 @@ def test_a_route_batch_names_what_is_wrong(body: dict[str, Any], param: str, cod
 
 @pytest.mark.parametrize(("raw", "says"), [
     (b"[NaN]", "JSON has no NaN"),
+    (b'{"seed": 1e400}', "1e400 is beyond a 64-bit float's range"),  # reads as inf, would be sent as Infinity
+    (b'[{"x": -2.5E+999}]', "-2.5E+999 is beyond"),
     (b'"\\ud800"', "surrogates not allowed"),
     (b"[" * 100_000, "nested too deeply"),
 ])

@@ -231,6 +231,19 @@ async def test_a_stream_refuses_a_combiner_it_cannot_apply(strategy: str) -> Non
         for line in top1.text.splitlines() if line.startswith("data: {"))
 
 
+@pytest.mark.parametrize("sent", [["vote", "top1"], ["vote", "bogus"], ["top1", "top1"]])
+async def test_a_combiner_header_sent_twice_is_refused_whatever_the_order(sent: list[str]) -> None:
+    body = {"model": "auto", "messages": [{"role": "user", "content": "an integral"}]}
+    async with client(make_app(gate={"top_k": {"policy": "fixed", "k": 2}})) as http:
+        r = await http.post("/v1/chat/completions", json=body,
+                            headers=httpx.Headers([("x-moe-combiner", v) for v in sent]))
+    assert r.status_code == 400
+    error = r.json()["error"]
+    assert (error["code"], error["param"]) == ("invalid_combiner", "x-moe-combiner")
+    assert error["message"].startswith("x-moe-combiner: sent 2 times")
+    assert all(repr(v) in error["message"] for v in sent)
+
+
 async def test_expert_choice_batch_routing_over_http_and_the_sdk() -> None:
     """Each expert takes the queries it scores highest, up to its room; the rest go to the next with room."""
     app = make_app()
@@ -295,7 +308,7 @@ async def test_null_stream_and_n_1_are_accepted() -> None:
     assert r.status_code == 200 and r.json()["object"] == "chat.completion"
 
 
-@pytest.mark.parametrize("constant", ["NaN", "Infinity", "-Infinity"])
+@pytest.mark.parametrize("constant", ["NaN", "Infinity", "-Infinity", "1e400", "-1e400"])
 async def test_nan_and_infinity_are_not_json(constant: str) -> None:
     body = f'{{"messages": [{{"role": "user", "content": "hi"}}], "seed": {constant}}}'.encode()
     async with client(make_app()) as http:
@@ -550,7 +563,9 @@ async def test_what_the_gate_routes_on_may_be_an_image_alone_or_follow_a_tool_re
             {"role": "assistant", "content": None, "tool_calls": [
                 {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
             {"role": "tool", "tool_call_id": "c1", "content": ""}]})
-    assert alone.status_code == 200, alone.text
+    # An image alone is something to route (not an empty message); these experts declare no vision, so the
+    # decision is the chat request's 400 (test_tools routes one to an expert that does).
+    assert alone.status_code == 400 and alone.json()["error"]["code"] == "vision_not_supported", alone.text
     assert after_tool.status_code == 200 and after_tool.json()["chosen"][0]["expert"] == "math"
 
 

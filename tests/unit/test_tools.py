@@ -105,9 +105,11 @@ async def test_a_request_with_an_image_goes_only_to_experts_declaring_vision() -
         both = await http.post("/v1/chat/completions", json={**picture, "tools": TOOLS})
         text = await http.post("/v1/chat/completions", json=chat(tools=False))
         direct = await http.post("/v1/chat/completions", json={**picture, "model": "blind"})
+        decided = await http.post("/v1/route", json={"messages": picture["messages"]})
     assert routed.status_code == 200 and routed.json()["model"] == "looker"
     assert both.status_code == 200 and both.json()["model"] == "looker"
     assert text.json()["model"] == "blind"  # a text request still goes where the gate says
+    assert decided.status_code == 200 and [c["expert"] for c in decided.json()["chosen"]] == ["looker"]
     assert all(not any(m.has_image() for m in r.messages) for r in experts["blind"].requests)
     assert direct.status_code == 400
     error = direct.json()["error"]
@@ -126,6 +128,19 @@ async def test_an_image_and_tools_with_no_expert_declaring_both_is_a_clear_400()
     error = r.json()["error"]
     assert (error["code"], error["param"]) == ("tools+vision_not_supported", "tools")
     assert "'tools' and 'vision' capabilities" in error["message"] and "no configured expert" in error["message"]
+
+
+async def test_a_route_decision_no_expert_could_serve_is_the_same_400_as_the_chat_request() -> None:
+    cfg = config([("blind", ["chat", "tools"]), ("deaf", ["chat"])])
+    orch = Orchestrator(cfg, FakeGate(cfg.expert_names, {}, default=[0.5, 0.5]),
+                        {n: FakeExpert(cfg.expert(n)) for n in cfg.expert_names})
+    async with _client(create_app(orch)) as http:
+        routed = await http.post("/v1/route", json={"messages": [{"role": "user", "content": IMAGE}]})
+        chatted = await http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": IMAGE}]})
+    assert routed.status_code == chatted.status_code == 400
+    assert routed.json() == chatted.json()
+    assert routed.json()["error"]["code"] == "vision_not_supported"
+    assert "no configured expert does" in routed.json()["error"]["message"]
 
 
 def _request(body: dict[str, Any]) -> Any:
