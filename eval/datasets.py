@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import itertools
 import json
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Container, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Protocol, TypeVar
@@ -239,11 +240,14 @@ def load_labelled_jsonl(path: str | Path) -> list[LabelledQuery]:
     """Lines of ``{"query": str, "label": str or int}`` with an optional ``"id"`` (str or int).
 
     Integer labels (class numbers) are read as their decimal string. Without an id a query's id is its 1-based
-    line number. Blank lines are skipped. Bad JSON, missing or mistyped fields and duplicate ids raise
+    line number, unless another line of the file gives that number as its explicit id: then ``line-<n>`` (with
+    ``-2``, ``-3``, ... added should the file name that too), so an implicit id never collides with an explicit
+    one and a file whose lines all carry ids, or none do, keeps the ids (and so the seeded splits) it always had.
+    Blank lines are skipped. Bad JSON, missing or mistyped fields and duplicate explicit ids raise
     ``DatasetError`` naming the file and line.
     """
-    out: list[LabelledQuery] = []
-    seen: dict[str, int] = {}
+    rows: list[tuple[int, str | None, str, str]] = []  # (line, explicit id or None, query, label)
+    seen: dict[str, int] = {}  # explicit id -> the line that first gave it
     for where, lineno, rec in read_jsonl(path, expected="an object with 'query' and 'label'", error=DatasetError):
         if "label" not in rec and "outcomes" in rec:
             raise DatasetError(f"{where}: an outcome record ('query', 'outcomes'); --train and --test take labelled "
@@ -259,15 +263,26 @@ def load_labelled_jsonl(path: str | Path) -> list[LabelledQuery]:
         if isinstance(label, bool) or not isinstance(label, str | int) or blank:
             got = f", got {json.dumps(label)}" if "label" in rec else ", and is missing"
             raise DatasetError(f"{where}: 'label' must be a non-empty string or an integer{got}")
-        raw_id = rec.get("id", lineno)
-        if isinstance(raw_id, bool) or not isinstance(raw_id, str | int):
-            raise DatasetError(f"{where}: 'id' must be a string or integer")
-        qid = str(raw_id)
-        if qid in seen:
-            raise DatasetError(f"{where}: duplicate id {qid!r} (first on line {seen[qid]})")
-        seen[qid] = lineno
-        out.append(LabelledQuery(qid, rec["query"], str(label)))
-    return out
+        qid: str | None = None
+        if "id" in rec:
+            raw_id = rec["id"]
+            if isinstance(raw_id, bool) or not isinstance(raw_id, str | int):
+                raise DatasetError(f"{where}: 'id' must be a string or integer")
+            qid = str(raw_id)
+            if qid in seen:
+                raise DatasetError(f"{where}: duplicate id {qid!r} (first on line {seen[qid]})")
+            seen[qid] = lineno
+        rows.append((lineno, qid, rec["query"], str(label)))
+    return [LabelledQuery(given if given is not None else _implicit_id(lineno, seen), query, label)
+            for lineno, given, query, label in rows]
+
+
+def _implicit_id(lineno: int, explicit: Container[str]) -> str:
+    """The id of line ``lineno``, which gives none: its number, else the first of ``line-<n>``, ``line-<n>-2``,
+    ... that no line gives as its ``explicit`` id. Distinct lines get distinct ids (the number has no dash,
+    ``line-<n>`` one, ``line-<n>-<k>`` two)."""
+    candidates = itertools.chain((str(lineno), f"line-{lineno}"), (f"line-{lineno}-{k}" for k in itertools.count(2)))
+    return next(c for c in candidates if c not in explicit)
 
 
 def _parse_bool(value: str, where: str) -> bool:

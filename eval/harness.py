@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import shlex
 import sys
 import time
 from collections.abc import Callable
@@ -203,6 +204,9 @@ def main(args: argparse.Namespace) -> int:
         print(f"error: give --suite ({', '.join(s for s in SUITES if s != 'jsonl')}) or --train and --test",
               file=sys.stderr)
         return 2
+    if suite == "jsonl" and (train is None or test is None):  # a usage error too (run_suite refuses it as well)
+        print("error: the jsonl suite needs both --train and --test", file=sys.stderr)
+        return 2
     results = run_suite(suite, data_dir_of(args), args.out, encoder=args.encoder, seed=args.seed, train=train,
                         test=test, limit=getattr(args, "limit", None), plots=not getattr(args, "no_plots", False),
                         command=_command(args, suite), pool=getattr(args, "pool", None),
@@ -212,15 +216,17 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _command(args: argparse.Namespace, suite: str) -> str:
-    """The ``moe eval`` command line that reproduces this run."""
-    parts = ["moe eval"] + ([f"--suite {suite}"] if suite != "jsonl" else [f"--train {args.train} --test {args.test}"])
-    parts += [f"--out {args.out}", f"--encoder {args.encoder}", f"--seed {args.seed}"]
-    parts += [f"--data {args.data}"] if args.data else []
-    parts += [f"--limit {args.limit}"] if getattr(args, "limit", None) else []
-    parts += [f"--pool {args.pool}"] if getattr(args, "pool", None) else []
-    parts += [f"--device {args.device}"] if getattr(args, "device", "cpu") != "cpu" else []
-    parts += [f"--oos-label {args.oos_label}"] if getattr(args, "oos_label", None) else []
-    return " ".join(parts)
+    """The ``moe eval`` command line that reproduces this run, each argument quoted for a POSIX shell
+    (``shlex.quote``: a plain one is written as it is, one holding a space or a quote is quoted)."""
+    parts = ["moe", "eval"] + (["--suite", suite] if suite != "jsonl" else
+                               ["--train", args.train, "--test", args.test])
+    parts += ["--out", args.out, "--encoder", args.encoder, "--seed", args.seed]
+    parts += ["--data", args.data] if args.data else []
+    parts += ["--limit", args.limit] if getattr(args, "limit", None) else []
+    parts += ["--pool", args.pool] if getattr(args, "pool", None) else []
+    parts += ["--device", args.device] if getattr(args, "device", "cpu") != "cpu" else []
+    parts += ["--oos-label", args.oos_label] if getattr(args, "oos_label", None) else []
+    return " ".join(shlex.quote(str(p)) for p in parts)
 
 
 def _summary(results: dict[str, Any]) -> str:

@@ -190,13 +190,15 @@ def _font_codepoints() -> frozenset[int]:
 
 def _legible(text: str) -> str:
     """``text`` as a figure shows it: each character the fonts lack (CJK, emoji: an empty box otherwise) as its
-    ASCII escape, ``\\U0001f389`` for 🎉, and so is a control character (a tab: ``\\t``). Figures only:
-    results.json and report.md keep the true text."""
-    if text.isascii() and text.isprintable():
-        return text
-    have = _font_codepoints()
-    return "".join(c if c.isprintable() and ord(c) in have else c.encode("unicode_escape").decode("ascii")
-                   for c in text)
+    ASCII escape, ``\\U0001f389`` for 🎉, and so is a control character (a tab: ``\\t``). Every ``$`` is escaped
+    (``\\$``, which matplotlib draws as ``$``): text holding two would otherwise be parsed as mathtext, drawing
+    ``a_b $x_1$`` as maths and refusing ``$\\frac{a}$`` with a parse error. Figures only: results.json and
+    report.md keep the true text."""
+    if not (text.isascii() and text.isprintable()):
+        have = _font_codepoints()
+        text = "".join(c if c.isprintable() and ord(c) in have else c.encode("unicode_escape").decode("ascii")
+                       for c in text)
+    return text.replace("$", "\\$")
 
 
 @contextlib.contextmanager

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from pathlib import Path
 
@@ -155,6 +156,29 @@ def test_load_labelled_jsonl_errors_name_file_and_line(tmp_path: Path, second_li
     path = tmp_path / "bad.jsonl"
     path.write_text('{"query": "ok", "label": "a", "id": "a"}\n' + second_line + "\n", encoding="utf-8")
     with pytest.raises(ds.DatasetError, match=rf"bad\.jsonl:2: {message}"):
+        ds.load_labelled_jsonl(path)
+
+
+def test_implicit_ids_never_collide_with_explicit_ones(tmp_path: Path) -> None:
+    path = tmp_path / "mixed.jsonl"
+    lines = [{"query": f"query {n}", "label": "ab"[n % 2]} for n in range(1, 8)]
+    lines[4]["id"] = 2  # line 5 names the id line 2 would get from its number
+    lines[5]["id"] = "line-3"  # line 6 names line 3's first fallback too
+    lines[6]["id"] = 3  # and line 7 line 3's number
+    path.write_text("".join(json.dumps(r) + "\n" for r in lines), encoding="utf-8")
+    rows = ds.load_labelled_jsonl(path)
+    assert [q.id for q in rows] == ["1", "line-2", "line-3-2", "4", "2", "line-3", "3"]
+    assert [q.text for q in rows] == [f"query {n}" for n in range(1, 8)]
+    # Lines whose number no line names keep it, so files with no ids, or ids on every line, read as before.
+    path.write_text('{"query": "a", "label": "x"}\n{"query": "b", "label": "y", "id": 7}\n', encoding="utf-8")
+    assert [q.id for q in ds.load_labelled_jsonl(path)] == ["1", "7"]
+
+
+def test_explicit_duplicate_ids_are_still_refused_beside_implicit_ones(tmp_path: Path) -> None:
+    path = tmp_path / "dup.jsonl"
+    path.write_text('{"query": "a", "label": "x"}\n{"query": "b", "label": "y", "id": 1}\n'
+                    '{"query": "c", "label": "x", "id": "1"}\n', encoding="utf-8")
+    with pytest.raises(ds.DatasetError, match=r"dup\.jsonl:3: duplicate id '1' \(first on line 2\)"):
         ds.load_labelled_jsonl(path)
 
 

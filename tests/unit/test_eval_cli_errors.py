@@ -93,6 +93,15 @@ def test_a_suite_with_train_or_test_is_refused(tmp_path: Path, capsys: pytest.Ca
     assert not out.exists()
 
 
+def test_train_without_test_is_a_usage_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    train = _write(tmp_path / "train.jsonl", _rows(5))
+    out = tmp_path / "out"
+    for flags in (["--train", str(train)], ["--test", str(train)]):
+        assert _cli(["eval", *flags, "--out", str(out), "--no-plots"]) == 2  # as argparse's and its siblings'
+        assert capsys.readouterr().err.strip() == "error: the jsonl suite needs both --train and --test"
+    assert not out.exists()
+
+
 # ---------------------------------------------------------------- 2: --limit
 
 
@@ -174,6 +183,35 @@ def test_labels_the_font_cannot_draw_are_escaped_in_figures_only(tmp_path: Path,
     assert saved["labels"] == sorted(odd) and set(saved["per_class"]) == set(odd)
     assert "emoji 🎉" in (out / "report.md").read_text(encoding="utf-8")
     assert report._legible("café a/b") == "café a/b"  # characters the font has stay as they are
+
+
+def test_labels_and_titles_holding_dollars_are_drawn_literally_not_as_mathtext(
+        tmp_path: Path, fast_static: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    from matplotlib import cbook
+
+    odd = ("$\\frac{a}$ math", "a_b^c $x_1$", "costs $5 or \\$6")
+    train = _write(tmp_path / "train.jsonl", _rows(30, labels=odd))
+    test = _write(tmp_path / "t $x$.jsonl", _rows(8, labels=odd, prefix="t"))
+    drawn: dict[str, tuple[list[str], str]] = {}
+    finish = report._finish
+
+    def spy(plt: Any, fig: Any, ax: Any, path: Path, title: str, **kwargs: Any) -> None:
+        finish(plt, fig, ax, path, title, **kwargs)
+        drawn[path.name] = ([t.get_text() for t in ax.get_xticklabels()], ax.get_title())
+
+    monkeypatch.setattr(report, "_finish", spy)
+    out = tmp_path / "out"
+    results = _jsonl_run(tmp_path, train, test, out, plots=True)  # "$\\frac{a}$" was a mathtext parse error
+    ticks, title = drawn["confusion_matrix.png"]
+    for text in (*ticks, title):
+        assert not cbook.is_math_text(text), text  # drawn as text: matplotlib shows "\\$" as "$"
+    assert [t.replace("\\$", "$") for t in ticks] == sorted(odd)
+    assert title.replace("\\$", "$") == "t $x$.jsonl: gate confusion matrix"
+    assert all((out / name).is_file() for name in results["figures"])
+    # The true labels stay in the results and the report.
+    saved = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    assert saved["labels"] == sorted(odd) and set(saved["per_class"]) == set(odd)
+    assert "| a_b^c $x_1$ |" in (out / "report.md").read_text(encoding="utf-8")
 
 
 # ---------------------------------------------------------------- 4: stale figures in a reused --out

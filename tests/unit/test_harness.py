@@ -242,6 +242,24 @@ def test_the_reproducing_command_names_a_device_other_than_the_cpu() -> None:
     assert "--device" not in _command(args, "snips-intent")
 
 
+def test_the_reproducing_command_quotes_arguments_a_shell_would_split() -> None:
+    import shlex
+
+    from eval.harness import _command
+
+    args = argparse.Namespace(train="my data/tr ain.jsonl", test="test.jsonl", out="out dir", encoder="onnx",
+                              seed=0, data=None, limit=None, pool=None, device="cpu", oos_label="out of 'scope'")
+    command = _command(args, "jsonl")
+    assert shlex.split(command) == ["moe", "eval", "--train", "my data/tr ain.jsonl", "--test", "test.jsonl",
+                                    "--out", "out dir", "--encoder", "onnx", "--seed", "0",
+                                    "--oos-label", "out of 'scope'"]
+    # Plain arguments are written as they always were (committed reports keep their command line).
+    args = argparse.Namespace(out="out/eval/snips", encoder="onnx", seed=0, data=None, limit=200, pool=None,
+                              device="cpu")
+    assert _command(args, "snips-intent") == ("moe eval --suite snips-intent --out out/eval/snips --encoder onnx "
+                                              "--seed 0 --limit 200")
+
+
 class _CountingEncoder(Encoder):
     identity, checksum = "fake-counting", "0" * 64
 
