@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
+import math
 import zipfile
 import zlib
 from collections.abc import Mapping
@@ -160,7 +161,13 @@ def write_artifact(gate: Gate, directory: str | Path) -> Path:
         doc = {**gate.metadata.as_dict(), "kind": gate.kind, "experts": gate.artifact_experts,
                "encoder_max_length": _encoder_max_length(gate.encoder), **gate._manifest(),
                "files": {name: sha256_file(stage / name) for name in (_WEIGHTS, _EXAMPLES)}}
-        doc[_SELF_DIGEST] = _manifest_digest(json.loads(json.dumps(doc)))  # as load will read it back
+        try:  # NaN and Infinity are not JSON: refused here, not written for every other reader to choke on
+            plain = json.dumps(doc, allow_nan=False)
+        except ValueError:
+            bad = ", ".join(k for k, v in _flat(doc) if isinstance(v, float) and not math.isfinite(v))
+            raise ValueError(f"{_MANIFEST}: not a finite number, so not JSON: {bad}; the gate was not saved") \
+                from None
+        doc[_SELF_DIGEST] = _manifest_digest(json.loads(plain))  # as load will read it back
         (stage / _MANIFEST).write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
     return path
 
@@ -260,6 +267,15 @@ def _read_arrays(file: Path) -> dict[str, np.ndarray]:
     except (ValueError, EOFError, zipfile.BadZipFile, zlib.error) as exc:  # a PermissionError stays itself
         why = str(exc) if zipfile.is_zipfile(file) else "not a zip archive, which a .npz file is"
         raise GateArtifactMismatch(f"{file}: corrupt, not readable as NumPy arrays ({why}); {RETRAIN}") from None
+
+
+def _flat(doc: Any, key: str = "") -> list[tuple[str, Any]]:
+    """``(dotted key, value)`` for each leaf of nested dicts and lists (``metrics.ece_before``, ``experts.0``)."""
+    items = doc.items() if isinstance(doc, dict) else enumerate(doc) if isinstance(doc, list | tuple) else None
+    if items is None:
+        return [(key, doc)]
+    return [leaf for k, v in items for leaf in _flat(v, f"{key}.{k}" if key else str(k))]
+
 
 def _manifest_digest(doc: Mapping[str, Any]) -> str:
     """sha256 of ``doc`` without its own digest, canonical (sorted keys), so indentation does not count."""

@@ -50,6 +50,7 @@ __all__ = [
     "TaskPrior",
     "is_outcome_file",
     "load_outcome_jsonl",
+    "load_outcome_lines",
     "outcome_matrices",
 ]
 
@@ -71,8 +72,14 @@ def load_outcome_jsonl(path: str | Path) -> list[OutcomeRecord]:
 
     A bad line raises ``ValueError`` naming the file, the line number and what is wrong with it.
     """
-    return [_parse_record(row, where)
-            for where, _, row in read_jsonl(path, expected="an object with 'query' and 'outcomes'")]
+    return [record for _, record in load_outcome_lines(path)]
+
+
+def load_outcome_lines(path: str | Path) -> list[tuple[int, OutcomeRecord]]:
+    """``load_outcome_jsonl``'s records, each with its line number, for callers that check more than the loader
+    (``router.train``: that every expert a record names is one of the config's) and name the line."""
+    return [(number, _parse_record(row, where))
+            for where, number, row in read_jsonl(path, expected="an object with 'query' and 'outcomes'")]
 
 
 def is_outcome_file(path: str | Path) -> bool:

@@ -191,7 +191,18 @@ def _warn_thin_data(experts: Sequence[str], outcomes: np.ndarray, record_costs: 
 def _mean_known(values: np.ndarray) -> float | None:
     """The mean of the values that are known (not NaN); None when none is: JSON has no NaN."""
     known = values[~np.isnan(values)]
-    return float(known.mean()) if known.size else None
+    return float(_known_means(known)) if known.size else None
+
+
+def _known_means(values: np.ndarray, axis: int | None = None) -> np.ndarray:
+    """The means of the known (not NaN) ``values`` along ``axis``, 0 where none is, without overflow: costs are
+    in the user's own unit, so any finite size, and 20 costs of 1e308 summed are infinite. They are summed
+    divided by a power of two near the largest (exact, so ordinary costs get the plain mean bit for bit)."""
+    known = ~np.isnan(values)
+    top = float(np.max(values, where=known, initial=0.0))
+    scale = math.ldexp(1.0, math.frexp(top)[1] - 1) if top > 0 else 1.0  # top / scale in [1, 2)
+    means = np.where(known, values / scale, 0.0).sum(axis=axis) / np.maximum(known.sum(axis=axis), 1)
+    return np.asarray(scale * np.minimum(means, top / scale))  # never above the largest, so never infinite
 
 
 class OutcomeGate(Gate):
@@ -318,6 +329,19 @@ def outcome_data_sha256(records: Sequence[OutcomeRecord]) -> str:
     return hashlib.sha256("\n".join(lines).encode("utf-8")).hexdigest()
 
 
+def _scored_costs(records: Sequence[OutcomeRecord], experts: Sequence[str]) -> Sequence[OutcomeRecord]:
+    """``records`` without the costs of experts outside ``experts`` (no record scores them, or ``unknown`` in
+    ``train_outcome_gate`` would have refused them): with no score to weigh it against, a cost trains nothing,
+    and such an expert is routed from its config examples, if any (``router.coldstart``). Training says so."""
+    columns = set(experts)
+    unscored = sorted({e for r in records for e in r.cost} - columns)
+    if not unscored:
+        return records
+    log.warning("outcome records: a cost but no score ('outcomes') for %s; the cost is left out (an expert "
+                "without scores is routed from its config examples)", ", ".join(unscored))
+    return [dataclasses.replace(r, cost={e: c for e, c in r.cost.items() if e in columns}) for r in records]
+
+
 def _folds(texts: Sequence[str], seed: int) -> np.ndarray:
     return np.array([int.from_bytes(hashlib.sha256(f"{seed}\x00{t}".encode()).digest()[:8], "big") % FOLDS
                      for t in texts])
@@ -421,13 +445,13 @@ def train_outcome_gate(records: Sequence[OutcomeRecord], encoder: Encoder, *, ex
     with ``records``) skips the encoder, for callers that cache vectors.
     """
     experts = sorted({e for r in records for e in r.outcomes}) if experts is None else list(experts)
-    unknown = sorted({e for r in records for e in (*r.outcomes, *r.cost)} - set(experts))
+    unknown = sorted({e for r in records for e in r.outcomes} - set(experts))
     if unknown:
-        raise ValueError(f"outcome records name experts that are not experts of the gate: {', '.join(unknown)}")
+        raise ValueError(f"outcome records score experts that are not experts of the gate: {', '.join(unknown)}")
     if len(experts) < 2 or len(records) < 2 * FOLDS:
         raise ValueError(f"an outcome gate needs at least two experts and {2 * FOLDS} records; "
                          f"got {len(experts)} and {len(records)}")
-    outcomes, record_costs = outcome_matrices(records, experts)
+    outcomes, record_costs = outcome_matrices(_scored_costs(records, experts), experts)
     silent = [e for e, n in zip(experts, (~np.isnan(outcomes)).sum(axis=0), strict=True) if n == 0]
     if silent:
         raise ValueError(f"experts with no outcome record: {', '.join(silent)}; leave them out (a config "
@@ -438,8 +462,7 @@ def train_outcome_gate(records: Sequence[OutcomeRecord], encoder: Encoder, *, ex
     folds = _folds(texts, seed)
     # An expert whose cost no record gives costs 0 (``_warn_thin_data`` has said so): summed over what is there,
     # not numpy's nanmean, which warns of the empty column.
-    given = ~np.isnan(record_costs)
-    cost = np.where(given, record_costs, 0.0).sum(axis=0) / np.maximum(given.sum(axis=0), 1)
+    cost = _known_means(record_costs, axis=0)
     record_tasks = [r.task for r in records]
     if model == KnnSuccess.kind:
         final: SuccessModel
@@ -458,7 +481,8 @@ def train_outcome_gate(records: Sequence[OutcomeRecord], encoder: Encoder, *, ex
         final = SUCCESS_MODELS[model]()
     final.fit(x, outcomes)
     calibration = {"cal_success": oof.astype(np.float32), "cal_outcomes": outcomes.astype(np.float32),
-                   "cal_costs": record_costs.astype(np.float32)}
+                   # float64: a cost is any finite number in the user's unit, and float32 ends at 3.4e38
+                   "cal_costs": record_costs}
     metadata = GateMetadata(encoder.identity, encoder.checksum, outcome_data_sha256(records),
                             ValidationMetrics(n_train=len(records), n_val=len(records)), classifier=model,
                             kind=OutcomeGate.kind,

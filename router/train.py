@@ -8,15 +8,17 @@
   train it; a few per expert leave no held-out split, so the gate is calibrated by cross-validation over them
   (``metrics.calibration`` in the artifact; ``router.gate``'s docstring, "Calibration");
 - outcome records, ``{"query": ..., "outcomes": {...}, "cost": {...}}``: trained into an outcome gate
-  (``router.outcome_gate.train_outcome_gate``) at ``gate.cost_weight`` with ``gate.success_model``. Config
-  experts without any record are left to cold start from their examples.
+  (``router.outcome_gate.train_outcome_gate``) at ``gate.cost_weight`` with ``gate.success_model``. The
+  records must score (``outcomes``) at least two experts, among which the gate learns to choose; config experts
+  without any score are left to cold start from their examples (``router.coldstart``), and a cost recorded for
+  one of them is left out, with a warning.
 
 With ``combiner.vote_weights: learned``, outcome records that carry ``answers`` also teach the vote's learned
 weights (``router.vote_weights``), written beside the gate as ``vote_weights.json``.
 
 All files must be of one kind. Every label, and every expert named in an outcome record, must be an expert
-of the config. A config expert with no training data and no examples cannot be routed, and is refused here
-rather than at serving time.
+of the config; one that is not is refused at the first line naming it. A config expert with no training data
+and no examples cannot be routed, and is refused here rather than at serving time.
 
 Feedback (``router.feedback``) is folded in after the files, unless ``feedback.enabled`` is false or the
 caller passes ``feedback=False`` (``moe train --no-feedback``). A verdict is a query, an expert and a score in
@@ -48,9 +50,11 @@ from router.feedback import FeedbackRecord, load_feedback
 from router.files import staged
 from router.gate import Gate, train_gate
 from router.jsonl import read_jsonl
-from router.outcome import OutcomeRecord, is_outcome_file, load_outcome_jsonl
+from router.outcome import OutcomeRecord, is_outcome_file, load_outcome_lines
 
 if TYPE_CHECKING:
+    from collections.abc import Iterable
+
     from router.vote_weights import VoteWeights
 
 __all__ = ["TrainingData", "collect_training_data", "fold_feedback", "load_labelled_jsonl", "train_from_config"]
@@ -79,8 +83,13 @@ def load_labelled_jsonl(path: str | Path) -> list[tuple[str, str]]:
 
     A bad line raises ``ValueError`` naming the file, the line number and what is wrong with it.
     """
-    return [_labelled(row, where)
-            for where, _, row in read_jsonl(path, expected="an object with 'query' and 'label'")]
+    return [(query, label) for _, query, label in _labelled_lines(path)]
+
+
+def _labelled_lines(path: str | Path) -> list[tuple[int, str, str]]:
+    """``(line number, query, label)`` for each non-blank line, checked as ``load_labelled_jsonl`` checks them."""
+    return [(number, *_labelled(row, where))
+            for where, number, row in read_jsonl(path, expected="an object with 'query' and 'label'")]
 
 
 def _labelled(row: dict[str, Any], where: str) -> tuple[str, str]:
@@ -144,29 +153,39 @@ def _collect_files(config: RouterConfig) -> TrainingData:
         data.texts += expert.examples
         data.labels += [expert.name] * len(expert.examples)
     data.config_examples = len(data.texts)
-    names = set(config.expert_names)
     for path in paths:
-        pairs = load_labelled_jsonl(path)
-        unknown = sorted({label for _, label in pairs} - names)
-        if unknown:
-            raise ValueError(f"{path}: labels {', '.join(map(repr, unknown))} are not experts of the config; "
-                             f"experts: {', '.join(config.expert_names)}")
-        data.texts += [q for q, _ in pairs]
-        data.labels += [label for _, label in pairs]
+        rows = _labelled_lines(path)
+        _refuse_unknown(config, path, "label", ((number, [label]) for number, _, label in rows))
+        data.texts += [q for _, q, _ in rows]
+        data.labels += [label for _, _, label in rows]
     return data
 
 
 def _collect_outcomes(config: RouterConfig, paths: list[Path]) -> list[OutcomeRecord]:
-    names = set(config.expert_names)
     records: list[OutcomeRecord] = []
     for path in paths:
-        found = load_outcome_jsonl(path)
-        unknown = sorted({e for r in found for e in (*r.outcomes, *r.cost)} - names)
-        if unknown:
-            raise ValueError(f"{path}: experts {', '.join(map(repr, unknown))} are not experts of the config; "
-                             f"experts: {', '.join(config.expert_names)}")
-        records += found
+        found = load_outcome_lines(path)
+        _refuse_unknown(config, path, "expert", ((number, [*r.outcomes, *r.cost]) for number, r in found))
+        records += [r for _, r in found]
     return records
+
+
+def _refuse_unknown(config: RouterConfig, path: Path, noun: str, lines: Iterable[tuple[int, list[str]]]) -> None:
+    """Raise ``ValueError`` if a line of ``path`` names (as a label, or as an expert of a record) a name that is
+    no expert of the config: at the first line naming one, and with the first line of each other such name."""
+    names = set(config.expert_names)
+    first: dict[str, int] = {}
+    for number, named in lines:
+        for name in named:
+            if name not in names:
+                first.setdefault(name, number)
+    if not first:
+        return
+    (name, line), *others = sorted(first.items(), key=lambda item: item[1])
+    also = "" if not others else "; nor " + ("is " if len(others) == 1 else "are ") + ", ".join(
+        f"{other!r} (first on line {number})" for other, number in others)
+    raise ValueError(f"{path}:{line}: {noun} {name!r} is not an expert of the config{also}; "
+                     f"experts: {', '.join(config.expert_names)}")
 
 
 def _check_routable(config: RouterConfig, trained: set[str]) -> None:
@@ -174,6 +193,28 @@ def _check_routable(config: RouterConfig, trained: set[str]) -> None:
     if unroutable:
         raise ValueError("no training data and no examples for expert(s) " + ", ".join(map(repr, unroutable))
                          + "; the gate could not route to them. Add examples in the config or records for them.")
+
+
+def _check_scored(config: RouterConfig, records: list[OutcomeRecord]) -> None:
+    """Refuse outcome records that score fewer than two of the config's experts, naming those they leave out.
+
+    An outcome gate learns to choose among the experts the records score (``train_outcome_gate``; a label gate
+    likewise needs examples of two experts), and the config's other experts are routed beside them from their
+    examples (``router.coldstart``). With one scored expert there is nothing to learn a choice from."""
+    scored = [n for n in config.expert_names if any(n in r.outcomes for r in records)]
+    if len(scored) >= 2:
+        return
+    unscored = [n for n in config.expert_names if n not in scored]
+    only = f"only {scored[0]!r}" if scored else "no expert"
+    if not unscored:
+        raise ValueError(f"an outcome gate chooses among at least two experts, and the config has only "
+                         f"{config.expert_names[0]!r}; add an expert, with records scoring its answers")
+    costed = [n for n in unscored if any(n in r.cost for r in records)]
+    costs = "" if not costed else (f" (the records give a cost for {', '.join(map(repr, costed))}, but a cost alone "
+                                   "trains nothing: the gate learns from 'outcomes')")
+    raise ValueError(f"the outcome records in gate.train_data score {only} ('outcomes'); an outcome "
+                     "gate learns to choose among at least two scored experts, the config's others being routed "
+                     f"from their examples. Add outcomes for {' or '.join(map(repr, unscored))}{costs}")
 
 
 def train_from_config(config: RouterConfig, *, progress: bool = True,
@@ -202,6 +243,7 @@ def train_from_config(config: RouterConfig, *, progress: bool = True,
 
         trained = {e for r in data.records for e in r.outcomes}
         _check_routable(config, trained)
+        _check_scored(config, data.records)
         gate = train_outcome_gate(data.records, encoder, experts=[n for n in config.expert_names if n in trained],
                                   cost_weight=config.gate.cost_weight, model=config.gate.success_model,
                                   progress=progress)

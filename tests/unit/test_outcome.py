@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Sequence
+from dataclasses import replace as dataclasses_replace
 from pathlib import Path
 
 import numpy as np
@@ -477,3 +478,67 @@ def test_an_expert_whose_cost_no_record_gives_trains_without_numpy_warnings() ->
                                   progress=False)
     assert gate.experts == ["a", "b", "c"]
     assert gate.metadata.metrics.routed_accuracy is not None and np.isfinite(gate.metadata.metrics.routed_accuracy)
+
+
+def _cost_records(cost: float) -> list[OutcomeRecord]:
+    rng = np.random.default_rng(2)
+    return [OutcomeRecord(f"question {i} on topic {i % 5}", {"a": float(rng.random() < 0.7),
+                                                            "b": float(rng.random() < 0.5)}, {"a": cost, "b": cost})
+            for i in range(60)]
+
+
+def test_costs_of_any_finite_size_train_as_their_ratios_do(tmp_path: Path) -> None:
+    """Costs are in the user's own unit. 1e308 each is a finite number >= 0, as the loader asks, but 60 of them
+    summed are infinite: training warned of overflow, wrote ``"ece_before": NaN`` and ``"routed_cost": Infinity``
+    to gate.json (no JSON reader takes either) and routed otherwise than with the same costs in another unit. The
+    means are now taken without overflow: the gate is the one equal costs of 1 give."""
+    import warnings
+
+    from tests.doubles.fakes import FakeHashingEncoder
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        huge = train_outcome_gate(_cost_records(1e308), FakeHashingEncoder(), cost_weight=0.5, progress=False)
+        unit = train_outcome_gate(_cost_records(1.0), FakeHashingEncoder(), cost_weight=0.5, progress=False)
+        np.testing.assert_array_equal(huge.cost, [1e308, 1e308])
+        assert (huge.tuning.anchor, huge.tuning.margin, huge.temperature) == \
+            (unit.tuning.anchor, unit.tuning.margin, unit.temperature)
+        metrics = huge.metadata.metrics
+        assert metrics.routed_cost == 1e308 and metrics.ece_before == unit.metadata.metrics.ece_before
+        huge.save(tmp_path / "gate")
+
+        def refuse(constant: str) -> None:
+            raise AssertionError(f"gate.json holds {constant}")
+
+        doc = json.loads((tmp_path / "gate" / "gate.json").read_text(encoding="utf-8"), parse_constant=refuse)
+        assert doc["metrics"]["routed_cost"] == 1e308
+        loaded = Gate.load(tmp_path / "gate", huge.encoder)  # re-tuned on load: the stored costs stay finite
+        assert isinstance(loaded, OutcomeGate) and loaded.tuning.metrics["routed_cost"] == 1e308
+        texts = [f"a new question {i} on topic {i % 5}" for i in range(20)]
+        np.testing.assert_allclose(loaded.scores(texts), unit.scores(texts), atol=1e-6)
+
+
+def test_a_gate_json_figure_that_is_not_finite_is_refused_not_written(tmp_path: Path) -> None:
+    from tests.doubles.fakes import FakeHashingEncoder
+
+    gate = train_outcome_gate(_cost_records(1.0), FakeHashingEncoder(), progress=False)
+    metrics = dataclasses_replace(gate.metadata.metrics, ece_before=float("nan"), routed_cost=float("inf"))
+    gate.metadata = dataclasses_replace(gate.metadata, metrics=metrics)
+    with pytest.raises(ValueError, match=r"^gate\.json: not a finite number, so not JSON: metrics\.ece_before, "
+                                         r"metrics\.routed_cost; the gate was not saved$"):
+        gate.save(tmp_path / "gate")
+    assert not (tmp_path / "gate" / "gate.json").exists()
+
+
+def test_a_cost_for_an_expert_that_no_record_scores_is_left_out(caplog: pytest.LogCaptureFixture) -> None:
+    """Such an expert has no column to weigh the cost against (it is routed from its config examples, if any):
+    training leaves the cost out and says so, rather than calling the expert unknown."""
+    from tests.doubles.fakes import FakeHashingEncoder
+
+    records = [dataclasses_replace(r, cost={**r.cost, "unrated": 5.0}) for r in _cost_records(1.0)]
+    with caplog.at_level("WARNING", logger="router.outcome_gate"):
+        gate = train_outcome_gate(records, FakeHashingEncoder(), cost_weight=0.5, progress=False)
+    assert gate.experts == ["a", "b"] and list(gate.cost) == [1.0, 1.0]
+    assert "a cost but no score ('outcomes') for unrated; the cost is left out" in caplog.text
+    with pytest.raises(ValueError, match="outcome records score experts that are not experts of the gate: b"):
+        train_outcome_gate(records, FakeHashingEncoder(), experts=["a", "c"], progress=False)

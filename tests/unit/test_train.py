@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from router.build import load_gate
@@ -92,9 +93,18 @@ def test_a_training_file_that_is_not_utf8_is_named_with_its_line(tmp_path: Path,
         collect_training_data(_config(tmp_path, ["bad.jsonl"]))
 
 
-def test_label_that_is_no_expert_is_named(tmp_path: Path) -> None:
+def test_label_that_is_no_expert_is_named_with_its_line(tmp_path: Path) -> None:
     _write_jsonl(tmp_path / "extra.jsonl", [{"query": "q", "label": "GetWeather"}, {"query": "q", "label": "Nope"}])
-    with pytest.raises(ValueError, match=r"extra\.jsonl: labels 'Nope' are not experts"):
+    with pytest.raises(ValueError) as info:
+        collect_training_data(_config(tmp_path, ["extra.jsonl"]))
+    assert str(info.value) == (f"{tmp_path / 'extra.jsonl'}:2: label 'Nope' is not an expert of the config; "
+                               "experts: GetWeather, PlayMusic, BookRestaurant")
+    # Several: the first line naming one, and the first line of each other.
+    _write_jsonl(tmp_path / "extra.jsonl", [{"query": "q", "label": "GetWeather"}, "", {"query": "q", "label": "b"},
+                                            {"query": "q", "label": "a"}, {"query": "q", "label": "b"},
+                                            {"query": "q", "label": "c"}])
+    with pytest.raises(ValueError, match=r"extra\.jsonl:3: label 'b' is not an expert of the config; nor are 'a' "
+                                         r"\(first on line 4\), 'c' \(first on line 6\); experts: GetWeather"):
         collect_training_data(_config(tmp_path, ["extra.jsonl"]))
 
 
@@ -202,8 +212,19 @@ def test_mixed_or_unknown_outcome_files_are_refused(tmp_path: Path, snips_rows: 
     with pytest.raises(ValueError, match="mixes labelled and outcome files"):
         collect_training_data(_config(tmp_path, ["o.jsonl", "l.jsonl"]))
     _write_jsonl(tmp_path / "u.jsonl", [{"query": "q", "outcomes": {"Nope": 1}}])
-    with pytest.raises(ValueError, match=r"u\.jsonl: experts 'Nope' are not experts"):
+    with pytest.raises(ValueError, match=r"u\.jsonl:1: expert 'Nope' is not an expert of the config; experts: "):
         collect_training_data(_config(tmp_path, ["u.jsonl"]))
+
+
+def test_an_outcome_record_naming_no_expert_is_refused_at_its_line(tmp_path: Path) -> None:
+    """In its outcomes or in its costs: the first line naming each such name is given, as for a malformed line."""
+    ok = {"query": "q", "outcomes": {"GetWeather": 1, "PlayMusic": 0}, "cost": {"GetWeather": 0.1}}
+    _write_jsonl(tmp_path / "u.jsonl", [ok, ok, {**ok, "outcomes": {"GetWeather": 1, "ghost": 0}}, ok,
+                                        {**ok, "cost": {"spectre": 0.1}}, {**ok, "outcomes": {"ghost": 1}}])
+    with pytest.raises(ValueError) as info:
+        collect_training_data(_config(tmp_path, ["u.jsonl"]))
+    assert str(info.value) == (f"{tmp_path / 'u.jsonl'}:3: expert 'ghost' is not an expert of the config; nor is "
+                               "'spectre' (first on line 5); experts: GetWeather, PlayMusic, BookRestaurant")
 
 
 def test_a_rebuild_with_the_same_encoder_settings_reuses_the_loaded_encoder(
@@ -232,3 +253,47 @@ def test_a_rebuild_with_the_same_encoder_settings_reuses_the_loaded_encoder(
     assert changed.gate.encoder is not first.gate.encoder
     assert list(state.encoders.values()) == [changed.gate.encoder]  # only what the latest config uses is kept
     assert build_orchestrator(config).gate.encoder is not first.gate.encoder  # no state: nothing kept
+
+
+def _scored_rows(snips_rows: list[dict[str, str]], scored: tuple[str, ...], costed: tuple[str, ...]
+                 ) -> list[dict[str, Any]]:
+    """Records on real queries scoring ``scored`` (each right on its own intent's queries), with costs for
+    ``costed``."""
+    return [{"query": r["query"], "outcomes": {e: float(r["label"] == e) for e in scored},
+             "cost": {e: 0.1 * (i + 1) for i, e in enumerate(costed)}} for r in snips_rows]
+
+
+def test_a_cost_for_a_config_expert_without_scores_is_left_out_and_the_expert_cold_starts(
+        tmp_path: Path, snips_rows: list[dict[str, str]], caplog: pytest.LogCaptureFixture) -> None:
+    """A cost recorded for an expert of the config that no record scores is no unknown expert: the records score
+    two experts, the gate chooses among them, and the third is routed from its examples, its cost left out."""
+    _write_jsonl(tmp_path / "o.jsonl", _scored_rows(snips_rows, ("GetWeather", "PlayMusic"), tuple(INTENTS)))
+    config = _config(tmp_path, ["o.jsonl"], artifact="gate", cost_weight=0.5, encoder={"backend": "static"})
+    with caplog.at_level("WARNING", logger="router.outcome_gate"):
+        gate = train_from_config(config, progress=False)
+    assert isinstance(gate, OutcomeGate) and gate.artifact_experts == ["GetWeather", "PlayMusic"]
+    assert "a cost but no score ('outcomes') for BookRestaurant; the cost is left out" in caplog.text
+    np.testing.assert_allclose(gate.cost, [0.1, 0.2])
+    loaded = load_gate(config)
+    assert loaded.experts == INTENTS  # BookRestaurant routed from its config example
+    assert loaded.scores(["an example for BookRestaurant"]).argmax() == 2
+
+
+@pytest.mark.parametrize(("costed", "note"), [
+    ((), ""),
+    (tuple(INTENTS), " (the records give a cost for 'PlayMusic', 'BookRestaurant', but a cost alone trains nothing: "
+                     "the gate learns from 'outcomes')"),
+])
+def test_records_scoring_one_expert_are_refused_naming_the_experts_to_score(
+        tmp_path: Path, snips_rows: list[dict[str, str]], costed: tuple[str, ...], note: str) -> None:
+    """The records must score two experts for the gate to learn a choice (the rest cold start); with one, the error
+    names the config's experts that need records, and says that their costs alone do not count."""
+    _write_jsonl(tmp_path / "o.jsonl", _scored_rows(snips_rows, ("GetWeather",), costed))
+    config = _config(tmp_path, ["o.jsonl"], artifact="gate", encoder={"backend": "static"})
+    with pytest.raises(ValueError) as info:
+        train_from_config(config, progress=False)
+    assert str(info.value) == (
+        "the outcome records in gate.train_data score only 'GetWeather' ('outcomes'); an outcome gate learns to "
+        "choose among at least two scored experts, the config's others being routed from their examples. Add "
+        f"outcomes for 'PlayMusic' or 'BookRestaurant'{note}")
+    assert not (tmp_path / "gate").exists()
