@@ -28,6 +28,7 @@ import itertools
 import json
 import re
 import unicodedata
+import warnings
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -100,7 +101,12 @@ def _fit_logistic(x: Any, y: np.ndarray, n_classes: int, c: float, max_iter: int
     intercept = np.zeros(n_classes, dtype=np.float32)
     if len(np.unique(y)) < 2:
         return coef, intercept
-    model = LogisticRegression(C=c, max_iter=max_iter, random_state=seed).fit(x, y)
+    with warnings.catch_warnings():
+        # y holds class numbers by construction; with a handful of examples per class (a cold start) sklearn
+        # guesses it "could represent a regression problem" and says so at every fit, cross-validation's too.
+        warnings.filterwarnings("ignore", message="The number of unique classes is greater than 50%",
+                                category=UserWarning)
+        model = LogisticRegression(C=c, max_iter=max_iter, random_state=seed).fit(x, y)
     w, b = model.coef_, model.intercept_
     if w.shape[0] == 1:  # sklearn's binary form: one row scoring class 1 against class 0
         w, b = np.vstack([np.zeros_like(w), w]), np.concatenate([[0.0], b])

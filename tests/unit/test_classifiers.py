@@ -97,6 +97,16 @@ def test_every_classifier_round_trips_through_plain_arrays(kind: str) -> None:
     assert restored.predict_logits(probe).shape == (2, 4)
 
 
+def test_a_cold_start_of_one_example_per_expert_fits_without_sklearns_regression_guess() -> None:
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        texts = [f"{t} ({i})" for i in range(3) for t in TEXTS]  # 24 examples, 12 experts with 2 each
+        LogisticClassifier().fit(queries(texts, 5), np.arange(len(texts)) % 12, 12)
+    assert [str(w.message) for w in caught] == []
+
+
 def test_unknown_classifier_kind_is_named() -> None:
     with pytest.raises(ValueError, match=r"unknown classifier 'svm'; known: ensemble, knn, lexical, logistic"):
         build_classifier("svm")
