@@ -102,8 +102,8 @@ def test_a_cold_start_of_one_example_per_expert_fits_without_sklearns_regression
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        texts = [f"{t} ({i})" for i in range(3) for t in TEXTS]  # 24 examples, 12 experts with 2 each
-        LogisticClassifier().fit(queries(texts, 5), np.arange(len(texts)) % 12, 12)
+        texts = [f"{t} ({i})" for i in range(3) for t in TEXTS]  # 24 examples of 16 experts, one or two each
+        LogisticClassifier().fit(queries(texts, 5), np.arange(len(texts)) % 16, 16)
     assert [str(w.message) for w in caught] == []
 
 
