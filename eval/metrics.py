@@ -489,7 +489,8 @@ def bootstrap_ci(
 
     Rows (axis 0) are resampled with replacement, the same rows for every array so paired data stay
     paired; the interval is the ``alpha/2`` and ``1 - alpha/2`` percentiles of ``n`` resampled values.
-    Deterministic for a given ``seed``.
+    Deterministic for a given ``seed``. A resample where ``fn`` is undefined (returns NaN) is left out, and the
+    interval is NaN when every one is.
     """
     arrs = [np.asarray(a) for a in arrays]
     if not arrs:
@@ -504,5 +505,8 @@ def bootstrap_ci(
     for b in range(n):
         idx = rng.integers(0, m, size=m)
         stats[b] = fn(*(a[idx] for a in arrs))
+    stats = stats[~np.isnan(stats)]  # a resample where fn is undefined (NaN) is left out
+    if not stats.size:
+        return ConfidenceInterval(float(fn(*arrs)), float("nan"), float("nan"))
     low, high = np.percentile(stats, [100 * alpha / 2, 100 * (1 - alpha / 2)])
     return ConfidenceInterval(float(fn(*arrs)), float(low), float(high))

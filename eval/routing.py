@@ -460,6 +460,19 @@ def _subset_curve(body: dict[str, Any], o: np.ndarray, c: np.ndarray, models: li
             "pair_escalate": pair_reference(pairs["tuning"], tuned["gpt4"], pairs["test"], gpt4, models, 0.30)}
 
 
+def _apgr(pct: np.ndarray, perf: np.ndarray, weak: float, strong: float) -> float:
+    """``M.apgr``, NaN where it is undefined: the strong and weak models equally accurate on these queries."""
+    return float("nan") if strong == weak else M.apgr(pct, perf, weak, strong)
+
+
+def _or_none(value: float) -> float | None:
+    return None if np.isnan(value) else float(value)
+
+
+def _f3(value: float | None) -> str:
+    return "undefined" if value is None else f"{value:.3f}"
+
+
 def fixed_pairs(o: np.ndarray, c: np.ndarray, texts: Sequence[Sequence[str]],
                 escalate_to: int) -> list[dict[str, Any]]:
     """``escalate`` with a fixed panel, no gate: for every pair of models other than ``escalate_to``, both answer
@@ -548,25 +561,41 @@ def run_routellm_mmlu(ctx: SuiteContext) -> dict[str, Any]:
         p = model.success(model.neighbours(x[rows], k), alpha)
         return np.asarray(p[:, 0] - p[:, 1])  # predicted gain from calling the strong model
 
-    def score(s: np.ndarray, rows: np.ndarray) -> float:
+    def score(s: np.ndarray, rows: np.ndarray) -> tuple[float, float]:
+        """APGR on ``rows`` (NaN where the two models are equally accurate there, and APGR undefined) and the
+        area under the accuracy curve, which decides between settings then (a --limit run's small split)."""
         strong, weak = pair[rows, 0], pair[rows, 1]
         pct, perf = M.strong_call_curve(s, strong, weak)
-        return M.apgr(pct, perf, float(weak.mean()), float(strong.mean()))
+        return _apgr(pct, perf, float(weak.mean()), float(strong.mean())), float(np.mean(perf))
 
-    grid = [{"k": k, "alpha": a, "val_apgr": score(win_rate(train, val, k, a), val)}
-            for k, a in itertools.product(K_GRID, ALPHA_GRID)]
-    chosen = max(grid, key=lambda g: g["val_apgr"])
+    grid: list[dict[str, Any]] = []
+    for k, a in itertools.product(K_GRID, ALPHA_GRID):
+        val_apgr, val_mean = score(win_rate(train, val, k, a), val)
+        grid.append({"k": k, "alpha": a, "val_apgr": val_apgr, "val_mean_accuracy": val_mean})
+    tied = any(np.isnan(g["val_apgr"]) for g in grid)
+    chosen = max(grid, key=lambda g: g["val_mean_accuracy" if tied else "val_apgr"])
+    for g in grid:
+        g["val_apgr"] = _or_none(g["val_apgr"])
     s = win_rate(np.r_[train, val], test, int(chosen["k"]), chosen["alpha"])
     strong, weak = pair[test, 0], pair[test, 1]
     sw, ww = float(strong.mean()), float(weak.mean())
     pct, perf = M.strong_call_curve(s, strong, weak)
     rand = np.random.default_rng(ctx.seed).random(len(test))
     r_pct, r_perf = M.strong_call_curve(rand, strong, weak)
-    ci = M.bootstrap_ci(lambda sc, st, wk: M.apgr(*M.strong_call_curve(sc, st, wk), float(wk.mean()),
-                                                  float(st.mean())), s, strong, weak, n=N_BOOT, seed=ctx.seed)
-    metrics = {"apgr": M.apgr(pct, perf, ww, sw), "cpt50": M.cpt(pct, perf, ww, sw, 50),
-               "cpt80": M.cpt(pct, perf, ww, sw, 80), "best_single_accuracy": sw, "weak_accuracy": ww,
-               "oracle_accuracy": M.oracle_accuracy(pair[test]), "random_apgr": M.apgr(r_pct, r_perf, ww, sw)}
+    ci = M.bootstrap_ci(lambda sc, st, wk: _apgr(*M.strong_call_curve(sc, st, wk), float(wk.mean()),
+                                                 float(st.mean())), s, strong, weak, n=N_BOOT, seed=ctx.seed)
+    defined = sw != ww  # else APGR and CPT, fractions of the gap between the two, have no gap to measure
+    cpts: dict[float, float] = {t: M.cpt(pct, perf, ww, sw, t) for t in (50, 80)} if defined else {}
+    metrics = {"apgr": _or_none(_apgr(pct, perf, ww, sw)), "cpt50": cpts.get(50), "cpt80": cpts.get(80),
+               "best_single_accuracy": sw, "weak_accuracy": ww, "oracle_accuracy": M.oracle_accuracy(pair[test]),
+               "random_apgr": _or_none(_apgr(r_pct, r_perf, ww, sw))}
+    if tied:
+        ctx.notes.append("the strong and weak models are equally accurate on the validation split (a small "
+                         "--limit?), where APGR is undefined: k and shrinkage were tuned on the mean accuracy "
+                         "along the strong-call curve instead")
+    if not defined:
+        ctx.notes.append("the strong and weak models are equally accurate on the test split, so APGR and CPT "
+                         "are undefined (null)")
     ctx.notes.append(f"split by id, fractions {FRACTIONS}, seed {ctx.seed} (prompts whose normalised text occurs "
                      "more than once are placed by a hash of that text, so no test prompt is also a training "
                      "one); contaminated prompts dropped as "
@@ -576,7 +605,8 @@ def run_routellm_mmlu(ctx: SuiteContext) -> dict[str, Any]:
         "metrics": metrics,
         "setup": {"train": len(train), "val": len(val), "test": len(test), "strong": suite.strong_model,
                   "weak": suite.weak_model, "chosen_k": chosen["k"], "chosen_alpha": chosen["alpha"]},
-        "confidence_intervals": {"apgr": {"estimate": ci.estimate, "low": ci.low, "high": ci.high}},
+        "confidence_intervals": {"apgr": {"estimate": _or_none(ci.estimate), "low": _or_none(ci.low),
+                                          "high": _or_none(ci.high)}},
         "strong_call_curve": {"gate": {"strong_pct": pct, "accuracy": perf},
                               "random": {"strong_pct": r_pct, "accuracy": r_perf}},
         "tuning_grid": grid,
@@ -586,7 +616,7 @@ def run_routellm_mmlu(ctx: SuiteContext) -> dict[str, Any]:
                                                           "random router (seeded draw)": (r_pct, r_perf)}, sw, ww,
                           f"RouteLLM MMLU: {suite.strong_model.split('/')[-1]} (strong) vs "
                           f"{suite.weak_model.split('/')[-1]} (weak)\n{len(test)} test questions, "
-                          f"APGR {metrics['apgr']:.3f} (random router {metrics['random_apgr']:.3f})",
-                          cpt={50: metrics["cpt50"], 80: metrics["cpt80"]})
+                          f"APGR {_f3(metrics['apgr'])} (random router {_f3(metrics['random_apgr'])})",
+                          cpt=cpts)
         body["figures"] = ["strong_calls.png"]
     return body

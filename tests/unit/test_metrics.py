@@ -312,6 +312,18 @@ def test_bootstrap_ci_is_seeded_and_paired() -> None:
     assert m.bootstrap_ci(m.accuracy, y, y, n=50) == (1.0, 1.0, 1.0)
 
 
+def test_bootstrap_ci_leaves_out_resamples_where_the_statistic_is_undefined() -> None:
+    x = np.array([0.0] * 3 + [1.0, 2.0, 3.0])
+
+    def mean_of_positive(a: np.ndarray) -> float:  # undefined (NaN) for a resample with no positive value
+        return float(a[a > 0].mean()) if (a > 0).any() else float("nan")
+
+    ci = m.bootstrap_ci(mean_of_positive, x, n=400, seed=1)
+    assert ci.estimate == 2.0 and 1.0 <= ci.low < 2.0 < ci.high <= 3.0
+    none = m.bootstrap_ci(mean_of_positive, np.zeros(5), n=20)
+    assert np.isnan(none.estimate) and np.isnan(none.low) and np.isnan(none.high)
+
+
 def test_bootstrap_ci_rejects_mismatched_rows() -> None:
     with pytest.raises(ValueError):
         m.bootstrap_ci(m.accuracy, np.zeros(3), np.zeros(4))

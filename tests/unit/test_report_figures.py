@@ -94,6 +94,23 @@ def test_routellm_mmlu_figure(plots: bool, data_dir: Path, tmp_path: Path) -> No
     assert "![strong_calls.png](strong_calls.png)" in (out / "report.md").read_text(encoding="utf-8")
 
 
+def test_routellm_mmlu_on_a_split_where_the_two_models_tie_reports_apgr_undefined(data_dir: Path,
+                                                                                   tmp_path: Path) -> None:
+    # --limit 6: strong and weak are equally accurate on validation and on test, where APGR (a fraction of the
+    # gap between them) has no gap to measure. The run still finishes, tuned on the curve's mean accuracy.
+    out = tmp_path / "tied"
+    results = run_suite("routellm-mmlu", data_dir, out, encoder=FakeHashingEncoder(), limit=6, progress=False,
+                        cache_dir=tmp_path / "cache", plots=True)
+    m = results["metrics"]
+    assert m["best_single_accuracy"] == m["weak_accuracy"]
+    assert (m["apgr"], m["cpt50"], m["cpt80"], m["random_apgr"]) == (None, None, None, None)
+    assert results["confidence_intervals"]["apgr"]["estimate"] is None
+    assert all(g["val_apgr"] is None for g in results["tuning_grid"])
+    notes = " ".join(results["notes"])
+    assert "tuned on the mean accuracy" in notes and "APGR and CPT are undefined" in notes
+    assert _read_png(out / "strong_calls.png")[1] > 600
+
+
 def test_table_cells_holding_pipes_or_line_breaks_keep_the_row_whole() -> None:
     from eval.report import _table
 
