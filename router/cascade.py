@@ -63,9 +63,25 @@ STAGES = ("fast", "full")
 
 
 class CascadeNotTrained(FileNotFoundError):
-    def __init__(self, path: Path) -> None:
-        super().__init__(f"the gate at {path} has no cascade stage ({CASCADE_FILE} missing), but the config sets "
-                         "gate.cascade; train it with: moe train --config <this config>")
+    def __init__(self, path: Path, kind: str = "label") -> None:
+        if kind == "outcome":  # moe train would refuse the cascade for outcome records: say what to do instead
+            super().__init__(f"the gate at {path} is an outcome gate, and gate.cascade applies to label gates "
+                             "only; remove gate.cascade from the config (or train a label gate)")
+        else:
+            super().__init__(f"the gate at {path} has no cascade stage ({CASCADE_FILE} missing), but the config "
+                             "sets gate.cascade; train it with: moe train --config <this config>")
+
+
+def _kind(path: Path) -> str:
+    """The kind of gate saved at ``path`` (``gate.json``'s ``kind``: label or outcome), label when unreadable
+    (loading it then says what is wrong)."""
+    from router.gate_artifact import GateArtifactMismatch, read_artifact_json
+
+    try:
+        doc = read_artifact_json(path / "gate.json")
+    except (OSError, GateArtifactMismatch):
+        return "label"
+    return str(doc.get("kind", "label")) if isinstance(doc, dict) else "label"
 
 
 @dataclass(frozen=True)
@@ -277,7 +293,7 @@ class CascadeGate:
     def load(cls, directory: str | Path, fast_encoder: Encoder, full_encoder: Encoder) -> CascadeGate:
         path = Path(directory)
         if not (path / CASCADE_FILE).exists():
-            raise CascadeNotTrained(path)
+            raise CascadeNotTrained(path, _kind(path))
         fit = _read_fit(path / CASCADE_FILE)
         fast, full = Gate.load(path / FAST_DIR, fast_encoder), Gate.load(path, full_encoder)
         if fast.metadata.training_data_sha256 != full.metadata.training_data_sha256:

@@ -567,7 +567,8 @@ def _cross_problems(raw: Any, *, check_env: bool, base_dir: str | Path | None = 
             wrong = _endpoint_problems(endpoint, need_host=f"experts[{i}].endpoint" not in blanked)
             if wrong:
                 yield f"{where}.endpoint", "; ".join(wrong)
-        if check_env and kind == "router" and isinstance(e.get("router_config"), str) and base_dir is not None:
+        if (kind == "router" and isinstance(e.get("router_config"), str) and not e.get("endpoint")
+                and base_dir is not None):  # checked with or without the environment: a file is no variable
             inner = Path(e["router_config"])
             inner = inner if inner.is_absolute() else Path(base_dir) / inner
             if not inner.is_file():

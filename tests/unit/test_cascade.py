@@ -327,6 +327,19 @@ def test_a_cascade_config_refuses_a_gate_trained_without_one_and_retraining_with
     assert isinstance(load_gate(without), Gate)
 
 
+def test_a_cascade_over_an_outcome_gate_says_to_drop_the_cascade_not_to_retrain(tmp_path: Path) -> None:
+    # moe train refuses gate.cascade for outcome records, so "train it with moe train" would send the user round
+    # in a circle (moe config check said so before).
+    (tmp_path / "gate.json").write_text(json.dumps({"kind": "outcome"}))
+    with pytest.raises(CascadeNotTrained, match=r"is an outcome gate, and gate\.cascade applies to label gates "
+                                                r"only; remove gate\.cascade") as refused:
+        CascadeGate.load(tmp_path, FakeHashingEncoder(), FakeHashingEncoder())
+    assert "moe train" not in str(refused.value)
+    (tmp_path / "gate.json").write_text(json.dumps({"kind": "label"}))
+    with pytest.raises(CascadeNotTrained, match="no cascade stage"):
+        CascadeGate.load(tmp_path, FakeHashingEncoder(), FakeHashingEncoder())
+
+
 def test_other_targets_in_the_config_are_fitted_at_load_without_retraining(
         snips_rows: tuple[list[dict[str, str]], list[dict[str, str]], list[str]], tmp_path: Path) -> None:
     train, _, labels = snips_rows

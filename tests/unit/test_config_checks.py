@@ -126,8 +126,10 @@ def test_credentials_in_the_endpoint_and_a_bearer_key_are_refused(monkeypatch: p
 def test_a_nested_router_config_that_does_not_exist_is_a_problem(tmp_path: Path) -> None:
     raw = {"version": 1, "experts": [{"name": "science", "type": "router", "model": "auto",
                                       "router_config": "science.yaml"}]}
-    assert f"no config file at {tmp_path / 'science.yaml'}" in problems(raw, base_dir=tmp_path)[
-        "experts[0] (science).router_config"]
+    for check_env in (True, False):  # not a variable: moe config check --no-env looks for the file too
+        assert f"no config file at {tmp_path / 'science.yaml'}" in problems(raw, base_dir=tmp_path,
+                                                                          check_env=check_env)[
+            "experts[0] (science).router_config"]
     (tmp_path / "science.yaml").write_text("version: 1\n")
     parse_config(raw, base_dir=tmp_path)
 
