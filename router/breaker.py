@@ -4,8 +4,10 @@
     open ──(cooldown passed; the next call is a probe)──> half_open
     half_open ──(a probe succeeds)──> closed            (the trip count and the window are cleared)
     half_open ──(a probe fails)──> open, cooldown * cooldown_growth, capped at cooldown_max_s
-    closed or half_open ──(a 429 or 503 with Retry-After, when ``honour_retry_after``)──> open for that wait
-                          (capped at cooldown_max_s), without counting a trip: the expert said when to come back
+    any state ──(a 429 or 503 with Retry-After, when ``honour_retry_after``)──> open for that wait (capped at
+                cooldown_max_s; an open breaker's wait is only ever lengthened), without counting a trip: the
+                expert said when to come back. Whichever call brings it: a probe, or a late answer to a call
+                admitted earlier.
 
 A Retry-After held this way applies to every request, not only to a retry of the one that got it: with the
 default of no retries, the next request would otherwise call the same rate-limited expert at once, and only
@@ -19,7 +21,9 @@ Invariants that keep the cooldown right when it is re-triggered:
 - Only probes decide half-open; at most ``half_open_probes`` are in flight at once.
 - A Retry-After may lengthen an open breaker's wait but never shorten it: a late 429 that asks for less than is
   left changes nothing, and a late one that asks for more holds the expert that much longer (an explicit time,
-  so a burst of them cannot multiply it as counted failures would).
+  so a burst of them cannot multiply it as counted failures would). One that lands while half-open (the
+  cooldown is over, a probe may be in flight) opens the breaker again for its wait, ending that half-open round:
+  the probe in flight cannot close it early, and the expert is called again only once the time it gave is over.
 - Only probes of the current half-open round decide it. Each entry into half-open starts a new round
   (``probe_round``), and a permit carries the round it was admitted in: a probe still in flight from an
   earlier round (another probe of it already re-opened or closed the breaker) is stale evidence, and is ignored.
@@ -37,7 +41,14 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from typing import Any, Literal, Protocol
 
-from experts.errors import ExpertAuthError, ExpertConfigError, ExpertError, ExpertOverloaded
+from experts.errors import (
+    INVALID_REQUEST_STATUSES,
+    ExpertAuthError,
+    ExpertConfigError,
+    ExpertError,
+    ExpertOverloaded,
+    ExpertRejected,
+)
 from router.config import BreakerConfig
 
 __all__ = ["BreakerState", "BreakerStore", "Breakers", "CircuitOpen", "MemoryBreakerStore", "Outcome", "Permit",
@@ -83,14 +94,22 @@ class Permit:
 
 
 def classify(error: ExpertError | None) -> Outcome:
-    """What a call's result says about the expert's health."""
+    """What a call's result says about the expert's health.
+
+    Transient failures (connect, timeout, 429, 5xx, malformed replies) are failures, and so are the errors
+    that say the deployment is wrong rather than the request: a refused key (401, 403), an expert that cannot be
+    built, and any other 4xx but the invalid-request ones, such as a 404 for a model the server does not serve
+    (as ``AllExpertsFailed.invalid_request`` and the experts' log levels judge them). A request the expert
+    refused as invalid (400, 413, 422: a bad parameter, too long a prompt) or a missing recording says the
+    expert is up and answered: the request was at fault."""
     if error is None:
         return "success"
     if isinstance(error, ExpertOverloaded | CircuitOpen):
         return "neutral"
     if error.transient or isinstance(error, ExpertAuthError | ExpertConfigError):
         return "failure"
-    # A 4xx or a missing recording: the expert is up and answered; the request was at fault.
+    if isinstance(error, ExpertRejected) and error.status not in INVALID_REQUEST_STATUSES:
+        return "failure"
     return "success"
 
 
@@ -113,19 +132,21 @@ def record(s: BreakerState, cfg: BreakerConfig, now: float, outcome: Outcome, *,
     """The state after a call admitted with ``probe`` (in half-open round ``probe_round``; None: the current one)
     ended with ``outcome``. ``retry_after_s``: the wait a failed call's expert asked for (its Retry-After)."""
     hold = retry_after_s if outcome == "failure" and cfg.honour_retry_after and retry_after_s else None
-    if probe:
-        if s.state != "half_open" or (probe_round is not None and probe_round != s.probe_round):
-            return s  # stale: its round is over
+    if probe and s.state == "half_open" and probe_round in (None, s.probe_round):
         s = replace(s, probes=max(0, s.probes - 1))
         if outcome == "success":
             return BreakerState(probe_round=s.probe_round)
         if hold is not None:
             return _hold(s, cfg, now, hold, error_kind)
         return _trip(s, cfg, now, error_kind) if outcome == "failure" else s
-    if s.state == "open" and hold is not None:
-        return _hold(s, cfg, now, hold, error_kind)  # lengthens the wait only if it asks for more
-    if s.state != "closed" or outcome == "neutral":
-        return s  # stale: admitted before the breaker opened
+    if probe or s.state != "closed":
+        # Stale evidence: a probe whose round is over, or a call admitted while closed that landed after the
+        # breaker opened. It decides nothing, but a Retry-After it brings is the expert's word all the same: it
+        # lengthens an open breaker's wait if it asks for more, and opens a half-open (or closed) one for that
+        # long, ending the round, so no probe of it closes the breaker before then.
+        return _hold(s, cfg, now, hold, error_kind) if hold is not None else s
+    if outcome == "neutral":
+        return s
     failed = outcome == "failure"
     s = replace(s, consecutive=s.consecutive + 1 if failed else 0, buckets=_count(s.buckets, cfg, now, failed),
                 last_error=error_kind if failed else s.last_error)

@@ -128,7 +128,7 @@ class Decider:
             try:
                 panel = choose(scores, self.config.gate.top_k, exclude=excluded)
             except ValueError:
-                panel = []  # every breaker is open: fallback reports each as a cause
+                panel = []  # every breaker is open: the orchestrator reports each as a cause
         return RouteDecision(
             scores=scores,
             ranking=[n for n, _ in rank(scores)],

@@ -12,7 +12,12 @@ Resilience, in the order a request meets it:
   estimates of the members called with it. One left out has a ``budget_exhausted`` attempt in the trace;
 - when the whole panel failed, fallback walks the gate's ranking one expert at a time, skipping open
   breakers and saturated experts (neither was called, so neither counts towards ``max_attempts``), until one
-  answers, ``max_attempts`` experts were tried, the deadline passed or the cost budget is spent;
+  answers, ``max_attempts`` experts were tried, the deadline passed or the cost budget is spent. A panel member
+  left out for the budget was never called, so it stays a candidate: the failed calls cost nothing, and it
+  may fit now;
+- with fallback off and every candidate's breaker open (the gate's panel is empty), the panel the gate would
+  have chosen is asked anyway, so each member's breaker refusal (``circuit_open``, with its next probe) is a
+  cause, as a stream's first expert's is;
 - when nothing answered, ``RouteFailed`` (an ``AllExpertsFailed``) lists each expert's cause
   (``circuit_open``, ``overloaded`` and ``budget_exhausted`` included, and ``not_tried`` for each candidate
   left when the deadline or ``max_attempts`` stopped fallback, its message saying which) and carries the
@@ -35,7 +40,8 @@ open) the gate's own panel stands: abstaining needs somewhere to go.
 
 Streaming: the top-weighted expert streams. A failure before its first token is retried or falls back
 invisibly. A failure mid-stream continues from the next expert, which is shown the partial answer and asked to
-go on, within what is left of the client's token limit; the switch is recorded in ``trace.switches`` and so in
+go on, within what is left of the client's token limit (the cost budget prices that continuation, as sent); the
+switch is recorded in ``trace.switches`` and so in
 the stream's final chunk (``moe.switches``), its ``to`` naming the expert that did continue (the next one in
 line may be skipped or fail first). A stream that
 fails once a tool-call delta has reached the client is not continued: see ``_stream``.
@@ -64,6 +70,7 @@ from router.dispatch import Capacity, Dispatcher, StreamOutcome, StreamPiece
 from router.errors import error_body
 from router.fallback import AllExpertsFailed, BudgetSpent, Deadline, next_candidate
 from router.retry import RetryPolicy
+from router.topk import choose
 from router.trace import Attempt, AttemptRole, Contribution, RoutedAnswer, RouteDecision, Trace, WeightedExpert
 from router.vote_weights import VoteWeights
 
@@ -241,6 +248,11 @@ class Orchestrator:
         combiner = self.combiner_for(strategy)  # before the gate: a bad strategy costs no gate work
         decision, panel, ranking = await self._plan(request)
         trace = Trace(decision=decision, combiner=combiner.name)
+        if not panel and decision is not None and not self.config.fallback.enabled:
+            # Every candidate's breaker is open, and no fallback will report them: ask the panel the gate would
+            # have chosen, so each member's breaker refuses it with its next probe (or lets a probe through, if
+            # its cooldown just ended), as a stream's first expert is asked.
+            panel = self._panel_despite_breakers(decision, ranking)
         called, errors = self._within_budget(panel, request, trace)
         results = await asyncio.gather(*(self.dispatch.call(p.expert, p.weight, request, deadline, trace)
                                          for p in called))
@@ -250,7 +262,7 @@ class Orchestrator:
         reason = None
         if not replies and decision is not None and self.config.fallback.enabled:
             tried = sum(not _skipped(e) for e in failures)
-            replies, reason = await self._fall_back(request, ranking, panel, tried, deadline, trace, errors)
+            replies, reason = await self._fall_back(request, ranking, called, tried, deadline, trace, errors)
         if not replies:
             raise RouteFailed(errors, trace, reason)
         combined, chosen = await self._combine(combiner, request, replies, deadline, trace)
@@ -280,6 +292,14 @@ class Orchestrator:
         chosen = aggregation.reply or next(r for _, r in replies if r.expert == combined.expert)
         return combined, chosen
 
+    def _panel_despite_breakers(self, decision: RouteDecision, ranking: list[str]) -> list[WeightedExpert]:
+        """The panel the gate's top-k would choose from ``ranking`` (the experts able to serve the request) were
+        no breaker open."""
+        scores = {n: decision.scores[n] for n in ranking if n in decision.scores}
+        if not scores:
+            return []
+        return [WeightedExpert(expert=n, weight=w) for n, w in choose(scores, self.config.gate.top_k)]
+
     def _within_budget(self, panel: list[WeightedExpert], request: ChatRequest,
                        trace: Trace) -> tuple[list[WeightedExpert], list[ExpertError]]:
         """The panel members to call, and the cause of each one left out for the cost budget.
@@ -305,20 +325,28 @@ class Orchestrator:
                                               error=spent.to_dict()))
         return called, left_out
 
-    async def _fall_back(self, request: ChatRequest, ranking: list[str], panel: list[WeightedExpert], tried: int,
+    async def _fall_back(self, request: ChatRequest, ranking: list[str], called: list[WeightedExpert], tried: int,
                          deadline: Deadline, trace: Trace, errors: list[ExpertError],
                          ) -> tuple[list[tuple[WeightedExpert, ExpertReply]], str | None]:
         """Walk the gate's ranking one expert at a time until one answers or a limit is reached; each failure
         goes into ``errors``. Returns the answer, if any, and why fallback stopped when a limit stopped it.
-        ``tried`` counts the experts already called (the panel members not skipped)."""
-        taken = {p.expert for p in panel}
-        failed = panel[0].expert if panel else None
+        ``called``: the panel members that were called; ``tried`` counts those not skipped.
+
+        A panel member left out for the cost budget was never called, and the members that were called all
+        failed, which costs nothing: it stays a candidate in its place in the ranking, weighed against the budget
+        afresh, and its earlier ``budget_exhausted`` cause gives way to what happens to it now. One that fallback
+        stops before reaching keeps that cause."""
+        taken = {p.expert for p in called}
+        left_out = {e.expert: e for e in errors if isinstance(e, BudgetSpent)}
+        failed = called[0].expert if called else None
         while (name := next_candidate(ranking, taken)) is not None:
             stop = self._stop(tried, deadline)
             if stop is not None:
-                errors.extend(_untried(ranking, taken, stop))
+                errors.extend(_untried(ranking, taken | left_out.keys(), stop))
                 return [], stop.reason
             taken.add(name)
+            if name in left_out:
+                errors.remove(left_out.pop(name))
             spent = self.dispatch.over_budget(name, trace, request)
             if spent is not None:  # this one would not fit; a cheaper one further down the ranking may
                 _passed_over(spent, errors, trace, failed)
@@ -376,7 +404,9 @@ class Orchestrator:
             if stop is not None:
                 errors.extend(_untried(order[i:], (), stop))
                 raise RouteFailed(errors, trace, stop.reason)
-            spent = self.dispatch.over_budget(name, trace, request) if tried else None  # the first try is free
+            # The first try is free. Later ones are priced as sent: after a mid-stream failure, the continuation,
+            # whose prompt holds the partial answer and whose token limit is only what is left of the client's.
+            spent = self.dispatch.over_budget(name, trace, attempt_request) if tried else None
             if spent is not None:  # this one would not fit; a cheaper one further down the ranking may
                 _passed_over(spent, errors, trace, previous)
                 continue

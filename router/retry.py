@@ -8,7 +8,13 @@ limit is full, and load-aware routing hands the query to the next expert by weig
 The wait is exponential in the retry number with "equal jitter" (half fixed, half random), so retries of many
 requests spread out yet each still backs off. A Retry-After (a 429's, or a 503's: standard HTTP for how long
 the server expects to be unavailable) replaces the backoff when it is longer; one longer than
-``retry_after_max_s``, or than what is left of the request's deadline, is not waited for at all.
+``retry_after_max_s`` is not waited for at all.
+
+Nor is a wait, Retry-After or backoff, that would eat the time the retry needs: after it, the retry must still
+have at least ``RETRY_TIME_SHARE`` (half) of the time it would get without waiting (the expert's ``timeout_s``,
+cut short by what is left of the request's deadline). Otherwise the expert is not retried, and fallback moves
+on at once to the next expert with the time that is left, rather than spending it on the wait. After a timeout
+the retry needs the expert's whole ``timeout_s`` after the wait.
 """
 
 from __future__ import annotations
@@ -19,7 +25,10 @@ from dataclasses import dataclass
 from experts.errors import ExpertError, ExpertOverloaded, ExpertTimeout
 from router.config import FallbackConfig
 
-__all__ = ["RetryPolicy", "backoff_delay", "is_retryable", "retry_delay"]
+__all__ = ["RETRY_TIME_SHARE", "RetryPolicy", "backoff_delay", "is_retryable", "retry_delay"]
+
+# The share of its time limit a retry must still have once its wait is over (``retry_delay``).
+RETRY_TIME_SHARE = 0.5
 
 
 @dataclass(frozen=True)
@@ -49,10 +58,14 @@ def retry_delay(policy: RetryPolicy, error: ExpertError, retry: int, remaining_s
     """Seconds to wait before retrying the expert that raised ``error``, or None to stop retrying it.
 
     ``retry`` counts the retries already made of this expert for this request; ``remaining_s`` is what is left
-    of the request's deadline. A wait that would leave no time for the retry itself is not worth making. After a
-    timeout, the retry would need the expert's whole ``timeout_s`` again: when the deadline cannot give it that,
-    the retry could only spend what is left on an expert that just failed to answer in time, and leave nothing for
-    fallback to a healthy one, so it is not made.
+    of the request's deadline; ``timeout_s`` is the expert's own time limit (None: the deadline alone limits it).
+
+    A wait that would leave the retry too little time is not worth making: the retry would most likely be cut
+    off by the deadline, and the time spent waiting is gone for fallback to a healthy expert too. So after the
+    wait the retry must still have ``RETRY_TIME_SHARE`` of its time limit as it stands now (``timeout_s``, or
+    ``remaining_s`` when that is shorter). After a timeout, the retry would need the expert's whole
+    ``timeout_s`` again: when the deadline cannot give it that after the wait, the retry could only spend what
+    is left on an expert that just failed to answer in time, and leave nothing for fallback, so it is not made.
     """
     if retry >= policy.retries or not is_retryable(error):
         return None
@@ -62,7 +75,7 @@ def retry_delay(policy: RetryPolicy, error: ExpertError, retry: int, remaining_s
         if asked > policy.retry_after_max_s:
             return None
         delay = max(delay, asked)
-    if isinstance(error, ExpertTimeout) and timeout_s is not None and delay + timeout_s > remaining_s:
-        return None
-    return delay if delay < remaining_s else None
+    limit = remaining_s if timeout_s is None else min(timeout_s, remaining_s)
+    needed = timeout_s if isinstance(error, ExpertTimeout) and timeout_s is not None else RETRY_TIME_SHARE * limit
+    return delay if remaining_s - delay >= needed and delay < remaining_s else None
 

@@ -168,6 +168,11 @@ def test_the_window_stays_bounded_under_load() -> None:
     (None, "success"), (DOWN, "failure"), (ExpertTimeout("m", "slow"), "failure"),
     (ExpertAuthError("m", 401, "key"), "failure"), (ExpertRejected("m", 400, "bad"), "success"),
     (NoRecording("m", "none"), "success"), (ExpertOverloaded("m", "full"), "neutral"),
+    # The request's own fault (a bad parameter, too long a prompt): the expert is up and answered.
+    (ExpertRejected("m", 413, "too large"), "success"), (ExpertRejected("m", 422, "unprocessable"), "success"),
+    # The deployment's: the model is not served there (404), or the endpoint is not what it should be.
+    (ExpertRejected("m", 404, "the model `m` does not exist"), "failure"),
+    (ExpertRejected("m", 405, "method not allowed"), "failure"), (ExpertRejected("m", 410, "gone"), "failure"),
 ])
 def test_classify(error: Exception | None, outcome: str) -> None:
     assert classify(error) == outcome  # type: ignore[arg-type]
@@ -255,3 +260,41 @@ def test_retry_after_left_to_the_failure_count_when_not_honoured() -> None:
     b2, _ = make()
     fail(b2, 2)
     assert b2.snapshot("math")["state"] == "closed"
+
+
+def test_a_late_retry_after_landing_while_half_open_holds_the_expert_for_its_wait() -> None:
+    """A call admitted while closed comes back with Retry-After: 30 after the breaker tripped and its cooldown
+    ended (half-open, a probe in flight). The expert's wait holds: the probe's success does not close the breaker,
+    and no call goes before the 30 s are over; then one probe goes, and closes it."""
+    b, clock = make()  # cooldown 10 s, cooldown_max_s 35
+    late = b.admit("math")
+    fail(b, 3)  # tripped
+    clock.now += 10.0
+    probe = b.admit("math")
+    assert probe.probe
+    b.finish(late, limited(30.0))
+    snap = b.snapshot("math")
+    assert (snap["state"], snap["retry_in_s"], snap["held_by_retry_after"], snap["trips"]) == ("open", 30.0, True, 1)
+    b.finish(probe, None)  # its round ended with the hold: stale, it closes nothing
+    assert b.snapshot("math")["state"] == "open"
+    clock.now += 29.9
+    assert b.refuses("math")
+    clock.now += 0.1
+    again = b.admit("math")
+    assert again.probe and b.refuses("math")  # one probe at a time, as before
+    b.finish(again, None)
+    assert b.snapshot("math")["state"] == "closed"
+
+
+def test_a_retry_after_from_a_probe_of_an_earlier_round_still_lengthens_the_wait() -> None:
+    b, clock = make(half_open_probes=2)
+    fail(b, 3)  # tripped: cooldown 10
+    clock.now += 10.0
+    first, second = b.admit("math"), b.admit("math")
+    b.finish(second, DOWN)  # re-trips: cooldown 20, the round is over
+    clock.now += 1.0
+    b.finish(first, limited(30.0))  # stale as evidence, but the expert asked for 30 s: more than the 19 left
+    snap = b.snapshot("math")
+    assert (snap["state"], snap["retry_in_s"], snap["held_by_retry_after"]) == ("open", 30.0, True)
+    b.finish(first, limited(5.0))  # less than is left: nothing changes
+    assert b.snapshot("math")["retry_in_s"] == 30.0

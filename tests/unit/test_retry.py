@@ -78,6 +78,27 @@ def test_a_timeout_is_retried_only_when_the_deadline_leaves_the_retry_its_whole_
         pytest.approx(0.075)
 
 
+def test_a_wait_must_leave_the_retry_half_of_its_time() -> None:
+    """After its wait, a retry must still have half the time it would get now (its expert's timeout_s, cut
+    short by what is left of the deadline); otherwise the wait is not made, and fallback gets the time."""
+    def limited(wait: float) -> ExpertRateLimited:
+        return ExpertRateLimited("e", 429, "x", retry_after_s=wait)
+
+    # 2 s left, a 5 s timeout: the retry could have 2 s, so the wait may leave no less than 1 s.
+    assert retry_delay(POLICY, limited(1.0), 0, 2.0, half, timeout_s=5.0) == 1.0
+    assert retry_delay(POLICY, limited(1.5), 0, 2.0, half, timeout_s=5.0) is None
+    assert retry_delay(POLICY, limited(1.85), 0, 2.0, half, timeout_s=5.0) is None
+    # 10 s left, a 2 s timeout: the wait may leave no less than 1 s, which 1.5 s does with room to spare.
+    assert retry_delay(POLICY, limited(1.5), 0, 10.0, half, timeout_s=2.0) == 1.5
+    assert retry_delay(POLICY, limited(1.5), 0, 2.4, half, timeout_s=2.0) is None
+    # A backoff is held to the same rule: 0.3 s (the third retry's) leaves 0.4 of 0.7 s, not 0.2 of 0.5 s.
+    assert retry_delay(POLICY, ExpertServerError("e", 502, "x"), 2, 0.7, half, timeout_s=2.0) == pytest.approx(0.3)
+    assert retry_delay(POLICY, ExpertServerError("e", 502, "x"), 2, 0.5, half, timeout_s=2.0) is None
+    # Without a timeout_s the deadline alone is the retry's time: the wait may take half of it.
+    assert retry_delay(POLICY, limited(1.0), 0, 2.0, half) == 1.0
+    assert retry_delay(POLICY, limited(1.5), 0, 2.0, half) is None
+
+
 def test_policy_from_config_and_bounds() -> None:
     cfg = FallbackConfig(retries=2, backoff_base_s=0.2, backoff_max_s=1.0)
     assert RetryPolicy.from_config(cfg) == RetryPolicy(2, 0.2, 1.0, 5.0)
