@@ -8,7 +8,8 @@ The SQLite file (``feedback.path``; by default ``feedback.sqlite3`` next to ``ga
 
 - ``requests``: the query and answering expert of each recent answer, keyed by its response id (the chat
   completion's ``id``), so feedback can name an answer by id alone. Rows older than ``feedback.remember_s``
-  are pruned now and then: the table is a lookup aid, not a log.
+  cannot be rated by id (the lookup ignores them) and are pruned now and then: the table is a lookup aid, not
+  a log.
 - ``feedback``: one row per verdict: ``query``, ``expert``, ``score`` in [0, 1] (``good`` is 1.0, bad 0.0),
   an optional ``note``, the ``request_id`` when given, and ``created`` (Unix seconds).
 
@@ -245,9 +246,10 @@ class SqliteFeedbackStore(FeedbackStore):
                 self._db.execute("DELETE FROM requests WHERE created < ?", (now - self.retention_s,))
 
     def answered(self, request_id: str) -> Answered | None:
+        # An answer older than the retention is gone, pruned yet or not (pruning comes only now and then).
         with self._lock:
-            row = self._db.execute("SELECT id, query, expert, created FROM requests WHERE id = ?",
-                                   (request_id,)).fetchone()
+            row = self._db.execute("SELECT id, query, expert, created FROM requests WHERE id = ? AND created >= ?",
+                                   (request_id, time.time() - self.retention_s)).fetchone()
         return None if row is None else Answered(id=row[0], query=row[1], expert=row[2], created=row[3])
 
     def add(self, query: str, expert: str, score: float, *, request_id: str | None = None,

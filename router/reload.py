@@ -74,7 +74,7 @@ def restart_only_changes(running: RouterConfig, new: RouterConfig) -> list[tuple
         problems.append(("feedback", "feedback.enabled and feedback.remember_s change only at a restart"))
     elif new.feedback.enabled and new.state.backend == "memory":
         was_at, now_at = feedback_path(running), feedback_path(new)
-        if was_at != now_at:
+        if was_at.resolve() != now_at.resolve():  # the same file however spelt (a symlinked folder, ..)
             cause = "feedback.path" if new.feedback.path != running.feedback.path else "gate.artifact"
             problems.append((cause, f"moves the feedback store from {was_at} to {now_at} (it sits beside "
                                     f"gate.artifact unless feedback.path is set), which only a restart does; to keep "

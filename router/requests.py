@@ -76,6 +76,8 @@ class RouteQuery(BaseModel):
 
 
 MAX_BATCH_QUERIES = 1024
+# The longest model name a request may give (Hugging Face ids are at most 96 characters of org and name).
+MAX_MODEL_CHARS = 256
 
 
 class RouteBatch(BaseModel):
@@ -179,6 +181,10 @@ def parse_chat(body: Any, max_chars: int) -> ChatRequest:
     wrong, a ``tool_choice`` that demands a tool call with no tools to call, or the messages' length over
     ``max_chars``."""
     chat = _all_validated(ChatRequest, body, "invalid request")
+    if len(chat.model) > MAX_MODEL_CHARS:  # a name, echoed in errors and logged with the request: bounded
+        raise RequestProblem(400, f"invalid request: model: {len(chat.model)} characters, over the limit of "
+                           f"{MAX_MODEL_CHARS} for a model's name ('auto', the service's name or an expert's)",
+                           "invalid_request_error", "invalid_request", param="model")
     choice = (chat.model_extra or {}).get("tool_choice")
     if not chat.tools and choice is not None and choice not in TOOLLESS_CHOICES:
         # As OpenAI refuses it, and before any expert is paid to refuse it. "none" and "auto" without tools are
@@ -253,9 +259,16 @@ def check_combiner(raw: str | None, orchestrator: Orchestrator, *, stream: bool 
 
 
 # -- feedback -------------------------------------------------------------------------------------------------
-def parse_feedback(body: Any) -> FeedbackBody:
-    """``POST /v1/feedback``'s body, or the ``RequestProblem`` (400) naming every field that is wrong."""
-    return _all_validated(FeedbackBody, body, "invalid feedback")
+def parse_feedback(body: Any, max_chars: int | None = None) -> FeedbackBody:
+    """``POST /v1/feedback``'s body, or the ``RequestProblem`` (400) naming every field that is wrong. A
+    ``query`` over ``max_chars`` (the service's prompt limit) is refused as a prompt would be: it becomes a
+    training example, and the gate never sees a longer query."""
+    verdict = _all_validated(FeedbackBody, body, "invalid feedback")
+    if max_chars is not None and verdict.query is not None and len(verdict.query) > max_chars:
+        raise RequestProblem(400, f"invalid feedback: query: {len(verdict.query)} characters, over the limit of "
+                           f"{max_chars} (service.max_prompt_chars)", "invalid_request_error",
+                           "context_length_exceeded", param="query")
+    return verdict
 
 
 # How each failure of the store to take a verdict is answered: (status, type, code, the request field at fault).

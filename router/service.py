@@ -464,7 +464,8 @@ async def admin_reload(request: Request) -> Response:
 @_problems
 async def feedback_post(request: Request) -> Response:
     o = orch(request)
-    body = parse_feedback(await _read_json(request, o.config.service.max_request_bytes))
+    body = parse_feedback(await _read_json(request, o.config.service.max_request_bytes),
+                          o.config.service.max_prompt_chars)
     _record(request).rated_id = body.request_id
     saved = await _feedback_store(request).asubmit(body, o.config.expert_names)
     return JSONResponse({"object": "feedback", **saved.model_dump()})

@@ -19,6 +19,7 @@ from router.feedback import (
     FeedbackStore,
     SqliteFeedbackStore,
     UnknownFeedbackExpert,
+    UnknownRequest,
     feedback_path,
     load_feedback,
     open_feedback_store,
@@ -121,6 +122,9 @@ async def test_a_streamed_answer_can_be_rated_by_its_id(tmp_path: Path) -> None:
         ([1, 2], 400, "invalid_request", "JSON object"),
         ({"query": "   ", "expert": "math", "good": True}, 400, "invalid_request", "query: must not be blank"),
         ({"query": "\n\t", "expert": "math", "score": 0.5}, 400, "invalid_request", "query: must not be blank"),
+        # longer than any prompt the service takes (service.max_prompt_chars, 100,000 by default)
+        ({"query": "x" * 100_001, "expert": "math", "good": True}, 400, "context_length_exceeded",
+         "query: 100001 characters, over the limit of 100000"),
     ],
 )
 async def test_bad_feedback_is_refused_clearly(tmp_path: Path, body: Any, status: int, code: str, says: str) -> None:
@@ -182,6 +186,25 @@ def test_a_new_store_on_the_same_path_sees_earlier_feedback(tmp_path: Path) -> N
         assert second._db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     finally:
         second.close()
+
+
+def test_an_answer_older_than_the_retention_cannot_be_rated_by_id(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    import router.feedback as feedback
+
+    clock = [1_000_000.0]
+    monkeypatch.setattr(feedback.time, "time", lambda: clock[0])
+    store = SqliteFeedbackStore(tmp_path / "fb.sqlite3", retention_s=60)
+    try:
+        store.remember("chatcmpl-old", "an integral", "math")
+        clock[0] += 60
+        assert store.answered("chatcmpl-old") is not None  # at the retention: still known
+        clock[0] += 1  # past it, though no pruning has run (it runs every thousand answers)
+        assert store.answered("chatcmpl-old") is None
+        with pytest.raises(UnknownRequest):
+            store.submit(FeedbackBody(request_id="chatcmpl-old", good=True), NAMES)
+    finally:
+        store.close()
 
 
 def test_the_default_path_is_next_to_the_gate_artifact(tmp_path: Path) -> None:

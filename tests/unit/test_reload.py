@@ -333,6 +333,12 @@ def test_restart_only_changes_names_the_store_that_would_move(tmp_path: Path) ->
                                state={"key_prefix": "other:"}))
     assert [p for p, _ in restart_only_changes(running, shared)] == ["state"]
     assert restart_only_changes(running, running) == []
+    # The running store's file named through a symlinked folder, or with "..", is that store: no move.
+    (tmp_path / "link").symlink_to(tmp_path / "v1", target_is_directory=True)
+    for spelt in (tmp_path / "link" / "feedback.sqlite3", tmp_path / "v1" / "gate" / ".." / "feedback.sqlite3"):
+        pinned = load_config(write(tmp_path / "router.yaml", ["math"], gate={"artifact": "v2/gate"},
+                                   feedback={"path": str(spelt)}))
+        assert restart_only_changes(running, pinned) == []
 
 
 async def test_metrics_count_reloads_and_flag_a_refused_one_until_a_reload_succeeds(tmp_path: Path) -> None:

@@ -15,6 +15,7 @@ import pytest
 from router import requests, service
 from router.requests import (
     MAX_BATCH_QUERIES,
+    MAX_MODEL_CHARS,
     RequestProblem,
     parse_chat,
     parse_json,
@@ -100,6 +101,14 @@ def test_a_route_takes_a_query_or_messages_and_names_a_misspelt_field() -> None:
     misspelt = problem(parse_route, {"querry": "hi"}, LIMIT)
     assert misspelt.param == "querry" and "the fields are 'query', 'messages'" in misspelt.message
     assert parse_route({"query": "hi"}, LIMIT).query_text() == "hi"
+
+
+def test_a_model_name_is_bounded_and_the_refusal_does_not_echo_it() -> None:
+    ok = {"model": "m" * MAX_MODEL_CHARS, "messages": [{"role": "user", "content": "hi"}]}
+    assert parse_chat(ok, LIMIT).model == "m" * MAX_MODEL_CHARS
+    refused = problem(parse_chat, {**ok, "model": "m" * 900_000}, LIMIT)
+    assert (refused.status, refused.param, refused.code) == (400, "model", "invalid_request")
+    assert "900000 characters, over the limit of 256" in refused.message and len(refused.message) < 200
 
 
 @pytest.mark.parametrize(("body", "param", "code"), [
