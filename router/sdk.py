@@ -2,7 +2,8 @@
 
 All three return the same typed results, trace included. Request building and response parsing live once in
 ``_Protocol``; the sync and async clients are thin I/O shells around it (httpx's own pattern), so the pairs
-cannot drift. The network is injected: pass ``transport=`` (e.g. ``httpx.ASGITransport(app)``) to test.
+cannot drift. The network is injected: pass ``transport=`` to test (``httpx.ASGITransport(app=app)`` for
+``AsyncClient``; ``Client`` takes a sync one, e.g. ``httpx.MockTransport``, and refuses an async one).
 
 Feedback names an answer by its ``ChatResult.id``: ``client.feedback(request_id=result.id, good=True)``.
 
@@ -11,6 +12,11 @@ Feedback names an answer by its ``ChatResult.id``: ``client.feedback(request_id=
 decides what its config supports: an unknown strategy is a ``RouterAPIError`` 400 ``invalid_combiner``, as is any
 but ``top1`` on a stream (one expert serves a stream). ``LocalRouter`` checks it with the service's own check, so
 it fails with the same ``RouterAPIError``.
+
+``timeout=`` on a ``Client`` or ``AsyncClient`` method call (``chat``, ``stream``) sets that call's HTTP timeout, as
+in the OpenAI SDK (seconds, an ``httpx.Timeout``, or None for none); it is never sent in the request's body.
+``LocalRouter`` has no HTTP request to time and refuses it with a ``TypeError`` (wrap the call in
+``asyncio.timeout()`` for a deadline).
 
 ``LocalRouter`` checks a request with the service's own checks (``router.requests``), so a bad one fails the same
 way in process, and the SDK never imports FastAPI.
@@ -23,10 +29,13 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import uuid
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import httpx
 from pydantic import BaseModel
@@ -50,11 +59,17 @@ from router.requests import (
 )
 from router.trace import RoutedAnswer, RouteDecision, Trace
 
+if TYPE_CHECKING:
+    from httpx._client import UseClientDefault
+
 __all__ = ["AsyncClient", "ChatResult", "Client", "FeedbackRecord", "LocalRouter", "RouterAPIError",
            "RouterConnectionError", "StreamChunk"]
 
 Messages = str | Sequence[dict[str, Any]]
 COMBINER_HEADER = "x-moe-combiner"  # the service reads a request's combiner strategy from it
+# A client's timeout: seconds, an ``httpx.Timeout`` (per phase), or None (none). A call's ``timeout=`` defaults to
+# ``httpx.USE_CLIENT_DEFAULT``: the client's.
+Timeout = float | httpx.Timeout | None
 
 
 class ChatResult(BaseModel):
@@ -112,22 +127,51 @@ class RouterAPIError(Exception):
 
     @property
     def retry_after_s(self) -> float | None:
-        """The wait the service asked for (``Retry-After`` in seconds), if any."""
-        try:
-            return float(self.headers["retry-after"])
-        except (KeyError, ValueError):
+        """The wait the service asked for, in seconds from now, if any: ``Retry-After`` in either of its forms
+        (RFC 9110), seconds or an HTTP date (as proxies and gateways send it); never negative, a date already past
+        being 0."""
+        value = {k.lower(): v for k, v in self.headers.items()}.get("retry-after", "").strip()
+        if not value:
             return None
+        try:
+            seconds = float(value)
+        except ValueError:
+            try:
+                when = parsedate_to_datetime(value)
+            except (TypeError, ValueError, IndexError):
+                return None
+            if when.tzinfo is None:  # "-0000": a date in UTC (RFC 5322)
+                when = when.replace(tzinfo=UTC)
+            seconds = (when - datetime.now(UTC)).total_seconds()
+        return max(0.0, seconds) if math.isfinite(seconds) else None
 
 
 class RouterConnectionError(RouterAPIError):
-    """No answer came: the service could not be reached, the connection broke, or the timeout ran out.
-    ``status`` is 0 (there is no HTTP status) and ``code`` is ``connection_error`` or ``timeout``."""
+    """No (whole) answer came: the service could not be reached, the connection broke, the timeout ran out, or a
+    stream ended before its ``[DONE]`` line. ``status`` is 0 (there is no HTTP status for the failure) and ``code``
+    is ``connection_error``, ``timeout`` or ``incomplete_stream``."""
 
     def __init__(self, message: str, code: str) -> None:
         super().__init__(0, {"error": {"message": message, "type": "connection_error", "code": code}})
 
     def __str__(self) -> str:
         return self.message
+
+
+def _timeout_text(timeout: Timeout, exc: httpx.TimeoutException) -> str:
+    """The timeout that ran out, as messages name it: "the 30 s timeout", or the phase's ("the 5 s read timeout")
+    when an ``httpx.Timeout`` gives its phases different limits."""
+    limits = httpx.Timeout(timeout)
+    phases = {"connect": limits.connect, "read": limits.read, "write": limits.write, "pool": limits.pool}
+    phase = {httpx.ConnectTimeout: "connect", httpx.ReadTimeout: "read", httpx.WriteTimeout: "write",
+             httpx.PoolTimeout: "pool"}.get(type(exc))
+    if len(set(phases.values())) == 1:
+        seconds, label = limits.read, ""
+    elif phase is not None:
+        seconds, label = phases[phase], f"{phase} "
+    else:
+        return "the timeout"
+    return f"the {seconds:g} s {label}timeout" if seconds is not None else f"the {label}timeout"
 
 
 def _shown(url: httpx.URL) -> str:
@@ -138,7 +182,7 @@ def _shown(url: httpx.URL) -> str:
 class _Protocol:
     """What both clients share: how requests are built and responses read."""
 
-    def __init__(self, base_url: str, api_key: str | None, timeout: float) -> None:
+    def __init__(self, base_url: str, api_key: str | None, timeout: Timeout) -> None:
         url = httpx.URL(base_url)
         if url.query or url.fragment:
             # httpx would append each path after it ("...?token=x/v1/route"), and messages would show it.
@@ -149,8 +193,10 @@ class _Protocol:
         self.timeout = timeout
 
     @contextlib.contextmanager
-    def reaching(self) -> Iterator[None]:
-        """httpx's transport failures as ``RouterConnectionError``, naming the request and the timeout."""
+    def reaching(self, timeout: Timeout | UseClientDefault = httpx.USE_CLIENT_DEFAULT) -> Iterator[None]:
+        """httpx's transport failures as ``RouterConnectionError``, naming the request and the timeout (the call's
+        ``timeout``, by default the client's)."""
+        limit = self.timeout if timeout is httpx.USE_CLIENT_DEFAULT else cast("Timeout", timeout)
         try:
             yield
         except httpx.TransportError as exc:
@@ -159,8 +205,8 @@ class _Protocol:
             except RuntimeError:  # raised before a request existed
                 where = f" {_shown(httpx.URL(self.base_url))}"
             if isinstance(exc, httpx.TimeoutException):
-                raise RouterConnectionError(f"no answer from the service{where} within the {self.timeout:g} s "
-                                            f"timeout ({type(exc).__name__})", "timeout") from exc
+                raise RouterConnectionError(f"no answer from the service{where} within "
+                                            f"{_timeout_text(limit, exc)} ({type(exc).__name__})", "timeout") from exc
             raise RouterConnectionError(f"cannot reach the service{where}: {exc or type(exc).__name__}",
                                         "connection_error") from exc
 
@@ -249,12 +295,11 @@ class _Protocol:
                        f"{response.text[:200]!r}", "code": "invalid_response"}}, response.headers)
 
     @staticmethod
-    def cut_short(response: httpx.Response) -> RouterAPIError:
-        """A stream that ended without its ``[DONE]`` line: the connection closed part way, so the answer may
-        be incomplete."""
-        return RouterAPIError(response.status_code, {"error": {
-            "message": "the service's stream ended before its [DONE] line: the answer may be cut short",
-            "code": "incomplete_stream"}}, response.headers)
+    def cut_short() -> RouterConnectionError:
+        """A stream that ended without its ``[DONE]`` line: the service (or a proxy before it) broke off part way,
+        so the answer may be incomplete; a ``RouterConnectionError`` as a connection that breaks is."""
+        return RouterConnectionError("the service's stream ended before its [DONE] line: the answer may be cut "
+                                     "short", "incomplete_stream")
 
     @staticmethod
     def stream_chunk(line: str) -> StreamChunk | None:
@@ -297,25 +342,35 @@ class Client(_Protocol):
     """A blocking client for a running service."""
 
     def __init__(self, base_url: str = "http://127.0.0.1:8000", *, api_key: str | None = None,
-                 timeout: float = 120.0, transport: httpx.BaseTransport | None = None) -> None:
+                 timeout: Timeout = 120.0, transport: httpx.BaseTransport | None = None) -> None:
+        if isinstance(transport, httpx.AsyncBaseTransport) and not isinstance(transport, httpx.BaseTransport):
+            # httpx would fail on the first request, with an AttributeError.
+            raise TypeError(f"Client takes a sync transport (httpx.BaseTransport, e.g. httpx.MockTransport or "
+                            f"httpx.WSGITransport), not {type(transport).__name__}, which is async: use "
+                            "AsyncClient with it")
         super().__init__(base_url, api_key, timeout)
         self._http = httpx.Client(base_url=self.base_url, headers=self.headers, timeout=timeout, transport=transport)
 
     def chat(self, messages: Messages, *, model: str = "auto", combiner: str | None = None,
-             **params: Any) -> ChatResult:
+             timeout: Timeout | UseClientDefault = httpx.USE_CLIENT_DEFAULT, **params: Any) -> ChatResult:
+        """One complete answer; ``timeout`` is this call's HTTP timeout (by default the client's)."""
         body = self.chat_body(messages, model, False, params, "Client")
-        with self.reaching():
-            response = self._http.post("/v1/chat/completions", json=body, headers=self.chat_headers(combiner))
+        with self.reaching(timeout):
+            response = self._http.post("/v1/chat/completions", json=body, headers=self.chat_headers(combiner),
+                                       timeout=timeout)
             return self.chat_result(self.check(response))
 
     def stream(self, messages: Messages, *, model: str = "auto", combiner: str | None = None,
-               **params: Any) -> Iterator[StreamChunk]:
+               timeout: Timeout | UseClientDefault = httpx.USE_CLIENT_DEFAULT, **params: Any) -> Iterator[StreamChunk]:
+        """A streamed answer; ``timeout`` is this call's HTTP timeout (by default the client's)."""
         # The body is built (and a stream= among params refused) now, not when iteration begins.
-        return self._stream(self.chat_body(messages, model, True, params, "Client"), combiner)
+        return self._stream(self.chat_body(messages, model, True, params, "Client"), combiner, timeout)
 
-    def _stream(self, body: dict[str, Any], combiner: str | None) -> Iterator[StreamChunk]:
-        with self.reaching(), self._http.stream("POST", "/v1/chat/completions", json=body,
-                                                headers=self.chat_headers(combiner)) as response:
+    def _stream(self, body: dict[str, Any], combiner: str | None,
+                timeout: Timeout | UseClientDefault) -> Iterator[StreamChunk]:
+        with self.reaching(timeout), self._http.stream("POST", "/v1/chat/completions", json=body,
+                                                       headers=self.chat_headers(combiner),
+                                                       timeout=timeout) as response:
             if response.is_error or not self.is_event_stream(response):
                 response.read()
                 raise self.refused_stream(response)
@@ -326,7 +381,7 @@ class Client(_Protocol):
                 if chunk is not None:
                     yield chunk
             if not done:
-                raise self.cut_short(response)
+                raise self.cut_short()
 
     def route(self, query: str) -> RouteDecision:
         with self.reaching():
@@ -363,27 +418,32 @@ class AsyncClient(_Protocol):
     """An asyncio client for a running service."""
 
     def __init__(self, base_url: str = "http://127.0.0.1:8000", *, api_key: str | None = None,
-                 timeout: float = 120.0, transport: httpx.AsyncBaseTransport | None = None) -> None:
+                 timeout: Timeout = 120.0, transport: httpx.AsyncBaseTransport | None = None) -> None:
         super().__init__(base_url, api_key, timeout)
         self._http = httpx.AsyncClient(base_url=self.base_url, headers=self.headers, timeout=timeout,
                                        transport=transport)
 
     async def chat(self, messages: Messages, *, model: str = "auto", combiner: str | None = None,
-                   **params: Any) -> ChatResult:
+                   timeout: Timeout | UseClientDefault = httpx.USE_CLIENT_DEFAULT, **params: Any) -> ChatResult:
+        """``Client.chat``."""
         body = self.chat_body(messages, model, False, params, "AsyncClient")
-        with self.reaching():
-            response = await self._http.post("/v1/chat/completions", json=body, headers=self.chat_headers(combiner))
+        with self.reaching(timeout):
+            response = await self._http.post("/v1/chat/completions", json=body, headers=self.chat_headers(combiner),
+                                             timeout=timeout)
             return self.chat_result(self.check(response))
 
     def stream(self, messages: Messages, *, model: str = "auto", combiner: str | None = None,
+               timeout: Timeout | UseClientDefault = httpx.USE_CLIENT_DEFAULT,
                **params: Any) -> AsyncIterator[StreamChunk]:
-        """Iterate with ``async for``; a stream= among ``params`` is refused here, before anything is sent."""
-        return self._stream(self.chat_body(messages, model, True, params, "AsyncClient"), combiner)
+        """Iterate with ``async for``; a stream= among ``params`` is refused here, before anything is sent.
+        ``timeout`` is this call's HTTP timeout (by default the client's)."""
+        return self._stream(self.chat_body(messages, model, True, params, "AsyncClient"), combiner, timeout)
 
-    async def _stream(self, body: dict[str, Any], combiner: str | None) -> AsyncIterator[StreamChunk]:
-        with self.reaching():
+    async def _stream(self, body: dict[str, Any], combiner: str | None,
+                      timeout: Timeout | UseClientDefault) -> AsyncIterator[StreamChunk]:
+        with self.reaching(timeout):
             async with self._http.stream("POST", "/v1/chat/completions", json=body,
-                                         headers=self.chat_headers(combiner)) as response:
+                                         headers=self.chat_headers(combiner), timeout=timeout) as response:
                 if response.is_error or not self.is_event_stream(response):
                     await response.aread()
                     raise self.refused_stream(response)
@@ -394,7 +454,7 @@ class AsyncClient(_Protocol):
                     if chunk is not None:
                         yield chunk
                 if not done:
-                    raise self.cut_short(response)
+                    raise self.cut_short()
 
     async def route(self, query: str) -> RouteDecision:
         with self.reaching():
@@ -456,11 +516,32 @@ class LocalRouter:
     for a bad request or an unknown combiner, 503 or 400 when every expert failed, 404 for an unknown model). With
     a feedback store, answers are remembered and ``feedback`` writes to the store directly, its errors the
     service's too (400 for a bad verdict or an unknown expert, 404 for an unknown answer id).
+
+    ``aclose`` (or leaving ``async with``) closes it for good: any later call, or a second ``async with``, is a
+    ``RuntimeError``; build a new one.
     """
 
     def __init__(self, orchestrator: Any, feedback: FeedbackStore | None = None) -> None:
         self.orchestrator = orchestrator
         self.store = feedback
+        self._closed = False
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("this LocalRouter is closed (aclose, or the end of its async with); create a new one, "
+                               "e.g. LocalRouter.from_config(...)")
+
+    def _chat_body(self, messages: Messages, model: str, stream: bool, params: dict[str, Any]) -> dict[str, Any]:
+        """``_Protocol.chat_body``, refusing ``timeout=``: in process there is no HTTP request for it to time (each
+        expert's calls are timed by its config's ``timeout_s``), and sent on it would reach the experts as a
+        request field."""
+        self._check_open()
+        if "timeout" in params:
+            method = "stream" if stream else "chat"
+            raise TypeError(f"LocalRouter.{method}() takes no timeout= argument (got timeout={params['timeout']!r}):"
+                            " there is no HTTP request to time out in process, and each expert's calls are timed by "
+                            "its config's timeout_s; for a deadline on the whole call, wrap it in asyncio.timeout()")
+        return _Protocol.chat_body(messages, model, stream, params, "LocalRouter")
 
     @classmethod
     def from_config(cls, path: str | Path) -> LocalRouter:
@@ -473,7 +554,7 @@ class LocalRouter:
 
     async def chat(self, messages: Messages, *, model: str = "auto", combiner: str | None = None,
                    **params: Any) -> ChatResult:
-        body = _Protocol.chat_body(messages, model, False, params, "LocalRouter")
+        body = self._chat_body(messages, model, False, params)
         # A bad request, and an unknown strategy (before the gate runs), fail as the service's answer would.
         with _as_api_errors():
             request = parse_chat(body, self.orchestrator.config.service.max_prompt_chars)
@@ -492,11 +573,12 @@ class LocalRouter:
         """``AsyncClient.stream``, in process: the same chunks (the last with ``finish_reason`` and the trace),
         the same fallback and mid-stream continuation, and the same ``RouterAPIError``s, whether the stream fails
         before its first chunk or after. A stream= among ``params`` is refused here, before anything runs."""
-        return self._stream(_Protocol.chat_body(messages, model, True, params, "LocalRouter"), combiner)
+        return self._stream(self._chat_body(messages, model, True, params), combiner)
 
     async def _stream(self, body: dict[str, Any], combiner: str | None) -> AsyncIterator[StreamChunk]:
         from router.orchestrator import StreamEnd
 
+        self._check_open()
         with _as_api_errors():
             request = parse_chat(body, self.orchestrator.config.service.max_prompt_chars)
             check_combiner(combiner, self.orchestrator, stream=True)
@@ -523,6 +605,7 @@ class LocalRouter:
 
     async def route(self, query: str) -> RouteDecision:
         """``Client.route``, in process: the same checks (a blank or oversized query is a 400)."""
+        self._check_open()
         with _as_api_errors():
             request = parse_route({"query": query}, self.orchestrator.config.service.max_prompt_chars)
         decision: RouteDecision = await self.orchestrator.decide(request)
@@ -531,6 +614,7 @@ class LocalRouter:
     async def route_batch(self, queries: Sequence[str], capacity: Mapping[str, int] | None = None) -> list[str]:
         """``Client.route_batch``, in process: the same checks (unknown experts in ``capacity``, negative room,
         blank or oversized queries are 400s)."""
+        self._check_open()
         config = self.orchestrator.config
         with _as_api_errors():
             batch = parse_route_batch(_Protocol.route_batch_body(queries, capacity), config.service.max_prompt_chars,
@@ -540,19 +624,26 @@ class LocalRouter:
     async def feedback(self, *, request_id: str | None = None, query: str | None = None, expert: str | None = None,
                        good: bool | None = None, score: float | None = None,
                        note: str | None = None) -> FeedbackRecord:
+        self._check_open()
         with _as_api_errors():
             # In the service's order: the verdict checked first, then whether a store takes it.
-            body = parse_feedback(_Protocol.feedback_body(request_id, query, expert, good, score, note))
+            body = parse_feedback(_Protocol.feedback_body(request_id, query, expert, good, score, note),
+                                  self.orchestrator.config.service.max_prompt_chars)
             if self.store is None:
                 raise feedback_off()
             return await self.store.asubmit(body, self.orchestrator.config.expert_names)
 
     async def aclose(self) -> None:
+        """Close the experts' connections and the feedback store; a second call does nothing."""
+        if self._closed:
+            return
+        self._closed = True
         await self.orchestrator.aclose()
         if self.store is not None:
             await self.store.aclose()
 
     async def __aenter__(self) -> LocalRouter:
+        self._check_open()
         return self
 
     async def __aexit__(self, *exc: object) -> None:

@@ -152,7 +152,8 @@ async def test_local_router_writes_to_the_store(tmp_path: Path) -> None:
         refused = {}
         for name, fields in {"unknown answer": {"request_id": "chatcmpl-nope", "good": True},
                              "unknown expert": {"query": "q", "expert": "chef", "good": True},
-                             "no verdict": {"request_id": answer.id}}.items():
+                             "no verdict": {"request_id": answer.id},
+                             "too long": {"query": "x" * 100_001, "expert": "math", "good": True}}.items():
             with pytest.raises(RouterAPIError) as info:
                 await local.feedback(**fields)  # type: ignore[arg-type]
             refused[name] = (info.value.status, info.value.code, info.value.body["error"]["param"])
@@ -160,7 +161,8 @@ async def test_local_router_writes_to_the_store(tmp_path: Path) -> None:
     # the errors Client raises from the service's answers
     assert refused == {"unknown answer": (404, "request_not_found", "request_id"),
                        "unknown expert": (400, "unknown_expert", "expert"),
-                       "no verdict": (400, "invalid_request", None)}
+                       "no verdict": (400, "invalid_request", None),
+                       "too long": (400, "context_length_exceeded", "query")}
     async with LocalRouter(orchestrator()) as storeless:
         with pytest.raises(RouterAPIError) as off:
             await storeless.feedback(query="q", expert="math", good=True)

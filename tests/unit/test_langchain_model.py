@@ -12,6 +12,7 @@ from fastapi import FastAPI
 from langchain_core.messages import AIMessage, AIMessageChunk, HumanMessage, SystemMessage
 from langchain_core.output_parsers import StrOutputParser
 from langchain_core.prompts import ChatPromptTemplate
+from langchain_core.runnables import RunnableLambda
 from langchain_core.tools import tool
 
 from experts.errors import ExpertUnavailable
@@ -63,9 +64,12 @@ class FakeToolExpert(FakeExpert):
                                                                   total_tokens=6))
 
 
-def make_app(fail: frozenset[str] = frozenset(), keys: bool = False, tools: bool = False) -> FastAPI:
+def make_app(fail: frozenset[str] = frozenset(), keys: bool = False, tools: bool = False,
+             panel: bool = False) -> FastAPI:
     security = {"security": {"api_keys": [{"name": "lc", "sha256": hash_key(KEY)}]}} if keys else {}
-    config = fake_config(NAMES, **security)
+    # ``panel``: every call goes to both experts (top-k 2), so a combiner has answers to combine.
+    gate = {"gate": {"top_k": {"policy": "fixed", "k": 2}}} if panel else {}
+    config = fake_config(NAMES, **security, **gate)
     if tools:  # a request carrying tools reaches only experts that declare the capability
         config = config.model_copy(update={"experts": [
             e.model_copy(update={"capabilities": ["chat", "stream", "tools"]}) for e in config.experts]})
@@ -185,12 +189,93 @@ async def test_the_combiner_is_sent_for_calls_and_refused_names_surface() -> Non
         await model_for(app, combiner="best").ainvoke("an integral")
 
 
-def test_the_combiner_is_sent_by_sync_calls_and_never_by_streams() -> None:
-    app = make_app()
-    trace = model_for(app, combiner="consensus").invoke("an integral").response_metadata["moe_trace"]
+def test_the_combiner_is_sent_by_sync_calls_and_a_stream_with_one_is_one_combined_chunk() -> None:
+    trace = model_for(make_app(), combiner="consensus").invoke("an integral").response_metadata["moe_trace"]
     assert trace["combiner"] == "consensus"
-    streamed = "".join(str(c.content) for c in model_for(app, combiner="vote").stream("an integral"))
-    assert streamed == "math says hi"  # one expert serves a stream: the combiner is not sent, nor refused
+    # A stream cannot be combined (one expert serves it): with a combiner, stream() makes one combined call and
+    # yields its answer whole, rather than streaming one expert's with the combiner dropped.
+    app = make_app(panel=True)
+    chunks = list(model_for(app, combiner="vote").stream("an integral"))
+    assert len(chunks) == 1 and isinstance(chunks[0], AIMessageChunk)
+    assert chunks[0].content in ("math says hi", "code says hi")
+    assert chunks[0].response_metadata["moe_trace"]["combiner"] == "vote"
+    assert chunks[0].usage_metadata is not None and (chunks[0].id or "").startswith("chatcmpl-")
+    assert all(len(e.requests) == 1 for e in app.state.fake_experts.values())  # the whole panel answered
+    # top1 (as None) streams as ever
+    streamed = list(model_for(app, combiner="top1").stream("an integral"))
+    assert "".join(str(c.content) for c in streamed) == "math says hi" and len(streamed) > 1
+    assert streamed[-1].response_metadata["moe_trace"]["combiner"] == "stream"
+
+
+async def test_a_combiner_is_not_dropped_by_langchains_streaming_paths() -> None:
+    """``astream``, and an ``ainvoke`` inside ``astream_events`` (as LangGraph's messages mode runs a node), give
+    the combined answer, the model's combiner or one bound per call."""
+    app = make_app(panel=True)
+    model = model_for(app, combiner="vote")
+    chunks = [c async for c in model.astream("an integral")]
+    assert len(chunks) == 1 and chunks[0].response_metadata["moe_trace"]["combiner"] == "vote"
+    bound = [c async for c in model_for(app).bind(combiner="vote").astream("an integral")]
+    assert len(bound) == 1 and bound[0].response_metadata["moe_trace"]["combiner"] == "vote"
+
+    async def node(question: str) -> Any:
+        return await model.ainvoke(question)
+
+    ends, tokens = [], []
+    async for event in RunnableLambda(node).astream_events("an integral", version="v2"):
+        if event["event"] == "on_chat_model_end":
+            ends.append(event["data"]["output"])
+        elif event["event"] == "on_chat_model_stream":
+            tokens.append(event["data"]["chunk"].content)
+    assert [m.response_metadata["moe_trace"]["combiner"] for m in ends] == ["vote"]
+    assert tokens == [ends[0].content]  # the combined answer, as one token
+
+
+def test_the_call_s_model_and_combiner_override_the_model_s() -> None:
+    """``bind(model=...)``, ``invoke(..., model=...)`` and ``bind(combiner=...)`` as ``ChatOpenAI`` takes them: the
+    call's value is sent, not refused as a second value for the SDK's argument."""
+    app = make_app(panel=True)
+    model = model_for(app, combiner="top1")
+    assert model.bind(model="code").invoke("an integral").response_metadata["model_name"] == "code"
+    assert model.invoke("an integral", model="code").response_metadata["model_name"] == "code"
+    streamed = list(model_for(app).bind(model="code").stream("an integral"))
+    assert streamed[-1].response_metadata["model_name"] == "code"
+    trace = model.bind(combiner="vote").invoke("an integral").response_metadata["moe_trace"]
+    assert trace["combiner"] == "vote"
+
+
+async def test_the_call_s_model_and_combiner_override_the_model_s_async_too() -> None:
+    app = make_app(panel=True)
+    model = model_for(app, combiner="top1")
+    assert (await model.bind(model="code").ainvoke("an integral")).response_metadata["model_name"] == "code"
+    trace = (await model.bind(combiner="vote").ainvoke("an integral")).response_metadata["moe_trace"]
+    assert trace["combiner"] == "vote"
+    chunks = [c async for c in model_for(app).bind(model="code").astream("an integral")]
+    assert chunks[-1].response_metadata["model_name"] == "code"
+
+
+def test_arguments_it_does_not_declare_are_sent_with_a_warning_as_chatopenai_takes_them() -> None:
+    app = make_app()
+    with pytest.warns(UserWarning) as warned:
+        seeded = model_for(app, seed=7, frequency_penalty=0.2)
+    assert [str(w.message).split(":")[0] for w in warned] == [
+        "seed is not a ChatMoERouter parameter", "frequency_penalty is not a ChatMoERouter parameter"]
+    assert seeded.model_kwargs == {"seed": 7, "frequency_penalty": 0.2}
+    seeded.invoke("an integral")
+    assert app.state.fake_experts["math"].requests[-1].model_extra == {"seed": 7, "frequency_penalty": 0.2}
+    with pytest.warns(UserWarning, match="max_completion_tokens is not a ChatMoERouter parameter"):
+        model_for(app, max_completion_tokens=9).invoke("an integral")
+    assert app.state.fake_experts["math"].requests[-1].max_completion_tokens == 9
+
+    named = model_for(app, model_name="code")  # ChatOpenAI's name for model
+    assert named.model == "code"
+    assert named.invoke("an integral").response_metadata["model_name"] == "code"
+    with pytest.raises(ValueError, match="model_name='code' and model='math' both given"):
+        model_for(app, model_name="code", model="math")
+    with pytest.raises(ValueError, match="seed given twice"):
+        model_for(app, seed=1, model_kwargs={"seed": 2})
+    with pytest.warns(UserWarning, match="combiner is a ChatMoERouter parameter"):
+        moved = model_for(app, model_kwargs={"combiner": "vote", "seed": 3})
+    assert (moved.combiner, moved.model_kwargs) == ("vote", {"seed": 3})
 
 
 def _add_tool() -> Any:
@@ -241,6 +326,20 @@ async def test_tool_choice_is_sent_as_openai_takes_it(given: Any, sent: Any) -> 
     app = make_app(tools=True)
     await model_for(app).bind_tools([_add_tool()], tool_choice=given).ainvoke("what is 2 + 3?")
     assert app.state.fake_experts["code"].requests[-1].model_extra["tool_choice"] == sent
+
+
+async def test_strict_tools_are_marked_strict_on_each_function_as_chatopenai_sends_them() -> None:
+    app = make_app(tools=True)
+    await model_for(app).bind_tools([_add_tool()], strict=True).ainvoke("what is 2 + 3?")
+    sent = app.state.fake_experts["code"].requests[-1]
+    assert sent.tools is not None and sent.tools[0]["function"]["strict"] is True
+    assert "strict" not in (sent.model_extra or {})  # never a top-level request field
+
+
+def test_a_call_s_timeout_is_its_http_timeout_and_never_sent() -> None:
+    app = make_app()
+    assert model_for(app).invoke("an integral", timeout=30).content == "math says hi"
+    assert "timeout" not in (app.state.fake_experts["math"].requests[-1].model_extra or {})
 
 
 def test_a_tool_choice_naming_no_bound_tool_is_refused() -> None:

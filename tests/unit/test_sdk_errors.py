@@ -4,12 +4,16 @@ error answer keeps its status, code and headers; ``LocalRouter`` raises what ``C
 
 from __future__ import annotations
 
+import email.utils
 import socket
+import time
+from pathlib import Path
 
 import httpx
 import pytest
 
 from experts.errors import ExpertRateLimited, ExpertUnavailable
+from router.feedback import SqliteFeedbackStore
 from router.orchestrator import Orchestrator
 from router.sdk import AsyncClient, Client, LocalRouter, RouterAPIError, RouterConnectionError
 from router.service import create_app
@@ -191,6 +195,130 @@ async def test_a_stream_that_is_not_one_or_ends_early_is_an_error_not_silence() 
         for info in (sync, asynced):
             code, says = expected[kind]
             assert info.value.code == code and says in info.value.message, (kind, info.value.message)
+            # A stream broken off is a RouterConnectionError (status 0), as a connection that breaks is; what the
+            # service did answer keeps its status.
+            broken = kind == "cut"
+            assert isinstance(info.value, RouterConnectionError) == broken, kind
+            assert info.value.status == (0 if broken else 200), kind
+
+
+def test_a_stream_the_service_ends_before_its_done_line_is_a_router_connection_error() -> None:
+    """Over real HTTP: the service (or a proxy) ends the response cleanly, but before ``data: [DONE]``."""
+    cut = (b'data: {"id": "x", "model": "m", "choices": [{"index": 0, "delta": {"content": "half an ans"}, '
+           b'"finish_reason": null}]}\n\n')
+    with ScriptedOpenAIServer(name="svc") as server:
+        server.push(Behaviour.raw(cut, content_type="text/event-stream"))
+        pieces: list[str] = []
+        with Client(server.url.removesuffix("/v1")) as client, pytest.raises(RouterConnectionError) as info:
+            for chunk in client.stream("hi"):
+                pieces.append(chunk.content)
+    assert pieces == ["half an ans"]
+    assert (info.value.status, info.value.code) == (0, "incomplete_stream")
+    assert "ended before its [DONE] line" in str(info.value)
+
+
+async def test_an_httpx_timeout_is_taken_and_named_when_it_runs_out() -> None:
+    with ScriptedOpenAIServer(name="slow") as server:
+        server.default = Behaviour.hang()
+        url = server.url.removesuffix("/v1")
+        with Client(url, timeout=httpx.Timeout(0.3)) as client, pytest.raises(RouterConnectionError) as same:
+            client.chat("hi")
+        async with AsyncClient(url, timeout=httpx.Timeout(5.0, read=0.3)) as aclient:
+            with pytest.raises(RouterConnectionError) as phased:
+                await aclient.chat("hi")
+    assert same.value.code == phased.value.code == "timeout"
+    assert "within the 0.3 s timeout (ReadTimeout)" in str(same.value)
+    assert "within the 0.3 s read timeout (ReadTimeout)" in str(phased.value)
+
+
+async def test_a_call_s_timeout_is_its_http_timeout_and_never_sent() -> None:
+    """As in the OpenAI SDK: ``chat(..., timeout=)`` and ``stream(..., timeout=)`` time that call (over the
+    client's 120 s), and are not request fields for the expert."""
+    with ScriptedOpenAIServer(name="svc") as server:
+        url = server.url.removesuffix("/v1")
+        server.default = Behaviour.ok("in time")
+        server.push(Behaviour.slow("late", delay_s=3), Behaviour.slow("late", delay_s=3))
+        with Client(url) as client, pytest.raises(RouterConnectionError) as sync:
+            client.chat("hi", timeout=0.3)
+        async with AsyncClient(url) as aclient:
+            with pytest.raises(RouterConnectionError) as streamed:
+                [c async for c in aclient.stream("hi", timeout=httpx.Timeout(0.3))]
+            assert (await aclient.chat("hi", timeout=30)).content == "in time"
+        with Client(url) as client:
+            assert "".join(c.content for c in client.stream("hi", timeout=None)) == "in time"
+        assert server.wait_for(lambda s: len(s.requests) == 4)
+        assert all("timeout" not in body for body in server.requests)
+    for info in (sync, streamed):
+        assert info.value.code == "timeout" and "within the 0.3 s timeout" in str(info.value)
+
+
+async def test_the_local_router_refuses_a_call_s_timeout() -> None:
+    """In process there is no HTTP request to time: ``timeout=`` is refused before anything runs, rather than
+    sent to the experts as a request field."""
+    config = fake_config(NAMES)
+    math = FakeExpert(config.expert("math"))
+    orchestrator = Orchestrator(config, FakeGate(NAMES, {}, default=[0.6, 0.4]),
+                                {"math": math, "code": FakeExpert(config.expert("code"))})
+    local = LocalRouter(orchestrator)
+    with pytest.raises(TypeError, match=r"LocalRouter.chat\(\) takes no timeout= argument .*asyncio.timeout"):
+        await local.chat("hi", timeout=1.0)
+    with pytest.raises(TypeError, match=r"LocalRouter.stream\(\) takes no timeout= argument"):
+        local.stream("hi", timeout=1.0)
+    assert math.requests == []
+
+
+@pytest.mark.parametrize(("header", "wait"), [("7", 7.0), ("0.5", 0.5), ("-3", 0.0), ("soon", None), ("", None)])
+def test_retry_after_in_seconds(header: str, wait: float | None) -> None:
+    assert RouterAPIError(503, {"error": {"message": "down"}}, {"retry-after": header}).retry_after_s == wait
+
+
+def test_retry_after_as_an_http_date_is_the_seconds_until_it() -> None:
+    """RFC 9110 allows Retry-After as an HTTP date (proxies and gateways send it): read as seconds from now,
+    never negative. Over real HTTP, as the service's (or a proxy's) answer."""
+    with ScriptedOpenAIServer(name="svc") as server:
+        server.push(Behaviour.error(503, "down", retry_after=email.utils.formatdate(time.time() + 60, usegmt=True)))
+        with Client(server.url.removesuffix("/v1")) as client, pytest.raises(RouterAPIError) as info:
+            client.chat("hi")
+    wait = info.value.retry_after_s
+    assert wait is not None and 30 < wait <= 60
+    past = email.utils.formatdate(time.time() - 60, usegmt=True)
+    assert RouterAPIError(503, {}, {"Retry-After": past}).retry_after_s == 0.0
+
+
+def test_a_sync_client_refuses_an_async_transport_at_once() -> None:
+    """``httpx.ASGITransport`` serves ``AsyncClient`` only: ``Client`` says so, rather than failing on its first
+    request with an AttributeError."""
+    config = fake_config(NAMES)
+    app = create_app(Orchestrator(config, FakeGate(NAMES, {}, default=[0.6, 0.4]),
+                                  {n: FakeExpert(config.expert(n)) for n in NAMES}))
+    with pytest.raises(TypeError, match=r"Client takes a sync transport .* not ASGITransport, which is async"):
+        Client("http://router", transport=httpx.ASGITransport(app=app))  # type: ignore[arg-type]
+
+
+async def test_a_closed_local_router_says_so(tmp_path: Path) -> None:
+    """After ``aclose`` (or its ``async with``), every call and a second ``async with`` raise a RuntimeError
+    saying it is closed, not the feedback store's sqlite3 error."""
+    config = fake_config(NAMES)
+    orchestrator = Orchestrator(config, FakeGate(NAMES, {}, default=[0.6, 0.4]),
+                                {n: FakeExpert(config.expert(n)) for n in NAMES})
+    local = LocalRouter(orchestrator, SqliteFeedbackStore(tmp_path / "fb.sqlite3"))
+    async with local:
+        answer = await local.chat("hi")
+    closed = "this LocalRouter is closed"
+    with pytest.raises(RuntimeError, match=closed):
+        async with local:
+            pass
+    with pytest.raises(RuntimeError, match=closed):
+        await local.chat("hi")
+    with pytest.raises(RuntimeError, match=closed):
+        [c async for c in local.stream("hi")]
+    with pytest.raises(RuntimeError, match=closed):
+        await local.route("hi")
+    with pytest.raises(RuntimeError, match=closed):
+        await local.route_batch(["hi"])
+    with pytest.raises(RuntimeError, match=closed):
+        await local.feedback(request_id=answer.id, good=True)
+    await local.aclose()  # a second close does nothing
 
 
 async def test_every_expert_rate_limited_reads_the_same_retry_after_in_process_and_over_http() -> None:
