@@ -5,6 +5,7 @@ Every policy returns at least one expert, ordered by weight, with weights renorm
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 
 from router.config import TopKConfig
@@ -57,10 +58,17 @@ POLICIES: dict[str, Callable[[Ranked, TopKConfig], Ranked]] = {
 
 
 def choose(scores: Mapping[str, float], cfg: TopKConfig, *, exclude: frozenset[str] = frozenset()) -> Ranked:
-    """The weighted panel for one query. ``exclude`` removes experts that cannot serve it (e.g. open breakers)."""
-    ranked = [(n, max(p, 0.0)) for n, p in rank(scores) if n not in exclude]
-    if not ranked:
+    """The weighted panel for one query. ``exclude`` removes experts that cannot serve it (e.g. open breakers).
+
+    The policy judges the experts left, their scores renormalised over them: an excluded expert's share is
+    spread over the rest, so ``mass`` and ``adaptive`` mean what they mean with every expert in (without it, an
+    open breaker on a confident top expert would leave the rest unable to reach ``mass``, and the panel would
+    take every expert left). A score that is not a positive finite number counts as 0."""
+    live = {n: float(p) if math.isfinite(p) and p > 0 else 0.0 for n, p in scores.items() if n not in exclude}
+    if not live:
         raise ValueError("no expert left to choose from")
+    total = sum(live.values())
+    ranked = rank({n: p / total for n, p in live.items()} if total > 0 else live)
     panel = POLICIES[cfg.policy](ranked, cfg)
     total = sum(p for _, p in panel)
     if total <= 0.0:

@@ -50,6 +50,24 @@ def test_exclude_removes_experts_and_empty_is_an_error() -> None:
         choose({"a": 1.0}, TopKConfig(), exclude=frozenset({"a"}))
 
 
+@pytest.mark.parametrize(("policy", "members"), [("adaptive", ["b"]), ("mass", ["b", "c", "d"]),
+                                                  ("min_weight", ["b"])])
+def test_sizing_policies_judge_the_experts_left_when_the_top_one_is_excluded(policy: str,
+                                                                            members: list[str]) -> None:
+    # "top" (an open breaker, say) held 0.6; of what is left b holds 0.875. Judged on the raw scores b could
+    # never look confident nor reach the mass, and the panel took all seven experts left.
+    scores = {"top": 0.6, "b": 0.35, **{f"{c}": 0.05 / 6 for c in "cdefgh"}}
+    cfg = TopKConfig(policy=policy, confident=0.8, mass=0.9, min_weight=0.1)
+    panel = choose(scores, cfg, exclude=frozenset({"top"}))
+    assert [n for n, _ in panel] == members
+    assert sum(w for _, w in panel) == pytest.approx(1.0)
+
+
+def test_a_score_that_is_no_positive_number_counts_as_zero() -> None:
+    panel = choose({"a": float("nan"), "b": 0.6, "c": 0.4, "d": float("inf")}, TopKConfig(policy="fixed", k=2))
+    assert weights(panel) == {"b": 0.6, "c": 0.4}
+
+
 def test_zero_scores_get_equal_weights() -> None:
     assert weights(choose({"a": 0.0, "b": 0.0}, TopKConfig(k=2))) == {"a": 0.5, "b": 0.5}
 
