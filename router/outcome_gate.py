@@ -20,9 +20,10 @@ For a query ``x`` and expert ``e``::
   predictions over the training records (a pick of an expert with no record for the query earns nothing),
   so it is 0 where the predictions are good and large where they are noise.
 - ``temperature`` is fitted (NLL, as for the label gate) on the same out-of-fold predictions, with the
-  *best* expert of each record as the target (highest realised utility; ties go to the expert the gate
-  ranks higher). So a top weight of 0.7 means that about 70% of such queries have that expert among the
-  best. ``metadata.metrics`` reports ECE before and after.
+  *best* expert of each record by quality as the target (its recorded outcome; ties, every expert that
+  answered right, go to the expert the gate ranks higher). So a top weight of 0.7 means that about 70% of such
+  queries are answered right by that expert, at any cost weight. ``metadata.metrics`` reports ECE before and
+  after.
 
 Out-of-fold predictions come from 5 folds keyed by a hash of the query text (copies stay in one fold). For the
 kNN success model they also choose its neighbourhood ``k`` and shrinkage ``alpha`` (``KNN_GRID``), and, where
@@ -131,7 +132,6 @@ def tune(success: np.ndarray, outcomes: np.ndarray, record_costs: np.ndarray, co
     """Anchor, margin and temperature for ``cost_weight`` from out-of-fold ``success`` [n, m] and the
     records' ``outcomes`` and ``record_costs`` [n, m] (NaN = none); ``cost`` [m] is normalised."""
     penalty = cost_weight * cost
-    realised = _realised(outcomes, success) - penalty  # [n, m]
     # What a pick is worth when choosing the margin: an expert with no record for the query earns nothing, as
     # the evaluation scores it; crediting its predicted success instead rewarded routing to experts whose
     # answers were never observed there.
@@ -152,8 +152,13 @@ def tune(success: np.ndarray, outcomes: np.ndarray, record_costs: np.ndarray, co
         if value > best_value + 1e-12:
             best_margin, best_value = margin, value
     logits = _with_margin(utility, anchor, best_margin)
-    # Target: the best expert in hindsight; among ties, the one the gate ranks highest.
-    target = np.where(realised >= realised.max(axis=1, keepdims=True) - 1e-9, logits, -np.inf).argmax(axis=1)
+    # Target: the best expert in hindsight by quality; among ties (every expert that answered right), the one the
+    # gate ranks highest. The top probability is then the chance that the gate's pick answers right, which is
+    # what the adaptive and mass panels size on. By utility (cost counted), the target was the cheapest expert
+    # that answered right, which a gate anchored on a dear expert seldom picks: the fit flattened every
+    # probability (the temperature at its bound), and panels took every expert as cost_weight rose.
+    quality = _realised(outcomes, success)
+    target = np.where(quality >= quality.max(axis=1, keepdims=True) - 1e-9, logits, -np.inf).argmax(axis=1)
     temperature = fit_temperature(logits, target, lo=1e-3, hi=10.0)
     chosen = logits.argmax(axis=1)
     # Scored as the evaluation scores them: a pick (or a single expert) with no record for a query is wrong.

@@ -542,3 +542,23 @@ def test_a_cost_for_an_expert_that_no_record_scores_is_left_out(caplog: pytest.L
     assert "a cost but no score ('outcomes') for unrated; the cost is left out" in caplog.text
     with pytest.raises(ValueError, match="outcome records score experts that are not experts of the gate: b"):
         train_outcome_gate(records, FakeHashingEncoder(), experts=["a", "c"], progress=False)
+
+
+def test_with_a_cost_weight_the_top_probability_is_still_the_chance_the_pick_answers_right() -> None:
+    """A dear expert right 90% of the time, two cheap ones about half the time. At cost_weight 0.2 the gate keeps
+    the dear one (the margin anchors it); its top probability must still say how often that pick is right, not
+    flatten towards uniform because a cheaper expert that was also right was "better in hindsight" (the fit
+    used to pin the temperature at its bound, 10, and every adaptive or mass panel took all three)."""
+    from router.outcome_gate import _softmax, _with_margin
+
+    rng = np.random.default_rng(0)
+    n, rate = 2000, np.array([0.9, 0.55, 0.5])
+    outcomes = (rng.random((n, 3)) < rate).astype(float)
+    success = np.clip(rate + rng.normal(0, 0.05, (n, 3)), 0, 1)
+    cost = np.array([1.0, 0.1, 0.1])
+    for cost_weight in (0.0, 0.2):
+        t = tune(success, outcomes, np.tile(cost, (n, 1)), cost, cost_weight)
+        p = _softmax(_with_margin(success - cost_weight * cost, t.anchor, t.margin) / t.temperature)
+        right = outcomes[np.arange(n), p.argmax(axis=1)].mean()
+        assert t.anchor == 0 and t.temperature < 1.0
+        assert abs(p.max(axis=1).mean() - right) < 0.05  # 0.919 against 0.899 right
