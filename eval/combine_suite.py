@@ -52,7 +52,7 @@ from eval.outcome import NeighbourOutcomes, route_with_margin
 from eval.report import plot_accuracy_bars
 from eval.routing import FRACTIONS, mmlu_pro_split
 from eval.suite import SuiteContext, as_float
-from router.combine import TIE_BREAK, Combiner, Consensus, Vote, choice_embedding
+from router.combine import Combiner, Consensus, Vote, choice_embedding
 from router.outcome import TaskPrior, shrunk_success
 from router.vote_weights import ANSWER_BIAS_GRID as BIAS_PENALTIES
 from router.vote_weights import BIAS_MIN_ANSWERS, L2_GRID, VoteWeights, fit_vote_weights
@@ -115,19 +115,27 @@ def weights_of(success: np.ndarray, scheme: str, options: float | np.ndarray = 1
     return w + 1e-6 * success
 
 
-def panel_letters(onehot: np.ndarray, panels: np.ndarray, weights: np.ndarray) -> np.ndarray:
+def panel_letters(onehot: np.ndarray, panels: np.ndarray, weights: np.ndarray,
+                  tie_weights: np.ndarray | None = None) -> np.ndarray:
     """Weighted vote per query: ``onehot`` [n, m, 10], ``panels`` and ``weights`` [n, k] -> letter index
-    [n], -1 where no member voted (every member abstained)."""
-    votes = onehot[np.arange(len(panels))[:, None], panels].astype(float)  # [n, k, 10]
-    backed = votes * weights[:, :, None]
-    tally = backed.sum(axis=1)
-    # Ties break as in router.combine.Vote: the letter backed by the single heaviest member, then the later one.
-    top = tally.max(axis=1, keepdims=True)
-    tied = tally >= top - 1e-12 * np.maximum(np.abs(top), 1.0)
-    heaviest = np.where(tied, backed.max(axis=1), -np.inf)
-    tied &= heaviest >= heaviest.max(axis=1, keepdims=True)
-    winner = tally.shape[1] - 1 - np.argmax(tied[:, ::-1], axis=1)
-    return np.where(top[:, 0] > 0, winner, -1)
+    [n], -1 where no member voted (every member abstained).
+
+    As ``router.combine.Vote`` decides: the winner is the letter of the member with the highest (tally of its
+    letter, its own weight), rounded to 9 places, the first member in the panel on a full tie. ``tie_weights``
+    [n, k] (the panel weights under learned counts) break ties of the counts as Vote's second strength does:
+    (tally, tie tally, own weight, own tie weight)."""
+    rows = np.arange(len(panels))[:, None]
+    votes = onehot[rows, panels].astype(float)  # [n, k, 10]
+    voted = votes.any(axis=2)  # [n, k]
+    letter = np.where(voted, votes.argmax(axis=2), 0)
+    strengths = [weights] if tie_weights is None else [weights, tie_weights]
+    tallies = [(votes * w[:, :, None]).sum(axis=1)[rows, letter] for w in strengths]  # each member's letter's
+    best = voted.copy()
+    for key in (*tallies, *strengths):  # most significant first
+        value = np.where(best, np.round(key, 9), -np.inf)
+        best &= value >= value.max(axis=1, keepdims=True)
+    first = best.argmax(axis=1)  # the first member on a full tie
+    return np.where(voted.any(axis=1), letter[rows[:, 0], first], -1)
 
 
 def _accuracy(letters: np.ndarray, gold: np.ndarray) -> float:
@@ -210,7 +218,7 @@ def _learned_vote(onehot: np.ndarray, success: np.ndarray, size: int, counts: np
     panels = _panels(success, size)
     counted = np.take_along_axis(counts, panels, 1)
     # The panel weight (here: predicted success) breaks ties, as in Vote with learned weights.
-    return panel_letters(onehot, panels, counted + TIE_BREAK * np.take_along_axis(success, panels, 1))
+    return panel_letters(onehot, panels, counted, np.take_along_axis(success, panels, 1))
 
 
 def folds_of(rows: np.ndarray, seed: int, n: int = N_FOLDS) -> list[np.ndarray]:

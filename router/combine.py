@@ -34,9 +34,11 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import re
+import unicodedata
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
+from decimal import Decimal
 
 import numpy as np
 
@@ -45,7 +47,7 @@ from experts.types import ChatMessage
 from router.trace import AttemptRole, Contribution
 from router.vote_weights import VoteWeights
 
-__all__ = ["COMBINERS", "EXTRACTORS", "TIE_BREAK", "Aggregate", "Combined", "Combiner", "CombinerSettings",
+__all__ = ["COMBINERS", "EXTRACTORS", "PLACES", "TIE_BREAK", "Aggregate", "Combined", "Combiner", "CombinerSettings",
            "Consensus", "Escalate", "Extraction", "Fuse", "TopOne", "Vote", "WeightedAnswer", "build_combiner",
            "choice_embedding", "extract_choice", "extract_number", "extract_short"]
 
@@ -111,38 +113,101 @@ class Combiner(ABC):
 
 # Final-answer extractors. Each returns a canonical answer string, or None when the text holds none; an
 # answer that cannot be extracted loses its vote, never the request.
-_CHOICE_PATTERNS = [
-    re.compile(r"answer\s+is\s*:?\s*\(?([A-J])\)?(?![A-Za-z])", re.IGNORECASE),
-    re.compile(r"answer\s*:\s*\(?([A-J])\)?(?![A-Za-z])", re.IGNORECASE),
-    re.compile(r"^\W*\(?([A-J])\)?\W*$"),
-    re.compile(r"^\s*\(?([A-J])[).:]"),
-]
-_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+_MARKDOWN = re.compile(r"\*+|__+|`+")  # emphasis and code marks around an answer: **B**, __B__, `B`
+_LATEX_WRAPPER = re.compile(r"\\(?:text|textbf|mathrm|mathbf)\{([^{}]*)\}")  # \text{B} -> B
+_BOXED = re.compile(r"\\boxed\{([^{}]*)\}")  # \boxed{B} -> "answer: B", an answer statement
+_OPENING = r"""[\s:(\[{"'“‘$]*"""  # what may stand between a statement and its letter: "(B)", '"B"', "$B$"
+# A letter that ends there: uppercase unless a word goes on ("I'm", "E.g.", "Apple"); lowercase only where no
+# English word can ("(b)", "b.", "b" at the end of a line), so "the answer is a bit subtle" reads no letter.
+_LETTER = (r"(?:(?P<upper>[A-J])(?![A-Za-z0-9]|['’.][A-Za-z])"
+           r"|(?P<lower>[a-j])(?=\)|[\]}\"'”’$]*(?:[.:,;](?![A-Za-z0-9])|[ \t]*(?:\r?\n|$))))")
+_CHOICE_STATEMENT = re.compile(  # "the answer is (B)", "Answer: B", "correct answer is option C", "answer is: b"
+    rf"(?i:\banswer(?:\s+is\b|\s*(?=:))){_OPENING}(?i:(?:option|choice)\b{_OPENING})?{_LETTER}")
+_CHOICE_ALONE = re.compile(r"[\W_]*(?i:(?:option|choice)\b[\W_]*)?([A-Ja-j])[\W_]*")  # "B", "(b)", "['C']", "Option C"
+_CHOICE_LEADING = re.compile(r"\s*(?:[(\[]\s*)?([A-Ja-j])(?:[)\]]|[.:](?!\S))")  # "B) because", "C. Paris", not "E.g."
 
 
 def extract_choice(text: str) -> str | None:
-    """A multiple-choice letter A-J: "The answer is (C).", "Answer: C", "['C']", or a bare "C"."""
-    cleaned = text.strip().strip("[]'\" ")
-    for pattern in _CHOICE_PATTERNS:
-        match = pattern.search(cleaned)
-        if match:
-            return match.group(1).upper()
-    return None
+    """A multiple-choice letter A-J, upper case, or None. Markdown marks (``**``, ``__``, backticks) and LaTeX's
+    ``\\text{X}`` are read through. What is read, in this order:
+
+    1. the LAST answer statement in the text: "the answer is X", "answer: X", "final answer: X", "the correct
+       answer is: X", "\\boxed{X}", the letter optionally in parentheses, brackets or quotes and after "option" or
+       "choice" ("The answer is option (B)."). A revised answer therefore wins over the first one stated;
+    2. else the whole text being one letter, upper or lower case: "B", "(b)", "['C']", "**B**", "Option C";
+    3. else a leading letter followed by ")", or by "." or ":" and then a space or the end: "B) because ...",
+       "(J) because ...", "C. Paris" (never "E.g.," or "I.e.").
+
+    In a statement an uppercase letter counts unless a word goes on ("The answer is I'm afraid ..."); a
+    lowercase one only where it cannot be an English word: before ")" or ".", ":", ",", ";", or at the end of a
+    line ("answer: b"), so "The answer is a bit subtle" reads no letter."""
+    cleaned = _BOXED.sub(r"answer: \1", _LATEX_WRAPPER.sub(r"\1", _MARKDOWN.sub("", text)))
+    statements = list(_CHOICE_STATEMENT.finditer(cleaned))
+    if statements:
+        return (statements[-1]["upper"] or statements[-1]["lower"]).upper()
+    match = _CHOICE_ALONE.fullmatch(cleaned) or _CHOICE_LEADING.match(cleaned)
+    return match.group(1).upper() if match else None
+
+
+_NUMBER = re.compile(r"""
+    (?: (?<![\w.])(?P<sign>[-+\u2212])     # a sign, where no word or number stands before it: "-3", "(−3)", not "5-3"
+      | (?<![\d./]) )                      # else the start of a number, not its middle (nor a date's)
+    (?: (?P<numerator>\d+)/(?P<denominator>\d*[1-9]\d*)(?![\d./])   # a simple fraction: 3/4
+      | (?P<mantissa>(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?|\.\d+)  # 1,000.5  42  .5 ("3,4": two numbers)
+        (?:[eE](?P<exponent>[-+\u2212]?\d{1,3})(?!\d))? )              # 1.5e-3
+    """, re.VERBOSE)
+# "the answer is 42", "Answer: $42", "\boxed{12}", GSM8K's "#### 42": the number right after one
+_NUMBER_STATEMENT = re.compile(r"""(?:(?i:\banswer(?:\s+is\b|\s*:))|\\boxed\{|\#\#\#\#)[\s:$*_`'"(\[{=\\]*""")
+_LATEX_FRACTION = re.compile(r"\\[dt]?frac\{\s*(\d+)\s*\}\{\s*(\d+)\s*\}")  # \frac{3}{4} -> 3/4
+
+
+def _canonical(number: re.Match[str]) -> str:
+    """A matched number as a plain decimal string, without exponent, thousands separators or trailing zeros:
+    "-0.50" -> "-0.5", "1e3" -> "1000", "3/4" -> "0.75", "-0" -> "0"."""
+    sign = "-" if number["sign"] in ("-", "\u2212") else ""
+    if number["numerator"] is not None:
+        value = Decimal(sign + number["numerator"]) / Decimal(number["denominator"])
+    else:
+        exponent = (number["exponent"] or "0").replace("\u2212", "-")
+        value = Decimal(f"{sign}{number['mantissa'].replace(',', '')}e{exponent}")
+    if value == 0:
+        return "0"
+    text = format(value, "f")
+    return text.rstrip("0").rstrip(".") if "." in text else text
 
 
 def extract_number(text: str) -> str | None:
-    """The last number in the text, without thousands separators or trailing zeros."""
-    found = _NUMBER.findall(text)
-    if not found:
-        return None
-    value = found[-1].replace(",", "")
-    return value.rstrip("0").rstrip(".") if "." in value else value
+    """The final number of the text as a canonical decimal string (``decimal.Decimal``, without exponent or
+    trailing zeros), or None.
+
+    Which number: the one right after the LAST answer statement ("the answer is 42", "Answer: $42",
+    "\\boxed{12}", GSM8K's "#### 42"), so a remark after the answer ("... in 3 steps") does not replace it;
+    else the last number in the text. Read: signs ("-.5" -> "-0.5", the Unicode minus "−3" -> "-3"), a bare
+    fraction part (".5" -> "0.5"), exponents ("1.5e-3" -> "0.0015", "1e3" -> "1000"), a simple fraction ("3/4",
+    LaTeX's "\\frac{3}{4}" -> "0.75"), thousands separators in groups of three ("1,000" -> "1000"; "(3,4)" is two
+    numbers), "-0" -> "0"; currency signs and percent signs are not part of the number ("$5" -> "5",
+    "50%" -> "50")."""
+    text = _LATEX_FRACTION.sub(r"\1/\2", text)
+    stated = None
+    for statement in _NUMBER_STATEMENT.finditer(text):
+        stated = _NUMBER.match(text, statement.end()) or stated
+    if stated is not None:
+        return _canonical(stated)
+    found = list(_NUMBER.finditer(text))
+    return _canonical(found[-1]) if found else None
+
+
+_SHORT_PREFIX = re.compile(r"\A[\W_]*(?:the\s+)?(?:final\s+)?answer(?:\s+is\b|\s*:)")  # "the answer is", "answer:"
+_PUNCTUATION = re.compile(r"[^\w\s]|_")
 
 
 def extract_short(text: str) -> str | None:
-    """A short free-text answer, case- and punctuation-folded; long texts have no short answer."""
-    folded = re.sub(r"[^\w\s]", "", text.lower()).strip()
-    folded = re.sub(r"\s+", " ", folded)
+    """A short free-text answer, folded: Unicode NFKC ("Ｐａｒｉｓ" -> "paris"), case-folded ("Straße" ->
+    "strasse"), a leading "the answer is" / "answer:" / "final answer:" removed, punctuation replaced by a space
+    (so "3.5" and "35" differ, "New-York" and "New York" do not; a trailing period goes), whitespace collapsed.
+    A text of more than 8 words, or none, has no short answer."""
+    folded = unicodedata.normalize("NFKC", text).casefold()
+    folded = " ".join(_PUNCTUATION.sub(" ", _SHORT_PREFIX.sub("", folded, count=1)).split())
     return folded if folded and len(folded.split()) <= 8 else None
 
 
@@ -208,10 +273,21 @@ class TopOne(Combiner):
 
 
 TIE_BREAK = 1e-9  # how much a panel weight counts next to a learned vote weight: ties only
+PLACES = 9  # tallies and weights are compared rounded to this many places, so float rounding never decides
+
+
+def _rounded(values: Sequence[float]) -> tuple[float, ...]:
+    return tuple(round(float(v), PLACES) for v in values)
 
 
 class Vote(Combiner):
-    """Weighted vote on the extracted final answer. The returned text is the heaviest answer that voted for it.
+    """Weighted vote on the extracted final answer.
+
+    The result is the answer that maximises (its extracted answer's tally, its own weight), both rounded to
+    ``PLACES`` places, and the first in the list of those that tie on both (the panel's order: the gate's
+    ranking). So the winning final answer is the one with the heaviest tally, a tie goes to the one backed by
+    the heavier single answer, then to the one given first, and the returned text is the heaviest answer that
+    voted for it. ``Consensus`` over letters (``choice_embedding``) chooses the same answer.
 
     ``per_expert`` maps an expert to its own extractor name (an expert that answers in its own format).
     ``learned`` holds learned vote weights (``router.vote_weights.VoteWeights``, or a plain mapping from expert
@@ -219,7 +295,7 @@ class Vote(Combiner):
     the answer's length and by the learned bias for the answer it gives, instead of its panel weight (which
     only breaks ties, so a panel whose experts all learned a weight of 0 still votes by the gate), and an expert
     without one (added after training) counts for the mean learned weight. The contributions report the weight
-    each answer counted for."""
+    each answer counted for (the learned count plus ``TIE_BREAK`` times the panel weight)."""
 
     name = "vote"
 
@@ -229,7 +305,9 @@ class Vote(Combiner):
         if learned is not None and not isinstance(learned, VoteWeights):
             learned = VoteWeights(experts=tuple(learned), weights=np.array(list(learned.values()), dtype=float))
         self.learned = learned
-        self._unlearned = float(np.mean(learned.weights)) if learned is not None and learned.experts else 0.0
+        # VoteWeights refuses negative weights; the clamp states what an unlisted expert can count for.
+        self._unlearned = max(0.0, float(np.mean(learned.weights))) if learned is not None and learned.experts \
+            else 0.0
 
     @classmethod
     def from_settings(cls, settings: CombinerSettings) -> Vote:
@@ -238,33 +316,37 @@ class Vote(Combiner):
     def key(self, answer: WeightedAnswer) -> str | None:
         return self.extraction(answer.expert, answer.content)
 
-    def counted(self, answer: WeightedAnswer, key: str | None) -> float:
-        """What ``answer``, whose extracted answer is ``key``, counts for in the tally."""
+    def strength(self, answer: WeightedAnswer, key: str | None) -> tuple[float, ...]:
+        """What ``answer``, whose extracted answer is ``key``, adds to the tally, most significant first: its panel
+        weight; with learned weights, its learned count, then its panel weight (which only breaks ties)."""
         if self.learned is None:
-            return answer.weight
+            return (answer.weight,)
         learned = self.learned.count_for(answer.expert, len(answer.content), key)
-        return (self._unlearned if learned is None else learned) + TIE_BREAK * answer.weight
+        return (self._unlearned if learned is None else learned, answer.weight)
+
+    def counted(self, answer: WeightedAnswer, key: str | None) -> float:
+        """What ``answer``, whose extracted answer is ``key``, counts for in the tally, as one number."""
+        first, *ties = self.strength(answer, key)
+        return first + TIE_BREAK * sum(ties)
 
     def combine(self, answers: list[WeightedAnswer]) -> Combined:
-        extracted = {a.expert: self.key(a) for a in answers}
+        # By position, not by expert: two answers from one expert each keep their own final answer.
+        keys = [self.key(a) for a in answers]
+        strengths = [self.strength(a, k) for a, k in zip(answers, keys, strict=True)]
         if self.learned is not None:
-            answers = [dataclasses.replace(a, weight=self.counted(a, extracted[a.expert])) for a in answers]
-        tally: dict[str, float] = {}
-        for a in answers:
-            key = extracted[a.expert]
+            answers = [dataclasses.replace(a, weight=self.counted(a, k)) for a, k in zip(answers, keys, strict=True)]
+        tally: dict[str, tuple[float, ...]] = {}
+        for key, strength in zip(keys, strengths, strict=True):
             if key is not None:
-                tally[key] = tally.get(key, 0.0) + a.weight
-        if not tally:
+                tally[key] = tuple(t + s for t, s in zip(tally.get(key, (0.0,) * len(strength)), strength,
+                                                         strict=True))
+        voted = [(i, k) for i, k in enumerate(keys) if k is not None]
+        if not voted:
             return TopOne().combine(answers)
-        # Ties go to the answer backed by the single heaviest expert, so the result is deterministic.
-        heaviest = {k: max(a.weight for a in answers if extracted[a.expert] == k) for k in tally}
-        winner = max(tally, key=lambda k: (tally[k], heaviest[k], k))
-        voters = [a for a in answers if extracted[a.expert] == winner]
-        best = max(voters, key=lambda a: a.weight)
-        contributions = [
-            Contribution(expert=a.expert, weight=a.weight, agreed=extracted[a.expert] == winner) for a in answers
-        ]
-        return Combined(content=best.content, expert=best.expert, contributions=contributions)
+        best, _ = max(voted, key=lambda v: (_rounded(tally[v[1]]), _rounded(strengths[v[0]])))  # the first of equals
+        contributions = [Contribution(expert=a.expert, weight=a.weight, agreed=k == keys[best])
+                         for a, k in zip(answers, keys, strict=True)]
+        return Combined(content=answers[best].content, expert=answers[best].expert, contributions=contributions)
 
 
 _LETTERS = "ABCDEFGHIJ"
@@ -285,8 +367,10 @@ class Consensus(Combiner):
     """The answer closest (cosine) to the weight-averaged embedding of all answers.
 
     An answer agrees with the result when its cosine to the chosen answer is at least ``agree_at``. An
-    answer whose embedding is zero (nothing to embed) has cosine 0 to everything. Ties go to the heavier
-    answer."""
+    answer whose embedding is zero (nothing to embed) has cosine 0 to everything. The result maximises (its
+    closeness to the centroid, its weight), both rounded to ``PLACES`` places, and is the first in the list of
+    those that tie on both: over ``choice_embedding`` a letter's closeness is its tally, so this is ``Vote``'s
+    rule and both choose the same answer."""
 
     name = "consensus"
 
@@ -314,7 +398,8 @@ class Consensus(Combiner):
         unit = np.divide(vectors, norms, out=np.zeros_like(vectors), where=norms > 0)
         centroid = np.array([a.weight for a in answers]) @ unit
         closeness = unit @ centroid
-        best = max(range(len(answers)), key=lambda i: (round(float(closeness[i]), 9), answers[i].weight))
+        best = max(range(len(answers)),  # the first of equals
+                   key=lambda i: _rounded((closeness[i], answers[i].weight)))
         agreement = unit @ unit[best]
         contributions = [Contribution(expert=a.expert, weight=a.weight,
                                       agreed=i == best or bool(agreement[i] >= self.agree_at))

@@ -69,12 +69,12 @@ LENGTH_CLIP = 3.0  # the length feature's bound: answers 20x longer or shorter t
 
 
 def length_feature(chars: np.ndarray, median: np.ndarray) -> np.ndarray:
-    """``log(chars / median)`` clipped to +-``LENGTH_CLIP``; 0 where either is unknown (NaN) or not positive.
-    Broadcasts: ``chars`` [..., m] against ``median`` [m]."""
+    """``log(chars / median)`` clipped to +-``LENGTH_CLIP``; 0 where either is unknown (NaN) or not positive (an
+    empty answer gets no length term). Broadcasts: ``chars`` [..., m] against ``median`` [m]."""
     chars, median = np.asarray(chars, dtype=float), np.asarray(median, dtype=float)
-    known = np.isfinite(chars) & np.isfinite(median) & (median > 0)
+    known = np.isfinite(chars) & (chars > 0) & np.isfinite(median) & (median > 0)
     with np.errstate(divide="ignore", invalid="ignore"):
-        f = np.log(np.maximum(chars, 1.0) / median)
+        f = np.log(chars / median)
     return np.where(known, np.clip(f, -LENGTH_CLIP, LENGTH_CLIP), 0.0)
 
 
@@ -83,7 +83,7 @@ class VoteWeights:
     """One learned vote weight per expert."""
 
     experts: tuple[str, ...]
-    weights: np.ndarray  # [m], >= 0
+    weights: np.ndarray  # [m], finite and >= 0 (refused otherwise)
     metrics: dict[str, Any] = field(default_factory=dict)
     length_coef: float = 0.0  # beta of the length term; 0: answers count for their weight alone
     median_chars: np.ndarray | None = None  # [m] each expert's median answer length (NaN: unknown)
@@ -98,6 +98,11 @@ class VoteWeights:
         if self.median_chars is not None and self.median_chars.shape != self.weights.shape:
             raise ValueError(f"vote weights: {self.median_chars.shape[0]} median lengths for "
                              f"{len(self.experts)} experts")
+        refused = [(e, w) for e, w in zip(self.experts, self.weights.tolist(), strict=True)
+                   if not (isinstance(w, int | float) and np.isfinite(w) and w >= 0)]
+        if refused:
+            expert, weight = refused[0]
+            raise ValueError(f"vote weights: {expert}'s weight must be a finite number >= 0, not {weight!r}")
         if not np.isfinite(self.length_coef):
             raise ValueError(f"vote weights: length_coef must be a finite number, not {self.length_coef}")
         stray = sorted(set(self.answer_bias) - set(self.experts))

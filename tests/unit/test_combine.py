@@ -52,6 +52,121 @@ def test_extract_number_and_short() -> None:
     assert extract_short("this answer has far too many words to count as a short one") is None
 
 
+@pytest.mark.parametrize(
+    ("text", "letter"),
+    [
+        # The last answer statement wins: a revised answer, or an explicit final answer after a remark.
+        ("At first glance the answer is A, but checking again, the answer is D.", "D"),
+        ("The answer is (A)... no, wait. Answer: D", "D"),
+        ("Let me reconsider.\nOption A fails for small n, so the answer is not A.\n\nFinal answer: B", "B"),
+        ("**Step 1.** Eliminate (A) and (C).\n**Step 2.** The correct answer is (D).", "D"),
+        # A lowercase article or pronoun is no letter; the statement after it is read.
+        ("The answer is a bit subtle. Comparing the options, the final answer: C", "C"),
+        ("The answer is a matter of definitions, so it depends.", None),
+        ("The answer is I'm afraid not among the options.", None),
+        ("The answer is I.", "I"),  # MMLU-Pro's ninth option
+        ("The answer is b.", "B"),
+        ("the correct answer is (c) because the membrane is permeable", "C"),
+        ("answer: e\nexplanation: the others contradict the premise", "E"),
+        # Formats LLMs write: markdown, "option"/"choice", quotes, brackets, LaTeX.
+        ("The correct answer is **B**.", "B"),
+        ("**Answer:** C", "C"),
+        ("Answer: **B**", "B"),
+        ("The answer is **(C)**", "C"),
+        ("The correct answer is option (B).", "B"),
+        ("Answer: Option C", "C"),
+        ("The answer is choice [D].", "D"),
+        ('The answer is "B".', "B"),
+        ("The answer is `A`", "A"),
+        ("The answer is __J__", "J"),
+        ("Therefore the answer is $\\boxed{B}$.", "B"),
+        ("so we get \\(\\boxed{\\text{C}}\\)", "C"),
+        ("The final answer is: \\text{(A)}", "A"),
+        # No statement: the whole text one letter, in any case, or a leading letter.
+        ("b", "B"),
+        ("(b)", "B"),
+        ("**B**", "B"),
+        ("Option C", "C"),
+        (".......(C)", "C"),
+        ("c) the mitochondria", "C"),
+        ("B) because it conserves momentum", "B"),
+        ("C. Paris", "C"),
+        ("D.", "D"),
+        ("E.g., consider the limiting case; I'd pick B.", None),
+        ("I.e. the second option.", None),
+        ("A questioning attitude", None),
+        ("K", None),
+        ("The answer is K.", None),
+    ],
+)
+def test_extract_choice_reads_the_final_stated_letter(text: str, letter: str | None) -> None:
+    assert extract_choice(text) == letter
+
+
+@pytest.mark.parametrize(
+    ("text", "number"),
+    [
+        # Signs, bare fractions, exponents, fractions, separators, currency and percent.
+        ("-.5", "-0.5"),
+        (".5", "0.5"),
+        ("The temperature drops to \u22123 degrees.", "-3"),
+        ("The rate is 1.5e-3 per second.", "0.0015"),
+        ("roughly 1e3", "1000"),
+        ("1.5E+2", "150"),
+        ("She ate 3/4 of the pie.", "0.75"),
+        ("-3/4", "-0.75"),
+        ("The answer is \\frac{1}{4}", "0.25"),
+        ("She earned 1,000 dollars.", "1000"),
+        ("The population is 12,345,678.", "12345678"),
+        ("The point is (3,4).", "4"),
+        ("-0", "0"),
+        ("The answer is -0.00", "0"),
+        ("It costs $5.", "5"),
+        ("The discount is 50%.", "50"),
+        ("so 3 + 4 = 7, total 1,250.50", "1250.5"),
+        ("It went from 10-5 to 5-3", "3"),
+        ("COVID-19", "19"),
+        # The last answer statement's number, not a remark after it.
+        ("The answer is 42. I hope this helps! Let me know if you need step 2.", "42"),
+        ("Final answer: 5\n\n(Computed in 3 steps)", "5"),
+        ("\\boxed{12} (checked with 2 methods)", "12"),
+        ("She sells 9 eggs for 9 * $2 = $<<9*2=18>>18.\n#### 18", "18"),
+        ("First I thought the answer is 12, then I found an error.\nThe answer is: $1,080.00 in total, over 3 days",
+         "1080"),
+        ("The answer is -7, since 3 - 10 = -7 after 2 rounds.", "-7"),
+        # No statement: the last number.
+        ("She has 16 - 3 - 4 = 9 eggs left, which she sells for $18 in total.", "18"),
+        ("no digits", None),
+        ("", None),
+    ],
+)
+def test_extract_number_reads_the_stated_number_canonically(text: str, number: str | None) -> None:
+    assert extract_number(text) == number
+
+
+@pytest.mark.parametrize(
+    ("text", "short"),
+    [
+        ("Paris.", "paris"),
+        ("The answer is Paris.", "paris"),
+        ("Answer: Paris", "paris"),
+        ("**Final answer:** Paris", "paris"),
+        ("New-York", "new york"),
+        ("  New   York ", "new york"),
+        ("3.5", "3 5"),
+        ("35", "35"),
+        ("\uff30\uff41\uff52\uff49\uff53", "paris"),  # fullwidth
+        ("nai\u0308ve", "na\u00efve"),  # NFD -> NFC
+        ("Stra\u00dfe", "strasse"),
+        ("The answer is George Washington, the first president.", "george washington the first president"),
+        ("this answer has far too many words to count as a short one", None),
+        ("...", None),
+    ],
+)
+def test_extract_short_folds_unicode_case_punctuation_and_the_answer_prefix(text: str, short: str | None) -> None:
+    assert extract_short(text) == short
+
+
 def test_top1_takes_the_heaviest_answer() -> None:
     result = TopOne().combine([WeightedAnswer("a", 0.3, "x"), WeightedAnswer("b", 0.7, "y")])
     assert (result.content, result.expert) == ("y", "b")
@@ -85,6 +200,54 @@ def test_vote_with_nothing_extractable_falls_back_to_top1() -> None:
 def test_vote_tie_goes_to_the_single_heaviest_expert() -> None:
     answers = [WeightedAnswer("a", 0.5, "A"), WeightedAnswer("b", 0.3, "B"), WeightedAnswer("c", 0.2, "B")]
     assert Vote().combine(answers).content == "A"
+
+
+def _panel(*answers: tuple[str, float, str]) -> list[WeightedAnswer]:
+    return [WeightedAnswer(e, w, t) for e, w, t in answers]
+
+
+@pytest.mark.parametrize(
+    ("answers", "content"),
+    [
+        # 0.05 + 0.1 + 0.15 and 0.1 + 0.2 are 0.3 only up to float rounding: a tie, to B's heavier single vote.
+        (_panel(("x", 0.3, "Answer: B"), ("a", 0.05, "Answer: A"), ("b", 0.1, "Answer: A"), ("c", 0.15, "Answer: A")),
+         "Answer: B"),
+        (_panel(("x", 0.3, "Answer: B"), ("c", 0.15, "Answer: A"), ("b", 0.1, "Answer: A"), ("a", 0.05, "Answer: A")),
+         "Answer: B"),
+        (_panel(("x", 0.3, "Answer: B"), ("a", 0.1, "Answer: A"), ("b", 0.2, "Answer: A")), "Answer: B"),
+        # Equal in tally and in single weight: the first in the panel (the gate's ranking).
+        (_panel(("a", 0.5, "Answer: A"), ("b", 0.5, "Answer: B")), "Answer: A"),
+        (_panel(("b", 0.5, "Answer: B"), ("a", 0.5, "Answer: A")), "Answer: B"),
+        (_panel(("a", 0.25, "Answer: A"), ("b", 0.25, "Answer: B"), ("c", 0.25, "Answer: A"), ("d", 0.25, "Answer: B")),
+         "Answer: A"),
+        (_panel(("d", 0.4, "I am not sure."), ("b", 0.3, "Answer: D"), ("a", 0.3, "Answer: C")), "Answer: D"),
+    ],
+)
+def test_vote_ties_ignore_float_rounding_and_go_as_consensus_over_letters(answers: list[WeightedAnswer],
+                                                                          content: str) -> None:
+    assert Vote("choice").combine(answers).content == content
+    assert Consensus(choice_embedding).combine(answers).content == content
+
+
+def test_vote_and_consensus_over_letters_give_the_same_answers() -> None:
+    rng = np.random.default_rng(0)
+    for _ in range(500):
+        n = int(rng.integers(2, 7))
+        # Few distinct weights and letters, so ties of every kind are frequent.
+        weights = rng.choice([0.1, 0.2, 0.25, 0.3, 0.05, 0.15], size=n)
+        texts = [f"The answer is ({letter})." if letter != "-" else "I cannot tell."
+                 for letter in rng.choice(list("ABC-"), size=n)]
+        answers = [WeightedAnswer(f"e{i}", float(w), t) for i, (w, t) in enumerate(zip(weights, texts, strict=True))]
+        vote, consensus = Vote("choice").combine(answers), Consensus(choice_embedding).combine(answers)
+        assert (vote.expert, vote.content) == (consensus.expert, consensus.content), answers
+
+
+def test_vote_keeps_each_answer_of_one_expert_apart() -> None:
+    answers = _panel(("a", 0.4, "Answer: A"), ("a", 0.3, "Answer: B"), ("b", 0.3, "Answer: B"))
+    result = Vote().combine(answers)
+    assert (result.content, result.expert) == ("Answer: B", "a")
+    assert [(c.expert, c.weight, c.agreed) for c in result.contributions] == [
+        ("a", 0.4, False), ("a", 0.3, True), ("b", 0.3, True)]
 
 
 def test_build_combiner_rejects_unknown_strategy() -> None:

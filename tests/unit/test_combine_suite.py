@@ -34,19 +34,30 @@ def test_panel_vote_abstains_missing_records_and_breaks_ties_by_rank() -> None:
     assert heavy[0] == 0  # a near-certain expert outweighs two coin-flippers
 
 
-def test_exact_ties_break_as_the_served_vote_breaks_them() -> None:
+def _served_letters(rows: list[list[str]], weights: np.ndarray) -> list[str]:
     from router.combine import Vote, WeightedAnswer
 
-    # Equal tallies: A has one member of 0.5, C two of 0.25 (the heavier single voter wins); B and D one of
-    # 0.5 each (equal in every way: the later letter wins, as Vote's key does).
-    onehot = _onehot([["A", "C", "C"], ["B", "D", ""]])
+    return [Vote("choice").combine([WeightedAnswer(f"e{j}", float(w), letter) for j, (w, letter)
+                                    in enumerate(zip(weights[i], row, strict=True)) if letter]).content
+            for i, row in enumerate(rows)]
+
+
+def test_exact_ties_break_as_the_served_vote_breaks_them() -> None:
+    # Equal tallies: A has one member of 0.5, C two of 0.25 (the heavier single voter wins).
+    rows = [["A", "C", "C"], ["C", "A", "A"]]
+    onehot = _onehot(rows)
     panels = np.tile([0, 1, 2], (2, 1))
-    weights = np.array([[0.5, 0.25, 0.25], [0.5, 0.5, 0.2]])
-    assert panel_letters(onehot, panels, weights).tolist() == [0, 3]
-    served = [Vote("choice").combine([WeightedAnswer(f"e{j}", float(w), letter) for j, (w, letter)
-                                      in enumerate(zip(weights[i], row, strict=True)) if letter]).content
-              for i, row in enumerate([["A", "C", "C"], ["B", "D", ""]])]
-    assert served == ["A", "D"]
+    weights = np.array([[0.5, 0.25, 0.25], [0.5, 0.25, 0.25]])
+    assert panel_letters(onehot, panels, weights).tolist() == [0, 2]
+    assert _served_letters(rows, weights) == ["A", "C"]
+
+
+def test_full_ties_break_as_the_served_vote_breaks_them() -> None:
+    # B and D one member of 0.5 each, equal in every way: the served vote takes the panel's first (its top-ranked).
+    rows = [["B", "D", ""], ["D", "B", ""]]
+    weights = np.array([[0.5, 0.5, 0.2], [0.5, 0.5, 0.2]])
+    assert _served_letters(rows, weights) == ["B", "D"]
+    assert panel_letters(_onehot(rows), np.tile([0, 1, 2], (2, 1)), weights).tolist() == [1, 3]
 
 
 def test_pools() -> None:

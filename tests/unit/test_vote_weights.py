@@ -25,6 +25,7 @@ from router.vote_weights import (
     cross_validate,
     fit_from_records,
     fit_vote_weights,
+    length_feature,
     vote_accuracy,
 )
 
@@ -467,3 +468,65 @@ def test_moe_train_chooses_the_penalties_by_cross_validation(tmp_path: Path) -> 
         for bad in (0, -1, "auto", float("nan")):
             with pytest.raises(ConfigError, match=field):
                 _config(tmp_path, ["o.jsonl"], vote_weights="learned", **{field: bad})
+
+
+# ---------------------------------------------------------------- weights refused, empty answers, ties
+
+
+@pytest.mark.parametrize(("weights", "message"), [
+    ([float("nan"), 1.0, 1.0], "a's weight must be a finite number >= 0, not nan"),
+    ([1.0, float("inf"), 1.0], "b's weight must be a finite number >= 0, not inf"),
+    ([1.0, 1.0, -6.0], "c's weight must be a finite number >= 0, not -6.0"),
+])
+def test_nan_infinite_or_negative_weights_are_refused_naming_the_expert(tmp_path: Path, weights: list[float],
+                                                                        message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        VoteWeights(experts=("a", "b", "c"), weights=np.array(weights))
+    # json writes NaN and Infinity, and reads them back: the file is refused as the constructor refuses them.
+    (tmp_path / FILE_NAME).write_text(json.dumps({"format": 2, "experts": ["a", "b", "c"], "weights": weights}),
+                                      encoding="utf-8")
+    with pytest.raises(ValueError, match=f"{FILE_NAME}: malformed .*{message}"):
+        VoteWeights.load(tmp_path)
+    with pytest.raises(ValueError, match=message):
+        Vote("choice", learned=dict(zip("abc", weights, strict=True)))
+
+
+def test_an_expert_without_a_learned_weight_counts_for_the_mean_never_below_zero() -> None:
+    vote = Vote("choice", learned={"a": 0.0, "b": 0.5, "c": 1.0})
+    result = vote.combine([WeightedAnswer("b", 0.5, "Answer: B"), WeightedAnswer("new", 0.5, "Answer: A")])
+    assert [(c.expert, round(c.weight, 6)) for c in result.contributions] == [("b", 0.5), ("new", 0.5)]
+    assert result.content == "Answer: B"  # 0.5 each, learned and in the panel: the first listed
+    zeros = Vote("choice", learned={"a": 0.0, "b": 0.0})
+    assert zeros.counted(WeightedAnswer("new", 0.5, "Answer: A"), "A") == pytest.approx(0.5e-9)
+
+
+def test_an_empty_answer_gets_no_length_term() -> None:
+    assert length_feature(np.array([0.0, 50.0, np.nan]), np.array([100.0, 100.0, 100.0])).tolist() == [
+        0.0, pytest.approx(np.log(0.5)), 0.0]
+    weights = VoteWeights(experts=("a", "b"), weights=np.array([1.0, 1.0]), length_coef=-0.12,
+                          median_chars=np.array([100.0, 100.0]))
+    assert weights.count_for("a", 0) == 1.0 and weights.count_for("b", 100) == 1.0
+    # Nothing extractable: the vote falls back to the top answer by what each counts for, the gate breaking ties.
+    unsure = "I cannot tell which option is right without the figure."  # 56 chars: longer by the length term
+    result = Vote("choice", learned=weights).combine([WeightedAnswer("b", 0.7, unsure), WeightedAnswer("a", 0.3, "")])
+    assert result.expert == "b"
+    counted = [c.weight for c in result.contributions]
+    assert counted == [pytest.approx(1.0 - 0.12 * np.log(len(unsure) / 100) + 0.7e-9, abs=1e-15),
+                       pytest.approx(1.0 + 0.3e-9, abs=1e-15)]
+
+
+def test_learned_vote_ties_go_to_the_panel_weights_however_small_the_learned_counts() -> None:
+    # Learned counts of 0: the gate votes, A's 0.3 + 0.3 over B's 0.5 (below the 9 places the tallies are rounded
+    # to, as TIE_BREAK times the panel weight, but compared on their own).
+    zeros = Vote("choice", learned={"x": 0.0, "y": 0.0, "z": 0.0})
+    panel = [WeightedAnswer("x", 0.5, "Answer: B"), WeightedAnswer("y", 0.3, "Answer: A"),
+             WeightedAnswer("z", 0.3, "Answer: A")]
+    assert zeros.combine(panel).content == "Answer: A"
+    # Learned tallies equal up to float rounding (0.1 + 0.2 against 0.3): the panel weights decide, in any order.
+    equal = Vote("choice", learned={"x": 0.3, "y": 0.1, "z": 0.2})
+    for order in (panel, panel[::-1]):
+        assert equal.combine(order).content == "Answer: A"
+    light = [WeightedAnswer("x", 0.7, "Answer: B"), WeightedAnswer("y", 0.2, "Answer: A"),
+             WeightedAnswer("z", 0.1, "Answer: A")]
+    for order in (light, light[::-1]):
+        assert equal.combine(order).content == "Answer: B"
