@@ -10,13 +10,23 @@ from __future__ import annotations
 import io
 import os
 import re
+import types
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
 __all__ = [
     "ApiKeyConfig",
@@ -71,8 +81,34 @@ class ConfigError(ValueError):
         super().__init__(f"{source}: {len(problems)} problem(s) in the config:\n{lines}")
 
 
+def _numeric(annotation: Any) -> bool:
+    """Whether a field of this type takes a number (``int``, ``float``, a ``Literal`` of numbers, or a union or
+    ``Annotated`` holding one): the fields a boolean must not fill."""
+    origin = get_origin(annotation)
+    if origin is Annotated:
+        return _numeric(get_args(annotation)[0])
+    if origin is Literal:
+        return any(type(arg) in (int, float) for arg in get_args(annotation))
+    if origin in (Union, types.UnionType):
+        return any(_numeric(arg) for arg in get_args(annotation))
+    return annotation in (int, float)
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_boolean_for_a_number(cls, value: Any, info: ValidationInfo) -> Any:
+        """pydantic's lax mode reads ``True`` as 1, and YAML reads ``yes``, ``on`` and ``true`` as ``True``, so
+        ``port: yes`` or ``max_attempts: on`` would load as 1: a number field refuses a boolean. (Strict mode
+        would also refuse the strings a ``${VAR}`` expands to, "8000" for a port.)"""
+        if isinstance(value, bool) and info.field_name is not None and _numeric(
+                cls.model_fields[info.field_name].annotation):
+            raise PydanticCustomError(
+                "bool_for_number", "{value} is a boolean, not a number (YAML reads yes/no, on/off and true/false "
+                "as booleans); write a number", {"value": str(value).lower()})
+        return value
 
 
 class CostConfig(_Strict):
@@ -173,7 +209,7 @@ class EncoderConfig(_Strict):
     max_length: int = Field(default=256, ge=8, le=512)
     # Texts per model call (for onnx and openvino: per run, after sorting a call's texts by length); None: the
     # backend's own (8 for onnx, 64 for openvino and sentence-transformers; router.encoders,
-    # router.openvino_encoder).
+    # router.openvino_encoder). Refused for static, which runs no model.
     batch_size: int | None = Field(default=None, ge=1, le=4096)
     # onnx and openvino: model runs at once when one call holds several batches (a micro-batch, expert-choice
     # ``assign_batch``, training, evaluation); one query, or one batch, is always a single run.
@@ -208,6 +244,10 @@ class EncoderConfig(_Strict):
             raise ValueError(f"{', '.join(onnx_only)}: model-run settings, read by the onnx and openvino backends "
                              f"only; the {self.backend!r} backend would ignore them (remove them, or set backend: "
                              "onnx or openvino)")
+        if self.batch_size is not None and self.backend == "static":
+            raise ValueError("batch_size: texts per model call, read by the onnx, openvino and sentence-transformers "
+                             "backends; the 'static' backend runs no model (it sums a table's rows for a whole "
+                             "call at once) and would ignore it (remove it, or set another backend)")
         if self.precision is not None and self.backend != "openvino":
             raise ValueError(f"precision: read by the openvino backend only; the {self.backend!r} backend would "
                              "ignore it (remove it, or set backend: openvino)")
@@ -395,6 +435,8 @@ class FallbackConfig(_Strict):
 class ServiceConfig(_Strict):
     # The model name that routes, next to "auto"; expert names call that expert directly.
     name: str = Field(default="moe-router", pattern=_NAME)
+    # The address ``moe serve`` binds; never empty: "" binds every interface, as 0.0.0.0 and :: do, so a
+    # ``${VAR:-127.0.0.1}`` whose variable was blank would silently expose the service.
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)
     max_request_bytes: int = Field(default=1_000_000, ge=1024, le=100_000_000)
@@ -405,6 +447,16 @@ class ServiceConfig(_Strict):
     # change (``router.build.config_inputs``: the gate artifact, nested routers' configs); None turns polling off
     # (SIGHUP and ``POST /admin/reload`` still reload).
     reload_poll_s: float | None = Field(default=2.0, gt=0.0, le=3600.0)
+
+    @field_validator("host")
+    @classmethod
+    def _host_given(cls, host: str, info: ValidationInfo) -> str:
+        # A ``${VAR}`` left blank is reported as unset (or passed on by ``moe compose``), not again here.
+        if not host.strip() and "service.host" not in (info.context or {}).get("blanked", frozenset()):
+            raise PydanticCustomError(
+                "empty_host", "must not be empty: an empty host binds every interface; give an address "
+                "(127.0.0.1 for this machine only, 0.0.0.0 for every interface)")
+        return host
 
 
 class RateLimitConfig(_Strict):
@@ -698,9 +750,11 @@ _COMBINER_EXPERTS = (("aggregator", "fuse", "writes the final answer"),
 def _expand_env(value: Any, unset: list[tuple[str, str]], where: str = "",
                 malformed: list[str] | None = None) -> Any:
     """``value`` with each ``${VAR}`` and ``${VAR:-default}`` replaced from the environment; a variable that is
-    unset and has no default becomes "" and is noted in ``unset`` as ``(path, name)``. ``$${VAR}`` stands for a
-    literal ``${VAR}``. A ``${`` that starts no reference (``${HOME`` unterminated, ``${1X}``) is left as written
-    and its path noted in ``malformed``.
+    unset and has no default becomes "" and is noted in ``unset`` as ``(path, name)``. An empty variable counts as
+    unset, as with the shell's and compose's ``:-`` (and ``router.settings``): ``${VAR:-default}`` gives the
+    default, and ``${VAR}`` is noted in ``unset``. ``$${VAR}`` stands for a literal ``${VAR}``. A ``${`` that
+    starts no reference (``${HOME`` unterminated, ``${1X}``) is left as written and its path noted in
+    ``malformed``.
 
     A ``*_env`` key's value is left alone: it names a variable. Expanded, a mistaken ``api_key_env: ${KEY}``
     would put the key itself where a variable's name goes, and into every message that names that variable.
@@ -713,8 +767,9 @@ def _expand_env(value: Any, unset: list[tuple[str, str]], where: str = "",
             escape, name, default = match.group(1), match.group(2), match.group(3)
             if escape:
                 return match.group(0)[1:]
-            if name in os.environ:
-                return os.environ[name]
+            found = os.environ.get(name)
+            if found:  # "" counts as unset
+                return found
             if default is None:
                 unset.append((where or "<root>", name))
             return default or ""
@@ -734,6 +789,24 @@ def _expand_env(value: Any, unset: list[tuple[str, str]], where: str = "",
     return value
 
 
+def _string_keys(value: Any, problems: list[tuple[str, str]], where: str = "") -> Any:
+    """``value`` without the mapping keys that are not strings, each noted in ``problems`` with the mapping's path.
+    Every key of the schema is a name; YAML reads an unquoted ``8000:`` as a number and ``on:``, ``yes:`` as
+    booleans."""
+    if isinstance(value, list):
+        return [_string_keys(v, problems, f"{where}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, dict):
+        kept = {}
+        for k, v in value.items():
+            if isinstance(k, str):
+                kept[k] = _string_keys(v, problems, f"{where}.{k}" if where else k)
+            else:
+                problems.append((where or "<root>", f"mapping keys must be strings: {k!r} is {type(k).__name__} "
+                                                    "(quote it, or check the indentation)"))
+        return kept
+    return value
+
+
 def _pydantic_problems(exc: ValidationError, raw: Any) -> list[tuple[str, str]]:
     problems = []
     for err in exc.errors():
@@ -744,7 +817,7 @@ def _pydantic_problems(exc: ValidationError, raw: Any) -> list[tuple[str, str]]:
                 experts = raw.get("experts") if isinstance(raw, dict) else None
                 item = experts[part] if isinstance(experts, list) and part < len(experts) else None
                 parts[-1] = _expert_label(item, part)
-            elif isinstance(part, int):
+            elif isinstance(part, int) and parts:
                 parts[-1] = f"{parts[-1]}[{part}]"
             else:
                 parts.append(str(part))
@@ -764,17 +837,20 @@ def parse_config(raw: Any, *, source: str = "<config>", base_dir: str | Path = "
     to where its variables will be set (``moe compose``, whose containers get them)."""
     unset: list[tuple[str, str]] = []
     malformed: list[str] = []
-    raw = _expand_env(raw, unset, malformed=malformed)
+    problems: list[tuple[str, str]] = []
+    raw = _expand_env(_string_keys(raw, problems), unset, malformed=malformed)
     if not isinstance(raw, dict):
         raise ConfigError(source, [("<root>", "the config must be a mapping")])
-    problems: list[tuple[str, str]] = [
+    problems += [
         (path, "a '${' that starts no variable reference (unclosed, or not a variable's name): write ${NAME} or "
                "${NAME:-default}, NAME of letters, digits and _ and not starting with a digit") for path in malformed]
     if "base_dir" in raw:  # set from the file's folder; a key of that name would be silently overwritten
         problems.append(("base_dir", "unknown key (not in the schema; paths resolve against the config's folder)"))
     if require_vars:
-        problems += [(path, f"environment variable {name} is not set and ${{{name}}} has no default (write "
-                            f"${{{name}:-default}} to give one)") for path, name in unset]
+        problems += [(path, f"environment variable {name} is "
+                            f"{'empty (which counts as unset)' if name in os.environ else 'not set'} and "
+                            f"${{{name}}} has no default (write ${{{name}:-default}} to give one)")
+                     for path, name in unset]
     blanked = frozenset(path for path, _ in unset)
     config: RouterConfig | None = None
     try:
@@ -794,16 +870,32 @@ def parse_config(raw: Any, *, source: str = "<config>", base_dir: str | Path = "
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
-    """YAML's safe loader, refusing a key given twice in one mapping (plain YAML keeps the last, silently)."""
+    """YAML's safe loader, refusing a key given twice in one mapping (plain YAML keeps the last, silently).
+
+    Merge keys (``<<: *anchor``, ``<<: [*a, *b]``) work as in YAML's safe loader: a key a merge supplies may be
+    given again explicitly, which overrides it; only a key written twice in the mapping itself is refused."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen: set[Any] = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if key in seen:
-                raise yaml.constructor.ConstructorError(
-                    "while reading a mapping", node.start_mark, f"found the key {key!r} twice", key_node.start_mark)
-            seen.add(key)
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[tuple[type, Any], yaml.Node] = {}  # by type too: 1 and true are distinct keys
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue  # flatten_mapping below folds the merged keys in, ahead of the explicit ones
+                key = self.construct_object(key_node, deep=deep)
+                try:
+                    first = seen.get((type(key), key))
+                except TypeError:  # a list or mapping as a key ([x, y]: 1): no dict can hold it
+                    raise yaml.constructor.ConstructorError(
+                        "while reading a mapping", node.start_mark,
+                        f"found a {type(key).__name__} as a key: mapping keys must be strings",
+                        key_node.start_mark) from None
+                if first is not None:
+                    raise yaml.constructor.ConstructorError(
+                        "while reading a mapping", node.start_mark,
+                        f"found the key {key!r} twice (first on line {first.start_mark.line + 1})",
+                        key_node.start_mark)
+                seen[(type(key), key)] = key_node
+            self.flatten_mapping(node)  # as SafeConstructor.construct_mapping does; merged keys come first
         return super().construct_mapping(node, deep=deep)
 
 

@@ -50,6 +50,7 @@ __all__ = [
     "onnx_feeds",
     "onnx_threads",
     "sha256_file",
+    "tokenizable",
     "usable_cores",
     "verified_onnx_model",
 ]
@@ -98,13 +99,32 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
-def _import(module: str, package: str) -> Any:
+def _import(module: str, package: str, install: str | None = None) -> Any:
+    """``module``, or an ``ImportError`` naming ``package`` and the command that installs it: ``pip install
+    {install}``, ``install`` being the project's extra where the package is one (it pins the version), else the
+    package itself."""
     try:
         return importlib.import_module(module)
     except ImportError as exc:
         raise ImportError(
-            f"this encoder backend needs the {package!r} package ({exc}); install it with: pip install {package}"
+            f"this encoder backend needs the {package!r} package ({exc}); install it with: pip install "
+            f"{install or package}"
         ) from exc
+
+
+def tokenizable(texts: Sequence[str]) -> list[str]:
+    """``texts`` as the tokenizers can read them: a lone UTF-16 surrogate (``"\\ud83d"`` from a JSON escape, or
+    the ``"\\udcff"`` Python puts in ``sys.argv`` for a byte that is not UTF-8) becomes U+FFFD, the replacement
+    character, where the tokenizers would raise a TypeError; a valid pair becomes the character it encodes. Every
+    backend reads its texts through this. A text that is ASCII, or encodes as UTF-8, is passed as it is."""
+    out = list(texts)
+    for i, text in enumerate(out):
+        if not text.isascii():
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:
+                out[i] = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    return out
 
 
 def _model_dir() -> Path:
@@ -182,7 +202,7 @@ class SentenceTransformerEncoder(Encoder):
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         if not texts:
             return _empty()
-        out = self._model.encode(list(texts), batch_size=self.batch_size, normalize_embeddings=True,
+        out = self._model.encode(tokenizable(texts), batch_size=self.batch_size, normalize_embeddings=True,
                                  convert_to_numpy=True, show_progress_bar=False)
         return np.ascontiguousarray(out, dtype=np.float32)
 
@@ -267,7 +287,7 @@ class OnnxMiniLMEncoder(Encoder):
 
     def token_ids(self, texts: Sequence[str]) -> list[list[int]]:
         """Each text's token ids as the model reads them: special tokens included, cut at ``max_length``."""
-        return [enc.ids for enc in self._tokenizer.encode_batch(list(texts))]
+        return [enc.ids for enc in self._tokenizer.encode_batch(tokenizable(texts))]
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         if not texts:

@@ -36,4 +36,26 @@ def read_jsonl(path: str | Path, *, expected: str = "an object",
                 raise error(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
             if not isinstance(row, dict):
                 raise error(f"{where}: expected {expected}, got {type(row).__name__}")
+            if "\\u" in line:  # only an escape gives a lone surrogate; a valid pair decodes to its character
+                half = _lone_surrogate(row)
+                if half is not None:
+                    raise error(f"{where}: the escape \\u{ord(half):04x} is half of a UTF-16 surrogate pair, with no "
+                                "other half: no character (a text cut inside an emoji, say); fix or drop it")
             yield where, number, row
+
+
+def _lone_surrogate(value: Any) -> str | None:
+    """The first lone UTF-16 surrogate in ``value``'s strings (keys included), which UTF-8 cannot encode; None if
+    there is none."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            return value[exc.start]
+        return None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        found = _lone_surrogate(key) or _lone_surrogate(item)
+        if found is not None:
+            return found
+    return None

@@ -108,7 +108,7 @@ class OpenVinoMiniLMEncoder(OnnxMiniLMEncoder):
         return openvino_threads(cores, threads, parallel)
 
     def _open(self, path: Path) -> None:
-        ov = _import("openvino", "openvino")  # the extra: pip install 'moe-router[openvino]'
+        ov = _import("openvino", "openvino", "'moe-router[openvino]'")  # the project's extra, which pins it
         core = ov.Core()
         default = core.get_property("CPU", "INFERENCE_PRECISION_HINT")
         self.precision = openvino_precision(

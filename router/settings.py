@@ -17,9 +17,11 @@ MOE_API_KEY        ``api_key``        the service's key for ``moe ask`` and ``mo
                                       ``--url`` (kept out of the process list); never shown
 =================  =================  ========================================================  =====================
 
-An empty variable counts as unset. The variables a config names (``api_key_env``, ``security.*_env``,
-``state.url_env``) and its ``${VAR}`` references are the config's own, read where the config is loaded or a
-client is built (``router.config``); they are not settings of the process.
+An empty variable, or one of blanks only, counts as unset. A leading ``~`` in a path is the home folder, as a
+shell expands it (which it does not inside quotes, nor in a compose file or a Kubernetes manifest). The
+variables a config names (``api_key_env``, ``security.*_env``, ``state.url_env``) and its ``${VAR}``
+references are the config's own, read where the config is loaded or a client is built (``router.config``); they
+are not settings of the process.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, SecretStr, ValidationError
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 __all__ = ["ENV_PREFIX", "Settings", "SettingsError"]
@@ -48,6 +50,19 @@ class Settings(BaseSettings):
     # One thread measured faster than two for single queries on small machines (README, Performance).
     faiss_threads: int = Field(default=1, ge=1, le=1024)
     api_key: SecretStr | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _blank_is_unset(cls, values: Any) -> Any:
+        """A value of blanks only counts as unset, as an empty one does (``env_ignore_empty``)."""
+        if isinstance(values, dict):
+            return {k: v for k, v in values.items() if not (isinstance(v, str) and not v.strip())}
+        return values
+
+    @field_validator("cache_dir", "data_dir")
+    @classmethod
+    def _home(cls, path: Path | None) -> Path | None:
+        return path.expanduser() if path is not None else None
 
     @classmethod
     def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,

@@ -42,6 +42,7 @@ from router.encoders import (
     cache_root,
     minilm_tokenizer,
     sha256_file,
+    tokenizable,
     usable_cores,
 )
 
@@ -105,7 +106,7 @@ class StaticMiniLMEncoder(Encoder):
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         if not texts:
             return _empty()
-        encodings = self._tokenizer.encode_batch(list(texts), add_special_tokens=False)
+        encodings = self._tokenizer.encode_batch(tokenizable(texts), add_special_tokens=False)
         lengths = np.array([len(e.ids) for e in encodings])
         out = np.zeros((len(texts), DIM), dtype=np.float32)
         filled = lengths > 0  # a text with no token at all (empty) stays a zero row: similar to nothing

@@ -69,6 +69,16 @@ def test_config_check_lists_every_problem(tmp_path: Path, capsys: pytest.Capture
     assert "gate.default_expert: references expert 'writer', which is not defined" in err
 
 
+def test_config_check_names_a_key_that_is_not_a_string(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A mis-indented ``8000:`` at the top level once crashed ``moe config check`` with an IndexError."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("version: 1\nexperts:\n  - {name: a, type: openai, endpoint: 'http://127.0.0.1:8001/v1', "
+                   "model: m}\n8000: oops\n")
+    assert main(["config", "check", str(bad), "--no-env"]) == 2
+    err = capsys.readouterr().err
+    assert "<root>: mapping keys must be strings: 8000 is int" in err and "Traceback" not in err
+
+
 def test_config_check_accepts_the_shipped_configs(capsys: pytest.CaptureFixture[str]) -> None:
     root = Path(__file__).resolve().parents[2]
     for name in ("demo.yaml", "compose.yaml"):

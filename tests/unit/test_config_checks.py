@@ -269,3 +269,128 @@ def test_an_empty_artifact_path_is_refused() -> None:
 def test_a_dollar_brace_that_starts_no_reference_is_refused(model: str) -> None:
     found = problems({"version": 1, "experts": [expert(model=model), expert(name="beta")]})
     assert "starts no variable reference" in found["experts[0].model"]
+
+
+def test_an_empty_variable_counts_as_unset(monkeypatch: pytest.MonkeyPatch) -> None:
+    """As with the shell's and compose's ``:-`` (and the MOE_* settings): ``${VAR:-default}`` gives the default
+    when VAR is set but empty, and an empty ``${VAR}`` without a default is a problem like an unset one."""
+    monkeypatch.setenv("MOE_TEST_EMPTY", "")
+    raw = {"version": 1, "service": {"host": "${MOE_TEST_EMPTY:-127.0.0.1}", "port": "${MOE_TEST_EMPTY:-8123}"},
+           "experts": [expert(endpoint="http://${MOE_TEST_EMPTY:-127.0.0.1:9}/v1")]}
+    config = parse_config(raw)
+    assert (config.service.host, config.service.port) == ("127.0.0.1", 8123)
+    assert config.experts[0].endpoint == "http://127.0.0.1:9/v1"
+    found = problems({"version": 1, "experts": [expert()], "gate": {"artifact": "${MOE_TEST_EMPTY}/gate"}})
+    assert found["gate.artifact"].startswith("environment variable MOE_TEST_EMPTY is empty (which counts as unset) "
+                                             "and ${MOE_TEST_EMPTY} has no default")
+    monkeypatch.setenv("MOE_TEST_EMPTY", "9001")  # a set variable wins over the default
+    assert parse_config(raw).service.port == 9001
+
+
+def test_an_empty_service_host_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """"" binds every interface, as 0.0.0.0 does: never what a blank value meant."""
+    for host in ("", "  "):
+        assert "must not be empty" in problems({"version": 1, "experts": [expert()], "service": {"host": host}})[
+            "service.host"]
+    # An unset ${VAR} is reported as unset, once; moe compose, whose containers get the variables, passes it on.
+    monkeypatch.delenv("MOE_TEST_UNSET_HOST", raising=False)
+    raw = {"version": 1, "experts": [expert()], "service": {"host": "${MOE_TEST_UNSET_HOST}"}}
+    assert list(problems(raw)) == ["service.host"] and "is not set" in problems(raw)["service.host"]
+    assert parse_config(raw, require_vars=False).service.host == ""
+
+
+MERGED = """\
+version: 1
+experts:
+  - &alpha {name: alpha, type: vllm, endpoint: "http://127.0.0.1:9/v1", model: m, timeout_s: 10}
+  - <<: *alpha
+    name: beta
+    endpoint: "http://127.0.0.1:10/v1"
+  - <<: [*alpha]
+    name: gamma
+"""
+
+
+def test_yaml_merge_keys_work_and_an_explicit_key_overrides_a_merged_one(tmp_path: Path) -> None:
+    path = tmp_path / "merge.yaml"
+    path.write_text(MERGED)
+    config = load_config(path, check_env=False)
+    assert [(e.name, e.endpoint, e.timeout_s) for e in config.experts] == [
+        ("alpha", "http://127.0.0.1:9/v1", 10), ("beta", "http://127.0.0.1:10/v1", 10),
+        ("gamma", "http://127.0.0.1:9/v1", 10)]
+
+
+def test_a_key_given_twice_beside_a_merge_is_still_refused_naming_both_lines(tmp_path: Path) -> None:
+    path = tmp_path / "dup.yaml"
+    path.write_text(MERGED + "    name: delta\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path, check_env=False)
+    (where, message), = info.value.problems
+    assert where == "<yaml>" and "found the key 'name' twice (first on line 8)" in message
+    assert f'in "{path}", line 9' in message
+
+
+def test_a_key_that_is_not_a_string_is_a_problem_not_a_crash(tmp_path: Path) -> None:
+    path = tmp_path / "keys.yaml"
+    path.write_text("version: 1\nexperts:\n  - {name: a, type: vllm, endpoint: 'http://h:9/v1', model: m, 5: x}\n"
+                    "gate: {on: 1}\n8000: oops\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path, check_env=False)
+    assert info.value.problems == [
+        ("experts[0]", "mapping keys must be strings: 5 is int (quote it, or check the indentation)"),
+        ("gate", "mapping keys must be strings: True is bool (quote it, or check the indentation)"),
+        ("<root>", "mapping keys must be strings: 8000 is int (quote it, or check the indentation)")]
+    assert "mapping keys must be strings: 1 is int" in problems({"version": 1, "experts": [expert()], 1: "x"})[
+        "<root>"]
+
+
+def test_a_sequence_as_a_key_is_refused_naming_the_file_and_line(tmp_path: Path) -> None:
+    path = tmp_path / "list-key.yaml"
+    path.write_text("version: 1\nexperts:\n  - {name: a, type: vllm, endpoint: 'http://h:9/v1', model: m}\n"
+                    "[x, y]: 1\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path, check_env=False)
+    (where, message), = info.value.problems
+    assert where == "<yaml>" and "found a list as a key: mapping keys must be strings" in message
+    assert f'in "{path}", line 4' in message
+
+
+def test_a_pydantic_error_whose_place_starts_with_an_index_is_named() -> None:
+    from pydantic import ValidationError
+
+    from router.config import _pydantic_problems
+
+    exc = ValidationError.from_exception_data("RouterConfig", [{"type": "missing", "loc": (3, "name"), "input": {}}])
+    assert _pydantic_problems(exc, {}) == [("3.name", "Field required")]
+
+
+@pytest.mark.parametrize(("section", "key"), [
+    (None, "version"), ("service", "port"), ("fallback", "max_attempts"), ("fallback", "retries"),
+    ("fallback", "deadline_s"), ("experts", "max_concurrency"), ("experts", "timeout_s"), ("encoder", "batch_size"),
+    ("encoder", "max_length"), ("combiner", "vote_l2"), ("top_k", "k"), ("breaker", "failure_rate"),
+])
+def test_a_boolean_is_refused_where_a_number_belongs(section: str | None, key: str) -> None:
+    """YAML reads yes/no, on/off and true/false as booleans, and pydantic's lax mode reads True as 1: ``port: yes``
+    once loaded as port 1."""
+    raw: dict[str, object] = {"version": 1, "experts": [expert()]}
+    if section is None:
+        raw[key], where = True, key
+    elif section == "experts":
+        raw["experts"], where = [expert(**{key: True})], f"experts[0] (alpha).{key}"
+    elif section in ("encoder", "top_k"):
+        raw["gate"], where = {section: {key: True}}, f"gate.{section}.{key}"
+    elif section == "breaker":
+        raw["fallback"], where = {"breaker": {key: True}}, f"fallback.breaker.{key}"
+    else:
+        raw[section], where = {key: True}, f"{section}.{key}"
+    assert problems(raw, check_env=False)[where] == ("true is a boolean, not a number (YAML reads yes/no, on/off and "
+                                                     "true/false as booleans); write a number")
+
+
+def test_numbers_from_variables_and_booleans_for_flags_still_load(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MOE_TEST_PORT", "9001")
+    config = parse_config({"version": 1, "experts": [expert(timeout_s=5)],
+                           "service": {"port": "${MOE_TEST_PORT}", "log_content": True},
+                           "fallback": {"enabled": False, "max_attempts": "${MOE_TEST_UNSET:-2}"}})
+    assert (config.service.port, config.service.log_content, config.fallback.max_attempts) == (9001, True, 2)
+    assert config.experts[0].timeout_s == 5.0 and config.fallback.enabled is False

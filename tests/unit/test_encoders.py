@@ -293,3 +293,31 @@ def test_gpu_embeddings_route_like_cpu_ones(st_encoder: SentenceTransformerEncod
     assert (on_cpu * on_gpu).sum(axis=1).min() > 0.9999
     same = np.mean(gate.predict_proba(on_cpu, texts).argmax(axis=1) == gate.predict_proba(on_gpu, texts).argmax(axis=1))
     assert same >= 0.998, same
+
+
+@pytest.mark.parametrize("backend", ["onnx", "openvino", "sentence-transformers"])
+def test_batch_size_is_refused_for_the_static_backend_only(backend: str) -> None:
+    """The static backend runs no model, so a batch size would be silently ignored, as threads would."""
+    with pytest.raises(ValidationError, match="batch_size: texts per model call, read by the onnx, openvino and "
+                                              "sentence-transformers backends; the 'static' backend runs no model"):
+        EncoderConfig.model_validate({"backend": "static", "batch_size": 3})
+    assert EncoderConfig.model_validate({"backend": "static", "batch_size": None}).batch_size is None  # the default
+    assert EncoderConfig.model_validate({"backend": backend, "batch_size": 3}).batch_size == 3
+
+
+def test_tokenizable_replaces_lone_surrogates_only() -> None:
+    from router.encoders import tokenizable
+
+    texts = ["plain ascii", "caf\u00e9 \U0001F600", "half \ud83d of an emoji", "argv byte \udcff", "pair \ud83d\ude00"]
+    out = tokenizable(texts)
+    assert out[:2] == texts[:2] and all(a is b for a, b in zip(out[:2], texts[:2], strict=True))  # untouched
+    assert out[2:] == ["half \ufffd of an emoji", "argv byte \ufffd", "pair \U0001F600"]
+
+
+def test_a_lone_surrogate_is_encoded_as_the_replacement_character(onnx_encoder: OnnxMiniLMEncoder,
+                                                                  st_encoder: SentenceTransformerEncoder) -> None:
+    """A JSON escape ("\\ud83d") or a byte of argv that is not UTF-8 once made the tokenizer raise a TypeError."""
+    for encoder in (onnx_encoder, st_encoder):
+        rows = encoder.encode(["hello \ud83d world", "hello \ufffd world", "a \ud83d\ude00 b", "a \U0001F600 b"])
+        np.testing.assert_allclose(rows[0], rows[1], atol=1e-6)
+        np.testing.assert_allclose(rows[2], rows[3], atol=1e-6)

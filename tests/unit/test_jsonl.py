@@ -38,3 +38,17 @@ def test_a_line_that_is_not_an_object_is_refused(tmp_path: Path) -> None:
     path.write_text("[1, 2]\n")
     with pytest.raises(ValueError, match=rf"{path}:1: expected an object, got list"):
         rows(path)
+
+
+def test_a_lone_surrogate_escape_is_named_by_line(tmp_path: Path) -> None:
+    """Half of a UTF-16 pair is no character: nothing downstream (hashing, the artifact, UTF-8 output) can hold it.
+    A whole pair is the character it encodes."""
+    path = tmp_path / "half.jsonl"
+    path.write_text('{"query": "pair \\ud83d\\ude00", "label": "x"}\n{"query": "cut \\ud83d", "label": "x"}\n')
+    with pytest.raises(ValueError, match=rf"{path}:2: the escape \\ud83d is half of a UTF-16 surrogate pair"):
+        rows(path)
+    path.write_text('{"query": "pair \\ud83d\\ude00", "label": "x", "meta": {"k": ["\\u00e9"]}}\n')
+    assert rows(path) == [{"query": "pair \U0001F600", "label": "x", "meta": {"k": ["\u00e9"]}}]
+    path.write_text('{"query": "ok", "outcomes": {"\\udcff": 1}}\n')  # a key too
+    with pytest.raises(ValueError, match=rf"{path}:1: the escape \\udcff is half"):
+        rows(path)

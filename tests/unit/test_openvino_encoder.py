@@ -85,7 +85,8 @@ def test_the_runtime_gets_the_threads_streams_and_precision(monkeypatch: pytest.
 
 def test_the_missing_package_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "openvino", None)
-    with pytest.raises(ImportError, match=r"needs the 'openvino' package .*pip install openvino"):
+    # The project's extra, which pins the version the backend was measured with.
+    with pytest.raises(ImportError, match=r"needs the 'openvino' package .*pip install 'moe-router\[openvino\]'$"):
         OpenVinoMiniLMEncoder()
 
 
@@ -201,3 +202,10 @@ def test_routes_clinc150_as_well_as_onnx(ov_encoder: OpenVinoMiniLMEncoder, onnx
     assert accuracy["onnx"] > 0.9
     assert abs(accuracy["openvino"] - accuracy["onnx"]) <= 0.005, accuracy
     assert float(np.mean(routes["onnx"] == routes["openvino"])) >= 0.99
+
+
+def test_a_lone_surrogate_is_encoded_as_the_replacement_character(ov_encoder: OpenVinoMiniLMEncoder) -> None:
+    """A JSON escape ("\\ud83d") or a byte of argv that is not UTF-8 once made the tokenizer raise a TypeError."""
+    rows = ov_encoder.encode(["hello \ud83d world", "hello \ufffd world", "a \ud83d\ude00 b", "a \U0001F600 b"])
+    np.testing.assert_allclose(rows[0], rows[1], atol=1e-6)
+    np.testing.assert_allclose(rows[2], rows[3], atol=1e-6)

@@ -93,3 +93,14 @@ def test_moe_ask_streams_in_process_too(config: Path, capsys: pytest.CaptureFixt
     out = capsys.readouterr().out
     assert out.startswith("answer from cooking")
     assert "[expert: cooking, switches: []]" in out
+
+
+@pytest.mark.filterwarnings("ignore::ResourceWarning", "ignore::pytest.PytestUnraisableExceptionWarning")
+def test_a_lone_surrogate_in_the_query_is_routed_not_a_crash(config: Path) -> None:
+    """``"\\ud83d"`` (a JSON escape cut in half, or a byte of argv that is not UTF-8) once crashed the encoder with a
+    TypeError; it reads as U+FFFD, the replacement character."""
+    local = LocalRouter.from_config(config)
+    half, replaced = (asyncio.run(local.route(f"pancakes {c} for breakfast")) for c in ("\ud83d", "\ufffd"))
+    asyncio.run(local.aclose())
+    gc.collect()
+    assert half.scores == pytest.approx(replaced.scores) and max(half.scores, key=half.scores.__getitem__) == "cooking"

@@ -63,3 +63,21 @@ def test_moe_stops_at_start_on_a_bad_variable(monkeypatch: pytest.MonkeyPatch,
     err = capsys.readouterr().err
     assert err.startswith("error: MOE_FAISS_THREADS='lots': input should be a valid integer") and err[-1] == "\n"
     assert err.count("\n") == 1  # one line, no traceback
+
+
+def test_a_path_setting_expands_the_home_folder(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A shell expands ``~`` only unquoted and at a word's start; compose files and manifests never do."""
+    monkeypatch.setenv("MOE_CACHE_DIR", "~/moe-cache")
+    monkeypatch.setenv("MOE_DATA_DIR", "~/moe-data")
+    loaded = Settings.load()
+    assert (loaded.cache_dir, loaded.data_dir) == (Path.home() / "moe-cache", Path.home() / "moe-data")
+    assert Settings.load(cache_dir="~/elsewhere").cache_dir == Path.home() / "elsewhere"
+
+
+@pytest.mark.parametrize("blank", [" ", "\t", "  \n"])
+def test_a_variable_of_blanks_only_counts_as_unset(monkeypatch: pytest.MonkeyPatch, blank: str) -> None:
+    for name in _VARS:
+        monkeypatch.setenv(name, blank)
+    loaded = Settings.load()
+    assert (loaded.cache_dir, loaded.data_dir, loaded.faiss_threads, loaded.api_key) == (
+        Path.home() / ".cache" / "moe-router", None, 1, None)

@@ -155,3 +155,10 @@ def test_a_cached_table_needs_neither_onnxruntime_nor_torch(static_encoder: Stat
         f"e = StaticMiniLMEncoder(table_dir={str(table_dir)!r}, progress=False)\n"
         "assert e.encode(['hello']).shape == (1, 384)\n",
         ["torch", "sentence_transformers", "onnxruntime"])
+
+
+def test_a_lone_surrogate_is_encoded_as_the_replacement_character(static_encoder: StaticMiniLMEncoder) -> None:
+    """A JSON escape ("\\ud83d") or a byte of argv that is not UTF-8 once made the tokenizer raise a TypeError."""
+    rows = static_encoder.encode(["hello \ud83d world", "hello \ufffd world", "a \ud83d\ude00 b", "a \U0001F600 b"])
+    np.testing.assert_array_equal(rows[0], rows[1])
+    np.testing.assert_array_equal(rows[2], rows[3])

@@ -236,13 +236,13 @@ def test_a_rebuild_with_the_same_encoder_settings_reuses_the_loaded_encoder(
 
     (tmp_path / "data").mkdir()
     _write_jsonl(tmp_path / "data" / "snips.jsonl", snips_rows)
-    config = _config(tmp_path, ["data/snips.jsonl"], artifact="gate", encoder={"backend": "static"})
+    config = _config(tmp_path, ["data/snips.jsonl"], artifact="gate", encoder={"backend": "onnx"})
     train_from_config(config, progress=False)
     state = SharedState()
     first = build_orchestrator(config, state=state)
     again = build_orchestrator(config, state=state)
     assert again.gate is not first.gate and again.gate.encoder is first.gate.encoder
-    other = _config(tmp_path, ["data/snips.jsonl"], artifact="gate", encoder={"backend": "static", "batch_size": 16})
+    other = _config(tmp_path, ["data/snips.jsonl"], artifact="gate", encoder={"backend": "onnx", "batch_size": 16})
     # a build that fails after the gate loaded (a refused reload) leaves the running config's encoder kept
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr("router.build.build_experts", lambda *_: (_ for _ in ()).throw(RuntimeError("refused")))
