@@ -34,6 +34,7 @@ from bench.peers.install import LITELLM, SEMANTIC_ROUTER, PeerInstall
 from bench.router_bench import RouterProcess, Target, compare, throughput
 from bench.upstream import UpstreamProcess
 from router.config import TopKConfig
+from router.encoders import default_threads, usable_cores
 
 RESULTS = REPO / "bench" / "results"
 LEVELS = (1, 8, 32, 128)
@@ -138,7 +139,8 @@ def run_gate(args: argparse.Namespace, progress: Progress) -> tuple[dict[str, An
                                  "static": gate_bench.train(StaticMiniLMEncoder(), data)}
         if args.torch_threads:
             # torch's default (one thread per core) collapses on a shared 2-core machine: one short query took
-            # 190-830 ms with 2 threads against 26 ms with 1 while other jobs ran. Match the ONNX encoder's policy.
+            # 190-830 ms with 2 threads against 26 ms with 1 while other jobs ran. Bounded as the ONNX encoder is:
+            # default_threads(cores), so the peer's torch and our gate use the same number of threads.
             import torch
 
             torch.set_num_threads(args.torch_threads)
@@ -555,8 +557,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--scale", type=float, default=1.0, help="multiplies the request count of every run")
     parser.add_argument("--gate-queries", type=int, default=300)
     parser.add_argument("--scaling-queries", type=int, default=100)
-    parser.add_argument("--torch-threads", type=int, default=max(1, (os.cpu_count() or 2) // 2),
-                        help="torch threads for sentence-transformers and semantic-router (0: torch's default)")
+    parser.add_argument("--torch-threads", type=int, default=default_threads(usable_cores()),
+                        help="torch threads for sentence-transformers and semantic-router, by default the ONNX "
+                             "encoder's own thread count, so the peer gets as many as our gate (0: torch's default)")
     parser.add_argument("--peer-queries", type=int, default=150, help="semantic-router decisions timed")
     parser.add_argument("--peer-levels", type=int, nargs="+", default=[1, 32])
     parser.add_argument("--out", type=Path, default=RESULTS / "bench.json")

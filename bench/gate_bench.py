@@ -1,7 +1,9 @@
 """Gate decision time: embed one query, score every expert, choose the top-k panel; and batch throughput.
 
-The decision measured is the serving path's work, minus the trace object: ``gate.scores([text])`` then
-``router.topk.choose``. Gates are trained here on real labelled queries (SNIPS; CLINC150 for 4-64 experts).
+The decision measured is the serving path's work, minus the trace object: ``gate.assess([text], k=3)`` (the
+probabilities, the three nearest training examples behind the decision and the familiarity score, as the
+router's batch worker asks for them) then ``router.topk.choose``. Gates are trained here on real labelled
+queries (SNIPS; CLINC150 for 4-64 experts).
 
 The machines are shared, so load from other processes comes and goes. Variants that are compared (ONNX
 against sentence-transformers, 4 against 64 experts) are timed interleaved, query by query, so a burst of
@@ -54,13 +56,15 @@ class Scorer(Protocol):
 
     experts: list[str]
 
-    def scores(self, texts: Sequence[str]) -> np.ndarray: ...
+    def assess(self, texts: Sequence[str], k: int = 3) -> Any: ...
 
 
 def decider(gate: Scorer, top_k: TopKConfig) -> Callable[[Sequence[str]], list[list[tuple[str, float]]]]:
     """The decision for a batch of texts: one panel per text."""
     def decide(texts: Sequence[str]) -> list[list[tuple[str, float]]]:
-        return [choose(dict(zip(gate.experts, row, strict=True)), top_k) for row in gate.scores(texts).tolist()]
+        # k=3: the nearest examples and familiarity are part of every served decision (router.decide._gate_batch).
+        probs = np.asarray(gate.assess(texts, k=3).probs)
+        return [choose(dict(zip(gate.experts, row, strict=True)), top_k) for row in probs.tolist()]
     return decide
 
 
