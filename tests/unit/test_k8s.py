@@ -69,10 +69,26 @@ def grace_period_s(deployment: dict[str, Any]) -> int:
     return grace
 
 
-def test_kustomization_lists_every_manifest_but_the_example_secret() -> None:
+def test_kustomization_lists_every_manifest_but_the_example_secret_and_the_one_off_loader() -> None:
     listed = yaml.safe_load((K8S / "kustomization.yaml").read_text(encoding="utf-8"))["resources"]
-    files = {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml", "secret.example.yaml"}
+    files = {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml", "secret.example.yaml", "gate-loader.yaml"}
     assert set(listed) == files
+
+
+def test_the_gate_volume_can_be_filled_and_the_routers_keys_are_required(
+        objects: dict[tuple[str, str], dict[str, Any]]) -> None:
+    router = objects[("Deployment", "router")]
+    gate = next(v for v in router["spec"]["template"]["spec"]["volumes"] if v["name"] == "gate")
+    claim = objects[("PersistentVolumeClaim", gate["persistentVolumeClaim"]["claimName"])]
+    # The routers mount it read-only; the loader pod writes to it, so the claim must allow writes from a pod.
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
+    loader = yaml.safe_load((K8S / "gate-loader.yaml").read_text(encoding="utf-8"))
+    (mount,) = loader["spec"]["containers"][0]["volumeMounts"]
+    assert not mount.get("readOnly") and loader["spec"]["volumes"][0]["persistentVolumeClaim"]["claimName"] == \
+        gate["persistentVolumeClaim"]["claimName"]
+    # moe serve refuses the config without these variables: a missing Secret key must stop the pod, not crash it.
+    refs = [e["valueFrom"]["secretKeyRef"] for e in container(router)["env"] if "valueFrom" in e]
+    assert len(refs) == 3 and not any(r.get("optional") for r in refs)
 
 
 def test_the_router_serves_the_compose_configs_experts_with_redis_state(
@@ -176,7 +192,8 @@ def test_kubectl_builds_the_kustomization(objects: dict[tuple[str, str], dict[st
                             timeout=120)
     assert result.returncode == 0, result.stderr
     built = {(d["kind"], d["metadata"]["name"]) for d in yaml.safe_load_all(result.stdout) if d}
-    assert built == set(objects) - {("Secret", "moe-secrets")}  # the example secret is applied by hand
+    # the example secret and the one-off gate loader are applied by hand
+    assert built == set(objects) - {("Secret", "moe-secrets"), ("Pod", "moe-gate-loader")}
 
 
 def test_redis_keeps_the_feedback_it_holds(objects: dict[tuple[str, str], dict[str, Any]]) -> None:
