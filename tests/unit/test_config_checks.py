@@ -23,14 +23,20 @@ def problems(raw: dict[str, object], *, base_dir: Path | str = ".", check_env: b
     return dict(info.value.problems)
 
 
-def test_a_key_given_twice_is_refused_naming_the_file_and_lines(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("text", "says", "line"), [
+    ("version: 1\nservice:\n  port: 8000\n  port: 9000\nexperts: []\n", "found the key 'port' twice", 4),
+    # beside a merge key (which is allowed to be overridden), a key written twice is still refused
+    ("MERGED", "found the key 'name' twice (first on line 8)", 9),
+])
+def test_a_key_given_twice_is_refused_naming_the_file_and_lines(tmp_path: Path, text: str, says: str,
+                                                                 line: int) -> None:
     path = tmp_path / "dup.yaml"
-    path.write_text("version: 1\nservice:\n  port: 8000\n  port: 9000\nexperts: []\n")
+    path.write_text(MERGED + "    name: delta\n" if text == "MERGED" else text)
     with pytest.raises(ConfigError) as info:
         load_config(path, check_env=False)
     (where, message), = info.value.problems
-    assert where == "<yaml>" and "found the key 'port' twice" in message
-    assert f'in "{path}", line 4' in message
+    assert where == "<yaml>" and says in message
+    assert f'in "{path}", line {line}' in message
 
 
 def test_yaml_syntax_errors_name_the_file(tmp_path: Path) -> None:
@@ -318,16 +324,6 @@ def test_yaml_merge_keys_work_and_an_explicit_key_overrides_a_merged_one(tmp_pat
     assert [(e.name, e.endpoint, e.timeout_s) for e in config.experts] == [
         ("alpha", "http://127.0.0.1:9/v1", 10), ("beta", "http://127.0.0.1:10/v1", 10),
         ("gamma", "http://127.0.0.1:9/v1", 10)]
-
-
-def test_a_key_given_twice_beside_a_merge_is_still_refused_naming_both_lines(tmp_path: Path) -> None:
-    path = tmp_path / "dup.yaml"
-    path.write_text(MERGED + "    name: delta\n")
-    with pytest.raises(ConfigError) as info:
-        load_config(path, check_env=False)
-    (where, message), = info.value.problems
-    assert where == "<yaml>" and "found the key 'name' twice (first on line 8)" in message
-    assert f'in "{path}", line 9' in message
 
 
 def test_a_key_that_is_not_a_string_is_a_problem_not_a_crash(tmp_path: Path) -> None:
