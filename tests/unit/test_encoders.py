@@ -25,6 +25,7 @@ from router.encoders import (
     onnx_threads,
 )
 from tests.support import assert_imports_nothing_of
+from tests.unit.conftest import DomainSplit
 
 
 @pytest.fixture(scope="module")
@@ -225,23 +226,14 @@ def test_onnx_backend_never_imports_torch() -> None:
 
 
 def test_both_backends_route_clinc150_alike(onnx_encoder: OnnxMiniLMEncoder, st_encoder: SentenceTransformerEncoder,
-                                            data_dir: Path) -> None:
+                                            clinc_domains: DomainSplit) -> None:
     """One gate, trained on ONNX embeddings of CLINC150's 10 domains, decides 1,500 held-out queries from either
     backend's embeddings: the serving backend can be swapped without changing where queries go."""
-    from eval.datasets import load_clinc150_domains
-    from router.gate import train_gate
-
-    train = [q for q in load_clinc150_domains(data_dir, "train") if q.label != "oos"][::5]  # 3,000 queries
-    test = [q for q in load_clinc150_domains(data_dir, "test") if q.label != "oos"][::3]  # 1,500 queries
-    domains = sorted({q.label for q in train})
-    gate = train_gate([q.text for q in train], [q.label for q in train], onnx_encoder, experts=domains,
-                      progress=False)
-    texts = [q.text for q in test]
-    via_onnx = gate.predict_proba(onnx_encoder.encode(texts), texts).argmax(axis=1)
-    via_st = gate.predict_proba(st_encoder.encode(texts), texts).argmax(axis=1)
+    gate = clinc_domains.gate(onnx_encoder)
+    via_onnx, via_st = clinc_domains.routes(gate, onnx_encoder), clinc_domains.routes(gate, st_encoder)
     same = float(np.mean(via_onnx == via_st))
-    assert len(texts) == 1500 and same >= 0.995, same
-    accuracy = float(np.mean(np.array(domains)[via_onnx] == np.array([q.label for q in test])))
+    assert len(clinc_domains.texts) == 1500 and same >= 0.995, same
+    accuracy = float(np.mean(via_onnx == clinc_domains.gold))
     assert accuracy > 0.9  # the decisions compared are good ones, not agreement on noise
 
 
@@ -275,23 +267,18 @@ def test_a_missing_gpu_is_named_when_the_encoder_is_built() -> None:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not _cuda(), reason="needs a CUDA GPU")
-def test_gpu_embeddings_route_like_cpu_ones(st_encoder: SentenceTransformerEncoder, data_dir: Path) -> None:
+def test_gpu_embeddings_route_like_cpu_ones(st_encoder: SentenceTransformerEncoder,
+                                            clinc_domains: DomainSplit) -> None:
     """The same fp32 model on a GPU: a gate trained on CPU embeddings decides held-out CLINC150 queries the same
     from GPU embeddings, so an artifact trained on either serves on the other."""
-    from eval.datasets import load_clinc150_domains
-    from router.gate import train_gate
-
     gpu = build_encoder(EncoderConfig(backend="sentence-transformers", device="cuda"))
     assert gpu.identity == st_encoder.identity and gpu.checksum == st_encoder.checksum
-    train = [q for q in load_clinc150_domains(data_dir, "train") if q.label != "oos"][::5]
-    test = [q for q in load_clinc150_domains(data_dir, "test") if q.label != "oos"][::3]
-    domains = sorted({q.label for q in train})
-    gate = train_gate([q.text for q in train], [q.label for q in train], st_encoder, experts=domains, progress=False)
-    texts = [q.text for q in test]
+    texts = clinc_domains.texts
     on_cpu, on_gpu = st_encoder.encode(texts), gpu.encode(texts)
     assert on_gpu.dtype == np.float32 and on_gpu.shape == (1500, 384)
     assert (on_cpu * on_gpu).sum(axis=1).min() > 0.9999
-    same = np.mean(gate.predict_proba(on_cpu, texts).argmax(axis=1) == gate.predict_proba(on_gpu, texts).argmax(axis=1))
+    gate = clinc_domains.gate(st_encoder)
+    same = np.mean(clinc_domains.routes(gate, st_encoder) == clinc_domains.routes(gate, gpu))
     assert same >= 0.998, same
 
 

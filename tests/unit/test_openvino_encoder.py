@@ -21,6 +21,7 @@ from router.openvino_encoder import (
     openvino_threads,
     padded_rows,
 )
+from tests.unit.conftest import DomainSplit
 
 
 @pytest.fixture(scope="module")
@@ -182,23 +183,12 @@ def test_a_gate_of_the_other_precision_is_refused_with_a_hint(ov_encoder: OpenVi
 
 
 def test_routes_clinc150_as_well_as_onnx(ov_encoder: OpenVinoMiniLMEncoder, onnx_encoder: OnnxMiniLMEncoder,
-                                         data_dir: Path) -> None:
+                                         clinc_domains: DomainSplit) -> None:
     """A gate trained on each backend's own embeddings of CLINC150's 10 domains: the same held-out accuracy, and
     nearly every one of 1,500 queries sent to the same domain."""
-    from eval.datasets import load_clinc150_domains
-    from router.gate import train_gate
-
-    train = [q for q in load_clinc150_domains(data_dir, "train") if q.label != "oos"][::5]  # 3,000 queries
-    test = [q for q in load_clinc150_domains(data_dir, "test") if q.label != "oos"][::3]  # 1,500 queries
-    domains = sorted({q.label for q in train})
-    truth = np.array([q.label for q in test])
-    texts = [q.text for q in test]
-    routes = {}
-    for name, encoder in (("onnx", onnx_encoder), ("openvino", ov_encoder)):
-        gate = train_gate([q.text for q in train], [q.label for q in train], encoder, experts=domains,
-                          progress=False)
-        routes[name] = np.array(domains)[gate.predict_proba(encoder.encode(texts), texts).argmax(axis=1)]
-    accuracy = {name: float(np.mean(r == truth)) for name, r in routes.items()}
+    routes = {name: clinc_domains.routes(clinc_domains.gate(encoder), encoder)
+              for name, encoder in (("onnx", onnx_encoder), ("openvino", ov_encoder))}
+    accuracy = {name: float(np.mean(r == clinc_domains.gold)) for name, r in routes.items()}
     assert accuracy["onnx"] > 0.9
     assert abs(accuracy["openvino"] - accuracy["onnx"]) <= 0.005, accuracy
     assert float(np.mean(routes["onnx"] == routes["openvino"])) >= 0.99

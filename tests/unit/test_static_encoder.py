@@ -16,6 +16,7 @@ from router.encoders import OnnxMiniLMEncoder, build_encoder
 from router.gate import Gate, GateArtifactMismatch, train_gate
 from router.static_encoder import RECIPE, StaticMiniLMEncoder
 from tests.support import assert_imports_nothing_of
+from tests.unit.conftest import DomainSplit
 
 
 @pytest.fixture(scope="module")
@@ -116,21 +117,13 @@ def test_an_unwritable_cache_costs_the_cache_not_the_encoder(tmp_path: Path, mon
 
 
 def test_routes_clinc150_nearly_as_well_as_the_onnx_model(static_encoder: StaticMiniLMEncoder,
-                                                         onnx_encoder: OnnxMiniLMEncoder, data_dir: Path) -> None:
+                                                         onnx_encoder: OnnxMiniLMEncoder,
+                                                         clinc_domains: DomainSplit) -> None:
     """The same gate trained on each backend's embeddings of CLINC150's 10 domains, scored on 1,500 held-out
     queries: the table gives up little accuracy and mostly makes the same decisions."""
-    from eval.datasets import load_clinc150_domains
-
-    train = [q for q in load_clinc150_domains(data_dir, "train") if q.label != "oos"][::5]  # 3,000 queries
-    test = [q for q in load_clinc150_domains(data_dir, "test") if q.label != "oos"][::3]  # 1,500 queries
-    domains = sorted({q.label for q in train})
-    texts, gold = [q.text for q in test], np.array([q.label for q in test])
-    decided = {}
-    for name, encoder in (("static", static_encoder), ("onnx", onnx_encoder)):
-        gate = train_gate([q.text for q in train], [q.label for q in train], encoder, experts=domains,
-                          progress=False)
-        decided[name] = np.array(domains)[gate.predict_proba(encoder.encode(texts), texts).argmax(axis=1)]
-    accuracy = {name: float(np.mean(d == gold)) for name, d in decided.items()}
+    decided = {name: clinc_domains.routes(clinc_domains.gate(encoder), encoder)
+               for name, encoder in (("static", static_encoder), ("onnx", onnx_encoder))}
+    accuracy = {name: float(np.mean(d == clinc_domains.gold)) for name, d in decided.items()}
     same = float(np.mean(decided["static"] == decided["onnx"]))
     assert accuracy["static"] >= 0.95, accuracy
     assert accuracy["onnx"] - accuracy["static"] <= 0.03, accuracy
