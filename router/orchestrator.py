@@ -181,14 +181,13 @@ class Orchestrator:
     async def _plan(self, request: ChatRequest) -> tuple[RouteDecision | None, list[WeightedExpert], list[str]]:
         """The panel to ask first and the ranking fallback walks. An expert named directly gets no fallback."""
         unable = self.decider.unable(request)
-        if unable and (self.is_routed(request.model) or request.model in unable):
-            capable = [n for n in self.config.expert_names if n not in unable]
-            if not capable or not self.is_routed(request.model):
-                raise NoCapableExpert(needed_capabilities(request), request.model, capable)
         if self.is_routed(request.model):
-            decision = await self.decide(request)
+            decision = await self.decide(request)  # refuses a request no expert can serve (NoCapableExpert)
             # Fallback walks only experts able to serve the request.
             return decision, decision.chosen, [n for n in decision.ranking if n not in unable]
+        if request.model in unable:  # an expert named directly that lacks what the request needs
+            raise NoCapableExpert(needed_capabilities(request), request.model,
+                                  [n for n in self.config.expert_names if n not in unable])
         if request.model not in self.experts:
             raise UnknownExpert(request.model, self.model_names)
         return None, [WeightedExpert(expert=request.model, weight=1.0)], [request.model]
