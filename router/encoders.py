@@ -22,10 +22,11 @@ from __future__ import annotations
 import concurrent.futures
 import hashlib
 import importlib
+import math
 import os
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -44,6 +45,7 @@ __all__ = [
     "SentenceTransformerEncoder",
     "build_encoder",
     "cache_root",
+    "cpu_quota",
     "default_threads",
     "length_batches",
     "minilm_tokenizer",
@@ -90,13 +92,66 @@ def cache_root(settings: Settings | None = None) -> Path:
     return (settings or Settings.load()).cache_dir
 
 
-def usable_cores() -> int:
-    """The CPU cores this process may run on: its affinity mask where the OS keeps one (a container's
-    ``--cpuset-cpus``, ``taskset``), else the machine's count."""
+def usable_cores(cgroup_root: Path = Path("/sys/fs/cgroup"), proc_cgroup: Path = Path("/proc/self/cgroup")) -> int:
+    """The CPU cores this process may use: its affinity mask where the OS keeps one (a container's
+    ``--cpuset-cpus``, ``taskset``), else the machine's count, capped by a CPU quota (a container's ``--cpus``, a
+    Kubernetes CPU limit: cgroup v2 ``cpu.max`` or v1 ``cpu.cfs_quota_us`` over ``cpu.cfs_period_us``, rounded
+    up), the tightest on the way from this process's cgroup to the root. A quota leaves every host core in the
+    affinity mask, so without it threads sized to the mask would be throttled. Never below 1."""
     try:
-        return len(os.sched_getaffinity(0))
+        cores = len(os.sched_getaffinity(0))
     except AttributeError:  # macOS, Windows
-        return os.cpu_count() or 1
+        cores = os.cpu_count() or 1
+    quota = cpu_quota(cgroup_root, proc_cgroup)
+    return max(1, min(cores, quota) if quota is not None else cores)
+
+
+def cpu_quota(cgroup_root: Path = Path("/sys/fs/cgroup"), proc_cgroup: Path = Path("/proc/self/cgroup")) -> int | None:
+    """The cores this process's CPU quota allows, rounded up (``None``: no quota, or no cgroup to read)."""
+    try:
+        lines = proc_cgroup.read_text().splitlines()
+    except OSError:
+        return None
+    limits: list[float] = []
+    for line in lines:
+        hierarchy, _, rest = line.partition(":")
+        controllers, _, path = rest.partition(":")
+        if hierarchy == "0" and controllers == "":  # cgroup v2: one unified hierarchy
+            limits += _quotas(cgroup_root, path, _v2_quota)
+        elif "cpu" in controllers.split(","):  # cgroup v1: the cpu controller's hierarchy
+            base = cgroup_root / controllers
+            if not base.is_dir():
+                base = cgroup_root / "cpu"
+            limits += _quotas(base, path, _v1_quota)
+    return math.ceil(min(limits) - 1e-9) if limits else None
+
+
+def _quotas(base: Path, path: str, read: Callable[[Path], float | None]) -> list[float]:
+    """The quotas ``read`` finds in ``base / path`` and each of its parents up to ``base``."""
+    parts = [p for p in path.split("/") if p and p != ".."]
+    found = []
+    for depth in range(len(parts), -1, -1):
+        quota = read(base.joinpath(*parts[:depth]))
+        if quota is not None:
+            found.append(quota)
+    return found
+
+
+def _v2_quota(folder: Path) -> float | None:
+    try:
+        quota, _, period = (folder / "cpu.max").read_text().strip().partition(" ")
+        return None if quota == "max" else int(quota) / int(period or "100000")
+    except (OSError, ValueError, ZeroDivisionError):
+        return None
+
+
+def _v1_quota(folder: Path) -> float | None:
+    try:
+        quota = int((folder / "cpu.cfs_quota_us").read_text())
+        period = int((folder / "cpu.cfs_period_us").read_text())
+    except (OSError, ValueError):
+        return None
+    return quota / period if quota > 0 and period > 0 else None
 
 
 def _import(module: str, package: str, install: str | None = None) -> Any:

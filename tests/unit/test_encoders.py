@@ -21,8 +21,10 @@ from router.encoders import (
     OnnxMiniLMEncoder,
     SentenceTransformerEncoder,
     build_encoder,
+    cpu_quota,
     length_batches,
     onnx_threads,
+    usable_cores,
 )
 from tests.support import assert_imports_nothing_of
 from tests.unit.conftest import DomainSplit
@@ -308,3 +310,47 @@ def test_a_lone_surrogate_is_encoded_as_the_replacement_character(onnx_encoder: 
         rows = encoder.encode(["hello \ud83d world", "hello \ufffd world", "a \ud83d\ude00 b", "a \U0001F600 b"])
         np.testing.assert_allclose(rows[0], rows[1], atol=1e-6)
         np.testing.assert_allclose(rows[2], rows[3], atol=1e-6)
+
+
+def _cgroup(tmp_path: Path, proc: str, files: dict[str, str]) -> tuple[Path, Path]:
+    """A fake ``/sys/fs/cgroup`` and ``/proc/self/cgroup`` under ``tmp_path``."""
+    root = tmp_path / "cgroup"
+    for name, text in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+    (tmp_path / "proc_cgroup").write_text(proc)
+    return root, tmp_path / "proc_cgroup"
+
+
+@pytest.mark.parametrize(("proc", "files", "expected"), [
+    # cgroup v2 in a container's own namespace: --cpus 1.5 is 150000 of every 100000 us.
+    ("0::/\n", {"cpu.max": "150000 100000\n"}, 2),
+    ("0::/\n", {"cpu.max": "max 100000\n"}, None),
+    # v2 seen from the host's namespace: the pod's limit on a parent, a looser one below it.
+    ("0::/kubepods/pod1/ctr\n",
+     {"kubepods/pod1/cpu.max": "100000 100000", "kubepods/pod1/ctr/cpu.max": "400000 100000"}, 1),
+    # v2 with the path not mounted (a container without its own namespace): the mount's root is its cgroup.
+    ("0::/system.slice/docker-1.scope\n", {"cpu.max": "50000 100000"}, 1),
+    # cgroup v1, the cpu controller mounted with cpuacct.
+    ("4:cpu,cpuacct:/docker/abc\n1:name=systemd:/\n",
+     {"cpu,cpuacct/docker/abc/cpu.cfs_quota_us": "300000", "cpu,cpuacct/docker/abc/cpu.cfs_period_us": "100000"}, 3),
+    ("1:cpu:/\n", {"cpu/cpu.cfs_quota_us": "-1", "cpu/cpu.cfs_period_us": "100000"}, None),
+    ("0::/\n", {}, None),  # no controller files at all
+    ("0::/\n", {"cpu.max": "garbage"}, None),
+])
+def test_cpu_quota_reads_cgroup_v1_and_v2(tmp_path: Path, proc: str, files: dict[str, str],
+                                          expected: int | None) -> None:
+    root, proc_file = _cgroup(tmp_path, proc, files)
+    assert cpu_quota(root, proc_file) == expected
+
+
+def test_usable_cores_is_capped_by_the_cpu_quota(tmp_path: Path) -> None:
+    """A Kubernetes CPU limit leaves every host core in the affinity mask: threads are sized to the quota."""
+    affinity = usable_cores(tmp_path / "none", tmp_path / "none")  # no cgroup files: the mask alone
+    assert affinity >= 1
+    root, proc_file = _cgroup(tmp_path, "0::/\n", {"cpu.max": "100000 100000"})
+    assert usable_cores(root, proc_file) == 1
+    root, proc_file = _cgroup(tmp_path / "big", "0::/\n", {"cpu.max": f"{(affinity + 8) * 100000} 100000"})
+    assert usable_cores(root, proc_file) == affinity  # a quota above the mask changes nothing
+    root, proc_file = _cgroup(tmp_path / "tiny", "0::/\n", {"cpu.max": "10000 100000"})
+    assert usable_cores(root, proc_file) == 1  # a tenth of a core still gets one thread
