@@ -84,6 +84,7 @@ class BreakerState:
     buckets: tuple[tuple[int, int, int], ...] = ()  # (bucket index, calls, failures) inside the window
     last_error: str | None = None
     held: bool = False  # open because the expert asked for a wait (Retry-After), not because failures tripped it
+    epoch: int = 0  # bumped by ``Breakers.reset``: a call admitted before it reports on another service
 
 
 @dataclass(frozen=True)
@@ -91,6 +92,7 @@ class Permit:
     expert: str
     probe: bool
     probe_round: int = 0  # a probe's half-open round (``BreakerState.probe_round``)
+    epoch: int = 0  # the breaker's ``BreakerState.epoch`` when the call was let through
 
 
 def classify(error: ExpertError | None) -> Outcome:
@@ -128,14 +130,19 @@ def admit(s: BreakerState, cfg: BreakerConfig, now: float) -> tuple[bool, Breake
 
 def record(s: BreakerState, cfg: BreakerConfig, now: float, outcome: Outcome, *, probe: bool,
            error_kind: str | None = None, probe_round: int | None = None,
-           retry_after_s: float | None = None) -> BreakerState:
+           retry_after_s: float | None = None, epoch: int | None = None) -> BreakerState:
     """The state after a call admitted with ``probe`` (in half-open round ``probe_round``; None: the current one)
-    ended with ``outcome``. ``retry_after_s``: the wait a failed call's expert asked for (its Retry-After)."""
+    ended with ``outcome``. ``retry_after_s``: the wait a failed call's expert asked for (its Retry-After).
+    ``epoch``: the state's epoch when the call was admitted (None: the current one); a call admitted before a
+    reset went to the expert's old endpoint or model, so it says nothing about this breaker, Retry-After
+    included."""
+    if epoch is not None and epoch != s.epoch:
+        return s
     hold = retry_after_s if outcome == "failure" and cfg.honour_retry_after and retry_after_s else None
     if probe and s.state == "half_open" and probe_round in (None, s.probe_round):
         s = replace(s, probes=max(0, s.probes - 1))
         if outcome == "success":
-            return BreakerState(probe_round=s.probe_round)
+            return BreakerState(probe_round=s.probe_round, epoch=s.epoch)
         if hold is not None:
             return _hold(s, cfg, now, hold, error_kind)
         return _trip(s, cfg, now, error_kind) if outcome == "failure" else s
@@ -177,7 +184,8 @@ def _tripped(s: BreakerState, cfg: BreakerConfig) -> bool:
 def _trip(s: BreakerState, cfg: BreakerConfig, now: float, error_kind: str | None) -> BreakerState:
     cooldown = min(cfg.cooldown_max_s, cfg.cooldown_s * cfg.cooldown_growth ** min(s.trips, 64))
     return BreakerState(state="open", trips=s.trips + 1, opened_at=now, cooldown_s=cooldown,
-                        consecutive=s.consecutive, last_error=error_kind or s.last_error, probe_round=s.probe_round)
+                        consecutive=s.consecutive, last_error=error_kind or s.last_error, probe_round=s.probe_round,
+                        epoch=s.epoch)
 
 
 def _hold(s: BreakerState, cfg: BreakerConfig, now: float, wait_s: float, error_kind: str | None) -> BreakerState:
@@ -187,7 +195,7 @@ def _hold(s: BreakerState, cfg: BreakerConfig, now: float, wait_s: float, error_
     if s.state == "open" and s.opened_at + s.cooldown_s >= now + wait:
         return s
     return BreakerState(state="open", trips=s.trips, opened_at=now, cooldown_s=wait, consecutive=s.consecutive,
-                        last_error=error_kind or s.last_error, probe_round=s.probe_round, held=True)
+                        last_error=error_kind or s.last_error, probe_round=s.probe_round, held=True, epoch=s.epoch)
 
 
 class BreakerStore(Protocol):
@@ -229,7 +237,7 @@ class Breakers:
         if after != before:
             self.store.save(expert, after)
         probe = after.state == "half_open"
-        return Permit(expert, probe=probe, probe_round=after.probe_round if probe else 0)
+        return Permit(expert, probe=probe, probe_round=after.probe_round if probe else 0, epoch=after.epoch)
 
     def finish(self, permit: Permit, error: ExpertError | None, outcome: Outcome | None = None) -> None:
         """Record how a permitted call ended; ``outcome`` overrides what ``error`` alone would say."""
@@ -238,7 +246,7 @@ class Breakers:
         outcome = outcome or classify(error)
         state = record(self.store.load(permit.expert), self.cfg, self.clock(), outcome, probe=permit.probe,
                        error_kind=error.kind if error else None, probe_round=permit.probe_round,
-                       retry_after_s=error.retry_after_s if error else None)
+                       retry_after_s=error.retry_after_s if error else None, epoch=permit.epoch)
         self.store.save(permit.expert, state)
 
     def refuses(self, expert: str, after_s: float = 0.0) -> bool:
@@ -251,8 +259,9 @@ class Breakers:
 
     def reset(self, expert: str) -> None:
         """Forget what the breaker learned of ``expert`` (a reload changed its config: another endpoint or model
-        is another service)."""
-        self.store.save(expert, BreakerState())
+        is another service), in a new epoch: calls let through before, still in flight to the old service,
+        are not counted when they end."""
+        self.store.save(expert, BreakerState(epoch=self.store.load(expert).epoch + 1))
 
     def snapshot(self, expert: str) -> dict[str, Any]:
         s = self.store.load(expert)

@@ -298,3 +298,27 @@ def test_a_retry_after_from_a_probe_of_an_earlier_round_still_lengthens_the_wait
     assert (snap["state"], snap["retry_in_s"], snap["held_by_retry_after"]) == ("open", 30.0, True)
     b.finish(first, limited(5.0))  # less than is left: nothing changes
     assert b.snapshot("math")["retry_in_s"] == 30.0
+
+
+def test_calls_admitted_before_a_reset_are_not_counted_after_it() -> None:
+    """A reload that points an expert at another endpoint resets its breaker; the calls still hanging on the old
+    endpoint then time out, and their failures must not trip the fresh breaker (nor their Retry-After hold it)."""
+    b, clock = make()
+    old_calls = [b.admit("math") for _ in range(5)]
+    b.reset("math")
+    for permit in old_calls[:4]:
+        b.finish(permit, ExpertTimeout("math", "timed out"))
+    b.finish(old_calls[4], ExpertRateLimited("math", 429, "slow down", retry_after_s=30.0))
+    snap = b.snapshot("math")
+    assert (snap["state"], snap["consecutive_failures"], snap["window_calls"]) == ("closed", 0, 0)
+    b.admit("math")  # the new endpoint is let through
+    fail(b, 3)  # and its own failures count as before
+    assert b.snapshot("math")["state"] == "open"
+    # A probe admitted before a second reset does not close or re-open the breaker after it either.
+    clock.now += 10.0
+    probe = b.admit("math")
+    assert probe.probe
+    b.reset("math")
+    fail(b, 2)
+    b.finish(probe, None)
+    assert b.snapshot("math")["consecutive_failures"] == 2
