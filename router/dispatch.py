@@ -29,7 +29,7 @@ from router.fallback import BudgetSpent, Deadline, budget_spent
 from router.retry import RetryPolicy, retry_delay
 from router.trace import Attempt, AttemptRole, Retry, Trace
 
-__all__ = ["Capacity", "Dispatcher", "StreamOutcome", "StreamPiece"]
+__all__ = ["CallCancelled", "Capacity", "Dispatcher", "StreamOutcome", "StreamPiece"]
 
 # The answer length a cost estimate assumes for an expert that has not answered yet, when the request sets no
 # max_tokens; its own answers then take over, as a moving mean (each new answer weighs COMPLETION_EWMA).
@@ -66,6 +66,14 @@ class StreamPiece:
     delta: StreamDelta
 
 
+class CallCancelled(ExpertError):
+    """The call was cancelled before it ended: the client closed its connection (or the service stopped). Not
+    the expert's failure: its breaker is not told (``_slot`` counts it as neutral), nor is it counted a failure
+    in the metrics, but the trace keeps the attempt, with what the expert streamed counted as used."""
+
+    kind = "cancelled"
+
+
 @dataclass
 class StreamOutcome:
     """What one streaming try did, filled in as its deltas arrive."""
@@ -86,6 +94,14 @@ class StreamOutcome:
     def sent(self) -> bool:
         """Whether any output (text, a tool-call, refusal or reasoning delta) reached the client."""
         return bool(self.deltas)
+
+    def estimate_usage(self, request: ChatRequest, expert: Expert) -> None:
+        """A try that broke off (failed, or was cancelled) after sending output but before its usage chunk was
+        still paid for what it generated and its prompt: without an estimate, the answer's usage and cost, and
+        the metrics, would leave that out. A token per delta, and the prompt at about 4 characters a token."""
+        if self.usage is None and self.deltas:
+            self.usage = Usage.counted(request.estimated_prompt_tokens(), self.deltas)
+            self.cost, self.usage_estimated = expert.cost(self.usage), True
 
     def attempt(self, name: str, replaces: str | None, retry: int = 0) -> Attempt:
         return Attempt(expert=name, weight=1.0, ok=self.error is None, latency_ms=self.latency_ms,
@@ -195,9 +211,17 @@ class Dispatcher:
         retry = 0
         while True:
             outcome = StreamOutcome()
-            async with aclosing(self._stream_try(name, request, deadline, outcome)) as pieces:
-                async for piece in pieces:
-                    yield piece
+            try:
+                async with aclosing(self._stream_try(name, request, deadline, outcome)) as pieces:
+                    async for piece in pieces:
+                        yield piece
+            except (GeneratorExit, asyncio.CancelledError):
+                # The stream was closed while this try ran (the client left): the try goes into the trace, with
+                # what it streamed so far, so the request's log line and the metrics count it.
+                outcome.error = CallCancelled(name, "the stream was closed before the expert finished")
+                outcome.estimate_usage(request, self.experts[name])
+                trace.attempts.append(outcome.attempt(name, replaces, retry))
+                raise
             trace.attempts.append(outcome.attempt(name, replaces, retry))
             if outcome.error is None:
                 self._learn(name, outcome.usage)
@@ -265,6 +289,13 @@ class Dispatcher:
             trace.attempts.append(Attempt(expert=name, ok=False, error=exc.to_dict(),
                                           latency_ms=(time.perf_counter() - start) * 1000.0, **tried.fields()))
             return exc
+        except asyncio.CancelledError:
+            # Cancelled mid-call (the client left): no reply, so no usage, as for a failed call, but the attempt
+            # is kept, so the trace says which experts were still working.
+            cancelled = CallCancelled(name, "the call was cancelled before the expert answered")
+            trace.attempts.append(Attempt(expert=name, ok=False, error=cancelled.to_dict(),
+                                          latency_ms=(time.perf_counter() - start) * 1000.0, **tried.fields()))
+            raise
         self._learn(name, reply.usage)
         trace.attempts.append(Attempt(expert=name, ok=True, usage=reply.usage, cost_usd=reply.cost_usd,
                                       usage_estimated=reply.usage_estimated,
@@ -303,11 +334,7 @@ class Dispatcher:
                         await aclose()
         except ExpertError as exc:
             outcome.error = exc
-            if outcome.usage is None and outcome.deltas:
-                # It broke off before its usage chunk, but was paid for what it generated (and its prompt):
-                # without an estimate the answer's usage and cost would leave that out.
-                outcome.usage = Usage.counted(request.estimated_prompt_tokens(), outcome.deltas)
-                outcome.cost, outcome.usage_estimated = expert.cost(outcome.usage), True
+            outcome.estimate_usage(request, expert)
         finally:
             outcome.latency_ms = (time.perf_counter() - started) * 1000.0
 

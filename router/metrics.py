@@ -66,10 +66,12 @@ class RouterMetrics:
             for chosen in trace.decision.chosen:
                 self.routed.labels(chosen.expert).inc()
         for attempt in trace.attempts:
-            self.expert_latency.labels(attempt.expert, "ok" if attempt.ok else "error").observe(
-                attempt.latency_ms / 1000.0)
-            if not attempt.ok:
-                self.expert_failures.labels(attempt.expert, (attempt.error or {}).get("kind", "error")).inc()
+            kind = None if attempt.ok else (attempt.error or {}).get("kind", "error")
+            cancelled = kind == "cancelled"  # the client left mid-call: not the expert's failure
+            self.expert_latency.labels(attempt.expert, "ok" if attempt.ok else "cancelled" if cancelled else
+                                       "error").observe(attempt.latency_ms / 1000.0)
+            if kind is not None and not cancelled:
+                self.expert_failures.labels(attempt.expert, kind).inc()
             self.tokens.labels(attempt.expert, "prompt").inc(attempt.usage.prompt_tokens)
             self.tokens.labels(attempt.expert, "completion").inc(attempt.usage.completion_tokens)
             self.cost.labels(attempt.expert).inc(max(0.0, attempt.cost_usd))

@@ -236,17 +236,23 @@ class Orchestrator:
     def _embed(self, texts: Sequence[str]) -> np.ndarray:
         return self.gate.encoder.encode(texts)
 
-    async def complete(self, request: ChatRequest, *, strategy: str | None = None) -> RoutedAnswer:
-        """Answer one request: ask the panel concurrently, fall back down the ranking, combine what came back."""
+    async def complete(self, request: ChatRequest, *, strategy: str | None = None,
+                       on_trace: Callable[[Trace], None] | None = None) -> RoutedAnswer:
+        """Answer one request: ask the panel concurrently, fall back down the ranking, combine what came back.
+        ``on_trace`` is given the request's trace as soon as it exists, so a caller that cancels the work (its
+        client left) still has what was tried and what it cost."""
         with self.serving():
-            return await self._complete(request, strategy)
+            return await self._complete(request, strategy, on_trace)
 
-    async def _complete(self, request: ChatRequest, strategy: str | None) -> RoutedAnswer:
+    async def _complete(self, request: ChatRequest, strategy: str | None,
+                        on_trace: Callable[[Trace], None] | None) -> RoutedAnswer:
         start = time.perf_counter()
         deadline = Deadline(self.config.fallback.deadline_s)
         combiner = self.combiner_for(strategy)  # before the gate: a bad strategy costs no gate work
         decision, panel, ranking = await self._plan(request)
         trace = Trace(decision=decision, combiner=combiner.name)
+        if on_trace is not None:
+            on_trace(trace)
         if not panel and decision is not None and not self.config.fallback.enabled:
             # Every candidate's breaker is open, and no fallback will report them: ask the panel the gate would
             # have chosen, so each member's breaker refuses it with its next probe (or lets a probe through, if
@@ -379,18 +385,23 @@ class Orchestrator:
             return first or ranking[:1]
         return first + [n for n in ranking if n not in first]
 
-    async def stream(self, request: ChatRequest) -> AsyncGenerator[StreamPiece | StreamEnd, None]:
-        """Stream from the top-weighted expert, falling back or continuing elsewhere on failure."""
+    async def stream(self, request: ChatRequest, *,
+                     on_trace: Callable[[Trace], None] | None = None) -> AsyncGenerator[StreamPiece | StreamEnd, None]:
+        """Stream from the top-weighted expert, falling back or continuing elsewhere on failure. ``on_trace``: as
+        for ``complete``; a stream closed early keeps its last try in the trace, with what it streamed."""
         with self.serving():
-            async with aclosing(self._stream(request)) as events:
+            async with aclosing(self._stream(request, on_trace)) as events:
                 async for event in events:
                     yield event
 
-    async def _stream(self, request: ChatRequest) -> AsyncGenerator[StreamPiece | StreamEnd, None]:
+    async def _stream(self, request: ChatRequest,
+                      on_trace: Callable[[Trace], None] | None) -> AsyncGenerator[StreamPiece | StreamEnd, None]:
         start = time.perf_counter()
         deadline = Deadline(self.config.fallback.deadline_s)
         decision, panel, ranking = await self._plan(request)
         trace = Trace(decision=decision, combiner="stream")
+        if on_trace is not None:
+            on_trace(trace)
         sent: list[str] = []
         chars: dict[str, int] = {}  # characters each expert streamed to the client, in the order they streamed
         errors: list[ExpertError] = []

@@ -58,6 +58,7 @@ from router.requests import (
     parse_since,
 )
 from router.security import Admitted, Denied, Guard, RateStore, redact
+from router.trace import Trace
 
 __all__ = ["RequestProblem", "RouteBatch", "RouteQuery", "check_combiner", "create_app", "error_body", "parse_chat",
            "parse_route", "parse_route_batch"]
@@ -182,6 +183,11 @@ async def _sse(events: AsyncIterator[StreamPiece | StreamEnd], first: StreamPiec
     except AllExpertsFailed as exc:
         _failed(record, exc)
         yield f"data: {json.dumps(exc.error_body())}\n\n".encode()
+    except (GeneratorExit, asyncio.CancelledError):
+        # The client left mid-stream: the status went out as 200, so the log line says it here.
+        if not isinstance(event, StreamEnd):
+            record.error = "client_closed_request"
+        raise
     finally:
         # A client that left mid-stream ends the orchestrator's stream now, so its request stops counting as
         # in flight (a hot reload waits for those) and the expert's connection is released.
@@ -361,15 +367,19 @@ async def _chat_completions(request: Request, o: Orchestrator) -> Response:
     if limits.log_content:
         record.messages, record.answer = [m.model_dump(exclude_none=True) for m in chat.messages], []
     store: FeedbackStore | None = request.app.state.feedback
+
+    def keep(trace: Trace) -> None:  # kept from the start: a client that leaves still has its calls counted
+        record.trace = trace
+
     if not chat.stream:
-        answer = await _unless_client_leaves(request, o.complete(chat, strategy=strategy))
+        answer = await _unless_client_leaves(request, o.complete(chat, strategy=strategy, on_trace=keep))
         record.trace, record.expert = answer.trace, answer.expert
         if store is not None:
             await store.aremember(request_id, chat.query_text(), answer.expert)
         if record.answer is not None:
             record.answer.append(answer.content)
         return JSONResponse(_completion_body(answer, request_id), headers={"x-moe-expert": answer.expert})
-    events = o.stream(chat)
+    events = o.stream(chat, on_trace=keep)
     # Wait for the first event before answering 200, so a total failure is still a clean 503.
     try:
         first = await _unless_client_leaves(request, anext(events))

@@ -10,6 +10,7 @@ import pytest
 from openai import APIStatusError, AsyncOpenAI
 
 from experts.errors import ExpertAuthError, ExpertError, ExpertRateLimited, ExpertRejected, ExpertUnavailable
+from experts.types import ChatRequest, StreamDelta, Usage
 from router.orchestrator import Orchestrator
 from router.sdk import AsyncClient, RouterAPIError
 from router.service import create_app
@@ -386,6 +387,76 @@ async def test_a_client_that_leaves_before_the_answer_stops_the_work_for_it(stre
     assert len(math.requests) == 2 and len(code.requests) == 1  # code only for the second client, after fallback
     assert after.status_code == 200 and after.json()["model"] == "code"
     assert orchestrator.expert_states()["math"]["in_flight"] == 0
+
+
+class _SlowPieces(FakeExpert):
+    """A test double streaming its pieces one every 20 ms, its usage only in the last chunk."""
+
+    async def stream(self, request: ChatRequest) -> AsyncIterator[StreamDelta]:
+        self.requests.append(request)
+        for piece in self.pieces:
+            await asyncio.sleep(0.02)
+            yield StreamDelta(content=piece)
+        yield StreamDelta(finish_reason="stop", usage=Usage.counted(3, len(self.pieces)))
+
+
+def _request_lines(caplog: pytest.LogCaptureFixture) -> list[dict[str, object]]:
+    return [json.loads(r.getMessage()) for r in caplog.records if r.name == "router.requests"]
+
+
+def _metric(text: str, name: str, **labels: str) -> float:
+    """The sum of a metric's samples carrying ``labels``, from the Prometheus text (0 when there are none)."""
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith(f"{name}{{") and all(f'{k}="{v}"' in line for k, v in labels.items()))
+
+
+@pytest.mark.parametrize("where", ["mid-stream", "mid-panel"])
+async def test_a_client_that_leaves_still_has_its_calls_counted(where: str, caplog: pytest.LogCaptureFixture) -> None:
+    """What the experts did for a client that left is counted in the metrics and on its log line: a stream's
+    tokens so far (estimated, as for a stream that broke off: its usage chunk never came), and a panel member's
+    reported usage when another member was still working (that one is counted as cancelled, not failed)."""
+    caplog.set_level("INFO", logger="router.requests")
+    if where == "mid-stream":
+        app = make_app()
+        math = app.state.orchestrator.experts["math"]
+        slow = _SlowPieces(math.config, pieces=[f"tok{i} " for i in range(100)])
+        app.state.orchestrator.experts["math"] = app.state.orchestrator.dispatch.experts["math"] = slow
+        body: dict[str, object] = {"messages": [{"role": "user", "content": "an integral"}], "stream": True}
+    else:
+        app = make_app(gate={"top_k": {"policy": "fixed", "k": 2}})
+        app.state.orchestrator.experts["code"].delay = 5.0  # still working when the client leaves
+        body = {"messages": [{"role": "user", "content": "an integral"}]}
+    async with serving(app) as url:
+        async with httpx.AsyncClient(base_url=url, timeout=0.4) as http:
+            if where == "mid-stream":
+                async with http.stream("POST", "/v1/chat/completions", json=body) as r:
+                    seen = 0
+                    async for line in r.aiter_lines():
+                        seen += '"content": "tok' in line
+                        if seen == 10:
+                            break
+            else:
+                with pytest.raises(httpx.ReadTimeout):
+                    await http.post("/v1/chat/completions", json=body)
+        await asyncio.sleep(0.5)
+        async with httpx.AsyncClient(base_url=url) as http:
+            metrics = (await http.get("/metrics")).text
+    (line,) = [x for x in _request_lines(caplog) if x["route"] == "/v1/chat/completions"]
+    assert line["error"] == "client_closed_request"
+    completion = _metric(metrics, "moe_tokens_total", expert="math", kind="completion")
+    if where == "mid-stream":
+        assert line["status"] == 200  # the stream had begun
+        assert 10 <= completion < 100 and line["completion_tokens"] == completion
+        assert _metric(metrics, "moe_tokens_total", expert="math", kind="prompt") > 0  # estimated
+        assert line["attempts"] == [{"expert": "math", "ok": False, "latency_ms": line["attempts"][0]["latency_ms"],
+                                     "kind": "cancelled"}]
+    else:
+        assert line["status"] == 499
+        assert completion == 5 and line["completion_tokens"] == 5  # math's reported usage
+        assert {a["expert"]: a.get("kind") for a in line["attempts"]} == {"math": None, "code": "cancelled"}
+        assert _metric(metrics, "moe_expert_latency_seconds_count", expert="code", outcome="cancelled") == 1
+    assert _metric(metrics, "moe_expert_failures_total") == 0  # leaving is nobody's failure
+    assert app.state.orchestrator.expert_states()["math"]["in_flight"] == 0
 
 
 async def test_an_unexpected_error_is_a_500_in_openai_format_without_its_text() -> None:
