@@ -221,10 +221,12 @@ def _ask_streaming(args: argparse.Namespace) -> int:
 
 
 def cmd_compose(args: argparse.Namespace) -> int:
-    from router.compose import container_config_path, dump_compose
+    from router.compose import container_config_path, dump_compose, read_config
 
-    # The containers get the config's variables (compose's environment), so they need not be set here.
-    print(dump_compose(_load(args.config, check_env=False, require_vars=False), source=args.config,
+    # Validated expanded, rendered as written: the file keeps each ${VAR} for compose to substitute at `up` (the
+    # containers get the variables, so they need not be set here, and no value of this shell's lands in the file).
+    config, written = read_config(args.config)
+    print(dump_compose(config, written=written, source=args.config,
                        config_path_in_container=container_config_path(args.config)), end="")
     return 0
 

@@ -17,6 +17,16 @@ requests on SIGTERM, and Docker's default 10 s would kill them. Each vLLM server
 
 GPUs: the i-th vllm expert reserves GPU ``i`` by default; ``MOE_GPU_<SERVICE>`` overrides that device id and
 ``VLLM_GPU_MEMORY_UTILIZATION`` the share each server takes, so several experts can share one large GPU.
+
+Variables: the file is committed, so no value from the environment of the shell that runs ``moe compose`` may
+land in it (a ``${HF_TOKEN}`` in ``vllm.args`` would be the token in clear). The config is validated with its
+``${VAR}`` expanded, but what the file copies from it (an expert's name, model, parser and ``vllm.args``, the
+router's port) is rendered from the text as written (``read_config``), so each ``${VAR}`` and ``${VAR:-default}``
+stays a reference that compose substitutes at ``up`` from the deployer's environment or ``.env``, with the same
+meaning the config loader gives it. The router loads the same config inside its container, so every variable
+the config references reaches the router's ``environment`` as a reference too. What compose derives from a value
+(grace periods, ``--shutdown-timeout``, service names, mounts) can hold no reference and uses the value at
+generation.
 """
 
 from __future__ import annotations
@@ -24,14 +34,16 @@ from __future__ import annotations
 import math
 import posixpath
 import re
-from collections.abc import Iterable
-from pathlib import PurePosixPath
+from collections.abc import Iterable, Iterator
+from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import urlsplit
 
 import yaml
 
-from router.config import ConfigError, ExpertConfig, RouterConfig
+# The loader's own reference syntax and its never-expanded keys, so the file keeps exactly what the loader would
+# expand: one grammar for ${VAR}, not a second copy of it here.
+from router.config import _ENV_REF, _VERBATIM_KEYS, ConfigError, ExpertConfig, RouterConfig, load_config
 
 __all__ = [
     "FEEDBACK_VOLUME",
@@ -48,6 +60,7 @@ __all__ = [
     "container_config_path",
     "dump_compose",
     "expected_endpoint",
+    "read_config",
     "render_compose",
     "router_stop_grace_s",
     "service_name",
@@ -98,6 +111,67 @@ HEADER = (
 
 class ComposeError(ConfigError):
     """The config cannot be deployed with compose; ``problems`` lists every ``(path, message)``."""
+
+
+def read_config(path: str | Path) -> tuple[RouterConfig, Any]:
+    """The config at ``path``, validated with its variables expanded (none need be set: the containers get them),
+    and the same file as written, each ``${VAR}`` unexpanded: ``render_compose``'s ``written``."""
+    config = load_config(path, check_env=False, require_vars=False)
+    # Plain safe_load reads what the loader read: the loader's only extra is refusing a key given twice.
+    return config, yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+
+
+def _at(written: Any, *path: str | int) -> Any:
+    """``written[path[0]][path[1]]...``, or None where the file has no such value."""
+    for step in path:
+        try:
+            written = written[step]
+        except (KeyError, IndexError, TypeError):
+            return None
+    return written
+
+
+def _compose_text(text: str) -> str:
+    """Config text as compose text that means the same: ``${VAR}``, ``${VAR:-default}`` and the escape ``$${VAR}``
+    (a literal ``${VAR}``) read alike in both; any other ``$`` is doubled, since compose would substitute a bare
+    ``$VAR`` that the loader keeps as written."""
+    parts, end = [], 0
+    for match in _ENV_REF.finditer(text):
+        parts += [text[end:match.start()].replace("$", "$$"), match.group(0)]
+        end = match.end()
+    return "".join(parts) + text[end:].replace("$", "$$")
+
+
+def _written_text(written: Any, value: str) -> str:
+    """What the file wrote, in compose's text, if it wrote a string there; else the validated value, literally."""
+    return _compose_text(written) if isinstance(written, str) else value.replace("$", "$$")
+
+
+def _references(written: Any, where: str = "") -> Iterator[tuple[str, bool]]:
+    """``(variable, whether this reference has a default)`` for each ``${VAR}`` the loader expands in ``written``:
+    its walk, in which a ``*_env`` value names a variable and ``description``/``examples`` are free text, neither
+    expanded, and ``$${VAR}`` is a literal."""
+    if isinstance(written, str):
+        if not where.endswith("_env"):
+            yield from ((m.group(2), m.group(3) is not None) for m in _ENV_REF.finditer(written) if not m.group(1))
+    elif isinstance(written, list):
+        for i, item in enumerate(written):
+            yield from _references(item, f"{where}[{i}]")
+    elif isinstance(written, dict):
+        for key, value in written.items():
+            if key not in _VERBATIM_KEYS:
+                yield from _references(value, f"{where}.{key}" if where else str(key))
+
+
+def _passed_variables(written: Any, named: Iterable[str]) -> list[str]:
+    """The router's ``environment`` entries for the variables its config references and the service does not set
+    already: ``NAME=${NAME}`` where a reference has no default (compose warns at ``up`` while it is unset, and the
+    router refuses to start), ``NAME=${NAME:-}`` where every one has (blank counts as unset, so the default holds)."""
+    required: dict[str, bool] = {}
+    for name, has_default in _references(written):
+        required[name] = required.get(name, False) or not has_default
+    skip = {entry.split("=", 1)[0] for entry in named}
+    return [f"{name}=${{{name}{'' if required[name] else ':-'}}}" for name in sorted(required) if name not in skip]
 
 
 def service_name(expert: ExpertConfig) -> str:
@@ -162,7 +236,7 @@ def _problems(config: RouterConfig, config_path: str) -> Iterable[tuple[str, str
                    "e.g. hermes for Qwen2.5, llama3_json for Llama 3.1")
 
 
-def _healthcheck(port: int, *, start_period: str) -> dict[str, Any]:
+def _healthcheck(port: int | str, *, start_period: str) -> dict[str, Any]:
     # Python, not curl: both images have an interpreter, neither is promised to ship curl.
     probe = f"import urllib.request; urllib.request.urlopen('http://localhost:{port}/health', timeout=5)"
     return {
@@ -206,7 +280,20 @@ def vllm_stop_grace_s(expert: ExpertConfig) -> int:
     return vllm_drain_s(expert) + STOP_MARGIN_S
 
 
-def _vllm_service(expert: ExpertConfig, gpu: int, image: str) -> dict[str, Any]:
+def _as_written(expert: ExpertConfig, written: Any) -> ExpertConfig:
+    """``expert`` with the strings its vLLM command copies (name, model, ``vllm``'s parser and args) in compose's
+    text, as ``written`` (the expert's mapping in the file) has them, so a ``${VAR}`` stays a reference."""
+    update: dict[str, Any] = {"name": _written_text(_at(written, "name"), expert.name),
+                              "model": _written_text(_at(written, "model"), expert.model)}
+    if (serve := expert.vllm) is not None:
+        parser = serve.tool_call_parser
+        update["vllm"] = serve.model_copy(update={
+            "tool_call_parser": parser and _written_text(_at(written, "vllm", "tool_call_parser"), parser),
+            "args": [_written_text(_at(written, "vllm", "args", i), arg) for i, arg in enumerate(serve.args)]})
+    return expert.model_copy(update=update)
+
+
+def _vllm_service(expert: ExpertConfig, gpu: int, image: str, written: Any) -> dict[str, Any]:
     environment = ["HF_TOKEN", "VLLM_NO_USAGE_STATS=1", "DO_NOT_TRACK=1"]
     if expert.api_key_env:
         environment.append(f"VLLM_API_KEY=${{{expert.api_key_env}:-}}")
@@ -214,7 +301,7 @@ def _vllm_service(expert: ExpertConfig, gpu: int, image: str) -> dict[str, Any]:
               "capabilities": ["gpu"]}
     return {
         "image": image,
-        "command": vllm_args(expert),
+        "command": vllm_args(_as_written(expert, written)),
         "environment": environment,
         "volumes": [f"{HF_CACHE_VOLUME}:{HF_CACHE_PATH}"],
         # vLLM's workers share tensors through /dev/shm, which Docker otherwise caps at 64 MB.
@@ -286,8 +373,10 @@ def router_stop_grace_s(config: RouterConfig) -> int:
     return math.ceil(config.fallback.deadline_s) + STOP_MARGIN_S
 
 
-def _router_service(config: RouterConfig, config_path: str, experts: list[str]) -> dict[str, Any]:
+def _router_service(config: RouterConfig, config_path: str, experts: list[str], written: Any) -> dict[str, Any]:
     port = config.service.port
+    # Where the router listens inside; a ${VAR} there stays one (the host side defaults to its value now).
+    listens = _written_text(_at(written, "service", "port"), str(port))
     keys = sorted({e.api_key_env for e in config.experts if e.api_key_env})
     environment = [f"MOE_CONFIG={config_path}", *keys]
     volumes = _router_volumes(config, config_path)
@@ -297,6 +386,7 @@ def _router_service(config: RouterConfig, config_path: str, experts: list[str]) 
     if config.state.backend == "redis":
         env = config.state.url_env
         environment.append(f"{env}=${{{env}:-redis://{REDIS_SERVICE}:6379/0}}")
+    environment += _passed_variables(written, environment)
     return {
         "build": {"context": ".", "dockerfile": "Dockerfile",
                   "args": {"PYTHON_IMAGE": f"${{MOE_PYTHON_IMAGE:-{PYTHON_IMAGE}}}",
@@ -304,9 +394,9 @@ def _router_service(config: RouterConfig, config_path: str, experts: list[str]) 
         "environment": environment,
         "volumes": volumes,
         # MOE_ROUTER_PORT publishes it on another host port (a second stack, or 8080 taken on the host).
-        "ports": [f"${{MOE_ROUTER_PORT:-{port}}}:{port}"],
+        "ports": [f"${{MOE_ROUTER_PORT:-{port}}}:{listens}"],
         "depends_on": {name: {"condition": "service_healthy"} for name in experts},
-        "healthcheck": _healthcheck(port, start_period="30s"),
+        "healthcheck": _healthcheck(listens, start_period="30s"),
         # Long enough for the requests in flight at SIGTERM to finish (compose stops the router before the experts
         # it depends on, so they still answer while it drains).
         "stop_grace_period": f"{router_stop_grace_s(config)}s",
@@ -314,17 +404,22 @@ def _router_service(config: RouterConfig, config_path: str, experts: list[str]) 
     }
 
 
-def render_compose(config: RouterConfig, *, config_path_in_container: str = "/app/configs/compose.yaml",
+def render_compose(config: RouterConfig, *, written: Any = None,
+                   config_path_in_container: str = "/app/configs/compose.yaml",
                    vllm_image: str = VLLM_IMAGE) -> dict[str, Any]:
-    """The compose file as a mapping. Raises ``ComposeError`` listing every endpoint that cannot work."""
+    """The compose file as a mapping. Raises ``ComposeError`` listing every endpoint that cannot work.
+
+    ``written``: the config file as written, its ``${VAR}`` unexpanded (``read_config``), which is what the file
+    copies; None for a config that was never expanded (built in code), whose values are copied literally."""
     problems = list(_problems(config, config_path_in_container))
     if problems:
         raise ComposeError("docker compose", problems)
-    vllm = [e for e in config.experts if e.type == "vllm"]
-    services = {service_name(e): _vllm_service(e, gpu, vllm_image) for gpu, e in enumerate(vllm)}
+    vllm = [(i, e) for i, e in enumerate(config.experts) if e.type == "vllm"]
+    services = {service_name(e): _vllm_service(e, gpu, vllm_image, _at(written, "experts", i))
+                for gpu, (i, e) in enumerate(vllm)}
     if config.state.backend == "redis":
         services[REDIS_SERVICE] = _redis_service(persist=_redis_feedback(config))
-    services[ROUTER_SERVICE] = _router_service(config, config_path_in_container, list(services))
+    services[ROUTER_SERVICE] = _router_service(config, config_path_in_container, list(services), written)
     compose: dict[str, Any] = {"services": services}
     named = [name for name, wanted in ((HF_CACHE_VOLUME, vllm), (FEEDBACK_VOLUME, _sqlite_feedback(config)),
                                        (REDIS_VOLUME, _redis_feedback(config))) if wanted]
@@ -340,9 +435,10 @@ def container_config_path(source: str) -> str:
     return str(APP_DIR / (path if not path.is_absolute() else PurePosixPath("configs") / path.name))
 
 
-def dump_compose(config: RouterConfig, *, source: str = "configs/compose.yaml",
+def dump_compose(config: RouterConfig, *, written: Any = None, source: str = "configs/compose.yaml",
                  config_path_in_container: str = "/app/configs/compose.yaml") -> str:
-    """The compose file as YAML text, headed by a note naming ``source``, the config it came from."""
-    body = yaml.safe_dump(render_compose(config, config_path_in_container=config_path_in_container),
+    """The compose file as YAML text, headed by a note naming ``source``, the config it came from (``written``
+    as for ``render_compose``)."""
+    body = yaml.safe_dump(render_compose(config, written=written, config_path_in_container=config_path_in_container),
                           sort_keys=False, default_flow_style=False, width=1000)
     return HEADER.format(source=source) + body

@@ -20,6 +20,7 @@ from router.compose import (
     ComposeError,
     dump_compose,
     expected_endpoint,
+    read_config,
     render_compose,
     service_name,
     vllm_args,
@@ -393,3 +394,105 @@ def test_feedback_in_redis_makes_redis_durable_and_needs_no_sqlite_volume() -> N
     assert soft["command"][1:5] == ["--save", "", "--appendonly", "no"] and "volumes" not in soft
 
 
+
+
+# --- variables: kept as references, never this shell's values -----------------------------------------------
+
+SECRET = "hf_SECRETTOKEN123"
+
+# An expert whose vLLM flags carry a token, a hosted expert whose endpoint comes from the environment, and the
+# places the loader never expands (free text, a *_env name, the $${...} escape), whose ${...} no one needs.
+VARIABLES_CONFIG = """\
+version: 1
+service: {port: "${ROUTER_PORT:-8080}"}
+feedback: {enabled: false}
+gate: {artifact: ../artifacts/gate}
+experts:
+  - name: coder
+    type: vllm
+    endpoint: http://coder:8000/v1
+    model: ${CODER_MODEL:-org/coder-7b}
+    api_key_env: CODER_KEY
+    vllm: {args: ["--hf-token", "${HF_TOKEN}", "--chat-template", "$${TEMPLATE} costs $5"]}
+    description: shell variables like ${HOME}
+    examples: ["expand ${PATH} for me"]
+  - name: gpt
+    type: openai
+    endpoint: ${GPT_BASE_URL}
+    model: gpt-4o-mini
+    api_key_env: OPENAI_API_KEY
+  - name: proxy
+    type: openai
+    endpoint: ${PROXY_URL:-https://proxy.example.com/v1}
+    model: gpt-4o
+"""
+
+
+@pytest.fixture
+def variables_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    for name in ("ROUTER_PORT", "CODER_MODEL", "PROXY_URL", "HOME", "PATH", "TEMPLATE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("GPT_BASE_URL", "https://api.openai.com/v1")
+    path = tmp_path / "configs" / "c.yaml"
+    path.parent.mkdir()
+    path.write_text(VARIABLES_CONFIG, encoding="utf-8")
+    return path
+
+
+def moe_compose(path: Path, capsys: pytest.CaptureFixture[str]) -> str:
+    from router.cli import main
+
+    assert main(["compose", str(path)]) == 0
+    return capsys.readouterr().out
+
+
+def test_a_secret_in_the_environment_never_reaches_the_file(
+    variables_config: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("HF_TOKEN", SECRET)
+    monkeypatch.setenv("CODER_KEY", "sk-coder-xyz")
+    text = moe_compose(variables_config, capsys)
+    assert SECRET not in text and "sk-coder-xyz" not in text and "api.openai.com" not in text
+    command = yaml.safe_load(text)["services"]["coder"]["command"]
+    assert flag_values(command, "--hf-token") == ["${HF_TOKEN}"]
+
+
+def test_an_unset_variable_stays_a_reference_with_the_loaders_meaning(
+    variables_config: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    services = yaml.safe_load(moe_compose(variables_config, capsys))["services"]
+    command = services["coder"]["command"]
+    assert flag_values(command, "--hf-token") == ["${HF_TOKEN}"]  # not ''
+    assert flag_values(command, "--model") == ["${CODER_MODEL:-org/coder-7b}"]
+    assert flag_values(command, "--served-model-name") == ["coder", "${CODER_MODEL:-org/coder-7b}"]
+    # Compose reads $$ as a literal $, as the loader reads $${...} as a literal ${...} and leaves a bare $ alone.
+    assert flag_values(command, "--chat-template") == ["$${TEMPLATE} costs $$5"]
+    router = services[ROUTER_SERVICE]
+    assert router["ports"] == ["${MOE_ROUTER_PORT:-8080}:${ROUTER_PORT:-8080}"]
+    assert "localhost:${ROUTER_PORT:-8080}/health" in router["healthcheck"]["test"][-1]
+
+
+def test_every_variable_the_routers_config_references_reaches_its_environment(
+    variables_config: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    router = yaml.safe_load(moe_compose(variables_config, capsys))["services"][ROUTER_SERVICE]
+    # A reference without a default is passed as one (compose warns while it is unset), one with a default
+    # blank-if-unset (the config's default then holds); keys stay the plain names they were.
+    assert router["environment"] == [
+        "MOE_CONFIG=/app/configs/c.yaml", "CODER_KEY", "OPENAI_API_KEY",
+        "CODER_MODEL=${CODER_MODEL:-}", "GPT_BASE_URL=${GPT_BASE_URL}", "HF_TOKEN=${HF_TOKEN}",
+        "PROXY_URL=${PROXY_URL:-}", "ROUTER_PORT=${ROUTER_PORT:-}",
+    ]
+
+
+def test_a_variable_compose_sets_itself_is_not_passed_again() -> None:
+    config, written = read_config(ROOT / "configs" / "compose-cpu.yaml")
+    environment = render_compose(config, written=written)["services"][ROUTER_SERVICE]["environment"]
+    # The replay paths read ${MOE_DATA_DIR:-...}: inside, that is the mount, not the host's folder.
+    assert [e for e in environment if e.startswith("MOE_DATA_DIR")] == ["MOE_DATA_DIR=/data"]
+
+
+def test_a_config_built_in_code_is_copied_literally() -> None:
+    config = config_with(vllm("chat", "http://chat:8000/v1", vllm={"args": ["--chat-template", "$${X} $y"]}))
+    assert flag_values(render_compose(config)["services"]["chat"]["command"], "--chat-template") == ["$${X} $$y"]
