@@ -12,13 +12,15 @@ on first use. Every transport failure and every error status is translated here 
     401, 403, other 4xx                    -> ExpertAuthError, ExpertRejected
     bad JSON, no ``choices``, bad SSE      -> ExpertProtocolError
 
-The API key lives only in the client's default headers. Every message built here is scrubbed of it anyway,
-because some upstreams echo a rejected key back in their error body.
+The API key lives only in the client's default headers, and an endpoint's ``user:password@`` only in its URL
+(sent as ``Authorization: Basic``). Every message built here is scrubbed of both anyway, because some upstreams
+echo a rejected key or header back in their error body.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import logging
@@ -28,6 +30,7 @@ from collections.abc import AsyncIterator, Mapping
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import Any
+from urllib.parse import unquote
 
 from pydantic import ValidationError
 
@@ -47,7 +50,7 @@ from experts.errors import (
     ExpertUnavailable,
 )
 from experts.http_client import AiohttpClient, HttpClient, HttpFailure, HttpxClient
-from experts.redact import redact
+from experts.redact import redact, userinfo
 from experts.types import ChatRequest, ExpertReply, StreamDelta, Usage, estimate_tokens, reasoning_of
 
 __all__ = ["OpenAICompatibleExpert", "parse_retry_after"]
@@ -72,12 +75,13 @@ class OpenAICompatibleExpert(Expert):
             raise ExpertConfigError(config.name, "an OpenAI-compatible expert needs an endpoint")
         self._url = config.endpoint.rstrip("/") + "/chat/completions"
         self._http: HttpClient | None = None
-        # Read once, when the client is built; kept only to scrub messages, never shown.
-        self._secret: str | None = None
+        # What is scrubbed from every message, longest first: the endpoint's credentials, and the key once the
+        # client has read it. Kept only for that, never shown.
+        self._secrets = _url_credentials(config.endpoint)
 
     def __repr__(self) -> str:
         cls = type(self).__name__
-        return f"{cls}(name={self.name!r}, model={self.config.model!r}, endpoint={self._url!r})"
+        return f"{cls}(name={self.name!r}, model={self.config.model!r}, endpoint={redact(self._url)!r})"
 
     async def generate(self, request: ChatRequest) -> ExpertReply:
         body = request.upstream_payload(self.config.model, stream=False)
@@ -112,8 +116,10 @@ class OpenAICompatibleExpert(Expert):
     def _client(self) -> HttpClient:
         """The expert's connections (``max_concurrency`` in all), built on first use; see ``experts.http_client``."""
         if self._http is None:
-            self._secret = self.config.api_key() or None
-            headers = {"Authorization": f"Bearer {self._secret}"} if self._secret else {}
+            key = self.config.api_key()
+            headers = {"Authorization": f"Bearer {key}"} if key else {}
+            if key:
+                self._secrets = sorted({*self._secrets, key}, key=len, reverse=True)
             timeout_s, most = self.config.timeout_s, self.config.max_concurrency
             transport = self.context.transport
             self._http = (AiohttpClient(headers=headers, timeout_s=timeout_s, max_connections=most,
@@ -339,8 +345,8 @@ class OpenAICompatibleExpert(Expert):
     def _excerpt(self, text: str | bytes) -> str:
         if isinstance(text, bytes):
             text = text.decode("utf-8", errors="replace")
-        if self._secret:
-            text = text.replace(self._secret, "***")
+        for secret in self._secrets:
+            text = text.replace(secret, "***")
         text = " ".join(text.split())
         return text if len(text) <= _EXCERPT_CHARS else text[: _EXCERPT_CHARS - 3] + "..."
 
@@ -375,6 +381,24 @@ def _upstream_cost(data: dict[str, Any]) -> float | None:
     if isinstance(cost, int | float) and not isinstance(cost, bool) and math.isfinite(cost):
         return float(cost)
     return None
+
+
+def _url_credentials(endpoint: str | None) -> list[str]:
+    """The forms in which an endpoint's ``user:password@`` may come back in an upstream's error text, longest
+    first: as written, percent-decoded (as the client sends them), the ``Authorization: Basic`` token made of
+    them (in the client's encoding, with or without its padding), and the password alone; with no password, the
+    user name is the secret (``https://TOKEN@host``)."""
+    written = userinfo(endpoint or "")
+    if not written:
+        return []
+    user, _, password = written.partition(":")
+    pair = f"{unquote(user)}:{unquote(password)}"
+    forms = {written, pair, password or user, unquote(password or user)}
+    for encoding in ("utf-8", "latin-1"):  # httpx's and aiohttp's
+        with contextlib.suppress(UnicodeEncodeError):
+            token = base64.b64encode(pair.encode(encoding)).decode("ascii")
+            forms |= {token, token.rstrip("=")}
+    return sorted((form for form in forms if form), key=len, reverse=True)
 
 
 def _error_text(raw: bytes) -> str:

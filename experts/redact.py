@@ -10,16 +10,16 @@ from __future__ import annotations
 import re
 from typing import Any
 
-__all__ = ["REDACTED", "redact"]
+__all__ = ["REDACTED", "redact", "userinfo"]
 
 REDACTED = "<redacted>"
 # Config keys whose values are secrets or stand-ins for them (a key's hash still lets one test guesses offline).
 _SECRET_FIELDS = frozenset({"sha256", "api_key", "apikey", "key"})
 _SECRET_WORDS = frozenset({"secret", "password", "token", "credentials"})
-# A URL in a string: its userinfo (everything up to the authority's last "@", so a password holding "@" goes
-# whole) and secret-looking query parameters (?password=..., &token=...) are redacted.
+# A URL in a string: its userinfo (``userinfo``) and secret-looking query parameters (?password=..., &token=...)
+# are redacted.
 _URL = re.compile(r"\b[a-zA-Z][a-zA-Z0-9+.-]*://[^\s\"'<>]+")
-_URL_AUTHORITY = re.compile(r"^([^:]+://)([^/?#]*)")
+_URL_AUTHORITY = re.compile(r"^([^:/?#]+://)([^/?#]*)")
 _SECRET_QUERY = re.compile(r"([?&;](?:[^=&;#]*(?:pass|pwd|secret|token|key|auth|credential)[^=&;#]*)=)[^&;#]*",
                            re.IGNORECASE)
 
@@ -36,12 +36,29 @@ def redact(value: Any) -> Any:
     return value
 
 
-def _redact_url(url: str) -> str:
-    def authority(m: re.Match[str]) -> str:
-        netloc = m.group(2)
-        return m.group(1) + (f"{REDACTED}@{netloc.rpartition('@')[2]}" if "@" in netloc else netloc)
+def userinfo(url: str) -> str:
+    """The credentials in ``url`` (``user:password`` of ``scheme://user:password@host/...``), or "" if none.
 
-    return _SECRET_QUERY.sub(rf"\1{REDACTED}", _URL_AUTHORITY.sub(authority, url, count=1))
+    They run to the authority's last "@", so a password holding "@" goes whole. A password holding an unencoded
+    "/", "?" or "#" ends the authority early, and a URL parser reads its start as the host and port: where the
+    authority holds no "@" but a ":" (``user:pass``, ``:pass``), and what follows it holds a "@", they run to the
+    URL's last "@". So ``https://host/path@x`` keeps its path, and ``http://host:8000/a@b`` is hidden whole:
+    too much, never too little."""
+    match = _URL_AUTHORITY.match(url)
+    if match is None:
+        return ""
+    authority, rest = match.group(2), url[match.end():]
+    if "@" in authority:
+        return authority.rpartition("@")[0]
+    return (authority + rest).rpartition("@")[0] if ":" in authority else ""
+
+
+def _redact_url(url: str) -> str:
+    found = userinfo(url)
+    if found:
+        scheme = url.partition("://")[0] + "://"
+        url = f"{scheme}{REDACTED}{url[len(scheme) + len(found):]}"
+    return _SECRET_QUERY.sub(rf"\1{REDACTED}", url)
 
 
 def _secret_field(name: str) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import logging
 import socket
@@ -496,6 +497,27 @@ async def test_api_key_is_sent_as_bearer_and_never_shown(server: ScriptedOpenAIS
     shown = [str(e) for e in errors] + [repr(e) for e in errors] + [json.dumps(e.to_dict()) for e in errors]
     shown += [repr(expert), caplog.text]
     assert all(SECRET not in text for text in shown)
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["generate", "stream"])
+async def test_endpoint_credentials_echoed_upstream_are_never_shown(server: ScriptedOpenAIServer,
+                                                                    make_expert: MakeExpert, streaming: bool,
+                                                                    caplog: pytest.LogCaptureFixture) -> None:
+    """``http://user:password@host`` is sent as ``Authorization: Basic``; an upstream that echoes the header, the
+    password (as written or percent-decoded) or the pair gets each scrubbed, as the bearer key is."""
+    caplog.set_level(logging.DEBUG)
+    password = "pw%40Url-SECRET-9"  # sent decoded: pw@Url-SECRET-9
+    basic = base64.b64encode(b"bob:pw@Url-SECRET-9").decode()
+    expert = make_expert(endpoint=server.url.replace("http://", f"http://bob:{password}@"))
+    echo = (f"bad Authorization: Basic {basic} (unpadded {basic.rstrip('=')}), user bob:pw@Url-SECRET-9, "
+            f"password {password} / pw@Url-SECRET-9")
+    server.push(Behaviour.error(401, echo))
+    with pytest.raises(ExpertAuthError) as caught:
+        await (collect(expert, ask()) if streaming else expert.generate(ask()))
+    assert server.headers[0]["authorization"] == f"Basic {basic}"
+    assert caught.value.message.startswith("HTTP 401: bad Authorization: Basic *** (unpadded ***), user ***")
+    shown = [caught.value.message, json.dumps(caught.value.to_dict()), repr(expert), caplog.text]
+    assert not [text for text in shown for secret in ("Url-SECRET", basic.rstrip("=")) if secret in text]
 
 
 async def test_no_key_means_no_authorization_header(server: ScriptedOpenAIServer, make_expert: MakeExpert,

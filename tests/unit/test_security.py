@@ -163,6 +163,12 @@ def test_redact_hides_secrets_but_not_variable_names() -> None:
     ("Error connecting to redis://u:s3cret@h:1/0. Connection refused.", "Error connecting to redis://<redacted>@h:1/0. "
                                                                         "Connection refused."),
     ("https://host/path@x?page=2", "https://host/path@x?page=2"),  # no userinfo, no secret: unchanged
+    # A password holding an unencoded "/", "?" or "#" ends the authority early; it goes whole all the same.
+    ("http://bob:s3cret/Zz8+Q==@h:9/v1", "http://<redacted>@h:9/v1"),
+    ("redis://:s3cret/x@h:6379/0", "redis://<redacted>@h:6379/0"),
+    ("https://alice:s3cret#Frag@api.example.com/v1", "https://<redacted>@api.example.com/v1"),
+    ("https://alice:s3cret?x@api.example.com/v1?api_key=k", "https://<redacted>@api.example.com/v1?api_key=<redacted>"),
+    ("http://bob:1234/s3cret@h/v1", "http://<redacted>@h/v1"),  # the start reads as a port, the rest as a path
     ("no url at all", "no url at all"),
 ])
 def test_redact_finds_credentials_in_any_url_form(text: str, expected: str) -> None:
