@@ -195,8 +195,12 @@ class ExpertConfig(_Strict):
         return self
 
     def api_key(self) -> str | None:
-        """The key from the environment, read when a client is built, never stored in the config."""
-        return os.environ.get(self.api_key_env) if self.api_key_env else None
+        """The key from the environment, read when a client is built, never stored in the config. Stripped, as the
+        client keys are (a key mounted from a file ends in a newline, which no HTTP header may carry); None when
+        unset or blank."""
+        if not self.api_key_env:
+            return None
+        return os.environ.get(self.api_key_env, "").strip() or None
 
     @property
     def recorded_model(self) -> str:
@@ -609,8 +613,9 @@ def _cross_problems(raw: Any, *, check_env: bool, base_dir: str | Path | None = 
         key_env = e.get("api_key_env")
         if _is_reference(key_env):
             yield f"{where}.api_key_env", _reference_problem("api_key_env", "OPENAI_API_KEY")
-        elif check_env and isinstance(key_env, str) and not os.environ.get(key_env):
-            yield f"{where}.api_key_env", f"environment variable {key_env} is not set"
+        elif check_env and isinstance(key_env, str) and not os.environ.get(key_env, "").strip():
+            yield f"{where}.api_key_env", f"environment variable {key_env} is " + (
+                "empty" if key_env in os.environ else "not set")
         endpoint = e.get("endpoint")
         if isinstance(endpoint, str) and key_env and "@" in endpoint.split("://", 1)[-1].split("/", 1)[0]:
             yield f"{where}.endpoint", ("holds credentials (user:password@) and api_key_env sets a bearer key too; "

@@ -122,6 +122,19 @@ def test_every_env_key_holding_a_reference_is_named_once_with_the_reason(
 ENV_EXAMPLES = [("api_keys_env", "MOE_API_KEYS"), ("admin_key_env", "MOE_ADMIN_KEY"), ("url_env", "MOE_REDIS_URL")]
 
 
+@pytest.mark.parametrize("padding", [" ", "\n", "\r\n\t"])
+def test_an_expert_key_is_read_stripped_and_a_blank_one_is_a_problem(monkeypatch: pytest.MonkeyPatch,
+                                                                    padding: str) -> None:
+    """A key mounted from a file ends in a newline, which no HTTP header may carry: the key is the variable's value
+    stripped, as a client key is, and one of blanks only is as good as none."""
+    monkeypatch.setenv("MOE_TEST_KEY", f"{padding}sk-key{padding}")
+    raw = {"version": 1, "experts": [expert(api_key_env="MOE_TEST_KEY")]}
+    assert parse_config(raw).experts[0].api_key() == "sk-key"
+    monkeypatch.setenv("MOE_TEST_KEY", padding)
+    assert problems(raw)["experts[0] (alpha).api_key_env"] == "environment variable MOE_TEST_KEY is empty"
+    assert parse_config(raw, check_env=False).experts[0].api_key() is None
+
+
 def test_credentials_in_the_endpoint_and_a_bearer_key_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MOE_TEST_KEY", "k")
     raw = {"version": 1, "experts": [expert(endpoint="http://user:pw@host:9/v1", api_key_env="MOE_TEST_KEY")]}

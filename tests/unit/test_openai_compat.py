@@ -520,6 +520,24 @@ async def test_endpoint_credentials_echoed_upstream_are_never_shown(server: Scri
     assert not [text for text in shown for secret in ("Url-SECRET", basic.rstrip("=")) if secret in text]
 
 
+@pytest.mark.parametrize("padding", [" ", "\n", "\t \r\n"])
+async def test_a_key_with_surrounding_whitespace_is_sent_and_scrubbed_stripped(
+        server: ScriptedOpenAIServer, make_expert: MakeExpert, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture, padding: str) -> None:
+    """A key mounted from a file ends in a newline, which no header may carry; one pasted with a space is sent
+    trimmed by some clients and echoed trimmed. Either way the stripped key is what is sent and scrubbed."""
+    monkeypatch.setenv("UNIT_EXPERT_KEY", f"{padding}{SECRET}{padding}")
+    caplog.set_level(logging.DEBUG)
+    expert = make_expert(api_key_env="UNIT_EXPERT_KEY")
+    server.push(Behaviour.ok("hi"), Behaviour.error(401, f"Incorrect API key provided: {SECRET}."))
+    assert (await expert.generate(ask())).content == "hi"
+    with pytest.raises(ExpertAuthError) as caught:
+        await expert.generate(ask())
+    assert server.headers[0]["authorization"] == f"Bearer {SECRET}"
+    assert caught.value.message == "HTTP 401: Incorrect API key provided: ***."
+    assert SECRET not in caplog.text
+
+
 async def test_no_key_means_no_authorization_header(server: ScriptedOpenAIServer, make_expert: MakeExpert,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("UNIT_MISSING_KEY", raising=False)
