@@ -14,7 +14,9 @@ on first use. Every transport failure and every error status is translated here 
 
 The API key lives only in the client's default headers, and an endpoint's ``user:password@`` only in its URL
 (sent as ``Authorization: Basic``). Every message built here is scrubbed of both anyway, because some upstreams
-echo a rejected key or header back in their error body.
+echo a rejected key or header back in their error body. The operator's log line for an error status names its
+status and the error's type and code, never its text: that may quote the request (a 422's ``detail[].input``, a
+5xx naming the prompt), and prompts stay out of the log. The text reaches the client's error and the trace.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import contextlib
 import json
 import logging
 import math
+import re
 import time
 from collections.abc import AsyncIterator, Mapping
 from datetime import UTC, datetime
@@ -63,6 +66,8 @@ _DRAIN_S = 0.25
 # vLLM and OpenAI), at most half the expert's timeout (the dispatcher's stall limit); a connection that stalls or
 # breaks in that time still ends a complete answer.
 _AFTER_FINISH_S = 1.0
+# An error's type or code as the log may show it: a short identifier, not free text that could quote the request.
+_ERROR_LABEL = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 log = logging.getLogger("experts.openai_compat")
 
 
@@ -220,7 +225,7 @@ class OpenAICompatibleExpert(Expert):
             message = error.get("message", error) if isinstance(error, dict) else error
             code = error.get("code") if isinstance(error, dict) else None
             status = code if isinstance(code, int) and 400 <= code <= 599 else 500
-            raise self._http_error(status, self._excerpt(str(message)), None)
+            raise self._http_error(status, self._excerpt(str(message)), _error_labels(data), None)
         if not isinstance(data.get("choices"), list):
             raise ExpertProtocolError(self.name, "response has no 'choices' list")
         return data
@@ -324,15 +329,17 @@ class OpenAICompatibleExpert(Expert):
     def _status_error(self, status: int, headers: Mapping[str, str], content: bytes) -> ExpertError:
         if status < 400:
             return ExpertProtocolError(self.name, f"unexpected HTTP {status}")
-        return self._http_error(status, self._excerpt(_error_text(content)), headers.get("retry-after"))
+        text, labels = _error_body(content)
+        return self._http_error(status, self._excerpt(text), labels, headers.get("retry-after"))
 
-    def _http_error(self, status: int, detail: str, retry_after: str | None) -> ExpertHTTPError:
+    def _http_error(self, status: int, detail: str, labels: list[str], retry_after: str | None) -> ExpertHTTPError:
         # Every failed call has its line in the operator's log, an error status as much as a dropped connection:
         # INFO for a request the expert found invalid (the client's to mend), a WARNING for anything that says
-        # the expert or its deployment is unwell (429, 5xx, a refused key, a model it does not serve).
+        # the expert or its deployment is unwell (429, 5xx, a refused key, a model it does not serve). The line
+        # holds the error's type and code (``labels``), not ``detail``, which may quote the prompt.
         level = logging.INFO if status in INVALID_REQUEST_STATUSES else logging.WARNING
-        log.log(level, "expert %s (%s): HTTP %d failed: %s%s", self.name, redact(self._url), status,
-                detail or "no detail", f" (Retry-After: {retry_after})" if retry_after else "")
+        log.log(level, "expert %s (%s): HTTP %d failed%s%s", self.name, redact(self._url), status,
+                f" ({', '.join(labels)})" if labels else "", f" (Retry-After: {retry_after})" if retry_after else "")
         if status == 429:
             return ExpertRateLimited(self.name, status, detail, parse_retry_after(retry_after))
         if status >= 500:
@@ -401,21 +408,41 @@ def _url_credentials(endpoint: str | None) -> list[str]:
     return sorted((form for form in forms if form), key=len, reverse=True)
 
 
-def _error_text(raw: bytes) -> str:
-    """The human part of an error body: OpenAI's ``error.message``, FastAPI's ``detail``, or the raw text."""
+def _error_body(raw: bytes) -> tuple[str, list[str]]:
+    """An error body's human part (OpenAI's ``error.message``, FastAPI's ``detail``, or the raw text), and the
+    labels the log may show (``_error_labels``)."""
     text = raw.decode("utf-8", errors="replace")
     try:
         data = json.loads(text)
     except ValueError:
-        return text
+        return text, []
     if isinstance(data, dict):
         error = data.get("error")
         if isinstance(error, dict) and "message" in error:
-            return str(error["message"])
+            return str(error["message"]), _error_labels(data)
         for key in ("error", "message", "detail"):
             if key in data:
-                return str(data[key])
-    return text
+                return str(data[key]), _error_labels(data)
+    return text, []
+
+
+def _error_labels(data: dict[str, Any]) -> list[str]:
+    """What names an error without quoting it: OpenAI's ``error.type`` and ``error.code`` (vLLM's at the top
+    level), and FastAPI's ``detail[].type``; only values that look like identifiers."""
+    error = data.get("error")
+    fields = error if isinstance(error, dict) else data
+    labels = [f"{name} {fields[name]}" for name in ("type", "code") if _is_label(fields.get(name))]
+    detail = data.get("detail")
+    if isinstance(detail, list):
+        types = dict.fromkeys(str(d["type"]) for d in detail if isinstance(d, dict) and _is_label(d.get("type")))
+        labels += [f"type {', '.join(types)}"] if types else []
+    return labels
+
+
+def _is_label(value: Any) -> bool:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return True
+    return isinstance(value, str) and bool(_ERROR_LABEL.match(value))
 
 
 def parse_retry_after(value: str | None, *, now: datetime | None = None) -> float | None:

@@ -20,6 +20,7 @@ from experts.base import ExpertContext
 from experts.errors import (
     ExpertAuthError,
     ExpertError,
+    ExpertHTTPError,
     ExpertOverloaded,
     ExpertProtocolError,
     ExpertRateLimited,
@@ -263,7 +264,40 @@ async def test_an_error_status_has_its_log_line_too(server: ScriptedOpenAIServer
     assert [level for level, _ in logged] == ["WARNING", "WARNING", "INFO", "WARNING", "INFO"]
     host = server.url.split("//")[1].split("/")[0]
     assert all(host in message for _, message in logged)
-    assert "HTTP 500 failed: boom" in logged[0][1] and "(Retry-After: 7)" in logged[1][1]
+    assert "HTTP 500 failed (type scripted_error, code 500)" in logged[0][1] and "(Retry-After: 7)" in logged[1][1]
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["generate", "stream"])
+async def test_the_log_line_of_an_error_status_never_quotes_the_request(server: ScriptedOpenAIServer,
+                                                                         make_expert: MakeExpert, streaming: bool,
+                                                                         caplog: pytest.LogCaptureFixture) -> None:
+    """Upstream error text may quote the prompt (FastAPI's 422 ``detail[].input``, a 5xx naming it, vLLM's error
+    event inside a stream): the log line names the status and the error's type and code, and only the client's
+    error carries the text."""
+    caplog.set_level(logging.DEBUG)
+    prompt = "my SSN is 078-05-1120"
+    detail = {"detail": [{"type": "extra_forbidden", "loc": ["body", "foo"], "msg": "Extra inputs are not permitted",
+                          "input": {"messages": [{"role": "user", "content": prompt}]}}]}
+    failure = {"error": {"message": f"engine died on: {prompt}", "type": "InternalServerError", "code": 500}}
+    in_body = (Behaviour.raw(sse(failure), content_type="text/event-stream") if streaming
+               else Behaviour.raw(json.dumps(failure).encode()))
+    server.push(Behaviour.raw(json.dumps(detail).encode(), status=422),
+                Behaviour.error(500, f"engine crashed while processing prompt: {prompt}"),
+                Behaviour.raw(json.dumps({"error": {"message": prompt, "type": prompt, "code": None}}).encode(),
+                              status=400),
+                in_body)
+    expert = make_expert()
+    errors = []
+    for _ in range(4):
+        with pytest.raises(ExpertHTTPError) as caught:
+            await (collect(expert, ask(prompt)) if streaming else expert.generate(ask(prompt)))
+        errors.append(caught.value)
+    logged = [r.getMessage() for r in caplog.records if r.name == "experts.openai_compat"]
+    assert [m.split(": ", 1)[1] for m in logged] == [
+        "HTTP 422 failed (type extra_forbidden)", "HTTP 500 failed (type scripted_error, code 500)",
+        "HTTP 400 failed", "HTTP 500 failed (type InternalServerError, code 500)"]
+    assert "078-05-1120" not in caplog.text
+    assert all("078-05-1120" in e.message for e in errors)
 
 
 @pytest.mark.parametrize(("raw", "shown"), [
