@@ -40,17 +40,17 @@ def userinfo(url: str) -> str:
     """The credentials in ``url`` (``user:password`` of ``scheme://user:password@host/...``), or "" if none.
 
     They run to the authority's last "@", so a password holding "@" goes whole. A password holding an unencoded
-    "/", "?" or "#" ends the authority early, and a URL parser reads its start as the host and port: where the
-    authority holds no "@" but a ":" (``user:pass``, ``:pass``), and what follows it holds a "@", they run to the
-    URL's last "@". So ``https://host/path@x`` keeps its path, and ``http://host:8000/a@b`` is hidden whole:
-    too much, never too little."""
+    "/", "?" or "#" ends the authority early, and a URL parser reads its start as the host and port (or, after
+    a "@", as the host): where the authority holds a ":" or a "@" and what follows it holds a "@" too, they run
+    to the URL's last "@". So ``https://host/path@x`` keeps its path, and ``http://host:8000/a@b`` is hidden
+    whole: too much, never too little."""
     match = _URL_AUTHORITY.match(url)
     if match is None:
         return ""
     authority, rest = match.group(2), url[match.end():]
-    if "@" in authority:
-        return authority.rpartition("@")[0]
-    return (authority + rest).rpartition("@")[0] if ":" in authority else ""
+    if "@" in rest and (":" in authority or "@" in authority):
+        return (authority + rest).rpartition("@")[0]
+    return authority.rpartition("@")[0]
 
 
 def _redact_url(url: str) -> str:

@@ -579,6 +579,7 @@ def _cross_problems(raw: Any, *, check_env: bool, base_dir: str | Path | None = 
 
     ``blanked``: the paths where an unset ``${VAR}`` was left "" (reported as unset, or passed on by ``moe
     compose``), whose emptiness is not a problem of its own."""
+    from experts.redact import userinfo
     from router.expert_types import EXPERT_TYPES, REQUIRES_ENDPOINT
 
     if not isinstance(raw, dict):
@@ -613,11 +614,13 @@ def _cross_problems(raw: Any, *, check_env: bool, base_dir: str | Path | None = 
         key_env = e.get("api_key_env")
         if _is_reference(key_env):
             yield f"{where}.api_key_env", _reference_problem("api_key_env", "OPENAI_API_KEY")
+        elif isinstance(key_env, str) and not re.match(_ENV_NAME, key_env):
+            yield f"{where}.api_key_env", _not_a_name_problem("api_key_env", "OPENAI_API_KEY")
         elif check_env and isinstance(key_env, str) and not os.environ.get(key_env, "").strip():
             yield f"{where}.api_key_env", f"environment variable {key_env} is " + (
                 "empty" if key_env in os.environ else "not set")
         endpoint = e.get("endpoint")
-        if isinstance(endpoint, str) and key_env and "@" in endpoint.split("://", 1)[-1].split("/", 1)[0]:
+        if isinstance(endpoint, str) and key_env and userinfo(endpoint):
             yield f"{where}.endpoint", ("holds credentials (user:password@) and api_key_env sets a bearer key too; "
                                         "an HTTP request carries only one Authorization: keep one of them")
         if isinstance(endpoint, str) and re.match(_HTTP_URL, endpoint):
@@ -663,6 +666,8 @@ def _cross_problems(raw: Any, *, check_env: bool, base_dir: str | Path | None = 
                                          ("security", security, "admin_key_env", "MOE_ADMIN_KEY")):
         if _is_reference(block.get(key)):
             yield f"{section}.{key}", _reference_problem(key, example)
+        elif isinstance(block.get(key), str) and not re.match(_ENV_NAME, block[key]):
+            yield f"{section}.{key}", _not_a_name_problem(key, example)
     url_env = state.get("url_env", "MOE_REDIS_URL")
     if check_env and state.get("backend") == "redis" and isinstance(url_env, str) and re.match(_ENV_NAME, url_env):
         url = os.environ.get(url_env)
@@ -686,23 +691,37 @@ def _reference_problem(key: str, example: str) -> str:
            "reference to it"
 
 
+def _not_a_name_problem(key: str, example: str) -> str:
+    """A ``*_env`` value that is no variable's name, often the secret itself pasted in: never repeated."""
+    return (f"is not an environment variable's name (letters, digits and _, not starting with a digit): write the "
+            f"name of the variable that holds the secret ({key}: {example}), never the secret itself")
+
+
 def _endpoint_problems(url: str, *, need_host: bool = True) -> list[str]:
     """What keeps ``url`` from being an OpenAI-compatible base URL. The client appends ``/chat/completions`` to
     it, so a query string or fragment would swallow that path and an endpoint already ending in it would double
     it. Nothing is said of ``/v1``: some servers mount the API elsewhere. The userinfo (a password, perhaps) is
-    never repeated."""
+    never repeated, nor any part of it: the checks read the URL without it (``experts.redact.userinfo``)."""
+    from experts.redact import userinfo  # here, not at the top: `import router.config` stays light (no httpx)
+
+    scheme, _, rest = url.partition("://")
+    credentials = userinfo(url)
+    bare = f"{scheme}://{rest[len(credentials) + 1:]}" if credentials else url
+    found = []
+    if credentials and len(credentials) >= len(re.split(r"[/?#]", rest, maxsplit=1)[0]):  # past the authority
+        found.append("has a '@' past its host: a '/', '?' or '#' in its user:password@ ends the host early; "
+                     "percent-encode them (%2F, %3F, %23, and a '@' as %40)")
     try:
-        parts = urlsplit(url)
+        parts = urlsplit(bare)
     except ValueError as exc:  # an unclosed IPv6 "[", say
-        return [f"is not a valid URL: {exc}"]
+        return [*found, f"is not a valid URL: {exc}"]
     host_port = parts.netloc.rpartition("@")[2]
     port = host_port.rpartition("]")[2].partition(":")[2]  # after an IPv6 literal's "]"
-    found = []
     if need_host and not parts.hostname:
         found.append("has no host (write http://host:port/...)")
     if port and not (port.isdigit() and 1 <= int(port) <= 65535):
         found.append(f"port {port} is not a port number from 1 to 65535")
-    before_fragment, fragment_mark, _ = url.partition("#")
+    before_fragment, fragment_mark, _ = bare.partition("#")
     extras = ["a query string (?...)"] * ("?" in before_fragment) + ["a fragment (#...)"] * bool(fragment_mark)
     if extras:
         found.append(f"has {' and '.join(extras)}: the client appends /chat/completions to the endpoint, so give "
@@ -710,8 +729,10 @@ def _endpoint_problems(url: str, *, need_host: bool = True) -> list[str]:
     path = parts.path.rstrip("/")
     suffix = next((s for s in _CLIENT_PATHS if path.endswith(s)), None)
     if suffix:
-        found.append(f"ends in {suffix}, which the client appends itself: give the base URL "
-                     f"({parts.scheme}://{host_port}{path[:-len(suffix)]})")
+        base = f"{scheme}://{host_port}{path[:-len(suffix)]}"
+        # A "@" left in the path may be a user name's token cut short by a "/": the URL is not repeated then.
+        found.append(f"ends in {suffix}, which the client appends itself: give the base URL"
+                     + (f" ({base})" if "@" not in path else f" without {suffix}"))
     return found
 
 

@@ -197,6 +197,44 @@ def test_an_endpoint_message_never_repeats_its_credentials() -> None:
     assert "s3cr3t" not in str(found) and "k=v" not in str(found)
 
 
+@pytest.mark.parametrize(("password", "tail"), [
+    ("Pw9x/Zz8+Q==", "/v1/chat/completions"), ("s3cr3t#Frag", "/v1"), ("s3cr?3t", "/v1"), ("1234/s3cr3t", "/v1"),
+    ("p@ss/w]rd[", "/v1")])
+def test_an_endpoint_password_holding_a_delimiter_is_named_never_shown(monkeypatch: pytest.MonkeyPatch,
+                                                                       password: str, tail: str) -> None:
+    """An unencoded '/', '?' or '#' ends the URL's authority early: a parser reads the password's start as the
+    port, the rest as a path, query or fragment. The problem is named, and no part of the password is shown."""
+    monkeypatch.setenv("MOE_TEST_PW", password)
+    found = problems({"version": 1, "experts": [expert(endpoint=f"http://bob:${{MOE_TEST_PW}}@h:9{tail}")]})
+    message = found["experts[0] (alpha).endpoint"]
+    assert message.startswith("has a '@' past its host: a '/', '?' or '#' in its user:password@ ends the host "
+                              "early; percent-encode them (%2F, %3F, %23, and a '@' as %40)")
+    pieces = {password, *password.replace("?", "/").replace("#", "/").split("/")} - {""}
+    assert not [piece for piece in pieces if piece in str(found)]
+    monkeypatch.setenv("MOE_TEST_PW", password.replace("@", "%40").replace("/", "%2F").replace("?", "%3F")
+                       .replace("#", "%23"))
+    parse_config({"version": 1, "experts": [expert(endpoint="http://bob:${MOE_TEST_PW}@h:9/v1")]})
+
+
+@pytest.mark.parametrize(("section", "key"), [("experts", "api_key_env"), ("security", "api_keys_env"),
+                                              ("security", "admin_key_env"), ("state", "url_env")])
+def test_a_secret_pasted_where_a_variable_name_belongs_is_never_repeated(section: str, key: str) -> None:
+    pasted = "sk-proj-PASTED-abc123"
+    raw: dict[str, object] = {"version": 1, "experts": [expert()]}
+    if section == "experts":
+        raw["experts"] = [expert(api_key_env=pasted)]
+    else:
+        raw[section] = {key: pasted}
+    with pytest.raises(ConfigError) as info:
+        parse_config(raw)
+    assert pasted not in str(info.value)
+    where = "experts[0] (alpha).api_key_env" if section == "experts" else f"{section}.{key}"
+    example = dict([*ENV_EXAMPLES, ("api_key_env", "OPENAI_API_KEY")])[key]
+    assert info.value.problems == [(where, "is not an environment variable's name (letters, digits and _, not "
+                                           "starting with a digit): write the name of the variable that holds the "
+                                           f"secret ({key}: {example}), never the secret itself")]
+
+
 @pytest.mark.parametrize("endpoint", ["http://h:8000", "https://h/openai/", "http://[::1]:65535/api/v1",
                                       "http://user:pw@h:1/v1"])
 def test_an_endpoint_need_not_end_in_v1(endpoint: str) -> None:

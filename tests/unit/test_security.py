@@ -169,6 +169,8 @@ def test_redact_hides_secrets_but_not_variable_names() -> None:
     ("https://alice:s3cret#Frag@api.example.com/v1", "https://<redacted>@api.example.com/v1"),
     ("https://alice:s3cret?x@api.example.com/v1?api_key=k", "https://<redacted>@api.example.com/v1?api_key=<redacted>"),
     ("http://bob:1234/s3cret@h/v1", "http://<redacted>@h/v1"),  # the start reads as a port, the rest as a path
+    ("http://bob:p@s3cret/w@h/v1", "http://<redacted>@h/v1"),  # with a "@" before the "/" too
+    ("http://u:s3cret@h:8000/a@b", "http://<redacted>@b"),  # a "@" past the host: hidden whole, too much
     ("no url at all", "no url at all"),
 ])
 def test_redact_finds_credentials_in_any_url_form(text: str, expected: str) -> None:
