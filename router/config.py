@@ -11,7 +11,7 @@ import io
 import os
 import re
 import types
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 from urllib.parse import urlsplit
@@ -511,6 +511,15 @@ class StateConfig(_Strict):
     # Every key starts with this, so several routers (or other apps) can share one Redis.
     key_prefix: str = Field(default="moe:", max_length=64)
 
+    def redis_url(self, environ: Mapping[str, str]) -> str:
+        """The URL in ``url_env``, stripped; a ``ConfigError`` naming the variable, never its value, where it holds
+        none redis-py can read."""
+        url = environ.get(self.url_env, "").strip()
+        problem = _redis_url_problem(self.url_env, url, is_set=self.url_env in environ)
+        if problem:
+            raise ConfigError("<environment>", [("state.url_env", problem)])
+        return url
+
 
 class TracingConfig(_Strict):
     """OpenTelemetry spans, one per expert call (``router.tracing``); off: no-op, and the SDK is never imported."""
@@ -670,15 +679,43 @@ def _cross_problems(raw: Any, *, check_env: bool, base_dir: str | Path | None = 
             yield f"{section}.{key}", _not_a_name_problem(key, example)
     url_env = state.get("url_env", "MOE_REDIS_URL")
     if check_env and state.get("backend") == "redis" and isinstance(url_env, str) and re.match(_ENV_NAME, url_env):
-        url = os.environ.get(url_env)
-        scheme = urlsplit(url).scheme if url else ""
-        if not url:
-            yield "state.url_env", f"environment variable {url_env} is not set; it must hold the Redis URL"
-        elif scheme not in _REDIS_SCHEMES:  # the value may hold a password: only its scheme is shown
-            yield "state.url_env", (f"environment variable {url_env} does not hold a Redis URL (its scheme is "
-                                    f"{scheme or 'none'!r}; expected redis://, rediss:// or unix://)")
+        problem = _redis_url_problem(url_env, os.environ.get(url_env, "").strip(), is_set=url_env in os.environ)
+        if problem:
+            yield "state.url_env", problem
     if check_env:
         yield from _security_env_problems(security)
+
+
+def _redis_url_problem(name: str, url: str, *, is_set: bool) -> str | None:
+    """What keeps redis-py from reading ``url``, the value of variable ``name``. The value may hold a password, so
+    only its scheme is ever shown: redis-py's own error quoted the password's start as the port when a '/' in it
+    ended the host early."""
+    if not url:
+        return (f"environment variable {name} is {'empty' if is_set else 'not set'}; it must hold the Redis URL "
+                "(redis://host:6379/0)")
+    scheme = url.partition("://")[0].lower() if "://" in url else ""
+    if scheme not in _REDIS_SCHEMES:
+        return (f"environment variable {name} does not hold a Redis URL (its scheme is {scheme or 'none'!r}; "
+                "expected redis://, rediss:// or unix://)")
+    if _userinfo_past_host(url):
+        return (f"environment variable {name} holds a Redis URL with a '@' past its host: a '/', '?' or '#' in its "
+                "password ends the host early; percent-encode them (%2F, %3F, %23, and a '@' as %40)")
+    try:
+        _ = urlsplit(url).port  # read for its ValueError, as redis-py reads it
+    except ValueError:
+        return (f"environment variable {name} holds a Redis URL whose host or port cannot be read (a port is a "
+                "number from 0 to 65535, an IPv6 host is written in [...]); percent-encode a password's '/', '?', "
+                "'#' and '@'")
+    return None
+
+
+def _userinfo_past_host(url: str) -> bool:
+    """Whether ``url``'s user:password@ runs past where a URL parser ends its host (``experts.redact.userinfo``):
+    a '/', '?' or '#' in a password, unencoded, makes the parser read its start as the host and port."""
+    from experts.redact import userinfo  # here, not at the top: `import router.config` stays light (no httpx)
+
+    credentials, rest = userinfo(url), url.partition("://")[2]
+    return bool(credentials) and len(credentials) >= len(re.split(r"[/?#]", rest, maxsplit=1)[0])
 
 
 def _is_reference(value: Any) -> bool:
@@ -708,7 +745,7 @@ def _endpoint_problems(url: str, *, need_host: bool = True) -> list[str]:
     credentials = userinfo(url)
     bare = f"{scheme}://{rest[len(credentials) + 1:]}" if credentials else url
     found = []
-    if credentials and len(credentials) >= len(re.split(r"[/?#]", rest, maxsplit=1)[0]):  # past the authority
+    if _userinfo_past_host(url):
         found.append("has a '@' past its host: a '/', '?' or '#' in its user:password@ ends the host early; "
                      "percent-encode them (%2F, %3F, %23, and a '@' as %40)")
     try:

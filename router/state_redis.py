@@ -225,7 +225,8 @@ class RedisFeedbackStore(FeedbackStore):
         redis = _redis_module()
 
         def client(timeout: float) -> Any:
-            return redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
+            return _from_url(redis.Redis.from_url, url, config, socket_timeout=timeout,
+                             socket_connect_timeout=timeout)
 
         return cls(client(timeout_s), config.key_prefix, remember_client=client(remember_timeout_s),
                    where=str(redact(url)), retention_s=retention_s)
@@ -298,11 +299,21 @@ class RedisFeedbackStore(FeedbackStore):
 
 
 def redis_url(config: StateConfig, environ: Mapping[str, str]) -> str:
-    url = environ.get(config.url_env, "").strip()
-    if not url:
-        raise ConfigError("<environment>", [("state.url_env", f"environment variable {config.url_env} is not set; "
-                                                              "it must hold the Redis URL (redis://host:6379/0)")])
-    return url
+    """The URL ``state.url_env`` names; a ``ConfigError`` naming the variable, never its value, where it holds
+    none redis-py can read (``StateConfig.redis_url``)."""
+    return config.redis_url(environ)
+
+
+def _from_url(factory: Callable[..., Any], url: str, config: StateConfig, **options: Any) -> Any:
+    """``factory(url, **options)``, a redis-py client. redis-py parses the URL there, and its ValueError may quote
+    part of it (a password's start read as a port): it becomes one naming the variable, without its value."""
+    try:
+        return factory(url, **options)
+    except ValueError:
+        raise ConfigError("<environment>", [("state.url_env", (
+            f"environment variable {config.url_env} holds a URL redis-py cannot read (its value is not shown: it "
+            "may hold a password); the form is redis://[[user]:password@]host[:port][/db][?option=value], with a "
+            "password's '/', '?', '#' and '@' percent-encoded"))]) from None
 
 
 @dataclass
@@ -347,8 +358,10 @@ def build_shared_state(config: StateConfig, environ: Mapping[str, str], *, timeo
     # No retries inside the clients: a failed call falls back to local state at once instead of blocking.
     timeouts: dict[str, Any] = {"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s}
     return SharedState(
-        rate_store=RedisRateStore(redis.asyncio.Redis.from_url(
-            url, retry=redis.asyncio.retry.Retry(NoBackoff(), 0), **timeouts), config.key_prefix),
-        breaker_store=RedisBreakerStore(redis.Redis.from_url(
-            url, retry=redis.retry.Retry(NoBackoff(), 0), **timeouts), config.key_prefix),
+        rate_store=RedisRateStore(_from_url(redis.asyncio.Redis.from_url, url, config,
+                                            retry=redis.asyncio.retry.Retry(NoBackoff(), 0), **timeouts),
+                                  config.key_prefix),
+        breaker_store=RedisBreakerStore(_from_url(redis.Redis.from_url, url, config,
+                                                  retry=redis.retry.Retry(NoBackoff(), 0), **timeouts),
+                                        config.key_prefix),
     )

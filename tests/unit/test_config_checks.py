@@ -303,6 +303,49 @@ def test_a_redis_url_variable_that_holds_no_redis_url_is_named_without_its_value
         assert parse_config(raw).state.url_env == "MOE_TEST_REDIS"
 
 
+@pytest.mark.parametrize(("url", "says"), [
+    ("redis://:RedisPw9x/Zz8+Q==@127.0.0.1:6390/0", "with a '@' past its host"),
+    ("redis://default:Pw#9x@h:6379/0", "with a '@' past its host"),
+    ("rediss://u:p@w/9x?y@h:6380", "with a '@' past its host"),
+    ("redis://h:RedisPw9x/0", "whose host or port cannot be read"),
+    ("redis://h:99999/0", "whose host or port cannot be read"),
+])
+def test_a_redis_url_redis_cannot_read_is_named_by_its_variable_never_its_value(
+        monkeypatch: pytest.MonkeyPatch, url: str, says: str) -> None:
+    """A password holding an unencoded '/' passed moe config check, and moe serve then died with redis-py's
+    "Port could not be cast to integer value as '<the password's start>'", naming neither the field nor the
+    variable. Both now name the variable, and no part of its value."""
+    from router.config import StateConfig
+    from router.state_redis import build_shared_state
+
+    monkeypatch.setenv("MOE_TEST_REDIS", url)
+    raw = {"version": 1, "experts": [expert()], "state": {"backend": "redis", "url_env": "MOE_TEST_REDIS"}}
+    message = problems(raw)["state.url_env"]
+    assert message.startswith(f"environment variable MOE_TEST_REDIS holds a Redis URL {says}")
+    state = StateConfig(backend="redis", url_env="MOE_TEST_REDIS")
+    with pytest.raises(ConfigError) as info:
+        build_shared_state(state, {"MOE_TEST_REDIS": url})
+    assert info.value.problems == [("state.url_env", message)]
+    assert not [part for part in ("RedisPw9x", "Pw#9x", "p@w", "9x", "99999") if part in message]
+
+
+@pytest.mark.parametrize("store", ["shared state", "feedback"])
+def test_a_redis_url_option_redis_cannot_read_is_named_by_its_variable_never_its_value(store: str) -> None:
+    """What the check before it lets through, redis-py may still refuse as it parses the URL (an option's value):
+    its message is replaced by one naming the variable."""
+    from router.config import StateConfig
+    from router.state_redis import RedisFeedbackStore, build_shared_state
+
+    url = "redis://:s3cret@h:6379/0?health_check_interval=s3cret"
+    state = StateConfig(backend="redis", url_env="MOE_TEST_REDIS")
+    build = build_shared_state if store == "shared state" else RedisFeedbackStore.from_config
+    with pytest.raises(ConfigError) as info:
+        build(state, {"MOE_TEST_REDIS": url})
+    (where, message), = info.value.problems
+    assert where == "state.url_env" and "MOE_TEST_REDIS holds a URL redis-py cannot read" in message
+    assert "s3cret" not in str(info.value) and info.value.__cause__ is None and info.value.__suppress_context__
+
+
 def test_an_expert_may_not_take_the_name_that_routes() -> None:
     found = problems({"version": 1, "experts": [expert(name="auto"), expert(name="beta")]})
     assert "'auto' is reserved" in found["experts[0] (auto).name"]
