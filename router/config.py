@@ -499,6 +499,10 @@ class SecurityConfig(_Strict):
             raise ValueError("api_keys: duplicate key name")
         if len(set(hashes)) != len(hashes):
             raise ValueError("api_keys: the same key hash is listed twice")
+        taken = [name for name in names if re.fullmatch(r"env-[0-9]+", name)] if self.api_keys_env else []
+        if taken:
+            raise ValueError(f"api_keys: the name {taken[0]!r} is the one the service gives a key of api_keys_env "
+                             "(env-1, env-2, ... by its place in the variable); rename it")
         return self
 
 

@@ -75,8 +75,10 @@ class KeyRing:
         keys = [_Key(k.name, k.sha256.lower(), k.rate_limit) for k in config.api_keys]
         if config.api_keys_env:
             raw = [k.strip() for k in environ.get(config.api_keys_env, "").split(",") if k.strip()]
-            # Named by a prefix of the digest: stable across restarts and reorderings, and says nothing of the key.
-            keys += [_Key(f"env-{d[:8]}", d) for d in dict.fromkeys(hash_key(k) for k in raw)]
+            # Named by place in the variable (env-1, env-2, ...), the same on every replica. Not by the digest: even
+            # a prefix of an unsalted hash in every log line lets anyone who reads the logs test guesses offline.
+            digests = dict.fromkeys(hash_key(k) for k in raw)
+            keys += [_Key(f"env-{place}", d) for place, d in enumerate(digests, start=1)]
         admin = environ.get(config.admin_key_env, "").strip() if config.admin_key_env else ""
         return cls(keys, hash_key(admin) if admin else None,
                    required=bool(config.api_keys) or config.api_keys_env is not None,

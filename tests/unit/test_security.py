@@ -9,6 +9,7 @@ from collections.abc import Mapping
 import httpx
 import pytest
 from fastapi import FastAPI
+from pydantic import ValidationError
 
 from experts.errors import ExpertUnavailable
 from router.config import ConfigError, RateLimitConfig, SecurityConfig
@@ -89,12 +90,28 @@ def test_key_ring_from_config_and_environment() -> None:
                                             "api_keys_env": "KEYS", "admin_key_env": "ADMIN"})
     ring = KeyRing.from_config(config, {"KEYS": f" {BOB} ,, {BOB}", "ADMIN": ADMIN})
     assert ring.required
-    assert [k.name for k in ring.keys] == ["alice", f"env-{hash_key(BOB)[:8]}"]
+    assert [k.name for k in ring.keys] == ["alice", "env-1"]
     assert all(BOB not in repr(k) for k in ring.keys)
     assert (ring.client(ALICE) or pytest.fail()).name == "alice"
     assert ring.client(BOB) is not None
     assert ring.client("sk-nobody") is None
     assert ring.is_admin(ADMIN) and not ring.is_admin(ALICE)
+
+
+def test_keys_from_the_environment_are_named_by_place_never_by_their_digest() -> None:
+    """The name is in every request line and 429 message: a prefix of the key's unsalted SHA-256 there let anyone
+    who reads the logs test guesses offline. A key given twice keeps its first place."""
+    config = SecurityConfig.model_validate({"api_keys_env": "KEYS"})
+    ring = KeyRing.from_config(config, {"KEYS": f"{ALICE}, {BOB},{ALICE},sk-third"})
+    assert [k.name for k in ring.keys] == ["env-1", "env-2", "env-3"]
+    assert [(ring.client(key) or pytest.fail()).name for key in (ALICE, BOB, "sk-third")] == ["env-1", "env-2", "env-3"]
+
+
+def test_a_config_key_may_not_take_a_name_the_environment_s_keys_get() -> None:
+    keys = [{"name": "env-2", "sha256": hash_key(ALICE)}]
+    SecurityConfig.model_validate({"api_keys": keys})  # no api_keys_env: no env-2 to clash with
+    with pytest.raises(ValidationError, match="the name 'env-2' is the one the service gives a key of api_keys_env"):
+        SecurityConfig.model_validate({"api_keys": keys, "api_keys_env": "KEYS"})
 
 
 def test_an_empty_key_variable_fails_closed() -> None:
