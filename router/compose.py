@@ -34,16 +34,16 @@ from __future__ import annotations
 import math
 import posixpath
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import urlsplit
 
 import yaml
 
-# The loader's own reference syntax and its never-expanded keys, so the file keeps exactly what the loader would
-# expand: one grammar for ${VAR}, not a second copy of it here.
-from router.config import _ENV_REF, _VERBATIM_KEYS, ConfigError, ExpertConfig, RouterConfig, load_config
+# The loader's own reference syntax and walk, so the file keeps exactly what the loader would expand: one grammar
+# for ${VAR}, not a second copy of it here.
+from router.config import ENV_REF, ConfigError, ExpertConfig, RouterConfig, env_references, load_config
 
 __all__ = [
     "FEEDBACK_VOLUME",
@@ -136,7 +136,7 @@ def _compose_text(text: str) -> str:
     (a literal ``${VAR}``) read alike in both; any other ``$`` is doubled, since compose would substitute a bare
     ``$VAR`` that the loader keeps as written."""
     parts, end = [], 0
-    for match in _ENV_REF.finditer(text):
+    for match in ENV_REF.finditer(text):
         parts += [text[end:match.start()].replace("$", "$$"), match.group(0)]
         end = match.end()
     return "".join(parts) + text[end:].replace("$", "$$")
@@ -147,29 +147,13 @@ def _written_text(written: Any, value: str) -> str:
     return _compose_text(written) if isinstance(written, str) else value.replace("$", "$$")
 
 
-def _references(written: Any, where: str = "") -> Iterator[tuple[str, bool]]:
-    """``(variable, whether this reference has a default)`` for each ``${VAR}`` the loader expands in ``written``:
-    its walk, in which a ``*_env`` value names a variable and ``description``/``examples`` are free text, neither
-    expanded, and ``$${VAR}`` is a literal."""
-    if isinstance(written, str):
-        if not where.endswith("_env"):
-            yield from ((m.group(2), m.group(3) is not None) for m in _ENV_REF.finditer(written) if not m.group(1))
-    elif isinstance(written, list):
-        for i, item in enumerate(written):
-            yield from _references(item, f"{where}[{i}]")
-    elif isinstance(written, dict):
-        for key, value in written.items():
-            if key not in _VERBATIM_KEYS:
-                yield from _references(value, f"{where}.{key}" if where else str(key))
-
-
 def _passed_variables(written: Any, named: Iterable[str]) -> list[str]:
     """The router's ``environment`` entries for the variables its config references and the service does not set
     already: ``NAME=${NAME}`` where a reference has no default (compose warns at ``up`` while it is unset, and the
     router refuses to start), ``NAME=${NAME:-}`` where every one has (blank counts as unset, so the default holds)."""
     required: dict[str, bool] = {}
-    for name, has_default in _references(written):
-        required[name] = required.get(name, False) or not has_default
+    for name, default in env_references(written):
+        required[name] = required.get(name, False) or default is None
     skip = {entry.split("=", 1)[0] for entry in named}
     return [f"{name}=${{{name}{'' if required[name] else ':-'}}}" for name in sorted(required) if name not in skip]
 

@@ -11,7 +11,7 @@ import io
 import os
 import re
 import types
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 from urllib.parse import urlsplit
@@ -29,6 +29,8 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 __all__ = [
+    "ENV_REF",
+    "VERBATIM_KEYS",
     "ApiKeyConfig",
     "BreakerConfig",
     "CombinerConfig",
@@ -47,6 +49,7 @@ __all__ = [
     "StateConfig",
     "TopKConfig",
     "TracingConfig",
+    "env_references",
     "load_config",
     "parse_config",
 ]
@@ -65,10 +68,10 @@ _CLIENT_PATHS = ("/chat/completions", "/completions")
 # What redis-py's ``Redis.from_url`` takes.
 _REDIS_SCHEMES = ("redis", "rediss", "unix")
 # ``${VAR}`` or ``${VAR:-default}``; ``$${VAR}`` is the escape for a literal ``${VAR}``.
-_ENV_REF = re.compile(r"(\$?)\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+ENV_REF = re.compile(r"(\$?)\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 # Free text, read by the gate and shown by the API: never expanded, so a ``${...}`` there stays as written (an
 # example about shell variables keeps them, and no variable's value, a secret perhaps, is trained on or shown).
-_VERBATIM_KEYS = frozenset({"description", "examples"})
+VERBATIM_KEYS = frozenset({"description", "examples"})
 
 
 class ConfigError(ValueError):
@@ -825,11 +828,8 @@ def _expand_env(value: Any, unset: list[tuple[str, str]], where: str = "",
 
     A ``*_env`` key's value is left alone: it names a variable. Expanded, a mistaken ``api_key_env: ${KEY}``
     would put the key itself where a variable's name goes, and into every message that names that variable.
-    ``description`` and ``examples`` are left alone too (``_VERBATIM_KEYS``)."""
-    if isinstance(value, str):
-        if where.endswith("_env"):
-            return value
-
+    ``description`` and ``examples`` are left alone too (``VERBATIM_KEYS``)."""
+    def expand(text: str, path: str) -> str:
         def substitute(match: re.Match[str]) -> str:
             escape, name, default = match.group(1), match.group(2), match.group(3)
             if escape:
@@ -838,22 +838,43 @@ def _expand_env(value: Any, unset: list[tuple[str, str]], where: str = "",
             if found:  # "" counts as unset
                 return found
             if default is None:
-                unset.append((where or "<root>", name))
+                unset.append((path or "<root>", name))
             return default or ""
 
         # A '${' left once the references are taken out starts none; one inside a default (``${A:-${B}}``) would
         # be kept as text, since defaults are not expanded.
-        if malformed is not None and ("${" in _ENV_REF.sub("", value) or any(
-                "${" in (m.group(3) or "") for m in _ENV_REF.finditer(value) if not m.group(1))):
-            malformed.append(where or "<root>")
-        return _ENV_REF.sub(substitute, value)
+        if malformed is not None and ("${" in ENV_REF.sub("", text) or any(
+                "${" in (m.group(3) or "") for m in ENV_REF.finditer(text) if not m.group(1))):
+            malformed.append(path or "<root>")
+        return ENV_REF.sub(substitute, text)
+
+    return _map_expandable(value, expand, where)
+
+
+def _map_expandable(value: Any, fn: Callable[[str, str], str], where: str = "") -> Any:
+    """``value`` with ``fn(text, path)`` applied to every string the loader expands: all but a ``*_env`` key's
+    value and what ``VERBATIM_KEYS`` hold."""
+    if isinstance(value, str):
+        return value if where.endswith("_env") else fn(value, where)
     if isinstance(value, list):
-        return [_expand_env(v, unset, f"{where}[{i}]", malformed) for i, v in enumerate(value)]
+        return [_map_expandable(v, fn, f"{where}[{i}]") for i, v in enumerate(value)]
     if isinstance(value, dict):
-        return {k: v if k in _VERBATIM_KEYS else
-                _expand_env(v, unset, f"{where}.{k}" if where else str(k), malformed)
+        return {k: v if k in VERBATIM_KEYS else _map_expandable(v, fn, f"{where}.{k}" if where else str(k))
                 for k, v in value.items()}
     return value
+
+
+def env_references(value: Any) -> list[tuple[str, str | None]]:
+    """``(variable, default or None)`` for each ``${VAR}`` and ``${VAR:-default}`` the loader would expand in
+    ``value`` (a config as read from YAML, unexpanded), in order: what a deployment must provide."""
+    found: list[tuple[str, str | None]] = []
+
+    def note(text: str, _: str) -> str:
+        found.extend((m.group(2), m.group(3)) for m in ENV_REF.finditer(text) if not m.group(1))
+        return text
+
+    _map_expandable(value, note)
+    return found
 
 
 def _string_keys(value: Any, problems: list[tuple[str, str]], where: str = "") -> Any:
