@@ -170,6 +170,11 @@ _NO_KEY = Denied(401, "missing_api_key", "this service needs an API key: send 'A
 _BAD_KEY = Denied(401, "invalid_api_key", "the API key given is not valid")
 
 
+def _rate_limited(limit: RateLimitConfig, who: str, wait: float) -> Denied:
+    return Denied(429, "rate_limit_exceeded", f"rate limit of {limit.rate_per_s:g}/s (burst {limit.burst}) reached "
+                  f"for {who}", "rate_limit_error", retry_after_s=wait)
+
+
 class Guard:
     """Admits or denies one call: a client key and its rate limit for ``/v1``, the admin key for ``/admin``."""
 
@@ -190,15 +195,18 @@ class Guard:
                 return _NO_KEY
             key = self.keys.client(raw)
             if key is None:
+                # A wrong key takes a token from its address's bucket at the service's rate, so keys cannot be
+                # guessed faster than an anonymous client could call; past it, a 429 rather than another verdict.
+                if self.rate_limit is not None:
+                    wait = await self.store.take(f"client:{client}", self.rate_limit)
+                    if wait > 0:
+                        return _rate_limited(self.rate_limit, "this client's wrong keys", wait)
                 return _BAD_KEY
         limit = key.rate_limit if key and key.rate_limit else self.rate_limit
         if limit is not None:
             wait = await self.store.take(f"key:{key.name}" if key else f"client:{client}", limit)
             if wait > 0:
-                who = f"key {key.name!r}" if key else "this client"
-                return Denied(429, "rate_limit_exceeded",
-                              f"rate limit of {limit.rate_per_s:g}/s (burst {limit.burst}) reached for {who}",
-                              "rate_limit_error", retry_after_s=wait)
+                return _rate_limited(limit, f"key {key.name!r}" if key else "this client", wait)
         return Admitted(key.name if key else None)
 
     def admit_admin(self, authorization: str | None) -> Admitted | Denied:

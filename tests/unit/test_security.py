@@ -149,6 +149,28 @@ async def test_guard_limits_per_key_with_a_per_key_override() -> None:
     assert await guard.admit_client(f"Bearer {ALICE}", "1.2.3.4") == Admitted("alice")
 
 
+async def test_wrong_keys_are_rate_limited_per_address_without_touching_the_keys_buckets() -> None:
+    """Guessing keys costs a token of the address's bucket per guess, at the service's rate: past its burst the
+    guesser gets 429s, while a real key from the same address keeps its own bucket."""
+    clock = FakeClock()
+    config = SecurityConfig.model_validate({"api_keys": [{"name": "alice", "sha256": hash_key(ALICE)}],
+                                            "rate_limit": {"rate_per_s": 1, "burst": 3}})
+    guard = Guard.from_config(config, {}, InMemoryRateStore(clock))
+    verdicts = [await guard.admit_client(f"Bearer guess-{i}", "6.6.6.6") for i in range(5)]
+    assert [v.status for v in verdicts] == [401, 401, 401, 429, 429]  # type: ignore[union-attr]
+    assert verdicts[3].headers == {"retry-after": "1"} and "wrong keys" in verdicts[3].message  # type: ignore[union-attr]
+    assert await guard.admit_client(f"Bearer {ALICE}", "6.6.6.6") == Admitted("alice")
+    other = await guard.admit_client("Bearer guess-x", "7.7.7.7")  # another address has its own bucket
+    assert isinstance(other, Denied) and other.status == 401
+    clock.now += 1.0
+    refilled = await guard.admit_client("Bearer guess-y", "6.6.6.6")
+    assert isinstance(refilled, Denied) and refilled.status == 401
+    # Without a service-wide rate limit there is no bucket to take from: every wrong key is a 401.
+    unlimited = Guard.from_config(SecurityConfig.model_validate(
+        {"api_keys": [{"name": "alice", "sha256": hash_key(ALICE)}]}), {}, InMemoryRateStore(clock))
+    assert {(await unlimited.admit_client(f"Bearer g{i}", "6.6.6.6")).status for i in range(10)} == {401}  # type: ignore[union-attr]
+
+
 def test_in_memory_store_is_bounded() -> None:
     import asyncio
 
