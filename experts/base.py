@@ -83,11 +83,15 @@ class ExpertContext:
     """What the router shares with every expert it builds.
 
     ``base_dir`` resolves relative paths in an expert's config. ``transport`` injects the network: tests pass
-    ``httpx.ASGITransport`` or a mock transport, production leaves it ``None`` for real sockets.
+    ``httpx.ASGITransport`` or a mock transport, production leaves it ``None`` for real sockets. ``log_content``
+    comes from the router's config (``build_experts``).
     """
 
     base_dir: Path = field(default_factory=Path.cwd)
     transport: httpx.AsyncBaseTransport | None = None
+    # ``service.log_content``: an expert's log lines may quote what an upstream's error says, which can hold the
+    # prompt (a 422's ``detail[].input``); off, they name the error's type and code only.
+    log_content: bool = False
 
 
 class Expert(ABC):

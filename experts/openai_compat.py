@@ -336,10 +336,12 @@ class OpenAICompatibleExpert(Expert):
         # Every failed call has its line in the operator's log, an error status as much as a dropped connection:
         # INFO for a request the expert found invalid (the client's to mend), a WARNING for anything that says
         # the expert or its deployment is unwell (429, 5xx, a refused key, a model it does not serve). The line
-        # holds the error's type and code (``labels``), not ``detail``, which may quote the prompt.
+        # holds the error's type and code (``labels``), and ``detail``, which may quote the prompt, only where the
+        # service logs content (``service.log_content``).
         level = logging.INFO if status in INVALID_REQUEST_STATUSES else logging.WARNING
-        log.log(level, "expert %s (%s): HTTP %d failed%s%s", self.name, redact(self._url), status,
-                f" ({', '.join(labels)})" if labels else "", f" (Retry-After: {retry_after})" if retry_after else "")
+        log.log(level, "expert %s (%s): HTTP %d failed%s%s%s", self.name, redact(self._url), status,
+                f" ({', '.join(labels)})" if labels else "", f" (Retry-After: {retry_after})" if retry_after else "",
+                f": {detail or 'no detail'}" if self.context.log_content else "")
         if status == 429:
             return ExpertRateLimited(self.name, status, detail, parse_retry_after(retry_after))
         if status >= 500:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
@@ -47,7 +48,8 @@ class VoteWeightsNotTrained(FileNotFoundError):
 
 
 def build_experts(config: RouterConfig, context: ExpertContext | None = None) -> dict[str, Expert]:
-    context = context or ExpertContext(base_dir=Path(config.base_dir))
+    context = replace(context or ExpertContext(base_dir=Path(config.base_dir)),
+                      log_content=config.service.log_content)
     experts = {e.name: build_expert(e, context, EXPERT_TYPES) for e in config.experts}
     if config.tracing.enabled:
         from router.tracing import traced

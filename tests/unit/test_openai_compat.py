@@ -300,6 +300,28 @@ async def test_the_log_line_of_an_error_status_never_quotes_the_request(server: 
     assert all("078-05-1120" in e.message for e in errors)
 
 
+async def test_the_log_line_quotes_the_upstreams_error_where_the_service_logs_content(
+        server: ScriptedOpenAIServer, make_expert: MakeExpert, caplog: pytest.LogCaptureFixture) -> None:
+    """With ``service.log_content: true`` (``build_experts`` puts it in every expert's context) the line carries
+    the upstream's words too, as the operator asked for content in the log."""
+    from router.build import build_experts
+    from router.config import parse_config
+
+    caplog.set_level(logging.INFO)
+    server.push(Behaviour.error(400, "This model's maximum context length is 4096 tokens"))
+    expert = make_expert(ExpertContext(log_content=True))
+    with pytest.raises(ExpertHTTPError):
+        await expert.generate(ask())
+    (line,) = [r.getMessage() for r in caplog.records if r.name == "experts.openai_compat"]
+    assert line.endswith(": This model's maximum context length is 4096 tokens"), line
+    raw = {"version": 1, "experts": [{"name": "a", "type": "vllm", "endpoint": server.url, "model": "m"}]}
+    for content in (True, False):
+        built = build_experts(parse_config({**raw, "service": {"log_content": content}}, check_env=False))
+        assert [e.context.log_content for e in built.values()] == [content]
+        for e in built.values():
+            await e.aclose()
+
+
 @pytest.mark.parametrize(("raw", "shown"), [
     ("ClientConnectorError: Cannot connect to host 127.0.0.1:46403 ssl:default [Connect call failed "
      "('127.0.0.1', 46403)]",
