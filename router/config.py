@@ -30,7 +30,6 @@ from pydantic_core import PydanticCustomError
 
 __all__ = [
     "ENV_REF",
-    "VERBATIM_KEYS",
     "ApiKeyConfig",
     "BreakerConfig",
     "CombinerConfig",
@@ -71,7 +70,7 @@ _REDIS_SCHEMES = ("redis", "rediss", "unix")
 ENV_REF = re.compile(r"(\$?)\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 # Free text, read by the gate and shown by the API: never expanded, so a ``${...}`` there stays as written (an
 # example about shell variables keeps them, and no variable's value, a secret perhaps, is trained on or shown).
-VERBATIM_KEYS = frozenset({"description", "examples"})
+_VERBATIM_KEYS = frozenset({"description", "examples"})
 
 
 class ConfigError(ValueError):
@@ -828,7 +827,7 @@ def _expand_env(value: Any, unset: list[tuple[str, str]], where: str = "",
 
     A ``*_env`` key's value is left alone: it names a variable. Expanded, a mistaken ``api_key_env: ${KEY}``
     would put the key itself where a variable's name goes, and into every message that names that variable.
-    ``description`` and ``examples`` are left alone too (``VERBATIM_KEYS``)."""
+    ``description`` and ``examples`` are left alone too (``_VERBATIM_KEYS``)."""
     def expand(text: str, path: str) -> str:
         def substitute(match: re.Match[str]) -> str:
             escape, name, default = match.group(1), match.group(2), match.group(3)
@@ -853,13 +852,13 @@ def _expand_env(value: Any, unset: list[tuple[str, str]], where: str = "",
 
 def _map_expandable(value: Any, fn: Callable[[str, str], str], where: str = "") -> Any:
     """``value`` with ``fn(text, path)`` applied to every string the loader expands: all but a ``*_env`` key's
-    value and what ``VERBATIM_KEYS`` hold."""
+    value and what ``_VERBATIM_KEYS`` hold."""
     if isinstance(value, str):
         return value if where.endswith("_env") else fn(value, where)
     if isinstance(value, list):
         return [_map_expandable(v, fn, f"{where}[{i}]") for i, v in enumerate(value)]
     if isinstance(value, dict):
-        return {k: v if k in VERBATIM_KEYS else _map_expandable(v, fn, f"{where}.{k}" if where else str(k))
+        return {k: v if k in _VERBATIM_KEYS else _map_expandable(v, fn, f"{where}.{k}" if where else str(k))
                 for k, v in value.items()}
     return value
 
