@@ -27,7 +27,7 @@ import json
 import logging
 import math
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -134,12 +134,13 @@ def training_data_sha256(texts: Sequence[str], labels: Sequence[str]) -> str:
     return hashlib.sha256("\n".join(lines).encode("utf-8")).hexdigest()
 
 def split_train_val(texts: Sequence[str], labels: Sequence[str], *, seed: int = 0,
-                    val_fraction: float = 0.15) -> tuple[np.ndarray, np.ndarray]:
+                    val_fraction: float = 0.15, pinned: Collection[str] = ()) -> tuple[np.ndarray, np.ndarray]:
     """Indices (train, val), stratified per label and decided by a seeded hash of the text.
 
     The split depends only on the data and the seed, never on order or the process. Copies of one text stay
     on one side, so duplicates do not leak into validation. Each label sends ``floor(fraction * distinct
-    texts)`` texts to validation, so a label with few texts keeps them all for training.
+    texts)`` of its texts that are not ``pinned`` to validation, so a label with few texts keeps them all for
+    training. ``pinned`` texts always train: a user's verdict on a query (feedback) must reach the classifier.
     """
     def key(text: str) -> bytes:
         return hashlib.sha256(f"{seed}\x00{text}".encode()).digest()
@@ -148,8 +149,10 @@ def split_train_val(texts: Sequence[str], labels: Sequence[str], *, seed: int = 
     for text, label in zip(texts, labels, strict=True):
         by_label.setdefault(label, set()).add(text)
     val_texts: set[str] = set()
+    kept = set(pinned)
     for distinct in by_label.values():
-        val_texts.update(sorted(distinct, key=key)[:math.floor(val_fraction * len(distinct))])
+        candidates = sorted(distinct - kept, key=key)
+        val_texts.update(candidates[:math.floor(val_fraction * len(candidates))])
     # By text, not by (label, text): a text given two labels goes to validation whole, never half on each side.
     in_val = np.array([t in val_texts for t in texts], dtype=bool)
     return np.flatnonzero(~in_val), np.flatnonzero(in_val)
@@ -174,12 +177,12 @@ def embed_texts(encoder: Encoder, texts: Sequence[str], *, progress: bool = True
 
 def train_gate(texts: Sequence[str], labels: Sequence[str], encoder: Encoder, *, experts: Sequence[str],
                seed: int = 0, val_fraction: float = 0.15, progress: bool = True,
-               classifier: Classifier | None = None) -> Gate:
+               classifier: Classifier | None = None, pinned: Collection[str] = ()) -> Gate:
     """Embed, split, fit the classifier on the train part, then the temperature and the out-of-distribution
     grids and threshold on queries it did not train on: the validation part, or where that holds fewer than two
     experts' queries every example out of fold (the module docstring, "Calibration"). The cold-start similarity
     map is fitted on the validation part (its defaults without one). ``classifier`` defaults to the ensemble
-    (``router.classifiers``)."""
+    (``router.classifiers``). ``pinned`` texts are never held out (``split_train_val``): feedback's."""
     from tqdm.auto import tqdm
 
     experts = list(experts)
@@ -200,7 +203,7 @@ def train_gate(texts: Sequence[str], labels: Sequence[str], encoder: Encoder, *,
     x = embed_texts(encoder, texts, progress=progress)
     col = {e: i for i, e in enumerate(trained)}
     y = np.array([col[lab] for lab in labels], dtype=np.int64)
-    train, val = split_train_val(texts, labels, seed=seed, val_fraction=val_fraction)
+    train, val = split_train_val(texts, labels, seed=seed, val_fraction=val_fraction, pinned=pinned)
     queries = Queries(texts, x)
     classifier = classifier or EnsembleClassifier(seed=seed)
     # One expert's queries cannot fit a temperature (every target the same column) nor stand for the others'.

@@ -27,9 +27,9 @@ caller passes ``feedback=False`` (``moe train --no-feedback``). A verdict is a q
 - outcome gate: the verdicts on one query become one outcome record, each rated expert's outcome the mean
   of its scores on that query (so good = 1.0, bad = 0.0, good and bad once = 0.5);
 - label gate: the verdicts on one query and expert are averaged as above. At 0.5 or more the pair becomes the
-  example ``(query, expert)``, once. Below it, "not this expert" names no label to learn, but it does say the
-  pairing is wrong: training-file examples of exactly that query with that label are dropped (the config's own
-  ``examples`` are kept as written).
+  example ``(query, expert)``, once, and one the classifier always trains on (never held out for calibration).
+  Below it, "not this expert" names no label to learn, but it does say the pairing is wrong: training-file
+  examples of exactly that query with that label are dropped (the config's own ``examples`` are kept as written).
 
 Verdicts on experts no longer in the config are dropped.
 """
@@ -76,6 +76,8 @@ class TrainingData:
     # how many training examples bad feedback dropped.
     config_examples: int = 0
     dropped: int = 0
+    # Label data: the texts good feedback made examples of, which the gate always trains on (never held out).
+    pinned: frozenset[str] = frozenset()
 
 
 def load_labelled_jsonl(path: str | Path) -> list[tuple[str, str]]:
@@ -134,10 +136,11 @@ def fold_feedback(data: TrainingData, verdicts: list[FeedbackRecord], experts: l
     fixed = data.config_examples
     pairs = pairs[:fixed] + [pair for pair in pairs[fixed:] if pair not in wrong]
     dropped = len(data.texts) - len(pairs)
-    pairs += [pair for pair, score in mean.items() if score >= 0.5]
+    good = [pair for pair, score in mean.items() if score >= 0.5]
+    pairs += good
     return TrainingData("label", texts=[q for q, _ in pairs], labels=[e for _, e in pairs],
                         feedback=data.feedback + len(kept), feedback_through=through, config_examples=fixed,
-                        dropped=data.dropped + dropped)
+                        dropped=data.dropped + dropped, pinned=data.pinned | {q for q, _ in good})
 
 
 def _collect_files(config: RouterConfig) -> TrainingData:
@@ -250,14 +253,14 @@ def train_from_config(config: RouterConfig, *, progress: bool = True,
     else:
         _check_routable(config, set(data.labels))
         gate = train_gate(data.texts, data.labels, encoder, experts=config.expert_names, progress=progress,
-                          classifier=build_classifier(config.gate.classifier))
+                          classifier=build_classifier(config.gate.classifier), pinned=data.pinned)
     artifact = config.resolve(config.gate.artifact)
     _record_feedback(gate, data)
     served: Gate | CascadeGate = gate
     if config.gate.cascade is not None:
         fast = train_gate(data.texts, data.labels, build_encoder(config.gate.cascade.encoder),
                           experts=config.expert_names, progress=progress,
-                          classifier=build_classifier(config.gate.classifier))
+                          classifier=build_classifier(config.gate.classifier), pinned=data.pinned)
         _record_feedback(fast, data)
         served = CascadeGate.train(gate, fast, data.texts, data.labels, agreement=config.gate.cascade.agreement,
                                    familiar=config.gate.cascade.familiar)

@@ -232,6 +232,7 @@ def test_fold_rule_for_label_and_outcome_gates(tmp_path: Path) -> None:
     label = fold_feedback(TrainingData("label", texts=["ex"], labels=["math"]), verdicts, NAMES)
     assert list(zip(label.texts, label.labels, strict=True)) == [("ex", "math"), ("q1", "math"), ("q2", "code")]
     assert label.feedback == 4 and label.dropped == 0
+    assert label.pinned == {"q1", "q2"}  # the gate never holds a user's good verdict out of training
     outcome = fold_feedback(TrainingData("outcome", records=[OutcomeRecord("r", {"math": 1.0}, {})]), verdicts,
                             NAMES)
     assert outcome.records[1:] == [OutcomeRecord("q1", {"math": 1.0, "code": 0.0}, {}),

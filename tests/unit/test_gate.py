@@ -228,6 +228,19 @@ def test_split_is_seeded_stratified_and_order_independent(snips: dict[str, list[
         assert (4 in va) == (5 in va) and (4 in tr) == (5 in tr)
 
 
+def test_pinned_texts_always_train(snips: dict[str, list[tuple[str, str]]]) -> None:
+    """Feedback's examples are pinned: each trains, whatever its hash, and the rest of its label is split as
+    before (the validation share taken from the unpinned texts)."""
+    texts, labels = (list(v) for v in zip(*snips["train"], strict=True))
+    _, val = split_train_val(texts, labels, seed=0)
+    pinned = {texts[i] for i in val[:20]}  # texts the hash would hold out
+    train_p, val_p = split_train_val(texts, labels, seed=0, pinned=pinned)
+    assert pinned <= {texts[i] for i in train_p} and not pinned & {texts[i] for i in val_p}
+    assert len(set(train_p) | set(val_p)) == len(texts) and not set(train_p) & set(val_p)
+    assert {texts[i] for i in val_p} - {texts[i] for i in val} != set()  # others took their places
+    assert split_train_val(texts, labels, seed=0, pinned=())[1].tolist() == val.tolist()
+
+
 def test_training_warns_of_queries_with_two_labels(snips: dict[str, list[tuple[str, str]]],
                                                    caplog: pytest.LogCaptureFixture) -> None:
     from router.gate import conflicting_labels
