@@ -112,6 +112,19 @@ def test_unknown_classifier_kind_is_named() -> None:
         build_classifier("svm")
 
 
+def test_lexical_member_reads_a_long_texts_first_characters_only() -> None:
+    """A 50 MB training line is read for its first MAX_CHARS characters, in training and serving alike: terms
+    past them are not in the vocabulary, and a long query scores as its head does."""
+    head = "the court ruled the contract void "
+    long = head * (LexicalClassifier.MAX_CHARS // len(head)) + " photosynthesis " * 100_000
+    clf = LexicalClassifier(c=30.0)
+    clf.fit(queries([*TEXTS, long]), np.r_[LABELS, 1], 3)
+    assert "photosynthesis" in clf.vocabulary  # from the short biology texts
+    assert "photosynthesis photosynthesis" not in clf.vocabulary  # the long text's tail was never read
+    cut = long[:LexicalClassifier.MAX_CHARS]
+    np.testing.assert_allclose(clf.predict_logits(queries([long])), clf.predict_logits(queries([cut])))
+
+
 def test_lexical_member_abstains_when_no_term_survives() -> None:
     clf = LexicalClassifier()
     clf.fit(queries(["a", "b", "c", "d"]), np.array([0, 0, 1, 1]), 2)
