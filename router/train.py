@@ -25,7 +25,11 @@ caller passes ``feedback=False`` (``moe train --no-feedback``). A verdict is a q
 [0, 1] (good = 1.0, bad = 0.0); ``fold_feedback`` turns it into the kind of data being trained:
 
 - outcome gate: the verdicts on one query become one outcome record, each rated expert's outcome the mean
-  of its scores on that query (so good = 1.0, bad = 0.0, good and bad once = 0.5);
+  of its scores on that query (so good = 1.0, bad = 0.0, good and bad once = 0.5). Except for an expert the
+  files give no record but the config gives ``examples`` (a cold start): its verdicts wait until they cover
+  ``COLD_START_RECORDS`` queries. A handful of records would make it a trained expert whose success leans on the
+  pooled rate (``router.outcome.PRIOR_RECORDS``) against experts measured on thousands, and a few good verdicts
+  would then take from it the very queries they rated; until then it is routed from its examples;
 - label gate: the verdicts on one query and expert are averaged as above. At 0.5 or more the pair becomes the
   example ``(query, expert)``, once, and one the classifier always trains on (never held out for calibration).
   Below it, "not this expert" names no label to learn, but it does say the pairing is wrong: training-file
@@ -37,6 +41,8 @@ Verdicts on experts no longer in the config are dropped.
 from __future__ import annotations
 
 import errno
+from collections import Counter
+from collections.abc import Collection
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -50,7 +56,7 @@ from router.feedback import FeedbackRecord, load_feedback
 from router.files import staged
 from router.gate import Gate, train_gate
 from router.jsonl import read_jsonl
-from router.outcome import OutcomeRecord, is_outcome_file, load_outcome_lines
+from router.outcome import PRIOR_RECORDS, OutcomeRecord, is_outcome_file, load_outcome_lines
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -58,6 +64,10 @@ if TYPE_CHECKING:
     from router.vote_weights import VoteWeights
 
 __all__ = ["TrainingData", "collect_training_data", "fold_feedback", "load_labelled_jsonl", "train_from_config"]
+
+# Queries a cold-start expert's verdicts must cover before an outcome gate trains on them (module docstring): as
+# many as the pooled rate's weight, so its own records count at least as much as the pooled rate.
+COLD_START_RECORDS = int(PRIOR_RECORDS)
 
 
 @dataclass
@@ -78,6 +88,8 @@ class TrainingData:
     dropped: int = 0
     # Label data: the texts good feedback made examples of, which the gate always trains on (never held out).
     pinned: frozenset[str] = frozenset()
+    # Outcome data: cold-start experts whose verdicts wait (``COLD_START_RECORDS``), with how many queries rated.
+    waiting: dict[str, int] = field(default_factory=dict)
 
 
 def load_labelled_jsonl(path: str | Path) -> list[tuple[str, str]]:
@@ -112,12 +124,15 @@ def collect_training_data(config: RouterConfig, *, feedback: bool = True) -> Tra
     feedback, folded in, unless ``feedback`` is false or the config turns feedback off."""
     data = _collect_files(config)
     if feedback:
-        data = fold_feedback(data, load_feedback(config), config.expert_names)
+        data = fold_feedback(data, load_feedback(config), config.expert_names,
+                             cold_start=[e.name for e in config.experts if e.examples])
     return data
 
 
-def fold_feedback(data: TrainingData, verdicts: list[FeedbackRecord], experts: list[str]) -> TrainingData:
-    """``data`` with the feedback ``verdicts`` added by the rule in the module docstring."""
+def fold_feedback(data: TrainingData, verdicts: list[FeedbackRecord], experts: list[str], *,
+                  cold_start: Collection[str] = ()) -> TrainingData:
+    """``data`` with the feedback ``verdicts`` added by the rule in the module docstring; ``cold_start``: the
+    experts the config gives examples (an outcome gate routes those without records from them)."""
     kept = [v for v in verdicts if v.expert in experts]
     through = max([v.created for v in kept] + ([data.feedback_through] if data.feedback_through else []),
                   default=None)
@@ -128,9 +143,15 @@ def fold_feedback(data: TrainingData, verdicts: list[FeedbackRecord], experts: l
     if data.kind == "outcome":
         # A verdict on a query the files name a task for carries that task, so it counts toward the task's rates.
         task_of = {r.query: r.task for r in data.records if r.task is not None}
-        folded = [OutcomeRecord(q, {e: mean[q, e] for e in by}, {}, task=task_of.get(q)) for q, by in scores.items()]
-        return TrainingData("outcome", records=[*data.records, *folded], feedback=data.feedback + len(kept),
-                            feedback_through=through)
+        recorded = {e for r in data.records for e in r.outcomes}
+        rated = Counter(e for by in scores.values() for e in by)
+        waiting = {e: n for e, n in rated.items()
+                   if e in cold_start and e not in recorded and n < COLD_START_RECORDS}
+        folded = [OutcomeRecord(q, {e: mean[q, e] for e in by if e not in waiting}, {}, task=task_of.get(q))
+                  for q, by in scores.items()]
+        return TrainingData("outcome", records=[*data.records, *(r for r in folded if r.outcomes)],
+                            feedback=data.feedback + len(kept), feedback_through=through,
+                            waiting={**data.waiting, **waiting})
     wrong = {pair for pair, score in mean.items() if score < 0.5}
     pairs = list(zip(data.texts, data.labels, strict=True))
     fixed = data.config_examples
@@ -235,6 +256,11 @@ def train_from_config(config: RouterConfig, *, progress: bool = True,
     if progress and data.feedback:
         dropped = f"; bad verdicts dropped {data.dropped} training example(s)" if data.dropped else ""
         print(f"feedback: {data.feedback} stored verdict(s) folded in{dropped}", flush=True)
+    if progress and data.waiting:
+        print("feedback: of these, the verdicts on cold-start expert(s) " + ", ".join(
+            f"{e} ({n} quer{'y' if n == 1 else 'ies'} rated)" for e, n in sorted(data.waiting.items()))
+            + f" wait until they cover {COLD_START_RECORDS} queries; until then each is routed from its config "
+              "examples", flush=True)
     vote_weights = _learned_vote_weights(config, data, progress=progress)  # before the gate: fails fast
     if config.gate.cascade is not None and data.kind == "outcome":
         raise ValueError("gate.cascade applies to label gates, but gate.train_data holds outcome records; "

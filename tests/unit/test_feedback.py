@@ -244,6 +244,29 @@ def test_fold_rule_for_label_and_outcome_gates(tmp_path: Path) -> None:
     assert [r.task for r in tasked.records] == ["algebra", "algebra", None]
 
 
+def test_verdicts_on_a_cold_start_expert_wait_until_they_cover_enough_queries(tmp_path: Path) -> None:
+    """An expert the outcome records never score but the config gives examples is routed from them; a few good
+    verdicts must not turn it into a trained expert that the pooled rate drags below the measured ones, so they
+    wait (and are reported) until they cover COLD_START_RECORDS queries."""
+    from router.train import COLD_START_RECORDS
+
+    data = TrainingData("outcome", records=[OutcomeRecord("r", {"math": 1.0, "code": 0.0}, {})])
+    few = _verdicts(tmp_path, [("q1", "newbie", 1.0), ("q2", "newbie", 1.0), ("q1", "math", 0.0)])
+    experts = [*NAMES, "newbie"]
+    folded = fold_feedback(data, few, experts, cold_start=["newbie"])
+    assert folded.records[1:] == [OutcomeRecord("q1", {"math": 0.0}, {})]  # newbie's outcomes wait
+    assert folded.waiting == {"newbie": 2} and folded.feedback == 3
+    # Without examples there is no cold start to keep: the verdicts train it, as before.
+    assert fold_feedback(data, few, experts).records[1:] == [OutcomeRecord("q1", {"newbie": 1.0, "math": 0.0}, {}),
+                                                             OutcomeRecord("q2", {"newbie": 1.0}, {})]
+    many = _verdicts(tmp_path / "many", [(f"q{i}", "newbie", 1.0) for i in range(COLD_START_RECORDS)])
+    enough = fold_feedback(data, many, experts, cold_start=["newbie"])
+    assert enough.waiting == {} and len(enough.records) == 1 + COLD_START_RECORDS
+    # An expert the files already score is trained whatever its examples.
+    scored = fold_feedback(data, few, experts, cold_start=["math", "newbie"])
+    assert OutcomeRecord("q1", {"math": 0.0}, {}) in scored.records and scored.waiting == {"newbie": 2}
+
+
 def test_bad_feedback_drops_that_pairing_from_the_training_files_but_not_from_the_config(tmp_path: Path) -> None:
     data = TrainingData("label", texts=["cfg q", "q1", "q1", "q4", "q5"], labels=["code", "code", "math", "math",
                                                                                    "code"], config_examples=1)
