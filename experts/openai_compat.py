@@ -30,9 +30,10 @@ import math
 import re
 import time
 from collections.abc import AsyncIterator, Mapping
+from dataclasses import replace
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
-from typing import Any
+from typing import Any, ClassVar
 from urllib.parse import unquote
 
 from pydantic import ValidationError
@@ -56,7 +57,7 @@ from experts.http_client import AiohttpClient, HttpClient, HttpFailure, HttpxCli
 from experts.redact import redact, userinfo
 from experts.types import ChatRequest, ExpertReply, StreamDelta, Usage, estimate_tokens, reasoning_of
 
-__all__ = ["OpenAICompatibleExpert", "parse_retry_after"]
+__all__ = ["OpenAICompatibleExpert", "VllmExpert", "parse_retry_after"]
 
 # Upstream error text kept in our messages: enough to diagnose, short enough for a trace.
 _EXCERPT_CHARS = 200
@@ -73,6 +74,10 @@ log = logging.getLogger("experts.openai_compat")
 
 class OpenAICompatibleExpert(Expert):
     """Talks to ``{endpoint}/chat/completions``, plain or streamed (SSE)."""
+
+    # Added to a stream's ``stream_options`` (whose ``include_usage`` is always on): what this kind of server
+    # offers beyond OpenAI's, which refuses keys it does not know.
+    STREAM_OPTIONS: ClassVar[Mapping[str, Any]] = {}
 
     def __init__(self, config: ExpertSpec, context: ExpertContext | None = None) -> None:
         super().__init__(config, context)
@@ -102,6 +107,8 @@ class OpenAICompatibleExpert(Expert):
 
     async def stream(self, request: ChatRequest) -> AsyncIterator[StreamDelta]:
         body = request.upstream_payload(self.config.model, stream=True)
+        if self.STREAM_OPTIONS:
+            body["stream_options"] = {**body["stream_options"], **self.STREAM_OPTIONS}
         try:
             async with self._client().stream(self._url, body) as response:
                 if not 200 <= response.status < 300:
@@ -141,8 +148,10 @@ class OpenAICompatibleExpert(Expert):
         then ends the stream as finished, not as a failure another expert would have to continue.
 
         A delta is passed on when it carries text, tool calls, a refusal or reasoning (``reasoning_content``,
-        or newer vLLM's ``reasoning``). A stream that ends without usage gets an estimate on its last delta
-        (``usage_estimated``): ``prompt_tokens``, and a token per delta passed on."""
+        or newer vLLM's ``reasoning``), with the usage so far where its chunk carried one (vLLM's
+        ``continuous_usage_stats``): a stream that breaks off then has its tokens counted, not estimated. A stream
+        that ends without usage gets an estimate on its last delta (``usage_estimated``): ``prompt_tokens``, and
+        a token per delta passed on."""
         finish_reason: str | None = None
         sent = 0
         usage_chunk: dict[str, Any] = {}
@@ -176,7 +185,8 @@ class OpenAICompatibleExpert(Expert):
                                 logprobs=logprobs if isinstance(logprobs, dict) else None)
             if piece.has_output():
                 sent += 1
-                yield piece
+                running = self._usage(chunk) if isinstance(chunk.get("usage"), dict) else None
+                yield piece if running is None else replace(piece, usage=running)
             if finish_reason is not None:
                 break
         else:  # the body ended without [DONE]: complete only if a finish_reason came
@@ -390,6 +400,16 @@ def _upstream_cost(data: dict[str, Any]) -> float | None:
     if isinstance(cost, int | float) and not isinstance(cost, bool) and math.isfinite(cost):
         return float(cost)
     return None
+
+
+class VllmExpert(OpenAICompatibleExpert):
+    """A vLLM server (``type: vllm``): OpenAI's API, and vLLM's running usage in every streamed chunk
+    (``continuous_usage_stats``). vLLM sends no delta for a token that completes no character (part of a
+    multi-byte one), so its deltas undercount its tokens (279 deltas for 400 tokens from a byte-level model):
+    counted from the chunks, a stream that breaks off is priced as generated, and its continuation keeps the
+    whole answer within the client's ``max_tokens``."""
+
+    STREAM_OPTIONS: ClassVar[Mapping[str, Any]] = {"continuous_usage_stats": True}
 
 
 def _url_credentials(endpoint: str | None) -> list[str]:

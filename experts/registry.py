@@ -20,7 +20,7 @@ __all__ = ["EXPERT_TYPES", "REQUIRES_ENDPOINT", "build_expert", "expert_class"]
 
 EXPERT_TYPES: Mapping[str, str] = {
     "openai": "experts.openai_compat:OpenAICompatibleExpert",
-    "vllm": "experts.openai_compat:OpenAICompatibleExpert",
+    "vllm": "experts.openai_compat:VllmExpert",
     "replay": "experts.replay:ReplayExpert",
 }
 

@@ -403,6 +403,7 @@ class Orchestrator:
         if on_trace is not None:
             on_trace(trace)
         sent: list[str] = []
+        used = 0  # tokens of the client's limit the tries that broke off used (``_tokens_used``)
         chars: dict[str, int] = {}  # characters each expert streamed to the client, in the order they streamed
         errors: list[ExpertError] = []
         previous: str | None = None
@@ -456,7 +457,8 @@ class Orchestrator:
                                                  "the stream ends here")
             if outcome.sent:
                 # Its text reached the client: the next expert continues it rather than starting over.
-                continued = _continuation(request, sent)
+                used += _tokens_used(outcome)
+                continued = _continuation(request, sent, used)
                 if continued is None:
                     # It broke off after sending the whole token limit the client asked for: the answer is as
                     # long as it may be, so it ends here, as a stream cut off by max_tokens would.
@@ -555,12 +557,20 @@ def _stream_end(trace: Trace, chars: dict[str, int], last: str, start: float, fi
     return StreamEnd(trace=trace, finish_reason=finish_reason)
 
 
-def _continuation(request: ChatRequest, sent: Sequence[str]) -> ChatRequest | None:
+def _tokens_used(outcome: StreamOutcome) -> int:
+    """The tokens a try that broke off generated: its usage so far where the expert counted it (vLLM's running
+    usage), else a token per delta it sent, an undercount where a server sends no delta for a token that
+    completes no character."""
+    if outcome.usage is not None and not outcome.usage_estimated:
+        return max(outcome.usage.completion_tokens, outcome.deltas)
+    return outcome.deltas
+
+
+def _continuation(request: ChatRequest, sent: Sequence[str], used: int) -> ChatRequest | None:
     """The request the next expert gets after a mid-stream failure: the partial answer (the content deltas
     ``sent``), then a request to go on. The client's token limit (``max_tokens``, ``max_completion_tokens``)
-    covers the whole answer, so the continuation may write only what is left of it: each delta already sent
-    counts as one token, as OpenAI-compatible servers (vLLM included) stream one token per delta. None when
-    nothing is left.
+    covers the whole answer, so the continuation may write only what is left of it after the ``used`` tokens
+    the broken tries generated (``_tokens_used``). None when nothing is left.
 
     A reasoning delta counts as a token (it is one, within the limit) but is no part of the answer: an expert
     that broke off while still reasoning sent no text, so the next one answers the request afresh, reasoning of
@@ -572,7 +582,7 @@ def _continuation(request: ChatRequest, sent: Sequence[str]) -> ChatRequest | No
     for field in ("max_tokens", "max_completion_tokens"):
         limit = getattr(request, field)
         if limit is not None:
-            if limit - len(sent) < 1:
+            if limit - used < 1:
                 return None
-            update[field] = limit - len(sent)
+            update[field] = limit - used
     return request.model_copy(update=update)

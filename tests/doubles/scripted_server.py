@@ -14,7 +14,9 @@ stream. It runs its own event loop in a background thread, so sync and async tes
 Routes: ``POST /v1/chat/completions`` (plain and ``stream: true``), ``GET /v1/models``, ``GET /health``.
 Behaviours apply to chat completions only. Streams look like vLLM's: a role chunk, one chunk per token, a
 finish_reason chunk, a usage-only chunk with empty ``choices`` when ``stream_options.include_usage`` is set,
-then ``data: [DONE]``.
+then ``data: [DONE]``. With ``stream_options.continuous_usage_stats`` (vLLM's), every chunk carries the usage so
+far, and ``tokens_per_delta`` makes each token chunk stand for several tokens, as vLLM's deltas do where a token
+completes no character.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ class Behaviour:
     cost: float | None = None  # sent as usage.cost (OpenRouter's convention) when set
     delay_s: float = 0.0  # before the status line
     token_delay_s: float = 0.0  # between stream chunks; a plain answer waits this per token in total
+    tokens_per_delta: int = 1  # stream: the tokens each token chunk counts for in the usage (vLLM-like)
     status: int = 200
     message: str = ""  # the error body's ``error.message``
     retry_after: str | None = None
@@ -323,7 +326,12 @@ class ScriptedOpenAIServer:
         writer.write(_head(200, "text/event-stream", {"Transfer-Encoding": "chunked"}))
         chunk = self._completion("chat.completion.chunk", payload)
 
+        options = payload.get("stream_options") or {}
+        generated = 0  # tokens so far, for continuous_usage_stats
+
         async def event(choices: list[dict[str, Any]], **extra: Any) -> None:
+            if options.get("continuous_usage_stats") and "usage" not in extra:
+                extra["usage"] = _usage(b, payload, generated)
             data = json.dumps({**chunk, "choices": choices, **extra}).encode()
             await _write_chunk(writer, b"data: " + data + b"\n\n")
 
@@ -333,14 +341,15 @@ class ScriptedOpenAIServer:
             if sent in (b.stall_after, b.die_after):
                 break
             await asyncio.sleep(b.token_delay_s)
+            generated += b.tokens_per_delta
             await event([{"index": 0, "delta": {"content": token}, "finish_reason": None}])
         else:
             for i, call in enumerate(b.tool_calls):
                 for delta in _tool_call_deltas(i, call):
                     await event([{"index": 0, "delta": {"tool_calls": [delta]}, "finish_reason": None}])
             await event([{"index": 0, "delta": {}, "finish_reason": _finish(b)}])
-            if (payload.get("stream_options") or {}).get("include_usage"):
-                await event([], usage=_usage(b, payload, len(tokens)))
+            if options.get("include_usage"):
+                await event([], usage=_usage(b, payload, generated))
             if b.after_finish == "die":
                 raise _Closed
             if b.after_finish == "stall":

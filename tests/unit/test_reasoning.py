@@ -221,11 +221,11 @@ def test_a_continuation_after_reasoning_alone_asks_afresh_within_the_token_limit
     """An expert that broke off while still reasoning sent no text: the next is asked the question itself, not to
     continue an empty answer, and each reasoning delta counts as a token of the limit."""
     asked = ChatRequest(messages=[ChatMessage(role="user", content="which letter?")], max_tokens=10)
-    continued = _continuation(asked, ["", "", ""])
+    continued = _continuation(asked, ["", "", ""], 3)
     assert continued is not None
     assert [(m.role, m.content) for m in continued.messages] == [("user", "which letter?")]
     assert continued.max_tokens == 7
-    after_text = _continuation(asked, ["", "The "])
+    after_text = _continuation(asked, ["", "The "], 2)
     assert after_text is not None and [m.role for m in after_text.messages] == ["user", "assistant", "user"]
     assert after_text.messages[1].content == "The "
 

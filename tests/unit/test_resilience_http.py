@@ -105,6 +105,32 @@ async def test_a_continuation_is_priced_at_the_tokens_left_not_the_whole_max_tok
     assert moe["cost_usd"] <= 0.15
 
 
+async def test_a_continuation_counts_the_tokens_vllm_generated_not_its_deltas() -> None:
+    """vLLM sends no delta for a token that completes no character, so deltas undercount tokens. A vllm expert
+    asks for its running usage (``continuous_usage_stats``): a streams 20 deltas that were 40 tokens and dies, and
+    with max_tokens 60 the continuation may write 20 more (not 40), and a is priced at its 40 tokens, counted,
+    not estimated. An openai expert is never sent vLLM's key, which OpenAI refuses."""
+    words = " ".join(f"w{i:03d}" for i in range(100))
+    async with rig(("a", "b")) as (srv, http):
+        srv["a"].push(Behaviour(text=words, die_after=20, tokens_per_delta=2))
+        srv["b"].default = Behaviour.ok("end.")
+        status, _, events = await stream(http, max_tokens=60)
+    assert status == 200 and text_of(events) == words[:100] + "end."
+    assert srv["a"].requests[0]["stream_options"] == {"include_usage": True, "continuous_usage_stats": True}
+    assert srv["b"].requests[0]["max_tokens"] == 20
+    final = next(e for e in events if e.get("choices") and e["choices"][0].get("finish_reason"))
+    broken = final["moe"]["attempts"][0]
+    assert (broken["expert"], broken["ok"], broken["usage"]["completion_tokens"]) == ("a", False, 40)
+    assert not broken.get("usage_estimated")
+    assert broken["cost_usd"] == pytest.approx((broken["usage"]["prompt_tokens"] * 1.0 + 40 * 2.0) / 1000)
+    with ScriptedOpenAIServer(name="o") as plain:
+        raw = [{"name": "o", "type": "openai", "model": "o", "endpoint": plain.url, "capabilities": ["stream"]},
+               {"name": "p", "type": "openai", "model": "p", "endpoint": plain.url}]
+        async with service_over(raw, [0.9, 0.1]) as http2:
+            assert (await stream(http2))[0] == 200
+        assert plain.requests[0]["stream_options"] == {"include_usage": True}
+
+
 # --- a panel member left out for the budget stays a fallback candidate ----------------------------------
 
 
