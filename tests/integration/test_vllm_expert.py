@@ -89,9 +89,12 @@ async def test_stream_reassembles_and_reports_usage(expert_a: Expert) -> None:
     # Greedy decoding on the same server: the streamed pieces add up to the non-streamed answer.
     assert text == reply.content
     assert any(d.finish_reason for d in deltas)
-    [usage] = [d.usage for d in deltas if d.usage is not None]
-    assert usage.prompt_tokens > 0
+    usage = deltas[-1].usage  # the last delta's: the stream's own count
+    assert usage is not None and usage.prompt_tokens > 0
     assert 1 <= usage.completion_tokens <= 12
+    # A vllm expert asks for vLLM's running usage: every delta carries the count so far, rising to the final one.
+    running = [d.usage.completion_tokens for d in deltas if d.usage is not None]
+    assert len(running) == len(deltas) and running == sorted(running) and running[-1] == usage.completion_tokens
 
 
 async def test_eight_concurrent_requests_all_succeed(expert_a: Expert, expert_b: Expert) -> None:
