@@ -39,6 +39,7 @@ import numpy as np
 from router.search import flat_ip_index
 
 __all__ = [
+    "BALANCE",
     "CLASSIFIERS",
     "Classifier",
     "EnsembleClassifier",
@@ -47,6 +48,7 @@ __all__ = [
     "LogisticClassifier",
     "Queries",
     "build_classifier",
+    "class_shares",
     "pack_strings",
     "similarity_votes",
     "unpack_strings",
@@ -84,6 +86,28 @@ class Classifier(Protocol):
     def arrays(self) -> dict[str, np.ndarray]: ...
 
 
+# How a classifier treats an expert with few training examples (``balance``, ``gate.balance``):
+#   "prior": the training prior is divided out (logit adjustment, Menon et al. 2021, "Long-tail learning via logit
+#            adjustment"): each logistic member's intercepts lose the log of their class's share of the examples,
+#            and a kNN neighbour's vote is divided by its class's share. An expert's share of the training data
+#            says how much data its owner supplied (five config examples next to thousands of logged queries),
+#            not how often it is wanted, so it must not act as a prior.
+#   "none":  a class's share of the examples acts as its prior: for data whose mix is the traffic's.
+BALANCE = ("prior", "none")
+
+
+def _check_balance(balance: str) -> str:
+    if balance not in BALANCE:
+        raise ValueError(f"balance {balance!r}: expected one of {', '.join(BALANCE)}")
+    return balance
+
+
+def class_shares(y: np.ndarray, n_classes: int) -> np.ndarray:
+    """``[n_classes]`` each class's share of the examples ``y`` (0 for a class without any)."""
+    counts = np.bincount(np.asarray(y, dtype=np.int64), minlength=n_classes).astype(np.float64)
+    return counts / max(counts.sum(), 1.0)
+
+
 def _softmax(logits: np.ndarray) -> np.ndarray:
     z = logits - logits.max(axis=1, keepdims=True)
     e = np.exp(z)
@@ -91,10 +115,11 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def _fit_logistic(x: Any, y: np.ndarray, n_classes: int, c: float, max_iter: int,
-                  seed: int) -> tuple[np.ndarray, np.ndarray]:
+                  seed: int, balance: str = "prior") -> tuple[np.ndarray, np.ndarray]:
     """``(coef [n_classes, d], intercept [n_classes])`` of a multinomial logistic regression (sklearn lbfgs).
 
-    Classes absent from ``y`` keep zero rows; with a single class present every logit is equal."""
+    Classes absent from ``y`` keep zero rows; with a single class present every logit is equal. ``balance``
+    ``"prior"`` subtracts each class's log share of ``y`` from its intercept (``BALANCE``)."""
     from sklearn.linear_model import LogisticRegression
 
     coef = np.zeros((n_classes, x.shape[1]), dtype=np.float32)
@@ -110,6 +135,8 @@ def _fit_logistic(x: Any, y: np.ndarray, n_classes: int, c: float, max_iter: int
     w, b = model.coef_, model.intercept_
     if w.shape[0] == 1:  # sklearn's binary form: one row scoring class 1 against class 0
         w, b = np.vstack([np.zeros_like(w), w]), np.concatenate([[0.0], b])
+    if balance == "prior":
+        b = b - np.log(class_shares(y, n_classes)[model.classes_])
     coef[model.classes_] = w
     intercept[model.classes_] = b
     return coef, intercept
@@ -125,13 +152,14 @@ class LogisticClassifier:
     kind: ClassVar[str] = "logistic"
     reads_text = False
 
-    def __init__(self, c: float = 10.0, max_iter: int = 2000, seed: int = 0) -> None:
-        self.c, self.max_iter, self.seed = c, max_iter, seed
+    def __init__(self, c: float = 10.0, max_iter: int = 2000, seed: int = 0, balance: str = "prior") -> None:
+        self.c, self.max_iter, self.seed, self.balance = c, max_iter, seed, _check_balance(balance)
         self.coef = np.zeros((0, 0), dtype=np.float32)
         self.intercept = np.zeros(0, dtype=np.float32)
 
     def fit(self, queries: Queries, y: np.ndarray, n_classes: int) -> None:
-        self.coef, self.intercept = _fit_logistic(queries.embeddings, y, n_classes, self.c, self.max_iter, self.seed)
+        self.coef, self.intercept = _fit_logistic(queries.embeddings, y, n_classes, self.c, self.max_iter, self.seed,
+                                                  self.balance)
 
     def predict_logits(self, queries: Queries) -> np.ndarray:
         return np.asarray(queries.embeddings, dtype=np.float32) @ self.coef.T + self.intercept
@@ -147,15 +175,18 @@ class LogisticClassifier:
 
 
 def similarity_votes(sims: np.ndarray, labels: np.ndarray, n_classes: int, temperature: float,
-                     floor: float) -> np.ndarray:
+                     floor: float, shares: np.ndarray | None = None) -> np.ndarray:
     """``[q, n_classes]`` probabilities from each query's neighbours: ``sims`` ``[q, k]`` (nearest first) and
     their ``labels`` ``[q, k]`` (-1: no vote). A neighbour at cosine ``s`` votes ``exp(s / temperature)`` for
     its label, so close neighbours dominate; the votes, plus ``floor`` for every class so none is impossible,
-    are normalised."""
+    are normalised. ``shares`` (``[n_classes]``, optional: ``class_shares``) divides each vote by its label's
+    share of the examples, so a label is not outvoted merely for having fewer examples near the query."""
     weight = np.exp((sims - sims[:, :1]) / temperature)  # relative to the nearest: no overflow
+    voted = labels >= 0
+    if shares is not None:
+        weight = np.where(voted, weight / np.maximum(shares[np.maximum(labels, 0)], 1e-12), weight)
     weight /= weight.sum(axis=1, keepdims=True)
     votes = np.full((len(sims), n_classes), floor)
-    voted = labels >= 0
     rows = np.broadcast_to(np.arange(len(sims))[:, None], labels.shape)
     np.add.at(votes, (rows[voted], labels[voted]), weight[voted])
     return np.asarray(votes / votes.sum(axis=1, keepdims=True))
@@ -172,16 +203,19 @@ class KNNClassifier:
     reads_text = False
     FLOOR = 1e-4
 
-    def __init__(self, k: int = 10, temperature: float = 0.05, seed: int = 0) -> None:
+    def __init__(self, k: int = 10, temperature: float = 0.05, seed: int = 0, balance: str = "prior") -> None:
         self.k, self.temperature = k, temperature  # ``seed``: accepted like every classifier's; kNN is exact
+        self.balance = _check_balance(balance)
         self.x = np.zeros((0, 0), dtype=np.float32)
         self.y = np.zeros(0, dtype=np.int64)
         self.n_classes = 0
+        self.shares: np.ndarray | None = None  # "prior": each class's share of the examples, which votes divide by
         self._index: Any = None
 
     def fit(self, queries: Queries, y: np.ndarray, n_classes: int) -> None:
         self.x = np.ascontiguousarray(queries.embeddings, dtype=np.float32)
         self.y, self.n_classes, self._index = np.asarray(y, dtype=np.int64), n_classes, None
+        self.shares = class_shares(self.y, n_classes) if self.balance == "prior" else None
 
     def predict_logits(self, queries: Queries) -> np.ndarray:
         n = len(queries.embeddings)
@@ -192,16 +226,21 @@ class KNNClassifier:
             self._index = flat_ip_index(self.x)
         sims, ids = self._index.search(np.ascontiguousarray(queries.embeddings, dtype=np.float32), k)
         labels = np.where(ids >= 0, self.y[ids], -1)  # faiss pads with -1 past the last vector
-        return np.log(similarity_votes(sims, labels, self.n_classes, self.temperature, self.FLOOR))
+        return np.log(similarity_votes(sims, labels, self.n_classes, self.temperature, self.FLOOR, self.shares))
 
     def arrays(self) -> dict[str, np.ndarray]:
-        return {"x": self.x, "y": self.y, "params": np.array([self.k, self.temperature, self.n_classes])}
+        out: dict[str, np.ndarray] = {"x": self.x, "y": self.y,
+                                      "params": np.array([self.k, self.temperature, self.n_classes])}
+        if self.shares is not None:
+            out["class_shares"] = self.shares
+        return out
 
     @classmethod
     def from_arrays(cls, arrays: dict[str, np.ndarray]) -> KNNClassifier:
         k, temperature, n_classes = arrays["params"].tolist()
-        clf = cls(int(k), float(temperature))
-        clf.x, clf.y, clf.n_classes = arrays["x"], arrays["y"], int(n_classes)
+        shares = arrays.get("class_shares")  # absent: unbalanced (and every artifact from before gate.balance)
+        clf = cls(int(k), float(temperature), balance="none" if shares is None else "prior")
+        clf.x, clf.y, clf.n_classes, clf.shares = arrays["x"], arrays["y"], int(n_classes), shares
         return clf
 
 
@@ -244,8 +283,10 @@ class LexicalClassifier:
     SMALL = 1000  # below this many training texts, keep every term
     MAX_CHARS = 32_768  # of a text, read for its terms (``_analyze``)
 
-    def __init__(self, c: float = 30.0, ngrams: int = 2, max_iter: int = 3000, seed: int = 0) -> None:
+    def __init__(self, c: float = 30.0, ngrams: int = 2, max_iter: int = 3000, seed: int = 0,
+                 balance: str = "prior") -> None:
         self.c, self.ngrams, self.max_iter, self.seed = c, ngrams, max_iter, seed
+        self.balance = _check_balance(balance)
         self.vocabulary: dict[str, int] = {}
         self.idf = np.zeros(0, dtype=np.float32)
         self.coef_t = np.zeros((0, 0), dtype=np.float32)  # [terms, classes]: a query gathers its terms' rows
@@ -267,7 +308,7 @@ class LexicalClassifier:
             self.vocabulary, self.idf = {}, np.zeros(0, dtype=np.float32)
             self.coef_t, self.intercept = np.zeros((0, n_classes), np.float32), np.zeros(n_classes, np.float32)
             return
-        coef, self.intercept = _fit_logistic(x, y, n_classes, self.c, self.max_iter, self.seed)
+        coef, self.intercept = _fit_logistic(x, y, n_classes, self.c, self.max_iter, self.seed, self.balance)
         self.vocabulary = {term: int(i) for term, i in vectorizer.vocabulary_.items()}
         self.idf = vectorizer.idf_.astype(np.float32)
         self.coef_t = np.ascontiguousarray(coef.T)
@@ -308,9 +349,10 @@ class EnsembleClassifier:
 
     kind: ClassVar[str] = "ensemble"
 
-    def __init__(self, members: Sequence[Any] | None = None, seed: int = 0) -> None:
+    def __init__(self, members: Sequence[Any] | None = None, seed: int = 0, balance: str = "prior") -> None:
         self.members: list[Any] = list(members) if members is not None else [
-            LogisticClassifier(seed=seed), KNNClassifier(), LexicalClassifier(seed=seed)]
+            LogisticClassifier(seed=seed, balance=balance), KNNClassifier(balance=balance),
+            LexicalClassifier(seed=seed, balance=balance)]
         if not self.members:
             raise ValueError("an ensemble needs at least one member")
 
@@ -348,11 +390,11 @@ CLASSIFIERS: dict[str, Any] = {c.kind: c for c in (LogisticClassifier, KNNClassi
                                                    EnsembleClassifier)}
 
 
-def build_classifier(kind: str, seed: int = 0) -> Classifier:
-    """A fresh classifier of ``kind`` with its default settings."""
+def build_classifier(kind: str, seed: int = 0, balance: str = "prior") -> Classifier:
+    """A fresh classifier of ``kind`` with its default settings; ``balance``: ``BALANCE``."""
     try:
         cls = CLASSIFIERS[kind]
     except KeyError:
         raise ValueError(f"unknown classifier {kind!r}; known: {', '.join(sorted(CLASSIFIERS))}") from None
-    return cls(seed=seed)
+    return cls(seed=seed, balance=balance)
 

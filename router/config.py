@@ -322,6 +322,10 @@ class GateConfig(_Strict):
     # regression and kNN on the embeddings with logistic regression on TF-IDF words; each alone is faster to
     # train and a few points less accurate.
     classifier: Literal["ensemble", "logistic", "knn", "lexical"] = "ensemble"
+    # Label gates: how an expert with few training examples is treated (router.classifiers.BALANCE). "prior":
+    # its share of the examples is divided out, so an expert added with five examples next to experts with
+    # thousands is not outvoted for that alone; "none": the share acts as a prior (data whose mix is the traffic's).
+    balance: Literal["prior", "none"] = "prior"
     top_k: TopKConfig = TopKConfig()
     # Abstain: a query less similar to every training example than the artifact's ``ood_threshold`` goes to
     # this expert alone (weight 1). None: never abstain, whatever the artifact holds.

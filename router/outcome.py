@@ -252,7 +252,7 @@ class TaskPrior:
         row_tasks = np.array([col.get(t, -1) if t is not None else -1 for t in tasks], dtype=np.int64)
         rows = np.flatnonzero(row_tasks >= 0)
         y = row_tasks[rows]
-        logistic = LogisticClassifier(seed=seed)
+        logistic = LogisticClassifier(seed=seed, balance="none")  # category probabilities: the data's mix is the prior
         logistic.fit(Queries([""] * len(rows), np.asarray(x, dtype=np.float32)[rows]), y, len(names))
         overall = success_prior(outcomes)
         known = ~np.isnan(outcomes[rows])

@@ -279,14 +279,16 @@ def train_from_config(config: RouterConfig, *, progress: bool = True,
     else:
         _check_routable(config, set(data.labels))
         gate = train_gate(data.texts, data.labels, encoder, experts=config.expert_names, progress=progress,
-                          classifier=build_classifier(config.gate.classifier), pinned=data.pinned)
+                          classifier=build_classifier(config.gate.classifier, balance=config.gate.balance),
+                          pinned=data.pinned)
     artifact = config.resolve(config.gate.artifact)
     _record_feedback(gate, data)
     served: Gate | CascadeGate = gate
     if config.gate.cascade is not None:
         fast = train_gate(data.texts, data.labels, build_encoder(config.gate.cascade.encoder),
                           experts=config.expert_names, progress=progress,
-                          classifier=build_classifier(config.gate.classifier), pinned=data.pinned)
+                          classifier=build_classifier(config.gate.classifier, balance=config.gate.balance),
+                          pinned=data.pinned)
         _record_feedback(fast, data)
         served = CascadeGate.train(gate, fast, data.texts, data.labels, agreement=config.gate.cascade.agreement,
                                    familiar=config.gate.cascade.familiar)

@@ -48,7 +48,7 @@ def test_lexical_logits_equal_scikit_learns_pipeline() -> None:
     from sklearn.feature_extraction.text import TfidfVectorizer
     from sklearn.linear_model import LogisticRegression
 
-    clf = LexicalClassifier(c=30.0)
+    clf = LexicalClassifier(c=30.0, balance="none")
     clf.fit(queries(TEXTS), LABELS, 3)
     vec = TfidfVectorizer(ngram_range=(1, 2), strip_accents="unicode", sublinear_tf=True)
     model = LogisticRegression(C=30.0, max_iter=3000, random_state=0).fit(vec.fit_transform(TEXTS), LABELS)
@@ -60,13 +60,15 @@ def test_lexical_logits_equal_scikit_learns_pipeline() -> None:
     np.testing.assert_allclose(clf.predict_logits(queries(["zzz"]))[0], clf.intercept)
 
 
-def test_knn_votes_are_similarity_weighted_by_hand() -> None:
+@pytest.mark.parametrize("balance", ["none", "prior"])
+def test_knn_votes_are_similarity_weighted_by_hand(balance: str) -> None:
     x = np.array([[1.0, 0.0], [0.8, 0.6], [0.0, 1.0]], dtype=np.float32)
-    clf = KNNClassifier(k=2, temperature=0.1)
+    clf = KNNClassifier(k=2, temperature=0.1, balance=balance)
     clf.fit(Queries(["a", "b", "c"], x), np.array([0, 1, 1]), 3)
     logits = clf.predict_logits(Queries(["q"], np.array([[1.0, 0.0]], dtype=np.float32)))
-    # Nearest: row 0 (cos 1.0, label 0) and row 1 (cos 0.8, label 1); weights exp(0/0.1) : exp(-0.2/0.1).
-    w0, w1 = 1.0, np.exp(-2.0)
+    # Nearest: row 0 (cos 1.0, label 0) and row 1 (cos 0.8, label 1); weights exp(0/0.1) : exp(-0.2/0.1), each
+    # divided by its label's share of the examples (1/3 and 2/3) when balanced.
+    w0, w1 = (1.0, np.exp(-2.0)) if balance == "none" else (1.0 / (1 / 3), np.exp(-2.0) / (2 / 3))
     votes = np.array([w0 / (w0 + w1), w1 / (w0 + w1), 0.0]) + KNNClassifier.FLOOR
     np.testing.assert_allclose(np.exp(logits[0]), votes / votes.sum(), rtol=1e-5)
 
@@ -110,6 +112,44 @@ def test_a_cold_start_of_one_example_per_expert_fits_without_sklearns_regression
 def test_unknown_classifier_kind_is_named() -> None:
     with pytest.raises(ValueError, match=r"unknown classifier 'svm'; known: ensemble, knn, lexical, logistic"):
         build_classifier("svm")
+
+
+@pytest.mark.parametrize("kind", ["logistic", "lexical", "knn", "ensemble"])
+def test_balance_prior_divides_the_training_share_out(kind: str) -> None:
+    """``balance: prior`` (the default): a class's share of the examples is no prior. The logistic members' logits
+    are the unbalanced ones minus log(share), a kNN vote is divided by its class's share; with equal classes it
+    changes nothing; it survives the artifact's arrays."""
+    from router.classifiers import class_shares
+
+    texts, labels = [*TEXTS, *TEXTS[:3] * 6], np.r_[LABELS, np.zeros(18, dtype=np.int64)]  # class 0: 21 of 26
+    x = Queries(texts, unit_rows(len(texts), 16, 0))
+    probe = queries(["the court and the cell", "an equation"], seed=5)
+    prior, plain = build_classifier(kind), build_classifier(kind, balance="none")
+    prior.fit(x, labels, 3)
+    plain.fit(x, labels, 3)
+    shares = class_shares(labels, 3)
+    np.testing.assert_allclose(shares, [21 / 26, 3 / 26, 2 / 26])
+    if kind in ("logistic", "lexical"):
+        np.testing.assert_allclose(prior.predict_logits(probe), plain.predict_logits(probe) - np.log(shares),
+                                   rtol=1e-4, atol=1e-4)
+    # the minority classes gain on the majority, for every probe
+    gain = _softmax_np(prior.predict_logits(probe)) - _softmax_np(plain.predict_logits(probe))
+    assert (gain[:, 0] <= 1e-6).all() and (gain[:, 1:].sum(axis=1) >= -1e-6).all()
+    loaded = type(prior).from_arrays(prior.arrays())
+    np.testing.assert_allclose(loaded.predict_logits(probe), prior.predict_logits(probe), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="balance 'weights': expected one of prior, none"):
+        build_classifier(kind, balance="weights")
+    if kind != "ensemble":  # equal classes: nothing to divide out
+        even_prior, even_plain = build_classifier(kind), build_classifier(kind, balance="none")
+        even_prior.fit(queries(TEXTS[:6]), np.array([0, 0, 0, 1, 1, 1]), 2)
+        even_plain.fit(queries(TEXTS[:6]), np.array([0, 0, 0, 1, 1, 1]), 2)
+        np.testing.assert_allclose(_softmax_np(even_prior.predict_logits(probe)),
+                                   _softmax_np(even_plain.predict_logits(probe)), rtol=1e-4, atol=1e-5)
+
+
+def _softmax_np(logits: np.ndarray) -> np.ndarray:
+    e = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return np.asarray(e / e.sum(axis=1, keepdims=True))
 
 
 def test_lexical_member_reads_a_long_texts_first_characters_only() -> None:

@@ -420,3 +420,29 @@ def test_the_gate_s_ece_is_the_evaluation_s() -> None:
         proba[:3], proba[3] = np.eye(5)[:3], 0.2
         y = rng.integers(0, 5, n)
         assert gate_ece(proba, y) == pytest.approx(evaluation_ece(proba, y), abs=1e-12)
+
+
+def test_an_expert_with_few_examples_is_not_outvoted_for_that_alone(
+        snips: dict[str, list[tuple[str, str]]], experts: list[str], lookup: FakeLookupEncoder,
+        test_set: tuple[np.ndarray, np.ndarray, list[str]]) -> None:
+    """Real SNIPS queries: every intent has 5 training examples but one has 200 (an expert added next to one
+    with logged traffic). Unbalanced, the crowded intent takes the others' queries; ``balance: prior`` (the
+    default) divides each expert's share of the examples out, and the few-example experts keep theirs."""
+    from router.classifiers import build_classifier
+
+    by_intent: dict[str, list[str]] = {}
+    for text, label in snips["train"]:
+        by_intent.setdefault(label, []).append(text)
+    crowded = experts[0]
+    pairs = [(t, e) for e in experts for t in by_intent[e][:200 if e == crowded else 5]]
+    texts, labels = (list(v) for v in zip(*pairs, strict=True))
+    x, y, test_texts = test_set
+    recall = {}
+    for balance in ("none", "prior"):
+        gate = train_gate(texts, labels, lookup, experts=experts, progress=False,
+                          classifier=build_classifier("ensemble", balance=balance))
+        chosen = gate.predict_proba(x, test_texts).argmax(axis=1)
+        others = y != 0
+        recall[balance] = float((chosen[others] == y[others]).mean())
+    assert recall["none"] < 0.8 < recall["prior"], recall
+    assert recall["prior"] - recall["none"] > 0.1, recall
