@@ -78,15 +78,16 @@ async def test_a_continuation_too_costly_for_the_budget_is_not_sent() -> None:
                                          ChatMessage(role="user", content=CONTINUE_PROMPT)])
     estimate = continuation.estimated_prompt_tokens() * 10.0 / 1000
     assert estimate > 2.0
-    # a's cut-off answer is counted at 7 prompt tokens: $0.07 spent; b is priced as the continuation.
-    assert (f"$0.070000 so far, next call estimated at ${estimate:.6f}"
+    # a's cut-off answer is counted as its server counted it (vLLM's running usage; the double counts the prompt's
+    # 6 words): $0.06 spent; b is priced as the continuation.
+    assert (f"$0.060000 so far, next call estimated at ${estimate:.6f}"
             in error["error"]["causes"][1]["message"])
 
 
 async def test_a_continuation_is_priced_at_the_tokens_left_not_the_whole_max_tokens() -> None:
     """With max_tokens 110, a streams 100 tokens and dies: the continuation may write 10 more, so b costs about
     $0.02 (its longer prompt at $0.1 per 1k, 10 tokens at $1 per 1k) and fits the $0.15 budget next to a's
-    $0.1007; priced at the whole 110 tokens ($0.1107) it would not."""
+    $0.1006; priced at the whole 110 tokens ($0.1107) it would not."""
     words = " ".join(f"w{i:03d}" for i in range(200))
     async with rig(prices={"input_per_1k": 0.1, "output_per_1k": 1.0},
                    fallback={"cost_budget_usd": 0.15}) as (srv, http):
@@ -100,7 +101,9 @@ async def test_a_continuation_is_priced_at_the_tokens_left_not_the_whole_max_tok
     assert final["choices"][0]["finish_reason"] == "stop"
     moe = final["moe"]
     assert [(x["expert"], x["ok"]) for x in moe["attempts"]] == [("a", False), ("b", True)]
-    assert moe["attempts"][0]["cost_usd"] == pytest.approx(7 * 0.0001 + 100 * 0.001)
+    # a's tokens as its server counted them (vLLM's running usage): the prompt's 6 words, 100 tokens
+    assert moe["attempts"][0]["cost_usd"] == pytest.approx(6 * 0.0001 + 100 * 0.001)
+    assert not moe["attempts"][0].get("usage_estimated")
     assert moe["cost_usd"] == pytest.approx(sum(x["cost_usd"] for x in moe["attempts"]))
     assert moe["cost_usd"] <= 0.15
 
