@@ -19,6 +19,22 @@ import pytest
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
+MetricsPage = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def samples(text: str) -> MetricsPage:
+    """Every sample in a Prometheus text page, keyed by name and sorted labels."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def value(page: MetricsPage, name: str, **labels: str) -> float:
+    """The sample of ``name`` with exactly ``labels`` (0 when the page has none)."""
+    return page.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
 def is_png(path: Path) -> bool:
     """A non-trivial file that starts with the PNG signature."""
     data = path.read_bytes()

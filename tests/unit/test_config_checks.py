@@ -23,6 +23,14 @@ def problems(raw: dict[str, object], *, base_dir: Path | str = ".", check_env: b
     return dict(info.value.problems)
 
 
+def load_refused(path: Path, text: str) -> ConfigError:
+    """The error ``load_config`` raises for ``text`` written to ``path`` (it must raise one)."""
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path, check_env=False)
+    return info.value
+
+
 @pytest.mark.parametrize(("text", "says", "line"), [
     ("version: 1\nservice:\n  port: 8000\n  port: 9000\nexperts: []\n", "found the key 'port' twice", 4),
     # beside a merge key (which is allowed to be overridden), a key written twice is still refused
@@ -31,20 +39,15 @@ def problems(raw: dict[str, object], *, base_dir: Path | str = ".", check_env: b
 def test_a_key_given_twice_is_refused_naming_the_file_and_lines(tmp_path: Path, text: str, says: str,
                                                                  line: int) -> None:
     path = tmp_path / "dup.yaml"
-    path.write_text(MERGED + "    name: delta\n" if text == "MERGED" else text)
-    with pytest.raises(ConfigError) as info:
-        load_config(path, check_env=False)
-    (where, message), = info.value.problems
+    (where, message), = load_refused(path, MERGED + "    name: delta\n" if text == "MERGED" else text).problems
     assert where == "<yaml>" and says in message
     assert f'in "{path}", line {line}' in message
 
 
 def test_yaml_syntax_errors_name_the_file(tmp_path: Path) -> None:
     path = tmp_path / "bad.yaml"
-    path.write_text("version: 1\nexperts:\n  - name: a\n   type: x\n")
-    with pytest.raises(ConfigError) as info:
-        load_config(path, check_env=False)
-    assert f'in "{path}", line 4' in info.value.problems[0][1] and "<unicode string>" not in str(info.value)
+    error = load_refused(path, "version: 1\nexperts:\n  - name: a\n   type: x\n")
+    assert f'in "{path}", line 4' in error.problems[0][1] and "<unicode string>" not in str(error)
 
 
 def test_an_unset_variable_without_a_default_is_a_problem_with_its_path(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -421,12 +424,9 @@ def test_yaml_merge_keys_work_and_an_explicit_key_overrides_a_merged_one(tmp_pat
 
 
 def test_a_key_that_is_not_a_string_is_a_problem_not_a_crash(tmp_path: Path) -> None:
-    path = tmp_path / "keys.yaml"
-    path.write_text("version: 1\nexperts:\n  - {name: a, type: vllm, endpoint: 'http://h:9/v1', model: m, 5: x}\n"
-                    "gate: {on: 1}\n8000: oops\n")
-    with pytest.raises(ConfigError) as info:
-        load_config(path, check_env=False)
-    assert info.value.problems == [
+    error = load_refused(tmp_path / "keys.yaml", "version: 1\nexperts:\n  - {name: a, type: vllm, endpoint: "
+                         "'http://h:9/v1', model: m, 5: x}\ngate: {on: 1}\n8000: oops\n")
+    assert error.problems == [
         ("experts[0]", "mapping keys must be strings: 5 is int (quote it, or check the indentation)"),
         ("gate", "mapping keys must be strings: True is bool (quote it, or check the indentation)"),
         ("<root>", "mapping keys must be strings: 8000 is int (quote it, or check the indentation)")]
@@ -436,11 +436,8 @@ def test_a_key_that_is_not_a_string_is_a_problem_not_a_crash(tmp_path: Path) -> 
 
 def test_a_sequence_as_a_key_is_refused_naming_the_file_and_line(tmp_path: Path) -> None:
     path = tmp_path / "list-key.yaml"
-    path.write_text("version: 1\nexperts:\n  - {name: a, type: vllm, endpoint: 'http://h:9/v1', model: m}\n"
-                    "[x, y]: 1\n")
-    with pytest.raises(ConfigError) as info:
-        load_config(path, check_env=False)
-    (where, message), = info.value.problems
+    (where, message), = load_refused(path, "version: 1\nexperts:\n  - {name: a, type: vllm, endpoint: "
+                                           "'http://h:9/v1', model: m}\n[x, y]: 1\n").problems
     assert where == "<yaml>" and "found a list as a key: mapping keys must be strings" in message
     assert f'in "{path}", line 4' in message
 

@@ -9,7 +9,6 @@ from typing import Any
 import httpx
 import pytest
 from fastapi import FastAPI
-from prometheus_client.parser import text_string_to_metric_families
 
 from experts.errors import ExpertTimeout, ExpertUnavailable
 from router.logs import JsonFormatter, RequestRecord, configure_json_logging
@@ -17,6 +16,7 @@ from router.metrics import RouterMetrics
 from router.orchestrator import Orchestrator
 from router.service import create_app
 from tests.doubles.fakes import FakeExpert, FakeGate, fake_config
+from tests.support import samples, value
 
 NAMES = ["math", "code"]
 CHAT = {"model": "auto", "messages": [{"role": "user", "content": "an integral"}]}
@@ -33,16 +33,6 @@ def make_app(fail: dict[str, Any] | None = None, **overrides: object) -> FastAPI
 
 def client(app: FastAPI) -> httpx.AsyncClient:
     return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://router")
-
-
-def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    """Every sample in a Prometheus text page, keyed by name and sorted labels."""
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
-
-
-def value(page: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, **labels: str) -> float:
-    return page.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
 def unavailable(name: str) -> ExpertUnavailable:
