@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Mapping
 from dataclasses import replace
@@ -19,13 +20,16 @@ if TYPE_CHECKING:
     from router.cascade import CascadeGate
     from router.encoders import Encoder
     from router.gate import Gate
+    from router.gate_artifact import GateMetadata
     from router.state_redis import SharedState
     from router.vote_weights import VoteWeights
 
 __all__ = ["GateNotTrained", "VoteWeightsMismatch", "VoteWeightsNotTrained", "build_breakers", "build_experts",
            "build_orchestrator", "build_shared_state", "config_inputs", "load_gate", "load_problem",
-           "load_vote_weights", "loading_problems"]
+           "load_vote_weights", "loading_problems", "untrained_settings"]
 
+
+log = logging.getLogger(__name__)
 
 _Stage = TypeVar("_Stage", GateConfig, CascadeConfig)
 
@@ -99,8 +103,30 @@ def load_gate(config: RouterConfig, encoders: Mapping[str, Encoder] | None = Non
 
         cascade = config.gate.cascade
         pair = CascadeGate.load(path, loaded[cascade.encoder.model_dump_json()], full)
+        _warn_untrained_settings(path, pair.metadata, config.gate)
         return pair.with_targets(agreement=cascade.agreement, familiar=cascade.familiar).for_config(config)
-    return Gate.load(path, full).for_config(config)
+    gate = Gate.load(path, full)
+    _warn_untrained_settings(path, gate.metadata, config.gate)
+    return gate.for_config(config)
+
+
+def untrained_settings(metadata: GateMetadata, gate: GateConfig) -> list[str]:
+    """The training settings of ``gate`` (a config's) that differ from those the artifact with ``metadata`` was
+    trained with, one line each: ``classifier`` and ``balance`` for a label gate, ``success_model`` for an outcome
+    gate. They take effect only through ``moe train``; an artifact that does not record one is not compared."""
+    if metadata.kind == "label":
+        wanted = {"classifier": (gate.classifier, metadata.classifier), "balance": (gate.balance, metadata.balance)}
+    else:
+        wanted = {"success_model": (gate.success_model, metadata.classifier)}
+    return [f"gate.{key} is {said!r} but the artifact was trained with {trained!r}"
+            for key, (said, trained) in wanted.items() if trained is not None and said != trained]
+
+
+def _warn_untrained_settings(path: Path, metadata: GateMetadata, gate: GateConfig) -> None:
+    drift = untrained_settings(metadata, gate)
+    if drift:
+        log.warning("%s: %s; the gate routes as trained until moe train retrains it with this config",
+                    path, "; ".join(drift))
 
 
 def gate_encoders(config: RouterConfig, kept: Mapping[str, Encoder]) -> dict[str, Encoder]:

@@ -355,6 +355,9 @@ class EnsembleClassifier:
             LexicalClassifier(seed=seed, balance=balance)]
         if not self.members:
             raise ValueError("an ensemble needs at least one member")
+        # The members' common balance (gate.balance), recorded in the artifact; None where they differ.
+        balances = {getattr(m, "balance", None) for m in self.members}
+        self.balance: str | None = balances.pop() if len(balances) == 1 else None
 
     @property
     def reads_text(self) -> bool:

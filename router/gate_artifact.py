@@ -101,6 +101,9 @@ class GateMetadata:
     training_data_sha256: str
     metrics: ValidationMetrics
     classifier: str = EnsembleClassifier.kind
+    # Label gates: the ``gate.balance`` the classifier was fitted with; None: an outcome gate, or an artifact from
+    # before this field (whose arrays still encode it).
+    balance: str | None = None
     unseen_experts: list[str] = field(default_factory=list)
     kind: str = "label"
     # router.coldstart.SimilarityMap for experts scored from their config examples.

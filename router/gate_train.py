@@ -224,7 +224,8 @@ def train_gate(texts: Sequence[str], labels: Sequence[str], encoder: Encoder, *,
     ood_reference, ood_threshold = _fit_ood_scores(_softmax(scored.logits / temperature).max(axis=1)
                                                    if len(scored.y) else np.zeros(0), scored.similarity)
     metadata = GateMetadata(encoder.identity, encoder.checksum, training_data_sha256(texts, labels), metrics,
-                            classifier=classifier.kind, unseen_experts=unseen,
+                            classifier=classifier.kind, balance=getattr(classifier, "balance", None),
+                            unseen_experts=unseen,
                             cold_start_slope=similarity.slope, cold_start_midpoint=similarity.midpoint,
                             ood_threshold=ood_threshold, ood_reference=ood_reference)
     return Gate(encoder, experts, classifier, temperature, metadata, (x, texts, list(labels)))

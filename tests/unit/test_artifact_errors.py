@@ -150,3 +150,37 @@ def test_config_check_passes_a_trained_gate_and_an_expert_added_with_examples(
     config.write_text(config.read_text().replace(", examples: ['how long do I boil an egg']", ""))
     assert main(["config", "check", str(config)]) == 2
     assert "cannot route to expert(s) 'cook'" in capsys.readouterr().err
+
+
+def test_training_settings_the_artifact_was_not_trained_with_are_named_when_it_loads(
+        config: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture) -> None:
+    """gate.classifier and gate.balance act through `moe train` only: a config edited after training still
+    routes with the trained gate, and loading it (serve, a reload, `moe route`, `moe config check`) says which
+    settings the artifact was not trained with, instead of letting the edit look applied."""
+    assert json.loads((config.parent / "gate" / "gate.json").read_text())["balance"] == "prior"
+    with caplog.at_level("WARNING", logger="router.build"):
+        assert main(["route", "write a python function", "--config", str(config)]) == 0
+    assert "untrained" not in caplog.text and "trained with" not in caplog.text, caplog.text
+    edited = _edited(config, "  artifact: gate\n", "  artifact: gate\n  classifier: knn\n  balance: none\n")
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="router.build"):
+        assert main(["route", "write a python function", "--config", str(edited)]) == 0
+    assert ("gate.classifier is 'knn' but the artifact was trained with 'ensemble'; gate.balance is 'none' but the "
+            "artifact was trained with 'prior'; the gate routes as trained until moe train retrains it") in caplog.text
+    assert '"coder"' in capsys.readouterr().out  # routed all the same
+
+
+def test_an_outcome_gate_names_a_success_model_it_was_not_trained_with_and_old_artifacts_are_not_compared() -> None:
+    from router.build import untrained_settings
+    from router.config import GateConfig
+    from router.gate_artifact import GateMetadata, ValidationMetrics
+
+    def metadata(**kw: object) -> GateMetadata:
+        return GateMetadata("enc", "sum", "data", ValidationMetrics(n_train=1, n_val=1), **kw)  # type: ignore[arg-type]
+
+    outcome = metadata(kind="outcome", classifier="knn")
+    assert untrained_settings(outcome, GateConfig(success_model="logistic")) == [
+        "gate.success_model is 'logistic' but the artifact was trained with 'knn'"]
+    assert untrained_settings(outcome, GateConfig(success_model="knn", classifier="knn", balance="none")) == []
+    # An artifact from before gate.balance was recorded (balance None) is compared on its classifier only.
+    assert untrained_settings(metadata(classifier="ensemble"), GateConfig(balance="none")) == []
