@@ -638,6 +638,9 @@ def _cross_problems(raw: Any, *, check_env: bool, base_dir: str | Path | None = 
         elif check_env and isinstance(key_env, str) and not os.environ.get(key_env, "").strip():
             yield f"{where}.api_key_env", f"environment variable {key_env} is " + (
                 "empty" if key_env in os.environ else "not set")
+        elif check_env and isinstance(key_env, str) and _control_character(os.environ[key_env].strip()):
+            yield f"{where}.api_key_env", (f"environment variable {key_env} holds a control character (a line "
+                                           "break?) inside the key, which no HTTP header may carry")
         endpoint = e.get("endpoint")
         if isinstance(endpoint, str) and key_env and userinfo(endpoint):
             yield f"{where}.endpoint", ("holds credentials (user:password@) and api_key_env sets a bearer key too; "
@@ -800,6 +803,14 @@ def _security_env_problems(security: dict[str, Any]) -> Iterable[tuple[str, str]
             yield f"security.{key}", f"environment variable {name} is not set; it must hold {holds}"
         elif not (value.replace(",", " ") if key == "api_keys_env" else value).strip():  # as KeyRing reads it
             yield f"security.{key}", f"environment variable {name} is empty; it must hold {holds}"
+        elif any(_control_character(k.strip()) for k in (value.split(",") if key == "api_keys_env" else [value])):
+            yield f"security.{key}", (f"environment variable {name} holds a control character (a line break?) "
+                                      "inside a key, which no client could send in an HTTP header")
+
+
+def _control_character(value: str) -> bool:
+    """Whether ``value`` holds an ASCII control character other than a tab (HTTP header values allow tabs)."""
+    return any((ord(c) < 32 and c != "\t") or ord(c) == 127 for c in value)
 
 
 def _combiner_problems(combiner: Any, names: list[str]) -> Iterable[tuple[str, str]]:

@@ -138,6 +138,23 @@ def test_an_expert_key_is_read_stripped_and_a_blank_one_is_a_problem(monkeypatch
     assert parse_config(raw, check_env=False).experts[0].api_key() is None
 
 
+@pytest.mark.parametrize("inside", ["\n", "\r", "\x01", "\x1b", "\x7f"])
+def test_a_key_with_a_control_character_inside_is_a_problem_that_never_shows_the_key(
+        monkeypatch: pytest.MonkeyPatch, inside: str) -> None:
+    """A key pasted across two lines cannot go into an HTTP header: every call to the expert would fail with the
+    HTTP library's error, and a client key could never be sent. Said at load, naming the variable only."""
+    monkeypatch.setenv("MOE_TEST_KEY", f"sk-SECRET{inside}VALUE\n")
+    raw = {"version": 1, "experts": [expert(api_key_env="MOE_TEST_KEY")],
+           "security": {"api_keys_env": "MOE_TEST_KEY", "admin_key_env": "MOE_TEST_KEY"}}
+    found = problems(raw)
+    for key in ("experts[0] (alpha).api_key_env", "security.api_keys_env", "security.admin_key_env"):
+        assert found[key].startswith("environment variable MOE_TEST_KEY holds a control character"), found
+    assert "SECRET" not in repr(found)
+    parse_config(raw, check_env=False)  # moe config check --no-env, moe train
+    monkeypatch.setenv("MOE_TEST_KEY", "sk-one, sk-two\t2")  # a tab is allowed in a header value
+    parse_config(raw)
+
+
 def test_credentials_in_the_endpoint_and_a_bearer_key_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MOE_TEST_KEY", "k")
     raw = {"version": 1, "experts": [expert(endpoint="http://user:pw@host:9/v1", api_key_env="MOE_TEST_KEY")]}
