@@ -203,6 +203,13 @@ def _problems(config: RouterConfig, config_path: str) -> Iterable[tuple[str, str
                    "gate.artifact), or set feedback.enabled: false")
     seen: dict[str, str] = {}
     for i, expert in enumerate(config.experts):
+        if expert.router_config is not None:
+            # Its config names experts, a gate artifact and variables of its own, none of which this file would
+            # start, mount or pass: the router container would build it without them.
+            yield (f"{_label(expert, i)}.router_config",
+                   "an in-process nested router is not deployed by moe compose (its own experts, gate artifact and "
+                   "variables would be missing from the router container): run the inner router as a service of "
+                   "its own and give this expert its endpoint (http://<host>:<port>/v1, model: auto) instead")
         if expert.type != "vllm":
             continue
         service = service_name(expert)

@@ -194,6 +194,22 @@ def test_endpoint_host_that_is_not_the_service_fails_clearly() -> None:
     assert "http://coder:8000/v1" in message
 
 
+def test_an_in_process_nested_router_is_refused_with_the_way_to_deploy_one(tmp_path: Path) -> None:
+    """Its config's experts, gate and variables would be missing from the router container: refused, pointing at
+    the endpoint form. A nested router reached over HTTP is an endpoint like any other."""
+    (tmp_path / "inner.yaml").write_text("version: 1\nexperts: []\n")
+    nested = {"name": "team", "type": "router", "model": "auto", "router_config": "inner.yaml"}
+    config = parse_config({"version": 1, "gate": {"artifact": "../artifacts/gate"},
+                           "experts": [vllm("coder", "http://coder:8000/v1"), nested]},
+                          base_dir=tmp_path, check_env=False)
+    with pytest.raises(ComposeError) as info:
+        render_compose(config)
+    assert [path for path, _ in info.value.problems] == ["experts[1] (team).router_config"]
+    assert "run the inner router as a service of its own and give this expert its endpoint" in str(info.value)
+    served = {"name": "team", "type": "router", "model": "auto", "endpoint": "http://team-router:8080/v1"}
+    assert "team" not in render_compose(config_with(vllm("coder", "http://coder:8000/v1"), served))["services"]
+
+
 def test_every_bad_endpoint_is_reported_at_once() -> None:
     config = config_with(
         vllm("coder", "http://vllm-coder:8000/v1"),
