@@ -25,8 +25,9 @@ itself from ``build_combiner``'s settings with ``from_settings``, so a new strat
   answer, that answer stands (no further call); otherwise the ``escalate_to`` expert answers the client's own
   request, and its answer is the result (read from the panel without a new call when it is a member). A panel
   with a single answer has no second opinion, so it escalates too. A failed escalation falls back to the
-  panel's weighted vote, with the failure in ``Combined.fallback``. With a cheap panel and a strong
-  ``escalate_to``, the strong model is paid for only where the cheap ones disagree.
+  panel's weighted vote (``vote``'s, learned weights included), with the failure in ``Combined.fallback``.
+  With a cheap panel and a strong ``escalate_to``, the strong model is paid for only where the cheap ones
+  disagree.
 """
 
 from __future__ import annotations
@@ -489,16 +490,18 @@ class Escalate(Combiner):
     fallback_to = "vote"
     call_role: AttemptRole = "escalate"
 
-    def __init__(self, expert: str, extractor: str = "choice", per_expert: Mapping[str, str] | None = None) -> None:
+    def __init__(self, expert: str, extractor: str = "choice", per_expert: Mapping[str, str] | None = None,
+                 learned: Mapping[str, float] | VoteWeights | None = None) -> None:
         self.aggregator = expert
-        self.vote = Vote(extractor, per_expert)
+        # The panel's vote, as ``vote`` would count it (with the learned weights when there are any).
+        self.vote = Vote(extractor, per_expert, learned=learned)
 
     @classmethod
     def from_settings(cls, settings: CombinerSettings) -> Escalate:
         if settings.escalate_to is None:
             raise ValueError("the escalate combiner needs the expert to escalate to (combiner.escalate_to in the "
                              "config)")
-        return cls(settings.escalate_to, settings.extractor, settings.per_expert)
+        return cls(settings.escalate_to, settings.extractor, settings.per_expert, learned=settings.vote_weights)
 
     def agreed(self, answers: list[WeightedAnswer]) -> str | None:
         keys = {self.vote.key(a) for a in answers}

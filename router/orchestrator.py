@@ -27,8 +27,12 @@ Combining: the config's combiner, or the one a request names (``complete(strateg
 ``consensus`` embeds them with the gate's encoder. ``fuse`` has its aggregator expert write the final answer,
 called through the dispatcher like any expert (breaker, in-flight limit, time limit, retries, the request's
 deadline and cost budget), its attempts marked ``role: aggregate``; when it fails, the top-weight answer is
-returned and ``trace.combiner_fallback`` holds the aggregator's error. A panel whose answers carry tool calls
-is not combined: the top-weight answer stands, calls and all, since tool calls can be neither fused nor voted on.
+returned and ``trace.combiner_fallback`` holds the aggregator's error. An aggregator (or ``escalate``'s expert)
+that answers with no text counts as failed (``EmptyAnswer``), so an empty answer never replaces the panel's;
+``escalate`` does not ask its expert again when it already failed the client's request on the panel or in
+fallback, nor one that lacks a capability the request needs (``vision`` for an image). A panel whose answers
+carry tool calls is not combined: the top-weight answer stands, calls and all, since tool calls can be neither
+fused nor voted on; nor is the answer of an expert the request named directly, which answers alone.
 
 Deciding (``decide``, ``assign``) is ``router.decide``'s: the gate, the batcher that embeds concurrent queries
 together, and the top-k choice that leaves out experts whose breaker is open.
@@ -270,7 +274,8 @@ class Orchestrator:
             replies, reason = await self._fall_back(request, ranking, called, tried, deadline, trace, errors)
         if not replies:
             raise RouteFailed(errors, trace, reason)
-        combined, chosen = await self._combine(combiner, request, replies, deadline, trace)
+        combined, chosen = await self._combine(combiner, request, replies, deadline, trace, direct=decision is None,
+                                               failed=_called_and_failed(errors))
         trace.latency_ms = (time.perf_counter() - start) * 1000.0
         own = combined.content == chosen.content  # the reply's text as it came: its log-probabilities hold
         return RoutedAnswer(content=combined.content, expert=combined.expert, finish_reason=chosen.finish_reason,
@@ -280,15 +285,21 @@ class Orchestrator:
 
     async def _combine(self, combiner: Combiner, request: ChatRequest,
                        replies: list[tuple[WeightedExpert, ExpertReply]], deadline: Deadline,
-                       trace: Trace) -> tuple[Combined, ExpertReply]:
+                       trace: Trace, *, direct: bool = False,
+                       failed: Mapping[str, ExpertError] | None = None) -> tuple[Combined, ExpertReply]:
         """The combined answer and the reply it came from (the aggregator's, when fuse wrote it); the
-        contributions and any combiner fallback go into ``trace``."""
+        contributions and any combiner fallback go into ``trace``.
+
+        ``direct``: the request named its expert, which answers alone: nothing is combined and nobody else is
+        asked (``escalate`` would otherwise hand the lone answer to its expert). ``failed``: the experts whose call
+        with this request failed, which ``escalate`` does not ask again (``_Aggregation``)."""
         total = sum(p.weight for p, _ in replies) or 1.0
         answers = [WeightedAnswer(r.expert, p.weight / total, r.content) for p, r in replies]
         aggregation = _Aggregation(self.dispatch, combiner.aggregator, request, deadline, trace,
-                                   role=combiner.call_role)
-        if any(r.tool_calls for _, r in replies):
-            combined = TopOne().combine(answers)
+                                   role=combiner.call_role, unable=self.decider.unable, failed=failed)
+        if direct or any(r.tool_calls for _, r in replies):
+            # The top-weight answer stands, its agreement read as ``top1`` reads it (the configured extractors).
+            combined = self.combiner_for(TopOne.name).combine(answers)
         else:
             combined = await combiner.acombine(request.query_text(), answers, aggregation)
         trace.contributions = combined.contributions
@@ -480,24 +491,54 @@ class _Aggregation:
     cost budget. ``reply`` is its reply once it answered."""
 
     def __init__(self, dispatch: Dispatcher, expert: str | None, request: ChatRequest, deadline: Deadline,
-                 trace: Trace, role: AttemptRole = "aggregate") -> None:
+                 trace: Trace, role: AttemptRole = "aggregate", *,
+                 unable: Callable[[ChatRequest], Collection[str]] = lambda _: (),
+                 failed: Mapping[str, ExpertError] | None = None) -> None:
+        """``unable``: the experts that cannot serve a request (``Decider.unable``); ``failed``: the experts whose
+        call with the client's request already failed, and the error each gave."""
         self.dispatch, self.expert, self.request = dispatch, expert, request
         self.deadline, self.trace, self.role = deadline, trace, role
+        self.unable, self.failed = unable, dict(failed or {})
         self.reply: ExpertReply | None = None
 
     async def __call__(self, messages: list[ChatMessage] | None) -> str:
-        """Ask with ``messages``, or with the client's own messages when None."""
+        """Ask with ``messages``, or with the client's own messages when None. Raises the ``ExpertError`` that
+        stands in for the answer when there is none to use: the call failed, would not fit the cost budget, the
+        expert lacks a capability the request needs (an image, and it does not declare ``vision``), it already
+        failed the client's own request (asking again would be a retry ``fallback.retries`` did not allow), or it
+        answered with no text."""
         if self.expert is None:
             raise ExpertConfigError("combiner", "no aggregator expert is configured")
         request = _aggregation_request(self.request, self.request.messages if messages is None else messages)
+        if messages is None and self.expert in self.failed:
+            raise self.failed[self.expert]
+        if self.expert in self.unable(request):
+            needs = " and ".join(repr(n) for n in needed_capabilities(request))
+            raise ExpertConfigError(self.expert, f"not asked: the request needs the {needs} capability, which this "
+                                                 "expert does not declare")
         spent = self.dispatch.over_budget(self.expert, self.trace, request)
         if spent is not None:
             raise spent
         result = await self.dispatch.call(self.expert, 0.0, request, self.deadline, self.trace, role=self.role)
         if isinstance(result, ExpertError):
             raise result
+        if not result.content.strip() and result.refusal is None and not result.tool_calls:
+            raise EmptyAnswer(self.expert, "answered with no text")
         self.reply = result
         return result.content
+
+
+class EmptyAnswer(ExpertError):
+    """A combiner's expert (``fuse``'s aggregator, ``escalate``'s expert) answered with no text: the panel's answer
+    stands rather than an empty one."""
+
+    kind = "empty_answer"
+
+
+def _called_and_failed(errors: Sequence[ExpertError]) -> dict[str, ExpertError]:
+    """The experts a call with the client's request reached and failed (not one skipped for its breaker, its
+    in-flight limit or the cost budget, nor one fallback never reached), with the error each gave last."""
+    return {e.expert: e for e in errors if not _skipped(e) and not isinstance(e, BudgetSpent | NotTried)}
 
 
 def _aggregation_request(request: ChatRequest, messages: list[ChatMessage]) -> ChatRequest:

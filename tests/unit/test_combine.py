@@ -432,3 +432,20 @@ def test_a_registered_combiner_needs_no_other_edit(monkeypatch: pytest.MonkeyPat
     assert isinstance(combiner, LastAnswer) and combiner.extractor == "short"
     with pytest.raises(ValueError, match=r"known: consensus, escalate, fuse, last, top1, vote"):
         build_combiner("best")
+
+
+def test_a_failed_escalation_falls_back_to_the_vote_with_its_learned_weights() -> None:
+    """With learned vote weights, escalate's fallback is the panel's vote as ``vote`` counts it: b's learned weight
+    outvotes a's heavier panel weight, as it does in ``vote``."""
+    async def failing(msgs: list[ChatMessage] | None) -> str:
+        raise ExpertUnavailable("big", "down")
+
+    learned = {"a": 0.1, "b": 2.0}
+    answers = [WeightedAnswer("a", 0.6, "The answer is (B)."), WeightedAnswer("b", 0.4, "The answer is (C).")]
+    vote = build_combiner("vote", vote_weights=learned)
+    escalate = build_combiner("escalate", vote_weights=learned, escalate_to="big")
+    assert vote.combine(answers).expert == "b"
+    result = asyncio.run(escalate.acombine("q", answers, failing))
+    assert (result.expert, result.content) == ("b", "The answer is (C).")
+    assert result.fallback is not None and result.fallback.kind == "unavailable"
+    assert result.contributions == vote.combine(answers).contributions
