@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import os
 import re
 import time
@@ -99,6 +100,44 @@ async def _read_json(request: Request, limit: int) -> Any:
 T = TypeVar("T")
 
 
+# An infinite float (a log-probability of -inf: a token the model ruled out) is sent as this, with its sign: the
+# floor vLLM puts on a log-probability, as JSON has no infinity.
+_FLOOR = 9999.0
+
+
+def _finite(value: Any) -> Any:
+    """``value`` with every float JSON cannot hold (``-Infinity`` or ``NaN``, as an upstream's Python json writes
+    them, and the router's json reads) made one it can: +-infinity as +-9999.0 (vLLM's floor for a log-probability),
+    NaN as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None if math.isnan(value) else math.copysign(_FLOOR, value)
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
+
+
+def _json_text(body: Any) -> str:
+    """``body`` as JSON that any client parses: an upstream's ``-Infinity`` would be no JSON (and Starlette's
+    renderer refuses it, a 500 after the expert was paid). Checked as it is written, so only a body that holds
+    such a float is walked."""
+    try:
+        return json.dumps(body, allow_nan=False)
+    except ValueError:
+        return json.dumps(_finite(body), allow_nan=False)
+
+
+class _FiniteJSONResponse(JSONResponse):
+    """A ``JSONResponse`` whose non-finite floats (an upstream's) are sent as JSON can hold them (``_finite``)."""
+
+    def render(self, content: Any) -> bytes:
+        try:
+            return super().render(content)
+        except ValueError:
+            return super().render(_finite(content))
+
+
 def _completion_body(answer: Any, request_id: str) -> dict[str, Any]:
     # As OpenAI's: content is null beside tool calls or a refusal that came without text.
     textless = not answer.content and (answer.tool_calls or answer.refusal is not None)
@@ -142,7 +181,7 @@ class _Chunks:
     def _data(self, model: str, choices: list[dict[str, Any]], **extra: Any) -> bytes:
         body = {"id": self.request_id, "object": "chat.completion.chunk", "created": self.created, "model": model,
                 "choices": choices, **({"usage": None} if self.include_usage else {}), **extra}
-        return f"data: {json.dumps(body)}\n\n".encode()
+        return f"data: {_json_text(body)}\n\n".encode()
 
 
 def _include_usage(chat: ChatRequest) -> bool:
@@ -153,7 +192,7 @@ def _include_usage(chat: ChatRequest) -> bool:
 async def _sse(events: AsyncIterator[StreamPiece | StreamEnd], first: StreamPiece | StreamEnd,
                chunks: _Chunks, record: RequestRecord | None = None,
                on_end: Callable[[str], Awaitable[None]] | None = None) -> AsyncIterator[bytes]:
-    model = first.expert if isinstance(first, StreamPiece) else "moe-router"
+    model = _began_by(first) or "moe-router"
     record = record or _detached_record()
     yield chunks.chunk(model, {"role": "assistant", "content": ""})
     event: StreamPiece | StreamEnd | None = first
@@ -195,6 +234,12 @@ async def _sse(events: AsyncIterator[StreamPiece | StreamEnd], first: StreamPiec
         if aclose is not None:
             await aclose()
     yield b"data: [DONE]\n\n"
+
+
+def _began_by(first: StreamPiece | StreamEnd) -> str | None:
+    """The expert that began a stream: its first piece's, or, for an answer without a piece (an empty one: the
+    expert sent only its finish), the expert that gave it."""
+    return first.expert if isinstance(first, StreamPiece) else first.trace.answered_by
 
 
 def _combiner_header(request: Request, orchestrator: Orchestrator, *, stream: bool = False) -> str | None:
@@ -378,7 +423,7 @@ async def _chat_completions(request: Request, o: Orchestrator) -> Response:
             await store.aremember(request_id, chat.query_text(), answer.expert)
         if record.answer is not None:
             record.answer.append(answer.content)
-        return JSONResponse(_completion_body(answer, request_id), headers={"x-moe-expert": answer.expert})
+        return _FiniteJSONResponse(_completion_body(answer, request_id), headers={"x-moe-expert": answer.expert})
     events = o.stream(chat, on_trace=keep)
     # Wait for the first event before answering 200, so a total failure is still a clean 503.
     try:
@@ -390,7 +435,8 @@ async def _chat_completions(request: Request, o: Orchestrator) -> Response:
         lambda expert: store.aremember(request_id, chat.query_text(), expert))
     # The expert that began the stream (the headers go before any switch; the final chunk's moe.switches says
     # who continued it).
-    began = {"x-moe-expert": first.expert} if isinstance(first, StreamPiece) else {}
+    expert = _began_by(first)
+    began = {"x-moe-expert": expert} if expert else {}
     return StreamingResponse(_sse(events, first, _Chunks(request_id, _include_usage(chat)), record, on_end),
                              media_type="text/event-stream", headers={"cache-control": "no-cache", **began})
 
