@@ -68,8 +68,9 @@ class RouterMetrics:
         for attempt in trace.attempts:
             kind = None if attempt.ok else (attempt.error or {}).get("kind", "error")
             cancelled = kind == "cancelled"  # the client left mid-call: not the expert's failure
-            self.expert_latency.labels(attempt.expert, "ok" if attempt.ok else "cancelled" if cancelled else
-                                       "error").observe(attempt.latency_ms / 1000.0)
+            if kind not in NOT_CALLED:  # a skipped expert's 0 s would drag its latency quantiles down
+                self.expert_latency.labels(attempt.expert, "ok" if attempt.ok else "cancelled" if cancelled else
+                                           "error").observe(attempt.latency_ms / 1000.0)
             if kind is not None and not cancelled:
                 self.expert_failures.labels(attempt.expert, kind).inc()
             self.tokens.labels(attempt.expert, "prompt").inc(attempt.usage.prompt_tokens)
@@ -85,6 +86,11 @@ class RouterMetrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+# Failure kinds of an expert passed over without a call (its breaker open, its in-flight limit full, the cost
+# budget spent, fallback stopped before it): counted in ``moe_expert_failures_total``, never as a call's latency.
+NOT_CALLED = frozenset({"circuit_open", "overloaded", "budget_exhausted", "not_tried"})
 
 
 class _ExpertStates(Collector):

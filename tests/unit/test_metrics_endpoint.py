@@ -209,3 +209,23 @@ def test_record_line_leaves_content_out_unless_asked() -> None:
                            messages=[{"role": "user", "content": "secret plan"}], answer=["ok"])
     assert "messages" not in record.line(content=False)
     assert record.line(content=True)["messages"][0]["content"] == "secret plan"
+
+
+@pytest.mark.parametrize("kind", ["circuit_open", "overloaded", "budget_exhausted", "not_tried"])
+def test_an_expert_passed_over_without_a_call_is_a_failure_but_no_latency(kind: str) -> None:
+    """Its 0 s would drag the expert's latency quantiles down (a panel member left out for the budget, a breaker
+    holding it): counted by kind, not observed as a call. A real call that failed is observed as one."""
+    from router.trace import Attempt, Trace
+
+    metrics = RouterMetrics()
+    trace = Trace(attempts=[Attempt(expert="code", ok=False, error={"kind": kind, "message": "passed over"}),
+                            Attempt(expert="code", ok=False, latency_ms=1500.0,
+                                    error={"kind": "timeout", "message": "read timeout"}),
+                            Attempt(expert="math", ok=True, latency_ms=250.0)])
+    metrics.observe_trace(trace, "math")
+    page = samples(metrics.render().decode())
+    assert value(page, "moe_expert_failures_total", expert="code", kind=kind) == 1
+    assert value(page, "moe_expert_failures_total", expert="code", kind="timeout") == 1
+    assert value(page, "moe_expert_latency_seconds_count", expert="code", outcome="error") == 1
+    assert value(page, "moe_expert_latency_seconds_sum", expert="code", outcome="error") == pytest.approx(1.5)
+    assert value(page, "moe_expert_latency_seconds_count", expert="math", outcome="ok") == 1
