@@ -55,7 +55,16 @@ from experts.errors import (
 )
 from experts.http_client import AiohttpClient, HttpClient, HttpFailure, HttpxClient
 from experts.redact import redact, userinfo
-from experts.types import ChatRequest, ExpertReply, StreamDelta, Usage, estimate_tokens, reasoning_of
+from experts.types import (
+    DETAILS,
+    ChatRequest,
+    ExpertReply,
+    StreamDelta,
+    Usage,
+    estimate_tokens,
+    reasoning_of,
+    usage_details,
+)
 
 __all__ = ["OpenAICompatibleExpert", "VllmExpert", "parse_retry_after"]
 
@@ -246,7 +255,8 @@ class OpenAICompatibleExpert(Expert):
             return None
         try:
             # A count sent as null is unknown, as if left out (some servers send null for what they do not count).
-            return Usage.model_validate({k: v for k, v in raw.items() if k in Usage.model_fields and v is not None})
+            counts = {k: v for k, v in raw.items() if k in Usage.model_fields and k not in DETAILS and v is not None}
+            return Usage.model_validate({**counts, **{k: usage_details(raw.get(k)) for k in DETAILS}})
         except ValidationError:
             raise ExpertProtocolError(self.name, "malformed 'usage'") from None
 

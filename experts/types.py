@@ -12,11 +12,19 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 
-__all__ = ["CHARS_PER_TOKEN", "MAX_TOKENS_LIMIT", "ROLES", "ChatMessage", "ChatRequest", "ExpertReply",
-           "StreamDelta", "Usage", "estimate_tokens", "reasoning_of"]
+__all__ = ["CHARS_PER_TOKEN", "DETAILS", "MAX_TOKENS_LIMIT", "ROLES", "ChatMessage", "ChatRequest", "ExpertReply",
+           "StreamDelta", "Usage", "estimate_tokens", "reasoning_of", "usage_details"]
 
 # Where no tokenizer counted, tokens are estimated from characters: a common rule of thumb for English text with
 # BPE tokenizers.
@@ -192,6 +200,15 @@ class Usage(BaseModel):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
+    # The upstream's breakdowns, as OpenAI and vLLM send them (``cached_tokens``; ``reasoning_tokens``): counts
+    # by name, summed over attempts like the totals; None (and left out of the JSON) when no upstream sent any.
+    prompt_tokens_details: dict[str, int] | None = None
+    completion_tokens_details: dict[str, int] | None = None
+
+    @model_serializer(mode="wrap")
+    def _without_absent_details(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        body: dict[str, Any] = handler(self)
+        return {k: v for k, v in body.items() if v is not None or k not in DETAILS}
 
     @classmethod
     def counted(cls, prompt_tokens: int, completion_tokens: int) -> Usage:
@@ -204,7 +221,27 @@ class Usage(BaseModel):
             prompt_tokens=self.prompt_tokens + other.prompt_tokens,
             completion_tokens=self.completion_tokens + other.completion_tokens,
             total_tokens=self.total_tokens + other.total_tokens,
+            prompt_tokens_details=_summed(self.prompt_tokens_details, other.prompt_tokens_details),
+            completion_tokens_details=_summed(self.completion_tokens_details, other.completion_tokens_details),
         )
+
+
+DETAILS = ("prompt_tokens_details", "completion_tokens_details")
+
+
+def _summed(a: dict[str, int] | None, b: dict[str, int] | None) -> dict[str, int] | None:
+    if a is None or b is None:
+        return a if b is None else dict(b)
+    return {k: a.get(k, 0) + b.get(k, 0) for k in {**a, **b}}
+
+
+def usage_details(raw: Any) -> dict[str, int] | None:
+    """An upstream's ``*_tokens_details`` object as counts by name: what is not a whole count (null, a nested
+    object, a negative number) is left out, never a reason to refuse the answer; None when nothing is left."""
+    if not isinstance(raw, dict):
+        return None
+    kept = {str(k): v for k, v in raw.items() if isinstance(v, int) and not isinstance(v, bool) and v >= 0}
+    return kept or None
 
 
 @dataclass

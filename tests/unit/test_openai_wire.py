@@ -1,7 +1,8 @@
 """What an OpenAI client reads off the wire in two corners an audit with the official openai client found: an
 upstream float that JSON cannot hold (a ``-Infinity`` log-probability, as Python servers write it) is sent as one it
 can, plain (not a 500 after the expert was paid) and streamed (not a ``-Infinity`` a strict JSON parser refuses);
-and a stream whose expert sent no text names that expert in its header and on every chunk, as any other stream does.
+a stream whose expert sent no text names that expert in its header and on every chunk, as any other stream does;
+and the upstream's usage breakdowns (cached and reasoning tokens) reach the client's usage, plain and streamed.
 Upstreams are the scripted OpenAI-compatible server (a test double, real HTTP)."""
 
 from __future__ import annotations
@@ -95,3 +96,45 @@ async def test_a_stream_without_text_names_its_expert_like_any_other(upstream: S
     assert [c.model for c in chunks] == ["solo", "solo"]
     assert chunks[0].choices[0].delta.role == "assistant"
     assert chunks[-1].choices[0].finish_reason == "length"
+
+
+# An upstream's usage with the breakdowns OpenAI and vLLM send: cached prompt tokens, reasoning tokens; the
+# breakdowns hold what a client cannot count on reading (null, a nested object, a negative number) too.
+_USAGE = ('{"prompt_tokens": 7, "completion_tokens": 12, "total_tokens": 19, "prompt_tokens_details": '
+          '{"cached_tokens": 4, "audio_tokens": null}, "completion_tokens_details": {"reasoning_tokens": 9, '
+          '"accepted_prediction_tokens": 0, "odd": {"x": 1}, "bad": -3}}')
+
+
+async def test_usage_breakdowns_reach_the_client_plain_and_streamed(upstream: ScriptedOpenAIServer) -> None:
+    """A client counting reasoning or cached tokens reads them as it would from the expert; a breakdown value that
+    is no count is left out, not a reason to refuse the answer."""
+    upstream.push(Behaviour.raw((
+        '{"id": "x", "object": "chat.completion", "created": 1, "model": "m", "choices": [{"index": 0, "message": '
+        '{"role": "assistant", "content": "Paris"}, "finish_reason": "stop"}], "usage": ' + _USAGE + '}').encode()))
+    end = ('{"id": "x", "object": "chat.completion.chunk", "created": 1, "model": "m", "choices": [{"index": 0, '
+           '"delta": {"content": "Paris"}, "finish_reason": "stop"}]}')
+    counted = '{"id": "x", "object": "chat.completion.chunk", "created": 1, "model": "m", "choices": [], ' \
+              '"usage": ' + _USAGE + '}'
+    upstream.push(Behaviour.raw(f"data: {end}\n\ndata: {counted}\n\ndata: [DONE]\n\n".encode(),
+                                content_type="text/event-stream"))
+    async with service(upstream) as http:
+        client = openai_client(http)
+        plain = await client.chat.completions.create(model="auto", messages=ASK)  # type: ignore[arg-type]
+        streamed = [c async for c in await client.chat.completions.create(
+            model="auto", messages=ASK, stream=True, stream_options={"include_usage": True})]  # type: ignore[arg-type]
+    for usage in (plain.usage, streamed[-1].usage):
+        assert usage is not None and usage.total_tokens == 19
+        assert usage.prompt_tokens_details is not None and usage.prompt_tokens_details.cached_tokens == 4
+        assert usage.prompt_tokens_details.audio_tokens is None
+        details = usage.completion_tokens_details
+        assert details is not None and details.reasoning_tokens == 9 and details.accepted_prediction_tokens == 0
+        assert details.model_dump(exclude_none=True) == {"reasoning_tokens": 9, "accepted_prediction_tokens": 0}
+    assert plain.model_extra is not None
+    assert plain.model_extra["moe"]["attempts"][0]["usage"]["completion_tokens_details"]["reasoning_tokens"] == 9
+
+
+async def test_a_usage_without_breakdowns_sends_none(upstream: ScriptedOpenAIServer) -> None:
+    upstream.push(Behaviour.ok("Paris"))
+    async with service(upstream) as http:
+        r = await http.post("/v1/chat/completions", json={"messages": ASK})
+    assert set(r.json()["usage"]) == {"prompt_tokens", "completion_tokens", "total_tokens"}
