@@ -178,13 +178,21 @@ def _all_validated(model: type[_Body], body: Any, what: str) -> _Body:
 
 def parse_chat(body: Any, max_chars: int) -> ChatRequest:
     """A chat request's body as a ``ChatRequest``, or the ``RequestProblem`` (400) naming every field that is
-    wrong, a ``tool_choice`` that demands a tool call with no tools to call, or the messages' length over
+    wrong, the deprecated ``functions``/``function_call``, a ``tool_choice`` that demands a tool call with no tools
+    to call, or the messages' length over
     ``max_chars``."""
     chat = _all_validated(ChatRequest, body, "invalid request")
     if len(chat.model) > MAX_MODEL_CHARS:  # a name, echoed in errors and logged with the request: bounded
         raise RequestProblem(400, f"invalid request: model: {len(chat.model)} characters, over the limit of "
                            f"{MAX_MODEL_CHARS} for a model's name ('auto', the service's name or an expert's)",
                            "invalid_request_error", "invalid_request", param="model")
+    legacy = next((k for k in ("functions", "function_call") if k in (chat.model_extra or {})), None)
+    if legacy is not None:
+        # An expert would answer with message.function_call, which the router's answer (tool_calls) does not carry:
+        # the call would be lost, so the request is refused before any expert is paid for it.
+        raise RequestProblem(400, f"invalid request: {legacy}: the deprecated function-calling fields are not "
+                           "supported; send tools (and tool_choice) instead", "invalid_request_error",
+                           "invalid_request", param=legacy)
     choice = (chat.model_extra or {}).get("tool_choice")
     if not chat.tools and choice is not None and choice not in TOOLLESS_CHOICES:
         # As OpenAI refuses it, and before any expert is paid to refuse it. "none" and "auto" without tools are

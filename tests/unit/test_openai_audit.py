@@ -175,6 +175,22 @@ async def test_a_tool_choice_that_demands_a_call_without_tools_is_a_400(upstream
     assert upstream.requests == []  # no expert was paid to refuse it
 
 
+@pytest.mark.parametrize("legacy", [{"functions": [TOOL["function"]]},
+                                    {"functions": [TOOL["function"]], "function_call": "auto"},
+                                    {"function_call": {"name": "add"}}])
+async def test_the_deprecated_function_calling_fields_are_a_400_naming_tools(upstream: ScriptedOpenAIServer,
+                                                                              legacy: dict[str, Any]) -> None:
+    """An expert would answer with message.function_call, which the router's answer does not carry: the call would
+    be lost after the expert was paid. Refused up front, pointing at tools."""
+    async with service(upstream) as http:
+        with pytest.raises(BadRequestError) as refused:
+            await openai_client(http).chat.completions.create(model="auto", messages=ASK, **legacy)
+    error = refused.value.body
+    assert isinstance(error, dict) and error["param"] == next(iter(legacy)) and error["code"] == "invalid_request"
+    assert "deprecated function-calling fields are not supported; send tools" in error["message"]
+    assert upstream.requests == []
+
+
 # --- 5. an unknown role, in words ------------------------------------------------------------------------------
 
 
