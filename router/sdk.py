@@ -122,6 +122,10 @@ class RouterAPIError(Exception):
         # ``retry-after`` the service would have sent.
         self.headers: dict[str, str] = dict(headers or {})
         self.code = error.get("code")
+        # As the openai SDK's APIError: the error's type (``invalid_request_error``) and the field at fault
+        # (``messages[0].content``), None where the body gives none.
+        self.type = error.get("type")
+        self.param = error.get("param")
         self.message = error.get("message", str(body))
         super().__init__(f"HTTP {status}{f' ({self.code})' if self.code else ''}: {self.message}")
 

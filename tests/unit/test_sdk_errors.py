@@ -86,6 +86,9 @@ async def test_local_router_raises_what_the_client_would() -> None:
         assert (local_error.value.status, local_error.value.code) == (served_error.value.status,
                                                                     served_error.value.code)
     assert local_failed.value.code == "all_experts_failed" and local_unknown.value.status == 404
+    # type and param as the openai SDK's APIError has them, in process and served alike
+    for error in (local_unknown, served_unknown):
+        assert (error.value.type, error.value.param) == ("invalid_request_error", "model"), error.value.body
     assert [c["expert"] for c in local_failed.value.body["error"]["causes"]] == ["math", "code"]
 
 
