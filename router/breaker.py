@@ -27,6 +27,11 @@ Invariants that keep the cooldown right when it is re-triggered:
 - Only probes of the current half-open round decide it. Each entry into half-open starts a new round
   (``probe_round``), and a permit carries the round it was admitted in: a probe still in flight from an
   earlier round (another probe of it already re-opened or closed the breaker) is stale evidence, and is ignored.
+- A half-open round whose probes have all been out for ``probe_lease_s`` (no call outlives its request's
+  deadline) is presumed lost, and the next call starts a new round. In one process a probe always reports back,
+  but a shared store (Redis) can lose its end: the replica that sent it was killed, or the store did not answer
+  when it ended (the end was then recorded in that replica's memory only). Without the lease every replica would
+  refuse the expert, "a probe call is already in flight", until the store's key expired a day later.
 
 The transitions (``admit``, ``record``) are pure functions of a frozen ``BreakerState`` and a clock reading.
 ``Breakers`` applies them through a ``BreakerStore``; the in-memory store is the default, and a shared store
@@ -59,6 +64,10 @@ State = Literal["closed", "open", "half_open"]
 # the caller went away).
 Outcome = Literal["success", "failure", "neutral"]
 _BUCKETS = 10  # the failure-rate window is kept as this many counters, so its size is fixed under any load
+# How long a half-open round's probes may be out before the round is presumed lost (see the module's notes): the
+# default ``fallback.deadline_s``, since no call outlives its request's deadline. ``Breakers(probe_lease_s=...)``
+# takes the config's own.
+PROBE_LEASE_S = 120.0
 
 
 class CircuitOpen(ExpertError):
@@ -85,6 +94,7 @@ class BreakerState:
     last_error: str | None = None
     held: bool = False  # open because the expert asked for a wait (Retry-After), not because failures tripped it
     epoch: int = 0  # bumped by ``Breakers.reset``: a call admitted before it reports on another service
+    probe_at: float = 0.0  # when the current half-open round last let a probe through (its lease runs from here)
 
 
 @dataclass(frozen=True)
@@ -115,16 +125,22 @@ def classify(error: ExpertError | None) -> Outcome:
     return "success"
 
 
-def admit(s: BreakerState, cfg: BreakerConfig, now: float) -> tuple[bool, BreakerState]:
-    """Whether a call may go now, and the state after letting it (a half-open probe takes a slot)."""
+def admit(s: BreakerState, cfg: BreakerConfig, now: float,
+          probe_lease_s: float | None = PROBE_LEASE_S) -> tuple[bool, BreakerState]:
+    """Whether a call may go now, and the state after letting it (a half-open probe takes a slot).
+    ``probe_lease_s``: after this long with every probe slot taken, the round is presumed lost and a new one
+    begins (None: never)."""
     if s.state == "open":
         if now < s.opened_at + s.cooldown_s:
             return False, s
         s = replace(s, state="half_open", probes=0, probe_round=s.probe_round + 1)
     if s.state == "half_open":
         if s.probes >= cfg.half_open_probes:
-            return False, s
-        return True, replace(s, probes=s.probes + 1)
+            if probe_lease_s is None or now < s.probe_at + probe_lease_s:
+                return False, s
+            # Its probes' ends were lost: their round is over (a late end is stale), and this call probes anew.
+            s = replace(s, probes=0, probe_round=s.probe_round + 1)
+        return True, replace(s, probes=s.probes + 1, probe_at=now)
     return True, s
 
 
@@ -221,17 +237,18 @@ class Breakers:
     """The breakers of every expert, through one store and one clock (both injectable for tests)."""
 
     def __init__(self, cfg: BreakerConfig, store: BreakerStore | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, *, probe_lease_s: float | None = PROBE_LEASE_S) -> None:
         self.cfg = cfg
         self.store = store or MemoryBreakerStore()
         self.clock = clock
+        self.probe_lease_s = probe_lease_s
 
     def admit(self, expert: str) -> Permit:
         """A permit for one call; raises ``CircuitOpen`` when the breaker refuses it."""
         if not self.cfg.enabled:
             return Permit(expert, probe=False)
         before = self.store.load(expert)
-        allowed, after = admit(before, self.cfg, self.clock())
+        allowed, after = admit(before, self.cfg, self.clock(), self.probe_lease_s)
         if not allowed:
             raise self._refusal(expert, after)
         if after != before:
@@ -251,7 +268,8 @@ class Breakers:
 
     def refuses(self, expert: str, after_s: float = 0.0) -> bool:
         """Whether the breaker would refuse a call ``after_s`` seconds from now (0: now)."""
-        return self.cfg.enabled and not admit(self.store.load(expert), self.cfg, self.clock() + after_s)[0]
+        return self.cfg.enabled and not admit(self.store.load(expert), self.cfg, self.clock() + after_s,
+                                              self.probe_lease_s)[0]
 
     def refusing(self, experts: Iterable[str]) -> frozenset[str]:
         """The experts whose breaker would refuse a call now: left out of the gate's panel and of fallback."""

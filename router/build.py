@@ -70,12 +70,14 @@ def build_shared_state(config: RouterConfig, environ: Mapping[str, str]) -> Shar
 
 
 def build_breakers(config: RouterConfig, state: SharedState | None = None) -> Breakers:
+    # A half-open probe outlives no request's deadline: past it, a probe whose end a shared store lost is over.
+    lease = config.fallback.deadline_s
     if state is None:
-        return Breakers(config.fallback.breaker)
+        return Breakers(config.fallback.breaker, probe_lease_s=lease)
     if not state.shared:  # this process's store, kept across reloads
-        return Breakers(config.fallback.breaker, state.breaker_store)
+        return Breakers(config.fallback.breaker, state.breaker_store, probe_lease_s=lease)
     # A shared store compares times taken on different hosts: a wall clock, not this process's monotonic one.
-    return Breakers(config.fallback.breaker, state.breaker_store, clock=time.time)
+    return Breakers(config.fallback.breaker, state.breaker_store, clock=time.time, probe_lease_s=lease)
 
 
 def load_gate(config: RouterConfig, encoders: Mapping[str, Encoder] | None = None) -> Gate | CascadeGate:

@@ -28,17 +28,28 @@ The ``redis`` package is imported lazily; install it with ``pip install redis``.
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
+import contextvars
+import functools
 import hashlib
 import json
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from router.breaker import BreakerState, BreakerStore, MemoryBreakerStore
 from router.config import ConfigError, RateLimitConfig, StateConfig
-from router.feedback import REDIS_REQUEST_RETENTION_S, Answered, FeedbackRecord, FeedbackStore, FeedbackUnavailable
+from router.feedback import (
+    REDIS_REQUEST_RETENTION_S,
+    Answered,
+    FeedbackBody,
+    FeedbackRecord,
+    FeedbackStore,
+    FeedbackUnavailable,
+)
 from router.security import InMemoryRateStore, RateStore, redact
 
 if TYPE_CHECKING:
@@ -196,18 +207,23 @@ if KEYS[3] ~= '' then redis.call('SET', KEYS[3], member, 'EX', tonumber(ARGV[2])
 return member
 """
 _RETRY = "send it again later (a verdict on an answer id is kept once however often it is sent)"
+# Threads for verdicts, lookups and exports: their own, so a hung Redis, which holds each of them for the client's
+# timeout, cannot take the event loop's default threads, which every answer needs (remembering it, combining).
+_VERDICT_THREADS = 4
 
 
 class RedisFeedbackStore(FeedbackStore):
     """Verdicts and the answers they name, shared by every replica (see the module's notes).
 
-    ``client`` serves verdicts, lookups and exports (off the event loop, so it may wait ``timeout_s``);
-    ``remember_client`` serves ``remember``, which runs on every answer, with a short timeout, so a hung Redis
-    delays an answer by at most that once per outage. Messages raised to callers name no host (clients read
-    them); the details, with credentials redacted, go to the log."""
+    ``client`` serves verdicts, lookups and exports (off the event loop, on threads of their own, so it may wait
+    ``timeout_s`` without holding up answers); ``remember_client`` serves ``remember``, which runs on every
+    answer, with a short timeout, so a hung Redis delays an answer by at most that once per outage. After a
+    verdict call finds Redis unreachable, the next ``timeout_s`` of verdict calls are refused at once (503)
+    instead of each waiting out the timeout. Messages raised to callers name no host (clients read them); the
+    details, with credentials redacted, go to the log."""
 
     def __init__(self, client: redis.Redis, key_prefix: str = "moe:", *, remember_client: redis.Redis | None = None,
-                 where: str = "redis", retention_s: float = REDIS_REQUEST_RETENTION_S) -> None:
+                 where: str = "redis", retention_s: float = REDIS_REQUEST_RETENTION_S, timeout_s: float = 2.0) -> None:
         self.client = client
         self.remember_client = remember_client or client
         self.key_prefix = key_prefix
@@ -215,6 +231,10 @@ class RedisFeedbackStore(FeedbackStore):
         self.retention_s = retention_s
         self._add = client.register_script(_ADD)
         self._outage = _Outage("feedback", 5.0, fallback="answers are not remembered for rating by id")
+        self._down_s = timeout_s
+        self._down_until = 0.0  # verdict calls are refused at once until then (monotonic): Redis was unreachable
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=_VERDICT_THREADS,
+                                                           thread_name_prefix="moe-feedback")
 
     @classmethod
     def from_config(cls, config: StateConfig, environ: Mapping[str, str], *, timeout_s: float = 2.0,
@@ -229,7 +249,7 @@ class RedisFeedbackStore(FeedbackStore):
                              socket_connect_timeout=timeout)
 
         return cls(client(timeout_s), config.key_prefix, remember_client=client(remember_timeout_s),
-                   where=str(redact(url)), retention_s=retention_s)
+                   where=str(redact(url)), retention_s=retention_s, timeout_s=timeout_s)
 
     def _answer_key(self, request_id: str) -> str:
         return f"{self.key_prefix}feedback:answer:{request_id}"
@@ -240,10 +260,19 @@ class RedisFeedbackStore(FeedbackStore):
 
     def _unavailable(self, doing: str, exc: Exception, advice: str) -> FeedbackUnavailable:
         # A reply that is an error (out of memory, read-only replica) is not an outage; say which it was.
-        state = "refused the command" if isinstance(exc, _redis_module().ResponseError) else "is unreachable"
+        refused = isinstance(exc, _redis_module().ResponseError)
+        state = "refused the command" if refused else "is unreachable"
+        if not refused:
+            self._down_until = time.monotonic() + self._down_s
         log.warning("feedback store %s %s while %s: %s", self.where, state, doing,
                     redact(f"{type(exc).__name__}: {exc}"))
         return FeedbackUnavailable(f"the feedback store {state} while {doing}; {advice}")
+
+    def _refuse_while_down(self, doing: str, advice: str) -> None:
+        """Refuse at once while a verdict call has just found Redis unreachable (nothing is sent, so nothing is
+        stored): a hung Redis would otherwise hold every verdict, lookup and export for the client's timeout."""
+        if time.monotonic() < self._down_until:
+            raise FeedbackUnavailable(f"the feedback store is unreachable while {doing}; {advice}")
 
     def remember(self, request_id: str, query: str, expert: str) -> None:
         if self._outage.active():
@@ -258,6 +287,7 @@ class RedisFeedbackStore(FeedbackStore):
             self._outage.begin(exc)  # the answer stands; only a verdict by its id is lost (by query still works)
 
     def answered(self, request_id: str) -> Answered | None:
+        self._refuse_while_down("looking up the answer", "nothing was stored; " + _RETRY)
         try:
             raw = self.client.hgetall(self._answer_key(request_id))
         except _redis_module().RedisError as exc:
@@ -275,6 +305,7 @@ class RedisFeedbackStore(FeedbackStore):
         # A verdict on an answer id is the client's to resend after a timeout: an identical one is kept once.
         dedupe = (f"{self.key_prefix}feedback:seen:{hashlib.sha256(payload.encode()).hexdigest()}"
                   if request_id is not None else "")
+        self._refuse_while_down("storing a verdict", "nothing was stored; " + _RETRY)
         try:
             member = self._add(keys=[f"{self.key_prefix}feedback:next_id", self._verdicts, dedupe],
                                args=[payload, max(1, int(self.retention_s))])
@@ -284,15 +315,33 @@ class RedisFeedbackStore(FeedbackStore):
         return FeedbackRecord.model_validate_json(member)
 
     def records(self, since: float | None = None) -> list[FeedbackRecord]:
+        advice = "check the Redis that state.url_env names (the log has the details), or train with --no-feedback"
+        self._refuse_while_down("reading the verdicts", advice)
         try:
             raw = self.client.zrangebyscore(self._verdicts, "-inf" if since is None else repr(since), "+inf")
         except _redis_module().RedisError as exc:
-            raise self._unavailable("reading the verdicts", exc, "check the Redis that state.url_env names (the "
-                                    "log has the details), or train with --no-feedback") from exc
+            raise self._unavailable("reading the verdicts", exc, advice) from exc
         return sorted((FeedbackRecord.model_validate_json(member) for member in raw if isinstance(member, str | bytes)),
                       key=lambda r: r.id)
 
+    async def aremember(self, request_id: str, query: str, expert: str) -> None:
+        if self._outage.active():  # skipped during an outage: not even a thread is needed
+            return
+        await super().aremember(request_id, query, expert)
+
+    async def asubmit(self, body: FeedbackBody, experts: Sequence[str]) -> FeedbackRecord:
+        return await self._off_loop(self.submit, body, experts)
+
+    async def arecords(self, since: float | None = None) -> list[FeedbackRecord]:
+        return await self._off_loop(self.records, since)
+
+    async def _off_loop(self, fn: Callable[..., Any], *args: Any) -> Any:
+        # As asyncio.to_thread, on this store's threads.
+        call = functools.partial(contextvars.copy_context().run, fn, *args)
+        return await asyncio.get_running_loop().run_in_executor(self._pool, call)
+
     def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
         self.client.close()
         if self.remember_client is not self.client:
             self.remember_client.close()

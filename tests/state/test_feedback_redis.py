@@ -3,11 +3,14 @@ an answer another replica gave, ``moe train`` reads the same verdicts, and an ou
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import contextlib
 import socket
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -172,3 +175,50 @@ def test_a_refusing_redis_is_told_apart_from_an_unreachable_one(redis_url: str,
         store.add("an integral", "math", 1.0)
     assert "WRONGTYPE" in caplog.text or "ResponseError" in caplog.text
     store.close()
+
+
+@contextlib.contextmanager
+def _hung_redis() -> Iterator[str]:
+    """A server that accepts connections and never replies: a hung Redis (stopped, or stuck on a slow command)."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(64)
+    accepted: list[socket.socket] = []
+
+    def accept() -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                accepted.append(listener.accept()[0])
+
+    threading.Thread(target=accept, daemon=True).start()
+    try:
+        yield f"redis://127.0.0.1:{listener.getsockname()[1]}/0"
+    finally:
+        listener.close()
+        for conn in accepted:
+            conn.close()
+
+
+async def test_verdicts_sent_while_redis_hangs_do_not_hold_up_answers() -> None:
+    """Each verdict call on a hung Redis waits out the client's timeout on a thread. Those must not be the event
+    loop's default threads, which every answer needs (remembering it, combining): verdicts sent during the hang
+    held every answer on the replica up by seconds. And once one call found Redis unreachable, the rest are
+    refused at once instead of queueing for a timeout each."""
+    loop = asyncio.get_running_loop()
+    loop.set_default_executor(concurrent.futures.ThreadPoolExecutor(max_workers=2))
+    with _hung_redis() as url:
+        store = RedisFeedbackStore.from_config(StateConfig(backend="redis"), {"MOE_REDIS_URL": url}, timeout_s=1.0)
+        try:
+            started = time.monotonic()
+            verdicts = [asyncio.ensure_future(store.asubmit(
+                FeedbackBody(query="an integral", expert="math", good=True), NAMES)) for _ in range(8)]
+            await asyncio.sleep(0.2)  # the verdicts are waiting on Redis now
+            hop = time.monotonic()
+            await asyncio.to_thread(lambda: None)  # what an answer needs from the default threads
+            assert time.monotonic() - hop < 0.5
+            results = await asyncio.gather(*verdicts, return_exceptions=True)
+            assert all(isinstance(r, FeedbackUnavailable) for r in results)
+            assert time.monotonic() - started < 1.9  # one timeout, not one per verdict
+            assert all("send it again" in str(r) for r in results)
+        finally:
+            store.close()

@@ -14,9 +14,9 @@ import pytest
 from fastapi import FastAPI
 
 from experts.errors import ExpertUnavailable
-from router.breaker import BreakerState, MemoryBreakerStore
+from router.breaker import Breakers, BreakerState, CircuitOpen, MemoryBreakerStore
 from router.build import build_breakers, build_shared_state
-from router.config import ConfigError, RateLimitConfig, RouterConfig, StateConfig
+from router.config import BreakerConfig, ConfigError, RateLimitConfig, RouterConfig, StateConfig
 from router.orchestrator import Orchestrator
 from router.security import InMemoryRateStore
 from router.service import create_app
@@ -160,3 +160,32 @@ def test_state_config_is_strict() -> None:
         fake_config(NAMES, state={"backend": "etcd"})
 
 
+
+
+def test_a_probe_whose_end_never_reaches_redis_does_not_shut_the_expert_out_for_good(
+        shared: list[SharedState]) -> None:
+    """Replica A lets a half-open probe through, then dies (or Redis times out as the probe ends, so the end is
+    recorded in A's memory only). The shared breaker must not stay half-open "with a probe in flight" for every
+    replica until its key expires a day later: once the probe's lease is over, B probes the expert again."""
+    cfg = BreakerConfig(failure_threshold=1, failure_rate=None, cooldown_s=5, cooldown_max_s=5)
+    now = [1.7e9]
+    a_store, b_store = shared[0].breaker_store, shared[1].breaker_store
+    a = Breakers(cfg, a_store, clock=lambda: now[0], probe_lease_s=30)
+    b = Breakers(cfg, b_store, clock=lambda: now[0], probe_lease_s=30)
+    a.finish(a.admit("math"), ExpertUnavailable("math", "connection refused"))  # trips
+    now[0] += 6
+    lost = a.admit("math")  # A's probe; A is killed before it ends
+    assert lost.probe
+    with pytest.raises(CircuitOpen, match="probe call is already in flight"):
+        b.admit("math")  # a live probe is respected
+    now[0] += 29
+    assert b.refuses("math")
+    now[0] += 2  # the lease is over: the probe is presumed lost
+    assert not b.refuses("math")
+    probe = b.admit("math")
+    assert probe.probe and probe.probe_round > lost.probe_round
+    b.finish(probe, None)
+    assert a_store is not None and a_store.load("math").state == "closed"
+    # The lost probe's end, should it come after all, is stale: it does not reopen the breaker.
+    a.finish(lost, ExpertUnavailable("math", "connection refused"))
+    assert b.snapshot("math")["state"] == "closed"

@@ -9,6 +9,7 @@ from experts.errors import (
     ExpertRejected,
     ExpertServerError,
     ExpertTimeout,
+    ExpertUnavailable,
     NoRecording,
 )
 from router.breaker import Breakers, BreakerState, CircuitOpen, MemoryBreakerStore, classify
@@ -322,3 +323,25 @@ def test_calls_admitted_before_a_reset_are_not_counted_after_it() -> None:
     fail(b, 2)
     b.finish(probe, None)
     assert b.snapshot("math")["consecutive_failures"] == 2
+
+
+def test_the_served_breakers_presume_a_probe_lost_after_the_request_deadline() -> None:
+    """No call outlives its request's deadline, so a probe out for longer has lost its end (a replica killed mid-
+    probe, with a shared store): the lease the built breakers use is the config's fallback.deadline_s."""
+    from router.build import build_breakers
+    from router.config import parse_config
+
+    config = parse_config({"version": 1, "fallback": {"deadline_s": 7.5}, "experts": [
+        {"name": "a", "type": "vllm", "endpoint": "http://127.0.0.1:9/v1", "model": "m"}]}, check_env=False)
+    breakers = build_breakers(config)
+    assert breakers.probe_lease_s == 7.5
+    cfg = BreakerConfig(failure_threshold=1, failure_rate=None, cooldown_s=1, cooldown_max_s=1)
+    now = [0.0]
+    breakers = Breakers(cfg, clock=lambda: now[0], probe_lease_s=7.5)
+    breakers.finish(breakers.admit("a"), ExpertUnavailable("a", "connection refused"))
+    now[0] = 2.0
+    breakers.admit("a")  # a probe whose end never comes
+    now[0] = 9.0
+    assert breakers.refuses("a")
+    now[0] = 9.6
+    assert not breakers.refuses("a")
