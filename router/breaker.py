@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any, Literal, Protocol
 
@@ -237,22 +237,32 @@ class Breakers:
     """The breakers of every expert, through one store and one clock (both injectable for tests)."""
 
     def __init__(self, cfg: BreakerConfig, store: BreakerStore | None = None,
-                 clock: Callable[[], float] = time.monotonic, *, probe_lease_s: float | None = PROBE_LEASE_S) -> None:
+                 clock: Callable[[], float] = time.monotonic, *, probe_lease_s: float | None = PROBE_LEASE_S,
+                 services: Mapping[str, str] | None = None) -> None:
+        """``services``: each expert's service identity (``ExpertConfig.service_identity``), which keys its
+        breaker in the store beside the name, so replicas sharing a store while their configs point one expert at
+        different endpoints (a rolling change, a reload on one of them) learn of each service apart."""
         self.cfg = cfg
         self.store = store or MemoryBreakerStore()
         self.clock = clock
         self.probe_lease_s = probe_lease_s
+        self.services = dict(services or {})
+
+    def _key(self, expert: str) -> str:
+        """The store's key for ``expert``'s breaker: its name, with its service identity when known."""
+        service = self.services.get(expert)
+        return expert if service is None else f"{expert}@{service}"
 
     def admit(self, expert: str) -> Permit:
         """A permit for one call; raises ``CircuitOpen`` when the breaker refuses it."""
         if not self.cfg.enabled:
             return Permit(expert, probe=False)
-        before = self.store.load(expert)
+        before = self.store.load(self._key(expert))
         allowed, after = admit(before, self.cfg, self.clock(), self.probe_lease_s)
         if not allowed:
             raise self._refusal(expert, after)
         if after != before:
-            self.store.save(expert, after)
+            self.store.save(self._key(expert), after)
         probe = after.state == "half_open"
         return Permit(expert, probe=probe, probe_round=after.probe_round if probe else 0, epoch=after.epoch)
 
@@ -261,14 +271,15 @@ class Breakers:
         if not self.cfg.enabled:
             return
         outcome = outcome or classify(error)
-        state = record(self.store.load(permit.expert), self.cfg, self.clock(), outcome, probe=permit.probe,
+        key = self._key(permit.expert)
+        state = record(self.store.load(key), self.cfg, self.clock(), outcome, probe=permit.probe,
                        error_kind=error.kind if error else None, probe_round=permit.probe_round,
                        retry_after_s=error.retry_after_s if error else None, epoch=permit.epoch)
-        self.store.save(permit.expert, state)
+        self.store.save(key, state)
 
     def refuses(self, expert: str, after_s: float = 0.0) -> bool:
         """Whether the breaker would refuse a call ``after_s`` seconds from now (0: now)."""
-        return self.cfg.enabled and not admit(self.store.load(expert), self.cfg, self.clock() + after_s,
+        return self.cfg.enabled and not admit(self.store.load(self._key(expert)), self.cfg, self.clock() + after_s,
                                               self.probe_lease_s)[0]
 
     def refusing(self, experts: Iterable[str]) -> frozenset[str]:
@@ -279,10 +290,11 @@ class Breakers:
         """Forget what the breaker learned of ``expert`` (a reload changed its config: another endpoint or model
         is another service), in a new epoch: calls let through before, still in flight to the old service,
         are not counted when they end."""
-        self.store.save(expert, BreakerState(epoch=self.store.load(expert).epoch + 1))
+        key = self._key(expert)
+        self.store.save(key, BreakerState(epoch=self.store.load(key).epoch + 1))
 
     def snapshot(self, expert: str) -> dict[str, Any]:
-        s = self.store.load(expert)
+        s = self.store.load(self._key(expert))
         now = self.clock()
         state = "half_open" if s.state == "open" and now >= s.opened_at + s.cooldown_s else s.state
         return {"state": state if self.cfg.enabled else "disabled", "consecutive_failures": s.consecutive,

@@ -71,13 +71,16 @@ def build_shared_state(config: RouterConfig, environ: Mapping[str, str]) -> Shar
 
 def build_breakers(config: RouterConfig, state: SharedState | None = None) -> Breakers:
     # A half-open probe outlives no request's deadline: past it, a probe whose end a shared store lost is over.
-    lease = config.fallback.deadline_s
+    # Each breaker is kept under its expert's service identity too: replicas (or a process across a reload) that
+    # point one expert at different services never share what they learned of them.
+    lease, services = config.fallback.deadline_s, {e.name: e.service_identity() for e in config.experts}
     if state is None:
-        return Breakers(config.fallback.breaker, probe_lease_s=lease)
+        return Breakers(config.fallback.breaker, probe_lease_s=lease, services=services)
     if not state.shared:  # this process's store, kept across reloads
-        return Breakers(config.fallback.breaker, state.breaker_store, probe_lease_s=lease)
+        return Breakers(config.fallback.breaker, state.breaker_store, probe_lease_s=lease, services=services)
     # A shared store compares times taken on different hosts: a wall clock, not this process's monotonic one.
-    return Breakers(config.fallback.breaker, state.breaker_store, clock=time.time, probe_lease_s=lease)
+    return Breakers(config.fallback.breaker, state.breaker_store, clock=time.time, probe_lease_s=lease,
+                    services=services)
 
 
 def load_gate(config: RouterConfig, encoders: Mapping[str, Encoder] | None = None) -> Gate | CascadeGate:

@@ -7,7 +7,9 @@ written in the file: an expert names the environment variable that holds its key
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 import os
 import re
 import types
@@ -195,6 +197,13 @@ class ExpertConfig(_Strict):
             raise ValueError(f"vllm: only a type: vllm expert has a vLLM server to configure; this one is type "
                              f"{self.type!r}")
         return self
+
+    def service_identity(self) -> str:
+        """A short digest of what decides which service this expert's calls reach (its type, endpoint, model,
+        nested router config and replay source): the key its circuit breaker is kept under beside its name, so
+        what was learned of one service never holds another (``router.breaker.Breakers``)."""
+        reached = self.model_dump(include={"type", "endpoint", "model", "router_config", "replay"}, mode="json")
+        return hashlib.sha256(json.dumps(reached, sort_keys=True).encode()).hexdigest()[:12]
 
     def api_key(self) -> str | None:
         """The key from the environment, read when a client is built, never stored in the config. Stripped, as the

@@ -148,9 +148,14 @@ class Reloader:
                 log.error("%s", exc)
                 raise
             old: Orchestrator = self.holder.orchestrator
-            # Breakers kept across the reload (a shared store) start afresh for an expert whose config changed.
+            # Breakers kept across the reload (a shared store) start afresh for an expert whose config changed. One
+            # pointed at another service (endpoint, model) needs no reset: its breaker is kept under that service's
+            # identity (``build_breakers``), so a replica still on the old config keeps the old one's to itself.
             for name in new.config.expert_names:
-                if name in old.config.expert_names and new.config.expert(name) != old.config.expert(name):
+                if name not in old.config.expert_names:
+                    continue
+                was, now = old.config.expert(name), new.config.expert(name)
+                if now != was and now.service_identity() == was.service_identity():
                     new.breakers.reset(name)
             self.holder.orchestrator = new
             # What the new config reads, as stamped before its build read it.

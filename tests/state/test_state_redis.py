@@ -16,7 +16,7 @@ from fastapi import FastAPI
 from experts.errors import ExpertUnavailable
 from router.breaker import Breakers, BreakerState, CircuitOpen, MemoryBreakerStore
 from router.build import build_breakers, build_shared_state
-from router.config import BreakerConfig, ConfigError, RateLimitConfig, RouterConfig, StateConfig
+from router.config import BreakerConfig, ConfigError, RateLimitConfig, RouterConfig, StateConfig, parse_config
 from router.orchestrator import Orchestrator
 from router.security import InMemoryRateStore
 from router.service import create_app
@@ -189,3 +189,20 @@ def test_a_probe_whose_end_never_reaches_redis_does_not_shut_the_expert_out_for_
     # The lost probe's end, should it come after all, is stale: it does not reopen the breaker.
     a.finish(lost, ExpertUnavailable("math", "connection refused"))
     assert b.snapshot("math")["state"] == "closed"
+
+
+def test_replicas_pointing_one_expert_at_different_services_keep_apart_breakers(shared: list[SharedState]) -> None:
+    """A rolling config change, or a reload on one replica, leaves replicas calling one expert name at two
+    endpoints. The old endpoint failing on B must not open the breaker A keeps for its new, healthy one; replicas on
+    the same service still share one breaker."""
+    def config(endpoint: str) -> RouterConfig:
+        return parse_config({"version": 1, "fallback": {"breaker": {"failure_threshold": 1}}, "experts": [
+            {"name": "math", "type": "vllm", "endpoint": endpoint, "model": "m"}]}, check_env=False)
+
+    old, new = config("http://old-host:8000/v1"), config("http://new-host:8000/v1")
+    assert old.experts[0].service_identity() != new.experts[0].service_identity()
+    a, b = build_breakers(new, shared[0]), build_breakers(old, shared[1])
+    b.finish(b.admit("math"), ExpertUnavailable("math", "connection refused"))  # the old endpoint is down
+    assert b.refuses("math") and not a.refuses("math")
+    b_too = build_breakers(old, shared[0])  # another replica still on the old config: the same service
+    assert b_too.refuses("math")

@@ -345,3 +345,25 @@ def test_the_served_breakers_presume_a_probe_lost_after_the_request_deadline() -
     assert breakers.refuses("a")
     now[0] = 9.6
     assert not breakers.refuses("a")
+
+
+def test_a_service_identity_follows_where_calls_go_not_how_the_expert_is_described() -> None:
+    from router.config import parse_config
+
+    def identity(**changed: object) -> str:
+        expert = {"name": "a", "type": "vllm", "endpoint": "http://h:8000/v1", "model": "m", **changed}
+        return parse_config({"version": 1, "experts": [expert]}, check_env=False).experts[0].service_identity()
+
+    same = identity()
+    assert identity(description="other words", timeout_s=9.0, examples=["x"]) == same
+    assert len({same, identity(endpoint="http://h2:8000/v1"), identity(model="m2")}) == 3
+
+
+def test_breakers_sharing_a_store_keep_each_service_apart() -> None:
+    store = MemoryBreakerStore()
+    cfg = BreakerConfig(failure_threshold=1, failure_rate=None)
+    old = Breakers(cfg, store, services={"a": "one"})
+    new = Breakers(cfg, store, services={"a": "two"})
+    old.finish(old.admit("a"), ExpertUnavailable("a", "connection refused"))
+    assert old.refuses("a") and not new.refuses("a")
+    assert Breakers(cfg, store, services={"a": "one"}).refuses("a")

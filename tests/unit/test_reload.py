@@ -493,3 +493,28 @@ async def test_training_the_gate_a_refused_config_names_reloads_it(tmp_path: Pat
         assert (reloader.reloaded, reloader.refused) == (1, 1)
     finally:
         await reloader.stop()
+
+
+async def test_a_reload_onto_another_service_starts_its_breaker_afresh_and_keeps_the_old_one_s(tmp_path: Path) -> None:
+    """The breaker is kept under the expert's service identity: pointed at another model, math starts closed,
+    while what was learned of the old one stays with it (a replica still on the old config shares it), and
+    coming back to it finds it as it was."""
+    breaker = {"fallback": {"breaker": {"failure_threshold": 1, "cooldown_s": 300, "cooldown_max_s": 300}}}
+    path = write(tmp_path / "router.yaml", ["math", "code"], **breaker)
+    app = service(path, StatefulBuilds(fail={"math"}))
+    chat = {"messages": [{"role": "user", "content": "an integral"}]}
+
+    async def math_state() -> str:
+        state: str = (await http.get("/v1/experts")).json()["data"][0]["breaker"]["state"]
+        return state
+
+    async with client(app) as http:
+        await http.post("/v1/chat/completions", json=chat)  # math fails: its breaker opens
+        assert await math_state() == "open"
+        path.write_text(path.read_text().replace("model: math", "model: math-v2"))
+        assert (await http.post("/admin/reload")).status_code == 200
+        assert await math_state() == "closed"
+        path.write_text(path.read_text().replace("model: math-v2", "model: math"))
+        os.utime(path, ns=(path.stat().st_mtime_ns + 2_000_000_000,) * 2)
+        assert (await http.post("/admin/reload")).status_code == 200
+        assert await math_state() == "open"
