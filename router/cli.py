@@ -39,6 +39,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from router.logs import configure_json_logging, log_level, uvicorn_log_config
     from router.reload import Reloader
     from router.service import create_app
+    from router.state_redis import check_redis
 
     # Hot reload: on SIGHUP, POST /admin/reload, and (unless service.reload_poll_s is null) a file change. The
     # shared state (Redis connections) is kept across reloads. Made before the file is read, and told what the
@@ -51,7 +52,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = _load(args.config)  # validated before anything starts: a bad file stops here, every problem listed
     reloader.poll_s = config.service.reload_poll_s
     reloader.watch(config)
-    # Redis (state.backend: redis) holds what replicas share: rate-limit buckets and breakers.
+    # Redis (state.backend: redis) holds what replicas share: rate-limit buckets and breakers. Credentials it
+    # refuses stop the start here; a Redis that does not answer yet is logged and served without.
+    check_redis(config.state, os.environ)
     state = build_shared_state(config, os.environ)
     orchestrator = build(config)
     app = create_app(orchestrator, rate_store=state.rate_store, reloader=reloader,
@@ -252,7 +255,7 @@ def _parser(settings: Settings | None = None) -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="run the OpenAI-compatible service")
     p.add_argument("--config", default=DEFAULT_CONFIG)
-    p.add_argument("--host")
+    p.add_argument("--host", type=host_address)
     p.add_argument("--port", type=port_number)
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug", "trace"],
                    help="uvicorn's log level (default: info)")
@@ -260,7 +263,7 @@ def _parser(settings: Settings | None = None) -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve-replay", help="serve a config's replay experts as one OpenAI-compatible endpoint")
     p.add_argument("--config", default=DEFAULT_CONFIG)
-    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--host", type=host_address, default="127.0.0.1")
     p.add_argument("--port", type=port_number, default=8001)
     p.set_defaults(func=cmd_serve_replay)
 
@@ -362,6 +365,16 @@ def seed_number(raw: str) -> int:
     if not 0 <= seed <= 2**32 - 1:
         raise argparse.ArgumentTypeError(f"{seed} is out of range (0 to {2**32 - 1})")
     return seed
+
+
+def host_address(raw: str) -> str:
+    """An address to listen on, for argparse: never empty, as ``service.host`` is never empty. uvicorn would bind
+    every interface for "" (``moe serve-replay``), and ``moe serve`` would fall back to the config's host unsaid
+    (``--host "$HOST"`` with HOST unset, say)."""
+    if not raw.strip():
+        raise argparse.ArgumentTypeError("must not be empty: an empty host binds every interface; give an address "
+                                         "(127.0.0.1 for this machine only, 0.0.0.0 for every interface)")
+    return raw
 
 
 def port_number(raw: str) -> int:

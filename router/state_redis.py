@@ -59,7 +59,7 @@ if TYPE_CHECKING:
     from router.encoders import Encoder
 
 __all__ = ["RedisBreakerStore", "RedisFeedbackStore", "RedisRateStore", "SharedState", "build_shared_state",
-           "redis_url"]
+           "check_redis", "redis_url"]
 
 log = logging.getLogger("router.state")  # under "router": the service writes it as JSON lines
 
@@ -391,6 +391,34 @@ class SharedState:
             await self.rate_store.aclose()
         if isinstance(self.breaker_store, RedisBreakerStore):
             self.breaker_store.close()
+
+
+def check_redis(config: StateConfig, environ: Mapping[str, str], *, timeout_s: float = 2.0) -> None:
+    """At start, one PING to the Redis ``state.url_env`` names. A Redis that refuses the URL's credentials (a wrong
+    password or user, or none where one is required) is a ``ConfigError`` naming the variable, never its value:
+    otherwise the replica would run alone (its own rate limits and breakers, every verdict refused) while its
+    /health said all was well. One that does not answer is logged and served without, as an outage later is: it
+    may come up after the router. Nothing for ``backend: memory``."""
+    if config.backend == "memory":
+        return
+    url = redis_url(config, environ)
+    _redis_module()
+    import redis
+
+    client = _from_url(redis.Redis.from_url, url, config, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+    try:
+        client.ping()
+    except (redis.AuthenticationError, redis.exceptions.NoPermissionError) as exc:
+        raise ConfigError("<environment>", [("state.url_env", (
+            f"the Redis that environment variable {config.url_env} names refused its credentials "
+            f"({type(exc).__name__}: {redact(str(exc))}); set the password (redis://:password@host:port/db) or the "
+            "user and password its ACL expects (the value is not shown)"))]) from None
+    except redis.RedisError as exc:
+        log.warning("state: the Redis that %s names (%s) does not answer at start (%s); serving with this "
+                    "replica's own rate limits and breakers until it does", config.url_env, redact(url),
+                    redact(f"{type(exc).__name__}: {exc}"))
+    finally:
+        client.close()
 
 
 def build_shared_state(config: StateConfig, environ: Mapping[str, str], *, timeout_s: float = 0.25) -> SharedState:

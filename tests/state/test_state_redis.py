@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import socket
 import time
 import uuid
@@ -23,6 +24,7 @@ from router.service import create_app
 from router.state_redis import RedisBreakerStore, RedisRateStore, SharedState
 from router.state_redis import build_shared_state as build_state
 from tests.doubles.fakes import FakeExpert, FakeGate, fake_config
+from tests.support import free_port
 
 NAMES = ["math", "code"]
 
@@ -206,3 +208,34 @@ def test_replicas_pointing_one_expert_at_different_services_keep_apart_breakers(
     assert b.refuses("math") and not a.refuses("math")
     b_too = build_breakers(old, shared[0])  # another replica still on the old config: the same service
     assert b_too.refuses("math")
+
+
+def test_a_redis_refusing_the_credentials_stops_the_start_naming_the_variable_and_an_absent_one_does_not(
+        redis_url: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """With the wrong password a replica would run alone (its own limits and breakers, every verdict refused)
+    while /health said all was well: `moe serve` stops at once instead, the variable named and the password never
+    shown. A Redis not answering yet is served without (it may start after the router), as an outage is."""
+    import redis
+
+    from router.state_redis import check_redis
+
+    admin = redis.Redis.from_url(redis_url)
+    admin.execute_command("ACL", "SETUSER", "moe-test", "on", ">right-PASSWORD-1", "~*", "+@all")
+    host = redis_url.removeprefix("redis://")
+    config = StateConfig(backend="redis", url_env="MOE_TEST_REDIS_URL")
+    try:
+        monkeypatch.setenv("MOE_TEST_REDIS_URL", f"redis://moe-test:wrong-PASSWORD-2@{host}")
+        with pytest.raises(ConfigError) as refused:
+            check_redis(config, os.environ)
+        [(key, message)] = refused.value.problems
+        assert key == "state.url_env" and "MOE_TEST_REDIS_URL names refused its credentials" in message
+        assert "PASSWORD" not in str(refused.value)
+        monkeypatch.setenv("MOE_TEST_REDIS_URL", f"redis://moe-test:right-PASSWORD-1@{host}")
+        check_redis(config, os.environ)
+        monkeypatch.setenv("MOE_TEST_REDIS_URL", f"redis://:right-PASSWORD-1@127.0.0.1:{free_port()}/0")
+        with caplog.at_level("WARNING", logger="router.state"):
+            check_redis(config, os.environ, timeout_s=0.5)
+        assert "does not answer at start" in caplog.text and "PASSWORD" not in caplog.text
+    finally:
+        admin.execute_command("ACL", "DELUSER", "moe-test")
+        admin.close()
