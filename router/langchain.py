@@ -6,7 +6,8 @@ streams, and returns what plain ``ChatOpenAI`` cannot: the routing trace, in
 When streaming, both arrive on the last chunk. The network is injected for tests (``transport``,
 ``async_transport``), as everywhere in the SDK.
 
-It takes its arguments as ``ChatOpenAI`` does: ``model_name`` is another name for ``model``, any argument it does not
+It takes its arguments as ``ChatOpenAI`` does: ``model_name`` is another name for ``model`` (``openai_api_key`` for
+``api_key``, ``request_timeout`` for ``timeout``), any argument it does not
 declare (``seed``, ``frequency_penalty``, a typo) goes into ``model_kwargs``, with a warning, and is sent with every
 request; ``bind(...)`` and call keywords override the model's own, ``model`` and ``combiner`` included. A combiner
 other than ``top1`` cannot combine a stream (one expert serves a stream), so with one, streaming calls (``stream``,
@@ -35,7 +36,7 @@ from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResu
 from langchain_core.runnables import Runnable
 from langchain_core.tools import BaseTool
 from langchain_core.utils.function_calling import convert_to_openai_tool
-from pydantic import Field, SecretStr, model_validator
+from pydantic import ConfigDict, Field, SecretStr, model_validator
 
 from experts.types import Usage
 from router import sdk
@@ -43,12 +44,17 @@ from router.trace import Trace
 
 __all__ = ["ChatMoERouter"]
 
-# Other names ``ChatOpenAI`` takes for the same arguments.
-_ALIASES = {"model_name": "model", "request_timeout": "timeout"}
+# Other names ``ChatOpenAI`` takes for the same arguments. ``openai_api_key`` above all: left undeclared, the key
+# would be sent in every request's body, which the service forwards to every expert.
+_ALIASES = {"model_name": "model", "request_timeout": "timeout", "openai_api_key": "api_key"}
 
 
 class ChatMoERouter(BaseChatModel):
     """A chat model whose every call is routed by the mixture-of-experts service."""
+
+    # A refused argument's error names the problem, never the arguments as given: pydantic would print them all,
+    # the key among them (``input_value={'api_key': 'sk-...``).
+    model_config = ConfigDict(hide_input_in_errors=True)
 
     base_url: str = "http://127.0.0.1:8000"
     api_key: SecretStr | None = None
@@ -62,7 +68,8 @@ class ChatMoERouter(BaseChatModel):
     max_tokens: int | None = None
     top_p: float | None = None
     stop: list[str] | None = None
-    timeout: float = 120.0
+    # Seconds, as the SDK's clients take it; None: no timeout (``ChatOpenAI``'s ``timeout=None``).
+    timeout: float | None = 120.0
     # Any other OpenAI request field (seed, response_format, ...), sent as given; an argument this model does not
     # declare lands here (see ``build_extra``).
     model_kwargs: dict[str, Any] = Field(default_factory=dict)
@@ -83,8 +90,9 @@ class ChatMoERouter(BaseChatModel):
             if alias in values:
                 given = values.pop(alias)
                 if name in values and values[name] != given:
-                    raise ValueError(f"{alias}={given!r} and {name}={values[name]!r} both given: {alias} is another "
-                                     f"name for {name}; give one")
+                    shown = (f"{alias} and {name}" if name == "api_key"  # never a key in an error message
+                             else f"{alias}={given!r} and {name}={values[name]!r}")
+                    raise ValueError(f"{shown} both given: {alias} is another name for {name}; give one")
                 values[name] = given
         declared = set(cls.model_fields)
         extra = dict(values.get("model_kwargs") or {})

@@ -219,6 +219,15 @@ def test_a_port_out_of_range_is_refused(capsys: pytest.CaptureFixture[str]) -> N
     assert "port 70000 is out of range (1 to 65535)" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("command", ["serve", "serve-replay"])
+def test_an_empty_host_is_refused_as_the_config_s_is(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """``--host ""`` made ``serve-replay`` listen on every interface, and ``serve`` on the config's host unsaid."""
+    with pytest.raises(SystemExit) as info:
+        main([command, "--config", "configs/demo.yaml", "--host", " "])
+    assert info.value.code == 2
+    assert "argument --host: must not be empty: an empty host binds every interface" in capsys.readouterr().err
+
+
 def test_a_service_that_cannot_be_reached_or_answers_an_error_is_an_error_line(
         capsys: pytest.CaptureFixture[str]) -> None:
     import socket

@@ -345,3 +345,28 @@ def test_a_call_s_timeout_is_its_http_timeout_and_never_sent() -> None:
 def test_a_tool_choice_naming_no_bound_tool_is_refused() -> None:
     with pytest.raises(ValueError, match="neither auto, none, required, any nor a bound tool"):
         model_for(make_app(tools=True)).bind_tools([_add_tool()], tool_choice="subtract")
+
+
+def test_chatopenai_s_openai_api_key_is_the_service_key_and_never_sent_to_the_experts() -> None:
+    """``ChatOpenAI(openai_api_key=...)``'s name for the key authenticates, rather than landing in ``model_kwargs``,
+    whence every request's body would carry it to every expert (and the service would answer 401)."""
+    app = make_app(keys=True)
+    model = model_for(app, openai_api_key=KEY)  # no warning: warnings are errors here
+    assert model.model_kwargs == {} and model.api_key is not None
+    assert model.invoke("hi").content == "code says hi"
+    assert app.state.fake_experts["code"].requests[-1].model_extra == {}
+    with pytest.raises(ValueError, match="openai_api_key and api_key both given") as info:
+        model_for(app, openai_api_key=KEY, api_key="sk-another-key")
+    assert KEY not in str(info.value) and "sk-another-key" not in str(info.value)
+
+
+def test_no_timeout_as_chatopenai_and_the_sdk_take_it() -> None:
+    model = model_for(make_app(), timeout=None)
+    assert model.timeout is None
+    assert model.invoke("an integral").content == "math says hi"
+
+
+def test_a_refused_argument_s_error_never_shows_the_key() -> None:
+    with pytest.raises(ValueError, match="seed given twice") as info:
+        ChatMoERouter(api_key=KEY, seed=1, model_kwargs={"seed": 2})  # the key first: pydantic cuts a long input
+    assert KEY[:8] not in str(info.value)
