@@ -635,6 +635,11 @@ def _cross_problems(raw: Any, *, check_env: bool, base_dir: str | Path | None = 
             yield f"{where}.endpoint", f"type {kind!r} needs an endpoint"
         if kind == "replay" and not e.get("replay"):
             yield f"{where}.replay", "type 'replay' needs a replay block (source, path)"
+        elif isinstance(kind, str) and kind != "replay" and e.get("replay"):
+            yield f"{where}.replay", f"only a type: replay expert plays recordings; this one is type {kind!r}"
+        if kind == "replay" and e.get("endpoint"):
+            yield f"{where}.endpoint", ("a type: replay expert answers from its recordings and calls no endpoint; "
+                                        "remove it (to call recordings served by moe serve-replay, use type: openai)")
         if kind == "router" and bool(e.get("endpoint")) == bool(e.get("router_config")):
             yield f"{where}.router_config", "type 'router' needs exactly one of endpoint (over HTTP) or router_config"
         elif kind != "router" and e.get("router_config"):
@@ -658,6 +663,11 @@ def _cross_problems(raw: Any, *, check_env: bool, base_dir: str | Path | None = 
             wrong = _endpoint_problems(endpoint, need_host=f"experts[{i}].endpoint" not in blanked)
             if wrong:
                 yield f"{where}.endpoint", "; ".join(wrong)
+        elif isinstance(endpoint, str) and endpoint and f"experts[{i}].endpoint" not in blanked:
+            # In words, rather than pydantic's pattern (which this replaces): the usual slip is a missing scheme.
+            # The value is not shown: it may hold credentials (user:password@host).
+            yield f"{where}.endpoint", ("is not an http:// or https:// URL (with no spaces): write the base URL the "
+                                        "client appends /chat/completions to, e.g. http://host:8000/v1")
         if (kind == "router" and isinstance(e.get("router_config"), str) and not e.get("endpoint")
                 and base_dir is not None):  # checked with or without the environment: a file is no variable
             inner = Path(e["router_config"])

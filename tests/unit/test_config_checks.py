@@ -498,3 +498,27 @@ def test_numbers_from_variables_and_booleans_for_flags_still_load(monkeypatch: p
                            "fallback": {"enabled": False, "max_attempts": "${MOE_TEST_UNSET:-2}"}})
     assert (config.service.port, config.service.log_content, config.fallback.max_attempts) == (9001, True, 2)
     assert config.experts[0].timeout_s == 5.0 and config.fallback.enabled is False
+
+
+REPLAY = {"source": "routerbench", "path": "recordings"}
+
+
+@pytest.mark.parametrize(("fields", "key", "says"), [
+    ({"type": "openai", "replay": REPLAY}, "replay", "only a type: replay expert plays recordings; this one is type"),
+    ({"type": "replay", "replay": REPLAY}, "endpoint", "a type: replay expert answers from its recordings and calls "
+                                                       "no endpoint"),
+])
+def test_a_block_the_expert_s_type_never_reads_is_a_problem_not_ignored(fields: dict[str, object], key: str,
+                                                                        says: str) -> None:
+    """As a vllm block on another type is: an edit that changes an expert's type would otherwise leave a block that
+    does nothing, and the config would look as if it did."""
+    found = problems({"version": 1, "experts": [expert(**fields)]}, check_env=False)
+    assert list(found) == [f"experts[0] (alpha).{key}"] and found[f"experts[0] (alpha).{key}"].startswith(says)
+
+
+@pytest.mark.parametrize("endpoint", ["127.0.0.1:8000/v1", "user:s3cret@host:8000/v1", "http://host:8000/v1 x"])
+def test_an_endpoint_that_is_no_http_url_is_said_in_words_without_its_value(endpoint: str) -> None:
+    found = problems({"version": 1, "experts": [expert(endpoint=endpoint)]}, check_env=False)
+    assert found == {"experts[0] (alpha).endpoint": "is not an http:// or https:// URL (with no spaces): write the "
+                                                    "base URL the client appends /chat/completions to, e.g. "
+                                                    "http://host:8000/v1"}
