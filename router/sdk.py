@@ -192,7 +192,9 @@ class _Protocol:
             # httpx would append each path after it ("...?token=x/v1/route"), and messages would show it.
             raise ValueError(f"base_url {_shown(url)!r} carries a query or fragment; give the service's address "
                              "alone (a key goes in api_key)")
-        self.base_url = base_url.rstrip("/")
+        # The service's root. An OpenAI client's base URL for it ends in /v1, and the SDK's paths start with /v1:
+        # given the former, the SDK would ask /v1/v1/... (a 404), so it is taken as the same service.
+        self.base_url = base_url.rstrip("/").removesuffix("/v1")
         self.headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
         self.timeout = timeout
 

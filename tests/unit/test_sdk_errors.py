@@ -359,3 +359,23 @@ async def test_the_client_and_the_local_router_stream_the_same_chunks() -> None:
         served = [(c.content, c.expert, c.finish_reason) async for c in client.stream("hi")]
     assert local == served == [("math ", "math", None), ("says ", "math", None), ("hi", "math", None),
                                ("", "math", "stop")]
+
+
+@pytest.mark.parametrize("base_url", ["http://router", "http://router/", "http://router/v1", "http://router/v1/"])
+async def test_an_openai_style_base_url_ending_in_v1_reaches_the_same_service(base_url: str) -> None:
+    """The URL an OpenAI client is given (…/v1) is the URL users have at hand; the SDK's own paths start at /v1,
+    so the suffix is taken off rather than asking /v1/v1/… for a 404."""
+    config = fake_config(["math", "code"])
+    experts = {n: FakeExpert(config.expert(n), text=f"{n} says hi") for n in ("math", "code")}
+    app = create_app(Orchestrator(config, FakeGate(["math", "code"], {}, default=[0.8, 0.2]), experts), environ={})
+    async with AsyncClient(base_url, transport=httpx.ASGITransport(app=app)) as client:
+        assert (await client.chat("hi")).content == "math says hi"
+    asked: list[str] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        asked.append(request.url.path)
+        return httpx.Response(200, json={"data": []})
+
+    with Client(base_url, transport=httpx.MockTransport(answer)) as client:
+        assert client.experts() == []
+    assert asked == ["/v1/experts"]
