@@ -26,12 +26,12 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from bench import REPO, gate_bench, machine, repo_relative
+from bench import REPO, gate_bench, machine, provenance, repo_relative
 from bench.data import snips
 from bench.encoder_profile import profile_encoder
 from bench.http_pool import measure as measure_http_pool
 from bench.peers.install import LITELLM, SEMANTIC_ROUTER, PeerInstall
-from bench.router_bench import RouterProcess, Target, compare, throughput
+from bench.router_bench import RouterProcess, Target, add_unloaded_overhead, compare, throughput
 from bench.upstream import UpstreamProcess
 from router.config import TopKConfig
 from router.encoders import default_threads, usable_cores
@@ -199,7 +199,7 @@ async def _levels(targets: Targets, direct: str, texts: Sequence[str], *, stream
             notes.append("overhead p50 ms: " + ", ".join(
                 f"{name} {_fmt(row[name].get('overhead_p50_ms'))}" for name in targets(c) if name in row))
         rows.append(row)
-    return rows
+    return add_unloaded_overhead(rows)
 
 
 def _throughput(progress: Progress, label: str, target: Target, direct: str, texts: Sequence[str],
@@ -300,6 +300,7 @@ def _litellm(upstream_url: str, args: argparse.Namespace, status: dict[str, Any]
             with progress.step("LiteLLM: starting the proxy"):
                 proxy = LiteLLMProxy(upstream_url)
                 proxy.__enter__()
+            status["version"] = LITELLM.version()  # what install_litellm.sh installed (its stamp names it)
     except Exception as exc:  # any failure to install or start it leaves the peer out, not the run
         why = _failure(exc)
         if proxy is not None:
@@ -427,7 +428,14 @@ def flatten(gate: dict[str, Any], router: dict[str, Any], semantic: dict[str, An
         "router_cpu_ms_per_request_c32": cpu_c32, "litellm_cpu_ms_per_request_c32": litellm_cpu_c32,
         "semantic_router_decision_p50_ms": (semantic or {}).get("p50_ms"),
         "gate_p50_ms_same_window": (semantic or {}).get("our_gate_p50_ms_same_window"),
+        "st_gate_p50_ms_same_window": (semantic or {}).get("our_st_gate_p50_ms_same_window"),
+        "router_rss_mb_per_min_late": thr.get("rss_mb_per_min_late"),
+        "openvino_router_rss_mb_per_min_late": thr_openvino.get("rss_mb_per_min_late"),
     })
+    for c in LEVELS:  # against the direct p50 at concurrency 1: the upper bracket (router_bench.add_unloaded_overhead)
+        out[f"router_overhead_p50_vs_unloaded_ms_c{c}"] = _at(router.get("top1"), c, "overhead_p50_vs_unloaded_ms")
+    out["litellm_overhead_p50_vs_unloaded_ms_c32"] = _at(router.get("top1"), 32, "overhead_p50_vs_unloaded_ms",
+                                                         target="litellm")
     for c in LEVELS:
         peer = _at(router.get("top1"), c, target="litellm")
         if peer is not None:
@@ -444,6 +452,10 @@ def flatten(gate: dict[str, Any], router: dict[str, Any], semantic: dict[str, An
     out["ratio_gate_vs_semantic_router_p50"] = _ratio(out["gate_p50_ms_same_window"],
                                                       out["semantic_router_decision_p50_ms"])
     out["ratio_gate_onnx_vs_st_p50"] = _ratio(out["gate_p50_ms"], out["st_gate_p50_ms"])
+    out["ratio_st_gate_vs_semantic_router_p50"] = _ratio(out["st_gate_p50_ms_same_window"],
+                                                         out["semantic_router_decision_p50_ms"])
+    out["ratio_overhead_vs_unloaded_router_vs_litellm_c32"] = _ratio(out["router_overhead_p50_vs_unloaded_ms_c32"],
+                                                                     out["litellm_overhead_p50_vs_unloaded_ms_c32"])
     if out["litellm_overhead_p50_ms_c32"] is None and out["semantic_router_decision_p50_ms"] is None:
         out["peers"] = "not run"
     return out
@@ -473,8 +485,9 @@ def table(flat: dict[str, Any], gate: dict[str, Any], router: dict[str, Any]) ->
          flat["semantic_router_decision_p50_ms"], flat["ratio_gate_vs_semantic_router_p50"], ""),
         ("gate decision p99 ms (ONNX int8)", flat["gate_p99_ms"], None, None, ""),
         ("gate batch q/s (ONNX, batches of 64)", flat["gate_batch_qps"], None, None, ">= 400"),
-        ("gate decision p50 ms (ST fp32)", flat["st_gate_p50_ms"], flat["semantic_router_decision_p50_ms"],
-         _ratio(flat["st_gate_p50_ms"], flat["semantic_router_decision_p50_ms"]), ""),
+        ("gate decision p50 ms (ST fp32, interleaved)", flat["st_gate_p50_ms"], None, None, ""),
+        ("  again, alone, right after semantic-router ran", flat.get("st_gate_p50_ms_same_window"),
+         flat["semantic_router_decision_p50_ms"], flat.get("ratio_st_gate_vs_semantic_router_p50"), ""),
         ("gate batch q/s (ST fp32)", flat["st_gate_batch_qps"], None, None, ""),
         ("gate decision p50 ms (static table)", flat["static_gate_p50_ms"], None, None, ""),
         ("gate batch q/s (static table)", flat["static_gate_batch_qps"], None, None, ""),
@@ -490,6 +503,11 @@ def table(flat: dict[str, Any], gate: dict[str, Any], router: dict[str, Any]) ->
         peer = flat.get(f"litellm_overhead_p50_ms_c{c}")
         rows.append((f"router overhead p50 ms, top-1, c{c}", flat[f"router_overhead_p50_ms_c{c}"], peer,
                      _ratio(flat[f"router_overhead_p50_ms_c{c}"], peer), "<= 2, <= 1/3 LiteLLM" if c == 32 else ""))
+    rows += [(f"  same, against the direct p50 at c1 (upper bracket), c{c}",
+              flat.get(f"router_overhead_p50_vs_unloaded_ms_c{c}"),
+              flat.get("litellm_overhead_p50_vs_unloaded_ms_c32") if c == 32 else None,
+              flat.get("ratio_overhead_vs_unloaded_router_vs_litellm_c32") if c == 32 else None, "")
+             for c in LEVELS[1:]]
     for prefix, _, label in VARIANTS:
         for c in LEVELS:
             peer, ours = flat.get(f"litellm_overhead_p50_ms_c{c}"), flat[f"{prefix}_router_overhead_p50_ms_c{c}"]
@@ -522,6 +540,8 @@ def table(flat: dict[str, Any], gate: dict[str, Any], router: dict[str, Any]) ->
              f"{_fmt(flat.get(f'{prefix}router_rss_mb_start'))} -> {_fmt(flat.get(f'{prefix}router_rss_mb_end'))}",
              None, None, "flat"),
             ("  RSS growth, first to last sample %", flat.get(f"{prefix}router_rss_growth_pct"), None, None, ""),
+            ("  RSS slope over the run's second half, MB/min", flat.get(f"{prefix}router_rss_mb_per_min_late"),
+             None, None, "~0"),
         ]
     width = max(44, *(len(name) for name, *_ in rows))
     head = f"{'metric':<{width}} {'ours':>14} {'peer':>10} {'ratio':>7}  target"
@@ -605,7 +625,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     progress = Progress()
     started = progress.started
     base: dict[str, Any] = {"date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-                            "machine": machine(), "options": options(args)}
+                            "machine": machine(), "code": provenance(), "options": options(args)}
     phases: dict[str, float] = {}
     done: list[str] = []
     state: dict[str, Any] = {"gate": None, "router": None, "semantic": None, "pool_rows": None}
@@ -629,7 +649,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         gate, gates, data = run_gate(args, progress)
         state["gate"] = gate
-        onnx_gate = gates["onnx"]
         with progress.step("gate: onnxruntime's profile of the encoder"):
             gate["encoder_profile"] = profile_encoder(data.test_texts)
         with progress.step("HTTP clients: one expert's connections at 8 and 64 in flight"), \
@@ -652,10 +671,14 @@ def main(argv: Sequence[str] | None = None) -> None:
                 # The peer ran in another process, minutes after our gate was timed; time ours again right after
                 # it, so the ratio compares two figures taken under the same outside load.
                 with progress.step("gate: timing ours again, in the peer's window"):
-                    again = gate_bench.interleaved_times_ms(
-                        {"onnx": gate_bench.decider(onnx_gate, TopKConfig(k=1))},
-                        data.test_texts[:args.peer_queries])["onnx"]
-                    semantic["our_gate_p50_ms_same_window"] = gate_bench.stats(again)["p50_ms"]
+                    # Each gate alone on the peer's queries, as the peer was timed: the ONNX gate, and the
+                    # sentence-transformers gate (the same fp32 model as the peer's), not interleaved with others.
+                    for key, name in (("our_gate_p50_ms_same_window", "onnx"),
+                                      ("our_st_gate_p50_ms_same_window", "st")):
+                        again = gate_bench.interleaved_times_ms(
+                            {name: gate_bench.decider(gates[name], TopKConfig(k=1))},
+                            data.test_texts[:args.peer_queries])[name]
+                        semantic[key] = gate_bench.stats(again)["p50_ms"]
             finish("semantic_router")
     except BaseException as exc:
         try:

@@ -29,7 +29,8 @@ from router.cascade import CascadeGate
 from router.gate import Gate
 from router.gate_artifact import is_trained
 
-__all__ = ["RouterProcess", "Target", "compare", "cpu_seconds", "rss_growth", "rss_mb", "throughput"]
+__all__ = ["RouterProcess", "Target", "add_unloaded_overhead", "compare", "cpu_seconds", "rss_growth", "rss_mb",
+           "throughput"]
 
 _TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -175,11 +176,13 @@ async def compare(targets: dict[str, Target], direct_url: str, texts: Sequence[s
                   ) -> dict[str, Any]:
     """Targets (the router, peers) against direct calls at one concurrency.
 
-    Each round runs direct, then every target in turn, so all of them share the same stretch of outside load.
-    Per target: its summary, overhead p50 over direct, its p99 minus direct's p99, and its process's CPU ms per
-    request. Requests are not paired, so there is no per-request overhead to take a p99 of: ``p99_difference_ms``
-    is the difference of two p99s (it can be below the p50 overhead). ``overhead_p99_ms`` is the same figure
-    under its old name, kept for readers of earlier results.
+    Each round runs direct, then every target in turn, so all of them share the same stretch of outside load;
+    every other round takes the targets in reverse order, so no target is always the last, measured longest
+    after the direct run and right after every other target's load. Per target: its summary, overhead p50 over
+    direct (a difference of two p50s), its p99 minus direct's p99, and its process's CPU ms per request (the
+    warm-up requests counted). Requests are not paired, so there is no per-request overhead to take a p99 of:
+    ``p99_difference_ms`` is the difference of two p99s (it can be below the p50 overhead). ``overhead_p99_ms`` is
+    the same figure under its old name, kept for readers of earlier results.
     """
     direct = [chat_payload(t, model="direct", stream=stream) for t in texts]
     n = _requests_for(concurrency, scale) // rounds
@@ -187,10 +190,11 @@ async def compare(targets: dict[str, Target], direct_url: str, texts: Sequence[s
     via: dict[str, list[LoadResult]] = {name: [] for name in targets}
     cpu = dict.fromkeys(targets, 0.0)
     handled = dict.fromkeys(targets, 0)
-    for _ in range(rounds):
+    order = list(targets.items())
+    for round_no in range(rounds):
         via_direct.append(await run_load(direct_url, direct, concurrency=concurrency, requests=n,
                                          max_seconds=max_seconds, warmup=True, stream=stream))
-        for name, target in targets.items():
+        for name, target in (order if round_no % 2 == 0 else order[::-1]):
             payloads = [chat_payload(t, model=target.model, stream=stream) for t in texts]
             cpu_start = cpu_seconds(target.pid)
             result = await run_load(target.url, payloads, concurrency=concurrency, requests=n,
@@ -210,18 +214,58 @@ async def compare(targets: dict[str, Target], direct_url: str, texts: Sequence[s
     return row
 
 
+def add_unloaded_overhead(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Add ``overhead_p50_vs_unloaded_ms`` to every target of ``compare``'s rows: its p50 minus the direct p50 at
+    the lowest concurrency (1), beside ``overhead_p50_ms`` (minus the direct p50 at the same concurrency).
+
+    From 32 clients on, the direct runs are bound by the load client itself (one Python process, spending about
+    ten times the upstream's CPU per request: its direct p50 was 17 ms at 32 clients and 54 ms at 128 against a
+    5 ms upstream), while a routed run goes at a fraction of that rate and keeps little of the client's
+    queueing. Subtracting the direct p50 at the same concurrency then takes the client's queueing off the router's
+    figure too. The two figures bracket what a target adds: ``overhead_p50_ms`` from below,
+    ``overhead_p50_vs_unloaded_ms`` from above (it keeps the client's own queueing at the routed rate).
+    """
+    base_row = min(rows, key=lambda row: row["concurrency"], default=None)
+    base = (base_row or {}).get("direct", {}).get("p50_ms")
+    for row in rows:
+        for name, figures in row.items():
+            if name not in ("concurrency", "direct") and isinstance(figures, dict):
+                figures["overhead_p50_vs_unloaded_ms"] = _diff(figures.get("p50_ms"), base)
+    return rows
+
+
 def _diff(a: float | None, b: float | None) -> float | None:
     return None if a is None or b is None else round(a - b, 3)
 
 
-def rss_growth(samples: Sequence[float]) -> dict[str, float | None]:
-    """First, last and largest RSS sample (MB), and the growth from first to last in percent."""
+def rss_growth(samples: Sequence[float], span_s: float | None = None) -> dict[str, float | None]:
+    """First, last and largest RSS sample (MB), and the growth from first to last in percent.
+
+    With ``span_s`` (the time from the first sample to the last, samples evenly spaced), also
+    ``rss_mb_per_min_late``: the least-squares slope of the second half of the samples, in MB per minute. First to
+    last cannot tell a leak from the allocator settling after warm-up; a slope that is still positive at the end of
+    the run can (0.6 MB/min is 36 MB an hour, where first-to-last over 60 s says +0.2%).
+    """
     seen = [x for x in samples if isinstance(x, int | float) and math.isfinite(x)]
     if not seen:
-        return {"rss_mb_start": None, "rss_mb_end": None, "rss_mb_max": None, "rss_growth_pct": None}
+        return {"rss_mb_start": None, "rss_mb_end": None, "rss_mb_max": None, "rss_growth_pct": None,
+                "rss_mb_per_min_late": None}
     first, last = seen[0], seen[-1]
     growth = round(100.0 * (last - first) / first, 2) if first > 0 else None
-    return {"rss_mb_start": first, "rss_mb_end": last, "rss_mb_max": max(seen), "rss_growth_pct": growth}
+    return {"rss_mb_start": first, "rss_mb_end": last, "rss_mb_max": max(seen), "rss_growth_pct": growth,
+            "rss_mb_per_min_late": _late_slope(seen, span_s)}
+
+
+def _late_slope(samples: Sequence[float], span_s: float | None) -> float | None:
+    """MB per minute over the second half of evenly spaced samples (None: no span, or under 4 samples)."""
+    if span_s is None or span_s <= 0 or len(samples) < 4:
+        return None
+    step = span_s / (len(samples) - 1)
+    late = samples[len(samples) // 2:]
+    xs = [i * step for i in range(len(late))]
+    mx, my = sum(xs) / len(xs), sum(late) / len(late)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, late, strict=True)) / sum((x - mx) ** 2 for x in xs)
+    return round(slope * 60.0, 3) + 0.0  # + 0.0: no "-0.0" for a flat tail
 
 
 async def throughput(router: Target, direct_url: str, texts: Sequence[str], *, seconds: float,
@@ -264,5 +308,5 @@ async def throughput(router: Target, direct_url: str, texts: Sequence[str], *, s
         "direct_rps_same_client": round(ceiling.rps, 1),
         "cpu_ms_per_request": round(cpu * 1000.0 / max(result.ok, 1), 3),
         "cpu_share": round(cpu / max(result.elapsed_s, 1e-9), 2),
-        **rss_growth(samples), "rss_span_s": round(span, 1), "rss_mb_samples": samples,
+        **rss_growth(samples, span), "rss_span_s": round(span, 1), "rss_mb_samples": samples,
     }

@@ -3,6 +3,7 @@ partial bench.json written after each phase. Nothing here starts a router, a pee
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 from pathlib import Path
@@ -11,6 +12,8 @@ from typing import Any
 import pytest
 
 import bench.__main__ as bench_main
+import bench.router_bench as router_bench
+from bench import provenance
 from bench.__main__ import (
     P99_DIFFERENCE,
     REPO,
@@ -26,7 +29,8 @@ from bench.__main__ import (
     write_report,
 )
 from bench.peers.install import LITELLM, SEMANTIC_ROUTER, PeerInstall
-from bench.router_bench import rss_growth
+from bench.router_bench import add_unloaded_overhead, compare, rss_growth
+from bench.upstream import LoadResult
 
 
 def _gate() -> dict[str, Any]:
@@ -52,7 +56,7 @@ def _router() -> dict[str, Any]:
 
 def test_rss_growth_first_last_max_and_percent() -> None:
     assert rss_growth([300.0, 310.0, 303.0]) == {"rss_mb_start": 300.0, "rss_mb_end": 303.0, "rss_mb_max": 310.0,
-                                                 "rss_growth_pct": 1.0}
+                                                 "rss_growth_pct": 1.0, "rss_mb_per_min_late": None}
     # a failed /proc read (nan) is not a sample; no samples at all is no figure
     assert rss_growth([float("nan"), 200.0, 200.0])["rss_mb_start"] == 200.0
     assert rss_growth([])["rss_growth_pct"] is None
@@ -286,3 +290,97 @@ def test_a_late_failure_keeps_the_gate_figures(tmp_path: Path, monkeypatch: pyte
     assert report["error"] == "RuntimeError: router exited with 1"
     assert report["gate_p50_ms"] == 6.0 and report["router_overhead_p50_ms_c32"] == 42.0
     assert report["options"]["memory_s"] == 60.0 and report["options"]["out"] == str(out)
+
+
+def test_rss_slope_over_the_second_half_tells_growth_from_settling() -> None:
+    # settles after a step early on: first-to-last says +1%, the late slope says flat
+    settled = rss_growth([300.0, 303.0, 303.0, 303.0, 303.0, 303.0, 303.0], span_s=6.0)
+    assert settled["rss_growth_pct"] == 1.0 and settled["rss_mb_per_min_late"] == 0.0
+    # still growing at the end, 0.1 MB a second: 6 MB a minute, though first-to-last is only +2%
+    growing = rss_growth([300.0 + 0.1 * i for i in range(61)], span_s=60.0)
+    assert growing["rss_growth_pct"] == 2.0 and growing["rss_mb_per_min_late"] == 6.0
+    assert rss_growth([300.0, 301.0, 302.0], span_s=2.0)["rss_mb_per_min_late"] is None  # too few samples
+
+
+def test_unloaded_overhead_is_against_the_direct_p50_at_the_lowest_concurrency() -> None:
+    rows = [{"concurrency": 1, "direct": {"p50_ms": 6.0}, "router": {"p50_ms": 10.0, "overhead_p50_ms": 4.0}},
+            {"concurrency": 32, "direct": {"p50_ms": 17.0}, "router": {"p50_ms": 77.0, "overhead_p50_ms": 60.0},
+             "litellm": {"p50_ms": 175.0, "overhead_p50_ms": 158.0}}]
+    add_unloaded_overhead(rows)
+    assert rows[0]["router"]["overhead_p50_vs_unloaded_ms"] == 4.0
+    assert rows[1]["router"]["overhead_p50_vs_unloaded_ms"] == 71.0 and rows[1]["router"]["overhead_p50_ms"] == 60.0
+    assert rows[1]["litellm"]["overhead_p50_vs_unloaded_ms"] == 169.0
+    assert "overhead_p50_vs_unloaded_ms" not in rows[1]["direct"]
+    assert add_unloaded_overhead([]) == []
+
+
+def test_compare_reverses_the_targets_order_every_other_round(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[str] = []
+
+    async def fake_load(url: str, payloads: list[dict[str, Any]], **kwargs: Any) -> LoadResult:
+        calls.append(url)
+        return LoadResult(kwargs["concurrency"], latencies_ms=[5.0, 6.0], elapsed_s=0.1)
+
+    class Target:
+        def __init__(self, name: str) -> None:
+            self.url, self.pid, self.model = name, 1, "auto"
+
+    monkeypatch.setattr(router_bench, "run_load", fake_load)
+    monkeypatch.setattr(router_bench, "cpu_seconds", lambda pid: 0.0)
+    targets = {name: Target(name) for name in ("a", "b", "c")}
+    row = asyncio.run(compare(targets, "direct", ["hi"], concurrency=1, rounds=4))  # type: ignore[arg-type]
+    assert calls == ["direct", "a", "b", "c", "direct", "c", "b", "a"] * 2
+    assert row["a"]["ok"] == 8 and row["c"]["overhead_p50_ms"] == 0.0
+
+
+def test_flatten_and_table_carry_the_brackets_the_slope_and_the_st_gate_in_the_peers_window() -> None:
+    router = _router()
+    for level in router["top1"]:
+        c = level["concurrency"]
+        level["router"] = {**level["router"], "overhead_p50_vs_unloaded_ms": 20.0 + c}
+        level["litellm"] = {"overhead_p50_ms": 100.0, "overhead_p50_vs_unloaded_ms": 104.0}
+    router["throughput_top1"] = {**router["throughput_top1"], "rss_mb_per_min_late": 0.6}
+    semantic = {"p50_ms": 5.2, "our_gate_p50_ms_same_window": 2.6, "our_st_gate_p50_ms_same_window": 5.72}
+    flat = flatten(_gate(), router, semantic)
+    assert flat["router_overhead_p50_vs_unloaded_ms_c32"] == 52.0
+    assert flat["ratio_overhead_vs_unloaded_router_vs_litellm_c32"] == 0.5
+    assert (flat["st_gate_p50_ms_same_window"], flat["ratio_st_gate_vs_semantic_router_p50"]) == (5.72, 1.1)
+    assert flat["router_rss_mb_per_min_late"] == 0.6 and flat["openvino_router_rss_mb_per_min_late"] is None
+    lines = table(flat, _gate(), router).splitlines()
+    st = next(line for line in lines if line.startswith("  again, alone, right after semantic-router ran"))
+    assert st.split()[-3:] == ["5.72", "5.2", "1.1"]
+    c32 = next(line for line in lines if line.startswith("  same, against the direct p50 at c1 (upper bracket), c32"))
+    assert c32.split()[-3:] == ["52", "104", "0.5"]
+    assert any(line.startswith("  RSS slope over the run's second half") and "0.6" in line for line in lines)
+
+
+def test_provenance_names_the_commit_and_whether_tracked_files_differ() -> None:
+    def git(args: Any) -> subprocess.CompletedProcess[str]:
+        out = {"rev-parse": "abc123\n", "status": " M bench/router_bench.py\n"}[args[0]]
+        return subprocess.CompletedProcess(args, 0, stdout=out, stderr="")
+
+    found = provenance(git, packages=("numpy", "no-such-package-here"))
+    assert (found["commit"], found["dirty"]) == ("abc123", True)
+    assert found["versions"]["numpy"] and found["versions"]["no-such-package-here"] is None
+    assert provenance(lambda args: None, packages=()) == {"commit": None, "dirty": None, "versions": {}}
+
+
+def test_litellm_that_started_records_its_version(monkeypatch: pytest.MonkeyPatch) -> None:
+    import bench.peers.litellm_proxy as litellm_proxy
+
+    class Proxy:
+        def __init__(self, url: str) -> None:
+            self.url = url
+
+        def __enter__(self) -> Proxy:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            return None
+
+    monkeypatch.setattr(bench_main, "install_peer", lambda peer, progress: None)
+    monkeypatch.setattr(litellm_proxy, "LiteLLMProxy", Proxy)
+    status: dict[str, Any] = {}
+    with bench_main._litellm("http://127.0.0.1:1/v1", parse_args([]), status, Progress(lambda line: None)) as proxy:
+        assert isinstance(proxy, Proxy)
+    assert status == {"version": LITELLM.version()}
