@@ -317,8 +317,26 @@ class Gate(BaseGate):
         """Familiarity per query (higher: more like the training data), compared with ``ood_threshold``.
 
         ``proba`` is ``predict_proba``'s output for the queries, ``nearest_similarity`` their cosine to the
-        nearest example (``nearest_many``)."""
-        return ood_score(np.asarray(proba).max(axis=1), nearest_similarity, self.metadata.ood_reference)
+        nearest example (``nearest_many``).
+
+        With experts scored from config examples (cold start), the top probability compared with the grid is
+        the larger of the row's own and the trained experts' share of the row renormalised: the probability the
+        grid was fitted on. The cold-start claims scale every trained column down by ``1 - R``, so the row's top
+        alone would make each query less familiar for every expert added, and abstain on more of the queries
+        the trained experts already served (and of the new expert's own) than without it."""
+        return ood_score(self._familiarity_top(np.asarray(proba)), nearest_similarity, self.metadata.ood_reference)
+
+    def _familiarity_top(self, proba: np.ndarray) -> np.ndarray:
+        """The top probability ``ood_scores`` compares with its grid (see there)."""
+        top = proba.max(axis=1) if proba.shape[1] else np.zeros(len(proba))
+        if self._columns is None or self._columns.cold is None or len(proba) == 0:
+            return top
+        trained = proba[:, self._columns.source >= 0]
+        if trained.shape[1] == 0:
+            return top
+        total = trained.sum(axis=1)
+        share = np.divide(trained.max(axis=1), total, out=np.zeros_like(total), where=total > 0)
+        return np.maximum(top, share)
 
     def nearest(self, embedding: np.ndarray, k: int = 3) -> list[Neighbour]:
         """The ``k`` labelled examples most similar to one embedding, most similar first."""
@@ -427,12 +445,19 @@ def routing_problem(names: Sequence[str], examples: Mapping[str, Sequence[str]],
     return None
 
 
+_TIE_TOLERANCE = 1e-12  # ``_percentile``: a few float64 ulps of 1.0, far below any real difference of two scores
+
+
 def _percentile(grid: Sequence[float], values: np.ndarray) -> np.ndarray:
     """Mid-rank percentile of each value among ``grid``'s points: ties count half, so a signal that saturates
-    (a top probability of 1.0 on every validation query) ranks a saturated query in the middle, not at 0."""
+    (a top probability of 1.0 on every validation query) ranks a saturated query in the middle, not at 0.
+    Values within ``_TIE_TOLERANCE`` of a point tie with it: a saturated probability that rounding left at
+    0.9999999999999999 (renormalised, or rescaled by a cold-start expert's claim) is as saturated as 1.0,
+    and ranking it below every tie would move it from the middle to the bottom of a saturated grid."""
     points = np.asarray(grid, dtype=np.float64)
-    below = np.searchsorted(points, values, side="left")
-    at_most = np.searchsorted(points, values, side="right")
+    values = np.asarray(values, dtype=np.float64)
+    below = np.searchsorted(points, values - _TIE_TOLERANCE, side="left")
+    at_most = np.searchsorted(points, values + _TIE_TOLERANCE, side="right")
     return np.asarray((below + at_most) / (2.0 * len(points)))
 
 
