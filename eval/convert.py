@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ from eval.datasets import (
     load_banking77,
     load_clinc150_domains,
     load_snips,
+    normalise_text,
     split_by_id,
     without_seen,
 )
@@ -141,7 +143,16 @@ def _routerbench(data_dir: Path, split: str, seed: int) -> Iterator[Row]:
 
     folder = data_dir / "routerdc" / "routerbench_zs"
     store = load_routerbench(folder if folder.is_dir() else data_dir)
-    for row in store.select(split=None if split == "all" else split):
+    rows = store.select(split=None if split == "all" else split)
+    if split == "test":  # as the routerbench suites score it (eval.routing.routerbench_split)
+        seen = {normalise_text(r.prompt) for r in store.select(split="train")}
+        kept = [r for r in rows if normalise_text(r.prompt) not in seen]
+        if dropped := len(rows) - len(kept):
+            print(f"note: RouterBench's test split repeats {dropped} training prompts (same text after "
+                  "lower-casing and collapsing whitespace); they are left out, as moe eval leaves them out",
+                  file=sys.stderr)
+        rows = kept
+    for row in rows:
         recorded = {m: a for m, a in row.answers.items() if a.correct is not None}
         if not recorded:
             continue
@@ -193,24 +204,37 @@ def convert(name: str, data_dir: str | Path, split: str, out: str | Path, *, see
     if path.is_dir():
         example = path / f"{name}-{split}.jsonl"
         raise ValueError(f"--out {path} is a folder; name the JSONL file to write, e.g. {example}")
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(f"--out {path}: cannot create its folder {path.parent} ({exc.strerror or exc})") from None
     count = 0
     rows: Iterator[dict[str, Any]] = (kept for row in converter.rows(Path(data_dir), split, seed)
                                       if (kept := _renamed(row, names) if names is not None else row) is not None)
     if limit is not None:
         rows = iter(subsample(list(rows), limit, seed, key=lambda row: str(row["query"])))
-    with path.open("w", encoding="utf-8") as fh:
-        for kept in rows:
-            if matched is not None:
-                matched.update(kept.get("outcomes", {}))
-            if not answers:
-                kept.pop("answers", None)
-            fh.write(json.dumps(kept, ensure_ascii=False) + "\n")
-            count += 1
-    if names is not None and count == 0:
-        path.unlink()
-        raise ValueError(f"none of the experts' recorded models ({', '.join(sorted(names))}) is among {name}'s "
-                         f"LLMs, so no record was written; point --config at experts that replay {name}")
+    # Written beside the file and renamed into place once complete: a run that fails (no data set at --data, say)
+    # or is interrupted leaves the file --out names as it was, never emptied or cut short.
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    try:
+        try:
+            fh = partial.open("w", encoding="utf-8")
+        except OSError as exc:
+            raise ValueError(f"--out {path}: cannot write there ({exc.strerror or exc})") from None
+        with fh:
+            for kept in rows:
+                if matched is not None:
+                    matched.update(kept.get("outcomes", {}))
+                if not answers:
+                    kept.pop("answers", None)
+                fh.write(json.dumps(kept, ensure_ascii=False) + "\n")
+                count += 1
+        if names is not None and count == 0:
+            raise ValueError(f"none of the experts' recorded models ({', '.join(sorted(names))}) is among {name}'s "
+                             f"LLMs, so no record was written; point --config at experts that replay {name}")
+        partial.replace(path)
+    finally:
+        partial.unlink(missing_ok=True)
     return count
 
 

@@ -113,7 +113,9 @@ def run_suite(name: str, data_dir: str | Path | None, out: str | Path, *, encode
         inner, max_length = build_encoder(cfg), cfg.max_length
     else:
         _check_cache(cache_dir)
-        inner, max_length = encoder, EncoderConfig().max_length
+        # The cache folder is named by the truncation: an instance built with another max_length must not read
+        # (or write) the vectors of the default one. An encoder that does not say truncates as the default.
+        inner, max_length = encoder, encoder.max_length or EncoderConfig().max_length
     cached = CachedEncoder(inner, cache_dir, max_length=max_length, progress=progress)
     ctx = SuiteContext(name=name, data_dir=Path(data_dir) if data_dir else default_data_dir(), out=Path(out),
                        encoder=cached, seed=seed, limit=limit, pool=pool, plots=plots, progress=progress,

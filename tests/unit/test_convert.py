@@ -108,7 +108,7 @@ def test_routerbench_outcomes_named_after_a_configs_replay_experts(data_dir: Pat
     out = tmp_path / "rb.jsonl"
     count = convert("routerbench", data_dir, "test", out, names=names)
     store = load_routerbench(data_dir / "routerdc" / "routerbench_zs")
-    assert count == len(store.select(split="test"))
+    assert count == len(store.select(split="test")) - 8  # less the 8 that repeat a training prompt (below)
     records = load_outcome_jsonl(out)
     assert {e for r in records for e in r.outcomes} == set(names.values())
     row = store.select(split="test")[0]
@@ -119,6 +119,27 @@ def test_routerbench_outcomes_named_after_a_configs_replay_experts(data_dir: Pat
     convert("routerbench", data_dir, "test", out, names=names, answers=False, limit=5)
     lines = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
     assert len(lines) == 5 and all(set(line) == {"query", "outcomes", "cost", "task"} for line in lines)
+
+
+def test_routerbench_test_split_leaves_out_training_prompts_as_the_suites_do(
+        data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """RouterBench's test split repeats 8 of its training prompts; the routerbench suites drop them from test
+    (``eval.routing.routerbench_split``), and so does the converted test file: it holds the suites' test
+    prompts, none of which the converted train file holds."""
+    from eval.routing import routerbench_split
+    from eval.suite import SuiteContext
+
+    train, test = tmp_path / "train.jsonl", tmp_path / "test.jsonl"
+    convert("routerbench", data_dir, "train", train)
+    assert convert("routerbench", data_dir, "test", test) == 945
+    assert "repeats 8 training prompts" in capsys.readouterr().err
+    prompts = {s: [r.query for r in load_outcome_jsonl(p)] for s, p in (("train", train), ("test", test))}
+    normalised = {s: {datasets.normalise_text(q) for q in qs} for s, qs in prompts.items()}
+    assert not normalised["train"] & normalised["test"]
+    store = load_routerbench(data_dir / "routerdc" / "routerbench_zs")
+    ctx = SuiteContext(name="routerbench", data_dir=data_dir, out=tmp_path, encoder=None)  # type: ignore[arg-type]
+    suite_test = routerbench_split(ctx, list(store.rows))[2]
+    assert prompts["test"] == [store.rows[i].prompt for i in suite_test]
 
 
 def test_cli_writes_and_says_what(data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
