@@ -10,11 +10,13 @@ out of the scores and counted in ``setup.test_unseen_label``.
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 import unicodedata
 from collections import Counter
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -32,7 +34,7 @@ from eval.datasets import (
 )
 from eval.peer import write_split
 from eval.report import plot_confusion, plot_familiar_sweep, plot_reliability
-from eval.suite import SuiteContext, subsample
+from eval.suite import PREDICTIONS, SuiteContext, subsample
 from router.gate import conflicting_labels
 
 __all__ = ["evaluate_labels", "run_banking77_intent", "run_clinc150_domain", "run_jsonl",
@@ -212,9 +214,11 @@ def evaluate_labels(ctx: SuiteContext, train: Sequence[LabelledQuery], test: Seq
     y_te = np.array([index[q.label] for q in scored])
     gate = train_gate([q.text for q in train], [q.label for q in train], enc, experts=labels, seed=ctx.seed,
                       progress=ctx.progress)
+    _status(ctx, "scoring the baselines (random, majority, centroid, kNN, logistic)")
     probs = {"gate": gate.predict_proba(x_te, [q.text for q in scored]),
              **_baselines(x_tr, y_tr, x_te, len(labels), ctx.seed),
              **_gate_members(ctx, train, [q.text for q in scored], x_te, labels)}
+    _status(ctx, "fitting and scoring the two-stage gate")
     cascade = _cascade(ctx, gate, train, [q.text for q in scored], y_te, [q.text for q in oos])
     if cascade is not None:
         probs["cascade"] = cascade.pop("probs")
@@ -240,8 +244,11 @@ def evaluate_labels(ctx: SuiteContext, train: Sequence[LabelledQuery], test: Seq
     body["systems"] = systems
     if cascade is not None:
         body["cascade"] = cascade
+    _status(ctx, f"bootstrap confidence intervals ({N_BOOT} resamples)")
     body["confidence_intervals"] = _intervals(probs["gate"], y_te, ctx.seed)
     pred = probs["gate"].argmax(axis=1)
+    write_predictions(ctx.out / PREDICTIONS, scored, probs["gate"], labels)
+    body["predictions"] = PREDICTIONS
     body["per_class"] = _per_class(y_te, pred, labels)
     body["labels"] = labels
     cm = M.confusion_matrix(y_te, pred, labels=range(len(labels)))
@@ -342,6 +349,27 @@ def _softmax(z: np.ndarray) -> np.ndarray:
 MEMBER_CLASSIFIERS = ("logistic", "knn", "lexical")
 
 
+def write_predictions(path: Path, queries: Sequence[LabelledQuery], probs: np.ndarray, labels: list[str]) -> None:
+    """``{"id", "label", "predicted", "p_predicted", "p_label", "rank_of_label"}`` per query, in ``queries``'
+    order: the gate's pick, its probability, and the true label's probability and rank (1: the pick)."""
+    order = np.argsort(-probs, axis=1, kind="stable")
+    index = {lab: i for i, lab in enumerate(labels)}
+    with open(path, "w", encoding="utf-8") as fh:
+        for row, q in enumerate(queries):
+            pick, true = int(order[row, 0]), index[q.label]
+            fh.write(json.dumps({"id": q.id, "label": q.label, "predicted": labels[pick],
+                                 "p_predicted": round(float(probs[row, pick]), 6),
+                                 "p_label": round(float(probs[row, true]), 6),
+                                 "rank_of_label": int(np.flatnonzero(order[row] == true)[0]) + 1},
+                                ensure_ascii=False) + "\n")
+
+
+def _status(ctx: SuiteContext, doing: str) -> None:
+    """One line on stderr for a step with no progress bar of its own, so a long run never sits silent."""
+    if ctx.progress:
+        print(f"{ctx.name}: {doing} ...", file=sys.stderr, flush=True)
+
+
 def _gate_members(ctx: SuiteContext, train: Sequence[LabelledQuery], test_texts: list[str], x_te: np.ndarray,
                   labels: list[str]) -> dict[str, np.ndarray]:
     """Test probabilities of a gate trained as ``train_gate`` trains the headline one, on each member
@@ -352,7 +380,7 @@ def _gate_members(ctx: SuiteContext, train: Sequence[LabelledQuery], test_texts:
     out = {}
     for kind in MEMBER_CLASSIFIERS:
         gate = train_gate([q.text for q in train], [q.label for q in train], ctx.encoder, experts=labels,
-                          seed=ctx.seed, progress=False, classifier=build_classifier(kind, ctx.seed))
+                          seed=ctx.seed, progress=ctx.progress, classifier=build_classifier(kind, ctx.seed))
         out[f"gate classifier: {kind}"] = gate.predict_proba(x_te, test_texts)
     return out
 

@@ -8,7 +8,10 @@ recorded outcomes. Routers are tuned on validation data; the test split is score
 from __future__ import annotations
 
 import itertools
+import json
+import math
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -17,7 +20,7 @@ from eval import metrics as M
 from eval.datasets import load_routellm_mmlu, split_by_id, without_seen
 from eval.outcome import NeighbourOutcomes, route_with_cost, route_with_margin
 from eval.report import plot_cost_curves, plot_quality_cost, plot_strong_calls
-from eval.suite import SuiteContext, as_float, subsample
+from eval.suite import PREDICTIONS, SuiteContext, as_float, subsample
 
 __all__ = ["best_within", "chosen_match", "chosen_within", "escalate_curve", "fill_costs", "mmlu_pro_split",
            "routerbench_split", "run_mmlu_pro_outcome", "run_routellm_mmlu",
@@ -69,14 +72,36 @@ def _naive_regression(x: np.ndarray, outcomes: np.ndarray, train: np.ndarray, te
     return np.asarray(Ridge(alpha=1.0).fit(x[train], y).predict(x[test]).argmax(axis=1), dtype=np.int64)
 
 
+def write_outcome_predictions(path: Path, query_ids: Sequence[str], models: Sequence[str],
+                              picks: Mapping[str, np.ndarray], best: int, outcomes: np.ndarray,
+                              costs: np.ndarray) -> None:
+    """One line per test query: its id, and for each system in ``picks`` (its expert index per query) the expert
+    it chose, that expert's recorded outcome (null: none recorded, scored wrong) and cost; and the best single
+    expert's outcome. What the routed accuracy and cost are computed from."""
+
+    def value(x: float) -> float | None:
+        return None if math.isnan(x) else round(float(x), 8)
+
+    with open(path, "w", encoding="utf-8") as fh:
+        for row, qid in enumerate(query_ids):
+            line: dict[str, Any] = {"id": qid}
+            for name, chosen in picks.items():
+                pick = int(chosen[row])
+                line[name] = {"expert": models[pick], "outcome": value(outcomes[row, pick]),
+                              "cost": value(costs[row, pick])}
+            line["best_single_outcome"] = value(outcomes[row, best])
+            fh.write(json.dumps(line, ensure_ascii=False) + "\n")
+
+
 def route_outcomes(ctx: SuiteContext, x: np.ndarray, outcomes: np.ndarray, costs: np.ndarray,
                    models: Sequence[str], train: np.ndarray, val: np.ndarray, test: np.ndarray, *,
                    cost_label: str, title: str, texts: Sequence[str], reference: str | None = None,
-                   tasks: Sequence[str] | None = None) -> dict[str, Any]:
+                   tasks: Sequence[str] | None = None, query_ids: Sequence[str] | None = None) -> dict[str, Any]:
     """Tune on ``val``, refit on ``train + val``, score on ``test``; the results body of an outcome suite.
     ``texts`` are the queries (every row), for the served gate, which is trained on ``train + val`` as
     ``moe train`` trains it; ``tasks`` (every row; the task or domain the data set records) go into its
-    records' ``task``."""
+    records' ``task``; ``query_ids`` (every row; the data set's own) name the test queries in
+    ``predictions.jsonl``."""
     served = _served_gate(ctx, x, outcomes, costs, models, np.r_[train, val], texts, tasks)
     costs = fill_costs(costs, train)
     o_test, c_test = outcomes[test], costs[test]
@@ -111,6 +136,9 @@ def route_outcomes(ctx: SuiteContext, x: np.ndarray, outcomes: np.ndarray, costs
     # Paired: the served gate and the best single on the same resampled test queries (the gate is not refitted).
     served_diff = M.bootstrap_ci(lambda o, c: M.routed_accuracy(c, o) - float(np.nan_to_num(o[:, best]).mean()),
                                  o_test, served_choices, n=N_BOOT, seed=ctx.seed)
+    if query_ids is not None:
+        write_outcome_predictions(ctx.out / PREDICTIONS, [query_ids[i] for i in test], models,
+                                  {"routed": choices, "served": served_choices}, best, o_test, c_test)
     curve, hull = _curve(model, ids, success, o_test, c_test, chosen["alpha"])
     curve_costs = [p["cost"] for p in curve]
     metrics = {"routed_accuracy": routed["accuracy"], "best_single_accuracy": experts[models[best]]["accuracy"],
@@ -138,6 +166,8 @@ def route_outcomes(ctx: SuiteContext, x: np.ndarray, outcomes: np.ndarray, costs
                                 if np.any(served_choices == i)},
         "tuning_grid": grid,
     }
+    if query_ids is not None:
+        body["predictions"] = PREDICTIONS
     if reference is not None:
         # The operating point is chosen on val (router fitted on train), then scored once on test.
         ref = models.index(reference)
@@ -307,7 +337,8 @@ def run_mmlu_pro_outcome(ctx: SuiteContext) -> dict[str, Any]:
     ]
     return route_outcomes(ctx, x, outcomes, chars / 1000.0, models, train, val, test, texts=texts,
                           cost_label="output length (thousand characters per query)",
-                          title="MMLU-Pro, 31 LLMs", tasks=[q.category for q in store.questions])
+                          title="MMLU-Pro, 31 LLMs", tasks=[q.category for q in store.questions],
+                          query_ids=[str(q.question_id) for q in store.questions])
 
 
 def routerbench_split(ctx: SuiteContext,
@@ -355,7 +386,7 @@ def run_routerbench(ctx: SuiteContext) -> dict[str, Any]:
     body = route_outcomes(ctx, x, outcomes, costs, models, train, val, test, texts=[r.prompt for r in rows],
                           cost_label="USD per query",
                           title="RouterBench subset, 11 LLMs", reference="gpt-4-1106-preview",
-                          tasks=[r.eval_name for r in rows])
+                          tasks=[r.eval_name for r in rows], query_ids=[str(r.row_index) for r in rows])
     body["setup"]["test_dropped_seen_in_training"] = dropped
     arc = np.array([rows[i].task == "arc_challenge" for i in test])
     tune_arc = val[[rows[i].task == "arc_challenge" for i in val]]

@@ -14,7 +14,7 @@ import numpy as np
 from eval.datasets import _unit_hash
 from eval.embeddings import CachedEncoder
 
-__all__ = ["SuiteContext", "as_float", "check_limit", "subsample", "warnings_once"]
+__all__ = ["PREDICTIONS", "SuiteContext", "as_float", "check_limit", "subsample", "warnings_once"]
 
 LIMIT_RULE = "must be an integer >= 1"
 
@@ -59,6 +59,11 @@ def warnings_once(names: Sequence[str] = ONCE_LOGGERS) -> Iterator[None]:
     finally:
         for logger in loggers:
             logger.removeFilter(once)
+
+
+# Each scored test query's outcome, one JSON object per line beside results.json: what the metrics are computed
+# from, so they can be audited (or recomputed) from the files alone.
+PREDICTIONS = "predictions.jsonl"
 
 
 @dataclass

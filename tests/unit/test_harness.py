@@ -75,6 +75,13 @@ def test_user_jsonl_with_unseen_labels(data_dir: Path, tmp_path: Path, cache_dir
     ci = results["confidence_intervals"]["accuracy"]
     assert ci["low"] <= m["accuracy"] <= ci["high"] and ci["estimate"] == pytest.approx(m["accuracy"])
     assert np.array(results["confusion_matrix"]).sum() == 80
+    # Each test query's outcome is written beside the results, and the headline figures follow from it alone.
+    predicted = [json.loads(line) for line in (out / results["predictions"]).read_text(encoding="utf-8").splitlines()]
+    assert [p["id"] for p in predicted] == [row["id"] for row in _relabelled(data_dir, "test", 20)]
+    assert np.mean([p["predicted"] == p["label"] for p in predicted]) == pytest.approx(m["accuracy"])
+    assert np.mean([p["rank_of_label"] <= 2 for p in predicted]) == pytest.approx(m["top2_recall"])
+    assert all((p["rank_of_label"] == 1) == (p["predicted"] == p["label"]) and p["p_predicted"] >= p["p_label"]
+               for p in predicted)
     assert "| gate |" in (out / "report.md").read_text(encoding="utf-8")
     for name in ("confusion_matrix.png", "reliability.png"):
         _assert_png(out / name)
@@ -213,6 +220,12 @@ def test_outcome_suites_small_run(suite: str, data_dir: Path, tmp_path: Path) ->
     gate = results["setup"]["served_gate"]
     assert gate["success_model"]["kind"] == "knn" and gate["success_model"]["prior"] in ("overall", "task")
     assert sum(results["served_routed_share"].values()) == pytest.approx(1.0)
+    # Each test query's pick, outcome and cost, as the routed figures are computed from them (no record: wrong).
+    predicted = [json.loads(line) for line in (out / results["predictions"]).read_text(encoding="utf-8").splitlines()]
+    assert len(predicted) == 60 and len({p["id"] for p in predicted}) == 60
+    for system, accuracy in (("routed", m["routed_accuracy"]), ("served", m["served_routed_accuracy"])):
+        assert np.mean([p[system]["outcome"] or 0.0 for p in predicted]) == pytest.approx(accuracy)
+    assert np.mean([p["best_single_outcome"] or 0.0 for p in predicted]) == pytest.approx(m["best_single_accuracy"])
 
 
 def test_unknown_suite_and_missing_test_file_are_refused(tmp_path: Path) -> None:
