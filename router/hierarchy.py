@@ -9,7 +9,13 @@ Two ways to reach the inner router, exactly one per expert (the config's cross-c
 
 Either way the reply carries the inner trace in ``ExpertReply.nested``, which the outer trace keeps on the
 attempt (``Attempt.nested``), and the inner router's own failures arrive as the errors an HTTP router would
-send: all experts failed -> 503 (``ExpertServerError``), a request it cannot serve -> 400 (``ExpertRejected``).
+send: all experts failed -> 503 (``ExpertServerError``, with the soonest Retry-After its causes gave), every
+expert it called refused the request as invalid, or none can serve it -> 400 (``ExpertRejected``), so the outer
+level too answers 400 rather than blaming the inner router as an outage. A stream the inner router fails after
+it began still reports what the inner router spent, and its trace, on the outer attempt.
+
+For the cost budget's estimate (``Dispatcher.estimate``), an in-process router with no prices of its own is
+priced as its dearest expert: its config's zero prices would count it as free, so it would pass any budget.
 """
 
 from __future__ import annotations
@@ -22,12 +28,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from experts.base import Expert, ExpertContext
-from experts.errors import ExpertConfigError, ExpertRejected, ExpertServerError
+from experts.errors import ExpertConfigError, ExpertError, ExpertRejected, ExpertServerError
 from experts.openai_compat import OpenAICompatibleExpert
-from experts.types import ChatRequest, ExpertReply, StreamDelta
+from experts.types import ChatRequest, ExpertReply, StreamDelta, Usage
 
 if TYPE_CHECKING:
     from router.config import ExpertConfig
+    from router.fallback import AllExpertsFailed
     from router.orchestrator import Orchestrator
 
 __all__ = ["RouterExpert"]
@@ -74,6 +81,22 @@ class RouterExpert(Expert):
         where = self.config.endpoint or self.config.router_config or "in-process"
         return f"RouterExpert(name={self.name!r}, inner={where!r})"
 
+    def cost(self, usage: Usage) -> float:
+        """At the prices the config gives this expert; an in-process router given none is priced as its dearest
+        expert, so the cost budget does not count a call to it as free (its actual cost is the inner trace's)."""
+        own = super().cost(usage)
+        priced = self.config.cost.input_per_1k or self.config.cost.output_per_1k
+        if self._inner is None or priced:
+            return own
+        return max((e.cost(usage) for e in self._inner.experts.values()), default=own)
+
+    def _failure(self, exc: AllExpertsFailed) -> ExpertError:
+        """The inner router's total failure, as its service would have answered: 400 when every expert it called
+        refused the request as invalid, else 503 with the soonest Retry-After its causes gave."""
+        if exc.invalid_request:
+            return ExpertRejected(self.name, 400, f"inner router: {exc}")
+        return ExpertServerError(self.name, 503, f"inner router: {exc}", exc.retry_after_s)
+
     async def generate(self, request: ChatRequest) -> ExpertReply:
         if self._http is not None:
             return _priced_by_inner(await self._http.generate(request))
@@ -85,7 +108,7 @@ class RouterExpert(Expert):
         try:
             answer = await self._inner.complete(_routed(request))
         except AllExpertsFailed as exc:
-            raise ExpertServerError(self.name, 503, f"inner router: {exc}") from None
+            raise self._failure(exc) from None
         except NoCapableExpert as exc:
             raise ExpertRejected(self.name, 400, f"inner router: {exc}") from None
         trace = answer.trace
@@ -103,7 +126,7 @@ class RouterExpert(Expert):
                     yield _priced_delta(delta)
             return
         from router.fallback import AllExpertsFailed
-        from router.orchestrator import NoCapableExpert, StreamEnd
+        from router.orchestrator import NoCapableExpert, RouteFailed, StreamEnd
 
         assert self._inner is not None
         try:
@@ -117,7 +140,13 @@ class RouterExpert(Expert):
                     else:
                         yield event.delta
         except AllExpertsFailed as exc:
-            raise ExpertServerError(self.name, 503, f"inner router: {exc}") from None
+            if isinstance(exc, RouteFailed):
+                # What the inner router spent (a try that broke off mid-stream is paid for) and its trace, on a
+                # delta with no output: the outer attempt counts them, rather than estimating at our own prices.
+                trace = exc.trace
+                yield StreamDelta(usage=trace.usage, cost_usd=trace.cost_usd, usage_estimated=trace.usage_estimated,
+                                  nested=trace.summary())
+            raise self._failure(exc) from None
         except NoCapableExpert as exc:
             raise ExpertRejected(self.name, 400, f"inner router: {exc}") from None
 

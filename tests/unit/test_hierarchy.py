@@ -13,8 +13,8 @@ import yaml
 
 import router.build
 from experts.base import ExpertContext
-from experts.errors import ExpertConfigError
-from experts.types import ChatRequest
+from experts.errors import ExpertConfigError, ExpertRejected, ExpertServerError, ExpertUnavailable
+from experts.types import ChatRequest, Usage
 from router.build import build_orchestrator
 from router.config import ConfigError, RouterConfig, parse_config
 from router.hierarchy import RouterExpert
@@ -130,3 +130,83 @@ def test_a_router_containing_itself_is_refused(tmp_path: Path, fake_gates: None)
     config = parse_config(yaml.safe_load(path.read_text()), base_dir=tmp_path, check_env=False)
     with pytest.raises(ExpertConfigError, match="contains itself"):
         build_orchestrator(config)
+
+
+def priced(name: str, price: float) -> dict[str, Any]:
+    return {"name": name, "type": "replay", "model": name, "timeout_s": 1.0,
+            "cost": {"input_per_1k": price, "output_per_1k": price},
+            "replay": {"source": "routerbench", "path": "unused"}}
+
+
+def in_process_team(inner_experts: list[tuple[dict[str, Any], dict[str, Any]]]) -> RouterExpert:
+    """A ``type: router`` expert over an in-process inner router of fakes; the inner gate picks its first expert.
+    ``inner_experts``: each fake's config entry and its ``FakeExpert`` keyword arguments."""
+    inner_config = parse_config({"version": 1, "experts": [c for c, _ in inner_experts]}, check_env=False)
+    names = inner_config.expert_names
+    inner = Orchestrator(inner_config, FakeGate(names, {}, default=[0.9] + [0.1 / (len(names) - 1)] * (len(names) - 1)),
+                         {c["name"]: FakeExpert(inner_config.expert(c["name"]), **kw) for c, kw in inner_experts})
+    outer = parse_config({"version": 1, "experts": [{"name": "team", "type": "router", "model": "auto",
+                                                     "endpoint": "http://inner.local/v1"}]}, check_env=False)
+    return RouterExpert(outer.expert("team"), orchestrator=inner)
+
+
+async def test_an_inner_router_whose_experts_all_refuse_the_request_refuses_it_too() -> None:
+    """As its service would answer (400 rejected_by_experts): the request is at fault, not the inner router, so the
+    outer level neither retries it as an outage nor answers 503."""
+    refuse = {"fail": lambda n: ExpertRejected(n, 400, "prompt too long")}
+    team = in_process_team([(priced("a", 1.0), refuse), (priced("b", 1.0), refuse)])
+    request = ChatRequest(messages=[{"role": "user", "content": "q"}])  # type: ignore[list-item]
+    with pytest.raises(ExpertRejected) as info:
+        await team.generate(request)
+    assert info.value.status == 400 and "inner router" in info.value.message
+    with pytest.raises(ExpertRejected):
+        [d async for d in team.stream(request)]
+    outage = in_process_team([(priced("a", 1.0), {"fail": lambda n: ExpertServerError(n, 503, "busy", 7.0)}),
+                              (priced("b", 1.0), {"fail": lambda n: ExpertServerError(n, 503, "busy", 3.0)})])
+    with pytest.raises(ExpertServerError) as down:
+        await outage.generate(request)
+    assert down.value.status == 503 and down.value.retry_after_s == 3.0  # as the inner service's Retry-After
+
+
+async def test_an_inner_router_failing_mid_stream_still_reports_what_it_spent() -> None:
+    """Its expert streamed part of an answer (paid for) and broke off, and its fallback failed: the outer attempt
+    counts the inner router's spend and keeps its trace, rather than pricing the deltas at the router's own $0."""
+    team = in_process_team([
+        (priced("a", 1.0), {"pieces": ["one ", "two ", "three"], "fail_after": 2,
+                            "fail": lambda n: ExpertUnavailable(n, "peer closed")}),
+        (priced("b", 1.0), {"fail": lambda n: ExpertServerError(n, 503, "busy")})])
+    solo_config = parse_config({"version": 1, "experts": [priced("solo", 1.0)]}, check_env=False)
+    outer_config = parse_config({"version": 1, "experts": [
+        {"name": "team", "type": "router", "model": "auto", "endpoint": "http://inner.local/v1"},
+        priced("solo", 1.0)]}, check_env=False)
+    outer = Orchestrator(outer_config, FakeGate(["team", "solo"], {}, default=[0.8, 0.2]),
+                         {"team": team, "solo": FakeExpert(solo_config.expert("solo"), pieces=["four"])})
+    request = ChatRequest(messages=[{"role": "user", "content": "q"}])  # type: ignore[list-item]
+    events = [e async for e in outer.stream(request)]
+    end = events[-1]
+    assert isinstance(end, StreamEnd)
+    assert "".join(e.delta.content for e in events[:-1]) == "one two four"  # type: ignore[union-attr]
+    attempt = end.trace.attempts[0]
+    assert attempt.expert == "team" and not attempt.ok and attempt.nested is not None
+    assert [a["expert"] for a in attempt.nested["attempts"]] == ["a", "b"]
+    assert attempt.cost_usd == pytest.approx(attempt.nested["cost_usd"]) and attempt.cost_usd > 0
+    assert attempt.usage.completion_tokens == 2
+
+
+async def test_the_cost_budget_prices_an_unpriced_in_process_router_as_its_dearest_expert() -> None:
+    """A router expert with no prices of its own would be estimated at $0 and pass any budget, however dear the
+    experts it routes to: a panel member behind it is left out as a leaf at those prices would be."""
+    team = in_process_team([(priced("gold", 100.0), {}), (priced("silver", 50.0), {})])
+    cheap_config = parse_config({"version": 1, "experts": [priced("cheap", 0.01)]}, check_env=False)
+    outer_config = parse_config({"version": 1, "gate": {"top_k": {"policy": "fixed", "k": 2}},
+                                 "fallback": {"cost_budget_usd": 0.05},
+                                 "experts": [priced("cheap", 0.01), {"name": "team", "type": "router",
+                                                                      "model": "auto", "endpoint": "http://x/v1"}]},
+                                check_env=False)
+    outer = Orchestrator(outer_config, FakeGate(["cheap", "team"], {}, default=[0.6, 0.4]),
+                         {"cheap": FakeExpert(cheap_config.expert("cheap")), "team": team})
+    request = ChatRequest(messages=[{"role": "user", "content": "q"}], max_tokens=100)  # type: ignore[list-item]
+    answer = await outer.complete(request)
+    assert [(a.expert, (a.error or {}).get("kind")) for a in answer.trace.attempts] == [
+        ("team", "budget_exhausted"), ("cheap", None)]
+    assert team.cost(Usage(prompt_tokens=1000, completion_tokens=0)) == pytest.approx(100.0)
