@@ -7,6 +7,7 @@ written in the file: an expert names the environment variable that holds its key
 
 from __future__ import annotations
 
+import contextvars
 import hashlib
 import io
 import json
@@ -674,6 +675,19 @@ def _cross_problems(raw: Any, *, check_env: bool, base_dir: str | Path | None = 
             inner = inner if inner.is_absolute() else Path(base_dir) / inner
             if not inner.is_file():
                 yield f"{where}.router_config", f"no config file at {inner}"
+            else:
+                # The inner router is built from it at serve time: what would refuse it there is said here,
+                # a routing cycle (a file reached again from within itself) included.
+                chain = _LOADING.get()
+                if inner.resolve() in chain:
+                    loop = [*chain[chain.index(inner.resolve()):], inner.resolve()]
+                    yield f"{where}.router_config", ("a routing cycle: " + " -> ".join(str(f) for f in loop)
+                                                     + "; a router cannot contain itself")
+                else:
+                    try:
+                        load_config(inner, check_env=check_env)
+                    except ConfigError as exc:
+                        yield f"{where}.router_config", f"{inner}: " + "; ".join(f"{k}: {m}" for k, m in exc.problems)
     gate: dict[str, Any] = raw["gate"] if isinstance(raw.get("gate"), dict) else {}
     default = gate.get("default_expert")
     if isinstance(default, str) and names and default not in names:
@@ -1042,5 +1056,16 @@ def load_config(path: str | Path, *, check_env: bool = True, require_vars: bool 
         raw = yaml.load(_named(text, path), Loader=_UniqueKeyLoader)  # a SafeLoader: no arbitrary objects
     except yaml.YAMLError as exc:
         raise ConfigError(str(path), [("<yaml>", str(exc).replace("\n", " "))]) from exc
-    return parse_config(raw, source=str(path), base_dir=path.resolve().parent, check_env=check_env,
-                        require_vars=require_vars)
+    token = _LOADING.set((*_LOADING.get(), path.resolve()))
+    try:
+        # The folder the path names, symlinks not followed: Kubernetes mounts a ConfigMap's file as a link into
+        # a timestamped folder, where "../artifacts" would miss the volume mounted beside the config's folder.
+        return parse_config(raw, source=str(path), base_dir=Path(os.path.abspath(path)).parent, check_env=check_env,
+                            require_vars=require_vars)
+    finally:
+        _LOADING.reset(token)
+
+
+# The config files being loaded, outermost first: a nested router's ``router_config`` that is one of them closes a
+# routing cycle, refused by name instead of loaded again without end.
+_LOADING: contextvars.ContextVar[tuple[Path, ...]] = contextvars.ContextVar("moe_config_loading", default=())

@@ -197,7 +197,8 @@ def test_endpoint_host_that_is_not_the_service_fails_clearly() -> None:
 def test_an_in_process_nested_router_is_refused_with_the_way_to_deploy_one(tmp_path: Path) -> None:
     """Its config's experts, gate and variables would be missing from the router container: refused, pointing at
     the endpoint form. A nested router reached over HTTP is an endpoint like any other."""
-    (tmp_path / "inner.yaml").write_text("version: 1\nexperts: []\n")
+    (tmp_path / "inner.yaml").write_text("version: 1\nexperts:\n  - {name: inner, type: vllm, "
+                                         "endpoint: 'http://inner:8000/v1', model: m}\n")
     nested = {"name": "team", "type": "router", "model": "auto", "router_config": "inner.yaml"}
     config = parse_config({"version": 1, "gate": {"artifact": "../artifacts/gate"},
                            "experts": [vllm("coder", "http://coder:8000/v1"), nested]},

@@ -169,7 +169,11 @@ def test_a_nested_router_config_that_does_not_exist_is_a_problem(tmp_path: Path)
         assert f"no config file at {tmp_path / 'science.yaml'}" in problems(raw, base_dir=tmp_path,
                                                                           check_env=check_env)[
             "experts[0] (science).router_config"]
-    (tmp_path / "science.yaml").write_text("version: 1\n")
+    (tmp_path / "science.yaml").write_text("version: 1\n")  # there, but no config a router could be built from
+    assert "science.yaml: experts: Field required" in problems(raw, base_dir=tmp_path)[
+        "experts[0] (science).router_config"]
+    (tmp_path / "science.yaml").write_text("version: 1\nexperts:\n  - {name: physics, type: vllm, "
+                                            "endpoint: 'http://127.0.0.1:9/v1', model: m}\n")
     parse_config(raw, base_dir=tmp_path)
 
 
@@ -522,3 +526,16 @@ def test_an_endpoint_that_is_no_http_url_is_said_in_words_without_its_value(endp
     assert found == {"experts[0] (alpha).endpoint": "is not an http:// or https:// URL (with no spaces): write the "
                                                     "base URL the client appends /chat/completions to, e.g. "
                                                     "http://host:8000/v1"}
+
+
+def test_relative_paths_resolve_against_the_folder_the_config_s_path_names_not_a_link_s_target(tmp_path: Path) -> None:
+    """Kubernetes mounts a ConfigMap's file as a symlink into a timestamped folder: `../artifacts/gate` must mean
+    the folder beside the one the config was given from, as compose and a reader of the path take it."""
+    real = tmp_path / "configs" / "..2026_12_06" / "router.yaml"
+    real.parent.mkdir(parents=True)
+    real.write_text("version: 1\ngate: {artifact: ../artifacts/gate}\nexperts:\n"
+                    "  - {name: a, type: vllm, endpoint: 'http://127.0.0.1:9/v1', model: m}\n")
+    link = tmp_path / "configs" / "router.yaml"
+    link.symlink_to(real)
+    config = load_config(link, check_env=False)
+    assert config.resolve(config.gate.artifact) == tmp_path / "artifacts" / "gate"

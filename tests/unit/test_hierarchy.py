@@ -16,7 +16,7 @@ from experts.base import ExpertContext
 from experts.errors import ExpertConfigError, ExpertRejected, ExpertServerError, ExpertUnavailable
 from experts.types import ChatRequest, Usage
 from router.build import build_orchestrator
-from router.config import ConfigError, RouterConfig, parse_config
+from router.config import ConfigError, RouterConfig, load_config, parse_config
 from router.hierarchy import RouterExpert
 from router.orchestrator import Orchestrator, StreamEnd
 from router.service import create_app
@@ -127,9 +127,27 @@ def test_a_router_expert_needs_exactly_one_of_endpoint_and_router_config() -> No
 def test_a_router_containing_itself_is_refused(tmp_path: Path, fake_gates: None) -> None:
     path = write(tmp_path / "loop.yaml", [leaf("a"), {"name": "me", "type": "router", "model": "auto",
                                                       "router_config": "loop.yaml"}])
-    config = parse_config(yaml.safe_load(path.read_text()), base_dir=tmp_path, check_env=False)
-    with pytest.raises(ExpertConfigError, match="contains itself"):
+    # Refused where the config is read (moe config check says it too), naming the cycle ...
+    with pytest.raises(ConfigError, match=r"experts\[1\] \(me\)\.router_config: a routing cycle: .*loop\.yaml -> "
+                                          r".*loop\.yaml; a router cannot contain itself"):
+        parse_config(yaml.safe_load(path.read_text()), base_dir=tmp_path, check_env=False)
+    # ... and by the build, for a config made in code without the cross-checks: the inner file it loads is refused.
+    config = RouterConfig.model_validate({**yaml.safe_load(path.read_text()), "base_dir": str(tmp_path)})
+    with pytest.raises((ConfigError, ExpertConfigError), match=r"routing cycle|contains itself"):
         build_orchestrator(config)
+
+
+def test_a_cycle_through_another_file_and_a_nested_config_s_own_problems_are_named(tmp_path: Path) -> None:
+    """moe config check passed both, and moe serve refused them: said where the config is read, for each level."""
+    write(tmp_path / "x.yaml", [leaf("a"), {"name": "y", "type": "router", "model": "auto", "router_config": "y.yaml"}])
+    write(tmp_path / "y.yaml", [{**leaf("b"), "timout_s": 3},
+                                {"name": "x", "type": "router", "model": "auto", "router_config": "x.yaml"}])
+    with pytest.raises(ConfigError) as refused:
+        load_config(tmp_path / "x.yaml", check_env=False)
+    [(key, message)] = refused.value.problems
+    assert key == "experts[1] (y).router_config" and message.startswith(f"{tmp_path / 'y.yaml'}: ")
+    assert "experts[0] (b).timout_s: unknown key" in message
+    assert f"a routing cycle: {tmp_path / 'x.yaml'} -> {tmp_path / 'y.yaml'} -> {tmp_path / 'x.yaml'}" in message
 
 
 def priced(name: str, price: float) -> dict[str, Any]:
