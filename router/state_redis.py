@@ -147,7 +147,8 @@ def _decode(raw: Mapping[bytes | str, bytes | str]) -> BreakerState:
 
 
 class RedisBreakerStore:
-    """A hash per expert, ``<prefix>breaker:<expert>``; falls back to per-process states while Redis is down."""
+    """A hash per breaker key (``<prefix>breaker:<expert>@<service>``, ``Breakers``'s key); falls back to
+    per-process states while Redis is down."""
 
     def __init__(self, client: redis.Redis, key_prefix: str = "moe:", *, retry_s: float = 5.0) -> None:
         self.client = client

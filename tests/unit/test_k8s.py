@@ -3,15 +3,16 @@ the same experts with shared state in Redis, and secrets only by reference."""
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import pytest
 import yaml
 
-from router.compose import VLLM_IMAGE, expected_endpoint, service_name, vllm_args
+from router.compose import REDIS_IMAGE, VLLM_IMAGE, expected_endpoint, service_name, vllm_args
 from router.config import RouterConfig, load_config, parse_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -96,7 +97,9 @@ def test_the_router_serves_the_compose_configs_experts_with_redis_state(
 ) -> None:
     served = served_config(objects)
     assert served.experts == compose_config.experts
-    assert served.gate == compose_config.gate and served.fallback == compose_config.fallback
+    # The same gate, but for where the artifact sits: absolute in the ConfigMap (the next test says why).
+    assert served.gate.model_copy(update={"artifact": compose_config.gate.artifact}) == compose_config.gate
+    assert served.fallback == compose_config.fallback
     assert served.state.backend == "redis"
     router = objects[("Deployment", "router")]
     c = container(router)
@@ -109,11 +112,65 @@ def test_the_router_serves_the_compose_configs_experts_with_redis_state(
         assert name is not None and env[name]["valueFrom"]["secretKeyRef"]["name"] == "moe-secrets"
 
 
+def _as_kubelet_mounts_it(configmap: dict[str, Any], folder: Path) -> None:
+    """The ConfigMap's keys in ``folder`` the way the kubelet's volume lays them out: each key a symlink through
+    ``..data``, itself a symlink to a timestamped folder holding the files (swapped whole on an update)."""
+    stamped = folder / "..2025_01_01_00_00_00.000000001"
+    stamped.mkdir(parents=True)
+    for key, text in configmap["data"].items():
+        (stamped / key).write_text(text, encoding="utf-8")
+        (folder / key).symlink_to(Path("..data") / key)
+    (folder / "..data").symlink_to(stamped.name)
+
+
+def test_the_router_loads_the_gate_from_the_volume_mounted_for_it(
+        objects: dict[tuple[str, str], dict[str, Any]], tmp_path: Path) -> None:
+    # A ConfigMap volume holds the file as a symlink into a timestamped folder; wherever the loader resolved the
+    # gate's path from (it once followed the link, and `../artifacts/gate` was /app/configs/artifacts/gate, no
+    # gate, and `moe serve` refused to start), it must land on the gate volume. Replayed under tmp_path standing
+    # for the container's root.
+    router = objects[("Deployment", "router")]
+    c = container(router)
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    mounts = {m["name"]: PurePosixPath(m["mountPath"]) for m in c["volumeMounts"]}
+    config_path = PurePosixPath(env["MOE_CONFIG"])
+    assert config_path.parent == mounts["config"]
+    root = tmp_path / "root"
+    _as_kubelet_mounts_it(objects[("ConfigMap", "moe-router-config")], root / mounts["config"].relative_to("/"))
+    config = load_config(root / config_path.relative_to("/"), check_env=False)
+    artifact = config.resolve(config.gate.artifact)
+    seen = PurePosixPath("/", artifact.relative_to(root)) if artifact.is_relative_to(root) else PurePosixPath(artifact)
+    assert seen == mounts["gate"], f"the router would look for its gate at {seen}, not on the moe-gate volume"
+
+
+def test_the_router_runs_as_the_images_user_on_a_read_only_root(
+        objects: dict[tuple[str, str], dict[str, Any]]) -> None:
+    c = container(objects[("Deployment", "router")])
+    context = c["securityContext"]
+    # The Dockerfile's user, by number: the kubelet cannot check runAsNonRoot against the image's `USER moe`.
+    dockerfile = (ROOT / "Dockerfile").read_text(encoding="utf-8")
+    uid = re.search(r"useradd .*--uid (\d+) (\w+)", dockerfile)
+    assert uid is not None and re.search(rf"^USER {uid.group(2)}$", dockerfile, re.M)
+    assert context["runAsNonRoot"] is True and context["runAsUser"] == int(uid.group(1)) != 0
+    assert context["allowPrivilegeEscalation"] is False and context["capabilities"]["drop"] == ["ALL"]
+    # Read-only root: no feedback file (Redis holds it), and what is written (onnxruntime's cache under
+    # $HOME/.cache, /tmp) lands on emptyDirs.
+    assert context["readOnlyRootFilesystem"] is True
+    assert served_config(objects).state.backend == "redis"
+    volumes = {v["name"]: v for v in objects[("Deployment", "router")]["spec"]["template"]["spec"]["volumes"]}
+    writable = {m["mountPath"] for m in c["volumeMounts"]
+                if not m.get("readOnly") and "emptyDir" in volumes[m["name"]]}
+    assert {"/tmp", f"/home/{uid.group(2)}/.cache"} <= writable
+
+
 def test_router_runs_several_ready_checked_replicas_behind_a_service(
     objects: dict[tuple[str, str], dict[str, Any]],
 ) -> None:
     router = objects[("Deployment", "router")]
     assert router["spec"]["replicas"] >= 2
+    # The tag docs/scaling.md builds and pushes: the project's version.
+    version = re.search(r'^version = "(.+)"$', (ROOT / "pyproject.toml").read_text(encoding="utf-8"), re.M)
+    assert version is not None and container(router)["image"] == f"moe-router:{version.group(1)}"
     c = container(router)
     assert c["readinessProbe"]["httpGet"]["path"] == "/health"
     port = served_config(objects).service.port
@@ -202,6 +259,7 @@ def test_redis_keeps_the_feedback_it_holds(objects: dict[tuple[str, str], dict[s
     assert served.feedback.enabled and served.state.backend == "redis"
     redis = objects[("Deployment", "redis")]
     c = container(redis)
+    assert c["image"] == REDIS_IMAGE  # the release the compose profile runs (and its docker test checks)
     assert c["args"][:4] == ["--appendonly", "yes", "--dir", "/data"]
     # Redis evicts (only keys with a lifetime, never the verdicts) before the container's memory limit is hit.
     args = dict(zip(c["args"][::2], c["args"][1::2], strict=True))
