@@ -72,10 +72,16 @@ class RequestRecord:
         return out
 
 
+# Errors that mean the service failed the request, whatever status went out: a stream answers 200 before its
+# first token, so one whose experts all broke off mid-way, or that an internal error cut short, keeps its 200.
+_SERVICE_FAILURES = frozenset({"all_experts_failed", "internal_error"})
+
+
 def log_request(record: RequestRecord, *, content: bool) -> None:
     """One JSON line per request: at WARNING when the service failed it (5xx: every expert down, an internal
-    error), so an alert can watch for those alone; INFO otherwise."""
-    level = logging.WARNING if record.status >= 500 else logging.INFO
+    error; or a stream that began and then ended in such an error), so an alert can watch for those alone; INFO
+    otherwise."""
+    level = logging.WARNING if record.status >= 500 or record.error in _SERVICE_FAILURES else logging.INFO
     logging.getLogger(REQUEST_LOGGER).log(level, json.dumps(record.line(content=content), default=str,
                                                             separators=(",", ":")))
 

@@ -704,6 +704,8 @@ def _observe(app: FastAPI, record: RequestRecord) -> None:
     metrics.observe_request(record.route, record.status, _model_label(app, record.model), record.latency_ms / 1000)
     if record.trace is not None:
         metrics.observe_trace(record.trace, record.expert)
+        # Candidates fallback never reached (max_attempts, the deadline) are causes but no attempt of the trace.
+        metrics.observe_failures(c for c in record.failures if c.get("kind") == "not_tried")
     elif record.failures:
         metrics.observe_failures(record.failures)
     content = bool(orchestrator is not None and orchestrator.config.service.log_content)
