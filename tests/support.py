@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import os
 import signal
 import socket
@@ -20,6 +21,21 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 MetricsPage = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def snips_first(data_dir: Path, per_train: int, per_test: int) -> dict[str, list[tuple[str, str]]]:
+    """The first ``per_train`` training and ``per_test`` test queries of each SNIPS intent, as (text, intent),
+    under ``"train"`` and ``"test"``."""
+    out: dict[str, list[tuple[str, str]]] = {"train": [], "test": []}
+    seen: dict[tuple[str, str], int] = {}
+    limit = {"train": per_train, "test": per_test}
+    with open(data_dir / "snips" / "snips_2017_custom_intents.csv", encoding="utf-8") as fh:
+        for row in csv.DictReader(fh):
+            key = (row["split"], row["intent"])
+            if seen.get(key, 0) < limit[row["split"]]:
+                seen[key] = seen.get(key, 0) + 1
+                out[row["split"]].append((row["text"], row["intent"]))
+    return out
 
 
 def samples(text: str) -> MetricsPage:

@@ -129,28 +129,14 @@ async def test_an_unreachable_store_refuses_the_verdict_with_503_and_no_secret(
 def test_a_hung_redis_is_waited_for_once_per_outage_not_on_every_answer() -> None:
     """A server that accepts connections and never replies: remembering answers gives up after the short timeout,
     then skips Redis for the outage window instead of making every answer wait."""
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(16)
-    accepted: list[socket.socket] = []
-
-    def accept() -> None:
-        with contextlib.suppress(OSError):
-            while True:
-                accepted.append(listener.accept()[0])
-
-    threading.Thread(target=accept, daemon=True).start()
-    port = listener.getsockname()[1]
-    store = RedisFeedbackStore.from_config(StateConfig(backend="redis"), {"MOE_REDIS_URL": f"redis://127.0.0.1:{port}/0"})
-    try:
-        for i in range(20):
-            store.remember(f"chatcmpl-{i}", "an integral", "math")
-        assert len(accepted) == 1  # one attempt timed out; the other 19 answers did not touch Redis
-    finally:
-        store.close()
-        listener.close()
-        for conn in accepted:
-            conn.close()
+    with _hung_redis() as (url, accepted):
+        store = RedisFeedbackStore.from_config(StateConfig(backend="redis"), {"MOE_REDIS_URL": url})
+        try:
+            for i in range(20):
+                store.remember(f"chatcmpl-{i}", "an integral", "math")
+            assert len(accepted) == 1  # one attempt timed out; the other 19 answers did not touch Redis
+        finally:
+            store.close()
 
 
 def test_remembering_lasts_a_day_in_redis_unless_the_config_says(redis_url: str, tmp_path: Path) -> None:
@@ -178,8 +164,9 @@ def test_a_refusing_redis_is_told_apart_from_an_unreachable_one(redis_url: str,
 
 
 @contextlib.contextmanager
-def _hung_redis() -> Iterator[str]:
-    """A server that accepts connections and never replies: a hung Redis (stopped, or stuck on a slow command)."""
+def _hung_redis() -> Iterator[tuple[str, list[socket.socket]]]:
+    """A server that accepts connections and never replies: a hung Redis (stopped, or stuck on a slow command).
+    Its URL, and the connections it accepted so far."""
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen(64)
@@ -192,7 +179,7 @@ def _hung_redis() -> Iterator[str]:
 
     threading.Thread(target=accept, daemon=True).start()
     try:
-        yield f"redis://127.0.0.1:{listener.getsockname()[1]}/0"
+        yield f"redis://127.0.0.1:{listener.getsockname()[1]}/0", accepted
     finally:
         listener.close()
         for conn in accepted:
@@ -206,7 +193,7 @@ async def test_verdicts_sent_while_redis_hangs_do_not_hold_up_answers() -> None:
     refused at once instead of queueing for a timeout each."""
     loop = asyncio.get_running_loop()
     loop.set_default_executor(concurrent.futures.ThreadPoolExecutor(max_workers=2))
-    with _hung_redis() as url:
+    with _hung_redis() as (url, _):
         store = RedisFeedbackStore.from_config(StateConfig(backend="redis"), {"MOE_REDIS_URL": url}, timeout_s=1.0)
         try:
             started = time.monotonic()

@@ -7,8 +7,6 @@ on the trained classifier's probabilities, which the cold-start claims scale dow
 
 from __future__ import annotations
 
-import csv
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +15,7 @@ import pytest
 from router.config import EncoderConfig
 from router.encoders import Encoder, build_encoder
 from router.gate import Gate, train_gate
+from tests.support import snips_first
 
 TRAINED = ["AddToPlaylist", "BookRestaurant", "GetWeather", "RateBook", "SearchCreativeWork"]
 COLD = ["PlayMusic", "SearchScreeningEvent"]
@@ -25,16 +24,7 @@ PER_INTENT_TRAIN, PER_INTENT_TEST, COLD_EXAMPLES = 100, 40, 5
 
 @pytest.fixture(scope="module")
 def snips(data_dir: Path) -> dict[str, list[tuple[str, str]]]:
-    out: dict[str, list[tuple[str, str]]] = {"train": [], "test": []}
-    seen: Counter[tuple[str, str]] = Counter()
-    limit = {"train": PER_INTENT_TRAIN, "test": PER_INTENT_TEST}
-    with open(data_dir / "snips" / "snips_2017_custom_intents.csv", encoding="utf-8") as fh:
-        for row in csv.DictReader(fh):
-            key = (row["split"], row["intent"])
-            if seen[key] < limit[row["split"]]:
-                seen[key] += 1
-                out[row["split"]].append((row["text"], row["intent"]))
-    return out
+    return snips_first(data_dir, PER_INTENT_TRAIN, PER_INTENT_TEST)
 
 
 @pytest.fixture(scope="module")

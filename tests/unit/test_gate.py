@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -27,6 +26,7 @@ from router.gate import (
     training_data_sha256,
 )
 from tests.doubles.fakes import FakeHashingEncoder
+from tests.support import snips_first
 
 PER_INTENT_TRAIN, PER_INTENT_TEST = 200, 50
 
@@ -47,16 +47,7 @@ class FakeLookupEncoder(Encoder):
 @pytest.fixture(scope="module")
 def snips(data_dir: Path) -> dict[str, list[tuple[str, str]]]:
     """The first 200 training and 50 test queries of each SNIPS intent, as (text, intent)."""
-    out: dict[str, list[tuple[str, str]]] = {"train": [], "test": []}
-    seen: Counter[tuple[str, str]] = Counter()
-    limit = {"train": PER_INTENT_TRAIN, "test": PER_INTENT_TEST}
-    with open(data_dir / "snips" / "snips_2017_custom_intents.csv", encoding="utf-8") as fh:
-        for row in csv.DictReader(fh):
-            key = (row["split"], row["intent"])
-            if seen[key] < limit[row["split"]]:
-                seen[key] += 1
-                out[row["split"]].append((row["text"], row["intent"]))
-    return out
+    return snips_first(data_dir, PER_INTENT_TRAIN, PER_INTENT_TEST)
 
 
 @pytest.fixture(scope="module")
