@@ -225,6 +225,9 @@ def test_one_gpu_vllm_deployment_and_service_per_expert(
         assert c["args"] == vllm_args(expert, gpu_memory_utilization="0.90")
         assert c["resources"]["limits"]["nvidia.com/gpu"] >= 1
         assert c["readinessProbe"]["httpGet"]["path"] == "/health"
+        # A rollout must not wait for a spare GPU: the old pod goes first (the router falls back meanwhile).
+        assert deployment["spec"]["strategy"] == {"type": "RollingUpdate",
+                                                  "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1}}, name
         volumes = deployment["spec"]["template"]["spec"]["volumes"]
         assert {"name": "hf-cache", "persistentVolumeClaim": {"claimName": "hf-cache"}} in volumes
         # The expert's endpoint host and port are this Service's name and port.
@@ -270,3 +273,12 @@ def test_redis_keeps_the_feedback_it_holds(objects: dict[tuple[str, str], dict[s
     claim = redis["spec"]["template"]["spec"]["volumes"][0]["persistentVolumeClaim"]["claimName"]
     assert objects[("PersistentVolumeClaim", claim)]["spec"]["accessModes"] == ["ReadWriteOnce"]
     assert redis["spec"]["strategy"] == {"type": "Recreate"}  # one pod at a time on a ReadWriteOnce volume
+
+
+def test_http_probes_give_a_loaded_server_time_to_answer(objects: dict[tuple[str, str], dict[str, Any]]) -> None:
+    """Kubernetes' default probe timeout is 1 s, where compose's healthchecks allow 10: a router busy at full load,
+    or a vLLM server mid-batch, would fail probes it answers a moment later and leave the Service for nothing."""
+    probes = [(name, kind, probe) for (k, name), obj in objects.items() if k == "Deployment"
+              for kind, probe in container(obj).items() if kind.endswith("Probe") and "httpGet" in probe]
+    assert len(probes) >= 8
+    assert all(probe.get("timeoutSeconds", 1) >= 5 for _, _, probe in probes), probes
