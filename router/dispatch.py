@@ -14,6 +14,7 @@ for good, is the orchestrator's business.
 from __future__ import annotations
 
 import asyncio
+import math
 import random
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator, Mapping
@@ -28,6 +29,7 @@ from router.breaker import Breakers, Outcome, classify
 from router.fallback import BudgetSpent, Deadline, budget_spent
 from router.retry import RetryPolicy, retry_delay
 from router.trace import Attempt, AttemptRole, Retry, Trace
+from router.tracing import CALL_LIMIT, CallLimit
 
 __all__ = ["CallCancelled", "Capacity", "Dispatcher", "StreamOutcome", "StreamPiece"]
 
@@ -281,10 +283,13 @@ class Dispatcher:
         try:
             with self._slot(name, deadline) as slot:
                 timeout = self._timeout(expert, deadline, slot)
+                limit = CALL_LIMIT.set(CallLimit(asyncio.get_running_loop().time() + timeout))
                 try:
                     reply = await asyncio.wait_for(expert.generate(request), timeout)
                 except TimeoutError:
                     raise _timed_out(name, f"no answer within {timeout:.1f}s", slot, deadline) from None
+                finally:
+                    CALL_LIMIT.reset(limit)
         except ExpertError as exc:
             trace.attempts.append(Attempt(expert=name, ok=False, error=exc.to_dict(),
                                           latency_ms=(time.perf_counter() - start) * 1000.0, **tried.fields()))
@@ -311,9 +316,16 @@ class Dispatcher:
             with self._slot(name, deadline) as slot:
                 deltas = expert.stream(request)
                 iterator = deltas.__aiter__()
+                # Each wait's cut-off, for a traced expert's span (``router.tracing.CallLimit``); the stream's own
+                # steps run in contexts copied from this one, so they see the object the waits update. Never reset:
+                # a generator may be closed from another context, where resetting would fail; the limit is made
+                # endless instead once the waits are over.
+                limit = CallLimit()
+                CALL_LIMIT.set(limit)
                 try:
                     while True:
                         timeout = self._timeout(expert, deadline, slot)
+                        limit.at = asyncio.get_running_loop().time() + timeout
                         try:
                             delta = await asyncio.wait_for(iterator.__anext__(), timeout) if timeout > 0 else None
                         except StopAsyncIteration:
@@ -329,6 +341,7 @@ class Dispatcher:
                 finally:
                     # Close the expert's stream now, not when the garbage collector finds it: its connection
                     # is released before the next try starts, and no finalizer task is left behind.
+                    limit.at = math.inf  # a close from here on is no timeout
                     aclose = getattr(deltas, "aclose", None)
                     if aclose is not None:
                         await aclose()

@@ -6,13 +6,19 @@ exporter is the deployment's choice (``opentelemetry-instrument moe serve ...`` 
 standard ``OTEL_*`` variables). Without a provider the API's default is a no-op.
 
 A span carries the expert, the model, whether it streamed, tokens and cost, and on failure the error's kind;
-never the prompt or the answer. A generate call's span is current while it runs, so a nested router (an expert
+never the prompt or the answer. A call the dispatcher's timeout cut off is kind ``timeout`` (an error), one cut
+short from outside (the client left) kind ``cancelled`` with its status unset, as the trace and metrics say. A
+generate call's span is current while it runs, so a nested router (an expert
 of type ``router`` in-process) opens its expert spans beneath it.
 """
 
 from __future__ import annotations
 
+import asyncio
+import math
 from collections.abc import AsyncIterator
+from contextvars import ContextVar
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from experts.base import Expert
@@ -23,7 +29,7 @@ from router.config import TracingConfig
 if TYPE_CHECKING:
     from opentelemetry.trace import Span, Tracer
 
-__all__ = ["TracedExpert", "traced"]
+__all__ = ["CALL_LIMIT", "CallLimit", "TracedExpert", "traced"]
 
 
 def _tracer(config: TracingConfig) -> Tracer:
@@ -34,10 +40,41 @@ def _tracer(config: TracingConfig) -> Tracer:
     return trace.get_tracer(config.service_name)
 
 
+@dataclass
+class CallLimit:
+    """When the dispatcher cuts the current expert call off (the event loop's time; ``Dispatcher`` sets it in
+    ``CALL_LIMIT`` before each wait). The wrapper only sees a call end in a cancellation, which is the dispatcher's
+    timeout if it comes at the limit, and otherwise the client leaving (or a panel's call no longer needed)."""
+
+    at: float = math.inf
+
+
+CALL_LIMIT: ContextVar[CallLimit | None] = ContextVar("moe_call_limit", default=None)
+
+
+def _cut_at_limit() -> bool:
+    limit = CALL_LIMIT.get()
+    if limit is None:
+        return False
+    try:
+        now = asyncio.get_running_loop().time()
+    except RuntimeError:
+        return False
+    return now >= limit.at - 0.005  # the loop's timer fires at the limit, give or take its resolution
+
+
 def _record_failure(span: Span, exc: BaseException) -> None:
     from opentelemetry.trace import Status, StatusCode
 
-    kind = exc.kind if isinstance(exc, ExpertError) else type(exc).__name__
+    if isinstance(exc, asyncio.CancelledError | GeneratorExit):
+        if not _cut_at_limit():
+            # Cut short from outside (the client left, or the call was no longer needed): as the trace and the
+            # metrics have it, ``cancelled`` and not a failure of the expert's, so the status stays unset.
+            span.set_attribute("moe.error.kind", "cancelled")
+            return
+        kind = "timeout"  # the dispatcher's timeout (the expert's timeout_s or the request's deadline)
+    else:
+        kind = exc.kind if isinstance(exc, ExpertError) else type(exc).__name__
     span.set_attribute("moe.error.kind", kind)
     span.set_status(Status(StatusCode.ERROR, kind))
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+from typing import Any
+
 import pytest
 
 pytest.importorskip("opentelemetry.sdk")
@@ -9,11 +12,12 @@ pytest.importorskip("opentelemetry.sdk")
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import StatusCode
 
 from experts.errors import ExpertUnavailable
 from experts.types import ChatRequest
 from router.config import TracingConfig
-from router.orchestrator import Orchestrator
+from router.orchestrator import Orchestrator, StreamEnd
 from router.tracing import TracedExpert, traced
 from tests.doubles.fakes import FakeExpert, FakeGate, fake_config
 
@@ -52,3 +56,61 @@ def test_off_means_no_wrapper() -> None:
     expert = FakeExpert(fake_config(NAMES).expert("math"))
     assert traced(expert, TracingConfig()) is expert
     assert isinstance(traced(expert, TracingConfig(enabled=True)), TracedExpert)
+
+
+def _tracing() -> tuple[InMemorySpanExporter, Any]:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    return exporter, provider.get_tracer("test")
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_call_the_timeout_cut_off_is_a_timeout_span(stream: bool) -> None:
+    """The wrapper sees only a cancellation; at the dispatcher's limit it is the timeout the trace, the log and
+    the metrics name (it was CancelledError), and an error."""
+    exporter, tracer = _tracing()
+    on = TracingConfig(enabled=True)
+    config = fake_config(NAMES, experts=[
+        {"name": n, "type": "replay", "model": n, "timeout_s": 0.2, "replay": {"source": "routerbench",
+                                                                               "path": "unused"}} for n in NAMES])
+    experts = {"math": traced(FakeExpert(config.expert("math"), delay=5.0), on, tracer),
+               "code": traced(FakeExpert(config.expert("code")), on, tracer)}
+    orchestrator = Orchestrator(config, FakeGate(NAMES, {"integral": [0.9, 0.1]}, default=[0.9, 0.1]), experts)
+    if stream:
+        events = [e async for e in orchestrator.stream(request("an integral", stream=True))]
+        end = events[-1]
+        assert isinstance(end, StreamEnd) and (end.trace.attempts[0].error or {}).get("kind") == "timeout"
+    else:
+        answer = await orchestrator.complete(request("an integral"))
+        error = answer.trace.attempts[0].error
+        assert error is not None and error["kind"] == "timeout"
+    cut, answered = exporter.get_finished_spans()
+    assert (cut.name, answered.name) == ("moe.expert math", "moe.expert code")
+    assert cut.attributes is not None and cut.attributes["moe.error.kind"] == "timeout"
+    assert cut.status.status_code == StatusCode.ERROR
+    assert answered.status.status_code == StatusCode.UNSET
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_call_the_client_abandoned_is_cancelled_not_an_error(stream: bool) -> None:
+    exporter, tracer = _tracing()
+    config = fake_config(NAMES)
+    experts = {n: traced(FakeExpert(config.expert(n), delay=5.0), TracingConfig(enabled=True), tracer)
+               for n in NAMES}
+    orchestrator = Orchestrator(config, FakeGate(NAMES, {"integral": [0.9, 0.1]}, default=[0.9, 0.1]), experts)
+
+    async def ask() -> None:
+        if stream:
+            _ = [e async for e in orchestrator.stream(request("an integral", stream=True))]
+        else:
+            await orchestrator.complete(request("an integral"))
+
+    task = asyncio.ensure_future(ask())
+    await asyncio.sleep(0.2)  # the call is under way, well before its 1 s timeout
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    [span] = exporter.get_finished_spans()
+    assert span.attributes is not None and span.attributes["moe.error.kind"] == "cancelled"
+    assert span.status.status_code == StatusCode.UNSET
