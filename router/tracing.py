@@ -122,8 +122,11 @@ class TracedExpert(Expert):
                                       attributes=self._attributes(True))
         try:
             async for delta in self.inner.stream(request):
-                if delta.finish_reason is not None:
-                    _record_usage(span, delta.usage, delta.cost_usd)
+                if delta.usage is not None:
+                    # The usage so far (vLLM sends it on every delta, the last one the whole stream's): a stream
+                    # that breaks off keeps what it had counted on its span, as the trace does.
+                    cost = delta.cost_usd if delta.cost_usd is not None else self.inner.cost(delta.usage)
+                    _record_usage(span, delta.usage, cost)
                 yield delta
         except BaseException as exc:
             _record_failure(span, exc)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -15,7 +16,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import StatusCode
 
 from experts.errors import ExpertUnavailable
-from experts.types import ChatRequest
+from experts.types import ChatRequest, StreamDelta, Usage
 from router.config import TracingConfig
 from router.orchestrator import Orchestrator, StreamEnd
 from router.tracing import TracedExpert, traced
@@ -114,3 +115,30 @@ async def test_a_call_the_client_abandoned_is_cancelled_not_an_error(stream: boo
     [span] = exporter.get_finished_spans()
     assert span.attributes is not None and span.attributes["moe.error.kind"] == "cancelled"
     assert span.status.status_code == StatusCode.UNSET
+
+
+class _RunningUsageThenDies(FakeExpert):
+    """A test double streaming as vLLM does with continuous usage stats (the usage so far on every delta), then
+    breaking off."""
+
+    async def stream(self, request: ChatRequest) -> AsyncIterator[StreamDelta]:
+        for done, piece in enumerate(["one ", "two "], start=1):
+            yield StreamDelta(content=piece, usage=Usage.counted(3, done))
+        raise ExpertUnavailable(self.name, "connection reset")
+
+
+async def test_a_stream_that_broke_off_keeps_its_usage_so_far_on_its_span() -> None:
+    exporter, tracer = _tracing()
+    on = TracingConfig(enabled=True)
+    config = fake_config(NAMES)
+    experts = {"math": traced(_RunningUsageThenDies(config.expert("math")), on, tracer),
+               "code": traced(FakeExpert(config.expert("code"), pieces=["three"]), on, tracer)}
+    orchestrator = Orchestrator(config, FakeGate(NAMES, {}, default=[0.9, 0.1]), experts)
+    events = [e async for e in orchestrator.stream(request("an integral", stream=True))]
+    end = events[-1]
+    assert isinstance(end, StreamEnd) and end.trace.attempts[0].usage.completion_tokens == 2
+    broke, finished = exporter.get_finished_spans()
+    assert broke.attributes is not None and broke.attributes["moe.error.kind"] == "unavailable"
+    assert (broke.attributes["gen_ai.usage.input_tokens"], broke.attributes["gen_ai.usage.output_tokens"]) == (3, 2)
+    assert "moe.cost_usd" in broke.attributes
+    assert finished.attributes is not None and finished.attributes["gen_ai.usage.output_tokens"] == 1
