@@ -35,7 +35,6 @@ from eval.datasets import (
     load_banking77,
     load_clinc150_domains,
     load_snips,
-    normalise_text,
     split_by_id,
     without_seen,
 )
@@ -145,13 +144,11 @@ def _routerbench(data_dir: Path, split: str, seed: int) -> Iterator[Row]:
     store = load_routerbench(folder if folder.is_dir() else data_dir)
     rows = store.select(split=None if split == "all" else split)
     if split == "test":  # as the routerbench suites score it (eval.routing.routerbench_split)
-        seen = {normalise_text(r.prompt) for r in store.select(split="train")}
-        kept = [r for r in rows if normalise_text(r.prompt) not in seen]
-        if dropped := len(rows) - len(kept):
+        rows, dropped = without_seen(rows, (r.prompt for r in store.select(split="train")), lambda r: r.prompt)
+        if dropped:
             print(f"note: RouterBench's test split repeats {dropped} training prompts (same text after "
                   "lower-casing and collapsing whitespace); they are left out, as moe eval leaves them out",
                   file=sys.stderr)
-        rows = kept
     for row in rows:
         recorded = {m: a for m, a in row.answers.items() if a.correct is not None}
         if not recorded:

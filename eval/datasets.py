@@ -84,6 +84,7 @@ class _HasId(Protocol):
 
 
 T = TypeVar("T", bound=_HasId)
+Item = TypeVar("Item")  # anything, read through a function given with it
 
 
 def _unit_hash(key: str) -> float:
@@ -127,7 +128,7 @@ def split_by_id(
     return parts
 
 
-def without_seen(test: Sequence[T], seen: Iterable[str], text: Callable[[T], str]) -> tuple[list[T], int]:
+def without_seen(test: Sequence[Item], seen: Iterable[str], text: Callable[[Item], str]) -> tuple[list[Item], int]:
     """``test`` less the items whose normalised text is one of the ``seen`` texts (normalised here), and how
     many were left out: for data sets that come with their own splits, whose test part repeats some training
     queries."""

@@ -234,7 +234,7 @@ def _command(args: argparse.Namespace, suite: str) -> str:
 def _summary(results: dict[str, Any]) -> str:
     shown = ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in results["metrics"].items())
     figures = results.get("figures") or []
-    files = ["results.json", "report.md", *([results["predictions"]] if results.get("predictions") else [])]
+    files = ["results.json", "report.md", *([results["predictions"]] if results.get("predictions") else []),
+             *([f"{len(figures)} figure(s)"] if figures else [])]
     wrote = ", ".join(files[:-1]) + " and " + files[-1]
-    wrote = f"{', '.join(files)} and {len(figures)} figure(s)" if figures else wrote
     return f"{results['suite']}: {shown}\nwrote {wrote} to {results['setup'].get('out')}"
