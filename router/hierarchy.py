@@ -23,7 +23,6 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -38,12 +37,6 @@ if TYPE_CHECKING:
     from router.orchestrator import Orchestrator
 
 __all__ = ["RouterExpert"]
-
-
-@dataclass
-class _NestedContext(ExpertContext):
-    # The config files of the routers above this one: a router that contains itself is refused, not recursed.
-    ancestors: tuple[Path, ...] = ()
 
 
 class RouterExpert(Expert):
@@ -68,13 +61,10 @@ class RouterExpert(Expert):
         from router.config import load_config
 
         path = Path(router_config)
-        path = (path if path.is_absolute() else self.context.base_dir / path).resolve()
-        ancestors = getattr(self.context, "ancestors", ())
-        if path in ancestors:
-            raise ExpertConfigError(self.name, f"router_config {path} contains itself (a routing cycle)")
-        inner = load_config(path)
-        context = _NestedContext(base_dir=path.parent, transport=self.context.transport,
-                                 ancestors=(*ancestors, path))
+        # Loaded as the loader loads any config (a routing cycle among the files is refused there, naming the
+        # chain), and built in the folder the loader resolved its relative paths against.
+        inner = load_config(path if path.is_absolute() else self.context.base_dir / path)
+        context = ExpertContext(base_dir=Path(inner.base_dir), transport=self.context.transport)
         return build_orchestrator(inner, context=context)
 
     def __repr__(self) -> str:
