@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import unicodedata
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -119,7 +120,7 @@ def run_jsonl(ctx: SuiteContext, *, oos_label: str | None = None) -> dict[str, A
             raise ValueError(f"{flag} {path} holds no records")
     if oos_label is not None:
         if not any(q.label == oos_label for q in (*train, *test)):
-            known = sorted({q.label for q in (*train, *test)})
+            known = label_order(q.label for q in (*train, *test))
             raise ValueError(f"--oos-label {oos_label!r} labels no query in {ctx.train_path} or {ctx.test_path}; "
                              f"their labels: {', '.join(known[:20])}{' ...' if len(known) > 20 else ''}")
         dropped = sum(q.label == oos_label for q in train)
@@ -127,7 +128,7 @@ def run_jsonl(ctx: SuiteContext, *, oos_label: str | None = None) -> dict[str, A
         ctx.notes.append(f"--oos-label {oos_label}: out of scope; {dropped} training queries with it left out")
     # --limit first: the overlap below counts the queries this run trains and tests on.
     train, test = _limit(ctx, train), _limit(ctx, test)
-    found = sorted({q.label for q in train})
+    found = label_order(q.label for q in train)
     if len(found) < 2:
         limited = f" (the {len(train)} chosen by --limit {ctx.limit})" if ctx.limit is not None else ""
         left = f" once --oos-label {oos_label}'s are left out" if oos_label is not None else ""
@@ -138,15 +139,31 @@ def run_jsonl(ctx: SuiteContext, *, oos_label: str | None = None) -> dict[str, A
     if conflicts:  # the gate logs it while training; the report keeps it
         ctx.notes.append(f"{len(conflicts)} training queries carry more than one label; the gate splits its "
                          "probability between them")
-    seen = {q.text for q in train}
-    overlap = sum(q.text in seen for q in test)
+    seen = {_text_key(q.text) for q in train}
+    overlap = sum(_text_key(q.text) in seen for q in test)
     if overlap:
-        note = (f"{overlap} of {len(test)} test queries also occur in the training data, so the scores overstate "
-                "accuracy on new queries")
+        note = (f"{overlap} of {len(test)} test queries also occur in the training data (as written, or differing "
+                "only in case and spaces), so the scores overstate accuracy on new queries")
         ctx.notes.append(note)
         print(f"warning: {note}", file=sys.stderr)
     return evaluate_labels(ctx, train, test, oos_label=oos_label, unseen_out_of_scope=True,
                            title=ctx.test_path.name)
+
+
+def label_order(labels: Iterable[str]) -> list[str]:
+    """Distinct labels in the order a person reads them: runs of digits compare as numbers, so class numbers
+    ``"2"`` and ``"10"`` come in that order (plain string order puts ``"10"`` first); labels without digits keep
+    plain string order."""
+    def key(label: str) -> tuple[tuple[int, int, str], ...]:
+        return tuple((0, int(part), part) if part.isdigit() else (1, 0, part)
+                     for part in re.split(r"(\d+)", label) if part)
+    return sorted(set(labels), key=key)
+
+
+def _text_key(text: str) -> str:
+    """A query as the encoder reads it, near enough: Unicode composed (NFC), case folded (MiniLM's tokenizer is
+    uncased), spaces collapsed. Two queries with the same key embed alike."""
+    return " ".join(unicodedata.normalize("NFC", text).casefold().split())
 
 
 def _label_key(label: str) -> str:
@@ -163,11 +180,11 @@ def _note_unseen_labels(ctx: SuiteContext, trained: Sequence[str], test: Sequenc
     counts = Counter(q.label for q in test if q.label not in known and q.label != oos_label)
     if not counts:
         return
-    listed = ", ".join(f"{label!r} ({n})" for label, n in sorted(counts.items())[:20])
+    listed = ", ".join(f"{label!r} ({counts[label]})" for label in label_order(counts)[:20])
     more = f" and {len(counts) - 20} more" if len(counts) > 20 else ""
     ctx.notes.append(f"out of scope: test labels the training data lacks, with their queries: {listed}{more}")
     by_key = {_label_key(label): label for label in trained}
-    for label in sorted(counts):
+    for label in label_order(counts):
         twin = by_key.get(_label_key(label))
         if twin is not None:
             note = (f"test label {label!r} differs from training label {twin!r} only in case, spaces or Unicode "
@@ -195,7 +212,7 @@ def evaluate_labels(ctx: SuiteContext, train: Sequence[LabelledQuery], test: Seq
     ``test_dropped``: how many test queries the caller dropped as repeats of training ones (recorded in setup)."""
     from router.gate import train_gate
 
-    labels = sorted({q.label for q in train})
+    labels = label_order(q.label for q in train)
     if len(labels) < 2:
         raise ValueError(f"training data has {len(labels)} label(s); routing needs at least two")
     index = {lab: i for i, lab in enumerate(labels)}
@@ -238,7 +255,7 @@ def evaluate_labels(ctx: SuiteContext, train: Sequence[LabelledQuery], test: Seq
                                    enc)
         metrics["oos_auroc"] = oos_result.pop("oos_auroc")
         if unseen_out_of_scope:  # which labels made a query out of scope: the user's data names them
-            oos_result["labels"] = sorted({q.label for q in oos})
+            oos_result["labels"] = label_order(q.label for q in oos)
         body["out_of_scope"] = oos_result
     body["metrics"] = metrics
     body["systems"] = systems

@@ -141,7 +141,7 @@ def test_user_jsonl_test_labels_written_another_way_are_flagged(
 def test_user_jsonl_with_integer_labels_and_an_oos_label(data_dir: Path, tmp_path: Path, cache_dir: Path,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MOE_CACHE_DIR", str(cache_dir))
-    numbers: dict[str, Any] = {name: i for i, name in enumerate(RENAMED)}
+    numbers: dict[str, Any] = dict(zip(RENAMED, (2, 9, 10, 11), strict=True))
     oos = {"GetWeather": 99}  # the class number of out-of-scope queries, in training and in test
     train = _write_jsonl(tmp_path / "train.jsonl", _snips_rows(data_dir, "train", 30, {**numbers, **oos}))
     test = _write_jsonl(tmp_path / "test.jsonl", _snips_rows(data_dir, "test", 10, {**numbers, **oos}))
@@ -149,7 +149,9 @@ def test_user_jsonl_with_integer_labels_and_an_oos_label(data_dir: Path, tmp_pat
     assert cli_main(["eval", "--train", str(train), "--test", str(test), "--out", str(out), "--no-plots",
                      "--oos-label", "99"]) == 0
     results = json.loads((out / "results.json").read_text(encoding="utf-8"))
-    assert results["labels"] == ["0", "1", "2", "3"]  # the out-of-scope label is no expert
+    # Class numbers in numeric order (as strings "10" would come before "2"); the out-of-scope label is no expert.
+    assert results["labels"] == ["2", "9", "10", "11"]
+    assert list(results["per_class"]) == ["2", "9", "10", "11"]
     assert (results["setup"]["train"], results["setup"]["test"], results["setup"]["test_out_of_scope"]) == (
         120, 40, 10)
     assert results["out_of_scope"]["labels"] == ["99"] and "oos_auroc" in results["metrics"]
@@ -323,9 +325,20 @@ def test_test_queries_that_occur_in_training_are_noted(data_dir: Path, tmp_path:
     monkeypatch.setenv("MOE_CACHE_DIR", str(cache_dir))
     rows = _relabelled(data_dir, "train", 20)
     train = _write_jsonl(tmp_path / "train.jsonl", rows)
-    test = _write_jsonl(tmp_path / "test.jsonl", rows[:10] + _relabelled(data_dir, "test", 5))
+    # Four of the ten repeats differ from their training query only in case and spacing, which MiniLM's
+    # uncased tokenizer does not see: they are repeats all the same.
+    repeats = rows[:6] + [{**r, "query": "  " + r["query"].upper().replace(" ", "  ")} for r in rows[6:10]]
+    test = _write_jsonl(tmp_path / "test.jsonl", repeats + _relabelled(data_dir, "test", 5))
     out = tmp_path / "out"
     assert cli_main(["eval", "--train", str(train), "--test", str(test), "--out", str(out), "--no-plots"]) == 0
     note = "10 of 30 test queries also occur in the training data"
     assert note in capsys.readouterr().err
     assert any(note in n for n in json.loads((out / "results.json").read_text(encoding="utf-8"))["notes"])
+
+
+def test_label_order_reads_digits_as_numbers() -> None:
+    from eval.labels import label_order
+
+    assert label_order(["10", "2", "1", "2"]) == ["1", "2", "10"]
+    assert label_order(["intent10", "intent9", "alarm"]) == ["alarm", "intent9", "intent10"]
+    assert label_order(["biology", "Business", "law"]) == sorted(["biology", "Business", "law"])
