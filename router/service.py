@@ -222,6 +222,13 @@ async def _sse(events: AsyncIterator[StreamPiece | StreamEnd], first: StreamPiec
     except AllExpertsFailed as exc:
         _failed(record, exc)
         yield f"data: {json.dumps(exc.error_body())}\n\n".encode()
+    except Exception as exc:
+        # A defect of ours after the 200 went out: logged here, once, with its traceback, and told to the client
+        # as an error event (the OpenAI SDK raises it) before the stream ends as any other does. Raised on, it
+        # would be logged again by the server, which would also drop the keep-alive connection.
+        record.error = "internal_error"
+        log.exception("internal error while streaming (request %s)", record.request_id)
+        yield f"data: {json.dumps(_internal_error_body('a stream', exc))}\n\n".encode()
     except (GeneratorExit, asyncio.CancelledError):
         # The client left mid-stream: the status went out as 200, so the log line says it here.
         if not isinstance(event, StreamEnd):
@@ -576,12 +583,16 @@ async def _http_error(request: Request, exc: Exception) -> Response:
                         headers=exc.headers)
 
 
+def _internal_error_body(what: str, exc: BaseException) -> dict[str, Any]:
+    """The OpenAI error body for an error no handler expected, naming only the error's type (its text could hold
+    request content); the service log has the traceback."""
+    return error_body(f"internal error ({type(exc).__name__}) while handling {what}; the service log has the "
+                      "details", "server_error", "internal_error")
+
+
 def _internal_error_response(path: str, exc: BaseException) -> JSONResponse:
-    """Any error no handler expected: a 500 in the OpenAI error format, naming only the error's type (its text
-    could hold request content); the service log has the traceback."""
-    return JSONResponse(error_body(f"internal error ({type(exc).__name__}) while handling {path}; "
-                                   "the service log has the details", "server_error", "internal_error"),
-                        status_code=500)
+    """Any error no handler expected: a 500 in the OpenAI error format (``_internal_error_body``)."""
+    return JSONResponse(_internal_error_body(path, exc), status_code=500)
 
 
 def _feedback_store(request: Request) -> FeedbackStore:

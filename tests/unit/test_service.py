@@ -500,6 +500,48 @@ async def test_after_a_500_the_same_keep_alive_connection_serves_the_next_reques
     assert len(failures) == 1 and "boom" in str(failures[0].exc_info[1])  # type: ignore[index]
 
 
+async def test_an_unexpected_error_mid_stream_is_an_error_event_logged_once(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Over a real socket (uvicorn): a defect of ours after the stream's 200 reaches the client as an OpenAI error
+    event without the error's text, the stream still ends with [DONE], the traceback is logged once (not again by
+    the server), and the keep-alive connection serves the next request."""
+    from router.dispatch import StreamPiece
+
+    app = make_app()
+    real = app.state.orchestrator.stream
+    calls = 0
+
+    async def broken_once(*args: object, **kwargs: object) -> AsyncIterator[object]:
+        nonlocal calls
+        calls += 1
+        if calls > 1:
+            async for event in real(*args, **kwargs):
+                yield event
+            return
+        yield StreamPiece("math", StreamDelta(content="half an answer"))
+        raise RuntimeError("secret details of the request")
+
+    app.state.orchestrator.stream = broken_once
+    body = {"stream": True, "messages": [{"role": "user", "content": "an integral"}]}
+    sockets: list[object] = []
+    async with serving(app) as url, httpx.AsyncClient(base_url=url, limits=httpx.Limits(max_connections=1)) as http:
+        async with http.stream("POST", "/v1/chat/completions", json=body) as r:
+            lines = [line async for line in r.aiter_lines() if line.startswith("data: ")]
+            sockets.append(r.extensions["network_stream"])
+        second = await http.post("/v1/chat/completions", json={**body, "stream": False})
+        sockets.append(second.extensions["network_stream"])
+    assert r.status_code == 200 and lines[-1] == "data: [DONE]"
+    events = [json.loads(line[6:]) for line in lines[:-1]]
+    assert events[1]["choices"][0]["delta"]["content"] == "half an answer"
+    error = events[-1]["error"]
+    assert (error["type"], error["code"]) == ("server_error", "internal_error")
+    assert "RuntimeError" in error["message"] and "secret" not in error["message"]
+    assert second.status_code == 200 and sockets[0] is sockets[1]
+    tracebacks = [rec for rec in caplog.records if rec.exc_info]
+    assert len(tracebacks) == 1 and tracebacks[0].name == "router.service"
+    assert r.headers["x-request-id"] in tracebacks[0].getMessage()
+
+
 async def _stream_lines(app, body: dict[str, object]) -> list[dict[str, object]]:  # type: ignore[no-untyped-def]
     async with client(app) as http, http.stream("POST", "/v1/chat/completions", json=body) as r:
         lines = [line async for line in r.aiter_lines() if line.startswith("data: ")]
