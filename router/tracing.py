@@ -120,6 +120,7 @@ class TracedExpert(Expert):
         # a context token it attached would fail. The span is still a child of the caller's span.
         span = self.tracer.start_span(f"moe.expert {self.name}", kind=SpanKind.CLIENT,
                                       attributes=self._attributes(True))
+        counted, outputs = False, 0
         try:
             async for delta in self.inner.stream(request):
                 if delta.usage is not None:
@@ -127,8 +128,16 @@ class TracedExpert(Expert):
                     # that breaks off keeps what it had counted on its span, as the trace does.
                     cost = delta.cost_usd if delta.cost_usd is not None else self.inner.cost(delta.usage)
                     _record_usage(span, delta.usage, cost)
+                    counted = True
+                outputs += delta.has_output()
                 yield delta
         except BaseException as exc:
+            if not counted and outputs:
+                # It broke off before any usage came: estimated as the trace estimates it (the dispatcher's
+                # StreamOutcome.estimate_usage), a token per delta, so the span is not left with none.
+                usage = Usage.counted(request.estimated_prompt_tokens(), outputs)
+                _record_usage(span, usage, self.inner.cost(usage))
+                span.set_attribute("moe.usage_estimated", True)
             _record_failure(span, exc)
             raise
         finally:

@@ -142,3 +142,34 @@ async def test_a_stream_that_broke_off_keeps_its_usage_so_far_on_its_span() -> N
     assert (broke.attributes["gen_ai.usage.input_tokens"], broke.attributes["gen_ai.usage.output_tokens"]) == (3, 2)
     assert "moe.cost_usd" in broke.attributes
     assert finished.attributes is not None and finished.attributes["gen_ai.usage.output_tokens"] == 1
+
+
+class _NoUsageThenDies(FakeExpert):
+    """A test double streaming three deltas without any usage (an upstream without running usage), then breaking
+    off."""
+
+    async def stream(self, request: ChatRequest) -> AsyncIterator[StreamDelta]:
+        for piece in ["one ", "two ", "three "]:
+            yield StreamDelta(content=piece)
+        raise ExpertUnavailable(self.name, "connection reset")
+
+
+async def test_a_stream_that_broke_off_without_usage_has_the_traces_estimate_on_its_span() -> None:
+    exporter, tracer = _tracing()
+    on = TracingConfig(enabled=True)
+    config = fake_config(NAMES)
+    experts = {"math": traced(_NoUsageThenDies(config.expert("math")), on, tracer),
+               "code": traced(FakeExpert(config.expert("code"), pieces=["four"]), on, tracer)}
+    orchestrator = Orchestrator(config, FakeGate(NAMES, {}, default=[0.9, 0.1]), experts)
+    events = [e async for e in orchestrator.stream(request("an integral", stream=True))]
+    end = events[-1]
+    assert isinstance(end, StreamEnd)
+    broken = end.trace.attempts[0]
+    assert broken.usage_estimated and broken.usage.completion_tokens == 3
+    broke, finished = exporter.get_finished_spans()
+    assert broke.attributes is not None and broke.attributes["moe.error.kind"] == "unavailable"
+    assert (broke.attributes["gen_ai.usage.input_tokens"], broke.attributes["gen_ai.usage.output_tokens"]) == (
+        broken.usage.prompt_tokens, 3)
+    assert broke.attributes["moe.cost_usd"] == pytest.approx(broken.cost_usd)
+    assert broke.attributes["moe.usage_estimated"] is True
+    assert finished.attributes is not None and "moe.usage_estimated" not in finished.attributes
