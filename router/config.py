@@ -651,8 +651,7 @@ def _cross_problems(raw: Any, *, check_env: bool, base_dir: str | Path | None = 
         elif isinstance(key_env, str) and not re.match(_ENV_NAME, key_env):
             yield f"{where}.api_key_env", _not_a_name_problem("api_key_env", "OPENAI_API_KEY")
         elif check_env and isinstance(key_env, str) and not os.environ.get(key_env, "").strip():
-            yield f"{where}.api_key_env", f"environment variable {key_env} is " + (
-                "empty" if key_env in os.environ else "not set")
+            yield f"{where}.api_key_env", variable_state(key_env, is_set=key_env in os.environ)
         elif check_env and isinstance(key_env, str) and _control_character(os.environ[key_env].strip()):
             yield f"{where}.api_key_env", (f"environment variable {key_env} holds a control character (a line "
                                            "break?) inside the key, which no HTTP header may carry")
@@ -737,8 +736,7 @@ def _redis_url_problem(name: str, url: str, *, is_set: bool) -> str | None:
     only its scheme is ever shown: redis-py's own error quoted the password's start as the port when a '/' in it
     ended the host early."""
     if not url:
-        return (f"environment variable {name} is {'empty' if is_set else 'not set'}; it must hold the Redis URL "
-                "(redis://host:6379/0)")
+        return f"{variable_state(name, is_set=is_set)}; it must hold the Redis URL (redis://host:6379/0)"
     scheme = url.partition("://")[0].lower() if "://" in url else ""
     if scheme not in _REDIS_SCHEMES:
         return (f"environment variable {name} does not hold a Redis URL (its scheme is {scheme or 'none'!r}; "
@@ -772,6 +770,27 @@ def _is_reference(value: Any) -> bool:
 def _reference_problem(key: str, example: str) -> str:
     return f"names an environment variable: write the variable's name itself ({key}: {example}), not a ${{...}} " \
            "reference to it"
+
+
+def looks_like_secret(name: str) -> bool:
+    """Whether a valid variable name reads like a secret pasted in its place (Hugging Face's ``hf_...``, Groq's
+    ``gsk_...``, a hex or base62 token): a run of 20 or more letters and digits that mixes cases, or of 32 or more
+    that mixes letters and digits. Variable names are words joined by ``_``, so their runs are short."""
+    for run in re.findall(r"[A-Za-z0-9]{20,}", name):
+        mixed_case = any(c.islower() for c in run) and any(c.isupper() for c in run)
+        if mixed_case or (len(run) >= 32 and any(c.isdigit() for c in run) and any(c.isalpha() for c in run)):
+            return True
+    return False
+
+
+def variable_state(name: str, *, is_set: bool) -> str:
+    """"environment variable NAME is not set" (or empty), unless NAME is unset and looks like a secret pasted in
+    place of a variable's name: then it is not repeated (a log or a CI page would keep it)."""
+    if not is_set and looks_like_secret(name):
+        return (f"the environment variable it names is not set, and the name looks like a secret pasted in place of "
+                f"a variable's name ({len(name)} characters of mixed letters and digits, not repeated here): write "
+                "the name of the variable that holds the secret, never the secret itself")
+    return f"environment variable {name} is {'empty' if is_set else 'not set'}"
 
 
 def _not_a_name_problem(key: str, example: str) -> str:
@@ -833,7 +852,7 @@ def _security_env_problems(security: dict[str, Any]) -> Iterable[tuple[str, str]
             continue  # pydantic names the key
         value = os.environ.get(name)
         if value is None:
-            yield f"security.{key}", f"environment variable {name} is not set; it must hold {holds}"
+            yield f"security.{key}", f"{variable_state(name, is_set=False)}; it must hold {holds}"
         elif not (value.replace(",", " ") if key == "api_keys_env" else value).strip():  # as KeyRing reads it
             yield f"security.{key}", f"environment variable {name} is empty; it must hold {holds}"
         elif any(_control_character(k.strip()) for k in (value.split(",") if key == "api_keys_env" else [value])):

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from experts.redact import redact  # re-exported: the service and the state stores use it from here
-from router.config import RateLimitConfig, SecurityConfig
+from router.config import RateLimitConfig, SecurityConfig, looks_like_secret, variable_state
 from router.errors import retry_after_header
 
 __all__ = [
@@ -100,6 +100,8 @@ def _admin_missing(admin_key_env: str | None, environ: Mapping[str, str]) -> str
     """Why ``/admin`` is off: no variable named, or the one named unset or blank (by its name, never its value)."""
     if not admin_key_env:
         return "set security.admin_key_env"
+    if admin_key_env not in environ and looks_like_secret(admin_key_env):
+        return f"security.admin_key_env: {variable_state(admin_key_env, is_set=False)}"
     state = "not set" if admin_key_env not in environ else "empty"
     return f"the variable security.admin_key_env names ({admin_key_env}) is {state}"
 

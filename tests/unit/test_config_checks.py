@@ -259,6 +259,53 @@ def test_a_secret_pasted_where_a_variable_name_belongs_is_never_repeated(section
                                            f"secret ({key}: {example}), never the secret itself")]
 
 
+# Tokens whose alphabet fits a variable's name: Hugging Face's, Groq's, a hex key. Made up, of the real shapes.
+PASTED_NAMES = ["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", "gsk_4fG7hJ2kL9mN3pQ8rS1tU6vW0xY5zA2bC4dE",
+                "a3f9c2e17b4d8f60a3f9c2e17b4d8f60a3f9c2e1"]
+
+
+@pytest.mark.parametrize("pasted", PASTED_NAMES)
+@pytest.mark.parametrize(("section", "key"), [("experts", "api_key_env"), ("security", "api_keys_env"),
+                                              ("security", "admin_key_env"), ("state", "url_env")])
+def test_a_secret_that_is_also_a_valid_name_is_not_repeated_as_an_unset_variable(
+        section: str, key: str, pasted: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(pasted, raising=False)
+    raw: dict[str, object] = {"version": 1, "experts": [expert()]}
+    if section == "experts":
+        raw["experts"] = [expert(api_key_env=pasted)]
+    else:
+        raw[section] = {key: pasted, **({"backend": "redis"} if section == "state" else {})}
+    with pytest.raises(ConfigError) as info:
+        parse_config(raw)
+    assert pasted not in str(info.value)
+    [message] = [m for path, m in info.value.problems if path.endswith(key)]
+    assert "looks like a secret pasted in place of a variable's name" in message
+    assert f"({len(pasted)} characters of mixed letters and digits, not repeated here)" in message
+
+
+@pytest.mark.parametrize("name", ["OPENAI_API_KEY", "MOE_TEST_UNSET_KEY_FOR_SERVICE_2024", "my_service_api_key_v2",
+                                  "HUGGINGFACE_HUB_TOKEN", "AzureOpenAIKey"])
+def test_an_ordinary_unset_variable_is_named(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(name, raising=False)
+    assert problems({"version": 1, "experts": [expert(api_key_env=name)]})["experts[0] (alpha).api_key_env"] == (
+        f"environment variable {name} is not set")
+
+
+def test_a_secret_looking_name_that_is_set_is_a_name() -> None:
+    from router.config import looks_like_secret, variable_state
+
+    name = PASTED_NAMES[0]
+    assert looks_like_secret(name)
+    assert variable_state(name, is_set=True) == f"environment variable {name} is empty"
+
+
+def test_admin_off_for_an_unset_secret_looking_variable_does_not_repeat_it() -> None:
+    from router.security import _admin_missing
+
+    assert PASTED_NAMES[1] not in _admin_missing(PASTED_NAMES[1], {})
+    assert _admin_missing("MOE_ADMIN_KEY", {}) == "the variable security.admin_key_env names (MOE_ADMIN_KEY) is not set"
+
+
 @pytest.mark.parametrize("endpoint", ["http://h:8000", "https://h/openai/", "http://[::1]:65535/api/v1",
                                       "http://user:pw@h:1/v1"])
 def test_an_endpoint_need_not_end_in_v1(endpoint: str) -> None:
