@@ -171,18 +171,21 @@ class Decider:
         return {e.name for e in self.config.experts if not needs <= set(e.capabilities)}
 
     def assign_batch(self, queries: Sequence[str], capacity: Mapping[str, int] | None = None) -> list[str]:
-        """Expert-choice routing for a batch: each expert takes the queries it scores highest, up to its
-        capacity (by default its free in-flight slots; open breakers get none). A query no expert had room
-        for goes to its own best-scoring expert, whose in-flight limit then hands it on at call time."""
+        """Expert-choice routing for a batch: each expert takes the queries it scores highest, up to its room:
+        ``capacity``'s figure for the experts it names, its free in-flight slots for the rest; an open breaker has
+        none. A query no expert had room for goes to its best-scoring expert whose breaker is not open (its own
+        best when every breaker is open), not to one known to refuse it."""
         if not queries:
             return []
         assessment, columns, names = self._assess(queries, k=0)  # no explanation: only who takes which
         probs = assessment.probs[:, columns]
         refusing = self.breakers.refusing(names)
-        room = dict(capacity) if capacity is not None else {n: self.capacity.free(n) for n in names}
-        room = {n: (0 if n in refusing else room.get(n, 0)) for n in names}
+        given = dict(capacity or {})
+        room = {n: 0 if n in refusing else given.get(n, self.capacity.free(n)) for n in names}
         chosen = expert_choice(probs, names, room)
-        return [c if c is not None else names[int(np.argmax(row))] for c, row in zip(chosen, probs, strict=True)]
+        closed = np.array([n not in refusing for n in names])
+        best = np.where(closed, probs, -np.inf) if closed.any() else probs
+        return [c if c is not None else names[int(np.argmax(row))] for c, row in zip(chosen, best, strict=True)]
 
     async def assign(self, queries: Sequence[str], capacity: Mapping[str, int] | None = None) -> list[str]:
         """``assign_batch`` off the event loop (the gate embeds the whole batch)."""

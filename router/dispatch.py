@@ -17,7 +17,7 @@ import asyncio
 import math
 import random
 import time
-from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Iterator, Mapping
 from contextlib import aclosing, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,7 +25,7 @@ from typing import Any
 from experts.base import Expert
 from experts.errors import ExpertError, ExpertOverloaded, ExpertTimeout
 from experts.types import ChatRequest, ExpertReply, StreamDelta, Usage
-from router.breaker import Breakers, Outcome, classify
+from router.breaker import Breakers, CircuitOpen, Outcome, classify
 from router.fallback import BudgetSpent, Deadline, budget_spent
 from router.retry import RetryPolicy, retry_delay
 from router.trace import Attempt, AttemptRole, Retry, Trace
@@ -60,6 +60,16 @@ class Capacity:
 
     def free(self, name: str) -> int:
         return max(0, self.limits[name] - self.in_flight[name])
+
+    def full(self, names: Iterable[str]) -> set[str]:
+        """Those of ``names`` with no free in-flight slot now."""
+        return {n for n in names if n in self.limits and self.in_flight[n] >= self.limits[n]}
+
+
+def skipped(error: ExpertError) -> bool:
+    """Whether the expert was passed over without a call (its breaker is open, or its in-flight limit full), so
+    the try does not count towards ``max_attempts``."""
+    return isinstance(error, CircuitOpen | ExpertOverloaded)
 
 
 @dataclass
@@ -196,21 +206,30 @@ class Dispatcher:
 
     async def call(self, name: str, weight: float, request: ChatRequest, deadline: Deadline, trace: Trace,
                    replaces: str | None = None, role: AttemptRole = "answer") -> ExpertReply | ExpertError:
-        """One expert's answer, or the error of its last try. ``role`` labels its attempts in the trace."""
+        """One expert's answer, or the error of its last call. ``role`` labels its attempts in the trace.
+
+        A retry that finds the expert's breaker open or its in-flight limit full makes no call: the error is the
+        failed call's before it, so the expert counts as tried (``max_attempts``) and its cause is what it did."""
         retry = 0
+        failed: ExpertError | None = None
         while True:
             tried = _Tried(weight, replaces, retry, role)
             result = await self._try(name, request, deadline, trace, tried)
+            if failed is not None and isinstance(result, ExpertError) and skipped(result):
+                return failed
             if isinstance(result, ExpertReply) or not await self._backoff(name, result, retry, request, deadline,
                                                                           trace):
                 return result
+            failed = result
             retry += 1
 
     async def stream(self, name: str, request: ChatRequest, deadline: Deadline, trace: Trace,
                      replaces: str | None = None) -> AsyncGenerator[StreamPiece | StreamOutcome, None]:
         """The expert's pieces, then the outcome of its last try. Only a try that sent nothing is retried:
-        once output (text or a tool-call delta) reached the client, what happens next is the orchestrator's."""
+        once output (text or a tool-call delta) reached the client, what happens next is the orchestrator's. A
+        retry that makes no call (``skipped``) ends it with the failed call's error, as in ``call``."""
         retry = 0
+        failed: ExpertError | None = None
         while True:
             outcome = StreamOutcome()
             try:
@@ -228,10 +247,15 @@ class Dispatcher:
             if outcome.error is None:
                 self._learn(name, outcome.usage)
             error = outcome.error
+            if failed is not None and error is not None and skipped(error):
+                outcome.error = failed  # a retry with no room made no call: the failed call's error stands
+                yield outcome
+                return
             if error is None or outcome.sent or not await self._backoff(name, error, retry, request, deadline,
                                                                          trace):
                 yield outcome
                 return
+            failed = error
             retry += 1
 
     async def _backoff(self, name: str, error: ExpertError, retry: int, request: ChatRequest, deadline: Deadline,

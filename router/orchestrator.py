@@ -64,13 +64,13 @@ from typing import Any
 import numpy as np
 
 from experts.base import Expert
-from experts.errors import ExpertConfigError, ExpertError, ExpertOverloaded
+from experts.errors import ExpertConfigError, ExpertError
 from experts.types import ChatMessage, ChatRequest, ExpertReply
-from router.breaker import Breakers, CircuitOpen
+from router.breaker import Breakers
 from router.combine import Combined, Combiner, TopOne, WeightedAnswer, build_combiner
 from router.config import ROUTED_MODEL, RouterConfig
 from router.decide import Decider, GateLike, NoCapableExpert, needed_capabilities
-from router.dispatch import Capacity, Dispatcher, StreamOutcome, StreamPiece
+from router.dispatch import Capacity, Dispatcher, StreamOutcome, StreamPiece, skipped
 from router.errors import error_body
 from router.fallback import AllExpertsFailed, BudgetSpent, Deadline, next_candidate
 from router.retry import RetryPolicy
@@ -269,8 +269,10 @@ class Orchestrator:
         failures = [r for r in results if isinstance(r, ExpertError)]
         errors += failures
         reason = None
-        if not replies and decision is not None and self.config.fallback.enabled:
-            tried = sum(not _skipped(e) for e in failures)
+        tried = sum(not _skipped(e) for e in failures)
+        # With fallback off, a panel passed over whole (full in-flight limits, open breakers) still hands the
+        # query to the next by weight: only one expert is called, as fallback off means (``_may_call``).
+        if not replies and decision is not None and (self.config.fallback.enabled or not tried):
             replies, reason = await self._fall_back(request, ranking, called, tried, deadline, trace, errors)
         if not replies:
             raise RouteFailed(errors, trace, reason)
@@ -356,6 +358,8 @@ class Orchestrator:
         left_out = {e.expert: e for e in errors if isinstance(e, BudgetSpent)}
         failed = called[0].expert if called else None
         while (name := next_candidate(ranking, taken)) is not None:
+            if not self._may_call(tried):
+                return [], None
             stop = self._stop(tried, deadline)
             if stop is not None:
                 errors.extend(_untried(ranking, taken | left_out.keys(), stop))
@@ -363,7 +367,9 @@ class Orchestrator:
             taken.add(name)
             if name in left_out:
                 errors.remove(left_out.pop(name))
-            spent = self.dispatch.over_budget(name, trace, request)
+            # The request's first call is free, as in the panel and a stream: when every member was passed over
+            # without a call (an open breaker, a full in-flight limit), the next in line is that first call.
+            spent = self.dispatch.over_budget(name, trace, request) if tried else None
             if spent is not None:  # this one would not fit; a cheaper one further down the ranking may
                 _passed_over(spent, errors, trace, failed)
                 continue
@@ -375,6 +381,11 @@ class Orchestrator:
                 tried += 1
                 failed = name
         return [], None
+
+    def _may_call(self, tried: int) -> bool:
+        """Whether another expert may be called after ``tried`` calls failed: with fallback off, only the first
+        call is made (experts passed over without a call hand the query on, as with fallback on)."""
+        return self.config.fallback.enabled or not tried
 
     def _stop(self, tried: int, deadline: Deadline) -> _Stop | None:
         """Why fallback may try no further expert (the deadline passed, ``max_attempts`` were tried); None
@@ -392,9 +403,9 @@ class Orchestrator:
     def _stream_order(self, decision: RouteDecision | None, panel: list[WeightedExpert],
                       ranking: list[str]) -> list[str]:
         first = [panel[0].expert] if panel else []
-        if decision is None or not self.config.fallback.enabled:
+        if decision is None:
             return first or ranking[:1]
-        return first + [n for n in ranking if n not in first]
+        return first + [n for n in ranking if n not in first]  # with fallback off, only one is called (_may_call)
 
     async def stream(self, request: ChatRequest, *,
                      on_trace: Callable[[Trace], None] | None = None) -> AsyncGenerator[StreamPiece | StreamEnd, None]:
@@ -422,6 +433,8 @@ class Orchestrator:
         order = self._stream_order(decision, panel, ranking)
         attempt_request = request  # after a mid-stream failure: the continuation of what was sent
         for i, name in enumerate(order):
+            if not self._may_call(tried):
+                break
             stop = self._stop(tried, deadline)
             if stop is not None:
                 errors.extend(_untried(order[i:], (), stop))
@@ -564,10 +577,7 @@ def _passed_over(spent: BudgetSpent, errors: list[ExpertError], trace: Trace, re
     trace.attempts.append(Attempt(expert=spent.expert, ok=False, error=spent.to_dict(), fallback_for=replaces))
 
 
-def _skipped(error: ExpertError) -> bool:
-    """Whether the expert was passed over without a call (its breaker is open, or its in-flight limit full), so
-    the try does not count towards ``max_attempts``."""
-    return isinstance(error, CircuitOpen | ExpertOverloaded)
+_skipped = skipped
 
 
 def _untried(candidates: Sequence[str], taken: Collection[str], stop: _Stop) -> list[ExpertError]:

@@ -479,3 +479,75 @@ async def test_a_stream_cut_by_the_deadline_while_writing_is_not_blamed() -> Non
     with pytest.raises(AllExpertsFailed):
         await collect(orch, ask())
     assert orch.breakers.snapshot("math")["consecutive_failures"] == 0
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
+async def test_a_full_top_expert_hands_its_query_on_within_a_tight_cost_budget(stream: bool) -> None:
+    """Every call is estimated over the budget, and the request's first call is free: when the top expert is full,
+    the first call is the next one's, not a budget_exhausted 503."""
+    orch, _ = build(fallback={"cost_budget_usd": 0.0001}, costs=dict.fromkeys(NAMES, 1.0))
+    saturate(orch, "math")
+    if stream:
+        text, end = await collect(orch, ask())
+        assert text == "answer from code"
+        trace = end.trace
+    else:
+        answer = await orch.complete(ask())
+        assert answer.expert == "code"
+        trace = answer.trace
+    assert [(a.expert, a.ok, (a.error or {}).get("kind")) for a in trace.attempts] == [
+        ("math", False, "overloaded"), ("code", True, None)]
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
+async def test_with_fallback_off_a_full_expert_still_hands_its_query_on_but_a_failure_ends_it(stream: bool) -> None:
+    code = FakeExpert(build()[0].config.expert("code"), fail=lambda n: ExpertUnavailable(n, "refused"))
+    for experts, expected in (({}, "code"), ({"code": code}, None)):
+        orch, _ = build(experts, fallback={"enabled": False})  # type: ignore[arg-type]
+        saturate(orch, "math")
+        if expected is not None:
+            answered = (await collect(orch, ask()))[0] if stream else (await orch.complete(ask())).content
+            assert answered == f"answer from {expected}"
+            continue
+        with pytest.raises(AllExpertsFailed) as info:
+            await (collect(orch, ask()) if stream else orch.complete(ask()))
+        # code was called and failed: with fallback off nobody else is called, and law is no cause.
+        assert [(c["expert"], c["kind"]) for c in info.value.to_list()] == [
+            ("math", "overloaded"), ("code", "unavailable")]
+        assert orch.experts["law"].requests == []  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
+async def test_a_retry_that_finds_its_expert_full_keeps_the_failed_calls_error(stream: bool) -> None:
+    """math fails with a 500 and, while it backs off, another request takes its only slot: its cause is the 500
+    it gave, and it counts as tried, so max_attempts 1 calls nobody else."""
+    math = flaky("math", ExpertServerError("math", 500, "boom"))
+    orch, _ = build({"math": math}, fallback={"retries": 1, "max_attempts": 1})
+    orch.capacity.limits["math"] = 1
+
+    async def taken_meanwhile(seconds: float) -> None:
+        orch.capacity.in_flight["math"] = 1  # as another request's call would
+
+    orch.dispatch.sleep = taken_meanwhile
+    with pytest.raises(AllExpertsFailed) as info:
+        await (collect(orch, ask()) if stream else orch.complete(ask()))
+    assert [(c["expert"], c["kind"]) for c in info.value.to_list()] == [
+        ("math", "server_error"), ("code", "not_tried"), ("law", "not_tried")]
+    assert math.calls == 1
+    assert orch.experts["code"].requests == [] and orch.experts["law"].requests == []  # type: ignore[attr-defined]
+
+
+def test_assign_batch_leftovers_avoid_open_breakers_and_unnamed_experts_keep_their_slots() -> None:
+    orch, _ = build()
+    queries = ["integral one", "integral two", "integral three"]
+    orch.capacity.limits.update({"math": 5, "code": 5, "law": 5})
+    # capacity names math only: code and law keep their free in-flight slots and take the rest
+    assert orch.assign_batch(queries, {"math": 1}) == ["math", "code", "code"]
+    for _ in range(5):
+        orch.breakers.finish(orch.breakers.admit("math"), ExpertUnavailable("math", "down"))
+    # nobody has room: the queries go to their best expert whose breaker is closed, not to math
+    assert orch.assign_batch(queries, {"code": 0, "law": 0}) == ["code"] * 3
+    for name in ("code", "law"):
+        for _ in range(5):
+            orch.breakers.finish(orch.breakers.admit(name), ExpertUnavailable(name, "down"))
+    assert orch.assign_batch(queries) == ["math"] * 3  # every breaker open: each query's own best
