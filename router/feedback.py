@@ -8,8 +8,8 @@ The SQLite file (``feedback.path``; by default ``feedback.sqlite3`` next to ``ga
 
 - ``requests``: the query and answering expert of each recent answer, keyed by its response id (the chat
   completion's ``id``), so feedback can name an answer by id alone. Rows older than ``feedback.remember_s``
-  cannot be rated by id (the lookup ignores them) and are pruned now and then: the table is a lookup aid, not
-  a log.
+  cannot be rated by id (the lookup ignores them) and are deleted when the store opens and closes, and while
+  answers come in at least every tenth of ``remember_s`` (at most hourly): the table is a lookup aid, not a log.
 - ``feedback``: one row per verdict: ``query``, ``expert``, ``score`` in [0, 1] (``good`` is 1.0, bad 0.0),
   an optional ``note``, the ``request_id`` when given, and ``created`` (Unix seconds).
 
@@ -21,6 +21,7 @@ store is synchronous and thread-safe; the ``a``-prefixed methods run it off the 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import sqlite3
@@ -47,6 +48,7 @@ __all__ = [
     "UnknownFeedbackExpert",
     "UnknownRequest",
     "feedback_path",
+    "latest_verdicts",
     "load_feedback",
     "open_feedback_store",
 ]
@@ -57,8 +59,10 @@ log = logging.getLogger(__name__)
 # In Redis each remembered answer holds memory, so a day (``feedback.remember_s`` sets either).
 REQUEST_RETENTION_S = 30 * 24 * 3600.0
 REDIS_REQUEST_RETENTION_S = 24 * 3600.0
-# Pruning is a DELETE over an indexed column: once per this many remembered answers keeps its cost negligible.
+# Pruning is a DELETE over an indexed column: once per this many remembered answers keeps its cost negligible,
+# and at least once per this share of the retention (capped), so a quiet service keeps no query much longer.
 _PRUNE_EVERY = 1000
+_PRUNE_SHARE, _PRUNE_MAX_S = 0.1, 3600.0
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS requests (
@@ -211,7 +215,9 @@ class SqliteFeedbackStore(FeedbackStore):
     ``name`` is how errors name the file: ``feedback.path (<file>)`` where the config set it."""
 
     def __init__(self, path: str | Path, *, retention_s: float = REQUEST_RETENTION_S,
-                 name: str | None = None) -> None:
+                 name: str | None = None, write: bool = True) -> None:
+        """``write``: the store will record answers and verdicts (the service), so a file it cannot write is
+        refused at once; False for a reader (``moe train``), which prunes only where it may."""
         self.path = Path(path)
         self.retention_s = retention_s
         where = name or f"feedback store {self.path}"
@@ -222,7 +228,9 @@ class SqliteFeedbackStore(FeedbackStore):
                           f"({exc.strerror or exc}); set feedback.path to a file in a writable directory, or "
                           "feedback.enabled: false") from exc
         self._lock = threading.Lock()
-        self._since_prune = 0
+        self._since_prune, self._pruned_at = 0, 0.0
+        self._failing = False  # a write failed, and has not succeeded since: warned once
+        self.where = where
         try:
             self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
             self._db.execute("PRAGMA journal_mode=WAL")
@@ -230,20 +238,44 @@ class SqliteFeedbackStore(FeedbackStore):
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.execute("PRAGMA busy_timeout=5000")
             self._db.executescript(_SCHEMA)
+            # Answers past their retention go now; it is also a write, so a file the router may read but not
+            # write (another owner, a read-only mount) is refused here rather than at the first answer.
+            try:
+                self._prune(time.time())
+            except sqlite3.Error:
+                if write:
+                    raise
         except sqlite3.Error as exc:
             # sqlite's own message ("unable to open database file") names neither the file nor the way out.
-            raise OSError(f"{where}: cannot open it as SQLite ({exc}); its folder must be "
-                          "writable by the router and the file a SQLite database: set feedback.path to another "
+            raise OSError(f"{where}: cannot open it as SQLite ({exc}); its folder and the file must "
+                          "be writable by the router and the file a SQLite database: set feedback.path to another "
                           "file, or feedback.enabled: false") from exc
 
+    def _prune(self, now: float) -> None:
+        self._db.execute("DELETE FROM requests WHERE created < ?", (now - self.retention_s,))
+        self._since_prune, self._pruned_at = 0, now
+
     def remember(self, request_id: str, query: str, expert: str) -> None:
+        """As the interface says; a write that fails (the file turned read-only, a lock held past the busy
+        timeout, a full disk) is logged, and the answer stands: only rating it by its id is lost."""
         now = time.time()
-        with self._lock:
-            self._db.execute("INSERT OR REPLACE INTO requests VALUES (?, ?, ?, ?)", (request_id, query, expert, now))
-            self._since_prune += 1
-            if self._since_prune >= _PRUNE_EVERY:
-                self._since_prune = 0
-                self._db.execute("DELETE FROM requests WHERE created < ?", (now - self.retention_s,))
+        try:
+            with self._lock:
+                self._db.execute("INSERT OR REPLACE INTO requests VALUES (?, ?, ?, ?)",
+                                 (request_id, query, expert, now))
+                self._since_prune += 1
+                if (self._since_prune >= _PRUNE_EVERY
+                        or now - self._pruned_at >= min(_PRUNE_SHARE * self.retention_s, _PRUNE_MAX_S)):
+                    self._prune(now)
+        except sqlite3.Error as exc:
+            if not self._failing:
+                log.warning("%s: cannot record answers (%s: %s); they are served, but cannot be rated by id until "
+                            "it can be written again", self.where, type(exc).__name__, exc)
+            self._failing = True
+            return
+        if self._failing:
+            log.warning("%s: recording answers again", self.where)
+        self._failing = False
 
     def answered(self, request_id: str) -> Answered | None:
         # An answer older than the retention is gone, pruned yet or not (pruning comes only now and then).
@@ -255,10 +287,16 @@ class SqliteFeedbackStore(FeedbackStore):
     def add(self, query: str, expert: str, score: float, *, request_id: str | None = None,
             note: str | None = None) -> FeedbackRecord:
         now = time.time()
-        with self._lock:
-            cursor = self._db.execute(
-                "INSERT INTO feedback (request_id, query, expert, score, note, created) VALUES (?, ?, ?, ?, ?, ?)",
-                (request_id, query, expert, score, note, now))
+        try:
+            with self._lock:
+                cursor = self._db.execute(
+                    "INSERT INTO feedback (request_id, query, expert, score, note, created) VALUES (?, ?, ?, ?, ?, ?)",
+                    (request_id, query, expert, score, note, now))
+        except sqlite3.Error as exc:  # a 503 naming the store, not a 500: the verdict was not stored
+            log.warning("%s: cannot store a verdict (%s: %s)", self.where, type(exc).__name__, exc)
+            raise FeedbackUnavailable(f"the feedback store cannot be written ({type(exc).__name__}); the verdict "
+                                      "was not stored; the service log has the details; send it again later") \
+                from exc
         return FeedbackRecord(id=cursor.lastrowid or 0, request_id=request_id, query=query, expert=expert,
                               score=score, note=note, created=now)
 
@@ -270,6 +308,8 @@ class SqliteFeedbackStore(FeedbackStore):
         return [FeedbackRecord(**dict(zip(FeedbackRecord.model_fields, row, strict=True))) for row in rows]
 
     def close(self) -> None:
+        with self._lock, contextlib.suppress(sqlite3.Error):
+            self._prune(time.time())  # what is past its retention goes before the service stops
         with self._lock:
             self._db.close()
 
@@ -280,9 +320,11 @@ def feedback_path(config: RouterConfig) -> Path:
     return config.resolve(config.gate.artifact).parent / "feedback.sqlite3"
 
 
-def open_feedback_store(config: RouterConfig, environ: Mapping[str, str] | None = None) -> FeedbackStore | None:
+def open_feedback_store(config: RouterConfig, environ: Mapping[str, str] | None = None, *,
+                        write: bool = True) -> FeedbackStore | None:
     """The config's store (created if absent): Redis with ``state.backend: redis``, else the SQLite file; None
-    when feedback is off. ``environ`` holds the Redis URL variable (default: this process's environment)."""
+    when feedback is off. ``environ`` holds the Redis URL variable (default: this process's environment);
+    ``write``: False for a reader, which a SQLite file it cannot write does not stop."""
     if not config.feedback.enabled:
         return None
     remember_s = config.feedback.remember_s
@@ -293,7 +335,7 @@ def open_feedback_store(config: RouterConfig, environ: Mapping[str, str] | None 
                                               retention_s=remember_s or REDIS_REQUEST_RETENTION_S)
     path = feedback_path(config)
     name = None if config.feedback.path is None else f"feedback.path ({path})"
-    return SqliteFeedbackStore(path, retention_s=remember_s or REQUEST_RETENTION_S, name=name)
+    return SqliteFeedbackStore(path, retention_s=remember_s or REQUEST_RETENTION_S, name=name, write=write)
 
 
 def load_feedback(config: RouterConfig, since: float | None = None,
@@ -307,7 +349,7 @@ def load_feedback(config: RouterConfig, since: float | None = None,
         return []
     if config.state.backend == "memory" and not feedback_path(config).is_file():
         return []
-    store = open_feedback_store(config, environ)
+    store = open_feedback_store(config, environ, write=False)
     assert store is not None
     try:
         records = store.records(since)
@@ -316,4 +358,16 @@ def load_feedback(config: RouterConfig, since: float | None = None,
     kept = [r for r in records if r.query.strip()]
     if len(kept) < len(records):
         log.warning("left %d feedback verdict(s) with a blank query out of training", len(records) - len(kept))
-    return kept
+    return latest_verdicts(kept)
+
+
+def latest_verdicts(records: Sequence[FeedbackRecord]) -> list[FeedbackRecord]:
+    """One verdict per rated answer and expert: the latest. A client that resends a verdict (a retry after a
+    timeout) or changes its mind (good, then bad) rates the answer once, as it meant; the Redis store already
+    keeps an identical resend once, and the SQLite one every copy, so both train the same gate. Verdicts on a
+    query without an answer id are each their own. Oldest first, as given."""
+    last: dict[tuple[str, str], int] = {}
+    for i, r in enumerate(records):
+        if r.request_id is not None:
+            last[(r.request_id, r.expert)] = i
+    return [r for i, r in enumerate(records) if r.request_id is None or last[(r.request_id, r.expert)] == i]

@@ -394,3 +394,122 @@ def test_a_verdict_on_an_answer_whose_expert_was_removed_since_is_kept(tmp_path:
         assert data.feedback == 0
     finally:
         store.close()
+
+
+# -- a store that cannot be written, retention on disk, repeated verdicts ------------------------------------
+def _read_only_connections(monkeypatch: pytest.MonkeyPatch) -> None:
+    """SQLite connections opened read-only, as for a file another user owns or a read-only mount (the tests run
+    as root, whom file modes do not stop)."""
+    import sqlite3
+
+    import router.feedback as feedback
+
+    real = sqlite3.connect
+
+    def read_only(path: object, **kwargs: Any) -> sqlite3.Connection:
+        return real(f"file:{path}?mode=ro", uri=True, **kwargs)
+
+    monkeypatch.setattr(feedback.sqlite3, "connect", read_only)
+
+
+def test_a_store_file_the_router_cannot_write_is_refused_at_start_but_can_be_read(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "fb.sqlite3"
+    store = SqliteFeedbackStore(path)
+    store.add("an integral", "math", 1.0)
+    store.close()
+    _read_only_connections(monkeypatch)
+    with pytest.raises(OSError, match=r"fb\.sqlite3: cannot open it as SQLite \(attempt to write a readonly "
+                                      r"database\); its folder and the file must be writable"):
+        SqliteFeedbackStore(path)
+    reader = SqliteFeedbackStore(path, write=False)  # moe train only reads the verdicts
+    assert [(r.query, r.expert) for r in reader.records()] == [("an integral", "math")]
+    reader.close()
+
+
+async def test_a_store_that_fails_while_serving_costs_only_rating_by_id(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The file turns read-only (or stays locked) after the start: answers are still served, plain and streamed,
+    with one warning; a verdict is a 503 feedback_unavailable, not a 500; once writable again, all is as before."""
+    import sqlite3
+
+    path = tmp_path / "fb.sqlite3"
+    store = SqliteFeedbackStore(path)
+    writable = store._db
+    store._db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False, isolation_level=None)
+    app = make_app(store)
+    chat = {"model": "auto", "messages": [{"role": "user", "content": "an integral"}]}
+    async with http(app) as client:
+        plain = await client.post("/v1/chat/completions", json=chat)
+        streamed = await client.post("/v1/chat/completions", json={**chat, "stream": True})
+        by_id = await client.post("/v1/feedback", json={"request_id": plain.json()["id"], "good": True})
+        by_query = await client.post("/v1/feedback", json={"query": "q", "expert": "math", "good": True})
+        store._db.close()
+        store._db = writable
+        again = await client.post("/v1/chat/completions", json=chat)
+        rated = await client.post("/v1/feedback", json={"request_id": again.json()["id"], "good": True})
+    assert plain.status_code == 200 and plain.json()["choices"][0]["message"]["content"] == "math says hi"
+    assert streamed.status_code == 200 and '"content": "says hi"' in streamed.text and "data: [DONE]" in streamed.text
+    assert by_id.status_code == 404  # the answer could not be recorded, so its id is unknown
+    assert (by_query.status_code, by_query.json()["error"]["code"]) == (503, "feedback_unavailable")
+    assert "was not stored" in by_query.json()["error"]["message"]
+    warnings = [r.getMessage() for r in caplog.records if r.name == "router.feedback"]
+    assert sum("cannot record answers" in w for w in warnings) == 1  # once, not per answer
+    assert any("recording answers again" in w for w in warnings)
+    assert (again.status_code, rated.status_code) == (200, 200)
+    store.close()
+
+
+def test_answers_past_their_retention_are_deleted_from_the_file(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """remember_s bounds how long a query stays on disk, not only how long it can be rated: rows past it go when
+    the store opens and closes, and while answers come in at least every tenth of the retention."""
+    import sqlite3
+
+    import router.feedback as feedback
+
+    clock = [1_000_000.0]
+    monkeypatch.setattr(feedback.time, "time", lambda: clock[0])
+    path = tmp_path / "fb.sqlite3"
+
+    def stored() -> list[str]:
+        with sqlite3.connect(path) as db:
+            return [row[0] for row in db.execute("SELECT id FROM requests ORDER BY created")]
+
+    store = SqliteFeedbackStore(path, retention_s=100)
+    store.remember("chatcmpl-1", "my private question", "math")
+    clock[0] += 50
+    store.remember("chatcmpl-2", "another", "math")
+    clock[0] += 60  # chatcmpl-1 is 110 s old
+    store.remember("chatcmpl-3", "a third", "code")
+    assert stored() == ["chatcmpl-2", "chatcmpl-3"]  # a quiet service: 3 answers, not a thousand
+    store.close()
+    clock[0] += 95  # chatcmpl-2 is 155 s old; chatcmpl-3 95 s
+    SqliteFeedbackStore(path, retention_s=100).close()
+    assert stored() == ["chatcmpl-3"]
+    clock[0] += 10
+    store = SqliteFeedbackStore(path, retention_s=1000)
+    store.close()
+    assert stored() == ["chatcmpl-3"]  # a longer retention keeps it
+
+
+def test_a_verdict_resent_or_changed_counts_once_the_latest(tmp_path: Path) -> None:
+    from router.feedback import latest_verdicts
+
+    store = SqliteFeedbackStore(tmp_path / "fb.sqlite3")
+    store.remember("chatcmpl-1", "an integral", "math")
+    for good in (False, False, False, True):  # a client's retries, then it changed its mind
+        store.submit(FeedbackBody(request_id="chatcmpl-1", good=good), NAMES)
+    store.submit(FeedbackBody(request_id="chatcmpl-1", expert="code", good=False), NAMES)  # another expert
+    for _ in range(2):  # verdicts on a query without an answer id are each their own
+        store.add("sort a list", "code", 1.0)
+    records = store.records()
+    store.close()
+    kept = latest_verdicts(records)
+    assert [(r.request_id, r.expert, r.score) for r in kept] == [
+        ("chatcmpl-1", "math", 1.0), ("chatcmpl-1", "code", 0.0), (None, "code", 1.0), (None, "code", 1.0)]
+    assert len(records) == 7
+    config = parse_config({"version": 1, "experts": [{"name": n, "type": "openai", "model": "m",
+                                                      "endpoint": "http://127.0.0.1:9/v1"} for n in NAMES],
+                           "feedback": {"path": "fb.sqlite3"}}, base_dir=tmp_path, check_env=False)
+    assert load_feedback(config) == kept  # what moe train folds in
