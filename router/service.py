@@ -212,7 +212,7 @@ async def _sse(events: AsyncIterator[StreamPiece | StreamEnd], first: StreamPiec
             else:
                 record.trace, record.expert = event.trace, event.trace.answered_by or model
                 if on_end is not None:
-                    await on_end(record.expert)
+                    await on_end(event.trace.credited(record.expert))
                 # The final chunk carries the finish reason and the trace, switches included.
                 trace = event.trace.summary()
                 yield chunks.chunk(record.expert, {}, event.finish_reason, moe=trace)
@@ -426,8 +426,8 @@ async def _chat_completions(request: Request, o: Orchestrator) -> Response:
     if not chat.stream:
         answer = await _unless_client_leaves(request, o.complete(chat, strategy=strategy, on_trace=keep))
         record.trace, record.expert = answer.trace, answer.expert
-        if store is not None:
-            await store.aremember(request_id, chat.query_text(), answer.expert)
+        if store is not None:  # the expert a verdict on it rates (Trace.credited: not fuse's aggregator)
+            await store.aremember(request_id, chat.query_text(), answer.trace.credited(answer.expert))
         if record.answer is not None:
             record.answer.append(answer.content)
         return _FiniteJSONResponse(_completion_body(answer, request_id), headers={"x-moe-expert": answer.expert})
@@ -438,12 +438,19 @@ async def _chat_completions(request: Request, o: Orchestrator) -> Response:
     except ClientLeft:
         await events.aclose()
         raise
-    on_end = None if store is None else (
-        lambda expert: store.aremember(request_id, chat.query_text(), expert))
     # The expert that began the stream (the headers go before any switch; the final chunk's moe.switches says
     # who continued it).
     expert = _began_by(first)
     began = {"x-moe-expert": expert} if expert else {}
+    on_end = None
+    if store is not None:
+        query = chat.query_text()
+        if expert:  # remembered as it begins, so an answer the user stopped early can be rated too
+            await store.aremember(request_id, query, expert)
+
+        async def on_end(credited: str) -> None:  # after a switch, the expert that wrote most of it
+            if credited != expert:
+                await store.aremember(request_id, query, credited)
     return StreamingResponse(_sse(events, first, _Chunks(request_id, _include_usage(chat)), record, on_end),
                              media_type="text/event-stream", headers={"cache-control": "no-cache", **began})
 

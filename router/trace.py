@@ -131,6 +131,22 @@ class Trace(BaseModel):
         succeeded; None when none did."""
         return next((a.expert for a in reversed(self.attempts) if a.ok), None)
 
+    def credited(self, expert: str) -> str:
+        """The expert a verdict on this answer, returned as ``expert``'s, rates: the one whose text it is, but
+
+        - for an answer ``fuse``'s aggregator wrote from the panel's, the panel's top-weight member that agreed with
+          it (the top-weight one if none did): the verdict rates the gate's choice, and the aggregator was never
+          asked the question alone, so crediting it would teach the gate to send the query there;
+        - for a stream that switched experts, the one that wrote most of it (of equals, the one that began it).
+        """
+        fused = self.combiner == "fuse" and self.combiner_fallback is None and len(self.contributions) > 1
+        if fused:
+            agreed = [c for c in self.contributions if c.agreed] or self.contributions
+            return max(agreed, key=lambda c: c.weight).expert  # the first of equals
+        if self.combiner == "stream" and self.switches and self.contributions:
+            return max(self.contributions, key=lambda c: c.weight).expert
+        return expert
+
     def summary(self) -> dict[str, Any]:
         """The trace as returned to clients, with its totals."""
         body = self.model_dump()

@@ -80,6 +80,26 @@ def trained_config(folder: Path, text: str) -> Path:
     return config
 
 
+@asynccontextmanager
+async def serving(app: Any) -> AsyncIterator[str]:
+    """The app on uvicorn on a free local port, for what only a real socket shows (keep-alive, disconnects, a
+    stream read while it is still being written)."""
+    import asyncio
+
+    import uvicorn
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, port=port, log_level="warning", lifespan="off"))
+    task = asyncio.create_task(server.serve())
+    try:
+        while not server.started:
+            await asyncio.sleep(0.01)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        await task
+
+
 def free_port() -> int:
     """A TCP port on loopback that nothing listens on right now."""
     with socket.socket() as s:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from datetime import UTC, datetime
@@ -12,6 +13,8 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
+from experts.errors import ExpertUnavailable
+from experts.types import StreamDelta
 from router.cli import _parser, main
 from router.config import load_config, parse_config
 from router.feedback import (
@@ -31,6 +34,7 @@ from router.security import hash_key
 from router.service import create_app
 from router.train import TrainingData, collect_training_data, fold_feedback, train_from_config
 from tests.doubles.fakes import FakeExpert, FakeGate, FakeHashingEncoder, fake_config
+from tests.support import serving
 
 NAMES = ["math", "code"]
 ALICE, ADMIN = "sk-alice-feedback-01", "sk-admin-feedback-02"
@@ -513,3 +517,51 @@ def test_a_verdict_resent_or_changed_counts_once_the_latest(tmp_path: Path) -> N
                                                       "endpoint": "http://127.0.0.1:9/v1"} for n in NAMES],
                            "feedback": {"path": "fb.sqlite3"}}, base_dir=tmp_path, check_env=False)
     assert load_feedback(config) == kept  # what moe train folds in
+
+
+class _FirstPieceThenHangs(FakeExpert):
+    """A test double: streams its first piece, then sends nothing more for a minute."""
+
+    async def stream(self, request: Any) -> Any:
+        self.requests.append(request)
+        yield StreamDelta(content="the start of a bad answer")
+        await asyncio.sleep(60)
+
+
+@pytest.mark.parametrize(("math_pieces", "credited"), [
+    (["a long first part of the answer, ", "most of it; "], "math"),  # math wrote most before it broke off
+    (["one"], "code"),  # math sent one word: code wrote most of the answer
+])
+async def test_after_a_switch_a_verdict_credits_who_wrote_most_of_the_stream(
+        tmp_path: Path, math_pieces: list[str], credited: str) -> None:
+    config = fake_config(NAMES)
+    experts = {"math": FakeExpert(config.expert("math"), pieces=[*math_pieces, "never sent"],
+                                  fail=lambda n: ExpertUnavailable(n, "reset"), fail_after=len(math_pieces)),
+               "code": FakeExpert(config.expert("code"), pieces=["and code finished it."])}
+    store = SqliteFeedbackStore(tmp_path / "fb.sqlite3")
+    app = create_app(Orchestrator(config, FakeGate(NAMES, {}, default=[0.9, 0.1]), experts), feedback=store)
+    body = {"model": "auto", "stream": True, "messages": [{"role": "user", "content": "an integral"}]}
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://router") as client:
+        async with client.stream("POST", "/v1/chat/completions", json=body) as r:
+            lines = [line async for line in r.aiter_lines() if line.startswith("data: {")]
+        rated = await client.post("/v1/feedback", json={"request_id": json.loads(lines[0][6:])["id"], "good": False})
+    store.close()
+    assert r.headers["x-moe-expert"] == "math"
+    assert [s["from"] for s in json.loads(lines[-1][6:])["moe"]["switches"]] == ["math"]
+    assert (rated.status_code, rated.json()["expert"]) == (200, credited)
+
+
+async def test_a_stream_can_be_rated_while_it_is_still_being_written(tmp_path: Path) -> None:
+    """Over a real socket: a user who stops a bad answer early rates it by the id of its first chunk."""
+    config = fake_config(NAMES)
+    experts = {n: _FirstPieceThenHangs(config.expert(n)) for n in NAMES}
+    store = SqliteFeedbackStore(tmp_path / "fb.sqlite3")
+    app = create_app(Orchestrator(config, FakeGate(NAMES, {}, default=[0.9, 0.1]), experts), feedback=store)
+    body = {"model": "auto", "stream": True, "messages": [{"role": "user", "content": "an integral"}]}
+    async with (serving(app) as url, httpx.AsyncClient(base_url=url) as client,
+                client.stream("POST", "/v1/chat/completions", json=body) as r):
+        lines = r.aiter_lines()
+        first = json.loads((await anext(line async for line in lines if line.startswith("data: {")))[6:])
+        rated = await client.post("/v1/feedback", json={"request_id": first["id"], "good": False})
+    store.close()
+    assert (rated.status_code, rated.json()["expert"], rated.json()["query"]) == (200, "math", "an integral")

@@ -366,3 +366,28 @@ async def test_escalate_can_be_picked_per_request_when_an_expert_is_named() -> N
         r = await http.post("/v1/chat/completions", json=BODY, headers={"x-moe-combiner": "escalate"})
     assert r.status_code == 200
     assert (r.json()["moe"]["combiner"], r.json()["model"]) == ("escalate", "judge")
+
+
+# -- feedback on a fused answer ---------------------------------------------------------------------------------
+@pytest.mark.parametrize(("judge", "credited"), [
+    ("The answer is (B).", "code"),  # agrees with code: the panel's top-weight member that agreed
+    ("The answer is (C).", "math"),  # agrees with nobody: the panel's top-weight member
+    (None, "math"),  # the aggregator failed: math's own answer is returned, and rated
+])
+async def test_a_verdict_on_a_fused_answer_rates_the_panel_not_the_aggregator(tmp_path: Any, judge: str | None,
+                                                                               credited: str) -> None:
+    """The aggregator was never asked the question alone: a good verdict credited to it would teach the gate to
+    send the query to the aggregator instead of the panel."""
+    from router.feedback import FeedbackBody, SqliteFeedbackStore
+
+    failing = {"judge": FakeExpert(fake_config().expert("judge"), fail=lambda n: ExpertServerError(n, 500, "x"))}
+    orch, _ = build({"judge": judge} if judge else None, experts=None if judge else failing)
+    store = SqliteFeedbackStore(tmp_path / "fb.sqlite3")
+    app = create_app(orch, feedback=store)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://router") as http:
+        r = await http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "which?"}]})
+        verdict = await http.post("/v1/feedback", json={"request_id": r.json()["id"], "good": True})
+    assert r.json()["model"] == ("judge" if judge else "math")  # the text is still the aggregator's
+    assert verdict.status_code == 200 and verdict.json()["expert"] == credited
+    assert store.submit(FeedbackBody(request_id=r.json()["id"], good=False), NAMES).expert == credited
+    store.close()

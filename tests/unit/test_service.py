@@ -1,7 +1,6 @@
 """The HTTP service in-process through httpx.ASGITransport, with fake experts and a fake gate."""
 
 import asyncio
-import contextlib
 import json
 from collections.abc import AsyncIterator
 
@@ -15,7 +14,7 @@ from router.orchestrator import Orchestrator
 from router.sdk import AsyncClient, RouterAPIError
 from router.service import create_app
 from tests.doubles.fakes import FakeExpert, FakeGate, fake_config
-from tests.support import samples, value
+from tests.support import samples, serving, value
 
 NAMES = ["math", "code"]
 
@@ -348,25 +347,6 @@ async def test_unknown_paths_and_methods_get_openai_errors_and_models_can_be_ret
     assert "POST" in wrong_method.json()["error"]["message"] and wrong_method.headers["allow"] == "POST"
     assert (found.id, found.object) == ("math", "model")
     assert unknown.value.status_code == 404 and unknown.value.body["code"] == "model_not_found"  # type: ignore[index]
-
-
-@contextlib.asynccontextmanager
-async def serving(app) -> AsyncIterator[str]:  # type: ignore[no-untyped-def]
-    """The app on uvicorn on a free local port, for what only a real socket shows (keep-alive, disconnects)."""
-    import uvicorn
-
-    from tests.support import free_port
-
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, port=port, log_level="warning", lifespan="off"))
-    task = asyncio.create_task(server.serve())
-    try:
-        while not server.started:
-            await asyncio.sleep(0.01)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        await task
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream-before-its-first-token"])
