@@ -306,6 +306,10 @@ def train_from_config(config: RouterConfig, *, progress: bool = True,
             from exc
     if config.gate.cascade is None:
         forget_cascade(artifact)  # a fast stage trained with earlier data must not be paired with this gate
+    if vote_weights is None:  # nor vote weights fitted on earlier records, which a later config could turn on
+        from router.vote_weights import FILE_NAME as VOTE_WEIGHTS_FILE
+
+        (artifact / VOTE_WEIGHTS_FILE).unlink(missing_ok=True)
     return served
 
 

@@ -470,6 +470,22 @@ def test_moe_train_chooses_the_penalties_by_cross_validation(tmp_path: Path) -> 
                 _config(tmp_path, ["o.jsonl"], vote_weights="learned", **{field: bad})
 
 
+def test_retraining_without_learned_weights_removes_the_old_ones(tmp_path: Path) -> None:
+    """Weights fitted on earlier records must not outlive the gate trained with them: a config switched back to
+    learned weights without retraining is refused, not served with stale ones."""
+    from router.build import VoteWeightsNotTrained
+    from router.train import train_from_config
+
+    _outcome_file(tmp_path / "o.jsonl", 200)
+    learned = _config(tmp_path, ["o.jsonl"], vote_weights="learned")
+    train_from_config(learned, progress=False)
+    assert load_vote_weights(learned) is not None
+    train_from_config(_config(tmp_path, ["o.jsonl"], vote_weights="gate"), progress=False)
+    assert not (tmp_path / "out" / "gate" / "vote_weights.json").exists()
+    with pytest.raises(VoteWeightsNotTrained, match=r"holds no vote_weights\.json"):
+        load_vote_weights(learned)
+
+
 # ---------------------------------------------------------------- weights refused, empty answers, ties
 
 
