@@ -211,6 +211,9 @@ def _restore_artifact(path: Path, doc: dict[str, Any], encoder: Encoder) -> Gate
         except FileNotFoundError:
             raise GateArtifactMismatch(f"{path / name}: missing, though {_MANIFEST} lists it (the artifact is "
                                        f"incomplete); {RETRAIN}") from None
+        except IsADirectoryError:
+            raise GateArtifactMismatch(f"{path / name}: a folder, where {_MANIFEST} lists a file; {RETRAIN}") \
+                from None
         if differs:
             raise GateArtifactMismatch(f"{path / name}: contents differ from the sha256 in {_MANIFEST}")
     doc["metrics"] = ValidationMetrics(**doc["metrics"])

@@ -104,6 +104,16 @@ def test_a_missing_npz_is_named_as_an_incomplete_artifact(config: Path, capsys: 
     assert f"error: {folder / 'examples.npz'}: missing, though gate.json lists it (the artifact is incomplete)" in err
 
 
+def test_a_folder_where_an_artifact_file_belongs_is_named(config: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    folder = config.parent / "gate"
+    (folder / "examples.npz").unlink()
+    (folder / "examples.npz").mkdir()
+    assert main(["route", "hi", "--config", str(config)]) == 1
+    err = capsys.readouterr().err
+    assert f"error: {folder / 'examples.npz'}: a folder, where gate.json lists a file" in err
+    assert f"moe train --config {config}" in err
+
+
 @pytest.mark.parametrize(("edit", "says"), [
     (lambda doc: doc.pop("files"), "(no 'files')"),
     (lambda doc: doc.pop("encoder_identity"), "(no 'encoder_identity')"),
