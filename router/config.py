@@ -506,6 +506,9 @@ class SecurityConfig(_Strict):
     admin_key_env: str | None = Field(default=None, pattern=_ENV_NAME)
     # Per key; with no keys configured, per client address. None: no limit.
     rate_limit: RateLimitConfig | None = None
+    # The endpoints outside /v1 and /admin that answer without a key: "metrics" (/metrics) and "docs" (/docs,
+    # /redoc, /openapi.json). One left out needs a client key, as /v1 does. /health always answers, for probes.
+    open_endpoints: list[Literal["metrics", "docs"]] = ["metrics", "docs"]
 
     @model_validator(mode="after")
     def _distinct(self) -> SecurityConfig:

@@ -706,9 +706,21 @@ class _Edge:
             _observe(app, record)
 
 
+# The endpoints ``security.open_endpoints`` may leave open, by path.
+_OPTIONAL_OPEN = {"/metrics": "metrics", "/docs": "docs", "/redoc": "docs", "/openapi.json": "docs"}
+
+
+def _keyed(app: FastAPI, path: str) -> bool:
+    """Whether ``path`` needs a client key: /v1, and what ``security.open_endpoints`` leaves out."""
+    if path == "/v1" or path.startswith("/v1/"):
+        return True
+    group = _OPTIONAL_OPEN.get(path) or ("docs" if path.startswith("/docs/") else None)
+    return group is not None and group not in app.state.orchestrator.config.security.open_endpoints
+
+
 async def _admit(app: FastAPI, scope: Scope, headers: Headers) -> Admitted | Denied:
     path: str = scope["path"]
-    if path == "/v1" or path.startswith("/v1/"):
+    if _keyed(app, path):
         client = scope.get("client")
         return await _guard(app).admit_client(headers.get("authorization"), client[0] if client else "unknown")
     if path == "/admin" or path.startswith("/admin/"):

@@ -352,3 +352,26 @@ async def test_keys_never_reach_logs_or_errors(caplog: pytest.LogCaptureFixture)
     text = caplog.text
     for secret in (ALICE, ADMIN, "sk-wrong-key-123", "Bearer", "authorization"):
         assert secret not in text
+
+
+@pytest.mark.parametrize("open_endpoints", [None, ["docs"], ["metrics"], []])
+async def test_metrics_and_docs_can_be_put_behind_the_client_keys(open_endpoints: list[str] | None) -> None:
+    security = dict(KEYED) if open_endpoints is None else {**KEYED, "open_endpoints": open_endpoints}
+    expected_open = {"metrics", "docs"} if open_endpoints is None else set(open_endpoints)
+    paths = {"/metrics": "metrics", "/docs": "docs", "/redoc": "docs", "/openapi.json": "docs",
+             "/docs/oauth2-redirect": "docs"}
+    async with client(make_app(security)) as http:
+        anonymous = {p: (await http.get(p)).status_code for p in paths}
+        keyed = {p: (await http.get(p, headers=auth(ALICE))).status_code for p in paths}
+        wrong = (await http.get("/metrics", headers=auth(BOB))).status_code
+        health = (await http.get("/health")).status_code
+    assert health == 200  # probes never need a key
+    for path, group in paths.items():
+        assert anonymous[path] == (200 if group in expected_open else 401), path
+        assert keyed[path] == 200, path
+    assert wrong == (200 if "metrics" in expected_open else 401)
+
+
+def test_open_endpoints_names_only_what_it_knows() -> None:
+    with pytest.raises(ValidationError, match="open_endpoints"):
+        SecurityConfig.model_validate({"open_endpoints": ["health"]})
