@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import time
-from collections.abc import Mapping
-from dataclasses import replace
+from collections.abc import Callable, Iterator, Mapping
+from contextvars import ContextVar
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
 from experts.base import Expert, ExpertContext
 from experts.registry import build_expert
 from router.breaker import Breakers
-from router.config import CascadeConfig, GateConfig, RouterConfig
+from router.config import CascadeConfig, ExpertConfig, GateConfig, RouterConfig
 from router.expert_types import EXPERT_TYPES
 from router.orchestrator import Orchestrator
 
@@ -24,14 +27,18 @@ if TYPE_CHECKING:
     from router.state_redis import SharedState
     from router.vote_weights import VoteWeights
 
-__all__ = ["GateNotTrained", "VoteWeightsMismatch", "VoteWeightsNotTrained", "build_breakers", "build_experts",
-           "build_orchestrator", "build_shared_state", "config_inputs", "load_gate", "load_problem",
-           "load_vote_weights", "loading_problems", "untrained_settings"]
+__all__ = ["BuildCommits", "GateNotTrained", "VoteWeightsMismatch", "VoteWeightsNotTrained", "build_breakers",
+           "build_experts", "build_nested", "build_orchestrator", "build_shared_state", "config_inputs",
+           "deferred_commits", "load_gate", "load_problem", "load_vote_weights", "loading_problems",
+           "reset_changed_breakers", "untrained_settings"]
 
 
 log = logging.getLogger(__name__)
 
 _Stage = TypeVar("_Stage", GateConfig, CascadeConfig)
+_K = TypeVar("_K")
+_T = TypeVar("_T")
+_Key = tuple[str, str]  # a nested router's: the expert's name, and its config file's path
 
 
 class GateNotTrained(FileNotFoundError):
@@ -164,15 +171,153 @@ def load_vote_weights(config: RouterConfig) -> VoteWeights | None:
 
 def build_orchestrator(config: RouterConfig, *, context: ExpertContext | None = None,
                        gate: Gate | CascadeGate | None = None, state: SharedState | None = None) -> Orchestrator:
-    encoders = None if state is None or gate is not None else gate_encoders(config, state.encoders)
-    built = Orchestrator(config, gate or load_gate(config, encoders), build_experts(config, context),
-                         breakers=build_breakers(config, state), in_flight=None if state is None else state.in_flight,
-                         vote_weights=load_vote_weights(config))
-    if state is not None and encoders is not None:
-        # Only now that the whole build succeeded: a refused reload leaves the running config's encoders kept.
-        state.encoders.clear()
-        state.encoders.update(encoders)
+    """The orchestrator ``config`` describes. ``state``: what outlives one config (``SharedState``); the routers
+    nested in this one (``type: router`` with ``router_config``) get theirs from it, one per nested router
+    (``build_nested``), so a reload keeps their breakers, in-flight counts and encoders as it keeps ours.
+
+    What the build changes in ``state`` (the encoders kept, the nested routers' states) is applied once the whole
+    build has succeeded, or, inside ``deferred_commits``, when its caller applies it: a refused reload leaves the
+    running config's."""
+    outer = _commits.get()
+    with contextlib.ExitStack() as stack:
+        commits = outer if outer is not None else stack.enter_context(deferred_commits())
+        encoders = None if state is None or gate is not None else gate_encoders(config, state.encoders)
+        loaded = gate or load_gate(config, encoders)
+        scope = None if state is None else _Scope(state)
+        token = _scope.set(scope)
+        try:
+            experts = build_experts(config, context)
+        finally:
+            _scope.reset(token)
+        built = Orchestrator(config, loaded, experts, breakers=build_breakers(config, state),
+                             in_flight=None if state is None else state.in_flight,
+                             vote_weights=load_vote_weights(config))
+        if state is not None and encoders is not None:
+            commits.add(functools.partial(_keep, state.encoders, encoders))
+        if scope is not None:
+            commits.add(functools.partial(_keep, _nested_states(scope.state), scope.used))
+    if outer is None:
+        commits.apply()
     return built
+
+
+class BuildCommits:
+    """What builds change in the shared state, held until ``apply``: the encoders kept, the nested routers'
+    states, their breakers reset for changed experts. Dropped unapplied when the build is refused."""
+
+    def __init__(self) -> None:
+        self._steps: list[Callable[[], None]] = []
+
+    def add(self, step: Callable[[], None]) -> None:
+        self._steps.append(step)
+
+    def apply(self) -> None:
+        steps, self._steps = self._steps, []
+        for step in steps:
+            step()
+
+
+_commits: ContextVar[BuildCommits | None] = ContextVar("moe_build_commits", default=None)
+
+
+@contextlib.contextmanager
+def deferred_commits() -> Iterator[BuildCommits]:
+    """Builds inside this block (on this thread, nested routers' included) leave their changes to the shared state
+    in the ``BuildCommits`` it yields, for the caller to ``apply`` once it serves what they built (a reload: at the
+    swap, never for a refused one)."""
+    commits = BuildCommits()
+    token = _commits.set(commits)
+    try:
+        yield commits
+    finally:
+        _commits.reset(token)
+
+
+def _keep(kept: dict[_K, _T], now: Mapping[_K, _T]) -> None:
+    """``kept`` holds ``now`` and nothing else (what the latest build uses: an old encoder or a removed nested
+    router's state is let go)."""
+    kept.clear()
+    kept.update(now)
+
+
+@dataclass
+class _Nested:
+    """A nested router's shared state, and the config it was last built from (which experts a reload changed)."""
+
+    state: SharedState
+    config: RouterConfig | None = None
+
+
+@dataclass
+class _Scope:
+    """The state of the router being built, and the nested routers' states its build uses (by ``build_nested``'s
+    key)."""
+
+    state: SharedState
+    used: dict[_Key, _Nested] = field(default_factory=dict)
+
+
+_scope: ContextVar[_Scope | None] = ContextVar("moe_build_scope", default=None)
+
+
+def _nested_states(state: SharedState) -> dict[_Key, _Nested]:
+    """The nested routers' states ``state`` holds (kept on it: they live as long as it, across reloads)."""
+    held: dict[_Key, _Nested] = state.nested
+    return held
+
+
+def _child_state(parent: SharedState, name: str) -> SharedState:
+    """A fresh state for the router nested in ``parent``'s under the expert ``name``: its own in-flight counts and
+    encoders; its breakers in a store of their own (two levels may name an expert alike), which with Redis is the
+    replicas' shared one, under a prefix of its own."""
+    from router.breaker import MemoryBreakerStore
+    from router.state_redis import RedisBreakerStore, SharedState
+
+    store = parent.breaker_store
+    breakers = (RedisBreakerStore(store.client, f"{store.key_prefix}nested:{name}:")
+                if isinstance(store, RedisBreakerStore) else MemoryBreakerStore())
+    return SharedState(rate_store=parent.rate_store, breaker_store=breakers)
+
+
+def build_nested(config: RouterConfig, expert: ExpertConfig, path: Path, *,
+                 context: ExpertContext | None = None) -> Orchestrator:
+    """The orchestrator of the router nested in-process as ``expert`` (``type: router``, ``router_config``; its
+    config, loaded from ``path``, is ``config``), for ``router.hierarchy``. Inside the build of a router with a shared
+    state, it is built with the state that router keeps for it, found by the expert's name and the nested
+    config's file: a reload keeps its breakers (a changed expert's reset, as at the top level), shares its
+    in-flight counts between the old and the new build, and reuses its loaded encoders."""
+    scope = _scope.get()
+    if scope is None:
+        return build_orchestrator(config, context=context)
+    key = (expert.name, str(path))
+    entry = scope.used.get(key) or _nested_states(scope.state).get(key) or _Nested(_child_state(scope.state,
+                                                                                                   expert.name))
+    scope.used[key] = entry
+    built = build_orchestrator(config, context=context, state=entry.state)
+
+    def commit() -> None:
+        if entry.config is not None:
+            reset_changed_breakers(entry.config, config, built.breakers)
+        entry.config = config
+
+    commits = _commits.get()
+    if commits is None:  # pragma: no cover - a scope is only set by build_orchestrator, which opens the commits
+        commit()
+    else:
+        commits.add(commit)
+    return built
+
+
+def reset_changed_breakers(old: RouterConfig, new: RouterConfig, breakers: Breakers) -> None:
+    """Breakers kept across a reload (a shared store) start afresh for an expert whose config changed. One pointed
+    at another service (endpoint, model) needs no reset: its breaker is kept under that service's identity
+    (``build_breakers``), so a replica still on the old config keeps the old one's to itself."""
+    for name in new.expert_names:
+        if name not in old.expert_names:
+            continue
+        was, now = old.expert(name), new.expert(name)
+        if now != was and now.service_identity() == was.service_identity():
+            breakers.reset(name)
 
 
 def config_inputs(config: RouterConfig, *, _seen: frozenset[Path] = frozenset()) -> list[Path]:

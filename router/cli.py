@@ -30,6 +30,23 @@ def _load(path: str, *, check_env: bool = True, require_vars: bool = True) -> Ro
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    import contextlib
+    import signal
+
+    # SIGHUP asks for a reload, but its default action ends the process: held from the first thing serve does,
+    # before its imports and the build, and handed to the reloader, which reloads for one once the service runs.
+    sighups: list[int] = []
+    previous = None
+    with contextlib.suppress(AttributeError, ValueError):  # no SIGHUP here (Windows), or not the main thread
+        previous = signal.signal(signal.SIGHUP, lambda signum, frame: sighups.append(signum))
+    try:
+        return _serve(args, sighups)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGHUP, previous)
+
+
+def _serve(args: argparse.Namespace, sighups: list[int]) -> int:
     import os
 
     import uvicorn
@@ -49,6 +66,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return build_orchestrator(c, state=state)
 
     reloader = Reloader(args.config, build=build, sighup=True)
+    reloader.catch_sighup(sighups)
     config = _load(args.config)  # validated before anything starts: a bad file stops here, every problem listed
     reloader.poll_s = config.service.reload_poll_s
     reloader.watch(config)

@@ -16,7 +16,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
-from collections.abc import Collection, Mapping, Sequence
+import weakref
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -95,7 +96,10 @@ class Decider:
         self.served = frozenset(served)
         self.breakers = breakers
         self.capacity = capacity
-        self.batcher: GateBatcher[_Gated] = GateBatcher(self._gate_batch, window_ms=config.gate.batch_window_ms,
+        # The batcher calls back into this decider through a weak reference: a bound method would make a cycle
+        # (decider -> batcher -> method -> decider) that only the cyclic GC frees, and a retired orchestrator's
+        # gate and encoder (onnxruntime memory the GC does not see) would outlive it until a collection ran.
+        self.batcher: GateBatcher[_Gated] = GateBatcher(_weak_work(self), window_ms=config.gate.batch_window_ms,
                                                         max_batch=config.gate.max_batch)
 
     def _assess(self, texts: Sequence[str], k: int = 3) -> tuple[Assessment, list[int], list[str]]:
@@ -191,9 +195,21 @@ class Decider:
         """``assign_batch`` off the event loop (the gate embeds the whole batch)."""
         return await asyncio.to_thread(self.assign_batch, list(queries), capacity)
 
-
     async def aclose(self) -> None:
         await self.batcher.aclose()
+
+
+def _weak_work(decider: Decider) -> Callable[[list[str]], list[_Gated]]:
+    """``decider._gate_batch`` without a strong reference to ``decider``."""
+    method = weakref.WeakMethod(decider._gate_batch)
+
+    def work(texts: list[str]) -> list[_Gated]:
+        gate_batch = method()
+        if gate_batch is None:  # only a batch that outlived its orchestrator, whose caller is gone too
+            raise RuntimeError("the orchestrator this gate batch belonged to was freed")
+        return gate_batch(texts)
+
+    return work
 
 
 @dataclass(frozen=True)

@@ -2,8 +2,9 @@
 
 Two ways to reach the inner router, exactly one per expert (the config's cross-check enforces it):
 
-- ``router_config: other.yaml`` builds the inner router in-process with ``build_orchestrator``; the outer
-  context's transport is handed down, so tests inject the network for every level at once;
+- ``router_config: other.yaml`` builds the inner router in-process (``router.build.build_nested``); the outer
+  context's transport is handed down, so tests inject the network for every level at once, and a hot reload of
+  the outer config keeps the inner router's breakers, in-flight counts and loaded encoder, as it keeps the outer's;
 - ``endpoint: http://host:port/v1`` calls another moe-router service like any OpenAI-compatible endpoint
   (set ``model: auto`` so it routes), and reads its trace from the response's ``moe`` field.
 
@@ -57,15 +58,17 @@ class RouterExpert(Expert):
             raise ExpertConfigError(config.name, "type 'router' needs an endpoint or a router_config")
 
     def _build_inner(self, router_config: str) -> Orchestrator:
-        from router.build import build_orchestrator
+        from router.build import build_nested
         from router.config import load_config
 
         path = Path(router_config)
+        path = path if path.is_absolute() else self.context.base_dir / path
         # Loaded as the loader loads any config (a routing cycle among the files is refused there, naming the
-        # chain), and built in the folder the loader resolved its relative paths against.
-        inner = load_config(path if path.is_absolute() else self.context.base_dir / path)
+        # chain), and built in the folder the loader resolved its relative paths against; with the state the
+        # outer router keeps for it across reloads (its breakers, in-flight counts and encoders), when it keeps one.
+        inner = load_config(path)
         context = ExpertContext(base_dir=Path(inner.base_dir), transport=self.context.transport)
-        return build_orchestrator(inner, context=context)
+        return build_nested(inner, self.config, path, context=context)
 
     def __repr__(self) -> str:
         where = self.config.endpoint or self.config.router_config or "in-process"

@@ -12,9 +12,14 @@ and nested routers' config files. A reload:
 2. on any problem keeps the running config, logs one line naming every problem, and raises ``ReloadFailed``
    (the admin endpoint turns it into a 400 listing them). A change the running process cannot take up is such a
    problem too (``restart_only_changes``: the address it listens on, the reload poll, the shared state, where
-   feedback is stored), rather than a setting that ``/admin/config`` shows but nothing applies;
+   feedback is stored), rather than a setting that ``/admin/config`` shows but nothing applies. A file the
+   schema refuses is reported alone (nothing can be built from it); otherwise the restart-only changes and what
+   the build refuses are reported together. Any other error while reading or building (a bug, a file nested too
+   deep for the parser) is refused the same way and logged with its traceback, so no trigger dies of it;
 3. otherwise swaps the orchestrator on ``app.state``. Requests already running hold the old object and finish
-   on it; it is closed once they have drained (``Orchestrator.drained``), or after its request deadline.
+   on it; it is closed once they have drained (``Orchestrator.drained``), or after its request deadline. What the
+   build keeps in the shared state (the encoders, nested routers' states) is kept from the swap on
+   (``router.build.deferred_commits``): a refused reload leaves the running config's.
 
 Reloads are serialised: two triggers at once build twice, one after the other, and the last file wins.
 """
@@ -22,18 +27,26 @@ Reloads are serialised: two triggers at once build twice, one after the other, a
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import signal
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
+from types import FrameType, TracebackType
 from typing import Any
 
-from router.build import build_orchestrator, config_inputs, load_problem
+from router.build import (
+    BuildCommits,
+    build_orchestrator,
+    config_inputs,
+    deferred_commits,
+    load_problem,
+    reset_changed_breakers,
+)
 from router.config import ConfigError, RouterConfig, load_config
 from router.errors import naming_config
 from router.feedback import feedback_path
 from router.orchestrator import Orchestrator
+from router.security import redact
 
 __all__ = ["ReloadFailed", "Reloader", "restart_only_changes"]
 
@@ -47,11 +60,14 @@ _DRAIN_MARGIN_S = 5.0
 
 
 class ReloadFailed(Exception):
-    """A reload was refused; the running config stays. ``problems`` holds every ``(path, message)``."""
+    """A reload was refused; the running config stays. ``problems`` holds every ``(path, message)``;
+    ``unexpected``, an error that was no config problem (its traceback is logged with the refusal)."""
 
-    def __init__(self, source: str, problems: list[tuple[str, str]]) -> None:
+    def __init__(self, source: str, problems: list[tuple[str, str]], *,
+                 unexpected: BaseException | None = None) -> None:
         self.source = source
         self.problems = problems
+        self.unexpected = unexpected
         listed = "; ".join(f"{p}: {m}" for p, m in problems)
         super().__init__(f"config reload from {source} refused, the running config stays: "
                          f"{len(problems)} problem(s): {listed}")
@@ -82,6 +98,24 @@ def restart_only_changes(running: RouterConfig, new: RouterConfig) -> list[tuple
     return problems
 
 
+def _shortened(exc: BaseException | None, keep: int = 20) -> Any:
+    """``exc`` for a log line's ``exc_info``; its traceback cut to its first and last ``keep`` frames when longer (a
+    RecursionError's runs to a thousand: one log line of hundreds of kB)."""
+    if exc is None:
+        return None
+    frames = []
+    tb = exc.__traceback__
+    while tb is not None:
+        frames.append(tb)
+        tb = tb.tb_next
+    if len(frames) <= 2 * keep:
+        return exc
+    chain: TracebackType | None = None
+    for frame in reversed(frames[:keep] + frames[-keep:]):
+        chain = TracebackType(chain, frame.tb_frame, frame.tb_lasti, frame.tb_lineno)
+    return type(exc), exc, chain
+
+
 class Reloader:
     """Reloads ``path`` into the holder bound with ``bind`` (the app's ``state``, with an ``orchestrator``).
 
@@ -107,6 +141,9 @@ class Reloader:
         self._tasks: set[asyncio.Task[None]] = set()
         self._retiring: set[Orchestrator] = set()
         self._signal = False
+        # A SIGHUP caught before ``start`` (``catch_sighup``): performed once started.
+        self._early = False
+        self._sighup_pending = False
         # For /metrics: reloads done and refused since start, and whether the latest attempt was refused (the file
         # on disk is not what is serving: the alert to watch for).
         self.reloaded = 0
@@ -138,25 +175,18 @@ class Reloader:
             before = self._seen = self._stamp()
             self._candidate = None
             try:
-                new = await asyncio.to_thread(self._load)
+                new, commits = await self._load_or_refuse()
             except ReloadFailed as exc:
                 self.refused += 1
                 self.last_refused = True
                 if self._candidate is not None:  # the refused config's inputs are watched too, from their stamps
                     self._inputs = tuple(dict.fromkeys((*self._inputs, *self._candidate)))
                     self._seen = {**self._candidate, **before}
-                log.error("%s", exc)
+                log.error("%s", exc, exc_info=_shortened(exc.unexpected))
                 raise
             old: Orchestrator = self.holder.orchestrator
-            # Breakers kept across the reload (a shared store) start afresh for an expert whose config changed. One
-            # pointed at another service (endpoint, model) needs no reset: its breaker is kept under that service's
-            # identity (``build_breakers``), so a replica still on the old config keeps the old one's to itself.
-            for name in new.config.expert_names:
-                if name not in old.config.expert_names:
-                    continue
-                was, now = old.config.expert(name), new.config.expert(name)
-                if now != was and now.service_identity() == was.service_identity():
-                    new.breakers.reset(name)
+            commits.apply()  # what the build keeps in the shared state, from now on: it serves
+            reset_changed_breakers(old.config, new.config, new.breakers)
             self.holder.orchestrator = new
             # What the new config reads, as stamped before its build read it.
             candidate: _Stamps = self._candidate or {}
@@ -170,33 +200,61 @@ class Reloader:
             log.info("config reloaded from %s: experts %s", self.path, ", ".join(new.config.expert_names))
             return new
 
-    def _load(self) -> Orchestrator:
+    async def _load_or_refuse(self) -> tuple[Orchestrator, BuildCommits]:
+        """The new orchestrator, built off the loop, and what its build keeps in the shared state (applied at the
+        swap); ``ReloadFailed`` naming every problem otherwise. An orchestrator built for a file refused for
+        something else (a restart-only change) is closed unserved, its commits dropped."""
+        try:
+            built, commits, problems, unexpected = await asyncio.to_thread(self._load)
+        except Exception as exc:  # pragma: no cover - ``_load`` turns errors into problems; a bug of ours
+            raise ReloadFailed(str(self.path), [self._problem("<reload>", exc)], unexpected=exc) from exc
+        if built is not None and not problems:
+            return built, commits
+        if built is not None:
+            await built.aclose()
+        del built, commits  # not kept alive by the refusal's traceback (this frame): its encoders go now
+        raise ReloadFailed(str(self.path), problems, unexpected=unexpected)
+
+    def _load(self) -> tuple[Orchestrator | None, BuildCommits, list[tuple[str, str]], BaseException | None]:
+        """The file read, checked and built (in a worker thread): the orchestrator (None when the build failed or
+        never ran), what its build keeps in the shared state, every problem found, and the unexpected error among
+        them, if any (for its traceback). The schema's problems come alone: nothing is built from such a file.
+        The others, a change only a restart applies and what the build refuses, come together."""
+        commits = BuildCommits()
         try:
             config = load_config(self.path)
         except ConfigError as exc:
-            raise self._failed(exc) from exc
-        self._candidate = self._stamps(config_inputs(config))
-        fixed = restart_only_changes(self.holder.orchestrator.config, config)
-        if fixed:
-            raise ReloadFailed(str(self.path), fixed)
+            return None, commits, self._failed(exc), None
+        except Exception as exc:  # RecursionError (a file nested too deep for the parser), a bug: refused too
+            return None, commits, [self._problem("<load>", exc)], exc
         try:
-            return self.build(config)
+            self._candidate = self._stamps(config_inputs(config))
+            problems = restart_only_changes(self.holder.orchestrator.config, config)
+        except Exception as exc:  # pragma: no cover - both only compare and stat; a bug of ours
+            return None, commits, [self._problem("<load>", exc)], exc
+        try:
+            with deferred_commits() as commits:
+                return self.build(config), commits, problems, None
         except ConfigError as exc:  # the file of a router nested in this one
-            raise self._failed(exc) from exc
+            return None, commits, problems + self._failed(exc), None
         except Exception as exc:
             # The gate artifact, its two-stage part, the vote weights: named by their key (``load_problem``).
             # Anything else that stops the build (an expert's class, say) must not reach the running service
-            # either: it is reported as one more problem.
+            # either: it is reported as one more problem, with its type, and its traceback logged.
             found = load_problem(exc)
-            where = found[0] if found is not None else "<build>"
-            told = self._told(exc) if found is not None else f"{type(exc).__name__}: {self._told(exc)}"
-            raise ReloadFailed(str(self.path), [(where, told)]) from exc
+            if found is not None:
+                return None, commits, [*problems, (found[0], self._told(exc))], None
+            return None, commits, [*problems, self._problem("<build>", exc)], exc
 
-    def _failed(self, exc: ConfigError) -> ReloadFailed:
+    def _failed(self, exc: ConfigError) -> list[tuple[str, str]]:
         where = "" if exc.source == str(self.path) else f"{exc.source}: "
-        return ReloadFailed(str(self.path), [(f"{where}{p}", m) for p, m in exc.problems])
+        return [(f"{where}{p}", m) for p, m in exc.problems]
 
-    def _told(self, exc: Exception) -> str:
+    def _problem(self, where: str, exc: BaseException) -> tuple[str, str]:
+        """An error no config check names, as a problem: its type and message, credentials in URLs redacted."""
+        return where, f"{type(exc).__name__}: {redact(self._told(exc))}"
+
+    def _told(self, exc: BaseException) -> str:
         return naming_config(exc, str(self.path))
 
     def _retire(self, old: Orchestrator) -> None:
@@ -236,8 +294,12 @@ class Reloader:
         return [path for path, stamp in self._stamp().items() if stamp is not None and stamp != self._seen.get(path)]
 
     async def _reload_logged(self) -> None:
-        with contextlib.suppress(ReloadFailed):  # already logged; the old config keeps serving
+        try:
             await self.reload()
+        except ReloadFailed:  # already logged; the old config keeps serving
+            pass
+        except Exception:  # pragma: no cover - past the build (the swap's own work): logged; the trigger lives on
+            log.exception("config reload from %s failed", self.path)
 
     async def _poll(self, interval: float) -> None:
         while True:
@@ -252,8 +314,28 @@ class Reloader:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    def catch_sighup(self, received: Sequence[object] = ()) -> None:
+        """From now until ``start``, and again after ``stop``, a SIGHUP is remembered instead of ending the process
+        (its default action): ``moe serve`` calls it before it builds, and ``start`` reloads for one that came
+        meanwhile. ``received``: what a stand-in handler installed earlier caught (not empty: one came). From the
+        main thread only; elsewhere, or where there is no SIGHUP (Windows), it does nothing."""
+        sighup = getattr(signal, "SIGHUP", None)
+        if sighup is None:  # pragma: no cover - Windows
+            return
+        try:
+            signal.signal(sighup, self._sighup_early)
+        except ValueError:  # not the main thread
+            return
+        self._early = True
+        if received:  # read once the handler is ours: one arriving in between is caught by it
+            self._sighup_pending = True
+
+    def _sighup_early(self, signum: int, frame: FrameType | None) -> None:
+        self._sighup_pending = True
+
     def start(self) -> None:
-        """Start the mtime watch and the SIGHUP handler (in the running loop)."""
+        """Start the mtime watch and the SIGHUP handler (in the running loop); reload at once for a SIGHUP that
+        came while the service started (``catch_sighup``)."""
         if self.poll_s:
             self._spawn(self._poll(self.poll_s))
         if self.sighup:
@@ -263,12 +345,18 @@ class Reloader:
                 self._signal = True
             except (NotImplementedError, RuntimeError, ValueError):  # not the main thread, or no signals here
                 log.warning("SIGHUP reload unavailable here; use POST /admin/reload or a file change")
+        if self._sighup_pending:
+            self._sighup_pending = False
+            log.info("reloading: SIGHUP came while the service started")
+            self._spawn(self._reload_logged())
 
     async def stop(self) -> None:
         """Stop watching, and close every orchestrator still draining."""
         if self._signal:
-            asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
+            asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)  # back to the default action: ending
             self._signal = False
+            if self._early:  # while the service shuts down, a SIGHUP is still no reason to die
+                self.catch_sighup()
         tasks = list(self._tasks)
         for task in tasks:
             task.cancel()

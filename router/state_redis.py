@@ -381,6 +381,9 @@ class SharedState:
     breaker_store: BreakerStore = field(default_factory=MemoryBreakerStore)
     in_flight: dict[str, int] = field(default_factory=dict)
     encoders: dict[str, Encoder] = field(default_factory=dict)
+    # The states of the routers nested in-process in this one (``router.build.build_nested``), by the nesting
+    # expert's name and the nested config's file: a reload keeps theirs as it keeps this one's.
+    nested: dict[tuple[str, str], Any] = field(default_factory=dict)
 
     @property
     def shared(self) -> bool:

@@ -312,7 +312,8 @@ async def test_a_change_only_a_restart_applies_is_refused_naming_it(tmp_path: Pa
     problems = dict(refused.value.problems)
     assert set(problems) == {"service.port", "gate.artifact"}
     assert problems["service.port"] == "changes only at a restart (running: 8000; the file: 8081)"
-    assert len(builds.built) == 1  # refused before anything was built
+    # Built (so that what the build refuses is named with them), closed unserved.
+    assert len(builds.built) == 2 and builds.closed == [builds.built[1]]
     # pinning the store where it is lets the new gate through
     write(path, ["math", "code"], gate={"artifact": "v2/gate"},
           feedback={"path": str(tmp_path / "v1" / "feedback.sqlite3")})
