@@ -115,10 +115,10 @@ def load_gate(config: RouterConfig, encoders: Mapping[str, Encoder] | None = Non
 
         cascade = config.gate.cascade
         pair = CascadeGate.load(path, loaded[cascade.encoder.model_dump_json()], full)
-        _warn_untrained_settings(path, pair.metadata, config.gate)
+        _warn_untrained_settings(path, pair.metadata, config)
         return pair.with_targets(agreement=cascade.agreement, familiar=cascade.familiar).for_config(config)
     gate = Gate.load(path, full)
-    _warn_untrained_settings(path, gate.metadata, config.gate)
+    _warn_untrained_settings(path, gate.metadata, config)
     return gate.for_config(config)
 
 
@@ -130,12 +130,37 @@ def untrained_settings(metadata: GateMetadata, gate: GateConfig) -> list[str]:
         wanted = {"classifier": (gate.classifier, metadata.classifier), "balance": (gate.balance, metadata.balance)}
     else:
         wanted = {"success_model": (gate.success_model, metadata.classifier)}
-    return [f"gate.{key} is {said!r} but the artifact was trained with {trained!r}"
-            for key, (said, trained) in wanted.items() if trained is not None and said != trained]
+    drift = [f"gate.{key} is {said!r} but the artifact was trained with {trained!r}"
+             for key, (said, trained) in wanted.items() if trained is not None and said != trained]
+    if metadata.kind == "label" and gate.cost_weight:
+        # The knob of an outcome gate (trained on outcome records): a label gate has no cost term to weigh.
+        drift.append(f"gate.cost_weight is {gate.cost_weight:g}, which only an outcome gate reads, but the artifact "
+                     "is a label gate (trained on labelled queries), so it routes without cost")
+    return drift
 
 
-def _warn_untrained_settings(path: Path, metadata: GateMetadata, gate: GateConfig) -> None:
-    drift = untrained_settings(metadata, gate)
+def _train_data_kind(config: RouterConfig) -> str | None:
+    """``outcome`` or ``label``: the kind of gate ``gate.train_data`` trains, by its first file's first record;
+    None without training data, or where that file is not here (a serving container holds only the artifact)."""
+    from router.outcome import is_outcome_file
+
+    if not config.gate.train_data:
+        return None
+    first = config.resolve(config.gate.train_data[0])
+    try:
+        return "outcome" if is_outcome_file(first) else "label"
+    except OSError:
+        return None
+
+
+def _warn_untrained_settings(path: Path, metadata: GateMetadata, config: RouterConfig) -> None:
+    drift = untrained_settings(metadata, config.gate)
+    data_kind = _train_data_kind(config)
+    if data_kind is not None and data_kind != metadata.kind:
+        held = "outcome records" if data_kind == "outcome" else "labelled queries"
+        drift.insert(0, f"gate.train_data holds {held}, which train {'an' if data_kind == 'outcome' else 'a'} "
+                        f"{data_kind} gate, but the artifact is {'an' if metadata.kind == 'outcome' else 'a'} "
+                        f"{metadata.kind} gate")
     if drift:
         log.warning("%s: %s; the gate routes as trained until moe train retrains it with this config",
                     path, "; ".join(drift))

@@ -180,6 +180,22 @@ def test_training_settings_the_artifact_was_not_trained_with_are_named_when_it_l
     assert '"coder"' in capsys.readouterr().out  # routed all the same
 
 
+def test_a_label_gate_under_a_config_describing_an_outcome_gate_is_named_when_it_loads(
+        config: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture) -> None:
+    """The config was switched to outcome records and a cost weight after the label gate was trained: the label
+    gate still routes, without cost, and loading it says so."""
+    outcomes = config.parent / "outcomes.jsonl"
+    outcomes.write_text(json.dumps({"query": "write a python function", "outcomes": {"coder": 1.0}}) + "\n")
+    edited = _edited(config, "  artifact: gate\n", "  artifact: gate\n  train_data: [outcomes.jsonl]\n"
+                                                   "  cost_weight: 0.5\n")
+    with caplog.at_level("WARNING", logger="router.build"):
+        assert main(["route", "write a python function", "--config", str(edited)]) == 0
+    assert ("gate.train_data holds outcome records, which train an outcome gate, but the artifact is a label gate; "
+            "gate.cost_weight is 0.5, which only an outcome gate reads, but the artifact is a label gate (trained on "
+            "labelled queries), so it routes without cost; the gate routes as trained") in caplog.text
+    assert '"coder"' in capsys.readouterr().out
+
+
 def test_an_outcome_gate_names_a_success_model_it_was_not_trained_with_and_old_artifacts_are_not_compared() -> None:
     from router.build import untrained_settings
     from router.config import GateConfig
