@@ -7,11 +7,19 @@ When streaming, both arrive on the last chunk. The network is injected for tests
 ``async_transport``), as everywhere in the SDK.
 
 It takes its arguments as ``ChatOpenAI`` does: ``model_name`` is another name for ``model`` (``openai_api_key`` for
-``api_key``, ``request_timeout`` for ``timeout``), any argument it does not
-declare (``seed``, ``frequency_penalty``, a typo) goes into ``model_kwargs``, with a warning, and is sent with every
-request; ``bind(...)`` and call keywords override the model's own, ``model`` and ``combiner`` included. A combiner
+``api_key``, ``openai_api_base`` for ``base_url``, ``request_timeout`` for ``timeout``); ``default_headers``,
+``max_retries`` and ``streaming`` mean what they mean there (see ``max_retries`` for which failures are retried);
+any argument it does not declare (``seed``, ``frequency_penalty``, a typo) goes into ``model_kwargs``, with a
+warning, and is sent with every request; ``with_structured_output`` takes ``method`` (``json_schema`` by default,
+``function_calling``, ``json_mode``), ``include_raw``, ``strict`` and ``tools`` as ``ChatOpenAI`` does;
+``bind(...)`` and call keywords override the model's own, ``model`` and ``combiner`` included. A combiner
 other than ``top1`` cannot combine a stream (one expert serves a stream), so with one, streaming calls (``stream``,
 ``astream``, ``astream_events``, LangGraph's messages mode) make one combined call and yield its answer as one chunk.
+
+Each model keeps its HTTP connections between calls: one client for its blocking calls, and one per event loop for
+its async calls (an httpx.AsyncClient belongs to the loop it first ran on). A copy or a pickle of the model opens
+its own. ``close()`` and ``aclose()`` close them now (a later call opens new ones); otherwise an async client
+closes when its loop shuts down (``asyncio.run``'s end), and a model collected closes its connections.
 
     from router.langchain import ChatMoERouter
     model = ChatMoERouter(base_url="http://127.0.0.1:8000", api_key="...")
@@ -20,33 +28,51 @@ other than ``top1`` cannot combine a stream (one expert serves a stream), so wit
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+import random
+import threading
+import time
 import warnings
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from typing import Any
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Generator, Iterator, Sequence
+from functools import partial
+from operator import itemgetter
+from typing import Any, Literal, Self, TypeVar, cast
 
 import httpx
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
 from langchain_core.language_models import LanguageModelInput
 from langchain_core.language_models.chat_models import BaseChatModel
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, convert_to_openai_messages
-from langchain_core.messages.ai import UsageMetadata
+from langchain_core.messages.ai import InputTokenDetails, OutputTokenDetails, UsageMetadata
 from langchain_core.messages.tool import invalid_tool_call, tool_call, tool_call_chunk
+from langchain_core.output_parsers import JsonOutputParser, PydanticOutputParser
+from langchain_core.output_parsers.openai_tools import JsonOutputKeyToolsParser, PydanticToolsParser
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
-from langchain_core.runnables import Runnable
+from langchain_core.runnables import Runnable, RunnableGenerator, RunnableLambda, RunnableMap, RunnablePassthrough
 from langchain_core.tools import BaseTool
-from langchain_core.utils.function_calling import convert_to_openai_tool
-from pydantic import ConfigDict, Field, SecretStr, model_validator
+from langchain_core.utils.function_calling import convert_to_openai_function, convert_to_openai_tool
+from langchain_core.utils.pydantic import is_basemodel_subclass
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SecretStr, field_validator, model_validator
 
 from experts.types import Usage
 from router import sdk
 from router.trace import Trace
 
+try:  # langchain-core 1.7.5+: what an integration raises for a refusal, whichever the provider
+    from langchain_core.exceptions import ModelRefusalError
+except ImportError:  # older: a parsing failure, as with_structured_output's include_raw reports one
+    from langchain_core.exceptions import OutputParserException as ModelRefusalError  # type: ignore[assignment]
+
 __all__ = ["ChatMoERouter"]
+
+_T = TypeVar("_T")
 
 # Other names ``ChatOpenAI`` takes for the same arguments. ``openai_api_key`` above all: left undeclared, the key
 # would be sent in every request's body, which the service forwards to every expert.
-_ALIASES = {"model_name": "model", "request_timeout": "timeout", "openai_api_key": "api_key"}
+_ALIASES = {"model_name": "model", "request_timeout": "timeout", "openai_api_key": "api_key",
+            "openai_api_base": "base_url"}
 
 
 class ChatMoERouter(BaseChatModel):
@@ -68,13 +94,25 @@ class ChatMoERouter(BaseChatModel):
     max_tokens: int | None = None
     top_p: float | None = None
     stop: list[str] | None = None
-    # Seconds, as the SDK's clients take it; None: no timeout (``ChatOpenAI``'s ``timeout=None``).
-    timeout: float | None = 120.0
+    # As the SDK's clients take it: seconds, an ``httpx.Timeout``, or None for none (``ChatOpenAI``'s
+    # ``timeout=None``); a (connect, read) tuple, as ``ChatOpenAI`` takes it, is read as an ``httpx.Timeout``.
+    timeout: sdk.Timeout = 120.0
+    # Headers sent with every request (``ChatOpenAI``'s ``default_headers``): a gateway's, a tracing id.
+    default_headers: dict[str, str] | None = None
+    # Retries of a call the service could not be reached for (connection refused, connect timeout) or answered 429,
+    # 502, 503 or 504, waiting its Retry-After (up to 60 s), else 0.5 s doubling up to 8 s. Never a call the
+    # service was working on when it failed (a timeout waiting for the answer, a connection broken mid-answer, a
+    # stream that had begun), nor a 500: the service already retries and falls back across experts, and a retry
+    # here runs them all again. None or 0: none (``ChatOpenAI`` retries twice by default).
+    max_retries: int | None = Field(default=None, ge=0)
+    # As ``ChatOpenAI``'s: True makes ``invoke`` stream (LangChain reads it).
+    streaming: bool = False
     # Any other OpenAI request field (seed, response_format, ...), sent as given; an argument this model does not
     # declare lands here (see ``build_extra``).
     model_kwargs: dict[str, Any] = Field(default_factory=dict)
     transport: httpx.BaseTransport | None = Field(default=None, exclude=True)
     async_transport: httpx.AsyncBaseTransport | None = Field(default=None, exclude=True)
+    _clients: _Clients = PrivateAttr(default_factory=lambda: _Clients())
 
     @model_validator(mode="before")
     @classmethod
@@ -115,6 +153,35 @@ class ChatMoERouter(BaseChatModel):
             values["model_kwargs"] = extra
         return values
 
+    @field_validator("timeout", mode="before")
+    @classmethod
+    def timeout_tuple(cls, value: Any) -> Any:
+        """``ChatOpenAI``'s ``request_timeout=(connect, read)``, as httpx reads such a tuple."""
+        return httpx.Timeout(value) if isinstance(value, tuple) else value
+
+    @model_validator(mode="after")
+    def headers_sendable(self) -> Self:
+        """A key or header no request could carry (a control character left inside it), refused now rather than
+        on every call; the error never shows it."""
+        sdk.client_headers(self._key(), self.default_headers)
+        return self
+
+    def __copy__(self) -> Self:
+        """A copy (``model_copy``) opens its own connections: it may be given another ``base_url`` or key, and
+        closing one must not close the other's."""
+        copied = super().__copy__()
+        copied._clients = _Clients()
+        return copied
+
+    def close(self) -> None:
+        """Close the blocking calls' connections now; a later call opens new ones."""
+        self._clients.close()
+
+    async def aclose(self) -> None:
+        """Close this event loop's async connections, and the blocking calls' ones; a later call opens new ones."""
+        self._clients.close()
+        await self._clients.aclose()
+
     @property
     def _llm_type(self) -> str:
         return "moe-router"
@@ -130,9 +197,10 @@ class ChatMoERouter(BaseChatModel):
         """Send ``tools`` with each call; the service routes it only to experts declaring the capability.
 
         ``tool_choice`` takes LangChain's values, sent as OpenAI's API (and vLLM) take them: ``"any"`` (what
-        ``with_structured_output`` asks for) as ``"required"``, a tool's name (or ``True`` with one tool) as that
-        named function; ``"auto"``, ``"none"``, ``"required"`` and a dict as given. ``strict``, as ``ChatOpenAI``
-        takes it, goes on each tool's function (``"strict": true``), never at the request's top level."""
+        langchain-core's own ``with_structured_output`` asks for) as ``"required"``, a tool's name (or ``True``
+        with one tool) as that named function; ``"auto"``, ``"none"``, ``"required"`` and a dict as given.
+        ``strict``, as ``ChatOpenAI`` takes it, goes on each tool's function (``"strict": true``), never at the
+        request's top level."""
         converted = [convert_to_openai_tool(t, strict=strict) for t in tools]
         bound: dict[str, Any] = {"tools": converted, **kwargs}
         choice = _tool_choice(tool_choice, [t["function"]["name"] for t in converted])
@@ -140,34 +208,99 @@ class ChatMoERouter(BaseChatModel):
             bound["tool_choice"] = choice
         return self.bind(**bound)
 
+    def with_structured_output(self, schema: dict[str, Any] | type | None = None, *,
+                               method: Literal["function_calling", "json_mode", "json_schema"] = "json_schema",
+                               include_raw: bool = False, strict: bool | None = None, tools: list[Any] | None = None,
+                               **kwargs: Any) -> Runnable[LanguageModelInput, dict[str, Any] | BaseModel]:
+        """The answer as ``schema`` (a pydantic class: an instance of it; else a dict), as ``ChatOpenAI`` asks for
+        it (langchain-openai 1.x): ``method="json_schema"`` (the default) sends the schema as ``response_format``
+        (a pydantic class strict, as the OpenAI SDK sends it; ``strict`` overrides), ``"json_mode"`` asks for a
+        JSON object (``{"type": "json_object"}``; ``schema`` may be None), ``"function_calling"`` forces a call of
+        a tool named after the schema. A refusal (or a ``content_filter`` finish) raises ``ModelRefusalError``.
+        ``include_raw=True`` gives ``{"raw", "parsed", "parsing_error"}`` rather than raising a parsing error.
+        ``tools`` (json_schema only) are bound too: an answer that calls one parses as None. Other keywords are
+        bound as ``bind(...)`` takes them.
+
+        A request with ``response_format`` reaches every expert, as any request field does (an expert that
+        cannot honour it answers as it can, and the parsing fails); one with tools, only experts declaring the
+        ``tools`` capability."""
+        if strict is not None and method == "json_mode":
+            raise ValueError("strict= is not taken with method='json_mode' (a JSON object, no schema)")
+        if tools and method != "json_schema":
+            raise ValueError(f"tools= is taken with method='json_schema' only, not {method!r}")
+        if schema is None and method != "json_mode":
+            raise ValueError(f"method={method!r} needs a schema (only json_mode takes None)")
+        # The pydantic class the answer is validated into; None: the answer is a dict.
+        pydantic = isinstance(schema, type) and is_basemodel_subclass(schema)
+        model_class = cast("type[BaseModel]", schema) if pydantic else None
+        traced = {"kwargs": {"method": method, "strict": strict}, "schema": schema}
+        llm: Runnable[LanguageModelInput, BaseMessage]
+        parser: Runnable[Any, Any]
+        if method == "function_calling":
+            assert schema is not None
+            name = convert_to_openai_tool(schema)["function"]["name"]
+            llm = self.bind_tools([schema], tool_choice=name, strict=strict, parallel_tool_calls=False,
+                                  ls_structured_output_format=traced, **kwargs)
+            parser = (PydanticToolsParser(tools=[model_class], first_tool_only=True) if model_class
+                      else JsonOutputKeyToolsParser(key_name=name, first_tool_only=True))
+        elif method == "json_mode":
+            traced["kwargs"] = {"method": method}
+            llm = self.bind(response_format={"type": "json_object"}, ls_structured_output_format=traced, **kwargs)
+            parser = PydanticOutputParser(pydantic_object=model_class) if model_class else JsonOutputParser()
+        elif method == "json_schema":
+            assert schema is not None
+            bound: dict[str, Any] = {"response_format": _response_format(schema, strict, pydantic),
+                                     "ls_structured_output_format": {**traced,
+                                                                     "schema": convert_to_openai_tool(schema)},
+                                     **kwargs}
+            if tools:
+                bound["tools"] = [convert_to_openai_tool(t, strict=strict) for t in tools]
+            llm = self.bind(**bound)
+            parser = (RunnableLambda(partial(_answer_as, PydanticOutputParser(pydantic_object=model_class)))
+                      if model_class else JsonOutputParser())
+        else:
+            raise ValueError(f"method {method!r} is none of json_schema, function_calling, json_mode")
+        # Checked chunk by chunk, so a streamed structured answer still streams.
+        checked = RunnableGenerator(_no_refusal, _ano_refusal) | parser
+        if not include_raw:
+            return llm | checked
+        parsed = RunnablePassthrough.assign(parsed=itemgetter("raw") | checked, parsing_error=lambda _: None)
+        unparsed = RunnablePassthrough.assign(parsed=lambda _: None)
+        return RunnableMap(raw=llm) | parsed.with_fallbacks([unparsed], exception_key="parsing_error")
+
     # -- the four entry points: thin shells over the SDK ----------------------------------------------------
     # Each takes the call's keywords (``bind(...)``, ``invoke(..., **kwargs)``) over the model's own, ``model`` and
-    # ``combiner`` included; ``timeout`` among them is the call's HTTP timeout (the SDK's).
+    # ``combiner`` included; ``timeout`` among them is the call's HTTP timeout (the SDK's). Each reuses the model's
+    # client (see the module docstring) and retries as ``max_retries`` says.
     def _generate(self, messages: list[BaseMessage], stop: list[str] | None = None,
                   run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> ChatResult:
         model, combiner, params = self._request(stop, kwargs)
-        with self._client() as client:
-            result = client.chat(_wire(messages), model=model, combiner=combiner, **params)
-        return _chat_result(result)
+        client = self._client()
+        return _chat_result(self._retrying(lambda: client.chat(_wire(messages), model=model, combiner=combiner,
+                                                               **params)))
 
     async def _agenerate(self, messages: list[BaseMessage], stop: list[str] | None = None,
                          run_manager: AsyncCallbackManagerForLLMRun | None = None, **kwargs: Any) -> ChatResult:
         model, combiner, params = self._request(stop, kwargs)
-        async with self._async_client() as client:
-            result = await client.chat(_wire(messages), model=model, combiner=combiner, **params)
-        return _chat_result(result)
+        client = await self._async_client()
+        return _chat_result(await self._aretrying(lambda: client.chat(_wire(messages), model=model,
+                                                                      combiner=combiner, **params)))
 
     def _stream(self, messages: list[BaseMessage], stop: list[str] | None = None,
                 run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> Iterator[ChatGenerationChunk]:
         model, combiner, params = self._request(stop, kwargs)
-        with self._client() as client:
-            if not _streams(combiner):  # a combined answer: one call, one chunk (see the module docstring)
-                whole = _whole_chunk(client.chat(_wire(messages), model=model, combiner=combiner, **params))
-                if run_manager and whole.message.content:
-                    run_manager.on_llm_new_token(whole.text, chunk=whole)
-                yield whole
-                return
-            for piece in client.stream(_wire(messages), model=model, **params):
+        client = self._client()
+        if not _streams(combiner):  # a combined answer: one call, one chunk (see the module docstring)
+            whole = _whole_chunk(self._retrying(lambda: client.chat(_wire(messages), model=model, combiner=combiner,
+                                                                    **params)))
+            if run_manager and whole.message.content:
+                run_manager.on_llm_new_token(whole.text, chunk=whole)
+            yield whole
+            return
+        # A stream is retried until its first chunk comes, never after.
+        pieces = self._retrying(lambda: _opened(client.stream(_wire(messages), model=model, **params)))
+        with contextlib.closing(pieces):
+            for piece in pieces:
                 chunk = _chunk(piece)
                 if run_manager and piece.content:
                     run_manager.on_llm_new_token(piece.content, chunk=chunk)
@@ -177,14 +310,17 @@ class ChatMoERouter(BaseChatModel):
                        run_manager: AsyncCallbackManagerForLLMRun | None = None,
                        **kwargs: Any) -> AsyncIterator[ChatGenerationChunk]:
         model, combiner, params = self._request(stop, kwargs)
-        async with self._async_client() as client:
-            if not _streams(combiner):
-                whole = _whole_chunk(await client.chat(_wire(messages), model=model, combiner=combiner, **params))
-                if run_manager and whole.message.content:
-                    await run_manager.on_llm_new_token(whole.text, chunk=whole)
-                yield whole
-                return
-            async for piece in client.stream(_wire(messages), model=model, **params):
+        client = await self._async_client()
+        if not _streams(combiner):
+            whole = _whole_chunk(await self._aretrying(lambda: client.chat(_wire(messages), model=model,
+                                                                           combiner=combiner, **params)))
+            if run_manager and whole.message.content:
+                await run_manager.on_llm_new_token(whole.text, chunk=whole)
+            yield whole
+            return
+        pieces = await self._aretrying(lambda: _aopened(client.stream(_wire(messages), model=model, **params)))
+        async with contextlib.aclosing(pieces):
+            async for piece in pieces:
                 chunk = _chunk(piece)
                 if run_manager and piece.content:
                     await run_manager.on_llm_new_token(piece.content, chunk=chunk)
@@ -208,13 +344,195 @@ class ChatMoERouter(BaseChatModel):
     def _key(self) -> str | None:
         return self.api_key.get_secret_value() if self.api_key else None
 
-    def _client(self) -> sdk.Client:
-        return sdk.Client(self.base_url, api_key=self._key(), timeout=self.timeout, transport=self.transport)
+    def _settings(self) -> tuple[Any, ...]:
+        """What a client is built from: a client built from other settings (the model's fields changed since) is
+        not reused."""
+        return self.base_url, self._key(), self.timeout, self.default_headers, self.transport, self.async_transport
 
-    def _async_client(self) -> sdk.AsyncClient:
-        # One per call: an httpx.AsyncClient is tied to the event loop it first ran on.
-        return sdk.AsyncClient(self.base_url, api_key=self._key(), timeout=self.timeout,
-                               transport=self.async_transport)
+    def _client(self) -> sdk.Client:
+        return self._clients.client(self._settings(), lambda: sdk.Client(
+            self.base_url, api_key=self._key(), timeout=self.timeout, transport=self.transport,
+            headers=self.default_headers))
+
+    async def _async_client(self) -> sdk.AsyncClient:
+        return await self._clients.aclient(self._settings(), lambda: sdk.AsyncClient(
+            self.base_url, api_key=self._key(), timeout=self.timeout, transport=self.async_transport,
+            headers=self.default_headers))
+
+    def _retrying(self, call: Callable[[], _T]) -> _T:
+        """``call()``, retried as ``max_retries`` says."""
+        retry = 0
+        while True:
+            try:
+                return call()
+            except sdk.RouterAPIError as error:
+                retry += 1
+                wait = _retry_wait(error, retry, self.max_retries or 0)
+                if wait is None:
+                    raise
+            time.sleep(wait)
+
+    async def _aretrying(self, call: Callable[[], Awaitable[_T]]) -> _T:
+        """``await call()``, retried as ``max_retries`` says."""
+        retry = 0
+        while True:
+            try:
+                return await call()
+            except sdk.RouterAPIError as error:
+                retry += 1
+                wait = _retry_wait(error, retry, self.max_retries or 0)
+                if wait is None:
+                    raise
+            await asyncio.sleep(wait)
+
+
+class _Clients:
+    """The SDK clients one ``ChatMoERouter`` reuses: one for its blocking calls (an httpx.Client serves any number
+    of threads), one per event loop for its async calls (an httpx.AsyncClient's connections belong to the loop
+    that opened them), each built on first use from the model's settings then. An async one is built off the loop:
+    building one loads the CA bundle (tens of milliseconds), which would stall every task on the loop.
+
+    No part of the model's value: a deep copy or a pickle of the model gets an empty one (the model's own
+    ``__copy__`` sees to ``model_copy``), and any two compare equal, so the model's ``==`` compares its fields."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._sync: tuple[tuple[Any, ...], sdk.Client] | None = None
+        # Per event loop, per settings the model had: the task building the client (its result, the client and the
+        # generator that keeps it, see ``_kept``). One built from settings since changed is kept for the calls
+        # still using it, and closes with its loop.
+        self._async: dict[asyncio.AbstractEventLoop, list[tuple[tuple[Any, ...], asyncio.Task[_Kept]]]] = {}
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return _Clients, ()
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> _Clients:
+        return _Clients()
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Clients)
+
+    def client(self, settings: tuple[Any, ...], build: Callable[[], sdk.Client]) -> sdk.Client:
+        with self._lock:
+            if self._sync is None or self._sync[0] != settings:
+                # One built from older settings is left to the calls still using it, and closes when collected.
+                self._sync = settings, build()
+            return self._sync[1]
+
+    async def aclient(self, settings: tuple[Any, ...], build: Callable[[], sdk.AsyncClient]) -> sdk.AsyncClient:
+        loop = asyncio.get_running_loop()
+        with self._lock:
+            for gone in [other for other in self._async if other.is_closed()]:
+                del self._async[gone]  # closed with its loop (see ``_kept``)
+            held = self._async.setdefault(loop, [])
+            building = next((task for made, task in held if made == settings), None)
+            if building is None:
+                building = loop.create_task(_built(build))
+                held.append((settings, building))
+        try:
+            # Shielded: a caller cancelled while it is built leaves it to the others waiting for it.
+            client, _ = await asyncio.shield(building)
+        except Exception:
+            with self._lock:  # the next call tries afresh
+                if (settings, building) in held:
+                    held.remove((settings, building))
+            raise
+        return client
+
+    def close(self) -> None:
+        with self._lock:
+            held, self._sync = self._sync, None
+        if held is not None:
+            held[1].close()
+
+    async def aclose(self) -> None:
+        with self._lock:
+            held = self._async.pop(asyncio.get_running_loop(), [])
+        for _, building in held:
+            with contextlib.suppress(Exception):  # one that was never built has nothing to close
+                _, keeper = await asyncio.shield(building)
+                await keeper.aclose()
+
+
+_Kept = tuple[sdk.AsyncClient, AsyncGenerator[None]]
+
+
+async def _built(build: Callable[[], sdk.AsyncClient]) -> _Kept:
+    """A client built off the loop, and the generator that closes it (``_kept``), started on the loop."""
+    client = await asyncio.get_running_loop().run_in_executor(None, build)
+    keeper = _kept(client)
+    await anext(keeper)
+    return client, keeper
+
+
+async def _kept(client: sdk.AsyncClient) -> AsyncGenerator[None]:
+    """Waits, parked at its yield, to close ``client`` on its event loop (where alone it can be closed): the loop
+    closes it, and so the client, when it shuts down (``asyncio.run``'s end), or once it is collected (its model
+    was), by the loop's finalizer for async generators (PEP 525)."""
+    try:
+        yield
+    finally:
+        await client.aclose()
+
+
+# The failures ``max_retries`` retries (see ChatMoERouter.max_retries): the service unreachable, the request never
+# sent, and the answers that say "later": too many requests, a gateway's 502 or 504, every expert failed (503).
+_NEVER_SENT = (httpx.ConnectError, httpx.ConnectTimeout)
+_RETRIED_STATUSES = frozenset({429, 502, 503, 504})
+
+
+def _retry_wait(error: sdk.RouterAPIError, retry: int, max_retries: int) -> float | None:
+    """Seconds to wait before retry number ``retry`` of a call that failed with ``error``; None: not retried."""
+    if retry > max_retries:
+        return None
+    if isinstance(error, sdk.RouterConnectionError):
+        # The SDK chains httpx's failure: only one before the request was sent is retried.
+        if not isinstance(error.__cause__, _NEVER_SENT):
+            return None
+    elif error.status not in _RETRIED_STATUSES:
+        return None
+    asked = error.retry_after_s
+    if asked is not None and asked <= 60:
+        return asked
+    # As the OpenAI SDK backs off: 0.5 s doubling, up to 8 s, less up to a quarter so that clients spread out.
+    return min(0.5 * 2 ** (retry - 1), 8.0) * (1 - 0.25 * random.random())
+
+
+def _opened(stream: Iterator[_T]) -> Generator[_T]:
+    """``stream`` with its first item fetched now, so that a failure to open it raises here (where it is retried)
+    rather than part way through the caller's loop."""
+    return _prefixed(next(stream, _END), stream)
+
+
+def _prefixed(first: Any, stream: Iterator[_T]) -> Generator[_T]:
+    try:
+        if first is not _END:
+            yield first
+            yield from stream
+    finally:
+        close = getattr(stream, "close", None)
+        if close is not None:
+            close()
+
+
+async def _aopened(stream: AsyncIterator[_T]) -> AsyncGenerator[_T]:
+    """``_opened`` for an async stream."""
+    return _aprefixed(await anext(stream, _END), stream)
+
+
+async def _aprefixed(first: Any, stream: AsyncIterator[_T]) -> AsyncGenerator[_T]:
+    try:
+        if first is not _END:
+            yield first
+            async for item in stream:
+                yield item
+    finally:
+        close = getattr(stream, "aclose", None)
+        if close is not None:
+            await close()
+
+
+_END = object()
 
 
 def _streams(combiner: str | None) -> bool:
@@ -251,8 +569,19 @@ def _metadata(expert: str, finish_reason: str | None, trace: Trace) -> dict[str,
 
 
 def _usage(usage: Usage) -> UsageMetadata:
-    return UsageMetadata(input_tokens=usage.prompt_tokens, output_tokens=usage.completion_tokens,
-                         total_tokens=usage.total_tokens)
+    """The usage as langchain-openai gives it: the totals, and the upstream's breakdowns (cached prompt tokens as
+    ``cache_read``, reasoning tokens as ``reasoning``, audio tokens) where it sent any."""
+    metadata = UsageMetadata(input_tokens=usage.prompt_tokens, output_tokens=usage.completion_tokens,
+                             total_tokens=usage.total_tokens)
+    prompt, completion = usage.prompt_tokens_details or {}, usage.completion_tokens_details or {}
+    given = {"audio": prompt.get("audio_tokens"), "cache_read": prompt.get("cached_tokens"),
+             "cache_creation": prompt.get("cache_write_tokens")}
+    if inputs := {k: v for k, v in given.items() if v is not None}:
+        metadata["input_token_details"] = InputTokenDetails(**inputs)  # type: ignore[typeddict-item]
+    given = {"audio": completion.get("audio_tokens"), "reasoning": completion.get("reasoning_tokens")}
+    if outputs := {k: v for k, v in given.items() if v is not None}:
+        metadata["output_token_details"] = OutputTokenDetails(**outputs)  # type: ignore[typeddict-item]
+    return metadata
 
 
 def _chat_result(result: sdk.ChatResult) -> ChatResult:
@@ -274,8 +603,8 @@ def _chat_result(result: sdk.ChatResult) -> ChatResult:
 
 def _chunk(piece: sdk.StreamChunk) -> ChatGenerationChunk:
     # Tool-call deltas as LangChain's chunks: added together, they give the message its parsed tool_calls.
-    calls = [tool_call_chunk(name=(d.get("function") or {}).get("name"), args=(d.get("function") or {}).get(
-        "arguments"), id=d.get("id"), index=d.get("index")) for d in piece.tool_calls or []]
+    calls = [tool_call_chunk(name=(d.get("function") or {}).get("name"), args=_args_text((d.get("function") or {}).get(
+        "arguments")), id=d.get("id"), index=d.get("index")) for d in piece.tool_calls or []]
     # Pieces of a refusal (and of reasoning) add up, as content does.
     extra: dict[str, Any] = {"refusal": piece.refusal} if piece.refusal else {}
     if piece.reasoning_content:
@@ -297,8 +626,8 @@ def _chunk(piece: sdk.StreamChunk) -> ChatGenerationChunk:
 def _whole_chunk(result: sdk.ChatResult) -> ChatGenerationChunk:
     """A whole (combined) answer as the one and last chunk of a stream: what ``_chunk`` gives for the pieces of a
     streamed one, added up (tool calls as chunks, so they parse as the streamed ones do)."""
-    calls = [tool_call_chunk(name=(c.get("function") or {}).get("name"), args=(c.get("function") or {}).get(
-        "arguments"), id=c.get("id"), index=c.get("index", i)) for i, c in enumerate(result.tool_calls or [])]
+    calls = [tool_call_chunk(name=(c.get("function") or {}).get("name"), args=_args_text((c.get("function") or {}).get(
+        "arguments")), id=c.get("id"), index=c.get("index", i)) for i, c in enumerate(result.tool_calls or [])]
     extra: dict[str, Any] = {"refusal": result.refusal} if result.refusal is not None else {}
     if result.reasoning_content is not None:
         extra["reasoning_content"] = result.reasoning_content
@@ -313,17 +642,86 @@ def _whole_chunk(result: sdk.ChatResult) -> ChatGenerationChunk:
 
 
 def _tool_calls(raw: list[dict[str, Any]]) -> tuple[list[Any], list[Any]]:
-    """OpenAI tool calls as LangChain's; one whose arguments are not a JSON object is kept as invalid."""
+    """OpenAI tool calls as LangChain's; one without a function name, or whose arguments are not a JSON object, is
+    kept as invalid, its arguments as text."""
     calls, invalid = [], []
     for item in raw:
         function = item.get("function") or {}
-        name, arguments, call_id = function.get("name"), function.get("arguments") or "{}", item.get("id")
-        try:
-            args = json.loads(arguments)
-        except ValueError:
-            args = None
-        if isinstance(name, str) and isinstance(args, dict):
+        name, arguments, call_id = function.get("name"), function.get("arguments"), item.get("id")
+        args = _args_object(arguments)
+        if isinstance(name, str) and args is not None:
             calls.append(tool_call(name=name, args=args, id=call_id))
         else:
-            invalid.append(invalid_tool_call(name=name, args=arguments, id=call_id, error="arguments are not JSON"))
+            error = "the call names no function" if not isinstance(name, str) else "arguments are not a JSON object"
+            invalid.append(invalid_tool_call(name=name, args=_args_text(arguments), id=call_id, error=error))
     return calls, invalid
+
+
+def _args_object(arguments: Any) -> dict[str, Any] | None:
+    """A tool call's arguments as a dict, None if they are none: OpenAI sends them as JSON text, some servers as
+    the object itself; none, or empty text, is no arguments."""
+    if isinstance(arguments, dict):
+        return arguments
+    if arguments is None or arguments == "":
+        return {}
+    try:
+        parsed = json.loads(arguments) if isinstance(arguments, str) else None
+    except ValueError:
+        return None
+    return parsed if isinstance(parsed, dict) else None
+
+
+def _args_text(arguments: Any) -> str | None:
+    """A tool call's arguments as LangChain's chunks and invalid calls carry them: text (an object sent as one, as
+    JSON)."""
+    if arguments is None or isinstance(arguments, str):
+        return arguments
+    try:
+        return json.dumps(arguments)
+    except (TypeError, ValueError):
+        return str(arguments)
+
+
+def _response_format(schema: dict[str, Any] | type, strict: bool | None, pydantic: bool) -> dict[str, Any]:
+    """``schema`` as ``ChatOpenAI`` sends it for ``method="json_schema"``: a ``response_format`` given whole, or
+    ``json_schema``'s part of one, as given; a pydantic class strict (as the OpenAI SDK sends it) unless ``strict``
+    says otherwise; another schema strict as ``strict``, or its own ``strict``, says."""
+    if isinstance(schema, dict) and schema.get("type") == "json_schema" and "json_schema" in schema:
+        return schema
+    if isinstance(schema, dict) and "name" in schema and "schema" in schema:
+        return {"type": "json_schema", "json_schema": schema}
+    if strict is None:
+        strict = pydantic or (isinstance(schema, dict) and schema.get("strict") is True)
+    function = convert_to_openai_function(schema, strict=strict)
+    function["schema"] = function.pop("parameters")
+    return {"type": "json_schema", "json_schema": function}
+
+
+def _answer_as(parser: PydanticOutputParser[Any], message: BaseMessage) -> BaseModel | None:
+    """A ``json_schema`` answer as the pydantic class; None when the model called a tool (``tools=``) instead, as
+    ``ChatOpenAI`` gives it."""
+    if isinstance(message, AIMessage) and message.tool_calls:
+        return None
+    parsed: BaseModel = parser.invoke(message)
+    return parsed
+
+
+def _refused(message: BaseMessage) -> None:
+    """``ModelRefusalError`` for a refusal (where ``_chat_result`` and ``_chunk`` put it) or a ``content_filter``
+    finish, as ``ChatOpenAI``'s structured output raises it: there is no answer to parse."""
+    if refusal := message.additional_kwargs.get("refusal"):
+        raise ModelRefusalError(str(refusal), raw_message=message)
+    if message.response_metadata.get("finish_reason") == "content_filter":
+        raise ModelRefusalError("the answer was stopped by a content filter", raw_message=message)
+
+
+def _no_refusal(messages: Iterator[BaseMessage]) -> Iterator[BaseMessage]:
+    for message in messages:
+        _refused(message)
+        yield message
+
+
+async def _ano_refusal(messages: AsyncIterator[BaseMessage]) -> AsyncIterator[BaseMessage]:
+    async for message in messages:
+        _refused(message)
+        yield message

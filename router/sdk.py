@@ -23,6 +23,11 @@ way in process, and the SDK never imports FastAPI.
 
 ``chat`` returns one complete answer and ``stream`` streams one, in all three: neither takes ``stream=`` among its
 request parameters, and one given is a ``TypeError`` before anything is sent.
+
+``api_key`` is taken without its surrounding whitespace (a key read from a secret file ends in a newline), as the
+service takes its keys; one still holding a control character is a ``ValueError`` when the client is built, and no
+error message ever shows a key or a header's value. ``headers=`` are sent with every request (the OpenAI SDK's
+``default_headers``).
 """
 
 from __future__ import annotations
@@ -30,7 +35,9 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import re
 import uuid
+import weakref
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
@@ -66,6 +73,10 @@ __all__ = ["AsyncClient", "ChatResult", "Client", "FeedbackRecord", "LocalRouter
            "RouterConnectionError", "StreamChunk"]
 
 Messages = str | Sequence[dict[str, Any]]
+# The clients' connection pools (httpx's defaults, but for how long an idle connection is kept): below the
+# service's keep-alive timeout (uvicorn's, 5 s), so a request keeps off a connection the service is closing (it
+# would fail as "server disconnected", with nothing wrong). An injected transport pools by its own settings.
+LIMITS = httpx.Limits(max_connections=100, max_keepalive_connections=20, keepalive_expiry=4.0)
 COMBINER_HEADER = "x-moe-combiner"  # the service reads a request's combiner strategy from it
 # A client's timeout: seconds, an ``httpx.Timeout`` (per phase), or None (none). A call's ``timeout=`` defaults to
 # ``httpx.USE_CLIENT_DEFAULT``: the client's.
@@ -129,6 +140,11 @@ class RouterAPIError(Exception):
         self.message = error.get("message", str(body))
         super().__init__(f"HTTP {status}{f' ({self.code})' if self.code else ''}: {self.message}")
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickled (and copied) as built: a process pool, multiprocessing or Ray hands a worker's error back so, and
+        Exception's own way would call the class with its message alone."""
+        return type(self), (self.status, self.body, self.headers), self.__dict__
+
     @property
     def retry_after_s(self) -> float | None:
         """The wait the service asked for, in seconds from now, if any: ``Retry-After`` in either of its forms
@@ -158,6 +174,9 @@ class RouterConnectionError(RouterAPIError):
     def __init__(self, message: str, code: str) -> None:
         super().__init__(0, {"error": {"message": message, "type": "connection_error", "code": code}})
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        return type(self), (self.message, self.code), self.__dict__
+
     def __str__(self) -> str:
         return self.message
 
@@ -183,10 +202,47 @@ def _shown(url: httpx.URL) -> str:
     return str(url.copy_with(userinfo=b"", query=None, fragment=None))
 
 
+# A header's name: an HTTP token (RFC 9110).
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+
+
+def _header_value(value: str, what: str) -> str:
+    """``value`` as a header carries it: without surrounding whitespace (a key read from a secret file ends in a
+    newline), as the service strips its keys. One still holding a control character, or a character that is not
+    ASCII, is refused now: httpx would refuse it on every request with an error quoting the whole header, key and
+    all. The error names ``what``, never the value (it may be a secret)."""
+    value = value.strip()
+    if not all(" " <= c <= "~" for c in value):
+        raise ValueError(f"{what} holds a control character (a newline, a tab, ...) or a character that is not ASCII, "
+                         "which no HTTP header may carry; check how it was read (the value is not shown, as it may "
+                         "be a secret)")
+    return value
+
+
+def client_headers(api_key: str | None, headers: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The headers a client sends with every request: ``headers`` and the key's ``Authorization``, each checked
+    (see ``_header_value``); a ``ValueError`` for a header no HTTP request may carry, or a key given twice. A key
+    that is blank once stripped is no key."""
+    sent = {}
+    for name, value in (headers or {}).items():
+        if not isinstance(name, str) or not _HEADER_NAME.fullmatch(name):
+            raise ValueError(f"header name {name!r} is not an HTTP header name (letters, digits and !#$%&'*+.^_`|~-)")
+        if not isinstance(value, str):
+            raise ValueError(f"header {name!r}: its value must be a str, not {type(value).__name__}")
+        sent[name] = _header_value(value, f"header {name!r}")
+    key = _header_value(api_key, "api_key") if api_key is not None else ""
+    if key:
+        if any(name.lower() == "authorization" for name in sent):
+            raise ValueError("api_key and an Authorization header both given: give the key once")
+        sent["authorization"] = f"Bearer {key}"
+    return sent
+
+
 class _Protocol:
     """What both clients share: how requests are built and responses read."""
 
-    def __init__(self, base_url: str, api_key: str | None, timeout: Timeout) -> None:
+    def __init__(self, base_url: str, api_key: str | None, timeout: Timeout,
+                 headers: Mapping[str, str] | None = None) -> None:
         url = httpx.URL(base_url)
         if url.query or url.fragment:
             # httpx would append each path after it ("...?token=x/v1/route"), and messages would show it.
@@ -195,7 +251,7 @@ class _Protocol:
         # The service's root. An OpenAI client's base URL for it ends in /v1, and the SDK's paths start with /v1:
         # given the former, the SDK would ask /v1/v1/... (a 404), so it is taken as the same service.
         self.base_url = base_url.rstrip("/").removesuffix("/v1")
-        self.headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
+        self.headers = client_headers(api_key, headers)
         self.timeout = timeout
 
     @contextlib.contextmanager
@@ -213,6 +269,12 @@ class _Protocol:
             if isinstance(exc, httpx.TimeoutException):
                 raise RouterConnectionError(f"no answer from the service{where} within "
                                             f"{_timeout_text(limit, exc)} ({type(exc).__name__})", "timeout") from exc
+            if isinstance(exc, httpx.LocalProtocolError):
+                # Its text quotes the header at fault, which may be the key: neither shown nor chained (a traceback
+                # would print it). The client's own headers are checked when it is built, so this is rare.
+                raise RouterConnectionError(f"cannot send the request{where}: it is not valid HTTP, a header most "
+                                            "likely (LocalProtocolError; its text is left out, as it may quote a "
+                                            "key)", "connection_error") from None
             raise RouterConnectionError(f"cannot reach the service{where}: {exc or type(exc).__name__}",
                                         "connection_error") from exc
 
@@ -244,7 +306,7 @@ class _Protocol:
 
     @staticmethod
     def chat_headers(combiner: str | None) -> dict[str, str]:
-        return {} if combiner is None else {COMBINER_HEADER: combiner}
+        return {} if combiner is None else {COMBINER_HEADER: _header_value(combiner, "combiner")}
 
     @staticmethod
     def answered_error(response: httpx.Response) -> RouterAPIError:
@@ -348,14 +410,19 @@ class Client(_Protocol):
     """A blocking client for a running service."""
 
     def __init__(self, base_url: str = "http://127.0.0.1:8000", *, api_key: str | None = None,
-                 timeout: Timeout = 120.0, transport: httpx.BaseTransport | None = None) -> None:
+                 timeout: Timeout = 120.0, transport: httpx.BaseTransport | None = None,
+                 headers: Mapping[str, str] | None = None) -> None:
         if isinstance(transport, httpx.AsyncBaseTransport) and not isinstance(transport, httpx.BaseTransport):
             # httpx would fail on the first request, with an AttributeError.
             raise TypeError(f"Client takes a sync transport (httpx.BaseTransport, e.g. httpx.MockTransport or "
                             f"httpx.WSGITransport), not {type(transport).__name__}, which is async: use "
                             "AsyncClient with it")
-        super().__init__(base_url, api_key, timeout)
-        self._http = httpx.Client(base_url=self.base_url, headers=self.headers, timeout=timeout, transport=transport)
+        super().__init__(base_url, api_key, timeout, headers)
+        self._http = httpx.Client(base_url=self.base_url, headers=self.headers, timeout=timeout, transport=transport,
+                                  limits=LIMITS)
+        # One never closed closes its connections when collected, rather than leaving their sockets to the
+        # collector (a ResourceWarning each).
+        self._closer = weakref.finalize(self, self._http.close)
 
     def chat(self, messages: Messages, *, model: str = "auto", combiner: str | None = None,
              timeout: Timeout | UseClientDefault = httpx.USE_CLIENT_DEFAULT, **params: Any) -> ChatResult:
@@ -411,7 +478,7 @@ class Client(_Protocol):
             return FeedbackRecord.model_validate(self.check(self._http.post("/v1/feedback", json=body)))
 
     def close(self) -> None:
-        self._http.close()
+        self._closer()
 
     def __enter__(self) -> Client:
         return self
@@ -424,10 +491,11 @@ class AsyncClient(_Protocol):
     """An asyncio client for a running service."""
 
     def __init__(self, base_url: str = "http://127.0.0.1:8000", *, api_key: str | None = None,
-                 timeout: Timeout = 120.0, transport: httpx.AsyncBaseTransport | None = None) -> None:
-        super().__init__(base_url, api_key, timeout)
+                 timeout: Timeout = 120.0, transport: httpx.AsyncBaseTransport | None = None,
+                 headers: Mapping[str, str] | None = None) -> None:
+        super().__init__(base_url, api_key, timeout, headers)
         self._http = httpx.AsyncClient(base_url=self.base_url, headers=self.headers, timeout=timeout,
-                                       transport=transport)
+                                       transport=transport, limits=LIMITS)
 
     async def chat(self, messages: Messages, *, model: str = "auto", combiner: str | None = None,
                    timeout: Timeout | UseClientDefault = httpx.USE_CLIENT_DEFAULT, **params: Any) -> ChatResult:
@@ -567,8 +635,8 @@ class LocalRouter:
             strategy = check_combiner(combiner, self.orchestrator)
             answer: RoutedAnswer = await self.orchestrator.complete(request, strategy=strategy)
         response_id = f"chatcmpl-{uuid.uuid4().hex}"
-        if self.store is not None:
-            await self.store.aremember(response_id, request.query_text(), answer.expert)
+        if self.store is not None:  # the expert a verdict on it rates, as the service remembers it
+            await self.store.aremember(response_id, request.query_text(), answer.trace.credited(answer.expert))
         return ChatResult(id=response_id, content=answer.content, expert=answer.expert,
                           finish_reason=answer.finish_reason, usage=answer.trace.usage,
                           cost_usd=answer.trace.cost_usd, tool_calls=answer.tool_calls, refusal=answer.refusal,
@@ -594,12 +662,17 @@ class LocalRouter:
             # it is the service's error event, which carries no headers.
             with _as_api_errors():
                 event = await anext(events, None)
+            began = None if event is None else (
+                event.expert if not isinstance(event, StreamEnd) else event.trace.answered_by)
+            if self.store is not None and began:  # ratable from its first chunk on, as the service's streams
+                await self.store.aremember(response_id, request.query_text(), began)
             with _as_api_errors(retry_after=False):
                 while event is not None:
                     if isinstance(event, StreamEnd):
                         expert = event.trace.answered_by or ""
-                        if self.store is not None:
-                            await self.store.aremember(response_id, request.query_text(), expert)
+                        credited = event.trace.credited(expert)
+                        if self.store is not None and credited and credited != began:
+                            await self.store.aremember(response_id, request.query_text(), credited)
                         yield StreamChunk(id=response_id, expert=expert, finish_reason=event.finish_reason,
                                           trace=event.trace)
                     else:

@@ -565,3 +565,20 @@ async def test_a_stream_can_be_rated_while_it_is_still_being_written(tmp_path: P
         rated = await client.post("/v1/feedback", json={"request_id": first["id"], "good": False})
     store.close()
     assert (rated.status_code, rated.json()["expert"], rated.json()["query"]) == (200, "math", "an integral")
+
+
+async def test_local_router_credits_and_remembers_streams_as_the_service_does(tmp_path: Path) -> None:
+    config = fake_config(NAMES)
+    experts = {"math": FakeExpert(config.expert("math"), pieces=["one", "never sent"],
+                                  fail=lambda n: ExpertUnavailable(n, "reset"), fail_after=1),
+               "code": FakeExpert(config.expert("code"), pieces=["and code finished it."])}
+    store = SqliteFeedbackStore(tmp_path / "fb.sqlite3")
+    async with LocalRouter(Orchestrator(config, FakeGate(NAMES, {}, default=[0.9, 0.1]), experts), store) as local:
+        chunks = local.stream("an integral")
+        first = await anext(chunks)
+        early = store.answered(first.id)  # ratable from the first chunk on
+        rest = [c async for c in chunks]
+        late = store.answered(first.id)
+    assert early is not None and early.expert == "math"
+    assert rest[-1].trace is not None and [s["from"] for s in rest[-1].trace.switches] == ["math"]
+    assert late is not None and late.expert == "code"  # code wrote most of it

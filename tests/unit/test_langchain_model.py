@@ -316,7 +316,7 @@ def test_the_last_streamed_chunk_carries_usage_and_every_message_the_answer_id()
 
 
 @pytest.mark.parametrize(("given", "sent"), [
-    ("any", "required"),  # what with_structured_output asks for
+    ("any", "required"),  # what langchain-core's own with_structured_output asks for
     ("add", {"type": "function", "function": {"name": "add"}}),
     (True, {"type": "function", "function": {"name": "add"}}),
     ("auto", "auto"),
