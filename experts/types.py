@@ -166,8 +166,17 @@ class ChatRequest(BaseModel):
         return self.messages[_routed_index(self.messages)].text()
 
     def text_chars(self) -> int:
-        """The characters of the messages' text: what the prompt's length is judged and estimated by."""
-        return sum(len(m.text()) for m in self.messages)
+        """The characters of the prompt as an upstream reads it, what its length is judged and estimated by: the
+        messages' text, the tool calls they carry (as JSON: each call's name and arguments), and the tools offered
+        (their definitions, as JSON). A request with neither counts its text alone."""
+        chars = sum(len(m.text()) for m in self.messages)
+        for m in self.messages:
+            calls = (m.model_extra or {}).get("tool_calls")
+            if calls:
+                chars += len(json.dumps(calls, ensure_ascii=False, default=str))
+        if self.tools:
+            chars += len(json.dumps(self.tools, ensure_ascii=False, default=str))
+        return chars
 
     def estimated_prompt_tokens(self) -> int:
         """The prompt in tokens, estimated where no expert counted it: ``CHARS_PER_TOKEN`` characters a token."""

@@ -27,7 +27,7 @@ from experts.types import ChatRequest
 from router.assign import expert_choice
 from router.batching import GateBatcher
 from router.breaker import Breakers
-from router.config import RouterConfig
+from router.config import ExpertConfig, RouterConfig
 from router.dispatch import Capacity
 from router.errors import error_body
 from router.gate import Assessment, EncoderLike
@@ -53,27 +53,42 @@ class GateLike(Protocol):
     def assess(self, texts: Sequence[str], k: int = 3) -> Assessment: ...
 
 
-_NEED_REASONS = {"tools": "carries tools", "vision": "holds an image"}
+_NEED_REASONS = {"tools": "carries tools", "vision": "holds an image", "stream": "is streamed (stream: true)"}
+_NEED_PARAMS = {"tools": "tools", "vision": "messages", "stream": "stream"}
 
 
 def needed_capabilities(request: ChatRequest) -> list[str]:
-    """The capabilities an expert must declare to serve ``request``, beyond chat."""
+    """The capabilities an expert must declare to serve ``request``, beyond chat: ``tools``, ``vision``, and
+    ``stream`` for a streamed request (an expert declared without it serves only whole answers)."""
     needs = ["tools"] if request.tools else []
     if any(m.has_image() for m in request.messages):
         needs.append("vision")
+    if request.stream:
+        needs.append("stream")
+    return needs
+
+
+def blocking_capabilities(request: ChatRequest, experts: Sequence[ExpertConfig]) -> list[str]:
+    """The capabilities to name when none of ``experts`` can serve ``request``: all it needs, ``stream`` only when
+    it is part of what stops them (a streamed request with tools that no expert takes is refused for its tools)."""
+    needs = needed_capabilities(request)
+    rest = [n for n in needs if n != "stream"]
+    if "stream" in needs and rest and not any(set(rest) <= set(e.capabilities) for e in experts):
+        return rest
     return needs
 
 
 class NoCapableExpert(ValueError):
-    """The request needs capabilities (``tools`` when it carries tools, ``vision`` when a message holds an image)
-    that no expert it may go to declares. ``capability`` names them (``tools+vision`` for both); ``param`` is
-    the request field that needs them, and ``code`` the error code the service (and LocalRouter) report."""
+    """The request needs capabilities (``tools`` when it carries tools, ``vision`` when a message holds an image,
+    ``stream`` when it is streamed) that no expert it may go to declares. ``capability`` names them
+    (``tools+vision`` for both); ``param`` is the request field that needs the first, and ``code`` the error code
+    the service (and LocalRouter) report."""
 
     status = 400
 
     def __init__(self, needs: Sequence[str], model: str, capable: Sequence[str]) -> None:
         self.capability, self.model, self.capable = "+".join(needs), model, list(capable)
-        self.param = "tools" if "tools" in needs else "messages"
+        self.param = _NEED_PARAMS[needs[0]] if needs else "messages"
         self.code = f"{self.capability}_not_supported"
         named = " and ".join(repr(n) for n in needs)
         where = f"expert {model!r} does not" if capable else "no configured expert does"
@@ -163,7 +178,7 @@ class Decider:
         start = time.perf_counter()
         unable = self.unable(request)
         if unable and len(unable) == len(self.config.experts):  # /v1/route answers as a chat request would
-            raise NoCapableExpert(needed_capabilities(request), request.model, [])
+            raise NoCapableExpert(blocking_capabilities(request, self.config.experts), request.model, [])
         gated = await self.batcher.submit(request.query_text())
         return self._decision(gated, unable, start)
 

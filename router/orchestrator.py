@@ -69,7 +69,7 @@ from experts.types import ChatMessage, ChatRequest, ExpertReply
 from router.breaker import Breakers
 from router.combine import Combined, Combiner, TopOne, WeightedAnswer, build_combiner
 from router.config import ROUTED_MODEL, RouterConfig
-from router.decide import Decider, GateLike, NoCapableExpert, needed_capabilities
+from router.decide import Decider, GateLike, NoCapableExpert, blocking_capabilities, needed_capabilities
 from router.dispatch import Capacity, Dispatcher, StreamOutcome, StreamPiece, skipped
 from router.errors import error_body
 from router.fallback import AllExpertsFailed, BudgetSpent, Deadline, next_candidate
@@ -190,7 +190,7 @@ class Orchestrator:
             # Fallback walks only experts able to serve the request.
             return decision, decision.chosen, [n for n in decision.ranking if n not in unable]
         if request.model in unable:  # an expert named directly that lacks what the request needs
-            raise NoCapableExpert(needed_capabilities(request), request.model,
+            raise NoCapableExpert(blocking_capabilities(request, [self.config.expert(request.model)]), request.model,
                                   [n for n in self.config.expert_names if n not in unable])
         if request.model not in self.experts:
             raise UnknownExpert(request.model, self.model_names)
@@ -469,13 +469,17 @@ class Orchestrator:
             if _skipped(outcome.error):
                 continue  # not called, so not tried
             tried += 1
-            if outcome.tool_deltas or outcome.refusal_deltas:  # an earlier expert's would have ended it already
+            structured = constrained(request) and any(sent)
+            if outcome.tool_deltas or outcome.refusal_deltas or structured:
                 # Part of a tool call (its id, name, argument fragments) reached the client. Another expert cannot
                 # finish it: it would start a call of its own, whose deltas the client would merge into the
                 # half-sent one, corrupting it. Nor a refusal: another expert would answer after it, or refuse in
-                # its own words. The stream ends here instead, with an error event that names the expert and the
-                # cause; the client still has what was sent, and knows it is incomplete.
-                what = "a tool call" if outcome.tool_deltas else "a refusal"
+                # its own words. Nor an answer held to a format (response_format's JSON, vLLM's guided decoding):
+                # the next expert, held to it too, writes a whole object of its own after the half-sent one. The
+                # stream ends here instead, with an error event that names the expert and the cause; the client
+                # still has what was sent, and knows it is incomplete. (An earlier expert's would have ended it.)
+                what = ("a tool call" if outcome.tool_deltas else "a refusal" if outcome.refusal_deltas
+                        else "an answer held to a format (response_format)")
                 raise RouteFailed(errors, trace, f"the stream from expert {name!r} broke off after part of {what} "
                                                  f"reached the client; another expert cannot continue {what}, so "
                                                  "the stream ends here")
@@ -522,7 +526,11 @@ class _Aggregation:
         answered with no text."""
         if self.expert is None:
             raise ExpertConfigError("combiner", "no aggregator expert is configured")
-        request = _aggregation_request(self.request, self.request.messages if messages is None else messages)
+        # Asked with the client's own request (escalate), it is that request whole, tools included: the expert
+        # answers as the panel was asked to, a tool call being one answer; so the capabilities it needs are the
+        # request's. Fuse's aggregator gets its prompt, without the tools (it writes an answer from the panel's).
+        request = (self.request.model_copy(update={"stream": False}) if messages is None
+                   else _aggregation_request(self.request, messages))
         if messages is None and self.expert in self.failed:
             raise self.failed[self.expert]
         if self.expert in self.unable(request):
@@ -552,6 +560,19 @@ def _called_and_failed(errors: Sequence[ExpertError]) -> dict[str, ExpertError]:
     """The experts a call with the client's request reached and failed (not one skipped for its breaker, its
     in-flight limit or the cost budget, nor one fallback never reached), with the error each gave last."""
     return {e.expert: e for e in errors if not _skipped(e) and not isinstance(e, BudgetSpent | NotTried)}
+
+
+# vLLM's request fields that hold an answer to a grammar, besides OpenAI's response_format.
+_GUIDED = ("guided_json", "guided_regex", "guided_choice", "guided_grammar", "structured_outputs")
+
+
+def constrained(request: ChatRequest) -> bool:
+    """Whether ``request`` holds its answer to a format: ``response_format`` a JSON object or schema, or one of
+    vLLM's guided-decoding fields. Such an answer cannot be spliced from two experts' halves."""
+    extra = request.model_extra or {}
+    fmt = extra.get("response_format")
+    json_format = isinstance(fmt, dict) and fmt.get("type") in ("json_object", "json_schema")
+    return json_format or any(extra.get(key) is not None for key in _GUIDED)
 
 
 def _aggregation_request(request: ChatRequest, messages: list[ChatMessage]) -> ChatRequest:

@@ -203,7 +203,9 @@ def parse_chat(body: Any, max_chars: int) -> ChatRequest:
                            "\"none\")", "invalid_request_error", "invalid_request", param="tool_choice")
     chars = chat.text_chars()
     if chars > max_chars:
-        raise RequestProblem(400, f"the messages hold {chars} characters, over the limit of {max_chars}",
+        what = "the messages" if chars == sum(len(m.text()) for m in chat.messages) else \
+            "the messages, with their tool calls and the tools' definitions,"
+        raise RequestProblem(400, f"{what} hold {chars} characters, over the limit of {max_chars}",
                            "invalid_request_error", "context_length_exceeded", param="messages")
     return chat
 

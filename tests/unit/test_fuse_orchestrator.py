@@ -391,3 +391,28 @@ async def test_a_verdict_on_a_fused_answer_rates_the_panel_not_the_aggregator(tm
     assert verdict.status_code == 200 and verdict.json()["expert"] == credited
     assert store.submit(FeedbackBody(request_id=r.json()["id"], good=False), NAMES).expert == credited
     store.close()
+
+
+TOOL = [{"type": "function", "function": {"name": "add", "parameters": {"type": "object", "properties": {}}}}]
+
+
+async def test_an_escalation_keeps_the_clients_tools_and_needs_the_tools_capability() -> None:
+    """Escalate asks the client's own request: with its tools, so the expert may answer with a tool call; and only
+    of an expert declaring tools (one without is not asked: the panel's vote stands)."""
+    orch, experts = build(combiner=ESCALATE)  # math says A, code says B: split
+    answer = await orch.complete(ask(tools=TOOL, tool_choice="auto"))
+    [sent] = experts["judge"].requests
+    assert sent.tools == TOOL and (sent.model_extra or {}).get("tool_choice") == "auto"
+    assert answer.expert == "judge"
+    toolless = parse_config({"version": 1, "combiner": ESCALATE, "gate": PANEL, "experts": [
+        {"name": n, "type": "replay", "model": n, "timeout_s": 1.0, "replay": {"source": "routerbench", "path": "x"},
+         "capabilities": ["chat", "stream"] if n == "judge" else ["chat", "stream", "tools"]} for n in NAMES]},
+        check_env=False)
+    texts = {"math": "The answer is (A).", "code": "The answer is (B).", "judge": "The answer is (B)."}
+    experts = {n: FakeExpert(toolless.expert(n), texts[n]) for n in NAMES}
+    orch = Orchestrator(toolless, FakeGate(NAMES, {}, default=[0.5, 0.3, 0.2]), experts)
+    BUILT.append(orch)
+    answer = await orch.complete(ask(tools=TOOL))
+    assert experts["judge"].requests == []
+    assert answer.trace.combiner_fallback is not None and answer.trace.combiner_fallback["expert"] == "judge"
+    assert "'tools' capability" in answer.trace.combiner_fallback["message"]

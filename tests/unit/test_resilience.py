@@ -551,3 +551,30 @@ def test_assign_batch_leftovers_avoid_open_breakers_and_unnamed_experts_keep_the
         for _ in range(5):
             orch.breakers.finish(orch.breakers.admit(name), ExpertUnavailable(name, "down"))
     assert orch.assign_batch(queries) == ["math"] * 3  # every breaker open: each query's own best
+
+
+@pytest.mark.parametrize(("fields", "continued"), [
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": {"type": "object"}}}}, False),
+    ({"response_format": {"type": "json_object"}}, False),
+    ({"guided_json": {"type": "object"}}, False),  # vLLM's own
+    ({"response_format": {"type": "text"}}, True),  # free text: continued as any answer is
+])
+async def test_a_stream_held_to_a_format_is_not_spliced_from_two_experts(fields: dict[str, object],
+                                                                         continued: bool) -> None:
+    """Half a JSON object reached the client: the next expert, held to the format too, would write a whole object
+    after it, and the client would get invalid JSON reported as a success. The stream ends with an error instead."""
+    math = FakeExpert(build()[0].config.expert("math"), pieces=['{"answer": 5, ', '"unit": "kg"}'],
+                      fail=lambda n: ExpertUnavailable(n, "reset"), fail_after=1)
+    orch, _ = build({"math": math})
+    request = ask(**fields)
+    if continued:
+        text, end = await collect(orch, request)
+        assert text.startswith('{"answer": 5, ') and [s["from"] for s in end.trace.switches] == ["math"]
+        return
+    sent: list[str] = []
+    with pytest.raises(AllExpertsFailed, match=r"broke off after part of an answer held to a format"):
+        async for event in orch.stream(request):
+            if isinstance(event, StreamPiece):
+                sent.append(event.delta.content)
+    assert sent == ['{"answer": 5, ']
+    assert orch.experts["code"].requests == []  # type: ignore[attr-defined]

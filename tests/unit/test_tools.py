@@ -234,3 +234,47 @@ async def test_streamed_tool_call_deltas_pass_through_unchanged(servers: dict[st
     await sdk.aclose()
     await app.state.orchestrator.aclose()
     assert [c.tool_calls for c in chunks if c.tool_calls] == deltas
+
+
+async def test_a_streamed_request_goes_only_to_experts_declaring_stream() -> None:
+    """An expert declared without `stream` (a backend that serves whole answers only) gets no streamed request:
+    the gate's favourite passes it on, and naming it directly is a 400 saying who can stream."""
+    cfg = config([("whole", ["chat", "tools"]), ("streamer", ["chat", "stream"])])
+    experts = {n: FakeExpert(cfg.expert(n)) for n in cfg.expert_names}
+    orch = Orchestrator(cfg, FakeGate(cfg.expert_names, {}, default=[0.8, 0.2]), experts)
+    async with _client(create_app(orch)) as http:
+        plain = await http.post("/v1/chat/completions", json=chat(tools=False))
+        streamed = await http.post("/v1/chat/completions", json={**chat(tools=False), "stream": True})
+        direct = await http.post("/v1/chat/completions", json={**chat(tools=False, model="whole"), "stream": True})
+        both = await http.post("/v1/chat/completions", json={**chat(tools=True), "stream": True})
+    assert plain.json()["model"] == "whole"
+    assert streamed.status_code == 200 and streamed.headers["x-moe-expert"] == "streamer"
+    assert not any(r.stream for r in experts["whole"].requests)
+    error = direct.json()["error"]
+    assert (direct.status_code, error["code"], error["param"]) == (400, "stream_not_supported", "stream")
+    assert "is streamed (stream: true)" in error["message"] and "experts that do: streamer" in error["message"]
+    # tools and a stream, which no single expert takes: refused naming both
+    assert both.status_code == 400 and both.json()["error"]["code"] == "tools+stream_not_supported"
+
+
+def test_tool_definitions_and_tool_call_arguments_count_towards_the_prompt() -> None:
+    """max_prompt_chars and the prompt estimate (cost budget, usage where an expert sends none) read what an
+    upstream tokenises: tools' definitions and past calls' arguments too, not the text alone."""
+    from router.requests import RequestProblem, parse_chat
+
+    long = "x" * 5000
+    described = chat(tools=True)
+    described["tools"] = [{"type": "function", "function": {"name": "add", "description": long}}]
+    called = {"model": "auto", "messages": [
+        {"role": "user", "content": "add them"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "add", "arguments": json.dumps({"a": long})}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "5"}]}
+    for body in (described, called):
+        with pytest.raises(RequestProblem) as info:
+            parse_chat(body, 2000)
+        assert info.value.code == "context_length_exceeded"
+        assert "with their tool calls and the tools' definitions" in str(info.value)
+        assert parse_chat(body, 10_000).estimated_prompt_tokens() > 5000 // 4
+    plain = parse_chat(chat(tools=False), 2000)
+    assert plain.text_chars() == len("what is 2 + 3?")
