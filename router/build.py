@@ -118,7 +118,7 @@ def load_gate(config: RouterConfig, encoders: Mapping[str, Encoder] | None = Non
         _warn_untrained_settings(path, pair.metadata, config)
         return pair.with_targets(agreement=cascade.agreement, familiar=cascade.familiar).for_config(config)
     gate = Gate.load(path, full)
-    _warn_untrained_settings(path, gate.metadata, config)
+    _warn_untrained_settings(path, gate.metadata, config, trained_cost_weight=getattr(gate, "cost_weight", None))
     return gate.for_config(config)
 
 
@@ -153,8 +153,24 @@ def _train_data_kind(config: RouterConfig) -> str | None:
         return None
 
 
-def _warn_untrained_settings(path: Path, metadata: GateMetadata, config: RouterConfig) -> None:
+def _warn_untrained_settings(path: Path, metadata: GateMetadata, config: RouterConfig, *,
+                             trained_cost_weight: float | None = None) -> None:
+    """Log what of ``config`` the artifact was not trained with (``untrained_settings``, the kind of gate its
+    training data trains), and, for an outcome gate, a cost weight other than the one it was tuned at and panels
+    sized on weights a cost weight flattens."""
     drift = untrained_settings(metadata, config.gate)
+    lam = config.gate.cost_weight
+    if metadata.kind == "outcome" and trained_cost_weight is not None and lam != trained_cost_weight:
+        # with_cost_weight re-tunes the margin and temperature on the stored out-of-fold predictions; the success
+        # model's own settings (neighbours, shrinkage) were chosen for the trained weight.
+        drift.append(f"gate.cost_weight is {lam:g} but the artifact was tuned at {trained_cost_weight:g}: it is "
+                     f"served re-tuned (margin and temperature), and moe train at {lam:g} also re-chooses its "
+                     "success model (3 points more accurate on RouterBench's test split at 0.2)")
+    if metadata.kind == "outcome" and lam > 0 and config.gate.top_k.policy != "fixed":
+        log.warning("%s: gate.top_k.policy %r sizes panels on the outcome gate's weights, which flatten as "
+                    "gate.cost_weight rises (RouterBench: 3 experts a query at 0.5, 7 at 5), so a higher cost weight "
+                    "can make each request dearer; policy fixed keeps the panel's size", path,
+                    config.gate.top_k.policy)
     data_kind = _train_data_kind(config)
     if data_kind is not None and data_kind != metadata.kind:
         held = "outcome records" if data_kind == "outcome" else "labelled queries"

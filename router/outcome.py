@@ -75,6 +75,13 @@ def load_outcome_jsonl(path: str | Path) -> list[OutcomeRecord]:
     return [record for _, record in load_outcome_lines(path)]
 
 
+def _as_float(number: float) -> float:
+    try:
+        return float(number)
+    except OverflowError:
+        return math.inf
+
+
 def load_outcome_lines(path: str | Path) -> list[tuple[int, OutcomeRecord]]:
     """``load_outcome_jsonl``'s records, each with its line number, for callers that check more than the loader
     (``router.train``: that every expert a record names is one of the config's) and name the line."""
@@ -141,10 +148,13 @@ def _number_map(row: dict[str, Any], key: str, where: str, *, upper: float, requ
     out = {}
     for expert, number in value.items():
         ok = isinstance(number, int | float) and not isinstance(number, bool) and 0.0 <= number <= upper
-        if not ok or (isinstance(number, float) and not math.isfinite(number)):
+        # An integer past a float's range (JSON allows 1 followed by 400 zeros) is no finite number either.
+        as_float = _as_float(number) if ok else math.nan
+        if not ok or not math.isfinite(as_float):
             bound = "in [0, 1]" if upper == 1.0 else "a finite number >= 0"
-            raise ValueError(f"{where}: {key}[{expert!r}] must be {bound}, got {number!r}")
-        out[expert] = float(number)
+            shown = repr(number) if len(repr(number)) <= 40 else f"{repr(number)[:20]}... ({len(repr(number))} digits)"
+            raise ValueError(f"{where}: {key}[{expert!r}] must be {bound}, got {shown}")
+        out[expert] = as_float
     return out
 
 

@@ -124,6 +124,16 @@ def _earnings(outcomes: np.ndarray, penalty: np.ndarray) -> np.ndarray:
     return np.where(np.isnan(outcomes), 0.0, outcomes) - penalty
 
 
+def _ood_threshold(x: np.ndarray, folds: np.ndarray) -> float | None:
+    """The abstain threshold fitted with one fold's queries against the rest's: the first fold holding some but not
+    all of them (with a few records, the hash may leave fold 0 empty, and the gate would silently never abstain)."""
+    for f in range(FOLDS):
+        held = folds == f
+        if held.any() and not held.all():
+            return fit_ood_threshold(x[~held], x[held])
+    return None
+
+
 def _realised(outcomes: np.ndarray, predicted: np.ndarray) -> np.ndarray:
     """Recorded outcomes, with the model's prediction standing in where a record is missing."""
     return np.where(np.isnan(outcomes), predicted, outcomes)
@@ -142,9 +152,14 @@ def tune(success: np.ndarray, outcomes: np.ndarray, record_costs: np.ndarray, co
     # success shrunk toward the pooled rate, less one standard error. An expert with three lucky records has a
     # high estimate but a wide error, and is not the anchor; experts with thousands of records each keep their
     # order. Picks of other experts must then beat it by the margin, and a pick no record backs earns nothing.
+    # The anchor answers every query its margin does not hand on, those its records never covered included, where
+    # the evaluation counts it wrong: so its rate counts only the share of queries it was scored on. An expert
+    # measured on one task (0.90 there) is not the anchor over one measured on all (0.88): it took the others'
+    # queries untried (out-of-fold accuracy 0.64 against 0.88). Experts scored on every query keep their order.
     prior = success_prior(outcomes)
     counts = (~np.isnan(outcomes)).sum(axis=0)
-    anchor = int(np.argmax(prior - np.sqrt(prior * (1.0 - prior) / (counts + PRIOR_RECORDS)) - penalty))
+    coverage = counts / max(len(outcomes), 1)
+    anchor = int(np.argmax(prior * coverage - np.sqrt(prior * (1.0 - prior) / (counts + PRIOR_RECORDS)) - penalty))
     utility = success - penalty
     rows = np.arange(len(success))
     always = 1.0 + cost_weight + 1e-6  # no gain over the anchor can exceed this: always the anchor
@@ -161,7 +176,9 @@ def tune(success: np.ndarray, outcomes: np.ndarray, record_costs: np.ndarray, co
     # probability (the temperature at its bound), and panels took every expert as cost_weight rose.
     quality = _realised(outcomes, success)
     target = np.where(quality >= quality.max(axis=1, keepdims=True) - 1e-9, logits, -np.inf).argmax(axis=1)
-    temperature = fit_temperature(logits, target, lo=1e-3, hi=10.0)
+    # The bound grows with the utility's scale (the margin alone reaches 1 + cost_weight): a fixed 10 held the
+    # temperature at its bound from a cost weight of about 25, and the weights went to 1 (ECE 0.38).
+    temperature = fit_temperature(logits, target, lo=1e-3, hi=10.0 * (1.0 + cost_weight))
     chosen = logits.argmax(axis=1)
     # Scored as the evaluation scores them: a pick (or a single expert) with no record for a query is wrong.
     scored = np.where(np.isnan(outcomes), 0.0, outcomes)
@@ -495,8 +512,8 @@ def train_outcome_gate(records: Sequence[OutcomeRecord], encoder: Encoder, *, ex
                             kind=OutcomeGate.kind,
                             format_version=TASK_PRIOR_FORMAT_VERSION if getattr(final, "task_prior", None)
                             else FORMAT_VERSION,
-                            # Fold 0 stands in for validation data: its queries against the other folds'.
-                            ood_threshold=fit_ood_threshold(x[folds != 0], x[folds == 0]))
+                            # A fold stands in for validation data: its queries against the other folds'.
+                            ood_threshold=_ood_threshold(x, folds))
     # Explanations: each training query labelled with the expert that did best on it (cheapest among ties).
     best = np.where(np.isnan(outcomes), -np.inf, outcomes - 1e-6 * cost / max(float(cost.max()), 1e-12))
     labels = [experts[i] for i in best.argmax(axis=1)]

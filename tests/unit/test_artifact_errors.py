@@ -210,3 +210,28 @@ def test_an_outcome_gate_names_a_success_model_it_was_not_trained_with_and_old_a
     assert untrained_settings(outcome, GateConfig(success_model="knn", classifier="knn", balance="none")) == []
     # An artifact from before gate.balance was recorded (balance None) is compared on its classifier only.
     assert untrained_settings(metadata(classifier="ensemble"), GateConfig(balance="none")) == []
+
+
+def test_an_outcome_gate_says_when_it_is_served_at_another_cost_weight_and_panels_it_would_widen(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture) -> None:
+    """Re-tuned at another cost weight, an outcome gate keeps the success model chosen for the trained one
+    (retraining routed 3 points better on RouterBench); and mass, adaptive or min_weight panels grow as a cost
+    weight flattens its weights. Loading it says both."""
+    rows = [{"query": f"{topic} question number {i}", "outcomes": {"coder": float(topic == "code" or i % 3 == 0),
+                                                                   "lawyer": float(topic == "law" or i % 4 == 0)},
+             "cost": {"coder": 0.002, "lawyer": 0.0005}}
+            for i in range(30) for topic in ("code", "law")]
+    (tmp_path / "o.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    text = CONFIG.replace("  artifact: gate\n", "  artifact: gate\n  train_data: [o.jsonl]\n")
+    config = trained_config(tmp_path, text)
+    with caplog.at_level("WARNING", logger="router.build"):
+        assert main(["route", "a code question", "--config", str(config)]) == 0
+    assert "tuned at" not in caplog.text and "flatten" not in caplog.text
+    config.write_text(text.replace("  train_data: [o.jsonl]\n", "  train_data: [o.jsonl]\n  cost_weight: 0.5\n"
+                                   "  top_k: {policy: mass, mass: 0.9}\n"))
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="router.build"):
+        assert main(["route", "a code question", "--config", str(config)]) == 0
+    assert "gate.cost_weight is 0.5 but the artifact was tuned at 0: it is served re-tuned" in caplog.text
+    assert "gate.top_k.policy 'mass' sizes panels on the outcome gate's weights, which flatten" in caplog.text
+    capsys.readouterr()
