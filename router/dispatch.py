@@ -20,7 +20,7 @@ import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Iterator, Mapping
 from contextlib import aclosing, contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from experts.base import Expert
 from experts.errors import ExpertError, ExpertOverloaded, ExpertTimeout
@@ -37,6 +37,9 @@ __all__ = ["CallCancelled", "Capacity", "Dispatcher", "StreamOutcome", "StreamPi
 # max_tokens; its own answers then take over, as a moving mean (each new answer weighs COMPLETION_EWMA).
 PRIOR_COMPLETION_TOKENS = 256
 COMPLETION_EWMA = 0.2
+
+
+_T = TypeVar("_T")
 
 
 class Capacity:
@@ -64,6 +67,15 @@ class Capacity:
     def full(self, names: Iterable[str]) -> set[str]:
         """Those of ``names`` with no free in-flight slot now."""
         return {n for n in names if n in self.limits and self.in_flight[n] >= self.limits[n]}
+
+
+async def _within(awaitable: Awaitable[_T], timeout: float) -> _T:
+    """``awaitable``'s result, or ``TimeoutError`` after ``timeout`` seconds. Not ``asyncio.wait_for``: on Python
+    3.11 it swallows a cancellation that arrives when the awaited step is already done (a stream whose next delta
+    was buffered), so a client that left a fast stream had the router read the whole answer, paid and logged as
+    a success; ``asyncio.timeout`` runs the step in this task and lets the cancellation through."""
+    async with asyncio.timeout(timeout):
+        return await awaitable
 
 
 def skipped(error: ExpertError) -> bool:
@@ -309,7 +321,7 @@ class Dispatcher:
                 timeout = self._timeout(expert, deadline, slot)
                 limit = CALL_LIMIT.set(CallLimit(asyncio.get_running_loop().time() + timeout))
                 try:
-                    reply = await asyncio.wait_for(expert.generate(request), timeout)
+                    reply = await _within(expert.generate(request), timeout)
                 except TimeoutError:
                     raise _timed_out(name, f"no answer within {timeout:.1f}s", slot, deadline) from None
                 finally:
@@ -351,7 +363,7 @@ class Dispatcher:
                         timeout = self._timeout(expert, deadline, slot)
                         limit.at = asyncio.get_running_loop().time() + timeout
                         try:
-                            delta = await asyncio.wait_for(iterator.__anext__(), timeout) if timeout > 0 else None
+                            delta = await _within(iterator.__anext__(), timeout) if timeout > 0 else None
                         except StopAsyncIteration:
                             break
                         except TimeoutError:

@@ -1,6 +1,7 @@
 """Retries, circuit breakers, the cost budget and expert-choice batches, through the orchestrator with fakes."""
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Callable
 
 import pytest
@@ -578,3 +579,38 @@ async def test_a_stream_held_to_a_format_is_not_spliced_from_two_experts(fields:
                 sent.append(event.delta.content)
     assert sent == ['{"answer": 5, ']
     assert orch.experts["code"].requests == []  # type: ignore[attr-defined]
+
+
+async def test_a_client_leaving_a_stream_whose_deltas_come_at_once_stops_it() -> None:
+    """Each delta of this stream is ready when asked for (an upstream faster than the router): a cancellation (the
+    client left) must still end the stream. Python 3.11's asyncio.wait_for dropped a cancellation arriving when
+    the awaited step was already done, and the router read the whole answer for nobody."""
+    class Instant(FakeExpert):
+        """A test double: a stream whose every delta is ready at once, as a fast upstream's buffered ones are."""
+
+        sent = 0
+
+        async def stream(self, request: ChatRequest) -> AsyncIterator[StreamDelta]:
+            for _ in range(1_000_000):
+                self.sent += 1
+                yield StreamDelta(content="x")
+
+    math = Instant(build()[0].config.expert("math"))
+    orch, _ = build({"math": math})
+
+    async def read() -> None:
+        async for _ in orch.stream(ask()):
+            await asyncio.sleep(0)  # the client's side yields to the loop between chunks
+
+    task = asyncio.ensure_future(read())
+    await asyncio.sleep(0.05)
+    for _ in range(20):  # as a server cancels a request task: once; a few more in case one is dropped
+        task.cancel()
+        await asyncio.sleep(0)
+        if task.done():
+            break
+    cancels_needed = _ + 1
+    with contextlib.suppress(asyncio.CancelledError):
+        await asyncio.wait_for(task, 5)
+    assert cancels_needed == 1 and math.sent < 1_000_000
+    assert orch.expert_states()["math"]["in_flight"] == 0
