@@ -111,10 +111,19 @@ def _finite(literal: str) -> float:
 def parse_json(raw: bytes) -> Any:
     """A request body's bytes as JSON, or the ``RequestProblem`` (400 ``invalid_json``) saying why not."""
     try:
-        value = json.loads(raw, parse_constant=_not_json, parse_float=_finite)
+        # UTF-8, as RFC 8259 has JSON on the wire (a BOM is let through): decoded strictly here, so no surrogate
+        # comes in as bytes. json.loads of bytes would let one through (it decodes UTF-8 with "surrogatepass", and
+        # guesses UTF-16 and UTF-32 too), and it would fail later, when the answer, the trace or the feedback
+        # store wrote it: a 500 after the expert was paid.
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise RequestProblem(400, f"request body is not UTF-8 text (byte {exc.start}: {exc.reason}); send JSON "
+                           "encoded as UTF-8", "invalid_request_error", "invalid_json") from None
+    try:
+        value = json.loads(text, parse_constant=_not_json, parse_float=_finite)
         # "\ud800" is valid JSON but not encodable UTF-8: it would fail later, when the answer or trace echoes
-        # it. Only a \uD800-\uDFFF escape can produce one (UTF-8 bytes never decode to a surrogate), so the
-        # re-encoding check runs only on bodies holding such an escape, not on every request.
+        # it. Only a \uD800-\uDFFF escape can produce one now, so the re-encoding check runs only on bodies
+        # holding such an escape, not on every request.
         if _SURROGATE_ESCAPE.search(raw):
             json.dumps(value, ensure_ascii=False).encode("utf-8")
     except RecursionError:

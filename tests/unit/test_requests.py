@@ -132,10 +132,20 @@ def test_a_route_batch_names_what_is_wrong(body: dict[str, Any], param: str, cod
     (b'[{"x": -2.5E+999}]', "-2.5E+999 is beyond"),
     (b'"\\ud800"', "surrogates not allowed"),
     (b"[" * 100_000, "nested too deeply"),
+    # A surrogate as raw bytes, which json.loads of bytes let through (UTF-8 with "surrogatepass"): it failed
+    # later, a 500 after the expert was paid. UTF-16 likewise (json.loads guessed the encoding).
+    (b'{"messages": [{"role": "user", "content": "\xed\xa0\x80"}]}', "not UTF-8 text (byte 43"),
+    ('{"messages": [{"role": "user", "content": "\ud800"}]}'.encode("utf-16-le", "surrogatepass"),
+     "not UTF-8 text"),
+    ("\ufeff[1]".encode("utf-16"), "not UTF-8 text"),
 ])
 def test_json_that_python_reads_but_an_expert_could_not_is_invalid_json(raw: bytes, says: str) -> None:
     refused = problem(parse_json, raw)
     assert (refused.param, refused.code) == (None, "invalid_json") and says in refused.message
+
+
+def test_a_utf8_bom_is_let_through() -> None:
+    assert parse_json(b"\xef\xbb\xbf" + b'{"a": "caf\xc3\xa9"}') == {"a": "caf\u00e9"}
 
 
 def test_since_is_unix_seconds_or_an_iso_time_taken_as_utc() -> None:

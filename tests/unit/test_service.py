@@ -672,3 +672,33 @@ async def test_route_queries_blank_or_too_long_are_named(path: str, body: dict[s
     error = r.json()["error"]
     assert (error["param"], error["code"]) == (param, code)
     assert error["message"].startswith(param) or error["message"].startswith(f"invalid request: {param}:")
+
+
+@pytest.mark.parametrize(("content_type", "status"), [
+    ("text/plain;charset=UTF-8", 415),  # what a cross-site form or fetch sends without asking first
+    ("application/x-www-form-urlencoded", 415),  # curl -d without -H
+    ("multipart/form-data; boundary=x", 415),
+    ("application/xml", 415),
+    ("application/json", 200),
+    ("Application/JSON; charset=utf-8", 200),
+    ("application/vnd.api+json", 200),
+    (None, 200),  # unlabelled: read as JSON
+])
+async def test_a_body_labelled_anything_but_json_is_refused_before_an_expert_is_called(
+        content_type: str | None, status: int) -> None:
+    app = make_app()
+    body = json.dumps({"messages": [{"role": "user", "content": "an integral"}]}).encode()
+    async with client(app) as http:
+        r = await http.post("/v1/chat/completions", content=body,
+                            headers={"content-type": content_type} if content_type else {})
+        feedback = await http.post("/v1/feedback", content=b'{"query": "q", "expert": "math", "good": true}',
+                                   headers={"content-type": content_type} if content_type else {})
+    assert r.status_code == status
+    calls = sum(len(e.requests) for e in app.state.orchestrator.experts.values())
+    if status == 415:
+        error = r.json()["error"]
+        assert (error["code"], error["param"]) == ("unsupported_media_type", "Content-Type")
+        assert "Content-Type: application/json" in error["message"] and calls == 0
+        assert feedback.status_code == 415
+    else:
+        assert calls == 1
