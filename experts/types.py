@@ -167,13 +167,16 @@ class ChatRequest(BaseModel):
 
     def text_chars(self) -> int:
         """The characters of the prompt as an upstream reads it, what its length is judged and estimated by: the
-        messages' text, the tool calls they carry (as JSON: each call's name and arguments), and the tools offered
-        (their definitions, as JSON). A request with neither counts its text alone."""
+        messages' text, what else they carry (as JSON: tool calls with their arguments, a name, content parts that
+        are neither text nor an image), and the tools offered (their definitions, as JSON). A request of plain
+        messages counts its text alone. Images are not counted: an upstream reads them as image tokens."""
         chars = sum(len(m.text()) for m in self.messages)
         for m in self.messages:
-            calls = (m.model_extra or {}).get("tool_calls")
-            if calls:
-                chars += len(json.dumps(calls, ensure_ascii=False, default=str))
+            if m.model_extra:  # tool calls, a name, and any field a message carries to the expert
+                chars += len(json.dumps(m.model_extra, ensure_ascii=False, default=str))
+            if isinstance(m.content, list):  # parts neither text nor image (an "input_text", say) go too
+                chars += sum(len(json.dumps(p, ensure_ascii=False, default=str)) for p in m.content
+                             if p.get("type") != "text" and p.get("type") not in IMAGE_PARTS)
         if self.tools:
             chars += len(json.dumps(self.tools, ensure_ascii=False, default=str))
         return chars

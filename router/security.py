@@ -211,7 +211,7 @@ class Guard:
                 return _rate_limited(limit, f"key {key.name!r}" if key else "this client", wait)
         return Admitted(key.name if key else None)
 
-    def admit_admin(self, authorization: str | None) -> Admitted | Denied:
+    async def admit_admin(self, authorization: str | None, client: str) -> Admitted | Denied:
         if self.keys.admin_sha256 is None:
             return Denied(403, "admin_disabled", f"admin endpoints are disabled: {self.keys.admin_missing}",
                           "permission_error")
@@ -222,6 +222,12 @@ class Guard:
             return Admitted("admin")
         if self.keys.client(raw) is not None:
             return Denied(403, "admin_key_required", "this endpoint needs the admin key", "permission_error")
+        # A wrong admin key takes from its address's bucket, as a wrong client key does: the admin key cannot be
+        # guessed faster than an anonymous client may call.
+        if self.rate_limit is not None:
+            wait = await self.store.take(f"client:{client}", self.rate_limit)
+            if wait > 0:
+                return _rate_limited(self.rate_limit, "this client's wrong keys", wait)
         return _BAD_KEY
 
 

@@ -741,7 +741,8 @@ async def _admit(app: FastAPI, scope: Scope, headers: Headers) -> Admitted | Den
         client = scope.get("client")
         return await _guard(app).admit_client(headers.get("authorization"), client[0] if client else "unknown")
     if path == "/admin" or path.startswith("/admin/"):
-        return _guard(app).admit_admin(headers.get("authorization"))
+        client = scope.get("client")
+        return await _guard(app).admit_admin(headers.get("authorization"), client[0] if client else "unknown")
     return Admitted(None)
 
 

@@ -171,6 +171,19 @@ async def test_wrong_keys_are_rate_limited_per_address_without_touching_the_keys
     assert {(await unlimited.admit_client(f"Bearer g{i}", "6.6.6.6")).status for i in range(10)} == {401}  # type: ignore[union-attr]
 
 
+async def test_wrong_admin_keys_are_rate_limited_per_address_too() -> None:
+    """Guessing the admin key costs a token of the address's bucket per guess, as guessing a client key does (it
+    was never limited); the admin key itself still passes from the same address."""
+    clock = FakeClock()
+    config = SecurityConfig.model_validate({"admin_key_env": "ADMIN", "rate_limit": {"rate_per_s": 1, "burst": 3}})
+    guard = Guard.from_config(config, {"ADMIN": ADMIN}, InMemoryRateStore(clock))
+    verdicts = [await guard.admit_admin(f"Bearer guess-{i}", "6.6.6.6") for i in range(5)]
+    assert [v.status for v in verdicts] == [401, 401, 401, 429, 429]  # type: ignore[union-attr]
+    assert await guard.admit_admin(f"Bearer {ADMIN}", "6.6.6.6") == Admitted("admin")
+    other = await guard.admit_admin("Bearer guess-x", "7.7.7.7")
+    assert isinstance(other, Denied) and other.status == 401
+
+
 def test_in_memory_store_is_bounded() -> None:
     import asyncio
 

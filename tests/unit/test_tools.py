@@ -278,3 +278,14 @@ def test_tool_definitions_and_tool_call_arguments_count_towards_the_prompt() -> 
         assert parse_chat(body, 10_000).estimated_prompt_tokens() > 5000 // 4
     plain = parse_chat(chat(tools=False), 2000)
     assert plain.text_chars() == len("what is 2 + 3?")
+
+
+def test_a_message_name_or_a_part_that_is_not_text_counts_towards_the_prompt() -> None:
+    from router.requests import RequestProblem, parse_chat
+
+    long = "x" * 5000
+    parts = [{"type": "text", "text": "hi"}, {"type": "input_text", "text": long}]
+    for message in ({"role": "user", "content": "hi", "name": long}, {"role": "user", "content": parts}):
+        with pytest.raises(RequestProblem) as info:
+            parse_chat({"model": "auto", "messages": [message]}, 2000)
+        assert info.value.code == "context_length_exceeded"
