@@ -26,6 +26,7 @@ import math
 import os
 import re
 import threading
+import unicodedata
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -194,24 +195,52 @@ LONG_TEXT_CHARS_PER_TOKEN = 16  # a text longer than this many chars per kept to
 _SEPARATOR = re.compile(r"[ \t\n\r]")
 
 
+def _ends_a_word(char: str) -> bool:
+    """Whether BERT's pre-tokenizer splits after ``char`` whatever follows: a punctuation mark (ASCII symbols
+    included, as BERT counts them) or a CJK ideograph (the normaliser puts spaces around each)."""
+    cp = ord(char)
+    if 33 <= cp <= 47 or 58 <= cp <= 64 or 91 <= cp <= 96 or 123 <= cp <= 126:
+        return True
+    if unicodedata.category(char).startswith("P"):
+        return True
+    return any(lo <= cp <= hi for lo, hi in _CJK)
+
+
+# BERT's "Chinese character" blocks (BasicTokenizer._is_chinese_char): each ideograph is a word of its own.
+_CJK = ((0x4E00, 0x9FFF), (0x3400, 0x4DBF), (0x20000, 0x2A6DF), (0x2A700, 0x2B73F), (0x2B740, 0x2B81F),
+        (0x2B820, 0x2CEAF), (0xF900, 0xFAFF), (0x2F800, 0x2FA1F))
+
+
+def _splits_at(text: str, at: int) -> bool:
+    """Whether the pre-tokenizer splits ``text`` at ``at`` (before ``text[at]``), whatever follows ``at``."""
+    return bool(_SEPARATOR.match(text, at)) or _ends_a_word(text[at]) or _ends_a_word(text[at - 1])
+
+
 def token_prefixes(tokenizer: Any, texts: Sequence[str], keep: int) -> list[str]:
     """``texts`` (already ``tokenizable``), each cut to a prefix whose first ``keep`` content tokens are the whole
     text's, so a 10-million-character prompt costs the tokenizer a few thousand characters rather than seconds:
     the model only reads the first ``keep`` tokens (``max_length``), but the tokenizer would split all of it first.
 
-    A prefix of ``n`` characters is used when it yields at least ``keep`` tokens and a whitespace follows the
-    ``keep``-th token's end within it: the words up to there are then whole, and WordPiece and the normaliser
-    split at whitespace, so the full text's first ``keep`` tokens are the same. Otherwise ``n`` grows fourfold,
-    up to the whole text; a text of ``keep * 16`` characters or fewer is passed as it is."""
+    A prefix of ``n`` characters is used when it yields at least ``keep`` tokens and the pre-tokenizer splits the
+    text within it after the ``keep``-th token's end: at a whitespace, or at a punctuation mark or CJK ideograph,
+    each a word of its own (a text of Chinese or Japanese, or of punctuation, has no whitespace to wait for: it
+    was tokenised whole, several times, 100-500 ms for 100k characters). The words up to there are then whole, and
+    WordPiece and the normaliser work word by word, so the full text's first ``keep`` tokens are the same.
+    Otherwise ``n`` grows fourfold, up to the whole text; a text of ``keep * 16`` characters or fewer is passed as
+    it is. Tokenised with ``encode_batch``, which lets go of the GIL (``encode`` held it, stalling the event
+    loop)."""
     keep = max(keep, 1)
     out = list(texts)
     for i, text in enumerate(out):
         n = keep * LONG_TEXT_CHARS_PER_TOKEN
         while n < len(text):
-            enc = tokenizer.encode(text[:n], add_special_tokens=False)
-            if len(enc.ids) >= keep and _SEPARATOR.search(text, enc.offsets[keep - 1][1], n):
-                out[i] = text[:n]
-                break
+            [enc] = tokenizer.encode_batch([text[:n]], add_special_tokens=False)
+            if len(enc.ids) >= keep:
+                end = enc.offsets[keep - 1][1]
+                split = next((at for at in range(end, n) if _splits_at(text, at)), None) if end > 0 else None
+                if split is not None:
+                    out[i] = text[:n]
+                    break
             n *= 4
     return out
 

@@ -388,6 +388,10 @@ def _long_texts() -> dict[str, str]:
         "over-long word at the keep-th token": ("y" * 101 + " ") * 4 + "q7" * 100 + " end" + " more" * 200,
         "no whitespace at all": "abc," * 60_000,
         "CJK without spaces": "数学物理化学生物" * 8000,
+        "Japanese, kana runs and ideographs": "これはテストです。数学と物理、化学の問題を解きなさい" * 4000,
+        "kana only (one word, over WordPiece's 100 characters)": "ひらがなカタカナ" * 8000,
+        "CJK with combining marks": "数\u0301学\u0308" * 12000,
+        "emoji without spaces": "\U0001F600\U0001F680" * 30_000,
         "control separators only": ("alpha\x1cbeta\x1f" * 20_000) + " end",
         "whitespace only far after the cut": "é" * 3000 + "," * 30_000 + " " + "word " * 100,
         "short": "a short query",
@@ -407,8 +411,12 @@ def test_token_prefixes_keep_the_tokens_the_model_reads(name: str, keep: int, sp
     assert tokenizer.encode(cut, add_special_tokens=special).ids == full
     if name == "prose":
         assert len(cut) <= keep * 16 < len(text)  # the first prefix sufficed
-    if name in ("no whitespace at all", "CJK without spaces", "short"):
-        assert cut == text  # nothing safe to cut at: the whole text, as before
+    if name in ("no whitespace at all", "CJK without spaces", "Japanese, kana runs and ideographs",
+                "CJK with combining marks"):
+        # Punctuation and ideographs are words of their own: cut as prose is, not tokenised whole (it was).
+        assert len(cut) < len(text) // 10
+    if name in ("short", "kana only (one word, over WordPiece's 100 characters)"):
+        assert cut == text  # nothing safe to cut at: the whole text
 
 
 def test_long_prompts_embed_as_the_whole_text_does() -> None:
