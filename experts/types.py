@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -94,6 +95,17 @@ class ChatMessage(BaseModel):
         return "\n".join(str(p.get("text", "")) for p in self.content if p.get("type") == "text")
 
 
+# What the encoders' normaliser drops or reads as a space: whitespace, control and format characters (zero-width
+# spaces, a BOM, a soft hyphen, direction marks), and combining marks (accents, stripped).
+_WORDLESS = frozenset({"Cc", "Cf", "Mn", "Me", "Zs", "Zl", "Zp"})
+
+
+def is_blank(text: str) -> bool:
+    """Whether ``text`` holds nothing the gate could route on: only whitespace, control or format characters
+    (``"\u200b\u200b"``, ``"\x00"``, ``"\ufeff"``) or combining marks, all of which the encoder drops."""
+    return all(c.isspace() or c == "\ufffd" or unicodedata.category(c) in _WORDLESS for c in text)
+
+
 def _routed_index(messages: list[ChatMessage]) -> int:
     """Which message the gate routes on: the last user message, else the last message."""
     return next((i for i in range(len(messages) - 1, -1, -1) if messages[i].role == "user"), len(messages) - 1)
@@ -144,12 +156,13 @@ class ChatRequest(BaseModel):
     def _something_to_route(cls, messages: list[ChatMessage]) -> list[ChatMessage]:
         # The gate routes on one message's text: an empty one would route on nothing and reach an expert anyway.
         i = _routed_index(messages)
-        if not messages[i].text().strip() and not messages[i].has_image():
+        if is_blank(messages[i].text()) and not messages[i].has_image():
             which = "the last user message" if messages[i].role == "user" else "the last message"
             # ``where`` names the field at fault (messages[i].content), which the error's own place, the
             # messages list, does not.
             raise PydanticCustomError("unroutable", "{which} (messages[{index}]), which the gate routes on, holds no "
-                                      "text: its content is empty or only whitespace",
+                                      "text: its content is empty, or only whitespace, control or zero-width "
+                                      "characters",
                                       {"which": which, "index": i, "where": ("messages", i, "content")})
         return messages
 

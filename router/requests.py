@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, model_validator
 
-from experts.types import TOOLLESS_CHOICES, ChatRequest
+from experts.types import TOOLLESS_CHOICES, ChatRequest, is_blank
 from router.errors import error_body
 from router.feedback import FeedbackBody, FeedbackUnavailable, UnknownFeedbackExpert, UnknownRequest
 
@@ -222,8 +222,9 @@ def parse_chat(body: Any, max_chars: int) -> ChatRequest:
 def _check_query(query: str, where: str, max_chars: int) -> None:
     """One routed query's text: not blank, and within ``max_chars``; ``where`` names it (``query``,
     ``queries[3]``)."""
-    if not query.strip():
-        raise RequestProblem(400, f"invalid request: {where}: holds no text (empty or only whitespace)",
+    if is_blank(query):
+        raise RequestProblem(400, f"invalid request: {where}: holds no text (empty, or only whitespace, control or "
+                                  "zero-width characters)",
                            "invalid_request_error", "invalid_request", param=where)
     if len(query) > max_chars:
         raise RequestProblem(400, f"{where} holds {len(query)} characters, over the limit of {max_chars}",

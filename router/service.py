@@ -478,7 +478,8 @@ async def route(request: Request) -> Response:
     with o.serving():
         body = await _read_json(request, o.config.service.max_request_bytes)
         chat = parse_route(body, o.config.service.max_prompt_chars)
-        decision = await o.decide(chat)
+        # A client that leaves takes its query out of the gate's queue: no one waits behind work for nobody.
+        decision = await _unless_client_leaves(request, o.decide(chat))
     return JSONResponse(decision.model_dump())
 
 
@@ -492,7 +493,7 @@ async def route_batch(request: Request) -> Response:
 async def _route_batch(request: Request, o: Orchestrator) -> Response:
     body = await _read_json(request, o.config.service.max_request_bytes)
     batch = parse_route_batch(body, o.config.service.max_prompt_chars, o.config.expert_names)
-    experts = await o.assign(batch.queries, batch.capacity)
+    experts = await _unless_client_leaves(request, o.assign(batch.queries, batch.capacity))
     return JSONResponse({"object": "route.batch", "mode": "expert_choice",
                          "assignments": [{"index": i, "expert": e} for i, e in enumerate(experts)]})
 

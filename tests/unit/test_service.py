@@ -625,6 +625,10 @@ async def test_a_request_whose_body_is_still_arriving_holds_its_orchestrator_thr
     ([{"role": "user", "content": "an integral"}, {"role": "assistant", "content": "x"},
       {"role": "user", "content": ""}], "the last user message (messages[2])"),
     ([{"role": "system", "content": " "}], "the last message (messages[0])"),
+    # What the encoder drops (zero-width spaces, NUL, a BOM, soft hyphens, direction marks, accents alone) is no
+    # text either: such a message was routed, confidently, on nothing.
+    ([{"role": "user", "content": "\u200b\u200b\u200b"}], "the last user message (messages[0])"),
+    ([{"role": "user", "content": "\x00\x01\x1b \ufeff\u00ad\u202e\u0301"}], "the last user message (messages[0])"),
 ])
 async def test_a_conversation_with_nothing_to_route_on_is_refused(messages: list[dict[str, object]],
                                                                    where: str) -> None:
@@ -702,3 +706,45 @@ async def test_a_body_labelled_anything_but_json_is_refused_before_an_expert_is_
         assert feedback.status_code == 415
     else:
         assert calls == 1
+
+
+async def test_a_client_that_leaves_a_route_decision_takes_its_query_out_of_the_gate_queue(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Over a real socket: the gate is busy with another query when a /v1/route client gives up; its query is
+    dropped from the queue (never embedded) and its line says client_closed_request, not 200."""
+    import threading
+
+    caplog.set_level("INFO", logger="router.requests")
+    app = make_app()
+    gate = app.state.orchestrator.gate
+    release, seen = threading.Event(), []
+    real = gate.predict_proba
+
+    def slow(embeddings: object, texts: object = None) -> object:
+        seen.append(list(embeddings))  # type: ignore[call-overload]
+        if "first" in str(embeddings):
+            release.wait(5)
+        return real(embeddings, texts)
+
+    gate.predict_proba = slow
+    async with serving(app) as url, httpx.AsyncClient(base_url=url) as http:
+        first = asyncio.ensure_future(http.post("/v1/route", json={"query": "the first query"}))
+        await asyncio.sleep(0.3)  # the first is in the gate's worker, holding it
+        async with httpx.AsyncClient(base_url=url, timeout=0.3) as impatient:
+            with pytest.raises(httpx.ReadTimeout):
+                await impatient.post("/v1/route", json={"query": "the second query"})
+        await asyncio.sleep(0.5)  # the service sees the disconnect
+        release.set()
+        assert (await first).status_code == 200
+        await asyncio.sleep(0.2)
+    assert not any("second" in str(batch) for batch in seen)  # never embedded
+    lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "router.requests"]
+    assert sorted((line["status"], line.get("error")) for line in lines) == [
+        (200, None), (499, "client_closed_request")]
+
+
+def test_a_query_of_characters_the_encoder_drops_is_blank_but_any_letter_is_text() -> None:
+    from experts.types import is_blank
+
+    assert is_blank("\u200b\ufeff\u00ad\x00 \u0301")
+    assert not is_blank("\u200ba") and not is_blank("\u6570") and not is_blank("\U0001F600") and not is_blank("?")
