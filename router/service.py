@@ -468,8 +468,9 @@ async def _chat_completions(request: Request, o: Orchestrator) -> Response:
         async def on_end(credited: str) -> None:  # after a switch, the expert that wrote most of it
             if credited != expert:
                 await store.aremember(request_id, query, credited)
-    return StreamingResponse(_sse(events, first, _Chunks(request_id, _include_usage(chat)), record, on_end),
-                             media_type="text/event-stream", headers={"cache-control": "no-cache", **began})
+    body = _sse(events, first, _Chunks(request_id, _include_usage(chat)), record, on_end)
+    request.scope["state"]["moe_stream"] = body  # closed by the middleware if the client stops reading it
+    return StreamingResponse(body, media_type="text/event-stream", headers={"cache-control": "no-cache", **began})
 
 
 @_problems
@@ -698,7 +699,15 @@ class _Edge:
                 status, started = message["status"], True
                 message = {**message, "headers": [*message.get("headers", []),
                                                   (b"x-request-id", record.request_id.encode())]}
-            await send(message)
+                await send(message)
+                return
+            # A client that stops reading blocks the send (the socket's buffers are full), and with it the stream
+            # and its expert's slot, past any deadline: past the request's own, with a margin, it is cut off.
+            try:
+                async with asyncio.timeout(_send_limit(app, start)):
+                    await send(message)
+            except TimeoutError:
+                raise ClientStalled from None
 
         try:
             verdict = await _admit(app, scope, headers)
@@ -710,6 +719,16 @@ class _Edge:
             else:
                 record.key_name = verdict.key_name
                 await self.app(scope, receive, observed)
+        except ClientStalled:
+            # Nothing more can reach the client, and nothing is wrong with the service: one log line says so, the
+            # server closes the connection, and the stream, closed here (Starlette leaves it suspended), releases
+            # its expert's call and slot.
+            stream = scope["state"].pop("moe_stream", None)
+            if stream is not None:
+                await stream.aclose()
+            record.error = "client_stalled"
+            log.warning("request %s: the client stopped reading the answer; cut off at the request's deadline",
+                        record.request_id)
         except Exception as exc:
             # Answered here rather than by Starlette's outermost handler, which sends the 500 and then raises
             # again, so that the server drops the client's keep-alive connection and its next request fails too.
@@ -722,6 +741,18 @@ class _Edge:
         finally:
             record.status, record.latency_ms = status, (time.perf_counter() - start) * 1000.0
             _observe(app, record)
+
+
+class ClientStalled(Exception):
+    """The client stopped reading its answer (``_send_limit``)."""
+
+
+def _send_limit(app: FastAPI, start: float) -> float:
+    """Seconds a write to the client may still wait: until the request's deadline (``fallback.deadline_s``) from
+    its start, plus a tenth of it (at least a second) for the last bytes."""
+    orchestrator = app.state.orchestrator
+    deadline = orchestrator.config.fallback.deadline_s if orchestrator is not None else 120.0
+    return max(start + deadline + max(1.0, 0.1 * deadline) - time.perf_counter(), 0.0)
 
 
 # The endpoints ``security.open_endpoints`` may leave open, by path.

@@ -748,3 +748,42 @@ def test_a_query_of_characters_the_encoder_drops_is_blank_but_any_letter_is_text
 
     assert is_blank("\u200b\ufeff\u00ad\x00 \u0301")
     assert not is_blank("\u200ba") and not is_blank("\u6570") and not is_blank("\U0001F600") and not is_blank("?")
+
+
+class _Firehose(FakeExpert):
+    """A test double streaming 20 MB at once: more than a client's socket buffers hold unread."""
+
+    async def stream(self, request: ChatRequest) -> AsyncIterator[StreamDelta]:
+        self.requests.append(request)
+        for _ in range(20_000):
+            yield StreamDelta(content="x" * 1000)
+        yield StreamDelta(finish_reason="stop", usage=Usage.counted(3, 20_000))
+
+
+async def test_a_client_that_stops_reading_a_stream_is_cut_off_at_the_deadline(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Over a real socket: a client opens a stream and never reads it. The blocked writes held the expert's slot
+    (max_concurrency) for as long as the socket stayed open; past the request's deadline and its margin the
+    stream is cut off, the slot released, and one line says why."""
+    import socket
+
+    app = make_app(fallback={"deadline_s": 1.0})
+    orchestrator = app.state.orchestrator
+    orchestrator.experts["math"] = _Firehose(orchestrator.config.expert("math"))
+    body = json.dumps({"stream": True, "messages": [{"role": "user", "content": "an integral"}]}).encode()
+    async with serving(app) as url:
+        host, port = url.removeprefix("http://").split(":")
+        sock = socket.create_connection((host, int(port)))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                     b"content-length: %d\r\n\r\n%s" % (len(body), body))
+        await asyncio.sleep(0.5)
+        during = orchestrator.expert_states()["math"]["in_flight"]
+        for _ in range(40):  # the deadline (1 s) and its margin (1 s)
+            await asyncio.sleep(0.1)
+            if orchestrator.expert_states()["math"]["in_flight"] == 0:
+                break
+        after = orchestrator.expert_states()["math"]["in_flight"]
+        sock.close()
+    assert (during, after) == (1, 0)
+    assert any("the client stopped reading the answer" in r.getMessage() for r in caplog.records)
