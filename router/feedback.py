@@ -33,6 +33,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator, model_validator
 
+from experts.types import is_blank
 from router.config import RouterConfig
 
 __all__ = [
@@ -116,8 +117,8 @@ class FeedbackBody(BaseModel):
     @classmethod
     def _not_blank(cls, query: str | None) -> str | None:
         # A blank query would become a training example that teaches the gate nothing but noise.
-        if query is not None and not query.strip():
-            raise ValueError("must not be blank (empty or only whitespace)")
+        if query is not None and is_blank(query):
+            raise ValueError("must not be blank (empty, or only whitespace, control or zero-width characters)")
         return query
 
     @model_validator(mode="after")

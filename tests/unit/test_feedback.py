@@ -126,6 +126,7 @@ async def test_a_streamed_answer_can_be_rated_by_its_id(tmp_path: Path) -> None:
         ([1, 2], 400, "invalid_request", "JSON object"),
         ({"query": "   ", "expert": "math", "good": True}, 400, "invalid_request", "query: must not be blank"),
         ({"query": "\n\t", "expert": "math", "score": 0.5}, 400, "invalid_request", "query: must not be blank"),
+        ({"query": "\u200b\ufeff", "expert": "math", "good": True}, 400, "invalid_request", "query: must not be blank"),
         # longer than any prompt the service takes (service.max_prompt_chars, 100,000 by default)
         ({"query": "x" * 100_001, "expert": "math", "good": True}, 400, "context_length_exceeded",
          "query: 100001 characters, over the limit of 100000"),
