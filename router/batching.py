@@ -64,13 +64,19 @@ class GateBatcher(Generic[T]):
         self._closed = False
         self.batches = 0  # batches run so far; for tests and metrics
 
+    def _reopen(self) -> concurrent.futures.ThreadPoolExecutor:
+        """The worker, reopened if the batcher was closed (``_lock`` held). Like the experts' connection pools, a
+        closed batcher reopens on next use: an app whose lifespan ends and starts again (tests, embedding servers)
+        keeps working on the same orchestrator, and so does another event loop's queue, which a close from one
+        loop must not leave stranded."""
+        if self._closed:
+            self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="moe-gate")
+            self._closed = False
+        return self._executor
+
     def _queue(self, loop: asyncio.AbstractEventLoop) -> _Queue[T]:
         with self._lock:
-            if self._closed:
-                # Like the experts' connection pools, a closed batcher reopens on next use: an app whose
-                # lifespan ends and starts again (tests, embedding servers) keeps working on the same orchestrator.
-                self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="moe-gate")
-                self._closed = False
+            self._reopen()
             queue = self._queues.get(loop)
             if queue is None:
                 queue = self._queues[loop] = _Queue()
@@ -106,7 +112,15 @@ class GateBatcher(Generic[T]):
             with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nobody is left to answer
                 loop.call_soon_threadsafe(self._resolve, queue, batch, done)
 
-        self._executor.submit(self.work, [t for t, _ in batch]).add_done_callback(back)
+        texts = [t for t, _ in batch]
+        with self._lock:
+            executor = self._reopen()
+            try:
+                submitted = executor.submit(self.work, texts)
+            except RuntimeError:  # shut down by a close from another loop's thread: a fresh worker takes it
+                self._closed = True
+                submitted = self._reopen().submit(self.work, texts)
+        submitted.add_done_callback(back)
 
     def _resolve(self, queue: _Queue[T], batch: list[tuple[str, asyncio.Future[T]]],
                  done: concurrent.futures.Future[Sequence[T]]) -> None:
@@ -127,11 +141,12 @@ class GateBatcher(Generic[T]):
     async def aclose(self) -> None:
         """Answer what this loop has queued, then stop the worker thread."""
         queue = self._queue(asyncio.get_running_loop())
-        with self._lock:
-            self._closed = True
-            executor = self._executor  # a submit after this point reopens a new one; this one is ours to stop
         if queue.pending and not queue.busy:
             self._flush(queue)
         await queue.idle.wait()
-        # Idle by now for this loop; a batch another loop still has out finishes first.
+        with self._lock:
+            self._closed = True
+            executor = self._executor  # a submit after this point reopens a new one; this one is ours to stop
+        # Idle by now for this loop; a batch another loop still has out finishes first (``wait``), and one it
+        # submits once this worker is shut down goes to a fresh one (``_flush``).
         await asyncio.to_thread(executor.shutdown, wait=True)

@@ -156,3 +156,44 @@ def test_a_loop_that_closes_before_its_batch_returns_does_not_stall_the_others()
     release.set()
     assert asyncio.run(asyncio.wait_for(batcher.submit("later"), timeout=10)) == "later"
     assert asyncio.run(asyncio.wait_for(batcher.submit("again"), timeout=10)) == "again"
+
+
+def test_a_close_from_one_loop_leaves_another_loops_queued_query_answered() -> None:
+    """Loop B has a batch out and a query queued behind it when loop A closes the batcher: B's next batch goes to a
+    fresh worker (it was submitted to the one being shut down, raised in a loop callback, and B's queue stayed
+    busy: that query, and every later one on B, went unanswered)."""
+    release, running, queued = threading.Event(), threading.Event(), threading.Event()
+
+    def work(texts: list[str]) -> list[str]:
+        if "first" in texts[0]:
+            running.set()
+            release.wait(timeout=10)
+        return [t.upper() for t in texts]
+
+    batcher: GateBatcher[str] = GateBatcher(work, window_ms=0.0)
+    answers: list[str] = []
+
+    def on_b() -> None:
+        async def two() -> None:
+            first = asyncio.ensure_future(batcher.submit("first"))
+            await asyncio.sleep(0.05)  # the first batch is out; the second query queues behind it
+            second = asyncio.ensure_future(batcher.submit("second"))
+            await asyncio.sleep(0.05)
+            queued.set()
+            answers.extend(await asyncio.wait_for(asyncio.gather(first, second), timeout=10))
+            answers.append(await asyncio.wait_for(batcher.submit("third"), timeout=10))
+        asyncio.run(two())
+
+    b = threading.Thread(target=on_b)
+    b.start()
+    assert running.wait(timeout=10) and queued.wait(timeout=10)
+
+    async def close_on_a() -> None:
+        closing = asyncio.ensure_future(batcher.aclose())
+        await asyncio.sleep(0.1)  # A has marked the batcher closed and waits for the worker to finish
+        release.set()
+        await asyncio.wait_for(closing, timeout=10)
+
+    asyncio.run(close_on_a())
+    b.join(timeout=20)
+    assert answers == ["FIRST", "SECOND", "THIRD"]
