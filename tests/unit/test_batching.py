@@ -66,9 +66,21 @@ async def test_concurrent_decisions_match_sequential_ones_in_few_encoder_calls()
 
 async def test_queries_arriving_while_the_worker_is_busy_form_the_next_batch() -> None:
     orch, encoder = build(batch_window_ms=0.0, max_batch=64)
+    held = threading.Event()
+    encode = encoder.encode
+
+    def first_held(texts: Sequence[str]) -> np.ndarray:
+        if not encoder.calls:
+            held.wait(timeout=10)  # the worker stays busy until the rest have queued, however loaded the machine
+        return encode(texts)
+
+    encoder.encode = first_held  # type: ignore[method-assign]
     first = asyncio.ensure_future(orch.decide(ask("solve this integral")))  # goes alone, at once
     await asyncio.sleep(0)
-    rest = await asyncio.gather(*(orch.decide(ask(t)) for t in TEXTS[:10]))
+    rest_task = asyncio.gather(*(orch.decide(ask(t)) for t in TEXTS[:10]))
+    await asyncio.sleep(0.05)  # all ten are queued behind the busy worker
+    held.set()
+    rest = await rest_task
     await first
     assert encoder.calls == [1, 10]
     assert [d.chosen[0].expert for d in rest[:3]] == ["math", "code", "law"]
