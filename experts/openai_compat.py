@@ -194,8 +194,10 @@ class OpenAICompatibleExpert(Expert):
                                 logprobs=logprobs if isinstance(logprobs, dict) else None)
             if piece.has_output():
                 sent += 1
-                running = self._usage(chunk) if isinstance(chunk.get("usage"), dict) else None
-                yield piece if running is None else replace(piece, usage=running)
+                running = self._usage(chunk)[0] if isinstance(chunk.get("usage"), dict) else None
+                # The running usage, with the upstream's own price of it when it gives one (as the last chunk's is
+                # taken): a stream that breaks off is then counted at what the upstream charged.
+                yield piece if running is None else replace(piece, usage=running, cost_usd=_upstream_cost(chunk))
             if finish_reason is not None:
                 break
         else:  # the body ended without [DONE]: complete only if a finish_reason came
@@ -217,11 +219,10 @@ class OpenAICompatibleExpert(Expert):
 
     def _last_delta(self, finish_reason: str, usage_chunk: dict[str, Any], nested: dict[str, Any] | None,
                     estimate: Usage) -> StreamDelta:
-        """The stream's last delta; without the upstream's usage, ``estimate`` stands."""
-        usage = self._usage(usage_chunk)
-        estimated = usage is None
-        if usage is None:
-            usage = estimate
+        """The stream's last delta; without the upstream's usage (or for the counts it leaves out), ``estimate``
+        stands."""
+        usage, estimated = self._usage(usage_chunk, estimate)
+        assert usage is not None  # an estimate stands in for whatever is missing
         cost = _upstream_cost(usage_chunk)
         if cost is None:
             cost = self.cost(usage)
@@ -249,16 +250,31 @@ class OpenAICompatibleExpert(Expert):
             raise ExpertProtocolError(self.name, "response has no 'choices' list")
         return data
 
-    def _usage(self, data: dict[str, Any]) -> Usage | None:
+    def _usage(self, data: dict[str, Any], estimate: Usage | None = None) -> tuple[Usage | None, bool]:
+        """The upstream's usage in ``data``, and whether any of it is ``estimate``'s: a count it left out, sent as
+        null or as no count (negative, fractional: some servers send null, or -1, for what they do not count) is
+        ``estimate``'s, so a call is never counted as free (``usage: {}`` was 0 tokens at $0). Without
+        ``estimate``, a usage lacking either count is None. A missing total is the two counts' sum."""
         raw = data.get("usage")
         if not isinstance(raw, dict):
-            return None
+            return estimate, estimate is not None
+        known: dict[str, int] = {k: v for k in ("prompt_tokens", "completion_tokens")
+                                 if isinstance(v := raw.get(k), int) and not isinstance(v, bool) and v >= 0}
+        if len(known) < 2 and estimate is None:
+            return None, False
+        prompt = known.get("prompt_tokens", estimate.prompt_tokens if estimate else 0)
+        completion = known.get("completion_tokens", estimate.completion_tokens if estimate else 0)
+        total = raw.get("total_tokens")
+        if not (isinstance(total, int) and not isinstance(total, bool) and total >= prompt + completion) \
+                or len(known) < 2:
+            total = prompt + completion
         try:
-            # A count sent as null is unknown, as if left out (some servers send null for what they do not count).
-            counts = {k: v for k, v in raw.items() if k in Usage.model_fields and k not in DETAILS and v is not None}
-            return Usage.model_validate({**counts, **{k: usage_details(raw.get(k)) for k in DETAILS}})
+            details = {k: usage_details(raw.get(k)) for k in DETAILS}
+            usage = Usage.model_validate({"prompt_tokens": prompt, "completion_tokens": completion,
+                                          "total_tokens": total, **details})
         except ValidationError:
             raise ExpertProtocolError(self.name, "malformed 'usage'") from None
+        return usage, len(known) < 2
 
     def _reply(self, data: dict[str, Any], latency_ms: float, request: ChatRequest) -> ExpertReply:
         if not data["choices"] or not isinstance(data["choices"][0], dict):
@@ -272,14 +288,13 @@ class OpenAICompatibleExpert(Expert):
         finish_reason = self._finish_reason(choice) or "stop"
         refusal = message["refusal"] if isinstance(message.get("refusal"), str) else None
         reasoning = reasoning_of(message)
-        usage = self._usage(data)
-        estimated = usage is None
-        if usage is None:
-            # No usage sent: estimated as a stream's is, the prompt and the output at about 4 characters a token,
-            # so the cost budget and the metrics do not count the call as free.
-            written = len(content) + len(reasoning or "") + len(refusal or "") + sum(
-                len(json.dumps(call, default=str)) for call in tool_calls or [])
-            usage = Usage.counted(request.estimated_prompt_tokens(), estimate_tokens(written))
+        # What the upstream does not count is estimated as a stream's is, the prompt and the output at about 4
+        # characters a token, so the cost budget and the metrics do not count the call as free.
+        written = len(content) + len(reasoning or "") + len(refusal or "") + sum(
+            len(json.dumps(call, default=str)) for call in tool_calls or [])
+        usage, estimated = self._usage(data, Usage.counted(request.estimated_prompt_tokens(),
+                                                           estimate_tokens(written)))
+        assert usage is not None
         upstream_cost = _upstream_cost(data)
         return ExpertReply(
             expert=self.name,
@@ -407,7 +422,8 @@ def _upstream_cost(data: dict[str, Any]) -> float | None:
     """``usage.cost`` in USD where the upstream prices the call itself (OpenRouter's convention)."""
     usage = data.get("usage")
     cost = usage.get("cost") if isinstance(usage, dict) else None
-    if isinstance(cost, int | float) and not isinstance(cost, bool) and math.isfinite(cost):
+    # A negative cost is no price: the config's prices stand (it was traced and logged as spent, below zero).
+    if isinstance(cost, int | float) and not isinstance(cost, bool) and math.isfinite(cost) and cost >= 0:
         return float(cost)
     return None
 

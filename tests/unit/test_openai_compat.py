@@ -345,8 +345,6 @@ def test_without_addresses(raw: str, shown: str) -> None:
     pytest.param(b'{"id": "x", "choices": []}', "application/json", id="empty-choices"),
     pytest.param(b'{"choices": [{"index": 0}]}', "application/json", id="no-message"),
     pytest.param(b"[1, 2, 3]", "application/json", id="not-an-object"),
-    pytest.param(b'{"choices": [{"message": {"content": "x"}}], "usage": {"prompt_tokens": "many"}}',
-                 "application/json", id="bad-usage"),
     pytest.param(b'{"choices": [{"message": {"content": 42}}]}', "application/json", id="number-content"),
     pytest.param(b'{"choices": [{"message": {"content": {"text": "x"}}}]}', "application/json",
                  id="object-content"),
@@ -396,7 +394,34 @@ async def test_usage_counts_sent_as_null_are_unknown_not_a_broken_answer(server:
                                                     "total_tokens": None}}).encode(),
                               content_type="application/json"))
     reply = await make_expert().generate(ask())
-    assert reply.content == "4" and reply.usage.prompt_tokens == 9 and reply.usage.completion_tokens == 0
+    # The count it sent stands; the one it did not is estimated (the answer is not free), and the total derived.
+    assert reply.content == "4" and reply.usage.prompt_tokens == 9 and reply.usage.completion_tokens == 1
+    assert reply.usage.total_tokens == 10 and reply.usage_estimated
+
+
+@pytest.mark.parametrize(("usage", "expected", "estimated"), [
+    ({}, None, True),  # an empty usage: estimated whole, as no usage is (it was 0 tokens, $0, not estimated)
+    ({"prompt_tokens": None, "completion_tokens": None, "total_tokens": None}, None, True),
+    ({"prompt_tokens": "many", "completion_tokens": 3}, None, True),  # not a count: unknown, not a broken answer
+    ({"prompt_tokens": -100, "completion_tokens": 3}, None, True),  # negative broke the metrics and the log line
+    ({"prompt_tokens": 100, "completion_tokens": 50}, (100, 50, 150), False),  # no total: the sum
+    ({"prompt_tokens": 100, "completion_tokens": 50, "total_tokens": 7}, (100, 50, 150), False),
+])
+async def test_a_usage_that_counts_nothing_usable_is_estimated_never_free(
+        server: ScriptedOpenAIServer, make_expert: MakeExpert, usage: dict[str, object],
+        expected: tuple[int, int, int] | None, estimated: bool) -> None:
+    answer = "a" * 400
+    server.push(Behaviour.raw(json.dumps({"choices": [{"message": {"content": answer}, "finish_reason": "stop"}],
+                                          "usage": usage}).encode(), content_type="application/json"))
+    reply = await make_expert().generate(ask())
+    got = (reply.usage.prompt_tokens, reply.usage.completion_tokens, reply.usage.total_tokens)
+    assert reply.usage_estimated is estimated
+    if expected is not None:
+        assert got == expected
+    else:
+        assert got[1] == 100 or (usage.get("completion_tokens") == 3 and got[1] == 3)
+        assert got[2] == got[0] + got[1] and reply.cost_usd >= 0
+    assert all(n >= 0 for n in got)
 
 
 async def test_content_as_text_parts_is_joined(server: ScriptedOpenAIServer, make_expert: MakeExpert) -> None:
@@ -661,3 +686,11 @@ async def test_injected_transport_replaces_the_network(make_expert: MakeExpert) 
     # No usage in the answer: estimated ("one two three" is 13 characters, "mocked" 6), not counted as free.
     assert (reply.usage.prompt_tokens, reply.usage.completion_tokens, reply.usage_estimated) == (3, 2, True)
     assert [str(r.url) for r in seen] == ["http://nowhere.test/v1/chat/completions"]
+
+
+async def test_a_negative_upstream_cost_is_no_price(server: ScriptedOpenAIServer, make_expert: MakeExpert) -> None:
+    server.push(Behaviour.ok("fine", cost=-0.05), Behaviour.ok("fine", cost=0.05))
+    expert = make_expert()
+    negative, priced = await expert.generate(ask()), await expert.generate(ask())
+    assert negative.cost_usd == pytest.approx(expert.cost(negative.usage)) and negative.cost_usd >= 0
+    assert priced.cost_usd == pytest.approx(0.05)

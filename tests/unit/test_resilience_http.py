@@ -134,6 +134,20 @@ async def test_a_continuation_counts_the_tokens_vllm_generated_not_its_deltas() 
         assert plain.requests[0]["stream_options"] == {"include_usage": True}
 
 
+async def test_a_broken_vllm_stream_is_priced_at_the_upstreams_own_cost_when_it_gives_one() -> None:
+    """An upstream that prices its calls (usage.cost) on every running usage: the stream that breaks off is counted
+    at that price, as a finished one is, not at the config's."""
+    words = " ".join(f"w{i:03d}" for i in range(100))
+    async with rig(("a", "b")) as (srv, http):
+        srv["a"].push(Behaviour(text=words, die_after=20, tokens_per_delta=2, cost=0.05))
+        srv["b"].default = Behaviour.ok("end.")
+        status, _, events = await stream(http, max_tokens=60)
+    final = next(e for e in events if e.get("choices") and e["choices"][0].get("finish_reason"))
+    broken = final["moe"]["attempts"][0]
+    assert status == 200 and (broken["expert"], broken["ok"]) == ("a", False)
+    assert broken["cost_usd"] == pytest.approx(0.05)
+
+
 # --- a panel member left out for the budget stays a fallback candidate ----------------------------------
 
 
