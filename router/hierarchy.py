@@ -160,11 +160,19 @@ def _inner_cost(nested: dict[str, Any] | None) -> float | None:
     return float(cost) if isinstance(cost, int | float) and not isinstance(cost, bool) else None
 
 
+def _inner_estimated(nested: dict[str, Any] | None) -> bool:
+    """Whether the inner trace's usage is in part an estimate (an attempt of its experts sent none)."""
+    attempts = nested.get("attempts") if nested else None
+    return isinstance(attempts, list) and any(isinstance(a, dict) and a.get("usage_estimated") for a in attempts)
+
+
 def _priced_by_inner(reply: ExpertReply) -> ExpertReply:
-    """The inner router knows what its experts cost; our config's prices for it are only a fallback."""
+    """The inner router knows what its experts cost, and which of its counts are estimates; our config's prices
+    for it are only a fallback."""
     cost = _inner_cost(reply.nested)
     if cost is not None:
         reply.cost_usd = cost
+    reply.usage_estimated = reply.usage_estimated or _inner_estimated(reply.nested)
     return reply
 
 
@@ -172,4 +180,5 @@ def _priced_delta(delta: StreamDelta) -> StreamDelta:
     cost = _inner_cost(delta.nested)
     if cost is not None:
         delta.cost_usd = cost
+    delta.usage_estimated = delta.usage_estimated or _inner_estimated(delta.nested)
     return delta

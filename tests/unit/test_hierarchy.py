@@ -228,3 +228,18 @@ async def test_the_cost_budget_prices_an_unpriced_in_process_router_as_its_deare
     assert [(a.expert, (a.error or {}).get("kind")) for a in answer.trace.attempts] == [
         ("team", "budget_exhausted"), ("cheap", None)]
     assert team.cost(Usage(prompt_tokens=1000, completion_tokens=0)) == pytest.approx(100.0)
+
+
+def test_an_http_inner_routers_estimated_usage_stays_flagged_estimated() -> None:
+    """Over HTTP the inner trace says which of its attempts' usage is an estimate; the outer attempt says so too
+    (it said false, as in-process nesting never did)."""
+    from experts.types import ExpertReply, StreamDelta, Usage
+    from router.hierarchy import _priced_by_inner, _priced_delta
+
+    nested = {"cost_usd": 0.3, "attempts": [{"expert": "x", "ok": True, "usage_estimated": True}]}
+    reply = _priced_by_inner(ExpertReply(expert="team", content="hi", usage=Usage.counted(4, 2), nested=nested))
+    delta = _priced_delta(StreamDelta(finish_reason="stop", usage=Usage.counted(4, 2), nested=nested))
+    assert (reply.usage_estimated, reply.cost_usd) == (True, 0.3)
+    assert (delta.usage_estimated, delta.cost_usd) == (True, 0.3)
+    counted = {"cost_usd": 0.3, "attempts": [{"expert": "x", "ok": True}]}
+    assert not _priced_by_inner(ExpertReply(expert="team", content="hi", nested=counted)).usage_estimated
