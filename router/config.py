@@ -633,6 +633,8 @@ def _cross_problems(raw: Any, *, check_env: bool, base_dir: str | Path | None = 
             names.append(name)
             named.setdefault(name, where)
         kind = e.get("type")
+        if not isinstance(kind, str):  # pydantic names a type that is no string; nothing below can read it
+            kind = None
         if isinstance(kind, str) and kind not in EXPERT_TYPES:
             yield f"{where}.type", f"unknown expert type {kind!r}; known: {', '.join(sorted(EXPERT_TYPES))}"
         if kind in REQUIRES_ENDPOINT and not e.get("endpoint"):
@@ -985,6 +987,34 @@ def _pydantic_problems(exc: ValidationError, raw: Any) -> list[tuple[str, str]]:
     return problems
 
 
+# A config's size and depth, bounded before anything walks it: YAML's aliases let a few lines stand for billions
+# of values (a "billion laughs" file), or for a value that contains itself.
+MAX_CONFIG_VALUES, MAX_CONFIG_DEPTH = 1_000_000, 100
+
+
+def _shape_problem(raw: Any) -> str | None:
+    """Why ``raw`` (a parsed file) is no config to walk: it holds itself (an alias inside its own anchor), nests
+    deeper than ``MAX_CONFIG_DEPTH``, or expands to more than ``MAX_CONFIG_VALUES`` values; None when it is fine.
+    Iterative, and stops at the first limit passed, so the check itself is bounded."""
+    count = 0
+    stack: list[tuple[Any, int, frozenset[int]]] = [(raw, 0, frozenset())]
+    while stack:
+        value, depth, inside = stack.pop()
+        count += 1
+        if count > MAX_CONFIG_VALUES:
+            return (f"the file expands to more than {MAX_CONFIG_VALUES:,} values (YAML aliases repeating aliases?); "
+                    "a config is far smaller")
+        if depth > MAX_CONFIG_DEPTH:
+            return f"values nested more than {MAX_CONFIG_DEPTH} levels deep; a config nests a few"
+        if isinstance(value, dict | list):
+            if id(value) in inside:
+                return "a value contains itself (a YAML alias inside its own anchor, such as x: &a [*a])"
+            children = value.values() if isinstance(value, dict) else value
+            below = inside | {id(value)}
+            stack.extend((child, depth + 1, below) for child in children)
+    return None
+
+
 def parse_config(raw: Any, *, source: str = "<config>", base_dir: str | Path = ".",
                  check_env: bool = True, require_vars: bool = True) -> RouterConfig:
     """Validate a config mapping. Raises ``ConfigError`` listing every problem with its path.
@@ -992,6 +1022,9 @@ def parse_config(raw: Any, *, source: str = "<config>", base_dir: str | Path = "
     ``check_env``: the variables the ``*_env`` keys name (API keys, the Redis URL) must be set. ``require_vars``:
     every ``${VAR}`` without a default must be set; off only where the config is not used here but passed on
     to where its variables will be set (``moe compose``, whose containers get them)."""
+    shape = _shape_problem(raw)
+    if shape is not None:
+        raise ConfigError(source, [("<root>", shape)])
     unset: list[tuple[str, str]] = []
     malformed: list[str] = []
     problems: list[tuple[str, str]] = []
@@ -1078,6 +1111,9 @@ def load_config(path: str | Path, *, check_env: bool = True, require_vars: bool 
         raw = yaml.load(_named(text, path), Loader=_UniqueKeyLoader)  # a SafeLoader: no arbitrary objects
     except yaml.YAMLError as exc:
         raise ConfigError(str(path), [("<yaml>", str(exc).replace("\n", " "))]) from exc
+    except RecursionError:  # the parser recurses per level: a file nested hundreds deep
+        raise ConfigError(str(path), [("<yaml>", "nested too deeply for the parser; a config nests a few levels")]) \
+            from None
     token = _LOADING.set((*_LOADING.get(), path.resolve()))
     try:
         # The folder the path names, symlinks not followed: Kubernetes mounts a ConfigMap's file as a link into

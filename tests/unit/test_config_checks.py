@@ -586,3 +586,28 @@ def test_relative_paths_resolve_against_the_folder_the_config_s_path_names_not_a
     link.symlink_to(real)
     config = load_config(link, check_env=False)
     assert config.resolve(config.gate.artifact) == tmp_path / "artifacts" / "gate"
+
+
+@pytest.mark.parametrize(("text", "says"), [
+    # "Billion laughs": nine levels, each aliasing the one before nine times (9**9 values); it ran past 20 s and
+    # 850 MB while the loader copied it.
+    ("a0: &a0 [x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]\n" for i in range(1, 10)),
+     "expands to more than 1,000,000 values"),
+    ("x: &a [*a]\n", "a value contains itself"),  # recursed without end
+    ("x: " + "[" * 900 + "]" * 900 + "\n", "nested too deeply for the parser"),  # a RecursionError traceback
+    ("x: " + "[" * 150 + "]" * 150 + "\n", "nested more than 100 levels deep"),
+])
+def test_a_config_too_big_deep_or_self_containing_is_one_clear_problem(tmp_path: Path, text: str,
+                                                                       says: str) -> None:
+    path = tmp_path / "router.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path, check_env=False)
+    assert len(info.value.problems) == 1 and says in info.value.problems[0][1]
+
+
+def test_an_expert_type_that_is_no_string_is_named_not_a_traceback() -> None:
+    for kind in (["openai"], {"a": 1}):
+        found = problems({"version": 1, "experts": [expert(type=kind)]}, check_env=False)
+        assert found["experts[0] (alpha).type"] == "Input should be a valid string"
