@@ -341,23 +341,36 @@ def fake_build(config: RouterConfig) -> Orchestrator:
 
 async def test_a_file_too_deep_to_parse_is_a_refused_reload_and_the_watch_goes_on(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A file nested too deep for the parser is one config problem now (router.config); an error no check names,
+    here a build that raises, is refused the same way, logged with its traceback, and the watch goes on."""
     caplog.set_level(logging.ERROR, logger="router.reload")
     path = simple(tmp_path / "router.yaml", ["math"])
-    holder = SimpleNamespace(orchestrator=fake_build(load_config(path)))
-    reloader = Reloader(path, build=fake_build, poll_s=0.02)
+    builds: list[str] = []
+
+    def build(config: RouterConfig) -> Orchestrator:
+        builds.append("build")
+        if len(builds) == 2:
+            raise RecursionError("maximum recursion depth exceeded (a bug of ours)")
+        return fake_build(config)
+
+    holder = SimpleNamespace(orchestrator=build(load_config(path)))
+    reloader = Reloader(path, build=build, poll_s=0.02)
     reloader.bind(holder)
     reloader.start()
     try:
         path.write_text(DEEP)
         assert await until(lambda: reloader.refused == 1)
+        simple(path, ["math", "code", "law"])
+        assert await until(lambda: reloader.refused == 2)
         assert all(not t.done() for t in reloader._tasks)  # the watch is alive
         simple(path, ["math", "code"])
         assert await until(lambda: holder.orchestrator.config.expert_names == ["math", "code"])
     finally:
         await reloader.stop()
-    (record,) = [r for r in caplog.records if r.levelno == logging.ERROR]
-    assert "RecursionError" in record.getMessage() and record.exc_info is not None  # with its traceback, once
-    assert (reloader.reloaded, reloader.refused, reloader.last_refused) == (1, 1, False)
+    deep, broken = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert "nested too deeply for the parser" in deep.getMessage() and deep.exc_info is None
+    assert "RecursionError" in broken.getMessage() and broken.exc_info is not None  # with its traceback, once
+    assert (reloader.reloaded, reloader.refused, reloader.last_refused) == (1, 2, False)
 
 
 async def test_admin_reload_answers_400_for_any_error_and_counts_it_refused(tmp_path: Path) -> None:
@@ -379,8 +392,8 @@ async def test_admin_reload_answers_400_for_any_error_and_counts_it_refused(tmp_
         broken = await http.post("/admin/reload")
         page = (await http.get("/metrics")).text
     assert deep.status_code == 400
-    assert [p["path"] for p in deep.json()["error"]["problems"]] == ["<load>"]
-    assert deep.json()["error"]["problems"][0]["message"].startswith("RecursionError: ")
+    assert [p["path"] for p in deep.json()["error"]["problems"]] == ["<yaml>"]  # a config problem (router.config)
+    assert "nested too deeply for the parser" in deep.json()["error"]["problems"][0]["message"]
     assert broken.status_code == 400
     (problem,) = broken.json()["error"]["problems"]
     assert problem["path"] == "<build>" and problem["message"].startswith("RuntimeError: boom")
