@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 __all__ = ["BuildCommits", "GateNotTrained", "VoteWeightsMismatch", "VoteWeightsNotTrained", "build_breakers",
            "build_experts", "build_nested", "build_orchestrator", "build_shared_state", "config_inputs",
            "deferred_commits", "load_gate", "load_problem", "load_vote_weights", "loading_problems",
+           "nested_loading_problems",
            "reset_changed_breakers", "untrained_settings"]
 
 
@@ -407,6 +408,32 @@ def load_problem(exc: BaseException) -> tuple[str, str] | None:
     if isinstance(exc, VoteWeightsNotTrained | VoteWeightsMismatch):
         return "combiner.vote_weights", str(exc)
     return None
+
+
+def nested_loading_problems(config: RouterConfig) -> list[tuple[str, str]]:
+    """``loading_problems`` of the routers nested in ``config`` in process (``type: router`` with
+    ``router_config``), and of theirs in turn, each under its expert's key with its file named. A nested gate not
+    trained yet is a problem here: ``moe train`` on this config does not train it. Remedies name the nested file,
+    the one to train."""
+    from router.config import load_config
+    from router.errors import naming_config
+    from router.gate_artifact import is_trained
+
+    problems = []
+    for i, expert in enumerate(config.experts):
+        if expert.type != "router" or not expert.router_config:
+            continue
+        where = f"experts[{i}] ({expert.name}).router_config"
+        path = Path(config.resolve(expert.router_config))
+        inner = load_config(path, check_env=False)  # its schema was checked with this config's
+        artifact = inner.resolve(inner.gate.artifact)
+        if not is_trained(artifact):
+            problems.append((where, f"{path}: no trained gate at {artifact}; train one with: moe train --config "
+                                    f"{path}"))
+            continue
+        found = loading_problems(inner) + nested_loading_problems(inner)
+        problems += [(where, naming_config(f"{path}: {key}: {message}", str(path))) for key, message in found]
+    return problems
 
 
 def loading_problems(config: RouterConfig) -> list[tuple[str, str]]:

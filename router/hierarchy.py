@@ -68,7 +68,14 @@ class RouterExpert(Expert):
         # outer router keeps for it across reloads (its breakers, in-flight counts and encoders), when it keeps one.
         inner = load_config(path)
         context = ExpertContext(base_dir=Path(inner.base_dir), transport=self.context.transport)
-        return build_nested(inner, self.config, path, context=context)
+        try:
+            return build_nested(inner, self.config, path, context=context)
+        except Exception as exc:
+            # A remedy ("moe train --config <this config>") is the nested file's to run, not the outer one's,
+            # which the CLI would fill in.
+            if len(exc.args) == 1 and "<this config>" in str(exc.args[0]):
+                exc.args = (str(exc.args[0]).replace("<this config>", str(path)),)
+            raise
 
     def __repr__(self) -> str:
         where = self.config.endpoint or self.config.router_config or "in-process"

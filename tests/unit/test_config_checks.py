@@ -611,3 +611,32 @@ def test_an_expert_type_that_is_no_string_is_named_not_a_traceback() -> None:
     for kind in (["openai"], {"a": 1}):
         found = problems({"version": 1, "experts": [expert(type=kind)]}, check_env=False)
         assert found["experts[0] (alpha).type"] == "Input should be a valid string"
+
+
+def test_config_check_loads_a_nested_routers_gate_and_names_its_file_to_train(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`moe config check` said OK for a nested router whose gate serve would refuse, and the remedy named the outer
+    file: the nested gate is checked as the outer one is, and the command to run names the nested file."""
+    import yaml
+
+    from experts.base import ExpertContext
+    from router.cli import main
+    from router.config import RouterConfig
+    from router.hierarchy import RouterExpert
+
+    inner = tmp_path / "inner.yaml"
+    inner.write_text(yaml.safe_dump({"version": 1, "gate": {"artifact": "inner-gate"}, "experts": [
+        expert(name="phys", examples=["what is a photon"]), expert(name="chem", examples=["what is a mole"])]}))
+    outer = tmp_path / "outer.yaml"
+    outer.write_text(yaml.safe_dump({"version": 1, "gate": {"artifact": "outer-gate"}, "experts": [
+        expert(examples=["write a sort"]),
+        {"name": "science", "type": "router", "model": "auto", "router_config": "inner.yaml"}]}))
+    assert main(["config", "check", str(outer), "--no-env"]) == 2
+    err = capsys.readouterr().err
+    assert (f"experts[1] (science).router_config: {inner}: no trained gate at {tmp_path / 'inner-gate'}; train one "
+            f"with: moe train --config {inner}") in err
+    # Building the outer router (serve, route) names the nested file too, not the outer one the CLI fills in.
+    config: RouterConfig = load_config(outer, check_env=False)
+    with pytest.raises(FileNotFoundError) as info:
+        RouterExpert(config.expert("science"), ExpertContext(base_dir=tmp_path))
+    assert f"moe train --config {inner}" in str(info.value)
