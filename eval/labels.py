@@ -161,14 +161,9 @@ def label_order(labels: Iterable[str]) -> list[str]:
 
 
 def _text_key(text: str) -> str:
-    """A query as the encoder reads it, near enough: Unicode composed (NFC), case folded (MiniLM's tokenizer is
-    uncased), spaces collapsed. Two queries with the same key embed alike."""
+    """A label as a person reads it, and a query as the encoder reads it, near enough: Unicode composed (NFC), case
+    folded (MiniLM's tokenizer is uncased), spaces collapsed. Two queries with the same key embed alike."""
     return " ".join(unicodedata.normalize("NFC", text).casefold().split())
-
-
-def _label_key(label: str) -> str:
-    """A label as a person reads it: Unicode composed (NFC), case folded, spaces collapsed."""
-    return " ".join(unicodedata.normalize("NFC", label).casefold().split())
 
 
 def _note_unseen_labels(ctx: SuiteContext, trained: Sequence[str], test: Sequence[LabelledQuery],
@@ -183,9 +178,9 @@ def _note_unseen_labels(ctx: SuiteContext, trained: Sequence[str], test: Sequenc
     listed = ", ".join(f"{label!r} ({counts[label]})" for label in label_order(counts)[:20])
     more = f" and {len(counts) - 20} more" if len(counts) > 20 else ""
     ctx.notes.append(f"out of scope: test labels the training data lacks, with their queries: {listed}{more}")
-    by_key = {_label_key(label): label for label in trained}
+    by_key = {_text_key(label): label for label in trained}
     for label in label_order(counts):
-        twin = by_key.get(_label_key(label))
+        twin = by_key.get(_text_key(label))
         if twin is not None:
             note = (f"test label {label!r} differs from training label {twin!r} only in case, spaces or Unicode "
                     f"form, so its {counts[label]} queries are scored as out of scope; if they are the same "

@@ -237,7 +237,7 @@ def build_orchestrator(config: RouterConfig, *, context: ExpertContext | None = 
         if state is not None and encoders is not None:
             commits.add(functools.partial(_keep, state.encoders, encoders))
         if scope is not None:
-            commits.add(functools.partial(_keep, _nested_states(scope.state), scope.used))
+            commits.add(functools.partial(_keep, scope.state.nested, scope.used))
     if outer is None:
         commits.apply()
     return built
@@ -302,12 +302,6 @@ class _Scope:
 _scope: ContextVar[_Scope | None] = ContextVar("moe_build_scope", default=None)
 
 
-def _nested_states(state: SharedState) -> dict[_Key, _Nested]:
-    """The nested routers' states ``state`` holds (kept on it: they live as long as it, across reloads)."""
-    held: dict[_Key, _Nested] = state.nested
-    return held
-
-
 def _child_state(parent: SharedState, name: str) -> SharedState:
     """A fresh state for the router nested in ``parent``'s under the expert ``name``: its own in-flight counts and
     encoders; its breakers in a store of their own (two levels may name an expert alike), which with Redis is the
@@ -332,8 +326,7 @@ def build_nested(config: RouterConfig, expert: ExpertConfig, path: Path, *,
     if scope is None:
         return build_orchestrator(config, context=context)
     key = (expert.name, str(path))
-    entry = scope.used.get(key) or _nested_states(scope.state).get(key) or _Nested(_child_state(scope.state,
-                                                                                                   expert.name))
+    entry = scope.used.get(key) or scope.state.nested.get(key) or _Nested(_child_state(scope.state, expert.name))
     scope.used[key] = entry
     built = build_orchestrator(config, context=context, state=entry.state)
 
@@ -428,8 +421,7 @@ def nested_loading_problems(config: RouterConfig) -> list[tuple[str, str]]:
         inner = load_config(path, check_env=False)  # its schema was checked with this config's
         artifact = inner.resolve(inner.gate.artifact)
         if not is_trained(artifact):
-            problems.append((where, f"{path}: no trained gate at {artifact}; train one with: moe train --config "
-                                    f"{path}"))
+            problems.append((where, naming_config(f"{path}: {GateNotTrained(artifact)}", str(path))))
             continue
         found = loading_problems(inner) + nested_loading_problems(inner)
         problems += [(where, naming_config(f"{path}: {key}: {message}", str(path))) for key, message in found]

@@ -17,7 +17,7 @@ import asyncio
 import math
 import random
 import time
-from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Iterator, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator, Mapping
 from contextlib import aclosing, contextmanager
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -63,10 +63,6 @@ class Capacity:
 
     def free(self, name: str) -> int:
         return max(0, self.limits[name] - self.in_flight[name])
-
-    def full(self, names: Iterable[str]) -> set[str]:
-        """Those of ``names`` with no free in-flight slot now."""
-        return {n for n in names if n in self.limits and self.in_flight[n] >= self.limits[n]}
 
 
 async def _within(awaitable: Awaitable[_T], timeout: float) -> _T:
@@ -353,8 +349,8 @@ class Dispatcher:
                 deltas = expert.stream(request)
                 iterator = deltas.__aiter__()
                 # Each wait's cut-off, for a traced expert's span (``router.tracing.CallLimit``); the stream's own
-                # steps run in contexts copied from this one, so they see the object the waits update. Never reset:
-                # a generator may be closed from another context, where resetting would fail; the limit is made
+                # steps run in this task (``_within``), so they see the object the waits update. Never reset: a
+                # generator may be closed from another context, where resetting would fail; the limit is made
                 # endless instead once the waits are over.
                 limit = CallLimit()
                 CALL_LIMIT.set(limit)

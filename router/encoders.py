@@ -235,12 +235,10 @@ def token_prefixes(tokenizer: Any, texts: Sequence[str], keep: int) -> list[str]
         n = keep * LONG_TEXT_CHARS_PER_TOKEN
         while n < len(text):
             [enc] = tokenizer.encode_batch([text[:n]], add_special_tokens=False)
-            if len(enc.ids) >= keep:
-                end = enc.offsets[keep - 1][1]
-                split = next((at for at in range(end, n) if _splits_at(text, at)), None) if end > 0 else None
-                if split is not None:
-                    out[i] = text[:n]
-                    break
+            end = enc.offsets[keep - 1][1] if len(enc.ids) >= keep else 0
+            if end > 0 and any(_splits_at(text, at) for at in range(end, n)):
+                out[i] = text[:n]
+                break
             n *= 4
     return out
 

@@ -269,7 +269,7 @@ class Orchestrator:
         failures = [r for r in results if isinstance(r, ExpertError)]
         errors += failures
         reason = None
-        tried = sum(not _skipped(e) for e in failures)
+        tried = sum(not skipped(e) for e in failures)
         # With fallback off, a panel passed over whole (full in-flight limits, open breakers) still hands the
         # query to the next by weight: only one expert is called, as fallback off means (``_may_call``).
         if not replies and decision is not None and (self.config.fallback.enabled or not tried):
@@ -377,7 +377,7 @@ class Orchestrator:
             if isinstance(result, ExpertReply):
                 return [(WeightedExpert(expert=name, weight=1.0), result)], None
             errors.append(result)
-            if not _skipped(result):
+            if not skipped(result):
                 tried += 1
                 failed = name
         return [], None
@@ -466,7 +466,7 @@ class Orchestrator:
                 yield _stream_end(trace, chars, name, start, outcome.finish_reason)
                 return
             errors.append(outcome.error)
-            if _skipped(outcome.error):
+            if skipped(outcome.error):
                 continue  # not called, so not tried
             tried += 1
             structured = constrained(request) and any(sent)
@@ -559,7 +559,7 @@ class EmptyAnswer(ExpertError):
 def _called_and_failed(errors: Sequence[ExpertError]) -> dict[str, ExpertError]:
     """The experts a call with the client's request reached and failed (not one skipped for its breaker, its
     in-flight limit or the cost budget, nor one fallback never reached), with the error each gave last."""
-    return {e.expert: e for e in errors if not _skipped(e) and not isinstance(e, BudgetSpent | NotTried)}
+    return {e.expert: e for e in errors if not skipped(e) and not isinstance(e, BudgetSpent | NotTried)}
 
 
 # vLLM's request fields that hold an answer to a grammar, besides OpenAI's response_format.
@@ -597,8 +597,6 @@ def _passed_over(spent: BudgetSpent, errors: list[ExpertError], trace: Trace, re
     errors.append(spent)
     trace.attempts.append(Attempt(expert=spent.expert, ok=False, error=spent.to_dict(), fallback_for=replaces))
 
-
-_skipped = skipped
 
 
 def _untried(candidates: Sequence[str], taken: Collection[str], stop: _Stop) -> list[ExpertError]:

@@ -152,7 +152,8 @@ def _number_map(row: dict[str, Any], key: str, where: str, *, upper: float, requ
         as_float = _as_float(number) if ok else math.nan
         if not ok or not math.isfinite(as_float):
             bound = "in [0, 1]" if upper == 1.0 else "a finite number >= 0"
-            shown = repr(number) if len(repr(number)) <= 40 else f"{repr(number)[:20]}... ({len(repr(number))} digits)"
+            shown = repr(number)
+            shown = shown if len(shown) <= 40 else f"{shown[:20]}... ({len(shown)} digits)"
             raise ValueError(f"{where}: {key}[{expert!r}] must be {bound}, got {shown}")
         out[expert] = as_float
     return out

@@ -197,13 +197,7 @@ class Guard:
                 return _NO_KEY
             key = self.keys.client(raw)
             if key is None:
-                # A wrong key takes a token from its address's bucket at the service's rate, so keys cannot be
-                # guessed faster than an anonymous client could call; past it, a 429 rather than another verdict.
-                if self.rate_limit is not None:
-                    wait = await self.store.take(f"client:{client}", self.rate_limit)
-                    if wait > 0:
-                        return _rate_limited(self.rate_limit, "this client's wrong keys", wait)
-                return _BAD_KEY
+                return await self._wrong_key(client)
         limit = key.rate_limit if key and key.rate_limit else self.rate_limit
         if limit is not None:
             wait = await self.store.take(f"key:{key.name}" if key else f"client:{client}", limit)
@@ -222,8 +216,11 @@ class Guard:
             return Admitted("admin")
         if self.keys.client(raw) is not None:
             return Denied(403, "admin_key_required", "this endpoint needs the admin key", "permission_error")
-        # A wrong admin key takes from its address's bucket, as a wrong client key does: the admin key cannot be
-        # guessed faster than an anonymous client may call.
+        return await self._wrong_key(client)
+
+    async def _wrong_key(self, client: str) -> Denied:
+        """A wrong key, client or admin: it takes a token from its address's bucket at the service's rate, so keys
+        cannot be guessed faster than an anonymous client could call; past it, a 429 rather than another 401."""
         if self.rate_limit is not None:
             wait = await self.store.take(f"client:{client}", self.rate_limit)
             if wait > 0:

@@ -769,12 +769,11 @@ def _keyed(app: FastAPI, path: str) -> bool:
 
 async def _admit(app: FastAPI, scope: Scope, headers: Headers) -> Admitted | Denied:
     path: str = scope["path"]
+    client = scope["client"][0] if scope.get("client") else "unknown"
     if _keyed(app, path):
-        client = scope.get("client")
-        return await _guard(app).admit_client(headers.get("authorization"), client[0] if client else "unknown")
+        return await _guard(app).admit_client(headers.get("authorization"), client)
     if path == "/admin" or path.startswith("/admin/"):
-        client = scope.get("client")
-        return await _guard(app).admit_admin(headers.get("authorization"), client[0] if client else "unknown")
+        return await _guard(app).admit_admin(headers.get("authorization"), client)
     return Admitted(None)
 
 

@@ -117,59 +117,42 @@ async def test_a_call_the_client_abandoned_is_cancelled_not_an_error(stream: boo
     assert span.status.status_code == StatusCode.UNSET
 
 
-class _RunningUsageThenDies(FakeExpert):
-    """A test double streaming as vLLM does with continuous usage stats (the usage so far on every delta), then
-    breaking off."""
+class _ThenDies(FakeExpert):
+    """A test double streaming three deltas, then breaking off: with ``running`` usage, as vLLM does with continuous
+    usage stats (the usage so far on every delta, 3 prompt tokens); without, as an upstream that sends none."""
+
+    def __init__(self, *args: object, running: bool, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.running = running
 
     async def stream(self, request: ChatRequest) -> AsyncIterator[StreamDelta]:
-        for done, piece in enumerate(["one ", "two "], start=1):
-            yield StreamDelta(content=piece, usage=Usage.counted(3, done))
+        for done, piece in enumerate(["one ", "two ", "three "], start=1):
+            yield StreamDelta(content=piece, usage=Usage.counted(3, done) if self.running else None)
         raise ExpertUnavailable(self.name, "connection reset")
 
 
-async def test_a_stream_that_broke_off_keeps_its_usage_so_far_on_its_span() -> None:
+@pytest.mark.parametrize("running", [True, False], ids=["running-usage", "no-usage"])
+async def test_a_stream_that_broke_off_keeps_on_its_span_what_the_trace_counts(running: bool) -> None:
+    """The span of a stream that broke off has the usage and cost its trace attempt has: the usage so far when the
+    upstream sent it on every delta, else the trace's estimate (a token per delta), marked moe.usage_estimated."""
     exporter, tracer = _tracing()
     on = TracingConfig(enabled=True)
     config = fake_config(NAMES)
-    experts = {"math": traced(_RunningUsageThenDies(config.expert("math")), on, tracer),
-               "code": traced(FakeExpert(config.expert("code"), pieces=["three"]), on, tracer)}
-    orchestrator = Orchestrator(config, FakeGate(NAMES, {}, default=[0.9, 0.1]), experts)
-    events = [e async for e in orchestrator.stream(request("an integral", stream=True))]
-    end = events[-1]
-    assert isinstance(end, StreamEnd) and end.trace.attempts[0].usage.completion_tokens == 2
-    broke, finished = exporter.get_finished_spans()
-    assert broke.attributes is not None and broke.attributes["moe.error.kind"] == "unavailable"
-    assert (broke.attributes["gen_ai.usage.input_tokens"], broke.attributes["gen_ai.usage.output_tokens"]) == (3, 2)
-    assert "moe.cost_usd" in broke.attributes
-    assert finished.attributes is not None and finished.attributes["gen_ai.usage.output_tokens"] == 1
-
-
-class _NoUsageThenDies(FakeExpert):
-    """A test double streaming three deltas without any usage (an upstream without running usage), then breaking
-    off."""
-
-    async def stream(self, request: ChatRequest) -> AsyncIterator[StreamDelta]:
-        for piece in ["one ", "two ", "three "]:
-            yield StreamDelta(content=piece)
-        raise ExpertUnavailable(self.name, "connection reset")
-
-
-async def test_a_stream_that_broke_off_without_usage_has_the_traces_estimate_on_its_span() -> None:
-    exporter, tracer = _tracing()
-    on = TracingConfig(enabled=True)
-    config = fake_config(NAMES)
-    experts = {"math": traced(_NoUsageThenDies(config.expert("math")), on, tracer),
+    experts = {"math": traced(_ThenDies(config.expert("math"), running=running), on, tracer),
                "code": traced(FakeExpert(config.expert("code"), pieces=["four"]), on, tracer)}
     orchestrator = Orchestrator(config, FakeGate(NAMES, {}, default=[0.9, 0.1]), experts)
     events = [e async for e in orchestrator.stream(request("an integral", stream=True))]
     end = events[-1]
     assert isinstance(end, StreamEnd)
     broken = end.trace.attempts[0]
-    assert broken.usage_estimated and broken.usage.completion_tokens == 3
+    assert broken.usage.completion_tokens == 3 and broken.usage_estimated is not running
+    if running:
+        assert broken.usage.prompt_tokens == 3
     broke, finished = exporter.get_finished_spans()
     assert broke.attributes is not None and broke.attributes["moe.error.kind"] == "unavailable"
     assert (broke.attributes["gen_ai.usage.input_tokens"], broke.attributes["gen_ai.usage.output_tokens"]) == (
         broken.usage.prompt_tokens, 3)
     assert broke.attributes["moe.cost_usd"] == pytest.approx(broken.cost_usd)
-    assert broke.attributes["moe.usage_estimated"] is True
-    assert finished.attributes is not None and "moe.usage_estimated" not in finished.attributes
+    assert broke.attributes.get("moe.usage_estimated", False) is not running
+    assert finished.attributes is not None and finished.attributes["gen_ai.usage.output_tokens"] == 1
+    assert "moe.usage_estimated" not in finished.attributes
