@@ -226,8 +226,30 @@ class OpenAICompatibleExpert(Expert):
         cost = _upstream_cost(usage_chunk)
         if cost is None:
             cost = self.cost(usage)
-        return StreamDelta(finish_reason=finish_reason, usage=usage, cost_usd=cost, nested=nested,
+        return StreamDelta(finish_reason=finish_reason, usage=usage, cost_usd=cost, nested=self._nested(nested),
                            usage_estimated=estimated)
+
+    def _nested(self, trace: Any) -> dict[str, Any] | None:
+        """The routing trace another moe-router sends in its answer's ``moe`` field, for a ``type: router``
+        expert only (any other upstream's ``moe`` object would reach clients as a trace it made up), with every
+        string scrubbed of this expert's credentials as error text is."""
+        if self.config.type != "router" or not isinstance(trace, dict):
+            return None
+        if not self._secrets:
+            return trace
+        scrubbed = json.loads(json.dumps(trace, default=str), object_hook=lambda obj: {
+            key: self._scrubbed(value) for key, value in obj.items()})
+        return scrubbed if isinstance(scrubbed, dict) else None
+
+    def _scrubbed(self, value: Any) -> Any:
+        if isinstance(value, str):
+            return self._scrub(value)
+        return [self._scrubbed(item) for item in value] if isinstance(value, list) else value
+
+    def _scrub(self, text: str) -> str:
+        for secret in self._secrets:
+            text = text.replace(secret, "***")
+        return text
 
     # --- parsing (pure) ---------------------------------------------------------------------------------
 
@@ -311,7 +333,7 @@ class OpenAICompatibleExpert(Expert):
             refusal=refusal,
             reasoning_content=reasoning,
             # When the upstream is another moe-router, its routing trace.
-            nested=data["moe"] if isinstance(data.get("moe"), dict) else None,
+            nested=self._nested(data.get("moe")),
         )
 
     def _text(self, value: Any, where: str) -> str:
@@ -373,25 +395,33 @@ class OpenAICompatibleExpert(Expert):
         # the expert or its deployment is unwell (429, 5xx, a refused key, a model it does not serve). The line
         # holds the error's type and code (``labels``), and ``detail``, which may quote the prompt, only where the
         # service logs content (``service.log_content``).
+        # The labels and Retry-After are the upstream's words as much as the body is: an upstream that echoes a
+        # rejected key may put it there too, so they are scrubbed as ``detail`` was, and Retry-After is logged as
+        # the wait read from it. A refused credential is the operator's to mend, never the client's: its text
+        # (scrubbed, which an echo of part of a key survives) goes to the log alone, and the client's cause says
+        # what happened in fixed words.
         level = logging.INFO if status in INVALID_REQUEST_STATUSES else logging.WARNING
+        labels = [self._excerpt(label) for label in labels]
+        wait = parse_retry_after(retry_after)
+        waits = "" if not retry_after else f" (Retry-After: {wait:g}s)" if wait is not None else \
+            " (Retry-After unreadable)"
+        refused = status in (401, 403)
         log.log(level, "expert %s (%s): HTTP %d failed%s%s%s", self.name, redact(self._url), status,
-                f" ({', '.join(labels)})" if labels else "", f" (Retry-After: {retry_after})" if retry_after else "",
-                f": {detail or 'no detail'}" if self.context.log_content else "")
+                f" ({', '.join(labels)})" if labels else "", waits,
+                f": {detail or 'no detail'}" if self.context.log_content or refused else "")
         if status == 429:
-            return ExpertRateLimited(self.name, status, detail, parse_retry_after(retry_after))
+            return ExpertRateLimited(self.name, status, detail, wait)
         if status >= 500:
-            return ExpertServerError(self.name, status, detail,
-                                     parse_retry_after(retry_after) if status == 503 else None)
-        if status in (401, 403):
-            return ExpertAuthError(self.name, status, detail)
+            return ExpertServerError(self.name, status, detail, wait if status == 503 else None)
+        if refused:
+            return ExpertAuthError(self.name, status, "the expert refused the router's credentials (its api_key_env "
+                                                      "or endpoint; the service log has the expert's message)")
         return ExpertRejected(self.name, status, detail)
 
     def _excerpt(self, text: str | bytes) -> str:
         if isinstance(text, bytes):
             text = text.decode("utf-8", errors="replace")
-        for secret in self._secrets:
-            text = text.replace(secret, "***")
-        text = " ".join(text.split())
+        text = " ".join(self._scrub(text).split())
         return text if len(text) <= _EXCERPT_CHARS else text[: _EXCERPT_CHARS - 3] + "..."
 
 

@@ -41,6 +41,8 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from experts.redact import redact
+
 # The loader's own reference syntax and walk, so the file keeps exactly what the loader would expand: one grammar
 # for ${VAR}, not a second copy of it here.
 from router.config import ENV_REF, ConfigError, ExpertConfig, RouterConfig, env_references, load_config
@@ -183,7 +185,10 @@ def _endpoint_problem(expert: ExpertConfig) -> str | None:
     if host != service_name(expert):
         return (f"endpoint host {host!r} does not match the compose service {service_name(expert)!r} "
                 f"this expert gets; set endpoint: {expected}")
-    return f"endpoint {expert.endpoint!r} must be {expected} (vLLM listens on port {VLLM_PORT}, under /v1)"
+    # Redacted: a password in the endpoint (``${VAR}`` already expanded) is not repeated, as ``moe config check``
+    # repeats none.
+    shown = redact(expert.endpoint or "")
+    return f"endpoint {shown!r} must be {expected} (vLLM listens on port {VLLM_PORT}, under /v1)"
 
 
 def _problems(config: RouterConfig, config_path: str) -> Iterable[tuple[str, str]]:

@@ -31,12 +31,14 @@ if TYPE_CHECKING:
 __all__ = [
     "FEEDBACK_FAILURES",
     "MAX_BATCH_QUERIES",
+    "MAX_JSON_DEPTH",
     "RequestProblem",
     "RouteBatch",
     "RouteQuery",
     "check_combiner",
     "feedback_off",
     "feedback_problem",
+    "json_depth",
     "parse_chat",
     "parse_feedback",
     "parse_json",
@@ -92,6 +94,10 @@ class RouteBatch(BaseModel):
 
 # -- the body as JSON -----------------------------------------------------------------------------------------
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+# How deep a body's arrays and objects may nest. The parser itself stops near the interpreter's recursion limit,
+# but a body nested a little less deep parses and then fails later, deeper in the stack (writing it to an expert
+# or into the trace): a 500. Tool schemas, the deepest thing a client sends, nest a dozen levels or so.
+MAX_JSON_DEPTH = 128
 
 
 def _not_json(constant: str) -> Any:
@@ -127,12 +133,29 @@ def parse_json(raw: bytes) -> Any:
         if _SURROGATE_ESCAPE.search(raw):
             json.dumps(value, ensure_ascii=False).encode("utf-8")
     except RecursionError:
-        raise RequestProblem(400, "request body is nested too deeply", "invalid_request_error",
-                           "invalid_json") from None
+        raise RequestProblem(400, f"request body is nested too deeply (arrays and objects may nest at most "
+                                  f"{MAX_JSON_DEPTH} levels)", "invalid_request_error", "invalid_json") from None
     except (ValueError, UnicodeDecodeError) as exc:  # UnicodeEncodeError is a ValueError
         raise RequestProblem(400, f"request body is not valid JSON: {exc}", "invalid_request_error",
                            "invalid_json") from None
+    # Only a body with more brackets than the bar can nest past it, so most bodies skip the walk.
+    if raw.count(b"[") + raw.count(b"{") > MAX_JSON_DEPTH and json_depth(value) > MAX_JSON_DEPTH:
+        raise RequestProblem(400, f"request body is nested more than {MAX_JSON_DEPTH} levels deep (arrays and "
+                                  "objects)", "invalid_request_error", "invalid_json")
     return value
+
+
+def json_depth(value: Any) -> int:
+    """How many arrays and objects ``value`` nests at its deepest (a scalar: 0), without recursion."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
+        if children is None:
+            continue
+        deepest = max(deepest, depth)
+        stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
+    return deepest
 
 
 # -- the body as a request ------------------------------------------------------------------------------------

@@ -79,10 +79,8 @@ def _failed(record: RequestRecord, exc: AllExpertsFailed) -> None:
         record.trace = exc.trace
 
 
-def _json_media_type(content_type: str | None) -> bool:
-    """Whether a request's ``Content-Type`` says JSON (``application/json``, ``…+json``), or says nothing."""
-    if content_type is None or not content_type.strip():
-        return True
+def _json_media_type(content_type: str) -> bool:
+    """Whether a request's ``Content-Type`` says JSON (``application/json``, ``…+json``)."""
     media = content_type.split(";", 1)[0].strip().lower()
     return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
 
@@ -90,11 +88,16 @@ def _json_media_type(content_type: str | None) -> bool:
 async def _read_json(request: Request, limit: int) -> Any:
     """The body, read off the wire within ``limit`` bytes (else a 413), as JSON (``router.requests.parse_json``).
 
-    A body labelled another media type is a 415 before it is read: the types a browser sends across sites without
-    asking first (``text/plain``, forms) would otherwise let any web page its user opens spend a keyless router's
-    experts, or plant feedback the next ``moe train`` folds in."""
+    A body labelled another media type, or none, is a 415 before it is read: the requests a browser sends across
+    sites without asking first (``text/plain``, forms, and a body with no type at all, as ``fetch`` sends a Blob or
+    byte array) would otherwise let any web page its user opens spend a keyless router's experts, or plant
+    feedback the next ``moe train`` folds in. OpenAI's clients, the SDK and ``curl --json`` all say JSON."""
     content_type = request.headers.get("content-type")
-    if content_type is not None and not _json_media_type(content_type):
+    if content_type is None or not content_type.strip():
+        raise RequestProblem(415, "the request has no Content-Type: send the body as JSON with Content-Type: "
+                                  "application/json", "invalid_request_error", "unsupported_media_type",
+                             param="Content-Type")
+    if not _json_media_type(content_type):
         raise RequestProblem(415, f"Content-Type {content_type[:100]!r} is not JSON: send the body as JSON with "
                                   "Content-Type: application/json", "invalid_request_error",
                              "unsupported_media_type", param="Content-Type")

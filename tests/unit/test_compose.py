@@ -194,6 +194,17 @@ def test_endpoint_host_that_is_not_the_service_fails_clearly() -> None:
     assert "http://coder:8000/v1" in message
 
 
+def test_an_endpoints_credentials_are_not_repeated_in_its_problem() -> None:
+    """``moe config check`` never repeats a URL's user information; the compose check printed the endpoint whole,
+    with a ``${VAR}`` password already expanded."""
+    config = config_with(vllm("coder", "http://admin:TopSecretPW123@coder:9000/v1"))
+    with pytest.raises(ComposeError) as info:
+        render_compose(config)
+    message = str(info.value)
+    assert "TopSecretPW123" not in message and "admin" not in message
+    assert "experts[0] (coder).endpoint" in message and "http://coder:8000/v1" in message
+
+
 def test_an_in_process_nested_router_is_refused_with_the_way_to_deploy_one(tmp_path: Path) -> None:
     """Its config's experts, gate and variables would be missing from the router container: refused, pointing at
     the endpoint form. A nested router reached over HTTP is an endpoint like any other."""

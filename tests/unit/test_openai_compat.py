@@ -215,7 +215,8 @@ async def test_failures_map_to_the_error_tree(server: ScriptedOpenAIServer, make
     assert caught.value.expert == "e1"
     if behaviour.mode == "error":
         assert getattr(caught.value, "status", None) == behaviour.status
-        assert f"HTTP {behaviour.status}: {behaviour.message}" in str(caught.value)
+        shown = "the expert refused the router's credentials" if error is ExpertAuthError else behaviour.message
+        assert f"HTTP {behaviour.status}: {shown}" in str(caught.value)
     # The expert stays usable after any failure.
     assert (await expert.generate(ask())).content == "answer from unit"
 
@@ -264,7 +265,7 @@ async def test_an_error_status_has_its_log_line_too(server: ScriptedOpenAIServer
     assert [level for level, _ in logged] == ["WARNING", "WARNING", "INFO", "WARNING", "INFO"]
     host = server.url.split("//")[1].split("/")[0]
     assert all(host in message for _, message in logged)
-    assert "HTTP 500 failed (type scripted_error, code 500)" in logged[0][1] and "(Retry-After: 7)" in logged[1][1]
+    assert "HTTP 500 failed (type scripted_error, code 500)" in logged[0][1] and "(Retry-After: 7s)" in logged[1][1]
 
 
 @pytest.mark.parametrize("streaming", [False, True], ids=["generate", "stream"])
@@ -574,7 +575,9 @@ async def test_api_key_is_sent_as_bearer_and_never_shown(server: ScriptedOpenAIS
 
     assert server.headers[0]["authorization"] == f"Bearer {SECRET}"
     assert [type(e) for e in errors] == [ExpertAuthError, ExpertRejected, ExpertTimeout]
-    assert "Incorrect API key provided: ***." in str(errors[0])
+    # The client's cause says what happened in fixed words; the upstream's text, scrubbed, is in the log alone.
+    assert "the expert refused the router's credentials" in str(errors[0])
+    assert "Incorrect API key" not in str(errors[0]) and "Incorrect API key provided: ***." in caplog.text
     shown = [str(e) for e in errors] + [repr(e) for e in errors] + [json.dumps(e.to_dict()) for e in errors]
     shown += [repr(expert), caplog.text]
     assert all(SECRET not in text for text in shown)
@@ -596,7 +599,8 @@ async def test_endpoint_credentials_echoed_upstream_are_never_shown(server: Scri
     with pytest.raises(ExpertAuthError) as caught:
         await (collect(expert, ask()) if streaming else expert.generate(ask()))
     assert server.headers[0]["authorization"] == f"Basic {basic}"
-    assert caught.value.message.startswith("HTTP 401: bad Authorization: Basic *** (unpadded ***), user ***")
+    assert caught.value.message.startswith("HTTP 401: the expert refused the router's credentials")
+    assert "bad Authorization: Basic *** (unpadded ***), user ***" in caplog.text
     shown = [caught.value.message, json.dumps(caught.value.to_dict()), repr(expert), caplog.text]
     assert not [text for text in shown for secret in ("Url-SECRET", basic.rstrip("=")) if secret in text]
 
@@ -615,8 +619,67 @@ async def test_a_key_with_surrounding_whitespace_is_sent_and_scrubbed_stripped(
     with pytest.raises(ExpertAuthError) as caught:
         await expert.generate(ask())
     assert server.headers[0]["authorization"] == f"Bearer {SECRET}"
-    assert caught.value.message == "HTTP 401: Incorrect API key provided: ***."
+    assert caught.value.message.startswith("HTTP 401: the expert refused the router's credentials")
+    assert "Incorrect API key provided: ***." in caplog.text
     assert SECRET not in caplog.text
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["generate", "stream"])
+async def test_a_key_echoed_in_an_errors_labels_or_headers_is_scrubbed_from_the_log(
+        server: ScriptedOpenAIServer, make_expert: MakeExpert, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture, streaming: bool) -> None:
+    """The log line of an error status holds the error's type and code and its Retry-After: an upstream that
+    echoes the key there (a key fits the label pattern) had it logged in the clear. Labels are scrubbed now, and
+    Retry-After is logged as the wait read from it; a refused credential's text is logged (scrubbed) and the
+    client's cause is fixed words, so part of a key echoed back reaches no client."""
+    monkeypatch.setenv("UNIT_EXPERT_KEY", SECRET)
+    caplog.set_level(logging.DEBUG)
+    expert = make_expert(api_key_env="UNIT_EXPERT_KEY")
+    labelled = {"error": {"message": "no", "type": SECRET, "code": SECRET}}
+    server.push(Behaviour.raw(json.dumps(labelled).encode(), status=401),
+                Behaviour.error(429, "slow down", retry_after=f"Bearer {SECRET}"),
+                Behaviour.error(429, "slow down", retry_after="3"),
+                Behaviour.raw(json.dumps({"detail": [{"type": SECRET, "msg": "x"}]}).encode(), status=422),
+                Behaviour.error(403, f"key {SECRET[:-4]}... is not allowed"))
+    errors = []
+    for _ in range(5):
+        with pytest.raises(ExpertError) as caught:
+            await (collect(expert, ask()) if streaming else expert.generate(ask()))
+        errors.append(caught.value)
+    logged = [r.getMessage() for r in caplog.records if r.name == "experts.openai_compat"]
+    assert SECRET not in caplog.text and len(logged) == 5
+    assert "(type ***, code ***)" in logged[0] and "(Retry-After unreadable)" in logged[1]
+    assert "(Retry-After: 3s)" in logged[2] and "(type ***)" in logged[3]
+    assert f"key {SECRET[:-4]}..." in logged[4]  # the operator's log has the upstream's words
+    assert all(SECRET[:-4] not in json.dumps(e.to_dict()) for e in errors)
+    assert [type(errors[0]), type(errors[4])] == [ExpertAuthError, ExpertAuthError]
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["generate", "stream"])
+@pytest.mark.parametrize("kind", ["vllm", "router"])
+async def test_only_a_router_experts_moe_field_is_taken_as_its_trace(
+        server: ScriptedOpenAIServer, make_expert: MakeExpert, monkeypatch: pytest.MonkeyPatch,
+        kind: str, streaming: bool) -> None:
+    """Any upstream's own top-level ``moe`` object reached clients as a nested routing trace, one that could hold
+    the router's own key; only another moe-router's is taken, with this expert's credentials scrubbed from it."""
+    monkeypatch.setenv("UNIT_EXPERT_KEY", SECRET)
+    expert = make_expert(type=kind, api_key_env="UNIT_EXPERT_KEY",
+                         **({"model": "auto"} if kind == "router" else {}))
+    trace = {"echo": f"Bearer {SECRET}", "attempts": [{"expert": SECRET, "ok": True}], "cost_usd": 0.5}
+    if streaming:
+        chunk = {"id": "c", "object": "chat.completion.chunk", "model": "m",
+                 "choices": [{"index": 0, "delta": {"content": "hi"}, "finish_reason": "stop"}], "moe": trace}
+        server.push(Behaviour.raw(sse(chunk) + b"data: [DONE]\n\n", content_type="text/event-stream"))
+        nested = [d for d in await collect(expert, ask()) if d.finish_reason][-1].nested
+    else:
+        body = {"id": "c", "object": "chat.completion", "model": "m", "moe": trace,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}]}
+        server.push(Behaviour.raw(json.dumps(body).encode()))
+        nested = (await expert.generate(ask())).nested
+    if kind == "router":
+        assert nested == {"echo": "Bearer ***", "attempts": [{"expert": "***", "ok": True}], "cost_usd": 0.5}
+    else:
+        assert nested is None
 
 
 async def test_no_key_means_no_authorization_header(server: ScriptedOpenAIServer, make_expert: MakeExpert,

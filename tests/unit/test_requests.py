@@ -4,6 +4,7 @@ What a bad request looks like over HTTP is ``test_service.py``'s; these call the
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import textwrap
@@ -15,8 +16,10 @@ import pytest
 from router import requests, service
 from router.requests import (
     MAX_BATCH_QUERIES,
+    MAX_JSON_DEPTH,
     MAX_MODEL_CHARS,
     RequestProblem,
+    json_depth,
     parse_chat,
     parse_json,
     parse_route,
@@ -159,3 +162,20 @@ def test_a_problem_is_the_openai_error_object_with_the_routers_own_fields_after(
     refused = RequestProblem(400, "bad config", "invalid_request_error", "invalid_config", extra={"problems": []})
     assert refused.error_body() == {"error": {"message": "bad config", "type": "invalid_request_error",
                                               "param": None, "code": "invalid_config", "problems": []}}
+
+
+@pytest.mark.parametrize("depth", [128, 129, 950])
+def test_a_body_nested_past_the_depth_bar_is_invalid_json_before_anything_writes_it(depth: int) -> None:
+    """A body nested ~950 levels parsed, then failed deeper in the stack when it was written to the expert of a
+    stream (a RecursionError, a 500); the bar refuses it up front, and lets a body at the bar through."""
+    deep = b'{"metadata": ' + b"[" * (depth - 1) + b"]" * (depth - 1) + b"}"
+    assert json_depth(json.loads(deep)) == depth
+    if depth <= MAX_JSON_DEPTH:
+        assert parse_json(deep)["metadata"]
+    else:
+        refused = problem(parse_json, deep)
+        assert refused.code == "invalid_json" and f"more than {MAX_JSON_DEPTH} levels" in refused.message
+
+
+def test_json_depth_counts_arrays_and_objects_only() -> None:
+    assert [json_depth(v) for v in (1, "x", [], {}, [[1], {"a": [2]}], {"a": {"b": {"c": None}}})] == [0, 0, 1, 1, 3, 3]

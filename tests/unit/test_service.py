@@ -328,7 +328,7 @@ async def test_a_chunked_body_over_the_limit_is_refused_without_being_read_whole
             yield b"x" * 1024
 
     async with client(make_app(service={"max_request_bytes": 4096})) as http:
-        r = await http.post("/v1/chat/completions", content=body())
+        r = await http.post("/v1/chat/completions", content=body(), headers={"content-type": "application/json"})
     assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
     assert sent < 100  # reading stopped at the limit
 
@@ -686,7 +686,8 @@ async def test_route_queries_blank_or_too_long_are_named(path: str, body: dict[s
     ("application/json", 200),
     ("Application/JSON; charset=utf-8", 200),
     ("application/vnd.api+json", 200),
-    (None, 200),  # unlabelled: read as JSON
+    (None, 415),  # fetch's Blob or byte-array body: no type, and no preflight either
+    ("  ", 415),
 ])
 async def test_a_body_labelled_anything_but_json_is_refused_before_an_expert_is_called(
         content_type: str | None, status: int) -> None:
@@ -703,6 +704,7 @@ async def test_a_body_labelled_anything_but_json_is_refused_before_an_expert_is_
         error = r.json()["error"]
         assert (error["code"], error["param"]) == ("unsupported_media_type", "Content-Type")
         assert "Content-Type: application/json" in error["message"] and calls == 0
+        assert ("no Content-Type" in error["message"]) == (not (content_type or "").strip())
         assert feedback.status_code == 415
     else:
         assert calls == 1
