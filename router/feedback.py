@@ -67,7 +67,7 @@ _PRUNE_SHARE, _PRUNE_MAX_S = 0.1, 3600.0
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS requests (
-    id TEXT PRIMARY KEY, query TEXT NOT NULL, expert TEXT NOT NULL, created REAL NOT NULL);
+    id TEXT PRIMARY KEY, query TEXT NOT NULL, expert TEXT NOT NULL, created REAL NOT NULL, key TEXT);
 CREATE INDEX IF NOT EXISTS requests_created ON requests (created);
 CREATE TABLE IF NOT EXISTS feedback (
     id INTEGER PRIMARY KEY AUTOINCREMENT, request_id TEXT, query TEXT NOT NULL, expert TEXT NOT NULL,
@@ -146,12 +146,14 @@ class FeedbackRecord(BaseModel):
 
 
 class Answered(BaseModel):
-    """A remembered answer: what was asked, and which expert answered."""
+    """A remembered answer: what was asked, which expert answered, and the client key (its name in the config)
+    that asked; None where the service takes no keys."""
 
     id: str
     query: str
     expert: str
     created: float
+    key: str | None = None
 
 
 class FeedbackStore(ABC):
@@ -160,8 +162,9 @@ class FeedbackStore(ABC):
     Synchronous and thread-safe; the ``a``-prefixed methods run it off the event loop."""
 
     @abstractmethod
-    def remember(self, request_id: str, query: str, expert: str) -> None:
-        """Note that ``expert`` answered ``query`` as ``request_id``, so a verdict can name the answer by id."""
+    def remember(self, request_id: str, query: str, expert: str, key: str | None = None) -> None:
+        """Note that ``expert`` answered ``query`` as ``request_id`` for the client key named ``key``, so a
+        verdict can name the answer by id."""
 
     @abstractmethod
     def answered(self, request_id: str) -> Answered | None:
@@ -179,17 +182,20 @@ class FeedbackStore(ABC):
     @abstractmethod
     def close(self) -> None: ...
 
-    def submit(self, body: FeedbackBody, experts: Sequence[str]) -> FeedbackRecord:
-        """Store one verdict. Raises ``UnknownRequest`` or ``UnknownFeedbackExpert``.
+    def submit(self, body: FeedbackBody, experts: Sequence[str], key: str | None = None) -> FeedbackRecord:
+        """Store one verdict from the client key named ``key``. Raises ``UnknownRequest`` or
+        ``UnknownFeedbackExpert``.
 
         An expert the verdict names must be one of ``experts`` (the config's), except the expert that gave the
         rated answer: a verdict on an answer stays true after a reload removed its expert, so it is kept (``moe
-        train`` leaves verdicts on experts no longer configured out of training, and uses them if it returns)."""
+        train`` leaves verdicts on experts no longer configured out of training, and uses them if it returns).
+        An answer given to another key is unknown to this one, as if it did not exist: rating it would overwrite
+        that client's verdict, and the verdict echoes the answer's query."""
         query, expert = body.query, body.expert
         answered_by = None
         if body.request_id is not None:
             answer = self.answered(body.request_id)
-            if answer is None:
+            if answer is None or answer.key != key:
                 raise UnknownRequest(body.request_id)
             query, expert, answered_by = answer.query, expert or answer.expert, answer.expert
         assert query is not None and expert is not None  # FeedbackBody's validator guarantees both
@@ -197,11 +203,11 @@ class FeedbackStore(ABC):
             raise UnknownFeedbackExpert(expert, experts)
         return self.add(query, expert, body.value(), request_id=body.request_id, note=body.note)
 
-    async def aremember(self, request_id: str, query: str, expert: str) -> None:
-        await asyncio.to_thread(self.remember, request_id, query, expert)
+    async def aremember(self, request_id: str, query: str, expert: str, key: str | None = None) -> None:
+        await asyncio.to_thread(self.remember, request_id, query, expert, key)
 
-    async def asubmit(self, body: FeedbackBody, experts: Sequence[str]) -> FeedbackRecord:
-        return await asyncio.to_thread(self.submit, body, experts)
+    async def asubmit(self, body: FeedbackBody, experts: Sequence[str], key: str | None = None) -> FeedbackRecord:
+        return await asyncio.to_thread(self.submit, body, experts, key)
 
     async def arecords(self, since: float | None = None) -> list[FeedbackRecord]:
         return await asyncio.to_thread(self.records, since)
@@ -239,6 +245,10 @@ class SqliteFeedbackStore(FeedbackStore):
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.execute("PRAGMA busy_timeout=5000")
             self._db.executescript(_SCHEMA)
+            # A file from before answers kept their key gains the column; its answers have none, which only an
+            # open service (no keys) may rate, and they pass out of the retention soon.
+            if "key" not in {row[1] for row in self._db.execute("PRAGMA table_info(requests)")}:
+                self._db.execute("ALTER TABLE requests ADD COLUMN key TEXT")
             # Answers past their retention go now; it is also a write, so a file the router may read but not
             # write (another owner, a read-only mount) is refused here rather than at the first answer.
             try:
@@ -256,14 +266,14 @@ class SqliteFeedbackStore(FeedbackStore):
         self._db.execute("DELETE FROM requests WHERE created < ?", (now - self.retention_s,))
         self._since_prune, self._pruned_at = 0, now
 
-    def remember(self, request_id: str, query: str, expert: str) -> None:
+    def remember(self, request_id: str, query: str, expert: str, key: str | None = None) -> None:
         """As the interface says; a write that fails (the file turned read-only, a lock held past the busy
         timeout, a full disk) is logged, and the answer stands: only rating it by its id is lost."""
         now = time.time()
         try:
             with self._lock:
-                self._db.execute("INSERT OR REPLACE INTO requests VALUES (?, ?, ?, ?)",
-                                 (request_id, query, expert, now))
+                self._db.execute("INSERT OR REPLACE INTO requests (id, query, expert, created, key) "
+                                 "VALUES (?, ?, ?, ?, ?)", (request_id, query, expert, now, key))
                 self._since_prune += 1
                 if (self._since_prune >= _PRUNE_EVERY
                         or now - self._pruned_at >= min(_PRUNE_SHARE * self.retention_s, _PRUNE_MAX_S)):
@@ -281,9 +291,9 @@ class SqliteFeedbackStore(FeedbackStore):
     def answered(self, request_id: str) -> Answered | None:
         # An answer older than the retention is gone, pruned yet or not (pruning comes only now and then).
         with self._lock:
-            row = self._db.execute("SELECT id, query, expert, created FROM requests WHERE id = ? AND created >= ?",
-                                   (request_id, time.time() - self.retention_s)).fetchone()
-        return None if row is None else Answered(id=row[0], query=row[1], expert=row[2], created=row[3])
+            row = self._db.execute("SELECT id, query, expert, created, key FROM requests WHERE id = ? AND "
+                                   "created >= ?", (request_id, time.time() - self.retention_s)).fetchone()
+        return None if row is None else Answered(id=row[0], query=row[1], expert=row[2], created=row[3], key=row[4])
 
     def add(self, query: str, expert: str, score: float, *, request_id: str | None = None,
             note: str | None = None) -> FeedbackRecord:

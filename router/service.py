@@ -447,7 +447,8 @@ async def _chat_completions(request: Request, o: Orchestrator) -> Response:
         answer = await _unless_client_leaves(request, o.complete(chat, strategy=strategy, on_trace=keep))
         record.trace, record.expert = answer.trace, answer.expert
         if store is not None:  # the expert a verdict on it rates (Trace.credited: not fuse's aggregator)
-            await store.aremember(request_id, chat.query_text(), answer.trace.credited(answer.expert))
+            await store.aremember(request_id, chat.query_text(), answer.trace.credited(answer.expert),
+                                  record.key_name)
         if record.answer is not None:
             record.answer.append(answer.content)
         return _FiniteJSONResponse(_completion_body(answer, request_id), headers={"x-moe-expert": answer.expert})
@@ -466,11 +467,11 @@ async def _chat_completions(request: Request, o: Orchestrator) -> Response:
     if store is not None:
         query = chat.query_text()
         if expert:  # remembered as it begins, so an answer the user stopped early can be rated too
-            await store.aremember(request_id, query, expert)
+            await store.aremember(request_id, query, expert, record.key_name)
 
         async def on_end(credited: str) -> None:  # after a switch, the expert that wrote most of it
             if credited != expert:
-                await store.aremember(request_id, query, credited)
+                await store.aremember(request_id, query, credited, record.key_name)
     body = _sse(events, first, _Chunks(request_id, _include_usage(chat)), record, on_end)
     request.scope["state"]["moe_stream"] = body  # closed by the middleware if the client stops reading it
     return StreamingResponse(body, media_type="text/event-stream", headers={"cache-control": "no-cache", **began})
@@ -559,7 +560,8 @@ async def feedback_post(request: Request) -> Response:
     body = parse_feedback(await _read_json(request, o.config.service.max_request_bytes),
                           o.config.service.max_prompt_chars)
     _record(request).rated_id = body.request_id
-    saved = await _feedback_store(request).asubmit(body, o.config.expert_names)
+    # Only the key that was given the answer may rate it by its id.
+    saved = await _feedback_store(request).asubmit(body, o.config.expert_names, _record(request).key_name)
     return JSONResponse({"object": "feedback", **saved.model_dump()})
 
 

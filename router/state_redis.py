@@ -275,14 +275,15 @@ class RedisFeedbackStore(FeedbackStore):
         if time.monotonic() < self._down_until:
             raise FeedbackUnavailable(f"the feedback store is unreachable while {doing}; {advice}")
 
-    def remember(self, request_id: str, query: str, expert: str) -> None:
+    def remember(self, request_id: str, query: str, expert: str, key: str | None = None) -> None:
         if self._outage.active():
             return
-        key = self._answer_key(request_id)
+        entry = self._answer_key(request_id)
+        fields = {"query": query, "expert": expert, "created": repr(time.time()), **({"key": key} if key else {})}
         try:
             pipe = self.remember_client.pipeline(transaction=True)
-            pipe.hset(key, mapping={"query": query, "expert": expert, "created": repr(time.time())})
-            pipe.expire(key, max(1, int(self.retention_s)))
+            pipe.hset(entry, mapping=fields)
+            pipe.expire(entry, max(1, int(self.retention_s)))
             pipe.execute()
         except _redis_module().RedisError as exc:
             self._outage.begin(exc)  # the answer stands; only a verdict by its id is lost (by query still works)
@@ -297,7 +298,8 @@ class RedisFeedbackStore(FeedbackStore):
             return None
         fields = {(k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
                   for k, v in raw.items()}
-        return Answered(id=request_id, query=fields["query"], expert=fields["expert"], created=float(fields["created"]))
+        return Answered(id=request_id, query=fields["query"], expert=fields["expert"], created=float(fields["created"]),
+                        key=fields.get("key"))
 
     def add(self, query: str, expert: str, score: float, *, request_id: str | None = None,
             note: str | None = None) -> FeedbackRecord:
@@ -325,13 +327,13 @@ class RedisFeedbackStore(FeedbackStore):
         return sorted((FeedbackRecord.model_validate_json(member) for member in raw if isinstance(member, str | bytes)),
                       key=lambda r: r.id)
 
-    async def aremember(self, request_id: str, query: str, expert: str) -> None:
+    async def aremember(self, request_id: str, query: str, expert: str, key: str | None = None) -> None:
         if self._outage.active():  # skipped during an outage: not even a thread is needed
             return
-        await super().aremember(request_id, query, expert)
+        await super().aremember(request_id, query, expert, key)
 
-    async def asubmit(self, body: FeedbackBody, experts: Sequence[str]) -> FeedbackRecord:
-        return await self._off_loop(self.submit, body, experts)
+    async def asubmit(self, body: FeedbackBody, experts: Sequence[str], key: str | None = None) -> FeedbackRecord:
+        return await self._off_loop(self.submit, body, experts, key)
 
     async def arecords(self, since: float | None = None) -> list[FeedbackRecord]:
         return await self._off_loop(self.records, since)

@@ -18,7 +18,14 @@ import pytest
 import redis
 
 from router.config import FeedbackConfig, StateConfig
-from router.feedback import FeedbackBody, FeedbackUnavailable, SqliteFeedbackStore, load_feedback, open_feedback_store
+from router.feedback import (
+    FeedbackBody,
+    FeedbackUnavailable,
+    SqliteFeedbackStore,
+    UnknownRequest,
+    load_feedback,
+    open_feedback_store,
+)
 from router.service import create_app
 from router.state_redis import RedisFeedbackStore
 from tests.support import free_port
@@ -71,6 +78,21 @@ def test_replicas_share_answers_and_verdicts(redis_url: str) -> None:
     assert sum(":feedback:seen:" in k for k in keys) == 1
     for store in (a, b, short):
         store.close()
+
+
+def test_an_answer_remembered_for_one_key_is_unknown_to_another(redis_url: str) -> None:
+    store = _store(redis_url, _prefix())
+    store.remember("chatcmpl-k", "an integral", "math", "alice")
+    store.remember("chatcmpl-open", "a haiku", "code")
+    assert store.answered("chatcmpl-k").key == "alice"  # type: ignore[union-attr]
+    for key in ("bob", None):
+        with pytest.raises(UnknownRequest):
+            store.submit(FeedbackBody(request_id="chatcmpl-k", good=False), NAMES, key)
+    with pytest.raises(UnknownRequest):  # an answer given without a key is not a keyed client's either
+        store.submit(FeedbackBody(request_id="chatcmpl-open", good=False), NAMES, "alice")
+    assert store.submit(FeedbackBody(request_id="chatcmpl-k", good=True), NAMES, "alice").query == "an integral"
+    assert store.submit(FeedbackBody(request_id="chatcmpl-open", good=True), NAMES).expert == "code"
+    store.close()
 
 
 async def test_two_services_one_feedback_store_and_training_reads_it(redis_url: str) -> None:

@@ -98,6 +98,50 @@ async def test_chat_then_feedback_by_id_then_admin_export(tmp_path: Path,
     assert (bad_since.status_code, bad_since.json()["error"]["param"]) == (400, "since")
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
+async def test_only_the_key_that_was_given_an_answer_can_rate_it_by_its_id(tmp_path: Path, stream: bool) -> None:
+    """Any key could rate another key's answer by its id, overwrite that client's verdict (the latest counts), and
+    read its query back in the verdict. Another key's answer is now as unknown as an id never given."""
+    bob = "sk-bob-feedback-03"
+    security = {**SECURITY, "api_keys": [*SECURITY["api_keys"], {"name": "bob", "sha256": hash_key(bob)}]}
+    app = create_app(orchestrator(security=security), environ={"MOE_ADMIN_KEY": ADMIN},
+                     feedback=SqliteFeedbackStore(tmp_path / "fb.sqlite3"))
+    async with http(app) as alice, http(app, bob) as bobs:
+        asked = {"messages": [{"role": "user", "content": "an integral: my diagnosis is X"}], "stream": stream}
+        answer = await alice.post("/v1/chat/completions", json=asked)
+        answer_id = (answer.json()["id"] if not stream
+                     else json.loads(answer.text.split("data: ", 2)[1].split("\n")[0])["id"])
+        stolen = await bobs.post("/v1/feedback", json={"request_id": answer_id, "good": False, "note": "by bob"})
+        unknown = await bobs.post("/v1/feedback", json={"request_id": "chatcmpl-never", "good": False})
+        own = await alice.post("/v1/feedback", json={"request_id": answer_id, "good": True})
+    assert stolen.status_code == 404 and "diagnosis" not in stolen.text
+    # Told apart from an unknown id by nothing: the same status, code and wording.
+    assert stolen.json()["error"]["code"] == unknown.json()["error"]["code"]
+    assert stolen.json()["error"]["message"].replace(answer_id, "ID") == \
+        unknown.json()["error"]["message"].replace("chatcmpl-never", "ID")
+    assert own.status_code == 200 and own.json()["query"] == "an integral: my diagnosis is X"
+
+
+def test_a_store_file_from_before_answers_kept_their_key_is_upgraded(tmp_path: Path) -> None:
+    import sqlite3
+
+    path = tmp_path / "old.sqlite3"
+    with sqlite3.connect(path) as db:  # the schema answers were remembered in before
+        db.executescript("CREATE TABLE requests (id TEXT PRIMARY KEY, query TEXT NOT NULL, expert TEXT NOT NULL, "
+                         "created REAL NOT NULL);")
+        db.execute("INSERT INTO requests VALUES ('chatcmpl-old', 'an integral', 'math', ?)",
+                   (datetime.now(UTC).timestamp(),))
+    db.close()
+    store = SqliteFeedbackStore(path)
+    store.remember("chatcmpl-new", "sort a list", "code", "alice")
+    assert store.answered("chatcmpl-old") is not None and store.answered("chatcmpl-old").key is None  # type: ignore[union-attr]
+    assert store.answered("chatcmpl-new").key == "alice"  # type: ignore[union-attr]
+    with pytest.raises(UnknownRequest):
+        store.submit(FeedbackBody(request_id="chatcmpl-new", good=True), NAMES, "bob")
+    assert store.submit(FeedbackBody(request_id="chatcmpl-new", good=True), NAMES, "alice").expert == "code"
+    store.close()
+
+
 async def test_a_streamed_answer_can_be_rated_by_its_id(tmp_path: Path) -> None:
     app = make_app(SqliteFeedbackStore(tmp_path / "fb.sqlite3"))
     async with sdk(app) as client:
