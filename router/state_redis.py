@@ -279,10 +279,11 @@ class RedisFeedbackStore(FeedbackStore):
         if self._outage.active():
             return
         entry = self._answer_key(request_id)
-        fields = {"query": query, "expert": expert, "created": repr(time.time()), **({"key": key} if key else {})}
         try:
             pipe = self.remember_client.pipeline(transaction=True)
-            pipe.hset(entry, mapping=fields)
+            pipe.hset(entry, mapping={"query": query, "expert": expert, "created": repr(time.time())})
+            if key:  # the client key the answer was given to, which alone may rate it by id
+                pipe.hset(entry, "key", key)
             pipe.expire(entry, max(1, int(self.retention_s)))
             pipe.execute()
         except _redis_module().RedisError as exc:
