@@ -112,7 +112,14 @@ class ExpertServerError(ExpertHTTPError):
 
 
 class ExpertRejected(ExpertHTTPError):
+    """The expert refused the request (4xx). ``param``: the request field it blamed (OpenAI's ``error.param``),
+    when it named one."""
+
     kind = "rejected"
+
+    def __init__(self, expert: str, status: int, message: str, param: str | None = None) -> None:
+        super().__init__(expert, status, message)
+        self.param = param
 
 
 class ExpertAuthError(ExpertRejected):

@@ -77,6 +77,7 @@ _DRAIN_S = 0.25
 # breaks in that time still ends a complete answer.
 _AFTER_FINISH_S = 1.0
 # An error's type or code as the log may show it: a short identifier, not free text that could quote the request.
+_MAX_PARAM_CHARS = 200
 _ERROR_LABEL = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 log = logging.getLogger("experts.openai_compat")
 
@@ -267,7 +268,7 @@ class OpenAICompatibleExpert(Expert):
             message = error.get("message", error) if isinstance(error, dict) else error
             code = error.get("code") if isinstance(error, dict) else None
             status = code if isinstance(code, int) and 400 <= code <= 599 else 500
-            raise self._http_error(status, self._excerpt(str(message)), _error_labels(data), None)
+            raise self._http_error(status, self._excerpt(str(message)), _error_labels(data), None, _error_param(data))
         if not isinstance(data.get("choices"), list):
             raise ExpertProtocolError(self.name, "response has no 'choices' list")
         return data
@@ -386,10 +387,11 @@ class OpenAICompatibleExpert(Expert):
     def _status_error(self, status: int, headers: Mapping[str, str], content: bytes) -> ExpertError:
         if status < 400:
             return ExpertProtocolError(self.name, f"unexpected HTTP {status}")
-        text, labels = _error_body(content)
-        return self._http_error(status, self._excerpt(text), labels, headers.get("retry-after"))
+        text, labels, param = _error_body(content)
+        return self._http_error(status, self._excerpt(text), labels, headers.get("retry-after"), param)
 
-    def _http_error(self, status: int, detail: str, labels: list[str], retry_after: str | None) -> ExpertHTTPError:
+    def _http_error(self, status: int, detail: str, labels: list[str], retry_after: str | None,
+                    param: str | None = None) -> ExpertHTTPError:
         # Every failed call has its line in the operator's log, an error status as much as a dropped connection:
         # INFO for a request the expert found invalid (the client's to mend), a WARNING for anything that says
         # the expert or its deployment is unwell (429, 5xx, a refused key, a model it does not serve). The line
@@ -416,7 +418,9 @@ class OpenAICompatibleExpert(Expert):
         if refused:
             return ExpertAuthError(self.name, status, "the expert refused the router's credentials (its api_key_env "
                                                       "or endpoint; the service log has the expert's message)")
-        return ExpertRejected(self.name, status, detail)
+        # The request field the expert blamed (OpenAI's ``error.param``), which the router's 400 names in turn
+        # when every expert called blamed the same one.
+        return ExpertRejected(self.name, status, detail, None if param is None else self._excerpt(param))
 
     def _excerpt(self, text: str | bytes) -> str:
         if isinstance(text, bytes):
@@ -486,22 +490,29 @@ def _url_credentials(endpoint: str | None) -> list[str]:
     return sorted((form for form in forms if form), key=len, reverse=True)
 
 
-def _error_body(raw: bytes) -> tuple[str, list[str]]:
-    """An error body's human part (OpenAI's ``error.message``, FastAPI's ``detail``, or the raw text), and the
-    labels the log may show (``_error_labels``)."""
+def _error_body(raw: bytes) -> tuple[str, list[str], str | None]:
+    """An error body's human part (OpenAI's ``error.message``, FastAPI's ``detail``, or the raw text), the
+    labels the log may show (``_error_labels``), and the request field it blames (``_error_param``)."""
     text = raw.decode("utf-8", errors="replace")
     try:
         data = json.loads(text)
     except ValueError:
-        return text, []
+        return text, [], None
     if isinstance(data, dict):
         error = data.get("error")
         if isinstance(error, dict) and "message" in error:
-            return str(error["message"]), _error_labels(data)
+            return str(error["message"]), _error_labels(data), _error_param(data)
         for key in ("error", "message", "detail"):
             if key in data:
-                return str(data[key]), _error_labels(data)
-    return text, []
+                return str(data[key]), _error_labels(data), _error_param(data)
+    return text, [], None
+
+
+def _error_param(data: dict[str, Any]) -> str | None:
+    """OpenAI's ``error.param`` (vLLM's at the top level in some versions): the request field at fault."""
+    error = data.get("error")
+    param = (error if isinstance(error, dict) else data).get("param")
+    return param if isinstance(param, str) and 0 < len(param) <= _MAX_PARAM_CHARS and param.isprintable() else None
 
 
 def _error_labels(data: dict[str, Any]) -> list[str]:

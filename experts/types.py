@@ -317,9 +317,10 @@ class StreamDelta:
     nested: dict[str, Any] | None = None
 
     def has_output(self) -> bool:
-        """Whether the delta carries anything for the client: text, tool calls, a refusal or reasoning (the last
-        one has only usage, a finish reason or a trace)."""
-        return bool(self.content or self.tool_calls or self.refusal or self.reasoning_content)
+        """Whether the delta carries anything for the client: text, tool calls, a refusal, reasoning, or the
+        log-probabilities of a token that completed no text (vLLM sends those with an empty ``content``); the last
+        delta has only usage, a finish reason or a trace."""
+        return bool(self.content or self.tool_calls or self.refusal or self.reasoning_content or self.logprobs)
 
 
 def reasoning_of(message: Mapping[str, Any]) -> str | None:

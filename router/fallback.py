@@ -63,11 +63,15 @@ class AllExpertsFailed(Exception):
 
     def error_body(self) -> dict[str, Any]:
         """The OpenAI-style error object the service sends (and ``LocalRouter`` raises), with each cause."""
+        param = None
         if self.invalid_request:
             message, kind = f"the request is invalid: every expert called refused it ({self})", "invalid_request_error"
+            # The field at fault, where every expert called named the same one (as vLLM does: "logprobs").
+            blamed = {getattr(c, "param", None) for c in self.causes if c.kind not in NOT_CALLED}
+            param = blamed.pop() if len(blamed) == 1 else None
         else:
             message, kind = str(self), "service_unavailable"
-        return error_body(message, kind, self.code, causes=self.to_list())
+        return error_body(message, kind, self.code, param, causes=self.to_list())
 
     @property
     def invalid_request(self) -> bool:

@@ -655,4 +655,10 @@ def _continuation(request: ChatRequest, sent: Sequence[str], used: int) -> ChatR
             if limit - used < 1:
                 return None
             update[field] = limit - used
+    # vLLM's min_tokens is a floor on the whole answer too: left as it was, it would exceed the smaller limit
+    # (vLLM refuses that with a 400) and ask for more than the answer still needs.
+    floor = (request.model_extra or {}).get("min_tokens")
+    if isinstance(floor, int) and not isinstance(floor, bool):
+        limits = [update[f] for f in ("max_tokens", "max_completion_tokens") if f in update]
+        update["min_tokens"] = max(0, min([floor - used, *limits]))
     return request.model_copy(update=update)

@@ -219,7 +219,10 @@ async def _sse(events: AsyncIterator[StreamPiece | StreamEnd], first: StreamPiec
     try:
         while event is not None:
             if isinstance(event, StreamPiece):
-                delta: dict[str, Any] = {"content": event.delta.content} if event.delta.content else {}
+                # A token that completed no text still has its log-probabilities, under an empty content as the
+                # upstream sent it.
+                delta: dict[str, Any] = ({"content": event.delta.content}
+                                         if event.delta.content or event.delta.logprobs else {})
                 if event.delta.tool_calls:
                     delta["tool_calls"] = event.delta.tool_calls
                 if event.delta.refusal:

@@ -682,6 +682,22 @@ async def test_only_a_router_experts_moe_field_is_taken_as_its_trace(
         assert nested is None
 
 
+@pytest.mark.parametrize(("body", "param"), [
+    ({"error": {"message": "top_logprobs too large", "type": "BadRequestError", "param": "logprobs", "code": 400}},
+     "logprobs"),
+    ({"object": "error", "message": "too long", "param": "messages[0].content", "code": 400}, "messages[0].content"),
+    ({"error": {"message": "bad", "param": None}}, None),
+    ({"error": {"message": "bad", "param": ["a"]}}, None),
+    ({"detail": "bad"}, None),
+])
+async def test_a_refusal_keeps_the_field_the_expert_blamed(server: ScriptedOpenAIServer, make_expert: MakeExpert,
+                                                           body: dict[str, Any], param: str | None) -> None:
+    server.push(Behaviour.raw(json.dumps(body).encode(), status=400))
+    with pytest.raises(ExpertRejected) as caught:
+        await make_expert().generate(ask())
+    assert caught.value.param == param
+
+
 async def test_no_key_means_no_authorization_header(server: ScriptedOpenAIServer, make_expert: MakeExpert,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("UNIT_MISSING_KEY", raising=False)

@@ -246,6 +246,22 @@ async def test_a_continuation_writes_only_what_is_left_of_the_token_limit() -> N
     assert end.finish_reason == "stop" and end.trace.switches[0]["to"] == "code"
 
 
+@pytest.mark.parametrize(("floor", "continued"), [(9, 3), (4, 2), (1, 0)])
+async def test_a_continuation_lowers_vllms_min_tokens_with_the_limit(floor: int, continued: int) -> None:
+    """vLLM's ``min_tokens`` is a floor on the whole answer: left as the client sent it, it exceeded the
+    continuation's smaller ``max_tokens``, which vLLM refuses with a 400, and the stream failed instead of going
+    on (min_tokens 470 with max_tokens 480 on real vLLM). It is what the answer still needs, within the limit."""
+    config = fake_config(NAMES)
+    dying = FakeExpert(config.expert("math"), pieces=["one ", "two ", "three"], fail_after=2,
+                       fail=lambda n: ExpertUnavailable(n, "peer closed"))
+    code = FakeExpert(config.expert("code"), pieces=["three"])
+    request = ask("integral").model_copy(update={"max_tokens": 10, "max_completion_tokens": 5, "min_tokens": floor})
+    text, _ = await collect(build({"math": dying, "code": code}), request)
+    assert text == "one two three"
+    assert (code.requests[0].model_extra or {})["min_tokens"] == continued
+    assert (dying.requests[0].model_extra or {})["min_tokens"] == floor
+
+
 async def test_a_stream_that_broke_after_the_whole_token_limit_ends_there_as_cut_off_by_length() -> None:
     config = fake_config(NAMES)
     dying = FakeExpert(config.expert("math"), pieces=["one ", "two ", "three"], fail_after=2,

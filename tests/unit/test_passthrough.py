@@ -100,3 +100,24 @@ async def test_logprobs_and_refusal_pass_through_a_stream(upstream: ScriptedOpen
     with_logprobs = [c.choices[0].logprobs for c in answered if c.choices and c.choices[0].logprobs]
     assert [lp.model_dump()["content"] for lp in with_logprobs] == [LOGPROBS["content"]]
     assert "".join(c.choices[0].delta.refusal or "" for c in refused if c.choices) == "I can't help."
+
+
+async def test_a_streamed_token_that_completes_no_text_keeps_its_logprobs(upstream: ScriptedOpenAIServer) -> None:
+    """vLLM streams a token that completes no character (part of a multi-byte one) as an empty content with its
+    log-probabilities; the router dropped those chunks, so a streamed answer had fewer entries than tokens (14
+    of 16 on real vLLM) while the same answer not streamed had them all."""
+    empty = {"content": [{"token": "\u00e2", "logprob": -1.5, "bytes": [226], "top_logprobs": []}], "refusal": None}
+    upstream.push(sse({"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]},
+                      {"choices": [{"index": 0, "delta": {"content": "Hi"}, "logprobs": LOGPROBS}]},
+                      {"choices": [{"index": 0, "delta": {"content": ""}, "logprobs": empty}]},
+                      {"choices": [{"index": 0, "delta": {"content": "!"}, "logprobs": LOGPROBS},
+                                   ], "usage": None},
+                      {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}))
+    async with client(upstream) as http:
+        oai = AsyncOpenAI(base_url="http://router/v1", api_key="unused", http_client=http, max_retries=0)
+        chunks = [c async for c in await oai.chat.completions.create(
+            model="auto", stream=True, logprobs=True, messages=[{"role": "user", "content": "hi"}])]
+    entries = [entry for c in chunks if c.choices and c.choices[0].logprobs
+               for entry in c.choices[0].logprobs.model_dump()["content"]]
+    assert [e["token"] for e in entries] == ["Hi", "\u00e2", "Hi"]
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "Hi!"

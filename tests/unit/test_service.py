@@ -178,6 +178,19 @@ async def test_a_request_every_expert_refuses_as_invalid_is_a_400_not_an_outage(
             assert e.message in error["message"], name  # each expert's own words reach the client
 
 
+@pytest.mark.parametrize(("params", "named"), [(("logprobs", "logprobs"), "logprobs"),
+                                                (("logprobs", "max_tokens"), None), (("logprobs", None), None)])
+async def test_a_400_names_the_field_every_expert_called_blamed(params: tuple[str | None, str | None],
+                                                                 named: str | None) -> None:
+    """vLLM names the field at fault (``param: "logprobs"``); the router's 400 had ``param: null`` whatever the
+    experts said, so OpenAI clients could not act on ``error.param``. Where all experts called agree, it is theirs."""
+    errors: dict[str, ExpertError] = {n: ExpertRejected(n, 400, "bad value", param=p)
+                                      for n, p in zip(NAMES, params, strict=True)}
+    async with client(_refusing(errors)) as http:
+        r = await http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
+    assert (r.status_code, r.json()["error"]["param"]) == (400, named)
+
+
 async def test_route_experts_and_health() -> None:
     async with client(make_app()) as http:
         route = (await http.post("/v1/route", json={"query": "an integral"})).json()
