@@ -206,6 +206,11 @@ class CascadeGate:
         self.ood_threshold = full.ood_threshold
 
     @property
+    def private_texts(self) -> frozenset[str]:
+        """The examples only feedback gave, of both stages (they train on the same data)."""
+        return self.full.private_texts | self.fast.private_texts
+
+    @property
     def familiarity(self) -> float | None:
         """The familiarity a query needs for the fast stage to decide it (``CascadeFit.familiarity``)."""
         return self.fast.ood_threshold if self.fit.familiarity is None else self.fit.familiarity

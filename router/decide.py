@@ -131,7 +131,8 @@ class Decider:
         stages: list[str | None] = list(a.stage) if a.stage else [None] * len(texts)
         thresholds = a.ood_threshold or [self.gate.ood_threshold] * len(texts)
         tasks: list[dict[str, float] | None] = list(a.tasks) if a.tasks else [None] * len(texts)
-        return [_Gated({n: float(p) for n, p in zip(names, row, strict=True)}, [_as_dict(n) for n in near],
+        private: frozenset[str] = getattr(self.gate, "private_texts", frozenset())
+        return [_Gated({n: float(p) for n, p in zip(names, row, strict=True)}, [_shown(n, private) for n in near],
                        None if np.isnan(score) else float(score), threshold, stage, task)
                 for row, near, score, threshold, stage, task in zip(a.probs[:, columns], a.nearest, a.ood,
                                                                     thresholds, stages, tasks, strict=True)]
@@ -244,3 +245,12 @@ def _as_dict(neighbour: Any) -> dict[str, Any]:
     if dataclasses.is_dataclass(neighbour) and not isinstance(neighbour, type):
         return dataclasses.asdict(neighbour)
     return dict(neighbour)
+
+
+def _shown(neighbour: Any, private: frozenset[str]) -> dict[str, Any]:
+    """A nearest example as a decision shows it: an example only a client's feedback gave keeps its label and
+    similarity, and its text (another client's query) is withheld, with ``source: feedback`` saying why."""
+    shown = _as_dict(neighbour)
+    if private and shown.get("text") in private:
+        shown.update(text=None, source="feedback")
+    return shown

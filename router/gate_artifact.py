@@ -160,7 +160,8 @@ def write_artifact(gate: Gate, directory: str | Path) -> Path:
         np.savez_compressed(
             stage / _EXAMPLES, embeddings=gate.example_embeddings[:len(texts)],
             text_bytes=text_bytes, text_offsets=text_offsets,
-            labels=np.array([label_ids.get(lab, -1) for lab in labels], dtype=np.int32))
+            labels=np.array([label_ids.get(lab, -1) for lab in labels], dtype=np.int32),
+            private=np.array([t in gate.private_texts for t in texts], dtype=bool))
         doc = {**gate.metadata.as_dict(), "kind": gate.kind, "experts": gate.artifact_experts,
                "encoder_max_length": _encoder_max_length(gate.encoder), **gate._manifest(),
                "files": {name: sha256_file(stage / name) for name in (_WEIGHTS, _EXAMPLES)}}
@@ -225,7 +226,10 @@ def _restore_artifact(path: Path, doc: dict[str, Any], encoder: Encoder) -> Gate
     labels = [experts[i] if i >= 0 else "" for i in ex["labels"]]
     module, _, name = GATE_KINDS[kind].partition(":")
     gate_cls: type[Gate] = getattr(importlib.import_module(module), name)
-    return gate_cls._restore(encoder, experts, doc, metadata, weights, (ex["embeddings"], texts, labels))
+    gate = gate_cls._restore(encoder, experts, doc, metadata, weights, (ex["embeddings"], texts, labels))
+    if "private" in ex:  # an artifact from before it was kept marks none
+        gate.private_texts = frozenset(t for t, private in zip(texts, ex["private"], strict=True) if private)
+    return gate
 
 def _read_manifest(path: Path) -> dict[str, Any]:
     """The artifact folder ``path``'s ``gate.json``, which must be a JSON object; ``FileNotFoundError`` when

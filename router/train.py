@@ -90,6 +90,9 @@ class TrainingData:
     pinned: frozenset[str] = frozenset()
     # Outcome data: cold-start experts whose verdicts wait (``COLD_START_RECORDS``), with how many queries rated.
     waiting: dict[str, int] = field(default_factory=dict)
+    # The queries only clients' feedback gave (no config example or training file holds them): the gate trains
+    # on them, but never shows their text as a decision's nearest example, which every client sees.
+    private: frozenset[str] = frozenset()
 
 
 def load_labelled_jsonl(path: str | Path) -> list[tuple[str, str]]:
@@ -140,6 +143,8 @@ def fold_feedback(data: TrainingData, verdicts: list[FeedbackRecord], experts: l
     for v in kept:
         scores.setdefault(v.query, {}).setdefault(v.expert, []).append(v.score)
     mean = {(q, e): sum(s) / len(s) for q, by in scores.items() for e, s in by.items()}
+    operators = set(data.texts) if data.kind == "label" else {r.query for r in data.records}
+    private = data.private | (scores.keys() - operators)
     if data.kind == "outcome":
         # A verdict on a query the files name a task for carries that task, so it counts toward the task's rates.
         task_of = {r.query: r.task for r in data.records if r.task is not None}
@@ -151,7 +156,7 @@ def fold_feedback(data: TrainingData, verdicts: list[FeedbackRecord], experts: l
                   for q, by in scores.items()]
         return TrainingData("outcome", records=[*data.records, *(r for r in folded if r.outcomes)],
                             feedback=data.feedback + len(kept), feedback_through=through,
-                            waiting={**data.waiting, **waiting})
+                            waiting={**data.waiting, **waiting}, private=private)
     wrong = {pair for pair, score in mean.items() if score < 0.5}
     pairs = list(zip(data.texts, data.labels, strict=True))
     fixed = data.config_examples
@@ -161,7 +166,8 @@ def fold_feedback(data: TrainingData, verdicts: list[FeedbackRecord], experts: l
     pairs += good
     return TrainingData("label", texts=[q for q, _ in pairs], labels=[e for _, e in pairs],
                         feedback=data.feedback + len(kept), feedback_through=through, config_examples=fixed,
-                        dropped=data.dropped + dropped, pinned=data.pinned | {q for q, _ in good})
+                        dropped=data.dropped + dropped, pinned=data.pinned | {q for q, _ in good},
+                        private=private)
 
 
 def _collect_files(config: RouterConfig) -> TrainingData:
@@ -315,10 +321,12 @@ def train_from_config(config: RouterConfig, *, progress: bool = True,
 
 def _record_feedback(gate: Gate, data: TrainingData) -> None:
     """Note in the gate's metadata (and so in ``gate.json``) how many feedback verdicts it was trained with and
-    the time of the newest, so a served gate says which verdicts it has seen."""
+    the time of the newest, so a served gate says which verdicts it has seen; and which of its examples only
+    feedback gave, whose text it never shows (``Gate.private_texts``)."""
     through = None if data.feedback_through is None else \
         datetime.fromtimestamp(data.feedback_through, UTC).isoformat(timespec="seconds")
     gate.metadata = replace(gate.metadata, feedback_verdicts=data.feedback, feedback_through=through)
+    gate.private_texts = data.private
 
 
 def _learned_vote_weights(config: RouterConfig, data: TrainingData, *, progress: bool) -> VoteWeights | None:

@@ -29,6 +29,7 @@ from router.feedback import (
 )
 from router.orchestrator import Orchestrator
 from router.outcome import OutcomeRecord
+from router.requests import parse_chat
 from router.sdk import AsyncClient, LocalRouter, RouterAPIError
 from router.security import hash_key
 from router.service import create_app
@@ -363,6 +364,48 @@ async def test_feedback_from_the_service_trains_the_next_gate(tmp_path: Path,
     off = train_from_config(config, progress=False, feedback=False)
     assert off.metadata.metrics.n_train + off.metadata.metrics.n_val == 2
     assert (off.metadata.feedback_verdicts, off.metadata.feedback_through) == (0, None)
+
+
+async def test_a_query_only_feedback_gave_is_never_shown_to_clients_as_a_nearest_example(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Feedback folds a client's query into the next gate's examples, and every decision shows its nearest
+    examples to whichever client asked: one client's private question reached the others. The gate still trains
+    on it, and the explanation keeps its label and similarity; the text of an example only feedback gave is
+    withheld (the config's examples and training files, the operator's own, are shown as before)."""
+    from router.gate import Gate
+
+    experts = [{"name": n, "type": "openai", "endpoint": "http://127.0.0.1:9/v1", "model": "m",
+                "examples": [f"an example for {n}"]} for n in NAMES]
+    config = parse_config({"version": 1, "experts": experts, "gate": {"artifact": "out/gate"}},
+                          base_dir=tmp_path, check_env=False)
+    store = SqliteFeedbackStore(feedback_path(config))
+    secret = "integral for Jane Roe, account 4111-1111-1111-1111"
+    store.add(secret, "math", 1.0)
+    store.add("an example for code", "code", 1.0)  # a config example rated: the operator's text, still shown
+    store.close()
+    assert collect_training_data(config).private == frozenset({secret})
+    monkeypatch.setattr("router.train.build_encoder", lambda _: FakeHashingEncoder())
+    train_from_config(config, progress=False)
+    gate = Gate.load(tmp_path / "out" / "gate", FakeHashingEncoder())  # as served: read back from the artifact
+    assert gate.private_texts == frozenset({secret})
+    served = Orchestrator(config, gate, {n: FakeExpert(config.expert(n)) for n in NAMES})
+    try:
+        decision = await served.decide(parse_chat({"messages": [{"role": "user", "content": secret}]}, 10_000))
+    finally:
+        await served.aclose()
+    nearest = decision.nearest
+    assert "4111" not in json.dumps(decision.model_dump())
+    assert nearest[0]["text"] is None and nearest[0]["source"] == "feedback" and nearest[0]["label"] == "math"
+    assert nearest[0]["similarity"] == pytest.approx(1.0, abs=1e-5)
+    assert {n["text"] for n in nearest[1:]} <= {"an example for math", "an example for code"}
+
+
+def test_fold_marks_only_queries_no_operator_data_holds(tmp_path: Path) -> None:
+    verdicts = _verdicts(tmp_path, [("recorded query", "math", 1.0), ("new query", "code", 0.0)])
+    outcome = TrainingData("outcome", records=[OutcomeRecord("recorded query", {"math": 1.0, "code": 0.0}, {})])
+    assert fold_feedback(outcome, verdicts, NAMES).private == frozenset({"new query"})
+    label = TrainingData("label", texts=["recorded query"], labels=["math"], config_examples=1)
+    assert fold_feedback(label, verdicts, NAMES).private == frozenset({"new query"})
 
 
 def test_moe_train_takes_a_feedback_switch() -> None:
