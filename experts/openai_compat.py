@@ -112,8 +112,11 @@ class OpenAICompatibleExpert(Expert):
             raise self._transport_error(exc) from exc
         if not 200 <= response.status < 300:
             raise self._status_error(response.status, response.headers, response.content)
-        data = self._decode(response.content)
-        return self._reply(data, (time.perf_counter() - started) * 1000.0, request)
+        try:
+            return self._reply(self._decode(response.content), (time.perf_counter() - started) * 1000.0, request)
+        except ExpertProtocolError as exc:
+            self._log_protocol(exc)
+            raise
 
     async def stream(self, request: ChatRequest) -> AsyncIterator[StreamDelta]:
         body = request.upstream_payload(self.config.model, stream=True)
@@ -127,6 +130,15 @@ class OpenAICompatibleExpert(Expert):
                     yield delta
         except HttpFailure as exc:
             raise self._transport_error(exc) from exc
+        except ExpertProtocolError as exc:
+            self._log_protocol(exc)
+            raise
+
+    def _log_protocol(self, exc: ExpertProtocolError) -> None:
+        """A malformed answer's line in the operator's log, as every failed call has one: what was wrong, and the
+        excerpt of the answer that shows it only where the service logs content (it may quote the answer)."""
+        said = exc.message if self.context.log_content else exc.message.split(":", 1)[0]
+        log.warning("expert %s (%s): protocol failed: %s", self.name, redact(self._url), said)
 
     async def aclose(self) -> None:
         if self._http is not None:

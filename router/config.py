@@ -460,6 +460,9 @@ class ServiceConfig(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)
     max_request_bytes: int = Field(default=1_000_000, ge=1024, le=100_000_000)
+    # Seconds a request's whole body may take to arrive (408 after): a client that sends part of it and then
+    # nothing would otherwise hold its connection, and a graceful shutdown, for ever.
+    body_timeout_s: float = Field(default=30.0, gt=0.0, le=3600.0)
     max_prompt_chars: int = Field(default=100_000, ge=16, le=10_000_000)
     # Put prompts and answers in the per-request log lines. Off by default: they may hold personal data.
     log_content: bool = False

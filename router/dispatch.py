@@ -14,6 +14,7 @@ for good, is the orchestrator's business.
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import random
 import time
@@ -30,6 +31,8 @@ from router.fallback import BudgetSpent, Deadline, budget_spent
 from router.retry import RetryPolicy, retry_delay
 from router.trace import Attempt, AttemptRole, Retry, Trace
 from router.tracing import CALL_LIMIT, CallLimit
+
+log = logging.getLogger("router.dispatch")
 
 __all__ = ["CallCancelled", "Capacity", "Dispatcher", "StreamOutcome", "StreamPiece"]
 
@@ -386,10 +389,15 @@ class Dispatcher:
 
 def _timed_out(name: str, message: str, slot: _Slot, deadline: Deadline) -> ExpertTimeout:
     """A try's timeout: ``message`` when the expert's own ``timeout_s`` ran out; when the request's deadline cut
-    the try short, that is what the error names, since the expert was not at fault."""
+    the try short, that is what the error names, since the expert was not at fault. Either way the call has its
+    line in the log, as a call that failed on its own does (a WARNING for the expert's own limit)."""
     if slot.cut_by_deadline:
-        return ExpertTimeout(name, f"the request's deadline of {deadline.seconds:g}s was reached")
-    return ExpertTimeout(name, message)
+        error = ExpertTimeout(name, f"the request's deadline of {deadline.seconds:g}s was reached")
+    else:
+        error = ExpertTimeout(name, message)
+    log.log(logging.INFO if slot.cut_by_deadline else logging.WARNING, "expert %s: timeout failed: %s", name,
+            error.message)
+    return error
 
 
 def _take(delta: StreamDelta, outcome: StreamOutcome, expert: Expert) -> StreamDelta | None:

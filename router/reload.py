@@ -262,7 +262,8 @@ class Reloader:
         self._spawn(self._close_when_drained(old))
 
     async def _close_when_drained(self, old: Orchestrator) -> None:
-        limit = old.config.fallback.deadline_s + _DRAIN_MARGIN_S
+        # A request counts as open from before its body is read (service.body_timeout_s) to its deadline.
+        limit = old.config.service.body_timeout_s + old.config.fallback.deadline_s + _DRAIN_MARGIN_S
         try:
             await asyncio.wait_for(old.drained(), limit)
         except TimeoutError:

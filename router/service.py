@@ -32,6 +32,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from experts.types import ChatRequest
@@ -85,8 +86,10 @@ def _json_media_type(content_type: str) -> bool:
     return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
 
 
-async def _read_json(request: Request, limit: int) -> Any:
-    """The body, read off the wire within ``limit`` bytes (else a 413), as JSON (``router.requests.parse_json``).
+async def _read_json(request: Request, limit: int, timeout_s: float | None = None) -> Any:
+    """The body, read off the wire within ``limit`` bytes (else a 413) and ``timeout_s`` seconds (else a 408;
+    default ``service.body_timeout_s``), as JSON (``router.requests.parse_json``). A client that leaves while
+    sending it is ``ClientLeft`` (499), not an error of the service's.
 
     A body labelled another media type, or none, is a 415 before it is read: the requests a browser sends across
     sites without asking first (``text/plain``, forms, and a body with no type at all, as ``fetch`` sends a Blob or
@@ -108,12 +111,21 @@ async def _read_json(request: Request, limit: int) -> Any:
     # Read as it arrives and stop at the limit: a body without Content-Length (chunked) is never held whole.
     parts: list[bytes] = []
     size = 0
-    async for part in request.stream():
-        size += len(part)
-        if size > limit:
-            raise RequestProblem(413, f"request body exceeds the {limit}-byte limit (over {size} bytes sent)",
-                               "invalid_request_error", "request_too_large")
-        parts.append(part)
+    seconds = orch(request).config.service.body_timeout_s if timeout_s is None else timeout_s
+    try:
+        async with asyncio.timeout(seconds):
+            async for part in request.stream():
+                size += len(part)
+                if size > limit:
+                    raise RequestProblem(413, f"request body exceeds the {limit}-byte limit (over {size} bytes "
+                                              "sent)", "invalid_request_error", "request_too_large")
+                parts.append(part)
+    except TimeoutError:
+        raise RequestProblem(408, f"the request body did not arrive within {seconds:g}s ({size} bytes came); "
+                                  "send it whole (service.body_timeout_s)", "invalid_request_error",
+                             "request_timeout") from None
+    except ClientDisconnect:
+        raise ClientLeft from None
     return parse_json(b"".join(parts))
 
 

@@ -428,6 +428,11 @@ def check_redis(config: StateConfig, environ: Mapping[str, str], *, timeout_s: f
         client.close()
 
 
+# Connections the rate store keeps to Redis per process: as many requests take a token at once (a take is a
+# fraction of a millisecond), and more wait for one. Few enough to open at once within the connect timeout.
+RATE_CONNECTIONS = 16
+
+
 def build_shared_state(config: StateConfig, environ: Mapping[str, str], *, timeout_s: float = 0.25) -> SharedState:
     """The stores ``config`` names. Connections open lazily, at first use, on the loop that serves."""
     if config.backend == "memory":
@@ -441,8 +446,17 @@ def build_shared_state(config: StateConfig, environ: Mapping[str, str], *, timeo
 
     # No retries inside the clients: a failed call falls back to local state at once instead of blocking.
     timeouts: dict[str, Any] = {"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s}
+
+    def rate_client(address: str, **options: Any) -> redis.asyncio.Redis:
+        # Every request takes a token: a burst of more requests at once than the pool holds connections waits up
+        # to timeout_s for one (a blocking pool), where the default pool failed them with MaxConnectionsError,
+        # which read as Redis being down (per-process buckets for retry_s, and a false outage in the log).
+        pool = redis.asyncio.BlockingConnectionPool.from_url(address, max_connections=RATE_CONNECTIONS,
+                                                             timeout=timeout_s, **options)
+        return redis.asyncio.Redis.from_pool(pool)
+
     return SharedState(
-        rate_store=RedisRateStore(_from_url(redis.asyncio.Redis.from_url, url, config,
+        rate_store=RedisRateStore(_from_url(rate_client, url, config,
                                             retry=redis.asyncio.retry.Retry(NoBackoff(), 0), **timeouts),
                                   config.key_prefix),
         breaker_store=RedisBreakerStore(_from_url(redis.Redis.from_url, url, config,

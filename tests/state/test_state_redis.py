@@ -91,6 +91,24 @@ async def test_two_replicas_share_one_breaker_per_expert(shared: list[SharedStat
     assert b_experts["math"].requests == []
 
 
+async def test_a_burst_past_the_pools_connections_waits_for_one_rather_than_calling_redis_down(
+        shared: list[SharedState], caplog: pytest.LogCaptureFixture) -> None:
+    """300 requests taking a token at once ran the default pool (100 connections) out: MaxConnectionsError read
+    as an outage, so every key fell back to per-process buckets for 5 s, and the log said Redis was
+    unreachable. The pool now blocks a moment for a free connection, and every take is Redis's."""
+    caplog.set_level(logging.WARNING)
+    store = shared[0].rate_store
+    assert isinstance(store, RedisRateStore)
+    limit = RateLimitConfig(rate_per_s=0.001, burst=1000)
+    waits = await asyncio.gather(*(store.take("burst", limit) for _ in range(300)))
+    assert waits == [0.0] * (300)
+    assert not store._outage.active() and "unreachable" not in caplog.text
+    # Every token came out of the one shared bucket: what is left there is the burst less all of them.
+    other = shared[1].rate_store
+    spent = [await other.take("burst", limit) for _ in range(1000 - 300)]
+    assert spent == [0.0] * (1000 - 300) and await other.take("burst", limit) > 0
+
+
 async def test_the_lua_bucket_refills_like_take_token(shared: list[SharedState]) -> None:
     store = shared[0].rate_store
     assert store is not None

@@ -357,11 +357,16 @@ def test_without_addresses(raw: str, shown: str) -> None:
                  id="number-finish-reason"),
 ])
 async def test_malformed_answers_are_protocol_errors(server: ScriptedOpenAIServer, make_expert: MakeExpert,
-                                                     body: bytes, content_type: str) -> None:
+                                                     body: bytes, content_type: str,
+                                                     caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="experts.openai_compat")
     server.push(Behaviour.raw(body, content_type=content_type))
     with pytest.raises(ExpertProtocolError) as caught:
         await make_expert().generate(ask())
     assert caught.value.transient
+    # Every failed call has its line in the operator's log; a malformed answer had none.
+    logged = [r for r in caplog.records if r.name == "experts.openai_compat"]
+    assert len(logged) == 1 and logged[0].levelname == "WARNING" and "protocol failed" in logged[0].getMessage()
 
 
 @pytest.mark.parametrize(("body", "error"), [
@@ -382,10 +387,24 @@ async def test_malformed_answers_are_protocol_errors(server: ScriptedOpenAIServe
                  ExpertProtocolError, id="list-finish-reason"),
 ])
 async def test_malformed_streams_raise(server: ScriptedOpenAIServer, make_expert: MakeExpert,
-                                       body: bytes, error: type[ExpertError]) -> None:
+                                       body: bytes, error: type[ExpertError],
+                                       caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="experts.openai_compat")
     server.push(Behaviour.raw(body, content_type="text/event-stream"))
     with pytest.raises(error):
         await collect(make_expert(), ask())
+    assert len([r for r in caplog.records if r.name == "experts.openai_compat"]) == 1  # one line, never two
+
+
+async def test_a_malformed_answers_log_line_quotes_it_only_where_the_service_logs_content(
+        server: ScriptedOpenAIServer, make_expert: MakeExpert, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="experts.openai_compat")
+    server.push(Behaviour.raw(b'{"answer": "my SSN is 078-05-1120'), Behaviour.raw(b'{"answer": "078-05-1120'))
+    for context in (None, ExpertContext(log_content=True)):
+        with pytest.raises(ExpertProtocolError):
+            await make_expert(context).generate(ask())
+    quiet, loud = (r.getMessage() for r in caplog.records if r.name == "experts.openai_compat")
+    assert quiet.endswith("protocol failed: invalid JSON") and "078-05-1120" in loud
 
 
 async def test_usage_counts_sent_as_null_are_unknown_not_a_broken_answer(server: ScriptedOpenAIServer,

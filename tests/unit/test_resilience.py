@@ -1,6 +1,7 @@
 """Retries, circuit breakers, the cost budget and expert-choice batches, through the orchestrator with fakes."""
 
 import asyncio
+import logging
 import contextlib
 from collections.abc import AsyncIterator, Callable
 
@@ -614,3 +615,24 @@ async def test_a_client_leaving_a_stream_whose_deltas_come_at_once_stops_it() ->
         await asyncio.wait_for(task, 5)
     assert cancels_needed == 1 and math.sent < 1_000_000
     assert orch.expert_states()["math"]["in_flight"] == 0
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
+async def test_a_time_limit_the_router_enforces_has_its_log_line(stream: bool,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    """A call cut off by the router's own timer (the expert's timeout_s, or the request's deadline) left no log
+    line, where every call that fails on its own has one: 312 timeouts of one expert in a soak, and no line. Its
+    own limit is a WARNING naming it; a deadline that cut it short is INFO (the expert was not at fault)."""
+    caplog.set_level(logging.INFO, logger="router.dispatch")
+    math = FakeExpert(build()[0].config.expert("math"), delay=5.0)  # timeout_s 1 s
+    code = FakeExpert(build()[0].config.expert("code"), delay=5.0)
+    orch, _ = build({"math": math, "code": code}, fallback={"deadline_s": 1.5})
+    with pytest.raises(AllExpertsFailed):
+        if stream:
+            await collect(orch, ask())
+        else:
+            await orch.complete(ask())
+    lines = [(r.levelname, r.getMessage()) for r in caplog.records if r.name == "router.dispatch"]
+    assert lines == [("WARNING", "expert math: timeout failed: " + lines[0][1].split(": ", 2)[2]),
+                     ("INFO", "expert code: timeout failed: the request's deadline of 1.5s was reached")]
+    assert "1.0s" in lines[0][1]

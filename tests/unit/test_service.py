@@ -2,6 +2,7 @@
 
 import asyncio
 import json
+import logging
 from collections.abc import AsyncIterator
 
 import httpx
@@ -802,3 +803,51 @@ async def test_a_client_that_stops_reading_a_stream_is_cut_off_at_the_deadline(
         sock.close()
     assert (during, after) == (1, 0)
     assert any("the client stopped reading the answer" in r.getMessage() for r in caplog.records)
+
+
+async def _asgi(app, messages: list[dict[str, object]], *, path: str = "/v1/chat/completions"):  # type: ignore[no-untyped-def]
+    """Drive ``app`` as a server would, with ``messages`` as what ``receive`` returns in turn (then nothing,
+    ever), and collect what it sends."""
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "",
+             "headers": [(b"host", b"router"), (b"content-type", b"application/json"), (b"content-length", b"80")],
+             "client": ("127.0.0.1", 5000), "server": ("router", 80), "state": {}}
+    pending = list(messages)
+    sent: list[dict[str, object]] = []
+
+    async def receive() -> dict[str, object]:
+        if pending:
+            return pending.pop(0)
+        await asyncio.Event().wait()  # the client sends nothing more
+        raise AssertionError
+
+    async def send(message: dict[str, object]) -> None:
+        sent.append(message)
+
+    await app(scope, receive, send)
+    return sent
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/route", "/v1/feedback"])
+async def test_a_body_that_stops_arriving_is_408_within_the_body_timeout(path: str) -> None:
+    """A client that sent part of its body and then nothing held its connection (and a graceful shutdown, and a
+    retired config's orchestrator) for ever; the read is bounded by service.body_timeout_s."""
+    app = make_app(service={"body_timeout_s": 0.2})
+    sent = await asyncio.wait_for(_asgi(app, [{"type": "http.request", "body": b'{"messages": [', "more_body": True}],
+                                        path=path), 5)
+    start = next(m for m in sent if m["type"] == "http.response.start")
+    body = json.loads(b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body"))  # type: ignore[arg-type]
+    assert start["status"] == 408
+    assert body["error"]["code"] == "request_timeout" and "within 0.2s (14 bytes came)" in body["error"]["message"]
+    assert sum(len(e.requests) for e in app.state.orchestrator.experts.values()) == 0
+
+
+async def test_a_client_that_leaves_while_sending_its_body_is_499_not_a_500(
+        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
+    app = make_app()
+    await _asgi(app, [{"type": "http.request", "body": b'{"messages": [', "more_body": True},
+                      {"type": "http.disconnect"}])
+    lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "router.requests"]
+    assert [(line["status"], line.get("error")) for line in lines] == [(499, "client_closed_request")]
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
