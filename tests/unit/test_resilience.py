@@ -1,8 +1,8 @@
 """Retries, circuit breakers, the cost budget and expert-choice batches, through the orchestrator with fakes."""
 
 import asyncio
-import logging
 import contextlib
+import logging
 from collections.abc import AsyncIterator, Callable
 
 import pytest
