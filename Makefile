@@ -7,14 +7,20 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 VLLM_VENV ?= .venv-vllm
 export VLLM_VENV
+# Where the CPU build of torch comes from: PyPI's torch==2.13.0 is the CUDA build (several GB of NVIDIA wheels).
+# Used when it answers; where it cannot be reached, pip takes what its own configuration finds.
+TORCH_INDEX_URL ?= https://download.pytorch.org/whl/cpu
 
 .PHONY: demo test unit integration bench lint results faults install vllm wheelhouse docker-test clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	@# The pin first: unpinned, sentence-transformers would pull a multi-GB CUDA torch.
-	$(BIN)/pip install --quiet torch==2.13.0
+	@# The pin first: unpinned, sentence-transformers would pull a multi-GB CUDA torch. The CPU index beside
+	@# PyPI makes it 2.13.0+cpu (a local version sorts above 2.13.0).
+	$(BIN)/pip install --quiet torch==2.13.0 $$($(BIN)/python -c "import urllib.request; \
+		urllib.request.urlopen('$(TORCH_INDEX_URL)/torch/', timeout=10); \
+		print('--extra-index-url $(TORCH_INDEX_URL)')" 2>/dev/null)
 	$(BIN)/pip install --quiet -e '.[dev]'
 	@touch $(STAMP)
 
