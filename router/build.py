@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
 from experts.base import Expert, ExpertContext
+from experts.errors import ExpertConfigError
 from experts.registry import build_expert
 from router.breaker import Breakers
 from router.config import CascadeConfig, ExpertConfig, GateConfig, RouterConfig
@@ -425,6 +426,22 @@ def nested_loading_problems(config: RouterConfig) -> list[tuple[str, str]]:
             continue
         found = loading_problems(inner) + nested_loading_problems(inner)
         problems += [(where, naming_config(f"{path}: {key}: {message}", str(path))) for key, message in found]
+    return problems
+
+
+def expert_problems(config: RouterConfig) -> list[tuple[str, str]]:
+    """What ``moe serve`` would refuse in building the experts (a replay expert's recordings missing, a type's
+    own checks), found by building each as it does, as ``(key, message)`` problems. A nested router in process
+    is ``nested_loading_problems``'s to check; nothing is called."""
+    context = ExpertContext(base_dir=Path(config.base_dir))
+    problems = []
+    for i, expert in enumerate(config.experts):
+        if expert.type == "router":
+            continue
+        try:
+            build_expert(expert, context, EXPERT_TYPES)
+        except ExpertConfigError as exc:
+            problems.append((f"experts[{i}] ({expert.name})", exc.message))
     return problems
 
 

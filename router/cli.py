@@ -108,15 +108,16 @@ def cmd_serve_replay(args: argparse.Namespace) -> int:
 
 
 def cmd_config_check(args: argparse.Namespace) -> int:
-    from router.build import loading_problems, nested_loading_problems
+    from router.build import expert_problems, loading_problems, nested_loading_problems
     from router.config import ConfigError
     from router.gate_artifact import is_trained
 
     config = _load(args.file, check_env=not args.no_env)
     artifact = config.resolve(config.gate.artifact)
-    # What moe serve would refuse in the trained gate (its encoder, its files, the experts it covers, a two-stage
-    # part, learned vote weights), said now: loaded as serve loads it; and so for each router nested in process.
-    problems = loading_problems(config) + nested_loading_problems(config)
+    # What moe serve would refuse in the experts (built as serve builds them: a replay expert's recordings) and in
+    # the trained gate (its encoder, its files, the experts it covers, a two-stage part, learned vote weights),
+    # said now: loaded as serve loads it; and so for each router nested in process.
+    problems = expert_problems(config) + loading_problems(config) + nested_loading_problems(config)
     if problems:
         raise ConfigError(args.file, problems)
     trained = is_trained(artifact)

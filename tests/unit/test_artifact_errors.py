@@ -162,6 +162,17 @@ def test_config_check_passes_a_trained_gate_and_an_expert_added_with_examples(
     assert "cannot route to expert(s) 'cook'" in capsys.readouterr().err
 
 
+def test_config_check_builds_the_experts_as_serve_would(config: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A replay expert whose recordings are missing said OK, and serve then refused to start."""
+    added = ("  - {name: replayed, type: replay, model: gpt-4-1106-preview, description: recorded answers, "
+             "examples: ['what is the capital of France'], replay: {source: routerbench, path: no/such/folder}}\n")
+    config.write_text(config.read_text() + added)
+    assert main(["config", "check", str(config)]) == 2
+    err = capsys.readouterr().err
+    index = config.read_text().split("experts:")[1].count("- {name:") - 1
+    assert f"  - experts[{index}] (replayed): cannot load routerbench recordings" in err, err
+
+
 def test_training_settings_the_artifact_was_not_trained_with_are_named_when_it_loads(
         config: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture) -> None:
     """gate.classifier and gate.balance act through `moe train` only: a config edited after training still
