@@ -132,7 +132,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     config = _load(args.config, check_env=False)
     _check_train_data(config, args.config)
-    gate = train_from_config(config, progress=True, feedback=args.feedback)
+    gate = train_from_config(config, progress=True, feedback=args.feedback, drop_unknown=args.drop_unknown_experts)
     summary = {"artifact": str(config.resolve(config.gate.artifact)), "experts": gate.experts,
                "metrics": gate.metadata.as_dict()["metrics"]}
     fit = getattr(gate, "fit", None)  # a two-stage gate (gate.cascade): its threshold and validation figures
@@ -299,6 +299,9 @@ def _parser(settings: Settings | None = None) -> argparse.ArgumentParser:
     p.add_argument("--config", default=DEFAULT_CONFIG)
     p.add_argument("--feedback", action=argparse.BooleanOptionalAction, default=True,
                    help="fold the stored feedback into the gate (default; feedback.enabled: false also skips it)")
+    p.add_argument("--drop-unknown-experts", action="store_true",
+                   help="leave out train_data lines (labels, or records' outcomes) naming experts the config no "
+                        "longer has, with a warning; without it they are an error (a typo would go unseen)")
     p.set_defaults(func=cmd_train)
 
     for name, func, text in (("route", cmd_route, "show the gate's decision for a query"),

@@ -41,6 +41,7 @@ Verdicts on experts no longer in the config are dropped.
 from __future__ import annotations
 
 import errno
+import logging
 from collections import Counter
 from collections.abc import Collection
 from dataclasses import dataclass, field, replace
@@ -62,6 +63,8 @@ if TYPE_CHECKING:
     from collections.abc import Iterable
 
     from router.vote_weights import VoteWeights
+
+log = logging.getLogger("router.train")
 
 __all__ = ["TrainingData", "collect_training_data", "fold_feedback", "load_labelled_jsonl", "train_from_config"]
 
@@ -121,11 +124,16 @@ def _labelled(row: dict[str, Any], where: str) -> tuple[str, str]:
     return row["query"], row["label"]
 
 
-def collect_training_data(config: RouterConfig, *, feedback: bool = True) -> TrainingData:
+def collect_training_data(config: RouterConfig, *, feedback: bool = True,
+                          drop_unknown: bool = False) -> TrainingData:
     """The config's training data. Labelled: the experts' examples, then every file, in config order.
     Outcome: every file's records, in order (the examples then serve cold start only). Then the stored
-    feedback, folded in, unless ``feedback`` is false or the config turns feedback off."""
-    data = _collect_files(config)
+    feedback, folded in, unless ``feedback`` is false or the config turns feedback off.
+
+    A file naming an expert the config does not have is refused (a typo would train a gate without those
+    lines), unless ``drop_unknown``: after an expert was removed from the config, its lines (labelled data) or its
+    outcomes and costs (records) are left out, with a warning saying how many."""
+    data = _collect_files(config, drop_unknown)
     if feedback:
         data = fold_feedback(data, load_feedback(config), config.expert_names,
                              cold_start=[e.name for e in config.experts if e.examples])
@@ -170,14 +178,14 @@ def fold_feedback(data: TrainingData, verdicts: list[FeedbackRecord], experts: l
                         private=private)
 
 
-def _collect_files(config: RouterConfig) -> TrainingData:
+def _collect_files(config: RouterConfig, drop_unknown: bool = False) -> TrainingData:
     paths = [config.resolve(entry) for entry in config.gate.train_data]
     kinds = {p: "outcome" if is_outcome_file(p) else "label" for p in paths}
     if len(set(kinds.values())) > 1:
         listing = "; ".join(f"{p}: {k}" for p, k in kinds.items())
         raise ValueError(f"gate.train_data mixes labelled and outcome files ({listing}); use one kind")
     if paths and kinds[paths[0]] == "outcome":
-        return TrainingData("outcome", records=_collect_outcomes(config, paths))
+        return TrainingData("outcome", records=_collect_outcomes(config, paths, drop_unknown))
     data = TrainingData("label")
     for expert in config.experts:
         data.texts += expert.examples
@@ -185,37 +193,53 @@ def _collect_files(config: RouterConfig) -> TrainingData:
     data.config_examples = len(data.texts)
     for path in paths:
         rows = _labelled_lines(path)
-        _refuse_unknown(config, path, "label", ((number, [label]) for number, _, label in rows))
+        unknown = _unknown(config, path, "label", ((number, [label]) for number, _, label in rows), drop_unknown)
+        if unknown:
+            rows = [row for row in rows if row[2] not in unknown]
         data.texts += [q for _, q, _ in rows]
         data.labels += [label for _, _, label in rows]
     return data
 
 
-def _collect_outcomes(config: RouterConfig, paths: list[Path]) -> list[OutcomeRecord]:
+def _collect_outcomes(config: RouterConfig, paths: list[Path], drop_unknown: bool = False) -> list[OutcomeRecord]:
     records: list[OutcomeRecord] = []
     for path in paths:
         found = load_outcome_lines(path)
-        _refuse_unknown(config, path, "expert", ((number, [*r.outcomes, *r.cost]) for number, r in found))
-        records += [r for _, r in found]
+        unknown = _unknown(config, path, "expert", ((number, [*r.outcomes, *r.cost]) for number, r in found),
+                           drop_unknown)
+        kept = [r for _, r in found] if not unknown else [replace(
+            r, outcomes={e: v for e, v in r.outcomes.items() if e not in unknown},
+            cost={e: v for e, v in r.cost.items() if e not in unknown},
+            answers={e: v for e, v in r.answers.items() if e not in unknown}) for _, r in found]
+        records += [r for r in kept if r.outcomes]
     return records
 
 
-def _refuse_unknown(config: RouterConfig, path: Path, noun: str, lines: Iterable[tuple[int, list[str]]]) -> None:
-    """Raise ``ValueError`` if a line of ``path`` names (as a label, or as an expert of a record) a name that is
-    no expert of the config: at the first line naming one, and with the first line of each other such name."""
+def _unknown(config: RouterConfig, path: Path, noun: str, lines: Iterable[tuple[int, list[str]]],
+             drop: bool) -> set[str]:
+    """The names the lines of ``path`` give (as a label, or as an expert of a record) that are no expert of the
+    config. Unless ``drop``, ``ValueError`` at the first line naming one, with the first line of each other such
+    name; with ``drop``, a warning saying how many lines name them, which the caller leaves out."""
     names = set(config.expert_names)
     first: dict[str, int] = {}
+    count: Counter[str] = Counter()
     for number, named in lines:
         for name in named:
             if name not in names:
                 first.setdefault(name, number)
+                count[name] += 1
     if not first:
-        return
+        return set()
     (name, line), *others = sorted(first.items(), key=lambda item: item[1])
+    if drop:
+        log.warning("%s: left out what names expert(s) the config does not have: %s", path, ", ".join(
+            f"{n!r} ({count[n]} line(s), first {first[n]})" for n in sorted(first, key=first.__getitem__)))
+        return set(first)
     also = "" if not others else "; nor " + ("is " if len(others) == 1 else "are ") + ", ".join(
         f"{other!r} (first on line {number})" for other, number in others)
     raise ValueError(f"{path}:{line}: {noun} {name!r} is not an expert of the config{also}; "
-                     f"experts: {', '.join(config.expert_names)}")
+                     f"experts: {', '.join(config.expert_names)}. If it was removed from the config, "
+                     "moe train --drop-unknown-experts leaves its lines out")
 
 
 def _check_routable(config: RouterConfig, trained: set[str]) -> None:
@@ -247,8 +271,8 @@ def _check_scored(config: RouterConfig, records: list[OutcomeRecord]) -> None:
                      f"from their examples. Add outcomes for {' or '.join(map(repr, unscored))}{costs}")
 
 
-def train_from_config(config: RouterConfig, *, progress: bool = True,
-                      feedback: bool = True) -> Gate | CascadeGate:
+def train_from_config(config: RouterConfig, *, progress: bool = True, feedback: bool = True,
+                      drop_unknown: bool = False) -> Gate | CascadeGate:
     """Train the gate the config describes (label or outcome kind, and with ``gate.cascade`` its fast first
     stage) and save it to ``gate.artifact``.
 
@@ -258,7 +282,7 @@ def train_from_config(config: RouterConfig, *, progress: bool = True,
     if artifact.exists() and not artifact.is_dir():  # found now, not when saving after all the training
         raise NotADirectoryError(f"gate.artifact {artifact}: exists and is not a folder; the gate is saved as a "
                                  "folder of files")
-    data = collect_training_data(config, feedback=feedback)
+    data = collect_training_data(config, feedback=feedback, drop_unknown=drop_unknown)
     if progress and data.feedback:
         dropped = f"; bad verdicts dropped {data.dropped} training example(s)" if data.dropped else ""
         print(f"feedback: {data.feedback} stored verdict(s) folded in{dropped}", flush=True)

@@ -212,6 +212,28 @@ def test_train_says_what_the_outcome_gate_chose(tmp_path: Path, capsys: pytest.C
     assert saved["success_model"]["kind"] == "knn" and saved["success_model"]["prior"] in ("overall", "task")
 
 
+def test_training_data_naming_a_removed_expert_is_refused_unless_told_to_leave_it_out(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture) -> None:
+    """After an expert is removed from the config, its labels in train_data stopped the next moe train with no
+    way on but rewriting the file; the error now names --drop-unknown-experts, which trains without them."""
+    rows = [{"query": f"{topic} question {i}", "label": label} for i in range(12)
+            for topic, label in (("algebra", "a"), ("poetry", "b"), ("cooking", "c"))]
+    (tmp_path / "mine.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    config = tmp_path / "router.yaml"
+    config.write_text("version: 1\ngate: {train_data: [mine.jsonl], artifact: gate, encoder: {backend: static}}\n"
+                      "experts:\n" + "".join(f"  - {{name: {n}, type: openai, endpoint: 'http://127.0.0.1:9/v1', "
+                                             "model: m}\n" for n in "ab"))
+    assert main(["train", "--config", str(config), "--no-feedback"]) == 1
+    err = capsys.readouterr().err
+    assert "mine.jsonl:3: label 'c' is not an expert of the config" in err
+    assert "moe train --drop-unknown-experts leaves its lines out" in err
+    with caplog.at_level("WARNING", logger="router.train"):
+        assert main(["train", "--config", str(config), "--no-feedback", "--drop-unknown-experts"]) == 0
+    assert "left out what names expert(s) the config does not have: 'c' (12 line(s), first 3)" in caplog.text
+    saved = json.loads((tmp_path / "gate" / "gate.json").read_text(encoding="utf-8"))
+    assert saved["experts"] == ["a", "b"] and saved["metrics"]["n_train"] + saved["metrics"]["n_val"] == 24
+
+
 def test_a_port_out_of_range_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as info:
         main(["serve", "--config", "configs/demo.yaml", "--port", "70000"])
