@@ -182,6 +182,13 @@ def _markdown(rows: list[DemoRow], meta: dict[str, Any]) -> str:
 def run_demo(config_path: str | Path, out: Path, limit: int | None = None) -> list[DemoRow]:
     check_limit(limit)
     config = load_config(config_path, check_env=False)
+    # The demo scores every expert on RouterBench's recorded answers: one without recordings has nothing to be
+    # scored by (and would fail after the training and the serving).
+    others = [e.name for e in config.experts if e.replay is None or e.replay.source != "routerbench"]
+    if others:
+        raise ValueError(f"{config_path}: moe demo scores RouterBench replay experts only, and "
+                         f"{', '.join(map(repr, others))} {'is' if len(others) == 1 else 'are'} not one; serve "
+                         "this config with moe serve, and score it with moe eval")
     print(f"[1/4] loading RouterBench recordings for {len(config.experts)} replay experts", flush=True)
     store = load_routerbench(_replay_path(config))
     train_file, n_train = write_training_file(config)

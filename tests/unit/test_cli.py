@@ -421,3 +421,19 @@ def test_config_check_loads_the_gate_on_the_cpu_whatever_device_serves_it(
                                      "  artifact: gate\n  encoder: {backend: sentence-transformers, device: cuda}\n"))
     assert main(["config", "check", str(config), "--no-env"]) == 0
     assert seen == ["cpu"] and "OK" in capsys.readouterr().out
+
+
+def test_demo_refuses_an_expert_it_cannot_score_before_training(tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """moe demo scores experts on RouterBench's recorded answers; a config with another kind of expert trained,
+    served and queried for minutes, then failed with a KeyError traceback."""
+    root = Path(__file__).resolve().parents[2]
+    demo = tmp_path / "configs" / "demo.yaml"
+    demo.parent.mkdir()
+    demo.write_text((root / "configs" / "demo.yaml").read_text(encoding="utf-8")
+                    + "  - {name: weather, type: openai, endpoint: 'http://127.0.0.1:9/v1', model: m, "
+                      "examples: ['will it rain tomorrow']}\n", encoding="utf-8")
+    assert main(["demo", "--config", str(demo), "--out", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert "moe demo scores RouterBench replay experts only, and 'weather' is not one" in err
+    assert not (tmp_path / "artifacts").exists()  # refused before the training file or the gate was written
