@@ -244,11 +244,14 @@ def evaluate_labels(ctx: SuiteContext, train: Sequence[LabelledQuery], test: Seq
                                       "gate_classifier": gate.metadata.classifier}}
     if test_dropped is not None:
         body["setup"]["test_dropped_seen_in_training"] = test_dropped
+    oos_lines = None
     if oos:
-        oos_result = _out_of_scope(gate, x_tr, (x_te, [q.text for q in scored]),
-                                   (enc.encode([q.text for q in oos]), [q.text for q in oos]), val, index, oos_label,
-                                   enc)
+        oos_texts = [q.text for q in oos]
+        x_oos = enc.encode(oos_texts)
+        oos_result = _out_of_scope(gate, x_tr, (x_te, [q.text for q in scored]), (x_oos, oos_texts), val, index,
+                                   oos_label, enc)
         metrics["oos_auroc"] = oos_result.pop("oos_auroc")
+        oos_lines = (oos, gate.predict_proba(x_oos, oos_texts), *oos_result.pop("per_query"))
         if unseen_out_of_scope:  # which labels made a query out of scope: the user's data names them
             oos_result["labels"] = label_order(q.label for q in oos)
         body["out_of_scope"] = oos_result
@@ -259,7 +262,7 @@ def evaluate_labels(ctx: SuiteContext, train: Sequence[LabelledQuery], test: Seq
     _status(ctx, f"bootstrap confidence intervals ({N_BOOT} resamples)")
     body["confidence_intervals"] = _intervals(probs["gate"], y_te, ctx.seed)
     pred = probs["gate"].argmax(axis=1)
-    write_predictions(ctx.out / PREDICTIONS, scored, probs["gate"], labels)
+    write_predictions(ctx.out / PREDICTIONS, scored, probs["gate"], labels, oos_lines)
     body["predictions"] = PREDICTIONS
     body["per_class"] = _per_class(y_te, pred, labels)
     body["labels"] = labels
@@ -361,19 +364,34 @@ def _softmax(z: np.ndarray) -> np.ndarray:
 MEMBER_CLASSIFIERS = ("logistic", "knn", "lexical")
 
 
-def write_predictions(path: Path, queries: Sequence[LabelledQuery], probs: np.ndarray, labels: list[str]) -> None:
+def write_predictions(path: Path, queries: Sequence[LabelledQuery], probs: np.ndarray, labels: list[str],
+                      out_of_scope: tuple[Sequence[LabelledQuery], np.ndarray, np.ndarray, np.ndarray] | None = None,
+                      ) -> None:
     """``{"id", "label", "predicted", "p_predicted", "p_label", "rank_of_label"}`` per query, in ``queries``'
-    order: the gate's pick, its probability, and the true label's probability and rank (1: the pick)."""
+    order: the gate's pick, its probability, and the true label's probability and rank (1: the pick).
+
+    With ``out_of_scope`` (the out-of-scope test queries, their probabilities, and the chosen out-of-scope score
+    of the in-scope queries and of them), every line also has ``out_of_scope`` and ``oos_score``, and each
+    out-of-scope query a line of its own after the rest (no ``p_label`` or rank: its label is none the gate has),
+    so ``oos_auroc`` can be recomputed from the file too."""
     order = np.argsort(-probs, axis=1, kind="stable")
     index = {lab: i for i, lab in enumerate(labels)}
     with open(path, "w", encoding="utf-8") as fh:
         for row, q in enumerate(queries):
             pick, true = int(order[row, 0]), index[q.label]
-            fh.write(json.dumps({"id": q.id, "label": q.label, "predicted": labels[pick],
-                                 "p_predicted": round(float(probs[row, pick]), 6),
-                                 "p_label": round(float(probs[row, true]), 6),
-                                 "rank_of_label": int(np.flatnonzero(order[row] == true)[0]) + 1},
-                                ensure_ascii=False) + "\n")
+            line = {"id": q.id, "label": q.label, "predicted": labels[pick],
+                    "p_predicted": round(float(probs[row, pick]), 6), "p_label": round(float(probs[row, true]), 6),
+                    "rank_of_label": int(np.flatnonzero(order[row] == true)[0]) + 1}
+            if out_of_scope is not None:
+                line |= {"out_of_scope": False, "oos_score": round(float(out_of_scope[2][row]), 6)}
+            fh.write(json.dumps(line, ensure_ascii=False) + "\n")
+        if out_of_scope is not None:
+            outside, outside_probs, _, outside_scores = out_of_scope
+            for row, q in enumerate(outside):
+                pick = int(np.argmax(outside_probs[row]))
+                fh.write(json.dumps({"id": q.id, "label": q.label, "predicted": labels[pick],
+                                     "p_predicted": round(float(outside_probs[row, pick]), 6), "out_of_scope": True,
+                                     "oos_score": round(float(outside_scores[row]), 6)}, ensure_ascii=False) + "\n")
 
 
 def _status(ctx: SuiteContext, doing: str) -> None:
@@ -494,4 +512,7 @@ def _out_of_scope(gate: Any, x_tr: np.ndarray, inside: tuple[np.ndarray, list[st
     if val_oos and val_in:
         on_val = aurocs((enc.encode(val_oos), val_oos), (enc.encode(val_in), val_in))
         chosen = max(on_val, key=lambda k: on_val[k])
-    return {"oos_auroc": test[chosen], "score": chosen, "auroc_test": test, "auroc_val": on_val}
+    # Each test query's value of the chosen score (in scope, out of scope), for predictions.jsonl.
+    per_query = (scores(inside)[chosen], scores(outside)[chosen])
+    return {"oos_auroc": test[chosen], "score": chosen, "auroc_test": test, "auroc_val": on_val,
+            "per_query": per_query}

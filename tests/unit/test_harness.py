@@ -14,6 +14,7 @@ import pytest
 from eval.datasets import load_snips
 from eval.embeddings import CachedEncoder
 from eval.harness import run_suite
+from eval.metrics import auroc
 from router.cli import main as cli_main
 from router.encoders import Encoder
 from tests.doubles.fakes import FakeHashingEncoder
@@ -113,6 +114,13 @@ def test_user_jsonl_test_labels_absent_from_training_are_out_of_scope(
     assert 0.5 < results["metrics"]["oos_auroc"] <= 1.0  # weather requests are unlike music and film ones
     said = "out of scope: test labels the training data lacks, with their queries: 'expert-weather' (10)"
     assert said in results["notes"] and said in (out / "report.md").read_text(encoding="utf-8")
+    # predictions.jsonl holds the out-of-scope queries too, with the score oos_auroc ranks by: recomputable.
+    lines = [json.loads(line) for line in (out / "predictions.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert len(lines) == 50 and sum(line["out_of_scope"] for line in lines) == 10
+    assert {line["label"] for line in lines if line["out_of_scope"]} == {"expert-weather"}
+    recomputed = auroc(np.array([line["oos_score"] for line in lines]),
+                       np.array([line["out_of_scope"] for line in lines]))
+    assert recomputed == pytest.approx(results["metrics"]["oos_auroc"], abs=1e-4)
 
 
 def test_user_jsonl_test_labels_written_another_way_are_flagged(
