@@ -273,17 +273,18 @@ def _parser(settings: Settings | None = None) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("serve", help="run the OpenAI-compatible service")
-    p.add_argument("--config", default=DEFAULT_CONFIG)
-    p.add_argument("--host", type=host_address)
-    p.add_argument("--port", type=port_number)
+    p.add_argument("--config", default=DEFAULT_CONFIG, help=f"the router config (default: {DEFAULT_CONFIG})")
+    p.add_argument("--host", type=host_address, help="the address to bind (default: the config's service.host)")
+    p.add_argument("--port", type=port_number, help="the port to listen on (default: the config's service.port)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug", "trace"],
                    help="uvicorn's log level (default: info)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("serve-replay", help="serve a config's replay experts as one OpenAI-compatible endpoint")
-    p.add_argument("--config", default=DEFAULT_CONFIG)
-    p.add_argument("--host", type=host_address, default="127.0.0.1")
-    p.add_argument("--port", type=port_number, default=8001)
+    p.add_argument("--config", default=DEFAULT_CONFIG, help=f"the config whose replay experts to serve (default: "
+                                                            f"{DEFAULT_CONFIG})")
+    p.add_argument("--host", type=host_address, default="127.0.0.1", help="the address to bind (default: 127.0.0.1)")
+    p.add_argument("--port", type=port_number, default=8001, help="the port to listen on (default: 8001)")
     p.set_defaults(func=cmd_serve_replay)
 
     p = sub.add_parser("config", help="work with config files")
@@ -296,7 +297,7 @@ def _parser(settings: Settings | None = None) -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_config_check)
 
     p = sub.add_parser("train", help="train the gate from the experts' examples and the config's train_data")
-    p.add_argument("--config", default=DEFAULT_CONFIG)
+    p.add_argument("--config", default=DEFAULT_CONFIG, help=f"the router config (default: {DEFAULT_CONFIG})")
     p.add_argument("--feedback", action=argparse.BooleanOptionalAction, default=True,
                    help="fold the stored feedback into the gate (default; feedback.enabled: false also skips it)")
     p.add_argument("--drop-unknown-experts", action="store_true",
@@ -345,7 +346,8 @@ def _parser(settings: Settings | None = None) -> argparse.ArgumentParser:
                    help="encoder backend (default: onnx; static is the fast distilled table)")
     p.add_argument("--device", default="cpu", help="sentence-transformers only: the torch device to embed on "
                    "(cpu, cuda, cuda:N, mps; default cpu)")
-    p.add_argument("--seed", type=seed_number, default=0)
+    p.add_argument("--seed", type=seed_number, default=0, help="the seed of the suite's split, the gate's "
+                   "validation split and the bootstrap intervals (default: 0)")
     p.add_argument("--limit", type=limit_count, default=None, help="at most this many queries per split (a fast run)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG figures")
     p.add_argument("--pool", default=None, help="experts for mmlu-pro-combine: all, small (open models up to "
@@ -353,14 +355,18 @@ def _parser(settings: Settings | None = None) -> argparse.ArgumentParser:
     p.set_defaults(func=_delegate("eval.harness:main"))
 
     p = sub.add_parser("demo", help="train, serve replay experts, and score the router on held-out questions")
-    p.add_argument("--out", default="out/demo")
+    p.add_argument("--out", default="out/demo", help="where results.json, results.md and router.log go "
+                                                     "(default: out/demo)")
     p.add_argument("--data", default=None, help="the shared data folder (default: $MOE_DATA_DIR or ../shared/data)")
-    p.add_argument("--config", default=DEFAULT_CONFIG)
+    p.add_argument("--config", default=DEFAULT_CONFIG, help=f"a config of RouterBench replay experts (default: "
+                                                            f"{DEFAULT_CONFIG})")
     p.add_argument("--limit", type=limit_count, default=None, help="at most this many test questions")
     p.set_defaults(func=_delegate("eval.demo:main"))
 
     p = sub.add_parser("compose", help="print the docker-compose file a config describes")
-    p.add_argument("config", nargs="?", default="configs/compose.yaml")
+    p.add_argument("config", nargs="?", default="configs/compose.yaml",
+                   help="the router config (default: configs/compose.yaml); the file is written to standard "
+                        "output: moe compose CONFIG > docker-compose.yml")
     p.set_defaults(func=cmd_compose)
     return parser
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from router.cli import main
+from router.cli import _parser, main
 from tests.support import trained_config
 
 LOGGERS = ("router", "experts", "uvicorn", "uvicorn.error")
@@ -54,6 +54,23 @@ def test_every_command_has_help(command: str, capsys: pytest.CaptureFixture[str]
         main([command, "--help"])
     assert info.value.code == 0
     assert f"usage: moe {command}" in capsys.readouterr().out
+
+
+def test_every_argument_of_every_command_says_what_it_is() -> None:
+    """``--help`` listed some options bare (serve's --config, --host and --port; demo's --out): a user had to
+    guess what they take and what they default to."""
+    import argparse
+
+    bare = []
+    commands = next(a for a in _parser()._actions if isinstance(a, argparse._SubParsersAction))
+    for name, sub in commands.choices.items():
+        nested = [a for a in sub._actions if isinstance(a, argparse._SubParsersAction)]
+        parsers = [(f"{name} {n}", p) for n, p in nested[0].choices.items()] if nested else [(name, sub)]
+        for label, parser in parsers:
+            bare += [f"{label} {action.dest}" for action in parser._actions
+                     if not isinstance(action, argparse._HelpAction) and not action.help
+                     and action.dest not in ("query", "file")]
+    assert bare == []
 
 
 def test_config_check_lists_every_problem(tmp_path: Path, capsys: pytest.CaptureFixture[str],
