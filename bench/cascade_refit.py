@@ -30,7 +30,7 @@ def measure(split: Path, shares: Sequence[float] = SHARES) -> dict[str, Any]:
     from router.static_encoder import StaticMiniLMEncoder
 
     rows = [row for _, _, row in read_jsonl(split / "train.jsonl", expected="an object with 'text' and 'label'")]
-    texts, labels = [r["text"] for r in rows], [r["label"] for r in rows]
+    texts, labels = [r["query"] for r in rows], [r["label"] for r in rows]
     experts = sorted(set(labels))
     config = EncoderConfig(backend="onnx")
     full = train_gate(texts, labels, CachedEncoder(build_encoder(config), max_length=config.max_length),

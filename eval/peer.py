@@ -33,10 +33,11 @@ _SCRIPT = _REPO / "bench" / "peers" / "semantic_router_accuracy.py"
 
 def write_split(folder: Path, train: Sequence[LabelledQuery], val: Sequence[LabelledQuery],
                 test: Sequence[LabelledQuery]) -> None:
-    """The split exactly as the gate saw it, one ``{"id", "text", "label"}`` per line, for peers to reuse."""
+    """The split exactly as the gate saw it, one ``{"id", "query", "label"}`` per line (the labelled JSONL ``moe
+    eval --train/--test`` and ``gate.train_data`` read), for peers and users to reuse."""
     folder.mkdir(parents=True, exist_ok=True)
     for part, rows in zip(SPLIT_PARTS, (train, val, test), strict=True):
-        lines = (json.dumps({"id": q.id, "text": q.text, "label": q.label}, ensure_ascii=False) for q in rows)
+        lines = (json.dumps({"id": q.id, "query": q.text, "label": q.label}, ensure_ascii=False) for q in rows)
         (folder / f"{part}.jsonl").write_text("".join(line + "\n" for line in lines), encoding="utf-8")
 
 

