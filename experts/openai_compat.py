@@ -78,6 +78,12 @@ _DRAIN_S = 0.25
 _AFTER_FINISH_S = 1.0
 # An error's type or code as the log may show it: a short identifier, not free text that could quote the request.
 _MAX_PARAM_CHARS = 200
+# The fields of a chat completion ``_reply`` reads (or the router writes anew), by where they are: any other is
+# the upstream's own, passed on (``ExpertReply.extra``).
+_READ = {"response": frozenset({"id", "object", "created", "model", "choices", "usage", "moe"}),
+         "choice": frozenset({"index", "message", "finish_reason", "logprobs"}),
+         "message": frozenset({"role", "content", "tool_calls", "refusal", "reasoning_content", "reasoning",
+                               "function_call"})}
 _ERROR_LABEL = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 log = logging.getLogger("experts.openai_compat")
 
@@ -248,11 +254,16 @@ class OpenAICompatibleExpert(Expert):
         string scrubbed of this expert's credentials as error text is."""
         if self.config.type != "router" or not isinstance(trace, dict):
             return None
+        return self._scrubbed_json(trace)
+
+    def _scrubbed_json(self, value: dict[str, Any]) -> dict[str, Any]:
+        """``value`` (an upstream's JSON object) with every string scrubbed of this expert's credentials."""
         if not self._secrets:
-            return trace
-        scrubbed = json.loads(json.dumps(trace, default=str), object_hook=lambda obj: {
-            key: self._scrubbed(value) for key, value in obj.items()})
-        return scrubbed if isinstance(scrubbed, dict) else None
+            return value
+        scrubbed = json.loads(json.dumps(value, default=str), object_hook=lambda obj: {
+            key: self._scrubbed(item) for key, item in obj.items()})
+        assert isinstance(scrubbed, dict)
+        return scrubbed
 
     def _scrubbed(self, value: Any) -> Any:
         if isinstance(value, str):
@@ -347,7 +358,17 @@ class OpenAICompatibleExpert(Expert):
             reasoning_content=reasoning,
             # When the upstream is another moe-router, its routing trace.
             nested=self._nested(data.get("moe")),
+            extra=self._extra(data, choice, message),
         )
+
+    def _extra(self, data: dict[str, Any], choice: dict[str, Any],
+               message: dict[str, Any]) -> dict[str, dict[str, Any]] | None:
+        """What the answer holds beyond the fields read here (``ExpertReply.extra``), scrubbed of this expert's
+        credentials as its error text is; None when nothing."""
+        found = {where: {k: v for k, v in part.items() if k not in _READ[where]}
+                 for where, part in (("response", data), ("choice", choice), ("message", message))}
+        kept = {where: fields for where, fields in found.items() if fields}
+        return self._scrubbed_json(kept) if kept else None
 
     def _text(self, value: Any, where: str) -> str:
         """A message's (or delta's) ``content`` as text: a string, nothing, or a list of text parts (as some

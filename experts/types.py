@@ -293,6 +293,10 @@ class ExpertReply:
     usage_estimated: bool = False
     # Set by an expert that is itself a router: the inner routing trace (its ``summary()``), nested in ours.
     nested: dict[str, Any] | None = None
+    # The upstream's fields the router has no use for, as sent, by where they were ("response", "choice",
+    # "message"): ``system_fingerprint``, vLLM's ``prompt_logprobs``, a choice's ``stop_reason`` or ``token_ids``,
+    # a message's ``annotations``. The service passes on those of the reply whose text it returns.
+    extra: dict[str, dict[str, Any]] | None = None
 
 
 @dataclass

@@ -117,7 +117,8 @@ class RouterExpert(Expert):
                            latency_ms=(time.perf_counter() - started) * 1000.0,
                            finish_reason=answer.finish_reason, tool_calls=answer.tool_calls, model=answer.expert,
                            logprobs=answer.logprobs, refusal=answer.refusal,
-                           reasoning_content=answer.reasoning_content, nested=trace.summary())
+                           reasoning_content=answer.reasoning_content, nested=trace.summary(),
+                           extra=answer.extra)
 
     async def stream(self, request: ChatRequest) -> AsyncIterator[StreamDelta]:
         if self._http is not None:

@@ -283,7 +283,7 @@ class Orchestrator:
         return RoutedAnswer(content=combined.content, expert=combined.expert, finish_reason=chosen.finish_reason,
                             tool_calls=chosen.tool_calls, logprobs=chosen.logprobs if own else None,
                             refusal=chosen.refusal, reasoning_content=chosen.reasoning_content if own else None,
-                            trace=trace)
+                            extra=chosen.extra if own else None, trace=trace)
 
     async def _combine(self, combiner: Combiner, request: ChatRequest,
                        replies: list[tuple[WeightedExpert, ExpertReply]], deadline: Deadline,

@@ -181,16 +181,24 @@ def _completion_body(answer: Any, request_id: str) -> dict[str, Any]:
     if answer.refusal is not None:
         message["refusal"] = answer.refusal
     trace = answer.trace.summary()
-    return {
+    # The returned reply's own fields (``RoutedAnswer.extra``: system_fingerprint, vLLM's token ids, ...) after
+    # the router's, never in their place.
+    extra = getattr(answer, "extra", None) or {}
+    choice = _beside({"index": 0, "message": _beside(message, extra.get("message")),
+                      "finish_reason": answer.finish_reason, "logprobs": answer.logprobs}, extra.get("choice"))
+    return _beside({
         "id": request_id,
         "object": "chat.completion",
         "created": int(time.time()),
         "model": answer.expert,
-        "choices": [{"index": 0, "message": message, "finish_reason": answer.finish_reason,
-                     "logprobs": answer.logprobs}],
+        "choices": [choice],
         "usage": trace["usage"],
         "moe": trace,
-    }
+    }, extra.get("response"))
+
+
+def _beside(ours: dict[str, Any], theirs: dict[str, Any] | None) -> dict[str, Any]:
+    return ours if not theirs else {**ours, **{k: v for k, v in theirs.items() if k not in ours}}
 
 
 class _Chunks:

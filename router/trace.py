@@ -166,4 +166,6 @@ class RoutedAnswer(BaseModel):
     # The reasoning (vLLM's ``reasoning_content``) of the reply whose text is returned: top-1's, the vote's
     # winner's, or the aggregator's own for ``fuse``; never a mix of the panel's. None when that reply had none.
     reasoning_content: str | None = None
+    # The upstream's own fields of the reply whose text is returned (``ExpertReply.extra``), when it is.
+    extra: dict[str, dict[str, Any]] | None = None
     trace: Trace

@@ -121,3 +121,26 @@ async def test_a_streamed_token_that_completes_no_text_keeps_its_logprobs(upstre
                for entry in c.choices[0].logprobs.model_dump()["content"]]
     assert [e["token"] for e in entries] == ["Hi", "\u00e2", "Hi"]
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "Hi!"
+
+
+async def test_an_upstreams_own_fields_reach_the_client_beside_the_routers(upstream: ScriptedOpenAIServer) -> None:
+    """A plain answer was rebuilt from the fields the router reads: vLLM's prompt_logprobs, token_ids and
+    stop_reason, a message's annotations and OpenAI's system_fingerprint were dropped, though the client asked for
+    (and paid for) them. They are passed on now; the router's own fields are never replaced by an upstream's."""
+    body = json.loads(completion({"content": "Hi", "annotations": [{"type": "url_citation"}]}))
+    body |= {"system_fingerprint": "fp_1", "prompt_logprobs": [None, {"281": {"logprob": -1.5}}],
+             "prompt_token_ids": [1, 281], "id": "upstream-id", "moe": {"forged": True}}
+    body["choices"][0] |= {"stop_reason": "100", "token_ids": [581, 581], "index": 7}
+    upstream.push(Behaviour.raw(json.dumps(body).encode()))
+    async with client(upstream) as http:
+        oai = AsyncOpenAI(base_url="http://router/v1", api_key="unused", http_client=http, max_retries=0)
+        raw = await oai.chat.completions.with_raw_response.create(
+            model="auto", messages=[{"role": "user", "content": "hi"}], extra_body={"return_token_ids": True})
+    answer = json.loads(raw.text)
+    assert (answer["system_fingerprint"], answer["prompt_token_ids"]) == ("fp_1", [1, 281])
+    assert answer["prompt_logprobs"] == [None, {"281": {"logprob": -1.5}}]
+    choice = answer["choices"][0]
+    assert (choice["stop_reason"], choice["token_ids"], choice["index"]) == ("100", [581, 581], 0)
+    assert choice["message"]["annotations"] == [{"type": "url_citation"}]
+    assert answer["id"].startswith("chatcmpl-") and answer["id"] != "upstream-id" and "forged" not in answer["moe"]
+    assert raw.parse().system_fingerprint == "fp_1"  # the openai client reads it as OpenAI's own
