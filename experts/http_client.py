@@ -68,6 +68,11 @@ def without_addresses(text: str) -> str:
     return _ADDRESS.sub("<address>", text)
 
 
+# What a client is told of an answer whose connection closed before its end (the service log has the client
+# library's own words).
+CUT_OFF = "the connection closed before the answer was complete"
+
+
 def _failure(kind: FailureKind, exc: BaseException) -> HttpFailure:
     raw = _what(exc)
     return HttpFailure(kind, without_addresses(raw), raw)
@@ -302,6 +307,8 @@ def _aiohttp_errors() -> Iterator[None]:
         yield
     except (aiohttp.ServerTimeoutError, TimeoutError) as exc:
         raise _failure("timeout", exc) from exc
+    except aiohttp.ClientPayloadError as exc:  # aiohttp's words name a "400" of its own, read as the expert's
+        raise HttpFailure("unavailable", CUT_OFF, _what(exc)) from exc
     # A streamed line past MAX_LINE_BYTES: a ValueError from the stream reader, or (aiohttp 3.10 on, its parser)
     # LineTooLong, an HttpProcessingError, which is neither a ValueError nor a ClientError.
     except (ValueError, HttpProcessingError) as exc:
@@ -368,6 +375,8 @@ def _httpx_errors() -> Iterator[None]:
         yield
     except httpx.TimeoutException as exc:
         raise _failure("timeout", exc) from exc
+    except httpx.RemoteProtocolError as exc:
+        raise HttpFailure("unavailable", CUT_OFF, _what(exc)) from exc
     except httpx.DecodingError as exc:
         raise _failure("decoding", exc) from exc
     except httpx.HTTPError as exc:

@@ -28,8 +28,12 @@ class AllExpertsFailed(Exception):
     reached (deadline, ``max_attempts``) with ``not_tried``.
     """
 
-    def __init__(self, causes: list[ExpertError], reason: str | None = None) -> None:
+    def __init__(self, causes: list[ExpertError], reason: str | None = None, *,
+                 retry_cap_s: float | None = None) -> None:
         self.causes = causes
+        # The longest wait the answer's Retry-After may ask for: the breakers' own longest hold
+        # (``cooldown_max_s``), past which the router calls the expert again whatever it asked.
+        self.retry_cap_s = retry_cap_s
         if reason is None:
             spent = any(isinstance(c, BudgetSpent) for c in causes)
             reason = "no expert answered within the request's cost budget: each one tried failed, and the rest " \
@@ -46,7 +50,9 @@ class AllExpertsFailed(Exception):
         next probe), for the answer's own Retry-After; None when none said, or when the request itself was at
         fault (a 400: sending it again later would not help)."""
         waits = [c.retry_after_s for c in self.causes if c.retry_after_s is not None]
-        return min(waits) if waits and self.status == 503 else None
+        if not waits or self.status != 503:
+            return None
+        return min(waits) if self.retry_cap_s is None else min(*waits, self.retry_cap_s)
 
     # The HTTP status the service answers with, by error code: 400 when the request itself was refused, else 503.
     # A client that has only the error body (a stream's error event) reads the status from here too.

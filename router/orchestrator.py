@@ -111,8 +111,9 @@ class RouteFailed(AllExpertsFailed):
     """No expert answered the request; ``trace`` holds what was tried (attempts, retries, mid-stream switches),
     so the service logs and counts it as it does an answered request's."""
 
-    def __init__(self, causes: list[ExpertError], trace: Trace, reason: str | None = None) -> None:
-        super().__init__(causes, reason)
+    def __init__(self, causes: list[ExpertError], trace: Trace, reason: str | None = None, *,
+                 retry_cap_s: float | None = None) -> None:
+        super().__init__(causes, reason, retry_cap_s=retry_cap_s)
         self.trace = trace
 
 
@@ -160,6 +161,11 @@ class Orchestrator:
         self.decider = Decider(config, gate, self.experts, self.breakers, self.capacity)
 
     # -- deciding (``router.decide``) -------------------------------------------------------------------------
+    def _route_failed(self, causes: list[ExpertError], trace: Trace, reason: str | None = None) -> RouteFailed:
+        # An expert's Retry-After of an hour (passed on as it was) kept clients that honour it (the Node openai
+        # SDK) waiting that long, though the router calls the expert again after its breaker's longest hold.
+        return RouteFailed(causes, trace, reason, retry_cap_s=self.config.fallback.breaker.cooldown_max_s)
+
     def decide_sync(self, text: str, exclude: Collection[str] = ()) -> RouteDecision:
         """The gate's decision, computed on the calling thread (no batching)."""
         return self.decider.decide_sync(text, exclude)
@@ -275,7 +281,7 @@ class Orchestrator:
         if not replies and decision is not None and (self.config.fallback.enabled or not tried):
             replies, reason = await self._fall_back(request, ranking, called, tried, deadline, trace, errors)
         if not replies:
-            raise RouteFailed(errors, trace, reason)
+            raise self._route_failed(errors, trace, reason)
         combined, chosen = await self._combine(combiner, request, replies, deadline, trace, direct=decision is None,
                                                failed=_called_and_failed(errors))
         trace.latency_ms = (time.perf_counter() - start) * 1000.0
@@ -438,7 +444,7 @@ class Orchestrator:
             stop = self._stop(tried, deadline)
             if stop is not None:
                 errors.extend(_untried(order[i:], (), stop))
-                raise RouteFailed(errors, trace, stop.reason)
+                raise self._route_failed(errors, trace, stop.reason)
             # The first try is free. Later ones are priced as sent: after a mid-stream failure, the continuation,
             # whose prompt holds the partial answer and whose token limit is only what is left of the client's.
             spent = self.dispatch.over_budget(name, trace, attempt_request) if tried else None
@@ -480,9 +486,9 @@ class Orchestrator:
                 # still has what was sent, and knows it is incomplete. (An earlier expert's would have ended it.)
                 what = ("a tool call" if outcome.tool_deltas else "a refusal" if outcome.refusal_deltas
                         else "an answer held to a format (response_format)")
-                raise RouteFailed(errors, trace, f"the stream from expert {name!r} broke off after part of {what} "
-                                                 f"reached the client; another expert cannot continue {what}, so "
-                                                 "the stream ends here")
+                raise self._route_failed(errors, trace, f"the stream from expert {name!r} broke off after part of "
+                                                        f"{what} reached the client; another expert cannot continue "
+                                                        f"{what}, so the stream ends here")
             if outcome.sent:
                 # Its text reached the client: the next expert continues it rather than starting over.
                 used += _tokens_used(outcome)
@@ -495,7 +501,7 @@ class Orchestrator:
                 attempt_request = continued
                 trace.switches.append({"from": name, "after_chars": len("".join(sent)), "cause": outcome.error.kind})
             previous = name
-        raise RouteFailed(errors, trace)
+        raise self._route_failed(errors, trace)
 
     async def aclose(self) -> None:
         await self.decider.aclose()

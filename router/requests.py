@@ -216,7 +216,8 @@ def parse_chat(body: Any, max_chars: int) -> ChatRequest:
         raise RequestProblem(400, f"invalid request: model: {len(chat.model)} characters, over the limit of "
                            f"{MAX_MODEL_CHARS} for a model's name ('auto', the service's name or an expert's)",
                            "invalid_request_error", "invalid_request", param="model")
-    legacy = next((k for k in ("functions", "function_call") if k in (chat.model_extra or {})), None)
+    # Sent as null (the Python openai client's None) they ask for nothing, as any other field's null.
+    legacy = next((k for k in ("functions", "function_call") if (chat.model_extra or {}).get(k) is not None), None)
     if legacy is not None:
         # An expert would answer with message.function_call, which the router's answer (tool_calls) does not carry:
         # the call would be lost, so the request is refused before any expert is paid for it.

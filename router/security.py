@@ -168,8 +168,9 @@ class Denied:
 
 
 _NO_KEY = Denied(401, "missing_api_key", "this service needs an API key: send 'Authorization: Bearer <key>'")
-# The message never repeats the key it was given.
-_BAD_KEY = Denied(401, "invalid_api_key", "the API key given is not valid")
+# The message never repeats the key it was given. It opens with OpenAI's own words, which clients read: LiteLLM
+# takes a 401 for an AuthenticationError only by them (a bad request otherwise).
+_BAD_KEY = Denied(401, "invalid_api_key", "Incorrect API key provided: the API key given is not valid")
 
 
 def _rate_limited(limit: RateLimitConfig, who: str, wait: float) -> Denied:

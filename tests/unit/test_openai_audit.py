@@ -191,6 +191,16 @@ async def test_the_deprecated_function_calling_fields_are_a_400_naming_tools(ups
     assert upstream.requests == []
 
 
+async def test_the_deprecated_fields_sent_as_null_ask_for_nothing(upstream: ScriptedOpenAIServer) -> None:
+    """The Python openai client sends a None it was given as null: like any other field's null, it asks for
+    nothing (it was refused as the deprecated fields were)."""
+    upstream.push(Behaviour.ok("4"))
+    async with service(upstream) as http:
+        answer = await openai_client(http).chat.completions.create(
+            model="auto", messages=ASK, extra_body={"functions": None, "function_call": None})
+    assert answer.choices[0].message.content == "4" and len(upstream.requests) == 1
+
+
 # --- 5. an unknown role, in words ------------------------------------------------------------------------------
 
 

@@ -559,6 +559,8 @@ async def test_die_mid_stream_raises_after_the_yielded_deltas(server: ScriptedOp
 
     assert [d.content for d in deltas] == ["one ", "two ", "three "]
     assert caught.value.transient
+    # The client's cause in plain words: aiohttp's own named a "400" of its own, read as the expert's refusal.
+    assert caught.value.message == "the connection closed before the answer was complete"
 
 
 @pytest.mark.parametrize(("behaviour", "error"), [

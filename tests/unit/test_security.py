@@ -246,6 +246,8 @@ async def test_v1_needs_a_key_once_one_is_configured_and_health_stays_open() -> 
     assert (missing.status_code, missing.json()["error"]["code"]) == (401, "missing_api_key")
     assert missing.headers["www-authenticate"] == "Bearer"
     assert (wrong.status_code, wrong.json()["error"]["code"]) == (401, "invalid_api_key")
+    # OpenAI's own opening words, by which LiteLLM tells a refused key from a bad request.
+    assert wrong.json()["error"]["message"].startswith("Incorrect API key provided")
     assert "sk-wrong-key" not in wrong.text
     assert basic.status_code == 401
     assert ok.status_code == 200 and ok.json()["model"] == "math"

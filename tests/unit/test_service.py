@@ -851,3 +851,14 @@ async def test_a_client_that_leaves_while_sending_its_body_is_499_not_a_500(
     lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "router.requests"]
     assert [(line["status"], line.get("error")) for line in lines] == [(499, "client_closed_request")]
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+async def test_an_experts_long_retry_after_is_capped_at_the_breakers_longest_hold() -> None:
+    """An expert's Retry-After of an hour was passed on as it was: the Node openai SDK honours any Retry-After and
+    slept an hour per retry, though the router calls the expert again after breaker.cooldown_max_s at most."""
+    errors: dict[str, ExpertError] = {n: ExpertRateLimited(n, 429, "slow down", retry_after_s=3600.0) for n in NAMES}
+    async with client(_refusing(errors)) as http:
+        r = await http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
+    assert (r.status_code, r.headers["retry-after"]) == (503, "60")  # cooldown_max_s' default
+    causes = r.json()["error"]["causes"]
+    assert [c["kind"] for c in causes] == ["rate_limited", "rate_limited"]
