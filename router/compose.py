@@ -11,9 +11,11 @@ OpenAI-compatible API, replay) get no service; the router just receives their ke
 Replay experts (the CPU profile, ``configs/compose-cpu.yaml`` -> ``docker-compose.cpu.yml``) answer inside
 the router from recordings: the router gets the shared data folder read-only at ``/data`` (``MOE_DATA_DIR``).
 With ``state.backend: redis`` a ``redis`` service holds the state replicas share, and the router waits for it.
-The router's ``stop_grace_period`` is ``fallback.deadline_s`` plus ``STOP_MARGIN_S``: it drains its in-flight
-requests on SIGTERM, and Docker's default 10 s would kill them. Each vLLM server drains too, for its expert's
-``timeout_s`` (``--shutdown-timeout``), with that plus ``STOP_MARGIN_S`` as its grace period.
+The router's ``stop_grace_period`` covers the longest a request it took may still run (``router_drain_s``: its body
+arriving, ``service.body_timeout_s``, then its deadline and the last writes), plus ``STOP_MARGIN_S``: it drains
+its in-flight requests on SIGTERM, and Docker's default 10 s would kill them. Each vLLM server drains too, for
+the longest the router may read one of its answers (``vllm_drain_s``: a stream runs to the request's deadline,
+a plain call to ``timeout_s``; ``--shutdown-timeout``), with that plus ``STOP_MARGIN_S`` as its grace period.
 
 GPUs: the i-th vllm expert reserves GPU ``i`` by default; ``MOE_GPU_<SERVICE>`` overrides that device id and
 ``VLLM_GPU_MEMORY_UTILIZATION`` the share each server takes, so several experts can share one large GPU.
@@ -64,6 +66,7 @@ __all__ = [
     "expected_endpoint",
     "read_config",
     "render_compose",
+    "router_drain_s",
     "router_stop_grace_s",
     "service_name",
     "vllm_args",
@@ -248,15 +251,17 @@ def _gpu_env(service: str) -> str:
     return "MOE_GPU_" + re.sub(r"[^A-Z0-9]", "_", service.upper())
 
 
-def vllm_args(expert: ExpertConfig, gpu_memory_utilization: str = GPU_MEMORY_UTILIZATION) -> list[str]:
-    """The flags a ``vllm`` expert's server starts with (the image's entrypoint is vLLM's OpenAI server)."""
+def vllm_args(expert: ExpertConfig, gpu_memory_utilization: str = GPU_MEMORY_UTILIZATION,
+              deadline_s: float | None = None) -> list[str]:
+    """The flags a ``vllm`` expert's server starts with (the image's entrypoint is vLLM's OpenAI server);
+    ``deadline_s``: the router's ``fallback.deadline_s`` (``vllm_drain_s``)."""
     # The router sends ``expert.model`` upstream while clients know ``expert.name``: serve under both,
     # the name first so it is the one vLLM reports.
     names = [expert.name] if expert.model == expert.name else [expert.name, expert.model]
     args = ["--model", expert.model, "--served-model-name", *names, "--port", str(VLLM_PORT),
             # On SIGTERM (a rollout, `docker compose stop`), finish what is generating, for as long as the router
-            # waits for one call, instead of aborting it: vLLM's default (0) aborts.
-            "--shutdown-timeout", str(vllm_drain_s(expert)),
+            # may read one answer, instead of aborting it: vLLM's default (0) aborts.
+            "--shutdown-timeout", str(vllm_drain_s(expert, deadline_s)),
             "--gpu-memory-utilization", gpu_memory_utilization]
     serve = expert.vllm
     if serve is not None and serve.tool_call_parser and "tools" in expert.capabilities:
@@ -264,16 +269,17 @@ def vllm_args(expert: ExpertConfig, gpu_memory_utilization: str = GPU_MEMORY_UTI
     return args + (list(serve.args) if serve is not None else [])
 
 
-def vllm_drain_s(expert: ExpertConfig) -> int:
-    """Seconds a ``vllm`` expert's server drains its requests on SIGTERM (``--shutdown-timeout``): the longest the
-    router waits for one of its calls, ``timeout_s``, in whole seconds."""
-    return math.ceil(expert.timeout_s)
+def vllm_drain_s(expert: ExpertConfig, deadline_s: float | None = None) -> int:
+    """Seconds a ``vllm`` expert's server drains its requests on SIGTERM (``--shutdown-timeout``), in whole
+    seconds: the longest the router may read one of its answers. A plain call has ``timeout_s``; a stream only
+    waits ``timeout_s`` between chunks, and runs to the request's deadline (``deadline_s``, when given)."""
+    return math.ceil(max(expert.timeout_s, deadline_s or 0.0))
 
 
-def vllm_stop_grace_s(expert: ExpertConfig) -> int:
+def vllm_stop_grace_s(expert: ExpertConfig, deadline_s: float | None = None) -> int:
     """The vLLM service's ``stop_grace_period``: its drain plus ``STOP_MARGIN_S`` (Docker's default, 10 s, would
     kill it mid-drain)."""
-    return vllm_drain_s(expert) + STOP_MARGIN_S
+    return vllm_drain_s(expert, deadline_s) + STOP_MARGIN_S
 
 
 def _as_written(expert: ExpertConfig, written: Any) -> ExpertConfig:
@@ -289,7 +295,7 @@ def _as_written(expert: ExpertConfig, written: Any) -> ExpertConfig:
     return expert.model_copy(update=update)
 
 
-def _vllm_service(expert: ExpertConfig, gpu: int, image: str, written: Any) -> dict[str, Any]:
+def _vllm_service(expert: ExpertConfig, gpu: int, image: str, written: Any, deadline_s: float) -> dict[str, Any]:
     environment = ["HF_TOKEN", "VLLM_NO_USAGE_STATS=1", "DO_NOT_TRACK=1"]
     if expert.api_key_env:
         environment.append(f"VLLM_API_KEY=${{{expert.api_key_env}:-}}")
@@ -297,14 +303,14 @@ def _vllm_service(expert: ExpertConfig, gpu: int, image: str, written: Any) -> d
               "capabilities": ["gpu"]}
     return {
         "image": image,
-        "command": vllm_args(_as_written(expert, written)),
+        "command": vllm_args(_as_written(expert, written), deadline_s=deadline_s),
         "environment": environment,
         "volumes": [f"{HF_CACHE_VOLUME}:{HF_CACHE_PATH}"],
         # vLLM's workers share tensors through /dev/shm, which Docker otherwise caps at 64 MB.
         "ipc": "host",
         "deploy": {"resources": {"reservations": {"devices": [device]}}},
         "healthcheck": _healthcheck(VLLM_PORT, start_period=VLLM_START_PERIOD),
-        "stop_grace_period": f"{vllm_stop_grace_s(expert)}s",
+        "stop_grace_period": f"{vllm_stop_grace_s(expert, deadline_s)}s",
         "restart": "unless-stopped",
     }
 
@@ -364,9 +370,17 @@ def _redis_service(persist: bool) -> dict[str, Any]:
     }
 
 
+def router_drain_s(config: RouterConfig) -> int:
+    """The longest a request the router took may still run after SIGTERM, in whole seconds: its body arriving
+    (``service.body_timeout_s``), then its deadline, then the last writes to a slow client (a tenth of the
+    deadline, at least a second; ``router.service``'s send limit)."""
+    deadline = config.fallback.deadline_s
+    return math.ceil(config.service.body_timeout_s + deadline + max(1.0, 0.1 * deadline))
+
+
 def router_stop_grace_s(config: RouterConfig) -> int:
-    """Seconds Docker waits after SIGTERM before it kills the router: the request deadline, plus ``STOP_MARGIN_S``."""
-    return math.ceil(config.fallback.deadline_s) + STOP_MARGIN_S
+    """Seconds Docker waits after SIGTERM before it kills the router: its drain, plus ``STOP_MARGIN_S``."""
+    return router_drain_s(config) + STOP_MARGIN_S
 
 
 def _router_service(config: RouterConfig, config_path: str, experts: list[str], written: Any) -> dict[str, Any]:
@@ -389,8 +403,11 @@ def _router_service(config: RouterConfig, config_path: str, experts: list[str], 
                            "PIP_NO_INDEX": "${MOE_PIP_NO_INDEX:-0}"}},
         "environment": environment,
         "volumes": volumes,
-        # MOE_ROUTER_PORT publishes it on another host port (a second stack, or 8080 taken on the host).
-        "ports": [f"${{MOE_ROUTER_PORT:-{port}}}:{listens}"],
+        # MOE_ROUTER_PORT publishes it on another host port (a second stack, or 8080 taken on the host). Published
+        # on the loopback address unless MOE_ROUTER_BIND says another: Docker's published ports pass host firewalls
+        # (ufw), and a config without security.api_keys would otherwise let anyone who reaches the host spend
+        # the experts.
+        "ports": [f"${{MOE_ROUTER_BIND:-127.0.0.1}}:${{MOE_ROUTER_PORT:-{port}}}:{listens}"],
         "depends_on": {name: {"condition": "service_healthy"} for name in experts},
         "healthcheck": _healthcheck(listens, start_period="30s"),
         # Long enough for the requests in flight at SIGTERM to finish (compose stops the router before the experts
@@ -411,7 +428,8 @@ def render_compose(config: RouterConfig, *, written: Any = None,
     if problems:
         raise ComposeError("docker compose", problems)
     vllm = [(i, e) for i, e in enumerate(config.experts) if e.type == "vllm"]
-    services = {service_name(e): _vllm_service(e, gpu, vllm_image, _at(written, "experts", i))
+    services = {service_name(e): _vllm_service(e, gpu, vllm_image, _at(written, "experts", i),
+                                               config.fallback.deadline_s)
                 for gpu, (i, e) in enumerate(vllm)}
     if config.state.backend == "redis":
         services[REDIS_SERVICE] = _redis_service(persist=_redis_feedback(config))

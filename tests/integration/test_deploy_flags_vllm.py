@@ -109,7 +109,7 @@ def test_vllm_parses_every_experts_flags_as_the_config_means_them(vllm_venv_pyth
         assert args["served_model_name"][0] == expert.name and expert.model in args["served_model_name"], where
         assert args["port"] == VLLM_PORT and expert.endpoint == f"http://{service_name(expert)}:{args['port']}/v1"
         assert args["gpu_memory_utilization"] == pytest.approx(0.9), where
-        assert args["shutdown_timeout"] == vllm_drain_s(expert) >= expert.timeout_s, where
+        assert args["shutdown_timeout"] == vllm_drain_s(expert, config.fallback.deadline_s) >= expert.timeout_s, where
         takes_tools = "tools" in expert.capabilities
         assert args["enable_auto_tool_choice"] is takes_tools, where
         assert args["tool_call_parser"] == (expert.vllm.tool_call_parser if takes_tools and expert.vllm else None)

@@ -12,7 +12,14 @@ from typing import Any
 import pytest
 import yaml
 
-from router.compose import REDIS_IMAGE, VLLM_IMAGE, expected_endpoint, service_name, vllm_args
+from router.compose import (
+    REDIS_IMAGE,
+    VLLM_IMAGE,
+    expected_endpoint,
+    router_drain_s,
+    service_name,
+    vllm_args,
+)
 from router.config import RouterConfig, load_config, parse_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -181,12 +188,13 @@ def test_router_runs_several_ready_checked_replicas_behind_a_service(
 
 def test_router_drains_its_requests_before_it_is_killed(objects: dict[tuple[str, str], dict[str, Any]]) -> None:
     # The pod leaves the endpoints as preStop starts; SIGTERM follows it, and the router then drains requests that
-    # may each run to fallback.deadline_s. The grace period counts from the preStop's start and must outlast both.
+    # may each still be sending their body, then run to fallback.deadline_s, then write their last bytes
+    # (router_drain_s). The grace period counts from the preStop's start and must outlast both.
     router = objects[("Deployment", "router")]
-    deadline = served_config(objects).fallback.deadline_s
+    drain = router_drain_s(served_config(objects))
     pre_stop = prestop_sleep_s(container(router))
     assert 3 <= pre_stop <= 30, "a few seconds for endpoint removal to reach every proxy, not a drain of its own"
-    assert grace_period_s(router) >= pre_stop + deadline + 10
+    assert grace_period_s(router) >= pre_stop + drain + 10
 
 
 def test_experts_leave_the_service_before_sigterm_with_time_to_drain(
@@ -194,14 +202,14 @@ def test_experts_leave_the_service_before_sigterm_with_time_to_drain(
 ) -> None:
     # A short preStop sleep takes the pod out of the Service's endpoints before SIGTERM, so new connections go to
     # the other replicas; at SIGTERM vLLM drains what is generating for --shutdown-timeout (without it, it aborts),
-    # which covers the longest generation the router waits for (timeout_s, or the request deadline if shorter),
-    # and the grace period covers the sleep and the drain.
+    # which covers the longest the router may read one answer (a stream runs to the request's deadline, a plain
+    # call to timeout_s), and the grace period covers the sleep and the drain.
     served = served_config(objects)
     vllm = [e for e in served.experts if e.type == "vllm"]
     assert vllm
     for expert in vllm:
         deployment = objects[("Deployment", service_name(expert))]
-        longest = min(expert.timeout_s, served.fallback.deadline_s)
+        longest = max(expert.timeout_s, served.fallback.deadline_s)
         args = container(deployment)["args"]
         drain = int(args[args.index("--shutdown-timeout") + 1])
         pre_stop = prestop_sleep_s(container(deployment))
@@ -222,7 +230,8 @@ def test_one_gpu_vllm_deployment_and_service_per_expert(
         c = container(deployment)
         assert c["image"] == VLLM_IMAGE
         # The flags moe compose gives the same expert, the memory share written out (no variables in k8s).
-        assert c["args"] == vllm_args(expert, gpu_memory_utilization="0.90")
+        assert c["args"] == vllm_args(expert, gpu_memory_utilization="0.90",
+                                      deadline_s=served_config(objects).fallback.deadline_s)
         assert c["resources"]["limits"]["nvidia.com/gpu"] >= 1
         assert c["readinessProbe"]["httpGet"]["path"] == "/health"
         # A rollout must not wait for a spare GPU: the old pod goes first (the router falls back meanwhile).
@@ -240,7 +249,7 @@ def test_one_gpu_vllm_deployment_and_service_per_expert(
 def test_no_real_secret_is_committed(objects: dict[tuple[str, str], dict[str, Any]]) -> None:
     secret = objects[("Secret", "moe-secrets")]
     for key, value in secret["stringData"].items():
-        assert "REPLACE-ME" in value or key == "redis-url", key
+        assert "REPLACE-ME" in value, key
 
 
 @pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed")
@@ -275,6 +284,26 @@ def test_redis_keeps_the_feedback_it_holds(objects: dict[tuple[str, str], dict[s
     assert redis["spec"]["strategy"] == {"type": "Recreate"}  # one pod at a time on a ReadWriteOnce volume
 
 
+def test_redis_takes_a_password_and_only_the_routers(objects: dict[tuple[str, str], dict[str, Any]]) -> None:
+    """Redis holds clients' remembered queries and the state that steers every router: it had no password and
+    any pod in the cluster could reach it (the redis-url's password then did nothing: redis-py sends it, and a
+    Redis without one accepts the connection anyway)."""
+    c = container(objects[("Deployment", "redis")])
+    args = c["args"]
+    assert args[args.index("--requirepass") + 1] == "$(REDIS_PASSWORD)"
+    env = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in c["env"]}
+    assert env["REDIS_PASSWORD"] == env["REDISCLI_AUTH"] == {"name": "moe-secrets", "key": "redis-password"}
+    assert "grep -q PONG" in c["readinessProbe"]["exec"]["command"][-1]  # an error reply (NOAUTH) is not ready
+    secret = objects[("Secret", "moe-secrets")]["stringData"]
+    assert f":{secret['redis-password']}@redis:6379" in secret["redis-url"]
+    policy = objects[("NetworkPolicy", "redis")]["spec"]
+    assert policy["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "redis"}
+    router = objects[("Deployment", "router")]["spec"]["template"]["metadata"]["labels"]
+    [rule] = policy["ingress"]
+    assert [peer["podSelector"]["matchLabels"] for peer in rule["from"]] == [{"app.kubernetes.io/name": "router"}]
+    assert rule["from"][0]["podSelector"]["matchLabels"].items() <= router.items()
+
+
 def test_http_probes_give_a_loaded_server_time_to_answer(objects: dict[tuple[str, str], dict[str, Any]]) -> None:
     """Kubernetes' default probe timeout is 1 s, where compose's healthchecks allow 10: a router busy at full load,
     or a vLLM server mid-batch, would fail probes it answers a moment later and leave the Service for nothing."""
@@ -282,3 +311,13 @@ def test_http_probes_give_a_loaded_server_time_to_answer(objects: dict[tuple[str
               for kind, probe in container(obj).items() if kind.endswith("Probe") and "httpGet" in probe]
     assert len(probes) >= 8
     assert all(probe.get("timeoutSeconds", 1) >= 5 for _, _, probe in probes), probes
+
+
+def test_the_router_has_a_cpu_limit_its_encoder_sizes_its_threads_to(
+        objects: dict[tuple[str, str], dict[str, Any]]) -> None:
+    """Without a CPU limit there is no quota to read (router.encoders.usable_cores), and the encoder sized its
+    threads to half the node's cores for a pod scheduled for one."""
+    resources = container(objects[("Deployment", "router")])["resources"]
+    limit, request = float(resources["limits"]["cpu"]), float(resources["requests"]["cpu"])
+    assert 1 <= request <= limit <= 4
+
