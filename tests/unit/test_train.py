@@ -98,7 +98,8 @@ def test_label_that_is_no_expert_is_named_with_its_line(tmp_path: Path) -> None:
     with pytest.raises(ValueError) as info:
         collect_training_data(_config(tmp_path, ["extra.jsonl"]))
     assert str(info.value) == (f"{tmp_path / 'extra.jsonl'}:2: label 'Nope' is not an expert of the config; "
-                               "experts: GetWeather, PlayMusic, BookRestaurant")
+                               "experts: GetWeather, PlayMusic, BookRestaurant. If it was removed from the config, "
+                               "moe train --drop-unknown-experts leaves its lines out")
     # Several: the first line naming one, and the first line of each other.
     _write_jsonl(tmp_path / "extra.jsonl", [{"query": "q", "label": "GetWeather"}, "", {"query": "q", "label": "b"},
                                             {"query": "q", "label": "a"}, {"query": "q", "label": "b"},
@@ -224,7 +225,13 @@ def test_an_outcome_record_naming_no_expert_is_refused_at_its_line(tmp_path: Pat
     with pytest.raises(ValueError) as info:
         collect_training_data(_config(tmp_path, ["u.jsonl"]))
     assert str(info.value) == (f"{tmp_path / 'u.jsonl'}:3: expert 'ghost' is not an expert of the config; nor is "
-                               "'spectre' (first on line 5); experts: GetWeather, PlayMusic, BookRestaurant")
+                               "'spectre' (first on line 5); experts: GetWeather, PlayMusic, BookRestaurant. If it "
+                               "was removed from the config, moe train --drop-unknown-experts leaves its lines out")
+    # Told to leave them out: the unknown experts' outcomes and costs go, and a record left with none goes whole.
+    kept = collect_training_data(_config(tmp_path, ["u.jsonl"]), drop_unknown=True).records
+    assert len(kept) == 5
+    assert all(set(r.outcomes) <= {"GetWeather", "PlayMusic", "BookRestaurant"} and "spectre" not in r.cost
+               for r in kept)
 
 
 def test_a_rebuild_with_the_same_encoder_settings_reuses_the_loaded_encoder(
