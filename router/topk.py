@@ -13,11 +13,17 @@ from router.config import TopKConfig
 __all__ = ["POLICIES", "choose", "rank"]
 
 Ranked = list[tuple[str, float]]
+_ROUNDING = 1e-9  # how far under ``mass`` a panel's summed probability may fall and still reach it
 
 
 def rank(scores: Mapping[str, float]) -> Ranked:
-    """Experts by score, highest first; ties broken by name so the order is deterministic."""
-    return sorted(scores.items(), key=lambda item: (-item[1], item[0]))
+    """Experts by score, highest first; ties broken by name so the order is deterministic. A score that is not a
+    positive finite number counts as 0, as ``choose`` counts it, so the ranking and the panel agree."""
+    return sorted(_usable(scores).items(), key=lambda item: (-item[1], item[0]))
+
+
+def _usable(scores: Mapping[str, float]) -> dict[str, float]:
+    return {n: float(p) if math.isfinite(p) and p > 0 else 0.0 for n, p in scores.items()}
 
 
 def _fixed(ranked: Ranked, cfg: TopKConfig) -> Ranked:
@@ -26,12 +32,16 @@ def _fixed(ranked: Ranked, cfg: TopKConfig) -> Ranked:
 
 def _mass(ranked: Ranked, cfg: TopKConfig) -> Ranked:
     # The smallest prefix whose probability reaches ``mass``, never more than ``cap`` experts.
+    # A rounding error's worth short of ``mass`` reaches it (1.0 is allowed, and a sum of floats may fall a hair
+    # under it), and an expert with no probability never joins: it would add nothing but a call.
     out: Ranked = []
     total = 0.0
     for name, p in ranked[: cfg.cap]:
+        if out and p <= 0.0:
+            break
         out.append((name, p))
         total += p
-        if total >= cfg.mass:
+        if total >= cfg.mass - _ROUNDING:
             break
     return out
 
@@ -64,11 +74,12 @@ def choose(scores: Mapping[str, float], cfg: TopKConfig, *, exclude: frozenset[s
     spread over the rest, so ``mass`` and ``adaptive`` mean what they mean with every expert in (without it, an
     open breaker on a confident top expert would leave the rest unable to reach ``mass``, and the panel would
     take every expert left). A score that is not a positive finite number counts as 0."""
-    live = {n: float(p) if math.isfinite(p) and p > 0 else 0.0 for n, p in scores.items() if n not in exclude}
+    live = {n: p for n, p in _usable(scores).items() if n not in exclude}
     if not live:
         raise ValueError("no expert left to choose from")
     total = sum(live.values())
-    ranked = rank({n: p / total for n, p in live.items()} if total > 0 else live)
+    # Ranked by the scores themselves: renormalised, two close ones may round to a tie the names would break.
+    ranked = [(n, p / total if total > 0 else p) for n, p in rank(live)]
     panel = POLICIES[cfg.policy](ranked, cfg)
     total = sum(p for _, p in panel)
     if total <= 0.0:

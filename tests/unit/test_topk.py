@@ -98,3 +98,21 @@ def test_k_1_with_a_sizing_policy_is_refused_in_a_config_with_its_path() -> None
 
     with pytest.raises(ConfigError, match=r"gate\.top_k.*could only ever pick one expert"):
         fake_config(["a", "b"], gate={"top_k": {"policy": "mass", "k": 1}})
+
+
+def test_mass_of_one_takes_no_zero_probability_expert_a_rounding_short_of_it() -> None:
+    """The renormalised sum fell a hair under mass 1.0, so an expert with no probability joined (weight 0.0)."""
+    panel = choose({"a": 0.0, "b": 0.6875, "c": 0.6875, "d": 0.8555}, TopKConfig(policy="mass", mass=1.0, k=4))
+    assert [n for n, _ in panel] == ["d", "b", "c"] and all(w > 0 for _, w in panel)
+    assert sum(w for _, w in panel) == pytest.approx(1.0)
+
+
+def test_the_panel_and_the_ranking_agree_where_renormalising_rounds_scores_together() -> None:
+    """1 - 1e-16 and 1.0, divided by their sum, round to one value: the tie went to the name ('a' before 'b'), so
+    the panel took the lower score while the trace's ranking, on the raw scores, put it last. A score that is no
+    positive finite number ranked first in the trace and counted as 0 in the panel."""
+    scores = {"a": 0.9999999999999999, "b": 1.0, "c": 1.0}
+    assert choose(scores, TopKConfig(policy="fixed", k=1)) == [("b", 1.0)]
+    assert [n for n, _ in rank(scores)] == ["b", "c", "a"]
+    odd = {"a": float("nan"), "b": 0.5, "c": float("inf")}
+    assert rank(odd)[0][0] == "b" == choose(odd, TopKConfig(policy="fixed", k=1))[0][0]
