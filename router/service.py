@@ -86,10 +86,10 @@ def _json_media_type(content_type: str) -> bool:
     return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
 
 
-async def _read_json(request: Request, limit: int, timeout_s: float | None = None) -> Any:
-    """The body, read off the wire within ``limit`` bytes (else a 413) and ``timeout_s`` seconds (else a 408;
-    default ``service.body_timeout_s``), as JSON (``router.requests.parse_json``). A client that leaves while
-    sending it is ``ClientLeft`` (499), not an error of the service's.
+async def _read_json(request: Request, limit: int) -> Any:
+    """The body, read off the wire within ``limit`` bytes (else a 413) and ``service.body_timeout_s`` seconds
+    (else a 408), as JSON (``router.requests.parse_json``). A client that leaves while sending it is
+    ``ClientLeft`` (499), not an error of the service's.
 
     A body labelled another media type, or none, is a 415 before it is read: the requests a browser sends across
     sites without asking first (``text/plain``, forms, and a body with no type at all, as ``fetch`` sends a Blob or
@@ -111,7 +111,7 @@ async def _read_json(request: Request, limit: int, timeout_s: float | None = Non
     # Read as it arrives and stop at the limit: a body without Content-Length (chunked) is never held whole.
     parts: list[bytes] = []
     size = 0
-    seconds = orch(request).config.service.body_timeout_s if timeout_s is None else timeout_s
+    seconds = orch(request).config.service.body_timeout_s
     try:
         async with asyncio.timeout(seconds):
             async for part in request.stream():
