@@ -224,7 +224,7 @@ def _unknown(config: RouterConfig, path: Path, noun: str, lines: Iterable[tuple[
     first: dict[str, int] = {}
     count: Counter[str] = Counter()
     for number, named in lines:
-        for name in named:
+        for name in dict.fromkeys(named):  # an expert in a record's outcomes and its costs: one line naming it
             if name not in names:
                 first.setdefault(name, number)
                 count[name] += 1
