@@ -77,14 +77,14 @@ _DRAIN_S = 0.25
 # breaks in that time still ends a complete answer.
 _AFTER_FINISH_S = 1.0
 # An error's type or code as the log may show it: a short identifier, not free text that could quote the request.
-_MAX_PARAM_CHARS = 200
+_ERROR_LABEL = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+_MAX_PARAM_CHARS = 200  # the longest ``error.param`` taken as a field's name
 # The fields of a chat completion ``_reply`` reads (or the router writes anew), by where they are: any other is
 # the upstream's own, passed on (``ExpertReply.extra``).
 _READ = {"response": frozenset({"id", "object", "created", "model", "choices", "usage", "moe"}),
          "choice": frozenset({"index", "message", "finish_reason", "logprobs"}),
          "message": frozenset({"role", "content", "tool_calls", "refusal", "reasoning_content", "reasoning",
                                "function_call"})}
-_ERROR_LABEL = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 log = logging.getLogger("experts.openai_compat")
 
 
@@ -254,20 +254,15 @@ class OpenAICompatibleExpert(Expert):
         string scrubbed of this expert's credentials as error text is."""
         if self.config.type != "router" or not isinstance(trace, dict):
             return None
-        return self._scrubbed_json(trace)
-
-    def _scrubbed_json(self, value: dict[str, Any]) -> dict[str, Any]:
-        """``value`` (an upstream's JSON object) with every string scrubbed of this expert's credentials."""
-        if not self._secrets:
-            return value
-        scrubbed = json.loads(json.dumps(value, default=str), object_hook=lambda obj: {
-            key: self._scrubbed(item) for key, item in obj.items()})
-        assert isinstance(scrubbed, dict)
-        return scrubbed
+        return self._scrubbed(trace) if self._secrets else trace
 
     def _scrubbed(self, value: Any) -> Any:
+        """``value`` (parsed JSON from the upstream) with every string in it scrubbed of this expert's
+        credentials."""
         if isinstance(value, str):
             return self._scrub(value)
+        if isinstance(value, dict):
+            return {key: self._scrubbed(item) for key, item in value.items()}
         return [self._scrubbed(item) for item in value] if isinstance(value, list) else value
 
     def _scrub(self, text: str) -> str:
@@ -368,7 +363,9 @@ class OpenAICompatibleExpert(Expert):
         found = {where: {k: v for k, v in part.items() if k not in _READ[where]}
                  for where, part in (("response", data), ("choice", choice), ("message", message))}
         kept = {where: fields for where, fields in found.items() if fields}
-        return self._scrubbed_json(kept) if kept else None
+        if not kept:
+            return None
+        return self._scrubbed(kept) if self._secrets else kept
 
     def _text(self, value: Any, where: str) -> str:
         """A message's (or delta's) ``content`` as text: a string, nothing, or a list of text parts (as some

@@ -50,6 +50,9 @@ class GateLike(Protocol):
     @property
     def ood_threshold(self) -> float | None: ...
 
+    @property
+    def private_texts(self) -> frozenset[str]: ...
+
     def assess(self, texts: Sequence[str], k: int = 3) -> Assessment: ...
 
 
@@ -131,7 +134,7 @@ class Decider:
         stages: list[str | None] = list(a.stage) if a.stage else [None] * len(texts)
         thresholds = a.ood_threshold or [self.gate.ood_threshold] * len(texts)
         tasks: list[dict[str, float] | None] = list(a.tasks) if a.tasks else [None] * len(texts)
-        private: frozenset[str] = getattr(self.gate, "private_texts", frozenset())
+        private = self.gate.private_texts
         return [_Gated({n: float(p) for n, p in zip(names, row, strict=True)}, [_shown(n, private) for n in near],
                        None if np.isnan(score) else float(score), threshold, stage, task)
                 for row, near, score, threshold, stage, task in zip(a.probs[:, columns], a.nearest, a.ood,

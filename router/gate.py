@@ -196,6 +196,9 @@ class BaseGate(ABC):
 
     experts: list[str]
     encoder: EncoderLike
+    # Examples only clients' feedback gave (``router.train``): a decision names their label and similarity, never
+    # their text. A gate without examples has none.
+    private_texts: frozenset[str] = frozenset()
 
     @abstractmethod
     def predict_proba(self, embeddings: np.ndarray, texts: Sequence[str] | None = None) -> np.ndarray:
@@ -265,9 +268,6 @@ class Gate(BaseGate):
         # (embeddings [n, dim], texts, labels): every labelled example, kept to explain decisions.
         self.example_embeddings, self.example_texts, self.example_labels = examples
         self._n_artifact_examples = len(self.example_texts)
-        # Examples only clients' feedback gave (``router.train``): trained on, but a decision's explanation names
-        # their label and similarity, never their text, since every client sees it.
-        self.private_texts: frozenset[str] = frozenset()
         self._columns: Columns | None = None  # set by for_config when the config's experts differ
         # The example rows nearest-example searches see: all of them, or (a config's view without some of the
         # artifact's experts) only those of the experts it routes to, so no decision is explained, or judged

@@ -183,7 +183,7 @@ def _completion_body(answer: Any, request_id: str) -> dict[str, Any]:
     trace = answer.trace.summary()
     # The returned reply's own fields (``RoutedAnswer.extra``: system_fingerprint, vLLM's token ids, ...) after
     # the router's, never in their place.
-    extra = getattr(answer, "extra", None) or {}
+    extra = answer.extra or {}
     choice = _beside({"index": 0, "message": _beside(message, extra.get("message")),
                       "finish_reason": answer.finish_reason, "logprobs": answer.logprobs}, extra.get("choice"))
     return _beside({

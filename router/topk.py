@@ -19,7 +19,11 @@ _ROUNDING = 1e-9  # how far under ``mass`` a panel's summed probability may fall
 def rank(scores: Mapping[str, float]) -> Ranked:
     """Experts by score, highest first; ties broken by name so the order is deterministic. A score that is not a
     positive finite number counts as 0, as ``choose`` counts it, so the ranking and the panel agree."""
-    return sorted(_usable(scores).items(), key=lambda item: (-item[1], item[0]))
+    return _ranked(_usable(scores))
+
+
+def _ranked(scores: Mapping[str, float]) -> Ranked:
+    return sorted(scores.items(), key=lambda item: (-item[1], item[0]))
 
 
 def _usable(scores: Mapping[str, float]) -> dict[str, float]:
@@ -79,7 +83,7 @@ def choose(scores: Mapping[str, float], cfg: TopKConfig, *, exclude: frozenset[s
         raise ValueError("no expert left to choose from")
     total = sum(live.values())
     # Ranked by the scores themselves: renormalised, two close ones may round to a tie the names would break.
-    ranked = [(n, p / total if total > 0 else p) for n, p in rank(live)]
+    ranked = [(n, p / total if total > 0 else p) for n, p in _ranked(live)]
     panel = POLICIES[cfg.policy](ranked, cfg)
     total = sum(p for _, p in panel)
     if total <= 0.0:
