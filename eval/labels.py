@@ -500,19 +500,18 @@ def _out_of_scope(gate: Any, x_tr: np.ndarray, inside: tuple[np.ndarray, list[st
         return {"1-max_prob": maxprob, "1-nn_similarity": far, "mean_of_both": (maxprob + far) / 2,
                 "1-gate_familiarity": 1.0 - gate.ood_scores(proba, sim[:, 0])}
 
-    def aurocs(pos: tuple[np.ndarray, list[str]], neg: tuple[np.ndarray, list[str]]) -> dict[str, float]:
-        s_pos, s_neg = scores(pos), scores(neg)
-        truth = np.r_[np.ones(len(pos[1]), bool), np.zeros(len(neg[1]), bool)]
+    def aurocs(s_pos: dict[str, np.ndarray], s_neg: dict[str, np.ndarray]) -> dict[str, float]:
+        truth = np.r_[np.ones(len(s_pos["1-max_prob"]), bool), np.zeros(len(s_neg["1-max_prob"]), bool)]
         return {k: M.auroc(np.r_[s_pos[k], s_neg[k]], truth) for k in s_pos}
 
-    test = aurocs(outside, inside)
+    s_out, s_in = scores(outside), scores(inside)
+    test = aurocs(s_out, s_in)
     val_oos = [q.text for q in val if q.label == oos_label]
     val_in = [q.text for q in val if q.label in index]
     chosen, on_val = "1-gate_familiarity", None
     if val_oos and val_in:
-        on_val = aurocs((enc.encode(val_oos), val_oos), (enc.encode(val_in), val_in))
+        on_val = aurocs(scores((enc.encode(val_oos), val_oos)), scores((enc.encode(val_in), val_in)))
         chosen = max(on_val, key=lambda k: on_val[k])
     # Each test query's value of the chosen score (in scope, out of scope), for predictions.jsonl.
-    per_query = (scores(inside)[chosen], scores(outside)[chosen])
     return {"oos_auroc": test[chosen], "score": chosen, "auroc_test": test, "auroc_val": on_val,
-            "per_query": per_query}
+            "per_query": (s_in[chosen], s_out[chosen])}
