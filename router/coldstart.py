@@ -5,13 +5,21 @@ retraining:
 
 - An expert **removed** from the config loses its column; the remaining columns are renormalised to sum to 1.
 - An expert **added** to the config (or one the artifact holds without training data) is routable from its
-  ``examples`` alone. Its *claim* on a query is ``r = sigmoid(a * s + b)``, where ``s`` is the query's highest
-  cosine to one of the expert's examples and ``(a, b)`` map similarity to the probability that the query
-  belongs to that expert (``SimilarityMap``; a label gate fits it on its own validation data, see
-  ``fit_similarity_map``). The claims are combined as independent events: with probability
-  ``R = 1 - prod(1 - r_j)`` some new expert owns the query, and that mass is shared in proportion to ``r_j``;
-  the trained experts' distribution is scaled by ``1 - R``. Rows still sum to 1, so top-k policies apply as
-  before.
+  ``examples`` alone. Its *claim* on a query is ``r = sigmoid(w_s * s + w_t * t + b)``: ``s`` is the query's
+  highest cosine to one of the expert's examples, ``t`` its highest cosine to a trained expert's example, and
+  ``(w_s, w_t, b)`` depend on how many examples the expert has (``ClaimMap``). The claims are combined as
+  independent events: with probability ``R = 1 - prod(1 - r_j)`` some new expert owns the query, and that mass
+  is shared in proportion to ``r_j``; the trained experts' distribution is scaled by ``1 - R``. Rows still sum to
+  1, so top-k policies apply as before.
+
+  A label gate fits the map as it trains (``fit_claim_map``) by simulating cold starts on its own data: each
+  trained expert in turn plays the newcomer, with ``n`` of its examples, and is left out of ``t``; queries held
+  out of training say how ``(s, t)`` predict that they are the newcomer's. Both features matter. With ``s`` alone
+  (the map older artifacts hold, ``SimilarityMap``), a query of a trained expert that happens to lie near one of
+  the newcomer's examples was taken from it, although a trained example lies nearer still; and the map is fitted
+  per example count because a maximum over more examples runs higher, so a map fitted with 5 examples made an
+  expert with 10 claim too much. Outcome gates, whose examples are queries every expert was scored on rather than
+  an expert's own, keep the ``s``-only map.
 - An expert with neither training data in the artifact nor examples in the config cannot be scored at all;
   ``plan_columns`` refuses it with ``GateArtifactMismatch``, naming it.
 
@@ -26,13 +34,26 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["ColdStart", "Columns", "SimilarityMap", "fit_similarity_map", "plan_columns"]
+__all__ = ["ClaimMap", "ColdStart", "Columns", "SimilarityMap", "fit_claim_map", "fit_similarity_map",
+           "plan_columns"]
 
 # Used when a gate has no labelled validation data to fit the map on (outcome gates). Measured with
 # ``fit_similarity_map`` on label gates (5 examples per expert): SNIPS 7 intents (15.5, 0.41) and CLINC150 10
 # domains (12.8, 0.43), both with the ONNX MiniLM encoder at 256 tokens.
 DEFAULT_SLOPE, DEFAULT_MIDPOINT = 14.0, 0.42
-COLD_START_EXAMPLES = 5  # examples per expert when simulating a cold start to fit the map
+COLD_START_EXAMPLES = 5  # examples per expert when simulating a cold start to fit the s-only map
+
+# ``fit_claim_map``: the example counts it fits a row for (an expert with n examples uses the row of the largest
+# count <= n), how many (newcomer, draw of its examples) simulations each row is fitted on, at most how many
+# queries each simulation scores, and how many draws of one newcomer's examples at most.
+CLAIM_COUNTS = (1, 2, 3, 5, 8, 13, 20, 32)
+CLAIM_SIMULATIONS = 30
+CLAIM_QUERIES = 2000
+CLAIM_DRAWS = 3
+# Fewer queries held out than this, and the map is fitted on every example instead, each query's own row left
+# out of its similarities (as ``router.gate_train.MIN_HELD_OUT`` does for calibration).
+CLAIM_MIN_HELD_OUT = 50
+_RIDGE = 1.0  # on the summed log-loss: keeps the fit finite where a small sample separates perfectly
 
 
 @dataclass(frozen=True)
@@ -47,21 +68,74 @@ class SimilarityMap:
 
 
 @dataclass(frozen=True)
+class ClaimMap:
+    """Per example count, ``(w_s, w_t, bias)`` of ``r = sigmoid(w_s * s + w_t * t + bias)`` (module docstring).
+
+    ``rows`` are ``(count, w_s, w_t, bias)`` by ascending count; an expert with ``n`` examples uses the row of the
+    largest count <= ``n`` (the first row below every count). ``w_t == 0`` everywhere: ``t`` is not needed."""
+
+    rows: tuple[tuple[int, float, float, float], ...]
+
+    def __post_init__(self) -> None:
+        counts = [r[0] for r in self.rows]
+        if not self.rows or counts != sorted(set(counts)) or counts[0] < 1:
+            raise ValueError(f"a claim map needs rows by strictly ascending example count >= 1, got {counts}")
+        if not all(np.isfinite(r[1:]).all() and r[1] > 0 for r in self.rows):
+            raise ValueError("a claim map's weights must be finite, with a positive similarity weight")
+
+    @classmethod
+    def from_similarity(cls, similarity: SimilarityMap) -> ClaimMap:
+        """The ``s``-only map: the same for every count, ``t`` unused."""
+        return cls(((1, similarity.slope, 0.0, -similarity.slope * similarity.midpoint),))
+
+    @classmethod
+    def from_list(cls, rows: Sequence[Sequence[float]]) -> ClaimMap:
+        """From ``as_list``'s form (``gate.json``); ``ValueError`` names what is wrong."""
+        if not all(len(r) == 4 for r in rows):
+            raise ValueError("each claim map row needs 4 numbers: count, w_s, w_t, bias")
+        return cls(tuple((int(r[0]), float(r[1]), float(r[2]), float(r[3])) for r in rows))
+
+    def as_list(self) -> list[list[float]]:
+        return [list(r) for r in self.rows]
+
+    @property
+    def reads_trained(self) -> bool:
+        """Whether claims need ``t``, the query's cosine to the nearest trained example."""
+        return any(r[2] != 0.0 for r in self.rows)
+
+    def weights(self, count: int) -> tuple[float, float, float]:
+        """``(w_s, w_t, bias)`` for an expert with ``count`` examples."""
+        fitting = [r for r in self.rows if r[0] <= count] or [self.rows[0]]
+        return fitting[-1][1:]
+
+    def __call__(self, s: np.ndarray, t: np.ndarray | None, count: int) -> np.ndarray:
+        w_s, w_t, bias = self.weights(count)
+        z = w_s * np.asarray(s, dtype=np.float64) + bias
+        if w_t:
+            if t is None:
+                raise ValueError("this claim map reads the cosine to the nearest trained example; pass it")
+            z = z + w_t * np.asarray(t, dtype=np.float64)
+        return 1.0 / (1.0 + np.exp(-np.clip(z, -30.0, 30.0)))
+
+
+@dataclass(frozen=True)
 class ColdStart:
     """The examples of experts scored by similarity: ``embeddings [n, dim]``, ``owner [n]`` (0..len(names)-1)."""
 
     names: list[str]
     embeddings: np.ndarray
     owner: np.ndarray
-    similarity_map: SimilarityMap
+    claim_map: ClaimMap
 
-    def claims(self, x: np.ndarray) -> np.ndarray:
-        """``[q, len(names)]``: each expert's claim ``r`` on each query."""
+    def claims(self, x: np.ndarray, trained_similarity: np.ndarray | None = None) -> np.ndarray:
+        """``[q, len(names)]``: each expert's claim ``r`` on each query. ``trained_similarity`` (``t``, per query)
+        is needed where ``claim_map.reads_trained``."""
         sims = np.asarray(x, dtype=np.float32) @ self.embeddings.T  # [q, n]
-        best = np.full((len(x), len(self.names)), -1.0)
+        out = np.empty((len(x), len(self.names)), dtype=np.float64)
         for j in range(len(self.names)):
-            best[:, j] = sims[:, self.owner == j].max(axis=1)
-        return self.similarity_map(best)
+            mine = self.owner == j
+            out[:, j] = self.claim_map(sims[:, mine].max(axis=1), trained_similarity, int(mine.sum()))
+        return out
 
 
 @dataclass(frozen=True)
@@ -72,8 +146,16 @@ class Columns:
     source: np.ndarray  # [len(experts)]: artifact column, or -1 - j for cold-start expert j
     cold: ColdStart | None = None
 
-    def apply(self, artifact_proba: np.ndarray, x: np.ndarray) -> np.ndarray:
-        """Rows over ``experts`` from rows over the artifact's trained experts (each summing to 1)."""
+    @property
+    def reads_trained(self) -> bool:
+        """Whether ``apply`` needs the queries' cosine to the nearest trained example."""
+        return self.cold is not None and self.cold.claim_map.reads_trained
+
+    def apply(self, artifact_proba: np.ndarray, x: np.ndarray,
+              trained_similarity: np.ndarray | None = None) -> np.ndarray:
+        """Rows over ``experts`` from rows over the artifact's trained experts (each summing to 1).
+        ``trained_similarity``: each query's cosine to the nearest example of a routed trained expert, needed
+        where ``reads_trained``."""
         kept = self.source[self.source >= 0]
         out = np.zeros((len(x), len(self.experts)), dtype=np.float64)
         trained = artifact_proba[:, kept]
@@ -83,7 +165,7 @@ class Columns:
         if self.cold is None:
             out[:, self.source >= 0] = trained
             return out
-        r = np.clip(self.cold.claims(x), 1e-9, 1.0 - 1e-9)
+        r = np.clip(self.cold.claims(x, trained_similarity), 1e-9, 1.0 - 1e-9)
         owned = 1.0 - np.exp(np.log1p(-r).sum(axis=1, keepdims=True))  # P(some new expert owns the query)
         cold_cols = np.flatnonzero(self.source < 0)
         out[:, cold_cols] = owned * r[:, -1 - self.source[cold_cols]] / r[:, -1 - self.source[cold_cols]].sum(
@@ -93,7 +175,7 @@ class Columns:
 
 
 def plan_columns(artifact_experts: Sequence[str], trained: Sequence[str], wanted: Mapping[str, np.ndarray],
-                 similarity_map: SimilarityMap) -> Columns:
+                 claim_map: ClaimMap) -> Columns:
     """Columns for the experts in ``wanted`` (name -> its example embeddings, in config order).
 
     ``trained`` are the artifact experts with training data. Any other wanted expert is scored from its
@@ -115,13 +197,14 @@ def plan_columns(artifact_experts: Sequence[str], trained: Sequence[str], wanted
         return Columns(list(wanted), source)
     embeddings = np.concatenate([np.asarray(wanted[n], dtype=np.float32) for n in cold])
     owner = np.concatenate([np.full(len(wanted[n]), j, dtype=np.int64) for j, n in enumerate(cold)])
-    return Columns(list(wanted), source, ColdStart(cold, embeddings, owner, similarity_map))
+    return Columns(list(wanted), source, ColdStart(cold, embeddings, owner, claim_map))
 
 
 def fit_similarity_map(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray,
                        n_classes: int, *, seed: int = 0) -> SimilarityMap:
-    """Fit ``SimilarityMap`` by simulating a cold start: each class keeps ``COLD_START_EXAMPLES`` training
-    examples, and validation queries teach how max cosine to them predicts membership.
+    """Fit the ``s``-only ``SimilarityMap`` by simulating a cold start: each class keeps ``COLD_START_EXAMPLES``
+    training examples, and validation queries teach how max cosine to them predicts membership. (What artifacts
+    held before ``fit_claim_map``; still written, for routers that read no other.)
 
     Falls back to the defaults when there is too little data to fit (fewer than two classes or no
     validation queries).
@@ -133,22 +216,94 @@ def fit_similarity_map(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarr
         return SimilarityMap()
     sims = np.stack([(x_val @ x_train[picked[c]].T).max(axis=1) for c in classes], axis=1).ravel()
     member = np.stack([y_val == c for c in classes], axis=1).ravel()
-    slope, intercept = _fit_1d_logistic(sims, member.astype(np.float64))
+    slope, intercept = _fit_logistic(np.stack([sims, np.ones_like(sims)], axis=1), member.astype(np.float64))
     if not slope > 0:  # similarity carries no signal here; keep the defaults rather than invert them
         return SimilarityMap()
     return SimilarityMap(slope=float(slope), midpoint=float(-intercept / slope))
 
 
-def _fit_1d_logistic(s: np.ndarray, y: np.ndarray, steps: int = 200) -> tuple[float, float]:
-    """Maximum-likelihood ``(slope, intercept)`` by Newton's method; 1-D, so no solver dependency."""
-    w = np.array([1.0, 0.0])
-    design = np.stack([s, np.ones_like(s)], axis=1)
+def fit_claim_map(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray,
+                  n_classes: int, *, seed: int = 0) -> ClaimMap | None:
+    """Fit ``ClaimMap`` by simulating cold starts (module docstring); None where no row could be fitted (too
+    few classes or queries), and the ``s``-only map serves.
+
+    Each row's simulations deal the classes with at least ``count`` training examples out in turn, up to
+    ``CLAIM_SIMULATIONS`` (at most ``CLAIM_DRAWS`` draws of one class's examples). The queries are the validation
+    part (at most ``CLAIM_QUERIES``), with the training part the examples; with fewer than ``CLAIM_MIN_HELD_OUT``
+    of them, every example is both, its own row left out of its similarities."""
+    rng = np.random.default_rng(seed)
+    x_train, x_val = np.asarray(x_train, dtype=np.float32), np.asarray(x_val, dtype=np.float32)
+    y_train, y_val = np.asarray(y_train), np.asarray(y_val)
+    if len(y_val) >= CLAIM_MIN_HELD_OUT:
+        ref_x, ref_y = x_train, y_train
+        queries = rng.permutation(len(y_val))[:CLAIM_QUERIES]
+        q_x, q_y, q_self = x_val[queries], y_val[queries], np.full(len(queries), -1)
+    else:
+        ref_x, ref_y = np.concatenate([x_train, x_val]), np.concatenate([y_train, y_val])
+        q_self = rng.permutation(len(ref_y))[:CLAIM_QUERIES]
+        q_x, q_y = ref_x[q_self], ref_y[q_self]
+    if len(q_y) == 0 or len(np.unique(ref_y)) < 2:
+        return None
+    nearest = _nearest_per_class(q_x, q_self, ref_x, ref_y, n_classes)  # [q, classes]
+    # t for a newcomer c: the nearest example of any other class (the two largest serve every c).
+    order = np.argsort(-nearest, axis=1)[:, :2]
+    first, second = np.take_along_axis(nearest, order, axis=1).T
+    rows = []
+    for count in CLAIM_COUNTS:
+        eligible = [c for c in range(n_classes) if (ref_y == c).sum() >= count]
+        if len(eligible) < 2:
+            break
+        runs = [c for _ in range(CLAIM_DRAWS) for c in rng.permutation(eligible)][:CLAIM_SIMULATIONS]
+        features, member = [], []
+        for c in runs:
+            picked = rng.choice(np.flatnonzero(ref_y == c), count, replace=False)
+            scored = ~np.isin(q_self, picked)  # a query is never one of the newcomer's own examples
+            s = (q_x[scored] @ ref_x[picked].T).max(axis=1)
+            t = np.where(order[scored, 0] == c, second[scored], first[scored])
+            features.append(np.stack([s, t, np.ones_like(s)], axis=1))
+            member.append(q_y[scored] == c)
+        y = np.concatenate(member).astype(np.float64)
+        if min(y.sum(), len(y) - y.sum()) < 5:
+            continue
+        w_s, w_t, bias = _fit_logistic(np.concatenate(features).astype(np.float64), y, ridge=_RIDGE)
+        if w_s > 0 and np.isfinite([w_s, w_t, bias]).all():
+            rows.append((count, float(w_s), float(w_t), float(bias)))
+    return ClaimMap(tuple(rows)) if rows else None
+
+
+def _nearest_per_class(q_x: np.ndarray, q_self: np.ndarray, ref_x: np.ndarray, ref_y: np.ndarray,
+                       n_classes: int, block: int = 256) -> np.ndarray:
+    """``[q, n_classes]``: each query's highest cosine to an example of each class (-1 where it has none),
+    leaving out the example ``q_self`` names (-1: none)."""
+    by_class = np.argsort(ref_y, kind="stable")
+    sorted_x, sorted_y = ref_x[by_class], ref_y[by_class]
+    classes, starts = np.unique(sorted_y, return_index=True)
+    position = np.empty(len(by_class), dtype=np.int64)
+    position[by_class] = np.arange(len(by_class))
+    out = np.full((len(q_x), n_classes), -1.0, dtype=np.float64)
+    for lo in range(0, len(q_x), block):
+        sims = q_x[lo:lo + block] @ sorted_x.T
+        own = q_self[lo:lo + block]
+        hit = np.flatnonzero(own >= 0)
+        sims[hit, position[own[hit]]] = -np.inf
+        out[lo:lo + block, classes] = np.maximum(np.maximum.reduceat(sims, starts, axis=1), -1.0)
+    return out
+
+
+def _fit_logistic(features: np.ndarray, y: np.ndarray, *, ridge: float = 0.0, steps: int = 200) -> np.ndarray:
+    """Maximum-likelihood weights of a logistic regression on ``features`` (the last column the intercept, never
+    penalised; the others by ``ridge / 2 * w**2`` on the summed log-loss), by Newton's method: a few weights, so
+    no solver dependency."""
+    w = np.zeros(features.shape[1])
+    w[0] = 1.0
+    penalty = np.full(len(w), ridge)
+    penalty[-1] = 0.0
     for _ in range(steps):
-        p = 1.0 / (1.0 + np.exp(-np.clip(design @ w, -30, 30)))
-        grad = design.T @ (p - y)
-        hess = design.T @ (design * (p * (1 - p))[:, None]) + 1e-6 * np.eye(2)
+        p = 1.0 / (1.0 + np.exp(-np.clip(features @ w, -30, 30)))
+        grad = features.T @ (p - y) + penalty * w
+        hess = features.T @ (features * (p * (1 - p))[:, None]) + np.diag(penalty) + 1e-6 * np.eye(len(w))
         step = np.linalg.solve(hess, grad)
         w -= step
         if np.abs(step).max() < 1e-8:
             break
-    return float(w[0]), float(w[1])
+    return w

@@ -55,7 +55,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 import numpy as np
 
 from router.classifiers import CLASSIFIERS, Classifier, LogisticClassifier, Queries
-from router.coldstart import Columns, SimilarityMap, plan_columns
+from router.coldstart import Columns, plan_columns
 from router.encoders import Encoder
 from router.gate_artifact import (
     FORMAT_VERSION,  # noqa: F401  (this and the other noqa names: re-exported for modules that import them here)
@@ -65,6 +65,7 @@ from router.gate_artifact import (
     GateArtifactMismatch,
     GateMetadata,
     ValidationMetrics,
+    claim_map_of,
     read_artifact,
     write_artifact,
 )
@@ -224,14 +225,20 @@ class BaseGate(ABC):
         """Per query, its likeliest tasks and their probabilities, where the gate knows tasks; else None."""
         return None
 
+    def _scored_and_explained(self, embeddings: np.ndarray, texts: Sequence[str],
+                              k: int) -> tuple[np.ndarray, Sequence[Sequence[Any]]]:
+        """``assess``'s probabilities and ``k`` nearest examples; a gate whose probabilities read the example
+        search overrides it to search once for both."""
+        return np.asarray(self.predict_proba(embeddings, texts)), self.nearest_many(embeddings, k)
+
     def assess(self, texts: Sequence[str], k: int = 3) -> Assessment:
         """One embedding per query serves the probabilities, the ``k`` nearest examples and the familiarity
         score; ``k=0``: the probabilities alone (no example search; familiarity unknown, nan)."""
         embeddings = self.encoder.encode(texts)
-        probs = np.asarray(self.predict_proba(embeddings, texts))
         if k == 0:
+            probs = np.asarray(self.predict_proba(embeddings, texts))
             return Assessment(probs, [[] for _ in texts], np.full(len(texts), np.nan))
-        nearest = self.nearest_many(embeddings, k)
+        probs, nearest = self._scored_and_explained(embeddings, texts, k)
         similarity = np.array([_similarity(near[0]) if near else np.nan for near in nearest], dtype=np.float64)
         return Assessment(probs, [list(near) for near in nearest],
                           np.asarray(self.ood_scores(probs, similarity), dtype=np.float64),
@@ -307,7 +314,34 @@ class Gate(BaseGate):
         that read the words (the default ensemble) need them."""
         x = np.atleast_2d(np.asarray(embeddings, dtype=np.float32))
         proba = self._artifact_proba(x, texts)
-        return proba if self._columns is None else self._columns.apply(proba, x)
+        if self._columns is None:
+            return proba
+        trained = self._trained_similarity(*self._search(x, self._cold_k(1))) if self._columns.reads_trained \
+            else None
+        return self._columns.apply(proba, x, trained)
+
+    def _scored_and_explained(self, embeddings: np.ndarray, texts: Sequence[str],
+                              k: int) -> tuple[np.ndarray, list[list[Neighbour]]]:
+        """One example search serves both where the cold-start claims read the nearest trained example."""
+        if self._columns is None or not self._columns.reads_trained:
+            return self.predict_proba(embeddings, texts), self.nearest_many(embeddings, k)
+        x = np.atleast_2d(np.asarray(embeddings, dtype=np.float32))
+        sims, ids = self._search(x, self._cold_k(k))
+        probs = self._columns.apply(self._artifact_proba(x, texts), x, self._trained_similarity(sims, ids))
+        return probs, self._neighbours(sims[:, :k], ids[:, :k])
+
+    def _cold_k(self, k: int) -> int:
+        """How many nearest examples to search for so that ``k`` of them, and the nearest trained one, are
+        among them: the config's cold-start examples can come first."""
+        cold = self._columns.cold if self._columns is not None else None
+        return k + (0 if cold is None else len(cold.owner))
+
+    def _trained_similarity(self, sims: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        """Per query, the cosine to its nearest example of a trained expert (``_search``'s results, sorted;
+        -1 where none was found). The artifact's examples come before the config's cold-start ones."""
+        trained = (ids >= 0) & (ids < self._n_artifact_examples)
+        first = trained.argmax(axis=1)
+        return np.where(trained.any(axis=1), sims[np.arange(len(ids)), first], -1.0)
 
     def scores(self, texts: Sequence[str]) -> np.ndarray:
         return self.predict_proba(self.encoder.encode(texts), list(texts))
@@ -347,12 +381,20 @@ class Gate(BaseGate):
 
     def nearest_many(self, embeddings: np.ndarray, k: int = 3) -> list[list[Neighbour]]:
         """``nearest`` for each row of ``[q, dim]`` embeddings, in one index search."""
+        return self._neighbours(*self._search(embeddings, k))
+
+    def _search(self, embeddings: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """``[q, k]`` cosines to the nearest examples the searches see, most similar first, and their example
+        numbers (-1 past the last)."""
         rows = np.arange(len(self.example_texts)) if self._rows is None else self._rows
         if self._index is None:
             self._index = flat_ip_index(self.example_embeddings[rows])
         queries = np.ascontiguousarray(np.atleast_2d(np.asarray(embeddings, dtype=np.float32)))
         sims, ids = self._index.search(queries, min(k, len(rows)))
-        return [[Neighbour(self.example_texts[rows[i]], self.example_labels[rows[i]], float(s))
+        return sims, np.where(ids >= 0, rows[np.maximum(ids, 0)], -1)
+
+    def _neighbours(self, sims: np.ndarray, ids: np.ndarray) -> list[list[Neighbour]]:
+        return [[Neighbour(self.example_texts[i], self.example_labels[i], float(s))
                  for s, i in zip(row_s, row_i, strict=True) if i >= 0] for row_s, row_i in zip(sims, ids, strict=True)]
 
     # -- the config's experts ------------------------------------------------------------------------------
@@ -376,8 +418,8 @@ class Gate(BaseGate):
         wanted = {n: embedded.get(n, np.zeros((0, self.encoder.dim), dtype=np.float32)) for n in names}
         view = copy.copy(self)
         view.experts = names
-        view._columns = plan_columns(self.artifact_experts, self.trained_experts, wanted, SimilarityMap(
-            self.metadata.cold_start_slope, self.metadata.cold_start_midpoint))
+        view._columns = plan_columns(self.artifact_experts, self.trained_experts, wanted,
+                                     claim_map_of(self.metadata))
         if cold:  # cold-start examples explain decisions too
             view.example_embeddings = np.concatenate([self.example_embeddings, *embedded.values()])
             view.example_texts = [*self.example_texts, *(t for ts in cold.values() for t in ts)]

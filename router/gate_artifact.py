@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from router.classifiers import EnsembleClassifier, pack_strings, unpack_strings
-from router.coldstart import SimilarityMap
+from router.coldstart import ClaimMap, SimilarityMap
 from router.encoders import Encoder, sha256_file
 from router.files import staged
 
@@ -49,6 +49,7 @@ __all__ = [
     "GateArtifactMismatch",
     "GateMetadata",
     "ValidationMetrics",
+    "claim_map_of",
     "is_trained",
     "read_artifact",
     "read_artifact_json",
@@ -106,9 +107,12 @@ class GateMetadata:
     balance: str | None = None
     unseen_experts: list[str] = field(default_factory=list)
     kind: str = "label"
-    # router.coldstart.SimilarityMap for experts scored from their config examples.
+    # How experts scored from their config examples claim a query (router.coldstart): ``ClaimMap`` rows
+    # ``[count, w_s, w_t, bias]`` where fitted; None (outcome gates, older artifacts): the s-only
+    # ``SimilarityMap`` below, which label gates still write for routers that read no other.
     cold_start_slope: float = SimilarityMap.slope
     cold_start_midpoint: float = SimilarityMap.midpoint
+    cold_start_claims: list[list[float]] | None = None
     # ``ood_scores`` below this are out of distribution; None: never abstain.
     ood_threshold: float | None = None
     # Percentile grids (router.gate_train.OOD_GRID points each) of the validation queries' [top probability,
@@ -124,6 +128,13 @@ class GateMetadata:
     def as_dict(self) -> dict[str, Any]:
         """Plain JSON-ready data, ``metrics`` included as a dict."""
         return asdict(self)
+
+
+def claim_map_of(metadata: GateMetadata) -> ClaimMap:
+    """How the gate's cold-start experts claim queries: the fitted ``ClaimMap``, else the s-only map."""
+    if metadata.cold_start_claims is not None:
+        return ClaimMap.from_list(metadata.cold_start_claims)
+    return ClaimMap.from_similarity(SimilarityMap(metadata.cold_start_slope, metadata.cold_start_midpoint))
 
 # The class that restores each kind of artifact, as "module:name" (imported when such an artifact is loaded).
 GATE_KINDS: dict[str, str] = {
@@ -221,6 +232,10 @@ def _restore_artifact(path: Path, doc: dict[str, Any], encoder: Encoder) -> Gate
     experts = _expert_names(path / _MANIFEST, doc.pop("experts"), "experts")
     doc.pop("files")
     metadata = GateMetadata(**{k: v for k, v in doc.items() if k in _METADATA_FIELDS})
+    try:
+        claim_map_of(metadata)
+    except (ValueError, TypeError) as exc:
+        raise GateArtifactMismatch(f"{path / _MANIFEST}: cold_start_claims: {exc}; {RETRAIN}") from None
     weights, ex = _read_arrays(path / _WEIGHTS), _read_arrays(path / _EXAMPLES)
     texts = unpack_strings(ex["text_bytes"], ex["text_offsets"])
     labels = [experts[i] if i >= 0 else "" for i in ex["labels"]]

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from router.classifiers import Classifier, EnsembleClassifier, Queries
-from router.coldstart import fit_similarity_map
+from router.coldstart import fit_claim_map, fit_similarity_map
 from router.encoders import Encoder
 from router.gate import UNSEEN_PRIOR, Gate, _softmax, ood_score
 from router.gate_artifact import GateMetadata, ValidationMetrics
@@ -186,7 +186,9 @@ def train_gate(texts: Sequence[str], labels: Sequence[str], encoder: Encoder, *,
     """Embed, split, fit the classifier on the train part, then the temperature and the out-of-distribution
     grids and threshold on queries it did not train on: the validation part, or where that holds fewer than two
     experts' queries or fewer than ``min_held_out`` queries, every example out of fold (the module docstring,
-    "Calibration"). The cold-start similarity map is fitted on the validation part (its defaults without one).
+    "Calibration"). The cold-start claim map is fitted on the validation part (on every example, each left out of
+    its own similarities, where that holds fewer than ``CLAIM_MIN_HELD_OUT``), and the s-only map older routers
+    read on the validation part.
     ``classifier`` defaults to the ensemble (``router.classifiers``). ``pinned`` texts are never held out
     (``split_train_val``): feedback's."""
     from tqdm.auto import tqdm
@@ -229,12 +231,14 @@ def train_gate(texts: Sequence[str], labels: Sequence[str], encoder: Encoder, *,
         temperature, metrics = _calibrate(scored, n_train=len(train), n_val=len(val))
         bar.update()
     similarity = fit_similarity_map(x[train], y[train], x[val], y[val], len(trained), seed=seed)
+    claims = fit_claim_map(x[train], y[train], x[val], y[val], len(trained), seed=seed)
     ood_reference, ood_threshold = _fit_ood_scores(_softmax(scored.logits / temperature).max(axis=1)
                                                    if len(scored.y) else np.zeros(0), scored.similarity)
     metadata = GateMetadata(encoder.identity, encoder.checksum, training_data_sha256(texts, labels), metrics,
                             classifier=classifier.kind, balance=getattr(classifier, "balance", None),
                             unseen_experts=unseen,
                             cold_start_slope=similarity.slope, cold_start_midpoint=similarity.midpoint,
+                            cold_start_claims=None if claims is None else claims.as_list(),
                             ood_threshold=ood_threshold, ood_reference=ood_reference)
     return Gate(encoder, experts, classifier, temperature, metadata, (x, texts, list(labels)))
 
