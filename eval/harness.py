@@ -10,6 +10,8 @@ Two kinds of suite, each writing ``results.json`` (a top-level ``metrics`` objec
 - **outcome suites** (``mmlu-pro-outcome``, ``routerbench``, ``routellm-mmlu``): route by each expert's
   predicted chance of success (``eval.outcome``), scored against every single expert, random and the oracle,
   with the quality–cost curve or RouteLLM's APGR/CPT.
+- **the cold-start suite** (``clinc150-cold-start``, ``eval.coldstart_suite``): each CLINC150 domain in turn
+  added by config examples to a gate trained on the others, without retraining.
 
 Splits: a data set's own train/test split where it has one (CLINC150, SNIPS, Banking77, RouterBench),
 otherwise ``split_by_id`` with fractions (0.7, 0.1, 0.2) and the run's seed. Hyperparameters of the outcome
@@ -29,7 +31,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from eval import combine_suite, routerbench_combine
+from eval import coldstart_suite, combine_suite, routerbench_combine
 from eval import labels as label_suites
 from eval import routing as outcome_suites
 from eval.embeddings import CachedEncoder, default_cache_dir
@@ -47,6 +49,7 @@ SUITES: dict[str, Callable[[SuiteContext], dict[str, Any]]] = {
     "snips-intent": label_suites.run_snips_intent,
     "banking77-intent": label_suites.run_banking77_intent,
     "jsonl": label_suites.run_jsonl,
+    "clinc150-cold-start": coldstart_suite.run_clinc150_cold_start,
     "mmlu-pro-outcome": outcome_suites.run_mmlu_pro_outcome,
     "routerbench": outcome_suites.run_routerbench,
     "routellm-mmlu": outcome_suites.run_routellm_mmlu,

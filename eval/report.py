@@ -23,6 +23,7 @@ from eval.metrics import ReliabilityBins
 __all__ = [
     "plot_accuracy_bars",
     "plot_accuracy_cost",
+    "plot_cold_start",
     "plot_confusion",
     "plot_cost_curves",
     "plot_quality_cost",
@@ -54,7 +55,8 @@ def _jsonable(value: Any) -> Any:
 # Every figure a suite of the harness draws. A run removes those of them its results do not list, so a reused
 # ``--out`` never shows an earlier run's figures beside this run's numbers; any other file there is left alone.
 HARNESS_FIGURES = ("confusion_matrix.png", "reliability.png", "cascade_familiar.png", "quality_cost.png",
-                   "arc_quality_cost.png", "strong_calls.png", "accuracy.png", "accuracy_cost.png")
+                   "arc_quality_cost.png", "strong_calls.png", "accuracy.png", "accuracy_cost.png",
+                   "cold_start.png")
 
 
 def write_results(out: Path, results: Mapping[str, Any]) -> None:
@@ -139,7 +141,7 @@ def render_markdown(results: Mapping[str, Any]) -> str:
                     [[k, v, f"[{_fmt(ci[k]['low'])}, {_fmt(ci[k]['high'])}]" if k in ci else ""]
                      for k, v in results["metrics"].items()])
     if results.get("systems"):
-        lines += ["## Gate and baselines on the same test split", ""]
+        lines += [f"## {results.get('systems_title', 'Gate and baselines on the same test split')}", ""]
         lines += _table(*_rows_of(results["systems"]))
     if results.get("experts"):
         lines += ["## Every single expert on the test split", ""]
@@ -334,6 +336,26 @@ def plot_quality_cost(path: Path, curve: Sequence[tuple[float, float]], hull: tu
     ax.grid(True, which="both", axis="x", alpha=0.25)
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)  # beside the axes: it covers no point
     _finish(plt, fig, ax, path, title, xlabel=cost_label, ylabel="accuracy")
+
+
+def plot_cold_start(path: Path, maps: Mapping[str, Sequence[Mapping[str, float]]], counts: Sequence[int],
+                    overall_before: float, title: str) -> None:
+    """Per claim map, a newcomer's share of its own queries, the share it takes of the trained experts' and the
+    overall accuracy, against its number of config examples; the overall accuracy without it for reference."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(10.5, 5.5))
+    for (name, points), style in zip(maps.items(), ("-", "--"), strict=False):
+        for key, label, color in (("own_share", "its own queries routed to it", "tab:blue"),
+                                  ("trained_taken", "trained experts' queries it takes", "tab:red"),
+                                  ("overall_accuracy", "overall accuracy", "tab:green")):
+            ax.plot(counts, [p[key] for p in points], "o" + style, color=color, label=f"{label} ({name})")
+    ax.axhline(overall_before, color="tab:gray", ls=":", lw=0.8,
+               label=f"overall accuracy without it ({overall_before:.3f})")
+    ax.set_xscale("log")
+    ax.set_xticks(list(counts), [str(c) for c in counts])
+    ax.set_ylim(0, 1)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8)  # beside the plot: the curves fill it
+    _finish(plt, fig, ax, path, title, xlabel="config examples of the added expert", ylabel="share of queries")
 
 
 def plot_cost_curves(path: Path, curves: Mapping[str, Sequence[tuple[float, float]]],

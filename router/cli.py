@@ -334,7 +334,8 @@ def _parser(settings: Settings | None = None) -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="evaluate routing on a named suite or your own JSONL")
     p.add_argument("--suite", help="mmlu-pro-domain, clinc150-domain, snips-intent, banking77-intent, "
-                   "mmlu-pro-outcome, mmlu-pro-combine, routerbench, routerbench-combine or routellm-mmlu")
+                   "mmlu-pro-outcome, mmlu-pro-combine, routerbench, routerbench-combine, routellm-mmlu or "
+                   "clinc150-cold-start")
     p.add_argument("--train", help="labelled JSONL to train on ({'query','label'} per line)")
     p.add_argument("--test", help="labelled JSONL to evaluate on; queries whose label is not in --train are "
                    "scored as out of scope (oos_auroc)")

@@ -14,7 +14,7 @@ import pytest
 
 from router.config import EncoderConfig
 from router.encoders import Encoder, build_encoder
-from router.gate import Gate, train_gate
+from router.gate import Gate, GateArtifactMismatch, train_gate
 from tests.support import snips_first
 
 TRAINED = ["AddToPlaylist", "BookRestaurant", "GetWeather", "RateBook", "SearchCreativeWork"]
@@ -57,3 +57,66 @@ def test_adding_experts_by_config_keeps_the_trained_experts_queries_as_familiar(
     # Without experts added, the familiarity is the row's own top probability, as before.
     plain = gate.for_experts({e: [] for e in reversed(TRAINED)})
     np.testing.assert_allclose(plain.assess(texts).ood, before.ood)
+
+
+def _routed(view: Gate, texts: list[str]) -> np.ndarray:
+    return np.array(view.experts)[view.assess(texts).probs.argmax(axis=1)]
+
+
+def test_a_newcomer_with_more_examples_takes_its_own_queries_not_the_trained_experts(
+        gate: Gate, snips: dict[str, list[tuple[str, str]]]) -> None:
+    """The two cold intents added with 3, 10 and 20 examples each. Their claims read the query's nearest trained
+    example too, with weights fitted per example count: a query nearer a trained expert's example stays with it.
+    (The similarity-only map, fitted with 5 examples, took 12%, 23% and 28% of the trained intents' queries.)"""
+    texts = [t for t, _ in snips["test"]]
+    y = np.array([label for _, label in snips["test"]])
+    trained, own = np.isin(y, TRAINED), np.isin(y, COLD)
+    for n in (3, 10, 20):
+        cold = {c: [t for t, label in snips["train"] if label == c][:n] for c in COLD}
+        top = _routed(gate.for_experts({**{e: [] for e in TRAINED}, **cold}), texts)
+        assert np.isin(top[trained], COLD).mean() <= 0.03, n
+        assert (top[own] == y[own]).mean() >= 0.6, n
+        assert (top == y)[trained | own].mean() >= 0.88, n
+
+
+def test_the_claims_and_the_explanation_share_one_search(gate: Gate, snips: dict[str, list[tuple[str, str]]],
+                                                          encoder: Encoder) -> None:
+    """``assess`` searches once for the nearest examples and the nearest trained one; its probabilities are
+    ``predict_proba``'s, and its neighbours ``nearest_many``'s, cold-start examples among them."""
+    cold = {c: [t for t, label in snips["train"] if label == c][:COLD_EXAMPLES] for c in COLD}
+    view = gate.for_experts({**{e: [] for e in TRAINED}, **cold})
+    texts = [t for t, _ in snips["test"]]
+    assessed = view.assess(texts, k=3)
+    x = encoder.encode(texts)
+    np.testing.assert_allclose(assessed.probs, view.predict_proba(x, texts), rtol=0, atol=1e-12)
+    assert assessed.nearest == view.nearest_many(x, 3)
+    assert {n.label for near in assessed.nearest for n in near} >= set(COLD)
+
+
+def test_an_artifact_without_a_fitted_claim_map_claims_by_similarity_alone(
+        gate: Gate, snips: dict[str, list[tuple[str, str]]], encoder: Encoder, tmp_path: Path) -> None:
+    """A gate saved before the fitted map (no ``cold_start_claims`` in gate.json) routes a newcomer as it did:
+    by ``sigmoid(slope * (s - midpoint))`` of the cosine to its examples, whatever their number."""
+    import json
+
+    from router.coldstart import SimilarityMap
+
+    assert gate.metadata.cold_start_claims is not None
+    gate.save(tmp_path / "g")
+    assert Gate.load(tmp_path / "g", encoder).metadata == gate.metadata
+    doc = json.loads((tmp_path / "g" / "gate.json").read_text(encoding="utf-8"))
+    del doc["cold_start_claims"], doc["manifest_sha256"]  # as written before the field (and its self-digest)
+    (tmp_path / "g" / "gate.json").write_text(json.dumps(doc), encoding="utf-8")
+    older = Gate.load(tmp_path / "g", encoder)
+    assert older.metadata.cold_start_claims is None
+    examples = [t for t, label in snips["train"] if label == COLD[0]][:10]
+    view = older.for_experts({**{e: [] for e in TRAINED}, COLD[0]: examples})
+    texts = [t for t, _ in snips["test"]][:60]
+    x = encoder.encode(texts)
+    r = SimilarityMap(gate.metadata.cold_start_slope, gate.metadata.cold_start_midpoint)(
+        (x @ encoder.encode(examples).T).max(axis=1))
+    np.testing.assert_allclose(view.predict_proba(x, texts)[:, -1], r, rtol=1e-6)
+    doc["cold_start_claims"] = [[3, 1.0, 0.0, 0.0], [1, 1.0, 0.0, 0.0]]
+    (tmp_path / "g" / "gate.json").write_text(json.dumps(doc), encoding="utf-8")
+    with pytest.raises(GateArtifactMismatch, match=r"gate\.json: cold_start_claims: .*ascending example count"):
+        Gate.load(tmp_path / "g", encoder)

@@ -207,6 +207,31 @@ def test_clinc150_scores_the_two_stage_gate_over_its_familiar_share(data_dir: Pa
     assert "cascade_familiar.png" in results["figures"]
 
 
+def test_the_cold_start_suite_adds_each_clinc150_domain_by_config(data_dir: Path, tmp_path: Path, cache_dir: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each domain in turn added by examples to a gate trained on the other nine; the fitted claim map against
+    the similarity-only one, on the same draws."""
+    from eval.coldstart_suite import COUNTS, DRAWS, HEADLINE
+
+    monkeypatch.setenv("MOE_CACHE_DIR", str(cache_dir))
+    out = tmp_path / "cold"
+    results = _eval_suite("clinc150-cold-start", 1500, data_dir, out)
+    m, systems = results["metrics"], results["systems"]
+    assert results["setup"]["domains"] == 10 and len(results["runs"]) == 10 * len(COUNTS) * DRAWS * 2
+    fitted, similarity = systems[f"fitted, {HEADLINE} examples"], systems[f"similarity only, {HEADLINE} examples"]
+    assert m[f"overall_accuracy@{HEADLINE}"] == fitted["overall_accuracy"]
+    # The newcomer gets most of its own queries, takes few of the others', and the whole gets more right than
+    # without it, and than with the similarity-only claims.
+    assert fitted["own_share"] > 0.7 and fitted["trained_taken"] < 0.02
+    assert fitted["overall_accuracy"] > m["overall_accuracy_before"] + 0.05
+    assert fitted["overall_accuracy"] > similarity["overall_accuracy"] + 0.02
+    assert fitted["trained_taken"] < similarity["trained_taken"]
+    runs = [r for r in results["runs"] if r["map"] == "fitted" and r["examples"] == HEADLINE]
+    assert fitted["trained_taken_max"] == max(r["trained_taken"] for r in runs)
+    _assert_png(out / "cold_start.png")
+    assert "Per claim map and number of examples" in (out / "report.md").read_text(encoding="utf-8")
+
+
 @pytest.mark.parametrize("suite", ["mmlu-pro-outcome", "routerbench"])
 def test_outcome_suites_small_run(suite: str, data_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / suite

@@ -1,0 +1,117 @@
+"""The cold-start claim map (``router.coldstart``): its rows, its validation, and its fit on real embeddings."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from router.coldstart import (
+    CLAIM_COUNTS,
+    CLAIM_MIN_HELD_OUT,
+    ClaimMap,
+    SimilarityMap,
+    _nearest_per_class,
+    fit_claim_map,
+)
+from router.config import EncoderConfig
+from router.encoders import build_encoder
+from tests.support import snips_first
+
+
+def test_an_expert_uses_the_row_of_the_largest_count_it_reaches() -> None:
+    claims = ClaimMap(((2, 10.0, -5.0, 1.0), (5, 12.0, -6.0, 0.5), (20, 14.0, -7.0, 0.0)))
+    assert [claims.weights(n) for n in (1, 2, 4, 5, 19, 20, 500)] == [
+        (10.0, -5.0, 1.0), (10.0, -5.0, 1.0), (10.0, -5.0, 1.0), (12.0, -6.0, 0.5), (12.0, -6.0, 0.5),
+        (14.0, -7.0, 0.0), (14.0, -7.0, 0.0)]
+    assert claims.reads_trained
+    s, t = np.array([0.9, 0.3]), np.array([0.2, 0.8])
+    r = claims(s, t, 5)
+    np.testing.assert_allclose(r, 1 / (1 + np.exp(-(12.0 * s - 6.0 * t + 0.5))))
+    assert r[0] > 0.99 and r[1] < 0.5
+    with pytest.raises(ValueError, match="nearest trained example"):
+        claims(np.array([0.9]), None, 5)
+    assert ClaimMap.from_list(claims.as_list()) == claims
+
+
+def test_the_similarity_only_map_is_the_one_older_artifacts_hold() -> None:
+    old = SimilarityMap(13.8, 0.38)
+    claims = ClaimMap.from_similarity(old)
+    s = np.linspace(-0.2, 1.0, 13)
+    for n in (1, 5, 40):
+        np.testing.assert_allclose(claims(s, None, n), old(s), rtol=1e-12)
+    assert not claims.reads_trained
+
+
+@pytest.mark.parametrize(("rows", "problem"), [
+    ((), "ascending example count"),
+    (((5, 1.0, 0.0, 0.0), (2, 1.0, 0.0, 0.0)), "ascending example count"),
+    (((2, 1.0, 0.0, 0.0), (2, 3.0, 0.0, 0.0)), "ascending example count"),
+    (((0, 1.0, 0.0, 0.0),), "ascending example count"),
+    (((1, -2.0, 0.0, 0.0),), "positive similarity weight"),
+    (((1, 2.0, float("nan"), 0.0),), "finite"),
+])
+def test_a_bad_claim_map_is_refused_naming_the_problem(rows: tuple[tuple[int, float, float, float], ...],
+                                                       problem: str) -> None:
+    with pytest.raises(ValueError, match=problem):
+        ClaimMap(rows)
+
+
+def test_a_row_needs_four_numbers() -> None:
+    with pytest.raises(ValueError, match="4 numbers"):
+        ClaimMap.from_list([[1, 2.0, 0.0]])
+
+
+def test_the_nearest_example_per_class_leaves_the_query_s_own_row_out() -> None:
+    rng = np.random.default_rng(0)
+    ref = rng.normal(size=(40, 8)).astype(np.float32)
+    ref /= np.linalg.norm(ref, axis=1, keepdims=True)
+    y = rng.integers(0, 3, 40)
+    own = np.array([0, 7, 39, -1])
+    queries = np.concatenate([ref[own[:3]], rng.normal(size=(1, 8)).astype(np.float32)])
+    got = _nearest_per_class(queries, own, ref, y, 4, block=3)
+    for i, q in enumerate(queries):
+        for c in range(4):
+            rows = [j for j in range(40) if y[j] == c and j != own[i]]
+            want = max((float(q @ ref[j]) for j in rows), default=-1.0)
+            assert got[i, c] == pytest.approx(want, abs=1e-6)
+    assert (got[:3] < 0.999).all()  # no query found itself
+
+
+@pytest.fixture(scope="module")
+def snips_embedded(data_dir: Path) -> tuple[np.ndarray, np.ndarray]:
+    snips = snips_first(data_dir, 60, 0)
+    labels = sorted({label for _, label in snips["train"]})
+    encoder = build_encoder(EncoderConfig(backend="onnx"))
+    x = encoder.encode([t for t, _ in snips["train"]])
+    return x, np.array([labels.index(label) for _, label in snips["train"]])
+
+
+def test_the_map_fitted_on_real_queries_favours_the_newcomer_s_examples_and_not_a_trained_expert_s(
+        snips_embedded: tuple[np.ndarray, np.ndarray]) -> None:
+    """SNIPS, 7 intents, 60 queries each, MiniLM (ONNX): every row weighs the cosine to the newcomer's examples
+    up and the cosine to a trained expert's down; with more examples the similarity needed to claim rises."""
+    x, y = snips_embedded
+    val = np.arange(len(y)) % 5 == 0
+    claims = fit_claim_map(x[~val], y[~val], x[val], y[val], 7)
+    assert claims is not None
+    assert [r[0] for r in claims.rows] == [c for c in CLAIM_COUNTS if c <= 48]
+    assert all(r[1] > 3 and r[2] < -3 for r in claims.rows), claims.rows
+    # The cosine to its own examples at which a newcomer's claim is even, a trained example 0.5 away: higher with
+    # more examples, since their maximum runs higher.
+    even = [(-r[3] - r[2] * 0.5) / r[1] for r in claims.rows]
+    assert even[-1] > even[0] + 0.05, even
+    assert fit_claim_map(x[~val], y[~val], x[val], y[val], 7, seed=0) == claims  # seeded
+    # Fewer held-out queries than CLAIM_MIN_HELD_OUT: every example serves, each left out of its own similarities.
+    few = np.flatnonzero(val)[:CLAIM_MIN_HELD_OUT - 1]
+    rest = np.setdiff1d(np.arange(len(y)), few)
+    small = fit_claim_map(x[rest], y[rest], x[few], y[few], 7)
+    assert small is not None and all(r[1] > 3 and r[2] < -3 for r in small.rows)
+
+
+def test_too_little_data_leaves_the_similarity_only_map(snips_embedded: tuple[np.ndarray, np.ndarray]) -> None:
+    x, y = snips_embedded
+    one = y == 0
+    assert fit_claim_map(x[one], y[one], x[one][:0], y[one][:0], 7) is None  # one class: nothing to tell apart
+    assert fit_claim_map(x[:0], y[:0], x[:0], y[:0], 7) is None
