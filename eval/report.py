@@ -340,12 +340,14 @@ def plot_quality_cost(path: Path, curve: Sequence[tuple[float, float]], hull: tu
 
 def plot_cold_start(path: Path, maps: Mapping[str, Sequence[Mapping[str, float]]], counts: Sequence[int],
                     overall_before: float, title: str) -> None:
-    """Per claim map, a newcomer's share of its own queries, the share it takes of the trained experts' and the
-    overall accuracy, against its number of config examples; the overall accuracy without it for reference."""
+    """Per claim map, a newcomer's share of its own queries (and of those not abstained on), the share it takes of
+    the trained experts' and the overall accuracy, against its number of config examples; the overall accuracy
+    without it for reference."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(10.5, 5.5))
     for (name, points), style in zip(maps.items(), ("-", "--"), strict=False):
         for key, label, color in (("own_share", "its own queries routed to it", "tab:blue"),
+                                  ("own_served", "... and not abstained on", "tab:purple"),
                                   ("trained_taken", "trained experts' queries it takes", "tab:red"),
                                   ("overall_accuracy", "overall accuracy", "tab:green")):
             ax.plot(counts, [p[key] for p in points], "o" + style, color=color, label=f"{label} ({name})")

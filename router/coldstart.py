@@ -20,6 +20,11 @@ retraining:
   per example count because a maximum over more examples runs higher, so a map fitted with 5 examples made an
   expert with 10 claim too much. Outcome gates, whose examples are queries every expert was scored on rather than
   an expert's own, keep the ``s``-only map.
+- The abstain (``Gate.ood_scores``) judges a query routed to a newcomer by how near the newcomer's examples it
+  lies, against the grid of how near them the newcomer's own queries lay in the same simulations
+  (``ClaimMap.familiar``): against the trained data's nearest-example grid, which thousands of examples set,
+  most of a newcomer's queries, near only a handful of examples, were abstained on. The price: an out-of-scope
+  query the newcomer claims is judged by the same grid, and more of them are served to it.
 - An expert with neither training data in the artifact nor examples in the config cannot be scored at all;
   ``plan_columns`` refuses it with ``GateArtifactMismatch``, naming it.
 
@@ -75,6 +80,10 @@ class ClaimMap:
     largest count <= ``n`` (the first row below every count). ``w_t == 0`` everywhere: ``t`` is not needed."""
 
     rows: tuple[tuple[int, float, float, float], ...]
+    # Per row, the sorted percentile grid of ``s`` over the newcomer's own queries in the simulations: how near its
+    # examples its queries lie, which the abstain judges a query routed to it by (``Gate.ood_scores``). None: the
+    # trained data's grid judges every query.
+    familiar: tuple[tuple[float, ...], ...] | None = None
 
     def __post_init__(self) -> None:
         counts = [r[0] for r in self.rows]
@@ -82,6 +91,10 @@ class ClaimMap:
             raise ValueError(f"a claim map needs rows by strictly ascending example count >= 1, got {counts}")
         if not all(np.isfinite(r[1:]).all() and r[1] > 0 for r in self.rows):
             raise ValueError("a claim map's weights must be finite, with a positive similarity weight")
+        if self.familiar is not None and (
+                len(self.familiar) != len(self.rows)
+                or not all(len(g) and np.isfinite(g).all() and (np.diff(g) >= 0).all() for g in self.familiar)):
+            raise ValueError("a claim map's familiarity grids must be one per row, each finite and ascending")
 
     @classmethod
     def from_similarity(cls, similarity: SimilarityMap) -> ClaimMap:
@@ -89,14 +102,20 @@ class ClaimMap:
         return cls(((1, similarity.slope, 0.0, -similarity.slope * similarity.midpoint),))
 
     @classmethod
-    def from_list(cls, rows: Sequence[Sequence[float]]) -> ClaimMap:
-        """From ``as_list``'s form (``gate.json``); ``ValueError`` names what is wrong."""
+    def from_list(cls, rows: Sequence[Sequence[float]],
+                  familiar: Sequence[Sequence[float]] | None = None) -> ClaimMap:
+        """From ``as_list``'s and ``familiar``'s forms (``gate.json``); ``ValueError`` names what is wrong."""
         if not all(len(r) == 4 for r in rows):
             raise ValueError("each claim map row needs 4 numbers: count, w_s, w_t, bias")
-        return cls(tuple((int(r[0]), float(r[1]), float(r[2]), float(r[3])) for r in rows))
+        return cls(tuple((int(r[0]), float(r[1]), float(r[2]), float(r[3])) for r in rows),
+                   None if familiar is None else tuple(tuple(float(v) for v in g) for g in familiar))
 
     def as_list(self) -> list[list[float]]:
         return [list(r) for r in self.rows]
+
+    def _row(self, count: int) -> int:
+        """The row an expert with ``count`` examples uses: the largest count <= ``count``, else the first."""
+        return max(0, int(np.searchsorted([r[0] for r in self.rows], count, side="right")) - 1)
 
     @property
     def reads_trained(self) -> bool:
@@ -105,8 +124,11 @@ class ClaimMap:
 
     def weights(self, count: int) -> tuple[float, float, float]:
         """``(w_s, w_t, bias)`` for an expert with ``count`` examples."""
-        fitting = [r for r in self.rows if r[0] <= count] or [self.rows[0]]
-        return fitting[-1][1:]
+        return self.rows[self._row(count)][1:]
+
+    def familiar_grid(self, count: int) -> tuple[float, ...] | None:
+        """The grid of ``s`` its own queries reach, for an expert with ``count`` examples (None: not fitted)."""
+        return None if self.familiar is None else self.familiar[self._row(count)]
 
     def __call__(self, s: np.ndarray, t: np.ndarray | None, count: int) -> np.ndarray:
         w_s, w_t, bias = self.weights(count)
@@ -127,15 +149,22 @@ class ColdStart:
     owner: np.ndarray
     claim_map: ClaimMap
 
+    @property
+    def counts(self) -> np.ndarray:
+        """Each expert's number of examples."""
+        return np.bincount(self.owner, minlength=len(self.names))
+
+    def similarities(self, x: np.ndarray) -> np.ndarray:
+        """``[q, len(names)]``: ``s``, each query's highest cosine to one of each expert's examples."""
+        sims = np.asarray(x, dtype=np.float32) @ self.embeddings.T  # [q, n]
+        return np.stack([sims[:, self.owner == j].max(axis=1) for j in range(len(self.names))], axis=1)
+
     def claims(self, x: np.ndarray, trained_similarity: np.ndarray | None = None) -> np.ndarray:
         """``[q, len(names)]``: each expert's claim ``r`` on each query. ``trained_similarity`` (``t``, per query)
         is needed where ``claim_map.reads_trained``."""
-        sims = np.asarray(x, dtype=np.float32) @ self.embeddings.T  # [q, n]
-        out = np.empty((len(x), len(self.names)), dtype=np.float64)
-        for j in range(len(self.names)):
-            mine = self.owner == j
-            out[:, j] = self.claim_map(sims[:, mine].max(axis=1), trained_similarity, int(mine.sum()))
-        return out
+        s = self.similarities(x)
+        return np.stack([self.claim_map(s[:, j], trained_similarity, int(n)) for j, n in enumerate(self.counts)],
+                        axis=1).reshape(len(s), len(self.names))
 
 
 @dataclass(frozen=True)
@@ -223,14 +252,15 @@ def fit_similarity_map(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarr
 
 
 def fit_claim_map(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray,
-                  n_classes: int, *, seed: int = 0) -> ClaimMap | None:
+                  n_classes: int, *, seed: int = 0, grid_points: int = 201) -> ClaimMap | None:
     """Fit ``ClaimMap`` by simulating cold starts (module docstring); None where no row could be fitted (too
     few classes or queries), and the ``s``-only map serves.
 
     Each row's simulations deal the classes with at least ``count`` training examples out in turn, up to
     ``CLAIM_SIMULATIONS`` (at most ``CLAIM_DRAWS`` draws of one class's examples). The queries are the validation
     part (at most ``CLAIM_QUERIES``), with the training part the examples; with fewer than ``CLAIM_MIN_HELD_OUT``
-    of them, every example is both, its own row left out of its similarities."""
+    of them, every example is both, its own row left out of its similarities. Each row's ``familiar`` grid
+    (``grid_points`` quantiles) is of ``s`` over the newcomer's own queries in its simulations."""
     rng = np.random.default_rng(seed)
     x_train, x_val = np.asarray(x_train, dtype=np.float32), np.asarray(x_val, dtype=np.float32)
     y_train, y_val = np.asarray(y_train), np.asarray(y_val)
@@ -248,7 +278,7 @@ def fit_claim_map(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y
     # t for a newcomer c: the nearest example of any other class (the two largest serve every c).
     order = np.argsort(-nearest, axis=1)[:, :2]
     first, second = np.take_along_axis(nearest, order, axis=1).T
-    rows = []
+    rows, grids = [], []
     for count in CLAIM_COUNTS:
         eligible = [c for c in range(n_classes) if (ref_y == c).sum() >= count]
         if len(eligible) < 2:
@@ -265,10 +295,12 @@ def fit_claim_map(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y
         y = np.concatenate(member).astype(np.float64)
         if min(y.sum(), len(y) - y.sum()) < 5:
             continue
-        w_s, w_t, bias = _fit_logistic(np.concatenate(features).astype(np.float64), y, ridge=_RIDGE)
+        design = np.concatenate(features).astype(np.float64)
+        w_s, w_t, bias = _fit_logistic(design, y, ridge=_RIDGE)
         if w_s > 0 and np.isfinite([w_s, w_t, bias]).all():
             rows.append((count, float(w_s), float(w_t), float(bias)))
-    return ClaimMap(tuple(rows)) if rows else None
+            grids.append(tuple(np.quantile(design[y == 1, 0], np.linspace(0.0, 1.0, grid_points)).tolist()))
+    return ClaimMap(tuple(rows), tuple(grids)) if rows else None
 
 
 def _nearest_per_class(q_x: np.ndarray, q_self: np.ndarray, ref_x: np.ndarray, ref_y: np.ndarray,

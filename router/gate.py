@@ -217,8 +217,10 @@ class BaseGate(ABC):
     def nearest_many(self, embeddings: np.ndarray, k: int = 3) -> Sequence[Sequence[Any]]:
         return [self.nearest(e, k) for e in embeddings]
 
-    def ood_scores(self, proba: np.ndarray, nearest_similarity: np.ndarray) -> np.ndarray:
-        """Familiarity per query, compared with ``ood_threshold``: here the nearest example's cosine."""
+    def ood_scores(self, proba: np.ndarray, nearest_similarity: np.ndarray,
+                   embeddings: np.ndarray | None = None) -> np.ndarray:
+        """Familiarity per query, compared with ``ood_threshold``: here the nearest example's cosine.
+        ``embeddings``: the queries', for a gate whose familiarity reads more than the nearest example."""
         return nearest_similarity
 
     def task_probabilities(self, embeddings: np.ndarray, top: int = 3) -> list[dict[str, float]] | None:
@@ -241,7 +243,7 @@ class BaseGate(ABC):
         probs, nearest = self._scored_and_explained(embeddings, texts, k)
         similarity = np.array([_similarity(near[0]) if near else np.nan for near in nearest], dtype=np.float64)
         return Assessment(probs, [list(near) for near in nearest],
-                          np.asarray(self.ood_scores(probs, similarity), dtype=np.float64),
+                          np.asarray(self.ood_scores(probs, similarity, embeddings), dtype=np.float64),
                           tasks=self.task_probabilities(embeddings))
 
 
@@ -350,18 +352,42 @@ class Gate(BaseGate):
     def ood_threshold(self) -> float | None:
         return self.metadata.ood_threshold
 
-    def ood_scores(self, proba: np.ndarray, nearest_similarity: np.ndarray) -> np.ndarray:
+    def ood_scores(self, proba: np.ndarray, nearest_similarity: np.ndarray,
+                   embeddings: np.ndarray | None = None) -> np.ndarray:
         """Familiarity per query (higher: more like the training data), compared with ``ood_threshold``.
 
         ``proba`` is ``predict_proba``'s output for the queries, ``nearest_similarity`` their cosine to the
-        nearest example (``nearest_many``).
+        nearest example (``nearest_many``), ``embeddings`` the queries' own (``assess`` passes them).
+
+        A query whose top pick is an expert scored from config examples (cold start) is judged by how near that
+        expert's examples it lies, against the grid of how near them its own queries lie (``ClaimMap.familiar``,
+        for its number of examples, from the cold starts simulated in training), in place of its nearest
+        example against the trained data's grid: a newcomer's queries are unlike the trained data and near only
+        a handful of examples, so that grid would abstain on most of them. Without ``embeddings``, or for a gate
+        whose map has no such grids (an older artifact), the trained data's grid judges every query.
 
         With experts scored from config examples (cold start), the top probability compared with the grid is
         the larger of the row's own and the trained experts' share of the row renormalised: the probability the
         grid was fitted on. The cold-start claims scale every trained column down by ``1 - R``, so the row's top
         alone would make each query less familiar for every expert added, and abstain on more of the queries
         the trained experts already served (and of the new expert's own) than without it."""
-        return ood_score(self._familiarity_top(np.asarray(proba)), nearest_similarity, self.metadata.ood_reference)
+        proba = np.asarray(proba)
+        top = self._familiarity_top(proba)
+        reference = self.metadata.ood_reference
+        cold = self._columns.cold if self._columns is not None else None
+        if embeddings is None or cold is None or reference is None or cold.claim_map.familiar is None \
+                or len(proba) == 0:
+            return ood_score(top, nearest_similarity, reference)
+        similarity = _percentile(reference[1], nearest_similarity)
+        picked = proba.argmax(axis=1)
+        x = np.atleast_2d(np.asarray(embeddings, dtype=np.float32))
+        for j, count in enumerate(cold.counts):
+            mine = picked == self.experts.index(cold.names[j])
+            if mine.any():
+                grid = cold.claim_map.familiar_grid(int(count))
+                assert grid is not None  # familiar is set, so every row has a grid
+                similarity[mine] = _percentile(grid, cold.similarities(x[mine])[:, j])
+        return (_percentile(reference[0], top) + similarity) / 2.0
 
     def _familiarity_top(self, proba: np.ndarray) -> np.ndarray:
         """The top probability ``ood_scores`` compares with its grid (see there)."""

@@ -113,6 +113,9 @@ class GateMetadata:
     cold_start_slope: float = SimilarityMap.slope
     cold_start_midpoint: float = SimilarityMap.midpoint
     cold_start_claims: list[list[float]] | None = None
+    # Per row of ``cold_start_claims``, the percentile grid of a newcomer's own queries' cosine to its examples:
+    # what the abstain judges a query routed to a cold-start expert by. None: the trained data's grid.
+    cold_start_familiar: list[list[float]] | None = None
     # ``ood_scores`` below this are out of distribution; None: never abstain.
     ood_threshold: float | None = None
     # Percentile grids (router.gate_train.OOD_GRID points each) of the validation queries' [top probability,
@@ -133,7 +136,7 @@ class GateMetadata:
 def claim_map_of(metadata: GateMetadata) -> ClaimMap:
     """How the gate's cold-start experts claim queries: the fitted ``ClaimMap``, else the s-only map."""
     if metadata.cold_start_claims is not None:
-        return ClaimMap.from_list(metadata.cold_start_claims)
+        return ClaimMap.from_list(metadata.cold_start_claims, metadata.cold_start_familiar)
     return ClaimMap.from_similarity(SimilarityMap(metadata.cold_start_slope, metadata.cold_start_midpoint))
 
 # The class that restores each kind of artifact, as "module:name" (imported when such an artifact is loaded).

@@ -231,7 +231,7 @@ def train_gate(texts: Sequence[str], labels: Sequence[str], encoder: Encoder, *,
         temperature, metrics = _calibrate(scored, n_train=len(train), n_val=len(val))
         bar.update()
     similarity = fit_similarity_map(x[train], y[train], x[val], y[val], len(trained), seed=seed)
-    claims = fit_claim_map(x[train], y[train], x[val], y[val], len(trained), seed=seed)
+    claims = fit_claim_map(x[train], y[train], x[val], y[val], len(trained), seed=seed, grid_points=OOD_GRID)
     ood_reference, ood_threshold = _fit_ood_scores(_softmax(scored.logits / temperature).max(axis=1)
                                                    if len(scored.y) else np.zeros(0), scored.similarity)
     metadata = GateMetadata(encoder.identity, encoder.checksum, training_data_sha256(texts, labels), metrics,
@@ -239,6 +239,8 @@ def train_gate(texts: Sequence[str], labels: Sequence[str], encoder: Encoder, *,
                             unseen_experts=unseen,
                             cold_start_slope=similarity.slope, cold_start_midpoint=similarity.midpoint,
                             cold_start_claims=None if claims is None else claims.as_list(),
+                            cold_start_familiar=None if claims is None or claims.familiar is None
+                            else [list(g) for g in claims.familiar],
                             ood_threshold=ood_threshold, ood_reference=ood_reference)
     return Gate(encoder, experts, classifier, temperature, metadata, (x, texts, list(labels)))
 

@@ -105,7 +105,8 @@ def test_an_artifact_without_a_fitted_claim_map_claims_by_similarity_alone(
     gate.save(tmp_path / "g")
     assert Gate.load(tmp_path / "g", encoder).metadata == gate.metadata
     doc = json.loads((tmp_path / "g" / "gate.json").read_text(encoding="utf-8"))
-    del doc["cold_start_claims"], doc["manifest_sha256"]  # as written before the field (and its self-digest)
+    # As written before the fields (and without its self-digest, as an artifact written by hand).
+    del doc["cold_start_claims"], doc["cold_start_familiar"], doc["manifest_sha256"]
     (tmp_path / "g" / "gate.json").write_text(json.dumps(doc), encoding="utf-8")
     older = Gate.load(tmp_path / "g", encoder)
     assert older.metadata.cold_start_claims is None
@@ -119,4 +120,8 @@ def test_an_artifact_without_a_fitted_claim_map_claims_by_similarity_alone(
     doc["cold_start_claims"] = [[3, 1.0, 0.0, 0.0], [1, 1.0, 0.0, 0.0]]
     (tmp_path / "g" / "gate.json").write_text(json.dumps(doc), encoding="utf-8")
     with pytest.raises(GateArtifactMismatch, match=r"gate\.json: cold_start_claims: .*ascending example count"):
+        Gate.load(tmp_path / "g", encoder)
+    doc["cold_start_claims"], doc["cold_start_familiar"] = [[1, 1.0, 0.0, 0.0]], [[0.5, 0.2]]
+    (tmp_path / "g" / "gate.json").write_text(json.dumps(doc), encoding="utf-8")
+    with pytest.raises(GateArtifactMismatch, match=r"cold_start_claims: .*familiarity grids .* ascending"):
         Gate.load(tmp_path / "g", encoder)

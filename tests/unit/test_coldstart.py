@@ -58,6 +58,17 @@ def test_a_bad_claim_map_is_refused_naming_the_problem(rows: tuple[tuple[int, fl
         ClaimMap(rows)
 
 
+def test_familiarity_grids_follow_the_rows() -> None:
+    rows = ((1, 10.0, -5.0, 1.0), (5, 12.0, -6.0, 0.5))
+    claims = ClaimMap(rows, ((0.2, 0.4, 0.6), (0.3, 0.5, 0.8)))
+    assert [claims.familiar_grid(n) for n in (1, 4, 5, 50)] == [(0.2, 0.4, 0.6), (0.2, 0.4, 0.6),
+                                                               (0.3, 0.5, 0.8), (0.3, 0.5, 0.8)]
+    assert ClaimMap(rows).familiar_grid(5) is None
+    for grids in (((0.2, 0.4),), ((0.2, 0.4), (0.5, 0.3)), ((0.2, 0.4), ())):
+        with pytest.raises(ValueError, match="familiarity grids must be one per row"):
+            ClaimMap(rows, grids)
+
+
 def test_a_row_needs_four_numbers() -> None:
     with pytest.raises(ValueError, match="4 numbers"):
         ClaimMap.from_list([[1, 2.0, 0.0]])
@@ -103,6 +114,10 @@ def test_the_map_fitted_on_real_queries_favours_the_newcomer_s_examples_and_not_
     even = [(-r[3] - r[2] * 0.5) / r[1] for r in claims.rows]
     assert even[-1] > even[0] + 0.05, even
     assert fit_claim_map(x[~val], y[~val], x[val], y[val], 7, seed=0) == claims  # seeded
+    # The newcomer's own queries lie nearer its examples the more it has: the familiarity grids' medians rise.
+    assert claims.familiar is not None and len(claims.familiar) == len(claims.rows)
+    medians = [g[len(g) // 2] for g in claims.familiar]
+    assert medians[-1] > medians[0] + 0.1 and all(len(g) == 201 for g in claims.familiar), medians
     # Fewer held-out queries than CLAIM_MIN_HELD_OUT: every example serves, each left out of its own similarities.
     few = np.flatnonzero(val)[:CLAIM_MIN_HELD_OUT - 1]
     rest = np.setdiff1d(np.arange(len(y)), few)

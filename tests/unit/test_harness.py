@@ -215,9 +215,10 @@ def test_the_cold_start_suite_adds_each_clinc150_domain_by_config(data_dir: Path
 
     monkeypatch.setenv("MOE_CACHE_DIR", str(cache_dir))
     out = tmp_path / "cold"
-    results = _eval_suite("clinc150-cold-start", 1500, data_dir, out)
+    results = _eval_suite("clinc150-cold-start", 1000, data_dir, out)
     m, systems = results["metrics"], results["systems"]
     assert results["setup"]["domains"] == 10 and len(results["runs"]) == 10 * len(COUNTS) * DRAWS * 2
+    assert results["setup"]["test_out_of_scope"] > 100
     fitted, similarity = systems[f"fitted, {HEADLINE} examples"], systems[f"similarity only, {HEADLINE} examples"]
     assert m[f"overall_accuracy@{HEADLINE}"] == fitted["overall_accuracy"]
     # The newcomer gets most of its own queries, takes few of the others', and the whole gets more right than
@@ -226,6 +227,12 @@ def test_the_cold_start_suite_adds_each_clinc150_domain_by_config(data_dir: Path
     assert fitted["overall_accuracy"] > m["overall_accuracy_before"] + 0.05
     assert fitted["overall_accuracy"] > similarity["overall_accuracy"] + 0.02
     assert fitted["trained_taken"] < similarity["trained_taken"]
+    # With abstain: its queries are judged by how near its examples they lie, as its own queries in the simulated
+    # cold starts lay, so most of what it is given is served; the trained domains' abstain no more than before.
+    assert fitted["own_served"] > similarity["own_served"] + 0.15
+    assert fitted["own_served"] > 0.9 * fitted["own_share"]
+    assert fitted["trained_abstained"] <= m["trained_abstained_before"] + 0.01
+    assert 0 < fitted["oos_abstained"] <= m["oos_abstained_before"]  # the price: out-of-scope queries near it
     runs = [r for r in results["runs"] if r["map"] == "fitted" and r["examples"] == HEADLINE]
     assert fitted["trained_taken_max"] == max(r["trained_taken"] for r in runs)
     _assert_png(out / "cold_start.png")
