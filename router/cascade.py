@@ -217,8 +217,14 @@ class CascadeGate:
 
     def decides(self, fast: Assessment) -> np.ndarray:
         """Per query of the fast gate's ``fast`` assessment (with familiarity: ``assess`` with ``k >= 1``),
-        whether the fast stage decides it."""
-        return _decides(fast, self.fit.threshold, self.familiarity)
+        whether the fast stage decides it. A query it would route to an expert scored from config examples (cold
+        start) is the full gate's: its claims are the better judge, and the familiarity it is judged by is that
+        expert's examples', not the trained data the threshold was fitted on."""
+        decided = _decides(fast, self.fit.threshold, self.familiarity)
+        cold = self.fast.cold_start_experts
+        if cold and len(fast.probs):
+            decided &= ~np.isin(np.asarray(self.fast.experts)[fast.probs.argmax(axis=1)], cold)
+        return decided
 
     def predict_proba(self, embeddings: np.ndarray, texts: Sequence[str] | None = None) -> np.ndarray:
         """The full gate's probabilities for its own encoder's ``embeddings`` (what a plain gate would give)."""

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -59,6 +60,7 @@ CLAIM_DRAWS = 3
 # out of its similarities (as ``router.gate_train.MIN_HELD_OUT`` does for calibration).
 CLAIM_MIN_HELD_OUT = 50
 _RIDGE = 1.0  # on the summed log-loss: keeps the fit finite where a small sample separates perfectly
+_SAME = 1.0 - 1e-5  # a cosine this high is the same text (a copy of an example), left out with it
 
 
 @dataclass(frozen=True)
@@ -89,8 +91,8 @@ class ClaimMap:
         counts = [r[0] for r in self.rows]
         if not self.rows or counts != sorted(set(counts)) or counts[0] < 1:
             raise ValueError(f"a claim map needs rows by strictly ascending example count >= 1, got {counts}")
-        if not all(np.isfinite(r[1:]).all() and r[1] > 0 for r in self.rows):
-            raise ValueError("a claim map's weights must be finite, with a positive similarity weight")
+        if not all(np.isfinite(r[1:]).all() for r in self.rows):
+            raise ValueError("a claim map's weights must be finite")
         if self.familiar is not None and (
                 len(self.familiar) != len(self.rows)
                 or not all(len(g) and np.isfinite(g).all() and (np.diff(g) >= 0).all() for g in self.familiar)):
@@ -104,11 +106,23 @@ class ClaimMap:
     @classmethod
     def from_list(cls, rows: Sequence[Sequence[float]],
                   familiar: Sequence[Sequence[float]] | None = None) -> ClaimMap:
-        """From ``as_list``'s and ``familiar``'s forms (``gate.json``); ``ValueError`` names what is wrong."""
-        if not all(len(r) == 4 for r in rows):
+        """A fitted map from ``as_list``'s and ``familiar``'s forms (``gate.json``); ``ValueError`` names what is
+        wrong. A fitted map's similarity weights are positive (``fit_claim_map`` keeps no other row)."""
+        def numbers(row: Any, what: str) -> list[float]:
+            if not isinstance(row, list | tuple) or not all(
+                    isinstance(v, int | float) and not isinstance(v, bool) for v in row):
+                raise ValueError(f"each {what} must be a list of numbers, got {row!r}")
+            return [float(v) for v in row]
+
+        parsed = [numbers(r, "claim map row") for r in rows]
+        if not all(len(r) == 4 for r in parsed):
             raise ValueError("each claim map row needs 4 numbers: count, w_s, w_t, bias")
-        return cls(tuple((int(r[0]), float(r[1]), float(r[2]), float(r[3])) for r in rows),
-                   None if familiar is None else tuple(tuple(float(v) for v in g) for g in familiar))
+        if not all(np.isfinite(r[0]) and r[0] == int(r[0]) for r in parsed):
+            raise ValueError("a claim map row's example count must be a whole number")
+        if not all(r[1] > 0 for r in parsed):
+            raise ValueError("a claim map's similarity weights must be positive")
+        return cls(tuple((int(r[0]), r[1], r[2], r[3]) for r in parsed),
+                   None if familiar is None else tuple(tuple(numbers(g, "familiarity grid")) for g in familiar))
 
     def as_list(self) -> list[list[float]]:
         return [list(r) for r in self.rows]
@@ -264,7 +278,8 @@ def fit_claim_map(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y
     rng = np.random.default_rng(seed)
     x_train, x_val = np.asarray(x_train, dtype=np.float32), np.asarray(x_val, dtype=np.float32)
     y_train, y_val = np.asarray(y_train), np.asarray(y_val)
-    if len(y_val) >= CLAIM_MIN_HELD_OUT:
+    leave_self_out = len(y_val) < CLAIM_MIN_HELD_OUT
+    if not leave_self_out:
         ref_x, ref_y = x_train, y_train
         queries = rng.permutation(len(y_val))[:CLAIM_QUERIES]
         q_x, q_y, q_self = x_val[queries], y_val[queries], np.full(len(queries), -1)
@@ -284,19 +299,28 @@ def fit_claim_map(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y
         if len(eligible) < 2:
             break
         runs = [c for _ in range(CLAIM_DRAWS) for c in rng.permutation(eligible)][:CLAIM_SIMULATIONS]
-        features, member = [], []
+        features, member, weights = [], [], []
         for c in runs:
             picked = rng.choice(np.flatnonzero(ref_y == c), count, replace=False)
-            scored = ~np.isin(q_self, picked)  # a query is never one of the newcomer's own examples
-            s = (q_x[scored] @ ref_x[picked].T).max(axis=1)
+            sims = q_x @ ref_x[picked].T
+            # A query is never one of the newcomer's own examples, nor a copy of one.
+            scored = ~np.isin(q_self, picked) & (sims.max(axis=1) < _SAME) if leave_self_out \
+                else np.ones(len(q_y), dtype=bool)
+            s = sims[scored].max(axis=1)
             t = np.where(order[scored, 0] == c, second[scored], first[scored])
+            mine = q_y[scored] == c
             features.append(np.stack([s, t, np.ones_like(s)], axis=1))
-            member.append(q_y[scored] == c)
+            member.append(mine)
+            # Where its examples were taken out of the queries, its remaining queries stand for all of them: the
+            # newcomer keeps its share of the queries (a handful of examples per class would otherwise leave it
+            # few or none, and the fit would learn that it never owns a query).
+            before = (q_y == c).sum()
+            weights.append(np.where(mine, before / max(mine.sum(), 1), 1.0))
         y = np.concatenate(member).astype(np.float64)
         if min(y.sum(), len(y) - y.sum()) < 5:
             continue
         design = np.concatenate(features).astype(np.float64)
-        w_s, w_t, bias = _fit_logistic(design, y, ridge=_RIDGE)
+        w_s, w_t, bias = _fit_logistic(design, y, ridge=_RIDGE, weights=np.concatenate(weights))
         if w_s > 0 and np.isfinite([w_s, w_t, bias]).all():
             rows.append((count, float(w_s), float(w_t), float(bias)))
             grids.append(tuple(np.quantile(design[y == 1, 0], np.linspace(0.0, 1.0, grid_points)).tolist()))
@@ -306,7 +330,7 @@ def fit_claim_map(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y
 def _nearest_per_class(q_x: np.ndarray, q_self: np.ndarray, ref_x: np.ndarray, ref_y: np.ndarray,
                        n_classes: int, block: int = 256) -> np.ndarray:
     """``[q, n_classes]``: each query's highest cosine to an example of each class (-1 where it has none),
-    leaving out the example ``q_self`` names (-1: none)."""
+    leaving out the example ``q_self`` names (-1: none) and that query's copies (cosine ``_SAME`` or more)."""
     by_class = np.argsort(ref_y, kind="stable")
     sorted_x, sorted_y = ref_x[by_class], ref_y[by_class]
     classes, starts = np.unique(sorted_y, return_index=True)
@@ -318,22 +342,26 @@ def _nearest_per_class(q_x: np.ndarray, q_self: np.ndarray, ref_x: np.ndarray, r
         own = q_self[lo:lo + block]
         hit = np.flatnonzero(own >= 0)
         sims[hit, position[own[hit]]] = -np.inf
+        if len(hit):  # and its copies: a repeated text is not a neighbour that tells its class
+            sims[hit] = np.where(sims[hit] >= _SAME, -np.inf, sims[hit])
         out[lo:lo + block, classes] = np.maximum(np.maximum.reduceat(sims, starts, axis=1), -1.0)
     return out
 
 
-def _fit_logistic(features: np.ndarray, y: np.ndarray, *, ridge: float = 0.0, steps: int = 200) -> np.ndarray:
+def _fit_logistic(features: np.ndarray, y: np.ndarray, *, ridge: float = 0.0, steps: int = 200,
+                  weights: np.ndarray | None = None) -> np.ndarray:
     """Maximum-likelihood weights of a logistic regression on ``features`` (the last column the intercept, never
-    penalised; the others by ``ridge / 2 * w**2`` on the summed log-loss), by Newton's method: a few weights, so
-    no solver dependency."""
+    penalised; the others by ``ridge / 2 * w**2`` on the summed log-loss, each row's loss times its ``weights``),
+    by Newton's method: a few weights, so no solver dependency."""
     w = np.zeros(features.shape[1])
     w[0] = 1.0
     penalty = np.full(len(w), ridge)
     penalty[-1] = 0.0
+    weights = np.ones(len(y)) if weights is None else np.asarray(weights, dtype=np.float64)
     for _ in range(steps):
         p = 1.0 / (1.0 + np.exp(-np.clip(features @ w, -30, 30)))
-        grad = features.T @ (p - y) + penalty * w
-        hess = features.T @ (features * (p * (1 - p))[:, None]) + np.diag(penalty) + 1e-6 * np.eye(len(w))
+        grad = features.T @ (weights * (p - y)) + penalty * w
+        hess = features.T @ (features * (weights * p * (1 - p))[:, None]) + np.diag(penalty) + 1e-6 * np.eye(len(w))
         step = np.linalg.solve(hess, grad)
         w -= step
         if np.abs(step).max() < 1e-8:

@@ -235,7 +235,8 @@ class BaseGate(ABC):
 
     def assess(self, texts: Sequence[str], k: int = 3) -> Assessment:
         """One embedding per query serves the probabilities, the ``k`` nearest examples and the familiarity
-        score; ``k=0``: the probabilities alone (no example search; familiarity unknown, nan)."""
+        score; ``k=0``: the probabilities alone (familiarity unknown, nan), with no example search unless the
+        probabilities need one (a label gate's cold-start claims read the nearest trained example)."""
         embeddings = self.encoder.encode(texts)
         if k == 0:
             probs = np.asarray(self.predict_proba(embeddings, texts))
@@ -290,6 +291,12 @@ class Gate(BaseGate):
         examples)."""
         n = self._n_artifact_examples
         return list(self.example_texts[:n]), list(self.example_labels[:n])
+
+    @property
+    def cold_start_experts(self) -> list[str]:
+        """The config's experts this view scores from their examples (``for_experts``), in config order."""
+        cold = self._columns.cold if self._columns is not None else None
+        return [] if cold is None else list(cold.names)
 
     @property
     def trained_experts(self) -> list[str]:

@@ -235,10 +235,12 @@ def _restore_artifact(path: Path, doc: dict[str, Any], encoder: Encoder) -> Gate
     experts = _expert_names(path / _MANIFEST, doc.pop("experts"), "experts")
     doc.pop("files")
     metadata = GateMetadata(**{k: v for k, v in doc.items() if k in _METADATA_FIELDS})
-    try:
-        claim_map_of(metadata)
-    except (ValueError, TypeError) as exc:
-        raise GateArtifactMismatch(f"{path / _MANIFEST}: cold_start_claims: {exc}; {RETRAIN}") from None
+    if metadata.cold_start_claims is not None:  # the s-only map of older artifacts is used as it was written
+        try:
+            claim_map_of(metadata)
+        except (ValueError, TypeError, OverflowError) as exc:
+            raise GateArtifactMismatch(f"{path / _MANIFEST}: cold_start_claims/cold_start_familiar: {exc}; "
+                                       f"{RETRAIN}") from None
     weights, ex = _read_arrays(path / _WEIGHTS), _read_arrays(path / _EXAMPLES)
     texts = unpack_strings(ex["text_bytes"], ex["text_offsets"])
     labels = [experts[i] if i >= 0 else "" for i in ex["labels"]]

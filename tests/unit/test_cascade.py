@@ -180,6 +180,14 @@ def test_an_expert_added_with_examples_is_routable_by_both_stages() -> None:
     assert served.experts == served.fast.experts == served.full.experts == [*EXAMPLES, "travel"]
     a = served.assess(["a flight to rome and hotels in lisbon", "cheap train tickets to paris"])
     assert [served.experts[int(i)] for i in a.probs.argmax(axis=1)] == ["travel", "travel"]
+    # However sure and familiar the fast stage is, a query it would route to the newcomer is the full gate's:
+    # its claims are the better judge (the familiarity is judged against the newcomer's few examples).
+    lenient = CascadeGate(fast, full, CascadeFit(0.0, 0.995, 0, 0.0, 1.0, "x", familiarity=-1.0))
+    served = lenient.for_experts({**EXAMPLES, "travel": travel})
+    a = served.assess(["cheap train tickets to paris", "solve the equation for x"])
+    assert served.fast.cold_start_experts == ["travel"]
+    assert [served.experts[int(i)] for i in a.probs.argmax(axis=1)] == ["travel", "maths"]
+    assert a.stage == ["full", "fast"]
 
 
 async def test_the_decision_names_the_stage_and_abstains_by_that_stage_s_threshold() -> None:

@@ -119,9 +119,14 @@ def test_an_artifact_without_a_fitted_claim_map_claims_by_similarity_alone(
     np.testing.assert_allclose(view.predict_proba(x, texts)[:, -1], r, rtol=1e-6)
     doc["cold_start_claims"] = [[3, 1.0, 0.0, 0.0], [1, 1.0, 0.0, 0.0]]
     (tmp_path / "g" / "gate.json").write_text(json.dumps(doc), encoding="utf-8")
-    with pytest.raises(GateArtifactMismatch, match=r"gate\.json: cold_start_claims: .*ascending example count"):
+    with pytest.raises(GateArtifactMismatch, match=r"gate\.json: cold_start_claims/cold_start_familiar: .*ascending"):
         Gate.load(tmp_path / "g", encoder)
     doc["cold_start_claims"], doc["cold_start_familiar"] = [[1, 1.0, 0.0, 0.0]], [[0.5, 0.2]]
     (tmp_path / "g" / "gate.json").write_text(json.dumps(doc), encoding="utf-8")
-    with pytest.raises(GateArtifactMismatch, match=r"cold_start_claims: .*familiarity grids .* ascending"):
+    with pytest.raises(GateArtifactMismatch, match=r"cold_start_familiar: .*familiarity grids .* ascending"):
         Gate.load(tmp_path / "g", encoder)
+    # An older artifact is loaded as it was written, whatever its s-only map says.
+    del doc["cold_start_claims"], doc["cold_start_familiar"]
+    doc["cold_start_slope"] = -2.0
+    (tmp_path / "g" / "gate.json").write_text(json.dumps(doc), encoding="utf-8")
+    assert Gate.load(tmp_path / "g", encoder).metadata.cold_start_slope == -2.0

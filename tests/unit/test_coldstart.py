@@ -49,7 +49,6 @@ def test_the_similarity_only_map_is_the_one_older_artifacts_hold() -> None:
     (((5, 1.0, 0.0, 0.0), (2, 1.0, 0.0, 0.0)), "ascending example count"),
     (((2, 1.0, 0.0, 0.0), (2, 3.0, 0.0, 0.0)), "ascending example count"),
     (((0, 1.0, 0.0, 0.0),), "ascending example count"),
-    (((1, -2.0, 0.0, 0.0),), "positive similarity weight"),
     (((1, 2.0, float("nan"), 0.0),), "finite"),
 ])
 def test_a_bad_claim_map_is_refused_naming_the_problem(rows: tuple[tuple[int, float, float, float], ...],
@@ -69,9 +68,26 @@ def test_familiarity_grids_follow_the_rows() -> None:
             ClaimMap(rows, grids)
 
 
-def test_a_row_needs_four_numbers() -> None:
-    with pytest.raises(ValueError, match="4 numbers"):
-        ClaimMap.from_list([[1, 2.0, 0.0]])
+@pytest.mark.parametrize(("rows", "problem"), [
+    ([[1, 2.0, 0.0]], "4 numbers"),
+    ([[float("inf"), 2.0, 0.0, 0.0]], "whole number"),
+    ([[1.5, 2.0, 0.0, 0.0]], "whole number"),
+    ([["1", 2.0, 0.0, 0.0]], "list of numbers"),
+    ([[True, 2.0, 0.0, 0.0]], "list of numbers"),
+    ([{"count": 1}], "list of numbers"),
+    ([[1, -2.0, 0.0, 0.0]], "similarity weights must be positive"),
+])
+def test_a_fitted_map_from_gate_json_is_checked(rows: list[object], problem: str) -> None:
+    with pytest.raises(ValueError, match=problem):
+        ClaimMap.from_list(rows)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="familiarity grid must be a list of numbers"):
+        ClaimMap.from_list([[1, 2.0, 0.0, 0.0]], [["0.1"]])
+
+
+def test_the_similarity_only_map_takes_an_older_artifact_s_slope_as_written() -> None:
+    """Older artifacts were loaded whatever their slope; the s-only map still is (a fitted row never has one)."""
+    claims = ClaimMap.from_similarity(SimilarityMap(-3.0, 0.5))
+    np.testing.assert_allclose(claims(np.array([0.2]), None, 4), SimilarityMap(-3.0, 0.5)(np.array([0.2])))
 
 
 def test_the_nearest_example_per_class_leaves_the_query_s_own_row_out() -> None:
@@ -130,3 +146,32 @@ def test_too_little_data_leaves_the_similarity_only_map(snips_embedded: tuple[np
     one = y == 0
     assert fit_claim_map(x[one], y[one], x[one][:0], y[one][:0], 7) is None  # one class: nothing to tell apart
     assert fit_claim_map(x[:0], y[:0], x[:0], y[:0], 7) is None
+
+
+@pytest.fixture(scope="module")
+def tiny(data_dir: Path) -> dict[str, list[tuple[str, str]]]:
+    return snips_first(data_dir, 6, 40)
+
+
+@pytest.mark.parametrize("copies", [1, 2])
+def test_a_tiny_gate_lets_a_newcomer_own_its_queries_and_no_more(tiny: dict[str, list[tuple[str, str]]],
+                                                                  copies: int) -> None:
+    """Six SNIPS intents with 6 examples each (too few to hold any out: the map is fitted on every example, each
+    left out of its own similarities), a seventh added with 5. Taking a newcomer's examples out of the simulated
+    queries must not leave it owning none (it won 0% of its own queries), and a training text given twice must
+    not stand as its own nearest neighbour (the newcomer then took 71% of the trained intents' queries)."""
+    from router.gate import train_gate
+
+    intents = sorted({label for _, label in tiny["train"]})
+    new, trained = intents[0], intents[1:]
+    pairs = [(t, label) for t, label in tiny["train"] if label in trained] * copies
+    encoder = build_encoder(EncoderConfig(backend="onnx"))
+    gate = train_gate([t for t, _ in pairs], [label for _, label in pairs], encoder, experts=trained,
+                      progress=False)
+    assert gate.metadata.cold_start_claims is not None
+    view = gate.for_experts({**{e: [] for e in trained}, new: [t for t, label in tiny["train"] if label == new][:5]})
+    texts, y = [t for t, _ in tiny["test"]], np.array([label for _, label in tiny["test"]])
+    top = np.array(view.experts)[view.predict_proba(encoder.encode(texts), texts).argmax(axis=1)]
+    own = y == new
+    assert (top[own] == new).mean() >= 0.3
+    assert (top[~own] == new).mean() <= 0.1
