@@ -86,6 +86,9 @@ class ClaimMap:
     # examples its queries lie, which the abstain judges a query routed to it by (``Gate.ood_scores``). None: the
     # trained data's grid judges every query.
     familiar: tuple[tuple[float, ...], ...] | None = None
+    # Per trained expert (in the order ``fit_claim_map`` numbers them), what lifts ``t`` where the nearest example
+    # is one of that expert's (``_offsets``); None: nothing is lifted. ``Gate`` keeps them by expert name.
+    offsets: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         counts = [r[0] for r in self.rows]
@@ -162,6 +165,9 @@ class ColdStart:
     embeddings: np.ndarray
     owner: np.ndarray
     claim_map: ClaimMap
+    # The examples of routed trained experts whose ``t`` is lifted (``ClaimMap.offsets``), and each one's lift.
+    lifted: np.ndarray | None = None
+    lift: np.ndarray | None = None
 
     @property
     def counts(self) -> np.ndarray:
@@ -177,6 +183,9 @@ class ColdStart:
         """``[q, len(names)]``: each expert's claim ``r`` on each query. ``trained_similarity`` (``t``, per query)
         is needed where ``claim_map.reads_trained``."""
         s = self.similarities(x)
+        if trained_similarity is not None and self.lifted is not None and self.lift is not None and len(self.lift):
+            raised = (np.asarray(x, dtype=np.float32) @ self.lifted.T + self.lift).max(axis=1)
+            trained_similarity = np.maximum(trained_similarity, raised)
         return np.stack([self.claim_map(s[:, j], trained_similarity, int(n)) for j, n in enumerate(self.counts)],
                         axis=1).reshape(len(s), len(self.names))
 
@@ -218,11 +227,12 @@ class Columns:
 
 
 def plan_columns(artifact_experts: Sequence[str], trained: Sequence[str], wanted: Mapping[str, np.ndarray],
-                 claim_map: ClaimMap) -> Columns:
+                 claim_map: ClaimMap, lifted: tuple[np.ndarray, np.ndarray] | None = None) -> Columns:
     """Columns for the experts in ``wanted`` (name -> its example embeddings, in config order).
 
     ``trained`` are the artifact experts with training data. Any other wanted expert is scored from its
-    examples; one without examples raises ``GateArtifactMismatch``.
+    examples; one without examples raises ``GateArtifactMismatch``. ``lifted``: the examples of routed trained
+    experts whose ``t`` is lifted, and each example's lift (``ColdStart``).
     """
     from router.gate import GateArtifactMismatch
 
@@ -240,7 +250,8 @@ def plan_columns(artifact_experts: Sequence[str], trained: Sequence[str], wanted
         return Columns(list(wanted), source)
     embeddings = np.concatenate([np.asarray(wanted[n], dtype=np.float32) for n in cold])
     owner = np.concatenate([np.full(len(wanted[n]), j, dtype=np.int64) for j, n in enumerate(cold)])
-    return Columns(list(wanted), source, ColdStart(cold, embeddings, owner, claim_map))
+    return Columns(list(wanted), source, ColdStart(cold, embeddings, owner, claim_map,
+                                                   *(lifted if lifted is not None else (None, None))))
 
 
 def fit_similarity_map(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray,
@@ -290,41 +301,66 @@ def fit_claim_map(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y
     if len(q_y) == 0 or len(np.unique(ref_y)) < 2:
         return None
     nearest = _nearest_per_class(q_x, q_self, ref_x, ref_y, n_classes)  # [q, classes]
-    # t for a newcomer c: the nearest example of any other class (the two largest serve every c).
-    order = np.argsort(-nearest, axis=1)[:, :2]
-    first, second = np.take_along_axis(nearest, order, axis=1).T
-    rows, grids = [], []
+    simulated: list[tuple[int, list[tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]]]] = []
     for count in CLAIM_COUNTS:
         eligible = [c for c in range(n_classes) if (ref_y == c).sum() >= count]
         if len(eligible) < 2:
             break
         runs = [c for _ in range(CLAIM_DRAWS) for c in rng.permutation(eligible)][:CLAIM_SIMULATIONS]
-        features, member, weights = [], [], []
+        done = []
         for c in runs:
             picked = rng.choice(np.flatnonzero(ref_y == c), count, replace=False)
             sims = q_x @ ref_x[picked].T
             # A query is never one of the newcomer's own examples, nor a copy of one.
             scored = ~np.isin(q_self, picked) & (sims.max(axis=1) < _SAME) if leave_self_out \
                 else np.ones(len(q_y), dtype=bool)
-            s = sims[scored].max(axis=1)
-            t = np.where(order[scored, 0] == c, second[scored], first[scored])
             mine = q_y[scored] == c
-            features.append(np.stack([s, t, np.ones_like(s)], axis=1))
-            member.append(mine)
             # Where its examples were taken out of the queries, its remaining queries stand for all of them: the
             # newcomer keeps its share of the queries (a handful of examples per class would otherwise leave it
             # few or none, and the fit would learn that it never owns a query).
-            before = (q_y == c).sum()
-            weights.append(np.where(mine, before / max(mine.sum(), 1), 1.0))
-        y = np.concatenate(member).astype(np.float64)
+            weight = np.where(mine, (q_y == c).sum() / max(mine.sum(), 1), 1.0)
+            done.append((c, scored, sims[scored].max(axis=1), mine, weight))
+        simulated.append((count, done))
+    own = {count: np.concatenate([s[mine] for _, _, s, mine, _ in done]) for count, done in simulated}
+    offsets = _offsets(nearest, q_y, np.bincount(np.concatenate([y_train, y_val]), minlength=n_classes),
+                       {count: float(np.median(s)) for count, s in own.items() if len(s)})
+    # t for a newcomer c: the nearest example of any other class, lifted by its offset (the two largest serve
+    # every c).
+    lifted = np.where(nearest > -1.0, nearest + offsets, nearest)
+    order = np.argsort(-lifted, axis=1)[:, :2]
+    first, second = np.take_along_axis(lifted, order, axis=1).T
+    rows, grids = [], []
+    for count, done in simulated:
+        y = np.concatenate([mine for *_, mine, _ in done]).astype(np.float64)
         if min(y.sum(), len(y) - y.sum()) < 5:
             continue
-        design = np.concatenate(features).astype(np.float64)
-        w_s, w_t, bias = _fit_logistic(design, y, ridge=_RIDGE, weights=np.concatenate(weights))
+        design = np.concatenate([np.stack([s, np.where(order[scored, 0] == c, second[scored], first[scored]),
+                                           np.ones_like(s)], axis=1) for c, scored, s, _, _ in done])
+        w_s, w_t, bias = _fit_logistic(design.astype(np.float64), y, ridge=_RIDGE,
+                                       weights=np.concatenate([w for *_, w in done]))
         if w_s > 0 and np.isfinite([w_s, w_t, bias]).all():
             rows.append((count, float(w_s), float(w_t), float(bias)))
-            grids.append(tuple(np.quantile(design[y == 1, 0], np.linspace(0.0, 1.0, grid_points)).tolist()))
-    return ClaimMap(tuple(rows), tuple(grids)) if rows else None
+            grids.append(tuple(np.quantile(own[count], np.linspace(0.0, 1.0, grid_points)).tolist()))
+    return ClaimMap(tuple(rows), tuple(grids), tuple(float(o) for o in offsets)) if rows else None
+
+
+def _offsets(nearest: np.ndarray, q_y: np.ndarray, sizes: np.ndarray, own_median: Mapping[int, float]) -> np.ndarray:
+    """Per class, what lifts ``t`` for it (``ClaimMap.offsets``): a query's cosine to the nearest of a class's few
+    examples runs lower than to the nearest of a large class's many, so a class with fewer than the largest
+    simulated count gets the difference between the median a large class's own queries reach (``nearest`` at
+    their own class) and the median a newcomer's own queries reached with that many examples (``own_median``, by
+    count). Without a large class, the largest count's median stands for it; 0 where there is nothing to lift."""
+    if not own_median:
+        return np.zeros(len(sizes))
+    counts = sorted(own_median)
+    large = np.isin(q_y, np.flatnonzero(sizes >= CLAIM_COUNTS[-1]))
+    reference = float(np.median(nearest[large, q_y[large]])) if large.any() else own_median[counts[-1]]
+    out = np.zeros(len(sizes))
+    for c, size in enumerate(sizes):
+        if 0 < size < CLAIM_COUNTS[-1]:
+            reached = own_median[max([n for n in counts if n <= size], default=counts[0])]
+            out[c] = max(0.0, reference - reached)
+    return out
 
 
 def _nearest_per_class(q_x: np.ndarray, q_self: np.ndarray, ref_x: np.ndarray, ref_y: np.ndarray,

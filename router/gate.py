@@ -452,7 +452,7 @@ class Gate(BaseGate):
         view = copy.copy(self)
         view.experts = names
         view._columns = plan_columns(self.artifact_experts, self.trained_experts, wanted,
-                                     claim_map_of(self.metadata))
+                                     claim_map_of(self.metadata), self._lifted(names) if cold else None)
         if cold:  # cold-start examples explain decisions too
             view.example_embeddings = np.concatenate([self.example_embeddings, *embedded.values()])
             view.example_texts = [*self.example_texts, *(t for ts in cold.values() for t in ts)]
@@ -463,6 +463,16 @@ class Gate(BaseGate):
             view._rows = None if len(kept) == len(view.example_labels) else np.asarray(kept, dtype=np.int64)
         view._index = None
         return view
+
+    def _lifted(self, routed: Sequence[str]) -> tuple[np.ndarray, np.ndarray] | None:
+        """The examples of the routed trained experts whose ``t`` the claims lift, and each one's lift
+        (``metadata.cold_start_offsets``); None when there are none."""
+        offsets = {e: o for e, o in (self.metadata.cold_start_offsets or {}).items() if e in routed and o > 0}
+        rows = [i for i, label in enumerate(self.example_labels[:self._n_artifact_examples]) if label in offsets]
+        if not rows:
+            return None
+        return (np.asarray(self.example_embeddings[rows], dtype=np.float32),
+                np.array([offsets[self.example_labels[i]] for i in rows], dtype=np.float64))
 
     def for_config(self, config: RouterConfig) -> Gate:
         """The gate over the config's experts (see ``for_experts``); outcome gates also take its cost weight."""

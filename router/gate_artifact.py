@@ -23,7 +23,7 @@ import json
 import math
 import zipfile
 import zlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -116,6 +116,9 @@ class GateMetadata:
     # Per row of ``cold_start_claims``, the percentile grid of a newcomer's own queries' cosine to its examples:
     # what the abstain judges a query routed to a cold-start expert by. None: the trained data's grid.
     cold_start_familiar: list[list[float]] | None = None
+    # Trained experts whose nearest-example cosine a cold-start claim lifts (few examples: ``ClaimMap.offsets``),
+    # and by how much. None: none.
+    cold_start_offsets: dict[str, float] | None = None
     # ``ood_scores`` below this are out of distribution; None: never abstain.
     ood_threshold: float | None = None
     # Percentile grids (router.gate_train.OOD_GRID points each) of the validation queries' [top probability,
@@ -131,6 +134,16 @@ class GateMetadata:
     def as_dict(self) -> dict[str, Any]:
         """Plain JSON-ready data, ``metrics`` included as a dict."""
         return asdict(self)
+
+
+def _check_offsets(offsets: Any, experts: Sequence[str]) -> None:
+    """``cold_start_offsets`` must map artifact experts to finite, non-negative numbers."""
+    if offsets is None:
+        return
+    if not isinstance(offsets, dict) or not all(
+            k in experts and isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
+            for k, v in offsets.items()):
+        raise ValueError(f"offsets must map the artifact's experts to finite numbers >= 0, got {offsets!r}")
 
 
 def claim_map_of(metadata: GateMetadata) -> ClaimMap:
@@ -238,8 +251,9 @@ def _restore_artifact(path: Path, doc: dict[str, Any], encoder: Encoder) -> Gate
     if metadata.cold_start_claims is not None:  # the s-only map of older artifacts is used as it was written
         try:
             claim_map_of(metadata)
+            _check_offsets(metadata.cold_start_offsets, experts)
         except (ValueError, TypeError, OverflowError) as exc:
-            raise GateArtifactMismatch(f"{path / _MANIFEST}: cold_start_claims/cold_start_familiar: {exc}; "
+            raise GateArtifactMismatch(f"{path / _MANIFEST}: cold_start_claims/_familiar/_offsets: {exc}; "
                                        f"{RETRAIN}") from None
     weights, ex = _read_arrays(path / _WEIGHTS), _read_arrays(path / _EXAMPLES)
     texts = unpack_strings(ex["text_bytes"], ex["text_offsets"])

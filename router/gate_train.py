@@ -241,6 +241,8 @@ def train_gate(texts: Sequence[str], labels: Sequence[str], encoder: Encoder, *,
                             cold_start_claims=None if claims is None else claims.as_list(),
                             cold_start_familiar=None if claims is None or claims.familiar is None
                             else [list(g) for g in claims.familiar],
+                            cold_start_offsets=None if claims is None or claims.offsets is None
+                            else {trained[i]: o for i, o in enumerate(claims.offsets) if o > 0},
                             ood_threshold=ood_threshold, ood_reference=ood_reference)
     return Gate(encoder, experts, classifier, temperature, metadata, (x, texts, list(labels)))
 
