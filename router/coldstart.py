@@ -18,8 +18,16 @@ retraining:
   (the map older artifacts hold, ``SimilarityMap``), a query of a trained expert that happens to lie near one of
   the newcomer's examples was taken from it, although a trained example lies nearer still; and the map is fitted
   per example count because a maximum over more examples runs higher, so a map fitted with 5 examples made an
-  expert with 10 claim too much. Outcome gates, whose examples are queries every expert was scored on rather than
-  an expert's own, keep the ``s``-only map.
+  expert with 10 claim too much.
+
+  For the same reason a trained expert with few examples has its ``t`` lifted (``ClaimMap.offsets``, by expert in
+  ``gate.json``'s ``cold_start_offsets``): its queries lie farther from its few examples than a large expert's
+  from its many, and would look like nobody's. The lift is the difference, measured in the same simulations,
+  between how near a large expert's own queries come to its examples and how near a newcomer's come to that many;
+  the fit sees the lifted ``t`` too.
+
+  Outcome gates, whose examples are queries every expert was scored on rather than an expert's own, keep the
+  ``s``-only map.
 - The abstain (``Gate.ood_scores``) judges a query routed to a newcomer by how near the newcomer's examples it
   lies, against the grid of how near them the newcomer's own queries lay in the same simulations
   (``ClaimMap.familiar``): against the trained data's nearest-example grid, which thousands of examples set,
