@@ -20,7 +20,7 @@ retraining:
   per example count because a maximum over more examples runs higher, so a map fitted with 5 examples made an
   expert with 10 claim too much.
 
-  For the same reason a trained expert with few examples has its ``t`` lifted (``ClaimMap.offsets``, by expert in
+  For the same reason a trained expert with few examples has its ``t`` lifted (``_offsets``, by expert in
   ``gate.json``'s ``cold_start_offsets``): its queries lie farther from its few examples than a large expert's
   from its many, and would look like nobody's. The lift is the difference, measured in the same simulations,
   between how near a large expert's own queries come to its examples and how near a newcomer's come to that many;
@@ -64,9 +64,6 @@ CLAIM_COUNTS = (1, 2, 3, 5, 8, 13, 20, 32)
 CLAIM_SIMULATIONS = 30
 CLAIM_QUERIES = 2000
 CLAIM_DRAWS = 3
-# Fewer queries held out than this, and the map is fitted on every example instead, each query's own row left
-# out of its similarities (as ``router.gate_train.MIN_HELD_OUT`` does for calibration).
-CLAIM_MIN_HELD_OUT = 50
 _RIDGE = 1.0  # on the summed log-loss: keeps the fit finite where a small sample separates perfectly
 _SAME = 1.0 - 1e-5  # a cosine this high is the same text (a copy of an example), left out with it
 
@@ -94,9 +91,6 @@ class ClaimMap:
     # examples its queries lie, which the abstain judges a query routed to it by (``Gate.ood_scores``). None: the
     # trained data's grid judges every query.
     familiar: tuple[tuple[float, ...], ...] | None = None
-    # Per trained expert (in the order ``fit_claim_map`` numbers them), what lifts ``t`` where the nearest example
-    # is one of that expert's (``_offsets``); None: nothing is lifted. ``Gate`` keeps them by expert name.
-    offsets: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         counts = [r[0] for r in self.rows]
@@ -173,9 +167,8 @@ class ColdStart:
     embeddings: np.ndarray
     owner: np.ndarray
     claim_map: ClaimMap
-    # The examples of routed trained experts whose ``t`` is lifted (``ClaimMap.offsets``), and each one's lift.
-    lifted: np.ndarray | None = None
-    lift: np.ndarray | None = None
+    # The examples of routed trained experts whose ``t`` is lifted (``cold_start_offsets``), and each one's lift.
+    lifted: tuple[np.ndarray, np.ndarray] | None = None
 
     @property
     def counts(self) -> np.ndarray:
@@ -191,11 +184,12 @@ class ColdStart:
         """``[q, len(names)]``: each expert's claim ``r`` on each query. ``trained_similarity`` (``t``, per query)
         is needed where ``claim_map.reads_trained``."""
         s = self.similarities(x)
-        if trained_similarity is not None and self.lifted is not None and self.lift is not None and len(self.lift):
-            raised = (np.asarray(x, dtype=np.float32) @ self.lifted.T + self.lift).max(axis=1)
+        if trained_similarity is not None and self.lifted is not None:
+            examples, lift = self.lifted
+            raised = (np.asarray(x, dtype=np.float32) @ examples.T + lift).max(axis=1)
             trained_similarity = np.maximum(trained_similarity, raised)
         return np.stack([self.claim_map(s[:, j], trained_similarity, int(n)) for j, n in enumerate(self.counts)],
-                        axis=1).reshape(len(s), len(self.names))
+                        axis=1)
 
 
 @dataclass(frozen=True)
@@ -258,8 +252,7 @@ def plan_columns(artifact_experts: Sequence[str], trained: Sequence[str], wanted
         return Columns(list(wanted), source)
     embeddings = np.concatenate([np.asarray(wanted[n], dtype=np.float32) for n in cold])
     owner = np.concatenate([np.full(len(wanted[n]), j, dtype=np.int64) for j, n in enumerate(cold)])
-    return Columns(list(wanted), source, ColdStart(cold, embeddings, owner, claim_map,
-                                                   *(lifted if lifted is not None else (None, None))))
+    return Columns(list(wanted), source, ColdStart(cold, embeddings, owner, claim_map, lifted))
 
 
 def fit_similarity_map(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray,
@@ -285,19 +278,21 @@ def fit_similarity_map(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarr
 
 
 def fit_claim_map(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray,
-                  n_classes: int, *, seed: int = 0, grid_points: int = 201) -> ClaimMap | None:
-    """Fit ``ClaimMap`` by simulating cold starts (module docstring); None where no row could be fitted (too
-    few classes or queries), and the ``s``-only map serves.
+                  n_classes: int, *, min_held_out: int, seed: int = 0,
+                  grid_points: int = 201) -> tuple[ClaimMap | None, np.ndarray]:
+    """Fit ``ClaimMap`` by simulating cold starts (module docstring), and each class's offset (``_offsets``).
+    The map is None where no row could be fitted (too few classes or queries), and the ``s``-only map serves.
 
     Each row's simulations deal the classes with at least ``count`` training examples out in turn, up to
     ``CLAIM_SIMULATIONS`` (at most ``CLAIM_DRAWS`` draws of one class's examples). The queries are the validation
-    part (at most ``CLAIM_QUERIES``), with the training part the examples; with fewer than ``CLAIM_MIN_HELD_OUT``
-    of them, every example is both, its own row left out of its similarities. Each row's ``familiar`` grid
+    part (at most ``CLAIM_QUERIES``), with the training part the examples; with fewer than ``min_held_out`` of
+    them (the gate's calibration rule, ``router.gate_train.MIN_HELD_OUT``), every example is both, its own row
+    left out of its similarities. Each row's ``familiar`` grid
     (``grid_points`` quantiles) is of ``s`` over the newcomer's own queries in its simulations."""
     rng = np.random.default_rng(seed)
     x_train, x_val = np.asarray(x_train, dtype=np.float32), np.asarray(x_val, dtype=np.float32)
     y_train, y_val = np.asarray(y_train), np.asarray(y_val)
-    leave_self_out = len(y_val) < CLAIM_MIN_HELD_OUT
+    leave_self_out = len(y_val) < min_held_out
     if not leave_self_out:
         ref_x, ref_y = x_train, y_train
         queries = rng.permutation(len(y_val))[:CLAIM_QUERIES]
@@ -307,7 +302,7 @@ def fit_claim_map(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y
         q_self = rng.permutation(len(ref_y))[:CLAIM_QUERIES]
         q_x, q_y = ref_x[q_self], ref_y[q_self]
     if len(q_y) == 0 or len(np.unique(ref_y)) < 2:
-        return None
+        return None, np.zeros(n_classes)
     nearest = _nearest_per_class(q_x, q_self, ref_x, ref_y, n_classes)  # [q, classes]
     simulated: list[tuple[int, list[tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]]]] = []
     for count in CLAIM_COUNTS:
@@ -349,15 +344,16 @@ def fit_claim_map(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y
         if w_s > 0 and np.isfinite([w_s, w_t, bias]).all():
             rows.append((count, float(w_s), float(w_t), float(bias)))
             grids.append(tuple(np.quantile(own[count], np.linspace(0.0, 1.0, grid_points)).tolist()))
-    return ClaimMap(tuple(rows), tuple(grids), tuple(float(o) for o in offsets)) if rows else None
+    return (ClaimMap(tuple(rows), tuple(grids)) if rows else None), offsets
 
 
 def _offsets(nearest: np.ndarray, q_y: np.ndarray, sizes: np.ndarray, own_median: Mapping[int, float]) -> np.ndarray:
-    """Per class, what lifts ``t`` for it (``ClaimMap.offsets``): a query's cosine to the nearest of a class's few
-    examples runs lower than to the nearest of a large class's many, so a class with fewer than the largest
-    simulated count gets the difference between the median a large class's own queries reach (``nearest`` at
-    their own class) and the median a newcomer's own queries reached with that many examples (``own_median``, by
-    count). Without a large class, the largest count's median stands for it; 0 where there is nothing to lift."""
+    """Per class, what lifts ``t`` for it (``gate.json``'s ``cold_start_offsets``): a query's cosine to the
+    nearest of a class's few examples runs lower than to the nearest of a large class's many, so a class with
+    fewer than the largest simulated count gets the difference between the median a large class's own queries
+    reach (``nearest`` at their own class) and the median a newcomer's own queries reached with that many examples
+    (``own_median``, by count). Without a large class, the largest count's median stands for it; 0 where there is
+    nothing to lift."""
     if not own_median:
         return np.zeros(len(sizes))
     counts = sorted(own_median)

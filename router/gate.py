@@ -451,8 +451,9 @@ class Gate(BaseGate):
         wanted = {n: embedded.get(n, np.zeros((0, self.encoder.dim), dtype=np.float32)) for n in names}
         view = copy.copy(self)
         view.experts = names
-        view._columns = plan_columns(self.artifact_experts, self.trained_experts, wanted,
-                                     claim_map_of(self.metadata), self._lifted(names) if cold else None)
+        claim_map = claim_map_of(self.metadata)
+        view._columns = plan_columns(self.artifact_experts, self.trained_experts, wanted, claim_map,
+                                     self._lifted(names) if cold and claim_map.reads_trained else None)
         if cold:  # cold-start examples explain decisions too
             view.example_embeddings = np.concatenate([self.example_embeddings, *embedded.values()])
             view.example_texts = [*self.example_texts, *(t for ts in cold.values() for t in ts)]

@@ -116,8 +116,8 @@ class GateMetadata:
     # Per row of ``cold_start_claims``, the percentile grid of a newcomer's own queries' cosine to its examples:
     # what the abstain judges a query routed to a cold-start expert by. None: the trained data's grid.
     cold_start_familiar: list[list[float]] | None = None
-    # Trained experts whose nearest-example cosine a cold-start claim lifts (few examples: ``ClaimMap.offsets``),
-    # and by how much. None: none.
+    # Trained experts whose nearest-example cosine a cold-start claim lifts (few examples:
+    # ``router.coldstart._offsets``), and by how much. None: none.
     cold_start_offsets: dict[str, float] | None = None
     # ``ood_scores`` below this are out of distribution; None: never abstain.
     ood_threshold: float | None = None

@@ -187,8 +187,8 @@ def train_gate(texts: Sequence[str], labels: Sequence[str], encoder: Encoder, *,
     grids and threshold on queries it did not train on: the validation part, or where that holds fewer than two
     experts' queries or fewer than ``min_held_out`` queries, every example out of fold (the module docstring,
     "Calibration"). The cold-start claim map is fitted on the validation part (on every example, each left out of
-    its own similarities, where that holds fewer than ``CLAIM_MIN_HELD_OUT``), and the s-only map older routers
-    read on the validation part.
+    its own similarities, where that holds fewer than ``min_held_out``), and the s-only map older routers read on
+    the validation part.
     ``classifier`` defaults to the ensemble (``router.classifiers``). ``pinned`` texts are never held out
     (``split_train_val``): feedback's."""
     from tqdm.auto import tqdm
@@ -231,7 +231,8 @@ def train_gate(texts: Sequence[str], labels: Sequence[str], encoder: Encoder, *,
         temperature, metrics = _calibrate(scored, n_train=len(train), n_val=len(val))
         bar.update()
     similarity = fit_similarity_map(x[train], y[train], x[val], y[val], len(trained), seed=seed)
-    claims = fit_claim_map(x[train], y[train], x[val], y[val], len(trained), seed=seed, grid_points=OOD_GRID)
+    claims, offsets = fit_claim_map(x[train], y[train], x[val], y[val], len(trained), min_held_out=min_held_out,
+                                    seed=seed, grid_points=OOD_GRID)
     ood_reference, ood_threshold = _fit_ood_scores(_softmax(scored.logits / temperature).max(axis=1)
                                                    if len(scored.y) else np.zeros(0), scored.similarity)
     metadata = GateMetadata(encoder.identity, encoder.checksum, training_data_sha256(texts, labels), metrics,
@@ -239,10 +240,9 @@ def train_gate(texts: Sequence[str], labels: Sequence[str], encoder: Encoder, *,
                             unseen_experts=unseen,
                             cold_start_slope=similarity.slope, cold_start_midpoint=similarity.midpoint,
                             cold_start_claims=None if claims is None else claims.as_list(),
-                            cold_start_familiar=None if claims is None or claims.familiar is None
-                            else [list(g) for g in claims.familiar],
-                            cold_start_offsets=None if claims is None or claims.offsets is None
-                            else {trained[i]: o for i, o in enumerate(claims.offsets) if o > 0},
+                            cold_start_familiar=None if claims is None else [list(g) for g in claims.familiar or ()],
+                            cold_start_offsets=None if claims is None
+                            else {trained[i]: float(o) for i, o in enumerate(offsets) if o > 0},
                             ood_threshold=ood_threshold, ood_reference=ood_reference)
     return Gate(encoder, experts, classifier, temperature, metadata, (x, texts, list(labels)))
 

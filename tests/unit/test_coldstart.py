@@ -9,7 +9,6 @@ import pytest
 
 from router.coldstart import (
     CLAIM_COUNTS,
-    CLAIM_MIN_HELD_OUT,
     ClaimMap,
     SimilarityMap,
     _nearest_per_class,
@@ -17,6 +16,7 @@ from router.coldstart import (
 )
 from router.config import EncoderConfig
 from router.encoders import build_encoder
+from router.gate_train import MIN_HELD_OUT
 from tests.support import snips_first
 
 
@@ -121,7 +121,7 @@ def test_the_map_fitted_on_real_queries_favours_the_newcomer_s_examples_and_not_
     up and the cosine to a trained expert's down; with more examples the similarity needed to claim rises."""
     x, y = snips_embedded
     val = np.arange(len(y)) % 5 == 0
-    claims = fit_claim_map(x[~val], y[~val], x[val], y[val], 7)
+    claims, _ = fit_claim_map(x[~val], y[~val], x[val], y[val], 7, min_held_out=MIN_HELD_OUT)
     assert claims is not None
     assert [r[0] for r in claims.rows] == [c for c in CLAIM_COUNTS if c <= 48]
     assert all(r[1] > 3 and r[2] < -3 for r in claims.rows), claims.rows
@@ -129,23 +129,24 @@ def test_the_map_fitted_on_real_queries_favours_the_newcomer_s_examples_and_not_
     # more examples, since their maximum runs higher.
     even = [(-r[3] - r[2] * 0.5) / r[1] for r in claims.rows]
     assert even[-1] > even[0] + 0.05, even
-    assert fit_claim_map(x[~val], y[~val], x[val], y[val], 7, seed=0) == claims  # seeded
+    assert fit_claim_map(x[~val], y[~val], x[val], y[val], 7, min_held_out=MIN_HELD_OUT, seed=0)[0] == claims  # seeded
     # The newcomer's own queries lie nearer its examples the more it has: the familiarity grids' medians rise.
     assert claims.familiar is not None and len(claims.familiar) == len(claims.rows)
     medians = [g[len(g) // 2] for g in claims.familiar]
     assert medians[-1] > medians[0] + 0.1 and all(len(g) == 201 for g in claims.familiar), medians
-    # Fewer held-out queries than CLAIM_MIN_HELD_OUT: every example serves, each left out of its own similarities.
-    few = np.flatnonzero(val)[:CLAIM_MIN_HELD_OUT - 1]
+    # Fewer held-out queries than MIN_HELD_OUT: every example serves, each left out of its own similarities.
+    few = np.flatnonzero(val)[:MIN_HELD_OUT - 1]
     rest = np.setdiff1d(np.arange(len(y)), few)
-    small = fit_claim_map(x[rest], y[rest], x[few], y[few], 7)
+    small, _ = fit_claim_map(x[rest], y[rest], x[few], y[few], 7, min_held_out=MIN_HELD_OUT)
     assert small is not None and all(r[1] > 3 and r[2] < -3 for r in small.rows)
 
 
 def test_too_little_data_leaves_the_similarity_only_map(snips_embedded: tuple[np.ndarray, np.ndarray]) -> None:
     x, y = snips_embedded
     one = y == 0
-    assert fit_claim_map(x[one], y[one], x[one][:0], y[one][:0], 7) is None  # one class: nothing to tell apart
-    assert fit_claim_map(x[:0], y[:0], x[:0], y[:0], 7) is None
+    # One class: nothing to tell apart.
+    assert fit_claim_map(x[one], y[one], x[one][:0], y[one][:0], 7, min_held_out=MIN_HELD_OUT)[0] is None
+    assert fit_claim_map(x[:0], y[:0], x[:0], y[:0], 7, min_held_out=MIN_HELD_OUT)[0] is None
 
 
 @pytest.fixture(scope="module")
