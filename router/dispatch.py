@@ -27,7 +27,7 @@ from experts.base import Expert
 from experts.errors import ExpertError, ExpertOverloaded, ExpertTimeout
 from experts.types import ChatRequest, ExpertReply, StreamDelta, Usage
 from router.breaker import Breakers, CircuitOpen, Outcome, classify
-from router.fallback import BudgetSpent, Deadline, budget_spent
+from router.fallback import CALL_SCOPE, BudgetSpent, CallScope, Deadline, budget_spent
 from router.retry import RetryPolicy, retry_delay
 from router.trace import Attempt, AttemptRole, Retry, Trace
 from router.tracing import CALL_LIMIT, CallLimit
@@ -112,6 +112,8 @@ class StreamOutcome:
     cost: float = 0.0
     latency_ms: float = 0.0
     nested: dict[str, Any] | None = None
+    # The call's scope: an expert that is itself a router leaves its trace there (``CallScope.inner``).
+    scope: CallScope = field(default_factory=CallScope)
 
     @property
     def sent(self) -> bool:
@@ -121,8 +123,13 @@ class StreamOutcome:
     def estimate_usage(self, request: ChatRequest, expert: Expert) -> None:
         """A try that broke off (failed, or was cancelled) after sending output but before its usage chunk was
         still paid for what it generated and its prompt: without an estimate, the answer's usage and cost, and
-        the metrics, would leave that out. A token per delta, and the prompt at about 4 characters a token."""
-        if self.usage is None and self.deltas:
+        the metrics, would leave that out. A token per delta, and the prompt at about 4 characters a token. An
+        expert that is itself a router knows what its own experts spent (its trace): that counts instead."""
+        spent = self.scope.spent()
+        if spent:
+            self.usage, self.cost, self.usage_estimated = spent["usage"], spent["cost_usd"], spent["usage_estimated"]
+            self.nested = spent["nested"]
+        elif self.usage is None and self.deltas:
             self.usage = Usage.counted(request.estimated_prompt_tokens(), self.deltas)
             self.cost, self.usage_estimated = expert.cost(self.usage), True
 
@@ -166,13 +173,12 @@ class _Slot:
 
 class Dispatcher:
     def __init__(self, experts: Mapping[str, Expert], capacity: Capacity, breakers: Breakers, retry: RetryPolicy,
-                 *, budget_usd: float | None = None, sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+                 *, sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
                  rand: Callable[[], float] = random.random) -> None:
         self.experts = experts
         self.capacity = capacity
         self.breakers = breakers
         self.retry = retry
-        self.budget_usd = budget_usd
         self.sleep = sleep
         self.rand = rand
         self._completion: dict[str, float] = {}  # per expert: mean completion tokens of its answers (EWMA)
@@ -197,27 +203,30 @@ class Dispatcher:
             tokens = float(usage.completion_tokens)
             self._completion[name] = tokens if mean is None else mean + COMPLETION_EWMA * (tokens - mean)
 
-    def over_budget(self, name: str, trace: Trace, request: ChatRequest,
+    def over_budget(self, name: str, trace: Trace, request: ChatRequest, deadline: Deadline,
                     reserved_usd: float = 0.0) -> BudgetSpent | None:
         """The cause to report when a further call to ``name`` would not fit in the request's cost budget.
 
         A failed call costs nothing by our count, so what is spent is only what answers reported, plus
         ``reserved_usd``: the estimates of calls made alongside this one whose cost is not known yet (a panel's
-        other members).
+        other members). The budget is ``deadline.budget_usd``: the config's, or less for a nested router.
         """
-        if self.budget_usd is None:
+        if deadline.budget_usd is None:
             return None
         estimate = self.estimate(name, request)
-        if not budget_spent(self.budget_usd, trace.cost_usd + reserved_usd, estimate):
+        if not budget_spent(deadline.budget_usd, trace.cost_usd + reserved_usd, estimate):
             return None
         reserved = f", ${reserved_usd:.6f} reserved for the panel's other members" if reserved_usd else ""
-        return BudgetSpent(name, f"not tried: the request's cost budget of ${self.budget_usd:g} is spent "
+        return BudgetSpent(name, f"not tried: the request's cost budget of ${deadline.budget_usd:g} is spent "
                                  f"(${trace.cost_usd:.6f} so far{reserved}, next call estimated at "
                                  f"${estimate:.6f})")
 
     async def call(self, name: str, weight: float, request: ChatRequest, deadline: Deadline, trace: Trace,
-                   replaces: str | None = None, role: AttemptRole = "answer") -> ExpertReply | ExpertError:
-        """One expert's answer, or the error of its last call. ``role`` labels its attempts in the trace.
+                   replaces: str | None = None, role: AttemptRole = "answer",
+                   reserved_usd: float = 0.0) -> ExpertReply | ExpertError:
+        """One expert's answer, or the error of its last call. ``role`` labels its attempts in the trace;
+        ``reserved_usd`` is what the panel's other members, called alongside, are estimated to spend (an expert
+        that is itself a router may spend only what is left of the budget after them: ``CallScope``).
 
         A retry that finds the expert's breaker open or its in-flight limit full makes no call: the error is the
         failed call's before it, so the expert counts as tried (``max_attempts``) and its cause is what it did."""
@@ -225,7 +234,7 @@ class Dispatcher:
         failed: ExpertError | None = None
         while True:
             tried = _Tried(weight, replaces, retry, role)
-            result = await self._try(name, request, deadline, trace, tried)
+            result = await self._try(name, request, deadline, trace, tried, reserved_usd)
             if failed is not None and isinstance(result, ExpertError) and skipped(result):
                 return failed
             if isinstance(result, ExpertReply) or not await self._backoff(name, result, retry, request, deadline,
@@ -242,7 +251,8 @@ class Dispatcher:
         retry = 0
         failed: ExpertError | None = None
         while True:
-            outcome = StreamOutcome()
+            outcome = StreamOutcome(scope=CallScope(until=time.monotonic() + deadline.remaining,
+                                                    budget_usd=deadline.budget_left(trace.cost_usd)))
             try:
                 async with aclosing(self._stream_try(name, request, deadline, outcome)) as pieces:
                     async for piece in pieces:
@@ -275,7 +285,8 @@ class Dispatcher:
         delay = retry_delay(self.retry, error, retry, deadline.remaining, self.rand,
                             timeout_s=self.experts[name].config.timeout_s)
         # The breaker is asked about the moment of the retry: a Retry-After it now holds ends by then.
-        if delay is None or self.breakers.refuses(name, after_s=delay) or self.over_budget(name, trace, request):
+        if delay is None or self.breakers.refuses(name, after_s=delay) or self.over_budget(name, trace, request,
+                                                                                           deadline):
             return False
         trace.retries.append(Retry(expert=name, number=retry + 1, cause=error.kind, backoff_s=delay))
         await self.sleep(delay)
@@ -312,29 +323,37 @@ class Dispatcher:
         return timeout
 
     async def _try(self, name: str, request: ChatRequest, deadline: Deadline, trace: Trace,
-                   tried: _Tried) -> ExpertReply | ExpertError:
+                   tried: _Tried, reserved_usd: float = 0.0) -> ExpertReply | ExpertError:
         start = time.perf_counter()
         expert = self.experts[name]
+        scope = CallScope(budget_usd=deadline.budget_left(trace.cost_usd + reserved_usd))
         try:
             with self._slot(name, deadline) as slot:
                 timeout = self._timeout(expert, deadline, slot)
                 limit = CALL_LIMIT.set(CallLimit(asyncio.get_running_loop().time() + timeout))
+                scope.until = time.monotonic() + timeout
+                scoped = CALL_SCOPE.set(scope)
                 try:
                     reply = await _within(expert.generate(request), timeout)
                 except TimeoutError:
                     raise _timed_out(name, f"no answer within {timeout:.1f}s", slot, deadline) from None
                 finally:
+                    CALL_SCOPE.reset(scoped)
                     CALL_LIMIT.reset(limit)
         except ExpertError as exc:
+            # A failed call costs nothing by our count, but a nested router's experts may have been paid before
+            # it failed or was cut off (``CallScope.spent``).
             trace.attempts.append(Attempt(expert=name, ok=False, error=exc.to_dict(),
-                                          latency_ms=(time.perf_counter() - start) * 1000.0, **tried.fields()))
+                                          latency_ms=(time.perf_counter() - start) * 1000.0, **tried.fields(),
+                                          **scope.spent()))
             return exc
         except asyncio.CancelledError:
             # Cancelled mid-call (the client left): no reply, so no usage, as for a failed call, but the attempt
             # is kept, so the trace says which experts were still working.
             cancelled = CallCancelled(name, "the call was cancelled before the expert answered")
             trace.attempts.append(Attempt(expert=name, ok=False, error=cancelled.to_dict(),
-                                          latency_ms=(time.perf_counter() - start) * 1000.0, **tried.fields()))
+                                          latency_ms=(time.perf_counter() - start) * 1000.0, **tried.fields(),
+                                          **scope.spent()))
             raise
         self._learn(name, reply.usage)
         trace.attempts.append(Attempt(expert=name, ok=True, usage=reply.usage, cost_usd=reply.cost_usd,
@@ -357,16 +376,23 @@ class Dispatcher:
                 # endless instead once the waits are over.
                 limit = CallLimit()
                 CALL_LIMIT.set(limit)
+                first = True
                 try:
                     while True:
                         timeout = self._timeout(expert, deadline, slot)
                         limit.at = asyncio.get_running_loop().time() + timeout
+                        # The stream's body starts at its first step: a nested router reads its scope there.
+                        scoped = CALL_SCOPE.set(outcome.scope) if first else None
                         try:
                             delta = await _within(iterator.__anext__(), timeout) if timeout > 0 else None
                         except StopAsyncIteration:
                             break
                         except TimeoutError:
                             delta = None
+                        finally:
+                            if scoped is not None:  # reset in the step that set it: the same task's context
+                                CALL_SCOPE.reset(scoped)
+                            first = False
                         if delta is None:
                             raise _timed_out(name, f"stream stalled for {timeout:.1f}s", slot, deadline)
                         piece = _take(delta, outcome, expert)

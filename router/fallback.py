@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterable, Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from experts.errors import INVALID_REQUEST_STATUSES, ExpertAuthError, ExpertError, ExpertRejected
 from router.errors import error_body
 
-__all__ = ["AllExpertsFailed", "BudgetSpent", "Deadline", "budget_spent", "next_candidate"]
+if TYPE_CHECKING:
+    from router.trace import Trace
+
+__all__ = ["CALL_SCOPE", "AllExpertsFailed", "BudgetSpent", "CallScope", "Deadline", "budget_spent",
+           "next_candidate"]
 
 
 class BudgetSpent(ExpertError):
@@ -107,10 +113,30 @@ def budget_spent(limit_usd: float | None, spent_usd: float, next_call_usd: float
 
 @dataclass
 class Deadline:
-    """The overall time budget of one request, across every attempt."""
+    """What one request may use across every attempt: ``seconds`` from ``start``, and ``budget_usd`` (None: no
+    cost budget). A nested router's are its own config's, narrowed to what its caller's call leaves it
+    (``within``)."""
 
     seconds: float
     start: float = field(default_factory=time.monotonic)
+    budget_usd: float | None = None
+
+    @classmethod
+    def within(cls, seconds: float, budget_usd: float | None, caller: CallScope | None) -> Deadline:
+        """A request's limits: the config's ``seconds`` and ``budget_usd``, or, for a router called as an expert
+        (``caller``), whichever is tighter of those and what the caller's call leaves. The time ends
+        ``NESTED_MARGIN`` before the caller cuts the call off (at most ``NESTED_MARGIN_MAX_S``), so the inner
+        router stops its own tries first and hands back what it has: a panel member's answer, or its error with
+        what it spent."""
+        if caller is None:
+            return cls(seconds, budget_usd=budget_usd)
+        left = caller.until - time.monotonic()
+        if math.isfinite(left):
+            seconds = min(seconds, max(0.0, left - min(NESTED_MARGIN * left, NESTED_MARGIN_MAX_S)))
+        if caller.budget_usd is not None:
+            given = max(0.0, caller.budget_usd)
+            budget_usd = given if budget_usd is None else min(budget_usd, given)
+        return cls(seconds, budget_usd=budget_usd)
 
     @property
     def remaining(self) -> float:
@@ -119,3 +145,40 @@ class Deadline:
     def attempt_timeout(self, expert_timeout: float) -> float:
         """An attempt gets its expert's own limit, cut short by what is left of the request's deadline."""
         return max(0.0, min(expert_timeout, self.remaining))
+
+    def budget_left(self, spent_usd: float) -> float | None:
+        """What is left of the cost budget once ``spent_usd`` is spent (or reserved); None with no budget."""
+        return None if self.budget_usd is None else self.budget_usd - spent_usd
+
+
+# A nested router's deadline ends this share of its caller's time limit early, and at most this many seconds.
+NESTED_MARGIN = 0.05
+NESTED_MARGIN_MAX_S = 0.25
+
+
+@dataclass
+class CallScope:
+    """One expert call, as the dispatcher makes it, for an expert that is itself a router (``router.hierarchy``):
+    when the call is cut off (``until``, ``time.monotonic()``; infinite for none), what is left of the caller's
+    cost budget for it (``budget_usd``: less what was spent and what the panel's other members are estimated to
+    spend; None: no budget), and the inner router's trace (``inner``), kept as soon as it exists so that what the
+    inner router spent still counts when the call fails or is cut off."""
+
+    until: float = math.inf
+    budget_usd: float | None = None
+    inner: Trace | None = None
+
+    def keep(self, trace: Trace) -> None:
+        self.inner = trace
+
+    def spent(self) -> dict[str, Any]:
+        """The ``Attempt`` fields for what the inner router spent and its trace; empty when there is none."""
+        if self.inner is None:
+            return {}
+        trace = self.inner
+        return {"usage": trace.usage, "cost_usd": trace.cost_usd, "usage_estimated": trace.usage_estimated,
+                "nested": trace.summary()}
+
+
+# Set by the dispatcher while an expert's call starts (``router.dispatch``); read by a nested router.
+CALL_SCOPE: ContextVar[CallScope | None] = ContextVar("moe_call_scope", default=None)

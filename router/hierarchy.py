@@ -15,6 +15,13 @@ expert it called refused the request as invalid, or none can serve it -> 400 (``
 level too answers 400 rather than blaming the inner router as an outage. A stream the inner router fails after
 it began still reports what the inner router spent, and its trace, on the outer attempt.
 
+An in-process inner router works within the outer call (``router.fallback.CallScope``, which the dispatcher
+sets as it makes the call): its deadline ends a little before the outer router would cut the call off, and its
+cost budget is what the outer request has left, less what the outer panel's other members are estimated to
+spend; its own config's limits apply when they are tighter. Its trace is handed to the outer call as soon as it
+exists, so what its experts spent counts on the outer attempt however the call ends: answered, failed, timed
+out, or cancelled because the client left.
+
 For the cost budget's estimate (``Dispatcher.estimate``), an in-process router with no prices of its own is
 priced as its dearest expert: its config's zero prices would count it as free, so it would pass any budget.
 """
@@ -31,10 +38,10 @@ from experts.base import Expert, ExpertContext
 from experts.errors import ExpertConfigError, ExpertError, ExpertRejected, ExpertServerError
 from experts.openai_compat import OpenAICompatibleExpert
 from experts.types import ChatRequest, ExpertReply, StreamDelta, Usage
+from router.fallback import CALL_SCOPE, AllExpertsFailed, CallScope
 
 if TYPE_CHECKING:
     from router.config import ExpertConfig
-    from router.fallback import AllExpertsFailed
     from router.orchestrator import Orchestrator
 
 __all__ = ["RouterExpert"]
@@ -100,13 +107,13 @@ class RouterExpert(Expert):
     async def generate(self, request: ChatRequest) -> ExpertReply:
         if self._http is not None:
             return _priced_by_inner(await self._http.generate(request))
-        from router.fallback import AllExpertsFailed
         from router.orchestrator import NoCapableExpert
 
         assert self._inner is not None
         started = time.perf_counter()
+        caller = _caller()
         try:
-            answer = await self._inner.complete(_routed(request))
+            answer = await self._inner.complete(_routed(request), on_trace=caller.keep, caller=caller)
         except AllExpertsFailed as exc:
             raise self._failure(exc) from None
         except NoCapableExpert as exc:
@@ -126,12 +133,12 @@ class RouterExpert(Expert):
                 async for delta in deltas:
                     yield _priced_delta(delta)
             return
-        from router.fallback import AllExpertsFailed
-        from router.orchestrator import NoCapableExpert, RouteFailed, StreamEnd
+        from router.orchestrator import NoCapableExpert, StreamEnd
 
         assert self._inner is not None
+        caller = _caller()
         try:
-            async with aclosing(self._inner.stream(_routed(request))) as events:
+            async with aclosing(self._inner.stream(_routed(request), on_trace=caller.keep, caller=caller)) as events:
                 async for event in events:
                     if isinstance(event, StreamEnd):
                         trace = event.trace
@@ -141,12 +148,8 @@ class RouterExpert(Expert):
                     else:
                         yield event.delta
         except AllExpertsFailed as exc:
-            if isinstance(exc, RouteFailed):
-                # What the inner router spent (a try that broke off mid-stream is paid for) and its trace, on a
-                # delta with no output: the outer attempt counts them, rather than estimating at our own prices.
-                trace = exc.trace
-                yield StreamDelta(usage=trace.usage, cost_usd=trace.cost_usd, usage_estimated=trace.usage_estimated,
-                                  nested=trace.summary())
+            # What the inner router spent (a try that broke off mid-stream is paid for) and its trace reach the
+            # outer attempt through ``caller``, rather than an estimate at our own prices.
             raise self._failure(exc) from None
         except NoCapableExpert as exc:
             raise ExpertRejected(self.name, 400, f"inner router: {exc}") from None
@@ -156,6 +159,12 @@ class RouterExpert(Expert):
             await self._http.aclose()
         if self._inner is not None:
             await self._inner.aclose()
+
+
+def _caller() -> CallScope:
+    """The outer call this one runs in (``CALL_SCOPE``); a scope of no limits when called directly, not through a
+    dispatcher."""
+    return CALL_SCOPE.get() or CallScope()
 
 
 def _routed(request: ChatRequest) -> ChatRequest:

@@ -72,7 +72,7 @@ from router.config import ROUTED_MODEL, RouterConfig
 from router.decide import Decider, GateLike, NoCapableExpert, blocking_capabilities, needed_capabilities
 from router.dispatch import Capacity, Dispatcher, StreamOutcome, StreamPiece, skipped
 from router.errors import error_body
-from router.fallback import AllExpertsFailed, BudgetSpent, Deadline, next_candidate
+from router.fallback import AllExpertsFailed, BudgetSpent, CallScope, Deadline, next_candidate
 from router.retry import RetryPolicy
 from router.topk import choose
 from router.trace import Attempt, AttemptRole, Contribution, RoutedAnswer, RouteDecision, Trace, WeightedExpert
@@ -153,7 +153,7 @@ class Orchestrator:
         self.breakers = breakers or Breakers(config.fallback.breaker)
         self.dispatch = Dispatcher(self.experts, self.capacity, self.breakers,
                                    RetryPolicy.from_config(config.fallback),
-                                   budget_usd=config.fallback.cost_budget_usd, sleep=sleep, rand=rand)
+                                   sleep=sleep, rand=rand)
         # Requests being answered; a hot reload closes this orchestrator only once they are done.
         self.active = 0
         self._idle = asyncio.Event()
@@ -247,17 +247,22 @@ class Orchestrator:
         return self.gate.encoder.encode(texts)
 
     async def complete(self, request: ChatRequest, *, strategy: str | None = None,
-                       on_trace: Callable[[Trace], None] | None = None) -> RoutedAnswer:
+                       on_trace: Callable[[Trace], None] | None = None,
+                       caller: CallScope | None = None) -> RoutedAnswer:
         """Answer one request: ask the panel concurrently, fall back down the ranking, combine what came back.
         ``on_trace`` is given the request's trace as soon as it exists, so a caller that cancels the work (its
-        client left) still has what was tried and what it cost."""
+        client left) still has what was tried and what it cost. ``caller``: the outer router's call, when this
+        router is its expert (``router.hierarchy``); its time and budget narrow this one's."""
         with self.serving():
-            return await self._complete(request, strategy, on_trace)
+            return await self._complete(request, strategy, on_trace, caller)
+
+    def _limits(self, caller: CallScope | None) -> Deadline:
+        return Deadline.within(self.config.fallback.deadline_s, self.config.fallback.cost_budget_usd, caller)
 
     async def _complete(self, request: ChatRequest, strategy: str | None,
-                        on_trace: Callable[[Trace], None] | None) -> RoutedAnswer:
+                        on_trace: Callable[[Trace], None] | None, caller: CallScope | None) -> RoutedAnswer:
         start = time.perf_counter()
-        deadline = Deadline(self.config.fallback.deadline_s)
+        deadline = self._limits(caller)
         combiner = self.combiner_for(strategy)  # before the gate: a bad strategy costs no gate work
         decision, panel, ranking = await self._plan(request)
         trace = Trace(decision=decision, combiner=combiner.name)
@@ -268,9 +273,13 @@ class Orchestrator:
             # have chosen, so each member's breaker refuses it with its next probe (or lets a probe through, if
             # its cooldown just ended), as a stream's first expert is asked.
             panel = self._panel_despite_breakers(decision, ranking)
-        called, errors = self._within_budget(panel, request, trace)
-        results = await asyncio.gather(*(self.dispatch.call(p.expert, p.weight, request, deadline, trace)
-                                         for p in called))
+        called, errors = self._within_budget(panel, request, trace, deadline)
+        # What each member's concurrent siblings are estimated to spend, for a member that is itself a router.
+        estimates = [self.dispatch.estimate(p.expert, request) if deadline.budget_usd is not None else 0.0
+                     for p in called]
+        results = await asyncio.gather(*(self.dispatch.call(p.expert, p.weight, request, deadline, trace,
+                                                            reserved_usd=sum(estimates) - e)
+                                         for p, e in zip(called, estimates, strict=True)))
         replies = [(p, r) for p, r in zip(called, results, strict=True) if isinstance(r, ExpertReply)]
         failures = [r for r in results if isinstance(r, ExpertError)]
         errors += failures
@@ -324,8 +333,8 @@ class Orchestrator:
             return []
         return [WeightedExpert(expert=n, weight=w) for n, w in choose(scores, self.config.gate.top_k)]
 
-    def _within_budget(self, panel: list[WeightedExpert], request: ChatRequest,
-                       trace: Trace) -> tuple[list[WeightedExpert], list[ExpertError]]:
+    def _within_budget(self, panel: list[WeightedExpert], request: ChatRequest, trace: Trace,
+                       deadline: Deadline) -> tuple[list[WeightedExpert], list[ExpertError]]:
         """The panel members to call, and the cause of each one left out for the cost budget.
 
         The top-weight member is always called: it is the request's first call, free as a stream's is. Members
@@ -333,13 +342,13 @@ class Orchestrator:
         the members before it are estimated to spend. A member left out gets a ``budget_exhausted`` attempt in
         the trace (as an open breaker's refusal does), so an answered request still says who was not asked.
         """
-        if self.dispatch.budget_usd is None:
+        if deadline.budget_usd is None:
             return panel, []
         called: list[WeightedExpert] = []
         left_out: list[ExpertError] = []
         reserved = 0.0
         for member in panel:
-            spent = self.dispatch.over_budget(member.expert, trace, request, reserved) if called else None
+            spent = self.dispatch.over_budget(member.expert, trace, request, deadline, reserved) if called else None
             if spent is None:
                 called.append(member)
                 reserved += self.dispatch.estimate(member.expert, request)
@@ -375,7 +384,7 @@ class Orchestrator:
                 errors.remove(left_out.pop(name))
             # The request's first call is free, as in the panel and a stream: when every member was passed over
             # without a call (an open breaker, a full in-flight limit), the next in line is that first call.
-            spent = self.dispatch.over_budget(name, trace, request) if tried else None
+            spent = self.dispatch.over_budget(name, trace, request, deadline) if tried else None
             if spent is not None:  # this one would not fit; a cheaper one further down the ranking may
                 _passed_over(spent, errors, trace, failed)
                 continue
@@ -413,19 +422,20 @@ class Orchestrator:
             return first or ranking[:1]
         return first + [n for n in ranking if n not in first]  # with fallback off, only one is called (_may_call)
 
-    async def stream(self, request: ChatRequest, *,
-                     on_trace: Callable[[Trace], None] | None = None) -> AsyncGenerator[StreamPiece | StreamEnd, None]:
-        """Stream from the top-weighted expert, falling back or continuing elsewhere on failure. ``on_trace``: as
-        for ``complete``; a stream closed early keeps its last try in the trace, with what it streamed."""
+    async def stream(self, request: ChatRequest, *, on_trace: Callable[[Trace], None] | None = None,
+                     caller: CallScope | None = None) -> AsyncGenerator[StreamPiece | StreamEnd, None]:
+        """Stream from the top-weighted expert, falling back or continuing elsewhere on failure. ``on_trace`` and
+        ``caller``: as for ``complete``; a stream closed early keeps its last try in the trace, with what it
+        streamed."""
         with self.serving():
-            async with aclosing(self._stream(request, on_trace)) as events:
+            async with aclosing(self._stream(request, on_trace, caller)) as events:
                 async for event in events:
                     yield event
 
-    async def _stream(self, request: ChatRequest,
-                      on_trace: Callable[[Trace], None] | None) -> AsyncGenerator[StreamPiece | StreamEnd, None]:
+    async def _stream(self, request: ChatRequest, on_trace: Callable[[Trace], None] | None,
+                      caller: CallScope | None) -> AsyncGenerator[StreamPiece | StreamEnd, None]:
         start = time.perf_counter()
-        deadline = Deadline(self.config.fallback.deadline_s)
+        deadline = self._limits(caller)
         decision, panel, ranking = await self._plan(request)
         trace = Trace(decision=decision, combiner="stream")
         if on_trace is not None:
@@ -447,7 +457,7 @@ class Orchestrator:
                 raise self._route_failed(errors, trace, stop.reason)
             # The first try is free. Later ones are priced as sent: after a mid-stream failure, the continuation,
             # whose prompt holds the partial answer and whose token limit is only what is left of the client's.
-            spent = self.dispatch.over_budget(name, trace, attempt_request) if tried else None
+            spent = self.dispatch.over_budget(name, trace, attempt_request, deadline) if tried else None
             if spent is not None:  # this one would not fit; a cheaper one further down the ranking may
                 _passed_over(spent, errors, trace, previous)
                 continue
@@ -543,7 +553,7 @@ class _Aggregation:
             needs = " and ".join(repr(n) for n in needed_capabilities(request))
             raise ExpertConfigError(self.expert, f"not asked: the request needs the {needs} capability, which this "
                                                  "expert does not declare")
-        spent = self.dispatch.over_budget(self.expert, self.trace, request)
+        spent = self.dispatch.over_budget(self.expert, self.trace, request, self.deadline)
         if spent is not None:
             raise spent
         result = await self.dispatch.call(self.expert, 0.0, request, self.deadline, self.trace, role=self.role)

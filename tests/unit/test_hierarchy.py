@@ -3,6 +3,7 @@ with the inner trace nested in the outer one."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 from typing import Any
@@ -156,16 +157,32 @@ def priced(name: str, price: float) -> dict[str, Any]:
             "replay": {"source": "routerbench", "path": "unused"}}
 
 
-def in_process_team(inner_experts: list[tuple[dict[str, Any], dict[str, Any]]]) -> RouterExpert:
-    """A ``type: router`` expert over an in-process inner router of fakes; the inner gate picks its first expert.
-    ``inner_experts``: each fake's config entry and its ``FakeExpert`` keyword arguments."""
-    inner_config = parse_config({"version": 1, "experts": [c for c, _ in inner_experts]}, check_env=False)
+def in_process_team(inner_experts: list[tuple[dict[str, Any], dict[str, Any]]], *, panel: int = 1,
+                    **team: Any) -> RouterExpert:
+    """A ``type: router`` expert over an in-process inner router of fakes; the inner gate picks its first expert
+    (its first ``panel`` experts, ranked in order). ``inner_experts``: each fake's config entry and its
+    ``FakeExpert`` keyword arguments; ``team``: more of the router expert's own config entry (``timeout_s``)."""
+    top_k = {"top_k": {"policy": "fixed", "k": panel}} if panel > 1 else {}
+    inner_config = parse_config({"version": 1, "gate": top_k, "experts": [c for c, _ in inner_experts]},
+                                check_env=False)
     names = inner_config.expert_names
-    inner = Orchestrator(inner_config, FakeGate(names, {}, default=[0.9] + [0.1 / (len(names) - 1)] * (len(names) - 1)),
+    weights = [0.9] + [0.1 / (len(names) - 1)] * (len(names) - 1) if panel == 1 else \
+        [2.0 ** -(i + 1) for i in range(len(names))]
+    inner = Orchestrator(inner_config, FakeGate(names, {}, default=weights),
                          {c["name"]: FakeExpert(inner_config.expert(c["name"]), **kw) for c, kw in inner_experts})
     outer = parse_config({"version": 1, "experts": [{"name": "team", "type": "router", "model": "auto",
-                                                     "endpoint": "http://inner.local/v1"}]}, check_env=False)
+                                                     "endpoint": "http://inner.local/v1", **team}]}, check_env=False)
     return RouterExpert(outer.expert("team"), orchestrator=inner)
+
+
+def outer_router(team: RouterExpert, others: list[dict[str, Any]], weights: list[float],
+                 **settings: Any) -> Orchestrator:
+    """The outer router over ``team`` (ranked first) and fakes configured by ``others``, its gate giving
+    ``weights``; ``settings``: more of its config (``fallback``, ``gate``)."""
+    config = parse_config({"version": 1, **settings, "experts": [team.config.model_dump(exclude_none=True), *others]},
+                          check_env=False)
+    experts = {"team": team, **{o["name"]: FakeExpert(config.expert(o["name"])) for o in others}}
+    return Orchestrator(config, FakeGate(config.expert_names, {}, default=weights), experts)
 
 
 async def test_an_inner_router_whose_experts_all_refuse_the_request_refuses_it_too() -> None:
@@ -243,3 +260,122 @@ def test_an_http_inner_routers_estimated_usage_stays_flagged_estimated() -> None
     assert (delta.usage_estimated, delta.cost_usd) == (True, 0.3)
     counted = {"cost_usd": 0.3, "attempts": [{"expert": "x", "ok": True}]}
     assert not _priced_by_inner(ExpertReply(expert="team", content="hi", nested=counted)).usage_estimated
+
+
+async def test_an_inner_router_answers_before_the_outer_call_s_time_limit_with_what_it_has() -> None:
+    """The outer router gives the inner one 0.5 s (the router expert's timeout_s). Its panel's second member
+    hangs: the inner router's deadline ends just before the outer cut-off, so it answers with the first member's
+    answer, where before it waited on the hang (its own deadline is 120 s) and the outer call timed out, losing
+    the answer it had."""
+    team = in_process_team([(priced("fast", 1.0), {"text": "fast answers"}),
+                            (priced("hangs", 1.0) | {"timeout_s": 30.0}, {"delay": 30.0})], panel=2, timeout_s=0.5)
+    outer = outer_router(team, [], [1.0])
+    request = ChatRequest(messages=[{"role": "user", "content": "q"}])  # type: ignore[list-item]
+    answer = await outer.complete(request)
+    assert (answer.expert, answer.content) == ("team", "fast answers")
+    nested = answer.trace.attempts[0].nested
+    assert nested is not None
+    kinds = {a["expert"]: (a["error"] or {}).get("kind") for a in nested["attempts"]}
+    assert kinds == {"fast": None, "hangs": "timeout"}
+    assert "deadline" in next(a for a in nested["attempts"] if a["expert"] == "hangs")["error"]["message"]
+    assert 0.3 < answer.trace.latency_ms / 1000.0 < 0.5
+
+
+async def test_an_inner_router_spends_only_what_the_outer_budget_leaves_it() -> None:
+    """The outer budget ($0.12) lets its panel call the inner router (free, the first call) and ``sibling``
+    (estimated at $0.05). The inner router has no budget of its own; it may spend what is left after the sibling's
+    estimate, $0.07, so its panel's second member (another $0.05 on top of the first's) is not called. Before,
+    both were, for an estimated $0.15 in all."""
+    team = in_process_team([(priced("a", 0.5), {}), (priced("b", 0.5), {})], panel=2)
+    outer = outer_router(team, [priced("sibling", 0.5)], [0.6, 0.4],
+                         gate={"top_k": {"policy": "fixed", "k": 2}}, fallback={"cost_budget_usd": 0.12})
+    request = ChatRequest(messages=[{"role": "user", "content": "q"}], max_tokens=100)  # type: ignore[list-item]
+    assert outer.dispatch.estimate("sibling", request) == pytest.approx(0.05, rel=0.05)
+    answer = await outer.complete(request)
+    outer_kinds = {a.expert: (a.error or {}).get("kind") for a in answer.trace.attempts}
+    assert outer_kinds == {"team": None, "sibling": None}
+    nested = next(a for a in answer.trace.attempts if a.expert == "team").nested
+    assert nested is not None
+    inner_kinds = {a["expert"]: (a["error"] or {}).get("kind") for a in nested["attempts"]}
+    assert inner_kinds == {"a": None, "b": "budget_exhausted"}
+    assert "$0.07" in next(a for a in nested["attempts"] if a["expert"] == "b")["error"]["message"]
+
+
+async def test_what_an_inner_router_spent_counts_when_the_client_leaves() -> None:
+    """Its panel's first member answered (and was paid), the second is still working when the client leaves:
+    the outer attempt is cancelled, but it keeps the inner router's spend and trace. Before, it recorded $0 and no
+    nested trace."""
+    team = in_process_team([(priced("paid", 1.0), {"cost": 0.004}),
+                            (priced("slow", 1.0) | {"timeout_s": 30.0}, {"delay": 30.0})], panel=2)
+    outer = outer_router(team, [], [1.0])
+    request = ChatRequest(messages=[{"role": "user", "content": "q"}])  # type: ignore[list-item]
+    traces: list[Any] = []
+    task = asyncio.create_task(outer.complete(request, on_trace=traces.append))
+    await asyncio.sleep(0.2)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    attempt = traces[0].attempts[0]
+    assert attempt.expert == "team" and attempt.error["kind"] == "cancelled"
+    assert attempt.cost_usd == pytest.approx(0.004)
+    assert attempt.nested is not None and attempt.nested["cost_usd"] == pytest.approx(0.004)
+    assert {a["expert"]: (a["error"] or {}).get("kind") for a in attempt.nested["attempts"]} == {
+        "paid": None, "slow": "cancelled"}
+
+
+async def test_an_inner_routers_failure_keeps_its_trace_on_the_outer_attempt() -> None:
+    """A plain (non-streamed) call whose inner router failed outright: the outer attempt shows which inner experts
+    failed and how, as a stream's did. Before, it held the error alone."""
+    down = {"fail": lambda n: ExpertServerError(n, 503, "busy")}
+    team = in_process_team([(priced("a", 1.0), down), (priced("b", 1.0), down)])
+    outer = outer_router(team, [priced("solo", 1.0)], [0.8, 0.2])
+    request = ChatRequest(messages=[{"role": "user", "content": "q"}])  # type: ignore[list-item]
+    answer = await outer.complete(request)
+    assert answer.expert == "solo"
+    failed = answer.trace.attempts[0]
+    assert failed.expert == "team" and failed.error is not None and failed.error["kind"] == "server_error"
+    assert failed.nested is not None
+    assert {a["expert"] for a in failed.nested["attempts"]} == {"a", "b"}
+    assert all(a["error"]["kind"] == "server_error" for a in failed.nested["attempts"])
+    assert failed.cost_usd == 0.0
+
+
+async def test_an_in_process_inner_stream_the_client_leaves_is_priced_by_the_expert_that_streamed() -> None:
+    """The client takes one piece and leaves. The inner expert that was streaming is estimated at its own price
+    ($1 per 1k tokens), in the inner trace and on the outer attempt. Before, the outer attempt priced the pieces at
+    the inner router's dearest expert ($100 per 1k), and kept no inner trace."""
+    team = in_process_team([(priced("cheap", 1.0), {"pieces": ["one ", "two ", "three"]}),
+                            (priced("gold", 100.0), {})])
+    outer = outer_router(team, [], [1.0])
+    request = ChatRequest(messages=[{"role": "user", "content": "q"}])  # type: ignore[list-item]
+    traces: list[Any] = []
+    events = outer.stream(request, on_trace=traces.append)
+    first = await events.__anext__()
+    assert first.delta.content == "one "  # type: ignore[union-attr]
+    await events.aclose()
+    attempt = traces[0].attempts[0]
+    assert attempt.expert == "team" and attempt.error["kind"] == "cancelled" and attempt.usage_estimated
+    assert attempt.nested is not None and attempt.nested["attempts"][0]["expert"] == "cheap"
+    tokens = attempt.usage.prompt_tokens + attempt.usage.completion_tokens
+    assert tokens > 0 and attempt.cost_usd == pytest.approx(tokens * 1.0 / 1000)
+    assert attempt.cost_usd == pytest.approx(attempt.nested["cost_usd"])
+
+
+def test_a_nested_routers_limits_are_the_tighter_of_its_own_and_what_its_caller_leaves() -> None:
+    """``Deadline.within``: the caller's time less a 5% margin (at most 0.25 s), its budget (never below zero), or
+    the router's own config where that is tighter; a caller with no limits leaves the config's."""
+    import time
+
+    from router.fallback import CallScope, Deadline
+
+    now = time.monotonic()
+    assert Deadline.within(120.0, None, None).seconds == 120.0
+    free = Deadline.within(120.0, 0.5, CallScope())
+    assert (free.seconds, free.budget_usd) == (120.0, 0.5)
+    short = Deadline.within(120.0, None, CallScope(until=now + 2.0, budget_usd=0.3))
+    assert short.seconds == pytest.approx(1.9, abs=0.01) and short.budget_usd == 0.3
+    long = Deadline.within(120.0, 0.1, CallScope(until=now + 60.0, budget_usd=0.3))
+    assert long.seconds == pytest.approx(59.75, abs=0.01) and long.budget_usd == 0.1
+    own = Deadline.within(5.0, None, CallScope(until=now + 60.0, budget_usd=-0.01))
+    assert own.seconds == 5.0 and own.budget_usd == 0.0
+    assert Deadline.within(5.0, None, CallScope(until=now - 1.0)).remaining <= 0.0
