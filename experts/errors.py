@@ -22,6 +22,8 @@ an API key: experts build them from status codes and short body excerpts only.
 
 from __future__ import annotations
 
+from typing import Any
+
 __all__ = [
     "INVALID_REQUEST_STATUSES",
     "ExpertAuthError",
@@ -52,6 +54,9 @@ class ExpertError(Exception):
     # Seconds the caller should wait before calling this expert again, when someone said: the expert's own
     # Retry-After (a 429's or a 503's), or how long its open circuit breaker will refuse calls. None otherwise.
     retry_after_s: float | None = None
+    # For an expert that is another moe-router (``type: router``) over HTTP: the trace its error carried (its
+    # ``moe`` field), so what it tried and spent before failing still counts. None otherwise.
+    nested: dict[str, Any] | None = None
 
     def __init__(self, expert: str, message: str) -> None:
         super().__init__(f"{expert}: {message}")

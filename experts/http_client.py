@@ -97,9 +97,11 @@ class HttpStream(Protocol):
 
 
 class HttpClient(Protocol):
-    async def post(self, url: str, body: Mapping[str, Any]) -> HttpReply: ...
+    async def post(self, url: str, body: Mapping[str, Any],
+                   headers: Mapping[str, str] | None = None) -> HttpReply: ...
 
-    def stream(self, url: str, body: Mapping[str, Any]) -> AbstractAsyncContextManager[HttpStream]: ...
+    def stream(self, url: str, body: Mapping[str, Any],
+               headers: Mapping[str, str] | None = None) -> AbstractAsyncContextManager[HttpStream]: ...
 
     async def aclose(self) -> None: ...
 
@@ -199,10 +201,12 @@ class _Client(ABC):
     """What both clients share: a whole answer is a stream read to its end."""
 
     @abstractmethod
-    def stream(self, url: str, body: Mapping[str, Any]) -> AbstractAsyncContextManager[HttpStream]: ...
+    def stream(self, url: str, body: Mapping[str, Any],
+               headers: Mapping[str, str] | None = None) -> AbstractAsyncContextManager[HttpStream]:
+        """POST ``body`` as JSON; ``headers``: this request's own, beside the client's (the key's)."""
 
-    async def post(self, url: str, body: Mapping[str, Any]) -> HttpReply:
-        async with self.stream(url, body) as response:
+    async def post(self, url: str, body: Mapping[str, Any], headers: Mapping[str, str] | None = None) -> HttpReply:
+        async with self.stream(url, body, headers) as response:
             return HttpReply(response.status, response.headers, await response.read())
 
 
@@ -249,11 +253,12 @@ class AiohttpClient(_Client):
         return self._proxies[url]
 
     @asynccontextmanager
-    async def stream(self, url: str, body: Mapping[str, Any]) -> AsyncIterator[HttpStream]:
+    async def stream(self, url: str, body: Mapping[str, Any],
+                     headers: Mapping[str, str] | None = None) -> AsyncIterator[HttpStream]:
         session = await self._open()
         async with self._slots.held():
             with _aiohttp_errors():
-                response = await session.post(url, json=body, proxy=self._proxy(url))
+                response = await session.post(url, json=body, proxy=self._proxy(url), headers=headers)
             try:
                 yield _AiohttpStream(response)
             finally:
@@ -354,10 +359,11 @@ class HttpxClient(_Client):
         self._slots = _Slots(max_connections, timeout_s)
 
     @asynccontextmanager
-    async def stream(self, url: str, body: Mapping[str, Any]) -> AsyncIterator[HttpStream]:
+    async def stream(self, url: str, body: Mapping[str, Any],
+                     headers: Mapping[str, str] | None = None) -> AsyncIterator[HttpStream]:
         async with self._slots.held():
             with _httpx_errors():
-                request = self._client.build_request("POST", url, json=dict(body))
+                request = self._client.build_request("POST", url, json=dict(body), headers=headers)
                 response = await self._client.send(request, stream=True)
             try:
                 yield _HttpxStream(response)

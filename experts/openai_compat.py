@@ -113,7 +113,7 @@ class OpenAICompatibleExpert(Expert):
         body = request.upstream_payload(self.config.model, stream=False)
         started = time.perf_counter()
         try:
-            response = await self._client().post(self._url, body)
+            response = await self._client().post(self._url, body, self._request_headers())
         except HttpFailure as exc:
             raise self._transport_error(exc) from exc
         if not 200 <= response.status < 300:
@@ -129,7 +129,7 @@ class OpenAICompatibleExpert(Expert):
         if self.STREAM_OPTIONS:
             body["stream_options"] = {**body["stream_options"], **self.STREAM_OPTIONS}
         try:
-            async with self._client().stream(self._url, body) as response:
+            async with self._client().stream(self._url, body, self._request_headers()) as response:
                 if not 200 <= response.status < 300:
                     raise self._status_error(response.status, response.headers, await response.read())
                 async for delta in self._deltas(response.lines(), request.estimated_prompt_tokens()):
@@ -139,6 +139,10 @@ class OpenAICompatibleExpert(Expert):
         except ExpertProtocolError as exc:
             self._log_protocol(exc)
             raise
+
+    def _request_headers(self) -> Mapping[str, str] | None:
+        """Headers of this call's own, beside the client's (its key): none here."""
+        return None
 
     def _log_protocol(self, exc: ExpertProtocolError) -> None:
         """A malformed answer's line in the operator's log, as every failed call has one: what was wrong, and the
@@ -286,7 +290,10 @@ class OpenAICompatibleExpert(Expert):
             message = error.get("message", error) if isinstance(error, dict) else error
             code = error.get("code") if isinstance(error, dict) else None
             status = code if isinstance(code, int) and 400 <= code <= 599 else 500
-            raise self._http_error(status, self._excerpt(str(message)), _error_labels(data), None, _error_param(data))
+            failure = self._http_error(status, self._excerpt(str(message)), _error_labels(data), None,
+                                       _error_param(data))
+            failure.nested = self._nested(data.get("moe"))  # another moe-router's trace, when it sent one
+            raise failure
         if not isinstance(data.get("choices"), list):
             raise ExpertProtocolError(self.name, "response has no 'choices' list")
         return data
@@ -418,7 +425,10 @@ class OpenAICompatibleExpert(Expert):
         if status < 400:
             return ExpertProtocolError(self.name, f"unexpected HTTP {status}")
         text, labels, param = _error_body(content)
-        return self._http_error(status, self._excerpt(text), labels, headers.get("retry-after"), param)
+        failure = self._http_error(status, self._excerpt(text), labels, headers.get("retry-after"), param)
+        if self.config.type == "router":  # another moe-router's error carries its trace
+            failure.nested = self._nested(_error_trace(content))
+        return failure
 
     def _http_error(self, status: int, detail: str, labels: list[str], retry_after: str | None,
                     param: str | None = None) -> ExpertHTTPError:
@@ -536,6 +546,15 @@ def _error_body(raw: bytes) -> tuple[str, list[str], str | None]:
             if key in data:
                 return str(data[key]), _error_labels(data), _error_param(data)
     return text, [], None
+
+
+def _error_trace(raw: bytes) -> Any:
+    """The ``moe`` field of an error body (another moe-router's trace), if it is JSON and has one."""
+    try:
+        data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return data.get("moe") if isinstance(data, dict) else None
 
 
 def _error_param(data: dict[str, Any]) -> str | None:

@@ -16,8 +16,8 @@ from router.errors import error_body
 if TYPE_CHECKING:
     from router.trace import Trace
 
-__all__ = ["CALL_SCOPE", "AllExpertsFailed", "BudgetSpent", "CallScope", "Deadline", "budget_spent",
-           "next_candidate"]
+__all__ = ["BUDGET_HEADER", "CALL_SCOPE", "DEADLINE_HEADER", "AllExpertsFailed", "BudgetSpent", "CallScope",
+           "Deadline", "budget_spent", "next_candidate"]
 
 
 class BudgetSpent(ExpertError):
@@ -161,12 +161,14 @@ class CallScope:
     """One expert call, as the dispatcher makes it, for an expert that is itself a router (``router.hierarchy``):
     when the call is cut off (``until``, ``time.monotonic()``; infinite for none), what is left of the caller's
     cost budget for it (``budget_usd``: less what was spent and what the panel's other members are estimated to
-    spend; None: no budget), and the inner router's trace (``inner``), kept as soon as it exists so that what the
-    inner router spent still counts when the call fails or is cut off."""
+    spend; None: no budget), and what the inner router spent: its trace (``inner``), kept as soon as it exists so
+    that it still counts when the call fails or is cut off, or, for one over HTTP, the ``Attempt`` fields its
+    error reported (``remote``)."""
 
     until: float = math.inf
     budget_usd: float | None = None
     inner: Trace | None = None
+    remote: dict[str, Any] | None = None
 
     def keep(self, trace: Trace) -> None:
         self.inner = trace
@@ -174,10 +176,50 @@ class CallScope:
     def spent(self) -> dict[str, Any]:
         """The ``Attempt`` fields for what the inner router spent and its trace; empty when there is none."""
         if self.inner is None:
-            return {}
+            return dict(self.remote or {})
         trace = self.inner
         return {"usage": trace.usage, "cost_usd": trace.cost_usd, "usage_estimated": trace.usage_estimated,
                 "nested": trace.summary()}
+
+
+    def headers(self) -> dict[str, str]:
+        """The limits as the request headers another moe-router reads (``from_headers``): the seconds left, and
+        the budget left; none for a limit the call does not have."""
+        out = {}
+        if math.isfinite(self.until):
+            out[DEADLINE_HEADER] = f"{max(self.until - time.monotonic(), 0.001):.3f}"
+        if self.budget_usd is not None:
+            out[BUDGET_HEADER] = f"{max(self.budget_usd, 0.0):.9g}"
+        return out
+
+    @classmethod
+    def from_headers(cls, deadline_s: str | None, budget_usd: str | None) -> CallScope | None:
+        """The scope a caller's ``x-moe-deadline-s`` (seconds it gives the request) and ``x-moe-budget-usd`` (the
+        USD it may spend) headers set; None when it sent neither. They only narrow the config's limits
+        (``Deadline.within``). Raises ``ValueError`` naming the header for a value that is not a number in range."""
+        if deadline_s is None and budget_usd is None:
+            return None
+        scope = cls()
+        if deadline_s is not None:
+            scope.until = time.monotonic() + _header_number(DEADLINE_HEADER, deadline_s, 0.0, 3600.0, "seconds")
+        if budget_usd is not None:
+            scope.budget_usd = _header_number(BUDGET_HEADER, budget_usd, 0.0, 1000.0, "USD", zero=True)
+        return scope
+
+
+DEADLINE_HEADER = "x-moe-deadline-s"
+BUDGET_HEADER = "x-moe-budget-usd"
+
+
+def _header_number(name: str, text: str, low: float, high: float, unit: str, *, zero: bool = False) -> float:
+    try:
+        value = float(text.strip())
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and (value >= low if zero else value > low) and value <= high):
+        bound = f"from {low:g}" if zero else f"above {low:g}"
+        raise ValueError(f"{name}: {text[:40]!r} is not a number of {unit} {bound} up to {high:g}")
+    return value
 
 
 # Set by the dispatcher while an expert's call starts (``router.dispatch``); read by a nested router.

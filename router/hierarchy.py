@@ -60,7 +60,7 @@ class RouterExpert(Expert):
         if orchestrator is None and config.router_config:
             self._inner = self._build_inner(config.router_config)
         elif orchestrator is None and config.endpoint:
-            self._http = OpenAICompatibleExpert(config, context)
+            self._http = _RouterEndpoint(config, context)
         elif orchestrator is None:
             raise ExpertConfigError(config.name, "type 'router' needs an endpoint or a router_config")
 
@@ -106,7 +106,12 @@ class RouterExpert(Expert):
 
     async def generate(self, request: ChatRequest) -> ExpertReply:
         if self._http is not None:
-            return _priced_by_inner(await self._http.generate(request))
+            caller = _caller()
+            try:
+                return _priced_by_inner(await self._http.generate(request))
+            except ExpertError as exc:
+                caller.remote = _remote_spend(exc.nested)
+                raise
         from router.orchestrator import NoCapableExpert
 
         assert self._inner is not None
@@ -129,9 +134,14 @@ class RouterExpert(Expert):
 
     async def stream(self, request: ChatRequest) -> AsyncIterator[StreamDelta]:
         if self._http is not None:
-            async with aclosing(self._http.stream(request)) as deltas:  # type: ignore[type-var]
-                async for delta in deltas:
-                    yield _priced_delta(delta)
+            caller = _caller()
+            try:
+                async with aclosing(self._http.stream(request)) as deltas:  # type: ignore[type-var]
+                    async for delta in deltas:
+                        yield _priced_delta(delta)
+            except ExpertError as exc:
+                caller.remote = _remote_spend(exc.nested)
+                raise
             return
         from router.orchestrator import NoCapableExpert, StreamEnd
 
@@ -159,6 +169,27 @@ class RouterExpert(Expert):
             await self._http.aclose()
         if self._inner is not None:
             await self._inner.aclose()
+
+
+class _RouterEndpoint(OpenAICompatibleExpert):
+    """Another moe-router's service: each call tells it the outer call's limits (``CallScope.headers``), which
+    it applies where they are tighter than its own config's."""
+
+    def _request_headers(self) -> dict[str, str] | None:
+        return _caller().headers() or None
+
+
+def _remote_spend(nested: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The ``Attempt`` fields for what another moe-router's failed call spent, from the trace its error carried;
+    None when it carried none, or one without its usage and cost."""
+    cost = _inner_cost(nested)
+    try:
+        usage = Usage.model_validate(nested["usage"]) if nested is not None and cost is not None else None
+    except (KeyError, ValueError):
+        usage = None
+    if nested is None or cost is None or usage is None:
+        return None
+    return {"usage": usage, "cost_usd": cost, "usage_estimated": _inner_estimated(nested), "nested": nested}
 
 
 def _caller() -> CallScope:

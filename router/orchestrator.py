@@ -116,6 +116,11 @@ class RouteFailed(AllExpertsFailed):
         super().__init__(causes, reason, retry_cap_s=retry_cap_s)
         self.trace = trace
 
+    def error_body(self) -> dict[str, Any]:
+        """As ``AllExpertsFailed``'s, with the trace beside the error (``moe``, as an answer carries it): what was
+        tried and what it cost, which an outer moe-router calling this one counts (``router.hierarchy``)."""
+        return {**super().error_body(), "moe": self.trace.summary()}
+
 
 @dataclass
 class StreamEnd:

@@ -37,7 +37,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from experts.types import ChatRequest
 from router.errors import error_body, retry_after_header
-from router.fallback import AllExpertsFailed
+from router.fallback import BUDGET_HEADER, DEADLINE_HEADER, AllExpertsFailed, CallScope
 from router.feedback import FeedbackBody, FeedbackStore
 from router.logs import RequestRecord, configure_json_logging, log_request
 from router.metrics import CONTENT_TYPE, RouterMetrics
@@ -302,6 +302,22 @@ def _combiner_header(request: Request, orchestrator: Orchestrator, *, stream: bo
     return check_combiner(given[0] if given else None, orchestrator, stream=stream)
 
 
+def _limits_headers(request: Request) -> CallScope | None:
+    """The limits the caller's ``x-moe-deadline-s`` and ``x-moe-budget-usd`` headers set (``CallScope.from_headers``:
+    they narrow the config's, never widen them); None when it sent neither. An outer moe-router sends them for a
+    nested one (``router.hierarchy``); any client may."""
+    given = {name: request.headers.getlist(name) for name in (DEADLINE_HEADER, BUDGET_HEADER)}
+    for name, values in given.items():
+        if len(values) > 1:
+            raise RequestProblem(400, f"{name}: sent {len(values)} times; send it once", "invalid_request_error",
+                                 "invalid_limit", param=name)
+    try:
+        return CallScope.from_headers(*(values[0] if values else None for values in given.values()))
+    except ValueError as exc:
+        name = DEADLINE_HEADER if str(exc).startswith(DEADLINE_HEADER) else BUDGET_HEADER
+        raise RequestProblem(400, str(exc), "invalid_request_error", "invalid_limit", param=name) from None
+
+
 class ClientLeft(Exception):
     """The client closed its connection before the answer was ready; the work for it was cancelled."""
 
@@ -457,6 +473,7 @@ async def _chat_completions(request: Request, o: Orchestrator) -> Response:
     chat = parse_chat(await _read_json(request, limits.max_request_bytes), limits.max_prompt_chars)
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     strategy = _combiner_header(request, o, stream=chat.stream)
+    caller = _limits_headers(request)
     record = _record(request)
     record.model, record.stream, record.completion_id = chat.model, chat.stream, request_id
     if limits.log_content:
@@ -467,7 +484,8 @@ async def _chat_completions(request: Request, o: Orchestrator) -> Response:
         record.trace = trace
 
     if not chat.stream:
-        answer = await _unless_client_leaves(request, o.complete(chat, strategy=strategy, on_trace=keep))
+        answer = await _unless_client_leaves(request, o.complete(chat, strategy=strategy, on_trace=keep,
+                                                                       caller=caller))
         record.trace, record.expert = answer.trace, answer.expert
         if store is not None:  # the expert a verdict on it rates (Trace.credited: not fuse's aggregator)
             await store.aremember(request_id, chat.query_text(), answer.trace.credited(answer.expert),
@@ -475,7 +493,7 @@ async def _chat_completions(request: Request, o: Orchestrator) -> Response:
         if record.answer is not None:
             record.answer.append(answer.content)
         return _FiniteJSONResponse(_completion_body(answer, request_id), headers={"x-moe-expert": answer.expert})
-    events = o.stream(chat, on_trace=keep)
+    events = o.stream(chat, on_trace=keep, caller=caller)
     # Wait for the first event before answering 200, so a total failure is still a clean 503.
     try:
         first = await _unless_client_leaves(request, anext(events))

@@ -23,11 +23,11 @@ async def test_a_response_never_released_is_counted(monkeypatch: pytest.MonkeyPa
     leaked: list[Any] = []
 
     @asynccontextmanager
-    async def leaky_stream(self: http_client.AiohttpClient, url: str,
-                           body: Mapping[str, Any]) -> AsyncIterator[http_client.HttpStream]:
+    async def leaky_stream(self: http_client.AiohttpClient, url: str, body: Mapping[str, Any],
+                           headers: Mapping[str, str] | None = None) -> AsyncIterator[http_client.HttpStream]:
         session = await self._open()
         async with self._slots.held():
-            response = await session.post(url, json=body)
+            response = await session.post(url, json=body, headers=headers)
             leaked.append(response)
             yield http_client._AiohttpStream(response)  # neither released nor closed
 

@@ -100,6 +100,13 @@ async def test_local_router_raises_the_very_object_the_service_answers(
                                  json={"messages": [{"role": "user", "content": "hi"}], **fields})
     assert (served.status_code, local.value.status) == (status, status)
     served_body = served.json()
+    # A total failure carries its trace beside the error (``moe``), as an answer does; its timings differ.
+    local_trace, served_trace = local.value.body.pop("moe", None), served_body.pop("moe", None)
+    assert (local_trace is None, served_trace is None) == (not fail, not fail)
+    if fail:
+        assert [(a["expert"], a["error"]["kind"]) for a in served_trace["attempts"]] == \
+            [(a["expert"], a["error"]["kind"]) for a in local_trace["attempts"]] == \
+            [("math", "unavailable"), ("code", "unavailable")]
     assert local.value.body == served_body
     # Equal dicts may differ in order; the wire and the SDK's object keep the same order too.
     assert list(local.value.body["error"]) == list(served_body["error"])
@@ -116,10 +123,14 @@ async def test_a_stream_that_breaks_sends_the_object_a_request_would_have_got() 
         r = await http.post("/v1/chat/completions",
                             json={"model": "auto", "stream": True, "messages": [{"role": "user", "content": "hi"}]})
     events = [line.removeprefix("data: ") for line in r.text.splitlines() if line.startswith('data: {"error"')]
-    assert events == ['{"error": {"message": "every candidate expert failed: math (unavailable): gone; '
-                      'code (unavailable): gone", "type": "service_unavailable", "param": null, '
-                      '"code": "all_experts_failed", "causes": [{"expert": "math", "kind": "unavailable", '
-                      '"message": "gone"}, {"expert": "code", "kind": "unavailable", "message": "gone"}]}}']
+    assert len(events) == 1
+    error, trace = events[0].split(', "moe": ', 1)  # the error as a request would get it, then the trace
+    assert error == ('{"error": {"message": "every candidate expert failed: math (unavailable): gone; '
+                     'code (unavailable): gone", "type": "service_unavailable", "param": null, '
+                     '"code": "all_experts_failed", "causes": [{"expert": "math", "kind": "unavailable", '
+                     '"message": "gone"}, {"expert": "code", "kind": "unavailable", "message": "gone"}]}')
+    moe = json.loads(trace[:-1])
+    assert [a["expert"] for a in moe["attempts"]] == ["math", "code"] and moe["switches"][0]["from"] == "math"
 
 
 def test_the_sdk_and_the_error_object_import_without_fastapi() -> None:

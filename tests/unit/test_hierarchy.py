@@ -379,3 +379,90 @@ def test_a_nested_routers_limits_are_the_tighter_of_its_own_and_what_its_caller_
     own = Deadline.within(5.0, None, CallScope(until=now + 60.0, budget_usd=-0.01))
     assert own.seconds == 5.0 and own.budget_usd == 0.0
     assert Deadline.within(5.0, None, CallScope(until=now - 1.0)).remaining <= 0.0
+
+
+def http_team(inner_experts: list[tuple[dict[str, Any], dict[str, Any]]], *, panel: int = 1,
+              **team: Any) -> RouterExpert:
+    """As ``in_process_team``, with the inner router served by its own moe-router service, called over HTTP."""
+    inner = in_process_team(inner_experts, panel=panel)._inner
+    assert inner is not None
+    config = parse_config({"version": 1, "experts": [{"name": "team", "type": "router", "model": "auto",
+                                                      "endpoint": "http://inner.local/v1", **team}]},
+                          check_env=False)
+    return RouterExpert(config.expert("team"), ExpertContext(transport=httpx.ASGITransport(app=create_app(inner))))
+
+
+async def test_a_router_over_http_gets_the_outer_calls_time_and_budget_in_headers() -> None:
+    """The inner service reads x-moe-deadline-s and x-moe-budget-usd: it answers with its fast member's answer
+    before the outer cut-off, where before it waited on the hang and the outer call timed out; and its panel's
+    second member does not fit what the outer budget left."""
+    team = http_team([(priced("fast", 1.0), {"text": "fast answers"}),
+                      (priced("hangs", 1.0) | {"timeout_s": 30.0}, {"delay": 30.0})], panel=2, timeout_s=0.5)
+    outer = outer_router(team, [], [1.0])
+    request = ChatRequest(messages=[{"role": "user", "content": "q"}])  # type: ignore[list-item]
+    answer = await outer.complete(request)
+    assert (answer.expert, answer.content) == ("team", "fast answers")
+    nested = answer.trace.attempts[0].nested
+    assert nested is not None
+    assert {a["expert"]: (a["error"] or {}).get("kind") for a in nested["attempts"]} == {
+        "fast": None, "hangs": "timeout"}
+
+    team = http_team([(priced("a", 0.5), {}), (priced("b", 0.5), {})], panel=2)
+    outer = outer_router(team, [], [1.0], fallback={"cost_budget_usd": 0.07})
+    answer = await outer.complete(ChatRequest(messages=[{"role": "user", "content": "q"}],  # type: ignore[list-item]
+                                              max_tokens=100))
+    nested = answer.trace.attempts[0].nested
+    assert nested is not None
+    assert {a["expert"]: (a["error"] or {}).get("kind") for a in nested["attempts"]} == {
+        "a": None, "b": "budget_exhausted"}
+    await outer.aclose()
+
+
+async def test_a_router_over_http_that_fails_reports_what_it_spent_and_its_trace() -> None:
+    """Its service's 503, and a stream's error event, carry its trace (``moe``), as an answer does: the outer
+    attempt counts what it spent and shows what it tried. Before, a stream that broke off mid-way was counted at
+    the router expert's own prices ($0 here) and a failed call kept no inner trace."""
+    broke = {"pieces": ["one ", "two ", "three"], "fail_after": 2, "fail": lambda n: ExpertUnavailable(n, "closed"),
+             "cost": 0.002}
+    down = {"fail": lambda n: ExpertServerError(n, 503, "busy")}
+    team = http_team([(priced("a", 1.0), broke), (priced("b", 1.0), down)])
+    outer = outer_router(team, [priced("solo", 1.0)], [0.8, 0.2])
+    request = ChatRequest(messages=[{"role": "user", "content": "q"}])  # type: ignore[list-item]
+    events = [e async for e in outer.stream(request)]
+    end = events[-1]
+    assert isinstance(end, StreamEnd)
+    attempt = end.trace.attempts[0]
+    assert attempt.expert == "team" and not attempt.ok and attempt.nested is not None
+    assert [a["expert"] for a in attempt.nested["attempts"]] == ["a", "b"]
+    assert attempt.cost_usd == pytest.approx(attempt.nested["cost_usd"]) and attempt.cost_usd > 0
+    assert attempt.usage.completion_tokens == 2
+
+    team = http_team([(priced("a", 1.0), down), (priced("b", 1.0), down)])
+    outer = outer_router(team, [priced("solo", 1.0)], [0.8, 0.2])
+    answer = await outer.complete(request)
+    failed = answer.trace.attempts[0]
+    assert answer.expert == "solo" and failed.expert == "team" and failed.error is not None
+    assert failed.nested is not None and {a["expert"] for a in failed.nested["attempts"]} == {"a", "b"}
+    await outer.aclose()
+
+
+@pytest.mark.parametrize(("headers", "param", "words"), [
+    ({"x-moe-deadline-s": "soon"}, "x-moe-deadline-s", "'soon' is not a number of seconds above 0 up to 3600"),
+    ({"x-moe-deadline-s": "0"}, "x-moe-deadline-s", "above 0"),
+    ({"x-moe-deadline-s": "nan"}, "x-moe-deadline-s", "not a number"),
+    ({"x-moe-budget-usd": "-1"}, "x-moe-budget-usd", "'-1' is not a number of USD from 0 up to 1000"),
+    ({"x-moe-budget-usd": "1e9"}, "x-moe-budget-usd", "up to 1000"),
+])
+async def test_a_bad_limit_header_is_a_400_naming_it(headers: dict[str, str], param: str, words: str) -> None:
+    config = fake_config(["a"])
+    app = create_app(Orchestrator(config, FakeGate(["a"], {}, default=[1.0]), {"a": FakeExpert(config.expert("a"))}))
+    body = {"model": "auto", "messages": [{"role": "user", "content": "hi"}]}
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://r") as http:
+        r = await http.post("/v1/chat/completions", json=body, headers=headers)
+        twice = await http.post("/v1/chat/completions", json=body,
+                                headers=[("x-moe-budget-usd", "1"), ("x-moe-budget-usd", "2")])
+        fine = await http.post("/v1/chat/completions", json=body,
+                               headers={"x-moe-deadline-s": "5", "x-moe-budget-usd": "0"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == param and words in r.json()["error"]["message"]
+    assert twice.status_code == 400 and "sent 2 times" in twice.json()["error"]["message"]
+    assert fine.status_code == 200
