@@ -13,14 +13,16 @@ import io
 import json
 import os
 import re
+import sys
 import types
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union, get_args, get_origin
+from typing import Annotated, Any, ClassVar, Literal, Union, get_args, get_origin
 from urllib.parse import urlsplit
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -99,6 +101,36 @@ def _numeric(annotation: Any) -> bool:
     return annotation in (int, float)
 
 
+# Linux's limits on a path (PATH_MAX) and on each of its names (NAME_MAX), in bytes.
+_PATH_MAX, _NAME_MAX = 4096, 255
+
+
+def _path_problem(value: str) -> str | None:
+    """What keeps ``value`` from being a file's path, said so that the key can be named: the OS refuses a NUL
+    character ("embedded null byte") and an over-long path or name ("File name too long") in words that name no
+    key. None for a path a file can have."""
+    if "\0" in value:
+        return "holds a NUL character, which no file's path can"
+    size = len(os.fsencode(value))
+    if size > _PATH_MAX:
+        return f"is {size} bytes long; a path has at most {_PATH_MAX}"
+    longest = max(len(os.fsencode(name)) for name in value.split("/"))
+    if longest > _NAME_MAX:
+        return f"holds a name {longest} bytes long; a file or folder name has at most {_NAME_MAX}"
+    return None
+
+
+def _file_path(value: str) -> str:
+    problem = _path_problem(value)
+    if problem is not None:
+        raise PydanticCustomError("file_path", "the path {problem}", {"problem": problem})
+    return value
+
+
+# A config key naming a file or folder, relative to the config file's folder or absolute.
+FilePath = Annotated[str, Field(min_length=1), AfterValidator(_file_path)]
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -127,7 +159,7 @@ class ReplayConfig(_Strict):
     """Where a replay expert finds its recordings, and which recorded model it plays."""
 
     source: Literal["routerbench", "mmlu_pro"]
-    path: str = Field(min_length=1)
+    path: FilePath
     # The recorded model's column in the source; defaults to the expert's ``model``.
     column: str | None = None
     # Simulated service time per call, so replayed latencies look like a model's, not a dict lookup.
@@ -184,7 +216,7 @@ class ExpertConfig(_Strict):
     replay: ReplayConfig | None = None
     # ``type: router``: another router's config file, served in-process (relative to this file). Over HTTP,
     # set ``endpoint`` to the other service's ``/v1`` instead: exactly one of the two.
-    router_config: str | None = Field(default=None, min_length=1)
+    router_config: FilePath | None = None
     # ``type: vllm``: how ``moe compose`` starts its server (tool-call parser, further flags).
     vllm: VllmServeConfig | None = None
     # How the combiner reads this expert's final answers, in place of ``combiner.extractor`` (an expert that
@@ -318,11 +350,11 @@ class GateConfig(_Strict):
     # A fast first stage; None: one gate decides every query.
     cascade: CascadeConfig | None = None
     # The trained classifier; ``moe train`` writes it. Relative to the config file.
-    artifact: str = Field(default="artifacts/gate", min_length=1)
+    artifact: FilePath = "artifacts/gate"
     # JSONL files ``moe train`` learns from, each detected by its first record: labelled ({"query", "label"}),
     # trained with the experts' examples into a label gate, or outcome records ({"query", "outcomes": {expert:
     # score in [0, 1]}, "cost": {expert: cost}}), trained into an outcome gate. All files must be one kind.
-    train_data: list[str] = []
+    train_data: list[FilePath] = []
     # Outcome gates: lambda, the quality-cost knob. Routing utility = p_success - cost_weight * cost / the
     # priciest expert's cost; 0 routes on quality alone. Read at load time: changing it needs no retraining.
     cost_weight: float = Field(default=0.0, ge=0.0, le=100.0)
@@ -560,7 +592,7 @@ class FeedbackConfig(_Strict):
     # Off: ``POST /v1/feedback`` answers 409, answers are not remembered, and ``moe train`` ignores the store.
     enabled: bool = True
     # The SQLite file, relative to the config file; None: ``feedback.sqlite3`` next to ``gate.artifact``.
-    path: str | None = Field(default=None, min_length=1)
+    path: FilePath | None = None
     # How long an answer can be rated by its id alone (its query and expert are kept that long). None: 30 days in
     # SQLite, one day in Redis, where every remembered answer holds memory (about 1 KB each).
     remember_s: float | None = Field(default=None, gt=0, le=365 * 86400)
@@ -677,7 +709,9 @@ def _cross_problems(raw: Any, *, check_env: bool, base_dir: str | Path | None = 
             yield f"{where}.endpoint", ("is not an http:// or https:// URL (with no spaces): write the base URL the "
                                         "client appends /chat/completions to, e.g. http://host:8000/v1")
         if (kind == "router" and isinstance(e.get("router_config"), str) and not e.get("endpoint")
-                and base_dir is not None):  # checked with or without the environment: a file is no variable
+                and base_dir is not None and _path_problem(e["router_config"]) is None):
+            # Checked with or without the environment: a file is no variable. (A path no file can have is the
+            # field's own problem.)
             inner = Path(e["router_config"])
             inner = inner if inner.is_absolute() else Path(base_dir) / inner
             if not inner.is_file():
@@ -1091,6 +1125,20 @@ class _UniqueKeyLoader(yaml.SafeLoader):
             self.flatten_mapping(node)  # as SafeConstructor.construct_mapping does; merged keys come first
         return super().construct_mapping(node, deep=deep)
 
+    def construct_yaml_int(self, node: yaml.ScalarNode) -> int:
+        """An integer, or, for one longer than Python converts (4,300 digits by default), an error that says where
+        it is, where Python's names no key."""
+        try:
+            return int(super().construct_yaml_int(node))
+        except ValueError:
+            digits = sum(c.isdigit() for c in str(node.value))
+            raise yaml.constructor.ConstructorError(
+                None, None, f"found a number of {digits} digits; a config's numbers have at most "
+                f"{sys.get_int_max_str_digits()}", node.start_mark) from None
+
+    yaml_constructors: ClassVar[dict[Any, Any]] = {**yaml.SafeLoader.yaml_constructors,
+                                                   "tag:yaml.org,2002:int": construct_yaml_int}
+
 
 def _named(text: str, path: Path) -> io.StringIO:
     """``text`` as a stream named ``path``, so YAML's error marks name the file."""
@@ -1099,11 +1147,20 @@ def _named(text: str, path: Path) -> io.StringIO:
     return stream
 
 
+# The most a config file may hold; reading stops there (a device such as /dev/zero never ends).
+MAX_CONFIG_BYTES = 16 * 2**20
+
+
 def load_config(path: str | Path, *, check_env: bool = True, require_vars: bool = True) -> RouterConfig:
     """Read and validate a YAML config file (``parse_config`` says what the two checks are)."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        with path.open("rb") as file:  # at most one byte more than a config may hold: /dev/zero ends too
+            data = file.read(MAX_CONFIG_BYTES + 1)
+        if len(data) > MAX_CONFIG_BYTES:
+            raise ConfigError(str(path), [("<file>", f"larger than {MAX_CONFIG_BYTES // 2**20} MiB: a config is a few "
+                                                     "KB (training data goes in the files gate.train_data names)")])
+        text = data.decode("utf-8")
     except OSError as exc:
         raise ConfigError(str(path), [("<file>", f"cannot read: {exc.strerror}")]) from exc
     except UnicodeDecodeError as exc:

@@ -640,3 +640,45 @@ def test_config_check_loads_a_nested_routers_gate_and_names_its_file_to_train(
     with pytest.raises(FileNotFoundError) as info:
         RouterExpert(config.expert("science"), ExpertContext(base_dir=tmp_path))
     assert f"moe train --config {inner}" in str(info.value)
+
+
+def test_a_path_no_file_can_have_is_named_by_its_key(tmp_path: Path) -> None:
+    """The OS refuses a NUL character and over-long paths in words that name no key ("embedded null byte",
+    "[Errno 36] File name too long: '<the whole path>'"); the config names the key instead. Before, `moe config
+    check` stopped at the first, with the OS's words."""
+    raw = {"version": 1, "gate": {"artifact": "x" * 5000, "train_data": ["ok.jsonl", "a\0b.jsonl"]},
+           "feedback": {"path": "f/" + "n" * 300 + ".sqlite3"},
+           "experts": [expert(), {"name": "team", "type": "router", "model": "auto",
+                                  "router_config": "r" * 300 + ".yaml"},
+                       {"name": "rec", "type": "replay", "model": "m",
+                        "replay": {"source": "routerbench", "path": "d\0"}}]}
+    found = problems(raw, base_dir=tmp_path)
+    assert found["gate.artifact"] == "the path is 5000 bytes long; a path has at most 4096"
+    assert found["gate.train_data[1]"] == "the path holds a NUL character, which no file's path can"
+    assert found["feedback.path"] == "the path holds a name 308 bytes long; a file or folder name has at most 255"
+    assert found["experts[1] (team).router_config"] == \
+        "the path holds a name 305 bytes long; a file or folder name has at most 255"
+    assert found["experts[2] (rec).replay.path"] == "the path holds a NUL character, which no file's path can"
+    assert len(found) == 5  # the nested router's missing file is not reported a second time
+
+
+def test_a_number_too_long_to_read_is_refused_with_its_place(tmp_path: Path) -> None:
+    error = load_refused(tmp_path / "digits.yaml", "version: 1\nfallback:\n  max_attempts: " + "9" * 5000 + "\n")
+    [(where, message)] = error.problems
+    assert where == "<yaml>"
+    assert "a number of 5000 digits; a config's numbers have at most 4300" in message and "line 3" in message
+
+
+def test_reading_a_config_stops_at_its_size_limit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A device that never ends (/dev/zero) or a file far too large is refused after the limit is read, not read
+    without end."""
+    import router.config
+
+    monkeypatch.setattr(router.config, "MAX_CONFIG_BYTES", 2**20)
+    big = tmp_path / "big.yaml"
+    big.write_text("version: 1\n# " + "x" * 2**20 + "\nexperts: []\n")
+    for path in (big, Path("/dev/zero")):
+        with pytest.raises(ConfigError) as info:
+            load_config(path, check_env=False)
+        assert info.value.problems == [("<file>", "larger than 1 MiB: a config is a few KB (training data goes in "
+                                                  "the files gate.train_data names)")]
