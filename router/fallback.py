@@ -193,33 +193,50 @@ class CallScope:
         return out
 
     @classmethod
-    def from_headers(cls, deadline_s: str | None, budget_usd: str | None) -> CallScope | None:
-        """The scope a caller's ``x-moe-deadline-s`` (seconds it gives the request) and ``x-moe-budget-usd`` (the
-        USD it may spend) headers set; None when it sent neither. They only narrow the config's limits
-        (``Deadline.within``). Raises ``ValueError`` naming the header for a value that is not a number in range."""
+    def limiting(cls, deadline_s: float | None, budget_usd: float | None, *,
+                 names: tuple[str, str] = ("deadline_s", "budget_usd"),
+                 shown: tuple[str, str] | None = None) -> CallScope | None:
+        """The scope a caller's limits set, from now: ``deadline_s`` seconds (above 0, up to 3600) and
+        ``budget_usd`` USD (0 up to 1000); None when it gave neither. They only narrow the config's limits
+        (``Deadline.within``). Raises ``ValueError`` naming the limit (``names``; ``shown``: the values as the
+        caller wrote them) for one that is not a number in range."""
         if deadline_s is None and budget_usd is None:
             return None
+        shown = shown or (repr(deadline_s), repr(budget_usd))
         scope = cls()
         if deadline_s is not None:
-            scope.until = time.monotonic() + _header_number(DEADLINE_HEADER, deadline_s, 0.0, 3600.0, "seconds")
+            scope.until = time.monotonic() + _limit(names[0], shown[0], deadline_s, MAX_DEADLINE_S, "seconds")
         if budget_usd is not None:
-            scope.budget_usd = _header_number(BUDGET_HEADER, budget_usd, 0.0, 1000.0, "USD", zero=True)
+            scope.budget_usd = _limit(names[1], shown[1], budget_usd, MAX_BUDGET_USD, "USD", zero=True)
         return scope
+
+    @classmethod
+    def from_headers(cls, deadline_s: str | None, budget_usd: str | None) -> CallScope | None:
+        """``limiting``, from a request's ``x-moe-deadline-s`` and ``x-moe-budget-usd`` headers (``headers``)."""
+        return cls.limiting(_number(deadline_s), _number(budget_usd), names=(DEADLINE_HEADER, BUDGET_HEADER),
+                            shown=(repr((deadline_s or "")[:40]), repr((budget_usd or "")[:40])))
 
 
 DEADLINE_HEADER = "x-moe-deadline-s"
 BUDGET_HEADER = "x-moe-budget-usd"
+# The widest limits a caller may give, as the config's own ``fallback.deadline_s`` and ``cost_budget_usd``.
+MAX_DEADLINE_S, MAX_BUDGET_USD = 3600.0, 1000.0
 
 
-def _header_number(name: str, text: str, low: float, high: float, unit: str, *, zero: bool = False) -> float:
+def _number(text: str | None) -> float | None:
+    if text is None:
+        return None
     try:
-        value = float(text.strip())
+        return float(text.strip())
     except ValueError:
-        value = math.nan
-    if not (math.isfinite(value) and (value >= low if zero else value > low) and value <= high):
-        bound = f"from {low:g}" if zero else f"above {low:g}"
-        raise ValueError(f"{name}: {text[:40]!r} is not a number of {unit} {bound} up to {high:g}")
-    return value
+        return math.nan
+
+
+def _limit(name: str, shown: str, value: Any, high: float, unit: str, *, zero: bool = False) -> float:
+    number = value if isinstance(value, int | float) and not isinstance(value, bool) else math.nan
+    if not (math.isfinite(number) and (number >= 0 if zero else number > 0) and number <= high):
+        raise ValueError(f"{name}: {shown} is not a number of {unit} {'from' if zero else 'above'} 0 up to {high:g}")
+    return float(number)
 
 
 # Set by the dispatcher while an expert's call starts (``router.dispatch``); read by a nested router.

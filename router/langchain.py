@@ -12,7 +12,8 @@ It takes its arguments as ``ChatOpenAI`` does: ``model_name`` is another name fo
 any argument it does not declare (``seed``, ``frequency_penalty``, a typo) goes into ``model_kwargs``, with a
 warning, and is sent with every request; ``with_structured_output`` takes ``method`` (``json_schema`` by default,
 ``function_calling``, ``json_mode``), ``include_raw``, ``strict`` and ``tools`` as ``ChatOpenAI`` does;
-``bind(...)`` and call keywords override the model's own, ``model`` and ``combiner`` included. A combiner
+``bind(...)`` and call keywords override the model's own, ``model`` and ``combiner`` included (``deadline_s`` and
+``budget_usd`` among them are the SDK's per-request limits, not request fields). A combiner
 other than ``top1`` cannot combine a stream (one expert serves a stream), so with one, streaming calls (``stream``,
 ``astream``, ``astream_events``, LangGraph's messages mode) make one combined call and yield its answer as one chunk.
 

@@ -13,6 +13,12 @@ decides what its config supports: an unknown strategy is a ``RouterAPIError`` 40
 but ``top1`` on a stream (one expert serves a stream). ``LocalRouter`` checks it with the service's own check, so
 it fails with the same ``RouterAPIError``.
 
+``deadline_s=`` and ``budget_usd=`` on ``chat`` and ``stream`` (all three) narrow the config's ``fallback.deadline_s``
+and ``cost_budget_usd`` for one request, never widen them: the router plans its fallback within the time and stops
+calling experts once the budget is spent. The HTTP clients send them as the ``x-moe-deadline-s`` and
+``x-moe-budget-usd`` headers; a value out of range (seconds above 0 up to 3600, USD from 0 up to 1000) is a
+``ValueError`` naming it, before anything is sent.
+
 ``timeout=`` on a ``Client`` or ``AsyncClient`` method call (``chat``, ``stream``) sets that call's HTTP timeout, as
 in the OpenAI SDK (seconds, an ``httpx.Timeout``, or None for none); it is never sent in the request's body.
 ``LocalRouter`` has no HTTP request to time and refuses it with a ``TypeError`` (wrap the call in
@@ -49,6 +55,7 @@ from pydantic import BaseModel
 
 from experts.types import Usage, reasoning_of
 from router.errors import retry_after_header
+from router.fallback import CallScope
 from router.feedback import (
     FeedbackRecord,
     FeedbackStore,
@@ -305,8 +312,13 @@ class _Protocol:
         return [a["expert"] for a in body["assignments"]]
 
     @staticmethod
-    def chat_headers(combiner: str | None) -> dict[str, str]:
-        return {} if combiner is None else {COMBINER_HEADER: _header_value(combiner, "combiner")}
+    def chat_headers(combiner: str | None, deadline_s: float | None = None,
+                     budget_usd: float | None = None) -> dict[str, str]:
+        """The headers that carry a call's combiner and limits; a limit out of range is a ``ValueError`` naming
+        it, before anything is sent."""
+        limits = CallScope.limiting(deadline_s, budget_usd)
+        return {**({} if combiner is None else {COMBINER_HEADER: _header_value(combiner, "combiner")}),
+                **({} if limits is None else limits.headers())}
 
     @staticmethod
     def answered_error(response: httpx.Response) -> RouterAPIError:
@@ -425,24 +437,26 @@ class Client(_Protocol):
         self._closer = weakref.finalize(self, self._http.close)
 
     def chat(self, messages: Messages, *, model: str = "auto", combiner: str | None = None,
+             deadline_s: float | None = None, budget_usd: float | None = None,
              timeout: Timeout | UseClientDefault = httpx.USE_CLIENT_DEFAULT, **params: Any) -> ChatResult:
         """One complete answer; ``timeout`` is this call's HTTP timeout (by default the client's)."""
         body = self.chat_body(messages, model, False, params, "Client")
+        headers = self.chat_headers(combiner, deadline_s, budget_usd)
         with self.reaching(timeout):
-            response = self._http.post("/v1/chat/completions", json=body, headers=self.chat_headers(combiner),
-                                       timeout=timeout)
+            response = self._http.post("/v1/chat/completions", json=body, headers=headers, timeout=timeout)
             return self.chat_result(self.check(response))
 
     def stream(self, messages: Messages, *, model: str = "auto", combiner: str | None = None,
+               deadline_s: float | None = None, budget_usd: float | None = None,
                timeout: Timeout | UseClientDefault = httpx.USE_CLIENT_DEFAULT, **params: Any) -> Iterator[StreamChunk]:
         """A streamed answer; ``timeout`` is this call's HTTP timeout (by default the client's)."""
         # The body is built (and a stream= among params refused) now, not when iteration begins.
-        return self._stream(self.chat_body(messages, model, True, params, "Client"), combiner, timeout)
+        return self._stream(self.chat_body(messages, model, True, params, "Client"),
+                            self.chat_headers(combiner, deadline_s, budget_usd), timeout)
 
-    def _stream(self, body: dict[str, Any], combiner: str | None,
+    def _stream(self, body: dict[str, Any], headers: dict[str, str],
                 timeout: Timeout | UseClientDefault) -> Iterator[StreamChunk]:
-        with self.reaching(timeout), self._http.stream("POST", "/v1/chat/completions", json=body,
-                                                       headers=self.chat_headers(combiner),
+        with self.reaching(timeout), self._http.stream("POST", "/v1/chat/completions", json=body, headers=headers,
                                                        timeout=timeout) as response:
             if response.is_error or not self.is_event_stream(response):
                 response.read()
@@ -498,26 +512,29 @@ class AsyncClient(_Protocol):
                                        transport=transport, limits=LIMITS)
 
     async def chat(self, messages: Messages, *, model: str = "auto", combiner: str | None = None,
+                   deadline_s: float | None = None, budget_usd: float | None = None,
                    timeout: Timeout | UseClientDefault = httpx.USE_CLIENT_DEFAULT, **params: Any) -> ChatResult:
         """``Client.chat``."""
         body = self.chat_body(messages, model, False, params, "AsyncClient")
+        headers = self.chat_headers(combiner, deadline_s, budget_usd)
         with self.reaching(timeout):
-            response = await self._http.post("/v1/chat/completions", json=body, headers=self.chat_headers(combiner),
-                                             timeout=timeout)
+            response = await self._http.post("/v1/chat/completions", json=body, headers=headers, timeout=timeout)
             return self.chat_result(self.check(response))
 
     def stream(self, messages: Messages, *, model: str = "auto", combiner: str | None = None,
+               deadline_s: float | None = None, budget_usd: float | None = None,
                timeout: Timeout | UseClientDefault = httpx.USE_CLIENT_DEFAULT,
                **params: Any) -> AsyncIterator[StreamChunk]:
         """Iterate with ``async for``; a stream= among ``params`` is refused here, before anything is sent.
         ``timeout`` is this call's HTTP timeout (by default the client's)."""
-        return self._stream(self.chat_body(messages, model, True, params, "AsyncClient"), combiner, timeout)
+        return self._stream(self.chat_body(messages, model, True, params, "AsyncClient"),
+                            self.chat_headers(combiner, deadline_s, budget_usd), timeout)
 
-    async def _stream(self, body: dict[str, Any], combiner: str | None,
+    async def _stream(self, body: dict[str, Any], headers: dict[str, str],
                       timeout: Timeout | UseClientDefault) -> AsyncIterator[StreamChunk]:
         with self.reaching(timeout):
-            async with self._http.stream("POST", "/v1/chat/completions", json=body,
-                                         headers=self.chat_headers(combiner), timeout=timeout) as response:
+            async with self._http.stream("POST", "/v1/chat/completions", json=body, headers=headers,
+                                         timeout=timeout) as response:
                 if response.is_error or not self.is_event_stream(response):
                     await response.aread()
                     raise self.refused_stream(response)
@@ -627,13 +644,14 @@ class LocalRouter:
         return cls(build_orchestrator(config), open_feedback_store(config))
 
     async def chat(self, messages: Messages, *, model: str = "auto", combiner: str | None = None,
-                   **params: Any) -> ChatResult:
+                   deadline_s: float | None = None, budget_usd: float | None = None, **params: Any) -> ChatResult:
         body = self._chat_body(messages, model, False, params)
+        limits = CallScope.limiting(deadline_s, budget_usd)  # a ValueError naming it, as the clients raise
         # A bad request, and an unknown strategy (before the gate runs), fail as the service's answer would.
         with _as_api_errors():
             request = parse_chat(body, self.orchestrator.config.service.max_prompt_chars)
             strategy = check_combiner(combiner, self.orchestrator)
-            answer: RoutedAnswer = await self.orchestrator.complete(request, strategy=strategy)
+            answer: RoutedAnswer = await self.orchestrator.complete(request, strategy=strategy, caller=limits)
         response_id = f"chatcmpl-{uuid.uuid4().hex}"
         if self.store is not None:  # the expert a verdict on it rates, as the service remembers it
             await self.store.aremember(response_id, request.query_text(), answer.trace.credited(answer.expert))
@@ -643,13 +661,16 @@ class LocalRouter:
                           logprobs=answer.logprobs, reasoning_content=answer.reasoning_content, trace=answer.trace)
 
     def stream(self, messages: Messages, *, model: str = "auto", combiner: str | None = None,
+               deadline_s: float | None = None, budget_usd: float | None = None,
                **params: Any) -> AsyncIterator[StreamChunk]:
         """``AsyncClient.stream``, in process: the same chunks (the last with ``finish_reason`` and the trace),
         the same fallback and mid-stream continuation, and the same ``RouterAPIError``s, whether the stream fails
         before its first chunk or after. A stream= among ``params`` is refused here, before anything runs."""
-        return self._stream(self._chat_body(messages, model, True, params), combiner)
+        body = self._chat_body(messages, model, True, params)
+        return self._stream(body, combiner, CallScope.limiting(deadline_s, budget_usd))
 
-    async def _stream(self, body: dict[str, Any], combiner: str | None) -> AsyncIterator[StreamChunk]:
+    async def _stream(self, body: dict[str, Any], combiner: str | None,
+                      limits: CallScope | None) -> AsyncIterator[StreamChunk]:
         from router.orchestrator import StreamEnd
 
         self._check_open()
@@ -657,7 +678,7 @@ class LocalRouter:
             request = parse_chat(body, self.orchestrator.config.service.max_prompt_chars)
             check_combiner(combiner, self.orchestrator, stream=True)
         response_id = f"chatcmpl-{uuid.uuid4().hex}"
-        async with contextlib.aclosing(self.orchestrator.stream(request)) as events:
+        async with contextlib.aclosing(self.orchestrator.stream(request, caller=limits)) as events:
             # A failure before the first chunk is the service's error answer, its Retry-After included; one after
             # it is the service's error event, which carries no headers.
             with _as_api_errors():

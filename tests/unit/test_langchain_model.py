@@ -370,3 +370,17 @@ def test_a_refused_argument_s_error_never_shows_the_key() -> None:
     with pytest.raises(ValueError, match="seed given twice") as info:
         ChatMoERouter(api_key=KEY, seed=1, model_kwargs={"seed": 2})  # the key first: pydantic cuts a long input
     assert KEY[:8] not in str(info.value)
+
+
+async def test_bound_limits_narrow_the_request_and_are_not_sent_upstream() -> None:
+    """``bind(budget_usd=0)``: the SDK's per-request limit (the x-moe-budget-usd header), so only the panel's first
+    call is made; neither it nor ``deadline_s`` reaches an expert as a request field."""
+    app = make_app(panel=True)
+    bound = model_for(app).bind(budget_usd=0, deadline_s=30)
+    trace = (await bound.ainvoke("an integral")).response_metadata["moe_trace"]
+    assert [(a["expert"], (a["error"] or {}).get("kind")) for a in trace["attempts"]] == [
+        ("code", "budget_exhausted"), ("math", None)]
+    sent = app.state.fake_experts["math"].requests[-1]
+    assert "budget_usd" not in (sent.model_extra or {}) and "deadline_s" not in (sent.model_extra or {})
+    whole = (await model_for(app).ainvoke("an integral")).response_metadata["moe_trace"]
+    assert [a["error"] for a in whole["attempts"]] == [None, None]
