@@ -21,8 +21,8 @@ calling experts once the budget is spent. The HTTP clients send them as the ``x-
 
 ``timeout=`` on a ``Client`` or ``AsyncClient`` method call (``chat``, ``stream``) sets that call's HTTP timeout, as
 in the OpenAI SDK (seconds, an ``httpx.Timeout``, or None for none); it is never sent in the request's body.
-``LocalRouter`` has no HTTP request to time and refuses it with a ``TypeError`` (wrap the call in
-``asyncio.timeout()`` for a deadline).
+``LocalRouter`` has no HTTP request to time and refuses it with a ``TypeError`` (``deadline_s=`` gives the call a
+deadline the router plans its fallback within).
 
 ``LocalRouter`` checks a request with the service's own checks (``router.requests``), so a bad one fails the same
 way in process, and the SDK never imports FastAPI.
@@ -631,7 +631,7 @@ class LocalRouter:
             method = "stream" if stream else "chat"
             raise TypeError(f"LocalRouter.{method}() takes no timeout= argument (got timeout={params['timeout']!r}):"
                             " there is no HTTP request to time out in process, and each expert's calls are timed by "
-                            "its config's timeout_s; for a deadline on the whole call, wrap it in asyncio.timeout()")
+                            "its config's timeout_s; for a deadline on the whole call, pass deadline_s=")
         return _Protocol.chat_body(messages, model, stream, params, "LocalRouter")
 
     @classmethod
