@@ -126,7 +126,8 @@ class StreamOutcome:
         the metrics, would leave that out. A token per delta, and the prompt at about 4 characters a token. An
         expert that is itself a router knows what its own experts spent (its trace): that counts instead."""
         spent = self.scope.spent()
-        if spent:
+        # The inner trace, unless it holds less than reached the client (an inner stream not closed yet).
+        if spent and spent["usage"].completion_tokens >= self.deltas:
             self.usage, self.cost, self.usage_estimated = spent["usage"], spent["cost_usd"], spent["usage_estimated"]
             self.nested = spent["nested"]
         elif self.usage is None and self.deltas:
@@ -223,10 +224,11 @@ class Dispatcher:
 
     async def call(self, name: str, weight: float, request: ChatRequest, deadline: Deadline, trace: Trace,
                    replaces: str | None = None, role: AttemptRole = "answer",
-                   reserved_usd: float = 0.0) -> ExpertReply | ExpertError:
+                   running: Mapping[str, float] | None = None) -> ExpertReply | ExpertError:
         """One expert's answer, or the error of its last call. ``role`` labels its attempts in the trace;
-        ``reserved_usd`` is what the panel's other members, called alongside, are estimated to spend (an expert
-        that is itself a router may spend only what is left of the budget after them: ``CallScope``).
+        ``running`` holds the estimated cost of each panel member called alongside and still working (an expert
+        that is itself a router may spend only what is left of the budget after them: ``CallScope``; a member
+        that is done has left it, its spend in the trace).
 
         A retry that finds the expert's breaker open or its in-flight limit full makes no call: the error is the
         failed call's before it, so the expert counts as tried (``max_attempts``) and its cause is what it did."""
@@ -234,7 +236,8 @@ class Dispatcher:
         failed: ExpertError | None = None
         while True:
             tried = _Tried(weight, replaces, retry, role)
-            result = await self._try(name, request, deadline, trace, tried, reserved_usd)
+            reserved = sum(cost for member, cost in (running or {}).items() if member != name)
+            result = await self._try(name, request, deadline, trace, tried, reserved)
             if failed is not None and isinstance(result, ExpertError) and skipped(result):
                 return failed
             if isinstance(result, ExpertReply) or not await self._backoff(name, result, retry, request, deadline,
@@ -252,7 +255,8 @@ class Dispatcher:
         failed: ExpertError | None = None
         while True:
             outcome = StreamOutcome(scope=CallScope(until=time.monotonic() + deadline.remaining,
-                                                    budget_usd=deadline.budget_left(trace.cost_usd)))
+                                                    budget_usd=deadline.budget_left(trace.cost_usd),
+                                                    fair_s=self._fair_limit(name, deadline)))
             try:
                 async with aclosing(self._stream_try(name, request, deadline, outcome)) as pieces:
                     async for piece in pieces:
@@ -298,7 +302,7 @@ class Dispatcher:
         if deadline.remaining <= 0:
             raise ExpertTimeout(name, "the request's deadline has passed")
         permit = self.breakers.admit(name)
-        slot = _Slot(fair_s=0.5 * min(self.experts[name].config.timeout_s, deadline.seconds))
+        slot = _Slot(fair_s=0.5 * self._fair_limit(name, deadline))
         error: ExpertError | None = None
         outcome: Outcome = "neutral"  # cancelled (the caller went away) unless set below
         try:
@@ -317,6 +321,10 @@ class Dispatcher:
         finally:
             self.breakers.finish(permit, error, outcome)
 
+    def _fair_limit(self, name: str, deadline: Deadline) -> float:
+        """What the expert would have had on its own: its timeout_s, or the whole deadline if shorter."""
+        return min(self.experts[name].config.timeout_s, deadline.fair_seconds)
+
     def _timeout(self, expert: Expert, deadline: Deadline, slot: _Slot) -> float:
         timeout = deadline.attempt_timeout(expert.config.timeout_s)
         slot.cut_by_deadline = timeout < expert.config.timeout_s
@@ -326,7 +334,8 @@ class Dispatcher:
                    tried: _Tried, reserved_usd: float = 0.0) -> ExpertReply | ExpertError:
         start = time.perf_counter()
         expert = self.experts[name]
-        scope = CallScope(budget_usd=deadline.budget_left(trace.cost_usd + reserved_usd))
+        scope = CallScope(budget_usd=deadline.budget_left(trace.cost_usd + reserved_usd),
+                          fair_s=self._fair_limit(name, deadline))
         try:
             with self._slot(name, deadline) as slot:
                 timeout = self._timeout(expert, deadline, slot)
@@ -381,7 +390,10 @@ class Dispatcher:
                     while True:
                         timeout = self._timeout(expert, deadline, slot)
                         limit.at = asyncio.get_running_loop().time() + timeout
-                        # The stream's body starts at its first step: a nested router reads its scope there.
+                        # The stream's body starts at its first step: a nested router reads its scope there, with
+                        # this wait's limit as the time its first output must come by.
+                        if first:
+                            outcome.scope.first_output_by = time.monotonic() + timeout
                         scoped = CALL_SCOPE.set(outcome.scope) if first else None
                         try:
                             delta = await _within(iterator.__anext__(), timeout) if timeout > 0 else None
@@ -417,10 +429,7 @@ def _timed_out(name: str, message: str, slot: _Slot, deadline: Deadline) -> Expe
     """A try's timeout: ``message`` when the expert's own ``timeout_s`` ran out; when the request's deadline cut
     the try short, that is what the error names, since the expert was not at fault. Either way the call has its
     line in the log, as a call that failed on its own does (a WARNING for the expert's own limit)."""
-    if slot.cut_by_deadline:
-        error = ExpertTimeout(name, f"the request's deadline of {deadline.seconds:g}s was reached")
-    else:
-        error = ExpertTimeout(name, message)
+    error = ExpertTimeout(name, deadline.reached() if slot.cut_by_deadline else message)
     log.log(logging.INFO if slot.cut_by_deadline else logging.WARNING, "expert %s: timeout failed: %s", name,
             error.message)
     return error

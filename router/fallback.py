@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 import time
 from collections.abc import Iterable, Mapping
 from contextvars import ContextVar
@@ -16,8 +17,8 @@ from router.errors import error_body
 if TYPE_CHECKING:
     from router.trace import Trace
 
-__all__ = ["BUDGET_HEADER", "CALL_SCOPE", "DEADLINE_HEADER", "AllExpertsFailed", "BudgetSpent", "CallScope",
-           "Deadline", "budget_spent", "next_candidate"]
+__all__ = ["BUDGET_HEADER", "CALL_SCOPE", "DEADLINE_HEADER", "FIRST_OUTPUT_HEADER", "LIMIT_HEADERS", "AllExpertsFailed",
+           "BudgetSpent", "CallScope", "Deadline", "budget_spent", "next_candidate"]
 
 
 class BudgetSpent(ExpertError):
@@ -115,11 +116,17 @@ def budget_spent(limit_usd: float | None, spent_usd: float, next_call_usd: float
 class Deadline:
     """What one request may use across every attempt: ``seconds`` from ``start``, and ``budget_usd`` (None: no
     cost budget). A nested router's are its own config's, narrowed to what its caller's call leaves it
-    (``within``)."""
+    (``within``). ``fair_seconds`` judges whether an expert cut off had a fair chance (``router.dispatch``): the
+    whole deadline, not what is left of it when a caller's fallback reached this router, and never a deadline a
+    client set (``CallScope.fair_s``), so neither blames a healthy expert. A stream's
+    caller may also need its first output sooner (``first_output_at``, ``time.monotonic()``): until the stream
+    sends some (``output_sent``), that limit counts too."""
 
     seconds: float
     start: float = field(default_factory=time.monotonic)
     budget_usd: float | None = None
+    fair_limit_s: float | None = None
+    first_output_at: float = math.inf
 
     @classmethod
     def within(cls, seconds: float, budget_usd: float | None, caller: CallScope | None) -> Deadline:
@@ -127,20 +134,43 @@ class Deadline:
         (``caller``), whichever is tighter of those and what the caller's call leaves. The time ends
         ``NESTED_MARGIN`` before the caller cuts the call off (at most ``NESTED_MARGIN_MAX_S``), so the inner
         router stops its own tries first and hands back what it has: a panel member's answer, or its error with
-        what it spent."""
+        what it spent. The same margin comes off a stream's first-output limit."""
         if caller is None:
             return cls(seconds, budget_usd=budget_usd)
-        left = caller.until - time.monotonic()
-        if math.isfinite(left):
-            seconds = min(seconds, max(0.0, left - min(NESTED_MARGIN * left, NESTED_MARGIN_MAX_S)))
+        now = time.monotonic()
+        fair = min(seconds, caller.fair_s)
+        seconds = min(seconds, _less_margin(caller.until - now))
+        first_output_at = now + _less_margin(caller.first_output_by - now)
         if caller.budget_usd is not None:
             given = max(0.0, caller.budget_usd)
             budget_usd = given if budget_usd is None else min(budget_usd, given)
-        return cls(seconds, budget_usd=budget_usd)
+        return cls(seconds, start=now, budget_usd=budget_usd, fair_limit_s=fair, first_output_at=first_output_at)
 
     @property
     def remaining(self) -> float:
-        return self.seconds - (time.monotonic() - self.start)
+        now = time.monotonic()
+        return min(self.seconds - (now - self.start), self.first_output_at - now)
+
+    @property
+    def fair_seconds(self) -> float:
+        """The deadline an expert's fair chance is judged by: ``seconds``, or for a nested router its own config's
+        deadline within the whole limit of the call that reached it (``CallScope.fair_s``)."""
+        return self.seconds if self.fair_limit_s is None else self.fair_limit_s
+
+    @property
+    def first_output_due(self) -> bool:
+        """Whether the stream's first-output limit has run out (none of its output sent by then)."""
+        return time.monotonic() >= self.first_output_at
+
+    def reached(self) -> str:
+        """What ran out, in words, once ``remaining`` is spent."""
+        if self.first_output_due:
+            return "the caller's time for the stream's first output ran out"
+        return f"the request's deadline of {self.seconds:g}s was reached"
+
+    def output_sent(self) -> None:
+        """The stream sent output: its first-output limit no longer counts."""
+        self.first_output_at = math.inf
 
     def attempt_timeout(self, expert_timeout: float) -> float:
         """An attempt gets its expert's own limit, cut short by what is left of the request's deadline."""
@@ -149,6 +179,13 @@ class Deadline:
     def budget_left(self, spent_usd: float) -> float | None:
         """What is left of the cost budget once ``spent_usd`` is spent (or reserved); None with no budget."""
         return None if self.budget_usd is None else self.budget_usd - spent_usd
+
+
+def _less_margin(left: float) -> float:
+    """A caller's time left, less the nested margin; infinite stays infinite."""
+    if not math.isfinite(left):
+        return left
+    return max(0.0, left - min(NESTED_MARGIN * left, NESTED_MARGIN_MAX_S))
 
 
 # A nested router's deadline ends this share of its caller's time limit early, and at most this many seconds.
@@ -169,6 +206,12 @@ class CallScope:
     budget_usd: float | None = None
     inner: Trace | None = None
     remote: dict[str, Any] | None = None
+    # A stream's: when the caller cuts the stream off if no output has come by then (its first wait's limit).
+    first_output_by: float = math.inf
+    # The call's whole limit, by which the inner router judges whether its experts had a fair chance: the nesting
+    # expert's timeout_s, or the caller's own whole deadline if shorter (not what was left of it when the call was
+    # made). Infinite for limits a client set (headers, the SDK): a client's short deadline blames no expert.
+    fair_s: float = math.inf
 
     def keep(self, trace: Trace) -> None:
         self.inner = trace
@@ -183,53 +226,66 @@ class CallScope:
 
 
     def headers(self) -> dict[str, str]:
-        """The limits as the request headers another moe-router reads (``from_headers``): the seconds left, and
-        the budget left; none for a limit the call does not have."""
+        """The limits as the request headers another moe-router reads (``from_headers``): the seconds left, the
+        seconds left for a stream's first output, and the budget left; none for a limit the call does not have."""
+        now = time.monotonic()
         out = {}
-        if math.isfinite(self.until):
-            out[DEADLINE_HEADER] = f"{max(self.until - time.monotonic(), 0.001):.3f}"
+        for name, at in ((DEADLINE_HEADER, self.until), (FIRST_OUTPUT_HEADER, self.first_output_by)):
+            if math.isfinite(at):
+                out[name] = f"{max(at - now, 0.001):.3f}"
         if self.budget_usd is not None:
             out[BUDGET_HEADER] = f"{max(self.budget_usd, 0.0):.9g}"
         return out
 
     @classmethod
-    def limiting(cls, deadline_s: float | None, budget_usd: float | None, *,
-                 names: tuple[str, str] = ("deadline_s", "budget_usd"),
-                 shown: tuple[str, str] | None = None) -> CallScope | None:
-        """The scope a caller's limits set, from now: ``deadline_s`` seconds (above 0, up to 3600) and
-        ``budget_usd`` USD (0 up to 1000); None when it gave neither. They only narrow the config's limits
-        (``Deadline.within``). Raises ``ValueError`` naming the limit (``names``; ``shown``: the values as the
-        caller wrote them) for one that is not a number in range."""
-        if deadline_s is None and budget_usd is None:
+    def limiting(cls, deadline_s: float | None, budget_usd: float | None, first_output_s: float | None = None, *,
+                 names: tuple[str, str, str] = ("deadline_s", "budget_usd", "first_output_s"),
+                 shown: tuple[str, str, str] | None = None) -> CallScope | None:
+        """The scope a caller's limits set, from now: ``deadline_s`` seconds (above 0, up to 3600), ``budget_usd``
+        USD (0 up to 1000), and, for a stream, ``first_output_s`` seconds for its first output; None when it gave
+        none. They only narrow the config's limits (``Deadline.within``). Raises ``ValueError`` naming the limit
+        (``names``; ``shown``: the values as the caller wrote them) for one that is not a number in range."""
+        if deadline_s is None and budget_usd is None and first_output_s is None:
             return None
-        shown = shown or (repr(deadline_s), repr(budget_usd))
+        shown = shown or (repr(deadline_s), repr(budget_usd), repr(first_output_s))
+        now = time.monotonic()
         scope = cls()
         if deadline_s is not None:
-            scope.until = time.monotonic() + _limit(names[0], shown[0], deadline_s, MAX_DEADLINE_S, "seconds")
+            scope.until = now + _limit(names[0], shown[0], deadline_s, MAX_DEADLINE_S, "seconds")
         if budget_usd is not None:
             scope.budget_usd = _limit(names[1], shown[1], budget_usd, MAX_BUDGET_USD, "USD", zero=True)
+        if first_output_s is not None:
+            scope.first_output_by = now + _limit(names[2], shown[2], first_output_s, MAX_DEADLINE_S, "seconds")
         return scope
 
     @classmethod
-    def from_headers(cls, deadline_s: str | None, budget_usd: str | None) -> CallScope | None:
-        """``limiting``, from a request's ``x-moe-deadline-s`` and ``x-moe-budget-usd`` headers (``headers``)."""
-        return cls.limiting(_number(deadline_s), _number(budget_usd), names=(DEADLINE_HEADER, BUDGET_HEADER),
-                            shown=(repr((deadline_s or "")[:40]), repr((budget_usd or "")[:40])))
+    def from_headers(cls, deadline_s: str | None, budget_usd: str | None,
+                     first_output_s: str | None = None) -> CallScope | None:
+        """``limiting``, from a request's ``x-moe-deadline-s``, ``x-moe-budget-usd`` and ``x-moe-first-output-s``
+        headers (``headers``)."""
+        def shown(text: str | None) -> str:
+            return repr((text or "")[:40])
+
+        return cls.limiting(_number(deadline_s), _number(budget_usd), _number(first_output_s),
+                            names=(DEADLINE_HEADER, BUDGET_HEADER, FIRST_OUTPUT_HEADER),
+                            shown=(shown(deadline_s), shown(budget_usd), shown(first_output_s)))
 
 
 DEADLINE_HEADER = "x-moe-deadline-s"
 BUDGET_HEADER = "x-moe-budget-usd"
+FIRST_OUTPUT_HEADER = "x-moe-first-output-s"
+LIMIT_HEADERS = (DEADLINE_HEADER, BUDGET_HEADER, FIRST_OUTPUT_HEADER)
 # The widest limits a caller may give, as the config's own ``fallback.deadline_s`` and ``cost_budget_usd``.
 MAX_DEADLINE_S, MAX_BUDGET_USD = 3600.0, 1000.0
+# A plain decimal number, as a header gives one: not Python's "1_0", "inf" or "nan", which float() reads.
+_DECIMAL = re.compile(r"[0-9]+(\.[0-9]*)?([eE][-+]?[0-9]+)?|\.[0-9]+([eE][-+]?[0-9]+)?")
 
 
 def _number(text: str | None) -> float | None:
     if text is None:
         return None
-    try:
-        return float(text.strip())
-    except ValueError:
-        return math.nan
+    text = text.strip()
+    return float(text) if _DECIMAL.fullmatch(text) else math.nan
 
 
 def _limit(name: str, shown: str, value: Any, high: float, unit: str, *, zero: bool = False) -> float:

@@ -28,6 +28,7 @@ priced as its dearest expert: its config's zero prices would count it as free, s
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
@@ -35,10 +36,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from experts.base import Expert, ExpertContext
-from experts.errors import ExpertConfigError, ExpertError, ExpertRejected, ExpertServerError
+from experts.errors import ExpertConfigError, ExpertError, ExpertRejected, ExpertServerError, ExpertTimeout
 from experts.openai_compat import OpenAICompatibleExpert
 from experts.types import ChatRequest, ExpertReply, StreamDelta, Usage
-from router.fallback import CALL_SCOPE, AllExpertsFailed, CallScope
+from router.fallback import CALL_SCOPE, NOT_CALLED, AllExpertsFailed, CallScope
 
 if TYPE_CHECKING:
     from router.config import ExpertConfig
@@ -99,9 +100,13 @@ class RouterExpert(Expert):
 
     def _failure(self, exc: AllExpertsFailed) -> ExpertError:
         """The inner router's total failure, as its service would have answered: 400 when every expert it called
-        refused the request as invalid, else 503 with the soonest Retry-After its causes gave."""
+        refused the request as invalid, else 503 with the soonest Retry-After its causes gave; but a timeout when
+        it ran out of time (every expert it called timed out): then the outer level judges it as any expert cut
+        off, which blames no one for a deadline the outer request itself set."""
         if exc.invalid_request:
             return ExpertRejected(self.name, 400, f"inner router: {exc}")
+        if _timed_out(exc):
+            return ExpertTimeout(self.name, f"inner router: {exc}")
         return ExpertServerError(self.name, 503, f"inner router: {exc}", exc.retry_after_s)
 
     async def generate(self, request: ChatRequest) -> ExpertReply:
@@ -192,6 +197,12 @@ def _remote_spend(nested: dict[str, Any] | None) -> dict[str, Any] | None:
     return {"usage": usage, "cost_usd": cost, "usage_estimated": _inner_estimated(nested), "nested": nested}
 
 
+def _timed_out(exc: AllExpertsFailed) -> bool:
+    """Whether a router failed for lack of time: every expert it called timed out (those it never called aside)."""
+    called = [c for c in exc.causes if c.kind not in NOT_CALLED]
+    return bool(called) and all(isinstance(c, ExpertTimeout) for c in called)
+
+
 def _caller() -> CallScope:
     """The outer call this one runs in (``CALL_SCOPE``); a scope of no limits when called directly, not through a
     dispatcher."""
@@ -204,8 +215,11 @@ def _routed(request: ChatRequest) -> ChatRequest:
 
 
 def _inner_cost(nested: dict[str, Any] | None) -> float | None:
+    """The cost another router's trace reports: a finite number, not below zero; None otherwise."""
     cost = nested.get("cost_usd") if nested else None
-    return float(cost) if isinstance(cost, int | float) and not isinstance(cost, bool) else None
+    if isinstance(cost, int | float) and not isinstance(cost, bool) and math.isfinite(cost) and cost >= 0:
+        return float(cost)
+    return None
 
 
 def _inner_estimated(nested: dict[str, Any] | None) -> bool:

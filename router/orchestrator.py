@@ -279,12 +279,7 @@ class Orchestrator:
             # its cooldown just ended), as a stream's first expert is asked.
             panel = self._panel_despite_breakers(decision, ranking)
         called, errors = self._within_budget(panel, request, trace, deadline)
-        # What each member's concurrent siblings are estimated to spend, for a member that is itself a router.
-        estimates = [self.dispatch.estimate(p.expert, request) if deadline.budget_usd is not None else 0.0
-                     for p in called]
-        results = await asyncio.gather(*(self.dispatch.call(p.expert, p.weight, request, deadline, trace,
-                                                            reserved_usd=sum(estimates) - e)
-                                         for p, e in zip(called, estimates, strict=True)))
+        results = await asyncio.gather(*self._panel_calls(called, request, deadline, trace))
         replies = [(p, r) for p, r in zip(called, results, strict=True) if isinstance(r, ExpertReply)]
         failures = [r for r in results if isinstance(r, ExpertError)]
         errors += failures
@@ -337,6 +332,23 @@ class Orchestrator:
         if not scores:
             return []
         return [WeightedExpert(expert=n, weight=w) for n, w in choose(scores, self.config.gate.top_k)]
+
+    def _panel_calls(self, called: list[WeightedExpert], request: ChatRequest, deadline: Deadline,
+                     trace: Trace) -> list[Awaitable[ExpertReply | ExpertError]]:
+        """The panel's concurrent calls. With a cost budget, each member's estimate stays reserved while it works
+        (``running``), so a member that is itself a router gets what is left after its siblings still working;
+        one done has its spend in the trace instead."""
+        if deadline.budget_usd is None:
+            return [self.dispatch.call(p.expert, p.weight, request, deadline, trace) for p in called]
+        running = {p.expert: self.dispatch.estimate(p.expert, request) for p in called}
+
+        async def member(p: WeightedExpert) -> ExpertReply | ExpertError:
+            try:
+                return await self.dispatch.call(p.expert, p.weight, request, deadline, trace, running=running)
+            finally:
+                running.pop(p.expert, None)
+
+        return [member(p) for p in called]
 
     def _within_budget(self, panel: list[WeightedExpert], request: ChatRequest, trace: Trace,
                        deadline: Deadline) -> tuple[list[WeightedExpert], list[ExpertError]]:
@@ -411,8 +423,9 @@ class Orchestrator:
         """Why fallback may try no further expert (the deadline passed, ``max_attempts`` were tried); None
         while it may."""
         if deadline.remaining <= 0:
-            return _Stop("deadline reached", f"fallback stopped at the request's deadline of {deadline.seconds:g}s "
-                                             "with no complete answer")
+            at = "when the caller's time for the stream's first output ran out," if deadline.first_output_due else \
+                f"at the request's deadline of {deadline.seconds:g}s"
+            return _Stop("deadline reached", f"fallback stopped {at} with no complete answer")
         limit = self.config.fallback.max_attempts
         if tried >= limit:
             return _Stop(f"max_attempts {limit} used", f"fallback stopped after max_attempts ({limit}) experts "
@@ -481,6 +494,7 @@ class Orchestrator:
                         _continued_by(trace, name)
                         sent.append(event.delta.content)
                         chars[name] = chars.get(name, 0) + len(event.delta.content)
+                        deadline.output_sent()  # a caller's limit for the first output is met
                         yield event
             if outcome.error is None:
                 _continued_by(trace, name)

@@ -667,10 +667,11 @@ class LocalRouter:
         the same fallback and mid-stream continuation, and the same ``RouterAPIError``s, whether the stream fails
         before its first chunk or after. A stream= among ``params`` is refused here, before anything runs."""
         body = self._chat_body(messages, model, True, params)
-        return self._stream(body, combiner, CallScope.limiting(deadline_s, budget_usd))
+        CallScope.limiting(deadline_s, budget_usd)  # a limit out of range is refused now, not once iterated
+        return self._stream(body, combiner, (deadline_s, budget_usd))
 
     async def _stream(self, body: dict[str, Any], combiner: str | None,
-                      limits: CallScope | None) -> AsyncIterator[StreamChunk]:
+                      given: tuple[float | None, float | None]) -> AsyncIterator[StreamChunk]:
         from router.orchestrator import StreamEnd
 
         self._check_open()
@@ -678,6 +679,7 @@ class LocalRouter:
             request = parse_chat(body, self.orchestrator.config.service.max_prompt_chars)
             check_combiner(combiner, self.orchestrator, stream=True)
         response_id = f"chatcmpl-{uuid.uuid4().hex}"
+        limits = CallScope.limiting(*given)  # counted from when the stream starts, as the service counts them
         async with contextlib.aclosing(self.orchestrator.stream(request, caller=limits)) as events:
             # A failure before the first chunk is the service's error answer, its Retry-After included; one after
             # it is the service's error event, which carries no headers.

@@ -37,7 +37,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from experts.types import ChatRequest
 from router.errors import error_body, retry_after_header
-from router.fallback import BUDGET_HEADER, DEADLINE_HEADER, AllExpertsFailed, CallScope
+from router.fallback import LIMIT_HEADERS, AllExpertsFailed, CallScope
 from router.feedback import FeedbackBody, FeedbackStore
 from router.logs import RequestRecord, configure_json_logging, log_request
 from router.metrics import CONTENT_TYPE, RouterMetrics
@@ -303,10 +303,10 @@ def _combiner_header(request: Request, orchestrator: Orchestrator, *, stream: bo
 
 
 def _limits_headers(request: Request) -> CallScope | None:
-    """The limits the caller's ``x-moe-deadline-s`` and ``x-moe-budget-usd`` headers set (``CallScope.from_headers``:
-    they narrow the config's, never widen them); None when it sent neither. An outer moe-router sends them for a
-    nested one (``router.hierarchy``); any client may."""
-    given = {name: request.headers.getlist(name) for name in (DEADLINE_HEADER, BUDGET_HEADER)}
+    """The limits the caller's ``x-moe-deadline-s``, ``x-moe-budget-usd`` and ``x-moe-first-output-s`` headers set
+    (``CallScope.from_headers``: they narrow the config's, never widen them); None when it sent none. An outer
+    moe-router sends them for a nested one (``router.hierarchy``); any client may."""
+    given = {name: request.headers.getlist(name) for name in LIMIT_HEADERS}
     for name, values in given.items():
         if len(values) > 1:
             raise RequestProblem(400, f"{name}: sent {len(values)} times; send it once", "invalid_request_error",
@@ -314,7 +314,7 @@ def _limits_headers(request: Request) -> CallScope | None:
     try:
         return CallScope.from_headers(*(values[0] if values else None for values in given.values()))
     except ValueError as exc:
-        name = DEADLINE_HEADER if str(exc).startswith(DEADLINE_HEADER) else BUDGET_HEADER
+        name = next(n for n in LIMIT_HEADERS if str(exc).startswith(f"{n}:"))
         raise RequestProblem(400, str(exc), "invalid_request_error", "invalid_limit", param=name) from None
 
 

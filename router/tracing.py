@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import math
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -122,15 +123,18 @@ class TracedExpert(Expert):
                                       attributes=self._attributes(True))
         counted, outputs = False, 0
         try:
-            async for delta in self.inner.stream(request):
-                if delta.usage is not None:
-                    # The usage so far (vLLM sends it on every delta, the last one the whole stream's): a stream
-                    # that breaks off keeps what it had counted on its span, as the trace does.
-                    cost = delta.cost_usd if delta.cost_usd is not None else self.inner.cost(delta.usage)
-                    _record_usage(span, delta.usage, cost)
-                    counted = True
-                outputs += delta.has_output()
-                yield delta
+            # Closed here when the caller closes this one (the client left), not when the collector finds it: a
+            # nested router's stream then ends at once, its last try in its trace and its in-flight slot freed.
+            async with aclosing(self.inner.stream(request)) as deltas:  # type: ignore[type-var]
+                async for delta in deltas:
+                    if delta.usage is not None:
+                        # The usage so far (vLLM sends it on every delta, the last one the whole stream's): a
+                        # stream that breaks off keeps what it had counted on its span, as the trace does.
+                        cost = delta.cost_usd if delta.cost_usd is not None else self.inner.cost(delta.usage)
+                        _record_usage(span, delta.usage, cost)
+                        counted = True
+                    outputs += delta.has_output()
+                    yield delta
         except BaseException as exc:
             if not counted and outputs:
                 # It broke off before any usage came: estimated as the trace estimates it (the dispatcher's

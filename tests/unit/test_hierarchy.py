@@ -15,11 +15,11 @@ import yaml
 import router.build
 from experts.base import ExpertContext
 from experts.errors import ExpertRejected, ExpertServerError, ExpertUnavailable
-from experts.types import ChatRequest, Usage
+from experts.types import ChatRequest, ExpertReply, Usage
 from router.build import build_orchestrator
 from router.config import ConfigError, RouterConfig, load_config, parse_config
 from router.hierarchy import RouterExpert
-from router.orchestrator import Orchestrator, StreamEnd
+from router.orchestrator import Orchestrator, RouteFailed, StreamEnd
 from router.service import create_app
 from tests.doubles.fakes import FakeExpert, FakeGate, fake_config
 
@@ -166,7 +166,8 @@ def in_process_team(inner_experts: list[tuple[dict[str, Any], dict[str, Any]]], 
     inner_config = parse_config({"version": 1, "gate": top_k, "experts": [c for c, _ in inner_experts]},
                                 check_env=False)
     names = inner_config.expert_names
-    weights = [0.9] + [0.1 / (len(names) - 1)] * (len(names) - 1) if panel == 1 else \
+    others = len(names) - 1
+    weights = ([0.9] + [0.1 / others] * others if others else [1.0]) if panel == 1 else \
         [2.0 ** -(i + 1) for i in range(len(names))]
     inner = Orchestrator(inner_config, FakeGate(names, {}, default=weights),
                          {c["name"]: FakeExpert(inner_config.expert(c["name"]), **kw) for c, kw in inner_experts})
@@ -278,7 +279,7 @@ async def test_an_inner_router_answers_before_the_outer_call_s_time_limit_with_w
     kinds = {a["expert"]: (a["error"] or {}).get("kind") for a in nested["attempts"]}
     assert kinds == {"fast": None, "hangs": "timeout"}
     assert "deadline" in next(a for a in nested["attempts"] if a["expert"] == "hangs")["error"]["message"]
-    assert 0.3 < answer.trace.latency_ms / 1000.0 < 0.5
+    assert 0.3 < answer.trace.latency_ms / 1000.0 < 5.0  # at its 0.475 s deadline, far from the hang's 30 s
 
 
 async def test_an_inner_router_spends_only_what_the_outer_budget_leaves_it() -> None:
@@ -452,6 +453,8 @@ async def test_a_router_over_http_that_fails_reports_what_it_spent_and_its_trace
     ({"x-moe-deadline-s": "nan"}, "x-moe-deadline-s", "not a number"),
     ({"x-moe-budget-usd": "-1"}, "x-moe-budget-usd", "'-1' is not a number of USD from 0 up to 1000"),
     ({"x-moe-budget-usd": "1e9"}, "x-moe-budget-usd", "up to 1000"),
+    ({"x-moe-deadline-s": "1_0"}, "x-moe-deadline-s", "'1_0' is not a number"),
+    ({"x-moe-first-output-s": "-2"}, "x-moe-first-output-s", "'-2' is not a number of seconds above 0"),
 ])
 async def test_a_bad_limit_header_is_a_400_naming_it(headers: dict[str, str], param: str, words: str) -> None:
     config = fake_config(["a"])
@@ -466,3 +469,119 @@ async def test_a_bad_limit_header_is_a_400_naming_it(headers: dict[str, str], pa
     assert r.status_code == 400 and r.json()["error"]["param"] == param and words in r.json()["error"]["message"]
     assert twice.status_code == 400 and "sent 2 times" in twice.json()["error"]["message"]
     assert fine.status_code == 200
+
+
+# Found by review: a shortened deadline blamed healthy experts, a nested stream did not know the outer first-step
+# limit, a traced nested stream left by the client lost its spend, a retry counted its siblings twice.
+
+async def test_a_clients_short_deadline_header_never_opens_a_healthy_experts_breaker() -> None:
+    """Five requests with x-moe-deadline-s: 0.1 cut a 0.2 s expert off; its breaker must not open (the expert had
+    no fair chance), or every other client would get 503 circuit_open."""
+    config = fake_config(["healthy"])
+    orch = Orchestrator(config, FakeGate(["healthy"], {}, default=[1.0]),
+                        {"healthy": FakeExpert(config.expert("healthy"), delay=0.2)})
+    body = {"model": "auto", "messages": [{"role": "user", "content": "hi"}]}
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app(orch)), base_url="http://r") as http:
+        for _ in range(5):
+            cut = await http.post("/v1/chat/completions", json=body, headers={"x-moe-deadline-s": "0.1"})
+            assert cut.status_code == 503
+        assert orch.breakers.snapshot("healthy")["state"] == "closed"
+        assert (await http.post("/v1/chat/completions", json=body)).status_code == 200
+
+
+async def test_a_nested_router_reached_late_in_the_outer_deadline_blames_no_one() -> None:
+    """The outer fallback reaches the nested router with little of its 1 s deadline left: the inner expert cut off
+    at the narrowed deadline had no fair chance, and the nested router ran out of time (a timeout, not a 503), so
+    no breaker opens at either level."""
+    team = in_process_team([(priced("healthy", 1.0), {"delay": 0.3})])
+    outer = outer_router(team, [priced("hangs", 1.0) | {"timeout_s": 0.8}], [0.2, 0.8],
+                         fallback={"deadline_s": 1.0, "retries": 0})
+    outer.experts["hangs"] = outer.dispatch.experts["hangs"] = FakeExpert(outer.config.expert("hangs"), delay=30.0)
+    request = ChatRequest(messages=[{"role": "user", "content": "q"}])  # type: ignore[list-item]
+    for _ in range(5):
+        with pytest.raises(RouteFailed) as failed:
+            await outer.complete(request)
+        kinds = {c.expert: c.kind for c in failed.value.causes}
+        assert kinds == {"hangs": "timeout", "team": "timeout"}
+    inner = team._inner
+    assert inner is not None and inner.breakers.snapshot("healthy")["state"] == "closed"
+    assert outer.breakers.snapshot("team")["state"] == "closed"
+
+
+@pytest.mark.parametrize("over_http", [False, True], ids=["in-process", "http"])
+async def test_a_nested_stream_stops_before_the_outer_cuts_its_first_step(over_http: bool) -> None:
+    """A stream's first output must come within the nesting expert's timeout_s (0.3 s here), though the stream
+    may then run to the outer deadline. The inner router knows it (over HTTP, from x-moe-first-output-s), so it
+    stops its hanging first expert itself, before the outer level cuts the stream. In process, that expert is
+    blamed (it had the nesting expert's whole 0.3 s), so its breaker opens and the stream recovers, as a plain
+    call through the same router does. Over HTTP the limit is a client's, which blames no expert: the inner
+    service's own config judges its experts. Before, the outer level cancelled the stream every time."""
+    build = http_team if over_http else in_process_team
+    team = build([(priced("hangs", 1.0) | {"timeout_s": 30.0}, {"delay": 30.0}),
+                  (priced("fast", 1.0), {"pieces": ["fast ", "answers"]})], timeout_s=0.3)
+    outer = outer_router(team, [], [1.0], fallback={"retries": 0, "breaker": {"enabled": False}})
+    request = ChatRequest(messages=[{"role": "user", "content": "q"}])  # type: ignore[list-item]
+    errors = []
+    for _ in range(7):
+        try:
+            events = [e async for e in outer.stream(request)]
+        except RouteFailed as exc:
+            errors.append(str(exc))
+        else:
+            assert "".join(e.delta.content for e in events[:-1]) == "fast answers"  # type: ignore[union-attr]
+            break
+    assert len(errors) == (7 if over_http else 5)
+    assert all("caller's time for the stream's first output ran out" in e for e in errors)
+    await outer.aclose()
+
+
+async def test_a_traced_nested_stream_the_client_leaves_keeps_its_spend() -> None:
+    """With tracing on, the traced wrapper closes the nested router's stream when the client leaves, so its last
+    try is in its trace and priced (before: $0, and the inner in-flight slot held until garbage collection)."""
+    from opentelemetry.sdk.trace import TracerProvider
+
+    from router.tracing import TracedExpert
+
+    team = in_process_team([(priced("cheap", 1.0), {"pieces": ["one ", "two "]}), (priced("gold", 100.0), {})])
+    outer = outer_router(team, [], [1.0])
+    outer.experts["team"] = outer.dispatch.experts["team"] = TracedExpert(team, TracerProvider().get_tracer("t"))
+    traces: list[Any] = []
+    events = outer.stream(ChatRequest(messages=[{"role": "user", "content": "q"}]),  # type: ignore[list-item]
+                          on_trace=traces.append)
+    await events.__anext__()
+    await events.aclose()
+    attempt = traces[0].attempts[0]
+    assert attempt.cost_usd > 0 and attempt.nested is not None and attempt.nested["attempts"][0]["expert"] == "cheap"
+    inner = team._inner
+    assert inner is not None and inner.capacity.in_flight["cheap"] == 0
+
+
+async def test_a_retried_nested_panel_member_is_not_charged_its_siblings_cost_twice() -> None:
+    """The nested router fails once (a reset) and is retried. By then its sibling has answered and its $0.05 is in
+    the trace: the retry may spend $0.17 - $0.05, not that less the sibling's estimate again."""
+    failures = {"left": 2}
+
+    class FailsFirst(FakeExpert):
+        async def generate(self, request: ChatRequest) -> ExpertReply:
+            if failures["left"]:
+                failures["left"] -= 1
+                raise ExpertUnavailable(self.name, "reset")
+            return await super().generate(request)
+
+    inner_config = parse_config({"version": 1, "gate": {"top_k": {"policy": "fixed", "k": 2}},
+                                 "experts": [priced("a", 0.5), priced("b", 0.5)]}, check_env=False)
+    inner = Orchestrator(inner_config, FakeGate(["a", "b"], {}, default=[0.5, 0.25]),
+                         {n: FailsFirst(inner_config.expert(n), cost=0.05) for n in ["a", "b"]})
+    config = parse_config({"version": 1, "gate": {"top_k": {"policy": "fixed", "k": 2}},
+                           "fallback": {"cost_budget_usd": 0.17, "retries": 1, "backoff_base_s": 0.01,
+                                        "backoff_max_s": 0.01},
+                           "experts": [{"name": "team", "type": "router", "model": "auto", "endpoint": "http://x/v1"},
+                                       priced("sibling", 0.5)]}, check_env=False)
+    outer = Orchestrator(config, FakeGate(["team", "sibling"], {}, default=[0.6, 0.4]),
+                         {"team": RouterExpert(config.expert("team"), orchestrator=inner),
+                          "sibling": FakeExpert(config.expert("sibling"), cost=0.05)})
+    answer = await outer.complete(ChatRequest(messages=[{"role": "user", "content": "q"}],  # type: ignore[list-item]
+                                              max_tokens=100))
+    retried = [a for a in answer.trace.attempts if a.expert == "team"][-1]
+    assert retried.retry == 1 and retried.nested is not None
+    assert {a["expert"]: a["ok"] for a in retried.nested["attempts"]} == {"a": True, "b": True}

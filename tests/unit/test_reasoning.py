@@ -193,7 +193,7 @@ async def test_the_services_stream_carries_reasoning_deltas_which_the_sdk_reads(
 
 
 async def test_local_router_streams_reasoning_deltas() -> None:
-    async def stream(_: ChatRequest) -> AsyncIterator[StreamPiece | StreamEnd]:
+    async def stream(_: ChatRequest, caller: object = None) -> AsyncIterator[StreamPiece | StreamEnd]:
         for event in pieces():
             yield event
 
