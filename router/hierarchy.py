@@ -15,12 +15,13 @@ expert it called refused the request as invalid, or none can serve it -> 400 (``
 level too answers 400 rather than blaming the inner router as an outage. A stream the inner router fails after
 it began still reports what the inner router spent, and its trace, on the outer attempt.
 
-An in-process inner router works within the outer call (``router.fallback.CallScope``, which the dispatcher
-sets as it makes the call): its deadline ends a little before the outer router would cut the call off, and its
-cost budget is what the outer request has left, less what the outer panel's other members are estimated to
-spend; its own config's limits apply when they are tighter. Its trace is handed to the outer call as soon as it
-exists, so what its experts spent counts on the outer attempt however the call ends: answered, failed, timed
-out, or cancelled because the client left.
+An inner router works within the outer call (``router.fallback.CallScope``, which the dispatcher sets as it
+makes the call; over HTTP, its ``headers``): its deadline ends a little before the outer router would cut the call
+off (a stream's first output, before the outer level's first-step limit), and its cost budget is what the outer
+request has left, less what the outer panel's other members still working are estimated to spend; its own
+config's limits apply when they are tighter. One that ran out of time fails as a timeout. In process, its trace is
+handed to the outer call as soon as it exists, so what its experts spent counts on the outer attempt however the
+call ends: answered, failed, timed out, or cancelled because the client left; over HTTP, its error carries it.
 
 For the cost budget's estimate (``Dispatcher.estimate``), an in-process router with no prices of its own is
 priced as its dearest expert: its config's zero prices would count it as free, so it would pass any budget.
