@@ -176,6 +176,17 @@ def in_process_team(inner_experts: list[tuple[dict[str, Any], dict[str, Any]]], 
     return RouterExpert(outer.expert("team"), orchestrator=inner)
 
 
+def http_team(inner_experts: list[tuple[dict[str, Any], dict[str, Any]]], *, panel: int = 1,
+              **team: Any) -> RouterExpert:
+    """As ``in_process_team``, with the inner router served by its own moe-router service, called over HTTP."""
+    inner = in_process_team(inner_experts, panel=panel)._inner
+    assert inner is not None
+    config = parse_config({"version": 1, "experts": [{"name": "team", "type": "router", "model": "auto",
+                                                      "endpoint": "http://inner.local/v1", **team}]},
+                          check_env=False)
+    return RouterExpert(config.expert("team"), ExpertContext(transport=httpx.ASGITransport(app=create_app(inner))))
+
+
 def outer_router(team: RouterExpert, others: list[dict[str, Any]], weights: list[float],
                  **settings: Any) -> Orchestrator:
     """The outer router over ``team`` (ranked first) and fakes configured by ``others``, its gate giving
@@ -263,13 +274,15 @@ def test_an_http_inner_routers_estimated_usage_stays_flagged_estimated() -> None
     assert not _priced_by_inner(ExpertReply(expert="team", content="hi", nested=counted)).usage_estimated
 
 
-async def test_an_inner_router_answers_before_the_outer_call_s_time_limit_with_what_it_has() -> None:
-    """The outer router gives the inner one 0.5 s (the router expert's timeout_s). Its panel's second member
-    hangs: the inner router's deadline ends just before the outer cut-off, so it answers with the first member's
-    answer, where before it waited on the hang (its own deadline is 120 s) and the outer call timed out, losing
-    the answer it had."""
-    team = in_process_team([(priced("fast", 1.0), {"text": "fast answers"}),
-                            (priced("hangs", 1.0) | {"timeout_s": 30.0}, {"delay": 30.0})], panel=2, timeout_s=0.5)
+@pytest.mark.parametrize("over_http", [False, True], ids=["in-process", "http"])
+async def test_an_inner_router_answers_before_the_outer_call_s_time_limit_with_what_it_has(over_http: bool) -> None:
+    """The outer router gives the inner one 0.5 s (the router expert's timeout_s; over HTTP, x-moe-deadline-s).
+    Its panel's second member hangs: the inner router's deadline ends just before the outer cut-off, so it answers
+    with the first member's answer, where before it waited on the hang (its own deadline is 120 s) and the outer
+    call timed out, losing the answer it had."""
+    build = http_team if over_http else in_process_team
+    team = build([(priced("fast", 1.0), {"text": "fast answers"}),
+                  (priced("hangs", 1.0) | {"timeout_s": 30.0}, {"delay": 30.0})], panel=2, timeout_s=0.5)
     outer = outer_router(team, [], [1.0])
     request = ChatRequest(messages=[{"role": "user", "content": "q"}])  # type: ignore[list-item]
     answer = await outer.complete(request)
@@ -280,6 +293,7 @@ async def test_an_inner_router_answers_before_the_outer_call_s_time_limit_with_w
     assert kinds == {"fast": None, "hangs": "timeout"}
     assert "deadline" in next(a for a in nested["attempts"] if a["expert"] == "hangs")["error"]["message"]
     assert 0.3 < answer.trace.latency_ms / 1000.0 < 5.0  # at its 0.475 s deadline, far from the hang's 30 s
+    await outer.aclose()
 
 
 async def test_an_inner_router_spends_only_what_the_outer_budget_leaves_it() -> None:
@@ -382,32 +396,9 @@ def test_a_nested_routers_limits_are_the_tighter_of_its_own_and_what_its_caller_
     assert Deadline.within(5.0, None, CallScope(until=now - 1.0)).remaining <= 0.0
 
 
-def http_team(inner_experts: list[tuple[dict[str, Any], dict[str, Any]]], *, panel: int = 1,
-              **team: Any) -> RouterExpert:
-    """As ``in_process_team``, with the inner router served by its own moe-router service, called over HTTP."""
-    inner = in_process_team(inner_experts, panel=panel)._inner
-    assert inner is not None
-    config = parse_config({"version": 1, "experts": [{"name": "team", "type": "router", "model": "auto",
-                                                      "endpoint": "http://inner.local/v1", **team}]},
-                          check_env=False)
-    return RouterExpert(config.expert("team"), ExpertContext(transport=httpx.ASGITransport(app=create_app(inner))))
-
-
-async def test_a_router_over_http_gets_the_outer_calls_time_and_budget_in_headers() -> None:
-    """The inner service reads x-moe-deadline-s and x-moe-budget-usd: it answers with its fast member's answer
-    before the outer cut-off, where before it waited on the hang and the outer call timed out; and its panel's
-    second member does not fit what the outer budget left."""
-    team = http_team([(priced("fast", 1.0), {"text": "fast answers"}),
-                      (priced("hangs", 1.0) | {"timeout_s": 30.0}, {"delay": 30.0})], panel=2, timeout_s=0.5)
-    outer = outer_router(team, [], [1.0])
-    request = ChatRequest(messages=[{"role": "user", "content": "q"}])  # type: ignore[list-item]
-    answer = await outer.complete(request)
-    assert (answer.expert, answer.content) == ("team", "fast answers")
-    nested = answer.trace.attempts[0].nested
-    assert nested is not None
-    assert {a["expert"]: (a["error"] or {}).get("kind") for a in nested["attempts"]} == {
-        "fast": None, "hangs": "timeout"}
-
+async def test_a_router_over_http_gets_the_outer_budget_in_a_header() -> None:
+    """The inner service reads x-moe-budget-usd: its panel's second member does not fit what the outer budget
+    left."""
     team = http_team([(priced("a", 0.5), {}), (priced("b", 0.5), {})], panel=2)
     outer = outer_router(team, [], [1.0], fallback={"cost_budget_usd": 0.07})
     answer = await outer.complete(ChatRequest(messages=[{"role": "user", "content": "q"}],  # type: ignore[list-item]
