@@ -256,8 +256,9 @@ class Orchestrator:
                        caller: CallScope | None = None) -> RoutedAnswer:
         """Answer one request: ask the panel concurrently, fall back down the ranking, combine what came back.
         ``on_trace`` is given the request's trace as soon as it exists, so a caller that cancels the work (its
-        client left) still has what was tried and what it cost. ``caller``: the outer router's call, when this
-        router is its expert (``router.hierarchy``); its time and budget narrow this one's."""
+        client left) still has what was tried and what it cost. ``caller``: the limits of the call this request
+        runs in, an outer router's (``router.hierarchy``) or a client's (the limit headers, the SDK's
+        ``deadline_s=``); where tighter, its time and budget replace the config's."""
         with self.serving():
             return await self._complete(request, strategy, on_trace, caller)
 
