@@ -126,6 +126,8 @@ _CHOICE_STATEMENT = re.compile(  # "the answer is (B)", "Answer: B", "correct an
     rf"(?i:\banswer(?:\s+is\b|\s*(?=:))){_OPENING}(?i:(?:option|choice)\b{_OPENING})?{_LETTER}")
 _CHOICE_ALONE = re.compile(r"[\W_]*(?i:(?:option|choice)\b[\W_]*)?([A-Ja-j])[\W_]*")  # "B", "(b)", "['C']", "Option C"
 _CHOICE_LEADING = re.compile(r"\s*(?:[(\[]\s*)?([A-Ja-j])(?:[)\]]|[.:](?!\S))")  # "B) because", "C. Paris", not "E.g."
+# A line that starts with an option's label, as an option-by-option analysis writes them: "A) too small", "B. ..."
+_OPTION_LINE = re.compile(r"^[ \t]*(?:[(\[][ \t]*)?([A-J])(?:[)\]]|[.:](?!\S))", re.MULTILINE)
 
 
 def extract_choice(text: str) -> str | None:
@@ -137,7 +139,9 @@ def extract_choice(text: str) -> str | None:
        "choice" ("The answer is option (B)."). A revised answer therefore wins over the first one stated;
     2. else the whole text being one letter, upper or lower case: "B", "(b)", "['C']", "**B**", "Option C";
     3. else a leading letter followed by ")", or by "." or ":" and then a space or the end: "B) because ...",
-       "(J) because ...", "C. Paris" (never "E.g.," or "I.e.").
+       "(J) because ...", "C. Paris" (never "E.g.," or "I.e."); but not when lines start with two or more
+       different options' labels ("A) too small ... B) too large ... C) ..."): that goes through the options,
+       and its first is no answer.
 
     In a statement an uppercase letter counts unless a word goes on ("The answer is I'm afraid ..."); a
     lowercase one only where it cannot be an English word: before ")" or ".", ":", ",", ";", or at the end of a
@@ -146,7 +150,9 @@ def extract_choice(text: str) -> str | None:
     statements = list(_CHOICE_STATEMENT.finditer(cleaned))
     if statements:
         return (statements[-1]["upper"] or statements[-1]["lower"]).upper()
-    match = _CHOICE_ALONE.fullmatch(cleaned) or _CHOICE_LEADING.match(cleaned)
+    match = _CHOICE_ALONE.fullmatch(cleaned)
+    if match is None and len({m.group(1) for m in _OPTION_LINE.finditer(cleaned)}) < 2:
+        match = _CHOICE_LEADING.match(cleaned)
     return match.group(1).upper() if match else None
 
 
@@ -159,7 +165,11 @@ _NUMBER = re.compile(r"""
     """, re.VERBOSE)
 # "the answer is 42", "Answer: $42", "\boxed{12}", GSM8K's "#### 42": the number right after one
 _NUMBER_STATEMENT = re.compile(r"""(?:(?i:\banswer(?:\s+is\b|\s*:))|\\boxed\{|\#\#\#\#)[\s:$*_`'"(\[{=\\]*""")
-_LATEX_FRACTION = re.compile(r"\\[dt]?frac\{\s*(\d+)\s*\}\{\s*(\d+)\s*\}")  # \frac{3}{4} -> 3/4
+_LATEX_FRACTION = re.compile(r"\\[dt]?frac\{\s*([-\u2212]?)\s*(\d+)\s*\}\{\s*(\d+)\s*\}")  # \frac{-3}{4} -> -3/4
+# LaTeX's thousands separators between digit groups: "1{,}000", "3\,000", "3\ 000" -> "1,000"
+_LATEX_GROUP = re.compile(r"(?<=\d)(?:\{,\}|\\[,;:! ])(?=\d{3}(?!\d))")
+# A power of ten written out: "1.5 \times 10^{3}", "2 \cdot 10^-4", "3×10^5" -> "1.5e3", "2e-4", "3e5"
+_POWER_OF_TEN = re.compile(r"(?<=\d)\s*(?:\\times|\\cdot|\u00d7|\u22c5)\s*10\s*\^\s*\{?\s*([-+\u2212]?\d{1,3})\s*\}?")
 
 
 def _canonical(number: re.Match[str]) -> str:
@@ -187,8 +197,9 @@ def extract_number(text: str) -> str | None:
     fraction part (".5" -> "0.5"), exponents ("1.5e-3" -> "0.0015", "1e3" -> "1000"), a simple fraction ("3/4",
     LaTeX's "\\frac{3}{4}" -> "0.75"), thousands separators in groups of three ("1,000" -> "1000"; "(3,4)" is two
     numbers), "-0" -> "0"; currency signs and percent signs are not part of the number ("$5" -> "5",
-    "50%" -> "50")."""
-    text = _LATEX_FRACTION.sub(r"\1/\2", text)
+    "50%" -> "50"). LaTeX's forms are read too: "\\frac{-3}{4}" -> "-0.75", thousands written "1{,}000" or
+    "3\\,000", and powers of ten written "1.5 \\times 10^{3}" -> "1500"."""
+    text = _POWER_OF_TEN.sub(r"e\1", _LATEX_GROUP.sub(",", _LATEX_FRACTION.sub(r"\1\2/\3", text)))
     stated = None
     for statement in _NUMBER_STATEMENT.finditer(text):
         stated = _NUMBER.match(text, statement.end()) or stated
@@ -199,16 +210,19 @@ def extract_number(text: str) -> str | None:
 
 
 _SHORT_PREFIX = re.compile(r"\A[\W_]*(?:the\s+)?(?:final\s+)?answer(?:\s+is\b|\s*:)")  # "the answer is", "answer:"
+_REASON = re.compile(r"[,;]?\s+(?:because|since)\b.*\Z", re.DOTALL)  # "Paris, because it is the capital ..."
 _PUNCTUATION = re.compile(r"[^\w\s]|_")
 
 
 def extract_short(text: str) -> str | None:
     """A short free-text answer, folded: Unicode NFKC ("Ｐａｒｉｓ" -> "paris"), case-folded ("Straße" ->
-    "strasse"), a leading "the answer is" / "answer:" / "final answer:" removed, punctuation replaced by a space
-    (so "3.5" and "35" differ, "New-York" and "New York" do not; a trailing period goes), whitespace collapsed.
-    A text of more than 8 words, or none, has no short answer."""
-    folded = unicodedata.normalize("NFKC", text).casefold()
-    folded = " ".join(_PUNCTUATION.sub(" ", _SHORT_PREFIX.sub("", folded, count=1)).split())
+    "strasse"), a leading "the answer is" / "answer:" / "final answer:" removed, LaTeX's ``\\boxed{}`` and
+    ``\\text{}`` read through, a reason after the answer (", because ...", " since ...") left out, punctuation
+    replaced by a space (so "3.5" and "35" differ, "New-York" and "New York" do not; a trailing period goes),
+    whitespace collapsed. A text of more than 8 words, or none, has no short answer."""
+    unwrapped = _BOXED.sub(r"\1", _LATEX_WRAPPER.sub(r"\1", text))
+    folded = _REASON.sub("", _SHORT_PREFIX.sub("", unicodedata.normalize("NFKC", unwrapped).casefold(), count=1))
+    folded = " ".join(_PUNCTUATION.sub(" ", folded).split())
     return folded if folded and len(folded.split()) <= 8 else None
 
 

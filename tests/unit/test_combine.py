@@ -93,6 +93,9 @@ def test_extract_number_and_short() -> None:
         ("C. Paris", "C"),
         ("D.", "D"),
         ("E.g., consider the limiting case; I'd pick B.", None),
+        # Going through the options, with no answer stated: the first option named is no answer.
+        ("A) too small for the load\nB) too large\nC) just right", None),
+        ("(A) fails at 0.\n(B) fails at 1.\nSo the answer is (C).", "C"),
         ("I.e. the second option.", None),
         ("A questioning attitude", None),
         ("K", None),
@@ -134,6 +137,15 @@ def test_extract_choice_reads_the_final_stated_letter(text: str, letter: str | N
         ("First I thought the answer is 12, then I found an error.\nThe answer is: $1,080.00 in total, over 3 days",
          "1080"),
         ("The answer is -7, since 3 - 10 = -7 after 2 rounds.", "-7"),
+        # LaTeX's forms: a signed fraction, thousands separators, a power of ten.
+        ("Answer: \\frac{-3}{4}", "-0.75"),
+        ("The answer is 1{,}000.", "1000"),
+        ("The answer is $\\boxed{1{,}234}$", "1234"),
+        ("The answer is 3\\,000", "3000"),
+        ("the answer is \\(1.5 \\times 10^{3}\\)", "1500"),
+        ("so x = 2.5 \\times 10^{-2}", "0.025"),
+        ("light covers 3\u00d710^5 km each second", "300000"),
+        ("The point is (3\\, 4).", "4"),
         # No statement: the last number.
         ("She has 16 - 3 - 4 = 9 eggs left, which she sells for $18 in total.", "18"),
         ("no digits", None),
@@ -159,6 +171,12 @@ def test_extract_number_reads_the_stated_number_canonically(text: str, number: s
         ("nai\u0308ve", "na\u00efve"),  # NFD -> NFC
         ("Stra\u00dfe", "strasse"),
         ("The answer is George Washington, the first president.", "george washington the first president"),
+        # LaTeX wrappers read through, a reason after the answer left out.
+        ("\\boxed{Paris}", "paris"),
+        ("Answer: \\boxed{\\text{Paris}}", "paris"),
+        ("Paris, because it is the capital of France.", "paris"),
+        ("Paris since the Middle Ages", "paris"),
+        ("Since 1990", "since 1990"),
         ("this answer has far too many words to count as a short one", None),
         ("...", None),
     ],
