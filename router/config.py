@@ -926,13 +926,13 @@ _COMBINER_EXPERTS = (("aggregator", "fuse", "writes the final answer"),
 
 
 def _expand_env(value: Any, unset: list[tuple[str, str]], where: str = "",
-                malformed: list[str] | None = None) -> Any:
+                malformed: list[str] | None = None, found: dict[str, str] | None = None) -> Any:
     """``value`` with each ``${VAR}`` and ``${VAR:-default}`` replaced from the environment; a variable that is
     unset and has no default becomes "" and is noted in ``unset`` as ``(path, name)``. An empty variable counts as
     unset, as with the shell's and compose's ``:-`` (and ``router.settings``): ``${VAR:-default}`` gives the
     default, and ``${VAR}`` is noted in ``unset``. ``$${VAR}`` stands for a literal ``${VAR}``. A ``${`` that
     starts no reference (``${HOME`` unterminated, ``${1X}``) is left as written and its path noted in
-    ``malformed``.
+    ``malformed``. Each variable that gave a value goes into ``found`` (name: value).
 
     A ``*_env`` key's value is left alone: it names a variable. Expanded, a mistaken ``api_key_env: ${KEY}``
     would put the key itself where a variable's name goes, and into every message that names that variable.
@@ -942,9 +942,11 @@ def _expand_env(value: Any, unset: list[tuple[str, str]], where: str = "",
             escape, name, default = match.group(1), match.group(2), match.group(3)
             if escape:
                 return match.group(0)[1:]
-            found = os.environ.get(name)
-            if found:  # "" counts as unset
-                return found
+            value = os.environ.get(name)
+            if value:  # "" counts as unset
+                if found is not None:
+                    found[name] = value
+                return value
             if default is None:
                 unset.append((path or "<root>", name))
             return default or ""
@@ -1065,7 +1067,8 @@ def parse_config(raw: Any, *, source: str = "<config>", base_dir: str | Path = "
     unset: list[tuple[str, str]] = []
     malformed: list[str] = []
     problems: list[tuple[str, str]] = []
-    raw = _expand_env(_string_keys(raw, problems), unset, malformed=malformed)
+    found: dict[str, str] = {}
+    raw = _expand_env(_string_keys(raw, problems), unset, malformed=malformed, found=found)
     if not isinstance(raw, dict):
         raise ConfigError(source, [("<root>", "the config must be a mapping")])
     problems += [
@@ -1092,8 +1095,22 @@ def parse_config(raw: Any, *, source: str = "<config>", base_dir: str | Path = "
                 if not (path in explained and m.startswith("String should match pattern"))]
     problems.extend(p for p in cross if p not in problems)
     if problems or config is None:
-        raise ConfigError(source, problems or [("<root>", "invalid config")])
+        raise ConfigError(source, [(_unechoed(path, found), _unechoed(m, found)) for path, m in problems] or
+                          [("<root>", "invalid config")])
     return config
+
+
+# A variable's value this long is never repeated in a problem's message: it may be a secret put in the wrong key
+# (``type: ${OPENAI_API_KEY}``). Shorter ones (a port, a model's name) are shown, as they help more than they risk.
+_ECHO_MAX = 8
+
+
+def _unechoed(message: str, found: Mapping[str, str]) -> str:
+    """``message`` with each long value a ``${VAR}`` gave (``found``) replaced by the reference it came from."""
+    for name, value in sorted(found.items(), key=lambda item: -len(item[1])):
+        if len(value) > _ECHO_MAX:
+            message = message.replace(value, f"${{{name}}}")
+    return message
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):

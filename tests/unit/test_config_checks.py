@@ -682,3 +682,21 @@ def test_reading_a_config_stops_at_its_size_limit(tmp_path: Path, monkeypatch: p
             load_config(path, check_env=False)
         assert info.value.problems == [("<file>", "larger than 1 MiB: a config is a few KB (training data goes in "
                                                   "the files gate.train_data names)")]
+
+
+def test_a_long_value_a_variable_gave_is_never_repeated_in_a_problem(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A secret put in the wrong key (``type: ${OPENAI_API_KEY}``) is named by its variable, never shown; a short
+    value (a port, a name) still is, as it helps more than it risks."""
+    monkeypatch.setenv("LEAKY", "sk-live-abcdef0123456789")
+    monkeypatch.setenv("SHORT", "chat")
+    raw = {"version": 1, "gate": {"default_expert": "${SHORT}"},
+           "combiner": {"strategy": "escalate", "escalate_to": "${LEAKY}"},
+           "experts": [expert(type="${LEAKY}")]}
+    with pytest.raises(ConfigError) as info:
+        parse_config(raw, check_env=False)
+    text = str(info.value)
+    assert "sk-live" not in text and "${LEAKY}" in text
+    found = dict(info.value.problems)
+    assert found["experts[0] (alpha).type"].startswith("unknown expert type '${LEAKY}'")
+    assert found["combiner.escalate_to"].startswith("references expert '${LEAKY}'")
+    assert found["gate.default_expert"] == "references expert 'chat', which is not defined"
