@@ -55,7 +55,16 @@ from langchain_core.runnables import Runnable, RunnableGenerator, RunnableLambda
 from langchain_core.tools import BaseTool
 from langchain_core.utils.function_calling import convert_to_openai_function, convert_to_openai_tool
 from langchain_core.utils.pydantic import is_basemodel_subclass
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SecretStr, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    SecretStr,
+    field_serializer,
+    field_validator,
+    model_validator,
+)
 
 from experts.types import Usage
 from router import sdk
@@ -72,6 +81,8 @@ _T = TypeVar("_T")
 
 # Other names ``ChatOpenAI`` takes for the same arguments. ``openai_api_key`` above all: left undeclared, the key
 # would be sent in every request's body, which the service forwards to every expert.
+# The limits an ``httpx.Timeout`` holds, by the names ``as_dict`` gives them.
+_TIMEOUT_PARTS = frozenset({"connect", "read", "write", "pool"})
 _ALIASES = {"model_name": "model", "request_timeout": "timeout", "openai_api_key": "api_key",
             "openai_api_base": "base_url"}
 
@@ -157,8 +168,19 @@ class ChatMoERouter(BaseChatModel):
     @field_validator("timeout", mode="before")
     @classmethod
     def timeout_tuple(cls, value: Any) -> Any:
-        """``ChatOpenAI``'s ``request_timeout=(connect, read)``, as httpx reads such a tuple."""
-        return httpx.Timeout(value) if isinstance(value, tuple) else value
+        """``ChatOpenAI``'s ``request_timeout=(connect, read)``, as httpx reads such a tuple; and the mapping
+        ``timeout_json`` writes an ``httpx.Timeout`` as, read back into one."""
+        if isinstance(value, tuple):
+            return httpx.Timeout(value)
+        if isinstance(value, dict) and set(value) == _TIMEOUT_PARTS:
+            return httpx.Timeout(**value)
+        return value
+
+    @field_serializer("timeout", when_used="json")
+    def timeout_json(self, value: sdk.Timeout) -> float | dict[str, float | None] | None:
+        """An ``httpx.Timeout`` as JSON can hold it (its four limits by name), so ``model_dump(mode="json")`` (and
+        LangChain's tracing, which dumps the model) works, and the dump builds the same model again."""
+        return value.as_dict() if isinstance(value, httpx.Timeout) else value
 
     @model_validator(mode="after")
     def headers_sendable(self) -> Self:

@@ -384,3 +384,17 @@ async def test_bound_limits_narrow_the_request_and_are_not_sent_upstream() -> No
     assert "budget_usd" not in (sent.model_extra or {}) and "deadline_s" not in (sent.model_extra or {})
     whole = (await model_for(app).ainvoke("an integral")).response_metadata["moe_trace"]
     assert [a["error"] for a in whole["attempts"]] == [None, None]
+
+
+def test_a_model_with_an_httpx_timeout_dumps_to_json_and_back() -> None:
+    """``model_dump(mode="json")`` (which tracing and config stores call) failed on an ``httpx.Timeout``: it is now
+    its four limits by name, and the dump builds the same model again."""
+    import json
+
+    timeout = httpx.Timeout(5.0, connect=2.0)
+    dumped = ChatMoERouter(timeout=timeout).model_dump(mode="json")
+    assert json.loads(json.dumps(dumped))["timeout"] == {"connect": 2.0, "read": 5.0, "write": 5.0, "pool": 5.0}
+    assert ChatMoERouter(timeout=dumped["timeout"]).timeout == timeout
+    assert ChatMoERouter(timeout=(3.0, 9.0)).model_dump(mode="json")["timeout"]["read"] == 9.0
+    assert [ChatMoERouter(timeout=t).model_dump(mode="json")["timeout"] for t in (7.5, None)] == [7.5, None]
+    assert ChatMoERouter(timeout=timeout).model_dump()["timeout"] == timeout  # Python mode keeps the object
