@@ -424,10 +424,12 @@ class OpenAICompatibleExpert(Expert):
     def _status_error(self, status: int, headers: Mapping[str, str], content: bytes) -> ExpertError:
         if status < 400:
             return ExpertProtocolError(self.name, f"unexpected HTTP {status}")
-        text, labels, param = _error_body(content)
+        raw = content.decode("utf-8", errors="replace")
+        data = _json_object(raw)
+        text, labels, param = _error_body(raw, data)
         failure = self._http_error(status, self._excerpt(text), labels, headers.get("retry-after"), param)
-        if self.config.type == "router":  # another moe-router's error carries its trace
-            failure.nested = self._nested(_error_trace(content))
+        if data is not None:  # another moe-router's error carries its trace (read for a type: router expert only)
+            failure.nested = self._nested(data.get("moe"))
         return failure
 
     def _http_error(self, status: int, detail: str, labels: list[str], retry_after: str | None,
@@ -530,15 +532,11 @@ def _url_credentials(endpoint: str | None) -> list[str]:
     return sorted((form for form in forms if form), key=len, reverse=True)
 
 
-def _error_body(raw: bytes) -> tuple[str, list[str], str | None]:
-    """An error body's human part (OpenAI's ``error.message``, FastAPI's ``detail``, or the raw text), the
-    labels the log may show (``_error_labels``), and the request field it blames (``_error_param``)."""
-    text = raw.decode("utf-8", errors="replace")
-    try:
-        data = json.loads(text)
-    except ValueError:
-        return text, [], None
-    if isinstance(data, dict):
+def _error_body(text: str, data: dict[str, Any] | None) -> tuple[str, list[str], str | None]:
+    """An error body's human part (OpenAI's ``error.message``, FastAPI's ``detail``, or the raw ``text``), the
+    labels the log may show (``_error_labels``), and the request field it blames (``_error_param``); ``data``: the
+    body as a JSON object (``_json_object``), None when it is none."""
+    if data is not None:
         error = data.get("error")
         if isinstance(error, dict) and "message" in error:
             return str(error["message"]), _error_labels(data), _error_param(data)
@@ -548,13 +546,13 @@ def _error_body(raw: bytes) -> tuple[str, list[str], str | None]:
     return text, [], None
 
 
-def _error_trace(raw: bytes) -> Any:
-    """The ``moe`` field of an error body (another moe-router's trace), if it is JSON and has one."""
+def _json_object(text: str) -> dict[str, Any] | None:
+    """``text`` parsed as a JSON object; None for anything else."""
     try:
-        data = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
+        data = json.loads(text)
+    except ValueError:
         return None
-    return data.get("moe") if isinstance(data, dict) else None
+    return data if isinstance(data, dict) else None
 
 
 def _error_param(data: dict[str, Any]) -> str | None:

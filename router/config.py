@@ -33,6 +33,8 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from router.fallback import MAX_BUDGET_USD, MAX_DEADLINE_S
+
 __all__ = [
     "ENV_REF",
     "ApiKeyConfig",
@@ -464,7 +466,7 @@ class FallbackConfig(_Strict):
     # included; retries of one expert, skipped open breakers and saturated experts do not count.
     max_attempts: int = Field(default=3, ge=1, le=64)
     # Overall deadline for one request, across every attempt, retry wait and fallback.
-    deadline_s: float = Field(default=120.0, gt=0.0, le=3600.0)
+    deadline_s: float = Field(default=120.0, gt=0.0, le=MAX_DEADLINE_S)
     # Retries of the same expert after a transient failure (connect error, timeout, 429, 5xx, bad JSON)
     # before falling back. 0 by default: the next-ranked expert is usually a quicker answer than a sick one.
     retries: int = Field(default=0, ge=0, le=10)
@@ -474,7 +476,7 @@ class FallbackConfig(_Strict):
     # A 429's or 503's Retry-After is honoured up to this (and never past the deadline); a longer one falls back.
     retry_after_max_s: float = Field(default=5.0, ge=0.0, le=600.0)
     # USD a request may spend across all its attempts; once spent no further expert is tried. None: no limit.
-    cost_budget_usd: float | None = Field(default=None, gt=0.0, le=1000.0)
+    cost_budget_usd: float | None = Field(default=None, gt=0.0, le=MAX_BUDGET_USD)
     breaker: BreakerConfig = BreakerConfig()
 
     @model_validator(mode="after")

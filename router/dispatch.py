@@ -392,9 +392,10 @@ class Dispatcher:
                         limit.at = asyncio.get_running_loop().time() + timeout
                         # The stream's body starts at its first step: a nested router reads its scope there, with
                         # this wait's limit as the time its first output must come by.
+                        scoped = None
                         if first:
                             outcome.scope.first_output_by = time.monotonic() + timeout
-                        scoped = CALL_SCOPE.set(outcome.scope) if first else None
+                            scoped = CALL_SCOPE.set(outcome.scope)
                         try:
                             delta = await _within(iterator.__anext__(), timeout) if timeout > 0 else None
                         except StopAsyncIteration:

@@ -11,14 +11,15 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from experts.errors import INVALID_REQUEST_STATUSES, ExpertAuthError, ExpertError, ExpertRejected
+from experts.errors import INVALID_REQUEST_STATUSES, ExpertAuthError, ExpertError, ExpertRejected, ExpertTimeout
 from router.errors import error_body
 
 if TYPE_CHECKING:
     from router.trace import Trace
 
-__all__ = ["BUDGET_HEADER", "CALL_SCOPE", "DEADLINE_HEADER", "FIRST_OUTPUT_HEADER", "LIMIT_HEADERS", "AllExpertsFailed",
-           "BudgetSpent", "CallScope", "Deadline", "budget_spent", "next_candidate"]
+__all__ = ["BUDGET_HEADER", "CALL_SCOPE", "DEADLINE_HEADER", "FIRST_OUTPUT_HEADER", "LIMIT_HEADERS", "MAX_BUDGET_USD",
+           "MAX_DEADLINE_S", "AllExpertsFailed", "BudgetSpent", "CallScope", "Deadline", "LimitError", "budget_spent",
+           "next_candidate"]
 
 
 class BudgetSpent(ExpertError):
@@ -80,20 +81,32 @@ class AllExpertsFailed(Exception):
         if self.invalid_request:
             message, kind = f"the request is invalid: every expert called refused it ({self})", "invalid_request_error"
             # The field at fault, where every expert called named the same one (as vLLM does: "logprobs").
-            blamed = {getattr(c, "param", None) for c in self.causes if c.kind not in NOT_CALLED}
+            blamed = {getattr(c, "param", None) for c in self.called}
             param = blamed.pop() if len(blamed) == 1 else None
         else:
             message, kind = str(self), "service_unavailable"
         return error_body(message, kind, self.code, param, causes=self.to_list())
 
     @property
+    def called(self) -> list[ExpertError]:
+        """The causes of the experts that were called: an expert passed over without a call (``NOT_CALLED``)
+        says nothing of the request or of the experts."""
+        return [c for c in self.causes if c.kind not in NOT_CALLED]
+
+    @property
     def invalid_request(self) -> bool:
         """Whether every expert that was called refused the request itself as invalid (HTTP 400, 413 or 422):
         the request is at fault, not the experts. An auth error or a 404 (the expert's model is unknown there)
-        is the deployment's fault, and an expert passed over without a call says nothing either way."""
-        called = [c for c in self.causes if c.kind not in NOT_CALLED]
+        is the deployment's fault."""
+        called = self.called
         return bool(called) and all(isinstance(c, ExpertRejected) and not isinstance(c, ExpertAuthError)
                                     and c.status in INVALID_REQUEST_STATUSES for c in called)
+
+    @property
+    def timed_out(self) -> bool:
+        """Whether it failed for lack of time: every expert that was called timed out."""
+        called = self.called
+        return bool(called) and all(isinstance(c, ExpertTimeout) for c in called)
 
 
 # The causes that record an expert passed over without a call: its breaker was open, its in-flight limit full,
@@ -195,12 +208,13 @@ NESTED_MARGIN_MAX_S = 0.25
 
 @dataclass
 class CallScope:
-    """One expert call, as the dispatcher makes it, for an expert that is itself a router (``router.hierarchy``):
-    when the call is cut off (``until``, ``time.monotonic()``; infinite for none), what is left of the caller's
-    cost budget for it (``budget_usd``: less what was spent and what the panel's other members are estimated to
-    spend; None: no budget), and what the inner router spent: its trace (``inner``), kept as soon as it exists so
-    that it still counts when the call fails or is cut off, or, for one over HTTP, the ``Attempt`` fields its
-    error reported (``remote``)."""
+    """One expert call, as the dispatcher makes it, for an expert that is itself a router (``router.hierarchy``),
+    or the limits a client set for its request (``limiting``, ``from_headers``): when the call is cut off
+    (``until``, ``time.monotonic()``; infinite for none), what is left of the caller's cost budget for it
+    (``budget_usd``: less what was spent and what the panel's other members are estimated to spend; None: no
+    budget), and what the inner router spent: its trace (``inner``), kept as soon as it exists so that it still
+    counts when the call fails or is cut off, or, for one over HTTP, the ``Attempt`` fields its error reported
+    (``remote``)."""
 
     until: float = math.inf
     budget_usd: float | None = None
@@ -224,7 +238,6 @@ class CallScope:
         return {"usage": trace.usage, "cost_usd": trace.cost_usd, "usage_estimated": trace.usage_estimated,
                 "nested": trace.summary()}
 
-
     def headers(self) -> dict[str, str]:
         """The limits as the request headers another moe-router reads (``from_headers``): the seconds left, the
         seconds left for a stream's first output, and the budget left; none for a limit the call does not have."""
@@ -244,7 +257,8 @@ class CallScope:
         """The scope a caller's limits set, from now: ``deadline_s`` seconds (above 0, up to 3600), ``budget_usd``
         USD (0 up to 1000), and, for a stream, ``first_output_s`` seconds for its first output; None when it gave
         none. They only narrow the config's limits (``Deadline.within``). Raises ``ValueError`` naming the limit
-        (``names``; ``shown``: the values as the caller wrote them) for one that is not a number in range."""
+        (``names``; ``shown``: the values as the caller wrote them) for one that is not a number in range: a
+        ``LimitError``, whose ``name`` says which."""
         if deadline_s is None and budget_usd is None and first_output_s is None:
             return None
         shown = shown or (repr(deadline_s), repr(budget_usd), repr(first_output_s))
@@ -288,10 +302,18 @@ def _number(text: str | None) -> float | None:
     return float(text) if _DECIMAL.fullmatch(text) else math.nan
 
 
+class LimitError(ValueError):
+    """A caller's limit that is not a number in range; ``name`` is the limit (a header, an argument)."""
+
+    def __init__(self, name: str, message: str) -> None:
+        super().__init__(f"{name}: {message}")
+        self.name = name
+
+
 def _limit(name: str, shown: str, value: Any, high: float, unit: str, *, zero: bool = False) -> float:
     number = value if isinstance(value, int | float) and not isinstance(value, bool) else math.nan
     if not (math.isfinite(number) and (number >= 0 if zero else number > 0) and number <= high):
-        raise ValueError(f"{name}: {shown} is not a number of {unit} {'from' if zero else 'above'} 0 up to {high:g}")
+        raise LimitError(name, f"{shown} is not a number of {unit} {'from' if zero else 'above'} 0 up to {high:g}")
     return float(number)
 
 

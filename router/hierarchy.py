@@ -40,7 +40,7 @@ from experts.base import Expert, ExpertContext
 from experts.errors import ExpertConfigError, ExpertError, ExpertRejected, ExpertServerError, ExpertTimeout
 from experts.openai_compat import OpenAICompatibleExpert
 from experts.types import ChatRequest, ExpertReply, StreamDelta, Usage
-from router.fallback import CALL_SCOPE, NOT_CALLED, AllExpertsFailed, CallScope
+from router.fallback import CALL_SCOPE, AllExpertsFailed, CallScope
 
 if TYPE_CHECKING:
     from router.config import ExpertConfig
@@ -106,7 +106,7 @@ class RouterExpert(Expert):
         off, which blames no one for a deadline the outer request itself set."""
         if exc.invalid_request:
             return ExpertRejected(self.name, 400, f"inner router: {exc}")
-        if _timed_out(exc):
+        if exc.timed_out:
             return ExpertTimeout(self.name, f"inner router: {exc}")
         return ExpertServerError(self.name, 503, f"inner router: {exc}", exc.retry_after_s)
 
@@ -196,12 +196,6 @@ def _remote_spend(nested: dict[str, Any] | None) -> dict[str, Any] | None:
     if nested is None or cost is None or usage is None:
         return None
     return {"usage": usage, "cost_usd": cost, "usage_estimated": _inner_estimated(nested), "nested": nested}
-
-
-def _timed_out(exc: AllExpertsFailed) -> bool:
-    """Whether a router failed for lack of time: every expert it called timed out (those it never called aside)."""
-    called = [c for c in exc.causes if c.kind not in NOT_CALLED]
-    return bool(called) and all(isinstance(c, ExpertTimeout) for c in called)
 
 
 def _caller() -> CallScope:

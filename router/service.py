@@ -37,7 +37,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from experts.types import ChatRequest
 from router.errors import error_body, retry_after_header
-from router.fallback import LIMIT_HEADERS, AllExpertsFailed, CallScope
+from router.fallback import LIMIT_HEADERS, AllExpertsFailed, CallScope, LimitError
 from router.feedback import FeedbackBody, FeedbackStore
 from router.logs import RequestRecord, configure_json_logging, log_request
 from router.metrics import CONTENT_TYPE, RouterMetrics
@@ -313,9 +313,8 @@ def _limits_headers(request: Request) -> CallScope | None:
                                  "invalid_limit", param=name)
     try:
         return CallScope.from_headers(*(values[0] if values else None for values in given.values()))
-    except ValueError as exc:
-        name = next(n for n in LIMIT_HEADERS if str(exc).startswith(f"{n}:"))
-        raise RequestProblem(400, str(exc), "invalid_request_error", "invalid_limit", param=name) from None
+    except LimitError as exc:
+        raise RequestProblem(400, str(exc), "invalid_request_error", "invalid_limit", param=exc.name) from None
 
 
 class ClientLeft(Exception):
