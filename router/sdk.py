@@ -44,11 +44,11 @@ import math
 import re
 import uuid
 import weakref
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import httpx
 from pydantic import BaseModel
@@ -75,6 +75,12 @@ from router.trace import RoutedAnswer, RouteDecision, Trace
 
 if TYPE_CHECKING:
     from httpx._client import UseClientDefault
+
+_T = TypeVar("_T")
+
+# What reading a JSON answer of the wrong shape raises: a missing key, a list where an object belongs, a value of
+# the wrong type (pydantic's ValidationError is a ValueError).
+_SHAPE_ERRORS = (KeyError, IndexError, TypeError, AttributeError, ValueError)
 
 __all__ = ["AsyncClient", "ChatResult", "Client", "FeedbackRecord", "LocalRouter", "RouterAPIError",
            "RouterConnectionError", "StreamChunk"]
@@ -204,6 +210,18 @@ def _timeout_text(timeout: Timeout, exc: httpx.TimeoutException) -> str:
     return f"the {seconds:g} s {label}timeout" if seconds is not None else f"the {label}timeout"
 
 
+def _text(value: Any) -> str:
+    """``value``, which an answer gives as a string; a ``TypeError`` (an answer of another shape) otherwise."""
+    if not isinstance(value, str):
+        raise TypeError(f"expected a string, got {type(value).__name__}")
+    return value
+
+
+def _first_line(exc: BaseException) -> str:
+    """``exc``'s message, its first line only (pydantic's run to one line per field), at most 120 characters."""
+    return str(exc).partition("\n")[0][:120]
+
+
 def _shown(url: httpx.URL) -> str:
     """``url`` as messages show it: without a user and password or a query, where credentials go."""
     return str(url.copy_with(userinfo=b"", query=None, fragment=None))
@@ -309,7 +327,15 @@ class _Protocol:
     @staticmethod
     def assignments(body: dict[str, Any]) -> list[str]:
         """Each query's expert, from a ``/v1/route/batch`` response."""
-        return [a["expert"] for a in body["assignments"]]
+        return [_text(a["expert"]) for a in body["assignments"]]
+
+    @staticmethod
+    def expert_list(body: dict[str, Any]) -> list[dict[str, Any]]:
+        """The experts, from a ``/v1/experts`` response: one object each."""
+        experts = list(body["data"])
+        if not all(isinstance(e, dict) for e in experts):
+            raise TypeError("an entry of data is not an object")
+        return experts
 
     @staticmethod
     def chat_headers(combiner: str | None, deadline_s: float | None = None,
@@ -330,15 +356,25 @@ class _Protocol:
         return RouterAPIError(response.status_code, body, response.headers)
 
     @classmethod
-    def check(cls, response: httpx.Response) -> Any:
+    def read(cls, response: httpx.Response, parse: Callable[[Any], _T], what: str) -> _T:
+        """``parse`` of the service's JSON answer (``what`` names it). A body that is no JSON, or JSON of another
+        shape (a proxy's or another service's answer at a wrong ``base_url``), is a ``RouterAPIError``
+        ``invalid_response`` quoting the body's start, as a stream's event of another shape is."""
         if response.is_error:
             raise cls.answered_error(response)
         try:
-            return response.json()
+            body = response.json()
         except ValueError:
             raise RouterAPIError(response.status_code, {"error": {
                 "message": f"the service answered {response.status_code} with a body that is not JSON: "
                            f"{response.text[:200]!r}", "code": "invalid_response"}}, response.headers) from None
+        try:
+            return parse(body)
+        except _SHAPE_ERRORS as exc:
+            raise RouterAPIError(response.status_code, {"error": {
+                "message": f"the service answered {response.status_code} with JSON that is not {what} "
+                           f"({type(exc).__name__}: {_first_line(exc)}): {response.text[:200]!r}",
+                "code": "invalid_response"}}, response.headers) from exc
 
     @staticmethod
     def chat_result(body: dict[str, Any]) -> ChatResult:
@@ -382,6 +418,17 @@ class _Protocol:
                                      "short", "incomplete_stream")
 
     @staticmethod
+    def _chunk(body: dict[str, Any]) -> StreamChunk:
+        choice = body["choices"][0]
+        trace = Trace.model_validate(body["moe"]) if body.get("moe") else None
+        delta = choice["delta"]
+        return StreamChunk(id=body.get("id", ""), content=delta.get("content") or "",
+                           expert=body.get("model", ""),
+                           finish_reason=choice.get("finish_reason"), trace=trace,
+                           tool_calls=delta.get("tool_calls") or None, refusal=delta.get("refusal") or "",
+                           logprobs=choice.get("logprobs"), reasoning_content=reasoning_of(delta) or "")
+
+    @staticmethod
     def stream_chunk(line: str) -> StreamChunk | None:
         if not line.startswith("data: ") or line == "data: [DONE]":
             return None
@@ -402,16 +449,15 @@ class _Protocol:
             error = body["error"]
             code = error.get("code") if isinstance(error, dict) else None
             raise RouterAPIError(AllExpertsFailed.STATUS_BY_CODE.get(str(code), 503), body)
-        if not body.get("choices"):
+        if body.get("choices") == []:
             return None  # the usage chunk (stream_options.include_usage): the trace has the usage already
-        choice = body["choices"][0]
-        trace = Trace.model_validate(body["moe"]) if body.get("moe") else None
-        delta = choice["delta"]
-        chunk = StreamChunk(id=body.get("id", ""), content=delta.get("content") or "",
-                            expert=body.get("model", ""),
-                            finish_reason=choice.get("finish_reason"), trace=trace,
-                            tool_calls=delta.get("tool_calls") or None, refusal=delta.get("refusal") or "",
-                            logprobs=choice.get("logprobs"), reasoning_content=reasoning_of(delta) or "")
+        try:
+            chunk = _Protocol._chunk(body)
+        except _SHAPE_ERRORS as exc:
+            raise RouterAPIError(200, {"error": {"message": f"the service's stream held an event that is not a "
+                                                            f"chat completion chunk ({type(exc).__name__}: "
+                                                            f"{_first_line(exc)}): {line[:200]!r}",
+                                                 "code": "invalid_response"}}) from exc
         # The opening chunk names only the role: nothing to hand on (LocalRouter's streams have none either).
         said = (chunk.content or chunk.tool_calls or chunk.refusal or chunk.reasoning_content or chunk.logprobs
                 or chunk.finish_reason or chunk.trace)
@@ -444,7 +490,7 @@ class Client(_Protocol):
         headers = self.chat_headers(combiner, deadline_s, budget_usd)
         with self.reaching(timeout):
             response = self._http.post("/v1/chat/completions", json=body, headers=headers, timeout=timeout)
-            return self.chat_result(self.check(response))
+            return self.read(response, self.chat_result, "a chat completion")
 
     def stream(self, messages: Messages, *, model: str = "auto", combiner: str | None = None,
                deadline_s: float | None = None, budget_usd: float | None = None,
@@ -472,24 +518,26 @@ class Client(_Protocol):
 
     def route(self, query: str) -> RouteDecision:
         with self.reaching():
-            return RouteDecision.model_validate(self.check(self._http.post("/v1/route", json={"query": query})))
+            return self.read(self._http.post("/v1/route", json={"query": query}), RouteDecision.model_validate,
+                             "a route decision")
 
     def route_batch(self, queries: Sequence[str], capacity: Mapping[str, int] | None = None) -> list[str]:
         """Expert-choice routing of a batch: each query's expert, each expert taking the queries it scores
         highest up to ``capacity`` (default: its free in-flight slots). Ask each expert by name to answer."""
         with self.reaching():
-            return self.assignments(self.check(self._http.post("/v1/route/batch",
-                                                              json=self.route_batch_body(queries, capacity))))
+            return self.read(self._http.post("/v1/route/batch", json=self.route_batch_body(queries, capacity)),
+                             self.assignments, "a batch's assignments")
 
     def experts(self) -> list[dict[str, Any]]:
         with self.reaching():
-            return list(self.check(self._http.get("/v1/experts"))["data"])
+            return self.read(self._http.get("/v1/experts"), self.expert_list, "a list of experts")
 
     def feedback(self, *, request_id: str | None = None, query: str | None = None, expert: str | None = None,
                  good: bool | None = None, score: float | None = None, note: str | None = None) -> FeedbackRecord:
         with self.reaching():
             body = self.feedback_body(request_id, query, expert, good, score, note)
-            return FeedbackRecord.model_validate(self.check(self._http.post("/v1/feedback", json=body)))
+            return self.read(self._http.post("/v1/feedback", json=body), FeedbackRecord.model_validate,
+                             "a feedback record")
 
     def close(self) -> None:
         self._closer()
@@ -519,7 +567,7 @@ class AsyncClient(_Protocol):
         headers = self.chat_headers(combiner, deadline_s, budget_usd)
         with self.reaching(timeout):
             response = await self._http.post("/v1/chat/completions", json=body, headers=headers, timeout=timeout)
-            return self.chat_result(self.check(response))
+            return self.read(response, self.chat_result, "a chat completion")
 
     def stream(self, messages: Messages, *, model: str = "auto", combiner: str | None = None,
                deadline_s: float | None = None, budget_usd: float | None = None,
@@ -549,24 +597,26 @@ class AsyncClient(_Protocol):
 
     async def route(self, query: str) -> RouteDecision:
         with self.reaching():
-            return RouteDecision.model_validate(self.check(await self._http.post("/v1/route", json={"query": query})))
+            return self.read(await self._http.post("/v1/route", json={"query": query}), RouteDecision.model_validate,
+                             "a route decision")
 
     async def route_batch(self, queries: Sequence[str], capacity: Mapping[str, int] | None = None) -> list[str]:
         """``Client.route_batch``."""
         with self.reaching():
-            return self.assignments(self.check(await self._http.post("/v1/route/batch",
-                                                                    json=self.route_batch_body(queries, capacity))))
+            return self.read(await self._http.post("/v1/route/batch", json=self.route_batch_body(queries, capacity)),
+                             self.assignments, "a batch's assignments")
 
     async def experts(self) -> list[dict[str, Any]]:
         with self.reaching():
-            return list(self.check(await self._http.get("/v1/experts"))["data"])
+            return self.read(await self._http.get("/v1/experts"), self.expert_list, "a list of experts")
 
     async def feedback(self, *, request_id: str | None = None, query: str | None = None, expert: str | None = None,
                        good: bool | None = None, score: float | None = None,
                        note: str | None = None) -> FeedbackRecord:
         with self.reaching():
             body = self.feedback_body(request_id, query, expert, good, score, note)
-            return FeedbackRecord.model_validate(self.check(await self._http.post("/v1/feedback", json=body)))
+            return self.read(await self._http.post("/v1/feedback", json=body), FeedbackRecord.model_validate,
+                             "a feedback record")
 
     async def aclose(self) -> None:
         await self._http.aclose()

@@ -5,6 +5,7 @@ error answer keeps its status, code and headers; ``LocalRouter`` raises what ``C
 from __future__ import annotations
 
 import email.utils
+import json
 import socket
 import time
 from pathlib import Path
@@ -66,6 +67,47 @@ async def test_error_answers_keep_their_headers_and_odd_bodies_do_not_crash() ->
             await client.experts()
     assert (limited.value.status, limited.value.message, limited.value.retry_after_s) == (429, "slow down", 7.0)
     assert garbled.value.code == "invalid_response" and "not JSON" in garbled.value.message
+
+
+WRONG_SHAPES = {"object": {"status": "ok"}, "array": [1, 2], "nested": {"choices": [{"message": "hi"}],
+                                                                   "assignments": [{"expert": 3}], "data": [7]}}
+
+
+@pytest.mark.parametrize("shape", WRONG_SHAPES)
+async def test_json_of_another_shape_is_an_invalid_response_naming_what_was_expected(shape: str) -> None:
+    """A 200 whose JSON is not the answer asked for (a wrong base_url reaching another service, a proxy's status
+    page) raises ``RouterAPIError`` ``invalid_response`` from every method of both clients, quoting the body; it
+    raised KeyError or pydantic's ValidationError."""
+    body = WRONG_SHAPES[shape]
+    event = httpx.Response(200, text=f"data: {json.dumps(body)}\n\ndata: [DONE]\n\n",
+                           headers={"content-type": "text/event-stream"})
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        if json.loads(request.content or b"{}").get("stream"):
+            return httpx.Response(200, content=event.content, headers=event.headers)
+        return httpx.Response(200, json=body)
+
+    expected = {"chat": "a chat completion", "route": "a route decision", "route_batch": "a batch's assignments",
+                "experts": "a list of experts", "feedback": "a feedback record"}
+    calls = {"chat": (("hi",), {}), "route": (("hi",), {}), "route_batch": ((["hi"],), {}), "experts": ((), {}),
+             "feedback": ((), {"request_id": "chatcmpl-1", "good": True})}
+    with Client("http://router", transport=httpx.MockTransport(answer)) as client:
+        for method, (args, kwargs) in calls.items():
+            with pytest.raises(RouterAPIError) as info:
+                getattr(client, method)(*args, **kwargs)
+            error = info.value
+            assert (error.status, error.code) == (200, "invalid_response"), (method, error)
+            assert f"with JSON that is not {expected[method]}" in error.message, error.message
+            assert json.dumps(body, separators=(",", ":"))[:20] in error.message
+        with pytest.raises(RouterAPIError) as streamed:  # an event of another shape; it was taken as no chunk
+            list(client.stream("hi"))
+        assert streamed.value.code == "invalid_response"
+        assert ("not a JSON object" if shape == "array" else "not a chat completion chunk") in streamed.value.message
+    async with AsyncClient("http://router", transport=httpx.MockTransport(answer)) as aclient:
+        for method, (args, kwargs) in calls.items():
+            with pytest.raises(RouterAPIError) as ainfo:
+                await getattr(aclient, method)(*args, **kwargs)
+            assert ainfo.value.code == "invalid_response" and expected[method] in ainfo.value.message
 
 
 async def test_local_router_raises_what_the_client_would() -> None:
