@@ -1108,11 +1108,33 @@ _ECHO_MAX = 8
 
 
 def _unechoed(message: str, found: Mapping[str, str]) -> str:
-    """``message`` with each long value a ``${VAR}`` gave (``found``) replaced by the reference it came from."""
+    """``message`` with each long value a ``${VAR}`` gave (``found``) replaced by the reference it came from: the
+    value as given, as Python quotes it (``'a\\\\b'`` for a backslash), and any run of at least half of it (a
+    URL's base, suggested from the value less its path's end), which reads ``<part of ${VAR}>``."""
     for name, value in sorted(found.items(), key=lambda item: -len(item[1])):
-        if len(value) > _ECHO_MAX:
-            message = message.replace(value, f"${{{name}}}")
+        if len(value) <= _ECHO_MAX:
+            continue
+        for form in dict.fromkeys((value, repr(value)[1:-1], json.dumps(value)[1:-1])):
+            message = message.replace(form, f"${{{name}}}")
+        message = _parts_hidden(message, value, max(_ECHO_MAX + 1, len(value) // 2), f"<part of ${{{name}}}>")
     return message
+
+
+def _parts_hidden(message: str, value: str, least: int, mark: str) -> str:
+    """``message`` with each run of ``least`` or more characters that also stands in ``value`` replaced by
+    ``mark``, longest first from the left."""
+    out, i = [], 0
+    while i < len(message):
+        if i + least <= len(message) and message[i:i + least] in value:
+            end = i + least
+            while end < len(message) and message[i:end + 1] in value:
+                end += 1
+            out.append(mark)
+            i = end
+        else:
+            out.append(message[i])
+            i += 1
+    return "".join(out)
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):

@@ -700,3 +700,21 @@ def test_a_long_value_a_variable_gave_is_never_repeated_in_a_problem(monkeypatch
     assert found["experts[0] (alpha).type"].startswith("unknown expert type '${LEAKY}'")
     assert found["combiner.escalate_to"].startswith("references expert '${LEAKY}'")
     assert found["gate.default_expert"] == "references expert 'chat', which is not defined"
+
+
+def test_a_long_value_is_not_repeated_quoted_or_in_part(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The value as Python quotes it (a backslash doubled) and a suggestion built from most of it (an endpoint's
+    base URL, its path token included) are hidden too; a template's own words that the value happens to share
+    (``/chat/completions``) still read."""
+    monkeypatch.setenv("GATEWAY_URL", "https://gw.example.com/v1/tok_9f8e7d6c5b4a39281/chat/completions")
+    monkeypatch.setenv("EXPERT_KIND", "pa\\ss-w0rd-very-secret")
+    raw = {"version": 1, "experts": [expert(endpoint="${GATEWAY_URL}"),
+                                     expert(name="beta", type="${EXPERT_KIND}")]}
+    with pytest.raises(ConfigError) as info:
+        parse_config(raw, check_env=False)
+    text = str(info.value)
+    assert "tok_9f8e" not in text and "w0rd" not in text, text
+    found = dict(info.value.problems)
+    assert found["experts[0] (alpha).endpoint"] == ("ends in /chat/completions, which the client appends itself: "
+                                                    "give the base URL (<part of ${GATEWAY_URL}>)")
+    assert found["experts[1] (beta).type"].startswith("unknown expert type '${EXPERT_KIND}'")
