@@ -133,6 +133,18 @@ def _file_path(value: str) -> str:
 FilePath = Annotated[str, Field(min_length=1), AfterValidator(_file_path)]
 
 
+def _example_text(value: str) -> str:
+    if not value.strip():
+        raise PydanticCustomError("blank_example", "an example is blank: give a query this expert should answer, "
+                                                   "or leave the entry out (the service refuses blank queries too)")
+    return value
+
+
+# An expert's example query: text to embed, so neither empty nor blank (its embedding is of nothing, and would
+# claim a share of every query).
+ExampleText = Annotated[str, AfterValidator(_example_text)]
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -214,7 +226,7 @@ class ExpertConfig(_Strict):
     cost: CostConfig = CostConfig()
     description: str = ""
     capabilities: list[Literal["chat", "stream", "tools", "vision"]] = ["chat", "stream"]
-    examples: list[str] = []
+    examples: list[ExampleText] = []
     replay: ReplayConfig | None = None
     # ``type: router``: another router's config file, served in-process (relative to this file). Over HTTP,
     # set ``endpoint`` to the other service's ``/v1`` instead: exactly one of the two.

@@ -718,3 +718,13 @@ def test_a_long_value_is_not_repeated_quoted_or_in_part(monkeypatch: pytest.Monk
     assert found["experts[0] (alpha).endpoint"] == ("ends in /chat/completions, which the client appends itself: "
                                                     "give the base URL (<part of ${GATEWAY_URL}>)")
     assert found["experts[1] (beta).type"].startswith("unknown expert type '${EXPERT_KIND}'")
+
+
+def test_a_blank_example_is_refused_by_its_path() -> None:
+    """An empty or whitespace example would be embedded as nothing and claim a share of every query (it took 0.32
+    of an unrelated one as a cold-start expert's only example); it is refused where it stands."""
+    found = problems({"version": 1, "experts": [expert(examples=["what is 2+2?", "", " \n\t"])]})
+    blank = "an example is blank: give a query this expert should answer, or leave the entry out"
+    assert [path for path, message in found.items() if message.startswith(blank)] == [
+        "experts[0] (alpha).examples[1]", "experts[0] (alpha).examples[2]"]
+    assert len(found) == 2, found
