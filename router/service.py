@@ -161,13 +161,15 @@ def _json_text(body: Any) -> str:
 
 
 class _FiniteJSONResponse(JSONResponse):
-    """A ``JSONResponse`` whose non-finite floats (an upstream's) are sent as JSON can hold them (``_finite``)."""
+    """A ``JSONResponse`` whose non-finite floats (an upstream's) are sent as JSON can hold them (``_finite``), and
+    whose lone surrogates (an upstream's ``"\\ud83d"`` without its pair: valid JSON, but no UTF-8) are sent
+    escaped, as a stream's chunks send them (``_json_text``)."""
 
     def render(self, content: Any) -> bytes:
         try:
             return super().render(content)
-        except ValueError:
-            return super().render(_finite(content))
+        except ValueError:  # UnicodeEncodeError is one
+            return _json_text(content).encode("ascii")
 
 
 def _completion_body(answer: Any, request_id: str) -> dict[str, Any]:

@@ -86,6 +86,21 @@ async def test_a_non_finite_logprob_in_a_stream_is_sent_as_json(upstream: Script
     assert scored[0]["choices"][0]["logprobs"]["content"][0]["logprob"] == -9999.0
 
 
+async def test_a_lone_surrogate_in_an_answer_is_sent_escaped_not_a_500(upstream: ScriptedOpenAIServer) -> None:
+    """``"\\ud83d"`` without its pair is valid JSON but no UTF-8: the plain answer sends it escaped, as a stream's
+    chunk does, where Starlette's UTF-8 renderer raised (a 500 after the expert was paid)."""
+    upstream.push(Behaviour.raw((
+        '{"id": "x", "object": "chat.completion", "created": 1, "model": "m", "choices": [{"index": 0, "message": '
+        '{"role": "assistant", "content": "smile \\ud83d here"}, "finish_reason": "stop"}], '
+        '"usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}}').encode()))
+    async with service(upstream) as http:
+        r = await http.post("/v1/chat/completions", json={"messages": ASK})
+    assert r.status_code == 200, r.text
+    assert "\\ud83d" in r.text and r.content.isascii()
+    assert r.json()["choices"][0]["message"]["content"] == "smile \ud83d here"
+    assert r.json()["usage"]["total_tokens"] == 5
+
+
 async def test_a_stream_without_text_names_its_expert_like_any_other(upstream: ScriptedOpenAIServer) -> None:
     upstream.push(Behaviour.ok("", finish_reason="length"))  # a role chunk and a finish chunk: no delta of text
     async with service(upstream) as http:
