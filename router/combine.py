@@ -63,6 +63,20 @@ class WeightedAnswer:
     expert: str
     weight: float
     content: str
+    # The expert's refusal, when it refused (then ``content`` may be empty, and the refusal is its answer).
+    refusal: str | None = None
+
+    @property
+    def blank(self) -> bool:
+        """No text and no refusal: nothing to stand as the answer."""
+        return not self.content.strip() and self.refusal is None
+
+
+class EmptyAnswer(ExpertError):
+    """A combiner's expert (``fuse``'s aggregator, ``escalate``'s expert) answered with no text: the panel's answer
+    stands rather than an empty one."""
+
+    kind = "empty_answer"
 
 
 @dataclass(frozen=True)
@@ -534,6 +548,9 @@ class Escalate(Combiner):
         if self.agreed(answers) is not None:
             return self.vote.combine(answers)
         own = next((a for a in answers if a.expert == self.aggregator), None)
+        if own is not None and own.blank:  # as an escalation call that answered with no text would count
+            return dataclasses.replace(self.vote.combine(answers),
+                                       fallback=EmptyAnswer(self.aggregator, "answered with no text"))
         if own is not None:  # the escalation expert sat on the panel: its answer is already here
             return self.result(answers, own.content)
         try:

@@ -67,7 +67,7 @@ from experts.base import Expert
 from experts.errors import ExpertConfigError, ExpertError
 from experts.types import ChatMessage, ChatRequest, ExpertReply
 from router.breaker import Breakers
-from router.combine import Combined, Combiner, TopOne, WeightedAnswer, build_combiner
+from router.combine import Combined, Combiner, EmptyAnswer, TopOne, WeightedAnswer, build_combiner
 from router.config import ROUTED_MODEL, RouterConfig
 from router.decide import Decider, GateLike, NoCapableExpert, blocking_capabilities, needed_capabilities
 from router.dispatch import Capacity, Dispatcher, StreamOutcome, StreamPiece, skipped
@@ -312,7 +312,7 @@ class Orchestrator:
         asked (``escalate`` would otherwise hand the lone answer to its expert). ``failed``: the experts whose call
         with this request failed, which ``escalate`` does not ask again (``_Aggregation``)."""
         total = sum(p.weight for p, _ in replies) or 1.0
-        answers = [WeightedAnswer(r.expert, p.weight / total, r.content) for p, r in replies]
+        answers = [WeightedAnswer(r.expert, p.weight / total, r.content, r.refusal) for p, r in replies]
         aggregation = _Aggregation(self.dispatch, combiner.aggregator, request, deadline, trace,
                                    role=combiner.call_role, unable=self.decider.unable, failed=failed)
         if direct or any(r.tool_calls for _, r in replies):
@@ -583,13 +583,6 @@ class _Aggregation:
             raise EmptyAnswer(self.expert, "answered with no text")
         self.reply = result
         return result.content
-
-
-class EmptyAnswer(ExpertError):
-    """A combiner's expert (``fuse``'s aggregator, ``escalate``'s expert) answered with no text: the panel's answer
-    stands rather than an empty one."""
-
-    kind = "empty_answer"
 
 
 def _called_and_failed(errors: Sequence[ExpertError]) -> dict[str, ExpertError]:

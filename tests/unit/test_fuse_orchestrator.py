@@ -352,6 +352,19 @@ async def test_the_escalation_expert_on_the_panel_is_not_asked_twice() -> None:
     assert [a.role for a in answer.trace.attempts] == ["answer", "answer", "answer"]
 
 
+@pytest.mark.parametrize("blank", ["", "  \n"])
+async def test_the_escalation_expert_on_the_panel_answering_no_text_leaves_the_panels_vote(blank: str) -> None:
+    """Its blank panel answer counts as an escalation call's would (EmptyAnswer): the panel's vote stands, marked
+    as the combiner's fallback; the empty answer was returned as the result."""
+    orch, experts = build(combiner=ESCALATE, gate={"top_k": {"policy": "fixed", "k": 3}})
+    experts["judge"].text = blank  # (a fake built with "" answers with its default text)
+    answer = await orch.complete(ask())
+    assert (answer.expert, answer.content) == ("math", "The answer is (A).")  # A: 0.5 of the panel's 1.0
+    assert answer.trace.combiner_fallback == {"to": "vote", "expert": "judge", "kind": "empty_answer",
+                                              "message": "answered with no text"}
+    assert len(experts["judge"].requests) == 1
+
+
 async def test_a_lone_answer_has_no_second_opinion_and_escalates() -> None:
     config = fake_config()
     dead = FakeExpert(config.expert("code"), fail=lambda n: ExpertUnavailable(n, "connection refused"))
