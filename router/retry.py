@@ -25,10 +25,16 @@ from dataclasses import dataclass
 from experts.errors import ExpertError, ExpertOverloaded, ExpertTimeout
 from router.config import FallbackConfig
 
-__all__ = ["RETRY_TIME_SHARE", "RetryPolicy", "backoff_delay", "is_retryable", "retry_delay"]
+__all__ = ["RETRY_AFTER_SLACK_S", "RETRY_TIME_SHARE", "RetryPolicy", "backoff_delay", "is_retryable", "retry_delay"]
 
 # The share of its time limit a retry must still have once its wait is over (``retry_delay``).
 RETRY_TIME_SHARE = 0.5
+
+# A retry that waits out a Retry-After waits this much longer. An event loop's timer may end a wait early by the
+# clock the breaker reads (time.monotonic): uvloop's count whole milliseconds from the time its loop iteration
+# began, so a wait of 1 s could end 1-2 ms short, and the breaker, holding the expert for exactly the Retry-After,
+# refused the retry it should have let through as its probe.
+RETRY_AFTER_SLACK_S = 0.005
 
 
 @dataclass(frozen=True)
@@ -70,12 +76,14 @@ def retry_delay(policy: RetryPolicy, error: ExpertError, retry: int, remaining_s
     if retry >= policy.retries or not is_retryable(error):
         return None
     delay = backoff_delay(policy, retry, rand)
+    slack = 0.0
     asked = error.retry_after_s  # a 429's or 503's Retry-After: the only retryable errors that carry one
     if asked is not None:
         if asked > policy.retry_after_max_s:
             return None
-        delay = max(delay, asked)
+        if asked >= delay:
+            delay, slack = asked, RETRY_AFTER_SLACK_S
     limit = remaining_s if timeout_s is None else min(timeout_s, remaining_s)
     needed = timeout_s if isinstance(error, ExpertTimeout) and timeout_s is not None else RETRY_TIME_SHARE * limit
-    return delay if remaining_s - delay >= needed and delay < remaining_s else None
+    return delay + slack if remaining_s - delay >= needed and delay < remaining_s else None
 

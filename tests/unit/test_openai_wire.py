@@ -89,10 +89,10 @@ async def test_a_non_finite_logprob_in_a_stream_is_sent_as_json(upstream: Script
 async def test_a_lone_surrogate_in_an_answer_is_sent_escaped_not_a_500(upstream: ScriptedOpenAIServer) -> None:
     """``"\\ud83d"`` without its pair is valid JSON but no UTF-8: the plain answer sends it escaped, as a stream's
     chunk does, where Starlette's UTF-8 renderer raised (a 500 after the expert was paid)."""
-    upstream.push(Behaviour.raw((
-        '{"id": "x", "object": "chat.completion", "created": 1, "model": "m", "choices": [{"index": 0, "message": '
-        '{"role": "assistant", "content": "smile \\ud83d here"}, "finish_reason": "stop"}], '
-        '"usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}}').encode()))
+    upstream.push(Behaviour.raw(
+        b'{"id": "x", "object": "chat.completion", "created": 1, "model": "m", "choices": [{"index": 0, "message": '
+        b'{"role": "assistant", "content": "smile \\ud83d here"}, "finish_reason": "stop"}], '
+        b'"usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}}'))
     async with service(upstream) as http:
         r = await http.post("/v1/chat/completions", json={"messages": ASK})
     assert r.status_code == 200, r.text

@@ -12,6 +12,7 @@ from experts.types import ChatMessage, ChatRequest, ExpertReply, StreamDelta
 from router.config import parse_config
 from router.fallback import AllExpertsFailed
 from router.orchestrator import Orchestrator, StreamEnd, StreamPiece
+from router.retry import RETRY_AFTER_SLACK_S
 from tests.doubles.fakes import FakeExpert, FakeGate, FakeRefusalThenDies, FakeToolCallThenDies
 
 NAMES = ["math", "code", "law"]
@@ -104,8 +105,33 @@ async def test_retry_after_is_honoured() -> None:
     orch, slept = build({"math": math}, fallback={"retries": 1})
     clocked(orch, slept)
     assert (await orch.complete(ask())).expert == "math"
-    assert slept == [1.5]
+    assert slept == [1.5 + RETRY_AFTER_SLACK_S]  # and a little more: see the next test
     assert orch.breakers.snapshot("math")["state"] == "closed"  # the retry was the probe, and it answered
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_wait_that_ends_a_little_early_still_retries_after_a_retry_after(stream: bool) -> None:
+    """uvloop's timers count whole milliseconds from the loop iteration's start, so a wait can end 1-2 ms short
+    by the clock the breaker reads; the breaker holds the expert for exactly the Retry-After, and refused the
+    retry (1 in 5 streamed requests over HTTP), which fell to another expert or failed the request."""
+    math = flaky("math", ExpertRateLimited("math", 429, "slow down", retry_after_s=1.0))
+    orch, slept = build({"math": math}, fallback={"retries": 1})
+    clock = clocked(orch, slept)
+    sleep = orch.dispatch.sleep
+
+    async def early(seconds: float) -> None:  # the wait, ending 2 ms short by the breaker's clock
+        await sleep(seconds - 0.002)
+
+    orch.dispatch.sleep = early
+    before = clock.now
+    if stream:
+        events = [e async for e in orch.stream(ask(model="math"))]
+        end = events[-1]
+        assert isinstance(end, StreamEnd) and end.trace.answered_by == "math"
+    else:
+        assert (await orch.complete(ask(model="math"))).expert == "math"
+    assert math.calls == 2 and clock.now - before >= 1.0
+    assert orch.breakers.snapshot("math")["state"] == "closed"
 
 
 async def test_a_retry_after_keeps_every_request_off_the_expert_until_it_ends() -> None:

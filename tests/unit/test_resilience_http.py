@@ -257,5 +257,5 @@ async def test_a_retry_after_that_leaves_the_retry_time_is_waited_for() -> None:
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["model"] == "a"
-    assert [(x["expert"], x["cause"], x["backoff_s"]) for x in body["moe"]["retries"]] == [("a", "rate_limited", 0.5)]
+    assert [(x["expert"], x["cause"], x["backoff_s"]) for x in body["moe"]["retries"]] == [("a", "rate_limited", 0.505)]
     assert (len(srv["a"].requests), len(srv["b"].requests)) == (2, 0)

@@ -15,7 +15,7 @@ from experts.errors import (
     NoRecording,
 )
 from router.config import FallbackConfig
-from router.retry import RetryPolicy, backoff_delay, is_retryable, retry_delay
+from router.retry import RETRY_AFTER_SLACK_S, RetryPolicy, backoff_delay, is_retryable, retry_delay
 
 POLICY = RetryPolicy(retries=3, backoff_base_s=0.1, backoff_max_s=0.5, retry_after_max_s=2.0)
 
@@ -52,7 +52,9 @@ def test_retries_stop_at_the_configured_count() -> None:
 
 
 def test_retry_after_is_honoured_within_its_cap_and_the_deadline() -> None:
-    assert retry_delay(POLICY, ExpertRateLimited("e", 429, "x", retry_after_s=1.5), 0, 10.0, half) == 1.5
+    # waited out, and RETRY_AFTER_SLACK_S more (a timer may end a wait a little early by the breaker's clock)
+    assert retry_delay(POLICY, ExpertRateLimited("e", 429, "x", retry_after_s=1.5), 0, 10.0, half) == \
+        1.5 + RETRY_AFTER_SLACK_S
     # shorter than the backoff: the backoff wins
     assert retry_delay(POLICY, ExpertRateLimited("e", 429, "x", retry_after_s=0.0), 0, 10.0, half) == \
         pytest.approx(0.075)
@@ -85,17 +87,17 @@ def test_a_wait_must_leave_the_retry_half_of_its_time() -> None:
         return ExpertRateLimited("e", 429, "x", retry_after_s=wait)
 
     # 2 s left, a 5 s timeout: the retry could have 2 s, so the wait may leave no less than 1 s.
-    assert retry_delay(POLICY, limited(1.0), 0, 2.0, half, timeout_s=5.0) == 1.0
+    assert retry_delay(POLICY, limited(1.0), 0, 2.0, half, timeout_s=5.0) == 1.0 + RETRY_AFTER_SLACK_S
     assert retry_delay(POLICY, limited(1.5), 0, 2.0, half, timeout_s=5.0) is None
     assert retry_delay(POLICY, limited(1.85), 0, 2.0, half, timeout_s=5.0) is None
     # 10 s left, a 2 s timeout: the wait may leave no less than 1 s, which 1.5 s does with room to spare.
-    assert retry_delay(POLICY, limited(1.5), 0, 10.0, half, timeout_s=2.0) == 1.5
+    assert retry_delay(POLICY, limited(1.5), 0, 10.0, half, timeout_s=2.0) == 1.5 + RETRY_AFTER_SLACK_S
     assert retry_delay(POLICY, limited(1.5), 0, 2.4, half, timeout_s=2.0) is None
     # A backoff is held to the same rule: 0.3 s (the third retry's) leaves 0.4 of 0.7 s, not 0.2 of 0.5 s.
     assert retry_delay(POLICY, ExpertServerError("e", 502, "x"), 2, 0.7, half, timeout_s=2.0) == pytest.approx(0.3)
     assert retry_delay(POLICY, ExpertServerError("e", 502, "x"), 2, 0.5, half, timeout_s=2.0) is None
     # Without a timeout_s the deadline alone is the retry's time: the wait may take half of it.
-    assert retry_delay(POLICY, limited(1.0), 0, 2.0, half) == 1.0
+    assert retry_delay(POLICY, limited(1.0), 0, 2.0, half) == 1.0 + RETRY_AFTER_SLACK_S
     assert retry_delay(POLICY, limited(1.5), 0, 2.0, half) is None
 
 

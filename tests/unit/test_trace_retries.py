@@ -19,6 +19,7 @@ from experts.errors import (
 from experts.types import ChatMessage, ChatRequest, ExpertReply, StreamDelta
 from router.config import parse_config
 from router.orchestrator import Orchestrator, StreamEnd
+from router.retry import RETRY_AFTER_SLACK_S
 from router.service import create_app
 from router.trace import Retry
 from tests.doubles.fakes import FakeExpert, FakeGate
@@ -92,8 +93,9 @@ async def test_each_retry_is_recorded_with_its_cause_and_backoff() -> None:
 async def test_a_retry_after_longer_than_the_backoff_is_the_recorded_wait() -> None:
     orch, slept = build([ExpertRateLimited("math", 429, "slow down", retry_after_s=1.5)], retries=1)
     answer = await orch.complete(ask())
-    assert answer.trace.retries == [Retry(expert="math", number=1, cause="rate_limited", backoff_s=1.5)]
-    assert slept == [1.5]
+    assert answer.trace.retries == [Retry(expert="math", number=1, cause="rate_limited",
+                                          backoff_s=1.5 + RETRY_AFTER_SLACK_S)]
+    assert slept == [1.5 + RETRY_AFTER_SLACK_S]
 
 
 async def test_a_failure_that_is_not_retried_leaves_no_retry_and_fallback_is_not_a_retry() -> None:
