@@ -142,18 +142,21 @@ class Deadline:
     first_output_at: float = math.inf
 
     @classmethod
-    def within(cls, seconds: float, budget_usd: float | None, caller: CallScope | None) -> Deadline:
+    def within(cls, seconds: float, budget_usd: float | None, caller: CallScope | None, *,
+               stream: bool = False) -> Deadline:
         """A request's limits: the config's ``seconds`` and ``budget_usd``, or, for a router called as an expert
         (``caller``), whichever is tighter of those and what the caller's call leaves. The time ends
         ``NESTED_MARGIN`` before the caller cuts the call off (at most ``NESTED_MARGIN_MAX_S``), so the inner
         router stops its own tries first and hands back what it has: a panel member's answer, or its error with
-        what it spent. The same margin comes off a stream's first-output limit."""
+        what it spent. The same margin comes off a ``stream``'s first-output limit; a plain request has no first
+        output before its whole answer, so the caller's first-output limit does not apply to it (the deadline
+        does)."""
         if caller is None:
             return cls(seconds, budget_usd=budget_usd)
         now = time.monotonic()
         fair = min(seconds, caller.fair_s)
         seconds = min(seconds, _less_margin(caller.until - now))
-        first_output_at = now + _less_margin(caller.first_output_by - now)
+        first_output_at = now + _less_margin(caller.first_output_by - now) if stream else math.inf
         if caller.budget_usd is not None:
             given = max(0.0, caller.budget_usd)
             budget_usd = given if budget_usd is None else min(budget_usd, given)

@@ -262,13 +262,14 @@ class Orchestrator:
         with self.serving():
             return await self._complete(request, strategy, on_trace, caller)
 
-    def _limits(self, caller: CallScope | None) -> Deadline:
-        return Deadline.within(self.config.fallback.deadline_s, self.config.fallback.cost_budget_usd, caller)
+    def _limits(self, caller: CallScope | None, *, stream: bool) -> Deadline:
+        return Deadline.within(self.config.fallback.deadline_s, self.config.fallback.cost_budget_usd, caller,
+                               stream=stream)
 
     async def _complete(self, request: ChatRequest, strategy: str | None,
                         on_trace: Callable[[Trace], None] | None, caller: CallScope | None) -> RoutedAnswer:
         start = time.perf_counter()
-        deadline = self._limits(caller)
+        deadline = self._limits(caller, stream=False)
         combiner = self.combiner_for(strategy)  # before the gate: a bad strategy costs no gate work
         decision, panel, ranking = await self._plan(request)
         trace = Trace(decision=decision, combiner=combiner.name)
@@ -454,7 +455,7 @@ class Orchestrator:
     async def _stream(self, request: ChatRequest, on_trace: Callable[[Trace], None] | None,
                       caller: CallScope | None) -> AsyncGenerator[StreamPiece | StreamEnd, None]:
         start = time.perf_counter()
-        deadline = self._limits(caller)
+        deadline = self._limits(caller, stream=True)
         decision, panel, ranking = await self._plan(request)
         trace = Trace(decision=decision, combiner="stream")
         if on_trace is not None:

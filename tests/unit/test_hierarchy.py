@@ -462,6 +462,23 @@ async def test_a_bad_limit_header_is_a_400_naming_it(headers: dict[str, str], pa
     assert fine.status_code == 200
 
 
+async def test_a_first_output_header_does_not_cut_short_a_plain_request() -> None:
+    """x-moe-first-output-s gives a stream that long for its first output; a plain request has no output before
+    its whole answer, which the deadline limits. It cut the plain request off at 0.1 s (a 503 saying the stream's
+    first output ran out, every other expert left untried); a stream is still held to it."""
+    config = fake_config(["a"])
+    slow = FakeExpert(config.expert("a"), "late but whole", delay=0.3)
+    app = create_app(Orchestrator(config, FakeGate(["a"], {}, default=[1.0]), {"a": slow}))
+    body = {"model": "auto", "messages": [{"role": "user", "content": "hi"}]}
+    limits = {"x-moe-first-output-s": "0.1", "x-moe-deadline-s": "5"}
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://r") as http:
+        plain = await http.post("/v1/chat/completions", json=body, headers=limits)
+        streamed = await http.post("/v1/chat/completions", json={**body, "stream": True}, headers=limits)
+    assert plain.status_code == 200, plain.text
+    assert plain.json()["choices"][0]["message"]["content"] == "late but whole"
+    assert streamed.status_code == 503 and "first output ran out" in streamed.text, streamed.text
+
+
 # Found by review: a shortened deadline blamed healthy experts, a nested stream did not know the outer first-step
 # limit, a traced nested stream left by the client lost its spend, a retry counted its siblings twice.
 
