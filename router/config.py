@@ -651,7 +651,17 @@ class RouterConfig(_Strict):
 
 def _expert_label(raw: Any, index: int) -> str:
     name = raw.get("name") if isinstance(raw, dict) else None
-    return f"experts[{index}]" + (f" ({name})" if isinstance(name, str) else "")
+    return f"experts[{index}]" + (f" ({name})" if isinstance(name, str) and name else "")
+
+
+def _labelled(path: str, raw: Mapping[str, Any]) -> str:
+    """``path`` (``experts[0].model``) as problems name it, its expert labelled (``experts[0] (alpha).model``)."""
+    match = re.match(r"experts\[(\d+)\]", path)
+    experts = raw.get("experts")
+    if match is None or not isinstance(experts, list) or int(match.group(1)) >= len(experts):
+        return path
+    index = int(match.group(1))
+    return _expert_label(experts[index], index) + path[match.end():]
 
 
 def _cross_problems(raw: Any, *, check_env: bool, base_dir: str | Path | None = None,
@@ -1091,11 +1101,15 @@ def parse_config(raw: Any, *, source: str = "<config>", base_dir: str | Path = "
     if "base_dir" in raw:  # set from the file's folder; a key of that name would be silently overwritten
         problems.append(("base_dir", "unknown key (not in the schema; paths resolve against the config's folder)"))
     if require_vars:
-        problems += [(path, f"environment variable {name} is "
-                            f"{'empty (which counts as unset)' if name in os.environ else 'not set'} and "
-                            f"${{{name}}} has no default (write ${{{name}:-default}} to give one)")
+        problems += [(_labelled(path, raw), f"environment variable {name} is "
+                                            f"{'empty (which counts as unset)' if name in os.environ else 'not set'}"
+                                            f" and ${{{name}}} has no default (write ${{{name}:-default}} to give "
+                                            "one)")
                      for path, name in unset]
     blanked = frozenset(path for path, _ in unset)
+    # Where an unset variable is reported, what its "" then fails (too short, no number, no endpoint) says nothing
+    # more.
+    reported = frozenset(_labelled(path, raw) for path in blanked) if require_vars else frozenset()
     config: RouterConfig | None = None
     try:
         config = RouterConfig.model_validate({**raw, "base_dir": str(base_dir)}, context={"blanked": blanked})
@@ -1108,6 +1122,7 @@ def parse_config(raw: Any, *, source: str = "<config>", base_dir: str | Path = "
     problems = [(path, m) for path, m in problems
                 if not (path in explained and m.startswith("String should match pattern"))]
     problems.extend(p for p in cross if p not in problems)
+    problems = [(path, m) for path, m in problems if path not in reported or m.startswith("environment variable ")]
     if problems or config is None:
         raise ConfigError(source, [(_unechoed(path, found), _unechoed(m, found)) for path, m in problems] or
                           [("<root>", "invalid config")])

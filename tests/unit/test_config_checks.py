@@ -54,8 +54,8 @@ def test_an_unset_variable_without_a_default_is_a_problem_with_its_path(monkeypa
     monkeypatch.delenv("MOE_TEST_UNSET_DIR", raising=False)
     raw = {"version": 1, "experts": [expert(endpoint="http://${MOE_TEST_UNSET_DIR}/v1")]}
     found = problems(raw)
-    assert "MOE_TEST_UNSET_DIR is not set" in found["experts[0].endpoint"]
-    assert "${MOE_TEST_UNSET_DIR:-default}" in found["experts[0].endpoint"]
+    assert "MOE_TEST_UNSET_DIR is not set" in found["experts[0] (alpha).endpoint"]
+    assert "${MOE_TEST_UNSET_DIR:-default}" in found["experts[0] (alpha).endpoint"]
     # a default, or a set variable, is fine; require_vars=False (moe compose, whose containers get the variables)
     # leaves it ""
     raw_default = {"version": 1, "experts": [expert(endpoint="http://${MOE_TEST_UNSET_DIR:-127.0.0.1:9}/v1")]}
@@ -316,7 +316,24 @@ def test_a_host_left_blank_by_an_unset_variable_is_reported_once(monkeypatch: py
     monkeypatch.delenv("MOE_TEST_UNSET_DIR", raising=False)
     with pytest.raises(ConfigError) as info:
         parse_config({"version": 1, "experts": [expert(endpoint="http://${MOE_TEST_UNSET_DIR}/v1")]})
-    assert [path for path, _ in info.value.problems] == ["experts[0].endpoint"]  # as unset, not also as hostless
+    assert [path for path, _ in info.value.problems] == ["experts[0] (alpha).endpoint"]  # not also as hostless
+
+
+def test_an_unset_variable_is_one_problem_named_as_its_expert_is(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the "" an unset variable leaves then fails (too short a model, no number, no endpoint) is not a second
+    problem at the same key under another spelling of its path; three unset variables were six problems."""
+    for name in ("MOE_T_ENDPOINT", "MOE_T_MODEL", "MOE_T_TIMEOUT", "MOE_T_NAME"):
+        monkeypatch.delenv(name, raising=False)
+    raw = {"version": 1, "experts": [
+        expert(type="openai", endpoint="${MOE_T_ENDPOINT}", model="${MOE_T_MODEL}", timeout_s="${MOE_T_TIMEOUT}"),
+        expert(name="${MOE_T_NAME}")]}
+    with pytest.raises(ConfigError) as info:
+        parse_config(raw)
+    assert [(path, message.split(" is not set")[0]) for path, message in info.value.problems] == [
+        ("experts[0] (alpha).endpoint", "environment variable MOE_T_ENDPOINT"),
+        ("experts[0] (alpha).model", "environment variable MOE_T_MODEL"),
+        ("experts[0] (alpha).timeout_s", "environment variable MOE_T_TIMEOUT"),
+        ("experts[1].name", "environment variable MOE_T_NAME")]
 
 
 @pytest.mark.parametrize(("key", "holds"), [("api_keys_env", "the client keys"), ("admin_key_env", "the admin key")])
