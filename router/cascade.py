@@ -289,7 +289,7 @@ class CascadeGate:
         return CascadeGate(self.fast.for_experts(examples), self.full.for_experts(examples), self.fit)
 
     def for_config(self, config: RouterConfig) -> CascadeGate:
-        return self.for_experts({e.name: e.examples for e in config.experts})
+        return self.for_experts(config.routed_examples())
 
     def save(self, directory: str | Path) -> Path:
         """The full gate's artifact, the fast gate in ``fast/``, and ``cascade.json``, written in a staging folder

@@ -227,6 +227,11 @@ class ExpertConfig(_Strict):
     description: str = ""
     capabilities: list[Literal["chat", "stream", "tools", "vision"]] = ["chat", "stream"]
     examples: list[ExampleText] = []
+    # False: the gate never routes to it. An expert only the combiner calls (``combiner.aggregator``,
+    # ``escalate_to``: a strong, dear judge asked where the panel disagrees), only clients call by name
+    # (``model: <name>``), or only ``gate.default_expert`` takes (out-of-scope queries); it needs no examples or
+    # training data, and the gate is trained and scored without it.
+    routed: bool = True
     replay: ReplayConfig | None = None
     # ``type: router``: another router's config file, served in-process (relative to this file). Over HTTP,
     # set ``endpoint`` to the other service's ``/v1`` instead: exactly one of the two.
@@ -644,6 +649,15 @@ class RouterConfig(_Strict):
     def expert_names(self) -> list[str]:
         return [e.name for e in self.experts]
 
+    @property
+    def routed_experts(self) -> list[ExpertConfig]:
+        """The experts the gate routes to (``routed``, the default), in config order."""
+        return [e for e in self.experts if e.routed]
+
+    def routed_examples(self) -> dict[str, list[str]]:
+        """Each routed expert's examples: the experts a gate for this config scores (``Gate.for_experts``)."""
+        return {e.name: list(e.examples) for e in self.routed_experts}
+
     def resolve(self, path: str) -> Path:
         p = Path(path)
         return p if p.is_absolute() else (Path(self.base_dir) / p).resolve()
@@ -764,9 +778,15 @@ def _cross_problems(raw: Any, *, check_env: bool, base_dir: str | Path | None = 
     # A fixed panel of k is filled from the config's experts alone (a nested router is one expert, and cold
     # start scores only configured experts), so more than there are would silently serve a smaller panel. The
     # other policies size the panel themselves, and k only caps it.
-    if isinstance(k, int) and top_k.get("policy", "fixed") == "fixed" and experts and k > len(experts):
-        yield "gate.top_k.k", (f"{k} is more than the {len(experts)} expert(s) defined: a fixed panel of {k} can "
-                               f"never be filled; lower k to at most {len(experts)}")
+    routed = [e for e in experts if not isinstance(e, dict) or e.get("routed", True) is not False]
+    if experts and not routed:
+        yield "experts", ("every expert has routed: false, so the gate has none to route to; leave routed at its "
+                          "default (true) for the experts it should choose among")
+    if isinstance(k, int) and top_k.get("policy", "fixed") == "fixed" and routed and k > len(routed):
+        which = ("expert(s) defined" if len(routed) == len(experts)
+                 else "routed expert(s) defined (routed: false ones are never on a panel)")
+        yield "gate.top_k.k", (f"{k} is more than the {len(routed)} {which}: a fixed panel of {k} can never be "
+                               f"filled; lower k to at most {len(routed)}")
     if isinstance(k, int) and isinstance(attempts, int) and k > attempts:
         yield "fallback.max_attempts", (f"{attempts} is below gate.top_k.k ({k}): the panel alone calls {k} "
                                         "experts, and max_attempts counts every expert tried, the panel included; "

@@ -477,7 +477,7 @@ class Gate(BaseGate):
 
     def for_config(self, config: RouterConfig) -> Gate:
         """The gate over the config's experts (see ``for_experts``); outcome gates also take its cost weight."""
-        return self.for_experts({e.name: e.examples for e in config.experts})
+        return self.for_experts(config.routed_examples())
 
     # -- artifacts -----------------------------------------------------------------------------------------
     def _weights(self) -> dict[str, np.ndarray]:

@@ -270,7 +270,7 @@ class OutcomeGate(Gate):
     def for_config(self, config: RouterConfig) -> Gate:
         prices = {e.name: e.cost.input_per_1k + e.cost.output_per_1k for e in config.experts}
         tuned = self.with_cost_weight(config.gate.cost_weight, prices)
-        return tuned.for_experts({e.name: e.examples for e in config.experts})
+        return tuned.for_experts(config.routed_examples())
 
     # -- scores ---------------------------------------------------------------------------------------------
     def _artifact_success(self, x: np.ndarray) -> np.ndarray:

@@ -565,7 +565,7 @@ async def experts(request: Request) -> Response:
     o = orch(request)
     return JSONResponse({"object": "list", "data": [
         {"name": e.name, "type": e.type, "model": e.model, "description": e.description,
-         "capabilities": list(e.capabilities), "cost": e.cost.model_dump(),
+         "capabilities": list(e.capabilities), "routed": e.routed, "cost": e.cost.model_dump(),
          "max_concurrency": e.max_concurrency, **o.expert_states()[e.name]}
         for e in o.config.experts]})
 

@@ -242,8 +242,33 @@ def _unknown(config: RouterConfig, path: Path, noun: str, lines: Iterable[tuple[
                      "moe train --drop-unknown-experts leaves its lines out")
 
 
+def _routed_only(config: RouterConfig, data: TrainingData) -> TrainingData:
+    """``data`` without what names an expert the gate does not route to (``routed: false``): its labelled
+    examples, or its outcomes and costs in each record (a record left with no outcome is left out). The learned
+    vote weights still read every expert's answers. A warning says how much was left out."""
+    unrouted = {e.name for e in config.experts if not e.routed}
+    if not unrouted:
+        return data
+    if data.kind == "label":
+        kept = [i for i, label in enumerate(data.labels) if label not in unrouted]
+        left = len(data.labels) - len(kept)
+        out = replace(data, texts=[data.texts[i] for i in kept], labels=[data.labels[i] for i in kept],
+                      config_examples=sum(1 for i in kept if i < data.config_examples))
+    else:
+        records = [replace(r, outcomes={e: v for e, v in r.outcomes.items() if e not in unrouted},
+                           cost={e: v for e, v in r.cost.items() if e not in unrouted},
+                           answers={e: v for e, v in r.answers.items() if e not in unrouted}) for r in data.records]
+        left = sum(1 for r in data.records if set(r.outcomes) & unrouted)
+        out = replace(data, records=[r for r in records if r.outcomes])
+    if left:
+        log.warning("the gate does not route to %s (routed: false), so it trains without the %d %s naming %s",
+                    ", ".join(map(repr, sorted(unrouted))), left,
+                    "example(s)" if data.kind == "label" else "record(s)", "it" if len(unrouted) == 1 else "them")
+    return out
+
+
 def _check_routable(config: RouterConfig, trained: set[str]) -> None:
-    unroutable = [e.name for e in config.experts if e.name not in trained and not e.examples]
+    unroutable = [e.name for e in config.routed_experts if e.name not in trained and not e.examples]
     if unroutable:
         raise ValueError("no training data and no examples for expert(s) " + ", ".join(map(repr, unroutable))
                          + "; the gate could not route to them. Add examples in the config or records for them.")
@@ -255,14 +280,15 @@ def _check_scored(config: RouterConfig, records: list[OutcomeRecord]) -> None:
     An outcome gate learns to choose among the experts the records score (``train_outcome_gate``; a label gate
     likewise needs examples of two experts), and the config's other experts are routed beside them from their
     examples (``router.coldstart``). With one scored expert there is nothing to learn a choice from."""
-    scored = [n for n in config.expert_names if any(n in r.outcomes for r in records)]
+    routed = [e.name for e in config.routed_experts]
+    scored = [n for n in routed if any(n in r.outcomes for r in records)]
     if len(scored) >= 2:
         return
-    unscored = [n for n in config.expert_names if n not in scored]
+    unscored = [n for n in routed if n not in scored]
     only = f"only {scored[0]!r}" if scored else "no expert"
     if not unscored:
-        raise ValueError(f"an outcome gate chooses among at least two experts, and the config has only "
-                         f"{config.expert_names[0]!r}; add an expert, with records scoring its answers")
+        raise ValueError(f"an outcome gate chooses among at least two experts, and the config routes to only "
+                         f"{routed[0]!r}; add an expert, with records scoring its answers")
     costed = [n for n in unscored if any(n in r.cost for r in records)]
     costs = "" if not costed else (f" (the records give a cost for {', '.join(map(repr, costed))}, but a cost alone "
                                    "trains nothing: the gate learns from 'outcomes')")
@@ -292,6 +318,8 @@ def train_from_config(config: RouterConfig, *, progress: bool = True, feedback: 
             + f" wait until they cover {COLD_START_RECORDS} queries; until then each is routed from its config "
               "examples", flush=True)
     vote_weights = _learned_vote_weights(config, data, progress=progress)  # before the gate: fails fast
+    data = _routed_only(config, data)
+    routed = [e.name for e in config.routed_experts]
     if config.gate.cascade is not None and data.kind == "outcome":
         raise ValueError("gate.cascade applies to label gates, but gate.train_data holds outcome records; "
                          "remove gate.cascade, or train from labelled queries")
@@ -303,12 +331,12 @@ def train_from_config(config: RouterConfig, *, progress: bool = True, feedback: 
         trained = {e for r in data.records for e in r.outcomes}
         _check_routable(config, trained)
         _check_scored(config, data.records)
-        gate = train_outcome_gate(data.records, encoder, experts=[n for n in config.expert_names if n in trained],
+        gate = train_outcome_gate(data.records, encoder, experts=[n for n in routed if n in trained],
                                   cost_weight=config.gate.cost_weight, model=config.gate.success_model,
                                   progress=progress)
     else:
         _check_routable(config, set(data.labels))
-        gate = train_gate(data.texts, data.labels, encoder, experts=config.expert_names, progress=progress,
+        gate = train_gate(data.texts, data.labels, encoder, experts=routed, progress=progress,
                           classifier=build_classifier(config.gate.classifier, balance=config.gate.balance),
                           pinned=data.pinned)
     artifact = config.resolve(config.gate.artifact)
@@ -316,7 +344,7 @@ def train_from_config(config: RouterConfig, *, progress: bool = True, feedback: 
     served: Gate | CascadeGate = gate
     if config.gate.cascade is not None:
         fast = train_gate(data.texts, data.labels, build_encoder(config.gate.cascade.encoder),
-                          experts=config.expert_names, progress=progress,
+                          experts=routed, progress=progress,
                           classifier=build_classifier(config.gate.classifier, balance=config.gate.balance),
                           pinned=data.pinned)
         _record_feedback(fast, data)
