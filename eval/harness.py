@@ -25,7 +25,9 @@ import argparse
 import contextlib
 import os
 import shlex
+import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -35,8 +37,8 @@ from eval import coldstart_suite, combine_suite, routerbench_combine
 from eval import labels as label_suites
 from eval import routing as outcome_suites
 from eval.embeddings import CachedEncoder, default_cache_dir
-from eval.report import write_results
-from eval.suite import SuiteContext, check_limit, warnings_once
+from eval.report import HARNESS_FIGURES, write_results
+from eval.suite import PREDICTIONS, SuiteContext, check_limit, warnings_once
 from router.encoders import Encoder
 from router.settings import Settings
 
@@ -123,28 +125,56 @@ def run_suite(name: str, data_dir: str | Path | None, out: str | Path, *, encode
     ctx = SuiteContext(name=name, data_dir=Path(data_dir) if data_dir else default_data_dir(), out=Path(out),
                        encoder=cached, seed=seed, limit=limit, pool=pool, plots=plots, progress=progress,
                        train_path=Path(train) if train else None, test_path=Path(test) if test else None)
-    created = not ctx.out.exists()
+    final = ctx.out
+    made = [p for p in (final, *final.parents) if not p.exists()]  # the folders this run creates, deepest first
     try:
-        ctx.out.mkdir(parents=True, exist_ok=True)
+        final.mkdir(parents=True, exist_ok=True)
+        ctx.out = Path(tempfile.mkdtemp(prefix=".partial-", dir=final))
     except OSError as exc:
         raise ValueError(f"--out {out}: cannot create the folder ({exc.strerror or exc})") from None
     started = time.perf_counter()
     try:
         with warnings_once():  # the suites train several gates on the same data; each warning is shown once
             body = label_suites.run_jsonl(ctx, oos_label=oos_label) if name == "jsonl" else SUITES[name](ctx)
+        setup = {"suite": name, "encoder": f"{cached.identity} (sha256 {cached.checksum[:12]}…)", "seed": seed,
+                 "data": str(ctx.data_dir) if name != "jsonl" else f"{train} / {test}", "limit": limit,
+                 "out": str(final),
+                 **body.pop("setup", {}), "seconds": round(time.perf_counter() - started, 1)}
+        results = {"metrics": body.pop("metrics"), "suite": name, "command": command, "setup": setup, **body,
+                   "notes": [*body.pop("notes", []), *ctx.notes]}
+        write_results(ctx.out, results)
+        _publish(ctx.out, final)
     except BaseException:
-        if created:  # a run refused (bad data, Ctrl-C) leaves no empty --out folder behind; one with figures stays
+        # A run that fails (bad data, a broken cache, Ctrl-C) leaves --out as it found it: what it wrote so far
+        # is in its staging folder, removed here, with any folder it created for --out.
+        shutil.rmtree(ctx.out, ignore_errors=True)
+        for folder in made:
             with contextlib.suppress(OSError):
-                ctx.out.rmdir()
+                folder.rmdir()
         raise
-    setup = {"suite": name, "encoder": f"{cached.identity} (sha256 {cached.checksum[:12]}…)", "seed": seed,
-             "data": str(ctx.data_dir) if name != "jsonl" else f"{train} / {test}", "limit": limit,
-             "out": str(ctx.out),
-             **body.pop("setup", {}), "seconds": round(time.perf_counter() - started, 1)}
-    results = {"metrics": body.pop("metrics"), "suite": name, "command": command, "setup": setup, **body,
-               "notes": [*body.pop("notes", []), *ctx.notes]}
-    write_results(ctx.out, results)
     return results
+
+
+# Everything a suite run writes into --out: a run replaces them all, so a reused --out never pairs one run's
+# results with another's split, predictions or figures. Any other file there is left alone.
+HARNESS_OUTPUTS = ("results.json", "report.md", PREDICTIONS, "split", *HARNESS_FIGURES)
+
+
+def _publish(stage: Path, out: Path) -> None:
+    """Move a finished run's files from ``stage`` into ``out``, in place of an earlier run's (``HARNESS_OUTPUTS``),
+    and remove ``stage``."""
+    for name in HARNESS_OUTPUTS:
+        old = out / name
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old)
+        elif old.exists() or old.is_symlink():
+            old.unlink()
+    for entry in stage.iterdir():
+        target = out / entry.name
+        if target.is_dir() and not target.is_symlink():  # a folder no suite wrote before; this run's replaces it
+            shutil.rmtree(target)
+        os.replace(entry, target)
+    stage.rmdir()
 
 
 def _check_own_data(suite: str, train: str | Path | None, test: str | Path | None) -> None:

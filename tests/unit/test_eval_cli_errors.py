@@ -244,6 +244,56 @@ def test_a_no_plots_run_in_a_reused_out_leaves_no_figures(tmp_path: Path, fast_s
     assert sorted(p.name for p in out.glob("*.png")) == []
 
 
+def _tree(out: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+
+
+def test_a_run_that_fails_leaves_out_as_it_found_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                   fast_static: None) -> None:
+    """A run stopped part way (bad data, a broken cache, Ctrl-C) had written its split (and perhaps predictions)
+    beside the earlier run's results.json, which then described other data; a fresh --out was left holding its
+    split alone. Now a run writes into a staging folder and moves its files in once it is done."""
+    import eval.labels as labels
+
+    train = _write(tmp_path / "train.jsonl", _rows(20))
+    test = _write(tmp_path / "test.jsonl", _rows(5, prefix="t"))
+    out = tmp_path / "out"
+    _jsonl_run(tmp_path, train, test, out)
+    (out / "mine.txt").write_text("kept", encoding="utf-8")
+    before = _tree(out)
+    assert {"results.json", "report.md", "predictions.jsonl", "split/train.jsonl", "mine.txt"} <= set(before)
+    real = labels.evaluate_labels
+
+    def stopped(*args: Any, **kwargs: Any) -> Any:
+        real(*args, **kwargs)  # every file written, then stopped before the results
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(labels, "evaluate_labels", stopped)
+    other = _write(tmp_path / "other.jsonl", _rows(15, prefix="o"))
+    for where in (out, tmp_path / "fresh" / "out"):
+        with pytest.raises(KeyboardInterrupt):
+            _jsonl_run(tmp_path, other, test, where)
+    assert _tree(out) == before and sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []
+    assert not (tmp_path / "fresh").exists()
+
+
+def test_a_run_replaces_every_file_an_earlier_run_wrote(tmp_path: Path, fast_static: None) -> None:
+    """A suite that writes no split or predictions (routellm-mmlu) run into a folder another suite wrote left
+    those beside its own results.json."""
+    train = _write(tmp_path / "train.jsonl", _rows(20))
+    test = _write(tmp_path / "test.jsonl", _rows(5, prefix="t"))
+    out = tmp_path / "out"
+    (out / "split").mkdir(parents=True)
+    (out / "split" / "stale.jsonl").write_text("{}\n", encoding="utf-8")
+    for name in ("predictions.jsonl", "quality_cost.png", "mine.txt"):
+        (out / name).write_text("old", encoding="utf-8")
+    _jsonl_run(tmp_path, train, test, out)
+    names = set(_tree(out))
+    assert "split/stale.jsonl" not in names and "quality_cost.png" not in names and "mine.txt" in names
+    assert (out / "predictions.jsonl").read_text(encoding="utf-8") != "old"
+    assert json.loads((out / "results.json").read_text(encoding="utf-8"))["setup"]["out"] == str(out)
+
+
 # ---------------------------------------------------------------- 5: errors name the flag and the path
 
 
