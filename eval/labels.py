@@ -155,7 +155,7 @@ def label_order(labels: Iterable[str]) -> list[str]:
     ``"2"`` and ``"10"`` come in that order (plain string order puts ``"10"`` first); labels without digits keep
     plain string order."""
     def key(label: str) -> tuple[tuple[int, int, str], ...]:
-        return tuple((0, int(part), part) if part.isdigit() else (1, 0, part)
+        return tuple((0, int(part), part) if part.isdecimal() else (1, 0, part)
                      for part in re.split(r"(\d+)", label) if part)
     return sorted(set(labels), key=key)
 

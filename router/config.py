@@ -907,7 +907,7 @@ def _endpoint_problems(url: str, *, need_host: bool = True) -> list[str]:
     port = host_port.rpartition("]")[2].partition(":")[2]  # after an IPv6 literal's "]"
     if need_host and not parts.hostname:
         found.append("has no host (write http://host:port/...)")
-    if port and not (port.isdigit() and 1 <= int(port) <= 65535):
+    if port and not (port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
         found.append(f"port {port} is not a port number from 1 to 65535")
     before_fragment, fragment_mark, _ = bare.partition("#")
     extras = ["a query string (?...)"] * ("?" in before_fragment) + ["a fragment (#...)"] * bool(fragment_mark)

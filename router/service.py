@@ -105,7 +105,7 @@ async def _read_json(request: Request, limit: int) -> Any:
                                   "Content-Type: application/json", "invalid_request_error",
                              "unsupported_media_type", param="Content-Type")
     declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit:
+    if declared and declared.isascii() and declared.isdigit() and int(declared) > limit:
         raise RequestProblem(413, f"request body of {declared} bytes exceeds the {limit}-byte limit",
                            "invalid_request_error", "request_too_large")
     # Read as it arrives and stop at the limit: a body without Content-Length (chunked) is never held whole.

@@ -205,6 +205,8 @@ def test_a_panel_larger_than_max_attempts_is_refused() -> None:
     ("http://:8000/v1", "has no host"),
     ("http://h:99999/v1", "port 99999 is not a port number from 1 to 65535"),
     ("http://h:0/v1", "port 0 is not a port number"),
+    ("http://h:\u00b2/v1", "port \u00b2 is not a port number"),  # a digit to isdigit(), not to int(): it raised
+    ("http://h:\u0668\u0660/v1", "is not a port number"),  # Arabic-Indic 80: int() reads it, a URL does not
     ("http://[::1/v1", "is not a valid URL"),
 ])
 def test_an_endpoint_the_client_cannot_build_on_is_refused_with_the_reason(endpoint: str, says: str) -> None:

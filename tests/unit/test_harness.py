@@ -382,6 +382,9 @@ def test_label_order_reads_digits_as_numbers() -> None:
     assert label_order(["10", "2", "1", "2"]) == ["1", "2", "10"]
     assert label_order(["intent10", "intent9", "alarm"]) == ["alarm", "intent9", "intent10"]
     assert label_order(["biology", "Business", "law"]) == sorted(["biology", "Business", "law"])
+    # digits int() cannot read (circled, superscript) are text; other scripts' decimal digits are numbers
+    assert label_order(["②", "①", "10²", "10"]) == ["10", "10²", "①", "②"]
+    assert label_order(["٣", "١٠"]) == ["٣", "١٠"]
 
 
 def test_the_exported_split_is_labelled_jsonl_moe_eval_reads(tmp_path: Path) -> None:
