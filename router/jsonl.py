@@ -7,6 +7,7 @@ way; each caller checks its own fields on the objects this yields.
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Generator
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,9 @@ def read_jsonl(path: str | Path, *, expected: str = "an object",
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise error(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+            except ValueError:  # Python refuses to read an integer of more than 4300 digits (int_max_str_digits)
+                raise error(f"{where}: holds an integer of more than {sys.get_int_max_str_digits()} digits, "
+                            "which no field takes; fix or drop the line") from None
             if not isinstance(row, dict):
                 raise error(f"{where}: expected {expected}, got {type(row).__name__}")
             if "\\u" in line:  # only an escape gives a lone surrogate; a valid pair decodes to its character

@@ -52,3 +52,12 @@ def test_a_lone_surrogate_escape_is_named_by_line(tmp_path: Path) -> None:
     path.write_text('{"query": "ok", "outcomes": {"\\udcff": 1}}\n')  # a key too
     with pytest.raises(ValueError, match=rf"{path}:1: the escape \\udcff is half"):
         rows(path)
+
+
+def test_an_integer_too_long_for_python_to_read_is_named_by_line(tmp_path: Path) -> None:
+    """json.loads raises a plain ValueError (not JSONDecodeError) for an integer over 4300 digits: it reached
+    moe eval and moe train as Python's message, naming no file or line."""
+    path = tmp_path / "huge.jsonl"
+    path.write_text('{"query": "a", "label": "x"}\n{"query": "b", "label": ' + "9" * 5000 + "}\n")
+    with pytest.raises(ValueError, match=rf"^{path}:2: holds an integer of more than 4300 digits"):
+        rows(path)
