@@ -11,9 +11,12 @@ shards ``shard-<n>.npz`` (``keys``: ``[n, 32]`` uint8 digests, ``vectors``: ``[n
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import logging
 import os
 import re
+import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -21,6 +24,8 @@ import numpy as np
 
 from router.encoders import Encoder, cache_root
 from router.settings import Settings
+
+log = logging.getLogger("eval.embeddings")
 
 __all__ = ["CachedEncoder", "default_cache_dir"]
 
@@ -54,9 +59,23 @@ class CachedEncoder(Encoder):
         if self._loaded:
             return
         for shard in sorted(self.folder.glob("shard-*.npz")):
-            with np.load(shard, allow_pickle=False) as data:
-                for key, vec in zip(data["keys"], data["vectors"], strict=True):
-                    self._memory[key.tobytes()] = vec
+            try:
+                # Opened here, so a file numpy fails to read is still closed (it leaves its own open then).
+                with open(shard, "rb") as fh, np.load(fh, allow_pickle=False) as data:
+                    keys, vectors = data["keys"], data["vectors"]
+                if keys.shape != (len(vectors), 32) or vectors.shape[1:] != (self.dim,):
+                    raise ValueError(f"keys {keys.shape} and vectors {vectors.shape}, not (n, 32) and (n, "
+                                     f"{self.dim})")
+            except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile) as exc:
+                # A cache's file, cut short (a full disk, a killed run) or overwritten: its texts are embedded
+                # again, and the shard that holds them then is written in its place.
+                log.warning("embedding cache %s: unreadable (%s: %s); removed, its texts will be embedded again",
+                            shard, type(exc).__name__, str(exc).partition("\n")[0][:200])
+                with contextlib.suppress(OSError):
+                    shard.unlink()
+                continue
+            for key, vec in zip(keys, vectors, strict=True):
+                self._memory[key.tobytes()] = vec
         self._loaded = True
 
     def _store(self, keys: list[bytes], vectors: np.ndarray) -> None:

@@ -328,6 +328,30 @@ def test_out_train_test_and_cache_problems_name_the_flag_and_path(tmp_path: Path
         CachedEncoder(FakeHashingEncoder(), afile, max_length=256, progress=False).encode(["a query"])
 
 
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "other_width"])
+def test_an_unreadable_cache_shard_is_embedded_again_with_a_warning(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, damage: str) -> None:
+    """A shard cut short (a killed run, a full disk) raised BadZipFile with a traceback, and one overwritten with
+    other bytes numpy's advice to load it with allow_pickle, naming no file; the cache is only a cache."""
+    texts = ["first query", "second query", "third query"]
+    first = CachedEncoder(FakeHashingEncoder(), tmp_path, max_length=256, progress=False)
+    want = first.encode(texts)
+    [shard] = first.folder.glob("shard-*.npz")
+    if damage == "truncated":
+        shard.write_bytes(shard.read_bytes()[:100])
+    elif damage == "garbage":
+        shard.write_bytes(b"\x80\x04not a numpy file at all")
+    else:
+        np.savez(shard.with_suffix(""), keys=np.zeros((3, 32), np.uint8), vectors=np.zeros((3, 5), np.float32))
+    with caplog.at_level(logging.WARNING, logger="eval.embeddings"):
+        again = CachedEncoder(FakeHashingEncoder(), tmp_path, max_length=256, progress=False).encode(texts)
+    np.testing.assert_allclose(again, want)
+    assert any(f"embedding cache {shard}: unreadable" in r.getMessage() for r in caplog.records), caplog.text
+    [rewritten] = first.folder.glob("shard-*.npz")  # written again, readable
+    with np.load(rewritten, allow_pickle=False) as data:
+        assert data["vectors"].shape == (3, want.shape[1])
+
+
 def test_training_data_with_one_label_names_the_file(tmp_path: Path) -> None:
     one = _write(tmp_path / "one.jsonl", _rows(5, labels=("alpha",)))
     test = _write(tmp_path / "test.jsonl", _rows(2))
