@@ -169,21 +169,23 @@ CONVERTERS: dict[str, Converter] = {
 }
 
 
-def _renamed(row: Row, names: Mapping[str, str]) -> Row | None:
-    """An outcome line with the config's expert names, keeping only the LLMs some expert replays."""
+def _renamed(row: Row, names: Mapping[str, tuple[str, ...]]) -> Row | None:
+    """An outcome line with the config's expert names, keeping only the LLMs some expert replays; an LLM that
+    several experts replay is recorded for each of them."""
     out: Row = {"query": row["query"], **({"task": row["task"]} if "task" in row else {})}
     for key in ("outcomes", "cost", "answers"):
         if key in row:
-            out[key] = {names[m]: v for m, v in row[key].items() if m in names}
+            out[key] = {e: v for m, v in row[key].items() for e in names.get(m, ())}
     return out if out["outcomes"] else None
 
 
 def convert(name: str, data_dir: str | Path, split: str, out: str | Path, *, seed: int = 0,
-            names: Mapping[str, str] | None = None, answers: bool = True, limit: int | None = None,
+            names: Mapping[str, tuple[str, ...]] | None = None, answers: bool = True, limit: int | None = None,
             matched: set[str] | None = None) -> int:
     """Write data set ``name``'s ``split`` to ``out`` as JSONL; returns the number of lines written.
 
-    ``names`` (outcome data sets only) maps recorded LLMs to expert names, and the experts found in the data go
+    ``names`` (outcome data sets only) maps recorded LLMs to the names of the experts that replay them (one LLM
+    may have several), and the experts found in the data go
     into ``matched`` when given; ``answers=False`` leaves the answers out of outcome records; ``limit`` keeps
     at most that many lines, chosen by a seeded hash of each query as ``moe eval --limit`` chooses (the data
     sets' rows come grouped by label, so the first lines would be one label) and written in their order
@@ -235,9 +237,13 @@ def convert(name: str, data_dir: str | Path, split: str, out: str | Path, *, see
     return count
 
 
-def replay_names(config: RouterConfig) -> dict[str, str]:
-    """Recorded LLM -> expert name, for the config's replay experts."""
-    return {e.recorded_model: e.name for e in config.experts if e.type == "replay"}
+def replay_names(config: RouterConfig) -> dict[str, tuple[str, ...]]:
+    """Recorded LLM -> the names of the config's replay experts that replay it, in config order."""
+    names: dict[str, tuple[str, ...]] = {}
+    for e in config.experts:
+        if e.type == "replay":
+            names[e.recorded_model] = (*names.get(e.recorded_model, ()), e.name)
+    return names
 
 
 def main(args: argparse.Namespace) -> int:
@@ -252,7 +258,7 @@ def main(args: argparse.Namespace) -> int:
     matched: set[str] = set()
     count = convert(args.dataset, data_dir_of(args), args.split, args.out, seed=args.seed, names=names,
                     answers=not args.no_answers, limit=args.limit, matched=matched)
-    missing = sorted(f"{e} (model {m!r})" for m, e in (names or {}).items() if e not in matched)
+    missing = sorted(f"{e} (model {m!r})" for m, experts in (names or {}).items() for e in experts if e not in matched)
     if missing:
         print(f"warning: {args.dataset} records no answers for these replay experts of {args.config}, so the "
               f"records leave them out: {', '.join(missing)}", file=sys.stderr)

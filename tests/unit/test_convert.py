@@ -14,7 +14,7 @@ from eval.routing import FRACTIONS
 from experts.recordings import load_mmlu_pro, load_routerbench, mmlu_pro_prompt
 from router.cli import main
 from router.combine import extract_choice
-from router.config import load_config
+from router.config import load_config, parse_config
 from router.outcome import load_outcome_jsonl
 from router.train import load_labelled_jsonl
 from router.vote_weights import fit_from_records
@@ -57,7 +57,7 @@ def test_unknown_data_set_split_or_naming_is_refused(data_dir: Path, tmp_path: P
     with pytest.raises(ValueError, match="snips-intent has no 'val' split; it has: train, test, all"):
         convert("snips-intent", data_dir, "val", tmp_path / "x.jsonl")
     with pytest.raises(ValueError, match="expert names apply to outcome records only"):
-        convert("snips-intent", data_dir, "train", tmp_path / "x.jsonl", names={"a": "b"})
+        convert("snips-intent", data_dir, "train", tmp_path / "x.jsonl", names={"a": ("b",)})
     assert set(CONVERTERS) == {"mmlu-pro-domain", "clinc150-domain", "snips-intent", "banking77-intent",
                                "mmlu-pro-outcome", "routerbench"}
     with pytest.raises(ValueError, match=f"--out {tmp_path} is a folder; name the JSONL file to write, e.g. "
@@ -104,13 +104,13 @@ def test_routerbench_outcomes_named_after_a_configs_replay_experts(data_dir: Pat
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MOE_DATA_DIR", str(data_dir))
     names = replay_names(load_config(ROOT / "configs" / "demo.yaml", check_env=False))
-    assert len(names) == 11 and names["gpt-4-1106-preview"] == "gpt-4-turbo"
+    assert len(names) == 11 and names["gpt-4-1106-preview"] == ("gpt-4-turbo",)
     out = tmp_path / "rb.jsonl"
     count = convert("routerbench", data_dir, "test", out, names=names)
     store = load_routerbench(data_dir / "routerdc" / "routerbench_zs")
     assert count == len(store.select(split="test")) - 8  # less the 8 that repeat a training prompt (below)
     records = load_outcome_jsonl(out)
-    assert {e for r in records for e in r.outcomes} == set(names.values())
+    assert {e for r in records for e in r.outcomes} == {e for experts in names.values() for e in experts}
     row = store.select(split="test")[0]
     assert records[0].query == row.prompt
     assert records[0].answers["gpt-4-turbo"] == row.answers["gpt-4-1106-preview"].response
@@ -119,6 +119,25 @@ def test_routerbench_outcomes_named_after_a_configs_replay_experts(data_dir: Pat
     convert("routerbench", data_dir, "test", out, names=names, answers=False, limit=5)
     lines = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
     assert len(lines) == 5 and all(set(line) == {"query", "outcomes", "cost", "task"} for line in lines)
+
+
+def test_two_experts_replaying_one_model_both_get_its_records(data_dir: Path, tmp_path: Path) -> None:
+    """Two endpoints of one model (a fast and a slow deployment, say): the records named only the last of them,
+    with no warning, and moe train then refused the other for want of data."""
+    replay = {"source": "routerbench", "path": str(data_dir / "routerdc" / "routerbench_zs")}
+    config = parse_config({"version": 1, "experts": [
+        {"name": name, "type": "replay", "model": model, "replay": replay}
+        for name, model in (("gpt4-fast", "gpt-4-1106-preview"), ("gpt4-slow", "gpt-4-1106-preview"),
+                            ("gpt35", "gpt-3.5-turbo-1106"))]}, check_env=False)
+    names = replay_names(config)
+    assert names == {"gpt-4-1106-preview": ("gpt4-fast", "gpt4-slow"), "gpt-3.5-turbo-1106": ("gpt35",)}
+    out = tmp_path / "two.jsonl"
+    convert("routerbench", data_dir, "test", out, names=names, limit=20)
+    records = load_outcome_jsonl(out)
+    assert len(records) == 20
+    for r in records:
+        assert set(r.outcomes) == {"gpt4-fast", "gpt4-slow", "gpt35"}
+        assert r.outcomes["gpt4-fast"] == r.outcomes["gpt4-slow"] and r.cost["gpt4-fast"] == r.cost["gpt4-slow"]
 
 
 def test_routerbench_test_split_leaves_out_training_prompts_as_the_suites_do(
