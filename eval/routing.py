@@ -642,6 +642,12 @@ def run_routellm_mmlu(ctx: SuiteContext) -> dict[str, Any]:
                               "random": {"strong_pct": r_pct, "accuracy": r_perf}},
         "tuning_grid": grid,
     }
+    with open(ctx.out / PREDICTIONS, "w", encoding="utf-8") as fh:  # what the curves and APGR are computed from
+        for row, i in enumerate(test):
+            fh.write(json.dumps({"id": ids[i], "strong_win_score": float(s[row]),
+                                 "random_score": float(rand[row]), "strong_correct": bool(strong[row]),
+                                 "weak_correct": bool(weak[row])}) + "\n")
+    body["predictions"] = PREDICTIONS
     if ctx.plots:
         plot_strong_calls(ctx.out / "strong_calls.png", {"gate (kNN win rate)": (pct, perf),
                                                           "random router (seeded draw)": (r_pct, r_perf)}, sw, ww,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +11,7 @@ import pytest
 
 from eval import report
 from eval.harness import run_suite
+from eval.metrics import strong_call_curve
 from eval.report import plot_accuracy_bars, plot_accuracy_cost, plot_confusion, plot_strong_calls, render_markdown
 from tests.doubles.fakes import FakeHashingEncoder
 from tests.support import PNG_SIGNATURE
@@ -85,6 +87,14 @@ def test_routellm_mmlu_figure(plots: bool, data_dir: Path, tmp_path: Path) -> No
     out = tmp_path / "routellm"
     results = run_suite("routellm-mmlu", data_dir, out, encoder=FakeHashingEncoder(), limit=200, progress=False,
                         cache_dir=tmp_path / "cache", plots=plots)
+    # predictions.jsonl, as the other outcome suites write it: the curves are recomputed from it (it wrote none)
+    rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert results["predictions"] == "predictions.jsonl" and len(rows) == results["setup"]["test"]
+    for system, key in (("gate", "strong_win_score"), ("random", "random_score")):
+        pct, perf = strong_call_curve([r[key] for r in rows], [r["strong_correct"] for r in rows],
+                                      [r["weak_correct"] for r in rows])
+        curve = results["strong_call_curve"][system]
+        assert list(pct) == pytest.approx(curve["strong_pct"]) and list(perf) == pytest.approx(curve["accuracy"])
     if not plots:  # --no-plots
         assert not list(out.glob("*.png")) and "figures" not in results
         return
