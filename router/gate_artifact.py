@@ -86,7 +86,9 @@ class ValidationMetrics:
     nll_after: float | None = None
     # Outcome gates only: top-1 routing on out-of-fold predictions at the trained cost weight.
     routed_accuracy: float | None = None
-    routed_cost: float | None = None  # mean recorded cost per query of the routed expert
+    # Mean recorded cost per query of the routed expert; None when some pick has no recorded cost (the gate
+    # counts those as free, so a mean over the others would be theirs alone).
+    routed_cost: float | None = None
     best_single: str | None = None
     best_single_accuracy: float | None = None
     oracle_accuracy: float | None = None

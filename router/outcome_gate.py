@@ -182,11 +182,16 @@ def tune(success: np.ndarray, outcomes: np.ndarray, record_costs: np.ndarray, co
     chosen = logits.argmax(axis=1)
     # Scored as the evaluation scores them: a pick (or a single expert) with no record for a query is wrong.
     scored = np.where(np.isnan(outcomes), 0.0, outcomes)
+    # A mean over the picks that have a recorded cost would be the cost of those experts alone (say 1.0, where
+    # 6 of 7 picks went to an expert with none): the routed cost is reported only when every pick has one.
+    picked_costs = record_costs[rows, chosen]
+    uncosted = np.isnan(picked_costs)
     metrics = {
         "routed_utility": best_value,
         "routed_accuracy": float(scored[rows, chosen].mean()),
         "unrecorded_pick_share": float(np.isnan(outcomes[rows, chosen]).mean()),
-        "routed_cost": _mean_known(record_costs[rows, chosen]),
+        "routed_cost": None if uncosted.any() else _mean_known(picked_costs),
+        "uncosted_pick_share": float(uncosted.mean()),
         "best_single_accuracy": float(scored.mean(axis=0).max()),
         "oracle_accuracy": float(np.nanmax(np.where(np.isnan(outcomes), 0.0, outcomes), axis=1).mean()),
         "ece_before": expected_calibration_error(_softmax(logits), target),

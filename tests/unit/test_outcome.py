@@ -257,6 +257,23 @@ def test_the_reported_routed_accuracy_counts_a_pick_without_a_record_as_wrong() 
     assert t.metrics["best_single_accuracy"] == pytest.approx(0.6)  # b: 50 right of 100, a: 60
 
 
+def test_the_routed_cost_is_reported_only_when_every_pick_has_a_recorded_cost() -> None:
+    """With b's cost unrecorded, the mean over the picks that have one was a's cost alone (1.0, with most picks
+    on b): the routed cost is null then, beside the share of picks without a cost."""
+    n = 100
+    outcomes = np.stack([np.where(np.arange(n) < 20, 1.0, 0.0), np.where(np.arange(n) < 20, 0.0, 1.0)], axis=1)
+    costs = np.stack([np.ones(n), np.full(n, np.nan)], axis=1)
+    t = tune(outcomes.copy(), outcomes, costs, np.zeros(2), 0.0)
+    chosen = (outcomes + np.eye(2)[t.anchor] * t.margin).argmax(axis=1)
+    assert 0 < (chosen == 1).mean() < 1
+    assert t.metrics["routed_cost"] is None
+    assert t.metrics["uncosted_pick_share"] == pytest.approx((chosen == 1).mean())
+    both = tune(outcomes.copy(), outcomes, np.stack([np.ones(n), np.full(n, 3.0)], axis=1), np.zeros(2), 0.0)
+    picks = (outcomes + np.eye(2)[both.anchor] * both.margin).argmax(axis=1)
+    assert both.metrics["routed_cost"] == pytest.approx(np.where(picks == 1, 3.0, 1.0).mean())
+    assert both.metrics["uncosted_pick_share"] == 0.0
+
+
 def test_an_expert_with_a_few_lucky_records_does_not_take_over_routing(caplog: pytest.LogCaptureFixture) -> None:
     """Three records, all right, once made an expert the anchor and every query's pick: where no neighbour has
     a record for it, its success estimate was its own 3/3. The anchor is now chosen by what the records make
