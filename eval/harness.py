@@ -227,6 +227,11 @@ def main(args: argparse.Namespace) -> int:
     """Entry point for ``moe eval`` (arguments are defined in ``router.cli``)."""
     suite = args.suite
     train, test = getattr(args, "train", None), getattr(args, "test", None)
+    published = [s for s in SUITES if s != "jsonl"]  # "jsonl" is what --train/--test run, not a suite to name
+    if suite is not None and suite not in published:  # a usage error, as argparse's are: exit 2
+        print(f"error: unknown suite {suite!r}; known: {', '.join(sorted(published))} (or --train and --test "
+              "without --suite, for your own data)", file=sys.stderr)
+        return 2
     if suite is not None:
         try:
             _check_own_data(suite, train, test)
@@ -236,11 +241,11 @@ def main(args: argparse.Namespace) -> int:
     if suite is None and (train or test):
         suite = "jsonl"
     if suite is None:
-        print(f"error: give --suite ({', '.join(s for s in SUITES if s != 'jsonl')}) or --train and --test",
-              file=sys.stderr)
+        print(f"error: give --suite ({', '.join(published)}) or --train and --test", file=sys.stderr)
         return 2
     if suite == "jsonl" and (train is None or test is None):  # a usage error too (run_suite refuses it as well)
-        print("error: the jsonl suite needs both --train and --test", file=sys.stderr)
+        print(f"error: {'--train' if train else '--test'} was given alone: your own data needs both --train (to "
+              "train the gate on) and --test (to score it on)", file=sys.stderr)
         return 2
     results = run_suite(suite, data_dir_of(args), args.out, encoder=args.encoder, seed=args.seed, train=train,
                         test=test, limit=getattr(args, "limit", None), plots=not getattr(args, "no_plots", False),

@@ -98,7 +98,21 @@ def test_train_without_test_is_a_usage_error(tmp_path: Path, capsys: pytest.Capt
     out = tmp_path / "out"
     for flags in (["--train", str(train)], ["--test", str(train)]):
         assert _cli(["eval", *flags, "--out", str(out), "--no-plots"]) == 2  # as argparse's and its siblings'
-        assert capsys.readouterr().err.strip() == "error: the jsonl suite needs both --train and --test"
+        assert capsys.readouterr().err.strip() == (f"error: {flags[0]} was given alone: your own data needs both "
+                                                   "--train (to train the gate on) and --test (to score it on)")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("suite", ["jsonl", "snips"])
+def test_an_unknown_suite_is_a_usage_error_listing_the_suites(suite: str, tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """It exited 1 as a failed run, and listed "jsonl" as known, which --suite jsonl then refused three ways."""
+    train = _write(tmp_path / "train.jsonl", _rows(5))
+    out = tmp_path / "out"
+    assert _cli(["eval", "--suite", suite, "--train", str(train), "--test", str(train), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: unknown suite {suite!r}; known: banking77-intent, clinc150-cold-start, ")
+    assert "jsonl" not in err.removeprefix(f"error: unknown suite {suite!r}") and "--train and --test" in err
     assert not out.exists()
 
 
