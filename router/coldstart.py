@@ -205,6 +205,16 @@ class Columns:
         """Whether ``apply`` needs the queries' cosine to the nearest trained example."""
         return self.cold is not None and self.cold.claim_map.reads_trained
 
+    def familiarity_top(self, artifact_proba: np.ndarray, proba: np.ndarray) -> np.ndarray:
+        """Per query, the top probability the gate's familiarity grid judges (``Gate.ood_scores``): the artifact's
+        own probability for the kept trained experts, before the view renormalises them (with one expert kept, that
+        renormalised probability is 1 for every query, and nothing would be out of scope), or a cold-start
+        expert's probability (``proba``, the view's rows), whichever is larger."""
+        kept = self.source[self.source >= 0]
+        top = artifact_proba[:, kept].max(axis=1) if len(kept) else np.zeros(len(proba))
+        cold = proba[:, self.source < 0]
+        return np.maximum(top, cold.max(axis=1)) if cold.shape[1] else top
+
     def apply(self, artifact_proba: np.ndarray, x: np.ndarray,
               trained_similarity: np.ndarray | None = None) -> np.ndarray:
         """Rows over ``experts`` from rows over the artifact's trained experts (each summing to 1).

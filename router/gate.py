@@ -218,9 +218,10 @@ class BaseGate(ABC):
         return [self.nearest(e, k) for e in embeddings]
 
     def ood_scores(self, proba: np.ndarray, nearest_similarity: np.ndarray,
-                   embeddings: np.ndarray | None = None) -> np.ndarray:
+                   embeddings: np.ndarray | None = None, top: np.ndarray | None = None) -> np.ndarray:
         """Familiarity per query, compared with ``ood_threshold``: here the nearest example's cosine.
-        ``embeddings``: the queries', for a gate whose familiarity reads more than the nearest example."""
+        ``embeddings``: the queries', for a gate whose familiarity reads more than the nearest example; ``top``:
+        the top probability to judge, where it is not ``proba``'s (``_scored_and_explained``)."""
         return nearest_similarity
 
     def task_probabilities(self, embeddings: np.ndarray, top: int = 3) -> list[dict[str, float]] | None:
@@ -228,10 +229,11 @@ class BaseGate(ABC):
         return None
 
     def _scored_and_explained(self, embeddings: np.ndarray, texts: Sequence[str],
-                              k: int) -> tuple[np.ndarray, Sequence[Sequence[Any]]]:
-        """``assess``'s probabilities and ``k`` nearest examples; a gate whose probabilities read the example
-        search overrides it to search once for both."""
-        return np.asarray(self.predict_proba(embeddings, texts)), self.nearest_many(embeddings, k)
+                              k: int) -> tuple[np.ndarray, Sequence[Sequence[Any]], np.ndarray | None]:
+        """``assess``'s probabilities, ``k`` nearest examples, and the top probability its familiarity judges
+        (None: ``ood_scores`` reads it from the probabilities); a gate whose probabilities read the example search
+        overrides it to search once for both."""
+        return np.asarray(self.predict_proba(embeddings, texts)), self.nearest_many(embeddings, k), None
 
     def assess(self, texts: Sequence[str], k: int = 3) -> Assessment:
         """One embedding per query serves the probabilities, the ``k`` nearest examples and the familiarity
@@ -241,10 +243,10 @@ class BaseGate(ABC):
         if k == 0:
             probs = np.asarray(self.predict_proba(embeddings, texts))
             return Assessment(probs, [[] for _ in texts], np.full(len(texts), np.nan))
-        probs, nearest = self._scored_and_explained(embeddings, texts, k)
+        probs, nearest, top = self._scored_and_explained(embeddings, texts, k)
         similarity = np.array([_similarity(near[0]) if near else np.nan for near in nearest], dtype=np.float64)
         return Assessment(probs, [list(near) for near in nearest],
-                          np.asarray(self.ood_scores(probs, similarity, embeddings), dtype=np.float64),
+                          np.asarray(self.ood_scores(probs, similarity, embeddings, top), dtype=np.float64),
                           tasks=self.task_probabilities(embeddings))
 
 
@@ -330,14 +332,21 @@ class Gate(BaseGate):
         return self._columns.apply(proba, x, trained)
 
     def _scored_and_explained(self, embeddings: np.ndarray, texts: Sequence[str],
-                              k: int) -> tuple[np.ndarray, list[list[Neighbour]]]:
-        """One example search serves both where the cold-start claims read the nearest trained example."""
-        if self._columns is None or not self._columns.reads_trained:
-            return self.predict_proba(embeddings, texts), self.nearest_many(embeddings, k)
+                              k: int) -> tuple[np.ndarray, list[list[Neighbour]], np.ndarray | None]:
+        """One example search serves both where the cold-start claims read the nearest trained example. A view
+        over the config's experts (``for_experts``) gives its familiarity the artifact's own top probability
+        (``Columns.familiarity_top``)."""
         x = np.atleast_2d(np.asarray(embeddings, dtype=np.float32))
-        sims, ids = self._search(x, self._cold_k(k))
-        probs = self._columns.apply(self._artifact_proba(x, texts), x, self._trained_similarity(sims, ids))
-        return probs, self._neighbours(sims[:, :k], ids[:, :k])
+        artifact = self._artifact_proba(x, texts)
+        if self._columns is None:
+            return artifact, self.nearest_many(x, k), None
+        if self._columns.reads_trained:
+            sims, ids = self._search(x, self._cold_k(k))
+            probs = self._columns.apply(artifact, x, self._trained_similarity(sims, ids))
+            nearest = self._neighbours(sims[:, :k], ids[:, :k])
+        else:
+            probs, nearest = self._columns.apply(artifact, x), self.nearest_many(x, k)
+        return probs, nearest, self._columns.familiarity_top(artifact, probs)
 
     def _cold_k(self, k: int) -> int:
         """How many nearest examples to search for so that ``k`` of them, and the nearest trained one, are
@@ -360,7 +369,7 @@ class Gate(BaseGate):
         return self.metadata.ood_threshold
 
     def ood_scores(self, proba: np.ndarray, nearest_similarity: np.ndarray,
-                   embeddings: np.ndarray | None = None) -> np.ndarray:
+                   embeddings: np.ndarray | None = None, top: np.ndarray | None = None) -> np.ndarray:
         """Familiarity per query (higher: more like the training data), compared with ``ood_threshold``.
 
         ``proba`` is ``predict_proba``'s output for the queries, ``nearest_similarity`` their cosine to the
@@ -373,13 +382,18 @@ class Gate(BaseGate):
         a handful of examples, so that grid would abstain on most of them. Without ``embeddings``, or for a gate
         whose map has no such grids (an older artifact), the trained data's grid judges every query.
 
-        With experts scored from config examples (cold start), the top probability compared with the grid is
-        the larger of the row's own and the trained experts' share of the row renormalised: the probability the
-        grid was fitted on. The cold-start claims scale every trained column down by ``1 - R``, so the row's top
-        alone would make each query less familiar for every expert added, and abstain on more of the queries
-        the trained experts already served (and of the new expert's own) than without it."""
+        The top probability compared with the grid is ``top`` where given: ``assess`` gives, for a view over the
+        config's experts, the artifact's own probability for the kept trained experts or a cold-start expert's,
+        whichever is larger (``Columns.familiarity_top``). The view renormalises the trained experts it keeps, so
+        with one of them kept its probability is 1 for every query, and nothing would be out of scope (a query
+        of a removed expert's domain is out of this deployment's scope, and is judged so). Without ``top``, with
+        experts scored from config examples (cold start), it is the larger of the row's own and the trained
+        experts' share of the row renormalised: the probability the grid was fitted on, when no trained expert
+        was removed. The cold-start claims scale every trained column down by ``1 - R``, so the row's top alone
+        would make each query less familiar for every expert added, and abstain on more of the queries the
+        trained experts already served (and of the new expert's own) than without it."""
         proba = np.asarray(proba)
-        top = self._familiarity_top(proba)
+        top = self._familiarity_top(proba) if top is None else np.asarray(top)
         reference = self.metadata.ood_reference
         cold = self._columns.cold if self._columns is not None else None
         if embeddings is None or cold is None or reference is None or cold.claim_map.familiar is None \

@@ -157,3 +157,28 @@ def test_a_trained_expert_with_few_examples_keeps_its_queries_from_a_newcomer(
         taken.append((top[y == small] == newcomer).mean())
         assert (top[y == newcomer] == newcomer).mean() >= 0.6
     assert np.mean(taken) <= 0.06, taken
+
+
+@pytest.mark.parametrize("kept", [TRAINED[2:3], TRAINED[1:3]])
+def test_removing_trained_experts_keeps_out_of_scope_queries_out_of_scope(
+        gate: Gate, snips: dict[str, list[tuple[str, str]]], kept: list[str]) -> None:
+    """With one trained expert kept, the view's renormalised top probability was 1 for every query, so nothing
+    was out of scope: queries of every removed domain, and ones unlike any, went to the kept expert. The
+    familiarity now judges the artifact's own probability: the kept experts' queries stay as familiar as with
+    every expert, and the removed domains' queries are out of this deployment's scope."""
+    view = gate.for_experts({e: [] for e in kept})
+    threshold = gate.ood_threshold
+    assert threshold is not None
+    mine = [t for t, label in snips["test"] if label in kept]
+    removed = [t for t, label in snips["test"] if label in TRAINED and label not in kept]
+    unlike = ["The light reactions of photosynthesis supply the Calvin cycle with which of the following?",
+              "Which of the following is the body cavity that contains the pituitary gland?",
+              "A state law requires that all persons seeking a license to practise medicine pass an examination."]
+    full, served = gate.assess(mine), view.assess(mine)
+    # never more familiar than to the whole gate (the removed experts' examples and probabilities are not read),
+    # and about as often in scope
+    assert (served.ood <= full.ood + 1e-12).all()
+    assert (served.ood < threshold).mean() <= (full.ood < threshold).mean() + 0.05
+    assert (view.assess(removed).ood < threshold).mean() > 0.8
+    assert (view.assess(unlike).ood < threshold).all()
+
