@@ -75,15 +75,15 @@ def retry_delay(policy: RetryPolicy, error: ExpertError, retry: int, remaining_s
     """
     if retry >= policy.retries or not is_retryable(error):
         return None
-    delay = backoff_delay(policy, retry, rand)
-    slack = 0.0
+    delay = wait = backoff_delay(policy, retry, rand)
     asked = error.retry_after_s  # a 429's or 503's Retry-After: the only retryable errors that carry one
     if asked is not None:
         if asked > policy.retry_after_max_s:
             return None
-        if asked >= delay:
-            delay, slack = asked, RETRY_AFTER_SLACK_S
+        # The deadline is weighed against the wait asked for; the wait made is a little longer, so that it ends
+        # after the breaker's hold whatever the event loop's timer does.
+        delay, wait = max(delay, asked), max(wait, asked + RETRY_AFTER_SLACK_S)
     limit = remaining_s if timeout_s is None else min(timeout_s, remaining_s)
     needed = timeout_s if isinstance(error, ExpertTimeout) and timeout_s is not None else RETRY_TIME_SHARE * limit
-    return delay + slack if remaining_s - delay >= needed and delay < remaining_s else None
+    return wait if remaining_s - delay >= needed and delay < remaining_s else None
 

@@ -33,7 +33,7 @@ from experts.http_client import without_addresses
 from experts.openai_compat import OpenAICompatibleExpert, parse_retry_after
 from experts.types import ChatMessage, ChatRequest, StreamDelta
 from router.config import ExpertConfig
-from router.retry import RetryPolicy, retry_delay
+from router.retry import RETRY_AFTER_SLACK_S, RetryPolicy, retry_delay
 from tests.doubles import Behaviour, ScriptedOpenAIServer
 
 MakeExpert = Callable[..., OpenAICompatibleExpert]
@@ -488,7 +488,8 @@ async def test_a_503_carries_its_retry_after_and_the_retry_waits_for_it(server: 
         assert (caught.value.kind, caught.value.status, caught.value.transient) == ("server_error", 503, True)
         waits.append(retry_delay(RetryPolicy(retries=1, backoff_base_s=0.1, retry_after_max_s=5.0), caught.value,
                                  0, 60.0, lambda: 0.5))
-    assert waits == pytest.approx([3.0, 0.075])  # the Retry-After, then the plain backoff of a 503 without one
+    # the Retry-After (and RETRY_AFTER_SLACK_S), then the plain backoff of a 503 without one
+    assert waits == pytest.approx([3.0 + RETRY_AFTER_SLACK_S, 0.075])
     capped = RetryPolicy(retries=1, retry_after_max_s=2.0)  # the same cap as a 429's: longer falls back
     server.push(Behaviour.error(503, "loading model", retry_after="3"))
     with pytest.raises(ExpertServerError) as caught:

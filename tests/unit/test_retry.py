@@ -58,6 +58,9 @@ def test_retry_after_is_honoured_within_its_cap_and_the_deadline() -> None:
     # shorter than the backoff: the backoff wins
     assert retry_delay(POLICY, ExpertRateLimited("e", 429, "x", retry_after_s=0.0), 0, 10.0, half) == \
         pytest.approx(0.075)
+    # a backoff a hair longer than the Retry-After still ends the slack past it
+    assert retry_delay(POLICY, ExpertRateLimited("e", 429, "x", retry_after_s=0.074), 0, 10.0, half) == \
+        pytest.approx(0.074 + RETRY_AFTER_SLACK_S)
     # longer than retry_after_max_s: fall back instead of waiting
     assert retry_delay(POLICY, ExpertRateLimited("e", 429, "x", retry_after_s=3.0), 0, 10.0, half) is None
     # longer than what is left of the deadline: no wait either
