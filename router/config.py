@@ -26,6 +26,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    TypeAdapter,
     ValidationError,
     ValidationInfo,
     field_validator,
@@ -668,6 +669,15 @@ def _expert_label(raw: Any, index: int) -> str:
     return f"experts[{index}]" + (f" ({name})" if isinstance(name, str) and name else "")
 
 
+def _routed(value: Any) -> bool:
+    """An expert's ``routed`` as the schema reads it (``"false"``, ``"no"`` and ``0`` are false, as a ``${VAR}``
+    gives them); a value it refuses counts as routed here, and pydantic names it."""
+    try:
+        return bool(TypeAdapter(bool).validate_python(value))
+    except ValidationError:
+        return True
+
+
 def _labelled(path: str, raw: Mapping[str, Any]) -> str:
     """``path`` (``experts[0].model``) as problems name it, its expert labelled (``experts[0] (alpha).model``)."""
     match = re.match(r"experts\[(\d+)\]", path)
@@ -679,11 +689,13 @@ def _labelled(path: str, raw: Mapping[str, Any]) -> str:
 
 
 def _cross_problems(raw: Any, *, check_env: bool, base_dir: str | Path | None = None,
-                    blanked: frozenset[str] = frozenset()) -> Iterable[tuple[str, str]]:
+                    blanked: frozenset[str] = frozenset(),
+                    quiet: frozenset[str] = frozenset()) -> Iterable[tuple[str, str]]:
     """Problems pydantic's per-field checks cannot see: references between parts, types, environment.
 
     ``blanked``: the paths where an unset ``${VAR}`` was left "" (reported as unset, or passed on by ``moe
-    compose``), whose emptiness is not a problem of its own."""
+    compose``), whose emptiness is not a problem of its own. ``quiet``: the paths where a ``${VAR}`` gave part
+    of the value, which no message rebuilds from it (an endpoint's base URL, say, may hold a token)."""
     from experts.redact import userinfo
     from router.expert_types import EXPERT_TYPES, REQUIRES_ENDPOINT
 
@@ -738,7 +750,8 @@ def _cross_problems(raw: Any, *, check_env: bool, base_dir: str | Path | None = 
             yield f"{where}.endpoint", ("holds credentials (user:password@) and api_key_env sets a bearer key too; "
                                         "an HTTP request carries only one Authorization: keep one of them")
         if isinstance(endpoint, str) and re.match(_HTTP_URL, endpoint):
-            wrong = _endpoint_problems(endpoint, need_host=f"experts[{i}].endpoint" not in blanked)
+            wrong = _endpoint_problems(endpoint, need_host=f"experts[{i}].endpoint" not in blanked,
+                                       echo=f"experts[{i}].endpoint" not in quiet)
             if wrong:
                 yield f"{where}.endpoint", "; ".join(wrong)
         elif isinstance(endpoint, str) and endpoint and f"experts[{i}].endpoint" not in blanked:
@@ -778,7 +791,7 @@ def _cross_problems(raw: Any, *, check_env: bool, base_dir: str | Path | None = 
     # A fixed panel of k is filled from the config's experts alone (a nested router is one expert, and cold
     # start scores only configured experts), so more than there are would silently serve a smaller panel. The
     # other policies size the panel themselves, and k only caps it.
-    routed = [e for e in experts if not isinstance(e, dict) or e.get("routed", True) is not False]
+    routed = [e for e in experts if not isinstance(e, dict) or _routed(e.get("routed", True))]
     if experts and not routed:
         yield "experts", ("every expert has routed: false, so the gate has none to route to; leave routed at its "
                           "default (true) for the experts it should choose among")
@@ -885,11 +898,12 @@ def _not_a_name_problem(key: str, example: str) -> str:
             f"name of the variable that holds the secret ({key}: {example}), never the secret itself")
 
 
-def _endpoint_problems(url: str, *, need_host: bool = True) -> list[str]:
+def _endpoint_problems(url: str, *, need_host: bool = True, echo: bool = True) -> list[str]:
     """What keeps ``url`` from being an OpenAI-compatible base URL. The client appends ``/chat/completions`` to
     it, so a query string or fragment would swallow that path and an endpoint already ending in it would double
     it. Nothing is said of ``/v1``: some servers mount the API elsewhere. The userinfo (a password, perhaps) is
-    never repeated, nor any part of it: the checks read the URL without it (``experts.redact.userinfo``)."""
+    never repeated, nor any part of it: the checks read the URL without it (``experts.redact.userinfo``).
+    ``echo`` false: the base URL is not suggested (a variable gave the URL, whose path may hold a token)."""
     from experts.redact import userinfo  # here, not at the top: `import router.config` stays light (no httpx)
 
     scheme, _, rest = url.partition("://")
@@ -920,7 +934,7 @@ def _endpoint_problems(url: str, *, need_host: bool = True) -> list[str]:
         base = f"{scheme}://{host_port}{path[:-len(suffix)]}"
         # A "@" left in the path may be a user name's token cut short by a "/": the URL is not repeated then.
         found.append(f"ends in {suffix}, which the client appends itself: give the base URL"
-                     + (f" ({base})" if "@" not in path else f" without {suffix}"))
+                     + (f" ({base})" if "@" not in path and echo else f" without {suffix}"))
     return found
 
 
@@ -970,13 +984,15 @@ _COMBINER_EXPERTS = (("aggregator", "fuse", "writes the final answer"),
 
 
 def _expand_env(value: Any, unset: list[tuple[str, str]], where: str = "",
-                malformed: list[str] | None = None, found: dict[str, str] | None = None) -> Any:
+                malformed: list[str] | None = None, found: dict[str, str] | None = None,
+                given: set[str] | None = None) -> Any:
     """``value`` with each ``${VAR}`` and ``${VAR:-default}`` replaced from the environment; a variable that is
     unset and has no default becomes "" and is noted in ``unset`` as ``(path, name)``. An empty variable counts as
     unset, as with the shell's and compose's ``:-`` (and ``router.settings``): ``${VAR:-default}`` gives the
     default, and ``${VAR}`` is noted in ``unset``. ``$${VAR}`` stands for a literal ``${VAR}``. A ``${`` that
     starts no reference (``${HOME`` unterminated, ``${1X}``) is left as written and its path noted in
-    ``malformed``. Each variable that gave a value goes into ``found`` (name: value).
+    ``malformed``. Each variable that gave a value goes into ``found`` (name: value), and the path of its value
+    into ``given``.
 
     A ``*_env`` key's value is left alone: it names a variable. Expanded, a mistaken ``api_key_env: ${KEY}``
     would put the key itself where a variable's name goes, and into every message that names that variable.
@@ -990,6 +1006,8 @@ def _expand_env(value: Any, unset: list[tuple[str, str]], where: str = "",
             if value:  # "" counts as unset
                 if found is not None:
                     found[name] = value
+                if given is not None:
+                    given.add(path or "<root>")
                 return value
             if default is None:
                 unset.append((path or "<root>", name))
@@ -1112,7 +1130,8 @@ def parse_config(raw: Any, *, source: str = "<config>", base_dir: str | Path = "
     malformed: list[str] = []
     problems: list[tuple[str, str]] = []
     found: dict[str, str] = {}
-    raw = _expand_env(_string_keys(raw, problems), unset, malformed=malformed, found=found)
+    given: set[str] = set()
+    raw = _expand_env(_string_keys(raw, problems), unset, malformed=malformed, found=found, given=given)
     if not isinstance(raw, dict):
         raise ConfigError(source, [("<root>", "the config must be a mapping")])
     problems += [
@@ -1127,15 +1146,24 @@ def parse_config(raw: Any, *, source: str = "<config>", base_dir: str | Path = "
                                             "one)")
                      for path, name in unset]
     blanked = frozenset(path for path, _ in unset)
-    # Where an unset variable is reported, what its "" then fails (too short, no number, no endpoint) says nothing
-    # more.
-    reported = frozenset(_labelled(path, raw) for path in blanked) if require_vars else frozenset()
+    # Where an unset variable left the whole value "" and is reported, what that "" then fails (too short, no
+    # number, no endpoint) says nothing more. A value it left partly written is still checked as written.
+    emptied: set[str] = set()
+
+    def note_empty(text: str, path: str) -> str:
+        if not text:
+            emptied.add(path or "<root>")
+        return text
+
+    _map_expandable(raw, note_empty)
+    reported = frozenset(_labelled(path, raw) for path in blanked & emptied) if require_vars else frozenset()
     config: RouterConfig | None = None
     try:
         config = RouterConfig.model_validate({**raw, "base_dir": str(base_dir)}, context={"blanked": blanked})
     except ValidationError as exc:
         problems.extend(_pydantic_problems(exc, raw))
-    cross = list(_cross_problems(raw, check_env=check_env, base_dir=base_dir, blanked=blanked))
+    cross = list(_cross_problems(raw, check_env=check_env, base_dir=base_dir, blanked=blanked,
+                                 quiet=frozenset(given)))
     # pydantic's "should match pattern" says less than a cross-check of the same field (a ${...} reference where
     # a variable's name belongs): keep the one that says why.
     explained = {path for path, _ in cross}
@@ -1155,33 +1183,14 @@ _ECHO_MAX = 8
 
 
 def _unechoed(message: str, found: Mapping[str, str]) -> str:
-    """``message`` with each long value a ``${VAR}`` gave (``found``) replaced by the reference it came from: the
-    value as given, as Python quotes it (``'a\\\\b'`` for a backslash), and any run of at least half of it (a
-    URL's base, suggested from the value less its path's end), which reads ``<part of ${VAR}>``."""
+    """``message`` with each long value a ``${VAR}`` gave (``found``) replaced by the reference it came from, as
+    given and as Python or JSON quote it (``'a\\\\b'`` for a backslash). No message rebuilds a part of such a
+    value (``_cross_problems``' ``quiet``)."""
     for name, value in sorted(found.items(), key=lambda item: -len(item[1])):
-        if len(value) <= _ECHO_MAX:
-            continue
-        for form in dict.fromkeys((value, repr(value)[1:-1], json.dumps(value)[1:-1])):
-            message = message.replace(form, f"${{{name}}}")
-        message = _parts_hidden(message, value, max(_ECHO_MAX + 1, len(value) // 2), f"<part of ${{{name}}}>")
+        if len(value) > _ECHO_MAX:
+            for form in dict.fromkeys((value, repr(value)[1:-1], json.dumps(value)[1:-1])):
+                message = message.replace(form, f"${{{name}}}")
     return message
-
-
-def _parts_hidden(message: str, value: str, least: int, mark: str) -> str:
-    """``message`` with each run of ``least`` or more characters that also stands in ``value`` replaced by
-    ``mark``, longest first from the left."""
-    out, i = [], 0
-    while i < len(message):
-        if i + least <= len(message) and message[i:i + least] in value:
-            end = i + least
-            while end < len(message) and message[i:end + 1] in value:
-                end += 1
-            out.append(mark)
-            i = end
-        else:
-            out.append(message[i])
-            i += 1
-    return "".join(out)
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):

@@ -721,22 +721,30 @@ def test_a_long_value_a_variable_gave_is_never_repeated_in_a_problem(monkeypatch
     assert found["gate.default_expert"] == "references expert 'chat', which is not defined"
 
 
-def test_a_long_value_is_not_repeated_quoted_or_in_part(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The value as Python quotes it (a backslash doubled) and a suggestion built from most of it (an endpoint's
-    base URL, its path token included) are hidden too; a template's own words that the value happens to share
-    (``/chat/completions``) still read."""
-    monkeypatch.setenv("GATEWAY_URL", "https://gw.example.com/v1/tok_9f8e7d6c5b4a39281/chat/completions")
+@pytest.mark.parametrize("url", [
+    "https://gw.example.com/v1/tok_9f8e7d6c5b4a39281/chat/completions",
+    "https://svc:Zq8pLm2Xr7Tv4Wn9@gw.example.com/v1/tok_9f8e7d6c5b4a39281/chat/completions",
+    "https://gw.example.com/v1/tok_9f8e7d6c5b4a39281/chat/completions?api-version=2024-02-15-preview",
+    "http://vllm/v1/tok_9f8e7d6c5b4a39281/chat/completions"])
+def test_a_long_value_is_not_repeated_quoted_or_in_part(monkeypatch: pytest.MonkeyPatch, url: str) -> None:
+    """The value as Python quotes it (a backslash doubled) is hidden too, and no suggestion is built from a value
+    a variable gave (an endpoint's base URL, its path token included, whatever else the value holds); the
+    message's own words still read."""
+    monkeypatch.setenv("GATEWAY_URL", url)
     monkeypatch.setenv("EXPERT_KIND", "pa\\ss-w0rd-very-secret")
     raw = {"version": 1, "experts": [expert(endpoint="${GATEWAY_URL}"),
                                      expert(name="beta", type="${EXPERT_KIND}")]}
     with pytest.raises(ConfigError) as info:
         parse_config(raw, check_env=False)
     text = str(info.value)
-    assert "tok_9f8e" not in text and "w0rd" not in text, text
+    assert "tok_9f8e" not in text and "w0rd" not in text and "Zq8p" not in text, text
     found = dict(info.value.problems)
-    assert found["experts[0] (alpha).endpoint"] == ("ends in /chat/completions, which the client appends itself: "
-                                                    "give the base URL (<part of ${GATEWAY_URL}>)")
+    assert found["experts[0] (alpha).endpoint"].endswith(
+        "ends in /chat/completions, which the client appends itself: give the base URL without /chat/completions")
     assert found["experts[1] (beta).type"].startswith("unknown expert type '${EXPERT_KIND}'")
+    # written in the file, the endpoint's base is still suggested
+    written = problems({"version": 1, "experts": [expert(endpoint="http://vllm:8000/v1/chat/completions")]})
+    assert written["experts[0] (alpha).endpoint"].endswith("give the base URL (http://vllm:8000/v1)")
 
 
 def test_a_blank_example_is_refused_by_its_path() -> None:
@@ -747,3 +755,14 @@ def test_a_blank_example_is_refused_by_its_path() -> None:
     assert [path for path, message in found.items() if message.startswith(blank)] == [
         "experts[0] (alpha).examples[1]", "experts[0] (alpha).examples[2]"]
     assert len(found) == 2, found
+
+
+def test_an_unset_variable_leaves_the_rest_of_a_partly_written_value_checked(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only what the blank causes is left out: an endpoint written around the variable still has its query string
+    and its /chat/completions named."""
+    monkeypatch.delenv("MOE_T_HOST", raising=False)
+    with pytest.raises(ConfigError) as info:
+        parse_config({"version": 1, "experts": [expert(endpoint="http://${MOE_T_HOST}/v1/chat/completions?k=1")]})
+    [(unset_path, unset), (path, rest)] = info.value.problems
+    assert unset_path == path == "experts[0] (alpha).endpoint"
+    assert "MOE_T_HOST is not set" in unset and "has a query string" in rest and "ends in /chat/completions" in rest

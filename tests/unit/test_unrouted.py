@@ -103,6 +103,11 @@ def test_a_config_routing_to_no_expert_or_too_few_for_its_panel_is_refused(tmp_p
         parse_config({"version": 1, "experts": [expert("a", routed=False), expert("b", routed=False)]},
                      check_env=False)
     assert dict(none.value.problems)["experts"].startswith("every expert has routed: false")
+    for spelled in ("false", "no", 0):  # as pydantic reads them, and as a ${VAR} gives them: the same message
+        with pytest.raises(ConfigError) as strings:
+            parse_config({"version": 1, "experts": [expert("a", routed=spelled), expert("b", routed=False)]},
+                         check_env=False)
+        assert dict(strings.value.problems)["experts"].startswith("every expert has routed: false"), spelled
     with pytest.raises(ConfigError) as small:
         config_of(tmp_path, gate={"top_k": {"policy": "fixed", "k": 4}})
     assert dict(small.value.problems)["gate.top_k.k"] == (
