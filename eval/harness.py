@@ -23,13 +23,16 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import os
 import shlex
 import shutil
+import signal
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +44,8 @@ from eval.report import HARNESS_FIGURES, write_results
 from eval.suite import PREDICTIONS, SuiteContext, check_limit, warnings_once
 from router.encoders import Encoder
 from router.settings import Settings
+
+log = logging.getLogger("eval.harness")
 
 __all__ = ["SUITES", "SuiteContext", "main", "run_suite"]
 
@@ -129,7 +134,8 @@ def run_suite(name: str, data_dir: str | Path | None, out: str | Path, *, encode
     made = [p for p in (final, *final.parents) if not p.exists()]  # the folders this run creates, deepest first
     try:
         final.mkdir(parents=True, exist_ok=True)
-        ctx.out = Path(tempfile.mkdtemp(prefix=".partial-", dir=final))
+        _remove_abandoned(final)
+        ctx.out = Path(tempfile.mkdtemp(prefix=f"{_STAGING}{os.getpid()}-", dir=final))
     except OSError as exc:
         raise ValueError(f"--out {out}: cannot create the folder ({exc.strerror or exc})") from None
     started = time.perf_counter()
@@ -160,21 +166,54 @@ def run_suite(name: str, data_dir: str | Path | None, out: str | Path, *, encode
 HARNESS_OUTPUTS = ("results.json", "report.md", PREDICTIONS, "split", *HARNESS_FIGURES)
 
 
+# A run's staging folder in --out: this prefix, the process id, a random part.
+_STAGING = ".partial-"
+
+
 def _publish(stage: Path, out: Path) -> None:
-    """Move a finished run's files from ``stage`` into ``out``, in place of an earlier run's (``HARNESS_OUTPUTS``),
-    and remove ``stage``."""
-    for name in HARNESS_OUTPUTS:
-        old = out / name
-        if old.is_dir() and not old.is_symlink():
-            shutil.rmtree(old)
-        elif old.exists() or old.is_symlink():
-            old.unlink()
-    for entry in stage.iterdir():
-        target = out / entry.name
-        if target.is_dir() and not target.is_symlink():  # a folder no suite wrote before; this run's replaces it
-            shutil.rmtree(target)
-        os.replace(entry, target)
-    stage.rmdir()
+    """Move a finished run's files from ``stage`` into ``out``, in place of an earlier run's (``HARNESS_OUTPUTS``,
+    and any other name this run writes), and remove ``stage``. The earlier files are moved aside first and put
+    back if a move fails, so ``out`` holds one run's files or the other's; a ``ValueError`` names ``out`` then."""
+    new = sorted(entry.name for entry in stage.iterdir())
+    aside = stage / ".previous"
+    aside.mkdir()
+    moved: list[str] = []  # the earlier run's names, now in ``aside``
+    placed: list[str] = []  # this run's names, now in ``out``
+    try:
+        for name in dict.fromkeys((*HARNESS_OUTPUTS, *new)):
+            if (out / name).exists() or (out / name).is_symlink():
+                os.replace(out / name, aside / name)
+                moved.append(name)
+        for name in new:
+            os.replace(stage / name, out / name)
+            placed.append(name)
+    except OSError as exc:
+        for name in placed:
+            with contextlib.suppress(OSError):
+                os.replace(out / name, stage / name)
+        for name in moved:
+            with contextlib.suppress(OSError):
+                os.replace(aside / name, out / name)
+        raise ValueError(f"--out {out}: cannot put this run's files in place of the earlier run's "
+                         f"({exc.strerror or exc}: {exc.filename or ''}); the earlier run's are left as they were"
+                         ) from None
+    shutil.rmtree(stage, ignore_errors=True)  # the earlier run's files, and the emptied staging folder
+    if stage.exists():
+        log.warning("--out %s: could not remove all of %s (the earlier run's files); remove it by hand", out, stage)
+
+
+def _remove_abandoned(out: Path) -> None:
+    """Remove the staging folders in ``out`` of runs whose process is gone (killed: SIGKILL, a power cut)."""
+    for folder in out.glob(f"{_STAGING}*"):
+        pid = folder.name.removeprefix(_STAGING).partition("-")[0]
+        if not pid.isdecimal() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(folder, ignore_errors=True)
+        except OSError:  # alive, another user's: left alone
+            pass
 
 
 def _check_own_data(suite: str, train: str | Path | None, test: str | Path | None) -> None:
@@ -247,10 +286,12 @@ def main(args: argparse.Namespace) -> int:
         print(f"error: {'--train' if train else '--test'} was given alone: your own data needs both --train (to "
               "train the gate on) and --test (to score it on)", file=sys.stderr)
         return 2
-    results = run_suite(suite, data_dir_of(args), args.out, encoder=args.encoder, seed=args.seed, train=train,
-                        test=test, limit=getattr(args, "limit", None), plots=not getattr(args, "no_plots", False),
-                        command=_command(args, suite), pool=getattr(args, "pool", None),
-                        device=getattr(args, "device", "cpu"), oos_label=getattr(args, "oos_label", None))
+    with _terminated_as_exit():
+        results = run_suite(suite, data_dir_of(args), args.out, encoder=args.encoder, seed=args.seed, train=train,
+                            test=test, limit=getattr(args, "limit", None),
+                            plots=not getattr(args, "no_plots", False), command=_command(args, suite),
+                            pool=getattr(args, "pool", None), device=getattr(args, "device", "cpu"),
+                            oos_label=getattr(args, "oos_label", None))
     print(_summary(results))
     return 0
 
@@ -276,3 +317,22 @@ def _summary(results: dict[str, Any]) -> str:
              *([f"{len(figures)} figure(s)"] if figures else [])]
     wrote = ", ".join(files[:-1]) + " and " + files[-1]
     return f"{results['suite']}: {shown}\nwrote {wrote} to {results['setup'].get('out')}"
+
+
+@contextlib.contextmanager
+def _terminated_as_exit() -> Iterator[None]:
+    """SIGTERM (``timeout``, ``docker stop``, a cancelled CI job) as ``SystemExit(143)`` while the block runs, so
+    a run stopped that way cleans up as Ctrl-C does (its staging folder removed) and exits as the shell would."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+

@@ -7,7 +7,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import re
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -289,6 +291,60 @@ def test_a_run_that_fails_leaves_out_as_it_found_it(tmp_path: Path, monkeypatch:
             _jsonl_run(tmp_path, other, test, where)
     assert _tree(out) == before and sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []
     assert not (tmp_path / "fresh").exists()
+
+
+def test_a_publish_that_fails_part_way_leaves_the_earlier_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                              fast_static: None) -> None:
+    """It deleted the earlier run's files before moving the new ones in, so a failure between the two (a file it
+    may not remove, a read-only mount) left neither, and said only PermissionError: 'notes.txt'."""
+    import eval.harness as harness
+
+    train = _write(tmp_path / "train.jsonl", _rows(20))
+    test = _write(tmp_path / "test.jsonl", _rows(5, prefix="t"))
+    out = tmp_path / "out"
+    _jsonl_run(tmp_path, train, test, out)
+    before = _tree(out)
+    real = os.replace
+
+    def refusing(src: Any, dst: Any) -> None:
+        if Path(src).name == "report.md" and Path(src).parent.name.startswith(".partial-"):
+            raise PermissionError(13, "Permission denied", str(dst))
+        real(src, dst)
+
+    monkeypatch.setattr(harness.os, "replace", refusing)
+    with pytest.raises(ValueError, match=rf"^--out {re.escape(str(out))}: cannot put this run's files in place of "
+                                         r"the earlier run's \(Permission denied: .*report.md\); the earlier"):
+        _jsonl_run(tmp_path, _write(tmp_path / "other.jsonl", _rows(15, prefix="o")), test, out)
+    assert _tree(out) == before and [p.name for p in out.iterdir() if p.name.startswith(".")] == []
+
+
+def test_a_killed_runs_staging_folder_is_removed_by_the_next_run(tmp_path: Path, fast_static: None) -> None:
+    """SIGKILL leaves no chance to clean up: the next run into the same --out removes a staging folder whose
+    process is gone, and leaves a live one's."""
+    train = _write(tmp_path / "train.jsonl", _rows(20))
+    test = _write(tmp_path / "test.jsonl", _rows(5, prefix="t"))
+    out = tmp_path / "out"
+    dead = 2**22 + 12345  # above the default pid_max: no such process
+    with pytest.raises(ProcessLookupError):
+        os.kill(dead, 0)
+    (out / f".partial-{dead}-abc" / "split").mkdir(parents=True)
+    (out / f".partial-{os.getppid()}-xyz").mkdir()
+    _jsonl_run(tmp_path, train, test, out)
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == [f".partial-{os.getppid()}-xyz"]
+
+
+def test_sigterm_stops_a_run_as_ctrl_c_does() -> None:
+    """timeout, docker stop and a cancelled CI job send SIGTERM, which skipped the cleanup and left the staging
+    folder; while moe eval runs it is SystemExit(143), which the cleanup sees, and the handler is put back."""
+    import signal
+
+    from eval.harness import _terminated_as_exit
+
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as stopped, _terminated_as_exit():
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(1)
+    assert stopped.value.code == 143 and signal.getsignal(signal.SIGTERM) == before
 
 
 def test_a_run_replaces_every_file_an_earlier_run_wrote(tmp_path: Path, fast_static: None) -> None:
