@@ -365,6 +365,20 @@ async def test_the_escalation_expert_on_the_panel_answering_no_text_leaves_the_p
     assert len(experts["judge"].requests) == 1
 
 
+async def test_a_blank_escalation_expert_on_top_of_an_unreadable_panel_is_not_the_answer() -> None:
+    """The panel's vote reads no answer and falls back to the heaviest: the blank escalation expert it was, and
+    its empty answer was returned again. The vote is of the rest of the panel."""
+    orch, experts = build(combiner=ESCALATE, gate={"top_k": {"policy": "fixed", "k": 3}},
+                          texts={"math": "Paris is the capital of France.", "code": "It is Paris."})
+    experts["judge"].text = ""
+    orch.gate = FakeGate(NAMES, {}, default=[0.3, 0.2, 0.5])  # judge the heaviest
+    orch.decider.gate = orch.gate
+    answer = await orch.complete(ask())
+    assert (answer.expert, answer.content) == ("math", "Paris is the capital of France.")
+    assert answer.trace.combiner_fallback is not None and answer.trace.combiner_fallback["kind"] == "empty_answer"
+    assert {c.expert: c.agreed for c in answer.trace.contributions}["judge"] is False
+
+
 async def test_a_lone_answer_has_no_second_opinion_and_escalates() -> None:
     config = fake_config()
     dead = FakeExpert(config.expert("code"), fail=lambda n: ExpertUnavailable(n, "connection refused"))
