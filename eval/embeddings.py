@@ -66,7 +66,11 @@ class CachedEncoder(Encoder):
                 if keys.shape != (len(vectors), 32) or vectors.shape[1:] != (self.dim,):
                     raise ValueError(f"keys {keys.shape} and vectors {vectors.shape}, not (n, 32) and (n, "
                                      f"{self.dim})")
-            except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile) as exc:
+            except OSError as exc:  # not the file's fault (no permission, too many open files): it is kept
+                log.warning("embedding cache %s: cannot read it (%s); its texts will be embedded again", shard,
+                            exc.strerror or exc)
+                continue
+            except (ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile) as exc:
                 # A cache's file, cut short (a full disk, a killed run) or overwritten: its texts are embedded
                 # again, and the shard that holds them then is written in its place.
                 log.warning("embedding cache %s: unreadable (%s: %s); removed, its texts will be embedded again",

@@ -422,6 +422,30 @@ def test_an_unreadable_cache_shard_is_embedded_again_with_a_warning(
         assert data["vectors"].shape == (3, want.shape[1])
 
 
+def test_a_cache_shard_that_cannot_be_opened_is_kept(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                    caplog: pytest.LogCaptureFixture) -> None:
+    """Too many open files, or no permission on a shared cache, is not the file's fault: it was removed."""
+    import builtins
+
+    texts = ["first query", "second query"]
+    first = CachedEncoder(FakeHashingEncoder(), tmp_path, max_length=256, progress=False)
+    want = first.encode(texts)
+    [shard] = first.folder.glob("shard-*.npz")
+    real_open = builtins.open
+
+    def refusing(file: Any, *args: Any, **kwargs: Any) -> Any:
+        if Path(str(file)) == shard:
+            raise OSError(24, "Too many open files")
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", refusing)
+    with caplog.at_level(logging.WARNING, logger="eval.embeddings"):
+        again = CachedEncoder(FakeHashingEncoder(), tmp_path, max_length=256, progress=False).encode(texts)
+    monkeypatch.setattr(builtins, "open", real_open)
+    np.testing.assert_allclose(again, want)
+    assert shard.is_file() and "cannot read it (Too many open files)" in caplog.text
+
+
 def test_training_data_with_one_label_names_the_file(tmp_path: Path) -> None:
     one = _write(tmp_path / "one.jsonl", _rows(5, labels=("alpha",)))
     test = _write(tmp_path / "test.jsonl", _rows(2))
