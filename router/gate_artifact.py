@@ -89,6 +89,7 @@ class ValidationMetrics:
     # Mean recorded cost per query of the routed expert; None when some pick has no recorded cost (the gate
     # counts those as free, so a mean over the others would be theirs alone).
     routed_cost: float | None = None
+    uncosted_pick_share: float | None = None  # the share of picks with no recorded cost (routed_cost is None then)
     best_single: str | None = None
     best_single_accuracy: float | None = None
     oracle_accuracy: float | None = None

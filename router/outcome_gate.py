@@ -529,6 +529,7 @@ def train_outcome_gate(records: Sequence[OutcomeRecord], encoder: Encoder, *, ex
         n_train=len(records), n_val=len(records), accuracy=t.metrics["routed_accuracy"],
         ece_before=t.metrics["ece_before"], ece_after=t.metrics["ece_after"],
         routed_accuracy=t.metrics["routed_accuracy"], routed_cost=t.metrics["routed_cost"],
+        uncosted_pick_share=t.metrics.get("uncosted_pick_share"),
         # Named as best_single_accuracy scores it: a missing record counts as wrong.
         best_single=experts[int(np.argmax(np.where(np.isnan(outcomes), 0.0, outcomes).mean(axis=0)))],
         best_single_accuracy=t.metrics["best_single_accuracy"], oracle_accuracy=t.metrics["oracle_accuracy"]))

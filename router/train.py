@@ -261,9 +261,12 @@ def _routed_only(config: RouterConfig, data: TrainingData) -> TrainingData:
         left = sum(1 for r in data.records if set(r.outcomes) & unrouted)
         out = replace(data, records=[r for r in records if r.outcomes])
     if left:
-        log.warning("the gate does not route to %s (routed: false), so it trains without the %d %s naming %s",
-                    ", ".join(map(repr, sorted(unrouted))), left,
-                    "example(s)" if data.kind == "label" else "record(s)", "it" if len(unrouted) == 1 else "them")
+        what = ("the %d labelled example(s) naming %s" if data.kind == "label"
+                else "%s outcomes in the %d record(s) scoring %s")
+        counted = (left, "it" if len(unrouted) == 1 else "them") if data.kind == "label" else \
+            ("its" if len(unrouted) == 1 else "their", left, "it" if len(unrouted) == 1 else "them")
+        log.warning("the gate does not route to %s (routed: false), so it trains without " + what,
+                    ", ".join(map(repr, sorted(unrouted))), *counted)
     return out
 
 

@@ -66,7 +66,8 @@ def test_the_gate_trains_and_loads_without_the_unrouted_expert(trained: tuple[Pa
     gate = load_gate(config)  # no examples and no training data for judge: no mismatch
     assert list(gate.experts) == INTENTS
     assert json.loads((folder / "gate" / "gate.json").read_text(encoding="utf-8"))["experts"] == INTENTS
-    assert any("the gate does not route to 'judge' (routed: false), so it trains without the 5 example(s)" in m
+    assert any("the gate does not route to 'judge' (routed: false), so it trains without the 5 labelled "
+               "example(s) naming it" in m
                for m in logged), logged
 
 
