@@ -375,7 +375,7 @@ def load_feedback(config: RouterConfig, since: float | None = None,
 def latest_verdicts(records: Sequence[FeedbackRecord]) -> list[FeedbackRecord]:
     """One verdict per rated answer and expert: the latest. A client that resends a verdict (a retry after a
     timeout) or changes its mind (good, then bad) rates the answer once, as it meant; the Redis store already
-    keeps an identical resend once, and the SQLite one every copy, so both train the same gate. Verdicts on a
+    keeps a resend of the latest verdict once, and the SQLite one every copy, so both train the same gate. Verdicts on a
     query without an answer id are each their own. Oldest first, as given."""
     last: dict[tuple[str, str], int] = {}
     for i, r in enumerate(records):

@@ -188,14 +188,16 @@ class RedisBreakerStore:
         self.client.close()
 
 
-# KEYS: the id counter, the verdicts, the verdict's dedupe key ("" for none). ARGV: the verdict as JSON without
-# id and created; the dedupe key's lifetime in seconds. One script, so the id, the time (the Redis server's, one
-# clock for every replica, in id order) and the insert happen at once: a verdict is stored whole or not at all.
-# A dedupe key already set returns the verdict stored under it instead of a second copy.
+# KEYS: the id counter, the verdicts, the key of the latest verdict on this answer and expert ("" for a verdict
+# without an answer id). ARGV: the verdict as JSON without id and created; that key's lifetime in seconds; the
+# verdict's digest. One script, so the id, the time (the Redis server's, one clock for every replica, in id order)
+# and the insert happen at once: a verdict is stored whole or not at all. A verdict the same as the latest one on
+# its answer (a client's resend after a timeout) returns that one instead of a second copy; any other is stored,
+# so good, bad, then good again ends on good, as SQLite's every copy does.
 _ADD = """
 if KEYS[3] ~= '' then
-  local seen = redis.call('GET', KEYS[3])
-  if seen then return seen end
+  local last = redis.call('HMGET', KEYS[3], 'digest', 'member')
+  if last[1] == ARGV[3] and last[2] then return last[2] end
 end
 local record = cjson.decode(ARGV[1])
 record['id'] = redis.call('INCR', KEYS[1])
@@ -204,7 +206,10 @@ local t = redis.call('TIME')
 record['created'] = tonumber(string.format('%.3f', tonumber(t[1]) + tonumber(t[2]) / 1000000))
 local member = cjson.encode(record)
 redis.call('ZADD', KEYS[2], record['created'], member)
-if KEYS[3] ~= '' then redis.call('SET', KEYS[3], member, 'EX', tonumber(ARGV[2])) end
+if KEYS[3] ~= '' then
+  redis.call('HSET', KEYS[3], 'digest', ARGV[3], 'member', member)
+  redis.call('EXPIRE', KEYS[3], tonumber(ARGV[2]))
+end
 return member
 """
 _RETRY = "send it again later (a verdict on an answer id is kept once however often it is sent)"
@@ -306,13 +311,16 @@ class RedisFeedbackStore(FeedbackStore):
             note: str | None = None) -> FeedbackRecord:
         body = {"request_id": request_id, "query": query, "expert": expert, "score": score, "note": note}
         payload = json.dumps(body, sort_keys=True)
-        # A verdict on an answer id is the client's to resend after a timeout: an identical one is kept once.
-        dedupe = (f"{self.key_prefix}feedback:seen:{hashlib.sha256(payload.encode()).hexdigest()}"
+        # A verdict on an answer id is the client's to resend after a timeout: one the same as the latest on that
+        # answer and expert is kept once.
+        latest = (f"{self.key_prefix}feedback:last:"
+                  f"{hashlib.sha256(json.dumps([request_id, expert]).encode()).hexdigest()}"
                   if request_id is not None else "")
         self._refuse_while_down("storing a verdict", "nothing was stored; " + _RETRY)
         try:
-            member = self._add(keys=[f"{self.key_prefix}feedback:next_id", self._verdicts, dedupe],
-                               args=[payload, max(1, int(self.retention_s))])
+            member = self._add(keys=[f"{self.key_prefix}feedback:next_id", self._verdicts, latest],
+                               args=[payload, max(1, int(self.retention_s)),
+                                     hashlib.sha256(payload.encode()).hexdigest()])
         except _redis_module().RedisError as exc:
             raise self._unavailable("storing a verdict", exc, "it may or may not have been stored; " + _RETRY) \
                 from exc

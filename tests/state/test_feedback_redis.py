@@ -23,6 +23,7 @@ from router.feedback import (
     FeedbackUnavailable,
     SqliteFeedbackStore,
     UnknownRequest,
+    latest_verdicts,
     load_feedback,
     open_feedback_store,
 )
@@ -72,12 +73,24 @@ def test_replicas_share_answers_and_verdicts(redis_url: str) -> None:
     time.sleep(2.2)
     assert short.answered("chatcmpl-2") is None and len(short.records()) == 4
     keys = sorted(k.decode() for k in redis.Redis.from_url(redis_url).keys(f"{prefix}*"))
-    # The one verdict on an answer id holds one dedupe key; the expired answer's hash is gone.
-    assert [k for k in keys if ":feedback:seen:" not in k] == [
+    # The one answer id rated holds one latest-verdict key; the expired answer's hash is gone.
+    assert [k for k in keys if ":feedback:last:" not in k] == [
         f"{prefix}feedback:answer:chatcmpl-1", f"{prefix}feedback:next_id", f"{prefix}feedback:verdicts"]
-    assert sum(":feedback:seen:" in k for k in keys) == 1
+    assert sum(":feedback:last:" in k for k in keys) == 1
     for store in (a, b, short):
         store.close()
+
+
+def test_a_client_changing_its_mind_back_ends_on_its_last_verdict(redis_url: str) -> None:
+    """good, bad, then good again on one answer: the third was taken for a resend of the first (any earlier
+    verdict's copy was dropped) and the gate trained on "bad"; only a resend of the latest is kept once now."""
+    store = _store(redis_url, _prefix())
+    store.remember("chatcmpl-m", "an integral", "math")
+    verdicts = [store.submit(FeedbackBody(request_id="chatcmpl-m", good=good), NAMES) for good in (True, False, True)]
+    assert [v.score for v in verdicts] == [1.0, 0.0, 1.0] and len({v.id for v in verdicts}) == 3
+    assert store.submit(FeedbackBody(request_id="chatcmpl-m", good=True), NAMES) == verdicts[-1]  # a resend
+    assert [v.score for v in latest_verdicts(store.records())] == [1.0]
+    store.close()
 
 
 def test_an_answer_remembered_for_one_key_is_unknown_to_another(redis_url: str) -> None:
