@@ -95,21 +95,33 @@ def _redis_module() -> Any:
 
 
 class _Outage:
-    """After a Redis error, use local state for ``retry_s`` before trying Redis again; warn once per outage."""
+    """After a Redis error, use local state for ``retry_s`` before trying Redis again. One warning per outage,
+    however many tries it takes (each further failed try logs at debug), and one line when Redis answers again
+    (``ended``, which the stores call after each call that reached it)."""
 
     def __init__(self, what: str, retry_s: float, clock: Callable[[], float] = time.monotonic, *,
                  fallback: str = "using per-process state") -> None:
         self.what, self.retry_s, self.clock, self.fallback = what, retry_s, clock, fallback
         self._until = 0.0
+        self._down = False
 
     def active(self) -> bool:
         return self.clock() < self._until
 
     def begin(self, exc: Exception) -> None:
-        if self._until == 0.0 or not self.active():
-            log.warning("redis unreachable for %s (%s); %s for %.0fs", self.what,
-                        redact(f"{type(exc).__name__}: {exc}"), self.fallback, self.retry_s)
+        cause = redact(f"{type(exc).__name__}: {exc}")
+        if not self._down:
+            log.warning("redis unreachable for %s (%s); %s until it answers again, trying it every %.0fs",
+                        self.what, cause, self.fallback, self.retry_s)
+        else:
+            log.debug("redis still unreachable for %s (%s)", self.what, cause)
+        self._down = True
         self._until = self.clock() + self.retry_s
+
+    def ended(self) -> None:
+        if self._down:
+            self._down = False
+            log.warning("redis answers again for %s; shared state resumes", self.what)
 
 
 class RedisRateStore:
@@ -126,6 +138,7 @@ class RedisRateStore:
         if not self._outage.active():
             try:
                 wait = await self._script(keys=[f"{self.key_prefix}rate:{key}"], args=[limit.rate_per_s, limit.burst])
+                self._outage.ended()
                 return float(wait)
             except _redis_module().RedisError as exc:
                 self._outage.begin(exc)
@@ -166,6 +179,7 @@ class RedisBreakerStore:
                 raw = self.client.hgetall(self._key(expert))
                 state = _decode(raw) if raw else BreakerState()
                 self._local.save(expert, state)
+                self._outage.ended()
                 return state
             except (_redis_module().RedisError, ValueError, TypeError) as exc:
                 self._outage.begin(exc)
@@ -183,6 +197,8 @@ class RedisBreakerStore:
             pipe.execute()
         except _redis_module().RedisError as exc:
             self._outage.begin(exc)
+        else:
+            self._outage.ended()
 
     def close(self) -> None:
         self.client.close()
@@ -293,6 +309,8 @@ class RedisFeedbackStore(FeedbackStore):
             pipe.execute()
         except _redis_module().RedisError as exc:
             self._outage.begin(exc)  # the answer stands; only a verdict by its id is lost (by query still works)
+        else:
+            self._outage.ended()
 
     def answered(self, request_id: str) -> Answered | None:
         self._refuse_while_down("looking up the answer", "nothing was stored; " + _RETRY)

@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 
 import httpx
 import pytest
+import redis
 from fastapi import FastAPI
 
 from experts.errors import ExpertUnavailable
@@ -150,6 +151,31 @@ async def test_an_unreachable_redis_falls_back_to_per_process_state(caplog: pyte
     # One warning per store and outage, not one per call; the URL is never logged.
     assert len(warnings) == 2 and all("per-process state" in w for w in warnings)
     assert not any(dead in w for w in warnings)
+
+
+def test_an_outage_warns_once_however_long_it_lasts_and_says_when_it_ends(
+        redis_url: str, caplog: pytest.LogCaptureFixture) -> None:
+    """It warned again at every retry (every 5 s): 12 lines a minute per store and replica for one outage, and
+    nothing when Redis was back."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = redis.Redis.from_url(f"redis://127.0.0.1:{s.getsockname()[1]}/0", socket_connect_timeout=0.2)
+        store = RedisBreakerStore(dead, key_prefix=f"moe-test-{uuid.uuid4().hex[:8]}:")
+        now = [0.0]
+        store._outage.clock = lambda: now[0]
+        with caplog.at_level(logging.WARNING, logger="router.state"):
+            for second in range(60):  # a request a second through a minute of outage
+                now[0] = float(second)
+                store.load("math")
+            store.client = redis.Redis.from_url(redis_url)  # Redis is back
+            now[0] = 61.0
+            store.load("math")
+            store.load("math")
+    lines = [r.getMessage() for r in caplog.records if r.name == "router.state"]
+    assert len(lines) == 2, lines
+    assert lines[0].startswith("redis unreachable for circuit breakers")
+    assert lines[1] == "redis answers again for circuit breakers; shared state resumes"
+    store.close()
 
 
 def test_memory_is_the_default_and_redis_needs_its_url_variable(redis_url: str) -> None:
