@@ -35,6 +35,7 @@ import functools
 import hashlib
 import json
 import logging
+import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -387,12 +388,22 @@ def _from_url(factory: Callable[..., Any], url: str, config: StateConfig, **opti
     """``factory(url, **options)``, a redis-py client. redis-py parses the URL there, and its ValueError may quote
     part of it (a password's start read as a port): it becomes one naming the variable, without its value."""
     try:
-        return factory(url, **options)
+        client = factory(url, **options)
     except ValueError:
         raise ConfigError("<environment>", [("state.url_env", (
             f"environment variable {config.url_env} holds a URL redis-py cannot read (its value is not shown: it "
             "may hold a password); the form is redis://[[user]:password@]host[:port][/db][?option=value], with a "
             "password's '/', '?', '#' and '@' percent-encoded"))]) from None
+    pool = client.connection_pool
+    try:  # a connection is made (not connected) only at the first command: an option it does not take fails there
+        pool.connection_class(**pool.connection_kwargs)
+    except TypeError as exc:
+        option = re.search(r"argument '(\w+)'", str(exc))
+        named = f"option {option.group(1)!r}" if option else "an option"
+        raise ConfigError("<environment>", [("state.url_env", (
+            f"environment variable {config.url_env} holds a URL whose {named} this kind of connection does not "
+            "take (an ssl_* option belongs to a rediss:// URL, TLS); the value is not shown"))]) from None
+    return client
 
 
 @dataclass

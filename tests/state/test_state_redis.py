@@ -22,7 +22,7 @@ from router.config import BreakerConfig, ConfigError, RateLimitConfig, RouterCon
 from router.orchestrator import Orchestrator
 from router.security import InMemoryRateStore
 from router.service import create_app
-from router.state_redis import RedisBreakerStore, RedisRateStore, SharedState
+from router.state_redis import RedisBreakerStore, RedisRateStore, SharedState, check_redis
 from router.state_redis import build_shared_state as build_state
 from tests.doubles.fakes import FakeExpert, FakeGate, fake_config
 from tests.support import free_port
@@ -283,3 +283,18 @@ def test_a_redis_refusing_the_credentials_stops_the_start_naming_the_variable_an
     finally:
         admin.execute_command("ACL", "DELUSER", "moe-test")
         admin.close()
+
+
+@pytest.mark.parametrize("build", ["state", "check"])
+def test_a_url_option_the_connection_does_not_take_is_a_config_error(build: str) -> None:
+    """An ssl_* option on a redis:// URL passed every check, then each command raised TypeError: moe serve and
+    moe train died with a traceback."""
+    url = "redis://:s3cret-pw@127.0.0.1:1/0?ssl_cert_reqs=none"
+    with pytest.raises(ConfigError) as info:
+        if build == "state":
+            build_state(StateConfig(backend="redis"), {"MOE_REDIS_URL": url})
+        else:
+            check_redis(StateConfig(backend="redis"), {"MOE_REDIS_URL": url})
+    [(key, message)] = info.value.problems
+    assert key == "state.url_env" and "option 'ssl_cert_reqs'" in message and "rediss://" in message
+    assert "s3cret" not in str(info.value)
