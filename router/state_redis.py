@@ -36,6 +36,7 @@ import hashlib
 import json
 import logging
 import re
+import ssl
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -441,8 +442,9 @@ def check_redis(config: StateConfig, environ: Mapping[str, str], *, timeout_s: f
     """At start, one PING to the Redis ``state.url_env`` names. A Redis that refuses the URL's credentials (a wrong
     password or user, or none where one is required) is a ``ConfigError`` naming the variable, never its value:
     otherwise the replica would run alone (its own rate limits and breakers, every verdict refused) while its
-    /health said all was well. One that does not answer is logged and served without, as an outage later is: it
-    may come up after the router. Nothing for ``backend: memory``."""
+    /health said all was well. So is one that answers PING with an error (a database number it lacks) or offers a
+    TLS certificate that fails verification: no wait mends either. One that does not answer is logged and served
+    without, as an outage later is: it may come up after the router. Nothing for ``backend: memory``."""
     if config.backend == "memory":
         return
     url = redis_url(config, environ)
@@ -457,12 +459,36 @@ def check_redis(config: StateConfig, environ: Mapping[str, str], *, timeout_s: f
             f"the Redis that environment variable {config.url_env} names refused its credentials "
             f"({type(exc).__name__}: {redact(str(exc))}); set the password (redis://:password@host:port/db) or the "
             "user and password its ACL expects (the value is not shown)"))]) from None
+    except redis.ResponseError as exc:
+        # It answered, with an error no wait will mend (a database number it does not have, say).
+        raise ConfigError("<environment>", [("state.url_env", (
+            f"the Redis that environment variable {config.url_env} names answered PING with an error "
+            f"({type(exc).__name__}: {redact(str(exc))}); check the URL's database number and options (the value "
+            "is not shown)"))]) from None
     except redis.RedisError as exc:
+        if _certificate_refused(exc):
+            raise ConfigError("<environment>", [("state.url_env", (
+                f"the Redis that environment variable {config.url_env} names offered a TLS certificate that "
+                f"failed verification ({redact(str(exc))[:200]}); give the CA that signed it "
+                "(?ssl_ca_certs=/path/ca.pem) or fix the host name (the value is not shown)"))]) from None
         log.warning("state: the Redis that %s names (%s) does not answer at start (%s); serving with this "
                     "replica's own rate limits and breakers until it does", config.url_env, redact(url),
                     redact(f"{type(exc).__name__}: {exc}"))
     finally:
         client.close()
+
+
+def _certificate_refused(exc: BaseException) -> bool:
+    """Whether ``exc``, or what caused it, is a TLS certificate that failed verification: no outage, which a
+    wait would end, but a setting to fix."""
+    seen: BaseException | None = exc
+    for _ in range(8):
+        if seen is None:
+            return False
+        if isinstance(seen, ssl.SSLCertVerificationError) or "CERTIFICATE_VERIFY_FAILED" in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 # Connections the rate store keeps to Redis per process: as many requests take a token at once (a take is a

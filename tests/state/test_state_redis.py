@@ -298,3 +298,25 @@ def test_a_url_option_the_connection_does_not_take_is_a_config_error(build: str)
     [(key, message)] = info.value.problems
     assert key == "state.url_env" and "option 'ssl_cert_reqs'" in message and "rediss://" in message
     assert "s3cret" not in str(info.value)
+
+
+def test_a_redis_that_answers_ping_with_an_error_stops_the_start(redis_url: str) -> None:
+    """A database number the server does not have (or a certificate that fails verification) is no outage a wait
+    ends: the replica ran alone, its /health ok, logging "unreachable" every few seconds."""
+    import ssl
+
+    from router.state_redis import _certificate_refused
+
+    with pytest.raises(ConfigError) as info:
+        check_redis(StateConfig(backend="redis"), {"MOE_REDIS_URL": redis_url.rsplit("/", 1)[0] + "/99999"})
+    [(key, message)] = info.value.problems
+    assert key == "state.url_env" and "answered PING with an error (ResponseError: DB index is out of range)" \
+        in message
+    try:
+        try:
+            raise ssl.SSLCertVerificationError(1, "certificate verify failed: self-signed certificate")
+        except ssl.SSLError as cause:
+            raise redis.ConnectionError("Error 1 connecting to host:6380.") from cause
+    except redis.ConnectionError as exc:
+        assert _certificate_refused(exc)
+    assert not _certificate_refused(redis.ConnectionError("Error 111 connecting: Connection refused."))
