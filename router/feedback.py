@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import os
 import sqlite3
@@ -154,6 +155,16 @@ class Answered(BaseModel):
     expert: str
     created: float
     key: str | None = None
+
+
+def answer_owner(request_id: str, key_sha256: str | None) -> str | None:
+    """What an answer remembers of the client key it was given to, and what a verdict on it by id must match: the
+    key's own digest, salted with the answer's id, so no store holds one value per key to test guesses with
+    (logs name keys, never this); None for a service open to all. Bound to the key itself, not its name: with keys
+    named by place (api_keys_env), revoking one would hand its name, and its answers, to the next."""
+    if key_sha256 is None:
+        return None
+    return hashlib.sha256(f"{request_id}:{key_sha256}".encode()).hexdigest()
 
 
 class FeedbackStore(ABC):

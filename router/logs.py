@@ -31,6 +31,7 @@ class RequestRecord:
     completion_id: str | None = None
     rated_id: str | None = None
     key_name: str | None = None
+    key_sha256: str | None = None  # the key's digest (router.security.Admitted): never in the log line
     model: str | None = None
     stream: bool | None = None
     expert: str | None = None

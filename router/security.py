@@ -150,6 +150,10 @@ class InMemoryRateStore:
 class Admitted:
     # The key's name from the config (never the key), or None when the service is open.
     key_name: str | None
+    # The key's SHA-256, which ties an answer to the key it was given to (``router.feedback.answer_owner``); never
+    # logged. A name is no such tie: api_keys_env names keys by place, so after a key is revoked the next one
+    # takes its name.
+    key_sha256: str | None = None
 
 
 @dataclass(frozen=True)
@@ -204,7 +208,7 @@ class Guard:
             wait = await self.store.take(f"key:{key.name}" if key else f"client:{client}", limit)
             if wait > 0:
                 return _rate_limited(limit, f"key {key.name!r}" if key else "this client", wait)
-        return Admitted(key.name if key else None)
+        return Admitted(key.name, key.sha256) if key else Admitted(None)
 
     async def admit_admin(self, authorization: str | None, client: str) -> Admitted | Denied:
         if self.keys.admin_sha256 is None:

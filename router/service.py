@@ -38,7 +38,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from experts.types import ChatRequest
 from router.errors import error_body, retry_after_header
 from router.fallback import LIMIT_HEADERS, AllExpertsFailed, CallScope, LimitError
-from router.feedback import FeedbackBody, FeedbackStore
+from router.feedback import FeedbackBody, FeedbackStore, answer_owner
 from router.logs import RequestRecord, configure_json_logging, log_request
 from router.metrics import CONTENT_TYPE, RouterMetrics
 from router.openapi import CHAT_COMPLETIONS_BODY, ROUTE_BODY, request_body
@@ -490,7 +490,7 @@ async def _chat_completions(request: Request, o: Orchestrator) -> Response:
         record.trace, record.expert = answer.trace, answer.expert
         if store is not None:  # the expert a verdict on it rates (Trace.credited: not fuse's aggregator)
             await store.aremember(request_id, chat.query_text(), answer.trace.credited(answer.expert),
-                                  record.key_name)
+                                  answer_owner(request_id, record.key_sha256))
         if record.answer is not None:
             record.answer.append(answer.content)
         return _FiniteJSONResponse(_completion_body(answer, request_id), headers={"x-moe-expert": answer.expert})
@@ -508,12 +508,13 @@ async def _chat_completions(request: Request, o: Orchestrator) -> Response:
     on_end = None
     if store is not None:
         query = chat.query_text()
+        owner = answer_owner(request_id, record.key_sha256)
         if expert:  # remembered as it begins, so an answer the user stopped early can be rated too
-            await store.aremember(request_id, query, expert, record.key_name)
+            await store.aremember(request_id, query, expert, owner)
 
         async def on_end(credited: str) -> None:  # after a switch, the expert that wrote most of it
             if credited != expert:
-                await store.aremember(request_id, query, credited, record.key_name)
+                await store.aremember(request_id, query, credited, owner)
     body = _sse(events, first, _Chunks(request_id, _include_usage(chat)), record, on_end)
     request.scope["state"]["moe_stream"] = body  # closed by the middleware if the client stops reading it
     return StreamingResponse(body, media_type="text/event-stream", headers={"cache-control": "no-cache", **began})
@@ -603,7 +604,8 @@ async def feedback_post(request: Request) -> Response:
                           o.config.service.max_prompt_chars)
     _record(request).rated_id = body.request_id
     # Only the key that was given the answer may rate it by its id.
-    saved = await _feedback_store(request).asubmit(body, o.config.expert_names, _record(request).key_name)
+    owner = None if body.request_id is None else answer_owner(body.request_id, _record(request).key_sha256)
+    saved = await _feedback_store(request).asubmit(body, o.config.expert_names, owner)
     return JSONResponse({"object": "feedback", **saved.model_dump()})
 
 
@@ -764,7 +766,7 @@ class _Edge:
                 body = error_body(verdict.message, verdict.type, verdict.code)
                 await JSONResponse(body, status_code=verdict.status, headers=verdict.headers)(scope, receive, observed)
             else:
-                record.key_name = verdict.key_name
+                record.key_name, record.key_sha256 = verdict.key_name, verdict.key_sha256
                 await self.app(scope, receive, observed)
         except ClientStalled:
             # Nothing more can reach the client, and nothing is wrong with the service: one log line says so, the

@@ -123,6 +123,31 @@ async def test_only_the_key_that_was_given_an_answer_can_rate_it_by_its_id(tmp_p
     assert own.status_code == 200 and own.json()["query"] == "an integral: my diagnosis is X"
 
 
+async def test_a_revoked_keys_answers_do_not_pass_to_the_key_that_takes_its_name(tmp_path: Path) -> None:
+    """api_keys_env names keys by place (env-1, env-2). Revoking the first renamed the second env-1, which then
+    owned the revoked key's answers: it could rate them by id and read their queries back. An answer is now tied
+    to the key's own digest (salted with the answer's id), not to its name."""
+    first, second = "sk-first-tenant-0001", "sk-second-tenant-0002"
+    store = SqliteFeedbackStore(tmp_path / "fb.sqlite3")
+    security = {"api_keys_env": "MOE_TEST_KEYS", "admin_key_env": "MOE_ADMIN_KEY"}
+
+    def app(keys: str) -> FastAPI:
+        return create_app(orchestrator(security=security), environ={"MOE_ADMIN_KEY": ADMIN, "MOE_TEST_KEYS": keys},
+                          feedback=store)
+
+    async with http(app(f"{first},{second}"), first) as before:
+        answered = (await before.post("/v1/chat/completions", json={
+            "messages": [{"role": "user", "content": "an integral: first tenant's secret"}]})).json()["id"]
+    rotated = app(second)  # the first key revoked: the second is env-1 now, as the first was
+    async with http(rotated, second) as second_key:
+        taken = await second_key.post("/v1/feedback", json={"request_id": answered, "good": False})
+    assert taken.status_code == 404 and "secret" not in taken.text
+    async with http(app(f"{first},{second}"), first) as again:  # the key itself still may
+        assert (await again.post("/v1/feedback", json={"request_id": answered, "good": True})).status_code == 200
+    raw = (tmp_path / "fb.sqlite3").read_bytes()
+    assert hash_key(first).encode() not in raw and b"env-1" not in raw  # neither digest nor name is kept
+
+
 def test_a_store_file_from_before_answers_kept_their_key_is_upgraded(tmp_path: Path) -> None:
     import sqlite3
 

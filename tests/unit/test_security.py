@@ -140,13 +140,13 @@ async def test_guard_limits_per_key_with_a_per_key_override() -> None:
                      {"name": "bob", "sha256": hash_key(BOB), "rate_limit": {"rate_per_s": 1, "burst": 3}}],
         "rate_limit": {"rate_per_s": 1, "burst": 1}})
     guard = Guard.from_config(config, {}, InMemoryRateStore(clock))
-    assert await guard.admit_client(f"Bearer {ALICE}", "1.2.3.4") == Admitted("alice")
+    assert await guard.admit_client(f"Bearer {ALICE}", "1.2.3.4") == Admitted("alice", hash_key(ALICE))
     denied = await guard.admit_client(f"Bearer {ALICE}", "1.2.3.4")
     assert isinstance(denied, Denied) and denied.status == 429 and denied.headers == {"retry-after": "1"}
     for _ in range(3):  # bob's own bucket, and a bigger one
-        assert await guard.admit_client(f"Bearer {BOB}", "1.2.3.4") == Admitted("bob")
+        assert await guard.admit_client(f"Bearer {BOB}", "1.2.3.4") == Admitted("bob", hash_key(BOB))
     clock.now += 1.0
-    assert await guard.admit_client(f"Bearer {ALICE}", "1.2.3.4") == Admitted("alice")
+    assert await guard.admit_client(f"Bearer {ALICE}", "1.2.3.4") == Admitted("alice", hash_key(ALICE))
 
 
 async def test_wrong_keys_are_rate_limited_per_address_without_touching_the_keys_buckets() -> None:
@@ -159,7 +159,7 @@ async def test_wrong_keys_are_rate_limited_per_address_without_touching_the_keys
     verdicts = [await guard.admit_client(f"Bearer guess-{i}", "6.6.6.6") for i in range(5)]
     assert [v.status for v in verdicts] == [401, 401, 401, 429, 429]  # type: ignore[union-attr]
     assert verdicts[3].headers == {"retry-after": "1"} and "wrong keys" in verdicts[3].message  # type: ignore[union-attr]
-    assert await guard.admit_client(f"Bearer {ALICE}", "6.6.6.6") == Admitted("alice")
+    assert await guard.admit_client(f"Bearer {ALICE}", "6.6.6.6") == Admitted("alice", hash_key(ALICE))
     other = await guard.admit_client("Bearer guess-x", "7.7.7.7")  # another address has its own bucket
     assert isinstance(other, Denied) and other.status == 401
     clock.now += 1.0
