@@ -94,6 +94,9 @@ class BreakerState:
     last_error: str | None = None
     held: bool = False  # open because the expert asked for a wait (Retry-After), not because failures tripped it
     epoch: int = 0  # bumped by ``Breakers.reset``: a call admitted before it reports on another service
+    # The expert's config the last reset started afresh for (``ExpertConfig.config_digest``; "" for none): a
+    # replica reloading the same change later finds it so, and keeps what was learned since.
+    config: str = ""
     probe_at: float = 0.0  # when the current half-open round last let a probe through (its lease runs from here)
 
 
@@ -158,7 +161,7 @@ def record(s: BreakerState, cfg: BreakerConfig, now: float, outcome: Outcome, *,
     if probe and s.state == "half_open" and probe_round in (None, s.probe_round):
         s = replace(s, probes=max(0, s.probes - 1))
         if outcome == "success":
-            return BreakerState(probe_round=s.probe_round, epoch=s.epoch)
+            return BreakerState(probe_round=s.probe_round, epoch=s.epoch, config=s.config)
         if hold is not None:
             return _hold(s, cfg, now, hold, error_kind)
         return _trip(s, cfg, now, error_kind) if outcome == "failure" else s
@@ -201,7 +204,7 @@ def _trip(s: BreakerState, cfg: BreakerConfig, now: float, error_kind: str | Non
     cooldown = min(cfg.cooldown_max_s, cfg.cooldown_s * cfg.cooldown_growth ** min(s.trips, 64))
     return BreakerState(state="open", trips=s.trips + 1, opened_at=now, cooldown_s=cooldown,
                         consecutive=s.consecutive, last_error=error_kind or s.last_error, probe_round=s.probe_round,
-                        epoch=s.epoch)
+                        epoch=s.epoch, config=s.config)
 
 
 def _hold(s: BreakerState, cfg: BreakerConfig, now: float, wait_s: float, error_kind: str | None) -> BreakerState:
@@ -211,7 +214,8 @@ def _hold(s: BreakerState, cfg: BreakerConfig, now: float, wait_s: float, error_
     if s.state == "open" and s.opened_at + s.cooldown_s >= now + wait:
         return s
     return BreakerState(state="open", trips=s.trips, opened_at=now, cooldown_s=wait, consecutive=s.consecutive,
-                        last_error=error_kind or s.last_error, probe_round=s.probe_round, held=True, epoch=s.epoch)
+                        last_error=error_kind or s.last_error, probe_round=s.probe_round, held=True, epoch=s.epoch,
+                        config=s.config)
 
 
 class BreakerStore(Protocol):
@@ -286,12 +290,17 @@ class Breakers:
         """The experts whose breaker would refuse a call now: left out of the gate's panel and of fallback."""
         return frozenset(e for e in experts if self.refuses(e))
 
-    def reset(self, expert: str) -> None:
+    def reset(self, expert: str, config: str = "") -> None:
         """Forget what the breaker learned of ``expert`` (a reload changed its config: another endpoint or model
         is another service), in a new epoch: calls let through before, still in flight to the old service,
-        are not counted when they end."""
+        are not counted when they end. ``config``: the digest of the config it starts afresh for; a breaker
+        another replica already reset for it (a shared store, each replica reloading the same change in turn)
+        is left as it is, with what was learned under that config since."""
         key = self._key(expert)
-        self.store.save(key, BreakerState(epoch=self.store.load(key).epoch + 1))
+        state = self.store.load(key)
+        if config and state.config == config:
+            return
+        self.store.save(key, BreakerState(epoch=state.epoch + 1, config=config))
 
     def snapshot(self, expert: str) -> dict[str, Any]:
         s = self.store.load(self._key(expert))

@@ -353,7 +353,7 @@ def reset_changed_breakers(old: RouterConfig, new: RouterConfig, breakers: Break
             continue
         was, now = old.expert(name), new.expert(name)
         if now != was and now.service_identity() == was.service_identity():
-            breakers.reset(name)
+            breakers.reset(name, now.config_digest())
 
 
 def config_inputs(config: RouterConfig, *, _seen: frozenset[Path] = frozenset()) -> list[Path]:

@@ -258,6 +258,11 @@ class ExpertConfig(_Strict):
         reached = self.model_dump(include={"type", "endpoint", "model", "router_config", "replay"}, mode="json")
         return hashlib.sha256(json.dumps(reached, sort_keys=True).encode()).hexdigest()[:12]
 
+    def config_digest(self) -> str:
+        """A short digest of the whole expert config: which config a shared breaker was last reset for
+        (``Breakers.reset``)."""
+        return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
+
     def api_key(self) -> str | None:
         """The key from the environment, read when a client is built, never stored in the config. Stripped, as the
         client keys are (a key mounted from a file ends in a newline, which no HTTP header may carry); None when

@@ -195,6 +195,23 @@ def test_state_lives_behind_the_store() -> None:
     assert store.load("code") == BreakerState()
 
 
+def test_replicas_reloading_one_change_in_turn_reset_the_shared_breaker_once() -> None:
+    """Each replica that reloaded the same config change later reset the shared breaker again, wiping what was
+    learned under the new config (an expert found down again took failure_threshold more failed calls per
+    replica). The reset remembers the config it started afresh for."""
+    store, clock = MemoryBreakerStore(), FakeClock()
+    cfg = BreakerConfig(failure_threshold=1, cooldown_s=30.0)
+    first, second = Breakers(cfg, store=store, clock=clock), Breakers(cfg, store=store, clock=clock)
+    first.reset("math", "new-config")  # replica 1 reloads
+    first.finish(first.admit("math"), DOWN)  # the expert fails under the new config: open
+    second.reset("math", "new-config")  # replica 2 reloads the same file later
+    assert first.refuses("math") and second.refuses("math")
+    second.reset("math", "newer-config")  # another change starts afresh again
+    assert not second.refuses("math") and store.load("math").config == "newer-config"
+    second.finish(second.admit("math"), DOWN)
+    assert store.load("math").config == "newer-config"  # carried through what the breaker records
+
+
 def test_config_bounds() -> None:
     with pytest.raises(ValueError, match="cooldown_max_s must be at least cooldown_s"):
         BreakerConfig(cooldown_s=10.0, cooldown_max_s=5.0)
