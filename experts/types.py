@@ -178,6 +178,11 @@ class ChatRequest(BaseModel):
         """The text the gate routes on: the last user message (the last message when no user speaks)."""
         return self.messages[_routed_index(self.messages)].text()
 
+    def history(self) -> list[ChatMessage]:
+        """The messages before the one the gate routes on (``query_text``'s): the conversation it continues, its
+        system and developer instructions included."""
+        return self.messages[:_routed_index(self.messages)]
+
     def text_chars(self) -> int:
         """The characters of the prompt as an upstream reads it, what its length is judged and estimated by: the
         messages' text, what else they carry (as JSON: tool calls with their arguments, a name, content parts that

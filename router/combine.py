@@ -99,6 +99,8 @@ class CombinerSettings:
     aggregator: str | None = None
     vote_weights: Mapping[str, float] | VoteWeights | None = None
     escalate_to: str | None = None
+    # The most characters an aggregator's prompt may hold (``service.max_prompt_chars``); None: no bound.
+    max_prompt_chars: int | None = None
 
 
 class Combiner(ABC):
@@ -120,9 +122,10 @@ class Combiner(ABC):
     def combine(self, answers: list[WeightedAnswer]) -> Combined:
         """Merge non-empty ``answers`` (weights already renormalised over the experts that answered)."""
 
-    async def acombine(self, query: str, answers: list[WeightedAnswer], aggregate: Aggregate) -> Combined:
-        """``combine`` for the orchestrator. ``query`` and ``aggregate`` (one model call) serve strategies that
-        write a new answer; the others ignore them."""
+    async def acombine(self, query: str, answers: list[WeightedAnswer], aggregate: Aggregate, *,
+                       history: Sequence[ChatMessage] = ()) -> Combined:
+        """``combine`` for the orchestrator. ``query``, the conversation before it (``history``) and ``aggregate``
+        (one model call) serve strategies that write a new answer; the others ignore them."""
         return self.combine(answers)
 
 
@@ -413,7 +416,8 @@ class Consensus(Combiner):
             raise ValueError("the consensus combiner needs an embedding function for non-choice answers")
         return cls(settings.embed or choice_embedding)
 
-    async def acombine(self, query: str, answers: list[WeightedAnswer], aggregate: Aggregate) -> Combined:
+    async def acombine(self, query: str, answers: list[WeightedAnswer], aggregate: Aggregate, *,
+                       history: Sequence[ChatMessage] = ()) -> Combined:
         if len(answers) < 2:
             return self.combine(answers)
         # A sentence encoder is milliseconds of CPU per answer: too long to hold the event loop.
@@ -444,23 +448,39 @@ FUSE_SYSTEM = (
 )
 
 
+class FusePromptTooLong(ExpertError):
+    """The fuse prompt would not fit the aggregator's bound (``service.max_prompt_chars``) even with every answer
+    cut to its least: the question and the conversation alone take it. The panel's top answer stands."""
+
+    kind = "prompt_too_long"
+
+
+# An answer cut shorter than this says too little to fuse: the aggregator is not asked then.
+_FUSE_LEAST_CHARS = 200
+
+
 class Fuse(Combiner):
     """Mixture-of-Agents aggregation: ``aggregator`` (an expert's name) writes the final answer.
 
-    ``messages`` builds the aggregation prompt (answers heaviest first, each truncated to ``max_chars``);
+    ``messages`` builds the aggregation prompt: the conversation's own instructions (its system and developer
+    messages) after the fuse instruction, the turns before the question (their end, at most ``2 * max_chars``
+    characters), the question, and the answers heaviest first. An answer over ``max_chars`` keeps its start and its
+    end (where a chain of thought states its result), with a marker saying how much was left out; with
+    ``max_prompt_chars``, every answer is cut further so the prompt fits, and a prompt that cannot fit even then is
+    a ``FusePromptTooLong``.
     ``result`` turns the aggregator's reply into a ``Combined`` whose contributions mark an answer as agreeing
     when ``extractor`` (or its expert's own, ``per_expert``; the aggregator's own for the reply) finds the same
     final answer in it as in the reply (without an extractor, none agrees).
     ``fuse`` does both around the one model call, the injected ``aggregate`` hook, and falls back to the
-    top-weight answer, with the error in ``Combined.fallback``, when the hook raises an ``ExpertError``. A single
-    answer is returned as it is: one answer has nothing to be fused with."""
+    top-weight answer, with the error in ``Combined.fallback``, when the hook (or the prompt) raises an
+    ``ExpertError``. A single answer is returned as it is: one answer has nothing to be fused with."""
 
     name = "fuse"
     aggregator: str
 
     def __init__(self, aggregator: str, extractor: str | None = None, max_chars: int = 4000, *,
-                 per_expert: Mapping[str, str] | None = None) -> None:
-        self.aggregator, self.max_chars = aggregator, max_chars
+                 per_expert: Mapping[str, str] | None = None, max_prompt_chars: int | None = None) -> None:
+        self.aggregator, self.max_chars, self.max_prompt_chars = aggregator, max_chars, max_prompt_chars
         self.top1 = TopOne(extractor, per_expert)
         self.extraction = self.top1.extraction
 
@@ -468,14 +488,38 @@ class Fuse(Combiner):
     def from_settings(cls, settings: CombinerSettings) -> Fuse:
         if settings.aggregator is None:
             raise ValueError("the fuse combiner needs an aggregator expert (combiner.aggregator in the config)")
-        return cls(settings.aggregator, settings.extractor, per_expert=settings.per_expert)
+        return cls(settings.aggregator, settings.extractor, per_expert=settings.per_expert,
+                   max_prompt_chars=settings.max_prompt_chars)
 
-    def messages(self, query: str, answers: list[WeightedAnswer]) -> list[ChatMessage]:
+    def messages(self, query: str, answers: list[WeightedAnswer],
+                 history: Sequence[ChatMessage] = ()) -> list[ChatMessage]:
+        instructions = "\n\n".join(t for m in history if m.role in ("system", "developer") and (t := m.text().strip()))
+        system = FUSE_SYSTEM + (f"\n\nThe conversation's own instructions, which the final answer follows:\n"
+                                f"{instructions}" if instructions else "")
+        turns = "\n".join(f"{m.role}: {m.text().strip() or '[no text]'}" for m in history
+                          if m.role not in ("system", "developer"))
+        context = f"Conversation so far:\n{_clipped_end(turns, 2 * self.max_chars)}\n\n" if turns else ""
         ordered = sorted(answers, key=lambda a: -a.weight)
-        blocks = [f"Answer {i} (weight {a.weight:.2f}):\n{a.content[:self.max_chars]}"
-                  for i, a in enumerate(ordered, start=1)]
-        user = f"Question:\n{query}\n\n" + "\n\n".join(blocks) + "\n\nFinal answer:"
-        return [ChatMessage(role="system", content=FUSE_SYSTEM), ChatMessage(role="user", content=user)]
+        head = f"{context}Question:\n{query}\n\n"
+
+        def user(room: int) -> str:
+            blocks = [f"Answer {i} (weight {a.weight:.2f}):\n{_clipped(a.content, room)}"
+                      for i, a in enumerate(ordered, start=1)]
+            return head + "\n\n".join(blocks) + "\n\nFinal answer:"
+
+        room, text = self.max_chars, user(self.max_chars)
+        limit = self.max_prompt_chars
+        if limit is not None and len(system) + len(text) > limit:
+            # Each answer gets an equal share of what the rest leaves, its marker and block heading included.
+            fixed = len(system) + len(user(0)) - sum(len(_clipped(a.content, 0)) for a in ordered)
+            room = (limit - fixed) // len(ordered) - 60
+            if room < _FUSE_LEAST_CHARS:
+                raise FusePromptTooLong(self.aggregator, (
+                    f"not asked: the fuse prompt cannot fit service.max_prompt_chars ({limit:,}): the question, the "
+                    f"conversation and the instructions alone take {fixed:,} characters, leaving the "
+                    f"{len(ordered)} answers under {_FUSE_LEAST_CHARS} each"))
+            text = user(room)
+        return [ChatMessage(role="system", content=system), ChatMessage(role="user", content=text)]
 
     def result(self, answers: list[WeightedAnswer], text: str) -> Combined:
         return _answered_by(self.aggregator, text, answers, self.extraction)
@@ -483,17 +527,36 @@ class Fuse(Combiner):
     def combine(self, answers: list[WeightedAnswer]) -> Combined:
         return self.top1.combine(answers)
 
-    async def fuse(self, query: str, answers: list[WeightedAnswer], aggregate: Aggregate) -> Combined:
+    async def fuse(self, query: str, answers: list[WeightedAnswer], aggregate: Aggregate,
+                   history: Sequence[ChatMessage] = ()) -> Combined:
         if len(answers) < 2:
             return self.combine(answers)
         try:
-            text = await aggregate(self.messages(query, answers))
+            text = await aggregate(self.messages(query, answers, history))
         except ExpertError as exc:  # a failed aggregator degrades the answer to top-1; it never fails the request
             return dataclasses.replace(self.combine(answers), fallback=exc)
         return self.result(answers, text)
 
-    async def acombine(self, query: str, answers: list[WeightedAnswer], aggregate: Aggregate) -> Combined:
-        return await self.fuse(query, answers, aggregate)
+    async def acombine(self, query: str, answers: list[WeightedAnswer], aggregate: Aggregate, *,
+                       history: Sequence[ChatMessage] = ()) -> Combined:
+        return await self.fuse(query, answers, aggregate, history)
+
+
+def _clipped(text: str, room: int) -> str:
+    """``text``, or its start and end with a marker saying how much was left out between, within about ``room``
+    characters."""
+    if len(text) <= room:
+        return text
+    keep = max(room, 0)
+    start, end = text[:keep // 2], text[len(text) - (keep - keep // 2):] if keep - keep // 2 else ""
+    return f"{start}\n[... {len(text) - keep:,} characters left out ...]\n{end}"
+
+
+def _clipped_end(text: str, room: int) -> str:
+    """``text``, or its last ``room`` characters after a marker saying how much came before."""
+    if len(text) <= room:
+        return text
+    return f"[... {len(text) - room:,} earlier characters left out ...]\n{text[len(text) - room:]}"
 
 
 def _answered_by(expert: str, text: str, answers: list[WeightedAnswer], extraction: Extraction) -> Combined:
@@ -544,7 +607,8 @@ class Escalate(Combiner):
     def result(self, answers: list[WeightedAnswer], text: str) -> Combined:
         return _answered_by(self.aggregator, text, answers, self.vote.extraction)
 
-    async def acombine(self, query: str, answers: list[WeightedAnswer], aggregate: Aggregate) -> Combined:
+    async def acombine(self, query: str, answers: list[WeightedAnswer], aggregate: Aggregate, *,
+                       history: Sequence[ChatMessage] = ()) -> Combined:
         if self.agreed(answers) is not None:
             return self.vote.combine(answers)
         own = next((a for a in answers if a.expert == self.aggregator), None)
@@ -576,14 +640,15 @@ COMBINERS: dict[str, type[Combiner]] = {"top1": TopOne, "vote": Vote, "consensus
 def build_combiner(strategy: str, extractor: str = "choice", *, per_expert: Mapping[str, str] | None = None,
                    embed: Embed | None = None, aggregator: str | None = None,
                    vote_weights: Mapping[str, float] | VoteWeights | None = None,
-                   escalate_to: str | None = None) -> Combiner:
+                   escalate_to: str | None = None, max_prompt_chars: int | None = None) -> Combiner:
     """``extractor`` reads final answers, ``per_expert`` maps an expert to its own extractor (every strategy but
     ``consensus``, which embeds). ``consensus`` needs ``embed`` (``choice_embedding`` when omitted and
     ``extractor`` is ``"choice"``);
-    ``fuse`` needs the ``aggregator`` expert's name, ``escalate`` the ``escalate_to`` expert's;
-    ``vote_weights`` gives ``vote`` learned weights."""
+    ``fuse`` needs the ``aggregator`` expert's name, and ``max_prompt_chars`` bounds its prompt; ``escalate``
+    needs the ``escalate_to`` expert's; ``vote_weights`` gives ``vote`` learned weights."""
     if strategy not in COMBINERS:
         raise ValueError(f"unknown combiner strategy {strategy!r}; known: {', '.join(sorted(COMBINERS))}")
     settings = CombinerSettings(extractor=extractor, per_expert=per_expert, embed=embed, aggregator=aggregator,
-                                vote_weights=vote_weights, escalate_to=escalate_to)
+                                vote_weights=vote_weights, escalate_to=escalate_to,
+                                max_prompt_chars=max_prompt_chars)
     return COMBINERS[strategy].from_settings(settings)

@@ -245,7 +245,8 @@ class Orchestrator:
             per_expert = {e.name: e.extractor for e in self.config.experts if e.extractor is not None}
             self._combiners[strategy] = build_combiner(strategy, cfg.extractor, per_expert=per_expert,
                                                        embed=self._embed, aggregator=cfg.aggregator,
-                                                       vote_weights=self.vote_weights, escalate_to=cfg.escalate_to)
+                                                       vote_weights=self.vote_weights, escalate_to=cfg.escalate_to,
+                                                       max_prompt_chars=self.config.service.max_prompt_chars)
         return self._combiners[strategy]
 
     def _embed(self, texts: Sequence[str]) -> np.ndarray:
@@ -320,7 +321,8 @@ class Orchestrator:
             # The top-weight answer stands, its agreement read as ``top1`` reads it (the configured extractors).
             combined = self.combiner_for(TopOne.name).combine(answers)
         else:
-            combined = await combiner.acombine(request.query_text(), answers, aggregation)
+            combined = await combiner.acombine(request.query_text(), answers, aggregation,
+                                               history=request.history())
         trace.contributions = combined.contributions
         if combined.fallback is not None:
             trace.combiner_fallback = {"to": combiner.fallback_to, **combined.fallback.to_dict()}

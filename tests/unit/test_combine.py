@@ -10,12 +10,14 @@ from experts.types import ChatMessage
 from router.combine import (
     COMBINERS,
     EXTRACTORS,
+    FUSE_SYSTEM,
     Combined,
     Combiner,
     CombinerSettings,
     Consensus,
     Escalate,
     Fuse,
+    FusePromptTooLong,
     TopOne,
     Vote,
     WeightedAnswer,
@@ -318,6 +320,47 @@ def test_fuse_builds_the_prompt_and_reads_the_aggregators_reply() -> None:
     assert seen == [messages]
     assert (result.expert, result.content) == ("agg", "Weighing both, the answer is (A).")
     assert {c.expert: c.agreed for c in result.contributions} == {"a": True, "b": False}
+
+
+def test_fuse_keeps_the_end_of_a_long_answer_and_says_what_it_left_out() -> None:
+    """Each answer was cut to its first 4,000 characters, silently: a chain of thought's final statement, at its
+    end, never reached the aggregator."""
+    long = "Step. " * 1000 + "So the answer is (D)."
+    messages = Fuse("agg").messages("Which one?", [WeightedAnswer("a", 0.6, long), WeightedAnswer("b", 0.4, "(B)")])
+    user = str(messages[1].content)
+    assert "So the answer is (D)." in user and f"[... {len(long) - 4000:,} characters left out ...]" in user
+    assert len(user) < 4300
+
+
+def test_fuse_fits_its_prompt_to_max_prompt_chars_or_is_not_asked() -> None:
+    """64 answers and a long question made a prompt 3.5 times service.max_prompt_chars, which the aggregator then
+    refused: the answers are cut to fit, and a question that leaves them too little room is a clear fallback."""
+    answers = [WeightedAnswer(f"e{i}", 1 / 64, f"answer {i}: " + "x" * 5000 + " so it is (A)") for i in range(64)]
+    fuse = Fuse("agg", max_prompt_chars=100_000)
+    messages = fuse.messages("Which one?", answers)
+    assert sum(len(str(m.content)) for m in messages) <= 100_000
+    assert str(messages[1].content).count("so it is (A)") == 64
+
+    async def aggregator(msgs: list[ChatMessage]) -> str:
+        raise AssertionError("not asked")
+
+    result = asyncio.run(fuse.acombine("q" * 99_000, answers, aggregator))
+    assert result.expert == "e0" and isinstance(result.fallback, FusePromptTooLong)
+    assert result.fallback.kind == "prompt_too_long" and "service.max_prompt_chars (100,000)" in str(result.fallback)
+
+
+def test_fuse_gives_the_aggregator_the_conversation_and_its_instructions() -> None:
+    """The aggregator saw the last user message alone: not the system prompt's format, not the earlier turns."""
+    history = [ChatMessage(role="system", content="Answer in French, in one word."),
+               ChatMessage(role="user", content="What is the capital of Italy?"),
+               ChatMessage(role="assistant", content="Rome.")]
+    system, user = Fuse("agg").messages("And of Spain?", [WeightedAnswer("a", 0.5, "Madrid"),
+                                                          WeightedAnswer("b", 0.5, "Madrid.")], history)
+    assert str(system.content).startswith(FUSE_SYSTEM) and "Answer in French, in one word." in str(system.content)
+    text = str(user.content)
+    assert "user: What is the capital of Italy?\nassistant: Rome." in text
+    assert text.index("Rome.") < text.index("Question:\nAnd of Spain?")
+    assert "Answer in French" not in text  # once, with the instructions
 
 
 def test_fuse_falls_back_to_top1_when_the_aggregator_fails() -> None:

@@ -145,6 +145,17 @@ async def test_fuse_asks_the_aggregator_through_the_dispatcher_and_returns_its_a
     assert "which letter?" in prompt and prompt.index("(weight 0.62)") < prompt.index("(weight 0.37)")
 
 
+async def test_the_aggregator_reads_the_clients_conversation() -> None:
+    orch, experts = build()
+    await orch.complete(ChatRequest(messages=[
+        ChatMessage(role="system", content="Reply with the letter alone."),
+        ChatMessage(role="user", content="first question"), ChatMessage(role="assistant", content="(A)"),
+        ChatMessage(role="user", content="which letter?")]))
+    [sent] = experts["judge"].requests
+    assert "Reply with the letter alone." in str(sent.messages[0].content)
+    assert "user: first question\nassistant: (A)" in str(sent.messages[1].content)
+
+
 async def test_the_aggregator_request_keeps_sampling_settings_and_drops_tools() -> None:
     orch, experts = build()
     tools = [{"type": "function", "function": {"name": "add", "parameters": {}}}]
