@@ -258,16 +258,34 @@ def _extractor(name: str, whose: str) -> Callable[[str], str | None]:
 
 class Extraction:
     """How a combiner reads final answers: with ``extractor`` (None: it reads none), or, for an expert named in
-    ``per_expert``, with that expert's own extractor (one that answers in its own format)."""
+    ``per_expert``, with that expert's own extractor (one that answers in its own format).
+
+    Where experts' answers are read by different extractors, each writes its answers in its own form (``choice``
+    "B" where ``short`` reads "b"; ``number`` "1000" where ``short`` reads "1 000"), so the answers are pooled
+    into one form (``pooled``) before they are compared or counted."""
 
     def __init__(self, extractor: str | None = None, per_expert: Mapping[str, str] | None = None) -> None:
         self.default = _extractor(extractor, "the combiner") if extractor else None
         self.per_expert = {e: _extractor(x, f"expert {e!r}") for e, x in (per_expert or {}).items()}
+        self.mixed = any(x is not self.default for x in self.per_expert.values())
 
     def __call__(self, expert: str, text: str) -> str | None:
         """The final answer ``expert`` gave in ``text``, or None when none can be read."""
         extract = self.per_expert.get(expert, self.default)
-        return extract(text) if extract else None
+        found = extract(text) if extract else None
+        return pooled(found) if self.mixed and found is not None else found
+
+
+# A space or comma between digit groups of three, as extract_short leaves "1,000" and "1 000".
+_DIGIT_GROUP_GAP = re.compile(r"(?<=\d)[ ,](?=\d{3}(?!\d))")
+
+
+def pooled(answer: str) -> str:
+    """``answer``, read by any extractor, in one form: a lone option letter as ``choice`` writes it ("b" -> "B"),
+    digit groups without their separators as ``number`` writes them ("1 000" -> "1000"), case folded."""
+    if len(answer) == 1 and answer.upper() in _LETTERS:
+        return answer.upper()
+    return _DIGIT_GROUP_GAP.sub("", answer).casefold()
 
 
 def _folded(text: str) -> str:

@@ -26,6 +26,7 @@ from router.combine import (
     extract_choice,
     extract_number,
     extract_short,
+    pooled,
 )
 from router.config import CombinerConfig, Extractor
 
@@ -510,3 +511,19 @@ def test_a_failed_escalation_falls_back_to_the_vote_with_its_learned_weights() -
     assert (result.expert, result.content) == ("b", "The answer is (C).")
     assert result.fallback is not None and result.fallback.kind == "unavailable"
     assert result.contributions == vote.combine(answers).contributions
+
+
+def test_answers_read_by_different_extractors_are_pooled_before_they_are_counted() -> None:
+    """choice writes "B" where short reads "b", number "1000" where short reads "1 000": such votes never met,
+    and a lighter third answer won over two that agreed."""
+    letters = Vote("choice", per_expert={"e2": "short"})
+    panel = [WeightedAnswer("e1", 0.3, "Answer: B"), WeightedAnswer("e2", 0.3, "b"), WeightedAnswer("e3", 0.4, "(C)")]
+    result = letters.combine(panel)
+    assert result.expert == "e1" and [c.agreed for c in result.contributions] == [True, True, False]
+    numbers = Vote("number", per_expert={"e2": "short"})
+    result = numbers.combine([WeightedAnswer("e1", 0.3, "Answer: 1,000"), WeightedAnswer("e2", 0.3, "1 000"),
+                              WeightedAnswer("e3", 0.4, "999")])
+    assert result.expert == "e1" and [c.agreed for c in result.contributions] == [True, True, False]
+    # one extractor for all: its own forms, unchanged ("3 5" is not "35")
+    assert Vote("short").key(WeightedAnswer("e", 1.0, "3.5")) == "3 5"
+    assert pooled("3 5") == "3 5" and pooled("12 345 678") == "12345678" and pooled("b") == "B"
