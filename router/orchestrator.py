@@ -128,6 +128,11 @@ class StreamEnd:
     finish_reason: str
 
 
+# The characters of an answer's end that ``consensus`` embeds beside its start, per token the encoder reads: about
+# three, a little less than English takes, so the end is within what the encoder reads of it.
+ANSWER_END_TOKENS_TO_CHARS = 3
+
+
 class Orchestrator:
     """``breakers``, ``in_flight``, ``sleep`` and ``rand`` are injectable: a shared breaker store, in-flight counts
     shared with the orchestrators of earlier configs (``Capacity``), and a retry schedule that tests can run
@@ -250,7 +255,19 @@ class Orchestrator:
         return self._combiners[strategy]
 
     def _embed(self, texts: Sequence[str]) -> np.ndarray:
-        return self.gate.encoder.encode(texts)
+        """``consensus``'s answer embeddings: each answer's start and its end, side by side, each unit length (a
+        cosine of two rows is the mean of their starts' and their ends' cosines). The encoder reads only an
+        answer's first ``max_length`` tokens, so two chains of thought that begin alike and conclude apart looked
+        the same; a short answer's end is its start."""
+        encoder = self.gate.encoder
+        starts = np.asarray(encoder.encode(texts), dtype=np.float32)
+        reach = ANSWER_END_TOKENS_TO_CHARS * (getattr(encoder, "max_length", None) or 256)
+        long = [i for i, text in enumerate(texts) if len(text) > reach]
+        ends = starts.copy()
+        if long:
+            ends[long] = encoder.encode([texts[i][-reach:] for i in long])
+        halves = [h / np.maximum(np.linalg.norm(h, axis=1, keepdims=True), 1e-12) for h in (starts, ends)]
+        return np.concatenate(halves, axis=1)
 
     async def complete(self, request: ChatRequest, *, strategy: str | None = None,
                        on_trace: Callable[[Trace], None] | None = None,

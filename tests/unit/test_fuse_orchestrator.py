@@ -269,6 +269,26 @@ async def test_consensus_embeds_the_answers_with_the_gates_encoder() -> None:
     assert answer.trace.attempts[-1].role == "answer"  # no model call to combine
 
 
+class FakeTruncatingEncoder(FakeKeywordEncoder):
+    """Reads the first 30 characters of a text, as a sentence encoder reads its first max_length tokens."""
+
+    max_length = 10
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        return super().encode([t[:30] for t in texts]) + 0.01  # never a zero row
+
+
+async def test_consensus_reads_the_end_of_an_answer_the_encoder_would_cut() -> None:
+    """Two chains of thought that begin alike and conclude apart embedded alike (the encoder reads an answer's
+    start) and were marked as agreeing."""
+    start = "rome rome rome, and so on. " * 4
+    texts = {"math": start + "In the end: paris", "code": start + "In the end: london", "judge": "rome"}
+    orch, _ = build(texts, gate={"top_k": {"policy": "fixed", "k": 2}}, combiner={"strategy": "consensus"})
+    orch.gate.encoder = FakeTruncatingEncoder()  # type: ignore[misc]
+    answer = await orch.complete(ask("capital?"))
+    assert {c.expert: c.agreed for c in answer.trace.contributions} == {"math": True, "code": False}
+
+
 # -- the x-moe-combiner header ---------------------------------------------------------------------------------
 def client(orch: Orchestrator) -> httpx.AsyncClient:
     return httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app(orch)), base_url="http://router")
