@@ -169,9 +169,10 @@ def tune(success: np.ndarray, outcomes: np.ndarray, record_costs: np.ndarray, co
         if value > best_value + 1e-12:
             best_margin, best_value = margin, value
     logits = _with_margin(utility, anchor, best_margin)
-    # Target: the best expert in hindsight by quality; among ties (every expert that answered right), the one the
-    # gate ranks highest. The top probability is then the chance that the gate's pick answers right, which is
-    # what the adaptive and mass panels size on. By utility (cost counted), the target was the cheapest expert
+    # Target: the best expert in hindsight by quality; among ties (every expert that answered right, or every
+    # expert where none did), the one the gate ranks highest. The top probability is then the chance that no other
+    # expert would do better than the pick (it answers right, or none does), which is what the adaptive and mass
+    # panels size on: more experts cannot help where none is right. By utility (cost counted), the target was the cheapest expert
     # that answered right, which a gate anchored on a dear expert seldom picks: the fit flattened every
     # probability (the temperature at its bound), and panels took every expert as cost_weight rose.
     quality = _realised(outcomes, success)
