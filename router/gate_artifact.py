@@ -70,7 +70,9 @@ class GateArtifactMismatch(ValueError):
 
 @dataclass(frozen=True)
 class ValidationMetrics:
-    """What a gate was trained and calibrated on, and how its calibration went.
+    """What a gate was trained and calibrated on, and how its calibration went. Its fields are fixed for format 1:
+    the code of earlier releases refuses a ``metrics`` key it does not know, so a figure added since goes beside
+    it in ``GateMetadata`` (whose unknown keys every release ignores); this code ignores unknown ones here too.
 
     ``n_train`` queries trained the classifier and ``n_val`` were held out of it. ``accuracy``, ECE and NLL are
     measured on the ``n_calibration`` queries the temperature was fitted on: the held-out ones, or with
@@ -89,7 +91,6 @@ class ValidationMetrics:
     # Mean recorded cost per query of the routed expert; None when some pick has no recorded cost (the gate
     # counts those as free, so a mean over the others would be theirs alone).
     routed_cost: float | None = None
-    uncosted_pick_share: float | None = None  # the share of picks with no recorded cost (routed_cost is None then)
     best_single: str | None = None
     best_single_accuracy: float | None = None
     oracle_accuracy: float | None = None
@@ -131,6 +132,9 @@ class GateMetadata:
     # UTC; None: none): which verdicts this gate has seen.
     feedback_verdicts: int = 0
     feedback_through: str | None = None
+    # Outcome gates: the share of top-1 picks (as ``metrics.routed_cost`` scores them) with no recorded cost;
+    # ``routed_cost`` is None when it is above 0. None: a label gate, or an artifact from before this field.
+    uncosted_pick_share: float | None = None
     created: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
     format_version: int = FORMAT_VERSION
 
@@ -161,6 +165,7 @@ GATE_KINDS: dict[str, str] = {
     "outcome": "router.outcome_gate:OutcomeGate",
 }
 _METADATA_FIELDS = frozenset(GateMetadata.__dataclass_fields__)
+_METRIC_FIELDS = frozenset(ValidationMetrics.__dataclass_fields__)
 _MANIFEST, _WEIGHTS, _EXAMPLES = "gate.json", "weights.npz", "examples.npz"
 # An artifact folder's files, in the order they are published (``router.files.staged``): the manifest last.
 ARTIFACT_FILES = (_WEIGHTS, _EXAMPLES, _MANIFEST)
@@ -247,7 +252,7 @@ def _restore_artifact(path: Path, doc: dict[str, Any], encoder: Encoder) -> Gate
                 from None
         if differs:
             raise GateArtifactMismatch(f"{path / name}: contents differ from the sha256 in {_MANIFEST}")
-    doc["metrics"] = ValidationMetrics(**doc["metrics"])
+    doc["metrics"] = ValidationMetrics(**{k: v for k, v in dict(doc["metrics"]).items() if k in _METRIC_FIELDS})
     experts = _expert_names(path / _MANIFEST, doc.pop("experts"), "experts")
     doc.pop("files")
     metadata = GateMetadata(**{k: v for k, v in doc.items() if k in _METADATA_FIELDS})

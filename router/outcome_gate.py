@@ -172,9 +172,9 @@ def tune(success: np.ndarray, outcomes: np.ndarray, record_costs: np.ndarray, co
     # Target: the best expert in hindsight by quality; among ties (every expert that answered right, or every
     # expert where none did), the one the gate ranks highest. The top probability is then the chance that no other
     # expert would do better than the pick (it answers right, or none does), which is what the adaptive and mass
-    # panels size on: more experts cannot help where none is right. By utility (cost counted), the target was the cheapest expert
-    # that answered right, which a gate anchored on a dear expert seldom picks: the fit flattened every
-    # probability (the temperature at its bound), and panels took every expert as cost_weight rose.
+    # panels size on: more experts cannot help where none is right. By utility (cost counted), the target was the
+    # cheapest expert that answered right, which a gate anchored on a dear expert seldom picks: the fit flattened
+    # every probability (the temperature at its bound), and panels took every expert as cost_weight rose.
     quality = _realised(outcomes, success)
     target = np.where(quality >= quality.max(axis=1, keepdims=True) - 1e-9, logits, -np.inf).argmax(axis=1)
     # The bound grows with the utility's scale (the margin alone reaches 1 + cost_weight): a fixed 10 held the
@@ -530,8 +530,8 @@ def train_outcome_gate(records: Sequence[OutcomeRecord], encoder: Encoder, *, ex
         n_train=len(records), n_val=len(records), accuracy=t.metrics["routed_accuracy"],
         ece_before=t.metrics["ece_before"], ece_after=t.metrics["ece_after"],
         routed_accuracy=t.metrics["routed_accuracy"], routed_cost=t.metrics["routed_cost"],
-        uncosted_pick_share=t.metrics.get("uncosted_pick_share"),
         # Named as best_single_accuracy scores it: a missing record counts as wrong.
         best_single=experts[int(np.argmax(np.where(np.isnan(outcomes), 0.0, outcomes).mean(axis=0)))],
-        best_single_accuracy=t.metrics["best_single_accuracy"], oracle_accuracy=t.metrics["oracle_accuracy"]))
+        best_single_accuracy=t.metrics["best_single_accuracy"], oracle_accuracy=t.metrics["oracle_accuracy"]),
+        uncosted_pick_share=t.metrics["uncosted_pick_share"])
     return gate

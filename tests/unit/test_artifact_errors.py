@@ -12,6 +12,7 @@ import pytest
 
 from router.cli import main
 from router.encoders import sha256_file
+from router.gate_artifact import _manifest_digest
 from tests.support import trained_config
 
 CONFIG = ("version: 1\ngate:\n  artifact: gate\nexperts:\n"
@@ -246,3 +247,22 @@ def test_an_outcome_gate_says_when_it_is_served_at_another_cost_weight_and_panel
     assert "gate.cost_weight is 0.5 but the artifact was tuned at 0: it is served re-tuned" in caplog.text
     assert "gate.top_k.policy 'mass' sizes panels on the outcome gate's weights, which flatten" in caplog.text
     capsys.readouterr()
+
+
+# What format 1's metrics held when it was fixed: the code of earlier releases refuses any other key there, so a
+# gate this code trains stays readable by them (a rolling upgrade's old replicas reload it; a rollback loads it).
+FORMAT_1_METRICS = {"n_train", "n_val", "accuracy", "ece_before", "ece_after", "nll_before", "nll_after",
+                    "routed_accuracy", "routed_cost", "best_single", "best_single_accuracy", "oracle_accuracy",
+                    "calibration", "n_calibration"}
+
+
+def test_gate_json_metrics_keep_to_format_1_and_an_unknown_one_is_ignored(config: Path) -> None:
+    """A metrics key added to gate.json made every gate this code trains unreadable by the previous release
+    ('unexpected keyword argument'), whose message then told the operator to retrain."""
+    gate_json = config.parent / "gate" / "gate.json"
+    doc = json.loads(gate_json.read_text(encoding="utf-8"))
+    assert doc["format_version"] == 1 and set(doc["metrics"]) <= FORMAT_1_METRICS
+    doc["metrics"]["a_later_figure"] = 0.5  # what a later release may add: read past, as top-level keys are
+    doc["manifest_sha256"] = _manifest_digest(doc)  # as that release would have signed it
+    gate_json.write_text(json.dumps(doc), encoding="utf-8")
+    assert main(["route", "write a python function", "--config", str(config)]) == 0

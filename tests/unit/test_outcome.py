@@ -296,7 +296,7 @@ def test_an_expert_with_a_few_lucky_records_does_not_take_over_routing(caplog: p
     assert np.mean([gate.experts[p] == "rare" for p in picks]) < 0.1
     assert gate.metadata.metrics.routed_accuracy is not None and gate.metadata.metrics.routed_accuracy > 0.5
     assert gate.metadata.metrics.routed_cost is None  # no costs recorded: null, not NaN
-    assert gate.metadata.metrics.uncosted_pick_share == 1.0  # which gate.json says beside it
+    assert gate.metadata.uncosted_pick_share == 1.0  # which gate.json says beside it
 
 
 def test_success_prior_is_shrunk_toward_the_pooled_rate_by_record_count() -> None:
