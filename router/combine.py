@@ -630,14 +630,18 @@ class Escalate(Combiner):
         if self.agreed(answers) is not None:
             return self.vote.combine(answers)
         own = next((a for a in answers if a.expert == self.aggregator), None)
-        if own is not None and own.blank:
+        rest = [a for a in answers if a is not own]
+        if own is not None and own.blank and rest:
             # As an escalation call that answered with no text counts: the vote of the rest of the panel stands
             # (a vote that reads no answer falls back to the heaviest, which must not be the blank one).
-            voted = self.vote.combine([a for a in answers if a is not own])
+            voted = self.vote.combine(rest)
             agreed = {c.expert: c for c in voted.contributions}
             contributions = [agreed.get(a.expert, Contribution(expert=a.expert, weight=a.weight, agreed=False))
                              for a in answers]
             return dataclasses.replace(voted, contributions=contributions,
+                                       fallback=EmptyAnswer(self.aggregator, "answered with no text"))
+        if own is not None and own.blank:  # its blank answer is all there is: it stands, marked as such
+            return dataclasses.replace(self.vote.combine(answers),
                                        fallback=EmptyAnswer(self.aggregator, "answered with no text"))
         if own is not None:  # the escalation expert sat on the panel: its answer is already here
             return self.result(answers, own.content)

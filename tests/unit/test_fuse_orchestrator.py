@@ -410,6 +410,20 @@ async def test_a_blank_escalation_expert_on_top_of_an_unreadable_panel_is_not_th
     assert {c.expert: c.agreed for c in answer.trace.contributions}["judge"] is False
 
 
+async def test_a_blank_escalation_expert_that_answered_alone_is_returned_not_a_crash() -> None:
+    """Its panel partner failed, fallback off: the vote of the rest of the panel had nothing to count, and
+    TopOne's max() of nothing raised (a 500)."""
+    config = fake_config()
+    dead = FakeExpert(config.expert("math"), fail=lambda n: ExpertUnavailable(n, "connection refused"))
+    orch, experts = build(experts={"math": dead}, combiner=ESCALATE, fallback={"enabled": False},
+                          gate={"top_k": {"policy": "fixed", "k": 2}})
+    experts["judge"].text = ""
+    orch.gate = orch.decider.gate = FakeGate(NAMES, {}, default=[0.6, 0.0, 0.4])  # math and judge
+    answer = await orch.complete(ask())
+    assert (answer.expert, answer.content) == ("judge", "")
+    assert answer.trace.combiner_fallback is not None and answer.trace.combiner_fallback["kind"] == "empty_answer"
+
+
 async def test_a_lone_answer_has_no_second_opinion_and_escalates() -> None:
     config = fake_config()
     dead = FakeExpert(config.expert("code"), fail=lambda n: ExpertUnavailable(n, "connection refused"))
