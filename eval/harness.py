@@ -187,13 +187,15 @@ def _publish(stage: Path, out: Path) -> None:
         for name in new:
             os.replace(stage / name, out / name)
             placed.append(name)
-    except OSError as exc:
+    except BaseException as exc:  # an OSError, or Ctrl-C or SIGTERM part way: the earlier run's files go back
         for name in placed:
             with contextlib.suppress(OSError):
                 os.replace(out / name, stage / name)
         for name in moved:
             with contextlib.suppress(OSError):
                 os.replace(aside / name, out / name)
+        if not isinstance(exc, OSError):
+            raise
         raise ValueError(f"--out {out}: cannot put this run's files in place of the earlier run's "
                          f"({exc.strerror or exc}: {exc.filename or ''}); the earlier run's are left as they were"
                          ) from None

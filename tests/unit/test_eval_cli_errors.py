@@ -317,6 +317,16 @@ def test_a_publish_that_fails_part_way_leaves_the_earlier_run(tmp_path: Path, mo
         _jsonl_run(tmp_path, _write(tmp_path / "other.jsonl", _rows(15, prefix="o")), test, out)
     assert _tree(out) == before and [p.name for p in out.iterdir() if p.name.startswith(".")] == []
 
+    def interrupted(src: Any, dst: Any) -> None:  # Ctrl-C (or SIGTERM's SystemExit) part way through the moves
+        if Path(src).name == "report.md" and Path(src).parent.name.startswith(".partial-"):
+            raise KeyboardInterrupt
+        real(src, dst)
+
+    monkeypatch.setattr(harness.os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        _jsonl_run(tmp_path, _write(tmp_path / "other.jsonl", _rows(15, prefix="o")), test, out)
+    assert _tree(out) == before and [p.name for p in out.iterdir() if p.name.startswith(".")] == []
+
 
 def test_a_killed_runs_staging_folder_is_removed_by_the_next_run(tmp_path: Path, fast_static: None) -> None:
     """SIGKILL leaves no chance to clean up: the next run into the same --out removes a staging folder whose
