@@ -261,8 +261,9 @@ class Extraction:
     ``per_expert``, with that expert's own extractor (one that answers in its own format).
 
     Where experts' answers are read by different extractors, each writes its answers in its own form (``choice``
-    "B" where ``short`` reads "b"; ``number`` "1000" where ``short`` reads "1 000"), so the answers are pooled
-    into one form (``pooled``) before they are compared or counted."""
+    "B" where ``short`` reads "b"; ``number`` "1000" where ``short`` reads "1 000"), so the answers are put in one
+    form before they are compared or counted: a number a text extractor read as its value (``extract_number`` on
+    the answer), then ``pooled``."""
 
     def __init__(self, extractor: str | None = None, per_expert: Mapping[str, str] | None = None) -> None:
         self.default = _extractor(extractor, "the combiner") if extractor else None
@@ -273,19 +274,30 @@ class Extraction:
         """The final answer ``expert`` gave in ``text``, or None when none can be read."""
         extract = self.per_expert.get(expert, self.default)
         found = extract(text) if extract else None
-        return pooled(found) if self.mixed and found is not None else found
+        if not self.mixed or found is None:
+            return found
+        if _SPACED_DIGITS.fullmatch(found):
+            # A number as a text extractor writes it ("1,000" and "1.25" both lose their mark): a decimal's value
+            # as ``number`` reads it from the answer, or groups of thousands joined ("1 000" -> "1000").
+            if _DECIMAL_POINT.search(text):
+                found = extract_number(text) or found
+            elif _THOUSANDS.fullmatch(found):
+                found = found.replace(" ", "")
+        return pooled(found)
 
 
-# A space or comma between digit groups of three, as extract_short leaves "1,000" and "1 000".
-_DIGIT_GROUP_GAP = re.compile(r"(?<=\d)[ ,](?=\d{3}(?!\d))")
+# What ``extract_short`` leaves of a number: digits, in groups where it had separators or a decimal point.
+_SPACED_DIGITS = re.compile(r"\d+( \d+)*")
+_THOUSANDS = re.compile(r"\d{1,3}( \d{3})+")
+_DECIMAL_POINT = re.compile(r"\d\.\d")
 
 
 def pooled(answer: str) -> str:
     """``answer``, read by any extractor, in one form: a lone option letter as ``choice`` writes it ("b" -> "B"),
-    digit groups without their separators as ``number`` writes them ("1 000" -> "1000"), case folded."""
+    anything else case folded."""
     if len(answer) == 1 and answer.upper() in _LETTERS:
         return answer.upper()
-    return _DIGIT_GROUP_GAP.sub("", answer).casefold()
+    return answer.casefold()
 
 
 def _folded(text: str) -> str:

@@ -41,6 +41,7 @@ Verdicts on experts no longer in the config are dropped.
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 from collections import Counter
 from collections.abc import Collection
@@ -392,12 +393,15 @@ def _learned_vote_weights(config: RouterConfig, data: TrainingData, *, progress:
     if data.kind != "outcome":
         raise ValueError("combiner.vote_weights is 'learned', which needs outcome records with 'answers' in "
                          "gate.train_data; the training data here is labelled queries")
-    from router.combine import EXTRACTORS
+    from router.combine import Extraction
     from router.vote_weights import fit_from_records
 
-    own = {e.name: EXTRACTORS[e.extractor] for e in config.experts if e.extractor is not None}
     combiner = config.combiner
-    return fit_from_records(data.records, config.expert_names, EXTRACTORS[combiner.extractor], l2=combiner.vote_l2,
-                            length_term=combiner.vote_length,
+    # Read as the vote reads them: each expert's answers by its own extractor, where it has one, and then all in
+    # one form (``Extraction`` pools them), so the weights are fitted on the answers they will be served on.
+    extraction = Extraction(combiner.extractor, {e.name: e.extractor for e in config.experts if e.extractor})
+    each = {name: functools.partial(extraction, name) for name in config.expert_names}
+    return fit_from_records(data.records, config.expert_names, functools.partial(extraction, ""),
+                            l2=combiner.vote_l2, length_term=combiner.vote_length,
                             answer_bias_l2=combiner.vote_answer_bias_l2 if combiner.vote_answer_bias else None,
-                            progress=progress, per_expert=own)
+                            progress=progress, per_expert=each)

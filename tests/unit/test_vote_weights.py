@@ -546,3 +546,22 @@ def test_learned_vote_ties_go_to_the_panel_weights_however_small_the_learned_cou
              WeightedAnswer("z", 0.1, "Answer: A")]
     for order in (light, light[::-1]):
         assert equal.combine(order).content == "Answer: B"
+
+
+def test_moe_train_fits_the_weights_on_answers_pooled_as_the_vote_reads_them() -> None:
+    """An expert with its own extractor: its right "b" and another's right "B" were two right answers, so no
+    record taught anything (moe train failed), and an answer bias learned under "b" was never looked up as the
+    pooled "B" the vote serves."""
+    from router.train import TrainingData, _learned_vote_weights
+
+    experts = [{"name": n, "type": "openai", "endpoint": "http://127.0.0.1:9/v1", "model": n, "examples": ["q"],
+                **({"extractor": "short"} if n == "s" else {})} for n in ("a", "s", "c")]
+    config = parse_config({"version": 1, "experts": experts,
+                           "combiner": {"strategy": "vote", "extractor": "choice", "vote_weights": "learned",
+                                        "vote_l2": 10.0, "vote_length": False}}, check_env=False)
+    records = [OutcomeRecord(query=f"q{i}", outcomes={"a": 1.0, "s": 1.0, "c": 0.0}, cost={},
+                             answers={"a": "The answer is B.", "s": "b", "c": "The answer is C."}) for i in range(30)]
+    weights = _learned_vote_weights(config, TrainingData("outcome", records=records), progress=False)
+    assert weights is not None
+    mapping = weights.as_mapping()
+    assert mapping["a"] > mapping["c"] and mapping["s"] > mapping["c"]
