@@ -147,8 +147,8 @@ class FeedbackRecord(BaseModel):
 
 
 class Answered(BaseModel):
-    """A remembered answer: what was asked, which expert answered, and the client key (its name in the config)
-    that asked; None where the service takes no keys."""
+    """A remembered answer: what was asked, which expert answered, and whose it is (``key``: ``answer_owner`` of
+    the client key that asked; None where the service takes no keys)."""
 
     id: str
     query: str
@@ -174,8 +174,8 @@ class FeedbackStore(ABC):
 
     @abstractmethod
     def remember(self, request_id: str, query: str, expert: str, key: str | None = None) -> None:
-        """Note that ``expert`` answered ``query`` as ``request_id`` for the client key named ``key``, so a
-        verdict can name the answer by id."""
+        """Note that ``expert`` answered ``query`` as ``request_id`` for the client ``key`` (``answer_owner``), so
+        a verdict can name the answer by id."""
 
     @abstractmethod
     def answered(self, request_id: str) -> Answered | None:
@@ -194,8 +194,8 @@ class FeedbackStore(ABC):
     def close(self) -> None: ...
 
     def submit(self, body: FeedbackBody, experts: Sequence[str], key: str | None = None) -> FeedbackRecord:
-        """Store one verdict from the client key named ``key``. Raises ``UnknownRequest`` or
-        ``UnknownFeedbackExpert``.
+        """Store one verdict from the client ``key`` (``answer_owner`` of the answer it names). Raises
+        ``UnknownRequest`` or ``UnknownFeedbackExpert``.
 
         An expert the verdict names must be one of ``experts`` (the config's), except the expert that gave the
         rated answer: a verdict on an answer stays true after a reload removed its expert, so it is kept (``moe
