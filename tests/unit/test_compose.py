@@ -180,6 +180,10 @@ def test_dockerfile_installs_cpu_torch_first_and_serves_the_config() -> None:
     assert "wheelhouse" not in final and "COPY --from=build /opt/moe /opt/moe" in final
     assert "moe serve --config" in text and "--host 0.0.0.0" in text
     assert (ROOT / ".dockerignore").is_file() and (ROOT / "wheelhouse").is_dir()
+    # A deployer's .env (compose's ${VAR} values: an HF token, API keys) never reaches the image nor a commit:
+    # the build context is the repository, and COPY . . would take it.
+    for ignore in (".dockerignore", ".gitignore"):
+        assert {".env", ".env.*"} <= set((ROOT / ignore).read_text(encoding="utf-8").split()), ignore
 
 
 # --- rendering ------------------------------------------------------------------------------------------
