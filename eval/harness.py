@@ -28,6 +28,7 @@ import os
 import shlex
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 import threading
@@ -135,7 +136,7 @@ def run_suite(name: str, data_dir: str | Path | None, out: str | Path, *, encode
     try:
         final.mkdir(parents=True, exist_ok=True)
         _remove_abandoned(final)
-        ctx.out = Path(tempfile.mkdtemp(prefix=f"{_STAGING}{os.getpid()}-", dir=final))
+        ctx.out = Path(tempfile.mkdtemp(prefix=_staging_prefix(), dir=final))
     except OSError as exc:
         raise ValueError(f"--out {out}: cannot create the folder ({exc.strerror or exc})") from None
     started = time.perf_counter()
@@ -168,6 +169,12 @@ HARNESS_OUTPUTS = ("results.json", "report.md", PREDICTIONS, "split", *HARNESS_F
 
 # A run's staging folder in --out: this prefix, the process id, a random part.
 _STAGING = ".partial-"
+
+
+def _staging_prefix() -> str:
+    """This run's staging folder's name up to its random part: ``.partial-<pid>@<host>-``. The host tells a
+    process of another machine or container (its own pid numbers) sharing the same --out from a dead one here."""
+    return f"{_STAGING}{os.getpid()}@{socket.gethostname()}-"
 
 
 def _publish(stage: Path, out: Path) -> None:
@@ -205,10 +212,12 @@ def _publish(stage: Path, out: Path) -> None:
 
 
 def _remove_abandoned(out: Path) -> None:
-    """Remove the staging folders in ``out`` of runs whose process is gone (killed: SIGKILL, a power cut)."""
+    """Remove the staging folders in ``out`` of runs on this host whose process is gone (killed: SIGKILL, a power
+    cut); another host's (or container's) are left alone, as its processes cannot be seen from here."""
+    here = socket.gethostname()
     for folder in out.glob(f"{_STAGING}*"):
-        pid = folder.name.removeprefix(_STAGING).partition("-")[0]
-        if not pid.isdecimal() or int(pid) == os.getpid():
+        pid, _, rest = folder.name.removeprefix(_STAGING).partition("@")
+        if not pid.isdecimal() or int(pid) == os.getpid() or rest.rpartition("-")[0] != here:
             continue
         try:
             os.kill(int(pid), 0)

@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import re
+import socket
 import time
 import warnings
 from pathlib import Path
@@ -337,10 +338,13 @@ def test_a_killed_runs_staging_folder_is_removed_by_the_next_run(tmp_path: Path,
     dead = 2**22 + 12345  # above the default pid_max: no such process
     with pytest.raises(ProcessLookupError):
         os.kill(dead, 0)
-    (out / f".partial-{dead}-abc" / "split").mkdir(parents=True)
-    (out / f".partial-{os.getppid()}-xyz").mkdir()
+    host = socket.gethostname()
+    (out / f".partial-{dead}@{host}-abc" / "split").mkdir(parents=True)
+    kept = [f".partial-{os.getppid()}@{host}-xyz", f".partial-{dead}@another-host-abc"]  # alive; not seen from here
+    for name in kept:
+        (out / name).mkdir()
     _jsonl_run(tmp_path, train, test, out)
-    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == [f".partial-{os.getppid()}-xyz"]
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == sorted(kept)
 
 
 def test_sigterm_stops_a_run_as_ctrl_c_does() -> None:
