@@ -263,7 +263,7 @@ class Extraction:
     Where experts' answers are read by different extractors, each writes its answers in its own form (``choice``
     "B" where ``short`` reads "b"; ``number`` "1000" where ``short`` reads "1 000"), so the answers are put in one
     form before they are compared or counted: a number a text extractor read as its value (``extract_number`` on
-    the answer), then ``pooled``."""
+    the answer, where it reads the same figure), then ``pooled``."""
 
     def __init__(self, extractor: str | None = None, per_expert: Mapping[str, str] | None = None) -> None:
         self.default = _extractor(extractor, "the combiner") if extractor else None
@@ -277,19 +277,25 @@ class Extraction:
         if not self.mixed or found is None:
             return found
         if _SPACED_DIGITS.fullmatch(found):
-            # A number as a text extractor writes it ("1,000" and "1.25" both lose their mark): a decimal's value
-            # as ``number`` reads it from the answer, or groups of thousands joined ("1 000" -> "1000").
-            if _DECIMAL_POINT.search(text):
-                found = extract_number(text) or found
+            # A number as a text extractor writes it, its sign, point and separators lost ("-3" reads "3",
+            # "1.250" "1 250"): its value as ``number`` reads it from the answer, where that is the same figure
+            # (the same significant digits), else groups of thousands joined ("1 000" -> "1000").
+            number = extract_number(text)
+            if number is not None and _significant(number) == _significant(found):
+                found = number
             elif _THOUSANDS.fullmatch(found):
                 found = found.replace(" ", "")
         return pooled(found)
 
 
-# What ``extract_short`` leaves of a number: digits, in groups where it had separators or a decimal point.
+# What ``extract_short`` leaves of a number: digits, in groups where it had separators, a point or a sign.
 _SPACED_DIGITS = re.compile(r"\d+( \d+)*")
 _THOUSANDS = re.compile(r"\d{1,3}( \d{3})+")
-_DECIMAL_POINT = re.compile(r"\d\.\d")
+
+
+def _significant(number: str) -> str:
+    """``number``'s digits without its leading and trailing zeros: "1 250" and "1.25", "5" and "0.5" match."""
+    return re.sub(r"\D", "", number).strip("0")
 
 
 def pooled(answer: str) -> str:

@@ -524,6 +524,10 @@ def test_answers_read_by_different_extractors_are_pooled_before_they_are_counted
     result = numbers.combine([WeightedAnswer("e1", 0.3, "Answer: 1,000"), WeightedAnswer("e2", 0.3, "1 000"),
                               WeightedAnswer("e3", 0.4, "999")])
     assert result.expert == "e1" and [c.agreed for c in result.contributions] == [True, True, False]
+    # a sign read by short is kept: "-3" is -3, not 3
+    result = numbers.combine([WeightedAnswer("e2", 0.3, "-3"), WeightedAnswer("n1", 0.3, "3"),
+                              WeightedAnswer("n2", 0.4, "-3")])
+    assert result.expert == "n2" and [c.agreed for c in result.contributions] == [True, False, True]
     # a decimal read by short is its value, not a thousands number: "1.250" is 1.25, not 1250
     result = numbers.combine([WeightedAnswer("n1", 0.3, "1250"), WeightedAnswer("e2", 0.3, "1.250"),
                               WeightedAnswer("n2", 0.4, "1.25")])
