@@ -133,8 +133,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     config = _load(args.config, check_env=False)
     _check_train_data(config, args.config)
     gate = train_from_config(config, progress=True, feedback=args.feedback, drop_unknown=args.drop_unknown_experts)
-    summary = {"artifact": str(config.resolve(config.gate.artifact)), "experts": gate.experts,
-               "metrics": gate.metadata.as_dict()["metrics"]}
+    metrics = gate.metadata.as_dict()["metrics"]
+    if gate.metadata.uncosted_pick_share is not None:  # beside metrics in gate.json (format 1's metrics are fixed)
+        metrics["uncosted_pick_share"] = gate.metadata.uncosted_pick_share
+    summary = {"artifact": str(config.resolve(config.gate.artifact)), "experts": gate.experts, "metrics": metrics}
     fit = getattr(gate, "fit", None)  # a two-stage gate (gate.cascade): its threshold and validation figures
     if fit is not None:
         summary["cascade"] = fit.as_dict()

@@ -227,6 +227,9 @@ def test_train_says_what_the_outcome_gate_chose(tmp_path: Path, capsys: pytest.C
     saved = json.loads((tmp_path / "gate" / "gate.json").read_text(encoding="utf-8"))
     assert said["outcome_gate"]["success_model"] == saved["success_model"]
     assert saved["success_model"]["kind"] == "knn" and saved["success_model"]["prior"] in ("overall", "task")
+    # No costs recorded: routed_cost is null, and the summary says why, as gate.json does beside its metrics
+    assert said["metrics"]["routed_cost"] is None and said["metrics"]["uncosted_pick_share"] == 1.0
+    assert saved["uncosted_pick_share"] == 1.0 and "uncosted_pick_share" not in saved["metrics"]
 
 
 def test_training_data_naming_a_removed_expert_is_refused_unless_told_to_leave_it_out(
