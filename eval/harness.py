@@ -150,7 +150,8 @@ def run_suite(name: str, data_dir: str | Path | None, out: str | Path, *, encode
         results = {"metrics": body.pop("metrics"), "suite": name, "command": command, "setup": setup, **body,
                    "notes": [*body.pop("notes", []), *ctx.notes]}
         write_results(ctx.out, results)
-        _publish(ctx.out, final)
+        with _signals_held():  # Ctrl-C or SIGTERM waits for the few renames, then stops the run as it would
+            _publish(ctx.out, final)
     except BaseException:
         # A run that fails (bad data, a broken cache, Ctrl-C) leaves --out as it found it: what it wrote so far
         # is in its staging folder, removed here, with any folder it created for --out.
@@ -184,16 +185,18 @@ def _publish(stage: Path, out: Path) -> None:
     new = sorted(entry.name for entry in stage.iterdir())
     aside = stage / ".previous"
     aside.mkdir()
-    moved: list[str] = []  # the earlier run's names, now in ``aside``
-    placed: list[str] = []  # this run's names, now in ``out``
+    # Each name is listed before its move: an interrupt between the two leaves it listed, and putting back a file
+    # that never moved fails quietly.
+    moved: list[str] = []  # the earlier run's names, moved into ``aside``
+    placed: list[str] = []  # this run's names, moved into ``out``
     try:
         for name in dict.fromkeys((*HARNESS_OUTPUTS, *new)):
             if (out / name).exists() or (out / name).is_symlink():
-                os.replace(out / name, aside / name)
                 moved.append(name)
+                os.replace(out / name, aside / name)
         for name in new:
-            os.replace(stage / name, out / name)
             placed.append(name)
+            os.replace(stage / name, out / name)
     except BaseException as exc:  # an OSError, or Ctrl-C or SIGTERM part way: the earlier run's files go back
         for name in placed:
             with contextlib.suppress(OSError):
@@ -211,20 +214,32 @@ def _publish(stage: Path, out: Path) -> None:
         log.warning("--out %s: could not remove all of %s (the earlier run's files); remove it by hand", out, stage)
 
 
+# A staging folder untouched this long is an abandoned run's, whatever host it names: no suite runs for a day.
+ABANDONED_AFTER_S = 86_400.0
+
+
 def _remove_abandoned(out: Path) -> None:
-    """Remove the staging folders in ``out`` of runs on this host whose process is gone (killed: SIGKILL, a power
-    cut); another host's (or container's) are left alone, as its processes cannot be seen from here."""
+    """Remove the staging folders in ``out`` of killed runs (SIGKILL, an out-of-memory kill, a power cut): one of
+    this host whose process is gone, and any untouched for ``ABANDONED_AFTER_S`` (another host's or container's,
+    whose processes cannot be seen from here; a container's host name is new each time)."""
     here = socket.gethostname()
     for folder in out.glob(f"{_STAGING}*"):
         pid, _, rest = folder.name.removeprefix(_STAGING).partition("@")
-        if not pid.isdecimal() or int(pid) == os.getpid() or rest.rpartition("-")[0] != here:
-            continue
         try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            shutil.rmtree(folder, ignore_errors=True)
-        except OSError:  # alive, another user's: left alone
-            pass
+            stale = time.time() - folder.stat().st_mtime > ABANDONED_AFTER_S
+        except OSError:
+            continue
+        if not stale and (not pid.isdecimal() or int(pid) == os.getpid() or rest.rpartition("-")[0] != here):
+            continue
+        if not stale:
+            try:
+                os.kill(int(pid), 0)
+                continue  # alive
+            except ProcessLookupError:
+                pass
+            except OSError:  # alive, another user's: left alone
+                continue
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _check_own_data(suite: str, train: str | Path | None, test: str | Path | None) -> None:
@@ -328,6 +343,33 @@ def _summary(results: dict[str, Any]) -> str:
              *([f"{len(figures)} figure(s)"] if figures else [])]
     wrote = ", ".join(files[:-1]) + " and " + files[-1]
     return f"{results['suite']}: {shown}\nwrote {wrote} to {results['setup'].get('out')}"
+
+
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """SIGINT and SIGTERM noted while the block runs (on the main thread, where Python handles them), and handled
+    as they would have been once it ends. Their Python handlers are swapped, not the threads' signal masks: a
+    signal sent to the process reaches whichever thread does not block it, and onnxruntime's threads do not."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+
+    def note(signum: int, frame: object) -> None:
+        caught.append(signum)
+
+    previous: dict[int, Any] = {s: signal.signal(s, note) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if caught:
+            handler = previous[caught[0]]
+            if callable(handler):
+                handler(caught[0], None)
+            elif handler == signal.SIG_DFL:
+                os.kill(os.getpid(), caught[0])
 
 
 @contextlib.contextmanager

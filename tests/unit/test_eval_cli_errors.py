@@ -347,6 +347,36 @@ def test_a_killed_runs_staging_folder_is_removed_by_the_next_run(tmp_path: Path,
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == sorted(kept)
 
 
+def test_a_staging_folder_untouched_for_a_day_is_removed_whatever_host_it_names(tmp_path: Path,
+                                                                              fast_static: None) -> None:
+    """A container's host name is new each time, so a killed container's folder never matched this host's."""
+    train = _write(tmp_path / "train.jsonl", _rows(20))
+    test = _write(tmp_path / "test.jsonl", _rows(5, prefix="t"))
+    out = tmp_path / "out"
+    old = out / ".partial-17@3f9a1c2b7d4e-abc"
+    (old / "split").mkdir(parents=True)
+    os.utime(old, (time.time() - 2 * 86_400, time.time() - 2 * 86_400))
+    _jsonl_run(tmp_path, train, test, out)
+    assert not old.exists()
+
+
+def test_a_signal_during_the_publish_waits_for_it() -> None:
+    """Ctrl-C or SIGTERM between the renames could leave a file moved aside and not put back (or a second one
+    could stop the putting back): they are held until the renames are done, then delivered."""
+    import signal
+
+    from eval.harness import _signals_held
+
+    done = []
+    with pytest.raises(KeyboardInterrupt):
+        with _signals_held():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.2)
+            done.append("renamed")
+        time.sleep(1)
+    assert done == ["renamed"]
+
+
 def test_sigterm_stops_a_run_as_ctrl_c_does() -> None:
     """timeout, docker stop and a cancelled CI job send SIGTERM, which skipped the cleanup and left the staging
     folder; while moe eval runs it is SystemExit(143), which the cleanup sees, and the handler is put back."""
