@@ -4,7 +4,6 @@ the combiner and by name. Before, such an expert had to be given examples, and t
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 from pathlib import Path
@@ -20,6 +19,7 @@ from router.orchestrator import Orchestrator
 from router.service import create_app
 from router.train import train_from_config
 from tests.doubles.fakes import FakeExpert
+from tests.support import snips_first
 
 INTENTS = ["GetWeather", "PlayMusic", "BookRestaurant"]
 QUERIES = ["what's the weather in Paris tomorrow", "play the new album by Adele", "book a table for two tonight"]
@@ -41,12 +41,8 @@ def trained(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> tuple[P
     """A gate trained from 20 SNIPS queries per intent and 5 lines labelled for the unrouted judge; the warnings
     training logged."""
     folder = tmp_path_factory.mktemp("unrouted")
-    rows: list[dict[str, str]] = []
-    with open(data_dir / "snips" / "snips_2017_custom_intents.csv", encoding="utf-8") as fh:
-        for row in csv.DictReader(fh):
-            if row["split"] == "train" and row["intent"] in INTENTS and \
-                    sum(r["label"] == row["intent"] for r in rows) < 20:
-                rows.append({"query": row["text"], "label": row["intent"]})
+    rows = [{"query": text, "label": label} for text, label in snips_first(data_dir, 20, 0)["train"]
+            if label in INTENTS]
     rows += [{"query": f"do these answers agree, case {i}?", "label": "judge"} for i in range(5)]
     (folder / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     logged: list[str] = []
