@@ -69,6 +69,7 @@ from router.combine import (
     Combiner,
     TopOne,
     WeightedAnswer,
+    answer_embeddings,
     build_combiner,
     choice_embedding,
     extract_choice,
@@ -278,10 +279,12 @@ def _recorded(rows: Sequence[Any], models: Sequence[str], which: np.ndarray, out
 
 
 def _text_embedding(ctx: SuiteContext, rec: Recorded, panels: np.ndarray) -> Embed:
-    """The gate encoder's embeddings of the panel responses that consensus compares as text, embedded at once."""
+    """The embeddings of the panel responses that consensus compares as text, embedded at once, as serving's
+    ``consensus`` embeds answers (``answer_embeddings``: start and end, with the gate encoder)."""
     texts = sorted({rec.texts[i][j] for i, panel in enumerate(panels) if answer_format(rec.tasks[i])[0] is None
                     for j in panel})
-    vectors = dict(zip(texts, ctx.encoder.encode(texts), strict=True)) if texts else {}
+    vectors = (dict(zip(texts, answer_embeddings(ctx.encoder.encode, texts, ctx.encoder.max_length), strict=True))
+               if texts else {})
     return lambda answers: np.stack([vectors[a] for a in answers])
 
 

@@ -431,6 +431,26 @@ def choice_embedding(texts: Sequence[str]) -> np.ndarray:
     return out
 
 
+# The characters of an answer's end that ``answer_embeddings`` embeds beside its start, per token the encoder reads:
+# about three, a little less than English takes, so the end is within what the encoder reads of it.
+ANSWER_END_TOKENS_TO_CHARS = 3
+
+
+def answer_embeddings(encode: Embed, texts: Sequence[str], max_length: int | None) -> np.ndarray:
+    """``consensus``'s embeddings of answers: each answer's start and its end, side by side, each unit length (a
+    cosine of two rows is the mean of their starts' and their ends' cosines). ``encode`` reads only an answer's first
+    ``max_length`` tokens (None: 256), so two chains of thought that begin alike and conclude apart looked the same;
+    a short answer's end is its start."""
+    starts = np.asarray(encode(texts), dtype=np.float32)
+    reach = ANSWER_END_TOKENS_TO_CHARS * (max_length or 256)
+    long = [i for i, text in enumerate(texts) if len(text) > reach]
+    ends = starts.copy()
+    if long:
+        ends[long] = encode([texts[i][-reach:] for i in long])
+    halves = [h / np.maximum(np.linalg.norm(h, axis=1, keepdims=True), 1e-12) for h in (starts, ends)]
+    return np.concatenate(halves, axis=1)
+
+
 class Consensus(Combiner):
     """The answer closest (cosine) to the weight-averaged embedding of all answers.
 

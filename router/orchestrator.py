@@ -67,7 +67,15 @@ from experts.base import Expert
 from experts.errors import ExpertConfigError, ExpertError
 from experts.types import ChatMessage, ChatRequest, ExpertReply
 from router.breaker import Breakers
-from router.combine import Combined, Combiner, EmptyAnswer, TopOne, WeightedAnswer, build_combiner
+from router.combine import (
+    Combined,
+    Combiner,
+    EmptyAnswer,
+    TopOne,
+    WeightedAnswer,
+    answer_embeddings,
+    build_combiner,
+)
 from router.config import ROUTED_MODEL, RouterConfig
 from router.decide import Decider, GateLike, NoCapableExpert, blocking_capabilities, needed_capabilities
 from router.dispatch import Capacity, Dispatcher, StreamOutcome, StreamPiece, skipped
@@ -126,11 +134,6 @@ class RouteFailed(AllExpertsFailed):
 class StreamEnd:
     trace: Trace
     finish_reason: str
-
-
-# The characters of an answer's end that ``consensus`` embeds beside its start, per token the encoder reads: about
-# three, a little less than English takes, so the end is within what the encoder reads of it.
-ANSWER_END_TOKENS_TO_CHARS = 3
 
 
 class Orchestrator:
@@ -255,19 +258,9 @@ class Orchestrator:
         return self._combiners[strategy]
 
     def _embed(self, texts: Sequence[str]) -> np.ndarray:
-        """``consensus``'s answer embeddings: each answer's start and its end, side by side, each unit length (a
-        cosine of two rows is the mean of their starts' and their ends' cosines). The encoder reads only an
-        answer's first ``max_length`` tokens, so two chains of thought that begin alike and conclude apart looked
-        the same; a short answer's end is its start."""
+        """``consensus``'s answer embeddings (``answer_embeddings``, with the gate's encoder)."""
         encoder = self.gate.encoder
-        starts = np.asarray(encoder.encode(texts), dtype=np.float32)
-        reach = ANSWER_END_TOKENS_TO_CHARS * (getattr(encoder, "max_length", None) or 256)
-        long = [i for i, text in enumerate(texts) if len(text) > reach]
-        ends = starts.copy()
-        if long:
-            ends[long] = encoder.encode([texts[i][-reach:] for i in long])
-        halves = [h / np.maximum(np.linalg.norm(h, axis=1, keepdims=True), 1e-12) for h in (starts, ends)]
-        return np.concatenate(halves, axis=1)
+        return answer_embeddings(encoder.encode, texts, getattr(encoder, "max_length", None))
 
     async def complete(self, request: ChatRequest, *, strategy: str | None = None,
                        on_trace: Callable[[Trace], None] | None = None,
