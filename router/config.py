@@ -18,7 +18,7 @@ import types
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, Union, get_args, get_origin
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 import yaml
 from pydantic import (
@@ -854,6 +854,11 @@ def _redis_url_problem(name: str, url: str, *, is_set: bool) -> str | None:
         return (f"environment variable {name} holds a Redis URL whose host or port cannot be read (a port is a "
                 "number from 0 to 65535, an IPv6 host is written in [...]); percent-encode a password's '/', '?', "
                 "'#' and '@'")
+    tls = sorted(k for k in parse_qs(urlsplit(url).query) if k.startswith("ssl")) if scheme != "rediss" else []
+    if tls:  # redis-py hands them to a connection that takes none: every command would raise TypeError
+        return (f"environment variable {name} holds a {scheme}:// URL with the TLS option(s) "
+                f"{', '.join(map(repr, tls))}, which only a rediss:// URL takes: use rediss:// for TLS, or leave "
+                "them out")
     return None
 
 

@@ -289,15 +289,16 @@ def test_a_redis_refusing_the_credentials_stops_the_start_naming_the_variable_an
 def test_a_url_option_the_connection_does_not_take_is_a_config_error(build: str) -> None:
     """An ssl_* option on a redis:// URL passed every check, then each command raised TypeError: moe serve and
     moe train died with a traceback."""
-    url = "redis://:s3cret-pw@127.0.0.1:1/0?ssl_cert_reqs=none"
-    with pytest.raises(ConfigError) as info:
-        if build == "state":
-            build_state(StateConfig(backend="redis"), {"MOE_REDIS_URL": url})
-        else:
-            check_redis(StateConfig(backend="redis"), {"MOE_REDIS_URL": url})
-    [(key, message)] = info.value.problems
-    assert key == "state.url_env" and "option 'ssl_cert_reqs'" in message and "rediss://" in message
-    assert "s3cret" not in str(info.value)
+    for url, says in (("redis://:s3cret-pw@127.0.0.1:1/0?ssl_cert_reqs=none", "TLS option(s) 'ssl_cert_reqs'"),
+                      ("redis://:s3cret-pw@127.0.0.1:1/0?bogus_option=1", "option 'bogus_option'")):
+        with pytest.raises(ConfigError) as info:
+            if build == "state":
+                build_state(StateConfig(backend="redis"), {"MOE_REDIS_URL": url})
+            else:
+                check_redis(StateConfig(backend="redis"), {"MOE_REDIS_URL": url})
+        [(key, message)] = info.value.problems
+        assert key == "state.url_env" and says in message, message
+        assert "s3cret" not in str(info.value)
 
 
 def test_a_redis_that_answers_ping_with_an_error_stops_the_start(redis_url: str) -> None:

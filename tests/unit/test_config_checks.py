@@ -393,6 +393,18 @@ def test_a_redis_url_variable_that_holds_no_redis_url_is_named_without_its_value
         assert parse_config(raw).state.url_env == "MOE_TEST_REDIS"
 
 
+def test_a_tls_option_on_a_plain_redis_url_is_named_by_moe_config_check(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An ssl_* option on a redis:// URL passed moe config check; moe serve and moe train then refused it (once
+    redis-py's connection took it for an unknown argument)."""
+    monkeypatch.setenv("MOE_TEST_REDIS", "redis://:s3cret-pw@h:6379/0?ssl_cert_reqs=none&socket_timeout=2")
+    raw = {"version": 1, "experts": [expert()], "state": {"backend": "redis", "url_env": "MOE_TEST_REDIS"}}
+    message = problems(raw)["state.url_env"]
+    assert message == ("environment variable MOE_TEST_REDIS holds a redis:// URL with the TLS option(s) "
+                       "'ssl_cert_reqs', which only a rediss:// URL takes: use rediss:// for TLS, or leave them out")
+    monkeypatch.setenv("MOE_TEST_REDIS", "rediss://:s3cret-pw@h:6380/0?ssl_cert_reqs=none")
+    assert parse_config(raw).state.url_env == "MOE_TEST_REDIS"
+
+
 @pytest.mark.parametrize(("url", "says"), [
     ("redis://:RedisPw9x/Zz8+Q==@127.0.0.1:6390/0", "with a '@' past its host"),
     ("redis://default:Pw#9x@h:6379/0", "with a '@' past its host"),
