@@ -224,22 +224,27 @@ def _remove_abandoned(out: Path) -> None:
     whose processes cannot be seen from here; a container's host name is new each time)."""
     here = socket.gethostname()
     for folder in out.glob(f"{_STAGING}*"):
-        pid, _, rest = folder.name.removeprefix(_STAGING).partition("@")
-        try:
-            stale = time.time() - folder.stat().st_mtime > ABANDONED_AFTER_S
-        except OSError:
-            continue
-        if not stale and (not pid.isdecimal() or int(pid) == os.getpid() or rest.rpartition("-")[0] != here):
-            continue
-        if not stale:
-            try:
-                os.kill(int(pid), 0)
-                continue  # alive
-            except ProcessLookupError:
-                pass
-            except OSError:  # alive, another user's: left alone
-                continue
-        shutil.rmtree(folder, ignore_errors=True)
+        if _abandoned(folder, here):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _abandoned(folder: Path, here: str) -> bool:
+    """Whether staging ``folder`` is a killed run's (``_remove_abandoned``); ``here``: this host's name."""
+    try:
+        if time.time() - folder.stat().st_mtime > ABANDONED_AFTER_S:
+            return True
+    except OSError:
+        return False
+    pid, _, rest = folder.name.removeprefix(_STAGING).partition("@")
+    if not pid.isdecimal() or int(pid) == os.getpid() or rest.rpartition("-")[0] != here:
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # alive, another user's
+        return False
+    return False
 
 
 def _check_own_data(suite: str, train: str | Path | None, test: str | Path | None) -> None:

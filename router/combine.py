@@ -604,8 +604,9 @@ def _clipped(text: str, room: int) -> str:
     if len(text) <= room:
         return text
     keep = max(room, 0)
-    start, end = text[:keep // 2], text[len(text) - (keep - keep // 2):] if keep - keep // 2 else ""
-    return f"{start}\n[... {len(text) - keep:,} characters left out ...]\n{end}"
+    tail = keep - keep // 2
+    end = text[len(text) - tail:] if tail else ""
+    return f"{text[:keep // 2]}\n[... {len(text) - keep:,} characters left out ...]\n{end}"
 
 
 def _clipped_end(text: str, room: int) -> str:
@@ -668,18 +669,15 @@ class Escalate(Combiner):
         if self.agreed(answers) is not None:
             return self.vote.combine(answers)
         own = next((a for a in answers if a.expert == self.aggregator), None)
-        rest = [a for a in answers if a is not own]
-        if own is not None and own.blank and rest:
-            # As an escalation call that answered with no text counts: the vote of the rest of the panel stands
-            # (a vote that reads no answer falls back to the heaviest, which must not be the blank one).
-            voted = self.vote.combine(rest)
+        if own is not None and own.blank:
+            # As an escalation call that answered with no text counts: the vote of the rest of the panel stands (a
+            # vote that reads no answer falls back to the heaviest, which must not be the blank one), or, where it
+            # answered alone, its blank answer, marked as such.
+            voted = self.vote.combine([a for a in answers if a is not own] or answers)
             agreed = {c.expert: c for c in voted.contributions}
             contributions = [agreed.get(a.expert, Contribution(expert=a.expert, weight=a.weight, agreed=False))
                              for a in answers]
             return dataclasses.replace(voted, contributions=contributions,
-                                       fallback=EmptyAnswer(self.aggregator, "answered with no text"))
-        if own is not None and own.blank:  # its blank answer is all there is: it stands, marked as such
-            return dataclasses.replace(self.vote.combine(answers),
                                        fallback=EmptyAnswer(self.aggregator, "answered with no text"))
         if own is not None:  # the escalation expert sat on the panel: its answer is already here
             return self.result(answers, own.content)

@@ -208,10 +208,7 @@ def _collect_outcomes(config: RouterConfig, paths: list[Path], drop_unknown: boo
         found = load_outcome_lines(path)
         unknown = _unknown(config, path, "expert", ((number, [*r.outcomes, *r.cost]) for number, r in found),
                            drop_unknown)
-        kept = [r for _, r in found] if not unknown else [replace(
-            r, outcomes={e: v for e, v in r.outcomes.items() if e not in unknown},
-            cost={e: v for e, v in r.cost.items() if e not in unknown},
-            answers={e: v for e, v in r.answers.items() if e not in unknown}) for _, r in found]
+        kept = [_without(r, unknown) for _, r in found]
         records += [r for r in kept if r.outcomes]
     return records
 
@@ -256,19 +253,24 @@ def _routed_only(config: RouterConfig, data: TrainingData) -> TrainingData:
         out = replace(data, texts=[data.texts[i] for i in kept], labels=[data.labels[i] for i in kept],
                       config_examples=sum(1 for i in kept if i < data.config_examples))
     else:
-        records = [replace(r, outcomes={e: v for e, v in r.outcomes.items() if e not in unrouted},
-                           cost={e: v for e, v in r.cost.items() if e not in unrouted},
-                           answers={e: v for e, v in r.answers.items() if e not in unrouted}) for r in data.records]
         left = sum(1 for r in data.records if set(r.outcomes) & unrouted)
-        out = replace(data, records=[r for r in records if r.outcomes])
+        out = replace(data, records=[r for r in (_without(r, unrouted) for r in data.records) if r.outcomes])
     if left:
-        what = ("the %d labelled example(s) naming %s" if data.kind == "label"
-                else "%s outcomes in the %d record(s) scoring %s")
-        counted = (left, "it" if len(unrouted) == 1 else "them") if data.kind == "label" else \
-            ("its" if len(unrouted) == 1 else "their", left, "it" if len(unrouted) == 1 else "them")
-        log.warning("the gate does not route to %s (routed: false), so it trains without " + what,
-                    ", ".join(map(repr, sorted(unrouted))), *counted)
+        them = "it" if len(unrouted) == 1 else "them"
+        what = (f"the {left} labelled example(s) naming {them}" if data.kind == "label"
+                else f"{'its' if len(unrouted) == 1 else 'their'} outcomes in the {left} record(s) scoring {them}")
+        log.warning("the gate does not route to %s (routed: false), so it trains without %s",
+                    ", ".join(map(repr, sorted(unrouted))), what)
     return out
+
+
+def _without(record: OutcomeRecord, experts: Collection[str]) -> OutcomeRecord:
+    """``record`` without the outcomes, costs and answers of ``experts`` (itself when it names none of them)."""
+    if not experts or not (set(record.outcomes) | set(record.cost) | set(record.answers)) & set(experts):
+        return record
+    return replace(record, outcomes={e: v for e, v in record.outcomes.items() if e not in experts},
+                   cost={e: v for e, v in record.cost.items() if e not in experts},
+                   answers={e: v for e, v in record.answers.items() if e not in experts})
 
 
 def _check_routable(config: RouterConfig, trained: set[str]) -> None:
