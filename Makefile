@@ -53,7 +53,7 @@ results: $(STAMP)
 	$(BIN)/python -m eval.results --out out/results --peer-suites '$(PEER_SUITES)'
 
 # docker-compose.cpu.yml on this host's Docker engine: builds the router image, starts the profile, queries it
-# (tests/docker). MOE_PYTHON_IMAGE, MOE_REDIS_IMAGE and MOE_PIP_NO_INDEX pass through (README.md's Deployment section; wheelhouse/README.md for the last).
+# (tests/docker). MOE_PYTHON_IMAGE, MOE_REDIS_IMAGE, MOE_TORCH_INDEX_URL and MOE_PIP_NO_INDEX pass through (README.md's Deployment section; wheelhouse/README.md for the last).
 docker-test: $(STAMP)
 	$(BIN)/pytest -q -s -m docker tests/docker
 

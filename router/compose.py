@@ -58,6 +58,7 @@ __all__ = [
     "REDIS_VOLUME",
     "ROUTER_SERVICE",
     "STOP_MARGIN_S",
+    "TORCH_INDEX_URL",
     "VLLM_IMAGE",
     "VLLM_PORT",
     "ComposeError",
@@ -89,6 +90,9 @@ REDIS_SERVICE = "redis"
 # Debian mirror by deploy/docker/base-image.sh on a host without Docker Hub; MOE_PIP_NO_INDEX=1 builds the router
 # from ./wheelhouse alone (`make wheelhouse`).
 PYTHON_IMAGE = "python:3.11-slim"
+# Where the image's CPU torch comes from, as the Dockerfile's TORCH_INDEX_URL argument defaults to it (a unit test
+# keeps the two equal); MOE_TORCH_INDEX_URL names a mirror of PyTorch's CPU index at `docker compose build`.
+TORCH_INDEX_URL = "https://download.pytorch.org/whl/cpu"
 # Replay recordings: the host's shared data folder, read-only in the router.
 DATA_PATH = "/data"
 DATA_MOUNT = "${MOE_DATA_DIR:-../shared/data}:" + DATA_PATH + ":ro"
@@ -400,6 +404,7 @@ def _router_service(config: RouterConfig, config_path: str, experts: list[str], 
     return {
         "build": {"context": ".", "dockerfile": "Dockerfile",
                   "args": {"PYTHON_IMAGE": f"${{MOE_PYTHON_IMAGE:-{PYTHON_IMAGE}}}",
+                           "TORCH_INDEX_URL": f"${{MOE_TORCH_INDEX_URL:-{TORCH_INDEX_URL}}}",
                            "PIP_NO_INDEX": "${MOE_PIP_NO_INDEX:-0}"}},
         "environment": environment,
         "volumes": volumes,

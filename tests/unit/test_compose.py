@@ -17,6 +17,7 @@ from router.compose import (
     PYTHON_IMAGE,
     REDIS_VOLUME,
     ROUTER_SERVICE,
+    TORCH_INDEX_URL,
     ComposeError,
     dump_compose,
     expected_endpoint,
@@ -167,7 +168,7 @@ def test_dockerfile_installs_cpu_torch_first_and_serves_the_config() -> None:
     # The base is an argument whose default is the one the compose files pass when MOE_PYTHON_IMAGE is unset.
     assert re.search(rf"^ARG PYTHON_IMAGE={re.escape(PYTHON_IMAGE)}$", text, re.M)
     assert re.search(r"^FROM \$\{PYTHON_IMAGE\} AS base$", text, re.M)
-    assert re.search(r"^ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu$", text, re.M)
+    assert re.search(rf"^ARG TORCH_INDEX_URL={re.escape(TORCH_INDEX_URL)}$", text, re.M)
     torch = text.index('pip install --index-url "$TORCH_INDEX_URL" torch==2.13.0')
     assert torch < text.index("pip install .")
     # No BuildKit frontend image to pull (a `# syntax=` line) and no heredoc, which only that frontend parses:

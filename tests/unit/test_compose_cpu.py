@@ -86,6 +86,7 @@ def test_cpu_profile_runs_replay_experts_without_a_gpu() -> None:
     assert not any(v.startswith("feedback:") for v in router["volumes"])
     assert compose["volumes"] == {"redis-data": {}}
     assert router["build"]["args"] == {"PYTHON_IMAGE": "${MOE_PYTHON_IMAGE:-python:3.11-slim}",
+                                       "TORCH_INDEX_URL": "${MOE_TORCH_INDEX_URL:-https://download.pytorch.org/whl/cpu}",
                                        "PIP_NO_INDEX": "${MOE_PIP_NO_INDEX:-0}"}
 
 
