@@ -513,6 +513,8 @@ class FusePromptTooLong(ExpertError):
 
 # An answer cut shorter than this says too little to fuse: the aggregator is not asked then.
 _FUSE_LEAST_CHARS = 200
+# Room kept beside a cut answer for the marker saying how much was left out, and its newlines.
+_CLIP_MARKER_CHARS = 60
 
 
 class Fuse(Combiner):
@@ -566,14 +568,17 @@ class Fuse(Combiner):
         room, text = self.max_chars, user(self.max_chars)
         limit = self.max_prompt_chars
         if limit is not None and len(system) + len(text) > limit:
-            # Each answer gets an equal share of what the rest leaves, its marker and block heading included.
+            # What the rest leaves is shared out as water fills a vessel: an answer shorter than its share is kept
+            # whole and its unused room goes to the longer ones, which are all cut to the same length (each
+            # keeping 60 characters for its marker).
             fixed = len(system) + len(user(0)) - sum(len(_clipped(a.content, 0)) for a in ordered)
-            room = (limit - fixed) // len(ordered) - 60
+            room = _level(sorted(min(len(a.content), self.max_chars) for a in ordered), limit - fixed,
+                          _CLIP_MARKER_CHARS)
             if room < _FUSE_LEAST_CHARS:
                 raise FusePromptTooLong(self.aggregator, (
                     f"not asked: the fuse prompt cannot fit service.max_prompt_chars ({limit:,}): the question, the "
                     f"conversation and the instructions alone take {fixed:,} characters, leaving the "
-                    f"{len(ordered)} answers under {_FUSE_LEAST_CHARS} each"))
+                    f"longest answers under {_FUSE_LEAST_CHARS} each"))
             text = user(room)
         return [ChatMessage(role="system", content=system), ChatMessage(role="user", content=text)]
 
@@ -596,6 +601,18 @@ class Fuse(Combiner):
     async def acombine(self, query: str, answers: list[WeightedAnswer], aggregate: Aggregate, *,
                        history: Sequence[ChatMessage] = ()) -> Combined:
         return await self.fuse(query, answers, aggregate, history)
+
+
+def _level(lengths: Sequence[int], total: int, marker: int) -> int:
+    """The most characters each text may keep when texts of ``lengths`` (ascending) share ``total``: a text no longer
+    than the result is kept whole; a longer one keeps the result plus ``marker`` characters for what says it was cut."""
+    for i, length in enumerate(lengths):
+        share = total // (len(lengths) - i) - marker
+        if length <= share:
+            total -= length
+            continue
+        return share
+    return max(lengths, default=0)
 
 
 def _clipped(text: str, room: int) -> str:

@@ -1,4 +1,5 @@
 import asyncio
+import re
 from collections.abc import Sequence
 from typing import get_args
 
@@ -348,6 +349,22 @@ def test_fuse_fits_its_prompt_to_max_prompt_chars_or_is_not_asked() -> None:
     result = asyncio.run(fuse.acombine("q" * 99_000, answers, aggregator))
     assert result.expert == "e0" and isinstance(result.fallback, FusePromptTooLong)
     assert result.fallback.kind == "prompt_too_long" and "service.max_prompt_chars (100,000)" in str(result.fallback)
+
+
+def test_fuse_gives_short_answers_unused_room_to_the_long_one() -> None:
+    """Every answer was cut to an equal share of the room: three one-line answers left most of theirs unused while
+    the long one, whose end states its result, was cut to a quarter of the room."""
+    long = "Step. " * 2000 + "So the answer is (D)."
+    answers = [WeightedAnswer("a", 0.4, long), *(WeightedAnswer(e, 0.2, f"It is ({e.upper()}).") for e in "bcd")]
+    system, user = Fuse("agg", max_prompt_chars=3000).messages("Which one?", answers)
+    assert len(str(system.content)) + len(str(user.content)) <= 3000
+    assert all(f"It is ({e.upper()})." in str(user.content) for e in "bcd")
+    left_out = int(re.search(r"\[\.\.\. ([\d,]+) characters left out", str(user.content))[1].replace(",", ""))
+    kept = len(long) - left_out
+    # The whole room less the instructions, the question, the short answers and the headings: over 1,500 here,
+    # where an equal quarter share kept under 600.
+    assert kept > 3000 - len(str(system.content)) - 400, kept
+    assert "So the answer is (D)." in str(user.content)
 
 
 def test_fuse_gives_the_aggregator_the_conversation_and_its_instructions() -> None:
