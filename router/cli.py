@@ -108,9 +108,12 @@ def cmd_serve_replay(args: argparse.Namespace) -> int:
 
 
 def cmd_config_check(args: argparse.Namespace) -> int:
+    import os
+
     from router.build import expert_problems, loading_problems, nested_loading_problems
     from router.config import ConfigError
     from router.gate_artifact import is_trained
+    from router.state_redis import redis_url_problems
 
     config = _load(args.file, check_env=not args.no_env)
     artifact = config.resolve(config.gate.artifact)
@@ -118,6 +121,8 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     # the trained gate (its encoder, its files, the experts it covers, a two-stage part, learned vote weights),
     # said now: loaded as serve loads it; and so for each router nested in process.
     problems = expert_problems(config) + loading_problems(config) + nested_loading_problems(config)
+    if not args.no_env:  # the Redis URL's options, as redis-py reads them (no connection is made)
+        problems += redis_url_problems(config.state, os.environ)
     if problems:
         raise ConfigError(args.file, problems)
     trained = is_trained(artifact)

@@ -61,7 +61,7 @@ if TYPE_CHECKING:
     from router.encoders import Encoder
 
 __all__ = ["RedisBreakerStore", "RedisFeedbackStore", "RedisRateStore", "SharedState", "build_shared_state",
-           "check_redis", "redis_url"]
+           "check_redis", "redis_url", "redis_url_problems"]
 
 log = logging.getLogger("router.state")  # under "router": the service writes it as JSON lines
 
@@ -436,6 +436,23 @@ class SharedState:
             await self.rate_store.aclose()
         if isinstance(self.breaker_store, RedisBreakerStore):
             self.breaker_store.close()
+
+
+def redis_url_problems(config: StateConfig, environ: Mapping[str, str]) -> list[tuple[str, str]]:
+    """What ``moe serve`` would refuse in the URL ``state.url_env`` names, found without connecting: its client is
+    built (redis-py reads the URL and its options) and closed. ``moe config check`` says it; nothing for
+    ``backend: memory``."""
+    if config.backend == "memory":
+        return []
+    try:
+        url = redis_url(config, environ)
+        _redis_module()
+        import redis
+
+        _from_url(redis.Redis.from_url, url, config).close()
+    except ConfigError as exc:
+        return exc.problems
+    return []
 
 
 def check_redis(config: StateConfig, environ: Mapping[str, str], *, timeout_s: float = 2.0) -> None:

@@ -86,6 +86,24 @@ def test_config_check_lists_every_problem(tmp_path: Path, capsys: pytest.Capture
     assert "gate.default_expert: references expert 'writer', which is not defined" in err
 
 
+def test_config_check_names_a_redis_url_option_no_connection_takes(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """``?bogus_option=1`` on the Redis URL passed moe config check, and moe serve then refused it: the check reads
+    the URL's options as redis-py does, without connecting (nothing listens on port 1)."""
+    config = tmp_path / "redis.yaml"
+    config.write_text("version: 1\nexperts:\n  - {name: a, type: openai, endpoint: 'http://127.0.0.1:9/v1', model: m,"
+                      " examples: [hello]}\nstate: {backend: redis, url_env: MOE_TEST_REDIS}\n")
+    monkeypatch.setenv("MOE_TEST_REDIS", "redis://:s3cret-pw@127.0.0.1:1/0?bogus_option=1")
+    assert main(["config", "check", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "state.url_env: environment variable MOE_TEST_REDIS holds a URL whose option 'bogus_option'" in err
+    assert "s3cret" not in err
+    assert main(["config", "check", str(config), "--no-env"]) == 0  # the environment is not read
+    monkeypatch.setenv("MOE_TEST_REDIS", "redis://:s3cret-pw@127.0.0.1:1/0?socket_timeout=2")
+    capsys.readouterr()
+    assert main(["config", "check", str(config)]) == 0, capsys.readouterr().err
+
+
 def test_config_check_names_a_key_that_is_not_a_string(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """A mis-indented ``8000:`` at the top level once crashed ``moe config check`` with an IndexError."""
     bad = tmp_path / "bad.yaml"
