@@ -21,8 +21,10 @@ balancer enforce one rate limit per key and agree on which experts are broken.
   kept locally, and an answer that cannot be remembered is logged and can still be rated by query and expert.
 
 The rate-limit and breaker stores degrade, not fail, when Redis is unreachable: they fall back to per-process
-state for ``retry_s`` and log one warning, so an outage of Redis loosens limits to per replica instead of failing
-every request.
+state and log one warning, so an outage of Redis loosens limits to per replica instead of failing every request.
+The rate store tries Redis again on the first request ``retry_s`` after a failure (an await: the event loop goes
+on). The breaker store's calls block, so a try would hold the event loop for up to the client's timeout: a thread
+of its own PINGs Redis every ``retry_s`` instead, and the breakers use Redis again once it answers.
 The ``redis`` package is imported lazily; install it with ``pip install redis``.
 """
 
@@ -37,6 +39,7 @@ import json
 import logging
 import re
 import ssl
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -97,33 +100,67 @@ def _redis_module() -> Any:
 
 
 class _Outage:
-    """After a Redis error, use local state for ``retry_s`` before trying Redis again. One warning per outage,
-    however many tries it takes (each further failed try logs at debug), and one line when Redis answers again
-    (``ended``, which the stores call after each call that reached it)."""
+    """After a Redis error, use local state until Redis answers again. One warning per outage, however many tries
+    it takes (each further failed try logs at debug), and one line when Redis answers again (``ended``, which the
+    stores call after each call that reached it).
+
+    Without ``probe``, the outage lasts ``retry_s``, and the next call after it tries Redis again. With ``probe``
+    (a blocking call that raises while Redis is down, PING), a daemon thread calls it every ``retry_s`` and ends
+    the outage when it returns, so no caller ever waits on a Redis that does not answer; ``close`` stops it."""
 
     def __init__(self, what: str, retry_s: float, clock: Callable[[], float] = time.monotonic, *,
-                 fallback: str = "using per-process state") -> None:
-        self.what, self.retry_s, self.clock, self.fallback = what, retry_s, clock, fallback
+                 fallback: str = "using per-process state", probe: Callable[[], object] | None = None) -> None:
+        self.what, self.retry_s, self.clock, self.fallback, self.probe = what, retry_s, clock, fallback, probe
         self._until = 0.0
         self._down = False
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._prober: threading.Thread | None = None
 
     def active(self) -> bool:
-        return self.clock() < self._until
+        return self._down if self.probe is not None else self.clock() < self._until
 
     def begin(self, exc: Exception) -> None:
         cause = redact(f"{type(exc).__name__}: {exc}")
-        if not self._down:
-            log.warning("redis unreachable for %s (%s); %s until it answers again, trying it every %.0fs",
-                        self.what, cause, self.fallback, self.retry_s)
-        else:
-            log.debug("redis still unreachable for %s (%s)", self.what, cause)
-        self._down = True
-        self._until = self.clock() + self.retry_s
+        with self._lock:
+            if not self._down:
+                log.warning("redis unreachable for %s (%s); %s until it answers again, trying it every %.0fs",
+                            self.what, cause, self.fallback, self.retry_s)
+            else:
+                log.debug("redis still unreachable for %s (%s)", self.what, cause)
+            self._down = True
+            self._until = self.clock() + self.retry_s
+            if self.probe is not None and self._prober is None and not self._stop.is_set():
+                self._prober = threading.Thread(target=self._probing, name=f"redis probe ({self.what})", daemon=True)
+                self._prober.start()
+
+    def _probing(self) -> None:
+        assert self.probe is not None
+        while not self._stop.wait(self.retry_s):
+            try:
+                self.probe()
+            except Exception as exc:  # any failure is the outage going on (logged)
+                log.debug("redis still unreachable for %s (%s)", self.what, redact(f"{type(exc).__name__}: {exc}"))
+                continue
+            with self._lock:  # under the lock: a failure begun now starts a new prober, as this one has ended
+                self._prober = None
+                self._ended()
+            return
+        with self._lock:
+            self._prober = None
 
     def ended(self) -> None:
+        with self._lock:
+            self._ended()
+
+    def _ended(self) -> None:
         if self._down:
             self._down = False
             log.warning("redis answers again for %s; shared state resumes", self.what)
+
+    def close(self) -> None:
+        """Stop the probe (a try under way ends within the client's timeout)."""
+        self._stop.set()
 
 
 class RedisRateStore:
@@ -170,7 +207,8 @@ class RedisBreakerStore:
         self.key_prefix = key_prefix
         # Also the fallback's starting point: the last state seen in Redis carries on through an outage.
         self._local = MemoryBreakerStore()
-        self._outage = _Outage("circuit breakers", retry_s)
+        # Probed off the event loop, which these blocking calls run on (see the module's notes).
+        self._outage = _Outage("circuit breakers", retry_s, probe=lambda: self.client.ping())
 
     def _key(self, expert: str) -> str:
         return f"{self.key_prefix}breaker:{expert}"
@@ -203,6 +241,7 @@ class RedisBreakerStore:
             self._outage.ended()
 
     def close(self) -> None:
+        self._outage.close()
         self.client.close()
 
 

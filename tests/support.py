@@ -8,9 +8,10 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import asynccontextmanager, contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -162,3 +163,26 @@ async def service_over(experts: list[dict[str, Any]], scores: list[float],
             yield http
     finally:
         await orchestrator.aclose()
+
+
+@contextmanager
+def hung_redis() -> Iterator[tuple[str, list[socket.socket]]]:
+    """A server that accepts connections and never replies: a hung Redis (stopped, or stuck on a slow command).
+    Its URL, and the connections it accepted so far."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(64)
+    accepted: list[socket.socket] = []
+
+    def accept() -> None:
+        with suppress(OSError):
+            while True:
+                accepted.append(listener.accept()[0])
+
+    threading.Thread(target=accept, daemon=True).start()
+    try:
+        yield f"redis://127.0.0.1:{listener.getsockname()[1]}/0", accepted
+    finally:
+        listener.close()
+        for conn in accepted:
+            conn.close()

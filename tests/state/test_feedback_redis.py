@@ -5,12 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import contextlib
-import socket
-import threading
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -29,7 +25,7 @@ from router.feedback import (
 )
 from router.service import create_app
 from router.state_redis import RedisFeedbackStore
-from tests.support import free_port
+from tests.support import free_port, hung_redis
 from tests.unit.test_feedback import ADMIN, ALICE, NAMES, SECURITY, orchestrator, sdk
 
 
@@ -164,7 +160,7 @@ async def test_an_unreachable_store_refuses_the_verdict_with_503_and_no_secret(
 def test_a_hung_redis_is_waited_for_once_per_outage_not_on_every_answer() -> None:
     """A server that accepts connections and never replies: remembering answers gives up after the short timeout,
     then skips Redis for the outage window instead of making every answer wait."""
-    with _hung_redis() as (url, accepted):
+    with hung_redis() as (url, accepted):
         store = RedisFeedbackStore.from_config(StateConfig(backend="redis"), {"MOE_REDIS_URL": url})
         try:
             for i in range(20):
@@ -198,29 +194,6 @@ def test_a_refusing_redis_is_told_apart_from_an_unreachable_one(redis_url: str,
     store.close()
 
 
-@contextlib.contextmanager
-def _hung_redis() -> Iterator[tuple[str, list[socket.socket]]]:
-    """A server that accepts connections and never replies: a hung Redis (stopped, or stuck on a slow command).
-    Its URL, and the connections it accepted so far."""
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(64)
-    accepted: list[socket.socket] = []
-
-    def accept() -> None:
-        with contextlib.suppress(OSError):
-            while True:
-                accepted.append(listener.accept()[0])
-
-    threading.Thread(target=accept, daemon=True).start()
-    try:
-        yield f"redis://127.0.0.1:{listener.getsockname()[1]}/0", accepted
-    finally:
-        listener.close()
-        for conn in accepted:
-            conn.close()
-
-
 async def test_verdicts_sent_while_redis_hangs_do_not_hold_up_answers() -> None:
     """Each verdict call on a hung Redis waits out the client's timeout on a thread. Those must not be the event
     loop's default threads, which every answer needs (remembering it, combining): verdicts sent during the hang
@@ -228,7 +201,7 @@ async def test_verdicts_sent_while_redis_hangs_do_not_hold_up_answers() -> None:
     refused at once instead of queueing for a timeout each."""
     loop = asyncio.get_running_loop()
     loop.set_default_executor(concurrent.futures.ThreadPoolExecutor(max_workers=2))
-    with _hung_redis() as (url, _):
+    with hung_redis() as (url, _):
         store = RedisFeedbackStore.from_config(StateConfig(backend="redis"), {"MOE_REDIS_URL": url}, timeout_s=1.0)
         try:
             started = time.monotonic()

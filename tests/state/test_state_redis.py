@@ -8,7 +8,7 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import httpx
 import pytest
@@ -25,7 +25,7 @@ from router.service import create_app
 from router.state_redis import RedisBreakerStore, RedisRateStore, SharedState, check_redis
 from router.state_redis import build_shared_state as build_state
 from tests.doubles.fakes import FakeExpert, FakeGate, fake_config
-from tests.support import free_port
+from tests.support import free_port, hung_redis
 
 NAMES = ["math", "code"]
 
@@ -160,15 +160,14 @@ def test_an_outage_warns_once_however_long_it_lasts_and_says_when_it_ends(
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         dead = redis.Redis.from_url(f"redis://127.0.0.1:{s.getsockname()[1]}/0", socket_connect_timeout=0.2)
-        store = RedisBreakerStore(dead, key_prefix=f"moe-test-{uuid.uuid4().hex[:8]}:")
-        now = [0.0]
-        store._outage.clock = lambda: now[0]
+        store = RedisBreakerStore(dead, key_prefix=f"moe-test-{uuid.uuid4().hex[:8]}:", retry_s=0.02)
         with caplog.at_level(logging.WARNING, logger="router.state"):
-            for second in range(60):  # a request a second through a minute of outage
-                now[0] = float(second)
+            for _ in range(30):  # requests through 30 of the probe's tries
                 store.load("math")
+                time.sleep(0.02)
+            assert store._outage.active()
             store.client = redis.Redis.from_url(redis_url)  # Redis is back
-            now[0] = 61.0
+            _wait_for(lambda: not store._outage.active())
             store.load("math")
             store.load("math")
     lines = [r.getMessage() for r in caplog.records if r.name == "router.state"]
@@ -176,6 +175,63 @@ def test_an_outage_warns_once_however_long_it_lasts_and_says_when_it_ends(
     assert lines[0].startswith("redis unreachable for circuit breakers")
     assert lines[1] == "redis answers again for circuit breakers; shared state resumes"
     store.close()
+
+
+def test_a_hung_redis_never_holds_the_breakers_calls_after_the_first(redis_url: str) -> None:
+    """Breaker calls block the event loop. After an outage's first call waited out the client's timeout, the first
+    call past each retry_s tried Redis again and waited it out too, holding every request on the replica up by the
+    timeout every 5 s while the outage lasted. A thread of the store's own tries Redis now; the calls stay local
+    until it answers, and then use it again."""
+    with hung_redis() as (url, _):
+        store = RedisBreakerStore(redis.Redis.from_url(url, socket_timeout=0.1, socket_connect_timeout=0.1),
+                                  key_prefix=f"moe-test-{uuid.uuid4().hex[:8]}:", retry_s=0.05)
+        calls: list[str] = []
+        pings: list[float] = []
+        hgetall, ping = store.client.hgetall, store.client.ping
+
+        def counted(key: str) -> object:
+            calls.append(key)
+            return hgetall(key)
+
+        def probed() -> object:
+            pings.append(time.monotonic())
+            return ping()
+
+        store.client.hgetall, store.client.ping = counted, probed  # type: ignore[method-assign]
+        store.save("math", BreakerState(state="open", trips=1))  # the outage's first call: it waits, and fails
+        for _ in range(40):  # requests through several retry_s: none of them reaches Redis
+            assert store.load("math").state == "open"
+            time.sleep(0.01)
+        assert calls == [] and len(pings) >= 2, (calls, pings)
+        assert store._outage.active()
+        # Redis answers again: the probe sees it, and the calls after it read and write Redis.
+        up = redis.Redis.from_url(redis_url)
+        store.client.ping = up.ping  # type: ignore[method-assign]
+        store.client.hgetall = counted  # type: ignore[method-assign]
+        hgetall = up.hgetall
+        _wait_for(lambda: not store._outage.active())
+        assert store.load("math") == BreakerState() and calls == [store._key("math")]
+        assert store._outage._prober is None  # it ended when Redis answered
+        store.close()
+
+
+def test_closing_the_breaker_store_stops_its_probe() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        store = RedisBreakerStore(redis.Redis.from_url(f"redis://127.0.0.1:{s.getsockname()[1]}/0"), retry_s=0.02)
+        store.load("math")
+        prober = store._outage._prober
+        assert prober is not None and prober.is_alive()
+        store.close()
+        prober.join(2.0)
+        assert not prober.is_alive()
+
+
+def _wait_for(done: Callable[[], bool], timeout_s: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not done():
+        assert time.monotonic() < deadline, "not within 5 s"
+        time.sleep(0.01)
 
 
 def test_memory_is_the_default_and_redis_needs_its_url_variable(redis_url: str) -> None:
