@@ -38,13 +38,14 @@ error message ever shows a key or a header's value. ``headers=`` are sent with e
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import math
 import re
 import uuid
 import weakref
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from pathlib import Path
@@ -411,11 +412,14 @@ class _Protocol:
                        f"{response.text[:200]!r}", "code": "invalid_response"}}, response.headers)
 
     @staticmethod
-    def cut_short() -> RouterConnectionError:
+    def cut_short(headers: Mapping[str, str] | None = None) -> RouterConnectionError:
         """A stream that ended without its ``[DONE]`` line: the service (or a proxy before it) broke off part way,
-        so the answer may be incomplete; a ``RouterConnectionError`` as a connection that breaks is."""
-        return RouterConnectionError("the service's stream ended before its [DONE] line: the answer may be cut "
-                                     "short", "incomplete_stream")
+        so the answer may be incomplete; a ``RouterConnectionError`` as a connection that breaks is, with the
+        stream's response ``headers`` (its ``x-request-id``)."""
+        error = RouterConnectionError("the service's stream ended before its [DONE] line: the answer may be cut "
+                                      "short", "incomplete_stream")
+        error.headers = dict(headers or {})
+        return error
 
     @staticmethod
     def _chunk(body: dict[str, Any]) -> StreamChunk:
@@ -429,26 +433,31 @@ class _Protocol:
                            logprobs=choice.get("logprobs"), reasoning_content=reasoning_of(delta) or "")
 
     @staticmethod
-    def stream_chunk(line: str) -> StreamChunk | None:
+    def stream_chunk(line: str, headers: Mapping[str, str] | None = None) -> StreamChunk | None:
+        """The chunk a stream's ``line`` holds, None for a line that says nothing; the error it holds raised as a
+        ``RouterAPIError`` with the stream's response ``headers`` (its ``x-request-id``, which the service's log
+        line is under)."""
         if not line.startswith("data: ") or line == "data: [DONE]":
             return None
         try:
             body = json.loads(line[6:])
         except ValueError:
             raise RouterAPIError(200, {"error": {"message": f"the service's stream held an event that is not "
-                                                            f"JSON: {line[:200]!r}", "code": "invalid_response"}}
-                                 ) from None
+                                                            f"JSON: {line[:200]!r}", "code": "invalid_response"}},
+                                 headers) from None
         if not isinstance(body, dict):
             raise RouterAPIError(200, {"error": {"message": f"the service's stream held an event that is not a "
                                                             f"JSON object: {line[:200]!r}",
-                                                 "code": "invalid_response"}})
+                                                 "code": "invalid_response"}}, headers)
         if "error" in body:
-            # The service's status, had the failure come before the stream began (see service._all_failed).
+            # The service's status, had the failure come before the stream began (see service._all_failed; an
+            # internal error is its 500).
             from router.fallback import AllExpertsFailed
 
             error = body["error"]
-            code = error.get("code") if isinstance(error, dict) else None
-            raise RouterAPIError(AllExpertsFailed.STATUS_BY_CODE.get(str(code), 503), body)
+            code = str(error.get("code") if isinstance(error, dict) else None)
+            status = 500 if code == "internal_error" else AllExpertsFailed.STATUS_BY_CODE.get(code, 503)
+            raise RouterAPIError(status, body, headers)
         if body.get("choices") == []:
             return None  # the usage chunk (stream_options.include_usage): the trace has the usage already
         try:
@@ -457,7 +466,7 @@ class _Protocol:
             raise RouterAPIError(200, {"error": {"message": f"the service's stream held an event that is not a "
                                                             f"chat completion chunk ({type(exc).__name__}: "
                                                             f"{_first_line(exc)}): {line[:200]!r}",
-                                                 "code": "invalid_response"}}) from exc
+                                                 "code": "invalid_response"}}, headers) from exc
         # The opening chunk names only the role: nothing to hand on (LocalRouter's streams have none either).
         said = (chunk.content or chunk.tool_calls or chunk.refusal or chunk.reasoning_content or chunk.logprobs
                 or chunk.finish_reason or chunk.trace)
@@ -510,11 +519,11 @@ class Client(_Protocol):
             done = False
             for line in response.iter_lines():
                 done = done or line == "data: [DONE]"
-                chunk = self.stream_chunk(line)
+                chunk = self.stream_chunk(line, response.headers)
                 if chunk is not None:
                     yield chunk
             if not done:
-                raise self.cut_short()
+                raise self.cut_short(response.headers)
 
     def route(self, query: str) -> RouteDecision:
         with self.reaching():
@@ -550,14 +559,36 @@ class Client(_Protocol):
 
 
 class AsyncClient(_Protocol):
-    """An asyncio client for a running service."""
+    """An asyncio client for a running service.
+
+    Its connections belong to the event loop that opened them, and close when that loop shuts down
+    (``asyncio.run``'s end) if ``aclose`` has not closed them before: used on another loop (a second
+    ``asyncio.run``), it opens new ones there."""
 
     def __init__(self, base_url: str = "http://127.0.0.1:8000", *, api_key: str | None = None,
                  timeout: Timeout = 120.0, transport: httpx.AsyncBaseTransport | None = None,
                  headers: Mapping[str, str] | None = None) -> None:
         super().__init__(base_url, api_key, timeout, headers)
-        self._http = httpx.AsyncClient(base_url=self.base_url, headers=self.headers, timeout=timeout,
-                                       transport=transport, limits=LIMITS)
+
+        def build() -> httpx.AsyncClient:
+            return httpx.AsyncClient(base_url=self.base_url, headers=self.headers, timeout=timeout,
+                                     transport=transport, limits=LIMITS)
+
+        self._build = build
+        self._pool = build()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._keeper: AsyncGenerator[None] | None = None
+        self._closed = False
+
+    async def _here(self) -> httpx.AsyncClient:
+        """This event loop's connections (see the class's notes); a closed client stays closed on any loop."""
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop and not self._closed:
+            if self._loop is not None:
+                self._pool = self._build()
+            self._loop, self._keeper = loop, _closed_with_loop(self._pool)
+            await anext(self._keeper)
+        return self._pool
 
     async def chat(self, messages: Messages, *, model: str = "auto", combiner: str | None = None,
                    deadline_s: float | None = None, budget_usd: float | None = None,
@@ -566,7 +597,8 @@ class AsyncClient(_Protocol):
         body = self.chat_body(messages, model, False, params, "AsyncClient")
         headers = self.chat_headers(combiner, deadline_s, budget_usd)
         with self.reaching(timeout):
-            response = await self._http.post("/v1/chat/completions", json=body, headers=headers, timeout=timeout)
+            http = await self._here()
+            response = await http.post("/v1/chat/completions", json=body, headers=headers, timeout=timeout)
             return self.read(response, self.chat_result, "a chat completion")
 
     def stream(self, messages: Messages, *, model: str = "auto", combiner: str | None = None,
@@ -581,51 +613,68 @@ class AsyncClient(_Protocol):
     async def _stream(self, body: dict[str, Any], headers: dict[str, str],
                       timeout: Timeout | UseClientDefault) -> AsyncIterator[StreamChunk]:
         with self.reaching(timeout):
-            async with self._http.stream("POST", "/v1/chat/completions", json=body, headers=headers,
-                                         timeout=timeout) as response:
+            http = await self._here()
+            async with http.stream("POST", "/v1/chat/completions", json=body, headers=headers,
+                                   timeout=timeout) as response:
                 if response.is_error or not self.is_event_stream(response):
                     await response.aread()
                     raise self.refused_stream(response)
                 done = False
                 async for line in response.aiter_lines():
                     done = done or line == "data: [DONE]"
-                    chunk = self.stream_chunk(line)
+                    chunk = self.stream_chunk(line, response.headers)
                     if chunk is not None:
                         yield chunk
                 if not done:
-                    raise self.cut_short()
+                    raise self.cut_short(response.headers)
 
     async def route(self, query: str) -> RouteDecision:
         with self.reaching():
-            return self.read(await self._http.post("/v1/route", json={"query": query}), RouteDecision.model_validate,
+            http = await self._here()
+            return self.read(await http.post("/v1/route", json={"query": query}), RouteDecision.model_validate,
                              "a route decision")
 
     async def route_batch(self, queries: Sequence[str], capacity: Mapping[str, int] | None = None) -> list[str]:
         """``Client.route_batch``."""
         with self.reaching():
-            return self.read(await self._http.post("/v1/route/batch", json=self.route_batch_body(queries, capacity)),
+            http = await self._here()
+            return self.read(await http.post("/v1/route/batch", json=self.route_batch_body(queries, capacity)),
                              self.assignments, "a batch's assignments")
 
     async def experts(self) -> list[dict[str, Any]]:
         with self.reaching():
-            return self.read(await self._http.get("/v1/experts"), self.expert_list, "a list of experts")
+            http = await self._here()
+            return self.read(await http.get("/v1/experts"), self.expert_list, "a list of experts")
 
     async def feedback(self, *, request_id: str | None = None, query: str | None = None, expert: str | None = None,
                        good: bool | None = None, score: float | None = None,
                        note: str | None = None) -> FeedbackRecord:
         with self.reaching():
             body = self.feedback_body(request_id, query, expert, good, score, note)
-            return self.read(await self._http.post("/v1/feedback", json=body), FeedbackRecord.model_validate,
+            http = await self._here()
+            return self.read(await http.post("/v1/feedback", json=body), FeedbackRecord.model_validate,
                              "a feedback record")
 
     async def aclose(self) -> None:
-        await self._http.aclose()
+        self._closed = True
+        # Another loop's connections can be closed on that loop alone, which does so when it shuts down.
+        if self._loop is None or self._loop is asyncio.get_running_loop():
+            await self._pool.aclose()
 
     async def __aenter__(self) -> AsyncClient:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
+
+
+async def _closed_with_loop(client: httpx.AsyncClient) -> AsyncGenerator[None]:
+    """Parked at its yield, it closes ``client`` on its event loop (where alone it can be closed) when the loop shuts
+    down (``asyncio.run``'s end) or once it is collected, by the loop's finalizer for async generators (PEP 525)."""
+    try:
+        yield
+    finally:
+        await client.aclose()
 
 
 @contextlib.contextmanager

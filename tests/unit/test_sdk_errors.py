@@ -4,6 +4,7 @@ error answer keeps its status, code and headers; ``LocalRouter`` raises what ``C
 
 from __future__ import annotations
 
+import asyncio
 import email.utils
 import json
 import socket
@@ -245,6 +246,56 @@ async def test_a_stream_that_is_not_one_or_ends_early_is_an_error_not_silence() 
             broken = kind == "cut"
             assert isinstance(info.value, RouterConnectionError) == broken, kind
             assert info.value.status == (0 if broken else 200), kind
+
+
+async def test_an_error_mid_stream_keeps_the_stream_s_headers_and_the_status_the_service_would_have_sent() -> None:
+    """An error event mid-stream lost the response's headers (its x-request-id, which the service's log line is
+    under), and an internal error (the service's 500 before a stream begins) was reported as 503, which a caller
+    retries as an outage."""
+    started = ('data: {"id": "c1", "model": "math", "choices": [{"index": 0, "delta": {"content": "par"}, '
+               '"finish_reason": null}]}\n\n')
+    events = {
+        500: {"error": {"message": "internal error (KeyError) while handling a stream; the service log has the "
+                                   "details", "type": "server_error", "param": None, "code": "internal_error"}},
+        503: {"error": {"message": "every expert failed", "type": "server_error", "param": None,
+                        "code": "all_experts_failed"}},
+    }
+    for status, event in events.items():
+        text = f"{started}data: {json.dumps(event)}\n\ndata: [DONE]\n\n"
+        transport = httpx.MockTransport(lambda request, t=text: httpx.Response(  # type: ignore[misc]
+            200, text=t, headers={"content-type": "text/event-stream", "x-request-id": "req-7"}))
+        with Client("http://router", transport=transport) as client, pytest.raises(RouterAPIError) as sync:
+            list(client.stream("hi"))
+        async with AsyncClient("http://router", transport=transport) as aclient:
+            with pytest.raises(RouterAPIError) as asynced:
+                [c async for c in aclient.stream("hi")]
+        for info in (sync, asynced):
+            assert (info.value.status, info.value.code) == (status, event["error"]["code"])
+            assert info.value.headers.get("x-request-id") == "req-7"
+    transport = httpx.MockTransport(lambda request: httpx.Response(
+        200, text=started, headers={"content-type": "text/event-stream", "x-request-id": "req-8"}))
+    with Client("http://router", transport=transport) as client, pytest.raises(RouterConnectionError) as cut:
+        list(client.stream("hi"))
+    assert cut.value.code == "incomplete_stream" and cut.value.headers.get("x-request-id") == "req-8"
+
+
+def test_an_async_client_serves_one_event_loop_after_another() -> None:
+    """An AsyncClient used in a second asyncio.run raised a bare RuntimeError ("Event loop is closed"): its
+    connections were the first loop's. Each loop now gets connections of its own."""
+    event = (b'data: {"id": "x", "model": "m", "choices": [{"index": 0, "delta": {"content": "ok"}, '
+             b'"finish_reason": "stop"}]}\n\ndata: [DONE]\n\n')
+    with ScriptedOpenAIServer(name="svc") as server:
+        server.default = Behaviour.raw(event, content_type="text/event-stream")
+        client = AsyncClient(server.url.removesuffix("/v1"))
+
+        async def ask() -> list[str]:
+            return [c.content async for c in client.stream("hi")]
+
+        assert asyncio.run(ask()) == ["ok"]
+        assert asyncio.run(ask()) == ["ok"]  # the first loop is closed now
+        asyncio.run(client.aclose())
+        with pytest.raises(RuntimeError, match="closed"):  # closed stays closed, on any loop
+            asyncio.run(ask())
 
 
 def test_a_stream_the_service_ends_before_its_done_line_is_a_router_connection_error() -> None:
