@@ -583,8 +583,33 @@ def _tool_choice(choice: dict[str, Any] | str | bool | None, names: list[str]) -
 
 
 def _wire(messages: list[BaseMessage]) -> list[dict[str, Any]]:
-    converted = convert_to_openai_messages(messages)
+    converted = convert_to_openai_messages([_chat_completions(m) if isinstance(m, AIMessage) else m
+                                            for m in messages])
     return converted if isinstance(converted, list) else [converted]
+
+
+# An AI message's standard (v1) content blocks that a Chat Completions message carries elsewhere (tool calls, in
+# ``tool_calls``) or not at all (reasoning): an upstream refuses them as content parts.
+_NOT_CONTENT = frozenset({"tool_call", "invalid_tool_call", "tool_call_chunk", "reasoning"})
+
+
+def _chat_completions(message: AIMessage) -> AIMessage:
+    """``message`` as a Chat Completions assistant message holds it, as langchain-openai sends one: an answer in
+    standard content blocks (``output_version="v1"``) keeps its text (without annotations) and its refusal, and
+    leaves out its tool-call and reasoning blocks."""
+    if not isinstance(message.content, list):
+        return message
+    content: list[str | dict[str, Any]] = []
+    for block in message.content:
+        kind = block.get("type") if isinstance(block, dict) else None
+        if kind == "text" and isinstance(block, dict):
+            content.append({"type": "text", "text": block.get("text", "")})
+        elif kind == "refusal" and isinstance(block, dict):
+            if block.get("refusal"):
+                content.append({"type": "refusal", "refusal": block["refusal"]})
+        elif kind not in _NOT_CONTENT:
+            content.append(block)
+    return message.model_copy(update={"content": content})
 
 
 def _metadata(expert: str, finish_reason: str | None, trace: Trace) -> dict[str, Any]:

@@ -9,7 +9,7 @@ from typing import Any
 import httpx
 import pytest
 from fastapi import FastAPI
-from langchain_core.messages import AIMessage, AIMessageChunk, HumanMessage, SystemMessage
+from langchain_core.messages import AIMessage, AIMessageChunk, HumanMessage, SystemMessage, ToolMessage
 from langchain_core.output_parsers import StrOutputParser
 from langchain_core.prompts import ChatPromptTemplate
 from langchain_core.runnables import RunnableLambda
@@ -178,6 +178,28 @@ async def test_bound_tools_are_sent_and_tool_calls_come_back() -> None:
     assert message.tool_calls == [{"name": "add", "args": {"a": 2, "b": 3}, "id": "call_1", "type": "tool_call"}]
     sent = app.state.fake_experts["code"].requests[-1]
     assert sent.tools is not None and sent.tools[0]["function"]["name"] == "add"
+
+
+async def test_a_tool_round_trip_in_standard_content_blocks_sends_chat_completions_messages() -> None:
+    """With output_version="v1" the answer's content holds a tool_call block; sent back in the history, it went
+    upstream as a content part ({"type": "tool_call", ...}), which OpenAI and vLLM refuse for an assistant."""
+    @tool
+    def add(a: int, b: int) -> int:
+        """Add two integers."""
+        return a + b
+
+    app = make_app(tools=True)
+    model = model_for(app, output_version="v1").bind_tools([add])
+    answer = await model.ainvoke("what is 2 + 3?")
+    assert isinstance(answer, AIMessage) and any(
+        isinstance(b, dict) and b.get("type") == "tool_call" for b in answer.content)
+    reasoned = answer.model_copy(update={"content": [{"type": "reasoning", "reasoning": "add them"},
+                                                     {"type": "text", "text": "Adding.", "annotations": []},
+                                                     *answer.content]})
+    await model.ainvoke([HumanMessage("what is 2 + 3?"), reasoned, ToolMessage("5", tool_call_id="call_1")])
+    sent = app.state.fake_experts["code"].requests[-1].model_dump(exclude_none=True)["messages"][1]
+    assert sent["role"] == "assistant" and sent["content"] in ("Adding.", [{"type": "text", "text": "Adding."}])
+    assert [c["function"]["name"] for c in sent["tool_calls"]] == ["add"]
 
 
 async def test_the_combiner_is_sent_for_calls_and_refused_names_surface() -> None:
