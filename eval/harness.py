@@ -41,6 +41,7 @@ from eval import coldstart_suite, combine_suite, routerbench_combine
 from eval import labels as label_suites
 from eval import routing as outcome_suites
 from eval.embeddings import CachedEncoder, default_cache_dir
+from eval.peer import SPLIT_PARTS
 from eval.report import HARNESS_FIGURES, write_results
 from eval.suite import PREDICTIONS, SuiteContext, check_limit, warnings_once
 from router.encoders import Encoder
@@ -113,6 +114,7 @@ def run_suite(name: str, data_dir: str | Path | None, out: str | Path, *, encode
     check_limit(limit)
     for flag, path in (("--train", train), ("--test", test)):
         _check_readable(flag, path)
+        _check_not_replaced(flag, path, Path(out))
     _check_out(Path(out))
     if isinstance(encoder, str):
         try:
@@ -163,9 +165,11 @@ def run_suite(name: str, data_dir: str | Path | None, out: str | Path, *, encode
     return results
 
 
-# Everything a suite run writes into --out: a run replaces them all, so a reused --out never pairs one run's
-# results with another's split, predictions or figures. Any other file there is left alone.
-HARNESS_OUTPUTS = ("results.json", "report.md", PREDICTIONS, "split", *HARNESS_FIGURES)
+# Everything a suite run writes into --out, as paths under it: a run replaces them all, so a reused --out never
+# pairs one run's results with another's split, predictions or figures. Any other file there, split/ included, is
+# left alone.
+HARNESS_OUTPUTS = ("results.json", "report.md", PREDICTIONS, *(f"split/{part}.jsonl" for part in SPLIT_PARTS),
+                   *HARNESS_FIGURES)
 
 
 # A run's staging folder in --out: this prefix, the process id, a random part.
@@ -180,22 +184,29 @@ def _staging_prefix() -> str:
 
 def _publish(stage: Path, out: Path) -> None:
     """Move a finished run's files from ``stage`` into ``out``, in place of an earlier run's (``HARNESS_OUTPUTS``,
-    and any other name this run writes), and remove ``stage``. The earlier files are moved aside first and put
-    back if a move fails, so ``out`` holds one run's files or the other's; a ``ValueError`` names ``out`` then."""
-    new = sorted(entry.name for entry in stage.iterdir())
+    and any other path this run writes), and remove ``stage``. The earlier files are moved aside first and put
+    back if a move fails, so ``out`` holds one run's files or the other's; a ``ValueError`` names ``out`` then.
+    Files by file: a folder holding them (``split/``) keeps whatever else it holds."""
+    new = sorted(p.relative_to(stage).as_posix() for p in stage.rglob("*") if not p.is_dir())
     aside = stage / ".previous"
     aside.mkdir()
     # Each name is listed before its move: an interrupt between the two leaves it listed, and putting back a file
     # that never moved fails quietly.
     moved: list[str] = []  # the earlier run's names, moved into ``aside``
     placed: list[str] = []  # this run's names, moved into ``out``
+    made: list[Path] = []  # the folders made in ``out`` for them
     try:
         for name in dict.fromkeys((*HARNESS_OUTPUTS, *new)):
             if (out / name).exists() or (out / name).is_symlink():
                 moved.append(name)
+                (aside / name).parent.mkdir(parents=True, exist_ok=True)
                 os.replace(out / name, aside / name)
         for name in new:
             placed.append(name)
+            folder = (out / name).parent
+            if not folder.exists():
+                made.append(folder)
+                folder.mkdir(parents=True)
             os.replace(stage / name, out / name)
     except BaseException as exc:  # an OSError, or Ctrl-C or SIGTERM part way: the earlier run's files go back
         for name in placed:
@@ -204,14 +215,34 @@ def _publish(stage: Path, out: Path) -> None:
         for name in moved:
             with contextlib.suppress(OSError):
                 os.replace(aside / name, out / name)
+        for folder in reversed(made):
+            with contextlib.suppress(OSError):
+                folder.rmdir()
         if not isinstance(exc, OSError):
             raise
         raise ValueError(f"--out {out}: cannot put this run's files in place of the earlier run's "
                          f"({exc.strerror or exc}: {exc.filename or ''}); the earlier run's are left as they were"
                          ) from None
+    for folder in dict.fromkeys((out / name).parent for name in HARNESS_OUTPUTS):
+        if folder != out:  # emptied of an earlier run's files, with nothing else in it (rmdir refuses otherwise)
+            with contextlib.suppress(OSError):
+                folder.rmdir()
     shutil.rmtree(stage, ignore_errors=True)  # the earlier run's files, and the emptied staging folder
     if stage.exists():
         log.warning("--out %s: could not remove all of %s (the earlier run's files); remove it by hand", out, stage)
+
+
+def _check_not_replaced(flag: str, path: str | Path | None, out: Path) -> None:
+    """A ``--train``/``--test`` file that is one of the files this run writes into ``out`` (a run's
+    ``split/train.jsonl`` given back with the same ``--out``): the run would replace the user's data with its own
+    copy, so it is refused before any work."""
+    if path is None:
+        return
+    given = Path(path).resolve()
+    for name in HARNESS_OUTPUTS:
+        if (out / name).resolve() == given:
+            raise ValueError(f"{flag} {path} is {name} in --out {out}, which this run writes in its place; copy it "
+                             "elsewhere first, or give another --out")
 
 
 # A staging folder untouched this long is an abandoned run's, whatever host it names: no suite runs for a day.

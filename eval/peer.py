@@ -22,7 +22,7 @@ from typing import Any
 from eval.datasets import LabelledQuery
 from eval.report import write_results
 
-__all__ = ["PEER_KEY", "attach_peer", "score_semantic_router", "write_split"]
+__all__ = ["PEER_KEY", "SPLIT_PARTS", "attach_peer", "score_semantic_router", "write_split"]
 
 PEER_KEY = "peer_semantic_router"
 SPLIT_PARTS = ("train", "val", "test")

@@ -398,14 +398,38 @@ def test_a_run_replaces_every_file_an_earlier_run_wrote(tmp_path: Path, fast_sta
     test = _write(tmp_path / "test.jsonl", _rows(5, prefix="t"))
     out = tmp_path / "out"
     (out / "split").mkdir(parents=True)
-    (out / "split" / "stale.jsonl").write_text("{}\n", encoding="utf-8")
+    (out / "split" / "val.jsonl").write_text("{}\n", encoding="utf-8")
     for name in ("predictions.jsonl", "quality_cost.png", "mine.txt"):
         (out / name).write_text("old", encoding="utf-8")
     _jsonl_run(tmp_path, train, test, out)
     names = set(_tree(out))
-    assert "split/stale.jsonl" not in names and "quality_cost.png" not in names and "mine.txt" in names
+    assert "quality_cost.png" not in names and "mine.txt" in names
+    assert (out / "split" / "val.jsonl").read_text(encoding="utf-8") != "{}\n"
     assert (out / "predictions.jsonl").read_text(encoding="utf-8") != "old"
     assert json.loads((out / "results.json").read_text(encoding="utf-8"))["setup"]["out"] == str(out)
+
+
+def test_a_run_leaves_a_users_own_files_in_split_and_never_replaces_its_own_input(
+        tmp_path: Path, fast_static: None) -> None:
+    """A run moved the whole split/ folder aside and deleted it: a user's notes and hand-labelled hold-out in
+    out/split were lost, and with --train out/split/train.jsonl the user's own training file was replaced by the
+    run's copy."""
+    out = tmp_path / "proj"
+    (out / "split").mkdir(parents=True)
+    train = _write(out / "split" / "train.jsonl", _rows(20))
+    test = _write(out / "split" / "test.jsonl", _rows(5, prefix="t"))
+    (out / "split" / "README.txt").write_text("my notes", encoding="utf-8")
+    before = _tree(out)
+    with pytest.raises(ValueError, match=rf"^--train {re.escape(str(train))} is split/train.jsonl in --out "
+                                         rf"{re.escape(str(out))}, which this run writes in its place"):
+        _jsonl_run(tmp_path, train, test, out)
+    assert _tree(out) == before
+    mine = _write(tmp_path / "train.jsonl", _rows(20, prefix="m"))
+    _jsonl_run(tmp_path, mine, _write(tmp_path / "test.jsonl", _rows(5, prefix="t")), out)
+    after = _tree(out)
+    assert after["split/README.txt"] == b"my notes"
+    assert after["split/train.jsonl"] != before["split/train.jsonl"]  # the run's own split, with its ids
+    assert {"split/val.jsonl", "split/test.jsonl", "results.json"} <= set(after)
 
 
 # ---------------------------------------------------------------- 5: errors name the flag and the path
