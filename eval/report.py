@@ -150,7 +150,8 @@ def render_markdown(results: Mapping[str, Any]) -> str:
         lines += ["## Quality–cost curve (swept over the cost weight λ)", ""]
         lines += _table(*_rows_of(_curve_rows(results["curve"])))
     if results.get("per_class"):
-        # "#" is the label's row and column in the confusion matrix, whose figure shows indices past 40 labels.
+        # "#" is the label's row and column in the confusion matrix, whose figure shows indices past 40 labels (or
+        # where cutting long labels to fit the axes would leave two alike).
         order = {lab: i for i, lab in enumerate(results.get("labels") or results["per_class"])}
         lines += ["## Per class (gate)", ""]
         lines += _table(["#", "label", "precision", "recall", "f1", "support"],
@@ -234,33 +235,54 @@ def plot_confusion(path: Path, matrix: np.ndarray, labels: Sequence[str], title:
     rows = matrix.sum(axis=1, keepdims=True)
     norm = np.divide(matrix, rows, out=np.zeros(matrix.shape, dtype=float), where=rows > 0)
     n = len(labels)
-    named = n <= 40
+    shown = _tick_labels(labels) if n <= 40 else None
+    named = shown is not None
     # The cells' square plus room for the tick labels (about 0.07 inch a character at 8 points), so a few
     # long labels do not crush the matrix; beyond 40 labels, indices and smaller cells.
     cells = min(max(3.5, (0.35 if named else 0.17) * n), 16.0)
-    room = 0.8 + (0.07 * max((len(_clipped(lab)) for lab in labels), default=0) if named else 0.4)
+    room = 0.8 + (0.07 * max(map(len, shown), default=0) if shown is not None else 0.4)
     fig, ax = plt.subplots(figsize=(cells + room + 1.6, cells + room))
     im = ax.imshow(norm, cmap="Blues", vmin=0.0, vmax=1.0)
     fig.colorbar(im, ax=ax, label="fraction of the true label's queries", shrink=0.8)
     key = ""
-    if named:
-        shown = [_clipped(_legible(lab)) for lab in labels]
+    if shown is not None:
         ax.set_xticks(range(len(labels)), shown, rotation=90, fontsize=8)
         ax.set_yticks(range(len(labels)), shown, fontsize=8)
         if len(labels) <= 16:
             for i, j in zip(*np.nonzero(matrix), strict=True):
                 ax.text(j, i, str(matrix[i, j]), ha="center", va="center", fontsize=6,
                         color="white" if norm[i, j] > 0.5 else "black")
-    else:  # too many to name on the axes: indices, keyed by report.md's per-class table
+    else:  # too many to name on the axes, or names that tell no two apart: indices, keyed by report.md's table
         key = " (index: the # column of report.md's per-class table)"
-        ax.set_xticks(range(0, n, 5), [str(i) for i in range(0, n, 5)], fontsize=7)
-        ax.set_yticks(range(0, n, 5), [str(i) for i in range(0, n, 5)], fontsize=7)
+        step = 5 if n > 40 else 1
+        ax.set_xticks(range(0, n, step), [str(i) for i in range(0, n, step)], fontsize=7)
+        ax.set_yticks(range(0, n, step), [str(i) for i in range(0, n, step)], fontsize=7)
     _finish(plt, fig, ax, path, title, xlabel=f"predicted label{key}", ylabel=f"true label{key}")
 
 
 def _clipped(label: str, most: int = 32) -> str:
     """A tick label short enough that the figure keeps its axes: a long one ends in an ellipsis."""
     return label if len(label) <= most else label[:most - 1] + "…"
+
+
+def _middle_clipped(label: str, most: int = 32) -> str:
+    """A tick label short enough that the figure keeps its axes: a long one keeps its start and its end."""
+    if len(label) <= most:
+        return label
+    head = (most - 1) // 2
+    return label[:head] + "…" + label[len(label) - (most - 1 - head):]
+
+
+def _tick_labels(labels: Sequence[str]) -> list[str] | None:
+    """The labels as the axes show them (``_legible``, then cut to fit), cut at the end or, where that leaves two
+    alike (labels with a long shared start), in the middle; None where both leave two alike: the axes show indices
+    then."""
+    legible = [_legible(lab) for lab in labels]
+    for cut in (_clipped, _middle_clipped):
+        shown = [cut(lab) for lab in legible]
+        if len(set(shown)) == len(set(labels)):
+            return shown
+    return None
 
 
 def plot_reliability(path: Path, bins: ReliabilityBins, ece: float, title: str) -> None:

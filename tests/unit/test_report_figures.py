@@ -145,6 +145,21 @@ def test_confusion_names_its_labels_clipped_or_keys_their_indices(tmp_path: Path
     assert "| 59 | intent-59 |" in table
 
 
+def test_confusion_labels_that_share_a_long_start_stay_told_apart(tmp_path: Path, drawn: list[Any]) -> None:
+    """Cut at the end, seven labels sharing a 40-character start all read "customer support escalation que…", and
+    three CJK labels (each character escaped to six) all read their first five characters."""
+    shared = [f"customer support escalation queue for {name}" for name in ("PlayMusic", "GetWeather", "RateBook")]
+    cjk = ["客户服务请求：退款", "客户服务请求：发票", "客户服务请求：物流"]
+    alike = ["x" * 40 + "a" + "y" * 40, "x" * 40 + "b" + "y" * 40]  # alike at both ends: indices
+    for name, labels in (("shared", shared), ("cjk", cjk), ("alike", alike)):
+        plot_confusion(tmp_path / f"{name}.png", np.eye(len(labels), dtype=int), labels, name)
+    by_end, by_cjk, by_index = ([t.get_text() for t in ax.get_xticklabels()] for ax in drawn)
+    assert len(set(by_end)) == 3 and all(len(t) <= 32 and t.startswith("customer supp") for t in by_end)
+    assert [t.endswith(n[-8:]) for t, n in zip(by_end, shared, strict=True)] == [True] * 3
+    assert len(set(by_cjk)) == 3
+    assert by_index == ["0", "1"] and "index: the # column" in drawn[2].get_xlabel()
+
+
 def test_quality_cost_marks_the_headline_routers_beside_the_sweep(tmp_path: Path, drawn: list[Any]) -> None:
     from eval.report import plot_quality_cost
 
