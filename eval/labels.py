@@ -134,6 +134,7 @@ def run_jsonl(ctx: SuiteContext, *, oos_label: str | None = None) -> dict[str, A
         left = f" once --oos-label {oos_label}'s are left out" if oos_label is not None else ""
         raise ValueError(f"--train {ctx.train_path}: its queries{limited} carry {len(found)} label(s)"
                          f"{': ' + repr(found[0]) if found else ''}{left}; routing needs at least two")
+    _note_label_twins(ctx, train)
     _note_unseen_labels(ctx, found, test, oos_label)
     conflicts = conflicting_labels([q.text for q in train], [q.label for q in train])
     if conflicts:  # the gate logs it while training; the report keeps it
@@ -187,6 +188,22 @@ def _note_unseen_labels(ctx: SuiteContext, trained: Sequence[str], test: Sequenc
                     "class, write the label the same way in both files")
             ctx.notes.append(note)
             print(f"warning: {note}", file=sys.stderr)
+
+
+def _note_label_twins(ctx: SuiteContext, train: Sequence[LabelledQuery]) -> None:
+    """Warn about training labels that differ from each other only in case, spaces or Unicode form (``"Billing"``
+    and ``"billing "``): most likely one class written two ways, which the gate would otherwise learn as two,
+    splitting the class's queries between them."""
+    counts = Counter(q.label for q in train)
+    twins: dict[str, list[str]] = {}
+    for label in label_order(counts):
+        twins.setdefault(_text_key(label), []).append(label)
+    for group in (g for g in twins.values() if len(g) > 1):
+        listed = ", ".join(f"{label!r} ({counts[label]})" for label in group)
+        note = (f"training labels {listed} differ only in case, spaces or Unicode form, and are learned as "
+                f"{len(group)} classes; if they are one class, write its label one way")
+        ctx.notes.append(note)
+        print(f"warning: {note}", file=sys.stderr)
 
 
 def _folder(ctx: SuiteContext, name: str) -> Any:
