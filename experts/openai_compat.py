@@ -52,6 +52,7 @@ from experts.errors import (
     ExpertServerError,
     ExpertTimeout,
     ExpertUnavailable,
+    NoRecording,
 )
 from experts.http_client import AiohttpClient, HttpClient, HttpFailure, HttpxClient
 from experts.redact import redact, userinfo
@@ -427,6 +428,12 @@ class OpenAICompatibleExpert(Expert):
         raw = content.decode("utf-8", errors="replace")
         data = _json_object(raw)
         text, labels, param = _error_body(raw, data)
+        if status == 404 and f"code {NoRecording.kind}" in labels:
+            # A replay server's (experts.replay_server) missing recording: this prompt's alone, as it is in process.
+            # Read as a 404 (a model the endpoint does not serve), it tripped the breaker, and a few unrecorded
+            # prompts locked the recorded ones out.
+            log.info("expert %s (%s): HTTP 404 failed (%s)", self.name, redact(self._url), NoRecording.kind)
+            return NoRecording(self.name, self._excerpt(text))
         failure = self._http_error(status, self._excerpt(text), labels, headers.get("retry-after"), param)
         if data is not None:  # another moe-router's error carries its trace (read for a type: router expert only)
             failure.nested = self._nested(data.get("moe"))

@@ -8,7 +8,9 @@ Built for replay experts, so a router (or any OpenAI client) can call recorded m
 
 The USD cost goes in ``usage.cost``, OpenRouter's convention, which ``OpenAICompatibleExpert`` reads back.
 Errors use OpenAI's body, ``{"error": {"message", "type", "code"}}``: unknown model and ``NoRecording`` are
-404, a malformed body 400, other expert errors 502 (503 for transient ones).
+404, a malformed body 400, other expert errors 502 (503 for transient ones). ``OpenAICompatibleExpert`` reads a
+404 with code ``no_recording`` back as ``NoRecording`` (the prompt's, which no breaker counts), not as a model the
+endpoint lacks.
 
 ``moe serve-replay --config configs/demo.yaml --port 8001`` serves a router config's replay experts with it (the
 command lives in ``router.cli``: reading a router config is the router's business, not the experts').

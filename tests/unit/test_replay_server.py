@@ -179,6 +179,27 @@ async def test_openai_client_plain_and_streamed(app: FastAPI, mbpp_row: RouterBe
             await client.chat.completions.create(model="gpt4", messages=[{"role": "user", "content": "??"}])
 
 
+async def test_a_missing_recording_over_http_is_this_prompt_s_not_the_expert_s(app: FastAPI) -> None:
+    """Behind moe serve-replay, a missing recording came back as a 404, which a router reads as a model the endpoint
+    does not serve: a breaker failure, so a few unrecorded prompts locked every expert out, recorded prompts too.
+    It is the NoRecording it is in process, which the breaker does not count."""
+    from experts.errors import NoRecording
+    from experts.types import ChatMessage, ChatRequest
+    from router.breaker import classify
+
+    context = ExpertContext(transport=httpx.ASGITransport(app=app))
+    expert = build_expert(ExpertConfig.model_validate({
+        "name": "remote", "type": "openai", "endpoint": "http://replay/v1", "model": "gpt4"}), context)
+    with pytest.raises(NoRecording) as info:
+        await expert.generate(ChatRequest(messages=[ChatMessage(role="user", content="a prompt nobody recorded")]))
+    assert "no recording" in str(info.value) and classify(info.value) == "success"
+    unknown = build_expert(ExpertConfig.model_validate({
+        "name": "other", "type": "openai", "endpoint": "http://replay/v1", "model": "nobody"}), context)
+    with pytest.raises(Exception) as missing:  # a model the endpoint does not serve stays the expert's failure
+        await unknown.generate(ChatRequest(messages=[ChatMessage(role="user", content="hi")]))
+    assert classify(missing.value) == "failure"  # type: ignore[arg-type]
+
+
 def test_duplicate_expert_names_are_refused(data_dir: Path) -> None:
     expert = build_expert(_config("same", "routerbench", RB_MODEL), ExpertContext(base_dir=data_dir))
     with pytest.raises(ValueError, match="unique"):
