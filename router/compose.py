@@ -34,6 +34,7 @@ generation.
 from __future__ import annotations
 
 import math
+import os
 import posixpath
 import re
 from collections.abc import Iterable
@@ -67,6 +68,7 @@ __all__ = [
     "expected_endpoint",
     "read_config",
     "render_compose",
+    "repo_relative",
     "router_drain_s",
     "router_stop_grace_s",
     "service_name",
@@ -203,6 +205,9 @@ def _problems(config: RouterConfig, config_path: str) -> Iterable[tuple[str, str
         yield "<compose>", f"config_path_in_container must be an absolute path, got {config_path!r}"
         return
     _, artifact, feedback_dir = _container_paths(config, config_path)
+    if artifact == APP_DIR or not artifact.is_relative_to(APP_DIR):
+        yield ("gate.artifact", f"is {artifact} in the router container, outside {APP_DIR} (the repository, from "
+               "which the compose file mounts the gate): put the gate in the repository, say artifacts/gate")
     if _sqlite_feedback(config):
         if not feedback_dir.is_relative_to(ARTIFACTS_DIR):
             yield ("feedback.path", f"puts the feedback store in {feedback_dir}, but the router container can keep it "
@@ -338,8 +343,11 @@ def _container_paths(config: RouterConfig, config_path: str) -> tuple[PurePosixP
 
 def _router_volumes(config: RouterConfig, config_path: str) -> list[str]:
     config_dir, artifact, _ = _container_paths(config, config_path)
-    mounts = [_repo_mount(config_dir)]
-    if not artifact.is_relative_to(config_dir):
+    folder = _repo_mount(config_dir)
+    # The config's folder, where it is one below /app; a config at the repository's root is mounted alone (the
+    # repository over /app would hide the image's own files), and its gate beside it.
+    mounts: list[str | None] = [folder if folder is not None else _repo_mount(PurePosixPath(config_path))]
+    if folder is None or not artifact.is_relative_to(config_dir):
         mounts.append(_repo_mount(artifact))
     if _sqlite_feedback(config):
         # Verdicts are data: a named volume keeps them when the container is replaced. It goes on /app/artifacts,
@@ -452,6 +460,19 @@ def container_config_path(source: str) -> str:
     """Where the config at ``source`` (relative to the repo root) sits in the router image, which mirrors it."""
     path = PurePosixPath(posixpath.normpath(source))
     return str(APP_DIR / (path if not path.is_absolute() else PurePosixPath("configs") / path.name))
+
+
+def repo_relative(source: str | Path, root: str | Path = ".") -> str:
+    """``source`` relative to ``root``, the repository (the compose file's build context, where ``moe compose`` is
+    run): the router image mirrors it, and the compose file mounts the config's folder from it. A config outside
+    it is a ``ComposeError`` saying so."""
+    relative = os.path.relpath(os.path.abspath(source), os.path.abspath(root))
+    if relative == os.pardir or relative.startswith(os.pardir + os.sep):
+        raise ComposeError(str(source), [("<file>", (
+            f"the config is outside {os.path.abspath(root)}, the repository the router image is built from and its "
+            "folders mounted from (the compose file's build context); put it in the repository, say in configs/, "
+            "and run moe compose from the repository's root"))])
+    return PurePosixPath(Path(relative)).as_posix()
 
 
 def dump_compose(config: RouterConfig, *, written: Any = None, source: str = "configs/compose.yaml",

@@ -163,6 +163,33 @@ def test_router_reads_the_config_it_was_rendered_from(compose: dict[str, Any]) -
     assert mounts["/app/artifacts/gate"] == "./artifacts/gate"
 
 
+def test_a_config_at_the_repository_root_is_mounted_with_its_gate_and_one_outside_is_refused(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """A config at the root got no mount at all (its folder is /app, which is not mounted over the image), so the
+    container had no gate and would not start; a config outside the repository was refused for its feedback.path,
+    which it never set."""
+    from router.cli import main
+
+    repo = tmp_path / "repo"
+    (repo / "sub").mkdir(parents=True)
+    config = repo / "router.yaml"
+    config.write_text("version: 1\nexperts:\n  - {name: a, type: openai, endpoint: 'http://10.0.0.5:8000/v1', "
+                      "model: m, examples: [hi]}\ngate: {artifact: artifacts/gate}\n", encoding="utf-8")
+    monkeypatch.chdir(repo)
+    assert main(["compose", "router.yaml"]) == 0
+    router = yaml.safe_load(capsys.readouterr().out)["services"][ROUTER_SERVICE]
+    assert "MOE_CONFIG=/app/router.yaml" in router["environment"]
+    assert router["volumes"][:2] == ["./router.yaml:/app/router.yaml:ro", "./artifacts/gate:/app/artifacts/gate:ro"]
+    monkeypatch.chdir(repo / "sub")
+    assert main(["compose", "../router.yaml"]) == 2
+    err = capsys.readouterr().err
+    assert f"the config is outside {repo / 'sub'}, the repository the router image is built from" in err
+    monkeypatch.chdir(repo)
+    config.write_text(config.read_text(encoding="utf-8").replace("artifacts/gate", "../gate"), encoding="utf-8")
+    assert main(["compose", "router.yaml"]) == 2
+    assert "gate.artifact: is /gate in the router container, outside /app" in capsys.readouterr().err
+
+
 def test_dockerfile_installs_cpu_torch_first_and_serves_the_config() -> None:
     text = (ROOT / "Dockerfile").read_text(encoding="utf-8")
     # The base is an argument whose default is the one the compose files pass when MOE_PYTHON_IMAGE is unset.
@@ -477,6 +504,7 @@ def variables_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     path = tmp_path / "configs" / "c.yaml"
     path.parent.mkdir()
     path.write_text(VARIABLES_CONFIG, encoding="utf-8")
+    monkeypatch.chdir(tmp_path)  # the repository moe compose runs in
     return path
 
 
