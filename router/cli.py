@@ -127,6 +127,11 @@ def cmd_config_check(args: argparse.Namespace) -> int:
         raise ConfigError(args.file, problems)
     trained = is_trained(artifact)
     where = f"gate artifact {artifact}" if trained else f"no gate artifact at {artifact} yet (moe train)"
+    if not trained:  # serve routes cold (the experts' examples); what moe train would refuse, said now
+        try:
+            _check_train_data(config, args.file)
+        except FileNotFoundError as exc:
+            print(f"warning: moe train would stop: {exc}", file=sys.stderr)
     print(f"{args.file}: OK (version {config.version}, {len(config.experts)} experts: "
           f"{', '.join(config.expert_names)}; {where})")
     return 0

@@ -104,6 +104,23 @@ def test_config_check_names_a_redis_url_option_no_connection_takes(
     assert main(["config", "check", str(config)]) == 0, capsys.readouterr().err
 
 
+def test_config_check_warns_of_training_files_moe_train_would_refuse(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """With no gate yet, config check said OK and pointed at moe train, which then refused a train_data file that
+    does not exist (or is a folder)."""
+    config = tmp_path / "c.yaml"
+    config.write_text("version: 1\nexperts:\n  - {name: a, type: openai, endpoint: 'http://127.0.0.1:9/v1', model: m,"
+                      " examples: [hello]}\n  - {name: b, type: openai, endpoint: 'http://127.0.0.1:9/v1', model: m,"
+                      " examples: [bye]}\ngate: {train_data: [data/nope.jsonl]}\n")
+    assert main(["config", "check", str(config), "--no-env"]) == 0  # serve routes on the examples meanwhile
+    out, err = capsys.readouterr()
+    assert "OK" in out and "no gate artifact" in out
+    assert f"warning: moe train would stop: {config}: gate.train_data[0] names 'data/nope.jsonl', and " in err
+    (tmp_path / "data" / "nope.jsonl").mkdir(parents=True)
+    assert main(["config", "check", str(config), "--no-env"]) == 0
+    assert "which is a directory" in capsys.readouterr().err
+
+
 def test_config_check_names_a_key_that_is_not_a_string(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """A mis-indented ``8000:`` at the top level once crashed ``moe config check`` with an IndexError."""
     bad = tmp_path / "bad.yaml"
