@@ -197,18 +197,30 @@ class Decider:
         """Expert-choice routing for a batch: each expert takes the queries it scores highest, up to its room:
         ``capacity``'s figure for the experts it names, its free in-flight slots for the rest; an open breaker has
         none. A query no expert had room for goes to its best-scoring expert whose breaker is not open (its own
-        best when every breaker is open), not to one known to refuse it."""
+        best when every breaker is open), not to one known to refuse it. A query the gate abstains on goes to
+        ``gate.default_expert``, as one request would (taking of its room), when that expert can take it."""
         if not queries:
             return []
-        assessment, columns, names = self._assess(queries, k=0)  # no explanation: only who takes which
+        # No explanation, only who takes which: the nearest example alone, for the familiarity abstain reads.
+        default = self.config.gate.default_expert
+        assessment, columns, names = self._assess(queries, k=0 if default is None else 1)
         probs = assessment.probs[:, columns]
         refusing = self.breakers.refusing(names)
         given = dict(capacity or {})
         room = {n: 0 if n in refusing else given.get(n, self.capacity.free(n)) for n in names}
-        chosen = expert_choice(probs, names, room)
+        thresholds = assessment.ood_threshold or [self.gate.ood_threshold] * len(queries)
+        excluded = frozenset(refusing)
+        assigned = [self._abstain_to(None if np.isnan(ood) else float(ood), threshold, excluded)
+                    for ood, threshold in zip(assessment.ood, thresholds, strict=True)]
+        rest = [i for i, a in enumerate(assigned) if a is None]
+        if default in room:
+            room[default] = max(0, room[default] - (len(queries) - len(rest)))
+        chosen = expert_choice(probs[rest], names, room) if rest else []
         closed = np.array([n not in refusing for n in names])
         best = np.where(closed, probs, -np.inf) if closed.any() else probs
-        return [c if c is not None else names[int(np.argmax(row))] for c, row in zip(chosen, best, strict=True)]
+        for i, c in zip(rest, chosen, strict=True):
+            assigned[i] = c if c is not None else names[int(np.argmax(best[i]))]
+        return [a for a in assigned if a is not None]
 
     async def assign(self, queries: Sequence[str], capacity: Mapping[str, int] | None = None) -> list[str]:
         """``assign_batch`` off the event loop (the gate embeds the whole batch)."""

@@ -77,6 +77,16 @@ async def test_in_domain_queries_route_normally(gate: Gate) -> None:
     await orch.aclose()
 
 
+async def test_a_batch_route_abstains_as_one_request_does(gate: Gate) -> None:
+    """/v1/route/batch sent an out-of-domain query to a trained expert where /v1/route abstained to the default."""
+    orch = orchestrator(gate)
+    queries = [*IN_DOMAIN, *OUT_OF_DOMAIN]
+    assert orch.assign_batch(queries) == ["weather", "music", "chat", "chat", "chat"]
+    assert await orch.assign(queries, {"chat": 1}) == ["weather", "music", "chat", "chat", "chat"]
+    assert orchestrator(gate, default=None).assign_batch(OUT_OF_DOMAIN[:1])[0] in ("weather", "music")
+    await orch.aclose()
+
+
 async def test_no_default_expert_means_no_abstaining(gate: Gate) -> None:
     orch = orchestrator(gate, default=None)
     decision = await orch.decide(ask(OUT_OF_DOMAIN[0]))
