@@ -108,8 +108,10 @@ def is_outcome_file(path: str | Path) -> bool:
 def _parse_record(row: dict[str, Any], where: str) -> OutcomeRecord:
     unknown = sorted(set(row) - {"query", "outcomes", "cost", "answers", "task"})
     if unknown:
+        hint = (" ('label' is a labelled query's key: the file was read as outcome records because its first line "
+                "holds 'outcomes'; a file holds one kind)") if "label" in unknown else ""
         raise ValueError(f"{where}: unknown key(s) {', '.join(map(repr, unknown))}; expected query, outcomes, cost, "
-                         "answers, task")
+                         f"answers, task{hint}")
     query = row.get("query")
     if not isinstance(query, str) or not query.strip():
         raise ValueError(f"{where}: 'query' " + ("missing" if "query" not in row
@@ -154,6 +156,8 @@ def _number_map(row: dict[str, Any], key: str, where: str, *, upper: float, requ
             bound = "in [0, 1]" if upper == 1.0 else "a finite number >= 0"
             shown = repr(number)
             shown = shown if len(shown) <= 40 else f"{shown[:20]}... ({len(shown)} digits)"
+            if isinstance(number, bool):  # JSON's true reads as a score to a person, and is none
+                shown = f"{str(number).lower()} (a JSON boolean, not a number: write {int(number)})"
             raise ValueError(f"{where}: {key}[{expert!r}] must be {bound}, got {shown}")
         out[expert] = as_float
     return out

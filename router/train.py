@@ -117,6 +117,10 @@ def _labelled(row: dict[str, Any], where: str) -> tuple[str, str]:
     label = row.get("label")
     if isinstance(label, int) and not isinstance(label, bool):  # a class number names the expert "3", as in moe eval
         row = {**row, "label": str(label)}
+    if "label" not in row and "outcomes" in row:
+        raise ValueError(f"{where}: an outcome record ('query', 'outcomes') in a file whose first line is a labelled "
+                         "query ({'query', 'label'}); a file holds one kind: put the outcome records in a file of "
+                         "their own")
     for key in ("query", "label"):
         value = row.get(key)
         if not isinstance(value, str) or not value.strip():

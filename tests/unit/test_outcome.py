@@ -68,11 +68,13 @@ def test_outcome_records_keep_their_task(tmp_path: Path) -> None:
     ('{"query": "q", "outcomes": [1]}', "'outcomes' must be an object"),
     ('{"query": "q", "outcomes": {}}', "'outcomes' is empty"),
     ('{"query": "q", "outcomes": {"a": 1.5}}', r"outcomes\['a'\] must be in \[0, 1\]"),
-    ('{"query": "q", "outcomes": {"a": true}}', r"outcomes\['a'\] must be in \[0, 1\]"),
+    ('{"query": "q", "outcomes": {"a": true}}',
+     r"outcomes\['a'\] must be in \[0, 1\], got true \(a JSON boolean, not a number: write 1\)"),
     ('{"query": "q", "outcomes": {"a": 1}, "cost": {"a": -1}}', r"cost\['a'\] must be a finite number"),
     ('{"query": "q", "outcomes": {"a": 1}, "cost": {"a": 1' + "0" * 400 + '}}',
      r"cost\['a'\] must be a finite number >= 0, got 10000000000000000000\.\.\. \(401 digits\)"),
-    ('{"query": "q", "outcomes": {"a": 1}, "label": "a"}', "unknown key"),
+    ('{"query": "q", "outcomes": {"a": 1}, "label": "a"}', r"unknown key\(s\) 'label'; .* \('label' is a labelled "
+                                                           "query's key: the file was read as outcome records"),
     ('{"query": "q", "outcomes": {"a": 1}, "task": 3}', "'task' must be a non-empty string"),
     ('{"query": "q", "outcomes": {"a": 1}, "task": " "}', "'task' must be a non-empty string"),
 ])

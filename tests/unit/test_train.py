@@ -57,6 +57,8 @@ def test_an_integer_label_names_the_expert_of_that_number_as_moe_eval_reads_it(t
     ('{"query": "q", "label": ', "not valid JSON"),
     ('["q", "A"]', "expected an object"),
     ('{"query": "q"}', "'label' missing"),
+    ('{"query": "q", "outcomes": {"A": 1}}', r"an outcome record \('query', 'outcomes'\) in a file whose first line is "
+                                             "a labelled query"),
     ('{"query": "", "label": "A"}', "'query' must be a non-empty string"),
     ('{"query": "q", "label": true}', "'label' must be a non-empty string"),
     ('{"query": "q", "label": 1.5}', "'label' must be a non-empty string"),
