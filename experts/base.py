@@ -7,7 +7,7 @@ An expert knows how to talk to one model and nothing about routing. ``generate``
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -68,6 +68,8 @@ class ExpertSpec(Protocol):
     def replay(self) -> ReplaySpec | None: ...
     @property
     def recorded_model(self) -> str: ...
+    @property
+    def capabilities(self) -> Sequence[str]: ...
 
     def api_key(self) -> str | None:
         """The bearer key, read from the environment when a client is built; None: the endpoint needs none."""

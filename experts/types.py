@@ -33,6 +33,9 @@ CHARS_PER_TOKEN = 4
 # The largest token limit a request may name: what OpenAI-compatible servers (vLLM included) hold in an int32.
 MAX_TOKENS_LIMIT = 2**31 - 1
 IMAGE_PARTS = frozenset({"image_url", "input_image"})
+# Content parts an upstream reads as media tokens, not text: images, audio (``input_audio``) and files (``file``,
+# the Responses API's ``input_file``), their base64 data no measure of the prompt's length.
+MEDIA_PARTS = IMAGE_PARTS | {"input_audio", "file", "input_file"}
 # The roles a message may have: OpenAI's, ``function`` (its deprecated one) included.
 ROLES = ("system", "user", "assistant", "tool", "developer", "function")
 # With no tools left to call, these tool_choice values mean "answer in text", which a request without tools does
@@ -86,6 +89,10 @@ class ChatMessage(BaseModel):
         """Whether the message holds an image part (``image_url``, or the Responses API's ``input_image``)."""
         return isinstance(self.content, list) and any(p.get("type") in IMAGE_PARTS for p in self.content)
 
+    def has_media(self) -> bool:
+        """Whether the message holds an image, audio or file part (``MEDIA_PARTS``)."""
+        return isinstance(self.content, list) and any(p.get("type") in MEDIA_PARTS for p in self.content)
+
     def text(self) -> str:
         """The message's text; multi-part content keeps only its text parts."""
         if self.content is None:
@@ -122,7 +129,7 @@ class ChatRequest(BaseModel):
     max_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS_LIMIT, strict=True)
     max_completion_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS_LIMIT, strict=True)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0, strict=True, allow_inf_nan=False)
-    top_p: float | None = Field(default=None, gt=0.0, le=1.0, strict=True, allow_inf_nan=False)
+    top_p: float | None = Field(default=None, ge=0.0, le=1.0, strict=True, allow_inf_nan=False)
     stream: bool = Field(default=False, strict=True)
     # The router returns one answer per request: its combiner chooses (or writes) it from the experts' answers.
     n: int | None = Field(default=None, strict=True)
@@ -156,7 +163,7 @@ class ChatRequest(BaseModel):
     def _something_to_route(cls, messages: list[ChatMessage]) -> list[ChatMessage]:
         # The gate routes on one message's text: an empty one would route on nothing and reach an expert anyway.
         i = _routed_index(messages)
-        if is_blank(messages[i].text()) and not messages[i].has_image():
+        if is_blank(messages[i].text()) and not messages[i].has_media():
             which = "the last user message" if messages[i].role == "user" else "the last message"
             # ``where`` names the field at fault (messages[i].content), which the error's own place, the
             # messages list, does not.
@@ -186,15 +193,16 @@ class ChatRequest(BaseModel):
     def text_chars(self) -> int:
         """The characters of the prompt as an upstream reads it, what its length is judged and estimated by: the
         messages' text, what else they carry (as JSON: tool calls with their arguments, a name, content parts that
-        are neither text nor an image), and the tools offered (their definitions, as JSON). A request of plain
-        messages counts its text alone. Images are not counted: an upstream reads them as image tokens."""
+        are neither text nor media), and the tools offered (their definitions, as JSON). A request of plain
+        messages counts its text alone. Images, audio and files (``MEDIA_PARTS``) are not counted: an upstream
+        reads them as media tokens, and their base64 data would count tens of thousands of characters."""
         chars = sum(len(m.text()) for m in self.messages)
         for m in self.messages:
             if m.model_extra:  # tool calls, a name, and any field a message carries to the expert
                 chars += len(json.dumps(m.model_extra, ensure_ascii=False, default=str))
-            if isinstance(m.content, list):  # parts neither text nor image (an "input_text", say) go too
+            if isinstance(m.content, list):  # parts neither text nor media (an "input_text", say) go too
                 chars += sum(len(json.dumps(p, ensure_ascii=False, default=str)) for p in m.content
-                             if p.get("type") != "text" and p.get("type") not in IMAGE_PARTS)
+                             if p.get("type") != "text" and p.get("type") not in MEDIA_PARTS)
         if self.tools:
             chars += len(json.dumps(self.tools, ensure_ascii=False, default=str))
         return chars

@@ -63,7 +63,9 @@ _NEED_PARAMS = {"tools": "tools", "vision": "messages", "stream": "stream"}
 def needed_capabilities(request: ChatRequest) -> list[str]:
     """The capabilities an expert must declare to serve ``request``, beyond chat: ``tools``, ``vision``, and
     ``stream`` for a streamed request (an expert declared without it serves only whole answers)."""
-    needs = ["tools"] if request.tools else []
+    # Tools with tool_choice "none" are offered, never called: the request is sent without them to an expert
+    # that takes no tools (``router.dispatch``).
+    needs = ["tools"] if request.tools and (request.model_extra or {}).get("tool_choice") != "none" else []
     if any(m.has_image() for m in request.messages):
         needs.append("vision")
     if request.stream:

@@ -343,7 +343,7 @@ class Dispatcher:
                 scope.until = time.monotonic() + timeout
                 scoped = CALL_SCOPE.set(scope)
                 try:
-                    reply = await _within(expert.generate(request), timeout)
+                    reply = await _within(expert.generate(_served(expert, request)), timeout)
                 except TimeoutError:
                     raise _timed_out(name, f"no answer within {timeout:.1f}s", slot, deadline) from None
                 finally:
@@ -377,7 +377,7 @@ class Dispatcher:
         started = time.perf_counter()
         try:
             with self._slot(name, deadline) as slot:
-                deltas = expert.stream(request)
+                deltas = expert.stream(_served(expert, request))
                 iterator = deltas.__aiter__()
                 # Each wait's cut-off, for a traced expert's span (``router.tracing.CallLimit``); the stream's own
                 # steps run in this task (``_within``), so they see the object the waits update. Never reset: a
@@ -453,3 +453,12 @@ def _take(delta: StreamDelta, outcome: StreamOutcome, expert: Expert) -> StreamD
     outcome.refusal_deltas += bool(delta.refusal)
     return StreamDelta(content=delta.content, tool_calls=delta.tool_calls, logprobs=delta.logprobs,
                        refusal=delta.refusal, reasoning_content=delta.reasoning_content)
+
+
+def _served(expert: Expert, request: ChatRequest) -> ChatRequest:
+    """``request`` as ``expert`` is sent it: to one that does not declare the ``tools`` capability, without its
+    tools (one with tools reaches it only with tool_choice "none", which calls none: ``needed_capabilities``),
+    as a server without tool calling may refuse the field."""
+    if request.tools and "tools" not in expert.config.capabilities:
+        return request.model_copy(update={"tools": None})
+    return request

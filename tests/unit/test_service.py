@@ -675,6 +675,26 @@ async def test_what_the_gate_routes_on_may_be_an_image_alone_or_follow_a_tool_re
     assert after_tool.status_code == 200 and after_tool.json()["chosen"][0]["expert"] == "math"
 
 
+async def test_audio_and_file_parts_are_media_not_text() -> None:
+    """An input_audio or file part counted its base64 as prompt text: a few seconds of audio (150,000 characters)
+    was a 400 context_length_exceeded, and a message of one such part alone was refused as holding no text."""
+    audio = {"type": "input_audio", "input_audio": {"data": "UklGR" + "A" * 150_000, "format": "wav"}}
+    pdf = {"type": "file", "file": {"filename": "a.pdf", "file_data": "data:application/pdf;base64," + "B" * 150_000}}
+    app = make_app()
+    async with client(app) as http:
+        answers = [await http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": content}]})
+                   for content in ([{"type": "text", "text": "transcribe this"}, audio], [audio], [pdf],
+                                   [{"type": "text", "text": "summarise"}, pdf])]
+        top_p = await http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
+                                                              "top_p": 0})
+    assert [r.status_code for r in answers] == [200, 200, 200, 200], [r.text for r in answers]
+    # top_p 0 is OpenAI's lowest (vLLM, which wants more than 0, would refuse it itself)
+    assert top_p.status_code == 200, top_p.text
+    spoken = ChatRequest.model_validate({"messages": [{"role": "user", "content": [
+        {"type": "text", "text": "transcribe this"}, audio, pdf]}]})
+    assert spoken.text_chars() == len("transcribe this")
+
+
 @pytest.mark.parametrize(("path", "body", "param", "code"), [
     ("/v1/route", {"query": ""}, "query", "invalid_request"),
     ("/v1/route", {"query": " \n "}, "query", "invalid_request"),

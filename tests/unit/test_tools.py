@@ -90,6 +90,27 @@ async def test_tools_with_no_capable_expert_is_a_clear_400() -> None:
         await tools_orch.complete(_request(chat(tools=True, model="chatty")))
 
 
+async def test_tools_a_request_will_not_call_need_no_expert_declaring_them() -> None:
+    """tools with tool_choice "none" (offered, never called) was refused 400 tools_not_supported where no expert
+    declares tools; OpenAI answers it in text. An expert without the capability is sent it without the tools."""
+    cfg = config([("chatty", ["chat", "stream"]), ("other", ["chat"])])
+    experts = {n: FakeExpert(cfg.expert(n)) for n in cfg.expert_names}
+    orch = Orchestrator(cfg, FakeGate(cfg.expert_names, {}, default=[0.6, 0.4]), experts)
+    body = {**chat(tools=True), "tool_choice": "none"}
+    async with _client(create_app(orch)) as http:
+        plain = await http.post("/v1/chat/completions", json=body)
+        streamed = await http.post("/v1/chat/completions", json={**body, "stream": True})
+        named = await http.post("/v1/chat/completions", json={**body, "model": "other"})
+    assert [r.status_code for r in (plain, streamed, named)] == [200, 200, 200]
+    sent = [*experts["chatty"].requests, *experts["other"].requests]
+    assert len(sent) == 3 and all(r.tools is None for r in sent)
+    assert all("tools" not in r.upstream_payload("m", stream=False) and "tool_choice" not in
+               r.upstream_payload("m", stream=False) for r in sent)
+    tools_orch, tool_experts = fake_orchestrator()
+    await tools_orch.complete(_request({**body, "model": "agent"}))  # one that takes tools gets them as sent
+    assert tool_experts["agent"].requests[-1].tools == TOOLS
+
+
 IMAGE = [{"type": "text", "text": "what is in this picture?"},
          {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}]
 
