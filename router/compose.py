@@ -466,10 +466,12 @@ def repo_relative(source: str | Path, root: str | Path = ".") -> str:
     """``source`` relative to ``root``, the repository (the compose file's build context, where ``moe compose`` is
     run): the router image mirrors it, and the compose file mounts the config's folder from it. A config outside
     it is a ``ComposeError`` saying so."""
-    relative = os.path.relpath(os.path.abspath(source), os.path.abspath(root))
+    # Links resolved: the repository may be reached through one ($PWD), and a config that links out of it is
+    # outside it for the container, which cannot follow the link.
+    relative = os.path.relpath(os.path.realpath(source), os.path.realpath(root))
     if relative == os.pardir or relative.startswith(os.pardir + os.sep):
         raise ComposeError(str(source), [("<file>", (
-            f"the config is outside {os.path.abspath(root)}, the repository the router image is built from and its "
+            f"the config is outside {os.path.realpath(root)}, the repository the router image is built from and its "
             "folders mounted from (the compose file's build context); put it in the repository, say in configs/, "
             "and run moe compose from the repository's root"))])
     return PurePosixPath(Path(relative)).as_posix()

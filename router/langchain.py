@@ -588,27 +588,22 @@ def _wire(messages: list[BaseMessage]) -> list[dict[str, Any]]:
     return converted if isinstance(converted, list) else [converted]
 
 
-# An AI message's standard (v1) content blocks that a Chat Completions message carries elsewhere (tool calls, in
-# ``tool_calls``) or not at all (reasoning): an upstream refuses them as content parts.
-_NOT_CONTENT = frozenset({"tool_call", "invalid_tool_call", "tool_call_chunk", "reasoning"})
-
-
 def _chat_completions(message: AIMessage) -> AIMessage:
-    """``message`` as a Chat Completions assistant message holds it, as langchain-openai sends one: an answer in
-    standard content blocks (``output_version="v1"``) keeps its text (without annotations) and its refusal, and
-    leaves out its tool-call and reasoning blocks."""
+    """``message`` as a Chat Completions assistant message holds it: the text and refusal parts of list content
+    (standard content blocks with ``output_version="v1"``, or another provider's blocks), text without its
+    annotations, and no other block, which an OpenAI-compatible upstream refuses in an assistant message: tool
+    calls travel in ``tool_calls``, and reasoning, server-side tool calls and results, and provider-specific
+    blocks have no place in one."""
     if not isinstance(message.content, list):
         return message
     content: list[str | dict[str, Any]] = []
     for block in message.content:
-        kind = block.get("type") if isinstance(block, dict) else None
-        if kind == "text" and isinstance(block, dict):
-            content.append({"type": "text", "text": block.get("text", "")})
-        elif kind == "refusal" and isinstance(block, dict):
-            if block.get("refusal"):
-                content.append({"type": "refusal", "refusal": block["refusal"]})
-        elif kind not in _NOT_CONTENT:
+        if isinstance(block, str):
             content.append(block)
+        elif block.get("type") == "text":
+            content.append({"type": "text", "text": block.get("text", "")})
+        elif block.get("type") == "refusal" and block.get("refusal"):
+            content.append({"type": "refusal", "refusal": block["refusal"]})
     return message.model_copy(update={"content": content})
 
 

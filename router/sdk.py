@@ -581,9 +581,15 @@ class AsyncClient(_Protocol):
         self._closed = False
 
     async def _here(self) -> httpx.AsyncClient:
-        """This event loop's connections (see the class's notes); a closed client stays closed on any loop."""
-        loop = asyncio.get_running_loop()
-        if self._loop is not loop and not self._closed:
+        """This event loop's connections (see the class's notes). A closed client stays closed on any loop; under
+        another async library than asyncio (trio), one set of connections serves, as httpx's own client does."""
+        if self._closed:
+            raise RuntimeError("the client has been closed (aclose); build a new AsyncClient")
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return self._pool
+        if self._loop is not loop:
             if self._loop is not None:
                 self._pool = self._build()
             self._loop, self._keeper = loop, _closed_with_loop(self._pool)
@@ -657,8 +663,13 @@ class AsyncClient(_Protocol):
 
     async def aclose(self) -> None:
         self._closed = True
-        # Another loop's connections can be closed on that loop alone, which does so when it shuts down.
-        if self._loop is None or self._loop is asyncio.get_running_loop():
+        try:
+            here = asyncio.get_running_loop()
+        except RuntimeError:  # another async library (trio): its one set of connections
+            here = None
+        # Another loop's connections can be closed on that loop alone, which does so when it shuts down; no call
+        # uses them meanwhile (``_here``).
+        if self._loop is None or self._loop is here:
             await self._pool.aclose()
 
     async def __aenter__(self) -> AsyncClient:

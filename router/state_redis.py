@@ -104,21 +104,25 @@ class _Outage:
     it takes (each further failed try logs at debug), and one line when Redis answers again (``ended``, which the
     stores call after each call that reached it).
 
-    Without ``probe``, the outage lasts ``retry_s``, and the next call after it tries Redis again. With ``probe``
-    (a blocking call that raises while Redis is down, PING), a daemon thread calls it every ``retry_s`` and ends
-    the outage when it returns, so no caller ever waits on a Redis that does not answer; ``close`` stops it."""
+    The outage lasts ``retry_s``, and the next call after it tries Redis again. With ``probe`` (a blocking call that
+    raises while Redis cannot be reached: PING), an error that says so (no connection, a timeout) is probed
+    instead: a daemon thread calls ``probe`` every ``retry_s`` and ends the outage when it returns, so no caller
+    waits on a Redis that does not answer. An error from a Redis that answered (a key of the wrong type, a command
+    an ACL refuses) is no such outage, and a PING would not tell when it ends: the time window serves it. ``close``
+    stops the probe, and later errors are served by the time window."""
 
     def __init__(self, what: str, retry_s: float, clock: Callable[[], float] = time.monotonic, *,
                  fallback: str = "using per-process state", probe: Callable[[], object] | None = None) -> None:
         self.what, self.retry_s, self.clock, self.fallback, self.probe = what, retry_s, clock, fallback, probe
         self._until = 0.0
         self._down = False
+        self._probed = False  # a probe thread is running for this outage, and ends it
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._prober: threading.Thread | None = None
 
     def active(self) -> bool:
-        return self._down if self.probe is not None else self.clock() < self._until
+        return self._probed or self.clock() < self._until
 
     def begin(self, exc: Exception) -> None:
         cause = redact(f"{type(exc).__name__}: {exc}")
@@ -130,9 +134,19 @@ class _Outage:
                 log.debug("redis still unreachable for %s (%s)", self.what, cause)
             self._down = True
             self._until = self.clock() + self.retry_s
-            if self.probe is not None and self._prober is None and not self._stop.is_set():
-                self._prober = threading.Thread(target=self._probing, name=f"redis probe ({self.what})", daemon=True)
-                self._prober.start()
+            if self.probe is not None and _unreachable(exc) and not self._stop.is_set():
+                self._probed = self._prober is not None or self._start_prober()
+
+    def _start_prober(self) -> bool:
+        """Start the probe thread (under the lock); False where none can start, and the time window serves."""
+        prober = threading.Thread(target=self._probing, name=f"redis probe ({self.what})", daemon=True)
+        try:
+            prober.start()
+        except RuntimeError as exc:  # no thread to be had: the next call past retry_s tries Redis, as without one
+            log.debug("no probe thread for %s (%s)", self.what, exc)
+            return False
+        self._prober = prober
+        return True
 
     def _probing(self) -> None:
         assert self.probe is not None
@@ -143,11 +157,11 @@ class _Outage:
                 log.debug("redis still unreachable for %s (%s)", self.what, redact(f"{type(exc).__name__}: {exc}"))
                 continue
             with self._lock:  # under the lock: a failure begun now starts a new prober, as this one has ended
-                self._prober = None
+                self._prober, self._probed, self._until = None, False, 0.0
                 self._ended()
             return
         with self._lock:
-            self._prober = None
+            self._prober, self._probed = None, False
 
     def ended(self) -> None:
         with self._lock:
@@ -161,6 +175,13 @@ class _Outage:
     def close(self) -> None:
         """Stop the probe (a try under way ends within the client's timeout)."""
         self._stop.set()
+
+
+def _unreachable(exc: Exception) -> bool:
+    """Whether ``exc`` says Redis could not be reached (no connection, a timeout), rather than that it answered
+    with an error."""
+    redis = _redis_module()
+    return isinstance(exc, redis.ConnectionError | redis.TimeoutError)
 
 
 class RedisRateStore:
@@ -240,9 +261,12 @@ class RedisBreakerStore:
         else:
             self._outage.ended()
 
-    def close(self) -> None:
+    def close(self, *, client: bool = True) -> None:
+        """Stop the outage probe, and close the client unless ``client`` is false (a nested router's store, on
+        its parent's client)."""
         self._outage.close()
-        self.client.close()
+        if client:
+            self.client.close()
 
 
 # KEYS: the id counter, the verdicts, the key of the latest verdict on this answer and expert ("" for a verdict
@@ -440,9 +464,11 @@ def _from_url(factory: Callable[..., Any], url: str, config: StateConfig, **opti
     except TypeError as exc:
         option = re.search(r"argument '(\w+)'", str(exc))
         named = f"option {option.group(1)!r}" if option else "an option"
+        why = ("the asyncio connection the rate limits use does not take it (nor OCSP options)"
+               if url.lower().startswith("rediss://") else "an ssl_* option belongs to a rediss:// URL, TLS")
         raise ConfigError("<environment>", [("state.url_env", (
             f"environment variable {config.url_env} holds a URL whose {named} this kind of connection does not "
-            "take (an ssl_* option belongs to a rediss:// URL, TLS); the value is not shown"))]) from None
+            f"take ({why}); the value is not shown"))]) from None
     return client
 
 
@@ -475,6 +501,16 @@ class SharedState:
             await self.rate_store.aclose()
         if isinstance(self.breaker_store, RedisBreakerStore):
             self.breaker_store.close()
+        self._close_nested()
+
+    def _close_nested(self) -> None:
+        """Stop the probes of the nested routers' breaker stores, at every depth: they share this state's clients."""
+        for entry in self.nested.values():
+            state = getattr(entry, "state", None)
+            if isinstance(state, SharedState):
+                if isinstance(state.breaker_store, RedisBreakerStore):
+                    state.breaker_store.close(client=False)
+                state._close_nested()
 
 
 def redis_url_problems(config: StateConfig, environ: Mapping[str, str]) -> list[tuple[str, str]]:
@@ -487,8 +523,11 @@ def redis_url_problems(config: StateConfig, environ: Mapping[str, str]) -> list[
         url = redis_url(config, environ)
         _redis_module()
         import redis
+        import redis.asyncio
 
         _from_url(redis.Redis.from_url, url, config).close()
+        # The rate limits' client too, whose connections take fewer options (no OCSP ones); built, never connected.
+        _from_url(redis.asyncio.Redis.from_url, url, config)
     except ConfigError as exc:
         return exc.problems
     return []

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import os
 import socket
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -225,6 +226,70 @@ def test_closing_the_breaker_store_stops_its_probe() -> None:
         store.close()
         prober.join(2.0)
         assert not prober.is_alive()
+
+
+def test_an_error_from_a_redis_that_answers_is_no_outage_a_ping_ends(
+        redis_url: str, caplog: pytest.LogCaptureFixture) -> None:
+    """A breaker key of the wrong type (or a command an ACL refuses) failed every load while PING succeeded: the
+    probe ended the outage each retry_s, and the next load began it again, two warnings each time, for ever."""
+    prefix = f"moe-test-{uuid.uuid4().hex[:8]}:"
+    redis.Redis.from_url(redis_url).set(f"{prefix}breaker:math", "not a hash")
+    store = RedisBreakerStore(redis.Redis.from_url(redis_url), key_prefix=prefix, retry_s=0.05)
+    with caplog.at_level(logging.WARNING, logger="router.state"):
+        for _ in range(40):  # through several retry_s
+            assert store.load("math") == BreakerState()
+            time.sleep(0.01)
+    lines = [r.getMessage() for r in caplog.records if r.name == "router.state"]
+    assert len(lines) == 1 and lines[0].startswith("redis unreachable for circuit breakers (ResponseError"), lines
+    assert store._outage._prober is None
+    store.close()
+
+
+def test_an_outage_without_a_probe_thread_ends_by_its_time_window(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With no thread to be had, or after close(), begin() raised into the breaker's call or left the outage on for
+    good; the time window serves then, as it does without a probe."""
+    from router.state_redis import _Outage
+
+    refused = redis.ConnectionError("refused")
+    closed = _Outage("circuit breakers", 0.05, probe=lambda: None)
+    closed.close()
+    closed.begin(refused)
+    assert closed.active() and closed._prober is None
+    _wait_for(lambda: not closed.active(), 1.0)
+
+    def no_thread(self: threading.Thread) -> None:
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(threading.Thread, "start", no_thread)
+    starved = _Outage("circuit breakers", 0.05, probe=lambda: None)
+    starved.begin(refused)
+    assert starved.active() and starved._prober is None
+    _wait_for(lambda: not starved.active(), 1.0)
+
+
+async def test_closing_the_state_stops_the_nested_routers_probes() -> None:
+    """A nested router's breaker store (on the parent's client) kept probing after shutdown, and reopened a
+    connection once Redis answered."""
+    from router.build import _child_state, _Nested
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        state = build_state(StateConfig(backend="redis"), {"MOE_REDIS_URL": f"redis://127.0.0.1:{s.getsockname()[1]}/0"})
+        child = _child_state(state, "inner")
+        grandchild = _child_state(child, "innermost")
+        child.nested[("innermost", "c.yaml")] = _Nested(grandchild)
+        state.nested[("inner", "b.yaml")] = _Nested(child)
+        stores = [st.breaker_store for st in (state, child, grandchild)]
+        for store in stores:
+            assert isinstance(store, RedisBreakerStore)
+            store.load("math")
+        probers = [store._outage._prober for store in stores if isinstance(store, RedisBreakerStore)]
+        assert all(p is not None and p.is_alive() for p in probers)
+        await state.aclose()
+        for prober in probers:
+            assert prober is not None
+            prober.join(2.0)
+            assert not prober.is_alive()
 
 
 def _wait_for(done: Callable[[], bool], timeout_s: float = 5.0) -> None:

@@ -99,6 +99,11 @@ def test_config_check_names_a_redis_url_option_no_connection_takes(
     assert "state.url_env: environment variable MOE_TEST_REDIS holds a URL whose option 'bogus_option'" in err
     assert "s3cret" not in err
     assert main(["config", "check", str(config), "--no-env"]) == 0  # the environment is not read
+    # One only the blocking client takes: the rate limits' asyncio client refuses it when serve builds it.
+    monkeypatch.setenv("MOE_TEST_REDIS", "rediss://:s3cret-pw@127.0.0.1:1/0?ssl_validate_ocsp=1")
+    assert main(["config", "check", str(config)]) == 2
+    assert "option 'ssl_validate_ocsp' this kind of connection does not take (the asyncio connection the rate " \
+           "limits use" in capsys.readouterr().err
     monkeypatch.setenv("MOE_TEST_REDIS", "redis://:s3cret-pw@127.0.0.1:1/0?socket_timeout=2")
     capsys.readouterr()
     assert main(["config", "check", str(config)]) == 0, capsys.readouterr().err

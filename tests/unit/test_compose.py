@@ -184,6 +184,15 @@ def test_a_config_at_the_repository_root_is_mounted_with_its_gate_and_one_outsid
     assert main(["compose", "../router.yaml"]) == 2
     err = capsys.readouterr().err
     assert f"the config is outside {repo / 'sub'}, the repository the router image is built from" in err
+    # Through a link to the repository ($PWD), an absolute path is inside it; a config linking out of it is not.
+    (tmp_path / "link").symlink_to(repo)
+    monkeypatch.chdir(tmp_path / "link")
+    assert main(["compose", str(tmp_path / "link" / "router.yaml")]) == 0
+    capsys.readouterr()
+    (tmp_path / "elsewhere.yaml").write_text(config.read_text(encoding="utf-8"), encoding="utf-8")
+    (repo / "sub" / "out.yaml").symlink_to(tmp_path / "elsewhere.yaml")
+    assert main(["compose", "sub/out.yaml"]) == 2
+    assert "the config is outside" in capsys.readouterr().err
     monkeypatch.chdir(repo)
     config.write_text(config.read_text(encoding="utf-8").replace("artifacts/gate", "../gate"), encoding="utf-8")
     assert main(["compose", "router.yaml"]) == 2

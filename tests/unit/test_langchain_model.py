@@ -195,6 +195,9 @@ async def test_a_tool_round_trip_in_standard_content_blocks_sends_chat_completio
         isinstance(b, dict) and b.get("type") == "tool_call" for b in answer.content)
     reasoned = answer.model_copy(update={"content": [{"type": "reasoning", "reasoning": "add them"},
                                                      {"type": "text", "text": "Adding.", "annotations": []},
+                                                     {"type": "server_tool_call", "id": "s1", "name": "search",
+                                                      "args": {}},
+                                                     {"type": "non_standard", "value": {"x": 1}},
                                                      *answer.content]})
     await model.ainvoke([HumanMessage("what is 2 + 3?"), reasoned, ToolMessage("5", tool_call_id="call_1")])
     sent = app.state.fake_experts["code"].requests[-1].model_dump(exclude_none=True)["messages"][1]

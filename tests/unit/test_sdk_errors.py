@@ -8,6 +8,7 @@ import asyncio
 import email.utils
 import json
 import socket
+import threading
 import time
 from pathlib import Path
 
@@ -296,6 +297,25 @@ def test_an_async_client_serves_one_event_loop_after_another() -> None:
         asyncio.run(client.aclose())
         with pytest.raises(RuntimeError, match="closed"):  # closed stays closed, on any loop
             asyncio.run(ask())
+        # Closed from another loop than the one still running and using it: that one's calls are refused too.
+        other = AsyncClient(server.url.removesuffix("/v1"))
+        loop = asyncio.new_event_loop()
+        thread = threading.Thread(target=loop.run_forever, daemon=True)
+        thread.start()
+        try:
+            assert asyncio.run_coroutine_threadsafe(_ask(other), loop).result(10) == ["ok"]
+            asyncio.run(other.aclose())
+            with pytest.raises(RuntimeError, match="closed"):
+                asyncio.run_coroutine_threadsafe(_ask(other), loop).result(10)
+        finally:
+            loop.call_soon_threadsafe(loop.stop)
+            thread.join(5)
+            loop.run_until_complete(loop.shutdown_asyncgens())  # its connections close with it
+            loop.close()
+
+
+async def _ask(client: AsyncClient) -> list[str]:
+    return [c.content async for c in client.stream("hi")]
 
 
 def test_a_stream_the_service_ends_before_its_done_line_is_a_router_connection_error() -> None:
