@@ -34,7 +34,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from eval import coldstart_suite, combine_suite, routerbench_combine
@@ -188,36 +188,41 @@ def _publish(stage: Path, out: Path) -> None:
     back if a move fails, so ``out`` holds one run's files or the other's; a ``ValueError`` names ``out`` then.
     Files by file: a folder holding them (``split/``) keeps whatever else it holds."""
     new = sorted(p.relative_to(stage).as_posix() for p in stage.rglob("*") if not p.is_dir())
+    names = list(dict.fromkeys((*HARNESS_OUTPUTS, *new)))
+    # A folder the outputs go in that is not a real folder of --out (a link, to the user's data say, or a file) is
+    # replaced whole, as any output is, never written through.
+    folders = dict.fromkeys(parent for name in names for parent in PurePosixPath(name).parents if parent.parts)
+    odd = [str(f) for f in folders if (out / f).is_symlink() or ((out / f).exists() and not (out / f).is_dir())]
     aside = stage / ".previous"
     aside.mkdir()
     # Each name is listed before its move: an interrupt between the two leaves it listed, and putting back a file
     # that never moved fails quietly.
     moved: list[str] = []  # the earlier run's names, moved into ``aside``
     placed: list[str] = []  # this run's names, moved into ``out``
-    made: list[Path] = []  # the folders made in ``out`` for them
+    made: list[Path] = []  # the folders made in ``out`` for them, outermost first
     try:
-        for name in dict.fromkeys((*HARNESS_OUTPUTS, *new)):
+        for name in [*odd, *names]:
             if (out / name).exists() or (out / name).is_symlink():
                 moved.append(name)
                 (aside / name).parent.mkdir(parents=True, exist_ok=True)
                 os.replace(out / name, aside / name)
         for name in new:
             placed.append(name)
-            folder = (out / name).parent
-            if not folder.exists():
+            missing = [f for f in reversed((out / name).parents) if f.is_relative_to(out) and not f.exists()]
+            for folder in missing:
                 made.append(folder)
-                folder.mkdir(parents=True)
+                folder.mkdir()
             os.replace(stage / name, out / name)
     except BaseException as exc:  # an OSError, or Ctrl-C or SIGTERM part way: the earlier run's files go back
         for name in placed:
             with contextlib.suppress(OSError):
                 os.replace(out / name, stage / name)
+        for folder in reversed(made):  # before the earlier entries go back: a link moved aside goes back there
+            with contextlib.suppress(OSError):
+                folder.rmdir()
         for name in moved:
             with contextlib.suppress(OSError):
                 os.replace(aside / name, out / name)
-        for folder in reversed(made):
-            with contextlib.suppress(OSError):
-                folder.rmdir()
         if not isinstance(exc, OSError):
             raise
         raise ValueError(f"--out {out}: cannot put this run's files in place of the earlier run's "
@@ -235,14 +240,26 @@ def _publish(stage: Path, out: Path) -> None:
 def _check_not_replaced(flag: str, path: str | Path | None, out: Path) -> None:
     """A ``--train``/``--test`` file that is one of the files this run writes into ``out`` (a run's
     ``split/train.jsonl`` given back with the same ``--out``): the run would replace the user's data with its own
-    copy, so it is refused before any work."""
+    copy, so it is refused before any work. A link among the outputs is replaced itself (``_publish``), never
+    what it points to, so the file it points to may be given."""
     if path is None:
         return
-    given = Path(path).resolve()
     for name in HARNESS_OUTPUTS:
-        if (out / name).resolve() == given:
-            raise ValueError(f"{flag} {path} is {name} in --out {out}, which this run writes in its place; copy it "
-                             "elsewhere first, or give another --out")
+        target = _in_place(out, name)
+        with contextlib.suppress(OSError):
+            if target is not None and os.path.samefile(path, target):
+                raise ValueError(f"{flag} {path} is {name} in --out {out}, which this run writes in its place; copy "
+                                 "it elsewhere first, or give another --out")
+
+
+def _in_place(out: Path, name: str) -> Path | None:
+    """``out/name`` where a run would replace that very file: it is one, reached through no link below ``out``."""
+    path = out
+    for part in PurePosixPath(name).parts:
+        path = path / part
+        if path.is_symlink():
+            return None
+    return path if path.is_file() else None
 
 
 # A staging folder untouched this long is an abandoned run's, whatever host it names: no suite runs for a day.

@@ -118,6 +118,7 @@ def run_jsonl(ctx: SuiteContext, *, oos_label: str | None = None) -> dict[str, A
     for flag, path, rows in (("--train", ctx.train_path, train), ("--test", ctx.test_path, test)):
         if not rows:
             raise ValueError(f"{flag} {path} holds no records")
+    _note_label_twins(ctx, train)  # the out-of-scope label's twin ("OOS" beside "oos") too, before it is left out
     if oos_label is not None:
         if not any(q.label == oos_label for q in (*train, *test)):
             known = label_order(q.label for q in (*train, *test))
@@ -134,7 +135,6 @@ def run_jsonl(ctx: SuiteContext, *, oos_label: str | None = None) -> dict[str, A
         left = f" once --oos-label {oos_label}'s are left out" if oos_label is not None else ""
         raise ValueError(f"--train {ctx.train_path}: its queries{limited} carry {len(found)} label(s)"
                          f"{': ' + repr(found[0]) if found else ''}{left}; routing needs at least two")
-    _note_label_twins(ctx, train)
     _note_unseen_labels(ctx, found, test, oos_label)
     conflicts = conflicting_labels([q.text for q in train], [q.label for q in train])
     if conflicts:  # the gate logs it while training; the report keeps it

@@ -245,13 +245,13 @@ def plot_confusion(path: Path, matrix: np.ndarray, labels: Sequence[str], title:
     im = ax.imshow(norm, cmap="Blues", vmin=0.0, vmax=1.0)
     fig.colorbar(im, ax=ax, label="fraction of the true label's queries", shrink=0.8)
     key = ""
+    if n <= 16:  # few enough cells to write each one's count in it
+        for i, j in zip(*np.nonzero(matrix), strict=True):
+            ax.text(j, i, str(matrix[i, j]), ha="center", va="center", fontsize=6,
+                    color="white" if norm[i, j] > 0.5 else "black")
     if shown is not None:
         ax.set_xticks(range(len(labels)), shown, rotation=90, fontsize=8)
         ax.set_yticks(range(len(labels)), shown, fontsize=8)
-        if len(labels) <= 16:
-            for i, j in zip(*np.nonzero(matrix), strict=True):
-                ax.text(j, i, str(matrix[i, j]), ha="center", va="center", fontsize=6,
-                        color="white" if norm[i, j] > 0.5 else "black")
     else:  # too many to name on the axes, or names that tell no two apart: indices, keyed by report.md's table
         key = " (index: the # column of report.md's per-class table)"
         step = 5 if n > 40 else 1

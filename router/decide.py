@@ -168,11 +168,15 @@ class Decider:
         )
 
     def _abstain_to(self, ood: float | None, threshold: float | None, excluded: frozenset[str]) -> str | None:
-        """The default expert when the query is out of distribution and the default can take it, else None."""
+        """The default expert when the query is out of distribution and the default can take it (served, not in
+        ``excluded``, its breaker closed: one the gate does not score, ``routed: false``, is in no panel's
+        exclusions), else None."""
         default = self.config.gate.default_expert
         if default is None or threshold is None or ood is None or ood >= threshold:
             return None
-        return default if default in self.served and default not in excluded else None
+        if default not in self.served or default in excluded or self.breakers.refuses(default):
+            return None
+        return default
 
     def decide_sync(self, text: str, exclude: Collection[str] = ()) -> RouteDecision:
         """The gate's decision, computed on the calling thread (no batching)."""

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from eval.datasets import load_banking77, load_mmlu_pro_domains, load_snips
+from experts.errors import ExpertUnavailable
 from experts.types import ChatMessage, ChatRequest
 from router.config import EncoderConfig
 from router.encoders import Encoder, build_encoder
@@ -84,6 +85,32 @@ async def test_a_batch_route_abstains_as_one_request_does(gate: Gate) -> None:
     assert orch.assign_batch(queries) == ["weather", "music", "chat", "chat", "chat"]
     assert await orch.assign(queries, {"chat": 1}) == ["weather", "music", "chat", "chat", "chat"]
     assert orchestrator(gate, default=None).assign_batch(OUT_OF_DOMAIN[:1])[0] in ("weather", "music")
+    await orch.aclose()
+
+
+async def test_an_unrouted_default_with_an_open_breaker_takes_no_abstained_query(
+        data_dir: Path, encoder: Encoder) -> None:
+    """A default the gate does not score (routed: false) was abstained to with its breaker open, by /v1/route and
+    /v1/route/batch alike: the breakers checked were the gate's columns only."""
+    two = ["weather", "music"]
+    texts, labels = [], []
+    with open(data_dir / "snips" / "snips_2017_custom_intents.csv", encoding="utf-8") as fh:
+        for row in csv.DictReader(fh):
+            if row["split"] == "train" and row["intent"] in TOPICS and labels.count(TOPICS[row["intent"]]) < 100:
+                texts.append(row["text"])
+                labels.append(TOPICS[row["intent"]])
+    scored = train_gate(texts, labels, encoder, experts=two, progress=False)
+    base = fake_config(NAMES, gate={"default_expert": "chat"})
+    config = base.model_copy(update={"experts": [e.model_copy(update={"routed": e.name != "chat"})
+                                                 for e in base.experts]})
+    orch = Orchestrator(config, scored, {n: FakeExpert(config.expert(n)) for n in NAMES})
+    assert (await orch.decide(ask(OUT_OF_DOMAIN[0]))).abstained
+    assert orch.assign_batch(OUT_OF_DOMAIN) == ["chat"] * 3
+    for _ in range(5):
+        orch.breakers.finish(orch.breakers.admit("chat"), ExpertUnavailable("chat", "down"))
+    decision = await orch.decide(ask(OUT_OF_DOMAIN[0]))
+    assert not decision.abstained and decision.chosen[0].expert in two
+    assert set(orch.assign_batch(OUT_OF_DOMAIN)) <= set(two)
     await orch.aclose()
 
 

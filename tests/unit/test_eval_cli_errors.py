@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import socket
 import time
 import warnings
@@ -430,6 +431,72 @@ def test_a_run_leaves_a_users_own_files_in_split_and_never_replaces_its_own_inpu
     assert after["split/README.txt"] == b"my notes"
     assert after["split/train.jsonl"] != before["split/train.jsonl"]  # the run's own split, with its ids
     assert {"split/val.jsonl", "split/test.jsonl", "results.json"} <= set(after)
+
+
+def test_a_split_that_is_a_link_or_a_file_is_replaced_itself_never_written_through(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fast_static: None) -> None:
+    """With out/split a link to the user's data folder, a run moved the files there aside, deleted them and wrote
+    its own in their place; a dangling link failed the run after all its work."""
+    import eval.harness as harness
+
+    userdata = tmp_path / "userdata"
+    userdata.mkdir()
+    train = _write(userdata / "train.jsonl", _rows(20))
+    test = _write(userdata / "test.jsonl", _rows(5, prefix="t"))
+    (userdata / "notes.txt").write_text("mine", encoding="utf-8")
+    mine = {p.name: p.read_bytes() for p in userdata.iterdir()}
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "split").symlink_to(userdata)
+    _jsonl_run(tmp_path, train, test, out)  # the link's target is no file the run replaces
+    assert {p.name: p.read_bytes() for p in userdata.iterdir()} == mine
+    assert (out / "split").is_dir() and not (out / "split").is_symlink()
+    assert {"train.jsonl", "val.jsonl", "test.jsonl"} <= {p.name for p in (out / "split").iterdir()}
+    for odd in ("dangling", "file"):
+        shutil.rmtree(out / "split")
+        if odd == "dangling":
+            (out / "split").symlink_to(tmp_path / "gone")
+        else:
+            (out / "split").write_text("a file", encoding="utf-8")
+        _jsonl_run(tmp_path, train, test, out)
+        assert (out / "split" / "train.jsonl").is_file(), odd
+    # A publish that fails part way puts the link back as it was.
+    shutil.rmtree(out / "split")
+    (out / "split").symlink_to(userdata)
+    real = os.replace
+
+    def refusing(src: Any, dst: Any) -> None:
+        if Path(src).name == "report.md" and Path(src).parent.name.startswith(".partial-"):
+            raise PermissionError(13, "Permission denied", str(dst))
+        real(src, dst)
+
+    monkeypatch.setattr(harness.os, "replace", refusing)
+    with pytest.raises(ValueError, match="cannot put this run's files in place"):
+        _jsonl_run(tmp_path, train, test, out)
+    assert (out / "split").is_symlink() and {p.name: p.read_bytes() for p in userdata.iterdir()} == mine
+
+
+def test_a_file_an_output_links_to_may_be_given(tmp_path: Path, fast_static: None) -> None:
+    """out/split/train.jsonl a link to the user's file: the run replaces the link, not the file, so --train may
+    name the file (it was refused)."""
+    train = _write(tmp_path / "train.jsonl", _rows(20))
+    test = _write(tmp_path / "test.jsonl", _rows(5, prefix="t"))
+    out = tmp_path / "out"
+    (out / "split").mkdir(parents=True)
+    (out / "split" / "train.jsonl").symlink_to(train)
+    before = train.read_bytes()
+    _jsonl_run(tmp_path, train, test, out)
+    assert train.read_bytes() == before and not (out / "split" / "train.jsonl").is_symlink()
+
+
+def test_a_link_loop_among_the_outputs_is_no_crash(tmp_path: Path, fast_static: None) -> None:
+    train = _write(tmp_path / "train.jsonl", _rows(20))
+    test = _write(tmp_path / "test.jsonl", _rows(5, prefix="t"))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "results.json").symlink_to(out / "results.json")
+    _jsonl_run(tmp_path, train, test, out)
+    assert json.loads((out / "results.json").read_text(encoding="utf-8"))["metrics"]
 
 
 # ---------------------------------------------------------------- 5: errors name the flag and the path

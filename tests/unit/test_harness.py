@@ -167,6 +167,23 @@ def test_user_jsonl_training_labels_written_two_ways_are_flagged(
     assert said in notes and f"warning: {said}" in capsys.readouterr().err
 
 
+def test_the_out_of_scope_label_written_another_way_is_flagged(
+        data_dir: Path, tmp_path: Path, cache_dir: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """With --oos-label oos, training lines labelled "OOS" were learned as a class, silently: the twin check ran
+    after the oos lines were left out."""
+    monkeypatch.setenv("MOE_CACHE_DIR", str(cache_dir))
+    rows = _relabelled(data_dir, "train", 20)
+    rows += [{**row, "id": f"oos-{i}", "label": "oos" if i % 2 else "OOS"} for i, row in enumerate(rows[:6])]
+    train = _write_jsonl(tmp_path / "train.jsonl", rows)
+    test = _write_jsonl(tmp_path / "test.jsonl", _relabelled(data_dir, "test", 5))
+    out = tmp_path / "out"
+    assert cli_main(["eval", "--train", str(train), "--test", str(test), "--out", str(out), "--no-plots",
+                     "--encoder", "static", "--oos-label", "oos"]) == 0
+    notes = json.loads((out / "results.json").read_text(encoding="utf-8"))["notes"]
+    assert any(n.startswith("training labels 'OOS' (3), 'oos' (3) differ only in case") for n in notes), notes
+
+
 def test_user_jsonl_with_integer_labels_and_an_oos_label(data_dir: Path, tmp_path: Path, cache_dir: Path,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MOE_CACHE_DIR", str(cache_dir))

@@ -158,6 +158,7 @@ def test_confusion_labels_that_share_a_long_start_stay_told_apart(tmp_path: Path
     assert [t.endswith(n[-8:]) for t, n in zip(by_end, shared, strict=True)] == [True] * 3
     assert len(set(by_cjk)) == 3
     assert by_index == ["0", "1"] and "index: the # column" in drawn[2].get_xlabel()
+    assert [t.get_text() for t in drawn[2].texts] == ["1", "1"]  # each cell's count, as when named
 
 
 def test_quality_cost_marks_the_headline_routers_beside_the_sweep(tmp_path: Path, drawn: list[Any]) -> None:
