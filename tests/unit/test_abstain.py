@@ -33,13 +33,18 @@ def encoder() -> Encoder:
 @pytest.fixture(scope="module")
 def gate(data_dir: Path, encoder: Encoder) -> Gate:
     """A gate trained on two clear SNIPS topics (100 queries each); ``chat`` has no data (a fixed prior)."""
+    return train_gate(*_topics(data_dir), encoder, experts=NAMES, progress=False)
+
+
+def _topics(data_dir: Path) -> tuple[list[str], list[str]]:
+    """The first 100 SNIPS training queries of each of ``TOPICS``, labelled with its expert."""
     texts, labels = [], []
     with open(data_dir / "snips" / "snips_2017_custom_intents.csv", encoding="utf-8") as fh:
         for row in csv.DictReader(fh):
             if row["split"] == "train" and row["intent"] in TOPICS and labels.count(TOPICS[row["intent"]]) < 100:
                 texts.append(row["text"])
                 labels.append(TOPICS[row["intent"]])
-    return train_gate(texts, labels, encoder, experts=NAMES, progress=False)
+    return texts, labels
 
 
 def orchestrator(gate: Gate, default: str | None = "chat") -> Orchestrator:
@@ -93,13 +98,7 @@ async def test_an_unrouted_default_with_an_open_breaker_takes_no_abstained_query
     """A default the gate does not score (routed: false) was abstained to with its breaker open, by /v1/route and
     /v1/route/batch alike: the breakers checked were the gate's columns only."""
     two = ["weather", "music"]
-    texts, labels = [], []
-    with open(data_dir / "snips" / "snips_2017_custom_intents.csv", encoding="utf-8") as fh:
-        for row in csv.DictReader(fh):
-            if row["split"] == "train" and row["intent"] in TOPICS and labels.count(TOPICS[row["intent"]]) < 100:
-                texts.append(row["text"])
-                labels.append(TOPICS[row["intent"]])
-    scored = train_gate(texts, labels, encoder, experts=two, progress=False)
+    scored = train_gate(*_topics(data_dir), encoder, experts=two, progress=False)
     base = fake_config(NAMES, gate={"default_expert": "chat"})
     config = base.model_copy(update={"experts": [e.model_copy(update={"routed": e.name != "chat"})
                                                  for e in base.experts]})

@@ -295,6 +295,16 @@ def test_a_run_that_fails_leaves_out_as_it_found_it(tmp_path: Path, monkeypatch:
     assert not (tmp_path / "fresh").exists()
 
 
+def _refusing_report_md(real: Any) -> Any:
+    """``os.replace`` that refuses, with a PermissionError, to move a run's report.md out of its staging folder."""
+    def refusing(src: Any, dst: Any) -> None:
+        if Path(src).name == "report.md" and Path(src).parent.name.startswith(".partial-"):
+            raise PermissionError(13, "Permission denied", str(dst))
+        real(src, dst)
+
+    return refusing
+
+
 def test_a_publish_that_fails_part_way_leaves_the_earlier_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                               fast_static: None) -> None:
     """It deleted the earlier run's files before moving the new ones in, so a failure between the two (a file it
@@ -307,13 +317,7 @@ def test_a_publish_that_fails_part_way_leaves_the_earlier_run(tmp_path: Path, mo
     _jsonl_run(tmp_path, train, test, out)
     before = _tree(out)
     real = os.replace
-
-    def refusing(src: Any, dst: Any) -> None:
-        if Path(src).name == "report.md" and Path(src).parent.name.startswith(".partial-"):
-            raise PermissionError(13, "Permission denied", str(dst))
-        real(src, dst)
-
-    monkeypatch.setattr(harness.os, "replace", refusing)
+    monkeypatch.setattr(harness.os, "replace", _refusing_report_md(real))
     with pytest.raises(ValueError, match=rf"^--out {re.escape(str(out))}: cannot put this run's files in place of "
                                          r"the earlier run's \(Permission denied: .*report.md\); the earlier"):
         _jsonl_run(tmp_path, _write(tmp_path / "other.jsonl", _rows(15, prefix="o")), test, out)
@@ -464,13 +468,7 @@ def test_a_split_that_is_a_link_or_a_file_is_replaced_itself_never_written_throu
     shutil.rmtree(out / "split")
     (out / "split").symlink_to(userdata)
     real = os.replace
-
-    def refusing(src: Any, dst: Any) -> None:
-        if Path(src).name == "report.md" and Path(src).parent.name.startswith(".partial-"):
-            raise PermissionError(13, "Permission denied", str(dst))
-        real(src, dst)
-
-    monkeypatch.setattr(harness.os, "replace", refusing)
+    monkeypatch.setattr(harness.os, "replace", _refusing_report_md(real))
     with pytest.raises(ValueError, match="cannot put this run's files in place"):
         _jsonl_run(tmp_path, train, test, out)
     assert (out / "split").is_symlink() and {p.name: p.read_bytes() for p in userdata.iterdir()} == mine

@@ -217,6 +217,16 @@ async def test_local_router_routes_with_the_service_s_checks() -> None:
     assert await local.route_batch(["an integral"], {"math": 1}) == ["math"]
 
 
+async def _stream_errors(transport: httpx.MockTransport) -> list[pytest.ExceptionInfo[RouterAPIError]]:
+    """What a stream over ``transport`` raises, from ``Client`` and from ``AsyncClient``."""
+    with Client("http://router", transport=transport) as client, pytest.raises(RouterAPIError) as sync:
+        list(client.stream("hi"))
+    async with AsyncClient("http://router", transport=transport) as aclient:
+        with pytest.raises(RouterAPIError) as asynced:
+            [c async for c in aclient.stream("hi")]
+    return [sync, asynced]
+
+
 async def test_a_stream_that_is_not_one_or_ends_early_is_an_error_not_silence() -> None:
     """A 200 that is no event stream (a proxy's page), an event that is not JSON, and a stream cut before its
     ``[DONE]`` each raise ``RouterAPIError`` naming what came back, in both clients."""
@@ -234,12 +244,7 @@ async def test_a_stream_that_is_not_one_or_ends_early_is_an_error_not_silence() 
     for kind, response in bodies.items():
         transport = httpx.MockTransport(lambda request, r=response: httpx.Response(  # type: ignore[misc]
             r.status_code, content=r.content, headers=r.headers))
-        with Client("http://router", transport=transport) as client, pytest.raises(RouterAPIError) as sync:
-            list(client.stream("hi"))
-        async with AsyncClient("http://router", transport=transport) as aclient:
-            with pytest.raises(RouterAPIError) as asynced:
-                [c async for c in aclient.stream("hi")]
-        for info in (sync, asynced):
+        for info in await _stream_errors(transport):
             code, says = expected[kind]
             assert info.value.code == code and says in info.value.message, (kind, info.value.message)
             # A stream broken off is a RouterConnectionError (status 0), as a connection that breaks is; what the
@@ -265,12 +270,7 @@ async def test_an_error_mid_stream_keeps_the_stream_s_headers_and_the_status_the
         text = f"{started}data: {json.dumps(event)}\n\ndata: [DONE]\n\n"
         transport = httpx.MockTransport(lambda request, t=text: httpx.Response(  # type: ignore[misc]
             200, text=t, headers={"content-type": "text/event-stream", "x-request-id": "req-7"}))
-        with Client("http://router", transport=transport) as client, pytest.raises(RouterAPIError) as sync:
-            list(client.stream("hi"))
-        async with AsyncClient("http://router", transport=transport) as aclient:
-            with pytest.raises(RouterAPIError) as asynced:
-                [c async for c in aclient.stream("hi")]
-        for info in (sync, asynced):
+        for info in await _stream_errors(transport):
             assert (info.value.status, info.value.code) == (status, event["error"]["code"])
             assert info.value.headers.get("x-request-id") == "req-7"
     transport = httpx.MockTransport(lambda request: httpx.Response(
