@@ -174,7 +174,8 @@ class OpenAICompatibleExpert(Expert):
         return self._http
 
     async def _deltas(self, lines: AsyncIterator[str], prompt_tokens: int) -> AsyncIterator[StreamDelta]:
-        """Turn SSE lines into deltas; the last delta carries finish_reason, usage and cost.
+        """Turn SSE lines into deltas; the last delta carries finish_reason, usage and cost (a complete answer's
+        finish is also passed on as soon as it comes, with the usage so far, before what follows it is read).
 
         Once a chunk carries a ``finish_reason`` the answer is complete: what may follow (the usage chunk,
         ``[DONE]``, the body's end) is read for at most ``_DRAIN_S``, and a connection that breaks or stalls
@@ -229,8 +230,12 @@ class OpenAICompatibleExpert(Expert):
                 raise ExpertProtocolError(self.name, "stream ended before a finish_reason or [DONE]")
             yield self._last_delta(finish_reason, usage_chunk, nested, Usage.counted(prompt_tokens, sent))
             return
-        # [DONE], or a finish_reason: the answer is complete. Read what follows (the usage chunk, [DONE], the end
-        # of the body) so the connection goes back to the pool, but never long, and never as a failure.
+        # [DONE], or a finish_reason: the answer is complete, and is said to be at once, so that a caller's time
+        # limit running out in what follows ends the answer rather than failing it (``router.dispatch``). Then
+        # read what follows (the usage chunk, [DONE], the end of the body) so the connection goes back to the
+        # pool, but never long, and never as a failure; the last delta carries the usage it brought.
+        said = self._last_delta(finish_reason or "stop", usage_chunk, nested, Usage.counted(prompt_tokens, sent))
+        yield said
         with contextlib.suppress(TimeoutError, HttpFailure, ExpertError):
             wait = _DRAIN_S if done else min(_AFTER_FINISH_S, self.config.timeout_s / 2)
             async with asyncio.timeout(wait) as window:
@@ -239,7 +244,9 @@ class OpenAICompatibleExpert(Expert):
                         window.reschedule(asyncio.get_running_loop().time() + _DRAIN_S)
                     else:
                         usage_chunk, nested = _usage_and_trace(self._decode(data.encode()), usage_chunk, nested)
-        yield self._last_delta(finish_reason or "stop", usage_chunk, nested, Usage.counted(prompt_tokens, sent))
+        last = self._last_delta(finish_reason or "stop", usage_chunk, nested, Usage.counted(prompt_tokens, sent))
+        if last != said:  # the usage (or a nested router's trace) came after the finish
+            yield last
 
     def _last_delta(self, finish_reason: str, usage_chunk: dict[str, Any], nested: dict[str, Any] | None,
                     estimate: Usage) -> StreamDelta:

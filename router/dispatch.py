@@ -107,6 +107,7 @@ class StreamOutcome:
     tool_deltas: int = 0  # deltas carrying tool calls: output the client has, though not text
     refusal_deltas: int = 0  # deltas carrying a refusal's text (OpenAI's ``delta.refusal``), likewise
     finish_reason: str = "stop"
+    finished: bool = False  # the expert passed a finish_reason on: its answer is complete
     usage: Usage | None = None
     usage_estimated: bool = False
     cost: float = 0.0
@@ -407,6 +408,10 @@ class Dispatcher:
                                 CALL_SCOPE.reset(scoped)
                             first = False
                         if delta is None:
+                            if outcome.finished:
+                                # The answer was complete (the expert passed its finish on): a stall in what
+                                # follows (the usage chunk, [DONE]) as the time runs out ends it, never fails it.
+                                break
                             raise _timed_out(name, f"stream stalled for {timeout:.1f}s", slot, deadline)
                         piece = _take(delta, outcome, expert)
                         if piece is not None:
@@ -442,7 +447,7 @@ def _take(delta: StreamDelta, outcome: StreamOutcome, expert: Expert) -> StreamD
         outcome.usage, outcome.usage_estimated = delta.usage, delta.usage_estimated
         outcome.cost = delta.cost_usd if delta.cost_usd is not None else expert.cost(delta.usage)
     if delta.finish_reason:
-        outcome.finish_reason = delta.finish_reason
+        outcome.finish_reason, outcome.finished = delta.finish_reason, True
     if delta.nested is not None:
         outcome.nested = delta.nested
     if not delta.has_output():

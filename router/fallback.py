@@ -298,6 +298,13 @@ MAX_DEADLINE_S, MAX_BUDGET_USD = 3600.0, 1000.0
 _DECIMAL = re.compile(r"[0-9]+(\.[0-9]*)?([eE][-+]?[0-9]+)?|\.[0-9]+([eE][-+]?[0-9]+)?")
 
 
+def asked_deadline_s(text: str | None) -> float | None:
+    """The deadline an ``x-moe-deadline-s`` header's ``text`` asks for, in seconds; None where it asks for none
+    that ``CallScope.from_headers`` would take (the request is then refused, or runs to the config's)."""
+    value = _number(text)
+    return value if value is not None and 0 < value <= MAX_DEADLINE_S else None
+
+
 def _number(text: str | None) -> float | None:
     if text is None:
         return None

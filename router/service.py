@@ -37,7 +37,14 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from experts.types import ChatRequest
 from router.errors import error_body, retry_after_header
-from router.fallback import LIMIT_HEADERS, AllExpertsFailed, CallScope, LimitError
+from router.fallback import (
+    DEADLINE_HEADER,
+    LIMIT_HEADERS,
+    AllExpertsFailed,
+    CallScope,
+    LimitError,
+    asked_deadline_s,
+)
 from router.feedback import FeedbackBody, FeedbackStore, answer_owner
 from router.logs import RequestRecord, configure_json_logging, log_request
 from router.metrics import CONTENT_TYPE, RouterMetrics
@@ -735,6 +742,7 @@ class _Edge:
         app: FastAPI = scope["app"]
         start = time.perf_counter()
         headers = Headers(scope=scope)
+        asked = asked_deadline_s(headers.get(DEADLINE_HEADER))  # the request's own deadline, if it narrows one
         given = headers.get("x-request-id", "")
         record = RequestRecord(request_id=given if _REQUEST_ID.match(given) else uuid.uuid4().hex,
                                method=scope["method"], route=_route_label(app, scope["path"]))
@@ -753,7 +761,7 @@ class _Edge:
             # A client that stops reading blocks the send (the socket's buffers are full), and with it the stream
             # and its expert's slot, past any deadline: past the request's own, with a margin, it is cut off.
             try:
-                async with asyncio.timeout(_send_limit(app, start)):
+                async with asyncio.timeout(_send_limit(app, start, asked)):
                     await send(message)
             except TimeoutError:
                 raise ClientStalled from None
@@ -796,11 +804,14 @@ class ClientStalled(Exception):
     """The client stopped reading its answer (``_send_limit``)."""
 
 
-def _send_limit(app: FastAPI, start: float) -> float:
-    """Seconds a write to the client may still wait: until the request's deadline (``fallback.deadline_s``) from
-    its start, plus a tenth of it (at least a second) for the last bytes."""
+def _send_limit(app: FastAPI, start: float, asked_s: float | None = None) -> float:
+    """Seconds a write to the client may still wait: until the request's deadline from its start (``asked_s``,
+    its ``x-moe-deadline-s``, where that is sooner than ``fallback.deadline_s``), plus a tenth of it (at least a
+    second) for the last bytes."""
     orchestrator = app.state.orchestrator
     deadline = orchestrator.config.fallback.deadline_s if orchestrator is not None else 120.0
+    if asked_s is not None:
+        deadline = min(deadline, asked_s)
     return max(start + deadline + max(1.0, 0.1 * deadline) - time.perf_counter(), 0.0)
 
 

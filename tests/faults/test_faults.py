@@ -65,6 +65,22 @@ async def test_a_finished_stream_whose_connection_then_fails_is_complete(r: Rig,
     assert r.orchestrator.expert_states()["a"]["breaker"]["consecutive_failures"] == 0
 
 
+async def test_a_finished_stream_that_stalls_as_the_deadline_comes_is_complete() -> None:
+    """The finish_reason came 0.3 s before the deadline, then nothing (no [DONE]): the wait for what follows a
+    finish ran into the deadline, and the whole answer ended in an all_experts_failed error event, the expert's
+    breaker blamed."""
+    async with rig(deadline_s=1.0) as live:
+        live.servers["a"].default = Behaviour(mode="answer", text="one two three four five six seven",
+                                              token_delay_s=0.1, after_finish="stall")
+        reply = await live.chat(stream=True)
+        assert reply.status == 200 and "error" not in reply.body, reply.body
+        assert reply.content == "one two three four five six seven"
+        moe = reply.body["moe"]
+        assert moe["switches"] == [] and [(a["expert"], a["ok"]) for a in moe["attempts"]] == [("a", True)]
+        assert live.servers["b"].requests == []
+        assert live.orchestrator.expert_states()["a"]["breaker"]["consecutive_failures"] == 0
+
+
 @pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
 async def test_a_timeout_is_not_retried_into_the_deadline_that_fallback_needs(stream: bool) -> None:
     """Deadline 3 s, timeout 2 s, one retry: after the first timeout a retry could only have the last second,

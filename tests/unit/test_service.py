@@ -796,14 +796,16 @@ class _Firehose(FakeExpert):
         yield StreamDelta(finish_reason="stop", usage=Usage.counted(3, 20_000))
 
 
+@pytest.mark.parametrize(("config_deadline_s", "header"), [(1.0, b""), (60.0, b"x-moe-deadline-s: 1\r\n")])
 async def test_a_client_that_stops_reading_a_stream_is_cut_off_at_the_deadline(
-        caplog: pytest.LogCaptureFixture) -> None:
+        caplog: pytest.LogCaptureFixture, config_deadline_s: float, header: bytes) -> None:
     """Over a real socket: a client opens a stream and never reads it. The blocked writes held the expert's slot
     (max_concurrency) for as long as the socket stayed open; past the request's deadline and its margin the
-    stream is cut off, the slot released, and one line says why."""
+    stream is cut off, the slot released, and one line says why. The request's deadline is its x-moe-deadline-s
+    where it sets one (the config's was used, 60 s here)."""
     import socket
 
-    app = make_app(fallback={"deadline_s": 1.0})
+    app = make_app(fallback={"deadline_s": config_deadline_s})
     orchestrator = app.state.orchestrator
     orchestrator.experts["math"] = _Firehose(orchestrator.config.expert("math"))
     body = json.dumps({"stream": True, "messages": [{"role": "user", "content": "an integral"}]}).encode()
@@ -812,7 +814,7 @@ async def test_a_client_that_stops_reading_a_stream_is_cut_off_at_the_deadline(
         sock = socket.create_connection((host, int(port)))
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
-                     b"content-length: %d\r\n\r\n%s" % (len(body), body))
+                     b"%scontent-length: %d\r\n\r\n%s" % (header, len(body), body))
         await asyncio.sleep(0.5)
         during = orchestrator.expert_states()["math"]["in_flight"]
         for _ in range(40):  # the deadline (1 s) and its margin (1 s)
