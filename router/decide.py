@@ -154,6 +154,13 @@ class Decider:
                 panel = choose(scores, self.config.gate.top_k, exclude=excluded)
             except ValueError:
                 panel = []  # every breaker is open: the orchestrator reports each as a cause
+            # max_attempts counts every expert tried, the panel included: a policy with no k (mass, min_weight,
+            # adaptive) keeps the heaviest members it allows, renormalised.
+            most = self.config.fallback.max_attempts
+            if len(panel) > most:
+                kept = sorted(panel, key=lambda member: -member[1])[:most]
+                total = sum(w for _, w in kept)
+                panel = [(n, w / total) for n, w in kept]
         return RouteDecision(
             scores=scores,
             ranking=[n for n, _ in rank(scores)],

@@ -116,3 +116,23 @@ def test_the_panel_and_the_ranking_agree_where_renormalising_rounds_scores_toget
     assert [n for n, _ in rank(scores)] == ["b", "c", "a"]
     odd = {"a": float("nan"), "b": 0.5, "c": float("inf")}
     assert rank(odd)[0][0] == "b" == choose(odd, TopKConfig(policy="fixed", k=1))[0][0]
+
+
+async def test_an_uncapped_panel_is_cut_to_max_attempts() -> None:
+    """A mass panel with no k called every expert it named (5 attempts with max_attempts 3), where a panel with a
+    k above max_attempts is refused: max_attempts counts every expert tried, the panel included."""
+    from experts.types import ChatMessage, ChatRequest
+    from router.orchestrator import Orchestrator
+    from tests.doubles.fakes import FakeExpert, FakeGate, fake_config
+
+    names = ["a", "b", "c", "d", "e"]
+    config = fake_config(names, gate={"top_k": {"policy": "mass", "mass": 0.99}}, fallback={"max_attempts": 3})
+    gate = FakeGate(names, {}, default=[0.24, 0.22, 0.2, 0.18, 0.16])
+    orchestrator = Orchestrator(config, gate, {n: FakeExpert(config.expert(n)) for n in names})
+    request = ChatRequest(messages=[ChatMessage(role="user", content="q")])
+    decision = await orchestrator.decide(request)
+    assert [c.expert for c in decision.chosen] == ["a", "b", "c"]
+    assert sum(c.weight for c in decision.chosen) == pytest.approx(1.0)
+    answer = await orchestrator.complete(request)
+    assert len(answer.trace.attempts) == 3
+    await orchestrator.aclose()
