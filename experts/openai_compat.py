@@ -235,7 +235,7 @@ class OpenAICompatibleExpert(Expert):
         # read what follows (the usage chunk, [DONE], the end of the body) so the connection goes back to the
         # pool, but never long, and never as a failure; the last delta carries the usage it brought.
         said = self._last_delta(finish_reason or "stop", usage_chunk, nested, Usage.counted(prompt_tokens, sent))
-        yield said
+        yield replace(said)  # a copy: a caller may change what it is given (a nested router prices it)
         with contextlib.suppress(TimeoutError, HttpFailure, ExpertError):
             wait = _DRAIN_S if done else min(_AFTER_FINISH_S, self.config.timeout_s / 2)
             async with asyncio.timeout(wait) as window:

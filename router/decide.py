@@ -31,7 +31,7 @@ from router.config import ExpertConfig, RouterConfig
 from router.dispatch import Capacity
 from router.errors import error_body
 from router.gate import Assessment, EncoderLike
-from router.topk import choose, rank
+from router.topk import capped, choose, rank
 from router.trace import RouteDecision, WeightedExpert
 
 __all__ = ["Decider", "EncoderLike", "GateLike", "NoCapableExpert", "needed_capabilities"]
@@ -154,13 +154,7 @@ class Decider:
                 panel = choose(scores, self.config.gate.top_k, exclude=excluded)
             except ValueError:
                 panel = []  # every breaker is open: the orchestrator reports each as a cause
-            # max_attempts counts every expert tried, the panel included: a policy with no k (mass, min_weight,
-            # adaptive) keeps the heaviest members it allows, renormalised.
-            most = self.config.fallback.max_attempts
-            if len(panel) > most:
-                kept = sorted(panel, key=lambda member: -member[1])[:most]
-                total = sum(w for _, w in kept)
-                panel = [(n, w / total) for n, w in kept]
+            panel = capped(panel, self.config.fallback.max_attempts)
         return RouteDecision(
             scores=scores,
             ranking=[n for n, _ in rank(scores)],

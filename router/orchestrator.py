@@ -82,7 +82,7 @@ from router.dispatch import Capacity, Dispatcher, StreamOutcome, StreamPiece, sk
 from router.errors import error_body
 from router.fallback import AllExpertsFailed, BudgetSpent, CallScope, Deadline, next_candidate
 from router.retry import RetryPolicy
-from router.topk import choose
+from router.topk import capped, choose
 from router.trace import Attempt, AttemptRole, Contribution, RoutedAnswer, RouteDecision, Trace, WeightedExpert
 from router.vote_weights import VoteWeights
 
@@ -345,7 +345,8 @@ class Orchestrator:
         scores = {n: decision.scores[n] for n in ranking if n in decision.scores}
         if not scores:
             return []
-        return [WeightedExpert(expert=n, weight=w) for n, w in choose(scores, self.config.gate.top_k)]
+        panel = capped(choose(scores, self.config.gate.top_k), self.config.fallback.max_attempts)
+        return [WeightedExpert(expert=n, weight=w) for n, w in panel]
 
     def _panel_calls(self, called: list[WeightedExpert], request: ChatRequest, deadline: Deadline,
                      trace: Trace) -> list[Awaitable[ExpertReply | ExpertError]]:

@@ -10,7 +10,7 @@ from collections.abc import Callable, Mapping
 
 from router.config import TopKConfig
 
-__all__ = ["POLICIES", "choose", "rank"]
+__all__ = ["POLICIES", "capped", "choose", "rank"]
 
 Ranked = list[tuple[str, float]]
 _ROUNDING = 1e-9  # how far under ``mass`` a panel's summed probability may fall and still reach it
@@ -89,3 +89,13 @@ def choose(scores: Mapping[str, float], cfg: TopKConfig, *, exclude: frozenset[s
     if total <= 0.0:
         return [(n, 1.0 / len(panel)) for n, _ in panel]
     return [(n, p / total) for n, p in panel]
+
+
+def capped(panel: Ranked, most: int) -> Ranked:
+    """``panel`` with at most ``most`` members, the heaviest, renormalised: ``fallback.max_attempts`` counts every
+    expert tried, the panel included, and a policy with no ``k`` (mass, min_weight, adaptive) may name more."""
+    if len(panel) <= most:
+        return panel
+    kept = sorted(panel, key=lambda member: -member[1])[:most]
+    total = sum(w for _, w in kept)
+    return [(n, w / total) for n, w in kept]

@@ -160,6 +160,22 @@ async def test_stream_takes_usage_from_the_finish_chunk_and_tolerates_a_missing_
     assert deltas[-1].usage is not None and deltas[-1].usage.total_tokens == 3
 
 
+async def test_a_finish_changed_by_its_caller_is_not_sent_again(server: ScriptedOpenAIServer,
+                                                                 make_expert: MakeExpert) -> None:
+    """The finish is passed on before what follows it is read, and passed again only if that brought usage or a
+    trace. A caller that changed the delta it was given (a nested router prices it) got it twice, every time."""
+    body = sse({"choices": [{"index": 0, "delta": {"content": "hi"}}]},
+               {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}],
+                "usage": {"prompt_tokens": 2, "completion_tokens": 1, "total_tokens": 3}}, "[DONE]")
+    server.push(Behaviour.raw(body, content_type="text/event-stream"))
+    finishes = []
+    async for delta in make_expert().stream(ask()):
+        if delta.finish_reason:
+            delta.cost_usd = 9.0  # as router.hierarchy._priced_delta sets the nested router's cost
+            finishes.append(delta)
+    assert len(finishes) == 1
+
+
 # --- tool calls ---------------------------------------------------------------------------------------
 
 

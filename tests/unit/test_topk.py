@@ -135,4 +135,7 @@ async def test_an_uncapped_panel_is_cut_to_max_attempts() -> None:
     assert sum(c.weight for c in decision.chosen) == pytest.approx(1.0)
     answer = await orchestrator.complete(request)
     assert len(answer.trace.attempts) == 3
+    # The panel called when every breaker is open and fallback is off is cut the same way.
+    despite = orchestrator._panel_despite_breakers(decision, names)
+    assert [p.expert for p in despite] == ["a", "b", "c"] and sum(p.weight for p in despite) == pytest.approx(1.0)
     await orchestrator.aclose()
