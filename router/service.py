@@ -66,7 +66,7 @@ from router.requests import (
     parse_route_batch,
     parse_since,
 )
-from router.security import Admitted, Denied, Guard, RateStore, redact
+from router.security import Admitted, Denied, Guard, InMemoryRateStore, RateStore, redact
 from router.trace import Trace
 
 __all__ = ["RequestProblem", "RouteBatch", "RouteQuery", "check_combiner", "create_app", "error_body", "parse_chat",
@@ -448,7 +448,8 @@ def create_app(orchestrator: Orchestrator | None = None,
     app.state.orchestrator = orchestrator
     app.state.metrics = RouterMetrics(lambda: app.state.orchestrator, reloads=reloader)
     app.state.security = None
-    app.state.rate_store = rate_store
+    # One store for the app's life: a reload that changes security builds a new guard on the same buckets.
+    app.state.rate_store = rate_store if rate_store is not None else InMemoryRateStore()
     app.state.environ = os.environ if environ is None else environ
     if orchestrator is not None:
         _guard(app)  # keys are hashed now, at startup, not at the first request

@@ -521,3 +521,27 @@ async def test_a_reload_onto_another_service_starts_its_breaker_afresh_and_keeps
         os.utime(path, ns=(path.stat().st_mtime_ns + 2_000_000_000,) * 2)
         assert (await http.post("/admin/reload")).status_code == 200
         assert await math_state() == "open"
+
+
+async def test_a_reload_that_changes_security_keeps_every_keys_rate_bucket(tmp_path: Path) -> None:
+    """Adding a key (any change under security) built the guard on a new store: every key's bucket was full again,
+    a limited key's next request answered 200."""
+    import hashlib
+
+    def keyed(*names: str) -> dict[str, Any]:
+        keys = [{"name": n, "sha256": hashlib.sha256(f"sk-{n}".encode()).hexdigest()} for n in names]
+        return {"security": {"admin_key_env": "MOE_ADMIN", "api_keys": keys,
+                             "rate_limit": {"rate_per_s": 0.01, "burst": 2}}}
+
+    path = write(tmp_path / "router.yaml", ["x", "y"], **keyed("a"))
+    builds = Builds()
+    app = create_app(builds(load_config(path)), reloader=Reloader(path, build=builds),
+                     environ={"MOE_ADMIN": "sk-admin"})
+    key = {"authorization": "Bearer sk-a"}
+    async with app.router.lifespan_context(app), httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
+                                                                   base_url="http://router") as http:
+        assert [(await http.get("/v1/models", headers=key)).status_code for _ in range(3)] == [200, 200, 429]
+        write(path, ["x", "y"], **keyed("a", "b"))
+        assert (await http.post("/admin/reload", headers={"authorization": "Bearer sk-admin"})).status_code == 200
+        assert (await http.get("/v1/models", headers={"authorization": "Bearer sk-b"})).status_code == 200
+        assert (await http.get("/v1/models", headers=key)).status_code == 429
