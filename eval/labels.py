@@ -14,7 +14,6 @@ import json
 import logging
 import re
 import sys
-import unicodedata
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -36,7 +35,7 @@ from eval.datasets import (
 from eval.peer import write_split
 from eval.report import plot_confusion, plot_familiar_sweep, plot_reliability
 from eval.suite import PREDICTIONS, SuiteContext, subsample
-from router.gate import conflicting_labels
+from router.gate import conflicting_labels, text_key
 
 __all__ = ["evaluate_labels", "run_banking77_intent", "run_clinc150_domain", "run_jsonl",
            "run_mmlu_pro_domain", "run_snips_intent", "unseen_test"]
@@ -140,8 +139,8 @@ def run_jsonl(ctx: SuiteContext, *, oos_label: str | None = None) -> dict[str, A
     if conflicts:  # the gate logs it while training; the report keeps it
         ctx.notes.append(f"{len(conflicts)} training queries carry more than one label; the gate splits its "
                          "probability between them")
-    seen = {_text_key(q.text) for q in train}
-    overlap = sum(_text_key(q.text) in seen for q in test)
+    seen = {text_key(q.text) for q in train}
+    overlap = sum(text_key(q.text) in seen for q in test)
     if overlap:
         note = (f"{overlap} of {len(test)} test queries also occur in the training data (as written, or differing "
                 "only in case and spaces), so the scores overstate accuracy on new queries")
@@ -161,12 +160,6 @@ def label_order(labels: Iterable[str]) -> list[str]:
     return sorted(set(labels), key=key)
 
 
-def _text_key(text: str) -> str:
-    """A label as a person reads it, and a query as the encoder reads it, near enough: Unicode composed (NFC), case
-    folded (MiniLM's tokenizer is uncased), spaces collapsed. Two queries with the same key embed alike."""
-    return " ".join(unicodedata.normalize("NFC", text).casefold().split())
-
-
 def _note_unseen_labels(ctx: SuiteContext, trained: Sequence[str], test: Sequence[LabelledQuery],
                         oos_label: str | None) -> None:
     """Say which test labels the training data lacks (their queries are scored as out of scope), and warn
@@ -179,9 +172,9 @@ def _note_unseen_labels(ctx: SuiteContext, trained: Sequence[str], test: Sequenc
     listed = ", ".join(f"{label!r} ({counts[label]})" for label in label_order(counts)[:20])
     more = f" and {len(counts) - 20} more" if len(counts) > 20 else ""
     ctx.notes.append(f"out of scope: test labels the training data lacks, with their queries: {listed}{more}")
-    by_key = {_text_key(label): label for label in trained}
+    by_key = {text_key(label): label for label in trained}
     for label in label_order(counts):
-        twin = by_key.get(_text_key(label))
+        twin = by_key.get(text_key(label))
         if twin is not None:
             note = (f"test label {label!r} differs from training label {twin!r} only in case, spaces or Unicode "
                     f"form, so its {counts[label]} queries are scored as out of scope; if they are the same "
@@ -197,7 +190,7 @@ def _note_label_twins(ctx: SuiteContext, train: Sequence[LabelledQuery]) -> None
     counts = Counter(q.label for q in train)
     twins: dict[str, list[str]] = {}
     for label in label_order(counts):
-        twins.setdefault(_text_key(label), []).append(label)
+        twins.setdefault(text_key(label), []).append(label)
     for group in (g for g in twins.values() if len(g) > 1):
         listed = ", ".join(f"{label!r} ({counts[label]})" for label in group)
         note = (f"training labels {listed} differ only in case, spaces or Unicode form, and are learned as "

@@ -255,14 +255,13 @@ def _ask_streaming(args: argparse.Namespace) -> int:
 
 
 def cmd_compose(args: argparse.Namespace) -> int:
-    from router.compose import container_config_path, dump_compose, read_config, repo_relative
+    from router.compose import container_config_path, dump_compose, read_config
 
     # Validated expanded, rendered as written: the file keeps each ${VAR} for compose to substitute at `up` (the
     # containers get the variables, so they need not be set here, and no value of this shell's lands in the file).
-    source = repo_relative(args.config)
+    in_container = container_config_path(args.config)  # a config outside the repository is refused first
     config, written = read_config(args.config)
-    print(dump_compose(config, written=written, source=args.config,
-                       config_path_in_container=container_config_path(source)), end="")
+    print(dump_compose(config, written=written, source=args.config, config_path_in_container=in_container), end="")
     return 0
 
 

@@ -456,10 +456,10 @@ def render_compose(config: RouterConfig, *, written: Any = None,
     return compose
 
 
-def container_config_path(source: str) -> str:
-    """Where the config at ``source`` (relative to the repo root) sits in the router image, which mirrors it."""
-    path = PurePosixPath(posixpath.normpath(source))
-    return str(APP_DIR / (path if not path.is_absolute() else PurePosixPath("configs") / path.name))
+def container_config_path(source: str | Path) -> str:
+    """Where the config at ``source`` sits in the router image, which mirrors the repository (``repo_relative``: a
+    config outside it is a ``ComposeError``)."""
+    return str(APP_DIR / repo_relative(source))
 
 
 def repo_relative(source: str | Path, root: str | Path = ".") -> str:

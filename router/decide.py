@@ -134,13 +134,19 @@ class Decider:
         scores, the explanation and the OOD score."""
         a, columns, names = self._assess(texts)
         stages: list[str | None] = list(a.stage) if a.stage else [None] * len(texts)
-        thresholds = a.ood_threshold or [self.gate.ood_threshold] * len(texts)
         tasks: list[dict[str, float] | None] = list(a.tasks) if a.tasks else [None] * len(texts)
         private = self.gate.private_texts
         return [_Gated({n: float(p) for n, p in zip(names, row, strict=True)}, [_shown(n, private) for n in near],
-                       None if np.isnan(score) else float(score), threshold, stage, task)
-                for row, near, score, threshold, stage, task in zip(a.probs[:, columns], a.nearest, a.ood,
-                                                                    thresholds, stages, tasks, strict=True)]
+                       score, threshold, stage, task)
+                for row, near, (score, threshold), stage, task in zip(a.probs[:, columns], a.nearest,
+                                                                      self._familiarity(a), stages, tasks,
+                                                                      strict=True)]
+
+    def _familiarity(self, a: Assessment) -> list[tuple[float | None, float | None]]:
+        """Each query's familiarity (None where unknown) and the threshold abstain holds it to."""
+        thresholds = a.ood_threshold or [self.gate.ood_threshold] * len(a.ood)
+        return [(None if np.isnan(score) else float(score), threshold)
+                for score, threshold in zip(a.ood, thresholds, strict=True)]
 
     def _decision(self, gated: _Gated, exclude: Collection[str], start: float) -> RouteDecision:
         """Top-k (or abstain) from one query's gate output; experts in ``exclude`` stay off the panel."""
@@ -215,10 +221,8 @@ class Decider:
         refusing = self.breakers.refusing(names)
         given = dict(capacity or {})
         room = {n: 0 if n in refusing else given.get(n, self.capacity.free(n)) for n in names}
-        thresholds = assessment.ood_threshold or [self.gate.ood_threshold] * len(queries)
         excluded = frozenset(refusing)
-        assigned = [self._abstain_to(None if np.isnan(ood) else float(ood), threshold, excluded)
-                    for ood, threshold in zip(assessment.ood, thresholds, strict=True)]
+        assigned = [self._abstain_to(ood, threshold, excluded) for ood, threshold in self._familiarity(assessment)]
         rest = [i for i, a in enumerate(assigned) if a is None]
         if default in room:
             room[default] = max(0, room[default] - (len(queries) - len(rest)))

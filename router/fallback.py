@@ -302,7 +302,12 @@ def asked_deadline_s(text: str | None) -> float | None:
     """The deadline an ``x-moe-deadline-s`` header's ``text`` asks for, in seconds; None where it asks for none
     that ``CallScope.from_headers`` would take (the request is then refused, or runs to the config's)."""
     value = _number(text)
-    return value if value is not None and 0 < value <= MAX_DEADLINE_S else None
+    if value is None:
+        return None
+    try:
+        return _limit(DEADLINE_HEADER, "", value, MAX_DEADLINE_S, "seconds")  # the range CallScope.limiting takes
+    except LimitError:
+        return None
 
 
 def _number(text: str | None) -> float | None:

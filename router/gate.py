@@ -84,7 +84,6 @@ if TYPE_CHECKING:
         embed_texts,
         expected_calibration_error,
         fit_ood,
-        fit_ood_threshold,
         fit_temperature,
         nearest_similarity,
         split_train_val,
@@ -111,11 +110,11 @@ __all__ = [
     "embed_texts",
     "expected_calibration_error",
     "fit_ood",
-    "fit_ood_threshold",
     "fit_temperature",
     "nearest_similarity",
     "ood_score",
     "split_train_val",
+    "text_key",
     "train_gate",
     "training_data_sha256",
 ]
@@ -126,7 +125,7 @@ UNSEEN_PRIOR = 1e-3
 # would be a cycle, since it imports this module for ``Gate``. Hidden from mypy, which reads the imports above.
 _TRAINING_NAMES = frozenset({
     "CALIBRATION", "CV_FOLDS", "OOD_GRID", "OOD_KEEP", "conflicting_labels", "cross_validation_folds", "embed_texts",
-    "expected_calibration_error", "fit_ood", "fit_ood_threshold", "fit_temperature", "nearest_similarity",
+    "expected_calibration_error", "fit_ood", "fit_temperature", "nearest_similarity",
     "split_train_val", "train_gate", "training_data_sha256",
 })
 
@@ -530,12 +529,17 @@ def _similarity(neighbour: Any) -> float:
     return float(neighbour["similarity"] if isinstance(neighbour, Mapping) else neighbour.similarity)
 
 
+def text_key(text: str) -> str:
+    """A label as a person reads it, and a query as the encoder reads it, near enough: Unicode composed (NFC), case
+    folded (MiniLM's tokenizer is uncased), spaces collapsed. Two queries with the same key embed alike."""
+    return " ".join(unicodedata.normalize("NFC", text).casefold().split())
+
+
 def _distinct(texts: Sequence[str]) -> list[str]:
-    """``texts`` without repeats: the first of those alike once composed (NFC), case-folded and their spaces
-    collapsed."""
+    """``texts`` without repeats: the first of those with one ``text_key``."""
     first: dict[str, str] = {}
     for text in texts:
-        first.setdefault(" ".join(unicodedata.normalize("NFC", text).casefold().split()), text)
+        first.setdefault(text_key(text), text)
     return list(first.values())
 
 

@@ -48,7 +48,6 @@ __all__ = [
     "embed_texts",
     "expected_calibration_error",
     "fit_ood",
-    "fit_ood_threshold",
     "fit_temperature",
     "nearest_similarity",
     "split_train_val",
@@ -345,13 +344,6 @@ def _fit_ood_scores(top_probability: np.ndarray, similarity: np.ndarray,
     grids = [np.quantile(top_probability, quantiles).tolist(), np.quantile(similarity, quantiles).tolist()]
     scores = ood_score(top_probability, similarity, grids)
     return grids, float(np.quantile(scores, 1.0 - keep))
-
-def fit_ood_threshold(reference: np.ndarray, held_out: np.ndarray, keep: float = OOD_KEEP) -> float | None:
-    """The nearest-example cosine that ``keep`` of the ``held_out`` (in-distribution) rows reach against
-    ``reference``; None when either is empty. For gates scored by the cosine alone (outcome gates)."""
-    if len(reference) == 0 or len(held_out) == 0:
-        return None
-    return float(np.quantile(nearest_similarity(reference, held_out), 1.0 - keep))
 
 def _check_training_input(texts: Sequence[str], labels: Sequence[str], experts: list[str]) -> None:
     if len(texts) != len(labels):
