@@ -163,6 +163,9 @@ class Denied:
     message: str
     type: str = "invalid_request_error"
     retry_after_s: float | None = None
+    # The valid key a 429 refused (its name and digest, as ``Admitted`` has them): its log line names it.
+    key_name: str | None = None
+    key_sha256: str | None = None
 
     @property
     def headers(self) -> dict[str, str]:
@@ -177,9 +180,10 @@ _NO_KEY = Denied(401, "missing_api_key", "this service needs an API key: send 'A
 _BAD_KEY = Denied(401, "invalid_api_key", "Incorrect API key provided: the API key given is not valid")
 
 
-def _rate_limited(limit: RateLimitConfig, who: str, wait: float) -> Denied:
+def _rate_limited(limit: RateLimitConfig, who: str, wait: float, key: _Key | None = None) -> Denied:
     return Denied(429, "rate_limit_exceeded", f"rate limit of {limit.rate_per_s:g}/s (burst {limit.burst}) reached "
-                  f"for {who}", "rate_limit_error", retry_after_s=wait)
+                  f"for {who}", "rate_limit_error", retry_after_s=wait,
+                  key_name=key.name if key else None, key_sha256=key.sha256 if key else None)
 
 
 class Guard:
@@ -207,7 +211,7 @@ class Guard:
         if limit is not None:
             wait = await self.store.take(f"key:{key.name}" if key else f"client:{client}", limit)
             if wait > 0:
-                return _rate_limited(limit, f"key {key.name!r}" if key else "this client", wait)
+                return _rate_limited(limit, f"key {key.name!r}" if key else "this client", wait, key)
         return Admitted(key.name, key.sha256) if key else Admitted(None)
 
     async def admit_admin(self, authorization: str | None, client: str) -> Admitted | Denied:

@@ -771,6 +771,7 @@ class _Edge:
             verdict = await _admit(app, scope, headers)
             if isinstance(verdict, Denied):
                 record.error = verdict.code
+                record.key_name, record.key_sha256 = verdict.key_name, verdict.key_sha256
                 app.state.metrics.rejected.labels(verdict.code).inc()
                 body = error_body(verdict.message, verdict.type, verdict.code)
                 await JSONResponse(body, status_code=verdict.status, headers=verdict.headers)(scope, receive, observed)

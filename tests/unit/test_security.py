@@ -292,6 +292,20 @@ async def test_rate_limit_is_429_with_retry_after() -> None:
     assert again.status_code == 200
 
 
+async def test_a_rate_limited_key_is_named_in_its_log_line(caplog: pytest.LogCaptureFixture) -> None:
+    security = {**KEYED, "rate_limit": {"rate_per_s": 0.001, "burst": 1}}
+    caplog.set_level(logging.INFO)
+    async with client(make_app(security)) as http:
+        statuses = [(await http.get("/v1/models", headers=auth(ALICE))).status_code for _ in range(2)]
+        wrong = await http.get("/v1/models", headers=auth("sk-wrong-key-123"))
+    assert statuses == [200, 429]
+    assert wrong.status_code == 401  # a wrong key draws from its address's bucket, not alice's
+    lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "router.requests"]
+    assert [(line["status"], line.get("key"), line.get("error")) for line in lines] == [
+        (200, "alice", None), (429, "alice", "rate_limit_exceeded"), (401, None, "invalid_api_key")]
+    assert hash_key(ALICE) not in caplog.text
+
+
 async def test_rate_limit_without_keys_is_per_client() -> None:
     async with client(make_app({"rate_limit": {"rate_per_s": 0.001, "burst": 1}})) as http:
         first = await http.get("/v1/models")
