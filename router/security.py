@@ -209,7 +209,9 @@ class Guard:
                 return await self._wrong_key(client)
         limit = key.rate_limit if key and key.rate_limit else self.rate_limit
         if limit is not None:
-            wait = await self.store.take(f"key:{key.name}" if key else f"client:{client}", limit)
+            # By the key itself, not its name: a key of api_keys_env is named by place, and a revoked key renames those
+            # after it.
+            wait = await self.store.take(f"key:{key.sha256}" if key else f"client:{client}", limit)
             if wait > 0:
                 return _rate_limited(limit, f"key {key.name!r}" if key else "this client", wait, key)
         return Admitted(key.name, key.sha256) if key else Admitted(None)

@@ -149,6 +149,19 @@ async def test_guard_limits_per_key_with_a_per_key_override() -> None:
     assert await guard.admit_client(f"Bearer {ALICE}", "1.2.3.4") == Admitted("alice", hash_key(ALICE))
 
 
+async def test_a_key_keeps_its_bucket_when_revoking_another_renames_it() -> None:
+    """Keys of api_keys_env are named by place: revoking env-1 makes env-2 the new env-1. Its bucket is the key's
+    own, not its name's, so it neither takes over the revoked key's bucket nor gets a full one."""
+    store = InMemoryRateStore(FakeClock())
+    config = SecurityConfig.model_validate({"api_keys_env": "KEYS", "rate_limit": {"rate_per_s": 1, "burst": 1}})
+    before = Guard.from_config(config, {"KEYS": f"{ALICE},{BOB}"}, store)
+    assert await before.admit_client(f"Bearer {BOB}", "1.2.3.4") == Admitted("env-2", hash_key(BOB))
+    assert isinstance(await before.admit_client(f"Bearer {BOB}", "1.2.3.4"), Denied)
+    after = Guard.from_config(config, {"KEYS": BOB}, store)  # alice revoked
+    denied = await after.admit_client(f"Bearer {BOB}", "1.2.3.4")
+    assert isinstance(denied, Denied) and denied.status == 429 and denied.key_name == "env-1"
+
+
 async def test_wrong_keys_are_rate_limited_per_address_without_touching_the_keys_buckets() -> None:
     """Guessing keys costs a token of the address's bucket per guess, at the service's rate: past its burst the
     guesser gets 429s, while a real key from the same address keeps its own bucket."""
