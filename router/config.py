@@ -521,6 +521,8 @@ class ServiceConfig(_Strict):
     # nothing would otherwise hold its connection, and a graceful shutdown, for ever.
     body_timeout_s: float = Field(default=30.0, gt=0.0, le=3600.0)
     max_prompt_chars: int = Field(default=100_000, ge=16, le=10_000_000)
+    # Queries one ``/v1/route/batch`` request may carry; it is one request to the rate limit, however many.
+    max_batch_queries: int = Field(default=1024, ge=1, le=100_000)
     # Put prompts and answers in the per-request log lines. Off by default: they may hold personal data.
     log_content: bool = False
     # ``moe serve``: seconds between checks for hot reload of the config file and of what its build reads that may

@@ -14,7 +14,9 @@ the event loop (pure, microseconds), where the breakers live.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import dataclasses
+import threading
 import time
 import weakref
 from collections.abc import Callable, Collection, Mapping, Sequence
@@ -34,7 +36,7 @@ from router.gate import Assessment, EncoderLike
 from router.topk import capped, choose, rank
 from router.trace import RouteDecision, WeightedExpert
 
-__all__ = ["Decider", "EncoderLike", "GateLike", "NoCapableExpert", "needed_capabilities"]
+__all__ = ["BATCH_CHUNK", "Decider", "EncoderLike", "GateLike", "NoCapableExpert", "needed_capabilities"]
 
 
 class GateLike(Protocol):
@@ -55,6 +57,9 @@ class GateLike(Protocol):
 
     def assess(self, texts: Sequence[str], k: int = 3) -> Assessment: ...
 
+
+# Queries a batch's assessment takes at a time (``Decider.assign``): a caller that leaves stops its batch within one.
+BATCH_CHUNK = 64
 
 _NEED_REASONS = {"tools": "carries tools", "vision": "holds an image", "stream": "is streamed (stream: true)"}
 _NEED_PARAMS = {"tools": "tools", "vision": "messages", "stream": "stream"}
@@ -121,6 +126,8 @@ class Decider:
         # gate and encoder (onnxruntime memory the GC does not see) would outlive it until a collection ran.
         self.batcher: GateBatcher[_Gated] = GateBatcher(_weak_work(self), window_ms=config.gate.batch_window_ms,
                                                         max_batch=config.gate.max_batch)
+        self._batch_pool: concurrent.futures.ThreadPoolExecutor | None = None  # ``assign``'s worker
+        self._batch_lock = threading.Lock()
 
     def _assess(self, texts: Sequence[str], k: int = 3) -> tuple[Assessment, list[int], list[str]]:
         """The gate's assessment of ``texts`` (``k`` nearest examples each; 0: probabilities alone), and the
@@ -214,9 +221,18 @@ class Decider:
         ``gate.default_expert``, as one request would (taking of its room), when that expert can take it."""
         if not queries:
             return []
+        assessment, columns, names = self._assess(queries, k=self._batch_neighbours())
+        return self._share(assessment, columns, names, capacity)
+
+    def _batch_neighbours(self) -> int:
         # No explanation, only who takes which: the nearest example alone, for the familiarity abstain reads.
+        return 0 if self.config.gate.default_expert is None else 1
+
+    def _share(self, assessment: Assessment, columns: list[int], names: list[str],
+               capacity: Mapping[str, int] | None) -> list[str]:
+        """``assign_batch``'s choice, from the gate's assessment of the batch: the breakers' and in-flight counts'
+        state is read now, after the gate's work."""
         default = self.config.gate.default_expert
-        assessment, columns, names = self._assess(queries, k=0 if default is None else 1)
         probs = assessment.probs[:, columns]
         refusing = self.breakers.refusing(names)
         given = dict(capacity or {})
@@ -225,7 +241,7 @@ class Decider:
         assigned = [self._abstain_to(ood, threshold, excluded) for ood, threshold in self._familiarity(assessment)]
         rest = [i for i, a in enumerate(assigned) if a is None]
         if default in room:
-            room[default] = max(0, room[default] - (len(queries) - len(rest)))
+            room[default] = max(0, room[default] - (len(assigned) - len(rest)))
         chosen = expert_choice(probs[rest], names, room) if rest else []
         closed = np.array([n not in refusing for n in names])
         best = np.where(closed, probs, -np.inf) if closed.any() else probs
@@ -234,10 +250,33 @@ class Decider:
         return [a for a in assigned if a is not None]
 
     async def assign(self, queries: Sequence[str], capacity: Mapping[str, int] | None = None) -> list[str]:
-        """``assign_batch`` off the event loop (the gate embeds the whole batch)."""
-        return await asyncio.to_thread(self.assign_batch, list(queries), capacity)
+        """``assign_batch`` off the event loop. The gate assesses the batch ``BATCH_CHUNK`` queries at a time, on
+        a worker thread of the batches' own: concurrent batches take turns there, rather than filling the default
+        threads every answer needs (remembering it for feedback) and leaving the gate's own worker free for single
+        queries; and a caller that goes away stops its batch at the next chunk. The experts then choose over the
+        whole batch, on the event loop, where the breakers are."""
+        texts = list(queries)
+        if not texts:
+            return []
+        loop, k = asyncio.get_running_loop(), self._batch_neighbours()
+        parts = [await loop.run_in_executor(self._batch_worker(), self._assess, texts[i:i + BATCH_CHUNK], k)
+                 for i in range(0, len(texts), BATCH_CHUNK)]
+        _, columns, names = parts[0]
+        return self._share(Assessment.joined([a for a, _, _ in parts]), columns, names, capacity)
+
+    def _batch_worker(self) -> concurrent.futures.ThreadPoolExecutor:
+        """The batches' thread, started on the first batch (and again after ``aclose``, as the batcher's is)."""
+        with self._batch_lock:
+            if self._batch_pool is None:
+                self._batch_pool = concurrent.futures.ThreadPoolExecutor(max_workers=1,
+                                                                         thread_name_prefix="moe-batch")
+            return self._batch_pool
 
     async def aclose(self) -> None:
+        with self._batch_lock:
+            pool, self._batch_pool = self._batch_pool, None
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
         await self.batcher.aclose()
 
 

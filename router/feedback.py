@@ -14,14 +14,17 @@ The SQLite file (``feedback.path``; by default ``feedback.sqlite3`` next to ``ga
   an optional ``note``, the ``request_id`` when given, and ``created`` (Unix seconds).
 
 The file runs in WAL mode, so the service's writes never block an export or ``moe train`` reading it. The
-store is synchronous and thread-safe; the ``a``-prefixed methods run it off the event loop
-(``asyncio.to_thread``). How ``moe train`` folds feedback into the next gate: ``router.train.fold_feedback``.
+store is synchronous and thread-safe; the ``a``-prefixed methods run it off the event loop, on a thread of the
+store's own. How ``moe train`` folds feedback into the next gate: ``router.train.fold_feedback``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
+import contextvars
+import functools
 import hashlib
 import logging
 import os
@@ -29,13 +32,16 @@ import sqlite3
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator, model_validator
 
 from experts.types import is_blank
 from router.config import RouterConfig
+
+_T = TypeVar("_T")
 
 __all__ = [
     "REDIS_REQUEST_RETENTION_S",
@@ -215,16 +221,21 @@ class FeedbackStore(ABC):
         return self.add(query, expert, body.value(), request_id=body.request_id, note=body.note)
 
     async def aremember(self, request_id: str, query: str, expert: str, key: str | None = None) -> None:
-        await asyncio.to_thread(self.remember, request_id, query, expert, key)
+        await self._off_loop(self.remember, request_id, query, expert, key)
 
     async def asubmit(self, body: FeedbackBody, experts: Sequence[str], key: str | None = None) -> FeedbackRecord:
-        return await asyncio.to_thread(self.submit, body, experts, key)
+        return await self._off_loop(self.submit, body, experts, key)
 
     async def arecords(self, since: float | None = None) -> list[FeedbackRecord]:
-        return await asyncio.to_thread(self.records, since)
+        return await self._off_loop(self.records, since)
 
     async def aclose(self) -> None:
-        await asyncio.to_thread(self.close)
+        await self._off_loop(self.close)
+
+    async def _off_loop(self, fn: Callable[..., _T], *args: Any) -> _T:
+        """``fn(*args)`` off the event loop: on the default threads here; a store with threads of its own uses
+        those."""
+        return await asyncio.to_thread(fn, *args)
 
 
 class SqliteFeedbackStore(FeedbackStore):
@@ -246,6 +257,10 @@ class SqliteFeedbackStore(FeedbackStore):
                           f"({exc.strerror or exc}); set feedback.path to a file in a writable directory, or "
                           "feedback.enabled: false") from exc
         self._lock = threading.Lock()
+        # The store's own thread, started on first use: its calls take the lock in turn anyway, and on the
+        # default threads a queue of other work (a route batch's, say) held every answer's ``aremember``.
+        self._thread: concurrent.futures.ThreadPoolExecutor | None = None
+        self._thread_lock = threading.Lock()  # not ``_lock``, which a call holds while the file is busy
         self._since_prune, self._pruned_at = 0, 0.0
         self._failing = False  # a write failed, and has not succeeded since: warned once
         self.where = where
@@ -334,6 +349,21 @@ class SqliteFeedbackStore(FeedbackStore):
             self._prune(time.time())  # what is past its retention goes before the service stops
         with self._lock:
             self._db.close()
+
+    async def _off_loop(self, fn: Callable[..., _T], *args: Any) -> _T:
+        with self._thread_lock:
+            if self._thread is None:
+                self._thread = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="moe-sqlite")
+            thread = self._thread
+        call = functools.partial(contextvars.copy_context().run, fn, *args)
+        return await asyncio.get_running_loop().run_in_executor(thread, call)
+
+    async def aclose(self) -> None:
+        await super().aclose()
+        with self._thread_lock:
+            thread, self._thread = self._thread, None
+        if thread is not None:
+            thread.shutdown(wait=False)
 
 
 def feedback_path(config: RouterConfig) -> Path:

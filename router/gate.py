@@ -170,6 +170,16 @@ class Assessment:
     # probabilities (``OutcomeGate.task_probabilities``); None for every other gate.
     tasks: list[dict[str, float]] | None = None
 
+    @classmethod
+    def joined(cls, parts: Sequence[Assessment]) -> Assessment:
+        """One assessment of the queries of ``parts`` (one gate's, each), in order."""
+        def listed(field: str) -> list[Any] | None:
+            lists = [getattr(p, field) for p in parts]
+            return None if any(x is None for x in lists) else [x for one in lists for x in one]
+
+        return cls(np.concatenate([p.probs for p in parts]), [near for p in parts for near in p.nearest],
+                   np.concatenate([p.ood for p in parts]), listed("stage"), listed("ood_threshold"), listed("tasks"))
+
     def rows(self, indices: Sequence[int] | np.ndarray) -> Assessment:
         """The assessment of the queries at ``indices`` alone, in that order."""
         picked = [int(i) for i in indices]

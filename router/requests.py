@@ -75,6 +75,7 @@ class RouteQuery(BaseModel):
         return self
 
 
+# ``service.max_batch_queries``' default; its ceiling is the schema's.
 MAX_BATCH_QUERIES = 1024
 # The longest model name a request may give (Hugging Face ids are at most 96 characters of org and name).
 MAX_MODEL_CHARS = 256
@@ -85,7 +86,7 @@ class RouteBatch(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    queries: list[str] = Field(min_length=1, max_length=MAX_BATCH_QUERIES)
+    queries: list[str] = Field(min_length=1)  # at most service.max_batch_queries (``parse_route_batch``)
     # Room per expert (experts checked by the handler); strict, as chat fields are: true or "2" is no count.
     capacity: dict[str, Annotated[StrictInt, Field(ge=0)]] | None = None
 
@@ -263,10 +264,15 @@ def parse_route(body: Any, max_chars: int) -> ChatRequest:
     return parse_chat({"messages": [{"role": "user", "content": query.query}]}, max_chars)
 
 
-def parse_route_batch(body: Any, max_chars: int, experts: Sequence[str]) -> RouteBatch:
+def parse_route_batch(body: Any, max_chars: int, experts: Sequence[str],
+                      max_queries: int = MAX_BATCH_QUERIES) -> RouteBatch:
     """``POST /v1/route/batch``'s body, its queries and capacity checked against ``experts``, or the
     ``RequestProblem`` (400) naming what is wrong."""
     batch = _validated(RouteBatch, body)
+    if len(batch.queries) > max_queries:
+        raise RequestProblem(400, f"queries: {len(batch.queries)} queries, over the limit of {max_queries} a batch "
+                           "may carry (service.max_batch_queries); send them in several batches",
+                           "invalid_request_error", "invalid_request", param="queries")
     for i, query in enumerate(batch.queries):
         _check_query(query, f"queries[{i}]", max_chars)
     if batch.capacity is not None:

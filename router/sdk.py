@@ -320,6 +320,9 @@ class _Protocol:
 
     @staticmethod
     def route_batch_body(queries: Sequence[str], capacity: Mapping[str, int] | None) -> dict[str, Any]:
+        if isinstance(queries, str | bytes):  # a string is a sequence too: of one-character queries
+            raise TypeError(f"route_batch takes a list of queries, not one {type(queries).__name__}; for one query "
+                            "pass [query], or call route(query)")
         body: dict[str, Any] = {"queries": list(queries)}
         if capacity is not None:
             body["capacity"] = dict(capacity)
@@ -830,7 +833,7 @@ class LocalRouter:
         config = self.orchestrator.config
         with _as_api_errors():
             batch = parse_route_batch(_Protocol.route_batch_body(queries, capacity), config.service.max_prompt_chars,
-                                      config.expert_names)
+                                      config.expert_names, config.service.max_batch_queries)
         return await self.orchestrator.assign(batch.queries, batch.capacity)
 
     async def feedback(self, *, request_id: str | None = None, query: str | None = None, expert: str | None = None,

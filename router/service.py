@@ -548,7 +548,8 @@ async def route_batch(request: Request) -> Response:
 
 async def _route_batch(request: Request, o: Orchestrator) -> Response:
     body = await _read_json(request, o.config.service.max_request_bytes)
-    batch = parse_route_batch(body, o.config.service.max_prompt_chars, o.config.expert_names)
+    batch = parse_route_batch(body, o.config.service.max_prompt_chars, o.config.expert_names,
+                              o.config.service.max_batch_queries)
     experts = await _unless_client_leaves(request, o.assign(batch.queries, batch.capacity))
     return JSONResponse({"object": "route.batch", "mode": "expert_choice",
                          "assignments": [{"index": i, "expert": e} for i, e in enumerate(experts)]})

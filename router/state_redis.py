@@ -422,7 +422,9 @@ class RedisFeedbackStore(FeedbackStore):
     async def aremember(self, request_id: str, query: str, expert: str, key: str | None = None) -> None:
         if self._outage.active():  # skipped during an outage: not even a thread is needed
             return
-        await super().aremember(request_id, query, expert, key)
+        # On the default threads, not the verdicts' (``_off_loop``): an answer waits for this, and must not queue
+        # behind verdicts that a slow Redis holds for the client's timeout; ``remember`` has a short one of its own.
+        await asyncio.to_thread(self.remember, request_id, query, expert, key)
 
     async def asubmit(self, body: FeedbackBody, experts: Sequence[str], key: str | None = None) -> FeedbackRecord:
         return await self._off_loop(self.submit, body, experts, key)

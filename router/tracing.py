@@ -3,7 +3,8 @@
 Enabled by ``tracing.enabled``; off, experts are not wrapped and OpenTelemetry is never imported. Only the
 ``opentelemetry-api`` package is needed here: the spans go to whatever tracer provider the process has, so the
 exporter is the deployment's choice (``opentelemetry-instrument -- moe serve ...`` configures one from the
-standard ``OTEL_*`` variables; without ``--`` it takes ``--config`` for its own ``--configurator``). Without a provider the API's default is a no-op.
+standard ``OTEL_*`` variables; without ``--`` it takes ``--config`` for its own ``--configurator``). Without a
+provider the API's default is a no-op.
 
 A span carries the expert, the model, whether it streamed, tokens and cost, and on failure the error's kind;
 never the prompt or the answer. A call the dispatcher's timeout cut off is kind ``timeout`` (an error), one cut

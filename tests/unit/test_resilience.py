@@ -3,14 +3,17 @@
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable
+import threading
+from collections.abc import AsyncIterator, Callable, Sequence
 
 import pytest
 
 from experts.errors import ExpertError, ExpertRateLimited, ExpertRejected, ExpertServerError, ExpertUnavailable
 from experts.types import ChatMessage, ChatRequest, ExpertReply, StreamDelta
 from router.config import parse_config
+from router.decide import BATCH_CHUNK
 from router.fallback import AllExpertsFailed
+from router.gate import Assessment
 from router.orchestrator import Orchestrator, StreamEnd, StreamPiece
 from router.retry import RETRY_AFTER_SLACK_S
 from tests.doubles.fakes import FakeExpert, FakeGate, FakeRefusalThenDies, FakeToolCallThenDies
@@ -298,6 +301,39 @@ async def test_stream_retries_before_the_first_token_and_feeds_the_breaker() -> 
     assert text == "a b" and len(slept) == 1
     assert [(a.expert, a.ok) for a in end.trace.attempts] == [("math", False), ("math", True)]
     assert orch.expert_states()["math"]["breaker"]["consecutive_failures"] == 0
+
+
+async def test_a_batch_is_assessed_in_chunks_on_its_own_thread_and_stops_when_its_caller_leaves() -> None:
+    """Batches run on a thread of their own, not the default threads every answer needs (remembering it for
+    feedback: twelve batches of 1024 queries there held a chat answer for 29 s), and a caller that leaves stops
+    its batch at the next chunk (one batch went on for 43 CPU-seconds after its client had gone)."""
+    orch, _ = build()
+    gate = orch.decider.gate
+    seen: list[tuple[str, int]] = []
+    entered, release = threading.Event(), threading.Event()
+    assess = gate.assess
+
+    def held(texts: Sequence[str], k: int = 3) -> Assessment:
+        seen.append((threading.current_thread().name, len(texts)))
+        entered.set()
+        release.wait(5)
+        return assess(texts, k)
+
+    gate.assess = held  # type: ignore[method-assign]
+    queries = [f"integral {i}" if i % 3 else f"a contract {i}" for i in range(2 * BATCH_CHUNK + 5)]
+    task = asyncio.create_task(orch.assign(queries))
+    assert await asyncio.to_thread(entered.wait, 5)
+    task.cancel()
+    release.set()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await asyncio.sleep(0.05)
+    assert seen == [("moe-batch_0", BATCH_CHUNK)]  # the chunk under way finished; no other began
+    seen.clear()
+    assigned = await orch.assign(queries)
+    assert seen == [("moe-batch_0", BATCH_CHUNK), ("moe-batch_0", BATCH_CHUNK), ("moe-batch_0", 5)]
+    assert assigned == orch.assign_batch(queries)  # the experts chose over the whole batch, as in one piece
+    await orch.aclose()
 
 
 async def test_stream_skips_an_open_breaker() -> None:

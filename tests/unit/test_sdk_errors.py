@@ -214,7 +214,29 @@ async def test_local_router_routes_with_the_service_s_checks() -> None:
             assert local_error.value.status == served_error.value.status == 400
             assert local_error.value.body == served_error.value.body
             assert local_error.value.body["error"]["param"] == param, local_error.value.body
+        with pytest.raises(TypeError, match=r"not one str; for one query pass \[query\]"):
+            await local.route_batch("an integral")  # would be eleven one-letter queries
+        with pytest.raises(TypeError, match="not one str"):
+            await client.route_batch("an integral")
     assert await local.route_batch(["an integral"], {"math": 1}) == ["math"]
+
+
+async def test_a_batch_is_held_to_the_configured_size() -> None:
+    config = fake_config(NAMES, service={"max_batch_queries": 3})
+    orchestrator = Orchestrator(config, FakeGate(NAMES, {}, default=[0.6, 0.4]),
+                                {n: FakeExpert(config.expert(n)) for n in NAMES})
+    local = LocalRouter(orchestrator)
+    async with AsyncClient("http://router", transport=httpx.ASGITransport(app=create_app(orchestrator))) as client:
+        assert await client.route_batch(["q"] * 3) == ["math"] * 3
+        with pytest.raises(RouterAPIError) as served:
+            await client.route_batch(["q"] * 4)
+        with pytest.raises(RouterAPIError) as in_process:
+            await local.route_batch(["q"] * 4)
+    assert served.value.status == in_process.value.status == 400
+    assert served.value.body == in_process.value.body
+    error = served.value.body["error"]
+    assert error["param"] == "queries"
+    assert "4 queries, over the limit of 3 a batch may carry (service.max_batch_queries)" in error["message"]
 
 
 async def _stream_errors(transport: httpx.MockTransport) -> list[pytest.ExceptionInfo[RouterAPIError]]:
