@@ -49,13 +49,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace, sighups: list[int]) -> int:
     import os
 
-    import uvicorn
-
     from router.build import build_orchestrator, build_shared_state
     from router.feedback import open_feedback_store
     from router.logs import configure_json_logging, log_level, uvicorn_log_config
     from router.reload import Reloader
     from router.service import create_app
+    from router.serving import serve
     from router.state_redis import check_redis
 
     # Hot reload: on SIGHUP, POST /admin/reload, and (unless service.reload_poll_s is null) a file change. The
@@ -81,8 +80,8 @@ def _serve(args: argparse.Namespace, sighups: list[int]) -> int:
     # a warning per failed expert call), and uvicorn's own, without its access lines (the router's say more).
     for logger in ("router", "experts"):
         configure_json_logging(log_level(args.log_level), logger)
-    uvicorn.run(app, host=args.host or config.service.host, port=args.port or config.service.port,
-                log_level=args.log_level, log_config=uvicorn_log_config(args.log_level), access_log=False)
+    serve(app, host=args.host or config.service.host, port=args.port or config.service.port,
+          log_level=args.log_level, log_config=uvicorn_log_config(args.log_level))
     return 0
 
 

@@ -781,8 +781,9 @@ class _Edge:
                 await self.app(scope, receive, observed)
         except ClientStalled:
             # Nothing more can reach the client, and nothing is wrong with the service: one log line says so, the
-            # server closes the connection, and the stream, closed here (Starlette leaves it suspended), releases
-            # its expert's call and slot.
+            # connection is dropped (``STALLED`` tells ``router.serving`` to abort it), and the stream, closed here
+            # (Starlette leaves it suspended), releases its expert's call and slot.
+            scope["state"][STALLED] = True
             stream = scope["state"].pop("moe_stream", None)
             if stream is not None:
                 await stream.aclose()
@@ -805,6 +806,11 @@ class _Edge:
 
 class ClientStalled(Exception):
     """The client stopped reading its answer (``_send_limit``)."""
+
+
+# Set in a request's ``scope["state"]`` when its client stopped reading: its connection is to be aborted, not closed
+# (``router.serving.AbortStalled``).
+STALLED = "moe_client_stalled"
 
 
 def _send_limit(app: FastAPI, start: float, asked_s: float | None = None) -> float:

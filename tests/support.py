@@ -83,14 +83,16 @@ def trained_config(folder: Path, text: str) -> Path:
 
 @asynccontextmanager
 async def serving(app: Any) -> AsyncIterator[str]:
-    """The app on uvicorn on a free local port, for what only a real socket shows (keep-alive, disconnects, a
-    stream read while it is still being written)."""
+    """The app on uvicorn on a free local port, as ``moe serve`` runs it (``router.serving.AbortStalled``), for what
+    only a real socket shows (keep-alive, disconnects, a stream read while it is still being written)."""
     import asyncio
 
     import uvicorn
 
+    from router.serving import AbortStalled
+
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, port=port, log_level="warning", lifespan="off"))
+    server = uvicorn.Server(uvicorn.Config(AbortStalled(app), port=port, log_level="warning", lifespan="off"))
     task = asyncio.create_task(server.serve())
     try:
         while not server.started:
