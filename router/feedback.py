@@ -70,6 +70,11 @@ REDIS_REQUEST_RETENTION_S = 24 * 3600.0
 # Pruning is a DELETE over an indexed column: once per this many remembered answers keeps its cost negligible,
 # and at least once per this share of the retention (capped), so a quiet service keeps no query much longer.
 _PRUNE_EVERY = 1000
+# Recording an answer, which the answer waits for, waits this long for another writer's lock (a verdict, which its
+# client waits for, the connection's 5 s); after a failed write, answers are not recorded for ``_RETRY_S``
+# but one, which tries again: a file locked or unwritable for a while costs each answer nothing.
+_REMEMBER_BUSY_MS = 250
+_RETRY_S = 5.0
 _PRUNE_SHARE, _PRUNE_MAX_S = 0.1, 3600.0
 
 _SCHEMA = """
@@ -244,7 +249,7 @@ class SqliteFeedbackStore(FeedbackStore):
     ``name`` is how errors name the file: ``feedback.path (<file>)`` where the config set it."""
 
     def __init__(self, path: str | Path, *, retention_s: float = REQUEST_RETENTION_S,
-                 name: str | None = None, write: bool = True) -> None:
+                 name: str | None = None, write: bool = True, clock: Callable[[], float] = time.monotonic) -> None:
         """``write``: the store will record answers and verdicts (the service), so a file it cannot write is
         refused at once; False for a reader (``moe train``), which prunes only where it may."""
         self.path = Path(path)
@@ -263,6 +268,8 @@ class SqliteFeedbackStore(FeedbackStore):
         self._thread_lock = threading.Lock()  # not ``_lock``, which a call holds while the file is busy
         self._since_prune, self._pruned_at = 0, 0.0
         self._failing = False  # a write failed, and has not succeeded since: warned once
+        self._retry_at = 0.0  # while failing, answers are not recorded until then (``clock``'s time)
+        self._clock = clock
         self.where = where
         try:
             self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
@@ -294,20 +301,29 @@ class SqliteFeedbackStore(FeedbackStore):
 
     def remember(self, request_id: str, query: str, expert: str, key: str | None = None) -> None:
         """As the interface says; a write that fails (the file turned read-only, a lock held past the busy
-        timeout, a full disk) is logged, and the answer stands: only rating it by its id is lost."""
+        timeout, a full disk) is logged, and the answer stands: only rating it by its id is lost, and so is
+        recording the answers of the next ``_RETRY_S`` but one, which tries again."""
         now = time.time()
         try:
             with self._lock:
-                self._db.execute("INSERT OR REPLACE INTO requests (id, query, expert, created, key) "
-                                 "VALUES (?, ?, ?, ?, ?)", (request_id, query, expert, now, key))
-                self._since_prune += 1
-                if (self._since_prune >= _PRUNE_EVERY
-                        or now - self._pruned_at >= min(_PRUNE_SHARE * self.retention_s, _PRUNE_MAX_S)):
-                    self._prune(now)
+                if self._failing and self._clock() < self._retry_at:
+                    return
+                self._retry_at = self._clock() + _RETRY_S
+                self._db.execute(f"PRAGMA busy_timeout={_REMEMBER_BUSY_MS}")
+                try:
+                    self._db.execute("INSERT OR REPLACE INTO requests (id, query, expert, created, key) "
+                                     "VALUES (?, ?, ?, ?, ?)", (request_id, query, expert, now, key))
+                    self._since_prune += 1
+                    if (self._since_prune >= _PRUNE_EVERY
+                            or now - self._pruned_at >= min(_PRUNE_SHARE * self.retention_s, _PRUNE_MAX_S)):
+                        self._prune(now)
+                finally:
+                    self._db.execute("PRAGMA busy_timeout=5000")
         except sqlite3.Error as exc:
             if not self._failing:
                 log.warning("%s: cannot record answers (%s: %s); they are served, but cannot be rated by id until "
-                            "it can be written again", self.where, type(exc).__name__, exc)
+                            "it can be written again (tried again every %g s)", self.where, type(exc).__name__, exc,
+                            _RETRY_S)
             self._failing = True
             return
         if self._failing:

@@ -19,6 +19,16 @@ from router.encoders import Encoder
 from router.gate import BaseGate
 
 
+class FakeClock:
+    """A clock that moves only when a test moves it (``now``), for breakers, rate buckets and retry windows."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
 class FakeHashingEncoder(Encoder):
     """A fast stand-in for MiniLM in evaluation and training tests: a bag of hashed words, L2-normalised, so
     texts sharing words still land near each other. Not a model: suites run on it only to test their plumbing."""

@@ -14,16 +14,9 @@ from experts.errors import (
 )
 from router.breaker import Breakers, BreakerState, CircuitOpen, MemoryBreakerStore, classify
 from router.config import BreakerConfig
+from tests.doubles.fakes import FakeClock
 
 DOWN = ExpertServerError("math", 503, "down")
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def make(**fields: object) -> tuple[Breakers, FakeClock]:

@@ -34,7 +34,7 @@ from router.sdk import AsyncClient, LocalRouter, RouterAPIError
 from router.security import hash_key
 from router.service import create_app
 from router.train import TrainingData, collect_training_data, fold_feedback, train_from_config
-from tests.doubles.fakes import FakeExpert, FakeGate, FakeHashingEncoder, fake_config
+from tests.doubles.fakes import FakeClock, FakeExpert, FakeGate, FakeHashingEncoder, fake_config
 from tests.support import serving
 
 NAMES = ["math", "code"]
@@ -551,7 +551,8 @@ async def test_a_store_that_fails_while_serving_costs_only_rating_by_id(
     import sqlite3
 
     path = tmp_path / "fb.sqlite3"
-    store = SqliteFeedbackStore(path)
+    clock = FakeClock()
+    store = SqliteFeedbackStore(path, clock=clock)
     writable = store._db
     store._db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False, isolation_level=None)
     app = make_app(store)
@@ -563,6 +564,7 @@ async def test_a_store_that_fails_while_serving_costs_only_rating_by_id(
         by_query = await client.post("/v1/feedback", json={"query": "q", "expert": "math", "good": True})
         store._db.close()
         store._db = writable
+        clock.now += 5.0  # answers are not recorded for 5 s after a failed write, but one
         again = await client.post("/v1/chat/completions", json=chat)
         rated = await client.post("/v1/feedback", json={"request_id": again.json()["id"], "good": True})
     assert plain.status_code == 200 and plain.json()["choices"][0]["message"]["content"] == "math says hi"
@@ -574,6 +576,37 @@ async def test_a_store_that_fails_while_serving_costs_only_rating_by_id(
     assert sum("cannot record answers" in w for w in warnings) == 1  # once, not per answer
     assert any("recording answers again" in w for w in warnings)
     assert (again.status_code, rated.status_code) == (200, 200)
+    store.close()
+
+
+async def test_a_locked_store_holds_no_answer_up(tmp_path: Path) -> None:
+    """Another writer holds the file's lock: each answer waited out the 5 s busy timeout, one after another on the
+    store's lock (16 answers took 5 to 80 s). Now one answer tries, for a quarter of a second, and the rest of the
+    next 5 s are not recorded at all; after that one tries again, and once the lock is gone, all is as before."""
+    import sqlite3
+
+    path = tmp_path / "fb.sqlite3"
+    clock = FakeClock()
+    store = SqliteFeedbackStore(path, clock=clock)
+    writes: list[str] = []
+    store._db.set_trace_callback(lambda sql: writes.append(sql) if sql.startswith("INSERT") else None)
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")
+    app = make_app(store)
+    chat = {"model": "auto", "messages": [{"role": "user", "content": "an integral"}]}
+    async with http(app) as client:
+        answers = await asyncio.gather(*(client.post("/v1/chat/completions", json=chat) for _ in range(8)))
+        assert [a.status_code for a in answers] == [200] * 8
+        assert len(writes) == 1  # one try, at most 250 ms; the other seven answers were not held at all
+        clock.now += 5.0
+        await client.post("/v1/chat/completions", json=chat)
+        assert len(writes) == 2  # tried again, and locked still
+        holder.execute("ROLLBACK")
+        clock.now += 5.0
+        again = await client.post("/v1/chat/completions", json=chat)
+        rated = await client.post("/v1/feedback", json={"request_id": again.json()["id"], "good": True})
+    assert rated.status_code == 200
+    holder.close()
     store.close()
 
 

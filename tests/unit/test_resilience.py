@@ -16,7 +16,7 @@ from router.fallback import AllExpertsFailed
 from router.gate import Assessment
 from router.orchestrator import Orchestrator, StreamEnd, StreamPiece
 from router.retry import RETRY_AFTER_SLACK_S
-from tests.doubles.fakes import FakeExpert, FakeGate, FakeRefusalThenDies, FakeToolCallThenDies
+from tests.doubles.fakes import FakeClock, FakeExpert, FakeGate, FakeRefusalThenDies, FakeToolCallThenDies
 
 NAMES = ["math", "code", "law"]
 
@@ -77,16 +77,6 @@ async def test_transient_failures_are_retried_with_backoff_on_the_same_expert() 
     assert answer.expert == "math" and math.calls == 3
     assert slept == pytest.approx([0.075, 0.15])  # base * 2**n, equal jitter at rand=0.5
     assert [(a.expert, a.ok) for a in answer.trace.attempts] == [("math", False), ("math", False), ("math", True)]
-
-
-class FakeClock:
-    """The breakers' clock, moved by the fake sleep (as a real wait moves a real clock)."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def clocked(orch: Orchestrator, slept: list[float]) -> FakeClock:

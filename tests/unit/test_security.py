@@ -26,19 +26,11 @@ from router.security import (
     take_token,
 )
 from router.service import create_app
-from tests.doubles.fakes import FakeExpert, FakeGate, fake_config
+from tests.doubles.fakes import FakeClock, FakeExpert, FakeGate, fake_config
 
 NAMES = ["math", "code"]
 ALICE, BOB, ADMIN = "sk-alice-0123456789", "sk-bob-9876543210", "sk-admin-secret-42"
 CHAT = {"model": "auto", "messages": [{"role": "user", "content": "an integral"}]}
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def make_app(security: Mapping[str, object] | None = None, environ: dict[str, str] | None = None,
