@@ -514,3 +514,20 @@ async def test_an_openai_style_base_url_ending_in_v1_reaches_the_same_service(ba
     with Client(base_url, transport=httpx.MockTransport(answer)) as client:
         assert client.experts() == []
     assert asked == ["/v1/experts"]
+
+
+async def test_a_local_stream_closed_by_aclosing_frees_its_expert_at_once() -> None:
+    """As README's SDK section says: a stream left with ``break`` inside ``contextlib.aclosing`` gives its expert's
+    ``max_concurrency`` slot back before the next call, which would otherwise find it taken (503 overloaded)."""
+    import contextlib
+
+    config = fake_config(NAMES, experts=[
+        {"name": n, "type": "replay", "model": n, "timeout_s": 1.0, "max_concurrency": 1,
+         "replay": {"source": "routerbench", "path": "unused"}} for n in NAMES])
+    experts = {n: FakeExpert(config.expert(n), pieces=["one ", "two ", "three"]) for n in NAMES}
+    async with LocalRouter(Orchestrator(config, FakeGate(NAMES, {}, default=[0.6, 0.4]), experts)) as local:
+        async with contextlib.aclosing(local.stream("an integral", model="math")) as chunks:
+            async for _ in chunks:
+                break
+        assert local.orchestrator.expert_states()["math"]["in_flight"] == 0
+        assert (await local.chat("an integral", model="math")).expert == "math"
