@@ -29,7 +29,7 @@ def redact(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: REDACTED if _secret_field(k) and v is not None else redact(v) for k, v in value.items()}
     if isinstance(value, list):
-        return [redact(v) for v in value]
+        return _redact_args(value)
     if isinstance(value, str):
         # Credentials inside a URL (https://user:secret@host, redis://h/0?password=secret) go too.
         return _URL.sub(lambda m: _redact_url(m.group(0)), value)
@@ -59,6 +59,27 @@ def _redact_url(url: str) -> str:
         scheme = url.partition("://")[0] + "://"
         url = f"{scheme}{REDACTED}{url[len(scheme) + len(found):]}"
     return _SECRET_QUERY.sub(rf"\1{REDACTED}", url)
+
+
+def _redact_args(values: list[Any]) -> list[Any]:
+    """A list, redacted item by item; in a command line (``vllm.args``), the value after a secret-looking flag
+    (``--api-key VALUE``, ``--hf-token=VALUE``) too."""
+    shown: list[Any] = []
+    after_flag = False
+    for value in values:
+        if after_flag and isinstance(value, str) and not value.startswith("-"):
+            shown.append(REDACTED)
+            after_flag = False
+            continue
+        after_flag = False
+        if isinstance(value, str) and value.startswith("-"):
+            flag, equals, _ = value.partition("=")
+            if _secret_field(flag.lstrip("-").replace("-", "_")):
+                shown.append(f"{flag}={REDACTED}" if equals else flag)
+                after_flag = not equals
+                continue
+        shown.append(redact(value))
+    return shown
 
 
 def _secret_field(name: str) -> bool:

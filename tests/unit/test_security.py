@@ -211,6 +211,16 @@ def test_redact_hides_secrets_but_not_variable_names() -> None:
     assert out["db_password"] == "<redacted>" and out["token"] is None
 
 
+def test_redact_hides_the_values_of_secret_flags_in_a_command_line() -> None:
+    """``vllm.args: ["--api-key", "${KEY}"]`` (a composed vLLM demanding the key the router sends) showed the key in
+    /admin/config once the variable was expanded."""
+    args = ["--api-key", "sk-secret-1", "--max-model-len", "4096", "--hf-token=hf_secret", "--max-num-seqs", "8",
+            "--api-key", "--enforce-eager"]
+    assert redact({"vllm": {"args": args}})["vllm"]["args"] == [
+        "--api-key", "<redacted>", "--max-model-len", "4096", "--hf-token=<redacted>", "--max-num-seqs", "8",
+        "--api-key", "--enforce-eager"]  # a flag after a flag is no value
+
+
 @pytest.mark.parametrize(("text", "expected"), [
     ("redis://:pw@h:6379/0", "redis://<redacted>@h:6379/0"),
     # A password holding "@": everything up to the authority's last "@" goes.
