@@ -23,6 +23,7 @@ from typing import Literal, Protocol, TypeVar
 import numpy as np
 from numpy.typing import NDArray
 
+from experts.types import is_blank
 from router.jsonl import read_jsonl
 
 __all__ = [
@@ -254,7 +255,7 @@ def load_labelled_jsonl(path: str | Path) -> list[LabelledQuery]:
             raise DatasetError(f"{where}: an outcome record ('query', 'outcomes'); --train and --test take labelled "
                                "queries ({'query', 'label'}); outcome records train a gate with `moe train` and "
                                "are scored by the outcome suites")
-        if not isinstance(rec.get("query"), str) or not rec["query"].strip():
+        if not isinstance(rec.get("query"), str) or is_blank(rec["query"]):
             got = f", got {json.dumps(rec['query'])}" if "query" in rec else \
                 f", and is missing (the keys here: {', '.join(map(repr, rec))})"
             raise DatasetError(f"{where}: 'query' must be a non-empty string{got}")

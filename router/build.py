@@ -142,17 +142,19 @@ def untrained_settings(metadata: GateMetadata, gate: GateConfig) -> list[str]:
 
 
 def _train_data_kind(config: RouterConfig) -> str | None:
-    """``outcome`` or ``label``: the kind of gate ``gate.train_data`` trains, by its first file's first record;
-    None without training data, or where that file is not here (a serving container holds only the artifact)."""
-    from router.outcome import is_outcome_file
+    """``outcome`` or ``label``: the kind of gate ``gate.train_data`` trains, by the first record of its first file
+    that holds one; None without training data, or where that file is not here (a serving container holds only
+    the artifact)."""
+    from router.outcome import train_file_kind
 
-    if not config.gate.train_data:
-        return None
-    first = config.resolve(config.gate.train_data[0])
-    try:
-        return "outcome" if is_outcome_file(first) else "label"
-    except OSError:
-        return None
+    for entry in config.gate.train_data:
+        try:
+            kind = train_file_kind(config.resolve(entry))
+        except OSError:
+            return None
+        if kind is not None:
+            return kind
+    return None
 
 
 def _warn_untrained_settings(path: Path, metadata: GateMetadata, config: RouterConfig, *,

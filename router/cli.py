@@ -158,14 +158,17 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def _check_train_data(config: RouterConfig, source: str) -> None:
     """Refuse a missing ``gate.train_data`` file by its key in the config, saying how to write one."""
+    from router.outcome import train_file_kind
+
     for i, entry in enumerate(config.gate.train_data):
         path = config.resolve(entry)
         if path.is_dir():
             raise FileNotFoundError(f"{source}: gate.train_data[{i}] names {entry!r}, which is a directory ({path});"
                                     " name a JSONL file")
         if path.is_file():
-            if path.stat().st_size == 0:
-                print(f"warning: gate.train_data[{i}] ({path}) is empty", file=sys.stderr)
+            if train_file_kind(path) is None:
+                print(f"warning: gate.train_data[{i}] ({path}) is empty (no records; training leaves it out)",
+                      file=sys.stderr)
             continue
         if any(e.replay is not None and e.replay.source == "routerbench" for e in config.experts):
             # The demo's file: RouterBench's train split as outcome records, named after the replay experts.

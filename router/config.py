@@ -34,6 +34,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from experts.types import is_blank
 from router.fallback import MAX_BUDGET_USD, MAX_DEADLINE_S
 
 __all__ = [
@@ -135,7 +136,7 @@ FilePath = Annotated[str, Field(min_length=1), AfterValidator(_file_path)]
 
 
 def _example_text(value: str) -> str:
-    if not value.strip():
+    if is_blank(value):  # spaces, or only characters the encoder drops (zero-width, control): both embed as nothing
         raise PydanticCustomError("blank_example", "an example is blank: give a query this expert should answer, "
                                                    "or leave the entry out (the service refuses blank queries too)")
     return value

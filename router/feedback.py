@@ -423,7 +423,7 @@ def load_feedback(config: RouterConfig, since: float | None = None,
         records = store.records(since)
     finally:
         store.close()
-    kept = [r for r in records if r.query.strip()]
+    kept = [r for r in records if not is_blank(r.query)]
     if len(kept) < len(records):
         log.warning("left %d feedback verdict(s) with a blank query out of training", len(records) - len(kept))
     return latest_verdicts(kept)

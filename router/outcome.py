@@ -35,10 +35,11 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, Literal, Protocol
 
 import numpy as np
 
+from experts.types import is_blank
 from router.jsonl import read_jsonl
 
 __all__ = [
@@ -52,6 +53,7 @@ __all__ = [
     "load_outcome_jsonl",
     "load_outcome_lines",
     "outcome_matrices",
+    "train_file_kind",
 ]
 
 
@@ -90,19 +92,25 @@ def load_outcome_lines(path: str | Path) -> list[tuple[int, OutcomeRecord]]:
 
 
 def is_outcome_file(path: str | Path) -> bool:
-    """Whether a JSONL file holds outcome records: its first non-blank line is an object with ``outcomes``.
+    """Whether a JSONL file holds outcome records (``train_file_kind``)."""
+    return train_file_kind(path) == "outcome"
+
+
+def train_file_kind(path: str | Path) -> Literal["outcome", "label"] | None:
+    """What a JSONL training file holds, by its first non-blank line: ``outcome`` records (an object with
+    ``outcomes``) or labelled queries; None when it holds no line at all (empty, or blank lines only).
 
     Read as the loaders read (``read_jsonl``: a BOM is no error); a first line that is not UTF-8 or not a JSON
-    object is left for the labelled loader to report, naming the file and line."""
+    object is ``label``, left for the labelled loader to report, naming the file and line."""
     rows = read_jsonl(path)
     try:
         for _, _, row in rows:
-            return "outcomes" in row
+            return "outcome" if "outcomes" in row else "label"
     except ValueError:
-        pass
+        return "label"
     finally:
         rows.close()  # the file, at once
-    return False
+    return None
 
 
 def _parse_record(row: dict[str, Any], where: str) -> OutcomeRecord:
@@ -113,7 +121,7 @@ def _parse_record(row: dict[str, Any], where: str) -> OutcomeRecord:
         raise ValueError(f"{where}: unknown key(s) {', '.join(map(repr, unknown))}; expected query, outcomes, cost, "
                          f"answers, task{hint}")
     query = row.get("query")
-    if not isinstance(query, str) or not query.strip():
+    if not isinstance(query, str) or is_blank(query):
         raise ValueError(f"{where}: 'query' " + ("missing" if "query" not in row
                                                   else f"must be a non-empty string, got {query!r}"))
     outcomes = _number_map(row, "outcomes", where, upper=1.0, required=True)

@@ -1,7 +1,7 @@
 """Training the gate from a config: gather the data, build the encoder, train, save the artifact.
 
 ``gate.train_data`` files are JSONL of one of two kinds, detected per file from its first record
-(``router.outcome.is_outcome_file``):
+(``router.outcome.train_file_kind``):
 
 - labelled, ``{"query": ..., "label": ...}``: joined with each expert's config ``examples`` (labelled with
   the expert's name) to train a label gate (``router.gate.train_gate``). With no files, the examples alone
@@ -50,6 +50,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from experts.types import is_blank
 from router.cascade import CascadeGate, forget_cascade
 from router.classifiers import build_classifier
 from router.config import RouterConfig
@@ -58,7 +59,7 @@ from router.feedback import FeedbackRecord, load_feedback
 from router.files import staged
 from router.gate import Gate, train_gate
 from router.jsonl import read_jsonl
-from router.outcome import PRIOR_RECORDS, OutcomeRecord, is_outcome_file, load_outcome_lines
+from router.outcome import PRIOR_RECORDS, OutcomeRecord, load_outcome_lines, train_file_kind
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -123,7 +124,7 @@ def _labelled(row: dict[str, Any], where: str) -> tuple[str, str]:
                          "their own")
     for key in ("query", "label"):
         value = row.get(key)
-        if not isinstance(value, str) or not value.strip():
+        if not isinstance(value, str) or (is_blank(value) if key == "query" else not value.strip()):
             problem = "missing" if key not in row else f"must be a non-empty string, got {value!r}"
             raise ValueError(f"{where}: {key!r} {problem}")
     return row["query"], row["label"]
@@ -184,8 +185,10 @@ def fold_feedback(data: TrainingData, verdicts: list[FeedbackRecord], experts: l
 
 
 def _collect_files(config: RouterConfig, drop_unknown: bool = False) -> TrainingData:
-    paths = [config.resolve(entry) for entry in config.gate.train_data]
-    kinds = {p: "outcome" if is_outcome_file(p) else "label" for p in paths}
+    found = {p: train_file_kind(p) for p in (config.resolve(entry) for entry in config.gate.train_data)}
+    # A file with no records (a day's empty shard) has no kind and adds nothing.
+    kinds = {p: kind for p, kind in found.items() if kind is not None}
+    paths = list(kinds)
     if len(set(kinds.values())) > 1:
         listing = "; ".join(f"{p}: {k}" for p, k in kinds.items())
         raise ValueError(f"gate.train_data mixes labelled and outcome files ({listing}); use one kind")

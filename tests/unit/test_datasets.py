@@ -140,6 +140,7 @@ def test_load_labelled_jsonl_reads_integer_labels_as_strings(tmp_path: Path) -> 
         ('{"text": "hi", "label": "a"}', "'query' must be a non-empty string, and is missing \\(the keys here: "
                                          "'text', 'label'\\)"),
         ('{"query": "  ", "label": "a"}', "'query' must be a non-empty string"),
+        ('{"query": "\\u200b\\u200b", "label": "a"}', "'query' must be a non-empty string"),
         ('{"query": "x", "label": "\\t"}', "'label' must be a non-empty string or an integer, got \"\\\\t\""),
         ('{"query": "x", "outcomes": {"a": 1}}', "an outcome record .* --train and --test take labelled queries"),
         ('["query", "label"]', "expected an object with 'query' and 'label', got list"),

@@ -64,6 +64,7 @@ def test_outcome_records_keep_their_task(tmp_path: Path) -> None:
     ('["q"]', "expected an object"),
     ('{"outcomes": {"a": 1}}', "'query' missing"),
     ('{"query": " ", "outcomes": {"a": 1}}', "'query' must be a non-empty string"),
+    ('{"query": "\\u200b\\u0000", "outcomes": {"a": 1}}', "'query' must be a non-empty string"),
     ('{"query": "q"}', "'outcomes' missing"),
     ('{"query": "q", "outcomes": [1]}', "'outcomes' must be an object"),
     ('{"query": "q", "outcomes": {}}', "'outcomes' is empty"),

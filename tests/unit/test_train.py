@@ -60,6 +60,7 @@ def test_an_integer_label_names_the_expert_of_that_number_as_moe_eval_reads_it(t
     ('{"query": "q", "outcomes": {"A": 1}}', r"an outcome record \('query', 'outcomes'\) in a file whose first line is "
                                              "a labelled query"),
     ('{"query": "", "label": "A"}', "'query' must be a non-empty string"),
+    ('{"query": "\\u200b\\u0000", "label": "A"}', "'query' must be a non-empty string"),  # what the encoder drops
     ('{"query": "q", "label": true}', "'label' must be a non-empty string"),
     ('{"query": "q", "label": 1.5}', "'label' must be a non-empty string"),
 ])
@@ -207,6 +208,19 @@ def test_outcome_files_train_an_outcome_gate_at_the_configured_cost_weight(
     quality_only = parse_config({**config.model_dump(exclude={"base_dir"}), "gate": {
         **config.gate.model_dump(), "cost_weight": 0.0}}, base_dir=tmp_path, check_env=False)
     assert load_gate(quality_only).scores(["play the new album by Adele"]).argmax() in (0, 1)
+
+
+def test_a_file_with_no_records_mixes_with_either_kind(tmp_path: Path, snips_rows: list[dict[str, str]]) -> None:
+    """A day's empty shard (no bytes, or blank lines) beside outcome records was taken for a labelled file, and
+    the two kinds refused as mixed."""
+    _write_jsonl(tmp_path / "o.jsonl", _outcome_rows(snips_rows[:3]))
+    _write_jsonl(tmp_path / "l.jsonl", snips_rows[:3])
+    (tmp_path / "none.jsonl").write_text("")
+    (tmp_path / "blank.jsonl").write_text("\n  \n")
+    outcomes = collect_training_data(_config(tmp_path, ["none.jsonl", "o.jsonl", "blank.jsonl"]))
+    assert outcomes.kind == "outcome" and len(outcomes.records) == 3
+    labelled = collect_training_data(_config(tmp_path, ["blank.jsonl", "l.jsonl"]))
+    assert labelled.kind == "label" and labelled.texts[-3:] == [r["query"] for r in snips_rows[:3]]
 
 
 def test_mixed_or_unknown_outcome_files_are_refused(tmp_path: Path, snips_rows: list[dict[str, str]]) -> None:
