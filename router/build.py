@@ -117,10 +117,11 @@ def load_gate(config: RouterConfig, encoders: Mapping[str, Encoder] | None = Non
 
         cascade = config.gate.cascade
         pair = CascadeGate.load(path, loaded[cascade.encoder.model_dump_json()], full)
-        _warn_untrained_settings(path, pair.metadata, config)
+        _warn_untrained_settings(path, pair.metadata, config, examples=pair.full.training_examples)
         return pair.with_targets(agreement=cascade.agreement, familiar=cascade.familiar).for_config(config)
     gate = Gate.load(path, full)
-    _warn_untrained_settings(path, gate.metadata, config, trained_cost_weight=getattr(gate, "cost_weight", None))
+    _warn_untrained_settings(path, gate.metadata, config, trained_cost_weight=getattr(gate, "cost_weight", None),
+                             examples=gate.training_examples)
     return gate.for_config(config)
 
 
@@ -157,12 +158,37 @@ def _train_data_kind(config: RouterConfig) -> str | None:
     return None
 
 
+def untrained_examples(config: RouterConfig, trained: tuple[list[str], list[str]]) -> dict[str, int]:
+    """For a label gate trained on ``trained`` (its texts and labels): per expert it was trained on, how many of
+    the config's ``examples`` for it are not among them (added or edited since ``moe train``, read as the encoder
+    reads them, ``router.gate.text_key``). A trained expert is routed as trained: they count only once retrained.
+    """
+    from router.gate import text_key
+
+    known: dict[str, set[str]] = {}
+    for text, label in zip(*trained, strict=True):
+        if text is not None:
+            known.setdefault(label, set()).add(text_key(text))
+    found = {e.name: sum(text_key(x) not in known[e.name] for x in e.examples)
+             for e in config.routed_experts if e.name in known}
+    return {name: n for name, n in found.items() if n}
+
+
 def _warn_untrained_settings(path: Path, metadata: GateMetadata, config: RouterConfig, *,
-                             trained_cost_weight: float | None = None) -> None:
+                             trained_cost_weight: float | None = None,
+                             examples: tuple[list[str], list[str]] | None = None) -> None:
     """Log what of ``config`` the artifact was not trained with (``untrained_settings``, the kind of gate its
-    training data trains), and, for an outcome gate, a cost weight other than the one it was tuned at and panels
-    sized on weights a cost weight flattens."""
+    training data trains; a label gate's trained experts' new ``examples``, from its training ``examples``), and,
+    for an outcome gate, a cost weight other than the one it was tuned at and panels sized on weights a cost weight
+    flattens."""
     drift = untrained_settings(metadata, config.gate)
+    if metadata.kind == "label" and examples is not None:
+        new = untrained_examples(config, examples)
+        if new:
+            drift.append("the examples of trained expert(s) " + ", ".join(f"{name} ({n} new)" for name, n in
+                                                                      new.items())
+                         + " are not in the artifact's training data (an expert the artifact was trained on routes "
+                           "as trained; only a new expert is routed from its examples at once)")
     lam = config.gate.cost_weight
     if metadata.kind == "outcome" and trained_cost_weight is not None and lam != trained_cost_weight:
         # with_cost_weight re-tunes the margin and temperature on the stored out-of-fold predictions; the success

@@ -126,7 +126,7 @@ def cmd_config_check(args: argparse.Namespace) -> int:
         raise ConfigError(args.file, problems)
     trained = is_trained(artifact)
     where = f"gate artifact {artifact}" if trained else f"no gate artifact at {artifact} yet (moe train)"
-    if not trained:  # serve routes cold (the experts' examples); what moe train would refuse, said now
+    if not trained:  # serve needs `moe train` first: what moe train would refuse, said now
         try:
             _check_train_data(config, args.file)
         except FileNotFoundError as exc:

@@ -192,6 +192,25 @@ def test_training_settings_the_artifact_was_not_trained_with_are_named_when_it_l
     assert '"coder"' in capsys.readouterr().out  # routed all the same
 
 
+def test_new_examples_of_a_trained_expert_are_named_when_it_loads(
+        config: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture) -> None:
+    """An expert's examples train a label gate: ones added to a trained expert after `moe train` change nothing
+    until it runs again, and loading the gate says so (a reload said "config reloaded" and routed as before)."""
+    same = _edited(config, "examples: ['write a python function', 'fix this bug']",
+                   "examples: ['Write a  Python function', 'fix this bug']")  # read as the encoder reads it: no edit
+    with caplog.at_level("WARNING", logger="router.build"):
+        assert main(["route", "write a python function", "--config", str(same)]) == 0
+    assert "examples of trained expert" not in caplog.text, caplog.text
+    edited = _edited(same, "'fix this bug']", "'fix this bug', 'lint my go code', 'a rust borrow error']")
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="router.build"):
+        assert main(["route", "write a python function", "--config", str(edited)]) == 0
+    assert ("the examples of trained expert(s) coder (2 new) are not in the artifact's training data (an expert the "
+            "artifact was trained on routes as trained; only a new expert is routed from its examples at once); the "
+            "gate routes as trained until moe train retrains it") in caplog.text, caplog.text
+    capsys.readouterr()
+
+
 def test_a_label_gate_under_a_config_describing_an_outcome_gate_is_named_when_it_loads(
         config: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture) -> None:
     """The config was switched to outcome records and a cost weight after the label gate was trained: the label
