@@ -317,6 +317,13 @@ def test_fold_rule_for_label_and_outcome_gates(tmp_path: Path) -> None:
     tasked = fold_feedback(TrainingData("outcome", records=[OutcomeRecord("q1", {"math": 1.0}, {}, task="algebra")]),
                            verdicts, NAMES)
     assert [r.task for r in tasked.records] == ["algebra", "algebra", None]
+    # A verdict is priced as the records price its expert: on that query, else at the expert's mean cost. One
+    # without a cost made the trained gate's routed cost unknown.
+    priced = fold_feedback(TrainingData("outcome", records=[
+        OutcomeRecord("q1", {"math": 1.0, "code": 0.0}, {"math": 0.2, "code": 0.01}),
+        OutcomeRecord("r", {"math": 1.0, "code": 1.0}, {"math": 0.4, "code": 0.03})]), verdicts, NAMES)
+    assert priced.records[2:] == [OutcomeRecord("q1", {"math": 1.0, "code": 0.0}, {"math": 0.2, "code": 0.01}),
+                                  OutcomeRecord("q2", {"code": 0.5}, {"code": pytest.approx(0.02)})]
 
 
 def test_verdicts_on_a_cold_start_expert_wait_until_they_cover_enough_queries(tmp_path: Path) -> None:
