@@ -111,6 +111,7 @@ def cmd_config_check(args: argparse.Namespace) -> int:
 
     from router.build import expert_problems, loading_problems, nested_loading_problems
     from router.config import ConfigError
+    from router.feedback import feedback_problems
     from router.gate_artifact import is_trained
     from router.state_redis import redis_url_problems
 
@@ -119,7 +120,8 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     # What moe serve would refuse in the experts (built as serve builds them: a replay expert's recordings) and in
     # the trained gate (its encoder, its files, the experts it covers, a two-stage part, learned vote weights),
     # said now: loaded as serve loads it; and so for each router nested in process.
-    problems = expert_problems(config) + loading_problems(config) + nested_loading_problems(config)
+    problems = (expert_problems(config) + loading_problems(config) + nested_loading_problems(config)
+                + feedback_problems(config))
     if not args.no_env:  # the Redis URL's options, as redis-py reads them (no connection is made)
         problems += redis_url_problems(config.state, os.environ)
     if problems:

@@ -56,6 +56,7 @@ __all__ = [
     "UnknownFeedbackExpert",
     "UnknownRequest",
     "feedback_path",
+    "feedback_problems",
     "latest_verdicts",
     "load_feedback",
     "open_feedback_store",
@@ -404,6 +405,32 @@ def open_feedback_store(config: RouterConfig, environ: Mapping[str, str] | None 
     path = feedback_path(config)
     name = None if config.feedback.path is None else f"feedback.path ({path})"
     return SqliteFeedbackStore(path, retention_s=remember_s or REQUEST_RETENTION_S, name=name, write=write)
+
+
+def feedback_problems(config: RouterConfig) -> list[tuple[str, str]]:
+    """What ``moe serve`` would refuse in the SQLite feedback file (``open_feedback_store``), as ``(key, message)``
+    problems, found without creating or changing anything: a path that is not a file, a file that is no SQLite
+    database or cannot be written, a folder that cannot be created or written. None with Redis or feedback off."""
+    if not config.feedback.enabled or config.state.backend != "memory":
+        return []
+    path = feedback_path(config)
+    key = "feedback.path" if config.feedback.path is not None else "feedback.path (default: beside gate.artifact)"
+    fix = "set feedback.path to a file in a writable directory, or feedback.enabled: false"
+    if path.exists():
+        if not path.is_file():
+            return [(key, f"{path} is not a file (a folder?); {fix}")]
+        try:
+            with contextlib.closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)) as db:
+                db.execute("PRAGMA schema_version").fetchone()
+        except sqlite3.Error as exc:
+            return [(key, f"{path}: cannot open it as SQLite ({exc}); {fix}")]
+        if not os.access(path, os.W_OK) or not os.access(path.parent, os.W_OK):
+            return [(key, f"{path}: the router could not write it (or its folder, for SQLite's journal); {fix}")]
+        return []
+    folder = next((p for p in path.parents if p.exists()), None)
+    if folder is None or not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+        return [(key, f"{path}: its folder cannot be created ({folder} is not a writable folder); {fix}")]
+    return []
 
 
 def load_feedback(config: RouterConfig, since: float | None = None,

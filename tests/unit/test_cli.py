@@ -7,6 +7,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -117,13 +118,36 @@ def test_config_check_warns_of_training_files_moe_train_would_refuse(
     config.write_text("version: 1\nexperts:\n  - {name: a, type: openai, endpoint: 'http://127.0.0.1:9/v1', model: m,"
                       " examples: [hello]}\n  - {name: b, type: openai, endpoint: 'http://127.0.0.1:9/v1', model: m,"
                       " examples: [bye]}\ngate: {train_data: [data/nope.jsonl]}\n")
-    assert main(["config", "check", str(config), "--no-env"]) == 0  # serve routes on the examples meanwhile
+    assert main(["config", "check", str(config), "--no-env"]) == 0  # OK: moe train writes the gate serve needs
     out, err = capsys.readouterr()
     assert "OK" in out and "no gate artifact" in out
     assert f"warning: moe train would stop: {config}: gate.train_data[0] names 'data/nope.jsonl', and " in err
     (tmp_path / "data" / "nope.jsonl").mkdir(parents=True)
     assert main(["config", "check", str(config), "--no-env"]) == 0
     assert "which is a directory" in capsys.readouterr().err
+
+
+def test_config_check_names_a_feedback_file_serve_would_refuse(tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """A feedback.path that is a folder, or a file that is no SQLite database, passed config check, and serve then
+    stopped on it. The check creates nothing."""
+    config = tmp_path / "c.yaml"
+    base = ("version: 1\nexperts:\n  - {name: a, type: openai, endpoint: 'http://127.0.0.1:9/v1', model: m, "
+            "examples: [hello]}\n  - {name: b, type: openai, endpoint: 'http://127.0.0.1:9/v1', model: m, "
+            "examples: [bye]}\n")
+    config.write_text(base + "feedback: {path: fb/verdicts.sqlite3}\n")
+    assert main(["config", "check", str(config), "--no-env"]) == 0
+    assert not (tmp_path / "fb").exists()  # created by serve, not by the check
+    capsys.readouterr()
+    (tmp_path / "fb" / "verdicts.sqlite3").mkdir(parents=True)
+    assert main(["config", "check", str(config), "--no-env"]) == 2
+    assert "feedback.path: " in (err := capsys.readouterr().err) and "is not a file (a folder?)" in err, err
+    (tmp_path / "fb" / "verdicts.sqlite3").rmdir()
+    (tmp_path / "fb" / "verdicts.sqlite3").write_text("not a database, but notes")
+    assert main(["config", "check", str(config), "--no-env"]) == 2
+    assert "cannot open it as SQLite (file is not a database)" in capsys.readouterr().err
+    config.write_text(base + "feedback: {path: fb/verdicts.sqlite3, enabled: false}\n")
+    assert main(["config", "check", str(config), "--no-env"]) == 0
 
 
 def test_config_check_names_a_key_that_is_not_a_string(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -173,6 +197,20 @@ def served_config(tmp_path: Path) -> Path:
                           "description: legal questions, examples: ['can I break my lease']}\n")
 
 
+def _serving_captured(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    """The uvicorn configs ``moe serve`` would run, in place of running them (as if each started)."""
+    from router.serving import RouterServer
+
+    served: list[Any] = []
+
+    def run(server: RouterServer, sockets: object = None) -> None:
+        served.append(server.config)
+        server.started = True
+
+    monkeypatch.setattr(RouterServer, "run", run)
+    return served
+
+
 @pytest.mark.skipif(sys.platform == "win32", reason="uvloop has no Windows build")
 def test_serve_gets_uvloop_and_httptools_from_uvicorn_s_auto_choice(tmp_path: Path,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
@@ -181,16 +219,18 @@ def test_serve_gets_uvloop_and_httptools_from_uvicorn_s_auto_choice(tmp_path: Pa
     import uvicorn
     import uvloop
 
+    from router.serving import AbortStalled
+
     config = served_config(tmp_path)
-    served: dict[str, object] = {}
-    monkeypatch.setattr(uvicorn, "run", lambda app, **options: served.update(options, app=app))
+    served = _serving_captured(monkeypatch)
     assert main(["serve", "--config", str(config), "--port", "8123"]) == 0
-    assert served["port"] == 8123 and served["host"] == "127.0.0.1"
-    assert "loop" not in served and "http" not in served  # uvicorn's own default: "auto" for both
+    options = served[0]
+    assert options.port == 8123 and options.host == "127.0.0.1"
+    assert options.loop == "auto" and options.http == "auto"  # uvicorn's own default
+    assert options.access_log is False  # the router writes its own line per request
+    assert isinstance(options.app, AbortStalled)
 
-    assert served["access_log"] is False  # the router writes its own line per request
-
-    auto = uvicorn.Config(app=served["app"], loop="auto", http="auto")
+    auto = uvicorn.Config(app=options.app, loop="auto", http="auto")
     auto.load()
     assert auto.http_protocol_class.__name__ == "HttpToolsProtocol"
     loop = uvloop.new_event_loop()
@@ -386,16 +426,13 @@ def test_runtime_failures_are_error_lines_and_bugs_keep_their_traceback() -> Non
 
 def test_serve_writes_one_log_stream_of_json_lines_at_its_log_level(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                                     capsys: pytest.CaptureFixture[str]) -> None:
-    import uvicorn
-
     config = served_config(tmp_path)
-    served: dict[str, object] = {}
-    monkeypatch.setattr(uvicorn, "run", lambda app, **options: served.update(options, app=app))
+    served = _serving_captured(monkeypatch)
     for name in LOGGERS:  # as in a fresh process (restore_logging puts back what earlier tests left)
         logging.getLogger(name).handlers.clear()
     assert main(["serve", "--config", str(config), "--log-level", "warning"]) == 0
     capsys.readouterr()
-    logging.config.dictConfig(served["log_config"])  # what uvicorn does with it
+    logging.config.dictConfig(served[0].log_config)  # what uvicorn does with it
     logging.getLogger("uvicorn.error").warning("Started server process [%d]", 42)
     logging.getLogger("uvicorn.error").info("below the level")
     logging.getLogger("router.requests").info('{"event": "request", "status": 200}')  # below warning: not written
