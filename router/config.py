@@ -148,7 +148,8 @@ ExampleText = Annotated[str, AfterValidator(_example_text)]
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # No NaN or infinity (YAML's .nan, .inf): a NaN timeout was reported as "less than or equal to 3600".
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     @field_validator("*", mode="before")
     @classmethod
@@ -628,6 +629,12 @@ class FeedbackConfig(_Strict):
 
 class RouterConfig(_Strict):
     version: Literal[1]
+
+    @field_validator("version", mode="before")
+    @classmethod
+    def _version_as_written(cls, value: Any) -> Any:
+        # "1" (quoted, or a ${VAR}, which expands to a string) is the number, as numbers elsewhere in the schema are.
+        return 1 if isinstance(value, str) and value.strip() == "1" else value
     service: ServiceConfig = ServiceConfig()
     experts: list[ExpertConfig] = Field(min_length=1)
     gate: GateConfig = GateConfig()
@@ -1095,6 +1102,10 @@ def _pydantic_problems(exc: ValidationError, raw: Any) -> list[tuple[str, str]]:
             else:
                 parts.append(str(part))
         msg = "unknown key (not in the schema)" if err["type"] == "extra_forbidden" else err["msg"]
+        if err["type"] == "value_error":  # a validator's own words, without pydantic's "Value error, " before them
+            msg = msg.removeprefix("Value error, ")
+        if loc == ["version"] and err["type"] == "literal_error":
+            msg = f"must be 1, the schema version this release reads, not {err['input']!r}"
         if err["type"] == "value_error" and not parts:
             continue  # the cross-check validator; its problems are reported one by one below
         problems.append((".".join(parts) or "<root>", msg))

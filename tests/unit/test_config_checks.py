@@ -759,6 +759,19 @@ def test_a_long_value_is_not_repeated_quoted_or_in_part(monkeypatch: pytest.Monk
     assert written["experts[0] (alpha).endpoint"].endswith("give the base URL (http://vllm:8000/v1)")
 
 
+def test_version_nan_and_validator_messages_read_as_written() -> None:
+    """``version: "1"`` (quoted, or a ${VAR}) is the number 1; another version says which one this release reads;
+    NaN says it is not a number (it read "less than or equal to 3600"); a validator's own words come without
+    pydantic's "Value error, " before them."""
+    assert parse_config({"version": "1", "experts": [expert()]}).version == 1
+    assert problems({"version": 2, "experts": [expert()]}) == {
+        "version": "must be 1, the schema version this release reads, not 2"}
+    assert problems({"version": 1, "experts": [expert(timeout_s=float("nan"))]}) == {
+        "experts[0] (alpha).timeout_s": "Input should be a finite number"}
+    found = problems({"version": 1, "fallback": {"backoff_base_s": 5, "backoff_max_s": 1}, "experts": [expert()]})
+    assert found == {"fallback": "backoff_max_s must be at least backoff_base_s"}
+
+
 def test_a_blank_example_is_refused_by_its_path() -> None:
     """An empty or whitespace example would be embedded as nothing and claim a share of every query (it took 0.32
     of an unrelated one as a cold-start expert's only example); it is refused where it stands."""
