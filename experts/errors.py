@@ -136,4 +136,11 @@ class NoRecording(ExpertError):
 
 
 class ExpertConfigError(ExpertError):
+    """An expert's config that its type cannot build on; ``field``, where known, the key at fault within the
+    expert's block (``replay.path``), which ``moe config check`` appends to the expert's path."""
+
     kind = "config"
+
+    def __init__(self, expert: str, message: str, field: str | None = None) -> None:
+        super().__init__(expert, message)
+        self.field = field

@@ -105,13 +105,16 @@ class ReplayExpert(Expert):
                 # The usual cause: a relative path (from $MOE_DATA_DIR, say) read against the config's folder.
                 hint = (f" (replay.path {replay.path!r} is relative to the config's folder, {self.context.base_dir}; "
                         "a variable such as MOE_DATA_DIR that it holds should be an absolute path)")
-            raise ExpertConfigError(self.name, f"cannot load {replay.source} recordings: {exc}{hint}") from exc
+            raise ExpertConfigError(self.name, f"cannot load {replay.source} recordings: {exc}{hint}",
+                                    "replay.path") from exc
         self.model = config.recorded_model
         if self.model not in self._source.models:
+            key = "replay.column" if replay.column else "model"  # the key the recorded model was read from
             raise ExpertConfigError(
                 self.name,
-                f"model {self.model!r} is not in the {replay.source} recordings; "
+                f"{key} {self.model!r} is not in the {replay.source} recordings; "
                 f"known: {', '.join(self._source.models)}",
+                key,
             )
         self._latency_s = replay.latency_ms / 1000.0
 

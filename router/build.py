@@ -469,7 +469,7 @@ def expert_problems(config: RouterConfig) -> list[tuple[str, str]]:
         try:
             build_expert(expert, context, EXPERT_TYPES)
         except ExpertConfigError as exc:
-            problems.append((f"experts[{i}] ({expert.name})", exc.message))
+            problems.append((f"experts[{i}] ({expert.name})" + (f".{exc.field}" if exc.field else ""), exc.message))
     return problems
 
 

@@ -171,7 +171,7 @@ def test_config_check_builds_the_experts_as_serve_would(config: Path, capsys: py
     assert main(["config", "check", str(config)]) == 2
     err = capsys.readouterr().err
     index = config.read_text().split("experts:")[1].count("- {name:") - 1
-    assert f"  - experts[{index}] (replayed): cannot load routerbench recordings" in err, err
+    assert f"  - experts[{index}] (replayed).replay.path: cannot load routerbench recordings" in err, err
 
 
 def test_training_settings_the_artifact_was_not_trained_with_are_named_when_it_loads(

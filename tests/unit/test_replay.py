@@ -70,6 +70,16 @@ async def test_column_overrides_model(data_dir: Path) -> None:
     assert reply.cost_usd == row.answers["zero-one-ai/Yi-34B-Chat"].cost_usd
 
 
+def test_an_unrecorded_model_is_named_by_the_key_that_gave_it(data_dir: Path) -> None:
+    with pytest.raises(ExpertConfigError) as by_model:
+        replay(data_dir, "routerbench", "not-a-model")
+    assert by_model.value.field == "model" and by_model.value.message.startswith("model 'not-a-model' is not in")
+    with pytest.raises(ExpertConfigError) as by_column:
+        replay(data_dir, "routerbench", "served-name", column="not-a-column")
+    assert by_column.value.field == "replay.column"
+    assert by_column.value.message.startswith("replay.column 'not-a-column' is not in the routerbench recordings")
+
+
 async def test_unrecorded_prompt_raises_no_recording(data_dir: Path) -> None:
     expert = replay(data_dir, "routerbench", "claude-v1")
     with pytest.raises(NoRecording) as caught:
