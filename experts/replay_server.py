@@ -112,9 +112,27 @@ async def _sse_events(
     yield "data: [DONE]\n\n"
 
 
+# No recorded prompt comes near this: a larger body is refused as it arrives, never held whole.
+MAX_BODY_BYTES = 4_000_000
+
+
 async def _parse(request: Request) -> ChatRequest | JSONResponse:
+    too_large = _error(413, f"request body exceeds the {MAX_BODY_BYTES}-byte limit", "invalid_request_error",
+                       "request_too_large")
+    declared = request.headers.get("content-length", "")
+    if declared.isascii() and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        return too_large
+    parts, size = [], 0
+    async for part in request.stream():
+        size += len(part)
+        if size > MAX_BODY_BYTES:
+            return too_large
+        parts.append(part)
     try:
-        raw = await request.json()
+        raw = json.loads(b"".join(parts))
+    except RecursionError:
+        return _error(400, "the body is nested too deeply to be a chat request", "invalid_request_error",
+                      "invalid_json")
     except (json.JSONDecodeError, UnicodeDecodeError):
         return _error(400, "the body is not valid JSON", "invalid_request_error", "invalid_json")
     try:

@@ -118,6 +118,18 @@ async def test_malformed_json_is_400(client: httpx.AsyncClient) -> None:
     assert response.json()["error"]["code"] == "invalid_json"
 
 
+async def test_a_body_nested_too_deeply_or_too_large_is_refused_in_the_openai_format(client: httpx.AsyncClient) -> None:
+    """A deeply nested body was a plain-text 500 (a RecursionError), and any size was read whole."""
+    from experts.replay_server import MAX_BODY_BYTES
+
+    nested = await client.post("/v1/chat/completions", content=b"[" * 100_000,
+                               headers={"content-type": "application/json"})
+    assert nested.status_code == 400 and nested.json()["error"]["code"] == "invalid_json"
+    large = await client.post("/v1/chat/completions", content=b" " * (MAX_BODY_BYTES + 1),
+                              headers={"content-type": "application/json"})
+    assert large.status_code == 413 and large.json()["error"]["code"] == "request_too_large"
+
+
 async def test_no_recording_stream_is_a_plain_404(client: httpx.AsyncClient) -> None:
     response = await client.post("/v1/chat/completions", json=chat("gpt4", "unrecorded", stream=True))
     assert response.status_code == 404
