@@ -8,7 +8,7 @@ import importlib
 import json
 import sys
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from router.encoders import ENCODER_BACKENDS, EncoderChecksumError
 
@@ -280,6 +280,12 @@ def _delegate(target: str) -> Callable[[argparse.Namespace], int]:
     return run
 
 
+def _command(sub: Any, name: str, text: str) -> argparse.ArgumentParser:
+    """A subcommand whose one line in ``moe --help`` is also what its own ``--help`` opens with."""
+    parser: argparse.ArgumentParser = sub.add_parser(name, help=text, description=f"{text[0].upper()}{text[1:]}.")
+    return parser
+
+
 def _parser(settings: Settings | None = None) -> argparse.ArgumentParser:
     from router.settings import Settings
 
@@ -288,7 +294,7 @@ def _parser(settings: Settings | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moe", description="Mixture-of-experts router over whole LLMs.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("serve", help="run the OpenAI-compatible service")
+    p = _command(sub, "serve", "run the OpenAI-compatible service")
     p.add_argument("--config", default=DEFAULT_CONFIG, help=f"the router config (default: {DEFAULT_CONFIG})")
     p.add_argument("--host", type=host_address, help="the address to bind (default: the config's service.host)")
     p.add_argument("--port", type=port_number, help="the port to listen on (default: the config's service.port)")
@@ -296,23 +302,23 @@ def _parser(settings: Settings | None = None) -> argparse.ArgumentParser:
                    help="uvicorn's log level (default: info)")
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("serve-replay", help="serve a config's replay experts as one OpenAI-compatible endpoint")
+    p = _command(sub, "serve-replay", "serve a config's replay experts as one OpenAI-compatible endpoint")
     p.add_argument("--config", default=DEFAULT_CONFIG, help=f"the config whose replay experts to serve (default: "
                                                             f"{DEFAULT_CONFIG})")
     p.add_argument("--host", type=host_address, default="127.0.0.1", help="the address to bind (default: 127.0.0.1)")
     p.add_argument("--port", type=port_number, default=8001, help="the port to listen on (default: 8001)")
     p.set_defaults(func=cmd_serve_replay)
 
-    p = sub.add_parser("config", help="work with config files")
+    p = _command(sub, "config", "work with config files")
     config_sub = p.add_subparsers(dest="config_command", required=True)
-    c = config_sub.add_parser("check", help="validate a config and list every problem")
-    c.add_argument("file")
+    c = _command(config_sub, "check", "validate a config and list every problem")
+    c.add_argument("file", help="the config file (YAML)")
     c.add_argument("--no-env", action="store_true",
                    help="do not require the variables the *_env keys name (API keys, the Redis URL) to be set; "
                         "a ${VAR} without a default must still be set")
     c.set_defaults(func=cmd_config_check)
 
-    p = sub.add_parser("train", help="train the gate from the experts' examples and the config's train_data")
+    p = _command(sub, "train", "train the gate from the experts' examples and the config's train_data")
     p.add_argument("--config", default=DEFAULT_CONFIG, help=f"the router config (default: {DEFAULT_CONFIG})")
     p.add_argument("--feedback", action=argparse.BooleanOptionalAction, default=True,
                    help="fold the stored feedback into the gate (default; feedback.enabled: false also skips it)")
@@ -323,8 +329,8 @@ def _parser(settings: Settings | None = None) -> argparse.ArgumentParser:
 
     for name, func, text in (("route", cmd_route, "show the gate's decision for a query"),
                              ("ask", cmd_ask, "send a query through the router")):
-        p = sub.add_parser(name, help=text)
-        p.add_argument("query")
+        p = _command(sub, name, text)
+        p.add_argument("query", help="the query text (quote it)")
         p.add_argument("--config", default=None, help=f"route in-process with this config (default: {DEFAULT_CONFIG})")
         p.add_argument("--url", help="a running service instead, e.g. http://127.0.0.1:8000 (not with --config)")
         p.add_argument("--api-key", default=api_key,
@@ -335,7 +341,7 @@ def _parser(settings: Settings | None = None) -> argparse.ArgumentParser:
             p.add_argument("--stream", action="store_true", help="stream the answer, each piece printed as it comes")
         p.set_defaults(func=func)
 
-    p = sub.add_parser("convert", help="write a shared data set as training JSONL (labelled or outcome records)")
+    p = _command(sub, "convert", "write a shared data set as training JSONL (labelled or outcome records)")
     p.add_argument("dataset", help="mmlu-pro-domain, clinc150-domain, snips-intent, banking77-intent, "
                    "mmlu-pro-outcome or routerbench")
     p.add_argument("--out", required=True, help="the JSONL file to write")
@@ -348,7 +354,7 @@ def _parser(settings: Settings | None = None) -> argparse.ArgumentParser:
     p.add_argument("--limit", type=limit_count, default=None, help="at most this many lines")
     p.set_defaults(func=_delegate("eval.convert:main"))
 
-    p = sub.add_parser("eval", help="evaluate routing on a named suite or your own JSONL")
+    p = _command(sub, "eval", "evaluate routing on a named suite or your own JSONL")
     p.add_argument("--suite", help="mmlu-pro-domain, clinc150-domain, snips-intent, banking77-intent, "
                    "mmlu-pro-outcome, mmlu-pro-combine, routerbench, routerbench-combine, routellm-mmlu or "
                    "clinc150-cold-start")
@@ -357,7 +363,8 @@ def _parser(settings: Settings | None = None) -> argparse.ArgumentParser:
                    "scored as out of scope (oos_auroc)")
     p.add_argument("--oos-label", help="with --train/--test: this label marks out-of-scope queries (like "
                    "CLINC150's 'oos'); training queries with it are left out")
-    p.add_argument("--out", default="out/eval", help="folder for results.json, report.md and figures")
+    p.add_argument("--out", default="out/eval", help="folder for results.json, report.md and figures (default: "
+                   "out/eval, in the working folder)")
     p.add_argument("--data", default=None, help="the shared data folder (default: $MOE_DATA_DIR or ../shared/data)")
     p.add_argument("--encoder", default="onnx", choices=sorted(ENCODER_BACKENDS),
                    help="encoder backend (default: onnx; static is the fast distilled table)")
@@ -371,7 +378,7 @@ def _parser(settings: Settings | None = None) -> argparse.ArgumentParser:
                    "8x7B) or name,name,... (default: all); other suites refuse it")
     p.set_defaults(func=_delegate("eval.harness:main"))
 
-    p = sub.add_parser("demo", help="train, serve replay experts, and score the router on held-out questions")
+    p = _command(sub, "demo", "train, serve replay experts, and score the router on held-out questions")
     p.add_argument("--out", default="out/demo", help="where results.json, results.md and router.log go "
                                                      "(default: out/demo)")
     p.add_argument("--data", default=None, help="the shared data folder (default: $MOE_DATA_DIR or ../shared/data)")
@@ -380,7 +387,7 @@ def _parser(settings: Settings | None = None) -> argparse.ArgumentParser:
     p.add_argument("--limit", type=limit_count, default=None, help="at most this many test questions")
     p.set_defaults(func=_delegate("eval.demo:main"))
 
-    p = sub.add_parser("compose", help="print the docker-compose file a config describes")
+    p = _command(sub, "compose", "print the docker-compose file a config describes")
     p.add_argument("config", nargs="?", default="configs/compose.yaml",
                    help="the router config (default: configs/compose.yaml); the file is written to standard "
                         "output: moe compose CONFIG > docker-compose.yml")
