@@ -63,11 +63,11 @@ def _redact_url(url: str) -> str:
 
 def _redact_args(values: list[Any]) -> list[Any]:
     """A list, redacted item by item; in a command line (``vllm.args``), the value after a secret-looking flag
-    (``--api-key VALUE``, ``--hf-token=VALUE``) too."""
+    (``--api-key VALUE``, ``--hf-token=VALUE``) too, whatever it starts with (a URL-safe key may start with "-")."""
     shown: list[Any] = []
     after_flag = False
     for value in values:
-        if after_flag and isinstance(value, str) and not value.startswith("-"):
+        if after_flag and isinstance(value, str):
             shown.append(REDACTED)
             after_flag = False
             continue

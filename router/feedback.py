@@ -265,7 +265,9 @@ class SqliteFeedbackStore(FeedbackStore):
         self._lock = threading.Lock()
         # The store's own thread, started on first use: its calls take the lock in turn anyway, and on the
         # default threads a queue of other work (a route batch's, say) held every answer's ``aremember``.
-        self._thread: concurrent.futures.ThreadPoolExecutor | None = None
+        # Two: one records answers (``aremember``, which each answer waits for), the other serves verdicts and
+        # exports, which may wait out a busy file; neither queues behind the other.
+        self._threads: dict[str, concurrent.futures.ThreadPoolExecutor] = {}
         self._thread_lock = threading.Lock()  # not ``_lock``, which a call holds while the file is busy
         self._since_prune, self._pruned_at = 0, 0.0
         self._failing = False  # a write failed, and has not succeeded since: warned once
@@ -305,31 +307,39 @@ class SqliteFeedbackStore(FeedbackStore):
         timeout, a full disk) is logged, and the answer stands: only rating it by its id is lost, and so is
         recording the answers of the next ``_RETRY_S`` but one, which tries again."""
         now = time.time()
-        try:
-            with self._lock:
-                if self._failing and self._clock() < self._retry_at:
-                    return
-                self._retry_at = self._clock() + _RETRY_S
-                self._db.execute(f"PRAGMA busy_timeout={_REMEMBER_BUSY_MS}")
-                try:
-                    self._db.execute("INSERT OR REPLACE INTO requests (id, query, expert, created, key) "
-                                     "VALUES (?, ?, ?, ?, ?)", (request_id, query, expert, now, key))
-                    self._since_prune += 1
-                    if (self._since_prune >= _PRUNE_EVERY
-                            or now - self._pruned_at >= min(_PRUNE_SHARE * self.retention_s, _PRUNE_MAX_S)):
-                        self._prune(now)
-                finally:
-                    self._db.execute("PRAGMA busy_timeout=5000")
-        except sqlite3.Error as exc:
-            if not self._failing:
-                log.warning("%s: cannot record answers (%s: %s); they are served, but cannot be rated by id until "
-                            "it can be written again (tried again every %g s)", self.where, type(exc).__name__, exc,
-                            _RETRY_S)
-            self._failing = True
+        if self._failing and self._clock() < self._retry_at:
             return
+        self._retry_at = self._clock() + _RETRY_S
+        # The lock too is waited for a quarter of a second at most: a verdict or an export holds it while the file
+        # is busy, for up to the connection's 5 s.
+        if not self._lock.acquire(timeout=_REMEMBER_BUSY_MS / 1000):
+            self._cannot_remember("the store is busy with a verdict or an export")
+            return
+        try:
+            self._db.execute(f"PRAGMA busy_timeout={_REMEMBER_BUSY_MS}")
+            try:
+                self._db.execute("INSERT OR REPLACE INTO requests (id, query, expert, created, key) "
+                                 "VALUES (?, ?, ?, ?, ?)", (request_id, query, expert, now, key))
+                self._since_prune += 1
+                if (self._since_prune >= _PRUNE_EVERY
+                        or now - self._pruned_at >= min(_PRUNE_SHARE * self.retention_s, _PRUNE_MAX_S)):
+                    self._prune(now)
+            finally:
+                self._db.execute("PRAGMA busy_timeout=5000")
+        except sqlite3.Error as exc:
+            self._cannot_remember(f"{type(exc).__name__}: {exc}")
+            return
+        finally:
+            self._lock.release()
         if self._failing:
             log.warning("%s: recording answers again", self.where)
         self._failing = False
+
+    def _cannot_remember(self, why: str) -> None:
+        if not self._failing:
+            log.warning("%s: cannot record answers (%s); they are served, but cannot be rated by id until it can be "
+                        "written again (tried again every %g s)", self.where, why, _RETRY_S)
+        self._failing = True
 
     def answered(self, request_id: str) -> Answered | None:
         # An answer older than the retention is gone, pruned yet or not (pruning comes only now and then).
@@ -367,20 +377,24 @@ class SqliteFeedbackStore(FeedbackStore):
         with self._lock:
             self._db.close()
 
-    async def _off_loop(self, fn: Callable[..., _T], *args: Any) -> _T:
+    async def aremember(self, request_id: str, query: str, expert: str, key: str | None = None) -> None:
+        await self._off_loop(self.remember, request_id, query, expert, key, thread="answers")
+
+    async def _off_loop(self, fn: Callable[..., _T], *args: Any, thread: str = "verdicts") -> _T:
         with self._thread_lock:
-            if self._thread is None:
-                self._thread = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="moe-sqlite")
-            thread = self._thread
+            if thread not in self._threads:
+                self._threads[thread] = concurrent.futures.ThreadPoolExecutor(
+                    max_workers=1, thread_name_prefix=f"moe-sqlite-{thread}")
+            pool = self._threads[thread]
         call = functools.partial(contextvars.copy_context().run, fn, *args)
-        return await asyncio.get_running_loop().run_in_executor(thread, call)
+        return await asyncio.get_running_loop().run_in_executor(pool, call)
 
     async def aclose(self) -> None:
         await super().aclose()
         with self._thread_lock:
-            thread, self._thread = self._thread, None
-        if thread is not None:
-            thread.shutdown(wait=False)
+            pools, self._threads = list(self._threads.values()), {}
+        for pool in pools:
+            pool.shutdown(wait=False)
 
 
 def feedback_path(config: RouterConfig) -> Path:

@@ -20,6 +20,7 @@ from router.config import load_config, parse_config
 from router.feedback import (
     FeedbackBody,
     FeedbackStore,
+    FeedbackUnavailable,
     SqliteFeedbackStore,
     UnknownFeedbackExpert,
     UnknownRequest,
@@ -615,6 +616,26 @@ async def test_a_locked_store_holds_no_answer_up(tmp_path: Path) -> None:
     assert rated.status_code == 200
     holder.close()
     store.close()
+
+
+async def test_an_answer_is_not_recorded_behind_a_verdict_waiting_on_a_busy_file(tmp_path: Path) -> None:
+    """A verdict waits out the file's busy timeout (5 s) while another writer holds it; answers, recorded on a
+    thread of their own, do not queue behind it (each waited for every verdict before it: 15 s behind three)."""
+    import sqlite3
+
+    path = tmp_path / "fb.sqlite3"
+    store = SqliteFeedbackStore(path, clock=FakeClock())
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    verdict = asyncio.create_task(store.asubmit(FeedbackBody(query="q", expert="math", good=True), NAMES))
+    await asyncio.sleep(0.2)  # the verdict holds the store's lock, waiting on the file
+    await store.aremember("chatcmpl-1", "an integral", "math")
+    assert not verdict.done()  # the answer was not held until the verdict gave up
+    with pytest.raises(FeedbackUnavailable):
+        await verdict
+    holder.execute("ROLLBACK")
+    holder.close()
+    await store.aclose()
 
 
 def test_answers_past_their_retention_are_deleted_from_the_file(tmp_path: Path,
