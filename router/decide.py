@@ -127,6 +127,8 @@ class Decider:
         self.batcher: GateBatcher[_Gated] = GateBatcher(_weak_work(self), window_ms=config.gate.batch_window_ms,
                                                         max_batch=config.gate.max_batch)
         self._batch_pool: concurrent.futures.ThreadPoolExecutor | None = None  # ``assign``'s worker
+        self._batches = 0  # ``assign`` calls under way
+        self._batch_closing = False  # ``aclose`` came while some were: the last one stops the thread
         self._batch_lock = threading.Lock()
 
     def _assess(self, texts: Sequence[str], k: int = 3) -> tuple[Assessment, list[int], list[str]]:
@@ -259,24 +261,44 @@ class Decider:
         if not texts:
             return []
         loop, k = asyncio.get_running_loop(), self._batch_neighbours()
-        parts = [await loop.run_in_executor(self._batch_worker(), self._assess, texts[i:i + BATCH_CHUNK], k)
-                 for i in range(0, len(texts), BATCH_CHUNK)]
+        pool = self._batch_begun()
+        try:
+            parts = [await loop.run_in_executor(pool, self._assess, texts[i:i + BATCH_CHUNK], k)
+                     for i in range(0, len(texts), BATCH_CHUNK)]
+        finally:
+            self._batch_ended(pool)
         _, columns, names = parts[0]
         return self._share(Assessment.joined([a for a, _, _ in parts]), columns, names, capacity)
 
-    def _batch_worker(self) -> concurrent.futures.ThreadPoolExecutor:
-        """The batches' thread, started on the first batch (and again after ``aclose``, as the batcher's is)."""
+    def _batch_begun(self) -> concurrent.futures.ThreadPoolExecutor:
+        """The batches' thread for one more batch: started on the first (and again after ``aclose``, as the
+        batcher's is); a batch keeps the thread it began on to its end."""
         with self._batch_lock:
             if self._batch_pool is None:
                 self._batch_pool = concurrent.futures.ThreadPoolExecutor(max_workers=1,
                                                                          thread_name_prefix="moe-batch")
+            self._batches += 1
             return self._batch_pool
 
-    async def aclose(self) -> None:
+    def _batch_ended(self, pool: concurrent.futures.ThreadPoolExecutor) -> None:
         with self._batch_lock:
-            pool, self._batch_pool = self._batch_pool, None
+            self._batches -= 1
+            last = self._batches == 0 and self._batch_closing
+            if last:
+                self._batch_pool, self._batch_closing = None, False
+        if last:
+            pool.shutdown(wait=False)
+
+    async def aclose(self) -> None:
+        # Batches under way finish (a reload retires this decider once its requests drained, or their time ran
+        # out), and the last of them stops the thread; with none, it stops now.
+        with self._batch_lock:
+            pool = None if self._batches else self._batch_pool
+            if pool is not None:
+                self._batch_pool = None
+            self._batch_closing = self._batches > 0
         if pool is not None:
-            pool.shutdown(wait=False, cancel_futures=True)
+            pool.shutdown(wait=False)
         await self.batcher.aclose()
 
 

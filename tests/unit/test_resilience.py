@@ -326,6 +326,36 @@ async def test_a_batch_is_assessed_in_chunks_on_its_own_thread_and_stops_when_it
     await orch.aclose()
 
 
+async def test_a_batch_under_way_when_its_decider_closes_finishes_then_stops_the_thread() -> None:
+    """A reload retires the decider (``aclose``) once its requests drained or their time ran out: a batch under
+    way finishes whole (it got a bare 500 when the thread's queued chunks were cancelled), and its thread stops
+    after it rather than being opened anew."""
+    orch, _ = build()
+    gate = orch.decider.gate
+    entered, release = threading.Event(), threading.Event()
+    assess = gate.assess
+
+    def held(texts: Sequence[str], k: int = 3) -> Assessment:
+        entered.set()
+        release.wait(5)
+        return assess(texts, k)
+
+    gate.assess = held  # type: ignore[method-assign]
+    queries = [f"integral {i}" for i in range(2 * BATCH_CHUNK + 5)]
+    task = asyncio.create_task(orch.assign(queries))
+    assert await asyncio.to_thread(entered.wait, 5)
+    pool = orch.decider._batch_pool
+    assert pool is not None
+    await orch.decider.aclose()
+    release.set()
+    assigned = await task
+    assert orch.decider._batch_pool is None
+    assert assigned == orch.assign_batch(queries)  # whole, and as the batch in one piece
+    for thread in list(pool._threads):
+        await asyncio.to_thread(thread.join, 5)
+        assert not thread.is_alive()
+
+
 async def test_stream_skips_an_open_breaker() -> None:
     math = FakeExpert(build()[0].config.expert("math"), fail=lambda n: ExpertUnavailable(n, "refused"))
     orch, _ = build({"math": math}, fallback={"breaker": {"failure_threshold": 1}})
