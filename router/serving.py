@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import math
 import socket
 import struct
@@ -27,7 +28,9 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from router.compose import router_drain_s
 from router.service import STALLED
 
-__all__ = ["SHUTDOWN_MARGIN_S", "AbortStalled", "RouterServer", "serve"]
+__all__ = ["SHUTDOWN_MARGIN_S", "AbortStalled", "RouterServer", "serve", "transport_of"]
+
+log = logging.getLogger("router.serving")
 
 # Seconds a graceful shutdown waits past the drain: less than the deployments' own margin over it (compose and
 # Kubernetes give the router its drain and 15 s), so the service stops by itself before it is killed.
@@ -43,9 +46,11 @@ class AbortStalled:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await self.app(scope, receive, send)
         if scope["type"] == "http" and scope.get("state", {}).get(STALLED):
-            # uvicorn's ``send`` is a method of its request cycle, which holds the connection's transport.
-            transport = getattr(getattr(send, "__self__", None), "transport", None)
-            if transport is not None and hasattr(transport, "abort") and not transport.is_closing():
+            transport = transport_of(send)
+            if transport is None:
+                log.warning("a stalled client's connection could not be reset (no transport behind the server's "
+                            "send); it is closed instead, and lasts while the client keeps it open")
+            elif hasattr(transport, "abort") and not transport.is_closing():
                 # Linger 0: the socket is reset, and the kernel drops what it still holds for the client at once,
                 # rather than keep it for minutes past the process, trying to send it.
                 sock = transport.get_extra_info("socket")
@@ -55,6 +60,23 @@ class AbortStalled:
                 # The transport tells its protocol the connection is lost on the next turn of the loop, and
                 # uvicorn, knowing the client gone, does not log the unfinished response as an error of its own.
                 await asyncio.sleep(0)
+
+
+def transport_of(send: Any, depth: int = 3) -> Any:
+    """The transport of the connection ``send`` writes to, or None: uvicorn's ``send`` is a method of its request
+    cycle, which holds it; at ``--log-level trace`` uvicorn wraps that method in a function of its own (its message
+    logger), whose closure holds it in turn, and so may other wrappers, ``depth`` deep."""
+    transport = getattr(getattr(send, "__self__", None), "transport", None)
+    if transport is not None or depth == 0:
+        return transport
+    for cell in getattr(send, "__closure__", None) or ():
+        try:
+            inner = cell.cell_contents
+        except ValueError:  # a cell not filled yet
+            continue
+        if callable(inner) and (found := transport_of(inner, depth - 1)) is not None:
+            return found
+    return None
 
 
 class RouterServer(uvicorn.Server):

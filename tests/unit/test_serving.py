@@ -6,10 +6,10 @@ from __future__ import annotations
 import asyncio
 
 import uvicorn
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from router.compose import router_drain_s
-from router.serving import SHUTDOWN_MARGIN_S, RouterServer
+from router.serving import SHUTDOWN_MARGIN_S, RouterServer, transport_of
 from tests.doubles.fakes import fake_config
 from tests.support import free_port
 
@@ -46,3 +46,28 @@ def test_the_bound_is_the_served_config_s_drain_within_the_deployments_grace() -
     config = fake_config(["a"], fallback={"deadline_s": 20}, service={"body_timeout_s": 10})
     assert router_drain_s(config) == 32  # the body, the deadline, a tenth of it for the last writes
     assert SHUTDOWN_MARGIN_S < 15  # compose and Kubernetes give the router its drain and 15 s
+
+
+async def test_the_transport_is_found_behind_uvicorn_s_message_logger() -> None:
+    """At ``moe serve --log-level trace`` uvicorn hands the app its message logger's ``send``, a function whose
+    closure holds the request cycle's: a stalled client's connection was then closed, not reset, and held."""
+    from uvicorn.middleware.message_logger import MessageLoggerMiddleware
+
+    class Cycle:  # as uvicorn's request cycle: its send is a method, and it holds the connection's transport
+        transport = object()
+
+        async def send(self, message: Message) -> None:
+            pass
+
+    async def receive() -> Message:
+        return {"type": "http.request", "body": b""}
+
+    cycle, given = Cycle(), []
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        given.append(send)
+
+    await MessageLoggerMiddleware(app)({"type": "http", "method": "GET", "path": "/"}, receive, cycle.send)
+    assert given[0] is not cycle.send and transport_of(given[0]) is cycle.transport
+    assert transport_of(cycle.send) is cycle.transport
+    assert transport_of(receive) is None
