@@ -260,6 +260,7 @@ async def _sse(events: AsyncIterator[StreamPiece | StreamEnd], first: StreamPiec
                     delta["reasoning_content"] = event.delta.reasoning_content
                 if record.answer is not None:
                     record.answer.append(event.delta.content)
+                record.expert = event.expert  # the log line's, should the client leave before the end
                 yield chunks.chunk(event.expert, delta, logprobs=event.delta.logprobs)
             else:
                 record.trace, record.expert = event.trace, event.trace.answered_by or model
@@ -573,10 +574,11 @@ async def model(request: Request) -> Response:
 
 async def experts(request: Request) -> Response:
     o = orch(request)
+    states = o.expert_states()  # one snapshot (with Redis, one read of each breaker), not one per expert
     return JSONResponse({"object": "list", "data": [
         {"name": e.name, "type": e.type, "model": e.model, "description": e.description,
          "capabilities": list(e.capabilities), "routed": e.routed, "cost": e.cost.model_dump(),
-         "max_concurrency": e.max_concurrency, **o.expert_states()[e.name]}
+         "max_concurrency": e.max_concurrency, **states[e.name]}
         for e in o.config.experts]})
 
 

@@ -193,13 +193,24 @@ async def test_a_400_names_the_field_every_expert_called_blamed(params: tuple[st
 
 
 async def test_route_experts_and_health() -> None:
-    async with client(make_app()) as http:
+    app = make_app()
+    orchestrator = app.state.orchestrator
+    snapshots = []
+    states = orchestrator.expert_states
+
+    def counted() -> dict[str, dict[str, object]]:
+        snapshots.append(1)
+        return states()
+
+    orchestrator.expert_states = counted
+    async with client(app) as http:
         route = (await http.post("/v1/route", json={"query": "an integral"})).json()
         experts = (await http.get("/v1/experts")).json()["data"]
         health = (await http.get("/health")).json()
     assert route["ranking"] == ["math", "code"]
     assert route["scores"] == {"math": pytest.approx(0.9), "code": pytest.approx(0.1)}
     assert [e["name"] for e in experts] == NAMES
+    assert len(snapshots) == 1  # one snapshot of every breaker (Redis reads), not one per expert
     assert health == {"status": "ok", "experts": 2}
 
 
@@ -435,6 +446,7 @@ async def test_a_client_that_leaves_still_has_its_calls_counted(where: str, capl
     completion = value(page, "moe_tokens_total", expert="math", kind="completion")
     if where == "mid-stream":
         assert line["status"] == 200  # the stream had begun
+        assert line["expert"] == "math"  # the expert that was streaming when the client left
         assert 10 <= completion < 100 and line["completion_tokens"] == completion
         assert value(page, "moe_tokens_total", expert="math", kind="prompt") > 0  # estimated
         assert line["attempts"] == [{"expert": "math", "ok": False, "latency_ms": line["attempts"][0]["latency_ms"],
