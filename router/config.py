@@ -186,6 +186,22 @@ class ReplayConfig(_Strict):
 # The vLLM flags ``router.compose`` derives from an expert's config.
 GENERATED_VLLM_FLAGS = frozenset({"--model", "--served-model-name", "--port", "--gpu-memory-utilization",
                                   "--enable-auto-tool-choice", "--tool-call-parser", "--shutdown-timeout"})
+# Other names vLLM 0.32's parser reads as one of them (its option strings for those destinations).
+_VLLM_FLAG_ALIASES = {"--device-memory-utilization": "--gpu-memory-utilization",
+                      "--no-enable-auto-tool-choice": "--enable-auto-tool-choice"}
+
+
+def generated_vllm_flag(arg: str) -> str | None:
+    """The generated flag (``GENERATED_VLLM_FLAGS``) vLLM would read ``arg`` as: the flag itself, spelt with
+    underscores, an alias, or an abbreviation (vLLM's parser, as argparse's, takes any unambiguous start of a
+    flag); None for any other argument."""
+    flag = arg.split("=", 1)[0].replace("_", "-")  # vLLM reads --tool_call_parser as --tool-call-parser
+    if not flag.startswith("--") or len(flag) < 3:
+        return None
+    names = {**{g: g for g in GENERATED_VLLM_FLAGS}, **_VLLM_FLAG_ALIASES}
+    if flag in names:
+        return names[flag]
+    return next((generated for name, generated in sorted(names.items()) if name.startswith(flag)), None)
 
 
 class VllmServeConfig(_Strict):
@@ -204,10 +220,12 @@ class VllmServeConfig(_Strict):
     @model_validator(mode="after")
     def _no_generated_flags(self) -> VllmServeConfig:
         for arg in self.args:
-            flag = arg.split("=", 1)[0].replace("_", "-")  # vLLM reads --tool_call_parser as --tool-call-parser
-            if flag in GENERATED_VLLM_FLAGS:
-                raise ValueError(f"args: {flag} is set by the generator from the expert's config; remove it"
-                                 + (" and set vllm.tool_call_parser" if "tool" in flag else ""))
+            generated = generated_vllm_flag(arg)
+            if generated is not None:
+                flag = arg.split("=", 1)[0].replace("_", "-")
+                read = "" if flag == generated else f" (vLLM reads it as {generated})"
+                raise ValueError(f"args: {flag}{read} is set by the generator from the expert's config; remove it"
+                                 + (" and set vllm.tool_call_parser" if "tool" in generated else ""))
         return self
 
 

@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from router.compose import VLLM_IMAGE, VLLM_PORT, service_name, vllm_drain_s
-from router.config import ExpertConfig, RouterConfig, load_config
+from router.config import _VLLM_FLAG_ALIASES, GENERATED_VLLM_FLAGS, ExpertConfig, RouterConfig, load_config
 
 pytestmark = pytest.mark.integration
 
@@ -136,3 +136,33 @@ def test_the_check_refuses_what_vllm_would_refuse(vllm_venv_python: Path) -> Non
     assert "--gpu-memory-utilisation" in parsed[0]["error"]
     assert "requires --tool-call-parser" in parsed[2]["error"]
     assert "no_such_parser" in parsed[3]["error"]
+
+
+# Runs in the vLLM venv: every option string vLLM's parser has for the destinations of the generated flags.
+OPTION_STRINGS = r'''
+import json
+try:
+    from vllm.entrypoints.openai.cli_args import make_arg_parser
+except ImportError:
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+try:
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+except ImportError:
+    from vllm.utils import FlexibleArgumentParser
+
+parser = make_arg_parser(FlexibleArgumentParser())
+wanted = set(json.loads(input()))
+print(json.dumps(sorted(s for a in parser._actions if a.dest in wanted for s in a.option_strings)))
+'''
+
+
+def test_the_check_on_vllm_args_knows_every_name_vllm_has_for_a_generated_flag(vllm_venv_python: Path) -> None:
+    """``vllm.args`` may not set a generated flag under another of vLLM's names for it (--device-memory-utilization
+    set --gpu-memory-utilization; --no-enable-auto-tool-choice undid tool calls): the check's list of them is
+    vLLM's own."""
+    destinations = sorted(flag[2:].replace("-", "_") for flag in GENERATED_VLLM_FLAGS)
+    done = subprocess.run([str(vllm_venv_python), "-c", OPTION_STRINGS], input=json.dumps(destinations),
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    names = set(json.loads(done.stdout.strip().splitlines()[-1]))
+    assert names == GENERATED_VLLM_FLAGS | set(_VLLM_FLAG_ALIASES)

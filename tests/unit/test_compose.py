@@ -328,6 +328,16 @@ def test_vllm_block_is_checked_when_the_config_loads() -> None:
         config_with(vllm("chat", "http://chat:8000/v1", vllm={"args": ["--port", "9000"]}))
     with pytest.raises(ConfigError, match=r"--enable-auto-tool-choice is set by the generator"):
         config_with(vllm("chat", "http://chat:8000/v1", vllm={"args": ["--enable_auto_tool_choice"]}))
+    # Another name vLLM reads as a generated flag: an alias, a --no- form, an abbreviation (argparse takes any
+    # unambiguous start of a flag).
+    for arg, read in (("--device-memory-utilization", "--gpu-memory-utilization"),
+                      ("--no-enable-auto-tool-choice", "--enable-auto-tool-choice"),
+                      ("--served-model=other", "--served-model-name"), ("--shutdown-time", "--shutdown-timeout"),
+                      ("--gpu_memory", "--gpu-memory-utilization")):
+        written = arg.split("=")[0].replace("_", "-")
+        with pytest.raises(ConfigError, match=rf"{written} \(vLLM reads it as {read}\) is set by the generator"):
+            config_with(vllm("chat", "http://chat:8000/v1", vllm={"args": [arg, "1"]}))
+    config_with(vllm("chat", "http://chat:8000/v1", vllm={"args": ["--max-model-len", "16384", "-tp", "2"]}))
     with pytest.raises(ConfigError, match=r"vllm: only a type: vllm expert.*'openai'"):
         config_with({"name": "gpt", "type": "openai", "endpoint": "https://api.openai.com/v1", "model": "gpt-4o",
                      "vllm": {"tool_call_parser": "hermes"}})
