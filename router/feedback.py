@@ -57,6 +57,7 @@ __all__ = [
     "UnknownRequest",
     "feedback_path",
     "feedback_problems",
+    "in_pool",
     "latest_verdicts",
     "load_feedback",
     "open_feedback_store",
@@ -240,8 +241,15 @@ class FeedbackStore(ABC):
 
     async def _off_loop(self, fn: Callable[..., _T], *args: Any) -> _T:
         """``fn(*args)`` off the event loop: on the default threads here; a store with threads of its own uses
-        those."""
+        those (``in_pool``)."""
         return await asyncio.to_thread(fn, *args)
+
+
+async def in_pool(pool: concurrent.futures.Executor, fn: Callable[..., _T], *args: Any) -> _T:
+    """``fn(*args)`` on ``pool``'s threads, as ``asyncio.to_thread`` runs it on the default ones (in a copy of the
+    caller's context)."""
+    call = functools.partial(contextvars.copy_context().run, fn, *args)
+    return await asyncio.get_running_loop().run_in_executor(pool, call)
 
 
 class SqliteFeedbackStore(FeedbackStore):
@@ -263,10 +271,10 @@ class SqliteFeedbackStore(FeedbackStore):
                           f"({exc.strerror or exc}); set feedback.path to a file in a writable directory, or "
                           "feedback.enabled: false") from exc
         self._lock = threading.Lock()
-        # The store's own thread, started on first use: its calls take the lock in turn anyway, and on the
-        # default threads a queue of other work (a route batch's, say) held every answer's ``aremember``.
-        # Two: one records answers (``aremember``, which each answer waits for), the other serves verdicts and
-        # exports, which may wait out a busy file; neither queues behind the other.
+        # The store's own threads, started on first use (on the default threads, a queue of other work, a route
+        # batch's say, held every answer's ``aremember``). Two: one records answers (``aremember``, which each
+        # answer waits for), the other serves verdicts and exports, which may wait out a busy file; neither queues
+        # behind the other.
         self._threads: dict[str, concurrent.futures.ThreadPoolExecutor] = {}
         self._thread_lock = threading.Lock()  # not ``_lock``, which a call holds while the file is busy
         self._since_prune, self._pruned_at = 0, 0.0
@@ -386,8 +394,7 @@ class SqliteFeedbackStore(FeedbackStore):
                 self._threads[thread] = concurrent.futures.ThreadPoolExecutor(
                     max_workers=1, thread_name_prefix=f"moe-sqlite-{thread}")
             pool = self._threads[thread]
-        call = functools.partial(contextvars.copy_context().run, fn, *args)
-        return await asyncio.get_running_loop().run_in_executor(pool, call)
+        return await in_pool(pool, fn, *args)
 
     async def aclose(self) -> None:
         await super().aclose()

@@ -32,8 +32,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import contextvars
-import functools
 import hashlib
 import json
 import logging
@@ -54,6 +52,7 @@ from router.feedback import (
     FeedbackRecord,
     FeedbackStore,
     FeedbackUnavailable,
+    in_pool,
 )
 from router.security import InMemoryRateStore, RateStore, redact
 
@@ -433,9 +432,7 @@ class RedisFeedbackStore(FeedbackStore):
         return await self._off_loop(self.records, since)
 
     async def _off_loop(self, fn: Callable[..., Any], *args: Any) -> Any:
-        # As asyncio.to_thread, on this store's threads.
-        call = functools.partial(contextvars.copy_context().run, fn, *args)
-        return await asyncio.get_running_loop().run_in_executor(self._pool, call)
+        return await in_pool(self._pool, fn, *args)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
