@@ -117,11 +117,11 @@ def load_gate(config: RouterConfig, encoders: Mapping[str, Encoder] | None = Non
 
         cascade = config.gate.cascade
         pair = CascadeGate.load(path, loaded[cascade.encoder.model_dump_json()], full)
-        _warn_untrained_settings(path, pair.metadata, config, examples=pair.full.training_examples)
+        _warn_untrained_settings(path, pair.metadata, config, trained=pair.full)
         return pair.with_targets(agreement=cascade.agreement, familiar=cascade.familiar).for_config(config)
     gate = Gate.load(path, full)
     _warn_untrained_settings(path, gate.metadata, config, trained_cost_weight=getattr(gate, "cost_weight", None),
-                             examples=gate.training_examples)
+                             trained=gate)
     return gate.for_config(config)
 
 
@@ -165,25 +165,25 @@ def untrained_examples(config: RouterConfig, trained: tuple[list[str], list[str]
     """
     from router.gate import text_key
 
+    given = {e.name: e.examples for e in config.routed_experts if e.examples}
     known: dict[str, set[str]] = {}
     for text, label in zip(*trained, strict=True):
-        if text is not None:
+        if label in given and text is not None:  # only the experts with examples to compare: no other text keyed
             known.setdefault(label, set()).add(text_key(text))
-    found = {e.name: sum(text_key(x) not in known[e.name] for x in e.examples)
-             for e in config.routed_experts if e.name in known}
+    found = {name: sum(text_key(x) not in known[name] for x in examples)
+             for name, examples in given.items() if name in known}
     return {name: n for name, n in found.items() if n}
 
 
 def _warn_untrained_settings(path: Path, metadata: GateMetadata, config: RouterConfig, *,
-                             trained_cost_weight: float | None = None,
-                             examples: tuple[list[str], list[str]] | None = None) -> None:
+                             trained_cost_weight: float | None = None, trained: Gate | None = None) -> None:
     """Log what of ``config`` the artifact was not trained with (``untrained_settings``, the kind of gate its
-    training data trains; a label gate's trained experts' new ``examples``, from its training ``examples``), and,
+    training data trains; new ``examples`` of the experts a label gate, ``trained``, was trained on), and,
     for an outcome gate, a cost weight other than the one it was tuned at and panels sized on weights a cost weight
     flattens."""
     drift = untrained_settings(metadata, config.gate)
-    if metadata.kind == "label" and examples is not None:
-        new = untrained_examples(config, examples)
+    if metadata.kind == "label" and trained is not None:  # an outcome gate's texts are never copied for it
+        new = untrained_examples(config, trained.training_examples)
         if new:
             drift.append("the examples of trained expert(s) " + ", ".join(f"{name} ({n} new)" for name, n in
                                                                       new.items())
