@@ -189,6 +189,8 @@ GENERATED_VLLM_FLAGS = frozenset({"--model", "--served-model-name", "--port", "-
 # Other names vLLM 0.32's parser reads as one of them (its option strings for those destinations).
 _VLLM_FLAG_ALIASES = {"--device-memory-utilization": "--gpu-memory-utilization",
                       "--no-enable-auto-tool-choice": "--enable-auto-tool-choice"}
+# Every name of a generated flag -> that flag, in name order (the first a flag abbreviates wins).
+_VLLM_FLAG_NAMES = dict(sorted({**{g: g for g in GENERATED_VLLM_FLAGS}, **_VLLM_FLAG_ALIASES}.items()))
 
 
 def generated_vllm_flag(arg: str) -> str | None:
@@ -198,10 +200,9 @@ def generated_vllm_flag(arg: str) -> str | None:
     flag = arg.split("=", 1)[0].replace("_", "-")  # vLLM reads --tool_call_parser as --tool-call-parser
     if not flag.startswith("--") or len(flag) < 3:
         return None
-    names = {**{g: g for g in GENERATED_VLLM_FLAGS}, **_VLLM_FLAG_ALIASES}
-    if flag in names:
-        return names[flag]
-    return next((generated for name, generated in sorted(names.items()) if name.startswith(flag)), None)
+    if flag in _VLLM_FLAG_NAMES:
+        return _VLLM_FLAG_NAMES[flag]
+    return next((generated for name, generated in _VLLM_FLAG_NAMES.items() if name.startswith(flag)), None)
 
 
 class VllmServeConfig(_Strict):
@@ -647,12 +648,6 @@ class FeedbackConfig(_Strict):
 
 class RouterConfig(_Strict):
     version: Literal[1]
-
-    @field_validator("version", mode="before")
-    @classmethod
-    def _version_as_written(cls, value: Any) -> Any:
-        # "1" (quoted, or a ${VAR}, which expands to a string) is the number, as numbers elsewhere in the schema are.
-        return 1 if isinstance(value, str) and value.strip() == "1" else value
     service: ServiceConfig = ServiceConfig()
     experts: list[ExpertConfig] = Field(min_length=1)
     gate: GateConfig = GateConfig()
@@ -664,6 +659,12 @@ class RouterConfig(_Strict):
     feedback: FeedbackConfig = FeedbackConfig()
     # The folder relative paths are resolved against; set by the loader, not by the file.
     base_dir: str = Field(default=".", exclude=True)
+
+    @field_validator("version", mode="before")
+    @classmethod
+    def _version_as_written(cls, value: Any) -> Any:
+        # "1" (quoted, or a ${VAR}, which expands to a string) is the number, as numbers elsewhere in the schema are.
+        return 1 if isinstance(value, str) and value.strip() == "1" else value
 
     @model_validator(mode="after")
     def _cross_check(self, info: ValidationInfo) -> RouterConfig:
