@@ -169,17 +169,17 @@ def fold_feedback(data: TrainingData, verdicts: list[FeedbackRecord], experts: l
         # Priced as the records price that expert on that query, else at its mean recorded cost: a verdict
         # without a cost made the gate's routed cost unknown (its metrics' routed_cost null).
         costs: dict[str, list[float]] = {}
+        own: dict[tuple[str, str], float] = {}
         for r in data.records:
             for e, c in r.cost.items():
                 costs.setdefault(e, []).append(c)
-        own = {(r.query, e): c for r in data.records for e, c in r.cost.items()}
+                own[r.query, e] = c
         typical = {e: sum(cs) / len(cs) for e, cs in costs.items()}
-
-        def priced(q: str, rated: Collection[str]) -> dict[str, float]:
-            return {e: own.get((q, e), typical[e]) for e in rated if e in typical}
-
-        folded = [OutcomeRecord(q, outcomes, priced(q, outcomes), task=task_of.get(q))
-                  for q, outcomes in ((q, {e: mean[q, e] for e in by if e not in waiting}) for q, by in scores.items())]
+        folded = []
+        for q, by in scores.items():
+            outcomes = {e: mean[q, e] for e in by if e not in waiting}
+            cost = {e: own.get((q, e), typical[e]) for e in outcomes if e in typical}
+            folded.append(OutcomeRecord(q, outcomes, cost, task=task_of.get(q)))
         return TrainingData("outcome", records=[*data.records, *(r for r in folded if r.outcomes)],
                             feedback=data.feedback + len(kept), feedback_through=through,
                             waiting={**data.waiting, **waiting}, private=private)
