@@ -293,11 +293,9 @@ async def test_stream_retries_before_the_first_token_and_feeds_the_breaker() -> 
     assert orch.expert_states()["math"]["breaker"]["consecutive_failures"] == 0
 
 
-async def test_a_batch_is_assessed_in_chunks_on_its_own_thread_and_stops_when_its_caller_leaves() -> None:
-    """Batches run on a thread of their own, not the default threads every answer needs (remembering it for
-    feedback: twelve batches of 1024 queries there held a chat answer for 29 s), and a caller that leaves stops
-    its batch at the next chunk (one batch went on for 43 CPU-seconds after its client had gone)."""
-    orch, _ = build()
+def _held_gate(orch: Orchestrator) -> tuple[list[tuple[str, int]], threading.Event, threading.Event]:
+    """The orchestrator's gate made to hold each assessment until ``release`` is set: each one's thread and size go
+    into the list, and ``entered`` is set once one has begun."""
     gate = orch.decider.gate
     seen: list[tuple[str, int]] = []
     entered, release = threading.Event(), threading.Event()
@@ -310,6 +308,15 @@ async def test_a_batch_is_assessed_in_chunks_on_its_own_thread_and_stops_when_it
         return assess(texts, k)
 
     gate.assess = held  # type: ignore[method-assign]
+    return seen, entered, release
+
+
+async def test_a_batch_is_assessed_in_chunks_on_its_own_thread_and_stops_when_its_caller_leaves() -> None:
+    """Batches run on a thread of their own, not the default threads every answer needs (remembering it for
+    feedback: twelve batches of 1024 queries there held a chat answer for 29 s), and a caller that leaves stops
+    its batch at the next chunk (one batch went on for 43 CPU-seconds after its client had gone)."""
+    orch, _ = build()
+    seen, entered, release = _held_gate(orch)
     queries = [f"integral {i}" if i % 3 else f"a contract {i}" for i in range(2 * BATCH_CHUNK + 5)]
     task = asyncio.create_task(orch.assign(queries))
     assert await asyncio.to_thread(entered.wait, 5)
@@ -331,16 +338,7 @@ async def test_a_batch_under_way_when_its_decider_closes_finishes_then_stops_the
     way finishes whole (it got a bare 500 when the thread's queued chunks were cancelled), and its thread stops
     after it rather than being opened anew."""
     orch, _ = build()
-    gate = orch.decider.gate
-    entered, release = threading.Event(), threading.Event()
-    assess = gate.assess
-
-    def held(texts: Sequence[str], k: int = 3) -> Assessment:
-        entered.set()
-        release.wait(5)
-        return assess(texts, k)
-
-    gate.assess = held  # type: ignore[method-assign]
+    _, entered, release = _held_gate(orch)
     queries = [f"integral {i}" for i in range(2 * BATCH_CHUNK + 5)]
     task = asyncio.create_task(orch.assign(queries))
     assert await asyncio.to_thread(entered.wait, 5)
