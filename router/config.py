@@ -476,6 +476,14 @@ class CombinerConfig(_Strict):
     vote_answer_bias_l2: Annotated[float, Field(gt=0, allow_inf_nan=False)] | Literal["cv"] = "cv"
 
 
+def _at_least(value: float, info: ValidationInfo, lower: str) -> float:
+    """A ``..._max_s`` field's check that it is at least ``lower``, a field declared before it. Skipped when ``lower``
+    was itself refused: its own error says why."""
+    if lower in info.data and value < info.data[lower]:
+        raise ValueError(f"must be at least {lower} ({info.data[lower]:g})")
+    return value
+
+
 class BreakerConfig(_Strict):
     """A circuit breaker per expert (see ``router.breaker``): closed -> open -> half-open -> closed."""
 
@@ -497,11 +505,12 @@ class BreakerConfig(_Strict):
     # calls the expert before the time it gave; false: such answers count as failures like any other.
     honour_retry_after: bool = True
 
-    @model_validator(mode="after")
-    def _ordered(self) -> BreakerConfig:
-        if self.cooldown_max_s < self.cooldown_s:
-            raise ValueError("cooldown_max_s must be at least cooldown_s")
-        return self
+    # A field validator, not a model one: it runs beside the other fields' checks (a model validator would wait
+    # for every field to be valid, hiding this error behind any other), and it names the field it refuses.
+    @field_validator("cooldown_max_s")
+    @classmethod
+    def _cooldown_ordered(cls, value: float, info: ValidationInfo) -> float:
+        return _at_least(value, info, "cooldown_s")
 
 
 class FallbackConfig(_Strict):
@@ -523,11 +532,10 @@ class FallbackConfig(_Strict):
     cost_budget_usd: float | None = Field(default=None, gt=0.0, le=MAX_BUDGET_USD)
     breaker: BreakerConfig = BreakerConfig()
 
-    @model_validator(mode="after")
-    def _ordered(self) -> FallbackConfig:
-        if self.backoff_max_s < self.backoff_base_s:
-            raise ValueError("backoff_max_s must be at least backoff_base_s")
-        return self
+    @field_validator("backoff_max_s")
+    @classmethod
+    def _backoff_ordered(cls, value: float, info: ValidationInfo) -> float:
+        return _at_least(value, info, "backoff_base_s")  # as BreakerConfig's cooldown_max_s
 
 
 class ServiceConfig(_Strict):

@@ -769,7 +769,20 @@ def test_version_nan_and_validator_messages_read_as_written() -> None:
     assert problems({"version": 1, "experts": [expert(timeout_s=float("nan"))]}) == {
         "experts[0] (alpha).timeout_s": "Input should be a finite number"}
     found = problems({"version": 1, "fallback": {"backoff_base_s": 5, "backoff_max_s": 1}, "experts": [expert()]})
-    assert found == {"fallback": "backoff_max_s must be at least backoff_base_s"}
+    assert found == {"fallback.backoff_max_s": "must be at least backoff_base_s (5)"}
+
+
+def test_an_unordered_bound_is_named_beside_its_siblings_errors() -> None:
+    """A ``..._max_s`` below its base is refused at its own path, next to the other errors of the same block: a
+    model validator ran only once every field was valid, so one bad field hid it until the next try."""
+    found = problems({"version": 1, "fallback": {"backoff_base_s": 5, "backoff_max_s": 1, "breaker": {
+        "cooldown_s": 10, "cooldown_max_s": 1, "half_open_probes": 0}}, "experts": [expert()]})
+    assert found == {"fallback.backoff_max_s": "must be at least backoff_base_s (5)",
+                     "fallback.breaker.cooldown_max_s": "must be at least cooldown_s (10)",
+                     "fallback.breaker.half_open_probes": "Input should be greater than or equal to 1"}
+    # a refused base is reported once, by itself, not again through the bound that depends on it
+    assert problems({"version": 1, "fallback": {"backoff_base_s": -1, "backoff_max_s": 1}, "experts": [expert()]}) == {
+        "fallback.backoff_base_s": "Input should be greater than 0"}
 
 
 def test_a_blank_example_is_refused_by_its_path() -> None:
