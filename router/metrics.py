@@ -30,9 +30,11 @@ _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0
 class RouterMetrics:
     """The service's metrics. ``states`` returns the orchestrator (or None) whose experts are read at scrape time."""
 
-    def __init__(self, states: Callable[[], Any] | None = None, reloads: Any = None) -> None:
+    def __init__(self, states: Callable[[], Any] | None = None, reloads: Any = None,
+                 stores: Callable[[], Iterable[Any]] | None = None) -> None:
         """``reloads``: the service's ``Reloader`` (its ``reloaded``, ``refused`` and ``last_refused`` are read
-        at scrape time), or None when hot reload is off."""
+        at scrape time), or None when hot reload is off. ``stores``: the service's state stores, read at scrape
+        time; each with a ``redis_up()`` (``router.state_redis``) is a ``moe_redis_up`` series."""
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("moe_requests", "HTTP requests", ["route", "status", "model"], registry=r)
@@ -55,6 +57,8 @@ class RouterMetrics:
             r.register(_ExpertStates(states))
         if reloads is not None:
             r.register(_Reloads(reloads))
+        if stores is not None:
+            r.register(_RedisStores(stores))
 
     def observe_request(self, route: str, status: int, model: str, seconds: float) -> None:
         self.requests.labels(route, str(status), model).inc()
@@ -134,6 +138,22 @@ class _Reloads(Collector):
         yield GaugeMetricFamily("moe_config_reload_refused",
                                 "1 while the latest reload was refused: the file on disk is not what serves",
                                 value=1.0 if self.reloader.last_refused else 0.0)
+
+
+class _RedisStores(Collector):
+    """Whether each Redis-backed store reaches Redis (1) or serves without it for an outage (0): rate limits and
+    breakers then hold per replica, and answers are not remembered for feedback by id. No series without Redis."""
+
+    def __init__(self, stores: Callable[[], Iterable[Any]]) -> None:
+        self.stores = stores
+
+    def collect(self) -> Iterator[Metric]:
+        up = GaugeMetricFamily("moe_redis_up", "1 while the store reaches Redis; 0 while it serves this replica's "
+                               "own state for an outage", labels=["store"])
+        for store in self.stores():
+            if callable(getattr(store, "redis_up", None)):
+                up.add_metric([store.metric_name], 1.0 if store.redis_up() else 0.0)
+        yield up
 
 
 def _breaker_state(info: Any) -> str | None:

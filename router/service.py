@@ -447,7 +447,9 @@ def create_app(orchestrator: Orchestrator | None = None,
 
     app = FastAPI(title="moe-router", version="0.1.0", lifespan=lifespan)
     app.state.orchestrator = orchestrator
-    app.state.metrics = RouterMetrics(lambda: app.state.orchestrator, reloads=reloader)
+    app.state.metrics = RouterMetrics(lambda: app.state.orchestrator, reloads=reloader, stores=lambda: (
+        app.state.rate_store, getattr(getattr(app.state.orchestrator, "breakers", None), "store", None),
+        app.state.feedback))
     app.state.security = None
     # One store for the app's life: a reload that changes security builds a new guard on the same buckets.
     app.state.rate_store = rate_store if rate_store is not None else InMemoryRateStore()

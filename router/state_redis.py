@@ -123,6 +123,11 @@ class _Outage:
     def active(self) -> bool:
         return self._probed or self.clock() < self._until
 
+    @property
+    def down(self) -> bool:
+        """From a failed call until one reaches Redis again (a probe's PING included): the store serves without it."""
+        return self._down
+
     def begin(self, exc: Exception) -> None:
         cause = redact(f"{type(exc).__name__}: {exc}")
         with self._lock:
@@ -186,6 +191,8 @@ def _unreachable(exc: Exception) -> bool:
 class RedisRateStore:
     """Token buckets shared by every replica; falls back to per-process buckets while Redis is down."""
 
+    metric_name = "rate_limits"  # the ``store`` label of ``moe_redis_up``
+
     def __init__(self, client: redis.asyncio.Redis, key_prefix: str = "moe:", *, retry_s: float = 5.0) -> None:
         self.client = client
         self.key_prefix = key_prefix
@@ -202,6 +209,10 @@ class RedisRateStore:
             except _redis_module().RedisError as exc:
                 self._outage.begin(exc)
         return await self._local.take(key, limit)
+
+    def redis_up(self) -> bool:
+        """False while an outage has this replica enforce its limits on its own (``moe_redis_up``)."""
+        return not self._outage.down
 
     async def aclose(self) -> None:
         await self.client.aclose()
@@ -221,6 +232,8 @@ def _decode(raw: Mapping[bytes | str, bytes | str]) -> BreakerState:
 class RedisBreakerStore:
     """A hash per breaker key (``<prefix>breaker:<expert>@<service>``, ``Breakers``'s key); falls back to
     per-process states while Redis is down."""
+
+    metric_name = "breakers"
 
     def __init__(self, client: redis.Redis, key_prefix: str = "moe:", *, retry_s: float = 5.0) -> None:
         self.client = client
@@ -259,6 +272,10 @@ class RedisBreakerStore:
             self._outage.begin(exc)
         else:
             self._outage.ended()
+
+    def redis_up(self) -> bool:
+        """False while an outage has this replica's breakers learn on their own (``moe_redis_up``)."""
+        return not self._outage.down
 
     def close(self, *, client: bool = True) -> None:
         """Stop the outage probe, and close the client unless ``client`` is false (a nested router's store, on
@@ -307,6 +324,8 @@ class RedisFeedbackStore(FeedbackStore):
     verdict call finds Redis unreachable, the next ``timeout_s`` of verdict calls are refused at once (503)
     instead of each waiting out the timeout. Messages raised to callers name no host (clients read them); the
     details, with credentials redacted, go to the log."""
+
+    metric_name = "feedback"
 
     def __init__(self, client: redis.Redis, key_prefix: str = "moe:", *, remember_client: redis.Redis | None = None,
                  where: str = "redis", retention_s: float = REDIS_REQUEST_RETENTION_S, timeout_s: float = 2.0) -> None:
@@ -417,6 +436,11 @@ class RedisFeedbackStore(FeedbackStore):
             raise self._unavailable("reading the verdicts", exc, advice) from exc
         return sorted((FeedbackRecord.model_validate_json(member) for member in raw if isinstance(member, str | bytes)),
                       key=lambda r: r.id)
+
+    def redis_up(self) -> bool:
+        """False while answers are not remembered, or verdicts are refused at once, for an outage
+        (``moe_redis_up``)."""
+        return not self._outage.down and time.monotonic() >= self._down_until
 
     async def aremember(self, request_id: str, query: str, expert: str, key: str | None = None) -> None:
         if self._outage.active():  # skipped during an outage: not even a thread is needed

@@ -23,7 +23,7 @@ from router.config import BreakerConfig, ConfigError, RateLimitConfig, RouterCon
 from router.orchestrator import Orchestrator
 from router.security import InMemoryRateStore
 from router.service import create_app
-from router.state_redis import RedisBreakerStore, RedisRateStore, SharedState, check_redis
+from router.state_redis import RedisBreakerStore, RedisFeedbackStore, RedisRateStore, SharedState, check_redis
 from router.state_redis import build_shared_state as build_state
 from tests.doubles.fakes import FakeExpert, FakeGate, fake_config
 from tests.support import free_port, hung_redis
@@ -442,3 +442,43 @@ def test_a_redis_that_answers_ping_with_an_error_stops_the_start(redis_url: str)
     except redis.ConnectionError as exc:
         assert _certificate_refused(exc)
     assert not _certificate_refused(redis.ConnectionError("Error 111 connecting: Connection refused."))
+
+
+async def _redis_up(app: FastAPI) -> dict[str, float]:
+    async with client(app) as http:
+        text = (await http.get("/metrics")).text
+    return {line.split('"')[1]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+            if line.startswith("moe_redis_up{")}
+
+
+async def test_moe_redis_up_says_when_a_replica_serves_its_own_state(redis_url: str) -> None:
+    """While Redis is down a replica enforces its rate limits and learns its breakers alone, and remembers no answer
+    for feedback by id; only a log line said so. ``moe_redis_up`` is a series per Redis-backed store: 1 while it
+    reaches Redis, 0 during an outage, and none with the memory backend."""
+    config = fake_config(NAMES, security={"rate_limit": {"rate_per_s": 100, "burst": 100}})
+    up = build_state(StateConfig(backend="redis", key_prefix=f"test-{uuid.uuid4().hex[:8]}:"),
+                     {"MOE_REDIS_URL": redis_url})
+    feedback = RedisFeedbackStore.from_config(StateConfig(backend="redis"), {"MOE_REDIS_URL": redis_url})
+    app, _ = replica(config, up)
+    app.state.feedback = feedback
+    async with client(app) as http:
+        assert (await ask(http, "integral")).status_code == 200
+    assert await _redis_up(app) == {"rate_limits": 1.0, "breakers": 1.0, "feedback": 1.0}
+    await up.aclose()
+    feedback.close()
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = f"redis://127.0.0.1:{s.getsockname()[1]}/0"  # bound, never listening: refused at once
+        down = build_state(StateConfig(backend="redis"), {"MOE_REDIS_URL": dead})
+        feedback = RedisFeedbackStore.from_config(StateConfig(backend="redis"), {"MOE_REDIS_URL": dead})
+        app, _ = replica(config, down)
+        app.state.feedback = feedback
+        async with client(app) as http:
+            assert (await ask(http, "integral")).status_code == 200  # served on this replica's own state
+        assert await _redis_up(app) == {"rate_limits": 0.0, "breakers": 0.0, "feedback": 0.0}
+        await down.aclose()
+        feedback.close()
+
+    app, _ = replica(config, SharedState())
+    assert await _redis_up(app) == {}
