@@ -181,7 +181,7 @@ def _renamed(row: Row, names: Mapping[str, tuple[str, ...]]) -> Row | None:
 
 def convert(name: str, data_dir: str | Path, split: str, out: str | Path, *, seed: int = 0,
             names: Mapping[str, tuple[str, ...]] | None = None, answers: bool = True, limit: int | None = None,
-            matched: set[str] | None = None) -> int:
+            matched: set[str] | None = None, id_prefix: str = "") -> int:
     """Write data set ``name``'s ``split`` to ``out`` as JSONL; returns the number of lines written.
 
     ``names`` (outcome data sets only) maps recorded LLMs to the names of the experts that replay them (one LLM
@@ -190,7 +190,9 @@ def convert(name: str, data_dir: str | Path, split: str, out: str | Path, *, see
     at most that many lines, chosen by a seeded hash of each query as ``moe eval --limit`` chooses (the data
     sets' rows come grouped by label, so the first lines would be one label) and written in their order
     (None or >= 1, else ``ValueError``). Raises ``ValueError`` naming the known data
-    sets or splits for an unknown one, and when ``names`` match no LLM of the data set (no file is left then)."""
+    sets or splits for an unknown one, and when ``names`` match no LLM of the data set (no file is left then).
+    ``id_prefix`` goes before every id, so files converted from several data sets can be joined into one (their
+    own ids repeat: ``train-17``); it changes which validation split the ids seed, so it is empty by default."""
     if name not in CONVERTERS:
         raise ValueError(f"unknown data set {name!r}; known: {', '.join(CONVERTERS)}")
     converter = CONVERTERS[name]
@@ -226,6 +228,8 @@ def convert(name: str, data_dir: str | Path, split: str, out: str | Path, *, see
                     matched.update(kept.get("outcomes", {}))
                 if not answers:
                     kept.pop("answers", None)
+                if id_prefix and "id" in kept:
+                    kept["id"] = f"{id_prefix}{kept['id']}"
                 fh.write(json.dumps(kept, ensure_ascii=False) + "\n")
                 count += 1
         if names is not None and count == 0:
@@ -257,7 +261,8 @@ def main(args: argparse.Namespace) -> int:
         return 2
     matched: set[str] = set()
     count = convert(args.dataset, data_dir_of(args), args.split, args.out, seed=args.seed, names=names,
-                    answers=not args.no_answers, limit=args.limit, matched=matched)
+                    answers=not args.no_answers, limit=args.limit, matched=matched,
+                    id_prefix=args.id_prefix)
     missing = sorted(f"{e} (model {m!r})" for m, experts in (names or {}).items() for e in experts if e not in matched)
     if missing:
         print(f"warning: {args.dataset} records no answers for these replay experts of {args.config}, so the "

@@ -274,8 +274,8 @@ def load_labelled_jsonl(path: str | Path) -> list[LabelledQuery]:
             if qid in seen:
                 raise DatasetError(f"{where}: duplicate id {qid!r} (first on line {seen[qid]}); ids name queries in "
                                    "the seeded splits, so each must be unique in its file (files moe convert wrote "
-                                   "from two data sets may share ids: make them distinct, or drop the 'id' fields "
-                                   "and each line is known by its number)")
+                                   "from two data sets share ids: convert each with its own --id-prefix, or drop "
+                                   "the 'id' fields and each line is known by its number)")
             seen[qid] = lineno
         rows.append((lineno, qid, rec["query"], str(label)))
     return [LabelledQuery(given if given is not None else _implicit_id(lineno, seen), query, label)

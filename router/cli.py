@@ -352,6 +352,8 @@ def _parser(settings: Settings | None = None) -> argparse.ArgumentParser:
     p.add_argument("--config", help="outcome data: name the recorded LLMs after this config's replay experts")
     p.add_argument("--no-answers", action="store_true", help="outcome data: leave the experts' answers out")
     p.add_argument("--limit", type=limit_count, default=None, help="at most this many lines")
+    p.add_argument("--id-prefix", default="", help="put this before every id (e.g. 'clinc-'), so files converted "
+                   "from several data sets, whose ids repeat, can be joined into one")
     p.set_defaults(func=_delegate("eval.convert:main"))
 
     p = _command(sub, "eval", "evaluate routing on a named suite or your own JSONL")

@@ -195,3 +195,27 @@ def test_replay_experts_missing_from_the_data_set_are_named(data_dir: Path, tmp_
     err = capsys.readouterr().err
     assert "leave them out: gpt-4-turbo (model 'gpt-5-preview')" in err
     assert all("gpt-4-turbo" not in r.outcomes for r in load_outcome_jsonl(out))
+
+
+def test_files_converted_with_their_own_id_prefix_join_into_one(data_dir: Path, tmp_path: Path) -> None:
+    """Two data sets' files share ids (``train-17``), so joined they were refused as duplicates with no way out but
+    dropping every id; ``--id-prefix`` keeps each file's ids its own."""
+    parts = []
+    for name, prefix in (("snips-intent", "snips-"), ("banking77-intent", "bank-")):
+        out = tmp_path / f"{name}.jsonl"
+        assert main(["convert", name, "--data", str(data_dir), "--out", str(out), "--limit", "50",
+                     "--id-prefix", prefix]) == 0
+        parts.append(out.read_text(encoding="utf-8"))
+        ids = [json.loads(line)["id"] for line in parts[-1].splitlines()]
+        assert len(ids) == 50 and all(i.startswith(prefix) for i in ids)
+    plain = tmp_path / "plain.jsonl"
+    assert main(["convert", "snips-intent", "--data", str(data_dir), "--out", str(plain), "--limit", "50"]) == 0
+    assert [json.loads(line)["id"] for line in plain.read_text(encoding="utf-8").splitlines()] == [
+        json.loads(line)["id"].removeprefix("snips-") for line in parts[0].splitlines()]  # the prefix alone differs
+    joined = tmp_path / "joined.jsonl"
+    joined.write_text("".join(parts), encoding="utf-8")
+    rows = datasets.load_labelled_jsonl(joined)
+    assert len(rows) == 100 and len({q.id for q in rows}) == 100
+    (tmp_path / "twice.jsonl").write_text(plain.read_text(encoding="utf-8") * 2, encoding="utf-8")
+    with pytest.raises(datasets.DatasetError, match="convert each with its own --id-prefix"):
+        datasets.load_labelled_jsonl(tmp_path / "twice.jsonl")
