@@ -28,11 +28,14 @@ Combining: the config's combiner, or the one a request names (``complete(strateg
 called through the dispatcher like any expert (breaker, in-flight limit, time limit, retries, the request's
 deadline and cost budget), its attempts marked ``role: aggregate``; when it fails, the top-weight answer is
 returned and ``trace.combiner_fallback`` holds the aggregator's error. An aggregator (or ``escalate``'s expert)
-that answers with no text counts as failed (``EmptyAnswer``), so an empty answer never replaces the panel's;
+that answers with no text counts as failed (``EmptyAnswer``), so an empty answer never replaces the panel's.
+A panel member that answers with no text (nor a refusal or tool call) has no say either: the combiner merges
+the others' answers, renormalised, and lists it with weight 0, not agreeing (unless every member answered blank).
 ``escalate`` does not ask its expert again when it already failed the client's request on the panel or in
-fallback, nor one that lacks a capability the request needs (``vision`` for an image). A panel whose answers
-carry tool calls is not combined: the top-weight answer stands, calls and all, since tool calls can be neither
-fused nor voted on; nor is the answer of an expert the request named directly, which answers alone.
+fallback (a blank answer included), nor one that lacks a capability the request needs (``vision`` for an
+image). A panel whose answers carry tool calls is not combined: the top-weight answer stands, calls and all,
+since tool calls can be neither fused nor voted on; nor is the answer of an expert the request named directly,
+which answers alone.
 
 Deciding (``decide``, ``assign``) is ``router.decide``'s: the gate, the batcher that embeds concurrent queries
 together, and the top-k choice that leaves out experts whose breaker is open.
@@ -323,16 +326,29 @@ class Orchestrator:
         ``direct``: the request named its expert, which answers alone: nothing is combined and nobody else is
         asked (``escalate`` would otherwise hand the lone answer to its expert). ``failed``: the experts whose call
         with this request failed, which ``escalate`` does not ask again (``_Aggregation``)."""
-        total = sum(p.weight for p, _ in replies) or 1.0
-        answers = [WeightedAnswer(r.expert, p.weight / total, r.content, r.refusal) for p, r in replies]
+        tools = any(r.tool_calls for _, r in replies)
+        # A blank answer (no text, no refusal, no tool call) has no say, as a failed member has none: the rest's
+        # weights are renormalised over them, and escalate does not ask its expert again. Only when every answer is
+        # blank does one stand (the top-weight one), so the request is still answered.
+        blank = [] if direct or tools else [r for _, r in replies if not r.content.strip() and r.refusal is None]
+        if len(blank) == len(replies):
+            blank = []
+        heard = [(p, r) for p, r in replies if all(r is not b for b in blank)]
+        total = sum(p.weight for p, _ in heard) or 1.0
+        answers = [WeightedAnswer(r.expert, p.weight / total, r.content, r.refusal) for p, r in heard]
+        if blank:
+            failed = {**(failed or {}), **{r.expert: EmptyAnswer(r.expert, "answered with no text") for r in blank}}
         aggregation = _Aggregation(self.dispatch, combiner.aggregator, request, deadline, trace,
                                    role=combiner.call_role, unable=self.decider.unable, failed=failed)
-        if direct or any(r.tool_calls for _, r in replies):
+        if direct or tools:
             # The top-weight answer stands, its agreement read as ``top1`` reads it (the configured extractors).
             combined = self.combiner_for(TopOne.name).combine(answers)
         else:
             combined = await combiner.acombine(request.query_text(), answers, aggregation,
                                                history=request.history())
+        if blank:
+            combined = replace(combined, contributions=[
+                *combined.contributions, *(Contribution(expert=r.expert, weight=0.0, agreed=False) for r in blank)])
         trace.contributions = combined.contributions
         if combined.fallback is not None:
             trace.combiner_fallback = {"to": combiner.fallback_to, **combined.fallback.to_dict()}

@@ -488,3 +488,37 @@ async def test_an_escalation_keeps_the_clients_tools_and_needs_the_tools_capabil
     assert experts["judge"].requests == []
     assert answer.trace.combiner_fallback is not None and answer.trace.combiner_fallback["expert"] == "judge"
     assert "'tools' capability" in answer.trace.combiner_fallback["message"]
+
+
+# -- a blank panel answer ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("strategy", ["top1", "vote", "consensus", "fuse"])
+async def test_a_blank_panel_answer_has_no_say_and_the_rest_answer(strategy: str) -> None:
+    """The heaviest member answered "" (no text, no refusal, no tool call): top1 and vote's fallback returned the
+    empty text though two members answered, consensus embedded "" and chose it, and fuse gave it the heaviest
+    slot of the aggregator's prompt. It now counts as a failed member would: the others' weights are
+    renormalised over them, and it is listed with weight 0, not agreeing."""
+    texts = {"code": "Paris, of course.", "judge": "The capital is Paris."}
+    combiner: dict[str, Any] = {"strategy": strategy, "extractor": "short"}
+    if strategy == "fuse":
+        combiner["aggregator"] = "judge"
+    orch, experts = build(texts, gate={"top_k": {"policy": "fixed", "k": 3}}, combiner=combiner)
+    experts["math"].text = ""  # (a fake built with "" answers with its default text)
+    orch.gate.encoder = FakeKeywordEncoder()  # type: ignore[misc]
+    answer = await orch.complete(ask("capital of France?"))
+    assert answer.content.strip() and answer.expert in ("code", "judge"), answer
+    contributions = {c.expert: (c.weight, c.agreed) for c in answer.trace.contributions}
+    assert contributions["math"] == (0.0, False)
+    assert sum(weight for weight, _ in contributions.values()) == pytest.approx(1.0)
+    if strategy == "fuse":
+        prompt = str(experts["judge"].requests[-1].messages[1].content)
+        assert "(weight 0.60)" in prompt and "(weight 0.40)" in prompt and prompt.count("(weight") == 2, prompt
+
+
+async def test_every_member_blank_still_answers_with_the_heaviest() -> None:
+    orch, experts = build(gate={"top_k": {"policy": "fixed", "k": 3}}, combiner={"strategy": "vote"})
+    for name, blank in (("math", ""), ("code", " "), ("judge", "\n")):
+        experts[name].text = blank
+    answer = await orch.complete(ask())
+    assert (answer.expert, answer.content) == ("math", "")
+    assert {c.expert: c.weight for c in answer.trace.contributions} == {
+        "math": pytest.approx(0.5), "code": pytest.approx(0.3), "judge": pytest.approx(0.2)}
