@@ -399,7 +399,11 @@ def _router_service(config: RouterConfig, config_path: str, experts: list[str], 
     port = config.service.port
     # Where the router listens inside; a ${VAR} there stays one (the host side defaults to its value now).
     listens = _written_text(_at(written, "service", "port"), str(port))
-    keys = sorted({e.api_key_env for e in config.experts if e.api_key_env})
+    # Every key variable the config names, passed bare: compose takes each value from the shell or .env, and none
+    # is written into the file. The service refuses to start without the ones security names.
+    security = config.security
+    keys = sorted({e.api_key_env for e in config.experts if e.api_key_env}
+                  | {name for name in (security.api_keys_env, security.admin_key_env) if name})
     environment = [f"MOE_CONFIG={config_path}", *keys]
     volumes = _router_volumes(config, config_path)
     if any(e.type == "replay" for e in config.experts):

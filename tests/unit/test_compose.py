@@ -361,6 +361,18 @@ def test_hosted_experts_get_no_service_but_their_key_reaches_the_router() -> Non
     assert "VLLM_API_KEY=${CODER_KEY:-}" in compose["services"]["qwen2-5-coder-7b"]["environment"]
 
 
+def test_the_client_and_admin_key_variables_reach_the_router() -> None:
+    """README says to give the config security.api_keys_env before publishing the port beyond the host; the
+    generated file passed only the experts' keys, so the router refused to start ("MOE_API_KEYS is not set") and
+    restarted for ever. Passed bare, as the experts' keys are: compose reads each from the shell or .env."""
+    raw = {"version": 1, "gate": {"artifact": "../artifacts/gate"},
+           "security": {"api_keys_env": "MOE_API_KEYS", "admin_key_env": "MOE_ADMIN_KEY"},
+           "experts": [vllm("chat", "http://chat:8000/v1", api_key_env="CHAT_KEY")]}
+    environment = render_compose(parse_config(raw, check_env=False))["services"][ROUTER_SERVICE]["environment"]
+    assert {"MOE_API_KEYS", "MOE_ADMIN_KEY", "CHAT_KEY"} <= set(environment)
+    assert not any(e.startswith(("MOE_API_KEYS=", "MOE_ADMIN_KEY=")) for e in environment)  # no value in the file
+
+
 def test_experts_default_to_separate_gpus(config: RouterConfig) -> None:
     compose = render_compose(config)
     ids = [s["deploy"]["resources"]["reservations"]["devices"][0]["device_ids"][0]
