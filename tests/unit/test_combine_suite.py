@@ -91,6 +91,11 @@ def test_small_real_run(pool: str, data_dir: Path, tmp_path: Path) -> None:
     assert weights and set(weights) <= set(results["experts"]) and all(w > 0 for w in weights.values())
     assert m["pool"] == pool and results["setup"]["experts"] == (31 if pool == "all" else len(SMALL_OPEN))
     worst = min(e["accuracy"] for e in results["experts"].values())
+    # The best single's test accuracy in the experts table is the one best_single_accuracy scores (its letters).
+    best = max(results["experts"], key=lambda name: results["experts"][name]["fit_accuracy"])
+    assert results["experts"][best]["accuracy"] == m["best_single_accuracy"]
+    assert any(note.startswith("the experts table's test accuracy is of the recorded letters too")
+               for note in results["notes"])
     for key in ("best_single", "top1", "vote", "consensus", "learned_vote", "learned_length_vote", "fixed_top3_vote",
                 "stacked_reference"):
         assert 0.0 <= m[f"{key}_accuracy"] <= m["oracle_accuracy"] <= 1.0
