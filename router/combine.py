@@ -135,9 +135,10 @@ _MARKDOWN = re.compile(r"\*+|__+|`+")  # emphasis and code marks around an answe
 _LATEX_WRAPPER = re.compile(r"\\(?:text|textbf|mathrm|mathbf)\{([^{}]*)\}")  # \text{B} -> B
 _BOXED = re.compile(r"\\boxed\{([^{}]*)\}")  # \boxed{B} -> "answer: B", an answer statement
 _OPENING = r"""[\s:(\[{"'“‘$]*"""  # what may stand between a statement and its letter: "(B)", '"B"', "$B$"
-# A letter that ends there: uppercase unless a word goes on ("I'm", "E.g.", "Apple"); lowercase only where no
-# English word can ("(b)", "b.", "b" at the end of a line), so "the answer is a bit subtle" reads no letter.
-_LETTER = (r"(?:(?P<upper>[A-J])(?![A-Za-z0-9]|['’.][A-Za-z])"
+# A letter that ends there: uppercase unless a word goes on ("I'm", "E.g.", "Apple", and "I" before a lower-case
+# word: "Answer: I believe it's C"); lowercase only where no English word can ("(b)", "b.", "b" at the end of a
+# line), so "the answer is a bit subtle" reads no letter.
+_LETTER = (r"(?:(?P<upper>[A-HJ]|I(?![ \t]+[a-z]))(?![A-Za-z0-9]|['’.][A-Za-z])"
            r"|(?P<lower>[a-j])(?=\)|[\]}\"'”’$]*(?:[.:,;](?![A-Za-z0-9])|[ \t]*(?:\r?\n|$))))")
 _CHOICE_STATEMENT = re.compile(  # "the answer is (B)", "Answer: B", "correct answer is option C", "answer is: b"
     rf"(?i:\banswer(?:\s+is\b|\s*(?=:))){_OPENING}(?i:(?:option|choice)\b{_OPENING})?{_LETTER}")
@@ -176,8 +177,11 @@ def extract_choice(text: str) -> str | None:
 _NUMBER = re.compile(r"""
     (?: (?<![\w.])(?P<sign>[-+\u2212])     # a sign, where no word or number stands before it: "-3", "(−3)", not "5-3"
       | (?<![\d./]) )                      # else the start of a number, not its middle (nor a date's)
-    (?: (?P<numerator>\d+)/(?P<denominator>\d*[1-9]\d*)(?![\d./])   # a simple fraction: 3/4
-      | (?P<mantissa>(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?|\.\d+)  # 1,000.5  42  .5 ("3,4": two numbers)
+    (?: (?:(?P<whole>\d+)[ \u00a0])?                                  # a mixed number's whole part: 3 1/2
+        (?P<numerator>\d+)/(?P<denominator>\d*[1-9]\d*)(?![\d./])   # a simple fraction: 3/4
+      | (?P<mantissa>(?:\d{1,3}(?:,\d{3})+(?!\d)                     # 1,000 ("3,4": two numbers)
+                       |\d{1,3}(?:[ \u00a0\u202f]\d{3})+(?![\d,]|\.\d{3})  # 1 000, with a (narrow) no-break space too
+                       |\d+)(?:\.\d+)?|\.\d+)                        # 42  1,000.5  .5
         (?:[eE](?P<exponent>[-+\u2212]?\d{1,3})(?!\d))? )              # 1.5e-3
     """, re.VERBOSE)
 # "the answer is 42", "Answer: $42", "\boxed{12}", GSM8K's "#### 42": the number right after one
@@ -187,21 +191,41 @@ _LATEX_FRACTION = re.compile(r"\\[dt]?frac\{\s*([-\u2212]?)\s*(\d+)\s*\}\{\s*(\d
 _LATEX_GROUP = re.compile(r"(?<=\d)(?:\{,\}|\\[,;:! ])(?=\d{3}(?!\d))")
 # A power of ten written out: "1.5 \times 10^{3}", "2 \cdot 10^-4", "3×10^5" -> "1.5e3", "2e-4", "3e5"
 _POWER_OF_TEN = re.compile(r"(?<=\d)\s*(?:\\times|\\cdot|\u00d7|\u22c5)\s*10\s*\^\s*\{?\s*([-+\u2212]?\d{1,3})\s*\}?")
+# A power left: "10^{3}", "2^10" -> its value; an exponent past 60 leaves it alone (no number is read from it whole)
+_POWER = re.compile(r"(?<![\d.])(\d{1,6})\s*\^\s*(?:\{\s*([-+\u2212]?\d{1,3})\s*\}|([-+\u2212]?\d{1,3})(?!\d))")
+_OPERATOR = r"(?:[-+*/\u00d7\u00f7\u22c5\u2212]|\\(?:times|cdot|div))"
+# What turns a stated number into the left side of an equation: "1500 - 500 = ", "3 \times 4 = "; the answer is
+# the number after the last "=" ("The answer is 1500 - 500 = 1000" is 1000)
+_TERM = r"[-+\u2212]?\$?[ \t]*\(?[ \t]*(?:\d[\d,]*(?:\.\d+)?|\.\d+)[ \t]*\)?"  # "500", "(4", "$2", "-1)"
+_EQUATION = re.compile(rf"(?:[ \t]*{_OPERATOR}[ \t]*{_TERM})+[ \t]*=[ \t]*\$?")
+
+
+_GROUPING = re.compile(r"[, \u00a0\u202f]")  # a thousands separator _NUMBER reads
 
 
 def _canonical(number: re.Match[str]) -> str:
     """A matched number as a plain decimal string, without exponent, thousands separators or trailing zeros:
     "-0.50" -> "-0.5", "1e3" -> "1000", "3/4" -> "0.75", "-0" -> "0"."""
-    sign = "-" if number["sign"] in ("-", "\u2212") else ""
+    sign = -1 if number["sign"] in ("-", "\u2212") else 1
     if number["numerator"] is not None:
-        value = Decimal(sign + number["numerator"]) / Decimal(number["denominator"])
+        value = sign * (Decimal(number["whole"] or 0) + Decimal(number["numerator"]) / Decimal(number["denominator"]))
     else:
         exponent = (number["exponent"] or "0").replace("\u2212", "-")
-        value = Decimal(f"{sign}{number['mantissa'].replace(',', '')}e{exponent}")
+        value = sign * Decimal(f"{_GROUPING.sub('', number['mantissa'])}e{exponent}")
+    return _plain(value)
+
+
+def _plain(value: Decimal) -> str:
+    """``value`` as a plain decimal string: no exponent, no trailing zeros, "0" for zero."""
     if value == 0:
         return "0"
     text = format(value, "f")
     return text.rstrip("0").rstrip(".") if "." in text else text
+
+
+def _power(match: re.Match[str]) -> str:
+    base, exponent = match[1], int((match[2] or match[3]).replace("\u2212", "-"))
+    return _plain(Decimal(base) ** exponent) if -60 <= exponent <= 60 and int(base) > 0 else match[0]
 
 
 def extract_number(text: str) -> str | None:
@@ -209,17 +233,25 @@ def extract_number(text: str) -> str | None:
     trailing zeros), or None.
 
     Which number: the one right after the LAST answer statement ("the answer is 42", "Answer: $42",
-    "\\boxed{12}", GSM8K's "#### 42"), so a remark after the answer ("... in 3 steps") does not replace it;
+    "\\boxed{12}", GSM8K's "#### 42"), so a remark after the answer ("... in 3 steps") does not replace it,
+    and when an equation follows it, the equation's result ("The answer is 1500 - 500 = 1000" -> "1000");
     else the last number in the text. Read: signs ("-.5" -> "-0.5", the Unicode minus "−3" -> "-3"), a bare
     fraction part (".5" -> "0.5"), exponents ("1.5e-3" -> "0.0015", "1e3" -> "1000"), a simple fraction ("3/4",
     LaTeX's "\\frac{3}{4}" -> "0.75"), thousands separators in groups of three ("1,000" -> "1000"; "(3,4)" is two
-    numbers), "-0" -> "0"; currency signs and percent signs are not part of the number ("$5" -> "5",
-    "50%" -> "50"). LaTeX's forms are read too: "\\frac{-3}{4}" -> "-0.75", thousands written "1{,}000" or
-    "3\\,000", and powers of ten written "1.5 \\times 10^{3}" -> "1500"."""
+    numbers; also split by a space, no-break or narrow no-break space: "1 000 000"), a mixed number ("3 1/2" ->
+    "3.5"), a power ("10^{3}" -> "1000", "2^10" -> "1024"), "-0" -> "0"; currency signs and percent signs are
+    not part of the number ("$5" -> "5", "50%" -> "50"). LaTeX's forms are read too: "\\frac{-3}{4}" -> "-0.75",
+    thousands written "1{,}000" or "3\\,000", and powers of ten written "1.5 \\times 10^{3}" -> "1500"."""
     text = _POWER_OF_TEN.sub(r"e\1", _LATEX_GROUP.sub(",", _LATEX_FRACTION.sub(r"\1\2/\3", text)))
+    text = _POWER.sub(_power, text)
     stated = None
     for statement in _NUMBER_STATEMENT.finditer(text):
-        stated = _NUMBER.match(text, statement.end()) or stated
+        number = _NUMBER.match(text, statement.end())
+        while number is not None and (equation := _EQUATION.match(text, number.end())) is not None:
+            number = _NUMBER.match(text, equation.end()) or number  # the equation's result
+            if number.end() <= equation.end():
+                break
+        stated = number or stated
     if stated is not None:
         return _canonical(stated)
     found = list(_NUMBER.finditer(text))
@@ -228,18 +260,20 @@ def extract_number(text: str) -> str | None:
 
 _SHORT_PREFIX = re.compile(r"\A[\W_]*(?:the\s+)?(?:final\s+)?answer(?:\s+is\b|\s*:)")  # "the answer is", "answer:"
 _REASON = re.compile(r"[,;]?\s+(?:because|since)\b.*\Z", re.DOTALL)  # "Paris, because it is the capital ..."
-_PUNCTUATION = re.compile(r"[^\w\s]|_")
+# Punctuation, a space in the answer's place, but a minus sign before a number is kept: "-3" is not "3"
+_PUNCTUATION = re.compile(r"(?P<minus>(?<![\w.])[-\u2212](?=\d))|[^\w\s]|_")
 
 
 def extract_short(text: str) -> str | None:
     """A short free-text answer, folded: Unicode NFKC ("Ｐａｒｉｓ" -> "paris"), case-folded ("Straße" ->
     "strasse"), a leading "the answer is" / "answer:" / "final answer:" removed, LaTeX's ``\\boxed{}`` and
     ``\\text{}`` read through, a reason after the answer (", because ...", " since ...") left out, punctuation
-    replaced by a space (so "3.5" and "35" differ, "New-York" and "New York" do not; a trailing period goes),
+    replaced by a space (so "3.5" and "35" differ, "New-York" and "New York" do not; a trailing period goes)
+    but for a minus sign before a number ("-3" and "\u22123" are "-3", not "3"; "+3" is "3"),
     whitespace collapsed. A text of more than 8 words, or none, has no short answer."""
     unwrapped = _BOXED.sub(r"\1", _LATEX_WRAPPER.sub(r"\1", text))
     folded = _REASON.sub("", _SHORT_PREFIX.sub("", unicodedata.normalize("NFKC", unwrapped).casefold(), count=1))
-    folded = " ".join(_PUNCTUATION.sub(" ", folded).split())
+    folded = " ".join(_PUNCTUATION.sub(lambda m: "-" if m["minus"] else " ", folded).split())
     return folded if folded and len(folded.split()) <= 8 else None
 
 

@@ -69,6 +69,10 @@ def test_extract_number_and_short() -> None:
         ("The answer is a matter of definitions, so it depends.", None),
         ("The answer is I'm afraid not among the options.", None),
         ("The answer is I.", "I"),  # MMLU-Pro's ninth option
+        ("Answer: I", "I"),
+        # "I" before a lower-case word is the pronoun, not option I (it voted I and outweighed a unanimous C)
+        ("Answer: I believe it's C.", None),
+        ("The answer is I think (B). Final answer: B", "B"),
         ("The answer is b.", "B"),
         ("the correct answer is (c) because the membrane is permeable", "C"),
         ("answer: e\nexplanation: the others contradict the premise", "E"),
@@ -150,6 +154,22 @@ def test_extract_choice_reads_the_final_stated_letter(text: str, letter: str | N
         ("so x = 2.5 \\times 10^{-2}", "0.025"),
         ("light covers 3\u00d710^5 km each second", "300000"),
         ("The point is (3\\, 4).", "4"),
+        # An equation after the statement: its result, not its first term (which outvoted a right "1000").
+        ("The answer is 1500 - 500 = 1000.", "1000"),
+        ("Answer: 2 + 2 = 4", "4"),
+        ("The final answer is 12 \u2212 4 = 8 apples", "8"),
+        ("The answer is 3 \\times (4 + 1) = 15", "15"),
+        ("The answer is 7 = 7", "7"),
+        # Thousands in groups split by a space, a no-break or narrow no-break space (SI style); powers; mixed numbers.
+        ("The answer is 1 000 000", "1000000"),
+        ("Total: 1\u00a0000", "1000"),
+        ("It weighs 2\u202f500.5 kg", "2500.5"),
+        ("The answer is 12 3456", "12"),
+        ("\\boxed{10^{3}}", "1000"),
+        ("The answer is 2^10", "1024"),
+        ("so x = 2^{-2}", "0.25"),
+        ("The answer is 3 1/2 cups", "3.5"),
+        ("Answer: -3 1/2", "-3.5"),
         # No statement: the last number.
         ("She has 16 - 3 - 4 = 9 eggs left, which she sells for $18 in total.", "18"),
         ("no digits", None),
@@ -170,6 +190,11 @@ def test_extract_number_reads_the_stated_number_canonically(text: str, number: s
         ("New-York", "new york"),
         ("  New   York ", "new york"),
         ("3.5", "3 5"),
+        # A minus sign before a number stays: "-3" and "3" are different answers ("+3" is "3").
+        ("-3", "-3"),
+        ("The answer is \u22123.", "-3"),
+        ("+3", "3"),
+        ("5-3", "5 3"),
         ("35", "35"),
         ("\uff30\uff41\uff52\uff49\uff53", "paris"),  # fullwidth
         ("nai\u0308ve", "na\u00efve"),  # NFD -> NFC
