@@ -109,11 +109,20 @@ def topk_recall(probs: ArrayLike, y: ArrayLike, k: int) -> float:
         raise ValueError(f"probs must be (n, C) and y (n,), got {p.shape} and {yy.shape}")
     if not 1 <= k <= p.shape[1]:
         raise ValueError(f"k must be in [1, {p.shape[1]}], got {k}")
+    _finite(p)
     true_p = p[np.arange(len(yy)), yy][:, None]
     cls = np.arange(p.shape[1])[None, :]
     # Rank of the true class: classes strictly above it, plus tied classes with a lower index.
     rank = np.sum(p > true_p, axis=1) + np.sum((p == true_p) & (cls < yy[:, None]), axis=1)
     return float(np.mean(rank < k))
+
+
+def _finite(probs: NDArray[Any]) -> None:
+    """Refuse probabilities with NaN (or inf): every comparison with one is false, so a NaN row ranked its true
+    class first (a hit) and fell into an arbitrary calibration bin."""
+    bad = ~np.isfinite(probs).all(axis=1)
+    if bad.any():
+        raise ValueError(f"probs hold NaN or inf in {int(bad.sum())} row(s), the first at row {int(np.argmax(bad))}")
 
 
 def _label_set(t: NDArray[Any], p: NDArray[Any], labels: Sequence[Hashable] | None) -> list[Any]:
@@ -182,6 +191,7 @@ def reliability_bins(probs: ArrayLike, y: ArrayLike, n_bins: int = 15) -> Reliab
     yy = np.asarray(y, dtype=np.int64)
     if p.ndim != 2 or yy.shape != (p.shape[0],) or p.shape[0] == 0:
         raise ValueError(f"probs must be non-empty (n, C) and y (n,), got {p.shape} and {yy.shape}")
+    _finite(p)
     conf = p.max(axis=1)
     correct = (p.argmax(axis=1) == yy).astype(float)
     edges = np.linspace(0.0, 1.0, n_bins + 1)

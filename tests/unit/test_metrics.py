@@ -49,6 +49,19 @@ def test_topk_recall_rejects_bad_k() -> None:
         m.topk_recall(TOPK_PROBS, TOPK_Y, 4)
 
 
+def test_nan_probabilities_are_refused_not_scored() -> None:
+    """A NaN row ranked its true class first (top-1 recall 0.5 where accuracy was 0.0) and fell into an arbitrary
+    calibration bin; both now refuse it, naming the row, as auroc refuses NaN scores."""
+    probs = np.array([[np.nan, np.nan], [0.9, 0.1]])
+    y = np.array([0, 1])
+    with pytest.raises(ValueError, match=r"NaN or inf in 1 row\(s\), the first at row 0"):
+        m.topk_recall(probs, y, 1)
+    with pytest.raises(ValueError, match="NaN or inf"):
+        m.reliability_bins(probs, y)
+    with pytest.raises(ValueError, match="NaN or inf"):
+        m.expected_calibration_error(np.array([[0.5, 0.5], [np.inf, 0.0]]), y)
+
+
 Y_TRUE = ["a", "a", "a", "b", "b", "c"]
 Y_PRED = ["a", "a", "b", "b", "c", "c"]
 
