@@ -196,8 +196,9 @@ _POWER = re.compile(r"(?<![\d.])(\d{1,6})\s*\^\s*(?:\{\s*([-+\u2212]?\d{1,3})\s*
 _OPERATOR = r"(?:[-+*/\u00d7\u00f7\u22c5\u2212]|\\(?:times|cdot|div))"
 # What turns a stated number into the left side of an equation: "1500 - 500 = ", "3 \times 4 = "; the answer is
 # the number after the last "=" ("The answer is 1500 - 500 = 1000" is 1000)
-_TERM = r"[-+\u2212]?\$?[ \t]*\(?[ \t]*(?:\d[\d,]*(?:\.\d+)?|\.\d+)[ \t]*\)?"  # "500", "(4", "$2", "-1)"
-_EQUATION = re.compile(rf"(?:[ \t]*{_OPERATOR}[ \t]*{_TERM})+[ \t]*=[ \t]*\$?")
+# "500", "(4", "$2", "-1)": each space is matched in one place only, so a long chain with no "=" fails in linear time
+_TERM = r"[-+\u2212]?\$?(?:\([ \t]*[-+\u2212]?)?(?:\d[\d,]*(?:\.\d+)?|\.\d+)\)?"
+_EQUATION = re.compile(rf"(?:[ \t]*{_OPERATOR}[ \t]*{_TERM})+(?:[ \t]*\))?[ \t]*=[ \t]*\$?")
 
 
 _GROUPING = re.compile(r"[, \u00a0\u202f]")  # a thousands separator _NUMBER reads
@@ -259,7 +260,8 @@ def extract_number(text: str) -> str | None:
 
 
 _SHORT_PREFIX = re.compile(r"\A[\W_]*(?:the\s+)?(?:final\s+)?answer(?:\s+is\b|\s*:)")  # "the answer is", "answer:"
-_REASON = re.compile(r"[,;]?\s+(?:because|since)\b.*\Z", re.DOTALL)  # "Paris, because it is the capital ..."
+# "Paris, because it is the capital ...": tried where a run of whitespace starts only (else quadratic in its length)
+_REASON = re.compile(r"[,;]?(?<!\s)\s+(?:because|since)\b.*\Z", re.DOTALL)
 # Punctuation, a space in the answer's place, but a minus sign before a number is kept: "-3" is not "3"
 _PUNCTUATION = re.compile(r"(?P<minus>(?<![\w.])[-\u2212](?=\d))|[^\w\s]|_")
 
