@@ -32,7 +32,7 @@ import sqlite3
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -289,6 +289,8 @@ class SqliteFeedbackStore(FeedbackStore):
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.execute("PRAGMA busy_timeout=5000")
             self._db.executescript(_SCHEMA)
+            if write:  # a damaged file would take verdicts that no export or training could read back
+                _check_intact(self._db)
             # A file from before answers kept their key gains the column; its answers have none, which only an
             # open service (no keys) may rate, and they pass out of the retention soon.
             if "key" not in {row[1] for row in self._db.execute("PRAGMA table_info(requests)")}:
@@ -351,7 +353,7 @@ class SqliteFeedbackStore(FeedbackStore):
 
     def answered(self, request_id: str) -> Answered | None:
         # An answer older than the retention is gone, pruned yet or not (pruning comes only now and then).
-        with self._lock:
+        with self._lock, self._reading("looking up the answer"):
             row = self._db.execute("SELECT id, query, expert, created, key FROM requests WHERE id = ? AND "
                                    "created >= ?", (request_id, time.time() - self.retention_s)).fetchone()
         return None if row is None else Answered(id=row[0], query=row[1], expert=row[2], created=row[3], key=row[4])
@@ -372,8 +374,20 @@ class SqliteFeedbackStore(FeedbackStore):
         return FeedbackRecord(id=cursor.lastrowid or 0, request_id=request_id, query=query, expert=expert,
                               score=score, note=note, created=now)
 
+    @contextlib.contextmanager
+    def _reading(self, doing: str) -> Iterator[None]:
+        """A read's ``sqlite3.Error`` (a damaged page, a lock held past the busy timeout) as ``FeedbackUnavailable``
+        naming the file (the service: 503; ``moe train``: one line), not a bare sqlite3 traceback or a 500."""
+        try:
+            yield
+        except sqlite3.Error as exc:
+            log.warning("%s: cannot read it while %s (%s: %s)", self.where, doing, type(exc).__name__, exc)
+            raise FeedbackUnavailable(
+                f"{self.where}: cannot read it while {doing} ({type(exc).__name__}: {exc}); if the file is damaged, "
+                "recover it (sqlite3's .recover) or move it aside, and train with --no-feedback meanwhile") from exc
+
     def records(self, since: float | None = None) -> list[FeedbackRecord]:
-        with self._lock:
+        with self._lock, self._reading("reading the verdicts"):
             rows = self._db.execute(
                 "SELECT id, request_id, query, expert, score, note, created FROM feedback WHERE created >= ? "
                 "ORDER BY id", (since if since is not None else float("-inf"),)).fetchall()
@@ -402,6 +416,14 @@ class SqliteFeedbackStore(FeedbackStore):
             pools, self._threads = list(self._threads.values()), {}
         for pool in pools:
             pool.shutdown(wait=False)
+
+
+def _check_intact(db: sqlite3.Connection) -> None:
+    """Raise ``sqlite3.DatabaseError`` naming the first problem ``PRAGMA quick_check`` finds in the file (a damaged
+    page, which the first reads may well not touch)."""
+    problems = [row[0] for row in db.execute("PRAGMA quick_check(3)").fetchall()]
+    if problems != ["ok"]:
+        raise sqlite3.DatabaseError(f"damaged: {'; '.join(problems)}")
 
 
 def feedback_path(config: RouterConfig) -> Path:
@@ -443,6 +465,7 @@ def feedback_problems(config: RouterConfig) -> list[tuple[str, str]]:
         try:
             with contextlib.closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)) as db:
                 db.execute("PRAGMA schema_version").fetchone()
+                _check_intact(db)
         except sqlite3.Error as exc:
             return [(key, f"{path}: cannot open it as SQLite ({exc}); {fix}")]
         if not os.access(path, os.W_OK) or not os.access(path.parent, os.W_OK):

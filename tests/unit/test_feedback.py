@@ -25,6 +25,7 @@ from router.feedback import (
     UnknownFeedbackExpert,
     UnknownRequest,
     feedback_path,
+    feedback_problems,
     load_feedback,
     open_feedback_store,
 )
@@ -457,6 +458,41 @@ def test_a_store_that_cannot_be_opened_names_the_file_and_the_way_out(tmp_path: 
     with pytest.raises(OSError, match=r"notes\.sqlite3: cannot open it as SQLite \(file is not a database\)"):
         SqliteFeedbackStore(garbage)
 
+
+
+async def test_a_damaged_store_is_refused_by_the_service_and_config_check_and_named_to_its_readers(
+        tmp_path: Path) -> None:
+    """One damaged page: the service opened the file and took verdicts that neither the export (a 500) nor
+    ``moe train`` (a bare sqlite3 traceback) could read back, and ``moe config check`` said OK."""
+    config = parse_config({"version": 1, "experts": [{"name": n, "type": "openai", "endpoint": "http://127.0.0.1:9/v1",
+                                                       "model": "m", "examples": [f"about {n}"]} for n in NAMES],
+                           "feedback": {"path": "fb.sqlite3"}}, base_dir=tmp_path, check_env=False)
+    path = feedback_path(config)
+    store = SqliteFeedbackStore(path)
+    for i in range(3000):
+        store.add(f"question number {i} about some long topic", "math", 1.0, note="x" * 40)
+    store.close()
+    pages = path.stat().st_size // 4096
+    assert pages > 20
+    with path.open("r+b") as fh:  # a page in the middle of the verdicts' table
+        fh.seek(pages // 2 * 4096)
+        fh.write(bytes(range(256)) * 16)
+    [(key, problem)] = feedback_problems(config)
+    assert key == "feedback.path" and problem.startswith(f"{path}: cannot open it as SQLite (") and (
+        "malformed" in problem or "damaged" in problem), problem
+    with pytest.raises(OSError, match=r"feedback\.path \(.*fb\.sqlite3\): cannot open it as SQLite \(.*"
+                                      r"(malformed|damaged)"):
+        open_feedback_store(config)
+    reader = open_feedback_store(config, write=False)  # moe train's: it reads what it can, and says what it cannot
+    assert reader is not None
+    with pytest.raises(FeedbackUnavailable, match=r"fb\.sqlite3\): cannot read it while reading the verdicts "
+                                                  r"\(DatabaseError: .*train with --no-feedback"):
+        reader.records()
+    async with http(make_app(reader), key=ADMIN) as admin:  # the export, damaged while serving: 503, not a 500
+        exported = await admin.get("/admin/feedback")
+    assert exported.status_code == 503, exported.text
+    assert "cannot read it while reading the verdicts" in exported.json()["error"]["message"]
+    reader.close()
 
 
 def test_blank_queries_already_stored_are_not_trained_on(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
