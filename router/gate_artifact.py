@@ -251,7 +251,8 @@ def _restore_artifact(path: Path, doc: dict[str, Any], encoder: Encoder) -> Gate
             raise GateArtifactMismatch(f"{path / name}: a folder, where {_MANIFEST} lists a file; {RETRAIN}") \
                 from None
         if differs:
-            raise GateArtifactMismatch(f"{path / name}: contents differ from the sha256 in {_MANIFEST}")
+            raise GateArtifactMismatch(f"{path / name}: contents differ from the sha256 in {_MANIFEST} (a file changed "
+                                       f"by hand, or a moe train stopped while it replaced the files); {RETRAIN}")
     doc["metrics"] = ValidationMetrics(**{k: v for k, v in dict(doc["metrics"]).items() if k in _METRIC_FIELDS})
     experts = _expert_names(path / _MANIFEST, doc.pop("experts"), "experts")
     doc.pop("files")
