@@ -34,6 +34,7 @@ from eval.suite import check_limit
 from experts.recordings import RouterBenchRow, RouterBenchStore, load_routerbench, normalize_prompt
 from router.build import build_orchestrator
 from router.config import RouterConfig, load_config
+from router.files import atomic_write_text
 from router.logs import JsonFormatter
 from router.sdk import AsyncClient, RouterAPIError
 from router.service import create_app
@@ -42,6 +43,7 @@ from router.train import train_from_config
 __all__ = ["DemoRow", "main", "run_demo"]
 
 CONCURRENCY = 4
+LOG = "router.log"  # the service's request log, in --out
 
 
 @dataclass
@@ -197,9 +199,12 @@ def run_demo(config_path: str | Path, out: Path, limit: int | None = None) -> li
     gate = train_from_config(config, progress=True)
     rows = held_out(store)[:limit] if limit else held_out(store)
     column_of = {e.name: e.recorded_model for e in config.experts}
-    print(f"[3/4] serving the router over HTTP; {len(rows)} held-out test questions (request logs: "
-          f"{out / 'router.log'})", flush=True)
-    with _Server(config, out / "router.log") as url:
+    # The run's log is written beside the earlier run's files and takes its name with them at the end: a run that
+    # is stopped leaves the earlier results with their own log (and its own log, as router.log.partial).
+    log = out / f"{LOG}.partial"
+    print(f"[3/4] serving the router over HTTP; {len(rows)} held-out test questions (request logs: {log}, then "
+          f"{out / LOG})", flush=True)
+    with _Server(config, log) as url:
         routed = asyncio.run(_ask_all(url, rows, "auto", "router"))
         table = [_score("router (auto)", routed, column_of)]
         for name in config.expert_names:
@@ -210,13 +215,20 @@ def run_demo(config_path: str | Path, out: Path, limit: int | None = None) -> li
             "routing": dict(routing.most_common()),
             "gate_validation": gate.metadata.as_dict()["metrics"]}
     print("[4/4] results", flush=True)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps({"rows": [asdict(r) for r in table], **meta}, indent=2) + "\n")
     markdown = _markdown(table, meta)
-    (out / "results.md").write_text(markdown)
+    publish(out, json.dumps({"rows": [asdict(r) for r in table], **meta}, indent=2) + "\n", markdown, log)
     print(markdown)
     print(f"written: {out / 'results.json'}, {out / 'results.md'}")
     return table
+
+
+def publish(out: Path, results: str, markdown: str, log: Path) -> None:
+    """Put one run's files in ``out``: ``results.json`` and ``results.md``, each written whole under a temporary
+    name and renamed in, then its request log ``log`` renamed to ``router.log``."""
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "results.json", results)
+    atomic_write_text(out / "results.md", markdown)
+    os.replace(log, out / LOG)
 
 
 def main(args: argparse.Namespace) -> int:

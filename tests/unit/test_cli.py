@@ -535,3 +535,21 @@ def test_demo_refuses_an_expert_it_cannot_score_before_training(tmp_path: Path,
     err = capsys.readouterr().err
     assert "moe demo scores RouterBench replay experts only, and 'weather' is not one" in err
     assert not (tmp_path / "artifacts").exists()  # refused before the training file or the gate was written
+
+
+def test_a_stopped_demo_leaves_the_earlier_results_with_their_own_log(tmp_path: Path) -> None:
+    """The demo opened router.log afresh at step 3 and wrote its results in place at step 4: stopped between the
+    two, it left one run's results beside another run's log (the earlier log gone). Its log is router.log.partial
+    until the results are written whole; then the three go in together."""
+    from eval.demo import publish
+
+    out = tmp_path / "demo"
+    (out / "router.log.partial").parent.mkdir()
+    (out / "router.log.partial").write_text("run 1 log\n")
+    publish(out, '{"run": 1}\n', "# run 1\n", out / "router.log.partial")
+    assert sorted(p.name for p in out.iterdir()) == ["results.json", "results.md", "router.log"]
+    (out / "router.log.partial").write_text("run 2 log, stopped before its results\n")  # run 2 stops here
+    assert (out / "results.json").read_text() == '{"run": 1}\n' and (out / "router.log").read_text() == "run 1 log\n"
+    publish(out, '{"run": 2}\n', "# run 2\n", out / "router.log.partial")  # run 3 finishes
+    assert (out / "router.log").read_text().startswith("run 2") and (out / "results.md").read_text() == "# run 2\n"
+    assert not (out / "router.log.partial").exists()
