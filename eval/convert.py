@@ -21,6 +21,7 @@ replay experts (the expert whose recorded model is that LLM) and keeps only thos
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -218,11 +219,9 @@ def convert(name: str, data_dir: str | Path, split: str, out: str | Path, *, see
     # or is interrupted leaves the file --out names as it was, never emptied or cut short.
     partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
     try:
-        try:
+        with _writing(path):
             fh = partial.open("w", encoding="utf-8")
-        except OSError as exc:
-            raise ValueError(f"--out {path}: cannot write there ({exc.strerror or exc})") from None
-        with fh:
+        try:
             for kept in rows:
                 if matched is not None:
                     matched.update(kept.get("outcomes", {}))
@@ -230,15 +229,33 @@ def convert(name: str, data_dir: str | Path, split: str, out: str | Path, *, see
                     kept.pop("answers", None)
                 if id_prefix and "id" in kept:
                     kept["id"] = f"{id_prefix}{kept['id']}"
-                fh.write(json.dumps(kept, ensure_ascii=False) + "\n")
+                with _writing(path):  # only the write: an OSError reading the data set is the data set's
+                    fh.write(json.dumps(kept, ensure_ascii=False) + "\n")
                 count += 1
+            with _writing(path):
+                fh.close()  # what is still buffered is written here: a full disk may say so now
+        except BaseException:
+            with contextlib.suppress(OSError):  # the same full disk again, flushing what is left: already said
+                fh.close()
+            raise
         if names is not None and count == 0:
             raise ValueError(f"none of the experts' recorded models ({', '.join(sorted(names))}) is among {name}'s "
                              f"LLMs, so no record was written; point --config at experts that replay {name}")
-        partial.replace(path)
+        with _writing(path):
+            partial.replace(path)
     finally:
         partial.unlink(missing_ok=True)
     return count
+
+
+@contextlib.contextmanager
+def _writing(path: Path) -> Iterator[None]:
+    """An ``OSError`` inside (a full disk, no permission) as a ``ValueError`` naming ``--out``: a bare "[Errno 28]
+    No space left on device" would not say which file could not be written."""
+    try:
+        yield
+    except OSError as exc:
+        raise ValueError(f"--out {path}: cannot write there ({exc.strerror or exc})") from None
 
 
 def replay_names(config: RouterConfig) -> dict[str, tuple[str, ...]]:

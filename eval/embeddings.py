@@ -3,7 +3,8 @@
 Keys are ``sha256(text)``; a cache folder belongs to one encoder (its identity, weights checksum and
 ``max_length``), so vectors from different models or truncations never mix. The folder holds append-only
 shards ``shard-<n>.npz`` (``keys``: ``[n, 32]`` uint8 digests, ``vectors``: ``[n, dim]`` float32), read with
-``allow_pickle=False``. A shard is written to a temporary name and renamed, so a killed run leaves no torn file.
+``allow_pickle=False``. A shard is written to a temporary name and renamed, so a killed run leaves no torn file;
+the temporary file a killed run leaves is removed by the next run (``CachedEncoder._sweep``).
 
 ``CachedEncoder`` wraps any ``Encoder`` with the same contract, so code that embeds through an encoder
 (``router.gate.train_gate``) hits the cache without knowing about it.
@@ -16,6 +17,8 @@ import hashlib
 import logging
 import os
 import re
+import socket
+import time
 import zipfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -30,6 +33,8 @@ log = logging.getLogger("eval.embeddings")
 __all__ = ["CachedEncoder", "default_cache_dir"]
 
 _CHUNK = 512  # texts per encode call: keeps the progress bar moving and each shard small
+# A shard being written: ``.tmp-<pid>@<host>-<name>.npz``, renamed to ``shard-<name>.npz`` once whole.
+_TMP = ".tmp-"
 
 
 def default_cache_dir(settings: Settings | None = None) -> Path:
@@ -58,6 +63,7 @@ class CachedEncoder(Encoder):
     def _load(self) -> None:
         if self._loaded:
             return
+        self._sweep()
         for shard in sorted(self.folder.glob("shard-*.npz")):
             try:
                 # Opened here, so a file numpy fails to read is still closed (it leaves its own open then).
@@ -84,15 +90,36 @@ class CachedEncoder(Encoder):
 
     def _store(self, keys: list[bytes], vectors: np.ndarray) -> None:
         name = hashlib.sha256(b"".join(keys)).hexdigest()[:16]
-        tmp = self.folder / f".tmp-{os.getpid()}-{name}.npz"
+        # The process and its host in the name: a later run tells a killed run's file from a live one's.
+        tmp = self.folder / f"{_TMP}{os.getpid()}@{socket.gethostname()}-{name}.npz"
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
             np.savez(tmp, keys=np.frombuffer(b"".join(keys), dtype=np.uint8).reshape(len(keys), 32),
                      vectors=vectors.astype(np.float32))
             tmp.replace(self.folder / f"shard-{name}.npz")
-        except OSError as exc:  # a bare "[Errno 30] Read-only file system" would not say which setting to change
+        except BaseException as exc:  # a full disk, or Ctrl-C part way: the part written is not left behind
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+            if not isinstance(exc, OSError):
+                raise
+            # A bare "[Errno 30] Read-only file system" would not say which setting to change.
             raise ValueError(f"embedding cache {self.folder}: cannot write ({exc.strerror or exc}); point "
                              "MOE_CACHE_DIR at a writable folder") from None
+
+    def _sweep(self) -> None:
+        """Remove the temporary files of runs that were killed while writing a shard (SIGKILL, an out-of-memory
+        kill, a power cut): one of this host whose process is gone (``eval.harness.process_gone``, as a killed
+        run's staging folder in --out is told), and any untouched for ``ABANDONED_AFTER_S`` (another host's, or
+        one named by an older version, which named no host)."""
+        from eval.harness import ABANDONED_AFTER_S, process_gone  # eval.harness imports this module
+
+        here = socket.gethostname()
+        for tmp in self.folder.glob(f"{_TMP}*.npz"):
+            with contextlib.suppress(OSError):
+                if (process_gone(tmp.name.removeprefix(_TMP).removesuffix(".npz"), here)
+                        or time.time() - tmp.stat().st_mtime > ABANDONED_AFTER_S):
+                    tmp.unlink()
+                    log.info("embedding cache %s: removed %s, left by a run that was killed", self.folder, tmp.name)
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         from tqdm.auto import tqdm

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import logging
 import os
 import shlex
@@ -154,15 +155,35 @@ def run_suite(name: str, data_dir: str | Path | None, out: str | Path, *, encode
         write_results(ctx.out, results)
         with _signals_held():  # Ctrl-C or SIGTERM waits for the few renames, then stops the run as it would
             _publish(ctx.out, final)
-    except BaseException:
+    except BaseException as exc:
         # A run that fails (bad data, a broken cache, Ctrl-C) leaves --out as it found it: what it wrote so far
         # is in its staging folder, removed here, with any folder it created for --out.
         shutil.rmtree(ctx.out, ignore_errors=True)
         for folder in made:
             with contextlib.suppress(OSError):
                 folder.rmdir()
+        if isinstance(exc, OSError) and _writing_to(exc, ctx.out):
+            # A bare "[Errno 28] No space left on device" would not say which disk filled up.
+            raise ValueError(f"--out {out}: cannot write there ({exc.strerror or exc}); any earlier run's files "
+                             "there are left as they were") from None
         raise
     return results
+
+
+# What a write reports when the disk it writes to is full (or the user's quota, or the largest file it allows, is
+# reached), with no file name (a write to an open file names none).
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def _writing_to(exc: OSError, stage: Path) -> bool:
+    """Whether ``exc`` is a failure to write this run's files into its staging folder ``stage`` (in --out): it
+    names a path there, or it names none and says the disk is full. Every other write of a run goes to the
+    embedding cache, whose failures say so themselves (``CachedEncoder``)."""
+    if exc.filename is None:
+        return exc.errno in _DISK_FULL
+    with contextlib.suppress(TypeError, ValueError):
+        return Path(os.path.abspath(os.fsdecode(exc.filename))).is_relative_to(os.path.abspath(stage))
+    return False
 
 
 # Everything a suite run writes into --out, as paths under it: a run replaces them all, so a reused --out never
@@ -283,7 +304,15 @@ def _abandoned(folder: Path, here: str) -> bool:
             return True
     except OSError:
         return False
-    pid, _, rest = folder.name.removeprefix(_STAGING).partition("@")
+    return process_gone(folder.name.removeprefix(_STAGING), here)
+
+
+def process_gone(tag: str, here: str) -> bool:
+    """Whether ``tag``, ``<pid>@<host>-<rest>`` (``_staging_prefix``'s form; ``<rest>`` holds no ``-``), names a
+    process of this host (``here``) other than this one that no longer runs. A process of another host, or a tag
+    of another form, is never gone: its process cannot be seen from here. The embedding cache's temporary files
+    (``eval.embeddings``) are told the same way."""
+    pid, _, rest = tag.partition("@")
     if not pid.isdecimal() or int(pid) == os.getpid() or rest.rpartition("-")[0] != here:
         return False
     try:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import subprocess
 from collections.abc import Sequence
@@ -21,6 +22,9 @@ from typing import Any
 
 from eval.datasets import LabelledQuery
 from eval.report import write_results
+from router.files import atomic_write_text
+
+log = logging.getLogger("eval.peer")
 
 __all__ = ["PEER_KEY", "SPLIT_PARTS", "attach_peer", "score_semantic_router", "write_split"]
 
@@ -59,18 +63,36 @@ def score_semantic_router(suite_out: Path, *, torch_threads: int = 0) -> dict[st
     if not (split / "train.jsonl").exists():
         raise FileNotFoundError(f"{split} holds no exported split; run the label suite first")
     key = _fingerprint(split)
-    if cached.exists():
-        previous = json.loads(cached.read_text(encoding="utf-8"))
-        if previous.get("split_sha256") == key:
-            return dict(previous)
+    previous = _read_cache(cached)
+    if previous is not None and previous.get("split_sha256") == key:
+        return previous
     subprocess.run(["bash", str(_INSTALL)], check=True, env={**os.environ, "SEMANTIC_ROUTER_VENV": str(peer_venv())})
     # The peer imports nothing of ours; its stdout/stderr (progress) pass straight through.
     subprocess.run([str(peer_venv() / "bin" / "python"), str(_SCRIPT), "--split", str(split), "--out", str(cached),
                     "--torch-threads", str(torch_threads)], check=True)
     result = json.loads(cached.read_text(encoding="utf-8"))
     result["split_sha256"] = key
-    cached.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    # Under a temporary name, then renamed: a kill or a full disk part way leaves the file whole (the peer's own,
+    # or the earlier one), never cut short.
+    atomic_write_text(cached, json.dumps(result, indent=2) + "\n")
     return dict(result)
+
+
+def _read_cache(cached: Path) -> dict[str, Any] | None:
+    """The peer's cached result in ``cached``; None where there is none, or none that can be read (cut short by a
+    kill or a full disk, say, before it was written atomically): then the peer is run again and writes it anew."""
+    if not cached.exists():
+        return None
+    try:
+        previous = json.loads(cached.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:  # ValueError: JSONDecodeError, UnicodeDecodeError
+        log.warning("semantic-router peer cache %s is unreadable (%s); scoring the peer again", cached,
+                    str(exc).partition("\n")[0][:200])
+        return None
+    if not isinstance(previous, dict):
+        log.warning("semantic-router peer cache %s holds no JSON object; scoring the peer again", cached)
+        return None
+    return previous
 
 
 def attach_peer(results: dict[str, Any], peer: dict[str, Any], out: Path) -> dict[str, Any]:

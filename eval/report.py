@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from eval.metrics import ReliabilityBins
+from router.files import atomic_write_text
 
 __all__ = [
     "plot_accuracy_bars",
@@ -63,8 +64,10 @@ def write_results(out: Path, results: Mapping[str, Any]) -> None:
     """``results.json`` and ``report.md`` in ``out``; the ``HARNESS_FIGURES`` there that ``results["figures"]``
     does not list (an earlier run's) are removed."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(_jsonable(results), indent=2) + "\n", encoding="utf-8")
-    (out / "report.md").write_text(render_markdown(results), encoding="utf-8")
+    # Each under a temporary name, then renamed: a full disk or a kill part way leaves the earlier file whole
+    # (``make results`` rewrites them in place of the last run's, ``eval.peer.attach_peer`` once more).
+    atomic_write_text(out / "results.json", json.dumps(_jsonable(results), indent=2) + "\n")
+    atomic_write_text(out / "report.md", render_markdown(results))
     kept = set(results.get("figures") or ())
     for name in HARNESS_FIGURES:
         stale = out / name

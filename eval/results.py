@@ -26,6 +26,7 @@ from eval.peer import attach_peer, score_semantic_router
 from eval.readme_results import load_results, render_block, rewrite_readme
 from eval.report import write_results
 from router.cli import limit_count, seed_number
+from router.files import atomic_write_text
 
 __all__ = ["LABEL_SUITES", "PUBLISHED", "main", "published_suites"]
 
@@ -102,15 +103,25 @@ def main(argv: list[str] | None = None) -> int:
             failed.append(suite)
             continue
         print(f"  done in {time.perf_counter() - t0:.0f} s", flush=True)
+    readme_failed = False
     if not args.no_readme:
         # Only this run's suites: a stale results.json from an earlier run must not reach the README.
         done = [s for s in suites if s not in failed]
         block = render_block(load_results(args.out, done))
-        args.readme.write_text(rewrite_readme(args.readme.read_text(encoding="utf-8"), block), encoding="utf-8")
-        print(f"rewrote the results block in {args.readme}", flush=True)
+        # Under a temporary name, then renamed over it (the file a link names, not the link): a full disk or a
+        # kill part way leaves the README as it was, never cut short.
+        text = rewrite_readme(args.readme.read_text(encoding="utf-8"), block)
+        try:
+            atomic_write_text(args.readme.resolve(), text)
+        except OSError as exc:
+            print(f"error: --readme {args.readme}: cannot write it ({exc.strerror or exc}); it is left as it was",
+                  file=sys.stderr, flush=True)
+            readme_failed = True
+        else:
+            print(f"rewrote the results block in {args.readme}", flush=True)
     print(f"{len(suites) - len(failed)}/{len(suites)} suites in {time.perf_counter() - started:.0f} s"
           + (f"; failed: {', '.join(failed)}" if failed else ""), flush=True)
-    return 1 if failed else 0
+    return 1 if failed or readme_failed else 0
 
 
 if __name__ == "__main__":

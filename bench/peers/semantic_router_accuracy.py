@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -39,6 +40,24 @@ def _read(path: Path) -> list[dict[str, Any]]:
         return []
     with path.open(encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def write_json(path: Path, result: dict[str, Any]) -> None:
+    """``result`` as JSON in ``path``, written under a temporary name beside it and renamed over it: a kill or a
+    full disk part way leaves ``path`` as it was, never cut short (``eval.peer`` reads it back and caches it
+    there). The standard library's own, as ``router.files.atomic_write_text`` is not importable here."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)  # mkstemp's 0600, as a plain write would make it
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(json.dumps(result, indent=2) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def _log(msg: str) -> None:
@@ -155,8 +174,7 @@ def main() -> None:
         result["end_to_end_accuracy"] = float(np.mean(
             [_decide(router, s, None) == y for s, y in zip(test_scores, y_test, strict=True)]))
     result["seconds"] = round(time.perf_counter() - started, 1)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    write_json(args.out, result)
     _log(f"accuracy {result['accuracy']:.4f} on {len(inscope)} test queries ({result['seconds']} s)")
 
 
