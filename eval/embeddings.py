@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
-import os
 import re
 import socket
 import time
@@ -26,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from router.encoders import Encoder, cache_root
+from router.files import owner_tag, process_gone
 from router.settings import Settings
 
 log = logging.getLogger("eval.embeddings")
@@ -91,7 +91,7 @@ class CachedEncoder(Encoder):
     def _store(self, keys: list[bytes], vectors: np.ndarray) -> None:
         name = hashlib.sha256(b"".join(keys)).hexdigest()[:16]
         # The process and its host in the name: a later run tells a killed run's file from a live one's.
-        tmp = self.folder / f"{_TMP}{os.getpid()}@{socket.gethostname()}-{name}.npz"
+        tmp = self.folder / f"{_TMP}{owner_tag()}{name}.npz"
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
             np.savez(tmp, keys=np.frombuffer(b"".join(keys), dtype=np.uint8).reshape(len(keys), 32),
@@ -108,10 +108,10 @@ class CachedEncoder(Encoder):
 
     def _sweep(self) -> None:
         """Remove the temporary files of runs that were killed while writing a shard (SIGKILL, an out-of-memory
-        kill, a power cut): one of this host whose process is gone (``eval.harness.process_gone``, as a killed
+        kill, a power cut): one of this host whose process is gone (``router.files.process_gone``, as a killed
         run's staging folder in --out is told), and any untouched for ``ABANDONED_AFTER_S`` (another host's, or
         one named by an older version, which named no host)."""
-        from eval.harness import ABANDONED_AFTER_S, process_gone  # eval.harness imports this module
+        from eval.harness import ABANDONED_AFTER_S  # eval.harness imports this module
 
         here = socket.gethostname()
         for tmp in self.folder.glob(f"{_TMP}*.npz"):

@@ -46,6 +46,7 @@ from eval.peer import SPLIT_PARTS
 from eval.report import HARNESS_FIGURES, write_results
 from eval.suite import PREDICTIONS, SuiteContext, check_limit, warnings_once
 from router.encoders import Encoder
+from router.files import owner_tag, process_gone
 from router.settings import Settings
 
 log = logging.getLogger("eval.harness")
@@ -198,9 +199,8 @@ _STAGING = ".partial-"
 
 
 def _staging_prefix() -> str:
-    """This run's staging folder's name up to its random part: ``.partial-<pid>@<host>-``. The host tells a
-    process of another machine or container (its own pid numbers) sharing the same --out from a dead one here."""
-    return f"{_STAGING}{os.getpid()}@{socket.gethostname()}-"
+    """This run's staging folder's name up to its random part: ``.partial-<pid>@<host>-`` (``owner_tag``)."""
+    return f"{_STAGING}{owner_tag()}"
 
 
 def _publish(stage: Path, out: Path) -> None:
@@ -305,23 +305,6 @@ def _abandoned(folder: Path, here: str) -> bool:
     except OSError:
         return False
     return process_gone(folder.name.removeprefix(_STAGING), here)
-
-
-def process_gone(tag: str, here: str) -> bool:
-    """Whether ``tag``, ``<pid>@<host>-<rest>`` (``_staging_prefix``'s form; ``<rest>`` holds no ``-``), names a
-    process of this host (``here``) other than this one that no longer runs. A process of another host, or a tag
-    of another form, is never gone: its process cannot be seen from here. The embedding cache's temporary files
-    (``eval.embeddings``) are told the same way."""
-    pid, _, rest = tag.partition("@")
-    if not pid.isdecimal() or int(pid) == os.getpid() or rest.rpartition("-")[0] != here:
-        return False
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return True
-    except OSError:  # alive, another user's
-        return False
-    return False
 
 
 def _check_own_data(suite: str, train: str | Path | None, test: str | Path | None) -> None:

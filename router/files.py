@@ -17,19 +17,44 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import socket
 import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["MANIFESTS", "STAGING_PREFIX", "atomic_write_text", "staged"]
+__all__ = ["MANIFESTS", "STAGING_PREFIX", "atomic_write_text", "owner_tag", "process_gone", "staged"]
 
 STAGING_PREFIX = ".staging-"
 # Published last, in this order (deeper folders first): a manifest names the digests of the files beside it, so
 # it must not land before them.
 MANIFESTS = ("gate.json", "cascade.json")
-# A staging folder older than this was left by a run that died (killed mid-write): removed by the next ``staged``.
+# A staging folder older than this was left by a run that died (killed mid-write): removed by the next ``staged``,
+# as one of this host whose process is gone is at once.
 _STALE_S = 3600.0
+
+
+def owner_tag() -> str:
+    """``<pid>@<host>-``: what a temporary file or folder's name holds so that a later run can tell one a killed
+    process left (``process_gone``) from one a live process is still writing. The host tells a process of another
+    machine or container sharing the folder (its own pid numbers) from a dead one here."""
+    return f"{os.getpid()}@{socket.gethostname()}-"
+
+
+def process_gone(tag: str, here: str | None = None) -> bool:
+    """Whether ``tag``, ``<pid>@<host>-<rest>`` (``owner_tag`` and a rest holding no ``-``), names a process of
+    this host (``here``, default ``socket.gethostname()``) other than this one that no longer runs. A process of
+    another host, or a tag of another form, is never gone: its process cannot be seen from here."""
+    pid, _, rest = tag.partition("@")
+    if not pid.isdecimal() or int(pid) == os.getpid() or rest.rpartition("-")[0] != (here or socket.gethostname()):
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # alive, another user's
+        return False
+    return False
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
@@ -60,7 +85,7 @@ def staged(directory: str | Path) -> Iterator[Path]:
     target = Path(directory)
     target.mkdir(parents=True, exist_ok=True)
     _remove_stale(target)
-    stage = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=target))
+    stage = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{owner_tag()}", dir=target))
     try:
         yield stage
         _publish(stage, target)
@@ -88,8 +113,11 @@ def _in_staging(rel: Path) -> bool:
 
 
 def _remove_stale(target: Path) -> None:
-    now = time.time()
+    """Remove the staging folders of runs that were killed: one of this host whose process is gone, and any older
+    than ``_STALE_S`` (another host's, or one an older release named without its process)."""
+    now, here = time.time(), socket.gethostname()
     for old in target.glob(f"{STAGING_PREFIX}*"):
         with contextlib.suppress(OSError):
-            if old.is_dir() and now - old.stat().st_mtime > _STALE_S:
+            if old.is_dir() and (process_gone(old.name.removeprefix(STAGING_PREFIX), here)
+                                 or now - old.stat().st_mtime > _STALE_S):
                 shutil.rmtree(old, ignore_errors=True)

@@ -98,6 +98,26 @@ def test_a_staging_folder_left_by_a_killed_run_is_removed_once_stale(tmp_path: P
     assert recent.exists()  # perhaps another moe train still writing
 
 
+def test_a_staging_folder_of_a_process_gone_from_this_host_is_removed_at_once(tmp_path: Path) -> None:
+    """A moe train killed while writing left its stage for an hour, through later trains; a stage names its
+    process and host now, and one whose process has ended here goes at the next train."""
+    import socket
+    import subprocess
+
+    ended = subprocess.Popen(["true"])
+    ended.wait()  # its pid names no process now
+    host = socket.gethostname()
+    dead = tmp_path / f"{STAGING_PREFIX}{ended.pid}@{host}-abc123"
+    alive = tmp_path / f"{STAGING_PREFIX}{os.getppid()}@{host}-def456"  # a live process: perhaps still writing
+    elsewhere = tmp_path / f"{STAGING_PREFIX}{ended.pid}@another-{host}-ghi789"  # its pid means nothing here
+    for folder in (dead, alive, elsewhere):
+        folder.mkdir()
+    with staged(tmp_path) as stage:
+        assert stage.name.startswith(f"{STAGING_PREFIX}{os.getpid()}@{host}-")
+        (stage / "gate.json").write_text("{}")
+    assert not dead.exists() and alive.exists() and elsewhere.exists()
+
+
 def test_a_gate_save_that_fails_midway_leaves_the_served_artifact_loadable(tmp_path: Path,
                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     served = _gate()
