@@ -498,7 +498,8 @@ class BreakerConfig(_Strict):
     # First cooldown; each re-trip from half-open multiplies it by ``cooldown_growth``, up to ``cooldown_max_s``.
     cooldown_s: float = Field(default=5.0, gt=0.0, le=3600.0)
     cooldown_growth: float = Field(default=2.0, ge=1.0, le=10.0)
-    cooldown_max_s: float = Field(default=60.0, gt=0.0, le=86_400.0)
+    # validate_default: a cooldown_s raised past the default cap is refused, not capped below itself at run time.
+    cooldown_max_s: float = Field(default=60.0, gt=0.0, le=86_400.0, validate_default=True)
     # Calls let through at once while half-open; the first success closes the breaker.
     half_open_probes: int = Field(default=1, ge=1, le=100)
     # A 429's or 503's Retry-After opens the breaker for that long (capped at cooldown_max_s), so no request
@@ -525,7 +526,7 @@ class FallbackConfig(_Strict):
     retries: int = Field(default=0, ge=0, le=10)
     # Jittered exponential backoff between retries: base * 2**n, capped at backoff_max_s, then jittered.
     backoff_base_s: float = Field(default=0.1, gt=0.0, le=60.0)
-    backoff_max_s: float = Field(default=5.0, gt=0.0, le=600.0)
+    backoff_max_s: float = Field(default=5.0, gt=0.0, le=600.0, validate_default=True)  # as cooldown_max_s
     # A 429's or 503's Retry-After is honoured up to this (and never past the deadline); a longer one falls back.
     retry_after_max_s: float = Field(default=5.0, ge=0.0, le=600.0)
     # USD a request may spend across all its attempts; once spent no further expert is tried. None: no limit.

@@ -780,6 +780,12 @@ def test_an_unordered_bound_is_named_beside_its_siblings_errors() -> None:
     assert found == {"fallback.backoff_max_s": "must be at least backoff_base_s (5)",
                      "fallback.breaker.cooldown_max_s": "must be at least cooldown_s (10)",
                      "fallback.breaker.half_open_probes": "Input should be greater than or equal to 1"}
+    # a base raised past the bound's default is refused too, not capped below itself at run time (a field
+    # validator skips a default unless told otherwise)
+    assert problems({"version": 1, "fallback": {"backoff_base_s": 30, "breaker": {"cooldown_s": 600}},
+                     "experts": [expert()]}) == {
+        "fallback.backoff_max_s": "must be at least backoff_base_s (30)",
+        "fallback.breaker.cooldown_max_s": "must be at least cooldown_s (600)"}
     # a refused base is reported once, by itself, not again through the bound that depends on it
     assert problems({"version": 1, "fallback": {"backoff_base_s": -1, "backoff_max_s": 1}, "experts": [expert()]}) == {
         "fallback.backoff_base_s": "Input should be greater than 0"}
