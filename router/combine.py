@@ -313,20 +313,21 @@ class Extraction:
         if not self.mixed or found is None:
             return found
         if _SPACED_DIGITS.fullmatch(found):
-            # A number as a text extractor writes it, its sign, point and separators lost ("-3" reads "3",
-            # "1.250" "1 250"): its value as ``number`` reads it from the answer, where that is the same figure
-            # (the same significant digits), else groups of thousands joined ("1 000" -> "1000").
+            # A number as a text extractor writes it, its point and separators lost ("1.250" reads "1 250", "-3.5"
+            # "-3 5"): its value as ``number`` reads it from the answer, where that is the same figure (the same
+            # sign and significant digits), else groups of thousands joined ("1 000" -> "1000", "-1 000" -> "-1000").
             number = extract_number(text)
-            if number is not None and _significant(number) == _significant(found):
+            if (number is not None and _significant(number) == _significant(found)
+                    and number.startswith("-") == found.startswith("-")):
                 found = number
             elif _THOUSANDS.fullmatch(found):
                 found = found.replace(" ", "")
         return pooled(found)
 
 
-# What ``extract_short`` leaves of a number: digits, in groups where it had separators, a point or a sign.
-_SPACED_DIGITS = re.compile(r"\d+( \d+)*")
-_THOUSANDS = re.compile(r"\d{1,3}( \d{3})+")
+# What ``extract_short`` leaves of a number: its minus sign, and digits in groups where it had separators or a point.
+_SPACED_DIGITS = re.compile(r"-?\d+( \d+)*")
+_THOUSANDS = re.compile(r"-?\d{1,3}( \d{3})+")
 
 
 def _significant(number: str) -> str:

@@ -574,6 +574,11 @@ def test_answers_read_by_different_extractors_are_pooled_before_they_are_counted
     result = numbers.combine([WeightedAnswer("n1", 0.3, "1250"), WeightedAnswer("e2", 0.3, "1.250"),
                               WeightedAnswer("n2", 0.4, "1.25")])
     assert result.expert == "n2" and [c.agreed for c in result.contributions] == [False, True, True]
+    # a negative decimal or thousands number read by short (which keeps the sign) pools with number's reading
+    for short, other in (("-3.5", "-3.5"), ("-1 000", "-1,000"), ("-2.25", "The answer is -2.25")):
+        result = numbers.combine([WeightedAnswer("e2", 0.3, short), WeightedAnswer("n1", 0.3, other),
+                                  WeightedAnswer("n2", 0.4, "4")])
+        assert result.expert == "e2" and [c.agreed for c in result.contributions] == [True, True, False], short
     # one extractor for all: its own forms, unchanged ("3 5" is not "35")
     assert Vote("short").key(WeightedAnswer("e", 1.0, "3.5")) == "3 5"
     assert pooled("b") == "B" and pooled("Paris") == "paris"
