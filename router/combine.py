@@ -135,10 +135,17 @@ _MARKDOWN = re.compile(r"\*+|__+|`+")  # emphasis and code marks around an answe
 _LATEX_WRAPPER = re.compile(r"\\(?:text|textbf|mathrm|mathbf)\{([^{}]*)\}")  # \text{B} -> B
 _BOXED = re.compile(r"\\boxed\{([^{}]*)\}")  # \boxed{B} -> "answer: B", an answer statement
 _OPENING = r"""[\s:(\[{"'“‘$]*"""  # what may stand between a statement and its letter: "(B)", '"B"', "$B$"
-# A letter that ends there: uppercase unless a word goes on ("I'm", "E.g.", "Apple", and "I" before a lower-case
-# word: "Answer: I believe it's C"); lowercase only where no English word can ("(b)", "b.", "b" at the end of a
-# line), so "the answer is a bit subtle" reads no letter.
-_LETTER = (r"(?:(?P<upper>[A-HJ]|I(?![ \t]+[a-z]))(?![A-Za-z0-9]|['’.][A-Za-z])"
+# A letter that ends there: uppercase unless a word goes on ("I'm", "E.g.", "Apple", and "I" before a verb the
+# pronoun takes: "Answer: I believe it's C"); lowercase only where no English word can ("(b)", "b.", "b" at the end
+# of a line), so "the answer is a bit subtle" reads no letter.
+# Words that follow the pronoun "I" and never option I ("I is correct", "I because ..." are option I).
+_PRONOUN_VERBS = ("am", "was", "think", "thought", "believe", "guess", "feel", "suspect", "assume", "reckon", "would",
+                  "will", "can", "could", "should", "might", "must", "may", "need", "have", "had", "do", "did",
+                  "know", "see", "say", "said", "mean", "hope", "expect", "chose", "choose", "pick", "picked", "go",
+                  "went", "agree", "disagree", "conclude", "lean", "get", "got", "find", "found", "also", "really",
+                  "personally", "just", "still", "initially", "hesitate", "want", "prefer", "recall", "apologize",
+                  "apologise", "cannot", "can't", "don't", "won't")
+_LETTER = (rf"(?:(?P<upper>[A-HJ]|I(?![ \t]+(?:{'|'.join(_PRONOUN_VERBS)})\b))(?![A-Za-z0-9]|['’.][A-Za-z])"
            r"|(?P<lower>[a-j])(?=\)|[\]}\"'”’$]*(?:[.:,;](?![A-Za-z0-9])|[ \t]*(?:\r?\n|$))))")
 _CHOICE_STATEMENT = re.compile(  # "the answer is (B)", "Answer: B", "correct answer is option C", "answer is: b"
     rf"(?i:\banswer(?:\s+is\b|\s*(?=:))){_OPENING}(?i:(?:option|choice)\b{_OPENING})?{_LETTER}")

@@ -73,6 +73,14 @@ def test_extract_number_and_short() -> None:
         # "I" before a lower-case word is the pronoun, not option I (it voted I and outweighed a unanimous C)
         ("Answer: I believe it's C.", None),
         ("The answer is I think (B). Final answer: B", "B"),
+        ("The answer is I would say D.", None),
+        # ... and option I before any other word stays option I (MMLU-Pro's answer is I about one time in ten)
+        ("The answer is I because the other options ignore friction.", "I"),
+        ("Final answer: \\boxed{I} since the rest fail.", "I"),
+        ("The correct answer is option I because it conserves energy.", "I"),
+        ("The answer is **I** which matches the data.", "I"),
+        ("The answer is I and J is close.", "I"),
+        ("At first the answer is B seemed right, but on reflection the answer is I because B ignores friction", "I"),
         ("The answer is b.", "B"),
         ("the correct answer is (c) because the membrane is permeable", "C"),
         ("answer: e\nexplanation: the others contradict the premise", "E"),
