@@ -377,14 +377,14 @@ class SqliteFeedbackStore(FeedbackStore):
     @contextlib.contextmanager
     def _reading(self, doing: str) -> Iterator[None]:
         """A read's ``sqlite3.Error`` (a damaged page, a lock held past the busy timeout) as ``FeedbackUnavailable``
-        naming the file (the service: 503; ``moe train``: one line), not a bare sqlite3 traceback or a 500."""
+        (the service: 503, not a 500; ``load_feedback`` adds the file and the way out for ``moe train``). Its
+        message is for clients, as ``add``'s is: the file and sqlite's words go to the log."""
         try:
             yield
         except sqlite3.Error as exc:
             log.warning("%s: cannot read it while %s (%s: %s)", self.where, doing, type(exc).__name__, exc)
-            raise FeedbackUnavailable(
-                f"{self.where}: cannot read it while {doing} ({type(exc).__name__}: {exc}); if the file is damaged, "
-                "recover it (sqlite3's .recover) or move it aside, and train with --no-feedback meanwhile") from exc
+            raise FeedbackUnavailable(f"the feedback store cannot be read while {doing} ({type(exc).__name__}); "
+                                      "the service log has the details") from exc
 
     def records(self, since: float | None = None) -> list[FeedbackRecord]:
         with self._lock, self._reading("reading the verdicts"):
@@ -492,6 +492,13 @@ def load_feedback(config: RouterConfig, since: float | None = None,
     assert store is not None
     try:
         records = store.records(since)
+    except FeedbackUnavailable as exc:
+        if not isinstance(store, SqliteFeedbackStore):
+            raise
+        # The trainer is no client: the file, what sqlite said, and the way out.
+        raise FeedbackUnavailable(f"{store.where}: cannot read the verdicts ({exc.__cause__}); if the file is "
+                                  "damaged, recover it (sqlite3's .recover) or move it aside, and train with "
+                                  "--no-feedback meanwhile") from exc
     finally:
         store.close()
     kept = [r for r in records if not is_blank(r.query)]
