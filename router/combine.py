@@ -181,16 +181,20 @@ def extract_choice(text: str) -> str | None:
     return match.group(1).upper() if match else None
 
 
-_NUMBER = re.compile(r"""
+_NUMBER_PATTERN = r"""
     (?: (?<![\w.])(?P<sign>[-+\u2212])     # a sign, where no word or number stands before it: "-3", "(−3)", not "5-3"
       | (?<![\d./]) )                      # else the start of a number, not its middle (nor a date's)
-    (?: (?:(?P<whole>\d+)[ \u00a0])?                                  # a mixed number's whole part: 3 1/2
+    (?: (?:(?P<whole>\d{1,3})[ \u00a0])?                              # a mixed number's whole part: 3 1/2
         (?P<numerator>\d+)/(?P<denominator>\d*[1-9]\d*)(?![\d./])   # a simple fraction: 3/4
       | (?P<mantissa>(?:\d{1,3}(?:,\d{3})+(?!\d)                     # 1,000 ("3,4": two numbers)
-                       |\d{1,3}(?:[ \u00a0\u202f]\d{3})+(?![\d,]|\.\d{3})  # 1 000, with a (narrow) no-break space too
+                       |\d{1,3}(?:[GROUP]\d{3})+(?![\d,-]|\.\d{3})   # 1 000 (see _NUMBER and _STATED_NUMBER)
                        |\d+)(?:\.\d+)?|\.\d+)                        # 42  1,000.5  .5
         (?:[eE](?P<exponent>[-+\u2212]?\d{1,3})(?!\d))? )              # 1.5e-3
-    """, re.VERBOSE)
+    """
+# Thousands split by a no-break or narrow no-break space anywhere ("1\u202f000"); by a plain space only in the
+# number an answer statement gives ("The answer is 1 000 000"): elsewhere "scores of 120 135 150" are three.
+_NUMBER = re.compile(_NUMBER_PATTERN.replace("[GROUP]", "[\u00a0\u202f]"), re.VERBOSE)
+_STATED_NUMBER = re.compile(_NUMBER_PATTERN.replace("[GROUP]", "[ \u00a0\u202f]"), re.VERBOSE)
 # "the answer is 42", "Answer: $42", "\boxed{12}", GSM8K's "#### 42": the number right after one
 _NUMBER_STATEMENT = re.compile(r"""(?:(?i:\banswer(?:\s+is\b|\s*:))|\\boxed\{|\#\#\#\#)[\s:$*_`'"(\[{=\\]*""")
 _LATEX_FRACTION = re.compile(r"\\[dt]?frac\{\s*([-\u2212]?)\s*(\d+)\s*\}\{\s*(\d+)\s*\}")  # \frac{-3}{4} -> -3/4
@@ -246,17 +250,18 @@ def extract_number(text: str) -> str | None:
     else the last number in the text. Read: signs ("-.5" -> "-0.5", the Unicode minus "−3" -> "-3"), a bare
     fraction part (".5" -> "0.5"), exponents ("1.5e-3" -> "0.0015", "1e3" -> "1000"), a simple fraction ("3/4",
     LaTeX's "\\frac{3}{4}" -> "0.75"), thousands separators in groups of three ("1,000" -> "1000"; "(3,4)" is two
-    numbers; also split by a space, no-break or narrow no-break space: "1 000 000"), a mixed number ("3 1/2" ->
-    "3.5"), a power ("10^{3}" -> "1000", "2^10" -> "1024"), "-0" -> "0"; currency signs and percent signs are
-    not part of the number ("$5" -> "5", "50%" -> "50"). LaTeX's forms are read too: "\\frac{-3}{4}" -> "-0.75",
+    numbers; also split by a no-break or narrow no-break space, and in the number an answer statement gives by a
+    plain space: "The answer is 1 000 000"), a mixed number ("3 1/2" -> "3.5"), a power ("10^{3}" -> "1000",
+    "2^10" -> "1024"), "-0" -> "0"; currency signs and percent signs are not part of the number ("$5" -> "5",
+    "50%" -> "50"). LaTeX's forms are read too: "\\frac{-3}{4}" -> "-0.75",
     thousands written "1{,}000" or "3\\,000", and powers of ten written "1.5 \\times 10^{3}" -> "1500"."""
     text = _POWER_OF_TEN.sub(r"e\1", _LATEX_GROUP.sub(",", _LATEX_FRACTION.sub(r"\1\2/\3", text)))
     text = _POWER.sub(_power, text)
     stated = None
     for statement in _NUMBER_STATEMENT.finditer(text):
-        number = _NUMBER.match(text, statement.end())
+        number = _STATED_NUMBER.match(text, statement.end())
         while number is not None and (equation := _EQUATION.match(text, number.end())) is not None:
-            number = _NUMBER.match(text, equation.end()) or number  # the equation's result
+            number = _STATED_NUMBER.match(text, equation.end()) or number  # the equation's result
             if number.end() <= equation.end():
                 break
         stated = number or stated

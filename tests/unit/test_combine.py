@@ -178,6 +178,11 @@ def test_extract_choice_reads_the_final_stated_letter(text: str, letter: str | N
         ("so x = 2^{-2}", "0.25"),
         ("The answer is 3 1/2 cups", "3.5"),
         ("Answer: -3 1/2", "-3.5"),
+        # ... but a plain space splits numbers outside a statement, a group before "-" is a word's, and a year is
+        # no mixed number's whole part
+        ("The scores were 120 135 150", "150"),
+        ("The answer is 5 100-dollar bills.", "5"),
+        ("So in 2023 1/4 of the staff left", "0.25"),
         # No statement: the last number.
         ("She has 16 - 3 - 4 = 9 eggs left, which she sells for $18 in total.", "18"),
         ("no digits", None),
