@@ -267,6 +267,10 @@ def vllm_args(expert: ExpertConfig, gpu_memory_utilization: str = GPU_MEMORY_UTI
     # The router sends ``expert.model`` upstream while clients know ``expert.name``: serve under both,
     # the name first so it is the one vLLM reports.
     names = [expert.name] if expert.model == expert.name else [expert.name, expert.model]
+    # --model, though vLLM 0.32's `vllm serve` (the image's entrypoint) warns that it wants the model as its
+    # positional argument: the other launcher, `python -m vllm.entrypoints.openai.api_server`, parses a positional
+    # model and then ignores it, serving its default model (Qwen/Qwen3-0.6B) under the expert's name. --model is
+    # read the same by both.
     args = ["--model", expert.model, "--served-model-name", *names, "--port", str(VLLM_PORT),
             # On SIGTERM (a rollout, `docker compose stop`), finish what is generating, for as long as the router
             # may read one answer, instead of aborting it: vLLM's default (0) aborts.
