@@ -222,7 +222,7 @@ class OpenAICompatibleExpert(Expert):
                 running = self._usage(chunk)[0] if isinstance(chunk.get("usage"), dict) else None
                 # The running usage, with the upstream's own price of it when it gives one (as the last chunk's is
                 # taken): a stream that breaks off is then counted at what the upstream charged.
-                yield piece if running is None else replace(piece, usage=running, cost_usd=_upstream_cost(chunk))
+                yield piece if running is None else replace(piece, usage=running, cost_usd=self._upstream_price(chunk))
             if finish_reason is not None:
                 break
         else:  # the body ended without [DONE]: complete only if a finish_reason came
@@ -254,7 +254,7 @@ class OpenAICompatibleExpert(Expert):
         stands."""
         usage, estimated = self._usage(usage_chunk, estimate)
         assert usage is not None  # an estimate stands in for whatever is missing
-        cost = _upstream_cost(usage_chunk)
+        cost = self._upstream_price(usage_chunk)
         if cost is None:
             cost = self.cost(usage)
         return StreamDelta(finish_reason=finish_reason, usage=usage, cost_usd=cost, nested=self._nested(nested),
@@ -306,6 +306,16 @@ class OpenAICompatibleExpert(Expert):
             raise ExpertProtocolError(self.name, "response has no 'choices' list")
         return data
 
+    def _upstream_price(self, data: dict[str, Any]) -> float | None:
+        """The upstream's own price of the call (``usage.cost``: OpenRouter's convention, and ``moe serve-replay``'s
+        recorded costs), which it charges, so it stands over the config's prices; None where it gives none, and
+        where it says 0 for a call the config prices above 0 (a proxy that writes ``cost: 0`` would otherwise make
+        every call it passes on free to the budget, the metrics and the outcome records)."""
+        cost = _upstream_cost(data)
+        if cost == 0 and (self.config.cost.input_per_1k or self.config.cost.output_per_1k):
+            return None
+        return cost
+
     def _usage(self, data: dict[str, Any], estimate: Usage | None = None) -> tuple[Usage | None, bool]:
         """The upstream's usage in ``data``, and whether any of it is ``estimate``'s: a count it left out, sent as
         null or as no count (negative, fractional: some servers send null, or -1, for what they do not count) is
@@ -351,13 +361,12 @@ class OpenAICompatibleExpert(Expert):
         usage, estimated = self._usage(data, Usage.counted(request.estimated_prompt_tokens(),
                                                            estimate_tokens(written)))
         assert usage is not None
-        upstream_cost = _upstream_cost(data)
+        upstream_cost = self._upstream_price(data)
         return ExpertReply(
             expert=self.name,
             content=content,
             usage=usage,
             usage_estimated=estimated,
-            # OpenRouter (and our replay server) price the call themselves; trust that over config prices.
             cost_usd=self.cost(usage) if upstream_cost is None else upstream_cost,
             latency_ms=latency_ms,
             finish_reason=finish_reason,

@@ -119,6 +119,21 @@ async def test_upstream_usage_cost_wins_over_config_prices(server: ScriptedOpenA
     assert deltas[-1].cost_usd == pytest.approx(0.0375)
 
 
+async def test_an_upstream_cost_of_zero_leaves_a_priced_experts_config_prices(server: ScriptedOpenAIServer,
+                                                                              make_expert: MakeExpert) -> None:
+    """A proxy that writes ``usage.cost: 0`` made every call a priced expert passed it free: to the cost budget,
+    the metrics and the outcome records. An unpriced expert still takes the upstream's 0."""
+    server.default = Behaviour.ok("free?", cost=0.0)
+    priced = make_expert(cost={"input_per_1k": 100.0, "output_per_1k": 100.0})
+    reply = await priced.generate(ask())
+    deltas = await collect(priced, ask())
+    assert reply.cost_usd == pytest.approx(priced.cost(reply.usage)) and reply.cost_usd > 0
+    last = deltas[-1]
+    assert last.usage is not None and last.cost_usd == pytest.approx(priced.cost(last.usage)) and priced.cost(
+        last.usage) > 0
+    assert (await make_expert().generate(ask())).cost_usd == 0.0
+
+
 async def test_stream_reassembles_content_and_ends_with_usage(server: ScriptedOpenAIServer,
                                                               make_expert: MakeExpert) -> None:
     server.default = Behaviour.ok("The answer is 42 .")
