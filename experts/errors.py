@@ -57,6 +57,10 @@ class ExpertError(Exception):
     # For an expert that is another moe-router (``type: router``) over HTTP: the trace its error carried (its
     # ``moe`` field), so what it tried and spent before failing still counts. None otherwise.
     nested: dict[str, Any] | None = None
+    # What the upstream reported it spent on a call it still failed (a 200 whose body was refused, with its
+    # ``usage``): the ``Attempt`` fields ``usage``, ``cost_usd`` and ``usage_estimated``, so the failed attempt is
+    # counted at that, not as free. None otherwise.
+    spent: dict[str, Any] | None = None
 
     def __init__(self, expert: str, message: str) -> None:
         super().__init__(f"{expert}: {message}")

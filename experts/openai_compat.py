@@ -119,10 +119,13 @@ class OpenAICompatibleExpert(Expert):
             raise self._transport_error(exc) from exc
         if not 200 <= response.status < 300:
             raise self._status_error(response.status, response.headers, response.content)
+        data: dict[str, Any] | None = None
         try:
-            return self._reply(self._decode(response.content), (time.perf_counter() - started) * 1000.0, request)
+            data = self._decode(response.content)
+            return self._reply(data, (time.perf_counter() - started) * 1000.0, request)
         except ExpertProtocolError as exc:
             self._log_protocol(exc)
+            exc.spent = None if data is None else self._billed(data)
             raise
 
     async def stream(self, request: ChatRequest) -> AsyncIterator[StreamDelta]:
@@ -305,6 +308,18 @@ class OpenAICompatibleExpert(Expert):
         if not isinstance(data.get("choices"), list):
             raise ExpertProtocolError(self.name, "response has no 'choices' list")
         return data
+
+    def _billed(self, data: dict[str, Any]) -> dict[str, Any] | None:
+        """What a reply the router refuses (no choices, a malformed message) still cost, where its ``usage`` counts
+        both sides: the upstream bills the call all the same (``ExpertError.spent``)."""
+        try:
+            usage, _ = self._usage(data)
+        except ExpertProtocolError:  # a malformed usage: nothing to count by
+            return None
+        if usage is None:
+            return None
+        cost = self._upstream_price(data)
+        return {"usage": usage, "cost_usd": self.cost(usage) if cost is None else cost, "usage_estimated": False}
 
     def _upstream_price(self, data: dict[str, Any]) -> float | None:
         """The upstream's own price of the call (``usage.cost``: OpenRouter's convention, and ``moe serve-replay``'s

@@ -209,7 +209,8 @@ class Dispatcher:
                     reserved_usd: float = 0.0) -> BudgetSpent | None:
         """The cause to report when a further call to ``name`` would not fit in the request's cost budget.
 
-        A failed call costs nothing by our count, so what is spent is only what answers reported, plus
+        A failed call costs nothing by our count unless it said what it was billed (``ExpertError.spent``, a
+        nested router's spend), so what is spent is what answers and such failures reported, plus
         ``reserved_usd``: the estimates of calls made alongside this one whose cost is not known yet (a panel's
         other members). The budget is ``deadline.budget_usd``: the config's, or less for a nested router.
         """
@@ -219,8 +220,10 @@ class Dispatcher:
         if not budget_spent(deadline.budget_usd, trace.cost_usd + reserved_usd, estimate):
             return None
         reserved = f", ${reserved_usd:.6f} reserved for the panel's other members" if reserved_usd else ""
-        return BudgetSpent(name, f"not tried: the request's cost budget of ${deadline.budget_usd:g} is spent "
-                                 f"(${trace.cost_usd:.6f} so far{reserved}, next call estimated at "
+        # "is spent" only when it is: a call estimated past what is left "would exceed" it.
+        state = "is spent" if trace.cost_usd + reserved_usd >= deadline.budget_usd else "would be exceeded"
+        return BudgetSpent(name, f"not tried: the request's cost budget of ${deadline.budget_usd:g} {state} "
+                                 f"(${trace.cost_usd:.6f} spent so far{reserved}, next call estimated at "
                                  f"${estimate:.6f})")
 
     async def call(self, name: str, weight: float, request: ChatRequest, deadline: Deadline, trace: Trace,
@@ -352,10 +355,11 @@ class Dispatcher:
                     CALL_LIMIT.reset(limit)
         except ExpertError as exc:
             # A failed call costs nothing by our count, but a nested router's experts may have been paid before
-            # it failed or was cut off (``CallScope.spent``).
+            # it failed or was cut off (``CallScope.spent``), and an upstream whose reply was refused may have said
+            # what it billed (``ExpertError.spent``).
             trace.attempts.append(Attempt(expert=name, ok=False, error=exc.to_dict(),
                                           latency_ms=(time.perf_counter() - start) * 1000.0, **tried.fields(),
-                                          **scope.spent()))
+                                          **(exc.spent or scope.spent())))
             return exc
         except asyncio.CancelledError:
             # Cancelled mid-call (the client left): no reply, so no usage, as for a failed call, but the attempt

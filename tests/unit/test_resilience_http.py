@@ -80,8 +80,10 @@ async def test_a_continuation_too_costly_for_the_budget_is_not_sent() -> None:
     assert estimate > 2.0
     # a's cut-off answer is counted as its server counted it (vLLM's running usage; the double counts the prompt's
     # 6 words): $0.06 spent; b is priced as the continuation.
-    assert (f"$0.060000 so far, next call estimated at ${estimate:.6f}"
-            in error["error"]["causes"][1]["message"])
+    # $0.06 of $0.20 is not the budget spent: the next call would exceed it, and the cause says so
+    assert error["error"]["causes"][1]["message"] == (
+        f"not tried: the request's cost budget of $0.2 would be exceeded ($0.060000 spent so far, next call "
+        f"estimated at ${estimate:.6f})")
 
 
 async def test_a_continuation_is_priced_at_the_tokens_left_not_the_whole_max_tokens() -> None:
@@ -259,3 +261,36 @@ async def test_a_retry_after_that_leaves_the_retry_time_is_waited_for() -> None:
     assert body["model"] == "a"
     assert [(x["expert"], x["cause"], x["backoff_s"]) for x in body["moe"]["retries"]] == [("a", "rate_limited", 0.505)]
     assert (len(srv["a"].requests), len(srv["b"].requests)) == (2, 0)
+
+
+async def test_a_refused_reply_that_reported_its_usage_is_counted_at_it() -> None:
+    """a answers 200 with 1,000 + 1,000 tokens of usage and no choice: the router refuses the reply and falls back
+    to b, but a's upstream bills those tokens all the same. The failed attempt counted $0 and 0 tokens; it now
+    counts what a reported, in the attempt, the response's usage and cost, and the budget."""
+    refused = json.dumps({"id": "x", "object": "chat.completion", "created": 1, "model": "a", "choices": [],
+                          "usage": {"prompt_tokens": 1000, "completion_tokens": 1000, "total_tokens": 2000}})
+    async with rig(("a", "b"), prices={"input_per_1k": 1.0, "output_per_1k": 2.0}) as (srv, http):
+        srv["a"].push(Behaviour.raw(refused.encode()))
+        srv["b"].default = Behaviour.ok("Paris.", prompt_tokens=10, completion_tokens=5)
+        body = (await http.post("/v1/chat/completions", json=CHAT)).json()
+    first, second = body["moe"]["attempts"]
+    assert (first["expert"], first["ok"], first["error"]["kind"]) == ("a", False, "protocol")
+    assert first["usage"]["prompt_tokens"] == first["usage"]["completion_tokens"] == 1000
+    assert first["cost_usd"] == pytest.approx(3.0) and not first.get("usage_estimated")
+    assert second["ok"] and second["cost_usd"] == pytest.approx(0.02)
+    assert body["usage"]["prompt_tokens"] == 1010 and body["usage"]["completion_tokens"] == 1005
+    assert body["moe"]["cost_usd"] == pytest.approx(3.02)
+
+
+async def test_a_budget_already_spent_says_so() -> None:
+    """What refused reply a billed ($3) spends the $1 budget: b is not tried, and its cause says the budget is
+    spent (not that the next call would exceed it)."""
+    refused = json.dumps({"id": "x", "object": "chat.completion", "created": 1, "model": "a", "choices": [],
+                          "usage": {"prompt_tokens": 1000, "completion_tokens": 1000, "total_tokens": 2000}})
+    async with rig(("a", "b"), prices={"input_per_1k": 1.0, "output_per_1k": 2.0},
+                   fallback={"cost_budget_usd": 1.0}) as (srv, http):
+        srv["a"].push(Behaviour.raw(refused.encode()))
+        r = await http.post("/v1/chat/completions", json=CHAT)
+    assert r.status_code == 503 and len(srv["b"].requests) == 0
+    assert r.json()["error"]["causes"][1]["message"].startswith(
+        "not tried: the request's cost budget of $1 is spent ($3.000000 spent so far")
