@@ -22,7 +22,13 @@ an API key: experts build them from status codes and short body excerpts only.
 
 from __future__ import annotations
 
+from types import MappingProxyType
 from typing import Any
+
+# The HTTP status a moe-router service answers with, by its error code: what an error event in the middle of one's
+# stream (which has no status of its own) stands for, to another router (``type: router`` over HTTP) and the SDK.
+ROUTER_STATUS_BY_CODE = MappingProxyType({"rejected_by_experts": 400, "all_experts_failed": 503,
+                                          "internal_error": 500})
 
 __all__ = [
     "INVALID_REQUEST_STATUSES",

@@ -41,6 +41,7 @@ from pydantic import ValidationError
 from experts.base import Expert, ExpertContext, ExpertSpec
 from experts.errors import (
     INVALID_REQUEST_STATUSES,
+    ROUTER_STATUS_BY_CODE,
     ExpertAuthError,
     ExpertConfigError,
     ExpertError,
@@ -300,7 +301,9 @@ class OpenAICompatibleExpert(Expert):
             error = data["error"]
             message = error.get("message", error) if isinstance(error, dict) else error
             code = error.get("code") if isinstance(error, dict) else None
-            status = code if isinstance(code, int) and 400 <= code <= 599 else 500
+            # An HTTP status as the code (vLLM), or another moe-router's error code (its status stands for it).
+            status = (code if isinstance(code, int) and 400 <= code <= 599
+                      else ROUTER_STATUS_BY_CODE.get(code, 500) if isinstance(code, str) else 500)
             failure = self._http_error(status, self._excerpt(str(message)), _error_labels(data), None,
                                        _error_param(data))
             failure.nested = self._nested(data.get("moe"))  # another moe-router's trace, when it sent one

@@ -8,10 +8,16 @@ import time
 from collections.abc import Iterable, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from experts.errors import INVALID_REQUEST_STATUSES, ExpertAuthError, ExpertError, ExpertRejected, ExpertTimeout
+from experts.errors import (
+    INVALID_REQUEST_STATUSES,
+    ROUTER_STATUS_BY_CODE,
+    ExpertAuthError,
+    ExpertError,
+    ExpertRejected,
+    ExpertTimeout,
+)
 from router.errors import error_body
 
 if TYPE_CHECKING:
@@ -64,8 +70,7 @@ class AllExpertsFailed(Exception):
 
     # The HTTP status the service answers with, by error code: 400 when the request itself was refused, else 503.
     # A client that has only the error body (a stream's error event) reads the status from here too.
-    STATUS_BY_CODE: ClassVar[Mapping[str, int]] = MappingProxyType({"rejected_by_experts": 400,
-                                                                     "all_experts_failed": 503})
+    STATUS_BY_CODE: ClassVar[Mapping[str, int]] = ROUTER_STATUS_BY_CODE
 
     @property
     def status(self) -> int:

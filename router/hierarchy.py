@@ -40,7 +40,7 @@ from experts.base import Expert, ExpertContext
 from experts.errors import ExpertConfigError, ExpertError, ExpertRejected, ExpertServerError, ExpertTimeout
 from experts.openai_compat import OpenAICompatibleExpert
 from experts.types import ChatRequest, ExpertReply, StreamDelta, Usage
-from router.fallback import CALL_SCOPE, AllExpertsFailed, CallScope
+from router.fallback import CALL_SCOPE, NOT_CALLED, AllExpertsFailed, CallScope
 
 if TYPE_CHECKING:
     from router.config import ExpertConfig
@@ -117,7 +117,7 @@ class RouterExpert(Expert):
                 return _priced_by_inner(await self._http.generate(request))
             except ExpertError as exc:
                 caller.remote = _remote_spend(exc.nested)
-                raise
+                raise _over_http(exc) from exc
         from router.orchestrator import NoCapableExpert
 
         assert self._inner is not None
@@ -147,7 +147,7 @@ class RouterExpert(Expert):
                         yield _priced_delta(delta)
             except ExpertError as exc:
                 caller.remote = _remote_spend(exc.nested)
-                raise
+                raise _over_http(exc) from exc
             return
         from router.orchestrator import NoCapableExpert, StreamEnd
 
@@ -183,6 +183,28 @@ class _RouterEndpoint(OpenAICompatibleExpert):
 
     def _request_headers(self) -> dict[str, str] | None:
         return _caller().headers() or None
+
+
+def _over_http(exc: ExpertError) -> ExpertError:
+    """Another moe-router's failure over HTTP as the in-process one's is judged (``RouterExpert._failure``): its
+    503 when every expert it called timed out (the deadline this router passed down ran out there) is a timeout,
+    which the breaker does not count against it when that deadline was the client's; any other error as it came."""
+    if not isinstance(exc, ExpertServerError) or not _ran_out_of_time(exc.nested):
+        return exc
+    timeout = ExpertTimeout(exc.expert, f"inner router: {exc.message}")
+    timeout.nested = exc.nested
+    return timeout
+
+
+def _ran_out_of_time(nested: dict[str, Any] | None) -> bool:
+    """Whether the trace another moe-router's error carried shows it failed for lack of time: no attempt
+    answered, and every expert it called (not one it passed over) timed out (``AllExpertsFailed.timed_out``)."""
+    attempts = nested.get("attempts") if isinstance(nested, dict) else None
+    if not isinstance(attempts, list) or any(isinstance(a, dict) and a.get("ok") for a in attempts):
+        return False
+    kinds = [(a.get("error") or {}).get("kind") for a in attempts if isinstance(a, dict)]
+    called = [kind for kind in kinds if kind not in NOT_CALLED]
+    return bool(called) and all(kind == ExpertTimeout.kind for kind in called)
 
 
 def _remote_spend(nested: dict[str, Any] | None) -> dict[str, Any] | None:

@@ -459,7 +459,7 @@ class _Protocol:
 
             error = body["error"]
             code = str(error.get("code") if isinstance(error, dict) else None)
-            status = 500 if code == "internal_error" else AllExpertsFailed.STATUS_BY_CODE.get(code, 503)
+            status = AllExpertsFailed.STATUS_BY_CODE.get(code, 503)
             raise RouterAPIError(status, body, headers)
         if body.get("choices") == []:
             return None  # the usage chunk (stream_options.include_usage): the trace has the usage already

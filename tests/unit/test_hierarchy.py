@@ -593,3 +593,21 @@ async def test_a_retried_nested_panel_member_is_not_charged_its_siblings_cost_tw
     retried = [a for a in answer.trace.attempts if a.expert == "team"][-1]
     assert retried.retry == 1 and retried.nested is not None
     assert {a["expert"]: a["ok"] for a in retried.nested["attempts"]} == {"a": True, "b": True}
+
+
+@pytest.mark.parametrize("over_http", [False, True], ids=["in-process", "http"])
+async def test_a_clients_short_deadline_never_opens_a_nested_routers_breaker(over_http: bool) -> None:
+    """Over HTTP the inner service's 503 (every expert it called cut off by the deadline the outer passed down)
+    counted as the nested router's server error: five clients with x-moe-deadline-s 0.1 opened its breaker, and
+    everyone else lost the domain for the cooldown. It is a timeout now, as in-process."""
+    make = http_team if over_http else in_process_team
+    team = make([(priced("healthy", 1.0), {"delay": 0.3})])
+    outer = outer_router(team, [], [1.0])
+    body = {"model": "auto", "messages": [{"role": "user", "content": "hi"}]}
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app(outer)), base_url="http://r") as http:
+        for _ in range(6):
+            cut = await http.post("/v1/chat/completions", json=body, headers={"x-moe-deadline-s": "0.1"})
+            assert cut.status_code == 503
+            assert [c["kind"] for c in cut.json()["error"]["causes"]] == ["timeout"]
+        assert outer.breakers.snapshot("team")["state"] == "closed"
+        assert (await http.post("/v1/chat/completions", json=body)).status_code == 200

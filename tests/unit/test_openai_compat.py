@@ -829,3 +829,14 @@ async def test_a_negative_upstream_cost_is_no_price(server: ScriptedOpenAIServer
     negative, priced = await expert.generate(ask()), await expert.generate(ask())
     assert negative.cost_usd == pytest.approx(expert.cost(negative.usage)) and negative.cost_usd >= 0
     assert priced.cost_usd == pytest.approx(0.05)
+
+
+@pytest.mark.parametrize(("code", "status"), [("all_experts_failed", 503), ("rejected_by_experts", 400),
+                                              ("internal_error", 500), (503, 503), ("something_else", 500)])
+def test_an_error_event_in_a_stream_stands_for_its_status(code: object, status: int, make_expert: MakeExpert) -> None:
+    """Another moe-router's stream that fails mid-way sends its error code, not a status: all_experts_failed is
+    its 503 (as its service would have answered before the stream began), not a 500."""
+    event = json.dumps({"error": {"message": "every candidate expert failed", "type": "x", "code": code}})
+    with pytest.raises(ExpertHTTPError) as failed:
+        make_expert()._decode(event.encode())
+    assert failed.value.status == status
