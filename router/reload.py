@@ -27,6 +27,7 @@ Reloads are serialised: two triggers at once build twice, one after the other, a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 from collections.abc import Callable, Iterable, Sequence
@@ -40,6 +41,7 @@ from router.build import (
     config_inputs,
     deferred_commits,
     load_problem,
+    nested_loading_problems,
     reset_changed_breakers,
 )
 from router.config import ConfigError, RouterConfig, load_config
@@ -243,6 +245,12 @@ class Reloader:
             # either: it is reported as one more problem, with its type, and its traceback logged.
             found = load_problem(exc)
             if found is not None:
+                # A nested router's gate is named under its expert's key with its file, as moe config check names
+                # it, not as this config's gate.artifact.
+                with contextlib.suppress(Exception):
+                    nested = nested_loading_problems(config)
+                    if nested:
+                        return None, commits, [*problems, *nested], None
                 return None, commits, [*problems, (found[0], self._told(exc))], None
             return None, commits, [*problems, self._problem("<build>", exc)], exc
 

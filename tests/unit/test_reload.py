@@ -545,3 +545,33 @@ async def test_a_reload_that_changes_security_keeps_every_keys_rate_bucket(tmp_p
         assert (await http.post("/admin/reload", headers={"authorization": "Bearer sk-admin"})).status_code == 200
         assert (await http.get("/v1/models", headers={"authorization": "Bearer sk-b"})).status_code == 200
         assert (await http.get("/v1/models", headers=key)).status_code == 429
+
+
+async def test_a_refused_nested_gate_is_named_under_its_expert_with_its_file(tmp_path: Path) -> None:
+    """A nested router's untrained (or mismatched) gate refused the reload as this config's ``gate.artifact``,
+    naming neither the nesting expert nor the nested file; it is named as moe config check names it."""
+    inner = write(tmp_path / "inner.yaml", ["algebra"], gate={"artifact": "inner-gate"})
+    path = tmp_path / "router.yaml"
+    outer = {"version": 1, "gate": {"artifact": "g1"},
+             "experts": [{"name": "code", "type": "replay", "model": "code",
+                          "replay": {"source": "routerbench", "path": "unused"}}]}
+    path.write_text(yaml.safe_dump(outer))
+    _publish(tmp_path / "g1", "v1", "weights.npz", "gate.json")
+
+    class NestedBuilds(ArtifactBuilds):
+        def __call__(self, config: RouterConfig) -> Orchestrator:
+            for expert in config.experts:  # as the nested build refuses its own untrained gate
+                if expert.router_config:
+                    super().__call__(load_config(config.resolve(expert.router_config)))
+            return super().__call__(config)
+
+    holder = SimpleNamespace(orchestrator=NestedBuilds()(load_config(path)))
+    reloader = Reloader(path, build=NestedBuilds())
+    reloader.bind(holder)
+    path.write_text(yaml.safe_dump({**outer, "experts": [
+        {"name": "math", "type": "router", "model": "math", "router_config": "inner.yaml"}, *outer["experts"]]}))
+    with pytest.raises(ReloadFailed) as refused:
+        await reloader.reload()
+    [(key, message)] = refused.value.problems
+    assert key == "experts[0] (math).router_config", refused.value.problems
+    assert message.startswith(f"{inner}: ") and "moe train --config " + str(inner) in message
