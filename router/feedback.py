@@ -496,9 +496,10 @@ def load_feedback(config: RouterConfig, since: float | None = None,
         if not isinstance(store, SqliteFeedbackStore):
             raise
         # The trainer is no client: the file, what sqlite said, and the way out.
-        raise FeedbackUnavailable(f"{store.where}: cannot read the verdicts ({exc.__cause__}); if the file is "
-                                  "damaged, recover it (sqlite3's .recover) or move it aside, and train with "
-                                  "--no-feedback meanwhile") from exc
+        cause = exc.__cause__
+        raise FeedbackUnavailable(f"{store.where}: cannot read the verdicts ({type(cause).__name__}: {cause}); if "
+                                  "the file is damaged, recover it (sqlite3's .recover) or move it aside, and train "
+                                  "with --no-feedback meanwhile") from exc
     finally:
         store.close()
     kept = [r for r in records if not is_blank(r.query)]

@@ -84,6 +84,7 @@ class RouterExpert(Expert):
             # which the CLI would fill in.
             if len(exc.args) == 1 and "<this config>" in str(exc.args[0]):
                 exc.args = (str(exc.args[0]).replace("<this config>", str(path)),)
+            mark_nested_failure(exc, path)
             raise
 
     def __repr__(self) -> str:
@@ -185,6 +186,20 @@ class _RouterEndpoint(OpenAICompatibleExpert):
         return _caller().headers() or None
 
 
+_NESTED_NOTE = "in the router nested from "
+
+
+def mark_nested_failure(exc: BaseException, path: Path) -> None:
+    """Note on ``exc`` that building the router nested from ``path`` raised it (``nested_failure``)."""
+    exc.add_note(f"{_NESTED_NOTE}{path}")
+
+
+def nested_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` was raised building a nested router, not by the config whose build it stopped (a reload
+    names such a failure under the nesting expert's key)."""
+    return any(note.startswith(_NESTED_NOTE) for note in getattr(exc, "__notes__", ()))
+
+
 def _over_http(exc: ExpertError) -> ExpertError:
     """Another moe-router's failure over HTTP as the in-process one's is judged (``RouterExpert._failure``): its
     503 when every expert it called timed out (the deadline this router passed down ran out there) is a timeout,
@@ -202,8 +217,10 @@ def _ran_out_of_time(nested: dict[str, Any] | None) -> bool:
     attempts = nested.get("attempts") if isinstance(nested, dict) else None
     if not isinstance(attempts, list) or any(isinstance(a, dict) and a.get("ok") for a in attempts):
         return False
-    kinds = [(a.get("error") or {}).get("kind") for a in attempts if isinstance(a, dict)]
-    called = [kind for kind in kinds if kind not in NOT_CALLED]
+    # Each expert by its last attempt, as the in-process causes hold each expert's last error: a 503 retried into a
+    # timeout ran out of time.
+    last = {a.get("expert"): (a.get("error") or {}).get("kind") for a in attempts if isinstance(a, dict)}
+    called = [kind for kind in last.values() if kind not in NOT_CALLED]
     return bool(called) and all(kind == ExpertTimeout.kind for kind in called)
 
 

@@ -47,6 +47,7 @@ from router.build import (
 from router.config import ConfigError, RouterConfig, load_config
 from router.errors import naming_config
 from router.feedback import feedback_path
+from router.hierarchy import nested_failure
 from router.orchestrator import Orchestrator
 from router.security import redact
 
@@ -245,10 +246,10 @@ class Reloader:
             # either: it is reported as one more problem, with its type, and its traceback logged.
             found = load_problem(exc)
             if found is not None:
-                # A nested router's gate is named under its expert's key with its file, as moe config check names
-                # it, not as this config's gate.artifact.
+                # A nested router's: named under the nesting expert's key, with its file, as moe config check
+                # names it (not as this config's gate.artifact, with this config to train).
                 with contextlib.suppress(Exception):
-                    nested = nested_loading_problems(config)
+                    nested = nested_loading_problems(config) if nested_failure(exc) else []
                     if nested:
                         return None, commits, [*problems, *nested], None
                 return None, commits, [*problems, (found[0], self._told(exc))], None

@@ -485,7 +485,8 @@ async def test_a_damaged_store_is_refused_by_the_service_and_config_check_and_na
         open_feedback_store(config)
     # moe train's reader: the file, sqlite's words and the way out
     with pytest.raises(FeedbackUnavailable, match=r"feedback\.path \(.*fb\.sqlite3\): cannot read the verdicts "
-                                                  r"\(.*malformed.*\); .*train with --no-feedback meanwhile"):
+                                                  r"\(DatabaseError: .*malformed.*\); .*train with --no-feedback "
+                                                  r"meanwhile"):
         load_feedback(config)
     reader = open_feedback_store(config, write=False)
     assert reader is not None

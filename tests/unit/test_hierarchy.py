@@ -611,3 +611,36 @@ async def test_a_clients_short_deadline_never_opens_a_nested_routers_breaker(ove
             assert [c["kind"] for c in cut.json()["error"]["causes"]] == ["timeout"]
         assert outer.breakers.snapshot("team")["state"] == "closed"
         assert (await http.post("/v1/chat/completions", json=body)).status_code == 200
+
+
+def test_a_nested_routers_build_failure_is_marked_as_the_nested_files(tmp_path: Path) -> None:
+    """What stops a nested router's build (its gate untrained) carries a note naming its file, so a reload names
+    it under the nesting expert (``router.reload``) rather than as the outer config's own gate."""
+    from router.build import GateNotTrained
+    from router.hierarchy import nested_failure
+
+    inner = write(tmp_path / "inner.yaml", [leaf("a")])
+    outer = parse_config({"version": 1, "experts": [{"name": "team", "type": "router", "model": "auto",
+                                                     "router_config": "inner.yaml"}]},
+                         base_dir=tmp_path, check_env=False)
+    with pytest.raises(GateNotTrained) as failed:
+        RouterExpert(outer.expert("team"), ExpertContext(base_dir=tmp_path))
+    assert nested_failure(failed.value) and failed.value.__notes__ == [f"in the router nested from {inner}"]
+    assert not nested_failure(GateNotTrained(tmp_path / "gate"))
+
+
+def test_an_http_inner_router_ran_out_of_time_by_each_experts_last_attempt() -> None:
+    """In-process, the causes hold each expert's last error: a 503 retried into a timeout ran out of time. Over
+    HTTP every attempt of the trace was read, so the retried expert's 503 kept it a server error, which opened
+    the breaker at a client's short deadline."""
+    from router.hierarchy import _ran_out_of_time
+
+    def attempt(expert: str, kind: str, retry: int = 0) -> dict[str, Any]:
+        return {"expert": expert, "ok": False, "retry": retry, "error": {"expert": expert, "kind": kind}}
+
+    assert _ran_out_of_time({"attempts": [attempt("a", "server_error"), attempt("a", "timeout", 1),
+                                          attempt("b", "not_tried")]})
+    assert not _ran_out_of_time({"attempts": [attempt("a", "timeout"), attempt("a", "server_error", 1)]})
+    assert not _ran_out_of_time({"attempts": [attempt("a", "timeout"), attempt("b", "server_error")]})
+    assert not _ran_out_of_time({"attempts": [attempt("a", "timeout"), {"expert": "b", "ok": True}]})
+    assert not _ran_out_of_time({"attempts": [attempt("b", "circuit_open")]}) and not _ran_out_of_time(None)

@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from router.config import RouterConfig, load_config
+from router.hierarchy import mark_nested_failure
 from router.orchestrator import Orchestrator
 from router.reload import Reloader, ReloadFailed, restart_only_changes
 from router.service import create_app
@@ -559,11 +560,19 @@ async def test_a_refused_nested_gate_is_named_under_its_expert_with_its_file(tmp
     _publish(tmp_path / "g1", "v1", "weights.npz", "gate.json")
 
     class NestedBuilds(ArtifactBuilds):
+        """The outer gate first, then each nested router's, marked as ``RouterExpert`` marks its build's failure."""
+
         def __call__(self, config: RouterConfig) -> Orchestrator:
-            for expert in config.experts:  # as the nested build refuses its own untrained gate
+            built = super().__call__(config)
+            for expert in config.experts:
                 if expert.router_config:
-                    super().__call__(load_config(config.resolve(expert.router_config)))
-            return super().__call__(config)
+                    nested = Path(config.resolve(expert.router_config))
+                    try:
+                        super().__call__(load_config(nested))
+                    except Exception as exc:
+                        mark_nested_failure(exc, nested)
+                        raise
+            return built
 
     holder = SimpleNamespace(orchestrator=NestedBuilds()(load_config(path)))
     reloader = Reloader(path, build=NestedBuilds())
@@ -575,3 +584,11 @@ async def test_a_refused_nested_gate_is_named_under_its_expert_with_its_file(tmp
     [(key, message)] = refused.value.problems
     assert key == "experts[0] (math).router_config", refused.value.problems
     assert message.startswith(f"{inner}: ") and "moe train --config " + str(inner) in message
+    # this config's own gate untrained too: the build stops at it, and it is named as this config's, not dropped
+    outer["gate"] = {"artifact": "g2"}
+    path.write_text(yaml.safe_dump({**outer, "experts": [
+        {"name": "math", "type": "router", "model": "math", "router_config": "inner.yaml"}, *outer["experts"]]}))
+    with pytest.raises(ReloadFailed) as refused:
+        await reloader.reload()
+    assert [key for key, _ in refused.value.problems] == ["gate.artifact"]
+    assert str(tmp_path / "g2") in refused.value.problems[0][1]
