@@ -126,7 +126,8 @@ class OpenAICompatibleExpert(Expert):
             return self._reply(data, (time.perf_counter() - started) * 1000.0, request)
         except ExpertProtocolError as exc:
             self._log_protocol(exc)
-            exc.spent = None if data is None else self._billed(data)
+            if exc.spent is None and data is not None:
+                exc.spent = self._billed(data)
             raise
 
     async def stream(self, request: ChatRequest) -> AsyncIterator[StreamDelta]:
@@ -309,7 +310,9 @@ class OpenAICompatibleExpert(Expert):
             failure.nested = self._nested(data.get("moe"))  # another moe-router's trace, when it sent one
             raise failure
         if not isinstance(data.get("choices"), list):
-            raise ExpertProtocolError(self.name, "response has no 'choices' list")
+            refused = ExpertProtocolError(self.name, "response has no 'choices' list")
+            refused.spent = self._billed(data)  # what its usage says the upstream billed all the same
+            raise refused
         return data
 
     def _billed(self, data: dict[str, Any]) -> dict[str, Any] | None:

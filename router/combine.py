@@ -135,17 +135,16 @@ _MARKDOWN = re.compile(r"\*+|__+|`+")  # emphasis and code marks around an answe
 _LATEX_WRAPPER = re.compile(r"\\(?:text|textbf|mathrm|mathbf)\{([^{}]*)\}")  # \text{B} -> B
 _BOXED = re.compile(r"\\boxed\{([^{}]*)\}")  # \boxed{B} -> "answer: B", an answer statement
 _OPENING = r"""[\s:(\[{"'“‘$]*"""  # what may stand between a statement and its letter: "(B)", '"B"', "$B$"
-# A letter that ends there: uppercase unless a word goes on ("I'm", "E.g.", "Apple", and "I" before a verb the
-# pronoun takes: "Answer: I believe it's C"); lowercase only where no English word can ("(b)", "b.", "b" at the end
-# of a line), so "the answer is a bit subtle" reads no letter.
-# Words that follow the pronoun "I" and never option I ("I is correct", "I because ..." are option I).
-_PRONOUN_VERBS = ("am", "was", "think", "thought", "believe", "guess", "feel", "suspect", "assume", "reckon", "would",
-                  "will", "can", "could", "should", "might", "must", "may", "need", "have", "had", "do", "did",
-                  "know", "see", "say", "said", "mean", "hope", "expect", "chose", "choose", "pick", "picked", "go",
-                  "went", "agree", "disagree", "conclude", "lean", "get", "got", "find", "found", "also", "really",
-                  "personally", "just", "still", "initially", "hesitate", "want", "prefer", "recall", "apologize",
-                  "apologise", "cannot", "can't", "don't", "won't")
-_LETTER = (rf"(?:(?P<upper>[A-HJ]|I(?![ \t]+(?:{'|'.join(_PRONOUN_VERBS)})\b))(?![A-Za-z0-9]|['’.][A-Za-z])"
+# Words after which "I" is option I ("The answer is I because ...", "I which matches", "\boxed{I} since", "I and J");
+# before any other lower-case word it is the pronoun ("Answer: I believe it's C", "I suppose", "I honestly think").
+_AFTER_OPTION_I = ("because", "since", "which", "that", "is", "as", "and", "or", "so", "but", "for", "with", "in",
+                   "of", "at", "from", "on", "to", "by", "here", "there", "then", "only", "alone", "too", "fits",
+                   "matches", "seems", "appears", "holds", "given", "while", "whereas")
+# A letter that ends there: uppercase unless a word goes on ("I'm", "E.g.", "Apple", and "I" before a lower-case
+# word but those of _AFTER_OPTION_I); lowercase only where no English word can ("(b)", "b.", "b" at the end of a
+# line), so "the answer is a bit subtle" reads no letter.
+_LETTER = (rf"(?:(?P<upper>[A-HJ]|I(?![ \t]+(?!(?:{'|'.join(_AFTER_OPTION_I)})\b)[a-z]))"
+           r"(?![A-Za-z0-9]|['’.][A-Za-z])"
            r"|(?P<lower>[a-j])(?=\)|[\]}\"'”’$]*(?:[.:,;](?![A-Za-z0-9])|[ \t]*(?:\r?\n|$))))")
 _CHOICE_STATEMENT = re.compile(  # "the answer is (B)", "Answer: B", "correct answer is option C", "answer is: b"
     rf"(?i:\banswer(?:\s+is\b|\s*(?=:))){_OPENING}(?i:(?:option|choice)\b{_OPENING})?{_LETTER}")
@@ -187,14 +186,16 @@ _NUMBER_PATTERN = r"""
     (?: (?:(?P<whole>\d{1,3})[ \u00a0])?                              # a mixed number's whole part: 3 1/2
         (?P<numerator>\d+)/(?P<denominator>\d*[1-9]\d*)(?![\d./])   # a simple fraction: 3/4
       | (?P<mantissa>(?:\d{1,3}(?:,\d{3})+(?!\d)                     # 1,000 ("3,4": two numbers)
-                       |\d{1,3}(?:[GROUP]\d{3})+(?![\d,-]|\.\d{3})   # 1 000 (see _NUMBER and _STATED_NUMBER)
+                       |\d{1,3}(?:[\u00a0\u202f]\d{3})+(?![\d,]|\.\d{3})  # 1 000 with a (narrow) no-break space
+                       [PLAIN]                                         # 1 000 (see _STATED_NUMBER)
                        |\d+)(?:\.\d+)?|\.\d+)                        # 42  1,000.5  .5
         (?:[eE](?P<exponent>[-+\u2212]?\d{1,3})(?!\d))? )              # 1.5e-3
     """
 # Thousands split by a no-break or narrow no-break space anywhere ("1\u202f000"); by a plain space only in the
 # number an answer statement gives ("The answer is 1 000 000"): elsewhere "scores of 120 135 150" are three.
-_NUMBER = re.compile(_NUMBER_PATTERN.replace("[GROUP]", "[\u00a0\u202f]"), re.VERBOSE)
-_STATED_NUMBER = re.compile(_NUMBER_PATTERN.replace("[GROUP]", "[ \u00a0\u202f]"), re.VERBOSE)
+_NUMBER = re.compile(_NUMBER_PATTERN.replace("[PLAIN]", ""), re.VERBOSE)
+# (a group before "-" is a word's: "5 100-dollar bills"; the space is escaped, as a verbose pattern ignores it)
+_STATED_NUMBER = re.compile(_NUMBER_PATTERN.replace("[PLAIN]", r"|\d{1,3}(?:\ \d{3})+(?![\d,-]|\.\d{3})"), re.VERBOSE)
 # "the answer is 42", "Answer: $42", "\boxed{12}", GSM8K's "#### 42": the number right after one
 _NUMBER_STATEMENT = re.compile(r"""(?:(?i:\banswer(?:\s+is\b|\s*:))|\\boxed\{|\#\#\#\#)[\s:$*_`'"(\[{=\\]*""")
 _LATEX_FRACTION = re.compile(r"\\[dt]?frac\{\s*([-\u2212]?)\s*(\d+)\s*\}\{\s*(\d+)\s*\}")  # \frac{-3}{4} -> -3/4

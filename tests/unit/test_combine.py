@@ -74,6 +74,9 @@ def test_extract_number_and_short() -> None:
         ("Answer: I believe it's C.", None),
         ("The answer is I think (B). Final answer: B", "B"),
         ("The answer is I would say D.", None),
+        ("Answer: I suppose it is B.", None),
+        ("The answer is I honestly think B", None),
+        ("Answer: I understand why, but B", None),
         # ... and option I before any other word stays option I (MMLU-Pro's answer is I about one time in ten)
         ("The answer is I because the other options ignore friction.", "I"),
         ("Final answer: \\boxed{I} since the rest fail.", "I"),

@@ -269,6 +269,12 @@ async def test_a_refused_reply_that_reported_its_usage_is_counted_at_it() -> Non
     counts what a reported, in the attempt, the response's usage and cost, and the budget."""
     refused = json.dumps({"id": "x", "object": "chat.completion", "created": 1, "model": "a", "choices": [],
                           "usage": {"prompt_tokens": 1000, "completion_tokens": 1000, "total_tokens": 2000}})
+    await _a_refused_reply_is_counted(refused)
+    # no 'choices' key at all: refused where the body is decoded, billed all the same
+    await _a_refused_reply_is_counted(refused.replace('"choices": [], ', ""))
+
+
+async def _a_refused_reply_is_counted(refused: str) -> None:
     async with rig(("a", "b"), prices={"input_per_1k": 1.0, "output_per_1k": 2.0}) as (srv, http):
         srv["a"].push(Behaviour.raw(refused.encode()))
         srv["b"].default = Behaviour.ok("Paris.", prompt_tokens=10, completion_tokens=5)
