@@ -12,6 +12,7 @@ import pytest
 from router.config import EncoderConfig
 from router.encoders import Encoder, OnnxMiniLMEncoder, build_encoder
 from router.gate import Gate
+from tests.doubles.fakes import FakeHashingEncoder
 
 
 @pytest.fixture(scope="module")
@@ -59,3 +60,16 @@ def clinc_domains(data_dir: Path) -> DomainSplit:
     test = [q for q in load_clinc150_domains(data_dir, "test") if q.label != CLINC_OOS_LABEL][::3]
     return DomainSplit([q.text for q in train], [q.label for q in train], sorted({q.label for q in train}),
                        [q.text for q in test], np.array([q.label for q in test]))
+
+
+class _FakeStaticHashing(FakeHashingEncoder):
+    """Stands in for the two-stage gate's static encoder (``StaticMiniLMEncoder``), whose table is not built."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__()
+
+
+@pytest.fixture
+def fast_static(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``moe eval`` on a labelled JSONL fits the two-stage gate's static stage too: a hashing encoder stands in."""
+    monkeypatch.setattr("router.static_encoder.StaticMiniLMEncoder", _FakeStaticHashing)

@@ -58,18 +58,6 @@ def _write(path: Path, rows: list[dict[str, str]]) -> Path:
     return path
 
 
-class _FakeStaticHashing(FakeHashingEncoder):
-    """Stands in for the two-stage gate's static encoder (``StaticMiniLMEncoder``), whose table is not built."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__()
-
-
-@pytest.fixture
-def fast_static(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("router.static_encoder.StaticMiniLMEncoder", _FakeStaticHashing)
-
-
 def _jsonl_run(tmp_path: Path, train: Path, test: Path, out: Path, **kwargs: Any) -> dict[str, Any]:
     kwargs = {"plots": False, **kwargs}
     return run_suite("jsonl", None, out, encoder=FakeHashingEncoder(), train=train, test=test, progress=False,

@@ -16,7 +16,7 @@ import re
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -363,18 +363,6 @@ def test_convert_whose_last_lines_fail_to_flush_names_out(data_dir: Path, tmp_pa
     assert out.read_text(encoding="utf-8") == "earlier\n"
 
 
-class _FakeStaticHashing(FakeHashingEncoder):
-    """Stands in for the two-stage gate's static encoder (``StaticMiniLMEncoder``), whose table is not built."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__()
-
-
-@pytest.fixture
-def fast_static(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("router.static_encoder.StaticMiniLMEncoder", _FakeStaticHashing)
-
-
 def _rows(n_per_label: int, prefix: str = "q") -> list[dict[str, str]]:
     rng = np.random.default_rng(len(prefix) + n_per_label)
     rows = []
@@ -395,31 +383,37 @@ def _eval(tmp_path: Path, out: Path, train: Path, test: Path) -> dict[str, Any]:
                      plots=False, cache_dir=tmp_path / "cache")
 
 
+def _an_earlier_run(tmp_path: Path) -> tuple[Path, Callable[[], None]]:
+    """An earlier run's results in ``tmp_path / "out"``, and a check to call once the disk is made to fail: a new
+    run there is refused naming --out, and leaves the earlier run's files as they were, with no staging folder."""
+    test = _jsonl(tmp_path / "test.jsonl", _rows(5, prefix="t"))
+    out = tmp_path / "out"
+    _eval(tmp_path, out, _jsonl(tmp_path / "train.jsonl", _rows(20)), test)
+    before = _tree(out)
+
+    def rerun() -> None:
+        with pytest.raises(ValueError, match=rf"^--out {re.escape(str(out))}: cannot write there \(No space left "
+                                             r"on device\)"):
+            _eval(tmp_path, out, _jsonl(tmp_path / "other.jsonl", _rows(15, prefix="o")), test)
+        assert _tree(out) == before and [p.name for p in out.iterdir() if p.name.startswith(".")] == []
+
+    return out, rerun
+
+
 @pytest.mark.parametrize("free", [0, 3000])  # the first file; a later one
 def test_eval_on_a_full_disk_names_out_and_keeps_the_earlier_run(free: int, tmp_path: Path,
                                                                   monkeypatch: pytest.MonkeyPatch,
                                                                   fast_static: None) -> None:
     """`moe eval --out` said only "error: [Errno 28] No space left on device" when its staging folder filled."""
-    train = _jsonl(tmp_path / "train.jsonl", _rows(20))
-    test = _jsonl(tmp_path / "test.jsonl", _rows(5, prefix="t"))
-    out = tmp_path / "out"
-    _eval(tmp_path, out, train, test)
-    before = _tree(out)
+    out, rerun = _an_earlier_run(tmp_path)
     full_disk(monkeypatch, out, free=free)
-    with pytest.raises(ValueError, match=rf"^--out {re.escape(str(out))}: cannot write there \(No space left on "
-                                         r"device\)"):
-        _eval(tmp_path, out, _jsonl(tmp_path / "other.jsonl", _rows(15, prefix="o")), test)
-    assert _tree(out) == before and [p.name for p in out.iterdir() if p.name.startswith(".")] == []
+    rerun()
 
 
 def test_eval_whose_publish_meets_a_full_disk_names_out(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                         fast_static: None) -> None:
     """The publish makes one folder (the earlier run's files go aside there) before its renames."""
-    train = _jsonl(tmp_path / "train.jsonl", _rows(20))
-    test = _jsonl(tmp_path / "test.jsonl", _rows(5, prefix="t"))
-    out = tmp_path / "out"
-    _eval(tmp_path, out, train, test)
-    before = _tree(out)
+    _, rerun = _an_earlier_run(tmp_path)
     real_mkdir = Path.mkdir
 
     def mkdir(self: Path, *args: Any, **kwargs: Any) -> None:
@@ -428,10 +422,7 @@ def test_eval_whose_publish_meets_a_full_disk_names_out(tmp_path: Path, monkeypa
         real_mkdir(self, *args, **kwargs)
 
     monkeypatch.setattr(Path, "mkdir", mkdir)
-    with pytest.raises(ValueError, match=rf"^--out {re.escape(str(out))}: cannot write there \(No space left on "
-                                         r"device\)"):
-        _eval(tmp_path, out, _jsonl(tmp_path / "other.jsonl", _rows(15, prefix="o")), test)
-    assert _tree(out) == before and [p.name for p in out.iterdir() if p.name.startswith(".")] == []
+    rerun()
 
 
 def test_an_error_that_is_not_about_out_is_left_as_it_is(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
