@@ -150,7 +150,10 @@ def render_markdown(results: Mapping[str, Any]) -> str:
         lines += ["## Every single expert on the test split", ""]
         lines += _table(*_rows_of(results["experts"]))
     if results.get("curve"):
-        lines += ["## Quality–cost curve (swept over the cost weight λ)", ""]
+        # The evaluation's router's own trade-off: its λ is per USD of predicted cost, on another scale than the
+        # served gate's unitless gate.cost_weight, so a row names no cost_weight to serve.
+        lines += ["## Quality–cost curve of the evaluation's router (λ per USD of predicted cost, not "
+                  "gate.cost_weight)", ""]
         lines += _table(*_rows_of(_curve_rows(results["curve"])))
     if results.get("per_class"):
         # "#" is the label's row and column in the confusion matrix, whose figure shows indices past 40 labels (or
