@@ -17,7 +17,6 @@ import hashlib
 import logging
 import re
 import socket
-import time
 import zipfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from router.encoders import Encoder, cache_root
-from router.files import owner_tag, process_gone
+from router.files import abandoned, owner_tag
 from router.settings import Settings
 
 log = logging.getLogger("eval.embeddings")
@@ -108,16 +107,15 @@ class CachedEncoder(Encoder):
 
     def _sweep(self) -> None:
         """Remove the temporary files of runs that were killed while writing a shard (SIGKILL, an out-of-memory
-        kill, a power cut): one of this host whose process is gone (``router.files.process_gone``, as a killed
+        kill, a power cut): one of this host whose process is gone (``router.files.abandoned``, as a killed
         run's staging folder in --out is told), and any untouched for ``ABANDONED_AFTER_S`` (another host's, or
         one named by an older version, which named no host)."""
         from eval.harness import ABANDONED_AFTER_S  # eval.harness imports this module
 
         here = socket.gethostname()
         for tmp in self.folder.glob(f"{_TMP}*.npz"):
-            with contextlib.suppress(OSError):
-                if (process_gone(tmp.name.removeprefix(_TMP).removesuffix(".npz"), here)
-                        or time.time() - tmp.stat().st_mtime > ABANDONED_AFTER_S):
+            if abandoned(tmp, _TMP, ABANDONED_AFTER_S, here):
+                with contextlib.suppress(OSError):
                     tmp.unlink()
                     log.info("embedding cache %s: removed %s, left by a run that was killed", self.folder, tmp.name)
 

@@ -46,7 +46,7 @@ from eval.peer import SPLIT_PARTS
 from eval.report import HARNESS_FIGURES, write_results
 from eval.suite import PREDICTIONS, SuiteContext, check_limit, warnings_once
 from router.encoders import Encoder
-from router.files import owner_tag, process_gone
+from router.files import abandoned, owner_tag
 from router.settings import Settings
 
 log = logging.getLogger("eval.harness")
@@ -293,18 +293,8 @@ def _remove_abandoned(out: Path) -> None:
     whose processes cannot be seen from here; a container's host name is new each time)."""
     here = socket.gethostname()
     for folder in out.glob(f"{_STAGING}*"):
-        if _abandoned(folder, here):
+        if abandoned(folder, _STAGING, ABANDONED_AFTER_S, here):
             shutil.rmtree(folder, ignore_errors=True)
-
-
-def _abandoned(folder: Path, here: str) -> bool:
-    """Whether staging ``folder`` is a killed run's (``_remove_abandoned``); ``here``: this host's name."""
-    try:
-        if time.time() - folder.stat().st_mtime > ABANDONED_AFTER_S:
-            return True
-    except OSError:
-        return False
-    return process_gone(folder.name.removeprefix(_STAGING), here)
 
 
 def _check_own_data(suite: str, train: str | Path | None, test: str | Path | None) -> None:

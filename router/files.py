@@ -23,7 +23,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["MANIFESTS", "STAGING_PREFIX", "atomic_write_text", "owner_tag", "process_gone", "staged"]
+__all__ = ["MANIFESTS", "STAGING_PREFIX", "abandoned", "atomic_write_text", "owner_tag", "process_gone", "staged"]
 
 STAGING_PREFIX = ".staging-"
 # Published last, in this order (deeper folders first): a manifest names the digests of the files beside it, so
@@ -55,6 +55,18 @@ def process_gone(tag: str, here: str | None = None) -> bool:
     except OSError:  # alive, another user's
         return False
     return False
+
+
+def abandoned(path: Path, prefix: str, max_age_s: float, here: str | None = None) -> bool:
+    """Whether the temporary file or folder ``path``, named ``<prefix><pid>@<host>-...`` (``owner_tag``), was left
+    by a run that was killed: one of this host whose process is gone (``process_gone``), or one untouched for
+    ``max_age_s`` (another host's, whose processes cannot be seen from here, or one named without its process).
+    One that cannot be read is not."""
+    try:
+        return (process_gone(path.name.removeprefix(prefix), here)
+                or time.time() - path.stat().st_mtime > max_age_s)
+    except OSError:
+        return False
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
@@ -115,9 +127,7 @@ def _in_staging(rel: Path) -> bool:
 def _remove_stale(target: Path) -> None:
     """Remove the staging folders of runs that were killed: one of this host whose process is gone, and any older
     than ``_STALE_S`` (another host's, or one an older release named without its process)."""
-    now, here = time.time(), socket.gethostname()
+    here = socket.gethostname()
     for old in target.glob(f"{STAGING_PREFIX}*"):
-        with contextlib.suppress(OSError):
-            if old.is_dir() and (process_gone(old.name.removeprefix(STAGING_PREFIX), here)
-                                 or now - old.stat().st_mtime > _STALE_S):
-                shutil.rmtree(old, ignore_errors=True)
+        if old.is_dir() and abandoned(old, STAGING_PREFIX, _STALE_S, here):
+            shutil.rmtree(old, ignore_errors=True)
