@@ -206,10 +206,11 @@ _POWER_OF_TEN = re.compile(r"(?<=\d)\s*(?:\\times|\\cdot|\u00d7|\u22c5)\s*10\s*\
 # A power left: "10^{3}", "2^10" -> its value; an exponent past 60 leaves it alone (no number is read from it whole)
 _POWER = re.compile(r"(?<![\d.])(\d{1,6})\s*\^\s*(?:\{\s*([-+\u2212]?\d{1,3})\s*\}|([-+\u2212]?\d{1,3})(?!\d))")
 _OPERATOR = r"(?:[-+*/\u00d7\u00f7\u22c5\u2212]|\\(?:times|cdot|div))"
-# What turns a stated number into the left side of an equation: "1500 - 500 = ", "3 \times 4 = "; the answer is
-# the number after the last "=" ("The answer is 1500 - 500 = 1000" is 1000)
-# "500", "(4", "$2", "-1)": each space is matched in one place only, so a long chain with no "=" fails in linear time
+# A term of an equation after a stated number: "500", "(4", "$2", "-1)"
 _TERM = r"[-+\u2212]?\$?(?:\([ \t]*[-+\u2212]?)?(?:\d[\d,]*(?:\.\d+)?|\.\d+)\)?"
+# What turns a stated number into the left side of an equation: "1500 - 500 = ", "3 \times 4 = "; the answer is
+# the number after the last "=" ("The answer is 1500 - 500 = 1000" is 1000). Each space is matched in one place
+# only, so a long chain with no "=" fails in linear time.
 _EQUATION = re.compile(rf"(?:[ \t]*{_OPERATOR}[ \t]*{_TERM})+(?:[ \t]*\))?[ \t]*=[ \t]*\$?")
 
 
@@ -262,9 +263,10 @@ def extract_number(text: str) -> str | None:
     for statement in _NUMBER_STATEMENT.finditer(text):
         number = _STATED_NUMBER.match(text, statement.end())
         while number is not None and (equation := _EQUATION.match(text, number.end())) is not None:
-            number = _STATED_NUMBER.match(text, equation.end()) or number  # the equation's result
-            if number.end() <= equation.end():
+            result = _STATED_NUMBER.match(text, equation.end())
+            if result is None:  # "= x": the equation says no number, and the stated one stands
                 break
+            number = result
         stated = number or stated
     if stated is not None:
         return _canonical(stated)
