@@ -9,9 +9,10 @@ For a query ``x`` and expert ``e``::
 
 - ``cost[e]`` is the mean recorded cost per query of ``e`` in the training records; an expert with no recorded
   cost takes its config price (``input_per_1k + output_per_1k``, a nominal 1k-in/1k-out call) when the gate
-  is built from a config, else 0. ``cost_scale`` is the largest ``cost[e]``, so normalised costs lie in
-  [0, 1] and ``cost_weight`` (lambda, ``gate.cost_weight`` in the config) reads as "how much success
-  probability the priciest expert's cost is worth". 0 routes on quality alone.
+  is trained or served from a config (``moe train``, ``for_config``: both price it alike), else 0.
+  ``cost_scale`` is the largest ``cost[e]``, so normalised costs lie in [0, 1] and ``cost_weight`` (lambda,
+  ``gate.cost_weight`` in the config) reads as "how much success probability the priciest expert's cost is
+  worth". 0 routes on quality alone.
 - ``anchor`` is the expert with the best *prior* utility (overall success rate minus its cost term): the
   best single expert at this cost weight. Another expert wins top-1 only if its predicted utility beats the
   anchor's by more than ``margin``. Per-expert success estimates are noisy; the raw argmax over 31 of them
@@ -80,7 +81,7 @@ from router.outcome import (
 if TYPE_CHECKING:
     from router.config import RouterConfig
 
-__all__ = ["MARGINS", "OutcomeGate", "Tuning", "outcome_data_sha256", "train_outcome_gate", "tune"]
+__all__ = ["MARGINS", "OutcomeGate", "Tuning", "config_prices", "outcome_data_sha256", "train_outcome_gate", "tune"]
 
 log = logging.getLogger(__name__)
 
@@ -203,10 +204,10 @@ def tune(success: np.ndarray, outcomes: np.ndarray, record_costs: np.ndarray, co
 
 
 def _warn_thin_data(experts: Sequence[str], outcomes: np.ndarray, record_costs: np.ndarray,
-                    cost_weight: float) -> None:
+                    cost_weight: float, prices: Mapping[str, float]) -> None:
     """Say which experts the records say little about: few records next to the others (their success leans on
-    the pooled rate, ``router.outcome.PRIOR_RECORDS``), or, when cost counts, no recorded cost (they count as
-    free)."""
+    the pooled rate, ``router.outcome.PRIOR_RECORDS``), or, when cost counts, no recorded cost (they take their
+    config price from ``prices``, and count as free without one)."""
     counts = (~np.isnan(outcomes)).sum(axis=0)
     thin = [f"{e} ({n})" for e, n in zip(experts, counts, strict=True) if n < min(PRIOR_RECORDS, counts.max() / 4)]
     if thin:
@@ -214,9 +215,29 @@ def _warn_thin_data(experts: Sequence[str], outcomes: np.ndarray, record_costs: 
                     "estimates lean on the pooled success rate", ", ".join(thin), counts.max())
     if cost_weight > 0:
         unpriced = [e for e, c in zip(experts, (~np.isnan(record_costs)).sum(axis=0), strict=True) if c == 0]
-        if unpriced:
+        free = [e for e in unpriced if not prices.get(e)]
+        if free:
             log.warning("outcome records: no recorded cost for %s, so with cost_weight %.3g the gate counts "
-                        "them as free; record a cost for them", ", ".join(unpriced), cost_weight)
+                        "them as free; record a cost for them, or give them a config price", ", ".join(free),
+                        cost_weight)
+        if len(free) < len(unpriced):
+            log.info("outcome records: no recorded cost for %s; the gate takes their config price (cost.input_per_1k "
+                     "+ cost.output_per_1k) as their cost per query", ", ".join(e for e in unpriced if e not in free))
+
+
+def config_prices(config: RouterConfig) -> dict[str, float]:
+    """Each config expert's price for a nominal call of 1k tokens in and 1k out: what an expert that no outcome
+    record gives a cost for costs, in training (``train_outcome_gate``) and in serving alike."""
+    return {e.name: e.cost.input_per_1k + e.cost.output_per_1k for e in config.experts}
+
+
+def _with_prices(cost: np.ndarray, record_costs: np.ndarray, experts: Sequence[str],
+                 prices: Mapping[str, float]) -> np.ndarray:
+    """``cost`` [m] with each expert that no record gives a cost for (a NaN column of ``record_costs``) at its
+    price in ``prices``, where it has one."""
+    unpriced = np.isnan(record_costs).all(axis=0)
+    return np.array([prices.get(e, c) if u else c for e, c, u in zip(experts, cost, unpriced, strict=True)],
+                    dtype=np.float64)
 
 
 def _mean_known(values: np.ndarray) -> float | None:
@@ -268,15 +289,12 @@ class OutcomeGate(Gate):
         ``prices`` fill in the cost of experts that have no recorded cost."""
         gate = copy.copy(self)
         if prices:
-            unpriced = np.isnan(self.calibration["cal_costs"]).all(axis=0)  # no recorded cost at all
-            gate.cost = np.array([prices.get(e, c) if u else c for e, c, u in
-                                  zip(self.artifact_experts, self.cost, unpriced, strict=True)])
+            gate.cost = _with_prices(self.cost, self.calibration["cal_costs"], self.artifact_experts, prices)
         gate._retune(cost_weight)
         return gate
 
     def for_config(self, config: RouterConfig) -> Gate:
-        prices = {e.name: e.cost.input_per_1k + e.cost.output_per_1k for e in config.experts}
-        tuned = self.with_cost_weight(config.gate.cost_weight, prices)
+        tuned = self.with_cost_weight(config.gate.cost_weight, config_prices(config))
         return tuned.for_experts(config.routed_examples())
 
     # -- scores ---------------------------------------------------------------------------------------------
@@ -469,12 +487,16 @@ def _tuned_knn(x: np.ndarray, outcomes: np.ndarray, record_costs: np.ndarray, co
 
 def train_outcome_gate(records: Sequence[OutcomeRecord], encoder: Encoder, *, experts: Sequence[str] | None = None,
                        cost_weight: float = 0.0, model: str = KnnSuccess.kind, seed: int = 0,
-                       progress: bool = True, embeddings: np.ndarray | None = None) -> OutcomeGate:
+                       progress: bool = True, embeddings: np.ndarray | None = None,
+                       prices: Mapping[str, float] | None = None) -> OutcomeGate:
     """Embed the queries, fit the success model out of fold to tune margin and temperature, then on all.
 
     ``experts`` defaults to every expert named in the records, sorted. ``embeddings`` ([n, dim], aligned
-    with ``records``) skips the encoder, for callers that cache vectors.
+    with ``records``) skips the encoder, for callers that cache vectors. ``prices`` (``config_prices``) give
+    the cost of experts that no record gives a cost for, as serving does (``OutcomeGate.for_config``); without
+    one such an expert costs 0.
     """
+    prices = prices or {}
     experts = sorted({e for r in records for e in r.outcomes}) if experts is None else list(experts)
     unknown = sorted({e for r in records for e in r.outcomes} - set(experts))
     if unknown:
@@ -487,13 +509,13 @@ def train_outcome_gate(records: Sequence[OutcomeRecord], encoder: Encoder, *, ex
     if silent:
         raise ValueError(f"experts with no outcome record: {', '.join(silent)}; leave them out (a config "
                          "expert without records is routed from its examples)")
-    _warn_thin_data(experts, outcomes, record_costs, cost_weight)
+    _warn_thin_data(experts, outcomes, record_costs, cost_weight, prices)
     texts = [r.query for r in records]
     x = embed_texts(encoder, texts, progress=progress) if embeddings is None else np.asarray(embeddings, np.float32)
     folds = _folds(texts, seed)
-    # An expert whose cost no record gives costs 0 (``_warn_thin_data`` has said so): summed over what is there,
-    # not numpy's nanmean, which warns of the empty column.
-    cost = _known_means(record_costs, axis=0)
+    # An expert whose cost no record gives takes its price, else 0 (``_warn_thin_data`` has said so): means
+    # summed over what is there, not numpy's nanmean, which warns of the empty column.
+    cost = _with_prices(_known_means(record_costs, axis=0), record_costs, experts, prices)
     record_tasks = [r.task for r in records]
     if model == KnnSuccess.kind:
         final: SuccessModel

@@ -351,14 +351,14 @@ def train_from_config(config: RouterConfig, *, progress: bool = True, feedback: 
     encoder = build_encoder(config.gate.encoder)
     gate: Gate
     if data.kind == "outcome":
-        from router.outcome_gate import train_outcome_gate
+        from router.outcome_gate import config_prices, train_outcome_gate
 
         trained = {e for r in data.records for e in r.outcomes}
         _check_routable(config, trained)
         _check_scored(config, data.records)
         gate = train_outcome_gate(data.records, encoder, experts=[n for n in routed if n in trained],
                                   cost_weight=config.gate.cost_weight, model=config.gate.success_model,
-                                  progress=progress)
+                                  progress=progress, prices=config_prices(config))
     else:
         _check_routable(config, set(data.labels))
         gate = train_gate(data.texts, data.labels, encoder, experts=routed, progress=progress,

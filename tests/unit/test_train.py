@@ -223,6 +223,33 @@ def test_a_file_with_no_records_mixes_with_either_kind(tmp_path: Path, snips_row
     assert labelled.kind == "label" and labelled.texts[-3:] == [r["query"] for r in snips_rows[:3]]
 
 
+def test_an_expert_with_no_recorded_cost_trains_at_the_config_price_it_serves_at(
+        tmp_path: Path, snips_rows: list[dict[str, str]], caplog: pytest.LogCaptureFixture) -> None:
+    """Training counted an expert that no record gives a cost for as free, serving at its config price: the
+    trained gate's anchor, margin and temperature (and its reported figures) were not those of the gate served.
+    Here the generalist, right on everything, was the free anchor in training and re-tuned away in serving."""
+    rows = [{**r, "cost": {e: c for e, c in r["cost"].items() if e != "GetWeather"}} for r in _outcome_rows(snips_rows)]
+    _write_jsonl(tmp_path / "o.jsonl", rows)
+    base = _config(tmp_path, ["o.jsonl"], artifact="out/gate", cost_weight=0.5)
+    raw = base.model_dump(exclude={"base_dir"})
+    for expert in raw["experts"]:
+        if expert["name"] == "GetWeather":
+            expert["cost"] = {**expert["cost"], "input_per_1k": 0.6, "output_per_1k": 0.4}
+    config = parse_config(raw, base_dir=tmp_path, check_env=False)
+    with caplog.at_level("INFO", logger="router.outcome_gate"):
+        gate = train_from_config(config, progress=False)
+    assert isinstance(gate, OutcomeGate)
+    assert dict(zip(gate.experts, gate.cost.tolist(), strict=True)) == pytest.approx(
+        {"BookRestaurant": 0.1, "GetWeather": 1.0, "PlayMusic": 0.1})
+    assert "no recorded cost for GetWeather; the gate takes their config price" in caplog.text
+    assert "counts them as free" not in caplog.text
+    served = load_gate(config)
+    assert isinstance(served, OutcomeGate)
+    assert (served.tuning.anchor, served.tuning.margin, served.temperature) == \
+        (gate.tuning.anchor, gate.tuning.margin, gate.temperature)
+    assert served.tuning.metrics == gate.tuning.metrics
+
+
 def test_mixed_or_unknown_outcome_files_are_refused(tmp_path: Path, snips_rows: list[dict[str, str]]) -> None:
     _write_jsonl(tmp_path / "o.jsonl", _outcome_rows(snips_rows[:3]))
     _write_jsonl(tmp_path / "l.jsonl", snips_rows[:3])
