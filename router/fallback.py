@@ -15,6 +15,7 @@ from experts.errors import (
     ROUTER_STATUS_BY_CODE,
     ExpertAuthError,
     ExpertError,
+    ExpertOverloaded,
     ExpertRejected,
     ExpertTimeout,
 )
@@ -112,6 +113,12 @@ class AllExpertsFailed(Exception):
         """Whether it failed for lack of time: every expert that was called timed out."""
         called = self.called
         return bool(called) and all(isinstance(c, ExpertTimeout) for c in called)
+
+    @property
+    def saturated(self) -> bool:
+        """Whether it failed for lack of room: no expert was called, and one at least was at its in-flight
+        limit (the others passed over too: breaker open, budget spent)."""
+        return not self.called and any(c.kind == ExpertOverloaded.kind for c in self.causes)
 
 
 # The causes that record an expert passed over without a call: its breaker was open, its in-flight limit full,

@@ -37,7 +37,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from experts.base import Expert, ExpertContext
-from experts.errors import ExpertConfigError, ExpertError, ExpertRejected, ExpertServerError, ExpertTimeout
+from experts.errors import (
+    ExpertConfigError,
+    ExpertError,
+    ExpertOverloaded,
+    ExpertRejected,
+    ExpertServerError,
+    ExpertTimeout,
+)
 from experts.openai_compat import OpenAICompatibleExpert
 from experts.types import ChatRequest, ExpertReply, StreamDelta, Usage
 from router.fallback import CALL_SCOPE, NOT_CALLED, AllExpertsFailed, CallScope
@@ -104,11 +111,15 @@ class RouterExpert(Expert):
         """The inner router's total failure, as its service would have answered: 400 when every expert it called
         refused the request as invalid, else 503 with the soonest Retry-After its causes gave; but a timeout when
         it ran out of time (every expert it called timed out): then the outer level judges it as any expert cut
-        off, which blames no one for a deadline the outer request itself set."""
+        off, which blames no one for a deadline the outer request itself set; and overloaded when it had no room
+        (it called no expert, one at least being at its in-flight limit): then the outer level hands the query
+        on at once, as from any saturated expert, without counting a failure, a retry or an attempt."""
         if exc.invalid_request:
             return ExpertRejected(self.name, 400, f"inner router: {exc}")
         if exc.timed_out:
             return ExpertTimeout(self.name, f"inner router: {exc}")
+        if exc.saturated:
+            return ExpertOverloaded(self.name, f"inner router: {exc}")
         return ExpertServerError(self.name, 503, f"inner router: {exc}", exc.retry_after_s)
 
     async def generate(self, request: ChatRequest) -> ExpertReply:
@@ -203,25 +214,32 @@ def nested_failure(exc: BaseException) -> bool:
 def _over_http(exc: ExpertError) -> ExpertError:
     """Another moe-router's failure over HTTP as the in-process one's is judged (``RouterExpert._failure``): its
     503 when every expert it called timed out (the deadline this router passed down ran out there) is a timeout,
-    which the breaker does not count against it when that deadline was the client's; any other error as it came."""
-    if not isinstance(exc, ExpertServerError) or not _ran_out_of_time(exc.nested):
+    which the breaker does not count against it when that deadline was the client's; its 503 when it called none,
+    one at least being at its in-flight limit, is overloaded; any other error as it came."""
+    kinds = _inner_kinds(exc.nested) if isinstance(exc, ExpertServerError) else None
+    if kinds is None:
         return exc
-    timeout = ExpertTimeout(exc.expert, f"inner router: {exc.message}")
-    timeout.nested = exc.nested
-    return timeout
+    called = [kind for kind in kinds if kind not in NOT_CALLED]
+    judged: ExpertError
+    if called and all(kind == ExpertTimeout.kind for kind in called):
+        judged = ExpertTimeout(exc.expert, f"inner router: {exc.message}")
+    elif not called and ExpertOverloaded.kind in kinds:
+        judged = ExpertOverloaded(exc.expert, f"inner router: {exc.message}")
+    else:
+        return exc
+    judged.nested = exc.nested
+    return judged
 
 
-def _ran_out_of_time(nested: dict[str, Any] | None) -> bool:
-    """Whether the trace another moe-router's error carried shows it failed for lack of time: no attempt
-    answered, and every expert it called (not one it passed over) timed out (``AllExpertsFailed.timed_out``)."""
+def _inner_kinds(nested: dict[str, Any] | None) -> list[Any] | None:
+    """The error kind of each expert in the trace another moe-router's error carried, by its last attempt (as
+    the in-process causes hold each expert's last error: a 503 retried into a timeout ran out of time); None
+    when the trace has no attempts, or an attempt that answered."""
     attempts = nested.get("attempts") if isinstance(nested, dict) else None
     if not isinstance(attempts, list) or any(isinstance(a, dict) and a.get("ok") for a in attempts):
-        return False
-    # Each expert by its last attempt, as the in-process causes hold each expert's last error: a 503 retried into a
-    # timeout ran out of time.
+        return None
     last = {a.get("expert"): (a.get("error") or {}).get("kind") for a in attempts if isinstance(a, dict)}
-    called = [kind for kind in last.values() if kind not in NOT_CALLED]
-    return bool(called) and all(kind == ExpertTimeout.kind for kind in called)
+    return list(last.values())
 
 
 def _remote_spend(nested: dict[str, Any] | None) -> dict[str, Any] | None:

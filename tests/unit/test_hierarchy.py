@@ -629,18 +629,48 @@ def test_a_nested_routers_build_failure_is_marked_as_the_nested_files(tmp_path: 
     assert not nested_failure(GateNotTrained(tmp_path / "gate"))
 
 
-def test_an_http_inner_router_ran_out_of_time_by_each_experts_last_attempt() -> None:
+@pytest.mark.parametrize("over_http", [False, True], ids=["in-process", "http"])
+async def test_a_saturated_nested_router_hands_queries_on_as_a_saturated_expert_does(over_http: bool) -> None:
+    """Its one expert at its in-flight limit, the nested router called no one and failed: that counted as its
+    server error (503), so it was retried, took an attempt (with ``max_attempts: 1`` a 503 though the sibling was
+    idle) and opened its breaker, keeping the domain away for the cooldown once the load had gone. It is
+    overloaded now: handed on at once, no failure counted."""
+    make = http_team if over_http else in_process_team
+    team = make([({**priced("slow", 1.0), "max_concurrency": 1}, {"delay": 0.3})])
+    outer = outer_router(team, [priced("sibling", 1.0)], [0.9, 0.1],
+                         fallback={"max_attempts": 1, "retries": 1, "backoff_base_s": 0.01, "backoff_max_s": 0.01,
+                                   "breaker": {"failure_threshold": 2}})
+    request = ChatRequest(messages=[{"role": "user", "content": "q"}])  # type: ignore[list-item]
+    answers = await asyncio.gather(*(outer.complete(request) for _ in range(5)))
+    assert sorted(a.expert for a in answers) == ["sibling"] * 4 + ["team"]
+    handed = [a.trace.attempts for a in answers if a.expert == "sibling"]
+    assert all([(t.expert, t.retry, t.error["kind"] if t.error else None) for t in attempts] ==
+               [("team", 0, "overloaded"), ("sibling", 0, None)] for attempts in handed)
+    assert outer.breakers.snapshot("team")["state"] == "closed"
+    assert (await outer.complete(request)).expert == "team"
+
+
+def test_an_http_inner_routers_error_is_judged_by_each_experts_last_attempt() -> None:
     """In-process, the causes hold each expert's last error: a 503 retried into a timeout ran out of time. Over
     HTTP every attempt of the trace was read, so the retried expert's 503 kept it a server error, which opened
-    the breaker at a client's short deadline."""
-    from router.hierarchy import _ran_out_of_time
+    the breaker at a client's short deadline. An inner router that called no one, one expert at its limit, was
+    saturated."""
+    from router.hierarchy import _over_http
 
     def attempt(expert: str, kind: str, retry: int = 0) -> dict[str, Any]:
         return {"expert": expert, "ok": False, "retry": retry, "error": {"expert": expert, "kind": kind}}
 
-    assert _ran_out_of_time({"attempts": [attempt("a", "server_error"), attempt("a", "timeout", 1),
-                                          attempt("b", "not_tried")]})
-    assert not _ran_out_of_time({"attempts": [attempt("a", "timeout"), attempt("a", "server_error", 1)]})
-    assert not _ran_out_of_time({"attempts": [attempt("a", "timeout"), attempt("b", "server_error")]})
-    assert not _ran_out_of_time({"attempts": [attempt("a", "timeout"), {"expert": "b", "ok": True}]})
-    assert not _ran_out_of_time({"attempts": [attempt("b", "circuit_open")]}) and not _ran_out_of_time(None)
+    def judged(attempts: list[dict[str, Any]] | None) -> str:
+        error = ExpertServerError("team", 503, "all experts failed")
+        error.nested = None if attempts is None else {"attempts": attempts}
+        out = _over_http(error)
+        assert out.nested == error.nested
+        return out.kind
+
+    assert judged([attempt("a", "server_error"), attempt("a", "timeout", 1), attempt("b", "not_tried")]) == "timeout"
+    assert judged([attempt("a", "timeout"), attempt("a", "server_error", 1)]) == "server_error"
+    assert judged([attempt("a", "timeout"), attempt("b", "server_error")]) == "server_error"
+    assert judged([attempt("a", "timeout"), {"expert": "b", "ok": True}]) == "server_error"
+    assert judged([attempt("b", "circuit_open")]) == "server_error" and judged(None) == "server_error"
+    assert judged([attempt("a", "overloaded"), attempt("b", "circuit_open")]) == "overloaded"
+    assert judged([attempt("a", "overloaded"), attempt("b", "server_error")]) == "server_error"
