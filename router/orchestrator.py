@@ -330,7 +330,8 @@ class Orchestrator:
         # A blank answer (no text, no refusal, no tool call) has no say, as a failed member has none: the rest's
         # weights are renormalised over them, and escalate does not ask its expert again. Only when every answer is
         # blank does one stand (the top-weight one), so the request is still answered.
-        blank = [] if direct or tools else [r for _, r in replies if not r.content.strip() and r.refusal is None]
+        blank = [] if direct else [r for _, r in replies
+                                   if not r.content.strip() and r.refusal is None and not r.tool_calls]
         if len(blank) == len(replies):
             blank = []
         heard = [(p, r) for p, r in replies if all(r is not b for b in blank)]

@@ -132,6 +132,27 @@ async def test_a_panel_with_tool_calls_marks_agreement_as_top1_reads_it() -> Non
     assert {c["expert"]: c["agreed"] for c in body["moe"]["contributions"]} == {"a": True, "b": True, "c": False}
 
 
+@pytest.mark.parametrize("heaviest", ["b", "c"])
+async def test_a_blank_answer_has_no_say_beside_a_tool_call(heaviest: str) -> None:
+    """a, the heaviest member, answered blank (a reasoning model out of max_tokens while thinking): beside c's tool
+    call it stood, text and tool call both lost, because a panel holding a tool call skipped the blank check. Now
+    the heaviest answer that is not blank stands: b's text or c's tool call."""
+    async with rig(("a", "b", "c") if heaviest == "b" else ("a", "c", "b"), gate={"top_k": {"policy": "fixed", "k": 3}},
+                   combiner={"strategy": "vote", "extractor": "number"}) as (srv, http):
+        srv["a"].default = Behaviour.ok("")
+        srv["b"].default = Behaviour.ok("The answer is 391")
+        srv["c"].default = Behaviour.ok("", tool_calls=[CALL])
+        r = await http.post("/v1/chat/completions", json=CHAT)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    message = body["choices"][0]["message"]
+    assert body["model"] == heaviest
+    assert (message["content"], bool(message.get("tool_calls"))) == \
+        (("The answer is 391", False) if heaviest == "b" else (None, True))
+    contributions = {c["expert"]: (c["weight"], c["agreed"]) for c in body["moe"]["contributions"]}
+    assert contributions["a"] == (0.0, False) and contributions[heaviest][0] == pytest.approx(0.6)
+
+
 # -- a panel's usage and cost are counted once ----------------------------------------------------------------------
 @pytest.mark.parametrize("strategy", ["top1", "vote", "fuse", "escalate"])
 async def test_a_panels_tokens_and_cost_are_counted_once_everywhere(strategy: str,
