@@ -190,6 +190,11 @@ class ChatRequest(BaseModel):
         system and developer instructions included."""
         return self.messages[:_routed_index(self.messages)]
 
+    def after_question(self) -> list[ChatMessage]:
+        """The messages after the one the gate routes on: in an agent's loop, the tool calls made for it (assistant
+        messages) and their results (tool messages)."""
+        return self.messages[_routed_index(self.messages) + 1:]
+
     def text_chars(self) -> int:
         """The characters of the prompt as an upstream reads it, what its length is judged and estimated by: the
         messages' text, what else they carry (as JSON: tool calls with their arguments, a name, content parts that

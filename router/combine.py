@@ -123,9 +123,10 @@ class Combiner(ABC):
         """Merge non-empty ``answers`` (weights already renormalised over the experts that answered)."""
 
     async def acombine(self, query: str, answers: list[WeightedAnswer], aggregate: Aggregate, *,
-                       history: Sequence[ChatMessage] = ()) -> Combined:
-        """``combine`` for the orchestrator. ``query``, the conversation before it (``history``) and ``aggregate``
-        (one model call) serve strategies that write a new answer; the others ignore them."""
+                       history: Sequence[ChatMessage] = (), after: Sequence[ChatMessage] = ()) -> Combined:
+        """``combine`` for the orchestrator. ``query``, the conversation before it (``history``) and after it
+        (``after``: in an agent's loop, the tool calls made for it and their results) and ``aggregate`` (one model
+        call) serve strategies that write a new answer; the others ignore them."""
         return self.combine(answers)
 
 
@@ -525,7 +526,7 @@ class Consensus(Combiner):
         return cls(settings.embed or choice_embedding)
 
     async def acombine(self, query: str, answers: list[WeightedAnswer], aggregate: Aggregate, *,
-                       history: Sequence[ChatMessage] = ()) -> Combined:
+                       history: Sequence[ChatMessage] = (), after: Sequence[ChatMessage] = ()) -> Combined:
         if len(answers) < 2:
             return self.combine(answers)
         # A sentence encoder is milliseconds of CPU per answer: too long to hold the event loop.
@@ -601,16 +602,19 @@ class Fuse(Combiner):
         return cls(settings.aggregator, settings.extractor, per_expert=settings.per_expert,
                    max_prompt_chars=settings.max_prompt_chars)
 
-    def messages(self, query: str, answers: list[WeightedAnswer],
-                 history: Sequence[ChatMessage] = ()) -> list[ChatMessage]:
-        instructions = "\n\n".join(t for m in history if m.role in ("system", "developer") and (t := m.text().strip()))
+    def messages(self, query: str, answers: list[WeightedAnswer], history: Sequence[ChatMessage] = (),
+                 after: Sequence[ChatMessage] = ()) -> list[ChatMessage]:
+        instructions = "\n\n".join(t for m in (*history, *after)
+                                   if m.role in ("system", "developer") and (t := m.text().strip()))
         system = FUSE_SYSTEM + (f"\n\nThe conversation's own instructions, which the final answer follows:\n"
                                 f"{instructions}" if instructions else "")
-        turns = "\n".join(f"{m.role}: {m.text().strip() or '[no text]'}" for m in history
-                          if m.role not in ("system", "developer"))
+        turns = "\n".join(_turn(m) for m in history if m.role not in ("system", "developer"))
         context = f"Conversation so far:\n{_clipped_end(turns, 2 * self.max_chars)}\n\n" if turns else ""
+        # An agent's loop: the tool calls made for the question and their results, the evidence the answers use.
+        since = "\n".join(_turn(m) for m in after if m.role not in ("system", "developer"))
+        later = f"Since the question:\n{_clipped_end(since, 2 * self.max_chars)}\n\n" if since else ""
         ordered = sorted(answers, key=lambda a: -a.weight)
-        head = f"{context}Question:\n{query}\n\n"
+        head = f"{context}Question:\n{query}\n\n{later}"
 
         def user(room: int) -> str:
             blocks = [f"Answer {i} (weight {a.weight:.2f}):\n{_clipped(a.content, room)}"
@@ -641,18 +645,18 @@ class Fuse(Combiner):
         return self.top1.combine(answers)
 
     async def fuse(self, query: str, answers: list[WeightedAnswer], aggregate: Aggregate,
-                   history: Sequence[ChatMessage] = ()) -> Combined:
+                   history: Sequence[ChatMessage] = (), after: Sequence[ChatMessage] = ()) -> Combined:
         if len(answers) < 2:
             return self.combine(answers)
         try:
-            text = await aggregate(self.messages(query, answers, history))
+            text = await aggregate(self.messages(query, answers, history, after))
         except ExpertError as exc:  # a failed aggregator degrades the answer to top-1; it never fails the request
             return dataclasses.replace(self.combine(answers), fallback=exc)
         return self.result(answers, text)
 
     async def acombine(self, query: str, answers: list[WeightedAnswer], aggregate: Aggregate, *,
-                       history: Sequence[ChatMessage] = ()) -> Combined:
-        return await self.fuse(query, answers, aggregate, history)
+                       history: Sequence[ChatMessage] = (), after: Sequence[ChatMessage] = ()) -> Combined:
+        return await self.fuse(query, answers, aggregate, history, after)
 
 
 def _level(lengths: Sequence[int], total: int, marker: int) -> int:
@@ -676,6 +680,18 @@ def _clipped(text: str, room: int) -> str:
     tail = keep - keep // 2
     end = text[len(text) - tail:] if tail else ""
     return f"{text[:keep // 2]}\n[... {len(text) - keep:,} characters left out ...]\n{end}"
+
+
+def _turn(message: ChatMessage) -> str:
+    """A message as ``fuse``'s aggregator reads it: its role, its text, and each tool call it made (the function's
+    name and arguments, as sent)."""
+    said = [message.text().strip()]
+    calls = (message.model_extra or {}).get("tool_calls")
+    for call in calls if isinstance(calls, list) else []:
+        function = call.get("function") if isinstance(call, dict) else None
+        if isinstance(function, dict):
+            said.append(f"[tool call: {function.get('name')}({function.get('arguments') or ''})]")
+    return f"{message.role}: {' '.join(t for t in said if t) or '[no text]'}"
 
 
 def _clipped_end(text: str, room: int) -> str:
@@ -734,7 +750,7 @@ class Escalate(Combiner):
         return _answered_by(self.aggregator, text, answers, self.vote.extraction)
 
     async def acombine(self, query: str, answers: list[WeightedAnswer], aggregate: Aggregate, *,
-                       history: Sequence[ChatMessage] = ()) -> Combined:
+                       history: Sequence[ChatMessage] = (), after: Sequence[ChatMessage] = ()) -> Combined:
         if self.agreed(answers) is not None:
             return self.vote.combine(answers)
         own = next((a for a in answers if a.expert == self.aggregator), None)

@@ -346,7 +346,7 @@ class Orchestrator:
             combined = self.combiner_for(TopOne.name).combine(answers)
         else:
             combined = await combiner.acombine(request.query_text(), answers, aggregation,
-                                               history=request.history())
+                                               history=request.history(), after=request.after_question())
         if blank:
             combined = replace(combined, contributions=[
                 *combined.contributions, *(Contribution(expert=r.expert, weight=0.0, agreed=False) for r in blank)])

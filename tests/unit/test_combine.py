@@ -422,6 +422,19 @@ def test_fuse_gives_the_aggregator_the_conversation_and_its_instructions() -> No
     assert "Answer in French" not in text  # once, with the instructions
 
 
+def test_fuse_shows_earlier_tool_calls_by_name_and_arguments() -> None:
+    """An assistant turn that only called a tool read "[no text]" to the aggregator."""
+    call = {"id": "c1", "type": "function", "function": {"name": "weather", "arguments": '{"city": "Oslo"}'}}
+    history = [ChatMessage(role="user", content="Weather in Oslo?"),
+               ChatMessage(role="assistant", content=None, tool_calls=[call]),
+               ChatMessage(role="tool", content="-3 C, snow", tool_call_id="c1"),
+               ChatMessage(role="assistant", content="It is -3 C and snowing.")]
+    _, user = Fuse("agg").messages("And tomorrow?", [WeightedAnswer("a", 0.5, "x"), WeightedAnswer("b", 0.5, "y")],
+                                   history)
+    assert ('user: Weather in Oslo?\nassistant: [tool call: weather({"city": "Oslo"})]\ntool: -3 C, snow\n'
+            "assistant: It is -3 C and snowing.\n\nQuestion:\nAnd tomorrow?\n\nAnswer 1") in str(user.content)
+
+
 def test_fuse_falls_back_to_top1_when_the_aggregator_fails() -> None:
     async def failing_aggregator(msgs: list[ChatMessage]) -> str:
         raise ExpertUnavailable("agg", "down")

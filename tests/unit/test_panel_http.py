@@ -153,6 +153,28 @@ async def test_a_blank_answer_has_no_say_beside_a_tool_call(heaviest: str) -> No
     assert contributions["a"] == (0.0, False) and contributions[heaviest][0] == pytest.approx(0.6)
 
 
+async def test_fuse_shows_the_aggregator_the_tool_calls_and_results_after_the_question() -> None:
+    """An agent's loop: the question, the assistant's tool call, the tool's result. The members saw all of it;
+    the aggregator saw the question alone (the turns after it were dropped), and was told to answer "with the
+    tool's data only" without the data."""
+    call = {"id": "call_7", "type": "function", "function": {"name": "calc", "arguments": '{"expr": "17*23"}'}}
+    messages = [{"role": "system", "content": "Answer with the tool's data only."},
+                {"role": "user", "content": "compute 17 times 23"},
+                {"role": "assistant", "content": None, "tool_calls": [call]},
+                {"role": "tool", "tool_call_id": "call_7", "content": "TOOL RESULT: 391"}]
+    async with rig(combiner={"strategy": "fuse", "aggregator": "j"}) as (srv, http):
+        srv["a"].default = Behaviour.ok("391")
+        srv["b"].default = Behaviour.ok("It is 391.")
+        srv["j"].default = Behaviour.ok("391")
+        r = await http.post("/v1/chat/completions", json={"model": "auto", "messages": messages})
+    assert r.status_code == 200, r.text
+    assert [m["role"] for m in srv["a"].requests[0]["messages"]] == ["system", "user", "assistant", "tool"]
+    system, user = srv["j"].requests[0]["messages"]
+    assert "Answer with the tool's data only." in system["content"]
+    assert 'Question:\ncompute 17 times 23\n\nSince the question:\nassistant: [tool call: calc({"expr": "17*23"})]\n' \
+           "tool: TOOL RESULT: 391\n\nAnswer 1" in user["content"]
+
+
 # -- a panel's usage and cost are counted once ----------------------------------------------------------------------
 @pytest.mark.parametrize("strategy", ["top1", "vote", "fuse", "escalate"])
 async def test_a_panels_tokens_and_cost_are_counted_once_everywhere(strategy: str,
