@@ -262,7 +262,10 @@ def build_orchestrator(config: RouterConfig, *, context: ExpertContext | None = 
             _scope.reset(token)
         built = Orchestrator(config, loaded, experts, breakers=build_breakers(config, state),
                              in_flight=None if state is None else state.in_flight,
+                             limits=None if state is None else state.limits,
                              vote_weights=load_vote_weights(config))
+        if state is not None:
+            commits.add(functools.partial(_keep, state.limits, {e.name: e.max_concurrency for e in config.experts}))
         if state is not None and encoders is not None:
             commits.add(functools.partial(_keep, state.encoders, encoders))
         if scope is not None:

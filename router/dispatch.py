@@ -48,24 +48,35 @@ _T = TypeVar("_T")
 class Capacity:
     """In-flight calls per expert. A saturated expert is skipped, so its queries go to the next by weight."""
 
-    def __init__(self, limits: Mapping[str, int], in_flight: dict[str, int] | None = None) -> None:
+    def __init__(self, limits: Mapping[str, int], in_flight: dict[str, int] | None = None,
+                 current: Mapping[str, int] | None = None) -> None:
         """``in_flight``: the counts to share, with the orchestrators of earlier configs (a hot reload's old one
-        releases its calls into them); a fresh count by default."""
+        releases its calls into them); a fresh count by default. ``current``: the latest config's limits, shared
+        likewise, which bind this config's calls too (a reload that lowers a limit holds at once for the calls of
+        requests already under way); an expert the latest config does not have keeps ``limits``'."""
         self.limits = dict(limits)
         self.in_flight = {} if in_flight is None else in_flight
+        self.current = current
         for name in limits:
             self.in_flight.setdefault(name, 0)
 
+    def limit(self, name: str) -> int:
+        """``name``'s limit now: the latest config's, else this one's."""
+        if self.current is not None and name in self.current:
+            return self.current[name]
+        return self.limits[name]
+
     def acquire(self, name: str) -> None:
-        if self.in_flight[name] >= self.limits[name]:
-            raise ExpertOverloaded(name, f"{self.limits[name]} calls already in flight")
+        limit = self.limit(name)
+        if self.in_flight[name] >= limit:
+            raise ExpertOverloaded(name, f"{limit} calls already in flight")
         self.in_flight[name] += 1
 
     def release(self, name: str) -> None:
         self.in_flight[name] -= 1
 
     def free(self, name: str) -> int:
-        return max(0, self.limits[name] - self.in_flight[name])
+        return max(0, self.limit(name) - self.in_flight[name])
 
 
 async def _within(awaitable: Awaitable[_T], timeout: float) -> _T:

@@ -140,13 +140,13 @@ class StreamEnd:
 
 
 class Orchestrator:
-    """``breakers``, ``in_flight``, ``sleep`` and ``rand`` are injectable: a shared breaker store, in-flight counts
-    shared with the orchestrators of earlier configs (``Capacity``), and a retry schedule that tests can run
-    without waiting."""
+    """``breakers``, ``in_flight``, ``limits``, ``sleep`` and ``rand`` are injectable: a shared breaker store,
+    in-flight counts and the latest config's limits shared with the orchestrators of earlier configs
+    (``Capacity``), and a retry schedule that tests can run without waiting."""
 
     def __init__(self, config: RouterConfig, gate: GateLike, experts: Mapping[str, Expert],
                  combiner: Combiner | None = None, *, breakers: Breakers | None = None,
-                 in_flight: dict[str, int] | None = None,
+                 in_flight: dict[str, int] | None = None, limits: Mapping[str, int] | None = None,
                  vote_weights: Mapping[str, float] | VoteWeights | None = None,
                  sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
                  rand: Callable[[], float] = random.random) -> None:
@@ -165,7 +165,7 @@ class Orchestrator:
         self.combiner = combiner or self.combiner_for(config.combiner.strategy)
         if self.combiner.aggregator is not None and self.combiner.aggregator not in self.experts:
             raise ValueError(f"the combiner's aggregator {self.combiner.aggregator!r} is not a built expert")
-        self.capacity = Capacity({e.name: e.max_concurrency for e in config.experts}, in_flight)
+        self.capacity = Capacity({e.name: e.max_concurrency for e in config.experts}, in_flight, limits)
         self.breakers = breakers or Breakers(config.fallback.breaker)
         self.dispatch = Dispatcher(self.experts, self.capacity, self.breakers,
                                    RetryPolicy.from_config(config.fallback),
@@ -220,7 +220,7 @@ class Orchestrator:
 
     def expert_states(self) -> dict[str, dict[str, Any]]:
         """Per expert: in-flight calls, their limit, and the breaker's state (for ``GET /v1/experts``)."""
-        return {n: {"in_flight": self.capacity.in_flight[n], "max_concurrency": self.capacity.limits[n],
+        return {n: {"in_flight": self.capacity.in_flight[n], "max_concurrency": self.capacity.limit(n),
                     "breaker": self.breakers.snapshot(n)} for n in self.config.expert_names}
 
     # -- answering ------------------------------------------------------------------------------------------

@@ -502,13 +502,15 @@ class SharedState:
 
     Rate limits and breakers are shared with the other replicas when ``state.backend`` is redis, and live in
     this process otherwise. ``in_flight`` (calls per expert, for ``max_concurrency``) is always this process's:
-    an old and a new config answering at once count against one limit. ``encoders`` holds the encoders the
-    latest config uses, by their settings, so a reload that leaves ``gate.encoder`` alone reuses the loaded model
-    (a new onnxruntime session per reload grew the process by several MB each time)."""
+    an old and a new config answering at once count against one limit, the latest config's (``limits``).
+    ``encoders`` holds the encoders the latest config uses, by their settings, so a reload that leaves
+    ``gate.encoder`` alone reuses the loaded model (a new onnxruntime session per reload grew the process by
+    several MB each time)."""
 
     rate_store: RateStore = field(default_factory=InMemoryRateStore)
     breaker_store: BreakerStore = field(default_factory=MemoryBreakerStore)
     in_flight: dict[str, int] = field(default_factory=dict)
+    limits: dict[str, int] = field(default_factory=dict)
     encoders: dict[str, Encoder] = field(default_factory=dict)
     # The states of the routers nested in-process in this one (``router.build.build_nested``), by the nesting
     # expert's name and the nested config's file: a reload keeps theirs as it keeps this one's.

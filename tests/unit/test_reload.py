@@ -300,6 +300,37 @@ async def test_calls_in_flight_on_the_old_config_count_against_the_new_one_s_lim
     assert new.capacity.free("math") == new.capacity.limits["math"]
 
 
+async def test_a_reloaded_limit_binds_the_calls_of_requests_already_under_way() -> None:
+    """The counts were shared across a reload but each config kept its own limit: lowered from 4 to 1 (an upstream
+    struggling), the old config's requests still took 4 slots for their fallbacks and retries; raised from 1 to 4,
+    they were refused at 1 while /v1/experts showed room."""
+    from experts.errors import ExpertOverloaded
+    from router.build import build_orchestrator
+    from router.config import parse_config
+    from router.state_redis import SharedState
+
+    def config(limit: int) -> RouterConfig:
+        return parse_config({"version": 1, "experts": [
+            {"name": n, "type": "openai", "endpoint": "http://127.0.0.1:9/v1", "model": n,
+             "max_concurrency": limit if n == "math" else 8} for n in ("math", "code")]}, check_env=False)
+
+    state = SharedState()
+    gate = FakeGate(["math", "code"], {}, default=[0.9, 0.1])
+    old = build_orchestrator(config(4), gate=gate, state=state)
+    old.capacity.acquire("math")
+    old.capacity.acquire("math")
+    lowered = build_orchestrator(config(1), gate=gate, state=state)
+    for orchestrator in (old, lowered):
+        assert orchestrator.capacity.free("math") == 0 and orchestrator.expert_states()["math"]["max_concurrency"] == 1
+        with pytest.raises(ExpertOverloaded, match="1 calls already in flight"):
+            orchestrator.capacity.acquire("math")
+    build_orchestrator(config(4), gate=gate, state=state)
+    assert old.capacity.free("math") == 2 and lowered.capacity.free("math") == 2
+    old.capacity.acquire("math")  # room the raised limit gives
+    assert state.in_flight["math"] == 3
+    await asyncio.gather(*(o.aclose() for o in (old, lowered)))
+
+
 async def test_a_change_only_a_restart_applies_is_refused_naming_it(tmp_path: Path) -> None:
     """Moving the gate to a new folder would move the feedback store beside it (feedback.path unset): refused,
     like the listening port, so nothing the file says is shown by /admin/config but silently not applied."""
