@@ -534,7 +534,10 @@ class Orchestrator:
                 return
             errors.append(outcome.error)
             if skipped(outcome.error):
-                continue  # not called, so not tried
+                # Not called, so not tried; the expert first in line still names whom the next one replaces
+                # (``fallback_for``), as in ``_fall_back``, where the panel's first member does.
+                previous = previous or name
+                continue
             tried += 1
             structured = constrained(request) and any(sent)
             if outcome.tool_deltas or outcome.refusal_deltas or structured:

@@ -59,6 +59,24 @@ async def test_failure_falls_back_to_the_next_ranked_expert() -> None:
                                               "message": "connection refused"}
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
+async def test_the_expert_taking_over_from_a_saturated_one_names_it_plain_or_streamed(stream: bool) -> None:
+    """A plain request's hand-off from a full expert named it in ``fallback_for``; a streamed one's left it empty,
+    so the traces and logs hid every streamed saturation hand-off."""
+    orch = build()
+    for _ in range(orch.capacity.limits["math"]):
+        orch.capacity.acquire("math")
+    if stream:
+        events = [e async for e in orch.stream(ask("solve this integral"))]
+        end = events[-1]
+        assert isinstance(end, StreamEnd)
+        trace = end.trace
+    else:
+        trace = (await orch.complete(ask("solve this integral"))).trace
+    assert [(a.expert, a.ok, (a.error or {}).get("kind"), a.fallback_for) for a in trace.attempts] == \
+        [("math", False, "overloaded", None), ("code", True, None, "math")]
+
+
 async def test_every_expert_down_lists_each_cause() -> None:
     config = fake_config(NAMES)
     down = {n: FakeExpert(config.expert(n), fail=lambda n: ExpertServerError(n, 503, "overloaded")) for n in NAMES}
