@@ -314,6 +314,9 @@ def _aiohttp_errors() -> Iterator[None]:
         raise _failure("timeout", exc) from exc
     except aiohttp.ClientPayloadError as exc:  # aiohttp's words name a "400" of its own, read as the expert's
         raise HttpFailure("unavailable", CUT_OFF, _what(exc)) from exc
+    except UnicodeError as exc:  # a host name no resolver can take (a label over 63 characters, an empty one)
+        raise HttpFailure("unavailable", f"the endpoint's host name cannot be looked up ({exc}); fix the "
+                                         "expert's endpoint", _what(exc)) from exc
     # A streamed line past MAX_LINE_BYTES: a ValueError from the stream reader, or (aiohttp 3.10 on, its parser)
     # LineTooLong, an HttpProcessingError, which is neither a ValueError nor a ClientError.
     except (ValueError, HttpProcessingError) as exc:

@@ -33,6 +33,7 @@ generation.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import posixpath
@@ -82,6 +83,7 @@ __all__ = [
 # the same vLLM code the image serves with (tests/integration/test_deploy_flags_vllm.py).
 VLLM_IMAGE = "vllm/vllm-openai:v0.32.0"
 VLLM_PORT = 8000
+_DNS_LABEL = 63  # the most characters a host name's label (a compose service's DNS name) may hold
 # Each vLLM server's share of its GPU's memory; VLLM_GPU_MEMORY_UTILIZATION overrides it at `docker compose up`.
 GPU_MEMORY_UTILIZATION = "${VLLM_GPU_MEMORY_UTILIZATION:-0.90}"
 ROUTER_SERVICE = "router"
@@ -170,8 +172,14 @@ def _passed_variables(written: Any, named: Iterable[str]) -> list[str]:
 
 
 def service_name(expert: ExpertConfig) -> str:
-    """The compose service (and so the DNS host) of a vllm expert: its name, lowercased and DNS-safe."""
-    return re.sub(r"[^a-z0-9]+", "-", expert.name.lower()).strip("-")
+    """The compose service (and so the DNS host) of a vllm expert: its name, lowercased and DNS-safe. A DNS label
+    holds at most 63 characters and a name up to 128: a longer one keeps its start and ends in a digest of the
+    whole name, so two long names that share a start stay apart."""
+    name = re.sub(r"[^a-z0-9]+", "-", expert.name.lower()).strip("-")
+    if len(name) <= _DNS_LABEL:
+        return name
+    digest = hashlib.sha256(expert.name.encode("utf-8")).hexdigest()[:8]
+    return f"{name[:_DNS_LABEL - len(digest) - 1].rstrip('-')}-{digest}"
 
 
 def expected_endpoint(expert: ExpertConfig) -> str:

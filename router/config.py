@@ -969,6 +969,8 @@ def _endpoint_problems(url: str, *, need_host: bool = True, echo: bool = True) -
     port = host_port.rpartition("]")[2].partition(":")[2]  # after an IPv6 literal's "]"
     if need_host and not parts.hostname:
         found.append("has no host (write http://host:port/...)")
+    elif parts.hostname and (bad := _host_name_problem(parts.hostname)):
+        found.append(f"host {parts.hostname + ' ' if echo else ''}is not a host name a resolver can look up: {bad}")
     if port and not (port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
         found.append(f"port {port} is not a port number from 1 to 65535")
     before_fragment, fragment_mark, _ = bare.partition("#")
@@ -984,6 +986,29 @@ def _endpoint_problems(url: str, *, need_host: bool = True, echo: bool = True) -
         found.append(f"ends in {suffix}, which the client appends itself: give the base URL"
                      + (f" ({base})" if "@" not in path and echo else f" without {suffix}"))
     return found
+
+
+def _host_name_problem(host: str) -> str | None:
+    """Why ``host`` (a URL's host, lowercased, without brackets) cannot be looked up, as the HTTP client would
+    find at the first call: an empty label ("a..b", ".a"), one over 63 characters, or the whole over 253 (IDNA's
+    codec, which encodes it for the resolver). None for an IP address or a good name."""
+    import ipaddress
+
+    try:
+        ipaddress.ip_address(host.partition("%")[0])  # an IPv6 literal may carry a zone ("fe80::1%eth0")
+        return None
+    except ValueError:
+        pass
+    try:
+        encoded = host.encode("idna")
+    except UnicodeError:
+        labels = host.rstrip(".").split(".")
+        if any(not label for label in labels):
+            return "it has an empty label (two dots together, or a leading dot)"
+        return "a label (the part between dots) is over 63 characters"
+    if len(encoded.rstrip(b".")) > 253:
+        return f"it is {len(encoded)} characters long, over 253"
+    return None
 
 
 # The security keys that name a variable, and what that variable holds.

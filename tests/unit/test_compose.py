@@ -289,6 +289,17 @@ def test_names_that_collide_as_services_are_refused() -> None:
     assert "same compose service 'coder'" in messages and "'router'" in messages
 
 
+def test_a_name_too_long_for_a_host_name_gets_a_short_service_of_its_own() -> None:
+    """An expert name may hold 128 characters, a DNS label 63: compose made the whole name the service (so the host
+    the endpoint must name), which no resolver can look up. It keeps the start and a digest of the whole name."""
+    long, twin = "org/" + "a" * 80 + "-math", "org/" + "a" * 80 + "-code"
+    first, second = (service_name(ExpertConfig(name=n, type="vllm", model="m", endpoint="http://x:8000/v1"))
+                     for n in (long, twin))
+    assert len(first) == len(second) == 63 and first != second and first.startswith("org-aaaa")
+    config = config_with(vllm(long, f"http://{first}:8000/v1"), vllm(twin, f"http://{second}:8000/v1"))
+    assert set(render_compose(config)["services"]) == {first, second, ROUTER_SERVICE}
+
+
 def test_a_tool_expert_starts_vllm_with_its_tool_call_parser(config: RouterConfig, compose: dict[str, Any]) -> None:
     tool_experts = [e for e in vllm_experts(config) if "tools" in e.capabilities]
     assert tool_experts, "configs/compose.yaml should keep an expert that takes tool calls"

@@ -208,6 +208,11 @@ def test_a_panel_larger_than_max_attempts_is_refused() -> None:
     ("http://h:\u00b2/v1", "port \u00b2 is not a port number"),  # a digit to isdigit(), not to int(): it raised
     ("http://h:\u0668\u0660/v1", "is not a port number"),  # Arabic-Indic 80: int() reads it, a URL does not
     ("http://[::1/v1", "is not a valid URL"),
+    # Each failed every call before connecting ("label too long", reported as a garbled reply).
+    (f"http://{'a' * 64}.example:8000/v1", "is not a host name a resolver can look up: a label (the part between "
+                                           "dots) is over 63 characters"),
+    ("http://a..b:8000/v1", "host a..b is not a host name a resolver can look up: it has an empty label"),
+    ("http://.a:8000/v1", "it has an empty label"),
 ])
 def test_an_endpoint_the_client_cannot_build_on_is_refused_with_the_reason(endpoint: str, says: str) -> None:
     """The client appends /chat/completions to the endpoint: each of these passed ``moe config check`` and then
@@ -215,6 +220,13 @@ def test_an_endpoint_the_client_cannot_build_on_is_refused_with_the_reason(endpo
     found = problems({"version": 1, "experts": [expert(), expert(name="beta", endpoint=endpoint)]})
     assert says in found["experts[1] (beta).endpoint"]
     assert list(found) == ["experts[1] (beta).endpoint"]
+
+
+@pytest.mark.parametrize("endpoint", ["http://vllm-math:8000/v1", "http://[::1]:8000/v1", "http://10.0.0.7:8000/v1",
+                                      "http://[fe80::1%25eth0]:8000/v1", "http://bücher.example:8000/v1",
+                                      f"http://{'a' * 63}.example.:8000/v1"])
+def test_a_host_a_resolver_can_look_up_passes(endpoint: str) -> None:
+    assert parse_config({"version": 1, "experts": [expert(endpoint=endpoint)]}).experts[0].endpoint == endpoint
 
 
 def test_an_endpoint_message_never_repeats_its_credentials() -> None:

@@ -221,6 +221,11 @@ async def test_both_clients_report_the_same_failure_kinds(server: ScriptedOpenAI
             with pytest.raises(HttpFailure) as refused:
                 await client.post("http://127.0.0.1:9/v1/chat/completions", body)  # nothing listens on port 9
             assert refused.value.kind == "unavailable", (type(client).__name__, refused.value.detail)
+            # A host name no resolver takes (a label over 63 characters): aiohttp's UnicodeError read as a garbled
+            # reply ("decoding", a protocol error); it is the endpoint's fault, before any connection.
+            with pytest.raises(HttpFailure) as unresolvable:
+                await client.post(f"http://{'a' * 64}.example:8000/v1/chat/completions", body)
+            assert unresolvable.value.kind == "unavailable", (type(client).__name__, unresolvable.value.detail)
             reply = await client.post(url, body)
             assert reply.status == 200 and b"answer from pool" in reply.content
             assert reply.headers["content-type"] == reply.headers["Content-Type"]  # names are case-insensitive
