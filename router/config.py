@@ -1159,10 +1159,28 @@ def _pydantic_problems(exc: ValidationError, raw: Any) -> list[tuple[str, str]]:
             msg = msg.removeprefix("Value error, ")
         if loc == ["version"] and err["type"] == "literal_error":
             msg = f"must be 1, the schema version this release reads, not {err['input']!r}"
+        if err["type"] == "string_type":
+            msg = _not_text(err["input"]) or msg
         if err["type"] == "value_error" and not parts:
             continue  # the cross-check validator; its problems are reported one by one below
         problems.append((".".join(parts) or "<root>", msg))
     return problems
+
+
+def _not_text(value: Any) -> str | None:
+    """Why a value YAML read as other than text is no string, with the remedy (quotes); None for values that were
+    never text (a list, a mapping, null), which pydantic's own words fit."""
+    import datetime
+
+    if isinstance(value, bool):
+        read = f"{str(value).lower()}, a boolean (unquoted, yes/no, on/off and true/false are booleans)"
+    elif isinstance(value, int | float):
+        read = f"{value}, a number (unquoted, digits are a number, and 1:30 is read as 90)"
+    elif isinstance(value, datetime.date):
+        read = f"{value.isoformat()}, a date (unquoted, 2024-05-01 is a date)"
+    else:
+        return None
+    return f"should be text, but YAML read it as {read}: put the value in quotes"
 
 
 # A config's size and depth, bounded before anything walks it: YAML's aliases let a few lines stand for billions

@@ -585,6 +585,28 @@ def test_a_boolean_is_refused_where_a_number_belongs(section: str | None, key: s
                                                      "true/false as booleans); write a number")
 
 
+def test_text_yaml_read_as_a_boolean_number_or_date_is_named_with_the_remedy(tmp_path: Path) -> None:
+    """CLINC150 has intents "yes" and "no": as unquoted expert names YAML reads them as booleans, and the message
+    was pydantic's "Input should be a valid string", naming neither the value nor why."""
+    path = tmp_path / "router.yaml"
+    path.write_text("version: 1\nexperts:\n"
+                    + "".join(f"  - {{name: {name}, type: openai, endpoint: 'http://h:8000/v1', model: {model}}}\n"
+                              for name, model in (("no", "m"), ("'ok'", "3.5"), ("1:30", "m"), ("2024-05-01", "m"))))
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    found = dict(info.value.problems)
+    assert found == {
+        "experts[0].name": "should be text, but YAML read it as false, a boolean (unquoted, yes/no, on/off and "
+                           "true/false are booleans): put the value in quotes",
+        "experts[1] (ok).model": "should be text, but YAML read it as 3.5, a number (unquoted, digits are a number, "
+                                 "and 1:30 is read as 90): put the value in quotes",
+        "experts[2].name": "should be text, but YAML read it as 90, a number (unquoted, digits are a number, and 1:30 "
+                           "is read as 90): put the value in quotes",
+        "experts[3].name": "should be text, but YAML read it as 2024-05-01, a date (unquoted, 2024-05-01 is a date): "
+                           "put the value in quotes"}
+    assert "valid string" in problems({"version": 1, "experts": [expert(model=["m"])]})["experts[0] (alpha).model"]
+
+
 def test_numbers_from_variables_and_booleans_for_flags_still_load(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MOE_TEST_PORT", "9001")
     config = parse_config({"version": 1, "experts": [expert(timeout_s=5)],
