@@ -6,7 +6,7 @@ import contextlib
 import functools
 import logging
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -16,7 +16,7 @@ from experts.base import Expert, ExpertContext
 from experts.errors import ExpertConfigError
 from experts.registry import build_expert
 from router.breaker import Breakers
-from router.config import CascadeConfig, ExpertConfig, GateConfig, RouterConfig
+from router.config import CascadeConfig, ExpertConfig, GateConfig, RouterConfig, name_list
 from router.expert_types import EXPERT_TYPES
 from router.orchestrator import Orchestrator
 
@@ -182,6 +182,8 @@ def _warn_untrained_settings(path: Path, metadata: GateMetadata, config: RouterC
     for an outcome gate, a cost weight other than the one it was tuned at and panels sized on weights a cost weight
     flattens."""
     drift = untrained_settings(metadata, config.gate)
+    if trained is not None:
+        drift.extend(_expert_drift(trained.trained_experts, [e.name for e in config.routed_experts]))
     if metadata.kind == "label" and trained is not None:  # an outcome gate's texts are never copied for it
         new = untrained_examples(config, trained.training_examples)
         if new:
@@ -210,6 +212,25 @@ def _warn_untrained_settings(path: Path, metadata: GateMetadata, config: RouterC
     if drift:
         log.warning("%s: %s; the gate routes as trained until moe train retrains it with this config",
                     path, "; ".join(drift))
+
+
+def _expert_drift(trained: Sequence[str], routed: Sequence[str]) -> list[str]:
+    """What a config dropped of the experts the artifact was trained on: they are not routed, and their queries go
+    to the others. A new expert with the same name but for case (or spacing) is named beside it: a rename, which
+    routes the renamed expert from its config examples alone until ``moe train``. Experts only added say nothing
+    (a cold start, ``router.coldstart``)."""
+    from router.gate import text_key
+
+    configured = set(routed)
+    gone = [e for e in trained if e not in configured]
+    if not gone:
+        return []
+    known = set(trained)
+    new = {text_key(e): e for e in routed if e not in known}
+    renamed = [f"{e!r} as {new[text_key(e)]!r}" for e in gone if text_key(e) in new]
+    return [f"the artifact's expert(s) {name_list(gone)} are not among the config's routed experts, so they are not "
+            "routed" + (f" (the config now spells {', '.join(renamed)}, routed from its config examples alone)"
+                        if renamed else "")]
 
 
 def gate_encoders(config: RouterConfig, kept: Mapping[str, Encoder]) -> dict[str, Encoder]:

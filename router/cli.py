@@ -126,6 +126,11 @@ def cmd_config_check(args: argparse.Namespace) -> int:
         problems += redis_url_problems(config.state, os.environ)
     if problems:
         raise ConfigError(args.file, problems)
+    twins = _case_twins(config.expert_names)
+    if twins:
+        print(f"warning: expert names that differ only in case: {'; '.join(twins)}. They are distinct "
+              "experts; if one is a typo or a rename, training data and clients naming the other will not reach it",
+              file=sys.stderr)
     trained = is_trained(artifact)
     where = f"gate artifact {artifact}" if trained else f"no gate artifact at {artifact} yet (moe train)"
     if not trained:  # serve needs `moe train` first: what moe train would refuse, said now
@@ -136,6 +141,16 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     print(f"{args.file}: OK (version {config.version}, {len(config.experts)} experts: "
           f"{', '.join(config.expert_names)}; {where})")
     return 0
+
+
+def _case_twins(names: list[str]) -> list[str]:
+    """Groups of ``names`` the same but for case (``router.gate.text_key``), as "A, a"."""
+    from router.gate import text_key
+
+    groups: dict[str, list[str]] = {}
+    for name in names:
+        groups.setdefault(text_key(name), []).append(name)
+    return [", ".join(group) for group in groups.values() if len(group) > 1]
 
 
 def cmd_train(args: argparse.Namespace) -> int:

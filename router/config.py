@@ -15,7 +15,7 @@ import os
 import re
 import sys
 import types
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, Union, get_args, get_origin
 from urllib.parse import parse_qs, urlsplit
@@ -705,6 +705,13 @@ class RouterConfig(_Strict):
     def resolve(self, path: str) -> Path:
         p = Path(path)
         return p if p.is_absolute() else (Path(self.base_dir) / p).resolve()
+
+
+def name_list(names: Sequence[str], limit: int = 20) -> str:
+    """``names`` comma-separated, the first ``limit`` of them and how many more: a config may hold hundreds of
+    experts, and a message that lists them all buries its point."""
+    shown = ", ".join(names[:limit])
+    return shown if len(names) <= limit else f"{shown} and {len(names) - limit} more"
 
 
 def _expert_label(raw: Any, index: int) -> str:

@@ -53,7 +53,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from experts.types import is_blank
 from router.cascade import CascadeGate, forget_cascade
 from router.classifiers import build_classifier
-from router.config import RouterConfig
+from router.config import RouterConfig, name_list
 from router.encoders import build_encoder
 from router.feedback import FeedbackRecord, load_feedback
 from router.files import staged
@@ -254,8 +254,13 @@ def _unknown(config: RouterConfig, path: Path, noun: str, lines: Iterable[tuple[
         return set(first)
     also = "" if not others else "; nor " + ("is " if len(others) == 1 else "are ") + ", ".join(
         f"{other!r} (first on line {number})" for other, number in others)
-    raise ValueError(f"{path}:{line}: {noun} {name!r} is not an expert of the config{also}; "
-                     f"experts: {', '.join(config.expert_names)}. If it was removed from the config, "
+    from router.gate import text_key
+
+    by_key = {text_key(n): n for n in config.expert_names}
+    renamed = [f"{n!r} as {by_key[text_key(n)]!r}" for n in first if text_key(n) in by_key]
+    hint = f" (the config spells {', '.join(renamed)}: fix one spelling or the other)" if renamed else ""
+    raise ValueError(f"{path}:{line}: {noun} {name!r} is not an expert of the config{also}{hint}; "
+                     f"experts: {name_list(config.expert_names)}. If it was removed from the config, "
                      "moe train --drop-unknown-experts leaves its lines out")
 
 

@@ -211,6 +211,26 @@ def test_new_examples_of_a_trained_expert_are_named_when_it_loads(
     capsys.readouterr()
 
 
+def test_a_trained_expert_dropped_or_renamed_in_the_config_is_named_when_it_loads(
+        config: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture) -> None:
+    """Renaming a trained expert (coder to Coder) dropped the trained one and routed the new name from its two
+    config examples, with nothing said by config check, serve or a reload."""
+    renamed = _edited(config, "{name: coder,", "{name: Coder,")
+    with caplog.at_level("WARNING", logger="router.build"):
+        assert main(["config", "check", str(renamed)]) == 0
+    assert ("the artifact's expert(s) coder are not among the config's routed experts, so they are not routed (the "
+            "config now spells 'coder' as 'Coder', routed from its config examples alone); the gate routes as "
+            "trained until moe train retrains it") in caplog.text, caplog.text
+    caplog.clear()
+    added = _edited(renamed, "{name: Coder,", "{name: coder,").read_text() + (
+        "  - {name: cook, type: vllm, endpoint: 'http://127.0.0.1:9/v1', model: m, examples: ['a recipe']}\n")
+    config.write_text(added)  # an expert only added is a cold start: nothing to say
+    with caplog.at_level("WARNING", logger="router.build"):
+        assert main(["config", "check", str(config)]) == 0
+    assert "not routed" not in caplog.text, caplog.text
+    capsys.readouterr()
+
+
 def test_a_label_gate_under_a_config_describing_an_outcome_gate_is_named_when_it_loads(
         config: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture) -> None:
     """The config was switched to outcome records and a cost weight after the label gate was trained: the label

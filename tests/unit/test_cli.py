@@ -128,6 +128,17 @@ def test_config_check_warns_of_training_files_moe_train_would_refuse(
     assert "which is a directory" in capsys.readouterr().err
 
 
+def test_config_check_warns_of_expert_names_that_differ_only_in_case(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text("version: 1\nexperts:\n" + "".join(
+        f"  - {{name: {n}, type: openai, endpoint: 'http://127.0.0.1:9/v1', model: m, examples: [hi {n}]}}\n"
+        for n in ("Balance", "balance", "card")))
+    assert main(["config", "check", str(config), "--no-env"]) == 0
+    assert "warning: expert names that differ only in case: Balance, balance. They are distinct experts" in \
+        capsys.readouterr().err
+
+
 def test_config_check_names_a_feedback_file_serve_would_refuse(tmp_path: Path,
                                                                 capsys: pytest.CaptureFixture[str]) -> None:
     """A feedback.path that is a folder, or a file that is no SQLite database, passed config check, and serve then

@@ -110,6 +110,19 @@ def test_label_that_is_no_expert_is_named_with_its_line(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"extra\.jsonl:3: label 'b' is not an expert of the config; nor are 'a' "
                                          r"\(first on line 4\), 'c' \(first on line 6\); experts: GetWeather"):
         collect_training_data(_config(tmp_path, ["extra.jsonl"]))
+    # Hundreds of experts: the message names the first 20 and how many more.
+    many = parse_config({"version": 1, "experts": [
+        {"name": f"intent{i:03d}", "type": "openai", "endpoint": "http://127.0.0.1:9/v1", "model": "m",
+         "examples": ["an example"]} for i in range(150)], "gate": {"train_data": ["extra.jsonl"]}},
+        base_dir=tmp_path, check_env=False)
+    _write_jsonl(tmp_path / "extra.jsonl", [{"query": "q", "label": "nope"}])
+    with pytest.raises(ValueError, match=r"; experts: intent000, .*, intent019 and 130 more\. If it was removed"):
+        collect_training_data(many)
+    # A label the config spells in another case is named with its spelling (a rename, or a typo).
+    _write_jsonl(tmp_path / "extra.jsonl", [{"query": "q", "label": "getweather"}])
+    with pytest.raises(ValueError, match=r"label 'getweather' is not an expert of the config \(the config spells "
+                                         r"'getweather' as 'GetWeather': fix one spelling or the other\); experts:"):
+        collect_training_data(_config(tmp_path, ["extra.jsonl"]))
 
 
 def test_train_from_config_saves_a_loadable_gate(tmp_path: Path, snips_rows: list[dict[str, str]]) -> None:
