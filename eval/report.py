@@ -260,7 +260,9 @@ def plot_confusion(path: Path, matrix: np.ndarray, labels: Sequence[str], title:
         ax.set_yticks(range(len(labels)), shown, fontsize=8)
     else:  # too many to name on the axes, or names that tell no two apart: indices, keyed by report.md's table
         key = " (index: the # column of report.md's per-class table)"
-        step = 5 if n > 40 else 1
+        # The figure stops growing at 16 inches: every 5th index fits up to about 200 labels, and beyond, every
+        # 10th, 15th, ... keeps about 40 on an axis, where every 5th ran together ("105110115...").
+        step = 5 * math.ceil(n / 200) if n > 40 else 1
         ax.set_xticks(range(0, n, step), [str(i) for i in range(0, n, step)], fontsize=7)
         ax.set_yticks(range(0, n, step), [str(i) for i in range(0, n, step)], fontsize=7)
     _finish(plt, fig, ax, path, title, xlabel=f"predicted label{key}", ylabel=f"true label{key}")

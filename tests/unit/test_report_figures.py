@@ -145,6 +145,17 @@ def test_confusion_names_its_labels_clipped_or_keys_their_indices(tmp_path: Path
     assert "| 59 | intent-59 |" in table
 
 
+
+def test_a_confusion_of_hundreds_of_labels_keeps_its_indices_apart(tmp_path: Path, drawn: list[Any]) -> None:
+    """At 450 labels every 5th index, on a figure capped at 16 inches, ran together along the bottom."""
+    for n in (150, 450, 1050):
+        plot_confusion(tmp_path / f"{n}.png", np.eye(n, dtype=int), [f"intent-{i}" for i in range(n)], str(n))
+    ticks = [[t.get_text() for t in ax.get_xticklabels()] for ax in drawn]
+    assert ticks[0][:3] == ["0", "5", "10"] and len(ticks[0]) == 30
+    assert ticks[1][:3] == ["0", "15", "30"] and len(ticks[1]) == 30
+    assert ticks[2][:3] == ["0", "30", "60"] and len(ticks[2]) == 35
+
+
 def test_confusion_labels_that_share_a_long_start_stay_told_apart(tmp_path: Path, drawn: list[Any]) -> None:
     """Cut at the end, seven labels sharing a 40-character start all read "customer support escalation que…", and
     three CJK labels (each character escaped to six) all read their first five characters."""
