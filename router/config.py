@@ -1168,10 +1168,26 @@ def _pydantic_problems(exc: ValidationError, raw: Any) -> list[tuple[str, str]]:
             msg = f"must be 1, the schema version this release reads, not {err['input']!r}"
         if err["type"] == "string_type":
             msg = _not_text(err["input"]) or msg
+        if err["type"] == "string_pattern_mismatch" and (err.get("ctx") or {}).get("pattern") == _NAME:
+            msg = _name_problem(str(err["input"]))
         if err["type"] == "value_error" and not parts:
             continue  # the cross-check validator; its problems are reported one by one below
         problems.append((".".join(parts) or "<root>", msg))
     return problems
+
+
+def _name_problem(name: str) -> str:
+    """Why ``name`` is no name (``_NAME``), in words: the pattern alone says nothing to most readers."""
+    rule = ("a name is 1 to 128 of the characters A-Z a-z 0-9 . _ @ / : + -, starting with a letter or digit "
+            "(names appear in URLs, metric labels and logs)")
+    if not name:
+        return f"is empty: {rule}"
+    if len(name) > 128:
+        return f"is {len(name)} characters long: {rule}"
+    bad = next((c for c in name if not re.fullmatch(r"[A-Za-z0-9._@/:+-]", c)), None)
+    if bad is not None:
+        return f"holds {bad!r}: {rule}"
+    return f"starts with {name[0]!r}: {rule}"
 
 
 def _not_text(value: Any) -> str | None:

@@ -607,6 +607,15 @@ def test_text_yaml_read_as_a_boolean_number_or_date_is_named_with_the_remedy(tmp
     assert "valid string" in problems({"version": 1, "experts": [expert(model=["m"])]})["experts[0] (alpha).model"]
 
 
+@pytest.mark.parametrize(("name", "says"), [("has space", "holds ' '"), ("-lead", "starts with '-'"),
+                                          ("x" * 129, "is 129 characters long"), ("caf\u00e9", "holds '\u00e9'")])
+def test_a_name_outside_the_rule_is_refused_in_words(name: str, says: str) -> None:
+    """The message was the pattern itself ("String should match pattern '^[A-Za-z0-9]...'")."""
+    found = problems({"version": 1, "experts": [expert(name=name)]})
+    assert list(found.values()) == [f"{says}: a name is 1 to 128 of the characters A-Z a-z 0-9 . _ @ / : + -, "
+                                    "starting with a letter or digit (names appear in URLs, metric labels and logs)"]
+
+
 def test_numbers_from_variables_and_booleans_for_flags_still_load(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MOE_TEST_PORT", "9001")
     config = parse_config({"version": 1, "experts": [expert(timeout_s=5)],
