@@ -238,6 +238,14 @@ def test_redact_hides_the_values_of_secret_flags_in_a_command_line() -> None:
     ("http://bob:1234/s3cret@h/v1", "http://<redacted>@h/v1"),  # the start reads as a port, the rest as a path
     ("http://bob:p@s3cret/w@h/v1", "http://<redacted>@h/v1"),  # with a "@" before the "/" too
     ("http://u:s3cret@h:8000/a@b", "http://<redacted>@b"),  # a "@" past the host: hidden whole, too much
+    # RFC 3986's sub-delimiters stand unencoded in a password; a "'" ended the URL, so none of it was redacted.
+    *((f"redis://:s3cret{c}x@h:6379/0", "redis://<redacted>@h:6379/0") for c in "!$&'()*+,;="),
+    ("store redis://:hunter'2s3cret@h:1/0 is unreachable", "store redis://<redacted>@h:1/0 is unreachable"),
+    ("http://h/v1?password=ab's3cret&y=1", "http://h/v1?password=<redacted>&y=1"),
+    # The quotes around a URL stay where they were.
+    ("endpoint 'http://u:s3cret@h/v1' failed", "endpoint 'http://<redacted>@h/v1' failed"),
+    ("{'url': 'http://h/v1?token=s3cret', 'n': 1}", "{'url': 'http://h/v1?token=<redacted>', 'n': 1}"),
+    ("['http://u:s3cret@h/a', 'b']", "['http://<redacted>@h/a', 'b']"),
     ("no url at all", "no url at all"),
 ])
 def test_redact_finds_credentials_in_any_url_form(text: str, expected: str) -> None:
