@@ -264,6 +264,45 @@ def client_headers(api_key: str | None, headers: Mapping[str, str] | None = None
     return sent
 
 
+# Headers whose values are credentials: the key's Authorization, a proxy's, cookies, and any named for a key,
+# token, secret or password.
+_SECRET_HEADER = re.compile(r"auth|cookie|key|token|secret|pass", re.IGNORECASE)
+_SHORTEST_SECRET = 4  # shorter values would scrub ordinary words out of messages
+
+
+def _secret_values(headers: Mapping[str, str]) -> list[str]:
+    """What of ``headers`` an error the service sends back must not repeat: each credential header's value, and
+    its credential alone ("Bearer sk-..." and "sk-..."); longest first, so a value is scrubbed before its part."""
+    found = set()
+    for name, value in headers.items():
+        if _SECRET_HEADER.search(name):
+            found.update({value, value.partition(" ")[2].strip()})
+    return sorted((v for v in found if len(v) >= _SHORTEST_SECRET), key=len, reverse=True)
+
+
+def _scrubbed(value: Any, secrets: Sequence[str]) -> Any:
+    """``value`` (parsed JSON, or text) with each of ``secrets`` replaced by ``***`` in every string in it."""
+    if isinstance(value, str):
+        for secret in secrets:
+            value = value.replace(secret, "***")
+        return value
+    if isinstance(value, dict):
+        return {_scrubbed(k, secrets): _scrubbed(v, secrets) for k, v in value.items()}
+    return [_scrubbed(v, secrets) for v in value] if isinstance(value, list) else value
+
+
+def _scrub_error(error: RouterAPIError, secrets: Sequence[str]) -> None:
+    """``error`` without ``secrets``: a server (a proxy, a misconfigured gateway, an echoing test double) may quote
+    the client's key back in its error, and the message, the body, a traceback and a log would repeat it."""
+    error.body = _scrubbed(error.body, secrets)
+    error.message, error.code, error.type, error.param = (_scrubbed(v, secrets) for v in (
+        error.message, error.code, error.type, error.param))
+    error.args = tuple(_scrubbed(a, secrets) for a in error.args)
+    cause = error.__cause__
+    if cause is not None and _scrubbed(str(cause), secrets) != str(cause):
+        error.__cause__, error.__suppress_context__ = None, True  # its text quotes the body: not chained
+
+
 class _Protocol:
     """What both clients share: how requests are built and responses read."""
 
@@ -279,6 +318,7 @@ class _Protocol:
         self.base_url = base_url.rstrip("/").removesuffix("/v1")
         self.headers = client_headers(api_key, headers)
         self.timeout = timeout
+        self._secrets = _secret_values(self.headers)
 
     @contextlib.contextmanager
     def reaching(self, timeout: Timeout | UseClientDefault = httpx.USE_CLIENT_DEFAULT) -> Iterator[None]:
@@ -287,6 +327,10 @@ class _Protocol:
         limit = self.timeout if timeout is httpx.USE_CLIENT_DEFAULT else cast("Timeout", timeout)
         try:
             yield
+        except RouterAPIError as exc:
+            if self._secrets:
+                _scrub_error(exc, self._secrets)
+            raise
         except httpx.TransportError as exc:
             try:
                 where = f" {exc.request.method} {_shown(exc.request.url)}"

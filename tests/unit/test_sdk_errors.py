@@ -531,3 +531,42 @@ async def test_a_local_stream_closed_by_aclosing_frees_its_expert_at_once() -> N
                 break
         assert local.orchestrator.expert_states()["math"]["in_flight"] == 0
         assert (await local.chat("an integral", model="math")).expert == "math"
+
+
+async def test_a_server_echoing_the_clients_key_does_not_get_it_into_the_sdks_errors() -> None:
+    """A gateway that quotes the key it refused ("Incorrect API key provided: ...", as OpenAI's does), an HTML page
+    echoing the request, an error event naming the key: the SDK's message, body and code repeated it (and so did
+    `moe ask`, LangChain and any log of the exception). The router's own expert client already scrubbed this."""
+    key, token = "client-key-SDKSECRET-42", "tok-HEADERSECRET-7"
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        echoed = f"{request.headers['authorization']} / {request.headers['x-team-token']}"
+        if request.url.path == "/v1/route":
+            return httpx.Response(502, text=f"<html>bad gateway for {echoed}</html>")
+        if json.loads(request.content).get("stream"):
+            event = {"error": {"message": f"refused {echoed}", "code": f"bad_{key}"}}
+            return httpx.Response(200, text=f"data: {json.dumps(event)}\n\n",
+                                  headers={"content-type": "text/event-stream"})
+        return httpx.Response(401, json={"error": {"message": f"Incorrect API key provided: {key}", "code": key,
+                                                   "param": token, "type": "invalid_request_error"}})
+
+    transport = httpx.MockTransport(answer)
+    caught: list[RouterAPIError] = []
+    with Client("http://router", api_key=key, headers={"X-Team-Token": token}, transport=transport) as client:
+        for call in (lambda: client.chat("hi"), lambda: client.route("hi"), lambda: list(client.stream("hi"))):
+            with pytest.raises(RouterAPIError) as info:
+                call()
+            caught.append(info.value)
+    async with AsyncClient("http://router", api_key=key, headers={"X-Team-Token": token},
+                           transport=transport) as aclient:
+        with pytest.raises(RouterAPIError) as ainfo:
+            await aclient.chat("hi")
+        caught.append(ainfo.value)
+        with pytest.raises(RouterAPIError) as astream:
+            [c async for c in aclient.stream("hi")]
+        caught.append(astream.value)
+    for error in caught:
+        shown = f"{error} {error.message} {error.code} {error.param} {json.dumps(error.body)} {error.args}"
+        assert key not in shown and token not in shown and "SECRET" not in shown, shown
+    assert str(caught[0]) == "HTTP 401 (***): Incorrect API key provided: ***" and caught[0].status == 401
+    assert "bad gateway for *** / ***" in caught[1].message
