@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-__all__ = ["REDACTED", "redact", "userinfo"]
+__all__ = ["REDACTED", "redact", "userinfo", "userinfo_past_host"]
 
 REDACTED = "<redacted>"
 # Config keys whose values are secrets or stand-ins for them (a key's hash still lets one test guesses offline).
@@ -52,6 +52,13 @@ def userinfo(url: str) -> str:
     if "@" in rest and (":" in authority or "@" in authority):
         return (authority + rest).rpartition("@")[0]
     return authority.rpartition("@")[0]
+
+
+def userinfo_past_host(url: str) -> bool:
+    """Whether ``url``'s user:password@ runs past where a URL parser ends its host (``userinfo``): a '/', '?' or
+    '#' in a password, unencoded, makes the parser read its start as the host and port, which its errors quote."""
+    credentials, rest = userinfo(url), url.partition("://")[2]
+    return bool(credentials) and len(credentials) >= len(re.split(r"[/?#]", rest, maxsplit=1)[0])
 
 
 def _redact_quoted(found: str) -> str:

@@ -890,7 +890,9 @@ def _redis_url_problem(name: str, url: str, *, is_set: bool) -> str | None:
     if scheme not in _REDIS_SCHEMES:
         return (f"environment variable {name} does not hold a Redis URL (its scheme is {scheme or 'none'!r}; "
                 "expected redis://, rediss:// or unix://)")
-    if _userinfo_past_host(url):
+    from experts.redact import userinfo_past_host  # here, not at the top: as in _endpoint_problems
+
+    if userinfo_past_host(url):
         return (f"environment variable {name} holds a Redis URL with a '@' past its host: a '/', '?' or '#' in its "
                 "password ends the host early; percent-encode them (%2F, %3F, %23, and a '@' as %40)")
     try:
@@ -905,15 +907,6 @@ def _redis_url_problem(name: str, url: str, *, is_set: bool) -> str | None:
                 f"{', '.join(map(repr, tls))}, which only a rediss:// URL takes: use rediss:// for TLS, or leave "
                 "them out")
     return None
-
-
-def _userinfo_past_host(url: str) -> bool:
-    """Whether ``url``'s user:password@ runs past where a URL parser ends its host (``experts.redact.userinfo``):
-    a '/', '?' or '#' in a password, unencoded, makes the parser read its start as the host and port."""
-    from experts.redact import userinfo  # here, not at the top: `import router.config` stays light (no httpx)
-
-    credentials, rest = userinfo(url), url.partition("://")[2]
-    return bool(credentials) and len(credentials) >= len(re.split(r"[/?#]", rest, maxsplit=1)[0])
 
 
 def _is_reference(value: Any) -> bool:
@@ -959,13 +952,14 @@ def _endpoint_problems(url: str, *, need_host: bool = True, echo: bool = True) -
     it. Nothing is said of ``/v1``: some servers mount the API elsewhere. The userinfo (a password, perhaps) is
     never repeated, nor any part of it: the checks read the URL without it (``experts.redact.userinfo``).
     ``echo`` false: the base URL is not suggested (a variable gave the URL, whose path may hold a token)."""
-    from experts.redact import userinfo  # here, not at the top: `import router.config` stays light (no httpx)
+    from experts.redact import userinfo, userinfo_past_host  # here, not at the top: `import router.config` stays
+    # light (no httpx)
 
     scheme, _, rest = url.partition("://")
     credentials = userinfo(url)
     bare = f"{scheme}://{rest[len(credentials) + 1:]}" if credentials else url
     found = []
-    if _userinfo_past_host(url):
+    if userinfo_past_host(url):
         found.append("has a '@' past its host: a '/', '?' or '#' in its user:password@ ends the host early; "
                      "percent-encode them (%2F, %3F, %23, and a '@' as %40)")
     try:

@@ -270,6 +270,22 @@ _SECRET_HEADER = re.compile(r"auth|cookie|key|token|secret|pass", re.IGNORECASE)
 _SHORTEST_SECRET = 4  # shorter values would scrub ordinary words out of messages
 
 
+def _base_url(base_url: str) -> httpx.URL:
+    """``base_url`` parsed; a ``ValueError`` that never repeats its user:password@ when it cannot be, or when a
+    '/', '?' or '#' in the password ends the host early (httpx would read the password's start as the port, and
+    quote it, or its end as the path, which messages show)."""
+    from experts.redact import userinfo, userinfo_past_host
+
+    if userinfo_past_host(base_url):
+        raise ValueError("base_url has a '@' past its host: a '/', '?' or '#' in its user:password@ ends the host "
+                         "early; percent-encode them (%2F, %3F, %23, and a '@' as %40), or give the key as api_key")
+    try:
+        return httpx.URL(base_url)
+    except httpx.InvalidURL as exc:
+        why = "" if userinfo(base_url) else f": {exc}"  # httpx's words may quote the password
+        raise ValueError(f"base_url is not a URL httpx can send to{why}") from None
+
+
 def _secret_values(headers: Mapping[str, str]) -> list[str]:
     """What of ``headers`` an error the service sends back must not repeat: each credential header's value, and
     its credential alone ("Bearer sk-..." and "sk-..."); longest first, so a value is scrubbed before its part."""
@@ -308,7 +324,7 @@ class _Protocol:
 
     def __init__(self, base_url: str, api_key: str | None, timeout: Timeout,
                  headers: Mapping[str, str] | None = None) -> None:
-        url = httpx.URL(base_url)
+        url = _base_url(base_url)
         if url.query or url.fragment:
             # httpx would append each path after it ("...?token=x/v1/route"), and messages would show it.
             raise ValueError(f"base_url {_shown(url)!r} carries a query or fragment; give the service's address "

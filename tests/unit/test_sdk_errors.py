@@ -570,3 +570,20 @@ async def test_a_server_echoing_the_clients_key_does_not_get_it_into_the_sdks_er
         assert key not in shown and token not in shown and "SECRET" not in shown, shown
     assert str(caught[0]) == "HTTP 401 (***): Incorrect API key provided: ***" and caught[0].status == 401
     assert "bad gateway for *** / ***" in caught[1].message
+
+
+@pytest.mark.parametrize("base_url", ["http://svc:PWSTART/rest@127.0.0.1:8000", "http://svc:1234/pwREST@127.0.0.1:8000",
+                                      "http://svc:PW?START@127.0.0.1:8000"])
+def test_a_base_url_whose_password_ends_its_host_early_is_refused_without_repeating_it(
+        base_url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """httpx read the password's start as the port and quoted it ("Invalid port: 'PWSTART'"), or its end as the
+    path, which RouterConnectionError then showed; `moe ask --url` printed a traceback ending in it."""
+    from router.cli import main
+
+    for build in (lambda: Client(base_url), lambda: AsyncClient(base_url)):
+        with pytest.raises(ValueError, match="base_url has a '@' past its host") as info:
+            build()
+        assert "PW" not in str(info.value) and "pw" not in str(info.value) and info.value.__cause__ is None
+    assert main(["ask", "hi", "--url", base_url]) != 0
+    err = capsys.readouterr().err
+    assert err.startswith("error: base_url has a '@' past its host") and "PW" not in err and "pw" not in err
