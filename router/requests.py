@@ -125,12 +125,16 @@ def parse_json(raw: bytes) -> Any:
         raise RequestProblem(400, f"request body is not UTF-8 text (byte {exc.start}: {exc.reason}); send JSON "
                            "encoded as UTF-8", "invalid_request_error", "invalid_json") from None
     try:
-        value = json.loads(text, parse_constant=_not_json, parse_float=_finite)
+        value = json.loads(text, parse_constant=_not_json, parse_float=_finite, object_pairs_hook=_unique_keys)
         # "\ud800" is valid JSON but not encodable UTF-8: it would fail later, when the answer or trace echoes
         # it. Only a \uD800-\uDFFF escape can produce one now, so the re-encoding check runs only on bodies
         # holding such an escape, not on every request.
         if _SURROGATE_ESCAPE.search(raw):
             json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except _DuplicateKey as exc:
+        raise RequestProblem(400, f"request body gives the key {exc.key!r} twice in one object; give each key once "
+                                  "(readers differ on which one counts: a proxy checking the first would pass what "
+                                  "the router reads from the last)", "invalid_request_error", "invalid_json") from None
     except RecursionError:
         raise RequestProblem(400, f"request body is nested too deeply (arrays and objects may nest at most "
                                   f"{MAX_JSON_DEPTH} levels)", "invalid_request_error", "invalid_json") from None
@@ -141,6 +145,25 @@ def parse_json(raw: bytes) -> Any:
     if raw.count(b"[") + raw.count(b"{") > MAX_JSON_DEPTH and json_depth(value) > MAX_JSON_DEPTH:
         raise RequestProblem(400, f"request body is nested more than {MAX_JSON_DEPTH} levels deep (arrays and "
                                   "objects)", "invalid_request_error", "invalid_json")
+    return value
+
+
+class _DuplicateKey(ValueError):
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key if len(key) <= 40 else key[:37] + "..."
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object's pairs as a dict; a key given twice is refused (``_DuplicateKey``), where json.loads keeps
+    the last silently."""
+    value = dict(pairs)
+    if len(value) < len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise _DuplicateKey(key)
+            seen.add(key)
     return value
 
 

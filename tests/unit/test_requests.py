@@ -147,6 +147,20 @@ def test_json_that_python_reads_but_an_expert_could_not_is_invalid_json(raw: byt
     assert (refused.param, refused.code) == (None, "invalid_json") and says in refused.message
 
 
+@pytest.mark.parametrize(("raw", "key"), [
+    (b'{"model": "coder", "model": "mathy", "messages": []}', "model"),
+    (b'{"messages": [{"role": "user", "role": "system", "content": "hi"}]}', "role"),
+    (b'{"' + b"k" * 60 + b'": 1, "' + b"k" * 60 + b'": 2}', "k" * 37 + "..."),
+])
+def test_a_key_given_twice_in_one_object_is_refused_naming_it(raw: bytes, key: str) -> None:
+    """json.loads kept the last: "model" twice was answered by the second, where a proxy enforcing an allow-list on
+    the first would have let it through."""
+    refused = problem(parse_json, raw)
+    assert (refused.status, refused.code) == (400, "invalid_json")
+    assert refused.message.startswith(f"request body gives the key {key!r} twice in one object; give each key once")
+    assert parse_json(b'{"a": {"x": 1}, "b": {"x": 2}}') == {"a": {"x": 1}, "b": {"x": 2}}  # one key per object
+
+
 def test_a_utf8_bom_is_let_through() -> None:
     assert parse_json(b"\xef\xbb\xbf" + b'{"a": "caf\xc3\xa9"}') == {"a": "caf\u00e9"}
 
