@@ -792,9 +792,10 @@ def _cross_problems(raw: Any, *, check_env: bool, base_dir: str | Path | None = 
             yield f"{where}.api_key_env", _not_a_name_problem("api_key_env", "OPENAI_API_KEY")
         elif check_env and isinstance(key_env, str) and not os.environ.get(key_env, "").strip():
             yield f"{where}.api_key_env", variable_state(key_env, is_set=key_env in os.environ)
-        elif check_env and isinstance(key_env, str) and _control_character(os.environ[key_env].strip()):
+        elif check_env and isinstance(key_env, str) and _not_header_text(os.environ[key_env].strip()):
             yield f"{where}.api_key_env", (f"environment variable {key_env} holds a control character (a line "
-                                           "break?) inside the key, which no HTTP header may carry")
+                                           "break?) or a character that is not ASCII inside the key, which no HTTP "
+                                           "header carries as written")
         endpoint = e.get("endpoint")
         if isinstance(endpoint, str) and key_env and userinfo(endpoint):
             yield f"{where}.endpoint", ("holds credentials (user:password@) and api_key_env sets a bearer key too; "
@@ -1029,14 +1030,17 @@ def _security_env_problems(security: dict[str, Any]) -> Iterable[tuple[str, str]
             yield f"security.{key}", f"{variable_state(name, is_set=False)}; it must hold {holds}"
         elif not (value.replace(",", " ") if key == "api_keys_env" else value).strip():  # as KeyRing reads it
             yield f"security.{key}", f"environment variable {name} is empty; it must hold {holds}"
-        elif any(_control_character(k.strip()) for k in (value.split(",") if key == "api_keys_env" else [value])):
-            yield f"security.{key}", (f"environment variable {name} holds a control character (a line break?) "
-                                      "inside a key, which no client could send in an HTTP header")
+        elif any(_not_header_text(k.strip()) for k in (value.split(",") if key == "api_keys_env" else [value])):
+            yield f"security.{key}", (f"environment variable {name} holds a control character (a line break?) or a "
+                                      "character that is not ASCII inside a key, which no client could send in an "
+                                      "HTTP header as written")
 
 
-def _control_character(value: str) -> bool:
-    """Whether ``value`` holds an ASCII control character other than a tab (HTTP header values allow tabs)."""
-    return any((ord(c) < 32 and c != "\t") or ord(c) == 127 for c in value)
+def _not_header_text(value: str) -> bool:
+    """Whether ``value`` holds what an HTTP header does not carry as written: an ASCII control character other than
+    a tab (header values allow tabs), or a character that is not ASCII (the service reads header bytes as Latin-1,
+    so a UTF-8 key never matches, and the SDK refuses one)."""
+    return any((ord(c) < 32 and c != "\t") or ord(c) >= 127 for c in value)
 
 
 def _combiner_problems(combiner: Any, names: list[str]) -> Iterable[tuple[str, str]]:

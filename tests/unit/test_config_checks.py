@@ -138,11 +138,12 @@ def test_an_expert_key_is_read_stripped_and_a_blank_one_is_a_problem(monkeypatch
     assert parse_config(raw, check_env=False).experts[0].api_key() is None
 
 
-@pytest.mark.parametrize("inside", ["\n", "\r", "\x01", "\x1b", "\x7f"])
+@pytest.mark.parametrize("inside", ["\n", "\r", "\x01", "\x1b", "\x7f", "\u043a\u043b\u044e\u0447", "\u00e9"])
 def test_a_key_with_a_control_character_inside_is_a_problem_that_never_shows_the_key(
         monkeypatch: pytest.MonkeyPatch, inside: str) -> None:
     """A key pasted across two lines cannot go into an HTTP header: every call to the expert would fail with the
-    HTTP library's error, and a client key could never be sent. Said at load, naming the variable only."""
+    HTTP library's error, and a client key could never be sent. Said at load, naming the variable only. A key that
+    is not ASCII passed, and then never matched (the service reads header bytes as Latin-1; the SDK refuses it)."""
     monkeypatch.setenv("MOE_TEST_KEY", f"sk-SECRET{inside}VALUE\n")
     raw = {"version": 1, "experts": [expert(api_key_env="MOE_TEST_KEY")],
            "security": {"api_keys_env": "MOE_TEST_KEY", "admin_key_env": "MOE_TEST_KEY"}}
