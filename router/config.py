@@ -555,10 +555,28 @@ class ServiceConfig(_Strict):
     max_batch_queries: int = Field(default=1024, ge=1, le=100_000)
     # Put prompts and answers in the per-request log lines. Off by default: they may hold personal data.
     log_content: bool = False
+    # The names the service answers to, as a request's Host header gives them (its port aside): exact names,
+    # ``*.example.com`` for any under a domain, ``*`` for any. None: any, except that with no client keys a service
+    # reached on a loopback address answers to loopback names only (``router.security.host_refused``: DNS
+    # rebinding). /health answers whatever the Host.
+    allowed_hosts: list[str] | None = None
     # ``moe serve``: seconds between checks for hot reload of the config file and of what its build reads that may
     # change (``router.build.config_inputs``: the gate artifact, nested routers' configs); None turns polling off
     # (SIGHUP and ``POST /admin/reload`` still reload).
     reload_poll_s: float | None = Field(default=2.0, gt=0.0, le=3600.0)
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _host_patterns(cls, hosts: list[str] | None) -> list[str] | None:
+        if hosts is None:
+            return None
+        for host in hosts:
+            name = host[2:] if host.startswith("*.") else host
+            if host != "*" and not re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9._-]*|\[?[0-9A-Fa-f:.]*:[0-9A-Fa-f:.]*\]?",
+                                                name):
+                raise ValueError(f"{host!r} is not a host name, '*.' and a domain, or '*' (no port: any port "
+                                 "matches)")
+        return [h.lower().strip("[]").rstrip(".") for h in hosts]
 
     @field_validator("host")
     @classmethod

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -33,6 +34,7 @@ __all__ = [
     "TokenBucket",
     "bearer_token",
     "hash_key",
+    "host_refused",
     "redact",
     "take_token",
 ]
@@ -178,6 +180,52 @@ _NO_KEY = Denied(401, "missing_api_key", "this service needs an API key: send 'A
 # The message never repeats the key it was given. It opens with OpenAI's own words, which clients read: LiteLLM
 # takes a 401 for an AuthenticationError only by them (a bad request otherwise).
 _BAD_KEY = Denied(401, "invalid_api_key", "Incorrect API key provided: the API key given is not valid")
+
+
+def host_refused(host_header: str | None, allowed: Sequence[str] | None, *, local: str | None,
+                 keyless: bool) -> Denied | None:
+    """Why a request naming ``host_header`` (its ``Host``) is refused, None when it is not. ``allowed``
+    (``service.allowed_hosts``): the names it may give, ``*.example.com`` for any under a domain, ``*`` for any.
+    Without them, a ``keyless`` service reached on a loopback address (``local``, the connection's own end) answers
+    to loopback names only: a web page that points its own name at 127.0.0.1 (DNS rebinding) reaches it as a page
+    of its own site, which the 415 on non-JSON bodies does not stop, but it sends its own name as the Host."""
+    if not host_header:
+        return None  # HTTP/1.0, or a client of no browser's: nothing a page could forge
+    host = _host_name(host_header)
+    if allowed is not None:
+        if any(p == "*" or host == p or (p.startswith("*.") and host.endswith(p[1:])) for p in allowed):
+            return None
+        why = f"service.allowed_hosts lists {', '.join(allowed) or 'none'}"
+    elif keyless and local is not None and _loopback(_host_name(local)) and not _loopback(host):
+        why = ("a service reached on this machine with no client keys answers to localhost, 127.0.0.1 and [::1] "
+               "only, as a web page could otherwise reach it by pointing its own name at 127.0.0.1; list the names "
+               "it is reached by in service.allowed_hosts")
+    else:
+        return None
+    shown = host_header if len(host_header) <= 100 else host_header[:97] + "..."
+    return Denied(400, "invalid_host", f"Host {shown!r} is not one this service answers to: {why}")
+
+
+def _host_name(host: str) -> str:
+    """A Host header's (or an address's) name: lowercased, without its port, brackets and a closing dot."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        host = host[1:].partition("]")[0]
+    elif host.count(":") == 1:
+        host = host.partition(":")[0]
+    return host.rstrip(".")
+
+
+def _loopback(host: str) -> bool:
+    """Whether ``host`` names this machine: localhost (and names under it, RFC 6761), 127.0.0.0/8 or ::1."""
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    mapped = getattr(address, "ipv4_mapped", None)
+    return address.is_loopback or (mapped is not None and mapped.is_loopback)
 
 
 def _rate_limited(limit: RateLimitConfig, who: str, wait: float, key: _Key | None = None) -> Denied:

@@ -66,7 +66,7 @@ from router.requests import (
     parse_route_batch,
     parse_since,
 )
-from router.security import Admitted, Denied, Guard, InMemoryRateStore, RateStore, redact
+from router.security import Admitted, Denied, Guard, InMemoryRateStore, RateStore, host_refused, redact
 from router.trace import Trace
 
 __all__ = ["RequestProblem", "RouteBatch", "RouteQuery", "check_combiner", "create_app", "error_body", "parse_chat",
@@ -843,6 +843,12 @@ def _keyed(app: FastAPI, path: str) -> bool:
 async def _admit(app: FastAPI, scope: Scope, headers: Headers) -> Admitted | Denied:
     path: str = scope["path"]
     client = scope["client"][0] if scope.get("client") else "unknown"
+    if path != "/health" and app.state.orchestrator is not None:
+        server = scope.get("server")
+        refused = host_refused(headers.get("host"), app.state.orchestrator.config.service.allowed_hosts,
+                               local=server[0] if server else None, keyless=not _guard(app).keys.required)
+        if refused is not None:
+            return refused
     if _keyed(app, path):
         return await _guard(app).admit_client(headers.get("authorization"), client)
     if path == "/admin" or path.startswith("/admin/"):

@@ -427,3 +427,47 @@ async def test_metrics_and_docs_can_be_put_behind_the_client_keys(open_endpoints
 def test_open_endpoints_names_only_what_it_knows() -> None:
     with pytest.raises(ValidationError, match="open_endpoints"):
         SecurityConfig.model_validate({"open_endpoints": ["health"]})
+
+
+# -- the Host a request names (DNS rebinding) ---------------------------------------------------------------------
+def local_client(app: FastAPI) -> httpx.AsyncClient:
+    """A client reaching ``app`` on this machine's loopback address (the ASGI scope's ``server``), as a browser on
+    it reaches a service bound to 127.0.0.1."""
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://127.0.0.1:8000")
+
+
+async def test_a_keyless_service_on_this_machine_answers_to_loopback_names_only() -> None:
+    """A web page that points its own name at 127.0.0.1 reaches the service as a page of its own site: its JSON
+    POST needs no preflight, so the 415 on other bodies does not stop it spending the experts or planting feedback.
+    It sends its own name as the Host, which is refused now."""
+    async with local_client(make_app()) as http:
+        rebound = await http.post("/v1/chat/completions", json=CHAT, headers={"host": "attacker.example:8000"})
+        assert rebound.status_code == 400 and rebound.json()["error"]["code"] == "invalid_host"
+        assert rebound.json()["error"]["message"].startswith("Host 'attacker.example:8000' is not one this service "
+                                                             "answers to: a service reached on this machine with no "
+                                                             "client keys answers to localhost")
+        for host in ("localhost:8000", "127.0.0.1:8000", "[::1]:8000", "LOCALHOST", "app.localhost", "127.0.0.2"):
+            assert (await http.post("/v1/chat/completions", json=CHAT, headers={"host": host})).status_code == 200, host
+        assert (await http.get("/health", headers={"host": "attacker.example"})).status_code == 200  # probes
+    async with client(make_app()) as http:  # reached on another address: any Host, as before
+        assert (await http.post("/v1/chat/completions", json=CHAT, headers={"host": "router.svc"})).status_code == 200
+
+
+async def test_with_keys_or_allowed_hosts_the_host_check_follows_them() -> None:
+    async with local_client(make_app(KEYED)) as http:  # a page has no key: the key decides, whatever the Host
+        keyed = await http.post("/v1/chat/completions", json=CHAT, headers={"host": "api.example.com", **auth(ALICE)})
+        assert keyed.status_code == 200
+    app = make_app(KEYED, service={"allowed_hosts": ["api.example.com", "*.corp.example"]})
+    async with client(app) as http:
+        for host, status in (("api.example.com", 200), ("API.example.com:443", 200), ("x.corp.example", 200),
+                             ("corp.example", 400), ("evil.example", 400)):
+            r = await http.post("/v1/chat/completions", json=CHAT, headers={"host": host, **auth(ALICE)})
+            assert r.status_code == status, (host, r.text)
+        refused = await http.post("/v1/chat/completions", json=CHAT, headers={"host": "evil.example", **auth(ALICE)})
+        assert "service.allowed_hosts lists api.example.com, *.corp.example" in refused.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("host", ["h:8000", "*.*", "", "a b"])
+def test_an_allowed_host_that_is_no_host_name_is_a_config_problem(host: str) -> None:
+    with pytest.raises(ConfigError, match=r"service\.allowed_hosts: .*is not a host name"):
+        fake_config(NAMES, service={"allowed_hosts": [host]})

@@ -825,7 +825,7 @@ async def test_a_client_that_stops_reading_a_stream_is_cut_off_at_the_deadline(
         host, port = url.removeprefix("http://").split(":")
         sock = socket.create_connection((host, int(port)))
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\n"
                      b"%scontent-length: %d\r\n\r\n%s" % (header, len(body), body))
         await asyncio.sleep(0.5)
         during = orchestrator.expert_states()["math"]["in_flight"]
