@@ -63,9 +63,9 @@ from router.gate import (
     _softmax,
     embed_texts,
     expected_calibration_error,
-    fit_temperature,
     nearest_similarity,
 )
+from router.gate_train import fit_top_temperature
 from router.outcome import (
     PRIOR_RECORDS,
     SUCCESS_MODELS,
@@ -179,10 +179,14 @@ def tune(success: np.ndarray, outcomes: np.ndarray, record_costs: np.ndarray, co
     # every probability (the temperature at its bound), and panels took every expert as cost_weight rose.
     quality = _realised(outcomes, success)
     target = np.where(quality >= quality.max(axis=1, keepdims=True) - 1e-9, logits, -np.inf).argmax(axis=1)
+    chosen = logits.argmax(axis=1)
+    # Fitted to the top weight alone (``fit_top_temperature``): fitting the whole softmax to one target per query
+    # (NLL) asked mass for one expert of the many that answered right (13 of 31 LLMs on an average MMLU-Pro
+    # question), which left a top weight of 0.45 where the pick was no worse than the rest 0.77 of the time (ECE
+    # 0.32), and mass and adaptive panels took four or five experts a query.
     # The bound grows with the utility's scale (the margin alone reaches 1 + cost_weight): a fixed 10 held the
     # temperature at its bound from a cost weight of about 25, and the weights went to 1 (ECE 0.38).
-    temperature = fit_temperature(logits, target, lo=1e-3, hi=10.0 * (1.0 + cost_weight))
-    chosen = logits.argmax(axis=1)
+    temperature = fit_top_temperature(logits, chosen == target, lo=1e-3, hi=10.0 * (1.0 + cost_weight))
     # Scored as the evaluation scores them: a pick (or a single expert) with no record for a query is wrong.
     scored = np.where(np.isnan(outcomes), 0.0, outcomes)
     # A mean over the picks that have a recorded cost would be the cost of those experts alone (say 1.0, where
