@@ -43,6 +43,7 @@ from eval import labels as label_suites
 from eval import routing as outcome_suites
 from eval.embeddings import CachedEncoder, default_cache_dir
 from eval.peer import SPLIT_PARTS
+from eval.provenance import stamp
 from eval.report import HARNESS_FIGURES, write_results
 from eval.suite import PREDICTIONS, SuiteContext, check_limit, warnings_once
 from router.encoders import Encoder
@@ -150,7 +151,7 @@ def run_suite(name: str, data_dir: str | Path | None, out: str | Path, *, encode
         setup = {"suite": name, "encoder": f"{cached.identity} (sha256 {cached.checksum[:12]}…)", "seed": seed,
                  "data": str(ctx.data_dir) if name != "jsonl" else f"{train} / {test}", "limit": limit,
                  "out": str(final),
-                 **body.pop("setup", {}), "seconds": round(time.perf_counter() - started, 1)}
+                 **body.pop("setup", {}), "seconds": round(time.perf_counter() - started, 1), **stamp()}
         results = {"metrics": body.pop("metrics"), "suite": name, "command": command, "setup": setup, **body,
                    "notes": [*body.pop("notes", []), *ctx.notes]}
         write_results(ctx.out, results)
@@ -370,14 +371,14 @@ def main(args: argparse.Namespace) -> int:
     with _terminated_as_exit():
         results = run_suite(suite, data_dir_of(args), args.out, encoder=args.encoder, seed=args.seed, train=train,
                             test=test, limit=getattr(args, "limit", None),
-                            plots=not getattr(args, "no_plots", False), command=_command(args, suite),
+                            plots=not getattr(args, "no_plots", False), command=reproducing_command(args, suite),
                             pool=getattr(args, "pool", None), device=getattr(args, "device", "cpu"),
                             oos_label=getattr(args, "oos_label", None))
     print(_summary(results))
     return 0
 
 
-def _command(args: argparse.Namespace, suite: str) -> str:
+def reproducing_command(args: argparse.Namespace, suite: str) -> str:
     """The ``moe eval`` command line that reproduces this run, each argument quoted for a POSIX shell
     (``shlex.quote``: a plain one is written as it is, one holding a space or a quote is quoted)."""
     parts = ["moe", "eval"] + (["--suite", suite] if suite != "jsonl" else

@@ -13,15 +13,13 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import os
-import platform
 import sys
 import time
 import traceback
 from pathlib import Path
 from typing import Any
 
-from eval.harness import SUITES, run_suite
+from eval.harness import SUITES, reproducing_command, run_suite
 from eval.peer import attach_peer, score_semantic_router
 from eval.readme_results import load_results, render_block, rewrite_readme
 from eval.report import write_results
@@ -40,25 +38,13 @@ def published_suites() -> list[str]:
     return [*PUBLISHED, *(s for s in OPTIONAL if s in SUITES)]
 
 
-def machine() -> str:
-    """A short description: OS, architecture, CPU model and the cores this process may use."""
-    model = platform.processor() or platform.machine()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        for line in cpuinfo.read_text(encoding="utf-8", errors="replace").splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return f"{platform.system()} {platform.machine()}, {model}, {cores} cores"
-
-
-def _run_one(suite: str, out: Path, args: argparse.Namespace, stamp: dict[str, str]) -> dict[str, Any]:
-    command = f"moe eval --suite {suite} --out {out} --encoder {args.encoder} --seed {args.seed}"
-    command += f" --limit {args.limit}" if args.limit else ""
+def _run_one(suite: str, out: Path, args: argparse.Namespace, day: dict[str, str]) -> dict[str, Any]:
+    # The command that reproduces it, as moe eval writes its own (quoted, and naming --data where it was given).
+    command = reproducing_command(argparse.Namespace(out=out, encoder=args.encoder, seed=args.seed, data=args.data,
+                                                     limit=args.limit), suite)
     results = run_suite(suite, args.data, out, encoder=args.encoder, seed=args.seed, limit=args.limit,
                         command=command)
-    results["setup"] = {**results["setup"], **stamp}
+    results["setup"] = {**results["setup"], **day}   # one date for the whole run, though it crosses midnight
     if suite in LABEL_SUITES and suite in args.peer_suites.split(","):
         print(f"  peer: aurelio semantic-router on {out / 'split'}", flush=True)
         peer = score_semantic_router(out, torch_threads=args.torch_threads)
@@ -90,14 +76,14 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         print(f"error: unknown suite(s) {', '.join(unknown)}; known: {', '.join(sorted(SUITES))}", file=sys.stderr)
         return 2
-    stamp = {"date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d"), "machine": machine()}
+    day = {"date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d")}
     failed = []
     started = time.perf_counter()
     for i, suite in enumerate(suites, 1):
         print(f"[{i}/{len(suites)}] {suite} -> {args.out / suite}", flush=True)
         t0 = time.perf_counter()
         try:
-            _run_one(suite, args.out / suite, args, stamp)
+            _run_one(suite, args.out / suite, args, day)
         except Exception:  # one broken suite must not hide the others' numbers
             traceback.print_exc()
             failed.append(suite)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +63,12 @@ def test_user_jsonl_with_unseen_labels(data_dir: Path, tmp_path: Path, cache_dir
     assert results["labels"] == sorted(RENAMED.values())
     assert set(results["per_class"]) == set(RENAMED.values())
     assert results["setup"]["train"] == 200 and results["setup"]["test"] == 80
+    # Where the figures came from, for whoever reruns them: the day, the machine, the commit and the versions.
+    setup = results["setup"]
+    assert setup["date"] == datetime.now(UTC).strftime("%Y-%m-%d") and "cores" in setup["machine"]
+    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parents[2])
+    assert setup["code"]["commit"] == (head.stdout.strip() or None) and setup["code"]["dirty"] in (True, False, None)
+    assert setup["code"]["versions"]["numpy"] == np.__version__ and "scikit-learn" in setup["code"]["versions"]
     systems = results["systems"]
     members = {f"gate classifier: {kind}" for kind in ("logistic", "knn", "lexical")}
     assert set(systems) == {"gate", "cascade", "random", "majority", "centroid", "knn", "logistic"} | members
@@ -326,31 +334,32 @@ def test_a_device_the_encoder_cannot_use_is_refused_by_name(tmp_path: Path,
 
 
 def test_the_reproducing_command_names_a_device_other_than_the_cpu() -> None:
-    from eval.harness import _command
+    from eval.harness import reproducing_command
 
     args = argparse.Namespace(out="o", encoder="sentence-transformers", seed=0, data=None, limit=None, pool=None,
                               device="cuda:1")
-    assert _command(args, "snips-intent").endswith("--encoder sentence-transformers --seed 0 --device cuda:1")
+    assert reproducing_command(args, "snips-intent").endswith(
+        "--encoder sentence-transformers --seed 0 --device cuda:1")
     args.device = "cpu"
-    assert "--device" not in _command(args, "snips-intent")
+    assert "--device" not in reproducing_command(args, "snips-intent")
 
 
 def test_the_reproducing_command_quotes_arguments_a_shell_would_split() -> None:
     import shlex
 
-    from eval.harness import _command
+    from eval.harness import reproducing_command
 
     args = argparse.Namespace(train="my data/tr ain.jsonl", test="test.jsonl", out="out dir", encoder="onnx",
                               seed=0, data=None, limit=None, pool=None, device="cpu", oos_label="out of 'scope'")
-    command = _command(args, "jsonl")
+    command = reproducing_command(args, "jsonl")
     assert shlex.split(command) == ["moe", "eval", "--train", "my data/tr ain.jsonl", "--test", "test.jsonl",
                                     "--out", "out dir", "--encoder", "onnx", "--seed", "0",
                                     "--oos-label", "out of 'scope'"]
     # Plain arguments are written as they always were (committed reports keep their command line).
     args = argparse.Namespace(out="out/eval/snips", encoder="onnx", seed=0, data=None, limit=200, pool=None,
                               device="cpu")
-    assert _command(args, "snips-intent") == ("moe eval --suite snips-intent --out out/eval/snips --encoder onnx "
-                                              "--seed 0 --limit 200")
+    assert reproducing_command(args, "snips-intent") == (
+        "moe eval --suite snips-intent --out out/eval/snips --encoder onnx --seed 0 --limit 200")
 
 
 class _CountingEncoder(Encoder):
@@ -437,3 +446,23 @@ def test_the_exported_split_is_labelled_jsonl_moe_eval_reads(tmp_path: Path) -> 
     assert load_labelled_jsonl(tmp_path / "split" / "train.jsonl") == [("play some jazz", "music"),
                                                                        ("Ünïcode \"quoted\"", "a/b")]
     assert load_labelled_jsonl(tmp_path / "split" / "test.jsonl") == [("Ünïcode \"quoted\"", "a/b")]
+
+
+def test_make_results_records_the_command_moe_eval_would_with_its_data(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """`python -m eval.results --data X` wrote a reproducing command without --data (and unquoted): pasted where
+    the default data folder differs, it read other data."""
+    import eval.results as results_module
+
+    seen: dict[str, Any] = {}
+
+    def fake_run(suite: str, data: str, out: Path, **kwargs: Any) -> dict[str, Any]:
+        seen["command"] = kwargs["command"]
+        return {"setup": {}, "metrics": {}}
+
+    monkeypatch.setattr(results_module, "run_suite", fake_run)
+    monkeypatch.setattr(results_module, "write_results", lambda out, results: None)
+    args = argparse.Namespace(encoder="onnx", seed=1, limit=None, data="/my data", peer_suites="")
+    results_module._run_one("routellm-mmlu", tmp_path / "r", args, {"date": "2026-12-07"})
+    assert seen["command"] == (f"moe eval --suite routellm-mmlu --out {tmp_path / 'r'} --encoder onnx --seed 1 "
+                               "--data '/my data'")
