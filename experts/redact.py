@@ -17,9 +17,11 @@ REDACTED = "<redacted>"
 _SECRET_FIELDS = frozenset({"sha256", "api_key", "apikey", "key"})
 _SECRET_WORDS = frozenset({"secret", "password", "token", "credentials"})
 # A URL in a string: its userinfo (``userinfo``) and secret-looking query parameters (?password=..., &token=...)
-# are redacted. A "'" may stand in a password (RFC 3986 allows it unencoded there), so it does not end the URL;
-# the quotes a URL is written between (``'http://...'``) are kept out of it (``_redact_quoted``).
-_URL = re.compile(r"\b[a-zA-Z][a-zA-Z0-9+.-]*://[^\s\"<>]+")
+# are redacted. A "'" ends a URL here, as the quotes it is written between do ('http://a','http://u:pw@b': two
+# URLs, each redacted); but it may stand in a password or a query value (RFC 3986 allows it unencoded), so a
+# second pass (``_URL_WITH_QUOTES``) reads URLs through it, the quotes and punctuation closing one kept apart.
+_URL = re.compile(r"\b[a-zA-Z][a-zA-Z0-9+.-]*://[^\s\"'<>]+")
+_URL_WITH_QUOTES = re.compile(r"\b[a-zA-Z][a-zA-Z0-9+.-]*://(?:<redacted>|[^\s\"<>])+")
 _URL_AUTHORITY = re.compile(r"^([^:/?#]+://)([^/?#]*)")
 _SECRET_QUERY = re.compile(r"([?&;](?:[^=&;#]*(?:pass|pwd|secret|token|key|auth|credential)[^=&;#]*)=)[^&;#]*",
                            re.IGNORECASE)
@@ -32,8 +34,10 @@ def redact(value: Any) -> Any:
     if isinstance(value, list):
         return _redact_args(value)
     if isinstance(value, str):
-        # Credentials inside a URL (https://user:secret@host, redis://h/0?password=secret) go too.
-        return _URL.sub(lambda m: _redact_quoted(m.group(0)), value)
+        # Credentials inside a URL (https://user:secret@host, redis://h/0?password=secret) go too: each URL as
+        # quotes end it, then through its quotes (a "'" in a password); what the first pass hid stays hidden.
+        value = _URL.sub(lambda m: _redact_url(m.group(0)), value)
+        return _URL_WITH_QUOTES.sub(lambda m: _redact_quoted(m.group(0)), value)
     return value
 
 
@@ -64,7 +68,7 @@ def userinfo_past_host(url: str) -> bool:
 def _redact_quoted(found: str) -> str:
     """``_redact_url`` of a URL found in text, the quotes and punctuation closing it kept as they were: a "'" or
     "')", "'," after it closes the quotes it was written between, and is no part of it."""
-    url = found.rstrip("'),;]}")
+    url = found.rstrip("'),;]}.")
     close = found[len(url):]
     if "'" not in close:  # nothing quoted: "(see http://h/x)" keeps its ")" as before
         return _redact_url(found)

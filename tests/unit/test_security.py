@@ -246,6 +246,10 @@ def test_redact_hides_the_values_of_secret_flags_in_a_command_line() -> None:
     ("endpoint 'http://u:s3cret@h/v1' failed", "endpoint 'http://<redacted>@h/v1' failed"),
     ("{'url': 'http://h/v1?token=s3cret', 'n': 1}", "{'url': 'http://h/v1?token=<redacted>', 'n': 1}"),
     ("['http://u:s3cret@h/a', 'b']", "['http://<redacted>@h/a', 'b']"),
+    # Two quoted URLs with nothing between: read as one through the "'", the second's password was left.
+    ("['http://h1/v1','http://user:s3cret@h2/v1']", "['http://h1/v1','http://<redacted>@h2/v1']"),
+    ("e='http://h1/v1','redis://:s3cret@h2:6379/0'", "e='http://h1/v1','redis://<redacted>@h2:6379/0'"),
+    ("see 'http://h/x?token=s3cret'.", "see 'http://h/x?token=<redacted>'."),
     ("no url at all", "no url at all"),
 ])
 def test_redact_finds_credentials_in_any_url_form(text: str, expected: str) -> None:
