@@ -572,8 +572,9 @@ class ServiceConfig(_Strict):
             return None
         for host in hosts:
             name = host[2:] if host.startswith("*.") else host
-            if host != "*" and not re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9._-]*|\[?[0-9A-Fa-f:.]*:[0-9A-Fa-f:.]*\]?",
-                                                name):
+            # A name, or an IPv6 address: in brackets, or bare with two colons at least (so "db:80" is no address).
+            if host != "*" and not re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9._-]*|\[[0-9A-Fa-f:.]*\]"
+                                                r"|[0-9A-Fa-f.]*:[0-9A-Fa-f.]*:[0-9A-Fa-f:.]*", name):
                 raise ValueError(f"{host!r} is not a host name, '*.' and a domain, or '*' (no port: any port "
                                  "matches)")
         return [h.lower().strip("[]").rstrip(".") for h in hosts]

@@ -12,9 +12,12 @@ The decisions are made here, apart from HTTP; ``router.service`` turns a ``Denie
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import hmac
 import ipaddress
+import socket
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -217,15 +220,26 @@ def _host_name(host: str) -> str:
 
 
 def _loopback(host: str) -> bool:
-    """Whether ``host`` names this machine: localhost (and names under it, RFC 6761), 127.0.0.0/8 or ::1."""
-    if host == "localhost" or host.endswith(".localhost"):
+    """Whether ``host`` names this machine: localhost (and names under it, RFC 6761), 127.0.0.0/8 or ::1, the
+    wildcard addresses a server started on every interface prints (0.0.0.0, ::), and the machine's own host name
+    (an /etc/hosts entry for 127.0.1.1, say). A web page can send none of them as the Host of its own site."""
+    if host == "localhost" or host.endswith(".localhost") or host in _own_names():
         return True
     try:
         address = ipaddress.ip_address(host)
     except ValueError:
         return False
     mapped = getattr(address, "ipv4_mapped", None)
-    return address.is_loopback or (mapped is not None and mapped.is_loopback)
+    return address.is_loopback or address.is_unspecified or (mapped is not None and mapped.is_loopback)
+
+
+@functools.cache
+def _own_names() -> frozenset[str]:
+    """This machine's host name, and its fully qualified one, lowercased."""
+    names = {socket.gethostname()}
+    with contextlib.suppress(OSError):
+        names.add(socket.getfqdn())
+    return frozenset(n.lower().rstrip(".") for n in names if n)
 
 
 def _rate_limited(limit: RateLimitConfig, who: str, wait: float, key: _Key | None = None) -> Denied:

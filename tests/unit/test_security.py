@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 from collections.abc import Mapping
 
 import httpx
@@ -450,7 +451,9 @@ async def test_a_keyless_service_on_this_machine_answers_to_loopback_names_only(
         assert rebound.json()["error"]["message"].startswith("Host 'attacker.example:8000' is not one this service "
                                                              "answers to: a service reached on this machine with no "
                                                              "client keys answers to localhost")
-        for host in ("localhost:8000", "127.0.0.1:8000", "[::1]:8000", "LOCALHOST", "app.localhost", "127.0.0.2"):
+        # The wildcard a server started on every interface prints, and this machine's own name, are local too.
+        for host in ("localhost:8000", "127.0.0.1:8000", "[::1]:8000", "LOCALHOST", "app.localhost", "127.0.0.2",
+                     "0.0.0.0:8000", "[::]:8000", f"{socket.gethostname()}:8000"):
             assert (await http.post("/v1/chat/completions", json=CHAT, headers={"host": host})).status_code == 200, host
         assert (await http.get("/health", headers={"host": "attacker.example"})).status_code == 200  # probes
     async with client(make_app()) as http:  # reached on another address: any Host, as before
@@ -471,7 +474,7 @@ async def test_with_keys_or_allowed_hosts_the_host_check_follows_them() -> None:
         assert "service.allowed_hosts lists api.example.com, *.corp.example" in refused.json()["error"]["message"]
 
 
-@pytest.mark.parametrize("host", ["h:8000", "*.*", "", "a b"])
+@pytest.mark.parametrize("host", ["h:8000", "cafe:8080", "db:80", "*.*", "", "a b"])
 def test_an_allowed_host_that_is_no_host_name_is_a_config_problem(host: str) -> None:
     with pytest.raises(ConfigError, match=r"service\.allowed_hosts: .*is not a host name"):
         fake_config(NAMES, service={"allowed_hosts": [host]})
