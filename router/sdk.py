@@ -264,10 +264,12 @@ def client_headers(api_key: str | None, headers: Mapping[str, str] | None = None
     return sent
 
 
-# Headers whose values are credentials: the key's Authorization, a proxy's, cookies, and any named for a key,
-# token, secret or password.
-_SECRET_HEADER = re.compile(r"auth|cookie|key|token|secret|pass", re.IGNORECASE)
-_SHORTEST_SECRET = 4  # shorter values would scrub ordinary words out of messages
+# Headers whose values are credentials: the key's Authorization, a proxy's, cookies, and any named for an API key,
+# a token, a secret or a password (not "X-Pass-Through").
+_SECRET_HEADER = re.compile(r"authorization|cookie|api[-_]?key|token|secret|password|passwd", re.IGNORECASE)
+# Shorter values are no secrets but placeholders ("unused", "none" for a keyless router), which scrubbed would
+# mangle ordinary words in messages ("unknown model '***xistent'").
+_SHORTEST_SECRET = 8
 
 
 def _base_url(base_url: str) -> httpx.URL:
@@ -278,7 +280,8 @@ def _base_url(base_url: str) -> httpx.URL:
 
     if userinfo_past_host(base_url):
         raise ValueError("base_url has a '@' past its host: a '/', '?' or '#' in its user:password@ ends the host "
-                         "early; percent-encode them (%2F, %3F, %23, and a '@' as %40), or give the key as api_key")
+                         "early; percent-encode them (%2F, %3F, %23, and a '@' as %40), or give the key as api_key. "
+                         "(A '@' in the path after a port reads so too: write it as %40.)")
     try:
         return httpx.URL(base_url)
     except httpx.InvalidURL as exc:
@@ -310,9 +313,11 @@ def _scrubbed(value: Any, secrets: Sequence[str]) -> Any:
 def _scrub_error(error: RouterAPIError, secrets: Sequence[str]) -> None:
     """``error`` without ``secrets``: a server (a proxy, a misconfigured gateway, an echoing test double) may quote
     the client's key back in its error, and the message, the body, a traceback and a log would repeat it."""
+    # ``type`` is left as it came: a fixed word (invalid_request_error) a caller compares with, never a key.
     error.body = _scrubbed(error.body, secrets)
-    error.message, error.code, error.type, error.param = (_scrubbed(v, secrets) for v in (
-        error.message, error.code, error.type, error.param))
+    error.message, error.code, error.param = (_scrubbed(v, secrets) for v in (error.message, error.code, error.param))
+    if isinstance(error.body, dict) and isinstance(error.body.get("error"), dict) and "type" in error.body["error"]:
+        error.body["error"]["type"] = error.type
     error.args = tuple(_scrubbed(a, secrets) for a in error.args)
     cause = error.__cause__
     if cause is not None and _scrubbed(str(cause), secrets) != str(cause):

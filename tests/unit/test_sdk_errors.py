@@ -569,7 +569,17 @@ async def test_a_server_echoing_the_clients_key_does_not_get_it_into_the_sdks_er
         shown = f"{error} {error.message} {error.code} {error.param} {json.dumps(error.body)} {error.args}"
         assert key not in shown and token not in shown and "SECRET" not in shown, shown
     assert str(caught[0]) == "HTTP 401 (***): Incorrect API key provided: ***" and caught[0].status == 401
-    assert "bad gateway for *** / ***" in caught[1].message
+    assert caught[0].type == "invalid_request_error" and "bad gateway for *** / ***" in caught[1].message
+    # A placeholder key for a keyless router ("none", "unused") is no secret: scrubbed, it mangled the router's own
+    # words ("unknown model '***xistent'"), and a header merely named like one (X-Pass-Through) is none either.
+    refusal = {"error": {"message": "unknown model 'nonexistent'; models: auto, math", "type": "invalid_request_error",
+                         "param": "model", "code": "model_not_found"}}
+    plain = httpx.MockTransport(lambda request: httpx.Response(404, json=refusal))
+    with Client("http://router", api_key="none", headers={"X-Pass-Through": "true"}, transport=plain) as client, \
+            pytest.raises(RouterAPIError) as placeholder:
+        client.chat("hi", model="nonexistent")
+    assert (placeholder.value.message, placeholder.value.code, placeholder.value.param) == (
+        "unknown model 'nonexistent'; models: auto, math", "model_not_found", "model")
 
 
 @pytest.mark.parametrize("base_url", ["http://svc:PWSTART/rest@127.0.0.1:8000", "http://svc:1234/pwREST@127.0.0.1:8000",
