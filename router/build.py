@@ -200,7 +200,7 @@ def _warn_untrained_settings(path: Path, metadata: GateMetadata, config: RouterC
                      "success model (3 points more accurate on RouterBench's test split at 0.2)")
     if metadata.kind == "outcome" and lam > 0 and config.gate.top_k.policy != "fixed":
         log.warning("%s: gate.top_k.policy %r sizes panels on the outcome gate's weights, which flatten as "
-                    "gate.cost_weight rises (RouterBench: 3 experts a query at 0.5, 7 at 5), so a higher cost weight "
+                    "gate.cost_weight rises (RouterBench: 2.7 experts a query at 0.5, 3 at 5), so a higher cost weight "
                     "can make each request dearer; policy fixed keeps the panel's size", path,
                     config.gate.top_k.policy)
     data_kind = _train_data_kind(config)
