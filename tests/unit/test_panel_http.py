@@ -117,17 +117,24 @@ async def test_an_empty_answer_from_the_combiners_expert_leaves_the_panels_answe
 
 
 # -- a panel with tool calls ---------------------------------------------------------------------------------------
+async def panel_of_three(ranked: tuple[str, str, str], combiner: dict[str, str],
+                         answers: dict[str, Behaviour]) -> dict[str, Any]:
+    """The service's answer over a panel of a, b and c, the gate ranking them in ``ranked`` order, each giving its
+    ``answers`` entry."""
+    async with rig(ranked, gate={"top_k": {"policy": "fixed", "k": 3}}, combiner=combiner) as (srv, http):
+        for name, behaviour in answers.items():
+            srv[name].default = behaviour
+        r = await http.post("/v1/chat/completions", json=CHAT)
+    assert r.status_code == 200, r.text
+    body: dict[str, Any] = r.json()
+    return body
+
+
 async def test_a_panel_with_tool_calls_marks_agreement_as_top1_reads_it() -> None:
     """c's tool call keeps the panel from being combined: a's answer stands, and b, which gives the same letter,
     agrees with it, as top1 reads answers (the configured extractor)."""
-    async with rig(("a", "b", "c"), gate={"top_k": {"policy": "fixed", "k": 3}},
-                   combiner={"strategy": "top1", "extractor": "choice"}) as (srv, http):
-        srv["a"].default = Behaviour.ok("The answer is B")
-        srv["b"].default = Behaviour.ok("B")
-        srv["c"].default = Behaviour.ok("", tool_calls=[CALL])
-        r = await http.post("/v1/chat/completions", json=CHAT)
-    assert r.status_code == 200, r.text
-    body = r.json()
+    body = await panel_of_three(("a", "b", "c"), {"strategy": "top1", "extractor": "choice"}, {
+        "a": Behaviour.ok("The answer is B"), "b": Behaviour.ok("B"), "c": Behaviour.ok("", tool_calls=[CALL])})
     assert body["choices"][0]["message"]["content"] == "The answer is B"
     assert {c["expert"]: c["agreed"] for c in body["moe"]["contributions"]} == {"a": True, "b": True, "c": False}
 
@@ -137,14 +144,10 @@ async def test_a_blank_answer_has_no_say_beside_a_tool_call(heaviest: str) -> No
     """a, the heaviest member, answered blank (a reasoning model out of max_tokens while thinking): beside c's tool
     call it stood, text and tool call both lost, because a panel holding a tool call skipped the blank check. Now
     the heaviest answer that is not blank stands: b's text or c's tool call."""
-    async with rig(("a", "b", "c") if heaviest == "b" else ("a", "c", "b"), gate={"top_k": {"policy": "fixed", "k": 3}},
-                   combiner={"strategy": "vote", "extractor": "number"}) as (srv, http):
-        srv["a"].default = Behaviour.ok("")
-        srv["b"].default = Behaviour.ok("The answer is 391")
-        srv["c"].default = Behaviour.ok("", tool_calls=[CALL])
-        r = await http.post("/v1/chat/completions", json=CHAT)
-    assert r.status_code == 200, r.text
-    body = r.json()
+    body = await panel_of_three(("a", "b", "c") if heaviest == "b" else ("a", "c", "b"),
+                                {"strategy": "vote", "extractor": "number"},
+                                {"a": Behaviour.ok(""), "b": Behaviour.ok("The answer is 391"),
+                                 "c": Behaviour.ok("", tool_calls=[CALL])})
     message = body["choices"][0]["message"]
     assert body["model"] == heaviest
     assert (message["content"], bool(message.get("tool_calls"))) == \
