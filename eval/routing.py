@@ -7,6 +7,7 @@ recorded outcomes. Routers are tuned on validation data; the test split is score
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import math
@@ -93,6 +94,12 @@ def write_outcome_predictions(path: Path, query_ids: Sequence[str], models: Sequ
             fh.write(json.dumps(line, ensure_ascii=False) + "\n")
 
 
+def split_fingerprint(ids: Sequence[str]) -> str:
+    """The SHA-256 of a split part's query ids, sorted, one per line: the same part gives the same digest
+    whatever its order."""
+    return hashlib.sha256("\n".join(sorted(ids)).encode("utf-8")).hexdigest()
+
+
 def route_outcomes(ctx: SuiteContext, x: np.ndarray, outcomes: np.ndarray, costs: np.ndarray,
                    models: Sequence[str], train: np.ndarray, val: np.ndarray, test: np.ndarray, *,
                    cost_label: str, title: str, texts: Sequence[str], reference: str | None = None,
@@ -168,6 +175,10 @@ def route_outcomes(ctx: SuiteContext, x: np.ndarray, outcomes: np.ndarray, costs
     }
     if query_ids is not None:
         body["predictions"] = PREDICTIONS
+        # Which queries each part held, as a fingerprint (``split_fingerprint``): a rerun that drew another split
+        # (another seed, changed data) says so, though the split's files are not written.
+        body["setup"]["split_sha256"] = {part: split_fingerprint([query_ids[i] for i in rows])
+                                         for part, rows in (("train", train), ("val", val), ("test", test))}
     if reference is not None:
         # The operating point is chosen on val (router fitted on train), then scored once on test.
         ref = models.index(reference)

@@ -300,6 +300,14 @@ def test_outcome_suites_small_run(suite: str, data_dir: Path, tmp_path: Path) ->
     assert 0.0 <= m["routed_accuracy"] <= m["oracle_accuracy"] and m["routed_cost"] > 0
     assert len(results["experts"]) == (31 if suite == "mmlu-pro-outcome" else 11)
     assert results["setup"]["test"] == 60
+    # The split's fingerprint: the test part's is that of the ids predictions.jsonl names.
+    from eval.routing import split_fingerprint
+
+    lines = (out / "predictions.jsonl").read_text(encoding="utf-8").splitlines()
+    tested = [str(json.loads(line)["id"]) for line in lines if line.strip()]
+    digests = results["setup"]["split_sha256"]
+    assert set(digests) == {"train", "val", "test"} and digests["test"] == split_fingerprint(tested)
+    assert len(set(digests.values())) == 3
     assert len(results["curve"]) > 10 and results["curve"][0]["lambda"] == 0.0
     assert json.loads((out / "results.json").read_text(encoding="utf-8"))["metrics"] == pytest.approx(m)
     _assert_png(out / "quality_cost.png")
