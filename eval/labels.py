@@ -35,7 +35,8 @@ from eval.datasets import (
 from eval.peer import write_split
 from eval.report import plot_confusion, plot_familiar_sweep, plot_reliability
 from eval.suite import PREDICTIONS, SuiteContext, subsample
-from router.gate import conflicting_labels, text_key
+from router.config import name_list
+from router.gate import conflicting_labels, respelled, spelled_alike, text_key
 
 __all__ = ["evaluate_labels", "run_banking77_intent", "run_clinc150_domain", "run_jsonl",
            "run_mmlu_pro_domain", "run_snips_intent", "unseen_test"]
@@ -169,18 +170,14 @@ def _note_unseen_labels(ctx: SuiteContext, trained: Sequence[str], test: Sequenc
     counts = Counter(q.label for q in test if q.label not in known and q.label != oos_label)
     if not counts:
         return
-    listed = ", ".join(f"{label!r} ({counts[label]})" for label in label_order(counts)[:20])
-    more = f" and {len(counts) - 20} more" if len(counts) > 20 else ""
-    ctx.notes.append(f"out of scope: test labels the training data lacks, with their queries: {listed}{more}")
-    by_key = {text_key(label): label for label in trained}
-    for label in label_order(counts):
-        twin = by_key.get(text_key(label))
-        if twin is not None:
-            note = (f"test label {label!r} differs from training label {twin!r} only in case, spaces or Unicode "
-                    f"form, so its {counts[label]} queries are scored as out of scope; if they are the same "
-                    "class, write the label the same way in both files")
-            ctx.notes.append(note)
-            print(f"warning: {note}", file=sys.stderr)
+    listed = name_list([f"{label!r} ({counts[label]})" for label in label_order(counts)])
+    ctx.notes.append(f"out of scope: test labels the training data lacks, with their queries: {listed}")
+    for label, twin in respelled(label_order(counts), trained).items():
+        note = (f"test label {label!r} differs from training label {twin!r} only in case, spaces or Unicode "
+                f"form, so its {counts[label]} queries are scored as out of scope; if they are the same "
+                "class, write the label the same way in both files")
+        ctx.notes.append(note)
+        print(f"warning: {note}", file=sys.stderr)
 
 
 def _note_label_twins(ctx: SuiteContext, train: Sequence[LabelledQuery]) -> None:
@@ -188,10 +185,7 @@ def _note_label_twins(ctx: SuiteContext, train: Sequence[LabelledQuery]) -> None
     and ``"billing "``): most likely one class written two ways, which the gate would otherwise learn as two,
     splitting the class's queries between them."""
     counts = Counter(q.label for q in train)
-    twins: dict[str, list[str]] = {}
-    for label in label_order(counts):
-        twins.setdefault(text_key(label), []).append(label)
-    for group in (g for g in twins.values() if len(g) > 1):
+    for group in spelled_alike(label_order(counts)):
         listed = ", ".join(f"{label!r} ({counts[label]})" for label in group)
         note = (f"training labels {listed} differ only in case, spaces or Unicode form, and are learned as "
                 f"{len(group)} classes; if they are one class, write its label one way")

@@ -219,15 +219,14 @@ def _expert_drift(trained: Sequence[str], routed: Sequence[str]) -> list[str]:
     to the others. A new expert with the same name but for case (or spacing) is named beside it: a rename, which
     routes the renamed expert from its config examples alone until ``moe train``. Experts only added say nothing
     (a cold start, ``router.coldstart``)."""
-    from router.gate import text_key
+    from router.gate import respelled
 
     configured = set(routed)
     gone = [e for e in trained if e not in configured]
     if not gone:
         return []
     known = set(trained)
-    new = {text_key(e): e for e in routed if e not in known}
-    renamed = [f"{e!r} as {new[text_key(e)]!r}" for e in gone if text_key(e) in new]
+    renamed = [f"{e!r} as {now!r}" for e, now in respelled(gone, [e for e in routed if e not in known]).items()]
     return [f"the artifact's expert(s) {name_list(gone)} are not among the config's routed experts, so they are not "
             "routed" + (f" (the config now spells {', '.join(renamed)}, routed from its config examples alone)"
                         if renamed else "")]

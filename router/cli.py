@@ -126,7 +126,9 @@ def cmd_config_check(args: argparse.Namespace) -> int:
         problems += redis_url_problems(config.state, os.environ)
     if problems:
         raise ConfigError(args.file, problems)
-    twins = _case_twins(config.expert_names)
+    from router.gate import spelled_alike
+
+    twins = [", ".join(group) for group in spelled_alike(config.expert_names)]
     if twins:
         print(f"warning: expert names that differ only in case: {'; '.join(twins)}. They are distinct "
               "experts; if one is a typo or a rename, training data and clients naming the other will not reach it",
@@ -141,16 +143,6 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     print(f"{args.file}: OK (version {config.version}, {len(config.experts)} experts: "
           f"{', '.join(config.expert_names)}; {where})")
     return 0
-
-
-def _case_twins(names: list[str]) -> list[str]:
-    """Groups of ``names`` the same but for case (``router.gate.text_key``), as "A, a"."""
-    from router.gate import text_key
-
-    groups: dict[str, list[str]] = {}
-    for name in names:
-        groups.setdefault(text_key(name), []).append(name)
-    return [", ".join(group) for group in groups.values() if len(group) > 1]
 
 
 def cmd_train(args: argparse.Namespace) -> int:

@@ -48,7 +48,7 @@ import copy
 import importlib
 import unicodedata
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
@@ -113,6 +113,8 @@ __all__ = [
     "fit_temperature",
     "nearest_similarity",
     "ood_score",
+    "respelled",
+    "spelled_alike",
     "split_train_val",
     "text_key",
     "train_gate",
@@ -543,6 +545,21 @@ def text_key(text: str) -> str:
     """A label as a person reads it, and a query as the encoder reads it, near enough: Unicode composed (NFC), case
     folded (MiniLM's tokenizer is uncased), spaces collapsed. Two queries with the same key embed alike."""
     return " ".join(unicodedata.normalize("NFC", text).casefold().split())
+
+
+def spelled_alike(names: Iterable[str]) -> list[list[str]]:
+    """The groups of ``names`` (in their order) that share one ``text_key``: one name written two ways, or two
+    names a reader tells apart by case alone."""
+    groups: dict[str, list[str]] = {}
+    for name in names:
+        groups.setdefault(text_key(name), []).append(name)
+    return [group for group in groups.values() if len(group) > 1]
+
+
+def respelled(names: Iterable[str], among: Iterable[str]) -> dict[str, str]:
+    """Each of ``names`` that ``among`` writes another way (the same ``text_key``), with ``among``'s spelling."""
+    by_key = {text_key(other): other for other in among}
+    return {name: by_key[text_key(name)] for name in names if text_key(name) in by_key}
 
 
 def _distinct(texts: Sequence[str]) -> list[str]:

@@ -254,10 +254,9 @@ def _unknown(config: RouterConfig, path: Path, noun: str, lines: Iterable[tuple[
         return set(first)
     also = "" if not others else "; nor " + ("is " if len(others) == 1 else "are ") + ", ".join(
         f"{other!r} (first on line {number})" for other, number in others)
-    from router.gate import text_key
+    from router.gate import respelled
 
-    by_key = {text_key(n): n for n in config.expert_names}
-    renamed = [f"{n!r} as {by_key[text_key(n)]!r}" for n in first if text_key(n) in by_key]
+    renamed = [f"{n!r} as {spelt!r}" for n, spelt in respelled(first, config.expert_names).items()]
     hint = f" (the config spells {', '.join(renamed)}: fix one spelling or the other)" if renamed else ""
     raise ValueError(f"{path}:{line}: {noun} {name!r} is not an expert of the config{also}{hint}; "
                      f"experts: {name_list(config.expert_names)}. If it was removed from the config, "
