@@ -27,7 +27,7 @@ import json
 import logging
 import math
 from collections import Counter
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -107,16 +107,20 @@ def fit_temperature(logits: np.ndarray, y: np.ndarray, lo: float = 0.01, hi: flo
     own = np.arange(logits.shape[1]) == np.asarray(y)[:, None]
     if len(y) and (logits[own] > np.where(own, -np.inf, logits).max(axis=1)).all():
         return _temperature_for_confidence(logits, (len(y) + 1) / (len(y) + 2), lo, hi)
-    a, b = math.log(lo), math.log(hi)
+    t = math.exp(_golden_section(lambda log_t: _nll(logits, y, math.exp(log_t)), math.log(lo), math.log(hi), 80))
+    return t if _nll(logits, y, t) <= _nll(logits, y, 1.0) else 1.0
+
+
+def _golden_section(f: Callable[[float], float], a: float, b: float, steps: int) -> float:
+    """The point of [a, b] where ``f`` (unimodal there) is least, by ``steps`` golden-section steps."""
     ratio = (math.sqrt(5) - 1) / 2
-    for _ in range(80):
+    for _ in range(steps):
         c, d = b - ratio * (b - a), a + ratio * (b - a)
-        if _nll(logits, y, math.exp(c)) <= _nll(logits, y, math.exp(d)):
+        if f(c) <= f(d):
             b = d
         else:
             a = c
-    t = math.exp((a + b) / 2)
-    return t if _nll(logits, y, t) <= _nll(logits, y, 1.0) else 1.0
+    return (a + b) / 2
 
 def fit_top_temperature(logits: np.ndarray, right: np.ndarray, lo: float = 0.01, hi: float = 100.0) -> float:
     """The T whose top probability, max softmax(logits / T), best predicts ``right`` (per row, whether the top
@@ -140,15 +144,8 @@ def fit_top_temperature(logits: np.ndarray, right: np.ndarray, lo: float = 0.01,
 
     grid = np.linspace(math.log(lo), math.log(hi), 61)
     best = int(np.argmin([loss(g) for g in grid]))
-    a, b = grid[max(best - 1, 0)], grid[min(best + 1, len(grid) - 1)]
-    ratio = (math.sqrt(5) - 1) / 2
-    for _ in range(40):
-        c, d = b - ratio * (b - a), a + ratio * (b - a)
-        if loss(c) <= loss(d):
-            b = d
-        else:
-            a = c
-    return math.exp((a + b) / 2)
+    return math.exp(_golden_section(loss, float(grid[max(best - 1, 0)]), float(grid[min(best + 1, len(grid) - 1)]),
+                                    40))
 
 
 def _temperature_for_confidence(logits: np.ndarray, confidence: float, lo: float, hi: float) -> float:
