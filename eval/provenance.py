@@ -17,16 +17,19 @@ __all__ = ["PACKAGES", "REPO", "machine", "machine_line", "provenance", "stamp"]
 
 REPO = Path(__file__).resolve().parents[1]
 
+
+def _cpu_model() -> str | None:
+    """The CPU's model name as /proc/cpuinfo gives it; None where there is none to read (not Linux)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return None
+    return next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), None)
+
+
 def machine() -> dict[str, Any]:
     """The CPU model, core count, Python, platform and load average: where a result file's figures came from."""
-    model = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    model = _cpu_model() or platform.processor() or "unknown"
     try:
         load = [round(x, 2) for x in os.getloadavg()]
     except OSError:
@@ -68,13 +71,7 @@ def provenance(git: Callable[[Sequence[str]], subprocess.CompletedProcess[str] |
 
 def machine_line() -> str:
     """A short description: OS, architecture, CPU model and the cores this process may use."""
-    model = platform.processor() or platform.machine()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        for line in cpuinfo.read_text(encoding="utf-8", errors="replace").splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
+    model = _cpu_model() or platform.processor() or platform.machine()
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return f"{platform.system()} {platform.machine()}, {model}, {cores} cores"
 
