@@ -56,7 +56,7 @@ from experts.errors import (
     NoRecording,
 )
 from experts.http_client import AiohttpClient, HttpClient, HttpFailure, HttpxClient
-from experts.redact import redact, userinfo
+from experts.redact import redact, scrubbed, userinfo
 from experts.types import (
     DETAILS,
     ChatRequest,
@@ -274,18 +274,8 @@ class OpenAICompatibleExpert(Expert):
         return self._scrubbed(trace) if self._secrets else trace
 
     def _scrubbed(self, value: Any) -> Any:
-        """``value`` (parsed JSON from the upstream) with every string in it scrubbed of this expert's
-        credentials."""
-        if isinstance(value, str):
-            return self._scrub(value)
-        if isinstance(value, dict):
-            return {key: self._scrubbed(item) for key, item in value.items()}
-        return [self._scrubbed(item) for item in value] if isinstance(value, list) else value
-
-    def _scrub(self, text: str) -> str:
-        for secret in self._secrets:
-            text = text.replace(secret, "***")
-        return text
+        """``value`` (parsed JSON from the upstream, or text) scrubbed of this expert's credentials."""
+        return scrubbed(value, self._secrets)
 
     # --- parsing (pure) ---------------------------------------------------------------------------------
 
@@ -511,7 +501,7 @@ class OpenAICompatibleExpert(Expert):
     def _excerpt(self, text: str | bytes) -> str:
         if isinstance(text, bytes):
             text = text.decode("utf-8", errors="replace")
-        text = " ".join(self._scrub(text).split())
+        text = " ".join(self._scrubbed(text).split())
         return text if len(text) <= _EXCERPT_CHARS else text[: _EXCERPT_CHARS - 3] + "..."
 
 

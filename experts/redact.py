@@ -8,9 +8,10 @@ the admin config dump and the state stores' logs.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["REDACTED", "redact", "userinfo", "userinfo_past_host"]
+__all__ = ["REDACTED", "redact", "scrubbed", "userinfo", "userinfo_past_host"]
 
 REDACTED = "<redacted>"
 # Config keys whose values are secrets or stand-ins for them (a key's hash still lets one test guesses offline).
@@ -56,6 +57,19 @@ def userinfo(url: str) -> str:
     if "@" in rest and (":" in authority or "@" in authority):
         return (authority + rest).rpartition("@")[0]
     return authority.rpartition("@")[0]
+
+
+def scrubbed(value: Any, secrets: Sequence[str]) -> Any:
+    """``value`` (parsed JSON, or text) with each of ``secrets`` replaced by ``***`` in every string in it, keys
+    included: an upstream or a gateway may quote a credential back in what it answers. ``secrets`` longest first,
+    so a value is scrubbed before a part of it."""
+    if isinstance(value, str):
+        for secret in secrets:
+            value = value.replace(secret, "***")
+        return value
+    if isinstance(value, dict):
+        return {scrubbed(k, secrets): scrubbed(v, secrets) for k, v in value.items()}
+    return [scrubbed(v, secrets) for v in value] if isinstance(value, list) else value
 
 
 def userinfo_past_host(url: str) -> bool:

@@ -54,6 +54,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 import httpx
 from pydantic import BaseModel
 
+from experts.redact import scrubbed
 from experts.types import Usage, reasoning_of
 from router.errors import retry_after_header
 from router.fallback import CallScope
@@ -299,28 +300,17 @@ def _secret_values(headers: Mapping[str, str]) -> list[str]:
     return sorted((v for v in found if len(v) >= _SHORTEST_SECRET), key=len, reverse=True)
 
 
-def _scrubbed(value: Any, secrets: Sequence[str]) -> Any:
-    """``value`` (parsed JSON, or text) with each of ``secrets`` replaced by ``***`` in every string in it."""
-    if isinstance(value, str):
-        for secret in secrets:
-            value = value.replace(secret, "***")
-        return value
-    if isinstance(value, dict):
-        return {_scrubbed(k, secrets): _scrubbed(v, secrets) for k, v in value.items()}
-    return [_scrubbed(v, secrets) for v in value] if isinstance(value, list) else value
-
-
 def _scrub_error(error: RouterAPIError, secrets: Sequence[str]) -> None:
     """``error`` without ``secrets``: a server (a proxy, a misconfigured gateway, an echoing test double) may quote
     the client's key back in its error, and the message, the body, a traceback and a log would repeat it."""
     # ``type`` is left as it came: a fixed word (invalid_request_error) a caller compares with, never a key.
-    error.body = _scrubbed(error.body, secrets)
-    error.message, error.code, error.param = (_scrubbed(v, secrets) for v in (error.message, error.code, error.param))
+    error.body = scrubbed(error.body, secrets)
+    error.message, error.code, error.param = (scrubbed(v, secrets) for v in (error.message, error.code, error.param))
     if isinstance(error.body, dict) and isinstance(error.body.get("error"), dict) and "type" in error.body["error"]:
         error.body["error"]["type"] = error.type
-    error.args = tuple(_scrubbed(a, secrets) for a in error.args)
+    error.args = tuple(scrubbed(a, secrets) for a in error.args)
     cause = error.__cause__
-    if cause is not None and _scrubbed(str(cause), secrets) != str(cause):
+    if cause is not None and scrubbed(str(cause), secrets) != str(cause):
         error.__cause__, error.__suppress_context__ = None, True  # its text quotes the body: not chained
 
 
