@@ -223,12 +223,14 @@ def _loopback(host: str) -> bool:
     """Whether ``host`` names this machine: localhost (and names under it, RFC 6761), 127.0.0.0/8 or ::1, the
     wildcard addresses a server started on every interface prints (0.0.0.0, ::), and the machine's own host name
     (an /etc/hosts entry for 127.0.1.1, say). A web page can send none of them as the Host of its own site."""
-    if host == "localhost" or host.endswith(".localhost") or host in _own_names():
+    if host == "localhost" or host.endswith(".localhost"):
         return True
     try:
         address = ipaddress.ip_address(host)
     except ValueError:
-        return False
+        # Only a name neither localhost nor an address asks for the machine's own: getfqdn may wait on DNS, which
+        # the connection's address and the usual Host (127.0.0.1:8000, localhost) never need.
+        return host in _own_names()
     mapped = getattr(address, "ipv4_mapped", None)
     return address.is_loopback or address.is_unspecified or (mapped is not None and mapped.is_loopback)
 
