@@ -608,11 +608,9 @@ class Fuse(Combiner):
                                    if m.role in ("system", "developer") and (t := m.text().strip()))
         system = FUSE_SYSTEM + (f"\n\nThe conversation's own instructions, which the final answer follows:\n"
                                 f"{instructions}" if instructions else "")
-        turns = "\n".join(_turn(m) for m in history if m.role not in ("system", "developer"))
-        context = f"Conversation so far:\n{_clipped_end(turns, 2 * self.max_chars)}\n\n" if turns else ""
-        # An agent's loop: the tool calls made for the question and their results, the evidence the answers use.
-        since = "\n".join(_turn(m) for m in after if m.role not in ("system", "developer"))
-        later = f"Since the question:\n{_clipped_end(since, 2 * self.max_chars)}\n\n" if since else ""
+        # After the question, an agent's loop: the tool calls made for it and their results, the evidence the answers
+        # use.
+        context, later = self._turns("Conversation so far", history), self._turns("Since the question", after)
         ordered = sorted(answers, key=lambda a: -a.weight)
         head = f"{context}Question:\n{query}\n\n{later}"
 
@@ -640,6 +638,12 @@ class Fuse(Combiner):
 
     def result(self, answers: list[WeightedAnswer], text: str) -> Combined:
         return _answered_by(self.aggregator, text, answers, self.extraction)
+
+    def _turns(self, heading: str, messages: Sequence[ChatMessage]) -> str:
+        """``messages`` but the instructions, one ``_turn`` a line under ``heading``, their end kept within twice
+        ``max_chars``; "" when none is left."""
+        turns = "\n".join(_turn(m) for m in messages if m.role not in ("system", "developer"))
+        return f"{heading}:\n{_clipped_end(turns, 2 * self.max_chars)}\n\n" if turns else ""
 
     def combine(self, answers: list[WeightedAnswer]) -> Combined:
         return self.top1.combine(answers)
