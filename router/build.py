@@ -101,6 +101,7 @@ def load_gate(config: RouterConfig, encoders: Mapping[str, Encoder] | None = Non
     (``Gate.for_config``). A two-stage gate fitted for other ``gate.cascade`` targets is fitted again for the
     config's (``CascadeGate.with_targets``).
     """
+    from router.files import recover
     from router.gate import Gate
     from router.gate_artifact import GateArtifactMismatch, is_trained
 
@@ -108,6 +109,8 @@ def load_gate(config: RouterConfig, encoders: Mapping[str, Encoder] | None = Non
     if path.exists() and not path.is_dir():
         raise GateArtifactMismatch(f"{path}: exists and is not a folder; a gate artifact is the folder moe train "
                                    "writes (moe train --config <this config>)")
+    if path.is_dir():
+        recover(path)  # a moe train killed while it renamed its files into place: finished before reading
     if not is_trained(path):
         raise GateNotTrained(path)
     loaded = gate_encoders(config, encoders or {})

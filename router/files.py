@@ -10,11 +10,16 @@ renames take, not for the seconds the writing takes. A reader that still meets t
 manifest's digests (new arrays under the old ``gate.json``), or, for the files no digest ties to the gate
 (``cascade.json``, the vote weights), may load it; either way the rename after changes a file the reload watch
 stamps, and it reloads again.
+
+A stage is sealed once it is whole, before its renames start. A run killed during them leaves the artifact mixed
+and its sealed stage in place; the next run to write the folder, or to read a gate from it, finishes those renames
+(``recover``), unless a later publish has replaced the manifests since. An unsealed stage is only removed.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import socket
@@ -23,7 +28,10 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["MANIFESTS", "STAGING_PREFIX", "abandoned", "atomic_write_text", "owner_tag", "process_gone", "staged"]
+__all__ = ["MANIFESTS", "SEALED", "STAGING_PREFIX", "abandoned", "atomic_write_text", "owner_tag", "process_gone",
+           "recover", "staged"]
+
+log = logging.getLogger(__name__)
 
 STAGING_PREFIX = ".staging-"
 # Published last, in this order (deeper folders first): a manifest names the digests of the files beside it, so
@@ -32,6 +40,9 @@ MANIFESTS = ("gate.json", "cascade.json")
 # A staging folder older than this was left by a run that died (killed mid-write): removed by the next ``staged``,
 # as one of this host whose process is gone is at once.
 _STALE_S = 3600.0
+# Written into a stage once everything in it is written, just before its renames: a stage holding it is a whole
+# artifact that ``recover`` may publish for a run that was killed part-way through them.
+SEALED = f"{STAGING_PREFIX}sealed"
 
 
 def owner_tag() -> str:
@@ -91,18 +102,57 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
 @contextlib.contextmanager
 def staged(directory: str | Path) -> Iterator[Path]:
     """A folder to write a whole artifact into; on a clean exit its files replace ``directory``'s files of the same
-    names (``_publish``). An error while the stage is written changes nothing in ``directory`` (one during the
-    renames themselves, a disk failing, leaves those done). Files in ``directory`` the stage does not hold (the
-    feedback store beside the artifact, say) are left alone."""
+    names (``_publish``). An error while the stage is written changes nothing in ``directory``. The stage is sealed
+    before the renames: a run killed during them, or a disk failing, leaves it for ``recover`` to finish. Files in
+    ``directory`` the stage does not hold (the feedback store beside the artifact, say) are left alone."""
     target = Path(directory)
     target.mkdir(parents=True, exist_ok=True)
-    _remove_stale(target)
+    recover(target)
     stage = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{owner_tag()}", dir=target))
     try:
         yield stage
-        _publish(stage, target)
-    finally:
+    except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
+        raise
+    (stage / SEALED).touch()
+    _publish(stage, target)
+    shutil.rmtree(stage, ignore_errors=True)
+
+
+def recover(directory: str | Path) -> None:
+    """Deal with the staging folders that runs which were killed (``abandoned``) left in ``directory``: finish
+    publishing a sealed one (its run died during the renames, so the folder holds part of it), unless a manifest
+    in ``directory`` is newer than its seal (a later run published since); remove the rest. A folder this process
+    may not write is left as it is: whoever can write it will finish the job."""
+    target = Path(directory)
+    here = socket.gethostname()
+    try:
+        left = [old for old in target.glob(f"{STAGING_PREFIX}*")
+                if old.is_dir() and abandoned(old, STAGING_PREFIX, _STALE_S, here)]
+        for old in sorted(left, key=_sealed_at):
+            sealed = _sealed_at(old)
+            if sealed and not _published_since(target, sealed):
+                _publish(old, target)
+                log.warning("%s: finished publishing the artifact that a run killed part-way through it left in "
+                            "%s", target, old.name)
+            shutil.rmtree(old, ignore_errors=True)
+    except OSError as exc:
+        log.debug("%s: left the staging folders of killed runs as they are (%s)", target, exc)
+
+
+def _sealed_at(stage: Path) -> float:
+    """When ``stage`` was sealed (whole, its renames about to start), or 0.0 if it never was."""
+    try:
+        return (stage / SEALED).stat().st_mtime
+    except OSError:
+        return 0.0
+
+
+def _published_since(target: Path, when: float) -> bool:
+    """Whether a manifest under ``target`` (outside staging folders) was written after ``when``. A rename keeps a
+    file's time, so a manifest a stage published has its stage's time, earlier than the seal."""
+    return any(p.stat().st_mtime > when for name in MANIFESTS for p in target.rglob(name)
+               if not _in_staging(p.relative_to(target)))
 
 
 def _publish(stage: Path, target: Path) -> None:
@@ -117,17 +167,13 @@ def _publish(stage: Path, target: Path) -> None:
     for file in sorted(files, key=order):
         rel = file.relative_to(stage)
         (target / rel).parent.mkdir(parents=True, exist_ok=True)
-        os.replace(file, target / rel)
+        try:
+            os.replace(file, target / rel)
+        except FileNotFoundError:  # another process finishing the same killed run's stage moved it first
+            if file.exists():
+                raise
 
 
 def _in_staging(rel: Path) -> bool:
     return any(part.startswith(STAGING_PREFIX) for part in rel.parts)
 
-
-def _remove_stale(target: Path) -> None:
-    """Remove the staging folders of runs that were killed: one of this host whose process is gone, and any older
-    than ``_STALE_S`` (another host's, or one an older release named without its process)."""
-    here = socket.gethostname()
-    for old in target.glob(f"{STAGING_PREFIX}*"):
-        if old.is_dir() and abandoned(old, STAGING_PREFIX, _STALE_S, here):
-            shutil.rmtree(old, ignore_errors=True)

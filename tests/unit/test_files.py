@@ -143,3 +143,93 @@ def test_a_gate_save_that_fails_midway_leaves_the_served_artifact_loadable(tmp_p
     after = _digests(tmp_path / "gate")
     assert after.keys() == before.keys() and after["weights.npz"] != before["weights.npz"]
     Gate.load(tmp_path / "gate", FakeHashingEncoder())
+
+
+_KILLED_DURING_RENAMES = """
+import os, sys
+from pathlib import Path
+from router import files
+from tests.unit.test_files import _gate
+renames = 0
+real = os.replace
+def replace(src, dst):
+    global renames
+    renames += 1
+    if renames == 2:  # the weights are in place; the examples and gate.json are not
+        os._exit(9)
+    real(src, dst)
+files.os.replace = replace
+_gate(" please").save(Path(sys.argv[1]))
+"""
+
+
+def _probe(gate: Gate) -> np.ndarray:
+    texts = ["fix this segfault", "sum of a geometric series"]
+    return gate.predict_proba(FakeHashingEncoder().encode(texts), texts)
+
+
+def test_a_train_killed_during_its_renames_is_finished_by_the_next_reader(tmp_path: Path) -> None:
+    """The stage is sealed before its renames; a run killed part-way leaves the artifact mixed (refused by its
+    digests) and the sealed stage, whose renames the next reader or writer finishes."""
+    import subprocess
+    import sys
+
+    from router.gate_artifact import GateArtifactMismatch
+
+    _gate().save(tmp_path / "gate")
+    killed = subprocess.run([sys.executable, "-c", _KILLED_DURING_RENAMES, str(tmp_path / "gate")],
+                            cwd=Path(__file__).parents[2], capture_output=True, text=True, timeout=120)
+    assert killed.returncode == 9, killed.stderr
+    stage, = (tmp_path / "gate").glob(f"{STAGING_PREFIX}*")
+    assert (stage / files.SEALED).is_file() and (stage / "gate.json").is_file()
+    with pytest.raises(GateArtifactMismatch, match=r"\.npz: contents differ"):
+        Gate.load(tmp_path / "gate", FakeHashingEncoder())
+    files.recover(tmp_path / "gate")
+    assert not stage.exists()
+    assert np.allclose(_probe(Gate.load(tmp_path / "gate", FakeHashingEncoder())), _probe(_gate(" please")))
+    assert not np.allclose(_probe(_gate(" please")), _probe(_gate()))  # the probe tells the two gates apart
+
+
+def _killed_stage(folder: Path, artifact: Path, *, published: tuple[str, ...]) -> Path:
+    """The stage that a run (a process now gone) killed after renaming ``published`` of ``artifact``'s files left."""
+    import shutil
+    import socket
+    import subprocess
+
+    ended = subprocess.Popen(["true"])
+    ended.wait()
+    stage = folder / f"{STAGING_PREFIX}{ended.pid}@{socket.gethostname()}-killed"
+    shutil.copytree(artifact, stage)
+    (stage / files.SEALED).touch()
+    for name in published:
+        os.replace(stage / name, folder / name)
+    return stage
+
+
+def test_a_killed_runs_stage_that_a_later_train_superseded_is_removed_not_published(tmp_path: Path) -> None:
+    """A stage sealed before the manifests now in the folder were published is older than what is served: it is
+    removed, never published over the newer gate."""
+    _gate(" please").save(tmp_path / "new")
+    _gate().save(tmp_path / "gate")
+    stage = _killed_stage(tmp_path / "gate", tmp_path / "new", published=())
+    time.sleep(0.01)
+    _gate(" later").save(tmp_path / "later")
+    for name in ("weights.npz", "examples.npz", "gate.json"):  # a later run's publish, from another host say
+        os.replace(tmp_path / "later" / name, tmp_path / "gate" / name)
+    files.recover(tmp_path / "gate")
+    assert not stage.exists()
+    assert np.allclose(_probe(Gate.load(tmp_path / "gate", FakeHashingEncoder())), _probe(_gate(" later")))
+
+
+def test_the_next_train_finishes_a_killed_publish_before_its_own(tmp_path: Path) -> None:
+    """A stage's files the killed run had not renamed are published by the next ``staged`` first, then its own:
+    what the killed run wrote and the next one does not (a fast stage, say) is not lost half-way."""
+    _gate(" please").save(tmp_path / "new")
+    (tmp_path / "new" / "cascade.json").write_text("{}")
+    _gate().save(tmp_path / "gate")
+    _killed_stage(tmp_path / "gate", tmp_path / "new", published=("weights.npz",))
+    with staged(tmp_path / "gate") as stage:
+        (stage / "vote_weights.json").write_text("{}")
+    assert sorted(p.name for p in (tmp_path / "gate").iterdir()) == [
+        "cascade.json", "examples.npz", "gate.json", "vote_weights.json", "weights.npz"]
+    assert np.allclose(_probe(Gate.load(tmp_path / "gate", FakeHashingEncoder())), _probe(_gate(" please")))

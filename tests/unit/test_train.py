@@ -138,6 +138,24 @@ def test_train_from_config_saves_a_loadable_gate(tmp_path: Path, snips_rows: lis
     assert [loaded.experts[i] for i in probs.argmax(axis=1)] == ["GetWeather", "PlayMusic"]
 
 
+def test_serving_finishes_the_publish_of_a_first_train_killed_part_way(tmp_path: Path,
+                                                                       snips_rows: list[dict[str, str]]) -> None:
+    """The first ``moe train`` into a folder, killed after renaming its arrays and before ``gate.json``: the
+    folder holds no gate yet, and its sealed stage; loading the gate for serving finishes the publish."""
+    from tests.unit.test_files import _killed_stage
+
+    _write_jsonl(tmp_path / "snips.jsonl", snips_rows)
+    trained = train_from_config(_config(tmp_path, ["snips.jsonl"], artifact="whole"), progress=False)
+    config = _config(tmp_path, ["snips.jsonl"], artifact="gate")
+    (tmp_path / "gate").mkdir()
+    stage = _killed_stage(tmp_path / "gate", tmp_path / "whole", published=("weights.npz", "examples.npz"))
+    assert not (tmp_path / "gate" / "gate.json").exists()
+    loaded = load_gate(config)
+    assert not stage.exists() and (tmp_path / "gate" / "gate.json").is_file()
+    queries = ["what's the weather in Paris tomorrow", "play the new album by Adele"]
+    assert np.allclose(loaded.scores(queries), trained.scores(queries))
+
+
 def test_a_gate_from_config_examples_alone_is_calibrated_or_says_it_is_not(
         tmp_path: Path, snips_rows: list[dict[str, str]], caplog: pytest.LogCaptureFixture) -> None:
     # ``moe train`` with experts that have examples and no train_data: six real queries each.
