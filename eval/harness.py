@@ -43,7 +43,7 @@ from eval import labels as label_suites
 from eval import routing as outcome_suites
 from eval.embeddings import CachedEncoder, default_cache_dir
 from eval.peer import SPLIT_PARTS
-from eval.provenance import stamp
+from eval.provenance import data_digests, files_read, stamp
 from eval.report import HARNESS_FIGURES, write_results
 from eval.suite import PREDICTIONS, SuiteContext, check_limit, warnings_once
 from router.encoders import Encoder
@@ -146,12 +146,15 @@ def run_suite(name: str, data_dir: str | Path | None, out: str | Path, *, encode
         raise ValueError(f"--out {out}: cannot create the folder ({exc.strerror or exc})") from None
     started = time.perf_counter()
     try:
-        with warnings_once():  # the suites train several gates on the same data; each warning is shown once
+        # the suites train several gates on the same data; each warning is shown once
+        with warnings_once(), files_read() as read:
             body = label_suites.run_jsonl(ctx, oos_label=oos_label) if name == "jsonl" else SUITES[name](ctx)
+        roots = [ctx.data_dir] if name != "jsonl" else [p for p in (ctx.train_path, ctx.test_path) if p]
         setup = {"suite": name, "encoder": f"{cached.identity} (sha256 {cached.checksum[:12]}…)", "seed": seed,
                  "data": str(ctx.data_dir) if name != "jsonl" else f"{train} / {test}", "limit": limit,
                  "out": str(final),
-                 **body.pop("setup", {}), "seconds": round(time.perf_counter() - started, 1), **stamp()}
+                 **body.pop("setup", {}), "data_sha256": data_digests(read, roots),
+                 "seconds": round(time.perf_counter() - started, 1), **stamp()}
         results = {"metrics": body.pop("metrics"), "suite": name, "command": command, "setup": setup, **body,
                    "notes": [*body.pop("notes", []), *ctx.notes]}
         write_results(ctx.out, results)

@@ -1,19 +1,22 @@
-"""Where a result file's figures came from: the machine, and the code (commit, uncommitted changes, package
-versions). ``moe eval`` stamps each ``results.json`` with them, and the benchmarks (``python -m bench``) each of
-their files, so a figure read later says what produced it."""
+"""Where a result file's figures came from: the machine, the code (commit, uncommitted changes, package
+versions) and the data (the SHA-256 of each data file a run read). ``moe eval`` stamps each ``results.json`` with
+them, and the benchmarks (``python -m bench``) each of their files, so a figure read later says what produced it."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import os
 import platform
 import subprocess
-from collections.abc import Callable, Sequence
+import sys
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-__all__ = ["PACKAGES", "REPO", "machine", "machine_line", "provenance", "stamp"]
+__all__ = ["PACKAGES", "REPO", "data_digests", "files_read", "machine", "machine_line", "provenance", "stamp"]
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -79,3 +82,62 @@ def machine_line() -> str:
 def stamp() -> dict[str, Any]:
     """What ``moe eval`` records of a run beside its setup: the day (UTC), the machine, and the code."""
     return {"date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d"), "machine": machine_line(), "code": provenance()}
+
+
+# The sets ``files_read`` is filling, while any is open. Python's audit hooks cannot be removed, so the one hook is
+# added by the first ``files_read`` and does nothing (one truth test) while none is open.
+_RECORDING: list[set[str]] = []
+_HOOK_LOCK = threading.Lock()
+_hooked = False
+
+
+def _on_audit(event: str, args: tuple[Any, ...]) -> None:
+    if event != "open" or not _RECORDING:
+        return
+    try:
+        path, mode, flags = args
+        if path is None or isinstance(path, int):  # an open of a file descriptor names no file
+            return
+        if isinstance(mode, str):
+            reading = "r" in mode and "+" not in mode
+        else:
+            reading = isinstance(flags, int) and flags & os.O_ACCMODE == os.O_RDONLY
+        if reading:
+            name = os.path.abspath(os.fsdecode(path))
+            for sink in list(_RECORDING):
+                sink.add(name)
+    except Exception:  # a hook that raised would fail the open it watches
+        return
+
+
+@contextlib.contextmanager
+def files_read() -> Iterator[set[str]]:
+    """The absolute paths of the files this process opens for reading (on any thread) while the block runs:
+    whatever loader reads them (json, csv, pandas, numpy), so a result records the data it was computed from
+    without each suite listing its files."""
+    global _hooked
+    with _HOOK_LOCK:
+        if not _hooked:
+            sys.addaudithook(_on_audit)
+            _hooked = True
+    seen: set[str] = set()
+    _RECORDING.append(seen)
+    try:
+        yield seen
+    finally:
+        _RECORDING.remove(seen)
+
+
+def data_digests(paths: Iterable[str | Path], roots: Iterable[str | Path]) -> dict[str, str]:
+    """The SHA-256 of each of ``paths`` that is a file under one of ``roots``, sorted by name: its path relative
+    to that root, or the root as given where the root is the file itself. The data a result was computed from."""
+    from router.encoders import sha256_file
+
+    given = {Path(os.path.abspath(r)): str(r) for r in roots}
+    out: dict[str, str] = {}
+    for path in {Path(os.path.abspath(p)) for p in paths}:
+        root = next((r for r in given if path == r or path.is_relative_to(r)), None)
+        if root is None or not path.is_file():
+            continue
+        out[given[root] if path == root else path.relative_to(root).as_posix()] = sha256_file(path)
+    return dict(sorted(out.items()))

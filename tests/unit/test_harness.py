@@ -69,6 +69,10 @@ def test_user_jsonl_with_unseen_labels(data_dir: Path, tmp_path: Path, cache_dir
     head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parents[2])
     assert setup["code"]["commit"] == (head.stdout.strip() or None) and setup["code"]["dirty"] in (True, False, None)
     assert setup["code"]["versions"]["numpy"] == np.__version__ and "scikit-learn" in setup["code"]["versions"]
+    # And the data: the SHA-256 of each file the run read, by the path it was given.
+    from router.encoders import sha256_file
+
+    assert setup["data_sha256"] == {str(train): sha256_file(train), str(test): sha256_file(test)}
     systems = results["systems"]
     members = {f"gate classifier: {kind}" for kind in ("logistic", "knn", "lexical")}
     assert set(systems) == {"gate", "cascade", "random", "majority", "centroid", "knn", "logistic"} | members
@@ -308,6 +312,13 @@ def test_outcome_suites_small_run(suite: str, data_dir: Path, tmp_path: Path) ->
     digests = results["setup"]["split_sha256"]
     assert set(digests) == {"train", "val", "test"} and digests["test"] == split_fingerprint(tested)
     assert len(set(digests.values())) == 3
+    # The data files the run read, by their paths in the data folder, with their SHA-256.
+    from router.encoders import sha256_file
+
+    read = results["setup"]["data_sha256"]
+    expected = {"mmlu-pro-outcome": "mmlu_pro_outcomes/", "routerbench": "routerdc/routerbench_zs/"}[suite]
+    assert read and all(name.startswith(expected) for name in read)
+    assert all(sha256_file(data_dir / name) == digest for name, digest in read.items())
     assert len(results["curve"]) > 10 and results["curve"][0]["lambda"] == 0.0
     assert json.loads((out / "results.json").read_text(encoding="utf-8"))["metrics"] == pytest.approx(m)
     _assert_png(out / "quality_cost.png")
