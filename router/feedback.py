@@ -336,7 +336,7 @@ class SqliteFeedbackStore(FeedbackStore):
                     self._prune(now)
             finally:
                 self._db.execute("PRAGMA busy_timeout=5000")
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, ValueError) as exc:  # ValueError: text SQLite cannot store (a lone surrogate)
             self._cannot_remember(f"{type(exc).__name__}: {exc}")
             return
         finally:

@@ -37,6 +37,7 @@ __all__ = [
     "check_combiner",
     "feedback_off",
     "feedback_problem",
+    "json_body",
     "parse_chat",
     "parse_feedback",
     "parse_json",
@@ -110,6 +111,19 @@ def _finite(literal: str) -> float:
     value = float(literal)
     if not math.isfinite(value):
         raise ValueError(f"the number {literal[:40]} is beyond a 64-bit float's range (it would read as infinity)")
+    return value
+
+
+def json_body(value: Any) -> Any:
+    """``value``, a request body built in process (``LocalRouter``), if the service would read it from JSON: else
+    the ``RequestProblem`` (400 ``invalid_json``) ``parse_json`` raises for its bytes. A lone surrogate ("\\ud800",
+    a string decoded with surrogateescape, an emoji cut in half), NaN or Infinity, or a value JSON has no form for
+    (a datetime) would otherwise reach the expert, or fail when the answer, trace or feedback store writes it."""
+    try:
+        json.dumps(value, ensure_ascii=False, allow_nan=False).encode("utf-8")
+    except (ValueError, TypeError) as exc:  # UnicodeEncodeError is a ValueError
+        raise RequestProblem(400, f"request body is not valid JSON: {exc}", "invalid_request_error",
+                             "invalid_json") from None
     return value
 
 

@@ -68,6 +68,7 @@ from router.requests import (
     check_combiner,
     feedback_off,
     feedback_problem,
+    json_body,
     parse_chat,
     parse_feedback,
     parse_route,
@@ -817,7 +818,7 @@ class LocalRouter:
         limits = CallScope.limiting(deadline_s, budget_usd)  # a ValueError naming it, as the clients raise
         # A bad request, and an unknown strategy (before the gate runs), fail as the service's answer would.
         with _as_api_errors():
-            request = parse_chat(body, self.orchestrator.config.service.max_prompt_chars)
+            request = parse_chat(json_body(body), self.orchestrator.config.service.max_prompt_chars)
             strategy = check_combiner(combiner, self.orchestrator)
             answer: RoutedAnswer = await self.orchestrator.complete(request, strategy=strategy, caller=limits)
         response_id = f"chatcmpl-{uuid.uuid4().hex}"
@@ -844,7 +845,7 @@ class LocalRouter:
 
         self._check_open()
         with _as_api_errors():
-            request = parse_chat(body, self.orchestrator.config.service.max_prompt_chars)
+            request = parse_chat(json_body(body), self.orchestrator.config.service.max_prompt_chars)
             check_combiner(combiner, self.orchestrator, stream=True)
         response_id = f"chatcmpl-{uuid.uuid4().hex}"
         limits = CallScope.limiting(*given)  # counted from when the stream starts, as the service counts them
@@ -877,7 +878,7 @@ class LocalRouter:
         """``Client.route``, in process: the same checks (a blank or oversized query is a 400)."""
         self._check_open()
         with _as_api_errors():
-            request = parse_route({"query": query}, self.orchestrator.config.service.max_prompt_chars)
+            request = parse_route(json_body({"query": query}), self.orchestrator.config.service.max_prompt_chars)
         decision: RouteDecision = await self.orchestrator.decide(request)
         return decision
 
@@ -887,7 +888,8 @@ class LocalRouter:
         self._check_open()
         config = self.orchestrator.config
         with _as_api_errors():
-            batch = parse_route_batch(_Protocol.route_batch_body(queries, capacity), config.service.max_prompt_chars,
+            batch = parse_route_batch(json_body(_Protocol.route_batch_body(queries, capacity)),
+                                      config.service.max_prompt_chars,
                                       config.expert_names, config.service.max_batch_queries)
         return await self.orchestrator.assign(batch.queries, batch.capacity)
 
@@ -897,7 +899,7 @@ class LocalRouter:
         self._check_open()
         with _as_api_errors():
             # In the service's order: the verdict checked first, then whether a store takes it.
-            body = parse_feedback(_Protocol.feedback_body(request_id, query, expert, good, score, note),
+            body = parse_feedback(json_body(_Protocol.feedback_body(request_id, query, expert, good, score, note)),
                                   self.orchestrator.config.service.max_prompt_chars)
             if self.store is None:
                 raise feedback_off()

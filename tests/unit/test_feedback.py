@@ -797,3 +797,14 @@ async def test_local_router_credits_and_remembers_streams_as_the_service_does(tm
     assert early is not None and early.expert == "math"
     assert rest[-1].trace is not None and [s["from"] for s in rest[-1].trace.switches] == ["math"]
     assert late is not None and late.expert == "code"  # code wrote most of it
+
+
+def test_a_query_sqlite_cannot_store_is_not_recorded_and_fails_nothing(tmp_path: Path,
+                                                                       caplog: pytest.LogCaptureFixture) -> None:
+    """Recording an answer never fails it: a query SQLite cannot store as text (a lone surrogate, which only an
+    in-process caller could still hand over) is named in the store's warning and left unrecorded."""
+    store = SqliteFeedbackStore(tmp_path / "fb.sqlite3")
+    with caplog.at_level(logging.WARNING, logger="router.feedback"):
+        store.remember("chatcmpl-1", "boil an egg \ud800", "math")
+    assert any("cannot record answers (UnicodeEncodeError" in r.getMessage() for r in caplog.records)
+    store.close()

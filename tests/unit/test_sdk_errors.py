@@ -152,6 +152,38 @@ async def test_local_router_refuses_a_bad_request_as_the_service_does() -> None:
             assert local_error.value.body == served_error.value.body
 
 
+
+async def test_local_router_refuses_what_json_cannot_carry_before_any_expert_is_called(tmp_path: Path) -> None:
+    """A lone surrogate (a string decoded with surrogateescape, an emoji cut in half) or NaN cannot come to the
+    service as JSON: its 400 invalid_json. In process they used to reach the expert, and a lone surrogate then
+    failed the feedback store's write: a raw UnicodeEncodeError after the expert was paid."""
+    config = fake_config(NAMES)
+    experts = {n: FakeExpert(config.expert(n)) for n in NAMES}
+    orchestrator = Orchestrator(config, FakeGate(NAMES, {}, default=[0.6, 0.4]), experts)
+    local = LocalRouter(orchestrator, SqliteFeedbackStore(tmp_path / "fb.sqlite3"))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app(orchestrator)),
+                                 base_url="http://router") as raw:
+        served = await raw.post("/v1/chat/completions", content=b'{"messages": [{"role": "user", "content": '
+                                                                 b'"boil an egg \\ud800"}]}',
+                                headers={"content-type": "application/json"})
+    assert served.status_code == 400 and served.json()["error"]["code"] == "invalid_json"
+    cut = "boil an egg \ud800"
+    calls: list[tuple[str, object]] = [
+        ("chat", local.chat(cut)), ("stream", _drain(local.stream(cut))), ("route", local.route(cut)),
+        ("route_batch", local.route_batch(["fine", cut])), ("feedback", local.feedback(query=cut, good=True)),
+        ("NaN", local.chat("hi", temperature=float("nan"))), ("datetime", local.chat("hi", user=time))]
+    for what, call in calls:
+        with pytest.raises(RouterAPIError) as refused:
+            await call  # type: ignore[misc]
+        assert (refused.value.status, refused.value.code) == (400, "invalid_json"), what
+        assert "not valid JSON" in str(refused.value), what
+    assert not any(e.requests for e in experts.values())
+    await local.aclose()
+
+
+async def _drain(stream: object) -> list[object]:
+    return [c async for c in stream]  # type: ignore[attr-defined]
+
 async def test_local_router_streams_as_the_client_does() -> None:
     """Chunks, fallback before the first token, continuation mid-stream, and the errors, in process."""
     config = fake_config(NAMES)
