@@ -103,13 +103,15 @@ class ChatMessage(BaseModel):
 
 
 # What the encoders' normaliser drops or reads as a space: whitespace, control and format characters (zero-width
-# spaces, a BOM, a soft hyphen, direction marks), and combining marks (accents, stripped).
-_WORDLESS = frozenset({"Cc", "Cf", "Mn", "Me", "Zs", "Zl", "Zp"})
+# spaces, a BOM, a soft hyphen, direction marks), private-use characters, and combining marks (accents, stripped).
+# Not unassigned code points: the tokenizer reads each as [UNK], something to route on.
+_WORDLESS = frozenset({"Cc", "Cf", "Co", "Mn", "Me", "Zs", "Zl", "Zp"})
 
 
 def is_blank(text: str) -> bool:
     """Whether ``text`` holds nothing the gate could route on: only whitespace, control or format characters
-    (``"\u200b\u200b"``, ``"\x00"``, ``"\ufeff"``) or combining marks, all of which the encoder drops."""
+    (``"\u200b\u200b"``, ``"\x00"``, ``"\ufeff"``), private-use characters or combining marks, all of which the
+    encoder drops."""
     return all(c.isspace() or c == "\ufffd" or unicodedata.category(c) in _WORDLESS for c in text)
 
 

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import importlib
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -47,8 +48,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace, sighups: list[int]) -> int:
-    import os
-
     from router.build import build_orchestrator, build_shared_state
     from router.feedback import open_feedback_store
     from router.logs import configure_json_logging, log_level, uvicorn_log_config
@@ -107,8 +106,6 @@ def cmd_serve_replay(args: argparse.Namespace) -> int:
 
 
 def cmd_config_check(args: argparse.Namespace) -> int:
-    import os
-
     from router.build import expert_problems, loading_problems, nested_loading_problems
     from router.config import ConfigError
     from router.feedback import feedback_problems
@@ -198,6 +195,20 @@ def _one_target(args: argparse.Namespace) -> None:
                          "(which has its own config), --config routes in this process")
     if not args.url:
         args.config = args.config or DEFAULT_CONFIG
+
+
+def _argv_text(arg: str) -> str:
+    """A command-line argument as text a request can carry: a byte the locale's encoding cannot decode (Python
+    keeps it as a lone surrogate, which JSON cannot hold) becomes U+FFFD, as the encoder would read it, with a
+    warning."""
+    try:
+        arg.encode("utf-8")
+    except UnicodeEncodeError:
+        encoding = sys.getfilesystemencoding()
+        arg = os.fsencode(arg).decode(encoding, "replace")
+        print(f"warning: the query holds bytes that are not {encoding} text; each is sent as U+FFFD",
+              file=sys.stderr)
+    return arg
 
 
 def cmd_route(args: argparse.Namespace) -> int:
@@ -337,7 +348,7 @@ def _parser(settings: Settings | None = None) -> argparse.ArgumentParser:
     for name, func, text in (("route", cmd_route, "show the gate's decision for a query"),
                              ("ask", cmd_ask, "send a query through the router")):
         p = _command(sub, name, text)
-        p.add_argument("query", help="the query text (quote it)")
+        p.add_argument("query", type=_argv_text, help="the query text (quote it)")
         p.add_argument("--config", default=None, help=f"route in-process with this config (default: {DEFAULT_CONFIG})")
         p.add_argument("--url", help="a running service instead, e.g. http://127.0.0.1:8000 (not with --config)")
         p.add_argument("--api-key", default=api_key,

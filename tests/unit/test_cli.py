@@ -480,6 +480,21 @@ def test_route_in_process_needs_no_expert_keys_and_opens_no_feedback_store(
     assert sorted(p.name for p in routed.parent.rglob("*")) == before and "feedback.sqlite3" not in before
 
 
+
+def test_a_query_argument_holding_bytes_that_are_not_utf8_is_sent_with_replacement_characters(
+        routed: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Python hands an argument's undecodable bytes over as lone surrogates, which no JSON request can carry:
+    each is sent as U+FFFD, as the encoder reads it, with a warning, in process and to a service alike."""
+    from router.cli import _argv_text
+
+    assert _argv_text("caf\udcc3\udca9 ok \udcff") == "café ok \ufffd"  # a whole UTF-8 sequence is kept
+    assert _argv_text("plain") == "plain"
+    capsys.readouterr()
+    assert main(["route", "fix this bug in my python code \udcff", "--config", str(routed)]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["ranking"][0] == "coder"
+    assert "warning: the query holds bytes that are not utf-8 text; each is sent as U+FFFD" in captured.err
+
 def test_route_names_a_bad_query_without_an_http_status_it_never_had(routed: Path,
                                                                      capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["route", "   ", "--config", str(routed)]) == 1

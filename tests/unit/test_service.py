@@ -796,6 +796,8 @@ def test_a_query_of_characters_the_encoder_drops_is_blank_but_any_letter_is_text
 
     assert is_blank("\u200b\ufeff\u00ad\x00 \u0301")
     assert not is_blank("\u200ba") and not is_blank("\u6570") and not is_blank("\U0001F600") and not is_blank("?")
+    # Private-use characters too (the tokenizer drops them: [CLS] [SEP]); an unassigned one reads as [UNK].
+    assert is_blank("\ue000\uf8ff \U000F0000") and not is_blank("\u0378")
 
 
 class _Firehose(FakeExpert):
