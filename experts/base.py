@@ -10,11 +10,12 @@ from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
-
-import httpx
+from typing import TYPE_CHECKING, Protocol
 
 from experts.types import ChatRequest, ExpertReply, StreamDelta, Usage
+
+if TYPE_CHECKING:
+    import httpx  # an annotation only: importing experts (a config, say) need not load the HTTP client
 
 __all__ = ["CostSpec", "Expert", "ExpertContext", "ExpertSpec", "ReplaySpec", "cost_of"]
 

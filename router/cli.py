@@ -11,7 +11,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from router.encoders import ENCODER_BACKENDS, EncoderChecksumError
+from router.encoder_types import ENCODER_BACKENDS
 
 if TYPE_CHECKING:
     from router.config import RouterConfig
@@ -461,7 +461,6 @@ def port_number(raw: str) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from router.config import ConfigError
     from router.errors import naming_config
     from router.settings import Settings, SettingsError
 
@@ -484,13 +483,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Ctrl-C: one line, not a traceback through whatever was running; 130 is the shell's code for SIGINT.
         print("interrupted", file=sys.stderr)
         return 130
-    except ConfigError as exc:
-        return error(exc, 2)
     except (OSError, ValueError) as exc:  # a missing file, a folder where a file goes, no permission, bad data
-        return error(exc, 1)
-    except (EncoderChecksumError, ImportError) as exc:
-        # A corrupt weights file, or an optional package this command needs: the message names the file or the
-        # package to install; a traceback would bury it.
+        from router.config import ConfigError  # after the fact: a command that reads no config never loads it
+
+        return error(exc, 2 if isinstance(exc, ConfigError) else 1)
+    except ImportError as exc:  # an optional package this command needs: the message names it
         return error(exc, 1)
     except Exception as exc:
         message = _runtime_error(exc, in_process=not getattr(args, "url", None))
@@ -508,10 +505,13 @@ def _runtime_error(exc: Exception, *, in_process: bool = False) -> str | None:
     service would have answered with, not one that was answered, so the message leaves it out.
     Imported here, after the fact, so that a command that never meets them never imports them."""
     from experts.errors import ExpertError
+    from router.encoders import EncoderChecksumError
     from router.fallback import AllExpertsFailed
     from router.orchestrator import NoCapableExpert, UnknownExpert
     from router.sdk import RouterAPIError
 
+    if isinstance(exc, EncoderChecksumError):  # a corrupt weights file: the message names it and its pin
+        return str(exc)
     if in_process and isinstance(exc, RouterAPIError) and exc.status:
         return f"{exc.message}{f' ({exc.code})' if exc.code else ''}"
     if isinstance(exc, ExpertError | AllExpertsFailed | UnknownExpert | NoCapableExpert | RouterAPIError):

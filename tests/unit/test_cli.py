@@ -579,3 +579,19 @@ def test_a_stopped_demo_leaves_the_earlier_results_with_their_own_log(tmp_path: 
     publish(out, '{"run": 2}\n', "# run 2\n", out / "router.log.partial")  # run 3 finishes
     assert (out / "router.log").read_text().startswith("run 2") and (out / "results.md").read_text() == "# run 2\n"
     assert not (out / "router.log.partial").exists()
+
+
+def test_moe_help_loads_neither_numpy_nor_the_http_client_nor_the_config_schema() -> None:
+    """Every ``moe`` command builds the whole parser first: ``moe --help`` and a command's ``--help`` stay light
+    (the encoders' numpy, httpx and the config schema load only where a command uses them)."""
+    import subprocess
+    import sys
+
+    probe = ("import sys\nfrom router.cli import main\ntry:\n    main(['eval', '--help'])\nexcept SystemExit:\n"
+             "    pass\nprint(sorted(m for m in ('numpy', 'httpx', 'router.config', 'router.encoders') "
+             "if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).parents[2])
+    assert done.returncode == 0, done.stderr
+    assert "--encoder {onnx,openvino,sentence-transformers,static}" in done.stdout
+    assert done.stdout.splitlines()[-1] == "[]"
