@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import random
 from collections import defaultdict
 from dataclasses import dataclass
@@ -23,8 +22,11 @@ class Labelled:
 
 
 def data_dir() -> Path:
-    default = Path(__file__).resolve().parents[2] / "shared" / "data"
-    return Path(os.environ.get("MOE_DATA_DIR", str(default)))
+    """``$MOE_DATA_DIR`` as every ``moe`` command reads it (``router.settings``: ``~`` expanded, an empty or blank
+    value unset), else the shared data beside the repository."""
+    from router.settings import Settings
+
+    return Settings.load().data_dir or Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 def _sample(rows: list[tuple[str, str]], per_label: int, seed: int) -> tuple[list[str], list[str]]:

@@ -20,16 +20,11 @@ import yaml
 from bench.peers.install import LITELLM
 from bench.router_bench import free_port
 
-__all__ = ["LiteLLMProxy", "ensure_installed"]
+__all__ = ["LiteLLMProxy"]
 
 BENCH = Path(__file__).resolve().parents[1]
 VENV = LITELLM.venv
 MODEL = "bench-upstream"
-
-
-def ensure_installed(timeout_s: float = 900.0) -> str | None:
-    """Install on first use; return why it is unavailable, or None when ready."""
-    return LITELLM.install(timeout_s)
 
 
 class LiteLLMProxy:

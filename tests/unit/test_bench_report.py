@@ -384,3 +384,15 @@ def test_litellm_that_started_records_its_version(monkeypatch: pytest.MonkeyPatc
     with bench_main._litellm("http://127.0.0.1:1/v1", parse_args([]), status, Progress(lambda line: None)) as proxy:
         assert isinstance(proxy, Proxy)
     assert status == {"version": LITELLM.version()}
+
+
+def test_the_benchmarks_read_moe_data_dir_as_every_moe_command_does(monkeypatch: pytest.MonkeyPatch,
+                                                                    tmp_path: Path) -> None:
+    from bench.data import data_dir
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("MOE_DATA_DIR", "~/data")
+    assert data_dir() == tmp_path / "data"  # expanded, not a folder named "~"
+    for unset in ("", "   "):  # unset, not the working folder (or a folder named by spaces)
+        monkeypatch.setenv("MOE_DATA_DIR", unset)
+        assert data_dir() == Path(__file__).resolve().parents[3] / "shared" / "data"
