@@ -597,9 +597,11 @@ def test_moe_help_loads_neither_numpy_nor_the_http_client_nor_the_config_schema(
     assert done.stdout.splitlines()[-1] == "[]"
 
 
-def test_the_help_names_every_suite_and_every_convertible_data_set(capsys: pytest.CaptureFixture[str]) -> None:
+def test_the_help_names_every_suite_and_every_convertible_data_set(capsys: pytest.CaptureFixture[str],
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """The lists in ``moe eval --help`` and ``moe convert --help`` are written out (building them would load the
     harness for every command): each name the registries know must be there."""
+    monkeypatch.setenv("COLUMNS", "1000")  # no line folded, so no name split at its hyphen
     import re
 
     from eval.convert import CONVERTERS
