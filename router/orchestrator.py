@@ -420,7 +420,10 @@ class Orchestrator:
         stops before reaching keeps that cause."""
         taken = {p.expert for p in called}
         left_out = {e.expert: e for e in errors if isinstance(e, BudgetSpent)}
-        failed = called[0].expert if called else None
+        # Whom the next expert replaces (``fallback_for``): the first panel member whose call failed, else the
+        # first passed over (an open breaker, a full in-flight limit), as a stream names its first in line.
+        failed = next((e.expert for e in errors if e.expert in taken and not skipped(e)),
+                      called[0].expert if called else None)
         while (name := next_candidate(ranking, taken)) is not None:
             if not self._may_call(tried):
                 return [], None
@@ -444,6 +447,8 @@ class Orchestrator:
             if not skipped(result):
                 tried += 1
                 failed = name
+            else:
+                failed = failed or name
         return [], None
 
     def _may_call(self, tried: int) -> bool:
@@ -501,7 +506,9 @@ class Orchestrator:
         for i, name in enumerate(order):
             if not self._may_call(tried):
                 break
-            stop = self._stop(tried, deadline)
+            # The first in line is called even when the deadline is already spent, as a request's panel is: its
+            # call fails as a timeout, so a nested router out of time reads as one either way (``timed_out``).
+            stop = self._stop(tried, deadline) if i else None
             if stop is not None:
                 errors.extend(_untried(order[i:], (), stop))
                 raise self._route_failed(errors, trace, stop.reason)
