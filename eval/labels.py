@@ -476,10 +476,22 @@ def _intervals(probs: np.ndarray, y: np.ndarray, seed: int) -> dict[str, dict[st
     return out
 
 
-def _per_class(y: np.ndarray, pred: np.ndarray, labels: list[str]) -> dict[str, dict[str, float]]:
+def _per_class(y: np.ndarray, pred: np.ndarray, labels: list[str]) -> dict[str, dict[str, float | None]]:
+    """Each label's precision, recall, F1 and support on the test split. What a label's absence leaves undefined
+    is None (n/a), as macro F1 leaves it out: recall for a label no test query has, and all three for one that is
+    neither a test query's label nor any prediction (a training label the test split lacks)."""
     table = M.per_class_precision_recall(y, pred, labels=range(len(labels)))
-    return {labels[i]: {"precision": p, "recall": r, "f1": 2 * p * r / (p + r) if p + r else 0.0, "support": s}
-            for i, (p, r, s) in table.items()}
+    out: dict[str, dict[str, float | None]] = {}
+    for i, (p, r, s) in table.items():
+        predicted = bool(np.any(pred == i))
+        f1 = 2 * p * r / (p + r) if p + r else 0.0
+        out[labels[i]] = {"precision": p if s or predicted else None, "recall": r if s else None,
+                          "f1": f1 if s or predicted else None, "support": s}
+    return out
+
+
+# Decimals an out-of-scope score keeps before AUROC ranks it: far below any real difference, above float noise.
+_TIE_DECIMALS = 12
 
 
 def _out_of_scope(gate: Any, x_tr: np.ndarray, inside: tuple[np.ndarray, list[str]],
@@ -506,7 +518,10 @@ def _out_of_scope(gate: Any, x_tr: np.ndarray, inside: tuple[np.ndarray, list[st
 
     def aurocs(s_pos: dict[str, np.ndarray], s_neg: dict[str, np.ndarray]) -> dict[str, float]:
         truth = np.r_[np.ones(len(s_pos["1-max_prob"]), bool), np.zeros(len(s_neg["1-max_prob"]), bool)]
-        return {k: M.auroc(np.r_[s_pos[k], s_neg[k]], truth) for k in s_pos}
+        # Rounded first: the familiarity score is a mean of two percentiles, and equal ones summed in another
+        # order differ in the last bit ((0 + 5) / n against (1 + 4) / n), which would break real ties by
+        # rounding noise; AUROC counts a tie as half.
+        return {k: M.auroc(np.round(np.r_[s_pos[k], s_neg[k]], _TIE_DECIMALS), truth) for k in s_pos}
 
     s_out, s_in = scores(outside), scores(inside)
     test = aurocs(s_out, s_in)

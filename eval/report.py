@@ -150,9 +150,12 @@ def render_markdown(results: Mapping[str, Any]) -> str:
         lines += ["## Every single expert on the test split", ""]
         lines += _table(*_rows_of(results["experts"]))
     if results.get("curve"):
-        # The evaluation's router's own trade-off: its λ is per USD of predicted cost, on another scale than the
-        # served gate's unitless gate.cost_weight, so a row names no cost_weight to serve.
-        lines += ["## Quality–cost curve of the evaluation's router (λ per USD of predicted cost, not "
+        # The evaluation's router's own trade-off: its λ is per unit of predicted cost (the suite's: USD, or
+        # thousand output characters where no price is recorded), on another scale than the served gate's unitless
+        # gate.cost_weight, so a row names no cost_weight to serve.
+        chars = "thousand characters" in str(results.get("setup", {}).get("cost_unit", ""))
+        unit = "thousand output characters" if chars else "USD"
+        lines += [f"## Quality–cost curve of the evaluation's router (λ per {unit} of predicted cost, not "
                   "gate.cost_weight)", ""]
         lines += _table(*_rows_of(_curve_rows(results["curve"])))
     if results.get("per_class"):
@@ -281,13 +284,13 @@ def _middle_clipped(label: str, most: int = 32) -> str:
     return label[:head] + "…" + label[len(label) - (most - 1 - head):]
 
 
-def _tick_labels(labels: Sequence[str]) -> list[str] | None:
+def _tick_labels(labels: Sequence[str], most: int = 32) -> list[str] | None:
     """The labels as the axes show them (``_legible``, then cut to fit), cut at the end or, where that leaves two
     alike (labels with a long shared start), in the middle; None where both leave two alike: the axes show indices
     then."""
     legible = [_legible(lab) for lab in labels]
     for cut in (_clipped, _middle_clipped):
-        shown = [cut(lab) for lab in legible]
+        shown = [cut(lab, most) for lab in legible]
         if len(set(shown)) == len(set(labels)):
             return shown
     return None
@@ -304,13 +307,15 @@ def plot_reliability(path: Path, bins: ReliabilityBins, ece: float, title: str) 
     ax.plot([0, 1], [0, 1], "k--", label="perfect calibration")
     ax.plot(bins.confidence[filled], bins.accuracy[filled], "o", color="tab:orange", ms=4,
             label="(mean confidence, accuracy)", clip_on=False)
-    for x, acc, n in zip(centres[filled], bins.accuracy[filled], bins.counts[filled], strict=True):
-        # How many queries each bar stands for: a bin of two looks as solid as one of two hundred.
-        ax.annotate(f"{int(n)}", (x, acc), xytext=(0, 3), textcoords="offset points", ha="center", fontsize=6,
-                    color="tab:gray", annotation_clip=False)
+    for x, n in zip(centres[filled], bins.counts[filled], strict=True):
+        # How many queries each bar stands for: a bin of two looks as solid as one of two hundred. Written along
+        # the foot of the axes, on white, where neither a dot, the diagonal nor the top border covers it.
+        ax.annotate(f"{int(n)}", (x, 0), xytext=(0, 2), textcoords="offset points", ha="center", va="bottom",
+                    fontsize=6, color="dimgray", zorder=5,
+                    bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none", "alpha": 0.85})
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
-    _finish(plt, fig, ax, path, f"{title}\nECE = {ece:.4f} (grey: queries per bin)",
+    _finish(plt, fig, ax, path, f"{title}\nECE = {ece:.4f} (at the foot of each bar: queries in its bin)",
             xlabel="confidence (max probability)", ylabel="accuracy", legend="upper left")
 
 
@@ -353,10 +358,7 @@ def plot_quality_cost(path: Path, curve: Sequence[tuple[float, float]], hull: tu
     ax.plot(cx, cy, ".-", color="tab:blue", label="success model alone (no margin), swept over λ")
     ax.plot(hull[0], hull[1], "--", color="tab:blue", alpha=0.5, label="convex hull (AIQ)")
     ax.plot([], [], "s", color="tab:gray", ms=4, label="single expert")
-    for name, (c, q) in singles.items():
-        ax.plot(c, q, "s", color="tab:gray", ms=4)
-        ax.annotate(_clipped(name.split("/")[-1], 22), (c, q), fontsize=6, xytext=(3, 2), textcoords="offset points",
-                    annotation_clip=False)
+    _plot_singles(ax, singles, key_at=0.0)
     for (name, (c, q)), (marker, color) in zip((marked or {}).items(), (("D", "tab:green"), ("P", "tab:purple")),
                                                strict=False):
         ax.plot(c, q, marker, color=color, ms=9, label=f"{name}: {q:.3f}")
@@ -477,14 +479,34 @@ def plot_accuracy_bars(path: Path, bars: Sequence[Bar], title: str, *,
             ylabel=f"{ylabel} (axis from {floor:.2f})" if floor > 0 else ylabel, legend="upper left")
 
 
+# Past this many single experts, their names would cover one another: the points are numbered instead, with a key.
+_NAMED_SINGLES = 8
+
+
+def _plot_singles(ax: Any, singles: Mapping[str, tuple[float, float]], *, key_at: float) -> None:
+    """Every single expert's (cost, accuracy) as a grey square. A few are labelled with their names (cut to fit,
+    never two alike); more are numbered by accuracy, best first, with the key beside the axes (its foot at
+    ``key_at`` of their height), since many experts share a cost and accuracy region and their names overlap."""
+    names = [name.split("/")[-1] for name in singles]
+    shown = _tick_labels(names, 22) if len(singles) <= _NAMED_SINGLES and len(set(names)) == len(names) else None
+    order = sorted(range(len(names)), key=lambda i: (-list(singles.values())[i][1], names[i]))
+    number = {i: n + 1 for n, i in enumerate(order)}
+    for i, (c, q) in enumerate(singles.values()):
+        ax.plot(c, q, "s", color="tab:gray", ms=4)
+        ax.annotate(shown[i] if shown is not None else str(number[i]), (c, q), fontsize=6, xytext=(3, 2),
+                    textcoords="offset points", annotation_clip=False)
+    if shown is None:
+        key = "\n".join(f"{number[i]:>2}  {_legible(list(singles)[i])}" for i in order)
+        ax.text(1.02, key_at, f"single experts\n{key}", transform=ax.transAxes, fontsize=6, va="bottom",
+                family="monospace")
+
+
 def plot_accuracy_cost(path: Path, systems: Mapping[str, tuple[float, float]],
                        singles: Mapping[str, tuple[float, float]], cost_label: str, title: str) -> None:
     """Each system's (cost, accuracy) as a labelled point among every single expert's (grey squares)."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7.5, 5.5))
-    for name, (c, q) in singles.items():
-        ax.plot(c, q, "s", color="tab:gray", ms=4)
-        ax.annotate(name.split("/")[-1][:24], (c, q), fontsize=6, xytext=(3, 2), textcoords="offset points")
+    _plot_singles(ax, singles, key_at=0.0)
     # Systems often coincide (a gate that keeps the best single expert): each is drawn smaller than the one
     # before, so every marker stays visible.
     for i, (marker, (name, (c, q))) in enumerate(zip(itertools.cycle("o^vD*P"), systems.items(), strict=False)):

@@ -132,7 +132,8 @@ def test_user_jsonl_test_labels_absent_from_training_are_out_of_scope(
     assert {line["label"] for line in lines if line["out_of_scope"]} == {"expert-weather"}
     recomputed = auroc(np.array([line["oos_score"] for line in lines]),
                        np.array([line["out_of_scope"] for line in lines]))
-    assert recomputed == pytest.approx(results["metrics"]["oos_auroc"], abs=1e-4)
+    # Exactly: a tie (equal familiarity) counts half in both.
+    assert recomputed == pytest.approx(results["metrics"]["oos_auroc"], abs=1e-9)
 
 
 def test_user_jsonl_test_labels_written_another_way_are_flagged(
@@ -322,6 +323,9 @@ def test_outcome_suites_small_run(suite: str, data_dir: Path, tmp_path: Path) ->
     assert len(results["curve"]) > 10 and results["curve"][0]["lambda"] == 0.0
     assert json.loads((out / "results.json").read_text(encoding="utf-8"))["metrics"] == pytest.approx(m)
     _assert_png(out / "quality_cost.png")
+    # The curve's λ is per unit of the suite's cost: MMLU-Pro records no prices, so output length stands in.
+    unit = {"mmlu-pro-outcome": "thousand output characters", "routerbench": "USD"}[suite]
+    assert f"(λ per {unit} of predicted cost" in (out / "report.md").read_text(encoding="utf-8")
     # The served gate trained on records that name their task (MMLU-Pro's category, RouterBench's task) and
     # says which prior it chose; its routed shares add up to every test query.
     gate = results["setup"]["served_gate"]
@@ -485,3 +489,19 @@ def test_make_results_records_the_command_moe_eval_would_with_its_data(tmp_path:
     results_module._run_one("routellm-mmlu", tmp_path / "r", args, {"date": "2026-12-07"})
     assert seen["command"] == (f"moe eval --suite routellm-mmlu --out {tmp_path / 'r'} --encoder onnx --seed 1 "
                                "--data '/my data'")
+
+
+def test_the_per_class_table_leaves_undefined_what_macro_f1_leaves_out() -> None:
+    """A training label the test split neither holds nor predicts has no precision, recall or F1 (None: n/a in
+    report.md), not zeros that contradict macro F1; one predicted but absent from the test labels has precision
+    and F1 0 and no recall, and macro F1 averages it, as it does every label the table gives an F1."""
+    from eval import metrics as M
+    from eval.labels import _per_class
+
+    y, pred = np.array([0, 0, 1, 1]), np.array([0, 3, 1, 1])
+    table = _per_class(y, pred, ["a", "b", "untested", "predicted only"])
+    assert table["untested"] == {"precision": None, "recall": None, "f1": None, "support": 0}
+    assert table["predicted only"] == {"precision": 0.0, "recall": None, "f1": 0.0, "support": 0}
+    assert table["a"]["precision"] == 1.0 and table["a"]["recall"] == 0.5 and table["b"]["f1"] == 1.0
+    f1s = [row["f1"] for row in table.values() if row["f1"] is not None]
+    assert np.mean(f1s) == pytest.approx(M.macro_f1(y, pred))

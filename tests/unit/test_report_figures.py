@@ -237,3 +237,25 @@ def test_the_curve_table_names_each_lambda_once_and_merges_repeated_points() -> 
     assert "| system | cost | accuracy |" in text
     assert "| λ=0.01 | 1 | 0.8 |" in text and "| λ=0.1 to 1 | 0.5 | 0.6 |" in text
     assert text.count("| 0.5 | 0.6 |") == 1
+
+
+def test_many_single_experts_are_numbered_with_a_key_and_alike_names_stay_apart(tmp_path: Path,
+                                                                               drawn: list[Any]) -> None:
+    """MMLU-Pro's 31 LLMs crowd one corner of the quality-cost figure, where their names printed over one another,
+    and two cut to 22 characters read alike ("Mistral-7B-Instruct-v…"): past eight, each point is numbered by
+    accuracy, best first, with the key beside the axes; a few keep their names, cut so no two read alike."""
+    from eval.report import plot_quality_cost
+
+    singles = {f"org/model-{i:02d}": (0.3 + 0.01 * i, 0.3 + 0.005 * i) for i in range(12)}
+    plot_quality_cost(tmp_path / "many.png", [(0.1, 0.5), (1.0, 0.7)], (np.array([0.1, 1.0]), np.array([0.5, 0.7])),
+                      singles, None, "k chars", "title")
+    _read_png(tmp_path / "many.png")
+    ax = drawn[-1]
+    texts = [t.get_text() for t in ax.texts]
+    assert texts[:12] == [str(12 - i) for i in range(12)]  # model-11 is the most accurate: 1
+    assert texts[12].splitlines()[:3] == ["single experts", " 1  org/model-11", " 2  org/model-10"]
+    alike = {"Mistral-7B-Instruct-v0.1": (0.3, 0.3), "Mistral-7B-Instruct-v0.2": (0.31, 0.31)}
+    plot_quality_cost(tmp_path / "two.png", [(0.1, 0.5), (1.0, 0.7)], (np.array([0.1, 1.0]), np.array([0.5, 0.7])),
+                      alike, None, "k chars", "title")
+    shown = [t.get_text() for t in drawn[-1].texts]
+    assert len(shown) == 2 and len(set(shown)) == 2 and all(len(t) <= 22 for t in shown)
