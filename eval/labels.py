@@ -300,8 +300,12 @@ def _cascade(ctx: SuiteContext, gate: Any, train: Sequence[LabelledQuery], test_
     if ctx.encoder.identity.startswith("static"):
         return None
     texts, labels = [q.text for q in train], [q.label for q in train]
+    # Both stages hold the validation queries out, however few, as moe train trains them for a cascade (refit).
     fast = train_gate(texts, labels, StaticMiniLMEncoder(), experts=gate.experts, seed=ctx.seed,
-                      progress=ctx.progress)
+                      progress=ctx.progress, refit=False)
+    if gate.metadata.metrics.calibration == "cross-validated":
+        gate = train_gate(texts, labels, ctx.encoder, experts=gate.experts, seed=ctx.seed, progress=ctx.progress,
+                          refit=False)
     default = CascadeConfig()
 
     def fit(familiar: float) -> CascadeGate:

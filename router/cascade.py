@@ -316,7 +316,8 @@ class CascadeGate:
     def train(cls, full: Gate, fast: Gate, texts: Sequence[str], labels: Sequence[str], *, agreement: float,
               familiar: float = FAMILIAR_SHARE, seed: int = 0, val_fraction: float = 0.15) -> CascadeGate:
         """The cascade of two gates trained on ``texts`` and ``labels`` with the same ``seed`` and
-        ``val_fraction`` (so the same validation queries were held out of both), fitted on those queries.
+        ``val_fraction``, and ``refit=False`` (so the same validation queries were held out of both, however few),
+        fitted on those queries.
 
         Each gate scores them as it scored them when it was fitted: from the embeddings it keeps of its training
         data, and with familiarity measured against the training part alone (the gate's example index also

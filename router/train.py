@@ -365,9 +365,10 @@ def train_from_config(config: RouterConfig, *, progress: bool = True, feedback: 
                                   progress=progress, prices=config_prices(config))
     else:
         _check_routable(config, set(data.labels))
+        # A two-stage gate fits its thresholds on the queries both stages held out, however few (refit).
         gate = train_gate(data.texts, data.labels, encoder, experts=routed, progress=progress,
                           classifier=build_classifier(config.gate.classifier, balance=config.gate.balance),
-                          pinned=data.pinned)
+                          pinned=data.pinned, refit=config.gate.cascade is None)
     artifact = config.resolve(config.gate.artifact)
     _record_feedback(gate, data)
     served: Gate | CascadeGate = gate
@@ -375,7 +376,7 @@ def train_from_config(config: RouterConfig, *, progress: bool = True, feedback: 
         fast = train_gate(data.texts, data.labels, build_encoder(config.gate.cascade.encoder),
                           experts=routed, progress=progress,
                           classifier=build_classifier(config.gate.classifier, balance=config.gate.balance),
-                          pinned=data.pinned)
+                          pinned=data.pinned, refit=False)
         _record_feedback(fast, data)
         served = CascadeGate.train(gate, fast, data.texts, data.labels, agreement=config.gate.cascade.agreement,
                                    familiar=config.gate.cascade.familiar)

@@ -156,6 +156,26 @@ def test_serving_finishes_the_publish_of_a_first_train_killed_part_way(tmp_path:
     assert np.allclose(loaded.scores(queries), trained.scores(queries))
 
 
+
+def test_with_cross_validated_calibration_the_served_classifier_trains_on_every_example(
+        tmp_path: Path, snips_rows: list[dict[str, str]]) -> None:
+    """Nine held-out queries are too few to calibrate on, so calibration is cross-validated over all 63 examples;
+    the served classifier then trains on all 63 too, not on the 54 left after holding those nine out. A two-stage
+    gate keeps them out of both stages: its thresholds are fitted on them."""
+    from router.cascade import CascadeGate
+
+    _write_jsonl(tmp_path / "snips.jsonl", snips_rows)
+    plain = train_from_config(_config(tmp_path, ["snips.jsonl"], artifact="plain"), progress=False)
+    assert isinstance(plain, Gate)
+    m = plain.metadata.metrics
+    assert (m.calibration, m.n_calibration, m.n_train, m.n_val) == ("cross-validated", 63, 63, 0)
+    two = train_from_config(_config(tmp_path, ["snips.jsonl"], artifact="two", cascade={}), progress=False)
+    assert isinstance(two, CascadeGate) and two.fit.n_val == 9
+    for stage in (two.fast, two.full):
+        m = stage.metadata.metrics
+        assert (m.calibration, m.n_train, m.n_val) == ("cross-validated", 54, 9)
+
+
 def test_a_gate_from_config_examples_alone_is_calibrated_or_says_it_is_not(
         tmp_path: Path, snips_rows: list[dict[str, str]], caplog: pytest.LogCaptureFixture) -> None:
     # ``moe train`` with experts that have examples and no train_data: six real queries each.
