@@ -205,3 +205,25 @@ def test_a_handful_of_held_out_queries_is_not_what_calibration_is_fitted_on(data
         assert gate.ood_threshold is not None
         abstained.append(float((gate.assess(texts).ood < gate.ood_threshold).mean()))
     assert max(abstained) <= 0.10 and np.mean(abstained) <= 0.05, abstained
+
+
+async def test_a_query_exactly_at_the_abstain_threshold_is_routed() -> None:
+    """A query abstains only below the threshold: a label gate's familiarity is a mean of percentiles, whose
+    discrete values can equal it exactly."""
+    from tests.doubles.fakes import FakeGate
+
+    class _AtThreshold(FakeGate):
+        """A test double whose familiarity (the nearest example's cosine, 0.5 for every query) is its threshold."""
+
+        @property
+        def ood_threshold(self) -> float | None:
+            return 0.5
+
+    names = ["a", "b", "chat"]
+    config = fake_config(names, gate={"default_expert": "chat"})
+    orchestrator = Orchestrator(config, _AtThreshold(names, {}, default=[0.7, 0.2, 0.1]),
+                                {n: FakeExpert(config.expert(n)) for n in names})
+    decision = await orchestrator.decide(ChatRequest(messages=[ChatMessage(role="user", content="q")]))
+    assert decision.ood_score == 0.5 and not decision.abstained
+    assert [c.expert for c in decision.chosen] == ["a"]
+    await orchestrator.aclose()

@@ -611,3 +611,28 @@ def test_answers_read_by_different_extractors_are_pooled_before_they_are_counted
     # one extractor for all: its own forms, unchanged ("3 5" is not "35")
     assert Vote("short").key(WeightedAnswer("e", 1.0, "3.5")) == "3 5"
     assert pooled("b") == "B" and pooled("Paris") == "paris"
+
+
+def test_an_answer_stating_nothing_does_not_agree_with_a_reply_stating_nothing() -> None:
+    """The aggregator's (or the escalation's) reply states no letter, nor does b's answer: that is no agreement.
+    Counted as one, b would be credited with the verdict on the answer (``Trace.credited``), and moe train would
+    learn to send queries to the expert that answered nothing."""
+    fused = Fuse("agg", "choice").result(
+        [WeightedAnswer("a", 0.6, "The answer is (B)."), WeightedAnswer("b", 0.4, "I am not sure.")],
+        "It depends on the reading of the question.")
+    assert [c.agreed for c in fused.contributions] == [False, False]
+    escalated = build_combiner("escalate", "choice", escalate_to="judge").result(
+        [WeightedAnswer("a", 0.5, "(A)"), WeightedAnswer("b", 0.5, "no idea")], "cannot say")
+    assert [c.agreed for c in escalated.contributions] == [False, False]
+
+
+def test_fuse_is_not_asked_when_each_answer_would_keep_under_200_characters() -> None:
+    """A question that leaves each answer about 100 characters of the aggregator's prompt (more than none, less
+    than 200) is not sent: fuse falls back, naming the prompt as too long, without paying for the call."""
+    answers = [WeightedAnswer(f"e{i}", 0.25, "x" * 5000 + " so it is (A)") for i in range(4)]
+
+    async def aggregator(messages: list[ChatMessage]) -> str:
+        raise AssertionError("the aggregator was asked with answers cut to about 100 characters")
+
+    result = asyncio.run(Fuse("agg", max_prompt_chars=3000).acombine("q" * 2000, answers, aggregator))
+    assert isinstance(result.fallback, FusePromptTooLong) and result.expert == "e0"

@@ -357,3 +357,17 @@ def test_agrees_with_scikit_learn_on_random_data() -> None:
         )
     scores = np.round(rng.random(300), 1)  # rounding makes many ties
     assert m.auroc(scores, y == 0) == pytest.approx(skm.roc_auc_score(y == 0, scores))
+
+
+def test_ece_weights_bins_by_their_queries_and_adds_absolute_gaps() -> None:
+    """Bin (0.867, 0.933]: three queries at 0.9, two right (overconfident by 0.233); bin (0.533, 0.6]: one at 0.6,
+    right (underconfident by 0.4). ECE = 3/4 * 0.233 + 1/4 * 0.4 = 0.275, not the bins' plain mean (0.317) nor a
+    signed sum (0.075)."""
+    probs = np.array([[0.9, 0.1]] * 3 + [[0.6, 0.4]])
+    assert m.expected_calibration_error(probs, np.array([0, 0, 1, 0])) == pytest.approx(0.275)
+
+
+def test_a_tie_in_top_k_recall_goes_to_the_lower_class_row_by_row() -> None:
+    tied = np.array([[0.4, 0.4, 0.2]])
+    assert m.topk_recall(tied, np.array([0]), 1) == 1.0  # as argmax picks: class 0
+    assert m.topk_recall(tied, np.array([1]), 1) == 0.0

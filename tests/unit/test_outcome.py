@@ -672,3 +672,19 @@ def test_a_few_records_still_fit_the_abstain_threshold() -> None:
     folds = np.array([1, 2, 3, 4] * 3) % FOLDS  # no record in fold 0
     assert _ood_threshold(x, folds) is not None
     assert _ood_threshold(x, np.zeros(12, dtype=int)) is None  # one fold holds every record: nothing to hold out
+
+
+def test_the_served_gate_prices_an_expert_no_record_costs_at_its_config_price() -> None:
+    """c is always right, and no record gives its cost: served with the config's price for it (``for_config``
+    passes ``config_prices``), it costs that, not nothing, which at any cost weight would route to it as if free."""
+    from tests.doubles.fakes import FakeHashingEncoder
+
+    rng = np.random.default_rng(1)
+    records = [OutcomeRecord(f"question {i} on topic {i % 5}", {"a": float(rng.random() < 0.6),
+                                                                "b": float(rng.random() < 0.5), "c": 1.0},
+                             {"a": 0.01, "b": 0.002}) for i in range(120)]
+    gate = train_outcome_gate(records, FakeHashingEncoder(), experts=["a", "b", "c"], cost_weight=0.5, progress=False)
+    priced = gate.with_cost_weight(0.5, {"a": 0.0, "b": 0.0, "c": 0.05})
+    assert priced.cost[priced.artifact_experts.index("c")] == 0.05
+    x = gate.encoder.encode(["question 3 on topic 3"])
+    assert priced.predict_utility(x)[0, 2] < gate.predict_utility(x)[0, 2]

@@ -716,3 +716,12 @@ async def test_a_time_limit_the_router_enforces_has_its_log_line(stream: bool,
     assert lines == [("WARNING", "expert math: timeout failed: " + lines[0][1].split(": ", 2)[2]),
                      ("INFO", "expert code: timeout failed: the request's deadline of 1.5s was reached")]
     assert "1.0s" in lines[0][1]
+
+
+def test_a_call_that_exactly_fits_the_budget_left_is_made() -> None:
+    """Experts are passed over once the request "would spend more" than ``cost_budget_usd``: one whose estimate
+    is exactly what is left still fits."""
+    from router.fallback import budget_spent
+
+    assert budget_spent(1.0, 0.5, 0.5) is False
+    assert budget_spent(1.0, 0.5, 0.5000001) is True

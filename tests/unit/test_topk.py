@@ -139,3 +139,30 @@ async def test_an_uncapped_panel_is_cut_to_max_attempts() -> None:
     despite = orchestrator._panel_despite_breakers(decision, names)
     assert [p.expert for p in despite] == ["a", "b", "c"] and sum(p.weight for p in despite) == pytest.approx(1.0)
     await orchestrator.aclose()
+
+
+# Boundaries of each policy, as README states them; a mutation audit found each one unpinned.
+def test_mass_is_reached_by_a_share_that_rounds_a_hair_under_it() -> None:
+    """b's share is 0.6 / 0.8 = 0.75, which floating point gives as 0.7499999999999999: ``mass: 0.75`` is reached
+    by b alone, and a is not called (and paid) besides."""
+    assert choose({"a": 0.2, "b": 0.6}, TopKConfig(policy="mass", mass=0.75)) == [("b", 1.0)]
+
+
+def test_min_weight_with_a_cap_judges_shares_of_the_top_k() -> None:
+    """With a cap, the threshold applies to the weights renormalised over the top k: b holds 0.3 of all but
+    0.375 of the top two, so at ``min_weight: 0.35`` it stays."""
+    panel = choose({"a": 0.5, "b": 0.3, "c": 0.15, "d": 0.05}, TopKConfig(policy="min_weight", k=2, min_weight=0.35))
+    assert [n for n, _ in panel] == ["a", "b"]
+
+
+def test_min_weight_keeps_a_member_exactly_at_it_and_adaptive_is_single_exactly_at_confident() -> None:
+    assert [n for n, _ in choose({"a": 0.75, "b": 0.25}, TopKConfig(policy="min_weight", min_weight=0.25))] == \
+        ["a", "b"]  # "at least min_weight"
+    assert choose({"a": 0.75, "b": 0.25}, TopKConfig(policy="adaptive", confident=0.75, mass=0.9)) == [("a", 1.0)]
+
+
+def test_a_panel_one_over_max_attempts_is_cut_to_it() -> None:
+    from router.topk import capped
+
+    panel = capped([("a", 0.4), ("b", 0.3), ("c", 0.2), ("d", 0.1)], 3)
+    assert [n for n, _ in panel] == ["a", "b", "c"] and sum(w for _, w in panel) == pytest.approx(1.0)
