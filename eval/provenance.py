@@ -125,7 +125,8 @@ def files_read() -> Iterator[set[str]]:
     try:
         yield seen
     finally:
-        _RECORDING.remove(seen)
+        # By identity: two blocks that read the same files hold equal sets, and list.remove would take the other.
+        _RECORDING[:] = [sink for sink in _RECORDING if sink is not seen]
 
 
 def data_digests(paths: Iterable[str | Path], roots: Iterable[str | Path]) -> dict[str, str]:

@@ -115,16 +115,42 @@ def _finite(literal: str) -> float:
 
 
 def json_body(value: Any) -> Any:
-    """``value``, a request body built in process (``LocalRouter``), if the service would read it from JSON: else
-    the ``RequestProblem`` (400 ``invalid_json``) ``parse_json`` raises for its bytes. A lone surrogate ("\\ud800",
-    a string decoded with surrogateescape, an emoji cut in half), NaN or Infinity, or a value JSON has no form for
-    (a datetime) would otherwise reach the expert, or fail when the answer, trace or feedback store writes it."""
+    """``value``, a request body built in process (``LocalRouter``), as the service would read it from JSON: what
+    JSON carries as it is, a pydantic model (a ``ChatMessage``) as the fields it was given, a numpy number as its
+    value, any mapping as an object. Else the ``RequestProblem`` (400 ``invalid_json``) ``parse_json`` raises for
+    such bytes: a lone surrogate ("\\ud800", a string decoded with surrogateescape, an emoji cut in half), NaN or
+    Infinity, nesting past ``MAX_JSON_DEPTH``, or a value JSON has no form for (a datetime), which would otherwise
+    reach the expert, or fail when the answer, trace or feedback store writes it."""
     try:
-        json.dumps(value, ensure_ascii=False, allow_nan=False).encode("utf-8")
+        text = json.dumps(value, ensure_ascii=False, allow_nan=False, default=_as_json)
+        text.encode("utf-8")
+        read = json.loads(text)
+    except RecursionError:
+        raise RequestProblem(400, f"request body is nested too deeply (arrays and objects may nest at most "
+                                  f"{MAX_JSON_DEPTH} levels)", "invalid_request_error", "invalid_json") from None
     except (ValueError, TypeError) as exc:  # UnicodeEncodeError is a ValueError
         raise RequestProblem(400, f"request body is not valid JSON: {exc}", "invalid_request_error",
                              "invalid_json") from None
-    return value
+    if json_depth(read) > MAX_JSON_DEPTH:
+        raise RequestProblem(400, f"request body is nested more than {MAX_JSON_DEPTH} levels deep (arrays and "
+                                  "objects)", "invalid_request_error", "invalid_json")
+    return read
+
+
+def _as_json(value: Any) -> Any:
+    """``json.dumps``' ``default``: the JSON form of what in-process callers hand over beside plain values."""
+    from collections.abc import Mapping
+
+    from pydantic import BaseModel
+
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json", exclude_unset=True)
+    if isinstance(value, Mapping):
+        return dict(value)
+    item = getattr(value, "item", None)  # a numpy scalar: its Python number, bool or string
+    if callable(item) and getattr(value, "shape", None) == ():
+        return item()
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
 
 
 def parse_json(raw: bytes) -> Any:

@@ -505,3 +505,19 @@ def test_the_per_class_table_leaves_undefined_what_macro_f1_leaves_out() -> None
     assert table["a"]["precision"] == 1.0 and table["a"]["recall"] == 0.5 and table["b"]["f1"] == 1.0
     f1s = [row["f1"] for row in table.values() if row["f1"] is not None]
     assert np.mean(f1s) == pytest.approx(M.macro_f1(y, pred))
+
+
+def test_nested_blocks_each_record_the_files_read_within_them(tmp_path: Path) -> None:
+    from eval.provenance import data_digests, files_read
+
+    (tmp_path / "a.csv").write_text("a\n")
+    (tmp_path / "b.csv").write_text("b\n")
+    with files_read() as outer:
+        (tmp_path / "a.csv").read_text()
+        with files_read() as inner:
+            (tmp_path / "a.csv").read_text()  # the two sets are equal here
+        (tmp_path / "b.csv").read_text()  # after the inner block: the outer's alone
+    (tmp_path / "b.csv").write_text("written, not read\n")
+    (tmp_path / "a.csv").read_text()  # after both blocks: neither's
+    assert inner == {str(tmp_path / "a.csv")} and outer == {str(tmp_path / "a.csv"), str(tmp_path / "b.csv")}
+    assert list(data_digests(outer, [tmp_path])) == ["a.csv", "b.csv"]

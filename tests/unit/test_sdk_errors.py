@@ -181,6 +181,36 @@ async def test_local_router_refuses_what_json_cannot_carry_before_any_expert_is_
     await local.aclose()
 
 
+
+async def test_local_router_reads_its_arguments_as_the_service_reads_json(tmp_path: Path) -> None:
+    """What a Python caller hands over beside plain values is taken in its JSON form, as before the check:
+    pydantic messages, numpy numbers, any mapping. Nesting past the service's limit is its 400, not a
+    RecursionError."""
+    from types import MappingProxyType
+
+    import numpy as np
+
+    from experts.types import ChatMessage
+
+    config = fake_config(NAMES)
+    experts = {n: FakeExpert(config.expert(n)) for n in NAMES}
+    local = LocalRouter(Orchestrator(config, FakeGate(NAMES, {}, default=[0.6, 0.4]), experts),
+                        SqliteFeedbackStore(tmp_path / "fb.sqlite3"))
+    answer = await local.chat([ChatMessage(role="user", content="hi")], temperature=np.float32(0.5))
+    assert answer.expert == "math" and experts["math"].requests[-1].temperature == 0.5
+    await local.chat([MappingProxyType({"role": "user", "content": "hi"})])  # type: ignore[list-item]
+    saved = await local.feedback(request_id=answer.id, score=np.float32(0.5))
+    assert saved.score == 0.5
+    for depth in (129, 5000):
+        deep: object = "x"
+        for _ in range(depth):
+            deep = [deep]
+        with pytest.raises(RouterAPIError) as refused:
+            await local.chat("hi", metadata={"deep": deep})
+        assert (refused.value.status, refused.value.code) == (400, "invalid_json")
+        assert "nested" in str(refused.value)
+    await local.aclose()
+
 async def _drain(stream: object) -> list[object]:
     return [c async for c in stream]  # type: ignore[attr-defined]
 
