@@ -20,7 +20,6 @@ Each backend imports its dependencies only when built, so importing this module 
 from __future__ import annotations
 
 import concurrent.futures
-import hashlib
 import importlib
 import math
 import os
@@ -35,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from router.encoder_types import ENCODER_BACKENDS
+from router.files import sha256_file
 
 if TYPE_CHECKING:
     from router.config import EncoderConfig
@@ -75,14 +75,6 @@ class EncoderChecksumError(RuntimeError):
 
 class EncoderDeviceError(ValueError):
     """The configured device is not one torch can use on this machine (no CUDA GPU, no such index, no MPS)."""
-
-
-def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def cache_root(settings: Settings | None = None) -> Path:

@@ -11,15 +11,20 @@ manifest's digests (new arrays under the old ``gate.json``), or, for the files n
 (``cascade.json``, the vote weights), may load it; either way the rename after changes a file the reload watch
 stamps, and it reloads again.
 
-A stage is sealed once it is whole, before its renames start. A run killed during them leaves the artifact mixed
-and its sealed stage in place; the next run to write the folder, or to read a gate from it, finishes those renames
-(``recover``), unless a later publish has replaced the manifests since. An unsealed stage is only removed.
+A stage is sealed once it is whole, before its renames start: its seal holds the digest of each file it publishes,
+and of each manifest of the folder it replaces. A run killed during the renames leaves the artifact mixed and its
+sealed stage in place; the next run to write the folder, or to read a gate from it, finishes those renames
+(``recover``) where the folder is still as they left it, and otherwise (a later publish, a backup restored)
+removes the stage unpublished. An unsealed stage is only removed.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import logging
+import math
 import os
 import shutil
 import socket
@@ -29,7 +34,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 __all__ = ["MANIFESTS", "SEALED", "STAGING_PREFIX", "abandoned", "atomic_write_text", "owner_tag", "process_gone",
-           "recover", "staged"]
+           "recover", "sha256_file", "staged"]
 
 log = logging.getLogger(__name__)
 
@@ -40,9 +45,12 @@ MANIFESTS = ("gate.json", "cascade.json")
 # A staging folder older than this was left by a run that died (killed mid-write): removed by the next ``staged``,
 # as one of this host whose process is gone is at once.
 _STALE_S = 3600.0
-# Written into a stage once everything in it is written, just before its renames: a stage holding it is a whole
-# artifact that ``recover`` may publish for a run that was killed part-way through them.
+# Written into a stage once everything in it is written, just before its renames (``_seal``): a stage holding it
+# is a whole artifact that ``recover`` may publish for a run that was killed part-way through them.
 SEALED = f"{STAGING_PREFIX}sealed"
+# How long a sealed stage is left to its own run, whatever host that runs on, before ``recover`` takes it over:
+# the renames take microseconds, so a stage sealed this long ago belongs to a run that died or failed during them.
+_SEALED_GRACE_S = 60.0
 
 
 def owner_tag() -> str:
@@ -103,8 +111,9 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
 def staged(directory: str | Path) -> Iterator[Path]:
     """A folder to write a whole artifact into; on a clean exit its files replace ``directory``'s files of the same
     names (``_publish``). An error while the stage is written changes nothing in ``directory``. The stage is sealed
-    before the renames: a run killed during them, or a disk failing, leaves it for ``recover`` to finish. Files in
-    ``directory`` the stage does not hold (the feedback store beside the artifact, say) are left alone."""
+    before the renames (``_seal``): a run killed during them, or a disk failing, leaves it for ``recover`` to
+    finish. Files in ``directory`` the stage does not hold (the feedback store beside the artifact, say) are left
+    alone."""
     target = Path(directory)
     target.mkdir(parents=True, exist_ok=True)
     recover(target)
@@ -114,57 +123,109 @@ def staged(directory: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
-    (stage / SEALED).touch()
+    _seal(stage, target)
     _publish(stage, target)
     shutil.rmtree(stage, ignore_errors=True)
 
 
 def recover(directory: str | Path) -> None:
-    """Deal with the staging folders that runs which were killed (``abandoned``) left in ``directory``: finish
-    publishing a sealed one (its run died during the renames, so the folder holds part of it), unless a manifest
-    in ``directory`` is newer than its seal (a later run published since); remove the rest. A folder this process
-    may not write is left as it is: whoever can write it will finish the job."""
+    """Deal with the staging folders that runs which were killed left in ``directory``: finish publishing a sealed
+    one whose renames were cut short, where ``directory`` is still as that run left it (``_may_finish``); remove
+    every other one. A stage is left to its run while that may still be writing it (``abandoned``: a process of
+    this host that is gone, or one untouched for an hour), but a sealed one only for ``_SEALED_GRACE_S``, whatever
+    host sealed it: its renames take microseconds. A folder this process may not write is left as it is, with a
+    warning: a process that can write it will finish the job."""
     target = Path(directory)
     here = socket.gethostname()
     try:
-        left = [old for old in target.glob(f"{STAGING_PREFIX}*")
-                if old.is_dir() and abandoned(old, STAGING_PREFIX, _STALE_S, here)]
-        for old in sorted(left, key=_sealed_at):
-            sealed = _sealed_at(old)
-            if sealed and not _published_since(target, sealed):
+        left = [old for old in target.glob(f"{STAGING_PREFIX}*") if old.is_dir() and (
+            abandoned(old, STAGING_PREFIX, _STALE_S, here) or _sealed_for(old) > _SEALED_GRACE_S)]
+        for old in sorted(left, key=lambda stage: -_sealed_for(stage)):  # the earliest sealed first
+            why_not = _may_finish(old, target)
+            if why_not is None:
                 _publish(old, target)
                 log.warning("%s: finished publishing the artifact that a run killed part-way through it left in "
                             "%s", target, old.name)
+            elif why_not:
+                log.warning("%s: removed %s, which a run killed part-way through publishing it left, unpublished: "
+                            "%s", target, old.name, why_not)
             shutil.rmtree(old, ignore_errors=True)
     except OSError as exc:
-        log.debug("%s: left the staging folders of killed runs as they are (%s)", target, exc)
+        log.warning("%s: cannot finish or remove what killed runs left there (%s); a process that may write the "
+                    "folder will", target, exc)
 
 
-def _sealed_at(stage: Path) -> float:
-    """When ``stage`` was sealed (whole, its renames about to start), or 0.0 if it never was."""
+def _seal(stage: Path, target: Path) -> None:
+    """Mark ``stage`` whole, just before its renames: the digest of each file it publishes, and of each manifest
+    of ``target`` its own will replace (null where there is none), so that ``recover`` can tell the folder as the
+    renames left it from one changed since."""
+    files = {_rel(p, stage): sha256_file(p) for p in _files(stage)}
+    replaces = {rel: _digest(target / rel) for rel in files if Path(rel).name in MANIFESTS}
+    (stage / SEALED).write_text(json.dumps({"files": files, "replaces": replaces}), encoding="utf-8")
+
+
+def _may_finish(stage: Path, target: Path) -> str | None:
+    """None where ``stage``'s renames may be finished: it is sealed, each file already renamed out of it is in
+    ``target`` as it was sealed, and each manifest it replaces is either the one it replaced or its own. Else why
+    not ("" for a stage never sealed: its run died while writing it, and nothing of it was published)."""
     try:
-        return (stage / SEALED).stat().st_mtime
+        seal = json.loads((stage / SEALED).read_text(encoding="utf-8"))
+        files, replaces = dict(seal["files"]), dict(seal["replaces"])
+    except FileNotFoundError:
+        return ""
+    except (OSError, ValueError, KeyError, TypeError):
+        return "its seal cannot be read"
+    for rel, digest in files.items():
+        if not (stage / rel).is_file() and _digest(target / rel) != digest:
+            return f"{rel}, which it had published, has been replaced since"
+    for rel, before in replaces.items():
+        if _digest(target / rel) not in (before, files.get(rel)):
+            return f"{rel} has been replaced since by another publish"
+    return None
+
+
+def _sealed_for(stage: Path) -> float:
+    """Seconds since ``stage`` was sealed; -inf if it never was (or its seal cannot be read)."""
+    try:
+        return time.time() - (stage / SEALED).stat().st_mtime
     except OSError:
-        return 0.0
+        return -math.inf
 
 
-def _published_since(target: Path, when: float) -> bool:
-    """Whether a manifest under ``target`` (outside staging folders) was written after ``when``. A rename keeps a
-    file's time, so a manifest a stage published has its stage's time, earlier than the seal."""
-    return any(p.stat().st_mtime > when for name in MANIFESTS for p in target.rglob(name)
-               if not _in_staging(p.relative_to(target)))
+def _digest(path: Path) -> str | None:
+    """``path``'s sha256, or None where there is no such file."""
+    try:
+        return sha256_file(path)
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        return None
+
+
+def sha256_file(path: str | Path) -> str:
+    """The sha256 of a file's bytes, read in blocks of 1 MiB."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _files(stage: Path) -> list[Path]:
+    """The files a stage publishes: all it holds outside staging folders (a nested stage's, its seal)."""
+    return [p for p in stage.rglob("*") if p.is_file() and not _in_staging(p.relative_to(stage))]
+
+
+def _rel(path: Path, root: Path) -> str:
+    return path.relative_to(root).as_posix()
 
 
 def _publish(stage: Path, target: Path) -> None:
-    files = [p for p in stage.rglob("*") if p.is_file() and not _in_staging(p.relative_to(stage))]
-
     def order(p: Path) -> tuple[int, int, int]:
         rel = p.relative_to(stage)
         if rel.name not in MANIFESTS:
             return (0, 0, 0)
         return (1, MANIFESTS.index(rel.name), -len(rel.parts))
 
-    for file in sorted(files, key=order):
+    for file in sorted(_files(stage), key=order):
         rel = file.relative_to(stage)
         (target / rel).parent.mkdir(parents=True, exist_ok=True)
         try:

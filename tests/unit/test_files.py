@@ -200,7 +200,7 @@ def _killed_stage(folder: Path, artifact: Path, *, published: tuple[str, ...]) -
     ended.wait()
     stage = folder / f"{STAGING_PREFIX}{ended.pid}@{socket.gethostname()}-killed"
     shutil.copytree(artifact, stage)
-    (stage / files.SEALED).touch()
+    files._seal(stage, folder)
     for name in published:
         os.replace(stage / name, folder / name)
     return stage
@@ -232,4 +232,42 @@ def test_the_next_train_finishes_a_killed_publish_before_its_own(tmp_path: Path)
         (stage / "vote_weights.json").write_text("{}")
     assert sorted(p.name for p in (tmp_path / "gate").iterdir()) == [
         "cascade.json", "examples.npz", "gate.json", "vote_weights.json", "weights.npz"]
+    assert np.allclose(_probe(Gate.load(tmp_path / "gate", FakeHashingEncoder())), _probe(_gate(" please")))
+
+
+def test_a_killed_runs_stage_is_not_published_over_a_backup_restored_since(tmp_path: Path) -> None:
+    """A train killed after renaming its weights; the operator then restores the served artifact from a backup
+    (cp -a keeps its old times). The stage's rest is not published over it: the weights it had renamed are no
+    longer in place, so publishing the rest would mix two gates."""
+    import shutil
+
+    _gate().save(tmp_path / "gate")
+    shutil.copytree(tmp_path / "gate", tmp_path / "backup")
+    _gate(" please").save(tmp_path / "new")
+    stage = _killed_stage(tmp_path / "gate", tmp_path / "new", published=("weights.npz",))
+    for name in ("weights.npz", "examples.npz", "gate.json"):
+        shutil.copy2(tmp_path / "backup" / name, tmp_path / "gate" / name)
+    files.recover(tmp_path / "gate")
+    assert not stage.exists()
+    assert np.allclose(_probe(Gate.load(tmp_path / "gate", FakeHashingEncoder())), _probe(_gate()))
+
+
+def test_a_sealed_stage_of_another_host_is_finished_after_a_minute(tmp_path: Path) -> None:
+    """A trainer in another container (another host name, whose process cannot be seen from here) killed during
+    its renames: its sealed stage is finished by the next load here once it has been sealed a minute, not an
+    hour; a stage still being written there (unsealed) is left to it."""
+    import socket
+
+    _gate().save(tmp_path / "gate")
+    _gate(" please").save(tmp_path / "new")
+    killed = _killed_stage(tmp_path / "gate", tmp_path / "new", published=("weights.npz",))
+    elsewhere = killed.rename(tmp_path / "gate" / f"{STAGING_PREFIX}1@another-{socket.gethostname()}-x")
+    writing = tmp_path / "gate" / f"{STAGING_PREFIX}2@another-{socket.gethostname()}-y"
+    writing.mkdir()
+    files.recover(tmp_path / "gate")
+    assert elsewhere.exists()  # sealed just now: perhaps still renaming
+    minute_ago = time.time() - 61
+    os.utime(elsewhere / files.SEALED, (minute_ago, minute_ago))
+    files.recover(tmp_path / "gate")
+    assert not elsewhere.exists() and writing.exists()
     assert np.allclose(_probe(Gate.load(tmp_path / "gate", FakeHashingEncoder())), _probe(_gate(" please")))
