@@ -29,7 +29,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -272,7 +272,8 @@ class CascadeGate:
             raise GateArtifactMismatch("the gate artifact's examples are not its training data, so the cascade "
                                        f"cannot be fitted again for agreement {agreement} and familiar "
                                        f"{familiar}; retrain with: moe train --config <this config>")
-        refit = CascadeGate.train(self.full, self.fast, texts, labels, agreement=agreement, familiar=familiar)
+        refit = CascadeGate.train(self.full, self.fast, texts, labels, agreement=agreement, familiar=familiar,
+                                  pinned=self.full.pinned_texts)
         log.info("gate.cascade asks for agreement %g and familiar %g, the artifact was fitted for %g and %s: "
                  "fitted again on its validation split (threshold %s, familiarity bar %s; moe train saves it)",
                  agreement, familiar, self.fit.agreement_target, self.fit.familiar_share, refit.fit.threshold,
@@ -314,10 +315,11 @@ class CascadeGate:
 
     @classmethod
     def train(cls, full: Gate, fast: Gate, texts: Sequence[str], labels: Sequence[str], *, agreement: float,
-              familiar: float = FAMILIAR_SHARE, seed: int = 0, val_fraction: float = 0.15) -> CascadeGate:
+              familiar: float = FAMILIAR_SHARE, seed: int = 0, val_fraction: float = 0.15,
+              pinned: Collection[str] = ()) -> CascadeGate:
         """The cascade of two gates trained on ``texts`` and ``labels`` with the same ``seed`` and
-        ``val_fraction``, and ``refit=False`` (so the same validation queries were held out of both, however few),
-        fitted on those queries.
+        ``val_fraction``, ``pinned`` and ``refit=False`` (so the same validation queries were held out of both,
+        however few), fitted on those queries.
 
         Each gate scores them as it scored them when it was fitted: from the embeddings it keeps of its training
         data, and with familiarity measured against the training part alone (the gate's example index also
@@ -325,7 +327,7 @@ class CascadeGate:
         (``fit_familiarity``: the score ``familiar`` of them reach), then the lowest confidence threshold that
         meets ``agreement`` among the queries that clear the bar (``fit_threshold``)."""
         texts = list(texts)
-        train, val = split_train_val(texts, labels, seed=seed, val_fraction=val_fraction)
+        train, val = split_train_val(texts, labels, seed=seed, val_fraction=val_fraction, pinned=pinned)
         first = _held_out(fast, texts, train, val)
         full_top = _held_out(full, texts, train, val, familiarity=False).probs.argmax(axis=1)
         bar = fit_familiarity(first.ood, familiar, fast.ood_threshold)

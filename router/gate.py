@@ -212,6 +212,9 @@ class BaseGate(ABC):
     # Examples only clients' feedback gave (``router.train``): a decision names their label and similarity, never
     # their text. A gate without examples has none.
     private_texts: frozenset[str] = frozenset()
+    # Examples never held out of training (``split_train_val``'s ``pinned``: feedback's verdicts), kept so that a
+    # two-stage gate fitted again from the artifact (``CascadeGate.with_targets``) holds out what its stages did.
+    pinned_texts: frozenset[str] = frozenset()
 
     @abstractmethod
     def predict_proba(self, embeddings: np.ndarray, texts: Sequence[str] | None = None) -> np.ndarray:

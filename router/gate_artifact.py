@@ -196,7 +196,8 @@ def write_artifact(gate: Gate, directory: str | Path) -> Path:
             stage / _EXAMPLES, embeddings=gate.example_embeddings[:len(texts)],
             text_bytes=text_bytes, text_offsets=text_offsets,
             labels=np.array([label_ids.get(lab, -1) for lab in labels], dtype=np.int32),
-            private=np.array([t in gate.private_texts for t in texts], dtype=bool))
+            private=np.array([t in gate.private_texts for t in texts], dtype=bool),
+            pinned=np.array([t in gate.pinned_texts for t in texts], dtype=bool))
         doc = {**gate.metadata.as_dict(), "kind": gate.kind, "experts": gate.artifact_experts,
                "encoder_max_length": _encoder_max_length(gate.encoder), **gate._manifest(),
                "files": {name: sha256_file(stage / name) for name in (_WEIGHTS, _EXAMPLES)}}
@@ -272,6 +273,8 @@ def _restore_artifact(path: Path, doc: dict[str, Any], encoder: Encoder) -> Gate
     gate = gate_cls._restore(encoder, experts, doc, metadata, weights, (ex["embeddings"], texts, labels))
     if "private" in ex:  # an artifact from before it was kept marks none
         gate.private_texts = frozenset(t for t, private in zip(texts, ex["private"], strict=True) if private)
+    if "pinned" in ex:  # likewise
+        gate.pinned_texts = frozenset(t for t, pinned in zip(texts, ex["pinned"], strict=True) if pinned)
     return gate
 
 def _read_manifest(path: Path) -> dict[str, Any]:

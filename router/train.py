@@ -379,7 +379,7 @@ def train_from_config(config: RouterConfig, *, progress: bool = True, feedback: 
                           pinned=data.pinned, refit=False)
         _record_feedback(fast, data)
         served = CascadeGate.train(gate, fast, data.texts, data.labels, agreement=config.gate.cascade.agreement,
-                                   familiar=config.gate.cascade.familiar)
+                                   familiar=config.gate.cascade.familiar, pinned=data.pinned)
     # One staging folder for the whole artifact: the gate, its fast stage and the vote weights are renamed into
     # place together once all are written, so a running service's reload watch never reads half of a new one.
     try:

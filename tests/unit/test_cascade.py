@@ -436,3 +436,25 @@ def test_the_label_suites_count_abstentions_by_each_query_s_own_threshold() -> N
     # Two stages: the first query's stage has no threshold, the second's is above its score.
     two_stage = dataclasses.replace(one_stage, stage=["fast", "full", "full"], ood_threshold=[None, 0.6, 0.6])
     assert _abstaining(two_stage, 0.0) == pytest.approx(1 / 3)
+
+
+def test_the_cascade_is_fitted_on_the_queries_its_stages_held_out_feedback_pinned_or_not(tmp_path: Path) -> None:
+    """Feedback's queries are never held out of training (``pinned``). The cascade's split used to leave them
+    out of that rule, so a third of its "validation" queries were ones both stages trained on; it holds out what
+    they held out now, when moe train fits it and when a load fits it again for other targets."""
+    texts = [f"{e} question number {i} about topic {i % 7}" for e in ("math", "code", "chat") for i in range(60)]
+    labels = [t.split()[0] for t in texts]
+    pinned = frozenset(texts[::3])
+    full_encoder = FakeCountingEncoder("~", "fake-hashing-salted")
+    fast, full = (train_gate(texts, labels, encoder, experts=["math", "code", "chat"], progress=False,
+                             pinned=pinned, refit=False) for encoder in (FakeCountingEncoder(), full_encoder))
+    held_out = full.metadata.metrics.n_val
+    assert held_out == fast.metadata.metrics.n_val == 18
+    assert CascadeGate.train(full, fast, texts, labels, agreement=0.9, pinned=pinned).fit.n_val == held_out
+    cascade = CascadeGate.train(full, fast, texts, labels, agreement=0.9)
+    assert cascade.fit.n_val != held_out  # unpinned, the split differs: what moe train used to fit on
+    full.pinned_texts = fast.pinned_texts = pinned  # as moe train records them (``_record_feedback``)
+    CascadeGate.train(full, fast, texts, labels, agreement=0.9, pinned=pinned).save(tmp_path / "gate")
+    loaded = CascadeGate.load(tmp_path / "gate", FakeCountingEncoder(), full_encoder)
+    assert loaded.full.pinned_texts == pinned
+    assert loaded.with_targets(agreement=0.8, familiar=0.7).fit.n_val == held_out
