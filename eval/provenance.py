@@ -16,6 +16,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from experts.recordings import DATA_FILE_EVENT
+
 __all__ = ["PACKAGES", "REPO", "data_digests", "files_read", "machine", "machine_line", "provenance", "stamp"]
 
 REPO = Path(__file__).resolve().parents[1]
@@ -92,9 +94,11 @@ _hooked = False
 
 
 def _on_audit(event: str, args: tuple[Any, ...]) -> None:
-    if event != "open" or not _RECORDING:
+    if not _RECORDING or event not in ("open", DATA_FILE_EVENT):
         return
     try:
+        if event == DATA_FILE_EVENT:  # a cached store handed out again: the files it was read from
+            args = (args[0], "r", None)
         path, mode, flags = args
         if path is None or isinstance(path, int):  # an open of a file descriptor names no file
             return
@@ -114,7 +118,8 @@ def _on_audit(event: str, args: tuple[Any, ...]) -> None:
 def files_read() -> Iterator[set[str]]:
     """The absolute paths of the files this process opens for reading (on any thread) while the block runs:
     whatever loader reads them (json, csv, pandas, numpy), so a result records the data it was computed from
-    without each suite listing its files."""
+    without each suite listing its files. A store a loader caches (``experts.recordings``) names its files again
+    whenever it is handed out (``DATA_FILE_EVENT``), so a run that reads it from the cache records them too."""
     global _hooked
     with _HOOK_LOCK:
         if not _hooked:
@@ -134,9 +139,11 @@ def data_digests(paths: Iterable[str | Path], roots: Iterable[str | Path]) -> di
     to that root, or the root as given where the root is the file itself. The data a result was computed from."""
     from router.encoders import sha256_file
 
-    given = {Path(os.path.abspath(r)): str(r) for r in roots}
+    # By real paths: a data folder reached through a link (../shared) names the files a cached store read as
+    # their real paths, and the files opened as the link's.
+    given = {Path(os.path.realpath(r)): str(r) for r in roots}
     out: dict[str, str] = {}
-    for path in {Path(os.path.abspath(p)) for p in paths}:
+    for path in {Path(os.path.realpath(p)) for p in paths}:
         root = next((r for r in given if path == r or path.is_relative_to(r)), None)
         if root is None or not path.is_file():
             continue

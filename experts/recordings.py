@@ -229,7 +229,22 @@ def _load_routerbench(path: Path) -> RouterBenchStore:
 
 def load_routerbench(path: str | os.PathLike[str]) -> RouterBenchStore:
     """Load the RouterBench CSVs under ``path`` (a folder of ``<task>_<split>.csv``, or one such file)."""
-    return _load_routerbench(Path(path).resolve())
+    resolved = Path(path).resolve()
+    store = _load_routerbench(resolved)
+    _read_again(file for file, _, _ in _routerbench_files(resolved))
+    return store
+
+
+# The audit event naming a data file a store was read from (``_read_again``).
+DATA_FILE_EVENT = "moe.data_file"
+
+
+def _read_again(files: Iterable[Path]) -> None:
+    """Name each file a store loaded from, as a Python audit event (``DATA_FILE_EVENT``), every time the store is
+    handed out: a cached store opens no file, yet what it returns rests on them, and ``eval.provenance.files_read``
+    records the data a result was computed from by these events and by the files opened."""
+    for file in files:
+        sys.audit(DATA_FILE_EVENT, str(file))
 
 
 # ---------------------------------------------------------------------------------------------- MMLU-Pro
@@ -336,8 +351,12 @@ class MMLUProStore:
         return sum(scores) / len(scores) if scores else float("nan")
 
 
+def _question_files(folder: Path) -> list[Path]:
+    return sorted(folder.glob("*.jsonl"))
+
+
 def _read_questions(folder: Path) -> list[MMLUProQuestion]:
-    files = sorted(folder.glob("*.jsonl"))
+    files = _question_files(folder)
     if not files:
         raise FileNotFoundError(f"no MMLU-Pro questions (*.jsonl) in {folder}")
     questions = []
@@ -376,15 +395,16 @@ def _read_columns(file: Path, ids: Sequence[int]) -> dict[str, tuple[str, ...]]:
 _CORRECT = {"": None, "0": 0, "1": 1}
 
 
+_MP_COLUMNS = ("correct.csv", "pred.csv", "response_chars.csv")
+
+
 @functools.lru_cache(maxsize=4)
 def _load_mmlu_pro(path: Path) -> MMLUProStore:
     if not path.is_dir():
         raise FileNotFoundError(f"no MMLU-Pro outcomes folder at {path}")
     questions = _read_questions(path / "questions")
     ids = [q.question_id for q in questions]
-    correct = _read_columns(path / "correct.csv", ids)
-    pred = _read_columns(path / "pred.csv", ids)
-    chars = _read_columns(path / "response_chars.csv", ids)
+    correct, pred, chars = (_read_columns(path / name, ids) for name in _MP_COLUMNS)
     if list(pred) != list(correct) or list(chars) != list(correct):
         raise ValueError("correct.csv, pred.csv and response_chars.csv list different models")
     columns = {}
@@ -401,4 +421,7 @@ def _load_mmlu_pro(path: Path) -> MMLUProStore:
 
 def load_mmlu_pro(path: str | os.PathLike[str]) -> MMLUProStore:
     """Load the MMLU-Pro outcomes folder (``questions/*.jsonl``, ``correct.csv``, ``pred.csv``, ...)."""
-    return _load_mmlu_pro(Path(path).resolve())
+    resolved = Path(path).resolve()
+    store = _load_mmlu_pro(resolved)
+    _read_again([*_question_files(resolved / "questions"), *(resolved / name for name in _MP_COLUMNS)])
+    return store

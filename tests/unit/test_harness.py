@@ -521,3 +521,31 @@ def test_nested_blocks_each_record_the_files_read_within_them(tmp_path: Path) ->
     (tmp_path / "a.csv").read_text()  # after both blocks: neither's
     assert inner == {str(tmp_path / "a.csv")} and outer == {str(tmp_path / "a.csv"), str(tmp_path / "b.csv")}
     assert list(data_digests(outer, [tmp_path])) == ["a.csv", "b.csv"]
+
+
+def test_a_store_loaded_from_the_cache_still_names_the_files_it_rests_on(data_dir: Path) -> None:
+    """Suites run one after another in one process (make results) load MMLU-Pro's and RouterBench's stores once:
+    the second suite opens no file, yet its results rest on them, and its data_sha256 must list them."""
+    from eval.provenance import files_read
+    from experts.recordings import load_mmlu_pro, load_routerbench
+
+    load_mmlu_pro(data_dir / "mmlu_pro_outcomes")
+    load_routerbench(data_dir / "routerdc" / "routerbench_zs")
+    with files_read() as read:
+        load_mmlu_pro(data_dir / "mmlu_pro_outcomes")
+        load_routerbench(data_dir / "routerdc" / "routerbench_zs")
+    names = {Path(p).relative_to(data_dir.resolve()).as_posix() for p in read}
+    assert {"mmlu_pro_outcomes/correct.csv", "mmlu_pro_outcomes/pred.csv",
+            "mmlu_pro_outcomes/response_chars.csv"} <= names
+    assert any(n.startswith("mmlu_pro_outcomes/questions/") for n in names)
+    assert any(n.startswith("routerdc/routerbench_zs/") and n.endswith(".csv") for n in names)
+
+
+def test_data_read_through_a_link_is_named_under_the_folder_given(tmp_path: Path) -> None:
+    from eval.provenance import data_digests
+
+    (tmp_path / "real").mkdir()
+    (tmp_path / "real" / "a.csv").write_text("a\n")
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    read = [str(tmp_path / "link" / "a.csv"), str(tmp_path / "real" / "a.csv")]  # opened, and named by a store
+    assert list(data_digests(read, [tmp_path / "link"])) == ["a.csv"]

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from router.config import load_config
-from router.sdk import LocalRouter
+from router.sdk import LocalRouter, RouterAPIError
 from router.train import train_from_config
 from tests.doubles import ScriptedOpenAIServer
 
@@ -96,11 +96,16 @@ def test_moe_ask_streams_in_process_too(config: Path, capsys: pytest.CaptureFixt
 
 
 @pytest.mark.filterwarnings("ignore::ResourceWarning", "ignore::pytest.PytestUnraisableExceptionWarning")
-def test_a_lone_surrogate_in_the_query_is_routed_not_a_crash(config: Path) -> None:
+def test_a_lone_surrogate_in_the_query_is_refused_as_the_service_refuses_it_and_the_gate_reads_it(
+        config: Path) -> None:
     """``"\\ud83d"`` (a JSON escape cut in half, or a byte of argv that is not UTF-8) once crashed the encoder with a
-    TypeError; it reads as U+FFFD, the replacement character."""
+    TypeError; the gate reads it as U+FFFD, the replacement character. A request cannot carry it as JSON, so
+    ``LocalRouter`` refuses it before the gate, with the service's 400 (``moe route`` sends argv's as U+FFFD)."""
     local = LocalRouter.from_config(config)
-    half, replaced = (asyncio.run(local.route(f"pancakes {c} for breakfast")) for c in ("\ud83d", "\ufffd"))
+    half, replaced = (local.orchestrator.decide_sync(f"pancakes {c} for breakfast") for c in ("\ud83d", "\ufffd"))
+    with pytest.raises(RouterAPIError) as refused:
+        asyncio.run(local.route("pancakes \ud83d for breakfast"))
     asyncio.run(local.aclose())
     gc.collect()
     assert half.scores == pytest.approx(replaced.scores) and max(half.scores, key=half.scores.__getitem__) == "cooking"
+    assert (refused.value.status, refused.value.code) == (400, "invalid_json")
