@@ -21,14 +21,17 @@ names, importing it only when one of them is first asked for, so the two never i
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
 import logging
 import math
+import threading
 from collections import Counter
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -52,6 +55,7 @@ __all__ = [
     "fit_top_temperature",
     "nearest_similarity",
     "split_train_val",
+    "ticking",
     "train_gate",
     "training_data_sha256",
 ]
@@ -172,6 +176,29 @@ def training_data_sha256(texts: Sequence[str], labels: Sequence[str]) -> str:
     lines = sorted(json.dumps([label, text], ensure_ascii=False) for text, label in zip(texts, labels, strict=True))
     return hashlib.sha256("\n".join(lines).encode("utf-8")).hexdigest()
 
+@contextlib.contextmanager
+def ticking(bar: Any, every_s: float = 1.0) -> Iterator[None]:
+    """Redraw ``bar`` (a tqdm bar) every ``every_s`` seconds while the block runs, so a step that takes a while
+    (fitting 1,000 experts' classifier: half a minute) shows its time going by and its current postfix, not a
+    bar that looks stuck. Nothing for a disabled bar."""
+    if getattr(bar, "disable", True):
+        yield
+        return
+    done = threading.Event()
+
+    def redraw() -> None:
+        while not done.wait(every_s):
+            bar.refresh()
+
+    thread = threading.Thread(target=redraw, name="progress-redraw", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+
+
 def split_train_val(texts: Sequence[str], labels: Sequence[str], *, seed: int = 0,
                     val_fraction: float = 0.15, pinned: Collection[str] = ()) -> tuple[np.ndarray, np.ndarray]:
     """Indices (train, val), stratified per label and decided by a seeded hash of the text.
@@ -261,12 +288,16 @@ def train_gate(texts: Sequence[str], labels: Sequence[str], encoder: Encoder, *,
     cross_validate = len(np.unique(y[val])) < 2 or len(val) < min_held_out
     served = np.arange(len(texts)) if cross_validate and refit else train
     unfitted = copy.deepcopy(classifier) if cross_validate else None  # a fresh one per fold
-    with tqdm(total=2, desc=f"training gate ({classifier.kind})", unit="step", disable=not progress) as bar:
+    with tqdm(total=2, desc=f"training gate ({classifier.kind})", unit="step", disable=not progress) as bar, \
+            ticking(bar):
+        bar.set_postfix_str(f"fitting on {len(served):,} examples")
         classifier.fit(queries.subset(served), y[served], len(trained))
         bar.update()
         if unfitted is not None:
-            scored = _cross_validated(unfitted, queries, y, len(trained), seed=seed)
+            scored = _cross_validated(unfitted, queries, y, len(trained), seed=seed,
+                                      on_fold=lambda f, k: bar.set_postfix_str(f"cross-validating, fold {f} of {k}"))
         else:
+            bar.set_postfix_str(f"calibrating on {len(val):,} held-out queries")
             scored = _Scored(classifier.predict_logits(queries.subset(val)), y[val],
                              nearest_similarity(x[train], x[val]), "held-out")
         scored = _usable(scored, trained)
@@ -316,15 +347,19 @@ def cross_validation_folds(texts: Sequence[str], labels: Sequence[str], *, seed:
     return np.array([fold_of[t] for t in texts], dtype=np.int64)
 
 def _cross_validated(unfitted: Classifier, queries: Queries, y: np.ndarray, n_classes: int, *,
-                     seed: int) -> _Scored:
+                     seed: int, on_fold: Callable[[int, int], None] | None = None) -> _Scored:
     """Every example scored by a copy of ``unfitted`` fitted on the other folds, with its cosine to their
     examples. An example is left out when its expert has no example in the other folds (it has one alone):
-    the classifier would never have seen its expert, unlike every query it serves."""
+    the classifier would never have seen its expert, unlike every query it serves. ``on_fold(i, k)`` is told as
+    the i-th of the k folds starts."""
     fold = cross_validation_folds(queries.texts, [str(c) for c in y], seed=seed)
     rows: list[np.ndarray] = []
     logits: list[np.ndarray] = []
     similarity: list[np.ndarray] = []
-    for f in np.unique(fold):
+    folds = np.unique(fold)
+    for i, f in enumerate(folds):
+        if on_fold is not None:
+            on_fold(i + 1, len(folds))
         rest = np.flatnonzero(fold != f)
         present = np.unique(y[rest])
         held = np.flatnonzero((fold == f) & np.isin(y, present))

@@ -458,3 +458,30 @@ def test_an_expert_with_few_examples_is_not_outvoted_for_that_alone(
         recall[balance] = float((chosen[others] == y[others]).mean())
     assert recall["none"] < 0.8 < recall["prior"], recall
     assert recall["prior"] - recall["none"] > 0.1, recall
+
+
+def test_a_long_training_step_shows_its_time_going_by_and_what_it_is_doing(capsys: pytest.CaptureFixture[str]) -> None:
+    """Fitting a thousand experts' classifier takes half a minute in one step: the bar is redrawn every second
+    with what it is doing, not left looking stuck at 0/2."""
+    import time
+
+    from router.classifiers import LogisticClassifier
+    from router.gate_train import ticking, train_gate
+
+    class _SlowFit(LogisticClassifier):
+        """A test double: the logistic classifier, 2.5 s slower to fit."""
+
+        def fit(self, queries: Any, y: np.ndarray, n_classes: int) -> None:
+            time.sleep(2.5)
+            super().fit(queries, y, n_classes)
+
+    texts = [f"{topic} question {i}" for topic in ("maths", "cooking") for i in range(170)]
+    labels = [t.split()[0] for t in texts]
+    capsys.readouterr()
+    train_gate(texts, labels, FakeHashingEncoder(), experts=["maths", "cooking"], classifier=_SlowFit(), progress=True)
+    drawn = capsys.readouterr().err.split("\r")
+    fitting = [line for line in drawn if "training gate (logistic)" in line and "fitting on 290 examples" in line]
+    assert len(fitting) >= 3  # drawn as it starts, then each second of the 2.5 s
+    assert any("calibrating on 50 held-out queries" in line for line in drawn)
+    with ticking(object()):  # a bar that says nothing of being disabled: left alone
+        pass
