@@ -136,16 +136,30 @@ def files_read() -> Iterator[set[str]]:
 
 def data_digests(paths: Iterable[str | Path], roots: Iterable[str | Path]) -> dict[str, str]:
     """The SHA-256 of each of ``paths`` that is a file under one of ``roots``, sorted by name: its path relative
-    to that root, or the root as given where the root is the file itself. The data a result was computed from."""
-    from router.encoders import sha256_file
+    to that root, or the root as given where the root is the file itself. The data a result was computed from.
 
-    # By real paths: a data folder reached through a link (../shared) names the files a cached store read as
-    # their real paths, and the files opened as the link's.
-    given = {Path(os.path.realpath(r)): str(r) for r in roots}
+    A path is matched as it was opened first, and by its real path only where that fails: a data folder reached
+    through a link (``../shared``) has a cached store name its files by their real paths, while a data file that
+    is itself a link out of the folder (a DVC or git-annex checkout) is named where it was opened."""
+    from router.files import sha256_file
+
+    given = [str(r) for r in roots]
+    as_opened = [(Path(os.path.abspath(r)), r) for r in given]
+    as_real = [(Path(os.path.realpath(r)), r) for r in given]
     out: dict[str, str] = {}
-    for path in {Path(os.path.realpath(p)) for p in paths}:
-        root = next((r for r in given if path == r or path.is_relative_to(r)), None)
-        if root is None or not path.is_file():
-            continue
-        out[given[root] if path == root else path.relative_to(root).as_posix()] = sha256_file(path)
+    for path in {os.path.abspath(p) for p in paths}:
+        name = _name_under(Path(path), as_opened) or _name_under(Path(os.path.realpath(path)), as_real)
+        if name is not None and os.path.isfile(path):
+            out[name] = sha256_file(path)
     return dict(sorted(out.items()))
+
+
+def _name_under(path: Path, roots: Sequence[tuple[Path, str]]) -> str | None:
+    """``path`` relative to the first of ``roots`` (each ``(path, as given)``) it lies under, or that root as
+    given where the root is ``path`` itself; None where it lies under none."""
+    for root, given in roots:
+        if path == root:
+            return given
+        if path.is_relative_to(root):
+            return path.relative_to(root).as_posix()
+    return None

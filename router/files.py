@@ -120,10 +120,10 @@ def staged(directory: str | Path) -> Iterator[Path]:
     stage = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{owner_tag()}", dir=target))
     try:
         yield stage
+        _seal(stage, target)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
-    _seal(stage, target)
     _publish(stage, target)
     shutil.rmtree(stage, ignore_errors=True)
 
@@ -140,7 +140,11 @@ def recover(directory: str | Path) -> None:
     try:
         left = [old for old in target.glob(f"{STAGING_PREFIX}*") if old.is_dir() and (
             abandoned(old, STAGING_PREFIX, _STALE_S, here) or _sealed_for(old) > _SEALED_GRACE_S)]
-        for old in sorted(left, key=lambda stage: -_sealed_for(stage)):  # the earliest sealed first
+    except OSError as exc:
+        log.warning("%s: cannot look for what killed runs left there (%s)", target, exc)
+        return
+    for old in sorted(left, key=lambda stage: -_sealed_for(stage)):  # the earliest sealed first
+        try:
             why_not = _may_finish(old, target)
             if why_not is None:
                 _publish(old, target)
@@ -150,9 +154,11 @@ def recover(directory: str | Path) -> None:
                 log.warning("%s: removed %s, which a run killed part-way through publishing it left, unpublished: "
                             "%s", target, old.name, why_not)
             shutil.rmtree(old, ignore_errors=True)
-    except OSError as exc:
-        log.warning("%s: cannot finish or remove what killed runs left there (%s); a process that may write the "
-                    "folder will", target, exc)
+        except OSError as exc:
+            hint = "; a process that may write the folder will finish it" if isinstance(exc, PermissionError) else \
+                f"; remove {old.name} and train again"
+            log.warning("%s: cannot finish publishing %s, which a run killed part-way through it left (%s)%s",
+                        target, old.name, exc, hint)
 
 
 def _seal(stage: Path, target: Path) -> None:
@@ -193,11 +199,18 @@ def _sealed_for(stage: Path) -> float:
 
 
 def _digest(path: Path) -> str | None:
-    """``path``'s sha256, or None where there is no such file."""
+    """``path``'s sha256, or None where there is no such file. One this process may not read (another user's
+    manifest, which a rename may still replace) stands as its inode, size and time instead."""
     try:
         return sha256_file(path)
     except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
         return None
+    except PermissionError:
+        try:
+            info = path.stat()
+        except OSError:
+            return None
+        return f"unreadable:{info.st_ino}:{info.st_size}:{info.st_mtime_ns}"
 
 
 def sha256_file(path: str | Path) -> str:

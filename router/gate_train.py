@@ -317,7 +317,9 @@ def train_gate(texts: Sequence[str], labels: Sequence[str], encoder: Encoder, *,
                             cold_start_offsets=None if claims is None
                             else {trained[i]: float(o) for i, o in enumerate(offsets) if o > 0},
                             ood_threshold=ood_threshold, ood_reference=ood_reference)
-    return Gate(encoder, experts, classifier, temperature, metadata, (x, texts, list(labels)))
+    gate = Gate(encoder, experts, classifier, temperature, metadata, (x, texts, list(labels)))
+    gate.pinned_texts = frozenset(pinned) & set(texts)  # saved with it: a cascade fitted again holds out the same
+    return gate
 
 @dataclass(frozen=True)
 class _Scored:

@@ -144,7 +144,7 @@ def _as_json(value: Any) -> Any:
     from pydantic import BaseModel
 
     if isinstance(value, BaseModel):
-        return value.model_dump(mode="json", exclude_unset=True)
+        return value.model_dump(mode="json", by_alias=True, exclude_unset=True)  # its wire form, as openai's
     if isinstance(value, Mapping):
         return dict(value)
     item = getattr(value, "item", None)  # a numpy scalar: its Python number, bool or string

@@ -453,7 +453,7 @@ def test_the_cascade_is_fitted_on_the_queries_its_stages_held_out_feedback_pinne
     assert CascadeGate.train(full, fast, texts, labels, agreement=0.9, pinned=pinned).fit.n_val == held_out
     cascade = CascadeGate.train(full, fast, texts, labels, agreement=0.9)
     assert cascade.fit.n_val != held_out  # unpinned, the split differs: what moe train used to fit on
-    full.pinned_texts = fast.pinned_texts = pinned  # as moe train records them (``_record_feedback``)
+    assert full.pinned_texts == fast.pinned_texts == pinned  # train_gate keeps them, and the artifact with it
     CascadeGate.train(full, fast, texts, labels, agreement=0.9, pinned=pinned).save(tmp_path / "gate")
     loaded = CascadeGate.load(tmp_path / "gate", FakeCountingEncoder(), full_encoder)
     assert loaded.full.pinned_texts == pinned

@@ -271,3 +271,32 @@ def test_a_sealed_stage_of_another_host_is_finished_after_a_minute(tmp_path: Pat
     files.recover(tmp_path / "gate")
     assert not elsewhere.exists() and writing.exists()
     assert np.allclose(_probe(Gate.load(tmp_path / "gate", FakeHashingEncoder())), _probe(_gate(" please")))
+
+
+def test_a_manifest_this_process_may_not_read_is_still_replaced(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """A rename needs only the folder's write permission: another user's gate.json (mode 0600) is replaced as it
+    was before seals hashed it, and the seal stands it in by its inode, size and time."""
+    (tmp_path / "gate.json").write_text("theirs")
+    real = files.sha256_file
+
+    def unreadable(path: str | Path) -> str:
+        if Path(path) == tmp_path / "gate.json":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path)
+
+    monkeypatch.setattr(files, "sha256_file", unreadable)
+    with staged(tmp_path) as stage:
+        (stage / "gate.json").write_text("ours")
+    assert (tmp_path / "gate.json").read_text() == "ours"
+    assert not list(tmp_path.glob(f"{STAGING_PREFIX}*"))
+
+
+def test_a_seal_that_cannot_be_written_leaves_no_stage(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def full(stage: Path, target: Path) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(files, "_seal", full)
+    with pytest.raises(OSError, match="No space left"), staged(tmp_path) as stage:
+        (stage / "gate.json").write_text("new")
+    assert not list(tmp_path.glob(f"{STAGING_PREFIX}*")) and not (tmp_path / "gate.json").exists()

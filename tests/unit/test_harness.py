@@ -549,3 +549,8 @@ def test_data_read_through_a_link_is_named_under_the_folder_given(tmp_path: Path
     (tmp_path / "link").symlink_to(tmp_path / "real")
     read = [str(tmp_path / "link" / "a.csv"), str(tmp_path / "real" / "a.csv")]  # opened, and named by a store
     assert list(data_digests(read, [tmp_path / "link"])) == ["a.csv"]
+    # A data file that is itself a link out of the folder (a DVC or git-annex checkout) is named where it was opened.
+    (tmp_path / "store").mkdir()
+    (tmp_path / "store" / "blob").write_text("b\n")
+    (tmp_path / "real" / "b.csv").symlink_to(tmp_path / "store" / "blob")
+    assert list(data_digests([str(tmp_path / "link" / "b.csv")], [tmp_path / "link"])) == ["b.csv"]

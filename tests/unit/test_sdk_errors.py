@@ -199,6 +199,14 @@ async def test_local_router_reads_its_arguments_as_the_service_reads_json(tmp_pa
     answer = await local.chat([ChatMessage(role="user", content="hi")], temperature=np.float32(0.5))
     assert answer.expert == "math" and experts["math"].requests[-1].temperature == 0.5
     await local.chat([MappingProxyType({"role": "user", "content": "hi"})])  # type: ignore[list-item]
+    # A model is taken in its wire form, by its aliases, as the openai SDK sends it: a JSON schema's "schema".
+    from openai.types.shared.response_format_json_schema import JSONSchema, ResponseFormatJSONSchema
+
+    shaped = ResponseFormatJSONSchema(type="json_schema",
+                                      json_schema=JSONSchema(name="answer", schema={"type": "object"}))
+    await local.chat("hi", response_format=shaped)
+    sent = experts["math"].requests[-1].model_dump(exclude_none=True)["response_format"]["json_schema"]
+    assert sent == {"name": "answer", "schema": {"type": "object"}}
     saved = await local.feedback(request_id=answer.id, score=np.float32(0.5))
     assert saved.score == 0.5
     for depth in (129, 5000):
