@@ -114,6 +114,15 @@ def _finite(literal: str) -> float:
     return value
 
 
+# What a body nested past MAX_JSON_DEPTH is told: by the JSON reader's recursion limit, or by the walk after it.
+_TOO_DEEP = f"request body is nested too deeply (arrays and objects may nest at most {MAX_JSON_DEPTH} levels)"
+_DEEPER = f"request body is nested more than {MAX_JSON_DEPTH} levels deep (arrays and objects)"
+
+
+def _invalid_json(message: str) -> RequestProblem:
+    return RequestProblem(400, message, "invalid_request_error", "invalid_json")
+
+
 def json_body(value: Any) -> Any:
     """``value``, a request body built in process (``LocalRouter``), as the service would read it from JSON: what
     JSON carries as it is, a pydantic model (a ``ChatMessage``) as the fields it was given, a numpy number as its
@@ -126,14 +135,11 @@ def json_body(value: Any) -> Any:
         text.encode("utf-8")
         read = json.loads(text)
     except RecursionError:
-        raise RequestProblem(400, f"request body is nested too deeply (arrays and objects may nest at most "
-                                  f"{MAX_JSON_DEPTH} levels)", "invalid_request_error", "invalid_json") from None
+        raise _invalid_json(_TOO_DEEP) from None
     except (ValueError, TypeError) as exc:  # UnicodeEncodeError is a ValueError
-        raise RequestProblem(400, f"request body is not valid JSON: {exc}", "invalid_request_error",
-                             "invalid_json") from None
+        raise _invalid_json(f"request body is not valid JSON: {exc}") from None
     if json_depth(read) > MAX_JSON_DEPTH:
-        raise RequestProblem(400, f"request body is nested more than {MAX_JSON_DEPTH} levels deep (arrays and "
-                                  "objects)", "invalid_request_error", "invalid_json")
+        raise _invalid_json(_DEEPER)
     return read
 
 
@@ -176,15 +182,12 @@ def parse_json(raw: bytes) -> Any:
                                   "(readers differ on which one counts: a proxy checking the first would pass what "
                                   "the router reads from the last)", "invalid_request_error", "invalid_json") from None
     except RecursionError:
-        raise RequestProblem(400, f"request body is nested too deeply (arrays and objects may nest at most "
-                                  f"{MAX_JSON_DEPTH} levels)", "invalid_request_error", "invalid_json") from None
+        raise _invalid_json(_TOO_DEEP) from None
     except (ValueError, UnicodeDecodeError) as exc:  # UnicodeEncodeError is a ValueError
-        raise RequestProblem(400, f"request body is not valid JSON: {exc}", "invalid_request_error",
-                           "invalid_json") from None
+        raise _invalid_json(f"request body is not valid JSON: {exc}") from None
     # Only a body with more brackets than the bar can nest past it, so most bodies skip the walk.
     if raw.count(b"[") + raw.count(b"{") > MAX_JSON_DEPTH and json_depth(value) > MAX_JSON_DEPTH:
-        raise RequestProblem(400, f"request body is nested more than {MAX_JSON_DEPTH} levels deep (arrays and "
-                                  "objects)", "invalid_request_error", "invalid_json")
+        raise _invalid_json(_DEEPER)
     return value
 
 
