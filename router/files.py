@@ -116,11 +116,16 @@ def staged(directory: str | Path) -> Iterator[Path]:
     alone."""
     target = Path(directory)
     target.mkdir(parents=True, exist_ok=True)
-    recover(target)
+    # A stage inside another run's stage (a gate saved into the artifact moe train stages) publishes into that
+    # stage, which is sealed, then finished or removed, whole: it needs neither a recovery nor a seal of its own.
+    inner = _in_staging(target)
+    if not inner:
+        recover(target)
     stage = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{owner_tag()}", dir=target))
     try:
         yield stage
-        _seal(stage, target)
+        if not inner:
+            _seal(stage, target)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise

@@ -300,3 +300,21 @@ def test_a_seal_that_cannot_be_written_leaves_no_stage(tmp_path: Path, monkeypat
     with pytest.raises(OSError, match="No space left"), staged(tmp_path) as stage:
         (stage / "gate.json").write_text("new")
     assert not list(tmp_path.glob(f"{STAGING_PREFIX}*")) and not (tmp_path / "gate.json").exists()
+
+
+def test_a_gate_saved_inside_another_stage_is_sealed_once_with_it(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """moe train saves its gate into the stage of the whole artifact: only that outer stage is sealed (its files
+    hashed), not the gate's own stage inside it, which the outer one's seal already covers."""
+    sealed: list[Path] = []
+    real = files._seal
+
+    def counted(stage: Path, target: Path) -> None:
+        sealed.append(target)
+        real(stage, target)
+
+    monkeypatch.setattr(files, "_seal", counted)
+    with staged(tmp_path / "gate") as stage:
+        _gate().save(stage)
+    assert sealed == [tmp_path / "gate"]
+    assert np.allclose(_probe(Gate.load(tmp_path / "gate", FakeHashingEncoder())), _probe(_gate()))
