@@ -35,7 +35,7 @@ from eval.datasets import (
 from eval.peer import write_split
 from eval.report import plot_confusion, plot_familiar_sweep, plot_reliability
 from eval.suite import PREDICTIONS, SuiteContext, subsample
-from router.config import name_list
+from router.config.checks import name_list
 from router.gate import conflicting_labels, respelled, spelled_alike, text_key
 
 __all__ = ["evaluate_labels", "run_banking77_intent", "run_clinc150_domain", "run_jsonl",

@@ -16,7 +16,8 @@ from experts.base import Expert, ExpertContext
 from experts.errors import ExpertConfigError
 from experts.registry import build_expert
 from router.breaker import Breakers
-from router.config import CascadeConfig, ExpertConfig, GateConfig, RouterConfig, name_list
+from router.config import CascadeConfig, ExpertConfig, GateConfig, RouterConfig
+from router.config.checks import name_list
 from router.expert_types import EXPERT_TYPES
 from router.orchestrator import Orchestrator
 

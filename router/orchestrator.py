@@ -79,7 +79,8 @@ from router.combine import (
     answer_embeddings,
     build_combiner,
 )
-from router.config import ROUTED_MODEL, RouterConfig
+from router.config import RouterConfig
+from router.config.schema import ROUTED_MODEL
 from router.decide import Decider, GateLike, NoCapableExpert, blocking_capabilities, needed_capabilities
 from router.dispatch import Capacity, Dispatcher, StreamOutcome, StreamPiece, skipped
 from router.errors import error_body

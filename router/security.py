@@ -24,7 +24,8 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from experts.redact import redact  # re-exported: the service and the state stores use it from here
-from router.config import RateLimitConfig, SecurityConfig, looks_like_secret, variable_state
+from router.config import RateLimitConfig, SecurityConfig
+from router.config.checks import looks_like_secret, variable_state
 from router.errors import retry_after_header
 
 __all__ = [

@@ -53,7 +53,8 @@ from typing import TYPE_CHECKING, Any, Literal
 from experts.types import is_blank
 from router.cascade import CascadeGate, forget_cascade
 from router.classifiers import build_classifier
-from router.config import RouterConfig, name_list
+from router.config import RouterConfig
+from router.config.checks import name_list
 from router.encoders import build_encoder
 from router.feedback import FeedbackRecord, load_feedback
 from router.files import staged

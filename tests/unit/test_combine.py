@@ -29,7 +29,8 @@ from router.combine import (
     extract_short,
     pooled,
 )
-from router.config import CombinerConfig, Extractor
+from router.config import CombinerConfig
+from router.config.schema import Extractor
 
 
 @pytest.mark.parametrize(

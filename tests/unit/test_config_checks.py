@@ -307,7 +307,7 @@ def test_an_ordinary_unset_variable_is_named(name: str, monkeypatch: pytest.Monk
 
 
 def test_a_secret_looking_name_that_is_set_is_a_name() -> None:
-    from router.config import looks_like_secret, variable_state
+    from router.config.checks import looks_like_secret, variable_state
 
     name = PASTED_NAMES[0]
     assert looks_like_secret(name)
@@ -557,10 +557,10 @@ def test_a_sequence_as_a_key_is_refused_naming_the_file_and_line(tmp_path: Path)
 def test_a_pydantic_error_whose_place_starts_with_an_index_is_named() -> None:
     from pydantic import ValidationError
 
-    from router.config import _pydantic_problems
+    from router.config.checks import pydantic_problems
 
     exc = ValidationError.from_exception_data("RouterConfig", [{"type": "missing", "loc": (3, "name"), "input": {}}])
-    assert _pydantic_problems(exc, {}) == [("3.name", "Field required")]
+    assert pydantic_problems(exc, {}) == [("3.name", "Field required")]
 
 
 @pytest.mark.parametrize(("section", "key"), [
@@ -747,9 +747,9 @@ def test_a_number_too_long_to_read_is_refused_with_its_place(tmp_path: Path) -> 
 def test_reading_a_config_stops_at_its_size_limit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A device that never ends (/dev/zero) or a file far too large is refused after the limit is read, not read
     without end."""
-    import router.config
+    import router.config.load
 
-    monkeypatch.setattr(router.config, "MAX_CONFIG_BYTES", 2**20)
+    monkeypatch.setattr(router.config.load, "MAX_CONFIG_BYTES", 2**20)
     big = tmp_path / "big.yaml"
     big.write_text("version: 1\n# " + "x" * 2**20 + "\nexperts: []\n")
     for path in (big, Path("/dev/zero")):
