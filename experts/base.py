@@ -112,7 +112,10 @@ class Expert(ABC):
     async def stream(self, request: ChatRequest) -> AsyncIterator[StreamDelta]:
         """Yield the answer in pieces. The default yields the whole answer as one piece."""
         reply = await self.generate(request)
-        yield StreamDelta(content=reply.content, tool_calls=reply.tool_calls, logprobs=reply.logprobs,
+        # A reply's tool calls are in a message's form; a stream's are deltas, each with its place in the message
+        # (``index``), by which OpenAI's clients put the pieces of a call together.
+        calls = [{"index": i, **call} for i, call in enumerate(reply.tool_calls)] if reply.tool_calls else None
+        yield StreamDelta(content=reply.content, tool_calls=calls, logprobs=reply.logprobs,
                           refusal=reply.refusal or "", reasoning_content=reply.reasoning_content or "")
         yield StreamDelta(finish_reason=reply.finish_reason, usage=reply.usage, cost_usd=reply.cost_usd,
                           usage_estimated=reply.usage_estimated)
