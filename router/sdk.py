@@ -627,6 +627,11 @@ class AsyncClient(_Protocol):
     def __init__(self, base_url: str = "http://127.0.0.1:8000", *, api_key: str | None = None,
                  timeout: Timeout = 120.0, transport: httpx.AsyncBaseTransport | None = None,
                  headers: Mapping[str, str] | None = None) -> None:
+        if isinstance(transport, httpx.BaseTransport) and not isinstance(transport, httpx.AsyncBaseTransport):
+            # As Client's check: httpx would fail on the first request, with an AttributeError.
+            raise TypeError(f"AsyncClient takes an async transport (httpx.AsyncBaseTransport, e.g. "
+                            f"httpx.MockTransport or httpx.ASGITransport), not {type(transport).__name__}, which is "
+                            "sync: use Client with it")
         super().__init__(base_url, api_key, timeout, headers)
 
         def build() -> httpx.AsyncClient:

@@ -10,8 +10,8 @@ import sys
 import pytest
 
 PUBLIC = {
-    "router": ["AsyncClient", "ChatResult", "Client", "ConfigError", "LocalRouter", "RouterAPIError", "RouterConfig",
-               "RouterConnectionError", "StreamChunk", "load_config"],
+    "router": ["AsyncClient", "ChatResult", "Client", "ConfigError", "FeedbackRecord", "LocalRouter", "RouterAPIError",
+               "RouterConfig", "RouterConnectionError", "StreamChunk", "load_config"],
     "router.sdk": ["AsyncClient", "ChatResult", "Client", "FeedbackRecord", "LocalRouter", "RouterAPIError",
                    "RouterConnectionError", "StreamChunk"],
     "router.config": ["ENV_REF", "ApiKeyConfig", "BreakerConfig", "CascadeConfig", "CombinerConfig", "ConfigError",
@@ -43,6 +43,15 @@ def test_the_public_names_are_pinned_and_resolve(module: str) -> None:
     assert sorted(imported.__all__) == sorted(PUBLIC[module])
     for name in imported.__all__:
         assert getattr(imported, name) is not None, name
+
+
+def test_the_package_root_holds_every_name_of_the_sdk() -> None:
+    """What a user of ``router.Client`` meets (``Client.feedback`` gives a ``FeedbackRecord``) is importable from
+    where ``Client`` is."""
+    import router
+    import router.sdk
+
+    assert set(router.sdk.__all__) <= set(router.__all__)
 
 
 def test_the_package_root_is_the_sdk_s_own_names_and_loads_them_only_when_asked() -> None:

@@ -503,6 +503,16 @@ def test_a_sync_client_refuses_an_async_transport_at_once() -> None:
         Client("http://router", transport=httpx.ASGITransport(app=app))  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("transport", [httpx.HTTPTransport(), httpx.WSGITransport(app=lambda env, start: [])])
+def test_an_async_client_refuses_a_sync_transport(transport: httpx.BaseTransport) -> None:
+    """The mirror of ``Client``'s check: a sync transport failed ``AsyncClient``'s first call with an
+    AttributeError (``handle_async_request``), and its close with another."""
+    with pytest.raises(TypeError, match=rf"AsyncClient takes an async transport .* not {type(transport).__name__}, "
+                                        "which is sync: use Client with it"):
+        AsyncClient("http://router", transport=transport)  # type: ignore[arg-type]
+    transport.close()
+
+
 async def test_a_closed_local_router_says_so(tmp_path: Path) -> None:
     """After ``aclose`` (or its ``async with``), every call and a second ``async with`` raise a RuntimeError
     saying it is closed, not the feedback store's sqlite3 error."""
