@@ -19,6 +19,7 @@ from pydantic import (
 )
 
 from router.config.schema import (
+    CROSS_CHECK,
     ENV_NAME_PATTERN,
     HTTP_URL_PATTERN,
     NAME_PATTERN,
@@ -50,6 +51,17 @@ def name_list(names: Sequence[str], limit: int = 20) -> str:
 def _expert_label(raw: Any, index: int) -> str:
     name = raw.get("name") if isinstance(raw, dict) else None
     return f"experts[{index}]" + (f" ({name})" if isinstance(name, str) and name else "")
+
+
+def _whole(value: Any) -> int | None:
+    """A count as the schema reads it (``"3"``, as a ``${VAR}`` gives it, and ``3.0`` are 3); None for a value it
+    refuses (a boolean, 2.5, text), which pydantic names."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return int(TypeAdapter(int).validate_python(value))
+    except ValidationError:
+        return None
 
 
 def _routed(value: Any) -> bool:
@@ -105,7 +117,8 @@ def cross_problems(raw: Any, *, check_env: bool, base_dir: str | Path | None = N
     yield from _combiner_problems(raw.get("combiner"), names)
     top_k: dict[str, Any] = gate["top_k"] if isinstance(gate.get("top_k"), dict) else {}
     fallback: dict[str, Any] = raw["fallback"] if isinstance(raw.get("fallback"), dict) else {}
-    k, attempts = top_k.get("k"), fallback.get("max_attempts", FallbackConfig.model_fields["max_attempts"].default)
+    k = _whole(top_k.get("k"))
+    attempts = _whole(fallback.get("max_attempts", FallbackConfig.model_fields["max_attempts"].default))
     # A fixed panel of k is filled from the config's experts alone (a nested router is one expert, and cold
     # start scores only configured experts), so more than there are would silently serve a smaller panel. The
     # other policies size the panel themselves, and k only caps it.
@@ -113,12 +126,12 @@ def cross_problems(raw: Any, *, check_env: bool, base_dir: str | Path | None = N
     if experts and not routed:
         yield "experts", ("every expert has routed: false, so the gate has none to route to; leave routed at its "
                           "default (true) for the experts it should choose among")
-    if isinstance(k, int) and top_k.get("policy", "fixed") == "fixed" and routed and k > len(routed):
+    if k is not None and top_k.get("policy", "fixed") == "fixed" and routed and k > len(routed):
         which = ("expert(s) defined" if len(routed) == len(experts)
                  else "routed expert(s) defined (routed: false ones are never on a panel)")
         yield "gate.top_k.k", (f"{k} is more than the {len(routed)} {which}: a fixed panel of {k} can never be "
                                f"filled; lower k to at most {len(routed)}")
-    if isinstance(k, int) and isinstance(attempts, int) and k > attempts:
+    if k is not None and attempts is not None and k > attempts:
         yield "fallback.max_attempts", (f"{attempts} is below gate.top_k.k ({k}): the panel alone calls {k} "
                                         "experts, and max_attempts counts every expert tried, the panel included; "
                                         f"raise max_attempts to at least {k} or lower k")
@@ -451,8 +464,8 @@ def pydantic_problems(exc: ValidationError, raw: Any) -> list[tuple[str, str]]:
             msg = _not_text(err["input"]) or msg
         if err["type"] == "string_pattern_mismatch" and (err.get("ctx") or {}).get("pattern") == NAME_PATTERN:
             msg = _name_problem(str(err["input"]))
-        if err["type"] == "value_error" and not parts:
-            continue  # the cross-check validator; its problems are reported one by one below
+        if err["type"] == CROSS_CHECK:
+            continue  # the schema's cross-check: the loader reports its problems one by one
         problems.append((".".join(parts) or "<root>", msg))
     return problems
 

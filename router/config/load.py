@@ -19,7 +19,7 @@ from pydantic import (
 )
 
 from router.config.checks import LOADING, cross_problems, labelled, pydantic_problems
-from router.config.schema import ConfigError, RouterConfig
+from router.config.schema import CROSS_CHECK, ConfigError, RouterConfig
 
 # ``${VAR}`` or ``${VAR:-default}``; ``$${VAR}`` is the escape for a literal ``${VAR}``.
 ENV_REF = re.compile(r"(\$?)\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
@@ -184,10 +184,16 @@ def parse_config(raw: Any, *, source: str = "<config>", base_dir: str | Path = "
     _map_expandable(raw, note_empty)
     reported = frozenset(labelled(path, raw) for path in blanked & emptied) if require_vars else frozenset()
     config: RouterConfig | None = None
+    # What the schema's own cross-check found in the values as it read them, where the file's were of other types
+    # (YAML's !!binary bytes for a name): reported where the checks of the file as written found nothing.
+    checked: list[tuple[str, str]] = []
     try:
-        config = RouterConfig.model_validate({**raw, "base_dir": str(base_dir)}, context={"blanked": blanked})
+        config = RouterConfig.model_validate({**raw, "base_dir": str(base_dir)},
+                                             context={"blanked": blanked, "quiet": frozenset(given)})
     except ValidationError as exc:
         problems.extend(pydantic_problems(exc, raw))
+        checked = [(path, m) for err in exc.errors() if err["type"] == CROSS_CHECK
+                   for path, m in (err.get("ctx") or {})["problems"]]
     cross = list(cross_problems(raw, check_env=check_env, base_dir=base_dir, blanked=blanked,
                                  quiet=frozenset(given)))
     # pydantic's "should match pattern" says less than a cross-check of the same field (a ${...} reference where
@@ -198,8 +204,8 @@ def parse_config(raw: Any, *, source: str = "<config>", base_dir: str | Path = "
     problems.extend(p for p in cross if p not in problems)
     problems = [(path, m) for path, m in problems if path not in reported or m.startswith("environment variable ")]
     if problems or config is None:
-        raise ConfigError(source, [(_unechoed(path, found), _unechoed(m, found)) for path, m in problems] or
-                          [("<root>", "invalid config")])
+        raise ConfigError(source, [(_unechoed(path, found), _unechoed(m, found)) for path, m in problems or checked]
+                          or [("<root>", "invalid config")])
     return config
 
 

@@ -635,6 +635,10 @@ class FeedbackConfig(_Strict):
     remember_s: float | None = Field(default=None, gt=0, le=365 * 86400)
 
 
+# The type of the error ``RouterConfig``'s cross-check raises, whose context holds its ``problems``.
+CROSS_CHECK = "cross_check"
+
+
 class RouterConfig(_Strict):
     version: Literal[1]
     service: ServiceConfig = ServiceConfig()
@@ -660,9 +664,14 @@ class RouterConfig(_Strict):
         blanked = (info.context or {}).get("blanked", frozenset())
         from router.config.checks import cross_problems  # here: the checks module imports this one
 
-        problems = list(cross_problems(self.model_dump(exclude={"base_dir"}), check_env=False, blanked=blanked))
+        quiet = (info.context or {}).get("quiet", frozenset())
+        problems = list(cross_problems(self.model_dump(exclude={"base_dir"}), check_env=False, blanked=blanked,
+                                       quiet=quiet))
         if problems:
-            raise ValueError("; ".join(f"{p}: {m}" for p, m in problems))
+            # The problems travel in the error's context too: the loader reports them one by one, each under its
+            # path, beside those its own cross-check of the file as written found (``router.config.load``).
+            raise PydanticCustomError(CROSS_CHECK, "{summary}", {
+                "summary": "; ".join(f"{p}: {m}" for p, m in problems), "problems": problems})
         return self
 
     def expert(self, name: str) -> ExpertConfig:

@@ -855,3 +855,34 @@ def test_an_unset_variable_leaves_the_rest_of_a_partly_written_value_checked(mon
     [(unset_path, unset), (path, rest)] = info.value.problems
     assert unset_path == path == "experts[0] (alpha).endpoint"
     assert "MOE_T_HOST is not set" in unset and "has a query string" in rest and "ends in /chat/completions" in rest
+
+
+@pytest.mark.parametrize("k", ["3", 3.0, "${PANEL_K}"])
+@pytest.mark.parametrize("other_problem", [False, True])
+def test_a_count_written_as_text_or_a_float_is_cross_checked_as_the_number_it_is(
+        k: object, other_problem: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The schema reads "3" (quoted, or a ${VAR}'s value) and 3.0 as 3; so does the cross-check. It read them as
+    no number at all, and the schema's own cross-check, which found the problem, was reported as a bare
+    "<root>: invalid config" (or not at all beside another problem)."""
+    monkeypatch.setenv("PANEL_K", "3")
+    raw: dict[str, object] = {"version": 1, "experts": [expert(name="a"), expert(name="b")],
+                              "gate": {"top_k": {"k": k}}, "fallback": {"max_attempts": 3.0}}
+    if other_problem:
+        raw["service"] = {"port": "nope"}
+    found = problems(raw)
+    assert found["gate.top_k.k"] == ("3 is more than the 2 expert(s) defined: a fixed panel of 3 can never be filled; "
+                                     "lower k to at most 2")
+    assert "<root>" not in found and ("service.port" in found) == other_problem
+
+
+def test_max_attempts_written_as_a_float_is_checked_against_k() -> None:
+    raw = {"version": 1, "experts": [expert(name="a"), expert(name="b")], "gate": {"top_k": {"k": 2}},
+           "fallback": {"max_attempts": 1.0}}
+    assert problems(raw)["fallback.max_attempts"].startswith("1 is below gate.top_k.k (2)")
+
+
+def test_what_only_the_schema_s_cross_check_sees_is_reported_under_its_path() -> None:
+    """A value the schema converts into one the cross-check refuses (YAML's !!binary bytes into a name) is found by
+    the schema's cross-check alone; it is reported there, not as "<root>: invalid config"."""
+    raw = {"version": 1, "experts": [expert(name="a"), expert(name="b")], "gate": {"default_expert": b"c"}}
+    assert problems(raw) == {"gate.default_expert": "references expert 'c', which is not defined"}
