@@ -276,8 +276,9 @@ def extract_number(text: str) -> str | None:
 
 
 _SHORT_PREFIX = re.compile(r"\A[\W_]*(?:the\s+)?(?:final\s+)?answer(?:\s+is\b|\s*:)")  # "the answer is", "answer:"
-# "Paris, because it is the capital ...": tried where a run of whitespace starts only (else quadratic in its length)
-_REASON = re.compile(r"[,;]?(?<!\s)\s+(?:because|since)\b.*\Z", re.DOTALL)
+# "Paris, because it is the capital ...", "Paris,because ...", "Paris (since 1789)": tried where a run of whitespace
+# starts, or at a comma, semicolon or parenthesis, only (tried at each space of a run, it was quadratic in its length)
+_REASON = re.compile(r"(?:[,;(]\s*|(?<!\s)\s+)(?:because|since)\b.*\Z", re.DOTALL)
 # Punctuation, a space in the answer's place, but a minus sign before a number is kept: "-3" is not "3"
 _PUNCTUATION = re.compile(r"(?P<minus>(?<![\w.])[-\u2212](?=\d))|[^\w\s]|_")
 
@@ -508,10 +509,10 @@ class Consensus(Combiner):
     """The answer closest (cosine) to the weight-averaged embedding of all answers.
 
     An answer agrees with the result when its cosine to the chosen answer is at least ``agree_at``. An
-    answer whose embedding is zero (nothing to embed) has cosine 0 to everything. The result maximises (its
-    closeness to the centroid, its weight), both rounded to ``PLACES`` places, and is the first in the list of
-    those that tie on both: over ``choice_embedding`` a letter's closeness is its tally, so this is ``Vote``'s
-    rule and both choose the same answer."""
+    answer whose embedding is zero (nothing to embed) has cosine 0 to everything, and is chosen only where every
+    answer's is. The result maximises (its closeness to the centroid, its weight), both rounded to ``PLACES``
+    places, and is the first in the list of those that tie on both: over ``choice_embedding`` a letter's closeness
+    is its tally, so this is ``Vote``'s rule and both choose the same answer."""
 
     name = "consensus"
 
@@ -540,8 +541,10 @@ class Consensus(Combiner):
         unit = np.divide(vectors, norms, out=np.zeros_like(vectors), where=norms > 0)
         centroid = np.array([a.weight for a in answers]) @ unit
         closeness = unit @ centroid
+        # An answer with something to embed comes before one with nothing (a zero row: over ``choice_embedding``,
+        # no letter), whose closeness, 0, a tally that rounds to 0 would tie; ``Vote`` counts no unreadable answer.
         best = max(range(len(answers)),  # the first of equals
-                   key=lambda i: _rounded((closeness[i], answers[i].weight)))
+                   key=lambda i: (bool(norms[i, 0] > 0), *_rounded((closeness[i], answers[i].weight))))
         agreement = unit @ unit[best]
         contributions = [Contribution(expert=a.expert, weight=a.weight,
                                       agreed=i == best or bool(agreement[i] >= self.agree_at))

@@ -223,12 +223,17 @@ def test_extract_number_reads_the_stated_number_canonically(text: str, number: s
         ("Paris, because it is the capital of France.", "paris"),
         ("Paris since the Middle Ages", "paris"),
         ("Since 1990", "since 1990"),
+        # However the reason is set off: no space after the comma, or in parentheses.
+        ("Paris,because it is the capital", "paris"),
+        ("Paris (since 1789)", "paris"),
+        ("Paris; since the Middle Ages", "paris"),
         ("this answer has far too many words to count as a short one", None),
         ("...", None),
     ],
 )
 def test_extract_short_folds_unicode_case_punctuation_and_the_answer_prefix(text: str, short: str | None) -> None:
     assert extract_short(text) == short
+    assert short is None or extract_short(short) == short  # what it gives, read again, is itself
 
 
 def test_top1_takes_the_heaviest_answer() -> None:
@@ -285,6 +290,12 @@ def _panel(*answers: tuple[str, float, str]) -> list[WeightedAnswer]:
         (_panel(("a", 0.25, "Answer: A"), ("b", 0.25, "Answer: B"), ("c", 0.25, "Answer: A"), ("d", 0.25, "Answer: B")),
          "Answer: A"),
         (_panel(("d", 0.4, "I am not sure."), ("b", 0.3, "Answer: D"), ("a", 0.3, "Answer: C")), "Answer: D"),
+        # A readable letter whose tally rounds to 0 still beats an answer with none (a panel member's weight may be
+        # 0: the gate's probability for it was).
+        (_panel(("big", 1.0, "I am not sure which option is right."), ("tiny", 1e-10, "The answer is (B).")),
+         "The answer is (B)."),
+        (_panel(("big", 1.0, "I am not sure which option is right."), ("zero", 0.0, "The answer is (B).")),
+         "The answer is (B)."),
     ],
 )
 def test_vote_ties_ignore_float_rounding_and_go_as_consensus_over_letters(answers: list[WeightedAnswer],
