@@ -121,7 +121,7 @@ def run_suite(name: str, data_dir: str | Path | None, out: str | Path, *, encode
     _check_out(Path(out))
     if isinstance(encoder, str):
         try:
-            cfg = EncoderConfig(backend=encoder, device=device)  # type: ignore[arg-type]  # pydantic validates both
+            cfg = EncoderConfig(backend=encoder, device=device)  # pydantic validates both
         except ValidationError as exc:
             reasons = "; ".join(e["msg"].removeprefix("Value error, ") for e in exc.errors())
             raise ValueError(f"--encoder {encoder} --device {device}: {reasons}") from None

@@ -386,8 +386,9 @@ def _parser(settings: Settings | None = None) -> argparse.ArgumentParser:
     p.add_argument("--out", default="out/eval", help="folder for results.json, report.md and figures (default: "
                    "out/eval, in the working folder)")
     p.add_argument("--data", default=None, help="the shared data folder (default: $MOE_DATA_DIR or ../shared/data)")
-    p.add_argument("--encoder", default="onnx", choices=sorted(ENCODER_BACKENDS),
-                   help="encoder backend (default: onnx; static is the fast distilled table)")
+    p.add_argument("--encoder", default="onnx", type=encoder_backend,
+                   help=f"encoder backend: {', '.join(sorted(ENCODER_BACKENDS))}, or an installed package's (default: "
+                   "onnx; static is the fast distilled table)")
     p.add_argument("--device", default="cpu", help="sentence-transformers only: the torch device to embed on "
                    "(cpu, cuda, cuda:N, mps; default cpu)")
     p.add_argument("--seed", type=seed_number, default=0, help="the seed of the suite's split, the gate's "
@@ -425,6 +426,17 @@ def limit_count(raw: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {value}")
     return value
+
+
+def encoder_backend(raw: str) -> str:
+    """``--encoder`` for argparse: a built-in backend, or one an installed package's entry point adds (looked for
+    only when the name is not built in)."""
+    from experts.plugins import ENCODER_GROUP, installed
+
+    if raw not in ENCODER_BACKENDS and raw not in installed(ENCODER_GROUP):
+        known = ", ".join(sorted({*ENCODER_BACKENDS, *installed(ENCODER_GROUP)}))
+        raise argparse.ArgumentTypeError(f"unknown encoder backend {raw!r}; known: {known}")
+    return raw
 
 
 def seed_number(raw: str) -> int:

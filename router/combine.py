@@ -44,13 +44,15 @@ from decimal import Decimal
 import numpy as np
 
 from experts.errors import ExpertError
+from experts.plugins import COMBINER_GROUP, installed, load
 from experts.types import ChatMessage
 from router.trace import AttemptRole, Contribution
 from router.vote_weights import VoteWeights
 
 __all__ = ["COMBINERS", "EXTRACTORS", "PLACES", "TIE_BREAK", "Aggregate", "Combined", "Combiner", "CombinerSettings",
            "Consensus", "Escalate", "Extraction", "Fuse", "TopOne", "Vote", "WeightedAnswer", "build_combiner",
-           "choice_embedding", "extract_choice", "extract_number", "extract_short"]
+           "choice_embedding", "combiner_class", "extract_choice", "extract_number", "extract_short",
+           "known_combiners"]
 
 Embed = Callable[[Sequence[str]], np.ndarray]
 # The combiner's one model call, to its ``aggregator`` expert: with these messages (``fuse``'s prompt), or, given
@@ -781,10 +783,27 @@ class Escalate(Combiner):
 
 
 # Strategy name (``combiner.strategy`` in the config, the ``x-moe-combiner`` header) -> its class. Adding a strategy
-# is a ``Combiner`` subclass and one line here; ``router.config.CombinerConfig.strategy`` lists the same names
-# (a test holds the two equal).
+# is a ``Combiner`` subclass and one line here; ``router.config.schema.STRATEGIES`` lists the same names (a test
+# holds the two equal). An installed package adds one through an entry point (``experts.plugins.COMBINER_GROUP``).
 COMBINERS: dict[str, type[Combiner]] = {"top1": TopOne, "vote": Vote, "consensus": Consensus, "fuse": Fuse,
                                         "escalate": Escalate}
+
+
+def known_combiners() -> list[str]:
+    """Every strategy a config or a request may name: ``COMBINERS``' and the installed packages' entry points'."""
+    return sorted({*COMBINERS, *installed(COMBINER_GROUP)})
+
+
+def combiner_class(strategy: str) -> type[Combiner]:
+    """The class of ``strategy``: ``COMBINERS``', else the one an installed package's entry point names. Raises
+    ``ValueError`` naming the known strategies for an unknown one (``PluginError`` for an entry point that cannot
+    be loaded)."""
+    if strategy in COMBINERS:
+        return COMBINERS[strategy]
+    if strategy not in installed(COMBINER_GROUP):
+        raise ValueError(f"unknown combiner strategy {strategy!r}; known: {', '.join(known_combiners())}")
+    found: type[Combiner] = load(COMBINER_GROUP, strategy, Combiner)
+    return found
 
 
 def build_combiner(strategy: str, extractor: str = "choice", *, per_expert: Mapping[str, str] | None = None,
@@ -796,9 +815,8 @@ def build_combiner(strategy: str, extractor: str = "choice", *, per_expert: Mapp
     ``extractor`` is ``"choice"``);
     ``fuse`` needs the ``aggregator`` expert's name, and ``max_prompt_chars`` bounds its prompt; ``escalate``
     needs the ``escalate_to`` expert's; ``vote_weights`` gives ``vote`` learned weights."""
-    if strategy not in COMBINERS:
-        raise ValueError(f"unknown combiner strategy {strategy!r}; known: {', '.join(sorted(COMBINERS))}")
+    cls = combiner_class(strategy)
     settings = CombinerSettings(extractor=extractor, per_expert=per_expert, embed=embed, aggregator=aggregator,
                                 vote_weights=vote_weights, escalate_to=escalate_to,
                                 max_prompt_chars=max_prompt_chars)
-    return COMBINERS[strategy].from_settings(settings)
+    return cls.from_settings(settings)

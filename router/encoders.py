@@ -29,10 +29,11 @@ import unicodedata
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Self
 
 import numpy as np
 
+from experts.plugins import ENCODER_GROUP, installed, load
 from router.encoder_types import ENCODER_BACKENDS
 from router.files import sha256_file
 
@@ -279,6 +280,12 @@ class Encoder(ABC):
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         """Embed ``texts``; an empty sequence gives shape ``[0, dim]``."""
 
+    @classmethod
+    def from_config(cls, cfg: EncoderConfig) -> Self:
+        """The backend ``cfg`` (``gate.encoder``) describes, as ``build_encoder`` builds it. The default reads no
+        setting; a backend that takes some (``max_length``, ``batch_size``) overrides it."""
+        return cls()
+
     def mismatch_hint(self, trained_identity: str) -> str:
         """What to set so that this backend reads rows like those of ``trained_identity`` (a gate artifact's
         encoder), where a setting can; "" where none can."""
@@ -520,13 +527,15 @@ def _session_options(ort: Any, threads: int) -> Any:
 
 
 def build_encoder(cfg: EncoderConfig) -> Encoder:
-    """Build the encoder backend ``cfg.backend`` names."""
-    try:
-        target = ENCODER_BACKENDS[cfg.backend]
-    except KeyError:
-        known = ", ".join(sorted(ENCODER_BACKENDS))
-        raise ValueError(f"unknown encoder backend {cfg.backend!r}; known: {known}") from None
-    module_name, _, class_name = target.partition(":")
-    cls = getattr(importlib.import_module(module_name), class_name)
-    encoder: Encoder = cls.from_config(cfg)
-    return encoder
+    """Build the encoder backend ``cfg.backend`` names: ``ENCODER_BACKENDS``', else the one an installed package's
+    entry point names (``experts.plugins.ENCODER_GROUP``)."""
+    cls: type[Encoder]
+    if cfg.backend in ENCODER_BACKENDS:
+        module_name, _, class_name = ENCODER_BACKENDS[cfg.backend].partition(":")
+        cls = getattr(importlib.import_module(module_name), class_name)
+    elif cfg.backend in installed(ENCODER_GROUP):
+        cls = load(ENCODER_GROUP, cfg.backend, Encoder)
+    else:
+        known = ", ".join(sorted({*ENCODER_BACKENDS, *installed(ENCODER_GROUP)}))
+        raise ValueError(f"unknown encoder backend {cfg.backend!r}; known: {known}")
+    return cls.from_config(cfg)

@@ -7,6 +7,7 @@ to ``experts.registry.build_expert``, and the config is checked against it.
 
 from __future__ import annotations
 
+from collections import ChainMap
 from collections.abc import Mapping
 
 from experts.registry import EXPERT_TYPES as _EXPERTS_OWN
@@ -14,4 +15,5 @@ from experts.registry import REQUIRES_ENDPOINT
 
 __all__ = ["EXPERT_TYPES", "REQUIRES_ENDPOINT"]
 
-EXPERT_TYPES: Mapping[str, str] = {**_EXPERTS_OWN, "router": "router.hierarchy:RouterExpert"}
+# A view, not a copy: a type added to ``experts.EXPERT_TYPES`` after this module was imported is in it too.
+EXPERT_TYPES: Mapping[str, str] = ChainMap({"router": "router.hierarchy:RouterExpert"}, _EXPERTS_OWN)

@@ -177,10 +177,12 @@ def _expert_problems(e: dict[str, Any], i: int, *, check_env: bool, base_dir: st
 
 def _type_problems(e: dict[str, Any], kind: str | None, where: str) -> Iterable[tuple[str, str]]:
     """What an expert's ``type`` asks of the rest of its entry (an endpoint, a replay block, a router config)."""
+    from experts.plugins import EXPERT_GROUP, installed
+    from experts.registry import known_types
     from router.expert_types import EXPERT_TYPES, REQUIRES_ENDPOINT
 
-    if isinstance(kind, str) and kind not in EXPERT_TYPES:
-        yield f"{where}.type", f"unknown expert type {kind!r}; known: {', '.join(sorted(EXPERT_TYPES))}"
+    if isinstance(kind, str) and kind not in EXPERT_TYPES and kind not in installed(EXPERT_GROUP):
+        yield f"{where}.type", f"unknown expert type {kind!r}; known: {', '.join(known_types(EXPERT_TYPES))}"
     if kind in REQUIRES_ENDPOINT and not e.get("endpoint"):
         yield f"{where}.endpoint", f"type {kind!r} needs an endpoint"
     if kind == "replay" and not e.get("replay"):

@@ -26,7 +26,9 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from experts.plugins import COMBINER_GROUP, ENCODER_GROUP, installed
 from experts.types import is_blank
+from router.encoder_types import ENCODER_BACKENDS
 from router.fallback import MAX_BUDGET_USD, MAX_DEADLINE_S
 
 SCHEMA_VERSION = 1
@@ -258,7 +260,8 @@ class ExpertConfig(_Strict):
 
 
 class EncoderConfig(_Strict):
-    backend: Literal["onnx", "openvino", "sentence-transformers", "static"] = "onnx"
+    # One of ``router.encoder_types.ENCODER_BACKENDS``, or an installed package's (``experts.plugins.ENCODER_GROUP``).
+    backend: str = Field(default="onnx", min_length=1)
     max_length: int = Field(default=256, ge=8, le=512)
     # Texts per model call (for onnx and openvino: per run, after sorting a call's texts by length); None: the
     # backend's own (8 for onnx, 64 for openvino and sentence-transformers; router.encoders,
@@ -286,6 +289,15 @@ class EncoderConfig(_Strict):
     # (OpenVINO's own default for this CPU: bf16 on AMX); None: auto. Part of the encoder's identity
     # (router.openvino_encoder).
     precision: Literal["auto", "bf16", "f32"] | None = None
+
+    @field_validator("backend")
+    @classmethod
+    def _known_backend(cls, backend: str) -> str:
+        if backend not in ENCODER_BACKENDS and backend not in installed(ENCODER_GROUP):
+            known = sorted({*ENCODER_BACKENDS, *installed(ENCODER_GROUP)})
+            raise ValueError(f"unknown encoder backend {backend!r}; known: {', '.join(known)} (an installed package "
+                             f"adds one through an entry point of group {ENCODER_GROUP!r})")
+        return backend
 
     @model_validator(mode="after")
     def _device_needs_torch_backend(self) -> EncoderConfig:
@@ -394,6 +406,11 @@ class GateConfig(_Strict):
         return self
 
 
+# The built-in combiner strategies (``router.combine.COMBINERS``; a test holds the two equal). Another name is looked
+# up where strategies are registered: ``COMBINERS`` itself, and installed packages' entry points.
+STRATEGIES = ("top1", "vote", "consensus", "fuse", "escalate")
+
+
 class CombinerConfig(_Strict):
     """How a panel's answers become one (``router.combine``): ``top1`` | ``vote`` | ``consensus`` | ``fuse`` |
     ``escalate``.
@@ -404,7 +421,7 @@ class CombinerConfig(_Strict):
     all of it agrees and otherwise asks ``escalate_to``, a configured expert; naming one likewise lets a request
     pick ``escalate``."""
 
-    strategy: Literal["top1", "vote", "consensus", "fuse", "escalate"] = "top1"
+    strategy: str = Field(default="top1", min_length=1)
     # How ``vote`` and ``escalate`` read a final answer out of free text; ``top1`` and ``fuse`` use it to mark
     # which answers agree. An expert's own ``extractor`` overrides it for that expert's answers.
     extractor: Extractor = "choice"
@@ -433,6 +450,19 @@ class CombinerConfig(_Strict):
     # With the answer bias: its L2 penalty, or ``cv``: chosen the same way among 30, 100 and 300, where no bias at
     # all can win too (then the weights are fitted without one); with too few records, 100.
     vote_answer_bias_l2: Annotated[float, Field(gt=0, allow_inf_nan=False)] | Literal["cv"] = "cv"
+
+    @field_validator("strategy")
+    @classmethod
+    def _known_strategy(cls, strategy: str) -> str:
+        if strategy in STRATEGIES:
+            return strategy
+        from router.combine import known_combiners  # numpy: imported only for a name that is not built in
+
+        known = known_combiners()
+        if strategy not in known:
+            raise ValueError(f"unknown combiner strategy {strategy!r}; known: {', '.join(known)} (an installed "
+                             f"package adds one through an entry point of group {COMBINER_GROUP!r})")
+        return strategy
 
 
 def _at_least(value: float, info: ValidationInfo, lower: str) -> float:

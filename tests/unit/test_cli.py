@@ -593,8 +593,17 @@ def test_moe_help_loads_neither_numpy_nor_the_http_client_nor_the_config_schema(
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
                           cwd=Path(__file__).parents[2])
     assert done.returncode == 0, done.stderr
-    assert "--encoder {onnx,openvino,sentence-transformers,static}" in done.stdout
+    assert "encoder backend: onnx, openvino, sentence-transformers, static, or an installed" in "".join(
+        done.stdout.split("\n" + " " * 24))  # argparse wraps at hyphens too
     assert done.stdout.splitlines()[-1] == "[]"
+
+
+def test_an_unknown_encoder_is_refused_by_name_before_anything_runs(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["eval", "--suite", "snips-intent", "--encoder", "onx"])
+    assert info.value.code == 2
+    assert ("argument --encoder: unknown encoder backend 'onx'; known: onnx, openvino, sentence-transformers, "
+            "static") in capsys.readouterr().err
 
 
 def test_the_help_names_every_suite_and_every_convertible_data_set(capsys: pytest.CaptureFixture[str],

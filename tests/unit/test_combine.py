@@ -5,6 +5,7 @@ from typing import get_args
 
 import numpy as np
 import pytest
+from pydantic import ValidationError
 
 from experts.errors import ExpertUnavailable
 from experts.types import ChatMessage
@@ -30,7 +31,7 @@ from router.combine import (
     pooled,
 )
 from router.config import CombinerConfig
-from router.config.schema import Extractor
+from router.config.schema import STRATEGIES, Extractor
 
 
 @pytest.mark.parametrize(
@@ -544,7 +545,10 @@ def test_the_config_offers_exactly_the_extractors_there_are() -> None:
 
 
 def test_the_config_offers_exactly_the_combiners_there_are() -> None:
-    assert set(get_args(CombinerConfig.model_fields["strategy"].annotation)) == set(COMBINERS)
+    assert set(STRATEGIES) == set(COMBINERS)
+    with pytest.raises(ValidationError, match=r"unknown combiner strategy 'best'; known: consensus, escalate, fuse, "
+                                              r"top1, vote \(an installed package adds one"):
+        CombinerConfig(strategy="best")
 
 
 @pytest.mark.parametrize("strategy", sorted(COMBINERS))
@@ -577,6 +581,7 @@ def test_a_registered_combiner_needs_no_other_edit(monkeypatch: pytest.MonkeyPat
     assert isinstance(combiner, LastAnswer) and combiner.extractor == "short"
     with pytest.raises(ValueError, match=r"known: consensus, escalate, fuse, last, top1, vote"):
         build_combiner("best")
+    assert CombinerConfig(strategy="last").strategy == "last"  # the config takes it too
 
 
 def test_a_failed_escalation_falls_back_to_the_vote_with_its_learned_weights() -> None:
