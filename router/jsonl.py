@@ -32,7 +32,10 @@ def read_jsonl(path: str | Path, *, expected: str = "an object",
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
+                row = json.loads(line, object_pairs_hook=_once_each)
+            except _KeyTwice as exc:
+                raise error(f"{where}: the key {exc.key!r} is given twice in one object ({exc.value_note}); readers "
+                            "disagree on which counts, so give it once") from None
             except json.JSONDecodeError as exc:
                 raise error(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
             except ValueError:  # Python refuses to read an integer of more than 4300 digits (int_max_str_digits)
@@ -46,6 +49,28 @@ def read_jsonl(path: str | Path, *, expected: str = "an object",
                     raise error(f"{where}: the escape \\u{ord(half):04x} is half of a UTF-16 surrogate pair, with no "
                                 "other half: no character (a text cut inside an emoji, say); fix or drop it")
             yield where, number, row
+
+
+class _KeyTwice(ValueError):
+    def __init__(self, key: str, where: str) -> None:
+        super().__init__(key)
+        self.key, self.value_note = key, where
+
+
+def _once_each(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object's pairs as a dict, refusing a key given twice: Python's json keeps the last value, other
+    readers the first, so {"label": "music", "label": "weather"} trained as weather, silently."""
+    row: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in row:
+            raise _KeyTwice(key, f"first {_short(row[key])}, then {_short(value)}")
+        row[key] = value
+    return row
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value, ensure_ascii=False)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _lone_surrogate(value: Any) -> str | None:

@@ -61,3 +61,17 @@ def test_an_integer_too_long_for_python_to_read_is_named_by_line(tmp_path: Path)
     path.write_text('{"query": "a", "label": "x"}\n{"query": "b", "label": ' + "9" * 5000 + "}\n")
     with pytest.raises(ValueError, match=rf"^{path}:2: holds an integer of more than 4300 digits"):
         rows(path)
+
+
+@pytest.mark.parametrize(("line", "key", "values"), [
+    ('{"query": "play jazz", "label": "music", "label": "weather"}', "label", 'first "music", then "weather"'),
+    ('{"query": "q", "outcomes": {"big": 1, "mid": 0, "big": 0}}', "big", "first 1, then 0"),
+])
+def test_a_key_given_twice_in_one_object_is_refused_by_line(tmp_path: Path, line: str, key: str,
+                                                            values: str) -> None:
+    """Python's json keeps the last of two values, other readers the first: the line trained as the last, silently
+    (a nested object, an outcome record's scores, too)."""
+    path = tmp_path / "twice.jsonl"
+    path.write_text('{"query": "ok", "label": "x"}\n' + line + "\n")
+    with pytest.raises(ValueError, match=rf"{path}:2: the key '{key}' is given twice in one object \({values}\)"):
+        rows(path)
