@@ -181,14 +181,14 @@ def _note_unseen_labels(ctx: SuiteContext, trained: Sequence[str], test: Sequenc
 
 
 def _note_label_twins(ctx: SuiteContext, train: Sequence[LabelledQuery]) -> None:
-    """Warn about training labels that differ from each other only in case, spaces or Unicode form (``"Billing"``
-    and ``"billing "``): most likely one class written two ways, which the gate would otherwise learn as two,
-    splitting the class's queries between them."""
+    """Warn about training labels that differ from each other only in case, spaces, invisible characters or Unicode
+    form (``"Billing"``, ``"billing "`` and ``"billing\u200b"``): most likely one class written two ways, which the
+    gate would otherwise learn as two, splitting the class's queries between them."""
     counts = Counter(q.label for q in train)
     for group in spelled_alike(label_order(counts)):
         listed = ", ".join(f"{label!r} ({counts[label]})" for label in group)
-        note = (f"training labels {listed} differ only in case, spaces or Unicode form, and are learned as "
-                f"{len(group)} classes; if they are one class, write its label one way")
+        note = (f"training labels {listed} differ only in case, spaces, invisible characters or Unicode form, and "
+                f"are learned as {len(group)} classes; if they are one class, write its label one way")
         ctx.notes.append(note)
         print(f"warning: {note}", file=sys.stderr)
 

@@ -546,7 +546,11 @@ def _similarity(neighbour: Any) -> float:
 
 def text_key(text: str) -> str:
     """A label as a person reads it, and a query as the encoder reads it, near enough: Unicode composed (NFC), case
-    folded (MiniLM's tokenizer is uncased), spaces collapsed. Two queries with the same key embed alike."""
+    folded (MiniLM's tokenizer is uncased), spaces collapsed, and the characters no one sees left out (control and
+    format characters: a zero-width space, a byte-order mark, a soft hyphen, which exports leave in a label and the
+    tokenizer drops). Two queries with the same key embed alike."""
+    if not text.isprintable():  # the fast path: most texts hold none of them
+        text = "".join(c for c in text if c.isprintable() or c.isspace())
     return " ".join(unicodedata.normalize("NFC", text).casefold().split())
 
 

@@ -175,8 +175,8 @@ def test_user_jsonl_training_labels_written_two_ways_are_flagged(
     assert cli_main(["eval", "--train", str(train), "--test", str(test), "--out", str(out), "--no-plots",
                      "--encoder", "static"]) == 0
     notes = json.loads((out / "results.json").read_text(encoding="utf-8"))["notes"]
-    said = ("training labels 'Expert-Aurora ' (10), 'expert-aurora' (10) differ only in case, spaces or Unicode "
-            "form, and are learned as 2 classes; if they are one class, write its label one way")
+    said = ("training labels 'Expert-Aurora ' (10), 'expert-aurora' (10) differ only in case, spaces, invisible "
+            "characters or Unicode form, and are learned as 2 classes; if they are one class, write its label one way")
     assert said in notes and f"warning: {said}" in capsys.readouterr().err
 
 
