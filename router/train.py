@@ -228,8 +228,13 @@ def _collect_outcomes(config: RouterConfig, paths: list[Path], drop_unknown: boo
         found = load_outcome_lines(path)
         unknown = _unknown(config, path, "expert", ((number, [*r.outcomes, *r.cost]) for number, r in found),
                            drop_unknown)
-        kept = [_without(r, unknown) for _, r in found]
-        records += [r for r in kept if r.outcomes]
+        kept = [(number, _without(r, unknown)) for number, r in found]
+        emptied = [number for number, r in kept if not r.outcomes]
+        if emptied:
+            log.warning("%s: left out %d record(s) that score only experts the config does not have (first on "
+                        "line %d); %d record(s) of the file are kept", path, len(emptied), emptied[0],
+                        len(kept) - len(emptied))
+        records += [r for _, r in kept if r.outcomes]
     return records
 
 

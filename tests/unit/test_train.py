@@ -311,7 +311,8 @@ def test_mixed_or_unknown_outcome_files_are_refused(tmp_path: Path, snips_rows: 
         collect_training_data(_config(tmp_path, ["u.jsonl"]))
 
 
-def test_an_outcome_record_naming_no_expert_is_refused_at_its_line(tmp_path: Path) -> None:
+def test_an_outcome_record_naming_no_expert_is_refused_at_its_line(tmp_path: Path,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
     """In its outcomes or in its costs: the first line naming each such name is given, as for a malformed line."""
     ok = {"query": "q", "outcomes": {"GetWeather": 1, "PlayMusic": 0}, "cost": {"GetWeather": 0.1}}
     _write_jsonl(tmp_path / "u.jsonl", [ok, ok, {**ok, "outcomes": {"GetWeather": 1, "ghost": 0}}, ok,
@@ -322,8 +323,12 @@ def test_an_outcome_record_naming_no_expert_is_refused_at_its_line(tmp_path: Pat
                                "'spectre' (first on line 5); experts: GetWeather, PlayMusic, BookRestaurant. If it "
                                "was removed from the config, moe train --drop-unknown-experts leaves its lines out")
     # Told to leave them out: the unknown experts' outcomes and costs go, and a record left with none goes whole.
-    kept = collect_training_data(_config(tmp_path, ["u.jsonl"]), drop_unknown=True).records
+    with caplog.at_level("WARNING", logger="router.train"):
+        kept = collect_training_data(_config(tmp_path, ["u.jsonl"]), drop_unknown=True).records
     assert len(kept) == 5
+    # The record left with none is counted apart from those only trimmed.
+    assert (f"{tmp_path / 'u.jsonl'}: left out 1 record(s) that score only experts the config does not have (first "
+            "on line 6); 5 record(s) of the file are kept") in caplog.text
     assert all(set(r.outcomes) <= {"GetWeather", "PlayMusic", "BookRestaurant"} and "spectre" not in r.cost
                for r in kept)
 
