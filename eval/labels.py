@@ -303,6 +303,7 @@ def _cascade(ctx: SuiteContext, gate: Any, train: Sequence[LabelledQuery], test_
     # Both stages hold the validation queries out, however few, as moe train trains them for a cascade (refit).
     fast = train_gate(texts, labels, StaticMiniLMEncoder(), experts=gate.experts, seed=ctx.seed,
                       progress=ctx.progress, refit=False)
+    served = gate  # the gate scored as "gate": what serves without a cascade, whose abstain shares stand beside
     if gate.metadata.metrics.calibration == "cross-validated":
         gate = train_gate(texts, labels, ctx.encoder, experts=gate.experts, seed=ctx.seed, progress=ctx.progress,
                           refit=False)
@@ -327,6 +328,11 @@ def _cascade(ctx: SuiteContext, gate: Any, train: Sequence[LabelledQuery], test_
     if oos_texts:
         parts["oos"] = (fast.assess(oos_texts), gate.assess(oos_texts))
 
+    def alone(part: str, texts: Sequence[str]) -> float:
+        """The share of ``texts`` the gate scored as "gate" abstains on, serving alone."""
+        full = parts[part][1] if served is gate else served.assess(texts)
+        return _abstaining(full, served.ood_threshold)
+
     def two_stage(cascade: CascadeGate, part: str) -> Comparison:
         first, full = parts[part]
         return Comparison(cascade.merge(first, full.rows(np.flatnonzero(~cascade.decides(first)))), full)
@@ -338,9 +344,9 @@ def _cascade(ctx: SuiteContext, gate: Any, train: Sequence[LabelledQuery], test_
         oos = two_stage(cascade, "oos")
         metrics.update({
             "cascade_abstain_in_scope": _abstaining(test.cascade, gate.ood_threshold),
-            "gate_abstain_in_scope": _abstaining(test.full, gate.ood_threshold),
+            "gate_abstain_in_scope": alone("in_scope", test_texts),
             "cascade_abstain_oos": _abstaining(oos.cascade, gate.ood_threshold),
-            "gate_abstain_oos": _abstaining(oos.full, gate.ood_threshold)})
+            "gate_abstain_oos": alone("oos", oos_texts)})
     sweep = []
     for familiar in FAMILIAR_SWEEP:
         other = fits[familiar]
@@ -373,15 +379,18 @@ MEMBER_CLASSIFIERS = ("logistic", "knn", "lexical")
 
 
 def write_predictions(path: Path, queries: Sequence[LabelledQuery], probs: np.ndarray, labels: list[str],
-                      out_of_scope: tuple[Sequence[LabelledQuery], np.ndarray, np.ndarray, np.ndarray] | None = None,
+                      out_of_scope: tuple[Sequence[LabelledQuery], np.ndarray, np.ndarray, np.ndarray, np.ndarray,
+                                          np.ndarray] | None = None,
                       ) -> None:
     """``{"id", "label", "predicted", "p_predicted", "p_label", "rank_of_label"}`` per query, in ``queries``'
     order: the gate's pick, its probability, and the true label's probability and rank (1: the pick).
 
     With ``out_of_scope`` (the out-of-scope test queries, their probabilities, and the chosen out-of-scope score
-    of the in-scope queries and of them), every line also has ``out_of_scope`` and ``oos_score``, and each
-    out-of-scope query a line of its own after the rest (no ``p_label`` or rank: its label is none the gate has),
-    so ``oos_auroc`` can be recomputed from the file too."""
+    of the in-scope queries and of them, then their familiarity to the gate), every line also has ``out_of_scope``,
+    ``oos_score`` and ``gate_familiarity``, and each out-of-scope query a line of its own after the rest (no
+    ``p_label`` or rank: its label is none the gate has), so ``oos_auroc`` and the gate's abstain shares
+    (``gate_familiarity`` below ``results.json``'s ``out_of_scope.gate_ood_threshold``) can be recomputed from the
+    file too."""
     order = np.argsort(-probs, axis=1, kind="stable")
     index = {lab: i for i, lab in enumerate(labels)}
     with open(path, "w", encoding="utf-8") as fh:
@@ -391,15 +400,18 @@ def write_predictions(path: Path, queries: Sequence[LabelledQuery], probs: np.nd
                     "p_predicted": round(float(probs[row, pick]), 6), "p_label": round(float(probs[row, true]), 6),
                     "rank_of_label": int(np.flatnonzero(order[row] == true)[0]) + 1}
             if out_of_scope is not None:
-                line |= {"out_of_scope": False, "oos_score": round(float(out_of_scope[2][row]), 6)}
+                line |= {"out_of_scope": False, "oos_score": round(float(out_of_scope[2][row]), 6),
+                         "gate_familiarity": float(out_of_scope[4][row])}
             fh.write(json.dumps(line, ensure_ascii=False) + "\n")
         if out_of_scope is not None:
-            outside, outside_probs, _, outside_scores = out_of_scope
+            outside, outside_probs, _, outside_scores, _, outside_familiarity = out_of_scope
             for row, q in enumerate(outside):
                 pick = int(np.argmax(outside_probs[row]))
                 fh.write(json.dumps({"id": q.id, "label": q.label, "predicted": labels[pick],
                                      "p_predicted": round(float(outside_probs[row, pick]), 6), "out_of_scope": True,
-                                     "oos_score": round(float(outside_scores[row]), 6)}, ensure_ascii=False) + "\n")
+                                     "oos_score": round(float(outside_scores[row]), 6),
+                                     "gate_familiarity": float(outside_familiarity[row])}, ensure_ascii=False)
+                         + "\n")
 
 
 def _status(ctx: SuiteContext, doing: str) -> None:
@@ -535,6 +547,9 @@ def _out_of_scope(gate: Any, x_tr: np.ndarray, inside: tuple[np.ndarray, list[st
     if val_oos and val_in:
         on_val = aurocs(scores((enc.encode(val_oos), val_oos)), scores((enc.encode(val_in), val_in)))
         chosen = max(on_val, key=lambda k: on_val[k])
-    # Each test query's value of the chosen score (in scope, out of scope), for predictions.jsonl.
+    # Each test query's value of the chosen score, and its familiarity to the gate (what the service abstains on,
+    # below ``gate_ood_threshold``), in scope and out of scope, for predictions.jsonl.
     return {"oos_auroc": test[chosen], "score": chosen, "auroc_test": test, "auroc_val": on_val,
-            "per_query": (s_in[chosen], s_out[chosen])}
+            "gate_ood_threshold": gate.ood_threshold,
+            "per_query": (s_in[chosen], s_out[chosen], 1.0 - s_in["1-gate_familiarity"],
+                          1.0 - s_out["1-gate_familiarity"])}

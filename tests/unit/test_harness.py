@@ -215,6 +215,14 @@ def test_user_jsonl_with_integer_labels_and_an_oos_label(data_dir: Path, tmp_pat
         120, 40, 10)
     assert results["out_of_scope"]["labels"] == ["99"] and "oos_auroc" in results["metrics"]
     assert results["command"].endswith("--oos-label 99")
+    # The gate's abstain shares, recomputed from predictions.jsonl: each query's familiarity to the gate against
+    # its threshold. (With few examples a cascade's full stage is a gate fitted again without the held-out
+    # queries; its shares had stood in for the scored gate's.)
+    lines = [json.loads(line) for line in (out / "predictions.jsonl").read_text(encoding="utf-8").splitlines()]
+    threshold = results["out_of_scope"]["gate_ood_threshold"]
+    for part, outside in (("in_scope", False), ("oos", True)):
+        below = [line["gate_familiarity"] < threshold for line in lines if line["out_of_scope"] is outside]
+        assert results["metrics"][f"gate_abstain_{part}"] == sum(below) / len(below), part
     with pytest.raises(ValueError, match="--oos-label names an out-of-scope label in --train/--test JSONL"):
         run_suite("snips-intent", data_dir, tmp_path / "snips", oos_label="99")
 
