@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Literal, Protocol
 
@@ -223,6 +223,10 @@ class BreakerStore(Protocol):
 
     def load(self, expert: str) -> BreakerState: ...
 
+    def load_many(self, experts: Sequence[str]) -> list[BreakerState]:
+        """``load`` of each, at once (a shared store reads them in one round trip)."""
+        ...
+
     def save(self, expert: str, state: BreakerState) -> None: ...
 
 
@@ -232,6 +236,9 @@ class MemoryBreakerStore:
 
     def load(self, expert: str) -> BreakerState:
         return self._states.get(expert, BreakerState())
+
+    def load_many(self, experts: Sequence[str]) -> list[BreakerState]:
+        return [self.load(expert) for expert in experts]
 
     def save(self, expert: str, state: BreakerState) -> None:
         self._states[expert] = state
@@ -287,8 +294,15 @@ class Breakers:
                                               self.probe_lease_s)[0]
 
     def refusing(self, experts: Iterable[str]) -> frozenset[str]:
-        """The experts whose breaker would refuse a call now: left out of the gate's panel and of fallback."""
-        return frozenset(e for e in experts if self.refuses(e))
+        """The experts whose breaker would refuse a call now: left out of the gate's panel and of fallback. Every
+        state is read at once: one round trip to a shared store, however many experts (one each, 1,050 a request)."""
+        if not self.cfg.enabled:
+            return frozenset()
+        names = list(experts)
+        now = self.clock()
+        states = self.store.load_many([self._key(e) for e in names])
+        return frozenset(e for e, s in zip(names, states, strict=True)
+                         if not admit(s, self.cfg, now, self.probe_lease_s)[0])
 
     def reset(self, expert: str, config: str = "") -> None:
         """Forget what the breaker learned of ``expert`` (a reload changed its config: another endpoint or model

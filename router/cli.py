@@ -68,6 +68,11 @@ def _serve(args: argparse.Namespace, sighups: list[int]) -> int:
     config = _load(args.config)  # validated before anything starts: a bad file stops here, every problem listed
     reloader.poll_s = config.service.reload_poll_s
     reloader.watch(config)
+    # One log stream, all JSON lines, at --log-level: the router's and the experts' (a request line per request,
+    # a warning per failed expert call), and uvicorn's own, without its access lines (the router's say more). Set
+    # before the start's own warnings (a Redis that does not answer, the gate's load), which are lines of it too.
+    for logger in ("router", "experts"):
+        configure_json_logging(log_level(args.log_level), logger)
     # Redis (state.backend: redis) holds what replicas share: rate-limit buckets and breakers. Credentials it
     # refuses stop the start here; a Redis that does not answer yet is logged and served without.
     check_redis(config.state, os.environ)
@@ -75,10 +80,6 @@ def _serve(args: argparse.Namespace, sighups: list[int]) -> int:
     orchestrator = build(config)
     app = create_app(orchestrator, rate_store=state.rate_store, reloader=reloader,
                      feedback=open_feedback_store(config))
-    # One log stream, all JSON lines, at --log-level: the router's and the experts' (a request line per request,
-    # a warning per failed expert call), and uvicorn's own, without its access lines (the router's say more).
-    for logger in ("router", "experts"):
-        configure_json_logging(log_level(args.log_level), logger)
     serve(app, host=args.host or config.service.host, port=args.port or config.service.port,
           log_level=args.log_level, log_config=uvicorn_log_config(args.log_level))
     return 0

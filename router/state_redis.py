@@ -8,7 +8,9 @@ balancer enforce one rate limit per key and agree on which experts are broken.
   replicas' clocks need not agree. Same arithmetic as ``security.take_token``.
 - ``RedisBreakerStore`` (``router.breaker.BreakerStore``): one hash per expert holding a ``BreakerState``.
   That interface is synchronous (the breaker transitions are pure and run between awaits), so this store uses
-  a blocking client with short timeouts: a round trip to a nearby Redis is ~0.1 ms. Load and save are separate
+  a blocking client with short timeouts: a round trip to a nearby Redis is ~0.1 ms. A request reads every
+  breaker it may need in one round trip (``load_many``), and a Redis whose round trips stay slow (three in a row
+  over ``slow_s``, 50 ms) is served as an outage, since each holds the event loop. Load and save are separate
   calls, so two replicas finishing calls to one expert at the same instant may lose one count (last write
   wins); a breaker only needs the trend, not an exact count. ``Breakers`` over this store must use a wall
   clock (``time.time``): ``opened_at`` is compared across hosts.
@@ -185,7 +187,7 @@ def _unreachable(exc: Exception) -> bool:
     """Whether ``exc`` says Redis could not be reached (no connection, a timeout), rather than that it answered
     with an error."""
     redis = _redis_module()
-    return isinstance(exc, redis.ConnectionError | redis.TimeoutError)
+    return isinstance(exc, redis.ConnectionError | redis.TimeoutError | SlowRedis)
 
 
 class RedisRateStore:
@@ -222,11 +224,42 @@ def _encode(state: BreakerState) -> dict[str, str]:
     return {k: json.dumps(v) for k, v in asdict(state).items()}
 
 
+# What each field of a stored ``BreakerState`` must hold, as JSON gives it back (an int is a number too).
+_FIELD_TYPES: dict[str, tuple[type, ...]] = {
+    "state": (str,), "consecutive": (int,), "trips": (int,), "opened_at": (int, float), "cooldown_s": (int, float),
+    "probes": (int,), "probe_round": (int,), "buckets": (list,), "last_error": (str, type(None)), "held": (bool,),
+    "epoch": (int,), "config": (str,), "probe_at": (int, float)}
+
+
+class BadBreakerHash(ValueError):
+    """A stored breaker state that is no ``BreakerState`` (a field not JSON, or of another type): written by
+    something else, or by hand. Its breaker starts afresh, and the next save overwrites it."""
+
+
 def _decode(raw: Mapping[bytes | str, bytes | str]) -> BreakerState:
-    fields = {(k.decode() if isinstance(k, bytes) else k): json.loads(v) for k, v in raw.items()}
-    fields["buckets"] = tuple(tuple(b) for b in fields.get("buckets", ()))
-    known = BreakerState.__dataclass_fields__
-    return BreakerState(**{k: v for k, v in fields.items() if k in known})
+    fields: dict[str, Any] = {}
+    for k, v in raw.items():
+        name = k.decode(errors="replace") if isinstance(k, bytes) else k
+        if name not in _FIELD_TYPES:
+            continue  # a field a later release adds: this one reads what it knows
+        try:
+            value = json.loads(v)
+        except ValueError:  # JSONDecodeError, and bytes that are not UTF-8
+            raise BadBreakerHash(f"field {name!r} is not JSON") from None
+        ok = isinstance(value, _FIELD_TYPES[name]) and (name == "held" or not isinstance(value, bool))
+        if name == "state":
+            ok = ok and value in ("closed", "open", "half_open")
+        elif name == "buckets":
+            ok = ok and all(isinstance(b, list) and len(b) == 3 and all(type(n) is int for n in b) for b in value)
+        if not ok:
+            raise BadBreakerHash(f"field {name!r} holds {type(value).__name__} {str(value)[:40]!r}, not what a "
+                                 "breaker state holds")
+        fields[name] = tuple(tuple(b) for b in value) if name == "buckets" else value
+    return BreakerState(**fields)
+
+
+class SlowRedis(Exception):
+    """Redis answers, but each breaker call's round trip holds the event loop past ``RedisBreakerStore.slow_s``."""
 
 
 class RedisBreakerStore:
@@ -235,33 +268,82 @@ class RedisBreakerStore:
 
     metric_name = "breakers"
 
-    def __init__(self, client: redis.Redis, key_prefix: str = "moe:", *, retry_s: float = 5.0) -> None:
+    # Each call holds the event loop for its round trip (the breaker interface is synchronous: see the module's
+    # notes), so a Redis that answers, but slowly, slows every request of the replica and breaks their deadlines
+    # without ever failing. SLOW_CALLS calls in a row slower than ``slow_s`` are served as an outage: per-process
+    # breakers, until a PING answers within ``slow_s`` again. A nearby Redis answers in well under a millisecond.
+    SLOW_CALLS = 3
+
+    def __init__(self, client: redis.Redis, key_prefix: str = "moe:", *, retry_s: float = 5.0,
+                 slow_s: float = 0.05) -> None:
         self.client = client
         self.key_prefix = key_prefix
+        self.slow_s = slow_s
+        self._slow_calls = 0
         # Also the fallback's starting point: the last state seen in Redis carries on through an outage.
         self._local = MemoryBreakerStore()
         # Probed off the event loop, which these blocking calls run on (see the module's notes).
-        self._outage = _Outage("circuit breakers", retry_s, probe=lambda: self.client.ping())
+        self._outage = _Outage("circuit breakers", retry_s, probe=self._timed_ping)
 
     def _key(self, expert: str) -> str:
         return f"{self.key_prefix}breaker:{expert}"
 
+    def _timed_ping(self) -> None:
+        start = time.perf_counter()
+        self.client.ping()
+        took = time.perf_counter() - start
+        if took > self.slow_s:
+            raise SlowRedis(f"PING took {took * 1000:.0f} ms, over {self.slow_s * 1000:.0f} ms")
+
+    def _timed(self, start: float) -> None:
+        """Note a call's round trip; the SLOW_CALLS-th slow one in a row begins an outage."""
+        took = time.perf_counter() - start
+        if took <= self.slow_s:
+            self._slow_calls = 0
+            self._outage.ended()
+            return
+        self._slow_calls += 1
+        if self._slow_calls >= self.SLOW_CALLS:
+            self._slow_calls = 0
+            self._outage.begin(SlowRedis(f"{self.SLOW_CALLS} calls in a row took over {self.slow_s * 1000:.0f} ms "
+                                         f"each (the last {took * 1000:.0f} ms), holding every request"))
+
+    def _decoded(self, expert: str, raw: Mapping[bytes | str, bytes | str]) -> BreakerState:
+        """The state ``raw`` holds; for a hash that holds none, a fresh one, which is saved over it."""
+        try:
+            return _decode(raw) if raw else BreakerState()
+        except BadBreakerHash as exc:
+            log.warning("circuit breaker of %s: the hash %s in Redis is no breaker state (%s); starting it afresh",
+                        expert, self._key(expert), exc)
+            self.save(expert, BreakerState())
+            return BreakerState()
+
     def load(self, expert: str) -> BreakerState:
-        if not self._outage.active():
+        return self.load_many([expert])[0]
+
+    def load_many(self, experts: Sequence[str]) -> list[BreakerState]:
+        if experts and not self._outage.active():
+            start = time.perf_counter()
             try:
-                raw = self.client.hgetall(self._key(expert))
-                state = _decode(raw) if raw else BreakerState()
-                self._local.save(expert, state)
-                self._outage.ended()
-                return state
-            except (_redis_module().RedisError, ValueError, TypeError) as exc:
+                pipe = self.client.pipeline(transaction=False)
+                for expert in experts:
+                    pipe.hgetall(self._key(expert))
+                raws = pipe.execute()
+            except _redis_module().RedisError as exc:
                 self._outage.begin(exc)
-        return self._local.load(expert)
+            else:
+                self._timed(start)
+                states = [self._decoded(expert, raw) for expert, raw in zip(experts, raws, strict=True)]
+                for expert, state in zip(experts, states, strict=True):
+                    self._local.save(expert, state)
+                return states
+        return self._local.load_many(experts)
 
     def save(self, expert: str, state: BreakerState) -> None:
         self._local.save(expert, state)
         if self._outage.active():
             return
+        start = time.perf_counter()
         try:
             pipe = self.client.pipeline(transaction=True)
             pipe.delete(self._key(expert))
@@ -271,7 +353,7 @@ class RedisBreakerStore:
         except _redis_module().RedisError as exc:
             self._outage.begin(exc)
         else:
-            self._outage.ended()
+            self._timed(start)
 
     def redis_up(self) -> bool:
         """False while an outage has this replica's breakers learn on their own (``moe_redis_up``)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import socket
@@ -10,6 +11,7 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 
 import httpx
 import pytest
@@ -188,18 +190,22 @@ def test_a_hung_redis_never_holds_the_breakers_calls_after_the_first(redis_url: 
                                   key_prefix=f"moe-test-{uuid.uuid4().hex[:8]}:", retry_s=0.05)
         calls: list[str] = []
         pings: list[float] = []
-        hgetall, ping = store.client.hgetall, store.client.ping
-
-        def counted(key: str) -> object:
-            calls.append(key)
-            return hgetall(key)
+        ping = store.client.ping
 
         def probed() -> object:
             pings.append(time.monotonic())
             return ping()
 
-        store.client.hgetall, store.client.ping = counted, probed  # type: ignore[method-assign]
+        # What the store's pipelines go to: the hung Redis, later one that answers.
+        reached = [store.client.pipeline]
+
+        def pipeline(**options: object) -> object:
+            calls.append("pipeline")
+            return reached[0](**options)  # type: ignore[arg-type]
+
+        store.client.pipeline, store.client.ping = pipeline, probed  # type: ignore[method-assign, assignment]
         store.save("math", BreakerState(state="open", trips=1))  # the outage's first call: it waits, and fails
+        calls.clear()
         for _ in range(40):  # requests through several retry_s: none of them reaches Redis
             assert store.load("math").state == "open"
             time.sleep(0.01)
@@ -208,12 +214,100 @@ def test_a_hung_redis_never_holds_the_breakers_calls_after_the_first(redis_url: 
         # Redis answers again: the probe sees it, and the calls after it read and write Redis.
         up = redis.Redis.from_url(redis_url)
         store.client.ping = up.ping  # type: ignore[method-assign]
-        store.client.hgetall = counted  # type: ignore[method-assign]
-        hgetall = up.hgetall
+        reached[0] = up.pipeline
         _wait_for(lambda: not store._outage.active())
-        assert store.load("math") == BreakerState() and calls == [store._key("math")]
+        assert store.load("math") == BreakerState() and calls == ["pipeline"]
         assert store._outage._prober is None  # it ended when Redis answered
         store.close()
+
+
+@pytest.mark.parametrize("field", ["opened_at", "last_error", "state", "buckets"])
+@pytest.mark.parametrize("value", ['"2026-12-07T10:00:00Z"', "not json", "[[1, 2]]"])
+def test_a_hash_that_is_no_breaker_state_starts_that_breaker_afresh_and_is_no_outage(
+        redis_url: str, caplog: pytest.LogCaptureFixture, field: str, value: str) -> None:
+    """A field of the wrong type (a date where a time is a number) made every routed request fail with a
+    TypeError, on every replica, until the key expired a day later; one that is not JSON was taken for an
+    outage of Redis, every replica's breakers per process, and the hash never mended."""
+    prefix = f"moe-test-{uuid.uuid4().hex[:8]}:"
+    client = redis.Redis.from_url(redis_url)
+    store = RedisBreakerStore(client, key_prefix=prefix, retry_s=0.05)
+    store.save("math", BreakerState(state="open", trips=1, opened_at=1.0, cooldown_s=5.0))
+    client.hset(f"{prefix}breaker:math", field, value)
+    if (field, value) in (("last_error", '"2026-12-07T10:00:00Z"'),):
+        assert store.load("math").last_error == "2026-12-07T10:00:00Z"  # a string is what last_error holds
+        return
+    with caplog.at_level(logging.WARNING, logger="router.state"):
+        assert store.load("math") == BreakerState()
+        assert Breakers(BreakerConfig(), store).refusing(["math", "code"]) == frozenset()
+    assert not store._outage.down and store.redis_up()
+    assert store.load("math") == BreakerState() and client.hget(f"{prefix}breaker:math", field) != value.encode()
+    lines = [r.getMessage() for r in caplog.records if r.name == "router.state"]
+    assert len(lines) == 1 and lines[0].startswith(f"circuit breaker of math: the hash {prefix}breaker:math in "
+                                                   f"Redis is no breaker state (field '{field}' "), lines
+    store.close()
+
+
+def test_the_breakers_of_a_request_are_read_in_one_round_trip(redis_url: str) -> None:
+    """Which experts' breakers refuse a call was read one key at a time, a round trip each (1,050 for 1,050
+    experts), on the event loop."""
+    store = RedisBreakerStore(redis.Redis.from_url(redis_url), key_prefix=f"moe-test-{uuid.uuid4().hex[:8]}:")
+    breakers = Breakers(BreakerConfig(), store, clock=time.time)
+    names = [f"expert-{i}" for i in range(50)]
+    store.save("expert-7", BreakerState(state="open", trips=1, opened_at=time.time(), cooldown_s=60.0))
+    executed: list[int] = []
+    pipeline = store.client.pipeline
+
+    def counted(**options: object) -> object:
+        made = pipeline(**options)  # type: ignore[arg-type]
+        execute = made.execute
+        made.execute = lambda: (executed.append(len(made.command_stack)), execute())[1]  # type: ignore[method-assign]
+        return made
+
+    store.client.pipeline = counted  # type: ignore[method-assign, assignment]
+    assert breakers.refusing(names) == frozenset({"expert-7"})
+    assert executed == [50]
+    store.close()
+
+
+def test_a_slow_redis_is_served_as_an_outage_until_it_answers_quickly_again(
+        redis_url: str, caplog: pytest.LogCaptureFixture) -> None:
+    """Breaker calls hold the event loop for their round trip: a Redis answering each in 200 ms (inside the
+    client's timeout, so never an outage) slowed every request on every replica to seconds and broke their
+    deadlines. Three slow calls in a row now hand the breakers to this replica, until a PING is quick again."""
+    client = redis.Redis.from_url(redis_url)
+    store = RedisBreakerStore(client, key_prefix=f"moe-test-{uuid.uuid4().hex[:8]}:", retry_s=0.05, slow_s=0.02)
+    delay = [0.03]
+    pipeline, ping = client.pipeline, client.ping
+
+    def slow_pipeline(**options: object) -> object:
+        made = pipeline(**options)  # type: ignore[arg-type]
+        execute = made.execute
+        made.execute = lambda: (time.sleep(delay[0]), execute())[1]  # type: ignore[method-assign]
+        return made
+
+    def slow_ping() -> object:
+        time.sleep(delay[0])
+        return ping()
+
+    client.pipeline, client.ping = slow_pipeline, slow_ping  # type: ignore[method-assign, assignment]
+    with caplog.at_level(logging.WARNING, logger="router.state"):
+        store.load("math")
+        store.load("math")
+        assert store.redis_up()  # two slow calls: a blip
+        store.load("math")
+        assert not store.redis_up() and store._outage.active()
+        start = time.perf_counter()
+        for _ in range(5):
+            store.load("math")  # served here, at once
+        assert time.perf_counter() - start < delay[0]
+        time.sleep(0.2)
+        assert not store.redis_up()  # the probe's PINGs are slow too
+        delay[0] = 0.0
+        _wait_for(store.redis_up)
+    lines = [r.getMessage() for r in caplog.records if r.name == "router.state"]
+    assert lines[0].startswith("redis unreachable for circuit breakers (SlowRedis: 3 calls in a row took over 20 ms")
+    assert lines[-1] == "redis answers again for circuit breakers; shared state resumes"
+    store.close()
 
 
 def test_closing_the_breaker_store_stops_its_probe() -> None:
@@ -482,3 +576,23 @@ async def test_moe_redis_up_says_when_a_replica_serves_its_own_state(redis_url: 
 
     app, _ = replica(config, SharedState())
     assert await _redis_up(app) == {}
+
+
+def test_moe_serve_s_start_warnings_are_json_lines_too(tmp_path: Path) -> None:
+    """The warning for a Redis that does not answer at start came out as plain text, before the log stream was made
+    JSON lines; a log pipeline that parses every line lost it."""
+    import subprocess
+    import sys
+
+    config = tmp_path / "router.yaml"
+    config.write_text("version: 1\nstate: {backend: redis}\ngate: {artifact: gate}\nexperts:\n"
+                      "  - {name: a, type: openai, endpoint: 'http://127.0.0.1:9/v1', model: a}\n"
+                      "  - {name: b, type: openai, endpoint: 'http://127.0.0.1:9/v1', model: b}\n")
+    env = {**os.environ, "MOE_REDIS_URL": f"redis://:secret-PASSWORD@127.0.0.1:{free_port()}/0",
+           "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    done = subprocess.run([sys.executable, "-m", "router.cli", "serve", "--config", str(config), "--port",
+                           str(free_port())], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0  # no gate trained: it stops after the warning
+    warning = next(line for line in done.stderr.splitlines() if "does not answer at start" in line)
+    record = json.loads(warning)
+    assert record["level"] == "WARNING" and "PASSWORD" not in done.stderr
