@@ -54,7 +54,7 @@ def _serve(args: argparse.Namespace, sighups: list[int]) -> int:
     from router.reload import Reloader
     from router.service import create_app
     from router.serving import serve
-    from router.state_redis import check_redis
+    from router.state_redis import RedisFeedbackStore, check_redis
 
     # Hot reload: on SIGHUP, POST /admin/reload, and (unless service.reload_poll_s is null) a file change. The
     # shared state (Redis connections) is kept across reloads. Made before the file is read, and told what the
@@ -75,11 +75,15 @@ def _serve(args: argparse.Namespace, sighups: list[int]) -> int:
         configure_json_logging(log_level(args.log_level), logger)
     # Redis (state.backend: redis) holds what replicas share: rate-limit buckets and breakers. Credentials it
     # refuses stop the start here; a Redis that does not answer yet is logged and served without.
-    check_redis(config.state, os.environ)
+    unanswered = check_redis(config.state, os.environ)
     state = build_shared_state(config, os.environ)
+    if unanswered is not None:
+        state.assume_redis_down(unanswered)
     orchestrator = build(config)
-    app = create_app(orchestrator, rate_store=state.rate_store, reloader=reloader,
-                     feedback=open_feedback_store(config))
+    feedback = open_feedback_store(config)
+    if unanswered is not None and isinstance(feedback, RedisFeedbackStore):
+        feedback.assume_down(unanswered)
+    app = create_app(orchestrator, rate_store=state.rate_store, reloader=reloader, feedback=feedback)
     serve(app, host=args.host or config.service.host, port=args.port or config.service.port,
           log_level=args.log_level, log_config=uvicorn_log_config(args.log_level))
     return 0

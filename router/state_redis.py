@@ -130,10 +130,11 @@ class _Outage:
         """From a failed call until one reaches Redis again (a probe's PING included): the store serves without it."""
         return self._down
 
-    def begin(self, exc: Exception) -> None:
+    def begin(self, exc: Exception, *, said: bool = False) -> None:
+        """An outage, from ``exc``; ``said``: already warned of (``check_redis`` at start), so logged at debug."""
         cause = redact(f"{type(exc).__name__}: {exc}")
         with self._lock:
-            if not self._down:
+            if not self._down and not said:
                 log.warning("redis unreachable for %s (%s); %s until it answers again, trying it every %.0fs",
                             self.what, cause, self.fallback, self.retry_s)
             else:
@@ -215,6 +216,10 @@ class RedisRateStore:
     def redis_up(self) -> bool:
         """False while an outage has this replica enforce its limits on its own (``moe_redis_up``)."""
         return not self._outage.down
+
+    def assume_down(self, exc: Exception) -> None:
+        """Redis did not answer at start (``check_redis``, which said so): serve without it until it does."""
+        self._outage.begin(exc, said=True)
 
     async def aclose(self) -> None:
         await self.client.aclose()
@@ -358,6 +363,10 @@ class RedisBreakerStore:
     def redis_up(self) -> bool:
         """False while an outage has this replica's breakers learn on their own (``moe_redis_up``)."""
         return not self._outage.down
+
+    def assume_down(self, exc: Exception) -> None:
+        """As ``RedisRateStore.assume_down``; the probe thread ends the outage once Redis answers."""
+        self._outage.begin(exc, said=True)
 
     def close(self, *, client: bool = True) -> None:
         """Stop the outage probe, and close the client unless ``client`` is false (a nested router's store, on
@@ -524,6 +533,10 @@ class RedisFeedbackStore(FeedbackStore):
         (``moe_redis_up``)."""
         return not self._outage.down and time.monotonic() >= self._down_until
 
+    def assume_down(self, exc: Exception) -> None:
+        """As ``RedisRateStore.assume_down``."""
+        self._outage.begin(exc, said=True)
+
     async def aremember(self, request_id: str, query: str, expert: str, key: str | None = None) -> None:
         if self._outage.active():  # skipped during an outage: not even a thread is needed
             return
@@ -603,6 +616,13 @@ class SharedState:
         """Whether the replicas share the stores (Redis)."""
         return isinstance(self.breaker_store, RedisBreakerStore)
 
+    def assume_redis_down(self, exc: Exception) -> None:
+        """Redis did not answer at start: the stores serve on their own (``moe_redis_up`` 0) until it answers, as
+        after an outage, rather than each saying so only once first used."""
+        for store in (self.rate_store, self.breaker_store):
+            if isinstance(store, RedisRateStore | RedisBreakerStore):
+                store.assume_down(exc)
+
     async def aclose(self) -> None:
         if isinstance(self.rate_store, RedisRateStore):
             await self.rate_store.aclose()
@@ -640,15 +660,16 @@ def redis_url_problems(config: StateConfig, environ: Mapping[str, str]) -> list[
     return []
 
 
-def check_redis(config: StateConfig, environ: Mapping[str, str], *, timeout_s: float = 2.0) -> None:
+def check_redis(config: StateConfig, environ: Mapping[str, str], *, timeout_s: float = 2.0) -> Exception | None:
     """At start, one PING to the Redis ``state.url_env`` names. A Redis that refuses the URL's credentials (a wrong
     password or user, or none where one is required) is a ``ConfigError`` naming the variable, never its value:
     otherwise the replica would run alone (its own rate limits and breakers, every verdict refused) while its
     /health said all was well. So is one that answers PING with an error (a database number it lacks) or offers a
     TLS certificate that fails verification: no wait mends either. One that does not answer is logged and served
-    without, as an outage later is: it may come up after the router. Nothing for ``backend: memory``."""
+    without, as an outage later is: it may come up after the router; its error is returned, for the stores to start
+    on their own (``SharedState.assume_redis_down``). Nothing for ``backend: memory``; None where Redis answers."""
     if config.backend == "memory":
-        return
+        return None
     url = redis_url(config, environ)
     _redis_module()
     import redis
@@ -676,8 +697,10 @@ def check_redis(config: StateConfig, environ: Mapping[str, str], *, timeout_s: f
         log.warning("state: the Redis that %s names (%s) does not answer at start (%s); serving with this "
                     "replica's own rate limits and breakers until it does", config.url_env, redact(url),
                     redact(f"{type(exc).__name__}: {exc}"))
+        return exc
     finally:
         client.close()
+    return None
 
 
 def _certificate_refused(exc: BaseException) -> bool:

@@ -596,3 +596,28 @@ def test_moe_serve_s_start_warnings_are_json_lines_too(tmp_path: Path) -> None:
     warning = next(line for line in done.stderr.splitlines() if "does not answer at start" in line)
     record = json.loads(warning)
     assert record["level"] == "WARNING" and "PASSWORD" not in done.stderr
+
+
+async def test_a_redis_that_does_not_answer_at_start_reads_as_down_before_any_request(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """With Redis down at start, ``moe_redis_up`` said 1 for the rate limits and feedback until a request first used
+    them (and one more warning each then): the stores start on their own, quietly, as ``check_redis`` said."""
+    config = fake_config(NAMES)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = {"MOE_REDIS_URL": f"redis://127.0.0.1:{s.getsockname()[1]}/0"}
+        with caplog.at_level(logging.WARNING, logger="router.state"):
+            unanswered = check_redis(StateConfig(backend="redis"), dead, timeout_s=0.5)
+            assert isinstance(unanswered, redis.ConnectionError)
+            state = build_state(StateConfig(backend="redis"), dead)
+            state.assume_redis_down(unanswered)
+            feedback = RedisFeedbackStore.from_config(StateConfig(backend="redis"), dead)
+            feedback.assume_down(unanswered)
+            app, _ = replica(config, state)
+            app.state.feedback = feedback
+            assert await _redis_up(app) == {"rate_limits": 0.0, "breakers": 0.0, "feedback": 0.0}
+        await state.aclose()
+        feedback.close()
+    lines = [r.getMessage() for r in caplog.records if r.name == "router.state"]
+    assert len(lines) == 1 and "does not answer at start" in lines[0], lines
+    assert check_redis(StateConfig(backend="memory"), dead) is None
