@@ -14,6 +14,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from pydantic import (
+    BaseModel,
     TypeAdapter,
     ValidationError,
 )
@@ -27,6 +28,7 @@ from router.config.schema import (
     ConfigError,
     FallbackConfig,
     ServiceConfig,
+    TopKConfig,
     path_problem,
 )
 
@@ -53,15 +55,16 @@ def _expert_label(raw: Any, index: int) -> str:
     return f"experts[{index}]" + (f" ({name})" if isinstance(name, str) and name else "")
 
 
-def _whole(value: Any) -> int | None:
-    """A count as the schema reads it (``"3"``, as a ``${VAR}`` gives it, and ``3.0`` are 3); None for a value it
-    refuses (a boolean, 2.5, text), which pydantic names."""
+def _whole(value: Any, model: type[BaseModel], name: str) -> int | None:
+    """A count as the schema reads ``model``'s field ``name`` (``"3"``, as a ``${VAR}`` gives it, and ``3.0`` are
+    3); None for a value it refuses (a boolean, 2.5, text, one out of its bounds), which pydantic names."""
     if isinstance(value, bool):
         return None
     try:
-        return int(TypeAdapter(int).validate_python(value))
+        count = getattr(model.model_validate({name: value}), name)
     except ValidationError:
         return None
+    return count if isinstance(count, int) else None
 
 
 def _routed(value: Any) -> bool:
@@ -117,8 +120,12 @@ def cross_problems(raw: Any, *, check_env: bool, base_dir: str | Path | None = N
     yield from _combiner_problems(raw.get("combiner"), names)
     top_k: dict[str, Any] = gate["top_k"] if isinstance(gate.get("top_k"), dict) else {}
     fallback: dict[str, Any] = raw["fallback"] if isinstance(raw.get("fallback"), dict) else {}
-    k = _whole(top_k.get("k"))
-    attempts = _whole(fallback.get("max_attempts", FallbackConfig.model_fields["max_attempts"].default))
+    # Counts the schema refuses (k over 64, say) are its problem alone; one a ${VAR} gave is not repeated.
+    k = _whole(top_k.get("k"), TopKConfig, "k")
+    attempts = _whole(fallback.get("max_attempts", FallbackConfig.model_fields["max_attempts"].default),
+                      FallbackConfig, "max_attempts")
+    k_shown = "k" if "gate.top_k.k" in quiet else f"{k}"
+    attempts_shown = "max_attempts" if "fallback.max_attempts" in quiet else f"{attempts}"
     # A fixed panel of k is filled from the config's experts alone (a nested router is one expert, and cold
     # start scores only configured experts), so more than there are would silently serve a smaller panel. The
     # other policies size the panel themselves, and k only caps it.
@@ -129,12 +136,13 @@ def cross_problems(raw: Any, *, check_env: bool, base_dir: str | Path | None = N
     if k is not None and top_k.get("policy", "fixed") == "fixed" and routed and k > len(routed):
         which = ("expert(s) defined" if len(routed) == len(experts)
                  else "routed expert(s) defined (routed: false ones are never on a panel)")
-        yield "gate.top_k.k", (f"{k} is more than the {len(routed)} {which}: a fixed panel of {k} can never be "
-                               f"filled; lower k to at most {len(routed)}")
+        yield "gate.top_k.k", (f"{k_shown} is more than the {len(routed)} {which}: a fixed panel of {k_shown} can "
+                               f"never be filled; lower k to at most {len(routed)}")
     if k is not None and attempts is not None and k > attempts:
-        yield "fallback.max_attempts", (f"{attempts} is below gate.top_k.k ({k}): the panel alone calls {k} "
-                                        "experts, and max_attempts counts every expert tried, the panel included; "
-                                        f"raise max_attempts to at least {k} or lower k")
+        k_given = "" if k_shown == "k" else f" ({k})"
+        yield "fallback.max_attempts", (f"{attempts_shown} is below gate.top_k.k{k_given}: the panel alone calls "
+                                        f"{k_shown} experts, and max_attempts counts every expert tried, the panel "
+                                        f"included; raise max_attempts to at least {k_shown} or lower k")
     service: dict[str, Any] = raw["service"] if isinstance(raw.get("service"), dict) else {}
     service_name = service.get("name", ServiceConfig.model_fields["name"].default)
     if service_name in names and "name" in service:

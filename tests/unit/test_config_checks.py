@@ -870,9 +870,24 @@ def test_a_count_written_as_text_or_a_float_is_cross_checked_as_the_number_it_is
     if other_problem:
         raw["service"] = {"port": "nope"}
     found = problems(raw)
-    assert found["gate.top_k.k"] == ("3 is more than the 2 expert(s) defined: a fixed panel of 3 can never be filled; "
-                                     "lower k to at most 2")
+    shown = "k" if k == "${PANEL_K}" else "3"  # a variable's value is never repeated, however short
+    assert found["gate.top_k.k"] == (f"{shown} is more than the 2 expert(s) defined: a fixed panel of {shown} can "
+                                     "never be filled; lower k to at most 2")
     assert "<root>" not in found and ("service.port" in found) == other_problem
+
+
+@pytest.mark.parametrize("value", ["0031415926535", " 31415926535 ", "00000000000000000003"])
+def test_a_count_a_variable_gives_is_never_repeated(value: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The cross-check printed the count a ${VAR} gave, normalised ("0031415926535" as 31415926535), where the
+    check that no long variable value is echoed looks for it as written."""
+    monkeypatch.setenv("PANEL_K", value)
+    monkeypatch.setenv("MAX_TRIES", "0000000002")
+    raw = {"version": 1, "experts": [expert(name="a"), expert(name="b")],
+           "gate": {"top_k": {"k": "${PANEL_K}"}}, "fallback": {"max_attempts": "${MAX_TRIES}"}}
+    with pytest.raises(ConfigError) as info:
+        parse_config(raw)
+    text = str(info.value)
+    assert "31415926535" not in text and value.strip().lstrip("0") not in text.replace("at most 2", "")
 
 
 def test_max_attempts_written_as_a_float_is_checked_against_k() -> None:
