@@ -144,7 +144,7 @@ def run_jsonl(ctx: SuiteContext, *, oos_label: str | None = None) -> dict[str, A
     overlap = sum(text_key(q.text) in seen for q in test)
     if overlap:
         note = (f"{overlap} of {len(test)} test queries also occur in the training data (as written, or differing "
-                "only in case and spaces), so the scores overstate accuracy on new queries")
+                "only in case, spaces or invisible characters), so the scores overstate accuracy on new queries")
         ctx.notes.append(note)
         print(f"warning: {note}", file=sys.stderr)
     return evaluate_labels(ctx, train, test, oos_label=oos_label, unseen_out_of_scope=True,
@@ -164,8 +164,8 @@ def label_order(labels: Iterable[str]) -> list[str]:
 def _note_unseen_labels(ctx: SuiteContext, trained: Sequence[str], test: Sequence[LabelledQuery],
                         oos_label: str | None) -> None:
     """Say which test labels the training data lacks (their queries are scored as out of scope), and warn
-    about any that differ from a training label only in case, spaces or Unicode form: most likely the same
-    class written two ways, which would otherwise pass silently as out of scope."""
+    about any that differ from a training label only in case, spaces, invisible characters or Unicode form: most
+    likely the same class written two ways, which would otherwise pass silently as out of scope."""
     known = set(trained)
     counts = Counter(q.label for q in test if q.label not in known and q.label != oos_label)
     if not counts:
@@ -173,9 +173,9 @@ def _note_unseen_labels(ctx: SuiteContext, trained: Sequence[str], test: Sequenc
     listed = name_list([f"{label!r} ({counts[label]})" for label in label_order(counts)])
     ctx.notes.append(f"out of scope: test labels the training data lacks, with their queries: {listed}")
     for label, twin in respelled(label_order(counts), trained).items():
-        note = (f"test label {label!r} differs from training label {twin!r} only in case, spaces or Unicode "
-                f"form, so its {counts[label]} queries are scored as out of scope; if they are the same "
-                "class, write the label the same way in both files")
+        note = (f"test label {label!r} differs from training label {twin!r} only in case, spaces, invisible "
+                f"characters or Unicode form, so its {counts[label]} queries are scored as out of scope; if they are "
+                "the same class, write the label the same way in both files")
         ctx.notes.append(note)
         print(f"warning: {note}", file=sys.stderr)
 

@@ -44,7 +44,7 @@ from decimal import Decimal
 import numpy as np
 
 from experts.errors import ExpertError
-from experts.plugins import COMBINER_GROUP, installed, load
+from experts.plugins import COMBINER_GROUP, PluginError, installed, load
 from experts.types import ChatMessage
 from router.trace import AttemptRole, Contribution
 from router.vote_weights import VoteWeights
@@ -278,9 +278,9 @@ def extract_number(text: str) -> str | None:
 
 
 _SHORT_PREFIX = re.compile(r"\A[\W_]*(?:the\s+)?(?:final\s+)?answer(?:\s+is\b|\s*:)")  # "the answer is", "answer:"
-# "Paris, because it is the capital ...", "Paris,because ...", "Paris (since 1789)": tried where a run of whitespace
-# starts, or at a comma, semicolon or parenthesis, only (tried at each space of a run, it was quadratic in its length)
-_REASON = re.compile(r"(?:[,;(]\s*|(?<!\s)\s+)(?:because|since)\b.*\Z", re.DOTALL)
+# "Paris, because it is the capital ...", "Paris,because ...", "Paris (since 1789)", "Paris—because ...": tried where
+# a run of whitespace or of punctuation starts only (tried at each character of a run, it was quadratic in its length)
+_REASON = re.compile(r"(?:(?<![^\w\s])[^\w\s]+\s*|(?<!\s)\s+)(?:because|since)\b.*\Z", re.DOTALL)
 # Punctuation, a space in the answer's place, but a minus sign before a number is kept: "-3" is not "3"
 _PUNCTUATION = re.compile(r"(?P<minus>(?<![\w.])[-\u2212](?=\d))|[^\w\s]|_")
 
@@ -796,13 +796,16 @@ def known_combiners() -> list[str]:
 
 def combiner_class(strategy: str) -> type[Combiner]:
     """The class of ``strategy``: ``COMBINERS``', else the one an installed package's entry point names. Raises
-    ``ValueError`` naming the known strategies for an unknown one (``PluginError`` for an entry point that cannot
-    be loaded)."""
+    ``ValueError`` naming the known strategies for an unknown one, and saying why for an entry point that cannot be
+    loaded (a request naming it is refused as a bad strategy, a config naming it as a bad value)."""
     if strategy in COMBINERS:
         return COMBINERS[strategy]
     if strategy not in installed(COMBINER_GROUP):
         raise ValueError(f"unknown combiner strategy {strategy!r}; known: {', '.join(known_combiners())}")
-    found: type[Combiner] = load(COMBINER_GROUP, strategy, Combiner)
+    try:
+        found: type[Combiner] = load(COMBINER_GROUP, strategy, Combiner)
+    except PluginError as exc:
+        raise ValueError(f"combiner strategy {strategy!r}: {exc}") from exc
     return found
 
 

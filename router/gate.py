@@ -549,8 +549,9 @@ def text_key(text: str) -> str:
     folded (MiniLM's tokenizer is uncased), spaces collapsed, and the characters no one sees left out (control and
     format characters: a zero-width space, a byte-order mark, a soft hyphen, which exports leave in a label and the
     tokenizer drops). Two queries with the same key embed alike."""
+    text = " ".join(text.split())  # whitespace first: what is left unprintable then is one of those
     if not text.isprintable():  # the fast path: most texts hold none of them
-        text = "".join(c for c in text if c.isprintable() or c.isspace())
+        text = " ".join("".join(c for c in text if c.isprintable()).split())
     return " ".join(unicodedata.normalize("NFC", text).casefold().split())
 
 

@@ -26,7 +26,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from experts.plugins import COMBINER_GROUP, ENCODER_GROUP, installed
+from experts.plugins import COMBINER_GROUP, ENCODER_GROUP, PluginError, installed, load
 from experts.types import is_blank
 from router.encoder_types import ENCODER_BACKENDS
 from router.fallback import MAX_BUDGET_USD, MAX_DEADLINE_S
@@ -293,10 +293,18 @@ class EncoderConfig(_Strict):
     @field_validator("backend")
     @classmethod
     def _known_backend(cls, backend: str) -> str:
-        if backend not in ENCODER_BACKENDS and backend not in installed(ENCODER_GROUP):
+        if backend in ENCODER_BACKENDS:
+            return backend
+        if backend not in installed(ENCODER_GROUP):
             known = sorted({*ENCODER_BACKENDS, *installed(ENCODER_GROUP)})
             raise ValueError(f"unknown encoder backend {backend!r}; known: {', '.join(known)} (an installed package "
                              f"adds one through an entry point of group {ENCODER_GROUP!r})")
+        from router.encoders import Encoder  # numpy: imported only for a name that is not built in
+
+        try:  # its class imported, so that one serve cannot load is refused here
+            load(ENCODER_GROUP, backend, Encoder)
+        except PluginError as exc:
+            raise ValueError(f"encoder backend {backend!r}: {exc}") from None
         return backend
 
     @model_validator(mode="after")
@@ -456,12 +464,13 @@ class CombinerConfig(_Strict):
     def _known_strategy(cls, strategy: str) -> str:
         if strategy in STRATEGIES:
             return strategy
-        from router.combine import known_combiners  # numpy: imported only for a name that is not built in
+        from router.combine import combiner_class  # numpy: imported only for a name that is not built in
 
-        known = known_combiners()
-        if strategy not in known:
-            raise ValueError(f"unknown combiner strategy {strategy!r}; known: {', '.join(known)} (an installed "
-                             f"package adds one through an entry point of group {COMBINER_GROUP!r})")
+        try:
+            combiner_class(strategy)  # an entry point's class is imported, so that one serve cannot load is refused
+        except ValueError as exc:
+            plugins = f" (an installed package adds one through an entry point of group {COMBINER_GROUP!r})"
+            raise ValueError(f"{exc}{plugins if str(exc).startswith('unknown') else ''}") from None
         return strategy
 
 

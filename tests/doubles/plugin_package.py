@@ -4,7 +4,8 @@ writes, into a folder to put on ``sys.path`` or ``PYTHONPATH``, a module and the
 
 The module holds an expert type that answers from a Python function (``echo``), a combiner strategy that takes the
 longest answer (``longest``) and an encoder backend that hashes words (``hash``); further entry points name a module
-that does not exist (``broken``) and a class of the wrong kind (``misfiled``)."""
+that does not exist (the expert type ``broken``, the combiner and encoder ``gone``) and a class of the wrong kind
+(``misfiled``)."""
 
 from __future__ import annotations
 
@@ -74,9 +75,11 @@ misfiled = {MODULE}:Misfiled
 
 [moe_router.combiners]
 longest = {MODULE}:LongestAnswer
+gone = {MODULE}.missing:Combiner
 
 [moe_router.encoders]
 hash = {MODULE}:HashEncoder
+gone = {MODULE}.missing:Encoder
 """
 
 

@@ -151,7 +151,7 @@ def test_user_jsonl_test_labels_written_another_way_are_flagged(
     assert cli_main(["eval", "--train", str(train), "--test", str(test), "--out", str(out), "--no-plots",
                      "--encoder", "static"]) == 0
     notes = json.loads((out / "results.json").read_text(encoding="utf-8"))["notes"]
-    flagged = [n for n in notes if "only in case, spaces or Unicode form" in n]
+    flagged = [n for n in notes if "only in case, spaces, invisible characters or Unicode form" in n]
     assert flagged == ["test label 'Expert-Aurora ' differs from training label 'expert-aurora' only in case, "
                        "spaces or Unicode form, so its 10 queries are scored as out of scope; if they are the same "
                        "class, write the label the same way in both files"]

@@ -89,6 +89,41 @@ def test_an_entry_point_that_cannot_be_loaded_is_named_with_its_cause() -> None:
 
 
 @pytest.mark.usefixtures("plugins")
+def test_a_config_naming_a_combiner_or_encoder_that_cannot_be_loaded_is_refused_by_its_key() -> None:
+    """moe config check said OK, and serve (or train) failed on the entry point's import."""
+    raw = {"version": 1, "experts": [{"name": "a", "type": "echo", "model": "m"}],
+           "combiner": {"strategy": "gone"}, "gate": {"encoder": {"backend": "gone"}}}
+    with pytest.raises(ConfigError) as info:
+        parse_config(raw, check_env=False)
+    found = dict(info.value.problems)
+    assert found["combiner.strategy"].startswith("combiner strategy 'gone': entry point 'gone' of group "
+                                                 "'moe_router.combiners' (moe_plugin_double.missing:Combiner) cannot "
+                                                 "be loaded: ModuleNotFoundError")
+    assert found["gate.encoder.backend"].startswith("encoder backend 'gone': entry point 'gone' of group "
+                                                    "'moe_router.encoders'")
+
+
+async def test_a_request_naming_a_combiner_that_cannot_be_loaded_is_a_bad_request(plugins: Path) -> None:
+    """The x-moe-combiner header naming it answered 500 (an ImportError), with a traceback logged each time."""
+    import httpx
+
+    from router.orchestrator import Orchestrator
+    from router.service import create_app
+    from tests.doubles.fakes import FakeExpert, FakeGate, fake_config
+
+    config = fake_config(["a", "b"])
+    app = create_app(Orchestrator(config, FakeGate(["a", "b"], {}, default=[0.6, 0.4]),
+                                  {n: FakeExpert(config.expert(n)) for n in ["a", "b"]}))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://router") as http:
+        body = {"messages": [{"role": "user", "content": "hi"}]}
+        refused = await http.post("/v1/chat/completions", json=body, headers={"x-moe-combiner": "gone"})
+        taken = await http.post("/v1/chat/completions", json=body, headers={"x-moe-combiner": "longest"})
+    assert refused.status_code == 400 and refused.json()["error"]["code"] == "invalid_combiner"
+    assert "moe_plugin_double.missing:Combiner" in refused.json()["error"]["message"]
+    assert taken.status_code == 200
+
+
+@pytest.mark.usefixtures("plugins")
 def test_an_unknown_type_is_refused_with_the_installed_ones_listed() -> None:
     raw = {"version": 1, "experts": [{"name": "a", "type": "echoo", "model": "m"}]}
     with pytest.raises(ConfigError, match=r"unknown expert type 'echoo'; known: broken, echo, misfiled, openai, "
