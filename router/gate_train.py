@@ -29,7 +29,7 @@ import logging
 import math
 import threading
 from collections import Counter
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -223,6 +223,20 @@ def split_train_val(texts: Sequence[str], labels: Sequence[str], *, seed: int = 
     in_val = np.array([t in val_texts for t in texts], dtype=bool)
     return np.flatnonzero(~in_val), np.flatnonzero(in_val)
 
+
+def _conflicts_shown(conflicts: Mapping[str, Sequence[str]], places: Mapping[str, Sequence[str]],
+                     shown: int = 3) -> str:
+    """The first ``shown`` of ``conflicts`` (text -> labels), each with where it was given where ``places`` knows
+    (``data.jsonl:2 (music), data.jsonl:9 (weather)``), and how many more there are."""
+    parts = []
+    for text, labels in list(conflicts.items())[:shown]:
+        where = places.get(text)
+        parts.append(f"{text[:80]!r} ({', '.join(where[:4]) + (' ...' if len(where) > 4 else '')})" if where
+                     else f"{text[:80]!r}: {', '.join(labels)}")
+    more = len(conflicts) - shown
+    return "; ".join(parts) + (f"; and {more} more" if more > 0 else "")
+
+
 def conflicting_labels(texts: Sequence[str], labels: Sequence[str]) -> dict[str, list[str]]:
     """The texts that carry more than one label, with their labels (sorted)."""
     seen: dict[str, set[str]] = {}
@@ -244,7 +258,8 @@ def embed_texts(encoder: Encoder, texts: Sequence[str], *, progress: bool = True
 def train_gate(texts: Sequence[str], labels: Sequence[str], encoder: Encoder, *, experts: Sequence[str],
                seed: int = 0, val_fraction: float = 0.15, progress: bool = True,
                classifier: Classifier | None = None, pinned: Collection[str] = (),
-               min_held_out: int = MIN_HELD_OUT, refit: bool = True) -> Gate:
+               min_held_out: int = MIN_HELD_OUT, refit: bool = True,
+               places: Mapping[str, Sequence[str]] | None = None) -> Gate:
     """Embed, split, fit the classifier on the train part, then the temperature and the out-of-distribution
     grids and threshold on queries it did not train on: the validation part, or where that holds fewer than two
     experts' queries or fewer than ``min_held_out`` queries, every example out of fold (the module docstring,
@@ -252,7 +267,8 @@ def train_gate(texts: Sequence[str], labels: Sequence[str], encoder: Encoder, *,
     its own similarities, where that holds fewer than ``min_held_out``), and the s-only map older routers read on
     the validation part.
     ``classifier`` defaults to the ensemble (``router.classifiers``). ``pinned`` texts are never held out
-    (``split_train_val``): feedback's.
+    (``split_train_val``): feedback's. ``places``: where each text was given (a file and line), named by the
+    warning about texts given more than one label.
 
     Where calibration is cross-validated, the few held-out queries teach the classifier nothing they could not
     also teach by training it, so the served classifier is fitted on every example (``refit``). ``refit=False``
@@ -271,9 +287,8 @@ def train_gate(texts: Sequence[str], labels: Sequence[str], encoder: Encoder, *,
         log.warning("experts with no training examples get a fixed prior of %g: %s", UNSEEN_PRIOR, unseen)
     conflicts = conflicting_labels(texts, labels)
     if conflicts:
-        text, both = next(iter(conflicts.items()))
-        log.warning("%d training queries carry more than one label, e.g. %r: %s; the gate learns to split its "
-                    "probability between them", len(conflicts), text[:80], ", ".join(both))
+        log.warning("%d training queries carry more than one label: %s; the gate learns to split its probability "
+                    "between them", len(conflicts), _conflicts_shown(conflicts, places or {}))
     texts = list(texts)
     x = embed_texts(encoder, texts, progress=progress)
     col = {e: i for i, e in enumerate(trained)}

@@ -99,6 +99,9 @@ class TrainingData:
     # The queries only clients' feedback gave (no config example or training file holds them): the gate trains
     # on them, but never shows their text as a decision's nearest example, which every client sees.
     private: frozenset[str] = frozenset()
+    # Label data: where each text was given, with its label ("data.jsonl:12 (music)", "experts[0] (maths).examples[3]
+    # (maths)"), for a warning that names where a text given two labels is.
+    places: dict[str, list[str]] = field(default_factory=dict)
 
 
 def load_labelled_jsonl(path: str | Path) -> list[tuple[str, str]]:
@@ -194,7 +197,7 @@ def fold_feedback(data: TrainingData, verdicts: list[FeedbackRecord], experts: l
     return TrainingData("label", texts=[q for q, _ in pairs], labels=[e for _, e in pairs],
                         feedback=data.feedback + len(kept), feedback_through=through, config_examples=fixed,
                         dropped=data.dropped + dropped, pinned=data.pinned | {q for q, _ in good},
-                        private=private)
+                        private=private, places=data.places)
 
 
 def _collect_files(config: RouterConfig, drop_unknown: bool = False) -> TrainingData:
@@ -208,9 +211,11 @@ def _collect_files(config: RouterConfig, drop_unknown: bool = False) -> Training
     if paths and kinds[paths[0]] == "outcome":
         return TrainingData("outcome", records=_collect_outcomes(config, paths, drop_unknown))
     data = TrainingData("label")
-    for expert in config.experts:
+    for i, expert in enumerate(config.experts):
         data.texts += expert.examples
         data.labels += [expert.name] * len(expert.examples)
+        for j, example in enumerate(expert.examples):
+            data.places.setdefault(example, []).append(f"experts[{i}] ({expert.name}).examples[{j}] ({expert.name})")
     data.config_examples = len(data.texts)
     for path in paths:
         rows = _labelled_lines(path)
@@ -219,6 +224,8 @@ def _collect_files(config: RouterConfig, drop_unknown: bool = False) -> Training
             rows = [row for row in rows if row[2] not in unknown]
         data.texts += [q for _, q, _ in rows]
         data.labels += [label for _, _, label in rows]
+        for number, query, label in rows:
+            data.places.setdefault(query, []).append(f"{path}:{number} ({label})")
     return data
 
 
@@ -374,7 +381,7 @@ def train_from_config(config: RouterConfig, *, progress: bool = True, feedback: 
         # A two-stage gate fits its thresholds on the queries both stages held out, however few (refit).
         gate = train_gate(data.texts, data.labels, encoder, experts=routed, progress=progress,
                           classifier=build_classifier(config.gate.classifier, balance=config.gate.balance),
-                          pinned=data.pinned, refit=config.gate.cascade is None)
+                          pinned=data.pinned, refit=config.gate.cascade is None, places=data.places)
     artifact = config.resolve(config.gate.artifact)
     _record_feedback(gate, data)
     served: Gate | CascadeGate = gate

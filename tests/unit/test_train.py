@@ -403,3 +403,19 @@ def test_records_scoring_one_expert_are_refused_naming_the_experts_to_score(
         "choose among at least two scored experts, the config's others being routed from their examples. Add "
         f"outcomes for 'PlayMusic' or 'BookRestaurant'{note}")
     assert not (tmp_path / "gate").exists()
+
+
+def test_texts_given_two_labels_are_named_by_file_and_line(tmp_path: Path, snips_rows: list[dict[str, str]],
+                                                          caplog: pytest.LogCaptureFixture) -> None:
+    """The warning gave a count and one example text: a team with 100 such lines had to find the other 99
+    itself."""
+    rows = list(snips_rows)
+    twice = [{**rows[i], "label": rows[i + 25]["label"]} for i in range(5)]  # five texts again, another label
+    path = _write_jsonl(tmp_path / "data.jsonl", rows + twice)
+    config = _config(tmp_path, ["data.jsonl"], artifact="gate", encoder={"backend": "static"})
+    with caplog.at_level("WARNING", logger="router.gate"):
+        train_from_config(config, progress=False)
+    first = rows[0]
+    assert (f"5 training queries carry more than one label: {first['query']!r} ({path}:1 ({first['label']}), "
+            f"{path}:{len(rows) + 1} ({rows[25]['label']}))") in caplog.text
+    assert "; and 2 more; the gate learns to split its probability between them" in caplog.text
