@@ -278,9 +278,12 @@ def extract_number(text: str) -> str | None:
 
 
 _SHORT_PREFIX = re.compile(r"\A[\W_]*(?:the\s+)?(?:final\s+)?answer(?:\s+is\b|\s*:)")  # "the answer is", "answer:"
-# "Paris, because it is the capital ...", "Paris,because ...", "Paris (since 1789)", "Paris—because ...": tried where
-# a run of whitespace or of punctuation starts only (tried at each character of a run, it was quadratic in its length)
-_REASON = re.compile(r"(?:(?<![^\w\s])[^\w\s]+\s*|(?<!\s)\s+)(?:because|since)\b.*\Z", re.DOTALL)
+# "Paris, because it is the capital ...", "Paris,because ...", "Paris (since 1789)", "Paris—because ...": a reason
+# after a word of the answer, set off by spaces or punctuation (hyphens and apostrophes are part of a word: "long-since
+# abandoned"; an answer that starts with the word, "**Because of You**", is the answer). Tried where a run of spaces
+# or of punctuation follows a word only (tried at each character of a run, it was quadratic in its length).
+_REASON = re.compile(r"(?:(?<=\w)\s*[^\w\s'\u2019-]+\s*|(?<=[\w'\u2019-])\s+|(?<=[^\w\s])\s+)(?:because|since)\b.*\Z",
+                     re.DOTALL)
 # Punctuation, a space in the answer's place, but a minus sign before a number is kept: "-3" is not "3"
 _PUNCTUATION = re.compile(r"(?P<minus>(?<![\w.])[-\u2212](?=\d))|[^\w\s]|_")
 

@@ -130,8 +130,10 @@ class _Outage:
         """From a failed call until one reaches Redis again (a probe's PING included): the store serves without it."""
         return self._down
 
-    def begin(self, exc: Exception, *, said: bool = False) -> None:
-        """An outage, from ``exc``; ``said``: already warned of (``check_redis`` at start), so logged at debug."""
+    def begin(self, exc: Exception, *, said: bool = False, probe: Callable[[], object] | None = None) -> None:
+        """An outage, from ``exc``; ``said``: already warned of (``check_redis`` at start), so logged at debug.
+        ``probe``: for this outage, where the store has none of its own (one that nothing may use for a while, a
+        rate store with no limit configured, would otherwise read as down until it is used)."""
         cause = redact(f"{type(exc).__name__}: {exc}")
         with self._lock:
             if not self._down and not said:
@@ -141,12 +143,14 @@ class _Outage:
                 log.debug("redis still unreachable for %s (%s)", self.what, cause)
             self._down = True
             self._until = self.clock() + self.retry_s
-            if self.probe is not None and _unreachable(exc) and not self._stop.is_set():
-                self._probed = self._prober is not None or self._start_prober()
+            probe = probe or self.probe
+            if probe is not None and _unreachable(exc) and not self._stop.is_set():
+                self._probed = self._prober is not None or self._start_prober(probe)
 
-    def _start_prober(self) -> bool:
+    def _start_prober(self, probe: Callable[[], object]) -> bool:
         """Start the probe thread (under the lock); False where none can start, and the time window serves."""
-        prober = threading.Thread(target=self._probing, name=f"redis probe ({self.what})", daemon=True)
+        prober = threading.Thread(target=self._probing, args=(probe,), name=f"redis probe ({self.what})",
+                                  daemon=True)
         try:
             prober.start()
         except RuntimeError as exc:  # no thread to be had: the next call past retry_s tries Redis, as without one
@@ -155,11 +159,10 @@ class _Outage:
         self._prober = prober
         return True
 
-    def _probing(self) -> None:
-        assert self.probe is not None
+    def _probing(self, probe: Callable[[], object]) -> None:
         while not self._stop.wait(self.retry_s):
             try:
-                self.probe()
+                probe()
             except Exception as exc:  # any failure is the outage going on (logged)
                 log.debug("redis still unreachable for %s (%s)", self.what, redact(f"{type(exc).__name__}: {exc}"))
                 continue
@@ -217,11 +220,13 @@ class RedisRateStore:
         """False while an outage has this replica enforce its limits on its own (``moe_redis_up``)."""
         return not self._outage.down
 
-    def assume_down(self, exc: Exception) -> None:
-        """Redis did not answer at start (``check_redis``, which said so): serve without it until it does."""
-        self._outage.begin(exc, said=True)
+    def assume_down(self, exc: Exception, probe: Callable[[], object]) -> None:
+        """Redis did not answer at start (``check_redis``, which said so): serve without it until ``probe`` (a
+        blocking PING, on a thread of its own) or a take finds it answering."""
+        self._outage.begin(exc, said=True, probe=probe)
 
     async def aclose(self) -> None:
+        self._outage.close()
         await self.client.aclose()
 
 
@@ -538,8 +543,8 @@ class RedisFeedbackStore(FeedbackStore):
         return not self._outage.down and time.monotonic() >= self._down_until
 
     def assume_down(self, exc: Exception) -> None:
-        """As ``RedisRateStore.assume_down``."""
-        self._outage.begin(exc, said=True)
+        """As ``RedisRateStore.assume_down``, probed on the client that remembers answers."""
+        self._outage.begin(exc, said=True, probe=self.remember_client.ping)
 
     async def aremember(self, request_id: str, query: str, expert: str, key: str | None = None) -> None:
         if self._outage.active():  # skipped during an outage: not even a thread is needed
@@ -558,6 +563,7 @@ class RedisFeedbackStore(FeedbackStore):
         return await in_pool(self._pool, fn, *args)
 
     def close(self) -> None:
+        self._outage.close()
         self._pool.shutdown(wait=False, cancel_futures=True)
         self.client.close()
         if self.remember_client is not self.client:
@@ -623,9 +629,10 @@ class SharedState:
     def assume_redis_down(self, exc: Exception) -> None:
         """Redis did not answer at start: the stores serve on their own (``moe_redis_up`` 0) until it answers, as
         after an outage, rather than each saying so only once first used."""
-        for store in (self.rate_store, self.breaker_store):
-            if isinstance(store, RedisRateStore | RedisBreakerStore):
-                store.assume_down(exc)
+        if isinstance(self.breaker_store, RedisBreakerStore):
+            self.breaker_store.assume_down(exc)
+            if isinstance(self.rate_store, RedisRateStore):  # its client is async: PINGed on the breakers' one
+                self.rate_store.assume_down(exc, self.breaker_store.client.ping)
 
     async def aclose(self) -> None:
         if isinstance(self.rate_store, RedisRateStore):

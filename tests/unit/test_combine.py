@@ -232,6 +232,9 @@ def test_extract_number_reads_the_stated_number_canonically(text: str, number: s
         ("Paris [since 1789]", "paris"),
         ("Paris:because", "paris"),
         ("Paris...because it is", "paris"),
+        # An answer that starts with the word is the answer.
+        ('"Because of You"', "because of you"),
+        ("**Since U Been Gone**", "since u been gone"),
         ("this answer has far too many words to count as a short one", None),
         ("...", None),
     ],
@@ -239,6 +242,11 @@ def test_extract_number_reads_the_stated_number_canonically(text: str, number: s
 def test_extract_short_folds_unicode_case_punctuation_and_the_answer_prefix(text: str, short: str | None) -> None:
     assert extract_short(text) == short
     assert short is None or extract_short(short) == short  # what it gives, read again, is itself
+
+
+def test_a_hyphen_joins_since_to_the_word_before_it() -> None:
+    # Not read again as itself: the hyphen is folded into a space, and "long since ..." reads as a reason.
+    assert extract_short("long-since abandoned") == "long since abandoned"
 
 
 def test_top1_takes_the_heaviest_answer() -> None:

@@ -153,8 +153,8 @@ def test_user_jsonl_test_labels_written_another_way_are_flagged(
     notes = json.loads((out / "results.json").read_text(encoding="utf-8"))["notes"]
     flagged = [n for n in notes if "only in case, spaces, invisible characters or Unicode form" in n]
     assert flagged == ["test label 'Expert-Aurora ' differs from training label 'expert-aurora' only in case, "
-                       "spaces or Unicode form, so its 10 queries are scored as out of scope; if they are the same "
-                       "class, write the label the same way in both files"]
+                       "spaces, invisible characters or Unicode form, so its 10 queries are scored as out of scope; "
+                       "if they are the same class, write the label the same way in both files"]
     assert f"warning: {flagged[0]}" in capsys.readouterr().err
     assert "1 training queries carry more than one label; the gate splits its probability between them" in notes
 
