@@ -435,7 +435,10 @@ class RedisFeedbackStore(FeedbackStore):
         self.where = where  # for the log: the URL with any credentials redacted
         self.retention_s = retention_s
         self._add = client.register_script(_ADD)
-        self._outage = _Outage("feedback", 5.0, fallback="answers are not remembered for rating by id")
+        # PINGed on a thread while down, so the outage ends when Redis answers, not with the next answer remembered
+        # (a replica taking only verdicts read as down until then).
+        self._outage = _Outage("feedback", 5.0, fallback="answers are not remembered for rating by id",
+                               probe=self.remember_client.ping)
         self._down_s = timeout_s
         self._down_until = 0.0  # verdict calls are refused at once until then (monotonic): Redis was unreachable
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=_VERDICT_THREADS,
@@ -544,7 +547,7 @@ class RedisFeedbackStore(FeedbackStore):
 
     def assume_down(self, exc: Exception) -> None:
         """As ``RedisRateStore.assume_down``, probed on the client that remembers answers."""
-        self._outage.begin(exc, said=True, probe=self.remember_client.ping)
+        self._outage.begin(exc, said=True)
 
     async def aremember(self, request_id: str, query: str, expert: str, key: str | None = None) -> None:
         if self._outage.active():  # skipped during an outage: not even a thread is needed

@@ -217,3 +217,30 @@ async def test_verdicts_sent_while_redis_hangs_do_not_hold_up_answers() -> None:
             assert all("send it again" in str(r) for r in results)
         finally:
             store.close()
+
+
+def test_an_outage_of_remembering_ends_when_redis_answers_not_with_the_next_answer() -> None:
+    """The outage a failed ``remember`` began ended only when a later answer was remembered: a replica taking only
+    verdicts (or no traffic) read ``moe_redis_up{store="feedback"}`` 0 after Redis was back."""
+    import shutil
+    import subprocess
+
+    port = free_port()
+    store = RedisFeedbackStore.from_config(StateConfig(backend="redis"), {"MOE_REDIS_URL": f"redis://127.0.0.1:{port}/0"})
+    started = None
+    try:
+        store.remember("chatcmpl-1", "an integral", "math")
+        assert not store.redis_up()
+        binary = shutil.which("redis-server")
+        assert binary is not None
+        started = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly",
+                                    "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 20.0
+        while not store.redis_up():  # no answer remembered meanwhile
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+    finally:
+        store.close()
+        if started is not None:
+            started.terminate()
+            started.wait(10)
