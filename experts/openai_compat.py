@@ -96,6 +96,9 @@ class OpenAICompatibleExpert(Expert):
     # Added to a stream's ``stream_options`` (whose ``include_usage`` is always on): what this kind of server
     # offers beyond OpenAI's, which refuses keys it does not know.
     STREAM_OPTIONS: ClassVar[Mapping[str, Any]] = {}
+    # Whether the upstream is another router that sends its routing trace in a reply's ``moe`` field (a subclass
+    # says so): any other upstream's ``moe`` object would reach clients as a trace it made up.
+    SENDS_TRACE: ClassVar[bool] = False
 
     def __init__(self, config: ExpertSpec, context: ExpertContext | None = None) -> None:
         super().__init__(config, context)
@@ -266,10 +269,9 @@ class OpenAICompatibleExpert(Expert):
                            usage_estimated=estimated)
 
     def _nested(self, trace: Any) -> dict[str, Any] | None:
-        """The routing trace another moe-router sends in its answer's ``moe`` field, for a ``type: router``
-        expert only (any other upstream's ``moe`` object would reach clients as a trace it made up), with every
-        string scrubbed of this expert's credentials as error text is."""
-        if self.config.type != "router" or not isinstance(trace, dict):
+        """The routing trace another moe-router sends in its answer's ``moe`` field, where the upstream is one
+        (``SENDS_TRACE``), with every string scrubbed of this expert's credentials as error text is."""
+        if not self.SENDS_TRACE or not isinstance(trace, dict):
             return None
         return self._scrubbed(trace) if self._secrets else trace
 
@@ -462,7 +464,7 @@ class OpenAICompatibleExpert(Expert):
             log.info("expert %s (%s): HTTP 404 failed (%s)", self.name, redact(self._url), NoRecording.kind)
             return NoRecording(self.name, self._excerpt(text))
         failure = self._http_error(status, self._excerpt(text), labels, headers.get("retry-after"), param)
-        if data is not None:  # another moe-router's error carries its trace (read for a type: router expert only)
+        if data is not None:  # another moe-router's error carries its trace (read where SENDS_TRACE says so)
             failure.nested = self._nested(data.get("moe"))
         return failure
 

@@ -191,7 +191,9 @@ class RouterExpert(Expert):
 
 class _RouterEndpoint(OpenAICompatibleExpert):
     """Another moe-router's service: each call tells it the outer call's limits (``CallScope.headers``), which
-    it applies where they are tighter than its own config's."""
+    it applies where they are tighter than its own config's, and its replies carry its routing trace."""
+
+    SENDS_TRACE = True
 
     def _request_headers(self) -> dict[str, str] | None:
         return _caller().headers() or None

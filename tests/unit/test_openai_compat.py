@@ -717,10 +717,15 @@ async def test_only_a_router_experts_moe_field_is_taken_as_its_trace(
         server: ScriptedOpenAIServer, make_expert: MakeExpert, monkeypatch: pytest.MonkeyPatch,
         kind: str, streaming: bool) -> None:
     """Any upstream's own top-level ``moe`` object reached clients as a nested routing trace, one that could hold
-    the router's own key; only another moe-router's is taken, with this expert's credentials scrubbed from it."""
+    the router's own key; only another moe-router's is taken (the class a ``type: router`` expert calls it over
+    HTTP with, ``SENDS_TRACE``), with this expert's credentials scrubbed from it."""
+    from router.hierarchy import _RouterEndpoint
+
     monkeypatch.setenv("UNIT_EXPERT_KEY", SECRET)
     expert = make_expert(type=kind, api_key_env="UNIT_EXPERT_KEY",
                          **({"model": "auto"} if kind == "router" else {}))
+    if kind == "router":
+        expert = _RouterEndpoint(expert.config)
     trace = {"echo": f"Bearer {SECRET}", "attempts": [{"expert": SECRET, "ok": True}], "cost_usd": 0.5}
     if streaming:
         chunk = {"id": "c", "object": "chat.completion.chunk", "model": "m",
@@ -733,6 +738,7 @@ async def test_only_a_router_experts_moe_field_is_taken_as_its_trace(
         server.push(Behaviour.raw(json.dumps(body).encode()))
         nested = (await expert.generate(ask())).nested
     if kind == "router":
+        await expert.aclose()
         assert nested == {"echo": "Bearer ***", "attempts": [{"expert": "***", "ok": True}], "cost_usd": 0.5}
     else:
         assert nested is None
