@@ -224,15 +224,16 @@ def split_train_val(texts: Sequence[str], labels: Sequence[str], *, seed: int = 
     return np.flatnonzero(~in_val), np.flatnonzero(in_val)
 
 
-def _conflicts_shown(conflicts: Mapping[str, Sequence[str]], places: Mapping[str, Sequence[str]],
+def _conflicts_shown(conflicts: Mapping[str, Sequence[str]], places: Mapping[str, Sequence[tuple[str, str]]],
                      shown: int = 3) -> str:
-    """The first ``shown`` of ``conflicts`` (text -> labels), each with where it was given where ``places`` knows
-    (``data.jsonl:2 (music), data.jsonl:9 (weather)``), and how many more there are."""
+    """The first ``shown`` of ``conflicts`` (text -> labels), each with its labels and where it was given with
+    them, as far as ``places`` knows (``'q': music, weather (data.jsonl:2 music, data.jsonl:9 weather)``), and how
+    many more there are."""
     parts = []
     for text, labels in list(conflicts.items())[:shown]:
-        where = places.get(text)
-        parts.append(f"{text[:80]!r} ({', '.join(where[:4]) + (' ...' if len(where) > 4 else '')})" if where
-                     else f"{text[:80]!r}: {', '.join(labels)}")
+        where = [f"{place} {label}" for place, label in places.get(text, ()) if label in labels]
+        listed = f" ({', '.join(where[:4])}{' ...' if len(where) > 4 else ''})" if where else ""
+        parts.append(f"{text[:80]!r}: {', '.join(labels)}{listed}")
     more = len(conflicts) - shown
     return "; ".join(parts) + (f"; and {more} more" if more > 0 else "")
 
@@ -259,7 +260,7 @@ def train_gate(texts: Sequence[str], labels: Sequence[str], encoder: Encoder, *,
                seed: int = 0, val_fraction: float = 0.15, progress: bool = True,
                classifier: Classifier | None = None, pinned: Collection[str] = (),
                min_held_out: int = MIN_HELD_OUT, refit: bool = True,
-               places: Mapping[str, Sequence[str]] | None = None) -> Gate:
+               places: Mapping[str, Sequence[tuple[str, str]]] | None = None) -> Gate:
     """Embed, split, fit the classifier on the train part, then the temperature and the out-of-distribution
     grids and threshold on queries it did not train on: the validation part, or where that holds fewer than two
     experts' queries or fewer than ``min_held_out`` queries, every example out of fold (the module docstring,

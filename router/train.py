@@ -99,9 +99,10 @@ class TrainingData:
     # The queries only clients' feedback gave (no config example or training file holds them): the gate trains
     # on them, but never shows their text as a decision's nearest example, which every client sees.
     private: frozenset[str] = frozenset()
-    # Label data: where each text was given, with its label ("data.jsonl:12 (music)", "experts[0] (maths).examples[3]
-    # (maths)"), for a warning that names where a text given two labels is.
-    places: dict[str, list[str]] = field(default_factory=dict)
+    # Label data: where each text was given, and with which label (("data.jsonl:12", "music"),
+    # ("experts[0] (maths).examples[3]", "maths"), ("feedback", "music")), for a warning that names where a text
+    # given two labels is.
+    places: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
 
 
 def load_labelled_jsonl(path: str | Path) -> list[tuple[str, str]]:
@@ -197,7 +198,18 @@ def fold_feedback(data: TrainingData, verdicts: list[FeedbackRecord], experts: l
     return TrainingData("label", texts=[q for q, _ in pairs], labels=[e for _, e in pairs],
                         feedback=data.feedback + len(kept), feedback_through=through, config_examples=fixed,
                         dropped=data.dropped + dropped, pinned=data.pinned | {q for q, _ in good},
-                        private=private, places=data.places)
+                        private=private, places=_places_after(data.places, wrong, good))
+
+
+def _places_after(places: dict[str, list[tuple[str, str]]], wrong: set[tuple[str, str]],
+                  good: list[tuple[str, str]]) -> dict[str, list[tuple[str, str]]]:
+    """``places`` with feedback folded in: a pair bad feedback dropped from the files loses its places (the config's
+    examples stay, as ``fold_feedback`` keeps them), a good one is a place of its own."""
+    kept = {text: [(where, label) for where, label in found
+                   if (text, label) not in wrong or where.startswith("experts[")] for text, found in places.items()}
+    for text, label in good:
+        kept.setdefault(text, []).append(("feedback", label))
+    return kept
 
 
 def _collect_files(config: RouterConfig, drop_unknown: bool = False) -> TrainingData:
@@ -215,7 +227,7 @@ def _collect_files(config: RouterConfig, drop_unknown: bool = False) -> Training
         data.texts += expert.examples
         data.labels += [expert.name] * len(expert.examples)
         for j, example in enumerate(expert.examples):
-            data.places.setdefault(example, []).append(f"experts[{i}] ({expert.name}).examples[{j}] ({expert.name})")
+            data.places.setdefault(example, []).append((f"experts[{i}] ({expert.name}).examples[{j}]", expert.name))
     data.config_examples = len(data.texts)
     for path in paths:
         rows = _labelled_lines(path)
@@ -225,7 +237,7 @@ def _collect_files(config: RouterConfig, drop_unknown: bool = False) -> Training
         data.texts += [q for _, q, _ in rows]
         data.labels += [label for _, _, label in rows]
         for number, query, label in rows:
-            data.places.setdefault(query, []).append(f"{path}:{number} ({label})")
+            data.places.setdefault(query, []).append((f"{path}:{number}", label))
     return data
 
 
@@ -389,7 +401,7 @@ def train_from_config(config: RouterConfig, *, progress: bool = True, feedback: 
         fast = train_gate(data.texts, data.labels, build_encoder(config.gate.cascade.encoder),
                           experts=routed, progress=progress,
                           classifier=build_classifier(config.gate.classifier, balance=config.gate.balance),
-                          pinned=data.pinned, refit=False)
+                          pinned=data.pinned, refit=False, places=data.places)
         _record_feedback(fast, data)
         served = CascadeGate.train(gate, fast, data.texts, data.labels, agreement=config.gate.cascade.agreement,
                                    familiar=config.gate.cascade.familiar, pinned=data.pinned)

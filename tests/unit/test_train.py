@@ -416,6 +416,23 @@ def test_texts_given_two_labels_are_named_by_file_and_line(tmp_path: Path, snips
     with caplog.at_level("WARNING", logger="router.gate"):
         train_from_config(config, progress=False)
     first = rows[0]
-    assert (f"5 training queries carry more than one label: {first['query']!r} ({path}:1 ({first['label']}), "
-            f"{path}:{len(rows) + 1} ({rows[25]['label']}))") in caplog.text
+    both = sorted([first["label"], rows[25]["label"]])
+    assert (f"5 training queries carry more than one label: {first['query']!r}: {', '.join(both)} ({path}:1 "
+            f"{first['label']}, {path}:{len(rows) + 1} {rows[25]['label']})") in caplog.text
     assert "; and 2 more; the gate learns to split its probability between them" in caplog.text
+
+
+def test_the_places_of_a_text_follow_the_feedback_folded_in() -> None:
+    """A conflict feedback made (a good verdict giving a file's text another label) was shown with the file's label
+    alone, and a pair bad feedback dropped still named its line."""
+    from router.gate_train import _conflicts_shown
+    from router.train import _places_after
+
+    places = {"what is 2+2": [("data.jsonl:1", "maths")], "hello": [("data.jsonl:2", "chat"),
+                                                                   ("experts[0] (chat).examples[0]", "chat")]}
+    after = _places_after(places, wrong={("hello", "chat")}, good=[("what is 2+2", "music")])
+    assert after == {"what is 2+2": [("data.jsonl:1", "maths"), ("feedback", "music")],
+                     "hello": [("experts[0] (chat).examples[0]", "chat")]}
+    assert _conflicts_shown({"what is 2+2": ["maths", "music"]}, after) == (
+        "'what is 2+2': maths, music (data.jsonl:1 maths, feedback music)")
+    assert _conflicts_shown({"q": ["a", "b"]}, {}) == "'q': a, b"
