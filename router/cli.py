@@ -11,7 +11,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from router.encoder_types import ENCODER_BACKENDS
+from router.encoder_types import ENCODER_BACKENDS, known_backends
 
 if TYPE_CHECKING:
     from router.config import RouterConfig
@@ -439,7 +439,7 @@ def encoder_backend(raw: str) -> str:
     from experts.plugins import ENCODER_GROUP, installed
 
     if raw not in ENCODER_BACKENDS and raw not in installed(ENCODER_GROUP):
-        known = ", ".join(sorted({*ENCODER_BACKENDS, *installed(ENCODER_GROUP)}))
+        known = ", ".join(known_backends())
         raise argparse.ArgumentTypeError(f"unknown encoder backend {raw!r}; known: {known}")
     return raw
 

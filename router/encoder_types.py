@@ -7,7 +7,9 @@ every ``moe`` command, ``--help`` included) loads no numpy.
 
 from __future__ import annotations
 
-__all__ = ["ENCODER_BACKENDS"]
+from experts.plugins import ENCODER_GROUP, installed
+
+__all__ = ["ENCODER_BACKENDS", "known_backends"]
 
 ENCODER_BACKENDS: dict[str, str] = {
     "onnx": "router.encoders:OnnxMiniLMEncoder",
@@ -15,3 +17,9 @@ ENCODER_BACKENDS: dict[str, str] = {
     "sentence-transformers": "router.encoders:SentenceTransformerEncoder",
     "static": "router.static_encoder:StaticMiniLMEncoder",
 }
+
+
+def known_backends() -> list[str]:
+    """Every backend a config may name: ``ENCODER_BACKENDS``' and the installed packages' entry points' (as
+    ``experts.registry.known_types`` for expert types)."""
+    return sorted({*ENCODER_BACKENDS, *installed(ENCODER_GROUP)})

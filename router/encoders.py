@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any, Self
 import numpy as np
 
 from experts.plugins import ENCODER_GROUP, installed, load
-from router.encoder_types import ENCODER_BACKENDS
+from router.encoder_types import ENCODER_BACKENDS, known_backends
 from router.files import sha256_file
 
 if TYPE_CHECKING:
@@ -536,6 +536,6 @@ def build_encoder(cfg: EncoderConfig) -> Encoder:
     elif cfg.backend in installed(ENCODER_GROUP):
         cls = load(ENCODER_GROUP, cfg.backend, Encoder)
     else:
-        known = ", ".join(sorted({*ENCODER_BACKENDS, *installed(ENCODER_GROUP)}))
+        known = ", ".join(known_backends())
         raise ValueError(f"unknown encoder backend {cfg.backend!r}; known: {known}")
     return cls.from_config(cfg)

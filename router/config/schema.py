@@ -28,7 +28,7 @@ from pydantic_core import PydanticCustomError
 
 from experts.plugins import COMBINER_GROUP, ENCODER_GROUP, PluginError, installed, load
 from experts.types import is_blank
-from router.encoder_types import ENCODER_BACKENDS
+from router.encoder_types import ENCODER_BACKENDS, known_backends
 from router.fallback import MAX_BUDGET_USD, MAX_DEADLINE_S
 
 SCHEMA_VERSION = 1
@@ -40,7 +40,6 @@ NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._@/:+-]{0,127}$"
 ENV_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"
 # An expert's endpoint: the scheme here, the rest (host, port, no query) in ``_endpoint_problems``.
 HTTP_URL_PATTERN = r"^https?://\S+$"
-
 
 
 class ConfigError(ValueError):
@@ -296,7 +295,7 @@ class EncoderConfig(_Strict):
         if backend in ENCODER_BACKENDS:
             return backend
         if backend not in installed(ENCODER_GROUP):
-            known = sorted({*ENCODER_BACKENDS, *installed(ENCODER_GROUP)})
+            known = known_backends()
             raise ValueError(f"unknown encoder backend {backend!r}; known: {', '.join(known)} (an installed package "
                              f"adds one through an entry point of group {ENCODER_GROUP!r})")
         from router.encoders import Encoder  # numpy: imported only for a name that is not built in
