@@ -18,9 +18,10 @@ from openai import AsyncOpenAI
 from experts.openai_compat import OpenAICompatibleExpert
 from experts.types import ChatMessage, ChatRequest, StreamDelta
 from router.config import ExpertConfig
-from router.orchestrator import StreamEnd, StreamPiece, _continuation
+from router.orchestrator import StreamEnd, StreamPiece
 from router.sdk import AsyncClient, LocalRouter, _Protocol
 from router.service import _Chunks, _sse
+from router.streaming import continuation as _continuation
 from router.trace import Trace
 from tests.doubles.scripted_server import Behaviour, ScriptedOpenAIServer
 from tests.support import service_over

@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from experts.types import ChatMessage, ChatRequest
-from router.orchestrator import CONTINUE_PROMPT
+from router.streaming import CONTINUE_PROMPT
 from tests.doubles.scripted_server import Behaviour, ScriptedOpenAIServer
 from tests.support import service_over
 
