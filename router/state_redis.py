@@ -43,9 +43,9 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, get_args
 
-from router.breaker import BreakerState, BreakerStore, MemoryBreakerStore
+from router.breaker import BreakerState, BreakerStore, MemoryBreakerStore, State
 from router.config import ConfigError, RateLimitConfig, StateConfig
 from router.feedback import (
     REDIS_REQUEST_RETENTION_S,
@@ -234,7 +234,8 @@ def _encode(state: BreakerState) -> dict[str, str]:
     return {k: json.dumps(v) for k, v in asdict(state).items()}
 
 
-# What each field of a stored ``BreakerState`` must hold, as JSON gives it back (an int is a number too).
+# What each field of a stored ``BreakerState`` must hold, as JSON gives it back (an int is a number too). A test
+# pins these to the dataclass's fields and their defaults (tests/unit/test_state_redis_decode.py).
 _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "state": (str,), "consecutive": (int,), "trips": (int,), "opened_at": (int, float), "cooldown_s": (int, float),
     "probes": (int,), "probe_round": (int,), "buckets": (list,), "last_error": (str, type(None)), "held": (bool,),
@@ -258,7 +259,7 @@ def _decode(raw: Mapping[bytes | str, bytes | str]) -> BreakerState:
             raise BadBreakerHash(f"field {name!r} is not JSON") from None
         ok = isinstance(value, _FIELD_TYPES[name]) and (name == "held" or not isinstance(value, bool))
         if name == "state":
-            ok = ok and value in ("closed", "open", "half_open")
+            ok = ok and value in get_args(State)
         elif name == "buckets":
             ok = ok and all(isinstance(b, list) and len(b) == 3 and all(type(n) is int for n in b) for b in value)
         if not ok:
