@@ -146,8 +146,8 @@ def run_suite(name: str, data_dir: str | Path | None, out: str | Path, *, encode
         raise ValueError(f"--out {out}: cannot create the folder ({exc.strerror or exc})") from None
     started = time.perf_counter()
     try:
-        # the suites train several gates on the same data; each warning is shown once
-        with warnings_once(), files_read() as read:
+        # the suites train several gates on the same data; each warning is shown once, and noted in the report
+        with warnings_once(into=ctx.notes), files_read() as read:
             body = label_suites.run_jsonl(ctx, oos_label=oos_label) if name == "jsonl" else SUITES[name](ctx)
         roots = [ctx.data_dir] if name != "jsonl" else [p for p in (ctx.train_path, ctx.test_path) if p]
         setup = {"suite": name, "encoder": f"{cached.identity} (sha256 {cached.checksum[:12]}…)", "seed": seed,

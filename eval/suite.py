@@ -32,9 +32,10 @@ ONCE_LOGGERS = ("router.gate", "router.cascade", "router.outcome_gate", "router.
 
 
 class _Once(logging.Filter):
-    def __init__(self) -> None:
+    def __init__(self, into: list[str] | None = None) -> None:
         super().__init__()
         self.seen: set[tuple[str, int, str]] = set()
+        self.into = into
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno < logging.WARNING:
@@ -43,14 +44,17 @@ class _Once(logging.Filter):
         if key in self.seen:
             return False
         self.seen.add(key)
+        if self.into is not None and key[2] not in self.into:
+            self.into.append(key[2])
         return True
 
 
 @contextmanager
-def warnings_once(names: Sequence[str] = ONCE_LOGGERS) -> Iterator[None]:
+def warnings_once(names: Sequence[str] = ONCE_LOGGERS, into: list[str] | None = None) -> Iterator[None]:
     """While inside, a warning (or worse) logged again by one of ``names`` (same logger, level and text) is
-    dropped."""
-    once = _Once()
+    dropped. ``into``: a list (a run's notes) each distinct warning is added to, so the report says what the
+    terminal did (a gate that could not calibrate an expert, a text given two labels)."""
+    once = _Once(into)
     loggers = [logging.getLogger(n) for n in names]
     for logger in loggers:
         logger.addFilter(once)

@@ -180,6 +180,27 @@ def test_user_jsonl_training_labels_written_two_ways_are_flagged(
     assert said in notes and f"warning: {said}" in capsys.readouterr().err
 
 
+def test_a_warning_of_the_gates_training_is_in_the_report_as_well_as_the_terminal(
+        data_dir: Path, tmp_path: Path, cache_dir: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A label with one training example cannot be held out for calibration; the warning saying so reached
+    stderr only, so results.json and report.md read as though every label were calibrated."""
+    monkeypatch.setenv("MOE_CACHE_DIR", str(cache_dir))
+    rows = _relabelled(data_dir, "train", 20)
+    dune = [i for i, row in enumerate(rows) if row["label"] == "expert-dune"]
+    rows = [row for i, row in enumerate(rows) if i not in dune[1:]]  # expert-dune keeps one example
+    train = _write_jsonl(tmp_path / "train.jsonl", rows)
+    test = _write_jsonl(tmp_path / "test.jsonl", _relabelled(data_dir, "test", 5))
+    out = tmp_path / "out"
+    assert cli_main(["eval", "--train", str(train), "--test", str(test), "--out", str(out), "--no-plots",
+                     "--encoder", "static"]) == 0
+    warned = [r.getMessage() for r in caplog.records if r.name == "router.gate" and "none of them of" in r.getMessage()]
+    assert warned and "'expert-dune'" in warned[0]
+    notes = json.loads((out / "results.json").read_text(encoding="utf-8"))["notes"]
+    assert warned[0] in notes and notes.count(warned[0]) == 1
+    assert warned[0] in (out / "report.md").read_text(encoding="utf-8")
+
+
 def test_the_out_of_scope_label_written_another_way_is_flagged(
         data_dir: Path, tmp_path: Path, cache_dir: Path, monkeypatch: pytest.MonkeyPatch,
         capsys: pytest.CaptureFixture[str]) -> None:
