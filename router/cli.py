@@ -83,7 +83,7 @@ def _serve(args: argparse.Namespace, sighups: list[int]) -> int:
     feedback = open_feedback_store(config)
     if unanswered is not None and isinstance(feedback, RedisFeedbackStore):
         feedback.assume_down(unanswered)
-    app = create_app(orchestrator, rate_store=state.rate_store, reloader=reloader, feedback=feedback)
+    app = create_app(orchestrator, rate_store=state.rate_store, reloader=reloader, feedback=feedback, closes=[state])
     serve(app, host=args.host or config.service.host, port=args.port or config.service.port,
           log_level=args.log_level, log_config=uvicorn_log_config(args.log_level))
     return 0

@@ -24,9 +24,9 @@ import os
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -412,17 +412,23 @@ def _problems(handler: Callable[..., Awaitable[Response]]) -> Callable[..., Awai
     return wrapped
 
 
+class Closeable(Protocol):
+    async def aclose(self) -> None: ...
+
+
 def create_app(orchestrator: Orchestrator | None = None,
                factory: Callable[[], Awaitable[Orchestrator]] | None = None, *,
                rate_store: RateStore | None = None, environ: Mapping[str, str] | None = None,
-               reloader: Reloader | None = None, feedback: FeedbackStore | None = None) -> FastAPI:
+               reloader: Reloader | None = None, feedback: FeedbackStore | None = None,
+               closes: Sequence[Closeable] = ()) -> FastAPI:
     """The service around one orchestrator, given built or built at startup by ``factory``.
 
     ``rate_store`` holds the rate-limit buckets (in memory by default; a shared store for several replicas);
     ``environ`` is where keys named by ``security.*_env`` are read (``os.environ`` by default); ``reloader``
     swaps in a new orchestrator when the config changes (``POST /admin/reload``, and its own triggers, which
     run while the app's lifespan does); ``feedback`` stores verdicts on answers (without one, ``/v1/feedback``
-    answers 409). The app owns both and closes them when its lifespan ends.
+    answers 409). The app owns both and closes them when its lifespan ends, and then each of ``closes`` (what
+    ``moe serve`` built for every config: its shared state's Redis clients and their outage probes).
     """
 
     @asynccontextmanager
@@ -444,6 +450,8 @@ def create_app(orchestrator: Orchestrator | None = None,
             await app.state.orchestrator.aclose()
             if feedback is not None:
                 await feedback.aclose()
+            for resource in closes:
+                await resource.aclose()
 
     app = FastAPI(title="moe-router", version="0.1.0", lifespan=lifespan)
     app.state.orchestrator = orchestrator

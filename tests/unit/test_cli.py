@@ -223,6 +223,40 @@ def _serving_captured(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
     return served
 
 
+def test_serve_closes_its_shared_state_when_the_app_stops(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The state ``moe serve`` builds once for every config (Redis clients, their outage probes) was never closed:
+    the app's lifespan closed the orchestrator and the feedback store, and left the state to the process's end."""
+    import asyncio
+
+    from router import build
+    from router.state_redis import SharedState
+
+    built: list[SharedState] = []
+    closed: list[SharedState] = []
+
+    def build_shared_state(*args: Any) -> SharedState:
+        state = SharedState()
+
+        async def aclose() -> None:
+            closed.append(state)
+
+        state.aclose = aclose  # type: ignore[method-assign]
+        built.append(state)
+        return state
+
+    monkeypatch.setattr(build, "build_shared_state", build_shared_state)
+    served = _serving_captured(monkeypatch)
+    assert main(["serve", "--config", str(served_config(tmp_path)), "--port", "8123"]) == 0
+    app = served[0].app.app  # inside AbortStalled
+
+    async def run_lifespan() -> None:
+        async with app.router.lifespan_context(app):
+            assert closed == []
+        assert closed == built and len(built) == 1
+
+    asyncio.run(run_lifespan())
+
+
 @pytest.mark.skipif(sys.platform == "win32", reason="uvloop has no Windows build")
 def test_serve_gets_uvloop_and_httptools_from_uvicorn_s_auto_choice(tmp_path: Path,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
