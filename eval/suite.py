@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -13,6 +12,7 @@ import numpy as np
 
 from eval.datasets import _unit_hash
 from eval.embeddings import CachedEncoder
+from router import logs
 
 __all__ = ["PREDICTIONS", "SuiteContext", "as_float", "check_limit", "subsample", "warnings_once"]
 
@@ -31,38 +31,13 @@ def check_limit(limit: int | None) -> None:
 ONCE_LOGGERS = ("router.gate", "router.cascade", "router.outcome_gate", "router.static_encoder")
 
 
-class _Once(logging.Filter):
-    def __init__(self, into: list[str] | None = None) -> None:
-        super().__init__()
-        self.seen: set[tuple[str, int, str]] = set()
-        self.into = into
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno < logging.WARNING:
-            return True
-        key = (record.name, record.levelno, record.getMessage())
-        if key in self.seen:
-            return False
-        self.seen.add(key)
-        if self.into is not None and key[2] not in self.into:
-            self.into.append(key[2])
-        return True
-
-
 @contextmanager
 def warnings_once(names: Sequence[str] = ONCE_LOGGERS, into: list[str] | None = None) -> Iterator[None]:
-    """While inside, a warning (or worse) logged again by one of ``names`` (same logger, level and text) is
-    dropped. ``into``: a list (a run's notes) each distinct warning is added to, so the report says what the
-    terminal did (a gate that could not calibrate an expert, a text given two labels)."""
-    once = _Once(into)
-    loggers = [logging.getLogger(n) for n in names]
-    for logger in loggers:
-        logger.addFilter(once)
-    try:
+    """``router.logs.warnings_once`` over the loggers a run's gates warn on; ``into``: a list (a run's notes)
+    each distinct warning is added to, so the report says what the terminal did (a gate that could not calibrate
+    an expert, a text given two labels)."""
+    with logs.warnings_once(names, into):
         yield
-    finally:
-        for logger in loggers:
-            logger.removeFilter(once)
 
 
 # Each scored test query's outcome, one JSON object per line beside results.json: what the metrics are computed

@@ -11,12 +11,15 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 from router.trace import Trace
 
-__all__ = ["REQUEST_LOGGER", "JsonFormatter", "RequestRecord", "configure_json_logging", "log_request"]
+__all__ = ["REQUEST_LOGGER", "JsonFormatter", "RequestRecord", "configure_json_logging", "log_request",
+           "warnings_once"]
 
 REQUEST_LOGGER = "router.requests"
 
@@ -145,3 +148,37 @@ def _json_object(message: str) -> dict[str, Any] | None:
     except ValueError:
         return None
     return value if isinstance(value, dict) else None
+
+
+class _Once(logging.Filter):
+    def __init__(self, into: list[str] | None = None) -> None:
+        super().__init__()
+        self.seen: set[tuple[str, int, str]] = set()
+        self.into = into
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING:
+            return True
+        key = (record.name, record.levelno, record.getMessage())
+        if key in self.seen:
+            return False
+        self.seen.add(key)
+        if self.into is not None and key[2] not in self.into:
+            self.into.append(key[2])
+        return True
+
+
+@contextmanager
+def warnings_once(names: Sequence[str], into: list[str] | None = None) -> Iterator[None]:
+    """While inside, a warning (or worse) logged again by one of the loggers ``names`` (same logger, level and
+    text) is dropped: work that trains several gates on the same data (a two-stage gate's stages, an eval's
+    systems) says what is wrong with the data once. ``into``: a list each distinct warning is added to."""
+    once = _Once(into)
+    loggers = [logging.getLogger(n) for n in names]
+    for logger in loggers:
+        logger.addFilter(once)
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            logger.removeFilter(once)

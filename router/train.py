@@ -60,6 +60,7 @@ from router.feedback import FeedbackRecord, load_feedback
 from router.files import staged
 from router.gate import Gate, train_gate
 from router.jsonl import read_jsonl
+from router.logs import warnings_once
 from router.outcome import PRIOR_RECORDS, OutcomeRecord, load_outcome_lines, train_file_kind
 
 if TYPE_CHECKING:
@@ -377,34 +378,11 @@ def train_from_config(config: RouterConfig, *, progress: bool = True, feedback: 
     if config.gate.cascade is not None and data.kind == "outcome":
         raise ValueError("gate.cascade applies to label gates, but gate.train_data holds outcome records; "
                          "remove gate.cascade, or train from labelled queries")
-    encoder = build_encoder(config.gate.encoder)
-    gate: Gate
-    if data.kind == "outcome":
-        from router.outcome_gate import config_prices, train_outcome_gate
-
-        trained = {e for r in data.records for e in r.outcomes}
-        _check_routable(config, trained)
-        _check_scored(config, data.records)
-        gate = train_outcome_gate(data.records, encoder, experts=[n for n in routed if n in trained],
-                                  cost_weight=config.gate.cost_weight, model=config.gate.success_model,
-                                  progress=progress, prices=config_prices(config))
-    else:
-        _check_routable(config, set(data.labels))
-        # A two-stage gate fits its thresholds on the queries both stages held out, however few (refit).
-        gate = train_gate(data.texts, data.labels, encoder, experts=routed, progress=progress,
-                          classifier=build_classifier(config.gate.classifier, balance=config.gate.balance),
-                          pinned=data.pinned, refit=config.gate.cascade is None, places=data.places)
+    # The two stages of a cascade train on the same data: what is wrong with it (texts given two labels, experts
+    # with no examples) is said once.
+    with warnings_once(("router.gate",)):
+        served = _train_gates(config, data, routed, progress=progress)
     artifact = config.resolve(config.gate.artifact)
-    _record_feedback(gate, data)
-    served: Gate | CascadeGate = gate
-    if config.gate.cascade is not None:
-        fast = train_gate(data.texts, data.labels, build_encoder(config.gate.cascade.encoder),
-                          experts=routed, progress=progress,
-                          classifier=build_classifier(config.gate.classifier, balance=config.gate.balance),
-                          pinned=data.pinned, refit=False, places=data.places)
-        _record_feedback(fast, data)
-        served = CascadeGate.train(gate, fast, data.texts, data.labels, agreement=config.gate.cascade.agreement,
-                                   familiar=config.gate.cascade.familiar, pinned=data.pinned)
     # One staging folder for the whole artifact: the gate, its fast stage and the vote weights are renamed into
     # place together once all are written, so a running service's reload watch never reads half of a new one.
     try:
@@ -424,6 +402,38 @@ def train_from_config(config: RouterConfig, *, progress: bool = True, feedback: 
 
         (artifact / VOTE_WEIGHTS_FILE).unlink(missing_ok=True)
     return served
+
+
+def _train_gates(config: RouterConfig, data: TrainingData, routed: list[str], *,
+                 progress: bool) -> Gate | CascadeGate:
+    """The gate the config describes, trained on ``data`` (its fast first stage too, with ``gate.cascade``)."""
+    encoder = build_encoder(config.gate.encoder)
+    gate: Gate
+    if data.kind == "outcome":
+        from router.outcome_gate import config_prices, train_outcome_gate
+
+        trained = {e for r in data.records for e in r.outcomes}
+        _check_routable(config, trained)
+        _check_scored(config, data.records)
+        gate = train_outcome_gate(data.records, encoder, experts=[n for n in routed if n in trained],
+                                  cost_weight=config.gate.cost_weight, model=config.gate.success_model,
+                                  progress=progress, prices=config_prices(config))
+    else:
+        _check_routable(config, set(data.labels))
+        # A two-stage gate fits its thresholds on the queries both stages held out, however few (refit).
+        gate = train_gate(data.texts, data.labels, encoder, experts=routed, progress=progress,
+                          classifier=build_classifier(config.gate.classifier, balance=config.gate.balance),
+                          pinned=data.pinned, refit=config.gate.cascade is None, places=data.places)
+    _record_feedback(gate, data)
+    if config.gate.cascade is None:
+        return gate
+    fast = train_gate(data.texts, data.labels, build_encoder(config.gate.cascade.encoder),
+                      experts=routed, progress=progress,
+                      classifier=build_classifier(config.gate.classifier, balance=config.gate.balance),
+                      pinned=data.pinned, refit=False, places=data.places)
+    _record_feedback(fast, data)
+    return CascadeGate.train(gate, fast, data.texts, data.labels, agreement=config.gate.cascade.agreement,
+                             familiar=config.gate.cascade.familiar, pinned=data.pinned)
 
 
 def _record_feedback(gate: Gate, data: TrainingData) -> None:

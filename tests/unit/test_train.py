@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -420,6 +421,20 @@ def test_texts_given_two_labels_are_named_by_file_and_line(tmp_path: Path, snips
     assert (f"5 training queries carry more than one label: {first['query']!r}: {', '.join(both)} ({path}:1 "
             f"{first['label']}, {path}:{len(rows) + 1} {rows[25]['label']})") in caplog.text
     assert "; and 2 more; the gate learns to split its probability between them" in caplog.text
+
+
+def test_a_two_stage_gate_says_what_is_wrong_with_its_data_once(tmp_path: Path, snips_rows: list[dict[str, str]],
+                                                                 caplog: pytest.LogCaptureFixture) -> None:
+    """Both stages of a cascade train on the same data, and each warned of the same texts given two labels."""
+    rows = list(snips_rows)
+    twice = [{**rows[i], "label": rows[i + 25]["label"]} for i in range(5)]
+    _write_jsonl(tmp_path / "data.jsonl", rows + twice)
+    config = _config(tmp_path, ["data.jsonl"], artifact="gate", cascade={})
+    with caplog.at_level("WARNING", logger="router.gate"):
+        train_from_config(config, progress=False)
+    said = [r.getMessage() for r in caplog.records if "carry more than one label" in r.getMessage()]
+    assert len(said) == 1 and said[0].startswith("5 training queries carry more than one label")
+    assert not logging.getLogger("router.gate").filters  # the filter is gone once training is done
 
 
 def test_the_places_of_a_text_follow_the_feedback_folded_in() -> None:
