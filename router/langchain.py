@@ -67,7 +67,7 @@ from pydantic import (
 )
 
 from experts.types import Usage
-from router import sdk
+from router import sdk, sdk_protocol
 from router.trace import Trace
 
 try:  # langchain-core 1.7.5+: what an integration raises for a refusal, whichever the provider
@@ -186,7 +186,7 @@ class ChatMoERouter(BaseChatModel):
     def headers_sendable(self) -> Self:
         """A key or header no request could carry (a control character left inside it), refused now rather than
         on every call; the error never shows it."""
-        sdk.client_headers(self._key(), self.default_headers)
+        sdk_protocol.client_headers(self._key(), self.default_headers)
         return self
 
     def __copy__(self) -> Self:

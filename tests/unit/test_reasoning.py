@@ -19,7 +19,8 @@ from experts.openai_compat import OpenAICompatibleExpert
 from experts.types import ChatMessage, ChatRequest, StreamDelta
 from router.config import ExpertConfig
 from router.orchestrator import StreamEnd, StreamPiece
-from router.sdk import AsyncClient, LocalRouter, _Protocol
+from router.sdk import AsyncClient, LocalRouter
+from router.sdk_protocol import BaseClient
 from router.service import _Chunks, _sse
 from router.streaming import continuation as _continuation
 from router.trace import Trace
@@ -188,7 +189,7 @@ async def test_the_services_stream_carries_reasoning_deltas_which_the_sdk_reads(
              for line in data.decode().split("\n") if line]
     deltas = [json.loads(line[6:])["choices"][0]["delta"] for line in lines[1:-2]]
     assert deltas == [{"reasoning_content": "think "}, {"reasoning_content": "hard"}, {"content": "B"}]
-    chunks = [c for c in map(_Protocol.stream_chunk, lines) if c is not None]
+    chunks = [c for c in map(BaseClient.stream_chunk, lines) if c is not None]
     assert [(c.reasoning_content, c.content) for c in chunks[:3]] == [("think ", ""), ("hard", ""), ("", "B")]
     assert chunks[-1].finish_reason == "stop"
 
