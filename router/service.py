@@ -763,6 +763,17 @@ class _Edge:
         scope.setdefault("state", {})["moe_record"] = record
         status = 500
         started = False
+        left = False
+
+        async def heard() -> Message:
+            # Starlette's streaming response listens for the client leaving while it streams, but its cancellation
+            # reaches the stream only while that waits on the network: one relaying an expert that answers faster
+            # than the client reads never waits, and relayed the whole answer into the closed connection (whose
+            # writes the server drops in silence). The next write after the leaving raises instead (``observed``).
+            nonlocal left
+            message = await receive()
+            left = left or message["type"] == "http.disconnect"
+            return message
 
         async def observed(message: Message) -> None:
             nonlocal status, started
@@ -772,6 +783,8 @@ class _Edge:
                                                   (b"x-request-id", record.request_id.encode())]}
                 await send(message)
                 return
+            if left:
+                raise ClientGone
             # A client that stops reading blocks the send (the socket's buffers are full), and with it the stream
             # and its expert's slot, past any deadline: past the request's own, with a margin, it is cut off.
             try:
@@ -787,10 +800,15 @@ class _Edge:
                 record.key_name, record.key_sha256 = verdict.key_name, verdict.key_sha256
                 app.state.metrics.rejected.labels(verdict.code).inc()
                 body = error_body(verdict.message, verdict.type, verdict.code)
-                await JSONResponse(body, status_code=verdict.status, headers=verdict.headers)(scope, receive, observed)
+                await JSONResponse(body, status_code=verdict.status, headers=verdict.headers)(scope, heard, observed)
             else:
                 record.key_name, record.key_sha256 = verdict.key_name, verdict.key_sha256
-                await self.app(scope, receive, observed)
+                await self.app(scope, heard, observed)
+        except (ClientGone, ClientDisconnect):
+            # The client left while its answer was being sent (ClientDisconnect: as Starlette reports a write that
+            # failed for it). A stream ends now, through the close below, which logs it as the client's leaving.
+            if scope["state"].get("moe_stream") is None:
+                record.error = record.error or "client_closed_request"
         except ClientStalled:
             # Nothing more can reach the client, and nothing is wrong with the service: one log line says so, the
             # connection is dropped (``STALLED`` tells ``router.serving`` to abort it), and the stream, closed here
@@ -812,12 +830,21 @@ class _Edge:
                 raise
             await _internal_error_response(scope["path"], exc)(scope, receive, observed)
         finally:
+            # A stream its response left unfinished (the client left, and the stream was cancelled while it was
+            # being written) is closed here: Starlette leaves it suspended, holding its expert's call and slot.
+            stream = scope["state"].pop("moe_stream", None)
+            if stream is not None:
+                await stream.aclose()
             record.status, record.latency_ms = status, (time.perf_counter() - start) * 1000.0
             _observe(app, record)
 
 
 class ClientStalled(Exception):
     """The client stopped reading its answer (``_send_limit``)."""
+
+
+class ClientGone(Exception):
+    """The client left while its answer was being sent (``_Edge``)."""
 
 
 # Set in a request's ``scope["state"]`` when its client stopped reading: its connection is to be aborted, not closed

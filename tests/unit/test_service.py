@@ -849,6 +849,56 @@ async def test_a_client_that_stops_reading_a_stream_is_cut_off_at_the_deadline(
     assert not any("without completing response" in r.getMessage() for r in caplog.records)  # uvicorn's own
 
 
+class _Torrent(FakeExpert):
+    """A test double streaming 100,000 small pieces with no pause: an expert (or a cache, or a nested router) that
+    answers faster than the router relays it. ``sent`` counts the pieces it gave."""
+
+    sent = 0
+
+    async def stream(self, request: ChatRequest) -> AsyncIterator[StreamDelta]:
+        self.requests.append(request)
+        for i in range(100_000):
+            self.sent += 1
+            yield StreamDelta(content=f"w{i:05d} ")
+        yield StreamDelta(finish_reason="stop", usage=Usage.counted(3, 100_000))
+
+
+async def test_a_client_that_leaves_a_fast_stream_ends_it_and_is_logged_as_leaving(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Over a real socket: a client reads part of a stream whose expert answers faster than it is relayed, then
+    resets the connection. Starlette's cancellation never reached the stream, which never waited on the network:
+    the whole answer was relayed into the closed connection, its expert's slot held to the end, and the request
+    logged as a complete 200 with every token counted."""
+    import socket
+    import struct
+
+    app = make_app()
+    orchestrator = app.state.orchestrator
+    torrent = _Torrent(orchestrator.config.expert("math"))
+    orchestrator.experts["math"] = torrent
+    body = json.dumps({"stream": True, "messages": [{"role": "user", "content": "an integral"}]}).encode()
+    with caplog.at_level(logging.INFO, logger="router.requests"):
+        async with serving(app) as url:
+            host, port = url.removeprefix("http://").split(":")
+            sock = socket.create_connection((host, int(port)))
+            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: localhost\r\n"
+                         b"content-type: application/json\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
+            got = 0
+            while got < 20_000:
+                got += len(await asyncio.to_thread(sock.recv, 65536))
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            sock.close()  # a reset: the tab was closed
+            for _ in range(100):
+                await asyncio.sleep(0.05)
+                if orchestrator.expert_states()["math"]["in_flight"] == 0 and orchestrator.active == 0:
+                    break
+            await asyncio.sleep(0.2)
+    assert torrent.sent < 100_000  # the expert's stream was closed part way
+    lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "router.requests"]
+    assert [(line["status"], line.get("error")) for line in lines] == [(200, "client_closed_request")]
+    assert lines[0]["completion_tokens"] < 100_000 and lines[0]["attempts"][-1]["kind"] == "cancelled"
+
+
 async def _asgi(app, messages: list[dict[str, object]], *, path: str = "/v1/chat/completions"):  # type: ignore[no-untyped-def]
     """Drive ``app`` as a server would, with ``messages`` as what ``receive`` returns in turn (then nothing,
     ever), and collect what it sends."""
