@@ -138,7 +138,14 @@ class Client(BaseClient):
             return self.read(self._http.post("/v1/feedback", json=body), FeedbackRecord.model_validate,
                              "a feedback record")
 
+    @property
+    def closed(self) -> bool:
+        return self._http.is_closed
+
     def close(self) -> None:
+        """Close the connections. A call another thread has in flight then fails with a ``RouterConnectionError``
+        saying the client was closed, once the service answers or the call's timeout ends (closing a socket does
+        not wake a thread reading it): close a client shared by threads once their calls are done."""
         self._closer()
 
     def __enter__(self) -> Client:

@@ -190,6 +190,12 @@ class BaseClient:
                 where = f" {exc.request.method} {_shown(exc.request.url)}"
             except RuntimeError:  # raised before a request existed
                 where = f" {_shown(httpx.URL(self.base_url))}"
+            if self.closed:
+                # Another thread closed the client while this call waited for its answer: the answer is lost, and
+                # the socket's error ("Bad file descriptor") would blame the service.
+                raise RouterConnectionError(f"the client was closed (close()) while the call{where} was in flight; "
+                                            "its answer, if the service sent one, is lost", "connection_error") \
+                    from exc
             if isinstance(exc, httpx.TimeoutException):
                 raise RouterConnectionError(f"no answer from the service{where} within "
                                             f"{_timeout_text(limit, exc)} ({type(exc).__name__})", "timeout") from exc
@@ -201,6 +207,11 @@ class BaseClient:
                                             "key)", "connection_error") from None
             raise RouterConnectionError(f"cannot reach the service{where}: {exc or type(exc).__name__}",
                                         "connection_error") from exc
+
+    @property
+    def closed(self) -> bool:
+        """Whether the client was closed (``Client.close``): a call fails once it is."""
+        return False
 
     @staticmethod
     def chat_body(messages: Messages, model: str, stream: bool, params: dict[str, Any],

@@ -47,6 +47,30 @@ async def test_a_service_that_cannot_be_reached_is_a_router_connection_error() -
         assert str(info.value).startswith(f"cannot reach the service POST {url}/v1/")
 
 
+async def test_a_call_in_flight_when_another_thread_closes_the_client_says_so() -> None:
+    """A thread's call failed with "cannot reach the service ...: [Errno 9] Bad file descriptor" (or a timeout)
+    once another thread closed the shared client: the service was reached, the client was closed."""
+    with ScriptedOpenAIServer(name="slow") as server:
+        server.default = Behaviour.hang()
+        client = Client(server.url.removesuffix("/v1"), timeout=1.0)
+        failed: list[BaseException] = []
+
+        def call() -> None:
+            try:
+                client.chat("hi")
+            except RouterConnectionError as exc:
+                failed.append(exc)
+
+        thread = threading.Thread(target=call)
+        thread.start()
+        await asyncio.sleep(0.3)
+        client.close()
+        await asyncio.to_thread(thread.join, 10)
+    assert len(failed) == 1 and client.closed
+    assert str(failed[0]).startswith("the client was closed (close()) while the call POST ")
+    assert getattr(failed[0], "code", None) == "connection_error"
+
+
 async def test_a_service_that_does_not_answer_in_time_is_a_timeout_naming_it() -> None:
     with ScriptedOpenAIServer(name="slow") as server:
         server.default = Behaviour.hang()
