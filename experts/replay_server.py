@@ -21,12 +21,13 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from experts.base import Expert
 from experts.errors import ExpertError, NoRecording
@@ -35,8 +36,20 @@ from experts.types import ChatRequest, ExpertReply, StreamDelta, Usage
 __all__ = ["create_app"]
 
 
-def _error(status: int, message: str, type_: str, code: str) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": type_, "code": code}}, status_code=status)
+def _error(status: int, message: str, type_: str, code: str,
+           headers: Mapping[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": type_, "param": None, "code": code}},
+                        status_code=status, headers=headers)
+
+
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
+    """Starlette's own errors (an unknown path, a method a route does not take) in OpenAI's error body, as the
+    rest: an OpenAI client reads its code."""
+    assert isinstance(exc, StarletteHTTPException)
+    message = {404: f"no route {request.method} {request.url.path}",
+               405: f"{request.method} is not allowed on {request.url.path}"}.get(exc.status_code, str(exc.detail))
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "invalid_request")
+    return _error(exc.status_code, message, "invalid_request_error", code, exc.headers)
 
 
 def _expert_error(exc: ExpertError) -> JSONResponse:
@@ -148,7 +161,11 @@ def create_app(experts: Sequence[Expert]) -> FastAPI:
     if len(by_name) != len(experts):
         raise ValueError("expert names must be unique")
     app = FastAPI(title="replay experts", docs_url=None, redoc_url=None)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
     app.state.experts = by_name
+
+    def model_card(name: str) -> dict[str, Any]:
+        return {"id": name, "object": "model", "created": 0, "owned_by": by_name[name].config.model}
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
@@ -156,8 +173,14 @@ def create_app(experts: Sequence[Expert]) -> FastAPI:
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        data = [{"id": n, "object": "model", "created": 0, "owned_by": e.config.model} for n, e in by_name.items()]
-        return {"object": "list", "data": data}
+        return {"object": "list", "data": [model_card(n) for n in by_name]}
+
+    @app.get("/v1/models/{model:path}", response_model=None)
+    async def model(model: str) -> dict[str, Any] | JSONResponse:
+        if model not in by_name:
+            known = ", ".join(by_name) or "none"
+            return _error(404, f"unknown model {model!r}; known: {known}", "not_found_error", "model_not_found")
+        return model_card(model)
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat_completions(request: Request) -> JSONResponse | StreamingResponse:

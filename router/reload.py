@@ -228,7 +228,7 @@ class Reloader:
             config = load_config(self.path)
         except ConfigError as exc:
             return None, commits, self._failed(exc), None
-        except Exception as exc:  # RecursionError (a file nested too deep for the parser), a bug: refused too
+        except Exception as exc:  # anything else loading raises (a bug of ours): refused too
             return None, commits, [self._problem("<load>", exc)], exc
         try:
             self._candidate = self._stamps(config_inputs(config))

@@ -70,6 +70,22 @@ async def test_health_and_models(client: httpx.AsyncClient) -> None:
     assert [(m["id"], m["owned_by"]) for m in models["data"]] == [("gpt4", RB_MODEL), ("gemma", "gemma-7b")]
 
 
+async def test_one_model_and_the_server_s_own_errors_are_openai_s(client: httpx.AsyncClient) -> None:
+    """GET /v1/models/{id} was a bare 404 for a model /v1/models lists, and an unknown path or method got
+    FastAPI's {"detail": ...}: an OpenAI client read no code from either."""
+    card = (await client.get("/v1/models/gemma")).json()
+    assert card == {"id": "gemma", "object": "model", "created": 0, "owned_by": "gemma-7b"}
+    unknown = await client.get("/v1/models/nobody")
+    assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "model_not_found"
+    for method, path, status, code in (("POST", "/v1/completions", 404, "not_found"),
+                                       ("GET", "/v1/chat/completions", 405, "method_not_allowed")):
+        response = await client.request(method, path, json={})
+        error = response.json()["error"]
+        assert (response.status_code, error["code"], error["type"]) == (status, code, "invalid_request_error")
+        assert path in error["message"] and error["param"] is None
+    assert "POST" in (await client.get("/v1/chat/completions")).headers["allow"]
+
+
 async def test_completion_carries_the_recorded_text_and_cost(
     client: httpx.AsyncClient, mbpp_row: RouterBenchRow
 ) -> None:
