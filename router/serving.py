@@ -26,7 +26,7 @@ import uvicorn
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from router.compose import router_drain_s
-from router.service import STALLED
+from router.edge import STALLED
 
 __all__ = ["SHUTDOWN_MARGIN_S", "AbortStalled", "RouterServer", "serve", "transport_of"]
 

@@ -17,11 +17,11 @@ from openai import AsyncOpenAI
 
 from experts.openai_compat import OpenAICompatibleExpert
 from experts.types import ChatMessage, ChatRequest, StreamDelta
+from router.completions import Chunks, sse
 from router.config import ExpertConfig
 from router.orchestrator import StreamEnd, StreamPiece
 from router.sdk import AsyncClient, LocalRouter
 from router.sdk_protocol import BaseClient
-from router.service import _Chunks, _sse
 from router.streaming import continuation as _continuation
 from router.trace import Trace
 from tests.doubles.scripted_server import Behaviour, ScriptedOpenAIServer
@@ -185,7 +185,7 @@ async def test_the_services_stream_carries_reasoning_deltas_which_the_sdk_reads(
         for event in events[1:]:
             yield event
 
-    lines = [line async for data in _sse(rest(), events[0], _Chunks("chatcmpl-1", False))
+    lines = [line async for data in sse(rest(), events[0], Chunks("chatcmpl-1", False))
              for line in data.decode().split("\n") if line]
     deltas = [json.loads(line[6:])["choices"][0]["delta"] for line in lines[1:-2]]
     assert deltas == [{"reasoning_content": "think "}, {"reasoning_content": "hard"}, {"content": "B"}]
