@@ -4,7 +4,8 @@ Paths in the file are relative to the file's own folder. ``${VAR}`` and ``${VAR:
 are expanded from the environment, so one file serves a laptop, CI and a compose deployment. Secrets are never
 written in the file: an expert names the environment variable that holds its key (``api_key_env``).
 
-Three modules, each depending only on those before it: ``schema`` (the models, one per section of the file),
+Three layers, each depending only on those before it: ``schema`` (the models, one per section of the file, in
+``fields``, ``expert``, ``gate``, ``policy`` and ``service``; ``schema`` holds the whole file's and imports the rest),
 ``checks`` (what the models cannot check field by field: references between sections, expert types, endpoints,
 the environment) and ``load`` (the file read, its variables expanded, every problem gathered).
 """

@@ -22,7 +22,7 @@ import yaml
 
 from router.compose import VLLM_IMAGE, VLLM_PORT, service_name, vllm_drain_s
 from router.config import ExpertConfig, RouterConfig, load_config
-from router.config.schema import _VLLM_FLAG_ALIASES, GENERATED_VLLM_FLAGS
+from router.config.expert import _VLLM_FLAG_ALIASES, GENERATED_VLLM_FLAGS
 
 pytestmark = pytest.mark.integration
 
