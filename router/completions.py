@@ -25,7 +25,6 @@ __all__ = ["Chunks", "FiniteJSONResponse", "began_by", "completion_body", "inclu
 log = logging.getLogger("router.service")
 
 
-
 # An infinite float (a log-probability of -inf: a token the model ruled out) is sent as this, with its sign: the
 # floor vLLM puts on a log-probability, as JSON has no infinity.
 _FLOOR = 9999.0

@@ -34,7 +34,6 @@ __all__ = ["STALLED", "ClientGone", "ClientStalled", "Edge", "detached_record", 
 log = logging.getLogger("router.service")
 
 
-
 def note_failure(record: RequestRecord, exc: AllExpertsFailed) -> None:
     """Note a total failure on the request's record: the causes, and the orchestrator's trace when it kept one
     (attempts, retries, a stream's switches), so the log line and the metrics show what was tried."""

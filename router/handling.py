@@ -22,7 +22,6 @@ __all__ = ["ClientLeft", "combiner_header", "limits_headers", "problem_response"
            "unless_client_leaves"]
 
 
-
 def problem_response(problem: RequestProblem) -> JSONResponse:
     return JSONResponse(problem.error_body(), status_code=problem.status)
 

@@ -450,7 +450,6 @@ _COMBINER_EXPERTS = (("aggregator", "fuse", "writes the final answer"),
                      ("escalate_to", "escalate", "answers when the panel disagrees"))
 
 
-
 def pydantic_problems(exc: ValidationError, raw: Any) -> list[tuple[str, str]]:
     problems = []
     for err in exc.errors():

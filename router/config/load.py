@@ -112,7 +112,6 @@ def _string_keys(value: Any, problems: list[tuple[str, str]], where: str = "") -
     return value
 
 
-
 # A config's size and depth, bounded before anything walks it: YAML's aliases let a few lines stand for billions
 # of values (a "billion laughs" file), or for a value that contains itself.
 MAX_CONFIG_VALUES, MAX_CONFIG_DEPTH = 1_000_000, 100
@@ -139,7 +138,6 @@ def _shape_problem(raw: Any) -> str | None:
             below = inside | {id(value)}
             stack.extend((child, depth + 1, below) for child in children)
     return None
-
 
 
 def parse_config(raw: Any, *, source: str = "<config>", base_dir: str | Path = ".",
