@@ -37,6 +37,7 @@ import threading
 import time
 import warnings
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Generator, Iterator, Sequence
+from dataclasses import dataclass
 from functools import partial
 from operator import itemgetter
 from typing import Any, Literal, Self, TypeVar, cast
@@ -87,6 +88,17 @@ _ALIASES = {"model_name": "model", "request_timeout": "timeout", "openai_api_key
             "openai_api_base": "base_url"}
 
 
+@dataclass(frozen=True)
+class _Call:
+    """One call's request, as ``ChatMoERouter._request`` reads it from the model and the call's keywords."""
+
+    model: str
+    combiner: str | None
+    params: dict[str, Any]
+    usage: bool  # whether a stream's last chunk carries the usage (``stream_usage``)
+    parse_into: type[BaseModel] | None  # a ``response_format`` class a whole answer is parsed into
+
+
 class ChatMoERouter(BaseChatModel):
     """A chat model whose every call is routed by the mixture-of-experts service."""
 
@@ -119,6 +131,8 @@ class ChatMoERouter(BaseChatModel):
     max_retries: int | None = Field(default=None, ge=0)
     # As ``ChatOpenAI``'s: True makes ``invoke`` stream (LangChain reads it).
     streaming: bool = False
+    # As ``ChatOpenAI``'s: whether a stream's last chunk carries the answer's usage (``usage_metadata``); never sent.
+    stream_usage: bool = True
     # Any other OpenAI request field (seed, response_format, ...), sent as given; an argument this model does not
     # declare lands here (see ``build_extra``).
     model_kwargs: dict[str, Any] = Field(default_factory=dict)
@@ -297,25 +311,28 @@ class ChatMoERouter(BaseChatModel):
     # client (see the module docstring) and retries as ``max_retries`` says.
     def _generate(self, messages: list[BaseMessage], stop: list[str] | None = None,
                   run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> ChatResult:
-        model, combiner, params = self._request(stop, kwargs)
+        call = self._request(stop, kwargs)
         client = self._client()
-        return _chat_result(self._retrying(lambda: client.chat(_wire(messages), model=model, combiner=combiner,
-                                                               **params)))
+        return _chat_result(self._retrying(lambda: client.chat(_wire(messages), model=call.model,
+                                                               combiner=call.combiner, **call.params)),
+                            call.parse_into)
 
     async def _agenerate(self, messages: list[BaseMessage], stop: list[str] | None = None,
                          run_manager: AsyncCallbackManagerForLLMRun | None = None, **kwargs: Any) -> ChatResult:
-        model, combiner, params = self._request(stop, kwargs)
+        call = self._request(stop, kwargs)
         client = await self._async_client()
-        return _chat_result(await self._aretrying(lambda: client.chat(_wire(messages), model=model,
-                                                                      combiner=combiner, **params)))
+        return _chat_result(await self._aretrying(lambda: client.chat(_wire(messages), model=call.model,
+                                                                      combiner=call.combiner, **call.params)),
+                            call.parse_into)
 
     def _stream(self, messages: list[BaseMessage], stop: list[str] | None = None,
                 run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> Iterator[ChatGenerationChunk]:
-        model, combiner, params = self._request(stop, kwargs)
+        call = self._request(stop, kwargs)
+        model, params = call.model, call.params
         client = self._client()
-        if not _streams(combiner):  # a combined answer: one call, one chunk (see the module docstring)
-            whole = _whole_chunk(self._retrying(lambda: client.chat(_wire(messages), model=model, combiner=combiner,
-                                                                    **params)))
+        if not _streams(call.combiner):  # a combined answer: one call, one chunk (see the module docstring)
+            whole = _whole_chunk(self._retrying(lambda: client.chat(_wire(messages), model=model,
+                                                                    combiner=call.combiner, **params)), call.usage)
             if run_manager and whole.message.content:
                 run_manager.on_llm_new_token(whole.text, chunk=whole)
             yield whole
@@ -324,7 +341,7 @@ class ChatMoERouter(BaseChatModel):
         pieces = self._retrying(lambda: _opened(client.stream(_wire(messages), model=model, **params)))
         with contextlib.closing(pieces):
             for piece in pieces:
-                chunk = _chunk(piece)
+                chunk = _chunk(piece, call.usage)
                 if run_manager and piece.content:
                     run_manager.on_llm_new_token(piece.content, chunk=chunk)
                 yield chunk
@@ -332,11 +349,13 @@ class ChatMoERouter(BaseChatModel):
     async def _astream(self, messages: list[BaseMessage], stop: list[str] | None = None,
                        run_manager: AsyncCallbackManagerForLLMRun | None = None,
                        **kwargs: Any) -> AsyncIterator[ChatGenerationChunk]:
-        model, combiner, params = self._request(stop, kwargs)
+        call = self._request(stop, kwargs)
+        model, params = call.model, call.params
         client = await self._async_client()
-        if not _streams(combiner):
+        if not _streams(call.combiner):
             whole = _whole_chunk(await self._aretrying(lambda: client.chat(_wire(messages), model=model,
-                                                                           combiner=combiner, **params)))
+                                                                           combiner=call.combiner, **params)),
+                                 call.usage)
             if run_manager and whole.message.content:
                 await run_manager.on_llm_new_token(whole.text, chunk=whole)
             yield whole
@@ -344,18 +363,40 @@ class ChatMoERouter(BaseChatModel):
         pieces = await self._aretrying(lambda: _aopened(client.stream(_wire(messages), model=model, **params)))
         async with contextlib.aclosing(pieces):
             async for piece in pieces:
-                chunk = _chunk(piece)
+                chunk = _chunk(piece, call.usage)
                 if run_manager and piece.content:
                     await run_manager.on_llm_new_token(piece.content, chunk=chunk)
                 yield chunk
 
     # -- shared ---------------------------------------------------------------------------------------------
-    def _request(self, stop: list[str] | None, kwargs: dict[str, Any]) -> tuple[str, str | None, dict[str, Any]]:
-        """The call's model, combiner and request parameters: the call's keywords over the model's own."""
+    def _combine_llm_outputs(self, llm_outputs: list[dict[str, Any] | None]) -> dict[str, Any]:
+        """``generate``'s ``llm_output`` over its calls, as ``ChatOpenAI``'s: the token usage added up, and the
+        model: the expert, when one answered every call, else this model's."""
+        outputs = [o for o in llm_outputs if o]
+        usage: dict[str, Any] = {}
+        for output in outputs:
+            usage = _added(usage, output.get("token_usage") or {})
+        names = {o.get("model_name") for o in outputs}
+        return {"token_usage": usage, "model_name": names.pop() if len(names) == 1 else self.model}
+
+    def _request(self, stop: list[str] | None, kwargs: dict[str, Any]) -> _Call:
+        """The call's model, combiner and request parameters: the call's keywords over the model's own.
+
+        ``stream_usage`` is this model's, never a request field. A pydantic class as ``response_format`` (as
+        ``ChatOpenAI`` takes it) is sent as its JSON schema, and a whole answer is parsed into it
+        (``additional_kwargs["parsed"]``)."""
         params = dict(kwargs)
         model = params.pop("model", None) or self.model
         combiner = params.pop("combiner") if "combiner" in params else self.combiner
-        return model, combiner, self._params(stop, params)
+        usage = params.pop("stream_usage", None)
+        params = self._params(stop, params)
+        usage = params.pop("stream_usage", self.stream_usage) if usage is None else usage  # from model_kwargs
+        parse_into = params.get("response_format")
+        if isinstance(parse_into, type) and is_basemodel_subclass(parse_into):
+            params["response_format"] = _response_format(parse_into, None, pydantic=True)
+        else:
+            parse_into = None
+        return _Call(model, combiner, params, bool(usage), parse_into)
 
     def _params(self, stop: list[str] | None, kwargs: dict[str, Any]) -> dict[str, Any]:
         params = {"temperature": self.temperature, "max_tokens": self.max_tokens, "top_p": self.top_p,
@@ -627,7 +668,22 @@ def _usage(usage: Usage) -> UsageMetadata:
     return metadata
 
 
-def _chat_result(result: sdk.ChatResult) -> ChatResult:
+def _added(total: dict[str, Any], more: dict[str, Any]) -> dict[str, Any]:
+    """Token counts added up, key by key, their breakdowns (nested counts) too."""
+    out = dict(total)
+    for key, value in more.items():
+        if isinstance(value, dict):
+            out[key] = _added(out.get(key) or {}, value)
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            out[key] = (out.get(key) or 0) + value
+        elif key not in out:
+            out[key] = value
+    return out
+
+
+def _chat_result(result: sdk.ChatResult, parse_into: type[BaseModel] | None = None) -> ChatResult:
+    """``parse_into``: the pydantic class a ``response_format`` named, which an answer (not a refusal nor a tool
+    call) is parsed into, as ``ChatOpenAI`` does it (a ``ValidationError`` when it does not fit)."""
     calls, invalid = _tool_calls(result.tool_calls or [])
     metadata = _metadata(result.expert, result.finish_reason, result.trace)
     info: dict[str, Any] = {"finish_reason": result.finish_reason}
@@ -637,6 +693,8 @@ def _chat_result(result: sdk.ChatResult) -> ChatResult:
     extra: dict[str, Any] = {"refusal": result.refusal} if result.refusal is not None else {}
     if result.reasoning_content is not None:
         extra["reasoning_content"] = result.reasoning_content
+    if parse_into is not None and result.refusal is None and not calls:
+        extra["parsed"] = parse_into.model_validate_json(result.content)
     message = AIMessage(content=result.content, tool_calls=calls, invalid_tool_calls=invalid, id=result.id or None,
                         additional_kwargs=extra, response_metadata=metadata, usage_metadata=_usage(result.usage))
     generation = ChatGeneration(message=message, generation_info=info)
@@ -644,7 +702,7 @@ def _chat_result(result: sdk.ChatResult) -> ChatResult:
                       llm_output={"model_name": result.expert, "token_usage": result.usage.model_dump()})
 
 
-def _chunk(piece: sdk.StreamChunk) -> ChatGenerationChunk:
+def _chunk(piece: sdk.StreamChunk, usage: bool = True) -> ChatGenerationChunk:
     # Tool-call deltas as LangChain's chunks: added together, they give the message its parsed tool_calls.
     calls = [tool_call_chunk(name=(d.get("function") or {}).get("name"), args=_args_text((d.get("function") or {}).get(
         "arguments")), id=d.get("id"), index=d.get("index")) for d in piece.tool_calls or []]
@@ -662,11 +720,11 @@ def _chunk(piece: sdk.StreamChunk) -> ChatGenerationChunk:
     message = AIMessageChunk(content=piece.content, tool_call_chunks=calls, id=piece.id or None,
                              additional_kwargs=extra,
                              response_metadata=_metadata(expert, piece.finish_reason, piece.trace),
-                             usage_metadata=_usage(piece.trace.usage), chunk_position="last")
+                             usage_metadata=_usage(piece.trace.usage) if usage else None, chunk_position="last")
     return ChatGenerationChunk(message=message, generation_info={**(info or {}), "finish_reason": piece.finish_reason})
 
 
-def _whole_chunk(result: sdk.ChatResult) -> ChatGenerationChunk:
+def _whole_chunk(result: sdk.ChatResult, usage: bool = True) -> ChatGenerationChunk:
     """A whole (combined) answer as the one and last chunk of a stream: what ``_chunk`` gives for the pieces of a
     streamed one, added up (tool calls as chunks, so they parse as the streamed ones do)."""
     calls = [tool_call_chunk(name=(c.get("function") or {}).get("name"), args=_args_text((c.get("function") or {}).get(
@@ -680,7 +738,7 @@ def _whole_chunk(result: sdk.ChatResult) -> ChatGenerationChunk:
     message = AIMessageChunk(content=result.content, tool_call_chunks=calls, id=result.id or None,
                              additional_kwargs=extra,
                              response_metadata=_metadata(result.expert, result.finish_reason, result.trace),
-                             usage_metadata=_usage(result.usage), chunk_position="last")
+                             usage_metadata=_usage(result.usage) if usage else None, chunk_position="last")
     return ChatGenerationChunk(message=message, generation_info=info)
 
 
@@ -749,22 +807,50 @@ def _answer_as(parser: PydanticOutputParser[Any], message: BaseMessage) -> BaseM
     return parsed
 
 
-def _refused(message: BaseMessage) -> None:
-    """``ModelRefusalError`` for a refusal (where ``_chat_result`` and ``_chunk`` put it) or a ``content_filter``
-    finish, as ``ChatOpenAI``'s structured output raises it: there is no answer to parse."""
+def _refusing(message: BaseMessage) -> bool:
+    """Whether ``message`` (or a chunk of one) is a refusal (where ``_chat_result`` and ``_chunk`` put it) or
+    finished for a content filter: there is no answer to parse."""
+    return bool(message.additional_kwargs.get("refusal")) or \
+        message.response_metadata.get("finish_reason") == "content_filter"
+
+
+def _refused(message: BaseMessage) -> ModelRefusalError:
+    """``ModelRefusalError`` for a refusing ``message``, as ``ChatOpenAI``'s structured output raises it."""
     if refusal := message.additional_kwargs.get("refusal"):
-        raise ModelRefusalError(str(refusal), raw_message=message)
-    if message.response_metadata.get("finish_reason") == "content_filter":
-        raise ModelRefusalError("the answer was stopped by a content filter", raw_message=message)
+        return ModelRefusalError(str(refusal), raw_message=message)
+    return ModelRefusalError("the answer was stopped by a content filter", raw_message=message)
+
+
+class _Refusal:
+    """The messages a structured output's parser is given, until one refuses: a streamed refusal comes in pieces,
+    so from its first on the rest are added to it, and the whole refusal is raised once the stream ends."""
+
+    def __init__(self) -> None:
+        self.refusal: BaseMessage | None = None
+
+    def passes(self, message: BaseMessage) -> bool:
+        if isinstance(self.refusal, AIMessageChunk) and isinstance(message, AIMessageChunk):
+            self.refusal = self.refusal + message
+        elif self.refusal is None and _refusing(message):
+            self.refusal = message
+        return self.refusal is None
+
+    def end(self) -> None:
+        if self.refusal is not None:
+            raise _refused(self.refusal)
 
 
 def _no_refusal(messages: Iterator[BaseMessage]) -> Iterator[BaseMessage]:
+    refusal = _Refusal()
     for message in messages:
-        _refused(message)
-        yield message
+        if refusal.passes(message):
+            yield message
+    refusal.end()
 
 
 async def _ano_refusal(messages: AsyncIterator[BaseMessage]) -> AsyncIterator[BaseMessage]:
+    refusal = _Refusal()
     async for message in messages:
-        _refused(message)
-        yield message
+        if refusal.passes(message):
+            yield message
+    refusal.end()

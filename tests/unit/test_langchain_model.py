@@ -340,6 +340,20 @@ def test_the_last_streamed_chunk_carries_usage_and_every_message_the_answer_id()
     assert (model_for(app).invoke("an integral").id or "").startswith("chatcmpl-")
 
 
+def test_stream_usage_is_the_model_s_never_a_request_field(recwarn: pytest.WarningsRecorder) -> None:
+    """ChatOpenAI's stream_usage was sent to the experts as an unknown field (an upstream that checks its fields
+    refuses it), and given to the model it warned of an undeclared argument."""
+    app = make_app()
+    sent = app.state.fake_experts["math"].requests
+    quiet = model_for(app, stream_usage=False)
+    assert not recwarn.list
+    assert all(c.usage_metadata is None for c in quiet.stream("an integral"))
+    counted = list(quiet.stream("an integral", stream_usage=True))
+    assert counted[-1].usage_metadata is not None and counted[-1].usage_metadata["output_tokens"] == 3
+    quiet.invoke("an integral", stream_usage=True)
+    assert len(sent) == 3 and not any("stream_usage" in (r.model_extra or {}) for r in sent)
+
+
 @pytest.mark.parametrize(("given", "sent"), [
     ("any", "required"),  # what langchain-core's own with_structured_output asks for
     ("add", {"type": "function", "function": {"name": "add"}}),

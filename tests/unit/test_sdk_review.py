@@ -20,7 +20,7 @@ from typing import Any
 import httpx
 import pytest
 from langchain_core.exceptions import ModelRefusalError
-from langchain_core.messages import AIMessageChunk
+from langchain_core.messages import AIMessageChunk, HumanMessage
 from langchain_core.tools import tool
 from pydantic import BaseModel
 
@@ -279,6 +279,63 @@ def test_a_refusal_is_a_model_refusal_error(service: ScriptedOpenAIServer) -> No
     model = ChatMoERouter(base_url=root(service))
     with pytest.raises(ModelRefusalError, match="I will not weigh that"):
         model.with_structured_output(Answer).invoke("weigh it")
+    model.close()
+
+
+def _refusal_stream(*pieces: str) -> bytes:
+    """A stream whose answer is a refusal, sent in ``pieces``, as the service streams one."""
+    def chunk(delta: dict[str, Any], finish: str | None = None) -> str:
+        return "data: " + json.dumps({"id": "chatcmpl-r", "object": "chat.completion.chunk", "created": 1,
+                                      "model": "math", "choices": [{"index": 0, "delta": delta,
+                                                                    "finish_reason": finish}]}) + "\n\n"
+    lines = [chunk({"role": "assistant", "content": ""})] + [chunk({"refusal": p}) for p in pieces]
+    return "".join([*lines, chunk({}, "stop"), "data: [DONE]\n\n"]).encode()
+
+
+async def test_a_streamed_refusal_is_raised_whole(service: ScriptedOpenAIServer) -> None:
+    """A refusal streamed in pieces was raised on its first piece: "I can't " instead of "I can't help"."""
+    model = ChatMoERouter(base_url=root(service))
+    structured = model.with_structured_output(Answer)
+    service.push(Behaviour.raw(_refusal_stream("I can't ", "help"), content_type="text/event-stream"))
+    with pytest.raises(ModelRefusalError) as info:
+        list(structured.stream("weigh it"))
+    assert str(info.value) == "I can't help"
+    assert info.value.raw_message.additional_kwargs["refusal"] == "I can't help"  # type: ignore[attr-defined]
+    service.push(Behaviour.raw(_refusal_stream("I will", " not"), content_type="text/event-stream"))
+    with pytest.raises(ModelRefusalError, match=r"^I will not$"):
+        [c async for c in structured.astream("weigh it")]
+    model.close()
+    await model.aclose()
+
+
+def test_a_pydantic_class_as_response_format_is_sent_as_its_schema_and_parsed(service: ScriptedOpenAIServer) -> None:
+    """ChatOpenAI's idiom, invoke(..., response_format=Answer): the class went into the request body as it was, a
+    TypeError before anything was sent."""
+    service.default = Behaviour.ok('{"value": 5, "unit": "kg"}')
+    model = ChatMoERouter(base_url=root(service))
+    message = model.invoke("weigh it", response_format=Answer)
+    assert message.additional_kwargs["parsed"] == Answer(value=5, unit="kg")
+    sent = service.requests[-1]["response_format"]
+    assert sent["type"] == "json_schema" and sent["json_schema"]["name"] == "Answer"
+    assert model.bind(response_format=Answer).invoke("weigh it").additional_kwargs["parsed"].value == 5
+    streamed = list(model.stream("weigh it", response_format=Answer))
+    assert "".join(str(c.content) for c in streamed) == '{"value": 5, "unit": "kg"}'
+    assert service.requests[-1]["response_format"]["type"] == "json_schema"
+    model.close()
+
+
+def test_generate_s_llm_output_adds_up_the_calls_usage_as_chatopenai_s(service: ScriptedOpenAIServer) -> None:
+    """generate() gave llm_output {}: the per-call outputs were merged by BaseChatModel's default."""
+    model = ChatMoERouter(base_url=root(service))
+    result = model.generate([[HumanMessage("hi")], [HumanMessage("hello")]])
+    assert result.llm_output is not None
+    calls = [g[0].message.usage_metadata for g in result.generations]  # type: ignore[attr-defined]
+    assert result.llm_output["token_usage"] == {
+        "prompt_tokens": sum(u["input_tokens"] for u in calls),
+        "completion_tokens": sum(u["output_tokens"] for u in calls),
+        "total_tokens": sum(u["total_tokens"] for u in calls)}
+    assert calls[0]["total_tokens"] > 0 and calls[1]["total_tokens"] > 0
+    assert result.llm_output["model_name"] == result.generations[0][0].message.response_metadata["model_name"]
     model.close()
 
 
