@@ -441,7 +441,7 @@ def open_feedback_store(config: RouterConfig, environ: Mapping[str, str] | None 
         return None
     remember_s = config.feedback.remember_s
     if config.state.backend == "redis":
-        from router.state_redis import RedisFeedbackStore
+        from router.feedback_redis import RedisFeedbackStore
 
         return RedisFeedbackStore.from_config(config.state, os.environ if environ is None else environ,
                                               retention_s=remember_s or REDIS_REQUEST_RETENTION_S)

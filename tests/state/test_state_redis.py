@@ -369,10 +369,10 @@ def test_an_error_from_a_redis_that_answers_is_no_outage_a_ping_ends(
 def test_an_outage_without_a_probe_thread_ends_by_its_time_window(monkeypatch: pytest.MonkeyPatch) -> None:
     """With no thread to be had, or after close(), begin() raised into the breaker's call or left the outage on for
     good; the time window serves then, as it does without a probe."""
-    from router.state_redis import _Outage
+    from router.redis_client import Outage
 
     refused = redis.ConnectionError("refused")
-    closed = _Outage("circuit breakers", 0.05, probe=lambda: None)
+    closed = Outage("circuit breakers", 0.05, probe=lambda: None)
     closed.close()
     closed.begin(refused)
     assert closed.active() and closed._prober is None
@@ -382,7 +382,7 @@ def test_an_outage_without_a_probe_thread_ends_by_its_time_window(monkeypatch: p
         raise RuntimeError("can't start new thread")
 
     monkeypatch.setattr(threading.Thread, "start", no_thread)
-    starved = _Outage("circuit breakers", 0.05, probe=lambda: None)
+    starved = Outage("circuit breakers", 0.05, probe=lambda: None)
     starved.begin(refused)
     assert starved.active() and starved._prober is None
     _wait_for(lambda: not starved.active(), 1.0)
@@ -548,7 +548,7 @@ def test_a_redis_that_answers_ping_with_an_error_stops_the_start(redis_url: str)
     ends: the replica ran alone, its /health ok, logging "unreachable" every few seconds."""
     import ssl
 
-    from router.state_redis import _certificate_refused
+    from router.redis_client import certificate_refused
 
     with pytest.raises(ConfigError) as info:
         check_redis(StateConfig(backend="redis"), {"MOE_REDIS_URL": redis_url.rsplit("/", 1)[0] + "/99999"})
@@ -561,8 +561,8 @@ def test_a_redis_that_answers_ping_with_an_error_stops_the_start(redis_url: str)
         except ssl.SSLError as cause:
             raise redis.ConnectionError("Error 1 connecting to host:6380.") from cause
     except redis.ConnectionError as exc:
-        assert _certificate_refused(exc)
-    assert not _certificate_refused(redis.ConnectionError("Error 111 connecting: Connection refused."))
+        assert certificate_refused(exc)
+    assert not certificate_refused(redis.ConnectionError("Error 111 connecting: Connection refused."))
 
 
 async def _redis_up(app: FastAPI) -> dict[str, float]:
