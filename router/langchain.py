@@ -31,12 +31,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
-import random
-import threading
 import time
 import warnings
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Generator, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
 from operator import itemgetter
@@ -46,15 +43,13 @@ import httpx
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
 from langchain_core.language_models import LanguageModelInput
 from langchain_core.language_models.chat_models import BaseChatModel
-from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, convert_to_openai_messages
-from langchain_core.messages.ai import InputTokenDetails, OutputTokenDetails, UsageMetadata
-from langchain_core.messages.tool import invalid_tool_call, tool_call, tool_call_chunk
+from langchain_core.messages import AIMessage, BaseMessage
 from langchain_core.output_parsers import JsonOutputParser, PydanticOutputParser
 from langchain_core.output_parsers.openai_tools import JsonOutputKeyToolsParser, PydanticToolsParser
-from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
+from langchain_core.outputs import ChatGenerationChunk, ChatResult
 from langchain_core.runnables import Runnable, RunnableGenerator, RunnableLambda, RunnableMap, RunnablePassthrough
 from langchain_core.tools import BaseTool
-from langchain_core.utils.function_calling import convert_to_openai_function, convert_to_openai_tool
+from langchain_core.utils.function_calling import convert_to_openai_tool
 from langchain_core.utils.pydantic import is_basemodel_subclass
 from pydantic import (
     BaseModel,
@@ -67,14 +62,20 @@ from pydantic import (
     model_validator,
 )
 
-from experts.types import Usage
 from router import sdk, sdk_protocol
-from router.trace import Trace
-
-try:  # langchain-core 1.7.5+: what an integration raises for a refusal, whichever the provider
-    from langchain_core.exceptions import ModelRefusalError
-except ImportError:  # older: a parsing failure, as with_structured_output's include_raw reports one
-    from langchain_core.exceptions import OutputParserException as ModelRefusalError  # type: ignore[assignment]
+from router.langchain_clients import Clients, aopened, opened, retry_wait
+from router.langchain_messages import (
+    added_up,
+    ano_refusal,
+    answer_as,
+    chat_result,
+    no_refusal,
+    openai_tool_choice,
+    schema_response_format,
+    stream_chunk,
+    whole_chunk,
+    wire_messages,
+)
 
 __all__ = ["ChatMoERouter"]
 
@@ -138,7 +139,7 @@ class ChatMoERouter(BaseChatModel):
     model_kwargs: dict[str, Any] = Field(default_factory=dict)
     transport: httpx.BaseTransport | None = Field(default=None, exclude=True)
     async_transport: httpx.AsyncBaseTransport | None = Field(default=None, exclude=True)
-    _clients: _Clients = PrivateAttr(default_factory=lambda: _Clients())
+    _clients: Clients = PrivateAttr(default_factory=lambda: Clients())
 
     @model_validator(mode="before")
     @classmethod
@@ -207,7 +208,7 @@ class ChatMoERouter(BaseChatModel):
         """A copy (``model_copy``) opens its own connections: it may be given another ``base_url`` or key, and
         closing one must not close the other's."""
         copied = super().__copy__()
-        copied._clients = _Clients()
+        copied._clients = Clients()
         return copied
 
     def close(self) -> None:
@@ -240,7 +241,7 @@ class ChatMoERouter(BaseChatModel):
         request's top level."""
         converted = [convert_to_openai_tool(t, strict=strict) for t in tools]
         bound: dict[str, Any] = {"tools": converted, **kwargs}
-        choice = _tool_choice(tool_choice, [t["function"]["name"] for t in converted])
+        choice = openai_tool_choice(tool_choice, [t["function"]["name"] for t in converted])
         if choice is not None:
             bound["tool_choice"] = choice
         return self.bind(**bound)
@@ -286,19 +287,19 @@ class ChatMoERouter(BaseChatModel):
             parser = PydanticOutputParser(pydantic_object=model_class) if model_class else JsonOutputParser()
         elif method == "json_schema":
             assert schema is not None
-            bound: dict[str, Any] = {"response_format": _response_format(schema, strict, pydantic),
+            bound: dict[str, Any] = {"response_format": schema_response_format(schema, strict, pydantic),
                                      "ls_structured_output_format": {**traced,
                                                                      "schema": convert_to_openai_tool(schema)},
                                      **kwargs}
             if tools:
                 bound["tools"] = [convert_to_openai_tool(t, strict=strict) for t in tools]
             llm = self.bind(**bound)
-            parser = (RunnableLambda(partial(_answer_as, PydanticOutputParser(pydantic_object=model_class)))
+            parser = (RunnableLambda(partial(answer_as, PydanticOutputParser(pydantic_object=model_class)))
                       if model_class else JsonOutputParser())
         else:
             raise ValueError(f"method {method!r} is none of json_schema, function_calling, json_mode")
         # Checked chunk by chunk, so a streamed structured answer still streams.
-        checked = RunnableGenerator(_no_refusal, _ano_refusal) | parser
+        checked = RunnableGenerator(no_refusal, ano_refusal) | parser
         if not include_raw:
             return llm | checked
         parsed = RunnablePassthrough.assign(parsed=itemgetter("raw") | checked, parsing_error=lambda _: None)
@@ -313,7 +314,7 @@ class ChatMoERouter(BaseChatModel):
                   run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> ChatResult:
         call = self._request(stop, kwargs)
         client = self._client()
-        return _chat_result(self._retrying(lambda: client.chat(_wire(messages), model=call.model,
+        return chat_result(self._retrying(lambda: client.chat(wire_messages(messages), model=call.model,
                                                                combiner=call.combiner, **call.params)),
                             call.parse_into)
 
@@ -321,7 +322,7 @@ class ChatMoERouter(BaseChatModel):
                          run_manager: AsyncCallbackManagerForLLMRun | None = None, **kwargs: Any) -> ChatResult:
         call = self._request(stop, kwargs)
         client = await self._async_client()
-        return _chat_result(await self._aretrying(lambda: client.chat(_wire(messages), model=call.model,
+        return chat_result(await self._aretrying(lambda: client.chat(wire_messages(messages), model=call.model,
                                                                       combiner=call.combiner, **call.params)),
                             call.parse_into)
 
@@ -331,17 +332,17 @@ class ChatMoERouter(BaseChatModel):
         model, params = call.model, call.params
         client = self._client()
         if not _streams(call.combiner):  # a combined answer: one call, one chunk (see the module docstring)
-            whole = _whole_chunk(self._retrying(lambda: client.chat(_wire(messages), model=model,
+            whole = whole_chunk(self._retrying(lambda: client.chat(wire_messages(messages), model=model,
                                                                     combiner=call.combiner, **params)), call.usage)
             if run_manager and whole.message.content:
                 run_manager.on_llm_new_token(whole.text, chunk=whole)
             yield whole
             return
         # A stream is retried until its first chunk comes, never after.
-        pieces = self._retrying(lambda: _opened(client.stream(_wire(messages), model=model, **params)))
+        pieces = self._retrying(lambda: opened(client.stream(wire_messages(messages), model=model, **params)))
         with contextlib.closing(pieces):
             for piece in pieces:
-                chunk = _chunk(piece, call.usage)
+                chunk = stream_chunk(piece, call.usage)
                 if run_manager and piece.content:
                     run_manager.on_llm_new_token(piece.content, chunk=chunk)
                 yield chunk
@@ -353,17 +354,17 @@ class ChatMoERouter(BaseChatModel):
         model, params = call.model, call.params
         client = await self._async_client()
         if not _streams(call.combiner):
-            whole = _whole_chunk(await self._aretrying(lambda: client.chat(_wire(messages), model=model,
+            whole = whole_chunk(await self._aretrying(lambda: client.chat(wire_messages(messages), model=model,
                                                                            combiner=call.combiner, **params)),
                                  call.usage)
             if run_manager and whole.message.content:
                 await run_manager.on_llm_new_token(whole.text, chunk=whole)
             yield whole
             return
-        pieces = await self._aretrying(lambda: _aopened(client.stream(_wire(messages), model=model, **params)))
+        pieces = await self._aretrying(lambda: aopened(client.stream(wire_messages(messages), model=model, **params)))
         async with contextlib.aclosing(pieces):
             async for piece in pieces:
-                chunk = _chunk(piece, call.usage)
+                chunk = stream_chunk(piece, call.usage)
                 if run_manager and piece.content:
                     await run_manager.on_llm_new_token(piece.content, chunk=chunk)
                 yield chunk
@@ -375,7 +376,7 @@ class ChatMoERouter(BaseChatModel):
         outputs = [o for o in llm_outputs if o]
         usage: dict[str, Any] = {}
         for output in outputs:
-            usage = _added(usage, output.get("token_usage") or {})
+            usage = added_up(usage, output.get("token_usage") or {})
         names = {o.get("model_name") for o in outputs}
         return {"token_usage": usage, "model_name": names.pop() if len(names) == 1 else self.model}
 
@@ -393,7 +394,7 @@ class ChatMoERouter(BaseChatModel):
         usage = params.pop("stream_usage", self.stream_usage) if usage is None else usage  # from model_kwargs
         parse_into = params.get("response_format")
         if isinstance(parse_into, type) and is_basemodel_subclass(parse_into):
-            params["response_format"] = _response_format(parse_into, None, pydantic=True)
+            params["response_format"] = schema_response_format(parse_into, None, pydantic=True)
         else:
             parse_into = None
         return _Call(model, combiner, params, bool(usage), parse_into)
@@ -431,7 +432,7 @@ class ChatMoERouter(BaseChatModel):
                 return call()
             except sdk.RouterAPIError as error:
                 retry += 1
-                wait = _retry_wait(error, retry, self.max_retries or 0)
+                wait = retry_wait(error, retry, self.max_retries or 0)
                 if wait is None:
                     raise
             time.sleep(wait)
@@ -444,159 +445,10 @@ class ChatMoERouter(BaseChatModel):
                 return await call()
             except sdk.RouterAPIError as error:
                 retry += 1
-                wait = _retry_wait(error, retry, self.max_retries or 0)
+                wait = retry_wait(error, retry, self.max_retries or 0)
                 if wait is None:
                     raise
             await asyncio.sleep(wait)
-
-
-class _Clients:
-    """The SDK clients one ``ChatMoERouter`` reuses: one for its blocking calls (an httpx.Client serves any number
-    of threads), one per event loop for its async calls (an httpx.AsyncClient's connections belong to the loop
-    that opened them), each built on first use from the model's settings then. An async one is built off the loop:
-    building one loads the CA bundle (tens of milliseconds), which would stall every task on the loop.
-
-    No part of the model's value: a deep copy or a pickle of the model gets an empty one (the model's own
-    ``__copy__`` sees to ``model_copy``), and any two compare equal, so the model's ``==`` compares its fields."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._sync: tuple[tuple[Any, ...], sdk.Client] | None = None
-        # Per event loop, per settings the model had: the task building the client (its result, the client and the
-        # generator that keeps it, see ``_kept``). One built from settings since changed is kept for the calls
-        # still using it, and closes with its loop.
-        self._async: dict[asyncio.AbstractEventLoop, list[tuple[tuple[Any, ...], asyncio.Task[_Kept]]]] = {}
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return _Clients, ()
-
-    def __deepcopy__(self, memo: dict[int, Any]) -> _Clients:
-        return _Clients()
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, _Clients)
-
-    def client(self, settings: tuple[Any, ...], build: Callable[[], sdk.Client]) -> sdk.Client:
-        with self._lock:
-            if self._sync is None or self._sync[0] != settings:
-                # One built from older settings is left to the calls still using it, and closes when collected.
-                self._sync = settings, build()
-            return self._sync[1]
-
-    async def aclient(self, settings: tuple[Any, ...], build: Callable[[], sdk.AsyncClient]) -> sdk.AsyncClient:
-        loop = asyncio.get_running_loop()
-        with self._lock:
-            for gone in [other for other in self._async if other.is_closed()]:
-                del self._async[gone]  # closed with its loop (see ``_kept``)
-            held = self._async.setdefault(loop, [])
-            building = next((task for made, task in held if made == settings), None)
-            if building is None:
-                building = loop.create_task(_built(build))
-                held.append((settings, building))
-        try:
-            # Shielded: a caller cancelled while it is built leaves it to the others waiting for it.
-            client, _ = await asyncio.shield(building)
-        except Exception:
-            with self._lock:  # the next call tries afresh
-                if (settings, building) in held:
-                    held.remove((settings, building))
-            raise
-        return client
-
-    def close(self) -> None:
-        with self._lock:
-            held, self._sync = self._sync, None
-        if held is not None:
-            held[1].close()
-
-    async def aclose(self) -> None:
-        with self._lock:
-            held = self._async.pop(asyncio.get_running_loop(), [])
-        for _, building in held:
-            with contextlib.suppress(Exception):  # one that was never built has nothing to close
-                _, keeper = await asyncio.shield(building)
-                await keeper.aclose()
-
-
-_Kept = tuple[sdk.AsyncClient, AsyncGenerator[None]]
-
-
-async def _built(build: Callable[[], sdk.AsyncClient]) -> _Kept:
-    """A client built off the loop, and the generator that closes it (``_kept``), started on the loop."""
-    client = await asyncio.get_running_loop().run_in_executor(None, build)
-    keeper = _kept(client)
-    await anext(keeper)
-    return client, keeper
-
-
-async def _kept(client: sdk.AsyncClient) -> AsyncGenerator[None]:
-    """Waits, parked at its yield, to close ``client`` on its event loop (where alone it can be closed): the loop
-    closes it, and so the client, when it shuts down (``asyncio.run``'s end), or once it is collected (its model
-    was), by the loop's finalizer for async generators (PEP 525)."""
-    try:
-        yield
-    finally:
-        await client.aclose()
-
-
-# The failures ``max_retries`` retries (see ChatMoERouter.max_retries): the service unreachable, the request never
-# sent, and the answers that say "later": too many requests, a gateway's 502 or 504, every expert failed (503).
-_NEVER_SENT = (httpx.ConnectError, httpx.ConnectTimeout)
-_RETRIED_STATUSES = frozenset({429, 502, 503, 504})
-
-
-def _retry_wait(error: sdk.RouterAPIError, retry: int, max_retries: int) -> float | None:
-    """Seconds to wait before retry number ``retry`` of a call that failed with ``error``; None: not retried."""
-    if retry > max_retries:
-        return None
-    if isinstance(error, sdk.RouterConnectionError):
-        # The SDK chains httpx's failure: only one before the request was sent is retried.
-        if not isinstance(error.__cause__, _NEVER_SENT):
-            return None
-    elif error.status not in _RETRIED_STATUSES:
-        return None
-    asked = error.retry_after_s
-    if asked is not None and asked <= 60:
-        return asked
-    # As the OpenAI SDK backs off: 0.5 s doubling, up to 8 s, less up to a quarter so that clients spread out.
-    return min(0.5 * 2 ** (retry - 1), 8.0) * (1 - 0.25 * random.random())
-
-
-def _opened(stream: Iterator[_T]) -> Generator[_T]:
-    """``stream`` with its first item fetched now, so that a failure to open it raises here (where it is retried)
-    rather than part way through the caller's loop."""
-    return _prefixed(next(stream, _END), stream)
-
-
-def _prefixed(first: Any, stream: Iterator[_T]) -> Generator[_T]:
-    try:
-        if first is not _END:
-            yield first
-            yield from stream
-    finally:
-        close = getattr(stream, "close", None)
-        if close is not None:
-            close()
-
-
-async def _aopened(stream: AsyncIterator[_T]) -> AsyncGenerator[_T]:
-    """``_opened`` for an async stream."""
-    return _aprefixed(await anext(stream, _END), stream)
-
-
-async def _aprefixed(first: Any, stream: AsyncIterator[_T]) -> AsyncGenerator[_T]:
-    try:
-        if first is not _END:
-            yield first
-            async for item in stream:
-                yield item
-    finally:
-        close = getattr(stream, "aclose", None)
-        if close is not None:
-            await close()
-
-
-_END = object()
 
 
 def _streams(combiner: str | None) -> bool:
@@ -605,252 +457,3 @@ def _streams(combiner: str | None) -> bool:
     return combiner is None or combiner.strip().lower() == "top1"
 
 
-def _tool_choice(choice: dict[str, Any] | str | bool | None, names: list[str]) -> dict[str, Any] | str | None:
-    """LangChain's ``tool_choice`` as OpenAI's API takes it (see ``ChatMoERouter.bind_tools``)."""
-    if choice is None or choice is False:
-        return None
-    if choice is True:
-        if len(names) != 1:
-            raise ValueError(f"tool_choice=True picks the one bound tool, but {len(names)} are bound; name one")
-        return {"type": "function", "function": {"name": names[0]}}
-    if isinstance(choice, dict) or choice in ("auto", "none", "required"):
-        return choice
-    if choice == "any":
-        return "required"
-    if choice in names:
-        return {"type": "function", "function": {"name": choice}}
-    raise ValueError(f"tool_choice {choice!r} is neither auto, none, required, any nor a bound tool "
-                     f"({', '.join(names)})")
-
-
-def _wire(messages: list[BaseMessage]) -> list[dict[str, Any]]:
-    converted = convert_to_openai_messages([_chat_completions(m) if isinstance(m, AIMessage) else m
-                                            for m in messages])
-    return converted if isinstance(converted, list) else [converted]
-
-
-def _chat_completions(message: AIMessage) -> AIMessage:
-    """``message`` as a Chat Completions assistant message holds it: the text and refusal parts of list content
-    (standard content blocks with ``output_version="v1"``, or another provider's blocks), text without its
-    annotations, and no other block, which an OpenAI-compatible upstream refuses in an assistant message: tool
-    calls travel in ``tool_calls``, and reasoning, server-side tool calls and results, and provider-specific
-    blocks have no place in one."""
-    if not isinstance(message.content, list):
-        return message
-    content: list[str | dict[str, Any]] = []
-    for block in message.content:
-        if isinstance(block, str):
-            content.append(block)
-        elif block.get("type") == "text":
-            content.append({"type": "text", "text": block.get("text", "")})
-        elif block.get("type") == "refusal" and block.get("refusal"):
-            content.append({"type": "refusal", "refusal": block["refusal"]})
-    return message.model_copy(update={"content": content})
-
-
-def _metadata(expert: str, finish_reason: str | None, trace: Trace) -> dict[str, Any]:
-    return {"model_name": expert, "finish_reason": finish_reason, "moe_trace": trace.summary()}
-
-
-def _usage(usage: Usage) -> UsageMetadata:
-    """The usage as langchain-openai gives it: the totals, and the upstream's breakdowns (cached prompt tokens as
-    ``cache_read``, reasoning tokens as ``reasoning``, audio tokens) where it sent any."""
-    metadata = UsageMetadata(input_tokens=usage.prompt_tokens, output_tokens=usage.completion_tokens,
-                             total_tokens=usage.total_tokens)
-    prompt, completion = usage.prompt_tokens_details or {}, usage.completion_tokens_details or {}
-    given = {"audio": prompt.get("audio_tokens"), "cache_read": prompt.get("cached_tokens"),
-             "cache_creation": prompt.get("cache_write_tokens")}
-    if inputs := {k: v for k, v in given.items() if v is not None}:
-        metadata["input_token_details"] = InputTokenDetails(**inputs)  # type: ignore[typeddict-item]
-    given = {"audio": completion.get("audio_tokens"), "reasoning": completion.get("reasoning_tokens")}
-    if outputs := {k: v for k, v in given.items() if v is not None}:
-        metadata["output_token_details"] = OutputTokenDetails(**outputs)  # type: ignore[typeddict-item]
-    return metadata
-
-
-def _added(total: dict[str, Any], more: dict[str, Any]) -> dict[str, Any]:
-    """Token counts added up, key by key, their breakdowns (nested counts) too."""
-    out = dict(total)
-    for key, value in more.items():
-        if isinstance(value, dict):
-            out[key] = _added(out.get(key) or {}, value)
-        elif isinstance(value, int | float) and not isinstance(value, bool):
-            out[key] = (out.get(key) or 0) + value
-        elif key not in out:
-            out[key] = value
-    return out
-
-
-def _chat_result(result: sdk.ChatResult, parse_into: type[BaseModel] | None = None) -> ChatResult:
-    """``parse_into``: the pydantic class a ``response_format`` named, which an answer (not a refusal nor a tool
-    call) is parsed into, as ``ChatOpenAI`` does it (a ``ValidationError`` when it does not fit)."""
-    calls, invalid = _tool_calls(result.tool_calls or [])
-    metadata = _metadata(result.expert, result.finish_reason, result.trace)
-    info: dict[str, Any] = {"finish_reason": result.finish_reason}
-    if result.logprobs is not None:  # where langchain-openai puts them
-        metadata["logprobs"] = info["logprobs"] = result.logprobs
-    # A refusal goes where langchain-openai puts it; reasoning where langchain-deepseek puts it.
-    extra: dict[str, Any] = {"refusal": result.refusal} if result.refusal is not None else {}
-    if result.reasoning_content is not None:
-        extra["reasoning_content"] = result.reasoning_content
-    if parse_into is not None and result.refusal is None and not calls:
-        extra["parsed"] = parse_into.model_validate_json(result.content)
-    message = AIMessage(content=result.content, tool_calls=calls, invalid_tool_calls=invalid, id=result.id or None,
-                        additional_kwargs=extra, response_metadata=metadata, usage_metadata=_usage(result.usage))
-    generation = ChatGeneration(message=message, generation_info=info)
-    return ChatResult(generations=[generation],
-                      llm_output={"model_name": result.expert, "token_usage": result.usage.model_dump()})
-
-
-def _chunk(piece: sdk.StreamChunk, usage: bool = True) -> ChatGenerationChunk:
-    # Tool-call deltas as LangChain's chunks: added together, they give the message its parsed tool_calls.
-    calls = [tool_call_chunk(name=(d.get("function") or {}).get("name"), args=_args_text((d.get("function") or {}).get(
-        "arguments")), id=d.get("id"), index=d.get("index")) for d in piece.tool_calls or []]
-    # Pieces of a refusal (and of reasoning) add up, as content does.
-    extra: dict[str, Any] = {"refusal": piece.refusal} if piece.refusal else {}
-    if piece.reasoning_content:
-        extra["reasoning_content"] = piece.reasoning_content
-    info = {"logprobs": piece.logprobs} if piece.logprobs is not None else None
-    if piece.trace is None:
-        return ChatGenerationChunk(message=AIMessageChunk(content=piece.content, tool_call_chunks=calls,
-                                                          additional_kwargs=extra, id=piece.id or None),
-                                   generation_info=info)
-    # The last chunk: the expert that finished the answer (after any mid-stream switch) and the trace.
-    expert = piece.trace.answered_by or piece.expert
-    message = AIMessageChunk(content=piece.content, tool_call_chunks=calls, id=piece.id or None,
-                             additional_kwargs=extra,
-                             response_metadata=_metadata(expert, piece.finish_reason, piece.trace),
-                             usage_metadata=_usage(piece.trace.usage) if usage else None, chunk_position="last")
-    return ChatGenerationChunk(message=message, generation_info={**(info or {}), "finish_reason": piece.finish_reason})
-
-
-def _whole_chunk(result: sdk.ChatResult, usage: bool = True) -> ChatGenerationChunk:
-    """A whole (combined) answer as the one and last chunk of a stream: what ``_chunk`` gives for the pieces of a
-    streamed one, added up (tool calls as chunks, so they parse as the streamed ones do)."""
-    calls = [tool_call_chunk(name=(c.get("function") or {}).get("name"), args=_args_text((c.get("function") or {}).get(
-        "arguments")), id=c.get("id"), index=c.get("index", i)) for i, c in enumerate(result.tool_calls or [])]
-    extra: dict[str, Any] = {"refusal": result.refusal} if result.refusal is not None else {}
-    if result.reasoning_content is not None:
-        extra["reasoning_content"] = result.reasoning_content
-    info: dict[str, Any] = {"finish_reason": result.finish_reason}
-    if result.logprobs is not None:
-        info["logprobs"] = result.logprobs
-    message = AIMessageChunk(content=result.content, tool_call_chunks=calls, id=result.id or None,
-                             additional_kwargs=extra,
-                             response_metadata=_metadata(result.expert, result.finish_reason, result.trace),
-                             usage_metadata=_usage(result.usage) if usage else None, chunk_position="last")
-    return ChatGenerationChunk(message=message, generation_info=info)
-
-
-def _tool_calls(raw: list[dict[str, Any]]) -> tuple[list[Any], list[Any]]:
-    """OpenAI tool calls as LangChain's; one without a function name, or whose arguments are not a JSON object, is
-    kept as invalid, its arguments as text."""
-    calls, invalid = [], []
-    for item in raw:
-        function = item.get("function") or {}
-        name, arguments, call_id = function.get("name"), function.get("arguments"), item.get("id")
-        args = _args_object(arguments)
-        if isinstance(name, str) and args is not None:
-            calls.append(tool_call(name=name, args=args, id=call_id))
-        else:
-            error = "the call names no function" if not isinstance(name, str) else "arguments are not a JSON object"
-            invalid.append(invalid_tool_call(name=name, args=_args_text(arguments), id=call_id, error=error))
-    return calls, invalid
-
-
-def _args_object(arguments: Any) -> dict[str, Any] | None:
-    """A tool call's arguments as a dict, None if they are none: OpenAI sends them as JSON text, some servers as
-    the object itself; none, or empty text, is no arguments."""
-    if isinstance(arguments, dict):
-        return arguments
-    if arguments is None or arguments == "":
-        return {}
-    try:
-        parsed = json.loads(arguments) if isinstance(arguments, str) else None
-    except ValueError:
-        return None
-    return parsed if isinstance(parsed, dict) else None
-
-
-def _args_text(arguments: Any) -> str | None:
-    """A tool call's arguments as LangChain's chunks and invalid calls carry them: text (an object sent as one, as
-    JSON)."""
-    if arguments is None or isinstance(arguments, str):
-        return arguments
-    try:
-        return json.dumps(arguments)
-    except (TypeError, ValueError):
-        return str(arguments)
-
-
-def _response_format(schema: dict[str, Any] | type, strict: bool | None, pydantic: bool) -> dict[str, Any]:
-    """``schema`` as ``ChatOpenAI`` sends it for ``method="json_schema"``: a ``response_format`` given whole, or
-    ``json_schema``'s part of one, as given; a pydantic class strict (as the OpenAI SDK sends it) unless ``strict``
-    says otherwise; another schema strict as ``strict``, or its own ``strict``, says."""
-    if isinstance(schema, dict) and schema.get("type") == "json_schema" and "json_schema" in schema:
-        return schema
-    if isinstance(schema, dict) and "name" in schema and "schema" in schema:
-        return {"type": "json_schema", "json_schema": schema}
-    if strict is None:
-        strict = pydantic or (isinstance(schema, dict) and schema.get("strict") is True)
-    function = convert_to_openai_function(schema, strict=strict)
-    function["schema"] = function.pop("parameters")
-    return {"type": "json_schema", "json_schema": function}
-
-
-def _answer_as(parser: PydanticOutputParser[Any], message: BaseMessage) -> BaseModel | None:
-    """A ``json_schema`` answer as the pydantic class; None when the model called a tool (``tools=``) instead, as
-    ``ChatOpenAI`` gives it."""
-    if isinstance(message, AIMessage) and message.tool_calls:
-        return None
-    parsed: BaseModel = parser.invoke(message)
-    return parsed
-
-
-def _refusing(message: BaseMessage) -> bool:
-    """Whether ``message`` (or a chunk of one) is a refusal (where ``_chat_result`` and ``_chunk`` put it) or
-    finished for a content filter: there is no answer to parse."""
-    return bool(message.additional_kwargs.get("refusal")) or \
-        message.response_metadata.get("finish_reason") == "content_filter"
-
-
-def _refused(message: BaseMessage) -> ModelRefusalError:
-    """``ModelRefusalError`` for a refusing ``message``, as ``ChatOpenAI``'s structured output raises it."""
-    if refusal := message.additional_kwargs.get("refusal"):
-        return ModelRefusalError(str(refusal), raw_message=message)
-    return ModelRefusalError("the answer was stopped by a content filter", raw_message=message)
-
-
-class _Refusal:
-    """The messages a structured output's parser is given, until one refuses: a streamed refusal comes in pieces,
-    so from its first on the rest are added to it, and the whole refusal is raised once the stream ends."""
-
-    def __init__(self) -> None:
-        self.refusal: BaseMessage | None = None
-
-    def passes(self, message: BaseMessage) -> bool:
-        if isinstance(self.refusal, AIMessageChunk) and isinstance(message, AIMessageChunk):
-            self.refusal = self.refusal + message
-        elif self.refusal is None and _refusing(message):
-            self.refusal = message
-        return self.refusal is None
-
-    def end(self) -> None:
-        if self.refusal is not None:
-            raise _refused(self.refusal)
-
-
-def _no_refusal(messages: Iterator[BaseMessage]) -> Iterator[BaseMessage]:
-    refusal = _Refusal()
-    for message in messages:
-        if refusal.passes(message):
-            yield message
-    refusal.end()
-
-
-async def _ano_refusal(messages: AsyncIterator[BaseMessage]) -> AsyncIterator[BaseMessage]:
-    refusal = _Refusal()
-    async for message in messages:
-        if refusal.passes(message):
-            yield message
-    refusal.end()

@@ -481,4 +481,4 @@ async def test_an_httpx_timeout_and_a_connect_read_tuple_are_taken(service: Scri
 def test_a_model_builds_no_client_before_its_first_call() -> None:
     model = ChatMoERouter()
     assert model._clients._sync is None and not model._clients._async
-    assert lc._Clients() == model._clients  # no part of the model's value
+    assert lc.Clients() == model._clients  # no part of the model's value
