@@ -1,6 +1,9 @@
-"""The gate's exact search: right neighbours, and faiss's thread count set once from MOE_FAISS_THREADS."""
+"""The gate's exact search: right neighbours, and faiss's thread count from MOE_FAISS_THREADS in every thread that
+searches."""
 
 from __future__ import annotations
+
+import threading
 
 import faiss
 import numpy as np
@@ -11,7 +14,7 @@ from router import search
 
 def test_flat_index_finds_exact_inner_product_neighbours(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(search.THREADS_ENV, raising=False)
-    monkeypatch.setattr(search, "_configured", False)
+    monkeypatch.setattr(search, "_threads", None)
     x = np.random.default_rng(0).normal(size=(200, 16)).astype(np.float32)
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     index = search.flat_ip_index(x)
@@ -24,6 +27,28 @@ def test_flat_index_finds_exact_inner_product_neighbours(monkeypatch: pytest.Mon
 @pytest.mark.parametrize("raw", ["two", "0"])
 def test_a_bad_thread_count_is_named(monkeypatch: pytest.MonkeyPatch, raw: str) -> None:
     monkeypatch.setenv(search.THREADS_ENV, raw)
-    monkeypatch.setattr(search, "_configured", False)
+    monkeypatch.setattr(search, "_threads", None)
     with pytest.raises(ValueError, match=rf"MOE_FAISS_THREADS='{raw}'"):
         search.flat_ip_index(np.eye(4, dtype=np.float32))
+
+
+def test_every_thread_that_searches_runs_with_the_configured_thread_count(monkeypatch: pytest.MonkeyPatch) -> None:
+    """OpenMP keeps its thread count per thread: set once in the thread that built the first index, it left every
+    other thread that searched (a hot reload's new gate worker, the batch routing worker) on one per core."""
+    monkeypatch.delenv(search.THREADS_ENV, raising=False)
+    monkeypatch.setattr(search, "_threads", None)
+    index = search.flat_ip_index(np.eye(8, dtype=np.float32))
+    index.search(np.eye(8, dtype=np.float32)[:2], 1)
+    seen: list[int] = []
+
+    def other() -> None:
+        before = faiss.omp_get_max_threads()
+        index.search(np.eye(8, dtype=np.float32)[:2], 1)
+        seen.extend([before, faiss.omp_get_max_threads()])
+
+    thread = threading.Thread(target=other)
+    thread.start()
+    thread.join()
+    assert seen[1] == 1 and index.ntotal == 8
+    if seen[0] == 1:  # a one-core machine: OpenMP's default is 1 already, so nothing here tells the two apart
+        pytest.skip("OpenMP's default is one thread on this machine")
