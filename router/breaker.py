@@ -230,12 +230,16 @@ class BreakerStore(Protocol):
     def save(self, expert: str, state: BreakerState) -> None: ...
 
 
+# The state of a breaker nothing was recorded for (frozen, so one serves them all).
+_FRESH = BreakerState()
+
+
 class MemoryBreakerStore:
     def __init__(self) -> None:
         self._states: dict[str, BreakerState] = {}
 
     def load(self, expert: str) -> BreakerState:
-        return self._states.get(expert, BreakerState())
+        return self._states.get(expert, _FRESH)
 
     def load_many(self, experts: Sequence[str]) -> list[BreakerState]:
         return [self.load(expert) for expert in experts]
@@ -301,8 +305,10 @@ class Breakers:
         names = list(experts)
         now = self.clock()
         states = self.store.load_many([self._key(e) for e in names])
+        # A closed breaker admits every call: only the others are asked (a request reads every expert's breaker,
+        # and most are closed).
         return frozenset(e for e, s in zip(names, states, strict=True)
-                         if not admit(s, self.cfg, now, self.probe_lease_s)[0])
+                         if s.state != "closed" and not admit(s, self.cfg, now, self.probe_lease_s)[0])
 
     def reset(self, expert: str, config: str = "") -> None:
         """Forget what the breaker learned of ``expert`` (a reload changed its config: another endpoint or model
