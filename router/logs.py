@@ -86,8 +86,24 @@ def log_request(record: RequestRecord, *, content: bool) -> None:
     error; or a stream that began and then ended in such an error), so an alert can watch for those alone; INFO
     otherwise."""
     level = logging.WARNING if record.status >= 500 or record.error in _SERVICE_FAILURES else logging.INFO
-    logging.getLogger(REQUEST_LOGGER).log(level, json.dumps(record.line(content=content), default=str,
-                                                            separators=(",", ":")))
+    logging.getLogger(REQUEST_LOGGER).log(level, _Line(record.line(content=content)))
+
+
+class _Line:
+    """A log line's fields, as a record's message: ``JsonFormatter`` writes the fields as they are, and anything
+    else that reads the message (another handler, a filter) gets their JSON text, made once. The line went through
+    JSON three times (written, read back by the formatter, written again): 8% of the router's time under load."""
+
+    __slots__ = ("_text", "fields")
+
+    def __init__(self, fields: dict[str, Any]) -> None:
+        self.fields = fields
+        self._text: str | None = None
+
+    def __str__(self) -> str:
+        if self._text is None:
+            self._text = json.dumps(self.fields, default=str, separators=(",", ":"))
+        return self._text
 
 
 class JsonFormatter(logging.Formatter):
@@ -96,9 +112,12 @@ class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         out: dict[str, Any] = {"ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
                                + f".{int(record.msecs):03d}Z", "level": record.levelname, "logger": record.name}
-        message = record.getMessage()
-        parsed = _json_object(message)
-        out.update(parsed if parsed is not None else {"message": message})
+        if isinstance(record.msg, _Line) and not record.args:
+            out.update(record.msg.fields)
+        else:
+            message = record.getMessage()
+            parsed = _json_object(message)
+            out.update(parsed if parsed is not None else {"message": message})
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
         return json.dumps(out, default=str, separators=(",", ":"))

@@ -183,6 +183,37 @@ async def test_failed_requests_log_their_error(caplog: pytest.LogCaptureFixture)
     assert (bad["status"], bad["error"]) == (400, "invalid_json")
 
 
+def test_a_request_line_reads_the_same_written_by_the_formatter_or_read_as_its_message() -> None:
+    """The formatter writes a request line's fields once, as they are (it read the line's JSON back and wrote it
+    again); another handler (a host application's, pytest's caplog) still reads the message as the JSON line."""
+    from datetime import UTC, datetime
+    from pathlib import Path
+
+    from router.logs import REQUEST_LOGGER, log_request
+
+    record = RequestRecord(request_id="r1", method="POST", route="/v1/chat/completions", model="auto")
+    record.status, record.latency_ms, record.error = 503, 1.5, "all_experts_failed"
+    record.failures = [{"expert": "math", "kind": "timeout", "message": str(Path("/x"))}]
+    seen: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, r: logging.LogRecord) -> None:
+            seen.append(r)
+
+    logger = logging.getLogger(REQUEST_LOGGER)
+    keep = Keep()
+    logger.addHandler(keep)
+    try:
+        log_request(record, content=False)
+    finally:
+        logger.removeHandler(keep)
+    written = json.loads(JsonFormatter().format(seen[0]))
+    message = json.loads(seen[0].getMessage())
+    assert seen[0].levelno == logging.WARNING and message["status"] == 503 and message["request_id"] == "r1"
+    assert {k: v for k, v in written.items() if k not in ("ts", "level", "logger")} == message
+    assert written["ts"].startswith(datetime.now(UTC).strftime("%Y-%m-%d"))
+
+
 def test_json_formatter_merges_json_messages_and_configure_is_idempotent() -> None:
     formatter = JsonFormatter()
     record = logging.LogRecord("router.requests", logging.INFO, __file__, 1, '{"event": "request", "status": 200}',
