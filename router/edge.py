@@ -120,12 +120,15 @@ class Edge:
         status = 500
         started = False
         left = False
+        transport = transport_of(send)
 
         async def heard() -> Message:
             # Starlette's streaming response listens for the client leaving while it streams, but its cancellation
             # reaches the stream only while that waits on the network: one relaying an expert that answers faster
             # than the client reads never waits, and relayed the whole answer into the closed connection (whose
-            # writes the server drops in silence). The next write after the leaving raises instead (``observed``).
+            # writes the server drops in silence). The next write after the leaving raises instead (``observed``):
+            # once the server has heard it (``http.disconnect``), or once the connection is closing, which a stream
+            # that never yields to the event loop learns before the server can say so.
             nonlocal left
             message = await receive()
             left = left or message["type"] == "http.disconnect"
@@ -139,7 +142,7 @@ class Edge:
                                                   (b"x-request-id", record.request_id.encode())]}
                 await send(message)
                 return
-            if left:
+            if left or (transport is not None and transport.is_closing()):
                 raise ClientGone
             # A client that stops reading blocks the send (the socket's buffers are full), and with it the stream
             # and its expert's slot, past any deadline: past the request's own, with a margin, it is cut off.
@@ -259,3 +262,21 @@ def _observe(app: FastAPI, record: RequestRecord) -> None:
         metrics.observe_failures(record.failures)
     content = bool(orchestrator is not None and orchestrator.config.service.log_content)
     log_request(record, content=content)
+
+
+
+def transport_of(send: Any, depth: int = 3) -> Any:
+    """The transport of the connection ``send`` writes to, or None: uvicorn's ``send`` is a method of its request
+    cycle, which holds it; at ``--log-level trace`` uvicorn wraps that method in a function of its own (its message
+    logger), whose closure holds it in turn, and so may other wrappers, ``depth`` deep."""
+    transport = getattr(getattr(send, "__self__", None), "transport", None)
+    if transport is not None or depth == 0:
+        return transport
+    for cell in getattr(send, "__closure__", None) or ():
+        try:
+            inner = cell.cell_contents
+        except ValueError:  # a cell not filled yet
+            continue
+        if callable(inner) and (found := transport_of(inner, depth - 1)) is not None:
+            return found
+    return None

@@ -1,6 +1,6 @@
 """``moe serve``'s server: the service's app on uvicorn, with two things uvicorn leaves to the app.
 
-- A connection whose client stopped reading its answer (``router.service.ClientStalled``, cut off at the
+- A connection whose client stopped reading its answer (``router.edge.ClientStalled``, cut off at the
   request's deadline) is reset when its request ends. uvicorn closes it, and a close first sends what the socket
   still buffers, which that client never reads: the connection, megabytes of buffers, and a graceful shutdown
   waiting on it, were held for as long as the client kept its socket open.
@@ -26,7 +26,7 @@ import uvicorn
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from router.compose import router_drain_s
-from router.edge import STALLED
+from router.edge import STALLED, transport_of
 
 __all__ = ["SHUTDOWN_MARGIN_S", "AbortStalled", "RouterServer", "serve", "transport_of"]
 
@@ -60,23 +60,6 @@ class AbortStalled:
                 # The transport tells its protocol the connection is lost on the next turn of the loop, and
                 # uvicorn, knowing the client gone, does not log the unfinished response as an error of its own.
                 await asyncio.sleep(0)
-
-
-def transport_of(send: Any, depth: int = 3) -> Any:
-    """The transport of the connection ``send`` writes to, or None: uvicorn's ``send`` is a method of its request
-    cycle, which holds it; at ``--log-level trace`` uvicorn wraps that method in a function of its own (its message
-    logger), whose closure holds it in turn, and so may other wrappers, ``depth`` deep."""
-    transport = getattr(getattr(send, "__self__", None), "transport", None)
-    if transport is not None or depth == 0:
-        return transport
-    for cell in getattr(send, "__closure__", None) or ():
-        try:
-            inner = cell.cell_contents
-        except ValueError:  # a cell not filled yet
-            continue
-        if callable(inner) and (found := transport_of(inner, depth - 1)) is not None:
-            return found
-    return None
 
 
 class RouterServer(uvicorn.Server):

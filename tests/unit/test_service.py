@@ -871,6 +871,7 @@ async def test_a_client_that_leaves_a_fast_stream_ends_it_and_is_logged_as_leavi
     logged as a complete 200 with every token counted."""
     import socket
     import struct
+    import threading
 
     app = make_app()
     orchestrator = app.state.orchestrator
@@ -880,14 +881,21 @@ async def test_a_client_that_leaves_a_fast_stream_ends_it_and_is_logged_as_leavi
     with caplog.at_level(logging.INFO, logger="router.requests"):
         async with serving(app) as url:
             host, port = url.removeprefix("http://").split(":")
-            sock = socket.create_connection((host, int(port)))
-            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: localhost\r\n"
-                         b"content-type: application/json\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
-            got = 0
-            while got < 20_000:
-                got += len(await asyncio.to_thread(sock.recv, 65536))
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            sock.close()  # a reset: the tab was closed
+
+            def reader() -> None:  # reads as fast as it can, on a thread of its own, then resets
+                sock = socket.create_connection((host, int(port)))
+                sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: localhost\r\ncontent-type: "
+                             b"application/json\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
+                got = 0
+                while got < 20_000:
+                    got += len(sock.recv(65536))
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                sock.close()  # a reset: the tab was closed
+
+            client = threading.Thread(target=reader)
+            client.start()
+            while client.is_alive():
+                await asyncio.sleep(0.01)
             for _ in range(100):
                 await asyncio.sleep(0.05)
                 if orchestrator.expert_states()["math"]["in_flight"] == 0 and orchestrator.active == 0:
