@@ -37,6 +37,7 @@ from eval.report import plot_confusion, plot_familiar_sweep, plot_reliability
 from eval.suite import PREDICTIONS, SuiteContext, subsample
 from router.config.checks import name_list
 from router.gate import conflicting_labels, respelled, spelled_alike, text_key
+from router.gate_train import conflicts_note
 
 __all__ = ["evaluate_labels", "run_banking77_intent", "run_clinc150_domain", "run_jsonl",
            "run_mmlu_pro_domain", "run_snips_intent", "unseen_test"]
@@ -137,9 +138,8 @@ def run_jsonl(ctx: SuiteContext, *, oos_label: str | None = None) -> dict[str, A
                          f"{': ' + repr(found[0]) if found else ''}{left}; routing needs at least two")
     _note_unseen_labels(ctx, found, test, oos_label)
     conflicts = conflicting_labels([q.text for q in train], [q.label for q in train])
-    if conflicts:  # the gate logs it while training; the report keeps it
-        ctx.notes.append(f"{len(conflicts)} training queries carry more than one label; the gate splits its "
-                         "probability between them")
+    if conflicts:  # the gate logs it while training (with the texts); the report keeps it (without)
+        ctx.notes.append(conflicts_note(len(conflicts)))
     seen = {text_key(q.text) for q in train}
     overlap = sum(text_key(q.text) in seen for q in test)
     if overlap:

@@ -47,6 +47,7 @@ __all__ = [
     "OOD_GRID",
     "OOD_KEEP",
     "conflicting_labels",
+    "conflicts_note",
     "cross_validation_folds",
     "embed_texts",
     "expected_calibration_error",
@@ -238,6 +239,11 @@ def _conflicts_shown(conflicts: Mapping[str, Sequence[str]], places: Mapping[str
     return "; ".join(parts) + (f"; and {more} more" if more > 0 else "")
 
 
+def conflicts_note(count: int) -> str:
+    """What a report says of ``count`` training texts given more than one label (without the texts)."""
+    return f"{count} training queries carry more than one label; the gate splits its probability between them"
+
+
 def conflicting_labels(texts: Sequence[str], labels: Sequence[str]) -> dict[str, list[str]]:
     """The texts that carry more than one label, with their labels (sorted)."""
     seen: dict[str, set[str]] = {}
@@ -288,8 +294,11 @@ def train_gate(texts: Sequence[str], labels: Sequence[str], encoder: Encoder, *,
         log.warning("experts with no training examples get a fixed prior of %g: %s", UNSEEN_PRIOR, unseen)
     conflicts = conflicting_labels(texts, labels)
     if conflicts:
+        # The log line names the texts and where they were given; a report's note (``warnings_once``) says how
+        # many, never a training text.
         log.warning("%d training queries carry more than one label: %s; the gate learns to split its probability "
-                    "between them", len(conflicts), _conflicts_shown(conflicts, places or {}))
+                    "between them", len(conflicts), _conflicts_shown(conflicts, places or {}),
+                    extra={"note": conflicts_note(len(conflicts))})
     texts = list(texts)
     x = embed_texts(encoder, texts, progress=progress)
     col = {e: i for i, e in enumerate(trained)}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -170,28 +171,34 @@ def _json_object(message: str) -> dict[str, Any] | None:
 
 
 class _Once(logging.Filter):
+    """Drops a warning seen before, of the thread that made it (another thread's run is its own)."""
+
     def __init__(self, into: list[str] | None = None) -> None:
         super().__init__()
         self.seen: set[tuple[str, int, str]] = set()
         self.into = into
+        self.thread = threading.get_ident()
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno < logging.WARNING:
+        if record.levelno < logging.WARNING or record.thread != self.thread:
             return True
         key = (record.name, record.levelno, record.getMessage())
         if key in self.seen:
             return False
         self.seen.add(key)
-        if self.into is not None and key[2] not in self.into:
-            self.into.append(key[2])
+        # A warning may say what a report should note in other words (``note``: without the texts it quotes).
+        note = getattr(record, "note", None) or key[2]
+        if self.into is not None and note not in self.into:
+            self.into.append(note)
         return True
 
 
 @contextmanager
 def warnings_once(names: Sequence[str], into: list[str] | None = None) -> Iterator[None]:
     """While inside, a warning (or worse) logged again by one of the loggers ``names`` (same logger, level and
-    text) is dropped: work that trains several gates on the same data (a two-stage gate's stages, an eval's
-    systems) says what is wrong with the data once. ``into``: a list each distinct warning is added to."""
+    text) in this thread is dropped: work that trains several gates on the same data (a two-stage gate's stages,
+    an eval's systems) says what is wrong with the data once. ``into``: a list each distinct warning is added to
+    (its ``note``, where the record gives one)."""
     once = _Once(into)
     loggers = [logging.getLogger(n) for n in names]
     for logger in loggers:
