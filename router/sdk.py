@@ -182,6 +182,10 @@ class AsyncClient(BaseClient):
         self._keeper: AsyncGenerator[None] | None = None
         self._closed = False
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     async def _here(self) -> httpx.AsyncClient:
         """This event loop's connections (see the class's notes). A closed client stays closed on any loop; under
         another async library than asyncio (trio), one set of connections serves, as httpx's own client does."""
