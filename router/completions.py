@@ -1,6 +1,6 @@
 """What the service sends for a chat completion, in OpenAI's format: the answer's body, and a stream's
 server-sent events (``sse``), its chunks built by ``Chunks``. JSON has no infinity, so a log-probability of -inf
-is sent as vLLM's floor (``finite``)."""
+is sent as vLLM's floor (``_finite``)."""
 
 from __future__ import annotations
 

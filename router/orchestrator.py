@@ -83,7 +83,9 @@ from router.dispatch import Capacity, Dispatcher, StreamPiece, skipped
 from router.errors import error_body
 from router.fallback import AllExpertsFailed, BudgetSpent, CallScope, Deadline, next_candidate
 from router.retry import RetryPolicy
+from router.streaming import CONTINUE_PROMPT as CONTINUE_PROMPT  # where it was before router.streaming
 from router.streaming import StreamEnd, stream_answer
+from router.streaming import constrained as constrained
 from router.topk import capped, choose
 from router.trace import Attempt, Contribution, RoutedAnswer, RouteDecision, Trace, WeightedExpert
 from router.vote_weights import VoteWeights

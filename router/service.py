@@ -31,6 +31,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from router.completions import Chunks, FiniteJSONResponse, began_by, completion_body, include_usage, sse
+from router.edge import STALLED as STALLED  # where they were before router.edge
+from router.edge import ClientStalled as ClientStalled
 from router.edge import (
     Edge,
     guard,

@@ -78,7 +78,7 @@ class VllmServeConfig(Strict):
     tool_call_parser: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.-]{1,64}$")
     # Further vLLM flags, appended as given (e.g. ["--max-model-len", "16384"]). The flags the generator sets
     # itself are refused here, so a deployment never carries two values for one flag.
-    args: list[str] = Field(default_factory=list)
+    args: list[str] = Field(default=[])
 
     @model_validator(mode="after")
     def _no_generated_flags(self) -> VllmServeConfig:
@@ -93,10 +93,6 @@ class VllmServeConfig(Strict):
 
 
 Capability = Literal["chat", "stream", "tools", "vision"]
-
-
-def _chat_and_stream() -> list[Capability]:
-    return ["chat", "stream"]
 
 
 class ExpertConfig(Strict):
@@ -116,8 +112,8 @@ class ExpertConfig(Strict):
     keepalive_s: float = Field(default=4.0, ge=0.0, le=3600.0)
     cost: CostConfig = CostConfig()
     description: str = ""
-    capabilities: list[Capability] = Field(default_factory=_chat_and_stream)
-    examples: list[ExampleText] = Field(default_factory=list)
+    capabilities: list[Capability] = Field(default=["chat", "stream"])
+    examples: list[ExampleText] = Field(default=[])
     # False: the gate never routes to it. An expert only the combiner calls (``combiner.aggregator``,
     # ``escalate_to``: a strong, dear judge asked where the panel disagrees), only clients call by name
     # (``model: <name>``), or only ``gate.default_expert`` takes (out-of-scope queries); it needs no examples or

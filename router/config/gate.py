@@ -138,7 +138,7 @@ class GateConfig(Strict):
     # JSONL files ``moe train`` learns from, each detected by its first record: labelled ({"query", "label"}),
     # trained with the experts' examples into a label gate, or outcome records ({"query", "outcomes": {expert:
     # score in [0, 1]}, "cost": {expert: cost}}), trained into an outcome gate. All files must be one kind.
-    train_data: list[FilePath] = Field(default_factory=list)
+    train_data: list[FilePath] = Field(default=[])
     # Outcome gates: lambda, the quality-cost knob. Routing utility = p_success - cost_weight * cost / the
     # priciest expert's cost; 0 routes on quality alone. Read at load time: changing it needs no retraining.
     cost_weight: float = Field(default=0.0, ge=0.0, le=100.0)

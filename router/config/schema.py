@@ -31,7 +31,9 @@ from router.config.fields import (
     NAME_PATTERN,
     ROUTED_MODEL,
     ConfigError,
+    ExampleText,
     Extractor,
+    FilePath,
     Strict,
     path_problem,
 )
@@ -49,12 +51,41 @@ from router.config.service import (
 
 # The sections are in modules of their own (``fields``, ``expert``, ``gate``, ``policy``, ``service``); every name
 # is imported from here.
-__all__ = ["CROSS_CHECK", "ENV_NAME_PATTERN", "GENERATED_VLLM_FLAGS", "HTTP_URL_PATTERN", "NAME_PATTERN",
-           "ROUTED_MODEL", "SCHEMA_VERSION", "STRATEGIES", "ApiKeyConfig", "BreakerConfig", "CascadeConfig",
-           "CombinerConfig", "ConfigError", "CostConfig", "EncoderConfig", "ExpertConfig", "Extractor",
-           "FallbackConfig", "FeedbackConfig", "GateConfig", "RateLimitConfig", "ReplayConfig", "RouterConfig",
-           "SecurityConfig", "ServiceConfig", "StateConfig", "TopKConfig", "TracingConfig", "VllmServeConfig",
-           "generated_vllm_flag", "path_problem"]
+__all__ = [
+    "CROSS_CHECK",
+    "ENV_NAME_PATTERN",
+    "GENERATED_VLLM_FLAGS",
+    "HTTP_URL_PATTERN",
+    "NAME_PATTERN",
+    "ROUTED_MODEL",
+    "SCHEMA_VERSION",
+    "STRATEGIES",
+    "ApiKeyConfig",
+    "BreakerConfig",
+    "CascadeConfig",
+    "CombinerConfig",
+    "ConfigError",
+    "CostConfig",
+    "EncoderConfig",
+    "ExampleText",
+    "ExpertConfig",
+    "Extractor",
+    "FallbackConfig",
+    "FeedbackConfig",
+    "FilePath",
+    "GateConfig",
+    "RateLimitConfig",
+    "ReplayConfig",
+    "RouterConfig",
+    "SecurityConfig",
+    "ServiceConfig",
+    "StateConfig",
+    "TopKConfig",
+    "TracingConfig",
+    "VllmServeConfig",
+    "generated_vllm_flag",
+    "path_problem",
+]
 
 SCHEMA_VERSION = 1
 

@@ -91,17 +91,10 @@ class ApiKeyConfig(Strict):
     rate_limit: RateLimitConfig | None = None
 
 
-OpenEndpoint = Literal["metrics", "docs"]
-
-
-def _metrics_and_docs() -> list[OpenEndpoint]:
-    return ["metrics", "docs"]
-
-
 class SecurityConfig(Strict):
     """Client keys, the admin key and rate limits (see ``router.security``). Nothing set: ``/v1`` stays open."""
 
-    api_keys: list[ApiKeyConfig] = Field(default_factory=list)
+    api_keys: list[ApiKeyConfig] = Field(default=[])
     # An environment variable holding comma-separated raw client keys, hashed at startup. Once named, ``/v1``
     # needs a key even while the variable is empty: a missing secret fails closed.
     api_keys_env: str | None = Field(default=None, pattern=ENV_NAME_PATTERN)
@@ -111,7 +104,7 @@ class SecurityConfig(Strict):
     rate_limit: RateLimitConfig | None = None
     # The endpoints outside /v1 and /admin that answer without a key: "metrics" (/metrics) and "docs" (/docs,
     # /redoc, /openapi.json). One left out needs a client key, as /v1 does. /health always answers, for probes.
-    open_endpoints: list[OpenEndpoint] = Field(default_factory=_metrics_and_docs)
+    open_endpoints: list[Literal["metrics", "docs"]] = Field(default=["metrics", "docs"])
 
     @model_validator(mode="after")
     def _distinct(self) -> SecurityConfig:
