@@ -260,3 +260,42 @@ def test_an_expert_passed_over_without_a_call_is_a_failure_but_no_latency(kind: 
     assert value(page, "moe_expert_latency_seconds_count", expert="code", outcome="error") == 1
     assert value(page, "moe_expert_latency_seconds_sum", expert="code", outcome="error") == pytest.approx(1.5)
     assert value(page, "moe_expert_latency_seconds_count", expert="math", outcome="ok") == 1
+
+
+def test_warnings_once_keeps_to_its_own_thread_and_notes_a_warning_s_note() -> None:
+    """Two runs in threads (two trainings, say) each note and drop only their own warnings; a warning that gives a
+    ``note`` (one that quotes training texts) is noted in those words."""
+    import threading
+
+    from router.logs import warnings_once
+
+    logger = logging.getLogger("router.test_once")
+    notes: dict[str, list[str]] = {"a": [], "b": []}
+    shown: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, r: logging.LogRecord) -> None:
+            shown.append(r.getMessage())
+
+    keep = Keep()
+    logger.addHandler(keep)
+    ready = threading.Barrier(2)
+
+    def run(name: str) -> None:
+        with warnings_once(("router.test_once",), into=notes[name]):
+            ready.wait()
+            logger.warning("shared warning")
+            logger.warning("shared warning")
+            logger.warning("texts 'secret query' given two labels", extra={"note": f"{name}: 1 text, two labels"})
+            ready.wait()
+
+    try:
+        threads = [threading.Thread(target=run, args=(n,)) for n in notes]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        logger.removeHandler(keep)
+    assert notes == {"a": ["shared warning", "a: 1 text, two labels"], "b": ["shared warning", "b: 1 text, two labels"]}
+    assert shown.count("shared warning") == 2 and not logger.filters
