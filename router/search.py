@@ -37,8 +37,8 @@ class FlatIndex:
     """An exact inner-product index (faiss ``IndexFlatIP``) whose every search runs with ``MOE_FAISS_THREADS``
     OpenMP threads, whichever thread makes it."""
 
-    def __init__(self, index: Any, faiss: Any, threads: int) -> None:
-        self.index, self._faiss, self.threads = index, faiss, threads
+    def __init__(self, index: Any, threads: int) -> None:
+        self.index, self.threads = index, threads  # copied and pickled as faiss's index is
 
     @property
     def ntotal(self) -> int:
@@ -47,7 +47,9 @@ class FlatIndex:
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """The top ``k`` similarities and row ids of each of ``queries`` ([m, dim] float32, contiguous)."""
         if getattr(_pinned, "threads", None) != self.threads:
-            self._faiss.omp_set_num_threads(self.threads)
+            import faiss
+
+            faiss.omp_set_num_threads(self.threads)
             _pinned.threads = self.threads
         sims, ids = self.index.search(queries, k)
         return sims, ids
@@ -60,4 +62,4 @@ def flat_ip_index(vectors: np.ndarray) -> FlatIndex:
     data = np.ascontiguousarray(vectors, dtype=np.float32)
     index = faiss.IndexFlatIP(data.shape[1])
     index.add(data)
-    return FlatIndex(index, faiss, _thread_count())
+    return FlatIndex(index, _thread_count())

@@ -52,3 +52,16 @@ def test_every_thread_that_searches_runs_with_the_configured_thread_count(monkey
     assert seen[1] == 1 and index.ntotal == 8
     if seen[0] == 1:  # a one-core machine: OpenMP's default is 1 already, so nothing here tells the two apart
         pytest.skip("OpenMP's default is one thread on this machine")
+
+
+def test_an_index_that_searched_copies_and_pickles_as_faiss_s_does() -> None:
+    """A gate or classifier holding an index is deep-copied (cross-validation copies a used classifier) and
+    pickled: the first FlatIndex kept the faiss module on itself, which neither takes."""
+    import copy
+    import pickle
+
+    x = np.random.default_rng(1).normal(size=(40, 8)).astype(np.float32)
+    index = search.flat_ip_index(x)
+    want = index.search(x[:3], 2)[1]
+    for twin in (copy.deepcopy(index), pickle.loads(pickle.dumps(index))):
+        np.testing.assert_array_equal(twin.search(x[:3], 2)[1], want)
