@@ -214,6 +214,51 @@ def test_a_request_line_reads_the_same_written_by_the_formatter_or_read_as_its_m
     assert written["ts"].startswith(datetime.now(UTC).strftime("%Y-%m-%d"))
 
 
+def test_a_host_filter_that_rewrites_a_request_line_is_written_as_it_left_it() -> None:
+    """A host's filter works on the message as text (a redaction, a health-check drop): the line is written as the
+    filter left it, and the record's message is always a string."""
+    from router.logs import REQUEST_LOGGER, log_request
+
+    record = RequestRecord(request_id="r1", method="POST", route="/v1/chat/completions", model="auto")
+    record.status = 503  # logged at WARNING, which the logger passes whatever its level
+    seen: list[logging.LogRecord] = []
+
+    class Redact(logging.Filter):
+        def filter(self, r: logging.LogRecord) -> bool:
+            assert isinstance(r.msg, str)
+            r.msg = r.msg.replace('"model":"auto"', '"model":"***"')
+            return True
+
+    class Keep(logging.Handler):
+        def emit(self, r: logging.LogRecord) -> None:
+            seen.append(r)
+
+    logger = logging.getLogger(REQUEST_LOGGER)
+    redact, keep = Redact(), Keep()
+    logger.addFilter(redact)
+    logger.addHandler(keep)
+    try:
+        log_request(record, content=False)
+    finally:
+        logger.removeFilter(redact)
+        logger.removeHandler(keep)
+    assert json.loads(JsonFormatter().format(seen[0]))["model"] == "***"
+
+
+def test_warnings_once_holds_with_thread_ids_off_in_logging(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With ``logging.logThreads`` off every record's thread is None: the filter took each for another thread's
+    and dropped and noted nothing."""
+    from router.logs import warnings_once
+
+    monkeypatch.setattr(logging, "logThreads", False)
+    logger = logging.getLogger("router.test_once_nothreads")
+    notes: list[str] = []
+    with warnings_once(("router.test_once_nothreads",), into=notes):
+        assert logger.filters[0].filter(logger.makeRecord(logger.name, logging.WARNING, __file__, 1, "w", (), None))
+        assert not logger.filters[0].filter(logger.makeRecord(logger.name, logging.WARNING, __file__, 1, "w", (), None))
+    assert notes == ["w"]
+
+
 def test_json_formatter_merges_json_messages_and_configure_is_idempotent() -> None:
     formatter = JsonFormatter()
     record = logging.LogRecord("router.requests", logging.INFO, __file__, 1, '{"event": "request", "status": 200}',
