@@ -300,8 +300,8 @@ class SentenceTransformerEncoder(Encoder):
 
     The identity does not name the device: the weights and the arithmetic's precision (fp32) are the same, and a
     gate trained on CPU embeddings makes the same decisions from GPU ones (``python -m bench.gpu_gate``). On the
-    CPU, torch shares its OpenMP runtime with faiss, whose thread count the gate sets for the whole process
-    (``router.search``, ``MOE_FAISS_THREADS``, default 1), so once a gate is loaded the model runs on that many.
+    CPU, torch shares its OpenMP runtime with faiss, whose thread count the gate sets in each thread that searches
+    (``router.search``, ``MOE_FAISS_THREADS``, default 1), so in such a thread the model runs on that many.
     """
 
     identity = f"st-fp32:{MODEL_NAME}"

@@ -79,6 +79,9 @@ from router.langchain_messages import (
 
 __all__ = ["ChatMoERouter"]
 
+# What a model pickled before the clients had a module of their own names (``Clients.__reduce__``).
+_Clients = Clients
+
 _T = TypeVar("_T")
 
 # Other names ``ChatOpenAI`` takes for the same arguments. ``openai_api_key`` above all: left undeclared, the key
