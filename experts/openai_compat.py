@@ -17,28 +17,25 @@ The API key lives only in the client's default headers, and an endpoint's ``user
 echo a rejected key or header back in their error body. The operator's log line for an error status names its
 status and the error's type and code, never its text: that may quote the request (a 422's ``detail[].input``, a
 5xx naming the prompt), and prompts stay out of the log. The text reaches the client's error and the trace.
+Reading an error body (its message, labels, blamed field and Retry-After) is ``experts.error_body``'s.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import json
 import logging
 import math
-import re
 import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import replace
-from datetime import UTC, datetime
-from email.utils import parsedate_to_datetime
 from typing import Any, ClassVar
-from urllib.parse import unquote
 
 from pydantic import ValidationError
 
 from experts.base import Expert, ExpertContext, ExpertSpec
+from experts.error_body import error_body, error_labels, error_param, json_object, parse_retry_after, url_credentials
 from experts.errors import (
     INVALID_REQUEST_STATUSES,
     ROUTER_STATUS_BY_CODE,
@@ -56,7 +53,7 @@ from experts.errors import (
     NoRecording,
 )
 from experts.http_client import AiohttpClient, HttpClient, HttpFailure, HttpxClient
-from experts.redact import redact, scrubbed, userinfo
+from experts.redact import redact, scrubbed
 from experts.types import (
     DETAILS,
     ChatRequest,
@@ -78,9 +75,6 @@ _DRAIN_S = 0.25
 # vLLM and OpenAI), at most half the expert's timeout (the dispatcher's stall limit); a connection that stalls or
 # breaks in that time still ends a complete answer.
 _AFTER_FINISH_S = 1.0
-# An error's type or code as the log may show it: a short identifier, not free text that could quote the request.
-_ERROR_LABEL = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
-_MAX_PARAM_CHARS = 200  # the longest ``error.param`` taken as a field's name
 # The fields of a chat completion ``_reply`` reads (or the router writes anew), by where they are: any other is
 # the upstream's own, passed on (``ExpertReply.extra``).
 _READ = {"response": frozenset({"id", "object", "created", "model", "choices", "usage", "moe"}),
@@ -108,7 +102,7 @@ class OpenAICompatibleExpert(Expert):
         self._http: HttpClient | None = None
         # What is scrubbed from every message, longest first: the endpoint's credentials, and the key once the
         # client has read it. Kept only for that, never shown.
-        self._secrets = _url_credentials(config.endpoint)
+        self._secrets = url_credentials(config.endpoint)
 
     def __repr__(self) -> str:
         cls = type(self).__name__
@@ -297,8 +291,8 @@ class OpenAICompatibleExpert(Expert):
             # An HTTP status as the code (vLLM), or another moe-router's error code (its status stands for it).
             status = (code if isinstance(code, int) and 400 <= code <= 599
                       else ROUTER_STATUS_BY_CODE.get(code, 500) if isinstance(code, str) else 500)
-            failure = self._http_error(status, self._excerpt(str(message)), _error_labels(data), None,
-                                       _error_param(data))
+            failure = self._http_error(status, self._excerpt(str(message)), error_labels(data), None,
+                                       error_param(data))
             failure.nested = self._nested(data.get("moe"))  # another moe-router's trace, when it sent one
             raise failure
         if not isinstance(data.get("choices"), list):
@@ -455,8 +449,8 @@ class OpenAICompatibleExpert(Expert):
         if status < 400:
             return ExpertProtocolError(self.name, f"unexpected HTTP {status}")
         raw = content.decode("utf-8", errors="replace")
-        data = _json_object(raw)
-        text, labels, param = _error_body(raw, data)
+        data = json_object(raw)
+        text, labels, param = error_body(raw, data)
         if status == 404 and f"code {NoRecording.kind}" in labels:
             # A replay server's (experts.replay_server) missing recording: this prompt's alone, as it is in process.
             # Read as a 404 (a model the endpoint does not serve), it tripped the breaker, and a few unrecorded
@@ -550,88 +544,3 @@ class VllmExpert(OpenAICompatibleExpert):
     STREAM_OPTIONS: ClassVar[Mapping[str, Any]] = {"continuous_usage_stats": True}
 
 
-def _url_credentials(endpoint: str | None) -> list[str]:
-    """The forms in which an endpoint's ``user:password@`` may come back in an upstream's error text, longest
-    first: as written, percent-decoded (as the client sends them), the ``Authorization: Basic`` token made of
-    them (in the client's encoding, with or without its padding), and the password alone; with no password, the
-    user name is the secret (``https://TOKEN@host``)."""
-    written = userinfo(endpoint or "")
-    if not written:
-        return []
-    user, _, password = written.partition(":")
-    pair = f"{unquote(user)}:{unquote(password)}"
-    forms = {written, pair, password or user, unquote(password or user)}
-    for encoding in ("utf-8", "latin-1"):  # httpx's and aiohttp's
-        with contextlib.suppress(UnicodeEncodeError):
-            token = base64.b64encode(pair.encode(encoding)).decode("ascii")
-            forms |= {token, token.rstrip("=")}
-    return sorted((form for form in forms if form), key=len, reverse=True)
-
-
-def _error_body(text: str, data: dict[str, Any] | None) -> tuple[str, list[str], str | None]:
-    """An error body's human part (OpenAI's ``error.message``, FastAPI's ``detail``, or the raw ``text``), the
-    labels the log may show (``_error_labels``), and the request field it blames (``_error_param``); ``data``: the
-    body as a JSON object (``_json_object``), None when it is none."""
-    if data is not None:
-        error = data.get("error")
-        if isinstance(error, dict) and "message" in error:
-            return str(error["message"]), _error_labels(data), _error_param(data)
-        for key in ("error", "message", "detail"):
-            if key in data:
-                return str(data[key]), _error_labels(data), _error_param(data)
-    return text, [], None
-
-
-def _json_object(text: str) -> dict[str, Any] | None:
-    """``text`` parsed as a JSON object; None for anything else."""
-    try:
-        data = json.loads(text)
-    except ValueError:
-        return None
-    return data if isinstance(data, dict) else None
-
-
-def _error_param(data: dict[str, Any]) -> str | None:
-    """OpenAI's ``error.param`` (vLLM's at the top level in some versions): the request field at fault."""
-    error = data.get("error")
-    param = (error if isinstance(error, dict) else data).get("param")
-    return param if isinstance(param, str) and 0 < len(param) <= _MAX_PARAM_CHARS and param.isprintable() else None
-
-
-def _error_labels(data: dict[str, Any]) -> list[str]:
-    """What names an error without quoting it: OpenAI's ``error.type`` and ``error.code`` (vLLM's at the top
-    level), and FastAPI's ``detail[].type``; only values that look like identifiers."""
-    error = data.get("error")
-    fields = error if isinstance(error, dict) else data
-    labels = [f"{name} {fields[name]}" for name in ("type", "code") if _is_label(fields.get(name))]
-    detail = data.get("detail")
-    if isinstance(detail, list):
-        types = dict.fromkeys(str(d["type"]) for d in detail if isinstance(d, dict) and _is_label(d.get("type")))
-        labels += [f"type {', '.join(types)}"] if types else []
-    return labels
-
-
-def _is_label(value: Any) -> bool:
-    if isinstance(value, int) and not isinstance(value, bool):
-        return True
-    return isinstance(value, str) and bool(_ERROR_LABEL.match(value))
-
-
-def parse_retry_after(value: str | None, *, now: datetime | None = None) -> float | None:
-    """Seconds to wait from a Retry-After header: delta-seconds or an HTTP-date; ``None`` if absent or bad."""
-    if not value:
-        return None
-    value = value.strip()
-    try:
-        seconds = float(value)
-    except ValueError:
-        pass
-    else:
-        return max(0.0, seconds) if math.isfinite(seconds) else None
-    try:
-        when = parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return max(0.0, (when - (now or datetime.now(UTC))).total_seconds())
