@@ -288,9 +288,9 @@ class Orchestrator:
         errors += failures
         reason = None
         tried = sum(not skipped(e) for e in failures)
-        # With fallback off, a panel passed over whole (full in-flight limits, open breakers) still hands the
-        # query to the next by weight: only one expert is called, as fallback off means (``Walk.stop``).
-        if not replies and decision is not None and (self.config.fallback.enabled or not tried):
+        # Fallback itself says whether it may go on (``Walk.stop``): with fallback off, a panel passed over whole
+        # (full in-flight limits, open breakers) still hands the query to the next by weight, and one called stops.
+        if not replies and decision is not None:
             replies, reason = await self._fall_back(request, ranking, called, tried, deadline, trace, errors)
         if not replies:
             raise self._route_failed(errors, trace, reason)
