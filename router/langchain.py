@@ -62,10 +62,10 @@ from pydantic import (
     model_validator,
 )
 
+from experts.types import Usage
 from router import sdk, sdk_protocol
 from router.langchain_clients import Clients, aopened, opened, retry_wait
 from router.langchain_messages import (
-    added_up,
     ano_refusal,
     answer_as,
     chat_result,
@@ -377,11 +377,9 @@ class ChatMoERouter(BaseChatModel):
         """``generate``'s ``llm_output`` over its calls, as ``ChatOpenAI``'s: the token usage added up, and the
         model: the expert, when one answered every call, else this model's."""
         outputs = [o for o in llm_outputs if o]
-        usage: dict[str, Any] = {}
-        for output in outputs:
-            usage = added_up(usage, output.get("token_usage") or {})
+        usage = sum((Usage.model_validate(o.get("token_usage") or {}) for o in outputs), Usage())  # its __add__
         names = {o.get("model_name") for o in outputs}
-        return {"token_usage": usage, "model_name": names.pop() if len(names) == 1 else self.model}
+        return {"token_usage": usage.model_dump(), "model_name": names.pop() if len(names) == 1 else self.model}
 
     def _request(self, stop: list[str] | None, kwargs: dict[str, Any]) -> _Call:
         """The call's model, combiner and request parameters: the call's keywords over the model's own.
@@ -392,9 +390,8 @@ class ChatMoERouter(BaseChatModel):
         params = dict(kwargs)
         model = params.pop("model", None) or self.model
         combiner = params.pop("combiner") if "combiner" in params else self.combiner
-        usage = params.pop("stream_usage", None)
-        params = self._params(stop, params)
-        usage = params.pop("stream_usage", self.stream_usage) if usage is None else usage  # from model_kwargs
+        params = self._params(stop, params)  # the call's keywords over model_kwargs
+        usage = params.pop("stream_usage", self.stream_usage)
         parse_into = params.get("response_format")
         if isinstance(parse_into, type) and is_basemodel_subclass(parse_into):
             params["response_format"] = schema_response_format(parse_into, None, pydantic=True)

@@ -28,7 +28,7 @@ except ImportError:  # older: a parsing failure, as with_structured_output's inc
     from langchain_core.exceptions import OutputParserException as ModelRefusalError  # type: ignore[assignment]
 
 
-__all__ = ["added_up", "ano_refusal", "answer_as", "chat_result", "no_refusal", "openai_tool_choice",
+__all__ = ["ano_refusal", "answer_as", "chat_result", "no_refusal", "openai_tool_choice",
            "schema_response_format", "stream_chunk", "whole_chunk", "wire_messages"]
 
 
@@ -93,19 +93,6 @@ def _usage(usage: Usage) -> UsageMetadata:
     if outputs := {k: v for k, v in given.items() if v is not None}:
         metadata["output_token_details"] = OutputTokenDetails(**outputs)  # type: ignore[typeddict-item]
     return metadata
-
-
-def added_up(total: dict[str, Any], more: dict[str, Any]) -> dict[str, Any]:
-    """Token counts added up, key by key, their breakdowns (nested counts) too."""
-    out = dict(total)
-    for key, value in more.items():
-        if isinstance(value, dict):
-            out[key] = added_up(out.get(key) or {}, value)
-        elif isinstance(value, int | float) and not isinstance(value, bool):
-            out[key] = (out.get(key) or 0) + value
-        elif key not in out:
-            out[key] = value
-    return out
 
 
 def chat_result(result: sdk.ChatResult, parse_into: type[BaseModel] | None = None) -> ChatResult:
