@@ -173,9 +173,7 @@ class Edge:
             # connection is dropped (``STALLED`` tells ``router.serving`` to abort it), and the stream, closed here
             # (Starlette leaves it suspended), releases its expert's call and slot.
             scope["state"][STALLED] = True
-            stream = scope["state"].pop("moe_stream", None)
-            if stream is not None:
-                await stream.aclose()
+            await _close_stream(scope)  # before the error is set: closing a stream notes the client's leaving
             record.error = "client_stalled"
             log.warning("request %s: the client stopped reading the answer; cut off at the request's deadline",
                         record.request_id)
@@ -191,11 +189,16 @@ class Edge:
         finally:
             # A stream its response left unfinished (the client left, and the stream was cancelled while it was
             # being written) is closed here: Starlette leaves it suspended, holding its expert's call and slot.
-            stream = scope["state"].pop("moe_stream", None)
-            if stream is not None:
-                await stream.aclose()
+            await _close_stream(scope)
             record.status, record.latency_ms = status, (time.perf_counter() - start) * 1000.0
             _observe(app, record)
+
+
+async def _close_stream(scope: Scope) -> None:
+    """Close the request's stream (``moe_stream``, which the chat handler sets), if it has one not closed yet."""
+    stream = scope["state"].pop("moe_stream", None)
+    if stream is not None:
+        await stream.aclose()
 
 
 class ClientStalled(Exception):
