@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,13 +31,12 @@ def check_limit(limit: int | None) -> None:
 ONCE_LOGGERS = ("router.gate", "router.cascade", "router.outcome_gate", "router.static_encoder")
 
 
-@contextmanager
-def warnings_once(names: Sequence[str] = ONCE_LOGGERS, into: list[str] | None = None) -> Iterator[None]:
+def warnings_once(names: Sequence[str] = ONCE_LOGGERS,
+                  into: list[str] | None = None) -> AbstractContextManager[None]:
     """``router.logs.warnings_once`` over the loggers a run's gates warn on; ``into``: a list (a run's notes)
     each distinct warning is added to, so the report says what the terminal did (a gate that could not calibrate
     an expert, a text given two labels)."""
-    with logs.warnings_once(names, into):
-        yield
+    return logs.warnings_once(names, into)
 
 
 # Each scored test query's outcome, one JSON object per line beside results.json: what the metrics are computed
