@@ -38,6 +38,7 @@ from eval.suite import PREDICTIONS, SuiteContext, subsample
 from router.config.checks import name_list
 from router.gate import conflicting_labels, respelled, spelled_alike, text_key
 from router.gate_train import conflicts_note
+from router.search import flat_ip_index
 
 __all__ = ["evaluate_labels", "run_banking77_intent", "run_clinc150_domain", "run_jsonl",
            "run_mmlu_pro_domain", "run_snips_intent", "unseen_test"]
@@ -437,7 +438,6 @@ def _gate_members(ctx: SuiteContext, train: Sequence[LabelledQuery], test_texts:
 
 def _baselines(x_tr: np.ndarray, y_tr: np.ndarray, x_te: np.ndarray, n: int, seed: int) -> dict[str, np.ndarray]:
     """Probability rows of each baseline over the same ``n`` labels."""
-    import faiss
     from sklearn.linear_model import LogisticRegression
 
     from router.gate import fit_temperature
@@ -450,8 +450,7 @@ def _baselines(x_tr: np.ndarray, y_tr: np.ndarray, x_te: np.ndarray, n: int, see
                       for c in range(n)])
     means /= np.maximum(np.linalg.norm(means, axis=1, keepdims=True), 1e-12)
     t = fit_temperature(x_tr @ means.T, y_tr)
-    index = faiss.IndexFlatIP(x_tr.shape[1])
-    index.add(np.ascontiguousarray(x_tr, dtype=np.float32))
+    index = flat_ip_index(x_tr)  # the serving gate's exact search
     k = min(KNN_K, len(y_tr))
     sims, ids = index.search(np.ascontiguousarray(x_te, dtype=np.float32), k)
     votes = np.zeros((len(x_te), n))
@@ -517,10 +516,7 @@ def _out_of_scope(gate: Any, x_tr: np.ndarray, inside: tuple[np.ndarray, list[st
 
     ``1-gate_familiarity`` is the score the serving gate abstains on (``Gate.ood_scores``); the others are its
     two ingredients alone and their plain mean."""
-    import faiss
-
-    nn = faiss.IndexFlatIP(x_tr.shape[1])
-    nn.add(np.ascontiguousarray(x_tr, dtype=np.float32))
+    nn = flat_ip_index(x_tr)
 
     def scores(batch: tuple[np.ndarray, list[str]]) -> dict[str, np.ndarray]:
         x, texts = batch
